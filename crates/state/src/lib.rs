@@ -1,0 +1,711 @@
+//! The chipgate state layer: every piece of shared state the three services keep, and the atomic
+//! operations they need on it, behind one [`Backend`] trait with two implementations.
+//!
+//! * [`RedisBackend`] is what production runs: one Lua script ([`Txn`] commit) applies a transaction
+//!   atomically, Redis Streams with consumer groups carry events, sorted sets hold queues and indexes.
+//!   Every key of a transaction shares one hash tag (`{space}`), so the same code runs on Redis Cluster.
+//! * [`MemoryBackend`] keeps the same structures in process, for the one-command dev cluster and fast
+//!   unit tests. The conformance suite (`tests/conformance.rs`) runs unchanged against both.
+//!
+//! The model is deliberately small: versioned *records* (opaque bytes, usually prost-encoded), sorted
+//! sets, hashes, sets, counters, streams, leases with fencing tokens, and a tamper-evident audit chain.
+//! Services read what they need, decide in plain Rust, and commit a [`Txn`] whose [`Guard`]s make the
+//! decision safe under concurrency (optimistic concurrency on record versions). Nothing is ever
+//! half-applied: a transaction whose guards fail changes nothing.
+
+mod memory;
+mod redis_backend;
+mod sha256;
+#[cfg(feature = "test-support")]
+pub mod testing;
+
+use std::future::Future;
+use std::ops::Bound;
+use std::time::Duration;
+
+pub use memory::MemoryBackend;
+pub use redis_backend::{RedisBackend, RedisOptions};
+
+/// Hex SHA-256 of `data` (the digest the audit chain uses for entries).
+pub fn sha256_hex(data: &[u8]) -> String {
+    sha256::hex(data)
+}
+
+/// The hash that links an audit entry to the previous one: `SHA-256(prev || entry_digest)`, both given
+/// as 64-character hex strings. Exposed so verifiers recompute exactly what the backends computed.
+pub fn audit_link(prev_hex: &str, digest_hex: &str) -> Option<String> {
+    let mut buf = Vec::with_capacity(64);
+    buf.extend(sha256::decode_hex(prev_hex)?);
+    buf.extend(sha256::decode_hex(digest_hex)?);
+    Some(sha256::hex(&buf))
+}
+
+/// The hash that comes before the first audit entry.
+pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// A namespace whose keys all share one Redis Cluster hash slot: `Space::new("lic").key(["app", "7"])`
+/// is `{lic}:app:7`. Each service keeps its state in its own space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space(&'static str);
+
+impl Space {
+    /// A space with the given hash tag (letters and digits only).
+    pub const fn new(tag: &'static str) -> Self {
+        Space(tag)
+    }
+
+    /// The hash tag.
+    pub fn tag(&self) -> &'static str {
+        self.0
+    }
+
+    /// Builds a key in this space from its parts, joined by `:`.
+    pub fn key<I, S>(&self, parts: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut key = format!("{{{}}}", self.0);
+        for part in parts {
+            key.push(':');
+            key.push_str(part.as_ref());
+        }
+        key
+    }
+}
+
+/// A record: opaque bytes and a version that every write bumps (the first write makes version 1).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// Bumped by every write; 0 never appears (0 in a guard means "absent").
+    pub version: u64,
+    /// The payload, usually a prost-encoded message.
+    pub data: Vec<u8>,
+}
+
+/// A precondition of a [`Txn`]. If any guard fails the transaction changes nothing.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Guard {
+    /// The record at `key` has exactly this version (0: the record must not exist).
+    Version {
+        /// Record key.
+        key: String,
+        /// Expected version.
+        version: u64,
+    },
+    /// Fencing: the highest token ever presented at `key` is at most `token`; the commit then stores
+    /// `token` as the highest. A holder of an older lease is refused once a newer one has acted.
+    Fence {
+        /// Fence key.
+        key: String,
+        /// The caller's fencing token.
+        token: u64,
+    },
+    /// The lease at `key` is still held with this token.
+    Lease {
+        /// Lease key.
+        key: String,
+        /// The token [`Backend::lease_acquire`] returned.
+        token: u64,
+    },
+}
+
+/// A mutation of a [`Txn`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// Writes a record, bumping its version. With a `ttl` the record disappears after it.
+    Put {
+        /// Record key.
+        key: String,
+        /// New payload.
+        data: Vec<u8>,
+        /// Time to live, if any.
+        ttl: Option<Duration>,
+    },
+    /// Deletes a key of any type.
+    Delete {
+        /// Key.
+        key: String,
+    },
+    /// Adds (or re-scores) a sorted-set member.
+    ZAdd {
+        /// Sorted-set key.
+        key: String,
+        /// Member.
+        member: String,
+        /// Score (integers up to 2^53 are exact).
+        score: f64,
+    },
+    /// Removes a sorted-set member.
+    ZRem {
+        /// Sorted-set key.
+        key: String,
+        /// Member.
+        member: String,
+    },
+    /// Adds `delta` to an integer hash field.
+    HIncr {
+        /// Hash key.
+        key: String,
+        /// Field.
+        field: String,
+        /// Amount (may be negative).
+        delta: i64,
+    },
+    /// Sets a hash field.
+    HSet {
+        /// Hash key.
+        key: String,
+        /// Field.
+        field: String,
+        /// Value.
+        value: Vec<u8>,
+    },
+    /// Removes a hash field.
+    HDel {
+        /// Hash key.
+        key: String,
+        /// Field.
+        field: String,
+    },
+    /// Adds a set member.
+    SAdd {
+        /// Set key.
+        key: String,
+        /// Member.
+        member: String,
+    },
+    /// Removes a set member.
+    SRem {
+        /// Set key.
+        key: String,
+        /// Member.
+        member: String,
+    },
+    /// Appends an entry to a stream; its id is returned in [`Committed::stream_ids`].
+    XAdd {
+        /// Stream key.
+        key: String,
+        /// Field/value pairs.
+        fields: Vec<(String, Vec<u8>)>,
+        /// Approximate cap on the stream length, if any.
+        max_len: Option<u64>,
+    },
+    /// Appends an entry to a tamper-evident audit chain. The backend assigns the next sequence number
+    /// and computes `hash = SHA-256(prev_hash || digest)` atomically with the rest of the transaction;
+    /// the result is returned in [`Committed::audit`].
+    Audit {
+        /// The audit chain (see [`AuditChain`]).
+        chain: AuditChain,
+        /// Hex SHA-256 of `entry` (computed by the caller, recomputed by verifiers).
+        digest: String,
+        /// The encoded entry.
+        entry: Vec<u8>,
+    },
+}
+
+/// The keys of one audit chain: a stream of entries and a head record holding `sequence:hash`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditChain {
+    /// Stream of entries (fields `seq`, `prev`, `hash`, `entry`).
+    pub stream: String,
+    /// Head: `"<seq>:<hex hash>"` of the last entry.
+    pub head: String,
+}
+
+impl AuditChain {
+    /// The audit chain of a space: `{tag}:audit` and `{tag}:audit:head`.
+    pub fn of(space: Space) -> Self {
+        AuditChain { stream: space.key(["audit"]), head: space.key(["audit", "head"]) }
+    }
+}
+
+/// An atomic transaction: all guards hold and every op applies, or nothing changes.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Txn {
+    /// Preconditions.
+    pub guards: Vec<Guard>,
+    /// Mutations, applied in order.
+    pub ops: Vec<Op>,
+}
+
+impl Txn {
+    /// An empty transaction.
+    pub fn new() -> Self {
+        Txn::default()
+    }
+
+    /// Requires the record at `key` to have `version` (0: absent).
+    pub fn expect_version(&mut self, key: impl Into<String>, version: u64) -> &mut Self {
+        self.guards.push(Guard::Version { key: key.into(), version });
+        self
+    }
+
+    /// Requires `token` to be at least the highest token seen at `key`, and records it.
+    pub fn fence(&mut self, key: impl Into<String>, token: u64) -> &mut Self {
+        self.guards.push(Guard::Fence { key: key.into(), token });
+        self
+    }
+
+    /// Requires the lease at `key` to be held with `token`.
+    pub fn expect_lease(&mut self, key: impl Into<String>, token: u64) -> &mut Self {
+        self.guards.push(Guard::Lease { key: key.into(), token });
+        self
+    }
+
+    /// Writes a record.
+    pub fn put(&mut self, key: impl Into<String>, data: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Put { key: key.into(), data, ttl: None });
+        self
+    }
+
+    /// Writes a record that expires after `ttl`.
+    pub fn put_with_ttl(&mut self, key: impl Into<String>, data: Vec<u8>, ttl: Duration) -> &mut Self {
+        self.ops.push(Op::Put { key: key.into(), data, ttl: Some(ttl) });
+        self
+    }
+
+    /// Writes a record guarded by the version it was read at (0: must not exist yet).
+    pub fn replace(&mut self, key: impl Into<String>, read_version: u64, data: Vec<u8>) -> &mut Self {
+        let key = key.into();
+        self.expect_version(key.clone(), read_version);
+        self.put(key, data)
+    }
+
+    /// Deletes a key.
+    pub fn delete(&mut self, key: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::Delete { key: key.into() });
+        self
+    }
+
+    /// Adds a sorted-set member.
+    pub fn zadd(&mut self, key: impl Into<String>, member: impl Into<String>, score: f64) -> &mut Self {
+        self.ops.push(Op::ZAdd { key: key.into(), member: member.into(), score });
+        self
+    }
+
+    /// Removes a sorted-set member.
+    pub fn zrem(&mut self, key: impl Into<String>, member: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::ZRem { key: key.into(), member: member.into() });
+        self
+    }
+
+    /// Adds to a hash field.
+    pub fn hincr(&mut self, key: impl Into<String>, field: impl Into<String>, delta: i64) -> &mut Self {
+        self.ops.push(Op::HIncr { key: key.into(), field: field.into(), delta });
+        self
+    }
+
+    /// Sets a hash field.
+    pub fn hset(&mut self, key: impl Into<String>, field: impl Into<String>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::HSet { key: key.into(), field: field.into(), value });
+        self
+    }
+
+    /// Removes a hash field.
+    pub fn hdel(&mut self, key: impl Into<String>, field: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::HDel { key: key.into(), field: field.into() });
+        self
+    }
+
+    /// Adds a set member.
+    pub fn sadd(&mut self, key: impl Into<String>, member: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::SAdd { key: key.into(), member: member.into() });
+        self
+    }
+
+    /// Removes a set member.
+    pub fn srem(&mut self, key: impl Into<String>, member: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::SRem { key: key.into(), member: member.into() });
+        self
+    }
+
+    /// Appends a stream entry.
+    pub fn xadd(&mut self, key: impl Into<String>, fields: Vec<(String, Vec<u8>)>, max_len: Option<u64>) -> &mut Self {
+        self.ops.push(Op::XAdd { key: key.into(), fields, max_len });
+        self
+    }
+
+    /// Appends an audit entry to `chain`.
+    pub fn audit(&mut self, chain: &AuditChain, entry: Vec<u8>) -> &mut Self {
+        let digest = sha256_hex(&entry);
+        self.ops.push(Op::Audit { chain: chain.clone(), digest, entry });
+        self
+    }
+
+    /// True when the transaction has no ops (guards alone change nothing).
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Every key the transaction touches, in first-use order, without repeats.
+    pub fn keys(&self) -> Vec<&str> {
+        let guard_keys = self.guards.iter().map(|g| match g {
+            Guard::Version { key, .. } | Guard::Fence { key, .. } | Guard::Lease { key, .. } => {
+                [Some(key.as_str()), None]
+            }
+        });
+        let op_keys = self.ops.iter().map(|op| match op {
+            Op::Put { key, .. }
+            | Op::Delete { key }
+            | Op::ZAdd { key, .. }
+            | Op::ZRem { key, .. }
+            | Op::HIncr { key, .. }
+            | Op::HSet { key, .. }
+            | Op::HDel { key, .. }
+            | Op::SAdd { key, .. }
+            | Op::SRem { key, .. }
+            | Op::XAdd { key, .. } => [Some(key.as_str()), None],
+            Op::Audit { chain, .. } => [Some(chain.stream.as_str()), Some(chain.head.as_str())],
+        });
+        let mut seen = std::collections::HashSet::new();
+        guard_keys.chain(op_keys).flatten().flatten().filter(|k| seen.insert(*k)).collect()
+    }
+}
+
+/// What a committed transaction produced.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Committed {
+    /// The id of each appended stream entry, in op order.
+    pub stream_ids: Vec<String>,
+    /// The sequence number and hash of each appended audit entry, in op order.
+    pub audit: Vec<(u64, String)>,
+}
+
+/// Why a transaction changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// A version guard failed: someone else changed `key` since it was read. Re-read and retry.
+    #[error("concurrent change to {key}")]
+    Conflict {
+        /// The key whose version changed.
+        key: String,
+    },
+    /// A fence guard failed: a newer lease holder has already acted.
+    #[error("fenced off at {key}: a newer token was already presented")]
+    Fenced {
+        /// The fence key.
+        key: String,
+    },
+    /// A lease guard failed: the lease expired or was taken by someone else.
+    #[error("lease {key} is no longer held")]
+    LeaseLost {
+        /// The lease key.
+        key: String,
+    },
+    /// The backend failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// A failure of the backend itself (as opposed to a guard).
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The backend can't be reached or didn't answer in time. Retrying later may work.
+    #[error("state backend unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something unexpected.
+    #[error("state backend error: {0}")]
+    Backend(String),
+}
+
+/// Result alias for backend calls.
+pub type StateResult<T> = Result<T, StateError>;
+
+/// One stream entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamEntry {
+    /// Stream id (`<ms>-<seq>`).
+    pub id: String,
+    /// Field/value pairs.
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
+impl StreamEntry {
+    /// The value of a field.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields.iter().find(|(f, _)| f == name).map(|(_, v)| v.as_slice())
+    }
+}
+
+/// Pending-entries summary of a consumer group.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct GroupInfo {
+    /// Entries delivered to a consumer and not yet acknowledged.
+    pub pending: u64,
+    /// Entries not yet delivered to the group (None when the backend can't tell).
+    pub lag: Option<u64>,
+}
+
+/// Server-side figures of a backend, for benchmarks and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// Bytes of memory the backend uses for data (Redis `used_memory`), when known.
+    pub used_memory: Option<u64>,
+}
+
+/// The operations every chipgate service needs from its state backend.
+///
+/// Implementations must behave identically; `tests/conformance.rs` holds them to it.
+pub trait Backend: Clone + Send + Sync + 'static {
+    /// Reads records; `None` where a key holds no record.
+    fn get(&self, keys: &[String]) -> impl Future<Output = StateResult<Vec<Option<Record>>>> + Send;
+
+    /// Applies a transaction atomically (see [`Txn`]).
+    fn commit(&self, txn: &Txn) -> impl Future<Output = Result<Committed, CommitError>> + Send;
+
+    /// Adds `by` to an integer counter and returns the new value (ids are allocated this way).
+    fn incr(&self, key: &str, by: u64) -> impl Future<Output = StateResult<u64>> + Send;
+
+    /// Sorted-set members by rank, `start..=stop` (negative counts from the end, as in Redis), lowest
+    /// score first or, with `rev`, highest first.
+    fn zrange(
+        &self,
+        key: &str,
+        start: i64,
+        stop: i64,
+        rev: bool,
+    ) -> impl Future<Output = StateResult<Vec<(String, f64)>>> + Send;
+
+    /// Sorted-set members with scores in the given bounds, lowest first, at most `limit`.
+    fn zrange_by_score(
+        &self,
+        key: &str,
+        min: Bound<f64>,
+        max: Bound<f64>,
+        limit: usize,
+    ) -> impl Future<Output = StateResult<Vec<(String, f64)>>> + Send;
+
+    /// 0-based rank of a member (lowest score first).
+    fn zrank(&self, key: &str, member: &str) -> impl Future<Output = StateResult<Option<u64>>> + Send;
+
+    /// Number of members of a sorted set.
+    fn zcard(&self, key: &str) -> impl Future<Output = StateResult<u64>> + Send;
+
+    /// All fields of a hash.
+    fn hgetall(&self, key: &str) -> impl Future<Output = StateResult<Vec<(String, Vec<u8>)>>> + Send;
+
+    /// All members of a set, sorted.
+    fn smembers(&self, key: &str) -> impl Future<Output = StateResult<Vec<String>>> + Send;
+
+    /// Stream entries with ids strictly after `after` (or from the start when `None`), oldest first.
+    fn xrange(
+        &self,
+        key: &str,
+        after: Option<&str>,
+        count: usize,
+    ) -> impl Future<Output = StateResult<Vec<StreamEntry>>> + Send;
+
+    /// Number of entries in a stream.
+    fn xlen(&self, key: &str) -> impl Future<Output = StateResult<u64>> + Send;
+
+    /// Id of the last entry ever added to a stream (`0-0` when none).
+    fn xlast_id(&self, key: &str) -> impl Future<Output = StateResult<String>> + Send;
+
+    /// Creates a consumer group reading from the beginning of the stream (and the stream itself), if
+    /// it does not exist yet.
+    fn group_ensure(&self, key: &str, group: &str) -> impl Future<Output = StateResult<()>> + Send;
+
+    /// Delivers entries never delivered to the group before to `consumer`, waiting up to `block` for
+    /// at least one. Delivered entries stay pending until acknowledged.
+    fn read_group(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> impl Future<Output = StateResult<Vec<StreamEntry>>> + Send;
+
+    /// Acknowledges entries; returns how many were pending.
+    fn ack(&self, key: &str, group: &str, ids: &[String]) -> impl Future<Output = StateResult<u64>> + Send;
+
+    /// Takes over entries pending longer than `min_idle` (their consumer died or stalled) for
+    /// `consumer`, oldest first.
+    fn autoclaim(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> impl Future<Output = StateResult<Vec<StreamEntry>>> + Send;
+
+    /// Pending count and lag of a consumer group.
+    fn group_info(&self, key: &str, group: &str) -> impl Future<Output = StateResult<GroupInfo>> + Send;
+
+    /// Entries after `after` (exclusive), waiting up to `block` for one: a plain tail of the stream.
+    fn tail(
+        &self,
+        key: &str,
+        after: &str,
+        count: usize,
+        block: Duration,
+    ) -> impl Future<Output = StateResult<Vec<StreamEntry>>> + Send;
+
+    /// Takes the lease at `key` for `ttl` if nobody holds it, returning a fencing token from the
+    /// counter at `fence_counter` (strictly increasing per counter).
+    fn lease_acquire(
+        &self,
+        key: &str,
+        fence_counter: &str,
+        ttl: Duration,
+    ) -> impl Future<Output = StateResult<Option<u64>>> + Send;
+
+    /// Extends a held lease; false if it is no longer held with `token`.
+    fn lease_renew(&self, key: &str, token: u64, ttl: Duration) -> impl Future<Output = StateResult<bool>> + Send;
+
+    /// Gives a lease up; false if it was no longer held with `token`.
+    fn lease_release(&self, key: &str, token: u64) -> impl Future<Output = StateResult<bool>> + Send;
+
+    /// Checks the backend answers.
+    fn ping(&self) -> impl Future<Output = StateResult<()>> + Send;
+
+    /// Server-side figures.
+    fn info(&self) -> impl Future<Output = StateResult<BackendInfo>> + Send;
+}
+
+/// A backend chosen at run time: the services hold one of these.
+#[derive(Clone)]
+pub enum Store {
+    /// Redis (production).
+    Redis(RedisBackend),
+    /// In process (dev cluster, unit tests).
+    Memory(MemoryBackend),
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Store::Redis(_) => f.write_str("Store::Redis"),
+            Store::Memory(_) => f.write_str("Store::Memory"),
+        }
+    }
+}
+
+impl Store {
+    /// A fresh in-memory store.
+    pub fn memory() -> Self {
+        Store::Memory(MemoryBackend::new())
+    }
+
+    /// Connects to Redis, retrying with a log line until it answers or `give_up_after` passes.
+    pub async fn connect_redis(url: &str, options: RedisOptions) -> StateResult<Self> {
+        Ok(Store::Redis(RedisBackend::connect(url, options).await?))
+    }
+
+    /// "redis" or "memory".
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Store::Redis(_) => "redis",
+            Store::Memory(_) => "memory",
+        }
+    }
+}
+
+macro_rules! dispatch {
+    ($self:ident, $b:ident => $e:expr) => {
+        match $self {
+            Store::Redis($b) => $e,
+            Store::Memory($b) => $e,
+        }
+    };
+}
+
+impl Backend for Store {
+    async fn get(&self, keys: &[String]) -> StateResult<Vec<Option<Record>>> {
+        dispatch!(self, b => b.get(keys).await)
+    }
+    async fn commit(&self, txn: &Txn) -> Result<Committed, CommitError> {
+        dispatch!(self, b => b.commit(txn).await)
+    }
+    async fn incr(&self, key: &str, by: u64) -> StateResult<u64> {
+        dispatch!(self, b => b.incr(key, by).await)
+    }
+    async fn zrange(&self, key: &str, start: i64, stop: i64, rev: bool) -> StateResult<Vec<(String, f64)>> {
+        dispatch!(self, b => b.zrange(key, start, stop, rev).await)
+    }
+    async fn zrange_by_score(
+        &self,
+        key: &str,
+        min: Bound<f64>,
+        max: Bound<f64>,
+        limit: usize,
+    ) -> StateResult<Vec<(String, f64)>> {
+        dispatch!(self, b => b.zrange_by_score(key, min, max, limit).await)
+    }
+    async fn zrank(&self, key: &str, member: &str) -> StateResult<Option<u64>> {
+        dispatch!(self, b => b.zrank(key, member).await)
+    }
+    async fn zcard(&self, key: &str) -> StateResult<u64> {
+        dispatch!(self, b => b.zcard(key).await)
+    }
+    async fn hgetall(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
+        dispatch!(self, b => b.hgetall(key).await)
+    }
+    async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {
+        dispatch!(self, b => b.smembers(key).await)
+    }
+    async fn xrange(&self, key: &str, after: Option<&str>, count: usize) -> StateResult<Vec<StreamEntry>> {
+        dispatch!(self, b => b.xrange(key, after, count).await)
+    }
+    async fn xlen(&self, key: &str) -> StateResult<u64> {
+        dispatch!(self, b => b.xlen(key).await)
+    }
+    async fn xlast_id(&self, key: &str) -> StateResult<String> {
+        dispatch!(self, b => b.xlast_id(key).await)
+    }
+    async fn group_ensure(&self, key: &str, group: &str) -> StateResult<()> {
+        dispatch!(self, b => b.group_ensure(key, group).await)
+    }
+    async fn read_group(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        count: usize,
+        block: Option<Duration>,
+    ) -> StateResult<Vec<StreamEntry>> {
+        dispatch!(self, b => b.read_group(key, group, consumer, count, block).await)
+    }
+    async fn ack(&self, key: &str, group: &str, ids: &[String]) -> StateResult<u64> {
+        dispatch!(self, b => b.ack(key, group, ids).await)
+    }
+    async fn autoclaim(
+        &self,
+        key: &str,
+        group: &str,
+        consumer: &str,
+        min_idle: Duration,
+        count: usize,
+    ) -> StateResult<Vec<StreamEntry>> {
+        dispatch!(self, b => b.autoclaim(key, group, consumer, min_idle, count).await)
+    }
+    async fn group_info(&self, key: &str, group: &str) -> StateResult<GroupInfo> {
+        dispatch!(self, b => b.group_info(key, group).await)
+    }
+    async fn tail(&self, key: &str, after: &str, count: usize, block: Duration) -> StateResult<Vec<StreamEntry>> {
+        dispatch!(self, b => b.tail(key, after, count, block).await)
+    }
+    async fn lease_acquire(&self, key: &str, fence_counter: &str, ttl: Duration) -> StateResult<Option<u64>> {
+        dispatch!(self, b => b.lease_acquire(key, fence_counter, ttl).await)
+    }
+    async fn lease_renew(&self, key: &str, token: u64, ttl: Duration) -> StateResult<bool> {
+        dispatch!(self, b => b.lease_renew(key, token, ttl).await)
+    }
+    async fn lease_release(&self, key: &str, token: u64) -> StateResult<bool> {
+        dispatch!(self, b => b.lease_release(key, token).await)
+    }
+    async fn ping(&self) -> StateResult<()> {
+        dispatch!(self, b => b.ping().await)
+    }
+    async fn info(&self) -> StateResult<BackendInfo> {
+        dispatch!(self, b => b.info().await)
+    }
+}
+
+/// Parses a stream id `<ms>-<seq>` into its two numbers.
+pub fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}

@@ -1,0 +1,325 @@
+//! The state-layer conformance suite: every test runs on the in-memory backend and on a real
+//! `redis-server`, and both must behave the same.
+
+#![allow(clippy::unwrap_used)]
+use std::ops::Bound;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chipgate_state::{
+    AUDIT_GENESIS, AuditChain, Backend, CommitError, Space, Store, Txn, audit_link, backend_tests, sha256_hex,
+};
+
+const S: Space = Space::new("t");
+
+fn k(parts: &[&str]) -> String {
+    S.key(parts)
+}
+
+async fn records_are_versioned_and_guarded(store: Store) {
+    let key = k(&["rec", "1"]);
+    assert_eq!(store.get(std::slice::from_ref(&key)).await.unwrap(), vec![None]);
+
+    // Version 0 means "absent": creating works once.
+    let mut t = Txn::new();
+    t.replace(&key, 0, b"one".to_vec());
+    store.commit(&t).await.unwrap();
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (1, &b"one"[..]));
+
+    // The same create again conflicts, and nothing else in that transaction applies.
+    let mut t = Txn::new();
+    t.replace(&key, 0, b"again".to_vec()).zadd(k(&["z"]), "m", 1.0);
+    match store.commit(&t).await {
+        Err(CommitError::Conflict { key: bad }) => assert_eq!(bad, key),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.zcard(&k(&["z"])).await.unwrap(), 0, "a failed transaction must change nothing");
+
+    // Writing at the version read bumps it.
+    let mut t = Txn::new();
+    t.replace(&key, 1, b"two:with:colons".to_vec());
+    store.commit(&t).await.unwrap();
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (2, &b"two:with:colons"[..]));
+
+    // Binary payloads survive.
+    let bin: Vec<u8> = (0u8..=255).collect();
+    let mut t = Txn::new();
+    t.put(&key, bin.clone());
+    store.commit(&t).await.unwrap();
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
+    assert_eq!((rec.version, rec.data), (3, bin));
+
+    // Delete makes it absent again.
+    let mut t = Txn::new();
+    t.delete(&key);
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.get(std::slice::from_ref(&key)).await.unwrap(), vec![None]);
+}
+
+async fn records_with_ttl_expire(store: Store) {
+    let key = k(&["ttl"]);
+    let mut t = Txn::new();
+    t.put_with_ttl(&key, b"x".to_vec(), Duration::from_millis(150));
+    store.commit(&t).await.unwrap();
+    assert!(store.get(std::slice::from_ref(&key)).await.unwrap()[0].is_some());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.get(std::slice::from_ref(&key)).await.unwrap()[0].is_none());
+}
+
+async fn sorted_sets_order_by_score_then_member(store: Store) {
+    let z = k(&["queue"]);
+    let mut t = Txn::new();
+    t.zadd(&z, "c", 3.0).zadd(&z, "a", 1.0).zadd(&z, "b", 2.0).zadd(&z, "b2", 2.0);
+    store.commit(&t).await.unwrap();
+    let all = store.zrange(&z, 0, -1, false).await.unwrap();
+    let names: Vec<&str> = all.iter().map(|(m, _)| m.as_str()).collect();
+    assert_eq!(names, ["a", "b", "b2", "c"]);
+    let rev = store.zrange(&z, 0, 1, true).await.unwrap();
+    assert_eq!(rev, vec![("c".to_string(), 3.0), ("b2".to_string(), 2.0)]);
+    assert_eq!(store.zrange(&z, 1, 2, false).await.unwrap().len(), 2);
+    assert_eq!(store.zrange(&z, 10, 20, false).await.unwrap(), vec![]);
+    assert_eq!(store.zrank(&z, "b2").await.unwrap(), Some(2));
+    assert_eq!(store.zrank(&z, "nope").await.unwrap(), None);
+    assert_eq!(store.zcard(&z).await.unwrap(), 4);
+    let mid = store.zrange_by_score(&z, Bound::Excluded(1.0), Bound::Included(3.0), 2).await.unwrap();
+    assert_eq!(mid, vec![("b".to_string(), 2.0), ("b2".to_string(), 2.0)]);
+    let open = store.zrange_by_score(&z, Bound::Unbounded, Bound::Excluded(2.0), 10).await.unwrap();
+    assert_eq!(open, vec![("a".to_string(), 1.0)]);
+    // Re-scoring moves a member; large integer scores stay exact.
+    let mut t = Txn::new();
+    t.zadd(&z, "a", 9_007_199_254_740_000.0).zrem(&z, "c");
+    store.commit(&t).await.unwrap();
+    let all = store.zrange(&z, 0, -1, false).await.unwrap();
+    assert_eq!(all.last().unwrap(), &("a".to_string(), 9_007_199_254_740_000.0));
+    assert_eq!(store.zcard(&z).await.unwrap(), 3);
+}
+
+async fn hashes_sets_and_counters(store: Store) {
+    let h = k(&["stats"]);
+    let mut t = Txn::new();
+    t.hincr(&h, "held", 5).hincr(&h, "held", -2).hset(&h, "name", b"wave-1".to_vec()).hset(&h, "gone", b"x".to_vec());
+    t.hdel(&h, "gone");
+    store.commit(&t).await.unwrap();
+    assert_eq!(
+        store.hgetall(&h).await.unwrap(),
+        vec![("held".to_string(), b"3".to_vec()), ("name".to_string(), b"wave-1".to_vec())]
+    );
+    let s = k(&["dirty"]);
+    let mut t = Txn::new();
+    t.sadd(&s, "b").sadd(&s, "a").sadd(&s, "c").srem(&s, "c");
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.smembers(&s).await.unwrap(), vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(store.incr(&k(&["seq"]), 1).await.unwrap(), 1);
+    assert_eq!(store.incr(&k(&["seq"]), 10).await.unwrap(), 11);
+}
+
+async fn streams_append_in_transactions(store: Store) {
+    let st = k(&["events"]);
+    assert_eq!(store.xlast_id(&st).await.unwrap(), "0-0");
+    let mut t = Txn::new();
+    t.xadd(&st, vec![("e".into(), b"one".to_vec())], None).xadd(&st, vec![("e".into(), b"two".to_vec())], None);
+    let c = store.commit(&t).await.unwrap();
+    assert_eq!(c.stream_ids.len(), 2);
+    assert!(chipgate_state::parse_stream_id(&c.stream_ids[0]) < chipgate_state::parse_stream_id(&c.stream_ids[1]));
+    assert_eq!(store.xlen(&st).await.unwrap(), 2);
+    assert_eq!(store.xlast_id(&st).await.unwrap(), c.stream_ids[1]);
+    let all = store.xrange(&st, None, 10).await.unwrap();
+    assert_eq!(
+        all.iter().map(|e| e.field("e").unwrap().to_vec()).collect::<Vec<_>>(),
+        vec![b"one".to_vec(), b"two".to_vec()]
+    );
+    let after = store.xrange(&st, Some(&c.stream_ids[0]), 10).await.unwrap();
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].id, c.stream_ids[1]);
+}
+
+async fn consumer_groups_deliver_once_and_reclaim(store: Store) {
+    let st = k(&["events"]);
+    store.group_ensure(&st, "orders").await.unwrap();
+    store.group_ensure(&st, "orders").await.unwrap(); // idempotent
+    for i in 0..3 {
+        let mut t = Txn::new();
+        t.xadd(&st, vec![("n".into(), i.to_string().into_bytes())], None);
+        store.commit(&t).await.unwrap();
+    }
+    let first = store.read_group(&st, "orders", "a", 2, None).await.unwrap();
+    assert_eq!(first.len(), 2);
+    let second = store.read_group(&st, "orders", "b", 10, None).await.unwrap();
+    assert_eq!(second.len(), 1, "entries go to one consumer only");
+    assert!(store.read_group(&st, "orders", "a", 10, None).await.unwrap().is_empty());
+    let info = store.group_info(&st, "orders").await.unwrap();
+    assert_eq!(info.pending, 3);
+    assert_eq!(info.lag, Some(0));
+
+    // Consumer a acknowledges one, then "dies" holding the other.
+    assert_eq!(store.ack(&st, "orders", std::slice::from_ref(&first[0].id)).await.unwrap(), 1);
+    assert_eq!(store.ack(&st, "orders", std::slice::from_ref(&first[0].id)).await.unwrap(), 0);
+    // Too early to claim.
+    assert!(store.autoclaim(&st, "orders", "c", Duration::from_secs(60), 10).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let claimed = store.autoclaim(&st, "orders", "c", Duration::from_millis(100), 10).await.unwrap();
+    let ids: Vec<&str> = claimed.iter().map(|e| e.id.as_str()).collect();
+    assert_eq!(ids, vec![first[1].id.as_str(), second[0].id.as_str()]);
+    assert_eq!(claimed[0].field("n"), Some(&b"1"[..]));
+    let ids: Vec<String> = claimed.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(store.ack(&st, "orders", &ids).await.unwrap(), 2);
+    assert_eq!(store.group_info(&st, "orders").await.unwrap().pending, 0);
+}
+
+async fn blocking_reads_wake_on_append(store: Store) {
+    let st = k(&["wake"]);
+    store.group_ensure(&st, "g").await.unwrap();
+    let writer = store.clone();
+    let st2 = st.clone();
+    let handle = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let mut t = Txn::new();
+        t.xadd(&st2, vec![("x".into(), b"1".to_vec())], None);
+        writer.commit(&t).await.unwrap();
+    });
+    let started = std::time::Instant::now();
+    let got = store.read_group(&st, "g", "c", 10, Some(Duration::from_secs(5))).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert!(started.elapsed() < Duration::from_secs(4), "woke on the append, not the timeout");
+    handle.await.unwrap();
+
+    // A plain tail also sees new entries after a given id.
+    let last = store.xlast_id(&st).await.unwrap();
+    assert!(store.tail(&st, &last, 10, Duration::from_millis(50)).await.unwrap().is_empty());
+    let writer = store.clone();
+    let st2 = st.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut t = Txn::new();
+        t.xadd(&st2, vec![("x".into(), b"2".to_vec())], None);
+        writer.commit(&t).await.unwrap();
+    });
+    let got = store.tail(&st, &last, 10, Duration::from_secs(5)).await.unwrap();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].field("x"), Some(&b"2"[..]));
+}
+
+async fn leases_and_fences(store: Store) {
+    let lease = k(&["lease", "H200"]);
+    let counter = k(&["fence", "H200"]);
+    let t1 = store.lease_acquire(&lease, &counter, Duration::from_secs(5)).await.unwrap().expect("free lease");
+    assert!(store.lease_acquire(&lease, &counter, Duration::from_secs(5)).await.unwrap().is_none());
+    assert!(!store.lease_release(&lease, t1 + 100).await.unwrap(), "only the holder releases");
+    assert!(store.lease_renew(&lease, t1, Duration::from_secs(5)).await.unwrap());
+
+    // A commit guarded by the lease works while it is held.
+    let mut t = Txn::new();
+    t.expect_lease(&lease, t1).put(k(&["guarded"]), b"1".to_vec());
+    store.commit(&t).await.unwrap();
+
+    assert!(store.lease_release(&lease, t1).await.unwrap());
+    let mut t = Txn::new();
+    t.expect_lease(&lease, t1).put(k(&["guarded"]), b"2".to_vec());
+    assert!(matches!(store.commit(&t).await, Err(CommitError::LeaseLost { .. })));
+
+    // Tokens only grow.
+    let t2 = store.lease_acquire(&lease, &counter, Duration::from_millis(100)).await.unwrap().expect("free again");
+    assert!(t2 > t1);
+    // An expired lease can be taken by someone else.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(!store.lease_renew(&lease, t2, Duration::from_secs(1)).await.unwrap());
+    let t3 = store.lease_acquire(&lease, &counter, Duration::from_secs(5)).await.unwrap().expect("expired");
+    assert!(t3 > t2);
+
+    // Fences: newer tokens pass and are remembered; older ones are refused.
+    let fence = k(&["fence-seen", "H200"]);
+    let mut t = Txn::new();
+    t.fence(&fence, t3).put(k(&["f"]), b"new".to_vec());
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    t.fence(&fence, t3).put(k(&["f"]), b"same".to_vec());
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    t.fence(&fence, t2).put(k(&["f"]), b"stale".to_vec());
+    assert!(matches!(store.commit(&t).await, Err(CommitError::Fenced { .. })));
+    let rec = store.get(&[k(&["f"])]).await.unwrap().remove(0).unwrap();
+    assert_eq!(rec.data, b"same");
+}
+
+async fn audit_chain_links_every_entry(store: Store) {
+    let chain = AuditChain::of(S);
+    let entries: Vec<Vec<u8>> = vec![b"first".to_vec(), b"second".to_vec(), (0u8..200).collect()];
+    let mut expected_prev = AUDIT_GENESIS.to_string();
+    for (i, e) in entries.iter().enumerate() {
+        let mut t = Txn::new();
+        t.audit(&chain, e.clone()).put(k(&["subject", &i.to_string()]), b"x".to_vec());
+        let c = store.commit(&t).await.unwrap();
+        let expected = audit_link(&expected_prev, &sha256_hex(e)).unwrap();
+        assert_eq!(c.audit, vec![(i as u64 + 1, expected.clone())]);
+        expected_prev = expected;
+    }
+    let stored = store.xrange(&chain.stream, None, 100).await.unwrap();
+    assert_eq!(stored.len(), 3);
+    let mut prev = AUDIT_GENESIS.to_string();
+    for (i, s) in stored.iter().enumerate() {
+        assert_eq!(s.field("seq").unwrap(), (i + 1).to_string().as_bytes());
+        assert_eq!(s.field("prev").unwrap(), prev.as_bytes());
+        assert_eq!(s.field("entry").unwrap(), entries[i].as_slice());
+        let hash = std::str::from_utf8(s.field("hash").unwrap()).unwrap().to_string();
+        assert_eq!(hash, audit_link(&prev, &sha256_hex(&entries[i])).unwrap());
+        prev = hash;
+    }
+    // The head reads as a record: version = sequence, data = hash.
+    let head = store.get(std::slice::from_ref(&chain.head)).await.unwrap().remove(0).unwrap();
+    assert_eq!(head.version, 3);
+    assert_eq!(head.data, prev.as_bytes());
+}
+
+async fn optimistic_increments_lose_nothing_under_concurrency(store: Store) {
+    let key = k(&["counter"]);
+    let tasks = 8;
+    let per_task = 25;
+    let retries = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut handles = Vec::new();
+    for _ in 0..tasks {
+        let store = store.clone();
+        let key = key.clone();
+        let retries = retries.clone();
+        handles.push(tokio::spawn(async move {
+            for _ in 0..per_task {
+                loop {
+                    let cur = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0);
+                    let (ver, n) = match cur {
+                        Some(r) => (r.version, String::from_utf8(r.data).unwrap().parse::<u64>().unwrap()),
+                        None => (0, 0),
+                    };
+                    let mut t = Txn::new();
+                    t.replace(&key, ver, (n + 1).to_string().into_bytes());
+                    match store.commit(&t).await {
+                        Ok(_) => break,
+                        Err(CommitError::Conflict { .. }) => {
+                            retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
+    assert_eq!(String::from_utf8(rec.data).unwrap(), (tasks * per_task).to_string());
+    assert_eq!(rec.version, (tasks * per_task) as u64);
+}
+
+backend_tests!(
+    records_are_versioned_and_guarded,
+    records_with_ttl_expire,
+    sorted_sets_order_by_score_then_member,
+    hashes_sets_and_counters,
+    streams_append_in_transactions,
+    consumer_groups_deliver_once_and_reclaim,
+    blocking_reads_wake_on_append,
+    leases_and_fences,
+    audit_chain_links_every_entry,
+    optimistic_increments_lose_nothing_under_concurrency,
+);
