@@ -1,0 +1,1 @@
+//! Inventory rules: stock arithmetic and the hold state machine.

@@ -1,0 +1,1262 @@
+//! Licensing rules: applications, licences and their conditions, and eligibility.
+//!
+//! A licence moves PENDING_TERMS → ACTIVE ⇄ SUSPENDED, and any live licence can be REVOKED. On top of
+//! the stored status two *effective* states are computed: EXPIRED once the validity window has passed,
+//! EXHAUSTED while every granted unit is in use. Eligibility checks every condition of every licence a
+//! buyer holds for a product, plus the product-wide gates (export authorisation, customs), and says
+//! for each failure whether the order could ever pass it.
+
+use std::collections::{HashMap, HashSet};
+
+use crate::mul_div_ceil;
+
+/// Where an application stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ApplicationStatus {
+    /// Never stored.
+    Unspecified = 0,
+    /// In the approval queue.
+    Queued = 1,
+    /// Granted by a published wave.
+    Granted = 2,
+    /// Withdrawn by the buyer.
+    Withdrawn = 3,
+    /// Rejected by the authority.
+    Rejected = 4,
+}
+
+/// A stored application.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ApplicationRecord {
+    /// "app-N".
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Buyer.
+    #[prost(string, tag = "2")]
+    pub buyer_id: String,
+    /// Product SKU.
+    #[prost(string, tag = "3")]
+    pub product_sku: String,
+    /// Units applied for.
+    #[prost(uint64, tag = "4")]
+    pub quantity: u64,
+    /// End use.
+    #[prost(string, tag = "5")]
+    pub end_use: String,
+    /// Site.
+    #[prost(string, tag = "6")]
+    pub site: String,
+    /// Importing country.
+    #[prost(string, tag = "7")]
+    pub destination: String,
+    /// [`ApplicationStatus`].
+    #[prost(enumeration = "ApplicationStatus", tag = "8")]
+    pub status: i32,
+    /// Submitted at (ms since epoch).
+    #[prost(uint64, tag = "9")]
+    pub submit_ms: u64,
+    /// Last change (ms since epoch).
+    #[prost(uint64, tag = "10")]
+    pub update_ms: u64,
+    /// Why rejected or withdrawn.
+    #[prost(string, tag = "11")]
+    pub reason: String,
+    /// Granting wave.
+    #[prost(string, tag = "12")]
+    pub wave_id: String,
+    /// Resulting licence.
+    #[prost(string, tag = "13")]
+    pub license_id: String,
+    /// Submission sequence (the default queue order).
+    #[prost(uint64, tag = "14")]
+    pub seq: u64,
+}
+
+/// The conditions a licence carries. Times are ms since the epoch; 0 means "not set".
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Conditions {
+    /// Not usable before.
+    #[prost(uint64, tag = "1")]
+    pub valid_from_ms: u64,
+    /// Expires at.
+    #[prost(uint64, tag = "2")]
+    pub valid_until_ms: u64,
+    /// Largest single order (0: none).
+    #[prost(uint64, tag = "3")]
+    pub per_order_cap: u64,
+    /// Domestic units required per 10,000 licensed units in use (0: none).
+    #[prost(uint32, tag = "4")]
+    pub domestic_ratio_bps: u32,
+    /// Orders must carry a justification.
+    #[prost(bool, tag = "5")]
+    pub justification_required: bool,
+    /// Terms still being worked out.
+    #[prost(bool, tag = "6")]
+    pub terms_pending: bool,
+}
+
+/// Most basis points a ratio can be: 10 domestic chips per licensed chip.
+pub const MAX_RATIO_BPS: u32 = 100_000;
+
+impl Conditions {
+    /// What is wrong with these conditions, as `(field, problem)` pairs.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        if self.valid_until_ms != 0 && self.valid_until_ms <= self.valid_from_ms {
+            out.push(("valid_until", "must be after valid_from".to_string()));
+        }
+        if self.domestic_ratio_bps > MAX_RATIO_BPS {
+            out.push(("domestic_ratio_bps", format!("must be at most {MAX_RATIO_BPS}")));
+        }
+        out
+    }
+}
+
+/// The stored status of a licence.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum LicenseStatus {
+    /// Never stored.
+    Unspecified = 0,
+    /// Granted, terms still pending.
+    PendingTerms = 1,
+    /// Usable.
+    Active = 2,
+    /// Temporarily unusable.
+    Suspended = 3,
+    /// Withdrawn for good.
+    Revoked = 4,
+}
+
+/// The state a licence is in right now (the stored status plus time and quota).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum EffectiveState {
+    /// Terms pending.
+    PendingTerms,
+    /// Usable.
+    Active,
+    /// Suspended.
+    Suspended,
+    /// Revoked.
+    Revoked,
+    /// Past its validity window.
+    Expired,
+    /// Active with no quota left.
+    Exhausted,
+}
+
+impl EffectiveState {
+    /// Upper-case name as in the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            EffectiveState::PendingTerms => "PENDING_TERMS",
+            EffectiveState::Active => "ACTIVE",
+            EffectiveState::Suspended => "SUSPENDED",
+            EffectiveState::Revoked => "REVOKED",
+            EffectiveState::Expired => "EXPIRED",
+            EffectiveState::Exhausted => "EXHAUSTED",
+        }
+    }
+}
+
+/// A stored licence.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct LicenseRecord {
+    /// "lic-N".
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Buyer.
+    #[prost(string, tag = "2")]
+    pub buyer_id: String,
+    /// Product.
+    #[prost(string, tag = "3")]
+    pub product_sku: String,
+    /// Importing country.
+    #[prost(string, tag = "4")]
+    pub destination: String,
+    /// Application it came from.
+    #[prost(string, tag = "5")]
+    pub application_id: String,
+    /// Wave that granted it.
+    #[prost(string, tag = "6")]
+    pub wave_id: String,
+    /// [`LicenseStatus`].
+    #[prost(enumeration = "LicenseStatus", tag = "7")]
+    pub status: i32,
+    /// Conditions.
+    #[prost(message, optional, tag = "8")]
+    pub conditions: Option<Conditions>,
+    /// Quota granted.
+    #[prost(uint64, tag = "9")]
+    pub granted: u64,
+    /// Units held by orders (reserved or confirmed).
+    #[prost(uint64, tag = "10")]
+    pub used: u64,
+    /// Units held by confirmed orders (part of `used`).
+    #[prost(uint64, tag = "11")]
+    pub confirmed: u64,
+    /// Created at.
+    #[prost(uint64, tag = "12")]
+    pub create_ms: u64,
+    /// Last change.
+    #[prost(uint64, tag = "13")]
+    pub update_ms: u64,
+    /// Why last suspended, reinstated or revoked.
+    #[prost(string, tag = "14")]
+    pub state_reason: String,
+    /// Creation sequence: older licences are used first.
+    #[prost(uint64, tag = "15")]
+    pub seq: u64,
+}
+
+/// A state change that is not allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TransitionError {
+    /// What was attempted.
+    pub action: &'static str,
+    /// The state the licence was in.
+    pub from: EffectiveState,
+}
+
+impl std::fmt::Display for TransitionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "can't {} a licence that is {}", self.action, self.from.name())
+    }
+}
+
+impl std::error::Error for TransitionError {}
+
+impl LicenseRecord {
+    /// The conditions (defaults when none were stored).
+    pub fn conditions(&self) -> Conditions {
+        self.conditions.clone().unwrap_or_default()
+    }
+
+    /// Units not in use.
+    pub fn remaining(&self) -> u64 {
+        self.granted.saturating_sub(self.used)
+    }
+
+    /// The state right now.
+    pub fn effective_state(&self, now_ms: u64) -> EffectiveState {
+        let c = self.conditions();
+        match self.status() {
+            LicenseStatus::Revoked => EffectiveState::Revoked,
+            _ if c.valid_until_ms != 0 && now_ms >= c.valid_until_ms => EffectiveState::Expired,
+            LicenseStatus::PendingTerms | LicenseStatus::Unspecified => EffectiveState::PendingTerms,
+            LicenseStatus::Suspended => EffectiveState::Suspended,
+            LicenseStatus::Active if self.remaining() == 0 => EffectiveState::Exhausted,
+            LicenseStatus::Active => EffectiveState::Active,
+        }
+    }
+
+    /// True unless revoked or expired: the licence may still serve orders some day.
+    pub fn is_live(&self, now_ms: u64) -> bool {
+        !matches!(self.effective_state(now_ms), EffectiveState::Revoked | EffectiveState::Expired)
+    }
+
+    fn move_to(&mut self, status: LicenseStatus, reason: &str, now_ms: u64) {
+        self.status = status as i32;
+        self.state_reason = reason.to_string();
+        self.update_ms = now_ms;
+    }
+
+    /// Finalises the terms (optionally replacing the conditions): PENDING_TERMS → ACTIVE.
+    ///
+    /// # Errors
+    /// When the licence is not PENDING_TERMS.
+    pub fn finalize_terms(&mut self, conditions: Option<Conditions>, now_ms: u64) -> Result<(), TransitionError> {
+        let from = self.effective_state(now_ms);
+        if from != EffectiveState::PendingTerms {
+            return Err(TransitionError { action: "finalise the terms of", from });
+        }
+        let mut c = conditions.unwrap_or_else(|| self.conditions());
+        c.terms_pending = false;
+        self.conditions = Some(c);
+        self.move_to(LicenseStatus::Active, "terms finalised", now_ms);
+        Ok(())
+    }
+
+    /// ACTIVE (or EXHAUSTED) → SUSPENDED.
+    ///
+    /// # Errors
+    /// When the licence is not active.
+    pub fn suspend(&mut self, reason: &str, now_ms: u64) -> Result<(), TransitionError> {
+        let from = self.effective_state(now_ms);
+        if !matches!(from, EffectiveState::Active | EffectiveState::Exhausted) {
+            return Err(TransitionError { action: "suspend", from });
+        }
+        self.move_to(LicenseStatus::Suspended, reason, now_ms);
+        Ok(())
+    }
+
+    /// SUSPENDED → ACTIVE.
+    ///
+    /// # Errors
+    /// When the licence is not suspended.
+    pub fn reinstate(&mut self, reason: &str, now_ms: u64) -> Result<(), TransitionError> {
+        let from = self.effective_state(now_ms);
+        if from != EffectiveState::Suspended {
+            return Err(TransitionError { action: "reinstate", from });
+        }
+        self.move_to(LicenseStatus::Active, reason, now_ms);
+        Ok(())
+    }
+
+    /// Any live state → REVOKED.
+    ///
+    /// # Errors
+    /// When already revoked or expired.
+    pub fn revoke(&mut self, reason: &str, now_ms: u64) -> Result<(), TransitionError> {
+        let from = self.effective_state(now_ms);
+        if matches!(from, EffectiveState::Revoked | EffectiveState::Expired) {
+            return Err(TransitionError { action: "revoke", from });
+        }
+        self.move_to(LicenseStatus::Revoked, reason, now_ms);
+        Ok(())
+    }
+}
+
+/// A condition an order must meet (mirrors the API's `Condition`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Condition {
+    /// Never used.
+    Unspecified = 0,
+    /// Holds a licence.
+    License = 1,
+    /// Terms final.
+    TermsFinal = 2,
+    /// Not suspended or revoked.
+    LicenseInForce = 3,
+    /// Inside the validity window.
+    ValidityWindow = 4,
+    /// Enough quota left.
+    Quota = 5,
+    /// Within the per-order cap.
+    PerOrderCap = 6,
+    /// Domestic ratio covered.
+    DomesticRatio = 7,
+    /// Justification given.
+    Justification = 8,
+    /// Export authorised.
+    ExportAuthorization = 9,
+    /// Not embargoed.
+    ImportPolicy = 10,
+    /// Not overtaking an earlier order.
+    QueueOrder = 11,
+}
+
+impl Condition {
+    /// The API name, e.g. `CONDITION_QUOTA`.
+    pub fn api_name(self) -> &'static str {
+        match self {
+            Condition::Unspecified => "CONDITION_UNSPECIFIED",
+            Condition::License => "CONDITION_LICENSE",
+            Condition::TermsFinal => "CONDITION_TERMS_FINAL",
+            Condition::LicenseInForce => "CONDITION_LICENSE_IN_FORCE",
+            Condition::ValidityWindow => "CONDITION_VALIDITY_WINDOW",
+            Condition::Quota => "CONDITION_QUOTA",
+            Condition::PerOrderCap => "CONDITION_PER_ORDER_CAP",
+            Condition::DomesticRatio => "CONDITION_DOMESTIC_RATIO",
+            Condition::Justification => "CONDITION_JUSTIFICATION",
+            Condition::ExportAuthorization => "CONDITION_EXPORT_AUTHORIZATION",
+            Condition::ImportPolicy => "CONDITION_IMPORT_POLICY",
+            Condition::QueueOrder => "CONDITION_QUEUE_ORDER",
+        }
+    }
+
+    /// Conditions about how much capacity is left (quota, ratio): an order refused for one of these
+    /// blocks the same buyer's later orders, so they can't overtake it.
+    pub fn is_capacity(self) -> bool {
+        matches!(self, Condition::Quota | Condition::DomesticRatio)
+    }
+}
+
+/// One failed condition, and why (storable in an order's history).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Failure {
+    /// [`Condition`].
+    #[prost(enumeration = "Condition", tag = "1")]
+    pub condition: i32,
+    /// The licence concerned, if any.
+    #[prost(string, tag = "2")]
+    pub license_id: String,
+    /// In words, with figures.
+    #[prost(string, tag = "3")]
+    pub description: String,
+    /// Can never pass under this licence.
+    #[prost(bool, tag = "4")]
+    pub permanent: bool,
+    /// The figure needed.
+    #[prost(uint64, tag = "5")]
+    pub required: u64,
+    /// The figure there is.
+    #[prost(uint64, tag = "6")]
+    pub actual: u64,
+}
+
+impl Failure {
+    /// A failure of `condition`.
+    pub fn new(condition: Condition, license_id: &str, description: impl Into<String>) -> Self {
+        Failure {
+            condition: condition as i32,
+            license_id: license_id.to_string(),
+            description: description.into(),
+            permanent: false,
+            required: 0,
+            actual: 0,
+        }
+    }
+
+    /// Marks it as one the order can never pass under this licence.
+    pub fn permanent(mut self) -> Self {
+        self.permanent = true;
+        self
+    }
+
+    /// Attaches the figures.
+    pub fn figures(mut self, required: u64, actual: u64) -> Self {
+        self.required = required;
+        self.actual = actual;
+        self
+    }
+}
+
+/// What is being asked for: `units` of the product by `buyer_id`.
+#[derive(Clone, Copy, Debug)]
+pub struct Ask<'a> {
+    /// Buyer.
+    pub buyer_id: &'a str,
+    /// Units.
+    pub units: u64,
+    /// The order's justification ("" if none).
+    pub justification: &'a str,
+}
+
+/// Product-wide gates: customs and the export side.
+#[derive(Clone, Debug, Default)]
+pub struct ProductGate {
+    /// Customs embargoes the product.
+    pub embargoed: bool,
+    /// Customs' reason, if embargoed.
+    pub embargo_reason: String,
+    /// Destinations the vendor holds an active export authorisation for.
+    pub export_destinations: HashSet<String>,
+}
+
+/// The outcome of evaluating an ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Eligible under the licence at this index of the candidate list.
+    Eligible(usize),
+    /// Refused for these reasons.
+    Refused {
+        /// Every failed condition.
+        failures: Vec<Failure>,
+        /// The order can never be served by the licences the buyer holds (e.g. above every per-order
+        /// cap) and no licence is still pending terms.
+        rejectable: bool,
+    },
+}
+
+fn fmt_units(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Checks one licence's own conditions for an ask. `domestic_units` is the buyer's recorded total.
+pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64, gate: &ProductGate, now_ms: u64) -> Vec<Failure> {
+    let id = lic.id.as_str();
+    let c = lic.conditions();
+    let mut out = Vec::new();
+    match lic.effective_state(now_ms) {
+        EffectiveState::Revoked => {
+            out.push(Failure::new(Condition::LicenseInForce, id, format!("licence {id} was revoked: {}", lic.state_reason)).permanent());
+            return out;
+        }
+        EffectiveState::Expired => {
+            out.push(Failure::new(Condition::ValidityWindow, id, format!("licence {id} expired")).permanent());
+            return out;
+        }
+        EffectiveState::PendingTerms => {
+            // Provisional conditions may still change, so only this is reported.
+            out.push(Failure::new(Condition::TermsFinal, id, format!("licence {id} is approved but its terms are still being worked out")));
+            return out;
+        }
+        EffectiveState::Suspended => {
+            out.push(Failure::new(Condition::LicenseInForce, id, format!("licence {id} is suspended: {}", lic.state_reason)));
+        }
+        EffectiveState::Active | EffectiveState::Exhausted => {}
+    }
+    if c.valid_from_ms != 0 && now_ms < c.valid_from_ms {
+        out.push(Failure::new(Condition::ValidityWindow, id, format!("licence {id} is not valid yet")));
+    }
+    if !gate.export_destinations.contains(&lic.destination) {
+        out.push(Failure::new(
+            Condition::ExportAuthorization,
+            id,
+            format!("the vendor holds no export authorisation for {} to {}", lic.product_sku, lic.destination),
+        ));
+    }
+    if c.per_order_cap != 0 && ask.units > c.per_order_cap {
+        out.push(
+            Failure::new(
+                Condition::PerOrderCap,
+                id,
+                format!("order of {} units is above licence {id}'s per-order cap of {}", fmt_units(ask.units), fmt_units(c.per_order_cap)),
+            )
+            .permanent()
+            .figures(c.per_order_cap, ask.units),
+        );
+    }
+    if ask.units > lic.granted {
+        out.push(
+            Failure::new(
+                Condition::Quota,
+                id,
+                format!("order of {} units is more than licence {id} grants in all ({})", fmt_units(ask.units), fmt_units(lic.granted)),
+            )
+            .permanent()
+            .figures(ask.units, lic.granted),
+        );
+    } else if ask.units > lic.remaining() {
+        out.push(
+            Failure::new(
+                Condition::Quota,
+                id,
+                format!("licence {id} has {} units left; the order needs {}", fmt_units(lic.remaining()), fmt_units(ask.units)),
+            )
+            .figures(ask.units, lic.remaining()),
+        );
+    }
+    if c.domestic_ratio_bps > 0 {
+        let need = mul_div_ceil(lic.used.saturating_add(ask.units), u64::from(c.domestic_ratio_bps), 10_000);
+        if domestic_units < need {
+            out.push(
+                Failure::new(
+                    Condition::DomesticRatio,
+                    id,
+                    format!(
+                        "licence {id} requires {} domestic units for {} licensed units in use; the buyer has recorded {}",
+                        fmt_units(need),
+                        fmt_units(lic.used.saturating_add(ask.units)),
+                        fmt_units(domestic_units)
+                    ),
+                )
+                .figures(need, domestic_units),
+            );
+        }
+    }
+    if c.justification_required && ask.justification.trim().is_empty() {
+        out.push(
+            Failure::new(Condition::Justification, id, format!("licence {id} requires every order to state why the chips are necessary"))
+                .permanent(),
+        );
+    }
+    out
+}
+
+/// Evaluates an ask against the buyer's licences for the product (`candidates`, oldest first) and the
+/// product's gates. The first licence that passes every condition serves the order.
+pub fn evaluate(candidates: &[&LicenseRecord], ask: &Ask<'_>, domestic_units: u64, gate: &ProductGate, now_ms: u64) -> Verdict {
+    let mut failures = Vec::new();
+    if gate.embargoed {
+        let why = if gate.embargo_reason.is_empty() { String::new() } else { format!(": {}", gate.embargo_reason) };
+        failures.push(Failure::new(Condition::ImportPolicy, "", format!("customs embargoes this product{why}")));
+    }
+    if candidates.iter().all(|l| !l.is_live(now_ms)) {
+        failures.push(Failure::new(Condition::License, "", format!("buyer {} holds no usable licence for this product", ask.buyer_id)));
+        if gate.export_destinations.is_empty() {
+            failures.push(Failure::new(Condition::ExportAuthorization, "", "the vendor holds no export authorisation for this product"));
+        }
+    }
+    let mut live = 0;
+    let mut all_permanent = true;
+    let mut any_pending = false;
+    for (i, lic) in candidates.iter().enumerate() {
+        let f = licence_failures(lic, ask, domestic_units, gate, now_ms);
+        if f.is_empty() && !gate.embargoed {
+            return Verdict::Eligible(i);
+        }
+        if lic.is_live(now_ms) {
+            live += 1;
+            any_pending |= lic.effective_state(now_ms) == EffectiveState::PendingTerms;
+            all_permanent &= f.iter().any(|x| x.permanent);
+        }
+        failures.extend(f);
+    }
+    Verdict::Refused { failures, rejectable: live > 0 && all_permanent && !any_pending }
+}
+
+/// Serves a batch of asks for one product strictly in order, against running copies of the licences
+/// and ledgers, so that later asks see the quota earlier ones took. Once a buyer's ask is refused for
+/// quota or domestic ratio, that buyer's later asks in the batch are refused with `QueueOrder`: a
+/// smaller later order never overtakes a larger earlier one.
+pub struct QuotaPlanner<'a> {
+    licences: HashMap<String, Vec<LicenseRecord>>,
+    domestic: &'a HashMap<String, u64>,
+    gate: &'a ProductGate,
+    now_ms: u64,
+    blocked: HashMap<String, String>,
+    touched: HashSet<String>,
+}
+
+/// A planner decision for one ask.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Planned {
+    /// Quota taken from this licence.
+    Reserved {
+        /// The licence.
+        license_id: String,
+        /// Its wave.
+        wave_id: String,
+    },
+    /// Refused.
+    Refused {
+        /// Why.
+        failures: Vec<Failure>,
+        /// Can never be served by the buyer's licences.
+        rejectable: bool,
+    },
+}
+
+impl<'a> QuotaPlanner<'a> {
+    /// A planner over `licences` (every licence of the batch's buyers for the product).
+    pub fn new(licences: Vec<LicenseRecord>, domestic: &'a HashMap<String, u64>, gate: &'a ProductGate, now_ms: u64) -> Self {
+        let mut by_buyer: HashMap<String, Vec<LicenseRecord>> = HashMap::new();
+        for l in licences {
+            by_buyer.entry(l.buyer_id.clone()).or_default().push(l);
+        }
+        for v in by_buyer.values_mut() {
+            v.sort_by_key(|l| l.seq);
+        }
+        QuotaPlanner { licences: by_buyer, domestic, gate, now_ms, blocked: HashMap::new(), touched: HashSet::new() }
+    }
+
+    /// Decides one ask and, if eligible, takes its quota from the running copy.
+    pub fn plan(&mut self, order_id: &str, ask: &Ask<'_>) -> Planned {
+        if let Some(earlier) = self.blocked.get(ask.buyer_id) {
+            return Planned::Refused {
+                failures: vec![Failure::new(
+                    Condition::QueueOrder,
+                    "",
+                    format!("an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"),
+                )],
+                rejectable: false,
+            };
+        }
+        let domestic = self.domestic.get(ask.buyer_id).copied().unwrap_or(0);
+        let list = self.licences.entry(ask.buyer_id.to_string()).or_default();
+        let refs: Vec<&LicenseRecord> = list.iter().collect();
+        match evaluate(&refs, ask, domestic, self.gate, self.now_ms) {
+            Verdict::Eligible(i) => {
+                let lic = &mut list[i];
+                lic.used += ask.units;
+                lic.update_ms = self.now_ms;
+                self.touched.insert(lic.id.clone());
+                Planned::Reserved { license_id: lic.id.clone(), wave_id: lic.wave_id.clone() }
+            }
+            Verdict::Refused { failures, rejectable } => {
+                let capacity = failures.iter().any(|f| f.condition().is_capacity() && !f.permanent);
+                if capacity && !rejectable {
+                    self.blocked.insert(ask.buyer_id.to_string(), order_id.to_string());
+                }
+                Planned::Refused { failures, rejectable }
+            }
+        }
+    }
+
+    /// The licences whose quota changed, to write back.
+    pub fn into_touched(self) -> Vec<LicenseRecord> {
+        let touched = self.touched;
+        self.licences.into_values().flatten().filter(|l| touched.contains(&l.id)).collect()
+    }
+}
+
+/// Where a wave stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum WaveStatus {
+    /// Never stored.
+    Unspecified = 0,
+    /// Being drafted.
+    Draft = 1,
+    /// Published; immutable.
+    Published = 2,
+}
+
+/// One grant of a wave.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct GrantRecord {
+    /// Application granted.
+    #[prost(string, tag = "1")]
+    pub application_id: String,
+    /// Its buyer.
+    #[prost(string, tag = "2")]
+    pub buyer_id: String,
+    /// Its product.
+    #[prost(string, tag = "3")]
+    pub product_sku: String,
+    /// Units granted.
+    #[prost(uint64, tag = "4")]
+    pub granted: u64,
+    /// Conditions of the licence to be.
+    #[prost(message, optional, tag = "5")]
+    pub conditions: Option<Conditions>,
+    /// The licence, once published.
+    #[prost(string, tag = "6")]
+    pub license_id: String,
+}
+
+/// A stored wave.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct WaveRecord {
+    /// "wave-N".
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// Name.
+    #[prost(string, tag = "2")]
+    pub display_name: String,
+    /// [`WaveStatus`].
+    #[prost(enumeration = "WaveStatus", tag = "3")]
+    pub status: i32,
+    /// Grants in the order they were added.
+    #[prost(message, repeated, tag = "4")]
+    pub grants: Vec<GrantRecord>,
+    /// Created at.
+    #[prost(uint64, tag = "5")]
+    pub create_ms: u64,
+    /// Published at.
+    #[prost(uint64, tag = "6")]
+    pub publish_ms: u64,
+    /// Creation sequence.
+    #[prost(uint64, tag = "7")]
+    pub seq: u64,
+}
+
+impl WaveRecord {
+    /// Adds or replaces the grant for an application. Only drafts change.
+    ///
+    /// # Errors
+    /// When the wave is published.
+    pub fn upsert_grant(&mut self, grant: GrantRecord) -> Result<(), WaveError> {
+        if self.status() != WaveStatus::Draft {
+            return Err(WaveError::Published);
+        }
+        match self.grants.iter_mut().find(|g| g.application_id == grant.application_id) {
+            Some(g) => *g = grant,
+            None => self.grants.push(grant),
+        }
+        Ok(())
+    }
+
+    /// Removes an application's grant.
+    ///
+    /// # Errors
+    /// When the wave is published or has no grant for the application.
+    pub fn remove_grant(&mut self, application_id: &str) -> Result<(), WaveError> {
+        if self.status() != WaveStatus::Draft {
+            return Err(WaveError::Published);
+        }
+        let before = self.grants.len();
+        self.grants.retain(|g| g.application_id != application_id);
+        if self.grants.len() == before {
+            return Err(WaveError::NoSuchGrant);
+        }
+        Ok(())
+    }
+
+    /// Total units granted.
+    pub fn total_granted(&self) -> u64 {
+        self.grants.iter().map(|g| g.granted).sum()
+    }
+}
+
+/// Why a wave can't change.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaveError {
+    /// It is published.
+    Published,
+    /// It has no grant for that application.
+    NoSuchGrant,
+}
+
+/// Where a quota reservation stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ReservationStatus {
+    /// Never stored.
+    Unspecified = 0,
+    /// Units taken.
+    Held = 1,
+    /// Order confirmed.
+    Confirmed = 2,
+    /// Units returned (or never taken: a tombstone that fences off a late reserve).
+    Released = 3,
+}
+
+/// The quota an order holds, for its current generation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ReservationRecord {
+    /// Order.
+    #[prost(string, tag = "1")]
+    pub order_id: String,
+    /// Allocation generation.
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    /// Licence it took from ("" for a tombstone).
+    #[prost(string, tag = "3")]
+    pub license_id: String,
+    /// That licence's wave.
+    #[prost(string, tag = "4")]
+    pub wave_id: String,
+    /// Buyer.
+    #[prost(string, tag = "5")]
+    pub buyer_id: String,
+    /// Product.
+    #[prost(string, tag = "6")]
+    pub product_sku: String,
+    /// Units.
+    #[prost(uint64, tag = "7")]
+    pub units: u64,
+    /// [`ReservationStatus`].
+    #[prost(enumeration = "ReservationStatus", tag = "8")]
+    pub status: i32,
+    /// Created.
+    #[prost(uint64, tag = "9")]
+    pub create_ms: u64,
+    /// Last change.
+    #[prost(uint64, tag = "10")]
+    pub update_ms: u64,
+    /// Why released.
+    #[prost(string, tag = "11")]
+    pub release_reason: String,
+}
+
+/// What an existing reservation means for a new reserve of `generation`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReserveCheck {
+    /// Nothing stands in the way: evaluate the conditions.
+    Evaluate,
+    /// Evaluate, but first give back the units an older generation still holds.
+    Supersede {
+        /// The licence to give them back to.
+        license_id: String,
+        /// How many.
+        units: u64,
+        /// Whether they were confirmed.
+        confirmed: bool,
+    },
+    /// This generation already holds quota: answer with it.
+    AlreadyHeld,
+    /// This generation was released, or a newer one exists: refuse.
+    Stale,
+}
+
+impl ReservationRecord {
+    /// Units this record holds from its licence (0 when released).
+    pub fn held_units(&self) -> u64 {
+        match self.status() {
+            ReservationStatus::Held | ReservationStatus::Confirmed => self.units,
+            _ => 0,
+        }
+    }
+
+    /// Decides what a reserve of `generation` must do given this (existing) record.
+    pub fn check_reserve(&self, generation: u64) -> ReserveCheck {
+        use std::cmp::Ordering::*;
+        match generation.cmp(&self.generation) {
+            Less => ReserveCheck::Stale,
+            Equal => match self.status() {
+                ReservationStatus::Held | ReservationStatus::Confirmed => ReserveCheck::AlreadyHeld,
+                _ => ReserveCheck::Stale,
+            },
+            Greater if self.held_units() > 0 => ReserveCheck::Supersede {
+                license_id: self.license_id.clone(),
+                units: self.units,
+                confirmed: self.status() == ReservationStatus::Confirmed,
+            },
+            Greater => ReserveCheck::Evaluate,
+        }
+    }
+}
+
+/// A buyer's domestic-purchase total.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct LedgerRecord {
+    /// Buyer.
+    #[prost(string, tag = "1")]
+    pub buyer_id: String,
+    /// Cumulative domestic units.
+    #[prost(uint64, tag = "2")]
+    pub total_units: u64,
+    /// Purchases recorded.
+    #[prost(uint64, tag = "3")]
+    pub purchases: u64,
+}
+
+/// One recorded domestic purchase.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PurchaseRecord {
+    /// Buyer.
+    #[prost(string, tag = "1")]
+    pub buyer_id: String,
+    /// Units.
+    #[prost(uint64, tag = "2")]
+    pub units: u64,
+    /// Supplier.
+    #[prost(string, tag = "3")]
+    pub supplier: String,
+    /// Evidence reference (unique per buyer).
+    #[prost(string, tag = "4")]
+    pub evidence_ref: String,
+    /// Recorded at.
+    #[prost(uint64, tag = "5")]
+    pub record_ms: u64,
+}
+
+/// One export authorisation of a product.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ExportAuthRecord {
+    /// Vendor.
+    #[prost(string, tag = "1")]
+    pub vendor: String,
+    /// Destination.
+    #[prost(string, tag = "2")]
+    pub destination: String,
+    /// In force.
+    #[prost(bool, tag = "3")]
+    pub active: bool,
+    /// Export licence reference.
+    #[prost(string, tag = "4")]
+    pub reference: String,
+    /// Last change.
+    #[prost(uint64, tag = "5")]
+    pub update_ms: u64,
+}
+
+/// Every export authorisation of one product (one record, so eligibility reads it at once).
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct ProductExportRecord {
+    /// Product.
+    #[prost(string, tag = "1")]
+    pub product_sku: String,
+    /// One per destination.
+    #[prost(message, repeated, tag = "2")]
+    pub authorizations: Vec<ExportAuthRecord>,
+}
+
+impl ProductExportRecord {
+    /// Destinations with an active authorisation.
+    pub fn active_destinations(&self) -> HashSet<String> {
+        self.authorizations.iter().filter(|a| a.active).map(|a| a.destination.clone()).collect()
+    }
+}
+
+/// Customs' stance on a product.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum Stance {
+    /// Never set (means open).
+    Unspecified = 0,
+    /// May enter.
+    Open = 1,
+    /// May not enter.
+    Embargoed = 2,
+}
+
+/// A product's import policy.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PolicyRecord {
+    /// Product.
+    #[prost(string, tag = "1")]
+    pub product_sku: String,
+    /// [`Stance`].
+    #[prost(enumeration = "Stance", tag = "2")]
+    pub stance: i32,
+    /// Why.
+    #[prost(string, tag = "3")]
+    pub reason: String,
+    /// Last change.
+    #[prost(uint64, tag = "4")]
+    pub update_ms: u64,
+}
+
+impl ProductGate {
+    /// The gate of a product from its stored policy and export authorisations.
+    pub fn from_records(policy: Option<&PolicyRecord>, exports: Option<&ProductExportRecord>) -> Self {
+        ProductGate {
+            embargoed: policy.is_some_and(|p| p.stance() == Stance::Embargoed),
+            embargo_reason: policy.map(|p| p.reason.clone()).unwrap_or_default(),
+            export_destinations: exports.map(ProductExportRecord::active_destinations).unwrap_or_default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn lic(id: &str, buyer: &str, granted: u64, status: LicenseStatus, c: Conditions) -> LicenseRecord {
+        LicenseRecord {
+            id: id.into(),
+            buyer_id: buyer.into(),
+            product_sku: "H200".into(),
+            destination: "CN".into(),
+            wave_id: "wave-1".into(),
+            status: status as i32,
+            conditions: Some(c),
+            granted,
+            seq: id.trim_start_matches("lic-").parse().unwrap_or(0),
+            ..Default::default()
+        }
+    }
+
+    fn open_gate() -> ProductGate {
+        ProductGate { embargoed: false, embargo_reason: String::new(), export_destinations: ["CN".to_string()].into() }
+    }
+
+    fn ask(units: u64) -> Ask<'static> {
+        Ask { buyer_id: "bytedance", units, justification: "training cluster" }
+    }
+
+    fn conditions(f: &[Failure]) -> Vec<Condition> {
+        f.iter().map(Failure::condition).collect()
+    }
+
+    #[test]
+    fn state_machine_allows_only_the_documented_moves() {
+        let mut l = lic("lic-1", "b", 10, LicenseStatus::PendingTerms, Conditions { terms_pending: true, ..Default::default() });
+        assert_eq!(l.effective_state(NOW), EffectiveState::PendingTerms);
+        assert!(l.suspend("x", NOW).is_err(), "pending terms can't be suspended");
+        assert!(l.reinstate("x", NOW).is_err());
+        l.finalize_terms(None, NOW).expect("finalise");
+        assert_eq!(l.effective_state(NOW), EffectiveState::Active);
+        assert!(!l.conditions().terms_pending);
+        assert!(l.finalize_terms(None, NOW).is_err(), "terms are final once");
+        l.suspend("audit", NOW).expect("suspend");
+        assert_eq!(l.effective_state(NOW), EffectiveState::Suspended);
+        assert!(l.suspend("again", NOW).is_err());
+        l.reinstate("cleared", NOW).expect("reinstate");
+        l.used = 10;
+        assert_eq!(l.effective_state(NOW), EffectiveState::Exhausted);
+        l.suspend("exhausted licences can be suspended too", NOW).expect("suspend");
+        l.revoke("fraud", NOW).expect("revoke");
+        assert_eq!(l.effective_state(NOW), EffectiveState::Revoked);
+        let err = l.revoke("again", NOW).expect_err("revoked is final");
+        assert_eq!(err.to_string(), "can't revoke a licence that is REVOKED");
+        assert!(l.reinstate("x", NOW).is_err());
+    }
+
+    #[test]
+    fn validity_window_gives_expired_and_not_yet_valid() {
+        let c = Conditions { valid_from_ms: NOW + 1000, valid_until_ms: NOW + 2000, ..Default::default() };
+        let l = lic("lic-1", "bytedance", 100, LicenseStatus::Active, c);
+        let g = open_gate();
+        match evaluate(&[&l], &ask(1), 0, &g, NOW) {
+            Verdict::Refused { failures, rejectable } => {
+                assert_eq!(conditions(&failures), vec![Condition::ValidityWindow]);
+                assert!(!failures[0].permanent);
+                assert!(!rejectable);
+            }
+            v => panic!("{v:?}"),
+        }
+        assert_eq!(evaluate(&[&l], &ask(1), 0, &g, NOW + 1500), Verdict::Eligible(0));
+        assert_eq!(l.effective_state(NOW + 2000), EffectiveState::Expired);
+        match evaluate(&[&l], &ask(1), 0, &g, NOW + 2000) {
+            Verdict::Refused { failures, rejectable } => {
+                assert_eq!(conditions(&failures), vec![Condition::License, Condition::ValidityWindow]);
+                assert!(!rejectable, "an expired licence does not make the order unservable for ever");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn every_failed_condition_is_listed_with_figures() {
+        let c = Conditions { per_order_cap: 50, domestic_ratio_bps: 2500, justification_required: true, ..Default::default() };
+        let mut l = lic("lic-3", "bytedance", 100, LicenseStatus::Active, c);
+        l.used = 80;
+        let gate = ProductGate { embargoed: true, embargo_reason: "notice 17".into(), export_destinations: HashSet::new() };
+        let a = Ask { buyer_id: "bytedance", units: 60, justification: " " };
+        match evaluate(&[&l], &a, 10, &gate, NOW) {
+            Verdict::Refused { failures, rejectable } => {
+                assert_eq!(
+                    conditions(&failures),
+                    vec![
+                        Condition::ImportPolicy,
+                        Condition::ExportAuthorization,
+                        Condition::PerOrderCap,
+                        Condition::Quota,
+                        Condition::DomesticRatio,
+                        Condition::Justification
+                    ]
+                );
+                let ratio = &failures[4];
+                assert_eq!((ratio.required, ratio.actual), (35, 10), "ceil(25% of 80+60) = 35");
+                let quota = &failures[3];
+                assert_eq!((quota.required, quota.actual, quota.permanent), (60, 20, false));
+                assert!(failures[0].description.contains("notice 17"));
+                assert!(rejectable, "above the cap and without justification: never servable under lic-3");
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn domestic_ratio_is_met_exactly_at_the_boundary() {
+        let c = Conditions { domestic_ratio_bps: 2500, ..Default::default() };
+        let l = lic("lic-1", "bytedance", 1000, LicenseStatus::Active, c);
+        let g = open_gate();
+        assert!(matches!(evaluate(&[&l], &ask(400), 99, &g, NOW), Verdict::Refused { .. }));
+        assert_eq!(evaluate(&[&l], &ask(400), 100, &g, NOW), Verdict::Eligible(0));
+    }
+
+    #[test]
+    fn pending_terms_reports_only_that_and_blocks_rejection() {
+        let c = Conditions { per_order_cap: 1, terms_pending: true, ..Default::default() };
+        let l = lic("lic-1", "bytedance", 100, LicenseStatus::PendingTerms, c);
+        match evaluate(&[&l], &ask(50), 0, &open_gate(), NOW) {
+            Verdict::Refused { failures, rejectable } => {
+                assert_eq!(conditions(&failures), vec![Condition::TermsFinal]);
+                assert!(!rejectable);
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn no_licence_at_all_is_waiting_not_rejected() {
+        match evaluate(&[], &ask(5), 0, &ProductGate::default(), NOW) {
+            Verdict::Refused { failures, rejectable } => {
+                assert_eq!(conditions(&failures), vec![Condition::License, Condition::ExportAuthorization]);
+                assert!(!rejectable);
+            }
+            v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn the_oldest_licence_that_passes_serves() {
+        let full = {
+            let mut l = lic("lic-1", "bytedance", 10, LicenseStatus::Active, Conditions::default());
+            l.used = 10;
+            l
+        };
+        let second = lic("lic-2", "bytedance", 10, LicenseStatus::Active, Conditions::default());
+        assert_eq!(evaluate(&[&full, &second], &ask(5), 0, &open_gate(), NOW), Verdict::Eligible(1));
+    }
+
+    #[test]
+    fn planner_takes_quota_in_order_and_never_lets_a_later_order_overtake() {
+        let l = lic("lic-1", "bytedance", 100, LicenseStatus::Active, Conditions::default());
+        let other = lic("lic-2", "alibaba", 100, LicenseStatus::Active, Conditions::default());
+        let domestic = HashMap::new();
+        let gate = open_gate();
+        let mut p = QuotaPlanner::new(vec![l, other], &domestic, &gate, NOW);
+        let b = |units| Ask { buyer_id: "bytedance", units, justification: "" };
+        let a = |units| Ask { buyer_id: "alibaba", units, justification: "" };
+        assert!(matches!(p.plan("o1", &b(60)), Planned::Reserved { .. }));
+        // 40 left: o2 (50) waits, and o3 (10) may not overtake it.
+        match p.plan("o2", &b(50)) {
+            Planned::Refused { failures, .. } => assert_eq!(conditions(&failures), vec![Condition::Quota]),
+            v => panic!("{v:?}"),
+        }
+        match p.plan("o3", &b(10)) {
+            Planned::Refused { failures, .. } => {
+                assert_eq!(conditions(&failures), vec![Condition::QueueOrder]);
+                assert!(failures[0].description.contains("o2"));
+            }
+            v => panic!("{v:?}"),
+        }
+        // Another buyer is not blocked.
+        assert!(matches!(p.plan("o4", &a(100)), Planned::Reserved { .. }));
+        let mut touched = p.into_touched();
+        touched.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(touched.iter().map(|l| (l.id.as_str(), l.used)).collect::<Vec<_>>(), vec![("lic-1", 60), ("lic-2", 100)]);
+    }
+
+    #[test]
+    fn planner_does_not_block_behind_a_rejected_order() {
+        let c = Conditions { per_order_cap: 10, ..Default::default() };
+        let l = lic("lic-1", "bytedance", 100, LicenseStatus::Active, c);
+        let domestic = HashMap::new();
+        let gate = open_gate();
+        let mut p = QuotaPlanner::new(vec![l], &domestic, &gate, NOW);
+        assert!(matches!(p.plan("big", &ask(50)), Planned::Refused { rejectable: true, .. }));
+        assert!(matches!(p.plan("small", &ask(5)), Planned::Reserved { .. }));
+    }
+
+    #[test]
+    fn conditions_are_validated() {
+        let c = Conditions { valid_from_ms: 10, valid_until_ms: 5, domestic_ratio_bps: MAX_RATIO_BPS + 1, ..Default::default() };
+        let fields: Vec<&str> = c.problems().iter().map(|p| p.0).collect();
+        assert_eq!(fields, ["valid_until", "domestic_ratio_bps"]);
+        assert!(Conditions::default().problems().is_empty());
+    }
+    #[test]
+    fn reservation_generations_fence_off_stale_calls() {
+        let r = ReservationRecord {
+            order_id: "o".into(),
+            generation: 2,
+            license_id: "lic-1".into(),
+            units: 10,
+            status: ReservationStatus::Held as i32,
+            ..Default::default()
+        };
+        assert_eq!(r.check_reserve(2), ReserveCheck::AlreadyHeld);
+        assert_eq!(r.check_reserve(1), ReserveCheck::Stale);
+        assert_eq!(
+            r.check_reserve(3),
+            ReserveCheck::Supersede { license_id: "lic-1".into(), units: 10, confirmed: false }
+        );
+        let released = ReservationRecord { status: ReservationStatus::Released as i32, ..r.clone() };
+        assert_eq!(released.check_reserve(2), ReserveCheck::Stale, "a released generation is never reopened");
+        assert_eq!(released.check_reserve(3), ReserveCheck::Evaluate);
+        assert_eq!(released.held_units(), 0);
+    }
+
+    #[test]
+    fn published_waves_are_immutable() {
+        let mut w = WaveRecord { status: WaveStatus::Draft as i32, ..Default::default() };
+        let g = |app: &str, units| GrantRecord { application_id: app.into(), granted: units, ..Default::default() };
+        w.upsert_grant(g("app-1", 10)).expect("draft");
+        w.upsert_grant(g("app-2", 5)).expect("draft");
+        w.upsert_grant(g("app-1", 7)).expect("replace");
+        assert_eq!(w.total_granted(), 12);
+        assert_eq!(w.remove_grant("app-9"), Err(WaveError::NoSuchGrant));
+        w.remove_grant("app-2").expect("remove");
+        w.status = WaveStatus::Published as i32;
+        assert_eq!(w.upsert_grant(g("app-3", 1)), Err(WaveError::Published));
+        assert_eq!(w.remove_grant("app-1"), Err(WaveError::Published));
+    }
+
+    #[test]
+    fn gate_reads_policy_and_exports() {
+        let policy = PolicyRecord { stance: Stance::Embargoed as i32, reason: "customs notice".into(), ..Default::default() };
+        let exports = ProductExportRecord {
+            product_sku: "H200".into(),
+            authorizations: vec![
+                ExportAuthRecord { destination: "CN".into(), active: true, ..Default::default() },
+                ExportAuthRecord { destination: "AE".into(), active: false, ..Default::default() },
+            ],
+        };
+        let g = ProductGate::from_records(Some(&policy), Some(&exports));
+        assert!(g.embargoed);
+        assert_eq!(g.export_destinations, ["CN".to_string()].into());
+        let open = ProductGate::from_records(None, None);
+        assert!(!open.embargoed && open.export_destinations.is_empty());
+    }
+
+}

@@ -1,0 +1,1 @@
+//! Order rules: states, transitions and queue order.

@@ -1,0 +1,79 @@
+//! Flags and environment shared by every service binary. Each binary flattens [`CommonArgs`] into its
+//! own clap parser and adds what is specific to it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chipgate_state::{RedisOptions, Store};
+
+use crate::server::ServerConfig;
+use crate::telemetry::LogFormat;
+use crate::time::parse_duration;
+
+/// Flags every service takes.
+#[derive(clap::Args, Clone, Debug)]
+pub struct CommonArgs {
+    /// Address to serve gRPC on (health and reflection included).
+    #[arg(long, env = "CHIPGATE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Redis holding the shared state, e.g. redis://redis:6379/0.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
+    pub redis_url: String,
+
+    /// Log format: pretty for people, json for log pipelines. The level comes from RUST_LOG.
+    #[arg(long, env = "CHIPGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
+    pub log_format: LogFormat,
+
+    /// Deadline for calls that bring none or a longer one (e.g. 10s, 500ms).
+    #[arg(long, env = "CHIPGATE_REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub request_timeout: Duration,
+
+    /// Calls in flight (across all connections) before new ones are shed with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CHIPGATE_MAX_CONCURRENCY", default_value_t = 1024)]
+    pub max_concurrency: usize,
+
+    /// How long in-flight calls may drain after SIGTERM before the process exits anyway.
+    #[arg(long, env = "CHIPGATE_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "20s")]
+    pub shutdown_grace: Duration,
+
+    /// Pause after turning NOT_SERVING before the listener closes (lets load balancers catch up).
+    #[arg(long, env = "CHIPGATE_DRAIN_DELAY", value_parser = parse_duration, default_value = "0s")]
+    pub drain_delay: Duration,
+
+    /// Largest gRPC message accepted or sent, in bytes.
+    #[arg(long, env = "CHIPGATE_MAX_MESSAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Redis command timeout; calls fail fast with UNAVAILABLE after it while Redis is down.
+    #[arg(long, env = "CHIPGATE_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
+    pub redis_timeout: Duration,
+}
+
+impl CommonArgs {
+    /// The listen address, or the service's default port on all interfaces.
+    pub fn listen_or(&self, default_port: u16) -> SocketAddr {
+        self.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+
+    /// Server settings from the flags.
+    pub fn server_config(&self) -> ServerConfig {
+        ServerConfig {
+            request_timeout: self.request_timeout,
+            max_concurrency: self.max_concurrency.max(1),
+            shutdown_grace: self.shutdown_grace,
+            drain_delay: self.drain_delay,
+            max_message_bytes: self.max_message_bytes,
+            ..ServerConfig::default()
+        }
+    }
+
+    /// Connects to Redis, retrying (with a log line per attempt) until it answers.
+    ///
+    /// # Errors
+    /// When the URL is malformed.
+    pub async fn connect_store(&self) -> Result<Store, chipgate_state::StateError> {
+        let options = RedisOptions { response_timeout: self.redis_timeout, ..RedisOptions::default() };
+        Store::connect_redis(&self.redis_url, options).await
+    }
+}

@@ -1,0 +1,177 @@
+//! The edge layer: the first thing every call meets.
+//!
+//! A tower layer (not a tonic interceptor, because it needs the method path and must be able to answer
+//! without reaching the handler) that, per call:
+//! * builds the [`RequestContext`] (request id, deadline, trace) and puts it in the request extensions;
+//! * sheds load: a *global* semaphore (shared by every connection) bounds calls in flight, and a call
+//!   that finds it full is answered RESOURCE_EXHAUSTED at once instead of queueing. Health checks and
+//!   reflection are never shed, so probes keep telling the truth under overload;
+//! * enforces the deadline (the earlier of the caller's `grpc-timeout` and the server's own), answering
+//!   DEADLINE_EXCEEDED;
+//! * runs the call inside a tracing span carrying method, request id and trace id, and echoes
+//!   `x-request-id` in the response headers.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tonic::body::Body;
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+use crate::context::{REQUEST_ID_HEADER, RequestContext};
+
+/// Counters the edge keeps (for metrics and tests).
+#[derive(Debug, Default)]
+pub struct EdgeStats {
+    /// Calls answered RESOURCE_EXHAUSTED by load shedding.
+    pub shed: AtomicU64,
+    /// Calls answered DEADLINE_EXCEEDED by the edge.
+    pub deadline_exceeded: AtomicU64,
+}
+
+/// Builds [`Edge`] services; clones share one concurrency limit.
+#[derive(Clone)]
+pub struct EdgeLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    permits: Arc<Semaphore>,
+    max_in_flight: usize,
+    default_timeout: Option<Duration>,
+    stats: Arc<EdgeStats>,
+}
+
+impl EdgeLayer {
+    /// At most `max_in_flight` calls at once across all connections; calls without a shorter deadline
+    /// get `default_timeout`.
+    pub fn new(max_in_flight: usize, default_timeout: Option<Duration>) -> Self {
+        EdgeLayer {
+            shared: Arc::new(Shared {
+                permits: Arc::new(Semaphore::new(max_in_flight)),
+                max_in_flight,
+                default_timeout,
+                stats: Arc::new(EdgeStats::default()),
+            }),
+        }
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> Arc<EdgeStats> {
+        self.shared.stats.clone()
+    }
+}
+
+impl<S> Layer<S> for EdgeLayer {
+    type Service = Edge<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Edge { inner, shared: self.shared.clone() }
+    }
+}
+
+/// The edge service wrapping a router.
+#[derive(Clone)]
+pub struct Edge<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+/// Calls that are never shed and never time out at the edge: probes and tooling must keep working
+/// when the service is overloaded.
+fn exempt(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
+}
+
+fn status_response(status: tonic::Status, request_id: &str) -> http::Response<Body> {
+    let mut resp = status.into_http::<Body>();
+    if let Ok(v) = request_id.parse() {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+impl<S> Service<http::Request<Body>> for Edge<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
+        let path = req.uri().path().to_string();
+        let is_exempt = exempt(&path);
+        let timeout = if is_exempt { None } else { self.shared.default_timeout };
+        let ctx = RequestContext::from_headers(req.headers(), &path, timeout);
+        let request_id = ctx.request_id.clone();
+        let span = tracing::info_span!("rpc", method = %path, request_id = %ctx.request_id,
+            trace_id = %ctx.trace_id, span_id = %ctx.span_id);
+
+        let permit = if is_exempt {
+            None
+        } else {
+            match self.shared.permits.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    self.shared.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    let _enter = span.enter();
+                    tracing::warn!(max_in_flight = self.shared.max_in_flight, "overloaded; shedding call");
+                    let status = tonic::Status::resource_exhausted(format!(
+                        "server overloaded: {} calls in flight; retry with backoff",
+                        self.shared.max_in_flight
+                    ));
+                    return Box::pin(std::future::ready(Ok(status_response(status, &request_id))));
+                }
+            }
+        };
+
+        let deadline = ctx.deadline;
+        req.extensions_mut().insert(ctx);
+        // Take the service that was polled ready and leave a fresh clone in its place.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let stats = self.shared.stats.clone();
+        Box::pin(
+            async move {
+                let started = std::time::Instant::now();
+                let fut = inner.call(req);
+                let result = match deadline {
+                    Some(d) => match tokio::time::timeout_at(d, fut).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(elapsed_ms = started.elapsed().as_millis() as u64, "deadline exceeded");
+                            let status = tonic::Status::deadline_exceeded(
+                                "deadline exceeded before the call completed; its outcome is unknown, retry with \
+                                 the same request_id",
+                            );
+                            return Ok(status_response(status, &request_id));
+                        }
+                    },
+                    None => fut.await,
+                };
+                drop(permit);
+                let mut resp = result?;
+                if let Ok(v) = request_id.parse() {
+                    resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+                }
+                let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+                tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, grpc_status = %code, "rpc done");
+                Ok(resp)
+            }
+            .instrument(span),
+        )
+    }
+}

@@ -1,0 +1,94 @@
+//! gRPC health (`grpc.health.v1`) that tells the truth.
+//!
+//! A monitor pings the state backend every second and reports SERVING only while it answers (within
+//! a second) and the server is not draining; otherwise NOT_SERVING. The overall status (service name
+//! "") and each of the server's services move together.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use chipgate_state::{Backend, Store};
+use tokio::sync::Notify;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Controls and observes one server's health.
+#[derive(Clone)]
+pub struct HealthHandle {
+    reporter: HealthReporter,
+    names: Arc<Vec<String>>,
+    draining: Arc<AtomicBool>,
+    serving: Arc<AtomicBool>,
+    wake: Arc<Notify>,
+}
+
+impl HealthHandle {
+    async fn publish(&self, serving: bool) {
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        self.reporter.set_service_status("", status).await;
+        for name in self.names.iter() {
+            self.reporter.set_service_status(name.as_str(), status).await;
+        }
+        self.serving.store(serving, Ordering::SeqCst);
+    }
+
+    /// Reports NOT_SERVING from now on (the server is shutting down), before returning.
+    pub async fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.publish(false).await;
+        self.wake.notify_one();
+    }
+
+    /// Whether the last report was SERVING.
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::SeqCst)
+    }
+}
+
+/// Starts the monitor for `names`, probing `store` every `interval`. Starts NOT_SERVING until the
+/// first successful probe.
+pub async fn spawn_monitor(
+    reporter: HealthReporter,
+    names: Vec<String>,
+    store: Store,
+    interval: Duration,
+) -> HealthHandle {
+    let handle = HealthHandle {
+        reporter,
+        names: Arc::new(names),
+        draining: Arc::new(AtomicBool::new(false)),
+        serving: Arc::new(AtomicBool::new(false)),
+        wake: Arc::new(Notify::new()),
+    };
+    handle.publish(false).await;
+    let h = handle.clone();
+    tokio::spawn(async move {
+        let mut last: Option<bool> = None;
+        loop {
+            let draining = h.draining.load(Ordering::SeqCst);
+            let reachable = matches!(tokio::time::timeout(Duration::from_secs(1), store.ping()).await, Ok(Ok(())));
+            let serving = reachable && !draining;
+            if last != Some(serving) {
+                if serving {
+                    tracing::info!(backend = store.kind(), "health: SERVING");
+                } else if draining {
+                    tracing::info!("health: NOT_SERVING (draining)");
+                } else {
+                    tracing::warn!(backend = store.kind(), "health: NOT_SERVING (state backend unreachable)");
+                }
+                h.publish(serving).await;
+                last = Some(serving);
+            }
+            if draining {
+                // Stays NOT_SERVING until the process exits.
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = h.wake.notified() => {}
+            }
+        }
+    });
+    handle
+}

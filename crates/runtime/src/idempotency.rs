@@ -1,0 +1,113 @@
+//! Retry-safe mutations.
+//!
+//! A mutating call stores its answer under `(method, request_id)` together with a fingerprint of the
+//! request, in the *same atomic commit* as its effect. A retry with the same request id finds the
+//! stored answer and gets it back unchanged; the same request id with a different request is refused
+//! with INVALID_ARGUMENT. Two concurrent calls with one request id can't both apply: the record is
+//! written with a "must not exist" guard, so the loser's commit conflicts and it replays the winner's
+//! answer.
+
+use std::time::Duration;
+
+use chipgate_state::{Backend, Space, Store, Txn};
+use prost::Message;
+use tonic::Status;
+
+use crate::errors;
+
+/// How long answers are kept for replay by default.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The idempotency records of one service.
+#[derive(Clone, Copy, Debug)]
+pub struct Idempotency {
+    space: Space,
+    ttl: Duration,
+}
+
+/// SHA-256 (hex) of a request's encoding.
+pub fn fingerprint<M: Message>(msg: &M) -> String {
+    chipgate_state::sha256_hex(&msg.encode_to_vec())
+}
+
+impl Idempotency {
+    /// Records in `space`, kept for `ttl`.
+    pub const fn new(space: Space, ttl: Duration) -> Self {
+        Idempotency { space, ttl }
+    }
+
+    /// The record key of a call.
+    pub fn key(&self, method: &str, request_id: &str) -> String {
+        self.space.key(["idem", method, request_id])
+    }
+
+    /// The stored answer of an earlier call with this request id, if any.
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT when the earlier call had a different request; UNAVAILABLE/INTERNAL when the
+    /// store fails.
+    pub async fn lookup<R: Message + Default>(
+        &self,
+        store: &Store,
+        method: &str,
+        request_id: &str,
+        fingerprint: &str,
+    ) -> Result<Option<R>, Status> {
+        let key = self.key(method, request_id);
+        let rec = store.get(std::slice::from_ref(&key)).await.map_err(|e| errors::from_state(request_id, &e))?;
+        let Some(rec) = rec.into_iter().next().flatten() else { return Ok(None) };
+        if rec.data.len() < 64 {
+            return Err(errors::internal(request_id, format!("idempotency record {key} is truncated")));
+        }
+        let (stored_fp, body) = rec.data.split_at(64);
+        if stored_fp != fingerprint.as_bytes() {
+            return Err(errors::invalid_argument(
+                "request_id",
+                format!(
+                    "request_id {request_id:?} was already used for a different {method} request; use a new \
+                     request_id for a new request"
+                ),
+            ));
+        }
+        R::decode(body).map(Some).map_err(|e| errors::internal(request_id, format!("stored answer undecodable: {e}")))
+    }
+
+    /// Adds the answer to `txn`, guarded so only one call with this request id can ever commit.
+    pub fn record<R: Message>(&self, txn: &mut Txn, method: &str, request_id: &str, fingerprint: &str, answer: &R) {
+        let key = self.key(method, request_id);
+        let mut data = Vec::with_capacity(64 + answer.encoded_len());
+        data.extend_from_slice(fingerprint.as_bytes());
+        answer.encode(&mut data).unwrap_or_default();
+        txn.expect_version(key.clone(), 0);
+        txn.put_with_ttl(key, data, self.ttl);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn replays_and_refuses_mismatches() {
+        let store = Store::memory();
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let req_a = prost_types::Duration { seconds: 1, nanos: 0 };
+        let req_b = prost_types::Duration { seconds: 2, nanos: 0 };
+        let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
+        let fa = fingerprint(&req_a);
+        assert!(idem.lookup::<prost_types::Timestamp>(&store, "M", "r1", &fa).await.expect("lookup").is_none());
+
+        let mut t = Txn::new();
+        idem.record(&mut t, "M", "r1", &fa, &answer);
+        store.commit(&t).await.expect("first commit");
+        // A second commit of the same request id conflicts: only one can apply.
+        assert!(store.commit(&t).await.is_err());
+
+        let replay = idem.lookup::<prost_types::Timestamp>(&store, "M", "r1", &fa).await.expect("lookup");
+        assert_eq!(replay, Some(answer));
+        let err = idem.lookup::<prost_types::Timestamp>(&store, "M", "r1", &fingerprint(&req_b)).await;
+        assert_eq!(err.expect_err("mismatch").code(), tonic::Code::InvalidArgument);
+        // Another method with the same request id is independent.
+        assert!(idem.lookup::<prost_types::Timestamp>(&store, "N", "r1", &fa).await.expect("lookup").is_none());
+    }
+}

@@ -1,0 +1,166 @@
+//! Assembles and runs one gRPC server: the service's routes plus health and reflection (v1 and
+//! v1alpha, so plain `grpcurl list`/`describe` work), behind the [`EdgeLayer`], with HTTP/2 keepalive,
+//! a maximum connection age, and graceful shutdown: on the signal, health turns NOT_SERVING first,
+//! the server stops accepting, in-flight calls drain, and whatever is still open after the grace
+//! period is cut so the process always exits in bounded time.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chipgate_state::Store;
+use tokio::net::TcpListener;
+use tonic::service::Routes;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+
+use crate::edge::{EdgeLayer, EdgeStats};
+use crate::health::{self, HealthHandle};
+
+/// Server settings shared by every service.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Deadline for calls that bring none (or a longer one).
+    pub request_timeout: Duration,
+    /// Calls in flight across all connections before new ones are shed.
+    pub max_concurrency: usize,
+    /// How long in-flight calls may drain after the shutdown signal.
+    pub shutdown_grace: Duration,
+    /// Pause between turning NOT_SERVING and closing the listener, so load balancers notice first.
+    pub drain_delay: Duration,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+    /// HTTP/2 keepalive ack timeout.
+    pub keepalive_timeout: Duration,
+    /// Connections older than this are gracefully closed (so clients rebalance across replicas).
+    pub max_connection_age: Duration,
+    /// Largest request or response message.
+    pub max_message_bytes: usize,
+    /// Health probe interval.
+    pub health_interval: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            request_timeout: Duration::from_secs(10),
+            max_concurrency: 1024,
+            shutdown_grace: Duration::from_secs(20),
+            drain_delay: Duration::ZERO,
+            keepalive_interval: Duration::from_secs(30),
+            keepalive_timeout: Duration::from_secs(10),
+            max_connection_age: Duration::from_secs(30 * 60),
+            max_message_bytes: 8 * 1024 * 1024,
+            health_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What one service contributes to a server.
+pub struct ServiceSpec {
+    /// Fully-qualified gRPC service names (for health and reflection).
+    pub names: Vec<&'static str>,
+    /// Its routes.
+    pub routes: Routes,
+}
+
+/// Why serving failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// Reflection could not be built from the descriptor sets.
+    #[error("reflection: {0}")]
+    Reflection(String),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// A running server's handles (for tests and the dev cluster).
+#[derive(Clone)]
+pub struct Running {
+    /// Health control.
+    pub health: HealthHandle,
+    /// Edge counters.
+    pub edge: std::sync::Arc<EdgeStats>,
+}
+
+/// Serves `spec` on `listener` until `shutdown` resolves, then drains (see the module docs).
+/// `on_ready` receives the handles once the server is set up.
+///
+/// # Errors
+/// When reflection can't be built or the transport fails.
+pub async fn serve(
+    listener: TcpListener,
+    spec: ServiceSpec,
+    store: Store,
+    config: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_ready: impl FnOnce(Running),
+) -> Result<(), ServeError> {
+    let local = listener.local_addr().ok();
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    let names: Vec<String> = spec.names.iter().map(|s| s.to_string()).collect();
+    let health = health::spawn_monitor(reporter, names.clone(), store, config.health_interval).await;
+
+    let reflection = || {
+        let mut b = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(chipgate_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name("grpc.health.v1.Health");
+        for name in &spec.names {
+            b = b.with_service_name(*name);
+        }
+        b
+    };
+    let v1 = reflection()
+        .with_service_name("grpc.reflection.v1.ServerReflection")
+        .build_v1()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let v1alpha = reflection()
+        .with_service_name("grpc.reflection.v1alpha.ServerReflection")
+        .build_v1alpha()
+        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+
+    let routes = spec.routes.add_service(health_service).add_service(v1).add_service(v1alpha);
+    let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout));
+    on_ready(Running { health: health.clone(), edge: edge.stats() });
+
+    let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
+    let drain_health = health.clone();
+    let drain_delay = config.drain_delay;
+    let signal = async move {
+        shutdown.await;
+        drain_health.set_draining().await;
+        tracing::info!(?local, delay = ?drain_delay, "shutdown: health NOT_SERVING; draining in-flight calls");
+        if !drain_delay.is_zero() {
+            tokio::time::sleep(drain_delay).await;
+        }
+        let _ = fired_tx.send(());
+    };
+
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .http2_keepalive_interval(Some(config.keepalive_interval))
+        .http2_keepalive_timeout(Some(config.keepalive_timeout))
+        .max_connection_age(config.max_connection_age)
+        .layer(edge)
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, signal);
+    tokio::pin!(server);
+    let grace = config.shutdown_grace;
+    tokio::select! {
+        r = &mut server => {
+            r?;
+            tracing::info!(?local, "server stopped");
+        }
+        () = async move {
+            if fired_rx.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(?local, ?grace, "drain deadline passed; closing the connections still open");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,327 @@
+//! Applications and the approval queue.
+
+use chipgate_domain::licensing::{ApplicationRecord, ApplicationStatus};
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::paging::{self, Page};
+use chipgate_runtime::time::now_ms;
+use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::{RequestContext, validate};
+use chipgate_state::{Backend, Txn};
+
+use crate::convert::{application_status_from, application_to};
+use crate::{Error, Licensing, MAX_UNITS, emit, encode, keys, record};
+
+fn changed(a: &ApplicationRecord) -> pb::licensing_event::Kind {
+    pb::licensing_event::Kind::ApplicationChanged(pb::ApplicationChanged {
+        application_id: a.id.clone(),
+        buyer_id: a.buyer_id.clone(),
+        product_sku: a.product_sku.clone(),
+        state: application_to(a, 0).state,
+    })
+}
+
+impl Licensing {
+    pub(crate) async fn submit_application(
+        &self,
+        ctx: &RequestContext,
+        req: pb::SubmitApplicationRequest,
+    ) -> Result<pb::SubmitApplicationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "buyer_id", &req.buyer_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        validate::units(&mut v, "quantity", req.quantity, MAX_UNITS);
+        validate::text(&mut v, "end_use", &req.end_use, validate::MAX_TEXT_LEN, true);
+        validate::text(&mut v, "site", &req.site, validate::MAX_TEXT_LEN, true);
+        let destination = if req.destination.is_empty() { "CN".to_string() } else { req.destination.clone() };
+        validate::country(&mut v, "destination", &destination);
+        v.check().map_err(Error::Status)?;
+
+        let idem = IdemKey::new(&self.inner.idem, "SubmitApplication", &req.request_id, &req);
+        let (mut answer, _) = self.run_txn(Some(&idem), || async {
+            let open_key = keys::open_application(&req.buyer_id, &req.product_sku);
+            if let Some((_, existing)) = self.load::<OpenMarker>(open_key.clone()).await? {
+                return Err(Error::AlreadyExists {
+                    kind: "application",
+                    id: existing.application_id.clone(),
+                    message: format!(
+                        "buyer {} already has an open application ({}) for {}; withdraw it or wait for its decision",
+                        req.buyer_id, existing.application_id, req.product_sku
+                    ),
+                });
+            }
+            let seq = self.next_ids("app", 1).await?;
+            let now = now_ms();
+            let app = ApplicationRecord {
+                id: format!("app-{seq}"),
+                buyer_id: req.buyer_id.clone(),
+                product_sku: req.product_sku.clone(),
+                quantity: req.quantity,
+                end_use: req.end_use.clone(),
+                site: req.site.clone(),
+                destination: destination.clone(),
+                status: ApplicationStatus::Queued as i32,
+                submit_ms: now,
+                update_ms: now,
+                seq,
+                ..Default::default()
+            };
+            let mut t = Txn::new();
+            t.replace(open_key, 0, encode(&OpenMarker { application_id: app.id.clone() }));
+            t.replace(keys::application(&app.id), 0, encode(&app));
+            t.zadd(keys::queue(), &app.id, seq as f64);
+            t.zadd(keys::applications(), &app.id, seq as f64);
+            t.zadd(keys::applications_of(&app.buyer_id), &app.id, seq as f64);
+            emit(&mut t, ctx, now, changed(&app));
+            record(
+                &mut t,
+                ctx,
+                now,
+                "application.submitted",
+                &app.id,
+                format!(
+                    "{} applies for {} x {} to {} (end use: {}; site: {})",
+                    app.buyer_id, app.quantity, app.product_sku, app.destination, app.end_use, app.site
+                ),
+            );
+            Ok((t, pb::SubmitApplicationResponse { application: Some(application_to(&app, 0)) }))
+        })
+        .await?;
+        self.refresh_position(&mut answer.application).await?;
+        Ok(answer)
+    }
+
+    /// Fills in the live queue position (answers are stored for replay without it).
+    async fn refresh_position(&self, app: &mut Option<pb::Application>) -> Result<(), Error> {
+        if let Some(a) = app.as_mut() {
+            a.queue_position = if a.state == pb::ApplicationState::Queued as i32 {
+                self.queue_position(&a.application_id).await?
+            } else {
+                0
+            };
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn get_application(
+        &self,
+        req: pb::GetApplicationRequest,
+    ) -> Result<pb::GetApplicationResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "application_id", &req.application_id);
+        v.check().map_err(Error::Status)?;
+        let (_, app) =
+            self.require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id).await?;
+        let mut application = Some(application_to(&app, 0));
+        self.refresh_position(&mut application).await?;
+        Ok(pb::GetApplicationResponse { application })
+    }
+
+    pub(crate) async fn list_applications(
+        &self,
+        req: pb::ListApplicationsRequest,
+    ) -> Result<pb::ListApplicationsResponse, Error> {
+        let mut v = Violations::new();
+        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
+        let page = Page::parse(&mut v, req.page_size, &req.page_token);
+        v.check().map_err(Error::Status)?;
+        let index = if req.buyer_id.is_empty() { keys::applications() } else { keys::applications_of(&req.buyer_id) };
+        let want = application_status_from(req.state());
+        let (apps, next) = self
+            .scan_index::<ApplicationRecord>(&index, &page, true, keys::application, |a| want.is_none_or(|s| a.status() == s))
+            .await?;
+        let mut out = Vec::with_capacity(apps.len());
+        for a in apps {
+            let mut app = Some(application_to(&a, 0));
+            self.refresh_position(&mut app).await?;
+            out.extend(app);
+        }
+        Ok(pb::ListApplicationsResponse { applications: out, next_page_token: next })
+    }
+
+    /// Pages through a sorted-set index of record ids (newest first when `rev`), keeping the records
+    /// `keep` accepts. The page token is the rank to continue from.
+    pub(crate) async fn scan_index<M: prost::Message + Default>(
+        &self,
+        index: &str,
+        page: &Page,
+        rev: bool,
+        key_of: fn(&str) -> String,
+        keep: impl Fn(&M) -> bool,
+    ) -> Result<(Vec<M>, String), Error> {
+        let mut rank = page.offset();
+        let mut out = Vec::new();
+        let chunk = page.size.max(50);
+        loop {
+            let ids = self.store().zrange(index, rank as i64, (rank + chunk - 1) as i64, rev).await?;
+            if ids.is_empty() {
+                return Ok((out, String::new()));
+            }
+            let keys: Vec<String> = ids.iter().map(|(id, _)| key_of(id)).collect();
+            let loaded = self.load_many::<M>(&keys).await?;
+            for (i, rec) in loaded.into_iter().enumerate() {
+                if let Some((_, m)) = rec {
+                    if keep(&m) {
+                        out.push(m);
+                        if out.len() == page.size {
+                            return Ok((out, paging::token(&(rank + i + 1).to_string())));
+                        }
+                    }
+                }
+            }
+            rank += ids.len();
+            if ids.len() < chunk {
+                return Ok((out, String::new()));
+            }
+        }
+    }
+
+    pub(crate) async fn withdraw_application(
+        &self,
+        ctx: &RequestContext,
+        req: pb::WithdrawApplicationRequest,
+    ) -> Result<pb::WithdrawApplicationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "application_id", &req.application_id);
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "WithdrawApplication", &req.request_id, &req);
+        let (answer, _) = self.run_txn(Some(&idem), || {
+            self.close_application(ctx, &req.application_id, ApplicationStatus::Withdrawn, &req.reason)
+        })
+        .await?;
+        Ok(pb::WithdrawApplicationResponse { application: answer.application })
+    }
+
+    pub(crate) async fn reject_application(
+        &self,
+        ctx: &RequestContext,
+        req: pb::RejectApplicationRequest,
+    ) -> Result<pb::RejectApplicationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "application_id", &req.application_id);
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, true);
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "RejectApplication", &req.request_id, &req);
+        let (answer, _) = self.run_txn(Some(&idem), || {
+            self.close_application(ctx, &req.application_id, ApplicationStatus::Rejected, &req.reason)
+        })
+        .await?;
+        Ok(pb::RejectApplicationResponse { application: answer.application })
+    }
+
+    /// Takes a queued application out of the queue as withdrawn or rejected.
+    async fn close_application(
+        &self,
+        ctx: &RequestContext,
+        id: &str,
+        to: ApplicationStatus,
+        reason: &str,
+    ) -> Result<(Txn, pb::GetApplicationResponse), Error> {
+        let (ver, mut app) = self.require::<ApplicationRecord>(keys::application(id), "application", id).await?;
+        if app.status() != ApplicationStatus::Queued {
+            return Err(Error::precondition(
+                "APPLICATION_NOT_QUEUED",
+                id,
+                format!("application {id} is {:?}, not queued; only queued applications can be withdrawn or rejected", app.status()),
+            ));
+        }
+        let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
+        let now = now_ms();
+        app.set_status(to);
+        app.reason = reason.to_string();
+        app.update_ms = now;
+        let mut t = Txn::new();
+        t.replace(keys::application(id), ver, encode(&app));
+        t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
+        t.delete(keys::open_application(&app.buyer_id, &app.product_sku));
+        t.zrem(keys::queue(), id);
+        emit(&mut t, ctx, now, changed(&app));
+        let action = if to == ApplicationStatus::Rejected { "application.rejected" } else { "application.withdrawn" };
+        record(&mut t, ctx, now, action, id, format!("{} for {}: {}", app.buyer_id, app.product_sku, reason));
+        Ok((t, pb::GetApplicationResponse { application: Some(application_to(&app, 0)) }))
+    }
+
+    pub(crate) async fn list_queue(&self, req: pb::ListQueueRequest) -> Result<pb::ListQueueResponse, Error> {
+        let mut v = Violations::new();
+        let page = Page::parse(&mut v, req.page_size, &req.page_token);
+        v.check().map_err(Error::Status)?;
+        let start = page.offset();
+        let ids = self.store().zrange(&keys::queue(), start as i64, (start + page.size) as i64 - 1, false).await?;
+        let total = self.store().zcard(&keys::queue()).await?;
+        let keys: Vec<String> = ids.iter().map(|(id, _)| keys::application(id)).collect();
+        let apps = self.load_many::<ApplicationRecord>(&keys).await?;
+        let applications: Vec<pb::Application> = apps
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.map(|(_, a)| application_to(&a, (start + i + 1) as u64)))
+            .collect();
+        let next = if ((start + ids.len()) as u64) < total && ids.len() == page.size {
+            paging::token(&(start + ids.len()).to_string())
+        } else {
+            String::new()
+        };
+        Ok(pb::ListQueueResponse { applications, next_page_token: next, total_queued: total })
+    }
+
+    pub(crate) async fn move_queued_application(
+        &self,
+        ctx: &RequestContext,
+        req: pb::MoveQueuedApplicationRequest,
+    ) -> Result<pb::MoveQueuedApplicationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "application_id", &req.application_id);
+        if req.position == 0 {
+            v.add("position", "must be at least 1 (the front)");
+        }
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "MoveQueuedApplication", &req.request_id, &req);
+        let (mut answer, _) = self.run_txn(Some(&idem), || async {
+            let (_, app) =
+                self.require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id).await?;
+            if app.status() != ApplicationStatus::Queued {
+                return Err(Error::precondition(
+                    "APPLICATION_NOT_QUEUED",
+                    &app.id,
+                    format!("application {} is not queued", app.id),
+                ));
+            }
+            let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
+            let mut order: Vec<String> =
+                self.store().zrange(&keys::queue(), 0, -1, false).await?.into_iter().map(|(m, _)| m).collect();
+            order.retain(|m| m != &app.id);
+            let at = (req.position as usize - 1).min(order.len());
+            order.insert(at, app.id.clone());
+            // Renumber the whole queue 1..n under the queue version guard: a concurrent removal or move
+            // conflicts instead of being undone. New submissions score by their (larger) sequence, so
+            // they still land at the back.
+            let now = now_ms();
+            let mut t = Txn::new();
+            t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
+            for (i, m) in order.iter().enumerate() {
+                t.zadd(keys::queue(), m, (i + 1) as f64);
+            }
+            emit(&mut t, ctx, now, changed(&app));
+            record(&mut t, ctx, now, "queue.moved", &app.id, format!("moved to position {}", at + 1));
+            Ok((t, pb::MoveQueuedApplicationResponse { application: Some(application_to(&app, 0)) }))
+        })
+        .await?;
+        self.refresh_position(&mut answer.application).await?;
+        Ok(answer)
+    }
+}
+
+/// Marks the one open application of a buyer for a product.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct OpenMarker {
+    #[prost(string, tag = "1")]
+    pub application_id: String,
+}
+
+/// Empty record whose version is the queue version.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct QueueVersion {}

@@ -1,0 +1,217 @@
+//! Conversions between the licensing API (protobuf) and the domain records, at the edge.
+
+use chipgate_domain::licensing::{
+    ApplicationRecord, ApplicationStatus, Conditions, EffectiveState, ExportAuthRecord, Failure, LicenseRecord,
+    PolicyRecord, PurchaseRecord, ReservationRecord, ReservationStatus, Stance, WaveRecord, WaveStatus,
+};
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::time::{ms_of, ts_opt};
+
+/// API conditions → domain (unset timestamps become 0).
+pub fn conditions_from(c: &pb::LicenseConditions) -> Conditions {
+    Conditions {
+        valid_from_ms: c.valid_from.as_ref().map(ms_of).unwrap_or(0),
+        valid_until_ms: c.valid_until.as_ref().map(ms_of).unwrap_or(0),
+        per_order_cap: c.per_order_cap,
+        domestic_ratio_bps: c.domestic_ratio_bps,
+        justification_required: c.justification_required,
+        terms_pending: c.terms_pending,
+    }
+}
+
+/// Domain conditions → API.
+pub fn conditions_to(c: &Conditions) -> pb::LicenseConditions {
+    pb::LicenseConditions {
+        valid_from: ts_opt(c.valid_from_ms),
+        valid_until: ts_opt(c.valid_until_ms),
+        per_order_cap: c.per_order_cap,
+        domestic_ratio_bps: c.domestic_ratio_bps,
+        justification_required: c.justification_required,
+        terms_pending: c.terms_pending,
+    }
+}
+
+fn application_state(s: ApplicationStatus) -> pb::ApplicationState {
+    match s {
+        ApplicationStatus::Unspecified => pb::ApplicationState::Unspecified,
+        ApplicationStatus::Queued => pb::ApplicationState::Queued,
+        ApplicationStatus::Granted => pb::ApplicationState::Granted,
+        ApplicationStatus::Withdrawn => pb::ApplicationState::Withdrawn,
+        ApplicationStatus::Rejected => pb::ApplicationState::Rejected,
+    }
+}
+
+/// API application state → domain (UNSPECIFIED means "any").
+pub fn application_status_from(s: pb::ApplicationState) -> Option<ApplicationStatus> {
+    match s {
+        pb::ApplicationState::Unspecified => None,
+        pb::ApplicationState::Queued => Some(ApplicationStatus::Queued),
+        pb::ApplicationState::Granted => Some(ApplicationStatus::Granted),
+        pb::ApplicationState::Withdrawn => Some(ApplicationStatus::Withdrawn),
+        pb::ApplicationState::Rejected => Some(ApplicationStatus::Rejected),
+    }
+}
+
+/// An application with its queue position (0 when not queued).
+pub fn application_to(a: &ApplicationRecord, queue_position: u64) -> pb::Application {
+    pb::Application {
+        application_id: a.id.clone(),
+        buyer_id: a.buyer_id.clone(),
+        product_sku: a.product_sku.clone(),
+        quantity: a.quantity,
+        end_use: a.end_use.clone(),
+        site: a.site.clone(),
+        destination: a.destination.clone(),
+        state: application_state(a.status()) as i32,
+        queue_position,
+        submit_time: ts_opt(a.submit_ms),
+        update_time: ts_opt(a.update_ms),
+        reason: a.reason.clone(),
+        wave_id: a.wave_id.clone(),
+        license_id: a.license_id.clone(),
+    }
+}
+
+/// Effective licence state → API.
+pub fn license_state(s: EffectiveState) -> pb::LicenseState {
+    match s {
+        EffectiveState::PendingTerms => pb::LicenseState::PendingTerms,
+        EffectiveState::Active => pb::LicenseState::Active,
+        EffectiveState::Suspended => pb::LicenseState::Suspended,
+        EffectiveState::Revoked => pb::LicenseState::Revoked,
+        EffectiveState::Expired => pb::LicenseState::Expired,
+        EffectiveState::Exhausted => pb::LicenseState::Exhausted,
+    }
+}
+
+/// A licence as the API shows it at `now_ms`.
+pub fn license_to(l: &LicenseRecord, now_ms: u64) -> pb::License {
+    pb::License {
+        license_id: l.id.clone(),
+        buyer_id: l.buyer_id.clone(),
+        product_sku: l.product_sku.clone(),
+        destination: l.destination.clone(),
+        application_id: l.application_id.clone(),
+        wave_id: l.wave_id.clone(),
+        state: license_state(l.effective_state(now_ms)) as i32,
+        conditions: Some(conditions_to(&l.conditions())),
+        granted_units: l.granted,
+        used_units: l.used,
+        confirmed_units: l.confirmed,
+        remaining_units: l.remaining(),
+        create_time: ts_opt(l.create_ms),
+        update_time: ts_opt(l.update_ms),
+        state_reason: l.state_reason.clone(),
+    }
+}
+
+/// A wave.
+pub fn wave_to(w: &WaveRecord) -> pb::Wave {
+    pb::Wave {
+        wave_id: w.id.clone(),
+        display_name: w.display_name.clone(),
+        state: match w.status() {
+            WaveStatus::Unspecified => pb::WaveState::Unspecified,
+            WaveStatus::Draft => pb::WaveState::Draft,
+            WaveStatus::Published => pb::WaveState::Published,
+        } as i32,
+        grants: w
+            .grants
+            .iter()
+            .map(|g| pb::WaveGrant {
+                application_id: g.application_id.clone(),
+                buyer_id: g.buyer_id.clone(),
+                product_sku: g.product_sku.clone(),
+                granted_units: g.granted,
+                conditions: g.conditions.as_ref().map(conditions_to),
+                license_id: g.license_id.clone(),
+            })
+            .collect(),
+        create_time: ts_opt(w.create_ms),
+        publish_time: ts_opt(w.publish_ms),
+        total_granted_units: w.total_granted(),
+    }
+}
+
+/// A quota reservation.
+pub fn reservation_to(r: &ReservationRecord) -> pb::QuotaReservation {
+    pb::QuotaReservation {
+        order_id: r.order_id.clone(),
+        generation: r.generation,
+        license_id: r.license_id.clone(),
+        wave_id: r.wave_id.clone(),
+        buyer_id: r.buyer_id.clone(),
+        product_sku: r.product_sku.clone(),
+        units: r.units,
+        state: match r.status() {
+            ReservationStatus::Unspecified => pb::ReservationState::Unspecified,
+            ReservationStatus::Held => pb::ReservationState::Held,
+            ReservationStatus::Confirmed => pb::ReservationState::Confirmed,
+            ReservationStatus::Released => pb::ReservationState::Released,
+        } as i32,
+        create_time: ts_opt(r.create_ms),
+        update_time: ts_opt(r.update_ms),
+        release_reason: r.release_reason.clone(),
+    }
+}
+
+/// A failed condition.
+pub fn failure_to(f: &Failure) -> pb::ConditionFailure {
+    pb::ConditionFailure {
+        condition: f.condition,
+        license_id: f.license_id.clone(),
+        description: f.description.clone(),
+        permanent: f.permanent,
+        required: f.required,
+        actual: f.actual,
+    }
+}
+
+/// A domestic purchase.
+pub fn purchase_to(p: &PurchaseRecord) -> pb::DomesticPurchase {
+    pb::DomesticPurchase {
+        buyer_id: p.buyer_id.clone(),
+        units: p.units,
+        supplier: p.supplier.clone(),
+        evidence_ref: p.evidence_ref.clone(),
+        record_time: ts_opt(p.record_ms),
+    }
+}
+
+/// An export authorisation of a product.
+pub fn export_to(sku: &str, a: &ExportAuthRecord) -> pb::ExportAuthorization {
+    pb::ExportAuthorization {
+        vendor: a.vendor.clone(),
+        product_sku: sku.to_string(),
+        destination: a.destination.clone(),
+        active: a.active,
+        reference: a.reference.clone(),
+        update_time: ts_opt(a.update_ms),
+    }
+}
+
+/// Domain stance → API.
+pub fn stance_to(s: Stance) -> pb::ImportStance {
+    match s {
+        Stance::Unspecified | Stance::Open => pb::ImportStance::Open,
+        Stance::Embargoed => pb::ImportStance::Embargoed,
+    }
+}
+
+/// An import policy (OPEN when never set).
+pub fn policy_to(sku: &str, p: Option<&PolicyRecord>) -> pb::ImportPolicy {
+    match p {
+        Some(p) => pb::ImportPolicy {
+            product_sku: sku.to_string(),
+            stance: stance_to(p.stance()) as i32,
+            reason: p.reason.clone(),
+            update_time: ts_opt(p.update_ms),
+        },
+        None => pb::ImportPolicy {
+            product_sku: sku.to_string(),
+            stance: pb::ImportStance::Open as i32,
+            reason: String::new(),
+            update_time: None,
+        },
+    }
+}

@@ -1,0 +1,174 @@
+//! The licensing service: who may import what, on which conditions.
+//!
+//! It owns import-licence applications and the approval queue, approval waves (drafted, then published
+//! atomically), licences and their conditions, the quota each licence grants (taken per order, strictly
+//! in order, never beyond the grant under any concurrency), the vendor's export authorisations, customs'
+//! import policy, the buyers' domestic-purchase ledger, and a tamper-evident audit log. Every change is
+//! appended to the licensing event stream in the same atomic step as the change; the orders service
+//! consumes it to re-evaluate the orders a change concerns.
+//!
+//! The binary `chipgate-licensing` serves it; the dev cluster and the test harness run it in process
+//! through [`Licensing::new`] and [`spec`].
+
+mod apps;
+mod audit;
+mod convert;
+mod error;
+mod gates;
+pub mod keys;
+mod licences;
+mod quota;
+mod service;
+mod waves;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chipgate_domain::licensing::Failure;
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::RequestContext;
+use chipgate_runtime::idempotency::Idempotency;
+use chipgate_runtime::locks::KeyedLocks;
+use chipgate_runtime::server::{ServerConfig, ServiceSpec};
+use chipgate_state::{Backend, Store, Txn};
+use prost::Message;
+
+pub use error::Error;
+
+/// Fully-qualified gRPC service name.
+pub const SERVICE_NAME: &str = "chipgate.licensing.v1.LicensingService";
+
+/// Default port of the licensing service.
+pub const DEFAULT_PORT: u16 = 50051;
+
+/// Largest batch of orders one quota call may carry.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Largest single order or grant, in units.
+pub const MAX_UNITS: u64 = 1_000_000_000;
+
+/// Events kept in the stream (approximately); consumers read far faster than this fills.
+const MAX_EVENTS: u64 = 1_000_000;
+
+/// The licensing service. Clones share state.
+#[derive(Clone)]
+pub struct Licensing {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    idem: Idempotency,
+    /// Serialises this replica's quota calls per product, so they don't conflict with each other.
+    locks: KeyedLocks,
+}
+
+/// The routes and names to serve licensing with [`chipgate_runtime::serve`].
+pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
+    let server = pb::licensing_service_server::LicensingServiceServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
+}
+
+type Loaded<M> = Option<(u64, M)>;
+
+impl Licensing {
+    /// The service on `store`.
+    pub fn new(store: Store) -> Self {
+        Licensing {
+            inner: Arc::new(Inner {
+                store,
+                idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
+                locks: KeyedLocks::new(),
+            }),
+        }
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Reads and decodes records; `(version, record)` where present.
+    async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
+        let raw = self.store().get(keys).await?;
+        raw.into_iter()
+            .zip(keys)
+            .map(|(r, k)| match r {
+                None => Ok(None),
+                Some(rec) => M::decode(rec.data.as_slice())
+                    .map(|m| Some((rec.version, m)))
+                    .map_err(|e| Error::Internal(format!("record {k} is undecodable: {e}"))),
+            })
+            .collect()
+    }
+
+    async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
+        Ok(self.load_many(std::slice::from_ref(&key)).await?.pop().flatten())
+    }
+
+    async fn require<M: Message + Default>(&self, key: String, kind: &'static str, id: &str) -> Result<(u64, M), Error> {
+        self.load(key).await?.ok_or_else(|| Error::not_found(kind, id))
+    }
+
+    /// Allocates `n` ids from a counter; returns the first.
+    async fn next_ids(&self, counter: &str, n: u64) -> Result<u64, Error> {
+        Ok(self.store().incr(&keys::counter(counter), n).await? - n + 1)
+    }
+
+    /// Runs one optimistic transaction (see [`chipgate_runtime::txn::run`]) with this service's error type.
+    async fn run_txn<T, F, Fut>(
+        &self,
+        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
+        attempt: F,
+    ) -> Result<(T, chipgate_state::Committed), Error>
+    where
+        T: Message + Default,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
+    {
+        chipgate_runtime::txn::run(self.store(), idem, attempt).await
+    }
+
+    /// 1-based position of an application in the queue (0 when not queued).
+    async fn queue_position(&self, application_id: &str) -> Result<u64, Error> {
+        Ok(self.store().zrank(&keys::queue(), application_id).await?.map(|r| r + 1).unwrap_or(0))
+    }
+}
+
+/// Appends the event of a change to the licensing stream, in the change's transaction.
+fn emit(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, kind: pb::licensing_event::Kind) {
+    let event = pb::LicensingEvent {
+        time: chipgate_runtime::time::ts_opt(now_ms),
+        request_id: ctx.request_id.clone(),
+        actor: ctx.actor.clone(),
+        traceparent: ctx.traceparent(),
+        kind: Some(kind),
+    };
+    txn.xadd(keys::events(), vec![("e".to_string(), event.encode_to_vec())], Some(MAX_EVENTS));
+}
+
+/// Appends a decision to the audit chain, in the change's transaction.
+fn record(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, action: &str, subject: &str, detail: String) {
+    let entry = pb::AuditEntry {
+        sequence: 0,
+        time: chipgate_runtime::time::ts_opt(now_ms),
+        actor: ctx.actor.clone(),
+        action: action.to_string(),
+        subject: subject.to_string(),
+        detail,
+        prev_hash: String::new(),
+        hash: String::new(),
+        request_id: ctx.request_id.clone(),
+    };
+    txn.audit(&keys::audit(), entry.encode_to_vec());
+}
+
+fn encode<M: Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
+}
+
+/// Short text for a list of failures (for audit details).
+fn failure_codes(f: &[Failure]) -> String {
+    f.iter().map(|x| x.condition().api_name().trim_start_matches("CONDITION_")).collect::<Vec<_>>().join(",")
+}

@@ -1,0 +1,179 @@
+//! Licences: reading them, finalising terms, suspending, reinstating, revoking.
+
+use chipgate_domain::licensing::{EffectiveState, LicenseRecord, TransitionError};
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::paging::Page;
+use chipgate_runtime::time::now_ms;
+use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::{RequestContext, validate};
+use chipgate_state::Txn;
+
+use crate::convert::{conditions_from, license_state, license_to};
+use crate::{Error, Licensing, emit, encode, keys, record};
+
+/// The ids of a buyer's licences for one product, oldest first.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct LicenseIndex {
+    #[prost(string, repeated, tag = "1")]
+    pub license_ids: Vec<String>,
+}
+
+/// The transitions an authority can ask for.
+#[derive(Clone, Copy, Debug)]
+enum Change {
+    Finalize,
+    Suspend,
+    Reinstate,
+    Revoke,
+}
+
+fn transition_error(id: &str, e: &TransitionError) -> Error {
+    Error::Precondition {
+        reason: "LICENSE_STATE",
+        message: format!("licence {id}: {e}"),
+        violations: vec![("LICENSE_STATE".to_string(), id.to_string(), format!("licence is {}", e.from.name()))],
+    }
+}
+
+impl Licensing {
+    pub(crate) async fn get_license(&self, req: pb::GetLicenseRequest) -> Result<pb::GetLicenseResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "license_id", &req.license_id);
+        v.check().map_err(Error::Status)?;
+        let (_, lic) = self.require::<LicenseRecord>(keys::license(&req.license_id), "licence", &req.license_id).await?;
+        Ok(pb::GetLicenseResponse { license: Some(license_to(&lic, now_ms())) })
+    }
+
+    pub(crate) async fn list_licenses(&self, req: pb::ListLicensesRequest) -> Result<pb::ListLicensesResponse, Error> {
+        let mut v = Violations::new();
+        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
+        validate::optional_id(&mut v, "product_sku", &req.product_sku);
+        validate::optional_id(&mut v, "wave_id", &req.wave_id);
+        let page = Page::parse(&mut v, req.page_size, &req.page_token);
+        v.check().map_err(Error::Status)?;
+        let index = if req.buyer_id.is_empty() { keys::licenses() } else { keys::licenses_of(&req.buyer_id) };
+        let now = now_ms();
+        let state = req.state();
+        let (lics, next) = self
+            .scan_index::<LicenseRecord>(&index, &page, false, keys::license, |l| {
+                (req.product_sku.is_empty() || l.product_sku == req.product_sku)
+                    && (req.wave_id.is_empty() || l.wave_id == req.wave_id)
+                    && (state == pb::LicenseState::Unspecified || license_state(l.effective_state(now)) == state)
+            })
+            .await?;
+        Ok(pb::ListLicensesResponse { licenses: lics.iter().map(|l| license_to(l, now)).collect(), next_page_token: next })
+    }
+
+    pub(crate) async fn finalize_terms(&self, ctx: &RequestContext, req: pb::FinalizeTermsRequest) -> Result<pb::FinalizeTermsResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "license_id", &req.license_id);
+        if let Some(c) = &req.conditions {
+            for (field, problem) in conditions_from(c).problems() {
+                v.add(format!("conditions.{field}"), problem);
+            }
+        }
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "FinalizeTerms", &req.request_id, &req);
+        let license = self.change(ctx, &idem, &req.license_id, Change::Finalize, "", req.conditions.as_ref()).await?;
+        Ok(pb::FinalizeTermsResponse { license: Some(license) })
+    }
+
+    pub(crate) async fn suspend_license(&self, ctx: &RequestContext, req: pb::SuspendLicenseRequest) -> Result<pb::SuspendLicenseResponse, Error> {
+        self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
+        let idem = IdemKey::new(&self.inner.idem, "SuspendLicense", &req.request_id, &req);
+        let license = self.change(ctx, &idem, &req.license_id, Change::Suspend, &req.reason, None).await?;
+        Ok(pb::SuspendLicenseResponse { license: Some(license) })
+    }
+
+    pub(crate) async fn reinstate_license(&self, ctx: &RequestContext, req: pb::ReinstateLicenseRequest) -> Result<pb::ReinstateLicenseResponse, Error> {
+        self.check_change(&req.request_id, &req.license_id, &req.reason, false)?;
+        let idem = IdemKey::new(&self.inner.idem, "ReinstateLicense", &req.request_id, &req);
+        let license = self.change(ctx, &idem, &req.license_id, Change::Reinstate, &req.reason, None).await?;
+        Ok(pb::ReinstateLicenseResponse { license: Some(license) })
+    }
+
+    pub(crate) async fn revoke_license(&self, ctx: &RequestContext, req: pb::RevokeLicenseRequest) -> Result<pb::RevokeLicenseResponse, Error> {
+        self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
+        let idem = IdemKey::new(&self.inner.idem, "RevokeLicense", &req.request_id, &req);
+        let license = self.change(ctx, &idem, &req.license_id, Change::Revoke, &req.reason, None).await?;
+        Ok(pb::RevokeLicenseResponse { license: Some(license) })
+    }
+
+    fn check_change(&self, request_id: &str, license_id: &str, reason: &str, reason_required: bool) -> Result<(), Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, request_id);
+        validate::id(&mut v, "license_id", license_id);
+        validate::text(&mut v, "reason", reason, validate::MAX_TEXT_LEN, reason_required);
+        v.check().map_err(Error::Status)
+    }
+
+    async fn change(
+        &self,
+        ctx: &RequestContext,
+        idem: &IdemKey<'_>,
+        license_id: &str,
+        change: Change,
+        reason: &str,
+        conditions: Option<&pb::LicenseConditions>,
+    ) -> Result<pb::License, Error> {
+        let (answer, _) = self.run_txn(Some(idem), || async {
+            let (ver, mut lic) = self.require::<LicenseRecord>(keys::license(license_id), "licence", license_id).await?;
+            let now = now_ms();
+            let from = lic.effective_state(now);
+            let result = match change {
+                Change::Finalize => lic.finalize_terms(conditions.map(conditions_from), now),
+                Change::Suspend => lic.suspend(reason, now),
+                Change::Reinstate => lic.reinstate(reason, now),
+                Change::Revoke => lic.revoke(reason, now),
+            };
+            result.map_err(|e| transition_error(license_id, &e))?;
+            let to = lic.effective_state(now);
+            let mut t = Txn::new();
+            t.replace(keys::license(license_id), ver, encode(&lic));
+            emit(
+                &mut t,
+                ctx,
+                now,
+                pb::licensing_event::Kind::LicenseChanged(pb::LicenseChanged {
+                    license_id: lic.id.clone(),
+                    buyer_id: lic.buyer_id.clone(),
+                    product_sku: lic.product_sku.clone(),
+                    from_state: license_state(from) as i32,
+                    to_state: license_state(to) as i32,
+                    reason: reason.to_string(),
+                }),
+            );
+            let action = match change {
+                Change::Finalize => "license.terms_finalized",
+                Change::Suspend => "license.suspended",
+                Change::Reinstate => "license.reinstated",
+                Change::Revoke => "license.revoked",
+            };
+            let c = lic.conditions();
+            let detail = match change {
+                Change::Finalize => format!(
+                    "{} {}: cap {}, ratio {} bps, justification {}, valid {}..{}",
+                    lic.buyer_id,
+                    lic.product_sku,
+                    c.per_order_cap,
+                    c.domestic_ratio_bps,
+                    c.justification_required,
+                    c.valid_from_ms,
+                    c.valid_until_ms
+                ),
+                _ => format!("{} {}: {} → {}: {}", lic.buyer_id, lic.product_sku, from.name(), to.name(), reason),
+            };
+            record(&mut t, ctx, now, action, license_id, detail);
+            Ok((t, pb::GetLicenseResponse { license: Some(license_to(&lic, now)) }))
+        })
+        .await?;
+        answer.license.ok_or_else(|| Error::Internal("licence change answered without a licence".into()))
+    }
+}
+
+/// Whether a licence in this state lets orders keep quota they hold unconfirmed.
+pub(crate) fn in_force(s: EffectiveState) -> bool {
+    matches!(s, EffectiveState::Active | EffectiveState::Exhausted)
+}

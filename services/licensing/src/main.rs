@@ -1,0 +1,48 @@
+//! `chipgate-licensing`: serves the licensing API (with health and reflection) until SIGTERM/SIGINT.
+
+use chipgate_licensing::{DEFAULT_PORT, Licensing, spec};
+use chipgate_runtime::config::CommonArgs;
+use chipgate_runtime::{Shutdown, serve, telemetry};
+use clap::Parser;
+
+/// The chipgate licensing service: applications, approval waves, licences, quota, export and import
+/// gates, and the audit log.
+#[derive(Parser, Debug)]
+#[command(name = "chipgate-licensing", version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.common.log_format);
+    let addr = args.common.listen_or(DEFAULT_PORT);
+    let shutdown = Shutdown::on_signals();
+    let store = match args.common.connect_store().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "can't use the configured redis");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "can't listen");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let config = args.common.server_config();
+    tracing::info!(%addr, backend = store.kind(), "chipgate-licensing serving");
+    let service = Licensing::new(store.clone());
+    let s = shutdown.clone();
+    match serve(listener, spec(service, &config), store, config, async move { s.wait().await }, |_| {}).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

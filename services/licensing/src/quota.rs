@@ -1,0 +1,563 @@
+//! Quota: eligibility checks, and taking, returning and confirming quota for orders.
+//!
+//! A batch is decided against one consistent read of the licences, the buyers' ledgers and the
+//! product's gates, strictly in the order given ([`QuotaPlanner`]), and committed in one transaction
+//! guarded by the versions of every licence it took from and of the product's gates. So two batches can
+//! never together exceed a licence's quota, and a batch can't slip in after an embargo it didn't see.
+//! Every reservation is keyed by (order, generation): retries never double-count, and a released
+//! generation is never reopened.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chipgate_domain::licensing::{
+    Ask, Failure, LedgerRecord, LicenseRecord, PolicyRecord, Planned, ProductExportRecord, ProductGate, QuotaPlanner,
+    ReservationRecord, ReservationStatus, ReserveCheck, Verdict, evaluate,
+};
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::time::now_ms;
+use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::{RequestContext, validate};
+use chipgate_state::Txn;
+
+use crate::convert::{failure_to, reservation_to};
+use crate::licences::{LicenseIndex, in_force};
+use crate::{Error, Licensing, MAX_BATCH, MAX_UNITS, emit, encode, failure_codes, keys, record};
+
+/// One order to take quota for (validated).
+struct Item {
+    order_id: String,
+    generation: u64,
+    buyer_id: String,
+    units: u64,
+    justification: String,
+}
+
+fn check_item(v: &mut Violations, prefix: &str, order_id: &str, generation: u64, buyer_id: &str, units: u64, justification: &str) {
+    validate::id(v, &format!("{prefix}order_id"), order_id);
+    if generation == 0 {
+        v.add(format!("{prefix}generation"), "must be at least 1");
+    }
+    validate::id(v, &format!("{prefix}buyer_id"), buyer_id);
+    validate::units(v, &format!("{prefix}units"), units, MAX_UNITS);
+    validate::text(v, &format!("{prefix}justification"), justification, validate::MAX_TEXT_LEN, false);
+}
+
+/// What eligibility needs to know about one product and some of its buyers, read at once.
+struct World {
+    licences: Vec<(u64, LicenseRecord)>,
+    domestic: HashMap<String, u64>,
+    gate: ProductGate,
+    policy_version: u64,
+    exports_version: u64,
+}
+
+impl Licensing {
+    async fn read_world(&self, sku: &str, buyers: &[&str], extra_licences: &[String]) -> Result<World, Error> {
+        let index_keys: Vec<String> = buyers.iter().map(|b| keys::license_index(b, sku)).collect();
+        let ledger_keys: Vec<String> = buyers.iter().map(|b| keys::ledger(b)).collect();
+        let (indexes, ledgers, policy, exports) = tokio::try_join!(
+            self.load_many::<LicenseIndex>(&index_keys),
+            self.load_many::<LedgerRecord>(&ledger_keys),
+            self.load::<PolicyRecord>(keys::policy(sku)),
+            self.load::<ProductExportRecord>(keys::exports(sku)),
+        )?;
+        let mut ids: Vec<String> = indexes.into_iter().flatten().flat_map(|(_, i)| i.license_ids).collect();
+        ids.extend(extra_licences.iter().cloned());
+        ids.sort();
+        ids.dedup();
+        let lic_keys: Vec<String> = ids.iter().map(|id| keys::license(id)).collect();
+        let licences = self.load_many::<LicenseRecord>(&lic_keys).await?.into_iter().flatten().collect();
+        let domestic = ledgers.into_iter().flatten().map(|(_, l)| (l.buyer_id, l.total_units)).collect();
+        let gate = ProductGate::from_records(policy.as_ref().map(|(_, p)| p), exports.as_ref().map(|(_, e)| e));
+        Ok(World {
+            licences,
+            domestic,
+            gate,
+            policy_version: policy.map(|(v, _)| v).unwrap_or(0),
+            exports_version: exports.map(|(v, _)| v).unwrap_or(0),
+        })
+    }
+
+    pub(crate) async fn check_eligibility(&self, req: pb::CheckEligibilityRequest) -> Result<pb::CheckEligibilityResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "buyer_id", &req.buyer_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        validate::units(&mut v, "units", req.units, MAX_UNITS);
+        validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+        let world = self.read_world(&req.product_sku, &[req.buyer_id.as_str()], &[]).await?;
+        let mut mine: Vec<&LicenseRecord> = world.licences.iter().map(|(_, l)| l).filter(|l| l.buyer_id == req.buyer_id).collect();
+        mine.sort_by_key(|l| l.seq);
+        let ask = Ask { buyer_id: &req.buyer_id, units: req.units, justification: &req.justification };
+        let domestic = world.domestic.get(&req.buyer_id).copied().unwrap_or(0);
+        Ok(match evaluate(&mine, &ask, domestic, &world.gate, now_ms()) {
+            Verdict::Eligible(i) => {
+                pb::CheckEligibilityResponse { eligible: true, license_id: mine[i].id.clone(), failures: vec![], rejectable: false }
+            }
+            Verdict::Refused { failures, rejectable } => pb::CheckEligibilityResponse {
+                eligible: false,
+                license_id: String::new(),
+                failures: failures.iter().map(failure_to).collect(),
+                rejectable,
+            },
+        })
+    }
+
+    pub(crate) async fn reserve_quota(&self, ctx: &RequestContext, req: pb::ReserveQuotaRequest) -> Result<pb::ReserveQuotaResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        check_item(&mut v, "", &req.order_id, req.generation, &req.buyer_id, req.units, &req.justification);
+        v.check().map_err(Error::Status)?;
+        let item = Item {
+            order_id: req.order_id.clone(),
+            generation: req.generation,
+            buyer_id: req.buyer_id.clone(),
+            units: req.units,
+            justification: req.justification.clone(),
+        };
+        let mut results = self.reserve_items(ctx, &req.product_sku, vec![item], 0).await?;
+        let r = results.pop().ok_or_else(|| Error::Internal("reserve answered nothing".into()))?;
+        if r.stale {
+            let current = r.reservation.as_ref().map(|x| (x.generation, x.state)).unwrap_or_default();
+            return Err(Error::precondition(
+                "STALE_GENERATION",
+                &req.order_id,
+                format!(
+                    "generation {} of order {} can't take quota: the order's reservation is at generation {} ({})",
+                    req.generation,
+                    req.order_id,
+                    current.0,
+                    pb::ReservationState::try_from(current.1).map(|s| s.as_str_name()).unwrap_or("?")
+                ),
+            ));
+        }
+        match r.reservation {
+            Some(reservation) => Ok(pb::ReserveQuotaResponse { reservation: Some(reservation) }),
+            None => Err(Error::Refused {
+                failures: r
+                    .failures
+                    .iter()
+                    .map(|f| Failure {
+                        condition: f.condition,
+                        license_id: f.license_id.clone(),
+                        description: f.description.clone(),
+                        permanent: f.permanent,
+                        required: f.required,
+                        actual: f.actual,
+                    })
+                    .collect(),
+            }),
+        }
+    }
+
+    pub(crate) async fn batch_reserve_quota(
+        &self,
+        ctx: &RequestContext,
+        req: pb::BatchReserveQuotaRequest,
+    ) -> Result<pb::BatchReserveQuotaResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            check_item(&mut v, &format!("items[{i}]."), &it.order_id, it.generation, &it.buyer_id, it.units, &it.justification);
+            if !seen.insert(it.order_id.as_str()) {
+                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        v.check().map_err(Error::Status)?;
+        let items = req
+            .items
+            .into_iter()
+            .map(|it| Item {
+                order_id: it.order_id,
+                generation: it.generation,
+                buyer_id: it.buyer_id,
+                units: it.units,
+                justification: it.justification,
+            })
+            .collect();
+        let results = self.reserve_items(ctx, &req.product_sku, items, req.fence_token).await?;
+        Ok(pb::BatchReserveQuotaResponse { results })
+    }
+
+    /// Takes quota for `items` of product `sku`, in order (see the module docs).
+    async fn reserve_items(
+        &self,
+        ctx: &RequestContext,
+        sku: &str,
+        items: Vec<Item>,
+        fence_token: u64,
+    ) -> Result<Vec<pb::QuotaItemResult>, Error> {
+        // Calls of this replica for one product queue up here instead of conflicting in the store.
+        let _serial = self.inner.locks.lock(sku).await;
+        let (answer, _) = self.run_txn(None, || self.reserve_attempt(ctx, sku, &items, fence_token)).await?;
+        Ok(answer.results)
+    }
+
+    async fn reserve_attempt(
+        &self,
+        ctx: &RequestContext,
+        sku: &str,
+        items: &[Item],
+        fence_token: u64,
+    ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
+        let now = now_ms();
+        let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(&it.order_id)).collect();
+        let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
+        let mut buyers: Vec<&str> = items.iter().map(|it| it.buyer_id.as_str()).collect();
+        buyers.sort_unstable();
+        buyers.dedup();
+        let superseded: Vec<String> =
+            existing.iter().flatten().filter(|(_, r)| r.held_units() > 0).map(|(_, r)| r.license_id.clone()).collect();
+        let world = self.read_world(sku, &buyers, &superseded).await?;
+        let versions: HashMap<String, u64> = world.licences.iter().map(|(v, l)| (l.id.clone(), *v)).collect();
+
+        // Older generations still holding quota give it back first (the order has moved on).
+        let mut licences: HashMap<String, LicenseRecord> = world.licences.into_iter().map(|(_, l)| (l.id.clone(), l)).collect();
+        let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let mut checks = Vec::with_capacity(items.len());
+        for (it, ex) in items.iter().zip(&existing) {
+            let check = match ex {
+                None => ReserveCheck::Evaluate,
+                Some((_, r)) => r.check_reserve(it.generation),
+            };
+            if let ReserveCheck::Supersede { license_id, units, confirmed } = &check {
+                if let Some(l) = licences.get_mut(license_id) {
+                    l.used = l.used.saturating_sub(*units);
+                    if *confirmed {
+                        l.confirmed = l.confirmed.saturating_sub(*units);
+                    }
+                    touched.insert(license_id.clone());
+                }
+            }
+            checks.push(check);
+        }
+
+        let mut planner = QuotaPlanner::new(
+            licences.values().filter(|l| l.product_sku == sku).cloned().collect(),
+            &world.domestic,
+            &world.gate,
+            now,
+        );
+        let mut t = Txn::new();
+        if fence_token > 0 {
+            t.fence(keys::fence(sku), fence_token);
+        }
+        let mut results = Vec::with_capacity(items.len());
+        let mut changed = Vec::new();
+        let mut reserved_detail = Vec::new();
+        let mut refused_detail = Vec::new();
+        for ((it, ex), check) in items.iter().zip(&existing).zip(checks) {
+            let ver = ex.as_ref().map(|(v, _)| *v).unwrap_or(0);
+            match check {
+                ReserveCheck::AlreadyHeld => {
+                    let r = ex.as_ref().map(|(_, r)| reservation_to(r));
+                    results.push(pb::QuotaItemResult { order_id: it.order_id.clone(), reservation: r, ..Default::default() });
+                }
+                ReserveCheck::Stale => {
+                    let r = ex.as_ref().map(|(_, r)| reservation_to(r));
+                    results.push(pb::QuotaItemResult { order_id: it.order_id.clone(), reservation: r, stale: true, ..Default::default() });
+                }
+                ReserveCheck::Evaluate | ReserveCheck::Supersede { .. } => {
+                    let ask = Ask { buyer_id: &it.buyer_id, units: it.units, justification: &it.justification };
+                    match planner.plan(&it.order_id, &ask) {
+                        Planned::Reserved { license_id, wave_id } => {
+                            let r = ReservationRecord {
+                                order_id: it.order_id.clone(),
+                                generation: it.generation,
+                                license_id: license_id.clone(),
+                                wave_id,
+                                buyer_id: it.buyer_id.clone(),
+                                product_sku: sku.to_string(),
+                                units: it.units,
+                                status: ReservationStatus::Held as i32,
+                                create_ms: now,
+                                update_ms: now,
+                                release_reason: String::new(),
+                            };
+                            t.replace(keys::reservation(&it.order_id), ver, encode(&r));
+                            reserved_detail.push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
+                            let out = reservation_to(&r);
+                            changed.push(out.clone());
+                            results.push(pb::QuotaItemResult { order_id: it.order_id.clone(), reservation: Some(out), ..Default::default() });
+                        }
+                        Planned::Refused { failures, rejectable } => {
+                            refused_detail.push(format!("{}/{}:{}", it.order_id, it.generation, failure_codes(&failures)));
+                            results.push(pb::QuotaItemResult {
+                                order_id: it.order_id.clone(),
+                                failures: failures.iter().map(failure_to).collect(),
+                                rejectable,
+                                ..Default::default()
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for l in planner.into_touched() {
+            touched.remove(&l.id);
+            let ver = versions.get(&l.id).copied().unwrap_or(0);
+            t.replace(keys::license(&l.id), ver, encode(&l));
+        }
+        // Licences that only gave back superseded quota.
+        for id in touched {
+            if let Some(l) = licences.get(&id) {
+                t.replace(keys::license(&id), versions.get(&id).copied().unwrap_or(0), encode(l));
+            }
+        }
+        if t.is_empty() && reserved_detail.is_empty() && refused_detail.is_empty() {
+            return Ok((t, pb::BatchReserveQuotaResponse { results }));
+        }
+        // The decision stands only if the product's gates are as read.
+        t.expect_version(keys::policy(sku), world.policy_version);
+        t.expect_version(keys::exports(sku), world.exports_version);
+        if !changed.is_empty() {
+            emit(
+                &mut t,
+                ctx,
+                now,
+                pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: sku.to_string(), reservations: changed }),
+            );
+        }
+        record(
+            &mut t,
+            ctx,
+            now,
+            "quota.decided",
+            sku,
+            format!(
+                "reserved [{}]; refused [{}]",
+                reserved_detail.join(" "),
+                refused_detail.join(" ")
+            ),
+        );
+        Ok((t, pb::BatchReserveQuotaResponse { results }))
+    }
+
+    pub(crate) async fn release_quota(&self, ctx: &RequestContext, req: pb::ReleaseQuotaRequest) -> Result<pb::ReleaseQuotaResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "order_id", &req.order_id);
+        if req.generation == 0 {
+            v.add("generation", "must be at least 1");
+        }
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+        let items = vec![(req.order_id.clone(), req.generation)];
+        let mut out = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
+        Ok(pb::ReleaseQuotaResponse { reservation: out.pop() })
+    }
+
+    pub(crate) async fn batch_release_quota(
+        &self,
+        ctx: &RequestContext,
+        req: pb::BatchReleaseQuotaRequest,
+    ) -> Result<pb::BatchReleaseQuotaResponse, Error> {
+        let mut v = Violations::new();
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
+            if it.generation == 0 {
+                v.add(format!("items[{i}].generation"), "must be at least 1");
+            }
+            if !seen.insert(it.order_id.as_str()) {
+                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+        let items: Vec<(String, u64)> = req.items.into_iter().map(|it| (it.order_id, it.generation)).collect();
+        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
+        Ok(pb::BatchReleaseQuotaResponse { reservations })
+    }
+
+    /// Returns quota of `(order, generation)` pairs to their licences (see `ReleaseQuota`).
+    async fn release_items(
+        &self,
+        ctx: &RequestContext,
+        items: &[(String, u64)],
+        reason: &str,
+        unless_confirmed: bool,
+    ) -> Result<Vec<pb::QuotaReservation>, Error> {
+        let (answer, _) = self.run_txn(None, || async {
+            let now = now_ms();
+            let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(o)).collect();
+            let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
+            let mut lic_ids: Vec<String> =
+                existing.iter().flatten().filter(|(_, r)| r.held_units() > 0).map(|(_, r)| r.license_id.clone()).collect();
+            lic_ids.sort();
+            lic_ids.dedup();
+            let lic_keys: Vec<String> = lic_ids.iter().map(|id| keys::license(id)).collect();
+            let mut licences: HashMap<String, (u64, LicenseRecord)> =
+                self.load_many::<LicenseRecord>(&lic_keys).await?.into_iter().flatten().map(|(v, l)| (l.id.clone(), (v, l))).collect();
+            let mut t = Txn::new();
+            let mut out = Vec::with_capacity(items.len());
+            let mut changed: BTreeMap<String, Vec<pb::QuotaReservation>> = BTreeMap::new();
+            let mut detail = Vec::new();
+            let mut touched = std::collections::BTreeSet::new();
+            for ((order_id, generation), ex) in items.iter().zip(existing) {
+                let (ver, cur) = match ex {
+                    Some((v, r)) => (v, Some(r)),
+                    None => (0, None),
+                };
+                let tombstone = |base: Option<&ReservationRecord>| ReservationRecord {
+                    order_id: order_id.clone(),
+                    generation: *generation,
+                    status: ReservationStatus::Released as i32,
+                    create_ms: now,
+                    update_ms: now,
+                    release_reason: reason.to_string(),
+                    product_sku: base.map(|b| b.product_sku.clone()).unwrap_or_default(),
+                    buyer_id: base.map(|b| b.buyer_id.clone()).unwrap_or_default(),
+                    ..Default::default()
+                };
+                let next = match cur {
+                    None => Some(tombstone(None)),
+                    Some(r) if r.generation > *generation => {
+                        out.push(reservation_to(&r));
+                        None
+                    }
+                    Some(r) if r.generation == *generation && r.status() == ReservationStatus::Released => {
+                        out.push(reservation_to(&r));
+                        None
+                    }
+                    Some(r) if r.generation == *generation && r.status() == ReservationStatus::Confirmed && unless_confirmed => {
+                        out.push(reservation_to(&r));
+                        None
+                    }
+                    Some(r) => {
+                        // Held or confirmed at this generation, or anything at an older one: give back
+                        // what it holds.
+                        if r.held_units() > 0 {
+                            if let Some((_, l)) = licences.get_mut(&r.license_id) {
+                                l.used = l.used.saturating_sub(r.units);
+                                if r.status() == ReservationStatus::Confirmed {
+                                    l.confirmed = l.confirmed.saturating_sub(r.units);
+                                }
+                                l.update_ms = now;
+                                touched.insert(r.license_id.clone());
+                            }
+                        }
+                        if r.generation == *generation {
+                            let mut released = r.clone();
+                            released.set_status(ReservationStatus::Released);
+                            released.update_ms = now;
+                            released.release_reason = reason.to_string();
+                            Some(released)
+                        } else {
+                            Some(tombstone(Some(&r)))
+                        }
+                    }
+                };
+                if let Some(rec) = next {
+                    t.replace(keys::reservation(order_id), ver, encode(&rec));
+                    detail.push(format!("{order_id}/{generation}:{}", rec.units));
+                    let p = reservation_to(&rec);
+                    if !rec.product_sku.is_empty() {
+                        changed.entry(rec.product_sku.clone()).or_default().push(p.clone());
+                    }
+                    out.push(p);
+                }
+            }
+            for id in touched {
+                if let Some((v, l)) = licences.get(&id) {
+                    t.replace(keys::license(&id), *v, encode(l));
+                }
+            }
+            if t.is_empty() {
+                return Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }));
+            }
+            for (sku, reservations) in changed {
+                emit(&mut t, ctx, now, pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: sku, reservations }));
+            }
+            record(&mut t, ctx, now, "quota.released", "quota", format!("{}: {}", reason, detail.join(" ")));
+            Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }))
+        })
+        .await?;
+        Ok(answer.reservations)
+    }
+
+    pub(crate) async fn confirm_quota(&self, ctx: &RequestContext, req: pb::ConfirmQuotaRequest) -> Result<pb::ConfirmQuotaResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "order_id", &req.order_id);
+        if req.generation == 0 {
+            v.add("generation", "must be at least 1");
+        }
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "ConfirmQuota", &req.request_id, &req);
+        let (answer, _) = self.run_txn(Some(&idem), || async {
+            let now = now_ms();
+            let (rver, mut r) =
+                self.require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id).await?;
+            if r.generation == req.generation && r.status() == ReservationStatus::Confirmed {
+                return Ok((Txn::new(), pb::ConfirmQuotaResponse { reservation: Some(reservation_to(&r)) }));
+            }
+            if r.generation != req.generation || r.status() != ReservationStatus::Held {
+                return Err(Error::precondition(
+                    "RESERVATION_NOT_HELD",
+                    &req.order_id,
+                    format!(
+                        "order {} holds no quota at generation {} (reservation is at generation {}, {:?})",
+                        req.order_id,
+                        req.generation,
+                        r.generation,
+                        r.status()
+                    ),
+                ));
+            }
+            let (lver, mut lic) = self.require::<LicenseRecord>(keys::license(&r.license_id), "licence", &r.license_id).await?;
+            let state = lic.effective_state(now);
+            if !in_force(state) {
+                return Err(Error::precondition(
+                    "LICENSE_NOT_IN_FORCE",
+                    &lic.id,
+                    format!("licence {} is {}; orders under it can't be confirmed", lic.id, state.name()),
+                ));
+            }
+            lic.confirmed = lic.confirmed.saturating_add(r.units);
+            lic.update_ms = now;
+            r.set_status(ReservationStatus::Confirmed);
+            r.update_ms = now;
+            let mut t = Txn::new();
+            t.replace(keys::license(&lic.id), lver, encode(&lic));
+            t.replace(keys::reservation(&r.order_id), rver, encode(&r));
+            let out = reservation_to(&r);
+            emit(
+                &mut t,
+                ctx,
+                now,
+                pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: r.product_sku.clone(), reservations: vec![out.clone()] }),
+            );
+            record(&mut t, ctx, now, "quota.confirmed", &r.order_id, format!("{} units of {}", r.units, lic.id));
+            Ok((t, pb::ConfirmQuotaResponse { reservation: Some(out) }))
+        })
+        .await?;
+        Ok(answer)
+    }
+
+    pub(crate) async fn get_quota_reservation(
+        &self,
+        req: pb::GetQuotaReservationRequest,
+    ) -> Result<pb::GetQuotaReservationResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "order_id", &req.order_id);
+        v.check().map_err(Error::Status)?;
+        let (_, r) = self.require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id).await?;
+        Ok(pb::GetQuotaReservationResponse { reservation: Some(reservation_to(&r)) })
+    }
+}
