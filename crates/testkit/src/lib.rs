@@ -1,0 +1,155 @@
+//! The test harness: boots chipgate services in process, each on its own loopback port 0 listener,
+//! against a private real `redis-server` (or the in-memory backend), and hands back typed gRPC
+//! clients. The cross-service suite, the CLI tests and the benchmarks use it; everything talks real
+//! gRPC over real sockets.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_runtime::server::{Running, ServerConfig};
+use chipgate_runtime::{Shutdown, serve};
+use chipgate_state::testing::RedisServer;
+use chipgate_state::{Backend, Store};
+use tokio::task::JoinHandle;
+use tonic::transport::{Channel, Endpoint};
+
+/// Which state backend a cluster runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// A private real redis-server (what the tests that matter use).
+    Redis,
+    /// The in-memory backend.
+    Memory,
+}
+
+/// How to start a cluster.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    /// State backend.
+    pub backend: BackendKind,
+    /// Server settings for every service.
+    pub server: ServerConfig,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            backend: BackendKind::Redis,
+            server: ServerConfig { health_interval: Duration::from_millis(100), ..ServerConfig::default() },
+        }
+    }
+}
+
+/// One running service.
+pub struct ServiceHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its health and edge handles.
+    pub running: Running,
+    shutdown: Shutdown,
+    task: Option<JoinHandle<()>>,
+}
+
+impl ServiceHandle {
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Triggers its shutdown and waits for the server to stop.
+    pub async fn stop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for ServiceHandle {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+/// A running set of services sharing one state backend.
+pub struct Cluster {
+    /// The private redis-server, when the backend is Redis.
+    pub redis: Option<RedisServer>,
+    /// The state backend every service uses.
+    pub store: Store,
+    /// The licensing service.
+    pub licensing: ServiceHandle,
+}
+
+/// Starts a server for `spec` on a fresh loopback port.
+///
+/// # Panics
+/// When the port can't be bound or the server doesn't come up.
+pub async fn start_service(
+    store: Store,
+    config: ServerConfig,
+    spec: impl FnOnce(&ServerConfig) -> chipgate_runtime::ServiceSpec,
+) -> ServiceHandle {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback port 0");
+    let addr = listener.local_addr().expect("local addr");
+    let shutdown = Shutdown::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let spec = spec(&config);
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let result = serve(listener, spec, store, config, async move { s.wait().await }, move |r| {
+            let _ = ready_tx.send(r);
+        })
+        .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "test server failed");
+        }
+    });
+    let running = ready_rx.await.expect("server came up");
+    ServiceHandle { addr, running, shutdown, task: Some(task) }
+}
+
+/// A lazily-connecting channel to a service.
+///
+/// # Panics
+/// When the URL is malformed.
+pub fn channel(url: &str) -> Channel {
+    Endpoint::from_shared(url.to_string())
+        .expect("valid url")
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect_lazy()
+}
+
+impl Cluster {
+    /// A cluster on a private real redis-server.
+    pub async fn start() -> Self {
+        Self::start_with(ClusterOptions::default()).await
+    }
+
+    /// A cluster with options.
+    ///
+    /// # Panics
+    /// When the backend or a service can't be started.
+    pub async fn start_with(options: ClusterOptions) -> Self {
+        chipgate_runtime::telemetry::init_for_tests();
+        let (redis, store) = match options.backend {
+            BackendKind::Redis => {
+                let server = RedisServer::start();
+                let store = server.store().await;
+                (Some(server), store)
+            }
+            BackendKind::Memory => (None, Store::memory()),
+        };
+        store.ping().await.expect("backend answers");
+        let lic = chipgate_licensing::Licensing::new(store.clone());
+        let licensing = start_service(store.clone(), options.server.clone(), |c| chipgate_licensing::spec(lic, c)).await;
+        Cluster { redis, store, licensing }
+    }
+
+    /// A licensing client.
+    pub fn licensing_client(&self) -> LicensingServiceClient<Channel> {
+        LicensingServiceClient::new(channel(&self.licensing.url()))
+    }
+}

@@ -1,0 +1,796 @@
+//! Licensing behaviour, run on both state backends (in memory and a real redis-server): the queue,
+//! waves, licence states and conditions, quota under concurrency, generations, gates, events and the
+//! audit chain. Calls go through the service's gRPC trait (no network; the cross-service suite covers
+//! the wire).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+
+use chipgate_licensing::{Licensing, keys};
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_proto::licensing::v1::licensing_service_server::LicensingService;
+use chipgate_state::{Backend, Store, backend_tests};
+use prost::Message;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+fn rid() -> String {
+    format!("r-{}", fastrand_like())
+}
+
+fn fastrand_like() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+async fn submit(svc: &Licensing, buyer: &str, sku: &str, qty: u64) -> pb::Application {
+    svc.submit_application(Request::new(pb::SubmitApplicationRequest {
+        request_id: rid(),
+        buyer_id: buyer.into(),
+        product_sku: sku.into(),
+        quantity: qty,
+        end_use: "LLM training".into(),
+        site: "Ulanqab DC".into(),
+        destination: String::new(),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .application
+    .unwrap()
+}
+
+/// Drafts and publishes a wave granting each application the given units and conditions.
+async fn publish(svc: &Licensing, grants: &[(&str, u64, pb::LicenseConditions)]) -> pb::PublishWaveResponse {
+    let wave = svc
+        .create_wave(Request::new(pb::CreateWaveRequest { request_id: rid(), display_name: "wave".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap();
+    for (app, units, c) in grants {
+        svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+            request_id: rid(),
+            wave_id: wave.wave_id.clone(),
+            application_id: app.to_string(),
+            granted_units: *units,
+            conditions: Some(c.clone()),
+        }))
+        .await
+        .unwrap();
+    }
+    svc.publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id }))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn authorize_export(svc: &Licensing, sku: &str) {
+    svc.grant_export_authorization(Request::new(pb::GrantExportAuthorizationRequest {
+        request_id: rid(),
+        vendor: "nvidia".into(),
+        product_sku: sku.into(),
+        destination: "CN".into(),
+        reference: "BIS-2026-001".into(),
+    }))
+    .await
+    .unwrap();
+}
+
+/// A buyer with an active licence of `units` for H200 and export authorised.
+async fn licensed(svc: &Licensing, buyer: &str, units: u64, c: pb::LicenseConditions) -> pb::License {
+    authorize_export(svc, "H200").await;
+    let app = submit(svc, buyer, "H200", units).await;
+    publish(svc, &[(&app.application_id, units, c)]).await.licenses.remove(0)
+}
+
+fn item(order: &str, generation: u64, buyer: &str, units: u64) -> pb::QuotaItem {
+    pb::QuotaItem { order_id: order.into(), generation, buyer_id: buyer.into(), units, justification: "needed".into() }
+}
+
+async fn batch(svc: &Licensing, items: Vec<pb::QuotaItem>) -> Vec<pb::QuotaItemResult> {
+    svc.batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
+        request_id: String::new(),
+        product_sku: "H200".into(),
+        items,
+        fence_token: 0,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .results
+}
+
+async fn license(svc: &Licensing, id: &str) -> pb::License {
+    svc.get_license(Request::new(pb::GetLicenseRequest { license_id: id.into() })).await.unwrap().into_inner().license.unwrap()
+}
+
+fn conditions(r: &pb::QuotaItemResult) -> Vec<pb::Condition> {
+    r.failures.iter().map(|f| f.condition()).collect()
+}
+
+async fn queue_ids(svc: &Licensing) -> Vec<(String, u64)> {
+    svc.list_queue(Request::new(pb::ListQueueRequest { page_size: 0, page_token: String::new() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .applications
+        .into_iter()
+        .map(|a| (a.application_id, a.queue_position))
+        .collect()
+}
+
+async fn applications_queue_in_order_with_one_open_each(store: Store) {
+    let svc = Licensing::new(store);
+    let a = submit(&svc, "bytedance", "H200", 200_000).await;
+    let b = submit(&svc, "alibaba", "H200", 150_000).await;
+    let c = submit(&svc, "tencent", "H200", 100_000).await;
+    assert_eq!((a.queue_position, b.queue_position, c.queue_position), (1, 2, 3));
+    assert_eq!(a.state(), pb::ApplicationState::Queued);
+
+    // One open application per buyer and product.
+    let dup = svc
+        .submit_application(Request::new(pb::SubmitApplicationRequest {
+            request_id: rid(),
+            buyer_id: "bytedance".into(),
+            product_sku: "H200".into(),
+            quantity: 5,
+            end_use: "x".into(),
+            site: "y".into(),
+            destination: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    assert_eq!(dup.get_error_details().resource_info().unwrap().resource_name, a.application_id);
+    // Another product is fine.
+    submit(&svc, "bytedance", "H200-NVL", 10).await;
+
+    // Withdraw the middle one: the others keep their order.
+    let w = svc
+        .withdraw_application(Request::new(pb::WithdrawApplicationRequest {
+            request_id: rid(),
+            application_id: b.application_id.clone(),
+            reason: "changed plans".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap();
+    assert_eq!((w.state(), w.queue_position), (pb::ApplicationState::Withdrawn, 0));
+    let q = queue_ids(&svc).await;
+    assert_eq!(q[0], (a.application_id.clone(), 1));
+    assert_eq!(q[1], (c.application_id.clone(), 2));
+    // The buyer may apply again now.
+    let b2 = submit(&svc, "alibaba", "H200", 1).await;
+
+    // Rejection needs a reason and only works on queued applications.
+    let no_reason = svc
+        .reject_application(Request::new(pb::RejectApplicationRequest {
+            request_id: rid(),
+            application_id: c.application_id.clone(),
+            reason: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(no_reason.code(), Code::InvalidArgument);
+    assert_eq!(no_reason.get_error_details().bad_request().unwrap().field_violations[0].field, "reason");
+    let again = svc
+        .reject_application(Request::new(pb::RejectApplicationRequest {
+            request_id: rid(),
+            application_id: b.application_id.clone(),
+            reason: "nope".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), Code::FailedPrecondition);
+
+    // The authority moves the last application to the front.
+    let moved = svc
+        .move_queued_application(Request::new(pb::MoveQueuedApplicationRequest {
+            request_id: rid(),
+            application_id: b2.application_id.clone(),
+            position: 1,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap();
+    assert_eq!(moved.queue_position, 1);
+    let order: Vec<String> = queue_ids(&svc).await.into_iter().map(|(id, _)| id).collect();
+    assert_eq!(order[0], b2.application_id);
+    assert_eq!(order[1], a.application_id);
+    // A new submission still joins at the back after a renumbering.
+    let d = submit(&svc, "baidu", "H200", 7).await;
+    assert_eq!(d.queue_position, order.len() as u64 + 1);
+}
+
+async fn submissions_are_idempotent_per_request_id(store: Store) {
+    let svc = Licensing::new(store);
+    let req = pb::SubmitApplicationRequest {
+        request_id: "same-request".into(),
+        buyer_id: "tencent".into(),
+        product_sku: "H200".into(),
+        quantity: 10,
+        end_use: "inference".into(),
+        site: "Shenzhen".into(),
+        destination: "CN".into(),
+    };
+    let first = svc.submit_application(Request::new(req.clone())).await.unwrap().into_inner();
+    let second = svc.submit_application(Request::new(req.clone())).await.unwrap().into_inner();
+    assert_eq!(first, second, "a retry returns the same application");
+    assert_eq!(queue_ids(&svc).await.len(), 1, "and creates nothing new");
+    let mut other = req;
+    other.quantity = 11;
+    let err = svc.submit_application(Request::new(other)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(err.get_error_details().bad_request().unwrap().field_violations[0].field, "request_id");
+}
+
+async fn waves_publish_atomically_and_never_change(store: Store) {
+    let svc = Licensing::new(store.clone());
+    let a = submit(&svc, "bytedance", "H200", 250_000).await;
+    let b = submit(&svc, "alibaba", "H200", 150_000).await;
+    let c = submit(&svc, "zhipu", "H200", 50_000).await;
+    let pending = pb::LicenseConditions { terms_pending: true, domestic_ratio_bps: 2500, ..Default::default() };
+
+    // Granting more than applied for is refused, and so is a draft grant of a non-queued application.
+    let wave = svc
+        .create_wave(Request::new(pb::CreateWaveRequest { request_id: rid(), display_name: "Wave 1".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap();
+    let too_much = svc
+        .add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+            request_id: rid(),
+            wave_id: wave.wave_id.clone(),
+            application_id: a.application_id.clone(),
+            granted_units: 250_001,
+            conditions: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(too_much.code(), Code::InvalidArgument);
+
+    for (app, units) in [(&a, 250_000), (&b, 150_000), (&c, 10)] {
+        svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+            request_id: rid(),
+            wave_id: wave.wave_id.clone(),
+            application_id: app.application_id.clone(),
+            granted_units: units,
+            conditions: Some(pending.clone()),
+        }))
+        .await
+        .unwrap();
+    }
+    svc.remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
+        request_id: rid(),
+        wave_id: wave.wave_id.clone(),
+        application_id: c.application_id.clone(),
+    }))
+    .await
+    .unwrap();
+
+    // A granted application that leaves the queue before publication blocks it; nothing changes.
+    let d = submit(&svc, "tencent", "H200", 100_000).await;
+    svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+        request_id: rid(),
+        wave_id: wave.wave_id.clone(),
+        application_id: d.application_id.clone(),
+        granted_units: 100_000,
+        conditions: Some(pending.clone()),
+    }))
+    .await
+    .unwrap();
+    svc.withdraw_application(Request::new(pb::WithdrawApplicationRequest {
+        request_id: rid(),
+        application_id: d.application_id.clone(),
+        reason: String::new(),
+    }))
+    .await
+    .unwrap();
+    let events_before = store.xlen(&keys::events()).await.unwrap();
+    let blocked = svc
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(blocked.code(), Code::FailedPrecondition);
+    let pf = blocked.get_error_details();
+    assert_eq!(pf.precondition_failure().unwrap().violations[0].subject, d.application_id);
+    assert_eq!(store.xlen(&keys::events()).await.unwrap(), events_before, "a refused publish changes nothing");
+    assert_eq!(queue_ids(&svc).await.len(), 3);
+
+    svc.remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
+        request_id: rid(),
+        wave_id: wave.wave_id.clone(),
+        application_id: d.application_id.clone(),
+    }))
+    .await
+    .unwrap();
+    let published = svc
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let w = published.wave.unwrap();
+    assert_eq!(w.state(), pb::WaveState::Published);
+    assert_eq!(w.total_granted_units, 400_000);
+    assert_eq!(published.licenses.len(), 2);
+    assert!(published.licenses.iter().all(|l| l.state() == pb::LicenseState::PendingTerms));
+    assert_eq!(published.licenses[0].buyer_id, "bytedance");
+    assert_eq!(published.licenses[0].granted_units, 250_000);
+
+    // Granted applications left the queue; the rest kept their order.
+    let q = queue_ids(&svc).await;
+    assert_eq!(q, vec![(c.application_id.clone(), 1)]);
+    let a_now = svc
+        .get_application(Request::new(pb::GetApplicationRequest { application_id: a.application_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap();
+    assert_eq!(a_now.state(), pb::ApplicationState::Granted);
+    assert_eq!(a_now.license_id, published.licenses[0].license_id);
+
+    // Published waves never change.
+    let late = svc
+        .add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+            request_id: rid(),
+            wave_id: wave.wave_id.clone(),
+            application_id: c.application_id.clone(),
+            granted_units: 1,
+            conditions: None,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    let twice = svc
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
+        .await
+        .unwrap_err();
+    assert_eq!(twice.code(), Code::FailedPrecondition);
+
+    // The publication is one event naming every licence.
+    let events = store.xrange(&keys::events(), None, 1000).await.unwrap();
+    let published_events: Vec<pb::WavePublished> = events
+        .iter()
+        .filter_map(|e| match pb::LicensingEvent::decode(e.field("e").unwrap()).unwrap().kind {
+            Some(pb::licensing_event::Kind::WavePublished(p)) => Some(p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(published_events.len(), 1);
+    assert_eq!(published_events[0].licenses.len(), 2);
+}
+
+async fn licence_states_gate_quota(store: Store) {
+    let svc = Licensing::new(store);
+    let lic = licensed(
+        &svc,
+        "bytedance",
+        1000,
+        pb::LicenseConditions { terms_pending: true, per_order_cap: 400, ..Default::default() },
+    )
+    .await;
+    let r = batch(&svc, vec![item("o1", 1, "bytedance", 100)]).await;
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::TermsFinal]);
+    assert!(!r[0].rejectable);
+
+    svc.finalize_terms(Request::new(pb::FinalizeTermsRequest { request_id: rid(), license_id: lic.license_id.clone(), conditions: None }))
+        .await
+        .unwrap();
+    let r = batch(&svc, vec![item("o1", 1, "bytedance", 100), item("o2", 1, "bytedance", 500)]).await;
+    assert!(r[0].reservation.is_some());
+    assert_eq!(conditions(&r[1]), vec![pb::Condition::PerOrderCap]);
+    assert!(r[1].rejectable, "above the cap of the only licence: reject, don't wait");
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 100);
+
+    svc.suspend_license(Request::new(pb::SuspendLicenseRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        reason: "inspection".into(),
+    }))
+    .await
+    .unwrap();
+    let r = batch(&svc, vec![item("o3", 1, "bytedance", 10)]).await;
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::LicenseInForce]);
+    // Confirming under a suspended licence is refused.
+    let c = svc
+        .confirm_quota(Request::new(pb::ConfirmQuotaRequest { request_id: rid(), order_id: "o1".into(), generation: 1 }))
+        .await
+        .unwrap_err();
+    assert_eq!(c.code(), Code::FailedPrecondition);
+    let bad = svc
+        .suspend_license(Request::new(pb::SuspendLicenseRequest {
+            request_id: rid(),
+            license_id: lic.license_id.clone(),
+            reason: "again".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::FailedPrecondition);
+
+    svc.reinstate_license(Request::new(pb::ReinstateLicenseRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        reason: "cleared".into(),
+    }))
+    .await
+    .unwrap();
+    assert!(batch(&svc, vec![item("o3", 1, "bytedance", 10)]).await[0].reservation.is_some());
+    svc.revoke_license(Request::new(pb::RevokeLicenseRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        reason: "fraud".into(),
+    }))
+    .await
+    .unwrap();
+    let l = license(&svc, &lic.license_id).await;
+    assert_eq!(l.state(), pb::LicenseState::Revoked);
+    let r = batch(&svc, vec![item("o4", 1, "bytedance", 10)]).await;
+    assert!(conditions(&r[0]).contains(&pb::Condition::License));
+    assert!(!r[0].rejectable, "a revoked licence leaves the order waiting for a new one, not rejected");
+}
+
+async fn quota_is_never_exceeded_under_concurrency(store: Store) {
+    let svc = Licensing::new(store);
+    let lic = licensed(&svc, "bytedance", 1000, pb::LicenseConditions::default()).await;
+    // 24 tasks × 4 orders × 30 units = 2,880 units asked for against 1,000; every call is sent twice
+    // (a client retry), some as singles and some in batches.
+    let mut handles = Vec::new();
+    for t in 0..24 {
+        let svc = svc.clone();
+        handles.push(tokio::spawn(async move {
+            let mut granted = Vec::new();
+            for k in 0..4 {
+                let order = format!("t{t}-o{k}");
+                for _attempt in 0..2 {
+                    let r = if k % 2 == 0 {
+                        svc.reserve_quota(Request::new(pb::ReserveQuotaRequest {
+                            request_id: format!("{order}-req"),
+                            order_id: order.clone(),
+                            generation: 1,
+                            buyer_id: "bytedance".into(),
+                            product_sku: "H200".into(),
+                            units: 30,
+                            justification: String::new(),
+                        }))
+                        .await
+                        .ok()
+                        .and_then(|r| r.into_inner().reservation)
+                    } else {
+                        batch(&svc, vec![item(&order, 1, "bytedance", 30)]).await.remove(0).reservation
+                    };
+                    if let Some(r) = r {
+                        granted.push((r.order_id, r.units));
+                    }
+                }
+            }
+            granted
+        }));
+    }
+    let mut per_order: HashMap<String, u64> = HashMap::new();
+    for h in handles {
+        for (order, units) in h.await.unwrap() {
+            per_order.insert(order, units);
+        }
+    }
+    let l = license(&svc, &lic.license_id).await;
+    let total: u64 = per_order.values().sum();
+    assert_eq!(l.used_units, total, "quota used equals the sum over distinct orders: retries never double-count");
+    assert!(l.used_units <= 1000, "never over-licensed: {}", l.used_units);
+    assert_eq!(l.used_units, 990, "33 orders of 30 fit into 1,000");
+    for (order, _) in per_order {
+        let r = svc
+            .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest { order_id: order }))
+            .await
+            .unwrap()
+            .into_inner()
+            .reservation
+            .unwrap();
+        assert_eq!(r.state(), pb::ReservationState::Held);
+    }
+}
+
+async fn batches_serve_in_order_without_overtaking(store: Store) {
+    let svc = Licensing::new(store);
+    licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    let app = submit(&svc, "alibaba", "H200", 100).await;
+    publish(&svc, &[(&app.application_id, 100, pb::LicenseConditions::default())]).await;
+    let r = batch(
+        &svc,
+        vec![
+            item("b1", 1, "bytedance", 60),
+            item("b2", 1, "bytedance", 50),
+            item("a1", 1, "alibaba", 100),
+            item("b3", 1, "bytedance", 10),
+        ],
+    )
+    .await;
+    assert!(r[0].reservation.is_some());
+    assert_eq!(conditions(&r[1]), vec![pb::Condition::Quota]);
+    assert_eq!(r[1].failures[0].required, 50);
+    assert_eq!(r[1].failures[0].actual, 40);
+    assert!(r[2].reservation.is_some(), "another buyer is not held up");
+    assert_eq!(conditions(&r[3]), vec![pb::Condition::QueueOrder], "b3 may not overtake b2");
+}
+
+async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
+    let svc = Licensing::new(store);
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    assert!(batch(&svc, vec![item("o1", 1, "bytedance", 40)]).await[0].reservation.is_some());
+    let release = |order: &str, generation: u64, unless_confirmed: bool| {
+        let svc = svc.clone();
+        let order = order.to_string();
+        async move {
+            svc.release_quota(Request::new(pb::ReleaseQuotaRequest {
+                request_id: rid(),
+                order_id: order,
+                generation,
+                reason: "cancelled".into(),
+                unless_confirmed,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .reservation
+            .unwrap()
+        }
+    };
+    let r = release("o1", 1, false).await;
+    assert_eq!(r.state(), pb::ReservationState::Released);
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
+    let again = release("o1", 1, false).await;
+    assert_eq!(again.state(), pb::ReservationState::Released, "releasing twice is harmless");
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
+
+    // A late reserve of the released generation is refused; the next generation works.
+    let stale = batch(&svc, vec![item("o1", 1, "bytedance", 40)]).await.remove(0);
+    assert!(stale.stale && stale.reservation.unwrap().state() == pb::ReservationState::Released);
+    let single = svc
+        .reserve_quota(Request::new(pb::ReserveQuotaRequest {
+            request_id: rid(),
+            order_id: "o1".into(),
+            generation: 1,
+            buyer_id: "bytedance".into(),
+            product_sku: "H200".into(),
+            units: 40,
+            justification: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(single.code(), Code::FailedPrecondition);
+    assert!(batch(&svc, vec![item("o1", 2, "bytedance", 40)]).await[0].reservation.is_some());
+
+    // Releasing an order that never reserved leaves a tombstone that fences off its late reserve.
+    let t = release("ghost", 1, false).await;
+    assert_eq!((t.state(), t.units), (pb::ReservationState::Released, 0));
+    assert!(batch(&svc, vec![item("ghost", 1, "bytedance", 10)]).await[0].stale);
+
+    // A higher generation supersedes one still holding quota.
+    assert!(batch(&svc, vec![item("o1", 3, "bytedance", 30)]).await[0].reservation.is_some());
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 30);
+
+    // Confirmed quota survives an unwind that leaves confirmed orders alone, but not a cancel.
+    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest { request_id: rid(), order_id: "o1".into(), generation: 3 }))
+        .await
+        .unwrap();
+    let l = license(&svc, &lic.license_id).await;
+    assert_eq!((l.used_units, l.confirmed_units), (30, 30));
+    assert_eq!(release("o1", 3, true).await.state(), pb::ReservationState::Confirmed);
+    assert_eq!(release("o1", 3, false).await.state(), pb::ReservationState::Released);
+    let l = license(&svc, &lic.license_id).await;
+    assert_eq!((l.used_units, l.confirmed_units), (0, 0));
+}
+
+async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
+    let svc = Licensing::new(store);
+    // No export authorisation yet: submit and publish without it.
+    let app = submit(&svc, "bytedance", "H200", 1000).await;
+    publish(&svc, &[(&app.application_id, 1000, pb::LicenseConditions { domestic_ratio_bps: 2500, ..Default::default() })]).await;
+    let check = |units: u64| {
+        let svc = svc.clone();
+        async move {
+            svc.check_eligibility(Request::new(pb::CheckEligibilityRequest {
+                buyer_id: "bytedance".into(),
+                product_sku: "H200".into(),
+                units,
+                justification: String::new(),
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let e = check(400).await;
+    let conds: Vec<pb::Condition> = e.failures.iter().map(|f| f.condition()).collect();
+    assert_eq!(conds, vec![pb::Condition::ExportAuthorization, pb::Condition::DomesticRatio]);
+    let ratio = &e.failures[1];
+    assert_eq!((ratio.required, ratio.actual), (100, 0));
+
+    authorize_export(&svc, "H200").await;
+    let record = |units: u64, evidence: &str| {
+        let svc = svc.clone();
+        let evidence = evidence.to_string();
+        async move {
+            svc.record_domestic_purchase(Request::new(pb::RecordDomesticPurchaseRequest {
+                request_id: rid(),
+                buyer_id: "bytedance".into(),
+                units,
+                supplier: "huawei".into(),
+                evidence_ref: evidence,
+            }))
+            .await
+        }
+    };
+    assert_eq!(record(60, "INV-1").await.unwrap().into_inner().total_domestic_units, 60);
+    assert_eq!(record(60, "INV-1").await.unwrap().into_inner().total_domestic_units, 60, "same evidence counts once");
+    assert_eq!(record(61, "INV-1").await.unwrap_err().code(), Code::AlreadyExists);
+    assert!(!check(400).await.eligible);
+    assert_eq!(record(40, "INV-2").await.unwrap().into_inner().total_domestic_units, 100);
+    let e = check(400).await;
+    assert!(e.eligible, "{:?}", e.failures);
+
+    // Customs embargo blocks it; lifting it unblocks.
+    let set = |stance: pb::ImportStance| {
+        let svc = svc.clone();
+        async move {
+            svc.set_import_policy(Request::new(pb::SetImportPolicyRequest {
+                request_id: rid(),
+                product_sku: "H200".into(),
+                stance: stance as i32,
+                reason: "customs notice".into(),
+            }))
+            .await
+            .unwrap()
+        }
+    };
+    set(pb::ImportStance::Embargoed).await;
+    let e = check(400).await;
+    assert_eq!(e.failures.iter().map(|f| f.condition()).collect::<Vec<_>>(), vec![pb::Condition::ImportPolicy]);
+    let r = batch(&svc, vec![item("o1", 1, "bytedance", 400)]).await;
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::ImportPolicy]);
+    set(pb::ImportStance::Open).await;
+    assert!(batch(&svc, vec![item("o1", 1, "bytedance", 400)]).await[0].reservation.is_some());
+
+    // Revoking the export authorisation blocks new quota too.
+    svc.revoke_export_authorization(Request::new(pb::RevokeExportAuthorizationRequest {
+        request_id: rid(),
+        product_sku: "H200".into(),
+        destination: "CN".into(),
+        reason: "rule change".into(),
+    }))
+    .await
+    .unwrap();
+    let r = batch(&svc, vec![item("o2", 1, "bytedance", 1)]).await;
+    assert!(conditions(&r[0]).contains(&pb::Condition::ExportAuthorization));
+    let list = svc
+        .list_export_authorizations(Request::new(pb::ListExportAuthorizationsRequest { page_size: 0, page_token: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.authorizations.len(), 1);
+    assert!(!list.authorizations[0].active);
+}
+
+async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
+    let svc = Licensing::new(store.clone());
+    let before = store.xlen(&keys::events()).await.unwrap();
+    licensed(&svc, "bytedance", 10, pb::LicenseConditions::default()).await;
+    // export + submit + create + add + publish = 5 changes, 5 events.
+    assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 5);
+    batch(&svc, vec![item("o1", 1, "bytedance", 5)]).await;
+    assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 6);
+    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest {})).await.unwrap().into_inner();
+    assert!(v.valid, "{}", v.problem);
+    assert_eq!(v.entries_checked, 6);
+    let entries = svc
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest { subject: String::new(), page_size: 3, page_token: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(entries.entries.len(), 3);
+    assert_eq!(entries.entries[0].sequence, 1);
+    assert_eq!(entries.entries[1].prev_hash, entries.entries[0].hash);
+    assert_eq!(entries.entries[0].action, "export.authorized");
+    let rest = svc
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
+            subject: String::new(),
+            page_size: 10,
+            page_token: entries.next_page_token,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rest.entries.len(), 3);
+    assert_eq!(rest.entries[2].action, "quota.decided");
+    assert!(rest.entries[2].detail.contains("o1/1"));
+    let by_subject = svc
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest { subject: "H200".into(), page_size: 10, page_token: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(by_subject.entries.len(), 2, "export.authorized and quota.decided are about H200");
+}
+
+async fn stale_fencing_tokens_are_refused(store: Store) {
+    let svc = Licensing::new(store);
+    licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    let call = |token: u64, order: &str| {
+        let svc = svc.clone();
+        let order = order.to_string();
+        async move {
+            svc.batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
+                request_id: String::new(),
+                product_sku: "H200".into(),
+                items: vec![item(&order, 1, "bytedance", 1)],
+                fence_token: token,
+            }))
+            .await
+        }
+    };
+    call(5, "a").await.unwrap();
+    call(7, "b").await.unwrap();
+    let stale = call(6, "c").await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(stale.get_error_details().error_info().unwrap().reason, "FENCED");
+    call(7, "d").await.unwrap();
+}
+
+async fn bad_input_is_refused_with_field_violations(store: Store) {
+    let svc = Licensing::new(store.clone());
+    let err = svc
+        .submit_application(Request::new(pb::SubmitApplicationRequest {
+            request_id: String::new(),
+            buyer_id: "has space".into(),
+            product_sku: "x".repeat(200),
+            quantity: 0,
+            end_use: String::new(),
+            site: "s".into(),
+            destination: "china".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let fields: Vec<String> =
+        err.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["request_id", "buyer_id", "product_sku", "quantity", "end_use", "destination"]);
+    let batch_err = svc
+        .batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
+            request_id: String::new(),
+            product_sku: "H200".into(),
+            items: vec![item("o", 1, "b", 1), item("o", 0, "b", 0)],
+            fence_token: 0,
+        }))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> =
+        batch_err.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["items[1].generation", "items[1].units", "items[1].order_id"]);
+    let nf = svc.get_license(Request::new(pb::GetLicenseRequest { license_id: "lic-404".into() })).await.unwrap_err();
+    assert_eq!(nf.code(), Code::NotFound);
+    assert_eq!(nf.get_error_details().resource_info().unwrap().resource_name, "lic-404");
+    assert_eq!(store.xlen(&keys::events()).await.unwrap(), 0, "nothing changed");
+}
+
+backend_tests!(
+    applications_queue_in_order_with_one_open_each,
+    submissions_are_idempotent_per_request_id,
+    waves_publish_atomically_and_never_change,
+    licence_states_gate_quota,
+    quota_is_never_exceeded_under_concurrency,
+    batches_serve_in_order_without_overtaking,
+    generations_fence_stale_calls_and_releases_return_quota,
+    domestic_ratio_export_and_embargo_gate_eligibility,
+    every_change_is_one_event_and_the_audit_chain_verifies,
+    stale_fencing_tokens_are_refused,
+    bad_input_is_refused_with_field_violations,
+);
