@@ -465,7 +465,7 @@ fn fmt_units(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -474,13 +474,22 @@ fn fmt_units(n: u64) -> String {
 }
 
 /// Checks one licence's own conditions for an ask. `domestic_units` is the buyer's recorded total.
-pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64, gate: &ProductGate, now_ms: u64) -> Vec<Failure> {
+pub fn licence_failures(
+    lic: &LicenseRecord,
+    ask: &Ask<'_>,
+    domestic_units: u64,
+    gate: &ProductGate,
+    now_ms: u64,
+) -> Vec<Failure> {
     let id = lic.id.as_str();
     let c = lic.conditions();
     let mut out = Vec::new();
     match lic.effective_state(now_ms) {
         EffectiveState::Revoked => {
-            out.push(Failure::new(Condition::LicenseInForce, id, format!("licence {id} was revoked: {}", lic.state_reason)).permanent());
+            out.push(
+                Failure::new(Condition::LicenseInForce, id, format!("licence {id} was revoked: {}", lic.state_reason))
+                    .permanent(),
+            );
             return out;
         }
         EffectiveState::Expired => {
@@ -489,11 +498,19 @@ pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64,
         }
         EffectiveState::PendingTerms => {
             // Provisional conditions may still change, so only this is reported.
-            out.push(Failure::new(Condition::TermsFinal, id, format!("licence {id} is approved but its terms are still being worked out")));
+            out.push(Failure::new(
+                Condition::TermsFinal,
+                id,
+                format!("licence {id} is approved but its terms are still being worked out"),
+            ));
             return out;
         }
         EffectiveState::Suspended => {
-            out.push(Failure::new(Condition::LicenseInForce, id, format!("licence {id} is suspended: {}", lic.state_reason)));
+            out.push(Failure::new(
+                Condition::LicenseInForce,
+                id,
+                format!("licence {id} is suspended: {}", lic.state_reason),
+            ));
         }
         EffectiveState::Active | EffectiveState::Exhausted => {}
     }
@@ -512,7 +529,11 @@ pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64,
             Failure::new(
                 Condition::PerOrderCap,
                 id,
-                format!("order of {} units is above licence {id}'s per-order cap of {}", fmt_units(ask.units), fmt_units(c.per_order_cap)),
+                format!(
+                    "order of {} units is above licence {id}'s per-order cap of {}",
+                    fmt_units(ask.units),
+                    fmt_units(c.per_order_cap)
+                ),
             )
             .permanent()
             .figures(c.per_order_cap, ask.units),
@@ -523,7 +544,11 @@ pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64,
             Failure::new(
                 Condition::Quota,
                 id,
-                format!("order of {} units is more than licence {id} grants in all ({})", fmt_units(ask.units), fmt_units(lic.granted)),
+                format!(
+                    "order of {} units is more than licence {id} grants in all ({})",
+                    fmt_units(ask.units),
+                    fmt_units(lic.granted)
+                ),
             )
             .permanent()
             .figures(ask.units, lic.granted),
@@ -533,7 +558,11 @@ pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64,
             Failure::new(
                 Condition::Quota,
                 id,
-                format!("licence {id} has {} units left; the order needs {}", fmt_units(lic.remaining()), fmt_units(ask.units)),
+                format!(
+                    "licence {id} has {} units left; the order needs {}",
+                    fmt_units(lic.remaining()),
+                    fmt_units(ask.units)
+                ),
             )
             .figures(ask.units, lic.remaining()),
         );
@@ -558,8 +587,12 @@ pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64,
     }
     if c.justification_required && ask.justification.trim().is_empty() {
         out.push(
-            Failure::new(Condition::Justification, id, format!("licence {id} requires every order to state why the chips are necessary"))
-                .permanent(),
+            Failure::new(
+                Condition::Justification,
+                id,
+                format!("licence {id} requires every order to state why the chips are necessary"),
+            )
+            .permanent(),
         );
     }
     out
@@ -567,16 +600,30 @@ pub fn licence_failures(lic: &LicenseRecord, ask: &Ask<'_>, domestic_units: u64,
 
 /// Evaluates an ask against the buyer's licences for the product (`candidates`, oldest first) and the
 /// product's gates. The first licence that passes every condition serves the order.
-pub fn evaluate(candidates: &[&LicenseRecord], ask: &Ask<'_>, domestic_units: u64, gate: &ProductGate, now_ms: u64) -> Verdict {
+pub fn evaluate(
+    candidates: &[&LicenseRecord],
+    ask: &Ask<'_>,
+    domestic_units: u64,
+    gate: &ProductGate,
+    now_ms: u64,
+) -> Verdict {
     let mut failures = Vec::new();
     if gate.embargoed {
         let why = if gate.embargo_reason.is_empty() { String::new() } else { format!(": {}", gate.embargo_reason) };
         failures.push(Failure::new(Condition::ImportPolicy, "", format!("customs embargoes this product{why}")));
     }
     if candidates.iter().all(|l| !l.is_live(now_ms)) {
-        failures.push(Failure::new(Condition::License, "", format!("buyer {} holds no usable licence for this product", ask.buyer_id)));
+        failures.push(Failure::new(
+            Condition::License,
+            "",
+            format!("buyer {} holds no usable licence for this product", ask.buyer_id),
+        ));
         if gate.export_destinations.is_empty() {
-            failures.push(Failure::new(Condition::ExportAuthorization, "", "the vendor holds no export authorisation for this product"));
+            failures.push(Failure::new(
+                Condition::ExportAuthorization,
+                "",
+                "the vendor holds no export authorisation for this product",
+            ));
         }
     }
     let mut live = 0;
@@ -631,7 +678,12 @@ pub enum Planned {
 
 impl<'a> QuotaPlanner<'a> {
     /// A planner over `licences` (every licence of the batch's buyers for the product).
-    pub fn new(licences: Vec<LicenseRecord>, domestic: &'a HashMap<String, u64>, gate: &'a ProductGate, now_ms: u64) -> Self {
+    pub fn new(
+        licences: Vec<LicenseRecord>,
+        domestic: &'a HashMap<String, u64>,
+        gate: &'a ProductGate,
+        now_ms: u64,
+    ) -> Self {
         let mut by_buyer: HashMap<String, Vec<LicenseRecord>> = HashMap::new();
         for l in licences {
             by_buyer.entry(l.buyer_id.clone()).or_default().push(l);
@@ -649,7 +701,9 @@ impl<'a> QuotaPlanner<'a> {
                 failures: vec![Failure::new(
                     Condition::QueueOrder,
                     "",
-                    format!("an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"),
+                    format!(
+                        "an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"
+                    ),
                 )],
                 rejectable: false,
             };
@@ -1037,7 +1091,13 @@ mod tests {
 
     #[test]
     fn state_machine_allows_only_the_documented_moves() {
-        let mut l = lic("lic-1", "b", 10, LicenseStatus::PendingTerms, Conditions { terms_pending: true, ..Default::default() });
+        let mut l = lic(
+            "lic-1",
+            "b",
+            10,
+            LicenseStatus::PendingTerms,
+            Conditions { terms_pending: true, ..Default::default() },
+        );
         assert_eq!(l.effective_state(NOW), EffectiveState::PendingTerms);
         assert!(l.suspend("x", NOW).is_err(), "pending terms can't be suspended");
         assert!(l.reinstate("x", NOW).is_err());
@@ -1085,10 +1145,16 @@ mod tests {
 
     #[test]
     fn every_failed_condition_is_listed_with_figures() {
-        let c = Conditions { per_order_cap: 50, domestic_ratio_bps: 2500, justification_required: true, ..Default::default() };
+        let c = Conditions {
+            per_order_cap: 50,
+            domestic_ratio_bps: 2500,
+            justification_required: true,
+            ..Default::default()
+        };
         let mut l = lic("lic-3", "bytedance", 100, LicenseStatus::Active, c);
         l.used = 80;
-        let gate = ProductGate { embargoed: true, embargo_reason: "notice 17".into(), export_destinations: HashSet::new() };
+        let gate =
+            ProductGate { embargoed: true, embargo_reason: "notice 17".into(), export_destinations: HashSet::new() };
         let a = Ask { buyer_id: "bytedance", units: 60, justification: " " };
         match evaluate(&[&l], &a, 10, &gate, NOW) {
             Verdict::Refused { failures, rejectable } => {
@@ -1184,7 +1250,10 @@ mod tests {
         assert!(matches!(p.plan("o4", &a(100)), Planned::Reserved { .. }));
         let mut touched = p.into_touched();
         touched.sort_by(|x, y| x.id.cmp(&y.id));
-        assert_eq!(touched.iter().map(|l| (l.id.as_str(), l.used)).collect::<Vec<_>>(), vec![("lic-1", 60), ("lic-2", 100)]);
+        assert_eq!(
+            touched.iter().map(|l| (l.id.as_str(), l.used)).collect::<Vec<_>>(),
+            vec![("lic-1", 60), ("lic-2", 100)]
+        );
     }
 
     #[test]
@@ -1200,7 +1269,12 @@ mod tests {
 
     #[test]
     fn conditions_are_validated() {
-        let c = Conditions { valid_from_ms: 10, valid_until_ms: 5, domestic_ratio_bps: MAX_RATIO_BPS + 1, ..Default::default() };
+        let c = Conditions {
+            valid_from_ms: 10,
+            valid_until_ms: 5,
+            domestic_ratio_bps: MAX_RATIO_BPS + 1,
+            ..Default::default()
+        };
         let fields: Vec<&str> = c.problems().iter().map(|p| p.0).collect();
         assert_eq!(fields, ["valid_until", "domestic_ratio_bps"]);
         assert!(Conditions::default().problems().is_empty());
@@ -1244,7 +1318,8 @@ mod tests {
 
     #[test]
     fn gate_reads_policy_and_exports() {
-        let policy = PolicyRecord { stance: Stance::Embargoed as i32, reason: "customs notice".into(), ..Default::default() };
+        let policy =
+            PolicyRecord { stance: Stance::Embargoed as i32, reason: "customs notice".into(), ..Default::default() };
         let exports = ProductExportRecord {
             product_sku: "H200".into(),
             authorizations: vec![
@@ -1258,5 +1333,4 @@ mod tests {
         let open = ProductGate::from_records(None, None);
         assert!(!open.embargoed && open.export_destinations.is_empty());
     }
-
 }

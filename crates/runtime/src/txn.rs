@@ -59,12 +59,11 @@ where
     Fut: Future<Output = Result<(Txn, T), E>>,
 {
     for n in 1..=MAX_ATTEMPTS {
-        if let Some(k) = idem {
-            if let Some(answer) =
+        if let Some(k) = idem
+            && let Some(answer) =
                 k.idem.lookup::<T>(store, k.method, k.request_id, &k.fingerprint).await.map_err(E::from_status)?
-            {
-                return Ok((answer, Committed::default()));
-            }
+        {
+            return Ok((answer, Committed::default()));
         }
         let (mut txn, answer) = attempt().await?;
         if let Some(k) = idem {

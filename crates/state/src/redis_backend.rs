@@ -67,10 +67,14 @@ impl Default for RedisOptions {
 /// State on a Redis server (or a Redis Cluster node per hash slot).
 #[derive(Clone)]
 pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     conn: ConnectionManager,
     client: Client,
-    blocking: Arc<Mutex<Vec<MultiplexedConnection>>>,
-    scripts: Arc<Scripts>,
+    blocking: Mutex<Vec<MultiplexedConnection>>,
+    scripts: Scripts,
     options: RedisOptions,
 }
 
@@ -119,45 +123,47 @@ impl RedisBackend {
         };
         tracing::info!(redis_url = %redact(url), "connected to redis");
         Ok(RedisBackend {
-            conn,
-            client,
-            blocking: Arc::new(Mutex::new(Vec::new())),
-            scripts: Arc::new(Scripts {
-                commit: Script::new(COMMIT_LUA),
-                lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
-                lease_renew: Script::new(LEASE_RENEW_LUA),
-                lease_release: Script::new(LEASE_RELEASE_LUA),
+            inner: Arc::new(Inner {
+                conn,
+                client,
+                blocking: Mutex::new(Vec::new()),
+                scripts: Scripts {
+                    commit: Script::new(COMMIT_LUA),
+                    lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
+                    lease_renew: Script::new(LEASE_RENEW_LUA),
+                    lease_release: Script::new(LEASE_RELEASE_LUA),
+                },
+                options,
             }),
-            options,
         })
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> StateResult<T> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.inner.conn.clone();
         cmd.query_async(&mut conn).await.map_err(unavailable)
     }
 
     /// Runs a blocking command on a connection of its own (taken from a small pool).
     async fn blocking_query(&self, cmd: &redis::Cmd, block: Duration) -> StateResult<Value> {
-        let pooled = self.blocking.lock().map_err(|_| StateError::Backend("poisoned pool".into()))?.pop();
+        let pooled = self.inner.blocking.lock().map_err(|_| StateError::Backend("poisoned pool".into()))?.pop();
         let mut conn = match pooled {
             Some(c) => c,
             None => {
                 let cfg = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.options.connect_timeout))
+                    .set_connection_timeout(Some(self.inner.options.connect_timeout))
                     .set_response_timeout(None);
-                self.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(unavailable)?
+                self.inner.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(unavailable)?
             }
         };
         // The server answers a blocked read after `block` at the latest; anything much later means the
         // connection is gone.
-        let limit = block + self.options.response_timeout;
+        let limit = block + self.inner.options.response_timeout;
         match tokio::time::timeout(limit, cmd.query_async::<Value>(&mut conn)).await {
             Ok(Ok(v)) => {
-                if let Ok(mut pool) = self.blocking.lock() {
-                    if pool.len() < 16 {
-                        pool.push(conn);
-                    }
+                if let Ok(mut pool) = self.inner.blocking.lock()
+                    && pool.len() < 16
+                {
+                    pool.push(conn);
                 }
                 Ok(v)
             }
@@ -314,7 +320,7 @@ impl Backend for RedisBackend {
         let keys = txn.keys();
         let index: HashMap<&str, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i + 1)).collect();
         let idx = |k: &str| index.get(k).copied().unwrap_or(0).to_string();
-        let mut inv = self.scripts.commit.prepare_invoke();
+        let mut inv = self.inner.scripts.commit.prepare_invoke();
         for k in &keys {
             inv.key(*k);
         }
@@ -359,7 +365,7 @@ impl Backend for RedisBackend {
                     .arg(entry.as_slice()),
             };
         }
-        let mut conn = self.conn.clone();
+        let mut conn = self.inner.conn.clone();
         let reply: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         let mut parts = array_of(reply)?.into_iter();
         let status = string_of(parts.next().unwrap_or(Value::Nil))?;
@@ -593,8 +599,9 @@ impl Backend for RedisBackend {
     }
 
     async fn lease_acquire(&self, key: &str, fence_counter: &str, ttl: Duration) -> StateResult<Option<u64>> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.inner.conn.clone();
         let token: u64 = self
+            .inner
             .scripts
             .lease_acquire
             .key(key)
@@ -607,8 +614,9 @@ impl Backend for RedisBackend {
     }
 
     async fn lease_renew(&self, key: &str, token: u64, ttl: Duration) -> StateResult<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.inner.conn.clone();
         let ok: u64 = self
+            .inner
             .scripts
             .lease_renew
             .key(key)
@@ -621,9 +629,9 @@ impl Backend for RedisBackend {
     }
 
     async fn lease_release(&self, key: &str, token: u64) -> StateResult<bool> {
-        let mut conn = self.conn.clone();
+        let mut conn = self.inner.conn.clone();
         let ok: u64 =
-            self.scripts.lease_release.key(key).arg(token).invoke_async(&mut conn).await.map_err(unavailable)?;
+            self.inner.scripts.lease_release.key(key).arg(token).invoke_async(&mut conn).await.map_err(unavailable)?;
         Ok(ok == 1)
     }
 

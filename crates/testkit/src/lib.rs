@@ -144,7 +144,8 @@ impl Cluster {
         };
         store.ping().await.expect("backend answers");
         let lic = chipgate_licensing::Licensing::new(store.clone());
-        let licensing = start_service(store.clone(), options.server.clone(), |c| chipgate_licensing::spec(lic, c)).await;
+        let licensing =
+            start_service(store.clone(), options.server.clone(), |c| chipgate_licensing::spec(lic, c)).await;
         Cluster { redis, store, licensing }
     }
 

@@ -111,8 +111,9 @@ impl Licensing {
         let mut v = Violations::new();
         validate::id(&mut v, "application_id", &req.application_id);
         v.check().map_err(Error::Status)?;
-        let (_, app) =
-            self.require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id).await?;
+        let (_, app) = self
+            .require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id)
+            .await?;
         let mut application = Some(application_to(&app, 0));
         self.refresh_position(&mut application).await?;
         Ok(pb::GetApplicationResponse { application })
@@ -129,7 +130,9 @@ impl Licensing {
         let index = if req.buyer_id.is_empty() { keys::applications() } else { keys::applications_of(&req.buyer_id) };
         let want = application_status_from(req.state());
         let (apps, next) = self
-            .scan_index::<ApplicationRecord>(&index, &page, true, keys::application, |a| want.is_none_or(|s| a.status() == s))
+            .scan_index::<ApplicationRecord>(&index, &page, true, keys::application, |a| {
+                want.is_none_or(|s| a.status() == s)
+            })
             .await?;
         let mut out = Vec::with_capacity(apps.len());
         for a in apps {
@@ -161,12 +164,12 @@ impl Licensing {
             let keys: Vec<String> = ids.iter().map(|(id, _)| key_of(id)).collect();
             let loaded = self.load_many::<M>(&keys).await?;
             for (i, rec) in loaded.into_iter().enumerate() {
-                if let Some((_, m)) = rec {
-                    if keep(&m) {
-                        out.push(m);
-                        if out.len() == page.size {
-                            return Ok((out, paging::token(&(rank + i + 1).to_string())));
-                        }
+                if let Some((_, m)) = rec
+                    && keep(&m)
+                {
+                    out.push(m);
+                    if out.len() == page.size {
+                        return Ok((out, paging::token(&(rank + i + 1).to_string())));
                     }
                 }
             }
@@ -188,10 +191,11 @@ impl Licensing {
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "WithdrawApplication", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || {
-            self.close_application(ctx, &req.application_id, ApplicationStatus::Withdrawn, &req.reason)
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(&idem), || {
+                self.close_application(ctx, &req.application_id, ApplicationStatus::Withdrawn, &req.reason)
+            })
+            .await?;
         Ok(pb::WithdrawApplicationResponse { application: answer.application })
     }
 
@@ -206,10 +210,11 @@ impl Licensing {
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, true);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RejectApplication", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || {
-            self.close_application(ctx, &req.application_id, ApplicationStatus::Rejected, &req.reason)
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(&idem), || {
+                self.close_application(ctx, &req.application_id, ApplicationStatus::Rejected, &req.reason)
+            })
+            .await?;
         Ok(pb::RejectApplicationResponse { application: answer.application })
     }
 
@@ -226,7 +231,10 @@ impl Licensing {
             return Err(Error::precondition(
                 "APPLICATION_NOT_QUEUED",
                 id,
-                format!("application {id} is {:?}, not queued; only queued applications can be withdrawn or rejected", app.status()),
+                format!(
+                    "application {id} is {:?}, not queued; only queued applications can be withdrawn or rejected",
+                    app.status()
+                ),
             ));
         }
         let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
@@ -280,36 +288,42 @@ impl Licensing {
         }
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "MoveQueuedApplication", &req.request_id, &req);
-        let (mut answer, _) = self.run_txn(Some(&idem), || async {
-            let (_, app) =
-                self.require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id).await?;
-            if app.status() != ApplicationStatus::Queued {
-                return Err(Error::precondition(
-                    "APPLICATION_NOT_QUEUED",
-                    &app.id,
-                    format!("application {} is not queued", app.id),
-                ));
-            }
-            let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
-            let mut order: Vec<String> =
-                self.store().zrange(&keys::queue(), 0, -1, false).await?.into_iter().map(|(m, _)| m).collect();
-            order.retain(|m| m != &app.id);
-            let at = (req.position as usize - 1).min(order.len());
-            order.insert(at, app.id.clone());
-            // Renumber the whole queue 1..n under the queue version guard: a concurrent removal or move
-            // conflicts instead of being undone. New submissions score by their (larger) sequence, so
-            // they still land at the back.
-            let now = now_ms();
-            let mut t = Txn::new();
-            t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
-            for (i, m) in order.iter().enumerate() {
-                t.zadd(keys::queue(), m, (i + 1) as f64);
-            }
-            emit(&mut t, ctx, now, changed(&app));
-            record(&mut t, ctx, now, "queue.moved", &app.id, format!("moved to position {}", at + 1));
-            Ok((t, pb::MoveQueuedApplicationResponse { application: Some(application_to(&app, 0)) }))
-        })
-        .await?;
+        let (mut answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let (_, app) = self
+                    .require::<ApplicationRecord>(
+                        keys::application(&req.application_id),
+                        "application",
+                        &req.application_id,
+                    )
+                    .await?;
+                if app.status() != ApplicationStatus::Queued {
+                    return Err(Error::precondition(
+                        "APPLICATION_NOT_QUEUED",
+                        &app.id,
+                        format!("application {} is not queued", app.id),
+                    ));
+                }
+                let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
+                let mut order: Vec<String> =
+                    self.store().zrange(&keys::queue(), 0, -1, false).await?.into_iter().map(|(m, _)| m).collect();
+                order.retain(|m| m != &app.id);
+                let at = (req.position as usize - 1).min(order.len());
+                order.insert(at, app.id.clone());
+                // Renumber the whole queue 1..n under the queue version guard: a concurrent removal or move
+                // conflicts instead of being undone. New submissions score by their (larger) sequence, so
+                // they still land at the back.
+                let now = now_ms();
+                let mut t = Txn::new();
+                t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
+                for (i, m) in order.iter().enumerate() {
+                    t.zadd(keys::queue(), m, (i + 1) as f64);
+                }
+                emit(&mut t, ctx, now, changed(&app));
+                record(&mut t, ctx, now, "queue.moved", &app.id, format!("moved to position {}", at + 1));
+                Ok((t, pb::MoveQueuedApplicationResponse { application: Some(application_to(&app, 0)) }))
+            })
+            .await?;
         self.refresh_position(&mut answer.application).await?;
         Ok(answer)
     }

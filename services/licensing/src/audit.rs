@@ -23,7 +23,8 @@ fn text(e: &StreamEntry, field: &str) -> Option<String> {
 
 fn decode(e: &StreamEntry) -> Result<pb::AuditEntry, Error> {
     let raw = e.field("entry").ok_or_else(|| Error::Internal(format!("audit entry {} has no body", e.id)))?;
-    let mut entry = pb::AuditEntry::decode(raw).map_err(|err| Error::Internal(format!("audit entry {} is undecodable: {err}", e.id)))?;
+    let mut entry = pb::AuditEntry::decode(raw)
+        .map_err(|err| Error::Internal(format!("audit entry {} is undecodable: {err}", e.id)))?;
     entry.sequence = text(e, "seq").and_then(|s| s.parse().ok()).unwrap_or(0);
     entry.prev_hash = text(e, "prev").unwrap_or_default();
     entry.hash = text(e, "hash").unwrap_or_default();
@@ -31,7 +32,10 @@ fn decode(e: &StreamEntry) -> Result<pb::AuditEntry, Error> {
 }
 
 impl Licensing {
-    pub(crate) async fn list_audit_entries(&self, req: pb::ListAuditEntriesRequest) -> Result<pb::ListAuditEntriesResponse, Error> {
+    pub(crate) async fn list_audit_entries(
+        &self,
+        req: pb::ListAuditEntriesRequest,
+    ) -> Result<pb::ListAuditEntriesResponse, Error> {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "subject", &req.subject);
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
@@ -64,7 +68,10 @@ impl Licensing {
         }
     }
 
-    pub(crate) async fn verify_audit_log(&self, _req: pb::VerifyAuditLogRequest) -> Result<pb::VerifyAuditLogResponse, Error> {
+    pub(crate) async fn verify_audit_log(
+        &self,
+        _req: pb::VerifyAuditLogRequest,
+    ) -> Result<pb::VerifyAuditLogResponse, Error> {
         let chain = keys::audit();
         let mut prev = AUDIT_GENESIS.to_string();
         let mut expected_seq = 1u64;
@@ -104,7 +111,12 @@ impl Licensing {
                 };
                 let stored_hash = text(e, "hash").unwrap_or_default();
                 if stored_hash != link {
-                    return Ok(bad(seq, checked, "its content does not match its hash (the entry was altered)".into(), &prev));
+                    return Ok(bad(
+                        seq,
+                        checked,
+                        "its content does not match its hash (the entry was altered)".into(),
+                        &prev,
+                    ));
                 }
                 prev = link;
                 expected_seq += 1;
@@ -125,6 +137,12 @@ impl Licensing {
         } else if checked > 0 {
             return Ok(bad(checked, checked, "the log has entries but no head".into(), &prev));
         }
-        Ok(pb::VerifyAuditLogResponse { valid: true, entries_checked: checked, first_bad_sequence: 0, problem: String::new(), head_hash: prev })
+        Ok(pb::VerifyAuditLogResponse {
+            valid: true,
+            entries_checked: checked,
+            first_bad_sequence: 0,
+            problem: String::new(),
+            head_hash: prev,
+        })
     }
 }

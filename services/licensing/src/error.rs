@@ -69,7 +69,11 @@ impl Error {
     /// A precondition failure with a single violation about `subject`.
     pub fn precondition(reason: &'static str, subject: &str, message: impl Into<String>) -> Self {
         let message = message.into();
-        Error::Precondition { reason, message: message.clone(), violations: vec![(reason.to_string(), subject.to_string(), message)] }
+        Error::Precondition {
+            reason,
+            message: message.clone(),
+            violations: vec![(reason.to_string(), subject.to_string(), message)],
+        }
     }
 
     /// The gRPC status for this failure.
@@ -78,7 +82,9 @@ impl Error {
             Error::Invalid(v) => v.into_status(),
             Error::NotFound { kind, id } => errors::not_found(kind, &id),
             Error::AlreadyExists { kind, id, message } => errors::already_exists(kind, &id, message),
-            Error::Precondition { reason, message, violations } => errors::failed_precondition(reason, message, violations),
+            Error::Precondition { reason, message, violations } => {
+                errors::failed_precondition(reason, message, violations)
+            }
             Error::Refused { failures } => refusal(&failures),
             Error::Fenced { key } => errors::aborted(
                 "FENCED",

@@ -1,7 +1,9 @@
 //! The gates around licences: the buyers' domestic-purchase ledger, the vendor's export
 //! authorisations, and customs' import policy.
 
-use chipgate_domain::licensing::{ExportAuthRecord, LedgerRecord, PolicyRecord, ProductExportRecord, PurchaseRecord, Stance};
+use chipgate_domain::licensing::{
+    ExportAuthRecord, LedgerRecord, PolicyRecord, ProductExportRecord, PurchaseRecord, Stance,
+};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
@@ -27,84 +29,116 @@ impl Licensing {
         validate::id(&mut v, "evidence_ref", &req.evidence_ref);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RecordDomesticPurchase", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let pkey = keys::purchase(&req.buyer_id, &req.evidence_ref);
-            let lkey = keys::ledger(&req.buyer_id);
-            let (ledger, existing) = {
-                let l = self.load::<LedgerRecord>(lkey.clone()).await?;
-                let p = self.load::<PurchaseRecord>(pkey.clone()).await?;
-                (l, p)
-            };
-            let (lver, mut ledger) = ledger.unwrap_or((0, LedgerRecord { buyer_id: req.buyer_id.clone(), ..Default::default() }));
-            if let Some((_, p)) = existing {
-                // The same evidence recorded again changes nothing; different figures under the same
-                // evidence are a conflict the caller must resolve.
-                if p.units == req.units && p.supplier == req.supplier {
-                    return Ok((
-                        Txn::new(),
-                        pb::RecordDomesticPurchaseResponse { purchase: Some(purchase_to(&p)), total_domestic_units: ledger.total_units },
-                    ));
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let pkey = keys::purchase(&req.buyer_id, &req.evidence_ref);
+                let lkey = keys::ledger(&req.buyer_id);
+                let (ledger, existing) = {
+                    let l = self.load::<LedgerRecord>(lkey.clone()).await?;
+                    let p = self.load::<PurchaseRecord>(pkey.clone()).await?;
+                    (l, p)
+                };
+                let (lver, mut ledger) =
+                    ledger.unwrap_or((0, LedgerRecord { buyer_id: req.buyer_id.clone(), ..Default::default() }));
+                if let Some((_, p)) = existing {
+                    // The same evidence recorded again changes nothing; different figures under the same
+                    // evidence are a conflict the caller must resolve.
+                    if p.units == req.units && p.supplier == req.supplier {
+                        return Ok((
+                            Txn::new(),
+                            pb::RecordDomesticPurchaseResponse {
+                                purchase: Some(purchase_to(&p)),
+                                total_domestic_units: ledger.total_units,
+                            },
+                        ));
+                    }
+                    return Err(Error::AlreadyExists {
+                        kind: "domestic purchase",
+                        id: req.evidence_ref.clone(),
+                        message: format!(
+                            "evidence {} was already recorded for {} with {} units from {}",
+                            req.evidence_ref, req.buyer_id, p.units, p.supplier
+                        ),
+                    });
                 }
-                return Err(Error::AlreadyExists {
-                    kind: "domestic purchase",
-                    id: req.evidence_ref.clone(),
-                    message: format!(
-                        "evidence {} was already recorded for {} with {} units from {}",
-                        req.evidence_ref, req.buyer_id, p.units, p.supplier
-                    ),
-                });
-            }
-            let now = now_ms();
-            let purchase = PurchaseRecord {
-                buyer_id: req.buyer_id.clone(),
-                units: req.units,
-                supplier: req.supplier.clone(),
-                evidence_ref: req.evidence_ref.clone(),
-                record_ms: now,
-            };
-            ledger.total_units = ledger.total_units.saturating_add(req.units);
-            ledger.purchases += 1;
-            let mut t = Txn::new();
-            t.replace(lkey, lver, encode(&ledger));
-            t.replace(pkey, 0, encode(&purchase));
-            t.zadd(keys::purchases_of(&req.buyer_id), &req.evidence_ref, ledger.purchases as f64);
-            emit(
-                &mut t,
-                ctx,
-                now,
-                pb::licensing_event::Kind::DomesticPurchaseRecorded(pb::DomesticPurchaseRecorded {
+                let now = now_ms();
+                let purchase = PurchaseRecord {
                     buyer_id: req.buyer_id.clone(),
                     units: req.units,
-                    total_domestic_units: ledger.total_units,
-                }),
-            );
-            record(
-                &mut t,
-                ctx,
-                now,
-                "domestic.recorded",
-                &req.buyer_id,
-                format!("{} units from {} ({}); total {}", req.units, req.supplier, req.evidence_ref, ledger.total_units),
-            );
-            Ok((t, pb::RecordDomesticPurchaseResponse { purchase: Some(purchase_to(&purchase)), total_domestic_units: ledger.total_units }))
-        })
-        .await?;
+                    supplier: req.supplier.clone(),
+                    evidence_ref: req.evidence_ref.clone(),
+                    record_ms: now,
+                };
+                ledger.total_units = ledger.total_units.saturating_add(req.units);
+                ledger.purchases += 1;
+                let mut t = Txn::new();
+                t.replace(lkey, lver, encode(&ledger));
+                t.replace(pkey, 0, encode(&purchase));
+                t.zadd(keys::purchases_of(&req.buyer_id), &req.evidence_ref, ledger.purchases as f64);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::DomesticPurchaseRecorded(pb::DomesticPurchaseRecorded {
+                        buyer_id: req.buyer_id.clone(),
+                        units: req.units,
+                        total_domestic_units: ledger.total_units,
+                    }),
+                );
+                record(
+                    &mut t,
+                    ctx,
+                    now,
+                    "domestic.recorded",
+                    &req.buyer_id,
+                    format!(
+                        "{} units from {} ({}); total {}",
+                        req.units, req.supplier, req.evidence_ref, ledger.total_units
+                    ),
+                );
+                Ok((
+                    t,
+                    pb::RecordDomesticPurchaseResponse {
+                        purchase: Some(purchase_to(&purchase)),
+                        total_domestic_units: ledger.total_units,
+                    },
+                ))
+            })
+            .await?;
         Ok(answer)
     }
 
-    pub(crate) async fn get_domestic_ledger(&self, req: pb::GetDomesticLedgerRequest) -> Result<pb::GetDomesticLedgerResponse, Error> {
+    pub(crate) async fn get_domestic_ledger(
+        &self,
+        req: pb::GetDomesticLedgerRequest,
+    ) -> Result<pb::GetDomesticLedgerResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "buyer_id", &req.buyer_id);
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
-        let total = self.load::<LedgerRecord>(keys::ledger(&req.buyer_id)).await?.map(|(_, l)| l.total_units).unwrap_or(0);
+        let total =
+            self.load::<LedgerRecord>(keys::ledger(&req.buyer_id)).await?.map(|(_, l)| l.total_units).unwrap_or(0);
         let start = page.offset();
-        let refs = self.store().zrange(&keys::purchases_of(&req.buyer_id), start as i64, (start + page.size) as i64 - 1, false).await?;
+        let refs = self
+            .store()
+            .zrange(&keys::purchases_of(&req.buyer_id), start as i64, (start + page.size) as i64 - 1, false)
+            .await?;
         let pkeys: Vec<String> = refs.iter().map(|(r, _)| keys::purchase(&req.buyer_id, r)).collect();
-        let purchases: Vec<pb::DomesticPurchase> =
-            self.load_many::<PurchaseRecord>(&pkeys).await?.into_iter().flatten().map(|(_, p)| purchase_to(&p)).collect();
-        let next = if refs.len() == page.size { paging::token(&(start + refs.len()).to_string()) } else { String::new() };
-        Ok(pb::GetDomesticLedgerResponse { buyer_id: req.buyer_id, total_domestic_units: total, purchases, next_page_token: next })
+        let purchases: Vec<pb::DomesticPurchase> = self
+            .load_many::<PurchaseRecord>(&pkeys)
+            .await?
+            .into_iter()
+            .flatten()
+            .map(|(_, p)| purchase_to(&p))
+            .collect();
+        let next =
+            if refs.len() == page.size { paging::token(&(start + refs.len()).to_string()) } else { String::new() };
+        Ok(pb::GetDomesticLedgerResponse {
+            buyer_id: req.buyer_id,
+            total_domestic_units: total,
+            purchases,
+            next_page_token: next,
+        })
     }
 
     pub(crate) async fn grant_export_authorization(
@@ -120,48 +154,52 @@ impl Licensing {
         validate::text(&mut v, "reference", &req.reference, 200, false);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "GrantExportAuthorization", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let key = keys::exports(&req.product_sku);
-            let (ver, mut rec) = self
-                .load::<ProductExportRecord>(key.clone())
-                .await?
-                .unwrap_or((0, ProductExportRecord { product_sku: req.product_sku.clone(), authorizations: vec![] }));
-            let now = now_ms();
-            let auth = ExportAuthRecord {
-                vendor: req.vendor.clone(),
-                destination: req.destination.clone(),
-                active: true,
-                reference: req.reference.clone(),
-                update_ms: now,
-            };
-            match rec.authorizations.iter_mut().find(|a| a.destination == req.destination) {
-                Some(a) => *a = auth.clone(),
-                None => rec.authorizations.push(auth.clone()),
-            }
-            let mut t = Txn::new();
-            t.replace(key, ver, encode(&rec));
-            t.zadd(keys::export_index(), &req.product_sku, 0.0);
-            emit(
-                &mut t,
-                ctx,
-                now,
-                pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
-                    product_sku: req.product_sku.clone(),
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let key = keys::exports(&req.product_sku);
+                let (ver, mut rec) = self.load::<ProductExportRecord>(key.clone()).await?.unwrap_or((
+                    0,
+                    ProductExportRecord { product_sku: req.product_sku.clone(), authorizations: vec![] },
+                ));
+                let now = now_ms();
+                let auth = ExportAuthRecord {
+                    vendor: req.vendor.clone(),
                     destination: req.destination.clone(),
                     active: true,
-                }),
-            );
-            record(
-                &mut t,
-                ctx,
-                now,
-                "export.authorized",
-                &req.product_sku,
-                format!("{} may export {} to {} ({})", req.vendor, req.product_sku, req.destination, req.reference),
-            );
-            Ok((t, pb::GrantExportAuthorizationResponse { authorization: Some(export_to(&req.product_sku, &auth)) }))
-        })
-        .await?;
+                    reference: req.reference.clone(),
+                    update_ms: now,
+                };
+                match rec.authorizations.iter_mut().find(|a| a.destination == req.destination) {
+                    Some(a) => *a = auth.clone(),
+                    None => rec.authorizations.push(auth.clone()),
+                }
+                let mut t = Txn::new();
+                t.replace(key, ver, encode(&rec));
+                t.zadd(keys::export_index(), &req.product_sku, 0.0);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
+                        product_sku: req.product_sku.clone(),
+                        destination: req.destination.clone(),
+                        active: true,
+                    }),
+                );
+                record(
+                    &mut t,
+                    ctx,
+                    now,
+                    "export.authorized",
+                    &req.product_sku,
+                    format!("{} may export {} to {} ({})", req.vendor, req.product_sku, req.destination, req.reference),
+                );
+                Ok((
+                    t,
+                    pb::GrantExportAuthorizationResponse { authorization: Some(export_to(&req.product_sku, &auth)) },
+                ))
+            })
+            .await?;
         Ok(answer)
     }
 
@@ -177,37 +215,44 @@ impl Licensing {
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RevokeExportAuthorization", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let key = keys::exports(&req.product_sku);
-            let subject = format!("{}/{}", req.product_sku, req.destination);
-            let (ver, mut rec) =
-                self.load::<ProductExportRecord>(key.clone()).await?.ok_or_else(|| Error::not_found("export authorization", &subject))?;
-            let now = now_ms();
-            let Some(auth) = rec.authorizations.iter_mut().find(|a| a.destination == req.destination) else {
-                return Err(Error::not_found("export authorization", &subject));
-            };
-            if !auth.active {
-                return Err(Error::precondition("EXPORT_NOT_ACTIVE", &subject, format!("export authorisation {subject} is already revoked")));
-            }
-            auth.active = false;
-            auth.update_ms = now;
-            let out = export_to(&req.product_sku, auth);
-            let mut t = Txn::new();
-            t.replace(key, ver, encode(&rec));
-            emit(
-                &mut t,
-                ctx,
-                now,
-                pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
-                    product_sku: req.product_sku.clone(),
-                    destination: req.destination.clone(),
-                    active: false,
-                }),
-            );
-            record(&mut t, ctx, now, "export.revoked", &req.product_sku, format!("{subject}: {}", req.reason));
-            Ok((t, pb::RevokeExportAuthorizationResponse { authorization: Some(out) }))
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let key = keys::exports(&req.product_sku);
+                let subject = format!("{}/{}", req.product_sku, req.destination);
+                let (ver, mut rec) = self
+                    .load::<ProductExportRecord>(key.clone())
+                    .await?
+                    .ok_or_else(|| Error::not_found("export authorization", &subject))?;
+                let now = now_ms();
+                let Some(auth) = rec.authorizations.iter_mut().find(|a| a.destination == req.destination) else {
+                    return Err(Error::not_found("export authorization", &subject));
+                };
+                if !auth.active {
+                    return Err(Error::precondition(
+                        "EXPORT_NOT_ACTIVE",
+                        &subject,
+                        format!("export authorisation {subject} is already revoked"),
+                    ));
+                }
+                auth.active = false;
+                auth.update_ms = now;
+                let out = export_to(&req.product_sku, auth);
+                let mut t = Txn::new();
+                t.replace(key, ver, encode(&rec));
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
+                        product_sku: req.product_sku.clone(),
+                        destination: req.destination.clone(),
+                        active: false,
+                    }),
+                );
+                record(&mut t, ctx, now, "export.revoked", &req.product_sku, format!("{subject}: {}", req.reason));
+                Ok((t, pb::RevokeExportAuthorizationResponse { authorization: Some(out) }))
+            })
+            .await?;
         Ok(answer)
     }
 
@@ -250,41 +295,50 @@ impl Licensing {
         };
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "SetImportPolicy", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let key = keys::policy(&req.product_sku);
-            let existing = self.load::<PolicyRecord>(key.clone()).await?;
-            let from = existing.as_ref().map(|(_, p)| p.stance()).unwrap_or(Stance::Open);
-            let ver = existing.map(|(v, _)| v).unwrap_or(0);
-            let now = now_ms();
-            let rec = PolicyRecord { product_sku: req.product_sku.clone(), stance: stance as i32, reason: req.reason.clone(), update_ms: now };
-            let mut t = Txn::new();
-            t.replace(key, ver, encode(&rec));
-            t.zadd(keys::policy_index(), &req.product_sku, 0.0);
-            emit(
-                &mut t,
-                ctx,
-                now,
-                pb::licensing_event::Kind::ImportPolicyChanged(pb::ImportPolicyChanged {
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let key = keys::policy(&req.product_sku);
+                let existing = self.load::<PolicyRecord>(key.clone()).await?;
+                let from = existing.as_ref().map(|(_, p)| p.stance()).unwrap_or(Stance::Open);
+                let ver = existing.map(|(v, _)| v).unwrap_or(0);
+                let now = now_ms();
+                let rec = PolicyRecord {
                     product_sku: req.product_sku.clone(),
-                    from_stance: stance_to(from) as i32,
-                    to_stance: stance_to(stance) as i32,
-                }),
-            );
-            record(
-                &mut t,
-                ctx,
-                now,
-                if stance == Stance::Embargoed { "customs.embargoed" } else { "customs.opened" },
-                &req.product_sku,
-                req.reason.clone(),
-            );
-            Ok((t, pb::SetImportPolicyResponse { policy: Some(policy_to(&req.product_sku, Some(&rec))) }))
-        })
-        .await?;
+                    stance: stance as i32,
+                    reason: req.reason.clone(),
+                    update_ms: now,
+                };
+                let mut t = Txn::new();
+                t.replace(key, ver, encode(&rec));
+                t.zadd(keys::policy_index(), &req.product_sku, 0.0);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::ImportPolicyChanged(pb::ImportPolicyChanged {
+                        product_sku: req.product_sku.clone(),
+                        from_stance: stance_to(from) as i32,
+                        to_stance: stance_to(stance) as i32,
+                    }),
+                );
+                record(
+                    &mut t,
+                    ctx,
+                    now,
+                    if stance == Stance::Embargoed { "customs.embargoed" } else { "customs.opened" },
+                    &req.product_sku,
+                    req.reason.clone(),
+                );
+                Ok((t, pb::SetImportPolicyResponse { policy: Some(policy_to(&req.product_sku, Some(&rec))) }))
+            })
+            .await?;
         Ok(answer)
     }
 
-    pub(crate) async fn get_import_policy(&self, req: pb::GetImportPolicyRequest) -> Result<pb::GetImportPolicyResponse, Error> {
+    pub(crate) async fn get_import_policy(
+        &self,
+        req: pb::GetImportPolicyRequest,
+    ) -> Result<pb::GetImportPolicyResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "product_sku", &req.product_sku);
         v.check().map_err(Error::Status)?;
@@ -292,7 +346,10 @@ impl Licensing {
         Ok(pb::GetImportPolicyResponse { policy: Some(policy_to(&req.product_sku, p.as_ref().map(|(_, p)| p))) })
     }
 
-    pub(crate) async fn list_import_policies(&self, req: pb::ListImportPoliciesRequest) -> Result<pb::ListImportPoliciesResponse, Error> {
+    pub(crate) async fn list_import_policies(
+        &self,
+        req: pb::ListImportPoliciesRequest,
+    ) -> Result<pb::ListImportPoliciesResponse, Error> {
         let mut v = Violations::new();
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;

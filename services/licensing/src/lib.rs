@@ -107,7 +107,12 @@ impl Licensing {
         Ok(self.load_many(std::slice::from_ref(&key)).await?.pop().flatten())
     }
 
-    async fn require<M: Message + Default>(&self, key: String, kind: &'static str, id: &str) -> Result<(u64, M), Error> {
+    async fn require<M: Message + Default>(
+        &self,
+        key: String,
+        kind: &'static str,
+        id: &str,
+    ) -> Result<(u64, M), Error> {
         self.load(key).await?.ok_or_else(|| Error::not_found(kind, id))
     }
 

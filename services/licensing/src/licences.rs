@@ -41,7 +41,8 @@ impl Licensing {
         let mut v = Violations::new();
         validate::id(&mut v, "license_id", &req.license_id);
         v.check().map_err(Error::Status)?;
-        let (_, lic) = self.require::<LicenseRecord>(keys::license(&req.license_id), "licence", &req.license_id).await?;
+        let (_, lic) =
+            self.require::<LicenseRecord>(keys::license(&req.license_id), "licence", &req.license_id).await?;
         Ok(pb::GetLicenseResponse { license: Some(license_to(&lic, now_ms())) })
     }
 
@@ -62,10 +63,17 @@ impl Licensing {
                     && (state == pb::LicenseState::Unspecified || license_state(l.effective_state(now)) == state)
             })
             .await?;
-        Ok(pb::ListLicensesResponse { licenses: lics.iter().map(|l| license_to(l, now)).collect(), next_page_token: next })
+        Ok(pb::ListLicensesResponse {
+            licenses: lics.iter().map(|l| license_to(l, now)).collect(),
+            next_page_token: next,
+        })
     }
 
-    pub(crate) async fn finalize_terms(&self, ctx: &RequestContext, req: pb::FinalizeTermsRequest) -> Result<pb::FinalizeTermsResponse, Error> {
+    pub(crate) async fn finalize_terms(
+        &self,
+        ctx: &RequestContext,
+        req: pb::FinalizeTermsRequest,
+    ) -> Result<pb::FinalizeTermsResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "license_id", &req.license_id);
@@ -80,28 +88,46 @@ impl Licensing {
         Ok(pb::FinalizeTermsResponse { license: Some(license) })
     }
 
-    pub(crate) async fn suspend_license(&self, ctx: &RequestContext, req: pb::SuspendLicenseRequest) -> Result<pb::SuspendLicenseResponse, Error> {
+    pub(crate) async fn suspend_license(
+        &self,
+        ctx: &RequestContext,
+        req: pb::SuspendLicenseRequest,
+    ) -> Result<pb::SuspendLicenseResponse, Error> {
         self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
         let idem = IdemKey::new(&self.inner.idem, "SuspendLicense", &req.request_id, &req);
         let license = self.change(ctx, &idem, &req.license_id, Change::Suspend, &req.reason, None).await?;
         Ok(pb::SuspendLicenseResponse { license: Some(license) })
     }
 
-    pub(crate) async fn reinstate_license(&self, ctx: &RequestContext, req: pb::ReinstateLicenseRequest) -> Result<pb::ReinstateLicenseResponse, Error> {
+    pub(crate) async fn reinstate_license(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ReinstateLicenseRequest,
+    ) -> Result<pb::ReinstateLicenseResponse, Error> {
         self.check_change(&req.request_id, &req.license_id, &req.reason, false)?;
         let idem = IdemKey::new(&self.inner.idem, "ReinstateLicense", &req.request_id, &req);
         let license = self.change(ctx, &idem, &req.license_id, Change::Reinstate, &req.reason, None).await?;
         Ok(pb::ReinstateLicenseResponse { license: Some(license) })
     }
 
-    pub(crate) async fn revoke_license(&self, ctx: &RequestContext, req: pb::RevokeLicenseRequest) -> Result<pb::RevokeLicenseResponse, Error> {
+    pub(crate) async fn revoke_license(
+        &self,
+        ctx: &RequestContext,
+        req: pb::RevokeLicenseRequest,
+    ) -> Result<pb::RevokeLicenseResponse, Error> {
         self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
         let idem = IdemKey::new(&self.inner.idem, "RevokeLicense", &req.request_id, &req);
         let license = self.change(ctx, &idem, &req.license_id, Change::Revoke, &req.reason, None).await?;
         Ok(pb::RevokeLicenseResponse { license: Some(license) })
     }
 
-    fn check_change(&self, request_id: &str, license_id: &str, reason: &str, reason_required: bool) -> Result<(), Error> {
+    fn check_change(
+        &self,
+        request_id: &str,
+        license_id: &str,
+        reason: &str,
+        reason_required: bool,
+    ) -> Result<(), Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, request_id);
         validate::id(&mut v, "license_id", license_id);
@@ -118,57 +144,59 @@ impl Licensing {
         reason: &str,
         conditions: Option<&pb::LicenseConditions>,
     ) -> Result<pb::License, Error> {
-        let (answer, _) = self.run_txn(Some(idem), || async {
-            let (ver, mut lic) = self.require::<LicenseRecord>(keys::license(license_id), "licence", license_id).await?;
-            let now = now_ms();
-            let from = lic.effective_state(now);
-            let result = match change {
-                Change::Finalize => lic.finalize_terms(conditions.map(conditions_from), now),
-                Change::Suspend => lic.suspend(reason, now),
-                Change::Reinstate => lic.reinstate(reason, now),
-                Change::Revoke => lic.revoke(reason, now),
-            };
-            result.map_err(|e| transition_error(license_id, &e))?;
-            let to = lic.effective_state(now);
-            let mut t = Txn::new();
-            t.replace(keys::license(license_id), ver, encode(&lic));
-            emit(
-                &mut t,
-                ctx,
-                now,
-                pb::licensing_event::Kind::LicenseChanged(pb::LicenseChanged {
-                    license_id: lic.id.clone(),
-                    buyer_id: lic.buyer_id.clone(),
-                    product_sku: lic.product_sku.clone(),
-                    from_state: license_state(from) as i32,
-                    to_state: license_state(to) as i32,
-                    reason: reason.to_string(),
-                }),
-            );
-            let action = match change {
-                Change::Finalize => "license.terms_finalized",
-                Change::Suspend => "license.suspended",
-                Change::Reinstate => "license.reinstated",
-                Change::Revoke => "license.revoked",
-            };
-            let c = lic.conditions();
-            let detail = match change {
-                Change::Finalize => format!(
-                    "{} {}: cap {}, ratio {} bps, justification {}, valid {}..{}",
-                    lic.buyer_id,
-                    lic.product_sku,
-                    c.per_order_cap,
-                    c.domestic_ratio_bps,
-                    c.justification_required,
-                    c.valid_from_ms,
-                    c.valid_until_ms
-                ),
-                _ => format!("{} {}: {} → {}: {}", lic.buyer_id, lic.product_sku, from.name(), to.name(), reason),
-            };
-            record(&mut t, ctx, now, action, license_id, detail);
-            Ok((t, pb::GetLicenseResponse { license: Some(license_to(&lic, now)) }))
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(idem), || async {
+                let (ver, mut lic) =
+                    self.require::<LicenseRecord>(keys::license(license_id), "licence", license_id).await?;
+                let now = now_ms();
+                let from = lic.effective_state(now);
+                let result = match change {
+                    Change::Finalize => lic.finalize_terms(conditions.map(conditions_from), now),
+                    Change::Suspend => lic.suspend(reason, now),
+                    Change::Reinstate => lic.reinstate(reason, now),
+                    Change::Revoke => lic.revoke(reason, now),
+                };
+                result.map_err(|e| transition_error(license_id, &e))?;
+                let to = lic.effective_state(now);
+                let mut t = Txn::new();
+                t.replace(keys::license(license_id), ver, encode(&lic));
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::LicenseChanged(pb::LicenseChanged {
+                        license_id: lic.id.clone(),
+                        buyer_id: lic.buyer_id.clone(),
+                        product_sku: lic.product_sku.clone(),
+                        from_state: license_state(from) as i32,
+                        to_state: license_state(to) as i32,
+                        reason: reason.to_string(),
+                    }),
+                );
+                let action = match change {
+                    Change::Finalize => "license.terms_finalized",
+                    Change::Suspend => "license.suspended",
+                    Change::Reinstate => "license.reinstated",
+                    Change::Revoke => "license.revoked",
+                };
+                let c = lic.conditions();
+                let detail = match change {
+                    Change::Finalize => format!(
+                        "{} {}: cap {}, ratio {} bps, justification {}, valid {}..{}",
+                        lic.buyer_id,
+                        lic.product_sku,
+                        c.per_order_cap,
+                        c.domestic_ratio_bps,
+                        c.justification_required,
+                        c.valid_from_ms,
+                        c.valid_until_ms
+                    ),
+                    _ => format!("{} {}: {} → {}: {}", lic.buyer_id, lic.product_sku, from.name(), to.name(), reason),
+                };
+                record(&mut t, ctx, now, action, license_id, detail);
+                Ok((t, pb::GetLicenseResponse { license: Some(license_to(&lic, now)) }))
+            })
+            .await?;
         answer.license.ok_or_else(|| Error::Internal("licence change answered without a licence".into()))
     }
 }

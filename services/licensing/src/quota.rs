@@ -10,7 +10,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::licensing::{
-    Ask, Failure, LedgerRecord, LicenseRecord, PolicyRecord, Planned, ProductExportRecord, ProductGate, QuotaPlanner,
+    Ask, Failure, LedgerRecord, LicenseRecord, Planned, PolicyRecord, ProductExportRecord, ProductGate, QuotaPlanner,
     ReservationRecord, ReservationStatus, ReserveCheck, Verdict, evaluate,
 };
 use chipgate_proto::licensing::v1 as pb;
@@ -33,7 +33,15 @@ struct Item {
     justification: String,
 }
 
-fn check_item(v: &mut Violations, prefix: &str, order_id: &str, generation: u64, buyer_id: &str, units: u64, justification: &str) {
+fn check_item(
+    v: &mut Violations,
+    prefix: &str,
+    order_id: &str,
+    generation: u64,
+    buyer_id: &str,
+    units: u64,
+    justification: &str,
+) {
     validate::id(v, &format!("{prefix}order_id"), order_id);
     if generation == 0 {
         v.add(format!("{prefix}generation"), "must be at least 1");
@@ -79,7 +87,10 @@ impl Licensing {
         })
     }
 
-    pub(crate) async fn check_eligibility(&self, req: pb::CheckEligibilityRequest) -> Result<pb::CheckEligibilityResponse, Error> {
+    pub(crate) async fn check_eligibility(
+        &self,
+        req: pb::CheckEligibilityRequest,
+    ) -> Result<pb::CheckEligibilityResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "buyer_id", &req.buyer_id);
         validate::id(&mut v, "product_sku", &req.product_sku);
@@ -87,14 +98,18 @@ impl Licensing {
         validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
         let world = self.read_world(&req.product_sku, &[req.buyer_id.as_str()], &[]).await?;
-        let mut mine: Vec<&LicenseRecord> = world.licences.iter().map(|(_, l)| l).filter(|l| l.buyer_id == req.buyer_id).collect();
+        let mut mine: Vec<&LicenseRecord> =
+            world.licences.iter().map(|(_, l)| l).filter(|l| l.buyer_id == req.buyer_id).collect();
         mine.sort_by_key(|l| l.seq);
         let ask = Ask { buyer_id: &req.buyer_id, units: req.units, justification: &req.justification };
         let domestic = world.domestic.get(&req.buyer_id).copied().unwrap_or(0);
         Ok(match evaluate(&mine, &ask, domestic, &world.gate, now_ms()) {
-            Verdict::Eligible(i) => {
-                pb::CheckEligibilityResponse { eligible: true, license_id: mine[i].id.clone(), failures: vec![], rejectable: false }
-            }
+            Verdict::Eligible(i) => pb::CheckEligibilityResponse {
+                eligible: true,
+                license_id: mine[i].id.clone(),
+                failures: vec![],
+                rejectable: false,
+            },
             Verdict::Refused { failures, rejectable } => pb::CheckEligibilityResponse {
                 eligible: false,
                 license_id: String::new(),
@@ -104,7 +119,11 @@ impl Licensing {
         })
     }
 
-    pub(crate) async fn reserve_quota(&self, ctx: &RequestContext, req: pb::ReserveQuotaRequest) -> Result<pb::ReserveQuotaResponse, Error> {
+    pub(crate) async fn reserve_quota(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ReserveQuotaRequest,
+    ) -> Result<pb::ReserveQuotaResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "product_sku", &req.product_sku);
@@ -167,7 +186,15 @@ impl Licensing {
         }
         let mut seen = std::collections::HashSet::new();
         for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            check_item(&mut v, &format!("items[{i}]."), &it.order_id, it.generation, &it.buyer_id, it.units, &it.justification);
+            check_item(
+                &mut v,
+                &format!("items[{i}]."),
+                &it.order_id,
+                it.generation,
+                &it.buyer_id,
+                it.units,
+                &it.justification,
+            );
             if !seen.insert(it.order_id.as_str()) {
                 v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
             }
@@ -221,7 +248,8 @@ impl Licensing {
         let versions: HashMap<String, u64> = world.licences.iter().map(|(v, l)| (l.id.clone(), *v)).collect();
 
         // Older generations still holding quota give it back first (the order has moved on).
-        let mut licences: HashMap<String, LicenseRecord> = world.licences.into_iter().map(|(_, l)| (l.id.clone(), l)).collect();
+        let mut licences: HashMap<String, LicenseRecord> =
+            world.licences.into_iter().map(|(_, l)| (l.id.clone(), l)).collect();
         let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut checks = Vec::with_capacity(items.len());
         for (it, ex) in items.iter().zip(&existing) {
@@ -229,14 +257,14 @@ impl Licensing {
                 None => ReserveCheck::Evaluate,
                 Some((_, r)) => r.check_reserve(it.generation),
             };
-            if let ReserveCheck::Supersede { license_id, units, confirmed } = &check {
-                if let Some(l) = licences.get_mut(license_id) {
-                    l.used = l.used.saturating_sub(*units);
-                    if *confirmed {
-                        l.confirmed = l.confirmed.saturating_sub(*units);
-                    }
-                    touched.insert(license_id.clone());
+            if let ReserveCheck::Supersede { license_id, units, confirmed } = &check
+                && let Some(l) = licences.get_mut(license_id)
+            {
+                l.used = l.used.saturating_sub(*units);
+                if *confirmed {
+                    l.confirmed = l.confirmed.saturating_sub(*units);
                 }
+                touched.insert(license_id.clone());
             }
             checks.push(check);
         }
@@ -260,11 +288,20 @@ impl Licensing {
             match check {
                 ReserveCheck::AlreadyHeld => {
                     let r = ex.as_ref().map(|(_, r)| reservation_to(r));
-                    results.push(pb::QuotaItemResult { order_id: it.order_id.clone(), reservation: r, ..Default::default() });
+                    results.push(pb::QuotaItemResult {
+                        order_id: it.order_id.clone(),
+                        reservation: r,
+                        ..Default::default()
+                    });
                 }
                 ReserveCheck::Stale => {
                     let r = ex.as_ref().map(|(_, r)| reservation_to(r));
-                    results.push(pb::QuotaItemResult { order_id: it.order_id.clone(), reservation: r, stale: true, ..Default::default() });
+                    results.push(pb::QuotaItemResult {
+                        order_id: it.order_id.clone(),
+                        reservation: r,
+                        stale: true,
+                        ..Default::default()
+                    });
                 }
                 ReserveCheck::Evaluate | ReserveCheck::Supersede { .. } => {
                     let ask = Ask { buyer_id: &it.buyer_id, units: it.units, justification: &it.justification };
@@ -284,13 +321,23 @@ impl Licensing {
                                 release_reason: String::new(),
                             };
                             t.replace(keys::reservation(&it.order_id), ver, encode(&r));
-                            reserved_detail.push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
+                            reserved_detail
+                                .push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
                             let out = reservation_to(&r);
                             changed.push(out.clone());
-                            results.push(pb::QuotaItemResult { order_id: it.order_id.clone(), reservation: Some(out), ..Default::default() });
+                            results.push(pb::QuotaItemResult {
+                                order_id: it.order_id.clone(),
+                                reservation: Some(out),
+                                ..Default::default()
+                            });
                         }
                         Planned::Refused { failures, rejectable } => {
-                            refused_detail.push(format!("{}/{}:{}", it.order_id, it.generation, failure_codes(&failures)));
+                            refused_detail.push(format!(
+                                "{}/{}:{}",
+                                it.order_id,
+                                it.generation,
+                                failure_codes(&failures)
+                            ));
                             results.push(pb::QuotaItemResult {
                                 order_id: it.order_id.clone(),
                                 failures: failures.iter().map(failure_to).collect(),
@@ -324,7 +371,10 @@ impl Licensing {
                 &mut t,
                 ctx,
                 now,
-                pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: sku.to_string(), reservations: changed }),
+                pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
+                    product_sku: sku.to_string(),
+                    reservations: changed,
+                }),
             );
         }
         record(
@@ -333,16 +383,16 @@ impl Licensing {
             now,
             "quota.decided",
             sku,
-            format!(
-                "reserved [{}]; refused [{}]",
-                reserved_detail.join(" "),
-                refused_detail.join(" ")
-            ),
+            format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" ")),
         );
         Ok((t, pb::BatchReserveQuotaResponse { results }))
     }
 
-    pub(crate) async fn release_quota(&self, ctx: &RequestContext, req: pb::ReleaseQuotaRequest) -> Result<pb::ReleaseQuotaResponse, Error> {
+    pub(crate) async fn release_quota(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ReleaseQuotaRequest,
+    ) -> Result<pb::ReleaseQuotaResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "order_id", &req.order_id);
@@ -393,57 +443,72 @@ impl Licensing {
         reason: &str,
         unless_confirmed: bool,
     ) -> Result<Vec<pb::QuotaReservation>, Error> {
-        let (answer, _) = self.run_txn(None, || async {
-            let now = now_ms();
-            let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(o)).collect();
-            let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
-            let mut lic_ids: Vec<String> =
-                existing.iter().flatten().filter(|(_, r)| r.held_units() > 0).map(|(_, r)| r.license_id.clone()).collect();
-            lic_ids.sort();
-            lic_ids.dedup();
-            let lic_keys: Vec<String> = lic_ids.iter().map(|id| keys::license(id)).collect();
-            let mut licences: HashMap<String, (u64, LicenseRecord)> =
-                self.load_many::<LicenseRecord>(&lic_keys).await?.into_iter().flatten().map(|(v, l)| (l.id.clone(), (v, l))).collect();
-            let mut t = Txn::new();
-            let mut out = Vec::with_capacity(items.len());
-            let mut changed: BTreeMap<String, Vec<pb::QuotaReservation>> = BTreeMap::new();
-            let mut detail = Vec::new();
-            let mut touched = std::collections::BTreeSet::new();
-            for ((order_id, generation), ex) in items.iter().zip(existing) {
-                let (ver, cur) = match ex {
-                    Some((v, r)) => (v, Some(r)),
-                    None => (0, None),
-                };
-                let tombstone = |base: Option<&ReservationRecord>| ReservationRecord {
-                    order_id: order_id.clone(),
-                    generation: *generation,
-                    status: ReservationStatus::Released as i32,
-                    create_ms: now,
-                    update_ms: now,
-                    release_reason: reason.to_string(),
-                    product_sku: base.map(|b| b.product_sku.clone()).unwrap_or_default(),
-                    buyer_id: base.map(|b| b.buyer_id.clone()).unwrap_or_default(),
-                    ..Default::default()
-                };
-                let next = match cur {
-                    None => Some(tombstone(None)),
-                    Some(r) if r.generation > *generation => {
-                        out.push(reservation_to(&r));
-                        None
-                    }
-                    Some(r) if r.generation == *generation && r.status() == ReservationStatus::Released => {
-                        out.push(reservation_to(&r));
-                        None
-                    }
-                    Some(r) if r.generation == *generation && r.status() == ReservationStatus::Confirmed && unless_confirmed => {
-                        out.push(reservation_to(&r));
-                        None
-                    }
-                    Some(r) => {
-                        // Held or confirmed at this generation, or anything at an older one: give back
-                        // what it holds.
-                        if r.held_units() > 0 {
-                            if let Some((_, l)) = licences.get_mut(&r.license_id) {
+        let (answer, _) = self
+            .run_txn(None, || async {
+                let now = now_ms();
+                let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(o)).collect();
+                let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
+                let mut lic_ids: Vec<String> = existing
+                    .iter()
+                    .flatten()
+                    .filter(|(_, r)| r.held_units() > 0)
+                    .map(|(_, r)| r.license_id.clone())
+                    .collect();
+                lic_ids.sort();
+                lic_ids.dedup();
+                let lic_keys: Vec<String> = lic_ids.iter().map(|id| keys::license(id)).collect();
+                let mut licences: HashMap<String, (u64, LicenseRecord)> = self
+                    .load_many::<LicenseRecord>(&lic_keys)
+                    .await?
+                    .into_iter()
+                    .flatten()
+                    .map(|(v, l)| (l.id.clone(), (v, l)))
+                    .collect();
+                let mut t = Txn::new();
+                let mut out = Vec::with_capacity(items.len());
+                let mut changed: BTreeMap<String, Vec<pb::QuotaReservation>> = BTreeMap::new();
+                let mut detail = Vec::new();
+                let mut touched = std::collections::BTreeSet::new();
+                for ((order_id, generation), ex) in items.iter().zip(existing) {
+                    let (ver, cur) = match ex {
+                        Some((v, r)) => (v, Some(r)),
+                        None => (0, None),
+                    };
+                    let tombstone = |base: Option<&ReservationRecord>| ReservationRecord {
+                        order_id: order_id.clone(),
+                        generation: *generation,
+                        status: ReservationStatus::Released as i32,
+                        create_ms: now,
+                        update_ms: now,
+                        release_reason: reason.to_string(),
+                        product_sku: base.map(|b| b.product_sku.clone()).unwrap_or_default(),
+                        buyer_id: base.map(|b| b.buyer_id.clone()).unwrap_or_default(),
+                        ..Default::default()
+                    };
+                    let next = match cur {
+                        None => Some(tombstone(None)),
+                        Some(r) if r.generation > *generation => {
+                            out.push(reservation_to(&r));
+                            None
+                        }
+                        Some(r) if r.generation == *generation && r.status() == ReservationStatus::Released => {
+                            out.push(reservation_to(&r));
+                            None
+                        }
+                        Some(r)
+                            if r.generation == *generation
+                                && r.status() == ReservationStatus::Confirmed
+                                && unless_confirmed =>
+                        {
+                            out.push(reservation_to(&r));
+                            None
+                        }
+                        Some(r) => {
+                            // Held or confirmed at this generation, or anything at an older one: give back
+                            // what it holds.
+                            if r.held_units() > 0
+                                && let Some((_, l)) = licences.get_mut(&r.license_id)
+                            {
                                 l.used = l.used.saturating_sub(r.units);
                                 if r.status() == ReservationStatus::Confirmed {
                                     l.confirmed = l.confirmed.saturating_sub(r.units);
@@ -451,47 +516,55 @@ impl Licensing {
                                 l.update_ms = now;
                                 touched.insert(r.license_id.clone());
                             }
+                            if r.generation == *generation {
+                                let mut released = r.clone();
+                                released.set_status(ReservationStatus::Released);
+                                released.update_ms = now;
+                                released.release_reason = reason.to_string();
+                                Some(released)
+                            } else {
+                                Some(tombstone(Some(&r)))
+                            }
                         }
-                        if r.generation == *generation {
-                            let mut released = r.clone();
-                            released.set_status(ReservationStatus::Released);
-                            released.update_ms = now;
-                            released.release_reason = reason.to_string();
-                            Some(released)
-                        } else {
-                            Some(tombstone(Some(&r)))
+                    };
+                    if let Some(rec) = next {
+                        t.replace(keys::reservation(order_id), ver, encode(&rec));
+                        detail.push(format!("{order_id}/{generation}:{}", rec.units));
+                        let p = reservation_to(&rec);
+                        if !rec.product_sku.is_empty() {
+                            changed.entry(rec.product_sku.clone()).or_default().push(p.clone());
                         }
+                        out.push(p);
                     }
-                };
-                if let Some(rec) = next {
-                    t.replace(keys::reservation(order_id), ver, encode(&rec));
-                    detail.push(format!("{order_id}/{generation}:{}", rec.units));
-                    let p = reservation_to(&rec);
-                    if !rec.product_sku.is_empty() {
-                        changed.entry(rec.product_sku.clone()).or_default().push(p.clone());
+                }
+                for id in touched {
+                    if let Some((v, l)) = licences.get(&id) {
+                        t.replace(keys::license(&id), *v, encode(l));
                     }
-                    out.push(p);
                 }
-            }
-            for id in touched {
-                if let Some((v, l)) = licences.get(&id) {
-                    t.replace(keys::license(&id), *v, encode(l));
+                if t.is_empty() {
+                    return Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }));
                 }
-            }
-            if t.is_empty() {
-                return Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }));
-            }
-            for (sku, reservations) in changed {
-                emit(&mut t, ctx, now, pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: sku, reservations }));
-            }
-            record(&mut t, ctx, now, "quota.released", "quota", format!("{}: {}", reason, detail.join(" ")));
-            Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }))
-        })
-        .await?;
+                for (sku, reservations) in changed {
+                    emit(
+                        &mut t,
+                        ctx,
+                        now,
+                        pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: sku, reservations }),
+                    );
+                }
+                record(&mut t, ctx, now, "quota.released", "quota", format!("{}: {}", reason, detail.join(" ")));
+                Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }))
+            })
+            .await?;
         Ok(answer.reservations)
     }
 
-    pub(crate) async fn confirm_quota(&self, ctx: &RequestContext, req: pb::ConfirmQuotaRequest) -> Result<pb::ConfirmQuotaResponse, Error> {
+    pub(crate) async fn confirm_quota(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ConfirmQuotaRequest,
+    ) -> Result<pb::ConfirmQuotaResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "order_id", &req.order_id);
@@ -500,53 +573,59 @@ impl Licensing {
         }
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "ConfirmQuota", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let now = now_ms();
-            let (rver, mut r) =
-                self.require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id).await?;
-            if r.generation == req.generation && r.status() == ReservationStatus::Confirmed {
-                return Ok((Txn::new(), pb::ConfirmQuotaResponse { reservation: Some(reservation_to(&r)) }));
-            }
-            if r.generation != req.generation || r.status() != ReservationStatus::Held {
-                return Err(Error::precondition(
-                    "RESERVATION_NOT_HELD",
-                    &req.order_id,
-                    format!(
-                        "order {} holds no quota at generation {} (reservation is at generation {}, {:?})",
-                        req.order_id,
-                        req.generation,
-                        r.generation,
-                        r.status()
-                    ),
-                ));
-            }
-            let (lver, mut lic) = self.require::<LicenseRecord>(keys::license(&r.license_id), "licence", &r.license_id).await?;
-            let state = lic.effective_state(now);
-            if !in_force(state) {
-                return Err(Error::precondition(
-                    "LICENSE_NOT_IN_FORCE",
-                    &lic.id,
-                    format!("licence {} is {}; orders under it can't be confirmed", lic.id, state.name()),
-                ));
-            }
-            lic.confirmed = lic.confirmed.saturating_add(r.units);
-            lic.update_ms = now;
-            r.set_status(ReservationStatus::Confirmed);
-            r.update_ms = now;
-            let mut t = Txn::new();
-            t.replace(keys::license(&lic.id), lver, encode(&lic));
-            t.replace(keys::reservation(&r.order_id), rver, encode(&r));
-            let out = reservation_to(&r);
-            emit(
-                &mut t,
-                ctx,
-                now,
-                pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: r.product_sku.clone(), reservations: vec![out.clone()] }),
-            );
-            record(&mut t, ctx, now, "quota.confirmed", &r.order_id, format!("{} units of {}", r.units, lic.id));
-            Ok((t, pb::ConfirmQuotaResponse { reservation: Some(out) }))
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let now = now_ms();
+                let (rver, mut r) = self
+                    .require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id)
+                    .await?;
+                if r.generation == req.generation && r.status() == ReservationStatus::Confirmed {
+                    return Ok((Txn::new(), pb::ConfirmQuotaResponse { reservation: Some(reservation_to(&r)) }));
+                }
+                if r.generation != req.generation || r.status() != ReservationStatus::Held {
+                    return Err(Error::precondition(
+                        "RESERVATION_NOT_HELD",
+                        &req.order_id,
+                        format!(
+                            "order {} holds no quota at generation {} (reservation is at generation {}, {:?})",
+                            req.order_id,
+                            req.generation,
+                            r.generation,
+                            r.status()
+                        ),
+                    ));
+                }
+                let (lver, mut lic) =
+                    self.require::<LicenseRecord>(keys::license(&r.license_id), "licence", &r.license_id).await?;
+                let state = lic.effective_state(now);
+                if !in_force(state) {
+                    return Err(Error::precondition(
+                        "LICENSE_NOT_IN_FORCE",
+                        &lic.id,
+                        format!("licence {} is {}; orders under it can't be confirmed", lic.id, state.name()),
+                    ));
+                }
+                lic.confirmed = lic.confirmed.saturating_add(r.units);
+                lic.update_ms = now;
+                r.set_status(ReservationStatus::Confirmed);
+                r.update_ms = now;
+                let mut t = Txn::new();
+                t.replace(keys::license(&lic.id), lver, encode(&lic));
+                t.replace(keys::reservation(&r.order_id), rver, encode(&r));
+                let out = reservation_to(&r);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
+                        product_sku: r.product_sku.clone(),
+                        reservations: vec![out.clone()],
+                    }),
+                );
+                record(&mut t, ctx, now, "quota.confirmed", &r.order_id, format!("{} units of {}", r.units, lic.id));
+                Ok((t, pb::ConfirmQuotaResponse { reservation: Some(out) }))
+            })
+            .await?;
         Ok(answer)
     }
 
@@ -557,7 +636,9 @@ impl Licensing {
         let mut v = Violations::new();
         validate::id(&mut v, "order_id", &req.order_id);
         v.check().map_err(Error::Status)?;
-        let (_, r) = self.require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id).await?;
+        let (_, r) = self
+            .require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id)
+            .await?;
         Ok(pb::GetQuotaReservationResponse { reservation: Some(reservation_to(&r)) })
     }
 }

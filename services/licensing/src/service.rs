@@ -26,13 +26,22 @@ macro_rules! reading {
 
 #[tonic::async_trait]
 impl LicensingService for Licensing {
-    async fn submit_application(&self, r: Request<pb::SubmitApplicationRequest>) -> Result<Response<pb::SubmitApplicationResponse>, Status> {
+    async fn submit_application(
+        &self,
+        r: Request<pb::SubmitApplicationRequest>,
+    ) -> Result<Response<pb::SubmitApplicationResponse>, Status> {
         mutating!(self, r, submit_application)
     }
-    async fn get_application(&self, r: Request<pb::GetApplicationRequest>) -> Result<Response<pb::GetApplicationResponse>, Status> {
+    async fn get_application(
+        &self,
+        r: Request<pb::GetApplicationRequest>,
+    ) -> Result<Response<pb::GetApplicationResponse>, Status> {
         reading!(self, r, get_application)
     }
-    async fn list_applications(&self, r: Request<pb::ListApplicationsRequest>) -> Result<Response<pb::ListApplicationsResponse>, Status> {
+    async fn list_applications(
+        &self,
+        r: Request<pb::ListApplicationsRequest>,
+    ) -> Result<Response<pb::ListApplicationsResponse>, Status> {
         reading!(self, r, list_applications)
     }
     async fn withdraw_application(
@@ -41,7 +50,10 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::WithdrawApplicationResponse>, Status> {
         mutating!(self, r, withdraw_application)
     }
-    async fn reject_application(&self, r: Request<pb::RejectApplicationRequest>) -> Result<Response<pb::RejectApplicationResponse>, Status> {
+    async fn reject_application(
+        &self,
+        r: Request<pb::RejectApplicationRequest>,
+    ) -> Result<Response<pb::RejectApplicationResponse>, Status> {
         mutating!(self, r, reject_application)
     }
     async fn list_queue(&self, r: Request<pb::ListQueueRequest>) -> Result<Response<pb::ListQueueResponse>, Status> {
@@ -56,13 +68,22 @@ impl LicensingService for Licensing {
     async fn create_wave(&self, r: Request<pb::CreateWaveRequest>) -> Result<Response<pb::CreateWaveResponse>, Status> {
         mutating!(self, r, create_wave)
     }
-    async fn add_wave_grant(&self, r: Request<pb::AddWaveGrantRequest>) -> Result<Response<pb::AddWaveGrantResponse>, Status> {
+    async fn add_wave_grant(
+        &self,
+        r: Request<pb::AddWaveGrantRequest>,
+    ) -> Result<Response<pb::AddWaveGrantResponse>, Status> {
         mutating!(self, r, add_wave_grant)
     }
-    async fn remove_wave_grant(&self, r: Request<pb::RemoveWaveGrantRequest>) -> Result<Response<pb::RemoveWaveGrantResponse>, Status> {
+    async fn remove_wave_grant(
+        &self,
+        r: Request<pb::RemoveWaveGrantRequest>,
+    ) -> Result<Response<pb::RemoveWaveGrantResponse>, Status> {
         mutating!(self, r, remove_wave_grant)
     }
-    async fn publish_wave(&self, r: Request<pb::PublishWaveRequest>) -> Result<Response<pb::PublishWaveResponse>, Status> {
+    async fn publish_wave(
+        &self,
+        r: Request<pb::PublishWaveRequest>,
+    ) -> Result<Response<pb::PublishWaveResponse>, Status> {
         mutating!(self, r, publish_wave)
     }
     async fn get_wave(&self, r: Request<pb::GetWaveRequest>) -> Result<Response<pb::GetWaveResponse>, Status> {
@@ -74,25 +95,46 @@ impl LicensingService for Licensing {
     async fn get_license(&self, r: Request<pb::GetLicenseRequest>) -> Result<Response<pb::GetLicenseResponse>, Status> {
         reading!(self, r, get_license)
     }
-    async fn list_licenses(&self, r: Request<pb::ListLicensesRequest>) -> Result<Response<pb::ListLicensesResponse>, Status> {
+    async fn list_licenses(
+        &self,
+        r: Request<pb::ListLicensesRequest>,
+    ) -> Result<Response<pb::ListLicensesResponse>, Status> {
         reading!(self, r, list_licenses)
     }
-    async fn finalize_terms(&self, r: Request<pb::FinalizeTermsRequest>) -> Result<Response<pb::FinalizeTermsResponse>, Status> {
+    async fn finalize_terms(
+        &self,
+        r: Request<pb::FinalizeTermsRequest>,
+    ) -> Result<Response<pb::FinalizeTermsResponse>, Status> {
         mutating!(self, r, finalize_terms)
     }
-    async fn suspend_license(&self, r: Request<pb::SuspendLicenseRequest>) -> Result<Response<pb::SuspendLicenseResponse>, Status> {
+    async fn suspend_license(
+        &self,
+        r: Request<pb::SuspendLicenseRequest>,
+    ) -> Result<Response<pb::SuspendLicenseResponse>, Status> {
         mutating!(self, r, suspend_license)
     }
-    async fn reinstate_license(&self, r: Request<pb::ReinstateLicenseRequest>) -> Result<Response<pb::ReinstateLicenseResponse>, Status> {
+    async fn reinstate_license(
+        &self,
+        r: Request<pb::ReinstateLicenseRequest>,
+    ) -> Result<Response<pb::ReinstateLicenseResponse>, Status> {
         mutating!(self, r, reinstate_license)
     }
-    async fn revoke_license(&self, r: Request<pb::RevokeLicenseRequest>) -> Result<Response<pb::RevokeLicenseResponse>, Status> {
+    async fn revoke_license(
+        &self,
+        r: Request<pb::RevokeLicenseRequest>,
+    ) -> Result<Response<pb::RevokeLicenseResponse>, Status> {
         mutating!(self, r, revoke_license)
     }
-    async fn check_eligibility(&self, r: Request<pb::CheckEligibilityRequest>) -> Result<Response<pb::CheckEligibilityResponse>, Status> {
+    async fn check_eligibility(
+        &self,
+        r: Request<pb::CheckEligibilityRequest>,
+    ) -> Result<Response<pb::CheckEligibilityResponse>, Status> {
         reading!(self, r, check_eligibility)
     }
-    async fn reserve_quota(&self, r: Request<pb::ReserveQuotaRequest>) -> Result<Response<pb::ReserveQuotaResponse>, Status> {
+    async fn reserve_quota(
+        &self,
+        r: Request<pb::ReserveQuotaRequest>,
+    ) -> Result<Response<pb::ReserveQuotaResponse>, Status> {
         mutating!(self, r, reserve_quota)
     }
     async fn batch_reserve_quota(
@@ -101,7 +143,10 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::BatchReserveQuotaResponse>, Status> {
         mutating!(self, r, batch_reserve_quota)
     }
-    async fn release_quota(&self, r: Request<pb::ReleaseQuotaRequest>) -> Result<Response<pb::ReleaseQuotaResponse>, Status> {
+    async fn release_quota(
+        &self,
+        r: Request<pb::ReleaseQuotaRequest>,
+    ) -> Result<Response<pb::ReleaseQuotaResponse>, Status> {
         mutating!(self, r, release_quota)
     }
     async fn batch_release_quota(
@@ -110,7 +155,10 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::BatchReleaseQuotaResponse>, Status> {
         mutating!(self, r, batch_release_quota)
     }
-    async fn confirm_quota(&self, r: Request<pb::ConfirmQuotaRequest>) -> Result<Response<pb::ConfirmQuotaResponse>, Status> {
+    async fn confirm_quota(
+        &self,
+        r: Request<pb::ConfirmQuotaRequest>,
+    ) -> Result<Response<pb::ConfirmQuotaResponse>, Status> {
         mutating!(self, r, confirm_quota)
     }
     async fn get_quota_reservation(
@@ -125,7 +173,10 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::RecordDomesticPurchaseResponse>, Status> {
         mutating!(self, r, record_domestic_purchase)
     }
-    async fn get_domestic_ledger(&self, r: Request<pb::GetDomesticLedgerRequest>) -> Result<Response<pb::GetDomesticLedgerResponse>, Status> {
+    async fn get_domestic_ledger(
+        &self,
+        r: Request<pb::GetDomesticLedgerRequest>,
+    ) -> Result<Response<pb::GetDomesticLedgerResponse>, Status> {
         reading!(self, r, get_domestic_ledger)
     }
     async fn grant_export_authorization(
@@ -146,10 +197,16 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::ListExportAuthorizationsResponse>, Status> {
         reading!(self, r, list_export_authorizations)
     }
-    async fn set_import_policy(&self, r: Request<pb::SetImportPolicyRequest>) -> Result<Response<pb::SetImportPolicyResponse>, Status> {
+    async fn set_import_policy(
+        &self,
+        r: Request<pb::SetImportPolicyRequest>,
+    ) -> Result<Response<pb::SetImportPolicyResponse>, Status> {
         mutating!(self, r, set_import_policy)
     }
-    async fn get_import_policy(&self, r: Request<pb::GetImportPolicyRequest>) -> Result<Response<pb::GetImportPolicyResponse>, Status> {
+    async fn get_import_policy(
+        &self,
+        r: Request<pb::GetImportPolicyRequest>,
+    ) -> Result<Response<pb::GetImportPolicyResponse>, Status> {
         reading!(self, r, get_import_policy)
     }
     async fn list_import_policies(
@@ -158,10 +215,16 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::ListImportPoliciesResponse>, Status> {
         reading!(self, r, list_import_policies)
     }
-    async fn list_audit_entries(&self, r: Request<pb::ListAuditEntriesRequest>) -> Result<Response<pb::ListAuditEntriesResponse>, Status> {
+    async fn list_audit_entries(
+        &self,
+        r: Request<pb::ListAuditEntriesRequest>,
+    ) -> Result<Response<pb::ListAuditEntriesResponse>, Status> {
         reading!(self, r, list_audit_entries)
     }
-    async fn verify_audit_log(&self, r: Request<pb::VerifyAuditLogRequest>) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
+    async fn verify_audit_log(
+        &self,
+        r: Request<pb::VerifyAuditLogRequest>,
+    ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
         reading!(self, r, verify_audit_log)
     }
 }

@@ -31,36 +31,45 @@ fn wave_error(wave_id: &str, application_id: &str, e: WaveError) -> Error {
 }
 
 impl Licensing {
-    pub(crate) async fn create_wave(&self, ctx: &RequestContext, req: pb::CreateWaveRequest) -> Result<pb::CreateWaveResponse, Error> {
+    pub(crate) async fn create_wave(
+        &self,
+        ctx: &RequestContext,
+        req: pb::CreateWaveRequest,
+    ) -> Result<pb::CreateWaveResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::text(&mut v, "display_name", &req.display_name, 200, false);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "CreateWave", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let seq = self.next_ids("wave", 1).await?;
-            let now = now_ms();
-            let id = format!("wave-{seq}");
-            let wave = WaveRecord {
-                id: id.clone(),
-                display_name: if req.display_name.is_empty() { id.clone() } else { req.display_name.clone() },
-                status: WaveStatus::Draft as i32,
-                create_ms: now,
-                seq,
-                ..Default::default()
-            };
-            let mut t = Txn::new();
-            t.replace(keys::wave(&id), 0, encode(&wave));
-            t.zadd(keys::waves(), &id, seq as f64);
-            emit(&mut t, ctx, now, pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: id.clone() }));
-            record(&mut t, ctx, now, "wave.drafted", &id, format!("draft {:?}", wave.display_name));
-            Ok((t, pb::CreateWaveResponse { wave: Some(wave_to(&wave)) }))
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let seq = self.next_ids("wave", 1).await?;
+                let now = now_ms();
+                let id = format!("wave-{seq}");
+                let wave = WaveRecord {
+                    id: id.clone(),
+                    display_name: if req.display_name.is_empty() { id.clone() } else { req.display_name.clone() },
+                    status: WaveStatus::Draft as i32,
+                    create_ms: now,
+                    seq,
+                    ..Default::default()
+                };
+                let mut t = Txn::new();
+                t.replace(keys::wave(&id), 0, encode(&wave));
+                t.zadd(keys::waves(), &id, seq as f64);
+                emit(&mut t, ctx, now, pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: id.clone() }));
+                record(&mut t, ctx, now, "wave.drafted", &id, format!("draft {:?}", wave.display_name));
+                Ok((t, pb::CreateWaveResponse { wave: Some(wave_to(&wave)) }))
+            })
+            .await?;
         Ok(answer)
     }
 
-    pub(crate) async fn add_wave_grant(&self, ctx: &RequestContext, req: pb::AddWaveGrantRequest) -> Result<pb::AddWaveGrantResponse, Error> {
+    pub(crate) async fn add_wave_grant(
+        &self,
+        ctx: &RequestContext,
+        req: pb::AddWaveGrantRequest,
+    ) -> Result<pb::AddWaveGrantResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "wave_id", &req.wave_id);
@@ -72,62 +81,84 @@ impl Licensing {
         }
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "AddWaveGrant", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
-            let (aver, app) = self
-                .require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id)
-                .await?;
-            if app.status() != ApplicationStatus::Queued {
-                return Err(Error::precondition(
-                    "APPLICATION_NOT_QUEUED",
-                    &app.id,
-                    format!("application {} is {:?}; only queued applications can be granted", app.id, app.status()),
-                ));
-            }
-            if req.granted_units > app.quantity {
-                let mut v = Violations::new();
-                v.add("granted_units", format!("{} is more than the {} units applied for", req.granted_units, app.quantity));
-                return Err(Error::Invalid(v));
-            }
-            if wave.grants.len() >= MAX_GRANTS && !wave.grants.iter().any(|g| g.application_id == app.id) {
-                return Err(Error::precondition("WAVE_FULL", &wave.id, format!("a wave holds at most {MAX_GRANTS} grants")));
-            }
-            wave.upsert_grant(GrantRecord {
-                application_id: app.id.clone(),
-                buyer_id: app.buyer_id.clone(),
-                product_sku: app.product_sku.clone(),
-                granted: req.granted_units,
-                conditions: Some(conditions.clone()),
-                license_id: String::new(),
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let (wver, mut wave) =
+                    self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
+                let (aver, app) = self
+                    .require::<ApplicationRecord>(
+                        keys::application(&req.application_id),
+                        "application",
+                        &req.application_id,
+                    )
+                    .await?;
+                if app.status() != ApplicationStatus::Queued {
+                    return Err(Error::precondition(
+                        "APPLICATION_NOT_QUEUED",
+                        &app.id,
+                        format!(
+                            "application {} is {:?}; only queued applications can be granted",
+                            app.id,
+                            app.status()
+                        ),
+                    ));
+                }
+                if req.granted_units > app.quantity {
+                    let mut v = Violations::new();
+                    v.add(
+                        "granted_units",
+                        format!("{} is more than the {} units applied for", req.granted_units, app.quantity),
+                    );
+                    return Err(Error::Invalid(v));
+                }
+                if wave.grants.len() >= MAX_GRANTS && !wave.grants.iter().any(|g| g.application_id == app.id) {
+                    return Err(Error::precondition(
+                        "WAVE_FULL",
+                        &wave.id,
+                        format!("a wave holds at most {MAX_GRANTS} grants"),
+                    ));
+                }
+                wave.upsert_grant(GrantRecord {
+                    application_id: app.id.clone(),
+                    buyer_id: app.buyer_id.clone(),
+                    product_sku: app.product_sku.clone(),
+                    granted: req.granted_units,
+                    conditions: Some(conditions.clone()),
+                    license_id: String::new(),
+                })
+                .map_err(|e| wave_error(&wave.id, &app.id, e))?;
+                let now = now_ms();
+                let mut t = Txn::new();
+                t.replace(keys::wave(&wave.id), wver, encode(&wave));
+                t.expect_version(keys::application(&app.id), aver);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }),
+                );
+                record(
+                    &mut t,
+                    ctx,
+                    now,
+                    "wave.grant_added",
+                    &wave.id,
+                    format!(
+                        "{} ({} for {}): {} of {} units; cap {}, ratio {} bps, justification {}, terms {}",
+                        app.id,
+                        app.buyer_id,
+                        app.product_sku,
+                        req.granted_units,
+                        app.quantity,
+                        conditions.per_order_cap,
+                        conditions.domestic_ratio_bps,
+                        if conditions.justification_required { "required" } else { "not required" },
+                        if conditions.terms_pending { "pending" } else { "final" },
+                    ),
+                );
+                Ok((t, pb::AddWaveGrantResponse { wave: Some(wave_to(&wave)) }))
             })
-            .map_err(|e| wave_error(&wave.id, &app.id, e))?;
-            let now = now_ms();
-            let mut t = Txn::new();
-            t.replace(keys::wave(&wave.id), wver, encode(&wave));
-            t.expect_version(keys::application(&app.id), aver);
-            emit(&mut t, ctx, now, pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }));
-            record(
-                &mut t,
-                ctx,
-                now,
-                "wave.grant_added",
-                &wave.id,
-                format!(
-                    "{} ({} for {}): {} of {} units; cap {}, ratio {} bps, justification {}, terms {}",
-                    app.id,
-                    app.buyer_id,
-                    app.product_sku,
-                    req.granted_units,
-                    app.quantity,
-                    conditions.per_order_cap,
-                    conditions.domestic_ratio_bps,
-                    if conditions.justification_required { "required" } else { "not required" },
-                    if conditions.terms_pending { "pending" } else { "final" },
-                ),
-            );
-            Ok((t, pb::AddWaveGrantResponse { wave: Some(wave_to(&wave)) }))
-        })
-        .await?;
+            .await?;
         Ok(answer)
     }
 
@@ -142,21 +173,32 @@ impl Licensing {
         validate::id(&mut v, "application_id", &req.application_id);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RemoveWaveGrant", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || async {
-            let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
-            wave.remove_grant(&req.application_id).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
-            let now = now_ms();
-            let mut t = Txn::new();
-            t.replace(keys::wave(&wave.id), wver, encode(&wave));
-            emit(&mut t, ctx, now, pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }));
-            record(&mut t, ctx, now, "wave.grant_removed", &wave.id, req.application_id.clone());
-            Ok((t, pb::RemoveWaveGrantResponse { wave: Some(wave_to(&wave)) }))
-        })
-        .await?;
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let (wver, mut wave) =
+                    self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
+                wave.remove_grant(&req.application_id).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
+                let now = now_ms();
+                let mut t = Txn::new();
+                t.replace(keys::wave(&wave.id), wver, encode(&wave));
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }),
+                );
+                record(&mut t, ctx, now, "wave.grant_removed", &wave.id, req.application_id.clone());
+                Ok((t, pb::RemoveWaveGrantResponse { wave: Some(wave_to(&wave)) }))
+            })
+            .await?;
         Ok(answer)
     }
 
-    pub(crate) async fn publish_wave(&self, ctx: &RequestContext, req: pb::PublishWaveRequest) -> Result<pb::PublishWaveResponse, Error> {
+    pub(crate) async fn publish_wave(
+        &self,
+        ctx: &RequestContext,
+        req: pb::PublishWaveRequest,
+    ) -> Result<pb::PublishWaveResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "wave_id", &req.wave_id);
@@ -166,7 +208,11 @@ impl Licensing {
         Ok(answer)
     }
 
-    async fn publish_attempt(&self, ctx: &RequestContext, wave_id: &str) -> Result<(Txn, pb::PublishWaveResponse), Error> {
+    async fn publish_attempt(
+        &self,
+        ctx: &RequestContext,
+        wave_id: &str,
+    ) -> Result<(Txn, pb::PublishWaveResponse), Error> {
         let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
         if wave.status() != WaveStatus::Draft {
             return Err(wave_error(wave_id, "", WaveError::Published));
@@ -197,7 +243,8 @@ impl Licensing {
                     .collect(),
             });
         }
-        let index_keys: Vec<String> = wave.grants.iter().map(|g| keys::license_index(&g.buyer_id, &g.product_sku)).collect();
+        let index_keys: Vec<String> =
+            wave.grants.iter().map(|g| keys::license_index(&g.buyer_id, &g.product_sku)).collect();
         let indexes = self.load_many::<LicenseIndex>(&index_keys).await?;
         let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
         let n = wave.grants.len() as u64;
@@ -274,7 +321,10 @@ impl Licensing {
             &mut t,
             ctx,
             now,
-            pb::licensing_event::Kind::WavePublished(pb::WavePublished { wave_id: wave_id.to_string(), licenses: granted }),
+            pb::licensing_event::Kind::WavePublished(pb::WavePublished {
+                wave_id: wave_id.to_string(),
+                licenses: granted,
+            }),
         );
         record(
             &mut t,

@@ -57,7 +57,7 @@ async fn publish(svc: &Licensing, grants: &[(&str, u64, pb::LicenseConditions)])
             wave_id: wave.wave_id.clone(),
             application_id: app.to_string(),
             granted_units: *units,
-            conditions: Some(c.clone()),
+            conditions: Some(*c),
         }))
         .await
         .unwrap();
@@ -105,7 +105,12 @@ async fn batch(svc: &Licensing, items: Vec<pb::QuotaItem>) -> Vec<pb::QuotaItemR
 }
 
 async fn license(svc: &Licensing, id: &str) -> pb::License {
-    svc.get_license(Request::new(pb::GetLicenseRequest { license_id: id.into() })).await.unwrap().into_inner().license.unwrap()
+    svc.get_license(Request::new(pb::GetLicenseRequest { license_id: id.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .license
+        .unwrap()
 }
 
 fn conditions(r: &pb::QuotaItemResult) -> Vec<pb::Condition> {
@@ -265,7 +270,7 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
             wave_id: wave.wave_id.clone(),
             application_id: app.application_id.clone(),
             granted_units: units,
-            conditions: Some(pending.clone()),
+            conditions: Some(pending),
         }))
         .await
         .unwrap();
@@ -285,7 +290,7 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
         wave_id: wave.wave_id.clone(),
         application_id: d.application_id.clone(),
         granted_units: 100_000,
-        conditions: Some(pending.clone()),
+        conditions: Some(pending),
     }))
     .await
     .unwrap();
@@ -384,9 +389,13 @@ async fn licence_states_gate_quota(store: Store) {
     assert_eq!(conditions(&r[0]), vec![pb::Condition::TermsFinal]);
     assert!(!r[0].rejectable);
 
-    svc.finalize_terms(Request::new(pb::FinalizeTermsRequest { request_id: rid(), license_id: lic.license_id.clone(), conditions: None }))
-        .await
-        .unwrap();
+    svc.finalize_terms(Request::new(pb::FinalizeTermsRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        conditions: None,
+    }))
+    .await
+    .unwrap();
     let r = batch(&svc, vec![item("o1", 1, "bytedance", 100), item("o2", 1, "bytedance", 500)]).await;
     assert!(r[0].reservation.is_some());
     assert_eq!(conditions(&r[1]), vec![pb::Condition::PerOrderCap]);
@@ -404,7 +413,11 @@ async fn licence_states_gate_quota(store: Store) {
     assert_eq!(conditions(&r[0]), vec![pb::Condition::LicenseInForce]);
     // Confirming under a suspended licence is refused.
     let c = svc
-        .confirm_quota(Request::new(pb::ConfirmQuotaRequest { request_id: rid(), order_id: "o1".into(), generation: 1 }))
+        .confirm_quota(Request::new(pb::ConfirmQuotaRequest {
+            request_id: rid(),
+            order_id: "o1".into(),
+            generation: 1,
+        }))
         .await
         .unwrap_err();
     assert_eq!(c.code(), Code::FailedPrecondition);
@@ -580,9 +593,13 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 30);
 
     // Confirmed quota survives an unwind that leaves confirmed orders alone, but not a cancel.
-    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest { request_id: rid(), order_id: "o1".into(), generation: 3 }))
-        .await
-        .unwrap();
+    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest {
+        request_id: rid(),
+        order_id: "o1".into(),
+        generation: 3,
+    }))
+    .await
+    .unwrap();
     let l = license(&svc, &lic.license_id).await;
     assert_eq!((l.used_units, l.confirmed_units), (30, 30));
     assert_eq!(release("o1", 3, true).await.state(), pb::ReservationState::Confirmed);
@@ -595,7 +612,11 @@ async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
     let svc = Licensing::new(store);
     // No export authorisation yet: submit and publish without it.
     let app = submit(&svc, "bytedance", "H200", 1000).await;
-    publish(&svc, &[(&app.application_id, 1000, pb::LicenseConditions { domestic_ratio_bps: 2500, ..Default::default() })]).await;
+    publish(
+        &svc,
+        &[(&app.application_id, 1000, pb::LicenseConditions { domestic_ratio_bps: 2500, ..Default::default() })],
+    )
+    .await;
     let check = |units: u64| {
         let svc = svc.clone();
         async move {
@@ -673,7 +694,10 @@ async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
     let r = batch(&svc, vec![item("o2", 1, "bytedance", 1)]).await;
     assert!(conditions(&r[0]).contains(&pb::Condition::ExportAuthorization));
     let list = svc
-        .list_export_authorizations(Request::new(pb::ListExportAuthorizationsRequest { page_size: 0, page_token: String::new() }))
+        .list_export_authorizations(Request::new(pb::ListExportAuthorizationsRequest {
+            page_size: 0,
+            page_token: String::new(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -693,7 +717,11 @@ async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
     assert!(v.valid, "{}", v.problem);
     assert_eq!(v.entries_checked, 6);
     let entries = svc
-        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest { subject: String::new(), page_size: 3, page_token: String::new() }))
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
+            subject: String::new(),
+            page_size: 3,
+            page_token: String::new(),
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -714,7 +742,11 @@ async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
     assert_eq!(rest.entries[2].action, "quota.decided");
     assert!(rest.entries[2].detail.contains("o1/1"));
     let by_subject = svc
-        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest { subject: "H200".into(), page_size: 10, page_token: String::new() }))
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
+            subject: "H200".into(),
+            page_size: 10,
+            page_token: String::new(),
+        }))
         .await
         .unwrap()
         .into_inner();

