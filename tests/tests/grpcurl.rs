@@ -77,3 +77,71 @@ async fn grpcurl_lists_describes_checks_health_and_calls_licensing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("NotFound") && err.contains("lic-404"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_receives_supply_and_watches_stock() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let cluster = Cluster::start().await;
+    let addr = cluster.inventory.addr.to_string();
+    let list = grpcurl(&["-plaintext", &addr, "list"]).await;
+    assert!(list.lines().any(|l| l == "chipgate.inventory.v1.InventoryService"), "{list}");
+    let described =
+        grpcurl(&["-plaintext", &addr, "describe", "chipgate.inventory.v1.InventoryService.WatchStock"]).await;
+    assert!(described.contains("returns ( stream .chipgate.inventory.v1.WatchStockResponse )"), "{described}");
+
+    // Start watching before the supply arrives.
+    let mut watch = tokio::process::Command::new("grpcurl")
+        .args([
+            "-plaintext",
+            "-d",
+            r#"{"product_sku":"H200-SXM-141GB"}"#,
+            &addr,
+            "chipgate.inventory.v1.InventoryService/WatchStock",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("grpcurl");
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    // The stream opens with a snapshot of the current stock.
+    let mut seen = String::new();
+    while !seen.contains("snapshot") {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        seen.push_str(&line);
+    }
+
+    let body = r#"{"request_id":"rcpt-9","receipt_id":"rcpt-9","product_sku":"H200-SXM-141GB","units":"5000","source":"TPE-SHA flight 3"}"#;
+    let out: Value = serde_json::from_str(
+        &grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.inventory.v1.InventoryService/ReceiveSupply"]).await,
+    )
+    .unwrap();
+    assert_eq!(out["newlyBooked"], true);
+    assert_eq!(out["stock"]["available"], "5000");
+
+    // grpcurl pretty-prints each message, closing it with a lone "}" at the start of a line.
+    let mut message = String::new();
+    loop {
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        message.push_str(&line);
+        message.push('\n');
+        if line == "}" {
+            if message.contains("supply.received") {
+                break;
+            }
+            message.clear();
+        }
+    }
+    let change: Value = serde_json::from_str(&message).unwrap();
+    assert_eq!(change["reference"], "rcpt-9");
+    assert_eq!(change["stock"]["available"], "5000");
+    let _ = watch.kill().await;
+}

@@ -38,10 +38,16 @@ async fn health_follows_redis_and_draining() {
     cluster.redis.as_mut().unwrap().kill();
     wait_for(&url, "", ServingStatus::NotServing, Duration::from_secs(5)).await;
     wait_for(&url, "chipgate.licensing.v1.LicensingService", ServingStatus::NotServing, Duration::from_secs(5)).await;
+    assert_eq!(
+        status(&url, "liveness").await,
+        Some(ServingStatus::Serving),
+        "liveness does not follow Redis, so an outage doesn't restart every pod"
+    );
 
     cluster.redis.as_mut().unwrap().restart();
     wait_for(&url, "", ServingStatus::Serving, Duration::from_secs(10)).await;
 
     cluster.licensing.running.health.set_draining().await;
     assert_eq!(status(&url, "").await, Some(ServingStatus::NotServing), "draining reports NOT_SERVING at once");
+    assert_eq!(status(&url, "liveness").await, Some(ServingStatus::Serving), "a draining process is still alive");
 }

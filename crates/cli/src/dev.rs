@@ -1,13 +1,18 @@
 //! `chipgate dev`: the whole cluster in one process, on fixed ports, on the embedded state backend (or
-//! Redis), ready to poke with grpcurl.
+//! Redis), ready to poke with grpcurl or the chipgate CLI.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
-use chipgate_runtime::server::ServerConfig;
+use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_runtime::{Shutdown, serve};
 use chipgate_state::{RedisOptions, Store};
 use clap::Args;
+use tokio::task::JoinHandle;
+
+/// The catalogue the dev cluster loads unless told otherwise (the repository's `data/catalogue.json`).
+const DEFAULT_CATALOGUE: &str = include_str!("../../../data/catalogue.json");
 
 /// Options of `chipgate dev`.
 #[derive(Args, Debug, Clone)]
@@ -18,13 +23,48 @@ pub struct DevArgs {
     /// Port of the licensing service.
     #[arg(long, default_value_t = chipgate_licensing::DEFAULT_PORT)]
     pub licensing_port: u16,
+    /// Port of the inventory service.
+    #[arg(long, default_value_t = chipgate_inventory::DEFAULT_PORT)]
+    pub inventory_port: u16,
     /// Use this Redis instead of the embedded in-memory state (e.g. redis://127.0.0.1:6379/0).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Catalogue file to load instead of the built-in one (a JSON array of products).
+    #[arg(long)]
+    pub catalogue: Option<PathBuf>,
+}
+
+struct Started {
+    name: &'static str,
+    addr: SocketAddr,
+    service: &'static str,
+    task: JoinHandle<Result<(), chipgate_runtime::server::ServeError>>,
+}
+
+async fn start(
+    name: &'static str,
+    service: &'static str,
+    addr: SocketAddr,
+    store: &Store,
+    config: &ServerConfig,
+    shutdown: &Shutdown,
+    spec: ServiceSpec,
+) -> Result<Started, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("can't listen on {addr} for {name}: {e} (pick another port with --{name}-port)"))?;
+    let s = shutdown.clone();
+    let task =
+        tokio::spawn(serve(listener, spec, store.clone(), config.clone(), async move { s.wait().await }, |_| {}));
+    Ok(Started { name, addr, service, task })
 }
 
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> Result<(), String> {
+    let catalogue = match &args.catalogue {
+        Some(path) => chipgate_inventory::load_catalogue_file(path)?,
+        None => chipgate_inventory::parse_catalogue(DEFAULT_CATALOGUE)?,
+    };
     let store = match &args.redis_url {
         Some(url) => Store::connect_redis(
             url,
@@ -36,52 +76,78 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     };
     let shutdown = Shutdown::on_signals();
     let config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
-    let lic_addr = SocketAddr::new(args.bind, args.licensing_port);
-    let lic_listener =
-        tokio::net::TcpListener::bind(lic_addr).await.map_err(|e| format!("can't listen on {lic_addr}: {e}"))?;
+
     let licensing = chipgate_licensing::Licensing::new(store.clone());
-    let s = shutdown.clone();
-    let lic_task = tokio::spawn(serve(
-        lic_listener,
-        chipgate_licensing::spec(licensing, &config),
-        store.clone(),
-        config.clone(),
-        async move { s.wait().await },
-        |_| {},
-    ));
+    let inventory =
+        chipgate_inventory::Inventory::start(store.clone(), shutdown.clone(), chipgate_inventory::Options::default());
+    let products = catalogue.len();
+    inventory.load_catalogue(catalogue).await.map_err(|e| format!("catalogue refused: {e:?}"))?;
+
+    let started = vec![
+        start(
+            "licensing",
+            chipgate_licensing::SERVICE_NAME,
+            SocketAddr::new(args.bind, args.licensing_port),
+            &store,
+            &config,
+            &shutdown,
+            chipgate_licensing::spec(licensing, &config),
+        )
+        .await?,
+        start(
+            "inventory",
+            chipgate_inventory::SERVICE_NAME,
+            SocketAddr::new(args.bind, args.inventory_port),
+            &store,
+            &config,
+            &shutdown,
+            chipgate_inventory::spec(inventory, &config),
+        )
+        .await?,
+    ];
 
     let backend = match &args.redis_url {
         Some(url) => format!("redis ({url})"),
-        None => "embedded in-memory state (lost on exit)".to_string(),
+        None => "embedded in-memory state (gone when this process exits)".to_string(),
     };
-    tracing::info!("chipgate dev cluster is up on {backend}");
-    let lines = [
+    tracing::info!(%backend, products, "chipgate dev cluster is up");
+    let addr_of = |name: &str| started.iter().find(|s| s.name == name).map(|s| s.addr.to_string()).unwrap_or_default();
+    let (lic, inv) = (addr_of("licensing"), addr_of("inventory"));
+    let mut lines = vec![
         String::new(),
-        format!("  chipgate dev cluster — state: {backend}"),
+        format!("  chipgate dev cluster — state: {backend}; catalogue: {products} products"),
         String::new(),
-        format!("  licensing   {lic_addr}   chipgate.licensing.v1.LicensingService"),
+    ];
+    for s in &started {
+        lines.push(format!("  {:<10} {:<16} {}", s.name, s.addr, s.service));
+    }
+    lines.extend([
         String::new(),
         "  try:".to_string(),
-        format!("    grpcurl -plaintext {lic_addr} list"),
-        format!("    grpcurl -plaintext {lic_addr} grpc.health.v1.Health/Check"),
+        format!("    grpcurl -plaintext {lic} list"),
+        format!("    grpcurl -plaintext {lic} grpc.health.v1.Health/Check"),
+        format!("    grpcurl -plaintext {inv} chipgate.inventory.v1.InventoryService/ListStock"),
         format!(
-            "    grpcurl -plaintext -d '{{\"request_id\":\"demo-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"quantity\":\"200000\",\"end_use\":\"LLM training\",\"site\":\"Ulanqab\"}}' {lic_addr} chipgate.licensing.v1.LicensingService/SubmitApplication"
+            "    grpcurl -plaintext -d '{{\"request_id\":\"demo-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"quantity\":\"200000\",\"end_use\":\"LLM training\",\"site\":\"Ulanqab\"}}' {lic} chipgate.licensing.v1.LicensingService/SubmitApplication"
+        ),
+        format!(
+            "    grpcurl -plaintext -d '{{\"request_id\":\"rcpt-1\",\"receipt_id\":\"rcpt-1\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"5000\"}}' {inv} chipgate.inventory.v1.InventoryService/ReceiveSupply"
         ),
         String::new(),
         "  Ctrl-C stops the cluster.".to_string(),
         String::new(),
-    ];
+    ]);
     for l in lines {
         crate::out::say(&l);
     }
     shutdown.wait().await;
     crate::out::say("  stopping…");
-    for task in [lic_task] {
-        match tokio::time::timeout(Duration::from_secs(10), task).await {
+    for s in started {
+        match tokio::time::timeout(Duration::from_secs(10), s.task).await {
             Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(format!("server failed: {e}")),
-            Ok(Err(e)) => return Err(format!("server task failed: {e}")),
-            Err(_) => return Err("a server did not stop within 10 s".into()),
+            Ok(Ok(Err(e))) => return Err(format!("{} failed: {e}", s.name)),
+            Ok(Err(e)) => return Err(format!("{} task failed: {e}", s.name)),
+            Err(_) => return Err(format!("{} did not stop within 10 s", s.name)),
         }
     }
     Ok(())

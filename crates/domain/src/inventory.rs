@@ -1,1 +1,534 @@
 //! Inventory rules: stock arithmetic and the hold state machine.
+//!
+//! Stock of a product always adds up: `received = available + held + committed + shipped`, and
+//! `on_hand = available + held + committed`. Units move only along these edges:
+//! receive → available; available ⇄ held (hold, release, expire); held → committed (confirm);
+//! committed → available (release before shipping); committed → shipped (ship).
+//!
+//! A hold belongs to one order at one *generation*. It may be partial (fewer units held than
+//! requested) while the order waits in a backlog; it expires only once complete and unconfirmed past
+//! its expiry. A released or expired generation is never reopened; a higher generation supersedes
+//! (and gives back) whatever an older one still holds.
+
+/// What kind of part a product is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum ProductClass {
+    /// Never stored.
+    Unspecified = 0,
+    /// Export-controlled accelerator.
+    ExportControlledAccelerator = 1,
+    /// Domestic accelerator.
+    DomesticAccelerator = 2,
+}
+
+/// A catalogue product.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ProductRecord {
+    /// SKU.
+    #[prost(string, tag = "1")]
+    pub sku: String,
+    /// Name.
+    #[prost(string, tag = "2")]
+    pub name: String,
+    /// [`ProductClass`].
+    #[prost(enumeration = "ProductClass", tag = "3")]
+    pub class: i32,
+    /// Performance relative to the H20.
+    #[prost(double, tag = "4")]
+    pub relative_performance: f64,
+    /// Vendor.
+    #[prost(string, tag = "5")]
+    pub vendor: String,
+    /// Last change.
+    #[prost(uint64, tag = "6")]
+    pub update_ms: u64,
+}
+
+/// The stock of one product.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct StockRecord {
+    /// Product.
+    #[prost(string, tag = "1")]
+    pub sku: String,
+    /// Free to hold.
+    #[prost(uint64, tag = "2")]
+    pub available: u64,
+    /// Held by unconfirmed holds.
+    #[prost(uint64, tag = "3")]
+    pub held: u64,
+    /// Confirmed, not shipped.
+    #[prost(uint64, tag = "4")]
+    pub committed: u64,
+    /// Shipped.
+    #[prost(uint64, tag = "5")]
+    pub shipped: u64,
+    /// Received over all time.
+    #[prost(uint64, tag = "6")]
+    pub received: u64,
+    /// Last change.
+    #[prost(uint64, tag = "7")]
+    pub update_ms: u64,
+}
+
+/// A move the stock can't make (a bug elsewhere if it ever happens: callers check first).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StockError {
+    /// The move.
+    pub action: &'static str,
+    /// Units asked for.
+    pub units: u64,
+    /// Units there were.
+    pub there: u64,
+}
+
+impl std::fmt::Display for StockError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "can't {} {} units: only {} there", self.action, self.units, self.there)
+    }
+}
+
+impl std::error::Error for StockError {}
+
+fn take(from: &mut u64, units: u64, action: &'static str) -> Result<(), StockError> {
+    if *from < units {
+        return Err(StockError { action, units, there: *from });
+    }
+    *from -= units;
+    Ok(())
+}
+
+impl StockRecord {
+    /// Empty stock of a product.
+    pub fn empty(sku: &str) -> Self {
+        StockRecord { sku: sku.to_string(), ..Default::default() }
+    }
+
+    /// Units physically present.
+    pub fn on_hand(&self) -> u64 {
+        self.available + self.held + self.committed
+    }
+
+    /// The invariant: everything received is somewhere.
+    pub fn adds_up(&self) -> bool {
+        self.received == self.available + self.held + self.committed + self.shipped
+    }
+
+    /// Books received units.
+    pub fn receive(&mut self, units: u64) {
+        self.received += units;
+        self.available += units;
+    }
+
+    /// Holds up to `units` from available; returns how many were held.
+    pub fn hold_up_to(&mut self, units: u64) -> u64 {
+        let n = units.min(self.available);
+        self.available -= n;
+        self.held += n;
+        n
+    }
+
+    /// Gives held units back to available.
+    ///
+    /// # Errors
+    /// When fewer units are held.
+    pub fn release_held(&mut self, units: u64) -> Result<(), StockError> {
+        take(&mut self.held, units, "release held")?;
+        self.available += units;
+        Ok(())
+    }
+
+    /// Moves held units to committed.
+    ///
+    /// # Errors
+    /// When fewer units are held.
+    pub fn commit(&mut self, units: u64) -> Result<(), StockError> {
+        take(&mut self.held, units, "commit")?;
+        self.committed += units;
+        Ok(())
+    }
+
+    /// Gives committed units back to available.
+    ///
+    /// # Errors
+    /// When fewer units are committed.
+    pub fn release_committed(&mut self, units: u64) -> Result<(), StockError> {
+        take(&mut self.committed, units, "release committed")?;
+        self.available += units;
+        Ok(())
+    }
+
+    /// Ships committed units.
+    ///
+    /// # Errors
+    /// When fewer units are committed.
+    pub fn ship(&mut self, units: u64) -> Result<(), StockError> {
+        take(&mut self.committed, units, "ship")?;
+        self.shipped += units;
+        Ok(())
+    }
+}
+
+/// Where a hold stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum HoldStatus {
+    /// Never stored.
+    Unspecified = 0,
+    /// Units held (possibly fewer than requested).
+    Held = 1,
+    /// Confirmed: units committed.
+    Confirmed = 2,
+    /// Shipped.
+    Shipped = 3,
+    /// Given back on request (or a tombstone fencing off a late reserve).
+    Released = 4,
+    /// Given back because it was not confirmed in time.
+    Expired = 5,
+}
+
+/// An order's hold on stock, for its current generation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HoldRecord {
+    /// Order.
+    #[prost(string, tag = "1")]
+    pub order_id: String,
+    /// Generation.
+    #[prost(uint64, tag = "2")]
+    pub generation: u64,
+    /// Product.
+    #[prost(string, tag = "3")]
+    pub sku: String,
+    /// Units the order wants.
+    #[prost(uint64, tag = "4")]
+    pub requested: u64,
+    /// Units held, committed or shipped.
+    #[prost(uint64, tag = "5")]
+    pub held: u64,
+    /// [`HoldStatus`].
+    #[prost(enumeration = "HoldStatus", tag = "6")]
+    pub status: i32,
+    /// Hold time once complete.
+    #[prost(uint32, tag = "7")]
+    pub hold_seconds: u32,
+    /// Expiry (ms since epoch) once complete; 0 while partial.
+    #[prost(uint64, tag = "8")]
+    pub expire_ms: u64,
+    /// Created.
+    #[prost(uint64, tag = "9")]
+    pub create_ms: u64,
+    /// Last change.
+    #[prost(uint64, tag = "10")]
+    pub update_ms: u64,
+    /// Why released.
+    #[prost(string, tag = "11")]
+    pub release_reason: String,
+}
+
+/// How a hold request fares against an existing hold of the same order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldCheck {
+    /// No hold yet (or only an older, finished generation): open a new one.
+    Open,
+    /// An older generation still holds `held` units (committed when `confirmed`): give them back,
+    /// then open a new one.
+    Supersede {
+        /// Units to give back.
+        held: u64,
+        /// They were committed rather than held.
+        confirmed: bool,
+    },
+    /// The same generation is open and partial: top it up.
+    TopUp,
+    /// The same generation is complete (or confirmed, or shipped): nothing to do.
+    Done,
+    /// Released or expired at this generation, or a newer generation exists.
+    Stale,
+    /// The same generation was asked for a different number of units.
+    Mismatch {
+        /// Units of the existing hold.
+        requested: u64,
+    },
+}
+
+impl HoldRecord {
+    /// True once every requested unit is held.
+    pub fn is_complete(&self) -> bool {
+        self.held >= self.requested
+    }
+
+    /// Units this hold keeps out of available (held or committed).
+    pub fn occupying(&self) -> (u64, bool) {
+        match self.status() {
+            HoldStatus::Held => (self.held, false),
+            HoldStatus::Confirmed => (self.held, true),
+            _ => (0, false),
+        }
+    }
+
+    /// Decides what a hold of `units` at `generation` must do given this (existing) hold.
+    pub fn check(&self, generation: u64, units: u64) -> HoldCheck {
+        use std::cmp::Ordering::*;
+        match generation.cmp(&self.generation) {
+            Less => HoldCheck::Stale,
+            Greater => match self.occupying() {
+                (0, _) => HoldCheck::Open,
+                (held, confirmed) => HoldCheck::Supersede { held, confirmed },
+            },
+            Equal => match self.status() {
+                HoldStatus::Released | HoldStatus::Expired | HoldStatus::Unspecified => HoldCheck::Stale,
+                _ if units != self.requested => HoldCheck::Mismatch { requested: self.requested },
+                HoldStatus::Held if !self.is_complete() => HoldCheck::TopUp,
+                HoldStatus::Held | HoldStatus::Confirmed | HoldStatus::Shipped => HoldCheck::Done,
+            },
+        }
+    }
+
+    /// Marks the hold complete at `now_ms`, starting its expiry clock.
+    pub fn complete(&mut self, now_ms: u64) {
+        self.expire_ms = now_ms + u64::from(self.hold_seconds) * 1000;
+    }
+
+    /// True when complete, unconfirmed and past expiry.
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.status() == HoldStatus::Held && self.is_complete() && self.expire_ms != 0 && now_ms >= self.expire_ms
+    }
+}
+
+/// How one item of a batch hold fared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HoldOutcome {
+    /// Every unit is held.
+    Held,
+    /// Some are; the order waits for the rest.
+    Partial,
+    /// Nothing new was held.
+    NotServed,
+    /// The generation is stale.
+    Stale,
+}
+
+/// Serves a batch of hold requests for one product strictly in order: once an item is not fully
+/// served, no later item takes anything (an order that may hold partially takes what there is first).
+pub struct HoldPlanner {
+    /// The running stock.
+    pub stock: StockRecord,
+    stopped: bool,
+    now_ms: u64,
+}
+
+/// One request of a batch.
+#[derive(Clone, Debug)]
+pub struct HoldAsk {
+    /// Order.
+    pub order_id: String,
+    /// Generation.
+    pub generation: u64,
+    /// Units wanted in all.
+    pub units: u64,
+    /// May hold fewer.
+    pub allow_partial: bool,
+    /// Hold time once complete.
+    pub hold_seconds: u32,
+}
+
+impl HoldPlanner {
+    /// A planner over the product's current stock.
+    pub fn new(stock: StockRecord, now_ms: u64) -> Self {
+        HoldPlanner { stock, stopped: false, now_ms }
+    }
+
+    /// Decides one ask against the existing hold (if any). Returns the outcome and the hold to store
+    /// (None when nothing changes).
+    ///
+    /// # Errors
+    /// When the existing hold was asked with other units ([`HoldCheck::Mismatch`]).
+    pub fn plan(
+        &mut self,
+        ask: &HoldAsk,
+        existing: Option<&HoldRecord>,
+    ) -> Result<(HoldOutcome, Option<HoldRecord>), u64> {
+        let check = existing.map(|h| h.check(ask.generation, ask.units)).unwrap_or(HoldCheck::Open);
+        let mut hold = match check {
+            HoldCheck::Mismatch { requested } => return Err(requested),
+            HoldCheck::Stale => return Ok((HoldOutcome::Stale, None)),
+            HoldCheck::Done => {
+                let outcome = if existing.is_some_and(HoldRecord::is_complete) {
+                    HoldOutcome::Held
+                } else {
+                    HoldOutcome::Partial
+                };
+                return Ok((outcome, None));
+            }
+            HoldCheck::TopUp => existing.cloned().unwrap_or_default(),
+            HoldCheck::Open | HoldCheck::Supersede { .. } => {
+                if let HoldCheck::Supersede { held, confirmed } = check {
+                    // Giving back an older generation's units can't fail: they are counted in stock.
+                    let _ = if confirmed { self.stock.release_committed(held) } else { self.stock.release_held(held) };
+                }
+                HoldRecord {
+                    order_id: ask.order_id.clone(),
+                    generation: ask.generation,
+                    sku: self.stock.sku.clone(),
+                    requested: ask.units,
+                    held: 0,
+                    status: HoldStatus::Held as i32,
+                    hold_seconds: ask.hold_seconds,
+                    expire_ms: 0,
+                    create_ms: self.now_ms,
+                    update_ms: self.now_ms,
+                    release_reason: String::new(),
+                }
+            }
+        };
+        let superseded = matches!(check, HoldCheck::Supersede { .. });
+        let need = hold.requested - hold.held;
+        let can = if self.stopped { 0 } else { need.min(self.stock.available) };
+        let take = if can == need || ask.allow_partial { can } else { 0 };
+        if take < need {
+            self.stopped = true;
+        }
+        if take == 0 && !(check == HoldCheck::Open || superseded) {
+            // A partial hold that gets nothing more: unchanged.
+            return Ok((HoldOutcome::NotServed, None));
+        }
+        if take == 0 && !ask.allow_partial {
+            // Nothing held and partial holds not wanted: don't create an empty hold (but a superseded
+            // generation must still record that its units went back).
+            return Ok((
+                HoldOutcome::NotServed,
+                superseded.then_some(HoldRecord { status: HoldStatus::Released as i32, ..hold }),
+            ));
+        }
+        self.stock.hold_up_to(take);
+        hold.held += take;
+        hold.update_ms = self.now_ms;
+        let outcome = if hold.is_complete() {
+            hold.complete(self.now_ms);
+            HoldOutcome::Held
+        } else if take > 0 || hold.held > 0 {
+            HoldOutcome::Partial
+        } else {
+            HoldOutcome::NotServed
+        };
+        Ok((outcome, Some(hold)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn stock(available: u64) -> StockRecord {
+        StockRecord { sku: "H200".into(), available, received: available, ..Default::default() }
+    }
+
+    fn ask(order: &str, units: u64, partial: bool) -> HoldAsk {
+        HoldAsk { order_id: order.into(), generation: 1, units, allow_partial: partial, hold_seconds: 60 }
+    }
+
+    #[test]
+    fn stock_moves_keep_the_books_balanced() {
+        let mut s = stock(0);
+        s.receive(100);
+        assert_eq!(s.hold_up_to(150), 100);
+        s.release_held(30).expect("held");
+        s.commit(50).expect("held");
+        s.release_committed(10).expect("committed");
+        s.ship(40).expect("committed");
+        assert_eq!((s.available, s.held, s.committed, s.shipped, s.received), (40, 20, 0, 40, 100));
+        assert_eq!(s.on_hand(), 60);
+        assert!(s.adds_up());
+        let err = s.ship(1).expect_err("nothing committed");
+        assert_eq!(err.to_string(), "can't ship 1 units: only 0 there");
+        assert!(s.adds_up(), "a refused move changes nothing");
+    }
+
+    #[test]
+    fn batch_is_served_in_order_and_stops_at_the_first_short_item() {
+        let mut p = HoldPlanner::new(stock(100), NOW);
+        let (o, h) = p.plan(&ask("a", 60, false), None).expect("ok");
+        assert_eq!((o, h.as_ref().map(|h| h.held)), (HoldOutcome::Held, Some(60)));
+        assert_eq!(h.expect("hold").expire_ms, NOW + 60_000, "complete holds start their expiry clock");
+        // b wants 50 but 40 are left and it may not hold partially: nothing, and the batch stops.
+        let (o, h) = p.plan(&ask("b", 50, false), None).expect("ok");
+        assert_eq!((o, h), (HoldOutcome::NotServed, None));
+        // c would fit, but may not overtake b.
+        let (o, h) = p.plan(&ask("c", 10, false), None).expect("ok");
+        assert_eq!((o, h), (HoldOutcome::NotServed, None));
+        assert_eq!(p.stock.available, 40);
+    }
+
+    #[test]
+    fn partial_holds_take_what_there_is_and_wait_without_expiring() {
+        let mut p = HoldPlanner::new(stock(30), NOW);
+        let (o, h) = p.plan(&ask("a", 50, true), None).expect("ok");
+        let h = h.expect("hold");
+        assert_eq!((o, h.held, h.expire_ms), (HoldOutcome::Partial, 30, 0));
+        assert!(!h.is_expired(NOW + 10_000_000));
+        let (o, _) = p.plan(&ask("b", 1, true), None).expect("ok");
+        assert_eq!(o, HoldOutcome::NotServed, "later orders get nothing while a is short");
+
+        // Supply arrives: a tops up and completes.
+        let mut s = p.stock.clone();
+        s.receive(25);
+        let mut p = HoldPlanner::new(s, NOW + 5);
+        let (o, h2) = p.plan(&ask("a", 50, true), Some(&h)).expect("ok");
+        let h2 = h2.expect("topped up");
+        assert_eq!((o, h2.held, h2.expire_ms), (HoldOutcome::Held, 50, NOW + 5 + 60_000));
+        assert_eq!(p.stock.available, 5);
+        assert!(p.stock.adds_up());
+        // Asking again changes nothing.
+        let (o, none) = p.plan(&ask("a", 50, true), Some(&h2)).expect("ok");
+        assert_eq!((o, none), (HoldOutcome::Held, None));
+    }
+
+    #[test]
+    fn generations_fence_and_supersede() {
+        let h = HoldRecord {
+            order_id: "a".into(),
+            generation: 2,
+            sku: "H200".into(),
+            requested: 10,
+            held: 10,
+            status: HoldStatus::Held as i32,
+            ..Default::default()
+        };
+        assert_eq!(h.check(1, 10), HoldCheck::Stale);
+        assert_eq!(h.check(2, 10), HoldCheck::Done);
+        assert_eq!(h.check(2, 11), HoldCheck::Mismatch { requested: 10 });
+        assert_eq!(h.check(3, 5), HoldCheck::Supersede { held: 10, confirmed: false });
+        let released = HoldRecord { status: HoldStatus::Released as i32, ..h.clone() };
+        assert_eq!(released.check(2, 10), HoldCheck::Stale);
+        assert_eq!(released.check(2, 99), HoldCheck::Stale, "a released generation is stale whatever the units");
+        assert_eq!(released.check(3, 10), HoldCheck::Open);
+
+        // Superseding gives the old units back before taking new ones.
+        let mut s = stock(0);
+        s.receive(10);
+        s.hold_up_to(10);
+        let mut p = HoldPlanner::new(s, NOW);
+        let (o, new) = p.plan(&HoldAsk { generation: 3, ..ask("a", 4, false) }, Some(&h)).expect("ok");
+        assert_eq!((o, new.expect("hold").held), (HoldOutcome::Held, 4));
+        assert_eq!((p.stock.available, p.stock.held), (6, 4));
+        assert!(p.stock.adds_up());
+    }
+
+    #[test]
+    fn expiry_only_applies_to_complete_unconfirmed_holds() {
+        let mut h = HoldRecord {
+            requested: 5,
+            held: 5,
+            status: HoldStatus::Held as i32,
+            hold_seconds: 1,
+            ..Default::default()
+        };
+        h.complete(NOW);
+        assert!(!h.is_expired(NOW + 999));
+        assert!(h.is_expired(NOW + 1000));
+        h.status = HoldStatus::Confirmed as i32;
+        assert!(!h.is_expired(NOW + 5000));
+    }
+}

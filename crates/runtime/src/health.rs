@@ -2,7 +2,11 @@
 //!
 //! A monitor pings the state backend every second and reports SERVING only while it answers (within
 //! a second) and the server is not draining; otherwise NOT_SERVING. The overall status (service name
-//! "") and each of the server's services move together.
+//! "") and each of the server's services move together: that is what readiness probes ask.
+//!
+//! The service name [`LIVENESS`] answers SERVING for as long as the process serves at all, whatever
+//! Redis does: liveness probes ask it, so an outage of Redis takes pods out of rotation without making
+//! Kubernetes restart every one of them.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -12,6 +16,9 @@ use chipgate_state::{Backend, Store};
 use tokio::sync::Notify;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
+
+/// Health service name that reports only that the process is alive (for liveness probes).
+pub const LIVENESS: &str = "liveness";
 
 /// Controls and observes one server's health.
 #[derive(Clone)]
@@ -62,6 +69,7 @@ pub async fn spawn_monitor(
         wake: Arc::new(Notify::new()),
     };
     handle.publish(false).await;
+    handle.reporter.set_service_status(LIVENESS, ServingStatus::Serving).await;
     let h = handle.clone();
     tokio::spawn(async move {
         let mut last: Option<bool> = None;

@@ -17,6 +17,7 @@ pub mod health;
 pub mod idempotency;
 pub mod locks;
 pub mod paging;
+pub mod records;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

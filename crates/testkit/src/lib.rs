@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_runtime::server::{Running, ServerConfig};
 use chipgate_runtime::{Shutdown, serve};
@@ -23,6 +24,9 @@ pub enum BackendKind {
     Memory,
 }
 
+/// The catalogue every harness cluster starts with (the repository's `data/catalogue.json`).
+pub const DEFAULT_CATALOGUE: &str = include_str!("../../../data/catalogue.json");
+
 /// How to start a cluster.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
@@ -30,6 +34,8 @@ pub struct ClusterOptions {
     pub backend: BackendKind,
     /// Server settings for every service.
     pub server: ServerConfig,
+    /// Inventory background behaviour (sweep interval).
+    pub inventory: chipgate_inventory::Options,
 }
 
 impl Default for ClusterOptions {
@@ -37,6 +43,7 @@ impl Default for ClusterOptions {
         ClusterOptions {
             backend: BackendKind::Redis,
             server: ServerConfig { health_interval: Duration::from_millis(100), ..ServerConfig::default() },
+            inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
         }
     }
 }
@@ -80,20 +87,22 @@ pub struct Cluster {
     pub store: Store,
     /// The licensing service.
     pub licensing: ServiceHandle,
+    /// The inventory service.
+    pub inventory: ServiceHandle,
 }
 
-/// Starts a server for `spec` on a fresh loopback port.
+/// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
 ///
 /// # Panics
 /// When the port can't be bound or the server doesn't come up.
 pub async fn start_service(
     store: Store,
     config: ServerConfig,
+    shutdown: Shutdown,
     spec: impl FnOnce(&ServerConfig) -> chipgate_runtime::ServiceSpec,
 ) -> ServiceHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback port 0");
     let addr = listener.local_addr().expect("local addr");
-    let shutdown = Shutdown::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let spec = spec(&config);
     let s = shutdown.clone();
@@ -145,8 +154,21 @@ impl Cluster {
         store.ping().await.expect("backend answers");
         let lic = chipgate_licensing::Licensing::new(store.clone());
         let licensing =
-            start_service(store.clone(), options.server.clone(), |c| chipgate_licensing::spec(lic, c)).await;
-        Cluster { redis, store, licensing }
+            start_service(store.clone(), options.server.clone(), Shutdown::new(), |c| chipgate_licensing::spec(lic, c))
+                .await;
+        let inv_shutdown = Shutdown::new();
+        let inv = chipgate_inventory::Inventory::start(store.clone(), inv_shutdown.clone(), options.inventory.clone());
+        let catalogue = chipgate_inventory::parse_catalogue(DEFAULT_CATALOGUE).expect("default catalogue parses");
+        inv.load_catalogue(catalogue).await.expect("default catalogue loads");
+        let inventory =
+            start_service(store.clone(), options.server.clone(), inv_shutdown, |c| chipgate_inventory::spec(inv, c))
+                .await;
+        Cluster { redis, store, licensing, inventory }
+    }
+
+    /// An inventory client.
+    pub fn inventory_client(&self) -> InventoryServiceClient<Channel> {
+        InventoryServiceClient::new(channel(&self.inventory.url()))
     }
 
     /// A licensing client.

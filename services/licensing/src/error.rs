@@ -130,6 +130,15 @@ impl From<StateError> for Error {
     }
 }
 
+impl From<chipgate_runtime::records::LoadError> for Error {
+    fn from(e: chipgate_runtime::records::LoadError) -> Self {
+        match e {
+            chipgate_runtime::records::LoadError::State(s) => Error::State(s),
+            corrupt => Error::Internal(corrupt.to_string()),
+        }
+    }
+}
+
 impl From<Violations> for Error {
     fn from(v: Violations) -> Self {
         Error::Invalid(v)

@@ -29,6 +29,7 @@ use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::RequestContext;
 use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::locks::KeyedLocks;
+use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_state::{Backend, Store, Txn};
 use prost::Message;
@@ -71,8 +72,6 @@ pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
     ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
 }
 
-type Loaded<M> = Option<(u64, M)>;
-
 impl Licensing {
     /// The service on `store`.
     pub fn new(store: Store) -> Self {
@@ -91,20 +90,11 @@ impl Licensing {
 
     /// Reads and decodes records; `(version, record)` where present.
     async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
-        let raw = self.store().get(keys).await?;
-        raw.into_iter()
-            .zip(keys)
-            .map(|(r, k)| match r {
-                None => Ok(None),
-                Some(rec) => M::decode(rec.data.as_slice())
-                    .map(|m| Some((rec.version, m)))
-                    .map_err(|e| Error::Internal(format!("record {k} is undecodable: {e}"))),
-            })
-            .collect()
+        Ok(records::load_many(self.store(), keys).await?)
     }
 
     async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
-        Ok(self.load_many(std::slice::from_ref(&key)).await?.pop().flatten())
+        Ok(records::load(self.store(), key).await?)
     }
 
     async fn require<M: Message + Default>(

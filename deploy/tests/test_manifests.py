@@ -1,0 +1,513 @@
+"""Properties of the rendered Kubernetes manifests (every overlay), so they cannot silently regress.
+
+Run: python3 -m unittest discover -s deploy/tests -t deploy/tests   (or: bash deploy/check.sh)
+Needs kubectl (for `kubectl kustomize`) and PyYAML.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import k8s  # noqa: E402
+
+SERVICES = {"licensing": 50051, "inventory": 50052, "orders": 50053}
+REDIS_PORT = 6379
+DURATION_VARS = ("CHIPGATE_REQUEST_TIMEOUT", "CHIPGATE_SHUTDOWN_GRACE", "CHIPGATE_DRAIN_DELAY",
+                 "CHIPGATE_REDIS_TIMEOUT")
+
+
+def expected_flows() -> set[tuple[str, str, int, str]]:
+    flows = set()
+    for name, port in SERVICES.items():
+        flows.add(("external", name, port, "TCP"))            # public gRPC ports
+        flows.add((name, "redis", REDIS_PORT, "TCP"))          # services -> Redis
+        flows.add((name, "kube-dns", 53, "UDP"))               # name resolution
+        flows.add((name, "kube-dns", 53, "TCP"))
+    flows.add(("orders", "licensing", SERVICES["licensing"], "TCP"))
+    flows.add(("orders", "inventory", SERVICES["inventory"], "TCP"))
+    return flows
+
+
+class OverlayCase(unittest.TestCase):
+    """Runs each check against every overlay; each test opens one subtest per overlay or container,
+    so one failure does not hide the others."""
+
+    def each_overlay(self):
+        names = k8s.overlays()
+        self.assertTrue({"dev", "prod"} <= set(names), f"overlays dev and prod must exist, found {names}")
+        for name in names:
+            yield name, k8s.render(name)
+
+    def each_container(self):
+        for overlay, docs in self.each_overlay():
+            for w in k8s.workloads(docs):
+                pod = k8s.pod_template(w)["spec"]
+                for c in k8s.containers(pod):
+                    yield overlay, docs, w, pod, c
+
+
+class Workloads(OverlayCase):
+    def test_expected_workloads_exist(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for name in SERVICES:
+                    self.assertIsNotNone(k8s.find(docs, "Deployment", name), f"Deployment {name}")
+                self.assertIsNotNone(k8s.find(docs, "StatefulSet", "redis"), "StatefulSet redis")
+
+    def test_everything_in_one_namespace(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                namespaces = [d["metadata"]["name"] for d in k8s.by_kind(docs, "Namespace")]
+                self.assertEqual(len(namespaces), 1, namespaces)
+                for d in docs:
+                    if d["kind"] != "Namespace":
+                        self.assertEqual(k8s.namespace_of(d), namespaces[0], f"{d['kind']}/{d['metadata']['name']}")
+
+    def test_chipgate_containers_run_a_known_binary(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if k8s.is_chipgate_image(c):
+                    self.assertIsNotNone(
+                        k8s.binary_of(c),
+                        f"chipgate container must set command to one of /usr/local/bin/{{{', '.join(k8s.BINARIES)}}}",
+                    )
+                    self.assertTrue(c["command"][0].startswith("/usr/local/bin/"), c["command"])
+
+    def test_every_service_listens_on_its_port(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for name, port in SERVICES.items():
+                    d = k8s.find(docs, "Deployment", name)
+                    c = k8s.pod_template(d)["spec"]["containers"][0]
+                    self.assertEqual(k8s.binary_of(c), f"chipgate-{name}")
+                    env = k8s.container_env(c, k8s.namespace_of(d), docs)
+                    self.assertEqual(env.get("CHIPGATE_LISTEN"), f"0.0.0.0:{port}")
+                    self.assertIn(port, [p["containerPort"] for p in c.get("ports", [])])
+                    self.assertEqual(env.get("CHIPGATE_LOG_FORMAT"), "json", "json logs in Kubernetes")
+
+
+class Probes(OverlayCase):
+    def test_every_container_has_startup_readiness_liveness(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if c in pod.get("initContainers", []):
+                    continue
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    self.assertIn(probe, c, f"{probe} missing")
+                    handlers = [h for h in ("grpc", "httpGet", "tcpSocket", "exec") if h in c[probe]]
+                    self.assertEqual(len(handlers), 1, f"{probe}: exactly one handler, got {handlers}")
+                    h = handlers[0]
+                    if h != "exec":
+                        self.assertIsInstance(c[probe][h]["port"], int, f"{probe}: numeric port")
+
+    def test_chipgate_probes_are_grpc_on_the_serving_port(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if not k8s.is_chipgate_image(c):
+                    continue
+                env = k8s.container_env(c, k8s.namespace_of(w), docs)
+                listen_port = int(env["CHIPGATE_LISTEN"].rsplit(":", 1)[1])
+                container_ports = [p["containerPort"] for p in c.get("ports", [])]
+                for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+                    self.assertIn("grpc", c[probe], f"{probe} must be a native gRPC probe")
+                    port = c[probe]["grpc"]["port"]
+                    self.assertIsInstance(port, int, f"{probe}: numeric port")
+                    self.assertEqual(port, listen_port, f"{probe} probes the port the server listens on")
+                    self.assertIn(port, container_ports)
+                    # Readiness and startup ask the overall status (follows Redis and draining);
+                    # liveness asks "liveness" (follows only the process), so a Redis outage does not
+                    # restart every pod.
+                    want = "liveness" if probe == "livenessProbe" else ""
+                    self.assertEqual(c[probe]["grpc"].get("service", ""), want, f"{probe} health name")
+
+    def test_liveness_is_more_patient_than_readiness(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if c in pod.get("initContainers", []):
+                    continue
+                def budget(p):
+                    return p.get("periodSeconds", 10) * p.get("failureThreshold", 3)
+                self.assertGreater(budget(c["livenessProbe"]), budget(c["readinessProbe"]))
+                self.assertGreaterEqual(budget(c["livenessProbe"]), 30, "liveness tolerates 30s of NOT_SERVING")
+
+
+class Resources(OverlayCase):
+    def test_requests_and_limits(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                res = c.get("resources") or {}
+                for kind in ("requests", "limits"):
+                    for r in ("cpu", "memory"):
+                        self.assertIn(r, res.get(kind) or {}, f"resources.{kind}.{r}")
+                for r in ("cpu", "memory"):
+                    self.assertLessEqual(k8s.parse_quantity(res["requests"][r]), k8s.parse_quantity(res["limits"][r]),
+                                         f"{r}: request <= limit")
+
+
+class Security(OverlayCase):
+    def test_security_context_complete(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                psc = pod.get("securityContext") or {}
+                csc = c.get("securityContext") or {}
+
+                def effective(key):
+                    return csc.get(key, psc.get(key))
+
+                self.assertIs(effective("runAsNonRoot"), True, "runAsNonRoot")
+                if effective("runAsUser") is not None:
+                    self.assertNotEqual(effective("runAsUser"), 0, "runAsUser 0")
+                self.assertIs(csc.get("allowPrivilegeEscalation"), False, "allowPrivilegeEscalation: false")
+                self.assertIs(csc.get("readOnlyRootFilesystem"), True, "readOnlyRootFilesystem: true")
+                self.assertNotEqual(csc.get("privileged"), True, "privileged")
+                caps = csc.get("capabilities") or {}
+                self.assertIn("ALL", caps.get("drop") or [], "capabilities.drop ALL")
+                self.assertFalse(caps.get("add"), "no added capabilities")
+                seccomp = effective("seccompProfile") or {}
+                self.assertEqual(seccomp.get("type"), "RuntimeDefault", "seccompProfile RuntimeDefault")
+
+    def test_no_host_namespaces_or_host_paths(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for w in k8s.workloads(docs):
+                    pod = k8s.pod_template(w)["spec"]
+                    for key in ("hostNetwork", "hostPID", "hostIPC"):
+                        self.assertNotEqual(pod.get(key), True, f"{w['metadata']['name']}: {key}")
+                    for v in pod.get("volumes", []):
+                        self.assertNotIn("hostPath", v, f"{w['metadata']['name']}: hostPath volume")
+
+    def test_service_accounts_without_token(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                accounts = {(k8s.namespace_of(sa), sa["metadata"]["name"]): sa for sa in k8s.by_kind(docs, "ServiceAccount")}
+                for w in k8s.workloads(docs):
+                    pod = k8s.pod_template(w)["spec"]
+                    name = pod.get("serviceAccountName")
+                    self.assertTrue(name, f"{w['metadata']['name']}: own serviceAccountName")
+                    sa = accounts.get((k8s.namespace_of(w), name))
+                    self.assertIsNotNone(sa, f"ServiceAccount {name} rendered")
+                    self.assertIs(sa.get("automountServiceAccountToken"), False, f"{name}: automount off")
+                    self.assertIs(pod.get("automountServiceAccountToken"), False, f"{w['metadata']['name']}: automount off")
+
+    def test_secret_volumes_are_optional(self):
+        """Keys and certificates are referenced for later; pods must start without them."""
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for w in k8s.workloads(docs):
+                    for v in k8s.pod_template(w)["spec"].get("volumes", []):
+                        if "secret" in v:
+                            self.assertIs(v["secret"].get("optional"), True, f"{w['metadata']['name']}: {v['name']}")
+
+    def test_referenced_configmaps_exist(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                cms = k8s.configmaps(docs)
+                for w in k8s.workloads(docs):
+                    ns = k8s.namespace_of(w)
+                    pod = k8s.pod_template(w)["spec"]
+                    for v in pod.get("volumes", []):
+                        if "configMap" in v:
+                            self.assertIn((ns, v["configMap"]["name"]), cms, v)
+                    for c in k8s.containers(pod):
+                        k8s.container_env(c, ns, docs)  # raises on a missing ConfigMap
+
+    def test_namespace_enforces_restricted_pod_security(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                ns = k8s.by_kind(docs, "Namespace")[0]
+                self.assertEqual(ns["metadata"]["labels"].get("pod-security.kubernetes.io/enforce"), "restricted")
+
+
+class GracefulShutdown(OverlayCase):
+    def test_durations_parse(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if not k8s.is_chipgate_image(c):
+                    continue
+                env = k8s.container_env(c, k8s.namespace_of(w), docs)
+                for var in DURATION_VARS:
+                    if env.get(var) is not None:
+                        k8s.parse_duration(env[var])
+
+    def test_prestop_and_termination_grace_exceed_the_drain(self):
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if c in pod.get("initContainers", []):
+                    continue
+                pre_stop = (c.get("lifecycle") or {}).get("preStop")
+                self.assertTrue(pre_stop, "preStop hook")
+                pre_stop_seconds = (pre_stop.get("sleep") or {}).get("seconds", 0)
+                drain = 0.0
+                if k8s.is_chipgate_image(c):
+                    env = k8s.container_env(c, k8s.namespace_of(w), docs)
+                    grace = k8s.parse_duration(env.get("CHIPGATE_SHUTDOWN_GRACE") or k8s.DEFAULT_SHUTDOWN_GRACE)
+                    delay = k8s.parse_duration(env.get("CHIPGATE_DRAIN_DELAY") or k8s.DEFAULT_DRAIN_DELAY)
+                    drain = grace + delay
+                tgps = pod.get("terminationGracePeriodSeconds", k8s.DEFAULT_TERMINATION_GRACE)
+                self.assertGreater(
+                    tgps, pre_stop_seconds + drain,
+                    f"terminationGracePeriodSeconds {tgps} must exceed preStop {pre_stop_seconds}s + "
+                    f"drain delay + shutdown grace ({drain}s)",
+                )
+
+
+class Services(OverlayCase):
+    def test_each_service_has_a_headless_grpc_service(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for name, port in SERVICES.items():
+                    svc = k8s.find(docs, "Service", name)
+                    self.assertIsNotNone(svc, f"Service {name}")
+                    self.assertEqual(svc["spec"].get("clusterIP"), "None", "headless (see deploy/README.md)")
+                    d = k8s.find(docs, "Deployment", name)
+                    self.assertTrue(k8s.selector_matches({"matchLabels": svc["spec"]["selector"]},
+                                                         k8s.pod_template(d)["metadata"]["labels"]))
+                    ports = [(p["port"], p.get("targetPort", p["port"])) for p in svc["spec"]["ports"]]
+                    self.assertIn((port, port), ports)
+
+    def test_configured_urls_point_at_rendered_services(self):
+        pattern = re.compile(r"^(?:redis|https?)://(?:[^@/]*@)?([a-z0-9-]+)(?:\.[a-z0-9.-]+)?:(\d+)(?:/.*)?$")
+        for overlay, docs, w, pod, c in self.each_container():
+            with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
+                if not k8s.is_chipgate_image(c):
+                    continue
+                env = k8s.container_env(c, k8s.namespace_of(w), docs)
+                for var in ("REDIS_URL", "CHIPGATE_LICENSING_URL", "CHIPGATE_INVENTORY_URL"):
+                    if env.get(var) is None:
+                        continue
+                    m = pattern.match(env[var])
+                    self.assertIsNotNone(m, f"{var}={env[var]!r}")
+                    host, port = m.group(1), int(m.group(2))
+                    svc = k8s.find(docs, "Service", host)
+                    self.assertIsNotNone(svc, f"{var}: Service {host} rendered")
+                    self.assertIn(port, [p["port"] for p in svc["spec"]["ports"]], f"{var}: port {port}")
+                if k8s.binary_of(c) == "chipgate-orders":
+                    self.assertIn("CHIPGATE_LICENSING_URL", env)
+                    self.assertIn("CHIPGATE_INVENTORY_URL", env)
+
+
+class DisruptionBudgets(OverlayCase):
+    @staticmethod
+    def effective_replicas(docs, w):
+        for hpa in k8s.by_kind(docs, "HorizontalPodAutoscaler"):
+            ref = hpa["spec"]["scaleTargetRef"]
+            if ref["kind"] == w["kind"] and ref["name"] == w["metadata"]["name"]:
+                return hpa["spec"].get("minReplicas", 1)
+        return w["spec"].get("replicas", 1)
+
+    def test_multi_replica_workloads_have_exactly_one_pdb(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                pdbs = k8s.by_kind(docs, "PodDisruptionBudget")
+                for w in k8s.workloads(docs):
+                    replicas = self.effective_replicas(docs, w)
+                    labels = k8s.pod_template(w)["metadata"]["labels"]
+                    covering = [p for p in pdbs if k8s.namespace_of(p) == k8s.namespace_of(w)
+                                and p["spec"].get("selector") and k8s.selector_matches(p["spec"]["selector"], labels)]
+                    name = f"{w['kind']}/{w['metadata']['name']} ({replicas} replicas)"
+                    if replicas > 1:
+                        self.assertEqual(len(covering), 1, f"{name}: one PDB, got {[p['metadata']['name'] for p in covering]}")
+                        spec = covering[0]["spec"]
+                        if "maxUnavailable" in spec:
+                            self.assertGreaterEqual(spec["maxUnavailable"], 1, f"{name}: PDB allows evictions")
+                        if isinstance(spec.get("minAvailable"), int):
+                            self.assertLess(spec["minAvailable"], replicas, f"{name}: PDB allows evictions")
+                    else:
+                        self.assertEqual(covering, [], f"{name}: a PDB on a single replica would block drains")
+
+    def test_every_pdb_selects_a_workload(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for p in k8s.by_kind(docs, "PodDisruptionBudget"):
+                    hits = [w for w in k8s.workloads(docs)
+                            if k8s.selector_matches(p["spec"]["selector"], k8s.pod_template(w)["metadata"]["labels"])]
+                    self.assertTrue(hits, f"PDB {p['metadata']['name']} selects nothing")
+
+
+class NetworkPolicies(OverlayCase):
+    def test_default_deny_both_directions(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                deny = [p for p in k8s.by_kind(docs, "NetworkPolicy")
+                        if p["spec"].get("podSelector") in ({}, None)
+                        and set(p["spec"].get("policyTypes", [])) == {"Ingress", "Egress"}
+                        and not p["spec"].get("ingress") and not p["spec"].get("egress")]
+                self.assertTrue(deny, "a default-deny policy for ingress and egress of every pod")
+
+    def test_allowed_flows_are_exactly_the_listed_ones(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                eps = k8s.endpoints(docs)
+                policies = k8s.by_kind(docs, "NetworkPolicy")
+                sources = [e for n, e in eps.items() if n != "kube-dns"]
+                flows = k8s.allowed_flows(policies, sources, list(eps.values()), k8s.candidate_ports(docs))
+                want = expected_flows()
+                self.assertEqual(
+                    flows, want,
+                    f"\nunexpected: {sorted(flows - want)}\nmissing: {sorted(want - flows)}",
+                )
+
+    def test_policy_ports_are_numeric(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                for p in k8s.by_kind(docs, "NetworkPolicy"):
+                    for key in ("ingress", "egress"):
+                        for rule in p["spec"].get(key) or []:
+                            for rp in rule.get("ports") or []:
+                                self.assertIsInstance(rp.get("port"), int, f"{p['metadata']['name']}: {rp}")
+
+
+class FlowModelSelfTest(unittest.TestCase):
+    """The flow computation itself, on small hand-made policies."""
+
+    def setUp(self):
+        self.docs = k8s.render("dev")
+        self.eps = k8s.endpoints(self.docs)
+        self.sources = [e for n, e in self.eps.items() if n != "kube-dns"]
+        self.ports = k8s.candidate_ports(self.docs)
+
+    def flows(self, policies):
+        return k8s.allowed_flows(policies, self.sources, list(self.eps.values()), self.ports)
+
+    def test_no_policies_allows_everything(self):
+        flows = self.flows([])
+        self.assertIn(("redis", "external", 443, "TCP"), flows)
+        self.assertIn(("external", "redis", 6379, "TCP"), flows)
+
+    def test_dropping_default_deny_opens_redis_egress(self):
+        policies = [p for p in k8s.by_kind(self.docs, "NetworkPolicy") if p["metadata"]["name"] != "default-deny-all"]
+        self.assertIn(("redis", "external", 443, "TCP"), self.flows(policies))
+
+    def test_rule_without_ports_opens_every_port(self):
+        policies = k8s.by_kind(self.docs, "NetworkPolicy")
+        for p in policies:
+            if p["metadata"]["name"] == "orders-egress":
+                del p["spec"]["egress"][0]["ports"]
+        flows = self.flows(policies)
+        # licensing only admits its gRPC port, so a port-less egress rule alone adds nothing ...
+        self.assertNotIn(("orders", "licensing", 65535, "TCP"), flows)
+        # ... but port-less rules on both sides of orders -> redis do.
+        for p in policies:
+            if p["metadata"]["name"] == "redis-ingress":
+                del p["spec"]["ingress"][0]["ports"]
+            if p["metadata"]["name"] == "services-to-redis-egress":
+                del p["spec"]["egress"][0]["ports"]
+        self.assertIn(("orders", "redis", 8080, "TCP"), self.flows(policies))
+
+
+class Persistence(unittest.TestCase):
+    @staticmethod
+    def redis_conf(docs) -> tuple[dict, dict, dict]:
+        sts = k8s.find(docs, "StatefulSet", "redis")
+        pod = k8s.pod_template(sts)["spec"]
+        c = pod["containers"][0]
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        conf_path = c["command"][-1]
+        cms = k8s.configmaps(docs)
+        for v in pod["volumes"]:
+            if "configMap" in v and conf_path.startswith(mounts[v["name"]] + "/"):
+                data = cms[(k8s.namespace_of(sts), v["configMap"]["name"])]
+                text = data[conf_path[len(mounts[v["name"]]) + 1:]]
+                conf = {}
+                for line in text.splitlines():
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        key, _, value = line.partition(" ")
+                        conf[key.lower()] = value.strip().strip('"')
+                return sts, conf, mounts
+        raise AssertionError(f"redis config {conf_path} is not from a ConfigMap")
+
+    def test_prod_redis_has_aof_on_a_pvc(self):
+        docs = k8s.render("prod")
+        sts, conf, mounts = self.redis_conf(docs)
+        self.assertEqual(conf.get("appendonly"), "yes")
+        self.assertIn(conf.get("appendfsync"), ("everysec", "always"))
+        templates = [t["metadata"]["name"] for t in sts["spec"].get("volumeClaimTemplates", [])]
+        data_volume = [n for n, p in mounts.items() if p == conf.get("dir")]
+        self.assertEqual(len(data_volume), 1, f"redis dir {conf.get('dir')} is a mount")
+        self.assertIn(data_volume[0], templates, "redis dir is on a PersistentVolumeClaim")
+        pod_volumes = [v["name"] for v in k8s.pod_template(sts)["spec"].get("volumes", [])]
+        self.assertNotIn(data_volume[0], pod_volumes, "no pod volume shadows the claim")
+        self.assertEqual(conf.get("maxmemory-policy"), "noeviction")
+
+    def test_dev_redis_has_no_persistence(self):
+        docs = k8s.render("dev")
+        sts, conf, _mounts = self.redis_conf(docs)
+        self.assertEqual(conf.get("appendonly"), "no")
+        self.assertFalse(sts["spec"].get("volumeClaimTemplates"), "dev Redis has no PVC")
+        self.assertEqual(k8s.by_kind(docs, "PersistentVolumeClaim"), [])
+        self.assertEqual(conf.get("maxmemory-policy"), "noeviction")
+
+
+class OverlayShape(unittest.TestCase):
+    def test_dev_one_replica_each_no_hpa(self):
+        docs = k8s.render("dev")
+        for w in k8s.workloads(docs):
+            self.assertEqual(w["spec"].get("replicas", 1), 1, w["metadata"]["name"])
+        self.assertEqual(k8s.by_kind(docs, "HorizontalPodAutoscaler"), [])
+
+    def test_prod_several_replicas_and_orders_hpa(self):
+        docs = k8s.render("prod")
+        hpas = k8s.by_kind(docs, "HorizontalPodAutoscaler")
+        orders_hpa = [h for h in hpas if h["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": "orders"}]
+        self.assertEqual(len(orders_hpa), 1, "an HPA for orders")
+        spec = orders_hpa[0]["spec"]
+        self.assertGreaterEqual(spec["minReplicas"], 2)
+        self.assertGreater(spec["maxReplicas"], spec["minReplicas"])
+        self.assertNotIn("replicas", k8s.find(docs, "Deployment", "orders")["spec"], "the HPA owns orders' replicas")
+        for name in ("licensing", "inventory"):
+            self.assertGreaterEqual(k8s.find(docs, "Deployment", name)["spec"].get("replicas", 1), 2, name)
+
+
+class Dockerfile(unittest.TestCase):
+    def setUp(self):
+        self.text = (k8s.DEPLOY / "Dockerfile").read_text()
+        self.stages = re.findall(r"(?im)^FROM\s+(\S+)(?:\s+AS\s+(\S+))?", self.text)
+
+    def test_builder_is_rust_195_and_runtime_is_distroless_nonroot(self):
+        self.assertGreaterEqual(len(self.stages), 2, "multi-stage")
+        self.assertRegex(self.text, r"(?m)^ARG RUST_VERSION=1\.95\b")
+        self.assertRegex(self.stages[0][0], r"rust:\$\{RUST_VERSION\}")
+        runtime = self.stages[-1][0]
+        self.assertTrue(runtime.startswith("gcr.io/distroless/cc-debian12") and runtime.endswith(":nonroot"), runtime)
+        self.assertRegex(self.text, r"(?m)^ARG DEBIAN_RELEASE=bookworm\b", "glibc of builder == runtime (debian12)")
+        users = re.findall(r"(?m)^USER\s+(\S+)", self.text)
+        self.assertTrue(users, "USER set")
+        uid = users[-1].split(":")[0]
+        self.assertTrue(uid.isdigit() and int(uid) != 0, f"numeric non-root USER, got {users[-1]}")
+
+    def test_builds_and_installs_every_binary(self):
+        packages = set(re.findall(r"-p\s+([a-z0-9-]+)", self.text))
+        self.assertEqual(packages, set(k8s.BINARIES.values()))
+        self.assertRegex(self.text, r"cargo build --release --locked")
+        loop = re.search(r"for bin in ([a-z0-9 -]+);", self.text)
+        self.assertIsNotNone(loop)
+        self.assertEqual(set(loop.group(1).split()), set(k8s.BINARIES))
+        self.assertRegex(self.text, r"COPY --from=builder /out/ /usr/local/bin/")
+        # That each package builds its binary is proven by test_flags.py (it runs every binary).
+
+    def test_manifest_commands_exist_in_the_image(self):
+        for overlay in k8s.overlays():
+            for w in k8s.workloads(k8s.render(overlay)):
+                for c in k8s.containers(k8s.pod_template(w)["spec"]):
+                    if k8s.is_chipgate_image(c):
+                        self.assertEqual(c["command"][0], f"/usr/local/bin/{k8s.binary_of(c)}")
+
+    def test_dockerignore_admits_every_workspace_member(self):
+        lines = [line.strip() for line in (k8s.DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
+        allowed = {line[1:].strip("/") for line in lines if line.startswith("!")}
+        self.assertTrue({"Cargo.toml", "Cargo.lock", "proto"} <= allowed, allowed)
+        cargo = (k8s.REPO / "Cargo.toml").read_text()
+        members = re.search(r"(?ms)^members\s*=\s*\[(.*?)\]", cargo).group(1)
+        for member in re.findall(r'"([^"]+)"', members):
+            self.assertIn(member.split("/")[0], allowed, f"workspace member {member} excluded from the build context")
+
+
+if __name__ == "__main__":
+    unittest.main()

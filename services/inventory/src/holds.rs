@@ -1,0 +1,586 @@
+//! Holds: taking stock for orders, confirming, releasing and shipping it.
+//!
+//! A batch of holds for a product is decided against one read of the product's stock and the orders'
+//! existing holds, strictly in order ([`HoldPlanner`]), and committed in one transaction guarded by the
+//! stock record's version: two batches can never together hold more than is available.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chipgate_domain::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, HoldStatus, StockRecord};
+use chipgate_proto::inventory::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::paging::Page;
+use chipgate_runtime::time::now_ms;
+use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::{RequestContext, validate};
+use chipgate_state::{Backend, Txn};
+
+use crate::convert::{hold_status_from, hold_to, stock_to};
+use crate::{DEFAULT_HOLD_SECONDS, Error, Inventory, MAX_BATCH, MAX_HOLD_SECONDS, MAX_UNITS, emit, encode, keys};
+
+fn check_hold_item(v: &mut Violations, prefix: &str, order_id: &str, generation: u64, units: u64, hold_seconds: u32) {
+    validate::id(v, &format!("{prefix}order_id"), order_id);
+    if generation == 0 {
+        v.add(format!("{prefix}generation"), "must be at least 1");
+    }
+    validate::units(v, &format!("{prefix}units"), units, MAX_UNITS);
+    if hold_seconds > MAX_HOLD_SECONDS {
+        v.add(format!("{prefix}hold_seconds"), format!("must be at most {MAX_HOLD_SECONDS}"));
+    }
+}
+
+fn outcome_to(o: HoldOutcome) -> pb::ReserveOutcome {
+    match o {
+        HoldOutcome::Held => pb::ReserveOutcome::Held,
+        HoldOutcome::Partial => pb::ReserveOutcome::Partial,
+        HoldOutcome::NotServed => pb::ReserveOutcome::NotServed,
+        HoldOutcome::Stale => pb::ReserveOutcome::Stale,
+    }
+}
+
+/// Indexes a hold once, when it is first stored.
+fn index_new_hold(t: &mut Txn, h: &HoldRecord) {
+    t.zadd(keys::holds_of(&h.sku), &h.order_id, h.create_ms as f64);
+    t.zadd(keys::holds(), &h.order_id, h.create_ms as f64);
+}
+
+/// Keeps the expiry index in step with a hold: listed while complete and unconfirmed.
+fn index_expiry(t: &mut Txn, h: &HoldRecord) {
+    if h.status() == HoldStatus::Held && h.is_complete() && h.expire_ms != 0 {
+        t.zadd(keys::expiry(), &h.order_id, h.expire_ms as f64);
+    } else {
+        t.zrem(keys::expiry(), &h.order_id);
+    }
+}
+
+fn refs(holds: &[pb::Reservation]) -> String {
+    let ids: Vec<&str> = holds.iter().take(20).map(|h| h.order_id.as_str()).collect();
+    let more = holds.len().saturating_sub(20);
+    if more > 0 { format!("{} (+{more})", ids.join(",")) } else { ids.join(",") }
+}
+
+impl Inventory {
+    pub(crate) async fn reserve(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ReserveRequest,
+    ) -> Result<pb::ReserveResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        check_hold_item(&mut v, "", &req.order_id, req.generation, req.units, req.hold_seconds);
+        v.check().map_err(Error::Status)?;
+        let ask = HoldAsk {
+            order_id: req.order_id.clone(),
+            generation: req.generation,
+            units: req.units,
+            allow_partial: req.allow_partial,
+            hold_seconds: if req.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { req.hold_seconds },
+        };
+        let resp = self.reserve_items(ctx, &req.product_sku, vec![ask], 0).await?;
+        let r = resp.results.into_iter().next().ok_or_else(|| Error::Internal("reserve answered nothing".into()))?;
+        match r.outcome() {
+            pb::ReserveOutcome::Stale => Err(Error::precondition(
+                "STALE_GENERATION",
+                &req.order_id,
+                format!(
+                    "generation {} of order {} was released, expired or superseded; use a higher generation",
+                    req.generation, req.order_id
+                ),
+            )),
+            pb::ReserveOutcome::NotServed if !req.allow_partial => {
+                let available = resp.stock.map(|s| s.available).unwrap_or(0);
+                Err(Error::OutOfStock { sku: req.product_sku.clone(), wanted: req.units, available })
+            }
+            _ => Ok(pb::ReserveResponse { reservation: r.reservation }),
+        }
+    }
+
+    pub(crate) async fn batch_reserve(
+        &self,
+        ctx: &RequestContext,
+        req: pb::BatchReserveRequest,
+    ) -> Result<pb::BatchReserveResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            check_hold_item(&mut v, &format!("items[{i}]."), &it.order_id, it.generation, it.units, it.hold_seconds);
+            if !seen.insert(it.order_id.as_str()) {
+                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        v.check().map_err(Error::Status)?;
+        let asks = req
+            .items
+            .iter()
+            .map(|it| HoldAsk {
+                order_id: it.order_id.clone(),
+                generation: it.generation,
+                units: it.units,
+                allow_partial: it.allow_partial,
+                hold_seconds: if it.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { it.hold_seconds },
+            })
+            .collect();
+        self.reserve_items(ctx, &req.product_sku, asks, req.fence_token).await
+    }
+
+    async fn reserve_items(
+        &self,
+        ctx: &RequestContext,
+        sku: &str,
+        asks: Vec<HoldAsk>,
+        fence_token: u64,
+    ) -> Result<pb::BatchReserveResponse, Error> {
+        let _serial = self.inner.locks.lock(sku).await;
+        let (answer, _) = self
+            .run_txn(None, || async {
+                let now = now_ms();
+                let (sver, stock) = self.stock_of(sku, "product_sku").await?;
+                let hkeys: Vec<String> = asks.iter().map(|a| keys::hold(&a.order_id)).collect();
+                let existing = self.load_many::<HoldRecord>(&hkeys).await?;
+                let mut planner = HoldPlanner::new(stock, now);
+                let mut t = Txn::new();
+                if fence_token > 0 {
+                    t.fence(keys::fence(sku), fence_token);
+                }
+                let mut results = Vec::with_capacity(asks.len());
+                let mut placed = Vec::new();
+                for (ask, ex) in asks.iter().zip(&existing) {
+                    if let Some((_, h)) = ex
+                        && !h.sku.is_empty()
+                        && h.sku != sku
+                    {
+                        return Err(Error::invalid(
+                            "items.order_id",
+                            format!("order {} holds {}, not {sku}; one order holds one product", ask.order_id, h.sku),
+                        ));
+                    }
+                    let prev = ex.as_ref().map(|(_, h)| h);
+                    let (outcome, changed) = planner.plan(ask, prev).map_err(|requested| {
+                        Error::precondition(
+                            "HOLD_MISMATCH",
+                            &ask.order_id,
+                            format!(
+                                "order {} generation {} already asked to hold {requested} units, not {}",
+                                ask.order_id, ask.generation, ask.units
+                            ),
+                        )
+                    })?;
+                    let shown = match &changed {
+                        Some(h) => {
+                            t.replace(keys::hold(&h.order_id), ex.as_ref().map(|(v, _)| *v).unwrap_or(0), encode(h));
+                            if ex.is_none() {
+                                index_new_hold(&mut t, h);
+                            }
+                            index_expiry(&mut t, h);
+                            let p = hold_to(h);
+                            placed.push(p.clone());
+                            Some(p)
+                        }
+                        None => prev.map(hold_to),
+                    };
+                    results.push(pb::ReserveItemResult {
+                        order_id: ask.order_id.clone(),
+                        outcome: outcome_to(outcome) as i32,
+                        reservation: shown,
+                    });
+                }
+                let mut stock = planner.stock;
+                if placed.is_empty() {
+                    let s = stock_to(&stock, sver);
+                    return Ok((t, pb::BatchReserveResponse { results, stock: Some(s) }));
+                }
+                stock.update_ms = now;
+                t.replace(keys::stock(sku), sver, encode(&stock));
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    &stock,
+                    sver + 1,
+                    pb::inventory_event::Kind::HoldsPlaced(pb::HoldsPlaced { reservations: placed }),
+                );
+                Ok((t, pb::BatchReserveResponse { results, stock: Some(stock_to(&stock, sver + 1)) }))
+            })
+            .await?;
+        Ok(answer)
+    }
+
+    pub(crate) async fn confirm_reservation(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ConfirmReservationRequest,
+    ) -> Result<pb::ConfirmReservationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "order_id", &req.order_id);
+        if req.generation == 0 {
+            v.add("generation", "must be at least 1");
+        }
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "ConfirmReservation", &req.request_id, &req);
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let now = now_ms();
+                let (hver, mut h) =
+                    self.require::<HoldRecord>(keys::hold(&req.order_id), "reservation", &req.order_id).await?;
+                if h.generation == req.generation && matches!(h.status(), HoldStatus::Confirmed | HoldStatus::Shipped) {
+                    return Ok((Txn::new(), pb::ConfirmReservationResponse { reservation: Some(hold_to(&h)) }));
+                }
+                if h.generation != req.generation {
+                    return Err(Error::precondition(
+                        "STALE_GENERATION",
+                        &req.order_id,
+                        format!("order {} holds generation {}, not {}", req.order_id, h.generation, req.generation),
+                    ));
+                }
+                if h.is_expired(now) || h.status() == HoldStatus::Expired {
+                    let at = chipgate_runtime::time::ts(h.expire_ms);
+                    return Err(Error::precondition(
+                        "HOLD_EXPIRED",
+                        &req.order_id,
+                        format!(
+                            "the hold of order {} expired at {}s since the epoch before it was confirmed",
+                            req.order_id, at.seconds
+                        ),
+                    ));
+                }
+                if h.status() != HoldStatus::Held {
+                    return Err(Error::precondition(
+                        "HOLD_NOT_HELD",
+                        &req.order_id,
+                        format!("the hold of order {} is {:?}", req.order_id, h.status()),
+                    ));
+                }
+                if !h.is_complete() {
+                    return Err(Error::precondition(
+                        "HOLD_PARTIAL",
+                        &req.order_id,
+                        format!(
+                            "order {} holds {} of {} units; only complete holds can be confirmed",
+                            req.order_id, h.held, h.requested
+                        ),
+                    ));
+                }
+                let (sver, mut stock) = self.stock_of(&h.sku, "order_id").await?;
+                stock.commit(h.held).map_err(|e| Error::Internal(format!("stock of {}: {e}", h.sku)))?;
+                stock.update_ms = now;
+                h.set_status(HoldStatus::Confirmed);
+                h.update_ms = now;
+                let mut t = Txn::new();
+                t.replace(keys::hold(&h.order_id), hver, encode(&h));
+                t.replace(keys::stock(&h.sku), sver, encode(&stock));
+                index_expiry(&mut t, &h);
+                let out = hold_to(&h);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    &stock,
+                    sver + 1,
+                    pb::inventory_event::Kind::HoldsConfirmed(pb::HoldsConfirmed { reservations: vec![out.clone()] }),
+                );
+                Ok((t, pb::ConfirmReservationResponse { reservation: Some(out) }))
+            })
+            .await?;
+        Ok(answer)
+    }
+
+    pub(crate) async fn ship_reservation(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ShipReservationRequest,
+    ) -> Result<pb::ShipReservationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "order_id", &req.order_id);
+        if req.generation == 0 {
+            v.add("generation", "must be at least 1");
+        }
+        v.check().map_err(Error::Status)?;
+        let idem = IdemKey::new(&self.inner.idem, "ShipReservation", &req.request_id, &req);
+        let (answer, _) = self
+            .run_txn(Some(&idem), || async {
+                let now = now_ms();
+                let (hver, mut h) =
+                    self.require::<HoldRecord>(keys::hold(&req.order_id), "reservation", &req.order_id).await?;
+                if h.generation == req.generation && h.status() == HoldStatus::Shipped {
+                    return Ok((Txn::new(), pb::ShipReservationResponse { reservation: Some(hold_to(&h)) }));
+                }
+                if h.generation != req.generation || h.status() != HoldStatus::Confirmed {
+                    return Err(Error::precondition(
+                        "HOLD_NOT_CONFIRMED",
+                        &req.order_id,
+                        format!(
+                            "order {} generation {} is not confirmed (hold is generation {}, {:?})",
+                            req.order_id,
+                            req.generation,
+                            h.generation,
+                            h.status()
+                        ),
+                    ));
+                }
+                let (sver, mut stock) = self.stock_of(&h.sku, "order_id").await?;
+                stock.ship(h.held).map_err(|e| Error::Internal(format!("stock of {}: {e}", h.sku)))?;
+                stock.update_ms = now;
+                h.set_status(HoldStatus::Shipped);
+                h.update_ms = now;
+                let mut t = Txn::new();
+                t.replace(keys::hold(&h.order_id), hver, encode(&h));
+                t.replace(keys::stock(&h.sku), sver, encode(&stock));
+                let out = hold_to(&h);
+                emit(
+                    &mut t,
+                    ctx,
+                    now,
+                    &stock,
+                    sver + 1,
+                    pb::inventory_event::Kind::HoldsShipped(pb::HoldsShipped { reservations: vec![out.clone()] }),
+                );
+                Ok((t, pb::ShipReservationResponse { reservation: Some(out) }))
+            })
+            .await?;
+        Ok(answer)
+    }
+
+    pub(crate) async fn release_reservation(
+        &self,
+        ctx: &RequestContext,
+        req: pb::ReleaseReservationRequest,
+    ) -> Result<pb::ReleaseReservationResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "order_id", &req.order_id);
+        if req.generation == 0 {
+            v.add("generation", "must be at least 1");
+        }
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+        let mut out =
+            self.release_items(ctx, &[(req.order_id.clone(), req.generation)], &req.reason, false, true).await?;
+        Ok(pb::ReleaseReservationResponse { reservation: out.pop() })
+    }
+
+    pub(crate) async fn batch_release_reservations(
+        &self,
+        ctx: &RequestContext,
+        req: pb::BatchReleaseReservationsRequest,
+    ) -> Result<pb::BatchReleaseReservationsResponse, Error> {
+        let mut v = Violations::new();
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
+            if it.generation == 0 {
+                v.add(format!("items[{i}].generation"), "must be at least 1");
+            }
+            if !seen.insert(it.order_id.as_str()) {
+                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+        let items: Vec<(String, u64)> = req.items.into_iter().map(|i| (i.order_id, i.generation)).collect();
+        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed, false).await?;
+        Ok(pb::BatchReleaseReservationsResponse { reservations })
+    }
+
+    /// Gives holds of `(order, generation)` back (see the API docs of ReleaseReservation). With
+    /// `strict`, releasing a shipped hold is an error; otherwise it is left as it is.
+    async fn release_items(
+        &self,
+        ctx: &RequestContext,
+        items: &[(String, u64)],
+        reason: &str,
+        unless_confirmed: bool,
+        strict: bool,
+    ) -> Result<Vec<pb::Reservation>, Error> {
+        let (answer, _) = self
+            .run_txn(None, || async {
+                let now = now_ms();
+                let hkeys: Vec<String> = items.iter().map(|(o, _)| keys::hold(o)).collect();
+                let existing = self.load_many::<HoldRecord>(&hkeys).await?;
+                let mut skus: Vec<String> = existing.iter().flatten().map(|(_, h)| h.sku.clone()).collect();
+                skus.sort();
+                skus.dedup();
+                let skeys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
+                let mut stocks: HashMap<String, (u64, StockRecord)> = self
+                    .load_many::<StockRecord>(&skeys)
+                    .await?
+                    .into_iter()
+                    .flatten()
+                    .map(|(v, s)| (s.sku.clone(), (v, s)))
+                    .collect();
+                let mut t = Txn::new();
+                let mut out = Vec::with_capacity(items.len());
+                let mut freed: BTreeMap<String, (u64, Vec<pb::Reservation>)> = BTreeMap::new();
+                for ((order_id, generation), ex) in items.iter().zip(existing) {
+                    let (ver, cur) = match ex {
+                        Some((v, h)) => (v, Some(h)),
+                        None => (0, None),
+                    };
+                    let tombstone = |sku: &str| HoldRecord {
+                        order_id: order_id.clone(),
+                        generation: *generation,
+                        sku: sku.to_string(),
+                        status: HoldStatus::Released as i32,
+                        create_ms: now,
+                        update_ms: now,
+                        release_reason: reason.to_string(),
+                        ..Default::default()
+                    };
+                    let next = match cur {
+                        None => Some(tombstone("")),
+                        Some(h) if h.generation > *generation => {
+                            out.push(hold_to(&h));
+                            None
+                        }
+                        Some(h)
+                            if h.generation == *generation
+                                && matches!(h.status(), HoldStatus::Released | HoldStatus::Expired) =>
+                        {
+                            out.push(hold_to(&h));
+                            None
+                        }
+                        Some(h)
+                            if h.generation == *generation
+                                && h.status() == HoldStatus::Confirmed
+                                && unless_confirmed =>
+                        {
+                            out.push(hold_to(&h));
+                            None
+                        }
+                        Some(h) if h.generation == *generation && h.status() == HoldStatus::Shipped => {
+                            if strict {
+                                return Err(Error::precondition(
+                                    "HOLD_SHIPPED",
+                                    order_id,
+                                    format!("order {order_id} has shipped; shipped units can't be released"),
+                                ));
+                            }
+                            out.push(hold_to(&h));
+                            None
+                        }
+                        Some(h) => {
+                            let (units, confirmed) = h.occupying();
+                            if units > 0 {
+                                let (_, stock) = stocks
+                                    .get_mut(&h.sku)
+                                    .ok_or_else(|| Error::Internal(format!("no stock record for {}", h.sku)))?;
+                                let r =
+                                    if confirmed { stock.release_committed(units) } else { stock.release_held(units) };
+                                r.map_err(|e| Error::Internal(format!("stock of {}: {e}", h.sku)))?;
+                                stock.update_ms = now;
+                            }
+                            let rec = if h.generation == *generation {
+                                let mut r = h.clone();
+                                r.set_status(HoldStatus::Released);
+                                r.update_ms = now;
+                                r.release_reason = reason.to_string();
+                                r
+                            } else {
+                                HoldRecord { held: 0, ..tombstone(&h.sku) }
+                            };
+                            let p = hold_to(&HoldRecord { held: units, ..rec.clone() });
+                            let entry = freed.entry(h.sku.clone()).or_default();
+                            entry.0 += units;
+                            entry.1.push(p);
+                            Some(rec)
+                        }
+                    };
+                    if let Some(rec) = next {
+                        t.replace(keys::hold(order_id), ver, encode(&rec));
+                        if ver == 0 && !rec.sku.is_empty() {
+                            index_new_hold(&mut t, &rec);
+                        }
+                        index_expiry(&mut t, &rec);
+                        out.push(hold_to(&rec));
+                    }
+                }
+                for (sku, (units, reservations)) in freed {
+                    if let Some((sver, stock)) = stocks.remove(&sku) {
+                        t.replace(keys::stock(&sku), sver, encode(&stock));
+                        emit(
+                            &mut t,
+                            ctx,
+                            now,
+                            &stock,
+                            sver + 1,
+                            pb::inventory_event::Kind::HoldsReleased(pb::HoldsReleased {
+                                reservations,
+                                units_freed: units,
+                            }),
+                        );
+                    }
+                }
+                Ok((t, pb::BatchReleaseReservationsResponse { reservations: out }))
+            })
+            .await?;
+        Ok(answer.reservations)
+    }
+
+    pub(crate) async fn get_reservation(
+        &self,
+        req: pb::GetReservationRequest,
+    ) -> Result<pb::GetReservationResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "order_id", &req.order_id);
+        v.check().map_err(Error::Status)?;
+        let (_, h) = self.require::<HoldRecord>(keys::hold(&req.order_id), "reservation", &req.order_id).await?;
+        Ok(pb::GetReservationResponse { reservation: Some(hold_to(&h)) })
+    }
+
+    pub(crate) async fn list_reservations(
+        &self,
+        req: pb::ListReservationsRequest,
+    ) -> Result<pb::ListReservationsResponse, Error> {
+        let mut v = Violations::new();
+        validate::optional_id(&mut v, "product_sku", &req.product_sku);
+        let page = Page::parse(&mut v, req.page_size, &req.page_token);
+        v.check().map_err(Error::Status)?;
+        let index = if req.product_sku.is_empty() { keys::holds() } else { keys::holds_of(&req.product_sku) };
+        let want = hold_status_from(req.state());
+        let mut rank = page.offset();
+        let mut out = Vec::new();
+        let chunk = page.size.max(100);
+        loop {
+            let ids = self.store().zrange(&index, rank as i64, (rank + chunk - 1) as i64, false).await?;
+            if ids.is_empty() {
+                return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: String::new() });
+            }
+            let hkeys: Vec<String> = ids.iter().map(|(o, _)| keys::hold(o)).collect();
+            for (i, h) in self.load_many::<HoldRecord>(&hkeys).await?.into_iter().enumerate() {
+                if let Some((_, h)) = h
+                    && want.is_none_or(|s| h.status() == s)
+                {
+                    out.push(hold_to(&h));
+                    if out.len() == page.size {
+                        let token = chipgate_runtime::paging::token(&(rank + i + 1).to_string());
+                        return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: token });
+                    }
+                }
+            }
+            rank += ids.len();
+            if ids.len() < chunk {
+                return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: String::new() });
+            }
+        }
+    }
+}
+
+/// A short description of the orders a change concerns (for watch streams).
+pub(crate) fn reference_of(holds: &[pb::Reservation]) -> String {
+    refs(holds)
+}

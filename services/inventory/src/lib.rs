@@ -1,0 +1,178 @@
+//! The inventory service: what exists, and who holds it.
+//!
+//! It owns the product catalogue, the stock of each product (which always adds up), supply receipts
+//! (idempotent per receipt id), and holds: an order's reservation of units, taken strictly in the
+//! order asked, never beyond what is available under any concurrency, expiring on its own when not
+//! confirmed in time (a sweeper driven by an expiry index in the state store, so it survives
+//! restarts). Every stock change appends an event to the inventory stream in the same atomic step; the
+//! orders service hands freed stock to its backlogs from it, and `WatchStock` streams it.
+//!
+//! The binary `chipgate-inventory` serves it; the dev cluster and the test harness run it in process
+//! through [`Inventory::start`] and [`spec`].
+
+mod catalogue;
+mod convert;
+mod error;
+mod holds;
+pub mod keys;
+mod service;
+mod stock;
+mod sweeper;
+mod watch;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chipgate_domain::inventory::StockRecord;
+use chipgate_proto::inventory::v1 as pb;
+use chipgate_runtime::idempotency::Idempotency;
+use chipgate_runtime::locks::KeyedLocks;
+use chipgate_runtime::records::{self, Loaded};
+use chipgate_runtime::server::{ServerConfig, ServiceSpec};
+use chipgate_runtime::{RequestContext, Shutdown};
+use chipgate_state::{Store, Txn};
+use prost::Message;
+
+pub use catalogue::{CatalogueEntry, load_catalogue_file, parse_catalogue};
+pub use error::Error;
+
+/// Fully-qualified gRPC service name.
+pub const SERVICE_NAME: &str = "chipgate.inventory.v1.InventoryService";
+
+/// Default port of the inventory service.
+pub const DEFAULT_PORT: u16 = 50052;
+
+/// Largest batch of holds in one call.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Largest amount of units in one receipt or hold.
+pub const MAX_UNITS: u64 = 1_000_000_000;
+
+/// Hold time when the caller gives none.
+pub const DEFAULT_HOLD_SECONDS: u32 = 900;
+
+/// Longest hold time.
+pub const MAX_HOLD_SECONDS: u32 = 86_400;
+
+/// Events kept in the stream (approximately).
+const MAX_EVENTS: u64 = 1_000_000;
+
+/// Background behaviour.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How often the expiry sweeper looks for expired holds.
+    pub sweep_interval: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { sweep_interval: Duration::from_millis(200) }
+    }
+}
+
+/// The inventory service. Clones share state.
+#[derive(Clone)]
+pub struct Inventory {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    idem: Idempotency,
+    locks: KeyedLocks,
+    watch: watch::Hub,
+    shutdown: Shutdown,
+}
+
+/// The routes and names to serve inventory with [`chipgate_runtime::serve`].
+pub fn spec(service: Inventory, config: &ServerConfig) -> ServiceSpec {
+    let server = pb::inventory_service_server::InventoryServiceServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
+}
+
+impl Inventory {
+    /// The service on `store`, with its expiry sweeper and stock-watch hub running until `shutdown`.
+    pub fn start(store: Store, shutdown: Shutdown, options: Options) -> Self {
+        let svc = Inventory {
+            inner: Arc::new(Inner {
+                store,
+                idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
+                locks: KeyedLocks::new(),
+                watch: watch::Hub::new(),
+                shutdown: shutdown.clone(),
+            }),
+        };
+        tokio::spawn(sweeper::run(svc.clone(), shutdown.clone(), options.sweep_interval));
+        tokio::spawn(watch::run(svc.clone(), shutdown));
+        svc
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
+        Ok(records::load_many(self.store(), keys).await?)
+    }
+
+    async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
+        Ok(records::load(self.store(), key).await?)
+    }
+
+    async fn require<M: Message + Default>(
+        &self,
+        key: String,
+        kind: &'static str,
+        id: &str,
+    ) -> Result<(u64, M), Error> {
+        self.load(key).await?.ok_or_else(|| Error::not_found(kind, id))
+    }
+
+    async fn run_txn<T, F, Fut>(
+        &self,
+        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
+        attempt: F,
+    ) -> Result<(T, chipgate_state::Committed), Error>
+    where
+        T: Message + Default,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
+    {
+        chipgate_runtime::txn::run(self.store(), idem, attempt).await
+    }
+
+    /// The stock of a product that must exist (unknown products are bad input in mutating calls).
+    async fn stock_of(&self, sku: &str, field: &str) -> Result<(u64, StockRecord), Error> {
+        match self.load::<StockRecord>(keys::stock(sku)).await? {
+            Some(s) => Ok(s),
+            None => Err(Error::invalid(field, format!("unknown product {sku:?}; add it to the catalogue first"))),
+        }
+    }
+}
+
+/// Appends a stock change's event, in the change's transaction. `stock_version` is the version the
+/// stock record will have after the commit.
+fn emit(
+    txn: &mut Txn,
+    ctx: &RequestContext,
+    now_ms: u64,
+    stock: &StockRecord,
+    stock_version: u64,
+    kind: pb::inventory_event::Kind,
+) {
+    let event = pb::InventoryEvent {
+        time: chipgate_runtime::time::ts_opt(now_ms),
+        request_id: ctx.request_id.clone(),
+        actor: ctx.actor.clone(),
+        traceparent: ctx.traceparent(),
+        stock: Some(convert::stock_to(stock, stock_version)),
+        kind: Some(kind),
+    };
+    txn.xadd(keys::events(), vec![("e".to_string(), event.encode_to_vec())], Some(MAX_EVENTS));
+}
+
+fn encode<M: Message>(m: &M) -> Vec<u8> {
+    m.encode_to_vec()
+}

@@ -1,0 +1,72 @@
+//! `chipgate-inventory`: serves the inventory API (with health and reflection) until SIGTERM/SIGINT.
+
+use std::path::PathBuf;
+
+use chipgate_inventory::{DEFAULT_PORT, Inventory, Options, load_catalogue_file, spec};
+use chipgate_runtime::config::CommonArgs;
+use chipgate_runtime::{Shutdown, serve, telemetry};
+use clap::Parser;
+
+/// The chipgate inventory service: catalogue, stock, supply receipts and holds.
+#[derive(Parser, Debug)]
+#[command(name = "chipgate-inventory", version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// Catalogue file (JSON) to load at start-up; loading is idempotent, so every replica may do it.
+    #[arg(long, env = "CHIPGATE_CATALOGUE")]
+    catalogue: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.common.log_format);
+    let addr = args.common.listen_or(DEFAULT_PORT);
+    let products = match &args.catalogue {
+        Some(path) => match load_catalogue_file(path) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                tracing::error!(error = %e, "bad catalogue");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        None => None,
+    };
+    let shutdown = Shutdown::on_signals();
+    let store = match args.common.connect_store().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "can't use the configured redis");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "can't listen");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let service = Inventory::start(store.clone(), shutdown.clone(), Options::default());
+    if let Some(products) = products {
+        match service.load_catalogue(products).await {
+            Ok(n) => tracing::info!(products = n, "catalogue loaded"),
+            Err(e) => {
+                tracing::error!(error = ?e, "catalogue refused");
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
+    let config = args.common.server_config();
+    tracing::info!(%addr, backend = store.kind(), "chipgate-inventory serving");
+    let s = shutdown.clone();
+    match serve(listener, spec(service, &config), store, config, async move { s.wait().await }, |_| {}).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,524 @@
+//! Inventory behaviour on both state backends (in memory and a real redis-server): the catalogue,
+//! stock arithmetic, receipts, holds in order, generations, expiry, the event stream, WatchStock, and
+//! the no-oversell guarantee under concurrency.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chipgate_inventory::{Inventory, Options, keys, parse_catalogue};
+use chipgate_proto::inventory::v1 as pb;
+use chipgate_proto::inventory::v1::inventory_service_server::InventoryService;
+use chipgate_runtime::Shutdown;
+use chipgate_state::{Backend, Store, backend_tests};
+use prost::Message;
+use tokio_stream::StreamExt;
+use tonic::{Code, Request};
+use tonic_types::StatusExt;
+
+const SKU: &str = "H200-SXM-141GB";
+
+fn rid() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    format!("r-{}", N.fetch_add(1, Ordering::Relaxed))
+}
+
+async fn service(store: Store) -> (Inventory, Shutdown) {
+    let shutdown = Shutdown::new();
+    let svc = Inventory::start(store, shutdown.clone(), Options { sweep_interval: Duration::from_millis(50) });
+    let catalogue = include_str!("../../../data/catalogue.json");
+    svc.load_catalogue(parse_catalogue(catalogue).unwrap()).await.unwrap();
+    (svc, shutdown)
+}
+
+async fn receive(svc: &Inventory, receipt: &str, units: u64) -> pb::ReceiveSupplyResponse {
+    svc.receive_supply(Request::new(pb::ReceiveSupplyRequest {
+        request_id: rid(),
+        receipt_id: receipt.into(),
+        product_sku: SKU.into(),
+        units,
+        source: "shipment".into(),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn stock(svc: &Inventory) -> pb::Stock {
+    svc.get_stock(Request::new(pb::GetStockRequest { product_sku: SKU.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .stock
+        .unwrap()
+}
+
+fn adds_up(s: &pb::Stock) -> bool {
+    s.received == s.available + s.held + s.committed + s.shipped && s.on_hand == s.available + s.held + s.committed
+}
+
+fn item(order: &str, units: u64, partial: bool) -> pb::ReserveItem {
+    pb::ReserveItem { order_id: order.into(), generation: 1, units, allow_partial: partial, hold_seconds: 0 }
+}
+
+async fn batch(svc: &Inventory, items: Vec<pb::ReserveItem>) -> pb::BatchReserveResponse {
+    svc.batch_reserve(Request::new(pb::BatchReserveRequest {
+        request_id: String::new(),
+        product_sku: SKU.into(),
+        items,
+        fence_token: 0,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+async fn reserve(
+    svc: &Inventory,
+    order: &str,
+    generation: u64,
+    units: u64,
+    partial: bool,
+    hold_seconds: u32,
+) -> Result<pb::Reservation, tonic::Status> {
+    svc.reserve(Request::new(pb::ReserveRequest {
+        request_id: rid(),
+        order_id: order.into(),
+        generation,
+        product_sku: SKU.into(),
+        units,
+        allow_partial: partial,
+        hold_seconds,
+    }))
+    .await
+    .map(|r| r.into_inner().reservation.unwrap())
+}
+
+async fn events(store: &Store) -> Vec<pb::InventoryEvent> {
+    store
+        .xrange(&keys::events(), None, 100_000)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| pb::InventoryEvent::decode(e.field("e").unwrap()).unwrap())
+        .collect()
+}
+
+async fn catalogue_loads_and_lists_in_sku_order(store: Store) {
+    let (svc, _s) = service(store).await;
+    let list = svc
+        .list_products(Request::new(pb::ListProductsRequest { page_size: 0, page_token: String::new() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let skus: Vec<&str> = list.products.iter().map(|p| p.sku.as_str()).collect();
+    assert_eq!(skus, ["ASCEND-910C", "H20-96GB", "H200-NVL-141GB", "H200-SXM-141GB", "MLU590"]);
+    let h200 = svc
+        .get_product(Request::new(pb::GetProductRequest { sku: SKU.into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .product
+        .unwrap();
+    assert_eq!(h200.product_class(), pb::ProductClass::ExportControlledAccelerator);
+    assert!((h200.relative_performance - 6.0).abs() < f64::EPSILON);
+    // Loading again is a no-op, and every product starts with empty stock.
+    let catalogue = include_str!("../../../data/catalogue.json");
+    svc.load_catalogue(parse_catalogue(catalogue).unwrap()).await.unwrap();
+    let all = svc.list_stock(Request::new(pb::ListStockRequest {})).await.unwrap().into_inner().stock;
+    assert_eq!(all.len(), 5);
+    assert!(all.iter().all(|s| s.received == 0 && adds_up(s)));
+    let bad =
+        parse_catalogue(r#"[{"sku":"X","name":"x","class":"gpu","relative_performance":1,"vendor":"v"}]"#).unwrap_err();
+    assert!(bad.contains("unknown class"), "{bad}");
+}
+
+async fn receipts_count_once_and_stock_adds_up(store: Store) {
+    let (svc, _s) = service(store.clone()).await;
+    let first = receive(&svc, "rcpt-1", 1000).await;
+    assert!(first.newly_booked);
+    let again = receive(&svc, "rcpt-1", 1000).await;
+    assert!(!again.newly_booked, "a retried receipt never counts twice");
+    assert_eq!(stock(&svc).await.received, 1000);
+    let conflict = svc
+        .receive_supply(Request::new(pb::ReceiveSupplyRequest {
+            request_id: rid(),
+            receipt_id: "rcpt-1".into(),
+            product_sku: SKU.into(),
+            units: 5,
+            source: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(conflict.code(), Code::AlreadyExists);
+
+    reserve(&svc, "o1", 1, 300, false, 60).await.unwrap();
+    reserve(&svc, "o2", 1, 200, false, 60).await.unwrap();
+    svc.confirm_reservation(Request::new(pb::ConfirmReservationRequest {
+        request_id: rid(),
+        order_id: "o1".into(),
+        generation: 1,
+    }))
+    .await
+    .unwrap();
+    svc.ship_reservation(Request::new(pb::ShipReservationRequest {
+        request_id: rid(),
+        order_id: "o1".into(),
+        generation: 1,
+    }))
+    .await
+    .unwrap();
+    svc.release_reservation(Request::new(pb::ReleaseReservationRequest {
+        request_id: rid(),
+        order_id: "o2".into(),
+        generation: 1,
+        reason: "cancelled".into(),
+    }))
+    .await
+    .unwrap();
+    let s = stock(&svc).await;
+    assert_eq!((s.available, s.held, s.committed, s.shipped, s.received, s.on_hand), (700, 0, 0, 300, 1000, 700));
+    assert!(adds_up(&s));
+    // Shipped units can't be released.
+    let shipped = svc
+        .release_reservation(Request::new(pb::ReleaseReservationRequest {
+            request_id: rid(),
+            order_id: "o1".into(),
+            generation: 1,
+            reason: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(shipped.code(), Code::FailedPrecondition);
+    // Every change is one event carrying the stock after it.
+    let ev = events(&store).await;
+    let kinds: Vec<&str> = ev
+        .iter()
+        .map(|e| match e.kind.as_ref().unwrap() {
+            pb::inventory_event::Kind::ProductUpserted(_) => "product",
+            pb::inventory_event::Kind::SupplyReceived(_) => "supply",
+            pb::inventory_event::Kind::HoldsPlaced(_) => "placed",
+            pb::inventory_event::Kind::HoldsReleased(_) => "released",
+            pb::inventory_event::Kind::HoldsExpired(_) => "expired",
+            pb::inventory_event::Kind::HoldsConfirmed(_) => "confirmed",
+            pb::inventory_event::Kind::HoldsShipped(_) => "shipped",
+        })
+        .filter(|k| *k != "product")
+        .collect();
+    assert_eq!(kinds, ["supply", "placed", "placed", "confirmed", "shipped", "released"]);
+    assert_eq!(ev.last().unwrap().stock.as_ref().unwrap().available, 700);
+}
+
+async fn holds_are_served_in_order_and_partial_holds_top_up(store: Store) {
+    let (svc, _s) = service(store).await;
+    receive(&svc, "r1", 100).await;
+    let r = batch(&svc, vec![item("a", 60, false), item("b", 50, true), item("c", 10, false)]).await;
+    let outcomes: Vec<pb::ReserveOutcome> = r.results.iter().map(|x| x.outcome()).collect();
+    assert_eq!(outcomes, [pb::ReserveOutcome::Held, pb::ReserveOutcome::Partial, pb::ReserveOutcome::NotServed]);
+    assert_eq!(r.results[1].reservation.as_ref().unwrap().held_units, 40);
+    assert!(r.results[1].reservation.as_ref().unwrap().expire_time.is_none(), "partial holds don't expire");
+    assert!(r.results[2].reservation.is_none(), "c may not overtake b");
+    assert_eq!(r.stock.as_ref().unwrap().available, 0);
+
+    // All-or-nothing single reserve with too little stock: RESOURCE_EXHAUSTED with QuotaFailure.
+    let short = reserve(&svc, "d", 1, 5, false, 0).await.unwrap_err();
+    assert_eq!(short.code(), Code::ResourceExhausted);
+    assert_eq!(short.get_error_details().quota_failure().unwrap().violations[0].subject, format!("stock:{SKU}"));
+
+    receive(&svc, "r2", 15).await;
+    let r = batch(&svc, vec![item("b", 50, true), item("c", 10, false)]).await;
+    assert_eq!(r.results[0].outcome(), pb::ReserveOutcome::Held);
+    assert_eq!(r.results[0].reservation.as_ref().unwrap().held_units, 50);
+    assert_eq!(r.results[1].outcome(), pb::ReserveOutcome::NotServed, "5 left, c needs 10 and can't go partial");
+    // The same call again changes nothing.
+    let again = batch(&svc, vec![item("a", 60, false)]).await;
+    assert_eq!(again.results[0].outcome(), pb::ReserveOutcome::Held);
+    assert_eq!(again.stock.unwrap().available, 5);
+    // The same order and generation with other units is refused.
+    let mismatch = svc
+        .batch_reserve(Request::new(pb::BatchReserveRequest {
+            request_id: String::new(),
+            product_sku: SKU.into(),
+            items: vec![item("a", 61, false)],
+            fence_token: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(mismatch.code(), Code::FailedPrecondition);
+    assert!(adds_up(&stock(&svc).await));
+}
+
+async fn generations_are_never_reopened(store: Store) {
+    let (svc, _s) = service(store).await;
+    receive(&svc, "r1", 100).await;
+    reserve(&svc, "o", 1, 30, false, 0).await.unwrap();
+    let rel = svc
+        .release_reservation(Request::new(pb::ReleaseReservationRequest {
+            request_id: rid(),
+            order_id: "o".into(),
+            generation: 1,
+            reason: "x".into(),
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(rel.state(), pb::ReservationState::Released);
+    let stale = reserve(&svc, "o", 1, 30, false, 0).await.unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition);
+    assert_eq!(stale.get_error_details().error_info().unwrap().reason, "STALE_GENERATION");
+    reserve(&svc, "o", 2, 30, false, 0).await.unwrap();
+    // A newer generation supersedes an older one that still holds units.
+    reserve(&svc, "o", 3, 10, false, 0).await.unwrap();
+    let s = stock(&svc).await;
+    assert_eq!((s.available, s.held), (90, 10));
+    // Releasing an order that never held anything fences its late reserve.
+    svc.release_reservation(Request::new(pb::ReleaseReservationRequest {
+        request_id: rid(),
+        order_id: "ghost".into(),
+        generation: 1,
+        reason: "x".into(),
+    }))
+    .await
+    .unwrap();
+    let r = batch(&svc, vec![item("ghost", 5, false)]).await;
+    assert_eq!(r.results[0].outcome(), pb::ReserveOutcome::Stale);
+    // Batch release leaves confirmed holds alone when asked to.
+    svc.confirm_reservation(Request::new(pb::ConfirmReservationRequest {
+        request_id: rid(),
+        order_id: "o".into(),
+        generation: 3,
+    }))
+    .await
+    .unwrap();
+    let out = svc
+        .batch_release_reservations(Request::new(pb::BatchReleaseReservationsRequest {
+            request_id: String::new(),
+            items: vec![pb::ReleaseItem { order_id: "o".into(), generation: 3, product_sku: SKU.into() }],
+            reason: "unwind".into(),
+            unless_confirmed: true,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(out.reservations[0].state(), pb::ReservationState::Confirmed);
+    let s = stock(&svc).await;
+    assert_eq!((s.available, s.committed), (90, 10));
+    assert!(adds_up(&s));
+}
+
+async fn holds_expire_on_their_own_exactly_once(store: Store) {
+    let (svc, _s) = service(store.clone()).await;
+    receive(&svc, "r1", 50).await;
+    let h = reserve(&svc, "short", 1, 20, false, 1).await.unwrap();
+    assert!(h.expire_time.is_some());
+    reserve(&svc, "long", 1, 20, false, 600).await.unwrap();
+    assert_eq!(stock(&svc).await.available, 10);
+    // Wait for expiry plus a few sweeps.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        if stock(&svc).await.available == 30 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the short hold did not expire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = svc
+        .get_reservation(Request::new(pb::GetReservationRequest { order_id: "short".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!(r.state(), pb::ReservationState::Expired);
+    // Confirming it now is a failed precondition with details.
+    let late = svc
+        .confirm_reservation(Request::new(pb::ConfirmReservationRequest {
+            request_id: rid(),
+            order_id: "short".into(),
+            generation: 1,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(late.code(), Code::FailedPrecondition);
+    let pf = late.get_error_details();
+    assert_eq!(pf.precondition_failure().unwrap().violations[0].r#type, "HOLD_EXPIRED");
+    // More sweeps later, still exactly one expiry event.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    svc.sweep_once().await.unwrap();
+    let expired: Vec<_> = events(&store)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            Some(pb::inventory_event::Kind::HoldsExpired(x)) => Some(x),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].units_freed, 20);
+    assert_eq!(expired[0].reservations[0].order_id, "short");
+    let s = stock(&svc).await;
+    assert_eq!((s.available, s.held), (30, 20));
+    assert!(adds_up(&s));
+}
+
+async fn concurrent_holds_never_oversell(store: Store) {
+    let (svc, _s) = service(store).await;
+    receive(&svc, "r1", 500).await;
+    // 20 clients × 5 orders × 12 units = 1,200 units asked for against 500; each call is repeated
+    // (a client retry), half as singles, half as batches.
+    let mut tasks = Vec::new();
+    for t in 0..20 {
+        let svc = svc.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut got = Vec::new();
+            for k in 0..5 {
+                let order = format!("c{t}-o{k}");
+                for _retry in 0..2 {
+                    let held = if (t + k) % 2 == 0 {
+                        reserve(&svc, &order, 1, 12, false, 600).await.ok()
+                    } else {
+                        let r = batch(&svc, vec![item(&order, 12, false)]).await;
+                        r.results[0].reservation.clone().filter(|h| h.state() == pb::ReservationState::Held)
+                    };
+                    if let Some(h) = held {
+                        got.push((h.order_id, h.held_units));
+                    }
+                }
+            }
+            got
+        }));
+    }
+    let mut per_order: HashMap<String, u64> = HashMap::new();
+    for t in tasks {
+        for (o, u) in t.await.unwrap() {
+            let prev = per_order.insert(o.clone(), u);
+            assert!(prev.is_none() || prev == Some(u), "order {o} held twice with different amounts");
+        }
+    }
+    let s = stock(&svc).await;
+    let held: u64 = per_order.values().sum();
+    assert_eq!(s.held, held, "held stock equals the sum over distinct orders");
+    assert_eq!(held, 492, "41 holds of 12 fit into 500");
+    assert_eq!(s.available, 8);
+    assert!(adds_up(&s));
+    let list = svc
+        .list_reservations(Request::new(pb::ListReservationsRequest {
+            product_sku: SKU.into(),
+            state: pb::ReservationState::Held as i32,
+            page_size: 1000,
+            page_token: String::new(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(list.reservations.len(), per_order.len(), "one hold per order");
+}
+
+async fn watch_stock_streams_changes(store: Store) {
+    let (svc, shutdown) = service(store).await;
+    // Give the hub a moment to start following the stream.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut stream =
+        svc.watch_stock(Request::new(pb::WatchStockRequest { product_sku: SKU.into() })).await.unwrap().into_inner();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.cause, "snapshot");
+    receive(&svc, "watched", 77).await;
+    let change = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
+    assert_eq!(change.cause, "supply.received");
+    assert_eq!(change.reference, "watched");
+    assert_eq!(change.stock.unwrap().available, 77);
+    // Other products' changes are filtered out; shutdown ends the stream.
+    shutdown.trigger();
+    let end = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap();
+    assert!(end.is_none(), "the stream ends on shutdown");
+    let unknown =
+        svc.watch_stock(Request::new(pb::WatchStockRequest { product_sku: "NOPE".into() })).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+async fn bad_input_changes_nothing(store: Store) {
+    let (svc, _s) = service(store.clone()).await;
+    let before = store.xlen(&keys::events()).await.unwrap();
+    let e = svc
+        .receive_supply(Request::new(pb::ReceiveSupplyRequest {
+            request_id: rid(),
+            receipt_id: "x".repeat(300),
+            product_sku: "UNKNOWN".into(),
+            units: 0,
+            source: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let fields: Vec<String> =
+        e.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["receipt_id", "units"]);
+    let unknown = svc
+        .receive_supply(Request::new(pb::ReceiveSupplyRequest {
+            request_id: rid(),
+            receipt_id: "r".into(),
+            product_sku: "UNKNOWN".into(),
+            units: 1,
+            source: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert_eq!(unknown.get_error_details().bad_request().unwrap().field_violations[0].field, "product_sku");
+    let oversized: Vec<pb::ReserveItem> = (0..10_001).map(|i| item(&format!("o{i}"), 1, false)).collect();
+    let big = svc
+        .batch_reserve(Request::new(pb::BatchReserveRequest {
+            request_id: String::new(),
+            product_sku: SKU.into(),
+            items: oversized,
+            fence_token: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(big.code(), Code::InvalidArgument);
+    assert_eq!(big.get_error_details().bad_request().unwrap().field_violations[0].field, "items");
+    let neg = reserve(&svc, "o", 0, 0, false, 100_000).await.unwrap_err();
+    let fields: Vec<String> =
+        neg.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["generation", "units", "hold_seconds"]);
+    assert_eq!(store.xlen(&keys::events()).await.unwrap(), before, "nothing changed");
+    assert!(adds_up(&stock(&svc).await));
+}
+
+async fn stale_fences_are_refused(store: Store) {
+    let (svc, _s) = service(store).await;
+    receive(&svc, "r", 10).await;
+    let call = |token: u64, order: &str| {
+        let svc = svc.clone();
+        let order = order.to_string();
+        async move {
+            svc.batch_reserve(Request::new(pb::BatchReserveRequest {
+                request_id: String::new(),
+                product_sku: SKU.into(),
+                items: vec![item(&order, 1, false)],
+                fence_token: token,
+            }))
+            .await
+        }
+    };
+    call(3, "a").await.unwrap();
+    let stale = call(2, "b").await.unwrap_err();
+    assert_eq!(stale.code(), Code::Aborted);
+    assert_eq!(stock(&svc).await.available, 9, "the fenced-off call took nothing");
+}
+
+backend_tests!(
+    catalogue_loads_and_lists_in_sku_order,
+    receipts_count_once_and_stock_adds_up,
+    holds_are_served_in_order_and_partial_holds_top_up,
+    generations_are_never_reopened,
+    holds_expire_on_their_own_exactly_once,
+    concurrent_holds_never_oversell,
+    watch_stock_streams_changes,
+    bad_input_changes_nothing,
+    stale_fences_are_refused,
+);
