@@ -1,1 +1,641 @@
-//! Order rules: states, transitions and queue order.
+//! Order rules: states, the moves between them, the history every move leaves, and the releases a move
+//! owes the other services.
+//!
+//! ```text
+//!              ┌──────────────────────────────(unwind: licence suspended/revoked, embargo)──┐
+//!              v                                                                             │
+//! PENDING → AWAITING_LICENSE → BACKORDERED → RESERVED → CONFIRMED → SHIPPED                  │
+//!    │            │    ^             │  ^        │                                           │
+//!    │            │    └─────────────┴──┴────────┴───────────────────────────────────────────┘
+//!    └→ REJECTED ←┘                             └→ EXPIRED (hold not confirmed in time)
+//! any state before SHIPPED → CANCELLED
+//! ```
+//!
+//! Every move that gives up licence quota or held stock records a [`PendingRelease`] in the same
+//! atomic step; a worker carries the releases out (they are idempotent per order and generation) and
+//! clears them, so a crash between the move and the release never leaks quota or stock. Going back to
+//! waiting bumps the order's *generation*, so quota or holds of an earlier attempt can never be
+//! confused with the current one.
+
+use crate::licensing::Failure;
+
+/// Where an order stands (mirrors the API's `OrderState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum OrderStatus {
+    /// Never stored.
+    Unspecified = 0,
+    /// Placed, in the awaiting queue, not evaluated yet.
+    Pending = 1,
+    /// Waiting for a usable licence.
+    AwaitingLicense = 2,
+    /// Holds quota, waiting for stock in the backlog.
+    Backordered = 3,
+    /// Every unit held.
+    Reserved = 4,
+    /// Confirmed.
+    Confirmed = 5,
+    /// Shipped.
+    Shipped = 6,
+    /// Cancelled.
+    Cancelled = 7,
+    /// Hold expired unconfirmed.
+    Expired = 8,
+    /// Can never be served.
+    Rejected = 9,
+}
+
+impl OrderStatus {
+    /// Upper-case API name without prefix, e.g. `BACKORDERED`.
+    pub fn name(self) -> &'static str {
+        match self {
+            OrderStatus::Unspecified => "UNSPECIFIED",
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::AwaitingLicense => "AWAITING_LICENSE",
+            OrderStatus::Backordered => "BACKORDERED",
+            OrderStatus::Reserved => "RESERVED",
+            OrderStatus::Confirmed => "CONFIRMED",
+            OrderStatus::Shipped => "SHIPPED",
+            OrderStatus::Cancelled => "CANCELLED",
+            OrderStatus::Expired => "EXPIRED",
+            OrderStatus::Rejected => "REJECTED",
+        }
+    }
+
+    /// Every status, for indexes and figures.
+    pub const ALL: [OrderStatus; 9] = [
+        OrderStatus::Pending,
+        OrderStatus::AwaitingLicense,
+        OrderStatus::Backordered,
+        OrderStatus::Reserved,
+        OrderStatus::Confirmed,
+        OrderStatus::Shipped,
+        OrderStatus::Cancelled,
+        OrderStatus::Expired,
+        OrderStatus::Rejected,
+    ];
+
+    /// In the awaiting queue (evaluated or not).
+    pub fn is_waiting(self) -> bool {
+        matches!(self, OrderStatus::Pending | OrderStatus::AwaitingLicense)
+    }
+
+    /// Holds licence quota that is not confirmed (the orders a suspension or embargo sends back).
+    pub fn holds_unconfirmed_quota(self) -> bool {
+        matches!(self, OrderStatus::Backordered | OrderStatus::Reserved)
+    }
+
+    /// No further move is possible.
+    pub fn is_final(self) -> bool {
+        matches!(self, OrderStatus::Shipped | OrderStatus::Cancelled | OrderStatus::Expired | OrderStatus::Rejected)
+    }
+
+    /// Whether `self → to` is a move the order life cycle allows.
+    pub fn can_move_to(self, to: OrderStatus) -> bool {
+        use OrderStatus::*;
+        match (self, to) {
+            (Pending, AwaitingLicense | Backordered | Rejected | Cancelled) => true,
+            // Re-evaluation of a waiting order that stays waiting (with new reasons) is a move too.
+            (AwaitingLicense, AwaitingLicense | Backordered | Rejected | Cancelled) => true,
+            (Backordered, Backordered | Reserved | AwaitingLicense | Cancelled) => true,
+            (Reserved, Confirmed | Expired | AwaitingLicense | Cancelled) => true,
+            (Confirmed, Shipped | Cancelled) => true,
+            _ => false,
+        }
+    }
+}
+
+/// What made an order move (mirrors the API's `CauseKind`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum CauseKind {
+    /// Unknown.
+    Unspecified = 0,
+    /// Placed.
+    Placed = 1,
+    /// A wave was published.
+    WavePublished = 2,
+    /// Terms finalised.
+    TermsFinalized = 3,
+    /// Licence reinstated.
+    LicenseReinstated = 4,
+    /// Licence suspended.
+    LicenseSuspended = 5,
+    /// Licence revoked.
+    LicenseRevoked = 6,
+    /// Domestic purchase recorded.
+    DomesticPurchase = 7,
+    /// Export authorised.
+    ExportAuthorized = 8,
+    /// Export authorisation revoked.
+    ExportRevoked = 9,
+    /// Embargo set.
+    EmbargoSet = 10,
+    /// Embargo lifted.
+    EmbargoLifted = 11,
+    /// Supply received.
+    SupplyReceived = 12,
+    /// Stock released by others.
+    StockReleased = 13,
+    /// The order's own hold expired.
+    HoldExpired = 14,
+    /// The buyer cancelled.
+    Cancelled = 15,
+    /// The buyer confirmed.
+    Confirmed = 16,
+    /// The vendor shipped.
+    Shipped = 17,
+    /// Quota went back to a licence.
+    QuotaReturned = 18,
+    /// A reconciliation pass.
+    Reconciled = 19,
+}
+
+impl CauseKind {
+    /// Short stable code used in dirty marks and logs, e.g. `wave`.
+    pub fn code(self) -> &'static str {
+        match self {
+            CauseKind::Unspecified => "unspecified",
+            CauseKind::Placed => "placed",
+            CauseKind::WavePublished => "wave",
+            CauseKind::TermsFinalized => "terms",
+            CauseKind::LicenseReinstated => "reinstated",
+            CauseKind::LicenseSuspended => "suspended",
+            CauseKind::LicenseRevoked => "revoked",
+            CauseKind::DomesticPurchase => "domestic",
+            CauseKind::ExportAuthorized => "export-granted",
+            CauseKind::ExportRevoked => "export-revoked",
+            CauseKind::EmbargoSet => "embargo",
+            CauseKind::EmbargoLifted => "embargo-lifted",
+            CauseKind::SupplyReceived => "supply",
+            CauseKind::StockReleased => "stock-released",
+            CauseKind::HoldExpired => "hold-expired",
+            CauseKind::Cancelled => "cancelled",
+            CauseKind::Confirmed => "confirmed",
+            CauseKind::Shipped => "shipped",
+            CauseKind::QuotaReturned => "quota-returned",
+            CauseKind::Reconciled => "reconciled",
+        }
+    }
+
+    /// The kind for a [`code`](Self::code).
+    pub fn from_code(code: &str) -> Self {
+        const KINDS: [CauseKind; 19] = [
+            CauseKind::Placed,
+            CauseKind::WavePublished,
+            CauseKind::TermsFinalized,
+            CauseKind::LicenseReinstated,
+            CauseKind::LicenseSuspended,
+            CauseKind::LicenseRevoked,
+            CauseKind::DomesticPurchase,
+            CauseKind::ExportAuthorized,
+            CauseKind::ExportRevoked,
+            CauseKind::EmbargoSet,
+            CauseKind::EmbargoLifted,
+            CauseKind::SupplyReceived,
+            CauseKind::StockReleased,
+            CauseKind::HoldExpired,
+            CauseKind::Cancelled,
+            CauseKind::Confirmed,
+            CauseKind::Shipped,
+            CauseKind::QuotaReturned,
+            CauseKind::Reconciled,
+        ];
+        KINDS.into_iter().find(|k| k.code() == code).unwrap_or(CauseKind::Unspecified)
+    }
+}
+
+/// Why something happened: a kind and the id it refers to (wave, licence, receipt, order).
+#[derive(Clone, PartialEq, Eq, Hash, prost::Message)]
+pub struct Cause {
+    /// [`CauseKind`].
+    #[prost(enumeration = "CauseKind", tag = "1")]
+    pub kind: i32,
+    /// The id it refers to.
+    #[prost(string, tag = "2")]
+    pub reference: String,
+}
+
+impl Cause {
+    /// A cause.
+    pub fn new(kind: CauseKind, reference: impl Into<String>) -> Self {
+        Cause { kind: kind as i32, reference: reference.into() }
+    }
+
+    /// `kind:reference`, the form dirty marks carry.
+    pub fn encode(&self) -> String {
+        format!("{}:{}", self.kind().code(), self.reference)
+    }
+
+    /// Parses [`encode`](Self::encode)'s form.
+    pub fn decode(s: &str) -> Self {
+        let (kind, reference) = s.split_once(':').unwrap_or((s, ""));
+        Cause::new(CauseKind::from_code(kind), reference)
+    }
+}
+
+/// One step of an order's history.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct TransitionRecord {
+    /// From.
+    #[prost(enumeration = "OrderStatus", tag = "1")]
+    pub from: i32,
+    /// To.
+    #[prost(enumeration = "OrderStatus", tag = "2")]
+    pub to: i32,
+    /// When (ms since epoch).
+    #[prost(uint64, tag = "3")]
+    pub at_ms: u64,
+    /// Why.
+    #[prost(message, optional, tag = "4")]
+    pub cause: Option<Cause>,
+    /// In words.
+    #[prost(string, tag = "5")]
+    pub detail: String,
+    /// Failed conditions, when waiting or rejected.
+    #[prost(message, repeated, tag = "6")]
+    pub failures: Vec<Failure>,
+}
+
+/// Quota and stock an order still has to give back for one of its generations.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct PendingRelease {
+    /// The generation whose quota and hold go back.
+    #[prost(uint64, tag = "1")]
+    pub generation: u64,
+    /// Give back licence quota.
+    #[prost(bool, tag = "2")]
+    pub quota: bool,
+    /// Give back held (or committed) stock.
+    #[prost(bool, tag = "3")]
+    pub hold: bool,
+    /// Why (for the other services' records).
+    #[prost(string, tag = "4")]
+    pub reason: String,
+}
+
+/// A stored order.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OrderRecord {
+    /// "ord-N".
+    #[prost(string, tag = "1")]
+    pub id: String,
+    /// The request that placed it.
+    #[prost(string, tag = "2")]
+    pub request_id: String,
+    /// Buyer.
+    #[prost(string, tag = "3")]
+    pub buyer_id: String,
+    /// Product.
+    #[prost(string, tag = "4")]
+    pub sku: String,
+    /// Units.
+    #[prost(uint64, tag = "5")]
+    pub units: u64,
+    /// Justification.
+    #[prost(string, tag = "6")]
+    pub justification: String,
+    /// [`OrderStatus`].
+    #[prost(enumeration = "OrderStatus", tag = "7")]
+    pub status: i32,
+    /// Why it waits or was rejected.
+    #[prost(message, repeated, tag = "8")]
+    pub reasons: Vec<Failure>,
+    /// Licence of its quota.
+    #[prost(string, tag = "9")]
+    pub license_id: String,
+    /// That licence's wave.
+    #[prost(string, tag = "10")]
+    pub wave_id: String,
+    /// Allocation generation (starts at 1).
+    #[prost(uint64, tag = "11")]
+    pub generation: u64,
+    /// Units held so far.
+    #[prost(uint64, tag = "12")]
+    pub held: u64,
+    /// Hold expiry (RESERVED).
+    #[prost(uint64, tag = "13")]
+    pub hold_expire_ms: u64,
+    /// Placement sequence.
+    #[prost(uint64, tag = "14")]
+    pub seq: u64,
+    /// Placed at.
+    #[prost(uint64, tag = "15")]
+    pub create_ms: u64,
+    /// Last change.
+    #[prost(uint64, tag = "16")]
+    pub update_ms: u64,
+    /// Every move.
+    #[prost(message, repeated, tag = "17")]
+    pub history: Vec<TransitionRecord>,
+    /// Releases still owed to licensing and inventory.
+    #[prost(message, repeated, tag = "18")]
+    pub pending: Vec<PendingRelease>,
+}
+
+/// A move the life cycle does not allow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoveError {
+    /// From.
+    pub from: OrderStatus,
+    /// To.
+    pub to: OrderStatus,
+}
+
+impl std::fmt::Display for MoveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an order can't go from {} to {}", self.from.name(), self.to.name())
+    }
+}
+
+impl std::error::Error for MoveError {}
+
+/// Same conditions with the same figures (what decides whether a re-evaluation is worth recording).
+pub fn same_reasons(a: &[Failure], b: &[Failure]) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(x, y)| {
+            x.condition == y.condition
+                && x.license_id == y.license_id
+                && x.required == y.required
+                && x.actual == y.actual
+        })
+}
+
+impl OrderRecord {
+    /// Moves the order to `to`, recording the step. Returns whether anything was recorded (a waiting
+    /// order re-evaluated with unchanged reasons records nothing).
+    ///
+    /// # Errors
+    /// When the life cycle does not allow the move.
+    pub fn move_to(
+        &mut self,
+        to: OrderStatus,
+        cause: Cause,
+        detail: impl Into<String>,
+        failures: Vec<Failure>,
+        now_ms: u64,
+    ) -> Result<bool, MoveError> {
+        let from = self.status();
+        if !from.can_move_to(to) {
+            return Err(MoveError { from, to });
+        }
+        if from == to && from == OrderStatus::AwaitingLicense && same_reasons(&self.reasons, &failures) {
+            return Ok(false);
+        }
+        self.history.push(TransitionRecord {
+            from: from as i32,
+            to: to as i32,
+            at_ms: now_ms,
+            cause: Some(cause),
+            detail: detail.into(),
+            failures: failures.clone(),
+        });
+        self.status = to as i32;
+        self.reasons =
+            if matches!(to, OrderStatus::AwaitingLicense | OrderStatus::Rejected) { failures } else { Vec::new() };
+        self.update_ms = now_ms;
+        Ok(true)
+    }
+
+    /// Took quota from `license_id` (of `wave_id`): AWAITING → BACKORDERED.
+    ///
+    /// # Errors
+    /// When the order is not waiting.
+    pub fn take_quota(
+        &mut self,
+        license_id: &str,
+        wave_id: &str,
+        cause: Cause,
+        now_ms: u64,
+    ) -> Result<bool, MoveError> {
+        let detail =
+            format!("licence {license_id} (wave {wave_id}) granted {} units of quota; waiting for stock", self.units);
+        self.move_to(OrderStatus::Backordered, cause, detail, Vec::new(), now_ms)?;
+        self.license_id = license_id.to_string();
+        self.wave_id = wave_id.to_string();
+        Ok(true)
+    }
+
+    /// Stock arrived: `held` units held in all, complete when equal to the order's units.
+    ///
+    /// # Errors
+    /// When the order is not backordered.
+    pub fn hold_stock(&mut self, held: u64, expire_ms: u64, cause: Cause, now_ms: u64) -> Result<bool, MoveError> {
+        if held <= self.held {
+            return Ok(false);
+        }
+        let to = if held >= self.units { OrderStatus::Reserved } else { OrderStatus::Backordered };
+        let detail = if to == OrderStatus::Reserved {
+            format!("all {} units held until the hold expires", self.units)
+        } else {
+            format!("{held} of {} units held; waiting in the backlog for the rest", self.units)
+        };
+        self.move_to(to, cause, detail, Vec::new(), now_ms)?;
+        self.held = held;
+        if to == OrderStatus::Reserved {
+            self.hold_expire_ms = expire_ms;
+        }
+        Ok(true)
+    }
+
+    /// Sends an order that holds quota back to waiting (its licence stopped being usable): its quota and
+    /// hold of the current generation are owed back, and it continues at the next generation.
+    ///
+    /// # Errors
+    /// When the order does not hold unconfirmed quota.
+    pub fn unwind(&mut self, cause: Cause, failures: Vec<Failure>, now_ms: u64) -> Result<(), MoveError> {
+        if !self.status().holds_unconfirmed_quota() {
+            return Err(MoveError { from: self.status(), to: OrderStatus::AwaitingLicense });
+        }
+        let why = failures.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
+        let detail = format!("quota of licence {} and {} held units given back: {why}", self.license_id, self.held);
+        self.move_to(OrderStatus::AwaitingLicense, cause, detail, failures, now_ms)?;
+        self.owe(true, true, "licence no longer usable");
+        self.generation += 1;
+        self.license_id.clear();
+        self.wave_id.clear();
+        self.held = 0;
+        self.hold_expire_ms = 0;
+        Ok(())
+    }
+
+    /// Records a release owed for the current generation.
+    pub fn owe(&mut self, quota: bool, hold: bool, reason: &str) {
+        if quota || hold {
+            self.pending.push(PendingRelease { generation: self.generation, quota, hold, reason: reason.to_string() });
+        }
+    }
+
+    /// Whether this order, in its current state, holds quota for its generation.
+    pub fn has_quota(&self) -> bool {
+        matches!(
+            self.status(),
+            OrderStatus::Backordered | OrderStatus::Reserved | OrderStatus::Confirmed | OrderStatus::Shipped
+        )
+    }
+
+    /// Cancels the order (before shipping). Quota and any hold of the current generation are owed back.
+    ///
+    /// # Errors
+    /// When the order already shipped or ended.
+    pub fn cancel(&mut self, reason: &str, now_ms: u64) -> Result<(), MoveError> {
+        let had_quota = self.has_quota();
+        let had_hold = self.held > 0 || self.status() == OrderStatus::Backordered;
+        self.move_to(
+            OrderStatus::Cancelled,
+            Cause::new(CauseKind::Cancelled, &self.id.clone()),
+            format!("cancelled: {reason}"),
+            Vec::new(),
+            now_ms,
+        )?;
+        self.owe(had_quota, had_hold, "order cancelled");
+        self.held = 0;
+        Ok(())
+    }
+
+    /// The hold of the current generation expired unconfirmed: RESERVED → EXPIRED, quota owed back.
+    ///
+    /// # Errors
+    /// When the order is not reserved.
+    pub fn expire(&mut self, now_ms: u64) -> Result<(), MoveError> {
+        self.move_to(
+            OrderStatus::Expired,
+            Cause::new(CauseKind::HoldExpired, &self.id.clone()),
+            "not confirmed before the hold expired; the units went back to stock",
+            Vec::new(),
+            now_ms,
+        )?;
+        self.owe(true, false, "hold expired");
+        self.held = 0;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::licensing::Condition;
+
+    fn order() -> OrderRecord {
+        OrderRecord {
+            id: "ord-1".into(),
+            units: 100,
+            generation: 1,
+            status: OrderStatus::Pending as i32,
+            ..Default::default()
+        }
+    }
+
+    fn why(c: Condition) -> Vec<Failure> {
+        vec![Failure::new(c, "lic-1", "no")]
+    }
+
+    #[test]
+    fn happy_path_records_every_step() {
+        let mut o = order();
+        let placed = Cause::new(CauseKind::Placed, "ord-1");
+        assert!(
+            o.move_to(OrderStatus::AwaitingLicense, placed.clone(), "waiting", why(Condition::TermsFinal), 1).unwrap()
+        );
+        assert_eq!(o.reasons.len(), 1);
+        o.take_quota("lic-1", "wave-1", Cause::new(CauseKind::TermsFinalized, "lic-1"), 2).unwrap();
+        assert!(o.reasons.is_empty());
+        o.hold_stock(40, 0, Cause::new(CauseKind::SupplyReceived, "r1"), 3).unwrap();
+        assert_eq!((o.status(), o.held), (OrderStatus::Backordered, 40));
+        assert!(!o.hold_stock(40, 0, Cause::new(CauseKind::SupplyReceived, "r1"), 4).unwrap(), "no new units, no step");
+        o.hold_stock(100, 99, Cause::new(CauseKind::SupplyReceived, "r2"), 5).unwrap();
+        assert_eq!((o.status(), o.hold_expire_ms), (OrderStatus::Reserved, 99));
+        o.move_to(OrderStatus::Confirmed, Cause::new(CauseKind::Confirmed, "ord-1"), "confirmed", vec![], 6).unwrap();
+        o.move_to(OrderStatus::Shipped, Cause::new(CauseKind::Shipped, "ord-1"), "shipped", vec![], 7).unwrap();
+        let path: Vec<(OrderStatus, OrderStatus)> = o.history.iter().map(|t| (t.from(), t.to())).collect();
+        assert_eq!(
+            path,
+            vec![
+                (OrderStatus::Pending, OrderStatus::AwaitingLicense),
+                (OrderStatus::AwaitingLicense, OrderStatus::Backordered),
+                (OrderStatus::Backordered, OrderStatus::Backordered),
+                (OrderStatus::Backordered, OrderStatus::Reserved),
+                (OrderStatus::Reserved, OrderStatus::Confirmed),
+                (OrderStatus::Confirmed, OrderStatus::Shipped),
+            ]
+        );
+        assert_eq!(o.history[1].cause.as_ref().unwrap().kind(), CauseKind::TermsFinalized);
+        assert!(o.cancel("too late", 8).is_err(), "shipped orders can't be cancelled");
+    }
+
+    #[test]
+    fn unchanged_reasons_leave_no_trace_but_new_ones_do() {
+        let mut o = order();
+        let c = Cause::new(CauseKind::Placed, "x");
+        o.move_to(OrderStatus::AwaitingLicense, c.clone(), "w", why(Condition::TermsFinal), 1).unwrap();
+        assert!(!o.move_to(OrderStatus::AwaitingLicense, c.clone(), "w", why(Condition::TermsFinal), 2).unwrap());
+        assert!(o.move_to(OrderStatus::AwaitingLicense, c, "w", why(Condition::DomesticRatio), 3).unwrap());
+        assert_eq!(o.history.len(), 2);
+        assert_eq!(o.reasons[0].condition(), Condition::DomesticRatio);
+    }
+
+    #[test]
+    fn unwinding_owes_quota_and_hold_and_bumps_the_generation() {
+        let mut o = order();
+        o.take_quota("lic-1", "wave-1", Cause::new(CauseKind::WavePublished, "wave-1"), 1).unwrap();
+        o.hold_stock(30, 0, Cause::new(CauseKind::SupplyReceived, "r"), 2).unwrap();
+        o.unwind(Cause::new(CauseKind::LicenseSuspended, "lic-1"), why(Condition::LicenseInForce), 3).unwrap();
+        assert_eq!((o.status(), o.generation, o.held, o.license_id.as_str()), (OrderStatus::AwaitingLicense, 2, 0, ""));
+        assert_eq!(
+            o.pending,
+            vec![PendingRelease { generation: 1, quota: true, hold: true, reason: "licence no longer usable".into() }]
+        );
+        assert!(
+            o.unwind(Cause::new(CauseKind::LicenseSuspended, "lic-1"), vec![], 4).is_err(),
+            "a waiting order has nothing to unwind"
+        );
+    }
+
+    #[test]
+    fn cancel_and_expiry_owe_exactly_what_was_held() {
+        let mut waiting = order();
+        waiting.cancel("changed plans", 1).unwrap();
+        assert!(waiting.pending.is_empty(), "a waiting order holds nothing");
+        assert!(waiting.cancel("again", 2).is_err());
+
+        let mut reserved = order();
+        reserved.take_quota("lic-1", "w", Cause::new(CauseKind::Placed, ""), 1).unwrap();
+        reserved.hold_stock(100, 50, Cause::new(CauseKind::Placed, ""), 1).unwrap();
+        let mut expired = reserved.clone();
+        expired.expire(60).unwrap();
+        assert_eq!(expired.status(), OrderStatus::Expired);
+        assert_eq!(
+            expired.pending,
+            vec![PendingRelease { generation: 1, quota: true, hold: false, reason: "hold expired".into() }]
+        );
+        reserved.cancel("no", 2).unwrap();
+        assert_eq!(
+            reserved.pending[0],
+            PendingRelease { generation: 1, quota: true, hold: true, reason: "order cancelled".into() }
+        );
+    }
+
+    #[test]
+    fn the_life_cycle_forbids_shortcuts() {
+        use OrderStatus::*;
+        assert!(!Pending.can_move_to(Reserved));
+        assert!(!AwaitingLicense.can_move_to(Reserved));
+        assert!(!Backordered.can_move_to(Confirmed));
+        assert!(!Reserved.can_move_to(Shipped));
+        assert!(!Expired.can_move_to(AwaitingLicense));
+        assert!(Reserved.can_move_to(AwaitingLicense));
+        for s in OrderStatus::ALL {
+            assert_eq!(s.is_final(), OrderStatus::ALL.iter().all(|t| !s.can_move_to(*t)), "{s:?}");
+        }
+    }
+
+    #[test]
+    fn causes_round_trip_through_marks() {
+        let c = Cause::new(CauseKind::WavePublished, "wave-3");
+        assert_eq!(c.encode(), "wave:wave-3");
+        assert_eq!(Cause::decode("wave:wave-3"), c);
+        assert_eq!(Cause::decode("supply:rcpt:1").reference, "rcpt:1");
+        assert_eq!(Cause::decode("nonsense").kind(), CauseKind::Unspecified);
+    }
+}

@@ -14,6 +14,7 @@ pub mod context;
 pub mod edge;
 pub mod errors;
 pub mod health;
+pub mod hub;
 pub mod idempotency;
 pub mod locks;
 pub mod paging;

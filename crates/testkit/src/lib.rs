@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_runtime::server::{Running, ServerConfig};
 use chipgate_runtime::{Shutdown, serve};
 use chipgate_state::testing::RedisServer;
@@ -36,6 +37,8 @@ pub struct ClusterOptions {
     pub server: ServerConfig,
     /// Inventory background behaviour (sweep interval).
     pub inventory: chipgate_inventory::Options,
+    /// Orders background behaviour.
+    pub orders: chipgate_orders::Options,
 }
 
 impl Default for ClusterOptions {
@@ -44,6 +47,7 @@ impl Default for ClusterOptions {
             backend: BackendKind::Redis,
             server: ServerConfig { health_interval: Duration::from_millis(100), ..ServerConfig::default() },
             inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
+            orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
         }
     }
 }
@@ -89,6 +93,10 @@ pub struct Cluster {
     pub licensing: ServiceHandle,
     /// The inventory service.
     pub inventory: ServiceHandle,
+    /// The orders service.
+    pub orders: ServiceHandle,
+    /// The orders service itself (for tools that drive it directly).
+    pub orders_service: chipgate_orders::Orders,
 }
 
 /// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
@@ -163,7 +171,20 @@ impl Cluster {
         let inventory =
             start_service(store.clone(), options.server.clone(), inv_shutdown, |c| chipgate_inventory::spec(inv, c))
                 .await;
-        Cluster { redis, store, licensing, inventory }
+        let peers =
+            chipgate_orders::Peers::connect(&licensing.url(), &inventory.url(), options.server.max_message_bytes)
+                .expect("peer urls");
+        let ord_shutdown = Shutdown::new();
+        let ord = chipgate_orders::Orders::start(store.clone(), peers, ord_shutdown.clone(), options.orders.clone());
+        let orders_service = ord.clone();
+        let orders =
+            start_service(store.clone(), options.server.clone(), ord_shutdown, |c| chipgate_orders::spec(ord, c)).await;
+        Cluster { redis, store, licensing, inventory, orders, orders_service }
+    }
+
+    /// An orders client.
+    pub fn orders_client(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(channel(&self.orders.url()))
     }
 
     /// An inventory client.

@@ -80,7 +80,7 @@ struct Inner {
     store: Store,
     idem: Idempotency,
     locks: KeyedLocks,
-    watch: watch::Hub,
+    watch: chipgate_runtime::hub::StreamHub<pb::WatchStockResponse>,
     shutdown: Shutdown,
 }
 
@@ -100,7 +100,7 @@ impl Inventory {
                 store,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
-                watch: watch::Hub::new(),
+                watch: chipgate_runtime::hub::StreamHub::default(),
                 shutdown: shutdown.clone(),
             }),
         };

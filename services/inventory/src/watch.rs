@@ -1,37 +1,16 @@
-//! `WatchStock`: one tail of the inventory event stream per replica, fanned out to every watcher.
-//!
-//! A single task follows the stream (a blocking read on its own connection) and broadcasts each change;
-//! each watcher filters by product. A watcher that falls too far behind is told so and its stream ends,
-//! rather than slowing the others; every stream ends when the server shuts down.
-
-use std::sync::Arc;
-use std::time::Duration;
+//! `WatchStock`: one tail of the inventory event stream per replica ([`hub::StreamHub`]), fanned out
+//! to every watcher, each filtering by product; every stream ends when the server shuts down.
 
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
-use chipgate_runtime::Shutdown;
 use chipgate_runtime::errors::Violations;
-use chipgate_runtime::validate;
-use chipgate_state::Backend;
+use chipgate_runtime::{Shutdown, hub, validate};
 use prost::Message;
-use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 use crate::convert::stock_to;
 use crate::holds::reference_of;
 use crate::{Error, Inventory, keys};
-
-/// The broadcast side of the watch.
-pub(crate) struct Hub {
-    tx: broadcast::Sender<Arc<pb::WatchStockResponse>>,
-}
-
-impl Hub {
-    pub(crate) fn new() -> Self {
-        let (tx, _) = broadcast::channel(4096);
-        Hub { tx }
-    }
-}
 
 fn describe(event: pb::InventoryEvent) -> Option<pb::WatchStockResponse> {
     use pb::inventory_event::Kind;
@@ -49,45 +28,14 @@ fn describe(event: pb::InventoryEvent) -> Option<pb::WatchStockResponse> {
 
 /// Follows the event stream until shutdown, broadcasting every change.
 pub(crate) async fn run(svc: Inventory, shutdown: Shutdown) {
-    let stream = keys::events();
-    let mut last = loop {
-        tokio::select! {
-            () = shutdown.wait() => return,
-            r = svc.store().xlast_id(&stream) => match r {
-                Ok(id) => break id,
-                Err(e) => {
-                    tracing::warn!(error = %e, "stock watch can't read the event stream yet; retrying");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-            }
+    let decode = |e: &chipgate_state::StreamEntry| match pb::InventoryEvent::decode(e.field("e")?) {
+        Ok(ev) => describe(ev),
+        Err(err) => {
+            tracing::warn!(id = %e.id, error = %err, "undecodable inventory event");
+            None
         }
     };
-    loop {
-        tokio::select! {
-            () = shutdown.wait() => return,
-            r = svc.store().tail(&stream, &last, 256, Duration::from_secs(2)) => match r {
-                Ok(entries) => {
-                    for e in entries {
-                        last = e.id.clone();
-                        let Some(raw) = e.field("e") else { continue };
-                        match pb::InventoryEvent::decode(raw) {
-                            Ok(ev) => {
-                                if let Some(change) = describe(ev) {
-                                    // No receivers is fine: nobody is watching.
-                                    let _ = svc.inner.watch.tx.send(Arc::new(change));
-                                }
-                            }
-                            Err(err) => tracing::warn!(id = %e.id, error = %err, "undecodable inventory event"),
-                        }
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "stock watch lost the event stream; retrying");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
+    svc.inner.watch.follow(svc.store().clone(), keys::events(), shutdown, decode).await;
 }
 
 /// The stream type of `WatchStock`.
@@ -99,7 +47,7 @@ impl Inventory {
         validate::optional_id(&mut v, "product_sku", &req.product_sku);
         v.check().map_err(Error::Status)?;
         // Subscribe before reading the snapshot, so no change falls between the two.
-        let mut rx = self.inner.watch.tx.subscribe();
+        let rx = self.inner.watch.subscribe();
         let snapshot: Vec<pb::Stock> = if req.product_sku.is_empty() {
             self.list_stock(pb::ListStockRequest {}).await?.stock
         } else {
@@ -107,46 +55,19 @@ impl Inventory {
                 self.require::<StockRecord>(keys::stock(&req.product_sku), "product", &req.product_sku).await?;
             vec![stock_to(&s, ver)]
         };
-        let (tx, out) = mpsc::channel(256);
+        let first: Vec<pb::WatchStockResponse> = snapshot
+            .into_iter()
+            .map(|s| pb::WatchStockResponse {
+                stock: Some(s),
+                cause: "snapshot".into(),
+                reference: String::new(),
+                time: None,
+            })
+            .collect();
         let sku = req.product_sku;
-        let shutdown = self.inner.shutdown.clone();
-        tokio::spawn(async move {
-            for s in snapshot {
-                let first = pb::WatchStockResponse {
-                    stock: Some(s),
-                    cause: "snapshot".into(),
-                    reference: String::new(),
-                    time: None,
-                };
-                if tx.send(Ok(first)).await.is_err() {
-                    return;
-                }
-            }
-            loop {
-                let next = tokio::select! {
-                    () = shutdown.wait() => return,
-                    () = tx.closed() => return,
-                    n = rx.recv() => n,
-                };
-                match next {
-                    Ok(change) => {
-                        let matches = sku.is_empty() || change.stock.as_ref().is_some_and(|s| s.product_sku == sku);
-                        if matches && tx.send(Ok((*change).clone())).await.is_err() {
-                            return;
-                        }
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        let _ = tx
-                            .send(Err(Status::resource_exhausted(format!(
-                                "this watcher fell {n} changes behind and was dropped; watch again and read GetStock"
-                            ))))
-                            .await;
-                        return;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
-            }
-        });
-        Ok(tokio_stream::wrappers::ReceiverStream::new(out))
+        let keep = move |change: &pb::WatchStockResponse| {
+            (sku.is_empty() || change.stock.as_ref().is_some_and(|s| s.product_sku == sku)).then(|| change.clone())
+        };
+        Ok(hub::forward(rx, first, self.inner.shutdown.clone(), keep))
     }
 }

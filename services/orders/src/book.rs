@@ -1,0 +1,93 @@
+//! Writing an order: the one place that turns "this order is now in this state" into every write it
+//! implies, so queues, indexes, wave figures and the transition stream can never drift from the order
+//! records. Every code path that changes an order goes through [`write`].
+
+use chipgate_domain::orders::{OrderRecord, OrderStatus};
+use chipgate_proto::orders::v1 as pb;
+use chipgate_state::Txn;
+use prost::Message;
+
+use crate::convert::{state_to, transition_to};
+use crate::keys;
+
+/// Transitions kept in the watch stream (approximately); the durable history is in each order.
+const MAX_EVENTS: u64 = 200_000;
+
+/// Adds to `t` the write of `new` (read at `version`; `old` is what was read, None for a new order)
+/// and everything it implies.
+pub(crate) fn write(t: &mut Txn, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
+    t.replace(keys::order(&new.id), version, new.encode_to_vec());
+    let score = new.seq as f64;
+    let was = old.map(OrderRecord::status);
+    let now = new.status();
+    if old.is_none() {
+        t.zadd(keys::orders(), &new.id, score);
+        t.zadd(keys::orders_of(&new.buyer_id), &new.id, score);
+        t.sadd(keys::products(), &new.sku);
+    }
+    if was != Some(now) {
+        if let Some(w) = was {
+            t.zrem(keys::orders_in(w), &new.id);
+        }
+        t.zadd(keys::orders_in(now), &new.id, score);
+    }
+    let member = |t: &mut Txn, key: String, before: bool, after: bool| {
+        if after && !before {
+            t.zadd(key, &new.id, score);
+        } else if before && !after {
+            t.zrem(key, &new.id);
+        }
+    };
+    let waiting = |s: Option<OrderStatus>| s.is_some_and(OrderStatus::is_waiting);
+    if now.is_waiting() && !waiting(was) {
+        t.sadd(keys::awaiting_buyers(&new.sku), &new.buyer_id);
+        t.sadd(keys::awaiting_skus(&new.buyer_id), &new.sku);
+    }
+    member(t, keys::awaiting(&new.sku, &new.buyer_id), waiting(was), now.is_waiting());
+    member(t, keys::backlog(&new.sku), was == Some(OrderStatus::Backordered), now == OrderStatus::Backordered);
+    member(
+        t,
+        keys::holding(&new.sku),
+        was.is_some_and(OrderStatus::holds_unconfirmed_quota),
+        now.holds_unconfirmed_quota(),
+    );
+    let owed_before = old.is_some_and(|o| !o.pending.is_empty());
+    if !new.pending.is_empty() && !owed_before {
+        t.sadd(keys::cleanup(), &new.id);
+    } else if new.pending.is_empty() && owed_before {
+        t.srem(keys::cleanup(), &new.id);
+    }
+    wave_figures(t, old, new);
+    let seen = old.map(|o| o.history.len()).unwrap_or(0);
+    for step in new.history.iter().skip(seen) {
+        let event = pb::WatchOrdersResponse {
+            order_id: new.id.clone(),
+            buyer_id: new.buyer_id.clone(),
+            product_sku: new.sku.clone(),
+            transition: Some(transition_to(step)),
+            held_units: new.held,
+        };
+        t.xadd(keys::events(), vec![("e".to_string(), event.encode_to_vec())], Some(MAX_EVENTS));
+    }
+}
+
+/// Keeps each wave's figures (orders by state, units held) in step with its orders.
+fn wave_figures(t: &mut Txn, old: Option<&OrderRecord>, new: &OrderRecord) {
+    let before = old.filter(|o| !o.wave_id.is_empty()).map(|o| (o.wave_id.as_str(), o.status(), o.held));
+    let after = (!new.wave_id.is_empty()).then(|| (new.wave_id.as_str(), new.status(), new.held));
+    if before == after {
+        return;
+    }
+    if let Some((w, s, held)) = before {
+        t.hincr(keys::wave(w), state_to(s).as_str_name(), -1);
+        if held > 0 {
+            t.hincr(keys::wave(w), "units_held", -(held as i64));
+        }
+    }
+    if let Some((w, s, held)) = after {
+        t.hincr(keys::wave(w), state_to(s).as_str_name(), 1);
+        if held > 0 {
+            t.hincr(keys::wave(w), "units_held", held as i64);
+        }
+    }
+}

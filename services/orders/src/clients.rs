@@ -1,0 +1,110 @@
+//! The orders service's clients of licensing and inventory.
+//!
+//! Calls carry the caller's request id, trace and remaining deadline. UNAVAILABLE (a peer restarting,
+//! a connection dropping) is retried a bounded number of times with jittered exponential backoff, never
+//! past the deadline; every other error is returned at once, because retrying it can't help.
+
+use std::future::Future;
+use std::time::Duration;
+
+use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_runtime::RequestContext;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+/// Attempts per call (the first plus retries).
+const ATTEMPTS: u32 = 4;
+
+/// Deadline of calls made for background work (no caller deadline to inherit).
+const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Clients of the services orders depends on.
+#[derive(Clone)]
+pub struct Peers {
+    /// Licensing.
+    pub licensing: LicensingServiceClient<Channel>,
+    /// Inventory.
+    pub inventory: InventoryServiceClient<Channel>,
+}
+
+fn channel(url: &str) -> Result<Channel, String> {
+    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("bad url {url:?}: {e}"))?;
+    Ok(endpoint
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
+        .connect_lazy())
+}
+
+impl Peers {
+    /// Lazily-connecting clients (the peers may start after orders does).
+    ///
+    /// # Errors
+    /// When a URL is malformed.
+    pub fn connect(licensing_url: &str, inventory_url: &str, max_message_bytes: usize) -> Result<Self, String> {
+        Ok(Peers {
+            licensing: LicensingServiceClient::new(channel(licensing_url)?)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+            inventory: InventoryServiceClient::new(channel(inventory_url)?)
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        })
+    }
+}
+
+/// A request for `msg` on behalf of `ctx` (background work gets its own deadline).
+pub fn request<T>(ctx: &RequestContext, msg: T) -> tonic::Request<T> {
+    let mut req = ctx.outgoing(msg);
+    if ctx.deadline.is_none() {
+        req.set_timeout(BACKGROUND_TIMEOUT);
+    }
+    req
+}
+
+/// Runs `call` (which builds and sends one request), retrying UNAVAILABLE as described above.
+///
+/// # Errors
+/// The peer's status, or UNAVAILABLE/DEADLINE_EXCEEDED once retries or time run out.
+pub async fn call<T, F, Fut>(ctx: &RequestContext, what: &str, mut call: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+{
+    let mut backoff = Duration::from_millis(25);
+    for attempt in 1..=ATTEMPTS {
+        match call().await {
+            Ok(r) => return Ok(r.into_inner()),
+            Err(s) if s.code() == Code::Unavailable && attempt < ATTEMPTS => {
+                let pause = backoff / 2 + Duration::from_micros(fastrand::u64(0..=backoff.as_micros() as u64 / 2));
+                if ctx.remaining().is_some_and(|left| left <= pause) {
+                    return Err(s);
+                }
+                tracing::debug!(what, attempt, error = %s.message(), ?pause, "peer unavailable; retrying");
+                tokio::time::sleep(pause).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            Err(s) => return Err(s),
+        }
+    }
+    Err(Status::unavailable(format!("{what}: no answer after {ATTEMPTS} attempts")))
+}
+
+/// Calls `$method` of a peer client with `$msg` on behalf of `$ctx`, through [`call`] (each attempt
+/// clones the client, which is cheap: it shares one HTTP/2 connection).
+macro_rules! rpc {
+    ($ctx:expr, $client:expr, $method:ident, $msg:expr) => {{
+        let msg = $msg;
+        let client = $client.clone();
+        $crate::clients::call($ctx, stringify!($method), || {
+            let mut c = client.clone();
+            let req = $crate::clients::request($ctx, msg.clone());
+            async move { c.$method(req).await }
+        })
+        .await
+    }};
+}
+pub(crate) use rpc;

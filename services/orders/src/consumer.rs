@@ -1,0 +1,299 @@
+//! The event consumers: licensing and inventory changes become dirty marks on exactly the products
+//! (and buyers) they concern.
+//!
+//! Each replica reads both streams through the consumer group `orders`, so every event goes to one
+//! replica. An event is acknowledged only after its marks are committed; if a replica dies holding
+//! events, another takes them over once they have been pending for `claim_idle`. Marks are idempotent,
+//! so an event applied twice changes nothing more than applying it once.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
+use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_runtime::Shutdown;
+use chipgate_runtime::time::now_ms;
+use chipgate_state::{Backend, StreamEntry, Txn};
+use prost::Message;
+
+use crate::marks::{self, Who};
+use crate::{Done, Error, Orders, book, keys};
+
+/// The consumer group of the orders service on both streams.
+pub(crate) const GROUP: &str = "orders";
+
+/// Which stream a consumer follows.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Source {
+    Licensing,
+    Inventory,
+}
+
+impl Source {
+    fn stream(self) -> String {
+        match self {
+            // The other services' streams, named by their key layout.
+            Source::Licensing => chipgate_state::Space::new("lic").key(["events"]),
+            Source::Inventory => chipgate_state::Space::new("inv").key(["events"]),
+        }
+    }
+}
+
+/// When the orders service first saw a wave, and which queues it concerned.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct WaveMeta {
+    #[prost(string, tag = "1")]
+    pub wave_id: String,
+    #[prost(uint64, tag = "2")]
+    pub observed_ms: u64,
+    /// Waiting orders of the wave's buyers and products when it was observed.
+    #[prost(uint64, tag = "3")]
+    pub concerned: u64,
+    /// `sku|buyer` of each licence of the wave.
+    #[prost(string, repeated, tag = "4")]
+    pub queues: Vec<String>,
+}
+
+/// Follows one stream until shutdown.
+pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
+    let stream = source.stream();
+    loop {
+        match svc.store().group_ensure(&stream, GROUP).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(%stream, error = %e, "can't join the consumer group yet; retrying");
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+    let claim_every = svc.options().claim_idle / 2;
+    let mut last_claim = Instant::now() - claim_every;
+    loop {
+        if shutdown.is_triggered() {
+            return;
+        }
+        let mut entries = Vec::new();
+        if last_claim.elapsed() >= claim_every {
+            last_claim = Instant::now();
+            match svc.store().autoclaim(&stream, GROUP, &svc.inner.consumer, svc.options().claim_idle, 256).await {
+                Ok(claimed) => {
+                    if !claimed.is_empty() {
+                        tracing::info!(%stream, events = claimed.len(), "took over events a stalled replica left pending");
+                    }
+                    entries = claimed;
+                }
+                Err(e) => tracing::warn!(%stream, error = %e, "can't claim pending events"),
+            }
+        }
+        if entries.is_empty() {
+            let read = tokio::select! {
+                () = shutdown.wait() => return,
+                r = svc.store().read_group(&stream, GROUP, &svc.inner.consumer, 256, Some(Duration::from_secs(2))) => r,
+            };
+            match read {
+                Ok(e) => entries = e,
+                Err(e) => {
+                    tracing::warn!(%stream, error = %e, "can't read events; retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            }
+        }
+        if entries.is_empty() {
+            continue;
+        }
+        match svc.apply_events(source, &entries).await {
+            Ok(products) => {
+                let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
+                if let Err(e) = svc.store().ack(&stream, GROUP, &ids).await {
+                    tracing::warn!(%stream, error = %e, "can't acknowledge events; they will be applied again (harmlessly)");
+                }
+                for sku in products {
+                    svc.inner.scheduler.request(&sku);
+                }
+            }
+            Err(e) => {
+                // Not acknowledged: they stay pending and are claimed again after `claim_idle`.
+                tracing::warn!(%stream, error = ?e, "can't apply events; they will be retried");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+impl Orders {
+    /// Turns events into marks (and expiries); returns the products concerned.
+    async fn apply_events(&self, source: Source, entries: &[StreamEntry]) -> Result<BTreeSet<String>, Error> {
+        let mut t = Txn::new();
+        let mut products = BTreeSet::new();
+        for e in entries {
+            let Some(raw) = e.field("e") else { continue };
+            match source {
+                Source::Licensing => match lpb::LicensingEvent::decode(raw) {
+                    Ok(ev) => self.licensing_event(&mut t, &mut products, ev).await?,
+                    Err(err) => tracing::warn!(id = %e.id, error = %err, "undecodable licensing event skipped"),
+                },
+                Source::Inventory => match ipb::InventoryEvent::decode(raw) {
+                    Ok(ev) => self.inventory_event(&mut t, &mut products, ev).await?,
+                    Err(err) => tracing::warn!(id = %e.id, error = %err, "undecodable inventory event skipped"),
+                },
+            }
+        }
+        if !t.is_empty() {
+            self.store().commit(&t).await.map_err(|e| Error::Internal(format!("marks: {e}")))?;
+        }
+        Ok(products)
+    }
+
+    async fn licensing_event(
+        &self,
+        t: &mut Txn,
+        products: &mut BTreeSet<String>,
+        ev: lpb::LicensingEvent,
+    ) -> Result<(), Error> {
+        use lpb::licensing_event::Kind;
+        match ev.kind {
+            Some(Kind::WavePublished(w)) => {
+                let cause = Cause::new(CauseKind::WavePublished, &w.wave_id);
+                for l in &w.licenses {
+                    marks::awaiting(t, &l.product_sku, Who::Buyer(&l.buyer_id), &cause);
+                    products.insert(l.product_sku.clone());
+                }
+                self.observe_wave(&w).await?;
+            }
+            Some(Kind::LicenseChanged(c)) => {
+                let to = c.to_state();
+                let kind = match to {
+                    lpb::LicenseState::Suspended => CauseKind::LicenseSuspended,
+                    lpb::LicenseState::Revoked => CauseKind::LicenseRevoked,
+                    _ if c.from_state() == lpb::LicenseState::PendingTerms => CauseKind::TermsFinalized,
+                    _ => CauseKind::LicenseReinstated,
+                };
+                let cause = Cause::new(kind, &c.license_id);
+                if matches!(to, lpb::LicenseState::Suspended | lpb::LicenseState::Revoked) {
+                    marks::holders(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause);
+                }
+                marks::awaiting(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause);
+                products.insert(c.product_sku);
+            }
+            Some(Kind::DomesticPurchaseRecorded(d)) => {
+                let cause = Cause::new(CauseKind::DomesticPurchase, &d.buyer_id);
+                for sku in self.store().smembers(&keys::awaiting_skus(&d.buyer_id)).await? {
+                    marks::awaiting(t, &sku, Who::Buyer(&d.buyer_id), &cause);
+                    products.insert(sku);
+                }
+            }
+            Some(Kind::ExportAuthorizationChanged(x)) => {
+                if x.active {
+                    marks::awaiting(
+                        t,
+                        &x.product_sku,
+                        Who::All,
+                        &Cause::new(CauseKind::ExportAuthorized, &x.product_sku),
+                    );
+                } else {
+                    marks::holders(t, &x.product_sku, Who::All, &Cause::new(CauseKind::ExportRevoked, &x.product_sku));
+                    marks::awaiting(t, &x.product_sku, Who::All, &Cause::new(CauseKind::ExportRevoked, &x.product_sku));
+                }
+                products.insert(x.product_sku);
+            }
+            Some(Kind::ImportPolicyChanged(p)) => {
+                if p.to_stance() == lpb::ImportStance::Embargoed {
+                    let cause = Cause::new(CauseKind::EmbargoSet, &p.product_sku);
+                    marks::holders(t, &p.product_sku, Who::All, &cause);
+                    marks::awaiting(t, &p.product_sku, Who::All, &cause);
+                } else {
+                    marks::awaiting(t, &p.product_sku, Who::All, &Cause::new(CauseKind::EmbargoLifted, &p.product_sku));
+                }
+                products.insert(p.product_sku);
+            }
+            Some(Kind::QuotaChanged(q)) => {
+                // Quota given back (an order cancelled, expired or unwound) may let a waiting order of
+                // the same buyer through.
+                for r in q.reservations.iter().filter(|r| r.state() == lpb::ReservationState::Released && r.units > 0) {
+                    marks::awaiting(
+                        t,
+                        &q.product_sku,
+                        Who::Buyer(&r.buyer_id),
+                        &Cause::new(CauseKind::QuotaReturned, &r.license_id),
+                    );
+                    products.insert(q.product_sku.clone());
+                }
+            }
+            Some(Kind::ApplicationChanged(_) | Kind::WaveChanged(_)) | None => {}
+        }
+        Ok(())
+    }
+
+    async fn inventory_event(
+        &self,
+        t: &mut Txn,
+        products: &mut BTreeSet<String>,
+        ev: ipb::InventoryEvent,
+    ) -> Result<(), Error> {
+        use ipb::inventory_event::Kind;
+        let sku = ev.stock.as_ref().map(|s| s.product_sku.clone()).unwrap_or_default();
+        match ev.kind {
+            Some(Kind::SupplyReceived(r)) => {
+                let receipt = r.receipt.map(|r| r.receipt_id).unwrap_or_default();
+                marks::drain(t, &sku, &Cause::new(CauseKind::SupplyReceived, &receipt));
+                products.insert(sku);
+            }
+            Some(Kind::HoldsReleased(r)) if r.units_freed > 0 => {
+                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku));
+                products.insert(sku);
+            }
+            Some(Kind::HoldsExpired(x)) => {
+                for h in &x.reservations {
+                    self.expire_order(&h.order_id, h.generation).await?;
+                }
+                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku));
+                products.insert(sku);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An order's hold expired in inventory: RESERVED → EXPIRED, its quota owed back.
+    async fn expire_order(&self, order_id: &str, generation: u64) -> Result<(), Error> {
+        self.run_txn(None, || async {
+            let Some((ver, o)) = self.load::<OrderRecord>(keys::order(order_id)).await? else {
+                return Ok((Txn::new(), Done {}));
+            };
+            if o.status() != OrderStatus::Reserved || o.generation != generation {
+                return Ok((Txn::new(), Done {}));
+            }
+            let mut new = o.clone();
+            new.expire(now_ms()).map_err(|e| Error::Internal(format!("order {order_id}: {e}")))?;
+            let mut t = Txn::new();
+            book::write(&mut t, ver, Some(&o), &new);
+            Ok((t, Done {}))
+        })
+        .await?;
+        self.inner.cleanup_wake.notify_one();
+        Ok(())
+    }
+
+    /// Records when a wave was first seen and how many waiting orders it concerned (once).
+    async fn observe_wave(&self, w: &lpb::WavePublished) -> Result<(), Error> {
+        let mut concerned = 0;
+        let mut queues = Vec::new();
+        for l in &w.licenses {
+            concerned += self.store().zcard(&keys::awaiting(&l.product_sku, &l.buyer_id)).await?;
+            queues.push(format!("{}|{}", l.product_sku, l.buyer_id));
+        }
+        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms: now_ms(), concerned, queues };
+        let mut t = Txn::new();
+        t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());
+        match self.store().commit(&t).await {
+            // Already observed (the event was delivered again): keep the first observation.
+            Ok(_) | Err(chipgate_state::CommitError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(Error::Internal(e.to_string())),
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! Conversions between the orders API and the domain records, at the edge.
+
+use chipgate_domain::licensing::Failure;
+use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::time::ts_opt;
+
+/// Domain status → API.
+pub fn state_to(s: OrderStatus) -> pb::OrderState {
+    match s {
+        OrderStatus::Unspecified => pb::OrderState::Unspecified,
+        OrderStatus::Pending => pb::OrderState::Pending,
+        OrderStatus::AwaitingLicense => pb::OrderState::AwaitingLicense,
+        OrderStatus::Backordered => pb::OrderState::Backordered,
+        OrderStatus::Reserved => pb::OrderState::Reserved,
+        OrderStatus::Confirmed => pb::OrderState::Confirmed,
+        OrderStatus::Shipped => pb::OrderState::Shipped,
+        OrderStatus::Cancelled => pb::OrderState::Cancelled,
+        OrderStatus::Expired => pb::OrderState::Expired,
+        OrderStatus::Rejected => pb::OrderState::Rejected,
+    }
+}
+
+/// API state → domain (None for UNSPECIFIED).
+pub fn state_from(s: pb::OrderState) -> Option<OrderStatus> {
+    OrderStatus::ALL.into_iter().find(|d| state_to(*d) == s)
+}
+
+fn cause_to(c: &Cause) -> pb::Cause {
+    let kind = match c.kind() {
+        CauseKind::Unspecified => pb::CauseKind::Unspecified,
+        CauseKind::Placed => pb::CauseKind::Placed,
+        CauseKind::WavePublished => pb::CauseKind::WavePublished,
+        CauseKind::TermsFinalized => pb::CauseKind::TermsFinalized,
+        CauseKind::LicenseReinstated => pb::CauseKind::LicenseReinstated,
+        CauseKind::LicenseSuspended => pb::CauseKind::LicenseSuspended,
+        CauseKind::LicenseRevoked => pb::CauseKind::LicenseRevoked,
+        CauseKind::DomesticPurchase => pb::CauseKind::DomesticPurchase,
+        CauseKind::ExportAuthorized => pb::CauseKind::ExportAuthorized,
+        CauseKind::ExportRevoked => pb::CauseKind::ExportRevoked,
+        CauseKind::EmbargoSet => pb::CauseKind::EmbargoSet,
+        CauseKind::EmbargoLifted => pb::CauseKind::EmbargoLifted,
+        CauseKind::SupplyReceived => pb::CauseKind::SupplyReceived,
+        CauseKind::StockReleased => pb::CauseKind::StockReleased,
+        CauseKind::HoldExpired => pb::CauseKind::HoldExpired,
+        CauseKind::Cancelled => pb::CauseKind::Cancelled,
+        CauseKind::Confirmed => pb::CauseKind::Confirmed,
+        CauseKind::Shipped => pb::CauseKind::Shipped,
+        CauseKind::QuotaReturned => pb::CauseKind::QuotaReturned,
+        CauseKind::Reconciled => pb::CauseKind::Reconciled,
+    };
+    pb::Cause { kind: kind as i32, reference: c.reference.clone() }
+}
+
+/// A failed condition as the licensing API shows it (the orders API reuses that message).
+pub fn failure_to(f: &Failure) -> lpb::ConditionFailure {
+    lpb::ConditionFailure {
+        condition: f.condition,
+        license_id: f.license_id.clone(),
+        description: f.description.clone(),
+        permanent: f.permanent,
+        required: f.required,
+        actual: f.actual,
+    }
+}
+
+/// A failed condition from a licensing answer.
+pub fn failure_from(f: &lpb::ConditionFailure) -> Failure {
+    Failure {
+        condition: f.condition,
+        license_id: f.license_id.clone(),
+        description: f.description.clone(),
+        permanent: f.permanent,
+        required: f.required,
+        actual: f.actual,
+    }
+}
+
+/// One history step.
+pub fn transition_to(t: &TransitionRecord) -> pb::Transition {
+    pb::Transition {
+        from_state: state_to(t.from()) as i32,
+        to_state: state_to(t.to()) as i32,
+        time: ts_opt(t.at_ms),
+        cause: t.cause.as_ref().map(cause_to),
+        detail: t.detail.clone(),
+        failures: t.failures.iter().map(failure_to).collect(),
+    }
+}
+
+/// An order as the API shows it; `backlog_position` is 0 unless it is BACKORDERED.
+pub fn order_to(o: &OrderRecord, backlog_position: u64, with_history: bool) -> pb::Order {
+    pb::Order {
+        order_id: o.id.clone(),
+        request_id: o.request_id.clone(),
+        buyer_id: o.buyer_id.clone(),
+        product_sku: o.sku.clone(),
+        units: o.units,
+        justification: o.justification.clone(),
+        state: state_to(o.status()) as i32,
+        reasons: o.reasons.iter().map(failure_to).collect(),
+        license_id: o.license_id.clone(),
+        wave_id: o.wave_id.clone(),
+        generation: o.generation,
+        held_units: o.held,
+        hold_expire_time: ts_opt(o.hold_expire_ms),
+        sequence: o.seq,
+        create_time: ts_opt(o.create_ms),
+        update_time: ts_opt(o.update_ms),
+        history: if with_history { o.history.iter().map(transition_to).collect() } else { Vec::new() },
+        backlog_position,
+    }
+}

@@ -1,0 +1,99 @@
+//! Where orders keeps its state: every key carries the `{ord}` hash tag (one Redis Cluster slot),
+//! because an order's move, its queue memberships, the wave figures and its transition event commit in
+//! one atomic step.
+
+use chipgate_domain::orders::OrderStatus;
+use chipgate_state::Space;
+
+/// The orders space.
+pub const SPACE: Space = Space::new("ord");
+
+/// Order id and placement sequence counter.
+pub fn seq() -> String {
+    SPACE.key(["seq"])
+}
+
+/// An order.
+pub fn order(id: &str) -> String {
+    SPACE.key(["order", id])
+}
+
+/// Every order by placement sequence.
+pub fn orders() -> String {
+    SPACE.key(["orders"])
+}
+
+/// A buyer's orders by placement sequence.
+pub fn orders_of(buyer: &str) -> String {
+    SPACE.key(["orders", "buyer", buyer])
+}
+
+/// Orders in one state by placement sequence.
+pub fn orders_in(status: OrderStatus) -> String {
+    SPACE.key(["orders", "state", status.name()])
+}
+
+/// The awaiting queue of one buyer for one product (PENDING and AWAITING_LICENSE), by sequence.
+pub fn awaiting(sku: &str, buyer: &str) -> String {
+    SPACE.key(["awaiting", sku, buyer])
+}
+
+/// Buyers with (possibly) waiting orders for a product.
+pub fn awaiting_buyers(sku: &str) -> String {
+    SPACE.key(["awaiting-buyers", sku])
+}
+
+/// Products a buyer has (possibly) waiting orders for.
+pub fn awaiting_skus(buyer: &str) -> String {
+    SPACE.key(["awaiting-skus", buyer])
+}
+
+/// A product's backlog (BACKORDERED), by sequence.
+pub fn backlog(sku: &str) -> String {
+    SPACE.key(["backlog", sku])
+}
+
+/// Orders of a product holding unconfirmed quota (BACKORDERED and RESERVED), by sequence.
+pub fn holding(sku: &str) -> String {
+    SPACE.key(["holding", sku])
+}
+
+/// Every product orders were ever placed for.
+pub fn products() -> String {
+    SPACE.key(["products"])
+}
+
+/// What a product's next reconciliation pass must look at (a hash of marks).
+pub fn dirty(sku: &str) -> String {
+    SPACE.key(["dirty", sku])
+}
+
+/// The allocation lease of a product (one reconciliation pass at a time, cluster-wide).
+pub fn lease(sku: &str) -> String {
+    SPACE.key(["lease", sku])
+}
+
+/// The counter that issues a product's fencing tokens.
+pub fn lease_counter(sku: &str) -> String {
+    SPACE.key(["lease-seq", sku])
+}
+
+/// Orders that still owe releases to licensing or inventory.
+pub fn cleanup() -> String {
+    SPACE.key(["cleanup"])
+}
+
+/// The transition stream WatchOrders follows.
+pub fn events() -> String {
+    SPACE.key(["events"])
+}
+
+/// A wave's figures (counts by state, units held, evaluations).
+pub fn wave(wave_id: &str) -> String {
+    SPACE.key(["wave", wave_id])
+}
+
+/// When the orders service first saw a wave, and how many orders it concerned.
+pub fn wave_meta(wave_id: &str) -> String {
+    SPACE.key(["wave-meta", wave_id])
+}

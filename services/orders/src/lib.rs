@@ -1,0 +1,195 @@
+//! The orders service: which order may take which chip, and when.
+//!
+//! It places orders, keeps the awaiting queue of each buyer and product and the backlog of each
+//! product (both in placement order), takes licence quota (licensing) and stock (inventory) for them in
+//! batches, and re-evaluates exactly the orders a change concerns — a published wave, finalised terms,
+//! a reinstated licence, a domestic purchase, an export authorisation, a lifted embargo, stock received
+//! or released — by consuming the licensing and inventory event streams through consumer groups.
+//!
+//! How it stays correct with several replicas and crashes:
+//! * Every change to an order is one atomic commit guarded by the order's version ([`book::write`]
+//!   keeps queues, indexes, wave figures and the transition stream in step with it).
+//! * Work on a product's queues happens in *passes* under a per-product lease; quota and stock calls
+//!   carry the lease's fencing token, so a stalled replica whose lease expired can't act after its
+//!   successor did ([`reconcile`]).
+//! * What to look at is recorded as dirty marks after each change is committed and consumed before the
+//!   world is read ([`marks`]), so nothing is skipped; events are acknowledged only once their marks
+//!   are stored, and a dead consumer's pending events are claimed by another replica.
+//! * Quota and holds are idempotent per (order, generation); releases an order owes are recorded with
+//!   the move that owes them and carried out by a worker ([`cleanup`]), so no crash leaks either.
+
+mod book;
+mod cleanup;
+mod clients;
+mod consumer;
+mod convert;
+mod error;
+pub mod keys;
+mod lifecycle;
+mod marks;
+mod place;
+mod queries;
+mod reconcile;
+mod service;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::hub::StreamHub;
+use chipgate_runtime::idempotency::Idempotency;
+use chipgate_runtime::records::{self, Loaded};
+use chipgate_runtime::server::{ServerConfig, ServiceSpec};
+use chipgate_runtime::{RequestContext, Shutdown};
+use chipgate_state::{Store, Txn};
+use prost::Message;
+use tokio::sync::Notify;
+
+pub use clients::Peers;
+pub use error::Error;
+
+/// Fully-qualified gRPC service name.
+pub const SERVICE_NAME: &str = "chipgate.orders.v1.OrderService";
+
+/// Default port of the orders service.
+pub const DEFAULT_PORT: u16 = 50053;
+
+/// Largest single order, in units.
+pub const MAX_UNITS: u64 = 1_000_000_000;
+
+/// How the service behaves in the background.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Hold time asked of inventory for each order once fully held.
+    pub hold_seconds: u32,
+    /// How often idle products are checked for marks left by other replicas.
+    pub tick: Duration,
+    /// Orders per quota or stock call.
+    pub chunk: usize,
+    /// Lifetime of a product lease (renewed while a pass runs).
+    pub lease_ttl: Duration,
+    /// Events pending this long with a consumer are taken over (the consumer is presumed dead).
+    pub claim_idle: Duration,
+    /// Every product is fully re-evaluated this often, as a safety net (0: never).
+    pub full_reconcile_every: Duration,
+    /// How long PlaceOrder waits for the first evaluation before answering with the order as it stands.
+    pub place_wait: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            hold_seconds: 900,
+            tick: Duration::from_millis(100),
+            chunk: 2000,
+            lease_ttl: Duration::from_secs(10),
+            claim_idle: Duration::from_secs(30),
+            full_reconcile_every: Duration::from_secs(600),
+            place_wait: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The orders service. Clones share state.
+#[derive(Clone)]
+pub struct Orders {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    peers: Peers,
+    idem: Idempotency,
+    options: Options,
+    scheduler: reconcile::Scheduler,
+    hub: StreamHub<pb::WatchOrdersResponse>,
+    shutdown: Shutdown,
+    /// This replica's consumer name in the event consumer groups.
+    consumer: String,
+    cleanup_wake: Notify,
+}
+
+/// The routes and names to serve orders with [`chipgate_runtime::serve`].
+pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
+    let server = pb::order_service_server::OrderServiceServer::new(service)
+        .max_decoding_message_size(config.max_message_bytes)
+        .max_encoding_message_size(config.max_message_bytes);
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
+}
+
+impl Orders {
+    /// The service on `store`, talking to `peers`, with its reconciler, event consumers, cleanup
+    /// worker and watch hub running until `shutdown`.
+    pub fn start(store: Store, peers: Peers, shutdown: Shutdown, options: Options) -> Self {
+        let consumer = format!("orders-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let svc = Orders {
+            inner: Arc::new(Inner {
+                store,
+                peers,
+                idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
+                options,
+                scheduler: reconcile::Scheduler::default(),
+                hub: StreamHub::default(),
+                shutdown: shutdown.clone(),
+                consumer,
+                cleanup_wake: Notify::new(),
+            }),
+        };
+        tokio::spawn(reconcile::run(svc.clone(), shutdown.clone()));
+        tokio::spawn(consumer::run(svc.clone(), consumer::Source::Licensing, shutdown.clone()));
+        tokio::spawn(consumer::run(svc.clone(), consumer::Source::Inventory, shutdown.clone()));
+        tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
+        let hub_svc = svc.clone();
+        tokio::spawn(async move {
+            let decode = |e: &chipgate_state::StreamEntry| pb::WatchOrdersResponse::decode(e.field("e")?).ok();
+            hub_svc.inner.hub.follow(hub_svc.store().clone(), keys::events(), shutdown, decode).await;
+        });
+        svc
+    }
+
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    fn options(&self) -> &Options {
+        &self.inner.options
+    }
+
+    async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
+        Ok(records::load_many(self.store(), keys).await?)
+    }
+
+    async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
+        Ok(records::load(self.store(), key).await?)
+    }
+
+    async fn run_txn<T, F, Fut>(
+        &self,
+        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
+        attempt: F,
+    ) -> Result<(T, chipgate_state::Committed), Error>
+    where
+        T: Message + Default,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
+    {
+        chipgate_runtime::txn::run(self.store(), idem, attempt).await
+    }
+
+    /// Runs one reconciliation round for `sku` now (tests and tools; the service runs them itself).
+    pub async fn reconcile_now(&self, sku: &str) {
+        self.inner.scheduler.request(sku);
+    }
+
+    /// Carries out owed releases now; returns how many orders were settled (tests and tools).
+    ///
+    /// # Errors
+    /// When the store or a peer fails.
+    pub async fn cleanup_now(&self) -> Result<usize, Error> {
+        self.cleanup_once(&RequestContext::background("cleanup", None)).await
+    }
+}
+
+/// An empty answer for transactions whose result is their effect.
+#[derive(Clone, PartialEq, prost::Message)]
+struct Done {}

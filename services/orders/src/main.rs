@@ -1,0 +1,69 @@
+//! `chipgate-orders`: serves the orders API (with health and reflection) and propagates licensing
+//! and inventory changes into orders, until SIGTERM/SIGINT.
+
+use chipgate_orders::{DEFAULT_PORT, Options, Orders, Peers, spec};
+use chipgate_runtime::config::CommonArgs;
+use chipgate_runtime::{Shutdown, serve, telemetry};
+use clap::Parser;
+
+/// The chipgate orders service: placement, eligibility, the awaiting queue and the backlog, and the
+/// propagation of every licensing and inventory change into orders.
+#[derive(Parser, Debug)]
+#[command(name = "chipgate-orders", version, about, long_about = None)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+
+    /// The licensing service.
+    #[arg(long, env = "CHIPGATE_LICENSING_URL", default_value = "http://127.0.0.1:50051")]
+    licensing_url: String,
+
+    /// The inventory service.
+    #[arg(long, env = "CHIPGATE_INVENTORY_URL", default_value = "http://127.0.0.1:50052")]
+    inventory_url: String,
+
+    /// How long a fully held order keeps its stock before it must be confirmed, in seconds.
+    #[arg(long, env = "CHIPGATE_HOLD_SECONDS", default_value_t = 900)]
+    hold_seconds: u32,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    telemetry::init(args.common.log_format);
+    let addr = args.common.listen_or(DEFAULT_PORT);
+    let peers = match Peers::connect(&args.licensing_url, &args.inventory_url, args.common.max_message_bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "bad peer address");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let shutdown = Shutdown::on_signals();
+    let store = match args.common.connect_store().await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "can't use the configured redis");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(%addr, error = %e, "can't listen");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let config = args.common.server_config();
+    let options = Options { hold_seconds: args.hold_seconds.clamp(1, 86_400), ..Options::default() };
+    let service = Orders::start(store.clone(), peers, shutdown.clone(), options);
+    tracing::info!(%addr, backend = store.kind(), licensing = %args.licensing_url, inventory = %args.inventory_url, "chipgate-orders serving");
+    let s = shutdown.clone();
+    match serve(listener, spec(service, &config), store, config, async move { s.wait().await }, |_| {}).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "server failed");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

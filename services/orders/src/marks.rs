@@ -1,0 +1,151 @@
+//! Dirty marks: what a product's next reconciliation pass must look at.
+//!
+//! Each product has a hash of marks. A mark is a field `kind|buyer|cause` (or `d|cause` for the backlog):
+//! `a` re-evaluates a buyer's waiting orders (`*` = every buyer), `h` re-checks the orders that hold
+//! quota (their licence may have stopped being usable), `d` hands free stock to the backlog. Marks are
+//! written by whoever changes the world (placement, the event consumers) *after* the change is
+//! committed, and a pass deletes the marks it read *before* it reads the world: so any change is seen
+//! by the pass that consumes its mark, or leaves a mark for the next one. Marks are idempotent; setting
+//! one twice costs nothing.
+
+use std::collections::BTreeMap;
+
+use chipgate_domain::orders::Cause;
+use chipgate_state::Txn;
+
+use crate::keys;
+
+/// Field value (marks carry their meaning in the field name).
+const SET: &[u8] = b"1";
+
+/// Who a mark is about.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Who<'a> {
+    /// Every buyer.
+    All,
+    /// One buyer.
+    Buyer(&'a str),
+}
+
+impl Who<'_> {
+    fn field(&self) -> &str {
+        match self {
+            Who::All => "*",
+            Who::Buyer(b) => b,
+        }
+    }
+}
+
+/// Re-evaluate waiting orders.
+pub(crate) fn awaiting(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause) {
+    t.hset(keys::dirty(sku), format!("a|{}|{}", who.field(), cause.encode()), SET.to_vec());
+}
+
+/// Re-check orders holding quota.
+pub(crate) fn holders(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause) {
+    t.hset(keys::dirty(sku), format!("h|{}|{}", who.field(), cause.encode()), SET.to_vec());
+}
+
+/// Hand free stock to the backlog.
+pub(crate) fn drain(t: &mut Txn, sku: &str, cause: &Cause) {
+    t.hset(keys::dirty(sku), format!("d|{}", cause.encode()), SET.to_vec());
+}
+
+/// The marks one pass read, grouped.
+#[derive(Debug, Default)]
+pub(crate) struct Marks {
+    /// Raw fields (deleted when the pass takes them).
+    pub fields: Vec<String>,
+    /// Re-evaluate every buyer, for these causes.
+    pub all_awaiting: Vec<Cause>,
+    /// Re-evaluate these buyers.
+    pub awaiting: BTreeMap<String, Vec<Cause>>,
+    /// Re-check every holder.
+    pub all_holders: Vec<Cause>,
+    /// Re-check these buyers' holders.
+    pub holders: BTreeMap<String, Vec<Cause>>,
+    /// Drain, for these causes.
+    pub drain: Vec<Cause>,
+}
+
+impl Marks {
+    /// Groups the fields of a dirty hash (unknown fields are dropped, but still deleted).
+    pub fn parse(fields: Vec<String>) -> Marks {
+        let mut m = Marks::default();
+        for f in &fields {
+            let mut parts = f.splitn(3, '|');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("a"), Some("*"), Some(c)) => m.all_awaiting.push(Cause::decode(c)),
+                (Some("a"), Some(b), Some(c)) => m.awaiting.entry(b.to_string()).or_default().push(Cause::decode(c)),
+                (Some("h"), Some("*"), Some(c)) => m.all_holders.push(Cause::decode(c)),
+                (Some("h"), Some(b), Some(c)) => m.holders.entry(b.to_string()).or_default().push(Cause::decode(c)),
+                (Some("d"), Some(c), rest) => {
+                    let c = match rest {
+                        Some(r) => format!("{c}|{r}"),
+                        None => c.to_string(),
+                    };
+                    m.drain.push(Cause::decode(&c));
+                }
+                _ => tracing::warn!(field = %f, "unknown dirty mark"),
+            }
+        }
+        m.fields = fields;
+        m
+    }
+
+    /// Nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.fields.is_empty()
+    }
+
+    /// Whether waiting orders must be looked at.
+    pub fn any_awaiting(&self) -> bool {
+        !self.all_awaiting.is_empty() || !self.awaiting.is_empty()
+    }
+
+    /// Whether holders must be looked at.
+    pub fn any_holders(&self) -> bool {
+        !self.all_holders.is_empty() || !self.holders.is_empty()
+    }
+
+    /// The causes that concern a buyer's waiting orders.
+    pub fn awaiting_causes(&self, buyer: &str) -> Vec<Cause> {
+        let mut c: Vec<Cause> = self.awaiting.get(buyer).cloned().unwrap_or_default();
+        c.extend(self.all_awaiting.iter().cloned());
+        c
+    }
+
+    /// The causes that concern a buyer's holders.
+    pub fn holder_causes(&self, buyer: &str) -> Vec<Cause> {
+        let mut c: Vec<Cause> = self.holders.get(buyer).cloned().unwrap_or_default();
+        c.extend(self.all_holders.iter().cloned());
+        c
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chipgate_domain::orders::CauseKind;
+
+    use super::*;
+
+    #[test]
+    fn marks_group_by_kind_and_buyer() {
+        let fields = vec![
+            "a|bytedance|wave:wave-1".to_string(),
+            "a|bytedance|placed:".to_string(),
+            "a|*|embargo-lifted:H200".to_string(),
+            "h|alibaba|suspended:lic-2".to_string(),
+            "d|supply:rcpt-7".to_string(),
+            "zz|what".to_string(),
+        ];
+        let m = Marks::parse(fields);
+        assert_eq!(m.fields.len(), 6, "unknown marks are still consumed");
+        let b: Vec<CauseKind> = m.awaiting_causes("bytedance").iter().map(Cause::kind).collect();
+        assert_eq!(b, [CauseKind::WavePublished, CauseKind::Placed, CauseKind::EmbargoLifted]);
+        assert_eq!(m.awaiting_causes("tencent").len(), 1, "only the all-buyers mark");
+        assert_eq!(m.holder_causes("alibaba")[0].reference, "lic-2");
+        assert_eq!(m.drain[0], Cause::new(CauseKind::SupplyReceived, "rcpt-7"));
+        assert!(m.any_awaiting() && m.any_holders());
+    }
+}

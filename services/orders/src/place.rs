@@ -1,0 +1,100 @@
+//! Placing an order: record it in the buyer's awaiting queue, then let the product's next pass evaluate
+//! it, and answer with where it stands once that pass is done (or after `place_wait`).
+
+use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
+use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::time::now_ms;
+use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::{RequestContext, validate};
+use chipgate_state::{Backend, Txn};
+
+use crate::marks::{self, Who};
+use crate::{Error, MAX_UNITS, Orders, book, keys};
+
+/// What a PlaceOrder request id is remembered as: the order it placed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct Placed {
+    #[prost(string, tag = "1")]
+    pub order_id: String,
+}
+
+impl Orders {
+    pub(crate) async fn place_order(
+        &self,
+        ctx: &RequestContext,
+        req: pb::PlaceOrderRequest,
+    ) -> Result<pb::PlaceOrderResponse, Error> {
+        let mut v = Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "buyer_id", &req.buyer_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        validate::units(&mut v, "units", req.units, MAX_UNITS);
+        validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
+        v.check().map_err(Error::Status)?;
+
+        // Which pass must finish before the answer: the first one that starts after the commit.
+        let mut progress = self.inner.scheduler.progress(&req.product_sku);
+        let idem = IdemKey::new(&self.inner.idem, "PlaceOrder", &req.request_id, &req);
+        let (placed, committed) = self
+            .run_txn(Some(&idem), || async {
+                let seq = self.store().incr(&keys::seq(), 1).await?;
+                let now = now_ms();
+                let id = format!("ord-{seq}");
+                let order = OrderRecord {
+                    id: id.clone(),
+                    request_id: req.request_id.clone(),
+                    buyer_id: req.buyer_id.clone(),
+                    sku: req.product_sku.clone(),
+                    units: req.units,
+                    justification: req.justification.clone(),
+                    status: OrderStatus::Pending as i32,
+                    generation: 1,
+                    seq,
+                    create_ms: now,
+                    update_ms: now,
+                    history: vec![TransitionRecord {
+                        from: OrderStatus::Unspecified as i32,
+                        to: OrderStatus::Pending as i32,
+                        at_ms: now,
+                        cause: Some(Cause::new(CauseKind::Placed, &id)),
+                        detail: format!("{} placed an order for {} x {}", req.buyer_id, req.units, req.product_sku),
+                        failures: Vec::new(),
+                    }],
+                    ..Default::default()
+                };
+                let mut t = Txn::new();
+                book::write(&mut t, 0, None, &order);
+                marks::awaiting(&mut t, &order.sku, Who::Buyer(&order.buyer_id), &Cause::new(CauseKind::Placed, ""));
+                Ok((t, Placed { order_id: id }))
+            })
+            .await?;
+        let fresh = !committed.stream_ids.is_empty();
+        if fresh {
+            let target = progress.borrow().started + 1;
+            self.inner.scheduler.request(&req.product_sku);
+            let wait = match ctx.remaining() {
+                // Leave a little of the caller's deadline for the answer itself.
+                Some(left) => left.saturating_sub(std::time::Duration::from_millis(50)).min(self.options().place_wait),
+                None => self.options().place_wait,
+            };
+            let done = tokio::time::timeout(wait, progress.wait_for(|p| p.completed >= target)).await;
+            if done.is_err() {
+                tracing::debug!(order = %placed.order_id, "first evaluation still running; answering with the order as it stands");
+            }
+        }
+        let order = self.order_view(&placed.order_id, true).await?;
+        Ok(pb::PlaceOrderResponse { order: Some(order) })
+    }
+
+    /// An order as the API shows it, with its backlog position.
+    pub(crate) async fn order_view(&self, id: &str, with_history: bool) -> Result<pb::Order, Error> {
+        let (_, o) = self.load::<OrderRecord>(keys::order(id)).await?.ok_or_else(|| Error::not_found("order", id))?;
+        let position = if o.status() == OrderStatus::Backordered {
+            self.store().zrank(&keys::backlog(&o.sku), &o.id).await?.map(|r| r + 1).unwrap_or(0)
+        } else {
+            0
+        };
+        Ok(crate::convert::order_to(&o, position, with_history))
+    }
+}

@@ -1,0 +1,169 @@
+//! Reading orders, backlogs and wave progress, and watching transitions.
+
+use std::collections::HashMap;
+
+use chipgate_domain::orders::{OrderRecord, OrderStatus};
+use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::paging::{self, Page};
+use chipgate_runtime::time::ts_opt;
+use chipgate_runtime::{hub, validate};
+use chipgate_state::Backend;
+
+use crate::consumer::WaveMeta;
+use crate::convert::{order_to, state_from, state_to};
+use crate::{Error, Orders, keys};
+
+/// The stream type of `WatchOrders`.
+pub type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WatchOrdersResponse, tonic::Status>>;
+
+impl Orders {
+    pub(crate) async fn get_order(&self, req: pb::GetOrderRequest) -> Result<pb::GetOrderResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "order_id", &req.order_id);
+        v.check().map_err(Error::Status)?;
+        Ok(pb::GetOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })
+    }
+
+    pub(crate) async fn list_orders(&self, req: pb::ListOrdersRequest) -> Result<pb::ListOrdersResponse, Error> {
+        let mut v = Violations::new();
+        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
+        validate::optional_id(&mut v, "product_sku", &req.product_sku);
+        let page = Page::parse(&mut v, req.page_size, &req.page_token);
+        v.check().map_err(Error::Status)?;
+        let state = state_from(req.state());
+        let index = match (&req.buyer_id, state) {
+            (b, _) if !b.is_empty() => keys::orders_of(b),
+            (_, Some(s)) => keys::orders_in(s),
+            _ => keys::orders(),
+        };
+        let mut rank = page.offset();
+        let mut out = Vec::new();
+        let chunk = page.size.max(200);
+        loop {
+            let ids = self.store().zrange(&index, rank as i64, (rank + chunk - 1) as i64, false).await?;
+            if ids.is_empty() {
+                return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
+            }
+            let keys_: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+            for (i, o) in self.load_many::<OrderRecord>(&keys_).await?.into_iter().enumerate() {
+                let Some((_, o)) = o else { continue };
+                let keep =
+                    (req.product_sku.is_empty() || o.sku == req.product_sku) && state.is_none_or(|s| o.status() == s);
+                if keep {
+                    out.push(order_to(&o, 0, !req.omit_history));
+                    if out.len() == page.size {
+                        return Ok(pb::ListOrdersResponse {
+                            orders: out,
+                            next_page_token: paging::token(&(rank + i + 1).to_string()),
+                        });
+                    }
+                }
+            }
+            rank += ids.len();
+            if ids.len() < chunk {
+                return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
+            }
+        }
+    }
+
+    pub(crate) async fn get_backlog(&self, req: pb::GetBacklogRequest) -> Result<pb::GetBacklogResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        let page = Page::parse(&mut v, req.page_size, &req.page_token);
+        v.check().map_err(Error::Status)?;
+        let key = keys::backlog(&req.product_sku);
+        let start = page.offset();
+        let ids = self.store().zrange(&key, start as i64, (start + page.size) as i64 - 1, false).await?;
+        let total = self.store().zcard(&key).await?;
+        let keys_: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+        let entries: Vec<pb::BacklogEntry> = self
+            .load_many::<OrderRecord>(&keys_)
+            .await?
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                o.map(|(_, o)| pb::BacklogEntry {
+                    position: (start + i + 1) as u64,
+                    order_id: o.id,
+                    buyer_id: o.buyer_id,
+                    units: o.units,
+                    held_units: o.held,
+                    sequence: o.seq,
+                    create_time: ts_opt(o.create_ms),
+                })
+            })
+            .collect();
+        let next = if ((start + ids.len()) as u64) < total && ids.len() == page.size {
+            paging::token(&(start + ids.len()).to_string())
+        } else {
+            String::new()
+        };
+        Ok(pb::GetBacklogResponse { product_sku: req.product_sku, entries, next_page_token: next, total_orders: total })
+    }
+
+    pub(crate) async fn get_wave_progress(
+        &self,
+        req: pb::GetWaveProgressRequest,
+    ) -> Result<pb::GetWaveProgressResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "wave_id", &req.wave_id);
+        v.check().map_err(Error::Status)?;
+        let meta = self.load::<WaveMeta>(keys::wave_meta(&req.wave_id)).await?.map(|(_, m)| m);
+        let figures: HashMap<String, u64> = self
+            .store()
+            .hgetall(&keys::wave(&req.wave_id))
+            .await?
+            .into_iter()
+            .filter_map(|(f, v)| Some((f, std::str::from_utf8(&v).ok()?.parse::<i64>().ok()?.max(0) as u64)))
+            .collect();
+        let count = |s: OrderStatus| figures.get(state_to(s).as_str_name()).copied().unwrap_or(0);
+        let mut awaiting = 0;
+        if let Some(m) = &meta {
+            for q in &m.queues {
+                if let Some((sku, buyer)) = q.split_once('|') {
+                    awaiting += self.store().zcard(&keys::awaiting(sku, buyer)).await?;
+                }
+            }
+        }
+        let concerned = meta.as_ref().map(|m| m.concerned).unwrap_or(0);
+        let evaluated = figures.get("evaluated").copied().unwrap_or(0);
+        let settle = if meta.is_some() && evaluated >= concerned {
+            figures.get("last_eval_ms").copied().or(meta.as_ref().map(|m| m.observed_ms))
+        } else {
+            None
+        };
+        Ok(pb::GetWaveProgressResponse {
+            progress: Some(pb::WaveProgress {
+                wave_id: req.wave_id,
+                observed: meta.is_some(),
+                orders_concerned: concerned,
+                orders_evaluated: evaluated,
+                orders_backordered: count(OrderStatus::Backordered),
+                orders_reserved: count(OrderStatus::Reserved),
+                orders_confirmed: count(OrderStatus::Confirmed),
+                orders_shipped: count(OrderStatus::Shipped),
+                orders_awaiting: awaiting,
+                units_held: figures.get("units_held").copied().unwrap_or(0),
+                observe_time: meta.as_ref().and_then(|m| ts_opt(m.observed_ms)),
+                settle_time: settle.and_then(ts_opt),
+            }),
+        })
+    }
+
+    pub(crate) async fn watch_orders(&self, req: pb::WatchOrdersRequest) -> Result<WatchStream, Error> {
+        let mut v = Violations::new();
+        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
+        validate::optional_id(&mut v, "order_id", &req.order_id);
+        if req.buyer_id.is_empty() == req.order_id.is_empty() {
+            v.add("buyer_id", "give exactly one of buyer_id and order_id");
+        }
+        v.check().map_err(Error::Status)?;
+        let rx = self.inner.hub.subscribe();
+        let keep = move |e: &pb::WatchOrdersResponse| {
+            let matches = if req.order_id.is_empty() { e.buyer_id == req.buyer_id } else { e.order_id == req.order_id };
+            matches.then(|| e.clone())
+        };
+        Ok(hub::forward(rx, Vec::new(), self.inner.shutdown.clone(), keep))
+    }
+}

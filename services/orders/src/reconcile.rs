@@ -1,0 +1,698 @@
+//! The reconciler: moves orders when the world changes, product by product, in placement order.
+//!
+//! A *pass* over a product runs under the product's lease (one pass cluster-wide at a time) and:
+//! 1. takes the product's dirty marks ([`crate::marks`]);
+//! 2. re-checks orders holding quota whose licence or product gate may have closed, and sends them back
+//!    to waiting (their quota and holds are released by the cleanup worker);
+//! 3. re-evaluates waiting orders, oldest first, in batches of quota calls: eligible orders take quota
+//!    and join the backlog, orders that can never be served are rejected, the rest keep waiting with
+//!    their reasons — and once a buyer's order waits for quota, that buyer's later orders wait behind it;
+//! 4. hands free stock to the backlog, oldest first, in batches of hold calls, stopping at the first
+//!    order that can't be fully served (it keeps what it got and waits for the rest).
+//!
+//! Quota and hold calls carry the lease's fencing token, and every commit is guarded by the lease and
+//! the orders' versions: a replica that stalled past its lease can neither take stock out of order nor
+//! overwrite newer decisions. Every call is idempotent per (order, generation), so a pass cut short
+//! anywhere is simply redone by the next one.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chipgate_domain::licensing::{Condition, Failure};
+use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
+use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_runtime::time::{ms_of, now_ms};
+use chipgate_runtime::{RequestContext, Shutdown};
+use chipgate_state::{Backend, CommitError, Txn};
+use futures_util::future::try_join_all;
+use tokio::sync::{Notify, watch};
+use tonic::Code;
+
+use crate::clients::rpc;
+use crate::convert::failure_from;
+use crate::marks::Marks;
+use crate::{Error, Orders, book, keys};
+
+/// Attempts at one batch when concurrent changes to its orders keep winning.
+const BATCH_ATTEMPTS: u32 = 8;
+
+/// Passes started and completed on one product by this replica.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Progress {
+    pub started: u64,
+    pub completed: u64,
+}
+
+/// Which products want a pass, and how far passes have got (for placement to wait on).
+#[derive(Default)]
+pub(crate) struct Scheduler {
+    wanted: Mutex<HashSet<String>>,
+    running: Mutex<HashSet<String>>,
+    progress: Mutex<HashMap<String, watch::Sender<Progress>>>,
+    wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl Scheduler {
+    /// Asks for a pass over `sku` soon.
+    pub(crate) fn request(&self, sku: &str) {
+        lock(&self.wanted).insert(sku.to_string());
+        self.wake.notify_one();
+    }
+
+    fn sender(&self, sku: &str) -> watch::Sender<Progress> {
+        lock(&self.progress).entry(sku.to_string()).or_insert_with(|| watch::channel(Progress::default()).0).clone()
+    }
+
+    /// Pass progress on `sku`.
+    pub(crate) fn progress(&self, sku: &str) -> watch::Receiver<Progress> {
+        self.sender(sku).subscribe()
+    }
+
+    fn take_wanted(&self) -> HashSet<String> {
+        std::mem::take(&mut *lock(&self.wanted))
+    }
+
+    fn still_wanted(&self, sku: &str) -> bool {
+        lock(&self.wanted).remove(sku)
+    }
+}
+
+/// Removes a product from the running set when its task ends, however it ends.
+struct Running<'a> {
+    svc: &'a Orders,
+    sku: String,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        lock(&self.svc.inner.scheduler.running).remove(&self.sku);
+    }
+}
+
+/// Schedules passes until shutdown: on request, and on a tick for marks left by other replicas.
+pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
+    let tick = svc.options().tick;
+    let full_every = svc.options().full_reconcile_every;
+    let mut last_full = Instant::now();
+    loop {
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = svc.inner.scheduler.wake.notified() => {}
+            () = tokio::time::sleep(tick) => {}
+        }
+        let mut todo = svc.inner.scheduler.take_wanted();
+        match svc.dirty_products(!full_every.is_zero() && last_full.elapsed() >= full_every).await {
+            Ok((dirty, full)) => {
+                if full {
+                    last_full = Instant::now();
+                }
+                todo.extend(dirty);
+            }
+            Err(e) => tracing::warn!(error = ?e, "can't read dirty marks; retrying next tick"),
+        }
+        for sku in todo {
+            let start = lock(&svc.inner.scheduler.running).insert(sku.clone());
+            if start {
+                let svc = svc.clone();
+                let shutdown = shutdown.clone();
+                tokio::spawn(async move { svc.run_product(sku, shutdown).await });
+            } else {
+                // A pass is running; make it go round once more.
+                lock(&svc.inner.scheduler.wanted).insert(sku);
+            }
+        }
+    }
+}
+
+/// The lease a pass runs under.
+struct Lease {
+    sku: String,
+    token: u64,
+    renewed: Instant,
+}
+
+impl Orders {
+    /// Products with marks, and (every `full_reconcile_every`) every product marked for a full look.
+    async fn dirty_products(&self, full: bool) -> Result<(Vec<String>, bool), Error> {
+        let products = self.store().smembers(&keys::products()).await?;
+        if full && !products.is_empty() {
+            let cause = Cause::new(CauseKind::Reconciled, "");
+            let mut t = Txn::new();
+            for sku in &products {
+                crate::marks::awaiting(&mut t, sku, crate::marks::Who::All, &cause);
+                crate::marks::holders(&mut t, sku, crate::marks::Who::All, &cause);
+                crate::marks::drain(&mut t, sku, &cause);
+            }
+            self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
+            return Ok((products, true));
+        }
+        let marks =
+            try_join_all(products.iter().map(|sku| async move { self.store().hgetall(&keys::dirty(sku)).await }))
+                .await?;
+        Ok((products.into_iter().zip(marks).filter(|(_, m)| !m.is_empty()).map(|(s, _)| s).collect(), false))
+    }
+
+    async fn run_product(&self, sku: String, shutdown: Shutdown) {
+        let _running = Running { svc: self, sku: sku.clone() };
+        let ttl = self.options().lease_ttl;
+        let token = loop {
+            match self.store().lease_acquire(&keys::lease(&sku), &keys::lease_counter(&sku), ttl).await {
+                Ok(Some(t)) => break t,
+                Ok(None) => {
+                    // Another replica is working on this product; try again shortly (our own waiters
+                    // need a pass of ours to finish, which will find the work done).
+                    if shutdown.is_triggered() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(0..20))).await;
+                }
+                Err(e) => {
+                    tracing::warn!(%sku, error = %e, "can't take the product lease; retrying later");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.inner.scheduler.request(&sku);
+                    return;
+                }
+            }
+        };
+        let mut lease = Lease { sku: sku.clone(), token, renewed: Instant::now() };
+        let progress = self.inner.scheduler.sender(&sku);
+        loop {
+            progress.send_modify(|p| p.started += 1);
+            let result = self.pass(&mut lease).await;
+            progress.send_modify(|p| p.completed += 1);
+            match result {
+                Ok(()) => {}
+                Err(Error::Superseded(why)) => {
+                    tracing::warn!(%sku, %why, "lease lost mid-pass; another replica carries on");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(%sku, error = ?e, "pass failed; will retry");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    self.inner.scheduler.request(&sku);
+                    break;
+                }
+            }
+            if shutdown.is_triggered() || !self.inner.scheduler.still_wanted(&sku) {
+                break;
+            }
+        }
+        if let Err(e) = self.store().lease_release(&keys::lease(&sku), token).await {
+            tracing::warn!(%sku, error = %e, "can't release the product lease; it will expire");
+        }
+    }
+
+    /// Extends the lease when a third of its lifetime has passed.
+    async fn keep(&self, lease: &mut Lease) -> Result<(), Error> {
+        let ttl = self.options().lease_ttl;
+        if lease.renewed.elapsed() < ttl / 3 {
+            return Ok(());
+        }
+        if self.store().lease_renew(&keys::lease(&lease.sku), lease.token, ttl).await? {
+            lease.renewed = Instant::now();
+            Ok(())
+        } else {
+            Err(Error::Superseded(format!("lease of {} expired", lease.sku)))
+        }
+    }
+
+    /// One pass over a product: every mark present when it starts, and those set while it runs.
+    async fn pass(&self, lease: &mut Lease) -> Result<(), Error> {
+        loop {
+            let fields: Vec<String> =
+                self.store().hgetall(&keys::dirty(&lease.sku)).await?.into_iter().map(|(f, _)| f).collect();
+            let marks = Marks::parse(fields);
+            if marks.is_empty() {
+                return Ok(());
+            }
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            for f in &marks.fields {
+                t.hdel(keys::dirty(&lease.sku), f);
+            }
+            commit_under_lease(self, &t).await?;
+            let ctx = RequestContext::background("reconcile", None);
+            if marks.any_holders() {
+                self.recheck_holders(&ctx, lease, &marks).await?;
+            }
+            let mut entered: HashMap<String, Cause> = HashMap::new();
+            if marks.any_awaiting() {
+                entered = self.evaluate_awaiting(&ctx, lease, &marks).await?;
+            }
+            if !marks.drain.is_empty() || !entered.is_empty() {
+                let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
+                self.drain_backlog(&ctx, lease, &cause, &entered).await?;
+            }
+        }
+    }
+
+    /// Waiting orders of the marked buyers, oldest first: take quota, wait, or be rejected.
+    async fn evaluate_awaiting(
+        &self,
+        ctx: &RequestContext,
+        lease: &mut Lease,
+        marks: &Marks,
+    ) -> Result<HashMap<String, Cause>, Error> {
+        let sku = lease.sku.clone();
+        let buyers: Vec<String> = if marks.all_awaiting.is_empty() {
+            marks.awaiting.keys().cloned().collect()
+        } else {
+            let mut b = self.store().smembers(&keys::awaiting_buyers(&sku)).await?;
+            b.extend(marks.awaiting.keys().cloned());
+            b.sort();
+            b.dedup();
+            b
+        };
+        let queues = try_join_all(buyers.iter().map(|b| {
+            let key = keys::awaiting(&sku, b);
+            async move { self.store().zrange(&key, 0, -1, false).await }
+        }))
+        .await?;
+        let mut queue: Vec<(u64, String)> =
+            queues.into_iter().flatten().map(|(id, score)| (score as u64, id)).collect();
+        queue.sort();
+        let causes: HashMap<String, Vec<Cause>> =
+            buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
+        let waves: HashSet<String> = causes
+            .values()
+            .flatten()
+            .filter(|c| c.kind() == CauseKind::WavePublished)
+            .map(|c| c.reference.clone())
+            .collect();
+        let mut blocked: HashMap<String, String> = HashMap::new();
+        let mut entered = HashMap::new();
+        for chunk in queue.chunks(self.options().chunk.max(1)) {
+            self.keep(lease).await?;
+            let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
+            let (moved, now_blocked) = self.evaluate_batch(ctx, lease, &ids, &causes, &waves, &blocked).await?;
+            blocked = now_blocked;
+            entered.extend(moved);
+        }
+        Ok(entered)
+    }
+
+    /// One batch of waiting orders (retried whole when a concurrent change to one of them wins).
+    #[allow(clippy::too_many_lines)]
+    async fn evaluate_batch(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        ids: &[String],
+        causes: &HashMap<String, Vec<Cause>>,
+        waves: &HashSet<String>,
+        blocked_before: &HashMap<String, String>,
+    ) -> Result<(HashMap<String, Cause>, HashMap<String, String>), Error> {
+        let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        for _attempt in 0..BATCH_ATTEMPTS {
+            let orders: Vec<(u64, OrderRecord)> = self
+                .load_many::<OrderRecord>(&keys_)
+                .await?
+                .into_iter()
+                .flatten()
+                .filter(|(_, o)| o.status().is_waiting())
+                .collect();
+            if orders.is_empty() {
+                return Ok((HashMap::new(), blocked_before.clone()));
+            }
+            let mut blocked = blocked_before.clone();
+            let items: Vec<lpb::QuotaItem> = orders
+                .iter()
+                .filter(|(_, o)| !blocked.contains_key(&o.buyer_id))
+                .map(|(_, o)| lpb::QuotaItem {
+                    order_id: o.id.clone(),
+                    generation: o.generation,
+                    buyer_id: o.buyer_id.clone(),
+                    units: o.units,
+                    justification: o.justification.clone(),
+                })
+                .collect();
+            let results: HashMap<String, lpb::QuotaItemResult> = if items.is_empty() {
+                HashMap::new()
+            } else {
+                let msg = lpb::BatchReserveQuotaRequest {
+                    request_id: String::new(),
+                    product_sku: lease.sku.clone(),
+                    items,
+                    fence_token: lease.token,
+                };
+                let resp = rpc!(ctx, self.inner.peers.licensing, batch_reserve_quota, msg).map_err(peer_error)?;
+                resp.results.into_iter().map(|r| (r.order_id.clone(), r)).collect()
+            };
+            let now = now_ms();
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            let mut entered = HashMap::new();
+            let mut evaluated_by_wave: HashMap<&str, i64> = HashMap::new();
+            for (ver, o) in &orders {
+                let mut new = o.clone();
+                let cause = if o.status() == OrderStatus::Pending {
+                    Cause::new(CauseKind::Placed, &o.id)
+                } else {
+                    causes
+                        .get(&o.buyer_id)
+                        .and_then(|c| c.first().cloned())
+                        .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
+                };
+                for c in causes.get(&o.buyer_id).into_iter().flatten() {
+                    if c.kind() == CauseKind::WavePublished && waves.contains(&c.reference) {
+                        *evaluated_by_wave.entry(c.reference.as_str()).or_default() += 1;
+                    }
+                }
+                let moved = if let Some(earlier) = blocked.get(&o.buyer_id) {
+                    let f = Failure::new(
+                        Condition::QueueOrder,
+                        "",
+                        format!(
+                            "an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"
+                        ),
+                    );
+                    new.move_to(OrderStatus::AwaitingLicense, cause, "waiting behind an earlier order", vec![f], now)
+                } else {
+                    match results.get(&o.id) {
+                        Some(r) if r.stale => {
+                            // This generation's quota was released underneath the order (it can't
+                            // reserve it again): continue at the next generation.
+                            tracing::warn!(order = %o.id, generation = o.generation, "stale quota generation for a waiting order; moving on");
+                            new.owe(true, true, "stale generation");
+                            new.generation += 1;
+                            Ok(true)
+                        }
+                        Some(lpb::QuotaItemResult { reservation: Some(r), .. }) => {
+                            entered.insert(o.id.clone(), cause.clone());
+                            new.take_quota(&r.license_id, &r.wave_id, cause, now)
+                        }
+                        Some(r) => {
+                            let failures: Vec<Failure> = r.failures.iter().map(failure_from).collect();
+                            let detail = failures.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
+                            if r.rejectable {
+                                new.move_to(
+                                    OrderStatus::Rejected,
+                                    cause,
+                                    format!("can never be served: {detail}"),
+                                    failures,
+                                    now,
+                                )
+                            } else {
+                                let capacity = failures
+                                    .iter()
+                                    .any(|f| f.condition().is_capacity() || f.condition() == Condition::QueueOrder);
+                                if capacity {
+                                    blocked.insert(o.buyer_id.clone(), o.id.clone());
+                                }
+                                new.move_to(
+                                    OrderStatus::AwaitingLicense,
+                                    cause,
+                                    format!("waiting: {detail}"),
+                                    failures,
+                                    now,
+                                )
+                            }
+                        }
+                        None => Ok(false),
+                    }
+                };
+                match moved {
+                    Ok(true) => book::write(&mut t, *ver, Some(o), &new),
+                    Ok(false) => {}
+                    Err(e) => return Err(Error::Internal(format!("order {}: {e}", o.id))),
+                }
+            }
+            for (wave, n) in evaluated_by_wave {
+                t.hincr(keys::wave(wave), "evaluated", n);
+                t.hset(keys::wave(wave), "last_eval_ms", now.to_string().into_bytes());
+            }
+            match self.store().commit(&t).await {
+                Ok(_) => return Ok((entered, blocked)),
+                Err(CommitError::Conflict { .. }) => continue,
+                Err(e) => return Err(commit_error(e)),
+            }
+        }
+        Err(Error::Contention { attempts: BATCH_ATTEMPTS })
+    }
+
+    /// Free stock to the backlog, oldest first, until an order can't be fully served.
+    async fn drain_backlog(
+        &self,
+        ctx: &RequestContext,
+        lease: &mut Lease,
+        cause: &Cause,
+        entered: &HashMap<String, Cause>,
+    ) -> Result<(), Error> {
+        let chunk = self.options().chunk.max(1);
+        loop {
+            self.keep(lease).await?;
+            let entries = self.store().zrange(&keys::backlog(&lease.sku), 0, chunk as i64 - 1, false).await?;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+            let all_served = self.drain_batch(ctx, lease, &ids, cause, entered).await?;
+            if !all_served || entries.len() < chunk {
+                return Ok(());
+            }
+            // Every order of the batch was served and left the backlog: the next batch starts at the top.
+        }
+    }
+
+    /// One batch of backlog orders. Returns whether every one was fully served.
+    async fn drain_batch(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        ids: &[String],
+        cause: &Cause,
+        entered: &HashMap<String, Cause>,
+    ) -> Result<bool, Error> {
+        let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        for _attempt in 0..BATCH_ATTEMPTS {
+            let orders: Vec<(u64, OrderRecord)> = self
+                .load_many::<OrderRecord>(&keys_)
+                .await?
+                .into_iter()
+                .flatten()
+                .filter(|(_, o)| o.status() == OrderStatus::Backordered)
+                .collect();
+            if orders.is_empty() {
+                return Ok(true);
+            }
+            let msg = ipb::BatchReserveRequest {
+                request_id: String::new(),
+                product_sku: lease.sku.clone(),
+                items: orders
+                    .iter()
+                    .map(|(_, o)| ipb::ReserveItem {
+                        order_id: o.id.clone(),
+                        generation: o.generation,
+                        units: o.units,
+                        allow_partial: true,
+                        hold_seconds: self.options().hold_seconds,
+                    })
+                    .collect(),
+                fence_token: lease.token,
+            };
+            let resp = rpc!(ctx, self.inner.peers.inventory, batch_reserve, msg).map_err(peer_error)?;
+            let results: HashMap<&str, &ipb::ReserveItemResult> =
+                resp.results.iter().map(|r| (r.order_id.as_str(), r)).collect();
+            let now = now_ms();
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            let mut all_served = true;
+            for (ver, o) in &orders {
+                let Some(r) = results.get(o.id.as_str()) else { continue };
+                let why = entered.get(&o.id).cloned().unwrap_or_else(|| cause.clone());
+                let mut new = o.clone();
+                let changed = match (r.outcome(), &r.reservation) {
+                    (ipb::ReserveOutcome::Held | ipb::ReserveOutcome::Partial, Some(h)) => {
+                        let expire = h.expire_time.as_ref().map(ms_of).unwrap_or(0);
+                        new.hold_stock(h.held_units, expire, why, now)
+                            .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?
+                    }
+                    (ipb::ReserveOutcome::Stale, _) => {
+                        // The hold of this generation was released underneath the order: start it
+                        // over at the next generation rather than block the backlog behind it.
+                        tracing::warn!(order = %o.id, generation = o.generation, "stale hold generation for a backordered order; re-evaluating it");
+                        let f = Failure::new(Condition::Unspecified, "", "its stock hold was lost; re-evaluating");
+                        new.unwind(Cause::new(CauseKind::Reconciled, &o.id), vec![f], now)
+                            .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
+                        crate::marks::awaiting(
+                            &mut t,
+                            &lease.sku,
+                            crate::marks::Who::Buyer(&o.buyer_id),
+                            &Cause::new(CauseKind::Reconciled, ""),
+                        );
+                        true
+                    }
+                    _ => false,
+                };
+                if r.outcome() != ipb::ReserveOutcome::Held {
+                    all_served = false;
+                }
+                if changed {
+                    book::write(&mut t, *ver, Some(o), &new);
+                }
+            }
+            match self.store().commit(&t).await {
+                Ok(_) => return Ok(all_served),
+                Err(CommitError::Conflict { .. }) => continue,
+                Err(e) => return Err(commit_error(e)),
+            }
+        }
+        Err(Error::Contention { attempts: BATCH_ATTEMPTS })
+    }
+
+    /// Orders holding unconfirmed quota whose licence or product gate closed go back to waiting.
+    async fn recheck_holders(&self, ctx: &RequestContext, lease: &mut Lease, marks: &Marks) -> Result<(), Error> {
+        let sku = lease.sku.clone();
+        let entries = self.store().zrange(&keys::holding(&sku), 0, -1, false).await?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let all = !marks.all_holders.is_empty();
+        // The product's gates, once per pass.
+        let lic = &self.inner.peers.licensing;
+        let policy = rpc!(ctx, lic, get_import_policy, lpb::GetImportPolicyRequest { product_sku: sku.clone() })
+            .map_err(peer_error)?
+            .policy
+            .unwrap_or_default();
+        let exports = rpc!(
+            ctx,
+            lic,
+            list_export_authorizations,
+            lpb::ListExportAuthorizationsRequest { page_size: 1000, page_token: String::new() }
+        )
+        .map_err(peer_error)?;
+        let destinations: HashSet<String> = exports
+            .authorizations
+            .iter()
+            .filter(|a| a.active && a.product_sku == sku)
+            .map(|a| a.destination.clone())
+            .collect();
+        let embargoed = policy.stance() == lpb::ImportStance::Embargoed;
+        let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+        for chunk in ids.chunks(self.options().chunk.max(1)) {
+            self.keep(lease).await?;
+            let keys_: Vec<String> = chunk.iter().map(|id| keys::order(id)).collect();
+            for attempt in 0..=BATCH_ATTEMPTS {
+                if attempt == BATCH_ATTEMPTS {
+                    return Err(Error::Contention { attempts: BATCH_ATTEMPTS });
+                }
+                let orders: Vec<(u64, OrderRecord)> = self
+                    .load_many::<OrderRecord>(&keys_)
+                    .await?
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, o)| {
+                        o.status().holds_unconfirmed_quota() && (all || marks.holders.contains_key(&o.buyer_id))
+                    })
+                    .collect();
+                let mut lic_ids: Vec<String> = orders.iter().map(|(_, o)| o.license_id.clone()).collect();
+                lic_ids.sort();
+                lic_ids.dedup();
+                let licences = try_join_all(lic_ids.iter().map(|id| async move {
+                    rpc!(
+                        ctx,
+                        self.inner.peers.licensing,
+                        get_license,
+                        lpb::GetLicenseRequest { license_id: id.clone() }
+                    )
+                    .map(|r| r.license.unwrap_or_default())
+                }))
+                .await
+                .map_err(peer_error)?;
+                let by_id: HashMap<&str, &lpb::License> = licences.iter().map(|l| (l.license_id.as_str(), l)).collect();
+                let now = now_ms();
+                let mut t = Txn::new();
+                t.expect_lease(keys::lease(&sku), lease.token);
+                let mut any = false;
+                for (ver, o) in &orders {
+                    let Some(l) = by_id.get(o.license_id.as_str()) else { continue };
+                    let mut failures = Vec::new();
+                    match l.state() {
+                        lpb::LicenseState::Suspended | lpb::LicenseState::Revoked => failures.push(Failure::new(
+                            Condition::LicenseInForce,
+                            &l.license_id,
+                            format!(
+                                "licence {} is {}: {}",
+                                l.license_id,
+                                if l.state() == lpb::LicenseState::Suspended { "suspended" } else { "revoked" },
+                                l.state_reason
+                            ),
+                        )),
+                        _ => {}
+                    }
+                    if embargoed {
+                        failures.push(Failure::new(
+                            Condition::ImportPolicy,
+                            "",
+                            format!("customs embargoes this product: {}", policy.reason),
+                        ));
+                    }
+                    if !destinations.contains(&l.destination) {
+                        failures.push(Failure::new(
+                            Condition::ExportAuthorization,
+                            &l.license_id,
+                            format!(
+                                "the vendor no longer holds an export authorisation for {sku} to {}",
+                                l.destination
+                            ),
+                        ));
+                    }
+                    if failures.is_empty() {
+                        continue;
+                    }
+                    let cause = marks
+                        .holder_causes(&o.buyer_id)
+                        .into_iter()
+                        .next()
+                        .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
+                    let mut new = o.clone();
+                    new.unwind(cause, failures, now).map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
+                    book::write(&mut t, *ver, Some(o), &new);
+                    any = true;
+                }
+                if !any {
+                    break;
+                }
+                match self.store().commit(&t).await {
+                    Ok(_) => {
+                        self.inner.cleanup_wake.notify_one();
+                        break;
+                    }
+                    Err(CommitError::Conflict { .. }) => continue,
+                    Err(e) => return Err(commit_error(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn commit_under_lease(svc: &Orders, t: &Txn) -> Result<(), Error> {
+    svc.store().commit(t).await.map(|_| ()).map_err(commit_error)
+}
+
+fn commit_error(e: CommitError) -> Error {
+    match e {
+        CommitError::LeaseLost { key } | CommitError::Fenced { key } => Error::Superseded(format!("lease {key} lost")),
+        CommitError::State(s) => Error::State(s),
+        CommitError::Conflict { key } => Error::Internal(format!("unexpected conflict on {key}")),
+    }
+}
+
+/// A peer's refusal of our fencing token means another replica took the product over.
+fn peer_error(s: tonic::Status) -> Error {
+    if s.code() == Code::Aborted && s.message().contains("lease") {
+        Error::Superseded(s.message().to_string())
+    } else {
+        Error::Peer(s)
+    }
+}

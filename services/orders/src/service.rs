@@ -1,0 +1,68 @@
+//! The tonic service: each RPC reads its context, hands the request to the matching operation, and
+//! turns a failure into a status in one place ([`crate::Error::into_status`]).
+
+use chipgate_proto::orders::v1 as pb;
+use chipgate_proto::orders::v1::order_service_server::OrderService;
+use chipgate_runtime::RequestContext;
+use tonic::{Request, Response, Status};
+
+use crate::Orders;
+
+macro_rules! mutating {
+    ($self:ident, $req:ident, $op:ident) => {{
+        let ctx = RequestContext::of(&$req);
+        $self.$op(&ctx, $req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
+    }};
+}
+
+macro_rules! reading {
+    ($self:ident, $req:ident, $op:ident) => {{
+        let ctx = RequestContext::of(&$req);
+        $self.$op($req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
+    }};
+}
+
+#[tonic::async_trait]
+impl OrderService for Orders {
+    type WatchOrdersStream = crate::queries::WatchStream;
+
+    async fn place_order(&self, r: Request<pb::PlaceOrderRequest>) -> Result<Response<pb::PlaceOrderResponse>, Status> {
+        mutating!(self, r, place_order)
+    }
+    async fn get_order(&self, r: Request<pb::GetOrderRequest>) -> Result<Response<pb::GetOrderResponse>, Status> {
+        reading!(self, r, get_order)
+    }
+    async fn list_orders(&self, r: Request<pb::ListOrdersRequest>) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        reading!(self, r, list_orders)
+    }
+    async fn cancel_order(
+        &self,
+        r: Request<pb::CancelOrderRequest>,
+    ) -> Result<Response<pb::CancelOrderResponse>, Status> {
+        mutating!(self, r, cancel_order)
+    }
+    async fn confirm_order(
+        &self,
+        r: Request<pb::ConfirmOrderRequest>,
+    ) -> Result<Response<pb::ConfirmOrderResponse>, Status> {
+        mutating!(self, r, confirm_order)
+    }
+    async fn ship_order(&self, r: Request<pb::ShipOrderRequest>) -> Result<Response<pb::ShipOrderResponse>, Status> {
+        mutating!(self, r, ship_order)
+    }
+    async fn watch_orders(
+        &self,
+        r: Request<pb::WatchOrdersRequest>,
+    ) -> Result<Response<Self::WatchOrdersStream>, Status> {
+        reading!(self, r, watch_orders)
+    }
+    async fn get_backlog(&self, r: Request<pb::GetBacklogRequest>) -> Result<Response<pb::GetBacklogResponse>, Status> {
+        reading!(self, r, get_backlog)
+    }
+    async fn get_wave_progress(
+        &self,
+        r: Request<pb::GetWaveProgressRequest>,
+    ) -> Result<Response<pb::GetWaveProgressResponse>, Status> {
+        reading!(self, r, get_wave_progress)
+    }
+}
