@@ -26,6 +26,9 @@ pub struct DevArgs {
     /// Port of the inventory service.
     #[arg(long, default_value_t = chipgate_inventory::DEFAULT_PORT)]
     pub inventory_port: u16,
+    /// Port of the orders service.
+    #[arg(long, default_value_t = chipgate_orders::DEFAULT_PORT)]
+    pub orders_port: u16,
     /// Use this Redis instead of the embedded in-memory state (e.g. redis://127.0.0.1:6379/0).
     #[arg(long, env = "REDIS_URL")]
     pub redis_url: Option<String>,
@@ -59,6 +62,11 @@ async fn start(
     Ok(Started { name, addr, service, task })
 }
 
+/// The address to reach a service bound to `addr` from this machine (0.0.0.0 → 127.0.0.1).
+fn loopback(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() { SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
+}
+
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
 pub async fn run(args: DevArgs) -> Result<(), String> {
     let catalogue = match &args.catalogue {
@@ -82,12 +90,20 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         chipgate_inventory::Inventory::start(store.clone(), shutdown.clone(), chipgate_inventory::Options::default());
     let products = catalogue.len();
     inventory.load_catalogue(catalogue).await.map_err(|e| format!("catalogue refused: {e:?}"))?;
+    let lic_addr = SocketAddr::new(args.bind, args.licensing_port);
+    let inv_addr = SocketAddr::new(args.bind, args.inventory_port);
+    let peers = chipgate_orders::Peers::connect(
+        &format!("http://{}", loopback(lic_addr)),
+        &format!("http://{}", loopback(inv_addr)),
+        config.max_message_bytes,
+    )?;
+    let orders = chipgate_orders::Orders::start(store.clone(), peers, shutdown.clone(), chipgate_orders::Options::default());
 
     let started = vec![
         start(
             "licensing",
             chipgate_licensing::SERVICE_NAME,
-            SocketAddr::new(args.bind, args.licensing_port),
+            lic_addr,
             &store,
             &config,
             &shutdown,
@@ -97,11 +113,21 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         start(
             "inventory",
             chipgate_inventory::SERVICE_NAME,
-            SocketAddr::new(args.bind, args.inventory_port),
+            inv_addr,
             &store,
             &config,
             &shutdown,
             chipgate_inventory::spec(inventory, &config),
+        )
+        .await?,
+        start(
+            "orders",
+            chipgate_orders::SERVICE_NAME,
+            SocketAddr::new(args.bind, args.orders_port),
+            &store,
+            &config,
+            &shutdown,
+            chipgate_orders::spec(orders, &config),
         )
         .await?,
     ];
@@ -112,7 +138,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     };
     tracing::info!(%backend, products, "chipgate dev cluster is up");
     let addr_of = |name: &str| started.iter().find(|s| s.name == name).map(|s| s.addr.to_string()).unwrap_or_default();
-    let (lic, inv) = (addr_of("licensing"), addr_of("inventory"));
+    let (lic, inv, ord) = (addr_of("licensing"), addr_of("inventory"), addr_of("orders"));
     let mut lines = vec![
         String::new(),
         format!("  chipgate dev cluster — state: {backend}; catalogue: {products} products"),
@@ -129,6 +155,9 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         format!("    grpcurl -plaintext {inv} chipgate.inventory.v1.InventoryService/ListStock"),
         format!(
             "    grpcurl -plaintext -d '{{\"request_id\":\"demo-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"quantity\":\"200000\",\"end_use\":\"LLM training\",\"site\":\"Ulanqab\"}}' {lic} chipgate.licensing.v1.LicensingService/SubmitApplication"
+        ),
+        format!(
+            "    grpcurl -plaintext -d '{{\"request_id\":\"ord-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"1000\",\"justification\":\"training\"}}' {ord} chipgate.orders.v1.OrderService/PlaceOrder"
         ),
         format!(
             "    grpcurl -plaintext -d '{{\"request_id\":\"rcpt-1\",\"receipt_id\":\"rcpt-1\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"5000\"}}' {inv} chipgate.inventory.v1.InventoryService/ReceiveSupply"
