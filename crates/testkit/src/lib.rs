@@ -39,6 +39,9 @@ pub struct ClusterOptions {
     pub inventory: chipgate_inventory::Options,
     /// Orders background behaviour.
     pub orders: chipgate_orders::Options,
+    /// Run the orders service in this process (false: the caller runs it, e.g. as a real process
+    /// with [`OrdersProcess`]).
+    pub orders_in_process: bool,
 }
 
 impl Default for ClusterOptions {
@@ -48,6 +51,7 @@ impl Default for ClusterOptions {
             server: ServerConfig { health_interval: Duration::from_millis(100), ..ServerConfig::default() },
             inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
             orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
+            orders_in_process: true,
         }
     }
 }
@@ -93,10 +97,8 @@ pub struct Cluster {
     pub licensing: ServiceHandle,
     /// The inventory service.
     pub inventory: ServiceHandle,
-    /// The orders service.
-    pub orders: ServiceHandle,
-    /// The orders service itself (for tools that drive it directly).
-    pub orders_service: chipgate_orders::Orders,
+    /// The orders service (None when the caller runs it).
+    pub orders: Option<ServiceHandle>,
 }
 
 /// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
@@ -171,20 +173,30 @@ impl Cluster {
         let inventory =
             start_service(store.clone(), options.server.clone(), inv_shutdown, |c| chipgate_inventory::spec(inv, c))
                 .await;
-        let peers =
-            chipgate_orders::Peers::connect(&licensing.url(), &inventory.url(), options.server.max_message_bytes)
-                .expect("peer urls");
-        let ord_shutdown = Shutdown::new();
-        let ord = chipgate_orders::Orders::start(store.clone(), peers, ord_shutdown.clone(), options.orders.clone());
-        let orders_service = ord.clone();
-        let orders =
-            start_service(store.clone(), options.server.clone(), ord_shutdown, |c| chipgate_orders::spec(ord, c)).await;
-        Cluster { redis, store, licensing, inventory, orders, orders_service }
+        let orders = if options.orders_in_process {
+            let peers =
+                chipgate_orders::Peers::connect(&licensing.url(), &inventory.url(), options.server.max_message_bytes)
+                    .expect("peer urls");
+            let ord_shutdown = Shutdown::new();
+            let ord =
+                chipgate_orders::Orders::start(store.clone(), peers, ord_shutdown.clone(), options.orders.clone());
+            Some(
+                start_service(store.clone(), options.server.clone(), ord_shutdown, |c| chipgate_orders::spec(ord, c))
+                    .await,
+            )
+        } else {
+            None
+        };
+        Cluster { redis, store, licensing, inventory, orders }
     }
 
-    /// An orders client.
+    /// A client of the in-process orders service.
+    ///
+    /// # Panics
+    /// When orders does not run in process.
     pub fn orders_client(&self) -> OrderServiceClient<Channel> {
-        OrderServiceClient::new(channel(&self.orders.url()))
+        let orders = self.orders.as_ref().expect("orders runs in process");
+        OrderServiceClient::new(channel(&orders.url()))
     }
 
     /// An inventory client.
@@ -195,5 +207,100 @@ impl Cluster {
     /// A licensing client.
     pub fn licensing_client(&self) -> LicensingServiceClient<Channel> {
         LicensingServiceClient::new(channel(&self.licensing.url()))
+    }
+}
+
+/// Where the workspace's binaries are: `$CHIPGATE_BIN_DIR`, else the target directory this test binary
+/// runs from (`target/debug/deps/..`).
+///
+/// # Panics
+/// When `name` has not been built (`cargo build --workspace --bins` builds it).
+pub fn binary(name: &str) -> std::path::PathBuf {
+    let dir = match std::env::var_os("CHIPGATE_BIN_DIR") {
+        Some(d) => std::path::PathBuf::from(d),
+        None => {
+            let exe = std::env::current_exe().expect("test executable path");
+            let deps = exe.parent().expect("deps dir");
+            if deps.ends_with("deps") { deps.parent().expect("profile dir").to_path_buf() } else { deps.to_path_buf() }
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is not built: run `cargo build --workspace --bins` first (or set CHIPGATE_BIN_DIR)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bind 0, read, release).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// The real `chipgate-orders` binary running against a cluster's Redis and peers, killed on drop.
+pub struct OrdersProcess {
+    child: std::process::Child,
+    /// Where it listens.
+    pub addr: SocketAddr,
+}
+
+impl OrdersProcess {
+    /// Starts `chipgate-orders` with extra environment `env` and waits until it answers health.
+    ///
+    /// # Panics
+    /// When the binary is missing or does not come up within 20 s.
+    pub async fn start(cluster: &Cluster, env: &[(&str, &str)]) -> Self {
+        let redis = cluster.redis.as_ref().expect("a redis-backed cluster");
+        let port = free_port();
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let mut cmd = std::process::Command::new(binary("chipgate-orders"));
+        cmd.env("CHIPGATE_LISTEN", addr.to_string())
+            .env("REDIS_URL", redis.url())
+            .env("CHIPGATE_LICENSING_URL", cluster.licensing.url())
+            .env("CHIPGATE_INVENTORY_URL", cluster.inventory.url())
+            .env("CHIPGATE_LOG_FORMAT", "json")
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("start chipgate-orders");
+        let p = OrdersProcess { child, addr };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&p.url()));
+        loop {
+            let ok =
+                health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.is_ok_and(|r| {
+                    r.into_inner().status() == tonic_health::pb::health_check_response::ServingStatus::Serving
+                });
+            if ok {
+                return p;
+            }
+            assert!(std::time::Instant::now() < deadline, "chipgate-orders did not become healthy on {addr}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// A client.
+    pub fn client(&self) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(channel(&self.url()))
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OrdersProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

@@ -25,6 +25,11 @@ struct Args {
     /// How long a fully held order keeps its stock before it must be confirmed, in seconds.
     #[arg(long, env = "CHIPGATE_HOLD_SECONDS", default_value_t = 900)]
     hold_seconds: u32,
+
+    /// Orders per quota or stock call when propagating a change (larger: fewer calls; smaller: shorter
+    /// passes).
+    #[arg(long, env = "CHIPGATE_BATCH_SIZE", default_value_t = 2000)]
+    batch_size: usize,
 }
 
 #[tokio::main]
@@ -55,7 +60,11 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let config = args.common.server_config();
-    let options = Options { hold_seconds: args.hold_seconds.clamp(1, 86_400), ..Options::default() };
+    let options = Options {
+        hold_seconds: args.hold_seconds.clamp(1, 86_400),
+        chunk: args.batch_size.clamp(1, 10_000),
+        ..Options::default()
+    };
     let service = Orders::start(store.clone(), peers, shutdown.clone(), options);
     tracing::info!(%addr, backend = store.kind(), licensing = %args.licensing_url, inventory = %args.inventory_url, "chipgate-orders serving");
     let s = shutdown.clone();
