@@ -38,10 +38,10 @@ echo "== rustfmt"
 cargo fmt --all -- --check
 echo "== clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== binaries (the fault and crash tests run them as real processes)"
+cargo build --workspace --bins --locked
 echo "== tests"
 cargo test --workspace --locked
-echo "== binaries"
-cargo build --workspace --bins --locked
 if [ -f deploy/check.sh ]; then
   echo "== deploy manifests"
   bash deploy/check.sh

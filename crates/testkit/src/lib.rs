@@ -3,6 +3,8 @@
 //! clients. The cross-service suite, the CLI tests and the benchmarks use it; everything talks real
 //! gRPC over real sockets.
 
+pub mod invariants;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -202,6 +204,15 @@ impl Cluster {
     /// An inventory client.
     pub fn inventory_client(&self) -> InventoryServiceClient<Channel> {
         InventoryServiceClient::new(channel(&self.inventory.url()))
+    }
+
+    /// Clients of the three services (orders in process).
+    pub fn clients(&self) -> invariants::Clients {
+        invariants::Clients {
+            licensing: self.licensing_client(),
+            inventory: self.inventory_client(),
+            orders: self.orders_client(),
+        }
     }
 
     /// A licensing client.

@@ -68,6 +68,12 @@ pub fn dirty(sku: &str) -> String {
     SPACE.key(["dirty", sku])
 }
 
+/// The marks a pass has taken and not yet finished: only the lease holder writes it, and whoever
+/// holds the lease next finishes what a holder that died left here.
+pub fn working(sku: &str) -> String {
+    SPACE.key(["working", sku])
+}
+
 /// The allocation lease of a product (one reconciliation pass at a time, cluster-wide).
 pub fn lease(sku: &str) -> String {
     SPACE.key(["lease", sku])

@@ -93,11 +93,6 @@ impl Marks {
         m
     }
 
-    /// Nothing to do.
-    pub fn is_empty(&self) -> bool {
-        self.fields.is_empty()
-    }
-
     /// Whether waiting orders must be looked at.
     pub fn any_awaiting(&self) -> bool {
         !self.all_awaiting.is_empty() || !self.awaiting.is_empty()

@@ -155,10 +155,13 @@ impl Orders {
             self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
             return Ok((products, true));
         }
-        let marks =
-            try_join_all(products.iter().map(|sku| async move { self.store().hgetall(&keys::dirty(sku)).await }))
-                .await?;
-        Ok((products.into_iter().zip(marks).filter(|(_, m)| !m.is_empty()).map(|(s, _)| s).collect(), false))
+        let busy = try_join_all(products.iter().map(|sku| async move {
+            let (dirty_key, working_key) = (keys::dirty(sku), keys::working(sku));
+            let (d, w) = tokio::try_join!(self.store().hgetall(&dirty_key), self.store().hgetall(&working_key))?;
+            Ok::<bool, chipgate_state::StateError>(!d.is_empty() || !w.is_empty())
+        }))
+        .await?;
+        Ok((products.into_iter().zip(busy).filter(|(_, b)| *b).map(|(s, _)| s).collect(), false))
     }
 
     async fn run_product(&self, sku: String, shutdown: Shutdown) {
@@ -226,20 +229,32 @@ impl Orders {
     }
 
     /// One pass over a product: every mark present when it starts, and those set while it runs.
+    ///
+    /// Marks move from the dirty hash to the product's working hash before the world is read, and
+    /// leave the working hash only once their work is done: a pass cut short by a crash leaves its
+    /// marks for whoever takes the lease next.
     async fn pass(&self, lease: &mut Lease) -> Result<(), Error> {
         loop {
-            let fields: Vec<String> =
-                self.store().hgetall(&keys::dirty(&lease.sku)).await?.into_iter().map(|(f, _)| f).collect();
-            let marks = Marks::parse(fields);
-            if marks.is_empty() {
+            let (dirty_key, working_key) = (keys::dirty(&lease.sku), keys::working(&lease.sku));
+            let (dirty, working) =
+                tokio::try_join!(self.store().hgetall(&dirty_key), self.store().hgetall(&working_key))?;
+            if dirty.is_empty() && working.is_empty() {
                 return Ok(());
             }
             let mut t = Txn::new();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
-            for f in &marks.fields {
+            for (f, _) in &dirty {
                 t.hdel(keys::dirty(&lease.sku), f);
+                t.hset(keys::working(&lease.sku), f, b"1".to_vec());
             }
             commit_under_lease(self, &t).await?;
+            if !working.is_empty() {
+                tracing::info!(sku = %lease.sku, marks = working.len(), "finishing work a previous lease holder left unfinished");
+            }
+            let mut fields: Vec<String> = dirty.into_iter().chain(working).map(|(f, _)| f).collect();
+            fields.sort();
+            fields.dedup();
+            let marks = Marks::parse(fields);
             let ctx = RequestContext::background("reconcile", None);
             if marks.any_holders() {
                 self.recheck_holders(&ctx, lease, &marks).await?;
@@ -252,6 +267,12 @@ impl Orders {
                 let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
                 self.drain_backlog(&ctx, lease, &cause, &entered).await?;
             }
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            for f in &marks.fields {
+                t.hdel(keys::working(&lease.sku), f);
+            }
+            commit_under_lease(self, &t).await?;
         }
     }
 

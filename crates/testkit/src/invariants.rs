@@ -1,0 +1,285 @@
+//! The invariant checker: reads everything back through the public APIs and reports every way the
+//! cluster's state is inconsistent. The concurrency tests and the fault suite run it after their
+//! workloads; a healthy cluster reports nothing.
+//!
+//! What it checks:
+//! * licence quota in use equals the units of the orders holding it (and confirmed quota, of the
+//!   confirmed and shipped ones), and never exceeds the grant;
+//! * every product's stock adds up, and held / committed / shipped stock equals what the orders hold;
+//! * every order holding quota has a matching quota reservation (same generation and units);
+//! * every acknowledged request placed exactly one order;
+//! * no order took stock while an earlier order of the same product waited unserved in the backlog;
+//! * the audit log verifies.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::{Duration, Instant};
+
+use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_proto::orders::v1 as opb;
+use chipgate_proto::orders::v1::OrderState;
+use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
+use chipgate_state::{Backend, Store};
+use tonic::transport::Channel;
+
+/// Clients of the three services.
+#[derive(Clone)]
+pub struct Clients {
+    /// Licensing.
+    pub licensing: LicensingServiceClient<Channel>,
+    /// Inventory.
+    pub inventory: InventoryServiceClient<Channel>,
+    /// Orders.
+    pub orders: OrderServiceClient<Channel>,
+}
+
+/// What the checker found.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Orders read.
+    pub orders: usize,
+    /// Licences read.
+    pub licences: usize,
+    /// Every violation, in words.
+    pub violations: Vec<String>,
+}
+
+fn ms(t: Option<&prost_types::Timestamp>) -> u64 {
+    t.map(|t| (t.seconds.max(0) as u64) * 1000 + (t.nanos.max(0) as u64) / 1_000_000).unwrap_or(0)
+}
+
+/// Every order, oldest first.
+///
+/// # Panics
+/// When the orders service does not answer.
+pub async fn all_orders(c: &mut OrderServiceClient<Channel>) -> Vec<opb::Order> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_orders(opb::ListOrdersRequest { page_size: 1000, page_token: token, ..Default::default() })
+            .await
+            .expect("ListOrders")
+            .into_inner();
+        out.extend(r.orders);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        token = r.next_page_token;
+    }
+}
+
+async fn all_licences(c: &mut LicensingServiceClient<Channel>) -> Vec<lpb::License> {
+    let mut out = Vec::new();
+    let mut token = String::new();
+    loop {
+        let r = c
+            .list_licenses(lpb::ListLicensesRequest { page_size: 1000, page_token: token, ..Default::default() })
+            .await
+            .expect("ListLicenses")
+            .into_inner();
+        out.extend(r.licenses);
+        if r.next_page_token.is_empty() {
+            return out;
+        }
+        token = r.next_page_token;
+    }
+}
+
+/// Waits until the orders service has nothing left to do: no dirty marks, no owed releases, and the
+/// orders unchanged between two reads. Returns false if that didn't happen within `within`.
+///
+/// # Panics
+/// When the store or the orders service does not answer.
+pub async fn wait_quiet(store: &Store, orders: &mut OrderServiceClient<Channel>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    let mut last: Option<Vec<(String, i32, u64, usize)>> = None;
+    while Instant::now() < deadline {
+        let products = store.smembers("{ord}:products").await.expect("products");
+        let mut busy = !store.smembers("{ord}:cleanup").await.expect("cleanup").is_empty();
+        for p in &products {
+            busy |= !store.hgetall(&format!("{{ord}}:dirty:{p}")).await.expect("dirty").is_empty();
+        }
+        let now: Vec<(String, i32, u64, usize)> = all_orders(orders)
+            .await
+            .into_iter()
+            .map(|o| (o.order_id, o.state, o.held_units, o.history.len()))
+            .collect();
+        if !busy && last.as_ref() == Some(&now) {
+            return true;
+        }
+        last = Some(now);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    false
+}
+
+/// Checks every invariant. `acknowledged` are the request ids of PlaceOrder calls that answered OK
+/// (each must have placed exactly one order); pass an empty slice to skip that check.
+///
+/// # Panics
+/// When a service does not answer.
+pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
+    let mut report = Report::default();
+    let v = &mut report.violations;
+    let orders = all_orders(&mut c.orders).await;
+    let licences = all_licences(&mut c.licensing).await;
+    report.orders = orders.len();
+    report.licences = licences.len();
+    let holds_quota = |s: OrderState| {
+        matches!(s, OrderState::Backordered | OrderState::Reserved | OrderState::Confirmed | OrderState::Shipped)
+    };
+
+    // Quota.
+    let mut used: HashMap<&str, u64> = HashMap::new();
+    let mut confirmed: HashMap<&str, u64> = HashMap::new();
+    for o in &orders {
+        if holds_quota(o.state()) {
+            *used.entry(o.license_id.as_str()).or_default() += o.units;
+            if matches!(o.state(), OrderState::Confirmed | OrderState::Shipped) {
+                *confirmed.entry(o.license_id.as_str()).or_default() += o.units;
+            }
+        }
+    }
+    for l in &licences {
+        let u = used.get(l.license_id.as_str()).copied().unwrap_or(0);
+        let cf = confirmed.get(l.license_id.as_str()).copied().unwrap_or(0);
+        if l.used_units != u {
+            v.push(format!("licence {}: {} units in use, but its orders hold {u}", l.license_id, l.used_units));
+        }
+        if l.confirmed_units != cf {
+            v.push(format!(
+                "licence {}: {} units confirmed, but its confirmed orders hold {cf}",
+                l.license_id, l.confirmed_units
+            ));
+        }
+        if l.used_units > l.granted_units {
+            v.push(format!(
+                "licence {}: over-licensed, {} used of {} granted",
+                l.license_id, l.used_units, l.granted_units
+            ));
+        }
+    }
+    for id in used.keys() {
+        if !licences.iter().any(|l| l.license_id == *id) {
+            v.push(format!("orders hold quota of unknown licence {id:?}"));
+        }
+    }
+
+    // Quota reservations match the orders holding quota.
+    for o in orders.iter().filter(|o| holds_quota(o.state())) {
+        match c.licensing.get_quota_reservation(lpb::GetQuotaReservationRequest { order_id: o.order_id.clone() }).await
+        {
+            Ok(r) => {
+                let r = r.into_inner().reservation.unwrap_or_default();
+                let held = matches!(r.state(), lpb::ReservationState::Held | lpb::ReservationState::Confirmed);
+                if r.generation != o.generation || r.units != o.units || !held || r.license_id != o.license_id {
+                    v.push(format!(
+                        "order {} ({:?}, generation {}, {} units, {}) has quota reservation generation {} {:?} {} units of {}",
+                        o.order_id,
+                        o.state(),
+                        o.generation,
+                        o.units,
+                        o.license_id,
+                        r.generation,
+                        r.state(),
+                        r.units,
+                        r.license_id
+                    ));
+                }
+            }
+            Err(e) => v.push(format!("order {} holds quota but has no reservation: {}", o.order_id, e.message())),
+        }
+    }
+
+    // Stock.
+    let stock = c.inventory.list_stock(ipb::ListStockRequest {}).await.expect("ListStock").into_inner().stock;
+    let mut want: HashMap<&str, (u64, u64, u64)> = HashMap::new();
+    for o in &orders {
+        let e = want.entry(o.product_sku.as_str()).or_default();
+        match o.state() {
+            OrderState::Backordered | OrderState::Reserved => e.0 += o.held_units,
+            OrderState::Confirmed => e.1 += o.held_units,
+            OrderState::Shipped => e.2 += o.held_units,
+            _ => {}
+        }
+    }
+    for s in &stock {
+        if s.received != s.available + s.held + s.committed + s.shipped
+            || s.on_hand != s.available + s.held + s.committed
+        {
+            v.push(format!("stock of {} does not add up: {s:?}", s.product_sku));
+        }
+        let (h, cm, sh) = want.get(s.product_sku.as_str()).copied().unwrap_or_default();
+        if (s.held, s.committed, s.shipped) != (h, cm, sh) {
+            v.push(format!(
+                "stock of {}: held/committed/shipped {}/{}/{}, but orders hold {h}/{cm}/{sh}",
+                s.product_sku, s.held, s.committed, s.shipped
+            ));
+        }
+    }
+
+    // Exactly once.
+    let mut by_request: HashMap<&str, usize> = HashMap::new();
+    for o in &orders {
+        *by_request.entry(o.request_id.as_str()).or_default() += 1;
+    }
+    for r in acknowledged {
+        match by_request.get(r.as_str()) {
+            Some(1) => {}
+            Some(n) => v.push(format!("request {r} placed {n} orders")),
+            None => v.push(format!("acknowledged request {r} placed no order")),
+        }
+    }
+
+    // Backlog order: nobody got stock while an earlier order of the product waited unserved.
+    let mut by_product: BTreeMap<&str, Vec<&opb::Order>> = BTreeMap::new();
+    for o in &orders {
+        by_product.entry(o.product_sku.as_str()).or_default().push(o);
+    }
+    for (sku, mut os) in by_product {
+        os.sort_by_key(|o| o.sequence);
+        // Intervals during which each order waited in the backlog, unserved: [entry, exit).
+        let mut waiting: Vec<(u64, u64, u64, &str)> = Vec::new();
+        let mut got_stock: Vec<(u64, u64, &str)> = Vec::new();
+        for o in &os {
+            let mut entry: Option<u64> = None;
+            for t in &o.history {
+                let at = ms(t.time.as_ref());
+                let (from, to) = (t.from_state(), t.to_state());
+                if to == OrderState::Backordered && from != OrderState::Backordered {
+                    entry = Some(at);
+                }
+                if from == OrderState::Backordered && (to == OrderState::Reserved || to == OrderState::Backordered) {
+                    got_stock.push((o.sequence, at, o.order_id.as_str()));
+                }
+                if from == OrderState::Backordered && to != OrderState::Backordered {
+                    if let Some(e) = entry.take() {
+                        waiting.push((o.sequence, e, at, o.order_id.as_str()));
+                    }
+                }
+            }
+            if let Some(e) = entry {
+                waiting.push((o.sequence, e, u64::MAX, o.order_id.as_str()));
+            }
+        }
+        for (seq_b, at, b) in &got_stock {
+            for (seq_a, entry, exit, a) in &waiting {
+                if seq_a < seq_b && *entry <= *at && *at < *exit && a != b {
+                    v.push(format!(
+                        "{sku}: order {b} took stock at {at} while earlier order {a} waited in the backlog"
+                    ));
+                }
+            }
+        }
+    }
+
+    // Audit.
+    let audit = c.licensing.verify_audit_log(lpb::VerifyAuditLogRequest {}).await.expect("VerifyAuditLog").into_inner();
+    if !audit.valid {
+        v.push(format!("audit log does not verify at entry {}: {}", audit.first_bad_sequence, audit.problem));
+    }
+    report
+}
