@@ -145,3 +145,45 @@ async fn grpcurl_receives_supply_and_watches_stock() {
     assert_eq!(change["stock"]["available"], "5000");
     let _ = watch.kill().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpcurl_places_and_reads_orders() {
+    let cluster = Cluster::start().await;
+    let addr = cluster.orders.as_ref().unwrap().addr.to_string();
+    let list = grpcurl(&["-plaintext", &addr, "list"]).await;
+    assert!(list.lines().any(|l| l == "chipgate.orders.v1.OrderService"), "{list}");
+    let described = grpcurl(&["-plaintext", &addr, "describe", "chipgate.orders.v1.Order"]).await;
+    assert!(described.contains("backlog_position"), "{described}");
+    let body = r#"{"request_id":"g-ord-1","buyer_id":"baidu","product_sku":"H200-SXM-141GB","units":"500","justification":"search"}"#;
+    let placed: Value = serde_json::from_str(
+        &grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.orders.v1.OrderService/PlaceOrder"]).await,
+    )
+    .unwrap();
+    assert_eq!(placed["order"]["state"], "ORDER_STATE_AWAITING_LICENSE");
+    assert_eq!(placed["order"]["reasons"][0]["condition"], "CONDITION_LICENSE");
+    let id = placed["order"]["orderId"].as_str().unwrap().to_string();
+    let got: Value = serde_json::from_str(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            &format!(r#"{{"order_id":"{id}"}}"#),
+            &addr,
+            "chipgate.orders.v1.OrderService/GetOrder",
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(got["order"]["history"][0]["cause"]["kind"], "CAUSE_KIND_PLACED");
+    let listed: Value = serde_json::from_str(
+        &grpcurl(&[
+            "-plaintext",
+            "-d",
+            r#"{"buyer_id":"baidu","state":"ORDER_STATE_AWAITING_LICENSE"}"#,
+            &addr,
+            "chipgate.orders.v1.OrderService/ListOrders",
+        ])
+        .await,
+    )
+    .unwrap();
+    assert_eq!(listed["orders"].as_array().unwrap().len(), 1);
+}
