@@ -14,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "chipgate/inventory/v1/inventory.proto",
         "chipgate/inventory/v1/events.proto",
         "chipgate/orders/v1/orders.proto",
+        "chipgate/bench/v1/echo.proto",
     ];
     let fds = protox::compile(files, [&root])?;
     let out = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -37,7 +37,7 @@ async fn everything_at_once_keeps_every_invariant() {
         placers.push(tokio::spawn(async move {
             let mut acked = Vec::new();
             for k in 0..30u64 {
-                let sku = if (k + i as u64) % 3 == 0 { NVL } else { H200 };
+                let sku = if (k + i as u64).is_multiple_of(3) { NVL } else { H200 };
                 let request_id = rid(&format!("{buyer}-{k}"));
                 let units = 10 + (k * 7 + i as u64 * 13) % 90;
                 let req = opb::PlaceOrderRequest {

@@ -44,22 +44,67 @@ struct Started {
     task: JoinHandle<Result<(), chipgate_runtime::server::ServeError>>,
 }
 
-async fn start(
+async fn bind(name: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("can't listen on {addr} for {name}: {e} (pick another port with --{name}-port)"))
+}
+
+fn start(
     name: &'static str,
     service: &'static str,
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     store: &Store,
     config: &ServerConfig,
     shutdown: &Shutdown,
     spec: ServiceSpec,
 ) -> Result<Started, String> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("can't listen on {addr} for {name}: {e} (pick another port with --{name}-port)"))?;
+    let addr = listener.local_addr().map_err(|e| format!("{name}: no local address: {e}"))?;
     let s = shutdown.clone();
     let task =
         tokio::spawn(serve(listener, spec, store.clone(), config.clone(), async move { s.wait().await }, |_| {}));
     Ok(Started { name, addr, service, task })
+}
+
+/// A dev cluster running in this process.
+pub struct DevCluster {
+    started: Vec<Started>,
+    backend: String,
+    products: usize,
+}
+
+impl DevCluster {
+    fn addr_of(&self, name: &str) -> Option<SocketAddr> {
+        self.started.iter().find(|s| s.name == name).map(|s| loopback(s.addr))
+    }
+
+    /// `http://…` of the licensing service.
+    pub fn licensing_url(&self) -> String {
+        self.addr_of("licensing").map(|a| format!("http://{a}")).unwrap_or_default()
+    }
+
+    /// `http://…` of the inventory service.
+    pub fn inventory_url(&self) -> String {
+        self.addr_of("inventory").map(|a| format!("http://{a}")).unwrap_or_default()
+    }
+
+    /// `http://…` of the orders service.
+    pub fn orders_url(&self) -> String {
+        self.addr_of("orders").map(|a| format!("http://{a}")).unwrap_or_default()
+    }
+
+    /// Waits for every service to stop (after the shutdown it was started with triggers).
+    pub async fn stopped(self) -> Result<(), String> {
+        for s in self.started {
+            match tokio::time::timeout(Duration::from_secs(10), s.task).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => return Err(format!("{} failed: {e}", s.name)),
+                Ok(Err(e)) => return Err(format!("{} task failed: {e}", s.name)),
+                Err(_) => return Err(format!("{} did not stop within 10 s", s.name)),
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The address to reach a service bound to `addr` from this machine (0.0.0.0 → 127.0.0.1).
@@ -67,8 +112,9 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_unspecified() { SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), addr.port()) } else { addr }
 }
 
-/// Runs the dev cluster until Ctrl-C or SIGTERM.
-pub async fn run(args: DevArgs) -> Result<(), String> {
+/// Starts licensing, inventory and orders in this process as `args` say (port 0 picks free ports);
+/// they stop when `shutdown` triggers.
+pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevCluster, String> {
     let catalogue = match &args.catalogue {
         Some(path) => chipgate_inventory::load_catalogue_file(path)?,
         None => chipgate_inventory::parse_catalogue(DEFAULT_CATALOGUE)?,
@@ -82,7 +128,6 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         .map_err(|e| format!("can't use redis at {url}: {e}"))?,
         None => Store::memory(),
     };
-    let shutdown = Shutdown::on_signals();
     let config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
 
     let licensing = chipgate_licensing::Licensing::new(store.clone());
@@ -90,61 +135,78 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         chipgate_inventory::Inventory::start(store.clone(), shutdown.clone(), chipgate_inventory::Options::default());
     let products = catalogue.len();
     inventory.load_catalogue(catalogue).await.map_err(|e| format!("catalogue refused: {e:?}"))?;
-    let lic_addr = SocketAddr::new(args.bind, args.licensing_port);
-    let inv_addr = SocketAddr::new(args.bind, args.inventory_port);
+    let lic_listener = bind("licensing", SocketAddr::new(args.bind, args.licensing_port)).await?;
+    let inv_listener = bind("inventory", SocketAddr::new(args.bind, args.inventory_port)).await?;
+    let ord_listener = bind("orders", SocketAddr::new(args.bind, args.orders_port)).await?;
+    let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| format!("no local address: {e}"));
+    let (lic_addr, inv_addr) = (local(&lic_listener)?, local(&inv_listener)?);
     let peers = chipgate_orders::Peers::connect(
         &format!("http://{}", loopback(lic_addr)),
         &format!("http://{}", loopback(inv_addr)),
         config.max_message_bytes,
     )?;
-    let orders = chipgate_orders::Orders::start(store.clone(), peers, shutdown.clone(), chipgate_orders::Options::default());
+    let orders =
+        chipgate_orders::Orders::start(store.clone(), peers, shutdown.clone(), chipgate_orders::Options::default());
 
     let started = vec![
         start(
             "licensing",
             chipgate_licensing::SERVICE_NAME,
-            lic_addr,
+            lic_listener,
             &store,
             &config,
-            &shutdown,
+            shutdown,
             chipgate_licensing::spec(licensing, &config),
-        )
-        .await?,
+        )?,
         start(
             "inventory",
             chipgate_inventory::SERVICE_NAME,
-            inv_addr,
+            inv_listener,
             &store,
             &config,
-            &shutdown,
+            shutdown,
             chipgate_inventory::spec(inventory, &config),
-        )
-        .await?,
+        )?,
         start(
             "orders",
             chipgate_orders::SERVICE_NAME,
-            SocketAddr::new(args.bind, args.orders_port),
+            ord_listener,
             &store,
             &config,
-            &shutdown,
+            shutdown,
             chipgate_orders::spec(orders, &config),
-        )
-        .await?,
+        )?,
     ];
-
     let backend = match &args.redis_url {
         Some(url) => format!("redis ({url})"),
         None => "embedded in-memory state (gone when this process exits)".to_string(),
     };
+    Ok(DevCluster { started, backend, products })
+}
+
+/// Runs the dev cluster until Ctrl-C or SIGTERM.
+pub async fn run(args: DevArgs) -> Result<(), String> {
+    let shutdown = Shutdown::new();
+    let cluster = start_cluster(&args, &shutdown).await?;
+    // Ctrl-C and SIGTERM stop the cluster once it is up (before that, they end the process at once,
+    // even while it waits for Redis).
+    let signals = Shutdown::on_signals();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signals.wait().await;
+        trigger.trigger();
+    });
+    let (backend, products) = (cluster.backend.clone(), cluster.products);
     tracing::info!(%backend, products, "chipgate dev cluster is up");
-    let addr_of = |name: &str| started.iter().find(|s| s.name == name).map(|s| s.addr.to_string()).unwrap_or_default();
+    let addr_of =
+        |name: &str| cluster.started.iter().find(|s| s.name == name).map(|s| s.addr.to_string()).unwrap_or_default();
     let (lic, inv, ord) = (addr_of("licensing"), addr_of("inventory"), addr_of("orders"));
     let mut lines = vec![
         String::new(),
         format!("  chipgate dev cluster — state: {backend}; catalogue: {products} products"),
         String::new(),
     ];
-    for s in &started {
+    for s in &cluster.started {
         lines.push(format!("  {:<10} {:<16} {}", s.name, s.addr, s.service));
     }
     lines.extend([
@@ -171,13 +233,5 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     }
     shutdown.wait().await;
     crate::out::say("  stopping…");
-    for s in started {
-        match tokio::time::timeout(Duration::from_secs(10), s.task).await {
-            Ok(Ok(Ok(()))) => {}
-            Ok(Ok(Err(e))) => return Err(format!("{} failed: {e}", s.name)),
-            Ok(Err(e)) => return Err(format!("{} task failed: {e}", s.name)),
-            Err(_) => return Err(format!("{} did not stop within 10 s", s.name)),
-        }
-    }
-    Ok(())
+    cluster.stopped().await
 }

@@ -1,41 +1,183 @@
 //! `chipgate`: the command line for chipgate clusters.
 //!
-//! `chipgate dev` runs the whole cluster in one process; the other commands talk to a running cluster
-//! as an operator or a buyer would.
+//! `chipgate dev` runs the whole cluster in one process; `chipgate demo` plays the seed story; the
+//! other commands talk to a running cluster as an operator or a buyer would.
 
+mod client;
+mod cmd;
+mod demo;
 mod dev;
+mod import;
 mod out;
+mod view;
 
 use clap::{Parser, Subcommand};
 
-/// chipgate decides which buyer's order may take which export-controlled AI chip, while approval
-/// waves, licence conditions, customs embargoes and scarce stock all change at once.
+use crate::client::{Ctx, Global, Outcome};
+use crate::cmd::{inventory, licensing, orders};
+
+const LONG_ABOUT: &str = "\
+chipgate decides which buyer's order may take which export-controlled AI chip, while approval waves,
+licence conditions, customs embargoes and scarce stock all change at once.
+
+The cluster has three services: licensing (applications, the approval queue, waves, licences, export
+authorisations, customs policy, the domestic-purchase ledger, the audit log), inventory (catalogue,
+stock, supply) and orders (orders, backlogs, propagation). `chipgate dev` runs all three on this
+machine; every other command talks to a running cluster.
+
+A day in the life: buyers `apply` for import licences and wait in the `queue`; the import authority
+drafts a `wave`, grants quota with conditions and publishes it; licences with pending terms are
+`license finalize`d; buyers record `domestic` purchases to meet ratio conditions; the vendor needs an
+`export` authorisation and customs must not embargo the product (`customs`); buyers place orders
+(`order place`, `order import`), which wait for a licence, then for `stock` in the `backlog`, and move
+on their own as the world changes; `supply receive` feeds the backlog; `audit verify` proves nobody
+rewrote history.";
+
+const AFTER_HELP: &str = "\
+Examples:
+  chipgate dev                                   # run a cluster here (another terminal)
+  chipgate demo                                  # play the seed story against it
+  chipgate demo --self-contained                 # ... or on a private cluster of its own
+  chipgate queue
+  chipgate order list --buyer bytedance --state backordered
+  chipgate -o json stock H200-SXM-141GB | jq .stock.available
+
+Output: tables for people; -o json prints one JSON document (the RPC's response message, proto field
+names, enums by name, timestamps RFC 3339), or JSON lines for watch and follow. Errors go to stderr
+with the server's details (as JSON with -o json).
+
+Exit codes: 0 ok; 1 local failure; 2 usage; 3 invalid argument; 4 not found; 5 conflict (already
+exists, aborted); 6 failed precondition (a rule said no); 7 resource exhausted; 8 permission denied;
+9 unavailable or deadline exceeded (retry with the same --request-id); 10 server fault; 11 a check
+failed (audit chain broken, wave not settled in time, import rows not placed).";
+
+/// The command line of chipgate: run a dev cluster, operate a cluster, play the seed story.
 #[derive(Parser, Debug)]
-#[command(name = "chipgate", version, about, long_about = None)]
+#[command(name = "chipgate", version, long_about = LONG_ABOUT, after_help = AFTER_HELP)]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run licensing, inventory and orders in one process on fixed ports, on the embedded state backend
-    /// (or Redis with --redis-url), and print how to reach them.
+    /// Run the whole cluster in this process and print how to reach it.
+    ///
+    /// Licensing, inventory and orders start on fixed, printed ports (overridable), on the embedded
+    /// state backend (or Redis with --redis-url), with the default catalogue loaded. Ctrl-C stops it.
+    #[command(
+        after_help = "Examples:\n  chipgate dev\n  chipgate dev --licensing-port 6051 --inventory-port 6052 --orders-port 6053\n  chipgate dev --redis-url redis://127.0.0.1:6379/0"
+    )]
     Dev(dev::DevArgs),
+    /// Play the seed story against a cluster, step by step, with every figure read from the services.
+    ///
+    /// Customs embargoes the H200; Washington authorises its export; a dozen buyers order 2,000,000+
+    /// chips while nothing is licensed; they apply; wave 1 grants ByteDance, Alibaba and Tencent
+    /// 400,000+ units with terms pending and a domestic-chip ratio, and nothing moves; the embargo
+    /// lifts; the terms are finalised; domestic purchases are recorded; stock is far below demand and
+    /// arrives in a few receipts; the other buyers are still queued. Each step says how many orders
+    /// moved where and why; a summary table closes (one JSON document with -o json). It needs a fresh
+    /// cluster (no H200 orders or licences yet).
+    #[command(
+        after_help = "Examples:\n  chipgate demo                       # against `chipgate dev` on the default ports\n  chipgate demo --self-contained      # starts its own cluster on free ports\n  chipgate -o json demo --self-contained | jq .buyers"
+    )]
+    Demo(demo::DemoArgs),
+    /// A buyer applies for an import licence; the application joins the approval queue at the back.
+    Apply(licensing::ApplyArgs),
+    /// Show, list, withdraw or reject licence applications.
+    #[command(subcommand)]
+    Application(licensing::ApplicationCmd),
+    /// Show the approval queue front to back (or move an application in it).
+    #[command(after_help = "Examples:\n  chipgate queue\n  chipgate queue move app-7 --to 1")]
+    Queue(licensing::QueueArgs),
+    /// Draft, fill, publish and follow approval waves.
+    #[command(subcommand)]
+    Wave(licensing::WaveCmd),
+    /// Show, list, finalise, suspend, reinstate or revoke import licences.
+    #[command(subcommand)]
+    License(licensing::LicenseCmd),
+    /// Would an order be eligible now? Evaluates every licence condition without taking anything.
+    Check(licensing::CheckArgs),
+    /// Record and show buyers' domestic-chip purchases (for domestic-ratio conditions).
+    #[command(subcommand)]
+    Domestic(licensing::DomesticCmd),
+    /// Grant, revoke and list the vendor's export authorisations.
+    #[command(subcommand)]
+    Export(licensing::ExportCmd),
+    /// Set and show customs' import policy per product (open or embargoed).
+    #[command(subcommand)]
+    Customs(licensing::CustomsCmd),
+    /// List the product catalogue.
+    Products(inventory::ProductsArgs),
+    /// Show stock per product (on hand, available, held, committed, shipped, received), or watch it.
+    Stock(inventory::StockArgs),
+    /// Book supply receipts into stock.
+    #[command(subcommand)]
+    Supply(inventory::SupplyCmd),
+    /// Place, show, list, cancel, confirm, ship, watch and import orders.
+    #[command(subcommand)]
+    Order(orders::OrderCmd),
+    /// Show a product's backlog: orders holding licence quota that wait for stock, oldest first.
+    Backlog(orders::BacklogArgs),
+    /// List and verify the tamper-evident audit log.
+    #[command(subcommand)]
+    Audit(licensing::AuditCmd),
+}
+
+/// Logs of client commands go to stderr (stdout is the command's output), warnings only by default.
+fn init_client_logs() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+}
+
+async fn run(global: Global, command: Command) -> Outcome {
+    let ctx = Ctx::new(global)?;
+    let ctx = &ctx;
+    match command {
+        Command::Dev(_) => Ok(()),
+        Command::Demo(a) => demo::run(ctx, a).await,
+        Command::Apply(a) => licensing::apply(ctx, a).await,
+        Command::Application(c) => licensing::application(ctx, c).await,
+        Command::Queue(a) => licensing::queue(ctx, a).await,
+        Command::Wave(c) => licensing::wave(ctx, c).await,
+        Command::License(c) => licensing::license(ctx, c).await,
+        Command::Check(a) => licensing::check(ctx, a).await,
+        Command::Domestic(c) => licensing::domestic(ctx, c).await,
+        Command::Export(c) => licensing::export(ctx, c).await,
+        Command::Customs(c) => licensing::customs(ctx, c).await,
+        Command::Products(a) => inventory::products(ctx, a).await,
+        Command::Stock(a) => inventory::stock(ctx, a).await,
+        Command::Supply(c) => inventory::supply(ctx, c).await,
+        Command::Order(c) => orders::order(ctx, c).await,
+        Command::Backlog(a) => orders::backlog(ctx, a).await,
+        Command::Audit(c) => licensing::audit(ctx, c).await,
+    }
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    chipgate_runtime::telemetry::init(chipgate_runtime::telemetry::LogFormat::Pretty);
-    let result = match cli.command {
-        Command::Dev(args) => dev::run(args).await,
-    };
-    match result {
+    if let Command::Dev(args) = cli.command {
+        chipgate_runtime::telemetry::init(chipgate_runtime::telemetry::LogFormat::Pretty);
+        return match dev::run(args).await {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                out::note(&format!("chipgate: {e}"));
+                std::process::ExitCode::FAILURE
+            }
+        };
+    }
+    init_client_logs();
+    let output = cli.global.output;
+    match run(cli.global, cli.command).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("chipgate: {e}");
-            std::process::ExitCode::FAILURE
+        Err(f) => {
+            f.report(output);
+            std::process::ExitCode::from(f.exit_code())
         }
     }
 }

@@ -483,7 +483,7 @@ impl OrderRecord {
         let had_hold = self.held > 0 || self.status() == OrderStatus::Backordered;
         self.move_to(
             OrderStatus::Cancelled,
-            Cause::new(CauseKind::Cancelled, &self.id.clone()),
+            Cause::new(CauseKind::Cancelled, self.id.clone()),
             format!("cancelled: {reason}"),
             Vec::new(),
             now_ms,
@@ -500,7 +500,7 @@ impl OrderRecord {
     pub fn expire(&mut self, now_ms: u64) -> Result<(), MoveError> {
         self.move_to(
             OrderStatus::Expired,
-            Cause::new(CauseKind::HoldExpired, &self.id.clone()),
+            Cause::new(CauseKind::HoldExpired, self.id.clone()),
             "not confirmed before the hold expired; the units went back to stock",
             Vec::new(),
             now_ms,

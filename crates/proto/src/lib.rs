@@ -23,6 +23,14 @@ pub mod inventory {
     }
 }
 
+/// The benchmark's echo service (the RPC ceiling).
+pub mod bench {
+    /// Version 1.
+    pub mod v1 {
+        tonic::include_proto!("chipgate.bench.v1");
+    }
+}
+
 /// Orders: placement, queues, propagation.
 pub mod orders {
     /// Version 1 of the orders API.

@@ -255,10 +255,11 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
                 if from == OrderState::Backordered && (to == OrderState::Reserved || to == OrderState::Backordered) {
                     got_stock.push((o.sequence, at, o.order_id.as_str()));
                 }
-                if from == OrderState::Backordered && to != OrderState::Backordered {
-                    if let Some(e) = entry.take() {
-                        waiting.push((o.sequence, e, at, o.order_id.as_str()));
-                    }
+                if from == OrderState::Backordered
+                    && to != OrderState::Backordered
+                    && let Some(e) = entry.take()
+                {
+                    waiting.push((o.sequence, e, at, o.order_id.as_str()));
                 }
             }
             if let Some(e) = entry {

@@ -101,6 +101,8 @@ pub struct Cluster {
     pub inventory: ServiceHandle,
     /// The orders service (None when the caller runs it).
     pub orders: Option<ServiceHandle>,
+    /// The in-process orders service itself (for tools that drive it directly, e.g. bulk loading).
+    pub orders_service: Option<chipgate_orders::Orders>,
 }
 
 /// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
@@ -175,21 +177,22 @@ impl Cluster {
         let inventory =
             start_service(store.clone(), options.server.clone(), inv_shutdown, |c| chipgate_inventory::spec(inv, c))
                 .await;
-        let orders = if options.orders_in_process {
+        let (orders, orders_service) = if options.orders_in_process {
             let peers =
                 chipgate_orders::Peers::connect(&licensing.url(), &inventory.url(), options.server.max_message_bytes)
                     .expect("peer urls");
             let ord_shutdown = Shutdown::new();
             let ord =
                 chipgate_orders::Orders::start(store.clone(), peers, ord_shutdown.clone(), options.orders.clone());
-            Some(
+            let handle = ord.clone();
+            let served =
                 start_service(store.clone(), options.server.clone(), ord_shutdown, |c| chipgate_orders::spec(ord, c))
-                    .await,
-            )
+                    .await;
+            (Some(served), Some(handle))
         } else {
-            None
+            (None, None)
         };
-        Cluster { redis, store, licensing, inventory, orders }
+        Cluster { redis, store, licensing, inventory, orders, orders_service }
     }
 
     /// A client of the in-process orders service.

@@ -19,6 +19,7 @@
 //!   the move that owes them and carried out by a worker ([`cleanup`]), so no crash leaks either.
 
 mod book;
+mod bulk;
 mod cleanup;
 mod clients;
 mod consumer;
@@ -45,6 +46,7 @@ use chipgate_state::{Store, Txn};
 use prost::Message;
 use tokio::sync::Notify;
 
+pub use bulk::BulkOrder;
 pub use clients::Peers;
 pub use error::Error;
 

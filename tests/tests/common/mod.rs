@@ -119,7 +119,7 @@ impl World {
                     wave_id: wave.wave_id.clone(),
                     application_id: app.to_string(),
                     granted_units: *units,
-                    conditions: Some(conditions.clone()),
+                    conditions: Some(conditions),
                 })
                 .await
                 .unwrap();

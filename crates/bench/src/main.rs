@@ -1,0 +1,104 @@
+//! `chipgate-bench`: measures order placement and wave propagation on real Redis, side by side with
+//! the ceilings of this machine (a bare tonic echo, a pipelined Redis no-op script) and a naive
+//! one-order-at-a-time baseline, so results can be read as ratios that hold on a noisy machine.
+//!
+//! Every part starts its own cluster (services in this process, a private redis-server) so figures
+//! don't leak between parts. `--json` also writes `results.json`, and the placement latency histogram is
+//! written as `place-latency.svg`, both under `--out`.
+
+mod ceilings;
+mod load;
+mod naive;
+mod place;
+mod report;
+mod wave;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chipgate_runtime::time::parse_duration;
+use clap::{Parser, ValueEnum};
+
+/// Benchmarks for chipgate: placement, wave propagation, ceilings and a naive baseline.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "chipgate-bench", version, about)]
+pub struct Args {
+    /// Awaiting orders the wave makes eligible.
+    #[arg(long, default_value_t = 100_000)]
+    pub orders: usize,
+    /// Buyers the wave's orders are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub buyers: usize,
+    /// Products the wave's orders are spread over.
+    #[arg(long, default_value_t = 2)]
+    pub products: usize,
+    /// Calls in flight during the placement benchmark and the ceilings.
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
+    /// HTTP/2 connections the calls are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// How long each timed load runs (placement, echo, Redis).
+    #[arg(long, value_parser = parse_duration, default_value = "10s")]
+    pub duration: Duration,
+    /// Orders propagated one at a time for the naive baseline.
+    #[arg(long, default_value_t = 5_000)]
+    pub naive_orders: usize,
+    /// Also write results.json.
+    #[arg(long)]
+    pub json: bool,
+    /// Where results.json and place-latency.svg go.
+    #[arg(long, default_value = "bench-out")]
+    pub out: PathBuf,
+    /// Tiny counts and durations (CI runs this so the program can't rot).
+    #[arg(long)]
+    pub smoke: bool,
+    /// Parts to run.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "ceilings,place,wave,naive")]
+    pub only: Vec<Part>,
+}
+
+/// A part of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Part {
+    /// The echo and Redis ceilings.
+    Ceilings,
+    /// Order placement.
+    Place,
+    /// Wave propagation.
+    Wave,
+    /// The naive baseline.
+    Naive,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let mut args = Args::parse();
+    if args.smoke {
+        args.orders = args.orders.min(2_000);
+        args.buyers = args.buyers.min(10);
+        args.naive_orders = args.naive_orders.min(200);
+        args.duration = args.duration.min(Duration::from_secs(1));
+        args.in_flight = args.in_flight.min(16);
+    }
+    let mut results = report::Results { args: format!("{args:?}"), ..Default::default() };
+    if args.only.contains(&Part::Ceilings) {
+        results.echo = Some(ceilings::echo(&args).await);
+        results.redis = Some(ceilings::redis(&args).await);
+    }
+    if args.only.contains(&Part::Place) {
+        results.place = Some(place::run(&args).await);
+    }
+    if args.only.contains(&Part::Wave) {
+        results.wave = Some(wave::run(&args).await);
+    }
+    if args.only.contains(&Part::Naive) {
+        results.naive = Some(naive::run(&args).await);
+    }
+    report::print(&results);
+    if let Err(e) = report::write(&args, &results) {
+        report::say(&format!("can't write results under {}: {e}", args.out.display()));
+        return std::process::ExitCode::FAILURE;
+    }
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,155 @@
+//! Order placement: licensed buyers with stock available place orders from many concurrent clients.
+
+use std::time::Duration;
+
+use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::orders::v1 as opb;
+use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
+use chipgate_testkit::{Cluster, ClusterOptions};
+
+use crate::Args;
+use crate::load::{self, LoadResult};
+
+/// Product SKUs of the catalogue the benchmarks spread orders over.
+pub const SKUS: [&str; 3] = ["H200-SXM-141GB", "H200-NVL-141GB", "H20-96GB"];
+
+/// The buyer names used.
+pub fn buyer(i: usize) -> String {
+    format!("buyer-{i:04}")
+}
+
+fn rid(tag: &str, n: usize) -> String {
+    format!("bench-{tag}-{n}")
+}
+
+/// Export authorisations, one application per buyer and product, and (unless `grant` is None) one
+/// published wave granting each application `grant` units with final terms. Returns the applications.
+pub async fn license_everyone(cluster: &Cluster, buyers: usize, products: usize, grant: Option<u64>) -> Vec<String> {
+    let mut lic = cluster.licensing_client();
+    let products = products.clamp(1, SKUS.len());
+    let mut n = 0;
+    for sku in &SKUS[..products] {
+        n += 1;
+        lic.grant_export_authorization(lpb::GrantExportAuthorizationRequest {
+            request_id: rid("exp", n),
+            vendor: "nvidia".into(),
+            product_sku: sku.to_string(),
+            destination: "CN".into(),
+            reference: "bench".into(),
+        })
+        .await
+        .expect("export");
+    }
+    let mut apps = Vec::new();
+    for b in 0..buyers {
+        for sku in &SKUS[..products] {
+            n += 1;
+            let a = lic
+                .submit_application(lpb::SubmitApplicationRequest {
+                    request_id: rid("app", n),
+                    buyer_id: buyer(b),
+                    product_sku: sku.to_string(),
+                    quantity: 1_000_000_000,
+                    end_use: "benchmark".into(),
+                    site: "loopback".into(),
+                    destination: "CN".into(),
+                })
+                .await
+                .expect("apply");
+            apps.push(a.into_inner().application.expect("application").application_id);
+        }
+    }
+    if let Some(units) = grant {
+        publish(cluster, &apps, units).await;
+    }
+    apps
+}
+
+/// One wave granting every application `units` with final terms; returns its id.
+pub async fn publish(cluster: &Cluster, apps: &[String], units: u64) -> String {
+    let mut lic = cluster.licensing_client();
+    let wave = lic
+        .create_wave(lpb::CreateWaveRequest { request_id: "bench-wave".into(), display_name: "bench".into() })
+        .await
+        .expect("wave")
+        .into_inner()
+        .wave
+        .expect("wave");
+    for (i, a) in apps.iter().enumerate() {
+        lic.add_wave_grant(lpb::AddWaveGrantRequest {
+            request_id: rid("grant", i),
+            wave_id: wave.wave_id.clone(),
+            application_id: a.clone(),
+            granted_units: units,
+            conditions: None,
+        })
+        .await
+        .expect("grant");
+    }
+    lic.publish_wave(lpb::PublishWaveRequest { request_id: "bench-publish".into(), wave_id: wave.wave_id.clone() })
+        .await
+        .expect("publish");
+    wave.wave_id
+}
+
+/// Books `units` of supply for a product.
+pub async fn supply(cluster: &Cluster, sku: &str, units: u64, n: usize) {
+    let mut inv = cluster.inventory_client();
+    inv.receive_supply(ipb::ReceiveSupplyRequest {
+        request_id: rid("rcv", n),
+        receipt_id: rid("rcpt", n),
+        product_sku: sku.into(),
+        units,
+        source: "bench".into(),
+    })
+    .await
+    .expect("supply");
+}
+
+/// Results of the placement benchmark.
+pub struct PlaceResult {
+    /// The load.
+    pub load: LoadResult,
+    /// Successful placements that did not end RESERVED (should be none: stock and quota are ample).
+    pub not_reserved: u64,
+}
+
+/// Runs the placement benchmark.
+pub async fn run(args: &Args) -> PlaceResult {
+    let cluster = Cluster::start_with(ClusterOptions::default()).await;
+    let buyers = args.buyers.clamp(1, 64);
+    let products = args.products.clamp(1, SKUS.len());
+    license_everyone(&cluster, buyers, products, Some(1_000_000_000)).await;
+    for (i, sku) in SKUS[..products].iter().enumerate() {
+        supply(&cluster, sku, 1_000_000_000, i).await;
+    }
+    let url = cluster.orders.as_ref().expect("orders in process").url();
+    let channels = load::connections(&url, args.connections).await;
+    let not_reserved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let nr = not_reserved.clone();
+    let load = load::run("place", &channels, args.in_flight, args.duration, move |ch, task, n| {
+        let nr = nr.clone();
+        async move {
+            let req = opb::PlaceOrderRequest {
+                request_id: format!("place-{task}-{n}"),
+                buyer_id: buyer(task % buyers),
+                product_sku: SKUS[(task / buyers + n as usize) % products].to_string(),
+                units: 1,
+                justification: "benchmark".into(),
+            };
+            match OrderServiceClient::new(ch).place_order(req).await {
+                Ok(r) => {
+                    if r.into_inner().order.is_none_or(|o| o.state() != opb::OrderState::Reserved) {
+                        nr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    true
+                }
+                Err(_) => false,
+            }
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    PlaceResult { load, not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed) }
+}

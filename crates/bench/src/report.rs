@@ -1,0 +1,207 @@
+//! The report: a table on stdout, and (with `--json`) results.json plus the placement latency
+//! histogram as an SVG.
+
+use std::io::Write;
+
+use serde_json::json;
+
+use crate::Args;
+use crate::ceilings::RedisCeiling;
+use crate::load::LoadResult;
+use crate::naive::NaiveResult;
+use crate::place::PlaceResult;
+use crate::wave::WaveResult;
+
+/// Everything measured.
+#[derive(Default)]
+pub struct Results {
+    /// The arguments (for the record).
+    pub args: String,
+    /// RPC ceiling.
+    pub echo: Option<LoadResult>,
+    /// Redis ceiling.
+    pub redis: Option<RedisCeiling>,
+    /// Placement.
+    pub place: Option<PlaceResult>,
+    /// Wave propagation.
+    pub wave: Option<WaveResult>,
+    /// Naive baseline.
+    pub naive: Option<NaiveResult>,
+}
+
+/// Writes a line to stdout (the report is this program's output).
+#[allow(clippy::print_stdout)]
+pub fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+}
+
+fn row(name: &str, value: String, note: &str) {
+    say(&format!("  {name:<34} {value:>16}   {note}"));
+}
+
+fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "NOT met" }
+}
+
+/// Prints the table.
+pub fn print(r: &Results) {
+    say("");
+    say(&format!("  chipgate-bench  ({} cores)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)));
+    say("");
+    if let Some(e) = &r.echo {
+        row("echo ceiling (calls/s)", format!("{:.0}", e.rate()), &format!("p99 {:.2} ms", e.ms(0.99)));
+    }
+    if let Some(x) = &r.redis {
+        row(
+            "redis ceiling (scripts/s)",
+            format!("{:.0}", x.scripts_per_sec),
+            &format!("no-op script, pipelines of {}", x.pipeline),
+        );
+    }
+    if let Some(p) = &r.place {
+        let l = &p.load;
+        row(
+            "place (orders/s)",
+            format!("{:.0}", l.rate()),
+            &format!("target ≥ 15,000: {}", verdict(l.rate() >= 15_000.0)),
+        );
+        row(
+            "place latency p50/p90/p99/p99.9 (ms)",
+            format!("{:.1}/{:.1}/{:.1}/{:.1}", l.ms(0.5), l.ms(0.9), l.ms(0.99), l.ms(0.999)),
+            &format!("target p99 ≤ 25 ms: {}", verdict(l.ms(0.99) <= 25.0)),
+        );
+        row("place errors / not reserved", format!("{} / {}", l.errors, p.not_reserved), "");
+        if let Some(e) = &r.echo {
+            let ratio = l.rate() / e.rate().max(1e-9);
+            row("place / echo", format!("{ratio:.3}"), &format!("target ≥ 0.2: {}", verdict(ratio >= 0.2)));
+        }
+    }
+    if let Some(w) = &r.wave {
+        row("wave orders", format!("{}", w.orders), &format!("{} reserved, {} backordered", w.reserved, w.backordered));
+        row(
+            "wave time (s)",
+            format!("{:.2}", w.elapsed.as_secs_f64()),
+            &format!("first move after {:.0} ms", w.first_move.as_secs_f64() * 1000.0),
+        );
+        // 100,000 in ≤ 2 s and 1,000,000 in ≤ 20 s are both 50,000 orders/s.
+        row(
+            "wave (orders/s)",
+            format!("{:.0}", w.rate()),
+            &format!("target ≥ 50,000: {}", verdict(w.rate() >= 50_000.0)),
+        );
+        if let Some(x) = &r.redis {
+            row("wave / redis ceiling", format!("{:.3}", w.rate() / x.scripts_per_sec.max(1e-9)), "");
+        }
+        row(
+            "redis bytes per order",
+            format!("{:.0}", w.bytes_per_order),
+            &format!(
+                "target ≤ 1024: {} (while waiting: {:.0})",
+                verdict(w.bytes_per_order <= 1024.0),
+                w.bytes_per_waiting_order
+            ),
+        );
+        row("quota in use = units moved", format!("{}", w.quota_check), "");
+    }
+    if let Some(n) = &r.naive {
+        row("naive (orders/s)", format!("{:.0}", n.rate()), &format!("{} orders, {} errors", n.orders, n.errors));
+        if let Some(w) = &r.wave {
+            let x = w.rate() / n.rate().max(1e-9);
+            row("wave / naive", format!("{x:.1}×"), &format!("target ≥ 20×: {}", verdict(x >= 20.0)));
+        }
+    }
+    say("");
+}
+
+/// Writes results.json and place-latency.svg under `--out` (only with `--json`).
+///
+/// # Errors
+/// When the files can't be written.
+pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
+    if !args.json {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let load = |l: &LoadResult| {
+        json!({
+            "per_sec": l.rate(), "ok": l.ok, "errors": l.errors,
+            "p50_ms": l.ms(0.5), "p90_ms": l.ms(0.9), "p99_ms": l.ms(0.99), "p999_ms": l.ms(0.999),
+        })
+    };
+    let doc = json!({
+        "args": r.args,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "echo": r.echo.as_ref().map(load),
+        "redis": r.redis.as_ref().map(|x| json!({"scripts_per_sec": x.scripts_per_sec, "pipeline": x.pipeline})),
+        "place": r.place.as_ref().map(|p| {
+            let mut v = load(&p.load);
+            v["not_reserved"] = json!(p.not_reserved);
+            if let Some(e) = &r.echo { v["place_over_echo"] = json!(p.load.rate() / e.rate().max(1e-9)); }
+            v
+        }),
+        "wave": r.wave.as_ref().map(|w| json!({
+            "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
+            "first_move_ms": w.first_move.as_secs_f64() * 1000.0,
+            "reserved": w.reserved, "backordered": w.backordered,
+            "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
+            "quota_check": w.quota_check,
+            "over_redis_ceiling": r.redis.as_ref().map(|x| w.rate() / x.scripts_per_sec.max(1e-9)),
+        })),
+        "naive": r.naive.as_ref().map(|n| json!({
+            "orders": n.orders, "seconds": n.elapsed.as_secs_f64(), "per_sec": n.rate(), "errors": n.errors,
+            "wave_over_naive": r.wave.as_ref().map(|w| w.rate() / n.rate().max(1e-9)),
+        })),
+    });
+    std::fs::write(args.out.join("results.json"), serde_json::to_string_pretty(&doc).unwrap_or_default())?;
+    if let Some(p) = &r.place {
+        std::fs::write(args.out.join("place-latency.svg"), svg(&p.load))?;
+    }
+    say(&format!("  wrote {}", args.out.display()));
+    Ok(())
+}
+
+/// A latency histogram as an SVG: log-spaced buckets, bar height = share of calls.
+fn svg(l: &LoadResult) -> String {
+    let buckets: Vec<(u64, u64)> =
+        l.histogram.iter_log(100, 1.25).map(|v| (v.value_iterated_to(), v.count_since_last_iteration())).collect();
+    let total = l.histogram.len().max(1) as f64;
+    let (w, h, pad) = (900.0, 360.0, 50.0);
+    let n = buckets.len().max(1) as f64;
+    let bw = (w - 2.0 * pad) / n;
+    let max_share = buckets.iter().map(|(_, c)| *c as f64 / total).fold(0.0, f64::max).max(1e-9);
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{pad}\" y=\"20\" font-size=\"14\">PlaceOrder latency ({} calls, p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms)</text>\n",
+        l.histogram.len(),
+        l.ms(0.5),
+        l.ms(0.99),
+        l.ms(0.999)
+    );
+    for (i, (upto, count)) in buckets.iter().enumerate() {
+        let share = *count as f64 / total;
+        let bh = (h - 2.0 * pad) * share / max_share;
+        let x = pad + i as f64 * bw;
+        let y = h - pad - bh;
+        s.push_str(&format!(
+            "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{bh:.1}\" fill=\"#3b7dd8\"><title>≤ {:.2} ms: {count}</title></rect>\n",
+            (bw - 1.0).max(0.5),
+            *upto as f64 / 1000.0
+        ));
+        if i % 4 == 0 {
+            s.push_str(&format!(
+                "<text x=\"{x:.1}\" y=\"{:.1}\" transform=\"rotate(45 {x:.1} {:.1})\">{:.2}</text>\n",
+                h - pad + 12.0,
+                h - pad + 12.0,
+                *upto as f64 / 1000.0
+            ));
+        }
+    }
+    s.push_str(&format!(
+        "<text x=\"{:.1}\" y=\"{:.1}\">latency (ms, log scale)</text>\n</svg>\n",
+        w / 2.0 - 60.0,
+        h - 5.0
+    ));
+    s
+}

@@ -1,0 +1,360 @@
+//! What buyers and the vendor do with orders (the orders service): place, show, list, cancel, confirm,
+//! ship, watch; the backlog of a product.
+
+use std::time::Duration;
+
+use chipgate_proto::orders::v1 as opb;
+use clap::{ArgGroup, Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use super::{ListArgs, pages, watch_until};
+use crate::client::{Ctx, Failure, Outcome, Svc};
+use crate::out::{self, n};
+use crate::view;
+
+/// Where an order stands (for filters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum State {
+    /// Placed, being evaluated.
+    Pending,
+    /// Waiting for a usable licence (its reasons say which conditions fail).
+    AwaitingLicense,
+    /// Holds licence quota, waits for stock in the backlog.
+    Backordered,
+    /// Every unit held until the hold expires.
+    Reserved,
+    /// Confirmed by the buyer.
+    Confirmed,
+    /// Shipped.
+    Shipped,
+    /// Cancelled.
+    Cancelled,
+    /// The hold expired before confirmation.
+    Expired,
+    /// Can never be served.
+    Rejected,
+}
+
+impl State {
+    /// As the API's enum.
+    pub fn proto(self) -> opb::OrderState {
+        match self {
+            State::Pending => opb::OrderState::Pending,
+            State::AwaitingLicense => opb::OrderState::AwaitingLicense,
+            State::Backordered => opb::OrderState::Backordered,
+            State::Reserved => opb::OrderState::Reserved,
+            State::Confirmed => opb::OrderState::Confirmed,
+            State::Shipped => opb::OrderState::Shipped,
+            State::Cancelled => opb::OrderState::Cancelled,
+            State::Expired => opb::OrderState::Expired,
+            State::Rejected => opb::OrderState::Rejected,
+        }
+    }
+}
+
+/// `chipgate order …`.
+#[derive(Subcommand, Debug)]
+pub enum OrderCmd {
+    /// Place an order; it is evaluated at once and moves on by itself as the world changes.
+    ///
+    /// The answer shows where it stands after its first evaluation: waiting for a licence (with the
+    /// conditions that fail), holding quota and waiting for stock in the backlog, or reserved. It moves
+    /// on by itself when the world changes (a wave, final terms, a domestic purchase, supply...).
+    #[command(
+        after_help = "Example:\n  chipgate order place --buyer bytedance --product H200-SXM-141GB --units 5000 \\\n      --justification 'Doubao model training cluster'"
+    )]
+    Place(PlaceArgs),
+    /// Show one order: where it stands, why, and its whole history.
+    #[command(after_help = "Example:\n  chipgate order show ord-17")]
+    Show {
+        /// Order id.
+        order: String,
+    },
+    /// List orders, oldest first, optionally of one buyer, product or state.
+    #[command(
+        after_help = "Examples:\n  chipgate order list --buyer alibaba\n  chipgate order list --state backordered --limit 0"
+    )]
+    List {
+        /// Only this buyer's.
+        #[arg(long)]
+        buyer: Option<String>,
+        /// Only of this product.
+        #[arg(long)]
+        product: Option<String>,
+        /// Only in this state.
+        #[arg(long, value_enum)]
+        state: Option<State>,
+        /// Include each order's history (larger answers).
+        #[arg(long)]
+        history: bool,
+        #[command(flatten)]
+        list: ListArgs,
+    },
+    /// Cancel an order that has not shipped; its quota and stock go back (and move the next in line).
+    #[command(after_help = "Example:\n  chipgate order cancel ord-17 --reason 'duplicate'")]
+    Cancel {
+        /// Order id.
+        order: String,
+        /// Why.
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Confirm a RESERVED order before its hold expires: stock and quota are committed.
+    #[command(after_help = "Example:\n  chipgate order confirm ord-17")]
+    Confirm {
+        /// Order id.
+        order: String,
+    },
+    /// Ship a CONFIRMED order.
+    #[command(after_help = "Example:\n  chipgate order ship ord-17")]
+    Ship {
+        /// Order id.
+        order: String,
+    },
+    /// Follow order transitions live, of one buyer or one order, one line each (JSON lines with -o json).
+    #[command(
+        group(ArgGroup::new("whose").required(true).args(["buyer", "order"])),
+        after_help = "Examples:\n  chipgate order watch --buyer tencent\n  chipgate order watch --order ord-17 --until reserved --for 5m"
+    )]
+    Watch {
+        /// Transitions of this buyer's orders.
+        #[arg(long)]
+        buyer: Option<String>,
+        /// Transitions of this one order.
+        #[arg(long)]
+        order: Option<String>,
+        /// Stop after this many transitions.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this long.
+        #[arg(long = "for", value_parser = crate::client::parse_duration)]
+        duration: Option<Duration>,
+        /// Stop once an order reaches this state (with --order: at once if it already has).
+        #[arg(long, value_enum)]
+        until: Option<State>,
+    },
+    /// Place many orders from a CSV or JSON-lines file, with a progress bar and bounded concurrency.
+    ///
+    /// CSV needs a header: buyer,product,units,justification[,request_id] (fields may be "quoted").
+    /// JSON lines are objects {"buyer_id","product_sku","units","justification"[,"request_id"]}.
+    /// Nothing is placed if any row is malformed. Rows without a request_id get <prefix>-<line>, so
+    /// running the same file again with the same --request-id places nothing twice.
+    #[command(
+        after_help = "Example:\n  chipgate order import demand.csv --concurrency 32 --request-id import-2026-01\n\ndemand.csv:\n  buyer,product,units,justification\n  baidu,H200-SXM-141GB,8000,ERNIE training\n  moonshot,H200-SXM-141GB,4000,\"Kimi inference, phase 2\""
+    )]
+    Import(crate::import::ImportArgs),
+}
+
+/// Options of `chipgate order place`.
+#[derive(Args, Debug)]
+pub struct PlaceArgs {
+    /// The buyer.
+    #[arg(long)]
+    pub buyer: String,
+    /// Catalogue SKU.
+    #[arg(long)]
+    pub product: String,
+    /// Units ordered.
+    #[arg(long)]
+    pub units: u64,
+    /// Why the chips are necessary (required by licences that demand a justification).
+    #[arg(long, default_value = "")]
+    pub justification: String,
+}
+
+fn show_order(ctx: &Ctx, o: Option<opb::Order>) {
+    let o = o.unwrap_or_default();
+    if ctx.json() {
+        out::json(&json!({"order": view::order(&o)}));
+    } else {
+        view::print_order(&o);
+    }
+}
+
+/// `chipgate order …`.
+pub async fn order(ctx: &Ctx, cmd: OrderCmd) -> Outcome {
+    match cmd {
+        OrderCmd::Place(p) => {
+            let rid = ctx.rid();
+            let msg = opb::PlaceOrderRequest {
+                request_id: rid.clone(),
+                buyer_id: p.buyer,
+                product_sku: p.product,
+                units: p.units,
+                justification: p.justification,
+            };
+            let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().place_order(ctx.req(msg))).await?;
+            show_order(ctx, r.order);
+        }
+        OrderCmd::Show { order } => {
+            let msg = opb::GetOrderRequest { order_id: order };
+            let r = ctx.call(Svc::Orders, None, ctx.ord().get_order(ctx.req(msg))).await?;
+            show_order(ctx, r.order);
+        }
+        OrderCmd::List { buyer, product, state, history, list } => {
+            let (buyer, product) = (buyer.unwrap_or_default(), product.unwrap_or_default());
+            let state = state.map_or(0, |s| s.proto() as i32);
+            let (orders, next) = pages(&list, |page_size, page_token| {
+                let msg = opb::ListOrdersRequest {
+                    buyer_id: buyer.clone(),
+                    product_sku: product.clone(),
+                    state,
+                    page_size,
+                    page_token,
+                    omit_history: !history,
+                };
+                async move {
+                    let r = ctx.call(Svc::Orders, None, ctx.ord().list_orders(ctx.req(msg))).await?;
+                    Ok((r.orders, r.next_page_token))
+                }
+            })
+            .await?;
+            if ctx.json() {
+                out::json(&json!({
+                    "orders": orders.iter().map(view::order).collect::<Vec<_>>(),
+                    "next_page_token": next,
+                }));
+            } else {
+                view::orders_table(&orders).print_or("no orders");
+                super::licensing::more_hint(&next);
+            }
+        }
+        OrderCmd::Cancel { order, reason } => {
+            let rid = ctx.rid();
+            let msg = opb::CancelOrderRequest { request_id: rid.clone(), order_id: order, reason };
+            let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().cancel_order(ctx.req(msg))).await?;
+            show_order(ctx, r.order);
+        }
+        OrderCmd::Confirm { order } => {
+            let rid = ctx.rid();
+            let msg = opb::ConfirmOrderRequest { request_id: rid.clone(), order_id: order };
+            let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().confirm_order(ctx.req(msg))).await?;
+            show_order(ctx, r.order);
+        }
+        OrderCmd::Ship { order } => {
+            let rid = ctx.rid();
+            let msg = opb::ShipOrderRequest { request_id: rid.clone(), order_id: order };
+            let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().ship_order(ctx.req(msg))).await?;
+            show_order(ctx, r.order);
+        }
+        OrderCmd::Watch { buyer, order, count, duration, until } => {
+            watch(ctx, buyer, order, count, duration, until).await?;
+        }
+        OrderCmd::Import(a) => crate::import::run(ctx, a).await?,
+    }
+    Ok(())
+}
+
+async fn watch(
+    ctx: &Ctx,
+    buyer: Option<String>,
+    order: Option<String>,
+    count: Option<u64>,
+    duration: Option<Duration>,
+    until: Option<State>,
+) -> Outcome {
+    let msg =
+        opb::WatchOrdersRequest { buyer_id: buyer.unwrap_or_default(), order_id: order.clone().unwrap_or_default() };
+    let stream = ctx.call(Svc::Orders, None, ctx.ord().watch_orders(ctx.stream_req(msg))).await?;
+    // Subscribed: an order already in the wanted state won't transition into it again.
+    if let (Some(id), Some(want)) = (&order, until) {
+        let msg = opb::GetOrderRequest { order_id: id.clone() };
+        let o = ctx.call(Svc::Orders, None, ctx.ord().get_order(ctx.req(msg))).await?.order.unwrap_or_default();
+        if o.state() == want.proto() {
+            if ctx.json() {
+                out::json_line(&json!({"order_id": o.order_id, "buyer_id": o.buyer_id, "product_sku": o.product_sku,
+                    "transition": o.history.last().map(view::transition), "held_units": o.held_units}));
+            } else {
+                out::say(&format!("{} is already {}", o.order_id, view::order_state_name(o.state())));
+            }
+            return Ok(());
+        }
+    }
+    let mut reached = false;
+    let reached_ref = &mut reached;
+    watch_until(ctx, Svc::Orders, stream, count, duration, |c: opb::WatchOrdersResponse| {
+        let t = c.transition.clone().unwrap_or_default();
+        if ctx.json() {
+            out::json_line(&view::order_change(&c));
+        } else {
+            out::say(&format!(
+                "{}  {}  {}  {} -> {}  ({})  held {}  {}",
+                view::ts_short(t.time.as_ref()),
+                c.order_id,
+                c.buyer_id,
+                view::order_state_name(t.from_state()),
+                view::order_state_name(t.to_state()),
+                view::cause_text(t.cause.as_ref()),
+                n(c.held_units),
+                t.detail
+            ));
+        }
+        if until.is_some_and(|u| u.proto() == t.to_state()) {
+            *reached_ref = true;
+            return false;
+        }
+        true
+    })
+    .await?;
+    if until.is_some() && !reached {
+        return Err(Failure::Check("stopped before an order reached the state asked for with --until".to_string()));
+    }
+    Ok(())
+}
+
+/// Options of `chipgate backlog`.
+#[derive(Args, Debug)]
+#[command(after_help = "Example:\n  chipgate backlog H200-SXM-141GB --limit 20")]
+pub struct BacklogArgs {
+    /// Catalogue SKU.
+    pub product: String,
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
+/// `chipgate backlog`.
+pub async fn backlog(ctx: &Ctx, a: BacklogArgs) -> Outcome {
+    let total = std::cell::Cell::new(0);
+    let (entries, next) = pages(&a.list, |page_size, page_token| {
+        let msg = opb::GetBacklogRequest { product_sku: a.product.clone(), page_size, page_token };
+        let total = &total;
+        async move {
+            let r = ctx.call(Svc::Orders, None, ctx.ord().get_backlog(ctx.req(msg))).await?;
+            total.set(r.total_orders);
+            Ok((r.entries, r.next_page_token))
+        }
+    })
+    .await?;
+    if ctx.json() {
+        out::json(&json!({
+            "product_sku": a.product,
+            "entries": entries.iter().map(view::backlog_entry).collect::<Vec<_>>(),
+            "next_page_token": next,
+            "total_orders": total.get(),
+        }));
+    } else {
+        out::say(&format!(
+            "{}: {} order(s) hold licence quota and wait for stock, served oldest first",
+            a.product,
+            n(total.get())
+        ));
+        if !entries.is_empty() {
+            out::say("");
+        }
+        let mut t = out::Table::new(&[">POS", "ORDER", "BUYER", ">UNITS", ">HELD", ">SEQ", "PLACED"]);
+        for e in &entries {
+            t.row(vec![
+                e.position.to_string(),
+                e.order_id.clone(),
+                e.buyer_id.clone(),
+                n(e.units),
+                n(e.held_units),
+                e.sequence.to_string(),
+                view::ts_short(e.create_time.as_ref()),
+            ]);
+        }
+        t.print_or("");
+        super::licensing::more_hint(&next);
+    }
+    Ok(())
+}

