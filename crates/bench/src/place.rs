@@ -68,6 +68,21 @@ pub async fn license_everyone(cluster: &Cluster, buyers: usize, products: usize,
 
 /// One wave granting every application `units` with final terms; returns its id.
 pub async fn publish(cluster: &Cluster, apps: &[String], units: u64) -> String {
+    let wave_id = draft(cluster, apps, units).await;
+    publish_draft(cluster, &wave_id).await;
+    wave_id
+}
+
+/// Publishes a drafted wave.
+pub async fn publish_draft(cluster: &Cluster, wave_id: &str) {
+    let mut lic = cluster.licensing_client();
+    lic.publish_wave(lpb::PublishWaveRequest { request_id: "bench-publish".into(), wave_id: wave_id.to_string() })
+        .await
+        .expect("publish");
+}
+
+/// Drafts a wave granting every application `units` with final terms; returns its id.
+pub async fn draft(cluster: &Cluster, apps: &[String], units: u64) -> String {
     let mut lic = cluster.licensing_client();
     let wave = lic
         .create_wave(lpb::CreateWaveRequest { request_id: "bench-wave".into(), display_name: "bench".into() })
@@ -87,9 +102,6 @@ pub async fn publish(cluster: &Cluster, apps: &[String], units: u64) -> String {
         .await
         .expect("grant");
     }
-    lic.publish_wave(lpb::PublishWaveRequest { request_id: "bench-publish".into(), wave_id: wave.wave_id.clone() })
-        .await
-        .expect("publish");
     wave.wave_id
 }
 

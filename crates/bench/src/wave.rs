@@ -83,8 +83,9 @@ pub async fn run(args: &Args) -> WaveResult {
 
     // The wave.
     let mut ord = cluster.orders_client();
+    let wave_id = crate::place::draft(&cluster, &apps, 1_000_000_000).await;
     let started = Instant::now();
-    let wave_id = crate::place::publish(&cluster, &apps, 1_000_000_000).await;
+    crate::place::publish_draft(&cluster, &wave_id).await;
     let pb = load::bar("wave", args.orders as u64);
     let mut first_move = None;
     let deadline = started + Duration::from_secs(600);

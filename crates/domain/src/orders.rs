@@ -255,6 +255,48 @@ pub struct TransitionRecord {
     /// Failed conditions, when waiting or rejected.
     #[prost(message, repeated, tag = "6")]
     pub failures: Vec<Failure>,
+    /// The licence whose quota the step took or gave back.
+    #[prost(string, tag = "7")]
+    pub license_id: String,
+    /// That licence's wave.
+    #[prost(string, tag = "8")]
+    pub wave_id: String,
+    /// Units held after the step (or, when quota and holds are given back, before it).
+    #[prost(uint64, tag = "9")]
+    pub held: u64,
+}
+
+impl TransitionRecord {
+    /// The step in words. Only free text (a cancellation reason) is stored; everything else is
+    /// rendered from the step's figures, which keeps order records small.
+    pub fn describe(&self, order: &OrderRecord) -> String {
+        if !self.detail.is_empty() {
+            return self.detail.clone();
+        }
+        let why = || self.failures.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
+        use OrderStatus::*;
+        match (self.from(), self.to()) {
+            (_, Pending) => format!("{} placed an order for {} x {}", order.buyer_id, order.units, order.sku),
+            (Backordered | Reserved, AwaitingLicense) => {
+                format!("quota of licence {} and {} held units given back: {}", self.license_id, self.held, why())
+            }
+            (_, AwaitingLicense) => format!("waiting: {}", why()),
+            (_, Rejected) => format!("can never be served: {}", why()),
+            (Backordered, Backordered) => {
+                format!("{} of {} units held; waiting in the backlog for the rest", self.held, order.units)
+            }
+            (_, Backordered) => format!(
+                "licence {} (wave {}) granted {} units of quota; waiting for stock",
+                self.license_id, self.wave_id, order.units
+            ),
+            (_, Reserved) => format!("all {} units held until the hold expires", order.units),
+            (_, Confirmed) => "confirmed by the buyer; quota and stock committed".to_string(),
+            (_, Shipped) => "shipped by the vendor".to_string(),
+            (_, Expired) => "not confirmed before the hold expired; the units went back to stock".to_string(),
+            (_, Cancelled) => "cancelled".to_string(),
+            (_, Unspecified) => String::new(),
+        }
+    }
 }
 
 /// Quota and stock an order still has to give back for one of its generations.
@@ -389,6 +431,9 @@ impl OrderRecord {
             cause: Some(cause),
             detail: detail.into(),
             failures: failures.clone(),
+            license_id: String::new(),
+            wave_id: String::new(),
+            held: 0,
         });
         self.status = to as i32;
         self.reasons =
@@ -408,11 +453,13 @@ impl OrderRecord {
         cause: Cause,
         now_ms: u64,
     ) -> Result<bool, MoveError> {
-        let detail =
-            format!("licence {license_id} (wave {wave_id}) granted {} units of quota; waiting for stock", self.units);
-        self.move_to(OrderStatus::Backordered, cause, detail, Vec::new(), now_ms)?;
+        self.move_to(OrderStatus::Backordered, cause, "", Vec::new(), now_ms)?;
         self.license_id = license_id.to_string();
         self.wave_id = wave_id.to_string();
+        if let Some(step) = self.history.last_mut() {
+            step.license_id = license_id.to_string();
+            step.wave_id = wave_id.to_string();
+        }
         Ok(true)
     }
 
@@ -425,13 +472,11 @@ impl OrderRecord {
             return Ok(false);
         }
         let to = if held >= self.units { OrderStatus::Reserved } else { OrderStatus::Backordered };
-        let detail = if to == OrderStatus::Reserved {
-            format!("all {} units held until the hold expires", self.units)
-        } else {
-            format!("{held} of {} units held; waiting in the backlog for the rest", self.units)
-        };
-        self.move_to(to, cause, detail, Vec::new(), now_ms)?;
+        self.move_to(to, cause, "", Vec::new(), now_ms)?;
         self.held = held;
+        if let Some(step) = self.history.last_mut() {
+            step.held = held;
+        }
         if to == OrderStatus::Reserved {
             self.hold_expire_ms = expire_ms;
         }
@@ -447,9 +492,12 @@ impl OrderRecord {
         if !self.status().holds_unconfirmed_quota() {
             return Err(MoveError { from: self.status(), to: OrderStatus::AwaitingLicense });
         }
-        let why = failures.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
-        let detail = format!("quota of licence {} and {} held units given back: {why}", self.license_id, self.held);
-        self.move_to(OrderStatus::AwaitingLicense, cause, detail, failures, now_ms)?;
+        self.move_to(OrderStatus::AwaitingLicense, cause, "", failures, now_ms)?;
+        if let Some(step) = self.history.last_mut() {
+            step.license_id.clone_from(&self.license_id);
+            step.wave_id.clone_from(&self.wave_id);
+            step.held = self.held;
+        }
         self.owe(true, true, "licence no longer usable");
         self.generation += 1;
         self.license_id.clear();
@@ -474,13 +522,14 @@ impl OrderRecord {
         )
     }
 
-    /// Cancels the order (before shipping). Quota and any hold of the current generation are owed back.
+    /// Cancels the order (before shipping). Quota and stock of the current generation are owed back —
+    /// always, even for an order that was only waiting: a reconciliation pass may be taking quota and
+    /// stock for it at this very moment, and the releases (idempotent, and fencing off any later
+    /// reserve of this generation) make sure nothing it takes is kept.
     ///
     /// # Errors
     /// When the order already shipped or ended.
     pub fn cancel(&mut self, reason: &str, now_ms: u64) -> Result<(), MoveError> {
-        let had_quota = self.has_quota();
-        let had_hold = self.held > 0 || self.status() == OrderStatus::Backordered;
         self.move_to(
             OrderStatus::Cancelled,
             Cause::new(CauseKind::Cancelled, self.id.clone()),
@@ -488,7 +537,7 @@ impl OrderRecord {
             Vec::new(),
             now_ms,
         )?;
-        self.owe(had_quota, had_hold, "order cancelled");
+        self.owe(true, true, "order cancelled");
         self.held = 0;
         Ok(())
     }
@@ -501,7 +550,7 @@ impl OrderRecord {
         self.move_to(
             OrderStatus::Expired,
             Cause::new(CauseKind::HoldExpired, self.id.clone()),
-            "not confirmed before the hold expired; the units went back to stock",
+            "",
             Vec::new(),
             now_ms,
         )?;
@@ -596,7 +645,11 @@ mod tests {
     fn cancel_and_expiry_owe_exactly_what_was_held() {
         let mut waiting = order();
         waiting.cancel("changed plans", 1).unwrap();
-        assert!(waiting.pending.is_empty(), "a waiting order holds nothing");
+        assert_eq!(
+            waiting.pending,
+            vec![PendingRelease { generation: 1, quota: true, hold: true, reason: "order cancelled".into() }],
+            "even a waiting order owes its generation back: a pass may be taking quota for it right now"
+        );
         assert!(waiting.cancel("again", 2).is_err());
 
         let mut reserved = order();

@@ -79,13 +79,14 @@ impl<T: Send + Sync + 'static> StreamHub<T> {
     }
 }
 
-/// Forwards a watcher's entries that `keep` accepts into a gRPC response stream, after `first` (an
-/// initial snapshot), until the client goes away, the watcher lags, or `shutdown`.
+/// Forwards what `keep` makes of each of a watcher's entries (none, one or several responses) into a
+/// gRPC response stream, after `first` (an initial snapshot), until the client goes away, the watcher
+/// lags, or `shutdown`.
 pub fn forward<T, R>(
     mut rx: broadcast::Receiver<Arc<T>>,
     first: Vec<R>,
     shutdown: Shutdown,
-    keep: impl Fn(&T) -> Option<R> + Send + 'static,
+    keep: impl Fn(&T) -> Vec<R> + Send + 'static,
 ) -> tokio_stream::wrappers::ReceiverStream<Result<R, tonic::Status>>
 where
     T: Send + Sync + 'static,
@@ -106,10 +107,10 @@ where
             };
             match next {
                 Ok(entry) => {
-                    if let Some(r) = keep(&entry)
-                        && tx.send(Ok(r)).await.is_err()
-                    {
-                        return;
+                    for r in keep(&entry) {
+                        if tx.send(Ok(r)).await.is_err() {
+                            return;
+                        }
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {

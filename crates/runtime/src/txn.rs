@@ -69,6 +69,16 @@ where
         if let Some(k) = idem {
             k.idem.record(&mut txn, k.method, k.request_id, &k.fingerprint, &answer);
         }
+        if txn.needs_linking() {
+            // Link audit entries to the heads as they are now; a concurrent append makes the head
+            // guard fail and the attempt run again.
+            let mut heads = Vec::new();
+            for chain in txn.audit_chains() {
+                let (seq, hash) = chain.head(store).await.map_err(|e| E::from_commit(CommitError::State(e)))?;
+                heads.push((chain, seq, hash));
+            }
+            txn.link_audit(&heads);
+        }
         match store.commit(&txn).await {
             Ok(c) => return Ok((answer, c)),
             Err(CommitError::Conflict { key }) => {

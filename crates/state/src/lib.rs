@@ -122,6 +122,16 @@ pub enum Op {
         /// Time to live, if any.
         ttl: Option<Duration>,
     },
+    /// Writes a record at a version the transaction already knows (the one after its version guard),
+    /// sparing the backend a read.
+    PutAt {
+        /// Record key.
+        key: String,
+        /// The version the record gets.
+        version: u64,
+        /// New payload.
+        data: Vec<u8>,
+    },
     /// Deletes a key of any type.
     Delete {
         /// Key.
@@ -191,14 +201,28 @@ pub enum Op {
         /// Approximate cap on the stream length, if any.
         max_len: Option<u64>,
     },
-    /// Appends an entry to a tamper-evident audit chain. The backend assigns the next sequence number
-    /// and computes `hash = SHA-256(prev_hash || digest)` atomically with the rest of the transaction;
-    /// the result is returned in [`Committed::audit`].
+    /// Appends an entry to a tamper-evident audit chain, not yet linked: before the transaction is
+    /// committed, [`Txn::link_audit`] turns it into an [`Op::AuditLinked`] against the chain's head.
     Audit {
         /// The audit chain (see [`AuditChain`]).
         chain: AuditChain,
         /// Hex SHA-256 of `entry` (computed by the caller, recomputed by verifiers).
         digest: String,
+        /// The encoded entry.
+        entry: Vec<u8>,
+    },
+    /// Appends a linked entry: `hash = SHA-256(prev || digest)` was computed by the caller against the
+    /// head at sequence `seq - 1` (the transaction guards that head's version), so the state backend
+    /// does no hashing. The result is returned in [`Committed::audit`].
+    AuditLinked {
+        /// The audit chain.
+        chain: AuditChain,
+        /// This entry's sequence number.
+        seq: u64,
+        /// Hash of the previous entry.
+        prev: String,
+        /// This entry's hash.
+        hash: String,
         /// The encoded entry.
         entry: Vec<u8>,
     },
@@ -217,6 +241,15 @@ impl AuditChain {
     /// The audit chain of a space: `{tag}:audit` and `{tag}:audit:head`.
     pub fn of(space: Space) -> Self {
         AuditChain { stream: space.key(["audit"]), head: space.key(["audit", "head"]) }
+    }
+
+    /// The head as stored: sequence number and hash of the last entry (`(0, AUDIT_GENESIS)` when the
+    /// chain is empty).
+    pub async fn head<B: Backend>(&self, store: &B) -> StateResult<(u64, String)> {
+        Ok(match store.get(std::slice::from_ref(&self.head)).await?.pop().flatten() {
+            Some(r) => (r.version, String::from_utf8_lossy(&r.data).to_string()),
+            None => (0, AUDIT_GENESIS.to_string()),
+        })
     }
 }
 
@@ -269,7 +302,8 @@ impl Txn {
     pub fn replace(&mut self, key: impl Into<String>, read_version: u64, data: Vec<u8>) -> &mut Self {
         let key = key.into();
         self.expect_version(key.clone(), read_version);
-        self.put(key, data)
+        self.ops.push(Op::PutAt { key, version: read_version + 1, data });
+        self
     }
 
     /// Deletes a key.
@@ -333,6 +367,47 @@ impl Txn {
         self
     }
 
+    /// Whether the transaction appends audit entries that still need linking.
+    pub fn needs_linking(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::Audit { .. }))
+    }
+
+    /// Links this transaction's audit entries to their chains: `heads` gives each chain head's
+    /// sequence number and hash as read (`(0, AUDIT_GENESIS)` for an empty chain). Each entry gets the
+    /// next sequence number and `SHA-256(prev || digest)`, and the transaction is guarded by every
+    /// head's version, so it commits only if nobody appended in between.
+    pub fn link_audit(&mut self, heads: &[(AuditChain, u64, String)]) {
+        let mut state: Vec<(AuditChain, u64, String)> = heads.to_vec();
+        for (chain, seq, _) in heads {
+            self.guards.push(Guard::Version { key: chain.head.clone(), version: *seq });
+        }
+        for op in &mut self.ops {
+            if let Op::Audit { chain, digest, entry } = op {
+                let Some(head) = state.iter_mut().find(|(c, _, _)| c == chain) else { continue };
+                let seq = head.1 + 1;
+                let prev = head.2.clone();
+                let hash =
+                    audit_link(&prev, digest).unwrap_or_else(|| audit_link(&prev, AUDIT_GENESIS).unwrap_or_default());
+                head.1 = seq;
+                head.2.clone_from(&hash);
+                *op = Op::AuditLinked { chain: chain.clone(), seq, prev, hash, entry: std::mem::take(entry) };
+            }
+        }
+    }
+
+    /// The audit chains this transaction appends to (unlinked entries only).
+    pub fn audit_chains(&self) -> Vec<AuditChain> {
+        let mut out: Vec<AuditChain> = Vec::new();
+        for op in &self.ops {
+            if let Op::Audit { chain, .. } = op
+                && !out.contains(chain)
+            {
+                out.push(chain.clone());
+            }
+        }
+        out
+    }
+
     /// True when the transaction has no ops (guards alone change nothing).
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
@@ -347,6 +422,7 @@ impl Txn {
         });
         let op_keys = self.ops.iter().map(|op| match op {
             Op::Put { key, .. }
+            | Op::PutAt { key, .. }
             | Op::Delete { key }
             | Op::ZAdd { key, .. }
             | Op::ZRem { key, .. }
@@ -356,7 +432,9 @@ impl Txn {
             | Op::SAdd { key, .. }
             | Op::SRem { key, .. }
             | Op::XAdd { key, .. } => [Some(key.as_str()), None],
-            Op::Audit { chain, .. } => [Some(chain.stream.as_str()), Some(chain.head.as_str())],
+            Op::Audit { chain, .. } | Op::AuditLinked { chain, .. } => {
+                [Some(chain.stream.as_str()), Some(chain.head.as_str())]
+            }
         });
         let mut seen = std::collections::HashSet::new();
         guard_keys.chain(op_keys).flatten().flatten().filter(|k| seen.insert(*k)).collect()

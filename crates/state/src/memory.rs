@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::{
-    AUDIT_GENESIS, Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, Op, Record, StateError, StateResult,
-    StreamEntry, Txn, audit_link,
+    Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, Op, Record, StateError, StateResult, StreamEntry,
+    Txn,
 };
 
 /// State in process memory. Cloning shares the state.
@@ -186,6 +186,12 @@ impl Inner {
                     },
                 );
             }
+            Op::PutAt { key, version, data } => {
+                self.strings.insert(
+                    key.clone(),
+                    Str { value: StrValue::Record(Record { version: *version, data: data.clone() }), expires: None },
+                );
+            }
             Op::Delete { key } => {
                 self.strings.remove(key);
                 self.zsets.remove(key);
@@ -237,38 +243,29 @@ impl Inner {
                 let id = self.xadd(key, fields.clone(), *max_len);
                 out.stream_ids.push(id);
             }
-            Op::Audit { chain, digest, entry } => {
-                // The head reads like a record whose version is the sequence number and whose payload
-                // is the hash, exactly as the Redis backend's `<seq>:<hash>` string parses.
-                let (seq, prev) = match self.live_str(&chain.head) {
-                    Some(Str { value: StrValue::Record(r), .. }) => {
-                        (r.version, String::from_utf8_lossy(&r.data).to_string())
-                    }
-                    _ => (0, AUDIT_GENESIS.to_string()),
-                };
-                let seq = seq + 1;
-                // A digest that is not 64 hex characters is a caller bug; chain it as if it were zeros
-                // so the entry is kept and verification reports it.
-                let hash =
-                    audit_link(&prev, digest).unwrap_or_else(|| audit_link(&prev, AUDIT_GENESIS).unwrap_or_default());
+            // Refused before any op applies (see `commit`).
+            Op::Audit { .. } => {}
+            Op::AuditLinked { chain, seq, prev, hash, entry } => {
                 self.xadd(
                     &chain.stream,
                     vec![
                         ("seq".into(), seq.to_string().into_bytes()),
-                        ("prev".into(), prev.into_bytes()),
+                        ("prev".into(), prev.clone().into_bytes()),
                         ("hash".into(), hash.clone().into_bytes()),
                         ("entry".into(), entry.clone()),
                     ],
                     None,
                 );
+                // The head reads like a record whose version is the sequence number and whose payload
+                // is the hash, exactly as the Redis backend's `<seq>:<hash>` string parses.
                 self.strings.insert(
                     chain.head.clone(),
                     Str {
-                        value: StrValue::Record(Record { version: seq, data: hash.clone().into_bytes() }),
+                        value: StrValue::Record(Record { version: *seq, data: hash.clone().into_bytes() }),
                         expires: None,
                     },
                 );
-                out.audit.push((seq, hash));
+                out.audit.push((*seq, hash.clone()));
             }
         }
     }
@@ -352,6 +349,11 @@ impl Backend for MemoryBackend {
     }
 
     async fn commit(&self, txn: &Txn) -> Result<Committed, CommitError> {
+        if txn.needs_linking() {
+            return Err(
+                StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
+            );
+        }
         let mut out = Committed::default();
         {
             let mut inner = self.lock()?;

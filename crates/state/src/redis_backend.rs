@@ -97,7 +97,13 @@ impl RedisBackend {
     /// Connects to `url` (e.g. `redis://127.0.0.1:6379/0`). An unreachable server is retried with a
     /// warning every attempt, with backoff up to 5 s, for `options.startup_retry_for`.
     pub async fn connect(url: &str, options: RedisOptions) -> StateResult<Self> {
-        let client = Client::open(url).map_err(|e| StateError::Backend(format!("bad redis url {url:?}: {e}")))?;
+        // TCP_NODELAY: commands are small and latency-bound; Nagle's algorithm (redis-rs's default)
+        // would hold them back waiting for ACKs.
+        let info = redis::IntoConnectionInfo::into_connection_info(url)
+            .map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?
+            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        let client =
+            Client::open(info).map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?;
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(options.response_timeout))
             .set_connection_timeout(Some(options.connect_timeout))
@@ -317,6 +323,11 @@ impl Backend for RedisBackend {
         if txn.guards.is_empty() && txn.ops.is_empty() {
             return Ok(Committed::default());
         }
+        if txn.needs_linking() {
+            return Err(
+                StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
+            );
+        }
         let keys = txn.keys();
         let index: HashMap<&str, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i + 1)).collect();
         let idx = |k: &str| index.get(k).copied().unwrap_or(0).to_string();
@@ -338,6 +349,7 @@ impl Backend for RedisBackend {
                     let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0);
                     inv.arg("put").arg(idx(key)).arg(ttl_ms.to_string()).arg(data.as_slice())
                 }
+                Op::PutAt { key, version, data } => inv.arg("putat").arg(idx(key)).arg(*version).arg(data.as_slice()),
                 Op::Delete { key } => inv.arg("del").arg(idx(key)),
                 Op::ZAdd { key, member, score } => {
                     inv.arg("zadd").arg(idx(key)).arg(format_score(*score)).arg(member.as_str())
@@ -357,11 +369,14 @@ impl Backend for RedisBackend {
                     }
                     &mut inv
                 }
-                Op::Audit { chain, digest, entry } => inv
-                    .arg("audit")
+                Op::Audit { .. } => &mut inv,
+                Op::AuditLinked { chain, seq, prev, hash, entry } => inv
+                    .arg("alink")
                     .arg(idx(&chain.stream))
                     .arg(idx(&chain.head))
-                    .arg(digest.as_str())
+                    .arg(*seq)
+                    .arg(prev.as_str())
+                    .arg(hash.as_str())
                     .arg(entry.as_slice()),
             };
         }
@@ -378,7 +393,7 @@ impl Backend for RedisBackend {
                         Op::XAdd { .. } => {
                             committed.stream_ids.push(string_of(results.next().unwrap_or(Value::Nil))?);
                         }
-                        Op::Audit { .. } => {
+                        Op::AuditLinked { .. } => {
                             let r = string_of(results.next().unwrap_or(Value::Nil))?;
                             let (seq, hash) = r
                                 .split_once(':')

@@ -247,9 +247,16 @@ async fn audit_chain_links_every_entry(store: Store) {
     let chain = AuditChain::of(S);
     let entries: Vec<Vec<u8>> = vec![b"first".to_vec(), b"second".to_vec(), (0u8..200).collect()];
     let mut expected_prev = AUDIT_GENESIS.to_string();
+    // Unlinked entries are refused by the backend.
+    let mut t = Txn::new();
+    t.audit(&chain, b"unlinked".to_vec());
+    assert!(store.commit(&t).await.is_err());
     for (i, e) in entries.iter().enumerate() {
         let mut t = Txn::new();
         t.audit(&chain, e.clone()).put(k(&["subject", &i.to_string()]), b"x".to_vec());
+        let (seq, hash) = chain.head(&store).await.unwrap();
+        assert_eq!((seq, hash.as_str()), (i as u64, expected_prev.as_str()));
+        t.link_audit(&[(chain.clone(), seq, hash)]);
         let c = store.commit(&t).await.unwrap();
         let expected = audit_link(&expected_prev, &sha256_hex(e)).unwrap();
         assert_eq!(c.audit, vec![(i as u64 + 1, expected.clone())]);
@@ -270,6 +277,15 @@ async fn audit_chain_links_every_entry(store: Store) {
     let head = store.get(std::slice::from_ref(&chain.head)).await.unwrap().remove(0).unwrap();
     assert_eq!(head.version, 3);
     assert_eq!(head.data, prev.as_bytes());
+
+    // An entry linked against a head that moved on is refused (nothing half-applied), so two writers
+    // can never fork the chain.
+    let mut stale = Txn::new();
+    stale.audit(&chain, b"late".to_vec()).put(k(&["late"]), b"x".to_vec());
+    stale.link_audit(&[(chain.clone(), 2, "0".repeat(64))]);
+    assert!(matches!(store.commit(&stale).await, Err(CommitError::Conflict { .. })));
+    assert!(store.get(&[k(&["late"])]).await.unwrap()[0].is_none());
+    assert_eq!(store.xlen(&chain.stream).await.unwrap(), 3);
 }
 
 async fn optimistic_increments_lose_nothing_under_concurrency(store: Store) {

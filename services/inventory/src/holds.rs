@@ -41,7 +41,6 @@ fn outcome_to(o: HoldOutcome) -> pb::ReserveOutcome {
 /// Indexes a hold once, when it is first stored.
 fn index_new_hold(t: &mut Txn, h: &HoldRecord) {
     t.zadd(keys::holds_of(&h.sku), &h.order_id, h.create_ms as f64);
-    t.zadd(keys::holds(), &h.order_id, h.create_ms as f64);
 }
 
 /// Keeps the expiry index in step with a hold: listed while complete and unconfirmed.
@@ -142,16 +141,16 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(None, || async {
                 let now = now_ms();
-                let (sver, stock) = self.stock_of(sku, "product_sku").await?;
                 let hkeys: Vec<String> = asks.iter().map(|a| keys::hold(&a.order_id)).collect();
-                let existing = self.load_many::<HoldRecord>(&hkeys).await?;
+                let ((sver, stock), existing) =
+                    tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_many::<HoldRecord>(&hkeys))?;
                 let mut planner = HoldPlanner::new(stock, now);
                 let mut t = Txn::new();
                 if fence_token > 0 {
                     t.fence(keys::fence(sku), fence_token);
                 }
                 let mut results = Vec::with_capacity(asks.len());
-                let mut placed = Vec::new();
+                let mut placed: Vec<pb::Reservation> = Vec::new();
                 for (ask, ex) in asks.iter().zip(&existing) {
                     if let Some((_, h)) = ex
                         && !h.sku.is_empty()
@@ -199,14 +198,12 @@ impl Inventory {
                 }
                 stock.update_ms = now;
                 t.replace(keys::stock(sku), sver, encode(&stock));
-                emit(
-                    &mut t,
-                    ctx,
-                    now,
-                    &stock,
-                    sver + 1,
-                    pb::inventory_event::Kind::HoldsPlaced(pb::HoldsPlaced { reservations: placed }),
-                );
+                let holds = placed.len() as u64;
+                let units = placed.iter().map(|h| h.held_units).sum();
+                placed.truncate(20);
+                let kind =
+                    pb::inventory_event::Kind::HoldsPlaced(pb::HoldsPlaced { reservations: placed, holds, units });
+                emit(&mut t, ctx, now, &stock, sver + 1, kind);
                 Ok((t, pb::BatchReserveResponse { results, stock: Some(stock_to(&stock, sver + 1)) }))
             })
             .await?;
@@ -550,33 +547,49 @@ impl Inventory {
         validate::optional_id(&mut v, "product_sku", &req.product_sku);
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
-        let index = if req.product_sku.is_empty() { keys::holds() } else { keys::holds_of(&req.product_sku) };
         let want = hold_status_from(req.state());
-        let mut rank = page.offset();
+        // One product's holds, or every product's in SKU order; the page token is the position in
+        // that sequence.
+        let skus: Vec<String> = if req.product_sku.is_empty() {
+            self.store().zrange(&keys::products(), 0, -1, false).await?.into_iter().map(|(s, _)| s).collect()
+        } else {
+            vec![req.product_sku.clone()]
+        };
+        let mut skip = page.offset();
+        let mut position = page.offset();
         let mut out = Vec::new();
         let chunk = page.size.max(100);
-        loop {
-            let ids = self.store().zrange(&index, rank as i64, (rank + chunk - 1) as i64, false).await?;
-            if ids.is_empty() {
-                return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: String::new() });
+        for sku in skus {
+            let index = keys::holds_of(&sku);
+            let total = self.store().zcard(&index).await? as usize;
+            if skip >= total {
+                skip -= total;
+                continue;
             }
-            let hkeys: Vec<String> = ids.iter().map(|(o, _)| keys::hold(o)).collect();
-            for (i, h) in self.load_many::<HoldRecord>(&hkeys).await?.into_iter().enumerate() {
-                if let Some((_, h)) = h
-                    && want.is_none_or(|s| h.status() == s)
-                {
-                    out.push(hold_to(&h));
-                    if out.len() == page.size {
-                        let token = chipgate_runtime::paging::token(&(rank + i + 1).to_string());
-                        return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: token });
+            let mut rank = skip;
+            skip = 0;
+            while rank < total {
+                let ids = self.store().zrange(&index, rank as i64, (rank + chunk - 1) as i64, false).await?;
+                if ids.is_empty() {
+                    break;
+                }
+                let hkeys: Vec<String> = ids.iter().map(|(o, _)| keys::hold(o)).collect();
+                for h in self.load_many::<HoldRecord>(&hkeys).await? {
+                    position += 1;
+                    if let Some((_, h)) = h
+                        && want.is_none_or(|s| h.status() == s)
+                    {
+                        out.push(hold_to(&h));
+                        if out.len() == page.size {
+                            let token = chipgate_runtime::paging::token(&position.to_string());
+                            return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: token });
+                        }
                     }
                 }
-            }
-            rank += ids.len();
-            if ids.len() < chunk {
-                return Ok(pb::ListReservationsResponse { reservations: out, next_page_token: String::new() });
+                rank += ids.len();
             }
         }
+        Ok(pb::ListReservationsResponse { reservations: out, next_page_token: String::new() })
     }
 }
 

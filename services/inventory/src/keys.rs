@@ -41,11 +41,6 @@ pub fn holds_of(sku: &str) -> String {
     SPACE.key(["holds", sku])
 }
 
-/// Every hold by creation time.
-pub fn holds() -> String {
-    SPACE.key(["holds"])
-}
-
 /// Complete, unconfirmed holds by expiry time (the sweeper's work list).
 pub fn expiry() -> String {
     SPACE.key(["expiry"])

@@ -66,7 +66,10 @@ impl Inventory {
             .collect();
         let sku = req.product_sku;
         let keep = move |change: &pb::WatchStockResponse| {
-            (sku.is_empty() || change.stock.as_ref().is_some_and(|s| s.product_sku == sku)).then(|| change.clone())
+            (sku.is_empty() || change.stock.as_ref().is_some_and(|s| s.product_sku == sku))
+                .then(|| change.clone())
+                .into_iter()
+                .collect()
         };
         Ok(hub::forward(rx, first, self.inner.shutdown.clone(), keep))
     }

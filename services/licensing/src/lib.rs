@@ -62,6 +62,9 @@ struct Inner {
     idem: Idempotency,
     /// Serialises this replica's quota calls per product, so they don't conflict with each other.
     locks: KeyedLocks,
+    /// Serialises this replica's commits: every licensing change appends to the one audit chain, so
+    /// concurrent commits would only conflict on its head.
+    audit: tokio::sync::Mutex<()>,
 }
 
 /// The routes and names to serve licensing with [`chipgate_runtime::serve`].
@@ -80,6 +83,7 @@ impl Licensing {
                 store,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
+                audit: tokio::sync::Mutex::new(()),
             }),
         }
     }
@@ -122,6 +126,7 @@ impl Licensing {
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
     {
+        let _chain = self.inner.audit.lock().await;
         chipgate_runtime::txn::run(self.store(), idem, attempt).await
     }
 

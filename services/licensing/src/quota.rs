@@ -224,8 +224,16 @@ impl Licensing {
         fence_token: u64,
     ) -> Result<Vec<pb::QuotaItemResult>, Error> {
         // Calls of this replica for one product queue up here instead of conflicting in the store.
+        let began = std::time::Instant::now();
         let _serial = self.inner.locks.lock(sku).await;
+        let locked = began.elapsed();
         let (answer, _) = self.run_txn(None, || self.reserve_attempt(ctx, sku, &items, fence_token)).await?;
+        tracing::debug!(
+            items = items.len(),
+            lock_us = locked.as_micros() as u64,
+            total_us = began.elapsed().as_micros() as u64,
+            "quota reserved"
+        );
         Ok(answer.results)
     }
 
@@ -238,13 +246,23 @@ impl Licensing {
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
         let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(&it.order_id)).collect();
-        let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
         let mut buyers: Vec<&str> = items.iter().map(|it| it.buyer_id.as_str()).collect();
         buyers.sort_unstable();
         buyers.dedup();
-        let superseded: Vec<String> =
-            existing.iter().flatten().filter(|(_, r)| r.held_units() > 0).map(|(_, r)| r.license_id.clone()).collect();
-        let world = self.read_world(sku, &buyers, &superseded).await?;
+        // The orders' reservations and the world are read at once; licences an older generation
+        // still holds quota of (to give it back) are almost always among the buyers' own, and are
+        // read separately in the rare case they are not.
+        let (existing, mut world) =
+            tokio::try_join!(self.load_many::<ReservationRecord>(&res_keys), self.read_world(sku, &buyers, &[]))?;
+        let missing: Vec<String> = existing
+            .iter()
+            .flatten()
+            .filter(|(_, r)| r.held_units() > 0 && !world.licences.iter().any(|(_, l)| l.id == r.license_id))
+            .map(|(_, r)| keys::license(&r.license_id))
+            .collect();
+        if !missing.is_empty() {
+            world.licences.extend(self.load_many::<LicenseRecord>(&missing).await?.into_iter().flatten());
+        }
         let versions: HashMap<String, u64> = world.licences.iter().map(|(v, l)| (l.id.clone(), *v)).collect();
 
         // Older generations still holding quota give it back first (the order has moved on).
@@ -373,7 +391,9 @@ impl Licensing {
                 now,
                 pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
                     product_sku: sku.to_string(),
-                    reservations: changed,
+                    reservations: Vec::new(),
+                    reserved_orders: changed.len() as u64,
+                    reserved_units: changed.iter().map(|r| r.units).sum(),
                 }),
             );
         }
@@ -550,7 +570,11 @@ impl Licensing {
                         &mut t,
                         ctx,
                         now,
-                        pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged { product_sku: sku, reservations }),
+                        pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
+                            product_sku: sku,
+                            reservations,
+                            ..Default::default()
+                        }),
                     );
                 }
                 record(&mut t, ctx, now, "quota.released", "quota", format!("{}: {}", reason, detail.join(" ")));
@@ -620,6 +644,7 @@ impl Licensing {
                     pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
                         product_sku: r.product_sku.clone(),
                         reservations: vec![out.clone()],
+                        ..Default::default()
                     }),
                 );
                 record(&mut t, ctx, now, "quota.confirmed", &r.order_id, format!("{} units of {}", r.units, lic.id));

@@ -2,6 +2,8 @@
 //! implies, so queues, indexes, wave figures and the transition stream can never drift from the order
 //! records. Every code path that changes an order goes through [`write`].
 
+use std::collections::BTreeMap;
+
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
 use chipgate_state::Txn;
@@ -10,18 +12,53 @@ use prost::Message;
 use crate::convert::{state_to, transition_to};
 use crate::keys;
 
-/// Transitions kept in the watch stream (approximately); the durable history is in each order.
-const MAX_EVENTS: u64 = 200_000;
+/// Entries kept in the watch stream (approximately; each holds one commit's transitions). The durable
+/// history is in each order; the stream only feeds live watchers.
+const MAX_EVENTS: u64 = 500;
+
+/// The transitions of one commit, stored as one stream entry (field `b`).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct EventBatch {
+    /// Each transition, in commit order.
+    #[prost(message, repeated, tag = "1")]
+    pub items: Vec<pb::WatchOrdersResponse>,
+}
+
+/// Collects what the orders written into one transaction add up to: their transitions (one stream
+/// entry) and the change of each wave's figures (one increment per figure, however many orders).
+#[derive(Default)]
+pub(crate) struct Events {
+    transitions: Vec<pb::WatchOrdersResponse>,
+    figures: BTreeMap<(String, &'static str), i64>,
+}
+
+impl Events {
+    /// Appends the collected transitions and figure changes to `t` (nothing if there are none).
+    pub(crate) fn flush(self, t: &mut Txn) {
+        for ((wave, field), delta) in self.figures {
+            if delta != 0 {
+                t.hincr(keys::wave(&wave), field, delta);
+            }
+        }
+        if !self.transitions.is_empty() {
+            let batch = EventBatch { items: self.transitions };
+            t.xadd(keys::events(), vec![("b".to_string(), batch.encode_to_vec())], Some(MAX_EVENTS));
+        }
+    }
+
+    fn figure(&mut self, wave: &str, field: &'static str, delta: i64) {
+        *self.figures.entry((wave.to_string(), field)).or_default() += delta;
+    }
+}
 
 /// Adds to `t` the write of `new` (read at `version`; `old` is what was read, None for a new order)
-/// and everything it implies.
-pub(crate) fn write(t: &mut Txn, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
+/// and everything it implies; its new transitions go to `events`.
+pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
     t.replace(keys::order(&new.id), version, new.encode_to_vec());
     let score = new.seq as f64;
     let was = old.map(OrderRecord::status);
     let now = new.status();
     if old.is_none() {
-        t.zadd(keys::orders(), &new.id, score);
         t.zadd(keys::orders_of(&new.buyer_id), &new.id, score);
         t.sadd(keys::products(), &new.sku);
     }
@@ -57,37 +94,32 @@ pub(crate) fn write(t: &mut Txn, version: u64, old: Option<&OrderRecord>, new: &
     } else if new.pending.is_empty() && owed_before {
         t.srem(keys::cleanup(), &new.id);
     }
-    wave_figures(t, old, new);
+    wave_figures(events, old, new);
     let seen = old.map(|o| o.history.len()).unwrap_or(0);
     for step in new.history.iter().skip(seen) {
-        let event = pb::WatchOrdersResponse {
+        events.transitions.push(pb::WatchOrdersResponse {
             order_id: new.id.clone(),
             buyer_id: new.buyer_id.clone(),
             product_sku: new.sku.clone(),
             transition: Some(transition_to(step)),
             held_units: new.held,
-        };
-        t.xadd(keys::events(), vec![("e".to_string(), event.encode_to_vec())], Some(MAX_EVENTS));
+        });
     }
 }
 
 /// Keeps each wave's figures (orders by state, units held) in step with its orders.
-fn wave_figures(t: &mut Txn, old: Option<&OrderRecord>, new: &OrderRecord) {
+fn wave_figures(events: &mut Events, old: Option<&OrderRecord>, new: &OrderRecord) {
     let before = old.filter(|o| !o.wave_id.is_empty()).map(|o| (o.wave_id.as_str(), o.status(), o.held));
     let after = (!new.wave_id.is_empty()).then(|| (new.wave_id.as_str(), new.status(), new.held));
     if before == after {
         return;
     }
     if let Some((w, s, held)) = before {
-        t.hincr(keys::wave(w), state_to(s).as_str_name(), -1);
-        if held > 0 {
-            t.hincr(keys::wave(w), "units_held", -(held as i64));
-        }
+        events.figure(w, state_to(s).as_str_name(), -1);
+        events.figure(w, "units_held", -(held as i64));
     }
     if let Some((w, s, held)) = after {
-        t.hincr(keys::wave(w), state_to(s).as_str_name(), 1);
-        if held > 0 {
-            t.hincr(keys::wave(w), "units_held", held as i64);
-        }
+        events.figure(w, state_to(s).as_str_name(), 1);
+        events.figure(w, "units_held", held as i64);
     }
 }

@@ -36,6 +36,7 @@ impl Orders {
             let first = last - chunk.len() as u64 + 1;
             let now = now_ms();
             let mut t = Txn::new();
+            let mut events = book::Events::default();
             for (i, o) in chunk.iter().enumerate() {
                 let seq = first + i as u64;
                 let id = format!("ord-{seq}");
@@ -63,23 +64,23 @@ impl Orders {
                             to: OrderStatus::Pending as i32,
                             at_ms: now,
                             cause: Some(placed.clone()),
-                            detail: "bulk-loaded".into(),
-                            failures: Vec::new(),
+                            ..Default::default()
                         },
                         TransitionRecord {
                             from: OrderStatus::Pending as i32,
                             to: OrderStatus::AwaitingLicense as i32,
                             at_ms: now,
                             cause: Some(placed),
-                            detail: "waiting: no licence".into(),
                             failures: no_licence,
+                            ..Default::default()
                         },
                     ],
                     ..Default::default()
                 };
-                book::write(&mut t, 0, None, &record);
+                book::write(&mut t, &mut events, 0, None, &record);
                 ids.push(id);
             }
+            events.flush(&mut t);
             self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
         }
         Ok(ids)

@@ -98,6 +98,7 @@ impl Orders {
                 self.load_many::<OrderRecord>(&keys_).await?.into_iter().flatten().collect();
             let mut settled = 0;
             let mut t = Txn::new();
+            let mut events = book::Events::default();
             for (ver, o) in &current {
                 match (o.pending.first(), released.get(o.id.as_str())) {
                     (None, _) => {
@@ -108,12 +109,13 @@ impl Orders {
                         let mut new = o.clone();
                         new.pending.remove(0);
                         new.update_ms = now_ms();
-                        book::write(&mut t, *ver, Some(o), &new);
+                        book::write(&mut t, &mut events, *ver, Some(o), &new);
                         settled += 1;
                     }
                     _ => {}
                 }
             }
+            events.flush(&mut t);
             match self.store().commit(&t).await {
                 Ok(_) => return Ok(settled),
                 Err(CommitError::Conflict { .. }) => continue,

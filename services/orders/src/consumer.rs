@@ -271,7 +271,9 @@ impl Orders {
             let mut new = o.clone();
             new.expire(now_ms()).map_err(|e| Error::Internal(format!("order {order_id}: {e}")))?;
             let mut t = Txn::new();
-            book::write(&mut t, ver, Some(&o), &new);
+            let mut events = book::Events::default();
+            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            events.flush(&mut t);
             Ok((t, Done {}))
         })
         .await?;
@@ -281,12 +283,13 @@ impl Orders {
 
     /// Records when a wave was first seen and how many waiting orders it concerned (once).
     async fn observe_wave(&self, w: &lpb::WavePublished) -> Result<(), Error> {
-        let mut concerned = 0;
-        let mut queues = Vec::new();
-        for l in &w.licenses {
-            concerned += self.store().zcard(&keys::awaiting(&l.product_sku, &l.buyer_id)).await?;
-            queues.push(format!("{}|{}", l.product_sku, l.buyer_id));
-        }
+        let queues: Vec<String> = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
+        let sizes = futures_util::future::try_join_all(w.licenses.iter().map(|l| {
+            let key = keys::awaiting(&l.product_sku, &l.buyer_id);
+            async move { self.store().zcard(&key).await }
+        }))
+        .await?;
+        let concerned = sizes.iter().sum();
         let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms: now_ms(), concerned, queues };
         let mut t = Txn::new();
         t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());

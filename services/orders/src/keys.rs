@@ -18,11 +18,6 @@ pub fn order(id: &str) -> String {
     SPACE.key(["order", id])
 }
 
-/// Every order by placement sequence.
-pub fn orders() -> String {
-    SPACE.key(["orders"])
-}
-
 /// A buyer's orders by placement sequence.
 pub fn orders_of(buyer: &str) -> String {
     SPACE.key(["orders", "buyer", buyer])

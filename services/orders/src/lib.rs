@@ -104,7 +104,7 @@ struct Inner {
     idem: Idempotency,
     options: Options,
     scheduler: reconcile::Scheduler,
-    hub: StreamHub<pb::WatchOrdersResponse>,
+    hub: StreamHub<book::EventBatch>,
     shutdown: Shutdown,
     /// This replica's consumer name in the event consumer groups.
     consumer: String,
@@ -143,7 +143,7 @@ impl Orders {
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
         let hub_svc = svc.clone();
         tokio::spawn(async move {
-            let decode = |e: &chipgate_state::StreamEntry| pb::WatchOrdersResponse::decode(e.field("e")?).ok();
+            let decode = |e: &chipgate_state::StreamEntry| book::EventBatch::decode(e.field("b")?).ok();
             hub_svc.inner.hub.follow(hub_svc.store().clone(), keys::events(), shutdown, decode).await;
         });
         svc

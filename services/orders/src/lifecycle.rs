@@ -44,7 +44,9 @@ impl Orders {
                 Error::precondition("ORDER_STATE", &o.id, format!("order {} is {}: {e}", o.id, o.status().name()))
             })?;
             let mut t = Txn::new();
-            book::write(&mut t, ver, Some(&o), &new);
+            let mut events = book::Events::default();
+            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            events.flush(&mut t);
             Ok((t, Done {}))
         })
         .await?;
@@ -110,16 +112,12 @@ impl Orders {
                 ));
             }
             let mut new = o.clone();
-            new.move_to(
-                OrderStatus::Confirmed,
-                Cause::new(CauseKind::Confirmed, &o.id),
-                "confirmed by the buyer; quota and stock committed",
-                vec![],
-                now_ms(),
-            )
-            .map_err(|e| Error::Internal(e.to_string()))?;
+            new.move_to(OrderStatus::Confirmed, Cause::new(CauseKind::Confirmed, &o.id), "", vec![], now_ms())
+                .map_err(|e| Error::Internal(e.to_string()))?;
             let mut t = Txn::new();
-            book::write(&mut t, ver, Some(&o), &new);
+            let mut events = book::Events::default();
+            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            events.flush(&mut t);
             Ok((t, Done {}))
         })
         .await?;
@@ -158,16 +156,12 @@ impl Orders {
                 return Ok((Txn::new(), Done {}));
             }
             let mut new = o.clone();
-            new.move_to(
-                OrderStatus::Shipped,
-                Cause::new(CauseKind::Shipped, &o.id),
-                "shipped by the vendor",
-                vec![],
-                now_ms(),
-            )
-            .map_err(|e| Error::precondition("ORDER_CHANGED", &o.id, format!("order {}: {e}", o.id)))?;
+            new.move_to(OrderStatus::Shipped, Cause::new(CauseKind::Shipped, &o.id), "", vec![], now_ms())
+                .map_err(|e| Error::precondition("ORDER_CHANGED", &o.id, format!("order {}: {e}", o.id)))?;
             let mut t = Txn::new();
-            book::write(&mut t, ver, Some(&o), &new);
+            let mut events = book::Events::default();
+            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            events.flush(&mut t);
             Ok((t, Done {}))
         })
         .await?;

@@ -4,10 +4,10 @@
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::errors::Violations;
+use chipgate_runtime::idempotency::fingerprint;
 use chipgate_runtime::time::now_ms;
-use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::{Backend, Txn};
+use chipgate_state::{Backend, CommitError, Txn};
 
 use crate::marks::{self, Who};
 use crate::{Error, MAX_UNITS, Orders, book, keys};
@@ -33,12 +33,22 @@ impl Orders {
         validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
 
+        let began = std::time::Instant::now();
         // Which pass must finish before the answer: the first one that starts after the commit.
         let mut progress = self.inner.scheduler.progress(&req.product_sku);
-        let idem = IdemKey::new(&self.inner.idem, "PlaceOrder", &req.request_id, &req);
-        let (placed, committed) = self
-            .run_txn(Some(&idem), || async {
-                let seq = self.store().incr(&keys::seq(), 1).await?;
+        let idem = &self.inner.idem;
+        let fp = fingerprint(&req);
+        // The request id's earlier answer (a retry) and a sequence number for a new order, at once;
+        // a retry wastes a sequence number, which only leaves a gap.
+        let (prior, seq) = tokio::try_join!(
+            async {
+                idem.lookup::<Placed>(self.store(), "PlaceOrder", &req.request_id, &fp).await.map_err(Error::Status)
+            },
+            async { Ok::<u64, Error>(self.store().incr(&keys::seq(), 1).await?) },
+        )?;
+        let (placed, fresh) = match prior {
+            Some(p) => (p, false),
+            None => {
                 let now = now_ms();
                 let id = format!("ord-{seq}");
                 let order = OrderRecord {
@@ -58,18 +68,34 @@ impl Orders {
                         to: OrderStatus::Pending as i32,
                         at_ms: now,
                         cause: Some(Cause::new(CauseKind::Placed, &id)),
-                        detail: format!("{} placed an order for {} x {}", req.buyer_id, req.units, req.product_sku),
-                        failures: Vec::new(),
+                        ..Default::default()
                     }],
                     ..Default::default()
                 };
+                let placed = Placed { order_id: id };
                 let mut t = Txn::new();
-                book::write(&mut t, 0, None, &order);
+                let mut events = book::Events::default();
+                book::write(&mut t, &mut events, 0, None, &order);
                 marks::awaiting(&mut t, &order.sku, Who::Buyer(&order.buyer_id), &Cause::new(CauseKind::Placed, ""));
-                Ok((t, Placed { order_id: id }))
-            })
-            .await?;
-        let fresh = !committed.stream_ids.is_empty();
+                idem.record(&mut t, "PlaceOrder", &req.request_id, &fp, &placed);
+                events.flush(&mut t);
+                match self.store().commit(&t).await {
+                    Ok(_) => (placed, true),
+                    // Another call with this request id committed first: answer as it did.
+                    Err(CommitError::Conflict { .. }) => {
+                        let p = idem
+                            .lookup::<Placed>(self.store(), "PlaceOrder", &req.request_id, &fp)
+                            .await
+                            .map_err(Error::Status)?
+                            .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;
+                        (p, false)
+                    }
+                    Err(CommitError::State(e)) => return Err(Error::State(e)),
+                    Err(e) => return Err(Error::Internal(e.to_string())),
+                }
+            }
+        };
+        let committed_at = began.elapsed();
         if fresh {
             let target = progress.borrow().started + 1;
             self.inner.scheduler.request(&req.product_sku);
@@ -83,7 +109,15 @@ impl Orders {
                 tracing::debug!(order = %placed.order_id, "first evaluation still running; answering with the order as it stands");
             }
         }
+        let waited = began.elapsed();
         let order = self.order_view(&placed.order_id, true).await?;
+        tracing::debug!(
+            order = %placed.order_id,
+            commit_us = committed_at.as_micros() as u64,
+            wait_us = (waited - committed_at).as_micros() as u64,
+            read_us = (began.elapsed() - waited).as_micros() as u64,
+            "placed"
+        );
         Ok(pb::PlaceOrderResponse { order: Some(order) })
     }
 

@@ -33,36 +33,62 @@ impl Orders {
         v.check().map_err(Error::Status)?;
         let state = state_from(req.state());
         let index = match (&req.buyer_id, state) {
-            (b, _) if !b.is_empty() => keys::orders_of(b),
-            (_, Some(s)) => keys::orders_in(s),
-            _ => keys::orders(),
+            (b, _) if !b.is_empty() => Some(keys::orders_of(b)),
+            (_, Some(s)) => Some(keys::orders_in(s)),
+            _ => None,
         };
-        let mut rank = page.offset();
+        let keep = |o: &OrderRecord| {
+            (req.product_sku.is_empty() || o.sku == req.product_sku) && state.is_none_or(|s| o.status() == s)
+        };
         let mut out = Vec::new();
-        let chunk = page.size.max(200);
-        loop {
-            let ids = self.store().zrange(&index, rank as i64, (rank + chunk - 1) as i64, false).await?;
-            if ids.is_empty() {
-                return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
-            }
-            let keys_: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
-            for (i, o) in self.load_many::<OrderRecord>(&keys_).await?.into_iter().enumerate() {
-                let Some((_, o)) = o else { continue };
-                let keep =
-                    (req.product_sku.is_empty() || o.sku == req.product_sku) && state.is_none_or(|s| o.status() == s);
-                if keep {
-                    out.push(order_to(&o, 0, !req.omit_history));
-                    if out.len() == page.size {
-                        return Ok(pb::ListOrdersResponse {
-                            orders: out,
-                            next_page_token: paging::token(&(rank + i + 1).to_string()),
-                        });
+        match index {
+            Some(index) => {
+                let mut rank = page.offset();
+                let chunk = page.size.max(200);
+                loop {
+                    let ids = self.store().zrange(&index, rank as i64, (rank + chunk - 1) as i64, false).await?;
+                    if ids.is_empty() {
+                        return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
+                    }
+                    let keys_: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+                    for (i, o) in self.load_many::<OrderRecord>(&keys_).await?.into_iter().enumerate() {
+                        let Some((_, o)) = o else { continue };
+                        if keep(&o) {
+                            out.push(order_to(&o, 0, !req.omit_history));
+                            if out.len() == page.size {
+                                let token = paging::token(&(rank + i + 1).to_string());
+                                return Ok(pb::ListOrdersResponse { orders: out, next_page_token: token });
+                            }
+                        }
+                    }
+                    rank += ids.len();
+                    if ids.len() < chunk {
+                        return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
                     }
                 }
             }
-            rank += ids.len();
-            if ids.len() < chunk {
-                return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
+            None => {
+                // Every order: ids are `ord-<sequence>`, so walk the sequence (no index needed; ids a
+                // failed placement skipped are simply absent).
+                let last = self.store().incr(&keys::seq(), 0).await?;
+                let mut next = page.offset().max(1) as u64;
+                let chunk = page.size.max(200) as u64;
+                while next <= last {
+                    let end = (next + chunk - 1).min(last);
+                    let keys_: Vec<String> = (next..=end).map(|n| keys::order(&format!("ord-{n}"))).collect();
+                    for (i, o) in self.load_many::<OrderRecord>(&keys_).await?.into_iter().enumerate() {
+                        let Some((_, o)) = o else { continue };
+                        if keep(&o) {
+                            out.push(order_to(&o, 0, !req.omit_history));
+                            if out.len() == page.size {
+                                let token = paging::token(&(next + i as u64 + 1).to_string());
+                                return Ok(pb::ListOrdersResponse { orders: out, next_page_token: token });
+                            }
+                        }
+                    }
+                    next = end + 1;
+                }
+                Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() })
             }
         }
     }
@@ -160,9 +186,15 @@ impl Orders {
         }
         v.check().map_err(Error::Status)?;
         let rx = self.inner.hub.subscribe();
-        let keep = move |e: &pb::WatchOrdersResponse| {
-            let matches = if req.order_id.is_empty() { e.buyer_id == req.buyer_id } else { e.order_id == req.order_id };
-            matches.then(|| e.clone())
+        let keep = move |batch: &crate::book::EventBatch| {
+            batch
+                .items
+                .iter()
+                .filter(
+                    |e| if req.order_id.is_empty() { e.buyer_id == req.buyer_id } else { e.order_id == req.order_id },
+                )
+                .cloned()
+                .collect()
         };
         Ok(hub::forward(rx, Vec::new(), self.inner.shutdown.clone(), keep))
     }

@@ -103,6 +103,7 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
     let tick = svc.options().tick;
     let full_every = svc.options().full_reconcile_every;
     let mut last_full = Instant::now();
+    let mut last_scan = Instant::now();
     loop {
         tokio::select! {
             () = shutdown.wait() => return,
@@ -110,14 +111,19 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
             () = tokio::time::sleep(tick) => {}
         }
         let mut todo = svc.inner.scheduler.take_wanted();
-        match svc.dirty_products(!full_every.is_zero() && last_full.elapsed() >= full_every).await {
-            Ok((dirty, full)) => {
-                if full {
-                    last_full = Instant::now();
+        // Local requests need no look at the store; marks left by other replicas (or by a replica
+        // that died) are found by a scan once per tick.
+        if last_scan.elapsed() >= tick {
+            last_scan = Instant::now();
+            match svc.dirty_products(!full_every.is_zero() && last_full.elapsed() >= full_every).await {
+                Ok((dirty, full)) => {
+                    if full {
+                        last_full = Instant::now();
+                    }
+                    todo.extend(dirty);
                 }
-                todo.extend(dirty);
+                Err(e) => tracing::warn!(error = ?e, "can't read dirty marks; retrying next tick"),
             }
-            Err(e) => tracing::warn!(error = ?e, "can't read dirty marks; retrying next tick"),
         }
         for sku in todo {
             let start = lock(&svc.inner.scheduler.running).insert(sku.clone());
@@ -131,6 +137,18 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
             }
         }
     }
+}
+
+/// What evaluating waiting orders carries from one batch to the next.
+struct StageA<'a> {
+    /// Why each buyer's orders are being looked at.
+    causes: &'a HashMap<String, Vec<Cause>>,
+    /// Waves among those causes (for their progress figures).
+    waves: &'a HashSet<String>,
+    /// Buyers with an order waiting for quota, and which: their later orders wait behind it.
+    blocked: HashMap<String, String>,
+    /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
+    inline: bool,
 }
 
 /// The lease a pass runs under.
@@ -187,11 +205,8 @@ impl Orders {
             }
         };
         let mut lease = Lease { sku: sku.clone(), token, renewed: Instant::now() };
-        let progress = self.inner.scheduler.sender(&sku);
         loop {
-            progress.send_modify(|p| p.started += 1);
             let result = self.pass(&mut lease).await;
-            progress.send_modify(|p| p.completed += 1);
             match result {
                 Ok(()) => {}
                 Err(Error::Superseded(why)) => {
@@ -234,12 +249,27 @@ impl Orders {
     /// leave the working hash only once their work is done: a pass cut short by a crash leaves its
     /// marks for whoever takes the lease next.
     async fn pass(&self, lease: &mut Lease) -> Result<(), Error> {
+        let progress = self.inner.scheduler.sender(&lease.sku);
         loop {
+            // Each round counts: placement waits for the first round that starts after its commit.
+            progress.send_modify(|p| p.started += 1);
+            let result = self.round(lease).await;
+            progress.send_modify(|p| p.completed += 1);
+            if !result? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// One round of a pass; false when there was nothing to do.
+    async fn round(&self, lease: &mut Lease) -> Result<bool, Error> {
+        {
+            let began = Instant::now();
             let (dirty_key, working_key) = (keys::dirty(&lease.sku), keys::working(&lease.sku));
             let (dirty, working) =
                 tokio::try_join!(self.store().hgetall(&dirty_key), self.store().hgetall(&working_key))?;
             if dirty.is_empty() && working.is_empty() {
-                return Ok(());
+                return Ok(false);
             }
             let mut t = Txn::new();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
@@ -259,13 +289,19 @@ impl Orders {
             if marks.any_holders() {
                 self.recheck_holders(&ctx, lease, &marks).await?;
             }
-            let mut entered: HashMap<String, Cause> = HashMap::new();
-            if marks.any_awaiting() {
-                entered = self.evaluate_awaiting(&ctx, lease, &marks).await?;
+            let marked = began.elapsed();
+            // Stock goes to the backlog as it stands first (its orders are already waiting for it).
+            if !marks.drain.is_empty() {
+                self.drain_backlog(&ctx, lease, &marks.drain[0], &HashMap::new()).await?;
             }
-            if !marks.drain.is_empty() || !entered.is_empty() {
+            let mut left_waiting: HashMap<String, Cause> = HashMap::new();
+            if marks.any_awaiting() {
+                left_waiting = self.evaluate_awaiting(&ctx, lease, &marks).await?;
+            }
+            let evaluated = began.elapsed();
+            if !left_waiting.is_empty() {
                 let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
-                self.drain_backlog(&ctx, lease, &cause, &entered).await?;
+                self.drain_backlog(&ctx, lease, &cause, &left_waiting).await?;
             }
             let mut t = Txn::new();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
@@ -273,10 +309,21 @@ impl Orders {
                 t.hdel(keys::working(&lease.sku), f);
             }
             commit_under_lease(self, &t).await?;
+            tracing::debug!(
+                sku = %lease.sku,
+                marks = marks.fields.len(),
+                backlogged = left_waiting.len(),
+                marks_ms = marked.as_millis() as u64,
+                evaluate_ms = (evaluated - marked).as_millis() as u64,
+                total_ms = began.elapsed().as_millis() as u64,
+                "round done"
+            );
+            Ok(true)
         }
     }
 
-    /// Waiting orders of the marked buyers, oldest first: take quota, wait, or be rejected.
+    /// Waiting orders of the marked buyers, oldest first: take quota (and stock, when nobody waits for
+    /// it ahead of them), wait, or be rejected. Returns the orders left waiting for stock in the backlog.
     async fn evaluate_awaiting(
         &self,
         ctx: &RequestContext,
@@ -309,16 +356,18 @@ impl Orders {
             .filter(|c| c.kind() == CauseKind::WavePublished)
             .map(|c| c.reference.clone())
             .collect();
-        let mut blocked: HashMap<String, String> = HashMap::new();
-        let mut entered = HashMap::new();
+        // Orders that take quota can take stock in the same step while nobody waits ahead of them in
+        // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
+        // placement order.
+        let inline = self.store().zcard(&keys::backlog(&sku)).await? == 0;
+        let mut stage = StageA { causes: &causes, waves: &waves, blocked: HashMap::new(), inline };
+        let mut backlogged = HashMap::new();
         for chunk in queue.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
             let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
-            let (moved, now_blocked) = self.evaluate_batch(ctx, lease, &ids, &causes, &waves, &blocked).await?;
-            blocked = now_blocked;
-            entered.extend(moved);
+            backlogged.extend(self.evaluate_batch(ctx, lease, &ids, &mut stage).await?);
         }
-        Ok(entered)
+        Ok(backlogged)
     }
 
     /// One batch of waiting orders (retried whole when a concurrent change to one of them wins).
@@ -328,12 +377,12 @@ impl Orders {
         ctx: &RequestContext,
         lease: &Lease,
         ids: &[String],
-        causes: &HashMap<String, Vec<Cause>>,
-        waves: &HashSet<String>,
-        blocked_before: &HashMap<String, String>,
-    ) -> Result<(HashMap<String, Cause>, HashMap<String, String>), Error> {
+        stage: &mut StageA<'_>,
+    ) -> Result<HashMap<String, Cause>, Error> {
+        let (causes, waves) = (stage.causes, stage.waves);
         let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
+            let t0 = Instant::now();
             let orders: Vec<(u64, OrderRecord)> = self
                 .load_many::<OrderRecord>(&keys_)
                 .await?
@@ -341,10 +390,11 @@ impl Orders {
                 .flatten()
                 .filter(|(_, o)| o.status().is_waiting())
                 .collect();
+            let t_load = t0.elapsed();
             if orders.is_empty() {
-                return Ok((HashMap::new(), blocked_before.clone()));
+                return Ok(HashMap::new());
             }
-            let mut blocked = blocked_before.clone();
+            let mut blocked = stage.blocked.clone();
             let items: Vec<lpb::QuotaItem> = orders
                 .iter()
                 .filter(|(_, o)| !blocked.contains_key(&o.buyer_id))
@@ -365,11 +415,43 @@ impl Orders {
                     items,
                     fence_token: lease.token,
                 };
+                let asked = Instant::now();
                 let resp = rpc!(ctx, self.inner.peers.licensing, batch_reserve_quota, msg).map_err(peer_error)?;
+                tracing::debug!(items = orders.len(), ms = asked.elapsed().as_millis() as u64, "quota batch");
                 resp.results.into_iter().map(|r| (r.order_id.clone(), r)).collect()
             };
+            let t_quota = t0.elapsed();
+            // Stock for those that got quota, in placement order, while the backlog ahead is empty.
+            let mut inline_now = stage.inline;
+            let mut holds: HashMap<String, ipb::ReserveItemResult> = HashMap::new();
+            if inline_now {
+                let items: Vec<ipb::ReserveItem> = orders
+                    .iter()
+                    .filter(|(_, o)| results.get(&o.id).is_some_and(|r| r.reservation.is_some() && !r.stale))
+                    .map(|(_, o)| ipb::ReserveItem {
+                        order_id: o.id.clone(),
+                        generation: o.generation,
+                        units: o.units,
+                        allow_partial: true,
+                        hold_seconds: self.options().hold_seconds,
+                    })
+                    .collect();
+                if !items.is_empty() {
+                    let msg = ipb::BatchReserveRequest {
+                        request_id: String::new(),
+                        product_sku: lease.sku.clone(),
+                        items,
+                        fence_token: lease.token,
+                    };
+                    let resp = rpc!(ctx, self.inner.peers.inventory, batch_reserve, msg).map_err(peer_error)?;
+                    inline_now = resp.results.iter().all(|r| r.outcome() == ipb::ReserveOutcome::Held);
+                    holds = resp.results.into_iter().map(|r| (r.order_id.clone(), r)).collect();
+                }
+            }
+            let t_hold = t0.elapsed();
             let now = now_ms();
             let mut t = Txn::new();
+            let mut events = book::Events::default();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             let mut entered = HashMap::new();
             let mut evaluated_by_wave: HashMap<&str, i64> = HashMap::new();
@@ -396,7 +478,7 @@ impl Orders {
                             "an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"
                         ),
                     );
-                    new.move_to(OrderStatus::AwaitingLicense, cause, "waiting behind an earlier order", vec![f], now)
+                    new.move_to(OrderStatus::AwaitingLicense, cause, "", vec![f], now)
                 } else {
                     match results.get(&o.id) {
                         Some(r) if r.stale => {
@@ -408,20 +490,26 @@ impl Orders {
                             Ok(true)
                         }
                         Some(lpb::QuotaItemResult { reservation: Some(r), .. }) => {
-                            entered.insert(o.id.clone(), cause.clone());
-                            new.take_quota(&r.license_id, &r.wave_id, cause, now)
+                            let took = new.take_quota(&r.license_id, &r.wave_id, cause.clone(), now);
+                            let held = holds.get(&o.id).and_then(|h| {
+                                matches!(h.outcome(), ipb::ReserveOutcome::Held | ipb::ReserveOutcome::Partial)
+                                    .then_some(h.reservation.as_ref())
+                                    .flatten()
+                            });
+                            if let (Ok(_), Some(h)) = (&took, held) {
+                                let expire = h.expire_time.as_ref().map(ms_of).unwrap_or(0);
+                                new.hold_stock(h.held_units, expire, cause.clone(), now)
+                                    .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
+                            }
+                            if new.status() == OrderStatus::Backordered {
+                                entered.insert(o.id.clone(), cause);
+                            }
+                            took
                         }
                         Some(r) => {
                             let failures: Vec<Failure> = r.failures.iter().map(failure_from).collect();
-                            let detail = failures.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
                             if r.rejectable {
-                                new.move_to(
-                                    OrderStatus::Rejected,
-                                    cause,
-                                    format!("can never be served: {detail}"),
-                                    failures,
-                                    now,
-                                )
+                                new.move_to(OrderStatus::Rejected, cause, "", failures, now)
                             } else {
                                 let capacity = failures
                                     .iter()
@@ -429,20 +517,14 @@ impl Orders {
                                 if capacity {
                                     blocked.insert(o.buyer_id.clone(), o.id.clone());
                                 }
-                                new.move_to(
-                                    OrderStatus::AwaitingLicense,
-                                    cause,
-                                    format!("waiting: {detail}"),
-                                    failures,
-                                    now,
-                                )
+                                new.move_to(OrderStatus::AwaitingLicense, cause, "", failures, now)
                             }
                         }
                         None => Ok(false),
                     }
                 };
                 match moved {
-                    Ok(true) => book::write(&mut t, *ver, Some(o), &new),
+                    Ok(true) => book::write(&mut t, &mut events, *ver, Some(o), &new),
                     Ok(false) => {}
                     Err(e) => return Err(Error::Internal(format!("order {}: {e}", o.id))),
                 }
@@ -451,8 +533,24 @@ impl Orders {
                 t.hincr(keys::wave(wave), "evaluated", n);
                 t.hset(keys::wave(wave), "last_eval_ms", now.to_string().into_bytes());
             }
-            match self.store().commit(&t).await {
-                Ok(_) => return Ok((entered, blocked)),
+            events.flush(&mut t);
+            let t_built = t0.elapsed();
+            let committed = self.store().commit(&t).await;
+            tracing::debug!(
+                orders = orders.len(),
+                load_us = t_load.as_micros() as u64,
+                quota_us = (t_quota - t_load).as_micros() as u64,
+                hold_us = (t_hold - t_quota).as_micros() as u64,
+                build_us = (t_built - t_hold).as_micros() as u64,
+                commit_us = (t0.elapsed() - t_built).as_micros() as u64,
+                "batch evaluated"
+            );
+            match committed {
+                Ok(_) => {
+                    stage.inline = inline_now;
+                    stage.blocked = blocked;
+                    return Ok(entered);
+                }
                 Err(CommitError::Conflict { .. }) => continue,
                 Err(e) => return Err(commit_error(e)),
             }
@@ -525,6 +623,7 @@ impl Orders {
                 resp.results.iter().map(|r| (r.order_id.as_str(), r)).collect();
             let now = now_ms();
             let mut t = Txn::new();
+            let mut events = book::Events::default();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             let mut all_served = true;
             for (ver, o) in &orders {
@@ -558,9 +657,10 @@ impl Orders {
                     all_served = false;
                 }
                 if changed {
-                    book::write(&mut t, *ver, Some(o), &new);
+                    book::write(&mut t, &mut events, *ver, Some(o), &new);
                 }
             }
+            events.flush(&mut t);
             match self.store().commit(&t).await {
                 Ok(_) => return Ok(all_served),
                 Err(CommitError::Conflict { .. }) => continue,
@@ -632,6 +732,7 @@ impl Orders {
                 let by_id: HashMap<&str, &lpb::License> = licences.iter().map(|l| (l.license_id.as_str(), l)).collect();
                 let now = now_ms();
                 let mut t = Txn::new();
+                let mut events = book::Events::default();
                 t.expect_lease(keys::lease(&sku), lease.token);
                 let mut any = false;
                 for (ver, o) in &orders {
@@ -677,12 +778,13 @@ impl Orders {
                         .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
                     let mut new = o.clone();
                     new.unwind(cause, failures, now).map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
-                    book::write(&mut t, *ver, Some(o), &new);
+                    book::write(&mut t, &mut events, *ver, Some(o), &new);
                     any = true;
                 }
                 if !any {
                     break;
                 }
+                events.flush(&mut t);
                 match self.store().commit(&t).await {
                     Ok(_) => {
                         self.inner.cleanup_wake.notify_one();
