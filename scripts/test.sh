@@ -42,6 +42,8 @@ echo "== binaries (the fault and crash tests run them as real processes)"
 cargo build --workspace --bins --locked
 echo "== tests"
 cargo test --workspace --locked
+echo "== benchmark smoke run (tiny counts, so the program can't rot; figures are meaningless in debug)"
+cargo run --locked -q -p chipgate-bench -- --smoke --json --out target/bench-smoke
 if [ -f deploy/check.sh ]; then
   echo "== deploy manifests"
   bash deploy/check.sh

@@ -100,5 +100,9 @@ async fn main() -> std::process::ExitCode {
         report::say(&format!("can't write results under {}: {e}", args.out.display()));
         return std::process::ExitCode::FAILURE;
     }
-    std::process::ExitCode::SUCCESS
+    let faults = report::faults(&results);
+    for f in &faults {
+        report::say(&format!("  WRONG: {f}"));
+    }
+    if faults.is_empty() { std::process::ExitCode::SUCCESS } else { std::process::ExitCode::FAILURE }
 }

@@ -107,5 +107,7 @@ pub async fn run(args: &Args) -> NaiveResult {
         let _ = t.await;
     }
     pb.finish_and_clear();
-    NaiveResult { orders: total, elapsed: started.elapsed(), errors: errors.load(Ordering::Relaxed) }
+    let elapsed = started.elapsed();
+    cluster.stop().await;
+    NaiveResult { orders: total, elapsed, errors: errors.load(Ordering::Relaxed) }
 }

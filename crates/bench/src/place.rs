@@ -163,5 +163,6 @@ pub async fn run(args: &Args) -> PlaceResult {
     })
     .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
+    cluster.stop().await;
     PlaceResult { load, not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed) }
 }

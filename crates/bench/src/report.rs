@@ -205,3 +205,40 @@ fn svg(l: &LoadResult) -> String {
     ));
     s
 }
+
+/// What went wrong, as opposed to what was slow: errors, orders that didn't settle, quota that doesn't
+/// add up. A benchmark whose results are wrong has no figures worth reading, so these fail the run
+/// (and the CI smoke run with it).
+pub fn faults(r: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, load) in [("echo", r.echo.as_ref()), ("place", r.place.as_ref().map(|p| &p.load))] {
+        if let Some(l) = load {
+            if l.errors > 0 {
+                out.push(format!("{name}: {} calls failed", l.errors));
+            }
+            if l.ok == 0 {
+                out.push(format!("{name}: no call succeeded"));
+            }
+        }
+    }
+    if let Some(p) = &r.place
+        && p.not_reserved > 0
+    {
+        out.push(format!("place: {} orders not reserved although stock and quota were ample", p.not_reserved));
+    }
+    if let Some(w) = &r.wave {
+        let settled = (w.reserved + w.backordered) as usize;
+        if settled != w.orders {
+            out.push(format!("wave: {settled} of {} orders settled", w.orders));
+        }
+        if !w.quota_check {
+            out.push("wave: quota in use differs from the units of the orders that moved".into());
+        }
+    }
+    if let Some(n) = &r.naive
+        && n.errors > 0
+    {
+        out.push(format!("naive: {} orders failed", n.errors));
+    }
+    out
+}

@@ -127,6 +127,7 @@ pub async fn run(args: &Args) -> WaveResult {
         }
         token = r.next_page_token;
     }
+    cluster.stop().await;
     let n = args.orders.max(1) as f64;
     WaveResult {
         orders: args.orders,

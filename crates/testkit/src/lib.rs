@@ -222,6 +222,17 @@ impl Cluster {
     pub fn licensing_client(&self) -> LicensingServiceClient<Channel> {
         LicensingServiceClient::new(channel(&self.licensing.url()))
     }
+
+    /// Stops the services (orders first, since it calls the others) and only then Redis, so nothing
+    /// logs a lost connection on the way down.
+    pub async fn stop(mut self) {
+        if let Some(orders) = self.orders.as_mut() {
+            orders.stop().await;
+        }
+        self.orders_service = None;
+        self.inventory.stop().await;
+        self.licensing.stop().await;
+    }
 }
 
 /// Where the workspace's binaries are: `$CHIPGATE_BIN_DIR`, else the target directory this test binary
