@@ -336,6 +336,9 @@ def endpoints(docs: list[dict]) -> dict[str, Endpoint]:
             tmpl["metadata"].get("labels") or {}, ports, is_pod_here=True,
         )
     out["external"] = Endpoint("external", "somewhere-else", {"kubernetes.io/metadata.name": "somewhere-else"}, {})
+    # Prometheus, in the namespace the network policies let scrape the metrics ports.
+    out["prometheus"] = Endpoint("prometheus", "monitoring", {"kubernetes.io/metadata.name": "monitoring"},
+                                 {"app.kubernetes.io/name": "prometheus"})
     out["kube-dns"] = Endpoint(
         "kube-dns", "kube-system", {"kubernetes.io/metadata.name": "kube-system"},
         {"k8s-app": "kube-dns"}, [{"name": "dns", "containerPort": 53, "protocol": "UDP"},

@@ -17,6 +17,7 @@ import k8s  # noqa: E402
 
 SERVICES = {"licensing": 50051, "inventory": 50052, "orders": 50053}
 REDIS_PORT = 6379
+METRICS_PORT = 9464
 DURATION_VARS = ("CHIPGATE_REQUEST_TIMEOUT", "CHIPGATE_SHUTDOWN_GRACE", "CHIPGATE_DRAIN_DELAY",
                  "CHIPGATE_REDIS_TIMEOUT")
 
@@ -28,6 +29,8 @@ def expected_flows() -> set[tuple[str, str, int, str]]:
         flows.add((name, "redis", REDIS_PORT, "TCP"))          # services -> Redis
         flows.add((name, "kube-dns", 53, "UDP"))               # name resolution
         flows.add((name, "kube-dns", 53, "TCP"))
+        flows.add(("prometheus", name, METRICS_PORT, "TCP"))  # scraping /metrics
+        flows.add(("prometheus", name, port, "TCP"))          # the public ports are public to it too
     flows.add(("orders", "licensing", SERVICES["licensing"], "TCP"))
     flows.add(("orders", "inventory", SERVICES["inventory"], "TCP"))
     return flows
@@ -89,6 +92,39 @@ class Workloads(OverlayCase):
                     self.assertEqual(env.get("CHIPGATE_LISTEN"), f"0.0.0.0:{port}")
                     self.assertIn(port, [p["containerPort"] for p in c.get("ports", [])])
                     self.assertEqual(env.get("CHIPGATE_LOG_FORMAT"), "json", "json logs in Kubernetes")
+
+
+class Metrics(OverlayCase):
+    def test_every_service_serves_metrics_where_prometheus_looks(self):
+        for overlay, docs in self.each_overlay():
+            for name in SERVICES:
+                with self.subTest(overlay=overlay, service=name):
+                    d = k8s.find(docs, "Deployment", name)
+                    tmpl = k8s.pod_template(d)
+                    c = tmpl["spec"]["containers"][0]
+                    env = k8s.container_env(c, k8s.namespace_of(d), docs)
+                    listen = env.get("CHIPGATE_METRICS_LISTEN", "")
+                    self.assertTrue(listen, "CHIPGATE_METRICS_LISTEN is set")
+                    port = int(listen.rsplit(":", 1)[1])
+                    named = {p.get("name"): p["containerPort"] for p in c.get("ports", [])}
+                    self.assertEqual(named.get("metrics"), port, "a container port named metrics")
+                    notes = tmpl["metadata"].get("annotations") or {}
+                    self.assertEqual(notes.get("prometheus.io/scrape"), "true")
+                    self.assertEqual(notes.get("prometheus.io/port"), str(port))
+                    self.assertEqual(notes.get("prometheus.io/path"), "/metrics")
+                    svc = k8s.find(docs, "Service", name)
+                    svc_ports = {p.get("name"): p.get("targetPort") for p in svc["spec"]["ports"]}
+                    self.assertEqual(svc_ports.get("metrics"), port, "the Service names the metrics port")
+
+    def test_dashboard_ships_as_a_grafana_configmap(self):
+        for overlay, docs in self.each_overlay():
+            with self.subTest(overlay=overlay):
+                maps = [m for m in k8s.by_kind(docs, "ConfigMap")
+                        if (m["metadata"].get("labels") or {}).get("grafana_dashboard") == "1"]
+                self.assertEqual(len(maps), 1, "one dashboard ConfigMap for Grafana's sidecar")
+                import json
+                dash = json.loads(maps[0]["data"]["chipgate.json"])
+                self.assertGreaterEqual(len(dash["panels"]), 10)
 
 
 class Probes(OverlayCase):
