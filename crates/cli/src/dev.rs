@@ -40,6 +40,8 @@ pub struct DevArgs {
 struct Started {
     name: &'static str,
     addr: SocketAddr,
+    /// Where its Prometheus metrics are served.
+    metrics: SocketAddr,
     service: &'static str,
     task: JoinHandle<Result<(), chipgate_runtime::server::ServeError>>,
 }
@@ -50,20 +52,34 @@ async fn bind(name: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpLis
         .map_err(|e| format!("can't listen on {addr} for {name}: {e} (pick another port with --{name}-port)"))
 }
 
-fn start(
-    name: &'static str,
-    service: &'static str,
+/// Starts a service and its metrics port (the service's port + 1000, or a free port when the service
+/// took a free one).
+async fn start(
+    (name, service): (&'static str, &'static str),
     listener: tokio::net::TcpListener,
+    requested_port: u16,
     store: &Store,
     config: &ServerConfig,
     shutdown: &Shutdown,
     spec: ServiceSpec,
 ) -> Result<Started, String> {
     let addr = listener.local_addr().map_err(|e| format!("{name}: no local address: {e}"))?;
+    let metrics_port =
+        listener.local_addr().ok().filter(|_| requested_port != 0).map_or(0, |a| a.port().saturating_add(1000));
+    let metrics_listener = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), metrics_port))
+        .await
+        .map_err(|e| format!("can't serve {name} metrics on port {metrics_port}: {e}"))?;
+    let metrics = metrics_listener.local_addr().map_err(|e| format!("{name}: no local address: {e}"))?;
+    let (m, s) = (spec.metrics.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = chipgate_runtime::metrics::serve(metrics_listener, m, async move { s.wait().await }).await {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
     let s = shutdown.clone();
     let task =
         tokio::spawn(serve(listener, spec, store.clone(), config.clone(), async move { s.wait().await }, |_| {}));
-    Ok(Started { name, addr, service, task })
+    Ok(Started { name, addr, metrics, service, task })
 }
 
 /// A dev cluster running in this process.
@@ -150,32 +166,35 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
 
     let started = vec![
         start(
-            "licensing",
-            chipgate_licensing::SERVICE_NAME,
+            ("licensing", chipgate_licensing::SERVICE_NAME),
             lic_listener,
+            args.licensing_port,
             &store,
             &config,
             shutdown,
             chipgate_licensing::spec(licensing, &config),
-        )?,
+        )
+        .await?,
         start(
-            "inventory",
-            chipgate_inventory::SERVICE_NAME,
+            ("inventory", chipgate_inventory::SERVICE_NAME),
             inv_listener,
+            args.inventory_port,
             &store,
             &config,
             shutdown,
             chipgate_inventory::spec(inventory, &config),
-        )?,
+        )
+        .await?,
         start(
-            "orders",
-            chipgate_orders::SERVICE_NAME,
+            ("orders", chipgate_orders::SERVICE_NAME),
             ord_listener,
+            args.orders_port,
             &store,
             &config,
             shutdown,
             chipgate_orders::spec(orders, &config),
-        )?,
+        )
+        .await?,
     ];
     let backend = match &args.redis_url {
         Some(url) => format!("redis ({url})"),
@@ -207,7 +226,7 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
         String::new(),
     ];
     for s in &cluster.started {
-        lines.push(format!("  {:<10} {:<16} {}", s.name, s.addr, s.service));
+        lines.push(format!("  {:<10} {:<16} {:<36} metrics http://{}/metrics", s.name, s.addr, s.service, s.metrics));
     }
     lines.extend([
         String::new(),

@@ -162,7 +162,19 @@ async fn run(global: Global, command: Command) -> Outcome {
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     if let Command::Dev(args) = cli.command {
-        chipgate_runtime::telemetry::init(chipgate_runtime::telemetry::LogFormat::Pretty);
+        // Traces go to an OTLP collector when OTEL_EXPORTER_OTLP_ENDPOINT says where.
+        let endpoint = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok();
+        let _telemetry = match chipgate_runtime::telemetry::init(
+            chipgate_runtime::telemetry::LogFormat::Pretty,
+            endpoint.as_deref(),
+            "chipgate-dev",
+        ) {
+            Ok(g) => g,
+            Err(e) => {
+                out::note(&format!("chipgate: {e}"));
+                return std::process::ExitCode::FAILURE;
+            }
+        };
         return match dev::run(args).await {
             Ok(()) => std::process::ExitCode::SUCCESS,
             Err(e) => {

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use chipgate_state::{RedisOptions, Store};
 
+use crate::metrics::Metrics;
 use crate::server::ServerConfig;
-use crate::telemetry::LogFormat;
+use crate::shutdown::Shutdown;
+use crate::telemetry::{LogFormat, TelemetryGuard};
 use crate::time::parse_duration;
 
 /// Flags every service takes.
@@ -45,6 +47,14 @@ pub struct CommonArgs {
     #[arg(long, env = "CHIPGATE_MAX_MESSAGE_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Address of the admin HTTP port serving Prometheus metrics at /metrics (off when unset).
+    #[arg(long, env = "CHIPGATE_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// OTLP/gRPC endpoint to export traces to, e.g. http://otel-collector:4317 (off when unset).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Redis command timeout; calls fail fast with UNAVAILABLE after it while Redis is down.
     #[arg(long, env = "CHIPGATE_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub redis_timeout: Duration,
@@ -54,6 +64,34 @@ impl CommonArgs {
     /// The listen address, or the service's default port on all interfaces.
     pub fn listen_or(&self, default_port: u16) -> SocketAddr {
         self.listen.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], default_port)))
+    }
+
+    /// Installs logging (and trace export when an OTLP endpoint is set) for `service`.
+    ///
+    /// # Errors
+    /// When the trace exporter can't be built.
+    pub fn init_telemetry(&self, service: &str) -> Result<TelemetryGuard, crate::telemetry::TelemetryError> {
+        crate::telemetry::init(self.log_format, self.otlp_endpoint.as_deref(), service)
+    }
+
+    /// Binds the metrics port when one is configured and serves `metrics` on it until `shutdown`.
+    ///
+    /// # Errors
+    /// When the port can't be bound.
+    pub async fn spawn_metrics(&self, metrics: &Metrics, shutdown: Shutdown) -> std::io::Result<Option<SocketAddr>> {
+        let Some(addr) = self.metrics_listen else {
+            return Ok(None);
+        };
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let local = listener.local_addr()?;
+        let m = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(listener, m, async move { shutdown.wait().await }).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+        tracing::info!(addr = %local, "serving Prometheus metrics at /metrics");
+        Ok(Some(local))
     }
 
     /// Server settings from the flags.

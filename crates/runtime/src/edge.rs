@@ -8,8 +8,10 @@
 //!   reflection are never shed, so probes keep telling the truth under overload;
 //! * enforces the deadline (the earlier of the caller's `grpc-timeout` and the server's own), answering
 //!   DEADLINE_EXCEEDED;
-//! * runs the call inside a tracing span carrying method, request id and trace id, and echoes
-//!   `x-request-id` in the response headers.
+//! * runs the call inside a tracing span carrying method, request id and trace ids (exported with
+//!   OpenTelemetry when that is on, as a child of the caller's span), and echoes `x-request-id` in the
+//!   response headers;
+//! * records the call in the service's [`RpcMetrics`] (count by code, latency, in flight, shed).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,6 +26,7 @@ use tower::{Layer, Service};
 use tracing::Instrument;
 
 use crate::context::{REQUEST_ID_HEADER, RequestContext};
+use crate::metrics::RpcMetrics;
 
 /// Counters the edge keeps (for metrics and tests).
 #[derive(Debug, Default)]
@@ -45,6 +48,7 @@ struct Shared {
     max_in_flight: usize,
     default_timeout: Option<Duration>,
     stats: Arc<EdgeStats>,
+    metrics: Option<RpcMetrics>,
 }
 
 impl EdgeLayer {
@@ -57,6 +61,21 @@ impl EdgeLayer {
                 max_in_flight,
                 default_timeout,
                 stats: Arc::new(EdgeStats::default()),
+                metrics: None,
+            }),
+        }
+    }
+
+    /// Also records every call in `metrics`.
+    pub fn with_metrics(self, metrics: RpcMetrics) -> Self {
+        let s = &self.shared;
+        EdgeLayer {
+            shared: Arc::new(Shared {
+                permits: s.permits.clone(),
+                max_in_flight: s.max_in_flight,
+                default_timeout: s.default_timeout,
+                stats: s.stats.clone(),
+                metrics: Some(metrics),
             }),
         }
     }
@@ -114,10 +133,13 @@ where
         let path = req.uri().path().to_string();
         let is_exempt = exempt(&path);
         let timeout = if is_exempt { None } else { self.shared.default_timeout };
-        let ctx = RequestContext::from_headers(req.headers(), &path, timeout);
+        let mut ctx = RequestContext::from_headers(req.headers(), &path, timeout);
         let request_id = ctx.request_id.clone();
-        let span = tracing::info_span!("rpc", method = %path, request_id = %ctx.request_id,
-            trace_id = %ctx.trace_id, span_id = %ctx.span_id);
+        let span = tracing::info_span!("rpc", otel.name = %path, otel.kind = "server", method = %path,
+            request_id = %ctx.request_id, trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+        crate::telemetry::attach(&span, &mut ctx, &[]);
+        let metrics = self.shared.metrics.clone();
+        let arrived = std::time::Instant::now();
 
         let permit = if is_exempt {
             None
@@ -126,6 +148,10 @@ where
                 Ok(p) => Some(p),
                 Err(_) => {
                     self.shared.stats.shed.fetch_add(1, Ordering::Relaxed);
+                    if let Some(m) = &metrics {
+                        m.shed();
+                        m.answered(&path, "RESOURCE_EXHAUSTED", arrived.elapsed());
+                    }
                     let _enter = span.enter();
                     tracing::warn!(max_in_flight = self.shared.max_in_flight, "overloaded; shedding call");
                     let status = tonic::Status::resource_exhausted(format!(
@@ -143,15 +169,25 @@ where
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let stats = self.shared.stats.clone();
+        if let Some(m) = &metrics {
+            m.started();
+        }
         Box::pin(
             async move {
-                let started = std::time::Instant::now();
+                let started = arrived;
+                // Counts the call as finished however this future ends (answered, or dropped because
+                // the client went away).
+                let mut done = Finished { metrics, path, code: "CANCELLED", started };
                 let fut = inner.call(req);
                 let result = match deadline {
                     Some(d) => match tokio::time::timeout_at(d, fut).await {
                         Ok(r) => r,
                         Err(_) => {
                             stats.deadline_exceeded.fetch_add(1, Ordering::Relaxed);
+                            if let Some(m) = &done.metrics {
+                                m.deadline_exceeded();
+                            }
+                            done.code = "DEADLINE_EXCEEDED";
                             tracing::warn!(elapsed_ms = started.elapsed().as_millis() as u64, "deadline exceeded");
                             let status = tonic::Status::deadline_exceeded(
                                 "deadline exceeded before the call completed; its outcome is unknown, retry with \
@@ -167,12 +203,31 @@ where
                 if let Ok(v) = request_id.parse() {
                     resp.headers_mut().insert(REQUEST_ID_HEADER, v);
                 }
-                let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0").to_string();
+                let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0");
+                done.code = crate::metrics::grpc_code_name(code);
                 tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, grpc_status = %code, "rpc done");
                 Ok(resp)
             }
             .instrument(span),
         )
+    }
+}
+
+/// Records a call's end in the metrics when dropped: after the response, or when the client gave up
+/// and the call's future was dropped (counted as CANCELLED).
+struct Finished {
+    metrics: Option<RpcMetrics>,
+    path: String,
+    /// The status code name (CANCELLED until the call is answered).
+    code: &'static str,
+    started: std::time::Instant,
+}
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        if let Some(m) = &self.metrics {
+            m.finished(&self.path, self.code, self.started.elapsed());
+        }
     }
 }
 

@@ -1,7 +1,8 @@
 //! The server runtime every chipgate service runs on, so that the three binaries behave alike.
 //!
 //! It owns the parts of a production gRPC service that are not business logic: configuration from
-//! flags and environment ([`config`]), logs ([`telemetry`]), the per-request context with request ids,
+//! flags and environment ([`config`]), logs and traces ([`telemetry`]), Prometheus metrics and the admin
+//! port that serves them ([`metrics`]), the per-request context with request ids,
 //! deadlines and W3C trace context carried through gRPC metadata ([`context`]), the edge layer that
 //! enforces deadlines and a global concurrency limit with load shedding ([`edge`]), gRPC health that
 //! tells the truth ([`health`]), reflection and graceful shutdown ([`server`]), and the shared helpers
@@ -17,6 +18,7 @@ pub mod health;
 pub mod hub;
 pub mod idempotency;
 pub mod locks;
+pub mod metrics;
 pub mod paging;
 pub mod records;
 pub mod server;
@@ -27,5 +29,6 @@ pub mod txn;
 pub mod validate;
 
 pub use context::RequestContext;
+pub use metrics::Metrics;
 pub use server::{ServerConfig, ServiceSpec, serve};
 pub use shutdown::Shutdown;

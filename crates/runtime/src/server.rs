@@ -15,6 +15,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::edge::{EdgeLayer, EdgeStats};
 use crate::health::{self, HealthHandle};
+use crate::metrics::Metrics;
 
 /// Server settings shared by every service.
 #[derive(Clone, Debug)]
@@ -61,6 +62,33 @@ pub struct ServiceSpec {
     pub names: Vec<&'static str>,
     /// Its routes.
     pub routes: Routes,
+    /// Its metrics (the edge records every call in them).
+    pub metrics: Metrics,
+}
+
+/// The method paths (`/pkg.Service/Method`) of `services` in the descriptor set, plus health and
+/// reflection: the only paths that get their own metric series.
+fn method_paths(services: &[&str]) -> Vec<String> {
+    use prost::Message;
+    let mut out = vec![
+        "/grpc.health.v1.Health/Check".to_string(),
+        "/grpc.health.v1.Health/Watch".to_string(),
+        "/grpc.health.v1.Health/List".to_string(),
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_string(),
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_string(),
+    ];
+    let Ok(set) = prost_types::FileDescriptorSet::decode(chipgate_proto::FILE_DESCRIPTOR_SET) else {
+        return out;
+    };
+    for file in &set.file {
+        for svc in &file.service {
+            let full = format!("{}.{}", file.package(), svc.name());
+            if services.contains(&full.as_str()) {
+                out.extend(svc.method.iter().map(|m| format!("/{full}/{}", m.name())));
+            }
+        }
+    }
+    out
 }
 
 /// Why serving failed.
@@ -121,7 +149,9 @@ pub async fn serve(
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
     let routes = spec.routes.add_service(health_service).add_service(v1).add_service(v1alpha);
-    let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout));
+    spec.metrics.rpc().know(method_paths(&spec.names));
+    let edge =
+        EdgeLayer::new(config.max_concurrency, Some(config.request_timeout)).with_metrics(spec.metrics.rpc().clone());
     on_ready(Running { health: health.clone(), edge: edge.stats() });
 
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();

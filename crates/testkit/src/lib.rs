@@ -4,6 +4,7 @@
 //! gRPC over real sockets.
 
 pub mod invariants;
+pub mod prom;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -62,6 +63,8 @@ impl Default for ClusterOptions {
 pub struct ServiceHandle {
     /// Where it listens.
     pub addr: SocketAddr,
+    /// Where its Prometheus metrics are served (`GET /metrics`).
+    pub metrics_addr: SocketAddr,
     /// Its health and edge handles.
     pub running: Running,
     shutdown: Shutdown,
@@ -72,6 +75,11 @@ impl ServiceHandle {
     /// `http://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `http://127.0.0.1:<port>/metrics`.
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.metrics_addr)
     }
 
     /// Triggers its shutdown and waits for the server to stop.
@@ -119,6 +127,12 @@ pub async fn start_service(
     let addr = listener.local_addr().expect("local addr");
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let spec = spec(&config);
+    let metrics_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind loopback port 0");
+    let metrics_addr = metrics_listener.local_addr().expect("local addr");
+    let (m, s) = (spec.metrics.clone(), shutdown.clone());
+    tokio::spawn(async move {
+        let _ = chipgate_runtime::metrics::serve(metrics_listener, m, async move { s.wait().await }).await;
+    });
     let s = shutdown.clone();
     let task = tokio::spawn(async move {
         let result = serve(listener, spec, store, config, async move { s.wait().await }, move |r| {
@@ -130,7 +144,7 @@ pub async fn start_service(
         }
     });
     let running = ready_rx.await.expect("server came up");
-    ServiceHandle { addr, running, shutdown, task: Some(task) }
+    ServiceHandle { addr, metrics_addr, running, shutdown, task: Some(task) }
 }
 
 /// A lazily-connecting channel to a service.

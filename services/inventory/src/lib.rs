@@ -15,6 +15,7 @@ mod convert;
 mod error;
 mod holds;
 pub mod keys;
+mod metrics;
 mod service;
 mod stock;
 mod sweeper;
@@ -82,21 +83,30 @@ struct Inner {
     locks: KeyedLocks,
     watch: chipgate_runtime::hub::StreamHub<pb::WatchStockResponse>,
     shutdown: Shutdown,
+    /// Its Prometheus metrics.
+    metrics: chipgate_runtime::Metrics,
+    /// What its code counts.
+    counters: metrics::Counters,
 }
 
 /// The routes and names to serve inventory with [`chipgate_runtime::serve`].
 pub fn spec(service: Inventory, config: &ServerConfig) -> ServiceSpec {
+    let metrics = service.metrics().clone();
     let server = pb::inventory_service_server::InventoryServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics }
 }
 
 impl Inventory {
     /// The service on `store`, with its expiry sweeper and stock-watch hub running until `shutdown`.
     pub fn start(store: Store, shutdown: Shutdown, options: Options) -> Self {
+        let metrics = chipgate_runtime::Metrics::new();
+        let counters = metrics::register(&metrics, store.clone());
         let svc = Inventory {
             inner: Arc::new(Inner {
+                metrics,
+                counters,
                 store,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
@@ -111,6 +121,11 @@ impl Inventory {
 
     fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
+    pub fn metrics(&self) -> &chipgate_runtime::Metrics {
+        &self.inner.metrics
     }
 
     async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {

@@ -22,7 +22,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    telemetry::init(args.common.log_format);
+    let _telemetry = match args.common.init_telemetry("chipgate-inventory") {
+        Ok(g) => g,
+        Err(e) => {
+            let _logs = telemetry::init_with_provider(args.common.log_format, None);
+            tracing::error!(error = %e, "can't set up trace export");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let addr = args.common.listen_or(DEFAULT_PORT);
     let products = match &args.catalogue {
         Some(path) => match load_catalogue_file(path) {
@@ -50,6 +57,10 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let service = Inventory::start(store.clone(), shutdown.clone(), Options::default());
+    if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {
+        tracing::error!(error = %e, "can't serve metrics");
+        return std::process::ExitCode::FAILURE;
+    }
     if let Some(products) = products {
         match service.load_catalogue(products).await {
             Ok(n) => tracing::info!(products = n, "catalogue loaded"),

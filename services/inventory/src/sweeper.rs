@@ -100,7 +100,7 @@ impl Inventory {
                     gone.push(hold_to(&h));
                 }
                 if gone.is_empty() {
-                    return Ok((Txn::new(), ExpiredCount { n: 0 }));
+                    return Ok((Txn::new(), ExpiredCount { n: 0, units: 0 }));
                 }
                 stock.update_ms = now;
                 t.replace(keys::stock(sku), sver, encode(&stock));
@@ -116,9 +116,11 @@ impl Inventory {
                         units_freed: units,
                     }),
                 );
-                Ok((t, ExpiredCount { n }))
+                Ok((t, ExpiredCount { n, units }))
             })
             .await?;
+        self.inner.counters.holds_expired.inc_by(answer.n);
+        self.inner.counters.units_expired.inc_by(answer.units);
         Ok(answer.n as usize)
     }
 }
@@ -128,4 +130,6 @@ impl Inventory {
 struct ExpiredCount {
     #[prost(uint64, tag = "1")]
     n: u64,
+    #[prost(uint64, tag = "2")]
+    units: u64,
 }

@@ -17,6 +17,7 @@ mod error;
 mod gates;
 pub mod keys;
 mod licences;
+mod metrics;
 mod quota;
 mod service;
 mod waves;
@@ -65,21 +66,27 @@ struct Inner {
     /// Serialises this replica's commits: every licensing change appends to the one audit chain, so
     /// concurrent commits would only conflict on its head.
     audit: tokio::sync::Mutex<()>,
+    /// Its Prometheus metrics.
+    metrics: chipgate_runtime::Metrics,
 }
 
 /// The routes and names to serve licensing with [`chipgate_runtime::serve`].
 pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
+    let metrics = service.metrics().clone();
     let server = pb::licensing_service_server::LicensingServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics }
 }
 
 impl Licensing {
     /// The service on `store`.
     pub fn new(store: Store) -> Self {
+        let metrics = chipgate_runtime::Metrics::new();
+        metrics::register(&metrics, store.clone());
         Licensing {
             inner: Arc::new(Inner {
+                metrics,
                 store,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
@@ -90,6 +97,11 @@ impl Licensing {
 
     fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
+    pub fn metrics(&self) -> &chipgate_runtime::Metrics {
+        &self.inner.metrics
     }
 
     /// Reads and decodes records; `(version, record)` where present.

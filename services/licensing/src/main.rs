@@ -17,7 +17,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    telemetry::init(args.common.log_format);
+    let _telemetry = match args.common.init_telemetry("chipgate-licensing") {
+        Ok(g) => g,
+        Err(e) => {
+            let _logs = telemetry::init_with_provider(args.common.log_format, None);
+            tracing::error!(error = %e, "can't set up trace export");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let addr = args.common.listen_or(DEFAULT_PORT);
     let shutdown = Shutdown::on_signals();
     let store = match args.common.connect_store().await {
@@ -37,6 +44,10 @@ async fn main() -> std::process::ExitCode {
     let config = args.common.server_config();
     tracing::info!(%addr, backend = store.kind(), "chipgate-licensing serving");
     let service = Licensing::new(store.clone());
+    if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {
+        tracing::error!(error = %e, "can't serve metrics");
+        return std::process::ExitCode::FAILURE;
+    }
     let s = shutdown.clone();
     match serve(listener, spec(service, &config), store, config, async move { s.wait().await }, |_| {}).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

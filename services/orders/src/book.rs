@@ -22,6 +22,10 @@ pub struct EventBatch {
     /// Each transition, in commit order.
     #[prost(message, repeated, tag = "1")]
     pub items: Vec<pb::WatchOrdersResponse>,
+    /// W3C traceparent of the work that made them (a call, or a reconciliation round continuing the
+    /// trace of what caused it).
+    #[prost(string, tag = "2")]
+    pub traceparent: String,
 }
 
 /// Collects what the orders written into one transaction add up to: their transitions (one stream
@@ -30,9 +34,15 @@ pub struct EventBatch {
 pub(crate) struct Events {
     transitions: Vec<pb::WatchOrdersResponse>,
     figures: BTreeMap<(String, &'static str), i64>,
+    traceparent: String,
 }
 
 impl Events {
+    /// Collects the transitions of work done under `ctx` (its trace goes with them).
+    pub(crate) fn traced(ctx: &chipgate_runtime::RequestContext) -> Self {
+        Events { traceparent: ctx.traceparent(), ..Events::default() }
+    }
+
     /// Appends the collected transitions and figure changes to `t` (nothing if there are none).
     pub(crate) fn flush(self, t: &mut Txn) {
         for ((wave, field), delta) in self.figures {
@@ -41,7 +51,7 @@ impl Events {
             }
         }
         if !self.transitions.is_empty() {
-            let batch = EventBatch { items: self.transitions };
+            let batch = EventBatch { items: self.transitions, traceparent: self.traceparent };
             t.xadd(keys::events(), vec![("b".to_string(), batch.encode_to_vec())], Some(MAX_EVENTS));
         }
     }

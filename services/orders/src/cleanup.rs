@@ -98,7 +98,7 @@ impl Orders {
                 self.load_many::<OrderRecord>(&keys_).await?.into_iter().flatten().collect();
             let mut settled = 0;
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(ctx);
             for (ver, o) in &current {
                 match (o.pending.first(), released.get(o.id.as_str())) {
                     (None, _) => {

@@ -12,10 +12,11 @@ use std::time::{Duration, Instant};
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
-use chipgate_runtime::Shutdown;
 use chipgate_runtime::time::now_ms;
+use chipgate_runtime::{RequestContext, Shutdown, telemetry};
 use chipgate_state::{Backend, StreamEntry, Txn};
 use prost::Message;
+use tracing::Instrument;
 
 use crate::marks::{self, Who};
 use crate::{Done, Error, Orders, book, keys};
@@ -31,12 +32,49 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    fn stream(self) -> String {
+    pub(crate) fn stream(self) -> String {
         match self {
             // The other services' streams, named by their key layout.
             Source::Licensing => chipgate_state::Space::new("lic").key(["events"]),
             Source::Inventory => chipgate_state::Space::new("inv").key(["events"]),
         }
+    }
+
+    /// The label the metrics use.
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Source::Licensing => "licensing",
+            Source::Inventory => "inventory",
+        }
+    }
+}
+
+fn licensing_kind(ev: &lpb::LicensingEvent) -> &'static str {
+    use lpb::licensing_event::Kind;
+    match &ev.kind {
+        Some(Kind::ApplicationChanged(_)) => "application_changed",
+        Some(Kind::WaveChanged(_)) => "wave_changed",
+        Some(Kind::WavePublished(_)) => "wave_published",
+        Some(Kind::LicenseChanged(_)) => "license_changed",
+        Some(Kind::QuotaChanged(_)) => "quota_changed",
+        Some(Kind::DomesticPurchaseRecorded(_)) => "domestic_purchase_recorded",
+        Some(Kind::ExportAuthorizationChanged(_)) => "export_authorization_changed",
+        Some(Kind::ImportPolicyChanged(_)) => "import_policy_changed",
+        None => "unknown",
+    }
+}
+
+fn inventory_kind(ev: &ipb::InventoryEvent) -> &'static str {
+    use ipb::inventory_event::Kind;
+    match &ev.kind {
+        Some(Kind::SupplyReceived(_)) => "supply_received",
+        Some(Kind::HoldsPlaced(_)) => "holds_placed",
+        Some(Kind::HoldsReleased(_)) => "holds_released",
+        Some(Kind::HoldsExpired(_)) => "holds_expired",
+        Some(Kind::HoldsConfirmed(_)) => "holds_confirmed",
+        Some(Kind::HoldsShipped(_)) => "holds_shipped",
+        Some(Kind::ProductUpserted(_)) => "product_upserted",
+        None => "unknown",
     }
 }
 
@@ -53,6 +91,9 @@ pub(crate) struct WaveMeta {
     /// `sku|buyer` of each licence of the wave.
     #[prost(string, repeated, tag = "4")]
     pub queues: Vec<String>,
+    /// When licensing published it (the event's time).
+    #[prost(uint64, tag = "5")]
+    pub published_ms: u64,
 }
 
 /// Follows one stream until shutdown.
@@ -107,7 +148,14 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
             continue;
         }
         match svc.apply_events(source, &entries).await {
-            Ok(products) => {
+            Ok((products, kinds)) => {
+                for kind in kinds {
+                    svc.inner
+                        .counters
+                        .events
+                        .get_or_create(&[("stream", source.name().into()), ("kind", kind.into())])
+                        .inc();
+                }
                 let ids: Vec<String> = entries.iter().map(|e| e.id.clone()).collect();
                 if let Err(e) = svc.store().ack(&stream, GROUP, &ids).await {
                     tracing::warn!(%stream, error = %e, "can't acknowledge events; they will be applied again (harmlessly)");
@@ -125,20 +173,42 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
     }
 }
 
+/// The span one event is handled in (a child of the span that made the change) and its traceparent,
+/// which the marks it sets carry on to the reconciliation rounds.
+fn consume_span(traceparent: &str, kind: &'static str) -> (tracing::Span, String) {
+    let mut ctx = RequestContext::background("consume", (!traceparent.is_empty()).then_some(traceparent));
+    let span = telemetry::work_span(&mut ctx, "consume event", kind, &[]);
+    (span, ctx.traceparent())
+}
+
 impl Orders {
     /// Turns events into marks (and expiries); returns the products concerned.
-    async fn apply_events(&self, source: Source, entries: &[StreamEntry]) -> Result<BTreeSet<String>, Error> {
+    /// Each event is handled in its own span, continuing the trace of the change that caused it.
+    async fn apply_events(
+        &self,
+        source: Source,
+        entries: &[StreamEntry],
+    ) -> Result<(BTreeSet<String>, Vec<&'static str>), Error> {
         let mut t = Txn::new();
         let mut products = BTreeSet::new();
+        let mut kinds = Vec::with_capacity(entries.len());
         for e in entries {
             let Some(raw) = e.field("e") else { continue };
             match source {
                 Source::Licensing => match lpb::LicensingEvent::decode(raw) {
-                    Ok(ev) => self.licensing_event(&mut t, &mut products, ev).await?,
+                    Ok(ev) => {
+                        kinds.push(licensing_kind(&ev));
+                        let (span, tp) = consume_span(&ev.traceparent, licensing_kind(&ev));
+                        self.licensing_event(&mut t, &mut products, ev, &tp).instrument(span).await?
+                    }
                     Err(err) => tracing::warn!(id = %e.id, error = %err, "undecodable licensing event skipped"),
                 },
                 Source::Inventory => match ipb::InventoryEvent::decode(raw) {
-                    Ok(ev) => self.inventory_event(&mut t, &mut products, ev).await?,
+                    Ok(ev) => {
+                        kinds.push(inventory_kind(&ev));
+                        let (span, tp) = consume_span(&ev.traceparent, inventory_kind(&ev));
+                        self.inventory_event(&mut t, &mut products, ev, &tp).instrument(span).await?
+                    }
                     Err(err) => tracing::warn!(id = %e.id, error = %err, "undecodable inventory event skipped"),
                 },
             }
@@ -146,7 +216,7 @@ impl Orders {
         if !t.is_empty() {
             self.store().commit(&t).await.map_err(|e| Error::Internal(format!("marks: {e}")))?;
         }
-        Ok(products)
+        Ok((products, kinds))
     }
 
     async fn licensing_event(
@@ -154,16 +224,17 @@ impl Orders {
         t: &mut Txn,
         products: &mut BTreeSet<String>,
         ev: lpb::LicensingEvent,
+        tp: &str,
     ) -> Result<(), Error> {
         use lpb::licensing_event::Kind;
         match ev.kind {
             Some(Kind::WavePublished(w)) => {
                 let cause = Cause::new(CauseKind::WavePublished, &w.wave_id);
                 for l in &w.licenses {
-                    marks::awaiting(t, &l.product_sku, Who::Buyer(&l.buyer_id), &cause);
+                    marks::awaiting(t, &l.product_sku, Who::Buyer(&l.buyer_id), &cause, tp);
                     products.insert(l.product_sku.clone());
                 }
-                self.observe_wave(&w).await?;
+                self.observe_wave(&w, ev.time.as_ref()).await?;
             }
             Some(Kind::LicenseChanged(c)) => {
                 let to = c.to_state();
@@ -175,15 +246,15 @@ impl Orders {
                 };
                 let cause = Cause::new(kind, &c.license_id);
                 if matches!(to, lpb::LicenseState::Suspended | lpb::LicenseState::Revoked) {
-                    marks::holders(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause);
+                    marks::holders(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
                 }
-                marks::awaiting(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause);
+                marks::awaiting(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
                 products.insert(c.product_sku);
             }
             Some(Kind::DomesticPurchaseRecorded(d)) => {
                 let cause = Cause::new(CauseKind::DomesticPurchase, &d.buyer_id);
                 for sku in self.store().smembers(&keys::awaiting_skus(&d.buyer_id)).await? {
-                    marks::awaiting(t, &sku, Who::Buyer(&d.buyer_id), &cause);
+                    marks::awaiting(t, &sku, Who::Buyer(&d.buyer_id), &cause, tp);
                     products.insert(sku);
                 }
             }
@@ -194,20 +265,39 @@ impl Orders {
                         &x.product_sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportAuthorized, &x.product_sku),
+                        tp,
                     );
                 } else {
-                    marks::holders(t, &x.product_sku, Who::All, &Cause::new(CauseKind::ExportRevoked, &x.product_sku));
-                    marks::awaiting(t, &x.product_sku, Who::All, &Cause::new(CauseKind::ExportRevoked, &x.product_sku));
+                    marks::holders(
+                        t,
+                        &x.product_sku,
+                        Who::All,
+                        &Cause::new(CauseKind::ExportRevoked, &x.product_sku),
+                        tp,
+                    );
+                    marks::awaiting(
+                        t,
+                        &x.product_sku,
+                        Who::All,
+                        &Cause::new(CauseKind::ExportRevoked, &x.product_sku),
+                        tp,
+                    );
                 }
                 products.insert(x.product_sku);
             }
             Some(Kind::ImportPolicyChanged(p)) => {
                 if p.to_stance() == lpb::ImportStance::Embargoed {
                     let cause = Cause::new(CauseKind::EmbargoSet, &p.product_sku);
-                    marks::holders(t, &p.product_sku, Who::All, &cause);
-                    marks::awaiting(t, &p.product_sku, Who::All, &cause);
+                    marks::holders(t, &p.product_sku, Who::All, &cause, tp);
+                    marks::awaiting(t, &p.product_sku, Who::All, &cause, tp);
                 } else {
-                    marks::awaiting(t, &p.product_sku, Who::All, &Cause::new(CauseKind::EmbargoLifted, &p.product_sku));
+                    marks::awaiting(
+                        t,
+                        &p.product_sku,
+                        Who::All,
+                        &Cause::new(CauseKind::EmbargoLifted, &p.product_sku),
+                        tp,
+                    );
                 }
                 products.insert(p.product_sku);
             }
@@ -220,6 +310,7 @@ impl Orders {
                         &q.product_sku,
                         Who::Buyer(&r.buyer_id),
                         &Cause::new(CauseKind::QuotaReturned, &r.license_id),
+                        tp,
                     );
                     products.insert(q.product_sku.clone());
                 }
@@ -234,24 +325,25 @@ impl Orders {
         t: &mut Txn,
         products: &mut BTreeSet<String>,
         ev: ipb::InventoryEvent,
+        tp: &str,
     ) -> Result<(), Error> {
         use ipb::inventory_event::Kind;
         let sku = ev.stock.as_ref().map(|s| s.product_sku.clone()).unwrap_or_default();
         match ev.kind {
             Some(Kind::SupplyReceived(r)) => {
                 let receipt = r.receipt.map(|r| r.receipt_id).unwrap_or_default();
-                marks::drain(t, &sku, &Cause::new(CauseKind::SupplyReceived, &receipt));
+                marks::drain(t, &sku, &Cause::new(CauseKind::SupplyReceived, &receipt), tp);
                 products.insert(sku);
             }
             Some(Kind::HoldsReleased(r)) if r.units_freed > 0 => {
-                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku));
+                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
                 products.insert(sku);
             }
             Some(Kind::HoldsExpired(x)) => {
                 for h in &x.reservations {
-                    self.expire_order(&h.order_id, h.generation).await?;
+                    self.expire_order(&h.order_id, h.generation, tp).await?;
                 }
-                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku));
+                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
                 products.insert(sku);
             }
             _ => {}
@@ -260,7 +352,8 @@ impl Orders {
     }
 
     /// An order's hold expired in inventory: RESERVED → EXPIRED, its quota owed back.
-    async fn expire_order(&self, order_id: &str, generation: u64) -> Result<(), Error> {
+    async fn expire_order(&self, order_id: &str, generation: u64, traceparent: &str) -> Result<(), Error> {
+        let ctx = RequestContext::background("expire", Some(traceparent));
         self.run_txn(None, || async {
             let Some((ver, o)) = self.load::<OrderRecord>(keys::order(order_id)).await? else {
                 return Ok((Txn::new(), Done {}));
@@ -271,7 +364,7 @@ impl Orders {
             let mut new = o.clone();
             new.expire(now_ms()).map_err(|e| Error::Internal(format!("order {order_id}: {e}")))?;
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(&ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
             Ok((t, Done {}))
@@ -281,8 +374,18 @@ impl Orders {
         Ok(())
     }
 
+    /// When licensing published `wave_id`, as the orders service recorded it (None: not observed).
+    pub(crate) async fn wave_published_ms(&self, wave_id: &str) -> Result<Option<u64>, String> {
+        let meta = self.load::<WaveMeta>(keys::wave_meta(wave_id)).await.map_err(|e| format!("{e:?}"))?;
+        Ok(meta.map(|(_, m)| if m.published_ms > 0 { m.published_ms } else { m.observed_ms }))
+    }
+
     /// Records when a wave was first seen and how many waiting orders it concerned (once).
-    async fn observe_wave(&self, w: &lpb::WavePublished) -> Result<(), Error> {
+    async fn observe_wave(
+        &self,
+        w: &lpb::WavePublished,
+        published: Option<&prost_types::Timestamp>,
+    ) -> Result<(), Error> {
         let queues: Vec<String> = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
         let sizes = futures_util::future::try_join_all(w.licenses.iter().map(|l| {
             let key = keys::awaiting(&l.product_sku, &l.buyer_id);
@@ -290,9 +393,16 @@ impl Orders {
         }))
         .await?;
         let concerned = sizes.iter().sum();
-        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms: now_ms(), concerned, queues };
+        let observed_ms = now_ms();
+        let published_ms = published
+            .and_then(|t| {
+                u64::try_from(t.seconds).ok().map(|s| s * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
+            })
+            .unwrap_or(observed_ms);
+        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms, concerned, queues, published_ms };
         let mut t = Txn::new();
         t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());
+        t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
         match self.store().commit(&t).await {
             // Already observed (the event was delivered again): keep the first observation.
             Ok(_) | Err(chipgate_state::CommitError::Conflict { .. }) => Ok(()),

@@ -98,3 +98,8 @@ pub fn wave(wave_id: &str) -> String {
 pub fn wave_meta(wave_id: &str) -> String {
     SPACE.key(["wave-meta", wave_id])
 }
+
+/// Waves observed, scored by when they were published (the metrics show the latest few).
+pub fn waves() -> String {
+    SPACE.key(["waves"])
+}

@@ -28,6 +28,7 @@ mod error;
 pub mod keys;
 mod lifecycle;
 mod marks;
+mod metrics;
 mod place;
 mod queries;
 mod reconcile;
@@ -46,6 +47,7 @@ use chipgate_state::{Store, Txn};
 use prost::Message;
 use tokio::sync::Notify;
 
+pub use book::EventBatch;
 pub use bulk::BulkOrder;
 pub use clients::Peers;
 pub use error::Error;
@@ -109,14 +111,19 @@ struct Inner {
     /// This replica's consumer name in the event consumer groups.
     consumer: String,
     cleanup_wake: Notify,
+    /// Its Prometheus metrics.
+    metrics: chipgate_runtime::Metrics,
+    /// What its code counts.
+    counters: metrics::Counters,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
 pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
+    let metrics = service.metrics().clone();
     let server = pb::order_service_server::OrderServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server) }
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics }
 }
 
 impl Orders {
@@ -124,8 +131,12 @@ impl Orders {
     /// worker and watch hub running until `shutdown`.
     pub fn start(store: Store, peers: Peers, shutdown: Shutdown, options: Options) -> Self {
         let consumer = format!("orders-{}-{:08x}", std::process::id(), fastrand::u32(..));
+        let metrics = chipgate_runtime::Metrics::new();
+        let (counters, sampler) = metrics::register(&metrics);
         let svc = Orders {
             inner: Arc::new(Inner {
+                metrics: metrics.clone(),
+                counters,
                 store,
                 peers,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
@@ -137,6 +148,7 @@ impl Orders {
                 cleanup_wake: Notify::new(),
             }),
         };
+        metrics.add_sampler(sampler.attach(&svc));
         tokio::spawn(reconcile::run(svc.clone(), shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Licensing, shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Inventory, shutdown.clone()));
@@ -151,6 +163,11 @@ impl Orders {
 
     fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
+    pub fn metrics(&self) -> &chipgate_runtime::Metrics {
+        &self.inner.metrics
     }
 
     fn options(&self) -> &Options {

@@ -44,7 +44,7 @@ impl Orders {
                 Error::precondition("ORDER_STATE", &o.id, format!("order {} is {}: {e}", o.id, o.status().name()))
             })?;
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
             Ok((t, Done {}))
@@ -115,7 +115,7 @@ impl Orders {
             new.move_to(OrderStatus::Confirmed, Cause::new(CauseKind::Confirmed, &o.id), "", vec![], now_ms())
                 .map_err(|e| Error::Internal(e.to_string()))?;
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
             Ok((t, Done {}))
@@ -159,7 +159,7 @@ impl Orders {
             new.move_to(OrderStatus::Shipped, Cause::new(CauseKind::Shipped, &o.id), "", vec![], now_ms())
                 .map_err(|e| Error::precondition("ORDER_CHANGED", &o.id, format!("order {}: {e}", o.id)))?;
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
             Ok((t, Done {}))

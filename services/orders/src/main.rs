@@ -35,7 +35,14 @@ struct Args {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    telemetry::init(args.common.log_format);
+    let _telemetry = match args.common.init_telemetry("chipgate-orders") {
+        Ok(g) => g,
+        Err(e) => {
+            let _logs = telemetry::init_with_provider(args.common.log_format, None);
+            tracing::error!(error = %e, "can't set up trace export");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let addr = args.common.listen_or(DEFAULT_PORT);
     let peers = match Peers::connect(&args.licensing_url, &args.inventory_url, args.common.max_message_bytes) {
         Ok(p) => p,
@@ -66,6 +73,10 @@ async fn main() -> std::process::ExitCode {
         ..Options::default()
     };
     let service = Orders::start(store.clone(), peers, shutdown.clone(), options);
+    if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {
+        tracing::error!(error = %e, "can't serve metrics");
+        return std::process::ExitCode::FAILURE;
+    }
     tracing::info!(%addr, backend = store.kind(), licensing = %args.licensing_url, inventory = %args.inventory_url, "chipgate-orders serving");
     let s = shutdown.clone();
     match serve(listener, spec(service, &config), store, config, async move { s.wait().await }, |_| {}).await {

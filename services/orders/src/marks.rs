@@ -7,6 +7,10 @@
 //! committed, and a pass deletes the marks it read *before* it reads the world: so any change is seen
 //! by the pass that consumes its mark, or leaves a mark for the next one. Marks are idempotent; setting
 //! one twice costs nothing.
+//!
+//! A mark's value is the W3C traceparent of the work that set it (the call or the event consumed), so
+//! the pass that takes it continues that trace: a wave's publish call, the consumer that read its
+//! event and the rounds that moved its orders are one trace.
 
 use std::collections::BTreeMap;
 
@@ -14,9 +18,6 @@ use chipgate_domain::orders::Cause;
 use chipgate_state::Txn;
 
 use crate::keys;
-
-/// Field value (marks carry their meaning in the field name).
-const SET: &[u8] = b"1";
 
 /// Who a mark is about.
 #[derive(Clone, Copy, Debug)]
@@ -37,18 +38,18 @@ impl Who<'_> {
 }
 
 /// Re-evaluate waiting orders.
-pub(crate) fn awaiting(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause) {
-    t.hset(keys::dirty(sku), format!("a|{}|{}", who.field(), cause.encode()), SET.to_vec());
+pub(crate) fn awaiting(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause, traceparent: &str) {
+    t.hset(keys::dirty(sku), format!("a|{}|{}", who.field(), cause.encode()), traceparent.as_bytes().to_vec());
 }
 
 /// Re-check orders holding quota.
-pub(crate) fn holders(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause) {
-    t.hset(keys::dirty(sku), format!("h|{}|{}", who.field(), cause.encode()), SET.to_vec());
+pub(crate) fn holders(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause, traceparent: &str) {
+    t.hset(keys::dirty(sku), format!("h|{}|{}", who.field(), cause.encode()), traceparent.as_bytes().to_vec());
 }
 
 /// Hand free stock to the backlog.
-pub(crate) fn drain(t: &mut Txn, sku: &str, cause: &Cause) {
-    t.hset(keys::dirty(sku), format!("d|{}", cause.encode()), SET.to_vec());
+pub(crate) fn drain(t: &mut Txn, sku: &str, cause: &Cause, traceparent: &str) {
+    t.hset(keys::dirty(sku), format!("d|{}", cause.encode()), traceparent.as_bytes().to_vec());
 }
 
 /// The marks one pass read, grouped.

@@ -74,9 +74,15 @@ impl Orders {
                 };
                 let placed = Placed { order_id: id };
                 let mut t = Txn::new();
-                let mut events = book::Events::default();
+                let mut events = book::Events::traced(ctx);
                 book::write(&mut t, &mut events, 0, None, &order);
-                marks::awaiting(&mut t, &order.sku, Who::Buyer(&order.buyer_id), &Cause::new(CauseKind::Placed, ""));
+                marks::awaiting(
+                    &mut t,
+                    &order.sku,
+                    Who::Buyer(&order.buyer_id),
+                    &Cause::new(CauseKind::Placed, ""),
+                    &ctx.traceparent(),
+                );
                 idem.record(&mut t, "PlaceOrder", &req.request_id, &fp, &placed);
                 events.flush(&mut t);
                 match self.store().commit(&t).await {

@@ -24,11 +24,12 @@ use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_runtime::time::{ms_of, now_ms};
-use chipgate_runtime::{RequestContext, Shutdown};
+use chipgate_runtime::{RequestContext, Shutdown, telemetry};
 use chipgate_state::{Backend, CommitError, Txn};
 use futures_util::future::try_join_all;
 use tokio::sync::{Notify, watch};
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::clients::rpc;
 use crate::convert::failure_from;
@@ -37,6 +38,8 @@ use crate::{Error, Orders, book, keys};
 
 /// Attempts at one batch when concurrent changes to its orders keep winning.
 const BATCH_ATTEMPTS: u32 = 8;
+/// Other traces a round links to at most (each further cause of the same round is only counted).
+const MAX_LINKS: usize = 16;
 
 /// Passes started and completed on one product by this replica.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -164,11 +167,12 @@ impl Orders {
         let products = self.store().smembers(&keys::products()).await?;
         if full && !products.is_empty() {
             let cause = Cause::new(CauseKind::Reconciled, "");
+            let tp = RequestContext::background("full-reconcile", None).traceparent();
             let mut t = Txn::new();
             for sku in &products {
-                crate::marks::awaiting(&mut t, sku, crate::marks::Who::All, &cause);
-                crate::marks::holders(&mut t, sku, crate::marks::Who::All, &cause);
-                crate::marks::drain(&mut t, sku, &cause);
+                crate::marks::awaiting(&mut t, sku, crate::marks::Who::All, &cause, &tp);
+                crate::marks::holders(&mut t, sku, crate::marks::Who::All, &cause, &tp);
+                crate::marks::drain(&mut t, sku, &cause, &tp);
             }
             self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
             return Ok((products, true));
@@ -273,53 +277,80 @@ impl Orders {
             }
             let mut t = Txn::new();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
-            for (f, _) in &dirty {
+            for (f, v) in &dirty {
                 t.hdel(keys::dirty(&lease.sku), f);
-                t.hset(keys::working(&lease.sku), f, b"1".to_vec());
+                t.hset(keys::working(&lease.sku), f, v.clone());
             }
             commit_under_lease(self, &t).await?;
             if !working.is_empty() {
                 tracing::info!(sku = %lease.sku, marks = working.len(), "finishing work a previous lease holder left unfinished");
             }
+            // The round continues the trace of what marked the product (the others become links).
+            let mut causes: Vec<String> = dirty
+                .iter()
+                .chain(working.iter())
+                .filter_map(|(_, v)| std::str::from_utf8(v).ok())
+                .filter(|tp| chipgate_runtime::context::parse_traceparent(tp).is_some())
+                .map(str::to_string)
+                .collect();
+            causes.sort();
+            causes.dedup();
             let mut fields: Vec<String> = dirty.into_iter().chain(working).map(|(f, _)| f).collect();
             fields.sort();
             fields.dedup();
             let marks = Marks::parse(fields);
-            let ctx = RequestContext::background("reconcile", None);
-            if marks.any_holders() {
-                self.recheck_holders(&ctx, lease, &marks).await?;
-            }
-            let marked = began.elapsed();
-            // Stock goes to the backlog as it stands first (its orders are already waiting for it).
-            if !marks.drain.is_empty() {
-                self.drain_backlog(&ctx, lease, &marks.drain[0], &HashMap::new()).await?;
-            }
-            let mut left_waiting: HashMap<String, Cause> = HashMap::new();
-            if marks.any_awaiting() {
-                left_waiting = self.evaluate_awaiting(&ctx, lease, &marks).await?;
-            }
-            let evaluated = began.elapsed();
-            if !left_waiting.is_empty() {
-                let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
-                self.drain_backlog(&ctx, lease, &cause, &left_waiting).await?;
-            }
-            let mut t = Txn::new();
-            t.expect_lease(keys::lease(&lease.sku), lease.token);
-            for f in &marks.fields {
-                t.hdel(keys::working(&lease.sku), f);
-            }
-            commit_under_lease(self, &t).await?;
-            tracing::debug!(
-                sku = %lease.sku,
-                marks = marks.fields.len(),
-                backlogged = left_waiting.len(),
-                marks_ms = marked.as_millis() as u64,
-                evaluate_ms = (evaluated - marked).as_millis() as u64,
-                total_ms = began.elapsed().as_millis() as u64,
-                "round done"
-            );
-            Ok(true)
+            let mut ctx = RequestContext::background("reconcile", causes.first().map(String::as_str));
+            let links: Vec<&str> = causes.iter().skip(1).take(MAX_LINKS).map(String::as_str).collect();
+            let span = telemetry::work_span(&mut ctx, "reconcile round", &lease.sku, &links);
+            let result = self.round_work(&ctx, lease, &marks, began).instrument(span).await;
+            let elapsed = began.elapsed();
+            self.inner.counters.rounds.get_or_create(&[("product", lease.sku.clone())]).inc();
+            self.inner.counters.round_seconds.observe(elapsed.as_secs_f64());
+            result.map(|()| true)
         }
+    }
+
+    /// The work of a round, once its marks are taken.
+    async fn round_work(
+        &self,
+        ctx: &RequestContext,
+        lease: &mut Lease,
+        marks: &Marks,
+        began: Instant,
+    ) -> Result<(), Error> {
+        if marks.any_holders() {
+            self.recheck_holders(ctx, lease, marks).await?;
+        }
+        let marked = began.elapsed();
+        // Stock goes to the backlog as it stands first (its orders are already waiting for it).
+        if !marks.drain.is_empty() {
+            self.drain_backlog(ctx, lease, &marks.drain[0], &HashMap::new()).await?;
+        }
+        let mut left_waiting: HashMap<String, Cause> = HashMap::new();
+        if marks.any_awaiting() {
+            left_waiting = self.evaluate_awaiting(ctx, lease, marks).await?;
+        }
+        let evaluated = began.elapsed();
+        if !left_waiting.is_empty() {
+            let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
+            self.drain_backlog(ctx, lease, &cause, &left_waiting).await?;
+        }
+        let mut t = Txn::new();
+        t.expect_lease(keys::lease(&lease.sku), lease.token);
+        for f in &marks.fields {
+            t.hdel(keys::working(&lease.sku), f);
+        }
+        commit_under_lease(self, &t).await?;
+        tracing::debug!(
+            sku = %lease.sku,
+            marks = marks.fields.len(),
+            backlogged = left_waiting.len(),
+            marks_ms = marked.as_millis() as u64,
+            evaluate_ms = (evaluated - marked).as_millis() as u64,
+            total_ms = began.elapsed().as_millis() as u64,
+            "round done"
+        );
+        Ok(())
     }
 
     /// Waiting orders of the marked buyers, oldest first: take quota (and stock, when nobody waits for
@@ -451,7 +482,7 @@ impl Orders {
             let t_hold = t0.elapsed();
             let now = now_ms();
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(ctx);
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             let mut entered = HashMap::new();
             let mut evaluated_by_wave: HashMap<&str, i64> = HashMap::new();
@@ -623,7 +654,7 @@ impl Orders {
                 resp.results.iter().map(|r| (r.order_id.as_str(), r)).collect();
             let now = now_ms();
             let mut t = Txn::new();
-            let mut events = book::Events::default();
+            let mut events = book::Events::traced(ctx);
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             let mut all_served = true;
             for (ver, o) in &orders {
@@ -648,6 +679,7 @@ impl Orders {
                             &lease.sku,
                             crate::marks::Who::Buyer(&o.buyer_id),
                             &Cause::new(CauseKind::Reconciled, ""),
+                            &ctx.traceparent(),
                         );
                         true
                     }
@@ -732,7 +764,7 @@ impl Orders {
                 let by_id: HashMap<&str, &lpb::License> = licences.iter().map(|l| (l.license_id.as_str(), l)).collect();
                 let now = now_ms();
                 let mut t = Txn::new();
-                let mut events = book::Events::default();
+                let mut events = book::Events::traced(ctx);
                 t.expect_lease(keys::lease(&sku), lease.token);
                 let mut any = false;
                 for (ver, o) in &orders {

@@ -1,0 +1,83 @@
+//! Inventory's metrics: stock per product read from the state when `/metrics` is scraped (every
+//! replica reports the same cluster-wide figures; aggregate with `max`), and counters of what this
+//! replica did (sum across replicas).
+
+use std::future::Future;
+use std::pin::Pin;
+
+use chipgate_domain::inventory::StockRecord;
+use chipgate_runtime::metrics::{CounterMetric as Counter, GaugeBy2, GaugeMetric as Gauge, Sample};
+use chipgate_runtime::{Metrics, records};
+use chipgate_state::{Backend, Store};
+
+use crate::keys;
+
+/// What the service's own code counts.
+#[derive(Clone)]
+pub(crate) struct Counters {
+    /// Holds the sweeper expired.
+    pub holds_expired: Counter,
+    /// Units those holds freed.
+    pub units_expired: Counter,
+}
+
+struct Sampler {
+    store: Store,
+    stock: GaugeBy2,
+    unconfirmed: Gauge,
+}
+
+/// Registers inventory's metrics in `metrics`; hands back the counters the code bumps.
+pub(crate) fn register(metrics: &Metrics, store: Store) -> Counters {
+    metrics.add_sampler(Sampler {
+        store,
+        stock: metrics.gauge_by2(
+            "chipgate_stock_units",
+            "Units per product: available, held (for orders, unconfirmed), committed (confirmed, not \
+             shipped), shipped, received (all supply ever received)",
+        ),
+        unconfirmed: metrics.gauge(
+            "chipgate_holds_unconfirmed",
+            "Holds placed and not yet confirmed (they expire unless their order is confirmed in time)",
+        ),
+    });
+    Counters {
+        holds_expired: metrics.counter("chipgate_holds_expired", "Holds the expiry sweeper expired"),
+        units_expired: metrics.counter("chipgate_hold_units_expired", "Units freed by expired holds"),
+    }
+}
+
+impl Sampler {
+    async fn read(&self) -> Result<(), String> {
+        let skus: Vec<String> = self
+            .store
+            .zrange(&keys::products(), 0, -1, false)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        let stock_keys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
+        let stocks = records::load_many::<StockRecord>(&self.store, &stock_keys).await.map_err(|e| e.to_string())?;
+        for (sku, stock) in skus.iter().zip(stocks) {
+            let Some((_, s)) = stock else { continue };
+            for (kind, v) in [
+                ("available", s.available),
+                ("held", s.held),
+                ("committed", s.committed),
+                ("shipped", s.shipped),
+                ("received", s.received),
+            ] {
+                self.stock.get_or_create(&[("product", sku.clone()), ("kind", kind.to_string())]).set(v as i64);
+            }
+        }
+        self.unconfirmed.set(self.store.zcard(&keys::expiry()).await.map_err(|e| e.to_string())? as i64);
+        Ok(())
+    }
+}
+
+impl Sample for Sampler {
+    fn sample(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.read())
+    }
+}

@@ -1,0 +1,198 @@
+//! The orders service's metrics.
+//!
+//! Read from the state when `/metrics` is scraped (every replica reports the same cluster-wide
+//! figures; aggregate with `max`): orders by state; per product the awaiting queues, the backlog and
+//! the orders holding quota; the event streams' pending entries and lag for the `orders` group; the
+//! release outbox; and the latest waves' progress, including the time from publish to the last of
+//! their orders settled.
+//!
+//! Counted by this replica's code (sum across replicas): events processed by stream and kind, and
+//! reconciliation rounds with their duration.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Mutex, Weak};
+
+use chipgate_domain::orders::OrderStatus;
+use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::Metrics;
+use chipgate_runtime::metrics::{
+    CounterBy1, CounterBy2, GaugeBy1, GaugeBy2, GaugeF64By1, GaugeMetric as Gauge, HistogramMetric, Sample,
+};
+use chipgate_state::Backend;
+
+use crate::consumer::{GROUP, Source};
+use crate::convert::state_to;
+use crate::{Inner, Orders, keys};
+
+/// Waves whose progress is shown (the latest by publish time).
+const WAVES_SHOWN: i64 = 5;
+
+/// What the service's own code counts.
+#[derive(Clone)]
+pub(crate) struct Counters {
+    /// Events applied, by stream and kind.
+    pub events: CounterBy2,
+    /// Reconciliation rounds, by product.
+    pub rounds: CounterBy1,
+    /// How long rounds take.
+    pub round_seconds: HistogramMetric,
+}
+
+pub(crate) struct Sampler {
+    svc: Weak<Inner>,
+    orders: GaugeBy1,
+    per_product: GaugeBy2,
+    streams: GaugeBy2,
+    outbox: Gauge,
+    waves: GaugeBy2,
+    settle: GaugeF64By1,
+    /// Waves currently shown (their series are removed when they drop out).
+    shown: Mutex<Vec<String>>,
+}
+
+/// Registers the gauges and counters in `metrics`.
+pub(crate) fn register(metrics: &Metrics) -> (Counters, Sampler) {
+    let counters = Counters {
+        events: metrics.counter_by2(
+            "chipgate_events_processed",
+            "Licensing and inventory events applied by this replica, by stream and kind",
+        ),
+        rounds: metrics
+            .counter_by("chipgate_reconcile_rounds", "Reconciliation rounds run by this replica, by product"),
+        round_seconds: metrics.seconds_histogram("chipgate_reconcile_round", "How long a reconciliation round takes"),
+    };
+    let sampler = Sampler {
+        svc: Weak::new(),
+        orders: metrics.gauge_by("chipgate_orders", "Orders by state"),
+        per_product: metrics.gauge_by2(
+            "chipgate_product_orders",
+            "Per product: orders awaiting a licence (queue=awaiting), holding quota and waiting for stock \
+             in the backlog (queue=backlog), and holding unconfirmed quota (queue=holding)",
+        ),
+        streams: metrics.gauge_by2(
+            "chipgate_event_stream",
+            "The orders consumer group on each event stream: entries delivered and not yet acknowledged \
+             (figure=pending) and entries not yet delivered (figure=lag)",
+        ),
+        outbox: metrics
+            .gauge("chipgate_release_outbox", "Orders that owe a quota or stock release not yet carried out"),
+        waves: metrics.gauge_by2(
+            "chipgate_wave_orders",
+            "The latest waves' orders: concerned (waiting when it was published), evaluated, reserved, \
+             backordered, awaiting",
+        ),
+        settle: metrics.gauge_f64_by(
+            "chipgate_wave_settle_seconds",
+            "The latest waves: seconds from publish until the last order it concerned was settled",
+        ),
+        shown: Mutex::new(Vec::new()),
+    };
+    (counters, sampler)
+}
+
+impl Sampler {
+    /// Points the sampler at the service (weakly: the service owns the metrics that own the sampler).
+    pub(crate) fn attach(mut self, svc: &Orders) -> Self {
+        self.svc = std::sync::Arc::downgrade(&svc.inner);
+        self
+    }
+
+    async fn read(&self) -> Result<(), String> {
+        let Some(inner) = self.svc.upgrade() else { return Ok(()) };
+        let svc = Orders { inner };
+        let store = svc.store();
+        let e = |e: &dyn std::fmt::Display| e.to_string();
+
+        for s in [
+            OrderStatus::Pending,
+            OrderStatus::AwaitingLicense,
+            OrderStatus::Backordered,
+            OrderStatus::Reserved,
+            OrderStatus::Confirmed,
+            OrderStatus::Shipped,
+            OrderStatus::Cancelled,
+            OrderStatus::Expired,
+            OrderStatus::Rejected,
+        ] {
+            let n = store.zcard(&keys::orders_in(s)).await.map_err(|x| e(&x))?;
+            self.orders.get_or_create(&[("state", state_label(s))]).set(n as i64);
+        }
+
+        for sku in store.smembers(&keys::products()).await.map_err(|x| e(&x))? {
+            let mut awaiting = 0;
+            for b in store.smembers(&keys::awaiting_buyers(&sku)).await.map_err(|x| e(&x))? {
+                awaiting += store.zcard(&keys::awaiting(&sku, &b)).await.map_err(|x| e(&x))?;
+            }
+            let backlog = store.zcard(&keys::backlog(&sku)).await.map_err(|x| e(&x))?;
+            let holding = store.zcard(&keys::holding(&sku)).await.map_err(|x| e(&x))?;
+            for (queue, n) in [("awaiting", awaiting), ("backlog", backlog), ("holding", holding)] {
+                self.per_product.get_or_create(&[("product", sku.clone()), ("queue", queue.into())]).set(n as i64);
+            }
+        }
+
+        for source in [Source::Licensing, Source::Inventory] {
+            let info = store.group_info(&source.stream(), GROUP).await.map_err(|x| e(&x))?;
+            let name = source.name().to_string();
+            self.streams
+                .get_or_create(&[("stream", name.clone()), ("figure", "pending".into())])
+                .set(info.pending as i64);
+            if let Some(lag) = info.lag {
+                self.streams.get_or_create(&[("stream", name), ("figure", "lag".into())]).set(lag as i64);
+            }
+        }
+
+        self.outbox.set(store.smembers(&keys::cleanup()).await.map_err(|x| e(&x))?.len() as i64);
+
+        let latest: Vec<String> = store
+            .zrange(&keys::waves(), 0, WAVES_SHOWN - 1, true)
+            .await
+            .map_err(|x| e(&x))?
+            .into_iter()
+            .map(|(w, _)| w)
+            .collect();
+        for w in &latest {
+            let p = svc
+                .get_wave_progress(pb::GetWaveProgressRequest { wave_id: w.clone() })
+                .await
+                .map_err(|x| format!("{x:?}"))?
+                .progress
+                .unwrap_or_default();
+            for (figure, n) in [
+                ("concerned", p.orders_concerned),
+                ("evaluated", p.orders_evaluated),
+                ("reserved", p.orders_reserved),
+                ("backordered", p.orders_backordered),
+                ("awaiting", p.orders_awaiting),
+            ] {
+                self.waves.get_or_create(&[("wave", w.clone()), ("figure", figure.into())]).set(n as i64);
+            }
+            let published = svc.wave_published_ms(w).await?;
+            if let (Some(settled), Some(published)) = (p.settle_time, published) {
+                let settled_ms = settled.seconds * 1000 + i64::from(settled.nanos) / 1_000_000;
+                let seconds = (settled_ms - published as i64).max(0) as f64 / 1000.0;
+                self.settle.get_or_create(&[("wave", w.clone())]).set(seconds);
+            }
+        }
+        let mut shown = self.shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        for old in shown.iter().filter(|w| !latest.contains(w)) {
+            for figure in ["concerned", "evaluated", "reserved", "backordered", "awaiting"] {
+                self.waves.remove(&[("wave", old.clone()), ("figure", figure.into())]);
+            }
+            self.settle.remove(&[("wave", old.clone())]);
+        }
+        *shown = latest;
+        Ok(())
+    }
+}
+
+fn state_label(s: OrderStatus) -> String {
+    let name = state_to(s).as_str_name();
+    name.strip_prefix("ORDER_STATE_").unwrap_or(name).to_string()
+}
+
+impl Sample for Sampler {
+    fn sample(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(self.read())
+    }
+}
