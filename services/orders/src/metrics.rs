@@ -104,17 +104,7 @@ impl Sampler {
         let store = svc.store();
         let e = |e: &dyn std::fmt::Display| e.to_string();
 
-        for s in [
-            OrderStatus::Pending,
-            OrderStatus::AwaitingLicense,
-            OrderStatus::Backordered,
-            OrderStatus::Reserved,
-            OrderStatus::Confirmed,
-            OrderStatus::Shipped,
-            OrderStatus::Cancelled,
-            OrderStatus::Expired,
-            OrderStatus::Rejected,
-        ] {
+        for s in OrderStatus::ALL {
             let n = store.zcard(&keys::orders_in(s)).await.map_err(|x| e(&x))?;
             self.orders.get_or_create(&[("state", state_label(s))]).set(n as i64);
         }
