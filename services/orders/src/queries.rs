@@ -9,6 +9,7 @@ use chipgate_runtime::paging::{self, Page};
 use chipgate_runtime::time::ts_opt;
 use chipgate_runtime::{hub, validate};
 use chipgate_state::Backend;
+use futures_util::future::try_join_all;
 
 use crate::consumer::WaveMeta;
 use crate::convert::{order_to, state_from, state_to};
@@ -144,14 +145,14 @@ impl Orders {
             .filter_map(|(f, v)| Some((f, std::str::from_utf8(&v).ok()?.parse::<i64>().ok()?.max(0) as u64)))
             .collect();
         let count = |s: OrderStatus| figures.get(state_to(s).as_str_name()).copied().unwrap_or(0);
-        let mut awaiting = 0;
-        if let Some(m) = &meta {
-            for q in &m.queues {
-                if let Some((sku, buyer)) = q.split_once('|') {
-                    awaiting += self.store().zcard(&keys::awaiting(sku, buyer)).await?;
-                }
-            }
-        }
+        // One queue per (product, buyer) the wave concerns: ask for all their lengths at once (they
+        // pipeline on the one connection), so a poll costs one round trip, not one per queue.
+        let queues: Vec<String> = meta
+            .iter()
+            .flat_map(|m| m.queues.iter())
+            .filter_map(|q| q.split_once('|').map(|(sku, buyer)| keys::awaiting(sku, buyer)))
+            .collect();
+        let awaiting: u64 = try_join_all(queues.iter().map(|k| self.store().zcard(k))).await?.into_iter().sum();
         let concerned = meta.as_ref().map(|m| m.concerned).unwrap_or(0);
         let evaluated = figures.get("evaluated").copied().unwrap_or(0);
         let settle = if meta.is_some() && evaluated >= concerned {
