@@ -3,6 +3,12 @@
 //! `chipgate dev` runs the whole cluster in one process; `chipgate demo` plays the seed story; the
 //! other commands talk to a running cluster as an operator or a buyer would.
 
+// mimalloc: the hot paths (batch scripts' arguments, protobuf records, gRPC frames) allocate and free
+// many short-lived buffers, and under glibc malloc that was a fifth of the process's cycles; with
+// mimalloc the wave benchmark ran about 1.5x faster on the same machine.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod client;
 mod cmd;
 mod demo;

@@ -1,5 +1,11 @@
 //! `chipgate-inventory`: serves the inventory API (with health and reflection) until SIGTERM/SIGINT.
 
+// mimalloc: the hot paths (batch scripts' arguments, protobuf records, gRPC frames) allocate and free
+// many short-lived buffers, and under glibc malloc that was a fifth of the process's cycles; with
+// mimalloc the wave benchmark ran about 1.5x faster on the same machine.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use chipgate_inventory::{DEFAULT_PORT, Inventory, Options, load_catalogue_file, spec};

@@ -1,6 +1,12 @@
 //! `chipgate-orders`: serves the orders API (with health and reflection) and propagates licensing
 //! and inventory changes into orders, until SIGTERM/SIGINT.
 
+// mimalloc: the hot paths (batch scripts' arguments, protobuf records, gRPC frames) allocate and free
+// many short-lived buffers, and under glibc malloc that was a fifth of the process's cycles; with
+// mimalloc the wave benchmark ran about 1.5x faster on the same machine.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use chipgate_orders::{DEFAULT_PORT, Options, Orders, Peers, spec};
 use chipgate_runtime::config::CommonArgs;
 use chipgate_runtime::{Shutdown, serve, telemetry};
