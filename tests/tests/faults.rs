@@ -355,7 +355,9 @@ async fn setup(j: &Shared, c: &Conn, apply: usize, licensed: usize) -> Vec<Strin
         }
     }
     let rest = apps.split_off(licensed * 2);
-    publish_wave(j, c, &apps).await;
+    if !apps.is_empty() {
+        publish_wave(j, c, &apps).await;
+    }
     rest
 }
 
@@ -603,6 +605,13 @@ async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared,
     }
     assert_eq!(f.unknown, f.unknown_then_acknowledged + f.unknown_then_refused, "every unknown outcome resolved");
     assert_eq!(f.attempted, f.acknowledged + f.refused, "every operation has exactly one outcome");
+    // A fault is never the caller's problem to diagnose: transient failures must say UNAVAILABLE (retry),
+    // not INTERNAL.
+    assert!(
+        !f.unknown_codes.contains_key("Internal"),
+        "a service answered INTERNAL to a transient fault: {:?}",
+        f.unknown_codes
+    );
     violations.len()
 }
 
@@ -733,8 +742,10 @@ async fn a_paused_orders_replica_is_taken_over() {
     let url = cluster.redis.url();
     let mut held: Option<(u64, Vec<String>)> = None;
     let mut granted = Vec::new();
+    let mut paused_at = Instant::now();
     for (round, pair) in apps.chunks(2).enumerate() {
         cluster.orders[0].pause();
+        paused_at = Instant::now();
         fault(&j, "SIGSTOP orders-0");
         tokio::time::sleep(Duration::from_millis(100)).await;
         publish_wave(&j, &c, pair).await;
@@ -789,8 +800,10 @@ async fn a_paused_orders_replica_is_taken_over() {
     );
     assert!(took_over > 0, "no replica logged a takeover");
 
-    // Wake it up in the middle of the load; whatever it was doing is stale now.
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // Keep it paused past the callers' deadline (calls to it become unknown outcomes) and past its
+    // product leases, then wake it up in the middle of the load: whatever it was doing is stale now.
+    tokio::time::sleep((DEADLINE + Duration::from_secs(2)).saturating_sub(paused_at.elapsed())).await;
+    eprintln!("faults/pause: replica 0 resumes after {:?}", paused_at.elapsed());
     cluster.orders[0].resume();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.store(true, Ordering::SeqCst);
@@ -820,13 +833,32 @@ async fn a_redis_outage_fails_fast_and_recovers() {
     let actors = spawn_actors(&j, &c, seed, &stop, waiting);
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    for kind in ["paused", "down"] {
+    for (kind, probe_sku) in [("paused", NVL), ("down", H200)] {
         let out_at = Instant::now();
         match kind {
             "paused" => procs::signal(cluster.redis.pid().unwrap(), "STOP"),
             _ => cluster.redis.kill(),
         }
         fault(&j, &format!("redis {kind}"));
+        // Health tells the truth on every service, within two probe intervals.
+        let watchers: Vec<_> = [&cluster.licensing, &cluster.inventory, &cluster.orders[0]]
+            .into_iter()
+            .map(|p| {
+                let (url, name) = (p.url(), p.name());
+                tokio::spawn(async move {
+                    loop {
+                        if procs::health(&url).await == Some(ServingStatus::NotServing) {
+                            return (name, out_at.elapsed());
+                        }
+                        assert!(
+                            out_at.elapsed() < Duration::from_secs(10),
+                            "{name} still SERVING while Redis is {kind}"
+                        );
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                })
+            })
+            .collect();
 
         // Calls to each service fail fast: UNAVAILABLE, well within their deadline.
         let probes = [
@@ -864,7 +896,7 @@ async fn a_redis_outage_fails_fast_and_recovers() {
         let submit = lpb::SubmitApplicationRequest {
             request_id: rid("probe-app"),
             buyer_id: "zhipu".into(),
-            product_sku: NVL.into(),
+            product_sku: probe_sku.into(),
             quantity: 10,
             end_use: "AI training".into(),
             site: "DC".into(),
@@ -874,19 +906,11 @@ async fn a_redis_outage_fails_fast_and_recovers() {
         assert!(matches!(&got, Outcome::Unknown(code) if code == "Unavailable"), "licensing during the outage");
         assert!(t.elapsed() < DEADLINE, "licensing hung for {:?}", t.elapsed());
 
-        // Health tells the truth on every service.
-        for p in [&cluster.licensing, &cluster.inventory, &cluster.orders[0]] {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            loop {
-                let h = procs::health(&p.url()).await;
-                if h == Some(ServingStatus::NotServing) {
-                    break;
-                }
-                assert!(Instant::now() < deadline, "{} reports {h:?} while Redis is {kind}", p.name());
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        for w in watchers {
+            let (name, took) = w.await.unwrap();
+            eprintln!("faults/outage: {name} NOT_SERVING {took:?} after Redis went {kind}");
+            assert!(took < Duration::from_secs(3), "{name} took {took:?} to report NOT_SERVING");
         }
-        eprintln!("faults/outage: every service NOT_SERVING {:?} after Redis went {kind}", out_at.elapsed());
         tokio::time::sleep(Duration::from_millis(3000).saturating_sub(out_at.elapsed())).await;
 
         // Redis returns; everything recovers by itself.
@@ -925,4 +949,140 @@ async fn a_redis_outage_fails_fast_and_recovers() {
     }
     let violations = finish("outage", seed, &mut cluster, &j, &c, began).await;
     assert_eq!(violations, 0, "invariant violations (seed {seed}); logs in {}", cluster.log_dir().display());
+}
+
+/// The checker is only worth something if it fails on a broken state. Starting from a clean, settled
+/// cluster it reports nothing; then each kind of damage a fault could do is made by hand — a receipt
+/// acknowledged but not booked, an order nobody acknowledged, an event stuck with a dead consumer, a
+/// step applied twice in an order's history, a forged audit entry, stock that went below zero — and
+/// each must be reported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
+    use chipgate_state::{Backend, Txn};
+    use chipgate_testkit::{Cluster, ClusterOptions, OrdersProcess};
+    use prost::Message;
+
+    let cluster = Cluster::start_with(ClusterOptions { orders_in_process: false, ..ClusterOptions::default() }).await;
+    // Claims only after 5 minutes: an entry left pending stays pending for the whole test.
+    let env = [("CHIPGATE_CLAIM_IDLE", "300s")];
+    let mut first = OrdersProcess::start(&cluster, &env).await;
+    let j: Shared = Arc::default();
+    let mut c = Conn { lic: cluster.licensing_client(), inv: cluster.inventory_client(), ord: vec![first.client()] };
+    let rest = setup(&j, &c, 1, 1).await;
+    assert!(rest.is_empty());
+    run_op(
+        &j,
+        &c,
+        0,
+        Op::Receive(ipb::ReceiveSupplyRequest {
+            request_id: rid("rcv"),
+            receipt_id: rid("rcpt"),
+            product_sku: H200.into(),
+            units: 100,
+            source: "air".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    for units in [60, 70] {
+        let op = Op::Place(opb::PlaceOrderRequest {
+            request_id: rid("place"),
+            buyer_id: BUYERS[0].into(),
+            product_sku: H200.into(),
+            units,
+            justification: "needed".into(),
+        });
+        run_op(&j, &c, 0, op).await.unwrap();
+    }
+    let mut clients = Clients { licensing: c.lic.clone(), inventory: c.inv.clone(), orders: first.client() };
+    assert!(invariants::wait_settled(&cluster.store, &mut clients.orders, Duration::from_secs(30)).await);
+    let ledger = j.lock().unwrap().ledger.clone();
+    let clean = invariants::check_ledger(&mut clients, &cluster.store, &ledger).await;
+    assert!(clean.violations.is_empty(), "{:#?}", clean.violations);
+
+    // An event delivered to a consumer that died before acknowledging it, and nobody claims it.
+    first.kill();
+    let url = cluster.redis.as_ref().unwrap().url();
+    let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: String =
+        redis::cmd("XADD").arg("{inv}:events").arg("*").arg("e").arg("").query_async(&mut conn).await.unwrap();
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("orders")
+        .arg("ghost")
+        .arg("STREAMS")
+        .arg("{inv}:events")
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let second = OrdersProcess::start(&cluster, &env).await;
+    c.ord = vec![second.client()];
+    clients.orders = second.client();
+
+    // A step of an order applied twice.
+    let first_order = j.lock().unwrap().order_ids[0].clone();
+    let key = format!("{{ord}}:order:{first_order}");
+    let store = &cluster.store;
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
+    let mut o = chipgate_domain::orders::OrderRecord::decode(rec.data.as_slice()).unwrap();
+    let last = o.history.last().unwrap().clone();
+    o.history.push(last);
+    let mut t = Txn::new();
+    t.replace(key, rec.version, o.encode_to_vec());
+    store.commit(&t).await.unwrap();
+
+    // A forged audit entry at the end of the chain.
+    let _: String = redis::cmd("XADD")
+        .arg("{lic}:audit")
+        .arg("*")
+        .arg("seq")
+        .arg("999")
+        .arg("prev")
+        .arg("00")
+        .arg("hash")
+        .arg("00")
+        .arg("entry")
+        .arg("forged")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+
+    // The ledger: a receipt the client saw acknowledged that was never booked, and a placement the
+    // client never saw acknowledged.
+    let mut ledger = ledger;
+    ledger.received.push((H200.to_string(), 50));
+    let forgotten = ledger.placed.pop().unwrap();
+
+    let report = invariants::check_ledger(&mut clients, store, &ledger).await;
+    let v = report.violations.join("\n");
+    eprintln!("the checker reports:\n{v}");
+    assert!(
+        v.contains(&format!("stock of {H200}: 100 units received, but the acknowledged receipts add up to 150")),
+        "{v}"
+    );
+    assert!(v.contains("which was never acknowledged") && v.contains(&forgotten), "{v}");
+    assert!(v.contains("{inv}:events: 1 events still pending with a consumer"), "{v}");
+    assert!(v.contains(&format!("order {first_order}: step")), "{v}");
+    assert!(v.contains("audit log does not verify"), "{v}");
+
+    // Stock sampled during a run: a figure that went below zero wraps around and is caught.
+    let s = ipb::Stock {
+        product_sku: H200.into(),
+        on_hand: 100,
+        available: u64::MAX - 9,
+        held: 110,
+        received: 100,
+        ..Default::default()
+    };
+    assert!(stock_problem(&s).unwrap().contains("went below zero"));
+    let ok = ipb::Stock {
+        product_sku: H200.into(),
+        on_hand: 100,
+        available: 40,
+        held: 60,
+        received: 100,
+        ..Default::default()
+    };
+    assert!(stock_problem(&ok).is_none());
 }
