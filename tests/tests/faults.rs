@@ -412,7 +412,7 @@ fn spawn_actors(
     for p in 0..3u64 {
         let (j, c, stop) = (j.clone(), c.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
-            let mut rng = fastrand::Rng::with_seed(seed ^ (p + 1) * 0x9e37_79b9);
+            let mut rng = fastrand::Rng::with_seed(seed ^ ((p + 1) * 0x9e37_79b9));
             for k in 0..200u64 {
                 if stop.load(Ordering::SeqCst) {
                     return;
@@ -690,9 +690,10 @@ async fn kill_9_of_services_and_redis_loses_nothing() {
 async fn pending_by_consumer(redis_url: &str, stream: &str) -> Vec<(String, u64)> {
     let client = redis::Client::open(redis_url).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let (_, _, _, consumers): (u64, Option<String>, Option<String>, Option<Vec<(String, u64)>>) =
-        redis::cmd("XPENDING").arg(stream).arg("orders").query_async(&mut conn).await.unwrap();
-    consumers.unwrap_or_default()
+    // Summary form: [count, smallest id, greatest id, [[consumer, count], ...]].
+    type Summary = (u64, Option<String>, Option<String>, Option<Vec<(String, u64)>>);
+    let summary: Summary = redis::cmd("XPENDING").arg(stream).arg("orders").query_async(&mut conn).await.unwrap();
+    summary.3.unwrap_or_default()
 }
 
 /// One orders replica is paused (SIGSTOP) while it holds events it has read but not applied; the other
