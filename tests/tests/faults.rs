@@ -570,8 +570,8 @@ async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared,
     violations.extend(j.figures.stock_problems.iter().cloned());
     let f = &j.figures;
     let faults: u64 = f.faults.values().sum();
-    eprintln!(
-        "\n=== faults/{name}: seed {seed} (CHIPGATE_FAULT_SEED={seed} replays it), {:.1} s ===\n\
+    let figures = format!(
+        "=== faults/{name}: seed {seed} (CHIPGATE_FAULT_SEED={seed} replays it), {:.1} s ===\n\
          operations attempted   {}\n\
          acknowledged           {}\n\
          refused                {}\n\
@@ -600,6 +600,9 @@ async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared,
         f.stock_samples,
         violations.len(),
     );
+    eprintln!("\n{figures}");
+    // Also kept where CI prints them from (test output is captured unless --nocapture).
+    let _ = std::fs::write(format!("{}/faults-{name}.txt", env!("CARGO_TARGET_TMPDIR")), &figures);
     for v in violations.iter().take(30) {
         eprintln!("  VIOLATION: {v}");
     }
@@ -628,6 +631,8 @@ fn orders_env() -> Vec<(String, String)> {
         ("CHIPGATE_CLAIM_IDLE".into(), "1s".into()),
         ("CHIPGATE_LEASE_TTL".into(), "2s".into()),
         ("CHIPGATE_BATCH_SIZE".into(), "50".into()),
+        // The takeover of a stalled replica's events is logged at info.
+        ("RUST_LOG".into(), "warn,chipgate_orders::consumer=info".into()),
     ]
 }
 
@@ -890,7 +895,11 @@ async fn a_redis_outage_fails_fast_and_recovers() {
                 _ => panic!("{op:?} succeeded or was refused while Redis was {kind}"),
             }
             assert!(took < DEADLINE, "{op:?} took {took:?}: it hung instead of failing fast");
-            eprintln!("faults/outage: Redis {kind}: {op:?} failed with UNAVAILABLE in {took:?}");
+            let what = match &op {
+                Op::Place(_) => "orders PlaceOrder",
+                _ => "inventory ReceiveSupply",
+            };
+            eprintln!("faults/outage: Redis {kind}: {what} failed with UNAVAILABLE in {took:?}");
             j.lock().unwrap().settle(&op, &outcome, false);
         }
         let t = Instant::now();
@@ -906,11 +915,16 @@ async fn a_redis_outage_fails_fast_and_recovers() {
         let got = attempt(c.lic.clone().submit_application(with_deadline(submit.clone()))).await;
         assert!(matches!(&got, Outcome::Unknown(code) if code == "Unavailable"), "licensing during the outage");
         assert!(t.elapsed() < DEADLINE, "licensing hung for {:?}", t.elapsed());
+        eprintln!(
+            "faults/outage: Redis {kind}: licensing SubmitApplication failed with UNAVAILABLE in {:?}",
+            t.elapsed()
+        );
 
         for w in watchers {
             let (name, took) = w.await.unwrap();
             eprintln!("faults/outage: {name} NOT_SERVING {took:?} after Redis went {kind}");
-            assert!(took < Duration::from_secs(3), "{name} took {took:?} to report NOT_SERVING");
+            // One probe interval (1 s) plus the probe's own timeout (1 s), and some slack for a busy machine.
+            assert!(took < Duration::from_secs(4), "{name} took {took:?} to report NOT_SERVING");
         }
         tokio::time::sleep(Duration::from_millis(3000).saturating_sub(out_at.elapsed())).await;
 

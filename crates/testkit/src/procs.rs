@@ -100,7 +100,7 @@ impl ServiceProcess {
         let mut cmd = Command::new(binary(self.name));
         cmd.env("CHIPGATE_LISTEN", self.addr.to_string())
             .env("CHIPGATE_LOG_FORMAT", "json")
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
