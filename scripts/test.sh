@@ -41,7 +41,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== binaries (the fault and crash tests run them as real processes)"
 cargo build --workspace --bins --locked
 echo "== tests"
+rm -f target/tmp/faults-*.txt
 cargo test --workspace --locked
+echo "== fault-suite figures"
+cat target/tmp/faults-*.txt 2>/dev/null || echo "(none written)"
 echo "== benchmark smoke run (tiny counts, so the program can't rot; figures are meaningless in debug)"
 cargo run --locked -q -p chipgate-bench -- --smoke --json --out target/bench-smoke
 if [ -f deploy/check.sh ]; then

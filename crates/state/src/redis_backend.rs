@@ -85,8 +85,23 @@ struct Scripts {
     lease_release: Script,
 }
 
+/// Transient failures (Redis unreachable, or up but not answering yet) become
+/// [`StateError::Unavailable`], so callers get UNAVAILABLE and retry; anything else is a real error.
+///
+/// A Redis that restarts with persistence answers `LOADING` until its dataset is back in memory;
+/// `TRYAGAIN`, `CLUSTERDOWN` and `MASTERDOWN` are the Cluster and failover equivalents.
 fn unavailable(e: RedisError) -> StateError {
-    if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    use redis::{ErrorKind, ServerErrorKind};
+    let busy = matches!(
+        e.kind(),
+        ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+        )
+    );
+    if busy || e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         StateError::Unavailable(e.to_string())
     } else {
         StateError::Backend(e.to_string())
@@ -671,6 +686,22 @@ mod tests {
         assert_eq!(redact("redis://:hunter2@db:6379/0"), "redis://:***@db:6379/0");
         assert_eq!(redact("redis://app:hunter2@db:6379"), "redis://app:***@db:6379");
         assert_eq!(redact("redis://db:6379"), "redis://db:6379");
+    }
+
+    #[test]
+    fn a_loading_or_failing_over_redis_is_unavailable_not_an_internal_error() {
+        use redis::{ErrorKind, ServerErrorKind};
+        for kind in [
+            ServerErrorKind::BusyLoading,
+            ServerErrorKind::TryAgain,
+            ServerErrorKind::ClusterDown,
+            ServerErrorKind::MasterDown,
+        ] {
+            let e = RedisError::from((ErrorKind::Server(kind), "transient"));
+            assert!(matches!(unavailable(e), StateError::Unavailable(_)), "{kind:?}");
+        }
+        let e = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "bad"));
+        assert!(matches!(unavailable(e), StateError::Backend(_)));
     }
 
     #[test]

@@ -284,3 +284,202 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
     }
     report
 }
+
+/// What a workload knows it did, once every call whose outcome was unknown (timed out, UNAVAILABLE)
+/// was retried with the same request id until it answered: nothing in here is uncertain any more.
+#[derive(Clone, Debug, Default)]
+pub struct Ledger {
+    /// Request ids of acknowledged PlaceOrder calls. Every other PlaceOrder was refused for good, so
+    /// the orders that exist are exactly these.
+    pub placed: Vec<String>,
+    /// (product, units) of each acknowledged supply receipt.
+    pub received: Vec<(String, u64)>,
+    /// Orders whose cancellation was acknowledged.
+    pub cancelled: Vec<String>,
+    /// Orders whose confirmation was acknowledged.
+    pub confirmed: Vec<String>,
+    /// Orders whose shipment was acknowledged.
+    pub shipped: Vec<String>,
+}
+
+/// The consumer group the orders service reads the licensing and inventory streams with.
+const ORDERS_GROUP: &str = "orders";
+
+fn allowed(from: OrderState, to: OrderState) -> bool {
+    use OrderState::*;
+    matches!(
+        (from, to),
+        (Pending, AwaitingLicense | Backordered | Rejected | Cancelled)
+            | (AwaitingLicense, AwaitingLicense | Backordered | Rejected | Cancelled)
+            | (Backordered, Backordered | Reserved | AwaitingLicense | Cancelled)
+            | (Reserved, Confirmed | Expired | AwaitingLicense | Cancelled)
+            | (Confirmed, Shipped | Cancelled)
+    )
+}
+
+/// Each order's history is one unbroken walk through the life cycle that ends where the order stands,
+/// with every one-off step (confirm, ship, cancel, expire) at most once: an event or call applied twice
+/// would show as a broken or repeated step.
+pub fn check_histories(orders: &[opb::Order]) -> Vec<String> {
+    let mut v = Vec::new();
+    for o in orders {
+        let mut at = OrderState::Pending;
+        for (i, t) in o.history.iter().enumerate() {
+            let (from, to) = (t.from_state(), t.to_state());
+            if i == 0 && from == OrderState::Unspecified && to == OrderState::Pending {
+                continue;
+            }
+            if from != at {
+                v.push(format!("order {}: step {i} leaves {from:?}, but the order stood at {at:?}", o.order_id));
+            }
+            if !allowed(from, to) {
+                v.push(format!("order {}: step {i} {from:?} → {to:?} is not a life-cycle move", o.order_id));
+            }
+            at = to;
+        }
+        if at != o.state() {
+            v.push(format!("order {}: history ends at {at:?}, but the order is {:?}", o.order_id, o.state()));
+        }
+        for once in [OrderState::Confirmed, OrderState::Shipped, OrderState::Cancelled, OrderState::Expired] {
+            let n = o.history.iter().filter(|t| t.to_state() == once).count();
+            if n > 1 {
+                v.push(format!("order {}: moved to {once:?} {n} times", o.order_id));
+            }
+        }
+    }
+    v
+}
+
+/// Everything [`check`] checks, and what a faulted run must also satisfy:
+/// * the orders that exist are exactly the acknowledged placements (none lost, none duplicated, none
+///   from a call the client never saw succeed);
+/// * each product received exactly the acknowledged receipts (each supply event applied once);
+/// * every acknowledged cancel, confirm and ship took effect, and each order's history is an unbroken
+///   walk through the life cycle ([`check_histories`]);
+/// * every event of the licensing and inventory streams was delivered to the orders consumer group
+///   and acknowledged (none lost, none stuck pending with a dead consumer);
+/// * no work is left behind: no dirty or half-done marks, no owed releases;
+/// * each application became at most one licence.
+///
+/// Call it once the cluster is quiet ([`wait_settled`]).
+///
+/// # Panics
+/// When a service or the store does not answer.
+pub async fn check_ledger(c: &mut Clients, store: &Store, ledger: &Ledger) -> Report {
+    let mut report = check(c, &ledger.placed).await;
+    let orders = all_orders(&mut c.orders).await;
+    let v = &mut report.violations;
+
+    let placed: std::collections::HashSet<&str> = ledger.placed.iter().map(String::as_str).collect();
+    for o in &orders {
+        if !placed.contains(o.request_id.as_str()) {
+            v.push(format!(
+                "order {} was placed by request {}, which was never acknowledged",
+                o.order_id, o.request_id
+            ));
+        }
+    }
+
+    let mut received: HashMap<&str, u64> = HashMap::new();
+    for (sku, units) in &ledger.received {
+        *received.entry(sku.as_str()).or_default() += units;
+    }
+    let stock = c.inventory.list_stock(ipb::ListStockRequest {}).await.expect("ListStock").into_inner().stock;
+    for s in &stock {
+        let want = received.get(s.product_sku.as_str()).copied().unwrap_or(0);
+        if s.received != want {
+            v.push(format!(
+                "stock of {}: {} units received, but the acknowledged receipts add up to {want}",
+                s.product_sku, s.received
+            ));
+        }
+    }
+    for sku in received.keys() {
+        if !stock.iter().any(|s| s.product_sku == *sku) {
+            v.push(format!("acknowledged receipts of {sku}, which has no stock"));
+        }
+    }
+
+    let by_id: HashMap<&str, &opb::Order> = orders.iter().map(|o| (o.order_id.as_str(), o)).collect();
+    let mut expect = |ids: &[String], what: &str, ok: &[OrderState]| {
+        for id in ids {
+            match by_id.get(id.as_str()) {
+                Some(o) if ok.contains(&o.state()) => {}
+                Some(o) => v.push(format!("order {id}: {what} was acknowledged, but it is {:?}", o.state())),
+                None => v.push(format!("order {id}: {what} was acknowledged, but the order does not exist")),
+            }
+        }
+    };
+    expect(&ledger.cancelled, "cancellation", &[OrderState::Cancelled]);
+    expect(&ledger.confirmed, "confirmation", &[OrderState::Confirmed, OrderState::Shipped, OrderState::Cancelled]);
+    expect(&ledger.shipped, "shipment", &[OrderState::Shipped]);
+    v.extend(check_histories(&orders));
+
+    for stream in ["{lic}:events", "{inv}:events"] {
+        match store.group_info(stream, ORDERS_GROUP).await {
+            Ok(g) => {
+                if g.pending != 0 {
+                    v.push(format!("{stream}: {} events still pending with a consumer", g.pending));
+                }
+                if g.lag.is_some_and(|l| l != 0) {
+                    v.push(format!("{stream}: {:?} events never delivered to the orders group", g.lag));
+                }
+            }
+            Err(e) => v.push(format!("{stream}: can't read the orders consumer group: {e}")),
+        }
+    }
+
+    let products = store.smembers("{ord}:products").await.expect("products");
+    for p in &products {
+        for (kind, key) in [("dirty", format!("{{ord}}:dirty:{p}")), ("unfinished", format!("{{ord}}:working:{p}"))] {
+            let marks = store.hgetall(&key).await.expect("marks");
+            if !marks.is_empty() {
+                v.push(format!("{p}: {} {kind} marks left behind", marks.len()));
+            }
+        }
+    }
+    let owed = store.smembers("{ord}:cleanup").await.expect("cleanup");
+    if !owed.is_empty() {
+        v.push(format!("{} orders still owe releases: {owed:?}", owed.len()));
+    }
+
+    let licences = all_licences(&mut c.licensing).await;
+    let mut per_app: HashMap<&str, usize> = HashMap::new();
+    for l in &licences {
+        *per_app.entry(l.application_id.as_str()).or_default() += 1;
+    }
+    for (app, n) in per_app {
+        if n > 1 {
+            v.push(format!("application {app} became {n} licences"));
+        }
+    }
+    report
+}
+
+/// Waits until the cluster has nothing left to do: [`wait_quiet`], and besides no unfinished marks and
+/// no events pending or undelivered in the orders consumer group. False if that did not happen
+/// within `within`.
+///
+/// # Panics
+/// When the store or the orders service does not answer.
+pub async fn wait_settled(store: &Store, orders: &mut OrderServiceClient<Channel>, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || !wait_quiet(store, orders, left).await {
+            return false;
+        }
+        let mut busy = false;
+        for p in store.smembers("{ord}:products").await.expect("products") {
+            busy |= !store.hgetall(&format!("{{ord}}:working:{p}")).await.expect("working").is_empty();
+        }
+        for stream in ["{lic}:events", "{inv}:events"] {
+            let g = store.group_info(stream, ORDERS_GROUP).await.expect("group info");
+            busy |= g.pending != 0 || g.lag.is_some_and(|l| l != 0);
+        }
+        if !busy {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

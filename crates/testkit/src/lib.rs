@@ -4,6 +4,7 @@
 //! gRPC over real sockets.
 
 pub mod invariants;
+pub mod procs;
 pub mod prom;
 
 use std::net::SocketAddr;

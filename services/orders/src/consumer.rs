@@ -112,14 +112,16 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
         }
     }
     let claim_every = svc.options().claim_idle / 2;
-    let mut last_claim = Instant::now() - claim_every;
+    // None: claim at once. (Not `now - claim_every`, which panics when the monotonic clock started
+    // less than that long ago, e.g. a long --claim-idle on a freshly booted host.)
+    let mut last_claim: Option<Instant> = None;
     loop {
         if shutdown.is_triggered() {
             return;
         }
         let mut entries = Vec::new();
-        if last_claim.elapsed() >= claim_every {
-            last_claim = Instant::now();
+        if last_claim.is_none_or(|t| t.elapsed() >= claim_every) {
+            last_claim = Some(Instant::now());
             match svc.store().autoclaim(&stream, GROUP, &svc.inner.consumer, svc.options().claim_idle, 256).await {
                 Ok(claimed) => {
                     if !claimed.is_empty() {

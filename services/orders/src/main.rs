@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use chipgate_orders::{DEFAULT_PORT, Options, Orders, Peers, spec};
 use chipgate_runtime::config::CommonArgs;
+use chipgate_runtime::time::parse_duration;
 use chipgate_runtime::{Shutdown, serve, telemetry};
 use clap::Parser;
 
@@ -36,6 +37,16 @@ struct Args {
     /// passes).
     #[arg(long, env = "CHIPGATE_BATCH_SIZE", default_value_t = 2000)]
     batch_size: usize,
+
+    /// Lifetime of a product lease; a replica that stops (crash, pause) holds its products this long
+    /// before another replica may take them over (e.g. 10s).
+    #[arg(long, env = "CHIPGATE_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
+    lease_ttl: std::time::Duration,
+
+    /// How long an event may stay pending with a replica before another replica claims it (the first
+    /// is presumed dead or stalled), e.g. 30s.
+    #[arg(long, env = "CHIPGATE_CLAIM_IDLE", value_parser = parse_duration, default_value = "30s")]
+    claim_idle: std::time::Duration,
 }
 
 #[tokio::main]
@@ -76,6 +87,8 @@ async fn main() -> std::process::ExitCode {
     let options = Options {
         hold_seconds: args.hold_seconds.clamp(1, 86_400),
         chunk: args.batch_size.clamp(1, 10_000),
+        lease_ttl: args.lease_ttl.clamp(std::time::Duration::from_millis(300), std::time::Duration::from_secs(3600)),
+        claim_idle: args.claim_idle.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(3600)),
         ..Options::default()
     };
     let service = Orders::start(store.clone(), peers, shutdown.clone(), options);

@@ -1,0 +1,347 @@
+//! A cluster of real processes for the fault tests: a private `redis-server` with AOF persistence and
+//! the three service binaries (`chipgate-licensing`, `chipgate-inventory`, one or more
+//! `chipgate-orders` replicas), each on a fixed loopback port so that it can be killed with SIGKILL,
+//! paused with SIGSTOP and started again where its clients expect it.
+//!
+//! Signals other than SIGKILL are sent with the `kill` command (no unsafe code, no new dependency).
+//! Every process writes its logs to a file in the cluster's temporary directory; set
+//! `CHIPGATE_KEEP_FAULT_LOGS=1` to keep that directory after the test.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
+use chipgate_state::Store;
+use chipgate_state::testing::{RedisServer, ServerOptions};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::{DEFAULT_CATALOGUE, binary, channel, free_port};
+
+/// Sends `signal` (e.g. "STOP", "CONT") to `pid` with the `kill` command.
+///
+/// # Panics
+/// When `kill` can't be run or refuses.
+pub fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// The health of the server at `url` (None: it does not answer within a second).
+pub async fn health(url: &str) -> Option<ServingStatus> {
+    let mut c = HealthClient::new(channel(url));
+    let call = c.check(HealthCheckRequest { service: String::new() });
+    match tokio::time::timeout(Duration::from_secs(1), call).await {
+        Ok(Ok(r)) => Some(r.into_inner().status()),
+        _ => None,
+    }
+}
+
+/// One service binary run as a child process on a fixed loopback port.
+pub struct ServiceProcess {
+    name: &'static str,
+    addr: SocketAddr,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    logs: PathBuf,
+    child: Option<Child>,
+    starts: usize,
+    paused: bool,
+}
+
+impl ServiceProcess {
+    fn new(name: &'static str, env: Vec<(String, String)>, args: Vec<String>, logs: PathBuf) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], free_port()).into();
+        ServiceProcess { name, addr, env, args, logs, child: None, starts: 0, paused: false }
+    }
+
+    /// The binary's name.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it is paused (SIGSTOP).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Starts the process (without waiting for it to serve).
+    ///
+    /// # Panics
+    /// When the binary is missing or can't be started.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "{} already runs", self.name);
+        self.starts += 1;
+        let log =
+            std::fs::File::create(self.logs.join(format!("{}-{}-{}.log", self.name, self.addr.port(), self.starts)))
+                .expect("create log file");
+        let mut cmd = Command::new(binary(self.name));
+        cmd.env("CHIPGATE_LISTEN", self.addr.to_string())
+            .env("CHIPGATE_LOG_FORMAT", "json")
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file handle"))
+            .stderr(log);
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().unwrap_or_else(|e| panic!("start {}: {e}", self.name)));
+        self.paused = false;
+    }
+
+    /// Waits until it answers health with SERVING.
+    ///
+    /// # Panics
+    /// When that does not happen within `within`.
+    pub async fn wait_serving(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if health(&self.url()).await == Some(ServingStatus::Serving) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} on {} did not become SERVING within {within:?}",
+                self.name,
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts it and waits until it serves.
+    pub async fn start(&mut self) {
+        self.spawn();
+        self.wait_serving(Duration::from_secs(30)).await;
+    }
+
+    /// SIGKILL, as a crash would (a paused process dies too).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.paused = false;
+    }
+
+    /// SIGKILL, then start again on the same port and wait until it serves.
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.start().await;
+    }
+
+    /// SIGSTOP: the process stays, holds its connections and leases, and does nothing.
+    pub fn pause(&mut self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "STOP");
+            self.paused = true;
+        }
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&mut self) {
+        if let Some(pid) = self.pid() {
+            signal(pid, "CONT");
+            self.paused = false;
+        }
+    }
+
+    /// Whether the process is still alive (it did not exit by itself).
+    pub fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// How to start a [`ProcessCluster`].
+#[derive(Clone, Debug)]
+pub struct ProcessOptions {
+    /// Orders replicas.
+    pub orders_replicas: usize,
+    /// Extra environment for every orders replica (e.g. `CHIPGATE_CLAIM_IDLE`).
+    pub orders_env: Vec<(String, String)>,
+    /// Redis command timeout of every service (`CHIPGATE_REDIS_TIMEOUT`).
+    pub redis_timeout: Duration,
+}
+
+impl Default for ProcessOptions {
+    fn default() -> Self {
+        ProcessOptions { orders_replicas: 1, orders_env: Vec::new(), redis_timeout: Duration::from_millis(1500) }
+    }
+}
+
+/// Redis with AOF and the three services, each its own process on loopback.
+pub struct ProcessCluster {
+    /// The private redis-server (AOF on, `appendfsync always`).
+    pub redis: RedisServer,
+    /// A store on that Redis for the test itself (reads for the checker, tampering).
+    pub store: Store,
+    /// The licensing service.
+    pub licensing: ServiceProcess,
+    /// The inventory service.
+    pub inventory: ServiceProcess,
+    /// The orders replicas.
+    pub orders: Vec<ServiceProcess>,
+    dir: Option<tempfile::TempDir>,
+}
+
+impl ProcessCluster {
+    /// Starts Redis and the services and waits until every one serves.
+    ///
+    /// # Panics
+    /// When a binary is missing (`cargo build --workspace --bins`) or something does not come up.
+    pub async fn start(options: ProcessOptions) -> Self {
+        chipgate_runtime::telemetry::init_for_tests();
+        let redis = RedisServer::start_with(ServerOptions { append_only: true });
+        let store = redis.store().await;
+        let dir = tempfile::Builder::new().prefix("chipgate-faults").tempdir().expect("temp dir");
+        let logs = dir.path().to_path_buf();
+        let catalogue = logs.join("catalogue.json");
+        std::fs::write(&catalogue, DEFAULT_CATALOGUE).expect("write catalogue");
+        let common = vec![
+            ("REDIS_URL".to_string(), redis.url()),
+            ("CHIPGATE_REDIS_TIMEOUT".to_string(), format!("{}ms", options.redis_timeout.as_millis())),
+            ("CHIPGATE_SHUTDOWN_GRACE".to_string(), "1s".to_string()),
+        ];
+        let mut licensing = ServiceProcess::new("chipgate-licensing", common.clone(), Vec::new(), logs.clone());
+        let mut inventory = ServiceProcess::new(
+            "chipgate-inventory",
+            common.clone(),
+            vec!["--catalogue".into(), catalogue.display().to_string()],
+            logs.clone(),
+        );
+        licensing.spawn();
+        inventory.spawn();
+        let mut orders = Vec::new();
+        for _ in 0..options.orders_replicas.max(1) {
+            let mut env = common.clone();
+            env.push(("CHIPGATE_LICENSING_URL".into(), licensing.url()));
+            env.push(("CHIPGATE_INVENTORY_URL".into(), inventory.url()));
+            env.extend(options.orders_env.iter().cloned());
+            let mut o = ServiceProcess::new("chipgate-orders", env, Vec::new(), logs.clone());
+            o.spawn();
+            orders.push(o);
+        }
+        for p in [&licensing, &inventory].into_iter().chain(orders.iter()) {
+            p.wait_serving(Duration::from_secs(30)).await;
+        }
+        ProcessCluster { redis, store, licensing, inventory, orders, dir: Some(dir) }
+    }
+
+    /// Where the processes write their logs.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.as_ref().map(|d| d.path().to_path_buf()).unwrap_or_default()
+    }
+
+    /// How many lines of the services' logs so far contain `needle` (e.g. a log message).
+    pub fn log_lines_containing(&self, needle: &str) -> usize {
+        let Ok(entries) = std::fs::read_dir(self.log_dir()) else { return 0 };
+        entries
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .map(|s| s.lines().filter(|l| l.contains(needle)).count())
+            .sum()
+    }
+
+    /// A licensing client.
+    pub fn licensing_client(&self) -> LicensingServiceClient<Channel> {
+        LicensingServiceClient::new(channel(&self.licensing.url()))
+    }
+
+    /// An inventory client.
+    pub fn inventory_client(&self) -> InventoryServiceClient<Channel> {
+        InventoryServiceClient::new(channel(&self.inventory.url()))
+    }
+
+    /// A client of orders replica `i`.
+    pub fn orders_client(&self, i: usize) -> OrderServiceClient<Channel> {
+        OrderServiceClient::new(channel(&self.orders[i].url()))
+    }
+
+    /// Clients of the three services (orders replica `i`).
+    pub fn clients(&self, i: usize) -> crate::invariants::Clients {
+        crate::invariants::Clients {
+            licensing: self.licensing_client(),
+            inventory: self.inventory_client(),
+            orders: self.orders_client(i),
+        }
+    }
+
+    /// Every service process, for fault injection.
+    pub fn services_mut(&mut self) -> Vec<&mut ServiceProcess> {
+        let mut all = vec![&mut self.licensing, &mut self.inventory];
+        all.extend(self.orders.iter_mut());
+        all
+    }
+
+    /// Makes sure every service runs, unpaused, and serves (after faults), and that the test's own
+    /// store has reconnected to Redis.
+    ///
+    /// # Panics
+    /// When that does not happen within 30 s.
+    pub async fn heal(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while chipgate_state::Backend::ping(&self.store).await.is_err() {
+            assert!(Instant::now() < deadline, "the test can't reach Redis again");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for p in self.services_mut() {
+            if p.is_paused() {
+                p.resume();
+            }
+            if !p.running() {
+                p.kill();
+                p.spawn();
+            }
+        }
+        for p in [&self.licensing, &self.inventory].into_iter().chain(self.orders.iter()) {
+            p.wait_serving(Duration::from_secs(30)).await;
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        // Services first, so nothing logs a lost connection to Redis on the way down.
+        for o in &mut self.orders {
+            o.kill();
+        }
+        self.inventory.kill();
+        self.licensing.kill();
+        if std::env::var_os("CHIPGATE_KEEP_FAULT_LOGS").is_some()
+            && let Some(dir) = self.dir.take()
+        {
+            let kept = dir.keep();
+            eprintln!("fault-test logs kept in {}", kept.display());
+        }
+    }
+}
