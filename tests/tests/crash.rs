@@ -23,7 +23,9 @@ async fn orders_killed_mid_wave_finishes_exactly_once_after_restart() {
         chipgate_testkit::Cluster::start_with(ClusterOptions { orders_in_process: false, ..ClusterOptions::default() })
             .await;
     // Small batches make the wave's propagation long enough to be cut in the middle.
-    let env = [("CHIPGATE_BATCH_SIZE", "25")];
+    // Short lease and claim times so the restarted replica takes over the dead one's product leases and
+    // pending events in seconds rather than the production defaults (10 s, 30 s).
+    let env = [("CHIPGATE_BATCH_SIZE", "25"), ("CHIPGATE_LEASE_TTL", "2s"), ("CHIPGATE_CLAIM_IDLE", "3s")];
     let mut first = OrdersProcess::start(&cluster, &env).await;
     let mut lic = cluster.licensing_client();
     let mut inv = cluster.inventory_client();
