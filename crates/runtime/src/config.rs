@@ -55,6 +55,15 @@ pub struct CommonArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
+    /// PEM file of the Ed25519 public key(s) that sign callers' bearer tokens (several blocks during a
+    /// key rotation). Required unless --insecure-no-auth.
+    #[arg(long, env = "CHIPGATE_AUTH_PUBLIC_KEY")]
+    pub auth_public_key: Option<std::path::PathBuf>,
+
+    /// Serve without authentication: every caller may call every RPC. Only for local experiments.
+    #[arg(long, env = "CHIPGATE_INSECURE_NO_AUTH", conflicts_with = "auth_public_key")]
+    pub insecure_no_auth: bool,
+
     /// Redis command timeout; calls fail fast with UNAVAILABLE after it while Redis is down.
     #[arg(long, env = "CHIPGATE_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub redis_timeout: Duration,
@@ -94,16 +103,31 @@ impl CommonArgs {
         Ok(Some(local))
     }
 
-    /// Server settings from the flags.
-    pub fn server_config(&self) -> ServerConfig {
-        ServerConfig {
+    /// Server settings from the flags (reads the key files they name).
+    ///
+    /// # Errors
+    /// When neither a public key nor --insecure-no-auth is given, or a key file is unusable.
+    pub fn server_config(&self) -> Result<ServerConfig, String> {
+        let auth = match (&self.auth_public_key, self.insecure_no_auth) {
+            (Some(path), _) => Some(std::sync::Arc::new(
+                crate::auth::Verifier::from_file(path).map_err(|e| format!("--auth-public-key: {e}"))?,
+            )),
+            (None, true) => None,
+            (None, false) => {
+                return Err("no --auth-public-key (CHIPGATE_AUTH_PUBLIC_KEY) given; pass --insecure-no-auth to serve \
+                            without authentication"
+                    .to_string());
+            }
+        };
+        Ok(ServerConfig {
             request_timeout: self.request_timeout,
             max_concurrency: self.max_concurrency.max(1),
             shutdown_grace: self.shutdown_grace,
             drain_delay: self.drain_delay,
             max_message_bytes: self.max_message_bytes,
+            auth,
             ..ServerConfig::default()
-        }
+        })
     }
 
     /// Connects to Redis, retrying (with a log line per attempt) until it answers.

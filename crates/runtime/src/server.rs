@@ -38,6 +38,9 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Health probe interval.
     pub health_interval: Duration,
+    /// Verifies callers' bearer tokens; None turns authentication off (every caller is trusted: only
+    /// for tests and explicitly insecure setups).
+    pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
 }
 
 impl Default for ServerConfig {
@@ -52,6 +55,7 @@ impl Default for ServerConfig {
             max_connection_age: Duration::from_secs(30 * 60),
             max_message_bytes: 8 * 1024 * 1024,
             health_interval: Duration::from_secs(1),
+            auth: None,
         }
     }
 }
@@ -150,8 +154,12 @@ pub async fn serve(
 
     let routes = spec.routes.add_service(health_service).add_service(v1).add_service(v1alpha);
     spec.metrics.rpc().know(method_paths(&spec.names));
-    let edge =
-        EdgeLayer::new(config.max_concurrency, Some(config.request_timeout)).with_metrics(spec.metrics.rpc().clone());
+    if config.auth.is_none() {
+        tracing::warn!(?local, "authentication is OFF: every caller may call every RPC");
+    }
+    let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout))
+        .with_metrics(spec.metrics.rpc().clone())
+        .with_auth(config.auth.clone(), config.max_message_bytes);
     on_ready(Running { health: health.clone(), edge: edge.stats() });
 
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
