@@ -231,7 +231,7 @@ class Security(OverlayCase):
                     self.assertIs(pod.get("automountServiceAccountToken"), False, f"{w['metadata']['name']}: automount off")
 
     def test_secret_volumes_are_optional(self):
-        """Keys and certificates are referenced for later; pods must start without them."""
+        """Secrets are optional: a missing key or certificate shows as the binary's own error."""
         for overlay, docs in self.each_overlay():
             with self.subTest(overlay=overlay):
                 for w in k8s.workloads(docs):
