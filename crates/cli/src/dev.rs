@@ -230,6 +230,7 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         &format!("http://{}", loopback(inv_addr)),
         config.max_message_bytes,
         service_tokens,
+        None,
     )?;
     let orders =
         chipgate_orders::Orders::start(store.clone(), peers, shutdown.clone(), chipgate_orders::Options::default());

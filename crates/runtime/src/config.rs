@@ -64,6 +64,25 @@ pub struct CommonArgs {
     #[arg(long, env = "CHIPGATE_INSECURE_NO_AUTH", conflicts_with = "auth_public_key")]
     pub insecure_no_auth: bool,
 
+    /// PEM certificate (chain) of this service: with --tls-key and --tls-ca, the gRPC port serves
+    /// TLS and requires client certificates signed by the CA (mTLS); orders also presents it to its
+    /// peers.
+    #[arg(long, env = "CHIPGATE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CHIPGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s) that client certificates (and peer servers) must chain to.
+    #[arg(long, env = "CHIPGATE_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// Address of a plaintext port that serves only gRPC health (for Kubernetes probes when the
+    /// main port requires mTLS), e.g. 0.0.0.0:8086.
+    #[arg(long, env = "CHIPGATE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// Redis command timeout; calls fail fast with UNAVAILABLE after it while Redis is down.
     #[arg(long, env = "CHIPGATE_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub redis_timeout: Duration,
@@ -119,7 +138,10 @@ impl CommonArgs {
                     .to_string());
             }
         };
+        let tls = self.tls_config()?;
         Ok(ServerConfig {
+            tls,
+            health_listen: self.health_listen,
             request_timeout: self.request_timeout,
             max_concurrency: self.max_concurrency.max(1),
             shutdown_grace: self.shutdown_grace,
@@ -128,6 +150,18 @@ impl CommonArgs {
             auth,
             ..ServerConfig::default()
         })
+    }
+
+    /// The mTLS material, when --tls-cert/--tls-key/--tls-ca are given.
+    ///
+    /// # Errors
+    /// When a file can't be read.
+    pub fn tls_config(&self) -> Result<Option<crate::server::TlsConfig>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => crate::server::TlsConfig::from_files(c, k, ca).map(Some),
+            (None, None, None) => Ok(None),
+            _ => Err("--tls-cert, --tls-key and --tls-ca go together".to_string()),
+        }
     }
 
     /// Connects to Redis, retrying (with a log line per attempt) until it answers.

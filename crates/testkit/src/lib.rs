@@ -228,6 +228,7 @@ impl Cluster {
                 &inventory.url(),
                 options.server.max_message_bytes,
                 service_tokens,
+                None,
             )
             .expect("peer urls");
             let ord_shutdown = Shutdown::new();

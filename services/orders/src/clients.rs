@@ -13,6 +13,7 @@ use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceCli
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_runtime::RequestContext;
 use chipgate_runtime::auth::{AuthChannel, TokenSource, with_token};
+use chipgate_runtime::server::TlsConfig;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -31,8 +32,11 @@ pub struct Peers {
     pub inventory: InventoryServiceClient<AuthChannel>,
 }
 
-fn channel(url: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("bad url {url:?}: {e}"))?;
+fn channel(url: &str, tls: Option<&TlsConfig>) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("bad url {url:?}: {e}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client()).map_err(|e| format!("TLS for {url:?}: {e}"))?;
+    }
     Ok(endpoint
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -43,7 +47,8 @@ fn channel(url: &str) -> Result<Channel, String> {
 }
 
 impl Peers {
-    /// Lazily-connecting clients (the peers may start after orders does) whose calls carry `tokens`.
+    /// Lazily-connecting clients (the peers may start after orders does) whose calls carry `tokens`,
+    /// over mTLS when `tls` is given (then the URLs are `https://`).
     ///
     /// # Errors
     /// When a URL is malformed.
@@ -52,12 +57,13 @@ impl Peers {
         inventory_url: &str,
         max_message_bytes: usize,
         tokens: TokenSource,
+        tls: Option<&TlsConfig>,
     ) -> Result<Self, String> {
         Ok(Peers {
-            licensing: LicensingServiceClient::new(with_token(channel(licensing_url)?, tokens.clone()))
+            licensing: LicensingServiceClient::new(with_token(channel(licensing_url, tls)?, tokens.clone()))
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
-            inventory: InventoryServiceClient::new(with_token(channel(inventory_url)?, tokens))
+            inventory: InventoryServiceClient::new(with_token(channel(inventory_url, tls)?, tokens))
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
         })

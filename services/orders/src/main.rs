@@ -79,7 +79,13 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let peers = match Peers::connect(&args.licensing_url, &args.inventory_url, args.common.max_message_bytes, tokens) {
+    let peers = match Peers::connect(
+        &args.licensing_url,
+        &args.inventory_url,
+        args.common.max_message_bytes,
+        tokens,
+        config.tls.as_ref(),
+    ) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "bad peer address");
