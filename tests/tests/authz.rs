@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use bytes::{Buf, BufMut, Bytes};
+use bytes::Bytes;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_proto::orders::v1 as opb;
@@ -19,63 +19,14 @@ use chipgate_runtime::policy::{self, BuyerAccess};
 use chipgate_testkit::{BackendKind, Cluster, ClusterOptions};
 use prost::Message;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
 const H200: &str = "H200-SXM-141GB";
 const ALPHA: &str = "alpha-ai";
 const BETA: &str = "beta-ai";
 
-/// Sends and receives raw protobuf bytes, so any RPC can be called by path.
-#[derive(Clone, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Bytes;
-    type Decode = Bytes;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Self::Encoder {
-        Raw
-    }
-    fn decoder(&mut self) -> Self::Decoder {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Bytes, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put(item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Bytes;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Bytes>, tonic::Status> {
-        Ok(Some(src.copy_to_bytes(src.remaining())))
-    }
-}
-
 /// Calls `path` with `body`; Ok(()) when answered (any non-auth outcome), Err(status) otherwise.
 async fn call(url: &str, path: &str, streaming: bool, body: Bytes, token: Option<&str>) -> Result<(), tonic::Status> {
-    let channel = chipgate_testkit::channel(url);
-    let mut grpc = tonic::client::Grpc::new(channel);
-    grpc.ready().await.map_err(|e| tonic::Status::unavailable(e.to_string()))?;
-    let mut req = tonic::Request::new(body);
-    req.set_timeout(Duration::from_secs(10));
-    if let Some(t) = token {
-        req.metadata_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
-    }
-    let path: http::uri::PathAndQuery = path.parse().unwrap();
-    let answer = if streaming {
-        grpc.server_streaming(req, path, Raw).await.map(|_| ())
-    } else {
-        grpc.unary(req, path, Raw).await.map(|_| ())
-    };
-    match answer {
+    match chipgate_testkit::raw::call(url, path, streaming, body, token).await {
         Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => Err(s),
         _ => Ok(()),
     }

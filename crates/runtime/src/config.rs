@@ -55,6 +55,24 @@ pub struct CommonArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
+    /// Calls per second each caller (token subject, or IP address without authentication) may make;
+    /// beyond it calls get RESOURCE_EXHAUSTED with RetryInfo. 0 turns the limit off. The services'
+    /// own calls to each other are not limited.
+    #[arg(long, env = "CHIPGATE_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+
+    /// Calls a caller may make in a burst above --rate-limit.
+    #[arg(long, env = "CHIPGATE_RATE_LIMIT_BURST", default_value_t = 100)]
+    pub rate_limit_burst: u32,
+
+    /// HTTP/2 connections older than this are closed gracefully (clients reconnect and rebalance).
+    #[arg(long, env = "CHIPGATE_MAX_CONNECTION_AGE", value_parser = parse_duration, default_value = "30m")]
+    pub max_connection_age: Duration,
+
+    /// HTTP/2 keepalive ping interval (dead peers are noticed within this plus 10 s).
+    #[arg(long, env = "CHIPGATE_KEEPALIVE", value_parser = parse_duration, default_value = "30s")]
+    pub keepalive: Duration,
+
     /// PEM file of the Ed25519 public key(s) that sign callers' bearer tokens (several blocks during a
     /// key rotation). Required unless --insecure-no-auth.
     #[arg(long, env = "CHIPGATE_AUTH_PUBLIC_KEY")]
@@ -142,6 +160,10 @@ impl CommonArgs {
         Ok(ServerConfig {
             tls,
             health_listen: self.health_listen,
+            rate_limit_per_second: self.rate_limit.max(0.0),
+            rate_limit_burst: self.rate_limit_burst.max(1),
+            max_connection_age: self.max_connection_age,
+            keepalive_interval: self.keepalive,
             request_timeout: self.request_timeout,
             max_concurrency: self.max_concurrency.max(1),
             shutdown_grace: self.shutdown_grace,

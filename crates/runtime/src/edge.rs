@@ -59,6 +59,8 @@ struct Shared {
     auth: Option<Arc<Verifier>>,
     /// Largest request message read when a buyer-scoped request must be inspected.
     max_message_bytes: usize,
+    /// Per-caller rate limit (None: off).
+    rate: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl EdgeLayer {
@@ -74,6 +76,7 @@ impl EdgeLayer {
                 metrics: None,
                 auth: None,
                 max_message_bytes: 4 * 1024 * 1024,
+                rate: None,
             }),
         }
     }
@@ -82,6 +85,15 @@ impl EdgeLayer {
     pub fn with_metrics(self, metrics: RpcMetrics) -> Self {
         let mut s = (*self.shared).clone();
         s.metrics = Some(metrics);
+        EdgeLayer { shared: Arc::new(s) }
+    }
+
+    /// Limits each caller (its token's subject, or its IP address without authentication) to
+    /// `per_second` calls per second with bursts of `burst`; the services' own `service` calls are
+    /// not limited.
+    pub fn with_rate_limit(self, per_second: f64, burst: u32) -> Self {
+        let mut s = (*self.shared).clone();
+        s.rate = (per_second > 0.0).then(|| Arc::new(crate::ratelimit::RateLimiter::new(per_second, burst)));
         EdgeLayer { shared: Arc::new(s) }
     }
 
@@ -214,6 +226,33 @@ where
                 }
             }
         };
+
+        // Per-caller rate limit (after authentication, so the caller is known).
+        if let (Some(rate), false) = (&self.shared.rate, is_exempt) {
+            let caller = match &ctx.principal {
+                Some(p) if p.role == crate::auth::Role::Service => None,
+                Some(p) => Some(p.subject.clone()),
+                None => Some(
+                    req.extensions()
+                        .get::<tonic::transport::server::TcpConnectInfo>()
+                        .and_then(|i| i.remote_addr())
+                        .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string()),
+                ),
+            };
+            if let Some(caller) = caller
+                && let Err(wait) = rate.take(&caller)
+            {
+                if let Some(m) = &metrics {
+                    m.answered(&path, "RESOURCE_EXHAUSTED", arrived.elapsed());
+                }
+                let _enter = span.enter();
+                tracing::info!(%caller, ?wait, "rate limited");
+                return Box::pin(std::future::ready(Ok(status_response(
+                    crate::ratelimit::rate_limited(wait),
+                    &request_id,
+                ))));
+            }
+        }
 
         let deadline = ctx.deadline;
         req.extensions_mut().insert(ctx);

@@ -22,6 +22,7 @@ pub mod locks;
 pub mod metrics;
 pub mod paging;
 pub mod policy;
+pub mod ratelimit;
 pub mod records;
 pub mod server;
 pub mod shutdown;

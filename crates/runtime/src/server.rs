@@ -45,6 +45,10 @@ pub struct ServerConfig {
     /// Verifies callers' bearer tokens; None turns authentication off (every caller is trusted: only
     /// for tests and explicitly insecure setups).
     pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
+    /// Calls per second per caller (0: no per-caller limit).
+    pub rate_limit_per_second: f64,
+    /// Burst of calls per caller above the rate.
+    pub rate_limit_burst: u32,
     /// Serve TLS and require client certificates (None: plaintext).
     pub tls: Option<TlsConfig>,
     /// A plaintext port serving only health (for probes when the main port requires mTLS).
@@ -107,6 +111,8 @@ impl Default for ServerConfig {
             max_message_bytes: 8 * 1024 * 1024,
             health_interval: Duration::from_secs(1),
             auth: None,
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: 100,
             tls: None,
             health_listen: None,
         }
@@ -240,7 +246,8 @@ pub async fn serve(
     }
     let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout))
         .with_metrics(spec.metrics.rpc().clone())
-        .with_auth(config.auth.clone(), config.max_message_bytes);
+        .with_auth(config.auth.clone(), config.max_message_bytes)
+        .with_rate_limit(config.rate_limit_per_second, config.rate_limit_burst);
     on_ready(Running { health: health.clone(), edge: edge.stats(), health_addr });
 
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();

@@ -5,6 +5,7 @@
 
 pub mod invariants;
 pub mod prom;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::time::Duration;
