@@ -272,13 +272,17 @@ where
                 let mut done = Finished { metrics, path, code: "CANCELLED", started };
                 let req = match field_check {
                     None => req,
-                    Some((field, buyer)) => match own_buyer_only(req, field, &buyer, max_body).await {
-                        Ok(req) => req,
-                        Err(status) => {
-                            done.code = crate::metrics::grpc_code_name(&(status.code() as i32).to_string());
-                            return Ok(status_response(status, &request_id));
+                    // Reading the body counts against the deadline too (a client that never finishes
+                    // sending must not hold a permit forever).
+                    Some((field, buyer)) => {
+                        match within(deadline, own_buyer_only(req, field, &buyer, max_body)).await {
+                            Ok(req) => req,
+                            Err(status) => {
+                                done.code = crate::metrics::grpc_code_name(&(status.code() as i32).to_string());
+                                return Ok(status_response(status, &request_id));
+                            }
                         }
-                    },
+                    }
                 };
                 let fut = inner.call(req);
                 let result = match deadline {
@@ -312,6 +316,19 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// `fut`, or DEADLINE_EXCEEDED once `deadline` passes.
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("deadline exceeded while reading the request"))),
+        None => fut.await,
     }
 }
 
