@@ -148,6 +148,9 @@ class Probes(OverlayCase):
                     continue
                 env = k8s.container_env(c, k8s.namespace_of(w), docs)
                 listen_port = int(env["CHIPGATE_LISTEN"].rsplit(":", 1)[1])
+                # With a plaintext health port (needed once the gRPC port requires mTLS), probes use it.
+                if env.get("CHIPGATE_HEALTH_LISTEN"):
+                    listen_port = int(env["CHIPGATE_HEALTH_LISTEN"].rsplit(":", 1)[1])
                 container_ports = [p["containerPort"] for p in c.get("ports", [])]
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     self.assertIn("grpc", c[probe], f"{probe} must be a native gRPC probe")
@@ -231,7 +234,7 @@ class Security(OverlayCase):
                     self.assertIs(pod.get("automountServiceAccountToken"), False, f"{w['metadata']['name']}: automount off")
 
     def test_secret_volumes_are_optional(self):
-        """Keys and certificates are referenced for later; pods must start without them."""
+        """Secrets are optional: a missing key or certificate shows as the binary's own error."""
         for overlay, docs in self.each_overlay():
             with self.subTest(overlay=overlay):
                 for w in k8s.workloads(docs):

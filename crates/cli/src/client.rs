@@ -75,6 +75,19 @@ pub struct Global {
         default_value = "chipgate-cli"
     )]
     pub actor: String,
+    /// Bearer token to call with (`chipgate dev` prints one per role). Sent as `authorization: Bearer`.
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Cluster and output (every command)",
+        env = "CHIPGATE_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token to call with (`chipgate dev` writes them under its --auth-dir).
+    #[arg(long, global = true, help_heading = "Cluster and output (every command)", env = "CHIPGATE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
 }
 
 /// Parses "10s", "500ms", "2m", "1h" or a bare number of seconds ("1.5").
@@ -381,6 +394,8 @@ const MAX_MESSAGE: usize = 64 << 20;
 pub struct Ctx {
     /// The global options.
     pub g: Global,
+    /// The bearer token sent with every call (from --token or --token-file).
+    token: Option<String>,
     lic: Channel,
     inv: Channel,
     ord: Channel,
@@ -400,7 +415,17 @@ impl Ctx {
         let lic = channel("licensing", &g.licensing)?;
         let inv = channel("inventory", &g.inventory)?;
         let ord = channel("orders", &g.orders)?;
-        Ok(Ctx { g, lic, inv, ord })
+        let token = match (&g.token, &g.token_file) {
+            (Some(t), _) => Some(t.trim().to_string()),
+            (None, Some(path)) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| Failure::Input(format!("--token-file {}: {e}", path.display())))?
+                    .trim()
+                    .to_string(),
+            ),
+            (None, None) => None,
+        };
+        Ok(Ctx { g, token, lic, inv, ord })
     }
 
     /// True when the output is JSON.
@@ -451,6 +476,11 @@ impl Ctx {
     fn stamp<T>(&self, r: &mut tonic::Request<T>) {
         if let Ok(v) = self.g.actor.parse() {
             r.metadata_mut().insert(chipgate_runtime::context::ACTOR_HEADER, v);
+        }
+        if let Some(token) = &self.token
+            && let Ok(v) = format!("Bearer {token}").parse()
+        {
+            r.metadata_mut().insert(chipgate_runtime::auth::AUTHORIZATION_HEADER, v);
         }
     }
 

@@ -505,6 +505,9 @@ pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
         orders_port: 0,
         redis_url: None,
         catalogue: None,
+        // The demo plays every role on a private, loopback-only cluster of its own.
+        auth_dir: None,
+        insecure_no_auth: true,
     };
     let cluster = crate::dev::start_cluster(&args, &shutdown).await.map_err(Failure::Local)?;
     let mut g = ctx.g.clone();

@@ -35,6 +35,59 @@ pub struct DevArgs {
     /// Catalogue file to load instead of the built-in one (a JSON array of products).
     #[arg(long)]
     pub catalogue: Option<PathBuf>,
+    /// Where the dev cluster writes the key pair it generates (`signing.pem`, `public.pem`) and a
+    /// token per role (`tokens/<role>.jwt`, `tokens/buyer-<id>.jwt`). Default: a `chipgate-dev`
+    /// directory under the system's temporary directory.
+    #[arg(long)]
+    pub auth_dir: Option<PathBuf>,
+    /// Run without authentication (every caller may call every RPC).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+}
+
+/// Buyers the dev cluster prints tokens for.
+const DEV_BUYERS: [&str; 3] = ["bytedance", "alibaba", "tencent"];
+
+/// How long the printed dev tokens stay valid.
+const DEV_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The dev cluster's generated key and the tokens it wrote.
+pub struct DevAuth {
+    /// Where the files are.
+    pub dir: PathBuf,
+    /// `(name, token)`: one per non-buyer role, one per dev buyer (`buyer-<id>`).
+    pub tokens: Vec<(String, String)>,
+}
+
+/// Generates the dev key pair and tokens into `dir` (the private key readable by this user only).
+fn generate_auth(dir: &std::path::Path) -> Result<(chipgate_runtime::auth::Signer, DevAuth), String> {
+    use chipgate_runtime::auth::{Role, Signer};
+    let signer = Signer::generate().map_err(|e| format!("can't generate a signing key: {e}"))?;
+    let tokens_dir = dir.join("tokens");
+    std::fs::create_dir_all(&tokens_dir).map_err(|e| format!("can't create {}: {e}", tokens_dir.display()))?;
+    let write = |path: PathBuf, text: &str| -> Result<(), String> {
+        std::fs::write(&path, text).map_err(|e| format!("can't write {}: {e}", path.display()))?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| format!("can't restrict {}: {e}", path.display()))?;
+        }
+        Ok(())
+    };
+    write(dir.join("signing.pem"), &signer.private_pem())?;
+    write(dir.join("public.pem"), &signer.public_pem())?;
+    let mut tokens = Vec::new();
+    for role in Role::ALL.into_iter().filter(|r| *r != Role::Buyer) {
+        tokens.push((role.as_str().to_string(), signer.mint_role(role, DEV_TOKEN_TTL)));
+    }
+    for buyer in DEV_BUYERS {
+        tokens.push((format!("buyer-{buyer}"), signer.mint_buyer(buyer, DEV_TOKEN_TTL)));
+    }
+    for (name, token) in &tokens {
+        write(tokens_dir.join(format!("{name}.jwt")), token)?;
+    }
+    Ok((signer, DevAuth { dir: dir.to_path_buf(), tokens }))
 }
 
 struct Started {
@@ -84,6 +137,8 @@ async fn start(
 
 /// A dev cluster running in this process.
 pub struct DevCluster {
+    /// The generated key and tokens (None without authentication).
+    pub auth: Option<DevAuth>,
     started: Vec<Started>,
     backend: String,
     products: usize,
@@ -144,7 +199,21 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         .map_err(|e| format!("can't use redis at {url}: {e}"))?,
         None => Store::memory(),
     };
-    let config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
+    let mut config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
+    let (auth, service_tokens) = if args.insecure_no_auth {
+        (None, chipgate_runtime::auth::TokenSource::None)
+    } else {
+        let dir = args.auth_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("chipgate-dev"));
+        let (signer, auth) = generate_auth(&dir)?;
+        config.auth = Some(std::sync::Arc::new(signer.verifier()));
+        let tokens = chipgate_runtime::auth::TokenSource::minted(
+            signer,
+            chipgate_runtime::auth::Role::Service,
+            "service:orders",
+            None,
+        );
+        (Some(auth), tokens)
+    };
 
     let licensing = chipgate_licensing::Licensing::new(store.clone());
     let inventory =
@@ -160,6 +229,8 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         &format!("http://{}", loopback(lic_addr)),
         &format!("http://{}", loopback(inv_addr)),
         config.max_message_bytes,
+        service_tokens,
+        None,
     )?;
     let orders =
         chipgate_orders::Orders::start(store.clone(), peers, shutdown.clone(), chipgate_orders::Options::default());
@@ -200,7 +271,7 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         Some(url) => format!("redis ({url})"),
         None => "embedded in-memory state (gone when this process exits)".to_string(),
     };
-    Ok(DevCluster { started, backend, products })
+    Ok(DevCluster { auth, started, backend, products })
 }
 
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
@@ -228,20 +299,44 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     for s in &cluster.started {
         lines.push(format!("  {:<10} {:<16} {:<36} metrics http://{}/metrics", s.name, s.addr, s.service, s.metrics));
     }
+    let token = |name: &str| {
+        cluster.auth.as_ref().and_then(|a| a.tokens.iter().find(|(n, _)| n == name)).map(|(_, t)| t.clone())
+    };
+    let header = |name: &str| token(name).map(|t| format!("-H 'authorization: Bearer {t}' ")).unwrap_or_default();
+    match &cluster.auth {
+        Some(auth) => {
+            lines.push(String::new());
+            lines.push(format!(
+                "  authentication ON — keys and tokens (valid 7 days) in {}; tokens by role:",
+                auth.dir.display()
+            ));
+            for (name, t) in &auth.tokens {
+                lines.push(format!("    {name:<18} {t}"));
+            }
+            lines.push(format!(
+                "  the CLI: export CHIPGATE_TOKEN_FILE={}/tokens/buyer-bytedance.jwt (or --token …)",
+                auth.dir.display()
+            ));
+        }
+        None => lines.push("  authentication OFF (--insecure-no-auth): every caller may call every RPC".to_string()),
+    }
+    let (ia, vendor, buyer, anyone) =
+        (header("import_authority"), header("vendor"), header("buyer-bytedance"), header("auditor"));
     lines.extend([
         String::new(),
         "  try:".to_string(),
         format!("    grpcurl -plaintext {lic} list"),
         format!("    grpcurl -plaintext {lic} grpc.health.v1.Health/Check"),
-        format!("    grpcurl -plaintext {inv} chipgate.inventory.v1.InventoryService/ListStock"),
+        format!("    grpcurl -plaintext {anyone}{inv} chipgate.inventory.v1.InventoryService/ListStock"),
         format!(
-            "    grpcurl -plaintext -d '{{\"request_id\":\"demo-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"quantity\":\"200000\",\"end_use\":\"LLM training\",\"site\":\"Ulanqab\"}}' {lic} chipgate.licensing.v1.LicensingService/SubmitApplication"
+            "    grpcurl -plaintext {buyer}-d '{{\"request_id\":\"demo-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"quantity\":\"200000\",\"end_use\":\"LLM training\",\"site\":\"Ulanqab\"}}' {lic} chipgate.licensing.v1.LicensingService/SubmitApplication"
+        ),
+        format!("    grpcurl -plaintext {ia}{lic} chipgate.licensing.v1.LicensingService/ListQueue"),
+        format!(
+            "    grpcurl -plaintext {buyer}-d '{{\"request_id\":\"ord-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"1000\",\"justification\":\"training\"}}' {ord} chipgate.orders.v1.OrderService/PlaceOrder"
         ),
         format!(
-            "    grpcurl -plaintext -d '{{\"request_id\":\"ord-1\",\"buyer_id\":\"bytedance\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"1000\",\"justification\":\"training\"}}' {ord} chipgate.orders.v1.OrderService/PlaceOrder"
-        ),
-        format!(
-            "    grpcurl -plaintext -d '{{\"request_id\":\"rcpt-1\",\"receipt_id\":\"rcpt-1\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"5000\"}}' {inv} chipgate.inventory.v1.InventoryService/ReceiveSupply"
+            "    grpcurl -plaintext {vendor}-d '{{\"request_id\":\"rcpt-1\",\"receipt_id\":\"rcpt-1\",\"product_sku\":\"H200-SXM-141GB\",\"units\":\"5000\"}}' {inv} chipgate.inventory.v1.InventoryService/ReceiveSupply"
         ),
         String::new(),
         "  Ctrl-C stops the cluster.".to_string(),

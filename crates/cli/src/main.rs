@@ -15,6 +15,7 @@ mod demo;
 mod dev;
 mod import;
 mod out;
+mod token;
 mod view;
 
 use clap::{Parser, Subcommand};
@@ -90,6 +91,11 @@ enum Command {
         after_help = "Examples:\n  chipgate demo                       # against `chipgate dev` on the default ports\n  chipgate demo --self-contained      # starts its own cluster on free ports\n  chipgate -o json demo --self-contained | jq .buyers"
     )]
     Demo(demo::DemoArgs),
+    /// Mint a bearer token for a role from a signing key (prints it).
+    #[command(
+        after_help = "Examples:\n  chipgate token --signing-key signing.pem --role auditor --ttl 8h\n  chipgate token --signing-key signing.pem --role buyer --buyer bytedance\n  chipgate token --signing-key signing.pem --role service --ttl 720h > token   # orders' Secret"
+    )]
+    Token(token::TokenArgs),
     /// A buyer applies for an import licence; the application joins the approval queue at the back.
     Apply(licensing::ApplyArgs),
     /// Show, list, withdraw or reject licence applications.
@@ -145,6 +151,7 @@ async fn run(global: Global, command: Command) -> Outcome {
     let ctx = &ctx;
     match command {
         Command::Dev(_) => Ok(()),
+        Command::Token(a) => token::run(&a),
         Command::Demo(a) => demo::run(ctx, a).await,
         Command::Apply(a) => licensing::apply(ctx, a).await,
         Command::Application(c) => licensing::application(ctx, c).await,

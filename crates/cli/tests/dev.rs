@@ -23,9 +23,13 @@ async fn grpcurl(args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     let (lp, ip, op) = (free_port(), free_port(), free_port());
+    let auth_dir = tempfile::tempdir().unwrap();
+    let auth_path = auth_dir.path().to_str().unwrap().to_string();
     let mut child = tokio::process::Command::new(bin())
         .args([
             "dev",
+            "--auth-dir",
+            &auth_path,
             "--licensing-port",
             &lp.to_string(),
             "--inventory-port",
@@ -80,10 +84,43 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     // The CLI talks to it, and it has the default catalogue loaded.
     let cli =
         Cli::new(format!("http://127.0.0.1:{lp}"), format!("http://127.0.0.1:{ip}"), format!("http://127.0.0.1:{op}"));
-    let products = cli.json(&["products"]).await;
+    // Authentication is on: the CLI calls with the tokens dev wrote, and a buyer can't act for another.
+    let buyer = format!("{auth_path}/tokens/buyer-bytedance.jwt");
+    let products = cli.json(&["--token-file", &buyer, "products"]).await;
     assert!(products["products"].as_array().unwrap().len() >= 5, "{products}");
-    let o = cli.json(&["order", "place", "--buyer", "bytedance", "--product", common::H200, "--units", "5"]).await;
+    let o = cli
+        .json(&[
+            "--token-file",
+            &buyer,
+            "order",
+            "place",
+            "--buyer",
+            "bytedance",
+            "--product",
+            common::H200,
+            "--units",
+            "5",
+        ])
+        .await;
     assert_eq!(o["order"]["state"], "ORDER_STATE_AWAITING_LICENSE");
+    let denied = cli
+        .raw(&[
+            "--token-file",
+            &buyer,
+            "order",
+            "place",
+            "--buyer",
+            "alibaba",
+            "--product",
+            common::H200,
+            "--units",
+            "5",
+        ])
+        .await;
+    assert_eq!(denied.status.code(), Some(8), "PERMISSION_DENIED exits 8");
+    let anonymous = cli.raw(&["products"]).await;
+    assert!(!anonymous.status.success(), "no token, no answer");
+    assert!(std::path::Path::new(&format!("{auth_path}/public.pem")).exists());
 
     // Ctrl-C: it stops, cleanly, within a few seconds.
     let started = Instant::now();
@@ -99,6 +136,7 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     }
     assert!(stdout.contains(&format!("127.0.0.1:{lp}")), "prints its endpoints: {stdout}");
     assert!(stdout.contains("grpcurl -plaintext"), "prints grpcurl lines: {stdout}");
+    assert!(stdout.contains("-H 'authorization: Bearer ey"), "grpcurl lines carry tokens: {stdout}");
     assert!(stdout.contains("stopping"), "{stdout}");
     // The ports are free again.
     assert!(std::net::TcpListener::bind(("127.0.0.1", lp)).is_ok(), "licensing port released");

@@ -55,6 +55,52 @@ pub struct CommonArgs {
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
 
+    /// Calls per second each caller (token subject, or IP address without authentication) may make;
+    /// beyond it calls get RESOURCE_EXHAUSTED with RetryInfo. 0 turns the limit off. The services'
+    /// own calls to each other are not limited.
+    #[arg(long, env = "CHIPGATE_RATE_LIMIT", default_value_t = 0.0)]
+    pub rate_limit: f64,
+
+    /// Calls a caller may make in a burst above --rate-limit.
+    #[arg(long, env = "CHIPGATE_RATE_LIMIT_BURST", default_value_t = 100)]
+    pub rate_limit_burst: u32,
+
+    /// HTTP/2 connections older than this are closed gracefully (clients reconnect and rebalance).
+    #[arg(long, env = "CHIPGATE_MAX_CONNECTION_AGE", value_parser = parse_duration, default_value = "30m")]
+    pub max_connection_age: Duration,
+
+    /// HTTP/2 keepalive ping interval (dead peers are noticed within this plus 10 s).
+    #[arg(long, env = "CHIPGATE_KEEPALIVE", value_parser = parse_duration, default_value = "30s")]
+    pub keepalive: Duration,
+
+    /// PEM file of the Ed25519 public key(s) that sign callers' bearer tokens (several blocks during a
+    /// key rotation). Required unless --insecure-no-auth.
+    #[arg(long, env = "CHIPGATE_AUTH_PUBLIC_KEY")]
+    pub auth_public_key: Option<std::path::PathBuf>,
+
+    /// Serve without authentication: every caller may call every RPC. Only for local experiments.
+    #[arg(long, env = "CHIPGATE_INSECURE_NO_AUTH", conflicts_with = "auth_public_key")]
+    pub insecure_no_auth: bool,
+
+    /// PEM certificate (chain) of this service: with --tls-key and --tls-ca, the gRPC port serves
+    /// TLS and requires client certificates signed by the CA (mTLS); orders also presents it to its
+    /// peers.
+    #[arg(long, env = "CHIPGATE_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<std::path::PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "CHIPGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s) that client certificates (and peer servers) must chain to.
+    #[arg(long, env = "CHIPGATE_TLS_CA", requires = "tls_cert")]
+    pub tls_ca: Option<std::path::PathBuf>,
+
+    /// Address of a plaintext port that serves only gRPC health (for Kubernetes probes when the
+    /// main port requires mTLS), e.g. 0.0.0.0:8086.
+    #[arg(long, env = "CHIPGATE_HEALTH_LISTEN")]
+    pub health_listen: Option<SocketAddr>,
+
     /// Redis command timeout; calls fail fast with UNAVAILABLE after it while Redis is down.
     #[arg(long, env = "CHIPGATE_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub redis_timeout: Duration,
@@ -94,15 +140,49 @@ impl CommonArgs {
         Ok(Some(local))
     }
 
-    /// Server settings from the flags.
-    pub fn server_config(&self) -> ServerConfig {
-        ServerConfig {
+    /// Server settings from the flags (reads the key files they name).
+    ///
+    /// # Errors
+    /// When neither a public key nor --insecure-no-auth is given, or a key file is unusable.
+    pub fn server_config(&self) -> Result<ServerConfig, String> {
+        let auth = match (&self.auth_public_key, self.insecure_no_auth) {
+            (Some(path), _) => Some(std::sync::Arc::new(
+                crate::auth::Verifier::from_file(path).map_err(|e| format!("--auth-public-key: {e}"))?,
+            )),
+            (None, true) => None,
+            (None, false) => {
+                return Err("no --auth-public-key (CHIPGATE_AUTH_PUBLIC_KEY) given; pass --insecure-no-auth to serve \
+                            without authentication"
+                    .to_string());
+            }
+        };
+        let tls = self.tls_config()?;
+        Ok(ServerConfig {
+            tls,
+            health_listen: self.health_listen,
+            rate_limit_per_second: self.rate_limit.max(0.0),
+            rate_limit_burst: self.rate_limit_burst.max(1),
+            max_connection_age: self.max_connection_age,
+            keepalive_interval: self.keepalive,
             request_timeout: self.request_timeout,
             max_concurrency: self.max_concurrency.max(1),
             shutdown_grace: self.shutdown_grace,
             drain_delay: self.drain_delay,
             max_message_bytes: self.max_message_bytes,
+            auth,
             ..ServerConfig::default()
+        })
+    }
+
+    /// The mTLS material, when --tls-cert/--tls-key/--tls-ca are given.
+    ///
+    /// # Errors
+    /// When a file can't be read.
+    pub fn tls_config(&self) -> Result<Option<crate::server::TlsConfig>, String> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (Some(c), Some(k), Some(ca)) => crate::server::TlsConfig::from_files(c, k, ca).map(Some),
+            (None, None, None) => Ok(None),
+            _ => Err("--tls-cert, --tls-key and --tls-ca go together".to_string()),
         }
     }
 

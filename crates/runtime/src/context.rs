@@ -34,6 +34,8 @@ pub struct RequestContext {
     pub deadline: Option<Instant>,
     /// The gRPC method path, e.g. `/chipgate.licensing.v1.LicensingService/PublishWave`.
     pub method: String,
+    /// The authenticated caller (None when authentication is off, or for background work).
+    pub principal: Option<crate::auth::Principal>,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -111,6 +113,7 @@ impl RequestContext {
             actor,
             deadline: timeout.map(|t| Instant::now() + t),
             method: method.to_string(),
+            principal: None,
         }
     }
 
@@ -129,6 +132,7 @@ impl RequestContext {
             actor: format!("system:{name}"),
             deadline: None,
             method: name.to_string(),
+            principal: None,
         }
     }
 
@@ -138,6 +142,32 @@ impl RequestContext {
             let headers = req.metadata().clone().into_headers();
             RequestContext::from_headers(&headers, "direct", None)
         })
+    }
+
+    /// Records the authenticated caller (the actor becomes its subject).
+    pub fn authenticated(&mut self, principal: crate::auth::Principal) {
+        self.actor = principal.subject.clone();
+        self.principal = Some(principal);
+    }
+
+    /// Refuses (PERMISSION_DENIED, naming nothing) when the caller is a buyer other than
+    /// `owner_buyer_id`; every other caller got past the policy table already.
+    ///
+    /// # Errors
+    /// PERMISSION_DENIED for another buyer's resource.
+    pub fn check_owner(&self, owner_buyer_id: &str) -> Result<(), tonic::Status> {
+        match &self.principal {
+            Some(p) if p.is_other_buyer(owner_buyer_id) => {
+                tracing::info!(subject = %p.subject, method = %self.method, "refused: another buyer's resource");
+                Err(crate::auth::permission_denied())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The buyer the caller is restricted to (Some only for buyer tokens).
+    pub fn buyer_scope(&self) -> Option<&str> {
+        self.principal.as_ref().filter(|p| p.role == crate::auth::Role::Buyer).and_then(|p| p.buyer_id.as_deref())
     }
 
     /// This call's W3C traceparent (this call's span as the parent of what it causes).

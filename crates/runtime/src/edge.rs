@@ -11,7 +11,10 @@
 //! * runs the call inside a tracing span carrying method, request id and trace ids (exported with
 //!   OpenTelemetry when that is on, as a child of the caller's span), and echoes `x-request-id` in the
 //!   response headers;
-//! * records the call in the service's [`RpcMetrics`] (count by code, latency, in flight, shed).
+//! * records the call in the service's [`RpcMetrics`] (count by code, latency, in flight, shed);
+//! * when authentication is on, verifies the caller's bearer token (UNAUTHENTICATED without a valid
+//!   one) and applies the [`policy`](crate::policy) table (PERMISSION_DENIED), reading the buyer id
+//!   out of the request message for buyer-scoped RPCs; the [`Principal`](crate::auth::Principal) goes into the context.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -25,8 +28,10 @@ use tonic::body::Body;
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::auth::Verifier;
 use crate::context::{REQUEST_ID_HEADER, RequestContext};
 use crate::metrics::RpcMetrics;
+use crate::policy::{self, Decision};
 
 /// Counters the edge keeps (for metrics and tests).
 #[derive(Debug, Default)]
@@ -43,12 +48,19 @@ pub struct EdgeLayer {
     shared: Arc<Shared>,
 }
 
+#[derive(Clone)]
 struct Shared {
     permits: Arc<Semaphore>,
     max_in_flight: usize,
     default_timeout: Option<Duration>,
     stats: Arc<EdgeStats>,
     metrics: Option<RpcMetrics>,
+    /// Token verification (None: authentication off, every caller trusted).
+    auth: Option<Arc<Verifier>>,
+    /// Largest request message read when a buyer-scoped request must be inspected.
+    max_message_bytes: usize,
+    /// Per-caller rate limit (None: off).
+    rate: Option<Arc<crate::ratelimit::RateLimiter>>,
 }
 
 impl EdgeLayer {
@@ -62,22 +74,36 @@ impl EdgeLayer {
                 default_timeout,
                 stats: Arc::new(EdgeStats::default()),
                 metrics: None,
+                auth: None,
+                max_message_bytes: 4 * 1024 * 1024,
+                rate: None,
             }),
         }
     }
 
     /// Also records every call in `metrics`.
     pub fn with_metrics(self, metrics: RpcMetrics) -> Self {
-        let s = &self.shared;
-        EdgeLayer {
-            shared: Arc::new(Shared {
-                permits: s.permits.clone(),
-                max_in_flight: s.max_in_flight,
-                default_timeout: s.default_timeout,
-                stats: s.stats.clone(),
-                metrics: Some(metrics),
-            }),
-        }
+        let mut s = (*self.shared).clone();
+        s.metrics = Some(metrics);
+        EdgeLayer { shared: Arc::new(s) }
+    }
+
+    /// Limits each caller (its token's subject, or its IP address without authentication) to
+    /// `per_second` calls per second with bursts of `burst`; the services' own `service` calls are
+    /// not limited.
+    pub fn with_rate_limit(self, per_second: f64, burst: u32) -> Self {
+        let mut s = (*self.shared).clone();
+        s.rate = (per_second > 0.0).then(|| Arc::new(crate::ratelimit::RateLimiter::new(per_second, burst)));
+        EdgeLayer { shared: Arc::new(s) }
+    }
+
+    /// Authenticates every call (but health and reflection) with `verifier` and authorises it with the
+    /// policy table; `max_message_bytes` bounds the request bodies read for buyer-scoped checks.
+    pub fn with_auth(self, verifier: Option<Arc<Verifier>>, max_message_bytes: usize) -> Self {
+        let mut s = (*self.shared).clone();
+        s.auth = verifier;
+        s.max_message_bytes = max_message_bytes;
+        EdgeLayer { shared: Arc::new(s) }
     }
 
     /// The counters.
@@ -141,6 +167,44 @@ where
         let metrics = self.shared.metrics.clone();
         let arrived = std::time::Instant::now();
 
+        // Authentication and the table (health and reflection stay open).
+        let mut field_check: Option<(u32, String)> = None;
+        if let (Some(verifier), false) = (&self.shared.auth, is_exempt) {
+            let refusal = match verifier.authenticate(req.headers()) {
+                Err(e) => {
+                    let _enter = span.enter();
+                    tracing::info!(reason = %e, "unauthenticated call refused");
+                    Some(e.into_status())
+                }
+                Ok(principal) => match policy::decide(&path, principal.role) {
+                    Decision::Allow => {
+                        ctx.authenticated(principal);
+                        None
+                    }
+                    Decision::CheckField(n) => {
+                        field_check = Some((n, principal.buyer_id.clone().unwrap_or_default()));
+                        ctx.authenticated(principal);
+                        None
+                    }
+                    Decision::Deny => {
+                        let _enter = span.enter();
+                        tracing::info!(subject = %principal.subject, role = %principal.role, "call refused by the policy table");
+                        Some(crate::auth::permission_denied())
+                    }
+                },
+            };
+            if let Some(status) = refusal {
+                if let Some(m) = &metrics {
+                    m.answered(
+                        &path,
+                        crate::metrics::grpc_code_name(&(status.code() as i32).to_string()),
+                        arrived.elapsed(),
+                    );
+                }
+                return Box::pin(std::future::ready(Ok(status_response(status, &request_id))));
+            }
+        }
+
         let permit = if is_exempt {
             None
         } else {
@@ -163,12 +227,40 @@ where
             }
         };
 
+        // Per-caller rate limit (after authentication, so the caller is known).
+        if let (Some(rate), false) = (&self.shared.rate, is_exempt) {
+            let caller = match &ctx.principal {
+                Some(p) if p.role == crate::auth::Role::Service => None,
+                Some(p) => Some(p.subject.clone()),
+                None => Some(
+                    req.extensions()
+                        .get::<tonic::transport::server::TcpConnectInfo>()
+                        .and_then(|i| i.remote_addr())
+                        .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string()),
+                ),
+            };
+            if let Some(caller) = caller
+                && let Err(wait) = rate.take(&caller)
+            {
+                if let Some(m) = &metrics {
+                    m.answered(&path, "RESOURCE_EXHAUSTED", arrived.elapsed());
+                }
+                let _enter = span.enter();
+                tracing::info!(%caller, ?wait, "rate limited");
+                return Box::pin(std::future::ready(Ok(status_response(
+                    crate::ratelimit::rate_limited(wait),
+                    &request_id,
+                ))));
+            }
+        }
+
         let deadline = ctx.deadline;
         req.extensions_mut().insert(ctx);
         // Take the service that was polled ready and leave a fresh clone in its place.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let stats = self.shared.stats.clone();
+        let max_body = self.shared.max_message_bytes.saturating_add(5);
         if let Some(m) = &metrics {
             m.started();
         }
@@ -178,6 +270,20 @@ where
                 // Counts the call as finished however this future ends (answered, or dropped because
                 // the client went away).
                 let mut done = Finished { metrics, path, code: "CANCELLED", started };
+                let req = match field_check {
+                    None => req,
+                    // Reading the body counts against the deadline too (a client that never finishes
+                    // sending must not hold a permit forever).
+                    Some((field, buyer)) => {
+                        match within(deadline, own_buyer_only(req, field, &buyer, max_body)).await {
+                            Ok(req) => req,
+                            Err(status) => {
+                                done.code = crate::metrics::grpc_code_name(&(status.code() as i32).to_string());
+                                return Ok(status_response(status, &request_id));
+                            }
+                        }
+                    }
+                };
                 let fut = inner.call(req);
                 let result = match deadline {
                     Some(d) => match tokio::time::timeout_at(d, fut).await {
@@ -210,6 +316,51 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// `fut`, or DEADLINE_EXCEEDED once `deadline` passes.
+async fn within<T>(
+    deadline: Option<tokio::time::Instant>,
+    fut: impl Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, fut)
+            .await
+            .unwrap_or_else(|_| Err(tonic::Status::deadline_exceeded("deadline exceeded while reading the request"))),
+        None => fut.await,
+    }
+}
+
+/// Reads the (single-message) request body and lets the call through only if the buyer named in its
+/// top-level string field `field` is `buyer`; the body is handed on unchanged.
+async fn own_buyer_only(
+    req: http::Request<Body>,
+    field: u32,
+    buyer: &str,
+    max_body: usize,
+) -> Result<http::Request<Body>, tonic::Status> {
+    use http_body_util::BodyExt;
+    let (parts, body) = req.into_parts();
+    let limited = http_body_util::Limited::new(body, max_body);
+    let bytes = match limited.collect().await {
+        Ok(c) => c.to_bytes(),
+        Err(e) => {
+            tracing::info!(error = %e, "buyer-scoped request body unreadable or too large");
+            return Err(crate::errors::invalid_argument("request", "unreadable or larger than the message limit"));
+        }
+    };
+    let named = policy::single_frame(&bytes).and_then(|msg| policy::string_field(msg, field));
+    match named {
+        Some(b) if b == buyer => Ok(http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)))),
+        Some(_) => {
+            tracing::info!(field, "refused: a buyer acting on another buyer's id");
+            Err(crate::auth::permission_denied())
+        }
+        None => Err(crate::errors::invalid_argument(
+            "request",
+            "a buyer's request must be one uncompressed, well-formed message",
+        )),
     }
 }
 

@@ -10,6 +10,7 @@
 //! retry-safe mutations ([`idempotency`]). The licensing, inventory and orders services, the dev
 //! cluster and the test harness all build on it.
 
+pub mod auth;
 pub mod config;
 pub mod context;
 pub mod edge;
@@ -20,6 +21,8 @@ pub mod idempotency;
 pub mod locks;
 pub mod metrics;
 pub mod paging;
+pub mod policy;
+pub mod ratelimit;
 pub mod records;
 pub mod server;
 pub mod shutdown;

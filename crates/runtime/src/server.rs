@@ -3,6 +3,10 @@
 //! a maximum connection age, and graceful shutdown: on the signal, health turns NOT_SERVING first,
 //! the server stops accepting, in-flight calls drain, and whatever is still open after the grace
 //! period is cut so the process always exits in bounded time.
+//!
+//! With [`TlsConfig`] the gRPC port speaks TLS and requires a client certificate signed by the
+//! cluster CA (mTLS, rustls via tonic); Kubernetes' gRPC probes can't present one, so a plaintext
+//! port serving only `grpc.health.v1` ([`ServerConfig::health_listen`]) can be opened next to it.
 
 use std::future::Future;
 use std::time::Duration;
@@ -38,6 +42,60 @@ pub struct ServerConfig {
     pub max_message_bytes: usize,
     /// Health probe interval.
     pub health_interval: Duration,
+    /// Verifies callers' bearer tokens; None turns authentication off (every caller is trusted: only
+    /// for tests and explicitly insecure setups).
+    pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
+    /// Calls per second per caller (0: no per-caller limit).
+    pub rate_limit_per_second: f64,
+    /// Burst of calls per caller above the rate.
+    pub rate_limit_burst: u32,
+    /// Serve TLS and require client certificates (None: plaintext).
+    pub tls: Option<TlsConfig>,
+    /// A plaintext port serving only health (for probes when the main port requires mTLS).
+    pub health_listen: Option<std::net::SocketAddr>,
+}
+
+/// PEM material for mTLS: this server's certificate chain and key, and the CA that client
+/// certificates (and, for clients, peer servers) must chain to.
+#[derive(Clone)]
+pub struct TlsConfig {
+    /// Certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// Private key (PEM).
+    pub key_pem: Vec<u8>,
+    /// CA certificate(s) (PEM).
+    pub ca_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConfig(<certificate, key, CA>)")
+    }
+}
+
+impl TlsConfig {
+    /// Reads the three PEM files.
+    ///
+    /// # Errors
+    /// When one can't be read.
+    pub fn from_files(cert: &std::path::Path, key: &std::path::Path, ca: &std::path::Path) -> Result<Self, String> {
+        let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("can't read {}: {e}", p.display()));
+        Ok(TlsConfig { cert_pem: read(cert)?, key_pem: read(key)?, ca_pem: read(ca)? })
+    }
+
+    /// The server side: present our certificate, require one signed by the CA.
+    pub fn server(&self) -> tonic::transport::ServerTlsConfig {
+        tonic::transport::ServerTlsConfig::new()
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+    }
+
+    /// The client side: trust only the CA, present our certificate.
+    pub fn client(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
+            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, &self.key_pem))
+    }
 }
 
 impl Default for ServerConfig {
@@ -52,6 +110,11 @@ impl Default for ServerConfig {
             max_connection_age: Duration::from_secs(30 * 60),
             max_message_bytes: 8 * 1024 * 1024,
             health_interval: Duration::from_secs(1),
+            auth: None,
+            rate_limit_per_second: 0.0,
+            rate_limit_burst: 100,
+            tls: None,
+            health_listen: None,
         }
     }
 }
@@ -100,6 +163,9 @@ pub enum ServeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// The plaintext health port can't be bound.
+    #[error("health port: {0}")]
+    HealthPort(std::io::Error),
 }
 
 /// A running server's handles (for tests and the dev cluster).
@@ -109,6 +175,8 @@ pub struct Running {
     pub health: HealthHandle,
     /// Edge counters.
     pub edge: std::sync::Arc<EdgeStats>,
+    /// Where the plaintext health port listens, when there is one.
+    pub health_addr: Option<std::net::SocketAddr>,
 }
 
 /// Serves `spec` on `listener` until `shutdown` resolves, then drains (see the module docs).
@@ -148,11 +216,39 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    // The plaintext health-only port, serving until the main server has stopped.
+    let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
+    let health_addr = match config.health_listen {
+        None => None,
+        Some(addr) => {
+            let l = TcpListener::bind(addr).await.map_err(ServeError::HealthPort)?;
+            let bound = l.local_addr().map_err(ServeError::HealthPort)?;
+            let svc = health_service.clone();
+            tokio::spawn(async move {
+                let r = Server::builder()
+                    .add_service(svc)
+                    .serve_with_incoming_shutdown(TcpIncoming::from(l), async move {
+                        let _ = health_stopped.await;
+                    })
+                    .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, "health port failed");
+                }
+            });
+            tracing::info!(addr = %bound, "plaintext health port");
+            Some(bound)
+        }
+    };
     let routes = spec.routes.add_service(health_service).add_service(v1).add_service(v1alpha);
     spec.metrics.rpc().know(method_paths(&spec.names));
-    let edge =
-        EdgeLayer::new(config.max_concurrency, Some(config.request_timeout)).with_metrics(spec.metrics.rpc().clone());
-    on_ready(Running { health: health.clone(), edge: edge.stats() });
+    if config.auth.is_none() {
+        tracing::warn!(?local, "authentication is OFF: every caller may call every RPC");
+    }
+    let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout))
+        .with_metrics(spec.metrics.rpc().clone())
+        .with_auth(config.auth.clone(), config.max_message_bytes)
+        .with_rate_limit(config.rate_limit_per_second, config.rate_limit_burst);
+    on_ready(Running { health: health.clone(), edge: edge.stats(), health_addr });
 
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_health = health.clone();
@@ -168,13 +264,15 @@ pub async fn serve(
     };
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let server = Server::builder()
+    let mut builder = Server::builder()
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
-        .max_connection_age(config.max_connection_age)
-        .layer(edge)
-        .add_routes(routes)
-        .serve_with_incoming_shutdown(incoming, signal);
+        .max_connection_age(config.max_connection_age);
+    if let Some(tls) = &config.tls {
+        builder = builder.tls_config(tls.server())?;
+        tracing::info!(?local, "mTLS: client certificates signed by the configured CA are required");
+    }
+    let server = builder.layer(edge).add_routes(routes).serve_with_incoming_shutdown(incoming, signal);
     tokio::pin!(server);
     let grace = config.shutdown_grace;
     tokio::select! {
@@ -192,5 +290,6 @@ pub async fn serve(
             tracing::warn!(?local, ?grace, "drain deadline passed; closing the connections still open");
         }
     }
+    let _ = health_stop.send(());
     Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod invariants;
 pub mod procs;
 pub mod prom;
+pub mod raw;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -46,6 +47,11 @@ pub struct ClusterOptions {
     /// Run the orders service in this process (false: the caller runs it, e.g. as a real process
     /// with [`OrdersProcess`]).
     pub orders_in_process: bool,
+    /// Turn authentication on: the cluster generates a signing key ([`Cluster::signer`]), every
+    /// service verifies bearer tokens and applies the policy table, orders calls its peers with a
+    /// `service` token. Off by default, because most suites act as every role at once; the
+    /// authorisation suites turn it on and make clients per role with [`Cluster::token`].
+    pub auth: bool,
 }
 
 impl Default for ClusterOptions {
@@ -56,6 +62,7 @@ impl Default for ClusterOptions {
             inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
             orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
             orders_in_process: true,
+            auth: false,
         }
     }
 }
@@ -112,6 +119,11 @@ pub struct Cluster {
     pub orders: Option<ServiceHandle>,
     /// The in-process orders service itself (for tools that drive it directly, e.g. bulk loading).
     pub orders_service: Option<chipgate_orders::Orders>,
+    /// The key tokens are signed with, when authentication is on.
+    pub signer: Option<chipgate_runtime::auth::Signer>,
+    /// Where the public key (and the signing key) are written, when authentication is on (for
+    /// binaries started against this cluster).
+    pub auth_dir: Option<tempfile::TempDir>,
 }
 
 /// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
@@ -181,6 +193,26 @@ impl Cluster {
             BackendKind::Memory => (None, Store::memory()),
         };
         store.ping().await.expect("backend answers");
+        let mut options = options;
+        let (signer, auth_dir) = if options.auth {
+            let signer = chipgate_runtime::auth::Signer::generate().expect("a signing key");
+            options.server.auth = Some(std::sync::Arc::new(signer.verifier()));
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            std::fs::write(dir.path().join("public.pem"), signer.public_pem()).expect("write the public key");
+            std::fs::write(dir.path().join("signing.pem"), signer.private_pem()).expect("write the signing key");
+            (Some(signer), Some(dir))
+        } else {
+            (None, None)
+        };
+        let service_tokens = match &signer {
+            Some(s) => chipgate_runtime::auth::TokenSource::minted(
+                s.clone(),
+                chipgate_runtime::auth::Role::Service,
+                "service:orders",
+                None,
+            ),
+            None => chipgate_runtime::auth::TokenSource::None,
+        };
         let lic = chipgate_licensing::Licensing::new(store.clone());
         let licensing =
             start_service(store.clone(), options.server.clone(), Shutdown::new(), |c| chipgate_licensing::spec(lic, c))
@@ -193,9 +225,14 @@ impl Cluster {
             start_service(store.clone(), options.server.clone(), inv_shutdown, |c| chipgate_inventory::spec(inv, c))
                 .await;
         let (orders, orders_service) = if options.orders_in_process {
-            let peers =
-                chipgate_orders::Peers::connect(&licensing.url(), &inventory.url(), options.server.max_message_bytes)
-                    .expect("peer urls");
+            let peers = chipgate_orders::Peers::connect(
+                &licensing.url(),
+                &inventory.url(),
+                options.server.max_message_bytes,
+                service_tokens,
+                None,
+            )
+            .expect("peer urls");
             let ord_shutdown = Shutdown::new();
             let ord =
                 chipgate_orders::Orders::start(store.clone(), peers, ord_shutdown.clone(), options.orders.clone());
@@ -207,7 +244,28 @@ impl Cluster {
         } else {
             (None, None)
         };
-        Cluster { redis, store, licensing, inventory, orders, orders_service }
+        Cluster { redis, store, licensing, inventory, orders, orders_service, signer, auth_dir }
+    }
+
+    /// A token for a non-buyer `role`, valid for an hour.
+    ///
+    /// # Panics
+    /// When authentication is off.
+    pub fn token(&self, role: chipgate_runtime::auth::Role) -> String {
+        self.signer.as_ref().expect("authentication is on").mint_role(role, Duration::from_secs(3600))
+    }
+
+    /// A buyer token for `buyer_id`, valid for an hour.
+    ///
+    /// # Panics
+    /// When authentication is off.
+    pub fn buyer_token(&self, buyer_id: &str) -> String {
+        self.signer.as_ref().expect("authentication is on").mint_buyer(buyer_id, Duration::from_secs(3600))
+    }
+
+    /// A channel to `url` whose calls carry `token`.
+    pub fn authed(url: &str, token: &str) -> chipgate_runtime::auth::AuthChannel {
+        chipgate_runtime::auth::with_token(channel(url), chipgate_runtime::auth::TokenSource::Static(token.to_string()))
     }
 
     /// A client of the in-process orders service.
@@ -300,8 +358,20 @@ impl OrdersProcess {
             .env("CHIPGATE_LICENSING_URL", cluster.licensing.url())
             .env("CHIPGATE_INVENTORY_URL", cluster.inventory.url())
             .env("CHIPGATE_LOG_FORMAT", "json")
+            .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
+            .env_remove("CHIPGATE_SERVICE_SIGNING_KEY")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null());
+        match &cluster.auth_dir {
+            Some(dir) => {
+                cmd.env("CHIPGATE_AUTH_PUBLIC_KEY", dir.path().join("public.pem"))
+                    .env("CHIPGATE_SERVICE_SIGNING_KEY", dir.path().join("signing.pem"))
+                    .env_remove("CHIPGATE_INSECURE_NO_AUTH");
+            }
+            None => {
+                cmd.env("CHIPGATE_INSECURE_NO_AUTH", "true");
+            }
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }

@@ -101,6 +101,10 @@ impl ServiceProcess {
         cmd.env("CHIPGATE_LISTEN", self.addr.to_string())
             .env("CHIPGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            // The fault workload acts as every role at once; authorisation has its own suites (authz,
+            // mtls), so these processes serve without it.
+            .env("CHIPGATE_INSECURE_NO_AUTH", "true")
+            .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))

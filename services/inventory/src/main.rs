@@ -37,6 +37,13 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let addr = args.common.listen_or(DEFAULT_PORT);
+    let config = match args.common.server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let products = match &args.catalogue {
         Some(path) => match load_catalogue_file(path) {
             Ok(p) => Some(p),
@@ -76,7 +83,6 @@ async fn main() -> std::process::ExitCode {
             }
         }
     }
-    let config = args.common.server_config();
     tracing::info!(%addr, backend = store.kind(), "chipgate-inventory serving");
     let s = shutdown.clone();
     match serve(listener, spec(service, &config), store, config, async move { s.wait().await }, |_| {}).await {

@@ -106,6 +106,7 @@ impl Licensing {
 
     pub(crate) async fn get_application(
         &self,
+        ctx: &RequestContext,
         req: pb::GetApplicationRequest,
     ) -> Result<pb::GetApplicationResponse, Error> {
         let mut v = Violations::new();
@@ -114,6 +115,7 @@ impl Licensing {
         let (_, app) = self
             .require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id)
             .await?;
+        ctx.check_owner(&app.buyer_id).map_err(Error::Status)?;
         let mut application = Some(application_to(&app, 0));
         self.refresh_position(&mut application).await?;
         Ok(pb::GetApplicationResponse { application })
@@ -190,6 +192,12 @@ impl Licensing {
         validate::id(&mut v, "application_id", &req.application_id);
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
+        // Ownership first, outside the idempotent transaction: a replayed answer must not reach a
+        // buyer who does not own the application (an application's buyer never changes).
+        let (_, app) = self
+            .require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id)
+            .await?;
+        ctx.check_owner(&app.buyer_id).map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "WithdrawApplication", &req.request_id, &req);
         let (answer, _) = self
             .run_txn(Some(&idem), || {
@@ -227,6 +235,7 @@ impl Licensing {
         reason: &str,
     ) -> Result<(Txn, pb::GetApplicationResponse), Error> {
         let (ver, mut app) = self.require::<ApplicationRecord>(keys::application(id), "application", id).await?;
+        ctx.check_owner(&app.buyer_id).map_err(Error::Status)?;
         if app.status() != ApplicationStatus::Queued {
             return Err(Error::precondition(
                 "APPLICATION_NOT_QUEUED",

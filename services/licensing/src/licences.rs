@@ -37,12 +37,17 @@ fn transition_error(id: &str, e: &TransitionError) -> Error {
 }
 
 impl Licensing {
-    pub(crate) async fn get_license(&self, req: pb::GetLicenseRequest) -> Result<pb::GetLicenseResponse, Error> {
+    pub(crate) async fn get_license(
+        &self,
+        ctx: &RequestContext,
+        req: pb::GetLicenseRequest,
+    ) -> Result<pb::GetLicenseResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "license_id", &req.license_id);
         v.check().map_err(Error::Status)?;
         let (_, lic) =
             self.require::<LicenseRecord>(keys::license(&req.license_id), "licence", &req.license_id).await?;
+        ctx.check_owner(&lic.buyer_id).map_err(Error::Status)?;
         Ok(pb::GetLicenseResponse { license: Some(license_to(&lic, now_ms())) })
     }
 

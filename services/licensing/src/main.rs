@@ -32,6 +32,13 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let addr = args.common.listen_or(DEFAULT_PORT);
+    let config = match args.common.server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let shutdown = Shutdown::on_signals();
     let store = match args.common.connect_store().await {
         Ok(s) => s,
@@ -47,7 +54,6 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let config = args.common.server_config();
     tracing::info!(%addr, backend = store.kind(), "chipgate-licensing serving");
     let service = Licensing::new(store.clone());
     if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {

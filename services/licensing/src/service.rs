@@ -8,7 +8,7 @@ use tonic::{Request, Response, Status};
 
 use crate::Licensing;
 
-/// Mutating RPC: the operation gets the context.
+/// Mutating RPC (or a read that checks the caller owns what it reads): the operation gets the context.
 macro_rules! mutating {
     ($self:ident, $req:ident, $op:ident) => {{
         let ctx = RequestContext::of(&$req);
@@ -36,7 +36,7 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::GetApplicationRequest>,
     ) -> Result<Response<pb::GetApplicationResponse>, Status> {
-        reading!(self, r, get_application)
+        mutating!(self, r, get_application)
     }
     async fn list_applications(
         &self,
@@ -93,7 +93,7 @@ impl LicensingService for Licensing {
         reading!(self, r, list_waves)
     }
     async fn get_license(&self, r: Request<pb::GetLicenseRequest>) -> Result<Response<pb::GetLicenseResponse>, Status> {
-        reading!(self, r, get_license)
+        mutating!(self, r, get_license)
     }
     async fn list_licenses(
         &self,

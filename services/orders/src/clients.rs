@@ -1,6 +1,8 @@
 //! The orders service's clients of licensing and inventory.
 //!
-//! Calls carry the caller's request id, trace and remaining deadline. UNAVAILABLE (a peer restarting,
+//! Calls carry the service's own `service` bearer token (from a token file or minted from a signing
+//! key; see [`chipgate_runtime::auth::TokenSource`]) and the caller's request id, trace and remaining
+//! deadline. UNAVAILABLE (a peer restarting,
 //! a connection dropping) is retried a bounded number of times with jittered exponential backoff, never
 //! past the deadline; every other error is returned at once, because retrying it can't help.
 
@@ -10,6 +12,8 @@ use std::time::Duration;
 use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_runtime::RequestContext;
+use chipgate_runtime::auth::{AuthChannel, TokenSource, with_token};
+use chipgate_runtime::server::TlsConfig;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -23,13 +27,16 @@ const BACKGROUND_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Clone)]
 pub struct Peers {
     /// Licensing.
-    pub licensing: LicensingServiceClient<Channel>,
+    pub licensing: LicensingServiceClient<AuthChannel>,
     /// Inventory.
-    pub inventory: InventoryServiceClient<Channel>,
+    pub inventory: InventoryServiceClient<AuthChannel>,
 }
 
-fn channel(url: &str) -> Result<Channel, String> {
-    let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("bad url {url:?}: {e}"))?;
+fn channel(url: &str, tls: Option<&TlsConfig>) -> Result<Channel, String> {
+    let mut endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("bad url {url:?}: {e}"))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint.tls_config(tls.client()).map_err(|e| format!("TLS for {url:?}: {e}"))?;
+    }
     Ok(endpoint
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
@@ -40,16 +47,23 @@ fn channel(url: &str) -> Result<Channel, String> {
 }
 
 impl Peers {
-    /// Lazily-connecting clients (the peers may start after orders does).
+    /// Lazily-connecting clients (the peers may start after orders does) whose calls carry `tokens`,
+    /// over mTLS when `tls` is given (then the URLs are `https://`).
     ///
     /// # Errors
     /// When a URL is malformed.
-    pub fn connect(licensing_url: &str, inventory_url: &str, max_message_bytes: usize) -> Result<Self, String> {
+    pub fn connect(
+        licensing_url: &str,
+        inventory_url: &str,
+        max_message_bytes: usize,
+        tokens: TokenSource,
+        tls: Option<&TlsConfig>,
+    ) -> Result<Self, String> {
         Ok(Peers {
-            licensing: LicensingServiceClient::new(channel(licensing_url)?)
+            licensing: LicensingServiceClient::new(with_token(channel(licensing_url, tls)?, tokens.clone()))
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
-            inventory: InventoryServiceClient::new(channel(inventory_url)?)
+            inventory: InventoryServiceClient::new(with_token(channel(inventory_url, tls)?, tokens))
                 .max_decoding_message_size(max_message_bytes)
                 .max_encoding_message_size(max_message_bytes),
         })

@@ -36,6 +36,7 @@ impl Orders {
         let reason = if req.reason.is_empty() { "cancelled by the buyer".to_string() } else { req.reason.clone() };
         self.run_txn(None, || async {
             let (ver, o) = self.require_order(&req.order_id).await?;
+            ctx.check_owner(&o.buyer_id).map_err(Error::Status)?;
             if o.status() == OrderStatus::Cancelled {
                 return Ok((Txn::new(), Done {}));
             }
@@ -65,6 +66,7 @@ impl Orders {
     ) -> Result<pb::ConfirmOrderResponse, Error> {
         check(&req.request_id, &req.order_id)?;
         let (_, o) = self.require_order(&req.order_id).await?;
+        ctx.check_owner(&o.buyer_id).map_err(Error::Status)?;
         match o.status() {
             OrderStatus::Confirmed | OrderStatus::Shipped => {
                 return Ok(pb::ConfirmOrderResponse { order: Some(self.order_view(&o.id, true).await?) });

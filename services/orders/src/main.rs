@@ -8,6 +8,7 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use chipgate_orders::{DEFAULT_PORT, Options, Orders, Peers, spec};
+use chipgate_runtime::auth::{Role, Signer, TokenSource};
 use chipgate_runtime::config::CommonArgs;
 use chipgate_runtime::time::parse_duration;
 use chipgate_runtime::{Shutdown, serve, telemetry};
@@ -28,6 +29,16 @@ struct Args {
     /// The inventory service.
     #[arg(long, env = "CHIPGATE_INVENTORY_URL", default_value = "http://127.0.0.1:50052")]
     inventory_url: String,
+
+    /// File holding the `service` bearer token orders sends to licensing and inventory (re-read every
+    /// minute, so a rotated secret applies).
+    #[arg(long, env = "CHIPGATE_SERVICE_TOKEN_FILE", conflicts_with = "service_signing_key")]
+    service_token_file: Option<std::path::PathBuf>,
+
+    /// PEM Ed25519 private key to mint orders' own short-lived `service` tokens with (instead of a
+    /// token file).
+    #[arg(long, env = "CHIPGATE_SERVICE_SIGNING_KEY")]
+    service_signing_key: Option<std::path::PathBuf>,
 
     /// How long a fully held order keeps its stock before it must be confirmed, in seconds.
     #[arg(long, env = "CHIPGATE_HOLD_SECONDS", default_value_t = 900)]
@@ -61,7 +72,37 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let addr = args.common.listen_or(DEFAULT_PORT);
-    let peers = match Peers::connect(&args.licensing_url, &args.inventory_url, args.common.max_message_bytes) {
+    let config = match args.common.server_config() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let tokens = match (&args.service_token_file, &args.service_signing_key) {
+        (Some(path), _) => TokenSource::file(path).map_err(|e| format!("--service-token-file: {e}")),
+        (None, Some(path)) => Signer::from_file(path)
+            .map(|s| TokenSource::minted(s, Role::Service, "service:orders", None))
+            .map_err(|e| format!("--service-signing-key: {e}")),
+        (None, None) if args.common.insecure_no_auth => Ok(TokenSource::None),
+        (None, None) => Err("orders needs a service token for licensing and inventory: --service-token-file or \
+                 --service-signing-key (or --insecure-no-auth)"
+            .to_string()),
+    };
+    let tokens = match tokens {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let peers = match Peers::connect(
+        &args.licensing_url,
+        &args.inventory_url,
+        args.common.max_message_bytes,
+        tokens,
+        config.tls.as_ref(),
+    ) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(error = %e, "bad peer address");
@@ -83,7 +124,6 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let config = args.common.server_config();
     let options = Options {
         hold_seconds: args.hold_seconds.clamp(1, 86_400),
         chunk: args.batch_size.clamp(1, 10_000),

@@ -7,7 +7,7 @@ use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
 use chipgate_runtime::time::ts_opt;
-use chipgate_runtime::{hub, validate};
+use chipgate_runtime::{RequestContext, hub, validate};
 use chipgate_state::Backend;
 use futures_util::future::try_join_all;
 
@@ -19,11 +19,17 @@ use crate::{Error, Orders, keys};
 pub type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WatchOrdersResponse, tonic::Status>>;
 
 impl Orders {
-    pub(crate) async fn get_order(&self, req: pb::GetOrderRequest) -> Result<pb::GetOrderResponse, Error> {
+    pub(crate) async fn get_order(
+        &self,
+        ctx: &RequestContext,
+        req: pb::GetOrderRequest,
+    ) -> Result<pb::GetOrderResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "order_id", &req.order_id);
         v.check().map_err(Error::Status)?;
-        Ok(pb::GetOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })
+        let order = self.order_view(&req.order_id, true).await?;
+        ctx.check_owner(&order.buyer_id).map_err(Error::Status)?;
+        Ok(pb::GetOrderResponse { order: Some(order) })
     }
 
     pub(crate) async fn list_orders(&self, req: pb::ListOrdersRequest) -> Result<pb::ListOrdersResponse, Error> {

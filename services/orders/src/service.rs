@@ -30,7 +30,7 @@ impl OrderService for Orders {
         mutating!(self, r, place_order)
     }
     async fn get_order(&self, r: Request<pb::GetOrderRequest>) -> Result<Response<pb::GetOrderResponse>, Status> {
-        reading!(self, r, get_order)
+        mutating!(self, r, get_order)
     }
     async fn list_orders(&self, r: Request<pb::ListOrdersRequest>) -> Result<Response<pb::ListOrdersResponse>, Status> {
         reading!(self, r, list_orders)

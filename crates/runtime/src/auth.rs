@@ -1,0 +1,591 @@
+//! Who is calling: signed bearer tokens, so that every service can tell an import authority from a
+//! buyer (and one buyer from another) without calling anyone.
+//!
+//! Tokens are compact JWTs signed with Ed25519 (`alg: EdDSA`), using `ring` (the crypto rustls already
+//! runs on) and a deliberately small encoder: the header is fixed, only `EdDSA` is accepted (no `none`,
+//! no algorithm confusion), and the claims are `sub`, `role`, `buyer_id` (buyers only), `aud`
+//! (`chipgate`), `iat` and `exp`. Keys are PEM files: the services get the public key(s) to verify
+//! (several, for rotation), whoever mints tokens gets the PKCS#8 private key (`openssl genpkey
+//! -algorithm ed25519` makes one; `chipgate dev` generates its own). No key is ever in the code.
+//!
+//! The [`edge`](crate::edge) layer verifies the token of every call and checks the
+//! [`policy`](crate::policy) table; handlers that act on a resource by id check its owner with
+//! [`crate::RequestContext::check_owner`].
+
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// The audience every chipgate token carries.
+pub const AUDIENCE: &str = "chipgate";
+/// Metadata key of the bearer token.
+pub const AUTHORIZATION_HEADER: &str = "authorization";
+/// Longest token accepted (a real one is ~300 bytes).
+const MAX_TOKEN_BYTES: usize = 4096;
+/// Clock skew tolerated on `exp` and `iat`.
+const LEEWAY_SECS: u64 = 30;
+/// The fixed JOSE header of every token we mint.
+const HEADER_JSON: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
+/// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), followed by the 32-byte key.
+const SPKI_PREFIX: [u8; 12] = [0x30, 0x2a, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x03, 0x21, 0x00];
+
+/// What a caller may be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    /// The import authority: the approval queue, waves, licences and their terms, domestic ledger.
+    ImportAuthority,
+    /// The export authority: export authorisations.
+    ExportAuthority,
+    /// Customs: import policy per product.
+    Customs,
+    /// The vendor: catalogue, supply, shipping.
+    Vendor,
+    /// A buyer: its own applications, licences and orders (the token names the buyer).
+    Buyer,
+    /// The services' own calls to each other (quota and reservations).
+    Service,
+    /// Reads everything, changes nothing.
+    Auditor,
+}
+
+impl Role {
+    /// Every role.
+    pub const ALL: [Role; 7] = [
+        Role::ImportAuthority,
+        Role::ExportAuthority,
+        Role::Customs,
+        Role::Vendor,
+        Role::Buyer,
+        Role::Service,
+        Role::Auditor,
+    ];
+
+    /// The name in tokens and on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::ImportAuthority => "import_authority",
+            Role::ExportAuthority => "export_authority",
+            Role::Customs => "customs",
+            Role::Vendor => "vendor",
+            Role::Buyer => "buyer",
+            Role::Service => "service",
+            Role::Auditor => "auditor",
+        }
+    }
+
+    /// The role named `s`.
+    pub fn parse(s: &str) -> Option<Role> {
+        Role::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The authenticated caller of one call.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's subject (who, for the audit log).
+    pub subject: String,
+    /// What it may do.
+    pub role: Role,
+    /// The buyer it is (buyers only).
+    pub buyer_id: Option<String>,
+}
+
+impl Principal {
+    /// True when this is a buyer other than `buyer_id` (the one case where owning data matters).
+    pub fn is_other_buyer(&self, buyer_id: &str) -> bool {
+        self.role == Role::Buyer && self.buyer_id.as_deref() != Some(buyer_id)
+    }
+}
+
+/// The claims of a token.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// Subject.
+    pub sub: String,
+    /// Role name.
+    pub role: String,
+    /// Buyer id (buyers only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub buyer_id: Option<String>,
+    /// Audience: always [`AUDIENCE`].
+    pub aud: String,
+    /// Issued at (Unix seconds).
+    pub iat: u64,
+    /// Expires at (Unix seconds).
+    pub exp: u64,
+}
+
+/// Why a token or key was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    /// No `authorization: Bearer …` metadata.
+    #[error("no bearer token")]
+    Missing,
+    /// Not a well-formed token.
+    #[error("malformed token")]
+    Malformed,
+    /// The signature does not verify with any configured key.
+    #[error("bad signature")]
+    BadSignature,
+    /// Past its `exp`.
+    #[error("token expired")]
+    Expired,
+    /// Well signed, but the claims are unusable.
+    #[error("unusable claims: {0}")]
+    BadClaims(&'static str),
+    /// A key file is unusable.
+    #[error("key: {0}")]
+    Key(String),
+}
+
+impl AuthError {
+    /// UNAUTHENTICATED with ErrorInfo; says what was wrong with the token, nothing else.
+    pub fn into_status(self) -> Status {
+        let reason = match self {
+            AuthError::Missing => "TOKEN_MISSING",
+            AuthError::Expired => "TOKEN_EXPIRED",
+            _ => "TOKEN_INVALID",
+        };
+        let mut details = ErrorDetails::new();
+        details.set_error_info(reason, crate::errors::DOMAIN, []);
+        Status::with_error_details(
+            Code::Unauthenticated,
+            format!("{self}: send `authorization: Bearer <token>`"),
+            details,
+        )
+    }
+}
+
+/// PERMISSION_DENIED that names nothing but the refusal (never the resource or its owner).
+pub fn permission_denied() -> Status {
+    let mut details = ErrorDetails::new();
+    details.set_error_info("PERMISSION_DENIED", crate::errors::DOMAIN, []);
+    Status::with_error_details(Code::PermissionDenied, "permission denied", details)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The DER payloads of the PEM blocks labelled `label` in `text`.
+fn pem_blocks(text: &str, label: &str) -> Result<Vec<Vec<u8>>, AuthError> {
+    let (begin, end) = (format!("-----BEGIN {label}-----"), format!("-----END {label}-----"));
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(&begin) {
+        let after = &rest[start + begin.len()..];
+        let stop = after.find(&end).ok_or_else(|| AuthError::Key(format!("unterminated {label} block")))?;
+        let b64: String = after[..stop].chars().filter(|c| !c.is_whitespace()).collect();
+        out.push(STANDARD.decode(b64).map_err(|e| AuthError::Key(format!("bad base64 in {label}: {e}")))?);
+        rest = &after[stop + end.len()..];
+    }
+    Ok(out)
+}
+
+fn pem(label: &str, der: &[u8]) -> String {
+    let b64 = STANDARD.encode(der);
+    let mut s = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        s.push_str(&String::from_utf8_lossy(chunk));
+        s.push('\n');
+    }
+    s.push_str(&format!("-----END {label}-----\n"));
+    s
+}
+
+fn read(path: &Path) -> Result<String, AuthError> {
+    std::fs::read_to_string(path).map_err(|e| AuthError::Key(format!("can't read {}: {e}", path.display())))
+}
+
+/// Mints tokens (the dev cluster, the test harness, an operator's tooling, a service minting its own
+/// `service` token).
+#[derive(Clone)]
+pub struct Signer {
+    key: Arc<Ed25519KeyPair>,
+    pkcs8: Arc<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Signer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Signer(<ed25519 private key>)")
+    }
+}
+
+impl Signer {
+    /// A fresh random key.
+    ///
+    /// # Errors
+    /// When the system has no randomness.
+    pub fn generate() -> Result<Self, AuthError> {
+        let rng = ring::rand::SystemRandom::new();
+        let doc = Ed25519KeyPair::generate_pkcs8(&rng).map_err(|_| AuthError::Key("no randomness".into()))?;
+        Self::from_pkcs8(doc.as_ref())
+    }
+
+    fn from_pkcs8(der: &[u8]) -> Result<Self, AuthError> {
+        let key = Ed25519KeyPair::from_pkcs8_maybe_unchecked(der)
+            .map_err(|e| AuthError::Key(format!("not an Ed25519 PKCS#8 private key: {e}")))?;
+        Ok(Signer { key: Arc::new(key), pkcs8: Arc::new(der.to_vec()) })
+    }
+
+    /// The key in a PEM `PRIVATE KEY` (PKCS#8) block.
+    ///
+    /// # Errors
+    /// When there is no usable block.
+    pub fn from_pem(text: &str) -> Result<Self, AuthError> {
+        let blocks = pem_blocks(text, "PRIVATE KEY")?;
+        let der = blocks.first().ok_or_else(|| AuthError::Key("no PRIVATE KEY block".into()))?;
+        Self::from_pkcs8(der)
+    }
+
+    /// The key in the PEM file at `path`.
+    ///
+    /// # Errors
+    /// When it can't be read or holds no usable key.
+    pub fn from_file(path: &Path) -> Result<Self, AuthError> {
+        Self::from_pem(&read(path)?)
+    }
+
+    /// The private key as PEM (to write the dev cluster's key file).
+    pub fn private_pem(&self) -> String {
+        pem("PRIVATE KEY", &self.pkcs8)
+    }
+
+    /// The public key as PEM (SubjectPublicKeyInfo), what the services verify with.
+    pub fn public_pem(&self) -> String {
+        let mut der = SPKI_PREFIX.to_vec();
+        der.extend_from_slice(self.key.public_key().as_ref());
+        pem("PUBLIC KEY", &der)
+    }
+
+    /// A verifier for this key's tokens.
+    pub fn verifier(&self) -> Verifier {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&self.key.public_key().as_ref()[..32]);
+        Verifier { keys: vec![k] }
+    }
+
+    /// Signs `claims`.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let payload = serde_json::to_vec(claims).unwrap_or_default();
+        let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(HEADER_JSON), URL_SAFE_NO_PAD.encode(payload));
+        let sig = self.key.sign(input.as_bytes());
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(sig.as_ref()))
+    }
+
+    /// A token for `subject` acting as `role` (and, for buyers, as `buyer_id`), valid for `ttl`.
+    pub fn mint(&self, subject: &str, role: Role, buyer_id: Option<&str>, ttl: Duration) -> String {
+        let iat = now_secs();
+        self.sign(&Claims {
+            sub: subject.to_string(),
+            role: role.as_str().to_string(),
+            buyer_id: buyer_id.map(str::to_string),
+            aud: AUDIENCE.to_string(),
+            iat,
+            exp: iat.saturating_add(ttl.as_secs().max(1)),
+        })
+    }
+
+    /// A buyer token for `buyer_id` (subject `buyer:<id>`).
+    pub fn mint_buyer(&self, buyer_id: &str, ttl: Duration) -> String {
+        self.mint(&format!("buyer:{buyer_id}"), Role::Buyer, Some(buyer_id), ttl)
+    }
+
+    /// A token for a non-buyer `role` (subject `<role>`).
+    pub fn mint_role(&self, role: Role, ttl: Duration) -> String {
+        self.mint(role.as_str(), role, None, ttl)
+    }
+}
+
+/// Verifies tokens against one or more public keys (several during a key rotation).
+#[derive(Clone, Debug)]
+pub struct Verifier {
+    keys: Vec<[u8; 32]>,
+}
+
+impl Verifier {
+    /// Every `PUBLIC KEY` block in `text` (Ed25519 SubjectPublicKeyInfo).
+    ///
+    /// # Errors
+    /// When there is none, or one is not an Ed25519 key.
+    pub fn from_pem(text: &str) -> Result<Self, AuthError> {
+        let mut keys = Vec::new();
+        for der in pem_blocks(text, "PUBLIC KEY")? {
+            if der.len() != 44 || der[..12] != SPKI_PREFIX {
+                return Err(AuthError::Key("a PUBLIC KEY block is not an Ed25519 key".into()));
+            }
+            let mut k = [0u8; 32];
+            k.copy_from_slice(&der[12..]);
+            keys.push(k);
+        }
+        if keys.is_empty() {
+            return Err(AuthError::Key("no PUBLIC KEY block".into()));
+        }
+        Ok(Verifier { keys })
+    }
+
+    /// The keys in the PEM file at `path`.
+    ///
+    /// # Errors
+    /// When it can't be read or holds no usable key.
+    pub fn from_file(path: &Path) -> Result<Self, AuthError> {
+        Self::from_pem(&read(path)?)
+    }
+
+    /// The principal of `token`, if it is well formed, signed by one of the keys, for chipgate, and
+    /// current.
+    ///
+    /// # Errors
+    /// Why it was refused.
+    pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+            return Err(AuthError::Malformed);
+        }
+        let mut parts = token.split('.');
+        let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
+            return Err(AuthError::Malformed);
+        };
+        let header = URL_SAFE_NO_PAD.decode(h).map_err(|_| AuthError::Malformed)?;
+        let header: serde_json::Value = serde_json::from_slice(&header).map_err(|_| AuthError::Malformed)?;
+        if header.get("alg").and_then(|v| v.as_str()) != Some("EdDSA") {
+            return Err(AuthError::Malformed);
+        }
+        let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed)?;
+        let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
+        if !self.keys.iter().any(|k| UnparsedPublicKey::new(&ED25519, k).verify(signed, &sig).is_ok()) {
+            return Err(AuthError::BadSignature);
+        }
+        let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed)?;
+        let claims: Claims = serde_json::from_slice(&payload).map_err(|_| AuthError::BadClaims("not the claims"))?;
+        let now = now_secs();
+        if claims.exp.saturating_add(LEEWAY_SECS) < now {
+            return Err(AuthError::Expired);
+        }
+        if claims.iat > now.saturating_add(LEEWAY_SECS) {
+            return Err(AuthError::BadClaims("issued in the future"));
+        }
+        if claims.aud != AUDIENCE {
+            return Err(AuthError::BadClaims("wrong audience"));
+        }
+        let role = Role::parse(&claims.role).ok_or(AuthError::BadClaims("unknown role"))?;
+        let buyer_id = match (role, claims.buyer_id) {
+            (Role::Buyer, Some(b)) if !b.is_empty() => Some(b),
+            (Role::Buyer, _) => return Err(AuthError::BadClaims("a buyer token must name its buyer")),
+            (_, _) => None,
+        };
+        if claims.sub.is_empty() || claims.sub.len() > 128 || !claims.sub.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(AuthError::BadClaims("bad subject"));
+        }
+        Ok(Principal { subject: claims.sub, role, buyer_id })
+    }
+
+    /// The principal of a call with `headers`.
+    ///
+    /// # Errors
+    /// When there is no bearer token or it is refused.
+    pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, AuthError> {
+        let value = headers.get(AUTHORIZATION_HEADER).ok_or(AuthError::Missing)?;
+        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+        let token =
+            value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::Malformed)?.trim();
+        self.verify(token)
+    }
+}
+
+/// Where a client's token comes from.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    /// No token (servers with authentication off).
+    None,
+    /// A fixed token.
+    Static(String),
+    /// A token file (a Kubernetes secret), re-read when it is older than a minute so rotations apply.
+    File(Arc<FileToken>),
+    /// Tokens minted from a signing key for one identity, renewed well before they expire.
+    Minted(Arc<MintedToken>),
+}
+
+/// See [`TokenSource::File`].
+#[derive(Debug)]
+pub struct FileToken {
+    path: std::path::PathBuf,
+    cached: RwLock<(String, std::time::Instant)>,
+}
+
+/// See [`TokenSource::Minted`].
+#[derive(Debug)]
+pub struct MintedToken {
+    signer: Signer,
+    role: Role,
+    subject: String,
+    buyer_id: Option<String>,
+    ttl: Duration,
+    cached: RwLock<(String, std::time::Instant)>,
+}
+
+impl TokenSource {
+    /// The token in `path` (read now, so a missing file fails at startup).
+    ///
+    /// # Errors
+    /// When the file can't be read or is empty.
+    pub fn file(path: &Path) -> Result<Self, AuthError> {
+        let token = read(path)?.trim().to_string();
+        if token.is_empty() {
+            return Err(AuthError::Key(format!("{} is empty", path.display())));
+        }
+        Ok(TokenSource::File(Arc::new(FileToken {
+            path: path.to_path_buf(),
+            cached: RwLock::new((token, std::time::Instant::now())),
+        })))
+    }
+
+    /// Tokens for `role` (subject `subject`) minted with `signer`, each valid for an hour.
+    pub fn minted(signer: Signer, role: Role, subject: &str, buyer_id: Option<&str>) -> Self {
+        let ttl = Duration::from_secs(3600);
+        let token = signer.mint(subject, role, buyer_id, ttl);
+        TokenSource::Minted(Arc::new(MintedToken {
+            signer,
+            role,
+            subject: subject.to_string(),
+            buyer_id: buyer_id.map(str::to_string),
+            ttl,
+            cached: RwLock::new((token, std::time::Instant::now())),
+        }))
+    }
+
+    /// The token to send now.
+    pub fn current(&self) -> Option<String> {
+        match self {
+            TokenSource::None => None,
+            TokenSource::Static(t) => Some(t.clone()),
+            TokenSource::File(f) => {
+                let (token, at) = f.cached.read().map(|g| g.clone()).ok()?;
+                if at.elapsed() < Duration::from_secs(60) {
+                    return Some(token);
+                }
+                let fresh =
+                    std::fs::read_to_string(&f.path).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+                let token = match fresh {
+                    Some(t) => t,
+                    None => {
+                        tracing::warn!(path = %f.path.display(), "token file unreadable; keeping the last token");
+                        token
+                    }
+                };
+                if let Ok(mut g) = f.cached.write() {
+                    *g = (token.clone(), std::time::Instant::now());
+                }
+                Some(token)
+            }
+            TokenSource::Minted(m) => {
+                let (token, at) = m.cached.read().map(|g| g.clone()).ok()?;
+                if at.elapsed() < m.ttl / 2 {
+                    return Some(token);
+                }
+                let token = m.signer.mint(&m.subject, m.role, m.buyer_id.as_deref(), m.ttl);
+                if let Ok(mut g) = m.cached.write() {
+                    *g = (token.clone(), std::time::Instant::now());
+                }
+                Some(token)
+            }
+        }
+    }
+}
+
+/// A client interceptor adding `authorization: Bearer <token>` to every call.
+#[derive(Clone, Debug)]
+pub struct Bearer(pub TokenSource);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(token) = self.0.current()
+            && let Ok(v) = format!("Bearer {token}").parse()
+        {
+            req.metadata_mut().insert(AUTHORIZATION_HEADER, v);
+        }
+        Ok(req)
+    }
+}
+
+/// A channel whose calls carry a bearer token.
+pub type AuthChannel = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Bearer>;
+
+/// `channel` with `tokens` attached.
+pub fn with_token(channel: tonic::transport::Channel, tokens: TokenSource) -> AuthChannel {
+    tonic::service::interceptor::InterceptedService::new(channel, Bearer(tokens))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minted_tokens_verify_and_carry_the_role_and_buyer() {
+        let s = Signer::generate().expect("key");
+        let v = s.verifier();
+        let p = v.verify(&s.mint_buyer("bytedance", Duration::from_secs(60))).expect("valid");
+        assert_eq!((p.role, p.buyer_id.as_deref()), (Role::Buyer, Some("bytedance")));
+        let p = v.verify(&s.mint_role(Role::Customs, Duration::from_secs(60))).expect("valid");
+        assert_eq!((p.role, p.buyer_id), (Role::Customs, None));
+    }
+
+    #[test]
+    fn keys_round_trip_through_pem_and_other_keys_are_refused() {
+        let s = Signer::generate().expect("key");
+        let again = Signer::from_pem(&s.private_pem()).expect("private pem");
+        let other = Signer::generate().expect("key");
+        let both = Verifier::from_pem(&format!("{}{}", s.public_pem(), other.public_pem())).expect("public pem");
+        let only_s = Verifier::from_pem(&s.public_pem()).expect("public pem");
+        let t = again.mint_role(Role::Vendor, Duration::from_secs(60));
+        assert!(only_s.verify(&t).is_ok());
+        let t2 = other.mint_role(Role::Vendor, Duration::from_secs(60));
+        assert_eq!(only_s.verify(&t2), Err(AuthError::BadSignature));
+        assert!(both.verify(&t2).is_ok(), "rotation: either key verifies");
+    }
+
+    #[test]
+    fn expired_tampered_and_odd_tokens_are_refused() {
+        let s = Signer::generate().expect("key");
+        let v = s.verifier();
+        let now = now_secs();
+        let claims = |role: &str, buyer: Option<&str>, exp: u64| Claims {
+            sub: "x".into(),
+            role: role.into(),
+            buyer_id: buyer.map(str::to_string),
+            aud: AUDIENCE.into(),
+            iat: now - 10,
+            exp,
+        };
+        assert_eq!(v.verify(&s.sign(&claims("vendor", None, now - 3600))), Err(AuthError::Expired));
+        assert!(matches!(v.verify(&s.sign(&claims("root", None, now + 60))), Err(AuthError::BadClaims(_))));
+        assert!(matches!(v.verify(&s.sign(&claims("buyer", None, now + 60))), Err(AuthError::BadClaims(_))));
+        // Raise the role in the payload, keep the signature: refused.
+        let t = s.sign(&claims("auditor", None, now + 60));
+        let parts: Vec<&str> = t.split('.').collect();
+        let forged =
+            URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims("import_authority", None, now + 60)).expect("json"));
+        assert_eq!(v.verify(&format!("{}.{forged}.{}", parts[0], parts[2])), Err(AuthError::BadSignature));
+        // alg "none" and garbage.
+        let none = URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#);
+        assert_eq!(v.verify(&format!("{none}.{}.", parts[1])), Err(AuthError::Malformed));
+        assert_eq!(v.verify("a.b"), Err(AuthError::Malformed));
+        assert_eq!(v.verify(""), Err(AuthError::Malformed));
+        let mut h = http::HeaderMap::new();
+        assert_eq!(v.authenticate(&h), Err(AuthError::Missing));
+        h.insert("authorization", "Basic abc".parse().expect("header"));
+        assert_eq!(v.authenticate(&h), Err(AuthError::Malformed));
+    }
+}

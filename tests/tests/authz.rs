@@ -1,0 +1,245 @@
+//! Who may call what, held against every RPC the services expose: the RPCs come from the descriptor
+//! set (so a new RPC without a rule fails here), each is called by every role, by another buyer, and
+//! with no token, an expired token and a token signed by another key, over real gRPC to a cluster with
+//! authentication on. Only UNAUTHENTICATED and PERMISSION_DENIED count as a refusal; an allowed call
+//! may still fail for other reasons (INVALID_ARGUMENT for an empty request, NOT_FOUND, ...).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_proto::orders::v1 as opb;
+use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
+use chipgate_runtime::auth::{Claims, Role, Signer};
+use chipgate_runtime::policy::{self, BuyerAccess};
+use chipgate_testkit::{BackendKind, Cluster, ClusterOptions};
+use prost::Message;
+use tonic::Code;
+
+const H200: &str = "H200-SXM-141GB";
+const ALPHA: &str = "alpha-ai";
+const BETA: &str = "beta-ai";
+
+/// Calls `path` with `body`; Ok(()) when answered (any non-auth outcome), Err(status) otherwise.
+async fn call(url: &str, path: &str, streaming: bool, body: Bytes, token: Option<&str>) -> Result<(), tonic::Status> {
+    match chipgate_testkit::raw::call(url, path, streaming, body, token).await {
+        Err(s) if matches!(s.code(), Code::Unauthenticated | Code::PermissionDenied) => Err(s),
+        _ => Ok(()),
+    }
+}
+
+/// A protobuf message with the given top-level string fields.
+fn message(fields: &[(u32, &str)]) -> Bytes {
+    let mut out = Vec::new();
+    for (n, v) in fields {
+        prost::encoding::string::encode(*n, &v.to_string(), &mut out);
+    }
+    Bytes::from(out)
+}
+
+/// Every RPC of the three services: `(path, service url key, server streaming)`.
+fn every_rpc() -> Vec<(String, &'static str, bool)> {
+    let set = prost_types::FileDescriptorSet::decode(chipgate_proto::FILE_DESCRIPTOR_SET).unwrap();
+    let mut out = Vec::new();
+    for file in &set.file {
+        for svc in &file.service {
+            let full = format!("{}.{}", file.package(), svc.name());
+            let which = match full.as_str() {
+                "chipgate.licensing.v1.LicensingService" => "licensing",
+                "chipgate.inventory.v1.InventoryService" => "inventory",
+                "chipgate.orders.v1.OrderService" => "orders",
+                _ => continue,
+            };
+            for m in &svc.method {
+                out.push((format!("/{full}/{}", m.name()), which, m.server_streaming()));
+            }
+        }
+    }
+    out
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Caller {
+    Role(Role),
+    OtherBuyer,
+    NoToken,
+    Expired,
+    BadSignature,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_by_every_caller_is_allowed_or_refused_as_the_table_says() {
+    let cluster =
+        Cluster::start_with(ClusterOptions { backend: BackendKind::Memory, auth: true, ..Default::default() }).await;
+    let signer = cluster.signer.clone().unwrap();
+    let orders_url = cluster.orders.as_ref().unwrap().url();
+    let urls: BTreeMap<&str, String> = [
+        ("licensing", cluster.licensing.url()),
+        ("inventory", cluster.inventory.url()),
+        ("orders", orders_url.clone()),
+    ]
+    .into();
+
+    // Alpha's application, licence and order (made with the roles that may make them).
+    let alpha = cluster.buyer_token(ALPHA);
+    let ia = cluster.token(Role::ImportAuthority);
+    let mut lic_alpha = LicensingServiceClient::new(Cluster::authed(&cluster.licensing.url(), &alpha));
+    let mut lic_ia = LicensingServiceClient::new(Cluster::authed(&cluster.licensing.url(), &ia));
+    let app = lic_alpha
+        .submit_application(lpb::SubmitApplicationRequest {
+            request_id: "app-1".into(),
+            buyer_id: ALPHA.into(),
+            product_sku: H200.into(),
+            quantity: 100,
+            end_use: "training".into(),
+            site: "DC".into(),
+            destination: "CN".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .application
+        .unwrap()
+        .application_id;
+    let wave = lic_ia
+        .create_wave(lpb::CreateWaveRequest { request_id: "wave-1".into(), display_name: "w".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap()
+        .wave_id;
+    lic_ia
+        .add_wave_grant(lpb::AddWaveGrantRequest {
+            request_id: "grant-1".into(),
+            wave_id: wave.clone(),
+            application_id: app.clone(),
+            granted_units: 50,
+            conditions: Some(lpb::LicenseConditions::default()),
+        })
+        .await
+        .unwrap();
+    let published = lic_ia
+        .publish_wave(lpb::PublishWaveRequest { request_id: "pub-1".into(), wave_id: wave })
+        .await
+        .unwrap()
+        .into_inner();
+    let licence = published.licenses[0].license_id.clone();
+    // A second application, still queued, for WithdrawApplication.
+    let queued = lic_alpha
+        .submit_application(lpb::SubmitApplicationRequest {
+            request_id: "app-2".into(),
+            buyer_id: ALPHA.into(),
+            product_sku: "H20-96GB".into(),
+            quantity: 10,
+            end_use: "inference".into(),
+            site: "DC".into(),
+            destination: "CN".into(),
+        })
+        .await;
+    let queued = queued.map(|r| r.into_inner().application.unwrap().application_id).unwrap_or_else(|_| app.clone());
+    let mut ord_alpha = OrderServiceClient::new(Cluster::authed(&orders_url, &alpha));
+    let order = ord_alpha
+        .place_order(opb::PlaceOrderRequest {
+            request_id: "ord-1".into(),
+            buyer_id: ALPHA.into(),
+            product_sku: H200.into(),
+            units: 5,
+            justification: "training".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap()
+        .order_id;
+    let secret_ids = [app.clone(), queued.clone(), licence.clone(), order.clone(), ALPHA.to_string()];
+
+    // The callers.
+    let other_key = Signer::generate().unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let expired = signer.sign(&Claims {
+        sub: "auditor".into(),
+        role: "auditor".into(),
+        buyer_id: None,
+        aud: "chipgate".into(),
+        iat: now - 7200,
+        exp: now - 3600,
+    });
+    let mut callers: Vec<(Caller, Option<String>)> = Role::ALL
+        .into_iter()
+        .map(|r| {
+            let t = if r == Role::Buyer { alpha.clone() } else { signer.mint_role(r, Duration::from_secs(600)) };
+            (Caller::Role(r), Some(t))
+        })
+        .collect();
+    callers.push((Caller::OtherBuyer, Some(signer.mint_buyer(BETA, Duration::from_secs(600)))));
+    callers.push((Caller::NoToken, None));
+    callers.push((Caller::Expired, Some(expired)));
+    callers.push((Caller::BadSignature, Some(other_key.mint_role(Role::ImportAuthority, Duration::from_secs(600)))));
+
+    let rpcs = every_rpc();
+    assert!(rpcs.len() >= 60, "the descriptor set lists the RPCs: {}", rpcs.len());
+    let mut unexpected_allows = Vec::new();
+    let mut unexpected_denies = Vec::new();
+    let mut leaks = Vec::new();
+    let mut calls = 0;
+    for (path, which, streaming) in &rpcs {
+        let rule = policy::rule(path).unwrap_or_else(|| panic!("{path} has no rule in the policy table"));
+        // Requests name alpha or alpha's resources wherever the rule looks at them.
+        let body = match rule.buyer {
+            BuyerAccess::Field(n) => message(&[(n, ALPHA)]),
+            BuyerAccess::Owner(n) => {
+                let id = if path.contains("Application") {
+                    if path.ends_with("WithdrawApplication") { &queued } else { &app }
+                } else if path.contains("License") {
+                    &licence
+                } else {
+                    &order
+                };
+                let rid = format!("rid-{}", path.rsplit('/').next().unwrap_or_default());
+                if n == 1 { message(&[(1, id)]) } else { message(&[(1, &rid), (n, id)]) }
+            }
+            BuyerAccess::Open | BuyerAccess::Denied => message(&[]),
+        };
+        for (caller, token) in &callers {
+            let expected = match caller {
+                Caller::Role(Role::Buyer) => rule.buyer != BuyerAccess::Denied,
+                Caller::Role(r) => rule.roles.contains(r),
+                Caller::OtherBuyer => rule.buyer == BuyerAccess::Open,
+                Caller::NoToken | Caller::Expired | Caller::BadSignature => false,
+            };
+            calls += 1;
+            let got = call(&urls[which], path, *streaming, body.clone(), token.as_deref()).await;
+            match (&got, expected) {
+                (Ok(()), false) => unexpected_allows.push(format!("{path} by {caller:?}")),
+                (Err(s), true) => unexpected_denies.push(format!("{path} by {caller:?}: {s:?}")),
+                (Err(s), false) => {
+                    let want = match caller {
+                        Caller::NoToken | Caller::Expired | Caller::BadSignature => Code::Unauthenticated,
+                        _ => Code::PermissionDenied,
+                    };
+                    assert_eq!(s.code(), want, "{path} by {caller:?}: {s:?}");
+                    let text = format!("{} {:?}", s.message(), String::from_utf8_lossy(s.details()));
+                    if secret_ids.iter().any(|id| text.contains(id.as_str())) {
+                        leaks.push(format!("{path} by {caller:?}: {text}"));
+                    }
+                }
+                (Ok(()), true) => {}
+            }
+        }
+    }
+    eprintln!("authorisation matrix: {} RPCs x {} callers = {calls} calls", rpcs.len(), callers.len());
+    assert!(unexpected_allows.is_empty(), "unexpected allows:\n{}", unexpected_allows.join("\n"));
+    assert!(unexpected_denies.is_empty(), "unexpected refusals:\n{}", unexpected_denies.join("\n"));
+    assert!(leaks.is_empty(), "refusals that name the data:\n{}", leaks.join("\n"));
+
+    // Health and reflection stay open without a token.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(chipgate_testkit::channel(&orders_url));
+    health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
+    cluster.stop().await;
+}

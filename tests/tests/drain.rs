@@ -1,0 +1,106 @@
+//! Graceful shutdown of a real service process: with calls in flight and an idle client connected,
+//! SIGTERM turns health NOT_SERVING at once, the in-flight calls finish successfully, and the
+//! process exits cleanly within its bound (drain delay + shutdown grace).
+//!
+//! The calls are kept in flight by pausing Redis (`CLIENT PAUSE`), so they are genuinely inside the
+//! handler, waiting on state, when the signal arrives.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_state::testing::RedisServer;
+use chipgate_testkit::{binary, channel, free_port};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+async fn status(health_url: &str) -> Option<ServingStatus> {
+    let mut h = HealthClient::new(channel(health_url));
+    h.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_in_time() {
+    let redis = RedisServer::start();
+    let (port, health_port) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{port}");
+    let health_url = format!("http://127.0.0.1:{health_port}");
+    let mut child = tokio::process::Command::new(binary("chipgate-licensing"))
+        .env("CHIPGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CHIPGATE_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
+        .env("REDIS_URL", redis.url())
+        .env("CHIPGATE_INSECURE_NO_AUTH", "true")
+        .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
+        .env("CHIPGATE_DRAIN_DELAY", "300ms")
+        .env("CHIPGATE_SHUTDOWN_GRACE", "5s")
+        .env("CHIPGATE_REDIS_TIMEOUT", "10s")
+        .env("CHIPGATE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chipgate-licensing");
+    let pid = child.id().expect("pid");
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&health_url).await != Some(ServingStatus::Serving) {
+        assert!(Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // An idle client: connected, one call made, then nothing.
+    let mut idle = LicensingServiceClient::new(channel(&url));
+    idle.list_queue(lpb::ListQueueRequest::default()).await.unwrap();
+
+    // Pause Redis for 2.5 s and start calls that will wait on it.
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let pause_ms = 2500u64;
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(pause_ms)
+        .arg("ALL")
+        .query_async::<()>(&mut admin)
+        .await
+        .expect("CLIENT PAUSE");
+    let paused_at = Instant::now();
+    let mut in_flight = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        in_flight.push(tokio::spawn(async move {
+            let mut c = LicensingServiceClient::new(channel(&url));
+            let mut req = tonic::Request::new(lpb::ListApplicationsRequest { page_size: 10, ..Default::default() });
+            req.set_timeout(Duration::from_secs(15));
+            c.list_applications(req).await.map(|_| Instant::now())
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // SIGTERM: health turns NOT_SERVING at once.
+    let signalled = Instant::now();
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+    let mut saw_not_serving = false;
+    for _ in 0..20 {
+        if status(&health_url).await == Some(ServingStatus::NotServing) {
+            saw_not_serving = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(saw_not_serving, "health NOT_SERVING right after SIGTERM");
+    assert!(signalled.elapsed() < Duration::from_secs(1));
+
+    // The in-flight calls finish, successfully, after Redis comes back.
+    for call in in_flight {
+        let done = call.await.unwrap().expect("an in-flight call completes during the drain");
+        assert!(done.duration_since(paused_at) >= Duration::from_millis(pause_ms - 500), "it really was in flight");
+    }
+    // And the process exits cleanly within drain delay + grace (the idle client doesn't hold it).
+    let exit =
+        tokio::time::timeout(Duration::from_secs(8), child.wait()).await.expect("exited within the bound").unwrap();
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert!(signalled.elapsed() < Duration::from_secs(8));
+    drop(idle);
+}

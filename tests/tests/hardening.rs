@@ -1,0 +1,135 @@
+//! The gRPC edge under hostile input: oversized messages, deeply nested and malformed protobuf,
+//! invalid fields, and one caller trying to take all the capacity. Each is refused cleanly (a status,
+//! never a crash or a hang) and the service keeps serving everybody else.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_runtime::auth::Role;
+use chipgate_runtime::server::ServerConfig;
+use chipgate_testkit::raw;
+use chipgate_testkit::{BackendKind, Cluster, ClusterOptions};
+use tonic::Code;
+use tonic_types::StatusExt;
+
+const SUBMIT: &str = "/chipgate.licensing.v1.LicensingService/SubmitApplication";
+
+fn small_cluster() -> ClusterOptions {
+    ClusterOptions {
+        backend: BackendKind::Memory,
+        server: ServerConfig {
+            max_message_bytes: 16 * 1024,
+            health_interval: Duration::from_millis(100),
+            ..ServerConfig::default()
+        },
+        ..ClusterOptions::default()
+    }
+}
+
+async fn still_serves(url: &str) {
+    LicensingServiceClient::new(chipgate_testkit::channel(url))
+        .list_queue(lpb::ListQueueRequest::default())
+        .await
+        .expect("the service still answers");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_nested_and_malformed_requests_are_refused_cleanly() {
+    let cluster = Cluster::start_with(small_cluster()).await;
+    let url = cluster.licensing.url();
+    let mut lic = LicensingServiceClient::new(chipgate_testkit::channel(&url));
+
+    // Oversized: a 64 KiB field against a 16 KiB limit.
+    let big = lpb::SubmitApplicationRequest {
+        request_id: "big-1".into(),
+        buyer_id: "bytedance".into(),
+        product_sku: "H200-SXM-141GB".into(),
+        quantity: 1,
+        end_use: "x".repeat(64 * 1024),
+        site: "DC".into(),
+        destination: "CN".into(),
+    };
+    let s = lic.submit_application(big).await.expect_err("an oversized message is refused");
+    assert!(matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange), "{s:?}");
+    still_serves(&url).await;
+
+    // Too deep: 200 nested groups in an unknown field (prost stops at its recursion limit).
+    let mut deep = Vec::new();
+    deep.extend(std::iter::repeat_n(0x7bu8, 200)); // field 15, start group
+    deep.extend(std::iter::repeat_n(0x7cu8, 200)); // field 15, end group
+    let s = raw::call(&url, SUBMIT, false, Bytes::from(deep), None).await.expect_err("too deep");
+    assert_ne!(s.code(), Code::Ok);
+    still_serves(&url).await;
+
+    // Malformed protobuf: a truncated length, invalid UTF-8 in a string, a wrong wire type.
+    for (what, bytes) in [
+        ("truncated", vec![0x12, 0x40, b'a']),
+        ("invalid utf-8", vec![0x12, 0x02, 0xff, 0xfe]),
+        ("wrong wire type", vec![0x15, 1, 2, 3, 4]),
+    ] {
+        let s = raw::call(&url, SUBMIT, false, Bytes::from(bytes), None).await.expect_err(what);
+        assert!(matches!(s.code(), Code::Internal | Code::InvalidArgument), "{what}: {s:?}");
+        still_serves(&url).await;
+    }
+
+    // Well-formed but invalid fields: INVALID_ARGUMENT with a BadRequest naming each field.
+    let s = lic
+        .submit_application(lpb::SubmitApplicationRequest {
+            request_id: String::new(),
+            buyer_id: "bad id with spaces\u{0}".into(),
+            product_sku: String::new(),
+            quantity: 0,
+            end_use: String::new(),
+            site: String::new(),
+            destination: "CN".into(),
+        })
+        .await
+        .expect_err("invalid fields");
+    assert_eq!(s.code(), Code::InvalidArgument);
+    let bad = s.get_error_details().bad_request().cloned().expect("BadRequest details");
+    let fields: Vec<&str> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
+    assert!(fields.contains(&"buyer_id") && fields.contains(&"quantity"), "{fields:?}");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_caller_over_its_rate_is_slowed_with_retry_info_and_others_are_not() {
+    let mut options = small_cluster();
+    options.auth = true;
+    options.server.rate_limit_per_second = 2.0;
+    options.server.rate_limit_burst = 5;
+    let cluster = Cluster::start_with(options).await;
+    let url = cluster.inventory.url();
+    let greedy = cluster.buyer_token("greedy");
+    let mut c = InventoryServiceClient::new(Cluster::authed(&url, &greedy));
+    let mut limited = None;
+    for _ in 0..20 {
+        match c.list_products(ipb::ListProductsRequest::default()).await {
+            Ok(_) => {}
+            Err(s) => {
+                limited = Some(s);
+                break;
+            }
+        }
+    }
+    let s = limited.expect("the greedy caller is limited within 20 calls");
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    let retry = s.get_error_details().retry_info().cloned().expect("RetryInfo");
+    assert!(retry.retry_delay.is_some_and(|d| d <= Duration::from_secs(1)), "{retry:?}");
+
+    // Another caller is not affected, and the greedy one gets through again after the delay.
+    let vendor = cluster.token(Role::Vendor);
+    InventoryServiceClient::new(Cluster::authed(&url, &vendor))
+        .list_products(ipb::ListProductsRequest::default())
+        .await
+        .expect("another caller is served");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    c.list_products(ipb::ListProductsRequest::default()).await.expect("served again after the delay");
+    cluster.stop().await;
+}
