@@ -1,8 +1,12 @@
 //! Talking to a running cluster: endpoints, per-call settings (deadline, caller, request id), and
 //! failures with the server's rich error details and a distinct exit code per kind of failure.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use chipgate_runtime::auth::{Role, Signer};
 
 use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
@@ -389,6 +393,41 @@ pub fn random_id(prefix: &str) -> String {
 /// Largest answer accepted (a page of 1000 orders with their histories is large).
 const MAX_MESSAGE: usize = 64 << 20;
 
+/// Who a call is made as, when a context plays several roles (the demo).
+#[derive(Clone, Copy, Debug)]
+pub enum As<'a> {
+    /// A non-buyer role.
+    Role(Role),
+    /// This buyer.
+    Buyer(&'a str),
+}
+
+/// Mints and keeps one token per identity.
+struct Minter {
+    signer: Signer,
+    tokens: Mutex<HashMap<String, String>>,
+}
+
+impl Minter {
+    /// Long enough for any demo; short enough that a leaked one soon expires.
+    const TTL: Duration = Duration::from_secs(3600);
+
+    fn token(&self, who: As<'_>) -> String {
+        let key = match who {
+            As::Role(r) => r.as_str().to_string(),
+            As::Buyer(b) => format!("buyer:{b}"),
+        };
+        let mint = || match who {
+            As::Role(r) => self.signer.mint_role(r, Self::TTL),
+            As::Buyer(b) => self.signer.mint_buyer(b, Self::TTL),
+        };
+        match self.tokens.lock() {
+            Ok(mut m) => m.entry(key).or_insert_with(mint).clone(),
+            Err(_) => mint(),
+        }
+    }
+}
+
 /// A connection to a cluster and the settings of this invocation.
 #[derive(Clone)]
 pub struct Ctx {
@@ -396,6 +435,9 @@ pub struct Ctx {
     pub g: Global,
     /// The bearer token sent with every call (from --token or --token-file).
     token: Option<String>,
+    /// With a signing key (the demo, playing every role): tokens minted per identity for
+    /// [`Ctx::req_as`].
+    minter: Option<Arc<Minter>>,
     lic: Channel,
     inv: Channel,
     ord: Channel,
@@ -425,7 +467,14 @@ impl Ctx {
             ),
             (None, None) => None,
         };
-        Ok(Ctx { g, token, lic, inv, ord })
+        Ok(Ctx { g, token, minter: None, lic, inv, ord })
+    }
+
+    /// This context, acting from now on as whoever [`Ctx::req_as`] names, with tokens minted from
+    /// `signer` (short-lived, one per identity, reused).
+    pub fn with_signer(mut self, signer: Signer) -> Self {
+        self.minter = Some(Arc::new(Minter { signer, tokens: Mutex::new(HashMap::new()) }));
+        self
     }
 
     /// True when the output is JSON.
@@ -464,6 +513,28 @@ impl Ctx {
         r.set_timeout(self.g.timeout);
         self.stamp(&mut r);
         r
+    }
+
+    /// A unary request made as `who`: with a token minted for it when this context has a signing key
+    /// (see [`Ctx::with_signer`]), with this invocation's own token otherwise.
+    pub fn req_as<T>(&self, who: As<'_>, msg: T) -> tonic::Request<T> {
+        let mut r = self.req(msg);
+        if let Some(m) = &self.minter
+            && let Ok(v) = format!("Bearer {}", m.token(who)).parse()
+        {
+            r.metadata_mut().insert(chipgate_runtime::auth::AUTHORIZATION_HEADER, v);
+        }
+        r
+    }
+
+    /// This context with `who`'s minted token as its own (for helpers that make their calls with
+    /// [`Ctx::req`]); unchanged without a signing key.
+    pub fn acting(&self, who: As<'_>) -> Ctx {
+        let mut c = self.clone();
+        if let Some(m) = &self.minter {
+            c.token = Some(m.token(who));
+        }
+        c
     }
 
     /// A streaming request (no deadline) with the caller set.

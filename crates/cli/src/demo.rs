@@ -18,10 +18,11 @@ use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_runtime::Shutdown;
+use chipgate_runtime::auth::{Role, Signer};
 use clap::Args;
 use serde_json::{Value, json};
 
-use crate::client::{Ctx, Failure, Outcome, Svc};
+use crate::client::{As, Ctx, Failure, Outcome, Svc};
 use crate::import::Row;
 use crate::out::{self, n};
 use crate::view;
@@ -42,6 +43,23 @@ pub struct DemoArgs {
     /// How long each step may take to settle before the demo gives up (exit 11).
     #[arg(long, value_parser = crate::client::parse_duration, default_value = "60s")]
     pub step_timeout: Duration,
+    /// The cluster's token signing key, so the demo can act as each party of the story (customs, the
+    /// export and import authorities, the vendor, every buyer, an auditor for the figures). Default:
+    /// the key `chipgate dev` wrote under its default --auth-dir, when it is there.
+    #[arg(long, env = "CHIPGATE_SIGNING_KEY")]
+    pub signing_key: Option<std::path::PathBuf>,
+}
+
+/// The signing key the demo plays the parties with: the one given, or the dev cluster's default.
+fn signer(a: &DemoArgs) -> Result<Option<Signer>, Failure> {
+    let (path, explicit) = match &a.signing_key {
+        Some(p) => (p.clone(), true),
+        None => (crate::dev::default_auth_dir().join("signing.pem"), false),
+    };
+    if !explicit && !path.exists() {
+        return Ok(None);
+    }
+    Signer::from_file(&path).map(Some).map_err(|e| Failure::Input(format!("--signing-key {}: {e}", path.display())))
 }
 
 /// One buyer of the story.
@@ -336,7 +354,8 @@ impl Demo<'_> {
                 omit_history: !history,
                 ..Default::default()
             };
-            let r = ctx.call(Svc::Orders, None, ctx.ord().list_orders(ctx.req(msg))).await?;
+            let r =
+                ctx.call(Svc::Orders, None, ctx.ord().list_orders(ctx.req_as(As::Role(Role::Auditor), msg))).await?;
             orders.extend(r.orders);
             if r.next_page_token.is_empty() {
                 break;
@@ -344,9 +363,16 @@ impl Demo<'_> {
             token = r.next_page_token;
         }
         let msg = ipb::GetStockRequest { product_sku: H200.to_string() };
-        let stock = ctx.call(Svc::Inventory, None, ctx.inv().get_stock(ctx.req(msg))).await?.stock.unwrap_or_default();
+        let stock = ctx
+            .call(Svc::Inventory, None, ctx.inv().get_stock(ctx.req_as(As::Role(Role::Auditor), msg)))
+            .await?
+            .stock
+            .unwrap_or_default();
         let msg = opb::GetBacklogRequest { product_sku: H200.to_string(), page_size: 1, page_token: String::new() };
-        let backlog = ctx.call(Svc::Orders, None, ctx.ord().get_backlog(ctx.req(msg))).await?.total_orders;
+        let backlog = ctx
+            .call(Svc::Orders, None, ctx.ord().get_backlog(ctx.req_as(As::Role(Role::Auditor), msg)))
+            .await?
+            .total_orders;
         Ok(World { orders, stock, backlog })
     }
 
@@ -495,7 +521,11 @@ impl Demo<'_> {
 /// `chipgate demo`.
 pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
     if !a.self_contained {
-        return play(ctx, &a).await;
+        return match signer(&a)? {
+            Some(signer) => play(&ctx.clone().with_signer(signer), &a).await,
+            // No key: every call carries --token (if any); enough for a cluster without auth.
+            None => play(ctx, &a).await,
+        };
     }
     let shutdown = Shutdown::new();
     let args = crate::dev::DevArgs {
@@ -544,7 +574,10 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     // The story starts from a clean slate: no orders or licences for the H200 yet.
     let start = d.world(false).await?;
     let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1, ..Default::default() };
-    let licences = ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req(msg))).await?.licenses;
+    let licences = ctx
+        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
+        .await?
+        .licenses;
     if !start.orders.is_empty() || !licences.is_empty() {
         return Err(Failure::Check(format!(
             "this cluster already has {} order(s) and licences for {H200}; the demo plays on a fresh cluster \
@@ -563,7 +596,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         stance: lpb::ImportStance::Embargoed as i32,
         reason: "customs notice to agents: H200 chips may not enter the country".to_string(),
     };
-    let p = ctx.call(Svc::Licensing, None, ctx.lic().set_import_policy(ctx.req(msg))).await?.policy.unwrap_or_default();
+    let p = ctx
+        .call(Svc::Licensing, None, ctx.lic().set_import_policy(ctx.req_as(As::Role(Role::Customs), msg)))
+        .await?
+        .policy
+        .unwrap_or_default();
     let ev = vec![format!(
         "customs set {} to {}: {}",
         p.product_sku,
@@ -583,7 +620,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         reference: "BIS H200 China export licence".to_string(),
     };
     let x = ctx
-        .call(Svc::Licensing, None, ctx.lic().grant_export_authorization(ctx.req(msg)))
+        .call(
+            Svc::Licensing,
+            None,
+            ctx.lic().grant_export_authorization(ctx.req_as(As::Role(Role::ExportAuthority), msg)),
+        )
         .await?
         .authorization
         .unwrap_or_default();
@@ -635,14 +676,20 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             site: b.site.to_string(),
             destination: "CN".to_string(),
         };
-        let app = ctx.call(Svc::Licensing, None, ctx.lic().submit_application(ctx.req(msg))).await?.application;
+        let app = ctx
+            .call(Svc::Licensing, None, ctx.lic().submit_application(ctx.req_as(As::Buyer(b.id), msg)))
+            .await?
+            .application;
         apps.insert(b.id, app.unwrap_or_default());
     }
     let q = ctx
         .call(
             Svc::Licensing,
             None,
-            ctx.lic().list_queue(ctx.req(lpb::ListQueueRequest { page_size: 100, page_token: String::new() })),
+            ctx.lic().list_queue(ctx.req_as(
+                As::Role(Role::ImportAuthority),
+                lpb::ListQueueRequest { page_size: 100, page_token: String::new() },
+            )),
         )
         .await?;
     let mut ev = vec![format!("{} applications queued, criteria unpublished:", n(q.total_queued))];
@@ -653,7 +700,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     // 5. Wave 1.
     d.title("Wave 1: Beijing approves ByteDance, Alibaba and Tencent — with conditions");
     let msg = lpb::CreateWaveRequest { request_id: d.rid("wave-1"), display_name: "wave 1 (January 2026)".to_string() };
-    let wave = ctx.call(Svc::Licensing, None, ctx.lic().create_wave(ctx.req(msg))).await?.wave.unwrap_or_default();
+    let wave = ctx
+        .call(Svc::Licensing, None, ctx.lic().create_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
+        .await?
+        .wave
+        .unwrap_or_default();
     let conditions = lpb::LicenseConditions {
         terms_pending: true,
         domestic_ratio_bps: RATIO_BPS,
@@ -669,10 +720,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             granted_units: units,
             conditions: Some(conditions),
         };
-        ctx.call(Svc::Licensing, None, ctx.lic().add_wave_grant(ctx.req(msg))).await?;
+        ctx.call(Svc::Licensing, None, ctx.lic().add_wave_grant(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
+            .await?;
     }
     let msg = lpb::PublishWaveRequest { request_id: d.rid("publish-1"), wave_id: wave.wave_id.clone() };
-    let published = ctx.call(Svc::Licensing, None, ctx.lic().publish_wave(ctx.req(msg))).await?;
+    let published = ctx
+        .call(Svc::Licensing, None, ctx.lic().publish_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
+        .await?;
     let pw = published.wave.unwrap_or_default();
     let mut ev = vec![format!(
         "{} published: {} licences, {} units granted together; conditions: {}",
@@ -682,8 +736,14 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         view::conditions_text(pw.grants.first().and_then(|g| g.conditions.as_ref()))
     )];
     ev.extend(view::licenses_table(&published.licenses).render().into_iter().map(|l| format!("  {l}")));
-    let (progress, settled) =
-        crate::cmd::licensing::follow_progress(ctx, &pw.wave_id, a.step_timeout, !ctx.json(), false).await?;
+    let (progress, settled) = crate::cmd::licensing::follow_progress(
+        &ctx.acting(As::Role(Role::ImportAuthority)),
+        &pw.wave_id,
+        a.step_timeout,
+        !ctx.json(),
+        false,
+    )
+    .await?;
     settled?;
     ev.push(format!(
         "propagation: {} observed; {} orders concerned, {} evaluated; {} backordered, {} reserved, {} still awaiting",
@@ -711,7 +771,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         stance: lpb::ImportStance::Open as i32,
         reason: "import approvals granted: H200 may enter under licence".to_string(),
     };
-    let p = ctx.call(Svc::Licensing, None, ctx.lic().set_import_policy(ctx.req(msg))).await?.policy.unwrap_or_default();
+    let p = ctx
+        .call(Svc::Licensing, None, ctx.lic().set_import_policy(ctx.req_as(As::Role(Role::Customs), msg)))
+        .await?
+        .policy
+        .unwrap_or_default();
     let ev =
         vec![format!("customs set {} to {}", p.product_sku, view::short(p.stance().as_str_name(), "IMPORT_STANCE_"))];
     let now = d.settle("embargo lifted", |w| w.awaiting().all(|o| !has(o, lpb::Condition::ImportPolicy))).await?;
@@ -726,8 +790,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             license_id: l.license_id.clone(),
             conditions: None,
         };
-        let fl =
-            ctx.call(Svc::Licensing, None, ctx.lic().finalize_terms(ctx.req(msg))).await?.license.unwrap_or_default();
+        let fl = ctx
+            .call(Svc::Licensing, None, ctx.lic().finalize_terms(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
+            .await?
+            .license
+            .unwrap_or_default();
         ev.push(format!(
             "{} of {}: {} — {}",
             fl.license_id,
@@ -767,7 +834,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             supplier: supplier.to_string(),
             evidence_ref: format!("{}-domestic-invoice-2026-01", b.id),
         };
-        let r = ctx.call(Svc::Licensing, None, ctx.lic().record_domestic_purchase(ctx.req(msg))).await?;
+        let r = ctx
+            .call(
+                Svc::Licensing,
+                None,
+                ctx.lic().record_domestic_purchase(ctx.req_as(As::Role(Role::ImportAuthority), msg)),
+            )
+            .await?;
         let p = r.purchase.unwrap_or_default();
         ev.push(format!(
             "{} bought {} domestic accelerators from {}; {} domestic units on record",
@@ -788,7 +861,10 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         })
         .await?;
     let msg = lpb::ListLicensesRequest { wave_id: pw.wave_id.clone(), page_size: 100, ..Default::default() };
-    let ls = ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req(msg))).await?.licenses;
+    let ls = ctx
+        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
+        .await?
+        .licenses;
     for l in &ls {
         ev.push(format!(
             "{} of {}: {} of {} units in use, {} left",
@@ -822,7 +898,8 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             units: *units,
             source: (*source).to_string(),
         };
-        let r = ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req(msg))).await?;
+        let r =
+            ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
         let rc = r.receipt.unwrap_or_default();
         let mut ev = vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, n(rc.units), rc.product_sku, rc.source)];
         let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
@@ -836,7 +913,10 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         .call(
             Svc::Licensing,
             None,
-            ctx.lic().list_queue(ctx.req(lpb::ListQueueRequest { page_size: 100, page_token: String::new() })),
+            ctx.lic().list_queue(ctx.req_as(
+                As::Role(Role::ImportAuthority),
+                lpb::ListQueueRequest { page_size: 100, page_token: String::new() },
+            )),
         )
         .await?;
     let mut ev = vec![format!("{} applications still queued; nobody has said on what criteria:", n(q.total_queued))];
@@ -853,19 +933,33 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
     let ctx = d.ctx;
     let world = d.world(false).await?;
     let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
-    let licences = ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req(msg))).await?.licenses;
+    let licences = ctx
+        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
+        .await?
+        .licenses;
     let msg = opb::GetWaveProgressRequest { wave_id: wave_id.to_string() };
-    let progress =
-        ctx.call(Svc::Orders, None, ctx.ord().get_wave_progress(ctx.req(msg))).await?.progress.unwrap_or_default();
+    let progress = ctx
+        .call(Svc::Orders, None, ctx.ord().get_wave_progress(ctx.req_as(As::Role(Role::Auditor), msg)))
+        .await?
+        .progress
+        .unwrap_or_default();
     let q = ctx
         .call(
             Svc::Licensing,
             None,
-            ctx.lic().list_queue(ctx.req(lpb::ListQueueRequest { page_size: 1000, page_token: String::new() })),
+            ctx.lic().list_queue(ctx.req_as(
+                As::Role(Role::ImportAuthority),
+                lpb::ListQueueRequest { page_size: 1000, page_token: String::new() },
+            )),
         )
         .await?;
-    let audit =
-        ctx.call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req(lpb::VerifyAuditLogRequest {}))).await?;
+    let audit = ctx
+        .call(
+            Svc::Licensing,
+            None,
+            ctx.lic().verify_audit_log(ctx.req_as(As::Role(Role::Auditor), lpb::VerifyAuditLogRequest {})),
+        )
+        .await?;
 
     #[derive(Default)]
     struct Figures {

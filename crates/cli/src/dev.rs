@@ -60,6 +60,12 @@ pub struct DevAuth {
 }
 
 /// Generates the dev key pair and tokens into `dir` (the private key readable by this user only).
+/// Where `chipgate dev` writes its keys and tokens unless told otherwise (and where `chipgate demo`
+/// looks for the signing key).
+pub fn default_auth_dir() -> PathBuf {
+    std::env::temp_dir().join("chipgate-dev")
+}
+
 fn generate_auth(dir: &std::path::Path) -> Result<(chipgate_runtime::auth::Signer, DevAuth), String> {
     use chipgate_runtime::auth::{Role, Signer};
     let signer = Signer::generate().map_err(|e| format!("can't generate a signing key: {e}"))?;
@@ -203,7 +209,7 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
     let (auth, service_tokens) = if args.insecure_no_auth {
         (None, chipgate_runtime::auth::TokenSource::None)
     } else {
-        let dir = args.auth_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("chipgate-dev"));
+        let dir = args.auth_dir.clone().unwrap_or_else(default_auth_dir);
         let (signer, auth) = generate_auth(&dir)?;
         config.auth = Some(std::sync::Arc::new(signer.verifier()));
         let tokens = chipgate_runtime::auth::TokenSource::minted(

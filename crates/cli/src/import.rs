@@ -12,7 +12,7 @@ use indicatif::ProgressBar;
 use serde_json::{Value, json};
 use tonic::Code;
 
-use crate::client::{Ctx, Failure, Outcome, Svc};
+use crate::client::{As, Ctx, Failure, Outcome, Svc};
 use crate::out::{self, n};
 use crate::view;
 
@@ -275,7 +275,7 @@ pub async fn place_one(ctx: &Ctx, row: &Row, request_id: &str) -> Result<opb::Or
             units: row.units,
             justification: row.justification.clone(),
         };
-        match ctx.ord().place_order(ctx.req(msg)).await {
+        match ctx.ord().place_order(ctx.req_as(As::Buyer(&row.buyer), msg)).await {
             Ok(r) => return Ok(r.into_inner().order.unwrap_or_default()),
             Err(s)
                 if attempt < 4

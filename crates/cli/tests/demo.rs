@@ -1,5 +1,6 @@
-//! `chipgate demo` plays the seed story against a running cluster (real Redis) and its JSON summary
-//! matches what the services report when asked independently afterwards.
+//! `chipgate demo` plays the seed story against a running cluster (real Redis, authentication on: the
+//! demo acts as each party with tokens from the cluster's signing key) and its JSON summary matches
+//! what the services report when asked independently afterwards.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,9 +10,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_proto::orders::v1 as opb;
-use chipgate_testkit::Cluster;
+use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
+use chipgate_runtime::auth::Role;
+use chipgate_testkit::{Cluster, ClusterOptions};
 use common::{Cli, H200};
 use serde_json::Value;
 
@@ -21,10 +26,22 @@ fn u(v: &Value) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_plays_the_story_and_its_summary_is_what_the_services_say() {
-    let cluster = Cluster::start().await;
+    let cluster = Cluster::start_with(ClusterOptions { auth: true, ..ClusterOptions::default() }).await;
     let cli = Cli::for_cluster(&cluster);
+    let key = cluster.auth_dir.as_ref().unwrap().path().join("signing.pem");
+    let key = key.to_str().unwrap();
+
+    // Without the cluster's key the demo can't act as anyone: refused at the first call, nothing done.
+    let (code, err) = cli.fails(&["demo", "--signing-key", "/nonexistent/signing.pem"]).await;
+    assert_ne!(code, 0, "{err}");
+    let other = tempfile::tempdir().unwrap();
+    let other_key = other.path().join("signing.pem");
+    std::fs::write(&other_key, chipgate_runtime::auth::Signer::generate().unwrap().private_pem()).unwrap();
+    let (_, err) = cli.fails(&["demo", "--signing-key", other_key.to_str().unwrap()]).await;
+    assert_eq!(err["error"]["code"], "UNAUTHENTICATED", "{err}");
+
     let started = Instant::now();
-    let summary = cli.json(&["demo"]).await;
+    let summary = cli.json(&["demo", "--signing-key", key]).await;
     let took = started.elapsed();
     assert!(took < Duration::from_secs(60), "the demo took {took:?}");
 
@@ -56,9 +73,11 @@ async fn the_demo_plays_the_story_and_its_summary_is_what_the_services_say() {
     assert!(dom["moved"].as_array().unwrap().iter().any(|m| m["to"] == "BACKORDERED"), "{dom}");
 
     // Now ask the services ourselves.
-    let mut ord = cluster.orders_client();
-    let mut lic = cluster.licensing_client();
-    let mut inv = cluster.inventory_client();
+    let auditor = cluster.token(Role::Auditor);
+    let orders_url = cluster.orders.as_ref().unwrap().url();
+    let mut ord = OrderServiceClient::new(Cluster::authed(&orders_url, &auditor));
+    let mut lic = LicensingServiceClient::new(Cluster::authed(&cluster.licensing.url(), &auditor));
+    let mut inv = InventoryServiceClient::new(Cluster::authed(&cluster.inventory.url(), &auditor));
     let mut orders = Vec::new();
     let mut token = String::new();
     loop {
@@ -165,7 +184,7 @@ async fn the_demo_plays_the_story_and_its_summary_is_what_the_services_say() {
     );
 
     // A second run on the same cluster refuses rather than muddle the figures.
-    let (code, err) = cli.fails(&["demo"]).await;
+    let (code, err) = cli.fails(&["demo", "--signing-key", key]).await;
     assert_eq!(code, 11, "{err}");
 }
 
