@@ -238,6 +238,41 @@ async fn every_rpc_by_every_caller_is_allowed_or_refused_as_the_table_says() {
     assert!(unexpected_denies.is_empty(), "unexpected refusals:\n{}", unexpected_denies.join("\n"));
     assert!(leaks.is_empty(), "refusals that name the data:\n{}", leaks.join("\n"));
 
+    // A buyer can't tell another buyer's resource from one that doesn't exist: both refusals are the
+    // same. (Roles that may see everything still get NOT_FOUND.)
+    let beta = signer.mint_buyer(BETA, Duration::from_secs(600));
+    let mut owner_rpcs = 0;
+    for (path, which, streaming) in &rpcs {
+        let Some(BuyerAccess::Owner(n)) = policy::rule(path).map(|r| r.buyer) else { continue };
+        owner_rpcs += 1;
+        let ask = |id: &str| {
+            let rid = format!("probe-{}-{id}", path.rsplit('/').next().unwrap_or_default());
+            if n == 1 { message(&[(1, id)]) } else { message(&[(1, &rid), (n, id)]) }
+        };
+        let real = if path.contains("Application") {
+            if path.ends_with("WithdrawApplication") { &queued } else { &app }
+        } else if path.contains("License") {
+            &licence
+        } else {
+            &order
+        };
+        let theirs =
+            chipgate_testkit::raw::call(&urls[which], path, *streaming, ask(real), Some(&beta)).await.unwrap_err();
+        let absent = chipgate_testkit::raw::call(&urls[which], path, *streaming, ask("no-such-id-42"), Some(&beta))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            (theirs.code(), theirs.message()),
+            (absent.code(), absent.message()),
+            "{path}: another buyer's and a missing resource must look alike"
+        );
+        assert_eq!(absent.code(), Code::PermissionDenied, "{path}");
+    }
+    assert!(owner_rpcs >= 5, "the table has owner-checked RPCs: {owner_rpcs}");
+    let mut ord_ia = OrderServiceClient::new(Cluster::authed(&orders_url, &ia));
+    let missing = ord_ia.get_order(opb::GetOrderRequest { order_id: "no-such-id-42".into() }).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "roles that see everything still learn what doesn't exist");
+
     // Health and reflection stay open without a token.
     let mut health = tonic_health::pb::health_client::HealthClient::new(chipgate_testkit::channel(&orders_url));
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();

@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::auth::Verifier;
 use crate::context::{REQUEST_ID_HEADER, RequestContext};
 use crate::metrics::RpcMetrics;
-use crate::policy::{self, Decision};
+use crate::policy::{self, BuyerAccess, Decision};
 
 /// Counters the edge keeps (for metrics and tests).
 #[derive(Debug, Default)]
@@ -169,6 +169,9 @@ where
 
         // Authentication and the table (health and reflection stay open).
         let mut field_check: Option<(u32, String)> = None;
+        // A buyer asking for a resource by id gets the same refusal whether it belongs to another
+        // buyer or doesn't exist, so ids can't be probed for existence.
+        let mut hide_absence = false;
         if let (Some(verifier), false) = (&self.shared.auth, is_exempt) {
             let refusal = match verifier.authenticate(req.headers()) {
                 Err(e) => {
@@ -177,6 +180,14 @@ where
                     Some(e.into_status())
                 }
                 Ok(principal) => match policy::decide(&path, principal.role) {
+                    Decision::Allow
+                        if principal.role == crate::auth::Role::Buyer
+                            && matches!(policy::rule(&path).map(|r| r.buyer), Some(BuyerAccess::Owner(_))) =>
+                    {
+                        hide_absence = true;
+                        ctx.authenticated(principal);
+                        None
+                    }
                     Decision::Allow => {
                         ctx.authenticated(principal);
                         None
@@ -310,6 +321,11 @@ where
                     resp.headers_mut().insert(REQUEST_ID_HEADER, v);
                 }
                 let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0");
+                if hide_absence && code == "5" {
+                    tracing::info!("refused: no such resource of this buyer");
+                    done.code = "PERMISSION_DENIED";
+                    return Ok(status_response(crate::auth::permission_denied(), &request_id));
+                }
                 done.code = crate::metrics::grpc_code_name(code);
                 tracing::debug!(elapsed_us = started.elapsed().as_micros() as u64, grpc_status = %code, "rpc done");
                 Ok(resp)
