@@ -321,6 +321,22 @@ where
                     resp.headers_mut().insert(REQUEST_ID_HEADER, v);
                 }
                 let code = resp.headers().get("grpc-status").and_then(|v| v.to_str().ok()).unwrap_or("0");
+                // tonic answers a request body that isn't valid protobuf with INTERNAL; it is the
+                // caller's error, so say so (INVALID_ARGUMENT with a BadRequest).
+                if code == "13"
+                    && let Some(status) = tonic::Status::from_header_map(resp.headers())
+                    && let Some(why) = status.message().strip_prefix("failed to decode Protobuf message")
+                {
+                    done.code = "INVALID_ARGUMENT";
+                    let why = why.trim_start_matches([':', ' ']);
+                    return Ok(status_response(
+                        crate::errors::invalid_argument(
+                            "request",
+                            format!("not a valid protobuf encoding of this RPC's request message: {why}"),
+                        ),
+                        &request_id,
+                    ));
+                }
                 if hide_absence && code == "5" {
                     tracing::info!("refused: no such resource of this buyer");
                     done.code = "PERMISSION_DENIED";
