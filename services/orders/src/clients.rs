@@ -122,3 +122,68 @@ macro_rules! rpc {
     }};
 }
 pub(crate) use rpc;
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn answers(codes: &'static [Code]) -> (AtomicU32, impl Fn(u32) -> Result<tonic::Response<u32>, Status>) {
+        (AtomicU32::new(0), move |n: u32| match codes.get(n as usize) {
+            Some(c) => Err(Status::new(*c, "peer says no")),
+            None => Ok(tonic::Response::new(n)),
+        })
+    }
+
+    #[tokio::test]
+    async fn unavailable_is_retried_until_an_answer() {
+        let (n, answer) = answers(&[Code::Unavailable, Code::Unavailable]);
+        let ctx = RequestContext::background("test", None);
+        let got = call(&ctx, "peer", || {
+            let k = n.fetch_add(1, Ordering::SeqCst);
+            std::future::ready(answer(k))
+        })
+        .await;
+        assert_eq!(got.expect("third attempt answers"), 2);
+        assert_eq!(n.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn other_codes_are_never_retried() {
+        for code in [Code::Internal, Code::DeadlineExceeded, Code::ResourceExhausted, Code::FailedPrecondition] {
+            let codes: &'static [Code] = Box::leak(Box::new([code]));
+            let (n, answer) = answers(codes);
+            let ctx = RequestContext::background("test", None);
+            let got = call(&ctx, "peer", || std::future::ready(answer(n.fetch_add(1, Ordering::SeqCst)))).await;
+            assert_eq!(got.expect_err("refused").code(), code);
+            assert_eq!(n.load(Ordering::SeqCst), 1, "{code:?} must not be retried");
+        }
+    }
+
+    #[tokio::test]
+    async fn attempts_are_bounded_and_backoff_grows() {
+        let (n, answer) = answers(&[Code::Unavailable; 16]);
+        let ctx = RequestContext::background("test", None);
+        let began = std::time::Instant::now();
+        let got = call(&ctx, "peer", || std::future::ready(answer(n.fetch_add(1, Ordering::SeqCst)))).await;
+        assert_eq!(got.expect_err("gives up").code(), Code::Unavailable);
+        assert_eq!(n.load(Ordering::SeqCst), ATTEMPTS);
+        // Pauses of at least 12.5 + 25 + 50 ms (half of each doubling backoff, plus jitter).
+        assert!(began.elapsed() >= Duration::from_millis(87), "{:?}", began.elapsed());
+    }
+
+    #[tokio::test]
+    async fn retries_stop_before_the_deadline() {
+        let (n, answer) = answers(&[Code::Unavailable; 16]);
+        let mut ctx = RequestContext::background("test", None);
+        ctx.deadline = Some(tokio::time::Instant::now() + Duration::from_millis(40));
+        let began = std::time::Instant::now();
+        let got = call(&ctx, "peer", || std::future::ready(answer(n.fetch_add(1, Ordering::SeqCst)))).await;
+        assert_eq!(got.expect_err("gives up").code(), Code::Unavailable);
+        assert!(n.load(Ordering::SeqCst) < ATTEMPTS, "no time for every attempt");
+        // No pause that would end past the deadline is started (20 ms of slack for a loaded machine's
+        // timers; without the check every attempt would run, ≥ 87 ms).
+        assert!(began.elapsed() < Duration::from_millis(60), "never waits past the deadline: {:?}", began.elapsed());
+    }
+}
