@@ -278,3 +278,32 @@ async fn every_rpc_by_every_caller_is_allowed_or_refused_as_the_table_says() {
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_belong_to_their_caller() {
+    let cluster =
+        Cluster::start_with(ClusterOptions { backend: BackendKind::Memory, auth: true, ..Default::default() }).await;
+    let orders_url = cluster.orders.as_ref().unwrap().url();
+    let place = |buyer: &'static str, units: u64| opb::PlaceOrderRequest {
+        request_id: "order-1".into(),
+        buyer_id: buyer.into(),
+        product_sku: H200.into(),
+        units,
+        justification: "training".into(),
+    };
+    let mut alpha = OrderServiceClient::new(Cluster::authed(&orders_url, &cluster.buyer_token(ALPHA)));
+    let mut beta = OrderServiceClient::new(Cluster::authed(&orders_url, &cluster.buyer_token(BETA)));
+    let a = alpha.place_order(place(ALPHA, 5)).await.unwrap().into_inner().order.unwrap();
+    // Beta picks the same request id (with another body): a call of its own, not a clash with alpha's.
+    let b = beta.place_order(place(BETA, 7)).await.unwrap().into_inner().order.unwrap();
+    assert_ne!(a.order_id, b.order_id);
+    assert_eq!((a.buyer_id.as_str(), b.buyer_id.as_str()), (ALPHA, BETA));
+    // Each retry replays its own caller's answer.
+    let a2 = alpha.place_order(place(ALPHA, 5)).await.unwrap().into_inner().order.unwrap();
+    let b2 = beta.place_order(place(BETA, 7)).await.unwrap().into_inner().order.unwrap();
+    assert_eq!((a2.order_id, b2.order_id), (a.order_id, b.order_id));
+    // And a caller still can't reuse its own id for a different request.
+    let clash = alpha.place_order(place(ALPHA, 6)).await.unwrap_err();
+    assert_eq!(clash.code(), Code::InvalidArgument);
+    cluster.stop().await;
+}

@@ -266,6 +266,9 @@ where
         }
 
         let deadline = ctx.deadline;
+        // The services' own calls share one scope: their request ids are derived from the work (an
+        // order and its generation), and a replica finishing a dead one's work must replay its answers.
+        let caller = ctx.principal.as_ref().filter(|p| p.role != crate::auth::Role::Service).map(|p| p.subject.clone());
         req.extensions_mut().insert(ctx);
         // Take the service that was polled ready and leave a fresh clone in its place.
         let clone = self.inner.clone();
@@ -295,7 +298,8 @@ where
                         }
                     }
                 };
-                let fut = inner.call(req);
+                // Request ids are scoped to the caller (see `idempotency`).
+                let fut = crate::idempotency::CALLER.scope(caller, inner.call(req));
                 let result = match deadline {
                     Some(d) => match tokio::time::timeout_at(d, fut).await {
                         Ok(r) => r,

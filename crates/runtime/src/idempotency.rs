@@ -1,11 +1,17 @@
 //! Retry-safe mutations.
 //!
-//! A mutating call stores its answer under `(method, request_id)` together with a fingerprint of the
-//! request, in the *same atomic commit* as its effect. A retry with the same request id finds the
+//! A mutating call stores its answer under `(method, caller, request_id)` together with a fingerprint
+//! of the request, in the *same atomic commit* as its effect. A retry with the same request id finds the
 //! stored answer and gets it back unchanged; the same request id with a different request is refused
 //! with INVALID_ARGUMENT. Two concurrent calls with one request id can't both apply: the record is
 //! written with a "must not exist" guard, so the loser's commit conflicts and it replays the winner's
 //! answer.
+//!
+//! Request ids are the caller's own: two callers that happen to pick the same id (`order-1`) get two
+//! independent calls, and no caller can replay or even detect another's. The edge layer runs each call
+//! inside [`CALLER`] (the authenticated subject; the services' own calls share one scope, so a
+//! replica finishing a dead one's work replays its answers); without authentication there is no
+//! caller and ids are shared by everyone.
 
 use std::time::Duration;
 
@@ -14,6 +20,12 @@ use prost::Message;
 use tonic::Status;
 
 use crate::errors;
+
+tokio::task_local! {
+    /// The authenticated subject of the call being handled (set by the edge around the handler; None
+    /// when authentication is off).
+    pub static CALLER: Option<String>;
+}
 
 /// How long answers are kept for replay by default.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -36,9 +48,13 @@ impl Idempotency {
         Idempotency { space, ttl }
     }
 
-    /// The record key of a call.
+    /// The record key of a call (scoped to the current [`CALLER`], if any).
     pub fn key(&self, method: &str, request_id: &str) -> String {
-        self.space.key(["idem", method, request_id])
+        match CALLER.try_with(Clone::clone).ok().flatten() {
+            // Length-prefixed, so no (subject, request id) pair can spell another's key.
+            Some(subject) => self.space.key(["idem", method, &format!("@{}:{subject}", subject.len()), request_id]),
+            None => self.space.key(["idem", method, request_id]),
+        }
     }
 
     /// The stored answer of an earlier call with this request id, if any.
@@ -109,5 +125,37 @@ mod tests {
         assert_eq!(err.expect_err("mismatch").code(), tonic::Code::InvalidArgument);
         // Another method with the same request id is independent.
         assert!(idem.lookup::<prost_types::Timestamp>(&store, "N", "r1", &fa).await.expect("lookup").is_none());
+    }
+
+    #[tokio::test]
+    async fn request_ids_are_each_callers_own() {
+        let store = Store::memory();
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let answer = prost_types::Timestamp { seconds: 7, nanos: 0 };
+        let fp = fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 });
+        let other_fp = fingerprint(&prost_types::Duration { seconds: 2, nanos: 0 });
+        CALLER
+            .scope(Some("buyer:alpha".into()), async {
+                let mut t = Txn::new();
+                idem.record(&mut t, "M", "order-1", &fp, &answer);
+                store.commit(&t).await.expect("alpha's call");
+                let replay = idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &fp).await;
+                assert_eq!(replay.expect("lookup"), Some(answer));
+            })
+            .await;
+        // Beta's "order-1", even with another body, is a new call: no replay, no refusal, no hint.
+        CALLER
+            .scope(Some("buyer:beta".into()), async {
+                let seen = idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &other_fp).await;
+                assert_eq!(seen.expect("lookup"), None);
+            })
+            .await;
+        // Without a caller (authentication off) ids are shared, and alpha's record is not among them.
+        assert_eq!(idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &fp).await.expect("lookup"), None);
+        assert_ne!(
+            CALLER.sync_scope(Some("a:b".into()), || idem.key("M", "c")),
+            CALLER.sync_scope(Some("a".into()), || idem.key("M", "b:c")),
+            "subjects are length-prefixed"
+        );
     }
 }
