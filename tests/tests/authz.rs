@@ -307,3 +307,49 @@ async fn request_ids_belong_to_their_caller() {
     assert_eq!(clash.code(), Code::InvalidArgument);
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_follows_one_of_its_orders_and_only_its_own() {
+    let cluster =
+        Cluster::start_with(ClusterOptions { backend: BackendKind::Memory, auth: true, ..Default::default() }).await;
+    let orders_url = cluster.orders.as_ref().unwrap().url();
+    let mut alpha = OrderServiceClient::new(Cluster::authed(&orders_url, &cluster.buyer_token(ALPHA)));
+    let mut beta = OrderServiceClient::new(Cluster::authed(&orders_url, &cluster.buyer_token(BETA)));
+    let order = alpha
+        .place_order(opb::PlaceOrderRequest {
+            request_id: "w-1".into(),
+            buyer_id: ALPHA.into(),
+            product_sku: H200.into(),
+            units: 3,
+            justification: "training".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .order
+        .unwrap()
+        .order_id;
+    let watch = |buyer: &str, order: &str| opb::WatchOrdersRequest { buyer_id: buyer.into(), order_id: order.into() };
+    // By order id alone a buyer's token names no buyer: refused.
+    let refused = alpha.watch_orders(watch("", &order)).await.unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+    // Beta naming alpha: refused; beta naming itself and alpha's order: sees nothing of it.
+    assert_eq!(beta.watch_orders(watch(ALPHA, &order)).await.unwrap_err().code(), Code::PermissionDenied);
+    let mut beta_stream = beta.watch_orders(watch(BETA, &order)).await.unwrap().into_inner();
+    // Alpha with its own buyer id and the order: sees the order's next transition.
+    let mut stream = alpha.watch_orders(watch(ALPHA, &order)).await.unwrap().into_inner();
+    alpha
+        .cancel_order(opb::CancelOrderRequest { request_id: "w-2".into(), order_id: order.clone(), reason: "x".into() })
+        .await
+        .unwrap();
+    loop {
+        let seen = tokio::time::timeout(Duration::from_secs(10), stream.message()).await.unwrap().unwrap().unwrap();
+        assert_eq!(seen.order_id, order);
+        if seen.transition.unwrap().to_state() == opb::OrderState::Cancelled {
+            break;
+        }
+    }
+    let leaked = tokio::time::timeout(Duration::from_millis(500), beta_stream.message()).await;
+    assert!(leaked.is_err(), "beta saw alpha's transition: {leaked:?}");
+    cluster.stop().await;
+}

@@ -188,8 +188,8 @@ impl Orders {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
         validate::optional_id(&mut v, "order_id", &req.order_id);
-        if req.buyer_id.is_empty() == req.order_id.is_empty() {
-            v.add("buyer_id", "give exactly one of buyer_id and order_id");
+        if req.buyer_id.is_empty() && req.order_id.is_empty() {
+            v.add("buyer_id", "give buyer_id, order_id, or both");
         }
         v.check().map_err(Error::Status)?;
         let rx = self.inner.hub.subscribe();
@@ -197,9 +197,10 @@ impl Orders {
             batch
                 .items
                 .iter()
-                .filter(
-                    |e| if req.order_id.is_empty() { e.buyer_id == req.buyer_id } else { e.order_id == req.order_id },
-                )
+                .filter(|e| {
+                    (req.buyer_id.is_empty() || e.buyer_id == req.buyer_id)
+                        && (req.order_id.is_empty() || e.order_id == req.order_id)
+                })
                 .cloned()
                 .collect()
         };

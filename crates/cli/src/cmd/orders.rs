@@ -113,14 +113,15 @@ pub enum OrderCmd {
     },
     /// Follow order transitions live, of one buyer or one order, one line each (JSON lines with -o json).
     #[command(
-        group(ArgGroup::new("whose").required(true).args(["buyer", "order"])),
+        group(ArgGroup::new("whose").required(true).multiple(true).args(["buyer", "order"])),
         after_help = "Examples:\n  chipgate order watch --buyer tencent\n  chipgate order watch --order ord-17 --until reserved --for 5m"
     )]
     Watch {
         /// Transitions of this buyer's orders.
         #[arg(long)]
         buyer: Option<String>,
-        /// Transitions of this one order.
+        /// Transitions of this one order (with --buyer too when calling with a buyer's token, which only
+        /// admits its own buyer id).
         #[arg(long)]
         order: Option<String>,
         /// Stop after this many transitions.
