@@ -60,7 +60,9 @@ pub async fn run(args: &Args) -> WaveResult {
     let orders = cluster.orders_service.clone().expect("orders in process");
     let pb = load::bar("seed", args.orders as u64);
     let mut demand = vec![0u64; products];
-    let batch: usize = 10_000;
+    // Seed in scripts of 2,000 orders: a 10,000-order script blocks Redis long enough (over a second at
+    // 1M orders) for the services' health pings to time out.
+    let batch: usize = 2_000;
     let mut k = 0;
     while k < args.orders {
         let n = batch.min(args.orders - k);
