@@ -46,7 +46,7 @@ pub async fn products(ctx: &Ctx, a: ProductsArgs) -> Outcome {
             ]);
         }
         t.print_or("the catalogue is empty");
-        super::licensing::more_hint(&next);
+        super::more_hint(&next);
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use chipgate_proto::orders::v1 as opb;
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::{ListArgs, pages};
+use super::{ListArgs, more_hint, pages, print_listing};
 use crate::client::{Ctx, Failure, Outcome, Svc};
 use crate::out::{self, n};
 use crate::view;
@@ -204,15 +204,15 @@ pub async fn application(ctx: &Ctx, cmd: ApplicationCmd) -> Outcome {
                 }
             })
             .await?;
-            if ctx.json() {
-                out::json(&json!({
-                    "applications": apps.iter().map(view::application).collect::<Vec<_>>(),
-                    "next_page_token": next,
-                }));
-            } else {
-                view::applications_table(&apps).print_or("no applications");
-                more_hint(&next);
-            }
+            print_listing(
+                ctx,
+                "applications",
+                &apps,
+                view::application,
+                view::applications_table,
+                "no applications",
+                &next,
+            );
             Ok(())
         }
         ApplicationCmd::Withdraw { application, reason } => {
@@ -227,13 +227,6 @@ pub async fn application(ctx: &Ctx, cmd: ApplicationCmd) -> Outcome {
             let r = ctx.call(Svc::Licensing, Some(&rid), ctx.lic().reject_application(ctx.req(msg))).await?;
             show_app(ctx, r.application)
         }
-    }
-}
-
-/// Tells people there is more to see.
-pub fn more_hint(next: &str) {
-    if !next.is_empty() {
-        out::note(&format!("(more: --page-token {next}, or --limit 0 for everything)"));
     }
 }
 
@@ -726,15 +719,7 @@ pub async fn license(ctx: &Ctx, cmd: LicenseCmd) -> Outcome {
                 }
             })
             .await?;
-            if ctx.json() {
-                out::json(&json!({
-                    "licenses": ls.iter().map(view::license).collect::<Vec<_>>(),
-                    "next_page_token": next,
-                }));
-            } else {
-                view::licenses_table(&ls).print_or("no licences");
-                more_hint(&next);
-            }
+            print_listing(ctx, "licenses", &ls, view::license, view::licenses_table, "no licences", &next);
         }
         LicenseCmd::Finalize { license, terms } => {
             let conditions = if terms.any() {
@@ -1043,15 +1028,15 @@ pub async fn export(ctx: &Ctx, cmd: ExportCmd) -> Outcome {
                 }
             })
             .await?;
-            if ctx.json() {
-                out::json(&json!({
-                    "authorizations": all.iter().map(view::export_authorization).collect::<Vec<_>>(),
-                    "next_page_token": next,
-                }));
-            } else {
-                view::exports_table(&all).print_or("no export authorisations");
-                more_hint(&next);
-            }
+            print_listing(
+                ctx,
+                "authorizations",
+                &all,
+                view::export_authorization,
+                view::exports_table,
+                "no export authorisations",
+                &next,
+            );
         }
     }
     Ok(())
@@ -1138,15 +1123,15 @@ pub async fn customs(ctx: &Ctx, cmd: CustomsCmd) -> Outcome {
                 }
             })
             .await?;
-            if ctx.json() {
-                out::json(&json!({
-                    "policies": all.iter().map(view::import_policy).collect::<Vec<_>>(),
-                    "next_page_token": next,
-                }));
-            } else {
-                view::policies_table(&all).print_or("no import policy was ever set: every product is OPEN");
-                more_hint(&next);
-            }
+            print_listing(
+                ctx,
+                "policies",
+                &all,
+                view::import_policy,
+                view::policies_table,
+                "no import policy was ever set: every product is OPEN",
+                &next,
+            );
         }
     }
     Ok(())

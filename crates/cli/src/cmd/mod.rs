@@ -8,6 +8,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use clap::Args;
+use serde_json::{Value, json};
 
 use crate::client::{Ctx, Failure, Outcome, Svc};
 use crate::out;
@@ -26,6 +27,32 @@ pub struct ListArgs {
 impl Default for ListArgs {
     fn default() -> Self {
         ListArgs { limit: 100, page_token: String::new() }
+    }
+}
+
+/// Tells people how to get the rest of a listing (nothing when there is no more).
+pub fn more_hint(next: &str) {
+    if !next.is_empty() {
+        out::note(&format!("(more: --page-token {next}, or --limit 0 for everything)"));
+    }
+}
+
+/// Prints a fetched listing: `{key: [each item as JSON], "next_page_token": next}` with `-o json`;
+/// otherwise the table (or `empty` when there is nothing) and a hint when there is more.
+pub fn print_listing<T>(
+    ctx: &Ctx,
+    key: &str,
+    items: &[T],
+    as_json: impl Fn(&T) -> Value,
+    table: impl FnOnce(&[T]) -> out::Table,
+    empty: &str,
+    next: &str,
+) {
+    if ctx.json() {
+        out::json(&json!({ key: items.iter().map(as_json).collect::<Vec<_>>(), "next_page_token": next }));
+    } else {
+        table(items).print_or(empty);
+        more_hint(next);
     }
 }
 

@@ -7,7 +7,7 @@ use chipgate_proto::orders::v1 as opb;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use super::{ListArgs, pages, watch_until};
+use super::{ListArgs, pages, print_listing, watch_until};
 use crate::client::{Ctx, Failure, Outcome, Svc};
 use crate::out::{self, n};
 use crate::view;
@@ -210,15 +210,7 @@ pub async fn order(ctx: &Ctx, cmd: OrderCmd) -> Outcome {
                 }
             })
             .await?;
-            if ctx.json() {
-                out::json(&json!({
-                    "orders": orders.iter().map(view::order).collect::<Vec<_>>(),
-                    "next_page_token": next,
-                }));
-            } else {
-                view::orders_table(&orders).print_or("no orders");
-                super::licensing::more_hint(&next);
-            }
+            print_listing(ctx, "orders", &orders, view::order, view::orders_table, "no orders", &next);
         }
         OrderCmd::Cancel { order, reason } => {
             let rid = ctx.rid();
@@ -355,7 +347,7 @@ pub async fn backlog(ctx: &Ctx, a: BacklogArgs) -> Outcome {
             ]);
         }
         t.print_or("");
-        super::licensing::more_hint(&next);
+        super::more_hint(&next);
     }
     Ok(())
 }
