@@ -518,6 +518,19 @@ impl Demo<'_> {
     }
 }
 
+/// The first `page_size` applications of the approval queue, as the import authority sees them.
+async fn queue(ctx: &Ctx, page_size: i32) -> Result<lpb::ListQueueResponse, Failure> {
+    let msg = lpb::ListQueueRequest { page_size, page_token: String::new() };
+    ctx.call(Svc::Licensing, None, ctx.lic().list_queue(ctx.req_as(As::Role(Role::ImportAuthority), msg))).await
+}
+
+/// A step's lines about the queue: `heading`, then the queued applications' table, indented.
+fn queue_lines(heading: String, q: &lpb::ListQueueResponse) -> Vec<String> {
+    let mut lines = vec![heading];
+    lines.extend(view::applications_table(&q.applications).render().into_iter().map(|l| format!("  {l}")));
+    lines
+}
+
 /// `chipgate demo`.
 pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
     if !a.self_contained {
@@ -682,18 +695,8 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             .application;
         apps.insert(b.id, app.unwrap_or_default());
     }
-    let q = ctx
-        .call(
-            Svc::Licensing,
-            None,
-            ctx.lic().list_queue(ctx.req_as(
-                As::Role(Role::ImportAuthority),
-                lpb::ListQueueRequest { page_size: 100, page_token: String::new() },
-            )),
-        )
-        .await?;
-    let mut ev = vec![format!("{} applications queued, criteria unpublished:", n(q.total_queued))];
-    ev.extend(view::applications_table(&q.applications).render().into_iter().map(|l| format!("  {l}")));
+    let q = queue(ctx, 100).await?;
+    let ev = queue_lines(format!("{} applications queued, criteria unpublished:", n(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("applications", ev, now);
 
@@ -909,18 +912,9 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
 
     // 11. The others wait.
     d.title("Everyone else is still queued for a later wave");
-    let q = ctx
-        .call(
-            Svc::Licensing,
-            None,
-            ctx.lic().list_queue(ctx.req_as(
-                As::Role(Role::ImportAuthority),
-                lpb::ListQueueRequest { page_size: 100, page_token: String::new() },
-            )),
-        )
-        .await?;
-    let mut ev = vec![format!("{} applications still queued; nobody has said on what criteria:", n(q.total_queued))];
-    ev.extend(view::applications_table(&q.applications).render().into_iter().map(|l| format!("  {l}")));
+    let q = queue(ctx, 100).await?;
+    let ev =
+        queue_lines(format!("{} applications still queued; nobody has said on what criteria:", n(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("still queued", ev, now);
 
@@ -943,16 +937,7 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
         .await?
         .progress
         .unwrap_or_default();
-    let q = ctx
-        .call(
-            Svc::Licensing,
-            None,
-            ctx.lic().list_queue(ctx.req_as(
-                As::Role(Role::ImportAuthority),
-                lpb::ListQueueRequest { page_size: 1000, page_token: String::new() },
-            )),
-        )
-        .await?;
+    let q = queue(ctx, 1000).await?;
     let audit = ctx
         .call(
             Svc::Licensing,
