@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::auth::Verifier;
 use crate::context::{REQUEST_ID_HEADER, RequestContext};
 use crate::metrics::RpcMetrics;
-use crate::policy::{self, BuyerAccess, Decision};
+use crate::policy::{self, Decision};
 
 /// Counters the edge keeps (for metrics and tests).
 #[derive(Debug, Default)]
@@ -180,10 +180,7 @@ where
                     Some(e.into_status())
                 }
                 Ok(principal) => match policy::decide(&path, principal.role) {
-                    Decision::Allow
-                        if principal.role == crate::auth::Role::Buyer
-                            && matches!(policy::rule(&path).map(|r| r.buyer), Some(BuyerAccess::Owner(_))) =>
-                    {
+                    Decision::AllowOwned => {
                         hide_absence = true;
                         ctx.authenticated(principal);
                         None

@@ -137,6 +137,9 @@ pub fn rule(path: &str) -> Option<&'static Rule> {
 pub enum Decision {
     /// Let it through.
     Allow,
+    /// Let a buyer through to a resource named by id: the handler checks it is the buyer's, and a
+    /// missing one must be refused like another buyer's (so ids can't be probed for existence).
+    AllowOwned,
     /// Let it through if the top-level string field with this number is the caller's buyer id.
     CheckField(u32),
     /// Refuse.
@@ -151,7 +154,8 @@ pub fn decide(path: &str, role: Role) -> Decision {
     if role == Role::Buyer {
         return match rule.buyer {
             BuyerAccess::Denied => Decision::Deny,
-            BuyerAccess::Open | BuyerAccess::Owner(_) => Decision::Allow,
+            BuyerAccess::Open => Decision::Allow,
+            BuyerAccess::Owner(_) => Decision::AllowOwned,
             BuyerAccess::Field(n) => Decision::CheckField(n),
         };
     }
@@ -236,6 +240,8 @@ mod tests {
             only(&format!("{INV}BatchReserve"), Role::Service);
         }
         assert_eq!(decide(&format!("{ORD}PlaceOrder"), Role::Buyer), Decision::CheckField(2));
+        assert_eq!(decide(&format!("{ORD}CancelOrder"), Role::Buyer), Decision::AllowOwned);
+        assert_eq!(decide(&format!("{ORD}GetOrder"), Role::Auditor), Decision::Allow);
         assert_eq!(decide(&format!("{ORD}PlaceOrder"), Role::Service), Decision::Deny);
         assert_eq!(decide("/chipgate.orders.v1.OrderService/NoSuchThing", Role::ImportAuthority), Decision::Deny);
     }
