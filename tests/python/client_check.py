@@ -57,7 +57,13 @@ def main():
     p.add_argument("--licensing", required=True)
     p.add_argument("--inventory", required=True)
     p.add_argument("--orders", required=True)
+    p.add_argument("--token-dir", required=True, help="files <role>.jwt and buyer-<id>.jwt, as `chipgate dev` writes them")
     a = p.parse_args()
+
+    def auth(party):
+        with open(os.path.join(a.token_dir, f"{party}.jwt")) as f:
+            return (("authorization", "Bearer " + f.read().strip()),)
+
     mods = generate()
     lic_pb, lic_grpc = mods["licensing"]
     inv_pb, inv_grpc = mods["inventory"]
@@ -76,26 +82,33 @@ def main():
             fail(f"{name} reflection lists {services}")
 
     lic = lic_grpc.LicensingServiceStub(channels["licensing"])
+    # Without a token: UNAUTHENTICATED.
+    try:
+        lic.ListQueue(lic_pb.ListQueueRequest(), timeout=5)
+        fail("a call without a token was answered")
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.UNAUTHENTICATED:
+            fail(f"a call without a token answered {e.code()}")
     inv = inv_grpc.InventoryServiceStub(channels["inventory"])
     orders = ord_grpc.OrderServiceStub(channels["orders"])
     sku = "H20-96GB"
-    lic.GrantExportAuthorization(lic_pb.GrantExportAuthorizationRequest(request_id=rid(), vendor="nvidia", product_sku=sku, destination="CN", reference="py"), timeout=5)
+    lic.GrantExportAuthorization(lic_pb.GrantExportAuthorizationRequest(request_id=rid(), vendor="nvidia", product_sku=sku, destination="CN", reference="py"), timeout=5, metadata=auth("export_authority"))
     app = lic.SubmitApplication(
-        lic_pb.SubmitApplicationRequest(request_id=rid(), buyer_id="iflytek", product_sku=sku, quantity=500, end_use="speech models", site="Hefei"), timeout=5
+        lic_pb.SubmitApplicationRequest(request_id=rid(), buyer_id="iflytek", product_sku=sku, quantity=500, end_use="speech models", site="Hefei"), timeout=5, metadata=auth("buyer-iflytek")
     ).application
-    wave = lic.CreateWave(lic_pb.CreateWaveRequest(request_id=rid(), display_name="py wave"), timeout=5).wave
-    lic.AddWaveGrant(lic_pb.AddWaveGrantRequest(request_id=rid(), wave_id=wave.wave_id, application_id=app.application_id, granted_units=500), timeout=5)
-    published = lic.PublishWave(lic_pb.PublishWaveRequest(request_id=rid(), wave_id=wave.wave_id), timeout=5)
+    wave = lic.CreateWave(lic_pb.CreateWaveRequest(request_id=rid(), display_name="py wave"), timeout=5, metadata=auth("import_authority")).wave
+    lic.AddWaveGrant(lic_pb.AddWaveGrantRequest(request_id=rid(), wave_id=wave.wave_id, application_id=app.application_id, granted_units=500), timeout=5, metadata=auth("import_authority"))
+    published = lic.PublishWave(lic_pb.PublishWaveRequest(request_id=rid(), wave_id=wave.wave_id), timeout=5, metadata=auth("import_authority"))
     if published.licenses[0].state != lic_pb.LICENSE_STATE_ACTIVE:
         fail(f"licence state {published.licenses[0].state}")
-    inv.ReceiveSupply(inv_pb.ReceiveSupplyRequest(request_id=rid(), receipt_id=rid(), product_sku=sku, units=200), timeout=5)
-    order = orders.PlaceOrder(ord_pb.PlaceOrderRequest(request_id=rid(), buyer_id="iflytek", product_sku=sku, units=150, justification="ASR"), timeout=10).order
+    inv.ReceiveSupply(inv_pb.ReceiveSupplyRequest(request_id=rid(), receipt_id=rid(), product_sku=sku, units=200), timeout=5, metadata=auth("vendor"))
+    order = orders.PlaceOrder(ord_pb.PlaceOrderRequest(request_id=rid(), buyer_id="iflytek", product_sku=sku, units=150, justification="ASR"), timeout=10, metadata=auth("buyer-iflytek")).order
     if order.state != ord_pb.ORDER_STATE_RESERVED or order.held_units != 150:
         fail(f"order is {ord_pb.OrderState.Name(order.state)} holding {order.held_units}")
 
     # A bad request: INVALID_ARGUMENT with google.rpc.BadRequest details in the trailer.
     try:
-        orders.PlaceOrder(ord_pb.PlaceOrderRequest(request_id="", buyer_id="iflytek", product_sku=sku, units=0), timeout=5)
+        orders.PlaceOrder(ord_pb.PlaceOrderRequest(request_id="", buyer_id="iflytek", product_sku=sku, units=0), timeout=5, metadata=auth("buyer-iflytek"))
         fail("a request without request_id and units was accepted")
     except grpc.RpcError as e:
         if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
@@ -106,7 +119,7 @@ def main():
         # google.rpc.Status{code=1, message=2, details=3 (Any)}; look for the BadRequest type URL.
         if b"type.googleapis.com/google.rpc.BadRequest" not in details or b"request_id" not in details:
             fail(f"details lack the BadRequest field violations: {details!r}")
-    print("python client: health, reflection, licensing → inventory → orders, rich errors: ok")
+    print("python client: health, reflection, tokens, licensing → inventory → orders, rich errors: ok")
 
 
 if __name__ == "__main__":

@@ -375,12 +375,21 @@ async fn own_buyer_only(
 ) -> Result<http::Request<Body>, tonic::Status> {
     use http_body_util::BodyExt;
     let (parts, body) = req.into_parts();
-    let limited = http_body_util::Limited::new(body, max_body);
+    // The limit is on the message; the body also carries the 5-byte gRPC frame header.
+    let limited = http_body_util::Limited::new(body, max_body.saturating_add(5));
     let bytes = match limited.collect().await {
         Ok(c) => c.to_bytes(),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            // What tonic answers for an oversized message when it decodes one itself, so a call is
+            // refused the same way whether or not the edge had to read it first.
+            tracing::info!(max_body, "buyer-scoped request larger than the message limit");
+            return Err(tonic::Status::resource_exhausted(format!(
+                "request message larger than the limit of {max_body} bytes"
+            )));
+        }
         Err(e) => {
-            tracing::info!(error = %e, "buyer-scoped request body unreadable or too large");
-            return Err(crate::errors::invalid_argument("request", "unreadable or larger than the message limit"));
+            tracing::info!(error = %e, "buyer-scoped request body unreadable");
+            return Err(crate::errors::invalid_argument("request", "unreadable request body"));
         }
     };
     let named = policy::single_frame(&bytes).and_then(|msg| policy::string_field(msg, field));

@@ -183,7 +183,9 @@ pub fn string_field(msg: &[u8], field: u32) -> Option<String> {
     while at < msg.len() {
         let key = varint(msg, &mut at)?;
         let (number, wire) = (key >> 3, key & 7);
-        if number == 0 {
+        // The field read must be length-delimited; any other wire type for it is a malformed
+        // message (prost refuses it the same way), not an absent field.
+        if number == 0 || (number == u64::from(field) && wire != 2) {
             return None;
         }
         match wire {
@@ -267,6 +269,8 @@ mod tests {
         assert_eq!(string_field(&msg, 3).as_deref(), Some(""));
         assert_eq!(string_field(&[0x12, 200], 2), None, "truncated");
         assert_eq!(string_field(&[0x0b], 1), None, "group wire types are refused");
+        assert_eq!(string_field(&[0x15, 1, 2, 3, 4], 2), None, "the field read with a non-string wire type");
+        assert_eq!(string_field(&[0x15, 1, 2, 3, 4], 3).as_deref(), Some(""), "another field's wire type is skipped");
         let mut frame = vec![0, 0, 0, 0, msg.len() as u8];
         frame.extend_from_slice(&msg);
         assert_eq!(single_frame(&frame), Some(&msg[..]));

@@ -15,24 +15,20 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use chipgate_proto::inventory::v1 as ipb;
-use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1 as lpb;
-use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_proto::orders::v1::OrderState;
-use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_state::{Backend, Store};
-use tonic::transport::Channel;
 
 /// Clients of the three services.
 #[derive(Clone)]
 pub struct Clients {
     /// Licensing.
-    pub licensing: LicensingServiceClient<Channel>,
+    pub licensing: crate::LicensingClient,
     /// Inventory.
-    pub inventory: InventoryServiceClient<Channel>,
+    pub inventory: crate::InventoryClient,
     /// Orders.
-    pub orders: OrderServiceClient<Channel>,
+    pub orders: crate::OrdersClient,
 }
 
 /// What the checker found.
@@ -54,7 +50,7 @@ fn ms(t: Option<&prost_types::Timestamp>) -> u64 {
 ///
 /// # Panics
 /// When the orders service does not answer.
-pub async fn all_orders(c: &mut OrderServiceClient<Channel>) -> Vec<opb::Order> {
+pub async fn all_orders(c: &mut crate::OrdersClient) -> Vec<opb::Order> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -71,7 +67,7 @@ pub async fn all_orders(c: &mut OrderServiceClient<Channel>) -> Vec<opb::Order> 
     }
 }
 
-async fn all_licences(c: &mut LicensingServiceClient<Channel>) -> Vec<lpb::License> {
+async fn all_licences(c: &mut crate::LicensingClient) -> Vec<lpb::License> {
     let mut out = Vec::new();
     let mut token = String::new();
     loop {
@@ -93,7 +89,7 @@ async fn all_licences(c: &mut LicensingServiceClient<Channel>) -> Vec<lpb::Licen
 ///
 /// # Panics
 /// When the store or the orders service does not answer.
-pub async fn wait_quiet(store: &Store, orders: &mut OrderServiceClient<Channel>, within: Duration) -> bool {
+pub async fn wait_quiet(store: &Store, orders: &mut crate::OrdersClient, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     let mut last: Option<Vec<(String, i32, u64, usize)>> = None;
     while Instant::now() < deadline {
@@ -462,7 +458,7 @@ pub async fn check_ledger(c: &mut Clients, store: &Store, ledger: &Ledger) -> Re
 ///
 /// # Panics
 /// When the store or the orders service does not answer.
-pub async fn wait_settled(store: &Store, orders: &mut OrderServiceClient<Channel>, within: Duration) -> bool {
+pub async fn wait_settled(store: &Store, orders: &mut crate::OrdersClient, within: Duration) -> bool {
     let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());

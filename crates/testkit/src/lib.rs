@@ -4,6 +4,7 @@
 //! gRPC over real sockets.
 
 pub mod invariants;
+pub mod parties;
 pub mod procs;
 pub mod prom;
 pub mod raw;
@@ -20,6 +21,15 @@ use chipgate_state::testing::RedisServer;
 use chipgate_state::{Backend, Store};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
+
+pub use parties::Parties;
+
+/// A licensing client acting as whichever party each call needs ([`Parties`]).
+pub type LicensingClient = LicensingServiceClient<Parties>;
+/// An inventory client acting as whichever party each call needs ([`Parties`]).
+pub type InventoryClient = InventoryServiceClient<Parties>;
+/// An orders client acting as whichever party each call needs ([`Parties`]).
+pub type OrdersClient = OrderServiceClient<Parties>;
 
 /// Which state backend a cluster runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,10 +57,12 @@ pub struct ClusterOptions {
     /// Run the orders service in this process (false: the caller runs it, e.g. as a real process
     /// with [`OrdersProcess`]).
     pub orders_in_process: bool,
-    /// Turn authentication on: the cluster generates a signing key ([`Cluster::signer`]), every
-    /// service verifies bearer tokens and applies the policy table, orders calls its peers with a
-    /// `service` token. Off by default, because most suites act as every role at once; the
-    /// authorisation suites turn it on and make clients per role with [`Cluster::token`].
+    /// Authentication, as an operator runs the services (on by default): the cluster generates a
+    /// signing key ([`Cluster::signer`]), every service verifies bearer tokens and applies the policy
+    /// table, orders calls its peers with a `service` token. The clients the harness hands out act
+    /// as whichever party each call needs ([`Parties`]); [`Cluster::token`] and
+    /// [`Cluster::authed`] make clients of one party. Only tests about running without
+    /// authentication turn it off.
     pub auth: bool,
 }
 
@@ -62,7 +74,7 @@ impl Default for ClusterOptions {
             inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
             orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
             orders_in_process: true,
-            auth: false,
+            auth: true,
         }
     }
 }
@@ -200,6 +212,7 @@ impl Cluster {
             let dir = tempfile::tempdir().expect("a temporary directory");
             std::fs::write(dir.path().join("public.pem"), signer.public_pem()).expect("write the public key");
             std::fs::write(dir.path().join("signing.pem"), signer.private_pem()).expect("write the signing key");
+            write_service_token(&signer, dir.path());
             (Some(signer), Some(dir))
         } else {
             (None, None)
@@ -268,18 +281,24 @@ impl Cluster {
         chipgate_runtime::auth::with_token(channel(url), chipgate_runtime::auth::TokenSource::Static(token.to_string()))
     }
 
+    /// A channel to `url` whose calls carry the token of the party each needs ([`Parties`]; no
+    /// token when authentication is off).
+    pub fn parties(&self, url: &str) -> Parties {
+        Parties::new(channel(url), self.signer.clone())
+    }
+
     /// A client of the in-process orders service.
     ///
     /// # Panics
     /// When orders does not run in process.
-    pub fn orders_client(&self) -> OrderServiceClient<Channel> {
+    pub fn orders_client(&self) -> OrdersClient {
         let orders = self.orders.as_ref().expect("orders runs in process");
-        OrderServiceClient::new(channel(&orders.url()))
+        OrderServiceClient::new(self.parties(&orders.url()))
     }
 
     /// An inventory client.
-    pub fn inventory_client(&self) -> InventoryServiceClient<Channel> {
-        InventoryServiceClient::new(channel(&self.inventory.url()))
+    pub fn inventory_client(&self) -> InventoryClient {
+        InventoryServiceClient::new(self.parties(&self.inventory.url()))
     }
 
     /// Clients of the three services (orders in process).
@@ -292,8 +311,8 @@ impl Cluster {
     }
 
     /// A licensing client.
-    pub fn licensing_client(&self) -> LicensingServiceClient<Channel> {
-        LicensingServiceClient::new(channel(&self.licensing.url()))
+    pub fn licensing_client(&self) -> LicensingClient {
+        LicensingServiceClient::new(self.parties(&self.licensing.url()))
     }
 
     /// Stops the services (orders first, since it calls the others) and only then Redis, so nothing
@@ -331,6 +350,24 @@ pub fn binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The file (in an auth directory) holding orders' `service` token, as an operator mounts it from a
+/// Secret.
+pub const SERVICE_TOKEN_FILE: &str = "service.jwt";
+
+/// Writes a `service` token for orders (valid for a day) into `dir` as [`SERVICE_TOKEN_FILE`].
+///
+/// # Panics
+/// When the file can't be written.
+pub fn write_service_token(signer: &chipgate_runtime::auth::Signer, dir: &std::path::Path) {
+    let token = signer.mint(
+        "service:orders",
+        chipgate_runtime::auth::Role::Service,
+        None,
+        Duration::from_secs(24 * 3600),
+    );
+    std::fs::write(dir.join(SERVICE_TOKEN_FILE), token).expect("write the service token");
+}
+
 /// A free loopback port (bind 0, read, release).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
@@ -341,6 +378,8 @@ pub struct OrdersProcess {
     child: std::process::Child,
     /// Where it listens.
     pub addr: SocketAddr,
+    /// The cluster's signing key (its clients' tokens), when authentication is on.
+    signer: Option<chipgate_runtime::auth::Signer>,
 }
 
 impl OrdersProcess {
@@ -360,12 +399,13 @@ impl OrdersProcess {
             .env("CHIPGATE_LOG_FORMAT", "json")
             .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
             .env_remove("CHIPGATE_SERVICE_SIGNING_KEY")
+            .env_remove("CHIPGATE_SERVICE_TOKEN_FILE")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(std::process::Stdio::null());
         match &cluster.auth_dir {
             Some(dir) => {
                 cmd.env("CHIPGATE_AUTH_PUBLIC_KEY", dir.path().join("public.pem"))
-                    .env("CHIPGATE_SERVICE_SIGNING_KEY", dir.path().join("signing.pem"))
+                    .env("CHIPGATE_SERVICE_TOKEN_FILE", dir.path().join(SERVICE_TOKEN_FILE))
                     .env_remove("CHIPGATE_INSECURE_NO_AUTH");
             }
             None => {
@@ -376,7 +416,7 @@ impl OrdersProcess {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("start chipgate-orders");
-        let p = OrdersProcess { child, addr };
+        let p = OrdersProcess { child, addr, signer: cluster.signer.clone() };
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel(&p.url()));
         loop {
@@ -397,9 +437,9 @@ impl OrdersProcess {
         format!("http://{}", self.addr)
     }
 
-    /// A client.
-    pub fn client(&self) -> OrderServiceClient<Channel> {
-        OrderServiceClient::new(channel(&self.url()))
+    /// A client acting as whichever party each call needs ([`Parties`]).
+    pub fn client(&self) -> OrdersClient {
+        OrderServiceClient::new(Parties::new(channel(&self.url()), self.signer.clone()))
     }
 
     /// SIGKILL, as a crash would.

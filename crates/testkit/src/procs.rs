@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
+use chipgate_runtime::auth::{Role, Signer};
 use chipgate_state::Store;
 use chipgate_state::testing::{RedisServer, ServerOptions};
-use tonic::transport::Channel;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::{DEFAULT_CATALOGUE, binary, channel, free_port};
+use crate::{DEFAULT_CATALOGUE, InventoryClient, LicensingClient, OrdersClient, Parties, binary, channel, free_port};
 
 /// Sends `signal` (e.g. "STOP", "CONT") to `pid` with the `kill` command.
 ///
@@ -101,10 +101,11 @@ impl ServiceProcess {
         cmd.env("CHIPGATE_LISTEN", self.addr.to_string())
             .env("CHIPGATE_LOG_FORMAT", "json")
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
-            // The fault workload acts as every role at once; authorisation has its own suites (authz,
-            // mtls), so these processes serve without it.
-            .env("CHIPGATE_INSECURE_NO_AUTH", "true")
+            // Authentication comes only from `env` (the cluster's keys, or the explicit switch-off).
+            .env_remove("CHIPGATE_INSECURE_NO_AUTH")
             .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
+            .env_remove("CHIPGATE_SERVICE_TOKEN_FILE")
+            .env_remove("CHIPGATE_SERVICE_SIGNING_KEY")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
@@ -194,11 +195,20 @@ pub struct ProcessOptions {
     pub orders_env: Vec<(String, String)>,
     /// Redis command timeout of every service (`CHIPGATE_REDIS_TIMEOUT`).
     pub redis_timeout: Duration,
+    /// Authentication as an operator runs it (on by default): the services verify tokens with the
+    /// cluster's public key and orders sends the `service` token from a file; clients act as
+    /// whichever party each call needs ([`Parties`]).
+    pub auth: bool,
 }
 
 impl Default for ProcessOptions {
     fn default() -> Self {
-        ProcessOptions { orders_replicas: 1, orders_env: Vec::new(), redis_timeout: Duration::from_millis(1500) }
+        ProcessOptions {
+            orders_replicas: 1,
+            orders_env: Vec::new(),
+            redis_timeout: Duration::from_millis(1500),
+            auth: true,
+        }
     }
 }
 
@@ -214,6 +224,8 @@ pub struct ProcessCluster {
     pub inventory: ServiceProcess,
     /// The orders replicas.
     pub orders: Vec<ServiceProcess>,
+    /// The key the cluster's tokens are signed with, when authentication is on.
+    pub signer: Option<Signer>,
     dir: Option<tempfile::TempDir>,
 }
 
@@ -230,11 +242,25 @@ impl ProcessCluster {
         let logs = dir.path().to_path_buf();
         let catalogue = logs.join("catalogue.json");
         std::fs::write(&catalogue, DEFAULT_CATALOGUE).expect("write catalogue");
-        let common = vec![
+        let mut common = vec![
             ("REDIS_URL".to_string(), redis.url()),
             ("CHIPGATE_REDIS_TIMEOUT".to_string(), format!("{}ms", options.redis_timeout.as_millis())),
             ("CHIPGATE_SHUTDOWN_GRACE".to_string(), "1s".to_string()),
         ];
+        let mut orders_auth = Vec::new();
+        let signer = if options.auth {
+            let signer = Signer::generate().expect("a signing key");
+            let public = logs.join("public.pem");
+            std::fs::write(&public, signer.public_pem()).expect("write the public key");
+            crate::write_service_token(&signer, &logs);
+            common.push(("CHIPGATE_AUTH_PUBLIC_KEY".into(), public.display().to_string()));
+            orders_auth
+                .push(("CHIPGATE_SERVICE_TOKEN_FILE".into(), logs.join(crate::SERVICE_TOKEN_FILE).display().to_string()));
+            Some(signer)
+        } else {
+            common.push(("CHIPGATE_INSECURE_NO_AUTH".into(), "true".into()));
+            None
+        };
         let mut licensing = ServiceProcess::new("chipgate-licensing", common.clone(), Vec::new(), logs.clone());
         let mut inventory = ServiceProcess::new(
             "chipgate-inventory",
@@ -249,6 +275,7 @@ impl ProcessCluster {
             let mut env = common.clone();
             env.push(("CHIPGATE_LICENSING_URL".into(), licensing.url()));
             env.push(("CHIPGATE_INVENTORY_URL".into(), inventory.url()));
+            env.extend(orders_auth.iter().cloned());
             env.extend(options.orders_env.iter().cloned());
             let mut o = ServiceProcess::new("chipgate-orders", env, Vec::new(), logs.clone());
             o.spawn();
@@ -257,7 +284,7 @@ impl ProcessCluster {
         for p in [&licensing, &inventory].into_iter().chain(orders.iter()) {
             p.wait_serving(Duration::from_secs(30)).await;
         }
-        ProcessCluster { redis, store, licensing, inventory, orders, dir: Some(dir) }
+        ProcessCluster { redis, store, licensing, inventory, orders, signer, dir: Some(dir) }
     }
 
     /// Where the processes write their logs.
@@ -276,19 +303,32 @@ impl ProcessCluster {
             .sum()
     }
 
+    /// A channel to `url` acting as whichever party each call needs ([`Parties`]).
+    pub fn parties(&self, url: &str) -> Parties {
+        Parties::new(channel(url), self.signer.clone())
+    }
+
+    /// A token for a non-buyer `role`, valid for an hour.
+    ///
+    /// # Panics
+    /// When authentication is off.
+    pub fn token(&self, role: Role) -> String {
+        self.signer.as_ref().expect("authentication is on").mint_role(role, Duration::from_secs(3600))
+    }
+
     /// A licensing client.
-    pub fn licensing_client(&self) -> LicensingServiceClient<Channel> {
-        LicensingServiceClient::new(channel(&self.licensing.url()))
+    pub fn licensing_client(&self) -> LicensingClient {
+        LicensingServiceClient::new(self.parties(&self.licensing.url()))
     }
 
     /// An inventory client.
-    pub fn inventory_client(&self) -> InventoryServiceClient<Channel> {
-        InventoryServiceClient::new(channel(&self.inventory.url()))
+    pub fn inventory_client(&self) -> InventoryClient {
+        InventoryServiceClient::new(self.parties(&self.inventory.url()))
     }
 
     /// A client of orders replica `i`.
-    pub fn orders_client(&self, i: usize) -> OrderServiceClient<Channel> {
-        OrderServiceClient::new(channel(&self.orders[i].url()))
+    pub fn orders_client(&self, i: usize) -> OrdersClient {
+        OrderServiceClient::new(self.parties(&self.orders[i].url()))
     }
 
     /// Clients of the three services (orders replica `i`).

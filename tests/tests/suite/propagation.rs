@@ -1,9 +1,8 @@
 //! Propagation across the three real services (real Redis, real gRPC): the seed story end to end, and
 //! each trigger moving exactly the orders it concerns.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

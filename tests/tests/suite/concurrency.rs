@@ -3,9 +3,8 @@
 //! quota used equals the units of the orders holding it, stock adds up and matches the orders, every
 //! placement happened exactly once, and no order overtook an earlier one in its backlog.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -2,9 +2,8 @@
 //! propagation and started again. Every order must end in exactly one correct state, with licence quota
 //! and stock accounted for exactly.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

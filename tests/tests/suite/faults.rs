@@ -21,9 +21,8 @@
 //!
 //! Needs the binaries: `cargo build --workspace --bins` first.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -32,15 +31,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chipgate_proto::inventory::v1 as ipb;
-use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1 as lpb;
-use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_proto::orders::v1 as opb;
-use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_testkit::invariants::{self, Clients, Ledger};
 use chipgate_testkit::procs::{self, ProcessCluster, ProcessOptions};
 use common::{H200, NVL, rid};
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Every call's deadline (sent as grpc-timeout, and enforced by the client too).
@@ -104,9 +99,9 @@ enum Op {
 /// Clients of every service (one per orders replica).
 #[derive(Clone)]
 struct Conn {
-    lic: LicensingServiceClient<Channel>,
-    inv: InventoryServiceClient<Channel>,
-    ord: Vec<OrderServiceClient<Channel>>,
+    lic: chipgate_testkit::LicensingClient,
+    inv: chipgate_testkit::InventoryClient,
+    ord: Vec<chipgate_testkit::OrdersClient>,
 }
 
 impl Conn {
@@ -118,7 +113,7 @@ impl Conn {
         }
     }
 
-    fn ord(&self, replica: usize) -> OrderServiceClient<Channel> {
+    fn ord(&self, replica: usize) -> chipgate_testkit::OrdersClient {
         self.ord[replica % self.ord.len()].clone()
     }
 }

@@ -1,16 +1,13 @@
 //! Licensing over the wire: every RPC answers through a real gRPC connection, errors keep their rich
 //! details across it, and the audit log detects tampering done directly in Redis.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chipgate_proto::licensing::v1 as pb;
-use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_testkit::Cluster;
 use tonic::Code;
-use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-type Client = LicensingServiceClient<Channel>;
+type Client = chipgate_testkit::LicensingClient;
 
 fn rid(tag: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};

@@ -2,9 +2,8 @@
 //! Redis): finalised terms, a domestic purchase, supply, an embargo and its lifting, a suspension and a
 //! reinstatement.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::time::Duration;

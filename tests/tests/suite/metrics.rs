@@ -2,9 +2,8 @@
 //! Prometheus text, and check that the per-RPC, business and propagation figures exist and moved by
 //! exactly what the scenario did. Also checks the Grafana dashboard only charts series that exist.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -2,7 +2,6 @@
 //! invalid fields, and one caller trying to take all the capacity. Each is refused cleanly (a status,
 //! never a crash or a hang) and the service keeps serving everybody else.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
@@ -32,8 +31,9 @@ fn small_cluster() -> ClusterOptions {
     }
 }
 
-async fn still_serves(url: &str) {
-    LicensingServiceClient::new(chipgate_testkit::channel(url))
+async fn still_serves(cluster: &Cluster) {
+    let url = cluster.licensing.url();
+    LicensingServiceClient::new(Cluster::authed(&url, &cluster.token(Role::ImportAuthority)))
         .list_queue(lpb::ListQueueRequest::default())
         .await
         .expect("the service still answers");
@@ -43,7 +43,8 @@ async fn still_serves(url: &str) {
 async fn oversized_nested_and_malformed_requests_are_refused_cleanly() {
     let cluster = Cluster::start_with(small_cluster()).await;
     let url = cluster.licensing.url();
-    let mut lic = LicensingServiceClient::new(chipgate_testkit::channel(&url));
+    let buyer = cluster.buyer_token("bytedance");
+    let mut lic = LicensingServiceClient::new(Cluster::authed(&url, &buyer));
 
     // Oversized: a 64 KiB field against a 16 KiB limit.
     let big = lpb::SubmitApplicationRequest {
@@ -57,15 +58,15 @@ async fn oversized_nested_and_malformed_requests_are_refused_cleanly() {
     };
     let s = lic.submit_application(big).await.expect_err("an oversized message is refused");
     assert!(matches!(s.code(), Code::ResourceExhausted | Code::OutOfRange), "{s:?}");
-    still_serves(&url).await;
+    still_serves(&cluster).await;
 
     // Too deep: 200 nested groups in an unknown field (prost stops at its recursion limit).
     let mut deep = Vec::new();
     deep.extend(std::iter::repeat_n(0x7bu8, 200)); // field 15, start group
     deep.extend(std::iter::repeat_n(0x7cu8, 200)); // field 15, end group
-    let s = raw::call(&url, SUBMIT, false, Bytes::from(deep), None).await.expect_err("too deep");
+    let s = raw::call(&url, SUBMIT, false, Bytes::from(deep), Some(&buyer)).await.expect_err("too deep");
     assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
-    still_serves(&url).await;
+    still_serves(&cluster).await;
 
     // Malformed protobuf: a truncated length, invalid UTF-8 in a string, a wrong wire type.
     for (what, bytes) in [
@@ -73,19 +74,19 @@ async fn oversized_nested_and_malformed_requests_are_refused_cleanly() {
         ("invalid utf-8", vec![0x12, 0x02, 0xff, 0xfe]),
         ("wrong wire type", vec![0x15, 1, 2, 3, 4]),
     ] {
-        let s = raw::call(&url, SUBMIT, false, Bytes::from(bytes), None).await.expect_err(what);
+        let s = raw::call(&url, SUBMIT, false, Bytes::from(bytes), Some(&buyer)).await.expect_err(what);
         assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
         let bad = s.get_error_details().bad_request().cloned().expect("BadRequest details");
         assert_eq!(bad.field_violations[0].field, "request", "{what}");
-        still_serves(&url).await;
+        still_serves(&cluster).await;
     }
 
     // Well-formed but invalid fields: INVALID_ARGUMENT with a BadRequest naming each field.
     let s = lic
         .submit_application(lpb::SubmitApplicationRequest {
             request_id: String::new(),
-            buyer_id: "bad id with spaces\u{0}".into(),
-            product_sku: String::new(),
+            buyer_id: "bytedance".into(),
+            product_sku: "bad sku with spaces\u{0}".into(),
             quantity: 0,
             end_use: String::new(),
             site: String::new(),
@@ -96,7 +97,7 @@ async fn oversized_nested_and_malformed_requests_are_refused_cleanly() {
     assert_eq!(s.code(), Code::InvalidArgument);
     let bad = s.get_error_details().bad_request().cloned().expect("BadRequest details");
     let fields: Vec<&str> = bad.field_violations.iter().map(|v| v.field.as_str()).collect();
-    assert!(fields.contains(&"buyer_id") && fields.contains(&"quantity"), "{fields:?}");
+    assert!(fields.contains(&"product_sku") && fields.contains(&"quantity"), "{fields:?}");
     cluster.stop().await;
 }
 

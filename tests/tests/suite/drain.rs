@@ -5,7 +5,6 @@
 //! The calls are kept in flight by pausing Redis (`CLIENT PAUSE`), so they are genuinely inside the
 //! handler, waiting on state, when the signal arrives.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
 

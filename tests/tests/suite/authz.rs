@@ -4,7 +4,6 @@
 //! authentication on. Only UNAUTHENTICATED and PERMISSION_DENIED count as a refusal; an allowed call
 //! may still fail for other reasons (INVALID_ARGUMENT for an empty request, NOT_FOUND, ...).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
 use std::time::Duration;

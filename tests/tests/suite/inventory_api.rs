@@ -1,6 +1,5 @@
 //! Inventory over the wire: every RPC through a real gRPC connection, with rich error details.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_testkit::Cluster;

@@ -7,13 +7,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chipgate_proto::inventory::v1 as ipb;
-use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1 as lpb;
-use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_proto::orders::v1 as opb;
-use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_testkit::{Cluster, ClusterOptions};
-use tonic::transport::Channel;
 
 pub const H200: &str = "H200-SXM-141GB";
 pub const NVL: &str = "H200-NVL-141GB";
@@ -21,9 +17,9 @@ pub const NVL: &str = "H200-NVL-141GB";
 /// A running cluster and clients.
 pub struct World {
     pub cluster: Cluster,
-    pub lic: LicensingServiceClient<Channel>,
-    pub inv: InventoryServiceClient<Channel>,
-    pub ord: OrderServiceClient<Channel>,
+    pub lic: chipgate_testkit::LicensingClient,
+    pub inv: chipgate_testkit::InventoryClient,
+    pub ord: chipgate_testkit::OrdersClient,
 }
 
 pub fn rid(tag: &str) -> String {
