@@ -77,24 +77,6 @@ fn inventory_kind(ev: &ipb::InventoryEvent) -> &'static str {
     }
 }
 
-/// When the orders service first saw a wave, and which queues it concerned.
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct WaveMeta {
-    #[prost(string, tag = "1")]
-    pub wave_id: String,
-    #[prost(uint64, tag = "2")]
-    pub observed_ms: u64,
-    /// Waiting orders of the wave's buyers and products when it was observed.
-    #[prost(uint64, tag = "3")]
-    pub concerned: u64,
-    /// `sku|buyer` of each licence of the wave.
-    #[prost(string, repeated, tag = "4")]
-    pub queues: Vec<String>,
-    /// When licensing published it (the event's time).
-    #[prost(uint64, tag = "5")]
-    pub published_ms: u64,
-}
-
 /// Follows one stream until shutdown.
 pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
     let stream = source.stream();
@@ -373,41 +355,5 @@ impl Orders {
         .await?;
         self.inner.cleanup_wake.notify_one();
         Ok(())
-    }
-
-    /// When licensing published `wave_id`, as the orders service recorded it (None: not observed).
-    pub(crate) async fn wave_published_ms(&self, wave_id: &str) -> Result<Option<u64>, String> {
-        let meta = self.load::<WaveMeta>(keys::wave_meta(wave_id)).await.map_err(|e| format!("{e:?}"))?;
-        Ok(meta.map(|(_, m)| if m.published_ms > 0 { m.published_ms } else { m.observed_ms }))
-    }
-
-    /// Records when a wave was first seen and how many waiting orders it concerned (once).
-    async fn observe_wave(
-        &self,
-        w: &lpb::WavePublished,
-        published: Option<&prost_types::Timestamp>,
-    ) -> Result<(), Error> {
-        let queues: Vec<String> = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
-        let sizes = futures_util::future::try_join_all(w.licenses.iter().map(|l| {
-            let key = keys::awaiting(&l.product_sku, &l.buyer_id);
-            async move { self.store().zcard(&key).await }
-        }))
-        .await?;
-        let concerned = sizes.iter().sum();
-        let observed_ms = now_ms();
-        let published_ms = published
-            .and_then(|t| {
-                u64::try_from(t.seconds).ok().map(|s| s * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
-            })
-            .unwrap_or(observed_ms);
-        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms, concerned, queues, published_ms };
-        let mut t = Txn::new();
-        t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());
-        t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
-        match self.store().commit(&t).await {
-            // Already observed (the event was delivered again): keep the first observation.
-            Ok(_) | Err(chipgate_state::CommitError::Conflict { .. }) => Ok(()),
-            Err(e) => Err(Error::Internal(e.to_string())),
-        }
     }
 }

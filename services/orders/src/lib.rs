@@ -33,6 +33,7 @@ mod place;
 mod queries;
 mod reconcile;
 mod service;
+mod waves;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -47,6 +47,8 @@ impl Orders {
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
+            // A waiting order a wave concerns no longer keeps the wave from settling.
+            self.left_waiting(&mut t, &o, &new).await?;
             events.flush(&mut t);
             Ok((t, Done {}))
         })

@@ -146,8 +146,8 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
 struct StageA<'a> {
     /// Why each buyer's orders are being looked at.
     causes: &'a HashMap<String, Vec<Cause>>,
-    /// Waves among those causes (for their progress figures).
-    waves: &'a HashSet<String>,
+    /// Waves whose snapshot of this product may still hold orders (each evaluated order leaves them).
+    unsettled: &'a [String],
     /// Buyers with an order waiting for quota, and which: their later orders wait behind it.
     blocked: HashMap<String, String>,
     /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
@@ -381,22 +381,21 @@ impl Orders {
         queue.sort();
         let causes: HashMap<String, Vec<Cause>> =
             buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
-        let waves: HashSet<String> = causes
-            .values()
-            .flatten()
-            .filter(|c| c.kind() == CauseKind::WavePublished)
-            .map(|c| c.reference.clone())
-            .collect();
+        // Read after the marks were taken, so a wave whose publication marked this round is among them.
+        let unsettled = self.unsettled_waves(&sku).await?;
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
         // placement order.
         let inline = self.store().zcard(&keys::backlog(&sku)).await? == 0;
-        let mut stage = StageA { causes: &causes, waves: &waves, blocked: HashMap::new(), inline };
+        let mut stage = StageA { causes: &causes, unsettled: &unsettled, blocked: HashMap::new(), inline };
         let mut backlogged = HashMap::new();
         for chunk in queue.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
             let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
             backlogged.extend(self.evaluate_batch(ctx, lease, &ids, &mut stage).await?);
+        }
+        if !unsettled.is_empty() {
+            self.settle_waves(&sku, &unsettled).await?;
         }
         Ok(backlogged)
     }
@@ -410,7 +409,7 @@ impl Orders {
         ids: &[String],
         stage: &mut StageA<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
-        let (causes, waves) = (stage.causes, stage.waves);
+        let causes = stage.causes;
         let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
             let t0 = Instant::now();
@@ -487,7 +486,6 @@ impl Orders {
             let mut events = book::Events::traced(ctx);
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             let mut entered = HashMap::new();
-            let mut evaluated_by_wave: HashMap<&str, i64> = HashMap::new();
             for (ver, o) in &orders {
                 let mut new = o.clone();
                 let cause = if o.status() == OrderStatus::Pending {
@@ -498,11 +496,6 @@ impl Orders {
                         .and_then(|c| c.first().cloned())
                         .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
                 };
-                for c in causes.get(&o.buyer_id).into_iter().flatten() {
-                    if c.kind() == CauseKind::WavePublished && waves.contains(&c.reference) {
-                        *evaluated_by_wave.entry(c.reference.as_str()).or_default() += 1;
-                    }
-                }
                 let moved = {
                     match results.get(&o.id) {
                         Some(r) if r.stale => {
@@ -553,10 +546,8 @@ impl Orders {
                     Err(e) => return Err(Error::Internal(format!("order {}: {e}", o.id))),
                 }
             }
-            for (wave, n) in evaluated_by_wave {
-                t.hincr(keys::wave(wave), "evaluated", n);
-                t.hset(keys::wave(wave), "last_eval_ms", now.to_string().into_bytes());
-            }
+            let ids: Vec<&str> = orders.iter().map(|(_, o)| o.id.as_str()).collect();
+            crate::waves::evaluated(&mut t, &lease.sku, stage.unsettled, &ids, now);
             events.flush(&mut t);
             let t_built = t0.elapsed();
             let committed = self.store().commit(&t).await;

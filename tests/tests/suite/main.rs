@@ -28,3 +28,4 @@ mod mtls;
 mod propagation;
 mod python_client;
 mod triggers;
+mod wave_progress;
