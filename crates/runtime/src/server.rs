@@ -127,6 +127,9 @@ pub struct ServiceSpec {
     pub routes: Routes,
     /// Its metrics (the edge records every call in them).
     pub metrics: Metrics,
+    /// Named health checks of its own work (e.g. orders' propagation), reported beside the
+    /// service's health (see [`health::HealthCheck`]).
+    pub checks: Vec<health::HealthCheck>,
 }
 
 /// The method paths (`/pkg.Service/Method`) of `services` in the descriptor set, plus health and
@@ -195,7 +198,8 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let names: Vec<String> = spec.names.iter().map(|s| s.to_string()).collect();
-    let health = health::spawn_monitor(reporter, names.clone(), store, config.health_interval).await;
+    let health =
+        health::spawn_monitor(reporter, names.clone(), spec.checks.clone(), store, config.health_interval).await;
 
     let reflection = || {
         let mut b = tonic_reflection::server::Builder::configure()

@@ -52,6 +52,7 @@ pub use book::EventBatch;
 pub use bulk::BulkOrder;
 pub use clients::Peers;
 pub use error::Error;
+pub use reconcile::PROPAGATION_HEALTH;
 
 /// Fully-qualified gRPC service name.
 pub const SERVICE_NAME: &str = "chipgate.orders.v1.OrderService";
@@ -79,6 +80,9 @@ pub struct Options {
     pub full_reconcile_every: Duration,
     /// How long PlaceOrder waits for the first evaluation before answering with the order as it stands.
     pub place_wait: Duration,
+    /// How long a product's passes may keep failing before the propagation health check
+    /// (`chipgate.orders.v1.Propagation`) reports NOT_SERVING.
+    pub unhealthy_after: Duration,
 }
 
 impl Default for Options {
@@ -91,6 +95,7 @@ impl Default for Options {
             claim_idle: Duration::from_secs(30),
             full_reconcile_every: Duration::from_secs(600),
             place_wait: Duration::from_secs(5),
+            unhealthy_after: Duration::from_secs(60),
         }
     }
 }
@@ -118,15 +123,26 @@ struct Inner {
     counters: metrics::Counters,
     /// Products found in inventory's catalogue (orders name one).
     products: chipgate_contract::catalogue::KnownProducts,
+    /// The propagation health check's verdict (see [`reconcile::watch_health`]).
+    propagation_ok: tokio::sync::watch::Sender<bool>,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
 pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
     let metrics = service.metrics().clone();
+    let propagation = chipgate_runtime::health::HealthCheck {
+        name: reconcile::PROPAGATION_HEALTH,
+        healthy: service.inner.propagation_ok.subscribe(),
+    };
     let server = pb::order_service_server::OrderServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics }
+    ServiceSpec {
+        names: vec![SERVICE_NAME],
+        routes: tonic::service::Routes::new(server),
+        metrics,
+        checks: vec![propagation],
+    }
 }
 
 impl Orders {
@@ -150,6 +166,7 @@ impl Orders {
                 consumer,
                 cleanup_wake: Notify::new(),
                 products: chipgate_contract::catalogue::KnownProducts::default(),
+                propagation_ok: tokio::sync::watch::Sender::new(true),
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
@@ -157,6 +174,7 @@ impl Orders {
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Licensing, shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Inventory, shutdown.clone()));
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
+        tokio::spawn(reconcile::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
         let hub_svc = svc.clone();
         tokio::spawn(async move {
             let decode = |e: &chipgate_state::StreamEntry| {

@@ -48,6 +48,53 @@ pub(crate) struct Progress {
     pub completed: u64,
 }
 
+/// The name the propagation check answers under in `grpc.health.v1`.
+pub const PROPAGATION_HEALTH: &str = "chipgate.orders.v1.Propagation";
+
+/// First pause after a failed pass; it doubles with each further failure, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest pause between passes of a product that keep failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How often a product that keeps failing the same way is logged again.
+const REMIND_EVERY: Duration = Duration::from_secs(60);
+
+/// How this replica's passes over one product have gone lately.
+#[derive(Clone, Debug)]
+pub(crate) struct PassHealth {
+    /// Passes failed in a row (0: the last one succeeded).
+    pub consecutive_failures: u32,
+    /// When the current run of failures began.
+    pub failing_since: Option<Instant>,
+    /// The last failure, in words.
+    pub last_error: String,
+    /// When a pass last succeeded (None: never, on this replica).
+    pub last_ok: Option<Instant>,
+    /// No pass before this (backing off).
+    not_before: Option<Instant>,
+    /// When the failure was last logged at WARN.
+    last_logged: Option<Instant>,
+}
+
+impl PassHealth {
+    fn new() -> Self {
+        PassHealth {
+            consecutive_failures: 0,
+            failing_since: None,
+            last_error: String::new(),
+            last_ok: None,
+            not_before: None,
+            last_logged: None,
+        }
+    }
+}
+
+/// The pause after the `n`th failure in a row: doubling from [`FIRST_BACKOFF`] to [`MAX_BACKOFF`],
+/// with ±25 % jitter so replicas and products don't retry in step.
+pub(crate) fn backoff(n: u32, jitter: f64) -> Duration {
+    let base = FIRST_BACKOFF.saturating_mul(1u32 << n.saturating_sub(1).min(16)).min(MAX_BACKOFF);
+    base.mul_f64(0.75 + 0.5 * jitter.clamp(0.0, 1.0))
+}
+
 /// Which products want a pass, and how far passes have got (for placement to wait on).
 #[derive(Default)]
 pub(crate) struct Scheduler {
@@ -55,6 +102,8 @@ pub(crate) struct Scheduler {
     running: Mutex<HashSet<String>>,
     progress: Mutex<HashMap<String, watch::Sender<Progress>>>,
     wake: Notify,
+    /// How passes over each product this replica tried have gone.
+    health: Mutex<HashMap<String, PassHealth>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -86,6 +135,90 @@ impl Scheduler {
 
     fn still_wanted(&self, sku: &str) -> bool {
         lock(&self.wanted).remove(sku)
+    }
+
+    /// Whether `sku` is backing off after failures (its next pass must wait).
+    fn backing_off(&self, sku: &str) -> bool {
+        lock(&self.health).get(sku).and_then(|h| h.not_before).is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Records a failed pass of `sku`: logs the cause when it is new (and as a reminder once a minute
+    /// while it lasts, otherwise at debug) and sets the back-off; returns the pause.
+    fn failed(&self, sku: &str, error: &str) -> Duration {
+        let now = Instant::now();
+        let mut all = lock(&self.health);
+        let h = all.entry(sku.to_string()).or_insert_with(PassHealth::new);
+        h.consecutive_failures = h.consecutive_failures.saturating_add(1);
+        let since = *h.failing_since.get_or_insert(now);
+        let pause = backoff(h.consecutive_failures, fastrand::f64());
+        h.not_before = Some(now + pause);
+        let changed = h.last_error != error;
+        let remind = h.last_logged.is_none_or(|t| now.duration_since(t) >= REMIND_EVERY);
+        if changed || remind {
+            h.last_logged = Some(now);
+            tracing::warn!(
+                %sku,
+                error,
+                failures = h.consecutive_failures,
+                failing_for_s = now.duration_since(since).as_secs(),
+                next_try_ms = pause.as_millis() as u64,
+                "propagation pass failed; backing off"
+            );
+        } else {
+            tracing::debug!(%sku, error, failures = h.consecutive_failures, "propagation pass failed again");
+        }
+        h.last_error = error.to_string();
+        pause
+    }
+
+    /// Records a pass of `sku` that completed.
+    fn succeeded(&self, sku: &str) {
+        let mut all = lock(&self.health);
+        let h = all.entry(sku.to_string()).or_insert_with(PassHealth::new);
+        if h.consecutive_failures > 0 {
+            let over = h.failing_since.map(|t| t.elapsed().as_secs()).unwrap_or(0);
+            tracing::info!(%sku, failures = h.consecutive_failures, over_s = over, "propagation recovered");
+        }
+        *h = PassHealth { last_ok: Some(Instant::now()), ..PassHealth::new() };
+    }
+
+    /// How passes over each product have gone on this replica.
+    pub(crate) fn health(&self) -> HashMap<String, PassHealth> {
+        lock(&self.health).clone()
+    }
+
+    /// The product's failure, when its passes have been failing (for an order that waits on it).
+    pub(crate) fn failing(&self, sku: &str) -> Option<PassHealth> {
+        lock(&self.health).get(sku).filter(|h| h.consecutive_failures > 0).cloned()
+    }
+}
+
+/// Keeps the propagation health check up to date until shutdown: unhealthy while some product's
+/// passes have been failing for `unhealthy_after` or longer.
+pub(crate) async fn watch_health(svc: Orders, verdict: watch::Sender<bool>, shutdown: Shutdown) {
+    let after = svc.options().unhealthy_after;
+    loop {
+        let stalled: Vec<String> = svc
+            .inner
+            .scheduler
+            .health()
+            .into_iter()
+            .filter(|(_, h)| h.failing_since.is_some_and(|t| t.elapsed() >= after))
+            .map(|(sku, _)| sku)
+            .collect();
+        let healthy = stalled.is_empty();
+        if *verdict.borrow() != healthy {
+            if healthy {
+                tracing::info!("propagation healthy again");
+            } else {
+                tracing::error!(products = ?stalled, after_s = after.as_secs(), "propagation stalled");
+            }
+            verdict.send_replace(healthy);
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
     }
 }
 
@@ -129,6 +262,10 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
             }
         }
         for sku in todo {
+            if svc.inner.scheduler.backing_off(&sku) {
+                // Failed lately: its marks keep it wanted, and a tick after the pause picks it up.
+                continue;
+            }
             let start = lock(&svc.inner.scheduler.running).insert(sku.clone());
             if start {
                 let svc = svc.clone();
@@ -201,9 +338,7 @@ impl Orders {
                     tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(0..20))).await;
                 }
                 Err(e) => {
-                    tracing::warn!(%sku, error = %e, "can't take the product lease; retrying later");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.inner.scheduler.request(&sku);
+                    self.inner.scheduler.failed(&sku, &format!("can't take the product lease: {e}"));
                     return;
                 }
             }
@@ -212,15 +347,14 @@ impl Orders {
         loop {
             let result = self.pass(&mut lease).await;
             match result {
-                Ok(()) => {}
+                Ok(()) => self.inner.scheduler.succeeded(&sku),
                 Err(Error::Superseded(why)) => {
                     tracing::warn!(%sku, %why, "lease lost mid-pass; another replica carries on");
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(%sku, error = ?e, "pass failed; will retry");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.inner.scheduler.request(&sku);
+                    // The marks stay (in the working hash): the pass is redone after the pause.
+                    self.inner.scheduler.failed(&sku, &e.describe());
                     break;
                 }
             }

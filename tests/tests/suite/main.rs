@@ -27,5 +27,6 @@ mod metrics;
 mod mtls;
 mod propagation;
 mod python_client;
+mod stalls;
 mod triggers;
 mod wave_progress;
