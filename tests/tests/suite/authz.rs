@@ -168,6 +168,7 @@ async fn every_rpc_by_every_caller_is_allowed_or_refused_as_the_table_says() {
         aud: "chipgate".into(),
         iat: now - 7200,
         exp: now - 3600,
+        nbf: None,
     });
     let mut callers: Vec<(Caller, Option<String>)> = Role::ALL
         .into_iter()
