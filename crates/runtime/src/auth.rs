@@ -422,7 +422,8 @@ fn roles_annotation(text: &str) -> Result<Option<Vec<Role>>, AuthError> {
         }
         let mut roles = Vec::new();
         for name in list.split([',', ' ']).map(str::trim).filter(|n| !n.is_empty()) {
-            let role = Role::parse(name).ok_or_else(|| AuthError::Key(format!("`roles:` names {name:?}, not a role")))?;
+            let role =
+                Role::parse(name).ok_or_else(|| AuthError::Key(format!("`roles:` names {name:?}, not a role")))?;
             if !roles.contains(&role) {
                 roles.push(role);
             }
@@ -931,9 +932,15 @@ mod tests {
         let day = 24 * 3600;
         let v = s.verifier();
         assert!(v.verify(&s.sign(&claims("buyer", now, now + 7 * day, None))).is_ok(), "7 days: the default");
-        assert!(matches!(v.verify(&s.sign(&claims("buyer", now, now + 7 * day + 1, None))), Err(AuthError::BadClaims(_))));
+        assert!(matches!(
+            v.verify(&s.sign(&claims("buyer", now, now + 7 * day + 1, None))),
+            Err(AuthError::BadClaims(_))
+        ));
         assert!(v.verify(&s.sign(&claims("service", now, now + 30 * day, None))).is_ok());
-        assert!(matches!(v.verify(&s.sign(&claims("service", now, now + 365 * day, None))), Err(AuthError::BadClaims(_))));
+        assert!(matches!(
+            v.verify(&s.sign(&claims("service", now, now + 365 * day, None))),
+            Err(AuthError::BadClaims(_))
+        ));
         // A back-dated iat doesn't help: the lifetime is exp - iat.
         assert!(matches!(
             v.verify(&s.sign(&claims("vendor", now - 30 * day, now + day, None))),
@@ -941,7 +948,10 @@ mod tests {
         ));
 
         let tight = Lifetimes::parse("*=1h, service=720h").expect("spec");
-        assert_eq!((tight.of(Role::ImportAuthority), tight.of(Role::Service)), (Duration::from_secs(3600), Duration::from_secs(720 * 3600)));
+        assert_eq!(
+            (tight.of(Role::ImportAuthority), tight.of(Role::Service)),
+            (Duration::from_secs(3600), Duration::from_secs(720 * 3600))
+        );
         let v = s.verifier().with_lifetimes(tight);
         assert!(matches!(
             v.verify(&s.sign(&claims("import_authority", now, now + 2 * 3600, None))),
@@ -949,7 +959,10 @@ mod tests {
         ));
         assert!(v.verify(&s.sign(&claims("import_authority", now, now + 3600, None))).is_ok());
         let only = Lifetimes::parse("auditor=8h").expect("spec");
-        assert_eq!((only.of(Role::Auditor), only.of(Role::Buyer)), (Duration::from_secs(8 * 3600), Duration::from_secs(7 * day)));
+        assert_eq!(
+            (only.of(Role::Auditor), only.of(Role::Buyer)),
+            (Duration::from_secs(8 * 3600), Duration::from_secs(7 * day))
+        );
         for bad in ["root=1h", "buyer", "buyer=1d", "buyer=0s"] {
             assert!(Lifetimes::parse(bad).is_err(), "{bad}");
         }
@@ -975,7 +988,8 @@ mod tests {
         assert!(v.verify(&people_key.mint_role(Role::ImportAuthority, ttl)).is_ok());
         assert!(matches!(v.verify(&people_key.mint_role(Role::Service, ttl)), Err(AuthError::BadClaims(_))));
         // A bundle without annotations (today's files) still lets every key sign every role.
-        let plain = Verifier::from_pem(&format!("{}{}", service_key.public_pem(), people_key.public_pem())).expect("pem");
+        let plain =
+            Verifier::from_pem(&format!("{}{}", service_key.public_pem(), people_key.public_pem())).expect("pem");
         assert!(plain.keys().iter().all(|k| k.roles().is_none()));
         assert!(plain.verify(&service_key.mint_role(Role::ImportAuthority, ttl)).is_ok());
         // Mistakes fail at startup, never open up.

@@ -26,4 +26,5 @@ mod metrics;
 mod mtls;
 mod propagation;
 mod python_client;
+mod streams;
 mod triggers;
