@@ -368,6 +368,49 @@ mod tests {
         assert_eq!(peer_key(&req).as_deref(), Some("192.0.2.7"));
     }
 
+    /// The original edge test, through the whole stack: two calls on different "connections"
+    /// (clones) fill the global limit, a third is shed with its request id, health never is.
+    #[tokio::test]
+    async fn sheds_load_beyond_the_global_limit_but_never_health() {
+        let layer = EdgeLayer::new(2, None);
+        let seen = tower::service_fn(|req: Req| async move {
+            assert!(req.extensions().get::<crate::RequestContext>().is_some(), "the handler sees the context");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::empty()))
+        });
+        let svc = layer.layer(seen);
+        let a = tokio::spawn(svc.clone().oneshot(request("/x.Y/A")));
+        let b = tokio::spawn(svc.clone().oneshot(request("/x.Y/B")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let shed = svc.clone().oneshot(request("/x.Y/C")).await.expect("answer");
+        assert_eq!(status_of(&shed).as_deref(), Some("8"), "RESOURCE_EXHAUSTED");
+        assert!(shed.headers().get("x-request-id").is_some());
+        let health = svc.clone().oneshot(request("/grpc.health.v1.Health/Check")).await.expect("answer");
+        assert_eq!(status_of(&health), None, "health is never shed");
+        assert_eq!(status_of(&a.await.expect("a").expect("a")), None);
+        assert_eq!(status_of(&b.await.expect("b").expect("b")), None);
+        // Capacity is back.
+        let c = svc.clone().oneshot(request("/x.Y/C")).await.expect("answer");
+        assert_eq!(status_of(&c), None);
+        assert_eq!(layer.stats().shed.load(Ordering::Relaxed), 1);
+    }
+
+    /// The original deadline test, through the whole stack (the context layer reads `grpc-timeout`).
+    #[tokio::test]
+    async fn enforces_the_earlier_deadline() {
+        let layer = EdgeLayer::new(10, Some(Duration::from_secs(5)));
+        let svc = layer.layer(slow(Duration::from_millis(500)));
+        let mut req = request("/x.Y/Slow");
+        req.headers_mut().insert("grpc-timeout", "50m".parse().expect("header"));
+        let started = std::time::Instant::now();
+        let resp = svc.clone().oneshot(req).await.expect("answer");
+        assert_eq!(status_of(&resp).as_deref(), Some("4"), "DEADLINE_EXCEEDED");
+        assert!(started.elapsed() < Duration::from_millis(400));
+        let ok = svc.oneshot(request("/x.Y/Slow")).await.expect("answer");
+        assert_eq!(status_of(&ok), None, "the server's own 5 s deadline leaves room");
+        assert_eq!(layer.stats().deadline_exceeded.load(Ordering::Relaxed), 1);
+    }
+
     /// The assembled stack: a refusal from a middle layer still carries the request id and is
     /// counted; an open path passes every layer untouched.
     #[tokio::test]
