@@ -52,7 +52,11 @@ impl Events {
         }
         if !self.transitions.is_empty() {
             let batch = EventBatch { items: self.transitions, traceparent: self.traceparent };
-            t.xadd(keys::events(), vec![("b".to_string(), batch.encode_to_vec())], Some(MAX_EVENTS));
+            t.xadd(
+                keys::events(),
+                vec![(chipgate_contract::TRANSITIONS_FIELD.to_string(), batch.encode_to_vec())],
+                Some(MAX_EVENTS),
+            );
         }
     }
 

@@ -22,7 +22,7 @@ use crate::marks::{self, Who};
 use crate::{Done, Error, Orders, book, keys};
 
 /// The consumer group of the orders service on both streams.
-pub(crate) const GROUP: &str = "orders";
+pub(crate) const GROUP: &str = chipgate_contract::ORDERS_GROUP;
 
 /// Which stream a consumer follows.
 #[derive(Clone, Copy, Debug)]
@@ -34,9 +34,8 @@ pub(crate) enum Source {
 impl Source {
     pub(crate) fn stream(self) -> String {
         match self {
-            // The other services' streams, named by their key layout.
-            Source::Licensing => chipgate_state::Space::new("lic").key(["events"]),
-            Source::Inventory => chipgate_state::Space::new("inv").key(["events"]),
+            Source::Licensing => chipgate_contract::streams::licensing(),
+            Source::Inventory => chipgate_contract::streams::inventory(),
         }
     }
 
@@ -195,7 +194,7 @@ impl Orders {
         let mut products = BTreeSet::new();
         let mut kinds = Vec::with_capacity(entries.len());
         for e in entries {
-            let Some(raw) = e.field("e") else { continue };
+            let Some(raw) = e.field(chipgate_contract::EVENT_FIELD) else { continue };
             match source {
                 Source::Licensing => match lpb::LicensingEvent::decode(raw) {
                     Ok(ev) => {

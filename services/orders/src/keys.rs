@@ -6,7 +6,7 @@ use chipgate_domain::orders::OrderStatus;
 use chipgate_state::Space;
 
 /// The orders space.
-pub const SPACE: Space = Space::new("ord");
+pub const SPACE: Space = chipgate_contract::ORDERS;
 
 /// Order id and placement sequence counter.
 pub fn seq() -> String {
@@ -86,7 +86,7 @@ pub fn cleanup() -> String {
 
 /// The transition stream WatchOrders follows.
 pub fn events() -> String {
-    SPACE.key(["events"])
+    chipgate_contract::streams::orders()
 }
 
 /// A wave's figures (counts by state, units held, evaluations).

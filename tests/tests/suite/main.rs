@@ -11,6 +11,7 @@
 mod common;
 
 mod authz;
+mod closing_gates;
 mod concurrency;
 mod crash;
 mod drain;
