@@ -28,5 +28,6 @@ mod mtls;
 mod propagation;
 mod python_client;
 mod stalls;
+mod streams;
 mod triggers;
 mod wave_progress;
