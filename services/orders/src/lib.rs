@@ -32,6 +32,7 @@ mod metrics;
 mod place;
 mod queries;
 mod reconcile;
+mod scheduler;
 mod service;
 mod waves;
 
@@ -52,7 +53,7 @@ pub use book::EventBatch;
 pub use bulk::BulkOrder;
 pub use clients::Peers;
 pub use error::Error;
-pub use reconcile::PROPAGATION_HEALTH;
+pub use scheduler::PROPAGATION_HEALTH;
 
 /// Fully-qualified gRPC service name.
 pub const SERVICE_NAME: &str = "chipgate.orders.v1.OrderService";
@@ -111,7 +112,7 @@ struct Inner {
     peers: Peers,
     idem: Idempotency,
     options: Options,
-    scheduler: reconcile::Scheduler,
+    scheduler: scheduler::Scheduler,
     hub: StreamHub<book::EventBatch>,
     shutdown: Shutdown,
     /// This replica's consumer name in the event consumer groups.
@@ -123,7 +124,7 @@ struct Inner {
     counters: metrics::Counters,
     /// Products found in inventory's catalogue (orders name one).
     products: chipgate_contract::catalogue::KnownProducts,
-    /// The propagation health check's verdict (see [`reconcile::watch_health`]).
+    /// The propagation health check's verdict (see [`scheduler::watch_health`]).
     propagation_ok: tokio::sync::watch::Sender<bool>,
 }
 
@@ -131,7 +132,7 @@ struct Inner {
 pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
     let metrics = service.metrics().clone();
     let propagation = chipgate_runtime::health::HealthCheck {
-        name: reconcile::PROPAGATION_HEALTH,
+        name: scheduler::PROPAGATION_HEALTH,
         healthy: service.inner.propagation_ok.subscribe(),
     };
     let server = pb::order_service_server::OrderServiceServer::new(service)
@@ -160,7 +161,7 @@ impl Orders {
                 peers,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 options,
-                scheduler: reconcile::Scheduler::default(),
+                scheduler: scheduler::Scheduler::default(),
                 hub: StreamHub::default(),
                 shutdown: shutdown.clone(),
                 consumer,
@@ -170,11 +171,11 @@ impl Orders {
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
-        tokio::spawn(reconcile::run(svc.clone(), shutdown.clone()));
+        tokio::spawn(scheduler::run(svc.clone(), shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Licensing, shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Inventory, shutdown.clone()));
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
-        tokio::spawn(reconcile::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
+        tokio::spawn(scheduler::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
         let hub_svc = svc.clone();
         tokio::spawn(async move {
             let decode = |e: &chipgate_state::StreamEntry| {
