@@ -25,6 +25,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod records;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod time;

@@ -4,6 +4,7 @@ use chipgate_domain::inventory::{ProductClass, ProductRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
+use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};

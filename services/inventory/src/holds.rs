@@ -4,6 +4,7 @@
 //! existing holds, strictly in order ([`HoldPlanner`]), and committed in one transaction guarded by the
 //! stock record's version: two batches can never together hold more than is available.
 
+use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, HoldStatus, StockRecord};

@@ -12,7 +12,6 @@
 
 mod catalogue;
 mod convert;
-mod error;
 mod holds;
 pub mod keys;
 mod metrics;
@@ -21,6 +20,7 @@ mod stock;
 mod sweeper;
 mod watch;
 
+use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,14 +28,13 @@ use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::locks::KeyedLocks;
-use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_runtime::{RequestContext, Shutdown};
 use chipgate_state::{Store, Txn};
 use prost::Message;
 
 pub use catalogue::{CatalogueEntry, load_catalogue_file, parse_catalogue};
-pub use error::Error;
+pub use chipgate_runtime::service::Error;
 
 /// Fully-qualified gRPC service name.
 pub const SERVICE_NAME: &str = "chipgate.inventory.v1.InventoryService";
@@ -119,43 +118,9 @@ impl Inventory {
         svc
     }
 
-    fn store(&self) -> &Store {
-        &self.inner.store
-    }
-
     /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
     pub fn metrics(&self) -> &chipgate_runtime::Metrics {
         &self.inner.metrics
-    }
-
-    async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
-        Ok(records::load_many(self.store(), keys).await?)
-    }
-
-    async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
-        Ok(records::load(self.store(), key).await?)
-    }
-
-    async fn require<M: Message + Default>(
-        &self,
-        key: String,
-        kind: &'static str,
-        id: &str,
-    ) -> Result<(u64, M), Error> {
-        self.load(key).await?.ok_or_else(|| Error::not_found(kind, id))
-    }
-
-    async fn run_txn<T, F, Fut>(
-        &self,
-        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
-        attempt: F,
-    ) -> Result<(T, chipgate_state::Committed), Error>
-    where
-        T: Message + Default,
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
-    {
-        chipgate_runtime::txn::run(self.store(), idem, attempt).await
     }
 
     /// The stock of a product that must exist (unknown products are bad input in mutating calls).
@@ -194,4 +159,10 @@ fn emit(
 
 fn encode<M: Message>(m: &M) -> Vec<u8> {
     m.encode_to_vec()
+}
+
+impl chipgate_runtime::service::Records for Inventory {
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
 }

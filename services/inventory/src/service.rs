@@ -3,24 +3,10 @@
 
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_proto::inventory::v1::inventory_service_server::InventoryService;
-use chipgate_runtime::RequestContext;
+use chipgate_runtime::{mutating, reading};
 use tonic::{Request, Response, Status};
 
 use crate::Inventory;
-
-macro_rules! mutating {
-    ($self:ident, $req:ident, $op:ident) => {{
-        let ctx = RequestContext::of(&$req);
-        $self.$op(&ctx, $req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
-    }};
-}
-
-macro_rules! reading {
-    ($self:ident, $req:ident, $op:ident) => {{
-        let ctx = RequestContext::of(&$req);
-        $self.$op($req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
-    }};
-}
 
 #[tonic::async_trait]
 impl InventoryService for Inventory {
@@ -91,7 +77,6 @@ impl InventoryService for Inventory {
     }
     async fn watch_stock(&self, r: Request<pb::WatchStockRequest>) -> Result<Response<Self::WatchStockStream>, Status> {
         // The caller decides what a change may say (buyers don't see other buyers' orders).
-        let ctx = RequestContext::of(&r);
-        self.watch_stock(&ctx, r.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
+        mutating!(self, r, watch_stock)
     }
 }

@@ -3,6 +3,7 @@
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
+use chipgate_runtime::service::Records;
 use chipgate_runtime::time::{now_ms, ts_opt};
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};

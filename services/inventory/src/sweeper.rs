@@ -5,6 +5,7 @@
 //! restarts and several replicas can sweep at once: each expiry commits under the hold's and the
 //! stock's versions, so a hold expires exactly once.
 
+use chipgate_runtime::service::Records;
 use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::time::Duration;

@@ -10,6 +10,7 @@
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
+use chipgate_runtime::service::Records;
 use chipgate_runtime::{RequestContext, Shutdown, hub, validate};
 use prost::Message;
 use tonic::Status;

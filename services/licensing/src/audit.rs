@@ -8,6 +8,7 @@
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
+use chipgate_runtime::service::Records;
 use chipgate_runtime::validate;
 use chipgate_state::{AUDIT_GENESIS, Backend, StreamEntry, audit_link, sha256_hex};
 use prost::Message;

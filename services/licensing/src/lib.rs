@@ -13,7 +13,6 @@
 mod apps;
 mod audit;
 mod convert;
-mod error;
 mod gates;
 pub mod keys;
 mod licences;
@@ -22,6 +21,7 @@ mod quota;
 mod service;
 mod waves;
 
+use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,12 +30,11 @@ use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::RequestContext;
 use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::locks::KeyedLocks;
-use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_state::{Backend, Store, Txn};
 use prost::Message;
 
-pub use error::Error;
+pub use chipgate_runtime::service::Error;
 
 /// Fully-qualified gRPC service name.
 pub const SERVICE_NAME: &str = "chipgate.licensing.v1.LicensingService";
@@ -98,51 +97,14 @@ impl Licensing {
         }
     }
 
-    fn store(&self) -> &Store {
-        &self.inner.store
-    }
-
     /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
     pub fn metrics(&self) -> &chipgate_runtime::Metrics {
         &self.inner.metrics
     }
 
-    /// Reads and decodes records; `(version, record)` where present.
-    async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
-        Ok(records::load_many(self.store(), keys).await?)
-    }
-
-    async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
-        Ok(records::load(self.store(), key).await?)
-    }
-
-    async fn require<M: Message + Default>(
-        &self,
-        key: String,
-        kind: &'static str,
-        id: &str,
-    ) -> Result<(u64, M), Error> {
-        self.load(key).await?.ok_or_else(|| Error::not_found(kind, id))
-    }
-
     /// Allocates `n` ids from a counter; returns the first.
     async fn next_ids(&self, counter: &str, n: u64) -> Result<u64, Error> {
         Ok(self.store().incr(&keys::counter(counter), n).await? - n + 1)
-    }
-
-    /// Runs one optimistic transaction (see [`chipgate_runtime::txn::run`]) with this service's error type.
-    async fn run_txn<T, F, Fut>(
-        &self,
-        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
-        attempt: F,
-    ) -> Result<(T, chipgate_state::Committed), Error>
-    where
-        T: Message + Default,
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
-    {
-        let _chain = self.inner.audit.lock().await;
-        chipgate_runtime::txn::run(self.store(), idem, attempt).await
     }
 
     /// 1-based position of an application in the queue (0 when not queued).
@@ -190,4 +152,26 @@ fn encode<M: Message>(m: &M) -> Vec<u8> {
 /// Short text for a list of failures (for audit details).
 fn failure_codes(f: &[Failure]) -> String {
     f.iter().map(|x| x.condition().api_name().trim_start_matches("CONDITION_")).collect::<Vec<_>>().join(",")
+}
+
+impl chipgate_runtime::service::Records for Licensing {
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Every licensing change appends to the audit chain, so this replica's commits queue for it
+    /// instead of conflicting on the chain's head.
+    async fn run_txn<T, F, Fut>(
+        &self,
+        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
+        attempt: F,
+    ) -> Result<(T, chipgate_state::Committed), Error>
+    where
+        T: Message + Default + Send,
+        F: FnMut() -> Fut + Send,
+        Fut: std::future::Future<Output = Result<(Txn, T), Error>> + Send,
+    {
+        let _chain = self.inner.audit.lock().await;
+        chipgate_runtime::txn::run(self.store(), idem, attempt).await
+    }
 }

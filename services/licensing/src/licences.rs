@@ -4,6 +4,7 @@ use chipgate_domain::licensing::{LicenseRecord, TransitionError};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::Page;
+use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};

@@ -7,6 +7,7 @@
 //! Every reservation is keyed by (order, generation): retries never double-count, and a released
 //! generation is never reopened.
 
+use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::licensing::{

@@ -3,26 +3,10 @@
 
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_proto::licensing::v1::licensing_service_server::LicensingService;
-use chipgate_runtime::RequestContext;
+use chipgate_runtime::{mutating, reading};
 use tonic::{Request, Response, Status};
 
 use crate::Licensing;
-
-/// Mutating RPC (or a read that checks the caller owns what it reads): the operation gets the context.
-macro_rules! mutating {
-    ($self:ident, $req:ident, $op:ident) => {{
-        let ctx = RequestContext::of(&$req);
-        $self.$op(&ctx, $req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
-    }};
-}
-
-/// Read-only RPC.
-macro_rules! reading {
-    ($self:ident, $req:ident, $op:ident) => {{
-        let ctx = RequestContext::of(&$req);
-        $self.$op($req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
-    }};
-}
 
 #[tonic::async_trait]
 impl LicensingService for Licensing {

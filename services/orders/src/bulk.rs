@@ -5,6 +5,7 @@
 
 use chipgate_domain::licensing::{Condition, Failure};
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
+use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_state::{Backend, Txn};
 

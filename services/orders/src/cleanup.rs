@@ -5,6 +5,7 @@
 //! are idempotent per order and generation), then clears what was settled. A crash anywhere in between
 //! only means the release is sent again.
 
+use chipgate_runtime::service::Records;
 use std::time::Duration;
 
 use chipgate_domain::orders::OrderRecord;

@@ -6,6 +6,7 @@
 //! events, another takes them over once they have been pending for `claim_idle`. Marks are idempotent,
 //! so an event applied twice changes nothing more than applying it once.
 
+use chipgate_runtime::service::Records;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 

@@ -24,7 +24,6 @@ mod cleanup;
 mod clients;
 mod consumer;
 mod convert;
-mod error;
 pub mod keys;
 mod lifecycle;
 mod marks;
@@ -36,23 +35,23 @@ mod scheduler;
 mod service;
 mod waves;
 
+use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::hub::StreamHub;
 use chipgate_runtime::idempotency::Idempotency;
-use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_runtime::{RequestContext, Shutdown};
-use chipgate_state::{Store, Txn};
+use chipgate_state::Store;
 use prost::Message;
 use tokio::sync::Notify;
 
 pub use book::EventBatch;
 pub use bulk::BulkOrder;
+pub use chipgate_runtime::service::Error;
 pub use clients::Peers;
-pub use error::Error;
 pub use scheduler::PROPAGATION_HEALTH;
 
 /// Fully-qualified gRPC service name.
@@ -186,10 +185,6 @@ impl Orders {
         svc
     }
 
-    fn store(&self) -> &Store {
-        &self.inner.store
-    }
-
     /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
     pub fn metrics(&self) -> &chipgate_runtime::Metrics {
         &self.inner.metrics
@@ -197,27 +192,6 @@ impl Orders {
 
     fn options(&self) -> &Options {
         &self.inner.options
-    }
-
-    async fn load_many<M: Message + Default>(&self, keys: &[String]) -> Result<Vec<Loaded<M>>, Error> {
-        Ok(records::load_many(self.store(), keys).await?)
-    }
-
-    async fn load<M: Message + Default>(&self, key: String) -> Result<Loaded<M>, Error> {
-        Ok(records::load(self.store(), key).await?)
-    }
-
-    async fn run_txn<T, F, Fut>(
-        &self,
-        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
-        attempt: F,
-    ) -> Result<(T, chipgate_state::Committed), Error>
-    where
-        T: Message + Default,
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<(Txn, T), Error>>,
-    {
-        chipgate_runtime::txn::run(self.store(), idem, attempt).await
     }
 
     /// Runs one reconciliation round for `sku` now (tests and tools; the service runs them itself).
@@ -237,3 +211,9 @@ impl Orders {
 /// An empty answer for transactions whose result is their effect.
 #[derive(Clone, PartialEq, prost::Message)]
 struct Done {}
+
+impl chipgate_runtime::service::Records for Orders {
+    fn store(&self) -> &Store {
+        &self.inner.store
+    }
+}

@@ -10,6 +10,7 @@
 //! reconciliation rounds with their duration. Its own view (aggregate with `max`): per product, passes
 //! failed in a row and the age of the last good pass.
 
+use chipgate_runtime::service::Records;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, Weak};

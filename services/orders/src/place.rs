@@ -5,6 +5,7 @@ use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, Transi
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::idempotency::fingerprint;
+use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, CommitError, Txn};

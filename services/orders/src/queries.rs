@@ -4,6 +4,7 @@ use chipgate_domain::orders::OrderRecord;
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
+use chipgate_runtime::service::Records;
 use chipgate_runtime::time::ts_opt;
 use chipgate_runtime::{RequestContext, hub, validate};
 use chipgate_state::Backend;

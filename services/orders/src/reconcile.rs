@@ -21,6 +21,7 @@
 //! overwrite newer decisions. Every call is idempotent per (order, generation), so a pass cut short
 //! anywhere is simply redone by the next one.
 
+use chipgate_runtime::service::Records;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

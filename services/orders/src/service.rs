@@ -3,24 +3,10 @@
 
 use chipgate_proto::orders::v1 as pb;
 use chipgate_proto::orders::v1::order_service_server::OrderService;
-use chipgate_runtime::RequestContext;
+use chipgate_runtime::{mutating, reading};
 use tonic::{Request, Response, Status};
 
 use crate::Orders;
-
-macro_rules! mutating {
-    ($self:ident, $req:ident, $op:ident) => {{
-        let ctx = RequestContext::of(&$req);
-        $self.$op(&ctx, $req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
-    }};
-}
-
-macro_rules! reading {
-    ($self:ident, $req:ident, $op:ident) => {{
-        let ctx = RequestContext::of(&$req);
-        $self.$op($req.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
-    }};
-}
 
 #[tonic::async_trait]
 impl OrderService for Orders {

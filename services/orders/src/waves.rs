@@ -17,6 +17,7 @@
 //! replica taking over mid-wave changes neither figure. The counts by state (orders holding the wave's
 //! quota, units held) are kept by [`crate::book`] as orders move.
 
+use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
