@@ -54,7 +54,7 @@ pub struct DemoArgs {
 fn signer(a: &DemoArgs) -> Result<Option<Signer>, Failure> {
     let (path, explicit) = match &a.signing_key {
         Some(p) => (p.clone(), true),
-        None => (crate::dev::default_auth_dir().join("signing.pem"), false),
+        None => (crate::devauth::default_auth_dir().join("signing.pem"), false),
     };
     if !explicit && !path.exists() {
         return Ok(None);

@@ -13,6 +13,7 @@ mod client;
 mod cmd;
 mod demo;
 mod dev;
+mod devauth;
 mod import;
 mod out;
 mod token;
