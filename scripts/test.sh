@@ -23,6 +23,20 @@ step() {
   TIMES+=("$(printf '%5ss  %s' $((SECONDS - t0)) "$name")")
 }
 
+# rust-toolchain.toml pins the toolchain (the Dockerfile's); rustup downloads it on first use. An
+# offline machine whose default toolchain already is that version gets it linked under the pinned
+# name instead of a failed download.
+if have rustup; then
+  want="$(sed -n 's/^channel = "\(.*\)"$/\1/p' rust-toolchain.toml)"
+  if ! rustup toolchain list | grep -q "^$want-"; then
+    if RUSTUP_TOOLCHAIN=stable rustc --version 2>/dev/null | grep -q "^rustc $want "; then
+      host="$(RUSTUP_TOOLCHAIN=stable rustc -vV | sed -n 's/^host: //p')"
+      echo "== linking the installed stable toolchain as $want-$host (rust-toolchain.toml)"
+      ln -s "$(RUSTUP_TOOLCHAIN=stable rustc --print sysroot)" "${RUSTUP_HOME:-$HOME/.rustup}/toolchains/$want-$host"
+    fi
+  fi
+fi
+
 if ! have redis-server; then
   echo "== installing redis-server"
   $SUDO apt-get update -qq

@@ -528,7 +528,26 @@ class Dockerfile(unittest.TestCase):
         loop = re.search(r"for bin in ([a-z0-9 -]+);", self.text)
         self.assertIsNotNone(loop)
         self.assertEqual(set(loop.group(1).split()), set(k8s.BINARIES))
-        self.assertRegex(self.text, r"COPY --from=builder /out/ /usr/local/bin/")
+        self.assertRegex(self.text, r"COPY --from=builder /out/bin/ /usr/local/bin/")
+        # Stripped binaries in the image; their symbols in a stage of their own, not in the runtime.
+        self.assertRegex(self.text, r"objcopy --only-keep-debug")
+        self.assertRegex(self.text, r"objcopy --strip-all --add-gnu-debuglink")
+        self.assertRegex(self.text, r"(?m)^FROM scratch AS debug-symbols$")
+        self.assertEqual(self.stages[-1][1], "runtime", "the runtime is the default (last) stage")
+
+    def test_image_is_labelled_with_its_version(self):
+        self.assertRegex(self.text, r"(?m)^ARG VERSION=\d+\.\d+\.\d+$")
+        self.assertRegex(self.text, r'app\.kubernetes\.io/version="\$\{VERSION\}"')
+        self.assertRegex(self.text, r'org\.opencontainers\.image\.version="\$\{VERSION\}"')
+        cargo = (k8s.REPO / "Cargo.toml").read_text()
+        version = re.search(r'(?m)^version = "([^"]+)"', cargo).group(1)
+        self.assertIn(f"ARG VERSION={version}", self.text, "the default is the workspace version")
+
+    def test_toolchain_file_matches_the_builder(self):
+        toolchain = (k8s.REPO / "rust-toolchain.toml").read_text()
+        channel = re.search(r'(?m)^channel = "([^"]+)"', toolchain).group(1)
+        builder = re.search(r"(?m)^ARG RUST_VERSION=(\S+)$", self.text).group(1)
+        self.assertTrue(channel == builder or channel.startswith(builder + "."), (channel, builder))
         # That each package builds its binary is proven by test_flags.py (it runs every binary).
 
     def test_manifest_commands_exist_in_the_image(self):
