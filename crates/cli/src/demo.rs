@@ -18,7 +18,7 @@ use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_runtime::Shutdown;
-use chipgate_runtime::auth::{Role, Signer};
+use chipgate_runtime::auth::Role;
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -43,23 +43,6 @@ pub struct DemoArgs {
     /// How long each step may take to settle before the demo gives up (exit 11).
     #[arg(long, value_parser = crate::client::parse_duration, default_value = "60s")]
     pub step_timeout: Duration,
-    /// The cluster's token signing key, so the demo can act as each party of the story (customs, the
-    /// export and import authorities, the vendor, every buyer, an auditor for the figures). Default:
-    /// the key `chipgate dev` wrote under its default --auth-dir, when it is there.
-    #[arg(long, env = "CHIPGATE_SIGNING_KEY")]
-    pub signing_key: Option<std::path::PathBuf>,
-}
-
-/// The signing key the demo plays the parties with: the one given, or the dev cluster's default.
-fn signer(a: &DemoArgs) -> Result<Option<Signer>, Failure> {
-    let (path, explicit) = match &a.signing_key {
-        Some(p) => (p.clone(), true),
-        None => (crate::devauth::default_auth_dir().join("signing.pem"), false),
-    };
-    if !explicit && !path.exists() {
-        return Ok(None);
-    }
-    Signer::from_file(&path).map(Some).map_err(|e| Failure::Input(format!("--signing-key {}: {e}", path.display())))
 }
 
 /// One buyer of the story.
@@ -492,7 +475,7 @@ impl Demo<'_> {
             "reevaluated": reevaluated.iter().map(|(cause, c)| json!({"because": cause, "orders": c})).collect::<Vec<_>>(),
             "waiting": waiting.iter().map(|(why, (c, u))| json!({"failed_conditions": why, "orders": c, "units": u})).collect::<Vec<_>>(),
             "orders_by_state": by_state.iter().map(|(s, (c, u, h))| (s.clone(), json!({"orders": c, "units": u, "units_held": h}))).collect::<serde_json::Map<_, _>>(),
-            "stock": view::stock(&now.stock),
+            "stock": view::msg(&now.stock),
             "backlog_orders": now.backlog,
         }));
         self.prev = now;
@@ -534,7 +517,9 @@ fn queue_lines(heading: String, q: &lpb::ListQueueResponse) -> Vec<String> {
 /// `chipgate demo`.
 pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
     if !a.self_contained {
-        return match signer(&a)? {
+        // The demo acts as each party of the story (customs, the export and import authorities, the
+        // vendor, every buyer, an auditor for the figures) with tokens from the cluster's signing key.
+        return match ctx.g.signer()? {
             Some(signer) => play(&ctx.clone().with_signer(signer), &a).await,
             // No key: every call carries --token (if any); enough for a cluster without auth.
             None => play(ctx, &a).await,
@@ -739,7 +724,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         view::conditions_text(pw.grants.first().and_then(|g| g.conditions.as_ref()))
     )];
     ev.extend(view::licenses_table(&published.licenses).render().into_iter().map(|l| format!("  {l}")));
-    let (progress, settled) = crate::cmd::licensing::follow_progress(
+    let (progress, settled) = crate::cmd::waves::follow_progress(
         &ctx.acting(As::Role(Role::ImportAuthority)),
         &pw.wave_id,
         a.step_timeout,
@@ -1023,8 +1008,8 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
             "orders_awaiting": f.awaiting,
             "orders_by_state": f.by_state,
             "units_held": f.held,
-            "licenses": lic.iter().map(|l| view::license(l)).collect::<Vec<_>>(),
-            "queued_application": app.map(|a| view::application(a)),
+            "licenses": lic.iter().map(|l| view::msg(*l)).collect::<Vec<_>>(),
+            "queued_application": app.map(|a| view::msg(*a)),
         }));
         total.orders += f.orders;
         total.units += f.units;
@@ -1065,14 +1050,14 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
                 "licensed_units_granted": granted,
                 "licensed_units_used": used,
             },
-            "licenses": licences.iter().map(view::license).collect::<Vec<_>>(),
-            "stock": view::stock(&world.stock),
+            "licenses": licences.iter().map(view::msg).collect::<Vec<_>>(),
+            "stock": view::msg(&world.stock),
             "backlog": {"total_orders": world.backlog},
             "queue": {
                 "total_queued": q.total_queued,
-                "applications": q.applications.iter().map(view::application).collect::<Vec<_>>(),
+                "applications": q.applications.iter().map(view::msg).collect::<Vec<_>>(),
             },
-            "wave": view::wave_progress(&progress),
+            "wave": view::msg(&progress),
             "audit": {"valid": audit.valid, "entries_checked": audit.entries_checked, "head_hash": audit.head_hash},
             "elapsed_seconds": d.started.elapsed().as_secs_f64(),
         }));

@@ -284,7 +284,7 @@ pub async fn place_one(ctx: &Ctx, row: &Row, request_id: &str) -> Result<opb::Or
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt) + fastrand::u64(0..100))).await;
             }
-            Err(s) => return Err(ctx.fail(Svc::Orders, Some(request_id), s)),
+            Err(s) => return Err(ctx.fail::<opb::PlaceOrderResponse>(Svc::Orders, Some(request_id), s)),
         }
     }
 }

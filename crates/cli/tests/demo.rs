@@ -20,8 +20,10 @@ use chipgate_testkit::{Cluster, ClusterOptions};
 use common::{Cli, H200};
 use serde_json::Value;
 
+/// A count: a number in the demo's own summary, a string where it is a proto message's 64-bit
+/// field (the proto3 JSON mapping).
 fn u(v: &Value) -> u64 {
-    v.as_u64().unwrap_or_else(|| panic!("not a number: {v}"))
+    v.as_u64().or_else(|| v.as_str().and_then(|s| s.parse().ok())).unwrap_or_else(|| panic!("not a number: {v}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
