@@ -645,7 +645,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    if let Some(e) = placed.into_iter().find_map(|(_, r)| r.err()) {
+    if let Some(e) = placed.into_iter().flatten().find_map(|(_, r)| r.err()) {
         return Err(e);
     }
     let now = d

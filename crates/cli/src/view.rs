@@ -38,7 +38,8 @@ pub fn msg<M: prost::Message>(m: &M) -> Value {
     let name = full_name::<M>();
     let rendered = POOL.as_ref().map_err(Clone::clone).and_then(|pool| {
         let desc = pool.get_message_by_name(&name).ok_or_else(|| format!("{name} is not in the descriptor set"))?;
-        let dynamic = DynamicMessage::decode(desc.clone(), m.encode_to_vec().as_slice()).map_err(|e| format!("{name}: {e}"))?;
+        let dynamic =
+            DynamicMessage::decode(desc.clone(), m.encode_to_vec().as_slice()).map_err(|e| format!("{name}: {e}"))?;
         let v = dynamic.serialize_with_options(serde_json::value::Serializer, &OPTIONS);
         Ok(with_nulls(&desc, v.map_err(|e| format!("{name}: {e}"))?))
     });

@@ -135,12 +135,17 @@ pub enum OrderCmd {
     },
     /// Place many orders from a CSV or JSON-lines file, with a progress bar and bounded concurrency.
     ///
-    /// CSV needs a header: buyer,product,units,justification[,request_id] (fields may be "quoted").
-    /// JSON lines are objects {"buyer_id","product_sku","units","justification"[,"request_id"]}.
-    /// Nothing is placed if any row is malformed. Rows without a request_id get <prefix>-<line>, so
-    /// running the same file again with the same --request-id places nothing twice.
+    /// CSV needs a header: buyer,product,units,justification[,request_id] (RFC 4180: "quoted" fields
+    /// may hold commas, quotes and newlines). JSON lines are objects
+    /// {"buyer_id","product_sku","units","justification"[,"request_id"]}. Nothing is placed if any
+    /// row is malformed. Rows without a request_id get <prefix>-<line>, the prefix derived from the
+    /// file's content (or --request-id), so importing the same file again places nothing twice.
+    ///
+    /// With a signing key (--signing-key, or the dev cluster's) and no --token, each row is placed
+    /// as its own buyer; otherwise every row is placed with the one token given. The first row the
+    /// cluster refuses for the token (UNAUTHENTICATED, PERMISSION_DENIED) stops the import.
     #[command(
-        after_help = "Example:\n  chipgate order import demand.csv --concurrency 32 --request-id import-2026-01\n\ndemand.csv:\n  buyer,product,units,justification\n  baidu,H200-SXM-141GB,8000,ERNIE training\n  moonshot,H200-SXM-141GB,4000,\"Kimi inference, phase 2\""
+        after_help = "Example:\n  chipgate order import demand.csv --concurrency 32 --signing-key signing.pem\n\ndemand.csv:\n  buyer,product,units,justification\n  baidu,H200-SXM-141GB,8000,ERNIE training\n  moonshot,H200-SXM-141GB,4000,\"Kimi inference, phase 2\""
     )]
     Import(crate::import::ImportArgs),
 }
