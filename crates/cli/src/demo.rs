@@ -501,6 +501,35 @@ impl Demo<'_> {
     }
 }
 
+/// What a cluster already holds that the story would collide with: orders, licences, applications,
+/// stock of the H200 (each with its count), in words; empty on a fresh cluster.
+async fn leftovers(ctx: &Ctx, world: &World) -> Result<Vec<String>, Failure> {
+    let auditor = || As::Role(Role::Auditor);
+    let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
+    let licences =
+        ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(auditor(), msg))).await?.licenses.len();
+    let msg = lpb::ListApplicationsRequest { page_size: 1000, ..Default::default() };
+    let apps = ctx.call(Svc::Licensing, None, ctx.lic().list_applications(ctx.req_as(auditor(), msg))).await?;
+    let apps = apps.applications.iter().filter(|a| a.product_sku == H200).count();
+    let count = |n: usize, one: &str, many: &str| match n {
+        0 => None,
+        1 => Some(format!("1 {one}")),
+        n => Some(format!("{n} {many}")),
+    };
+    let mut found: Vec<String> = [
+        count(world.orders.len(), "order", "orders"),
+        count(licences, "licence", "licences"),
+        count(apps, "application", "applications"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if world.stock.received > 0 {
+        found.push(format!("{} units of stock received", n(world.stock.received)));
+    }
+    Ok(found)
+}
+
 /// The first `page_size` applications of the approval queue, as the import authority sees them.
 async fn queue(ctx: &Ctx, page_size: i32) -> Result<lpb::ListQueueResponse, Failure> {
     let msg = lpb::ListQueueRequest { page_size, page_token: String::new() };
@@ -569,18 +598,15 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         started: Instant::now(),
     };
 
-    // The story starts from a clean slate: no orders or licences for the H200 yet.
+    // The story starts from a clean slate: it checks everything its steps would trip over (before
+    // changing anything, so a refused run leaves the cluster as it was).
     let start = d.world(false).await?;
-    let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1, ..Default::default() };
-    let licences = ctx
-        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
-        .await?
-        .licenses;
-    if !start.orders.is_empty() || !licences.is_empty() {
+    let found = leftovers(ctx, &start).await?;
+    if !found.is_empty() {
         return Err(Failure::Check(format!(
-            "this cluster already has {} order(s) and licences for {H200}; the demo plays on a fresh cluster \
+            "this cluster already has {} for {H200}; the demo plays on a fresh cluster \
              (restart `chipgate dev`, or run `chipgate demo --self-contained`)",
-            start.orders.len()
+            found.join(", ")
         )));
     }
     d.prev = start;

@@ -215,3 +215,34 @@ async fn the_self_contained_demo_prints_the_story_for_people() {
         assert!(text.contains(needle), "{needle:?} missing from:\n{text}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_refuses_a_cluster_with_applications_or_stock_and_changes_nothing() {
+    let cluster = Cluster::start().await;
+    let cli = Cli::for_cluster(&cluster);
+    // No order and no licence yet, but an application its step 4 would collide with, and stock.
+    cli.json(&[
+        "apply",
+        "--buyer",
+        "bytedance",
+        "--product",
+        H200,
+        "--quantity",
+        "10",
+        "--end-use",
+        "x",
+        "--site",
+        "y",
+    ])
+    .await;
+    cli.json(&["supply", "receive", "--product", H200, "--units", "500", "--receipt", "r-1"]).await;
+    let (code, err) = cli.fails(&["demo"]).await;
+    assert_eq!(code, 11, "{err}");
+    let message = err["error"]["message"].as_str().unwrap();
+    assert!(message.contains("1 application") && message.contains("500 units of stock"), "{message}");
+    assert!(!message.contains("licence"), "no licence to speak of: {message}");
+    let orders = cli.json(&["order", "list"]).await;
+    assert!(orders["orders"].as_array().unwrap().is_empty(), "nothing was placed: {orders}");
+    let policies = cli.json(&["customs", "list"]).await;
+    assert!(policies["policies"].as_array().unwrap().is_empty(), "nothing was set: {policies}");
+}
