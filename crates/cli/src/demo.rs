@@ -298,6 +298,12 @@ struct Demo<'a> {
     ctx: &'a Ctx,
     prefix: String,
     timeout: Duration,
+    /// Orders placed at the same time.
+    concurrency: usize,
+    /// Each buyer's application (step 4, granted in step 5).
+    apps: BTreeMap<&'static str, lpb::Application>,
+    /// Wave 1 as published (step 5), whose licences later steps finalise and follow.
+    published: lpb::PublishWaveResponse,
     step: usize,
     steps: Vec<Value>,
     /// The world as the last report left it (with histories).
@@ -586,12 +592,14 @@ pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
     result
 }
 
-#[allow(clippy::too_many_lines)]
 async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     let mut d = Demo {
         ctx,
         prefix: ctx.rid_prefix("demo"),
         timeout: a.step_timeout,
+        concurrency: usize::from(a.concurrency),
+        apps: BTreeMap::new(),
+        published: lpb::PublishWaveResponse::default(),
         step: 0,
         steps: Vec::new(),
         prev: World::default(),
@@ -612,8 +620,50 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     d.prev = start;
     d.say("chipgate demo: the H200 and China, January 2026 — every figure below is what the services report.");
 
-    // 1. Customs.
-    d.title("Customs: the H200 may not enter China");
+    for step in STORY {
+        d.title(step.title);
+        (step.play)(&mut d).await?;
+    }
+    let wave_id = d.published.wave.as_ref().map(|w| w.wave_id.clone()).unwrap_or_default();
+    summary(&d, &wave_id).await
+}
+
+/// What a step does: act as the parties would, wait until the cluster settles, report how orders
+/// moved and why.
+type Play = for<'a, 'c> fn(&'a mut Demo<'c>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + 'a>>;
+
+/// One numbered step of the story.
+struct Step {
+    title: &'static str,
+    play: Play,
+}
+
+/// The story, in order (its figures are read back from the services after each step).
+const STORY: &[Step] = &[
+    Step { title: "Customs: the H200 may not enter China", play: |d| Box::pin(customs_embargo(d)) },
+    Step { title: "Washington lets NVIDIA export the H200 to China", play: |d| Box::pin(export_authorisation(d)) },
+    Step { title: "Chinese tech firms order H200s while nothing is licensed", play: |d| Box::pin(demand(d)) },
+    Step {
+        title: "Every buyer applies for an import licence; the approval queue forms",
+        play: |d| Box::pin(applications(d)),
+    },
+    Step {
+        title: "Wave 1: Beijing approves ByteDance, Alibaba and Tencent — with conditions",
+        play: |d| Box::pin(wave_one(d)),
+    },
+    Step { title: "Customs lifts the embargo", play: |d| Box::pin(embargo_lifted(d)) },
+    Step { title: "The terms of wave 1 are finalised", play: |d| Box::pin(terms_finalised(d)) },
+    Step { title: "The three buyers record domestic chip purchases", play: |d| Box::pin(domestic_purchases(d)) },
+    Step { title: "Stock is far below demand", play: |d| Box::pin(stock(d)) },
+    Step { title: "Supply arrives: receipt 1 of 3", play: |d| Box::pin(supply(d, 0)) },
+    Step { title: "Supply arrives: receipt 2 of 3", play: |d| Box::pin(supply(d, 1)) },
+    Step { title: "Supply arrives: receipt 3 of 3", play: |d| Box::pin(supply(d, 2)) },
+    Step { title: "Everyone else is still queued for a later wave", play: |d| Box::pin(still_queued(d)) },
+];
+
+/// Customs embargoes the H200.
+async fn customs_embargo(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::SetImportPolicyRequest {
         request_id: d.rid("customs-embargo"),
         product_sku: H200.to_string(),
@@ -633,9 +683,12 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     )];
     let now = d.world(true).await?;
     d.report("customs embargo", ev, now);
+    Ok(())
+}
 
-    // 2. Export authorisation.
-    d.title("Washington lets NVIDIA export the H200 to China");
+/// Washington authorises the export.
+async fn export_authorisation(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::GrantExportAuthorizationRequest {
         request_id: d.rid("export"),
         vendor: "nvidia".to_string(),
@@ -662,12 +715,15 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     )];
     let now = d.world(true).await?;
     d.report("export authorisation", ev, now);
+    Ok(())
+}
 
-    // 3. Demand while nothing is licensed.
-    d.title("Chinese tech firms order H200s while nothing is licensed");
+/// A dozen buyers order 2,000,000+ chips while nothing is licensed.
+async fn demand(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let rows = script_orders();
     let bar = (!ctx.json()).then(|| out::progress(rows.len() as u64, "ordering"));
-    let placed = crate::import::place_all(ctx, &rows, &d.rid("ord"), usize::from(a.concurrency), bar.as_ref()).await;
+    let placed = crate::import::place_all(ctx, &rows, &d.rid("ord"), d.concurrency, bar.as_ref()).await;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
@@ -686,10 +742,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         H200
     )];
     d.report("orders placed", ev, now);
+    Ok(())
+}
 
-    // 4. Applications.
-    d.title("Every buyer applies for an import licence; the approval queue forms");
-    let mut apps: BTreeMap<&str, lpb::Application> = BTreeMap::new();
+/// Every buyer applies; the approval queue forms.
+async fn applications(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
+    let mut apps = BTreeMap::new();
     for b in BUYERS {
         let msg = lpb::SubmitApplicationRequest {
             request_id: d.rid(&format!("apply-{}", b.id)),
@@ -706,13 +765,17 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             .application;
         apps.insert(b.id, app.unwrap_or_default());
     }
+    d.apps = apps;
     let q = queue(ctx, 100).await?;
     let ev = queue_lines(format!("{} applications queued, criteria unpublished:", n(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("applications", ev, now);
+    Ok(())
+}
 
-    // 5. Wave 1.
-    d.title("Wave 1: Beijing approves ByteDance, Alibaba and Tencent — with conditions");
+/// Wave 1 licenses three buyers with terms pending and a domestic ratio; nothing moves.
+async fn wave_one(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::CreateWaveRequest { request_id: d.rid("wave-1"), display_name: "wave 1 (January 2026)".to_string() };
     let wave = ctx
         .call(Svc::Licensing, None, ctx.lic().create_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
@@ -726,7 +789,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ..Default::default()
     };
     for b in BUYERS {
-        let (Some(units), Some(app)) = (b.grant, apps.get(b.id)) else { continue };
+        let (Some(units), Some(app)) = (b.grant, d.apps.get(b.id)) else { continue };
         let msg = lpb::AddWaveGrantRequest {
             request_id: d.rid(&format!("grant-{}", b.id)),
             wave_id: wave.wave_id.clone(),
@@ -741,7 +804,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     let published = ctx
         .call(Svc::Licensing, None, ctx.lic().publish_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
         .await?;
-    let pw = published.wave.unwrap_or_default();
+    let pw = published.wave.clone().unwrap_or_default();
     let mut ev = vec![format!(
         "{} published: {} licences, {} units granted together; conditions: {}",
         pw.wave_id,
@@ -753,7 +816,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     let (progress, settled) = crate::cmd::waves::follow_progress(
         &ctx.acting(As::Role(Role::ImportAuthority)),
         &pw.wave_id,
-        a.step_timeout,
+        d.timeout,
         !ctx.json(),
         false,
     )
@@ -768,7 +831,6 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         n(progress.orders_reserved),
         n(progress.orders_awaiting)
     ));
-    let wave_buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
     let now = d.settle("wave 1 propagation", |_| true).await?;
     if d.changed_state(&now) == 0 {
         let terms = now.awaiting().filter(|o| has(o, lpb::Condition::TermsFinal)).count() as u64;
@@ -776,9 +838,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ev.push(format!("nothing moves: {} orders now wait on pending terms, {} on customs", n(terms), n(customs)));
     }
     d.report("wave 1 published", ev, now);
+    d.published = published;
+    Ok(())
+}
 
-    // 6. The embargo lifts.
-    d.title("Customs lifts the embargo");
+/// The embargo lifts.
+async fn embargo_lifted(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::SetImportPolicyRequest {
         request_id: d.rid("customs-open"),
         product_sku: H200.to_string(),
@@ -794,9 +860,14 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         vec![format!("customs set {} to {}", p.product_sku, view::short(p.stance().as_str_name(), "IMPORT_STANCE_"))];
     let now = d.settle("embargo lifted", |w| w.awaiting().all(|o| !has(o, lpb::Condition::ImportPolicy))).await?;
     d.report("embargo lifted", ev, now);
+    Ok(())
+}
 
-    // 7. Terms finalised.
-    d.title("The terms of wave 1 are finalised");
+/// The terms of wave 1 are finalised; the domestic ratio still holds orders back.
+async fn terms_finalised(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
+    let published = d.published.clone();
+    let wave_buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
     let mut ev = Vec::new();
     for l in &published.licenses {
         let msg = lpb::FinalizeTermsRequest {
@@ -834,9 +905,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ));
     }
     d.report("terms finalised", ev, now);
+    Ok(())
+}
 
-    // 8. Domestic purchases.
-    d.title("The three buyers record domestic chip purchases");
+/// The three buyers record domestic purchases; their orders take quota.
+async fn domestic_purchases(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
+    let pw = d.published.wave.clone().unwrap_or_default();
     let mut ev = Vec::new();
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     for b in BUYERS {
@@ -890,9 +965,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ));
     }
     d.report("domestic purchases", ev, now);
+    Ok(())
+}
 
-    // 9. Stock.
-    d.title("Stock is far below demand");
+/// Stock is far below demand.
+async fn stock(d: &mut Demo<'_>) -> Outcome {
     let now = d.world(true).await?;
     let backlog_units: u64 =
         now.orders.iter().filter(|o| o.state() == opb::OrderState::Backordered).map(|o| o.units).sum();
@@ -901,35 +978,38 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         format!("the backlog wants {} units; licensed orders wait for stock, oldest first", n(backlog_units)),
     ];
     d.report("stock", ev, now);
+    Ok(())
+}
 
-    // 10. Supply.
-    for (i, (receipt, units, source)) in RECEIPTS.iter().enumerate() {
-        d.title(&format!("Supply arrives: receipt {} of {}", i + 1, RECEIPTS.len()));
-        let msg = ipb::ReceiveSupplyRequest {
-            request_id: d.rid(receipt),
-            receipt_id: (*receipt).to_string(),
-            product_sku: H200.to_string(),
-            units: *units,
-            source: (*source).to_string(),
-        };
-        let r =
-            ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
-        let rc = r.receipt.unwrap_or_default();
-        let mut ev = vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, n(rc.units), rc.product_sku, rc.source)];
-        let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
-        ev.push(Demo::stock_line(&now.stock, now.backlog));
-        d.report("supply", ev, now);
-    }
-
-    // 11. The others wait.
-    d.title("Everyone else is still queued for a later wave");
+/// The other buyers are still queued.
+async fn still_queued(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let q = queue(ctx, 100).await?;
     let ev =
         queue_lines(format!("{} applications still queued; nobody has said on what criteria:", n(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("still queued", ev, now);
+    Ok(())
+}
 
-    summary(&d, &pw.wave_id).await
+/// One supply receipt arrives (the `i`-th of [`RECEIPTS`]); the backlog takes it, oldest first.
+async fn supply(d: &mut Demo<'_>, i: usize) -> Outcome {
+    let ctx = d.ctx;
+    let (receipt, units, source) = RECEIPTS[i];
+    let msg = ipb::ReceiveSupplyRequest {
+        request_id: d.rid(receipt),
+        receipt_id: receipt.to_string(),
+        product_sku: H200.to_string(),
+        units,
+        source: source.to_string(),
+    };
+    let r = ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
+    let rc = r.receipt.unwrap_or_default();
+    let mut ev = vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, n(rc.units), rc.product_sku, rc.source)];
+    let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
+    ev.push(Demo::stock_line(&now.stock, now.backlog));
+    d.report("supply", ev, now);
+    Ok(())
 }
 
 /// The closing table (and the JSON document), every figure read from the services.
