@@ -1012,101 +1012,121 @@ async fn supply(d: &mut Demo<'_>, i: usize) -> Outcome {
     Ok(())
 }
 
-/// The closing table (and the JSON document), every figure read from the services.
-#[allow(clippy::too_many_lines)]
-async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
-    let ctx = d.ctx;
-    let world = d.world(false).await?;
-    let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
-    let licences = ctx
-        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
-        .await?
-        .licenses;
-    let msg = opb::GetWaveProgressRequest { wave_id: wave_id.to_string() };
-    let progress = ctx
-        .call(Svc::Orders, None, ctx.ord().get_wave_progress(ctx.req_as(As::Role(Role::Auditor), msg)))
-        .await?
-        .progress
-        .unwrap_or_default();
-    let q = queue(ctx, 1000).await?;
-    let audit = ctx
-        .call(
-            Svc::Licensing,
-            None,
-            ctx.lic().verify_audit_log(ctx.req_as(As::Role(Role::Auditor), lpb::VerifyAuditLogRequest {})),
-        )
-        .await?;
+/// Everything the closing summary shows, read from the services once the story is over.
+struct Closing {
+    world: World,
+    licences: Vec<lpb::License>,
+    progress: opb::WaveProgress,
+    queue: lpb::ListQueueResponse,
+    audit: lpb::VerifyAuditLogResponse,
+}
 
-    #[derive(Default)]
-    struct Figures {
-        orders: u64,
-        units: u64,
-        reserved: u64,
-        backordered: u64,
-        awaiting: u64,
-        held: u64,
-        by_state: BTreeMap<String, u64>,
+impl Closing {
+    /// Reads it all as the auditor (the queue as the import authority).
+    async fn read(d: &Demo<'_>, wave_id: &str) -> Result<Self, Failure> {
+        let ctx = d.ctx;
+        let auditor = || As::Role(Role::Auditor);
+        let world = d.world(false).await?;
+        let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
+        let licences =
+            ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(auditor(), msg))).await?.licenses;
+        let msg = opb::GetWaveProgressRequest { wave_id: wave_id.to_string() };
+        let progress = ctx
+            .call(Svc::Orders, None, ctx.ord().get_wave_progress(ctx.req_as(auditor(), msg)))
+            .await?
+            .progress
+            .unwrap_or_default();
+        let queue = queue(ctx, 1000).await?;
+        let msg = lpb::VerifyAuditLogRequest::default();
+        let audit = ctx.call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req_as(auditor(), msg))).await?;
+        Ok(Closing { world, licences, progress, queue, audit })
     }
-    let mut per: BTreeMap<&str, Figures> = BTreeMap::new();
-    for o in &world.orders {
-        let f = per.entry(o.buyer_id.as_str()).or_default();
-        f.orders += 1;
-        f.units += o.units;
-        f.held += o.held_units;
+
+    /// One row per buyer: the story's cast in its order, then anyone else the cluster knows of.
+    fn buyers(&self) -> Vec<BuyerRow<'_>> {
+        let mut per: BTreeMap<&str, Figures> = BTreeMap::new();
+        for o in &self.world.orders {
+            per.entry(o.buyer_id.as_str()).or_default().add(o);
+        }
+        let mut ids: Vec<&str> = BUYERS.iter().map(|b| b.id).filter(|b| per.contains_key(b)).collect();
+        ids.extend(per.keys().filter(|b| !ids.contains(b)).copied().collect::<Vec<_>>());
+        ids.into_iter()
+            .filter_map(|id| {
+                let figures = per.remove(id)?;
+                let licences = self.licences.iter().filter(|l| l.buyer_id == id).collect();
+                let queued = self.queue.applications.iter().find(|a| a.buyer_id == id);
+                Some(BuyerRow { id, figures, licences, queued })
+            })
+            .collect()
+    }
+}
+
+/// A buyer's orders, counted.
+#[derive(Default)]
+struct Figures {
+    orders: u64,
+    units: u64,
+    reserved: u64,
+    backordered: u64,
+    awaiting: u64,
+    held: u64,
+    by_state: BTreeMap<String, u64>,
+}
+
+impl Figures {
+    fn add(&mut self, o: &opb::Order) {
+        self.orders += 1;
+        self.units += o.units;
+        self.held += o.held_units;
         match o.state() {
-            opb::OrderState::Reserved => f.reserved += 1,
-            opb::OrderState::Backordered => f.backordered += 1,
-            opb::OrderState::AwaitingLicense => f.awaiting += 1,
+            opb::OrderState::Reserved => self.reserved += 1,
+            opb::OrderState::Backordered => self.backordered += 1,
+            opb::OrderState::AwaitingLicense => self.awaiting += 1,
             _ => {}
         }
-        *f.by_state.entry(o.state().as_str_name().to_string()).or_default() += 1;
+        *self.by_state.entry(o.state().as_str_name().to_string()).or_default() += 1;
     }
-    let queued: BTreeMap<&str, &lpb::Application> = q.applications.iter().map(|a| (a.buyer_id.as_str(), a)).collect();
-    // The story's cast in its order, then anyone else the cluster knows of.
-    let mut order: Vec<&str> = BUYERS.iter().map(|b| b.id).filter(|b| per.contains_key(b)).collect();
-    order.extend(per.keys().filter(|b| !order.contains(b)).copied().collect::<Vec<_>>());
 
-    let mut buyers_json = Vec::new();
-    let mut t = out::Table::new(&[
-        "BUYER",
-        ">ORDERS",
-        ">ORDERED",
-        ">RESERVED",
-        ">BACKORDERED",
-        ">AWAITING",
-        ">UNITS HELD",
-        "LICENCE",
-        ">GRANTED",
-        ">USED",
-        "QUEUE",
-    ]);
-    let mut total = Figures::default();
-    for b in &order {
-        let Some(f) = per.get(b) else { continue };
-        let lic: Vec<&lpb::License> = licences.iter().filter(|l| l.buyer_id == *b).collect();
-        let app = queued.get(b);
-        t.row(vec![
-            (*b).to_string(),
-            n(f.orders),
-            n(f.units),
-            n(f.reserved),
-            n(f.backordered),
-            n(f.awaiting),
-            n(f.held),
-            if lic.is_empty() {
-                "-".to_string()
-            } else {
-                lic.iter()
-                    .map(|l| format!("{} {}", l.license_id, view::license_state(l)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-            if lic.is_empty() { "-".to_string() } else { n(lic.iter().map(|l| l.granted_units).sum()) },
-            if lic.is_empty() { "-".to_string() } else { n(lic.iter().map(|l| l.used_units).sum()) },
-            app.map_or("-".to_string(), |a| format!("#{}", a.queue_position)),
-        ]);
-        buyers_json.push(json!({
-            "buyer_id": b,
+    fn sum<'a>(all: impl Iterator<Item = &'a Figures>) -> Figures {
+        let mut t = Figures::default();
+        for f in all {
+            t.orders += f.orders;
+            t.units += f.units;
+            t.reserved += f.reserved;
+            t.backordered += f.backordered;
+            t.awaiting += f.awaiting;
+            t.held += f.held;
+        }
+        t
+    }
+}
+
+/// A line of the summary table.
+struct BuyerRow<'a> {
+    id: &'a str,
+    figures: Figures,
+    licences: Vec<&'a lpb::License>,
+    queued: Option<&'a lpb::Application>,
+}
+
+impl BuyerRow<'_> {
+    fn licence_cells(&self) -> [String; 3] {
+        if self.licences.is_empty() {
+            return ["-".into(), "-".into(), "-".into()];
+        }
+        let names: Vec<String> =
+            self.licences.iter().map(|l| format!("{} {}", l.license_id, view::license_state(l))).collect();
+        [
+            names.join(", "),
+            n(self.licences.iter().map(|l| l.granted_units).sum()),
+            n(self.licences.iter().map(|l| l.used_units).sum()),
+        ]
+    }
+
+    fn json(&self) -> Value {
+        let f = &self.figures;
+        json!({
+            "buyer_id": self.id,
             "orders": f.orders,
             "units_ordered": f.units,
             "orders_reserved": f.reserved,
@@ -1114,38 +1134,38 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
             "orders_awaiting": f.awaiting,
             "orders_by_state": f.by_state,
             "units_held": f.held,
-            "licenses": lic.iter().map(|l| view::msg(*l)).collect::<Vec<_>>(),
-            "queued_application": app.map(|a| view::msg(*a)),
-        }));
-        total.orders += f.orders;
-        total.units += f.units;
-        total.reserved += f.reserved;
-        total.backordered += f.backordered;
-        total.awaiting += f.awaiting;
-        total.held += f.held;
+            "licenses": self.licences.iter().map(|l| view::msg(*l)).collect::<Vec<_>>(),
+            "queued_application": self.queued.map(view::msg),
+        })
     }
-    let granted: u64 = licences.iter().map(|l| l.granted_units).sum();
-    let used: u64 = licences.iter().map(|l| l.used_units).sum();
-    t.row(vec![
-        "all".to_string(),
-        n(total.orders),
-        n(total.units),
-        n(total.reserved),
-        n(total.backordered),
-        n(total.awaiting),
-        n(total.held),
-        format!("{} licences", licences.len()),
-        n(granted),
-        n(used),
-        format!("{} queued", q.total_queued),
-    ]);
+}
 
-    if ctx.json() {
+/// A figure column of the summary table: its header and what it counts.
+type Column = (&'static str, fn(&Figures) -> u64);
+
+/// The summary table's figure columns.
+const FIGURE_COLUMNS: &[Column] = &[
+    (">ORDERS", |f| f.orders),
+    (">ORDERED", |f| f.units),
+    (">RESERVED", |f| f.reserved),
+    (">BACKORDERED", |f| f.backordered),
+    (">AWAITING", |f| f.awaiting),
+    (">UNITS HELD", |f| f.held),
+];
+
+/// The closing table (and the JSON document), every figure read from the services.
+async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
+    let c = Closing::read(d, wave_id).await?;
+    let rows = c.buyers();
+    let total = Figures::sum(rows.iter().map(|r| &r.figures));
+    let granted: u64 = c.licences.iter().map(|l| l.granted_units).sum();
+    let used: u64 = c.licences.iter().map(|l| l.used_units).sum();
+    if d.ctx.json() {
         out::json(&json!({
             "product_sku": H200,
-            "cluster": {"licensing": ctx.g.licensing, "inventory": ctx.g.inventory, "orders": ctx.g.orders},
+            "cluster": {"licensing": d.ctx.g.licensing, "inventory": d.ctx.g.inventory, "orders": d.ctx.g.orders},
             "steps": d.steps,
-            "buyers": buyers_json,
+            "buyers": rows.iter().map(BuyerRow::json).collect::<Vec<_>>(),
             "totals": {
                 "orders": total.orders,
                 "units_ordered": total.units,
@@ -1156,51 +1176,74 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
                 "licensed_units_granted": granted,
                 "licensed_units_used": used,
             },
-            "licenses": licences.iter().map(view::msg).collect::<Vec<_>>(),
-            "stock": view::msg(&world.stock),
-            "backlog": {"total_orders": world.backlog},
+            "licenses": c.licences.iter().map(view::msg).collect::<Vec<_>>(),
+            "stock": view::msg(&c.world.stock),
+            "backlog": {"total_orders": c.world.backlog},
             "queue": {
-                "total_queued": q.total_queued,
-                "applications": q.applications.iter().map(view::msg).collect::<Vec<_>>(),
+                "total_queued": c.queue.total_queued,
+                "applications": c.queue.applications.iter().map(view::msg).collect::<Vec<_>>(),
             },
-            "wave": view::msg(&progress),
-            "audit": {"valid": audit.valid, "entries_checked": audit.entries_checked, "head_hash": audit.head_hash},
+            "wave": view::msg(&c.progress),
+            "audit": {"valid": c.audit.valid, "entries_checked": c.audit.entries_checked, "head_hash": c.audit.head_hash},
             "elapsed_seconds": d.started.elapsed().as_secs_f64(),
         }));
     } else {
-        out::say("");
-        out::say(&format!("── Summary {}", "─".repeat(89)));
-        out::say("");
-        for l in t.render() {
-            out::say(&format!("  {l}"));
+        let mut headers = vec!["BUYER"];
+        headers.extend(FIGURE_COLUMNS.iter().map(|(h, _)| *h));
+        headers.extend(["LICENCE", ">GRANTED", ">USED", "QUEUE"]);
+        let mut t = out::Table::new(&headers);
+        let figures = |f: &Figures| FIGURE_COLUMNS.iter().map(|(_, cell)| n(cell(f))).collect::<Vec<_>>();
+        for r in &rows {
+            let mut cells = vec![r.id.to_string()];
+            cells.extend(figures(&r.figures));
+            cells.extend(r.licence_cells());
+            cells.push(r.queued.map_or("-".to_string(), |a| format!("#{}", a.queue_position)));
+            t.row(cells);
         }
-        out::say("");
-        out::say(&format!("  {}", Demo::stock_line(&world.stock, world.backlog)));
-        out::say(&format!(
-            "  {}: {} orders concerned, {} evaluated; {} reserved, {} backordered, {} awaiting; {} units held",
-            progress.wave_id,
-            n(progress.orders_concerned),
-            n(progress.orders_evaluated),
-            n(progress.orders_reserved),
-            n(progress.orders_backordered),
-            n(progress.orders_awaiting),
-            n(progress.units_held)
-        ));
-        out::say(&format!(
-            "  audit log: {} entries, {}",
-            n(audit.entries_checked),
-            if audit.valid { "hash chain intact" } else { "BROKEN" }
-        ));
-        out::say(&format!("  played in {:.1}s", d.started.elapsed().as_secs_f64()));
+        let mut cells = vec!["all".to_string()];
+        cells.extend(figures(&total));
+        cells.extend([format!("{} licences", c.licences.len()), n(granted), n(used)]);
+        cells.push(format!("{} queued", c.queue.total_queued));
+        t.row(cells);
+        print_summary(d, &c, &t);
     }
-    if audit.valid {
+    if c.audit.valid {
         Ok(())
     } else {
         Err(Failure::Check(format!(
             "the audit log does not verify at entry {}: {}",
-            audit.first_bad_sequence, audit.problem
+            c.audit.first_bad_sequence, c.audit.problem
         )))
     }
+}
+
+/// The closing lines for people: the table, stock, the wave's propagation, the audit log.
+fn print_summary(d: &Demo<'_>, c: &Closing, table: &out::Table) {
+    let p = &c.progress;
+    out::say("");
+    out::say(&format!("── Summary {}", "─".repeat(89)));
+    out::say("");
+    for l in table.render() {
+        out::say(&format!("  {l}"));
+    }
+    out::say("");
+    out::say(&format!("  {}", Demo::stock_line(&c.world.stock, c.world.backlog)));
+    out::say(&format!(
+        "  {}: {} orders concerned, {} evaluated; {} reserved, {} backordered, {} awaiting; {} units held",
+        p.wave_id,
+        n(p.orders_concerned),
+        n(p.orders_evaluated),
+        n(p.orders_reserved),
+        n(p.orders_backordered),
+        n(p.orders_awaiting),
+        n(p.units_held)
+    ));
+    out::say(&format!(
+        "  audit log: {} entries, {}",
+        n(c.audit.entries_checked),
+        if c.audit.valid { "hash chain intact" } else { "BROKEN" }
+    ));
+    out::say(&format!("  played in {:.1}s", d.started.elapsed().as_secs_f64()));
 }
 
 #[cfg(test)]
