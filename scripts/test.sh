@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs the whole chipgate test suite. First installs what the tests need when it is missing:
 # redis-server (the tests start their own on free ports), grpcurl and the Python gRPC client (real
-# external clients), buf (proto lint), the Kubernetes manifest validator and cargo-machete.
+# external clients), buf (proto lint), the Kubernetes manifest validator, cargo-machete and cargo-deny.
 #
 # Python tools go into a virtual environment under target/ (PEP 668 Pythons, e.g. Debian 12 and
 # Ubuntu 23.04+, refuse `pip install` into the system interpreter), and its bin/ goes first on PATH,
@@ -80,9 +80,18 @@ if ! have cargo-machete || ! cargo machete --version 2>/dev/null | grep -q "$MAC
   cargo install -q --locked cargo-machete --version "$MACHETE_VERSION"
 fi
 
+# cargo-deny: licences, crate sources and duplicate versions, from Cargo.lock alone (offline). Its
+# advisories check needs the RustSec database over git, which this CI cannot reach (deny.toml).
+DENY_VERSION=0.20.2
+if ! have cargo-deny || ! cargo deny --version 2>/dev/null | grep -q "$DENY_VERSION"; then
+  echo "== installing cargo-deny $DENY_VERSION (3-5 min, once per machine)"
+  cargo install -q --locked cargo-deny --version "$DENY_VERSION"
+fi
+
 step "proto lint (buf)" node_modules/.bin/buf lint
 step "rustfmt" cargo fmt --all -- --check
 step "unused dependencies (cargo machete)" cargo machete crates services tests
+step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline check licenses bans sources
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "image build context (deploy/Dockerfile.dockerignore) compiles" bash deploy/check-image-context.sh
 step "binaries (the fault and crash tests run them as real processes)" cargo build --workspace --bins --locked
