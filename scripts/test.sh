@@ -91,7 +91,7 @@ fi
 step "proto lint (buf)" node_modules/.bin/buf lint
 step "rustfmt" cargo fmt --all -- --check
 step "unused dependencies (cargo machete)" cargo machete crates services tests
-step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline check licenses bans sources
+step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline check --hide-inclusion-graph licenses bans sources
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 step "image build context (deploy/Dockerfile.dockerignore) compiles" bash deploy/check-image-context.sh
 step "binaries (the fault and crash tests run them as real processes)" cargo build --workspace --bins --locked
