@@ -281,8 +281,17 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
             for (name, t) in &auth.tokens {
                 lines.push(format!("    {name:<18} {t}"));
             }
+            // `--as` finds the key by itself under the default auth dir; elsewhere it needs telling.
+            let key = if auth.dir == devauth::default_auth_dir() {
+                String::new()
+            } else {
+                format!("CHIPGATE_SIGNING_KEY={} ", auth.dir.join("signing.pem").display())
+            };
             lines.push(format!(
-                "  the CLI: export CHIPGATE_TOKEN_FILE={}/tokens/buyer-bytedance.jwt (or --token …)",
+                "  the CLI: {key}chipgate --as import_authority queue   (--as ROLE or buyer:ID mints from the key)"
+            ));
+            lines.push(format!(
+                "           or export CHIPGATE_TOKEN_FILE={}/tokens/buyer-bytedance.jwt (or --token …)",
                 auth.dir.display()
             ));
         }
