@@ -38,6 +38,11 @@ pub struct ImportArgs {
     /// Orders placed at the same time.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+    /// A directory with a token per buyer, `buyer-<id>.jwt` (the layout `chipgate dev` writes):
+    /// each row is placed with its buyer's token. Without it, rows are placed as their buyers with
+    /// tokens minted from the signing key, or else all with the one token given.
+    #[arg(long, value_name = "DIR")]
+    pub buyer_tokens: Option<PathBuf>,
 }
 
 /// One order to place.
@@ -315,6 +320,26 @@ pub async fn place_all(
     results.into_iter().map(|(_, r)| r).collect()
 }
 
+/// Every row's buyer's token from `dir` (`buyer-<id>.jwt`); all missing ones are named at once,
+/// before anything is placed.
+fn buyer_tokens(dir: &std::path::Path, rows: &[Row]) -> Result<Vec<(String, String)>, Failure> {
+    let buyers: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.buyer.as_str()).collect();
+    let mut tokens = Vec::new();
+    let mut missing = Vec::new();
+    for b in buyers {
+        let path = dir.join(format!("buyer-{b}.jwt"));
+        match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => tokens.push((b.to_string(), t.trim().to_string())),
+            _ => missing.push(path.display().to_string()),
+        }
+    }
+    if missing.is_empty() {
+        Ok(tokens)
+    } else {
+        Err(Failure::Input(format!("--buyer-tokens: no token for {}; nothing was placed", missing.join(", "))))
+    }
+}
+
 /// The request-id prefix of an import: `--request-id`, or one derived from the file's content, so
 /// importing the same file again places nothing twice.
 fn import_prefix(ctx: &Ctx, text: &str) -> String {
@@ -356,15 +381,15 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
         ))
     })?;
     let prefix = import_prefix(ctx, &text);
-    // Each row is placed as its own buyer when a signing key is at hand (and no token was given):
-    // buyers may place orders only for themselves.
+    // Buyers may place orders only for themselves, so each row goes as its own buyer: with the
+    // tokens given per buyer, or minted from a signing key at hand (when no one token was given).
     let per_buyer = ctx.g.token.is_none() && ctx.g.token_file.is_none();
-    let signer = if per_buyer { ctx.g.signer()? } else { None };
-    let as_buyers = signer.is_some();
-    let ctx = &match signer {
-        Some(s) => ctx.clone().with_signer(s),
-        None => ctx.clone(),
+    let (ctx, as_buyers) = match (&a.buyer_tokens, if per_buyer { ctx.g.signer()? } else { None }) {
+        (Some(dir), _) => (ctx.clone().with_buyer_tokens(buyer_tokens(dir, &rows)?), true),
+        (None, Some(signer)) => (ctx.clone().with_signer(signer), true),
+        (None, None) => (ctx.clone(), false),
     };
+    let ctx = &ctx;
     let bar = (!ctx.json()).then(|| out::progress(rows.len() as u64, "placing"));
     let started = Instant::now();
     let results = place_all(ctx, &rows, &prefix, usize::from(a.concurrency), bar.as_ref()).await;

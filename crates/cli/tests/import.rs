@@ -74,3 +74,31 @@ async fn import_places_each_row_as_its_buyer_once_and_stops_at_a_refused_token()
     assert_eq!(errors[0]["error"]["code"], "PERMISSION_DENIED");
     assert_eq!(errors[0]["lines"], serde_json::json!([3]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn import_with_a_token_per_buyer() {
+    let cluster = Cluster::start_with(ClusterOptions { auth: true, ..ClusterOptions::default() }).await;
+    let cli = Cli::for_cluster(&cluster);
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::create_dir(&tokens).unwrap();
+    std::fs::write(tokens.join("buyer-zhipu.jwt"), cluster.buyer_token("zhipu")).unwrap();
+    let demand = dir.path().join("demand.csv");
+    std::fs::write(&demand, "buyer,product,units\nzhipu,H200-SXM-141GB,7\nstepfun,H200-SXM-141GB,3\n").unwrap();
+    let demand = demand.to_str().unwrap();
+    let tokens = tokens.to_str().unwrap();
+
+    // A buyer without a token: named, nothing placed.
+    let (code, err) = cli.fails(&["order", "import", demand, "--buyer-tokens", tokens]).await;
+    assert_eq!(code, 3, "{err}");
+    assert!(err["error"]["message"].as_str().unwrap().contains("buyer-stepfun.jwt"), "{err}");
+    let auditor = cluster.token(Role::Auditor);
+    assert!(cli.json(&["--token", &auditor, "order", "list"]).await["orders"].as_array().unwrap().is_empty());
+
+    std::fs::write(dir.path().join("tokens/buyer-stepfun.jwt"), cluster.buyer_token("stepfun")).unwrap();
+    let report = cli.json(&["order", "import", demand, "--buyer-tokens", tokens]).await;
+    assert_eq!(report["placed"], 2, "{report}");
+    let buyers: Vec<&str> =
+        report["orders"].as_array().unwrap().iter().map(|o| o["buyer_id"].as_str().unwrap()).collect();
+    assert_eq!(buyers, ["zhipu", "stepfun"]);
+}
