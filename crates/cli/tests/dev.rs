@@ -25,25 +25,7 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     let (lp, ip, op) = (free_port(), free_port(), free_port());
     let auth_dir = tempfile::tempdir().unwrap();
     let auth_path = auth_dir.path().to_str().unwrap().to_string();
-    let mut child = tokio::process::Command::new(bin())
-        .args([
-            "dev",
-            "--auth-dir",
-            &auth_path,
-            "--licensing-port",
-            &lp.to_string(),
-            "--inventory-port",
-            &ip.to_string(),
-            "--orders-port",
-            &op.to_string(),
-        ])
-        .env_remove("REDIS_URL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start chipgate dev");
+    let mut child = spawn_dev(&auth_path, (lp, ip, op));
     let pid = child.id().expect("pid");
 
     // Every service reports SERVING once up.
