@@ -46,18 +46,23 @@ Examples:
   chipgate dev                                   # run a cluster here (another terminal)
   chipgate demo                                  # play the seed story against it
   chipgate demo --self-contained                 # ... or on a private cluster of its own
-  chipgate queue
-  chipgate order list --buyer bytedance --state backordered
-  chipgate -o json stock H200-SXM-141GB | jq .stock.available
+  chipgate --as import_authority queue           # on a dev cluster: act as a role
+  chipgate --as buyer:bytedance order list --buyer bytedance --state backordered
+  chipgate --token-file auditor.jwt -o json stock H200-SXM-141GB | jq -r .stock.available
 
-Output: tables for people; -o json prints one JSON document (the RPC's response message, proto field
-names, enums by name, timestamps RFC 3339), or JSON lines for watch and follow. Errors go to stderr
-with the server's details (as JSON with -o json).
+Calls carry a bearer token: --token / --token-file, or on a dev cluster --as ROLE or --as buyer:ID
+(minted from its signing key). A refusal for want of the right token names the roles the RPC admits.
 
-Exit codes: 0 ok; 1 local failure; 2 usage; 3 invalid argument; 4 not found; 5 conflict (already
-exists, aborted); 6 failed precondition (a rule said no); 7 resource exhausted; 8 permission denied;
-9 unavailable or deadline exceeded (retry with the same --request-id); 10 server fault; 11 a check
-failed (audit chain broken, wave not settled in time, import rows not placed).";
+Output: tables for people; -o json prints one JSON document (the RPC's response message in the proto3
+JSON mapping grpcurl prints, with the .proto field names: every field, enums by name, 64-bit integers
+as strings, timestamps RFC 3339), or JSON lines for watch and follow. Errors go to stderr with the
+server's details (as JSON with -o json).
+
+Exit codes: 0 ok; 1 local failure; 2 usage (also a URL without http://); 3 invalid argument;
+4 not found; 5 conflict (already exists, aborted); 6 failed precondition (a rule said no); 7 resource
+exhausted; 8 permission denied or no valid token; 9 unavailable or deadline exceeded (retry with the
+same --request-id); 10 server fault; 11 a check failed (audit chain broken, wave not settled in time,
+import rows not placed).";
 
 /// The command line of chipgate: run a dev cluster, operate a cluster, play the seed story.
 #[derive(Parser, Debug)]
