@@ -91,8 +91,9 @@ fi
 step "proto lint (buf)" node_modules/.bin/buf lint
 step "rustfmt" cargo fmt --all -- --check
 step "unused dependencies (cargo machete)" cargo machete crates services tests
-step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline check --hide-inclusion-graph licenses bans sources
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
+# After clippy: cargo deny --offline reads the dependencies' manifests from the registry cache it filled.
+step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline check --hide-inclusion-graph licenses bans sources
 step "image build context (deploy/Dockerfile.dockerignore) compiles" bash deploy/check-image-context.sh
 step "binaries (the fault and crash tests run them as real processes)" cargo build --workspace --bins --locked
 rm -f target/tmp/faults-*.txt
