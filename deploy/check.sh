@@ -15,9 +15,16 @@ if ! command -v kubectl >/dev/null 2>&1; then
   echo "deploy/check.sh: kubectl is required (for 'kubectl kustomize')" >&2
   exit 1
 fi
+# Python tools live in the virtual environment scripts/test.sh makes under target/ (PEP 668 Pythons
+# refuse pip installs into the system interpreter).
 if ! command -v kubernetes-validate >/dev/null 2>&1 || ! python3 -c "import kubernetes_validate, yaml" 2>/dev/null; then
-  echo "== installing kubernetes-validate and PyYAML"
-  python3 -m pip install -q kubernetes-validate pyyaml
+  venv="${CHIPGATE_VENV:-$PWD/target/venv}"
+  [ -x "$venv/bin/python3" ] || python3 -m venv "$venv"
+  export PATH="$venv/bin:$PATH"
+  if ! python3 -c "import kubernetes_validate, yaml" 2>/dev/null; then
+    echo "== installing kubernetes-validate and PyYAML into $venv"
+    python3 -m pip install -q kubernetes-validate pyyaml
+  fi
 fi
 
 rendered="$(mktemp -d)"

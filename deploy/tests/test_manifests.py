@@ -6,14 +6,19 @@ Needs kubectl (for `kubectl kustomize`) and PyYAML.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
+import subprocess
 import sys
+import tempfile
 import unittest
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import k8s  # noqa: E402
+import yaml  # noqa: E402
 
 SERVICES = {"licensing": 50051, "inventory": 50052, "orders": 50053}
 REDIS_PORT = 6379
@@ -528,7 +533,26 @@ class Dockerfile(unittest.TestCase):
         loop = re.search(r"for bin in ([a-z0-9 -]+);", self.text)
         self.assertIsNotNone(loop)
         self.assertEqual(set(loop.group(1).split()), set(k8s.BINARIES))
-        self.assertRegex(self.text, r"COPY --from=builder /out/ /usr/local/bin/")
+        self.assertRegex(self.text, r"COPY --from=builder /out/bin/ /usr/local/bin/")
+        # Stripped binaries in the image; their symbols in a stage of their own, not in the runtime.
+        self.assertRegex(self.text, r"objcopy --only-keep-debug")
+        self.assertRegex(self.text, r"objcopy --strip-all --add-gnu-debuglink")
+        self.assertRegex(self.text, r"(?m)^FROM scratch AS debug-symbols$")
+        self.assertEqual(self.stages[-1][1], "runtime", "the runtime is the default (last) stage")
+
+    def test_image_is_labelled_with_its_version(self):
+        self.assertRegex(self.text, r"(?m)^ARG VERSION=\d+\.\d+\.\d+$")
+        self.assertRegex(self.text, r'app\.kubernetes\.io/version="\$\{VERSION\}"')
+        self.assertRegex(self.text, r'org\.opencontainers\.image\.version="\$\{VERSION\}"')
+        cargo = (k8s.REPO / "Cargo.toml").read_text()
+        version = re.search(r'(?m)^version = "([^"]+)"', cargo).group(1)
+        self.assertIn(f"ARG VERSION={version}", self.text, "the default is the workspace version")
+
+    def test_toolchain_file_matches_the_builder(self):
+        toolchain = (k8s.REPO / "rust-toolchain.toml").read_text()
+        channel = re.search(r'(?m)^channel = "([^"]+)"', toolchain).group(1)
+        builder = re.search(r"(?m)^ARG RUST_VERSION=(\S+)$", self.text).group(1)
+        self.assertTrue(channel == builder or channel.startswith(builder + "."), (channel, builder))
         # That each package builds its binary is proven by test_flags.py (it runs every binary).
 
     def test_manifest_commands_exist_in_the_image(self):
@@ -546,6 +570,61 @@ class Dockerfile(unittest.TestCase):
         members = re.search(r"(?ms)^members\s*=\s*\[(.*?)\]", cargo).group(1)
         for member in re.findall(r'"([^"]+)"', members):
             self.assertIn(member.split("/")[0], allowed, f"workspace member {member} excluded from the build context")
+
+
+class DevKeysAndMonitoring(unittest.TestCase):
+    """The dev overlay starts by itself (its own dev-only key pair); prod carries no key at all; the
+    ServiceMonitor component scrapes what the Services expose."""
+
+    def test_dev_ships_a_matching_dev_key_pair_and_only_orders_holds_the_private_half(self):
+        docs = k8s.render("dev")
+        public = k8s.find(docs, "Secret", "chipgate-signing-keys") or next(
+            (s for s in k8s.by_kind(docs, "Secret") if s["metadata"]["name"].startswith("chipgate-signing-keys")), None
+        )
+        self.assertIsNotNone(public, "dev renders the verification key Secret the base mounts")
+        self.assertEqual(set(public["data"]), {"public.pem"}, "never the private key in the public Secret")
+        keys = k8s.DEPLOY / "overlays" / "dev" / "dev-keys"
+        derived = subprocess.run(
+            ["openssl", "pkey", "-in", str(keys / "signing.pem"), "-pubout"], capture_output=True, check=True, text=True
+        ).stdout
+        self.assertEqual(base64.b64decode(public["data"]["public.pem"]).decode(), derived, "the halves match")
+        holders = []
+        for w in k8s.workloads(docs):
+            for v in k8s.pod_template(w)["spec"].get("volumes", []):
+                if v.get("secret", {}).get("secretName", "").startswith("chipgate-dev-signing-key"):
+                    holders.append(w["metadata"]["name"])
+        self.assertEqual(holders, ["orders"])
+        orders_env = next(data for (_, name), data in k8s.configmaps(docs).items() if name.startswith("chipgate-orders-"))
+        self.assertIn("CHIPGATE_SERVICE_SIGNING_KEY", orders_env)
+        self.assertNotIn("CHIPGATE_SERVICE_TOKEN_FILE", orders_env, "the two exclude each other")
+
+    def test_prod_carries_no_key(self):
+        docs = k8s.render("prod")
+        self.assertEqual(k8s.by_kind(docs, "Secret"), [], "prod Secrets are created by the operator")
+        self.assertNotIn("PRIVATE KEY", k8s._render_text("prod"))
+
+    def test_servicemonitor_component_scrapes_every_services_metrics_port(self):
+        component = k8s.DEPLOY / "components" / "servicemonitor"
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "kustomization.yaml").write_text(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: chipgate\n"
+                f"resources:\n  - {os.path.relpath(k8s.DEPLOY / 'overlays' / 'prod', tmp)}\n"
+                f"components:\n  - {os.path.relpath(component, tmp)}\n"
+            )
+            text = subprocess.run(["kubectl", "kustomize", tmp], capture_output=True, check=True, text=True).stdout
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        monitors = k8s.by_kind(docs, "ServiceMonitor")
+        self.assertEqual(len(monitors), 1)
+        spec = monitors[0]["spec"]
+        self.assertEqual(monitors[0]["metadata"]["namespace"], "chipgate")
+        selected = [
+            s for s in k8s.by_kind(docs, "Service") if k8s.selector_matches(spec["selector"], s["metadata"]["labels"])
+        ]
+        self.assertEqual(sorted(s["metadata"]["name"] for s in selected), ["inventory", "licensing", "orders"])
+        for s in selected:
+            port = next((p for p in s["spec"]["ports"] if p["name"] == spec["endpoints"][0]["port"]), None)
+            self.assertIsNotNone(port, s["metadata"]["name"])
+            self.assertEqual(port["port"], 9464)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,64 @@ pub struct Global {
     /// File holding the bearer token to call with (`chipgate dev` writes them under its --auth-dir).
     #[arg(long, global = true, help_heading = "Cluster and output (every command)", env = "CHIPGATE_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
+    /// Call as this role (import_authority, export_authority, customs, vendor, auditor, service) or
+    /// buyer (`buyer:bytedance`), with a short-lived token minted from the cluster's signing key
+    /// (--signing-key; by default the one a running `chipgate dev` keeps). For dev clusters.
+    #[arg(
+        long = "as",
+        global = true,
+        help_heading = "Cluster and output (every command)",
+        env = "CHIPGATE_AS",
+        value_name = "ROLE[:BUYER]",
+        conflicts_with_all = ["token", "token_file"]
+    )]
+    pub act_as: Option<String>,
+    /// The cluster's token signing key (PEM Ed25519), for --as, `chipgate demo` and `chipgate token`.
+    /// Default for --as and the demo: the one `chipgate dev` keeps under its default --auth-dir.
+    #[arg(long, global = true, help_heading = "Cluster and output (every command)", env = "CHIPGATE_SIGNING_KEY")]
+    pub signing_key: Option<std::path::PathBuf>,
+}
+
+impl Global {
+    /// The signing key to mint with: the one given, or the dev cluster's default (None when neither
+    /// is there). A key that was named but can't be read is an error.
+    pub fn signer(&self) -> Result<Option<Signer>, Failure> {
+        let (path, explicit) = match &self.signing_key {
+            Some(p) => (p.clone(), true),
+            None => (crate::devauth::default_auth_dir().join("signing.pem"), false),
+        };
+        if !explicit && !path.exists() {
+            return Ok(None);
+        }
+        Signer::from_file(&path).map(Some).map_err(|e| Failure::Input(format!("--signing-key {}: {e}", path.display())))
+    }
+
+    /// The token `--as ROLE[:BUYER]` stands for, minted from [`Global::signer`].
+    fn token_as(&self, who: &str) -> Result<String, Failure> {
+        let (role, buyer) = match who.split_once(':') {
+            Some((r, b)) => (r, Some(b)),
+            None => (who, None),
+        };
+        let role = Role::parse(role).ok_or_else(|| {
+            Failure::Usage(format!(
+                "--as {who:?}: {role:?} is not a role (import_authority, export_authority, customs, vendor, \
+                 buyer:<id>, service, auditor)"
+            ))
+        })?;
+        let signer = self.signer()?.ok_or_else(|| {
+            Failure::Usage(format!(
+                "--as mints a token from the cluster's signing key, and there is none at {}: start `chipgate dev` \
+                 (it keeps one there) or give --signing-key / CHIPGATE_SIGNING_KEY (or call with --token)",
+                crate::devauth::default_auth_dir().join("signing.pem").display()
+            ))
+        })?;
+        match (role, buyer) {
+            (Role::Buyer, Some(b)) if !b.is_empty() => Ok(signer.mint_buyer(b, Minter::TTL)),
+            (Role::Buyer, _) => Err(Failure::Usage("--as buyer needs the buyer: --as buyer:bytedance".into())),
+            (_, Some(_)) => Err(Failure::Usage(format!("--as {who:?}: only buyer takes a :<buyer id>"))),
+            (r, None) => Ok(signer.mint_role(r, Minter::TTL)),
+        }
+    }
 }
 
 /// Parses "10s", "500ms", "2m", "1h" or a bare number of seconds ("1.5").
@@ -145,6 +203,8 @@ pub enum Failure {
         status: Box<Status>,
         /// Which service.
         svc: Svc,
+        /// The RPC's path (`/chipgate.licensing.v1.LicensingService/ListQueue`).
+        rpc: String,
         /// Its endpoint.
         endpoint: String,
         /// The request id of the change, when the call made one (to retry safely).
@@ -152,6 +212,8 @@ pub enum Failure {
     },
     /// Bad input from the user (a file, a flag value).
     Input(String),
+    /// The command line can't work as given (exit 2, like clap's own usage errors).
+    Usage(String),
     /// A check the command makes did not pass (a broken audit chain, a wave that did not settle in
     /// time, rows of an import that failed).
     Check(String),
@@ -168,6 +230,8 @@ pub mod exit {
     pub const OK: u8 = 0;
     /// A failure on this side (can't start, can't read a file...).
     pub const LOCAL: u8 = 1;
+    /// The command line can't work as given (also clap's own usage errors).
+    pub const USAGE: u8 = 2;
     /// Bad input: INVALID_ARGUMENT or OUT_OF_RANGE, or a malformed file or flag.
     pub const INVALID: u8 = 3;
     /// NOT_FOUND.
@@ -237,6 +301,7 @@ impl Failure {
         match self {
             Failure::Rpc { status, .. } => exit_of(status.code()),
             Failure::Input(_) => exit::INVALID,
+            Failure::Usage(_) => exit::USAGE,
             Failure::Check(_) => exit::CHECK,
             Failure::Local(_) => exit::LOCAL,
         }
@@ -245,16 +310,24 @@ impl Failure {
     /// The failure as JSON: `{"error": {"code", "message", "service", "request_id", "details"}}`.
     pub fn to_json(&self) -> Value {
         match self {
-            Failure::Rpc { status, svc, endpoint, request_id } => json!({"error": {
-                "code": code_name(status.code()),
-                "message": status.message(),
-                "service": svc.name(),
-                "endpoint": endpoint,
-                "request_id": request_id,
-                "retryable": retryable(status.code()),
-                "details": details_json(status),
-            }}),
+            Failure::Rpc { status, svc, rpc, endpoint, request_id } => {
+                let mut doc = json!({"error": {
+                    "code": code_name(status.code()),
+                    "message": status.message(),
+                    "service": svc.name(),
+                    "rpc": rpc,
+                    "endpoint": endpoint,
+                    "request_id": request_id,
+                    "retryable": retryable(status.code()),
+                    "details": details_json(status),
+                }});
+                if let Some(callers) = allowed_callers(status.code(), rpc) {
+                    doc["error"]["allowed_callers"] = json!(callers);
+                }
+                doc
+            }
             Failure::Input(m) => json!({"error": {"code": "INPUT", "message": m}}),
+            Failure::Usage(m) => json!({"error": {"code": "USAGE", "message": m}}),
             Failure::Check(m) => json!({"error": {"code": "CHECK_FAILED", "message": m}}),
             Failure::Local(m) => json!({"error": {"code": "LOCAL", "message": m}}),
         }
@@ -267,10 +340,21 @@ impl Failure {
             return;
         }
         match self {
-            Failure::Rpc { status, svc, endpoint, request_id } => {
+            Failure::Rpc { status, svc, rpc, endpoint, request_id } => {
                 out::note(&format!("chipgate: {}: {}", code_name(status.code()), status.message()));
                 for l in details_lines(status) {
                     out::note(&format!("  {l}"));
+                }
+                if let Some(callers) = allowed_callers(status.code(), rpc) {
+                    let method = rpc.rsplit('/').next().unwrap_or(rpc);
+                    let example = callers.first().map_or(String::new(), |c| {
+                        let c = if c.starts_with("buyer") { "buyer:<id>" } else { c.as_str() };
+                        format!(" (on a dev cluster: chipgate --as {c} …)")
+                    });
+                    out::note(&format!(
+                        "  {method} admits: {}; call with such a token: --token / --token-file / --as{example}",
+                        callers.join(", ")
+                    ));
                 }
                 if matches!(status.code(), Code::Unavailable | Code::DeadlineExceeded) {
                     out::note(&format!(
@@ -289,10 +373,43 @@ impl Failure {
                 }
             }
             Failure::Input(m) => out::note(&format!("chipgate: bad input: {m}")),
+            Failure::Usage(m) => out::note(&format!("chipgate: {m}")),
             Failure::Check(m) => out::note(&format!("chipgate: check failed: {m}")),
             Failure::Local(m) => out::note(&format!("chipgate: {m}")),
         }
     }
+}
+
+/// Who may call `rpc`, from the services' own policy table, when a call was refused for want of
+/// the right token (UNAUTHENTICATED or PERMISSION_DENIED); None otherwise.
+pub fn allowed_callers(code: Code, rpc: &str) -> Option<Vec<String>> {
+    use chipgate_runtime::policy::BuyerAccess;
+    if !matches!(code, Code::Unauthenticated | Code::PermissionDenied) {
+        return None;
+    }
+    let rule = chipgate_runtime::policy::rule(rpc)?;
+    let mut callers: Vec<String> = rule.roles.iter().map(|r| r.as_str().to_string()).collect();
+    match rule.buyer {
+        BuyerAccess::Denied => {}
+        BuyerAccess::Open => callers.push("buyer (any)".into()),
+        BuyerAccess::Field(_) => callers.push("buyer (for its own buyer id)".into()),
+        BuyerAccess::Owner(_) => callers.push("buyer (its own only)".into()),
+    }
+    Some(callers)
+}
+
+/// The path of the RPC that answers with `T` (a response message, or a stream of them): buf's lint
+/// makes every response `<Method>Response`, so the type names the method.
+fn rpc_path<T>(svc: Svc) -> String {
+    let name = std::any::type_name::<T>().trim_end_matches('>');
+    let message = name.rsplit("::").next().unwrap_or(name);
+    let method = message.strip_suffix("Response").unwrap_or(message);
+    let service = match svc {
+        Svc::Licensing => chipgate_licensing::SERVICE_NAME,
+        Svc::Inventory => chipgate_inventory::SERVICE_NAME,
+        Svc::Orders => chipgate_orders::SERVICE_NAME,
+    };
+    format!("/{service}/{method}")
 }
 
 /// The rich error details of a status as JSON (absent kinds are left out).
@@ -402,24 +519,27 @@ pub enum As<'a> {
     Buyer(&'a str),
 }
 
-/// Mints and keeps one token per identity.
+/// Keeps one token per identity: minted from a signing key when one is at hand, or handed in
+/// (`order import --buyer-tokens`).
 struct Minter {
-    signer: Signer,
+    signer: Option<Signer>,
     tokens: Mutex<HashMap<String, String>>,
 }
 
 impl Minter {
     /// Long enough for any demo; short enough that a leaked one soon expires.
-    const TTL: Duration = Duration::from_secs(3600);
+    pub(crate) const TTL: Duration = Duration::from_secs(3600);
 
     fn token(&self, who: As<'_>) -> String {
         let key = match who {
             As::Role(r) => r.as_str().to_string(),
             As::Buyer(b) => format!("buyer:{b}"),
         };
-        let mint = || match who {
-            As::Role(r) => self.signer.mint_role(r, Self::TTL),
-            As::Buyer(b) => self.signer.mint_buyer(b, Self::TTL),
+        // Without a key only the tokens handed in exist (the caller checked there is one for each).
+        let mint = || match (&self.signer, who) {
+            (Some(s), As::Role(r)) => s.mint_role(r, Self::TTL),
+            (Some(s), As::Buyer(b)) => s.mint_buyer(b, Self::TTL),
+            (None, _) => String::new(),
         };
         match self.tokens.lock() {
             Ok(mut m) => m.entry(key).or_insert_with(mint).clone(),
@@ -444,6 +564,12 @@ pub struct Ctx {
 }
 
 fn channel(name: &str, url: &str) -> Result<Channel, Failure> {
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(Failure::Usage(format!(
+            "--{name} {url:?} has no scheme: use http://{url} (or https:// with TLS)",
+            url = url.trim_start_matches("//")
+        )));
+    }
     let ep = Endpoint::from_shared(url.to_string())
         .map_err(|e| Failure::Input(format!("--{name} {url:?} is not a URL: {e}")))?
         .connect_timeout(Duration::from_secs(3))
@@ -457,15 +583,16 @@ impl Ctx {
         let lic = channel("licensing", &g.licensing)?;
         let inv = channel("inventory", &g.inventory)?;
         let ord = channel("orders", &g.orders)?;
-        let token = match (&g.token, &g.token_file) {
-            (Some(t), _) => Some(t.trim().to_string()),
-            (None, Some(path)) => Some(
+        let token = match (&g.act_as, &g.token, &g.token_file) {
+            (Some(who), _, _) => Some(g.token_as(who)?),
+            (None, Some(t), _) => Some(t.trim().to_string()),
+            (None, None, Some(path)) => Some(
                 std::fs::read_to_string(path)
                     .map_err(|e| Failure::Input(format!("--token-file {}: {e}", path.display())))?
                     .trim()
                     .to_string(),
             ),
-            (None, None) => None,
+            (None, None, None) => None,
         };
         Ok(Ctx { g, token, minter: None, lic, inv, ord })
     }
@@ -473,7 +600,14 @@ impl Ctx {
     /// This context, acting from now on as whoever [`Ctx::req_as`] names, with tokens minted from
     /// `signer` (short-lived, one per identity, reused).
     pub fn with_signer(mut self, signer: Signer) -> Self {
-        self.minter = Some(Arc::new(Minter { signer, tokens: Mutex::new(HashMap::new()) }));
+        self.minter = Some(Arc::new(Minter { signer: Some(signer), tokens: Mutex::new(HashMap::new()) }));
+        self
+    }
+
+    /// This context, calling as each buyer of `tokens` (buyer id → its token) for [`Ctx::req_as`].
+    pub fn with_buyer_tokens(mut self, tokens: impl IntoIterator<Item = (String, String)>) -> Self {
+        let tokens = tokens.into_iter().map(|(buyer, token)| (format!("buyer:{buyer}"), token)).collect();
+        self.minter = Some(Arc::new(Minter { signer: None, tokens: Mutex::new(tokens) }));
         self
     }
 
@@ -572,15 +706,16 @@ impl Ctx {
     ) -> Result<T, Failure> {
         match fut.await {
             Ok(r) => Ok(r.into_inner()),
-            Err(status) => Err(self.fail(svc, request_id, status)),
+            Err(status) => Err(self.fail::<T>(svc, request_id, status)),
         }
     }
 
-    /// A failure of a call to `svc`.
-    pub fn fail(&self, svc: Svc, request_id: Option<&str>, status: Status) -> Failure {
+    /// A failure of a call to `svc` whose answer is a `T` (which names the RPC).
+    pub fn fail<T>(&self, svc: Svc, request_id: Option<&str>, status: Status) -> Failure {
         Failure::Rpc {
             status: Box::new(status),
             svc,
+            rpc: rpc_path::<T>(svc),
             endpoint: self.endpoint(svc).to_string(),
             request_id: request_id.map(str::to_string),
         }
@@ -600,6 +735,25 @@ mod tests {
         assert!(parse_duration("ten").is_err());
         assert!(parse_duration("5d").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    #[test]
+    fn responses_name_their_rpc_and_the_policy_table_names_its_callers() {
+        use chipgate_proto::licensing::v1 as lpb;
+        use chipgate_proto::orders::v1 as opb;
+        let path = rpc_path::<lpb::ListQueueResponse>(Svc::Licensing);
+        assert_eq!(path, "/chipgate.licensing.v1.LicensingService/ListQueue");
+        assert_eq!(
+            rpc_path::<tonic::Streaming<opb::WatchOrdersResponse>>(Svc::Orders),
+            "/chipgate.orders.v1.OrderService/WatchOrders"
+        );
+        assert_eq!(
+            allowed_callers(Code::Unauthenticated, &path),
+            Some(vec!["import_authority".to_string(), "auditor".to_string()])
+        );
+        let place = rpc_path::<opb::PlaceOrderResponse>(Svc::Orders);
+        assert_eq!(allowed_callers(Code::PermissionDenied, &place), Some(vec!["buyer (for its own buyer id)".into()]));
+        assert_eq!(allowed_callers(Code::NotFound, &path), None);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_runtime::Shutdown;
-use chipgate_runtime::auth::{Role, Signer};
+use chipgate_runtime::auth::Role;
 use clap::Args;
 use serde_json::{Value, json};
 
@@ -43,23 +43,6 @@ pub struct DemoArgs {
     /// How long each step may take to settle before the demo gives up (exit 11).
     #[arg(long, value_parser = crate::client::parse_duration, default_value = "60s")]
     pub step_timeout: Duration,
-    /// The cluster's token signing key, so the demo can act as each party of the story (customs, the
-    /// export and import authorities, the vendor, every buyer, an auditor for the figures). Default:
-    /// the key `chipgate dev` wrote under its default --auth-dir, when it is there.
-    #[arg(long, env = "CHIPGATE_SIGNING_KEY")]
-    pub signing_key: Option<std::path::PathBuf>,
-}
-
-/// The signing key the demo plays the parties with: the one given, or the dev cluster's default.
-fn signer(a: &DemoArgs) -> Result<Option<Signer>, Failure> {
-    let (path, explicit) = match &a.signing_key {
-        Some(p) => (p.clone(), true),
-        None => (crate::dev::default_auth_dir().join("signing.pem"), false),
-    };
-    if !explicit && !path.exists() {
-        return Ok(None);
-    }
-    Signer::from_file(&path).map(Some).map_err(|e| Failure::Input(format!("--signing-key {}: {e}", path.display())))
 }
 
 /// One buyer of the story.
@@ -315,6 +298,12 @@ struct Demo<'a> {
     ctx: &'a Ctx,
     prefix: String,
     timeout: Duration,
+    /// Orders placed at the same time.
+    concurrency: usize,
+    /// Each buyer's application (step 4, granted in step 5).
+    apps: BTreeMap<&'static str, lpb::Application>,
+    /// Wave 1 as published (step 5), whose licences later steps finalise and follow.
+    published: lpb::PublishWaveResponse,
     step: usize,
     steps: Vec<Value>,
     /// The world as the last report left it (with histories).
@@ -492,7 +481,7 @@ impl Demo<'_> {
             "reevaluated": reevaluated.iter().map(|(cause, c)| json!({"because": cause, "orders": c})).collect::<Vec<_>>(),
             "waiting": waiting.iter().map(|(why, (c, u))| json!({"failed_conditions": why, "orders": c, "units": u})).collect::<Vec<_>>(),
             "orders_by_state": by_state.iter().map(|(s, (c, u, h))| (s.clone(), json!({"orders": c, "units": u, "units_held": h}))).collect::<serde_json::Map<_, _>>(),
-            "stock": view::stock(&now.stock),
+            "stock": view::msg(&now.stock),
             "backlog_orders": now.backlog,
         }));
         self.prev = now;
@@ -518,6 +507,35 @@ impl Demo<'_> {
     }
 }
 
+/// What a cluster already holds that the story would collide with: orders, licences, applications,
+/// stock of the H200 (each with its count), in words; empty on a fresh cluster.
+async fn leftovers(ctx: &Ctx, world: &World) -> Result<Vec<String>, Failure> {
+    let auditor = || As::Role(Role::Auditor);
+    let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
+    let licences =
+        ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(auditor(), msg))).await?.licenses.len();
+    let msg = lpb::ListApplicationsRequest { page_size: 1000, ..Default::default() };
+    let apps = ctx.call(Svc::Licensing, None, ctx.lic().list_applications(ctx.req_as(auditor(), msg))).await?;
+    let apps = apps.applications.iter().filter(|a| a.product_sku == H200).count();
+    let count = |n: usize, one: &str, many: &str| match n {
+        0 => None,
+        1 => Some(format!("1 {one}")),
+        n => Some(format!("{n} {many}")),
+    };
+    let mut found: Vec<String> = [
+        count(world.orders.len(), "order", "orders"),
+        count(licences, "licence", "licences"),
+        count(apps, "application", "applications"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if world.stock.received > 0 {
+        found.push(format!("{} units of stock received", n(world.stock.received)));
+    }
+    Ok(found)
+}
+
 /// The first `page_size` applications of the approval queue, as the import authority sees them.
 async fn queue(ctx: &Ctx, page_size: i32) -> Result<lpb::ListQueueResponse, Failure> {
     let msg = lpb::ListQueueRequest { page_size, page_token: String::new() };
@@ -534,7 +552,9 @@ fn queue_lines(heading: String, q: &lpb::ListQueueResponse) -> Vec<String> {
 /// `chipgate demo`.
 pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
     if !a.self_contained {
-        return match signer(&a)? {
+        // The demo acts as each party of the story (customs, the export and import authorities, the
+        // vendor, every buyer, an auditor for the figures) with tokens from the cluster's signing key.
+        return match ctx.g.signer()? {
             Some(signer) => play(&ctx.clone().with_signer(signer), &a).await,
             // No key: every call carries --token (if any); enough for a cluster without auth.
             None => play(ctx, &a).await,
@@ -572,37 +592,78 @@ pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
     result
 }
 
-#[allow(clippy::too_many_lines)]
 async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     let mut d = Demo {
         ctx,
         prefix: ctx.rid_prefix("demo"),
         timeout: a.step_timeout,
+        concurrency: usize::from(a.concurrency),
+        apps: BTreeMap::new(),
+        published: lpb::PublishWaveResponse::default(),
         step: 0,
         steps: Vec::new(),
         prev: World::default(),
         started: Instant::now(),
     };
 
-    // The story starts from a clean slate: no orders or licences for the H200 yet.
+    // The story starts from a clean slate: it checks everything its steps would trip over (before
+    // changing anything, so a refused run leaves the cluster as it was).
     let start = d.world(false).await?;
-    let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1, ..Default::default() };
-    let licences = ctx
-        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
-        .await?
-        .licenses;
-    if !start.orders.is_empty() || !licences.is_empty() {
+    let found = leftovers(ctx, &start).await?;
+    if !found.is_empty() {
         return Err(Failure::Check(format!(
-            "this cluster already has {} order(s) and licences for {H200}; the demo plays on a fresh cluster \
+            "this cluster already has {} for {H200}; the demo plays on a fresh cluster \
              (restart `chipgate dev`, or run `chipgate demo --self-contained`)",
-            start.orders.len()
+            found.join(", ")
         )));
     }
     d.prev = start;
     d.say("chipgate demo: the H200 and China, January 2026 — every figure below is what the services report.");
 
-    // 1. Customs.
-    d.title("Customs: the H200 may not enter China");
+    for step in STORY {
+        d.title(step.title);
+        (step.play)(&mut d).await?;
+    }
+    let wave_id = d.published.wave.as_ref().map(|w| w.wave_id.clone()).unwrap_or_default();
+    summary(&d, &wave_id).await
+}
+
+/// What a step does: act as the parties would, wait until the cluster settles, report how orders
+/// moved and why.
+type Play = for<'a, 'c> fn(&'a mut Demo<'c>) -> std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + 'a>>;
+
+/// One numbered step of the story.
+struct Step {
+    title: &'static str,
+    play: Play,
+}
+
+/// The story, in order (its figures are read back from the services after each step).
+const STORY: &[Step] = &[
+    Step { title: "Customs: the H200 may not enter China", play: |d| Box::pin(customs_embargo(d)) },
+    Step { title: "Washington lets NVIDIA export the H200 to China", play: |d| Box::pin(export_authorisation(d)) },
+    Step { title: "Chinese tech firms order H200s while nothing is licensed", play: |d| Box::pin(demand(d)) },
+    Step {
+        title: "Every buyer applies for an import licence; the approval queue forms",
+        play: |d| Box::pin(applications(d)),
+    },
+    Step {
+        title: "Wave 1: Beijing approves ByteDance, Alibaba and Tencent — with conditions",
+        play: |d| Box::pin(wave_one(d)),
+    },
+    Step { title: "Customs lifts the embargo", play: |d| Box::pin(embargo_lifted(d)) },
+    Step { title: "The terms of wave 1 are finalised", play: |d| Box::pin(terms_finalised(d)) },
+    Step { title: "The three buyers record domestic chip purchases", play: |d| Box::pin(domestic_purchases(d)) },
+    Step { title: "Stock is far below demand", play: |d| Box::pin(stock(d)) },
+    Step { title: "Supply arrives: receipt 1 of 3", play: |d| Box::pin(supply(d, 0)) },
+    Step { title: "Supply arrives: receipt 2 of 3", play: |d| Box::pin(supply(d, 1)) },
+    Step { title: "Supply arrives: receipt 3 of 3", play: |d| Box::pin(supply(d, 2)) },
+    Step { title: "Everyone else is still queued for a later wave", play: |d| Box::pin(still_queued(d)) },
+];
+
+/// Customs embargoes the H200.
+async fn customs_embargo(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::SetImportPolicyRequest {
         request_id: d.rid("customs-embargo"),
         product_sku: H200.to_string(),
@@ -622,9 +683,12 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     )];
     let now = d.world(true).await?;
     d.report("customs embargo", ev, now);
+    Ok(())
+}
 
-    // 2. Export authorisation.
-    d.title("Washington lets NVIDIA export the H200 to China");
+/// Washington authorises the export.
+async fn export_authorisation(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::GrantExportAuthorizationRequest {
         request_id: d.rid("export"),
         vendor: "nvidia".to_string(),
@@ -651,16 +715,19 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     )];
     let now = d.world(true).await?;
     d.report("export authorisation", ev, now);
+    Ok(())
+}
 
-    // 3. Demand while nothing is licensed.
-    d.title("Chinese tech firms order H200s while nothing is licensed");
+/// A dozen buyers order 2,000,000+ chips while nothing is licensed.
+async fn demand(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let rows = script_orders();
     let bar = (!ctx.json()).then(|| out::progress(rows.len() as u64, "ordering"));
-    let placed = crate::import::place_all(ctx, &rows, &d.rid("ord"), usize::from(a.concurrency), bar.as_ref()).await;
+    let placed = crate::import::place_all(ctx, &rows, &d.rid("ord"), d.concurrency, bar.as_ref()).await;
     if let Some(b) = &bar {
         b.finish_and_clear();
     }
-    if let Some(e) = placed.into_iter().find_map(|(_, r)| r.err()) {
+    if let Some(e) = placed.into_iter().flatten().find_map(|(_, r)| r.err()) {
         return Err(e);
     }
     let now = d
@@ -675,10 +742,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         H200
     )];
     d.report("orders placed", ev, now);
+    Ok(())
+}
 
-    // 4. Applications.
-    d.title("Every buyer applies for an import licence; the approval queue forms");
-    let mut apps: BTreeMap<&str, lpb::Application> = BTreeMap::new();
+/// Every buyer applies; the approval queue forms.
+async fn applications(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
+    let mut apps = BTreeMap::new();
     for b in BUYERS {
         let msg = lpb::SubmitApplicationRequest {
             request_id: d.rid(&format!("apply-{}", b.id)),
@@ -695,13 +765,17 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
             .application;
         apps.insert(b.id, app.unwrap_or_default());
     }
+    d.apps = apps;
     let q = queue(ctx, 100).await?;
     let ev = queue_lines(format!("{} applications queued, criteria unpublished:", n(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("applications", ev, now);
+    Ok(())
+}
 
-    // 5. Wave 1.
-    d.title("Wave 1: Beijing approves ByteDance, Alibaba and Tencent — with conditions");
+/// Wave 1 licenses three buyers with terms pending and a domestic ratio; nothing moves.
+async fn wave_one(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::CreateWaveRequest { request_id: d.rid("wave-1"), display_name: "wave 1 (January 2026)".to_string() };
     let wave = ctx
         .call(Svc::Licensing, None, ctx.lic().create_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
@@ -715,7 +789,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ..Default::default()
     };
     for b in BUYERS {
-        let (Some(units), Some(app)) = (b.grant, apps.get(b.id)) else { continue };
+        let (Some(units), Some(app)) = (b.grant, d.apps.get(b.id)) else { continue };
         let msg = lpb::AddWaveGrantRequest {
             request_id: d.rid(&format!("grant-{}", b.id)),
             wave_id: wave.wave_id.clone(),
@@ -730,7 +804,7 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
     let published = ctx
         .call(Svc::Licensing, None, ctx.lic().publish_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
         .await?;
-    let pw = published.wave.unwrap_or_default();
+    let pw = published.wave.clone().unwrap_or_default();
     let mut ev = vec![format!(
         "{} published: {} licences, {} units granted together; conditions: {}",
         pw.wave_id,
@@ -739,10 +813,10 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         view::conditions_text(pw.grants.first().and_then(|g| g.conditions.as_ref()))
     )];
     ev.extend(view::licenses_table(&published.licenses).render().into_iter().map(|l| format!("  {l}")));
-    let (progress, settled) = crate::cmd::licensing::follow_progress(
+    let (progress, settled) = crate::cmd::waves::follow_progress(
         &ctx.acting(As::Role(Role::ImportAuthority)),
         &pw.wave_id,
-        a.step_timeout,
+        d.timeout,
         !ctx.json(),
         false,
     )
@@ -757,7 +831,6 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         n(progress.orders_reserved),
         n(progress.orders_awaiting)
     ));
-    let wave_buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
     let now = d.settle("wave 1 propagation", |_| true).await?;
     if d.changed_state(&now) == 0 {
         let terms = now.awaiting().filter(|o| has(o, lpb::Condition::TermsFinal)).count() as u64;
@@ -765,9 +838,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ev.push(format!("nothing moves: {} orders now wait on pending terms, {} on customs", n(terms), n(customs)));
     }
     d.report("wave 1 published", ev, now);
+    d.published = published;
+    Ok(())
+}
 
-    // 6. The embargo lifts.
-    d.title("Customs lifts the embargo");
+/// The embargo lifts.
+async fn embargo_lifted(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let msg = lpb::SetImportPolicyRequest {
         request_id: d.rid("customs-open"),
         product_sku: H200.to_string(),
@@ -783,9 +860,14 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         vec![format!("customs set {} to {}", p.product_sku, view::short(p.stance().as_str_name(), "IMPORT_STANCE_"))];
     let now = d.settle("embargo lifted", |w| w.awaiting().all(|o| !has(o, lpb::Condition::ImportPolicy))).await?;
     d.report("embargo lifted", ev, now);
+    Ok(())
+}
 
-    // 7. Terms finalised.
-    d.title("The terms of wave 1 are finalised");
+/// The terms of wave 1 are finalised; the domestic ratio still holds orders back.
+async fn terms_finalised(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
+    let published = d.published.clone();
+    let wave_buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
     let mut ev = Vec::new();
     for l in &published.licenses {
         let msg = lpb::FinalizeTermsRequest {
@@ -823,9 +905,13 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ));
     }
     d.report("terms finalised", ev, now);
+    Ok(())
+}
 
-    // 8. Domestic purchases.
-    d.title("The three buyers record domestic chip purchases");
+/// The three buyers record domestic purchases; their orders take quota.
+async fn domestic_purchases(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
+    let pw = d.published.wave.clone().unwrap_or_default();
     let mut ev = Vec::new();
     let mut totals: BTreeMap<String, u64> = BTreeMap::new();
     for b in BUYERS {
@@ -879,9 +965,11 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         ));
     }
     d.report("domestic purchases", ev, now);
+    Ok(())
+}
 
-    // 9. Stock.
-    d.title("Stock is far below demand");
+/// Stock is far below demand.
+async fn stock(d: &mut Demo<'_>) -> Outcome {
     let now = d.world(true).await?;
     let backlog_units: u64 =
         now.orders.iter().filter(|o| o.state() == opb::OrderState::Backordered).map(|o| o.units).sum();
@@ -890,132 +978,155 @@ async fn play(ctx: &Ctx, a: &DemoArgs) -> Outcome {
         format!("the backlog wants {} units; licensed orders wait for stock, oldest first", n(backlog_units)),
     ];
     d.report("stock", ev, now);
+    Ok(())
+}
 
-    // 10. Supply.
-    for (i, (receipt, units, source)) in RECEIPTS.iter().enumerate() {
-        d.title(&format!("Supply arrives: receipt {} of {}", i + 1, RECEIPTS.len()));
-        let msg = ipb::ReceiveSupplyRequest {
-            request_id: d.rid(receipt),
-            receipt_id: (*receipt).to_string(),
-            product_sku: H200.to_string(),
-            units: *units,
-            source: (*source).to_string(),
-        };
-        let r =
-            ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
-        let rc = r.receipt.unwrap_or_default();
-        let mut ev = vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, n(rc.units), rc.product_sku, rc.source)];
-        let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
-        ev.push(Demo::stock_line(&now.stock, now.backlog));
-        d.report("supply", ev, now);
-    }
-
-    // 11. The others wait.
-    d.title("Everyone else is still queued for a later wave");
+/// The other buyers are still queued.
+async fn still_queued(d: &mut Demo<'_>) -> Outcome {
+    let ctx = d.ctx;
     let q = queue(ctx, 100).await?;
     let ev =
         queue_lines(format!("{} applications still queued; nobody has said on what criteria:", n(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("still queued", ev, now);
-
-    summary(&d, &pw.wave_id).await
+    Ok(())
 }
 
-/// The closing table (and the JSON document), every figure read from the services.
-#[allow(clippy::too_many_lines)]
-async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
+/// One supply receipt arrives (the `i`-th of [`RECEIPTS`]); the backlog takes it, oldest first.
+async fn supply(d: &mut Demo<'_>, i: usize) -> Outcome {
     let ctx = d.ctx;
-    let world = d.world(false).await?;
-    let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
-    let licences = ctx
-        .call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(As::Role(Role::Auditor), msg)))
-        .await?
-        .licenses;
-    let msg = opb::GetWaveProgressRequest { wave_id: wave_id.to_string() };
-    let progress = ctx
-        .call(Svc::Orders, None, ctx.ord().get_wave_progress(ctx.req_as(As::Role(Role::Auditor), msg)))
-        .await?
-        .progress
-        .unwrap_or_default();
-    let q = queue(ctx, 1000).await?;
-    let audit = ctx
-        .call(
-            Svc::Licensing,
-            None,
-            ctx.lic().verify_audit_log(ctx.req_as(As::Role(Role::Auditor), lpb::VerifyAuditLogRequest {})),
-        )
-        .await?;
+    let (receipt, units, source) = RECEIPTS[i];
+    let msg = ipb::ReceiveSupplyRequest {
+        request_id: d.rid(receipt),
+        receipt_id: receipt.to_string(),
+        product_sku: H200.to_string(),
+        units,
+        source: source.to_string(),
+    };
+    let r = ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
+    let rc = r.receipt.unwrap_or_default();
+    let mut ev = vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, n(rc.units), rc.product_sku, rc.source)];
+    let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
+    ev.push(Demo::stock_line(&now.stock, now.backlog));
+    d.report("supply", ev, now);
+    Ok(())
+}
 
-    #[derive(Default)]
-    struct Figures {
-        orders: u64,
-        units: u64,
-        reserved: u64,
-        backordered: u64,
-        awaiting: u64,
-        held: u64,
-        by_state: BTreeMap<String, u64>,
+/// Everything the closing summary shows, read from the services once the story is over.
+struct Closing {
+    world: World,
+    licences: Vec<lpb::License>,
+    progress: opb::WaveProgress,
+    queue: lpb::ListQueueResponse,
+    audit: lpb::VerifyAuditLogResponse,
+}
+
+impl Closing {
+    /// Reads it all as the auditor (the queue as the import authority).
+    async fn read(d: &Demo<'_>, wave_id: &str) -> Result<Self, Failure> {
+        let ctx = d.ctx;
+        let auditor = || As::Role(Role::Auditor);
+        let world = d.world(false).await?;
+        let msg = lpb::ListLicensesRequest { product_sku: H200.to_string(), page_size: 1000, ..Default::default() };
+        let licences =
+            ctx.call(Svc::Licensing, None, ctx.lic().list_licenses(ctx.req_as(auditor(), msg))).await?.licenses;
+        let msg = opb::GetWaveProgressRequest { wave_id: wave_id.to_string() };
+        let progress = ctx
+            .call(Svc::Orders, None, ctx.ord().get_wave_progress(ctx.req_as(auditor(), msg)))
+            .await?
+            .progress
+            .unwrap_or_default();
+        let queue = queue(ctx, 1000).await?;
+        let msg = lpb::VerifyAuditLogRequest::default();
+        let audit = ctx.call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req_as(auditor(), msg))).await?;
+        Ok(Closing { world, licences, progress, queue, audit })
     }
-    let mut per: BTreeMap<&str, Figures> = BTreeMap::new();
-    for o in &world.orders {
-        let f = per.entry(o.buyer_id.as_str()).or_default();
-        f.orders += 1;
-        f.units += o.units;
-        f.held += o.held_units;
+
+    /// One row per buyer: the story's cast in its order, then anyone else the cluster knows of.
+    fn buyers(&self) -> Vec<BuyerRow<'_>> {
+        let mut per: BTreeMap<&str, Figures> = BTreeMap::new();
+        for o in &self.world.orders {
+            per.entry(o.buyer_id.as_str()).or_default().add(o);
+        }
+        let mut ids: Vec<&str> = BUYERS.iter().map(|b| b.id).filter(|b| per.contains_key(b)).collect();
+        ids.extend(per.keys().filter(|b| !ids.contains(b)).copied().collect::<Vec<_>>());
+        ids.into_iter()
+            .filter_map(|id| {
+                let figures = per.remove(id)?;
+                let licences = self.licences.iter().filter(|l| l.buyer_id == id).collect();
+                let queued = self.queue.applications.iter().find(|a| a.buyer_id == id);
+                Some(BuyerRow { id, figures, licences, queued })
+            })
+            .collect()
+    }
+}
+
+/// A buyer's orders, counted.
+#[derive(Default)]
+struct Figures {
+    orders: u64,
+    units: u64,
+    reserved: u64,
+    backordered: u64,
+    awaiting: u64,
+    held: u64,
+    by_state: BTreeMap<String, u64>,
+}
+
+impl Figures {
+    fn add(&mut self, o: &opb::Order) {
+        self.orders += 1;
+        self.units += o.units;
+        self.held += o.held_units;
         match o.state() {
-            opb::OrderState::Reserved => f.reserved += 1,
-            opb::OrderState::Backordered => f.backordered += 1,
-            opb::OrderState::AwaitingLicense => f.awaiting += 1,
+            opb::OrderState::Reserved => self.reserved += 1,
+            opb::OrderState::Backordered => self.backordered += 1,
+            opb::OrderState::AwaitingLicense => self.awaiting += 1,
             _ => {}
         }
-        *f.by_state.entry(o.state().as_str_name().to_string()).or_default() += 1;
+        *self.by_state.entry(o.state().as_str_name().to_string()).or_default() += 1;
     }
-    let queued: BTreeMap<&str, &lpb::Application> = q.applications.iter().map(|a| (a.buyer_id.as_str(), a)).collect();
-    // The story's cast in its order, then anyone else the cluster knows of.
-    let mut order: Vec<&str> = BUYERS.iter().map(|b| b.id).filter(|b| per.contains_key(b)).collect();
-    order.extend(per.keys().filter(|b| !order.contains(b)).copied().collect::<Vec<_>>());
 
-    let mut buyers_json = Vec::new();
-    let mut t = out::Table::new(&[
-        "BUYER",
-        ">ORDERS",
-        ">ORDERED",
-        ">RESERVED",
-        ">BACKORDERED",
-        ">AWAITING",
-        ">UNITS HELD",
-        "LICENCE",
-        ">GRANTED",
-        ">USED",
-        "QUEUE",
-    ]);
-    let mut total = Figures::default();
-    for b in &order {
-        let Some(f) = per.get(b) else { continue };
-        let lic: Vec<&lpb::License> = licences.iter().filter(|l| l.buyer_id == *b).collect();
-        let app = queued.get(b);
-        t.row(vec![
-            (*b).to_string(),
-            n(f.orders),
-            n(f.units),
-            n(f.reserved),
-            n(f.backordered),
-            n(f.awaiting),
-            n(f.held),
-            if lic.is_empty() {
-                "-".to_string()
-            } else {
-                lic.iter()
-                    .map(|l| format!("{} {}", l.license_id, view::license_state(l)))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            },
-            if lic.is_empty() { "-".to_string() } else { n(lic.iter().map(|l| l.granted_units).sum()) },
-            if lic.is_empty() { "-".to_string() } else { n(lic.iter().map(|l| l.used_units).sum()) },
-            app.map_or("-".to_string(), |a| format!("#{}", a.queue_position)),
-        ]);
-        buyers_json.push(json!({
-            "buyer_id": b,
+    fn sum<'a>(all: impl Iterator<Item = &'a Figures>) -> Figures {
+        let mut t = Figures::default();
+        for f in all {
+            t.orders += f.orders;
+            t.units += f.units;
+            t.reserved += f.reserved;
+            t.backordered += f.backordered;
+            t.awaiting += f.awaiting;
+            t.held += f.held;
+        }
+        t
+    }
+}
+
+/// A line of the summary table.
+struct BuyerRow<'a> {
+    id: &'a str,
+    figures: Figures,
+    licences: Vec<&'a lpb::License>,
+    queued: Option<&'a lpb::Application>,
+}
+
+impl BuyerRow<'_> {
+    fn licence_cells(&self) -> [String; 3] {
+        if self.licences.is_empty() {
+            return ["-".into(), "-".into(), "-".into()];
+        }
+        let names: Vec<String> =
+            self.licences.iter().map(|l| format!("{} {}", l.license_id, view::license_state(l))).collect();
+        [
+            names.join(", "),
+            n(self.licences.iter().map(|l| l.granted_units).sum()),
+            n(self.licences.iter().map(|l| l.used_units).sum()),
+        ]
+    }
+
+    fn json(&self) -> Value {
+        let f = &self.figures;
+        json!({
+            "buyer_id": self.id,
             "orders": f.orders,
             "units_ordered": f.units,
             "orders_reserved": f.reserved,
@@ -1023,38 +1134,38 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
             "orders_awaiting": f.awaiting,
             "orders_by_state": f.by_state,
             "units_held": f.held,
-            "licenses": lic.iter().map(|l| view::license(l)).collect::<Vec<_>>(),
-            "queued_application": app.map(|a| view::application(a)),
-        }));
-        total.orders += f.orders;
-        total.units += f.units;
-        total.reserved += f.reserved;
-        total.backordered += f.backordered;
-        total.awaiting += f.awaiting;
-        total.held += f.held;
+            "licenses": self.licences.iter().map(|l| view::msg(*l)).collect::<Vec<_>>(),
+            "queued_application": self.queued.map(view::msg),
+        })
     }
-    let granted: u64 = licences.iter().map(|l| l.granted_units).sum();
-    let used: u64 = licences.iter().map(|l| l.used_units).sum();
-    t.row(vec![
-        "all".to_string(),
-        n(total.orders),
-        n(total.units),
-        n(total.reserved),
-        n(total.backordered),
-        n(total.awaiting),
-        n(total.held),
-        format!("{} licences", licences.len()),
-        n(granted),
-        n(used),
-        format!("{} queued", q.total_queued),
-    ]);
+}
 
-    if ctx.json() {
+/// A figure column of the summary table: its header and what it counts.
+type Column = (&'static str, fn(&Figures) -> u64);
+
+/// The summary table's figure columns.
+const FIGURE_COLUMNS: &[Column] = &[
+    (">ORDERS", |f| f.orders),
+    (">ORDERED", |f| f.units),
+    (">RESERVED", |f| f.reserved),
+    (">BACKORDERED", |f| f.backordered),
+    (">AWAITING", |f| f.awaiting),
+    (">UNITS HELD", |f| f.held),
+];
+
+/// The closing table (and the JSON document), every figure read from the services.
+async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
+    let c = Closing::read(d, wave_id).await?;
+    let rows = c.buyers();
+    let total = Figures::sum(rows.iter().map(|r| &r.figures));
+    let granted: u64 = c.licences.iter().map(|l| l.granted_units).sum();
+    let used: u64 = c.licences.iter().map(|l| l.used_units).sum();
+    if d.ctx.json() {
         out::json(&json!({
             "product_sku": H200,
-            "cluster": {"licensing": ctx.g.licensing, "inventory": ctx.g.inventory, "orders": ctx.g.orders},
+            "cluster": {"licensing": d.ctx.g.licensing, "inventory": d.ctx.g.inventory, "orders": d.ctx.g.orders},
             "steps": d.steps,
-            "buyers": buyers_json,
+            "buyers": rows.iter().map(BuyerRow::json).collect::<Vec<_>>(),
             "totals": {
                 "orders": total.orders,
                 "units_ordered": total.units,
@@ -1065,51 +1176,74 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
                 "licensed_units_granted": granted,
                 "licensed_units_used": used,
             },
-            "licenses": licences.iter().map(view::license).collect::<Vec<_>>(),
-            "stock": view::stock(&world.stock),
-            "backlog": {"total_orders": world.backlog},
+            "licenses": c.licences.iter().map(view::msg).collect::<Vec<_>>(),
+            "stock": view::msg(&c.world.stock),
+            "backlog": {"total_orders": c.world.backlog},
             "queue": {
-                "total_queued": q.total_queued,
-                "applications": q.applications.iter().map(view::application).collect::<Vec<_>>(),
+                "total_queued": c.queue.total_queued,
+                "applications": c.queue.applications.iter().map(view::msg).collect::<Vec<_>>(),
             },
-            "wave": view::wave_progress(&progress),
-            "audit": {"valid": audit.valid, "entries_checked": audit.entries_checked, "head_hash": audit.head_hash},
+            "wave": view::msg(&c.progress),
+            "audit": {"valid": c.audit.valid, "entries_checked": c.audit.entries_checked, "head_hash": c.audit.head_hash},
             "elapsed_seconds": d.started.elapsed().as_secs_f64(),
         }));
     } else {
-        out::say("");
-        out::say(&format!("── Summary {}", "─".repeat(89)));
-        out::say("");
-        for l in t.render() {
-            out::say(&format!("  {l}"));
+        let mut headers = vec!["BUYER"];
+        headers.extend(FIGURE_COLUMNS.iter().map(|(h, _)| *h));
+        headers.extend(["LICENCE", ">GRANTED", ">USED", "QUEUE"]);
+        let mut t = out::Table::new(&headers);
+        let figures = |f: &Figures| FIGURE_COLUMNS.iter().map(|(_, cell)| n(cell(f))).collect::<Vec<_>>();
+        for r in &rows {
+            let mut cells = vec![r.id.to_string()];
+            cells.extend(figures(&r.figures));
+            cells.extend(r.licence_cells());
+            cells.push(r.queued.map_or("-".to_string(), |a| format!("#{}", a.queue_position)));
+            t.row(cells);
         }
-        out::say("");
-        out::say(&format!("  {}", Demo::stock_line(&world.stock, world.backlog)));
-        out::say(&format!(
-            "  {}: {} orders concerned, {} evaluated; {} reserved, {} backordered, {} awaiting; {} units held",
-            progress.wave_id,
-            n(progress.orders_concerned),
-            n(progress.orders_evaluated),
-            n(progress.orders_reserved),
-            n(progress.orders_backordered),
-            n(progress.orders_awaiting),
-            n(progress.units_held)
-        ));
-        out::say(&format!(
-            "  audit log: {} entries, {}",
-            n(audit.entries_checked),
-            if audit.valid { "hash chain intact" } else { "BROKEN" }
-        ));
-        out::say(&format!("  played in {:.1}s", d.started.elapsed().as_secs_f64()));
+        let mut cells = vec!["all".to_string()];
+        cells.extend(figures(&total));
+        cells.extend([format!("{} licences", c.licences.len()), n(granted), n(used)]);
+        cells.push(format!("{} queued", c.queue.total_queued));
+        t.row(cells);
+        print_summary(d, &c, &t);
     }
-    if audit.valid {
+    if c.audit.valid {
         Ok(())
     } else {
         Err(Failure::Check(format!(
             "the audit log does not verify at entry {}: {}",
-            audit.first_bad_sequence, audit.problem
+            c.audit.first_bad_sequence, c.audit.problem
         )))
     }
+}
+
+/// The closing lines for people: the table, stock, the wave's propagation, the audit log.
+fn print_summary(d: &Demo<'_>, c: &Closing, table: &out::Table) {
+    let p = &c.progress;
+    out::say("");
+    out::say(&format!("── Summary {}", "─".repeat(89)));
+    out::say("");
+    for l in table.render() {
+        out::say(&format!("  {l}"));
+    }
+    out::say("");
+    out::say(&format!("  {}", Demo::stock_line(&c.world.stock, c.world.backlog)));
+    out::say(&format!(
+        "  {}: {} orders concerned, {} evaluated; {} reserved, {} backordered, {} awaiting; {} units held",
+        p.wave_id,
+        n(p.orders_concerned),
+        n(p.orders_evaluated),
+        n(p.orders_reserved),
+        n(p.orders_backordered),
+        n(p.orders_awaiting),
+        n(p.units_held)
+    ));
+    out::say(&format!(
+        "  audit log: {} entries, {}",
+        n(c.audit.entries_checked),
+        if c.audit.valid { "hash chain intact" } else { "BROKEN" }
+    ));
+    out::say(&format!("  played in {:.1}s", d.started.elapsed().as_secs_f64()));
 }
 
 #[cfg(test)]

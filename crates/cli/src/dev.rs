@@ -11,6 +11,8 @@ use chipgate_state::{RedisOptions, Store};
 use clap::Args;
 use tokio::task::JoinHandle;
 
+use crate::devauth::{self, DevAuth};
+
 /// The catalogue the dev cluster loads unless told otherwise (the repository's `data/catalogue.json`).
 const DEFAULT_CATALOGUE: &str = include_str!("../../../data/catalogue.json");
 
@@ -35,65 +37,15 @@ pub struct DevArgs {
     /// Catalogue file to load instead of the built-in one (a JSON array of products).
     #[arg(long)]
     pub catalogue: Option<PathBuf>,
-    /// Where the dev cluster writes the key pair it generates (`signing.pem`, `public.pem`) and a
-    /// token per role (`tokens/<role>.jwt`, `tokens/buyer-<id>.jwt`). Default: a `chipgate-dev`
+    /// Where the dev cluster keeps its key pair (`signing.pem`, `public.pem`) and writes a token per
+    /// role (`tokens/<role>.jwt`, `tokens/buyer-<id>.jwt`). Created with mode 0700; an existing one
+    /// must be yours and not writable by others, and its key pair is reused. Default: a `chipgate-dev`
     /// directory under the system's temporary directory.
     #[arg(long)]
     pub auth_dir: Option<PathBuf>,
     /// Run without authentication (every caller may call every RPC).
     #[arg(long)]
     pub insecure_no_auth: bool,
-}
-
-/// Buyers the dev cluster prints tokens for.
-const DEV_BUYERS: [&str; 3] = ["bytedance", "alibaba", "tencent"];
-
-/// How long the printed dev tokens stay valid.
-const DEV_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
-
-/// The dev cluster's generated key and the tokens it wrote.
-pub struct DevAuth {
-    /// Where the files are.
-    pub dir: PathBuf,
-    /// `(name, token)`: one per non-buyer role, one per dev buyer (`buyer-<id>`).
-    pub tokens: Vec<(String, String)>,
-}
-
-/// Generates the dev key pair and tokens into `dir` (the private key readable by this user only).
-/// Where `chipgate dev` writes its keys and tokens unless told otherwise (and where `chipgate demo`
-/// looks for the signing key).
-pub fn default_auth_dir() -> PathBuf {
-    std::env::temp_dir().join("chipgate-dev")
-}
-
-fn generate_auth(dir: &std::path::Path) -> Result<(chipgate_runtime::auth::Signer, DevAuth), String> {
-    use chipgate_runtime::auth::{Role, Signer};
-    let signer = Signer::generate().map_err(|e| format!("can't generate a signing key: {e}"))?;
-    let tokens_dir = dir.join("tokens");
-    std::fs::create_dir_all(&tokens_dir).map_err(|e| format!("can't create {}: {e}", tokens_dir.display()))?;
-    let write = |path: PathBuf, text: &str| -> Result<(), String> {
-        std::fs::write(&path, text).map_err(|e| format!("can't write {}: {e}", path.display()))?;
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-                .map_err(|e| format!("can't restrict {}: {e}", path.display()))?;
-        }
-        Ok(())
-    };
-    write(dir.join("signing.pem"), &signer.private_pem())?;
-    write(dir.join("public.pem"), &signer.public_pem())?;
-    let mut tokens = Vec::new();
-    for role in Role::ALL.into_iter().filter(|r| *r != Role::Buyer) {
-        tokens.push((role.as_str().to_string(), signer.mint_role(role, DEV_TOKEN_TTL)));
-    }
-    for buyer in DEV_BUYERS {
-        tokens.push((format!("buyer-{buyer}"), signer.mint_buyer(buyer, DEV_TOKEN_TTL)));
-    }
-    for (name, token) in &tokens {
-        write(tokens_dir.join(format!("{name}.jwt")), token)?;
-    }
-    Ok((signer, DevAuth { dir: dir.to_path_buf(), tokens }))
 }
 
 struct Started {
@@ -105,29 +57,44 @@ struct Started {
     task: JoinHandle<Result<(), chipgate_runtime::server::ServeError>>,
 }
 
-async fn bind(name: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, String> {
-    tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|e| format!("can't listen on {addr} for {name}: {e} (pick another port with --{name}-port)"))
+/// A service's two listeners, bound before anything else happens.
+struct Bound {
+    name: &'static str,
+    grpc: tokio::net::TcpListener,
+    /// Prometheus metrics: the service's port + 1000, or a free port when the service took a free one.
+    metrics: tokio::net::TcpListener,
 }
 
-/// Starts a service and its metrics port (the service's port + 1000, or a free port when the service
-/// took a free one).
-async fn start(
-    (name, service): (&'static str, &'static str),
-    listener: tokio::net::TcpListener,
-    requested_port: u16,
+/// Binds a service's gRPC and metrics ports. An address in use most likely means a cluster already
+/// runs there, so the message says so (and the caller has changed nothing yet).
+async fn bind(name: &'static str, ip: std::net::IpAddr, port: u16) -> Result<Bound, String> {
+    let in_use = |addr: SocketAddr, what: &str, e: std::io::Error| {
+        let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+            " — is a cluster (another `chipgate dev`?) already running there? Use it, stop it, or pick other ports"
+        } else {
+            ""
+        };
+        format!("can't listen on {addr} for {name}{what}: {e}{hint} (--{name}-port)")
+    };
+    let addr = SocketAddr::new(ip, port);
+    let grpc = tokio::net::TcpListener::bind(addr).await.map_err(|e| in_use(addr, "", e))?;
+    let metrics_port = if port == 0 { 0 } else { port.saturating_add(1000) };
+    let maddr = SocketAddr::new(ip, metrics_port);
+    let metrics = tokio::net::TcpListener::bind(maddr).await.map_err(|e| in_use(maddr, " metrics", e))?;
+    Ok(Bound { name, grpc, metrics })
+}
+
+/// Starts a service on its bound listeners.
+fn start(
+    bound: Bound,
+    service: &'static str,
     store: &Store,
     config: &ServerConfig,
     shutdown: &Shutdown,
     spec: ServiceSpec,
 ) -> Result<Started, String> {
-    let addr = listener.local_addr().map_err(|e| format!("{name}: no local address: {e}"))?;
-    let metrics_port =
-        listener.local_addr().ok().filter(|_| requested_port != 0).map_or(0, |a| a.port().saturating_add(1000));
-    let metrics_listener = tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), metrics_port))
-        .await
-        .map_err(|e| format!("can't serve {name} metrics on port {metrics_port}: {e}"))?;
+    let Bound { name, grpc, metrics: metrics_listener } = bound;
+    let addr = grpc.local_addr().map_err(|e| format!("{name}: no local address: {e}"))?;
     let metrics = metrics_listener.local_addr().map_err(|e| format!("{name}: no local address: {e}"))?;
     let (m, s) = (spec.metrics.clone(), shutdown.clone());
     tokio::spawn(async move {
@@ -136,8 +103,7 @@ async fn start(
         }
     });
     let s = shutdown.clone();
-    let task =
-        tokio::spawn(serve(listener, spec, store.clone(), config.clone(), async move { s.wait().await }, |_| {}));
+    let task = tokio::spawn(serve(grpc, spec, store.clone(), config.clone(), async move { s.wait().await }, |_| {}));
     Ok(Started { name, addr, metrics, service, task })
 }
 
@@ -191,10 +157,32 @@ fn loopback(addr: SocketAddr) -> SocketAddr {
 
 /// Starts licensing, inventory and orders in this process as `args` say (port 0 picks free ports);
 /// they stop when `shutdown` triggers.
+///
+/// Ports are bound first: when they are taken (a cluster already runs there), nothing else happens,
+/// in particular the auth dir of the running cluster is left alone. Its key pair is reused when it is
+/// there, so the tokens a running cluster handed out stay valid.
 pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevCluster, String> {
+    let lic = bind("licensing", args.bind, args.licensing_port).await?;
+    let inv = bind("inventory", args.bind, args.inventory_port).await?;
+    let ord = bind("orders", args.bind, args.orders_port).await?;
     let catalogue = match &args.catalogue {
         Some(path) => chipgate_inventory::load_catalogue_file(path)?,
         None => chipgate_inventory::parse_catalogue(DEFAULT_CATALOGUE)?,
+    };
+    let mut config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
+    let (auth, service_tokens) = if args.insecure_no_auth {
+        (None, chipgate_runtime::auth::TokenSource::None)
+    } else {
+        let dir = args.auth_dir.clone().unwrap_or_else(devauth::default_auth_dir);
+        let (signer, auth) = devauth::open_or_create(&dir)?;
+        config.auth = Some(std::sync::Arc::new(signer.verifier()));
+        let tokens = chipgate_runtime::auth::TokenSource::minted(
+            signer,
+            chipgate_runtime::auth::Role::Service,
+            "service:orders",
+            None,
+        );
+        (Some(auth), tokens)
     };
     let store = match &args.redis_url {
         Some(url) => Store::connect_redis(
@@ -205,32 +193,14 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         .map_err(|e| format!("can't use redis at {url}: {e}"))?,
         None => Store::memory(),
     };
-    let mut config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
-    let (auth, service_tokens) = if args.insecure_no_auth {
-        (None, chipgate_runtime::auth::TokenSource::None)
-    } else {
-        let dir = args.auth_dir.clone().unwrap_or_else(default_auth_dir);
-        let (signer, auth) = generate_auth(&dir)?;
-        config.auth = Some(std::sync::Arc::new(signer.verifier()));
-        let tokens = chipgate_runtime::auth::TokenSource::minted(
-            signer,
-            chipgate_runtime::auth::Role::Service,
-            "service:orders",
-            None,
-        );
-        (Some(auth), tokens)
-    };
 
     let licensing = chipgate_licensing::Licensing::new(store.clone());
     let inventory =
         chipgate_inventory::Inventory::start(store.clone(), shutdown.clone(), chipgate_inventory::Options::default());
     let products = catalogue.len();
     inventory.load_catalogue(catalogue).await.map_err(|e| format!("catalogue refused: {e:?}"))?;
-    let lic_listener = bind("licensing", SocketAddr::new(args.bind, args.licensing_port)).await?;
-    let inv_listener = bind("inventory", SocketAddr::new(args.bind, args.inventory_port)).await?;
-    let ord_listener = bind("orders", SocketAddr::new(args.bind, args.orders_port)).await?;
-    let local = |l: &tokio::net::TcpListener| l.local_addr().map_err(|e| format!("no local address: {e}"));
-    let (lic_addr, inv_addr) = (local(&lic_listener)?, local(&inv_listener)?);
+    let local = |b: &Bound| b.grpc.local_addr().map_err(|e| format!("no local address: {e}"));
+    let (lic_addr, inv_addr) = (local(&lic)?, local(&inv)?);
     let peers = chipgate_orders::Peers::connect(
         &format!("http://{}", loopback(lic_addr)),
         &format!("http://{}", loopback(inv_addr)),
@@ -243,35 +213,22 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
 
     let started = vec![
         start(
-            ("licensing", chipgate_licensing::SERVICE_NAME),
-            lic_listener,
-            args.licensing_port,
+            lic,
+            chipgate_licensing::SERVICE_NAME,
             &store,
             &config,
             shutdown,
             chipgate_licensing::spec(licensing, &config),
-        )
-        .await?,
+        )?,
         start(
-            ("inventory", chipgate_inventory::SERVICE_NAME),
-            inv_listener,
-            args.inventory_port,
+            inv,
+            chipgate_inventory::SERVICE_NAME,
             &store,
             &config,
             shutdown,
             chipgate_inventory::spec(inventory, &config),
-        )
-        .await?,
-        start(
-            ("orders", chipgate_orders::SERVICE_NAME),
-            ord_listener,
-            args.orders_port,
-            &store,
-            &config,
-            shutdown,
-            chipgate_orders::spec(orders, &config),
-        )
-        .await?,
+        )?,
+        start(ord, chipgate_orders::SERVICE_NAME, &store, &config, shutdown, chipgate_orders::spec(orders, &config))?,
     ];
     let backend = match &args.redis_url {
         Some(url) => format!("redis ({url})"),
@@ -312,15 +269,29 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
     match &cluster.auth {
         Some(auth) => {
             lines.push(String::new());
+            let keys = if auth.reused {
+                "the key pair already there (tokens handed out stay valid)"
+            } else {
+                "a new key pair"
+            };
             lines.push(format!(
-                "  authentication ON — keys and tokens (valid 7 days) in {}; tokens by role:",
+                "  authentication ON — {keys} and tokens (valid 7 days) in {}; tokens by role:",
                 auth.dir.display()
             ));
             for (name, t) in &auth.tokens {
                 lines.push(format!("    {name:<18} {t}"));
             }
+            // `--as` finds the key by itself under the default auth dir; elsewhere it needs telling.
+            let key = if auth.dir == devauth::default_auth_dir() {
+                String::new()
+            } else {
+                format!("CHIPGATE_SIGNING_KEY={} ", auth.dir.join("signing.pem").display())
+            };
             lines.push(format!(
-                "  the CLI: export CHIPGATE_TOKEN_FILE={}/tokens/buyer-bytedance.jwt (or --token …)",
+                "  the CLI: {key}chipgate --as import_authority queue   (--as ROLE or buyer:ID mints from the key)"
+            ));
+            lines.push(format!(
+                "           or export CHIPGATE_TOKEN_FILE={}/tokens/buyer-bytedance.jwt (or --token …)",
                 auth.dir.display()
             ));
         }

@@ -38,6 +38,11 @@ pub struct ImportArgs {
     /// Orders placed at the same time.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
+    /// A directory with a token per buyer, `buyer-<id>.jwt` (the layout `chipgate dev` writes):
+    /// each row is placed with its buyer's token. Without it, rows are placed as their buyers with
+    /// tokens minted from the signing key, or else all with the one token given.
+    #[arg(long, value_name = "DIR")]
+    pub buyer_tokens: Option<PathBuf>,
 }
 
 /// One order to place.
@@ -55,51 +60,6 @@ pub struct Row {
     pub justification: String,
     /// Idempotency key; empty: `<prefix>-<line>`.
     pub request_id: String,
-}
-
-/// Splits one CSV record (RFC 4180 quoting: "a, b" and "" for a quote inside quotes).
-fn csv_fields(line: &str) -> Result<Vec<String>, String> {
-    let mut fields = Vec::new();
-    let mut cur = String::new();
-    let mut chars = line.chars().peekable();
-    let mut quoted = false;
-    let mut was_quoted = false;
-    while let Some(c) = chars.next() {
-        match (quoted, c) {
-            (true, '"') => {
-                if chars.peek() == Some(&'"') {
-                    cur.push('"');
-                    chars.next();
-                } else {
-                    quoted = false;
-                }
-            }
-            (true, c) => cur.push(c),
-            (false, '"') if cur.trim().is_empty() && !was_quoted => {
-                cur.clear();
-                quoted = true;
-                was_quoted = true;
-            }
-            (false, ',') => {
-                fields.push(if was_quoted { std::mem::take(&mut cur) } else { cur.trim().to_string() });
-                cur.clear();
-                was_quoted = false;
-            }
-            (false, c) => {
-                if was_quoted && !c.is_whitespace() {
-                    return Err("text after a closing quote".to_string());
-                }
-                if !was_quoted {
-                    cur.push(c);
-                }
-            }
-        }
-    }
-    if quoted {
-        return Err("a quoted field is not closed".to_string());
-    }
-    fields.push(if was_quoted { cur } else { cur.trim().to_string() });
-    Ok(fields)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -130,47 +90,49 @@ fn units_of(s: &str) -> Result<u64, String> {
     }
 }
 
-/// Parses CSV text into rows; every problem is reported with its line.
+/// Parses CSV text into rows (RFC 4180, by the `csv` crate: quoted fields may hold commas, quotes
+/// and newlines; `#` starts a comment line); every problem is reported with its line.
 pub fn parse_csv(text: &str) -> Result<Vec<Row>, Vec<String>> {
+    let mut reader = csv::ReaderBuilder::new()
+        .has_headers(true)
+        .trim(csv::Trim::All)
+        .comment(Some(b'#'))
+        .from_reader(text.as_bytes());
     let mut errors = Vec::new();
-    let mut rows = Vec::new();
-    let mut header: Option<Vec<Col>> = None;
-    for (i, raw) in text.lines().enumerate() {
-        let line = i + 1;
-        if raw.trim().is_empty() || raw.trim_start().starts_with('#') {
-            continue;
+    let header = match reader.headers() {
+        Ok(h) if h.iter().any(|f| !f.is_empty()) => h.clone(),
+        Ok(_) => return Err(vec!["the file is empty (expected a header: buyer,product,units,justification)".into()]),
+        Err(e) => return Err(vec![format!("the header: {e}")]),
+    };
+    let mut cols = Vec::new();
+    for f in &header {
+        match column(f) {
+            Some(c) if !cols.contains(&c) => cols.push(c),
+            Some(_) => errors.push(format!("line 1: column {f:?} appears twice")),
+            None => errors
+                .push(format!("line 1: unknown column {f:?} (use buyer, product, units, justification, request_id)")),
         }
-        let fields = match csv_fields(raw) {
-            Ok(f) => f,
+    }
+    for need in [Col::Buyer, Col::Product, Col::Units] {
+        if !cols.contains(&need) {
+            errors.push(format!("line 1: the header has no {need:?} column").to_lowercase());
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let mut rows = Vec::new();
+    for record in reader.records() {
+        let record = match record {
+            Ok(r) => r,
             Err(e) => {
-                errors.push(format!("line {line}: {e}"));
+                let line = e.position().map_or(0, |p| p.line());
+                errors.push(format!("line {line}: {}", e.kind_text()));
                 continue;
             }
         };
-        let Some(cols) = &header else {
-            let mut cols = Vec::new();
-            for f in &fields {
-                match column(f) {
-                    Some(c) if !cols.contains(&c) => cols.push(c),
-                    Some(_) => errors.push(format!("line {line}: column {f:?} appears twice")),
-                    None => errors.push(format!(
-                        "line {line}: unknown column {f:?} (use buyer, product, units, justification, request_id)"
-                    )),
-                }
-            }
-            for need in [Col::Buyer, Col::Product, Col::Units] {
-                if !cols.contains(&need) {
-                    errors.push(format!("line {line}: the header has no {need:?} column").to_lowercase());
-                }
-            }
-            if !errors.is_empty() {
-                return Err(errors);
-            }
-            header = Some(cols);
-            continue;
-        };
-        if fields.len() != cols.len() {
-            errors.push(format!("line {line}: {} fields, but the header has {}", fields.len(), cols.len()));
+        let line = record.position().map_or(0, |p| line_at(text, p.byte() as usize));
+        if record.iter().all(str::is_empty) {
             continue;
         }
         let mut row = Row {
@@ -181,16 +143,16 @@ pub fn parse_csv(text: &str) -> Result<Vec<Row>, Vec<String>> {
             justification: String::new(),
             request_id: String::new(),
         };
-        for (c, v) in cols.iter().zip(fields) {
+        for (c, v) in cols.iter().zip(record.iter()) {
             match c {
-                Col::Buyer => row.buyer = v,
-                Col::Product => row.product = v,
-                Col::Units => match units_of(&v) {
+                Col::Buyer => row.buyer = v.to_string(),
+                Col::Product => row.product = v.to_string(),
+                Col::Units => match units_of(v) {
                     Ok(u) => row.units = u,
                     Err(e) => errors.push(format!("line {line}: {e}")),
                 },
-                Col::Justification => row.justification = v,
-                Col::RequestId => row.request_id = v,
+                Col::Justification => row.justification = v.to_string(),
+                Col::RequestId => row.request_id = v.to_string(),
             }
         }
         if row.buyer.is_empty() || row.product.is_empty() {
@@ -199,10 +161,40 @@ pub fn parse_csv(text: &str) -> Result<Vec<Row>, Vec<String>> {
         }
         rows.push(row);
     }
-    if header.is_none() {
-        errors.push("the file is empty (expected a header: buyer,product,units,justification)".to_string());
-    }
     if errors.is_empty() { Ok(rows) } else { Err(errors) }
+}
+
+/// The 1-based line where the record that the csv reader places at `byte` begins: its position can
+/// point at blank or comment lines it skipped before the record.
+fn line_at(text: &str, byte: usize) -> usize {
+    let mut start = byte.min(text.len());
+    loop {
+        let rest = &text[start..];
+        let line = rest.split('\n').next().unwrap_or_default();
+        let skipped = line.trim().is_empty() || line.trim_start().starts_with('#');
+        if !skipped || line.len() == rest.len() {
+            break;
+        }
+        start += line.len() + 1;
+    }
+    text[..start].matches('\n').count() + 1
+}
+
+/// A CSV error in a few words (the `csv` crate's own message repeats the position).
+trait KindText {
+    fn kind_text(&self) -> String;
+}
+
+impl KindText for csv::Error {
+    fn kind_text(&self) -> String {
+        match self.kind() {
+            csv::ErrorKind::UnequalLengths { expected_len, len, .. } => {
+                format!("{len} fields, but the header has {expected_len}")
+            }
+            csv::ErrorKind::Utf8 { .. } => "not UTF-8".to_string(),
+            other => format!("{other:?}"),
+        }
+    }
 }
 
 /// Parses JSON lines into rows; every problem is reported with its line.
@@ -284,35 +276,77 @@ pub async fn place_one(ctx: &Ctx, row: &Row, request_id: &str) -> Result<opb::Or
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt) + fastrand::u64(0..100))).await;
             }
-            Err(s) => return Err(ctx.fail(Svc::Orders, Some(request_id), s)),
+            Err(s) => return Err(ctx.fail::<opb::PlaceOrderResponse>(Svc::Orders, Some(request_id), s)),
         }
     }
 }
 
-/// Places every row, `concurrency` at a time, ticking `bar`; results come back in row order.
+/// What became of one row.
+pub type Placed = (String, Result<opb::Order, Failure>);
+
+/// Places every row, `concurrency` at a time, ticking `bar`; results come back in row order. After
+/// the first refusal of the caller's token (UNAUTHENTICATED, PERMISSION_DENIED) no further row is
+/// tried: the rest would fail the same way. Rows never tried have no result (None).
 pub async fn place_all(
     ctx: &Ctx,
     rows: &[Row],
     prefix: &str,
     concurrency: usize,
     bar: Option<&ProgressBar>,
-) -> Vec<(String, Result<opb::Order, Failure>)> {
-    let mut results: Vec<(usize, String, Result<opb::Order, Failure>)> =
-        futures_util::stream::iter(rows.iter().enumerate())
-            .map(|(i, row)| async move {
-                let rid =
-                    if row.request_id.is_empty() { format!("{prefix}-{}", row.line) } else { row.request_id.clone() };
-                let r = place_one(ctx, row, &rid).await;
-                if let Some(b) = bar {
-                    b.inc(1);
-                }
-                (i, rid, r)
-            })
-            .buffer_unordered(concurrency.max(1))
-            .collect()
-            .await;
-    results.sort_by_key(|(i, _, _)| *i);
-    results.into_iter().map(|(_, rid, r)| (rid, r)).collect()
+) -> Vec<Option<Placed>> {
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let stop = &stop;
+    let mut results: Vec<(usize, Option<Placed>)> = futures_util::stream::iter(rows.iter().enumerate())
+        .map(|(i, row)| async move {
+            if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                return (i, None);
+            }
+            let rid = if row.request_id.is_empty() { format!("{prefix}-{}", row.line) } else { row.request_id.clone() };
+            let r = place_one(ctx, row, &rid).await;
+            if let Err(Failure::Rpc { status, .. }) = &r
+                && matches!(status.code(), Code::Unauthenticated | Code::PermissionDenied)
+            {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            if let Some(b) = bar {
+                b.inc(1);
+            }
+            (i, Some((rid, r)))
+        })
+        .buffer_unordered(concurrency.max(1))
+        .collect()
+        .await;
+    results.sort_by_key(|(i, _)| *i);
+    results.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Every row's buyer's token from `dir` (`buyer-<id>.jwt`); all missing ones are named at once,
+/// before anything is placed.
+fn buyer_tokens(dir: &std::path::Path, rows: &[Row]) -> Result<Vec<(String, String)>, Failure> {
+    let buyers: std::collections::BTreeSet<&str> = rows.iter().map(|r| r.buyer.as_str()).collect();
+    let mut tokens = Vec::new();
+    let mut missing = Vec::new();
+    for b in buyers {
+        let path = dir.join(format!("buyer-{b}.jwt"));
+        match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => tokens.push((b.to_string(), t.trim().to_string())),
+            _ => missing.push(path.display().to_string()),
+        }
+    }
+    if missing.is_empty() {
+        Ok(tokens)
+    } else {
+        Err(Failure::Input(format!("--buyer-tokens: no token for {}; nothing was placed", missing.join(", "))))
+    }
+}
+
+/// The request-id prefix of an import: `--request-id`, or one derived from the file's content, so
+/// importing the same file again places nothing twice.
+fn import_prefix(ctx: &Ctx, text: &str) -> String {
+    match &ctx.g.request_id {
+        Some(p) => p.clone(),
+        None => format!("import-{}", &chipgate_state::sha256_hex(text.as_bytes())[..16]),
+    }
 }
 
 /// `chipgate order import`.
@@ -346,7 +380,16 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
             shown.join("\n  ")
         ))
     })?;
-    let prefix = ctx.rid_prefix("import");
+    let prefix = import_prefix(ctx, &text);
+    // Buyers may place orders only for themselves, so each row goes as its own buyer: with the
+    // tokens given per buyer, or minted from a signing key at hand (when no one token was given).
+    let per_buyer = ctx.g.token.is_none() && ctx.g.token_file.is_none();
+    let (ctx, as_buyers) = match (&a.buyer_tokens, if per_buyer { ctx.g.signer()? } else { None }) {
+        (Some(dir), _) => (ctx.clone().with_buyer_tokens(buyer_tokens(dir, &rows)?), true),
+        (None, Some(signer)) => (ctx.clone().with_signer(signer), true),
+        (None, None) => (ctx.clone(), false),
+    };
+    let ctx = &ctx;
     let bar = (!ctx.json()).then(|| out::progress(rows.len() as u64, "placing"));
     let started = Instant::now();
     let results = place_all(ctx, &rows, &prefix, usize::from(a.concurrency), bar.as_ref()).await;
@@ -358,16 +401,27 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
     let mut by_state: BTreeMap<String, (u64, u64)> = BTreeMap::new();
     let mut placed = Vec::new();
     let mut failed = Vec::new();
-    for (row, (rid, r)) in rows.iter().zip(&results) {
-        match r {
-            Ok(o) => {
+    let mut skipped = Vec::new();
+    for (row, result) in rows.iter().zip(&results) {
+        match result {
+            Some((rid, Ok(o))) => {
                 let e = by_state.entry(o.state().as_str_name().to_string()).or_default();
                 e.0 += 1;
                 e.1 += o.units;
                 placed.push((row, rid, o));
             }
-            Err(f) => failed.push((row, rid, f)),
+            Some((rid, Err(f))) => failed.push((row, rid, f)),
+            None => skipped.push(row.line),
         }
+    }
+    // Rows that failed alike are told once, with their lines.
+    let mut errors: BTreeMap<String, (Value, Vec<usize>)> = BTreeMap::new();
+    for (row, _, f) in &failed {
+        let text = match f {
+            Failure::Rpc { status, .. } => format!("{}: {}", crate::client::code_name(status.code()), status.message()),
+            other => format!("{other:?}"),
+        };
+        errors.entry(text).or_insert_with(|| (f.to_json()["error"].clone(), Vec::new())).1.push(row.line);
     }
     if ctx.json() {
         out::json(&json!({
@@ -375,7 +429,9 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
             "rows": rows.len(),
             "placed": placed.len(),
             "failed": failed.len(),
+            "not_attempted": skipped.len(),
             "request_id_prefix": prefix,
+            "as_each_rows_buyer": as_buyers,
             "by_state": by_state.iter().map(|(k, (c, u))| (k.clone(), json!({"orders": c, "units": u}))).collect::<serde_json::Map<_, _>>(),
             "orders": placed.iter().map(|(row, rid, o)| json!({
                 "line": row.line,
@@ -386,20 +442,18 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
                 "units": o.units,
                 "state": o.state().as_str_name(),
             })).collect::<Vec<_>>(),
-            "errors": failed.iter().map(|(row, rid, f)| json!({
-                "line": row.line,
-                "request_id": rid,
-                "error": f.to_json()["error"].clone(),
-            })).collect::<Vec<_>>(),
+            "errors": errors.values().map(|(e, lines)| json!({"error": e, "lines": lines})).collect::<Vec<_>>(),
         }));
     } else {
         out::say(&format!(
-            "placed {} of {} orders from {} in {:.1}s ({} failed); request ids {prefix}-<line>",
+            "placed {} of {} orders from {} in {:.1}s ({} failed{}){}; request ids {prefix}-<line>",
             n(placed.len() as u64),
             n(rows.len() as u64),
             a.file.display(),
             elapsed.as_secs_f64(),
-            failed.len()
+            failed.len(),
+            if skipped.is_empty() { String::new() } else { format!(", {} not attempted", skipped.len()) },
+            if as_buyers { ", each as its row's buyer" } else { "" },
         ));
         if !by_state.is_empty() {
             out::say("");
@@ -409,27 +463,31 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
             }
             t.print_or("");
         }
-        if !failed.is_empty() {
+        if !errors.is_empty() {
             out::say("");
-            let mut t = out::Table::new(&[">LINE", "REQUEST ID", "ERROR"]);
-            for (row, rid, f) in &failed {
-                let msg = match f {
-                    Failure::Rpc { status, .. } => {
-                        format!("{}: {}", crate::client::code_name(status.code()), status.message())
-                    }
-                    other => format!("{other:?}"),
-                };
-                t.row(vec![row.line.to_string(), (*rid).clone(), msg]);
+            let mut t = out::Table::new(&[">ROWS", "LINES", "ERROR"]);
+            for (text, (_, lines)) in &errors {
+                let mut shown: Vec<String> = lines.iter().take(5).map(usize::to_string).collect();
+                if lines.len() > 5 {
+                    shown.push("…".into());
+                }
+                t.row(vec![lines.len().to_string(), shown.join(","), text.clone()]);
             }
             t.print_or("");
+            if !skipped.is_empty() {
+                out::say(&format!(
+                    "stopped after the cluster refused the token: the other {} rows would fail the same way",
+                    skipped.len()
+                ));
+            }
             out::say("");
-            out::say(&format!("run the same import again with --request-id {prefix} to retry the failed rows safely"));
+            out::say("run the same import again to retry safely: rows already placed are not placed twice");
         }
     }
-    if failed.is_empty() {
+    if failed.is_empty() && skipped.is_empty() {
         Ok(())
     } else {
-        Err(Failure::Check(format!("{} of {} rows were not placed", failed.len(), rows.len())))
+        Err(Failure::Check(format!("{} of {} rows were not placed", failed.len() + skipped.len(), rows.len())))
     }
 }
 
@@ -450,6 +508,17 @@ mod tests {
         assert_eq!(rows[1].product, "H200-SXM-141GB");
         assert_eq!(rows[1].units, 4000);
         assert_eq!(rows[1].justification, "Kimi inference, phase \"2\"");
+    }
+
+    #[test]
+    fn csv_quoted_fields_may_span_lines() {
+        let text = "buyer,product,units,justification\n\
+                    baidu,H200-SXM-141GB,8000,\"ERNIE training,\nphase 2\"\n\
+                    moonshot,H200-SXM-141GB,10,Kimi\n";
+        let rows = parse_csv(text).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].justification, "ERNIE training,\nphase 2");
+        assert_eq!((rows[1].line, rows[1].buyer.as_str()), (4, "moonshot"), "lines count the newline inside quotes");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod client;
 mod cmd;
 mod demo;
 mod dev;
+mod devauth;
 mod import;
 mod out;
 mod token;
@@ -21,7 +22,7 @@ mod view;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Ctx, Global, Outcome};
-use crate::cmd::{inventory, licensing, orders};
+use crate::cmd::{applications, audit, customs, domestic, export, inventory, licenses, orders, waves};
 
 const LONG_ABOUT: &str = "\
 chipgate decides which buyer's order may take which export-controlled AI chip, while approval waves,
@@ -45,18 +46,23 @@ Examples:
   chipgate dev                                   # run a cluster here (another terminal)
   chipgate demo                                  # play the seed story against it
   chipgate demo --self-contained                 # ... or on a private cluster of its own
-  chipgate queue
-  chipgate order list --buyer bytedance --state backordered
-  chipgate -o json stock H200-SXM-141GB | jq .stock.available
+  chipgate --as import_authority queue           # on a dev cluster: act as a role
+  chipgate --as buyer:bytedance order list --buyer bytedance --state backordered
+  chipgate --token-file auditor.jwt -o json stock H200-SXM-141GB | jq -r .stock.available
 
-Output: tables for people; -o json prints one JSON document (the RPC's response message, proto field
-names, enums by name, timestamps RFC 3339), or JSON lines for watch and follow. Errors go to stderr
-with the server's details (as JSON with -o json).
+Calls carry a bearer token: --token / --token-file, or on a dev cluster --as ROLE or --as buyer:ID
+(minted from its signing key). A refusal for want of the right token names the roles the RPC admits.
 
-Exit codes: 0 ok; 1 local failure; 2 usage; 3 invalid argument; 4 not found; 5 conflict (already
-exists, aborted); 6 failed precondition (a rule said no); 7 resource exhausted; 8 permission denied;
-9 unavailable or deadline exceeded (retry with the same --request-id); 10 server fault; 11 a check
-failed (audit chain broken, wave not settled in time, import rows not placed).";
+Output: tables for people; -o json prints one JSON document (the RPC's response message in the proto3
+JSON mapping grpcurl prints, with the .proto field names: every field, enums by name, 64-bit integers
+as strings, timestamps RFC 3339), or JSON lines for watch and follow. Errors go to stderr with the
+server's details (as JSON with -o json).
+
+Exit codes: 0 ok; 1 local failure; 2 usage (also a URL without http://); 3 invalid argument;
+4 not found; 5 conflict (already exists, aborted); 6 failed precondition (a rule said no); 7 resource
+exhausted; 8 permission denied or no valid token; 9 unavailable or deadline exceeded (retry with the
+same --request-id); 10 server fault; 11 a check failed (audit chain broken, wave not settled in time,
+import rows not placed).";
 
 /// The command line of chipgate: run a dev cluster, operate a cluster, play the seed story.
 #[derive(Parser, Debug)]
@@ -97,30 +103,30 @@ enum Command {
     )]
     Token(token::TokenArgs),
     /// A buyer applies for an import licence; the application joins the approval queue at the back.
-    Apply(licensing::ApplyArgs),
+    Apply(applications::ApplyArgs),
     /// Show, list, withdraw or reject licence applications.
     #[command(subcommand)]
-    Application(licensing::ApplicationCmd),
+    Application(applications::ApplicationCmd),
     /// Show the approval queue front to back (or move an application in it).
     #[command(after_help = "Examples:\n  chipgate queue\n  chipgate queue move app-7 --to 1")]
-    Queue(licensing::QueueArgs),
+    Queue(applications::QueueArgs),
     /// Draft, fill, publish and follow approval waves.
     #[command(subcommand)]
-    Wave(licensing::WaveCmd),
+    Wave(waves::WaveCmd),
     /// Show, list, finalise, suspend, reinstate or revoke import licences.
     #[command(subcommand)]
-    License(licensing::LicenseCmd),
+    License(licenses::LicenseCmd),
     /// Would an order be eligible now? Evaluates every licence condition without taking anything.
-    Check(licensing::CheckArgs),
+    Check(licenses::CheckArgs),
     /// Record and show buyers' domestic-chip purchases (for domestic-ratio conditions).
     #[command(subcommand)]
-    Domestic(licensing::DomesticCmd),
+    Domestic(domestic::DomesticCmd),
     /// Grant, revoke and list the vendor's export authorisations.
     #[command(subcommand)]
-    Export(licensing::ExportCmd),
+    Export(export::ExportCmd),
     /// Set and show customs' import policy per product (open or embargoed).
     #[command(subcommand)]
-    Customs(licensing::CustomsCmd),
+    Customs(customs::CustomsCmd),
     /// List the product catalogue.
     Products(inventory::ProductsArgs),
     /// Show stock per product (on hand, available, held, committed, shipped, received), or watch it.
@@ -135,15 +141,21 @@ enum Command {
     Backlog(orders::BacklogArgs),
     /// List and verify the tamper-evident audit log.
     #[command(subcommand)]
-    Audit(licensing::AuditCmd),
+    Audit(audit::AuditCmd),
 }
 
 /// Logs of client commands go to stderr (stdout is the command's output), warnings only by default.
 fn init_client_logs() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).try_init();
+    // Colour only for a person at a terminal: escape codes in a log file or a CI log are noise.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi)
+        .try_init();
 }
 
 async fn run(global: Global, command: Command) -> Outcome {
@@ -151,23 +163,23 @@ async fn run(global: Global, command: Command) -> Outcome {
     let ctx = &ctx;
     match command {
         Command::Dev(_) => Ok(()),
-        Command::Token(a) => token::run(&a),
+        Command::Token(a) => token::run(&ctx.g, &a),
         Command::Demo(a) => demo::run(ctx, a).await,
-        Command::Apply(a) => licensing::apply(ctx, a).await,
-        Command::Application(c) => licensing::application(ctx, c).await,
-        Command::Queue(a) => licensing::queue(ctx, a).await,
-        Command::Wave(c) => licensing::wave(ctx, c).await,
-        Command::License(c) => licensing::license(ctx, c).await,
-        Command::Check(a) => licensing::check(ctx, a).await,
-        Command::Domestic(c) => licensing::domestic(ctx, c).await,
-        Command::Export(c) => licensing::export(ctx, c).await,
-        Command::Customs(c) => licensing::customs(ctx, c).await,
+        Command::Apply(a) => applications::apply(ctx, a).await,
+        Command::Application(c) => applications::application(ctx, c).await,
+        Command::Queue(a) => applications::queue(ctx, a).await,
+        Command::Wave(c) => waves::wave(ctx, c).await,
+        Command::License(c) => licenses::license(ctx, c).await,
+        Command::Check(a) => licenses::check(ctx, a).await,
+        Command::Domestic(c) => domestic::domestic(ctx, c).await,
+        Command::Export(c) => export::export(ctx, c).await,
+        Command::Customs(c) => customs::customs(ctx, c).await,
         Command::Products(a) => inventory::products(ctx, a).await,
         Command::Stock(a) => inventory::stock(ctx, a).await,
         Command::Supply(c) => inventory::supply(ctx, c).await,
         Command::Order(c) => orders::order(ctx, c).await,
         Command::Backlog(a) => orders::backlog(ctx, a).await,
-        Command::Audit(c) => licensing::audit(ctx, c).await,
+        Command::Audit(c) => audit::audit(ctx, c).await,
     }
 }
 

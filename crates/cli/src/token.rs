@@ -2,20 +2,16 @@
 //! a person or a workload (e.g. the `service` token Secret of the orders Deployment) without any
 //! other tool. Only whoever holds the private key can do this; the services only hold public keys.
 
-use std::path::PathBuf;
 use std::time::Duration;
 
-use chipgate_runtime::auth::{Role, Signer};
+use chipgate_runtime::auth::Role;
 use clap::Args;
 
-use crate::client::{Failure, Outcome};
+use crate::client::{Failure, Global, Outcome};
 
 /// Options of `chipgate token`.
 #[derive(Args, Debug, Clone)]
 pub struct TokenArgs {
-    /// PEM Ed25519 private key (PKCS#8, e.g. from `openssl genpkey -algorithm ed25519`).
-    #[arg(long, env = "CHIPGATE_SIGNING_KEY")]
-    pub signing_key: PathBuf,
     /// Role: import_authority, export_authority, customs, vendor, buyer, service or auditor.
     #[arg(long)]
     pub role: String,
@@ -30,10 +26,13 @@ pub struct TokenArgs {
     pub ttl: Duration,
 }
 
-/// Prints the token on stdout.
-pub fn run(a: &TokenArgs) -> Outcome {
+/// Prints the token on stdout, signed with `--signing-key` (a PEM Ed25519 private key, PKCS#8, e.g.
+/// from `openssl genpkey -algorithm ed25519`; by default the dev cluster's).
+pub fn run(g: &Global, a: &TokenArgs) -> Outcome {
     let role = Role::parse(&a.role).ok_or_else(|| Failure::Input(format!("--role {:?} is not a role", a.role)))?;
-    let signer = Signer::from_file(&a.signing_key).map_err(|e| Failure::Input(format!("--signing-key: {e}")))?;
+    let signer = g.signer()?.ok_or_else(|| {
+        Failure::Usage("--signing-key is required (no `chipgate dev` key in its default place either)".into())
+    })?;
     let buyer = match (role, a.buyer.as_deref()) {
         (Role::Buyer, Some(b)) if !b.is_empty() => Some(b),
         (Role::Buyer, _) => return Err(Failure::Input("a buyer token needs --buyer".into())),

@@ -1,21 +1,77 @@
 //! How the APIs' messages look in JSON and in tables.
 //!
-//! The JSON shape is the proto messages' own: field names exactly as in the `.proto` files
-//! (snake_case), enums as their proto value names (`ORDER_STATE_RESERVED`), 64-bit integers as JSON
-//! numbers, timestamps as RFC 3339 strings (null when unset), unset messages as null. A command's JSON
-//! document is the RPC's response message (list commands concatenate pages and keep
-//! `next_page_token`), so `grpcurl` and `chipgate -o json` tell the same story.
+//! JSON is rendered from the descriptor set the services serve for reflection (prost-reflect), in
+//! the proto3 JSON mapping that grpcurl prints: fields in `.proto` order, every field present (also
+//! the zero ones), enums by name (`ORDER_STATE_RESERVED`), 64-bit integers as strings, timestamps in
+//! RFC 3339, unset messages as null. The one difference is deliberate: keys are the `.proto` field
+//! names (snake_case, grpcurl's `-format-json` would print lowerCamelCase), so `jq` filters read like
+//! the API. A command's JSON document is the RPC's response message (list commands concatenate pages
+//! and keep `next_page_token`).
+
+use std::sync::LazyLock;
 
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
+use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
 use serde_json::{Value, json};
 
 use crate::out::n;
 
-/// A timestamp as RFC 3339, or null.
-pub fn ts(t: Option<&prost_types::Timestamp>) -> Value {
-    t.map_or(Value::Null, |t| Value::String(t.to_string()))
+/// The chipgate APIs' descriptors (the reflection descriptor set).
+static POOL: LazyLock<Result<DescriptorPool, String>> = LazyLock::new(|| {
+    DescriptorPool::decode(chipgate_proto::FILE_DESCRIPTOR_SET).map_err(|e| format!("descriptor set: {e}"))
+});
+
+const OPTIONS: SerializeOptions = SerializeOptions::new().use_proto_field_name(true).skip_default_fields(false);
+
+/// The full proto name of a generated message type: `chipgate_proto::orders::v1::Order` is
+/// `chipgate.orders.v1.Order` (the generated modules mirror the proto packages).
+fn full_name<M>() -> String {
+    let rust = std::any::type_name::<M>();
+    let path = rust.strip_prefix("chipgate_proto::").unwrap_or(rust);
+    format!("chipgate.{}", path.replace("::", "."))
+}
+
+/// A message of the chipgate APIs in the proto3 JSON mapping (see the module doc).
+pub fn msg<M: prost::Message>(m: &M) -> Value {
+    let name = full_name::<M>();
+    let rendered = POOL.as_ref().map_err(Clone::clone).and_then(|pool| {
+        let desc = pool.get_message_by_name(&name).ok_or_else(|| format!("{name} is not in the descriptor set"))?;
+        let dynamic =
+            DynamicMessage::decode(desc.clone(), m.encode_to_vec().as_slice()).map_err(|e| format!("{name}: {e}"))?;
+        let v = dynamic.serialize_with_options(serde_json::value::Serializer, &OPTIONS);
+        Ok(with_nulls(&desc, v.map_err(|e| format!("{name}: {e}"))?))
+    });
+    rendered.unwrap_or_else(|e| json!({ "render_error": e }))
+}
+
+/// `v` (a rendered `desc`) with an explicit null for every unset message field, in field order, as
+/// grpcurl's `-emit-defaults` prints them (prost-reflect leaves them out).
+fn with_nulls(desc: &MessageDescriptor, v: Value) -> Value {
+    let Value::Object(mut fields) = v else { return v };
+    let mut out = serde_json::Map::new();
+    for f in desc.fields() {
+        let value = fields.remove(f.name());
+        let Kind::Message(inner) = f.kind() else {
+            if let Some(value) = value {
+                out.insert(f.name().to_string(), value);
+            }
+            continue;
+        };
+        let value = match value {
+            None if !f.is_list() && !f.is_map() => Value::Null,
+            None => continue,
+            Some(Value::Array(items)) if f.is_list() => {
+                Value::Array(items.into_iter().map(|i| with_nulls(&inner, i)).collect())
+            }
+            Some(value) if f.is_map() => value,
+            Some(value) => with_nulls(&inner, value),
+        };
+        out.insert(f.name().to_string(), value);
+    }
+    out.extend(fields);
+    Value::Object(out)
 }
 
 /// A timestamp for a table: to the second, "-" when unset.
@@ -43,21 +99,6 @@ pub fn dash(s: &str) -> String {
 // Licensing
 // ---------------------------------------------------------------------------------------------------
 
-/// LicenseConditions.
-pub fn conditions(c: Option<&lpb::LicenseConditions>) -> Value {
-    match c {
-        None => Value::Null,
-        Some(c) => json!({
-            "valid_from": ts(c.valid_from.as_ref()),
-            "valid_until": ts(c.valid_until.as_ref()),
-            "per_order_cap": c.per_order_cap,
-            "domestic_ratio_bps": c.domestic_ratio_bps,
-            "justification_required": c.justification_required,
-            "terms_pending": c.terms_pending,
-        }),
-    }
-}
-
 /// Conditions in words, for tables.
 pub fn conditions_text(c: Option<&lpb::LicenseConditions>) -> String {
     let Some(c) = c else { return "none".to_string() };
@@ -81,26 +122,6 @@ pub fn conditions_text(c: Option<&lpb::LicenseConditions>) -> String {
         parts.push(format!("until {}", ts_short(Some(t))));
     }
     if parts.is_empty() { "none".to_string() } else { parts.join("; ") }
-}
-
-/// Application.
-pub fn application(a: &lpb::Application) -> Value {
-    json!({
-        "application_id": a.application_id,
-        "buyer_id": a.buyer_id,
-        "product_sku": a.product_sku,
-        "quantity": a.quantity,
-        "end_use": a.end_use,
-        "site": a.site,
-        "destination": a.destination,
-        "state": a.state().as_str_name(),
-        "queue_position": a.queue_position,
-        "submit_time": ts(a.submit_time.as_ref()),
-        "update_time": ts(a.update_time.as_ref()),
-        "reason": a.reason,
-        "wave_id": a.wave_id,
-        "license_id": a.license_id,
-    })
 }
 
 /// An application's state in words.
@@ -132,31 +153,6 @@ pub fn applications_table(apps: &[lpb::Application]) -> crate::out::Table {
     t
 }
 
-/// WaveGrant.
-pub fn wave_grant(g: &lpb::WaveGrant) -> Value {
-    json!({
-        "application_id": g.application_id,
-        "buyer_id": g.buyer_id,
-        "product_sku": g.product_sku,
-        "granted_units": g.granted_units,
-        "conditions": conditions(g.conditions.as_ref()),
-        "license_id": g.license_id,
-    })
-}
-
-/// Wave.
-pub fn wave(w: &lpb::Wave) -> Value {
-    json!({
-        "wave_id": w.wave_id,
-        "display_name": w.display_name,
-        "state": w.state().as_str_name(),
-        "grants": w.grants.iter().map(wave_grant).collect::<Vec<_>>(),
-        "create_time": ts(w.create_time.as_ref()),
-        "publish_time": ts(w.publish_time.as_ref()),
-        "total_granted_units": w.total_granted_units,
-    })
-}
-
 /// A wave's state in words.
 pub fn wave_state(w: &lpb::Wave) -> String {
     short(w.state().as_str_name(), "WAVE_STATE_")
@@ -186,27 +182,6 @@ pub fn print_wave(w: &lpb::Wave) {
         ]);
     }
     t.print_or("(no grants yet: add some with `chipgate wave grant`)");
-}
-
-/// License.
-pub fn license(l: &lpb::License) -> Value {
-    json!({
-        "license_id": l.license_id,
-        "buyer_id": l.buyer_id,
-        "product_sku": l.product_sku,
-        "destination": l.destination,
-        "application_id": l.application_id,
-        "wave_id": l.wave_id,
-        "state": l.state().as_str_name(),
-        "conditions": conditions(l.conditions.as_ref()),
-        "granted_units": l.granted_units,
-        "used_units": l.used_units,
-        "confirmed_units": l.confirmed_units,
-        "remaining_units": l.remaining_units,
-        "create_time": ts(l.create_time.as_ref()),
-        "update_time": ts(l.update_time.as_ref()),
-        "state_reason": l.state_reason,
-    })
 }
 
 /// A licence's state in words.
@@ -265,18 +240,6 @@ pub fn print_license(l: &lpb::License) {
     ]);
 }
 
-/// ConditionFailure.
-pub fn condition_failure(f: &lpb::ConditionFailure) -> Value {
-    json!({
-        "condition": f.condition().as_str_name(),
-        "license_id": f.license_id,
-        "description": f.description,
-        "permanent": f.permanent,
-        "required": f.required,
-        "actual": f.actual,
-    })
-}
-
 /// A condition's name in words: CONDITION_DOMESTIC_RATIO → "DOMESTIC_RATIO".
 pub fn condition_name(c: lpb::Condition) -> String {
     short(c.as_str_name(), "CONDITION_")
@@ -296,29 +259,6 @@ pub fn failures_table(fs: &[lpb::ConditionFailure]) -> crate::out::Table {
     t
 }
 
-/// DomesticPurchase.
-pub fn domestic_purchase(p: &lpb::DomesticPurchase) -> Value {
-    json!({
-        "buyer_id": p.buyer_id,
-        "units": p.units,
-        "supplier": p.supplier,
-        "evidence_ref": p.evidence_ref,
-        "record_time": ts(p.record_time.as_ref()),
-    })
-}
-
-/// ExportAuthorization.
-pub fn export_authorization(a: &lpb::ExportAuthorization) -> Value {
-    json!({
-        "vendor": a.vendor,
-        "product_sku": a.product_sku,
-        "destination": a.destination,
-        "active": a.active,
-        "reference": a.reference,
-        "update_time": ts(a.update_time.as_ref()),
-    })
-}
-
 /// Export authorisations as a table.
 pub fn exports_table(all: &[lpb::ExportAuthorization]) -> crate::out::Table {
     let mut t = crate::out::Table::new(&["PRODUCT", "DESTINATION", "VENDOR", "ACTIVE", "REFERENCE", "UPDATED"]);
@@ -335,16 +275,6 @@ pub fn exports_table(all: &[lpb::ExportAuthorization]) -> crate::out::Table {
     t
 }
 
-/// ImportPolicy.
-pub fn import_policy(p: &lpb::ImportPolicy) -> Value {
-    json!({
-        "product_sku": p.product_sku,
-        "stance": p.stance().as_str_name(),
-        "reason": p.reason,
-        "update_time": ts(p.update_time.as_ref()),
-    })
-}
-
 /// Import policies as a table.
 pub fn policies_table(all: &[lpb::ImportPolicy]) -> crate::out::Table {
     let mut t = crate::out::Table::new(&["PRODUCT", "STANCE", "REASON", "UPDATED"]);
@@ -359,51 +289,9 @@ pub fn policies_table(all: &[lpb::ImportPolicy]) -> crate::out::Table {
     t
 }
 
-/// AuditEntry.
-pub fn audit_entry(e: &lpb::AuditEntry) -> Value {
-    json!({
-        "sequence": e.sequence,
-        "time": ts(e.time.as_ref()),
-        "actor": e.actor,
-        "action": e.action,
-        "subject": e.subject,
-        "detail": e.detail,
-        "prev_hash": e.prev_hash,
-        "hash": e.hash,
-        "request_id": e.request_id,
-    })
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Inventory
 // ---------------------------------------------------------------------------------------------------
-
-/// Product.
-pub fn product(p: &ipb::Product) -> Value {
-    json!({
-        "sku": p.sku,
-        "name": p.name,
-        "product_class": p.product_class().as_str_name(),
-        "relative_performance": p.relative_performance,
-        "vendor": p.vendor,
-        "update_time": ts(p.update_time.as_ref()),
-    })
-}
-
-/// Stock.
-pub fn stock(s: &ipb::Stock) -> Value {
-    json!({
-        "product_sku": s.product_sku,
-        "on_hand": s.on_hand,
-        "available": s.available,
-        "held": s.held,
-        "committed": s.committed,
-        "shipped": s.shipped,
-        "received": s.received,
-        "version": s.version,
-        "update_time": ts(s.update_time.as_ref()),
-    })
-}
 
 /// Stock as a table.
 pub fn stock_table(all: &[ipb::Stock]) -> crate::out::Table {
@@ -423,27 +311,6 @@ pub fn stock_table(all: &[ipb::Stock]) -> crate::out::Table {
     t
 }
 
-/// Receipt.
-pub fn receipt(r: &ipb::Receipt) -> Value {
-    json!({
-        "receipt_id": r.receipt_id,
-        "product_sku": r.product_sku,
-        "units": r.units,
-        "source": r.source,
-        "receive_time": ts(r.receive_time.as_ref()),
-    })
-}
-
-/// WatchStockResponse.
-pub fn stock_change(c: &ipb::WatchStockResponse) -> Value {
-    json!({
-        "stock": c.stock.as_ref().map_or(Value::Null, stock),
-        "cause": c.cause,
-        "reference": c.reference,
-        "time": ts(c.time.as_ref()),
-    })
-}
-
 // ---------------------------------------------------------------------------------------------------
 // Orders
 // ---------------------------------------------------------------------------------------------------
@@ -451,14 +318,6 @@ pub fn stock_change(c: &ipb::WatchStockResponse) -> Value {
 /// An order state in words: ORDER_STATE_AWAITING_LICENSE → "AWAITING_LICENSE".
 pub fn order_state_name(s: opb::OrderState) -> String {
     if s == opb::OrderState::Unspecified { "-".to_string() } else { short(s.as_str_name(), "ORDER_STATE_") }
-}
-
-/// Cause.
-pub fn cause(c: Option<&opb::Cause>) -> Value {
-    match c {
-        None => Value::Null,
-        Some(c) => json!({"kind": c.kind().as_str_name(), "reference": c.reference}),
-    }
 }
 
 /// A cause in words: "WAVE_PUBLISHED wave-1".
@@ -470,42 +329,6 @@ pub fn cause_text(c: Option<&opb::Cause>) -> String {
             if c.reference.is_empty() { kind } else { format!("{kind} {}", c.reference) }
         }
     }
-}
-
-/// Transition.
-pub fn transition(t: &opb::Transition) -> Value {
-    json!({
-        "from_state": t.from_state().as_str_name(),
-        "to_state": t.to_state().as_str_name(),
-        "time": ts(t.time.as_ref()),
-        "cause": cause(t.cause.as_ref()),
-        "detail": t.detail,
-        "failures": t.failures.iter().map(condition_failure).collect::<Vec<_>>(),
-    })
-}
-
-/// Order.
-pub fn order(o: &opb::Order) -> Value {
-    json!({
-        "order_id": o.order_id,
-        "request_id": o.request_id,
-        "buyer_id": o.buyer_id,
-        "product_sku": o.product_sku,
-        "units": o.units,
-        "justification": o.justification,
-        "state": o.state().as_str_name(),
-        "reasons": o.reasons.iter().map(condition_failure).collect::<Vec<_>>(),
-        "license_id": o.license_id,
-        "wave_id": o.wave_id,
-        "generation": o.generation,
-        "held_units": o.held_units,
-        "hold_expire_time": ts(o.hold_expire_time.as_ref()),
-        "sequence": o.sequence,
-        "create_time": ts(o.create_time.as_ref()),
-        "update_time": ts(o.update_time.as_ref()),
-        "history": o.history.iter().map(transition).collect::<Vec<_>>(),
-        "backlog_position": o.backlog_position,
-    })
 }
 
 /// Why an order stands where it does, in a few words.
@@ -590,37 +413,6 @@ pub fn print_order(o: &opb::Order) {
     }
 }
 
-/// BacklogEntry.
-pub fn backlog_entry(e: &opb::BacklogEntry) -> Value {
-    json!({
-        "position": e.position,
-        "order_id": e.order_id,
-        "buyer_id": e.buyer_id,
-        "units": e.units,
-        "held_units": e.held_units,
-        "sequence": e.sequence,
-        "create_time": ts(e.create_time.as_ref()),
-    })
-}
-
-/// WaveProgress.
-pub fn wave_progress(p: &opb::WaveProgress) -> Value {
-    json!({
-        "wave_id": p.wave_id,
-        "observed": p.observed,
-        "orders_concerned": p.orders_concerned,
-        "orders_evaluated": p.orders_evaluated,
-        "orders_backordered": p.orders_backordered,
-        "orders_reserved": p.orders_reserved,
-        "orders_confirmed": p.orders_confirmed,
-        "orders_shipped": p.orders_shipped,
-        "orders_awaiting": p.orders_awaiting,
-        "units_held": p.units_held,
-        "observe_time": ts(p.observe_time.as_ref()),
-        "settle_time": ts(p.settle_time.as_ref()),
-    })
-}
-
 /// A wave's progress for people.
 pub fn print_wave_progress(p: &opb::WaveProgress) {
     crate::out::fields(&[
@@ -636,15 +428,4 @@ pub fn print_wave_progress(p: &opb::WaveProgress) {
         ("still awaiting", n(p.orders_awaiting)),
         ("units held", n(p.units_held)),
     ]);
-}
-
-/// WatchOrdersResponse.
-pub fn order_change(c: &opb::WatchOrdersResponse) -> Value {
-    json!({
-        "order_id": c.order_id,
-        "buyer_id": c.buyer_id,
-        "product_sku": c.product_sku,
-        "transition": c.transition.as_ref().map_or(Value::Null, transition),
-        "held_units": c.held_units,
-    })
 }

@@ -24,21 +24,22 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
     let cli = Cli::for_cluster(&cluster);
 
     // The catalogue and empty stock.
-    let products = cli.json(&["products"]).await;
+    let products = cli.as_("vendor").json(&["products"]).await;
     assert!(products["products"].as_array().unwrap().iter().any(|p| p["sku"] == H200), "{products}");
-    let stock = cli.json(&["stock", H200]).await;
-    assert_eq!(stock["stock"]["received"], 0);
+    let stock = cli.as_("vendor").json(&["stock", H200]).await;
+    assert_eq!(stock["stock"]["received"], "0");
 
     // Export authorisation and a customs embargo.
-    let x = cli.json(&["export", "grant", "--product", H200, "--reference", "BIS-2026-1"]).await;
+    let x =
+        cli.as_("export_authority").json(&["export", "grant", "--product", H200, "--reference", "BIS-2026-1"]).await;
     assert_eq!(x["authorization"]["active"], true);
     assert_eq!(x["authorization"]["destination"], "CN");
     assert_eq!(x["authorization"]["vendor"], "nvidia");
-    let xs = cli.json(&["export", "list"]).await;
+    let xs = cli.as_("export_authority").json(&["export", "list"]).await;
     assert_eq!(xs["authorizations"].as_array().unwrap().len(), 1);
-    let p = cli.json(&["customs", "set", H200, "embargoed", "--reason", "customs notice"]).await;
+    let p = cli.as_("customs").json(&["customs", "set", H200, "embargoed", "--reason", "customs notice"]).await;
     assert_eq!(p["policy"]["stance"], "IMPORT_STANCE_EMBARGOED");
-    let p = cli.json(&["customs", "show", H200]).await;
+    let p = cli.as_("customs").json(&["customs", "show", H200]).await;
     assert_eq!(
         (p["policy"]["stance"].clone(), p["policy"]["reason"].clone()),
         ("IMPORT_STANCE_EMBARGOED".into(), "customs notice".into())
@@ -60,13 +61,15 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
     ];
     let mut with_id = apply.to_vec();
     with_id.extend(["--request-id", "apply-bytedance-1"]);
-    let a1 = cli.json(&with_id).await;
-    let again = cli.json(&with_id).await;
+    let bytedance = cli.as_("buyer:bytedance");
+    let a1 = bytedance.json(&with_id).await;
+    let again = bytedance.json(&with_id).await;
     assert_eq!(a1["application"]["application_id"], again["application"]["application_id"]);
     assert_eq!(a1["application"]["state"], "APPLICATION_STATE_QUEUED");
-    assert_eq!(a1["application"]["queue_position"], 1);
+    assert_eq!(a1["application"]["queue_position"], "1");
     let app1 = s(&a1["application"]["application_id"]);
     let a2 = cli
+        .as_("buyer:moonshot")
         .json(&[
             "apply",
             "--buyer",
@@ -82,13 +85,13 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
         ])
         .await;
     let app2 = s(&a2["application"]["application_id"]);
-    let q = cli.json(&["queue"]).await;
-    assert_eq!(q["total_queued"], 2);
+    let q = cli.as_("import_authority").json(&["queue"]).await;
+    assert_eq!(q["total_queued"], "2");
     let queued: Vec<String> = q["applications"].as_array().unwrap().iter().map(|a| s(&a["application_id"])).collect();
     assert_eq!(queued, vec![app1.clone(), app2.clone()]);
 
     // An order while nothing is licensed waits, with the conditions that fail.
-    let o = cli
+    let o = bytedance
         .json(&[
             "order",
             "place",
@@ -111,10 +114,11 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
     );
 
     // Wave 1: draft, grant (terms pending, domestic ratio), publish, follow.
-    let w = cli.json(&["wave", "create", "--name", "wave 1"]).await;
+    let w = cli.as_("import_authority").json(&["wave", "create", "--name", "wave 1"]).await;
     assert_eq!(w["wave"]["state"], "WAVE_STATE_DRAFT");
     let wave = s(&w["wave"]["wave_id"]);
     let w = cli
+        .as_("import_authority")
         .json(&[
             "wave",
             "grant",
@@ -128,45 +132,51 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
             "--justification-required",
         ])
         .await;
-    assert_eq!(w["wave"]["grants"][0]["granted_units"], 800);
+    assert_eq!(w["wave"]["grants"][0]["granted_units"], "800");
     assert_eq!(w["wave"]["grants"][0]["conditions"]["terms_pending"], true);
     assert_eq!(w["wave"]["grants"][0]["conditions"]["domestic_ratio_bps"], 2500);
-    let pubd = cli.json(&["wave", "publish", &wave]).await;
+    let pubd = cli.as_("import_authority").json(&["wave", "publish", &wave]).await;
     assert_eq!(pubd["wave"]["state"], "WAVE_STATE_PUBLISHED");
-    assert_eq!(pubd["wave"]["total_granted_units"], 800);
+    assert_eq!(pubd["wave"]["total_granted_units"], "800");
     let lic = s(&pubd["licenses"][0]["license_id"]);
     assert_eq!(pubd["licenses"][0]["state"], "LICENSE_STATE_PENDING_TERMS");
-    let lines = cli.json_lines(&["wave", "follow", &wave, "--within", "20s"]).await;
+    let lines = cli.as_("import_authority").json_lines(&["wave", "follow", &wave, "--within", "20s"]).await;
     let last = &lines.last().unwrap()["progress"];
     assert_eq!(last["observed"], true);
     assert!(last["settle_time"].is_string(), "{last}");
-    assert_eq!(last["orders_concerned"], 1);
-    assert_eq!(last["orders_evaluated"], 1);
-    let shown = cli.json(&["wave", "show", &wave]).await;
+    assert_eq!(last["orders_concerned"], "1");
+    assert_eq!(last["orders_evaluated"], "1");
+    let shown = cli.as_("import_authority").json(&["wave", "show", &wave]).await;
     assert_eq!(shown["wave"]["grants"][0]["license_id"], lic.as_str());
-    let waves = cli.json(&["wave", "list"]).await;
+    let waves = cli.as_("import_authority").json(&["wave", "list"]).await;
     assert_eq!(waves["waves"].as_array().unwrap().len(), 1);
     // Nothing moves: the order now waits on the pending terms.
-    let o = cli.order_until(&ord1, WAIT, |o| reasons(o).contains(&"CONDITION_TERMS_FINAL".to_string())).await;
+    let o = cli
+        .as_("import_authority")
+        .order_until(&ord1, WAIT, |o| reasons(o).contains(&"CONDITION_TERMS_FINAL".to_string()))
+        .await;
     assert_eq!(o["state"], "ORDER_STATE_AWAITING_LICENSE");
 
     // The embargo lifts, terms are finalised (with a new cap), the ratio holds the order back.
-    cli.json(&["customs", "set", H200, "open", "--reason", "lifted"]).await;
-    let l = cli.json(&["license", "finalize", &lic, "--per-order-cap", "500"]).await;
+    cli.as_("customs").json(&["customs", "set", H200, "open", "--reason", "lifted"]).await;
+    let l = cli.as_("import_authority").json(&["license", "finalize", &lic, "--per-order-cap", "500"]).await;
     assert_eq!(l["license"]["state"], "LICENSE_STATE_ACTIVE");
-    assert_eq!(l["license"]["conditions"]["per_order_cap"], 500);
+    assert_eq!(l["license"]["conditions"]["per_order_cap"], "500");
     assert_eq!(l["license"]["conditions"]["domestic_ratio_bps"], 2500, "flags change only what they name");
-    let ls = cli.json(&["license", "list", "--wave", &wave]).await;
+    let ls = cli.as_("import_authority").json(&["license", "list", "--wave", &wave]).await;
     assert_eq!(ls["licenses"].as_array().unwrap().len(), 1);
-    let o = cli.order_until(&ord1, WAIT, |o| reasons(o) == ["CONDITION_DOMESTIC_RATIO"]).await;
-    assert_eq!(o["reasons"][0]["required"], 25);
-    let chk =
-        cli.json(&["check", "--buyer", "bytedance", "--product", H200, "--units", "100", "--justification", "x"]).await;
+    let o = cli.as_("import_authority").order_until(&ord1, WAIT, |o| reasons(o) == ["CONDITION_DOMESTIC_RATIO"]).await;
+    assert_eq!(o["reasons"][0]["required"], "25");
+    let chk = cli
+        .as_("import_authority")
+        .json(&["check", "--buyer", "bytedance", "--product", H200, "--units", "100", "--justification", "x"])
+        .await;
     assert_eq!(chk["eligible"], false);
     assert_eq!(chk["failures"][0]["condition"], "CONDITION_DOMESTIC_RATIO");
 
     // A domestic purchase: the order takes quota and waits for stock in the backlog.
     let d = cli
+        .as_("import_authority")
         .json(&[
             "domestic",
             "record",
@@ -180,38 +190,42 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
             "INV-1",
         ])
         .await;
-    assert_eq!(d["total_domestic_units"], 1000);
+    assert_eq!(d["total_domestic_units"], "1000");
     assert_eq!(d["purchase"]["evidence_ref"], "INV-1");
-    let ledger = cli.json(&["domestic", "show", "bytedance"]).await;
-    assert_eq!(ledger["total_domestic_units"], 1000);
-    let o = cli.order_until(&ord1, WAIT, |o| o["state"] == "ORDER_STATE_BACKORDERED").await;
+    let ledger = cli.as_("import_authority").json(&["domestic", "show", "bytedance"]).await;
+    assert_eq!(ledger["total_domestic_units"], "1000");
+    let o = cli.as_("import_authority").order_until(&ord1, WAIT, |o| o["state"] == "ORDER_STATE_BACKORDERED").await;
     assert_eq!(o["license_id"], lic.as_str());
-    let backlog = cli.json(&["backlog", H200]).await;
-    assert_eq!(backlog["total_orders"], 1);
+    let backlog = cli.as_("vendor").json(&["backlog", H200]).await;
+    assert_eq!(backlog["total_orders"], "1");
     assert_eq!(backlog["entries"][0]["order_id"], ord1.as_str());
-    assert_eq!(backlog["entries"][0]["position"], 1);
+    assert_eq!(backlog["entries"][0]["position"], "1");
 
     // Supply arrives: the order is reserved; stock adds up.
     let r = cli
+        .as_("vendor")
         .json(&["supply", "receive", "--product", H200, "--units", "150", "--receipt", "rcpt-1", "--source", "ship 1"])
         .await;
     assert_eq!(r["newly_booked"], true);
-    assert_eq!(r["receipt"]["units"], 150);
-    assert_eq!(r["stock"]["received"], 150);
-    let again = cli.json(&["supply", "receive", "--product", H200, "--units", "150", "--receipt", "rcpt-1"]).await;
+    assert_eq!(r["receipt"]["units"], "150");
+    assert_eq!(r["stock"]["received"], "150");
+    let again = cli
+        .as_("vendor")
+        .json(&["supply", "receive", "--product", H200, "--units", "150", "--receipt", "rcpt-1"])
+        .await;
     assert_eq!(again["newly_booked"], false, "a receipt counts once");
-    let o = cli.order_until(&ord1, WAIT, |o| o["state"] == "ORDER_STATE_RESERVED").await;
-    assert_eq!(o["held_units"], 100);
+    let o = cli.as_("import_authority").order_until(&ord1, WAIT, |o| o["state"] == "ORDER_STATE_RESERVED").await;
+    assert_eq!(o["held_units"], "100");
     assert!(o["hold_expire_time"].is_string());
-    let st = cli.json(&["stock", H200]).await;
-    assert_eq!((st["stock"]["available"].clone(), st["stock"]["held"].clone()), (50.into(), 100.into()));
-    let all = cli.json(&["stock"]).await;
-    assert!(all["stock"].as_array().unwrap().iter().any(|x| x["product_sku"] == H200 && x["received"] == 150));
+    let st = cli.as_("vendor").json(&["stock", H200]).await;
+    assert_eq!((st["stock"]["available"].clone(), st["stock"]["held"].clone()), ("50".into(), "100".into()));
+    let all = cli.as_("vendor").json(&["stock"]).await;
+    assert!(all["stock"].as_array().unwrap().iter().any(|x| x["product_sku"] == H200 && x["received"] == "150"));
 
     // Confirm and ship; the lifecycle shows in the history.
-    let c = cli.json(&["order", "confirm", &ord1]).await;
+    let c = bytedance.json(&["order", "confirm", &ord1]).await;
     assert_eq!(c["order"]["state"], "ORDER_STATE_CONFIRMED");
-    let sh = cli.json(&["order", "ship", &ord1]).await;
+    let sh = cli.as_("vendor").json(&["order", "ship", &ord1]).await;
     assert_eq!(sh["order"]["state"], "ORDER_STATE_SHIPPED");
     let kinds: Vec<String> =
         sh["order"]["history"].as_array().unwrap().iter().map(|t| s(&t["cause"]["kind"])).collect();
@@ -224,11 +238,11 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
     ] {
         assert!(kinds.contains(&k.to_string()), "{k} missing from {kinds:?}");
     }
-    let st = cli.json(&["stock", H200]).await;
-    assert_eq!(st["stock"]["shipped"], 100);
+    let st = cli.as_("vendor").json(&["stock", H200]).await;
+    assert_eq!(st["stock"]["shipped"], "100");
 
     // Place and cancel; list the buyer's orders.
-    let o2 = cli
+    let o2 = bytedance
         .json(&[
             "order",
             "place",
@@ -243,9 +257,9 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
         ])
         .await;
     let ord2 = s(&o2["order"]["order_id"]);
-    let cancelled = cli.json(&["order", "cancel", &ord2, "--reason", "changed plans"]).await;
+    let cancelled = bytedance.json(&["order", "cancel", &ord2, "--reason", "changed plans"]).await;
     assert_eq!(cancelled["order"]["state"], "ORDER_STATE_CANCELLED");
-    let listed = cli.json(&["order", "list", "--buyer", "bytedance"]).await;
+    let listed = bytedance.json(&["order", "list", "--buyer", "bytedance"]).await;
     let states: Vec<(String, String)> =
         listed["orders"].as_array().unwrap().iter().map(|o| (s(&o["order_id"]), s(&o["state"]))).collect();
     assert_eq!(
@@ -253,7 +267,7 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
         vec![(ord1.clone(), "ORDER_STATE_SHIPPED".to_string()), (ord2.clone(), "ORDER_STATE_CANCELLED".to_string())]
     );
     assert_eq!(listed["orders"][0]["history"].as_array().unwrap().len(), 0, "lists leave histories out by default");
-    let shipped = cli.json(&["order", "list", "--state", "shipped"]).await;
+    let shipped = cli.as_("import_authority").json(&["order", "list", "--state", "shipped"]).await;
     assert_eq!(shipped["orders"].as_array().unwrap().len(), 1);
 
     // Bulk import from CSV: three rows placed; importing again with the same prefix places nothing new.
@@ -268,48 +282,52 @@ async fn an_operators_and_a_buyers_day_through_the_cli() {
     )
     .unwrap();
     let csv = csv.to_str().unwrap();
-    let imp = cli.json(&["order", "import", csv, "--request-id", "import-1", "--concurrency", "2"]).await;
+    // Each row is placed as its own buyer, with tokens minted from the cluster's signing key.
+    let key = cli.signing_key.clone().unwrap();
+    let imp = cli
+        .json(&["--signing-key", &key, "order", "import", csv, "--request-id", "import-1", "--concurrency", "2"])
+        .await;
     assert_eq!((imp["rows"].clone(), imp["placed"].clone(), imp["failed"].clone()), (3.into(), 3.into(), 0.into()));
     let ids: Vec<String> = imp["orders"].as_array().unwrap().iter().map(|o| s(&o["order_id"])).collect();
     assert_eq!(imp["orders"][0]["request_id"], "import-1-2");
     assert_eq!(imp["orders"][2]["buyer_id"], "moonshot");
     assert_eq!(imp["orders"][2]["state"], "ORDER_STATE_AWAITING_LICENSE", "moonshot holds no licence");
-    let first = cli.json(&["order", "show", &ids[0]]).await;
+    let first = cli.as_("import_authority").json(&["order", "show", &ids[0]]).await;
     assert_eq!(first["order"]["justification"], "training, phase 2");
-    let again = cli.json(&["order", "import", csv, "--request-id", "import-1"]).await;
+    let again = cli.json(&["--signing-key", &key, "order", "import", csv, "--request-id", "import-1"]).await;
     let ids_again: Vec<String> = again["orders"].as_array().unwrap().iter().map(|o| s(&o["order_id"])).collect();
     assert_eq!(ids, ids_again, "a re-run import replays, it does not place twice");
-    let moonshot = cli.json(&["order", "list", "--buyer", "moonshot"]).await;
+    let moonshot = cli.as_("buyer:moonshot").json(&["order", "list", "--buyer", "moonshot"]).await;
     assert_eq!(moonshot["orders"].as_array().unwrap().len(), 1);
 
     // Applications, audit.
-    let a = cli.json(&["application", "show", &app2]).await;
+    let a = cli.as_("import_authority").json(&["application", "show", &app2]).await;
     assert_eq!(
         (a["application"]["state"].clone(), a["application"]["queue_position"].clone()),
-        ("APPLICATION_STATE_QUEUED".into(), 1.into())
+        ("APPLICATION_STATE_QUEUED".into(), "1".into())
     );
-    let apps = cli.json(&["application", "list", "--buyer", "bytedance"]).await;
+    let apps = bytedance.json(&["application", "list", "--buyer", "bytedance"]).await;
     assert_eq!(apps["applications"][0]["state"], "APPLICATION_STATE_GRANTED");
-    let v = cli.json(&["audit", "verify"]).await;
+    let v = cli.as_("auditor").json(&["audit", "verify"]).await;
     assert_eq!(v["valid"], true);
-    assert!(v["entries_checked"].as_u64().unwrap() >= 8, "{v}");
-    let entries = cli.json(&["audit", "list", "--subject", &wave]).await;
+    assert!(v["entries_checked"].as_str().unwrap().parse::<u64>().unwrap() >= 8, "{v}");
+    let entries = cli.as_("auditor").json(&["audit", "list", "--subject", &wave]).await;
     let actions: Vec<String> = entries["entries"].as_array().unwrap().iter().map(|e| s(&e["action"])).collect();
     let published = entries["entries"].as_array().unwrap().iter().find(|e| s(&e["action"]).contains("publish"));
     let published = published.unwrap_or_else(|| panic!("no publish entry in {actions:?}"));
-    assert_eq!(published["actor"], "chipgate-cli", "the CLI says who it is: {published}");
+    assert_eq!(published["actor"], "import_authority", "the log names the authenticated caller: {published}");
 
     // Paging: --limit stops early and hands back a token that continues.
-    let page = cli.json(&["order", "list", "--limit", "2"]).await;
+    let page = cli.as_("import_authority").json(&["order", "list", "--limit", "2"]).await;
     assert_eq!(page["orders"].as_array().unwrap().len(), 2);
     let token = s(&page["next_page_token"]);
     assert!(!token.is_empty());
-    let rest = cli.json(&["order", "list", "--page-token", &token]).await;
+    let rest = cli.as_("import_authority").json(&["order", "list", "--page-token", &token]).await;
     assert_eq!(rest["orders"].as_array().unwrap().len(), 3);
     assert_eq!(rest["next_page_token"], "");
 
     // Table output for people.
-    let out = cli.raw(&["queue"]).await;
+    let out = cli.as_("import_authority").raw(&["queue"]).await;
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("moonshot") && text.contains("POS"), "{text}");
@@ -321,7 +339,7 @@ async fn failures_exit_non_zero_with_the_servers_details() {
     let cli = Cli::for_cluster(&cluster);
 
     // Unknown order: NOT_FOUND (exit 4) with ResourceInfo and ErrorInfo.
-    let (code, err) = cli.fails(&["order", "show", "ord-404"]).await;
+    let (code, err) = cli.as_("import_authority").fails(&["order", "show", "ord-404"]).await;
     assert_eq!(code, 4, "{err}");
     assert_eq!(err["error"]["code"], "NOT_FOUND");
     assert_eq!(err["error"]["service"], "orders");
@@ -330,32 +348,45 @@ async fn failures_exit_non_zero_with_the_servers_details() {
 
     // Bad input: INVALID_ARGUMENT (exit 3) with a field violation per bad field, and the request id.
     let (code, err) = cli
-        .fails(&["order", "place", "--buyer", "no spaces", "--product", H200, "--units", "0", "--request-id", "bad-1"])
+        .as_("buyer:tencent")
+        .fails(&[
+            "order",
+            "place",
+            "--buyer",
+            "tencent",
+            "--product",
+            "no spaces",
+            "--units",
+            "0",
+            "--request-id",
+            "bad-1",
+        ])
         .await;
     assert_eq!(code, 3, "{err}");
     assert_eq!(err["error"]["code"], "INVALID_ARGUMENT");
     assert_eq!(err["error"]["request_id"], "bad-1");
     let fields: Vec<String> =
         err["error"]["details"]["bad_request"].as_array().unwrap().iter().map(|v| s(&v["field"])).collect();
-    assert!(fields.contains(&"buyer_id".to_string()) && fields.contains(&"units".to_string()), "{fields:?}");
+    assert!(fields.contains(&"product_sku".to_string()) && fields.contains(&"units".to_string()), "{fields:?}");
 
     // A rule says no: confirming an order that holds nothing is FAILED_PRECONDITION (exit 6).
-    let o = cli.json(&["order", "place", "--buyer", "tencent", "--product", H200, "--units", "10"]).await;
+    let tencent = cli.as_("buyer:tencent");
+    let o = tencent.json(&["order", "place", "--buyer", "tencent", "--product", H200, "--units", "10"]).await;
     let id = s(&o["order"]["order_id"]);
-    let (code, err) = cli.fails(&["order", "confirm", &id]).await;
+    let (code, err) = tencent.fails(&["order", "confirm", &id]).await;
     assert_eq!(code, 6, "{err}");
     assert_eq!(err["error"]["code"], "FAILED_PRECONDITION");
     assert!(!err["error"]["details"]["precondition_failure"].as_array().unwrap().is_empty(), "{err}");
 
     // A duplicate application: ALREADY_EXISTS (exit 5).
     let apply = ["apply", "--buyer", "tencent", "--product", H200, "--quantity", "10", "--end-use", "x", "--site", "y"];
-    cli.json(&apply).await;
-    let (code, err) = cli.fails(&apply).await;
+    tencent.json(&apply).await;
+    let (code, err) = tencent.fails(&apply).await;
     assert_eq!(code, 5, "{err}");
     assert_eq!(err["error"]["code"], "ALREADY_EXISTS");
 
     // People get the details in words on stderr.
-    let out = cli.raw(&["order", "show", "ord-404"]).await;
+    let out = cli.as_("import_authority").raw(&["order", "show", "ord-404"]).await;
     assert_eq!(out.status.code(), Some(4));
     let text = String::from_utf8_lossy(&out.stderr);
     assert!(text.contains("NOT_FOUND") && text.contains("ord-404") && text.contains("chipgate.dev"), "{text}");
@@ -375,7 +406,7 @@ async fn failures_exit_non_zero_with_the_servers_details() {
     let (code, err) = cli.fails(&["order", "import", bad.to_str().unwrap()]).await;
     assert_eq!(code, 3, "{err}");
     assert!(s(&err["error"]["message"]).contains("line 2"), "{err}");
-    let baidu = cli.json(&["order", "list", "--buyer", "baidu"]).await;
+    let baidu = cli.as_("import_authority").json(&["order", "list", "--buyer", "baidu"]).await;
     assert_eq!(baidu["orders"].as_array().unwrap().len(), 0);
 
     // Usage errors are clap's (exit 2).
@@ -389,14 +420,16 @@ async fn watching_orders_and_stock_prints_json_lines() {
     let cli = Cli::for_cluster(&cluster);
 
     // Stock watch starts with the stock as it stands.
-    let lines = cli.json_lines(&["stock", "watch", H200, "--count", "1", "--for", "10s"]).await;
+    let lines = cli.as_("vendor").json_lines(&["stock", "watch", H200, "--count", "1", "--for", "10s"]).await;
     assert_eq!(lines.len(), 1);
     assert_eq!(lines[0]["stock"]["product_sku"], H200);
 
     // Order watch follows a buyer's transitions as they happen; keep placing until it has seen two.
     let orders = cluster.orders.as_ref().unwrap().url();
     let watch = tokio::process::Command::new(common::bin())
-        .args(["-o", "json", "--orders", &orders, "order", "watch", "--buyer", "zhipu", "--count", "2", "--for", "20s"])
+        .args(["-o", "json", "--orders", &orders])
+        .args(cli.as_("buyer:zhipu").identity())
+        .args(["order", "watch", "--buyer", "zhipu", "--count", "2", "--for", "20s"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -404,7 +437,10 @@ async fn watching_orders_and_stock_prints_json_lines() {
     let waiting = tokio::spawn(watch.wait_with_output());
     let mut placed = Vec::new();
     while !waiting.is_finished() && placed.len() < 40 {
-        let o = cli.json(&["order", "place", "--buyer", "zhipu", "--product", H200, "--units", "1"]).await;
+        let o = cli
+            .as_("buyer:zhipu")
+            .json(&["order", "place", "--buyer", "zhipu", "--product", H200, "--units", "1"])
+            .await;
         placed.push(s(&o["order"]["order_id"]));
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -25,25 +25,7 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     let (lp, ip, op) = (free_port(), free_port(), free_port());
     let auth_dir = tempfile::tempdir().unwrap();
     let auth_path = auth_dir.path().to_str().unwrap().to_string();
-    let mut child = tokio::process::Command::new(bin())
-        .args([
-            "dev",
-            "--auth-dir",
-            &auth_path,
-            "--licensing-port",
-            &lp.to_string(),
-            "--inventory-port",
-            &ip.to_string(),
-            "--orders-port",
-            &op.to_string(),
-        ])
-        .env_remove("REDIS_URL")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start chipgate dev");
+    let mut child = spawn_dev(&auth_path, (lp, ip, op));
     let pid = child.id().expect("pid");
 
     // Every service reports SERVING once up.
@@ -140,4 +122,93 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     assert!(stdout.contains("stopping"), "{stdout}");
     // The ports are free again.
     assert!(std::net::TcpListener::bind(("127.0.0.1", lp)).is_ok(), "licensing port released");
+}
+
+/// Starts `chipgate dev` on these ports with this auth dir.
+fn spawn_dev(auth_dir: &str, (lp, ip, op): (u16, u16, u16)) -> tokio::process::Child {
+    tokio::process::Command::new(bin())
+        .args(["dev", "--auth-dir", auth_dir])
+        .args(["--licensing-port", &lp.to_string(), "--inventory-port", &ip.to_string()])
+        .args(["--orders-port", &op.to_string()])
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chipgate dev")
+}
+
+fn cli_at((lp, ip, op): (u16, u16, u16)) -> Cli {
+    Cli::new(format!("http://127.0.0.1:{lp}"), format!("http://127.0.0.1:{ip}"), format!("http://127.0.0.1:{op}"))
+}
+
+/// Waits until the cluster answers an authenticated call with this token file.
+async fn wait_up(cli: &Cli, token_file: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if cli.raw(&["--token-file", token_file, "products"]).await.status.success() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the dev cluster never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for a `chipgate dev` that must give up at once; returns its stderr.
+async fn refused(child: tokio::process::Child) -> String {
+    let out = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("chipgate dev should have refused to start, not served")
+        .unwrap();
+    assert!(!out.status.success(), "chipgate dev should have failed: {}", String::from_utf8_lossy(&out.stdout));
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planted_symlink_in_a_shared_auth_dir_never_receives_the_private_key() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let victim = base.path().join("victim.txt");
+    std::fs::write(&victim, "precious").unwrap();
+    // Another user prepared the predictable path: world-writable, with a link where the key goes.
+    let dir = base.path().join("chipgate-dev");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::os::unix::fs::symlink(&victim, dir.join("signing.pem")).unwrap();
+
+    let child = spawn_dev(dir.to_str().unwrap(), (free_port(), free_port(), free_port()));
+    let stderr = refused(child).await;
+    assert!(stderr.contains("refusing to keep keys") && stderr.contains("0777"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious", "the link's target is untouched");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_dev_never_breaks_the_first() {
+    let auth = tempfile::tempdir().unwrap();
+    let auth_dir = auth.path().join("keys");
+    let auth_dir = auth_dir.to_str().unwrap();
+    let ports = (free_port(), free_port(), free_port());
+    let _first = spawn_dev(auth_dir, ports);
+    let cli = cli_at(ports);
+    let token_file = format!("{auth_dir}/tokens/auditor.jwt");
+    wait_up(&cli, &token_file).await;
+    let public = std::fs::read_to_string(format!("{auth_dir}/public.pem")).unwrap();
+    let token = std::fs::read_to_string(&token_file).unwrap();
+
+    // Same ports: it gives up before touching the keys, saying why.
+    let stderr = refused(spawn_dev(auth_dir, ports)).await;
+    assert!(stderr.contains("already running"), "{stderr}");
+    assert_eq!(std::fs::read_to_string(format!("{auth_dir}/public.pem")).unwrap(), public);
+    assert_eq!(std::fs::read_to_string(&token_file).unwrap(), token);
+    assert!(cli.raw(&["--token", &token, "products"]).await.status.success(), "the first still accepts its tokens");
+
+    // Other ports, same auth dir: a second cluster with the same key pair; every token works on both.
+    let other = (free_port(), free_port(), free_port());
+    let _second = spawn_dev(auth_dir, other);
+    let second = cli_at(other);
+    wait_up(&second, &token_file).await;
+    assert_eq!(std::fs::read_to_string(format!("{auth_dir}/public.pem")).unwrap(), public, "the key pair is reused");
+    assert!(second.raw(&["--token", &token, "products"]).await.status.success());
+    assert!(cli.raw(&["--token-file", &token_file, "products"]).await.status.success(), "new tokens work on the first");
 }

@@ -4,9 +4,8 @@ use std::time::Duration;
 
 use chipgate_proto::inventory::v1 as ipb;
 use clap::{Args, Subcommand};
-use serde_json::json;
 
-use super::{ListArgs, pages, watch_until};
+use super::{ListArgs, pages, print_listing, show, watch_until};
 use crate::client::{Ctx, Outcome, Svc, random_id};
 use crate::out::{self, n};
 use crate::view;
@@ -21,7 +20,7 @@ pub struct ProductsArgs {
 
 /// `chipgate products`.
 pub async fn products(ctx: &Ctx, a: ProductsArgs) -> Outcome {
-    let (all, next) = pages(&a.list, |page_size, page_token| {
+    let listed = pages(&a.list, |page_size, page_token| {
         let msg = ipb::ListProductsRequest { page_size, page_token };
         async move {
             let r = ctx.call(Svc::Inventory, None, ctx.inv().list_products(ctx.req(msg))).await?;
@@ -29,14 +28,9 @@ pub async fn products(ctx: &Ctx, a: ProductsArgs) -> Outcome {
         }
     })
     .await?;
-    if ctx.json() {
-        out::json(&json!({
-            "products": all.iter().map(view::product).collect::<Vec<_>>(),
-            "next_page_token": next,
-        }));
-    } else {
+    let table = |all: &[ipb::Product]| {
         let mut t = out::Table::new(&["SKU", "NAME", "CLASS", "VENDOR", ">PERF (H20=1)"]);
-        for p in &all {
+        for p in all {
             t.row(vec![
                 p.sku.clone(),
                 p.name.clone(),
@@ -45,9 +39,10 @@ pub async fn products(ctx: &Ctx, a: ProductsArgs) -> Outcome {
                 format!("{:.1}", p.relative_performance),
             ]);
         }
-        t.print_or("the catalogue is empty");
-        super::more_hint(&next);
-    }
+        t
+    };
+    let response = |products, next_page_token| ipb::ListProductsResponse { products, next_page_token };
+    print_listing(ctx, listed, response, table, "the catalogue is empty");
     Ok(())
 }
 
@@ -89,7 +84,7 @@ pub async fn stock(ctx: &Ctx, a: StockArgs) -> Outcome {
         let stream = ctx.call(Svc::Inventory, None, ctx.inv().watch_stock(ctx.stream_req(msg))).await?;
         return watch_until(ctx, Svc::Inventory, stream, count, duration, |c: ipb::WatchStockResponse| {
             if ctx.json() {
-                out::json_line(&view::stock_change(&c));
+                out::json_line(&view::msg(&c));
             } else {
                 let s = c.stock.clone().unwrap_or_default();
                 out::say(&format!(
@@ -114,7 +109,7 @@ pub async fn stock(ctx: &Ctx, a: StockArgs) -> Outcome {
             let msg = ipb::GetStockRequest { product_sku: sku };
             let r = ctx.call(Svc::Inventory, None, ctx.inv().get_stock(ctx.req(msg))).await?;
             if ctx.json() {
-                out::json(&json!({"stock": r.stock.as_ref().map(view::stock)}));
+                out::json(&view::msg(&r));
                 return Ok(());
             }
             r.stock.into_iter().collect::<Vec<_>>()
@@ -122,7 +117,7 @@ pub async fn stock(ctx: &Ctx, a: StockArgs) -> Outcome {
         None => {
             let r = ctx.call(Svc::Inventory, None, ctx.inv().list_stock(ctx.req(ipb::ListStockRequest {}))).await?;
             if ctx.json() {
-                out::json(&json!({"stock": r.stock.iter().map(view::stock).collect::<Vec<_>>()}));
+                out::json(&view::msg(&r));
                 return Ok(());
             }
             r.stock
@@ -163,22 +158,15 @@ pub async fn supply(ctx: &Ctx, cmd: SupplyCmd) -> Outcome {
     let receipt_id = receipt.unwrap_or_else(|| random_id("rcpt"));
     let msg = ipb::ReceiveSupplyRequest { request_id: rid.clone(), receipt_id, product_sku: product, units, source };
     let r = ctx.call(Svc::Inventory, Some(&rid), ctx.inv().receive_supply(ctx.req(msg))).await?;
-    let rc = r.receipt.unwrap_or_default();
-    let s = r.stock.unwrap_or_default();
-    if ctx.json() {
-        out::json(&json!({
-            "receipt": view::receipt(&rc),
-            "stock": view::stock(&s),
-            "newly_booked": r.newly_booked,
-        }));
-    } else {
+    show(ctx, &r, || {
+        let rc = r.receipt.clone().unwrap_or_default();
         if r.newly_booked {
             out::say(&format!("booked receipt {}: {} x {}", rc.receipt_id, n(rc.units), rc.product_sku));
         } else {
             out::say(&format!("receipt {} was already booked; nothing changed", rc.receipt_id));
         }
         out::say("");
-        view::stock_table(std::slice::from_ref(&s)).print_or("");
-    }
+        view::stock_table(r.stock.as_slice()).print_or("");
+    });
     Ok(())
 }

@@ -1,17 +1,28 @@
-//! The client commands, one module per service, and what they share: paging and watching streams.
+//! The client commands, one module per resource, and what they share: paging, printing listings,
+//! watching streams.
 
+pub mod applications;
+pub mod audit;
+pub mod customs;
+pub mod domestic;
+pub mod export;
 pub mod inventory;
-pub mod licensing;
+pub mod licenses;
 pub mod orders;
+pub mod waves;
 
 use std::future::Future;
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::{Value, json};
 
 use crate::client::{Ctx, Failure, Outcome, Svc};
-use crate::out;
+use crate::{out, view};
+
+/// Parses an RFC 3339 instant (a flag value).
+pub fn parse_time(s: &str) -> Result<prost_types::Timestamp, String> {
+    s.parse().map_err(|_| format!("{s:?} is not an RFC 3339 instant (e.g. 2026-02-01T00:00:00Z)"))
+}
 
 /// How much of a list to fetch.
 #[derive(Args, Debug, Clone)]
@@ -37,22 +48,31 @@ pub fn more_hint(next: &str) {
     }
 }
 
-/// Prints a fetched listing: `{key: [each item as JSON], "next_page_token": next}` with `-o json`;
-/// otherwise the table (or `empty` when there is nothing) and a hint when there is more.
-pub fn print_listing<T>(
+/// Prints a command's answer: with `-o json` the response message itself (see [`view::msg`]),
+/// otherwise what `people` prints.
+pub fn show<M: prost::Message>(ctx: &Ctx, response: &M, people: impl FnOnce()) {
+    if ctx.json() {
+        out::json(&view::msg(response));
+    } else {
+        people();
+    }
+}
+
+/// Prints a fetched listing: with `-o json` the RPC's response message made of every page fetched
+/// (`response(items, next_page_token)`); otherwise the table (or `empty` when there is nothing) and a
+/// hint when there is more.
+pub fn print_listing<T, M: prost::Message>(
     ctx: &Ctx,
-    key: &str,
-    items: &[T],
-    as_json: impl Fn(&T) -> Value,
+    (items, next): (Vec<T>, String),
+    response: impl FnOnce(Vec<T>, String) -> M,
     table: impl FnOnce(&[T]) -> out::Table,
     empty: &str,
-    next: &str,
 ) {
     if ctx.json() {
-        out::json(&json!({ key: items.iter().map(as_json).collect::<Vec<_>>(), "next_page_token": next }));
+        out::json(&view::msg(&response(items, next)));
     } else {
-        table(items).print_or(empty);
-        more_hint(next);
+        table(&items).print_or(empty);
+        more_hint(&next);
     }
 }
 
@@ -114,7 +134,7 @@ pub async fn watch_until<T>(
                 out::note("the stream ended (is the service shutting down?)");
                 return Ok(());
             }
-            Err(s) => return Err(ctx.fail(svc, None, s)),
+            Err(s) => return Err(ctx.fail::<T>(svc, None, s)),
         }
     }
 }

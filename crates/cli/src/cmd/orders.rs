@@ -5,9 +5,8 @@ use std::time::Duration;
 
 use chipgate_proto::orders::v1 as opb;
 use clap::{ArgGroup, Args, Subcommand, ValueEnum};
-use serde_json::json;
 
-use super::{ListArgs, pages, print_listing, watch_until};
+use super::{ListArgs, pages, print_listing, show, watch_until};
 use crate::client::{Ctx, Failure, Outcome, Svc};
 use crate::out::{self, n};
 use crate::view;
@@ -136,12 +135,17 @@ pub enum OrderCmd {
     },
     /// Place many orders from a CSV or JSON-lines file, with a progress bar and bounded concurrency.
     ///
-    /// CSV needs a header: buyer,product,units,justification[,request_id] (fields may be "quoted").
-    /// JSON lines are objects {"buyer_id","product_sku","units","justification"[,"request_id"]}.
-    /// Nothing is placed if any row is malformed. Rows without a request_id get <prefix>-<line>, so
-    /// running the same file again with the same --request-id places nothing twice.
+    /// CSV needs a header: buyer,product,units,justification[,request_id] (RFC 4180: "quoted" fields
+    /// may hold commas, quotes and newlines). JSON lines are objects
+    /// {"buyer_id","product_sku","units","justification"[,"request_id"]}. Nothing is placed if any
+    /// row is malformed. Rows without a request_id get <prefix>-<line>, the prefix derived from the
+    /// file's content (or --request-id), so importing the same file again places nothing twice.
+    ///
+    /// With a signing key (--signing-key, or the dev cluster's) and no --token, each row is placed
+    /// as its own buyer; otherwise every row is placed with the one token given. The first row the
+    /// cluster refuses for the token (UNAUTHENTICATED, PERMISSION_DENIED) stops the import.
     #[command(
-        after_help = "Example:\n  chipgate order import demand.csv --concurrency 32 --request-id import-2026-01\n\ndemand.csv:\n  buyer,product,units,justification\n  baidu,H200-SXM-141GB,8000,ERNIE training\n  moonshot,H200-SXM-141GB,4000,\"Kimi inference, phase 2\""
+        after_help = "Example:\n  chipgate order import demand.csv --concurrency 32 --signing-key signing.pem\n\ndemand.csv:\n  buyer,product,units,justification\n  baidu,H200-SXM-141GB,8000,ERNIE training\n  moonshot,H200-SXM-141GB,4000,\"Kimi inference, phase 2\""
     )]
     Import(crate::import::ImportArgs),
 }
@@ -163,13 +167,8 @@ pub struct PlaceArgs {
     pub justification: String,
 }
 
-fn show_order(ctx: &Ctx, o: Option<opb::Order>) {
-    let o = o.unwrap_or_default();
-    if ctx.json() {
-        out::json(&json!({"order": view::order(&o)}));
-    } else {
-        view::print_order(&o);
-    }
+fn show_order<M: prost::Message>(ctx: &Ctx, r: &M, o: Option<&opb::Order>) {
+    show(ctx, r, || view::print_order(&o.cloned().unwrap_or_default()));
 }
 
 /// `chipgate order …`.
@@ -185,17 +184,17 @@ pub async fn order(ctx: &Ctx, cmd: OrderCmd) -> Outcome {
                 justification: p.justification,
             };
             let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().place_order(ctx.req(msg))).await?;
-            show_order(ctx, r.order);
+            show_order(ctx, &r, r.order.as_ref());
         }
         OrderCmd::Show { order } => {
             let msg = opb::GetOrderRequest { order_id: order };
             let r = ctx.call(Svc::Orders, None, ctx.ord().get_order(ctx.req(msg))).await?;
-            show_order(ctx, r.order);
+            show_order(ctx, &r, r.order.as_ref());
         }
         OrderCmd::List { buyer, product, state, history, list } => {
             let (buyer, product) = (buyer.unwrap_or_default(), product.unwrap_or_default());
             let state = state.map_or(0, |s| s.proto() as i32);
-            let (orders, next) = pages(&list, |page_size, page_token| {
+            let listed = pages(&list, |page_size, page_token| {
                 let msg = opb::ListOrdersRequest {
                     buyer_id: buyer.clone(),
                     product_sku: product.clone(),
@@ -210,25 +209,26 @@ pub async fn order(ctx: &Ctx, cmd: OrderCmd) -> Outcome {
                 }
             })
             .await?;
-            print_listing(ctx, "orders", &orders, view::order, view::orders_table, "no orders", &next);
+            let response = |orders, next_page_token| opb::ListOrdersResponse { orders, next_page_token };
+            print_listing(ctx, listed, response, view::orders_table, "no orders");
         }
         OrderCmd::Cancel { order, reason } => {
             let rid = ctx.rid();
             let msg = opb::CancelOrderRequest { request_id: rid.clone(), order_id: order, reason };
             let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().cancel_order(ctx.req(msg))).await?;
-            show_order(ctx, r.order);
+            show_order(ctx, &r, r.order.as_ref());
         }
         OrderCmd::Confirm { order } => {
             let rid = ctx.rid();
             let msg = opb::ConfirmOrderRequest { request_id: rid.clone(), order_id: order };
             let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().confirm_order(ctx.req(msg))).await?;
-            show_order(ctx, r.order);
+            show_order(ctx, &r, r.order.as_ref());
         }
         OrderCmd::Ship { order } => {
             let rid = ctx.rid();
             let msg = opb::ShipOrderRequest { request_id: rid.clone(), order_id: order };
             let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().ship_order(ctx.req(msg))).await?;
-            show_order(ctx, r.order);
+            show_order(ctx, &r, r.order.as_ref());
         }
         OrderCmd::Watch { buyer, order, count, duration, until } => {
             watch(ctx, buyer, order, count, duration, until).await?;
@@ -255,8 +255,14 @@ async fn watch(
         let o = ctx.call(Svc::Orders, None, ctx.ord().get_order(ctx.req(msg))).await?.order.unwrap_or_default();
         if o.state() == want.proto() {
             if ctx.json() {
-                out::json_line(&json!({"order_id": o.order_id, "buyer_id": o.buyer_id, "product_sku": o.product_sku,
-                    "transition": o.history.last().map(view::transition), "held_units": o.held_units}));
+                // As the watch would have printed the transition that got it there.
+                out::json_line(&view::msg(&opb::WatchOrdersResponse {
+                    transition: o.history.last().cloned(),
+                    order_id: o.order_id,
+                    buyer_id: o.buyer_id,
+                    product_sku: o.product_sku,
+                    held_units: o.held_units,
+                }));
             } else {
                 out::say(&format!("{} is already {}", o.order_id, view::order_state_name(o.state())));
             }
@@ -268,7 +274,7 @@ async fn watch(
     watch_until(ctx, Svc::Orders, stream, count, duration, |c: opb::WatchOrdersResponse| {
         let t = c.transition.clone().unwrap_or_default();
         if ctx.json() {
-            out::json_line(&view::order_change(&c));
+            out::json_line(&view::msg(&c));
         } else {
             out::say(&format!(
                 "{}  {}  {}  {} -> {}  ({})  held {}  {}",
@@ -319,11 +325,11 @@ pub async fn backlog(ctx: &Ctx, a: BacklogArgs) -> Outcome {
     })
     .await?;
     if ctx.json() {
-        out::json(&json!({
-            "product_sku": a.product,
-            "entries": entries.iter().map(view::backlog_entry).collect::<Vec<_>>(),
-            "next_page_token": next,
-            "total_orders": total.get(),
+        out::json(&view::msg(&opb::GetBacklogResponse {
+            product_sku: a.product,
+            entries,
+            next_page_token: next,
+            total_orders: total.get(),
         }));
     } else {
         out::say(&format!(

@@ -25,22 +25,42 @@ pub struct Cli {
     pub licensing: String,
     pub inventory: String,
     pub orders: String,
+    /// The cluster's signing key (authentication on): `--as` mints tokens from it.
+    pub signing_key: Option<String>,
+    /// The party the commands act as (`--as`).
+    pub party: Option<String>,
 }
 
 impl Cli {
     pub fn new(licensing: String, inventory: String, orders: String) -> Self {
-        Cli { licensing, inventory, orders }
+        Cli { licensing, inventory, orders, signing_key: None, party: None }
     }
 
     pub fn for_cluster(c: &chipgate_testkit::Cluster) -> Self {
         let orders = c.orders.as_ref().expect("the harness runs orders in process");
-        Cli::new(c.licensing.url(), c.inventory.url(), orders.url())
+        let mut cli = Cli::new(c.licensing.url(), c.inventory.url(), orders.url());
+        cli.signing_key = c.auth_dir.as_ref().map(|d| d.path().join("signing.pem").display().to_string());
+        cli
+    }
+
+    /// The same CLI acting as `party` (`import_authority`, `vendor`, `buyer:bytedance`, ...).
+    pub fn as_(&self, party: &str) -> Self {
+        Cli { party: Some(party.to_string()), ..self.clone() }
+    }
+
+    /// The flags that say who the CLI acts as.
+    pub fn identity(&self) -> Vec<String> {
+        match (&self.signing_key, &self.party) {
+            (Some(k), Some(p)) => vec!["--signing-key".to_string(), k.clone(), "--as".to_string(), p.clone()],
+            _ => Vec::new(),
+        }
     }
 
     /// Runs `chipgate <args>` with the cluster's endpoints (no output format forced).
     pub async fn raw(&self, args: &[&str]) -> Output {
         tokio::process::Command::new(bin())
             .args(["--licensing", &self.licensing, "--inventory", &self.inventory, "--orders", &self.orders])
+            .args(self.identity())
             .args(args)
             .env_remove("CHIPGATE_OUTPUT")
             .env_remove("CHIPGATE_REQUEST_ID")
