@@ -351,7 +351,12 @@ impl HoldPlanner {
         let check = existing.map(|h| h.check(ask.generation, ask.units)).unwrap_or(HoldCheck::Open);
         let mut hold = match check {
             HoldCheck::Mismatch { requested } => return Err(requested),
-            HoldCheck::Stale => return Ok((HoldOutcome::Stale, None)),
+            HoldCheck::Stale => {
+                // The order goes back to be evaluated again and returns at its place in the backlog:
+                // nobody behind it takes stock past it meanwhile.
+                self.stopped = true;
+                return Ok((HoldOutcome::Stale, None));
+            }
             HoldCheck::Done => {
                 let outcome = if existing.is_some_and(HoldRecord::is_complete) {
                     HoldOutcome::Held
@@ -514,6 +519,16 @@ mod tests {
         assert_eq!((o, new.expect("hold").held), (HoldOutcome::Held, 4));
         assert_eq!((p.stock.available, p.stock.held), (6, 4));
         assert!(p.stock.adds_up());
+
+        // A stale order goes back to be evaluated and returns to its place: nobody behind it in the
+        // batch takes stock meanwhile.
+        let mut p = HoldPlanner::new(stock(50), NOW);
+        let (o, _) = p.plan(&ask("a", 5, true), Some(&released)).expect("ok");
+        assert_eq!(o, HoldOutcome::Stale);
+        let (o, hold) = p.plan(&ask("b", 5, true), None).expect("ok");
+        assert_eq!(o, HoldOutcome::NotServed, "b may not overtake the stale a");
+        assert_eq!(hold.map(|h| h.held), Some(0), "b waits with an empty (partial) hold");
+        assert_eq!(p.stock.available, 50);
     }
 
     #[test]

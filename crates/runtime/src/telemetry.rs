@@ -26,7 +26,8 @@ use crate::context::{RequestContext, parse_traceparent};
 /// How log lines look.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
-    /// Human-readable, coloured when the output is a terminal.
+    /// Human-readable; coloured only when standard output is a terminal (a file or a pipe gets plain
+    /// text).
     #[default]
     Pretty,
     /// One JSON object per line.
@@ -131,7 +132,10 @@ fn install(output: Output, provider: Option<SdkTracerProvider>, default_level: &
     let with_otel = otel.is_some();
     let registry = tracing_subscriber::registry().with(otel);
     let logs = match output {
-        Output::Stdout(LogFormat::Pretty) => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        Output::Stdout(LogFormat::Pretty) => tracing_subscriber::fmt::layer()
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
+            .boxed(),
         Output::Stdout(LogFormat::Json) => tracing_subscriber::fmt::layer()
             .json()
             .with_current_span(true)
