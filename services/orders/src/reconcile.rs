@@ -542,9 +542,13 @@ impl Orders {
                             if r.rejectable {
                                 new.move_to(OrderStatus::Rejected, cause, "", failures, now)
                             } else {
-                                let capacity = failures
-                                    .iter()
-                                    .any(|f| f.condition().is_capacity() || f.condition() == Condition::QueueOrder);
+                                // The same test licensing's planner applies within a batch (capacity that may
+                                // come back): a stricter one here would park later orders the planner has
+                                // already reserved quota for, leaking that quota.
+                                let capacity = failures.iter().any(|f| {
+                                    (f.condition().is_capacity() && !f.permanent)
+                                        || f.condition() == Condition::QueueOrder
+                                });
                                 if capacity {
                                     blocked.insert(o.buyer_id.clone(), o.id.clone());
                                 }

@@ -446,12 +446,22 @@ fn orders_world(m: &Model, snap: &Snapshot, now: u64, v: &mut Vec<String>, known
             let verdict = m.verdict(buyer, sku, o.units, &o.justification, &used, now);
             let said: Vec<String> = o.reasons.iter().map(|r| format!("{:?} {}", r.condition(), r.license_id)).collect();
             if let Some(l) = &verdict.eligible {
+                let lic_used = snap.licences.iter().find(|x| &x.license_id == l).map(|x| x.used_units);
                 v.push(format!(
-                    "order {} ({buyer}, {} x {sku}) waits, but licence {l} would serve it now ({} of {} units in use); it says {said:?}",
+                    "order {} ({buyer}, {} x {sku}) waits, but licence {l} would serve it now ({} of {} units in use by its orders, {lic_used:?} by the licence); it says {said:?}; {}; earlier orders of the buyer: {}",
                     o.order_id,
                     o.units,
                     used.get(l).copied().unwrap_or(0),
-                    m.licences[l].granted
+                    m.licences[l].granted,
+                    steps(o),
+                    orders
+                        .iter()
+                        .filter(|e| e.buyer_id == buyer && e.product_sku == sku && e.sequence < o.sequence)
+                        .rev()
+                        .take(3)
+                        .map(|e| format!("{} {:?} [{}]", e.order_id, e.state(), steps(e)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
                 ));
                 break;
             }
@@ -519,6 +529,29 @@ fn orders_world(m: &Model, snap: &Snapshot, now: u64, v: &mut Vec<String>, known
         }
     }
     history(m, orders, v);
+}
+
+/// An order's last steps, for a violation's message.
+fn steps(o: &opb::Order) -> String {
+    o.history
+        .iter()
+        .rev()
+        .take(4)
+        .rev()
+        .map(|t| {
+            let c = t.cause.clone().unwrap_or_default();
+            let f: Vec<String> = t.failures.iter().map(|f| format!("{:?}", f.condition())).collect();
+            format!(
+                "{}→{:?} at {} by {:?} {} {f:?}",
+                format!("{:?}", t.from_state()),
+                t.to_state(),
+                ms(t.time.as_ref()),
+                c.kind(),
+                c.reference
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn is_waiting(s: OrderState) -> bool {
