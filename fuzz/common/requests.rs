@@ -15,7 +15,7 @@ use chipgate_proto::orders::v1::order_service_server::OrderService;
 use prost::Message;
 
 /// Unary RPCs the dispatcher knows (licensing 36, inventory 14, orders 8).
-pub const RPCS: usize = 58;
+pub const RPCS: usize = 55;
 
 /// The three services, in this process.
 pub struct World {
@@ -81,7 +81,7 @@ macro_rules! dispatch {
 /// calls its handler; the answer is dropped (only a panic matters). True when the handler ran.
 pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
     let sel = usize::from(sel);
-    let (lic_n, inv_n) = (36usize, 14usize);
+    let (lic_n, inv_n) = (35usize, 12usize);
     if sel < lic_n {
         dispatch!(sel, bytes, w.licensing, [
             submit_application: lpb::SubmitApplicationRequest,
@@ -104,12 +104,11 @@ pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
             reinstate_license: lpb::ReinstateLicenseRequest,
             revoke_license: lpb::RevokeLicenseRequest,
             check_eligibility: lpb::CheckEligibilityRequest,
-            reserve_quota: lpb::ReserveQuotaRequest,
             batch_reserve_quota: lpb::BatchReserveQuotaRequest,
-            release_quota: lpb::ReleaseQuotaRequest,
             batch_release_quota: lpb::BatchReleaseQuotaRequest,
             confirm_quota: lpb::ConfirmQuotaRequest,
             get_quota_reservation: lpb::GetQuotaReservationRequest,
+            recheck_quota: lpb::RecheckQuotaRequest,
             record_domestic_purchase: lpb::RecordDomesticPurchaseRequest,
             get_domestic_ledger: lpb::GetDomesticLedgerRequest,
             grant_export_authorization: lpb::GrantExportAuthorizationRequest,
@@ -129,10 +128,8 @@ pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
             receive_supply: ipb::ReceiveSupplyRequest,
             get_stock: ipb::GetStockRequest,
             list_stock: ipb::ListStockRequest,
-            reserve: ipb::ReserveRequest,
             batch_reserve: ipb::BatchReserveRequest,
             confirm_reservation: ipb::ConfirmReservationRequest,
-            release_reservation: ipb::ReleaseReservationRequest,
             batch_release_reservations: ipb::BatchReleaseReservationsRequest,
             ship_reservation: ipb::ShipReservationRequest,
             get_reservation: ipb::GetReservationRequest,

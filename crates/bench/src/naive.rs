@@ -35,7 +35,10 @@ impl NaiveResult {
 
 /// Runs the naive baseline (licensing and inventory only; this loop plays the orders service).
 pub async fn run(args: &Args) -> NaiveResult {
-    let cluster = Cluster::start_with(ClusterOptions { orders_in_process: false, ..ClusterOptions::default() }).await;
+    // Without authentication, like the other parts' load loops (BENCHMARKS.md compares the figures).
+    let cluster =
+        Cluster::start_with(ClusterOptions { orders_in_process: false, auth: false, ..ClusterOptions::default() })
+            .await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     license_everyone(&cluster, buyers, products, Some(1_000_000_000)).await;
@@ -66,26 +69,35 @@ pub async fn run(args: &Args) -> NaiveResult {
                 }
                 let order = format!("naive-{i}");
                 let sku = SKUS[(i / buyers) % products].to_string();
+                // One order per call (what a naive client would do), through the batch forms, the only
+                // ones the services' API has.
                 let q = lic
-                    .reserve_quota(lpb::ReserveQuotaRequest {
+                    .batch_reserve_quota(lpb::BatchReserveQuotaRequest {
                         request_id: format!("{order}-q"),
-                        order_id: order.clone(),
-                        generation: 1,
-                        buyer_id: buyer(i % buyers),
                         product_sku: sku.clone(),
-                        units: 10,
-                        justification: String::new(),
+                        items: vec![lpb::QuotaItem {
+                            order_id: order.clone(),
+                            generation: 1,
+                            buyer_id: buyer(i % buyers),
+                            units: 10,
+                            justification: String::new(),
+                            queued_behind: String::new(),
+                        }],
+                        fence_token: 0,
                     })
                     .await;
                 let h = inv
-                    .reserve(ipb::ReserveRequest {
+                    .batch_reserve(ipb::BatchReserveRequest {
                         request_id: format!("{order}-h"),
-                        order_id: order.clone(),
-                        generation: 1,
                         product_sku: sku,
-                        units: 10,
-                        allow_partial: true,
-                        hold_seconds: 900,
+                        items: vec![ipb::ReserveItem {
+                            order_id: order.clone(),
+                            generation: 1,
+                            units: 10,
+                            allow_partial: true,
+                            hold_seconds: 900,
+                        }],
+                        fence_token: 0,
                     })
                     .await;
                 if q.is_err() || h.is_err() {

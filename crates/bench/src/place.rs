@@ -129,7 +129,8 @@ pub struct PlaceResult {
 
 /// Runs the placement benchmark.
 pub async fn run(args: &Args) -> PlaceResult {
-    let cluster = Cluster::start_with(ClusterOptions::default()).await;
+    // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
+    let cluster = Cluster::start_with(ClusterOptions { auth: false, ..ClusterOptions::default() }).await;
     let buyers = args.buyers.clamp(1, 64);
     let products = args.products.clamp(1, SKUS.len());
     license_everyone(&cluster, buyers, products, Some(1_000_000_000)).await;

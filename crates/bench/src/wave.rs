@@ -50,7 +50,8 @@ async fn used_memory(cluster: &Cluster) -> u64 {
 
 /// Runs the wave benchmark.
 pub async fn run(args: &Args) -> WaveResult {
-    let cluster = Cluster::start_with(ClusterOptions::default()).await;
+    // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
+    let cluster = Cluster::start_with(ClusterOptions { auth: false, ..ClusterOptions::default() }).await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     let apps = license_everyone(&cluster, buyers, products, None).await;

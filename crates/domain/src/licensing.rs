@@ -473,6 +473,54 @@ fn fmt_units(n: u64) -> String {
     out
 }
 
+/// Customs' embargo of the product, as a failure (None while imports are open).
+fn embargo_failure(gate: &ProductGate) -> Option<Failure> {
+    gate.embargoed.then(|| {
+        let why = if gate.embargo_reason.is_empty() { String::new() } else { format!(": {}", gate.embargo_reason) };
+        Failure::new(Condition::ImportPolicy, "", format!("customs embargoes this product{why}"))
+    })
+}
+
+/// The vendor's missing export authorisation for the licence's product and destination, as a failure.
+fn export_failure(lic: &LicenseRecord, gate: &ProductGate) -> Option<Failure> {
+    (!gate.export_destinations.contains(&lic.destination)).then(|| {
+        Failure::new(
+            Condition::ExportAuthorization,
+            &lic.id,
+            format!("the vendor holds no export authorisation for {} to {}", lic.product_sku, lic.destination),
+        )
+    })
+}
+
+/// Why quota already taken under `lic` may no longer be used — the order holding it must go back to
+/// waiting — or nothing while it still may: the licence revoked, expired or suspended, customs
+/// embargoing the product, or the vendor's export authorisation withdrawn. Quota taken is not
+/// questioned for what only governs taking it (remaining quota, the per-order cap, the domestic ratio,
+/// a justification), and the wording is the same as when an order is evaluated.
+pub fn holding_failures(lic: &LicenseRecord, gate: &ProductGate, now_ms: u64) -> Vec<Failure> {
+    let id = lic.id.as_str();
+    let mut out = Vec::new();
+    match lic.effective_state(now_ms) {
+        EffectiveState::Revoked => out.push(
+            Failure::new(Condition::LicenseInForce, id, format!("licence {id} was revoked: {}", lic.state_reason))
+                .permanent(),
+        ),
+        EffectiveState::Expired => {
+            out.push(Failure::new(Condition::ValidityWindow, id, format!("licence {id} expired")).permanent());
+        }
+        EffectiveState::Suspended => out.push(Failure::new(
+            Condition::LicenseInForce,
+            id,
+            format!("licence {id} is suspended: {}", lic.state_reason),
+        )),
+        // Quota is only ever taken from an active licence; terms can't go back to pending.
+        EffectiveState::PendingTerms | EffectiveState::Active | EffectiveState::Exhausted => {}
+    }
+    out.extend(embargo_failure(gate));
+    out.extend(export_failure(lic, gate));
+    out
+}
+
 /// Checks one licence's own conditions for an ask. `domestic_units` is the buyer's recorded total.
 pub fn licence_failures(
     lic: &LicenseRecord,
@@ -517,13 +565,7 @@ pub fn licence_failures(
     if c.valid_from_ms != 0 && now_ms < c.valid_from_ms {
         out.push(Failure::new(Condition::ValidityWindow, id, format!("licence {id} is not valid yet")));
     }
-    if !gate.export_destinations.contains(&lic.destination) {
-        out.push(Failure::new(
-            Condition::ExportAuthorization,
-            id,
-            format!("the vendor holds no export authorisation for {} to {}", lic.product_sku, lic.destination),
-        ));
-    }
+    out.extend(export_failure(lic, gate));
     if c.per_order_cap != 0 && ask.units > c.per_order_cap {
         out.push(
             Failure::new(
@@ -607,11 +649,7 @@ pub fn evaluate(
     gate: &ProductGate,
     now_ms: u64,
 ) -> Verdict {
-    let mut failures = Vec::new();
-    if gate.embargoed {
-        let why = if gate.embargo_reason.is_empty() { String::new() } else { format!(": {}", gate.embargo_reason) };
-        failures.push(Failure::new(Condition::ImportPolicy, "", format!("customs embargoes this product{why}")));
-    }
+    let mut failures: Vec<Failure> = embargo_failure(gate).into_iter().collect();
     if candidates.iter().all(|l| !l.is_live(now_ms)) {
         failures.push(Failure::new(
             Condition::License,
@@ -694,24 +732,38 @@ impl<'a> QuotaPlanner<'a> {
         QuotaPlanner { licences: by_buyer, domestic, gate, now_ms, blocked: HashMap::new(), touched: HashSet::new() }
     }
 
+    /// Records that `earlier`, an order of `buyer` decided before this batch, still waits for quota:
+    /// the buyer's asks in this batch queue behind it (the first such order named wins).
+    pub fn queue_behind(&mut self, buyer: &str, earlier: &str) {
+        self.blocked.entry(buyer.to_string()).or_insert_with(|| earlier.to_string());
+    }
+
     /// Decides one ask and, if eligible, takes its quota from the running copy.
+    ///
+    /// An ask of a buyer whose earlier order waits for quota takes nothing and waits behind it — unless
+    /// it can never be served by the buyer's licences, in which case it is refused as rejectable like
+    /// any other: waiting can't help it.
     pub fn plan(&mut self, order_id: &str, ask: &Ask<'_>) -> Planned {
-        if let Some(earlier) = self.blocked.get(ask.buyer_id) {
-            return Planned::Refused {
-                failures: vec![Failure::new(
-                    Condition::QueueOrder,
-                    "",
-                    format!(
-                        "an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"
-                    ),
-                )],
-                rejectable: false,
-            };
-        }
         let domestic = self.domestic.get(ask.buyer_id).copied().unwrap_or(0);
         let list = self.licences.entry(ask.buyer_id.to_string()).or_default();
         let refs: Vec<&LicenseRecord> = list.iter().collect();
-        match evaluate(&refs, ask, domestic, self.gate, self.now_ms) {
+        let verdict = evaluate(&refs, ask, domestic, self.gate, self.now_ms);
+        if let Some(earlier) = self.blocked.get(ask.buyer_id) {
+            return match verdict {
+                Verdict::Refused { failures, rejectable: true } => Planned::Refused { failures, rejectable: true },
+                _ => Planned::Refused {
+                    failures: vec![Failure::new(
+                        Condition::QueueOrder,
+                        "",
+                        format!(
+                            "an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"
+                        ),
+                    )],
+                    rejectable: false,
+                },
+            };
+        }
+        match verdict {
             Verdict::Eligible(i) => {
                 let lic = &mut list[i];
                 lic.used += ask.units;
@@ -1254,6 +1306,85 @@ mod tests {
             touched.iter().map(|l| (l.id.as_str(), l.used)).collect::<Vec<_>>(),
             vec![("lic-1", 60), ("lic-2", 100)]
         );
+    }
+
+    #[test]
+    fn an_order_that_can_never_be_served_is_rejected_even_while_queued_behind_another() {
+        let c = Conditions { per_order_cap: 50, ..Default::default() };
+        let l = lic("lic-1", "bytedance", 100, LicenseStatus::Active, c);
+        let domestic = HashMap::new();
+        let gate = open_gate();
+        let mut p = QuotaPlanner::new(vec![l], &domestic, &gate, NOW);
+        assert!(matches!(p.plan("o1", &ask(50)), Planned::Reserved { .. }));
+        // 50 left: o2 (50) fits, o3 (40) waits for quota...
+        assert!(matches!(p.plan("o2", &ask(50)), Planned::Reserved { .. }));
+        assert!(matches!(p.plan("o3", &ask(40)), Planned::Refused { rejectable: false, .. }));
+        // ... and o4, above the per-order cap, is rejected rather than queued behind o3.
+        match p.plan("o4", &ask(60)) {
+            Planned::Refused { failures, rejectable } => {
+                assert!(rejectable);
+                assert!(conditions(&failures).contains(&Condition::PerOrderCap), "{failures:?}");
+            }
+            v => panic!("{v:?}"),
+        }
+        // An ask that could be served still queues.
+        match p.plan("o5", &ask(1)) {
+            Planned::Refused { failures, rejectable } => {
+                assert!(!rejectable);
+                assert_eq!(conditions(&failures), vec![Condition::QueueOrder]);
+            }
+            v => panic!("{v:?}"),
+        }
+
+        // The same when the earlier order waits from an earlier batch (the caller says so).
+        let l = lic(
+            "lic-1",
+            "bytedance",
+            100,
+            LicenseStatus::Active,
+            Conditions { per_order_cap: 50, ..Default::default() },
+        );
+        let mut p = QuotaPlanner::new(vec![l], &domestic, &gate, NOW);
+        p.queue_behind("bytedance", "o3");
+        assert!(matches!(p.plan("o4", &ask(60)), Planned::Refused { rejectable: true, .. }));
+        match p.plan("o5", &ask(1)) {
+            Planned::Refused { failures, .. } => assert!(failures[0].description.contains("o3")),
+            v => panic!("{v:?}"),
+        }
+        assert!(p.into_touched().is_empty(), "nothing was taken behind a waiting order");
+    }
+
+    #[test]
+    fn quota_held_is_questioned_only_by_the_licence_state_and_the_product_gates() {
+        let mut l = lic(
+            "lic-1",
+            "bytedance",
+            100,
+            LicenseStatus::Active,
+            Conditions { per_order_cap: 1, ..Default::default() },
+        );
+        l.used = 100;
+        let gate = open_gate();
+        assert!(holding_failures(&l, &gate, NOW).is_empty(), "exhausted, capped: the quota taken stays usable");
+        let mut suspended = l.clone();
+        suspended.suspend("audit", NOW).expect("suspend");
+        let f = holding_failures(&suspended, &gate, NOW);
+        assert_eq!(conditions(&f), vec![Condition::LicenseInForce]);
+        assert_eq!(f[0].description, "licence lic-1 is suspended: audit");
+        let mut revoked = l.clone();
+        revoked.revoke("fraud", NOW).expect("revoke");
+        assert_eq!(conditions(&holding_failures(&revoked, &gate, NOW)), vec![Condition::LicenseInForce]);
+        let expiring =
+            lic("lic-2", "b", 10, LicenseStatus::Active, Conditions { valid_until_ms: NOW, ..Default::default() });
+        assert_eq!(conditions(&holding_failures(&expiring, &gate, NOW)), vec![Condition::ValidityWindow]);
+        let closed =
+            ProductGate { embargoed: true, embargo_reason: "notice 7".into(), export_destinations: HashSet::new() };
+        let f = holding_failures(&l, &closed, NOW);
+        assert_eq!(conditions(&f), vec![Condition::ImportPolicy, Condition::ExportAuthorization]);
+        // The same words as when an order is evaluated.
+        let Verdict::Refused { failures, .. } = evaluate(&[&l], &ask(0), 0, &closed, NOW) else { panic!() };
+        assert_eq!(failures[0].description, f[0].description);
+        assert!(failures.iter().any(|x| x.description == f[1].description), "{failures:?}");
     }
 
     #[test]

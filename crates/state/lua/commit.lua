@@ -11,6 +11,9 @@
 --   op     del <keyidx>
 --   op     zadd <keyidx> <score> <member>
 --   op     zrem <keyidx> <member>
+--   op     zunion <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
+--          dest := union of the sources (n = 0: delete); its size goes into hash field <field>
+--          unless hashidx is 0
 --   op     hincr <keyidx> <field> <delta>
 --   op     hset <keyidx> <field> <value>
 --   op     hdel <keyidx> <field>
@@ -80,6 +83,23 @@ for _ = 1, no do
   elseif kind == 'zrem' then
     redis.call('ZREM', k, ARGV[i + 2])
     i = i + 3
+  elseif kind == 'zunion' then
+    local n = tonumber(ARGV[i + 2])
+    local srcs = {}
+    for j = 1, n do
+      srcs[j] = KEYS[tonumber(ARGV[i + 2 + j])]
+    end
+    local size = 0
+    if n > 0 then
+      size = redis.call('ZUNIONSTORE', k, n, unpack(srcs))
+    else
+      redis.call('DEL', k)
+    end
+    local hidx = ARGV[i + 3 + n]
+    if hidx ~= '0' then
+      redis.call('HSET', KEYS[tonumber(hidx)], ARGV[i + 4 + n], size)
+    end
+    i = i + 5 + n
   elseif kind == 'hincr' then
     redis.call('HINCRBY', k, ARGV[i + 2], ARGV[i + 3])
     i = i + 4

@@ -153,6 +153,18 @@ pub enum Op {
         /// Member.
         member: String,
     },
+    /// Replaces the sorted set at `key` with the union of the `sources` (a member in several gets the
+    /// sum of its scores, as Redis' `ZUNIONSTORE`); no sources, or only empty ones, delete it. A
+    /// server-side snapshot: the members are never copied through the client. With `count_into`
+    /// (hash key, field), the snapshot's size is stored there in the same atomic step.
+    ZUnionStore {
+        /// Destination sorted-set key.
+        key: String,
+        /// Source sorted-set keys.
+        sources: Vec<String>,
+        /// Where to record how many members the snapshot holds.
+        count_into: Option<(String, String)>,
+    },
     /// Adds `delta` to an integer hash field.
     HIncr {
         /// Hash key.
@@ -348,6 +360,25 @@ impl Txn {
         self
     }
 
+    /// Replaces the sorted set at `key` with the union of `sources` (see [`Op::ZUnionStore`]).
+    pub fn zunionstore(&mut self, key: impl Into<String>, sources: Vec<String>) -> &mut Self {
+        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into: None });
+        self
+    }
+
+    /// Like [`zunionstore`](Self::zunionstore), also setting hash field `field` of `hash` to the
+    /// snapshot's size.
+    pub fn zunionstore_counted(
+        &mut self,
+        key: impl Into<String>,
+        sources: Vec<String>,
+        hash: impl Into<String>,
+        field: impl Into<String>,
+    ) -> &mut Self {
+        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into: Some((hash.into(), field.into())) });
+        self
+    }
+
     /// Removes a set member.
     pub fn srem(&mut self, key: impl Into<String>, member: impl Into<String>) -> &mut Self {
         self.ops.push(Op::SRem { key: key.into(), member: member.into() });
@@ -415,29 +446,38 @@ impl Txn {
 
     /// Every key the transaction touches, in first-use order, without repeats.
     pub fn keys(&self) -> Vec<&str> {
-        let guard_keys = self.guards.iter().map(|g| match g {
-            Guard::Version { key, .. } | Guard::Fence { key, .. } | Guard::Lease { key, .. } => {
-                [Some(key.as_str()), None]
+        let mut all: Vec<&str> = Vec::with_capacity(self.guards.len() + self.ops.len());
+        for g in &self.guards {
+            match g {
+                Guard::Version { key, .. } | Guard::Fence { key, .. } | Guard::Lease { key, .. } => all.push(key),
             }
-        });
-        let op_keys = self.ops.iter().map(|op| match op {
-            Op::Put { key, .. }
-            | Op::PutAt { key, .. }
-            | Op::Delete { key }
-            | Op::ZAdd { key, .. }
-            | Op::ZRem { key, .. }
-            | Op::HIncr { key, .. }
-            | Op::HSet { key, .. }
-            | Op::HDel { key, .. }
-            | Op::SAdd { key, .. }
-            | Op::SRem { key, .. }
-            | Op::XAdd { key, .. } => [Some(key.as_str()), None],
-            Op::Audit { chain, .. } | Op::AuditLinked { chain, .. } => {
-                [Some(chain.stream.as_str()), Some(chain.head.as_str())]
+        }
+        for op in &self.ops {
+            match op {
+                Op::Put { key, .. }
+                | Op::PutAt { key, .. }
+                | Op::Delete { key }
+                | Op::ZAdd { key, .. }
+                | Op::ZRem { key, .. }
+                | Op::HIncr { key, .. }
+                | Op::HSet { key, .. }
+                | Op::HDel { key, .. }
+                | Op::SAdd { key, .. }
+                | Op::SRem { key, .. }
+                | Op::XAdd { key, .. } => all.push(key),
+                Op::ZUnionStore { key, sources, count_into } => {
+                    all.push(key);
+                    all.extend(sources.iter().map(String::as_str));
+                    all.extend(count_into.iter().map(|(h, _)| h.as_str()));
+                }
+                Op::Audit { chain, .. } | Op::AuditLinked { chain, .. } => {
+                    all.push(&chain.stream);
+                    all.push(&chain.head);
+                }
             }
-        });
+        }
         let mut seen = std::collections::HashSet::new();
-        guard_keys.chain(op_keys).flatten().flatten().filter(|k| seen.insert(*k)).collect()
+        all.into_iter().filter(|k| seen.insert(*k)).collect()
     }
 }
 

@@ -208,6 +208,29 @@ impl Inner {
                     }
                 }
             }
+            Op::ZUnionStore { key, sources, count_into } => {
+                let mut union: HashMap<String, f64> = HashMap::new();
+                for src in sources {
+                    if let Some(z) = self.zsets.get(src) {
+                        for (member, score) in &z.by_member {
+                            *union.entry(member.clone()).or_default() += score;
+                        }
+                    }
+                }
+                self.zsets.remove(key);
+                if let Some((hash, field)) = count_into {
+                    self.hashes
+                        .entry(hash.clone())
+                        .or_default()
+                        .insert(field.clone(), union.len().to_string().into_bytes());
+                }
+                if !union.is_empty() {
+                    let z = self.zsets.entry(key.clone()).or_default();
+                    for (member, score) in &union {
+                        z.insert(member, *score);
+                    }
+                }
+            }
             Op::HIncr { key, field, delta } => {
                 let h = self.hashes.entry(key.clone()).or_default();
                 let cur = h

@@ -370,6 +370,16 @@ impl Backend for RedisBackend {
                     inv.arg("zadd").arg(idx(key)).arg(format_score(*score)).arg(member.as_str())
                 }
                 Op::ZRem { key, member } => inv.arg("zrem").arg(idx(key)).arg(member.as_str()),
+                Op::ZUnionStore { key, sources, count_into } => {
+                    inv.arg("zunion").arg(idx(key)).arg(sources.len());
+                    for s in sources {
+                        inv.arg(idx(s));
+                    }
+                    match count_into {
+                        Some((hash, field)) => inv.arg(idx(hash)).arg(field.as_str()),
+                        None => inv.arg("0").arg(""),
+                    }
+                }
                 Op::HIncr { key, field, delta } => inv.arg("hincr").arg(idx(key)).arg(field.as_str()).arg(*delta),
                 Op::HSet { key, field, value } => {
                     inv.arg("hset").arg(idx(key)).arg(field.as_str()).arg(value.as_slice())

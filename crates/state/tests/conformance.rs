@@ -96,6 +96,38 @@ async fn sorted_sets_order_by_score_then_member(store: Store) {
     assert_eq!(store.zcard(&z).await.unwrap(), 3);
 }
 
+/// A snapshot of sorted sets taken inside a transaction is exactly their union at that moment, and
+/// replaces what the destination held; a snapshot of nothing deletes it.
+async fn sorted_sets_snapshot_into_one(store: Store) {
+    let (a, b, snap) = (k(&["q", "a"]), k(&["q", "b"]), k(&["snap"]));
+    let mut t = Txn::new();
+    t.zadd(&a, "o1", 1.0).zadd(&a, "o3", 3.0).zadd(&b, "o2", 2.0).zadd(&snap, "stale", 0.0);
+    store.commit(&t).await.unwrap();
+    let tally = k(&["tally"]);
+    let mut t = Txn::new();
+    t.zunionstore_counted(&snap, vec![a.clone(), b.clone(), k(&["q", "empty"])], &tally, "size").zadd(&a, "o4", 4.0);
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("size".to_string(), b"3".to_vec())], "counted at once");
+    let got = store.zrange(&snap, 0, -1, false).await.unwrap();
+    assert_eq!(got, vec![("o1".into(), 1.0), ("o2".into(), 2.0), ("o3".into(), 3.0)], "o4 came after");
+    let mut t = Txn::new();
+    t.zrem(&snap, "o2");
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.zcard(&snap).await.unwrap(), 2);
+    assert_eq!(store.zcard(&b).await.unwrap(), 1, "the sources are untouched");
+    let mut t = Txn::new();
+    t.zunionstore(&snap, vec![k(&["q", "empty"])]);
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.zcard(&snap).await.unwrap(), 0);
+    let mut t = Txn::new();
+    t.zadd(&snap, "x", 1.0);
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    t.zunionstore(&snap, vec![]);
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.zcard(&snap).await.unwrap(), 0);
+}
+
 async fn hashes_sets_and_counters(store: Store) {
     let h = k(&["stats"]);
     let mut t = Txn::new();
@@ -328,6 +360,7 @@ async fn optimistic_increments_lose_nothing_under_concurrency(store: Store) {
 }
 
 backend_tests!(
+    sorted_sets_snapshot_into_one,
     records_are_versioned_and_guarded,
     records_with_ttl_expire,
     sorted_sets_order_by_score_then_member,

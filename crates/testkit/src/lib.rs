@@ -359,12 +359,8 @@ pub const SERVICE_TOKEN_FILE: &str = "service.jwt";
 /// # Panics
 /// When the file can't be written.
 pub fn write_service_token(signer: &chipgate_runtime::auth::Signer, dir: &std::path::Path) {
-    let token = signer.mint(
-        "service:orders",
-        chipgate_runtime::auth::Role::Service,
-        None,
-        Duration::from_secs(24 * 3600),
-    );
+    let token =
+        signer.mint("service:orders", chipgate_runtime::auth::Role::Service, None, Duration::from_secs(24 * 3600));
     std::fs::write(dir.join(SERVICE_TOKEN_FILE), token).expect("write the service token");
 }
 

@@ -109,7 +109,8 @@ impl Service<http::Request<Body>> for Parties {
             let msg = policy::single_frame(&bytes).unwrap_or_default();
             let lookup = channel.clone().ready_oneshot().await.map_err(|e| -> BoxError { Box::new(e) })?;
             if let Some(token) = token_for(&lookup, &signer, parts.uri.path(), msg).await {
-                let value = http::HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| -> BoxError { Box::new(e) })?;
+                let value =
+                    http::HeaderValue::try_from(format!("Bearer {token}")).map_err(|e| -> BoxError { Box::new(e) })?;
                 parts.headers.insert(http::header::AUTHORIZATION, value);
             }
             let req = http::Request::from_parts(parts, Body::new(http_body_util::Full::new(bytes)));

@@ -266,8 +266,10 @@ impl ProcessCluster {
             std::fs::write(&public, signer.public_pem()).expect("write the public key");
             crate::write_service_token(&signer, &logs);
             common.push(("CHIPGATE_AUTH_PUBLIC_KEY".into(), public.display().to_string()));
-            orders_auth
-                .push(("CHIPGATE_SERVICE_TOKEN_FILE".into(), logs.join(crate::SERVICE_TOKEN_FILE).display().to_string()));
+            orders_auth.push((
+                "CHIPGATE_SERVICE_TOKEN_FILE".into(),
+                logs.join(crate::SERVICE_TOKEN_FILE).display().to_string(),
+            ));
             Some(signer)
         } else {
             common.push(("CHIPGATE_INSECURE_NO_AUTH".into(), "true".into()));

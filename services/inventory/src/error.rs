@@ -37,15 +37,6 @@ pub enum Error {
         /// Violations.
         violations: Vec<Precondition>,
     },
-    /// Not enough stock for an all-or-nothing hold.
-    OutOfStock {
-        /// Product.
-        sku: String,
-        /// Units wanted.
-        wanted: u64,
-        /// Units available.
-        available: u64,
-    },
     /// A newer allocation lease holder already acted on this product.
     Fenced {
         /// Fence key.
@@ -96,14 +87,8 @@ impl Error {
             Error::Precondition { reason, message, violations } => {
                 errors::failed_precondition(reason, message, violations)
             }
-            Error::OutOfStock { sku, wanted, available } => errors::quota_exhausted(
-                "OUT_OF_STOCK",
-                format!("{sku}: {wanted} units wanted, {available} available"),
-                vec![(format!("stock:{sku}"), format!("{wanted} units wanted, {available} available"))],
-                vec![],
-            ),
             Error::Fenced { key } => errors::aborted(
-                "FENCED",
+                chipgate_contract::FENCED_REASON,
                 format!("a newer allocation lease already acted on {key}; this caller's lease is stale"),
             ),
             Error::Contention { attempts } => errors::aborted(

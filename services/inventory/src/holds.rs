@@ -59,42 +59,6 @@ fn refs(holds: &[pb::Reservation]) -> String {
 }
 
 impl Inventory {
-    pub(crate) async fn reserve(
-        &self,
-        ctx: &RequestContext,
-        req: pb::ReserveRequest,
-    ) -> Result<pb::ReserveResponse, Error> {
-        let mut v = Violations::new();
-        validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        check_hold_item(&mut v, "", &req.order_id, req.generation, req.units, req.hold_seconds);
-        v.check().map_err(Error::Status)?;
-        let ask = HoldAsk {
-            order_id: req.order_id.clone(),
-            generation: req.generation,
-            units: req.units,
-            allow_partial: req.allow_partial,
-            hold_seconds: if req.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { req.hold_seconds },
-        };
-        let resp = self.reserve_items(ctx, &req.product_sku, vec![ask], 0).await?;
-        let r = resp.results.into_iter().next().ok_or_else(|| Error::Internal("reserve answered nothing".into()))?;
-        match r.outcome() {
-            pb::ReserveOutcome::Stale => Err(Error::precondition(
-                "STALE_GENERATION",
-                &req.order_id,
-                format!(
-                    "generation {} of order {} was released, expired or superseded; use a higher generation",
-                    req.generation, req.order_id
-                ),
-            )),
-            pb::ReserveOutcome::NotServed if !req.allow_partial => {
-                let available = resp.stock.map(|s| s.available).unwrap_or(0);
-                Err(Error::OutOfStock { sku: req.product_sku.clone(), wanted: req.units, available })
-            }
-            _ => Ok(pb::ReserveResponse { reservation: r.reservation }),
-        }
-    }
-
     pub(crate) async fn batch_reserve(
         &self,
         ctx: &RequestContext,
@@ -343,24 +307,6 @@ impl Inventory {
         Ok(answer)
     }
 
-    pub(crate) async fn release_reservation(
-        &self,
-        ctx: &RequestContext,
-        req: pb::ReleaseReservationRequest,
-    ) -> Result<pb::ReleaseReservationResponse, Error> {
-        let mut v = Violations::new();
-        validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "order_id", &req.order_id);
-        if req.generation == 0 {
-            v.add("generation", "must be at least 1");
-        }
-        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
-        let mut out =
-            self.release_items(ctx, &[(req.order_id.clone(), req.generation)], &req.reason, false, true).await?;
-        Ok(pb::ReleaseReservationResponse { reservation: out.pop() })
-    }
-
     pub(crate) async fn batch_release_reservations(
         &self,
         ctx: &RequestContext,
@@ -386,19 +332,18 @@ impl Inventory {
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
         let items: Vec<(String, u64)> = req.items.into_iter().map(|i| (i.order_id, i.generation)).collect();
-        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed, false).await?;
+        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
         Ok(pb::BatchReleaseReservationsResponse { reservations })
     }
 
-    /// Gives holds of `(order, generation)` back (see the API docs of ReleaseReservation). With
-    /// `strict`, releasing a shipped hold is an error; otherwise it is left as it is.
+    /// Gives holds of `(order, generation)` back (see the API docs of BatchReleaseReservations); a
+    /// shipped hold is left as it is.
     async fn release_items(
         &self,
         ctx: &RequestContext,
         items: &[(String, u64)],
         reason: &str,
         unless_confirmed: bool,
-        strict: bool,
     ) -> Result<Vec<pb::Reservation>, Error> {
         let (answer, _) = self
             .run_txn(None, || async {
@@ -456,13 +401,6 @@ impl Inventory {
                             None
                         }
                         Some(h) if h.generation == *generation && h.status() == HoldStatus::Shipped => {
-                            if strict {
-                                return Err(Error::precondition(
-                                    "HOLD_SHIPPED",
-                                    order_id,
-                                    format!("order {order_id} has shipped; shipped units can't be released"),
-                                ));
-                            }
                             out.push(hold_to(&h));
                             None
                         }

@@ -4,16 +4,16 @@
 use chipgate_state::Space;
 
 /// The inventory space.
-pub const SPACE: Space = Space::new("inv");
+pub const SPACE: Space = chipgate_contract::INVENTORY;
 
 /// The event stream the orders service and WatchStock read.
 pub fn events() -> String {
-    SPACE.key(["events"])
+    chipgate_contract::streams::inventory()
 }
 
 /// A product.
 pub fn product(sku: &str) -> String {
-    SPACE.key(["product", sku])
+    chipgate_contract::catalogue::product(sku)
 }
 
 /// Every SKU (all scored 0, so rank order is SKU order).

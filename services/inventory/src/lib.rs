@@ -202,7 +202,11 @@ fn emit(
         stock: Some(convert::stock_to(stock, stock_version)),
         kind: Some(kind),
     };
-    txn.xadd(keys::events(), vec![("e".to_string(), event.encode_to_vec())], Some(MAX_EVENTS));
+    txn.xadd(
+        keys::events(),
+        vec![(chipgate_contract::EVENT_FIELD.to_string(), event.encode_to_vec())],
+        Some(MAX_EVENTS),
+    );
 }
 
 fn encode<M: Message>(m: &M) -> Vec<u8> {

@@ -53,9 +53,6 @@ impl InventoryService for Inventory {
     async fn list_stock(&self, r: Request<pb::ListStockRequest>) -> Result<Response<pb::ListStockResponse>, Status> {
         reading!(self, r, list_stock)
     }
-    async fn reserve(&self, r: Request<pb::ReserveRequest>) -> Result<Response<pb::ReserveResponse>, Status> {
-        mutating!(self, r, reserve)
-    }
     async fn batch_reserve(
         &self,
         r: Request<pb::BatchReserveRequest>,
@@ -67,12 +64,6 @@ impl InventoryService for Inventory {
         r: Request<pb::ConfirmReservationRequest>,
     ) -> Result<Response<pb::ConfirmReservationResponse>, Status> {
         mutating!(self, r, confirm_reservation)
-    }
-    async fn release_reservation(
-        &self,
-        r: Request<pb::ReleaseReservationRequest>,
-    ) -> Result<Response<pb::ReleaseReservationResponse>, Status> {
-        mutating!(self, r, release_reservation)
     }
     async fn batch_release_reservations(
         &self,

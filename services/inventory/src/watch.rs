@@ -28,13 +28,14 @@ fn describe(event: pb::InventoryEvent) -> Option<pb::WatchStockResponse> {
 
 /// Follows the event stream until shutdown, broadcasting every change.
 pub(crate) async fn run(svc: Inventory, shutdown: Shutdown) {
-    let decode = |e: &chipgate_state::StreamEntry| match pb::InventoryEvent::decode(e.field("e")?) {
-        Ok(ev) => describe(ev),
-        Err(err) => {
-            tracing::warn!(id = %e.id, error = %err, "undecodable inventory event");
-            None
-        }
-    };
+    let decode =
+        |e: &chipgate_state::StreamEntry| match pb::InventoryEvent::decode(e.field(chipgate_contract::EVENT_FIELD)?) {
+            Ok(ev) => describe(ev),
+            Err(err) => {
+                tracing::warn!(id = %e.id, error = %err, "undecodable inventory event");
+                None
+            }
+        };
     svc.inner.watch.follow(svc.store().clone(), keys::events(), shutdown, decode).await;
 }
 

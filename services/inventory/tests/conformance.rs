@@ -75,6 +75,7 @@ async fn batch(svc: &Inventory, items: Vec<pb::ReserveItem>) -> pb::BatchReserve
     .into_inner()
 }
 
+/// One order's hold, alone in a batch: its outcome.
 async fn reserve(
     svc: &Inventory,
     order: &str,
@@ -82,18 +83,36 @@ async fn reserve(
     units: u64,
     partial: bool,
     hold_seconds: u32,
-) -> Result<pb::Reservation, tonic::Status> {
-    svc.reserve(Request::new(pb::ReserveRequest {
-        request_id: rid(),
-        order_id: order.into(),
-        generation,
+) -> Result<pb::ReserveItemResult, tonic::Status> {
+    svc.batch_reserve(Request::new(pb::BatchReserveRequest {
+        request_id: String::new(),
         product_sku: SKU.into(),
-        units,
-        allow_partial: partial,
-        hold_seconds,
+        items: vec![pb::ReserveItem {
+            order_id: order.into(),
+            generation,
+            units,
+            allow_partial: partial,
+            hold_seconds,
+        }],
+        fence_token: 0,
     }))
     .await
-    .map(|r| r.into_inner().reservation.unwrap())
+    .map(|r| r.into_inner().results.remove(0))
+}
+
+/// Gives one order's hold back: the hold after the call.
+async fn release(svc: &Inventory, order: &str, generation: u64) -> pb::Reservation {
+    svc.batch_release_reservations(Request::new(pb::BatchReleaseReservationsRequest {
+        request_id: rid(),
+        items: vec![pb::ReleaseItem { order_id: order.into(), generation, product_sku: SKU.into() }],
+        reason: "cancelled".into(),
+        unless_confirmed: false,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .reservations
+    .remove(0)
 }
 
 async fn events(store: &Store) -> Vec<pb::InventoryEvent> {
@@ -170,28 +189,13 @@ async fn receipts_count_once_and_stock_adds_up(store: Store) {
     }))
     .await
     .unwrap();
-    svc.release_reservation(Request::new(pb::ReleaseReservationRequest {
-        request_id: rid(),
-        order_id: "o2".into(),
-        generation: 1,
-        reason: "cancelled".into(),
-    }))
-    .await
-    .unwrap();
+    release(&svc, "o2", 1).await;
     let s = stock(&svc).await;
     assert_eq!((s.available, s.held, s.committed, s.shipped, s.received, s.on_hand), (700, 0, 0, 300, 1000, 700));
     assert!(adds_up(&s));
-    // Shipped units can't be released.
-    let shipped = svc
-        .release_reservation(Request::new(pb::ReleaseReservationRequest {
-            request_id: rid(),
-            order_id: "o1".into(),
-            generation: 1,
-            reason: String::new(),
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(shipped.code(), Code::FailedPrecondition);
+    // Shipped units can't be released: the hold stays shipped and the stock as it was.
+    assert_eq!(release(&svc, "o1", 1).await.state(), pb::ReservationState::Shipped);
+    assert_eq!(stock(&svc).await, s);
     // Every change is one event carrying the stock after it.
     let ev = events(&store).await;
     let kinds: Vec<&str> = ev
@@ -222,10 +226,10 @@ async fn holds_are_served_in_order_and_partial_holds_top_up(store: Store) {
     assert!(r.results[2].reservation.is_none(), "c may not overtake b");
     assert_eq!(r.stock.as_ref().unwrap().available, 0);
 
-    // All-or-nothing single reserve with too little stock: RESOURCE_EXHAUSTED with QuotaFailure.
-    let short = reserve(&svc, "d", 1, 5, false, 0).await.unwrap_err();
-    assert_eq!(short.code(), Code::ResourceExhausted);
-    assert_eq!(short.get_error_details().quota_failure().unwrap().violations[0].subject, format!("stock:{SKU}"));
+    // All or nothing with too little stock: nothing is held.
+    let short = reserve(&svc, "d", 1, 5, false, 0).await.unwrap();
+    assert_eq!(short.outcome(), pb::ReserveOutcome::NotServed);
+    assert!(short.reservation.is_none());
 
     receive(&svc, "r2", 15).await;
     let r = batch(&svc, vec![item("b", 50, true), item("c", 10, false)]).await;
@@ -254,36 +258,18 @@ async fn generations_are_never_reopened(store: Store) {
     let (svc, _s) = service(store).await;
     receive(&svc, "r1", 100).await;
     reserve(&svc, "o", 1, 30, false, 0).await.unwrap();
-    let rel = svc
-        .release_reservation(Request::new(pb::ReleaseReservationRequest {
-            request_id: rid(),
-            order_id: "o".into(),
-            generation: 1,
-            reason: "x".into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .reservation
-        .unwrap();
+    let rel = release(&svc, "o", 1).await;
     assert_eq!(rel.state(), pb::ReservationState::Released);
-    let stale = reserve(&svc, "o", 1, 30, false, 0).await.unwrap_err();
-    assert_eq!(stale.code(), Code::FailedPrecondition);
-    assert_eq!(stale.get_error_details().error_info().unwrap().reason, "STALE_GENERATION");
+    let stale = reserve(&svc, "o", 1, 30, false, 0).await.unwrap();
+    assert_eq!(stale.outcome(), pb::ReserveOutcome::Stale);
+    assert_eq!(stale.reservation.unwrap().state(), pb::ReservationState::Released, "the hold as it stands");
     reserve(&svc, "o", 2, 30, false, 0).await.unwrap();
     // A newer generation supersedes an older one that still holds units.
     reserve(&svc, "o", 3, 10, false, 0).await.unwrap();
     let s = stock(&svc).await;
     assert_eq!((s.available, s.held), (90, 10));
     // Releasing an order that never held anything fences its late reserve.
-    svc.release_reservation(Request::new(pb::ReleaseReservationRequest {
-        request_id: rid(),
-        order_id: "ghost".into(),
-        generation: 1,
-        reason: "x".into(),
-    }))
-    .await
-    .unwrap();
+    release(&svc, "ghost", 1).await;
     let r = batch(&svc, vec![item("ghost", 5, false)]).await;
     assert_eq!(r.results[0].outcome(), pb::ReserveOutcome::Stale);
     // Batch release leaves confirmed holds alone when asked to.
@@ -313,7 +299,7 @@ async fn generations_are_never_reopened(store: Store) {
 async fn holds_expire_on_their_own_exactly_once(store: Store) {
     let (svc, _s) = service(store.clone()).await;
     receive(&svc, "r1", 50).await;
-    let h = reserve(&svc, "short", 1, 20, false, 1).await.unwrap();
+    let h = reserve(&svc, "short", 1, 20, false, 1).await.unwrap().reservation.unwrap();
     assert!(h.expire_time.is_some());
     reserve(&svc, "long", 1, 20, false, 600).await.unwrap();
     assert_eq!(stock(&svc).await.available, 10);
@@ -369,7 +355,7 @@ async fn concurrent_holds_never_oversell(store: Store) {
     let (svc, _s) = service(store).await;
     receive(&svc, "r1", 500).await;
     // 20 clients × 5 orders × 12 units = 1,200 units asked for against 500; each call is repeated
-    // (a client retry), half as singles, half as batches.
+    // (a client retry), half alone in a batch, half in a batch with an order that never fits.
     let mut tasks = Vec::new();
     for t in 0..20 {
         let svc = svc.clone();
@@ -378,12 +364,13 @@ async fn concurrent_holds_never_oversell(store: Store) {
             for k in 0..5 {
                 let order = format!("c{t}-o{k}");
                 for _retry in 0..2 {
-                    let held = if (t + k) % 2 == 0 {
-                        reserve(&svc, &order, 1, 12, false, 600).await.ok()
+                    let items = if (t + k) % 2 == 0 {
+                        vec![item(&order, 12, false)]
                     } else {
-                        let r = batch(&svc, vec![item(&order, 12, false)]).await;
-                        r.results[0].reservation.clone().filter(|h| h.state() == pb::ReservationState::Held)
+                        vec![item(&order, 12, false), item(&format!("{order}-huge"), 100_000, false)]
                     };
+                    let r = batch(&svc, items).await;
+                    let held = r.results[0].reservation.clone().filter(|h| h.state() == pb::ReservationState::Held);
                     if let Some(h) = held {
                         got.push((h.order_id, h.held_units));
                     }
@@ -484,7 +471,7 @@ async fn bad_input_changes_nothing(store: Store) {
     let neg = reserve(&svc, "o", 0, 0, false, 100_000).await.unwrap_err();
     let fields: Vec<String> =
         neg.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
-    assert_eq!(fields, ["generation", "units", "hold_seconds"]);
+    assert_eq!(fields, ["items[0].generation", "items[0].units", "items[0].hold_seconds"]);
     assert_eq!(store.xlen(&keys::events()).await.unwrap(), before, "nothing changed");
     assert!(adds_up(&stock(&svc).await));
 }

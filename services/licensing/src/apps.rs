@@ -37,6 +37,12 @@ impl Licensing {
         let destination = if req.destination.is_empty() { "CN".to_string() } else { req.destination.clone() };
         validate::country(&mut v, "destination", &destination);
         v.check().map_err(Error::Status)?;
+        if !self.inner.products.contains(self.store(), &req.product_sku).await? {
+            return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
+                "product_sku",
+                chipgate_contract::catalogue::unknown_product(&req.product_sku),
+            )));
+        }
 
         let idem = IdemKey::new(&self.inner.idem, "SubmitApplication", &req.request_id, &req);
         let (mut answer, _) = self.run_txn(Some(&idem), || async {

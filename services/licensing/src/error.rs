@@ -1,6 +1,5 @@
 //! Everything a licensing call can fail with, and the one place it becomes a gRPC status.
 
-use chipgate_domain::licensing::{Condition, Failure};
 use chipgate_runtime::RequestContext;
 use chipgate_runtime::errors::{self, Precondition, Violations};
 use chipgate_runtime::txn::TxnError;
@@ -36,11 +35,6 @@ pub enum Error {
         message: String,
         /// The violated preconditions.
         violations: Vec<Precondition>,
-    },
-    /// An order failed the conditions of its licence(s).
-    Refused {
-        /// Every failed condition.
-        failures: Vec<Failure>,
     },
     /// A newer allocation lease holder has already called for this product.
     Fenced {
@@ -85,9 +79,8 @@ impl Error {
             Error::Precondition { reason, message, violations } => {
                 errors::failed_precondition(reason, message, violations)
             }
-            Error::Refused { failures } => refusal(&failures),
             Error::Fenced { key } => errors::aborted(
-                "FENCED",
+                chipgate_contract::FENCED_REASON,
                 format!("a newer allocation lease already acted on {key}; this caller's lease is stale"),
             ),
             Error::Contention { attempts } => errors::aborted(
@@ -99,29 +92,6 @@ impl Error {
             Error::Internal(msg) => errors::internal(&ctx.request_id, msg),
         }
     }
-}
-
-/// RESOURCE_EXHAUSTED when quota is all that is short, else FAILED_PRECONDITION; either way with a
-/// PreconditionFailure violation per failed condition, and QuotaFailure for the quota ones.
-pub fn refusal(failures: &[Failure]) -> Status {
-    use tonic_types::{ErrorDetails, StatusExt};
-    let mut details = ErrorDetails::new();
-    for f in failures {
-        let subject = if f.license_id.is_empty() { "order".to_string() } else { f.license_id.clone() };
-        details.add_precondition_failure_violation(f.condition().api_name(), subject, f.description.clone());
-        if f.condition() == Condition::Quota {
-            details.add_quota_failure_violation(f.license_id.clone(), f.description.clone());
-        }
-    }
-    let only_quota = !failures.is_empty() && failures.iter().all(|f| f.condition() == Condition::Quota);
-    let (code, reason) = if only_quota {
-        (tonic::Code::ResourceExhausted, "QUOTA_EXHAUSTED")
-    } else {
-        (tonic::Code::FailedPrecondition, "CONDITIONS_NOT_MET")
-    };
-    details.set_error_info(reason, errors::DOMAIN, []);
-    let summary = failures.iter().map(|f| f.description.as_str()).collect::<Vec<_>>().join("; ");
-    Status::with_error_details(code, format!("not eligible: {summary}"), details)
 }
 
 impl From<StateError> for Error {

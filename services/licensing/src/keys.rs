@@ -5,11 +5,11 @@
 use chipgate_state::{AuditChain, Space};
 
 /// The licensing space.
-pub const SPACE: Space = Space::new("lic");
+pub const SPACE: Space = chipgate_contract::LICENSING;
 
 /// The event stream the orders service consumes.
 pub fn events() -> String {
-    SPACE.key(["events"])
+    chipgate_contract::streams::licensing()
 }
 
 /// The audit chain.

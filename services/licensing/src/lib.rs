@@ -68,6 +68,8 @@ struct Inner {
     audit: tokio::sync::Mutex<()>,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
+    /// Products found in inventory's catalogue (applications name one).
+    products: chipgate_contract::catalogue::KnownProducts,
 }
 
 /// The routes and names to serve licensing with [`chipgate_runtime::serve`].
@@ -91,6 +93,7 @@ impl Licensing {
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
                 audit: tokio::sync::Mutex::new(()),
+                products: chipgate_contract::catalogue::KnownProducts::default(),
             }),
         }
     }
@@ -157,7 +160,11 @@ fn emit(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, kind: pb::licensing_ev
         traceparent: ctx.traceparent(),
         kind: Some(kind),
     };
-    txn.xadd(keys::events(), vec![("e".to_string(), event.encode_to_vec())], Some(MAX_EVENTS));
+    txn.xadd(
+        keys::events(),
+        vec![(chipgate_contract::EVENT_FIELD.to_string(), event.encode_to_vec())],
+        Some(MAX_EVENTS),
+    );
 }
 
 /// Appends a decision to the audit chain, in the change's transaction.

@@ -1,6 +1,6 @@
 //! Licences: reading them, finalising terms, suspending, reinstating, revoking.
 
-use chipgate_domain::licensing::{EffectiveState, LicenseRecord, TransitionError};
+use chipgate_domain::licensing::{LicenseRecord, TransitionError};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::Page;
@@ -204,9 +204,4 @@ impl Licensing {
             .await?;
         answer.license.ok_or_else(|| Error::Internal("licence change answered without a licence".into()))
     }
-}
-
-/// Whether a licence in this state lets orders keep quota they hold unconfirmed.
-pub(crate) fn in_force(s: EffectiveState) -> bool {
-    matches!(s, EffectiveState::Active | EffectiveState::Exhausted)
 }

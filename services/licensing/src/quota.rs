@@ -10,8 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::licensing::{
-    Ask, Failure, LedgerRecord, LicenseRecord, Planned, PolicyRecord, ProductExportRecord, ProductGate, QuotaPlanner,
-    ReservationRecord, ReservationStatus, ReserveCheck, Verdict, evaluate,
+    Ask, LedgerRecord, LicenseRecord, Planned, PolicyRecord, ProductExportRecord, ProductGate, QuotaPlanner,
+    ReservationRecord, ReservationStatus, ReserveCheck, Verdict, evaluate, holding_failures,
 };
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -21,7 +21,7 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::Txn;
 
 use crate::convert::{failure_to, reservation_to};
-use crate::licences::{LicenseIndex, in_force};
+use crate::licences::LicenseIndex;
 use crate::{Error, Licensing, MAX_BATCH, MAX_UNITS, emit, encode, failure_codes, keys, record};
 
 /// One order to take quota for (validated).
@@ -31,6 +31,8 @@ struct Item {
     buyer_id: String,
     units: u64,
     justification: String,
+    /// An earlier order of the buyer still waits for quota (see `QuotaItem.queued_behind`).
+    queued_behind: String,
 }
 
 fn check_item(
@@ -119,58 +121,6 @@ impl Licensing {
         })
     }
 
-    pub(crate) async fn reserve_quota(
-        &self,
-        ctx: &RequestContext,
-        req: pb::ReserveQuotaRequest,
-    ) -> Result<pb::ReserveQuotaResponse, Error> {
-        let mut v = Violations::new();
-        validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        check_item(&mut v, "", &req.order_id, req.generation, &req.buyer_id, req.units, &req.justification);
-        v.check().map_err(Error::Status)?;
-        let item = Item {
-            order_id: req.order_id.clone(),
-            generation: req.generation,
-            buyer_id: req.buyer_id.clone(),
-            units: req.units,
-            justification: req.justification.clone(),
-        };
-        let mut results = self.reserve_items(ctx, &req.product_sku, vec![item], 0).await?;
-        let r = results.pop().ok_or_else(|| Error::Internal("reserve answered nothing".into()))?;
-        if r.stale {
-            let current = r.reservation.as_ref().map(|x| (x.generation, x.state)).unwrap_or_default();
-            return Err(Error::precondition(
-                "STALE_GENERATION",
-                &req.order_id,
-                format!(
-                    "generation {} of order {} can't take quota: the order's reservation is at generation {} ({})",
-                    req.generation,
-                    req.order_id,
-                    current.0,
-                    pb::ReservationState::try_from(current.1).map(|s| s.as_str_name()).unwrap_or("?")
-                ),
-            ));
-        }
-        match r.reservation {
-            Some(reservation) => Ok(pb::ReserveQuotaResponse { reservation: Some(reservation) }),
-            None => Err(Error::Refused {
-                failures: r
-                    .failures
-                    .iter()
-                    .map(|f| Failure {
-                        condition: f.condition,
-                        license_id: f.license_id.clone(),
-                        description: f.description.clone(),
-                        permanent: f.permanent,
-                        required: f.required,
-                        actual: f.actual,
-                    })
-                    .collect(),
-            }),
-        }
-    }
-
     pub(crate) async fn batch_reserve_quota(
         &self,
         ctx: &RequestContext,
@@ -198,6 +148,7 @@ impl Licensing {
             if !seen.insert(it.order_id.as_str()) {
                 v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
             }
+            validate::optional_id(&mut v, &format!("items[{i}].queued_behind"), &it.queued_behind);
         }
         v.check().map_err(Error::Status)?;
         let items = req
@@ -209,6 +160,7 @@ impl Licensing {
                 buyer_id: it.buyer_id,
                 units: it.units,
                 justification: it.justification,
+                queued_behind: it.queued_behind,
             })
             .collect();
         let results = self.reserve_items(ctx, &req.product_sku, items, req.fence_token).await?;
@@ -299,6 +251,7 @@ impl Licensing {
         }
         let mut results = Vec::with_capacity(items.len());
         let mut changed = Vec::new();
+        let mut changed_released = Vec::new();
         let mut reserved_detail = Vec::new();
         let mut refused_detail = Vec::new();
         for ((it, ex), check) in items.iter().zip(&existing).zip(checks) {
@@ -323,6 +276,10 @@ impl Licensing {
                 }
                 ReserveCheck::Evaluate | ReserveCheck::Supersede { .. } => {
                     let ask = Ask { buyer_id: &it.buyer_id, units: it.units, justification: &it.justification };
+                    if !it.queued_behind.is_empty() {
+                        planner.queue_behind(&it.buyer_id, &it.queued_behind);
+                    }
+                    let superseded = matches!(check, ReserveCheck::Supersede { .. });
                     match planner.plan(&it.order_id, &ask) {
                         Planned::Reserved { license_id, wave_id } => {
                             let r = ReservationRecord {
@@ -350,6 +307,17 @@ impl Licensing {
                             });
                         }
                         Planned::Refused { failures, rejectable } => {
+                            if superseded && let Some((_, old)) = ex {
+                                // The older generation's quota went back to its licence above, in this
+                                // same commit: record it as released, or a later release of that
+                                // generation would give the same units back a second time.
+                                let mut released = old.clone();
+                                released.set_status(ReservationStatus::Released);
+                                released.update_ms = now;
+                                released.release_reason = format!("superseded by generation {}", it.generation);
+                                t.replace(keys::reservation(&it.order_id), ver, encode(&released));
+                                changed_released.push(reservation_to(&released));
+                            }
                             refused_detail.push(format!(
                                 "{}/{}:{}",
                                 it.order_id,
@@ -384,14 +352,16 @@ impl Licensing {
         // The decision stands only if the product's gates are as read.
         t.expect_version(keys::policy(sku), world.policy_version);
         t.expect_version(keys::exports(sku), world.exports_version);
-        if !changed.is_empty() {
+        if !changed.is_empty() || !changed_released.is_empty() {
+            // Released reservations are listed (they may let a waiting order of the buyer through);
+            // newly reserved ones only counted.
             emit(
                 &mut t,
                 ctx,
                 now,
                 pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
                     product_sku: sku.to_string(),
-                    reservations: Vec::new(),
+                    reservations: changed_released,
                     reserved_orders: changed.len() as u64,
                     reserved_units: changed.iter().map(|r| r.units).sum(),
                 }),
@@ -406,24 +376,6 @@ impl Licensing {
             format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" ")),
         );
         Ok((t, pb::BatchReserveQuotaResponse { results }))
-    }
-
-    pub(crate) async fn release_quota(
-        &self,
-        ctx: &RequestContext,
-        req: pb::ReleaseQuotaRequest,
-    ) -> Result<pb::ReleaseQuotaResponse, Error> {
-        let mut v = Violations::new();
-        validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "order_id", &req.order_id);
-        if req.generation == 0 {
-            v.add("generation", "must be at least 1");
-        }
-        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
-        let items = vec![(req.order_id.clone(), req.generation)];
-        let mut out = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
-        Ok(pb::ReleaseQuotaResponse { reservation: out.pop() })
     }
 
     pub(crate) async fn batch_release_quota(
@@ -619,15 +571,29 @@ impl Licensing {
                         ),
                     ));
                 }
-                let (lver, mut lic) =
-                    self.require::<LicenseRecord>(keys::license(&r.license_id), "licence", &r.license_id).await?;
-                let state = lic.effective_state(now);
-                if !in_force(state) {
-                    return Err(Error::precondition(
-                        "LICENSE_NOT_IN_FORCE",
-                        &lic.id,
-                        format!("licence {} is {}; orders under it can't be confirmed", lic.id, state.name()),
-                    ));
+                let ((lver, mut lic), policy, exports) = tokio::try_join!(
+                    self.require::<LicenseRecord>(keys::license(&r.license_id), "licence", &r.license_id),
+                    self.load::<PolicyRecord>(keys::policy(&r.product_sku)),
+                    self.load::<ProductExportRecord>(keys::exports(&r.product_sku)),
+                )?;
+                // Confirming commits the quota for good: only while the licence and the product's
+                // gates still allow holding it (the rule the orders service re-checks holders by).
+                let gate = ProductGate::from_records(policy.as_ref().map(|(_, p)| p), exports.as_ref().map(|(_, e)| e));
+                let failures = holding_failures(&lic, &gate, now);
+                if !failures.is_empty() {
+                    let why: Vec<&str> = failures.iter().map(|f| f.description.as_str()).collect();
+                    return Err(Error::Precondition {
+                        reason: "QUOTA_NOT_USABLE",
+                        message: format!("order {}'s quota can't be confirmed: {}", r.order_id, why.join("; ")),
+                        violations: failures
+                            .iter()
+                            .map(|f| {
+                                let subject =
+                                    if f.license_id.is_empty() { r.product_sku.clone() } else { f.license_id.clone() };
+                                (f.condition().api_name().to_string(), subject, f.description.clone())
+                            })
+                            .collect(),
+                    });
                 }
                 lic.confirmed = lic.confirmed.saturating_add(r.units);
                 lic.update_ms = now;
@@ -636,6 +602,8 @@ impl Licensing {
                 let mut t = Txn::new();
                 t.replace(keys::license(&lic.id), lver, encode(&lic));
                 t.replace(keys::reservation(&r.order_id), rver, encode(&r));
+                t.expect_version(keys::policy(&r.product_sku), policy.map(|(v, _)| v).unwrap_or(0));
+                t.expect_version(keys::exports(&r.product_sku), exports.map(|(v, _)| v).unwrap_or(0));
                 let out = reservation_to(&r);
                 emit(
                     &mut t,
@@ -665,5 +633,64 @@ impl Licensing {
             .require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id)
             .await?;
         Ok(pb::GetQuotaReservationResponse { reservation: Some(reservation_to(&r)) })
+    }
+
+    /// Whether quota orders hold may still be used (see `RecheckQuota`): one read of the
+    /// reservations, their licences and the product's gates, judged by
+    /// [`holding_failures`] — the same rules, in the same words, as evaluation.
+    pub(crate) async fn recheck_quota(&self, req: pb::RecheckQuotaRequest) -> Result<pb::RecheckQuotaResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
+            if it.generation == 0 {
+                v.add(format!("items[{i}].generation"), "must be at least 1");
+            }
+        }
+        v.check().map_err(Error::Status)?;
+        let sku = req.product_sku.as_str();
+        let res_keys: Vec<String> = req.items.iter().map(|it| keys::reservation(&it.order_id)).collect();
+        let (existing, policy, exports) = tokio::try_join!(
+            self.load_many::<ReservationRecord>(&res_keys),
+            self.load::<PolicyRecord>(keys::policy(sku)),
+            self.load::<ProductExportRecord>(keys::exports(sku)),
+        )?;
+        let gate = ProductGate::from_records(policy.as_ref().map(|(_, p)| p), exports.as_ref().map(|(_, e)| e));
+        let mut lic_ids: Vec<String> = existing.iter().flatten().map(|(_, r)| r.license_id.clone()).collect();
+        lic_ids.sort();
+        lic_ids.dedup();
+        lic_ids.retain(|id| !id.is_empty());
+        let lic_keys: Vec<String> = lic_ids.iter().map(|id| keys::license(id)).collect();
+        let licences: HashMap<String, LicenseRecord> = self
+            .load_many::<LicenseRecord>(&lic_keys)
+            .await?
+            .into_iter()
+            .flatten()
+            .map(|(_, l)| (l.id.clone(), l))
+            .collect();
+        let now = now_ms();
+        let results = req
+            .items
+            .iter()
+            .zip(existing)
+            .map(|(it, ex)| {
+                let Some((_, r)) = ex else {
+                    return pb::RecheckResult { order_id: it.order_id.clone(), ..Default::default() };
+                };
+                let holds = r.generation == it.generation && r.held_units() > 0 && r.product_sku == sku;
+                let failures = match licences.get(&r.license_id) {
+                    Some(l) if holds => holding_failures(l, &gate, now).iter().map(failure_to).collect(),
+                    _ => Vec::new(),
+                };
+                pb::RecheckResult { order_id: it.order_id.clone(), reservation: Some(reservation_to(&r)), failures }
+            })
+            .collect();
+        Ok(pb::RecheckQuotaResponse { results })
     }
 }

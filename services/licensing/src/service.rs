@@ -131,23 +131,11 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::CheckEligibilityResponse>, Status> {
         reading!(self, r, check_eligibility)
     }
-    async fn reserve_quota(
-        &self,
-        r: Request<pb::ReserveQuotaRequest>,
-    ) -> Result<Response<pb::ReserveQuotaResponse>, Status> {
-        mutating!(self, r, reserve_quota)
-    }
     async fn batch_reserve_quota(
         &self,
         r: Request<pb::BatchReserveQuotaRequest>,
     ) -> Result<Response<pb::BatchReserveQuotaResponse>, Status> {
         mutating!(self, r, batch_reserve_quota)
-    }
-    async fn release_quota(
-        &self,
-        r: Request<pb::ReleaseQuotaRequest>,
-    ) -> Result<Response<pb::ReleaseQuotaResponse>, Status> {
-        mutating!(self, r, release_quota)
     }
     async fn batch_release_quota(
         &self,
@@ -166,6 +154,12 @@ impl LicensingService for Licensing {
         r: Request<pb::GetQuotaReservationRequest>,
     ) -> Result<Response<pb::GetQuotaReservationResponse>, Status> {
         reading!(self, r, get_quota_reservation)
+    }
+    async fn recheck_quota(
+        &self,
+        r: Request<pb::RecheckQuotaRequest>,
+    ) -> Result<Response<pb::RecheckQuotaResponse>, Status> {
+        reading!(self, r, recheck_quota)
     }
     async fn record_domestic_purchase(
         &self,

@@ -15,6 +15,19 @@ use prost::Message;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
+/// The products these tests name, as inventory's catalogue holds them (applications must name one).
+const CATALOGUE: [&str; 2] = ["H200", "H200-NVL"];
+
+/// A licensing service on `store`, with the catalogue in place.
+async fn service(store: Store) -> Licensing {
+    let mut t = chipgate_state::Txn::new();
+    for sku in CATALOGUE {
+        t.put(chipgate_contract::catalogue::product(sku), b"product".to_vec());
+    }
+    store.commit(&t).await.unwrap();
+    Licensing::new(store)
+}
+
 fn rid() -> String {
     format!("r-{}", fastrand_like())
 }
@@ -88,7 +101,14 @@ async fn licensed(svc: &Licensing, buyer: &str, units: u64, c: pb::LicenseCondit
 }
 
 fn item(order: &str, generation: u64, buyer: &str, units: u64) -> pb::QuotaItem {
-    pb::QuotaItem { order_id: order.into(), generation, buyer_id: buyer.into(), units, justification: "needed".into() }
+    pb::QuotaItem {
+        order_id: order.into(),
+        generation,
+        buyer_id: buyer.into(),
+        units,
+        justification: "needed".into(),
+        queued_behind: String::new(),
+    }
 }
 
 async fn batch(svc: &Licensing, items: Vec<pb::QuotaItem>) -> Vec<pb::QuotaItemResult> {
@@ -114,7 +134,11 @@ async fn license(svc: &Licensing, id: &str) -> pb::License {
 }
 
 fn conditions(r: &pb::QuotaItemResult) -> Vec<pb::Condition> {
-    r.failures.iter().map(|f| f.condition()).collect()
+    conditions_of(&r.failures)
+}
+
+fn conditions_of(failures: &[pb::ConditionFailure]) -> Vec<pb::Condition> {
+    failures.iter().map(|f| f.condition()).collect()
 }
 
 async fn queue_ids(svc: &Licensing) -> Vec<(String, u64)> {
@@ -129,7 +153,7 @@ async fn queue_ids(svc: &Licensing) -> Vec<(String, u64)> {
 }
 
 async fn applications_queue_in_order_with_one_open_each(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     let a = submit(&svc, "bytedance", "H200", 200_000).await;
     let b = submit(&svc, "alibaba", "H200", 150_000).await;
     let c = submit(&svc, "tencent", "H200", 100_000).await;
@@ -216,7 +240,7 @@ async fn applications_queue_in_order_with_one_open_each(store: Store) {
 }
 
 async fn submissions_are_idempotent_per_request_id(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     let req = pb::SubmitApplicationRequest {
         request_id: "same-request".into(),
         buyer_id: "tencent".into(),
@@ -238,7 +262,7 @@ async fn submissions_are_idempotent_per_request_id(store: Store) {
 }
 
 async fn waves_publish_atomically_and_never_change(store: Store) {
-    let svc = Licensing::new(store.clone());
+    let svc = service(store.clone()).await;
     let a = submit(&svc, "bytedance", "H200", 250_000).await;
     let b = submit(&svc, "alibaba", "H200", 150_000).await;
     let c = submit(&svc, "zhipu", "H200", 50_000).await;
@@ -377,7 +401,7 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
 }
 
 async fn licence_states_gate_quota(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     let lic = licensed(
         &svc,
         "bytedance",
@@ -454,10 +478,10 @@ async fn licence_states_gate_quota(store: Store) {
 }
 
 async fn quota_is_never_exceeded_under_concurrency(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     let lic = licensed(&svc, "bytedance", 1000, pb::LicenseConditions::default()).await;
     // 24 tasks × 4 orders × 30 units = 2,880 units asked for against 1,000; every call is sent twice
-    // (a client retry), some as singles and some in batches.
+    // (a client retry).
     let mut handles = Vec::new();
     for t in 0..24 {
         let svc = svc.clone();
@@ -466,22 +490,7 @@ async fn quota_is_never_exceeded_under_concurrency(store: Store) {
             for k in 0..4 {
                 let order = format!("t{t}-o{k}");
                 for _attempt in 0..2 {
-                    let r = if k % 2 == 0 {
-                        svc.reserve_quota(Request::new(pb::ReserveQuotaRequest {
-                            request_id: format!("{order}-req"),
-                            order_id: order.clone(),
-                            generation: 1,
-                            buyer_id: "bytedance".into(),
-                            product_sku: "H200".into(),
-                            units: 30,
-                            justification: String::new(),
-                        }))
-                        .await
-                        .ok()
-                        .and_then(|r| r.into_inner().reservation)
-                    } else {
-                        batch(&svc, vec![item(&order, 1, "bytedance", 30)]).await.remove(0).reservation
-                    };
+                    let r = batch(&svc, vec![item(&order, 1, "bytedance", 30)]).await.remove(0).reservation;
                     if let Some(r) = r {
                         granted.push((r.order_id, r.units));
                     }
@@ -514,7 +523,7 @@ async fn quota_is_never_exceeded_under_concurrency(store: Store) {
 }
 
 async fn batches_serve_in_order_without_overtaking(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
     let app = submit(&svc, "alibaba", "H200", 100).await;
     publish(&svc, &[(&app.application_id, 100, pb::LicenseConditions::default())]).await;
@@ -537,25 +546,24 @@ async fn batches_serve_in_order_without_overtaking(store: Store) {
 }
 
 async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
     assert!(batch(&svc, vec![item("o1", 1, "bytedance", 40)]).await[0].reservation.is_some());
     let release = |order: &str, generation: u64, unless_confirmed: bool| {
         let svc = svc.clone();
         let order = order.to_string();
         async move {
-            svc.release_quota(Request::new(pb::ReleaseQuotaRequest {
+            svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
                 request_id: rid(),
-                order_id: order,
-                generation,
+                items: vec![pb::ReleaseItem { order_id: order, generation }],
                 reason: "cancelled".into(),
                 unless_confirmed,
             }))
             .await
             .unwrap()
             .into_inner()
-            .reservation
-            .unwrap()
+            .reservations
+            .remove(0)
         }
     };
     let r = release("o1", 1, false).await;
@@ -568,19 +576,6 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
     // A late reserve of the released generation is refused; the next generation works.
     let stale = batch(&svc, vec![item("o1", 1, "bytedance", 40)]).await.remove(0);
     assert!(stale.stale && stale.reservation.unwrap().state() == pb::ReservationState::Released);
-    let single = svc
-        .reserve_quota(Request::new(pb::ReserveQuotaRequest {
-            request_id: rid(),
-            order_id: "o1".into(),
-            generation: 1,
-            buyer_id: "bytedance".into(),
-            product_sku: "H200".into(),
-            units: 40,
-            justification: String::new(),
-        }))
-        .await
-        .unwrap_err();
-    assert_eq!(single.code(), Code::FailedPrecondition);
     assert!(batch(&svc, vec![item("o1", 2, "bytedance", 40)]).await[0].reservation.is_some());
 
     // Releasing an order that never reserved leaves a tombstone that fences off its late reserve.
@@ -609,7 +604,7 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
 }
 
 async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     // No export authorisation yet: submit and publish without it.
     let app = submit(&svc, "bytedance", "H200", 1000).await;
     publish(
@@ -706,7 +701,7 @@ async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
 }
 
 async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
-    let svc = Licensing::new(store.clone());
+    let svc = service(store.clone()).await;
     let before = store.xlen(&keys::events()).await.unwrap();
     licensed(&svc, "bytedance", 10, pb::LicenseConditions::default()).await;
     // export + submit + create + add + publish = 5 changes, 5 events.
@@ -754,7 +749,7 @@ async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
 }
 
 async fn stale_fencing_tokens_are_refused(store: Store) {
-    let svc = Licensing::new(store);
+    let svc = service(store).await;
     licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
     let call = |token: u64, order: &str| {
         let svc = svc.clone();
@@ -778,7 +773,7 @@ async fn stale_fencing_tokens_are_refused(store: Store) {
 }
 
 async fn bad_input_is_refused_with_field_violations(store: Store) {
-    let svc = Licensing::new(store.clone());
+    let svc = service(store.clone()).await;
     let err = svc
         .submit_application(Request::new(pb::SubmitApplicationRequest {
             request_id: String::new(),
@@ -813,6 +808,152 @@ async fn bad_input_is_refused_with_field_violations(store: Store) {
     assert_eq!(store.xlen(&keys::events()).await.unwrap(), 0, "nothing changed");
 }
 
+/// A higher generation that supersedes quota still held, and is then refused, gives the old quota
+/// back exactly once: the old generation is recorded as released in the same step, so the release
+/// the orders service owes for it changes nothing more (it used to subtract the units again).
+async fn a_refused_supersede_gives_the_old_quota_back_once(store: Store) {
+    let svc = service(store).await;
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    assert!(
+        batch(&svc, vec![item("o1", 1, "bytedance", 60), item("o2", 1, "bytedance", 40)]).await[0]
+            .reservation
+            .is_some()
+    );
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 100);
+    svc.suspend_license(Request::new(pb::SuspendLicenseRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        reason: "inspection".into(),
+    }))
+    .await
+    .unwrap();
+    // o1 moves on to generation 2 (it was unwound) and asks again under the suspended licence.
+    let r = batch(&svc, vec![item("o1", 2, "bytedance", 60)]).await.remove(0);
+    assert_eq!(conditions(&r), vec![pb::Condition::LicenseInForce]);
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 40, "generation 1's 60 units went back");
+    let held = svc
+        .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest { order_id: "o1".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .reservation
+        .unwrap();
+    assert_eq!((held.generation, held.state()), (1, pb::ReservationState::Released));
+    // The release owed for generation 1 finds nothing left to give back.
+    svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
+        request_id: rid(),
+        items: vec![pb::ReleaseItem { order_id: "o1".into(), generation: 1 }],
+        reason: "unwound".into(),
+        unless_confirmed: true,
+    }))
+    .await
+    .unwrap();
+    let l = license(&svc, &lic.license_id).await;
+    assert_eq!(l.used_units, 40, "o2's 40 units are still held, and counted once");
+    svc.reinstate_license(Request::new(pb::ReinstateLicenseRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        reason: "cleared".into(),
+    }))
+    .await
+    .unwrap();
+    // Only the 60 units really free can be taken again: never more than granted.
+    let r = batch(&svc, vec![item("o1", 3, "bytedance", 60), item("o3", 1, "bytedance", 1)]).await;
+    assert!(r[0].reservation.is_some());
+    assert_eq!(conditions(&r[1]), vec![pb::Condition::Quota]);
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 100);
+}
+
+/// An order queued behind an earlier waiting one takes nothing, but is rejected when no licence
+/// could ever serve it.
+async fn items_queued_behind_take_nothing_but_can_be_rejected(store: Store) {
+    let svc = service(store).await;
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions { per_order_cap: 50, ..Default::default() }).await;
+    let behind =
+        |order: &str, units: u64| pb::QuotaItem { queued_behind: "o0".into(), ..item(order, 1, "bytedance", units) };
+    let r = batch(&svc, vec![behind("o1", 10), behind("o2", 80)]).await;
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::QueueOrder]);
+    assert!(r[0].failures[0].description.contains("o0"), "{:?}", r[0].failures);
+    assert!(!r[0].rejectable);
+    assert!(conditions(&r[1]).contains(&pb::Condition::PerOrderCap));
+    assert!(r[1].rejectable, "above the cap: rejected even while queued");
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
+}
+
+/// RecheckQuota answers, for quota held, whether the licence and the product's gates still allow it,
+/// in the words evaluation uses, and changes nothing.
+async fn held_quota_is_rechecked_against_the_licence_and_the_gates(store: Store) {
+    let svc = service(store).await;
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    assert!(batch(&svc, vec![item("o1", 1, "bytedance", 10)]).await[0].reservation.is_some());
+    let recheck = |generation: u64| {
+        let svc = svc.clone();
+        async move {
+            svc.recheck_quota(Request::new(pb::RecheckQuotaRequest {
+                product_sku: "H200".into(),
+                items: vec![
+                    pb::ReleaseItem { order_id: "o1".into(), generation },
+                    pb::ReleaseItem { order_id: "nobody".into(), generation: 1 },
+                ],
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+            .results
+        }
+    };
+    let r = recheck(1).await;
+    assert!(r[0].failures.is_empty() && r[0].reservation.is_some());
+    assert!(r[1].failures.is_empty() && r[1].reservation.is_none());
+    svc.set_import_policy(Request::new(pb::SetImportPolicyRequest {
+        request_id: rid(),
+        product_sku: "H200".into(),
+        stance: pb::ImportStance::Embargoed as i32,
+        reason: "notice 7".into(),
+    }))
+    .await
+    .unwrap();
+    svc.suspend_license(Request::new(pb::SuspendLicenseRequest {
+        request_id: rid(),
+        license_id: lic.license_id.clone(),
+        reason: "inspection".into(),
+    }))
+    .await
+    .unwrap();
+    let r = recheck(1).await;
+    assert_eq!(conditions_of(&r[0].failures), vec![pb::Condition::LicenseInForce, pb::Condition::ImportPolicy]);
+    assert!(r[0].failures[1].description.contains("notice 7"));
+    assert!(recheck(2).await[0].failures.is_empty(), "a generation that holds nothing is not judged");
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 10, "a recheck changes nothing");
+    let bad = svc
+        .recheck_quota(Request::new(pb::RecheckQuotaRequest { product_sku: "H200".into(), items: vec![] }))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+}
+
+/// Applications name products of the catalogue only.
+async fn applications_for_unknown_products_are_refused(store: Store) {
+    let svc = service(store).await;
+    let e = svc
+        .submit_application(Request::new(pb::SubmitApplicationRequest {
+            request_id: rid(),
+            buyer_id: "bytedance".into(),
+            product_sku: "H900-NOPE".into(),
+            quantity: 10,
+            end_use: "training".into(),
+            site: "DC".into(),
+            destination: String::new(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let bad = e.get_error_details().bad_request().cloned().unwrap();
+    assert_eq!(bad.field_violations[0].field, "product_sku");
+    assert!(bad.field_violations[0].description.contains("not in the vendor's catalogue"));
+    assert!(queue_ids(&svc).await.is_empty(), "nothing joined the queue");
+}
+
 backend_tests!(
     applications_queue_in_order_with_one_open_each,
     submissions_are_idempotent_per_request_id,
@@ -825,4 +966,8 @@ backend_tests!(
     every_change_is_one_event_and_the_audit_chain_verifies,
     stale_fencing_tokens_are_refused,
     bad_input_is_refused_with_field_violations,
+    a_refused_supersede_gives_the_old_quota_back_once,
+    items_queued_behind_take_nothing_but_can_be_rejected,
+    held_quota_is_rechecked_against_the_licence_and_the_gates,
+    applications_for_unknown_products_are_refused,
 );

@@ -52,7 +52,11 @@ impl Events {
         }
         if !self.transitions.is_empty() {
             let batch = EventBatch { items: self.transitions, traceparent: self.traceparent };
-            t.xadd(keys::events(), vec![("b".to_string(), batch.encode_to_vec())], Some(MAX_EVENTS));
+            t.xadd(
+                keys::events(),
+                vec![(chipgate_contract::TRANSITIONS_FIELD.to_string(), batch.encode_to_vec())],
+                Some(MAX_EVENTS),
+            );
         }
     }
 
@@ -126,10 +130,10 @@ fn wave_figures(events: &mut Events, old: Option<&OrderRecord>, new: &OrderRecor
     }
     if let Some((w, s, held)) = before {
         events.figure(w, state_to(s).as_str_name(), -1);
-        events.figure(w, "units_held", -(held as i64));
+        events.figure(w, crate::waves::UNITS_HELD, -(held as i64));
     }
     if let Some((w, s, held)) = after {
         events.figure(w, state_to(s).as_str_name(), 1);
-        events.figure(w, "units_held", held as i64);
+        events.figure(w, crate::waves::UNITS_HELD, held as i64);
     }
 }

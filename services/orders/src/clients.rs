@@ -173,6 +173,95 @@ mod tests {
         assert!(began.elapsed() >= Duration::from_millis(87), "{:?}", began.elapsed());
     }
 
+    /// Every peer call orders makes, read from its code: `(service path prefix, Method)` for each
+    /// `rpc!(ctx, <client>, <method>, <message>)` in `src/`.
+    fn peer_calls_in_the_code() -> std::collections::BTreeSet<String> {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut found = std::collections::BTreeSet::new();
+        let mut files: Vec<_> =
+            std::fs::read_dir(&dir).expect("src").filter_map(Result::ok).map(|e| e.path()).collect();
+        files.sort();
+        for file in files.iter().filter(|p| p.extension().is_some_and(|x| x == "rs")) {
+            let text = std::fs::read_to_string(file).expect("source file");
+            // The code, without its tests (which may name clients in other ways).
+            let text = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let code: String =
+                text.lines().filter(|l| !l.trim_start().starts_with("//")).collect::<Vec<_>>().join("\n");
+            // A call that bypasses `rpc!` would escape this test (and the retry policy).
+            for client in ["peers.licensing", "peers.inventory"] {
+                for (at, _) in code.match_indices(client) {
+                    let next = code[at + client.len()..].trim_start().chars().next();
+                    assert!(
+                        matches!(next, Some(',' | ')')),
+                        "{}: {client} used other than as an rpc! argument",
+                        file.display()
+                    );
+                }
+            }
+            for (at, _) in code.match_indices("rpc!(") {
+                if code[..at].ends_with("macro_rules! ") {
+                    continue;
+                }
+                // The macro's arguments, split at top-level commas.
+                let (mut depth, mut args, mut cur) = (0i32, Vec::new(), String::new());
+                for ch in code[at + 5..].chars() {
+                    match ch {
+                        '(' | '{' | '[' => depth += 1,
+                        ')' | '}' | ']' if depth == 0 => break,
+                        ')' | '}' | ']' => depth -= 1,
+                        ',' if depth == 0 => {
+                            args.push(std::mem::take(&mut cur));
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    cur.push(ch);
+                }
+                args.push(cur);
+                if args.len() < 4 || args[0].trim() == "$ctx:expr" {
+                    continue; // the macro's own definition
+                }
+                let service = if args[1].contains("licensing") {
+                    "/chipgate.licensing.v1.LicensingService/"
+                } else if args[1].contains("inventory") {
+                    "/chipgate.inventory.v1.InventoryService/"
+                } else {
+                    panic!("{}: rpc! on an unknown client {:?}", file.display(), args[1].trim());
+                };
+                let method: String = args[2]
+                    .trim()
+                    .split('_')
+                    .map(|w| {
+                        let mut c = w.chars();
+                        c.next().map(|f| f.to_ascii_uppercase().to_string() + c.as_str()).unwrap_or_default()
+                    })
+                    .collect();
+                found.insert(format!("{service}{method}"));
+            }
+        }
+        found
+    }
+
+    /// The `service` role (the token orders sends its peers) is admitted to exactly the RPCs orders
+    /// calls: a missing grant stalls propagation in the authenticated configuration (as a missing
+    /// ListExportAuthorizations grant once did), and an extra one widens what a leaked token reads.
+    #[test]
+    fn the_service_role_is_granted_exactly_the_calls_orders_makes() {
+        use chipgate_runtime::auth::Role;
+        use chipgate_runtime::policy::{Decision, TABLE, decide};
+        let called = peer_calls_in_the_code();
+        assert!(called.len() >= 6, "found too few calls to trust the scan: {called:?}");
+        let admitted: std::collections::BTreeSet<String> = TABLE
+            .iter()
+            .map(|(svc, method, _)| format!("{svc}{method}"))
+            .filter(|path| decide(path, Role::Service) == Decision::Allow)
+            .collect();
+        let missing: Vec<&String> = called.difference(&admitted).collect();
+        let extra: Vec<&String> = admitted.difference(&called).collect();
+        assert!(missing.is_empty(), "orders calls these, but the policy refuses them to `service`: {missing:?}");
+        assert!(extra.is_empty(), "the policy admits `service` to these, which orders never calls: {extra:?}");
+    }
+
     #[tokio::test]
     async fn retries_stop_before_the_deadline() {
         let (n, answer) = answers(&[Code::Unavailable; 16]);

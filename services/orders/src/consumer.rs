@@ -22,7 +22,7 @@ use crate::marks::{self, Who};
 use crate::{Done, Error, Orders, book, keys};
 
 /// The consumer group of the orders service on both streams.
-pub(crate) const GROUP: &str = "orders";
+pub(crate) const GROUP: &str = chipgate_contract::ORDERS_GROUP;
 
 /// Which stream a consumer follows.
 #[derive(Clone, Copy, Debug)]
@@ -34,9 +34,8 @@ pub(crate) enum Source {
 impl Source {
     pub(crate) fn stream(self) -> String {
         match self {
-            // The other services' streams, named by their key layout.
-            Source::Licensing => chipgate_state::Space::new("lic").key(["events"]),
-            Source::Inventory => chipgate_state::Space::new("inv").key(["events"]),
+            Source::Licensing => chipgate_contract::streams::licensing(),
+            Source::Inventory => chipgate_contract::streams::inventory(),
         }
     }
 
@@ -76,24 +75,6 @@ fn inventory_kind(ev: &ipb::InventoryEvent) -> &'static str {
         Some(Kind::ProductUpserted(_)) => "product_upserted",
         None => "unknown",
     }
-}
-
-/// When the orders service first saw a wave, and which queues it concerned.
-#[derive(Clone, PartialEq, prost::Message)]
-pub(crate) struct WaveMeta {
-    #[prost(string, tag = "1")]
-    pub wave_id: String,
-    #[prost(uint64, tag = "2")]
-    pub observed_ms: u64,
-    /// Waiting orders of the wave's buyers and products when it was observed.
-    #[prost(uint64, tag = "3")]
-    pub concerned: u64,
-    /// `sku|buyer` of each licence of the wave.
-    #[prost(string, repeated, tag = "4")]
-    pub queues: Vec<String>,
-    /// When licensing published it (the event's time).
-    #[prost(uint64, tag = "5")]
-    pub published_ms: u64,
 }
 
 /// Follows one stream until shutdown.
@@ -195,7 +176,7 @@ impl Orders {
         let mut products = BTreeSet::new();
         let mut kinds = Vec::with_capacity(entries.len());
         for e in entries {
-            let Some(raw) = e.field("e") else { continue };
+            let Some(raw) = e.field(chipgate_contract::EVENT_FIELD) else { continue };
             match source {
                 Source::Licensing => match lpb::LicensingEvent::decode(raw) {
                     Ok(ev) => {
@@ -374,41 +355,5 @@ impl Orders {
         .await?;
         self.inner.cleanup_wake.notify_one();
         Ok(())
-    }
-
-    /// When licensing published `wave_id`, as the orders service recorded it (None: not observed).
-    pub(crate) async fn wave_published_ms(&self, wave_id: &str) -> Result<Option<u64>, String> {
-        let meta = self.load::<WaveMeta>(keys::wave_meta(wave_id)).await.map_err(|e| format!("{e:?}"))?;
-        Ok(meta.map(|(_, m)| if m.published_ms > 0 { m.published_ms } else { m.observed_ms }))
-    }
-
-    /// Records when a wave was first seen and how many waiting orders it concerned (once).
-    async fn observe_wave(
-        &self,
-        w: &lpb::WavePublished,
-        published: Option<&prost_types::Timestamp>,
-    ) -> Result<(), Error> {
-        let queues: Vec<String> = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
-        let sizes = futures_util::future::try_join_all(w.licenses.iter().map(|l| {
-            let key = keys::awaiting(&l.product_sku, &l.buyer_id);
-            async move { self.store().zcard(&key).await }
-        }))
-        .await?;
-        let concerned = sizes.iter().sum();
-        let observed_ms = now_ms();
-        let published_ms = published
-            .and_then(|t| {
-                u64::try_from(t.seconds).ok().map(|s| s * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
-            })
-            .unwrap_or(observed_ms);
-        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms, concerned, queues, published_ms };
-        let mut t = Txn::new();
-        t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());
-        t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
-        match self.store().commit(&t).await {
-            // Already observed (the event was delivered again): keep the first observation.
-            Ok(_) | Err(chipgate_state::CommitError::Conflict { .. }) => Ok(()),
-            Err(e) => Err(Error::Internal(e.to_string())),
-        }
     }
 }

@@ -6,7 +6,7 @@ use chipgate_domain::orders::OrderStatus;
 use chipgate_state::Space;
 
 /// The orders space.
-pub const SPACE: Space = Space::new("ord");
+pub const SPACE: Space = chipgate_contract::ORDERS;
 
 /// Order id and placement sequence counter.
 pub fn seq() -> String {
@@ -86,17 +86,38 @@ pub fn cleanup() -> String {
 
 /// The transition stream WatchOrders follows.
 pub fn events() -> String {
-    SPACE.key(["events"])
+    chipgate_contract::streams::orders()
 }
 
-/// A wave's figures (counts by state, units held, evaluations).
+/// A wave's figures: orders holding its quota by state, and the units they hold.
 pub fn wave(wave_id: &str) -> String {
     SPACE.key(["wave", wave_id])
 }
 
-/// When the orders service first saw a wave, and how many orders it concerned.
+/// When the orders service first saw a wave, and the queues it concerns.
 pub fn wave_meta(wave_id: &str) -> String {
     SPACE.key(["wave-meta", wave_id])
+}
+
+/// The waiting orders of a product that a wave concerns and that have not been evaluated since
+/// (see [`crate::waves`]).
+pub fn wave_pending(wave_id: &str, sku: &str) -> String {
+    SPACE.key(["wave-pending", wave_id, sku])
+}
+
+/// A wave's tally for one product: orders concerned, when one last left the pending snapshot.
+pub fn wave_tally(wave_id: &str, sku: &str) -> String {
+    SPACE.key(["wave-tally", wave_id, sku])
+}
+
+/// Present once a wave's snapshot of a product was taken (so it is taken once).
+pub fn wave_snapshot_taken(wave_id: &str, sku: &str) -> String {
+    SPACE.key(["wave-snap", wave_id, sku])
+}
+
+/// Waves whose snapshot of a product may still hold orders.
+pub fn unsettled_waves(sku: &str) -> String {
+    SPACE.key(["unsettled-waves", sku])
 }
 
 /// Waves observed, scored by when they were published (the metrics show the latest few).

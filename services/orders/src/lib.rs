@@ -33,6 +33,7 @@ mod place;
 mod queries;
 mod reconcile;
 mod service;
+mod waves;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -115,6 +116,8 @@ struct Inner {
     metrics: chipgate_runtime::Metrics,
     /// What its code counts.
     counters: metrics::Counters,
+    /// Products found in inventory's catalogue (orders name one).
+    products: chipgate_contract::catalogue::KnownProducts,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
@@ -146,6 +149,7 @@ impl Orders {
                 shutdown: shutdown.clone(),
                 consumer,
                 cleanup_wake: Notify::new(),
+                products: chipgate_contract::catalogue::KnownProducts::default(),
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
@@ -155,7 +159,9 @@ impl Orders {
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
         let hub_svc = svc.clone();
         tokio::spawn(async move {
-            let decode = |e: &chipgate_state::StreamEntry| book::EventBatch::decode(e.field("b")?).ok();
+            let decode = |e: &chipgate_state::StreamEntry| {
+                book::EventBatch::decode(e.field(chipgate_contract::TRANSITIONS_FIELD)?).ok()
+            };
             hub_svc.inner.hub.follow(hub_svc.store().clone(), keys::events(), shutdown, decode).await;
         });
         svc

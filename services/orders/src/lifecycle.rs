@@ -58,6 +58,8 @@ impl Orders {
                     &ctx.traceparent(),
                 );
             }
+            // A waiting order a wave concerns no longer keeps the wave from settling.
+            self.left_waiting(&mut t, &o, &new).await?;
             events.flush(&mut t);
             Ok((t, Done {}))
         })

@@ -32,6 +32,14 @@ impl Orders {
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
+        // Only catalogue products: a made-up SKU would wait for ever with a misleading reason and
+        // add a product for every pass and metric to carry.
+        if !self.inner.products.contains(self.store(), &req.product_sku).await? {
+            return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
+                "product_sku",
+                chipgate_contract::catalogue::unknown_product(&req.product_sku),
+            )));
+        }
 
         let began = std::time::Instant::now();
         // Which pass must finish before the answer: the first one that starts after the commit.

@@ -1,18 +1,14 @@
 //! Reading orders, backlogs and wave progress, and watching transitions.
 
-use std::collections::HashMap;
-
-use chipgate_domain::orders::{OrderRecord, OrderStatus};
+use chipgate_domain::orders::OrderRecord;
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
 use chipgate_runtime::time::ts_opt;
 use chipgate_runtime::{RequestContext, hub, validate};
 use chipgate_state::Backend;
-use futures_util::future::try_join_all;
 
-use crate::consumer::WaveMeta;
-use crate::convert::{order_to, state_from, state_to};
+use crate::convert::{order_to, state_from};
 use crate::{Error, Orders, keys};
 
 /// The stream type of `WatchOrders`.
@@ -133,55 +129,6 @@ impl Orders {
             String::new()
         };
         Ok(pb::GetBacklogResponse { product_sku: req.product_sku, entries, next_page_token: next, total_orders: total })
-    }
-
-    pub(crate) async fn get_wave_progress(
-        &self,
-        req: pb::GetWaveProgressRequest,
-    ) -> Result<pb::GetWaveProgressResponse, Error> {
-        let mut v = Violations::new();
-        validate::id(&mut v, "wave_id", &req.wave_id);
-        v.check().map_err(Error::Status)?;
-        let meta = self.load::<WaveMeta>(keys::wave_meta(&req.wave_id)).await?.map(|(_, m)| m);
-        let figures: HashMap<String, u64> = self
-            .store()
-            .hgetall(&keys::wave(&req.wave_id))
-            .await?
-            .into_iter()
-            .filter_map(|(f, v)| Some((f, std::str::from_utf8(&v).ok()?.parse::<i64>().ok()?.max(0) as u64)))
-            .collect();
-        let count = |s: OrderStatus| figures.get(state_to(s).as_str_name()).copied().unwrap_or(0);
-        // One queue per (product, buyer) the wave concerns: ask for all their lengths at once (they
-        // pipeline on the one connection), so a poll costs one round trip, not one per queue.
-        let queues: Vec<String> = meta
-            .iter()
-            .flat_map(|m| m.queues.iter())
-            .filter_map(|q| q.split_once('|').map(|(sku, buyer)| keys::awaiting(sku, buyer)))
-            .collect();
-        let awaiting: u64 = try_join_all(queues.iter().map(|k| self.store().zcard(k))).await?.into_iter().sum();
-        let concerned = meta.as_ref().map(|m| m.concerned).unwrap_or(0);
-        let evaluated = figures.get("evaluated").copied().unwrap_or(0);
-        let settle = if meta.is_some() && evaluated >= concerned {
-            figures.get("last_eval_ms").copied().or(meta.as_ref().map(|m| m.observed_ms))
-        } else {
-            None
-        };
-        Ok(pb::GetWaveProgressResponse {
-            progress: Some(pb::WaveProgress {
-                wave_id: req.wave_id,
-                observed: meta.is_some(),
-                orders_concerned: concerned,
-                orders_evaluated: evaluated,
-                orders_backordered: count(OrderStatus::Backordered),
-                orders_reserved: count(OrderStatus::Reserved),
-                orders_confirmed: count(OrderStatus::Confirmed),
-                orders_shipped: count(OrderStatus::Shipped),
-                orders_awaiting: awaiting,
-                units_held: figures.get("units_held").copied().unwrap_or(0),
-                observe_time: meta.as_ref().and_then(|m| ts_opt(m.observed_ms)),
-                settle_time: settle.and_then(ts_opt),
-            }),
-        })
     }
 
     pub(crate) async fn watch_orders(&self, req: pb::WatchOrdersRequest) -> Result<WatchStream, Error> {

@@ -146,8 +146,8 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
 struct StageA<'a> {
     /// Why each buyer's orders are being looked at.
     causes: &'a HashMap<String, Vec<Cause>>,
-    /// Waves among those causes (for their progress figures).
-    waves: &'a HashSet<String>,
+    /// Waves whose snapshot of this product may still hold orders (each evaluated order leaves them).
+    unsettled: &'a [String],
     /// Buyers with an order waiting for quota, and which: their later orders wait behind it.
     blocked: HashMap<String, String>,
     /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
@@ -381,22 +381,21 @@ impl Orders {
         queue.sort();
         let causes: HashMap<String, Vec<Cause>> =
             buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
-        let waves: HashSet<String> = causes
-            .values()
-            .flatten()
-            .filter(|c| c.kind() == CauseKind::WavePublished)
-            .map(|c| c.reference.clone())
-            .collect();
+        // Read after the marks were taken, so a wave whose publication marked this round is among them.
+        let unsettled = self.unsettled_waves(&sku).await?;
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
         // placement order.
         let inline = self.store().zcard(&keys::backlog(&sku)).await? == 0;
-        let mut stage = StageA { causes: &causes, waves: &waves, blocked: HashMap::new(), inline };
+        let mut stage = StageA { causes: &causes, unsettled: &unsettled, blocked: HashMap::new(), inline };
         let mut backlogged = HashMap::new();
         for chunk in queue.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
             let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
             backlogged.extend(self.evaluate_batch(ctx, lease, &ids, &mut stage).await?);
+        }
+        if !unsettled.is_empty() {
+            self.settle_waves(&sku, &unsettled).await?;
         }
         Ok(backlogged)
     }
@@ -410,7 +409,7 @@ impl Orders {
         ids: &[String],
         stage: &mut StageA<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
-        let (causes, waves) = (stage.causes, stage.waves);
+        let causes = stage.causes;
         let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
             let t0 = Instant::now();
@@ -426,15 +425,17 @@ impl Orders {
                 return Ok(HashMap::new());
             }
             let mut blocked = stage.blocked.clone();
+            // Orders of a buyer already waiting for quota go too, marked: licensing takes nothing for
+            // them, but tells which can never be served (to be rejected rather than left waiting).
             let items: Vec<lpb::QuotaItem> = orders
                 .iter()
-                .filter(|(_, o)| !blocked.contains_key(&o.buyer_id))
                 .map(|(_, o)| lpb::QuotaItem {
                     order_id: o.id.clone(),
                     generation: o.generation,
                     buyer_id: o.buyer_id.clone(),
                     units: o.units,
                     justification: o.justification.clone(),
+                    queued_behind: blocked.get(&o.buyer_id).cloned().unwrap_or_default(),
                 })
                 .collect();
             let results: HashMap<String, lpb::QuotaItemResult> = if items.is_empty() {
@@ -485,7 +486,6 @@ impl Orders {
             let mut events = book::Events::traced(ctx);
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             let mut entered = HashMap::new();
-            let mut evaluated_by_wave: HashMap<&str, i64> = HashMap::new();
             for (ver, o) in &orders {
                 let mut new = o.clone();
                 let cause = if o.status() == OrderStatus::Pending {
@@ -496,21 +496,7 @@ impl Orders {
                         .and_then(|c| c.first().cloned())
                         .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
                 };
-                for c in causes.get(&o.buyer_id).into_iter().flatten() {
-                    if c.kind() == CauseKind::WavePublished && waves.contains(&c.reference) {
-                        *evaluated_by_wave.entry(c.reference.as_str()).or_default() += 1;
-                    }
-                }
-                let moved = if let Some(earlier) = blocked.get(&o.buyer_id) {
-                    let f = Failure::new(
-                        Condition::QueueOrder,
-                        "",
-                        format!(
-                            "an earlier order ({earlier}) of this buyer is still waiting for quota; this one may not overtake it"
-                        ),
-                    );
-                    new.move_to(OrderStatus::AwaitingLicense, cause, "", vec![f], now)
-                } else {
+                let moved = {
                     match results.get(&o.id) {
                         Some(r) if r.stale => {
                             // This generation's quota was released underneath the order (it can't
@@ -564,10 +550,8 @@ impl Orders {
                     Err(e) => return Err(Error::Internal(format!("order {}: {e}", o.id))),
                 }
             }
-            for (wave, n) in evaluated_by_wave {
-                t.hincr(keys::wave(wave), "evaluated", n);
-                t.hset(keys::wave(wave), "last_eval_ms", now.to_string().into_bytes());
-            }
+            let ids: Vec<&str> = orders.iter().map(|(_, o)| o.id.as_str()).collect();
+            crate::waves::evaluated(&mut t, &lease.sku, stage.unsettled, &ids, now);
             events.flush(&mut t);
             let t_built = t0.elapsed();
             let committed = self.store().commit(&t).await;
@@ -707,6 +691,10 @@ impl Orders {
     }
 
     /// Orders holding unconfirmed quota whose licence or product gate closed go back to waiting.
+    ///
+    /// Whether quota may still be used is licensing's rule ([`chipgate_domain::licensing::holding_failures`]),
+    /// asked with `RecheckQuota` for a chunk of holders at a time; the failures it names become the
+    /// order's reasons.
     async fn recheck_holders(&self, ctx: &RequestContext, lease: &mut Lease, marks: &Marks) -> Result<(), Error> {
         let sku = lease.sku.clone();
         let entries = self.store().zrange(&keys::holding(&sku), 0, -1, false).await?;
@@ -714,36 +702,16 @@ impl Orders {
             return Ok(());
         }
         let all = !marks.all_holders.is_empty();
-        // The product's gates, once per pass.
-        let lic = &self.inner.peers.licensing;
-        let policy = rpc!(ctx, lic, get_import_policy, lpb::GetImportPolicyRequest { product_sku: sku.clone() })
-            .map_err(peer_error)?
-            .policy
-            .unwrap_or_default();
-        let exports = rpc!(
-            ctx,
-            lic,
-            list_export_authorizations,
-            lpb::ListExportAuthorizationsRequest { page_size: 1000, page_token: String::new() }
-        )
-        .map_err(peer_error)?;
-        let destinations: HashSet<String> = exports
-            .authorizations
-            .iter()
-            .filter(|a| a.active && a.product_sku == sku)
-            .map(|a| a.destination.clone())
-            .collect();
-        let embargoed = policy.stance() == lpb::ImportStance::Embargoed;
         let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
         for chunk in ids.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
-            let keys_: Vec<String> = chunk.iter().map(|id| keys::order(id)).collect();
+            let order_keys: Vec<String> = chunk.iter().map(|id| keys::order(id)).collect();
             for attempt in 0..=BATCH_ATTEMPTS {
                 if attempt == BATCH_ATTEMPTS {
                     return Err(Error::Contention { attempts: BATCH_ATTEMPTS });
                 }
                 let orders: Vec<(u64, OrderRecord)> = self
-                    .load_many::<OrderRecord>(&keys_)
+                    .load_many::<OrderRecord>(&order_keys)
                     .await?
                     .into_iter()
                     .flatten()
@@ -751,74 +719,37 @@ impl Orders {
                         o.status().holds_unconfirmed_quota() && (all || marks.holders.contains_key(&o.buyer_id))
                     })
                     .collect();
-                let mut lic_ids: Vec<String> = orders.iter().map(|(_, o)| o.license_id.clone()).collect();
-                lic_ids.sort();
-                lic_ids.dedup();
-                let licences = try_join_all(lic_ids.iter().map(|id| async move {
-                    rpc!(
-                        ctx,
-                        self.inner.peers.licensing,
-                        get_license,
-                        lpb::GetLicenseRequest { license_id: id.clone() }
-                    )
-                    .map(|r| r.license.unwrap_or_default())
-                }))
-                .await
-                .map_err(peer_error)?;
-                let by_id: HashMap<&str, &lpb::License> = licences.iter().map(|l| (l.license_id.as_str(), l)).collect();
+                if orders.is_empty() {
+                    break;
+                }
+                let msg = lpb::RecheckQuotaRequest {
+                    product_sku: sku.clone(),
+                    items: orders
+                        .iter()
+                        .map(|(_, o)| lpb::ReleaseItem { order_id: o.id.clone(), generation: o.generation })
+                        .collect(),
+                };
+                let resp = rpc!(ctx, self.inner.peers.licensing, recheck_quota, msg).map_err(peer_error)?;
+                let failed: HashMap<&str, &lpb::RecheckResult> =
+                    resp.results.iter().filter(|r| !r.failures.is_empty()).map(|r| (r.order_id.as_str(), r)).collect();
+                if failed.is_empty() {
+                    break;
+                }
                 let now = now_ms();
                 let mut t = Txn::new();
                 let mut events = book::Events::traced(ctx);
                 t.expect_lease(keys::lease(&sku), lease.token);
-                let mut any = false;
                 for (ver, o) in &orders {
-                    let Some(l) = by_id.get(o.license_id.as_str()) else { continue };
-                    let mut failures = Vec::new();
-                    match l.state() {
-                        lpb::LicenseState::Suspended | lpb::LicenseState::Revoked => failures.push(Failure::new(
-                            Condition::LicenseInForce,
-                            &l.license_id,
-                            format!(
-                                "licence {} is {}: {}",
-                                l.license_id,
-                                if l.state() == lpb::LicenseState::Suspended { "suspended" } else { "revoked" },
-                                l.state_reason
-                            ),
-                        )),
-                        _ => {}
-                    }
-                    if embargoed {
-                        failures.push(Failure::new(
-                            Condition::ImportPolicy,
-                            "",
-                            format!("customs embargoes this product: {}", policy.reason),
-                        ));
-                    }
-                    if !destinations.contains(&l.destination) {
-                        failures.push(Failure::new(
-                            Condition::ExportAuthorization,
-                            &l.license_id,
-                            format!(
-                                "the vendor no longer holds an export authorisation for {sku} to {}",
-                                l.destination
-                            ),
-                        ));
-                    }
-                    if failures.is_empty() {
-                        continue;
-                    }
+                    let Some(r) = failed.get(o.id.as_str()) else { continue };
                     let cause = marks
                         .holder_causes(&o.buyer_id)
                         .into_iter()
                         .next()
                         .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
                     let mut new = o.clone();
-                    new.unwind(cause, failures, now).map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
+                    new.unwind(cause, r.failures.iter().map(failure_from).collect(), now)
+                        .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
                     book::write(&mut t, &mut events, *ver, Some(o), &new);
-                    any = true;
-                }
-                if !any {
-                    break;
                 }
                 events.flush(&mut t);
                 match self.store().commit(&t).await {
@@ -847,11 +778,11 @@ fn commit_error(e: CommitError) -> Error {
     }
 }
 
-/// A peer's refusal of our fencing token means another replica took the product over.
+/// A peer's refusal of our fencing token (ABORTED with `ErrorInfo.reason` [`chipgate_contract::FENCED_REASON`]) means another
+/// replica took the product over.
 fn peer_error(s: tonic::Status) -> Error {
-    if s.code() == Code::Aborted && s.message().contains("lease") {
-        Error::Superseded(s.message().to_string())
-    } else {
-        Error::Peer(s)
-    }
+    use tonic_types::StatusExt;
+    let fenced = s.code() == Code::Aborted
+        && s.get_error_details().error_info().is_some_and(|i| i.reason == chipgate_contract::FENCED_REASON);
+    if fenced { Error::Superseded(s.message().to_string()) } else { Error::Peer(s) }
 }

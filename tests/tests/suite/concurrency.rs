@@ -3,7 +3,6 @@
 //! quota used equals the units of the orders holding it, stock adds up and matches the orders, every
 //! placement happened exactly once, and no order overtook an earlier one in its backlog.
 
-
 use crate::common;
 
 use std::time::Duration;

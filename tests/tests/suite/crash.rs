@@ -2,7 +2,6 @@
 //! propagation and started again. Every order must end in exactly one correct state, with licence quota
 //! and stock accounted for exactly.
 
-
 use crate::common;
 
 use std::time::{Duration, Instant};

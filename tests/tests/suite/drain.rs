@@ -5,7 +5,6 @@
 //! The calls are kept in flight by pausing Redis (`CLIENT PAUSE`), so they are genuinely inside the
 //! handler, waiting on state, when the signal arrives.
 
-
 use std::time::{Duration, Instant};
 
 use chipgate_proto::licensing::v1 as lpb;

@@ -21,7 +21,6 @@
 //!
 //! Needs the binaries: `cargo build --workspace --bins` first.
 
-
 use crate::common;
 
 use std::collections::BTreeMap;

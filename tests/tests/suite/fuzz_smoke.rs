@@ -4,7 +4,6 @@
 //! handler's validation fails the test; the seed is printed so a failure replays
 //! (`CHIPGATE_FUZZ_SEED`). The real fuzzer (`cargo +nightly fuzz run requests`) explores far more.
 
-
 #[path = "../../../fuzz/common/requests.rs"]
 mod requests;
 

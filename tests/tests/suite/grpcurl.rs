@@ -202,25 +202,31 @@ async fn grpcurl_places_and_reads_orders() {
     assert_eq!(placed["order"]["reasons"][0]["condition"], "CONDITION_LICENSE");
     let id = placed["order"]["orderId"].as_str().unwrap().to_string();
     let got: Value = serde_json::from_str(
-        &grpcurl_as(Some(&baidu), &[
-            "-plaintext",
-            "-d",
-            &format!(r#"{{"order_id":"{id}"}}"#),
-            &addr,
-            "chipgate.orders.v1.OrderService/GetOrder",
-        ])
+        &grpcurl_as(
+            Some(&baidu),
+            &[
+                "-plaintext",
+                "-d",
+                &format!(r#"{{"order_id":"{id}"}}"#),
+                &addr,
+                "chipgate.orders.v1.OrderService/GetOrder",
+            ],
+        )
         .await,
     )
     .unwrap();
     assert_eq!(got["order"]["history"][0]["cause"]["kind"], "CAUSE_KIND_PLACED");
     let listed: Value = serde_json::from_str(
-        &grpcurl_as(Some(&baidu), &[
-            "-plaintext",
-            "-d",
-            r#"{"buyer_id":"baidu","state":"ORDER_STATE_AWAITING_LICENSE"}"#,
-            &addr,
-            "chipgate.orders.v1.OrderService/ListOrders",
-        ])
+        &grpcurl_as(
+            Some(&baidu),
+            &[
+                "-plaintext",
+                "-d",
+                r#"{"buyer_id":"baidu","state":"ORDER_STATE_AWAITING_LICENSE"}"#,
+                &addr,
+                "chipgate.orders.v1.OrderService/ListOrders",
+            ],
+        )
         .await,
     )
     .unwrap();

@@ -2,7 +2,6 @@
 //! invalid fields, and one caller trying to take all the capacity. Each is refused cleanly (a status,
 //! never a crash or a hang) and the service keeps serving everybody else.
 
-
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -1,7 +1,6 @@
 //! Health tells the truth: SERVING while Redis answers, NOT_SERVING while it is unreachable, SERVING
 //! again once it is back; NOT_SERVING as soon as the server starts draining.
 
-
 use std::time::{Duration, Instant};
 
 use chipgate_testkit::{Cluster, channel};

@@ -1,6 +1,5 @@
 //! Inventory over the wire: every RPC through a real gRPC connection, with rich error details.
 
-
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_testkit::Cluster;
 use tokio_stream::StreamExt;
@@ -65,21 +64,19 @@ async fn every_inventory_rpc_answers_over_grpc() {
     let seen = tokio::time::timeout(std::time::Duration::from_secs(5), watch.next()).await.unwrap().unwrap().unwrap();
     assert_eq!((seen.cause.as_str(), seen.stock.unwrap().available), ("supply.received", 100));
 
-    let held = c
-        .reserve(pb::ReserveRequest {
-            request_id: "rv-1".into(),
-            order_id: "ord-1".into(),
+    let one = |order: &str, units: u64| pb::BatchReserveRequest {
+        request_id: String::new(),
+        product_sku: SKU.into(),
+        items: vec![pb::ReserveItem {
+            order_id: order.into(),
             generation: 1,
-            product_sku: SKU.into(),
-            units: 40,
+            units,
             allow_partial: false,
             hold_seconds: 600,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .reservation
-        .unwrap();
+        }],
+        fence_token: 0,
+    };
+    let held = c.batch_reserve(one("ord-1", 40)).await.unwrap().into_inner().results.remove(0).reservation.unwrap();
     assert_eq!(held.state(), pb::ReservationState::Held);
     let batch = c
         .batch_reserve(pb::BatchReserveRequest {
@@ -123,17 +120,12 @@ async fn every_inventory_rpc_answers_over_grpc() {
     })
     .await
     .unwrap();
-    c.release_reservation(pb::ReleaseReservationRequest {
-        request_id: "rl-1".into(),
-        order_id: "ord-2".into(),
-        generation: 1,
-        reason: "cancelled".into(),
-    })
-    .await
-    .unwrap();
     c.batch_release_reservations(pb::BatchReleaseReservationsRequest {
         request_id: String::new(),
-        items: vec![pb::ReleaseItem { order_id: "ord-3".into(), generation: 1, product_sku: SKU.into() }],
+        items: vec![
+            pb::ReleaseItem { order_id: "ord-2".into(), generation: 1, product_sku: SKU.into() },
+            pb::ReleaseItem { order_id: "ord-3".into(), generation: 1, product_sku: SKU.into() },
+        ],
         reason: "cancelled".into(),
         unless_confirmed: false,
     })
@@ -158,19 +150,12 @@ async fn every_inventory_rpc_answers_over_grpc() {
     let listed = c.list_stock(pb::ListStockRequest {}).await.unwrap().into_inner();
     assert_eq!(listed.stock.len(), 6);
 
-    // Out of stock over the wire keeps its QuotaFailure.
-    let short = c
-        .reserve(pb::ReserveRequest {
-            request_id: "rv-2".into(),
-            order_id: "ord-9".into(),
-            generation: 1,
-            product_sku: SKU.into(),
-            units: 61,
-            allow_partial: false,
-            hold_seconds: 0,
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(short.code(), Code::ResourceExhausted);
-    assert!(short.get_error_details().quota_failure().unwrap().violations[0].description.contains("60 available"));
+    // Out of stock: nothing held, and the answer shows what is left.
+    let short = c.batch_reserve(one("ord-9", 61)).await.unwrap().into_inner();
+    assert_eq!(short.results[0].outcome(), pb::ReserveOutcome::NotServed);
+    assert_eq!(short.stock.unwrap().available, 60);
+    // Bad input over the wire keeps its BadRequest.
+    let bad = c.batch_reserve(one("ord-9", 0)).await.unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert_eq!(bad.get_error_details().bad_request().unwrap().field_violations[0].field, "items[0].units");
 }

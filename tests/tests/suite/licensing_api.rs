@@ -1,7 +1,6 @@
 //! Licensing over the wire: every RPC answers through a real gRPC connection, errors keep their rich
 //! details across it, and the audit log detects tampering done directly in Redis.
 
-
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_testkit::Cluster;
 use tonic::Code;
@@ -200,24 +199,28 @@ async fn every_licensing_rpc_answers_over_grpc() {
     .await
     .unwrap();
 
-    // The refusal over the wire carries PreconditionFailure details naming each condition.
-    let refused = c
-        .reserve_quota(pb::ReserveQuotaRequest {
-            request_id: rid("rq"),
-            order_id: "ord-1".into(),
+    // Quota is taken in batches (the orders service's call): a refusal comes back per order, naming
+    // each failed condition with its figures.
+    let take = |order: &str, buyer: &str, units: u64, justification: &str| pb::BatchReserveQuotaRequest {
+        request_id: String::new(),
+        product_sku: "H200-SXM-141GB".into(),
+        items: vec![pb::QuotaItem {
+            order_id: order.into(),
             generation: 1,
-            buyer_id: "bytedance".into(),
-            product_sku: "H200-SXM-141GB".into(),
-            units: 1000,
-            justification: String::new(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(refused.code(), Code::FailedPrecondition);
-    let d = refused.get_error_details();
-    let types: Vec<String> = d.precondition_failure().unwrap().violations.iter().map(|v| v.r#type.clone()).collect();
-    assert_eq!(types, ["CONDITION_DOMESTIC_RATIO", "CONDITION_JUSTIFICATION"]);
-    assert_eq!(d.error_info().unwrap().reason, "CONDITIONS_NOT_MET");
+            buyer_id: buyer.into(),
+            units,
+            justification: justification.into(),
+            queued_behind: String::new(),
+        }],
+        fence_token: 0,
+    };
+    let refused = c.batch_reserve_quota(take("ord-1", "bytedance", 1000, "")).await.unwrap().into_inner();
+    let r = &refused.results[0];
+    assert!(r.reservation.is_none());
+    assert!(r.rejectable, "without a justification the order can never be served under this licence");
+    let types: Vec<pb::Condition> = r.failures.iter().map(|f| f.condition()).collect();
+    assert_eq!(types, [pb::Condition::DomesticRatio, pb::Condition::Justification]);
+    assert_eq!((r.failures[0].required, r.failures[0].actual), (100, 0), "the ratio's figures");
 
     c.record_domestic_purchase(pb::RecordDomesticPurchaseRequest {
         request_id: rid("dom"),
@@ -235,53 +238,21 @@ async fn every_licensing_rpc_answers_over_grpc() {
         .into_inner();
     assert_eq!((ledger.total_domestic_units, ledger.purchases.len()), (200, 1));
     let held = c
-        .reserve_quota(pb::ReserveQuotaRequest {
-            request_id: rid("rq"),
-            order_id: "ord-1".into(),
-            generation: 1,
-            buyer_id: "bytedance".into(),
-            product_sku: "H200-SXM-141GB".into(),
-            units: 1000,
-            justification: "training run for a 400B model".into(),
-        })
+        .batch_reserve_quota(take("ord-1", "bytedance", 1000, "training run for a 400B model"))
         .await
         .unwrap()
         .into_inner()
+        .results
+        .remove(0)
         .reservation
         .unwrap();
     assert_eq!(held.state(), pb::ReservationState::Held);
     assert_eq!(held.wave_id, wave.wave_id);
 
-    // Quota short on its own: RESOURCE_EXHAUSTED with QuotaFailure.
-    let short = c
-        .reserve_quota(pb::ReserveQuotaRequest {
-            request_id: rid("rq"),
-            order_id: "ord-2".into(),
-            generation: 1,
-            buyer_id: "alibaba".into(),
-            product_sku: "H200-SXM-141GB".into(),
-            units: 120_001,
-            justification: "x".into(),
-        })
-        .await
-        .unwrap_err();
-    assert_eq!(short.code(), Code::FailedPrecondition, "alibaba's terms are still pending: not quota alone");
-    let batch = c
-        .batch_reserve_quota(pb::BatchReserveQuotaRequest {
-            request_id: String::new(),
-            product_sku: "H200-SXM-141GB".into(),
-            items: vec![pb::QuotaItem {
-                order_id: "ord-3".into(),
-                generation: 1,
-                buyer_id: "bytedance".into(),
-                units: 5,
-                justification: "x".into(),
-            }],
-            fence_token: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pending = c.batch_reserve_quota(take("ord-2", "alibaba", 120_001, "x")).await.unwrap().into_inner();
+    let types: Vec<pb::Condition> = pending.results[0].failures.iter().map(|f| f.condition()).collect();
+    assert!(types.contains(&pb::Condition::TermsFinal), "alibaba's terms are still pending: {types:?}");
+    let batch = c.batch_reserve_quota(take("ord-3", "bytedance", 5, "x")).await.unwrap().into_inner();
     assert!(batch.results[0].reservation.is_some());
     c.confirm_quota(pb::ConfirmQuotaRequest { request_id: rid("cq"), order_id: "ord-1".into(), generation: 1 })
         .await
@@ -292,10 +263,9 @@ async fn every_licensing_rpc_answers_over_grpc() {
         .unwrap()
         .into_inner();
     assert_eq!(r.reservation.unwrap().state(), pb::ReservationState::Confirmed);
-    c.release_quota(pb::ReleaseQuotaRequest {
+    c.batch_release_quota(pb::BatchReleaseQuotaRequest {
         request_id: rid("rel"),
-        order_id: "ord-3".into(),
-        generation: 1,
+        items: vec![pb::ReleaseItem { order_id: "ord-3".into(), generation: 1 }],
         reason: "cancelled".into(),
         unless_confirmed: false,
     })
@@ -471,7 +441,7 @@ async fn errors_keep_their_details_and_calls_echo_the_request_id() {
         .submit_application(pb::SubmitApplicationRequest {
             request_id: "r1".into(),
             buyer_id: "b".into(),
-            product_sku: "H200".into(),
+            product_sku: "H200-SXM-141GB".into(),
             quantity: 1,
             end_use: "e".into(),
             site: "s".into(),

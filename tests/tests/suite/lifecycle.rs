@@ -2,7 +2,6 @@
 //! stock go back and the next order takes them), holds that expire, rejection, per-buyer queue order,
 //! idempotent placement, and watching transitions.
 
-
 use crate::common;
 
 use std::time::Duration;

@@ -11,6 +11,7 @@
 mod common;
 
 mod authz;
+mod closing_gates;
 mod concurrency;
 mod crash;
 mod drain;
@@ -27,3 +28,4 @@ mod mtls;
 mod propagation;
 mod python_client;
 mod triggers;
+mod wave_progress;

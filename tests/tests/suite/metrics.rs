@@ -2,7 +2,6 @@
 //! Prometheus text, and check that the per-RPC, business and propagation figures exist and moved by
 //! exactly what the scenario did. Also checks the Grafana dashboard only charts series that exist.
 
-
 use crate::common;
 
 use std::collections::BTreeSet;

@@ -3,7 +3,6 @@
 //! answers probes. Certificates are generated here (rcgen): a CA, a server certificate for
 //! localhost/127.0.0.1, a client certificate, and a client certificate from an unrelated CA.
 
-
 use std::time::Duration;
 
 use chipgate_proto::licensing::v1 as lpb;

@@ -1,7 +1,6 @@
 //! Propagation across the three real services (real Redis, real gRPC): the seed story end to end, and
 //! each trigger moving exactly the orders it concerns.
 
-
 use crate::common;
 
 use std::time::Duration;

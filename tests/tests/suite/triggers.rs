@@ -2,7 +2,6 @@
 //! Redis): finalised terms, a domestic purchase, supply, an embargo and its lifting, a suspension and a
 //! reinstatement.
 
-
 use crate::common;
 
 use std::collections::HashMap;

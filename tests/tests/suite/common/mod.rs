@@ -14,9 +14,28 @@ use chipgate_testkit::{Cluster, ClusterOptions};
 pub const H200: &str = "H200-SXM-141GB";
 pub const NVL: &str = "H200-NVL-141GB";
 
-/// A running cluster and clients.
+/// A running cluster and clients ([`Moves`], through `Deref`).
 pub struct World {
     pub cluster: Cluster,
+    pub moves: Moves,
+}
+
+impl std::ops::Deref for World {
+    type Target = Moves;
+    fn deref(&self) -> &Moves {
+        &self.moves
+    }
+}
+
+impl std::ops::DerefMut for World {
+    fn deref_mut(&mut self) -> &mut Moves {
+        &mut self.moves
+    }
+}
+
+/// Clients of the three services (acting as whichever party each call needs), and the moves the
+/// parties make, for an in-process cluster or a cluster of processes alike.
+pub struct Moves {
     pub lic: chipgate_testkit::LicensingClient,
     pub inv: chipgate_testkit::InventoryClient,
     pub ord: chipgate_testkit::OrdersClient,
@@ -38,7 +57,14 @@ impl World {
         let lic = cluster.licensing_client();
         let inv = cluster.inventory_client();
         let ord = cluster.orders_client();
-        World { cluster, lic, inv, ord }
+        World { cluster, moves: Moves { lic, inv, ord } }
+    }
+}
+
+impl Moves {
+    /// The moves of a cluster of processes (orders replica `i`).
+    pub fn of(c: &chipgate_testkit::procs::ProcessCluster, i: usize) -> Self {
+        Moves { lic: c.licensing_client(), inv: c.inventory_client(), ord: c.orders_client(i) }
     }
 
     pub async fn export(&mut self, sku: &str) {

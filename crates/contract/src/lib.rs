@@ -1,0 +1,127 @@
+//! The contract between chipgate's services beyond their gRPC APIs, in one place, used by producers
+//! and consumers alike.
+//!
+//! The services share one state store. Each owns its keys and writes only those, but two things are
+//! read across services and so are part of the contract, like an API:
+//! * the **event streams**: licensing and inventory append every change to their stream (a
+//!   prost-encoded `LicensingEvent` / `InventoryEvent` in the entry field [`EVENT_FIELD`]), and the
+//!   orders service reads both through its consumer group [`ORDERS_GROUP`]; orders appends each
+//!   commit's order transitions to its own stream (field [`TRANSITIONS_FIELD`]) for watchers;
+//! * the **catalogue**: inventory owns the products; licensing and orders check that a SKU a caller
+//!   names is one before accepting an application or an order ([`catalogue`]).
+//!
+//! Nothing else of another service's state may be read or written; a change here is a change of
+//! the contract and needs the same care as a change of a `.proto`.
+
+use chipgate_state::Space;
+
+/// Licensing's key space (`{lic}`).
+pub const LICENSING: Space = Space::new("lic");
+/// Inventory's key space (`{inv}`).
+pub const INVENTORY: Space = Space::new("inv");
+/// The orders service's key space (`{ord}`).
+pub const ORDERS: Space = Space::new("ord");
+
+/// The entry field holding one encoded event in the licensing and inventory streams.
+pub const EVENT_FIELD: &str = "e";
+/// The entry field holding one commit's order transitions (an encoded batch) in the orders stream.
+pub const TRANSITIONS_FIELD: &str = "b";
+/// The orders service's consumer group on the licensing and inventory streams.
+pub const ORDERS_GROUP: &str = "orders";
+
+/// `ErrorInfo.reason` of licensing's and inventory's ABORTED answer to a fencing token lower than
+/// one already seen for the product: another orders replica took the product's lease over.
+pub const FENCED_REASON: &str = "FENCED";
+
+/// The event streams.
+pub mod streams {
+    use super::{INVENTORY, LICENSING, ORDERS};
+
+    /// Licensing's events (`LicensingEvent` in field [`super::EVENT_FIELD`]).
+    pub fn licensing() -> String {
+        LICENSING.key(["events"])
+    }
+
+    /// Inventory's events (`InventoryEvent` in field [`super::EVENT_FIELD`]).
+    pub fn inventory() -> String {
+        INVENTORY.key(["events"])
+    }
+
+    /// The orders service's transitions (a batch in field [`super::TRANSITIONS_FIELD`]).
+    pub fn orders() -> String {
+        ORDERS.key(["events"])
+    }
+}
+
+/// The product catalogue, owned by inventory.
+pub mod catalogue {
+    use chipgate_state::{Backend, StateError};
+
+    use super::INVENTORY;
+
+    /// The record of product `sku` (a prost-encoded product; its presence is what others rely on).
+    pub fn product(sku: &str) -> String {
+        INVENTORY.key(["product", sku])
+    }
+
+    /// Whether `sku` is in the catalogue. Products are never removed, so a caller may remember a
+    /// `true` for good.
+    ///
+    /// # Errors
+    /// When the store can't be read.
+    pub async fn has_product(store: &impl Backend, sku: &str) -> Result<bool, StateError> {
+        Ok(store.get(&[product(sku)]).await?.into_iter().next().flatten().is_some())
+    }
+
+    /// The products a service has found in the catalogue, remembered so a hot path reads the store
+    /// once per product, not once per call. Only products that exist are remembered, so the set
+    /// never grows past the catalogue whatever callers send.
+    #[derive(Debug, Default)]
+    pub struct KnownProducts {
+        known: std::sync::RwLock<std::collections::HashSet<String>>,
+    }
+
+    impl KnownProducts {
+        /// Whether `sku` is in the catalogue (asking the store the first time).
+        ///
+        /// # Errors
+        /// When the store can't be read.
+        pub async fn contains(&self, store: &impl Backend, sku: &str) -> Result<bool, StateError> {
+            let seen = match self.known.read() {
+                Ok(k) => k.contains(sku),
+                Err(poisoned) => poisoned.into_inner().contains(sku),
+            };
+            if seen {
+                return Ok(true);
+            }
+            let exists = has_product(store, sku).await?;
+            if exists {
+                match self.known.write() {
+                    Ok(mut k) => k.insert(sku.to_string()),
+                    Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
+                };
+            }
+            Ok(exists)
+        }
+    }
+
+    /// What a caller naming a product outside the catalogue is told (the `product_sku` field's
+    /// violation).
+    pub fn unknown_product(sku: &str) -> String {
+        format!("unknown product {sku:?}: it is not in the vendor's catalogue (ListProducts lists the products)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stream_keys_keep_their_layout() {
+        // These names are shared by processes that may run different versions during a rollout.
+        assert_eq!(streams::licensing(), "{lic}:events");
+        assert_eq!(streams::inventory(), "{inv}:events");
+        assert_eq!(streams::orders(), "{ord}:events");
+        assert_eq!(catalogue::product("H200"), "{inv}:product:H200");
+    }
+}

@@ -1,0 +1,278 @@
+//! Wave progress, in one place: which waiting orders a published wave concerns, and how far their
+//! evaluation has got.
+//!
+//! When the orders service first consumes a wave's publication it records, for each product the wave
+//! licenses, a **snapshot** of the waiting orders of the wave's buyers (one server-side union of their
+//! awaiting queues, counted in the same atomic step) and marks the wave *unsettled* for the product.
+//! The snapshot is what the wave concerns — exactly those orders, whatever happens next:
+//! * an order leaves the snapshot when a reconciliation round of its product evaluates it (for any
+//!   cause: the round runs after the publication, so the wave is in effect), or when it stops waiting
+//!   some other way (a cancel);
+//! * an order placed after the snapshot is not the wave's concern (it is evaluated on its own
+//!   placement);
+//! * the wave is **settled** once every snapshot is empty; its settle time is that of the last order
+//!   leaving, and its unsettled marks are cleared.
+//!
+//! So `evaluated` never exceeds `concerned`, a cancelled order never keeps a wave from settling, and a
+//! replica taking over mid-wave changes neither figure. The counts by state (orders holding the wave's
+//! quota, units held) are kept by [`crate::book`] as orders move.
+
+use std::collections::{BTreeMap, HashMap};
+
+use chipgate_domain::orders::{OrderRecord, OrderStatus};
+use chipgate_proto::licensing::v1 as lpb;
+use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::errors::Violations;
+use chipgate_runtime::time::{now_ms, ts_opt};
+use chipgate_runtime::validate;
+use chipgate_state::{Backend, CommitError, Txn};
+use futures_util::future::try_join_all;
+use prost::Message;
+
+use crate::convert::state_to;
+use crate::{Error, Orders, keys};
+
+/// Field of a wave's per-product tally: orders in the snapshot when it was taken.
+const CONCERNED: &str = "concerned";
+/// Field of a wave's per-product tally: when an order last left the snapshot (ms).
+const LAST_MS: &str = "last_ms";
+/// Field of a wave's figures: units held by orders under its licences.
+pub(crate) const UNITS_HELD: &str = "units_held";
+
+/// When the orders service first saw a wave, and which queues it concerns.
+#[derive(Clone, PartialEq, prost::Message)]
+pub(crate) struct WaveMeta {
+    #[prost(string, tag = "1")]
+    pub wave_id: String,
+    #[prost(uint64, tag = "2")]
+    pub observed_ms: u64,
+    /// `sku|buyer` of each licence of the wave.
+    #[prost(string, repeated, tag = "4")]
+    pub queues: Vec<String>,
+    /// When licensing published it (the event's time).
+    #[prost(uint64, tag = "5")]
+    pub published_ms: u64,
+}
+
+impl WaveMeta {
+    /// The products the wave licenses, each with its buyers.
+    fn products(&self) -> BTreeMap<&str, Vec<&str>> {
+        let mut by_sku: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for q in &self.queues {
+            if let Some((sku, buyer)) = q.split_once('|') {
+                by_sku.entry(sku).or_default().push(buyer);
+            }
+        }
+        by_sku
+    }
+}
+
+/// Adds to `t` what it means for the orders `ids` of product `sku` to have been evaluated (or to
+/// have stopped waiting) now: they leave the snapshot of every wave still unsettled for the product.
+pub(crate) fn evaluated(t: &mut Txn, sku: &str, unsettled: &[String], ids: &[&str], now_ms: u64) {
+    if ids.is_empty() {
+        return;
+    }
+    for wave in unsettled {
+        let pending = keys::wave_pending(wave, sku);
+        for id in ids {
+            t.zrem(&pending, *id);
+        }
+        t.hset(keys::wave_tally(wave, sku), LAST_MS, now_ms.to_string().into_bytes());
+    }
+}
+
+impl Orders {
+    /// Waves whose snapshot for `sku` may still hold orders.
+    pub(crate) async fn unsettled_waves(&self, sku: &str) -> Result<Vec<String>, Error> {
+        Ok(self.store().smembers(&keys::unsettled_waves(sku)).await?)
+    }
+
+    /// Clears `sku`'s unsettled marks of the waves among `waves` whose snapshot for it is empty.
+    pub(crate) async fn settle_waves(&self, sku: &str, waves: &[String]) -> Result<(), Error> {
+        let sizes = try_join_all(waves.iter().map(|w| {
+            let key = keys::wave_pending(w, sku);
+            async move { self.store().zcard(&key).await }
+        }))
+        .await?;
+        let mut t = Txn::new();
+        for (w, n) in waves.iter().zip(sizes) {
+            if n == 0 {
+                t.srem(keys::unsettled_waves(sku), w);
+            }
+        }
+        if !t.is_empty() {
+            self.store().commit(&t).await.map_err(|e| Error::Internal(format!("settling waves: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// An order of `o.sku` that stops waiting outside a reconciliation round (a cancel): it leaves the
+    /// snapshots of the product's unsettled waves in `t`.
+    pub(crate) async fn left_waiting(&self, t: &mut Txn, old: &OrderRecord, new: &OrderRecord) -> Result<(), Error> {
+        if old.status().is_waiting() && !new.status().is_waiting() {
+            let unsettled = self.unsettled_waves(&new.sku).await?;
+            evaluated(t, &new.sku, &unsettled, &[new.id.as_str()], now_ms());
+        }
+        Ok(())
+    }
+
+    /// Records a wave the first time its publication is consumed (a redelivered event changes
+    /// nothing): its meta, then per product the snapshot of the waiting orders it concerns. Each step
+    /// is its own idempotent commit, so a crash part-way is finished by the redelivery.
+    pub(crate) async fn observe_wave(
+        &self,
+        w: &lpb::WavePublished,
+        published: Option<&prost_types::Timestamp>,
+    ) -> Result<(), Error> {
+        let observed_ms = now_ms();
+        let published_ms = published
+            .and_then(|t| {
+                u64::try_from(t.seconds).ok().map(|s| s * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
+            })
+            .unwrap_or(observed_ms);
+        let queues = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
+        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms, queues, published_ms };
+        let mut t = Txn::new();
+        t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());
+        t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
+        let meta = match self.store().commit(&t).await {
+            Ok(_) => meta,
+            // Observed before (a redelivery): keep the first observation, finish its snapshots.
+            Err(CommitError::Conflict { .. }) => match self.load::<WaveMeta>(keys::wave_meta(&w.wave_id)).await? {
+                Some((_, m)) => m,
+                None => return Err(Error::Internal(format!("wave {} meta vanished", w.wave_id))),
+            },
+            Err(e) => return Err(Error::Internal(e.to_string())),
+        };
+        for (sku, buyers) in meta.products() {
+            let mut t = Txn::new();
+            // Taken once per product: the marker's absence is the guard.
+            t.replace(keys::wave_snapshot_taken(&meta.wave_id, sku), 0, Vec::new());
+            let queues = buyers.iter().map(|b| keys::awaiting(sku, b)).collect();
+            t.zunionstore_counted(
+                keys::wave_pending(&meta.wave_id, sku),
+                queues,
+                keys::wave_tally(&meta.wave_id, sku),
+                CONCERNED,
+            );
+            t.sadd(keys::unsettled_waves(sku), &meta.wave_id);
+            match self.store().commit(&t).await {
+                Ok(_) | Err(CommitError::Conflict { .. }) => {}
+                Err(e) => return Err(Error::Internal(e.to_string())),
+            }
+        }
+        Ok(())
+    }
+
+    /// When licensing published `wave_id`, as the orders service recorded it (None: not observed).
+    pub(crate) async fn wave_published_ms(&self, wave_id: &str) -> Result<Option<u64>, String> {
+        let meta = self.load::<WaveMeta>(keys::wave_meta(wave_id)).await.map_err(|e| format!("{e:?}"))?;
+        Ok(meta.map(|(_, m)| if m.published_ms > 0 { m.published_ms } else { m.observed_ms }))
+    }
+
+    pub(crate) async fn get_wave_progress(
+        &self,
+        req: pb::GetWaveProgressRequest,
+    ) -> Result<pb::GetWaveProgressResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "wave_id", &req.wave_id);
+        v.check().map_err(Error::Status)?;
+        let meta = self.load::<WaveMeta>(keys::wave_meta(&req.wave_id)).await?.map(|(_, m)| m);
+        let figures: HashMap<String, u64> = number_fields(self.store().hgetall(&keys::wave(&req.wave_id)).await?);
+        let count = |s: OrderStatus| figures.get(state_to(s).as_str_name()).copied().unwrap_or(0);
+        let products: Vec<(String, Vec<String>)> = meta
+            .as_ref()
+            .map(|m| {
+                m.products()
+                    .into_iter()
+                    .map(|(sku, buyers)| (sku.to_string(), buyers.into_iter().map(str::to_string).collect()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        // Every figure of every product at once (they pipeline on one connection): a poll costs one
+        // round trip, not one per queue.
+        let wave_id = req.wave_id.as_str();
+        let per_product = try_join_all(products.iter().map(|(sku, buyers)| async move {
+            let tally_key = keys::wave_tally(wave_id, sku);
+            let pending_key = keys::wave_pending(wave_id, sku);
+            let (tally, pending, awaiting) = tokio::try_join!(
+                self.store().hgetall(&tally_key),
+                self.store().zcard(&pending_key),
+                try_join_all(buyers.iter().map(|b| {
+                    let key = keys::awaiting(sku, b);
+                    async move { self.store().zcard(&key).await }
+                })),
+            )?;
+            Ok::<_, chipgate_state::StateError>((number_fields(tally), pending, awaiting.into_iter().sum::<u64>()))
+        }))
+        .await?;
+        let mut concerned = 0;
+        let mut pending = 0;
+        let mut awaiting = 0;
+        let mut every_snapshot = meta.is_some();
+        let mut last_ms = meta.as_ref().map(|m| m.observed_ms).unwrap_or(0);
+        for (tally, p, a) in &per_product {
+            match tally.get(CONCERNED) {
+                Some(n) => concerned += n,
+                None => every_snapshot = false,
+            }
+            pending += p;
+            awaiting += a;
+            last_ms = last_ms.max(tally.get(LAST_MS).copied().unwrap_or(0));
+        }
+        let settled = every_snapshot && pending == 0;
+        Ok(pb::GetWaveProgressResponse {
+            progress: Some(pb::WaveProgress {
+                wave_id: req.wave_id.clone(),
+                observed: meta.is_some(),
+                orders_concerned: concerned,
+                orders_evaluated: concerned.saturating_sub(pending),
+                orders_backordered: count(OrderStatus::Backordered),
+                orders_reserved: count(OrderStatus::Reserved),
+                orders_confirmed: count(OrderStatus::Confirmed),
+                orders_shipped: count(OrderStatus::Shipped),
+                orders_awaiting: awaiting,
+                units_held: figures.get(UNITS_HELD).copied().unwrap_or(0),
+                observe_time: meta.as_ref().and_then(|m| ts_opt(m.observed_ms)),
+                settle_time: if settled { ts_opt(last_ms) } else { None },
+            }),
+        })
+    }
+}
+
+/// The integer fields of a hash (others dropped; negative figures read as 0).
+fn number_fields(fields: Vec<(String, Vec<u8>)>) -> HashMap<String, u64> {
+    fields
+        .into_iter()
+        .filter_map(|(f, v)| Some((f, std::str::from_utf8(&v).ok()?.parse::<i64>().ok()?.max(0) as u64)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wave_lists_its_products_with_their_buyers() {
+        let m = WaveMeta {
+            wave_id: "wave-1".into(),
+            queues: vec!["H200|bytedance".into(), "H20|alibaba".into(), "H200|tencent".into(), "junk".into()],
+            ..Default::default()
+        };
+        let p = m.products();
+        assert_eq!(p.get("H200"), Some(&vec!["bytedance", "tencent"]));
+        assert_eq!(p.get("H20"), Some(&vec!["alibaba"]));
+        assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn evaluation_leaves_the_snapshot_of_every_unsettled_wave() {
+        let mut t = Txn::new();
+        evaluated(&mut t, "H200", &["wave-1".to_string(), "wave-2".to_string()], &["ord-1", "ord-2"], 7);
+        assert_eq!(t.ops.len(), 6, "two removals and a time per wave");
+        let mut none = Txn::new();
+        evaluated(&mut none, "H200", &["wave-1".to_string()], &[], 7);
+        assert!(none.is_empty());
+    }
+}
