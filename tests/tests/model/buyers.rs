@@ -586,45 +586,14 @@ impl Buyer {
                         |a: &lpb::SubmitApplicationResponse, b| a == b,
                     )
                     .await;
-                match &r {
-                    Ok(a) => {
-                        self.ctx.known_bug(3, format!("SubmitApplication accepted the unknown product {sku}"));
-                        // Tolerated: it is an application like any other now.
-                        let a = a.application.clone().unwrap_or_default();
-                        let mut m = self.ctx.model.lock().unwrap();
-                        m.audited.push((self.party.subject.clone(), msg.request_id.clone(), "application.submitted"));
-                        m.apps.insert(
-                            a.application_id.clone(),
-                            App {
-                                id: a.application_id,
-                                buyer: self.buyer.into(),
-                                sku,
-                                quantity: 10,
-                                destination: "CN".into(),
-                                state: AppState::Queued,
-                                licence: None,
-                                moved: false,
-                                c: Default::default(),
-                            },
-                        );
-                    }
-                    Err(s) if matches!(s.code(), Code::NotFound | Code::InvalidArgument) => {
-                        self.refused(&msg.request_id, &r)
-                    }
-                    // A second open application for the same made-up product (bug 3 tolerated).
-                    Err(s) if s.code() == Code::AlreadyExists && self.ctx.tolerate.contains(&3) => {
-                        self.refused(&msg.request_id, &r)
-                    }
-                    Err(_) => {
-                        self.ctx.expect(
-                            "SubmitApplication",
-                            "(bad: unknown product)",
-                            &r,
-                            false,
-                            &[Code::NotFound, Code::InvalidArgument],
-                        );
-                    }
-                }
+                self.ctx.expect(
+                    "SubmitApplication",
+                    &format!("(bad: unknown product {sku})"),
+                    &r,
+                    false,
+                    &[Code::NotFound, Code::InvalidArgument],
+                );
+                self.refused(&msg.request_id, &r);
             }
         }
     }
@@ -639,14 +608,6 @@ impl Buyer {
                 |a: &opb::PlaceOrderResponse, b| a == b,
             )
             .await;
-        if what == "unknown product"
-            && let Ok(p) = &r
-        {
-            self.ctx.known_bug(3, format!("PlaceOrder accepted the unknown product {}", msg.product_sku));
-            // Tolerated: an order like any other now (it waits for a licence that never comes).
-            self.placed_ok(&msg, p.order.clone().unwrap_or_default());
-            return;
-        }
         self.ctx.expect("PlaceOrder", &format!("(bad: {what})"), &r, false, codes);
     }
 }

@@ -299,8 +299,6 @@ pub struct Model {
     pub refused: Vec<String>,
     /// Every violation found, in words.
     pub violations: Vec<String>,
-    /// Known bugs seen (when they are allowed, see `main.rs`), in words.
-    pub known: Vec<String>,
 }
 
 impl Model {

@@ -82,8 +82,6 @@ pub struct Ctx {
     pub seed: u64,
     pub urls: Urls,
     pub signer: Signer,
-    /// Known bugs of issue 14 the run tolerates (reported, not failed), by number.
-    pub tolerate: Arc<Vec<u8>>,
 }
 
 static IDS: AtomicU64 = AtomicU64::new(0);
@@ -111,18 +109,6 @@ impl Ctx {
     /// Reports a violation found while the run goes on.
     pub fn violation(&self, v: impl Into<String>) {
         self.model.lock().unwrap().violation(v);
-    }
-
-    /// A known bug of issue 14 seen: tolerated (and reported) if the run tolerates it, else a
-    /// violation.
-    pub fn known_bug(&self, bug: u8, v: impl Into<String>) {
-        let v = format!("issue 14 bug {bug}: {}", v.into());
-        let mut m = self.model.lock().unwrap();
-        if self.tolerate.contains(&bug) {
-            m.known.push(v);
-        } else {
-            m.violation(v);
-        }
     }
 }
 
