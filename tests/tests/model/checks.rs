@@ -178,6 +178,7 @@ pub async fn settled(ctx: &Ctx, clients: &mut Clients, store: &chipgate_state::S
         licensing_world(&m, &auditor, &snap, now, &mut v).await;
         orders_world(&m, &snap, now, &mut v);
     }
+    holds(&auditor, &snap, &mut v).await;
     audit(ctx, &auditor, &mut v).await;
     (v, snap)
 }
@@ -541,10 +542,15 @@ fn orders_world(m: &Model, snap: &Snapshot, now: u64, v: &mut Vec<String>) {
 
 /// An order's last steps, for a violation's message.
 fn steps(o: &opb::Order) -> String {
+    last_steps(o, 4)
+}
+
+/// An order's last `n` steps in words.
+pub fn last_steps(o: &opb::Order, n: usize) -> String {
     o.history
         .iter()
         .rev()
-        .take(4)
+        .take(n)
         .rev()
         .map(|t| {
             let c = t.cause.clone().unwrap_or_default();
@@ -662,6 +668,47 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
                     ));
                 }
             }
+        }
+    }
+}
+
+/// Each order's stock hold in inventory is where the order says it is (same generation, same units,
+/// held / committed / shipped as the order is reserved / confirmed / shipped), and nothing is held for
+/// an order that holds nothing.
+async fn holds(auditor: &Party, snap: &Snapshot, v: &mut Vec<String>) {
+    let mut inv = auditor.inv.clone();
+    let reservations = all_pages!(inv, list_reservations, ipb::ListReservationsRequest::default(), reservations);
+    let by_order: HashMap<&str, &ipb::Reservation> = reservations.iter().map(|r| (r.order_id.as_str(), r)).collect();
+    for o in &snap.orders {
+        count("orders compared with their stock hold");
+        let r = by_order.get(o.order_id.as_str());
+        let want = match o.state() {
+            OrderState::Shipped => Some(ipb::ReservationState::Shipped),
+            OrderState::Confirmed => Some(ipb::ReservationState::Confirmed),
+            OrderState::Reserved => Some(ipb::ReservationState::Held),
+            OrderState::Backordered if o.held_units > 0 => Some(ipb::ReservationState::Held),
+            _ => None,
+        };
+        let ok = match (want, r) {
+            (Some(s), Some(r)) => r.state() == s && r.generation == o.generation && r.held_units == o.held_units,
+            (Some(_), None) => false,
+            (None, None) => true,
+            (None, Some(r)) => {
+                matches!(r.state(), ipb::ReservationState::Released | ipb::ReservationState::Expired)
+                    || (r.state() == ipb::ReservationState::Held && r.held_units == 0)
+            }
+        };
+        if !ok {
+            v.push(format!(
+                "order {} is {:?} (generation {}, {} units held) but its stock hold is {}; {}",
+                o.order_id,
+                o.state(),
+                o.generation,
+                o.held_units,
+                r.map(|r| format!("{:?} generation {} {} units", r.state(), r.generation, r.held_units))
+                    .unwrap_or_else(|| "missing".into()),
+                steps(o)
+            ));
         }
     }
 }

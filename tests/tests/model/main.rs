@@ -466,5 +466,30 @@ fn report(
     for (n, example) in groups.iter().take(40) {
         let _ = writeln!(r, "  {n} x {example}");
     }
+    // The full histories of the first orders the violations name, to start the investigation from.
+    let mut named: Vec<&str> = Vec::new();
+    for x in violations {
+        for w in x.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-')) {
+            if w.starts_with("ord-") && !named.contains(&w) && named.len() < 6 {
+                named.push(w);
+            }
+        }
+    }
+    for id in named {
+        if let Some(o) = snap.orders.iter().find(|o| o.order_id == id) {
+            let _ = writeln!(
+                r,
+                "  history of {id} ({}, {} x {}, sequence {}, now {:?} generation {} licence {:?}): {}",
+                o.buyer_id,
+                o.units,
+                o.product_sku,
+                o.sequence,
+                o.state(),
+                o.generation,
+                o.license_id,
+                checks::last_steps(o, 40)
+            );
+        }
+    }
     r
 }
