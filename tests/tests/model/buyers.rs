@@ -18,13 +18,16 @@ use crate::model::{App, AppState, Order, now_ms};
 use crate::world::{BUYERS, Ctx, DESTINATIONS, PRODUCTS, Party};
 use crate::{send, send_ord};
 
-/// States a placement may answer with (it is evaluated at once, or still pending).
-const PLACED_STATES: [OrderState; 5] = [
+/// States a placement may answer with: evaluated at once, or still pending — or, when the answer is a
+/// retry's (the first attempt's outcome was unknown), expired already (the buyer can't have confirmed
+/// or cancelled an order whose id it never saw).
+const PLACED_STATES: [OrderState; 6] = [
     OrderState::Pending,
     OrderState::AwaitingLicense,
     OrderState::Backordered,
     OrderState::Reserved,
     OrderState::Rejected,
+    OrderState::Expired,
 ];
 
 struct Buyer {

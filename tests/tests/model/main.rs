@@ -299,13 +299,29 @@ async fn close(ctx: &Ctx, cluster: &ProcessCluster, phase: &str) -> bool {
                     }
                 }
             }
-            eprintln!("phase {phase}: not settled; {held} orders held; {busy:?}");
+            eprintln!("phase {phase}: not settled; {held} orders held; {busy:?}; {}", streams(cluster).await);
             return false;
         }
         for b in BUYERS {
             buyers::confirm_all(ctx, b, &snap.orders).await;
         }
     }
+}
+
+/// The event streams and the orders consumer group as Redis reports them (for a phase that did not
+/// settle).
+async fn streams(cluster: &ProcessCluster) -> String {
+    let Ok(client) = redis::Client::open(cluster.redis.url()) else { return String::new() };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return String::new() };
+    let mut out = Vec::new();
+    for stream in ["{lic}:events", "{inv}:events"] {
+        let info: redis::Value =
+            redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
+        let groups: redis::Value =
+            redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
+        out.push(format!("{stream}: {info:?} groups {groups:?}"));
+    }
+    out.join("; ")
 }
 
 /// Opens the world: customs lifts every embargo, the export authority grants every product to every
