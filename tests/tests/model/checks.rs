@@ -624,6 +624,17 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
             v.push(format!("order {} took quota of {} at {t} although {}", o.order_id, l.id, closed.join("; ")));
         }
     }
+    // No order of any state took quota while its product was (certainly) embargoed — at any step.
+    for o in orders {
+        let Some(line) = m.embargo.get(&o.product_sku) else { continue };
+        for t in o.history.iter().filter(|t| is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered) {
+            let at = ms(t.time.as_ref());
+            count("quota-taking steps (any order, any generation) checked against the embargo timeline");
+            if line.at(at) == Some(true) {
+                v.push(format!("order {} took quota at {at} while {} was embargoed", o.order_id, o.product_sku));
+            }
+        }
+    }
     // A buyer's later order never takes quota while an earlier one waits for capacity.
     let mut by: BTreeMap<(&str, &str), Vec<&opb::Order>> = BTreeMap::new();
     for o in orders {
