@@ -238,7 +238,7 @@ impl Authority {
         let got_g: Vec<(String, u64, Cond)> = got
             .grants
             .iter()
-            .map(|g| (g.application_id.clone(), g.granted_units, cond_from(&g.conditions.clone().unwrap_or_default())))
+            .map(|g| (g.application_id.clone(), g.granted_units, cond_from(&g.conditions.unwrap_or_default())))
             .collect();
         if got_g != want {
             drop(m);
@@ -392,7 +392,7 @@ impl Authority {
                     }
                     let status = if g.2.terms_pending { LicStatus::PendingTerms } else { LicStatus::Active };
                     let want = api_state(status, &g.2, g.1, 0, to);
-                    let got_cond = cond_from(&l.conditions.clone().unwrap_or_default());
+                    let got_cond = cond_from(&l.conditions.unwrap_or_default());
                     if l.buyer_id != buyer
                         || l.product_sku != sku
                         || l.destination != dest
@@ -509,7 +509,7 @@ impl Authority {
             cond.terms_pending = false;
             lic.line.set(from, to, (LicStatus::Active, cond.clone()));
             let l = f.license.unwrap_or_default();
-            let got = cond_from(&l.conditions.clone().unwrap_or_default());
+            let got = cond_from(&l.conditions.unwrap_or_default());
             let want = api_state(LicStatus::Active, &cond, 1, 0, to);
             if got != cond || (l.state() != want && l.state() != lpb::LicenseState::Exhausted) {
                 m.violation(format!("FinalizeTerms {id}: now {:?} {got:?}, the model {want:?} {cond:?}", l.state()));

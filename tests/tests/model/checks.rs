@@ -50,13 +50,12 @@ fn ms(t: Option<&prost_types::Timestamp>) -> u64 {
 }
 
 macro_rules! all_pages {
-    ($client:expr, $method:ident, $req:expr, $items:ident) => {{
+    ($client:expr, $method:ident, $($req:ident)::+, $items:ident) => {{
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
-            let mut r = $req;
-            r.page_size = 1000;
-            r.page_token = token;
+            #[allow(clippy::needless_update)] // some list requests have no other fields
+            let r = $($req)::+ { page_size: 1000, page_token: token, ..Default::default() };
             let resp = $client.$method(r).await.expect(stringify!($method)).into_inner();
             out.extend(resp.$items);
             if resp.next_page_token.is_empty() {
@@ -158,9 +157,9 @@ pub struct Snapshot {
 /// Reads every order (with history), licence and stock figure as the auditor.
 pub async fn snapshot(auditor: &Party) -> Snapshot {
     let mut ord = auditor.ord(0);
-    let orders = all_pages!(ord, list_orders, opb::ListOrdersRequest::default(), orders);
+    let orders = all_pages!(ord, list_orders, opb::ListOrdersRequest, orders);
     let mut lic = auditor.lic.clone();
-    let licences = all_pages!(lic, list_licenses, lpb::ListLicensesRequest::default(), licenses);
+    let licences = all_pages!(lic, list_licenses, lpb::ListLicensesRequest, licenses);
     let stock = auditor.inv.clone().list_stock(ipb::ListStockRequest {}).await.expect("ListStock").into_inner().stock;
     Snapshot { orders, licences, stock }
 }
@@ -172,12 +171,11 @@ pub async fn settled(ctx: &Ctx, clients: &mut Clients, store: &chipgate_state::S
     let mut v: Vec<String> = report.violations.into_iter().map(|x| format!("invariants: {x}")).collect();
     let auditor = Party::role(&ctx.urls, &ctx.signer, Role::Auditor);
     let snap = snapshot(&auditor).await;
-    {
-        let m = ctx.model.lock().unwrap();
-        let now = now_ms();
-        licensing_world(&m, &auditor, &snap, now, &mut v).await;
-        orders_world(&m, &snap, now, &mut v);
-    }
+    // A copy of the model: nothing changes it any more, and the checks make calls.
+    let m = ctx.model.lock().unwrap().clone();
+    let now = now_ms();
+    licensing_world(&m, &auditor, &snap, now, &mut v).await;
+    orders_world(&m, &snap, now, &mut v);
     holds(&auditor, &snap, &mut v).await;
     audit(ctx, &auditor, &mut v).await;
     (v, snap)
@@ -193,7 +191,7 @@ async fn licensing_world(m: &Model, auditor: &Party, snap: &Snapshot, now: u64, 
             v.push(format!("licence {id} exists, but no acknowledged publish made it"));
             continue;
         };
-        let cond = cond_from(&l.conditions.clone().unwrap_or_default());
+        let cond = cond_from(&l.conditions.unwrap_or_default());
         let want = api_state(ml.status(), &ml.cond(), ml.granted, l.used_units, now);
         if l.buyer_id != ml.buyer
             || l.product_sku != ml.sku
@@ -218,7 +216,7 @@ async fn licensing_world(m: &Model, auditor: &Party, snap: &Snapshot, now: u64, 
         }
     }
     // Applications and the queue.
-    let apps = all_pages!(lic, list_applications, lpb::ListApplicationsRequest::default(), applications);
+    let apps = all_pages!(lic, list_applications, lpb::ListApplicationsRequest, applications);
     let by_id: BTreeMap<&str, &lpb::Application> = apps.iter().map(|a| (a.application_id.as_str(), a)).collect();
     for (id, a) in &m.apps {
         let Some(g) = by_id.get(id.as_str()) else {
@@ -254,7 +252,7 @@ async fn licensing_world(m: &Model, auditor: &Party, snap: &Snapshot, now: u64, 
             v.push(format!("application {id} exists, but no acknowledged submission made it"));
         }
     }
-    let queue = all_pages!(lic, list_queue, lpb::ListQueueRequest::default(), applications);
+    let queue = all_pages!(lic, list_queue, lpb::ListQueueRequest, applications);
     let queued: BTreeSet<&str> = queue.iter().map(|a| a.application_id.as_str()).collect();
     let want: BTreeSet<&str> = m.apps.values().filter(|a| a.state == AppState::Queued).map(|a| a.id.as_str()).collect();
     if queued != want {
@@ -280,7 +278,7 @@ async fn licensing_world(m: &Model, auditor: &Party, snap: &Snapshot, now: u64, 
         }
     }
     // Waves.
-    let waves = all_pages!(lic, list_waves, lpb::ListWavesRequest::default(), waves);
+    let waves = all_pages!(lic, list_waves, lpb::ListWavesRequest, waves);
     let wave_ids: BTreeSet<&str> = waves.iter().map(|w| w.wave_id.as_str()).collect();
     let model_waves: BTreeSet<&str> = m.waves.keys().map(String::as_str).collect();
     if wave_ids != model_waves {
@@ -291,7 +289,7 @@ async fn licensing_world(m: &Model, auditor: &Party, snap: &Snapshot, now: u64, 
         let grants: Vec<(String, u64, crate::model::Cond)> = w
             .grants
             .iter()
-            .map(|g| (g.application_id.clone(), g.granted_units, cond_from(&g.conditions.clone().unwrap_or_default())))
+            .map(|g| (g.application_id.clone(), g.granted_units, cond_from(&g.conditions.unwrap_or_default())))
             .collect();
         let published = w.state() == lpb::WaveState::Published;
         if grants != mw.grants || published != mw.published {
@@ -309,15 +307,14 @@ async fn licensing_world(m: &Model, auditor: &Party, snap: &Snapshot, now: u64, 
         }
     }
     // Gates.
-    let policies = all_pages!(lic, list_import_policies, lpb::ListImportPoliciesRequest::default(), policies);
+    let policies = all_pages!(lic, list_import_policies, lpb::ListImportPoliciesRequest, policies);
     for (sku, line) in &m.embargo {
         let got = policies.iter().find(|p| &p.product_sku == sku).map(|p| p.stance() == lpb::ImportStance::Embargoed);
         if got != Some(line.now()) {
             v.push(format!("import policy of {sku}: embargoed {got:?}, the model {}", line.now()));
         }
     }
-    let exports =
-        all_pages!(lic, list_export_authorizations, lpb::ListExportAuthorizationsRequest::default(), authorizations);
+    let exports = all_pages!(lic, list_export_authorizations, lpb::ListExportAuthorizationsRequest, authorizations);
     for ((sku, dest), line) in &m.exports {
         let got = exports.iter().find(|a| &a.product_sku == sku && &a.destination == dest).map(|a| a.active);
         if got != line.now() {
@@ -556,8 +553,8 @@ pub fn last_steps(o: &opb::Order, n: usize) -> String {
             let c = t.cause.clone().unwrap_or_default();
             let f: Vec<String> = t.failures.iter().map(|f| format!("{:?}", f.condition())).collect();
             format!(
-                "{}→{:?} at {} by {:?} {} {f:?}",
-                format!("{:?}", t.from_state()),
+                "{:?}→{:?} at {} by {:?} {} {f:?}",
+                t.from_state(),
                 t.to_state(),
                 ms(t.time.as_ref()),
                 c.kind(),
@@ -688,7 +685,7 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
 /// an order that holds nothing.
 async fn holds(auditor: &Party, snap: &Snapshot, v: &mut Vec<String>) {
     let mut inv = auditor.inv.clone();
-    let reservations = all_pages!(inv, list_reservations, ipb::ListReservationsRequest::default(), reservations);
+    let reservations = all_pages!(inv, list_reservations, ipb::ListReservationsRequest, reservations);
     let by_order: HashMap<&str, &ipb::Reservation> = reservations.iter().map(|r| (r.order_id.as_str(), r)).collect();
     for o in &snap.orders {
         count("orders compared with their stock hold");
@@ -728,26 +725,29 @@ async fn holds(auditor: &Party, snap: &Snapshot, v: &mut Vec<String>) {
 /// chain verifies.
 async fn audit(ctx: &Ctx, auditor: &Party, v: &mut Vec<String>) {
     let mut lic = auditor.lic.clone();
-    let entries = all_pages!(lic, list_audit_entries, lpb::ListAuditEntriesRequest::default(), entries);
+    let entries = all_pages!(lic, list_audit_entries, lpb::ListAuditEntriesRequest, entries);
     let mut by_request: HashMap<&str, Vec<&lpb::AuditEntry>> = HashMap::new();
     for e in &entries {
         by_request.entry(e.request_id.as_str()).or_default().push(e);
     }
-    let m = ctx.model.lock().unwrap();
-    for (actor, rid, what) in &m.audited {
-        match by_request.get(rid.as_str()).map(Vec::as_slice) {
-            Some([e]) if &e.actor == actor => count("acknowledged licensing changes found once in the audit log"),
-            Some([e]) => v.push(format!("audit: {what} by request {rid} is recorded as by {}, not {actor}", e.actor)),
-            Some(es) => v.push(format!("audit: {what} by request {rid} is recorded {} times", es.len())),
-            None => v.push(format!("audit: {what} by request {rid} (acknowledged) is not in the audit log")),
+    {
+        let m = ctx.model.lock().unwrap();
+        for (actor, rid, what) in &m.audited {
+            match by_request.get(rid.as_str()).map(Vec::as_slice) {
+                Some([e]) if &e.actor == actor => count("acknowledged licensing changes found once in the audit log"),
+                Some([e]) => {
+                    v.push(format!("audit: {what} by request {rid} is recorded as by {}, not {actor}", e.actor))
+                }
+                Some(es) => v.push(format!("audit: {what} by request {rid} is recorded {} times", es.len())),
+                None => v.push(format!("audit: {what} by request {rid} (acknowledged) is not in the audit log")),
+            }
+        }
+        for rid in &m.refused {
+            if let Some(es) = by_request.get(rid.as_str()) {
+                v.push(format!("audit: the refused request {rid} left {} audit entries ({})", es.len(), es[0].action));
+            }
         }
     }
-    for rid in &m.refused {
-        if let Some(es) = by_request.get(rid.as_str()) {
-            v.push(format!("audit: the refused request {rid} left {} audit entries ({})", es.len(), es[0].action));
-        }
-    }
-    drop(m);
     let r = lic.verify_audit_log(lpb::VerifyAuditLogRequest {}).await.expect("VerifyAuditLog").into_inner();
     if !r.valid || r.entries_checked < entries.len() as u64 {
         v.push(format!(

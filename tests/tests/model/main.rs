@@ -478,7 +478,7 @@ fn report(
         e.0 += 1;
     }
     let mut groups: Vec<(usize, &str)> = groups.into_values().collect();
-    groups.sort_by(|a, b| b.0.cmp(&a.0));
+    groups.sort_by_key(|g| std::cmp::Reverse(g.0));
     for (n, example) in groups.iter().take(40) {
         let _ = writeln!(r, "  {n} x {example}");
     }

@@ -273,7 +273,7 @@ pub fn mul_div_ceil(a: u64, b: u64, c: u64) -> u64 {
 }
 
 /// The whole model.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Model {
     pub apps: BTreeMap<String, App>,
     pub waves: BTreeMap<String, Wave>,

@@ -20,7 +20,7 @@ use crate::{send, send_ord};
 /// Customs until the run stops: embargoes a product now and then and lifts it again.
 pub async fn customs(ctx: Ctx) {
     let party = Party::role(&ctx.urls, &ctx.signer, Role::Customs);
-    let mut rng = Rng::with_seed(ctx.seed ^ 0xc057_0e5);
+    let mut rng = Rng::with_seed(ctx.seed ^ 0x0c05_70e5);
     while !ctx.stopped() {
         tokio::time::sleep(Duration::from_millis(rng.u64(500..1600))).await;
         let sku = PRODUCTS[rng.usize(..PRODUCTS.len())];
@@ -226,7 +226,7 @@ async fn revoke_export(ctx: &Ctx, party: &Party, rng: &mut Rng, sku: &str, dest:
 /// The vendor until the run stops: books supply, ships confirmed orders, rebooks receipts.
 pub async fn vendor(ctx: Ctx) {
     let party = Party::role(&ctx.urls, &ctx.signer, Role::Vendor);
-    let mut rng = Rng::with_seed(ctx.seed ^ 0x7e4d_0a);
+    let mut rng = Rng::with_seed(ctx.seed ^ 0x007e_4d0a);
     while !ctx.stopped() {
         tokio::time::sleep(Duration::from_millis(rng.u64(100..300))).await;
         match rng.u8(..100) {
