@@ -6,6 +6,7 @@
 //! the transport layer converts between these types and the protobuf API at the edge. The record types
 //! derive `prost::Message` only so the state layer can store them compactly; they are not the API.
 
+pub mod allocation;
 pub mod inventory;
 pub mod licensing;
 pub mod orders;

@@ -424,6 +424,24 @@ impl Failure {
     }
 }
 
+/// Whether an order refused with `failures` waits for capacity that may come — some licence fails it
+/// only for what can change, and for quota or domestic ratio among it (quota given back, a domestic
+/// purchase) — or queues behind an earlier order that does. Then the buyer's later orders may not
+/// overtake it. A licence that can never serve the order (a permanent failure, e.g. above its
+/// per-order cap) is no reason to wait, whatever its quota.
+pub fn waits_for_capacity(failures: &[Failure]) -> bool {
+    if failures.iter().any(|f| f.condition() == Condition::QueueOrder) {
+        return true;
+    }
+    let mut by_licence: HashMap<&str, (bool, bool)> = HashMap::new();
+    for f in failures.iter().filter(|f| !f.license_id.is_empty()) {
+        let (capacity, permanent) = by_licence.entry(f.license_id.as_str()).or_default();
+        *capacity |= f.condition().is_capacity();
+        *permanent |= f.permanent;
+    }
+    by_licence.values().any(|(capacity, permanent)| *capacity && !*permanent)
+}
+
 /// What is being asked for: `units` of the product by `buyer_id`.
 #[derive(Clone, Copy, Debug)]
 pub struct Ask<'a> {
@@ -772,8 +790,7 @@ impl<'a> QuotaPlanner<'a> {
                 Planned::Reserved { license_id: lic.id.clone(), wave_id: lic.wave_id.clone() }
             }
             Verdict::Refused { failures, rejectable } => {
-                let capacity = failures.iter().any(|f| f.condition().is_capacity() && !f.permanent);
-                if capacity && !rejectable {
+                if waits_for_capacity(&failures) && !rejectable {
                     self.blocked.insert(ask.buyer_id.to_string(), order_id.to_string());
                 }
                 Planned::Refused { failures, rejectable }

@@ -3,10 +3,18 @@
 //!
 //! Tokens are compact JWTs signed with Ed25519 (`alg: EdDSA`), using `ring` (the crypto rustls already
 //! runs on) and a deliberately small encoder: the header is fixed, only `EdDSA` is accepted (no `none`,
-//! no algorithm confusion), and the claims are `sub`, `role`, `buyer_id` (buyers only), `aud`
-//! (`chipgate`), `iat` and `exp`. Keys are PEM files: the services get the public key(s) to verify
-//! (several, for rotation), whoever mints tokens gets the PKCS#8 private key (`openssl genpkey
-//! -algorithm ed25519` makes one; `chipgate dev` generates its own). No key is ever in the code.
+//! no algorithm confusion, no `crit` extension we would have to understand), and the claims are
+//! `sub`, `role`, `buyer_id` (buyers only), `aud` (`chipgate`), `iat`, `exp` and optionally `nbf`.
+//! Keys are PEM files: the services get the public key(s) to verify (several, for rotation), whoever
+//! mints tokens gets the PKCS#8 private key (`openssl genpkey -algorithm ed25519` makes one; `chipgate
+//! dev` generates its own). No key is ever in the code.
+//!
+//! Each public key may be limited to the roles it signs for, with a `roles:` line in the text before
+//! its PEM block (text outside the blocks is ignored by every PEM reader, so the file stays a plain
+//! key bundle for openssl), so that the key a service mints its own `service` tokens with can't
+//! mint an import authority's; a block without the line signs for every role. Each role has a
+//! maximum token lifetime ([`Lifetimes`]). A token can't be revoked on its own: removing the key
+//! that signed it (a rotation) revokes every token of that key, and short lifetimes bound the rest.
 //!
 //! The [`edge`](crate::edge) layer verifies the token of every call and checks the
 //! [`policy`](crate::policy) table; handlers that act on a resource by id check its owner with
@@ -14,6 +22,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -35,6 +44,9 @@ const LEEWAY_SECS: u64 = 30;
 /// Verified tokens remembered (with their expiry) so a caller's every call doesn't pay an Ed25519
 /// verification (~50 µs); the map is emptied when it reaches this size.
 const VERIFIED_CACHE: usize = 10_000;
+/// Refused tokens remembered (by SHA-256, with the reason) when the reason can't change with time, so
+/// the same bad token sent again costs no verification; emptied when it reaches this size.
+const REFUSED_CACHE: usize = 10_000;
 /// The fixed JOSE header of every token we mint.
 const HEADER_JSON: &str = r#"{"alg":"EdDSA","typ":"JWT"}"#;
 /// DER prefix of an Ed25519 SubjectPublicKeyInfo (RFC 8410), followed by the 32-byte key.
@@ -130,10 +142,13 @@ pub struct Claims {
     pub iat: u64,
     /// Expires at (Unix seconds).
     pub exp: u64,
+    /// Not valid before (Unix seconds), when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
 }
 
 /// Why a token or key was refused.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
     /// No `authorization: Bearer …` metadata.
     #[error("no bearer token")]
@@ -147,6 +162,12 @@ pub enum AuthError {
     /// Past its `exp`.
     #[error("token expired")]
     Expired,
+    /// Before its `nbf`.
+    #[error("token not valid yet")]
+    NotYetValid,
+    /// The header asks for something this verifier does not implement (a `crit` extension).
+    #[error("unsupported token: {0}")]
+    Unsupported(&'static str),
     /// Well signed, but the claims are unusable.
     #[error("unusable claims: {0}")]
     BadClaims(&'static str),
@@ -161,6 +182,7 @@ impl AuthError {
         let reason = match self {
             AuthError::Missing => "TOKEN_MISSING",
             AuthError::Expired => "TOKEN_EXPIRED",
+            AuthError::NotYetValid => "TOKEN_NOT_YET_VALID",
             _ => "TOKEN_INVALID",
         };
         let mut details = ErrorDetails::new();
@@ -279,7 +301,7 @@ impl Signer {
     pub fn verifier(&self) -> Verifier {
         let mut k = [0u8; 32];
         k.copy_from_slice(&self.key.public_key().as_ref()[..32]);
-        Verifier { keys: vec![k], verified: Arc::default() }
+        Verifier::with_keys(vec![VerifyingKey { key: k, roles: None }])
     }
 
     /// Signs `claims`.
@@ -300,6 +322,7 @@ impl Signer {
             aud: AUDIENCE.to_string(),
             iat,
             exp: iat.saturating_add(ttl.as_secs().max(1)),
+            nbf: None,
         })
     }
 
@@ -314,34 +337,183 @@ impl Signer {
     }
 }
 
-/// Verifies tokens against one or more public keys (several during a key rotation).
+/// The longest lifetime (`exp - iat`) a token of each role may have.
+///
+/// Defaults: 30 days for `service` (the orders Deployment's token Secret, re-minted by the operator)
+/// and 7 days for every other role (what `chipgate dev` mints). Operators tighten them with
+/// `--token-max-lifetime` (e.g. `import_authority=8h,buyer=24h`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lifetimes {
+    by_role: [Duration; Role::ALL.len()],
+}
+
+impl Default for Lifetimes {
+    fn default() -> Self {
+        let day = Duration::from_secs(24 * 3600);
+        let mut by_role = [day * 7; Role::ALL.len()];
+        by_role[Role::Service as usize] = day * 30;
+        Lifetimes { by_role }
+    }
+}
+
+impl Lifetimes {
+    /// The maximum for `role`.
+    pub fn of(&self, role: Role) -> Duration {
+        self.by_role[role as usize]
+    }
+
+    /// The defaults with `spec` applied: comma-separated `role=duration` pairs, where the role `*`
+    /// sets every role not named otherwise in `spec` (e.g. `*=24h,service=720h`).
+    ///
+    /// # Errors
+    /// An unknown role, a bad duration, a zero duration or a malformed pair.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut out = Lifetimes::default();
+        let mut named = Vec::new();
+        let mut every = None;
+        for pair in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (role, value) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not role=duration"))?;
+            let d = crate::time::parse_duration(value)?;
+            if d.is_zero() {
+                return Err(format!("{pair:?}: a lifetime must be longer than zero"));
+            }
+            match role.trim() {
+                "*" => every = Some(d),
+                r => named.push((Role::parse(r).ok_or_else(|| format!("{r:?} is not a role"))?, d)),
+            }
+        }
+        if let Some(d) = every {
+            out.by_role = [d; Role::ALL.len()];
+        }
+        for (role, d) in named {
+            out.by_role[role as usize] = d;
+        }
+        Ok(out)
+    }
+}
+
+/// One verification key and the roles it may sign tokens for (None: every role).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VerifyingKey {
+    key: [u8; 32],
+    roles: Option<Vec<Role>>,
+}
+
+impl VerifyingKey {
+    /// The roles this key signs for (None: every role).
+    pub fn roles(&self) -> Option<&[Role]> {
+        self.roles.as_deref()
+    }
+
+    fn may_sign(&self, role: Role) -> bool {
+        self.roles.as_ref().is_none_or(|r| r.contains(&role))
+    }
+}
+
+/// Parses the `roles:` annotation of a key: `roles: service` or `roles: vendor, auditor`, on a line of
+/// its own (optionally behind `#`) in the text before the key's PEM block.
+fn roles_annotation(text: &str) -> Result<Option<Vec<Role>>, AuthError> {
+    let mut found = None;
+    for line in text.lines() {
+        let line = line.trim().trim_start_matches('#').trim();
+        let Some(list) = line.strip_prefix("roles:") else { continue };
+        if found.is_some() {
+            return Err(AuthError::Key("two `roles:` lines before one PUBLIC KEY block".into()));
+        }
+        let mut roles = Vec::new();
+        for name in list.split([',', ' ']).map(str::trim).filter(|n| !n.is_empty()) {
+            let role =
+                Role::parse(name).ok_or_else(|| AuthError::Key(format!("`roles:` names {name:?}, not a role")))?;
+            if !roles.contains(&role) {
+                roles.push(role);
+            }
+        }
+        if roles.is_empty() {
+            return Err(AuthError::Key("an empty `roles:` line (omit it to allow every role)".into()));
+        }
+        found = Some(roles);
+    }
+    Ok(found)
+}
+
+/// Verifies tokens against one or more public keys (several during a key rotation), each possibly
+/// limited to some roles, with a maximum lifetime per role.
 #[derive(Clone, Debug)]
 pub struct Verifier {
-    keys: Vec<[u8; 32]>,
+    keys: Vec<VerifyingKey>,
+    lifetimes: Lifetimes,
     /// Tokens already verified, with their principal and expiry (seconds). Keyed by the whole token,
     /// signature included, so only a byte-identical token hits; expiry is still checked on every use.
     verified: Arc<Mutex<HashMap<String, (Principal, u64)>>>,
+    /// Tokens refused for a reason time can't change (bad signature, expired, unusable claims), by
+    /// SHA-256 of the token, so a replayed bad token costs a hash instead of a verification.
+    refused: Arc<Mutex<HashMap<[u8; 32], AuthError>>>,
+    /// Ed25519 signature checks made (for metrics and tests).
+    checks: Arc<AtomicU64>,
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+impl AuthError {
+    /// Whether the same token would be refused the same way at any later time (so the refusal can
+    /// be remembered).
+    fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            AuthError::BadSignature | AuthError::Expired | AuthError::BadClaims(_) | AuthError::Unsupported(_)
+        )
+    }
 }
 
 impl Verifier {
-    /// Every `PUBLIC KEY` block in `text` (Ed25519 SubjectPublicKeyInfo).
+    fn with_keys(keys: Vec<VerifyingKey>) -> Self {
+        Verifier {
+            keys,
+            lifetimes: Lifetimes::default(),
+            verified: Arc::default(),
+            refused: Arc::default(),
+            checks: Arc::default(),
+        }
+    }
+
+    /// Every `PUBLIC KEY` block in `text` (Ed25519 SubjectPublicKeyInfo), each limited to the roles of
+    /// a `roles:` line between it and the previous block, if there is one.
     ///
     /// # Errors
-    /// When there is none, or one is not an Ed25519 key.
+    /// When there is no key, one is not an Ed25519 key, or a `roles:` line names an unknown role.
     pub fn from_pem(text: &str) -> Result<Self, AuthError> {
+        const BEGIN: &str = "-----BEGIN PUBLIC KEY-----";
+        const END: &str = "-----END PUBLIC KEY-----";
         let mut keys = Vec::new();
-        for der in pem_blocks(text, "PUBLIC KEY")? {
-            if der.len() != 44 || der[..12] != SPKI_PREFIX {
-                return Err(AuthError::Key("a PUBLIC KEY block is not an Ed25519 key".into()));
+        let mut rest = text;
+        while let Some(start) = rest.find(BEGIN) {
+            let roles = roles_annotation(&rest[..start])?;
+            let stop = rest[start..]
+                .find(END)
+                .map(|i| start + i + END.len())
+                .ok_or_else(|| AuthError::Key("unterminated PUBLIC KEY block".into()))?;
+            let der = pem_blocks(&rest[start..stop], "PUBLIC KEY")?;
+            for der in der {
+                if der.len() != 44 || der[..12] != SPKI_PREFIX {
+                    return Err(AuthError::Key("a PUBLIC KEY block is not an Ed25519 key".into()));
+                }
+                let mut k = [0u8; 32];
+                k.copy_from_slice(&der[12..]);
+                keys.push(VerifyingKey { key: k, roles: roles.clone() });
             }
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&der[12..]);
-            keys.push(k);
+            rest = &rest[stop..];
+        }
+        if roles_annotation(rest)?.is_some() {
+            return Err(AuthError::Key("a `roles:` line after the last PUBLIC KEY block".into()));
         }
         if keys.is_empty() {
             return Err(AuthError::Key("no PUBLIC KEY block".into()));
         }
-        Ok(Verifier { keys, verified: Arc::default() })
+        Ok(Self::with_keys(keys))
     }
 
     /// The keys in the PEM file at `path`.
@@ -352,33 +524,83 @@ impl Verifier {
         Self::from_pem(&read(path)?)
     }
 
-    /// The principal of `token`, if it is well formed, signed by one of the keys, for chipgate, and
-    /// current.
+    /// The same keys with other maximum lifetimes.
+    #[must_use]
+    pub fn with_lifetimes(mut self, lifetimes: Lifetimes) -> Self {
+        self.lifetimes = lifetimes;
+        self
+    }
+
+    /// The verification keys.
+    pub fn keys(&self) -> &[VerifyingKey] {
+        &self.keys
+    }
+
+    /// Ed25519 signature checks made so far.
+    pub fn signature_checks(&self) -> u64 {
+        self.checks.load(Ordering::Relaxed)
+    }
+
+    /// The principal of `token`, if it is well formed, signed by one of the keys (one that may sign
+    /// its role), for chipgate, current, and not longer-lived than its role allows.
     ///
     /// # Errors
     /// Why it was refused.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.remembered(token).unwrap_or_else(|| self.verify_fresh(token))
+    }
+
+    /// The outcome of an earlier verification of this very token, if one is remembered (a
+    /// remembered principal whose expiry has passed is refused and forgotten). Costs no signature
+    /// check.
+    pub fn remembered(&self, token: &str) -> Option<Result<Principal, AuthError>> {
         let hit = self.verified.lock().ok().and_then(|m| m.get(token).cloned());
         if let Some((principal, exp)) = hit {
             if exp.saturating_add(LEEWAY_SECS) < now_secs() {
                 if let Ok(mut m) = self.verified.lock() {
                     m.remove(token);
                 }
-                return Err(AuthError::Expired);
+                return Some(Err(AuthError::Expired));
             }
-            return Ok(principal);
+            return Some(Ok(principal));
         }
-        let (principal, exp) = self.verify_uncached(token)?;
-        if let Ok(mut m) = self.verified.lock() {
-            if m.len() >= VERIFIED_CACHE {
-                m.clear();
-            }
-            m.insert(token.to_string(), (principal.clone(), exp));
+        if self.refused.lock().is_ok_and(|m| m.is_empty()) {
+            return None;
         }
-        Ok(principal)
+        let d = digest(token);
+        self.refused.lock().ok().and_then(|m| m.get(&d).cloned()).map(Err)
     }
 
-    /// [`Verifier::verify`] without the cache; also returns the expiry.
+    /// Verifies `token` (a signature check) and remembers the outcome.
+    ///
+    /// # Errors
+    /// Why it was refused.
+    pub fn verify_fresh(&self, token: &str) -> Result<Principal, AuthError> {
+        match self.verify_uncached(token) {
+            Ok((principal, exp)) => {
+                if let Ok(mut m) = self.verified.lock() {
+                    if m.len() >= VERIFIED_CACHE {
+                        m.clear();
+                    }
+                    m.insert(token.to_string(), (principal.clone(), exp));
+                }
+                Ok(principal)
+            }
+            Err(e) => {
+                if e.is_permanent()
+                    && let Ok(mut m) = self.refused.lock()
+                {
+                    if m.len() >= REFUSED_CACHE {
+                        m.clear();
+                    }
+                    m.insert(digest(token), e.clone());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Verifier::verify`] without the caches; also returns the expiry.
     fn verify_uncached(&self, token: &str) -> Result<(Principal, u64), AuthError> {
         if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed);
@@ -392,11 +614,21 @@ impl Verifier {
         if header.get("alg").and_then(|v| v.as_str()) != Some("EdDSA") {
             return Err(AuthError::Malformed);
         }
+        // RFC 7515 §4.1.11: a recipient must refuse a token whose `crit` names an extension it does
+        // not understand, and we understand none.
+        if header.get("crit").is_some() {
+            return Err(AuthError::Unsupported("critical header extensions"));
+        }
         let sig = URL_SAFE_NO_PAD.decode(s).map_err(|_| AuthError::Malformed)?;
         let signed = &token.as_bytes()[..h.len() + 1 + p.len()];
-        if !self.keys.iter().any(|k| UnparsedPublicKey::new(&ED25519, k).verify(signed, &sig).is_ok()) {
-            return Err(AuthError::BadSignature);
-        }
+        let key = self
+            .keys
+            .iter()
+            .find(|k| {
+                self.checks.fetch_add(1, Ordering::Relaxed);
+                UnparsedPublicKey::new(&ED25519, &k.key).verify(signed, &sig).is_ok()
+            })
+            .ok_or(AuthError::BadSignature)?;
         let payload = URL_SAFE_NO_PAD.decode(p).map_err(|_| AuthError::Malformed)?;
         let claims: Claims = serde_json::from_slice(&payload).map_err(|_| AuthError::BadClaims("not the claims"))?;
         let now = now_secs();
@@ -406,10 +638,21 @@ impl Verifier {
         if claims.iat > now.saturating_add(LEEWAY_SECS) {
             return Err(AuthError::BadClaims("issued in the future"));
         }
+        if claims.nbf.is_some_and(|nbf| nbf > now.saturating_add(LEEWAY_SECS)) {
+            return Err(AuthError::NotYetValid);
+        }
         if claims.aud != AUDIENCE {
             return Err(AuthError::BadClaims("wrong audience"));
         }
         let role = Role::parse(&claims.role).ok_or(AuthError::BadClaims("unknown role"))?;
+        if !key.may_sign(role) {
+            // Somebody holding a key meant for other roles minted this one: worth an operator's eye.
+            tracing::warn!(%role, subject = %claims.sub, key_roles = ?key.roles, "token signed by a key that may not sign this role");
+            return Err(AuthError::BadClaims("the key that signed it may not sign this role"));
+        }
+        if claims.exp.saturating_sub(claims.iat) > self.lifetimes.of(role).as_secs() {
+            return Err(AuthError::BadClaims("lives longer than its role allows"));
+        }
         let buyer_id = match (role, claims.buyer_id) {
             (Role::Buyer, Some(b)) if !b.is_empty() => Some(b),
             (Role::Buyer, _) => return Err(AuthError::BadClaims("a buyer token must name its buyer")),
@@ -426,12 +669,18 @@ impl Verifier {
     /// # Errors
     /// When there is no bearer token or it is refused.
     pub fn authenticate(&self, headers: &http::HeaderMap) -> Result<Principal, AuthError> {
-        let value = headers.get(AUTHORIZATION_HEADER).ok_or(AuthError::Missing)?;
-        let value = value.to_str().map_err(|_| AuthError::Malformed)?;
-        let token =
-            value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::Malformed)?.trim();
-        self.verify(token)
+        self.verify(bearer(headers)?)
     }
+}
+
+/// The bearer token of a call with `headers`.
+///
+/// # Errors
+/// Missing when there is no `authorization`, Malformed when it is not `Bearer <token>`.
+pub fn bearer(headers: &http::HeaderMap) -> Result<&str, AuthError> {
+    let value = headers.get(AUTHORIZATION_HEADER).ok_or(AuthError::Missing)?;
+    let value = value.to_str().map_err(|_| AuthError::Malformed)?;
+    Ok(value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")).ok_or(AuthError::Malformed)?.trim())
 }
 
 /// Where a client's token comes from.
@@ -597,6 +846,7 @@ mod tests {
             aud: AUDIENCE.into(),
             iat: now - 10,
             exp,
+            nbf: None,
         };
         assert_eq!(v.verify(&s.sign(&claims("vendor", None, now - 3600))), Err(AuthError::Expired));
         assert!(matches!(v.verify(&s.sign(&claims("root", None, now + 60))), Err(AuthError::BadClaims(_))));
@@ -634,5 +884,141 @@ mod tests {
         v.verified.lock().expect("lock").insert(t.clone(), (p, now_secs() - 3600));
         assert_eq!(v.verify(&t), Err(AuthError::Expired));
         assert!(!v.verified.lock().expect("lock").contains_key(&t));
+    }
+
+    fn claims(role: &str, iat: u64, exp: u64, nbf: Option<u64>) -> Claims {
+        Claims {
+            sub: "x".into(),
+            role: role.into(),
+            buyer_id: (role == "buyer").then(|| "b".to_string()),
+            aud: AUDIENCE.into(),
+            iat,
+            exp,
+            nbf,
+        }
+    }
+
+    #[test]
+    fn not_before_is_enforced() {
+        let s = Signer::generate().expect("key");
+        let v = s.verifier();
+        let now = now_secs();
+        assert_eq!(v.verify(&s.sign(&claims("vendor", now, now + 600, Some(now + 300)))), Err(AuthError::NotYetValid));
+        assert!(v.verify(&s.sign(&claims("vendor", now, now + 600, Some(now)))).is_ok(), "nbf now is valid");
+        assert!(v.verify(&s.sign(&claims("vendor", now, now + 600, Some(now + 20)))).is_ok(), "within the leeway");
+        // Not remembered as refused: the same token becomes valid later.
+        let later = s.sign(&claims("vendor", now, now + 600, Some(now + 300)));
+        assert_eq!(v.verify(&later), Err(AuthError::NotYetValid));
+        assert!(v.remembered(&later).is_none());
+    }
+
+    #[test]
+    fn critical_header_extensions_are_refused() {
+        let s = Signer::generate().expect("key");
+        let v = s.verifier();
+        let now = now_secs();
+        let payload = URL_SAFE_NO_PAD.encode(serde_json::to_vec(&claims("vendor", now, now + 60, None)).expect("json"));
+        for header in [r#"{"alg":"EdDSA","crit":["exp"],"exp":1}"#, r#"{"alg":"EdDSA","crit":["b64"],"b64":false}"#] {
+            let input = format!("{}.{payload}", URL_SAFE_NO_PAD.encode(header));
+            let token = format!("{input}.{}", URL_SAFE_NO_PAD.encode(s.key.sign(input.as_bytes()).as_ref()));
+            assert!(matches!(v.verify(&token), Err(AuthError::Unsupported(_))), "{header}");
+        }
+    }
+
+    #[test]
+    fn lifetimes_are_capped_per_role() {
+        let s = Signer::generate().expect("key");
+        let now = now_secs();
+        let day = 24 * 3600;
+        let v = s.verifier();
+        assert!(v.verify(&s.sign(&claims("buyer", now, now + 7 * day, None))).is_ok(), "7 days: the default");
+        assert!(matches!(
+            v.verify(&s.sign(&claims("buyer", now, now + 7 * day + 1, None))),
+            Err(AuthError::BadClaims(_))
+        ));
+        assert!(v.verify(&s.sign(&claims("service", now, now + 30 * day, None))).is_ok());
+        assert!(matches!(
+            v.verify(&s.sign(&claims("service", now, now + 365 * day, None))),
+            Err(AuthError::BadClaims(_))
+        ));
+        // A back-dated iat doesn't help: the lifetime is exp - iat.
+        assert!(matches!(
+            v.verify(&s.sign(&claims("vendor", now - 30 * day, now + day, None))),
+            Err(AuthError::BadClaims(_))
+        ));
+
+        let tight = Lifetimes::parse("*=1h, service=720h").expect("spec");
+        assert_eq!(
+            (tight.of(Role::ImportAuthority), tight.of(Role::Service)),
+            (Duration::from_secs(3600), Duration::from_secs(720 * 3600))
+        );
+        let v = s.verifier().with_lifetimes(tight);
+        assert!(matches!(
+            v.verify(&s.sign(&claims("import_authority", now, now + 2 * 3600, None))),
+            Err(AuthError::BadClaims(_))
+        ));
+        assert!(v.verify(&s.sign(&claims("import_authority", now, now + 3600, None))).is_ok());
+        let only = Lifetimes::parse("auditor=8h").expect("spec");
+        assert_eq!(
+            (only.of(Role::Auditor), only.of(Role::Buyer)),
+            (Duration::from_secs(8 * 3600), Duration::from_secs(7 * day))
+        );
+        for bad in ["root=1h", "buyer", "buyer=1d", "buyer=0s"] {
+            assert!(Lifetimes::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_key_signs_only_the_roles_it_is_given() {
+        let service_key = Signer::generate().expect("key");
+        let people_key = Signer::generate().expect("key");
+        let pem = format!(
+            "# orders mints its own service tokens with this one\nroles: service\n{}\
+             roles: import_authority, vendor auditor\n{}",
+            service_key.public_pem(),
+            people_key.public_pem()
+        );
+        let v = Verifier::from_pem(&pem).expect("annotated bundle");
+        assert_eq!(v.keys()[0].roles(), Some(&[Role::Service][..]));
+        assert_eq!(v.keys()[1].roles(), Some(&[Role::ImportAuthority, Role::Vendor, Role::Auditor][..]));
+        let ttl = Duration::from_secs(600);
+        assert!(v.verify(&service_key.mint_role(Role::Service, ttl)).is_ok());
+        assert!(matches!(v.verify(&service_key.mint_role(Role::ImportAuthority, ttl)), Err(AuthError::BadClaims(_))));
+        assert!(matches!(v.verify(&service_key.mint_buyer("b", ttl)), Err(AuthError::BadClaims(_))));
+        assert!(v.verify(&people_key.mint_role(Role::ImportAuthority, ttl)).is_ok());
+        assert!(matches!(v.verify(&people_key.mint_role(Role::Service, ttl)), Err(AuthError::BadClaims(_))));
+        // A bundle without annotations (today's files) still lets every key sign every role.
+        let plain =
+            Verifier::from_pem(&format!("{}{}", service_key.public_pem(), people_key.public_pem())).expect("pem");
+        assert!(plain.keys().iter().all(|k| k.roles().is_none()));
+        assert!(plain.verify(&service_key.mint_role(Role::ImportAuthority, ttl)).is_ok());
+        // Mistakes fail at startup, never open up.
+        for bad in [
+            format!("roles: root\n{}", service_key.public_pem()),
+            format!("roles:\n{}", service_key.public_pem()),
+            format!("roles: service\nroles: vendor\n{}", service_key.public_pem()),
+            format!("{}roles: service\n", service_key.public_pem()),
+        ] {
+            assert!(Verifier::from_pem(&bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn refused_tokens_are_remembered_and_cost_no_second_check() {
+        let s = Signer::generate().expect("key");
+        let other = Signer::generate().expect("key");
+        let v = s.verifier();
+        let forged = other.mint_role(Role::ImportAuthority, Duration::from_secs(60));
+        assert_eq!(v.verify(&forged), Err(AuthError::BadSignature));
+        let checks = v.signature_checks();
+        assert_eq!(checks, 1);
+        for _ in 0..100 {
+            assert_eq!(v.verify(&forged), Err(AuthError::BadSignature));
+        }
+        assert_eq!(v.signature_checks(), checks, "the same bad token is not checked again");
+        assert_eq!(v.remembered(&forged), Some(Err(AuthError::BadSignature)));
+        // Every different one is.
+        let _ = v.verify(&other.mint_role(Role::Vendor, Duration::from_secs(60)));
+        assert_eq!(v.signature_checks(), checks + 1);
     }
 }

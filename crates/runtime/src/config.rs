@@ -74,9 +74,43 @@ pub struct CommonArgs {
     pub keepalive: Duration,
 
     /// PEM file of the Ed25519 public key(s) that sign callers' bearer tokens (several blocks during a
-    /// key rotation). Required unless --insecure-no-auth.
+    /// key rotation; a `roles: service` line before a block limits that key to those roles).
+    /// Required unless --insecure-no-auth.
     #[arg(long, env = "CHIPGATE_AUTH_PUBLIC_KEY")]
     pub auth_public_key: Option<std::path::PathBuf>,
+
+    /// Longest lifetime (exp - iat) of a token per role, as role=duration pairs; `*` names every
+    /// role not named otherwise (e.g. `*=24h,service=720h`). Unnamed roles keep the defaults: 720h
+    /// for service, 168h for every other role.
+    #[arg(long, env = "CHIPGATE_TOKEN_MAX_LIFETIME", default_value = "", value_parser = parse_lifetimes)]
+    pub token_max_lifetime: crate::auth::Lifetimes,
+
+    /// Failed authentications per second a peer address may make (after --auth-failure-burst); beyond
+    /// them its calls with a token not seen before are refused RESOURCE_EXHAUSTED with RetryInfo
+    /// before any signature check. 0 turns the budget off.
+    #[arg(long, env = "CHIPGATE_AUTH_FAILURE_RATE", default_value_t = 1.0)]
+    pub auth_failure_rate: f64,
+
+    /// Failed authentications a peer address may make in a burst.
+    #[arg(long, env = "CHIPGATE_AUTH_FAILURE_BURST", default_value_t = 20)]
+    pub auth_failure_burst: u32,
+
+    /// Streaming calls (watches, health Watch, reflection) open at once across all connections.
+    #[arg(long, env = "CHIPGATE_MAX_STREAMS", default_value_t = 1000)]
+    pub max_streams: usize,
+
+    /// Streaming calls one caller (token subject, or peer address) may hold open at once.
+    #[arg(long, env = "CHIPGATE_MAX_STREAMS_PER_CALLER", default_value_t = 32)]
+    pub max_streams_per_caller: usize,
+
+    /// A stream on which nothing was sent for this long is ended with OK (the client watches again);
+    /// 0 never ends idle streams.
+    #[arg(long, env = "CHIPGATE_STREAM_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "10m")]
+    pub stream_idle_timeout: Duration,
+
+    /// HTTP/2 streams (calls) one connection may have open at once.
+    #[arg(long, env = "CHIPGATE_MAX_STREAMS_PER_CONNECTION", default_value_t = 1024)]
+    pub max_streams_per_connection: u32,
 
     /// Serve without authentication: every caller may call every RPC. Only for local experiments.
     #[arg(long, env = "CHIPGATE_INSECURE_NO_AUTH", conflicts_with = "auth_public_key")]
@@ -104,6 +138,10 @@ pub struct CommonArgs {
     /// Redis command timeout; calls fail fast with UNAVAILABLE after it while Redis is down.
     #[arg(long, env = "CHIPGATE_REDIS_TIMEOUT", value_parser = parse_duration, default_value = "2s")]
     pub redis_timeout: Duration,
+}
+
+fn parse_lifetimes(s: &str) -> Result<crate::auth::Lifetimes, String> {
+    crate::auth::Lifetimes::parse(s)
 }
 
 impl CommonArgs {
@@ -147,7 +185,9 @@ impl CommonArgs {
     pub fn server_config(&self) -> Result<ServerConfig, String> {
         let auth = match (&self.auth_public_key, self.insecure_no_auth) {
             (Some(path), _) => Some(std::sync::Arc::new(
-                crate::auth::Verifier::from_file(path).map_err(|e| format!("--auth-public-key: {e}"))?,
+                crate::auth::Verifier::from_file(path)
+                    .map_err(|e| format!("--auth-public-key: {e}"))?
+                    .with_lifetimes(self.token_max_lifetime.clone()),
             )),
             (None, true) => None,
             (None, false) => {
@@ -170,6 +210,14 @@ impl CommonArgs {
             drain_delay: self.drain_delay,
             max_message_bytes: self.max_message_bytes,
             auth,
+            auth_failure_rate: self.auth_failure_rate.max(0.0),
+            auth_failure_burst: self.auth_failure_burst.max(1),
+            streams: crate::edge::StreamLimits {
+                max_open: self.max_streams.max(1),
+                per_caller: self.max_streams_per_caller.max(1),
+                idle: (!self.stream_idle_timeout.is_zero()).then_some(self.stream_idle_timeout),
+            },
+            max_streams_per_connection: self.max_streams_per_connection.max(1),
             ..ServerConfig::default()
         })
     }

@@ -7,6 +7,10 @@
 //! The service name [`LIVENESS`] answers SERVING for as long as the process serves at all, whatever
 //! Redis does: liveness probes ask it, so an outage of Redis takes pods out of rotation without making
 //! Kubernetes restart every one of them.
+//!
+//! A service may add named [`HealthCheck`]s of its own background work (the orders service's
+//! propagation): each answers SERVING while the server does and its check holds. They are not part of
+//! the overall status, so a stalled background job alerts without taking the API out of rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,11 +24,21 @@ use tonic_health::server::HealthReporter;
 /// Health service name that reports only that the process is alive (for liveness probes).
 pub const LIVENESS: &str = "liveness";
 
+/// A named health status a service computes itself (true: healthy).
+#[derive(Clone, Debug)]
+pub struct HealthCheck {
+    /// The health service name it answers under.
+    pub name: &'static str,
+    /// Its current verdict.
+    pub healthy: tokio::sync::watch::Receiver<bool>,
+}
+
 /// Controls and observes one server's health.
 #[derive(Clone)]
 pub struct HealthHandle {
     reporter: HealthReporter,
     names: Arc<Vec<String>>,
+    checks: Arc<Vec<HealthCheck>>,
     draining: Arc<AtomicBool>,
     serving: Arc<AtomicBool>,
     wake: Arc<Notify>,
@@ -38,6 +52,16 @@ impl HealthHandle {
             self.reporter.set_service_status(name.as_str(), status).await;
         }
         self.serving.store(serving, Ordering::SeqCst);
+        self.publish_checks(serving).await;
+    }
+
+    /// Reports each check: SERVING while the server serves and the check holds.
+    async fn publish_checks(&self, serving: bool) {
+        for c in self.checks.iter() {
+            let ok = serving && *c.healthy.borrow();
+            let status = if ok { ServingStatus::Serving } else { ServingStatus::NotServing };
+            self.reporter.set_service_status(c.name, status).await;
+        }
     }
 
     /// Reports NOT_SERVING from now on (the server is shutting down), before returning.
@@ -53,17 +77,19 @@ impl HealthHandle {
     }
 }
 
-/// Starts the monitor for `names`, probing `store` every `interval`. Starts NOT_SERVING until the
-/// first successful probe.
+/// Starts the monitor for `names` and `checks`, probing `store` every `interval`. Starts NOT_SERVING
+/// until the first successful probe.
 pub async fn spawn_monitor(
     reporter: HealthReporter,
     names: Vec<String>,
+    checks: Vec<HealthCheck>,
     store: Store,
     interval: Duration,
 ) -> HealthHandle {
     let handle = HealthHandle {
         reporter,
         names: Arc::new(names),
+        checks: Arc::new(checks),
         draining: Arc::new(AtomicBool::new(false)),
         serving: Arc::new(AtomicBool::new(false)),
         wake: Arc::new(Notify::new()),
@@ -73,6 +99,7 @@ pub async fn spawn_monitor(
     let h = handle.clone();
     tokio::spawn(async move {
         let mut last: Option<bool> = None;
+        let mut last_checks: Vec<bool> = Vec::new();
         loop {
             let draining = h.draining.load(Ordering::SeqCst);
             let reachable = matches!(tokio::time::timeout(Duration::from_secs(1), store.ping()).await, Ok(Ok(())));
@@ -87,6 +114,18 @@ pub async fn spawn_monitor(
                 }
                 h.publish(serving).await;
                 last = Some(serving);
+            }
+            let checks: Vec<bool> = h.checks.iter().map(|c| *c.healthy.borrow()).collect();
+            if checks != last_checks {
+                for (c, ok) in h.checks.iter().zip(&checks) {
+                    if *ok {
+                        tracing::info!(check = c.name, "health: SERVING");
+                    } else {
+                        tracing::warn!(check = c.name, "health: NOT_SERVING");
+                    }
+                }
+                h.publish_checks(serving).await;
+                last_checks = checks;
             }
             if draining {
                 // Stays NOT_SERVING until the process exits.

@@ -7,11 +7,16 @@
 //! written with a "must not exist" guard, so the loser's commit conflicts and it replays the winner's
 //! answer.
 //!
-//! Request ids are the caller's own: two callers that happen to pick the same id (`order-1`) get two
-//! independent calls, and no caller can replay or even detect another's. The edge layer runs each call
-//! inside [`CALLER`] (the authenticated subject; the services' own calls share one scope, so a
-//! replica finishing a dead one's work replays its answers); without authentication there is no
-//! caller and ids are shared by everyone.
+//! Request ids belong to an **account**, like Stripe's idempotency keys: two accounts that happen to
+//! pick the same id (`order-1`) get two independent calls, and no account can replay or even detect
+//! another's. The account is the same with and without authentication wherever the call shows one
+//! (see [`crate::edge::identity`]): a buyer's — named in the request where the policy table reads a
+//! buyer field (PlaceOrder, SubmitApplication, ...), or by the buyer's token otherwise — is that
+//! buyer (whichever of its tokens it uses, so a retry with a renewed token still replays); every
+//! other call shares one account: the authorities, customs and the vendor (each mutating RPC
+//! admits one of them, and the key includes the method), the services' own calls (so a replica
+//! finishing a dead one's work replays its answers), and, without authentication, every call that
+//! names no buyer (there is one anonymous caller). The edge runs each call inside [`ACCOUNT`].
 
 use std::time::Duration;
 
@@ -22,9 +27,9 @@ use tonic::Status;
 use crate::errors;
 
 tokio::task_local! {
-    /// The authenticated subject of the call being handled (set by the edge around the handler; None
-    /// when authentication is off).
-    pub static CALLER: Option<String>;
+    /// The account of the call being handled (set by the edge around the handler; None: the shared
+    /// account).
+    pub static ACCOUNT: Option<String>;
 }
 
 /// How long answers are kept for replay by default.
@@ -48,11 +53,11 @@ impl Idempotency {
         Idempotency { space, ttl }
     }
 
-    /// The record key of a call (scoped to the current [`CALLER`], if any).
+    /// The record key of a call (scoped to the current [`ACCOUNT`], if any).
     pub fn key(&self, method: &str, request_id: &str) -> String {
-        match CALLER.try_with(Clone::clone).ok().flatten() {
-            // Length-prefixed, so no (subject, request id) pair can spell another's key.
-            Some(subject) => self.space.key(["idem", method, &format!("@{}:{subject}", subject.len()), request_id]),
+        match ACCOUNT.try_with(Clone::clone).ok().flatten() {
+            // Length-prefixed, so no (account, request id) pair can spell another's key.
+            Some(account) => self.space.key(["idem", method, &format!("@{}:{account}", account.len()), request_id]),
             None => self.space.key(["idem", method, request_id]),
         }
     }
@@ -128,13 +133,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn request_ids_are_each_callers_own() {
+    async fn request_ids_are_each_accounts_own() {
         let store = Store::memory();
         let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
         let answer = prost_types::Timestamp { seconds: 7, nanos: 0 };
         let fp = fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 });
         let other_fp = fingerprint(&prost_types::Duration { seconds: 2, nanos: 0 });
-        CALLER
+        ACCOUNT
             .scope(Some("buyer:alpha".into()), async {
                 let mut t = Txn::new();
                 idem.record(&mut t, "M", "order-1", &fp, &answer);
@@ -144,18 +149,18 @@ mod tests {
             })
             .await;
         // Beta's "order-1", even with another body, is a new call: no replay, no refusal, no hint.
-        CALLER
+        ACCOUNT
             .scope(Some("buyer:beta".into()), async {
                 let seen = idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &other_fp).await;
                 assert_eq!(seen.expect("lookup"), None);
             })
             .await;
-        // Without a caller (authentication off) ids are shared, and alpha's record is not among them.
+        // Outside any account (the shared one) alpha's record is not among them.
         assert_eq!(idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &fp).await.expect("lookup"), None);
         assert_ne!(
-            CALLER.sync_scope(Some("a:b".into()), || idem.key("M", "c")),
-            CALLER.sync_scope(Some("a".into()), || idem.key("M", "b:c")),
-            "subjects are length-prefixed"
+            ACCOUNT.sync_scope(Some("a:b".into()), || idem.key("M", "c")),
+            ACCOUNT.sync_scope(Some("a".into()), || idem.key("M", "b:c")),
+            "accounts are length-prefixed"
         );
     }
 }

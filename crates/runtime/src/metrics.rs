@@ -83,6 +83,11 @@ pub struct RpcMetrics {
     in_flight: Gauge,
     shed: Counter,
     deadline_exceeded: Counter,
+    streams_open: Gauge,
+    streams_refused: Counter,
+    streams_idle_closed: Counter,
+    auth_refused: Family<[Label; 1], Counter>,
+    signature_checks: Counter,
     known: Arc<std::sync::RwLock<HashSet<String>>>,
 }
 
@@ -129,7 +134,50 @@ impl RpcMetrics {
             "Calls the edge answered DEADLINE_EXCEEDED (their outcome is unknown to the caller)",
             deadline_exceeded.clone(),
         );
-        RpcMetrics { handled, latency, in_flight, shed, deadline_exceeded, known: Default::default() }
+        let streams_open = Gauge::default();
+        registry.register(
+            "chipgate_grpc_streams_open",
+            "Streaming calls open right now (WatchStock, WatchOrders, Health/Watch, reflection)",
+            streams_open.clone(),
+        );
+        let streams_refused = Counter::default();
+        registry.register(
+            "chipgate_grpc_streams_refused",
+            "Streaming calls refused RESOURCE_EXHAUSTED by the global or per-caller stream quota",
+            streams_refused.clone(),
+        );
+        let streams_idle_closed = Counter::default();
+        registry.register(
+            "chipgate_grpc_streams_idle_closed",
+            "Streams the server ended because nothing was sent on them for the idle bound",
+            streams_idle_closed.clone(),
+        );
+        let auth_refused = Family::<[Label; 1], Counter>::default();
+        registry.register(
+            "chipgate_auth_refused",
+            "Calls refused before the policy table: UNAUTHENTICATED by reason (TOKEN_MISSING, TOKEN_EXPIRED, \
+             TOKEN_NOT_YET_VALID, TOKEN_INVALID), or AUTH_FAILURE_BUDGET when the peer address failed too often",
+            auth_refused.clone(),
+        );
+        let signature_checks = Counter::default();
+        registry.register(
+            "chipgate_auth_signature_checks",
+            "Bearer tokens verified with an Ed25519 signature check (tokens seen before are remembered)",
+            signature_checks.clone(),
+        );
+        RpcMetrics {
+            handled,
+            latency,
+            in_flight,
+            shed,
+            deadline_exceeded,
+            streams_open,
+            streams_refused,
+            streams_idle_closed,
+            auth_refused,
+            signature_checks,
+            known: Default::default(),
+        }
     }
 
     /// Declares the method paths this server serves; only these get their own series.
@@ -184,6 +232,35 @@ impl RpcMetrics {
     /// The edge answered DEADLINE_EXCEEDED.
     pub fn deadline_exceeded(&self) {
         self.deadline_exceeded.inc();
+    }
+
+    /// A stream opened (`true`) or ended (`false`).
+    pub fn stream_open(&self, open: bool) {
+        if open {
+            self.streams_open.inc();
+        } else {
+            self.streams_open.dec();
+        }
+    }
+
+    /// A streaming call was refused by a stream quota.
+    pub fn stream_refused(&self) {
+        self.streams_refused.inc();
+    }
+
+    /// A stream was ended for being idle.
+    pub fn stream_idle_closed(&self) {
+        self.streams_idle_closed.inc();
+    }
+
+    /// A call was refused before the policy table, for `reason` (one of a fixed set).
+    pub fn auth_refused(&self, reason: &'static str) {
+        self.auth_refused.get_or_create(&[("reason", reason.to_string())]).inc();
+    }
+
+    /// A token was verified with a signature check.
+    pub fn signature_checked(&self) {
+        self.signature_checks.inc();
     }
 }
 

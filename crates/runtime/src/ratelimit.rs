@@ -6,6 +6,9 @@
 //! authentication is off. A call that finds its bucket empty is answered RESOURCE_EXHAUSTED with
 //! RetryInfo saying when a token will be there. The table of buckets is bounded: when it is full,
 //! buckets that have refilled completely (idle callers) are dropped first.
+//!
+//! The same buckets, keyed by peer address, budget failed authentications (see
+//! [`crate::edge::identity`]).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -62,6 +65,33 @@ impl RateLimiter {
     }
 }
 
+impl RateLimiter {
+    /// Puts back a token taken for `caller` (the thing it was taken for turned out free).
+    pub fn give_back(&self, caller: &str) {
+        if let Ok(mut buckets) = self.buckets.lock()
+            && let Some(b) = buckets.get_mut(caller)
+        {
+            b.tokens = (b.tokens + 1.0).min(self.burst);
+        }
+    }
+}
+
+/// RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure for a peer address that failed authentication
+/// too often: its calls are refused before their tokens are checked until the budget refills.
+pub fn too_many_failed_authentications(retry_after: Duration) -> Status {
+    let mut details = ErrorDetails::with_retry_info(Some(retry_after));
+    details.add_quota_failure_violation("peer", "failed authentications per peer address");
+    details.set_error_info("AUTH_FAILURE_BUDGET", crate::errors::DOMAIN, []);
+    Status::with_error_details(
+        Code::ResourceExhausted,
+        format!(
+            "too many failed authentications from this address; retry in {} ms with a valid token",
+            retry_after.as_millis().max(1)
+        ),
+        details,
+    )
+}
+
 /// RESOURCE_EXHAUSTED with RetryInfo and QuotaFailure for a caller over its rate.
 pub fn rate_limited(retry_after: Duration) -> Status {
     let mut details = ErrorDetails::with_retry_info(Some(retry_after));
@@ -87,6 +117,9 @@ mod tests {
         let wait = rl.take("a").expect_err("a is over its burst");
         assert!(wait > Duration::from_millis(500) && wait <= Duration::from_secs(1), "{wait:?}");
         assert!(rl.take("b").is_ok(), "b is not affected by a");
+        rl.give_back("a");
+        assert!(rl.take("a").is_ok(), "a token given back can be taken again");
+        assert!(rl.take("a").is_err());
         let s = rate_limited(wait);
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.get_error_details().retry_info().is_some());

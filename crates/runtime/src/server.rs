@@ -1,8 +1,10 @@
 //! Assembles and runs one gRPC server: the service's routes plus health and reflection (v1 and
 //! v1alpha, so plain `grpcurl list`/`describe` work), behind the [`EdgeLayer`], with HTTP/2 keepalive,
-//! a maximum connection age, and graceful shutdown: on the signal, health turns NOT_SERVING first,
-//! the server stops accepting, in-flight calls drain, and whatever is still open after the grace
-//! period is cut so the process always exits in bounded time.
+//! a maximum connection age, bounded streams per connection and a bound on the streams a peer may
+//! make the server reset (h2's guard against reset floods, which tonic turns off unless told,
+//! RUSTSEC-2024-0003), and graceful shutdown: on the signal, health turns NOT_SERVING first, the
+//! server stops accepting, in-flight calls drain, and whatever is still open after the grace period
+//! is cut so the process always exits in bounded time.
 //!
 //! With [`TlsConfig`] the gRPC port speaks TLS and requires a client certificate signed by the
 //! cluster CA (mTLS, rustls via tonic); Kubernetes' gRPC probes can't present one, so a plaintext
@@ -53,7 +55,24 @@ pub struct ServerConfig {
     pub tls: Option<TlsConfig>,
     /// A plaintext port serving only health (for probes when the main port requires mTLS).
     pub health_listen: Option<std::net::SocketAddr>,
+    /// Streaming calls: global and per-caller quotas held for each stream's life, and the idle bound.
+    pub streams: crate::edge::StreamLimits,
+    /// HTTP/2 streams one connection may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_streams_per_connection: u32,
+    /// Streams a connection's peer may make the server reset (protocol errors, refused streams) over
+    /// the connection's life before it is closed with ENHANCE_YOUR_CALM.
+    pub max_local_error_resets: usize,
+    /// Failed authentications a peer address may make per second, after a burst (0: no budget).
+    pub auth_failure_rate: f64,
+    /// The burst of failed authentications per peer address.
+    pub auth_failure_burst: u32,
 }
+
+/// h2's own default for streams a peer may make the server reset (hyper and h2 use it unless told
+/// otherwise; tonic tells them "no limit").
+pub const DEFAULT_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// Streams a peer may reset before the server accepted them (h2's default, stated explicitly).
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
 
 /// PEM material for mTLS: this server's certificate chain and key, and the CA that client
 /// certificates (and, for clients, peer servers) must chain to.
@@ -115,6 +134,11 @@ impl Default for ServerConfig {
             rate_limit_burst: 100,
             tls: None,
             health_listen: None,
+            streams: crate::edge::StreamLimits::default(),
+            max_streams_per_connection: 1024,
+            max_local_error_resets: DEFAULT_MAX_LOCAL_ERROR_RESETS,
+            auth_failure_rate: 1.0,
+            auth_failure_burst: 20,
         }
     }
 }
@@ -127,19 +151,18 @@ pub struct ServiceSpec {
     pub routes: Routes,
     /// Its metrics (the edge records every call in them).
     pub metrics: Metrics,
+    /// Named health checks of its own work (e.g. orders' propagation), reported beside the
+    /// service's health (see [`health::HealthCheck`]).
+    pub checks: Vec<health::HealthCheck>,
 }
 
-/// The method paths (`/pkg.Service/Method`) of `services` in the descriptor set, plus health and
-/// reflection: the only paths that get their own metric series.
-fn method_paths(services: &[&str]) -> Vec<String> {
+/// The method paths (`/pkg.Service/Method`) of `services` in the descriptor set, each with whether it
+/// streams, plus health and reflection: the only paths that get their own metric series.
+fn method_paths(services: &[&str]) -> Vec<(String, bool)> {
     use prost::Message;
-    let mut out = vec![
-        "/grpc.health.v1.Health/Check".to_string(),
-        "/grpc.health.v1.Health/Watch".to_string(),
-        "/grpc.health.v1.Health/List".to_string(),
-        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo".to_string(),
-        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo".to_string(),
-    ];
+    let mut out =
+        vec![("/grpc.health.v1.Health/Check".to_string(), false), ("/grpc.health.v1.Health/List".to_string(), false)];
+    out.extend(crate::edge::streams::always_streaming().into_iter().map(|p| (p, true)));
     let Ok(set) = prost_types::FileDescriptorSet::decode(chipgate_proto::FILE_DESCRIPTOR_SET) else {
         return out;
     };
@@ -147,11 +170,25 @@ fn method_paths(services: &[&str]) -> Vec<String> {
         for svc in &file.service {
             let full = format!("{}.{}", file.package(), svc.name());
             if services.contains(&full.as_str()) {
-                out.extend(svc.method.iter().map(|m| format!("/{full}/{}", m.name())));
+                out.extend(
+                    svc.method
+                        .iter()
+                        .map(|m| (format!("/{full}/{}", m.name()), m.server_streaming() || m.client_streaming())),
+                );
             }
         }
     }
     out
+}
+
+/// The HTTP/2 bounds every port of the server has: streams per connection, and how many streams a
+/// peer may make the server reset before the connection is closed. tonic forwards `None` for the
+/// latter unless told, which turns off h2's guard against reset floods (RUSTSEC-2024-0003).
+fn http2_limits<L>(builder: Server<L>, config: &ServerConfig) -> Server<L> {
+    builder
+        .max_concurrent_streams(Some(config.max_streams_per_connection.max(1)))
+        .http2_max_local_error_reset_streams(Some(config.max_local_error_resets.max(1)))
+        .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_ACCEPT_RESETS))
 }
 
 /// Why serving failed.
@@ -195,7 +232,8 @@ pub async fn serve(
     let local = listener.local_addr().ok();
     let (reporter, health_service) = tonic_health::server::health_reporter();
     let names: Vec<String> = spec.names.iter().map(|s| s.to_string()).collect();
-    let health = health::spawn_monitor(reporter, names.clone(), store, config.health_interval).await;
+    let health =
+        health::spawn_monitor(reporter, names.clone(), spec.checks.clone(), store, config.health_interval).await;
 
     let reflection = || {
         let mut b = tonic_reflection::server::Builder::configure()
@@ -216,6 +254,17 @@ pub async fn serve(
         .build_v1alpha()
         .map_err(|e| ServeError::Reflection(e.to_string()))?;
 
+    let paths = method_paths(&spec.names);
+    let streaming = paths.iter().filter(|(_, s)| *s).map(|(p, _)| p.clone()).collect::<Vec<_>>();
+    let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout))
+        .with_metrics(spec.metrics.rpc().clone())
+        .with_auth(config.auth.clone(), config.max_message_bytes)
+        .with_auth_failure_budget(config.auth_failure_rate, config.auth_failure_burst)
+        .with_rate_limit(config.rate_limit_per_second, config.rate_limit_burst)
+        .with_streams(config.streams.clone(), streaming);
+    // The health port's Watch streams count against the same quotas.
+    let edge_streams = edge.streams();
+
     // The plaintext health-only port, serving until the main server has stopped.
     let (health_stop, health_stopped) = tokio::sync::oneshot::channel::<()>();
     let health_addr = match config.health_listen {
@@ -224,8 +273,11 @@ pub async fn serve(
             let l = TcpListener::bind(addr).await.map_err(ServeError::HealthPort)?;
             let bound = l.local_addr().map_err(ServeError::HealthPort)?;
             let svc = health_service.clone();
+            let streams = edge_streams.clone();
+            let builder = http2_limits(Server::builder(), &config);
             tokio::spawn(async move {
-                let r = Server::builder()
+                let r = builder
+                    .layer(streams)
                     .add_service(svc)
                     .serve_with_incoming_shutdown(TcpIncoming::from(l), async move {
                         let _ = health_stopped.await;
@@ -240,14 +292,10 @@ pub async fn serve(
         }
     };
     let routes = spec.routes.add_service(health_service).add_service(v1).add_service(v1alpha);
-    spec.metrics.rpc().know(method_paths(&spec.names));
+    spec.metrics.rpc().know(paths.into_iter().map(|(p, _)| p));
     if config.auth.is_none() {
         tracing::warn!(?local, "authentication is OFF: every caller may call every RPC");
     }
-    let edge = EdgeLayer::new(config.max_concurrency, Some(config.request_timeout))
-        .with_metrics(spec.metrics.rpc().clone())
-        .with_auth(config.auth.clone(), config.max_message_bytes)
-        .with_rate_limit(config.rate_limit_per_second, config.rate_limit_burst);
     on_ready(Running { health: health.clone(), edge: edge.stats(), health_addr });
 
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
@@ -264,7 +312,7 @@ pub async fn serve(
     };
 
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-    let mut builder = Server::builder()
+    let mut builder = http2_limits(Server::builder(), &config)
         .http2_keepalive_interval(Some(config.keepalive_interval))
         .http2_keepalive_timeout(Some(config.keepalive_timeout))
         .max_connection_age(config.max_connection_age);

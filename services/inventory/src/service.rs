@@ -90,6 +90,8 @@ impl InventoryService for Inventory {
         reading!(self, r, list_reservations)
     }
     async fn watch_stock(&self, r: Request<pb::WatchStockRequest>) -> Result<Response<Self::WatchStockStream>, Status> {
-        reading!(self, r, watch_stock)
+        // The caller decides what a change may say (buyers don't see other buyers' orders).
+        let ctx = RequestContext::of(&r);
+        self.watch_stock(&ctx, r.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
     }
 }

@@ -1,10 +1,16 @@
 //! `WatchStock`: one tail of the inventory event stream per replica ([`hub::StreamHub`]), fanned out
-//! to every watcher, each filtering by product; every stream ends when the server shuts down.
+//! to every watcher, each filtering by product; every stream ends when the server shuts down (and,
+//! like every stream, when idle for the edge's idle bound, or refused over the stream quotas).
+//!
+//! Stock figures are public (GetStock is open to everyone), but which orders took or gave back
+//! stock is each buyer's business: a buyer's watch carries no hold references (the ids of the
+//! orders a change concerns). Inventory doesn't know which orders are whose, so a buyer sees none,
+//! and follows its own orders with `WatchOrders`. Every other role sees the references.
 
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
-use chipgate_runtime::{Shutdown, hub, validate};
+use chipgate_runtime::{RequestContext, Shutdown, hub, validate};
 use prost::Message;
 use tonic::Status;
 
@@ -39,11 +45,24 @@ pub(crate) async fn run(svc: Inventory, shutdown: Shutdown) {
     svc.inner.watch.follow(svc.store().clone(), keys::events(), shutdown, decode).await;
 }
 
+/// What a watcher may see of `change`: a buyer (`for_buyer`) gets no order references.
+fn visible(change: &pb::WatchStockResponse, for_buyer: bool) -> pb::WatchStockResponse {
+    let mut out = change.clone();
+    if for_buyer && out.cause.starts_with("holds.") {
+        out.reference.clear();
+    }
+    out
+}
+
 /// The stream type of `WatchStock`.
 pub type WatchStream = tokio_stream::wrappers::ReceiverStream<Result<pb::WatchStockResponse, Status>>;
 
 impl Inventory {
-    pub(crate) async fn watch_stock(&self, req: pb::WatchStockRequest) -> Result<WatchStream, Error> {
+    pub(crate) async fn watch_stock(
+        &self,
+        ctx: &RequestContext,
+        req: pb::WatchStockRequest,
+    ) -> Result<WatchStream, Error> {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "product_sku", &req.product_sku);
         v.check().map_err(Error::Status)?;
@@ -66,12 +85,34 @@ impl Inventory {
             })
             .collect();
         let sku = req.product_sku;
+        let buyer = ctx.buyer_scope().is_some();
         let keep = move |change: &pb::WatchStockResponse| {
             (sku.is_empty() || change.stock.as_ref().is_some_and(|s| s.product_sku == sku))
-                .then(|| change.clone())
+                .then(|| visible(change, buyer))
                 .into_iter()
                 .collect()
         };
         Ok(hub::forward(rx, first, self.inner.shutdown.clone(), keep))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buyers_see_no_order_references_and_everyone_else_does() {
+        let change = |cause: &str, reference: &str| pb::WatchStockResponse {
+            stock: None,
+            cause: cause.into(),
+            reference: reference.into(),
+            time: None,
+        };
+        for cause in ["holds.placed", "holds.released", "holds.expired", "holds.confirmed", "holds.shipped"] {
+            assert_eq!(visible(&change(cause, "ord-1,ord-2"), true).reference, "", "{cause}");
+            assert_eq!(visible(&change(cause, "ord-1,ord-2"), false).reference, "ord-1,ord-2", "{cause}");
+        }
+        assert_eq!(visible(&change("supply.received", "rcpt-1"), true).reference, "rcpt-1");
+        assert_eq!(visible(&change("product.upserted", "H200"), true).reference, "H200");
     }
 }

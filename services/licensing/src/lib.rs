@@ -78,7 +78,7 @@ pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
     let server = pb::licensing_service_server::LicensingServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics }
+    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics, checks: Vec::new() }
 }
 
 impl Licensing {

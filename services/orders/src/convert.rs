@@ -1,10 +1,12 @@
 //! Conversions between the orders API and the domain records, at the edge.
 
+use chipgate_domain::allocation::{HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
 use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
+use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as pb;
-use chipgate_runtime::time::ts_opt;
+use chipgate_runtime::time::{ms_of, ts_opt};
 
 /// Domain status → API.
 pub fn state_to(s: OrderStatus) -> pb::OrderState {
@@ -74,6 +76,54 @@ pub fn failure_from(f: &lpb::ConditionFailure) -> Failure {
         permanent: f.permanent,
         required: f.required,
         actual: f.actual,
+    }
+}
+
+/// A quota ask as licensing takes it.
+pub fn quota_item(a: QuotaAsk) -> lpb::QuotaItem {
+    lpb::QuotaItem {
+        order_id: a.order_id,
+        generation: a.generation,
+        buyer_id: a.buyer_id,
+        units: a.units,
+        justification: a.justification,
+        queued_behind: a.queued_behind.unwrap_or_default(),
+    }
+}
+
+/// Licensing's answer for one order.
+pub fn quota_answer(r: lpb::QuotaItemResult) -> QuotaAnswer {
+    match r.reservation {
+        _ if r.stale => QuotaAnswer::Stale,
+        Some(q) => QuotaAnswer::Reserved { license_id: q.license_id, wave_id: q.wave_id },
+        None => {
+            QuotaAnswer::Refused { failures: r.failures.iter().map(failure_from).collect(), rejectable: r.rejectable }
+        }
+    }
+}
+
+/// A stock ask as inventory takes it (partial holds welcome; complete ones last `hold_seconds`).
+pub fn reserve_item(a: StockAsk, hold_seconds: u32) -> ipb::ReserveItem {
+    ipb::ReserveItem {
+        order_id: a.order_id,
+        generation: a.generation,
+        units: a.units,
+        allow_partial: true,
+        hold_seconds,
+    }
+}
+
+/// Inventory's answer for one order.
+pub fn hold_answer(r: &ipb::ReserveItemResult) -> HoldAnswer {
+    let held = r.reservation.as_ref().map(|h| h.held_units).unwrap_or(0);
+    match r.outcome() {
+        ipb::ReserveOutcome::Held => HoldAnswer::Held {
+            held,
+            expire_ms: r.reservation.as_ref().and_then(|h| h.expire_time.as_ref()).map(ms_of).unwrap_or(0),
+        },
+        ipb::ReserveOutcome::Partial => HoldAnswer::Partial { held },
+        ipb::ReserveOutcome::Stale => HoldAnswer::Stale,
+        ipb::ReserveOutcome::NotServed | ipb::ReserveOutcome::Unspecified => HoldAnswer::NotServed,
     }
 }
 

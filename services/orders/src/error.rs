@@ -46,6 +46,22 @@ pub enum Error {
 }
 
 impl Error {
+    /// The failure in a few words, for logs and for an order that waits on it (a peer's refusal as
+    /// its code and message; no request ids or other parts that change from one attempt to the next).
+    pub fn describe(&self) -> String {
+        match self {
+            Error::Invalid(v) => format!("invalid: {:?}", v.list().iter().map(|f| &f.field).collect::<Vec<_>>()),
+            Error::NotFound { kind, id } => format!("{kind} {id} not found"),
+            Error::Precondition { message, .. } => message.clone(),
+            Error::Peer(s) => format!("a peer answered {:?}: {}", s.code(), s.message()),
+            Error::Superseded(why) => format!("superseded: {why}"),
+            Error::Contention { attempts } => format!("{attempts} attempts lost to concurrent changes"),
+            Error::State(e) => format!("state backend: {e}"),
+            Error::Status(s) => format!("{:?}: {}", s.code(), s.message()),
+            Error::Internal(m) => format!("internal: {m}"),
+        }
+    }
+
     /// Shorthand for [`Error::NotFound`].
     pub fn not_found(kind: &'static str, id: &str) -> Self {
         Error::NotFound { kind, id: id.to_string() }

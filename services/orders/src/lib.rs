@@ -32,6 +32,7 @@ mod metrics;
 mod place;
 mod queries;
 mod reconcile;
+mod scheduler;
 mod service;
 mod waves;
 
@@ -52,6 +53,7 @@ pub use book::EventBatch;
 pub use bulk::BulkOrder;
 pub use clients::Peers;
 pub use error::Error;
+pub use scheduler::PROPAGATION_HEALTH;
 
 /// Fully-qualified gRPC service name.
 pub const SERVICE_NAME: &str = "chipgate.orders.v1.OrderService";
@@ -79,6 +81,9 @@ pub struct Options {
     pub full_reconcile_every: Duration,
     /// How long PlaceOrder waits for the first evaluation before answering with the order as it stands.
     pub place_wait: Duration,
+    /// How long a product's passes may keep failing before the propagation health check
+    /// (`chipgate.orders.v1.Propagation`) reports NOT_SERVING.
+    pub unhealthy_after: Duration,
 }
 
 impl Default for Options {
@@ -91,6 +96,7 @@ impl Default for Options {
             claim_idle: Duration::from_secs(30),
             full_reconcile_every: Duration::from_secs(600),
             place_wait: Duration::from_secs(5),
+            unhealthy_after: Duration::from_secs(60),
         }
     }
 }
@@ -106,7 +112,7 @@ struct Inner {
     peers: Peers,
     idem: Idempotency,
     options: Options,
-    scheduler: reconcile::Scheduler,
+    scheduler: scheduler::Scheduler,
     hub: StreamHub<book::EventBatch>,
     shutdown: Shutdown,
     /// This replica's consumer name in the event consumer groups.
@@ -118,15 +124,26 @@ struct Inner {
     counters: metrics::Counters,
     /// Products found in inventory's catalogue (orders name one).
     products: chipgate_contract::catalogue::KnownProducts,
+    /// The propagation health check's verdict (see [`scheduler::watch_health`]).
+    propagation_ok: tokio::sync::watch::Sender<bool>,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
 pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
     let metrics = service.metrics().clone();
+    let propagation = chipgate_runtime::health::HealthCheck {
+        name: scheduler::PROPAGATION_HEALTH,
+        healthy: service.inner.propagation_ok.subscribe(),
+    };
     let server = pb::order_service_server::OrderServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics }
+    ServiceSpec {
+        names: vec![SERVICE_NAME],
+        routes: tonic::service::Routes::new(server),
+        metrics,
+        checks: vec![propagation],
+    }
 }
 
 impl Orders {
@@ -144,19 +161,21 @@ impl Orders {
                 peers,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 options,
-                scheduler: reconcile::Scheduler::default(),
+                scheduler: scheduler::Scheduler::default(),
                 hub: StreamHub::default(),
                 shutdown: shutdown.clone(),
                 consumer,
                 cleanup_wake: Notify::new(),
                 products: chipgate_contract::catalogue::KnownProducts::default(),
+                propagation_ok: tokio::sync::watch::Sender::new(true),
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
-        tokio::spawn(reconcile::run(svc.clone(), shutdown.clone()));
+        tokio::spawn(scheduler::run(svc.clone(), shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Licensing, shutdown.clone()));
         tokio::spawn(consumer::run(svc.clone(), consumer::Source::Inventory, shutdown.clone()));
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
+        tokio::spawn(scheduler::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
         let hub_svc = svc.clone();
         tokio::spawn(async move {
             let decode = |e: &chipgate_state::StreamEntry| {

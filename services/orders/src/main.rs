@@ -59,8 +59,12 @@ struct Args {
     #[arg(long, env = "CHIPGATE_CLAIM_IDLE", value_parser = parse_duration, default_value = "30s")]
     claim_idle: std::time::Duration,
 
-    /// How often every product is re-evaluated in full, as a safety net for a change whose propagation
-    /// was missed (0s: never), e.g. 10m.
+    /// How long a product's propagation passes may keep failing before the health service
+    /// `chipgate.orders.v1.Propagation` reports NOT_SERVING (alert on it), e.g. 60s.
+    #[arg(long, env = "CHIPGATE_PROPAGATION_UNHEALTHY_AFTER", value_parser = parse_duration, default_value = "60s")]
+    propagation_unhealthy_after: std::time::Duration,
+
+    /// Every product's orders are fully re-evaluated this often, as a safety net (0s: never), e.g. 10m.
     #[arg(long, env = "CHIPGATE_FULL_RECONCILE_EVERY", value_parser = parse_duration, default_value = "10m")]
     full_reconcile_every: std::time::Duration,
 }
@@ -134,12 +138,8 @@ async fn main() -> std::process::ExitCode {
         chunk: args.batch_size.clamp(1, 10_000),
         lease_ttl: args.lease_ttl.clamp(std::time::Duration::from_millis(300), std::time::Duration::from_secs(3600)),
         claim_idle: args.claim_idle.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(3600)),
-        full_reconcile_every: if args.full_reconcile_every.is_zero() {
-            std::time::Duration::ZERO
-        } else {
-            args.full_reconcile_every
-                .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(86_400))
-        },
+        unhealthy_after: args.propagation_unhealthy_after.max(std::time::Duration::from_secs(1)),
+        full_reconcile_every: args.full_reconcile_every,
         ..Options::default()
     };
     let service = Orders::start(store.clone(), peers, shutdown.clone(), options);

@@ -7,7 +7,8 @@
 //! their orders settled.
 //!
 //! Counted by this replica's code (sum across replicas): events processed by stream and kind, and
-//! reconciliation rounds with their duration.
+//! reconciliation rounds with their duration. Its own view (aggregate with `max`): per product, passes
+//! failed in a row and the age of the last good pass.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -47,6 +48,8 @@ pub(crate) struct Sampler {
     outbox: Gauge,
     waves: GaugeBy2,
     settle: GaugeF64By1,
+    propagation_failures: GaugeBy1,
+    propagation_age: GaugeF64By1,
     /// Waves currently shown (their series are removed when they drop out).
     shown: Mutex<Vec<String>>,
 }
@@ -86,6 +89,16 @@ pub(crate) fn register(metrics: &Metrics) -> (Counters, Sampler) {
             "chipgate_wave_settle_seconds",
             "The latest waves: seconds from publish until the last order it concerned was settled",
         ),
+        propagation_failures: metrics.gauge_by(
+            "chipgate_propagation_failing_passes",
+            "Per product, on this replica: passes failed in a row (0 once one succeeds); \
+             alert when it stays above 0 (the product's orders are not being moved)",
+        ),
+        propagation_age: metrics.gauge_f64_by(
+            "chipgate_propagation_last_pass_age_seconds",
+            "Per product, on this replica: seconds since a pass last succeeded (or since passes began \
+             failing, if none has)",
+        ),
         shown: Mutex::new(Vec::new()),
     };
     (counters, sampler)
@@ -103,6 +116,14 @@ impl Sampler {
         let svc = Orders { inner };
         let store = svc.store();
         let e = |e: &dyn std::fmt::Display| e.to_string();
+
+        // This replica's own view first: it needs no store, so it stays true while the store is down.
+        for (sku, h) in svc.inner.scheduler.health() {
+            self.propagation_failures.get_or_create(&[("product", sku.clone())]).set(i64::from(h.consecutive_failures));
+            if let Some(t) = h.last_ok.or(h.failing_since) {
+                self.propagation_age.get_or_create(&[("product", sku)]).set(t.elapsed().as_secs_f64());
+            }
+        }
 
         for s in OrderStatus::ALL {
             let n = store.zcard(&keys::orders_in(s)).await.map_err(|x| e(&x))?;

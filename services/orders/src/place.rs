@@ -143,6 +143,22 @@ impl Orders {
         } else {
             0
         };
-        Ok(crate::convert::order_to(&o, position, with_history))
+        let mut view = crate::convert::order_to(&o, position, with_history);
+        // Not evaluated yet because its product's passes keep failing: say so, rather than a silent
+        // PENDING (the order is kept, and evaluated once they recover).
+        if o.status() == OrderStatus::Pending
+            && let Some(h) = self.inner.scheduler.failing(&o.sku)
+        {
+            let since = h.failing_since.map(|t| t.elapsed().as_secs()).unwrap_or(0);
+            view.reasons.push(chipgate_proto::licensing::v1::ConditionFailure {
+                description: format!(
+                    "not evaluated yet: evaluation of {} has failed {} times over {since} s ({}); the order is kept \
+                     and will be evaluated once that recovers",
+                    o.sku, h.consecutive_failures, h.last_error
+                ),
+                ..Default::default()
+            });
+        }
+        Ok(view)
     }
 }

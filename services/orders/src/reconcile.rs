@@ -10,30 +10,36 @@
 //! 4. hands free stock to the backlog, oldest first, in batches of hold calls, stopping at the first
 //!    order that can't be fully served (it keeps what it got and waits for the rest).
 //!
+//! Every decision is made by the pure planners in [`chipgate_domain::allocation`] (what to ask of
+//! licensing and inventory, and where each order moves given their answers); this module is the
+//! driver around them: it loads a batch, makes the calls, and commits the planned moves through
+//! [`crate::book::write`]. When passes run, and what happens when they keep failing, is
+//! [`crate::scheduler`]'s business.
+//!
 //! Quota and hold calls carry the lease's fencing token, and every commit is guarded by the lease and
 //! the orders' versions: a replica that stalled past its lease can neither take stock out of order nor
 //! overwrite newer decisions. Every call is idempotent per (order, generation), so a pass cut short
 //! anywhere is simply redone by the next one.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chipgate_domain::licensing::{Condition, Failure};
+use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
+use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
-use chipgate_runtime::time::{ms_of, now_ms};
+use chipgate_runtime::time::now_ms;
 use chipgate_runtime::{RequestContext, Shutdown, telemetry};
 use chipgate_state::{Backend, CommitError, Txn};
 use futures_util::future::try_join_all;
-use tokio::sync::{Notify, watch};
 use tonic::Code;
 use tracing::Instrument;
 
 use crate::clients::rpc;
-use crate::convert::failure_from;
+use crate::convert::{self, failure_from};
 use crate::marks::Marks;
+use crate::scheduler::Running;
 use crate::{Error, Orders, book, keys};
 
 /// Attempts at one batch when concurrent changes to its orders keep winning.
@@ -41,117 +47,15 @@ const BATCH_ATTEMPTS: u32 = 8;
 /// Other traces a round links to at most (each further cause of the same round is only counted).
 const MAX_LINKS: usize = 16;
 
-/// Passes started and completed on one product by this replica.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub(crate) struct Progress {
-    pub started: u64,
-    pub completed: u64,
-}
-
-/// Which products want a pass, and how far passes have got (for placement to wait on).
-#[derive(Default)]
-pub(crate) struct Scheduler {
-    wanted: Mutex<HashSet<String>>,
-    running: Mutex<HashSet<String>>,
-    progress: Mutex<HashMap<String, watch::Sender<Progress>>>,
-    wake: Notify,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    match m.lock() {
-        Ok(g) => g,
-        Err(poisoned) => poisoned.into_inner(),
-    }
-}
-
-impl Scheduler {
-    /// Asks for a pass over `sku` soon.
-    pub(crate) fn request(&self, sku: &str) {
-        lock(&self.wanted).insert(sku.to_string());
-        self.wake.notify_one();
-    }
-
-    fn sender(&self, sku: &str) -> watch::Sender<Progress> {
-        lock(&self.progress).entry(sku.to_string()).or_insert_with(|| watch::channel(Progress::default()).0).clone()
-    }
-
-    /// Pass progress on `sku`.
-    pub(crate) fn progress(&self, sku: &str) -> watch::Receiver<Progress> {
-        self.sender(sku).subscribe()
-    }
-
-    fn take_wanted(&self) -> HashSet<String> {
-        std::mem::take(&mut *lock(&self.wanted))
-    }
-
-    fn still_wanted(&self, sku: &str) -> bool {
-        lock(&self.wanted).remove(sku)
-    }
-}
-
-/// Removes a product from the running set when its task ends, however it ends.
-struct Running<'a> {
-    svc: &'a Orders,
-    sku: String,
-}
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        lock(&self.svc.inner.scheduler.running).remove(&self.sku);
-    }
-}
-
-/// Schedules passes until shutdown: on request, and on a tick for marks left by other replicas.
-pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
-    let tick = svc.options().tick;
-    let full_every = svc.options().full_reconcile_every;
-    let mut last_full = Instant::now();
-    let mut last_scan = Instant::now();
-    loop {
-        tokio::select! {
-            () = shutdown.wait() => return,
-            () = svc.inner.scheduler.wake.notified() => {}
-            () = tokio::time::sleep(tick) => {}
-        }
-        let mut todo = svc.inner.scheduler.take_wanted();
-        // Local requests need no look at the store; marks left by other replicas (or by a replica
-        // that died) are found by a scan once per tick.
-        if last_scan.elapsed() >= tick {
-            last_scan = Instant::now();
-            match svc.dirty_products(!full_every.is_zero() && last_full.elapsed() >= full_every).await {
-                Ok((dirty, full)) => {
-                    if full {
-                        last_full = Instant::now();
-                    }
-                    todo.extend(dirty);
-                }
-                Err(e) => tracing::warn!(error = ?e, "can't read dirty marks; retrying next tick"),
-            }
-        }
-        for sku in todo {
-            let start = lock(&svc.inner.scheduler.running).insert(sku.clone());
-            if start {
-                let svc = svc.clone();
-                let shutdown = shutdown.clone();
-                tokio::spawn(async move { svc.run_product(sku, shutdown).await });
-            } else {
-                // A pass is running; make it go round once more.
-                lock(&svc.inner.scheduler.wanted).insert(sku);
-            }
-        }
-    }
-}
-
-/// What evaluating waiting orders carries from one batch to the next.
-struct StageA<'a> {
+/// A round's evaluation of waiting orders, carried from one batch to the next: the decisions'
+/// state ([`Evaluation`]) and what the driver needs beside it.
+struct Evaluating<'a> {
     /// Why each buyer's orders are being looked at.
     causes: &'a HashMap<String, Vec<Cause>>,
     /// Waves whose snapshot of this product may still hold orders (each evaluated order leaves them).
     unsettled: &'a [String],
-    /// Buyers with an order waiting for quota, and which: their later orders wait behind it.
-    blocked: HashMap<String, String>,
-    /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
-    inline: bool,
+    /// The decisions' state across batches (who waits for quota, whether stock may be taken at once).
+    evaluation: Evaluation,
 }
 
 /// The lease a pass runs under.
@@ -163,7 +67,7 @@ struct Lease {
 
 impl Orders {
     /// Products with marks, and (every `full_reconcile_every`) every product marked for a full look.
-    async fn dirty_products(&self, full: bool) -> Result<(Vec<String>, bool), Error> {
+    pub(crate) async fn dirty_products(&self, full: bool) -> Result<(Vec<String>, bool), Error> {
         let products = self.store().smembers(&keys::products()).await?;
         if full && !products.is_empty() {
             let cause = Cause::new(CauseKind::Reconciled, "");
@@ -186,7 +90,7 @@ impl Orders {
         Ok((products.into_iter().zip(busy).filter(|(_, b)| *b).map(|(s, _)| s).collect(), false))
     }
 
-    async fn run_product(&self, sku: String, shutdown: Shutdown) {
+    pub(crate) async fn run_product(&self, sku: String, shutdown: Shutdown) {
         let _running = Running { svc: self, sku: sku.clone() };
         let ttl = self.options().lease_ttl;
         let token = loop {
@@ -201,9 +105,7 @@ impl Orders {
                     tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(0..20))).await;
                 }
                 Err(e) => {
-                    tracing::warn!(%sku, error = %e, "can't take the product lease; retrying later");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.inner.scheduler.request(&sku);
+                    self.inner.scheduler.failed(&sku, &format!("can't take the product lease: {e}"));
                     return;
                 }
             }
@@ -212,15 +114,14 @@ impl Orders {
         loop {
             let result = self.pass(&mut lease).await;
             match result {
-                Ok(()) => {}
+                Ok(()) => self.inner.scheduler.succeeded(&sku),
                 Err(Error::Superseded(why)) => {
                     tracing::warn!(%sku, %why, "lease lost mid-pass; another replica carries on");
                     return;
                 }
                 Err(e) => {
-                    tracing::warn!(%sku, error = ?e, "pass failed; will retry");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    self.inner.scheduler.request(&sku);
+                    // The marks stay (in the working hash): the pass is redone after the pause.
+                    self.inner.scheduler.failed(&sku, &e.describe());
                     break;
                 }
             }
@@ -386,8 +287,9 @@ impl Orders {
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
         // placement order.
-        let inline = self.store().zcard(&keys::backlog(&sku)).await? == 0;
-        let mut stage = StageA { causes: &causes, unsettled: &unsettled, blocked: HashMap::new(), inline };
+        let backlog_empty = self.store().zcard(&keys::backlog(&sku)).await? == 0;
+        let mut stage =
+            Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(backlog_empty) };
         let mut backlogged = HashMap::new();
         for chunk in queue.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
@@ -400,181 +302,115 @@ impl Orders {
         Ok(backlogged)
     }
 
-    /// One batch of waiting orders (retried whole when a concurrent change to one of them wins).
-    #[allow(clippy::too_many_lines)]
+    /// One batch of waiting orders (retried whole when a concurrent change to one of them wins): the
+    /// calls [`Evaluation`] asks for, then its moves committed under the lease.
     async fn evaluate_batch(
         &self,
         ctx: &RequestContext,
         lease: &Lease,
         ids: &[String],
-        stage: &mut StageA<'_>,
+        stage: &mut Evaluating<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
-        let causes = stage.causes;
-        let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
-            let t0 = Instant::now();
-            let orders: Vec<(u64, OrderRecord)> = self
-                .load_many::<OrderRecord>(&keys_)
+            let began = Instant::now();
+            let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
+                .load_many::<OrderRecord>(&order_keys)
                 .await?
                 .into_iter()
                 .flatten()
                 .filter(|(_, o)| o.status().is_waiting())
-                .collect();
-            let t_load = t0.elapsed();
+                .unzip();
             if orders.is_empty() {
                 return Ok(HashMap::new());
             }
-            let mut blocked = stage.blocked.clone();
-            // Orders of a buyer already waiting for quota go too, marked: licensing takes nothing for
-            // them, but tells which can never be served (to be rejected rather than left waiting).
-            let items: Vec<lpb::QuotaItem> = orders
-                .iter()
-                .map(|(_, o)| lpb::QuotaItem {
-                    order_id: o.id.clone(),
-                    generation: o.generation,
-                    buyer_id: o.buyer_id.clone(),
-                    units: o.units,
-                    justification: o.justification.clone(),
-                    queued_behind: blocked.get(&o.buyer_id).cloned().unwrap_or_default(),
-                })
-                .collect();
-            let results: HashMap<String, lpb::QuotaItemResult> = if items.is_empty() {
-                HashMap::new()
-            } else {
-                let msg = lpb::BatchReserveQuotaRequest {
-                    request_id: String::new(),
-                    product_sku: lease.sku.clone(),
-                    items,
-                    fence_token: lease.token,
-                };
-                let asked = Instant::now();
-                let resp = rpc!(ctx, self.inner.peers.licensing, batch_reserve_quota, msg).map_err(peer_error)?;
-                tracing::debug!(items = orders.len(), ms = asked.elapsed().as_millis() as u64, "quota batch");
-                resp.results.into_iter().map(|r| (r.order_id.clone(), r)).collect()
-            };
-            let t_quota = t0.elapsed();
-            // Stock for those that got quota, in placement order, while the backlog ahead is empty.
-            let mut inline_now = stage.inline;
-            let mut holds: HashMap<String, ipb::ReserveItemResult> = HashMap::new();
-            if inline_now {
-                let items: Vec<ipb::ReserveItem> = orders
-                    .iter()
-                    .filter(|(_, o)| results.get(&o.id).is_some_and(|r| r.reservation.is_some() && !r.stale))
-                    .map(|(_, o)| ipb::ReserveItem {
-                        order_id: o.id.clone(),
-                        generation: o.generation,
-                        units: o.units,
-                        allow_partial: true,
-                        hold_seconds: self.options().hold_seconds,
-                    })
-                    .collect();
-                if !items.is_empty() {
-                    let msg = ipb::BatchReserveRequest {
-                        request_id: String::new(),
-                        product_sku: lease.sku.clone(),
-                        items,
-                        fence_token: lease.token,
-                    };
-                    let resp = rpc!(ctx, self.inner.peers.inventory, batch_reserve, msg).map_err(peer_error)?;
-                    inline_now = resp.results.iter().all(|r| r.outcome() == ipb::ReserveOutcome::Held);
-                    holds = resp.results.into_iter().map(|r| (r.order_id.clone(), r)).collect();
-                }
-            }
-            let t_hold = t0.elapsed();
-            let now = now_ms();
-            let mut t = Txn::new();
-            let mut events = book::Events::traced(ctx);
-            t.expect_lease(keys::lease(&lease.sku), lease.token);
-            let mut entered = HashMap::new();
-            for (ver, o) in &orders {
-                let mut new = o.clone();
-                let cause = if o.status() == OrderStatus::Pending {
+            let loaded = began.elapsed();
+            let quota = self.ask_quota(ctx, lease, stage.evaluation.quota_asks(&orders)).await?;
+            let asked_quota = began.elapsed();
+            let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(&orders, &quota)).await?;
+            let asked_stock = began.elapsed();
+            let causes = stage.causes;
+            let cause_of = |o: &OrderRecord| {
+                if o.status() == OrderStatus::Pending {
                     Cause::new(CauseKind::Placed, &o.id)
                 } else {
                     causes
                         .get(&o.buyer_id)
                         .and_then(|c| c.first().cloned())
                         .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
-                };
-                let moved = {
-                    match results.get(&o.id) {
-                        Some(r) if r.stale => {
-                            // This generation's quota was released underneath the order (it can't
-                            // reserve it again): continue at the next generation.
-                            tracing::warn!(order = %o.id, generation = o.generation, "stale quota generation for a waiting order; moving on");
-                            new.owe(true, true, "stale generation");
-                            new.generation += 1;
-                            Ok(true)
-                        }
-                        Some(lpb::QuotaItemResult { reservation: Some(r), .. }) => {
-                            let took = new.take_quota(&r.license_id, &r.wave_id, cause.clone(), now);
-                            let held = holds.get(&o.id).and_then(|h| {
-                                matches!(h.outcome(), ipb::ReserveOutcome::Held | ipb::ReserveOutcome::Partial)
-                                    .then_some(h.reservation.as_ref())
-                                    .flatten()
-                            });
-                            if let (Ok(_), Some(h)) = (&took, held) {
-                                let expire = h.expire_time.as_ref().map(ms_of).unwrap_or(0);
-                                new.hold_stock(h.held_units, expire, cause.clone(), now)
-                                    .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
-                            }
-                            if new.status() == OrderStatus::Backordered {
-                                entered.insert(o.id.clone(), cause);
-                            }
-                            took
-                        }
-                        Some(r) => {
-                            let failures: Vec<Failure> = r.failures.iter().map(failure_from).collect();
-                            if r.rejectable {
-                                new.move_to(OrderStatus::Rejected, cause, "", failures, now)
-                            } else {
-                                // The same test licensing's planner applies within a batch (capacity that may
-                                // come back): a stricter one here would park later orders the planner has
-                                // already reserved quota for, leaking that quota.
-                                let capacity = failures.iter().any(|f| {
-                                    (f.condition().is_capacity() && !f.permanent)
-                                        || f.condition() == Condition::QueueOrder
-                                });
-                                if capacity {
-                                    blocked.insert(o.buyer_id.clone(), o.id.clone());
-                                }
-                                new.move_to(OrderStatus::AwaitingLicense, cause, "", failures, now)
-                            }
-                        }
-                        None => Ok(false),
-                    }
-                };
-                match moved {
-                    Ok(true) => book::write(&mut t, &mut events, *ver, Some(o), &new),
-                    Ok(false) => {}
-                    Err(e) => return Err(Error::Internal(format!("order {}: {e}", o.id))),
                 }
+            };
+            let now = now_ms();
+            let plan = stage.evaluation.decide(&orders, &quota, &holds, cause_of, now).map_err(move_error)?;
+            let mut t = Txn::new();
+            let mut events = book::Events::traced(ctx);
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            for m in &plan.moves {
+                book::write(&mut t, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
             }
-            let ids: Vec<&str> = orders.iter().map(|(_, o)| o.id.as_str()).collect();
-            crate::waves::evaluated(&mut t, &lease.sku, stage.unsettled, &ids, now);
+            let evaluated: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+            crate::waves::evaluated(&mut t, &lease.sku, stage.unsettled, &evaluated, now);
             events.flush(&mut t);
-            let t_built = t0.elapsed();
             let committed = self.store().commit(&t).await;
             tracing::debug!(
                 orders = orders.len(),
-                load_us = t_load.as_micros() as u64,
-                quota_us = (t_quota - t_load).as_micros() as u64,
-                hold_us = (t_hold - t_quota).as_micros() as u64,
-                build_us = (t_built - t_hold).as_micros() as u64,
-                commit_us = (t0.elapsed() - t_built).as_micros() as u64,
+                load_us = loaded.as_micros() as u64,
+                quota_us = (asked_quota - loaded).as_micros() as u64,
+                hold_us = (asked_stock - asked_quota).as_micros() as u64,
+                commit_us = (began.elapsed() - asked_stock).as_micros() as u64,
                 "batch evaluated"
             );
             match committed {
                 Ok(_) => {
-                    stage.inline = inline_now;
-                    stage.blocked = blocked;
-                    return Ok(entered);
+                    stage.evaluation.committed(&plan);
+                    return Ok(plan.backlogged.into_iter().collect());
                 }
                 Err(CommitError::Conflict { .. }) => continue,
                 Err(e) => return Err(commit_error(e)),
             }
         }
         Err(Error::Contention { attempts: BATCH_ATTEMPTS })
+    }
+
+    /// Licensing's answers to `asks` (none asked: no call).
+    async fn ask_quota(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        asks: Vec<QuotaAsk>,
+    ) -> Result<HashMap<String, QuotaAnswer>, Error> {
+        if asks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let msg = lpb::BatchReserveQuotaRequest {
+            request_id: String::new(),
+            product_sku: lease.sku.clone(),
+            items: asks.into_iter().map(convert::quota_item).collect(),
+            fence_token: lease.token,
+        };
+        let resp = rpc!(ctx, self.inner.peers.licensing, batch_reserve_quota, msg).map_err(peer_error)?;
+        Ok(resp.results.into_iter().map(|r| (r.order_id.clone(), convert::quota_answer(r))).collect())
+    }
+
+    /// Inventory's answers to `asks` (none asked: no call).
+    async fn ask_stock(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        asks: Vec<StockAsk>,
+    ) -> Result<HashMap<String, HoldAnswer>, Error> {
+        if asks.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let hold_seconds = self.options().hold_seconds;
+        let msg = ipb::BatchReserveRequest {
+            request_id: String::new(),
+            product_sku: lease.sku.clone(),
+            items: asks.into_iter().map(|a| convert::reserve_item(a, hold_seconds)).collect(),
+            fence_token: lease.token,
+        };
+        let resp = rpc!(ctx, self.inner.peers.inventory, batch_reserve, msg).map_err(peer_error)?;
+        Ok(resp.results.into_iter().map(|r| (r.order_id.clone(), convert::hold_answer(&r))).collect())
     }
 
     /// Free stock to the backlog, oldest first, until an order can't be fully served.
@@ -601,7 +437,8 @@ impl Orders {
         }
     }
 
-    /// One batch of backlog orders. Returns whether every one was fully served.
+    /// One batch of backlog orders: stock asked for in backlog order, [`allocation::drain`]'s moves
+    /// committed under the lease. Returns whether every one was fully served.
     async fn drain_batch(
         &self,
         ctx: &RequestContext,
@@ -610,79 +447,40 @@ impl Orders {
         cause: &Cause,
         entered: &HashMap<String, Cause>,
     ) -> Result<bool, Error> {
-        let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
-            let orders: Vec<(u64, OrderRecord)> = self
-                .load_many::<OrderRecord>(&keys_)
+            let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
+                .load_many::<OrderRecord>(&order_keys)
                 .await?
                 .into_iter()
                 .flatten()
                 .filter(|(_, o)| o.status() == OrderStatus::Backordered)
-                .collect();
+                .unzip();
             if orders.is_empty() {
                 return Ok(true);
             }
-            let msg = ipb::BatchReserveRequest {
-                request_id: String::new(),
-                product_sku: lease.sku.clone(),
-                items: orders
-                    .iter()
-                    .map(|(_, o)| ipb::ReserveItem {
-                        order_id: o.id.clone(),
-                        generation: o.generation,
-                        units: o.units,
-                        allow_partial: true,
-                        hold_seconds: self.options().hold_seconds,
-                    })
-                    .collect(),
-                fence_token: lease.token,
-            };
-            let resp = rpc!(ctx, self.inner.peers.inventory, batch_reserve, msg).map_err(peer_error)?;
-            let results: HashMap<&str, &ipb::ReserveItemResult> =
-                resp.results.iter().map(|r| (r.order_id.as_str(), r)).collect();
-            let now = now_ms();
+            let holds = self.ask_stock(ctx, lease, allocation::drain_asks(&orders)).await?;
+            let cause_of = |o: &OrderRecord| entered.get(&o.id).cloned().unwrap_or_else(|| cause.clone());
+            let plan = allocation::drain(&orders, &holds, cause_of, now_ms()).map_err(move_error)?;
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);
             t.expect_lease(keys::lease(&lease.sku), lease.token);
-            let mut all_served = true;
-            for (ver, o) in &orders {
-                let Some(r) = results.get(o.id.as_str()) else { continue };
-                let why = entered.get(&o.id).cloned().unwrap_or_else(|| cause.clone());
-                let mut new = o.clone();
-                let changed = match (r.outcome(), &r.reservation) {
-                    (ipb::ReserveOutcome::Held | ipb::ReserveOutcome::Partial, Some(h)) => {
-                        let expire = h.expire_time.as_ref().map(ms_of).unwrap_or(0);
-                        new.hold_stock(h.held_units, expire, why, now)
-                            .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?
-                    }
-                    (ipb::ReserveOutcome::Stale, _) => {
-                        // The hold of this generation was released underneath the order: start it
-                        // over at the next generation rather than block the backlog behind it.
-                        tracing::warn!(order = %o.id, generation = o.generation, "stale hold generation for a backordered order; re-evaluating it");
-                        let f = Failure::new(Condition::Unspecified, "", "its stock hold was lost; re-evaluating");
-                        new.unwind(Cause::new(CauseKind::Reconciled, &o.id), vec![f], now)
-                            .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
-                        crate::marks::awaiting(
-                            &mut t,
-                            &lease.sku,
-                            crate::marks::Who::Buyer(&o.buyer_id),
-                            &Cause::new(CauseKind::Reconciled, ""),
-                            &ctx.traceparent(),
-                        );
-                        true
-                    }
-                    _ => false,
-                };
-                if r.outcome() != ipb::ReserveOutcome::Held {
-                    all_served = false;
-                }
-                if changed {
-                    book::write(&mut t, &mut events, *ver, Some(o), &new);
-                }
+            for m in &plan.moves {
+                book::write(&mut t, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
+            }
+            for buyer in &plan.re_evaluate {
+                tracing::warn!(%buyer, sku = %lease.sku, "a backordered order's stock hold was lost; re-evaluating it");
+                crate::marks::awaiting(
+                    &mut t,
+                    &lease.sku,
+                    crate::marks::Who::Buyer(buyer),
+                    &Cause::new(CauseKind::Reconciled, ""),
+                    &ctx.traceparent(),
+                );
             }
             events.flush(&mut t);
             match self.store().commit(&t).await {
-                Ok(_) => return Ok(all_served),
+                Ok(_) => return Ok(plan.all_served),
                 Err(CommitError::Conflict { .. }) => continue,
                 Err(e) => return Err(commit_error(e)),
             }
@@ -710,7 +508,7 @@ impl Orders {
                 if attempt == BATCH_ATTEMPTS {
                     return Err(Error::Contention { attempts: BATCH_ATTEMPTS });
                 }
-                let orders: Vec<(u64, OrderRecord)> = self
+                let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
                     .load_many::<OrderRecord>(&order_keys)
                     .await?
                     .into_iter()
@@ -718,7 +516,7 @@ impl Orders {
                     .filter(|(_, o)| {
                         o.status().holds_unconfirmed_quota() && (all || marks.holders.contains_key(&o.buyer_id))
                     })
-                    .collect();
+                    .unzip();
                 if orders.is_empty() {
                     break;
                 }
@@ -726,30 +524,29 @@ impl Orders {
                     product_sku: sku.clone(),
                     items: orders
                         .iter()
-                        .map(|(_, o)| lpb::ReleaseItem { order_id: o.id.clone(), generation: o.generation })
+                        .map(|o| lpb::ReleaseItem { order_id: o.id.clone(), generation: o.generation })
                         .collect(),
                 };
                 let resp = rpc!(ctx, self.inner.peers.licensing, recheck_quota, msg).map_err(peer_error)?;
-                let failed: HashMap<&str, &lpb::RecheckResult> =
-                    resp.results.iter().filter(|r| !r.failures.is_empty()).map(|r| (r.order_id.as_str(), r)).collect();
-                if failed.is_empty() {
+                let failures: HashMap<String, Vec<Failure>> = resp
+                    .results
+                    .into_iter()
+                    .filter(|r| !r.failures.is_empty())
+                    .map(|r| (r.order_id, r.failures.iter().map(failure_from).collect()))
+                    .collect();
+                if failures.is_empty() {
                     break;
                 }
-                let now = now_ms();
+                let cause_of = |o: &OrderRecord| {
+                    let first = marks.holder_causes(&o.buyer_id).into_iter().next();
+                    first.unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
+                };
+                let moves = allocation::recheck(&orders, &failures, cause_of, now_ms()).map_err(move_error)?;
                 let mut t = Txn::new();
                 let mut events = book::Events::traced(ctx);
                 t.expect_lease(keys::lease(&sku), lease.token);
-                for (ver, o) in &orders {
-                    let Some(r) = failed.get(o.id.as_str()) else { continue };
-                    let cause = marks
-                        .holder_causes(&o.buyer_id)
-                        .into_iter()
-                        .next()
-                        .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
-                    let mut new = o.clone();
-                    new.unwind(cause, r.failures.iter().map(failure_from).collect(), now)
-                        .map_err(|e| Error::Internal(format!("order {}: {e}", o.id)))?;
-                    book::write(&mut t, &mut events, *ver, Some(o), &new);
+                for m in &moves {
+                    book::write(&mut t, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
                 }
                 events.flush(&mut t);
                 match self.store().commit(&t).await {
@@ -768,6 +565,11 @@ impl Orders {
 
 async fn commit_under_lease(svc: &Orders, t: &Txn) -> Result<(), Error> {
     svc.store().commit(t).await.map(|_| ()).map_err(commit_error)
+}
+
+/// A planned move the order's life cycle refuses: stored data and the rules disagree.
+fn move_error(e: chipgate_domain::orders::MoveError) -> Error {
+    Error::Internal(format!("a planned move broke the order life cycle: {e}"))
 }
 
 fn commit_error(e: CommitError) -> Error {

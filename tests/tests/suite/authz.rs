@@ -167,6 +167,7 @@ async fn every_rpc_by_every_caller_is_allowed_or_refused_as_the_table_says() {
         aud: "chipgate".into(),
         iat: now - 7200,
         exp: now - 3600,
+        nbf: None,
     });
     let mut callers: Vec<(Caller, Option<String>)> = Role::ALL
         .into_iter()
@@ -350,4 +351,187 @@ async fn a_buyer_follows_one_of_its_orders_and_only_its_own() {
     let leaked = tokio::time::timeout(Duration::from_millis(500), beta_stream.message()).await;
     assert!(leaked.is_err(), "beta saw alpha's transition: {leaked:?}");
     cluster.stop().await;
+}
+
+/// Tokens are checked for more than a signature: `nbf`, a lifetime longer than the role's maximum,
+/// and a key signing a role it is not given are all refused, with the public keys read from a PEM
+/// bundle as an operator mounts it (the `roles:` lines before blocks).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refused_for_nbf_lifetime_and_a_key_signing_another_role() {
+    let service_key = Signer::generate().unwrap();
+    let people_key = Signer::generate().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("public.pem");
+    std::fs::write(
+        &bundle,
+        format!(
+            "# orders' own key: service tokens only\nroles: service\n{}# the operators' key\n{}",
+            service_key.public_pem(),
+            people_key.public_pem()
+        ),
+    )
+    .unwrap();
+    let verifier = chipgate_runtime::auth::Verifier::from_file(&bundle).unwrap();
+    let mut options =
+        ClusterOptions { backend: BackendKind::Memory, auth: false, orders_in_process: false, ..Default::default() };
+    options.server.auth = Some(std::sync::Arc::new(verifier));
+    let cluster = Cluster::start_with(options).await;
+    let url = cluster.licensing.url();
+    let queue = |token: String| {
+        let url = url.clone();
+        async move {
+            LicensingServiceClient::new(Cluster::authed(&url, &token))
+                .list_queue(lpb::ListQueueRequest::default())
+                .await
+        }
+    };
+    let reason = |s: &tonic::Status| {
+        use tonic_types::StatusExt;
+        s.get_error_details().error_info().map(|i| i.reason.clone()).unwrap_or_default()
+    };
+    let ttl = Duration::from_secs(600);
+    queue(people_key.mint_role(Role::ImportAuthority, ttl)).await.expect("the operators' key signs the authority");
+    // Orders' key can't mint an import authority, nor a buyer; it still signs service tokens.
+    for forged in [service_key.mint_role(Role::ImportAuthority, ttl), service_key.mint_buyer(ALPHA, ttl)] {
+        let s = queue(forged).await.unwrap_err();
+        assert_eq!((s.code(), reason(&s).as_str()), (Code::Unauthenticated, "TOKEN_INVALID"), "{s:?}");
+    }
+    let service = service_key.mint_role(Role::Service, ttl);
+    let got = LicensingServiceClient::new(Cluster::authed(&url, &service))
+        .confirm_quota(lpb::ConfirmQuotaRequest { request_id: "cq-1".into(), order_id: "ord-1".into(), generation: 1 })
+        .await;
+    assert!(!matches!(got.map_err(|s| s.code()), Err(Code::Unauthenticated | Code::PermissionDenied)));
+
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let claims = |iat: u64, exp: u64, nbf: Option<u64>| Claims {
+        sub: "import_authority".into(),
+        role: "import_authority".into(),
+        buyer_id: None,
+        aud: "chipgate".into(),
+        iat,
+        exp,
+        nbf,
+    };
+    let s = queue(people_key.sign(&claims(now, now + 600, Some(now + 300)))).await.unwrap_err();
+    assert_eq!((s.code(), reason(&s).as_str()), (Code::Unauthenticated, "TOKEN_NOT_YET_VALID"));
+    queue(people_key.sign(&claims(now, now + 600, Some(now)))).await.expect("nbf now is fine");
+    // A year-long authority token: longer than the role's maximum (7 days by default).
+    let s = queue(people_key.sign(&claims(now, now + 365 * 24 * 3600, None))).await.unwrap_err();
+    assert_eq!(s.code(), Code::Unauthenticated);
+    // (A `crit` header: refused by the verifier, see auth.rs's unit tests.)
+    cluster.stop().await;
+}
+
+/// A buyer watching stock sees the figures, but not which orders moved them; the vendor does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_watching_stock_sees_no_other_buyers_orders() {
+    use chipgate_proto::inventory::v1 as ipb;
+    use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
+    let cluster =
+        Cluster::start_with(ClusterOptions { backend: BackendKind::Memory, auth: true, ..Default::default() }).await;
+    let url = cluster.inventory.url();
+    let watch = |token: String| {
+        let url = url.clone();
+        async move {
+            let mut w = InventoryServiceClient::new(Cluster::authed(&url, &token))
+                .watch_stock(ipb::WatchStockRequest { product_sku: H200.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(w.message().await.unwrap().unwrap().cause, "snapshot");
+            w
+        }
+    };
+    let mut buyer = watch(cluster.buyer_token(BETA)).await;
+    let mut vendor = watch(cluster.token(Role::Vendor)).await;
+    let vendor_token = cluster.token(Role::Vendor);
+    InventoryServiceClient::new(Cluster::authed(&url, &vendor_token))
+        .receive_supply(ipb::ReceiveSupplyRequest {
+            request_id: "rs-1".into(),
+            receipt_id: "rcpt-1".into(),
+            product_sku: H200.into(),
+            units: 100,
+            source: "air".into(),
+        })
+        .await
+        .unwrap();
+    // Alpha's order takes 40 units (the orders service's call).
+    let service = cluster.token(Role::Service);
+    InventoryServiceClient::new(Cluster::authed(&url, &service))
+        .batch_reserve(ipb::BatchReserveRequest {
+            request_id: "rv-1".into(),
+            product_sku: H200.into(),
+            items: vec![ipb::ReserveItem {
+                order_id: "ord-alpha-77".into(),
+                generation: 1,
+                units: 40,
+                allow_partial: false,
+                hold_seconds: 600,
+            }],
+            fence_token: 0,
+        })
+        .await
+        .unwrap();
+    async fn next_hold(w: &mut tonic::Streaming<ipb::WatchStockResponse>) -> ipb::WatchStockResponse {
+        loop {
+            let c = tokio::time::timeout(Duration::from_secs(10), w.message()).await.unwrap().unwrap().unwrap();
+            if c.cause == "holds.placed" {
+                return c;
+            }
+        }
+    }
+    let held = next_hold(&mut buyer).await;
+    assert_eq!(held.reference, "", "a buyer learns nothing of whose order it was");
+    assert_eq!(held.stock.unwrap().held, 40, "the figures are public");
+    let vendor_view = next_hold(&mut vendor).await;
+    assert_eq!(vendor_view.reference, "ord-alpha-77", "the vendor sees the order");
+    cluster.stop().await;
+}
+
+/// Request ids belong to the buyer's account, with authentication and without: two buyers picking
+/// the same id get independent calls, each retry replays its own answer, and (with authentication)
+/// a retry with another of the buyer's tokens is still the buyer's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_mean_the_same_with_and_without_authentication() {
+    for auth in [true, false] {
+        let cluster =
+            Cluster::start_with(ClusterOptions { backend: BackendKind::Memory, auth, ..Default::default() }).await;
+        let place = |buyer: &'static str, units: u64| opb::PlaceOrderRequest {
+            request_id: "order-1".into(),
+            buyer_id: buyer.into(),
+            product_sku: H200.into(),
+            units,
+            justification: "training".into(),
+        };
+        let mut ord = cluster.orders_client();
+        let a = ord.place_order(place(ALPHA, 5)).await.unwrap().into_inner().order.unwrap();
+        let b = ord
+            .place_order(place(BETA, 7))
+            .await
+            .unwrap_or_else(|s| panic!("auth {auth}: {s:?}"))
+            .into_inner()
+            .order
+            .unwrap();
+        assert_ne!(a.order_id, b.order_id, "auth {auth}");
+        let a2 = ord.place_order(place(ALPHA, 5)).await.unwrap().into_inner().order.unwrap();
+        let b2 = ord.place_order(place(BETA, 7)).await.unwrap().into_inner().order.unwrap();
+        assert_eq!((&a2.order_id, &b2.order_id), (&a.order_id, &b.order_id), "auth {auth}: retries replay");
+        let clash = ord.place_order(place(ALPHA, 6)).await.unwrap_err();
+        assert_eq!(clash.code(), Code::InvalidArgument, "auth {auth}");
+        if auth {
+            // Another token of alpha's (another subject, e.g. its CI's): the same account.
+            let token =
+                cluster.signer.as_ref().unwrap().mint("alpha-ci", Role::Buyer, Some(ALPHA), Duration::from_secs(600));
+            let orders_url = cluster.orders.as_ref().unwrap().url();
+            let again = OrderServiceClient::new(Cluster::authed(&orders_url, &token))
+                .place_order(place(ALPHA, 5))
+                .await
+                .unwrap()
+                .into_inner()
+                .order
+                .unwrap();
+            assert_eq!(again.order_id, a.order_id, "the buyer's retry with its other token replays");
+        }
+        cluster.stop().await;
+    }
 }

@@ -1,6 +1,7 @@
 //! The gRPC edge under hostile input: oversized messages, deeply nested and malformed protobuf,
-//! invalid fields, and one caller trying to take all the capacity. Each is refused cleanly (a status,
-//! never a crash or a hang) and the service keeps serving everybody else.
+//! invalid fields, one caller trying to take all the capacity, and a stream of forged tokens. Each is
+//! refused cleanly (a status, never a crash or a hang) and the service keeps serving everybody else.
+//! (Long-lived streams and reset floods: `streams.rs`.)
 
 use std::time::Duration;
 
@@ -133,5 +134,64 @@ async fn one_caller_over_its_rate_is_slowed_with_retry_info_and_others_are_not()
         .expect("another caller is served");
     tokio::time::sleep(Duration::from_millis(600)).await;
     c.list_products(ipb::ListProductsRequest::default()).await.expect("served again after the delay");
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_tokens_cost_a_bounded_number_of_signature_checks_per_address() {
+    let cluster = Cluster::start_with(small_cluster()).await;
+    let url = cluster.inventory.url();
+    let edge = cluster.inventory.running.edge.clone();
+    let checks = || edge.signature_checks.load(std::sync::atomic::Ordering::Relaxed);
+    // A caller whose token was verified before the flood.
+    let vendor = cluster.token(Role::Vendor);
+    let mut known = InventoryServiceClient::new(Cluster::authed(&url, &vendor));
+    known.list_products(ipb::ListProductsRequest::default()).await.expect("the vendor is served");
+
+    // 2,000 calls, each with a different token signed by a key the service doesn't know.
+    let forger = chipgate_runtime::auth::Signer::generate().unwrap();
+    let before = checks();
+    let started = std::time::Instant::now();
+    let (mut unauthenticated, mut exhausted, mut retry_info) = (0, 0, 0);
+    for i in 0..2_000 {
+        let forged = forger.mint(&format!("intruder-{i}"), Role::ImportAuthority, None, Duration::from_secs(600));
+        let s = InventoryServiceClient::new(Cluster::authed(&url, &forged))
+            .list_products(ipb::ListProductsRequest::default())
+            .await
+            .expect_err("a forged token is refused");
+        match s.code() {
+            Code::Unauthenticated => unauthenticated += 1,
+            Code::ResourceExhausted => {
+                exhausted += 1;
+                retry_info += usize::from(s.get_error_details().retry_info().is_some_and(|r| r.retry_delay.is_some()));
+            }
+            other => panic!("unexpected {other:?}: {s:?}"),
+        }
+    }
+    let spent = checks() - before;
+    let elapsed = started.elapsed().as_secs_f64();
+    eprintln!(
+        "2000 forged tokens in {elapsed:.1}s: {spent} signature checks, {unauthenticated} UNAUTHENTICATED, {exhausted} \
+         RESOURCE_EXHAUSTED"
+    );
+    // The budget: a burst of 20, then 1 a second.
+    assert!((spent as f64) <= 20.0 + elapsed.ceil() + 1.0, "{spent} checks in {elapsed:.1}s");
+    assert!(exhausted >= 1_900, "{exhausted} refused before any check");
+    assert_eq!(retry_info, exhausted, "every such refusal says when to retry");
+    // The vendor's remembered token still works from the same address, and another address has a
+    // budget of its own.
+    known.list_products(ipb::ListProductsRequest::default()).await.expect("a known token is still served");
+    let elsewhere = tonic::transport::Endpoint::from_shared(url.clone())
+        .unwrap()
+        .local_address(Some("127.0.0.2".parse().unwrap()))
+        .connect_lazy();
+    let fresh = cluster.token(Role::Auditor);
+    InventoryServiceClient::new(chipgate_runtime::auth::with_token(
+        elsewhere,
+        chipgate_runtime::auth::TokenSource::Static(fresh),
+    ))
+    .list_products(ipb::ListProductsRequest::default())
+    .await
+    .expect("another address is not affected");
     cluster.stop().await;
 }

@@ -27,5 +27,7 @@ mod metrics;
 mod mtls;
 mod propagation;
 mod python_client;
+mod stalls;
+mod streams;
 mod triggers;
 mod wave_progress;

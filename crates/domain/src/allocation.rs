@@ -1,0 +1,668 @@
+//! What a reconciliation round decides for a product's orders, as pure functions: which quota and
+//! stock to ask for, and — given licensing's and inventory's answers — where each order moves.
+//!
+//! The orders service's reconciler is a thin driver around these: it loads a batch of orders, asks
+//! [`Evaluation::quota_asks`] / [`Evaluation::stock_asks`] what to request, makes the calls, converts the
+//! answers to [`QuotaAnswer`] / [`HoldAnswer`] and commits the [`Move`]s the planner returns. Three
+//! kinds of batch:
+//! * **evaluation** of waiting orders, oldest first ([`Evaluation`]): take quota (and stock at once while
+//!   nobody waits ahead in the backlog), wait with reasons, or be rejected. Once a buyer's order waits
+//!   for quota, the buyer's later orders queue behind it — within a batch licensing enforces it, across
+//!   batches the asks say so (`queued_behind`);
+//! * **drain** of the backlog, oldest first ([`drain`]): hand free stock to orders holding quota;
+//! * **re-check** of holders ([`recheck`]): orders whose quota may no longer be used go back to waiting.
+//!
+//! Nothing here does I/O, so the rules are tested exhaustively beside them, including a property test
+//! that plays whole rounds against licensing's and inventory's own planners.
+
+use std::collections::HashMap;
+
+use crate::licensing::{Condition, Failure, waits_for_capacity};
+use crate::orders::{Cause, CauseKind, MoveError, OrderRecord, OrderStatus};
+
+/// One waiting order's request for quota.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaAsk {
+    /// Order.
+    pub order_id: String,
+    /// Its allocation generation.
+    pub generation: u64,
+    /// Buyer.
+    pub buyer_id: String,
+    /// Units.
+    pub units: u64,
+    /// The order's justification.
+    pub justification: String,
+    /// An earlier order of the buyer that still waits for quota (from an earlier batch): take nothing,
+    /// only say whether this one could ever be served.
+    pub queued_behind: Option<String>,
+}
+
+/// Licensing's answer to a [`QuotaAsk`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QuotaAnswer {
+    /// The order holds quota of this licence (newly or from an earlier call).
+    Reserved {
+        /// The licence.
+        license_id: String,
+        /// Its wave.
+        wave_id: String,
+    },
+    /// Refused, with every failed condition.
+    Refused {
+        /// Why.
+        failures: Vec<Failure>,
+        /// No licence of the buyer could ever serve it.
+        rejectable: bool,
+    },
+    /// This generation was released underneath the order: it must move on to the next one.
+    Stale,
+}
+
+/// One order's request for stock (a partial hold is always welcome: an order keeps what it gets).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StockAsk {
+    /// Order.
+    pub order_id: String,
+    /// Its allocation generation.
+    pub generation: u64,
+    /// Units wanted in all.
+    pub units: u64,
+}
+
+/// Inventory's answer to a [`StockAsk`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HoldAnswer {
+    /// Every unit is held, until `expire_ms`.
+    Held {
+        /// Units held.
+        held: u64,
+        /// When the hold expires unless confirmed.
+        expire_ms: u64,
+    },
+    /// Some units are held; the order waits for the rest.
+    Partial {
+        /// Units held so far.
+        held: u64,
+    },
+    /// Nothing new was held.
+    NotServed,
+    /// This generation's hold was released underneath the order.
+    Stale,
+}
+
+/// An order that moved: its record after the move (to write in place of the loaded one at `index`).
+#[derive(Clone, Debug)]
+pub struct Move {
+    /// Position of the order in the batch given.
+    pub index: usize,
+    /// The order after the move.
+    pub order: OrderRecord,
+}
+
+/// Evaluation of a product's waiting orders over the batches of one round, oldest first.
+#[derive(Clone, Debug)]
+pub struct Evaluation {
+    /// Buyers with an order waiting for quota, and which: their later orders queue behind it.
+    blocked: HashMap<String, String>,
+    /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
+    inline: bool,
+}
+
+/// What one batch of an evaluation decides.
+#[derive(Clone, Debug)]
+pub struct EvaluationPlan {
+    /// The orders that moved.
+    pub moves: Vec<Move>,
+    /// Orders that took quota but not (all) their stock: they joined the backlog, and why.
+    pub backlogged: Vec<(String, Cause)>,
+    blocked: HashMap<String, String>,
+    inline: bool,
+}
+
+impl Evaluation {
+    /// An evaluation that may take stock at once when `backlog_empty`.
+    pub fn new(backlog_empty: bool) -> Self {
+        Evaluation { blocked: HashMap::new(), inline: backlog_empty }
+    }
+
+    /// Whether orders taking quota in the next batch may also take stock at once.
+    pub fn inline(&self) -> bool {
+        self.inline
+    }
+
+    /// The quota asks for a batch of waiting `orders` (in placement order).
+    pub fn quota_asks<'a>(&self, orders: impl IntoIterator<Item = &'a OrderRecord>) -> Vec<QuotaAsk> {
+        orders
+            .into_iter()
+            .map(|o| QuotaAsk {
+                order_id: o.id.clone(),
+                generation: o.generation,
+                buyer_id: o.buyer_id.clone(),
+                units: o.units,
+                justification: o.justification.clone(),
+                queued_behind: self.blocked.get(&o.buyer_id).cloned(),
+            })
+            .collect()
+    }
+
+    /// The stock asks for the orders of a batch that took quota, when they may take stock at once
+    /// (none otherwise: they join the backlog and a drain serves them in placement order).
+    pub fn stock_asks<'a>(
+        &self,
+        orders: impl IntoIterator<Item = &'a OrderRecord>,
+        quota: &HashMap<String, QuotaAnswer>,
+    ) -> Vec<StockAsk> {
+        if !self.inline {
+            return Vec::new();
+        }
+        orders
+            .into_iter()
+            .filter(|o| matches!(quota.get(&o.id), Some(QuotaAnswer::Reserved { .. })))
+            .map(|o| StockAsk { order_id: o.id.clone(), generation: o.generation, units: o.units })
+            .collect()
+    }
+
+    /// Where each order of the batch moves, given the answers. `cause_of` names why an order is
+    /// evaluated (its placement, or the change that marked its buyer).
+    ///
+    /// # Errors
+    /// When an order's move breaks its life cycle (the batch must not be committed).
+    pub fn decide(
+        &self,
+        orders: &[OrderRecord],
+        quota: &HashMap<String, QuotaAnswer>,
+        holds: &HashMap<String, HoldAnswer>,
+        cause_of: impl Fn(&OrderRecord) -> Cause,
+        now_ms: u64,
+    ) -> Result<EvaluationPlan, MoveError> {
+        let mut blocked = self.blocked.clone();
+        let mut moves = Vec::new();
+        let mut backlogged = Vec::new();
+        for (index, o) in orders.iter().enumerate() {
+            let cause = cause_of(o);
+            let mut new = o.clone();
+            let moved = match quota.get(&o.id) {
+                None => false,
+                Some(QuotaAnswer::Stale) => {
+                    // Released underneath the order: owe the release and continue at the next
+                    // generation, still waiting.
+                    new.owe(true, true, "stale generation");
+                    new.generation += 1;
+                    true
+                }
+                Some(QuotaAnswer::Reserved { license_id, wave_id }) => {
+                    let took = new.take_quota(license_id, wave_id, cause.clone(), now_ms)?;
+                    match holds.get(&o.id) {
+                        Some(HoldAnswer::Held { held, expire_ms }) => {
+                            new.hold_stock(*held, *expire_ms, cause.clone(), now_ms)?;
+                        }
+                        Some(HoldAnswer::Partial { held }) => {
+                            new.hold_stock(*held, 0, cause.clone(), now_ms)?;
+                        }
+                        Some(HoldAnswer::NotServed | HoldAnswer::Stale) | None => {}
+                    }
+                    if new.status() == OrderStatus::Backordered {
+                        backlogged.push((o.id.clone(), cause));
+                    }
+                    took
+                }
+                Some(QuotaAnswer::Refused { failures, rejectable }) => {
+                    if *rejectable {
+                        new.move_to(OrderStatus::Rejected, cause, "", failures.clone(), now_ms)?
+                    } else {
+                        if waits_for_capacity(failures) {
+                            blocked.entry(o.buyer_id.clone()).or_insert_with(|| o.id.clone());
+                        }
+                        new.move_to(OrderStatus::AwaitingLicense, cause, "", failures.clone(), now_ms)?
+                    }
+                }
+            };
+            if moved {
+                moves.push(Move { index, order: new });
+            }
+        }
+        let asked_stock = !holds.is_empty();
+        let inline = self.inline && (!asked_stock || holds.values().all(|h| matches!(h, HoldAnswer::Held { .. })));
+        Ok(EvaluationPlan { moves, backlogged, blocked, inline })
+    }
+
+    /// Carries what a batch learnt (who now waits for quota, whether stock is still free for the
+    /// next batch) into the next one — once the batch's moves are committed.
+    pub fn committed(&mut self, plan: &EvaluationPlan) {
+        self.blocked.clone_from(&plan.blocked);
+        self.inline = plan.inline;
+    }
+}
+
+/// The stock asks for a batch of backlog orders (in backlog order).
+pub fn drain_asks<'a>(orders: impl IntoIterator<Item = &'a OrderRecord>) -> Vec<StockAsk> {
+    orders.into_iter().map(|o| StockAsk { order_id: o.id.clone(), generation: o.generation, units: o.units }).collect()
+}
+
+/// What one batch of a backlog drain decides.
+#[derive(Clone, Debug)]
+pub struct DrainPlan {
+    /// The orders that moved.
+    pub moves: Vec<Move>,
+    /// Every order asked for was fully served (the next batch may go on).
+    pub all_served: bool,
+    /// Buyers whose orders must be evaluated again (an order whose hold was lost went back to waiting).
+    pub re_evaluate: Vec<String>,
+}
+
+/// Where each backlog order moves given inventory's answers. `cause_of` names why stock reached it.
+///
+/// # Errors
+/// When an order's move breaks its life cycle.
+pub fn drain(
+    orders: &[OrderRecord],
+    holds: &HashMap<String, HoldAnswer>,
+    cause_of: impl Fn(&OrderRecord) -> Cause,
+    now_ms: u64,
+) -> Result<DrainPlan, MoveError> {
+    let mut moves = Vec::new();
+    let mut all_served = true;
+    let mut re_evaluate = Vec::new();
+    for (index, o) in orders.iter().enumerate() {
+        let Some(answer) = holds.get(&o.id) else { continue };
+        if !matches!(answer, HoldAnswer::Held { .. }) {
+            all_served = false;
+        }
+        let mut new = o.clone();
+        let moved = match answer {
+            HoldAnswer::Held { held, expire_ms } => new.hold_stock(*held, *expire_ms, cause_of(o), now_ms)?,
+            HoldAnswer::Partial { held } => new.hold_stock(*held, 0, cause_of(o), now_ms)?,
+            HoldAnswer::NotServed => false,
+            HoldAnswer::Stale => {
+                // The hold of this generation was released underneath the order: start it over at the
+                // next generation rather than block the backlog behind it.
+                let f = Failure::new(Condition::Unspecified, "", "its stock hold was lost; re-evaluating");
+                new.unwind(Cause::new(CauseKind::Reconciled, &o.id), vec![f], now_ms)?;
+                re_evaluate.push(o.buyer_id.clone());
+                true
+            }
+        };
+        if moved {
+            moves.push(Move { index, order: new });
+        }
+    }
+    re_evaluate.sort();
+    re_evaluate.dedup();
+    Ok(DrainPlan { moves, all_served, re_evaluate })
+}
+
+/// Holders whose quota may no longer be used go back to waiting, with the failed conditions as their
+/// reasons (`failures` by order id; orders without failures stay). `cause_of` names the change.
+///
+/// # Errors
+/// When an order does not hold unconfirmed quota.
+pub fn recheck(
+    orders: &[OrderRecord],
+    failures: &HashMap<String, Vec<Failure>>,
+    cause_of: impl Fn(&OrderRecord) -> Cause,
+    now_ms: u64,
+) -> Result<Vec<Move>, MoveError> {
+    let mut moves = Vec::new();
+    for (index, o) in orders.iter().enumerate() {
+        let Some(f) = failures.get(&o.id).filter(|f| !f.is_empty()) else { continue };
+        let mut new = o.clone();
+        new.unwind(cause_of(o), f.clone(), now_ms)?;
+        moves.push(Move { index, order: new });
+    }
+    Ok(moves)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+
+    use super::*;
+    use crate::inventory::{HoldAsk, HoldOutcome, HoldPlanner, StockRecord};
+    use crate::licensing::{Ask, Conditions, LicenseRecord, LicenseStatus, Planned, ProductGate, QuotaPlanner};
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn order(id: &str, seq: u64, buyer: &str, units: u64) -> OrderRecord {
+        OrderRecord {
+            id: id.into(),
+            buyer_id: buyer.into(),
+            sku: "H200".into(),
+            units,
+            justification: "needed".into(),
+            status: OrderStatus::Pending as i32,
+            generation: 1,
+            seq,
+            ..Default::default()
+        }
+    }
+
+    fn placed(o: &OrderRecord) -> Cause {
+        Cause::new(CauseKind::Placed, &o.id)
+    }
+
+    fn reserved(lic: &str) -> QuotaAnswer {
+        QuotaAnswer::Reserved { license_id: lic.into(), wave_id: "wave-1".into() }
+    }
+
+    fn refused(c: Condition, rejectable: bool) -> QuotaAnswer {
+        QuotaAnswer::Refused { failures: vec![Failure::new(c, "lic-1", "no")], rejectable }
+    }
+
+    #[test]
+    fn an_evaluation_moves_each_order_by_its_answers() {
+        let orders =
+            vec![order("a", 1, "b1", 10), order("b", 2, "b1", 10), order("c", 3, "b2", 10), order("d", 4, "b2", 99)];
+        let ev = Evaluation::new(true);
+        let quota: HashMap<String, QuotaAnswer> = [
+            ("a".to_string(), reserved("lic-1")),
+            ("b".to_string(), reserved("lic-1")),
+            ("c".to_string(), refused(Condition::Quota, false)),
+            ("d".to_string(), refused(Condition::PerOrderCap, true)),
+        ]
+        .into();
+        let asks = ev.stock_asks(&orders, &quota);
+        assert_eq!(asks.iter().map(|a| a.order_id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        let holds: HashMap<String, HoldAnswer> = [
+            ("a".to_string(), HoldAnswer::Held { held: 10, expire_ms: NOW + 900_000 }),
+            ("b".to_string(), HoldAnswer::Partial { held: 4 }),
+        ]
+        .into();
+        let plan = ev.decide(&orders, &quota, &holds, placed, NOW).expect("moves");
+        let states: Vec<OrderStatus> = plan.moves.iter().map(|m| m.order.status()).collect();
+        assert_eq!(
+            states,
+            [OrderStatus::Reserved, OrderStatus::Backordered, OrderStatus::AwaitingLicense, OrderStatus::Rejected]
+        );
+        assert_eq!(plan.moves[0].order.hold_expire_ms, NOW + 900_000);
+        assert_eq!(plan.moves[1].order.held, 4);
+        assert_eq!(plan.backlogged.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["b"]);
+        let mut ev = ev;
+        ev.committed(&plan);
+        assert!(!ev.inline(), "b waits for stock: later orders join the backlog behind it");
+        // b2 waits for quota: its later orders in the next batch queue behind c.
+        let next = ev.quota_asks(&[order("e", 5, "b2", 1), order("f", 6, "b1", 1)]);
+        assert_eq!(next[0].queued_behind.as_deref(), Some("c"));
+        assert_eq!(next[1].queued_behind, None);
+        assert!(ev.stock_asks(&orders, &quota).is_empty(), "no stock at once behind a backlog");
+    }
+
+    #[test]
+    fn a_stale_quota_generation_moves_on_and_keeps_waiting() {
+        let mut o = order("a", 1, "b1", 10);
+        o.status = OrderStatus::AwaitingLicense as i32;
+        let quota: HashMap<String, QuotaAnswer> = [("a".to_string(), QuotaAnswer::Stale)].into();
+        let plan =
+            Evaluation::new(true).decide(std::slice::from_ref(&o), &quota, &HashMap::new(), placed, NOW).expect("ok");
+        let m = &plan.moves[0].order;
+        assert_eq!((m.status(), m.generation), (OrderStatus::AwaitingLicense, 2));
+        assert_eq!(m.pending.len(), 1, "the old generation's release is owed");
+    }
+
+    #[test]
+    fn a_drain_stops_at_the_first_order_not_fully_served_and_restarts_lost_holds() {
+        let mut orders = vec![order("a", 1, "b1", 10), order("b", 2, "b2", 10), order("c", 3, "b3", 10)];
+        for o in &mut orders {
+            o.status = OrderStatus::Backordered as i32;
+            o.license_id = "lic-1".into();
+        }
+        let holds: HashMap<String, HoldAnswer> = [
+            ("a".to_string(), HoldAnswer::Held { held: 10, expire_ms: NOW + 1 }),
+            ("b".to_string(), HoldAnswer::Stale),
+            ("c".to_string(), HoldAnswer::NotServed),
+        ]
+        .into();
+        let plan = drain(&orders, &holds, |_| Cause::new(CauseKind::SupplyReceived, "r1"), NOW).expect("ok");
+        assert!(!plan.all_served);
+        assert_eq!(plan.moves.len(), 2, "c is unchanged");
+        assert_eq!(plan.moves[0].order.status(), OrderStatus::Reserved);
+        assert_eq!(plan.moves[1].order.status(), OrderStatus::AwaitingLicense);
+        assert_eq!(plan.moves[1].order.generation, 2);
+        assert_eq!(plan.re_evaluate, ["b2"]);
+    }
+
+    #[test]
+    fn a_recheck_unwinds_exactly_the_orders_with_failures() {
+        let mut orders = vec![order("a", 1, "b1", 10), order("b", 2, "b1", 10)];
+        for o in &mut orders {
+            o.status = OrderStatus::Reserved as i32;
+            o.held = 10;
+        }
+        let f = Failure::new(Condition::LicenseInForce, "lic-1", "licence lic-1 is suspended: audit");
+        let failures: HashMap<String, Vec<Failure>> = [("b".to_string(), vec![f.clone()])].into();
+        let moves = recheck(&orders, &failures, |_| Cause::new(CauseKind::LicenseSuspended, "lic-1"), NOW).expect("ok");
+        assert_eq!(moves.len(), 1);
+        assert_eq!(moves[0].index, 1);
+        assert_eq!(moves[0].order.status(), OrderStatus::AwaitingLicense);
+        assert_eq!(moves[0].order.reasons, vec![f]);
+        assert_eq!((moves[0].order.held, moves[0].order.generation), (0, 2));
+    }
+
+    /// A tiny seeded generator (the domain crate has no dependencies to spare).
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            // xorshift64*
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n.max(1)
+        }
+    }
+
+    /// One simulated round, as the reconciler runs it: the backlog as it stands is served first, then
+    /// waiting orders are evaluated in batches of `chunk` against licensing's quota planner (a fresh
+    /// planner per batch over the licences as the last batch left them, as licensing reads them per
+    /// call) and inventory's hold planner (over the running stock), taking stock at once only while the
+    /// backlog was empty, then the backlog is served again.
+    fn play_round(orders: &mut [OrderRecord], licences: &mut [LicenseRecord], stock: &mut StockRecord, chunk: usize) {
+        drain_backlog(orders, stock, chunk);
+        let gate = ProductGate { export_destinations: ["CN".to_string()].into(), ..Default::default() };
+        let domestic = HashMap::new();
+        let backlog_empty = !orders.iter().any(|o| o.status() == OrderStatus::Backordered);
+        let mut ev = Evaluation::new(backlog_empty);
+        let mut waiting: Vec<usize> = (0..orders.len()).filter(|&i| orders[i].status().is_waiting()).collect();
+        waiting.sort_by_key(|&i| orders[i].seq);
+        for batch in waiting.chunks(chunk) {
+            let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
+            let asks = ev.quota_asks(&loaded);
+            let mut planner = QuotaPlanner::new(licences.to_vec(), &domestic, &gate, NOW);
+            let mut quota = HashMap::new();
+            for a in &asks {
+                if let Some(earlier) = &a.queued_behind {
+                    planner.queue_behind(&a.buyer_id, earlier);
+                }
+                let ask = Ask { buyer_id: &a.buyer_id, units: a.units, justification: &a.justification };
+                let answer = match planner.plan(&a.order_id, &ask) {
+                    Planned::Reserved { license_id, wave_id } => QuotaAnswer::Reserved { license_id, wave_id },
+                    Planned::Refused { failures, rejectable } => QuotaAnswer::Refused { failures, rejectable },
+                };
+                quota.insert(a.order_id.clone(), answer);
+            }
+            for l in planner.into_touched() {
+                if let Some(slot) = licences.iter_mut().find(|x| x.id == l.id) {
+                    *slot = l;
+                }
+            }
+            let mut hold_planner = HoldPlanner::new(stock.clone(), NOW);
+            let mut holds = HashMap::new();
+            for a in ev.stock_asks(&loaded, &quota) {
+                let ask = HoldAsk {
+                    order_id: a.order_id.clone(),
+                    generation: a.generation,
+                    units: a.units,
+                    allow_partial: true,
+                    hold_seconds: 60,
+                };
+                let (outcome, hold) = hold_planner.plan(&ask, None).expect("fresh holds never mismatch");
+                let held = hold.map(|h| h.held).unwrap_or(0);
+                holds.insert(a.order_id, hold_answer(outcome, held));
+            }
+            *stock = hold_planner.stock;
+            let plan = ev.decide(&loaded, &quota, &holds, placed, NOW).expect("valid moves");
+            for m in &plan.moves {
+                orders[batch[m.index]] = m.order.clone();
+            }
+            ev.committed(&plan);
+        }
+        drain_backlog(orders, stock, chunk);
+    }
+
+    /// The backlog, oldest first, in batches, until an order is not fully served.
+    fn drain_backlog(orders: &mut [OrderRecord], stock: &mut StockRecord, chunk: usize) {
+        let mut backlog: Vec<usize> =
+            (0..orders.len()).filter(|&i| orders[i].status() == OrderStatus::Backordered).collect();
+        backlog.sort_by_key(|&i| orders[i].seq);
+        for batch in backlog.chunks(chunk) {
+            let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
+            let mut hold_planner = HoldPlanner::new(stock.clone(), NOW);
+            let mut holds = HashMap::new();
+            for a in drain_asks(&loaded) {
+                // The order may hold part already: its hold is topped up.
+                let already = loaded.iter().find(|o| o.id == a.order_id).map(|o| o.held).unwrap_or(0);
+                let existing = (already > 0).then(|| crate::inventory::HoldRecord {
+                    order_id: a.order_id.clone(),
+                    generation: a.generation,
+                    requested: a.units,
+                    held: already,
+                    status: crate::inventory::HoldStatus::Held as i32,
+                    ..Default::default()
+                });
+                let ask = HoldAsk {
+                    order_id: a.order_id.clone(),
+                    generation: a.generation,
+                    units: a.units,
+                    allow_partial: true,
+                    hold_seconds: 60,
+                };
+                let (outcome, hold) = hold_planner.plan(&ask, existing.as_ref()).expect("same units");
+                let held = hold.map(|h| h.held).unwrap_or(already);
+                holds.insert(a.order_id, hold_answer(outcome, held));
+            }
+            *stock = hold_planner.stock;
+            let plan = drain(&loaded, &holds, |_| Cause::new(CauseKind::SupplyReceived, "r"), NOW).expect("valid");
+            for m in &plan.moves {
+                orders[batch[m.index]] = m.order.clone();
+            }
+            if !plan.all_served {
+                break;
+            }
+        }
+    }
+
+    fn hold_answer(outcome: HoldOutcome, held: u64) -> HoldAnswer {
+        match outcome {
+            HoldOutcome::Held => HoldAnswer::Held { held, expire_ms: NOW + 60_000 },
+            HoldOutcome::Partial => HoldAnswer::Partial { held },
+            HoldOutcome::NotServed => HoldAnswer::NotServed,
+            HoldOutcome::Stale => HoldAnswer::Stale,
+        }
+    }
+
+    /// Whole rounds against licensing's and inventory's own planners, over random buyers, licences,
+    /// stock, orders and batch sizes: never more quota than granted, never more stock than there is,
+    /// no buyer's later order takes quota past an earlier one waiting for it, no order takes stock past
+    /// an earlier one still short, and an order is rejected only when no licence could ever serve it.
+    #[test]
+    fn rounds_never_overtake_nor_hand_out_more_than_there_is() {
+        for seed in 1..=400u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let buyers = 1 + rng.below(4) as usize;
+            let mut licences = Vec::new();
+            for b in 0..buyers {
+                for k in 0..rng.below(3) {
+                    let cap = if rng.below(3) == 0 { 1 + rng.below(40) } else { 0 };
+                    let status = if rng.below(5) == 0 { LicenseStatus::Suspended } else { LicenseStatus::Active };
+                    licences.push(LicenseRecord {
+                        id: format!("lic-{b}-{k}"),
+                        buyer_id: format!("b{b}"),
+                        product_sku: "H200".into(),
+                        destination: "CN".into(),
+                        wave_id: "wave-1".into(),
+                        status: status as i32,
+                        conditions: Some(Conditions { per_order_cap: cap, ..Default::default() }),
+                        granted: rng.below(150),
+                        seq: k,
+                        ..Default::default()
+                    });
+                }
+            }
+            let granted: BTreeMap<String, u64> = licences.iter().map(|l| (l.id.clone(), l.granted)).collect();
+            let caps: HashMap<String, Vec<(u64, u64)>> = licences.iter().fold(HashMap::new(), |mut m, l| {
+                m.entry(l.buyer_id.clone()).or_default().push((l.conditions().per_order_cap, l.granted));
+                m
+            });
+            // A few rounds, with orders placed and supply received between them.
+            let chunk = 1 + rng.below(8) as usize;
+            let mut stock = StockRecord::empty("H200");
+            let mut supply = 0;
+            let mut orders: Vec<OrderRecord> = Vec::new();
+            for _round in 0..1 + rng.below(4) {
+                let units = rng.below(200);
+                stock.receive(units);
+                supply += units;
+                for _ in 0..rng.below(15) {
+                    let i = orders.len() as u64;
+                    let buyer = format!("b{}", rng.below(buyers as u64));
+                    orders.push(order(&format!("o{i}"), i + 1, &buyer, 1 + rng.below(60)));
+                }
+                play_round(&mut orders, &mut licences, &mut stock, chunk);
+            }
+
+            // Quota: what the orders hold adds up to what each licence counts, never above its grant.
+            let mut held_quota: BTreeMap<String, u64> = BTreeMap::new();
+            for o in orders.iter().filter(|o| o.has_quota()) {
+                *held_quota.entry(o.license_id.clone()).or_default() += o.units;
+            }
+            for l in &licences {
+                let q = held_quota.get(&l.id).copied().unwrap_or(0);
+                assert_eq!(q, l.used, "seed {seed}: licence {} counts {} used, orders hold {q}", l.id, l.used);
+                assert!(q <= granted[&l.id], "seed {seed}: {} holds {q} of {}", l.id, granted[&l.id]);
+            }
+            // Stock: never more held than there was, and it adds up.
+            let held: u64 = orders.iter().map(|o| o.held).sum();
+            assert!(held <= supply, "seed {seed}: {held} held of {supply}");
+            assert_eq!(stock.held, held, "seed {seed}: stock and orders agree");
+            assert!(stock.adds_up());
+            // No overtaking.
+            let mut by_seq = orders.clone();
+            by_seq.sort_by_key(|o| o.seq);
+            let mut waiting_for_quota: HashSet<String> = HashSet::new();
+            let mut short_of_stock = false;
+            for o in &by_seq {
+                if o.has_quota() {
+                    assert!(
+                        !waiting_for_quota.contains(&o.buyer_id),
+                        "seed {seed}: {} took quota past an earlier order of {} waiting for it",
+                        o.id,
+                        o.buyer_id
+                    );
+                    if short_of_stock {
+                        assert_eq!(o.held, 0, "seed {seed}: {} took stock past an earlier order still short", o.id);
+                    }
+                    if o.held < o.units {
+                        short_of_stock = true;
+                    }
+                } else if o.status() == OrderStatus::AwaitingLicense && waits_for_capacity(&o.reasons) {
+                    waiting_for_quota.insert(o.buyer_id.clone());
+                }
+                // Rejected only when no licence of the buyer could ever serve it (above its per-order cap
+                // or its whole grant).
+                if o.status() == OrderStatus::Rejected {
+                    let ls = caps.get(&o.buyer_id).cloned().unwrap_or_default();
+                    assert!(
+                        !ls.is_empty()
+                            && ls.iter().all(|(cap, granted)| (*cap != 0 && *cap < o.units) || o.units > *granted),
+                        "seed {seed}: {} ({} units) rejected with licences {ls:?}",
+                        o.id,
+                        o.units
+                    );
+                }
+                assert_ne!(o.status(), OrderStatus::Pending, "seed {seed}: {} never evaluated", o.id);
+            }
+        }
+    }
+}
