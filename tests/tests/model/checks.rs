@@ -40,6 +40,70 @@ fn count(what: &'static str) {
     *COVERAGE.lock().unwrap().entry(what).or_default() += 1;
 }
 
+/// Things worth knowing that are not violations (deduplicated).
+static NOTES: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+
+pub fn notes() -> Vec<String> {
+    NOTES.lock().unwrap().iter().cloned().collect()
+}
+
+/// Whether the orders consumer group has every entry of a stream, read from the stream's and the
+/// group's ids (`XINFO STREAM` last-generated-id = `XINFO GROUPS` last-delivered-id, nothing pending).
+pub struct Delivery {
+    pub stream: &'static str,
+    pub delivered: bool,
+    /// The group's `lag` as Redis reports it.
+    pub lag: Option<i64>,
+}
+
+/// The orders group's delivery on both event streams. Redis 7.0 restores a group's entries-read
+/// counter inexactly when it restarts from its AOF, so `lag` can stay above zero for good although the
+/// group has every entry (seen: last-delivered-id equal to the last entry, nothing pending, lag 308).
+pub async fn delivery(redis_url: &str) -> Vec<Delivery> {
+    fn get<'a>(v: &'a redis::Value, name: &str) -> Option<&'a redis::Value> {
+        let redis::Value::Array(items) = v else { return None };
+        items
+            .chunks(2)
+            .find(|kv| matches!(&kv[0], redis::Value::BulkString(k) if k == name.as_bytes()))
+            .map(|kv| &kv[1])
+    }
+    fn text(v: Option<&redis::Value>) -> String {
+        match v {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::SimpleString(s)) => s.clone(),
+            _ => String::new(),
+        }
+    }
+    fn int(v: Option<&redis::Value>) -> Option<i64> {
+        match v {
+            Some(redis::Value::Int(n)) => Some(*n),
+            _ => None,
+        }
+    }
+    let mut out = Vec::new();
+    let Ok(client) = redis::Client::open(redis_url) else { return out };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return out };
+    for stream in ["{lic}:events", "{inv}:events"] {
+        let info: redis::Value =
+            redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
+        let groups: redis::Value =
+            redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
+        let group = match &groups {
+            redis::Value::Array(gs) => gs.iter().find(|g| text(get(g, "name")) == "orders"),
+            _ => None,
+        };
+        let last = text(get(&info, "last-generated-id"));
+        let (delivered, lag) = match group {
+            Some(g) => {
+                (text(get(g, "last-delivered-id")) == last && int(get(g, "pending")) == Some(0), int(get(g, "lag")))
+            }
+            None => (false, None),
+        };
+        out.push(Delivery { stream, delivered, lag });
+    }
+    out
+}
+
 /// What the settled checks judged, over every phase.
 pub fn coverage() -> BTreeMap<&'static str, u64> {
     COVERAGE.lock().unwrap().clone()
@@ -165,10 +229,34 @@ pub async fn snapshot(auditor: &Party) -> Snapshot {
 }
 
 /// Runs every settled check; returns the violations (the run's own are in the model).
-pub async fn settled(ctx: &Ctx, clients: &mut Clients, store: &chipgate_state::Store) -> (Vec<String>, Snapshot) {
+pub async fn settled(
+    ctx: &Ctx,
+    clients: &mut Clients,
+    store: &chipgate_state::Store,
+    redis_url: &str,
+) -> (Vec<String>, Snapshot) {
     let ledger = ledger(&ctx.model.lock().unwrap());
     let report = invariants::check_ledger(clients, store, &ledger).await;
-    let mut v: Vec<String> = report.violations.into_iter().map(|x| format!("invariants: {x}")).collect();
+    // The testkit checker reads delivery from the group's lag; where the streams' ids show every entry
+    // delivered, a lag above zero is Redis's miscount (see `delivery`), noted rather than failed.
+    let delivery = delivery(redis_url).await;
+    let mut v: Vec<String> = Vec::new();
+    for x in report.violations {
+        let miscounted =
+            delivery.iter().find(|d| x.starts_with(d.stream) && x.contains("never delivered") && d.delivered);
+        match miscounted {
+            Some(d) => {
+                NOTES.lock().unwrap().insert(format!(
+                    "{}: Redis reports lag {:?} for the orders group although its last-delivered-id is the stream's last entry and nothing is pending (entries-read miscounted after a restart from the AOF)",
+                    d.stream, d.lag
+                ));
+            }
+            None => v.push(format!("invariants: {x}")),
+        }
+    }
+    for d in delivery.iter().filter(|d| !d.delivered) {
+        v.push(format!("{}: the orders group has not read every entry, or some are still pending", d.stream));
+    }
     let auditor = Party::role(&ctx.urls, &ctx.signer, Role::Auditor);
     let snap = snapshot(&auditor).await;
     // A copy of the model: nothing changes it any more, and the checks make calls.
@@ -565,6 +653,31 @@ pub fn last_steps(o: &opb::Order, n: usize) -> String {
         .join(", ")
 }
 
+/// The window in which the decision recorded by step `i` was made: from the order's previous step to
+/// the step's commit.
+fn decision_window(o: &opb::Order, i: usize) -> (u64, u64) {
+    let t = ms(o.history[i].time.as_ref());
+    let from = if i > 0 { ms(o.history[i - 1].time.as_ref()) } else { t };
+    (from, t)
+}
+
+/// Whether a step's failures mean the order waits for capacity that may come back, so that the
+/// buyer's later orders queue behind it: it queues behind another already, or some licence fails it
+/// for quota or domestic ratio and for nothing it can never pass (an order above a licence's cap
+/// gives no reason to wait for that licence's quota).
+fn waits_for_capacity(failures: &[lpb::ConditionFailure]) -> bool {
+    if failures.iter().any(|f| f.condition() == lpb::Condition::QueueOrder) {
+        return true;
+    }
+    let mut by_licence: HashMap<&str, (bool, bool)> = HashMap::new();
+    for f in failures.iter().filter(|f| !f.license_id.is_empty()) {
+        let e = by_licence.entry(f.license_id.as_str()).or_default();
+        e.0 |= matches!(f.condition(), lpb::Condition::Quota | lpb::Condition::DomesticRatio);
+        e.1 |= f.permanent;
+    }
+    by_licence.values().any(|(capacity, permanent)| *capacity && !*permanent)
+}
+
 fn is_waiting(s: OrderState) -> bool {
     matches!(s, OrderState::Pending | OrderState::AwaitingLicense)
 }
@@ -572,18 +685,21 @@ fn is_waiting(s: OrderState) -> bool {
 /// Each order's steps against what the world certainly was at that moment.
 fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
     // The step where an order holding quota took it (its latest move from waiting to the backlog).
+    // A step's time is when the order's record was committed; the decision it records (licensing's
+    // quota call) was made between the order's previous step and that moment. The world counts as
+    // closed only if it certainly was closed throughout that window.
     for o in orders.iter().filter(|o| HOLDS_QUOTA.contains(&o.state())) {
         let Some(l) = m.licences.get(&o.license_id) else { continue };
-        let Some(step) =
-            o.history.iter().rev().find(|t| is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered)
+        let Some(i) =
+            o.history.iter().rposition(|t| is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered)
         else {
             v.push(format!("order {} holds quota but its history never took any", o.order_id));
             continue;
         };
-        let t = ms(step.time.as_ref());
+        let (from, t) = decision_window(o, i);
         let mut closed = Vec::new();
         count("quota-taking steps checked against the world's timelines");
-        if let Some((status, c)) = l.line.at(t) {
+        if let Some((status, c)) = l.line.over(from, t) {
             count("... of which the licence's state was certain");
             if status != LicStatus::Active {
                 closed.push(format!("licence {} was {status:?}", l.id));
@@ -595,7 +711,7 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
                 closed.push("the licence requires a justification and the order has none".into());
             }
             if (c.valid_from_ms != 0 && t + MARGIN_MS < c.valid_from_ms)
-                || (c.valid_until_ms != 0 && t > c.valid_until_ms + MARGIN_MS)
+                || (c.valid_until_ms != 0 && from > c.valid_until_ms + MARGIN_MS)
             {
                 closed.push("outside the licence's validity window".into());
             }
@@ -608,27 +724,40 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
         if o.units > l.granted {
             closed.push(format!("{} units are more than the licence grants ({})", o.units, l.granted));
         }
-        if m.embargo.get(&o.product_sku).and_then(|e| e.at(t)) == Some(true) {
+        if m.embargo.get(&o.product_sku).and_then(|e| e.over(from, t)) == Some(true) {
             closed.push("the product was embargoed".into());
         }
-        match m.exports.get(&(o.product_sku.clone(), l.destination.clone())).map(|e| e.at(t)) {
+        match m.exports.get(&(o.product_sku.clone(), l.destination.clone())).map(|e| e.over(from, t)) {
             None | Some(Some(None | Some(false))) => {
                 closed.push(format!("no export authorisation to {} was in force", l.destination))
             }
             _ => {}
         }
         if !closed.is_empty() {
-            v.push(format!("order {} took quota of {} at {t} although {}", o.order_id, l.id, closed.join("; ")));
+            v.push(format!(
+                "order {} took quota of {} between {from} and {t} although {}",
+                o.order_id,
+                l.id,
+                closed.join("; ")
+            ));
         }
     }
     // No order of any state took quota while its product was (certainly) embargoed — at any step.
     for o in orders {
         let Some(line) = m.embargo.get(&o.product_sku) else { continue };
-        for t in o.history.iter().filter(|t| is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered) {
-            let at = ms(t.time.as_ref());
+        for (i, _) in o
+            .history
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered)
+        {
+            let (from, t) = decision_window(o, i);
             count("quota-taking steps (any order, any generation) checked against the embargo timeline");
-            if line.at(at) == Some(true) {
-                v.push(format!("order {} took quota at {at} while {} was embargoed", o.order_id, o.product_sku));
+            if line.over(from, t) == Some(true) {
+                v.push(format!(
+                    "order {} took quota between {from} and {t} while {} was embargoed",
+                    o.order_id, o.product_sku
+                ));
             }
         }
     }
@@ -641,25 +770,22 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
         os.sort_by_key(|o| o.sequence);
         // (sequence, from, until, order): waiting for capacity.
         let mut blocked: Vec<(u64, u64, u64, &str)> = Vec::new();
-        let mut took: Vec<(u64, u64, &str)> = Vec::new();
+        let mut took: Vec<(u64, u64, u64, &str)> = Vec::new();
         for o in &os {
             let mut since: Option<u64> = None;
+            let mut prev = 0;
             for t in &o.history {
                 let at = ms(t.time.as_ref());
                 if let Some(s) = since.take() {
                     blocked.push((o.sequence, s, at, &o.order_id));
                 }
-                if t.to_state() == OrderState::AwaitingLicense
-                    && t.failures.iter().any(|f| {
-                        (matches!(f.condition(), lpb::Condition::Quota | lpb::Condition::DomesticRatio) && !f.permanent)
-                            || f.condition() == lpb::Condition::QueueOrder
-                    })
-                {
+                if t.to_state() == OrderState::AwaitingLicense && waits_for_capacity(&t.failures) {
                     since = Some(at);
                 }
                 if is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered {
-                    took.push((o.sequence, at, &o.order_id));
+                    took.push((o.sequence, prev, at, &o.order_id));
                 }
+                prev = at;
             }
             if let Some(s) = since {
                 blocked.push((o.sequence, s, u64::MAX, &o.order_id));
@@ -668,9 +794,11 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
         for _ in &took {
             count("quota-taking steps checked for overtaking in the buyer's queue");
         }
-        for (seq_b, at, b) in &took {
+        // B's decision lies between its previous step and the step; A must have been waiting for
+        // capacity over all of that.
+        for (seq_b, decided_from, at, b) in &took {
             for (seq_a, from, until, a) in &blocked {
-                if seq_a < seq_b && from < at && at < until {
+                if seq_a < seq_b && from < decided_from && at < until {
                     v.push(format!(
                         "{buyer}/{sku}: order {b} took quota at {at} while the earlier order {a} waited for capacity"
                     ));

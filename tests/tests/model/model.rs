@@ -48,6 +48,18 @@ impl<T: Clone + PartialEq> Timeline<T> {
         self.changes.last().map(|c| c.2.clone()).unwrap_or_else(|| self.initial.clone())
     }
 
+    /// The value throughout `[from, to]`, when it is certain and the same all along: no change's call
+    /// was under way in that window (a decision made somewhere in it saw this value).
+    pub fn over(&self, from: u64, to: u64) -> Option<T> {
+        let v = self.at(from)?;
+        for (f, a, value) in &self.changes {
+            if *f <= to + MARGIN_MS && a + MARGIN_MS >= from && *value != v {
+                return None;
+            }
+        }
+        Some(v)
+    }
+
     /// The value at instant `t`, when it is certain: no change's call was under way around `t`.
     pub fn at(&self, t: u64) -> Option<T> {
         let mut v = self.initial.clone();
@@ -407,7 +419,9 @@ impl Model {
                 return v;
             }
             all_permanent &= f.iter().any(|x| x.permanent());
-            v.blocks |= f.iter().any(|x| x.capacity());
+            // Waiting for capacity (so the buyer's later orders queue behind): a licence fails the order
+            // for capacity that may come back, and for nothing it can never pass.
+            v.blocks |= f.iter().any(|x| x.capacity()) && !f.iter().any(|x| x.permanent());
             v.failures.extend(f.into_iter().map(|x| (l.id.clone(), x)));
         }
         v.rejectable = live > 0 && all_permanent && !pending;
@@ -500,6 +514,9 @@ mod tests {
         assert_eq!(t.at(1_140), None);
         assert_eq!(t.at(1_200), Some(true));
         assert!(t.now());
+        assert_eq!(t.over(200, 800), Some(false));
+        assert_eq!(t.over(800, 1_300), None, "the change falls inside the window");
+        assert_eq!(t.over(1_200, 5_000), Some(true));
     }
 
     #[test]
