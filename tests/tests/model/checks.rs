@@ -119,7 +119,8 @@ macro_rules! all_pages {
         let mut token = String::new();
         loop {
             #[allow(clippy::needless_update)] // some list requests have no other fields
-            let r = $($req)::+ { page_size: 1000, page_token: token, ..Default::default() };
+            // 200 a page: 1,000 orders with long histories outgrow a client's 4 MB message limit.
+            let r = $($req)::+ { page_size: 200, page_token: token, ..Default::default() };
             let resp = $client.$method(r).await.expect(stringify!($method)).into_inner();
             out.extend(resp.$items);
             if resp.next_page_token.is_empty() {
