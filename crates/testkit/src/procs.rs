@@ -87,6 +87,18 @@ impl ServiceProcess {
         self.paused
     }
 
+    /// Sets (or replaces) an environment variable for the process's next start, e.g. to restart a
+    /// replica with another setting.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
+    /// Drops an environment variable [`set_env`](Self::set_env) set, for the next start.
+    pub fn remove_env(&mut self, key: &str) {
+        self.env.retain(|(k, _)| k != key);
+    }
+
     /// Starts the process (without waiting for it to serve).
     ///
     /// # Panics
@@ -316,6 +328,14 @@ impl ProcessCluster {
     /// When authentication is off.
     pub fn token(&self, role: Role) -> String {
         self.signer.as_ref().expect("authentication is on").mint_role(role, Duration::from_secs(3600))
+    }
+
+    /// A buyer token for `buyer_id`, valid for an hour.
+    ///
+    /// # Panics
+    /// When authentication is off.
+    pub fn buyer_token(&self, buyer_id: &str) -> String {
+        self.signer.as_ref().expect("authentication is on").mint_buyer(buyer_id, Duration::from_secs(3600))
     }
 
     /// A licensing client.

@@ -191,8 +191,7 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let (hver, mut h) =
-                    self.require::<HoldRecord>(keys::hold(&req.order_id), "reservation", &req.order_id).await?;
+                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.order_id).await?;
                 if h.generation == req.generation && matches!(h.status(), HoldStatus::Confirmed | HoldStatus::Shipped) {
                     return Ok((Txn::new(), pb::ConfirmReservationResponse { reservation: Some(hold_to(&h)) }));
                 }
@@ -231,7 +230,6 @@ impl Inventory {
                         ),
                     ));
                 }
-                let (sver, mut stock) = self.stock_of(&h.sku, "order_id").await?;
                 stock.commit(h.held).map_err(|e| Error::Internal(format!("stock of {}: {e}", h.sku)))?;
                 stock.update_ms = now;
                 h.set_status(HoldStatus::Confirmed);
@@ -271,8 +269,7 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let (hver, mut h) =
-                    self.require::<HoldRecord>(keys::hold(&req.order_id), "reservation", &req.order_id).await?;
+                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.order_id).await?;
                 if h.generation == req.generation && h.status() == HoldStatus::Shipped {
                     return Ok((Txn::new(), pb::ShipReservationResponse { reservation: Some(hold_to(&h)) }));
                 }
@@ -289,7 +286,6 @@ impl Inventory {
                         ),
                     ));
                 }
-                let (sver, mut stock) = self.stock_of(&h.sku, "order_id").await?;
                 stock.ship(h.held).map_err(|e| Error::Internal(format!("stock of {}: {e}", h.sku)))?;
                 stock.update_ms = now;
                 h.set_status(HoldStatus::Shipped);

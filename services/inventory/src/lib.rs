@@ -24,7 +24,7 @@ use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chipgate_domain::inventory::StockRecord;
+use chipgate_domain::inventory::{HoldRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::locks::KeyedLocks;
@@ -121,6 +121,23 @@ impl Inventory {
     /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).
     pub fn metrics(&self) -> &chipgate_runtime::Metrics {
         &self.inner.metrics
+    }
+
+    /// An order's hold and its product's stock as one consistent pair: the hold is read again after the
+    /// stock and both are read again if it changed in between. Otherwise a decision could pair a hold with
+    /// stock that already shows the hold's next step (two copies of one ShipReservation at once: the
+    /// second saw the hold CONFIRMED and the stock already shipped, and answered INTERNAL).
+    async fn hold_with_stock(&self, order_id: &str) -> Result<((u64, HoldRecord), (u64, StockRecord)), Error> {
+        const READS: u32 = 16;
+        for _ in 0..READS {
+            let (hver, h) = self.require::<HoldRecord>(keys::hold(order_id), "reservation", order_id).await?;
+            let stock = self.stock_of(&h.sku, "order_id").await?;
+            let (again, _) = self.require::<HoldRecord>(keys::hold(order_id), "reservation", order_id).await?;
+            if again == hver {
+                return Ok(((hver, h), stock));
+            }
+        }
+        Err(Error::Contention { attempts: READS })
     }
 
     /// The stock of a product that must exist (unknown products are bad input in mutating calls).

@@ -48,6 +48,17 @@ impl Orders {
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
+            if o.status().is_waiting() {
+                // A waiting order gives no quota back, so nothing else would tell the buyer's later
+                // orders that may have queued behind it (CONDITION_QUEUE_ORDER) to look again.
+                crate::marks::awaiting(
+                    &mut t,
+                    &o.sku,
+                    crate::marks::Who::Buyer(&o.buyer_id),
+                    &Cause::new(CauseKind::Cancelled, &o.id),
+                    &ctx.traceparent(),
+                );
+            }
             // A waiting order a wave concerns no longer keeps the wave from settling.
             self.left_waiting(&mut t, &o, &new).await?;
             events.flush(&mut t);
