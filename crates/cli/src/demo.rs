@@ -24,7 +24,7 @@ use serde_json::{Value, json};
 
 use crate::client::{As, Ctx, Failure, Outcome, Svc};
 use crate::import::Row;
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// The product of the story.
@@ -441,7 +441,7 @@ impl Demo<'_> {
                 out::say("  moved:");
                 let mut t = out::Table::new(&[">ORDERS", ">UNITS", "FROM", "", "TO", "BECAUSE"]);
                 for ((from, to, cause), (c, u)) in &moved {
-                    t.row(vec![n(*c), n(*u), from.clone(), "→".into(), to.clone(), cause.clone()]);
+                    t.row(vec![thousands(*c), thousands(*u), from.clone(), "→".into(), to.clone(), cause.clone()]);
                 }
                 for l in t.render() {
                     out::say(&format!("    {l}"));
@@ -450,21 +450,23 @@ impl Demo<'_> {
             for (cause, c) in &reevaluated {
                 out::say(&format!(
                     "  re-evaluated, still waiting with new reasons: {} order(s) (because {cause})",
-                    n(*c)
+                    thousands(*c)
                 ));
             }
             if !waiting.is_empty() {
                 out::say("  waiting for a licence, and why:");
                 let mut t = out::Table::new(&[">ORDERS", ">UNITS", "FAILED CONDITIONS"]);
                 for (why, (c, u)) in &waiting {
-                    t.row(vec![n(*c), n(*u), why.clone()]);
+                    t.row(vec![thousands(*c), thousands(*u), why.clone()]);
                 }
                 for l in t.render() {
                     out::say(&format!("    {l}"));
                 }
             }
-            let states: Vec<String> =
-                by_state.iter().map(|(s, (c, u, _))| format!("{s} {} ({} units)", n(*c), n(*u))).collect();
+            let states: Vec<String> = by_state
+                .iter()
+                .map(|(s, (c, u, _))| format!("{s} {} ({} units)", thousands(*c), thousands(*u)))
+                .collect();
             if states.is_empty() {
                 out::say("  orders now: none yet");
             } else {
@@ -497,12 +499,12 @@ impl Demo<'_> {
         format!(
             "stock of {}: received {} · available {} · held {} · committed {} · shipped {}; backlog {} orders",
             s.product_sku,
-            n(s.received),
-            n(s.available),
-            n(s.held),
-            n(s.committed),
-            n(s.shipped),
-            n(backlog)
+            thousands(s.received),
+            thousands(s.available),
+            thousands(s.held),
+            thousands(s.committed),
+            thousands(s.shipped),
+            thousands(backlog)
         )
     }
 }
@@ -531,7 +533,7 @@ async fn leftovers(ctx: &Ctx, world: &World) -> Result<Vec<String>, Failure> {
     .flatten()
     .collect();
     if world.stock.received > 0 {
-        found.push(format!("{} units of stock received", n(world.stock.received)));
+        found.push(format!("{} units of stock received", thousands(world.stock.received)));
     }
     Ok(found)
 }
@@ -737,8 +739,8 @@ async fn demand(d: &mut Demo<'_>) -> Outcome {
     let ev = vec![format!(
         "{} buyers placed {} orders for {} units of {} — far more than exists",
         buyers.len(),
-        n(now.orders.len() as u64),
-        n(now.orders.iter().map(|o| o.units).sum()),
+        thousands(now.orders.len() as u64),
+        thousands(now.orders.iter().map(|o| o.units).sum()),
         H200
     )];
     d.report("orders placed", ev, now);
@@ -767,7 +769,7 @@ async fn applications(d: &mut Demo<'_>) -> Outcome {
     }
     d.apps = apps;
     let q = queue(ctx, 100).await?;
-    let ev = queue_lines(format!("{} applications queued, criteria unpublished:", n(q.total_queued)), &q);
+    let ev = queue_lines(format!("{} applications queued, criteria unpublished:", thousands(q.total_queued)), &q);
     let now = d.world(true).await?;
     d.report("applications", ev, now);
     Ok(())
@@ -809,7 +811,7 @@ async fn wave_one(d: &mut Demo<'_>) -> Outcome {
         "{} published: {} licences, {} units granted together; conditions: {}",
         pw.wave_id,
         published.licenses.len(),
-        n(pw.total_granted_units),
+        thousands(pw.total_granted_units),
         view::conditions_text(pw.grants.first().and_then(|g| g.conditions.as_ref()))
     )];
     ev.extend(view::licenses_table(&published.licenses).render().into_iter().map(|l| format!("  {l}")));
@@ -825,17 +827,21 @@ async fn wave_one(d: &mut Demo<'_>) -> Outcome {
     ev.push(format!(
         "propagation: {} observed; {} orders concerned, {} evaluated; {} backordered, {} reserved, {} still awaiting",
         pw.wave_id,
-        n(progress.orders_concerned),
-        n(progress.orders_evaluated),
-        n(progress.orders_backordered),
-        n(progress.orders_reserved),
-        n(progress.orders_awaiting)
+        thousands(progress.orders_concerned),
+        thousands(progress.orders_evaluated),
+        thousands(progress.orders_backordered),
+        thousands(progress.orders_reserved),
+        thousands(progress.orders_awaiting)
     ));
     let now = d.settle("wave 1 propagation", |_| true).await?;
     if d.changed_state(&now) == 0 {
         let terms = now.awaiting().filter(|o| has(o, lpb::Condition::TermsFinal)).count() as u64;
         let customs = now.awaiting().filter(|o| has(o, lpb::Condition::ImportPolicy)).count() as u64;
-        ev.push(format!("nothing moves: {} orders now wait on pending terms, {} on customs", n(terms), n(customs)));
+        ev.push(format!(
+            "nothing moves: {} orders now wait on pending terms, {} on customs",
+            thousands(terms),
+            thousands(customs)
+        ));
     }
     d.report("wave 1 published", ev, now);
     d.published = published;
@@ -900,8 +906,8 @@ async fn terms_finalised(d: &mut Demo<'_>) -> Outcome {
     if ratio > 0 {
         ev.push(format!(
             "still nothing moves: the domestic-chip ratio holds back {} order(s), and {} more wait behind them in placement order",
-            n(ratio),
-            n(behind)
+            thousands(ratio),
+            thousands(behind)
         ));
     }
     d.report("terms finalised", ev, now);
@@ -934,9 +940,9 @@ async fn domestic_purchases(d: &mut Demo<'_>) -> Outcome {
         ev.push(format!(
             "{} bought {} domestic accelerators from {}; {} domestic units on record",
             p.buyer_id,
-            n(p.units),
+            thousands(p.units),
             p.supplier,
-            n(r.total_domestic_units)
+            thousands(r.total_domestic_units)
         ));
         totals.insert(p.buyer_id, r.total_domestic_units);
     }
@@ -959,9 +965,9 @@ async fn domestic_purchases(d: &mut Demo<'_>) -> Outcome {
             "{} of {}: {} of {} units in use, {} left",
             l.license_id,
             l.buyer_id,
-            n(l.used_units),
-            n(l.granted_units),
-            n(l.remaining_units)
+            thousands(l.used_units),
+            thousands(l.granted_units),
+            thousands(l.remaining_units)
         ));
     }
     d.report("domestic purchases", ev, now);
@@ -975,7 +981,7 @@ async fn stock(d: &mut Demo<'_>) -> Outcome {
         now.orders.iter().filter(|o| o.state() == opb::OrderState::Backordered).map(|o| o.units).sum();
     let ev = vec![
         Demo::stock_line(&now.stock, now.backlog),
-        format!("the backlog wants {} units; licensed orders wait for stock, oldest first", n(backlog_units)),
+        format!("the backlog wants {} units; licensed orders wait for stock, oldest first", thousands(backlog_units)),
     ];
     d.report("stock", ev, now);
     Ok(())
@@ -985,8 +991,10 @@ async fn stock(d: &mut Demo<'_>) -> Outcome {
 async fn still_queued(d: &mut Demo<'_>) -> Outcome {
     let ctx = d.ctx;
     let q = queue(ctx, 100).await?;
-    let ev =
-        queue_lines(format!("{} applications still queued; nobody has said on what criteria:", n(q.total_queued)), &q);
+    let ev = queue_lines(
+        format!("{} applications still queued; nobody has said on what criteria:", thousands(q.total_queued)),
+        &q,
+    );
     let now = d.world(true).await?;
     d.report("still queued", ev, now);
     Ok(())
@@ -1005,7 +1013,8 @@ async fn supply(d: &mut Demo<'_>, i: usize) -> Outcome {
     };
     let r = ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
     let rc = r.receipt.unwrap_or_default();
-    let mut ev = vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, n(rc.units), rc.product_sku, rc.source)];
+    let mut ev =
+        vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, thousands(rc.units), rc.product_sku, rc.source)];
     let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
     ev.push(Demo::stock_line(&now.stock, now.backlog));
     d.report("supply", ev, now);
@@ -1118,8 +1127,8 @@ impl BuyerRow<'_> {
             self.licences.iter().map(|l| format!("{} {}", l.license_id, view::license_state(l))).collect();
         [
             names.join(", "),
-            n(self.licences.iter().map(|l| l.granted_units).sum()),
-            n(self.licences.iter().map(|l| l.used_units).sum()),
+            thousands(self.licences.iter().map(|l| l.granted_units).sum()),
+            thousands(self.licences.iter().map(|l| l.used_units).sum()),
         ]
     }
 
@@ -1192,7 +1201,7 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
         headers.extend(FIGURE_COLUMNS.iter().map(|(h, _)| *h));
         headers.extend(["LICENCE", ">GRANTED", ">USED", "QUEUE"]);
         let mut t = out::Table::new(&headers);
-        let figures = |f: &Figures| FIGURE_COLUMNS.iter().map(|(_, cell)| n(cell(f))).collect::<Vec<_>>();
+        let figures = |f: &Figures| FIGURE_COLUMNS.iter().map(|(_, cell)| thousands(cell(f))).collect::<Vec<_>>();
         for r in &rows {
             let mut cells = vec![r.id.to_string()];
             cells.extend(figures(&r.figures));
@@ -1202,7 +1211,7 @@ async fn summary(d: &Demo<'_>, wave_id: &str) -> Outcome {
         }
         let mut cells = vec!["all".to_string()];
         cells.extend(figures(&total));
-        cells.extend([format!("{} licences", c.licences.len()), n(granted), n(used)]);
+        cells.extend([format!("{} licences", c.licences.len()), thousands(granted), thousands(used)]);
         cells.push(format!("{} queued", c.queue.total_queued));
         t.row(cells);
         print_summary(d, &c, &t);
@@ -1231,16 +1240,16 @@ fn print_summary(d: &Demo<'_>, c: &Closing, table: &out::Table) {
     out::say(&format!(
         "  {}: {} orders concerned, {} evaluated; {} reserved, {} backordered, {} awaiting; {} units held",
         p.wave_id,
-        n(p.orders_concerned),
-        n(p.orders_evaluated),
-        n(p.orders_reserved),
-        n(p.orders_backordered),
-        n(p.orders_awaiting),
-        n(p.units_held)
+        thousands(p.orders_concerned),
+        thousands(p.orders_evaluated),
+        thousands(p.orders_reserved),
+        thousands(p.orders_backordered),
+        thousands(p.orders_awaiting),
+        thousands(p.units_held)
     ));
     out::say(&format!(
         "  audit log: {} entries, {}",
-        n(c.audit.entries_checked),
+        thousands(c.audit.entries_checked),
         if c.audit.valid { "hash chain intact" } else { "BROKEN" }
     ));
     out::say(&format!("  played in {:.1}s", d.started.elapsed().as_secs_f64()));

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use tonic::Code;
 
 use crate::client::{As, Ctx, Failure, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// File formats.
@@ -447,8 +447,8 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
     } else {
         out::say(&format!(
             "placed {} of {} orders from {} in {:.1}s ({} failed{}){}; request ids {prefix}-<line>",
-            n(placed.len() as u64),
-            n(rows.len() as u64),
+            thousands(placed.len() as u64),
+            thousands(rows.len() as u64),
             a.file.display(),
             elapsed.as_secs_f64(),
             failed.len(),
@@ -459,7 +459,7 @@ pub async fn run(ctx: &Ctx, a: ImportArgs) -> Outcome {
             out::say("");
             let mut t = out::Table::new(&["WHERE THEY STAND", ">ORDERS", ">UNITS"]);
             for (state, (c, u)) in &by_state {
-                t.row(vec![view::short(state, "ORDER_STATE_"), n(*c), n(*u)]);
+                t.row(vec![view::short(state, "ORDER_STATE_"), thousands(*c), thousands(*u)]);
             }
             t.print_or("");
         }

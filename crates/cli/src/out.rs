@@ -140,7 +140,7 @@ pub fn fields(pairs: &[(&str, String)]) {
 }
 
 /// A number with thousands separators: 2000000 → "2,000,000".
-pub fn n(v: u64) -> String {
+pub fn thousands(v: u64) -> String {
     let digits = v.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -171,11 +171,11 @@ mod tests {
 
     #[test]
     fn numbers_get_separators() {
-        assert_eq!(n(0), "0");
-        assert_eq!(n(999), "999");
-        assert_eq!(n(1000), "1,000");
-        assert_eq!(n(2_000_000), "2,000,000");
-        assert_eq!(n(12_345_678), "12,345,678");
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(2_000_000), "2,000,000");
+        assert_eq!(thousands(12_345_678), "12,345,678");
     }
 
     #[test]

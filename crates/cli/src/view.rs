@@ -16,7 +16,7 @@ use chipgate_proto::orders::v1 as opb;
 use prost_reflect::{DescriptorPool, DynamicMessage, Kind, MessageDescriptor, SerializeOptions};
 use serde_json::{Value, json};
 
-use crate::out::n;
+use crate::out::thousands;
 
 /// The chipgate APIs' descriptors (the reflection descriptor set).
 static POOL: LazyLock<Result<DescriptorPool, String>> = LazyLock::new(|| {
@@ -110,7 +110,7 @@ pub fn conditions_text(c: Option<&lpb::LicenseConditions>) -> String {
         parts.push(format!("domestic ratio {}.{:02}%", c.domestic_ratio_bps / 100, c.domestic_ratio_bps % 100));
     }
     if c.per_order_cap > 0 {
-        parts.push(format!("cap {}/order", n(c.per_order_cap)));
+        parts.push(format!("cap {}/order", thousands(c.per_order_cap)));
     }
     if c.justification_required {
         parts.push("justification required".to_string());
@@ -144,7 +144,7 @@ pub fn applications_table(apps: &[lpb::Application]) -> crate::out::Table {
             a.application_id.clone(),
             a.buyer_id.clone(),
             a.product_sku.clone(),
-            n(a.quantity),
+            thousands(a.quantity),
             app_state(a),
             a.site.clone(),
             note,
@@ -165,7 +165,7 @@ pub fn print_wave(w: &lpb::Wave) {
         ("name", dash(&w.display_name)),
         ("state", wave_state(w)),
         ("grants", w.grants.len().to_string()),
-        ("granted units", n(w.total_granted_units)),
+        ("granted units", thousands(w.total_granted_units)),
         ("created", ts_short(w.create_time.as_ref())),
         ("published", ts_short(w.publish_time.as_ref())),
     ]);
@@ -176,7 +176,7 @@ pub fn print_wave(w: &lpb::Wave) {
             g.application_id.clone(),
             g.buyer_id.clone(),
             g.product_sku.clone(),
-            n(g.granted_units),
+            thousands(g.granted_units),
             conditions_text(g.conditions.as_ref()),
             dash(&g.license_id),
         ]);
@@ -209,10 +209,10 @@ pub fn licenses_table(ls: &[lpb::License]) -> crate::out::Table {
             l.buyer_id.clone(),
             l.product_sku.clone(),
             license_state(l),
-            n(l.granted_units),
-            n(l.used_units),
-            n(l.confirmed_units),
-            n(l.remaining_units),
+            thousands(l.granted_units),
+            thousands(l.used_units),
+            thousands(l.confirmed_units),
+            thousands(l.remaining_units),
             l.wave_id.clone(),
             conditions_text(l.conditions.as_ref()),
         ]);
@@ -228,10 +228,10 @@ pub fn print_license(l: &lpb::License) {
         ("product", format!("{} to {}", l.product_sku, l.destination)),
         ("state", license_state(l)),
         ("why", dash(&l.state_reason)),
-        ("granted", n(l.granted_units)),
-        ("used", n(l.used_units)),
-        ("confirmed", n(l.confirmed_units)),
-        ("remaining", n(l.remaining_units)),
+        ("granted", thousands(l.granted_units)),
+        ("used", thousands(l.used_units)),
+        ("confirmed", thousands(l.confirmed_units)),
+        ("remaining", thousands(l.remaining_units)),
         ("conditions", conditions_text(l.conditions.as_ref())),
         ("wave", l.wave_id.clone()),
         ("application", l.application_id.clone()),
@@ -300,12 +300,12 @@ pub fn stock_table(all: &[ipb::Stock]) -> crate::out::Table {
     for s in all {
         t.row(vec![
             s.product_sku.clone(),
-            n(s.on_hand),
-            n(s.available),
-            n(s.held),
-            n(s.committed),
-            n(s.shipped),
-            n(s.received),
+            thousands(s.on_hand),
+            thousands(s.available),
+            thousands(s.held),
+            thousands(s.committed),
+            thousands(s.shipped),
+            thousands(s.received),
         ]);
     }
     t
@@ -354,9 +354,9 @@ pub fn orders_table(os: &[opb::Order]) -> crate::out::Table {
             o.order_id.clone(),
             o.buyer_id.clone(),
             o.product_sku.clone(),
-            n(o.units),
+            thousands(o.units),
             order_state_name(o.state()),
-            n(o.held_units),
+            thousands(o.held_units),
             dash(&o.license_id),
             order_why(o),
         ]);
@@ -370,9 +370,9 @@ pub fn print_order(o: &opb::Order) {
         ("order", o.order_id.clone()),
         ("buyer", o.buyer_id.clone()),
         ("product", o.product_sku.clone()),
-        ("units", n(o.units)),
+        ("units", thousands(o.units)),
         ("state", order_state_name(o.state())),
-        ("held", n(o.held_units)),
+        ("held", thousands(o.held_units)),
         ("licence", dash(&o.license_id)),
         ("wave", dash(&o.wave_id)),
         ("justification", dash(&o.justification)),
@@ -419,13 +419,13 @@ pub fn print_wave_progress(p: &opb::WaveProgress) {
         ("wave", p.wave_id.clone()),
         ("observed", if p.observed { ts_short(p.observe_time.as_ref()) } else { "not yet".into() }),
         ("settled", if p.settle_time.is_some() { ts_short(p.settle_time.as_ref()) } else { "not yet".into() }),
-        ("orders concerned", n(p.orders_concerned)),
-        ("orders evaluated", n(p.orders_evaluated)),
-        ("backordered", n(p.orders_backordered)),
-        ("reserved", n(p.orders_reserved)),
-        ("confirmed", n(p.orders_confirmed)),
-        ("shipped", n(p.orders_shipped)),
-        ("still awaiting", n(p.orders_awaiting)),
-        ("units held", n(p.units_held)),
+        ("orders concerned", thousands(p.orders_concerned)),
+        ("orders evaluated", thousands(p.orders_evaluated)),
+        ("backordered", thousands(p.orders_backordered)),
+        ("reserved", thousands(p.orders_reserved)),
+        ("confirmed", thousands(p.orders_confirmed)),
+        ("shipped", thousands(p.orders_shipped)),
+        ("still awaiting", thousands(p.orders_awaiting)),
+        ("units held", thousands(p.units_held)),
     ]);
 }

@@ -43,6 +43,15 @@ impl Violations {
         if self.0.is_empty() { Ok(()) } else { Err(self.into_status()) }
     }
 
+    /// Ok when empty, else the violations themselves (for `TryFrom` conversions at the edge, whose
+    /// error is the list of what is wrong).
+    ///
+    /// # Errors
+    /// When any violation was recorded.
+    pub fn check_violations(self) -> Result<(), Violations> {
+        if self.0.is_empty() { Ok(()) } else { Err(self) }
+    }
+
     /// INVALID_ARGUMENT with every violation.
     pub fn into_status(self) -> Status {
         let summary = self.0.iter().map(|v| format!("{}: {}", v.field, v.description)).collect::<Vec<_>>().join("; ");

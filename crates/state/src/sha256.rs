@@ -1,5 +1,6 @@
-//! SHA-256 helpers shared by the memory backend and audit verifiers (the Redis backend computes the
-//! same links inside its Lua script; the conformance suite checks both agree).
+//! SHA-256 helpers for the audit chain: a transaction's entries are linked in Rust before it is
+//! committed ([`crate::Txn::link_audit`], against the head the commit then guards), and verifiers
+//! recompute the same links. No backend hashes anything.
 
 use sha2::{Digest, Sha256};
 

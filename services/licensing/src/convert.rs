@@ -1,11 +1,14 @@
 //! Conversions between the licensing API (protobuf) and the domain records, at the edge.
 
+use chipgate_domain::allocation::QuotaAsk;
 use chipgate_domain::licensing::{
     ApplicationRecord, ApplicationStatus, Conditions, EffectiveState, ExportAuthRecord, Failure, LicenseRecord,
     PolicyRecord, PurchaseRecord, ReservationRecord, ReservationStatus, Stance, WaveRecord, WaveStatus,
 };
 use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::{ms_of, ts_opt};
+use chipgate_runtime::validate;
 
 /// API conditions → domain (unset timestamps become 0).
 pub fn conditions_from(c: &pb::LicenseConditions) -> Conditions {
@@ -213,5 +216,123 @@ pub fn policy_to(sku: &str, p: Option<&PolicyRecord>) -> pb::ImportPolicy {
             reason: String::new(),
             update_time: None,
         },
+    }
+}
+
+/// The order/generation pairs a batch names, validated: 1 to [`crate::MAX_BATCH`] items, each order
+/// once, every generation at least 1.
+fn quota_refs(v: &mut Violations, items: Vec<pb::ReleaseItem>) -> Vec<(String, u64)> {
+    if items.is_empty() {
+        v.add("items", "must hold at least one order");
+    }
+    if items.len() > crate::MAX_BATCH {
+        v.add("items", format!("holds {} orders; at most {} per call", items.len(), crate::MAX_BATCH));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, it) in items.iter().enumerate().take(crate::MAX_BATCH) {
+        validate::id(v, &format!("items[{i}].order_id"), &it.order_id);
+        if it.generation == 0 {
+            v.add(format!("items[{i}].generation"), "must be at least 1");
+        }
+        if !seen.insert(it.order_id.as_str()) {
+            v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
+        }
+    }
+    items.into_iter().map(|it| (it.order_id, it.generation)).collect()
+}
+
+/// A `BatchReserveQuota` call, validated at the edge: every bad field is named at once.
+pub struct QuotaBatch {
+    /// The product every ask is for.
+    pub product_sku: String,
+    /// The asks, in the order they are served.
+    pub asks: Vec<QuotaAsk>,
+    /// The caller's fencing token (0: not fenced).
+    pub fence_token: u64,
+}
+
+impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
+    type Error = Violations;
+
+    fn try_from(req: pb::BatchReserveQuotaRequest) -> Result<Self, Violations> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > crate::MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {} per call", req.items.len(), crate::MAX_BATCH));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(crate::MAX_BATCH) {
+            let field = |name: &str| format!("items[{i}].{name}");
+            validate::id(&mut v, &field("order_id"), &it.order_id);
+            if it.generation == 0 {
+                v.add(field("generation"), "must be at least 1");
+            }
+            validate::id(&mut v, &field("buyer_id"), &it.buyer_id);
+            validate::units(&mut v, &field("units"), it.units, crate::MAX_UNITS);
+            validate::text(&mut v, &field("justification"), &it.justification, validate::MAX_TEXT_LEN, false);
+            validate::optional_id(&mut v, &field("queued_behind"), &it.queued_behind);
+            if !seen.insert(it.order_id.as_str()) {
+                v.add(field("order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        v.check_violations()?;
+        let asks = req
+            .items
+            .into_iter()
+            .map(|it| QuotaAsk {
+                order_id: it.order_id,
+                generation: it.generation,
+                buyer_id: it.buyer_id,
+                units: it.units,
+                justification: it.justification,
+                queued_behind: (!it.queued_behind.is_empty()).then_some(it.queued_behind),
+            })
+            .collect();
+        Ok(QuotaBatch { product_sku: req.product_sku, asks, fence_token: req.fence_token })
+    }
+}
+
+/// A `BatchReleaseQuota` call, validated.
+pub struct ReleaseBatch {
+    /// Order and generation of each reservation to give back.
+    pub refs: Vec<(String, u64)>,
+    /// Why (kept with each reservation).
+    pub reason: String,
+    /// Leave confirmed reservations alone.
+    pub unless_confirmed: bool,
+}
+
+impl TryFrom<pb::BatchReleaseQuotaRequest> for ReleaseBatch {
+    type Error = Violations;
+
+    fn try_from(req: pb::BatchReleaseQuotaRequest) -> Result<Self, Violations> {
+        let mut v = Violations::new();
+        let refs = quota_refs(&mut v, req.items);
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check_violations()?;
+        Ok(ReleaseBatch { refs, reason: req.reason, unless_confirmed: req.unless_confirmed })
+    }
+}
+
+/// A `RecheckQuota` call, validated.
+pub struct Recheck {
+    /// The product every order holds quota of.
+    pub product_sku: String,
+    /// Order and generation of each.
+    pub refs: Vec<(String, u64)>,
+}
+
+impl TryFrom<pb::RecheckQuotaRequest> for Recheck {
+    type Error = Violations;
+
+    fn try_from(req: pb::RecheckQuotaRequest) -> Result<Self, Violations> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        let refs = quota_refs(&mut v, req.items);
+        v.check_violations()?;
+        Ok(Recheck { product_sku: req.product_sku, refs })
     }
 }

@@ -10,6 +10,7 @@
 use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
+use chipgate_domain::allocation::QuotaAsk;
 use chipgate_domain::licensing::{
     Ask, LedgerRecord, LicenseRecord, Planned, PolicyRecord, ProductExportRecord, ProductGate, QuotaPlanner,
     ReservationRecord, ReservationStatus, ReserveCheck, Verdict, evaluate, holding_failures,
@@ -21,38 +22,9 @@ use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::Txn;
 
-use crate::convert::{failure_to, reservation_to};
+use crate::convert::{QuotaBatch, Recheck, ReleaseBatch, failure_to, reservation_to};
 use crate::licences::LicenseIndex;
-use crate::{Error, Licensing, MAX_BATCH, MAX_UNITS, emit, encode, failure_codes, keys, record};
-
-/// One order to take quota for (validated).
-struct Item {
-    order_id: String,
-    generation: u64,
-    buyer_id: String,
-    units: u64,
-    justification: String,
-    /// An earlier order of the buyer still waits for quota (see `QuotaItem.queued_behind`).
-    queued_behind: String,
-}
-
-fn check_item(
-    v: &mut Violations,
-    prefix: &str,
-    order_id: &str,
-    generation: u64,
-    buyer_id: &str,
-    units: u64,
-    justification: &str,
-) {
-    validate::id(v, &format!("{prefix}order_id"), order_id);
-    if generation == 0 {
-        v.add(format!("{prefix}generation"), "must be at least 1");
-    }
-    validate::id(v, &format!("{prefix}buyer_id"), buyer_id);
-    validate::units(v, &format!("{prefix}units"), units, MAX_UNITS);
-    validate::text(v, &format!("{prefix}justification"), justification, validate::MAX_TEXT_LEN, false);
-}
+use crate::{Error, Licensing, MAX_UNITS, emit, encode, failure_codes, keys, record};
 
 /// What eligibility needs to know about one product and some of its buyers, read at once.
 struct World {
@@ -127,44 +99,8 @@ impl Licensing {
         ctx: &RequestContext,
         req: pb::BatchReserveQuotaRequest,
     ) -> Result<pb::BatchReserveQuotaResponse, Error> {
-        let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            check_item(
-                &mut v,
-                &format!("items[{i}]."),
-                &it.order_id,
-                it.generation,
-                &it.buyer_id,
-                it.units,
-                &it.justification,
-            );
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
-            validate::optional_id(&mut v, &format!("items[{i}].queued_behind"), &it.queued_behind);
-        }
-        v.check().map_err(Error::Status)?;
-        let items = req
-            .items
-            .into_iter()
-            .map(|it| Item {
-                order_id: it.order_id,
-                generation: it.generation,
-                buyer_id: it.buyer_id,
-                units: it.units,
-                justification: it.justification,
-                queued_behind: it.queued_behind,
-            })
-            .collect();
-        let results = self.reserve_items(ctx, &req.product_sku, items, req.fence_token).await?;
+        let batch = QuotaBatch::try_from(req)?;
+        let results = self.reserve_items(ctx, &batch.product_sku, batch.asks, batch.fence_token).await?;
         Ok(pb::BatchReserveQuotaResponse { results })
     }
 
@@ -173,7 +109,7 @@ impl Licensing {
         &self,
         ctx: &RequestContext,
         sku: &str,
-        items: Vec<Item>,
+        items: Vec<QuotaAsk>,
         fence_token: u64,
     ) -> Result<Vec<pb::QuotaItemResult>, Error> {
         // Calls of this replica for one product queue up here instead of conflicting in the store.
@@ -194,7 +130,7 @@ impl Licensing {
         &self,
         ctx: &RequestContext,
         sku: &str,
-        items: &[Item],
+        items: &[QuotaAsk],
         fence_token: u64,
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
@@ -277,8 +213,8 @@ impl Licensing {
                 }
                 ReserveCheck::Evaluate | ReserveCheck::Supersede { .. } => {
                     let ask = Ask { buyer_id: &it.buyer_id, units: it.units, justification: &it.justification };
-                    if !it.queued_behind.is_empty() {
-                        planner.queue_behind(&it.buyer_id, &it.queued_behind);
+                    if let Some(earlier) = &it.queued_behind {
+                        planner.queue_behind(&it.buyer_id, earlier);
                     }
                     let superseded = matches!(check, ReserveCheck::Supersede { .. });
                     match planner.plan(&it.order_id, &ask) {
@@ -384,27 +320,8 @@ impl Licensing {
         ctx: &RequestContext,
         req: pb::BatchReleaseQuotaRequest,
     ) -> Result<pb::BatchReleaseQuotaResponse, Error> {
-        let mut v = Violations::new();
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(format!("items[{i}].generation"), "must be at least 1");
-            }
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
-        }
-        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
-        let items: Vec<(String, u64)> = req.items.into_iter().map(|it| (it.order_id, it.generation)).collect();
-        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
+        let batch = ReleaseBatch::try_from(req)?;
+        let reservations = self.release_items(ctx, &batch.refs, &batch.reason, batch.unless_confirmed).await?;
         Ok(pb::BatchReleaseQuotaResponse { reservations })
     }
 
@@ -640,23 +557,9 @@ impl Licensing {
     /// reservations, their licences and the product's gates, judged by
     /// [`holding_failures`] — the same rules, in the same words, as evaluation.
     pub(crate) async fn recheck_quota(&self, req: pb::RecheckQuotaRequest) -> Result<pb::RecheckQuotaResponse, Error> {
-        let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(format!("items[{i}].generation"), "must be at least 1");
-            }
-        }
-        v.check().map_err(Error::Status)?;
+        let req = Recheck::try_from(req)?;
         let sku = req.product_sku.as_str();
-        let res_keys: Vec<String> = req.items.iter().map(|it| keys::reservation(&it.order_id)).collect();
+        let res_keys: Vec<String> = req.refs.iter().map(|(order, _)| keys::reservation(order)).collect();
         let (existing, policy, exports) = tokio::try_join!(
             self.load_many::<ReservationRecord>(&res_keys),
             self.load::<PolicyRecord>(keys::policy(sku)),
@@ -677,19 +580,19 @@ impl Licensing {
             .collect();
         let now = now_ms();
         let results = req
-            .items
+            .refs
             .iter()
             .zip(existing)
-            .map(|(it, ex)| {
+            .map(|((order_id, generation), ex)| {
                 let Some((_, r)) = ex else {
-                    return pb::RecheckResult { order_id: it.order_id.clone(), ..Default::default() };
+                    return pb::RecheckResult { order_id: order_id.clone(), ..Default::default() };
                 };
-                let holds = r.generation == it.generation && r.held_units() > 0 && r.product_sku == sku;
+                let holds = r.generation == *generation && r.held_units() > 0 && r.product_sku == sku;
                 let failures = match licences.get(&r.license_id) {
                     Some(l) if holds => holding_failures(l, &gate, now).iter().map(failure_to).collect(),
                     _ => Vec::new(),
                 };
-                pb::RecheckResult { order_id: it.order_id.clone(), reservation: Some(reservation_to(&r)), failures }
+                pb::RecheckResult { order_id: order_id.clone(), reservation: Some(reservation_to(&r)), failures }
             })
             .collect();
         Ok(pb::RecheckQuotaResponse { results })

@@ -20,7 +20,7 @@ use prost::Message;
 use tracing::Instrument;
 
 use crate::marks::{self, Who};
-use crate::{Done, Error, Orders, book, keys};
+use crate::{EffectOnly, Error, Orders, book, keys};
 
 /// The consumer group of the orders service on both streams.
 pub(crate) const GROUP: &str = chipgate_contract::ORDERS_GROUP;
@@ -340,10 +340,10 @@ impl Orders {
         let ctx = RequestContext::background("expire", Some(traceparent));
         self.run_txn(None, || async {
             let Some((ver, o)) = self.load::<OrderRecord>(keys::order(order_id)).await? else {
-                return Ok((Txn::new(), Done {}));
+                return Ok((Txn::new(), EffectOnly {}));
             };
             if o.status() != OrderStatus::Reserved || o.generation != generation {
-                return Ok((Txn::new(), Done {}));
+                return Ok((Txn::new(), EffectOnly {}));
             }
             let mut new = o.clone();
             new.expire(now_ms()).map_err(|e| Error::Internal(format!("order {order_id}: {e}")))?;
@@ -351,7 +351,7 @@ impl Orders {
             let mut events = book::Events::traced(&ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
-            Ok((t, Done {}))
+            Ok((t, EffectOnly {}))
         })
         .await?;
         self.inner.cleanup_wake.notify_one();

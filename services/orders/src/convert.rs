@@ -162,3 +162,39 @@ pub fn order_to(o: &OrderRecord, backlog_position: u64, with_history: bool) -> p
         backlog_position,
     }
 }
+
+/// A `PlaceOrder` call, validated at the edge (every bad field named at once).
+pub struct NewOrder {
+    /// The caller's idempotency key.
+    pub request_id: String,
+    /// Buyer.
+    pub buyer_id: String,
+    /// Product.
+    pub sku: String,
+    /// Units.
+    pub units: u64,
+    /// Why the chips are necessary ("" if none given).
+    pub justification: String,
+}
+
+impl TryFrom<pb::PlaceOrderRequest> for NewOrder {
+    type Error = chipgate_runtime::errors::Violations;
+
+    fn try_from(req: pb::PlaceOrderRequest) -> Result<Self, Self::Error> {
+        use chipgate_runtime::validate;
+        let mut v = chipgate_runtime::errors::Violations::new();
+        validate::request_id(&mut v, &req.request_id);
+        validate::id(&mut v, "buyer_id", &req.buyer_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        validate::units(&mut v, "units", req.units, crate::MAX_UNITS);
+        validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
+        v.check_violations()?;
+        Ok(NewOrder {
+            request_id: req.request_id,
+            buyer_id: req.buyer_id,
+            sku: req.product_sku,
+            units: req.units,
+            justification: req.justification,
+        })
+    }
+}

@@ -210,7 +210,7 @@ impl Orders {
 
 /// An empty answer for transactions whose result is their effect.
 #[derive(Clone, PartialEq, prost::Message)]
-struct Done {}
+struct EffectOnly {}
 
 impl chipgate_runtime::service::Records for Orders {
     fn store(&self) -> &Store {

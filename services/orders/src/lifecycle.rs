@@ -11,7 +11,7 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::Txn;
 
 use crate::clients::rpc;
-use crate::{Done, Error, Orders, book, keys};
+use crate::{EffectOnly, Error, Orders, book, keys};
 
 fn check(request_id: &str, order_id: &str) -> Result<(), Error> {
     let mut v = Violations::new();
@@ -39,7 +39,7 @@ impl Orders {
             let (ver, o) = self.require_order(&req.order_id).await?;
             ctx.check_owner(&o.buyer_id).map_err(Error::Status)?;
             if o.status() == OrderStatus::Cancelled {
-                return Ok((Txn::new(), Done {}));
+                return Ok((Txn::new(), EffectOnly {}));
             }
             let mut new = o.clone();
             new.cancel(&reason, now_ms()).map_err(|e| {
@@ -62,7 +62,7 @@ impl Orders {
             // A waiting order a wave concerns no longer keeps the wave from settling.
             self.left_waiting(&mut t, &o, &new).await?;
             events.flush(&mut t);
-            Ok((t, Done {}))
+            Ok((t, EffectOnly {}))
         })
         .await?;
         // Give quota and stock back now rather than on the worker's next round.
@@ -118,7 +118,7 @@ impl Orders {
         self.run_txn(None, || async {
             let (ver, o) = self.require_order(&req.order_id).await?;
             if o.status() == OrderStatus::Confirmed {
-                return Ok((Txn::new(), Done {}));
+                return Ok((Txn::new(), EffectOnly {}));
             }
             if o.status() != OrderStatus::Reserved || o.generation != generation {
                 return Err(Error::precondition(
@@ -134,7 +134,7 @@ impl Orders {
             let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
-            Ok((t, Done {}))
+            Ok((t, EffectOnly {}))
         })
         .await?;
         Ok(pb::ConfirmOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })
@@ -169,7 +169,7 @@ impl Orders {
         self.run_txn(None, || async {
             let (ver, o) = self.require_order(&req.order_id).await?;
             if o.status() == OrderStatus::Shipped {
-                return Ok((Txn::new(), Done {}));
+                return Ok((Txn::new(), EffectOnly {}));
             }
             let mut new = o.clone();
             new.move_to(OrderStatus::Shipped, Cause::new(CauseKind::Shipped, &o.id), "", vec![], now_ms())
@@ -178,7 +178,7 @@ impl Orders {
             let mut events = book::Events::traced(ctx);
             book::write(&mut t, &mut events, ver, Some(&o), &new);
             events.flush(&mut t);
-            Ok((t, Done {}))
+            Ok((t, EffectOnly {}))
         })
         .await?;
         Ok(pb::ShipOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })

@@ -3,15 +3,15 @@
 
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_proto::orders::v1 as pb;
-use chipgate_runtime::errors::Violations;
+use chipgate_runtime::RequestContext;
 use chipgate_runtime::idempotency::fingerprint;
 use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
-use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, CommitError, Txn};
 
+use crate::convert::NewOrder;
 use crate::marks::{self, Who};
-use crate::{Error, MAX_UNITS, Orders, book, keys};
+use crate::{Error, Orders, book, keys};
 
 /// What a PlaceOrder request id is remembered as: the order it placed.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -26,27 +26,22 @@ impl Orders {
         ctx: &RequestContext,
         req: pb::PlaceOrderRequest,
     ) -> Result<pb::PlaceOrderResponse, Error> {
-        let mut v = Violations::new();
-        validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "buyer_id", &req.buyer_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        validate::units(&mut v, "units", req.units, MAX_UNITS);
-        validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
+        // The request's fingerprint (a retry must be the same call), then the call as the domain sees it.
+        let fp = fingerprint(&req);
+        let req = NewOrder::try_from(req)?;
         // Only catalogue products: a made-up SKU would wait for ever with a misleading reason and
         // add a product for every pass and metric to carry.
-        if !self.inner.products.contains(self.store(), &req.product_sku).await? {
+        if !self.inner.products.contains(self.store(), &req.sku).await? {
             return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
                 "product_sku",
-                chipgate_contract::catalogue::unknown_product(&req.product_sku),
+                chipgate_contract::catalogue::unknown_product(&req.sku),
             )));
         }
 
         let began = std::time::Instant::now();
         // Which pass must finish before the answer: the first one that starts after the commit.
-        let mut progress = self.inner.scheduler.progress(&req.product_sku);
+        let mut progress = self.inner.scheduler.progress(&req.sku);
         let idem = &self.inner.idem;
-        let fp = fingerprint(&req);
         // The request id's earlier answer (a retry) and a sequence number for a new order, at once;
         // a retry wastes a sequence number, which only leaves a gap.
         let (prior, seq) = tokio::try_join!(
@@ -64,7 +59,7 @@ impl Orders {
                     id: id.clone(),
                     request_id: req.request_id.clone(),
                     buyer_id: req.buyer_id.clone(),
-                    sku: req.product_sku.clone(),
+                    sku: req.sku.clone(),
                     units: req.units,
                     justification: req.justification.clone(),
                     status: OrderStatus::Pending as i32,
@@ -113,7 +108,7 @@ impl Orders {
         let committed_at = began.elapsed();
         if fresh {
             let target = progress.borrow().started + 1;
-            self.inner.scheduler.request(&req.product_sku);
+            self.inner.scheduler.request(&req.sku);
             let wait = match ctx.remaining() {
                 // Leave a little of the caller's deadline for the answer itself.
                 Some(left) => left.saturating_sub(std::time::Duration::from_millis(50)).min(self.options().place_wait),

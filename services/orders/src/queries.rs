@@ -54,8 +54,8 @@ impl Orders {
                     if ids.is_empty() {
                         return Ok(pb::ListOrdersResponse { orders: out, next_page_token: String::new() });
                     }
-                    let keys_: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
-                    for (i, o) in self.load_many::<OrderRecord>(&keys_).await?.into_iter().enumerate() {
+                    let order_keys: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+                    for (i, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().enumerate() {
                         let Some((_, o)) = o else { continue };
                         if keep(&o) {
                             out.push(order_to(&o, 0, !req.omit_history));
@@ -79,8 +79,8 @@ impl Orders {
                 let chunk = page.size.max(200) as u64;
                 while next <= last {
                     let end = (next + chunk - 1).min(last);
-                    let keys_: Vec<String> = (next..=end).map(|n| keys::order(&format!("ord-{n}"))).collect();
-                    for (i, o) in self.load_many::<OrderRecord>(&keys_).await?.into_iter().enumerate() {
+                    let order_keys: Vec<String> = (next..=end).map(|n| keys::order(&format!("ord-{n}"))).collect();
+                    for (i, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().enumerate() {
                         let Some((_, o)) = o else { continue };
                         if keep(&o) {
                             out.push(order_to(&o, 0, !req.omit_history));
@@ -106,9 +106,9 @@ impl Orders {
         let start = page.offset();
         let ids = self.store().zrange(&key, start as i64, (start + page.size) as i64 - 1, false).await?;
         let total = self.store().zcard(&key).await?;
-        let keys_: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
         let entries: Vec<pb::BacklogEntry> = self
-            .load_many::<OrderRecord>(&keys_)
+            .load_many::<OrderRecord>(&order_keys)
             .await?
             .into_iter()
             .enumerate()

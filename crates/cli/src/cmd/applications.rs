@@ -8,7 +8,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::{ListArgs, more_hint, pages, print_listing, show};
 use crate::client::{Ctx, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// Options of `chipgate apply`.
@@ -133,7 +133,7 @@ fn app_fields(a: &lpb::Application) {
         ("application", a.application_id.clone()),
         ("buyer", a.buyer_id.clone()),
         ("product", format!("{} to {}", a.product_sku, a.destination)),
-        ("quantity", n(a.quantity)),
+        ("quantity", thousands(a.quantity)),
         ("state", view::app_state(a)),
     ];
     if a.queue_position > 0 {
@@ -239,7 +239,7 @@ pub async fn queue(ctx: &Ctx, q: QueueArgs) -> Outcome {
         let r = lpb::ListQueueResponse { applications: apps, next_page_token: next, total_queued: total.get() };
         out::json(&view::msg(&r));
     } else {
-        out::say(&format!("approval queue: {} application(s) waiting, front first", n(total.get())));
+        out::say(&format!("approval queue: {} application(s) waiting, front first", thousands(total.get())));
         if total.get() > 0 {
             out::say("");
         }

@@ -5,7 +5,7 @@ use clap::Subcommand;
 
 use super::{ListArgs, pages, print_listing};
 use crate::client::{Ctx, Failure, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// `chipgate audit …`.
@@ -65,7 +65,7 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
             } else if r.valid {
                 out::say(&format!(
                     "audit log intact: {} entries verify; head {}",
-                    n(r.entries_checked),
+                    thousands(r.entries_checked),
                     view::dash(&r.head_hash)
                 ));
             } else {
@@ -73,7 +73,7 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
                     "audit log BROKEN at entry {}: {} ({} entries checked)",
                     r.first_bad_sequence,
                     r.problem,
-                    n(r.entries_checked)
+                    thousands(r.entries_checked)
                 ));
             }
             if r.valid {

@@ -7,7 +7,7 @@ use clap::Subcommand;
 
 use super::{ListArgs, more_hint, pages};
 use crate::client::{Ctx, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// `chipgate domestic …`.
@@ -62,12 +62,12 @@ pub async fn domestic(ctx: &Ctx, cmd: DomesticCmd) -> Outcome {
                 let p = r.purchase.unwrap_or_default();
                 out::say(&format!(
                     "recorded {} domestic units from {} for {} (evidence {}); {} now totals {} domestic units",
-                    n(p.units),
+                    thousands(p.units),
                     p.supplier,
                     p.buyer_id,
                     p.evidence_ref,
                     p.buyer_id,
-                    n(r.total_domestic_units)
+                    thousands(r.total_domestic_units)
                 ));
             }
         }
@@ -91,7 +91,7 @@ pub async fn domestic(ctx: &Ctx, cmd: DomesticCmd) -> Outcome {
                     next_page_token: next,
                 }));
             } else {
-                out::say(&format!("{buyer}: {} domestic units recorded", n(total.get())));
+                out::say(&format!("{buyer}: {} domestic units recorded", thousands(total.get())));
                 if !purchases.is_empty() {
                     out::say("");
                 }
@@ -100,7 +100,7 @@ pub async fn domestic(ctx: &Ctx, cmd: DomesticCmd) -> Outcome {
                     t.row(vec![
                         view::ts_short(p.record_time.as_ref()),
                         p.supplier.clone(),
-                        n(p.units),
+                        thousands(p.units),
                         p.evidence_ref.clone(),
                     ]);
                 }

@@ -7,7 +7,7 @@ use clap::{Args, Subcommand};
 
 use super::{ListArgs, pages, print_listing, show, watch_until};
 use crate::client::{Ctx, Outcome, Svc, random_id};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// `chipgate products`.
@@ -93,11 +93,11 @@ pub async fn stock(ctx: &Ctx, a: StockArgs) -> Outcome {
                     s.product_sku,
                     c.cause,
                     view::dash(&c.reference),
-                    n(s.available),
-                    n(s.held),
-                    n(s.committed),
-                    n(s.shipped),
-                    n(s.received)
+                    thousands(s.available),
+                    thousands(s.held),
+                    thousands(s.committed),
+                    thousands(s.shipped),
+                    thousands(s.received)
                 ));
             }
             true
@@ -161,7 +161,7 @@ pub async fn supply(ctx: &Ctx, cmd: SupplyCmd) -> Outcome {
     show(ctx, &r, || {
         let rc = r.receipt.clone().unwrap_or_default();
         if r.newly_booked {
-            out::say(&format!("booked receipt {}: {} x {}", rc.receipt_id, n(rc.units), rc.product_sku));
+            out::say(&format!("booked receipt {}: {} x {}", rc.receipt_id, thousands(rc.units), rc.product_sku));
         } else {
             out::say(&format!("receipt {} was already booked; nothing changed", rc.receipt_id));
         }

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand, ValueEnum};
 
 use super::{ListArgs, pages, parse_time, print_listing, show};
 use crate::client::{Ctx, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// Where a licence stands (for filters).
@@ -258,7 +258,7 @@ pub async fn check(ctx: &Ctx, a: CheckArgs) -> Outcome {
     } else if r.eligible {
         out::say(&format!(
             "eligible: an order of {} x {} by {} would take quota from {}",
-            n(a.units),
+            thousands(a.units),
             a.product,
             a.buyer,
             r.license_id
@@ -267,7 +267,7 @@ pub async fn check(ctx: &Ctx, a: CheckArgs) -> Outcome {
         out::say(&format!(
             "not eligible{}: an order of {} x {} by {} fails these conditions",
             if r.rejectable { " (and never will be under the licences held)" } else { " yet" },
-            n(a.units),
+            thousands(a.units),
             a.product,
             a.buyer
         ));

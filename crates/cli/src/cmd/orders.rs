@@ -8,7 +8,7 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 
 use super::{ListArgs, pages, print_listing, show, watch_until};
 use crate::client::{Ctx, Failure, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// Where an order stands (for filters).
@@ -284,7 +284,7 @@ async fn watch(
                 view::order_state_name(t.from_state()),
                 view::order_state_name(t.to_state()),
                 view::cause_text(t.cause.as_ref()),
-                n(c.held_units),
+                thousands(c.held_units),
                 t.detail
             ));
         }
@@ -335,7 +335,7 @@ pub async fn backlog(ctx: &Ctx, a: BacklogArgs) -> Outcome {
         out::say(&format!(
             "{}: {} order(s) hold licence quota and wait for stock, served oldest first",
             a.product,
-            n(total.get())
+            thousands(total.get())
         ));
         if !entries.is_empty() {
             out::say("");
@@ -346,8 +346,8 @@ pub async fn backlog(ctx: &Ctx, a: BacklogArgs) -> Outcome {
                 e.position.to_string(),
                 e.order_id.clone(),
                 e.buyer_id.clone(),
-                n(e.units),
-                n(e.held_units),
+                thousands(e.units),
+                thousands(e.held_units),
                 e.sequence.to_string(),
                 view::ts_short(e.create_time.as_ref()),
             ]);

@@ -9,7 +9,7 @@ use clap::{Args, Subcommand};
 
 use super::{ListArgs, pages, parse_time, print_listing, show};
 use crate::client::{Ctx, Failure, Outcome, Svc};
-use crate::out::{self, n};
+use crate::out::{self, thousands};
 use crate::view;
 
 /// The conditions a wave grant carries.
@@ -156,7 +156,7 @@ pub async fn wave(ctx: &Ctx, cmd: WaveCmd) -> Outcome {
                     "published {}: {} licence(s), {} units granted",
                     w.wave_id,
                     r.licenses.len(),
-                    n(w.total_granted_units)
+                    thousands(w.total_granted_units)
                 ));
                 out::say("");
                 view::licenses_table(&r.licenses).print_or("");
@@ -186,7 +186,7 @@ pub async fn wave(ctx: &Ctx, cmd: WaveCmd) -> Outcome {
                         view::dash(&w.display_name),
                         view::wave_state(w),
                         w.grants.len().to_string(),
-                        n(w.total_granted_units),
+                        thousands(w.total_granted_units),
                         view::ts_short(w.publish_time.as_ref()),
                     ]);
                 }
@@ -264,8 +264,8 @@ pub async fn follow_progress(
         if start.elapsed() >= within {
             break Err(Failure::Check(format!(
                 "{wave_id} did not settle within {within:.0?}: {} of {} concerned orders evaluated",
-                n(evaluated),
-                n(concerned)
+                thousands(evaluated),
+                thousands(concerned)
             )));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
