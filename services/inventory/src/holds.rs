@@ -90,6 +90,7 @@ impl Inventory {
                 units: it.units,
                 allow_partial: it.allow_partial,
                 hold_seconds: if it.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { it.hold_seconds },
+                known_held: it.known_held,
             })
             .collect();
         self.reserve_items(ctx, &req.product_sku, asks, req.fence_token).await
@@ -116,7 +117,12 @@ impl Inventory {
                 }
                 let mut results = Vec::with_capacity(asks.len());
                 let mut placed: Vec<pb::Reservation> = Vec::new();
-                for (ask, ex) in asks.iter().zip(&existing) {
+                // Leftovers of attempts the caller never recorded go back first, for the whole batch,
+                // so it is served afresh in its order.
+                let reclaimed: Vec<Option<HoldRecord>> =
+                    asks.iter().zip(&existing).map(|(a, ex)| planner.reclaim(a, ex.as_ref().map(|(_, h)| h))).collect();
+                let reclaimed_any = reclaimed.iter().any(Option::is_some);
+                for ((ask, ex), trimmed) in asks.iter().zip(&existing).zip(reclaimed) {
                     if let Some((_, h)) = ex
                         && !h.sku.is_empty()
                         && h.sku != sku
@@ -126,8 +132,8 @@ impl Inventory {
                             format!("order {} holds {}, not {sku}; one order holds one product", ask.order_id, h.sku),
                         ));
                     }
-                    let prev = ex.as_ref().map(|(_, h)| h);
-                    let (outcome, changed) = planner.plan(ask, prev).map_err(|requested| {
+                    let prev = trimmed.as_ref().or(ex.as_ref().map(|(_, h)| h));
+                    let (outcome, planned) = planner.plan(ask, prev).map_err(|requested| {
                         Error::precondition(
                             "HOLD_MISMATCH",
                             &ask.order_id,
@@ -137,6 +143,8 @@ impl Inventory {
                             ),
                         )
                     })?;
+                    // A trimmed hold that gets nothing back is still stored trimmed.
+                    let changed = planned.or_else(|| trimmed.clone());
                     let shown = match &changed {
                         Some(h) => {
                             t.replace(keys::hold(&h.order_id), ex.as_ref().map(|(v, _)| *v).unwrap_or(0), encode(h));
@@ -157,7 +165,7 @@ impl Inventory {
                     });
                 }
                 let mut stock = planner.stock;
-                if placed.is_empty() {
+                if placed.is_empty() && !reclaimed_any {
                     let s = stock_to(&stock, sver);
                     return Ok((t, pb::BatchReserveResponse { results, stock: Some(s) }));
                 }

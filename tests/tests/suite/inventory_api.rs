@@ -73,6 +73,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
             units,
             allow_partial: false,
             hold_seconds: 600,
+            known_held: None,
         }],
         fence_token: 0,
     };
@@ -89,6 +90,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
                     units: 50,
                     allow_partial: false,
                     hold_seconds: 0,
+                    known_held: None,
                 },
                 pb::ReserveItem {
                     order_id: "ord-3".into(),
@@ -96,6 +98,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
                     units: 50,
                     allow_partial: true,
                     hold_seconds: 0,
+                    known_held: None,
                 },
             ],
             fence_token: 0,
