@@ -16,19 +16,8 @@ use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, Txn};
 
-use crate::convert::{hold_status_from, hold_to, stock_to};
-use crate::{DEFAULT_HOLD_SECONDS, Error, Inventory, MAX_BATCH, MAX_HOLD_SECONDS, MAX_UNITS, emit, encode, keys};
-
-fn check_hold_item(v: &mut Violations, prefix: &str, order_id: &str, generation: u64, units: u64, hold_seconds: u32) {
-    validate::id(v, &format!("{prefix}order_id"), order_id);
-    if generation == 0 {
-        v.add(format!("{prefix}generation"), "must be at least 1");
-    }
-    validate::units(v, &format!("{prefix}units"), units, MAX_UNITS);
-    if hold_seconds > MAX_HOLD_SECONDS {
-        v.add(format!("{prefix}hold_seconds"), format!("must be at most {MAX_HOLD_SECONDS}"));
-    }
-}
+use crate::convert::{HoldBatch, ReleaseBatch, hold_status_from, hold_to, stock_to};
+use crate::{Error, Inventory, emit, encode, keys};
 
 fn outcome_to(o: HoldOutcome) -> pb::ReserveOutcome {
     match o {
@@ -65,35 +54,8 @@ impl Inventory {
         ctx: &RequestContext,
         req: pb::BatchReserveRequest,
     ) -> Result<pb::BatchReserveResponse, Error> {
-        let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            check_hold_item(&mut v, &format!("items[{i}]."), &it.order_id, it.generation, it.units, it.hold_seconds);
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
-        }
-        v.check().map_err(Error::Status)?;
-        let asks = req
-            .items
-            .iter()
-            .map(|it| HoldAsk {
-                order_id: it.order_id.clone(),
-                generation: it.generation,
-                units: it.units,
-                allow_partial: it.allow_partial,
-                hold_seconds: if it.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { it.hold_seconds },
-                known_held: it.known_held,
-            })
-            .collect();
-        self.reserve_items(ctx, &req.product_sku, asks, req.fence_token).await
+        let batch = HoldBatch::try_from(req)?;
+        self.reserve_items(ctx, &batch.product_sku, batch.asks, batch.fence_token).await
     }
 
     async fn reserve_items(
@@ -321,27 +283,8 @@ impl Inventory {
         ctx: &RequestContext,
         req: pb::BatchReleaseReservationsRequest,
     ) -> Result<pb::BatchReleaseReservationsResponse, Error> {
-        let mut v = Violations::new();
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(format!("items[{i}].generation"), "must be at least 1");
-            }
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
-        }
-        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
-        let items: Vec<(String, u64)> = req.items.into_iter().map(|i| (i.order_id, i.generation)).collect();
-        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
+        let batch = ReleaseBatch::try_from(req)?;
+        let reservations = self.release_items(ctx, &batch.refs, &batch.reason, batch.unless_confirmed).await?;
         Ok(pb::BatchReleaseReservationsResponse { reservations })
     }
 

@@ -516,6 +516,19 @@ async fn bad_input_changes_nothing(store: Store) {
         .unwrap_err();
     assert_eq!(big.code(), Code::InvalidArgument);
     assert_eq!(big.get_error_details().bad_request().unwrap().field_violations[0].field, "items");
+    // Every bad field of a batch at once.
+    let bad = svc
+        .batch_reserve(Request::new(pb::BatchReserveRequest {
+            request_id: String::new(),
+            product_sku: SKU.into(),
+            items: vec![known("a", 5, 6), pb::ReserveItem { generation: 0, ..item("b", 0, true) }, item("a", 1, true)],
+            fence_token: 0,
+        }))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> =
+        bad.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["items[0].known_held", "items[1].generation", "items[1].units", "items[2].order_id"]);
     let neg = reserve(&svc, "o", 0, 0, false, 100_000).await.unwrap_err();
     let fields: Vec<String> =
         neg.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
