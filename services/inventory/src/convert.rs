@@ -70,8 +70,8 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
 
 /// A `BatchReleaseReservations` call, validated.
 pub struct ReleaseBatch {
-    /// Order and generation of each hold to give back.
-    pub refs: Vec<(String, u64)>,
+    /// Product, order and generation of each hold to give back.
+    pub refs: Vec<(String, String, u64)>,
     /// Why (kept with each hold).
     pub reason: String,
     /// Leave confirmed holds alone.
@@ -95,13 +95,14 @@ impl TryFrom<pb::BatchReleaseReservationsRequest> for ReleaseBatch {
             if it.generation == 0 {
                 v.add(format!("items[{i}].generation"), "must be at least 1");
             }
-            if !seen.insert(it.order_id.as_str()) {
+            validate::id(&mut v, &format!("items[{i}].product_sku"), &it.product_sku);
+            if !seen.insert((it.product_sku.as_str(), it.order_id.as_str())) {
                 v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
             }
         }
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check_violations()?;
-        let refs = req.items.into_iter().map(|i| (i.order_id, i.generation)).collect();
+        let refs = req.items.into_iter().map(|i| (i.product_sku, i.order_id, i.generation)).collect();
         Ok(ReleaseBatch { refs, reason: req.reason, unless_confirmed: req.unless_confirmed })
     }
 }

@@ -130,7 +130,7 @@ async fn release(svc: &Inventory, order: &str, generation: u64) -> pb::Reservati
 
 async fn events(store: &Store) -> Vec<pb::InventoryEvent> {
     store
-        .xrange(&keys::events(), None, 100_000)
+        .xrange(&keys::events(SKU), None, 100_000)
         .await
         .unwrap()
         .iter()
@@ -192,6 +192,7 @@ async fn receipts_count_once_and_stock_adds_up(store: Store) {
         request_id: rid(),
         order_id: "o1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     }))
     .await
     .unwrap();
@@ -199,6 +200,7 @@ async fn receipts_count_once_and_stock_adds_up(store: Store) {
         request_id: rid(),
         order_id: "o1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     }))
     .await
     .unwrap();
@@ -325,6 +327,7 @@ async fn generations_are_never_reopened(store: Store) {
         request_id: rid(),
         order_id: "o".into(),
         generation: 3,
+        product_sku: SKU.into(),
     }))
     .await
     .unwrap();
@@ -361,7 +364,7 @@ async fn holds_expire_on_their_own_exactly_once(store: Store) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let r = svc
-        .get_reservation(Request::new(pb::GetReservationRequest { order_id: "short".into() }))
+        .get_reservation(Request::new(pb::GetReservationRequest { order_id: "short".into(), product_sku: SKU.into() }))
         .await
         .unwrap()
         .into_inner()
@@ -374,6 +377,7 @@ async fn holds_expire_on_their_own_exactly_once(store: Store) {
             request_id: rid(),
             order_id: "short".into(),
             generation: 1,
+            product_sku: SKU.into(),
         }))
         .await
         .unwrap_err();
@@ -477,7 +481,7 @@ async fn watch_stock_streams_changes(store: Store) {
 
 async fn bad_input_changes_nothing(store: Store) {
     let (svc, _s) = service(store.clone()).await;
-    let before = store.xlen(&keys::events()).await.unwrap();
+    let before = store.xlen(&keys::events(SKU)).await.unwrap();
     let e = svc
         .receive_supply(Request::new(pb::ReceiveSupplyRequest {
             request_id: rid(),
@@ -533,7 +537,7 @@ async fn bad_input_changes_nothing(store: Store) {
     let fields: Vec<String> =
         neg.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
     assert_eq!(fields, ["items[0].generation", "items[0].units", "items[0].hold_seconds"]);
-    assert_eq!(store.xlen(&keys::events()).await.unwrap(), before, "nothing changed");
+    assert_eq!(store.xlen(&keys::events(SKU)).await.unwrap(), before, "nothing changed");
     assert!(adds_up(&stock(&svc).await));
 }
 

@@ -113,6 +113,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
         request_id: "cf-1".into(),
         order_id: "ord-1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     })
     .await
     .unwrap();
@@ -120,6 +121,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
         request_id: "sh-1".into(),
         order_id: "ord-1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     })
     .await
     .unwrap();
@@ -135,7 +137,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
     .await
     .unwrap();
     let r = c
-        .get_reservation(pb::GetReservationRequest { order_id: "ord-1".into() })
+        .get_reservation(pb::GetReservationRequest { order_id: "ord-1".into(), product_sku: SKU.into() })
         .await
         .unwrap()
         .into_inner()
