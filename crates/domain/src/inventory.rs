@@ -334,6 +334,10 @@ pub struct HoldAsk {
     /// an attempt the caller never recorded, and [`HoldPlanner::reclaim`] gives them back. `None`: an
     /// existing hold is trusted as it is.
     pub known_held: Option<u64>,
+    /// Hold at most this many units in all for now (the caller's planned share of the stock, see
+    /// [`crate::shares`]): an item held up to it is served as asked, and later items are still served.
+    /// `None`: up to `units`.
+    pub max_units: Option<u64>,
 }
 
 impl HoldPlanner {
@@ -410,7 +414,9 @@ impl HoldPlanner {
             }
         };
         let superseded = matches!(check, HoldCheck::Supersede { .. });
-        let need = hold.requested - hold.held;
+        // What the caller asks for now: everything, or up to its planned share.
+        let target = ask.max_units.map_or(hold.requested, |m| m.min(hold.requested));
+        let need = target.saturating_sub(hold.held);
         let can = if self.stopped { 0 } else { need.min(self.stock.available) };
         let take = if can == need || ask.allow_partial { can } else { 0 };
         if take < need {
@@ -461,6 +467,7 @@ mod tests {
             allow_partial: partial,
             hold_seconds: 60,
             known_held: None,
+            max_units: None,
         }
     }
 
@@ -551,6 +558,35 @@ mod tests {
         let (o, h) = p.plan(&ask("c", 10, false), None).expect("ok");
         assert_eq!((o, h), (HoldOutcome::NotServed, None));
         assert_eq!(p.stock.available, 40);
+    }
+
+    /// A planned share (`max_units`) is served as asked: the batch goes on past an order held up to its
+    /// share, and stops only at one short of it.
+    #[test]
+    fn planned_shares_are_served_without_stopping_the_batch() {
+        let capped = |order: &str, units: u64, max: u64| HoldAsk { max_units: Some(max), ..ask(order, units, true) };
+        let mut p = HoldPlanner::new(stock(100), NOW);
+        let (o, a) = p.plan(&capped("a", 50, 30), None).expect("ok");
+        assert_eq!((o, a.as_ref().map(|h| (h.held, h.expire_ms))), (HoldOutcome::Partial, Some((30, 0))));
+        let (o, b) = p.plan(&capped("b", 40, 20), None).expect("ok");
+        assert_eq!((o, b.map(|h| h.held)), (HoldOutcome::Partial, Some(20)));
+        let (o, c) = p.plan(&ask("c", 10, true), None).expect("ok");
+        assert_eq!((o, c.map(|h| h.held)), (HoldOutcome::Held, Some(10)), "c is served after a and b's shares");
+        assert_eq!(p.stock.available, 40);
+        // Topping a up to a share it already has takes nothing; a share beyond it takes the difference.
+        let a = a.expect("hold");
+        let (o, none) = p.plan(&capped("a", 50, 30), Some(&a)).expect("ok");
+        assert_eq!((o, none), (HoldOutcome::NotServed, None));
+        let (o, a2) = p.plan(&capped("a", 50, 50), Some(&a)).expect("ok");
+        assert_eq!((o, a2.map(|h| h.held)), (HoldOutcome::Held, Some(50)));
+        assert_eq!(p.stock.available, 20);
+        // Short of its share: the batch stops there.
+        let mut p = HoldPlanner::new(stock(25), NOW);
+        let (o, _) = p.plan(&capped("a", 50, 30), None).expect("ok");
+        assert_eq!(o, HoldOutcome::Partial);
+        let (o, _) = p.plan(&capped("b", 40, 1), None).expect("ok");
+        assert_eq!(o, HoldOutcome::NotServed, "b may not overtake a, which is short of its share");
+        assert!(p.stock.adds_up());
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod allocation;
 pub mod inventory;
 pub mod licensing;
 pub mod orders;
+pub mod shares;
 
 /// Integer ceiling of `a * b / d` without overflow for the figures used here (units, basis points).
 pub fn mul_div_ceil(a: u64, b: u64, d: u64) -> u64 {

@@ -264,6 +264,9 @@ pub struct TransitionRecord {
     /// Units held after the step (or, when quota and holds are given back, before it).
     #[prost(uint64, tag = "9")]
     pub held: u64,
+    /// Why the step's units went to this order, when an allocation policy shared them out.
+    #[prost(message, optional, tag = "10")]
+    pub share: Option<crate::shares::ShareNote>,
 }
 
 impl TransitionRecord {
@@ -282,20 +285,32 @@ impl TransitionRecord {
             }
             (_, AwaitingLicense) => format!("waiting: {}", why()),
             (_, Rejected) => format!("can never be served: {}", why()),
-            (Backordered, Backordered) => {
-                format!("{} of {} units held; waiting in the backlog for the rest", self.held, order.units)
-            }
+            (Backordered, Backordered) => format!(
+                "{} of {} units held{}; waiting in the backlog for the rest",
+                self.held,
+                order.units,
+                self.share_text(order)
+            ),
             (_, Backordered) => format!(
                 "licence {} (wave {}) granted {} units of quota; waiting for stock",
                 self.license_id, self.wave_id, order.units
             ),
-            (_, Reserved) => format!("all {} units held until the hold expires", order.units),
+            (_, Reserved) => {
+                format!("all {} units held{} until the hold expires", order.units, self.share_text(order))
+            }
             (_, Confirmed) => "confirmed by the buyer; quota and stock committed".to_string(),
             (_, Shipped) => "shipped by the vendor".to_string(),
             (_, Expired) => "not confirmed before the hold expired; the units went back to stock".to_string(),
             (_, Cancelled) => "cancelled".to_string(),
             (_, Unspecified) => String::new(),
         }
+    }
+}
+
+impl TransitionRecord {
+    /// ` (why: share, cap)` when an allocation policy decided the step's units, else nothing.
+    fn share_text(&self, order: &OrderRecord) -> String {
+        self.share.as_ref().map(|n| format!(" ({})", n.describe(&order.sku))).unwrap_or_default()
     }
 }
 
@@ -434,6 +449,7 @@ impl OrderRecord {
             license_id: String::new(),
             wave_id: String::new(),
             held: 0,
+            share: None,
         });
         self.status = to as i32;
         self.reasons =
