@@ -97,6 +97,7 @@ pub async fn run(args: &Args) -> NaiveResult {
                             allow_partial: true,
                             hold_seconds: 900,
                             known_held: None,
+                            max_units: None,
                         }],
                         fence_token: 0,
                     })

@@ -149,6 +149,8 @@ pub enum CauseKind {
     QuotaReturned = 18,
     /// A reconciliation pass.
     Reconciled = 19,
+    /// The product's allocation policy changed.
+    AllocationPolicy = 20,
 }
 
 impl CauseKind {
@@ -175,12 +177,13 @@ impl CauseKind {
             CauseKind::Shipped => "shipped",
             CauseKind::QuotaReturned => "quota-returned",
             CauseKind::Reconciled => "reconciled",
+            CauseKind::AllocationPolicy => "policy",
         }
     }
 
     /// The kind for a [`code`](Self::code).
     pub fn from_code(code: &str) -> Self {
-        const KINDS: [CauseKind; 19] = [
+        const KINDS: [CauseKind; 20] = [
             CauseKind::Placed,
             CauseKind::WavePublished,
             CauseKind::TermsFinalized,
@@ -200,6 +203,7 @@ impl CauseKind {
             CauseKind::Shipped,
             CauseKind::QuotaReturned,
             CauseKind::Reconciled,
+            CauseKind::AllocationPolicy,
         ];
         KINDS.into_iter().find(|k| k.code() == code).unwrap_or(CauseKind::Unspecified)
     }

@@ -86,6 +86,8 @@ pub static TABLE: &[(&str, &str, Rule)] = &[
     (LIC, "ConfirmQuota", r(&[SV], Denied)),
     (LIC, "GetQuotaReservation", r(&[IA, AU], Denied)),
     (LIC, "RecheckQuota", r(&[SV], Denied)),
+    // What a draft wave would do to quota: asked by orders' PreviewWave (and the authority drafting it).
+    (LIC, "PreviewWaveQuota", r(&[SV, IA], Denied)),
     // The domestic-purchase ledger: recorded by the import authority from evidence.
     (LIC, "RecordDomesticPurchase", r(&[IA], Denied)),
     (LIC, "GetDomesticLedger", r(&[IA, AU], Field(1))),
@@ -105,7 +107,8 @@ pub static TABLE: &[(&str, &str, Rule)] = &[
     (INV, "GetProduct", r(EVERYONE, Open)),
     (INV, "ListProducts", r(EVERYONE, Open)),
     (INV, "ReceiveSupply", r(&[VE], Denied)),
-    (INV, "GetStock", r(EVERYONE, Open)),
+    // Orders reads a product's free stock to share it under an allocation policy, and for previews.
+    (INV, "GetStock", r(&[IA, EA, CU, VE, AU, SV], Open)),
     (INV, "ListStock", r(EVERYONE, Open)),
     (INV, "BatchReserve", r(&[SV], Denied)),
     (INV, "ConfirmReservation", r(&[SV], Denied)),
@@ -124,6 +127,12 @@ pub static TABLE: &[(&str, &str, Rule)] = &[
     (ORD, "WatchOrders", r(&[VE, IA, AU], Field(1))),
     (ORD, "GetBacklog", r(&[VE, IA, AU], Denied)),
     (ORD, "GetWaveProgress", r(&[IA, AU, VE], Denied)),
+    // Allocation policies: the vendor shares its stock; how it does is open to the other parties.
+    (ORD, "SetAllocationPolicy", r(&[VE], Denied)),
+    (ORD, "GetAllocationPolicy", r(&[VE, IA, AU], Denied)),
+    // "What if": the authority previews its draft waves, the vendor its shipments (both see both).
+    (ORD, "PreviewWave", r(&[IA, VE], Denied)),
+    (ORD, "PreviewSupply", r(&[VE, IA], Denied)),
 ];
 
 /// The rule of the RPC at `path` (`/pkg.Service/Method`), if it has one.
@@ -239,6 +248,7 @@ mod tests {
             only(&format!("{INV}ReceiveSupply"), Role::Vendor);
             only(&lic("BatchReserveQuota"), Role::Service);
             only(&format!("{INV}BatchReserve"), Role::Service);
+            only(&format!("{ORD}SetAllocationPolicy"), Role::Vendor);
         }
         assert_eq!(decide(&format!("{ORD}PlaceOrder"), Role::Buyer), Decision::CheckField(2));
         assert_eq!(decide(&format!("{ORD}CancelOrder"), Role::Buyer), Decision::AllowOwned);

@@ -47,6 +47,15 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
             {
                 v.add(field("known_held"), format!("{known} is more than the {} units asked for", it.units));
             }
+            if let Some(max) = it.max_units {
+                if max == 0 || max > it.units {
+                    v.add(field("max_units"), format!("must be between 1 and the {} units asked for", it.units));
+                } else if let Some(known) = it.known_held
+                    && max < known
+                {
+                    v.add(field("max_units"), format!("{max} is below the {known} units known to be held"));
+                }
+            }
             if !seen.insert(it.order_id.as_str()) {
                 v.add(field("order_id"), format!("order {} appears twice in the batch", it.order_id));
             }
@@ -62,6 +71,7 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
                 allow_partial: it.allow_partial,
                 hold_seconds: if it.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { it.hold_seconds },
                 known_held: it.known_held,
+                max_units: it.max_units,
             })
             .collect();
         Ok(HoldBatch { product_sku: req.product_sku, asks, fence_token: req.fence_token })

@@ -67,6 +67,7 @@ fn item(order: &str, units: u64, partial: bool) -> pb::ReserveItem {
         allow_partial: partial,
         hold_seconds: 0,
         known_held: None,
+        max_units: None,
     }
 }
 
@@ -106,6 +107,7 @@ async fn reserve(
             allow_partial: partial,
             hold_seconds,
             known_held: None,
+            max_units: None,
         }],
         fence_token: 0,
     }))
@@ -301,6 +303,50 @@ async fn unrecorded_holds_go_back_and_the_batch_is_served_in_order(store: Store)
     assert_eq!(r.results[0].reservation.as_ref().map(|h| h.held_units), Some(10));
     let r = batch(&svc, vec![item("a", 90, true)]).await;
     assert_eq!(r.results[0].outcome(), pb::ReserveOutcome::Held);
+    assert!(adds_up(&stock(&svc).await));
+}
+
+/// An allocation policy's planned shares: each order asks for at most its share (`max_units`), the
+/// batch goes on past an order held up to its share, and a retry of the same asks takes nothing more.
+async fn planned_shares_are_held_as_asked(store: Store) {
+    let (svc, _s) = service(store).await;
+    receive(&svc, "r1", 100).await;
+    let share = |order: &str, units: u64, known: u64, max: u64| pb::ReserveItem {
+        max_units: Some(max),
+        ..self::known(order, units, known)
+    };
+    let asks = || vec![share("a", 300, 0, 60), share("b", 100, 0, 20), share("c", 50, 0, 20)];
+    let r = batch(&svc, asks()).await;
+    let got: Vec<(pb::ReserveOutcome, u64)> =
+        r.results.iter().map(|x| (x.outcome(), x.reservation.as_ref().map(|h| h.held_units).unwrap_or(0))).collect();
+    assert_eq!(
+        got,
+        [(pb::ReserveOutcome::Partial, 60), (pb::ReserveOutcome::Partial, 20), (pb::ReserveOutcome::Partial, 20)],
+        "each holds its share; b and c are served past a"
+    );
+    assert_eq!(r.stock.as_ref().map(|s| s.available), Some(0));
+    // The caller recorded them: asking again for the same shares takes nothing more.
+    receive(&svc, "r2", 10).await;
+    let again = batch(&svc, vec![share("a", 300, 60, 60), share("b", 100, 20, 20), share("c", 50, 20, 20)]).await;
+    assert!(again.results.iter().all(|x| x.outcome() == pb::ReserveOutcome::NotServed));
+    assert_eq!(stock(&svc).await.available, 10);
+    // A share beyond what is there: held up to the stock, and the batch stops at that order.
+    let r = batch(&svc, vec![share("b", 100, 20, 40), share("c", 50, 20, 25)]).await;
+    let got: Vec<u64> = r.results.iter().map(|x| x.reservation.as_ref().map(|h| h.held_units).unwrap_or(0)).collect();
+    assert_eq!(got, [30, 20], "b short of its share; c may not pass it");
+    // Out of range: refused with the field named, nothing changed.
+    let bad = svc
+        .batch_reserve(Request::new(pb::BatchReserveRequest {
+            request_id: String::new(),
+            product_sku: SKU.into(),
+            items: vec![share("x", 10, 0, 11), share("y", 10, 0, 0), share("z", 10, 5, 4)],
+            fence_token: 0,
+        }))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> =
+        bad.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["items[0].max_units", "items[1].max_units", "items[2].max_units"]);
     assert!(adds_up(&stock(&svc).await));
 }
 
@@ -568,6 +614,7 @@ backend_tests!(
     receipts_count_once_and_stock_adds_up,
     holds_are_served_in_order_and_partial_holds_top_up,
     unrecorded_holds_go_back_and_the_batch_is_served_in_order,
+    planned_shares_are_held_as_asked,
     generations_are_never_reopened,
     holds_expire_on_their_own_exactly_once,
     concurrent_holds_never_oversell,

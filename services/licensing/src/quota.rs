@@ -116,7 +116,7 @@ impl Licensing {
         let began = std::time::Instant::now();
         let _serial = self.inner.locks.lock(sku).await;
         let locked = began.elapsed();
-        let (answer, _) = self.run_txn(None, || self.reserve_attempt(ctx, sku, &items, fence_token)).await?;
+        let (answer, _) = self.run_txn(None, || self.reserve_attempt(ctx, sku, &items, fence_token, &[])).await?;
         tracing::debug!(
             items = items.len(),
             lock_us = locked.as_micros() as u64,
@@ -132,6 +132,7 @@ impl Licensing {
         sku: &str,
         items: &[QuotaAsk],
         fence_token: u64,
+        draft: &[LicenseRecord],
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
         let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(&it.order_id)).collect();
@@ -143,6 +144,8 @@ impl Licensing {
         // read separately in the rare case they are not.
         let (existing, mut world) =
             tokio::try_join!(self.load_many::<ReservationRecord>(&res_keys), self.read_world(sku, &buyers, &[]))?;
+        // A preview adds the licences a draft wave would create (never written: its transaction is dropped).
+        world.licences.extend(draft.iter().filter(|l| l.product_sku == sku).map(|l| (0, l.clone())));
         let missing: Vec<String> = existing
             .iter()
             .flatten()
@@ -313,6 +316,38 @@ impl Licensing {
             format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" ")),
         );
         Ok((t, pb::BatchReserveQuotaResponse { results }))
+    }
+
+    /// What publishing a draft wave now would do to quota (see `PreviewWaveQuota`): the very decision
+    /// BatchReserveQuota makes, over the world with the draft's licences added, whose transaction is
+    /// dropped instead of committed.
+    pub(crate) async fn preview_wave_quota(
+        &self,
+        ctx: &RequestContext,
+        req: pb::PreviewWaveQuotaRequest,
+    ) -> Result<pb::PreviewWaveQuotaResponse, Error> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "wave_id", &req.wave_id);
+        v.check().map_err(Error::Status)?;
+        let wave_id = req.wave_id.clone();
+        let batch = if req.items.is_empty() {
+            None
+        } else {
+            Some(QuotaBatch::try_from(pb::BatchReserveQuotaRequest {
+                request_id: String::new(),
+                product_sku: req.product_sku,
+                items: req.items,
+                fence_token: 0,
+            })?)
+        };
+        let draft = self.would_be_licences(&wave_id).await?;
+        let now = now_ms();
+        let licenses = draft.iter().map(|l| crate::convert::license_to(l, now)).collect();
+        let results = match batch {
+            None => Vec::new(),
+            Some(b) => self.reserve_attempt(ctx, &b.product_sku, &b.asks, 0, &draft).await?.1.results,
+        };
+        Ok(pb::PreviewWaveQuotaResponse { licenses, results })
     }
 
     pub(crate) async fn batch_release_quota(

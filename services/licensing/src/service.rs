@@ -145,6 +145,12 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::RecheckQuotaResponse>, Status> {
         reading!(self, r, recheck_quota)
     }
+    async fn preview_wave_quota(
+        &self,
+        r: Request<pb::PreviewWaveQuotaRequest>,
+    ) -> Result<Response<pb::PreviewWaveQuotaResponse>, Status> {
+        mutating!(self, r, preview_wave_quota)
+    }
     async fn record_domestic_purchase(
         &self,
         r: Request<pb::RecordDomesticPurchaseRequest>,

@@ -10,7 +10,7 @@ use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::Txn;
+use chipgate_state::{Backend, Txn};
 
 use crate::apps::QueueVersion;
 use crate::convert::{conditions_from, license_to, wave_to};
@@ -31,7 +31,66 @@ fn wave_error(wave_id: &str, application_id: &str, e: WaveError) -> Error {
     }
 }
 
+/// The licence a grant becomes when its wave is published (`seq` numbers it).
+fn licence_of(grant: &GrantRecord, app: &ApplicationRecord, wave_id: &str, seq: u64, now: u64) -> LicenseRecord {
+    let conditions = grant.conditions.clone().unwrap_or_default();
+    let status = if conditions.terms_pending { LicenseStatus::PendingTerms } else { LicenseStatus::Active };
+    LicenseRecord {
+        id: format!("lic-{seq}"),
+        buyer_id: grant.buyer_id.clone(),
+        product_sku: grant.product_sku.clone(),
+        destination: app.destination.clone(),
+        application_id: app.id.clone(),
+        wave_id: wave_id.to_string(),
+        status: status as i32,
+        conditions: Some(conditions),
+        granted: grant.granted,
+        create_ms: now,
+        update_ms: now,
+        seq,
+        ..Default::default()
+    }
+}
+
 impl Licensing {
+    /// The licences publishing draft `wave_id` now would create, numbered as they would be if nothing
+    /// else is published first (a preview: nothing is taken or changed).
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown wave; FAILED_PRECONDITION for a published one, or one whose publication
+    /// would be refused (a granted application no longer queued).
+    pub(crate) async fn would_be_licences(&self, wave_id: &str) -> Result<Vec<LicenseRecord>, Error> {
+        let (_, wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+        if wave.status() != WaveStatus::Draft {
+            return Err(wave_error(wave_id, "", WaveError::Published));
+        }
+        let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&g.application_id)).collect();
+        let apps = self.load_many::<ApplicationRecord>(&app_keys).await?;
+        // The counter as it stands: publication takes the next ids (INCRBY 0 reads without changing).
+        let last = self.store().incr(&keys::counter("lic"), 0).await?;
+        let now = now_ms();
+        let mut out = Vec::with_capacity(wave.grants.len());
+        for (i, (g, a)) in wave.grants.iter().zip(apps).enumerate() {
+            match a {
+                Some((_, a)) if a.status() == ApplicationStatus::Queued => {
+                    out.push(licence_of(g, &a, wave_id, last + 1 + i as u64, now));
+                }
+                other => {
+                    let state = other.map(|(_, a)| format!("{:?}", a.status())).unwrap_or_else(|| "missing".into());
+                    return Err(Error::precondition(
+                        "GRANT_NOT_QUEUED",
+                        &g.application_id,
+                        format!(
+                            "wave {wave_id} grants application {} which is {state}: publishing it would be refused",
+                            g.application_id
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     pub(crate) async fn create_wave(
         &self,
         ctx: &RequestContext,
@@ -262,24 +321,8 @@ impl Licensing {
         let mut index_now: std::collections::HashMap<String, (u64, LicenseIndex)> = std::collections::HashMap::new();
         for (i, ((grant, app), index)) in wave.grants.iter_mut().zip(apps).zip(indexes).enumerate() {
             let Some((aver, mut app)) = app else { continue };
-            let seq = first + i as u64;
-            let conditions = grant.conditions.clone().unwrap_or_default();
-            let status = if conditions.terms_pending { LicenseStatus::PendingTerms } else { LicenseStatus::Active };
-            let lic = LicenseRecord {
-                id: format!("lic-{seq}"),
-                buyer_id: grant.buyer_id.clone(),
-                product_sku: grant.product_sku.clone(),
-                destination: app.destination.clone(),
-                application_id: app.id.clone(),
-                wave_id: wave_id.to_string(),
-                status: status as i32,
-                conditions: Some(conditions.clone()),
-                granted: grant.granted,
-                create_ms: now,
-                update_ms: now,
-                seq,
-                ..Default::default()
-            };
+            let lic = licence_of(grant, &app, wave_id, first + i as u64, now);
+            let conditions = lic.conditions();
             grant.license_id = lic.id.clone();
             app.set_status(ApplicationStatus::Granted);
             app.wave_id = wave_id.to_string();
@@ -289,8 +332,8 @@ impl Licensing {
             t.delete(keys::open_application(&app.buyer_id, &app.product_sku));
             t.zrem(keys::queue(), &app.id);
             t.replace(keys::license(&lic.id), 0, encode(&lic));
-            t.zadd(keys::licenses(), &lic.id, seq as f64);
-            t.zadd(keys::licenses_of(&lic.buyer_id), &lic.id, seq as f64);
+            t.zadd(keys::licenses(), &lic.id, lic.seq as f64);
+            t.zadd(keys::licenses_of(&lic.buyer_id), &lic.id, lic.seq as f64);
             let ikey = keys::license_index(&lic.buyer_id, &lic.product_sku);
             let entry = index_now.entry(ikey.clone()).or_insert_with(|| index.unwrap_or((0, LicenseIndex::default())));
             entry.1.license_ids.push(lic.id.clone());

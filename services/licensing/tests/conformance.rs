@@ -955,6 +955,109 @@ async fn applications_for_unknown_products_are_refused(store: Store) {
     assert!(queue_ids(&svc).await.is_empty(), "nothing joined the queue");
 }
 
+/// A draft wave's preview answers exactly what BatchReserveQuota answers once it is published (the
+/// same licences, numbered alike; pending terms, the domestic ratio and the per-order cap in play) and
+/// changes nothing: no licence, no reservation, no event, no audit entry.
+async fn a_draft_wave_previews_what_its_publication_will_do(store: Store) {
+    let svc = service(store.clone()).await;
+    authorize_export(&svc, "H200").await;
+    let a = submit(&svc, "alpha", "H200", 500).await;
+    let b = submit(&svc, "beta", "H200", 500).await;
+    let c = submit(&svc, "gamma", "H200-NVL", 50).await;
+    let wave = svc
+        .create_wave(Request::new(pb::CreateWaveRequest { request_id: rid(), display_name: "w".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap();
+    let grants = [
+        (&a.application_id, 300, pb::LicenseConditions { per_order_cap: 200, ..Default::default() }),
+        (&b.application_id, 400, pb::LicenseConditions { domestic_ratio_bps: 2500, ..Default::default() }),
+        (&c.application_id, 50, pb::LicenseConditions { terms_pending: true, ..Default::default() }),
+    ];
+    for (app, units, cond) in grants {
+        svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+            request_id: rid(),
+            wave_id: wave.wave_id.clone(),
+            application_id: app.clone(),
+            granted_units: units,
+            conditions: Some(cond),
+        }))
+        .await
+        .unwrap();
+    }
+    let items = || {
+        vec![
+            item("o1", 1, "alpha", 150),
+            item("o2", 1, "beta", 100),
+            item("o3", 1, "alpha", 250),
+            item("o4", 1, "alpha", 160),
+            item("o5", 1, "alpha", 10),
+        ]
+    };
+    let preview = |items: Vec<pb::QuotaItem>| {
+        let svc = svc.clone();
+        let wave_id = wave.wave_id.clone();
+        async move {
+            svc.preview_wave_quota(Request::new(pb::PreviewWaveQuotaRequest {
+                wave_id,
+                product_sku: "H200".into(),
+                items,
+            }))
+            .await
+        }
+    };
+    let ids = |ls: &[pb::License]| ls.iter().map(|l| (l.license_id.clone(), l.state)).collect::<Vec<_>>();
+    let events = store.xlen(&keys::events()).await.unwrap();
+    let p = preview(items()).await.unwrap().into_inner();
+    assert_eq!(store.xlen(&keys::events()).await.unwrap(), events, "a preview changes nothing");
+    assert_eq!(p.licenses.len(), 3, "every product of the wave");
+    assert_eq!(p.licenses[2].state(), pb::LicenseState::PendingTerms);
+    // A preview without items only lists the licences; a bad item is refused with its field.
+    let bare = svc
+        .preview_wave_quota(Request::new(pb::PreviewWaveQuotaRequest {
+            wave_id: wave.wave_id.clone(),
+            product_sku: String::new(),
+            items: vec![],
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&bare.licenses), ids(&p.licenses));
+    let bad = preview(vec![item("o1", 0, "alpha", 1)]).await.unwrap_err();
+    assert_eq!(bad.get_error_details().bad_request().unwrap().field_violations[0].field, "items[0].generation");
+
+    let published = svc
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&p.licenses), ids(&published.licenses), "the ids the preview foresaw");
+    let real = batch(&svc, items()).await;
+    let strip = |r: &[pb::QuotaItemResult]| {
+        r.iter()
+            .map(|x| {
+                (
+                    x.order_id.clone(),
+                    x.reservation.as_ref().map(|q| (q.license_id.clone(), q.units)),
+                    x.failures.clone(),
+                    x.rejectable,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(&p.results), strip(&real));
+    // o1 fits under alpha's cap; beta fails its ratio; o3 is above the per-order cap (rejectable);
+    // o4 passes the cap but not the quota left (150 of 300 in use); o5 queues behind it.
+    assert!(real[0].reservation.is_some());
+    assert_eq!(conditions(&real[1]), vec![pb::Condition::DomesticRatio]);
+    assert!(real[2].rejectable);
+    assert_eq!(conditions(&real[4]), vec![pb::Condition::QueueOrder]);
+    // Once published, there is nothing to preview.
+    assert_eq!(preview(items()).await.unwrap_err().code(), Code::FailedPrecondition);
+}
+
 backend_tests!(
     applications_queue_in_order_with_one_open_each,
     submissions_are_idempotent_per_request_id,
@@ -971,4 +1074,5 @@ backend_tests!(
     items_queued_behind_take_nothing_but_can_be_rejected,
     held_quota_is_rechecked_against_the_licence_and_the_gates,
     applications_for_unknown_products_are_refused,
+    a_draft_wave_previews_what_its_publication_will_do,
 );

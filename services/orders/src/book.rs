@@ -115,7 +115,7 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
             order_id: new.id.clone(),
             buyer_id: new.buyer_id.clone(),
             product_sku: new.sku.clone(),
-            transition: Some(transition_to(step)),
+            transition: Some(transition_to(step, new)),
             held_units: new.held,
         });
     }

@@ -51,6 +51,7 @@ fn cause_to(c: &Cause) -> pb::Cause {
         CauseKind::Shipped => pb::CauseKind::Shipped,
         CauseKind::QuotaReturned => pb::CauseKind::QuotaReturned,
         CauseKind::Reconciled => pb::CauseKind::Reconciled,
+        CauseKind::AllocationPolicy => pb::CauseKind::AllocationPolicy,
     };
     pb::Cause { kind: kind as i32, reference: c.reference.clone() }
 }
@@ -111,6 +112,7 @@ pub fn reserve_item(a: StockAsk, hold_seconds: u32) -> ipb::ReserveItem {
         allow_partial: true,
         hold_seconds,
         known_held: Some(a.known_held),
+        max_units: a.max_units,
     }
 }
 
@@ -129,13 +131,14 @@ pub fn hold_answer(r: &ipb::ReserveItemResult) -> HoldAnswer {
 }
 
 /// One history step.
-pub fn transition_to(t: &TransitionRecord) -> pb::Transition {
+pub fn transition_to(t: &TransitionRecord, order: &OrderRecord) -> pb::Transition {
     pb::Transition {
         from_state: state_to(t.from()) as i32,
         to_state: state_to(t.to()) as i32,
         time: ts_opt(t.at_ms),
         cause: t.cause.as_ref().map(cause_to),
-        detail: t.detail.clone(),
+        // Free text as stored; an allocation under a policy says why the order got its units.
+        detail: if t.share.is_some() { t.describe(order) } else { t.detail.clone() },
         failures: t.failures.iter().map(failure_to).collect(),
     }
 }
@@ -159,7 +162,7 @@ pub fn order_to(o: &OrderRecord, backlog_position: u64, with_history: bool) -> p
         sequence: o.seq,
         create_time: ts_opt(o.create_ms),
         update_time: ts_opt(o.update_ms),
-        history: if with_history { o.history.iter().map(transition_to).collect() } else { Vec::new() },
+        history: if with_history { o.history.iter().map(|t| transition_to(t, o)).collect() } else { Vec::new() },
         backlog_position,
     }
 }

@@ -468,6 +468,7 @@ async fn a_buyer_watching_stock_sees_no_other_buyers_orders() {
                 allow_partial: false,
                 hold_seconds: 600,
                 known_held: None,
+                max_units: None,
             }],
             fence_token: 0,
         })

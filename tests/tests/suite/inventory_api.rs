@@ -74,6 +74,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
             allow_partial: false,
             hold_seconds: 600,
             known_held: None,
+            max_units: None,
         }],
         fence_token: 0,
     };
@@ -91,6 +92,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
                     allow_partial: false,
                     hold_seconds: 0,
                     known_held: None,
+                    max_units: None,
                 },
                 pb::ReserveItem {
                     order_id: "ord-3".into(),
@@ -99,6 +101,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
                     allow_partial: true,
                     hold_seconds: 0,
                     known_held: None,
+                    max_units: None,
                 },
             ],
             fence_token: 0,
