@@ -109,6 +109,7 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
         t.srem(keys::cleanup(), &new.id);
     }
     wave_figures(events, old, new);
+    crate::allocation_policy::tally(t, old, new);
     let seen = old.map(|o| o.history.len()).unwrap_or(0);
     for step in new.history.iter().skip(seen) {
         events.transitions.push(pb::WatchOrdersResponse {

@@ -124,3 +124,14 @@ pub fn unsettled_waves(sku: &str) -> String {
 pub fn waves() -> String {
     SPACE.key(["waves"])
 }
+
+/// A product's allocation policy and its latest changes.
+pub fn allocation_policy(sku: &str) -> String {
+    SPACE.key(["alloc-policy", sku])
+}
+
+/// Units of a product each buyer holds (held, committed, shipped): a hash buyer → units, kept by
+/// `book::write` with every order change; what allocation caps and the metrics read.
+pub fn allocated(sku: &str) -> String {
+    SPACE.key(["allocated", sku])
+}

@@ -18,6 +18,7 @@
 //! * Quota and holds are idempotent per (order, generation); releases an order owes are recorded with
 //!   the move that owes them and carried out by a worker ([`cleanup`]), so no crash leaks either.
 
+mod allocation_policy;
 mod book;
 mod bulk;
 mod cleanup;
@@ -29,6 +30,7 @@ mod lifecycle;
 mod marks;
 mod metrics;
 mod place;
+mod previews;
 mod queries;
 mod reconcile;
 mod scheduler;

@@ -2,7 +2,8 @@
 //!
 //! Read from the state when `/metrics` is scraped (every replica reports the same cluster-wide
 //! figures; aggregate with `max`): orders by state; per product the awaiting queues, the backlog and
-//! the orders holding quota; the event streams' pending entries and lag for the `orders` group; the
+//! the orders holding quota, and the units each buyer holds (its share under the product's allocation
+//! policy); the event streams' pending entries and lag for the `orders` group; the
 //! release outbox; and the latest waves' progress, including the time from publish to the last of
 //! their orders settled.
 //!
@@ -51,9 +52,16 @@ pub(crate) struct Sampler {
     settle: GaugeF64By1,
     propagation_failures: GaugeBy1,
     propagation_age: GaugeF64By1,
+    allocated: GaugeBy2,
     /// Waves currently shown (their series are removed when they drop out).
     shown: Mutex<Vec<String>>,
+    /// (product, buyer) series of allocated units shown (removed when a buyer holds nothing).
+    allocated_shown: Mutex<std::collections::BTreeSet<(String, String)>>,
 }
+
+/// Buyers shown per product in `chipgate_allocated_units`, the largest holders (the rest are summed
+/// under `buyer="_other"`, so a product with many buyers can't blow up the series count).
+const BUYERS_SHOWN: usize = 50;
 
 /// Registers the gauges and counters in `metrics`.
 pub(crate) fn register(metrics: &Metrics) -> (Counters, Sampler) {
@@ -100,7 +108,13 @@ pub(crate) fn register(metrics: &Metrics) -> (Counters, Sampler) {
             "Per product, on this replica: seconds since a pass last succeeded (or since passes began \
              failing, if none has)",
         ),
+        allocated: metrics.gauge_by2(
+            "chipgate_allocated_units",
+            "Per product and buyer: units the buyer holds (held, committed, shipped) — its share of the \
+             product under the allocation policy; the largest holders, the rest as buyer=_other",
+        ),
         shown: Mutex::new(Vec::new()),
+        allocated_shown: Mutex::new(std::collections::BTreeSet::new()),
     };
     (counters, sampler)
 }
@@ -131,6 +145,7 @@ impl Sampler {
             self.orders.get_or_create(&[("state", state_label(s))]).set(n as i64);
         }
 
+        let mut allocated: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
         for sku in store.smembers(&keys::products()).await.map_err(|x| e(&x))? {
             let mut awaiting = 0;
             for b in store.smembers(&keys::awaiting_buyers(&sku)).await.map_err(|x| e(&x))? {
@@ -141,6 +156,25 @@ impl Sampler {
             for (queue, n) in [("awaiting", awaiting), ("backlog", backlog), ("holding", holding)] {
                 self.per_product.get_or_create(&[("product", sku.clone()), ("queue", queue.into())]).set(n as i64);
             }
+            let mut held: Vec<(String, u64)> =
+                svc.allocated_by_buyer(&sku).await.map_err(|x| e(&x))?.into_iter().collect();
+            held.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+            let other: u64 = held.iter().skip(BUYERS_SHOWN).map(|(_, n)| n).sum();
+            held.truncate(BUYERS_SHOWN);
+            if other > 0 {
+                held.push(("_other".to_string(), other));
+            }
+            allocated.extend(held.into_iter().map(|(buyer, n)| ((sku.clone(), buyer), n)));
+        }
+        {
+            let mut shown = self.allocated_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for gone in shown.iter().filter(|k| !allocated.contains_key(*k)) {
+                self.allocated.remove(&[("product", gone.0.clone()), ("buyer", gone.1.clone())]);
+            }
+            for ((sku, buyer), n) in &allocated {
+                self.allocated.get_or_create(&[("product", sku.clone()), ("buyer", buyer.clone())]).set(*n as i64);
+            }
+            *shown = allocated.into_keys().collect();
         }
 
         // Inventory's figures add up over its products' streams.

@@ -44,7 +44,7 @@ use crate::scheduler::Running;
 use crate::{Error, Orders, book, keys};
 
 /// Attempts at one batch when concurrent changes to its orders keep winning.
-const BATCH_ATTEMPTS: u32 = 8;
+pub(crate) const BATCH_ATTEMPTS: u32 = 8;
 /// Other traces a round links to at most (each further cause of the same round is only counted).
 const MAX_LINKS: usize = 16;
 
@@ -60,9 +60,9 @@ struct Evaluating<'a> {
 }
 
 /// The lease a pass runs under.
-struct Lease {
-    sku: String,
-    token: u64,
+pub(crate) struct Lease {
+    pub(crate) sku: String,
+    pub(crate) token: u64,
     renewed: Instant,
 }
 
@@ -136,7 +136,7 @@ impl Orders {
     }
 
     /// Extends the lease when a third of its lifetime has passed.
-    async fn keep(&self, lease: &mut Lease) -> Result<(), Error> {
+    pub(crate) async fn keep(&self, lease: &mut Lease) -> Result<(), Error> {
         let ttl = self.options().lease_ttl;
         if lease.renewed.elapsed() < ttl / 3 {
             return Ok(());
@@ -289,8 +289,10 @@ impl Orders {
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
         // placement order.
         let backlog_empty = self.store().zcard(&keys::backlog(&sku)).await? == 0;
-        let mut stage =
-            Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(backlog_empty) };
+        // Under an allocation policy that shares stock (or caps it), they join the backlog and the drain
+        // after the evaluation shares it out.
+        let inline = backlog_empty && !self.allocation_policy(&sku).await?.planned();
+        let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(inline) };
         let mut backlogged = HashMap::new();
         for chunk in queue.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
@@ -422,6 +424,10 @@ impl Orders {
         cause: &Cause,
         entered: &HashMap<String, Cause>,
     ) -> Result<(), Error> {
+        let policy = self.allocation_policy(&lease.sku).await?;
+        if policy.planned() {
+            return self.drain_shared(ctx, lease, policy, cause, entered).await;
+        }
         let chunk = self.options().chunk.max(1);
         loop {
             self.keep(lease).await?;
@@ -569,11 +575,11 @@ async fn commit_under_lease(svc: &Orders, t: &Txn) -> Result<(), Error> {
 }
 
 /// A planned move the order's life cycle refuses: stored data and the rules disagree.
-fn move_error(e: chipgate_domain::orders::MoveError) -> Error {
+pub(crate) fn move_error(e: chipgate_domain::orders::MoveError) -> Error {
     Error::Internal(format!("a planned move broke the order life cycle: {e}"))
 }
 
-fn commit_error(e: CommitError) -> Error {
+pub(crate) fn commit_error(e: CommitError) -> Error {
     match e {
         CommitError::LeaseLost { key } | CommitError::Fenced { key } => Error::Superseded(format!("lease {key} lost")),
         CommitError::State(s) => Error::State(s),
@@ -583,7 +589,7 @@ fn commit_error(e: CommitError) -> Error {
 
 /// A peer's refusal of our fencing token (ABORTED with `ErrorInfo.reason` [`chipgate_contract::FENCED_REASON`]) means another
 /// replica took the product over.
-fn peer_error(s: tonic::Status) -> Error {
+pub(crate) fn peer_error(s: tonic::Status) -> Error {
     use tonic_types::StatusExt;
     let fenced = s.code() == Code::Aborted
         && s.get_error_details().error_info().is_some_and(|i| i.reason == chipgate_contract::FENCED_REASON);

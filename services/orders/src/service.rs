@@ -51,4 +51,28 @@ impl OrderService for Orders {
     ) -> Result<Response<pb::GetWaveProgressResponse>, Status> {
         reading!(self, r, get_wave_progress)
     }
+    async fn set_allocation_policy(
+        &self,
+        r: Request<pb::SetAllocationPolicyRequest>,
+    ) -> Result<Response<pb::SetAllocationPolicyResponse>, Status> {
+        mutating!(self, r, set_allocation_policy)
+    }
+    async fn get_allocation_policy(
+        &self,
+        r: Request<pb::GetAllocationPolicyRequest>,
+    ) -> Result<Response<pb::GetAllocationPolicyResponse>, Status> {
+        reading!(self, r, get_allocation_policy)
+    }
+    async fn preview_wave(
+        &self,
+        r: Request<pb::PreviewWaveRequest>,
+    ) -> Result<Response<pb::PreviewWaveResponse>, Status> {
+        mutating!(self, r, preview_wave)
+    }
+    async fn preview_supply(
+        &self,
+        r: Request<pb::PreviewSupplyRequest>,
+    ) -> Result<Response<pb::PreviewSupplyResponse>, Status> {
+        mutating!(self, r, preview_supply)
+    }
 }
