@@ -14,8 +14,8 @@ use chipgate_proto::orders::v1 as opb;
 use chipgate_proto::orders::v1::order_service_server::OrderService;
 use prost::Message;
 
-/// Unary RPCs the dispatcher knows (licensing 36, inventory 14, orders 8).
-pub const RPCS: usize = 55;
+/// Unary RPCs the dispatcher knows (licensing 36, inventory 12, orders 12).
+pub const RPCS: usize = 60;
 
 /// The three services, in this process.
 pub struct World {
@@ -81,7 +81,7 @@ macro_rules! dispatch {
 /// calls its handler; the answer is dropped (only a panic matters). True when the handler ran.
 pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
     let sel = usize::from(sel);
-    let (lic_n, inv_n) = (35usize, 12usize);
+    let (lic_n, inv_n) = (36usize, 12usize);
     if sel < lic_n {
         dispatch!(sel, bytes, w.licensing, [
             submit_application: lpb::SubmitApplicationRequest,
@@ -109,6 +109,7 @@ pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
             confirm_quota: lpb::ConfirmQuotaRequest,
             get_quota_reservation: lpb::GetQuotaReservationRequest,
             recheck_quota: lpb::RecheckQuotaRequest,
+            preview_wave_quota: lpb::PreviewWaveQuotaRequest,
             record_domestic_purchase: lpb::RecordDomesticPurchaseRequest,
             get_domestic_ledger: lpb::GetDomesticLedgerRequest,
             grant_export_authorization: lpb::GrantExportAuthorizationRequest,
@@ -144,7 +145,11 @@ pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
             confirm_order: opb::ConfirmOrderRequest,
             ship_order: opb::ShipOrderRequest,
             get_backlog: opb::GetBacklogRequest,
-            get_wave_progress: opb::GetWaveProgressRequest
+            get_wave_progress: opb::GetWaveProgressRequest,
+            set_allocation_policy: opb::SetAllocationPolicyRequest,
+            get_allocation_policy: opb::GetAllocationPolicyRequest,
+            preview_wave: opb::PreviewWaveRequest,
+            preview_supply: opb::PreviewSupplyRequest
         ])
     }
 }

@@ -137,8 +137,9 @@ pub fn transition_to(t: &TransitionRecord, order: &OrderRecord) -> pb::Transitio
         to_state: state_to(t.to()) as i32,
         time: ts_opt(t.at_ms),
         cause: t.cause.as_ref().map(cause_to),
-        // Free text as stored; an allocation under a policy says why the order got its units.
-        detail: if t.share.is_some() { t.describe(order) } else { t.detail.clone() },
+        // Rendered from the step's figures (free text as stored): why it waits, which licence, how
+        // many units, and — under an allocation policy — why the order got them.
+        detail: t.describe(order),
         failures: t.failures.iter().map(failure_to).collect(),
     }
 }

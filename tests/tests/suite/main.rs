@@ -10,6 +10,7 @@
 
 mod common;
 
+mod allocation;
 mod authz;
 mod closing_gates;
 mod concurrency;
