@@ -8,7 +8,11 @@
 //! * every product's stock adds up, and held / committed / shipped stock equals what the orders hold;
 //! * every order holding quota has a matching quota reservation (same generation and units);
 //! * every acknowledged request placed exactly one order;
-//! * no order took stock while an earlier order of the same product waited unserved in the backlog;
+//! * no order took stock while an earlier order of the same product waited unserved in the backlog —
+//!   under FIFO; once a product's allocation policy shares stock (pro rata, or a per-buyer cap),
+//!   buyers may pass each other, but no order may pass an earlier one of its own buyer;
+//! * the units each buyer holds of each product, as the allocation policies count them, are what its
+//!   orders hold;
 //! * the audit log verifies.
 
 use std::collections::{BTreeMap, HashMap};
@@ -232,12 +236,42 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
         }
     }
 
-    // Backlog order: nobody got stock while an earlier order of the product waited unserved.
+    // Backlog order: nobody got stock while an earlier order of the product waited unserved (under
+    // FIFO), or an earlier order of the same buyer (once the product's policy shares stock).
     let mut by_product: BTreeMap<&str, Vec<&opb::Order>> = BTreeMap::new();
     for o in &orders {
         by_product.entry(o.product_sku.as_str()).or_default().push(o);
     }
     for (sku, mut os) in by_product {
+        let policy = c
+            .orders
+            .get_allocation_policy(opb::GetAllocationPolicyRequest { product_sku: sku.to_string() })
+            .await
+            .expect("GetAllocationPolicy")
+            .into_inner();
+        // Since when stock may have been shared (a drain that read the policy just before a change to
+        // FIFO may still share after it, so sharing counts from the first such policy on).
+        let shared_since = policy
+            .changes
+            .iter()
+            .filter(|ch| {
+                let p = ch.policy.clone().unwrap_or_default();
+                p.strategy() == opb::AllocationStrategy::ProRata || (1..100).contains(&p.max_share_percent)
+            })
+            .map(|ch| ms(ch.change_time.as_ref()))
+            .min()
+            .unwrap_or(u64::MAX);
+        // The units each buyer holds, as the policy's tally counts them.
+        let mut held: BTreeMap<&str, u64> = BTreeMap::new();
+        for o in os.iter().filter(|o| holds_quota(o.state()) && o.held_units > 0) {
+            *held.entry(o.buyer_id.as_str()).or_default() += o.held_units;
+        }
+        let tally: BTreeMap<&str, u64> =
+            policy.allocations.iter().map(|a| (a.buyer_id.as_str(), a.allocated_units)).collect();
+        if tally != held {
+            v.push(format!("{sku}: the allocation tally says buyers hold {tally:?}, their orders hold {held:?}"));
+        }
+        let buyer_of: HashMap<&str, &str> = os.iter().map(|o| (o.order_id.as_str(), o.buyer_id.as_str())).collect();
         os.sort_by_key(|o| o.sequence);
         // Intervals during which each order waited in the backlog, unserved: [entry, exit).
         let mut waiting: Vec<(u64, u64, u64, &str)> = Vec::new();
@@ -266,7 +300,8 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
         }
         for (seq_b, at, b) in &got_stock {
             for (seq_a, entry, exit, a) in &waiting {
-                if seq_a < seq_b && *entry <= *at && *at < *exit && a != b {
+                let passed = if *at >= shared_since { buyer_of.get(a) == buyer_of.get(b) } else { true };
+                if seq_a < seq_b && *entry <= *at && *at < *exit && a != b && passed {
                     v.push(format!(
                         "{sku}: order {b} took stock at {at} while earlier order {a} waited in the backlog"
                     ));

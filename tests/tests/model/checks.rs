@@ -22,6 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use chipgate_domain::shares;
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
@@ -227,6 +228,8 @@ pub struct Snapshot {
     pub orders: Vec<opb::Order>,
     pub licences: Vec<lpb::License>,
     pub stock: Vec<ipb::Stock>,
+    /// Each product's allocation policy and the units each buyer holds.
+    pub policies: BTreeMap<String, opb::GetAllocationPolicyResponse>,
 }
 
 /// Reads every order (with history), licence and stock figure as the auditor.
@@ -236,7 +239,13 @@ pub async fn snapshot(auditor: &Party) -> Snapshot {
     let mut lic = auditor.lic.clone();
     let licences = all_pages!(lic, list_licenses, lpb::ListLicensesRequest, licenses);
     let stock = auditor.inv.clone().list_stock(ipb::ListStockRequest {}).await.expect("ListStock").into_inner().stock;
-    Snapshot { orders, licences, stock }
+    let mut policies = BTreeMap::new();
+    for s in &stock {
+        let msg = opb::GetAllocationPolicyRequest { product_sku: s.product_sku.clone() };
+        let p = ord.get_allocation_policy(msg).await.expect("GetAllocationPolicy").into_inner();
+        policies.insert(s.product_sku.clone(), p);
+    }
+    Snapshot { orders, licences, stock, policies }
 }
 
 /// Runs every settled check; returns the violations (the run's own are in the model).
@@ -622,14 +631,42 @@ fn orders_world(m: &Model, snap: &Snapshot, now: u64, v: &mut Vec<String>) {
             }
         }
     }
-    // No free stock while the backlog waits.
+    // No free stock while the backlog waits — none its policy would hand out: under FIFO none at all;
+    // under a per-buyer cap, only what no waiting buyer may take.
     for s in &snap.stock {
-        let backlog =
-            orders.iter().filter(|o| o.product_sku == s.product_sku && o.state() == OrderState::Backordered).count();
-        if backlog > 0 && s.available > 0 {
+        let backlog: Vec<shares::Waiting> = orders
+            .iter()
+            .filter(|o| o.product_sku == s.product_sku && o.state() == OrderState::Backordered)
+            .map(|o| shares::Waiting {
+                order_id: o.order_id.clone(),
+                buyer_id: o.buyer_id.clone(),
+                seq: o.sequence,
+                outstanding: o.units - o.held_units,
+            })
+            .collect();
+        let p = snap.policies.get(&s.product_sku).cloned().unwrap_or_default();
+        let pol = p.policy.unwrap_or_default();
+        let policy = shares::Policy {
+            strategy: match pol.strategy() {
+                opb::AllocationStrategy::ProRata => shares::Strategy::ProRata,
+                _ => shares::Strategy::Fifo,
+            },
+            max_share_percent: pol.max_share_percent,
+        };
+        let held: BTreeMap<String, u64> =
+            p.allocations.iter().map(|a| (a.buyer_id.clone(), a.allocated_units)).collect();
+        let plan = shares::plan(policy, s.available, &held, &backlog);
+        if policy.cap().is_some() && !backlog.is_empty() && s.available > 0 {
+            count("backlogs waiting beside stock their cap keeps");
+        }
+        if plan.allocated > 0 {
             v.push(format!(
-                "{}: {backlog} orders wait in the backlog while {} units are available",
-                s.product_sku, s.available
+                "{}: {} orders wait in the backlog while {} units are available ({} of which {} would hand out)",
+                s.product_sku,
+                backlog.len(),
+                s.available,
+                plan.allocated,
+                policy.describe()
             ));
         }
     }

@@ -235,10 +235,41 @@ pub async fn vendor(ctx: Ctx) {
                 let units = rng.u64(2..=20) * 10;
                 receive(&ctx, &party, &mut rng, sku, units).await;
             }
-            35..=84 => ship(&ctx, &party, &mut rng).await,
+            35..=81 => ship(&ctx, &party, &mut rng).await,
+            82..=84 => allocation_policy(&ctx, &party, &mut rng).await,
             85..=89 => rebook(&ctx, &party, &mut rng).await,
             _ => bad(&ctx, &party, &mut rng).await,
         }
+    }
+}
+
+/// Changes a product's allocation policy: FIFO or pro rata, with or without a per-buyer cap (what the
+/// settled checks then hold the backlog to is read back from the service).
+async fn allocation_policy(ctx: &Ctx, party: &Party, rng: &mut Rng) {
+    let sku = PRODUCTS[rng.usize(..PRODUCTS.len())];
+    let strategy = if rng.bool() { opb::AllocationStrategy::Fifo } else { opb::AllocationStrategy::ProRata };
+    let cap = [0, 0, 34, 50, 75][rng.usize(..5)];
+    let msg = opb::SetAllocationPolicyRequest {
+        request_id: ctx.rid("allocation-policy"),
+        product_sku: sku.into(),
+        strategy: strategy as i32,
+        max_share_percent: cap,
+        reason: "model".into(),
+    };
+    let mode = Mode::pick(rng);
+    let r = ctx
+        .call(
+            "SetAllocationPolicy",
+            mode,
+            send_ord!(party, set_allocation_policy, msg),
+            |a: &opb::SetAllocationPolicyResponse, b| a == b,
+        )
+        .await;
+    if ctx.expect("SetAllocationPolicy", &format!("{sku}: {} cap {cap}", strategy.as_str_name()), &r, true, &[])
+        && let Ok(x) = r
+        && x.policy.as_ref().map(|p| (p.strategy, p.max_share_percent)) != Some((strategy as i32, cap))
+    {
+        ctx.violation(format!("SetAllocationPolicy {sku}: acknowledged, but the policy is {:?}", x.policy));
     }
 }
 
