@@ -4,7 +4,8 @@
 //! than 2,000,000 chips while nothing is licensed; they apply; wave 1 grants ByteDance, Alibaba and
 //! Tencent 400,000+ units with terms pending and a domestic-chip ratio — and nothing moves; the embargo
 //! lifts; the terms are finalised; the buyers record domestic purchases; stock is far below demand;
-//! supply arrives in a few receipts; the other buyers are still queued.
+//! supply arrives in a few receipts; the other buyers are still queued. Wave 1 is previewed before it
+//! is published, and the first shipment under FIFO and pro rata before the vendor chooses pro rata.
 //!
 //! The demo's inputs (who orders how much, who is granted what) are its script; every figure it
 //! prints is read back from the services (ListOrders, GetWaveProgress, GetStock, GetBacklog,
@@ -802,18 +803,36 @@ async fn wave_one(d: &mut Demo<'_>) -> Outcome {
         ctx.call(Svc::Licensing, None, ctx.lic().add_wave_grant(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
             .await?;
     }
+    // What publishing would do, before anyone commits it.
+    let msg = opb::PreviewWaveRequest { wave_id: wave.wave_id.clone(), max_orders: 10_000 };
+    let preview =
+        ctx.call(Svc::Orders, None, ctx.ord().preview_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg))).await?;
+    let eligible: u64 = preview.buyers.iter().map(|b| b.orders_eligible).sum();
+    let waiting: u64 = preview.buyers.iter().map(|b| b.orders_waiting).sum();
+    let mut why: Vec<String> =
+        preview.buyers.iter().flat_map(|b| b.reasons.iter().map(|f| view::condition_name(f.condition()))).collect();
+    why.sort();
+    why.dedup();
+    let mut ev = vec![format!(
+        "preview of {} before publishing: {} orders would take quota, {} would keep waiting ({})",
+        wave.wave_id,
+        thousands(eligible),
+        thousands(waiting),
+        if why.is_empty() { "-".to_string() } else { why.join(", ") }
+    )];
+    ev.extend(view::buyer_outcomes_table(&preview.buyers).render().into_iter().map(|l| format!("  {l}")));
     let msg = lpb::PublishWaveRequest { request_id: d.rid("publish-1"), wave_id: wave.wave_id.clone() };
     let published = ctx
         .call(Svc::Licensing, None, ctx.lic().publish_wave(ctx.req_as(As::Role(Role::ImportAuthority), msg)))
         .await?;
     let pw = published.wave.clone().unwrap_or_default();
-    let mut ev = vec![format!(
+    ev.push(format!(
         "{} published: {} licences, {} units granted together; conditions: {}",
         pw.wave_id,
         published.licenses.len(),
         thousands(pw.total_granted_units),
         view::conditions_text(pw.grants.first().and_then(|g| g.conditions.as_ref()))
-    )];
+    ));
     ev.extend(view::licenses_table(&published.licenses).render().into_iter().map(|l| format!("  {l}")));
     let (progress, settled) = crate::cmd::waves::follow_progress(
         &ctx.acting(As::Role(Role::ImportAuthority)),
@@ -834,6 +853,7 @@ async fn wave_one(d: &mut Demo<'_>) -> Outcome {
         thousands(progress.orders_awaiting)
     ));
     let now = d.settle("wave 1 propagation", |_| true).await?;
+    ev.push(as_previewed(&preview.orders, &now));
     if d.changed_state(&now) == 0 {
         let terms = now.awaiting().filter(|o| has(o, lpb::Condition::TermsFinal)).count() as u64;
         let customs = now.awaiting().filter(|o| has(o, lpb::Condition::ImportPolicy)).count() as u64;
@@ -1000,10 +1020,75 @@ async fn still_queued(d: &mut Demo<'_>) -> Outcome {
     Ok(())
 }
 
-/// One supply receipt arrives (the `i`-th of [`RECEIPTS`]); the backlog takes it, oldest first.
+/// How many of the orders a preview named stand as it said.
+fn as_previewed(outcomes: &[opb::OrderOutcome], now: &World) -> String {
+    let by_id: BTreeMap<&str, &opb::Order> = now.orders.iter().map(|o| (o.order_id.as_str(), o)).collect();
+    let same = outcomes
+        .iter()
+        .filter(|p| {
+            by_id.get(p.order_id.as_str()).is_some_and(|o| o.state == p.next_state && o.held_units == p.next_held_units)
+        })
+        .count();
+    format!(
+        "as previewed: {} of {} orders stand where the preview said",
+        thousands(same as u64),
+        thousands(outcomes.len() as u64)
+    )
+}
+
+/// A receipt's preview under the product's current policy, as the vendor asks it.
+async fn preview_supply(d: &Demo<'_>, units: u64) -> Result<opb::PreviewSupplyResponse, Failure> {
+    let ctx = d.ctx;
+    let msg = opb::PreviewSupplyRequest { product_sku: H200.to_string(), units, max_orders: 10_000 };
+    ctx.call(Svc::Orders, None, ctx.ord().preview_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await
+}
+
+/// The first shipment, previewed first come first served and pro rata, side by side; the vendor
+/// chooses pro rata, so no buyer early in the queue takes the whole shipment.
+async fn fifo_or_pro_rata(
+    d: &Demo<'_>,
+    units: u64,
+    ev: &mut Vec<String>,
+) -> Result<opb::PreviewSupplyResponse, Failure> {
+    let ctx = d.ctx;
+    let fifo = preview_supply(d, units).await?;
+    let msg = opb::SetAllocationPolicyRequest {
+        request_id: d.rid("pro-rata"),
+        product_sku: H200.to_string(),
+        strategy: opb::AllocationStrategy::ProRata as i32,
+        max_share_percent: 0,
+        reason: "share the shortage among the licensed buyers".to_string(),
+    };
+    ctx.call(Svc::Orders, None, ctx.ord().set_allocation_policy(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
+    let pro_rata = preview_supply(d, units).await?;
+    let share = |p: &opb::PreviewSupplyResponse| -> BTreeMap<String, (u64, u64)> {
+        p.allocation
+            .as_ref()
+            .map(|a| a.buyers.iter().map(|b| (b.buyer_id.clone(), (b.units_waiting, b.units))).collect())
+            .unwrap_or_default()
+    };
+    let (f, r) = (share(&fifo), share(&pro_rata));
+    ev.push(format!(
+        "previewed before it is booked: FIFO fills {} orders, pro rata {}; the vendor chooses pro rata",
+        thousands(fifo.orders.iter().filter(|o| o.next_state() == opb::OrderState::Reserved).count() as u64),
+        thousands(pro_rata.orders.iter().filter(|o| o.next_state() == opb::OrderState::Reserved).count() as u64)
+    ));
+    let mut t = out::Table::new(&["BUYER", ">WAITS FOR", ">FIFO", ">PRO RATA"]);
+    for (buyer, (waits, units)) in &r {
+        let fifo_units = f.get(buyer).map(|x| x.1).unwrap_or(0);
+        t.row(vec![buyer.clone(), thousands(*waits), thousands(fifo_units), thousands(*units)]);
+    }
+    ev.extend(t.render().into_iter().map(|l| format!("  {l}")));
+    Ok(pro_rata)
+}
+
+/// One supply receipt arrives (the `i`-th of [`RECEIPTS`]); the backlog takes it as the product's
+/// allocation policy says (the first one is previewed under FIFO and pro rata first).
 async fn supply(d: &mut Demo<'_>, i: usize) -> Outcome {
     let ctx = d.ctx;
     let (receipt, units, source) = RECEIPTS[i];
+    let mut ev = Vec::new();
+    let preview = if i == 0 { fifo_or_pro_rata(d, units, &mut ev).await? } else { preview_supply(d, units).await? };
     let msg = ipb::ReceiveSupplyRequest {
         request_id: d.rid(receipt),
         receipt_id: receipt.to_string(),
@@ -1013,9 +1098,9 @@ async fn supply(d: &mut Demo<'_>, i: usize) -> Outcome {
     };
     let r = ctx.call(Svc::Inventory, None, ctx.inv().receive_supply(ctx.req_as(As::Role(Role::Vendor), msg))).await?;
     let rc = r.receipt.unwrap_or_default();
-    let mut ev =
-        vec![format!("receipt {}: {} x {} ({})", rc.receipt_id, thousands(rc.units), rc.product_sku, rc.source)];
+    ev.push(format!("receipt {}: {} x {} ({})", rc.receipt_id, thousands(rc.units), rc.product_sku, rc.source));
     let now = d.settle("supply", |w| w.stock.available == 0 || w.backlog == 0).await?;
+    ev.push(as_previewed(&preview.orders, &now));
     ev.push(Demo::stock_line(&now.stock, now.backlog));
     d.report("supply", ev, now);
     Ok(())

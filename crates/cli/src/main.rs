@@ -22,7 +22,7 @@ mod view;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Ctx, Global, Outcome};
-use crate::cmd::{applications, audit, customs, domestic, export, inventory, licenses, orders, waves};
+use crate::cmd::{allocation, applications, audit, customs, domestic, export, inventory, licenses, orders, waves};
 
 const LONG_ABOUT: &str = "\
 chipgate decides which buyer's order may take which export-controlled AI chip, while approval waves,
@@ -38,8 +38,9 @@ drafts a `wave`, grants quota with conditions and publishes it; licences with pe
 `license finalize`d; buyers record `domestic` purchases to meet ratio conditions; the vendor needs an
 `export` authorisation and customs must not embargo the product (`customs`); buyers place orders
 (`order place`, `order import`), which wait for a licence, then for `stock` in the `backlog`, and move
-on their own as the world changes; `supply receive` feeds the backlog; `audit verify` proves nobody
-rewrote history.";
+on their own as the world changes; `supply receive` feeds the backlog, shared among buyers as the
+vendor's `allocation` policy says; `wave preview` and `supply preview` show what a draft wave or a
+receipt would do before anyone commits it; `audit verify` proves nobody rewrote history.";
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -139,6 +140,9 @@ enum Command {
     Order(orders::OrderCmd),
     /// Show a product's backlog: orders holding licence quota that wait for stock, oldest first.
     Backlog(orders::BacklogArgs),
+    /// Set and show how a product's stock is shared among waiting buyers (FIFO, pro rata, a cap).
+    #[command(subcommand)]
+    Allocation(allocation::AllocationCmd),
     /// List and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
@@ -179,6 +183,7 @@ async fn run(global: Global, command: Command) -> Outcome {
         Command::Supply(c) => inventory::supply(ctx, c).await,
         Command::Order(c) => orders::order(ctx, c).await,
         Command::Backlog(a) => orders::backlog(ctx, a).await,
+        Command::Allocation(c) => allocation::allocation(ctx, c).await,
         Command::Audit(c) => audit::audit(ctx, c).await,
     }
 }

@@ -429,3 +429,103 @@ pub fn print_wave_progress(p: &opb::WaveProgress) {
         ("units held", thousands(p.units_held)),
     ]);
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Allocation policies and previews
+// ---------------------------------------------------------------------------------------------------
+
+/// A policy in words: "PRO_RATA, at most 40 % per buyer".
+pub fn policy_text(p: Option<&opb::AllocationPolicy>) -> String {
+    let Some(p) = p else { return "FIFO".to_string() };
+    let strategy = match p.strategy() {
+        opb::AllocationStrategy::Unspecified => "FIFO".to_string(),
+        s => short(s.as_str_name(), "ALLOCATION_STRATEGY_"),
+    };
+    if (1..100).contains(&p.max_share_percent) {
+        format!("{strategy}, at most {} % per buyer", p.max_share_percent)
+    } else {
+        strategy
+    }
+}
+
+/// How free stock would be shared, for people: the figures and one row per waiting buyer.
+pub fn print_allocation(a: &opb::StockAllocation) {
+    crate::out::say(&format!(
+        "{}: {} free, {} handed out, {} left ({})",
+        a.product_sku,
+        thousands(a.free_units),
+        thousands(a.allocated_units),
+        thousands(a.left_units),
+        policy_text(a.policy.as_ref())
+    ));
+    let mut t = crate::out::Table::new(&["BUYER", ">ORDERS", ">WAITS FOR", ">HOLDS", ">GETS", "CAP"]);
+    for b in &a.buyers {
+        t.row(vec![
+            b.buyer_id.clone(),
+            thousands(b.orders_waiting),
+            thousands(b.units_waiting),
+            thousands(b.allocated_units),
+            thousands(b.units),
+            if b.capped { "capped".to_string() } else { "-".to_string() },
+        ]);
+    }
+    t.print_or("  nobody waits in the backlog");
+}
+
+/// Orders before and after a previewed change.
+pub fn outcomes_table(os: &[opb::OrderOutcome]) -> crate::out::Table {
+    let mut t = crate::out::Table::new(&["ORDER", "BUYER", ">UNITS", "NOW", ">HELD", "WOULD BE", ">HELD", "WHY"]);
+    for o in os {
+        let why = if o.reasons.is_empty() {
+            o.detail.clone()
+        } else {
+            let mut names: Vec<String> = o.reasons.iter().map(|f| condition_name(f.condition())).collect();
+            names.dedup();
+            names.join(", ")
+        };
+        t.row(vec![
+            o.order_id.clone(),
+            o.buyer_id.clone(),
+            thousands(o.units),
+            order_state_name(o.state()),
+            thousands(o.held_units),
+            order_state_name(o.next_state()),
+            thousands(o.next_held_units),
+            why,
+        ]);
+    }
+    t
+}
+
+/// What a wave would do per buyer, as a table.
+pub fn buyer_outcomes_table(bs: &[opb::BuyerOutcome]) -> crate::out::Table {
+    let mut t = crate::out::Table::new(&[
+        "BUYER",
+        "PRODUCT",
+        ">ELIGIBLE",
+        ">UNITS",
+        ">RESERVED",
+        ">BACKORDERED",
+        ">NEWLY HELD",
+        ">WAITING",
+        ">REJECTED",
+        "WHY WAITING",
+    ]);
+    for b in bs {
+        let mut why: Vec<String> = b.reasons.iter().map(|f| condition_name(f.condition())).collect();
+        why.dedup();
+        t.row(vec![
+            b.buyer_id.clone(),
+            b.product_sku.clone(),
+            thousands(b.orders_eligible),
+            thousands(b.units_eligible),
+            thousands(b.orders_reserved),
+            thousands(b.orders_backordered),
+            thousands(b.units_newly_held),
+            thousands(b.orders_waiting),
+            thousands(b.orders_rejected),
+            if why.is_empty() { "-".to_string() } else { why.join(", ") },
+        ]);
+    }
+    t
+}

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use chipgate_proto::inventory::v1 as ipb;
+use chipgate_proto::orders::v1 as opb;
 use clap::{Args, Subcommand};
 
 use super::{ListArgs, pages, print_listing, show, watch_until};
@@ -149,11 +150,34 @@ pub enum SupplyCmd {
         #[arg(long, default_value = "")]
         source: String,
     },
+    /// Which backordered orders a receipt of this size would fill, partly fill or leave waiting under
+    /// the product's allocation policy, and each buyer's share — changing nothing.
+    #[command(after_help = "Example:
+  chipgate --as vendor supply preview --product H200-SXM-141GB --units 25000")]
+    Preview {
+        /// Catalogue SKU.
+        #[arg(long)]
+        product: String,
+        /// Units the receipt would bring.
+        #[arg(long)]
+        units: u64,
+        /// List at most this many orders.
+        #[arg(long, default_value_t = 50)]
+        max_orders: i32,
+    },
 }
 
 /// `chipgate supply …`.
 pub async fn supply(ctx: &Ctx, cmd: SupplyCmd) -> Outcome {
-    let SupplyCmd::Receive { product, units, receipt, source } = cmd;
+    let (product, units, receipt, source) = match cmd {
+        SupplyCmd::Receive { product, units, receipt, source } => (product, units, receipt, source),
+        SupplyCmd::Preview { product, units, max_orders } => {
+            let msg = opb::PreviewSupplyRequest { product_sku: product, units, max_orders };
+            let r = ctx.call(Svc::Orders, None, ctx.ord().preview_supply(ctx.req(msg))).await?;
+            show(ctx, &r, || print_supply_preview(&r));
+            return Ok(());
+        }
+    };
     let rid = ctx.rid();
     let receipt_id = receipt.unwrap_or_else(|| random_id("rcpt"));
     let msg = ipb::ReceiveSupplyRequest { request_id: rid.clone(), receipt_id, product_sku: product, units, source };
@@ -169,4 +193,28 @@ pub async fn supply(ctx: &Ctx, cmd: SupplyCmd) -> Outcome {
         view::stock_table(r.stock.as_slice()).print_or("");
     });
     Ok(())
+}
+
+/// A supply preview for people: each buyer's share, then the orders it fills or partly fills.
+pub fn print_supply_preview(r: &opb::PreviewSupplyResponse) {
+    out::say(&format!(
+        "a receipt of {} x {} ({} available now):",
+        thousands(r.units),
+        r.product_sku,
+        thousands(r.available_units)
+    ));
+    out::say("");
+    if let Some(a) = &r.allocation {
+        view::print_allocation(a);
+    }
+    out::say("");
+    view::outcomes_table(&r.orders).print_or("it would fill no order");
+    if r.orders_truncated {
+        out::note("(more orders would take units: --max-orders to list them)");
+    }
+    out::say(&format!(
+        "left waiting: {} order(s), {} units",
+        thousands(r.orders_left_waiting),
+        thousands(r.units_left_waiting)
+    ));
 }

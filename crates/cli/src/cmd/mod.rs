@@ -1,6 +1,7 @@
 //! The client commands, one module per resource, and what they share: paging, printing listings,
 //! watching streams.
 
+pub mod allocation;
 pub mod applications;
 pub mod audit;
 pub mod customs;

@@ -92,6 +92,19 @@ pub enum WaveCmd {
         /// Draft wave id.
         wave: String,
     },
+    /// What publishing a draft wave now would do, changing nothing: per buyer, the orders that would
+    /// take quota, be reserved or backordered, or keep waiting and why; how free stock would be
+    /// shared; and every order that would move. The same rules as the publication's propagation.
+    #[command(after_help = "Examples:
+  chipgate --as import_authority wave preview wave-1
+  chipgate --as vendor -o json wave preview wave-1 | jq .buyers")]
+    Preview {
+        /// Draft wave id.
+        wave: String,
+        /// List at most this many orders (the per-buyer figures count them all).
+        #[arg(long, default_value_t = 50)]
+        max_orders: i32,
+    },
     /// Show one wave and its grants.
     #[command(after_help = "Example:\n  chipgate wave show wave-1")]
     Show {
@@ -164,6 +177,11 @@ pub async fn wave(ctx: &Ctx, cmd: WaveCmd) -> Outcome {
                 out::say(&format!("follow its propagation: chipgate wave follow {}", w.wave_id));
             });
         }
+        WaveCmd::Preview { wave, max_orders } => {
+            let msg = opb::PreviewWaveRequest { wave_id: wave, max_orders };
+            let r = ctx.call(Svc::Orders, None, ctx.ord().preview_wave(ctx.req(msg))).await?;
+            show(ctx, &r, || print_wave_preview(&r));
+        }
         WaveCmd::Show { wave } => {
             let msg = lpb::GetWaveRequest { wave_id: wave };
             let r = ctx.call(Svc::Licensing, None, ctx.lic().get_wave(ctx.req(msg))).await?;
@@ -206,6 +224,24 @@ pub async fn wave(ctx: &Ctx, cmd: WaveCmd) -> Outcome {
         }
     }
     Ok(())
+}
+
+/// A wave preview for people: per buyer, the licences, how stock would be shared, the orders.
+pub fn print_wave_preview(r: &opb::PreviewWaveResponse) {
+    out::say(&format!("if {} were published now ({} licence(s)):", r.wave_id, r.licenses.len()));
+    out::say("");
+    view::buyer_outcomes_table(&r.buyers).print_or("no waiting order of its buyers");
+    for a in &r.allocations {
+        out::say("");
+        view::print_allocation(a);
+    }
+    if !r.orders.is_empty() {
+        out::say("");
+        view::outcomes_table(&r.orders).print_or("");
+        if r.orders_truncated {
+            out::note("(more orders would move: --max-orders to list them)");
+        }
+    }
 }
 
 /// `chipgate wave follow`: a progress bar (or JSON lines) until the wave settles, then its figures.
