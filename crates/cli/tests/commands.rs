@@ -455,3 +455,85 @@ async fn watching_orders_and_stock_prints_json_lines() {
         assert!(l["transition"]["to_state"].as_str().unwrap().starts_with("ORDER_STATE_"), "{l}");
     }
 }
+
+/// Sharing stock and "what if" through the CLI: a wave previewed before it is published, the vendor's
+/// pro-rata policy set and shown, a receipt previewed and then booked as previewed; only the vendor
+/// sets the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previews_and_allocation_policies_through_the_cli() {
+    let cluster = Cluster::start().await;
+    let cli = Cli::for_cluster(&cluster);
+    cli.as_("export_authority").json(&["export", "grant", "--product", H200, "--reference", "BIS-1"]).await;
+    let mut orders = Vec::new();
+    let mut apps = Vec::new();
+    for (buyer, units) in [("bytedance", "300"), ("alibaba", "100")] {
+        let who = format!("buyer:{buyer}");
+        let a = cli
+            .as_(&who)
+            .json(&[
+                "apply",
+                "--buyer",
+                buyer,
+                "--product",
+                H200,
+                "--quantity",
+                "1000",
+                "--end-use",
+                "x",
+                "--site",
+                "y",
+            ])
+            .await;
+        apps.push(s(&a["application"]["application_id"]));
+        let o = cli
+            .as_(&who)
+            .json(&["order", "place", "--buyer", buyer, "--product", H200, "--units", units, "--justification", "j"])
+            .await;
+        orders.push(s(&o["order"]["order_id"]));
+    }
+    let w = cli.as_("import_authority").json(&["wave", "create", "--name", "wave 1"]).await;
+    let wave = s(&w["wave"]["wave_id"]);
+    for app in &apps {
+        cli.as_("import_authority").json(&["wave", "grant", &wave, app, "--units", "1000"]).await;
+    }
+    let p = cli.as_("import_authority").json(&["wave", "preview", &wave]).await;
+    let eligible: Vec<(String, String)> =
+        p["buyers"].as_array().unwrap().iter().map(|b| (s(&b["buyer_id"]), s(&b["orders_backordered"]))).collect();
+    assert_eq!(eligible, [("alibaba".into(), "1".into()), ("bytedance".into(), "1".into())], "{p}");
+    let text =
+        String::from_utf8_lossy(&cli.as_("import_authority").raw(&["wave", "preview", &wave]).await.stdout).to_string();
+    assert!(text.contains("BACKORDERED") && text.contains("bytedance"), "{text}");
+    cli.as_("import_authority").json(&["wave", "publish", &wave]).await;
+    for id in &orders {
+        cli.as_("vendor").order_until(id, WAIT, |o| o["state"] == "ORDER_STATE_BACKORDERED").await;
+    }
+
+    let set = cli
+        .as_("vendor")
+        .json(&["allocation", "set", H200, "--strategy", "pro-rata", "--reason", "share the shortage"])
+        .await;
+    assert_eq!(set["policy"]["strategy"], "ALLOCATION_STRATEGY_PRO_RATA");
+    assert_eq!(set["change"]["changed_by"], "vendor");
+    let (code, err) = cli.as_("buyer:bytedance").fails(&["allocation", "set", H200, "--strategy", "fifo"]).await;
+    assert_eq!(code, 8, "{err}");
+    // 100 units over 300 and 100 waited for: 75 and 25.
+    let pv = cli.as_("vendor").json(&["supply", "preview", "--product", H200, "--units", "100"]).await;
+    let shares: Vec<(String, String)> =
+        pv["allocation"]["buyers"].as_array().unwrap().iter().map(|b| (s(&b["buyer_id"]), s(&b["units"]))).collect();
+    assert_eq!(shares, [("bytedance".into(), "75".into()), ("alibaba".into(), "25".into())]);
+    let text = String::from_utf8_lossy(
+        &cli.as_("vendor").raw(&["supply", "preview", "--product", H200, "--units", "100"]).await.stdout,
+    )
+    .to_string();
+    assert!(text.contains("PRO_RATA") && text.contains("GETS"), "{text}");
+    cli.as_("vendor").json(&["supply", "receive", "--product", H200, "--units", "100"]).await;
+    let o = cli.as_("vendor").order_until(&orders[0], WAIT, |o| o["held_units"] == "75").await;
+    let last = o["history"].as_array().unwrap().last().unwrap().clone();
+    assert!(s(&last["detail"]).contains("pro-rata share 75 of 100 units: 2 buyers waiting"), "{last}");
+    cli.as_("vendor").order_until(&orders[1], WAIT, |o| o["held_units"] == "25").await;
+    let shown = cli.as_("vendor").json(&["allocation", "show", H200]).await;
+    assert_eq!(shown["allocated_units"], "100");
+    assert_eq!(shown["changes"].as_array().unwrap().len(), 1);
+    let text = String::from_utf8_lossy(&cli.as_("vendor").raw(&["allocation", "show", H200]).await.stdout).to_string();
+    assert!(text.contains("PRO_RATA") && text.contains("75.0 %"), "{text}");
+}
