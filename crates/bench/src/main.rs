@@ -71,7 +71,7 @@ pub enum Part {
     Ceilings,
     /// Order placement.
     Place,
-    /// Wave propagation.
+    /// Wave propagation, first come first served and pro rata.
     Wave,
     /// The naive baseline.
     Naive,
@@ -96,7 +96,8 @@ async fn main() -> std::process::ExitCode {
         results.place = Some(place::run(&args).await);
     }
     if args.only.contains(&Part::Wave) {
-        results.wave = Some(wave::run(&args).await);
+        results.wave = Some(wave::run(&args, chipgate_proto::orders::v1::AllocationStrategy::Fifo).await);
+        results.wave_pro_rata = Some(wave::run(&args, chipgate_proto::orders::v1::AllocationStrategy::ProRata).await);
     }
     if args.only.contains(&Part::Naive) {
         results.naive = Some(naive::run(&args).await);

@@ -23,8 +23,10 @@ pub struct Results {
     pub redis: Option<RedisCeiling>,
     /// Placement.
     pub place: Option<PlaceResult>,
-    /// Wave propagation.
+    /// Wave propagation (FIFO).
     pub wave: Option<WaveResult>,
+    /// The same wave with the products' stock shared pro rata.
+    pub wave_pro_rata: Option<WaveResult>,
     /// Naive baseline.
     pub naive: Option<NaiveResult>,
 }
@@ -103,6 +105,31 @@ pub fn print(r: &Results) {
             ),
         );
         row("quota in use = units moved", format!("{}", w.quota_check), "");
+        row(
+            "FIFO: buyers served / gap (pp)",
+            format!("{}/{} / {:.1}", w.buyers_served, w.buyers, w.share_gap_pp),
+            "share of stock vs share of demand, worst buyer",
+        );
+    }
+    if let Some(w) = &r.wave_pro_rata {
+        row(
+            "pro-rata wave time (s)",
+            format!("{:.2}", w.elapsed.as_secs_f64()),
+            &format!("{} orders, {} reserved, {} backordered", w.orders, w.reserved, w.backordered),
+        );
+        row("pro-rata wave (orders/s)", format!("{:.0}", w.rate()), "");
+        if let Some(f) = &r.wave {
+            row(
+                "pro-rata / FIFO",
+                format!("{:.2}", w.rate() / f.rate().max(1e-9)),
+                "time to settle, FIFO over pro rata",
+            );
+        }
+        row(
+            "pro rata: buyers served / gap (pp)",
+            format!("{}/{} / {:.1}", w.buyers_served, w.buyers, w.share_gap_pp),
+            "share of stock vs share of demand, worst buyer",
+        );
     }
     if let Some(n) = &r.naive {
         row("naive (orders/s)", format!("{:.0}", n.rate()), &format!("{} orders, {} errors", n.orders, n.errors));
@@ -147,6 +174,12 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
             "quota_check": w.quota_check,
             "over_redis_ceiling": r.redis.as_ref().map(|x| w.rate() / x.scripts_per_sec.max(1e-9)),
+        })),
+        "wave_pro_rata": r.wave_pro_rata.as_ref().map(|w| json!({
+            "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
+            "reserved": w.reserved, "backordered": w.backordered, "stock_left": w.stock_left,
+            "buyers_served": w.buyers_served, "buyers": w.buyers, "share_gap_pp": w.share_gap_pp,
+            "quota_check": w.quota_check,
         })),
         "naive": r.naive.as_ref().map(|n| json!({
             "orders": n.orders, "seconds": n.elapsed.as_secs_f64(), "per_sec": n.rate(), "errors": n.errors,
@@ -226,13 +259,16 @@ pub fn faults(r: &Results) -> Vec<String> {
     {
         out.push(format!("place: {} orders not reserved although stock and quota were ample", p.not_reserved));
     }
-    if let Some(w) = &r.wave {
+    for w in [r.wave.as_ref(), r.wave_pro_rata.as_ref()].into_iter().flatten() {
         let settled = (w.reserved + w.backordered) as usize;
         if settled != w.orders {
-            out.push(format!("wave: {settled} of {} orders settled", w.orders));
+            out.push(format!("wave ({}): {settled} of {} orders settled", w.strategy, w.orders));
         }
         if !w.quota_check {
-            out.push("wave: quota in use differs from the units of the orders that moved".into());
+            out.push(format!("wave ({}): quota in use differs from the units of the orders that moved", w.strategy));
+        }
+        if w.stock_left > 0 {
+            out.push(format!("wave ({}): {} units left available beside the backlog", w.strategy, w.stock_left));
         }
     }
     if let Some(n) = &r.naive

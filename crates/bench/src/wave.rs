@@ -1,10 +1,14 @@
 //! Wave propagation: K orders wait for a licence; one published wave makes them all eligible against
 //! stock for about a third of them; measured from the publish call until every order is RESERVED or
-//! BACKORDERED.
+//! BACKORDERED and the stock is handed out — once first come first served (the default), once with
+//! the products' allocation policy set to pro rata, where every order joins the backlog and one
+//! shared drain splits the stock among the buyers by what each waits for.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use chipgate_orders::BulkOrder;
+use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_state::Backend;
@@ -35,6 +39,17 @@ pub struct WaveResult {
     pub bytes_per_waiting_order: f64,
     /// Units of quota in use at the end over units of the orders holding it (must be 1).
     pub quota_check: bool,
+    /// The allocation strategy the products ran.
+    pub strategy: &'static str,
+    /// Units still available once the wave settled (0: the stock was handed out).
+    pub stock_left: u64,
+    /// Buyers holding stock at the end, of those with orders.
+    pub buyers_served: usize,
+    /// Buyers with orders.
+    pub buyers: usize,
+    /// The largest gap, in percentage points, between a buyer's share of the stock handed out and
+    /// its share of the demand (per product): 0 is perfectly proportional.
+    pub share_gap_pp: f64,
 }
 
 impl WaveResult {
@@ -48,19 +63,32 @@ async fn used_memory(cluster: &Cluster) -> u64 {
     cluster.store.info().await.ok().and_then(|i| i.used_memory).unwrap_or(0)
 }
 
-/// Runs the wave benchmark.
-pub async fn run(args: &Args) -> WaveResult {
+/// Runs the wave benchmark, the products' stock shared by `strategy`.
+pub async fn run(args: &Args, strategy: opb::AllocationStrategy) -> WaveResult {
     // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
     let cluster = Cluster::start_with(ClusterOptions { auth: false, ..ClusterOptions::default() }).await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     let apps = license_everyone(&cluster, buyers, products, None).await;
+    let mut ord = cluster.orders_client();
+    for sku in &SKUS[..products] {
+        ord.set_allocation_policy(opb::SetAllocationPolicyRequest {
+            request_id: format!("bench-policy-{sku}"),
+            product_sku: sku.to_string(),
+            strategy: strategy as i32,
+            max_share_percent: 0,
+            reason: "bench".into(),
+        })
+        .await
+        .expect("allocation policy");
+    }
     let before = used_memory(&cluster).await;
 
     // Seed the waiting orders.
     let orders = cluster.orders_service.clone().expect("orders in process");
     let pb = load::bar("seed", args.orders as u64);
     let mut demand = vec![0u64; products];
+    let mut demand_of: BTreeMap<(usize, String), u64> = BTreeMap::new();
     // Seed in scripts of 2,000 orders: a 10,000-order script blocks Redis long enough (over a second at
     // 1M orders) for the services' health pings to time out.
     let batch: usize = 2_000;
@@ -71,6 +99,7 @@ pub async fn run(args: &Args) -> WaveResult {
             .map(|i| {
                 let p = (i / buyers) % products;
                 demand[p] += UNITS;
+                *demand_of.entry((p, buyer(i % buyers))).or_default() += UNITS;
                 BulkOrder { buyer_id: buyer(i % buyers), sku: SKUS[p].to_string(), units: UNITS }
             })
             .collect();
@@ -85,7 +114,7 @@ pub async fn run(args: &Args) -> WaveResult {
     }
 
     // The wave.
-    let mut ord = cluster.orders_client();
+    let mut inv = cluster.inventory_client();
     let wave_id = crate::place::draft(&cluster, &apps, 1_000_000_000).await;
     let started = Instant::now();
     crate::place::publish_draft(&cluster, &wave_id).await;
@@ -105,8 +134,36 @@ pub async fn run(args: &Args) -> WaveResult {
             first_move = Some(started.elapsed());
         }
         pb.set_position(moved);
-        if moved as usize >= args.orders || Instant::now() > deadline {
+        if Instant::now() > deadline {
             break (p.orders_reserved, p.orders_backordered);
+        }
+        if moved as usize >= args.orders {
+            // Every order moved; settled once the stock is handed out too (pro rata shares it after
+            // the evaluation, in the drain that follows) and the orders record every unit inventory
+            // holds for them (the drain commits after inventory answers).
+            let mut out = true;
+            for sku in &SKUS[..products] {
+                let s = inv.get_stock(ipb::GetStockRequest { product_sku: sku.to_string() }).await.expect("stock");
+                let s = s.into_inner().stock.unwrap_or_default();
+                let held = ord
+                    .get_allocation_policy(opb::GetAllocationPolicyRequest { product_sku: sku.to_string() })
+                    .await
+                    .expect("allocations")
+                    .into_inner()
+                    .allocated_units;
+                out &= s.available == 0 && held == s.held + s.committed + s.shipped;
+            }
+            if out {
+                // The figures as they stand now that the stock is out (the drain moved orders on).
+                let p = ord
+                    .get_wave_progress(opb::GetWaveProgressRequest { wave_id: wave_id.clone() })
+                    .await
+                    .expect("progress")
+                    .into_inner()
+                    .progress
+                    .unwrap_or_default();
+                break (p.orders_reserved, p.orders_backordered);
+            }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
@@ -130,6 +187,24 @@ pub async fn run(args: &Args) -> WaveResult {
         }
         token = r.next_page_token;
     }
+    // Who got the stock: each buyer's share of what was handed out against its share of the demand.
+    let (mut stock_left, mut served, mut gap) = (0u64, 0usize, 0f64);
+    for (p, sku) in SKUS[..products].iter().enumerate() {
+        let s = inv.get_stock(ipb::GetStockRequest { product_sku: sku.to_string() }).await.expect("stock");
+        stock_left += s.into_inner().stock.map(|s| s.available).unwrap_or(0);
+        let held = ord
+            .get_allocation_policy(opb::GetAllocationPolicyRequest { product_sku: sku.to_string() })
+            .await
+            .expect("allocations")
+            .into_inner();
+        let total = held.allocated_units.max(1) as f64;
+        served += held.allocations.len();
+        for ((_, b), d) in demand_of.iter().filter(|((q, _), _)| *q == p) {
+            let got = held.allocations.iter().find(|a| &a.buyer_id == b).map(|a| a.allocated_units).unwrap_or(0);
+            let share = got as f64 / total - *d as f64 / demand[p].max(1) as f64;
+            gap = gap.max(share.abs() * 100.0);
+        }
+    }
     cluster.stop().await;
     let n = args.orders.max(1) as f64;
     WaveResult {
@@ -141,5 +216,10 @@ pub async fn run(args: &Args) -> WaveResult {
         bytes_per_order: after.saturating_sub(before) as f64 / n,
         bytes_per_waiting_order: seeded.saturating_sub(before) as f64 / n,
         quota_check: used == (reserved + backordered) * UNITS,
+        strategy: if strategy == opb::AllocationStrategy::ProRata { "pro rata" } else { "FIFO" },
+        stock_left,
+        buyers_served: served,
+        buyers: demand_of.len(),
+        share_gap_pp: gap,
     }
 }

@@ -48,8 +48,8 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
                 v.add(field("known_held"), format!("{known} is more than the {} units asked for", it.units));
             }
             if let Some(max) = it.max_units {
-                if max == 0 || max > it.units {
-                    v.add(field("max_units"), format!("must be between 1 and the {} units asked for", it.units));
+                if max > it.units {
+                    v.add(field("max_units"), format!("must be at most the {} units asked for", it.units));
                 } else if let Some(known) = it.known_held
                     && max < known
                 {

@@ -334,12 +334,17 @@ async fn planned_shares_are_held_as_asked(store: Store) {
     let r = batch(&svc, vec![share("b", 100, 20, 40), share("c", 50, 20, 25)]).await;
     let got: Vec<u64> = r.results.iter().map(|x| x.reservation.as_ref().map(|h| h.held_units).unwrap_or(0)).collect();
     assert_eq!(got, [30, 20], "b short of its share; c may not pass it");
+    // Asked for no more than it records, an order only gives back what it never recorded: b's 10
+    // above the 20 it knows go back.
+    let r = batch(&svc, vec![share("b", 100, 20, 20)]).await;
+    assert_eq!(r.results[0].reservation.as_ref().map(|h| h.held_units), Some(20));
+    assert_eq!(r.stock.as_ref().map(|s| s.available), Some(10));
     // Out of range: refused with the field named, nothing changed.
     let bad = svc
         .batch_reserve(Request::new(pb::BatchReserveRequest {
             request_id: String::new(),
             product_sku: SKU.into(),
-            items: vec![share("x", 10, 0, 11), share("y", 10, 0, 0), share("z", 10, 5, 4)],
+            items: vec![share("x", 10, 0, 11), share("y", 10, 0, 12), share("z", 10, 5, 4)],
             fence_token: 0,
         }))
         .await

@@ -174,9 +174,33 @@ impl Orders {
 
     /// Units of `sku` free to hold, as inventory counts them.
     pub(crate) async fn free_stock(&self, ctx: &RequestContext, sku: &str) -> Result<u64, Error> {
+        Ok(self.stock_of(ctx, sku).await?.available)
+    }
+
+    /// The stock of `sku`, as inventory counts it.
+    async fn stock_of(&self, ctx: &RequestContext, sku: &str) -> Result<ipb::Stock, Error> {
         let msg = ipb::GetStockRequest { product_sku: sku.to_string() };
         let resp = rpc!(ctx, self.inner.peers.inventory, get_stock, msg).map_err(peer_error)?;
-        Ok(resp.stock.map(|s| s.available).unwrap_or(0))
+        Ok(resp.stock.unwrap_or_default())
+    }
+
+    /// Gives back what inventory holds for `orders` beyond what each records (holds taken by an attempt
+    /// whose commit was lost, or by a pass cut short): each is asked for no more than it knows it holds.
+    async fn reclaim(&self, ctx: &RequestContext, lease: &Lease, orders: &[&OrderRecord]) -> Result<(), Error> {
+        for chunk in orders.chunks(self.options().chunk.max(1)) {
+            let asks = chunk
+                .iter()
+                .map(|o| allocation::StockAsk {
+                    order_id: o.id.clone(),
+                    generation: o.generation,
+                    units: o.units,
+                    known_held: o.held,
+                    max_units: Some(o.held),
+                })
+                .collect();
+            self.reserve_shares(ctx, lease, asks).await?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn set_allocation_policy(
@@ -283,7 +307,16 @@ impl Orders {
             if orders.is_empty() {
                 return Ok(());
             }
-            let (free, allocated) = tokio::try_join!(self.free_stock(ctx, &sku), self.allocated_by_buyer(&sku))?;
+            let (mut stock, allocated) = tokio::try_join!(self.stock_of(ctx, &sku), self.allocated_by_buyer(&sku))?;
+            // Inventory holds more than the orders record (an attempt whose commit was lost, a pass
+            // cut short, or releases the cleanup worker has yet to carry out): what the backlog's
+            // orders never recorded goes back before the stock is shared, or it would sit held.
+            let recorded: u64 = allocated.values().sum();
+            if lost || stock.held + stock.committed + stock.shipped > recorded {
+                self.reclaim(ctx, lease, &orders.iter().collect::<Vec<_>>()).await?;
+                stock = self.stock_of(ctx, &sku).await?;
+            }
+            let free = stock.available;
             let plan = shares::plan(policy, free, &allocated, &allocation::waiting(&orders));
             if plan.grants.is_empty() {
                 return Ok(());
