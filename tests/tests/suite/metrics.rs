@@ -1,6 +1,7 @@
 //! Metrics: scrape `/metrics` of each service over HTTP after a small scenario, parse it as
 //! Prometheus text, and check that the per-RPC, business and propagation figures exist and moved by
-//! exactly what the scenario did. Also checks the Grafana dashboard only charts series that exist.
+//! exactly what the scenario did (units held per buyer and product included). Also checks the Grafana
+//! dashboard only charts series that exist.
 
 use crate::common;
 
@@ -127,6 +128,10 @@ async fn scraped_figures_move_by_what_the_scenario_did() {
     let settle = ord.get("chipgate_wave_settle_seconds", &[("wave", &wave_id)]).unwrap();
     assert!((0.0..15.0).contains(&settle), "settled {settle} s after publish");
     assert_eq!(ord.get("chipgate_release_outbox", &[]), Some(0.0));
+    // Units each buyer holds of each product: alpha's three reserved orders (the backordered one
+    // holds none yet); nobody else holds any.
+    assert_eq!(ord.get("chipgate_allocated_units", &[("product", H200), ("buyer", "alpha")]), Some(30.0));
+    assert_eq!(ord.get("chipgate_allocated_units", &[("product", H200), ("buyer", "gamma")]), None);
 
     // --- licensing
     let lic = scrape(&lic_url).await.unwrap();
