@@ -310,7 +310,7 @@ pub fn drain_shared(
     let mut drained = drain(orders, holds, cause_of, now_ms)?;
     for m in &mut drained.moves {
         let took = m.order.held > orders[m.index].held;
-        if let (true, Some(g)) = (took, plan.grants.iter().find(|g| g.order_id == m.order.id))
+        if let (true, Some(g)) = (took, plan.grant(&m.order.id))
             && let Some(step) = m.order.history.last_mut()
         {
             step.share = Some(g.note.clone());

@@ -17,7 +17,7 @@
 //! orders service asks inventory for exactly the planned units of each order (a per-order cap on the
 //! hold), and its previews run the same function without asking anyone for anything.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 /// How freed units are shared among waiting buyers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
@@ -257,12 +257,19 @@ pub struct SharePlan {
     pub grants: Vec<Grant>,
     /// Per waiting buyer, oldest first.
     pub buyers: Vec<BuyerShare>,
+    /// Where each order's grant is in `grants` (backlogs run to 100,000s of orders).
+    index: HashMap<String, usize>,
 }
 
 impl SharePlan {
+    /// The grant of `order_id`, if it gets units.
+    pub fn grant(&self, order_id: &str) -> Option<&Grant> {
+        self.index.get(order_id).map(|&i| &self.grants[i])
+    }
+
     /// Units planned for `order_id` (0 if none).
     pub fn units_for(&self, order_id: &str) -> u64 {
-        self.grants.iter().find(|g| g.order_id == order_id).map(|g| g.units).unwrap_or(0)
+        self.grant(order_id).map(|g| g.units).unwrap_or(0)
     }
 
     /// Free units nobody gets now (the cap keeps them, or nobody waits for them).
@@ -380,7 +387,8 @@ pub fn plan(policy: Policy, free: u64, allocated: &BTreeMap<String, u64>, backlo
             },
         });
     }
-    SharePlan { policy, free, allocated_before: total_before, allocated: x, grants, buyers }
+    let index = grants.iter().enumerate().map(|(i, g)| (g.order_id.clone(), i)).collect();
+    SharePlan { policy, free, allocated_before: total_before, allocated: x, grants, buyers, index }
 }
 
 /// Shares `x` units among `buyers` in proportion to what each waits for, none above its limit (what

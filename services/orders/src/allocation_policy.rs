@@ -303,7 +303,9 @@ impl Orders {
         let mut lost = false;
         for _attempt in 0..BATCH_ATTEMPTS {
             self.keep(lease).await?;
+            let began = std::time::Instant::now();
             let (versions, orders) = self.backlog_orders(&sku).await?;
+            let loaded = began.elapsed();
             if orders.is_empty() {
                 return Ok(());
             }
@@ -312,12 +314,14 @@ impl Orders {
             // cut short, or releases the cleanup worker has yet to carry out): what the backlog's
             // orders never recorded goes back before the stock is shared, or it would sit held.
             let recorded: u64 = allocated.values().sum();
-            if lost || stock.held + stock.committed + stock.shipped > recorded {
+            let reclaimed = lost || stock.held + stock.committed + stock.shipped > recorded;
+            if reclaimed {
                 self.reclaim(ctx, lease, &orders.iter().collect::<Vec<_>>()).await?;
                 stock = self.stock_of(ctx, &sku).await?;
             }
             let free = stock.available;
             let plan = shares::plan(policy, free, &allocated, &allocation::waiting(&orders));
+            let planned = began.elapsed();
             if plan.grants.is_empty() {
                 return Ok(());
             }
@@ -328,6 +332,10 @@ impl Orders {
                 allocated = plan.allocated,
                 buyers = plan.buyers.len(),
                 orders = plan.grants.len(),
+                backlog = orders.len(),
+                reclaimed,
+                load_ms = loaded.as_millis() as u64,
+                plan_ms = (planned - loaded).as_millis() as u64,
                 "sharing free stock"
             );
             // Only the orders that get units are asked for, in backlog order.
@@ -369,6 +377,7 @@ impl Orders {
                     Err(e) => return Err(commit_error(e)),
                 }
             }
+            tracing::debug!(%sku, lost, carry_out_ms = (began.elapsed() - planned).as_millis() as u64, "shared");
             if !lost && available_after.is_none_or(|a| a <= plan.left()) {
                 return Ok(());
             }

@@ -9,7 +9,7 @@ use chipgate_proto::orders::v1 as pb;
 use chipgate_state::Txn;
 use prost::Message;
 
-use crate::convert::{state_to, transition_to};
+use crate::convert::{state_to, transition_event};
 use crate::keys;
 
 /// Entries kept in the watch stream (approximately; each holds one commit's transitions). The durable
@@ -116,7 +116,7 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
             order_id: new.id.clone(),
             buyer_id: new.buyer_id.clone(),
             product_sku: new.sku.clone(),
-            transition: Some(transition_to(step, new)),
+            transition: Some(transition_event(step, new)),
             held_units: new.held,
         });
     }

@@ -144,6 +144,20 @@ pub fn transition_to(t: &TransitionRecord, order: &OrderRecord) -> pb::Transitio
     }
 }
 
+/// One history step as the transition stream carries it to watchers: stored free text, and the
+/// explanation of an allocation under a policy; the rest is left to a read of the order (a wave's
+/// transitions fill the capped stream by the hundred thousand, and rendered words would double it).
+pub fn transition_event(t: &TransitionRecord, order: &OrderRecord) -> pb::Transition {
+    pb::Transition {
+        from_state: state_to(t.from()) as i32,
+        to_state: state_to(t.to()) as i32,
+        time: ts_opt(t.at_ms),
+        cause: t.cause.as_ref().map(cause_to),
+        detail: if t.share.is_some() { t.describe(order) } else { t.detail.clone() },
+        failures: t.failures.iter().map(failure_to).collect(),
+    }
+}
+
 /// An order as the API shows it; `backlog_position` is 0 unless it is BACKORDERED.
 pub fn order_to(o: &OrderRecord, backlog_position: u64, with_history: bool) -> pb::Order {
     pb::Order {
