@@ -29,13 +29,13 @@ mod lifecycle;
 mod marks;
 mod metrics;
 mod place;
+mod products;
 mod queries;
 mod reconcile;
 mod scheduler;
 mod service;
 mod waves;
 
-use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,6 @@ use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_runtime::{RequestContext, Shutdown};
 use chipgate_state::Store;
-use prost::Message;
 use tokio::sync::Notify;
 
 pub use book::EventBatch;
@@ -125,6 +124,8 @@ struct Inner {
     products: chipgate_contract::catalogue::KnownProducts,
     /// The propagation health check's verdict (see [`scheduler::watch_health`]).
     propagation_ok: tokio::sync::watch::Sender<bool>,
+    /// Products and buyers this replica knows are registered, products whose transitions it follows.
+    known: products::Known,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
@@ -167,6 +168,7 @@ impl Orders {
                 cleanup_wake: Notify::new(),
                 products: chipgate_contract::catalogue::KnownProducts::default(),
                 propagation_ok: tokio::sync::watch::Sender::new(true),
+                known: products::Known::default(),
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
@@ -174,13 +176,7 @@ impl Orders {
         tokio::spawn(consumer::run_all(svc.clone(), shutdown.clone()));
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
         tokio::spawn(scheduler::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
-        let hub_svc = svc.clone();
-        tokio::spawn(async move {
-            let decode = |e: &chipgate_state::StreamEntry| {
-                book::EventBatch::decode(e.field(chipgate_contract::TRANSITIONS_FIELD)?).ok()
-            };
-            hub_svc.inner.hub.follow(hub_svc.store().clone(), keys::events(), shutdown, decode).await;
-        });
+        tokio::spawn(products::follow_all(svc.clone(), shutdown));
         svc
     }
 

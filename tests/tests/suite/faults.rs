@@ -1036,7 +1036,7 @@ async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
 
     // A step of an order applied twice.
     let first_order = j.lock().unwrap().order_ids[0].clone();
-    let key = format!("{{ord}}:order:{first_order}");
+    let key = chipgate_orders::keys::order(&first_order);
     let store = &cluster.store;
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut o = chipgate_domain::orders::OrderRecord::decode(rec.data.as_slice()).unwrap();
