@@ -58,7 +58,7 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
         }
         AuditCmd::Verify => {
             let r = ctx
-                .call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req(lpb::VerifyAuditLogRequest {})))
+                .call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req(lpb::VerifyAuditLogRequest::default())))
                 .await?;
             if ctx.json() {
                 out::json(&view::msg(&r));
