@@ -153,8 +153,8 @@ impl CheckpointMetrics {
     /// `previous`.
     pub(crate) fn record(&self, cp: &pb::AuditCheckpoint, previous: Option<&pb::AuditCheckpoint>) {
         self.taken.inc();
-        let time = cp.time.as_ref().map_or(0, |t| t.seconds);
-        self.time.set(time);
+        let (secs, nanos) = cp.time.as_ref().map_or((0, 0), |t| (t.seconds, t.nanos));
+        self.time.set(secs);
         let mut heads = String::new();
         for c in &cp.chains {
             self.sequence.get_or_create(&[("chain", c.chain.clone())]).set(c.sequence as i64);
@@ -165,8 +165,10 @@ impl CheckpointMetrics {
             heads.push_str(&format!("{}={}:{}", c.chain, c.sequence, c.head_hash));
         }
         let signature = hex(&cp.signature);
+        // Everything needed to check the signature offline, in the canonical form's own notation
+        // (`checkpoint_time` as in its `time` line; `chains` as `name=sequence:head`, space-separated).
         tracing::info!(
-            time,
+            checkpoint_time = %format!("{secs}.{nanos:09}"),
             root = %cp.root,
             key_id = %cp.key_id,
             signature = %signature,
