@@ -1037,6 +1037,20 @@ mod tests {
     }
 
     #[test]
+    fn raw_signatures_verify_with_the_public_key_read_back_from_pem() {
+        let s = Signer::generate().expect("key");
+        let public = public_key_from_pem(&s.public_pem()).expect("public pem");
+        assert_eq!(public, s.public_key());
+        let sig = s.sign_bytes(b"checkpoint");
+        assert_eq!(sig.len(), 64);
+        assert!(ed25519_verify(&public, b"checkpoint", &sig));
+        assert!(!ed25519_verify(&public, b"checkpoinT", &sig));
+        assert!(!ed25519_verify(&Signer::generate().expect("key").public_key(), b"checkpoint", &sig));
+        assert!(public_key_from_pem(&s.private_pem()).is_err(), "a private key is not a public one");
+        assert!(public_key_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_err());
+    }
+
+    #[test]
     fn refused_tokens_are_remembered_and_cost_no_second_check() {
         let s = Signer::generate().expect("key");
         let other = Signer::generate().expect("key");
