@@ -120,8 +120,12 @@ impl Licensing {
             Some(cp) => Some(checkpoint::check(cp, self.inner.audit_key.as_ref()).map_err(refuse)?),
             None => None,
         };
-        let pins: Vec<&pb::AuditChainHead> =
-            req.checkpoint.as_ref().map(|c| c.chains.iter().collect()).unwrap_or_default();
+        // By name: with licensing partitioned by buyer, a checkpoint may pin thousands of chains.
+        let pins: std::collections::HashMap<&str, &pb::AuditChainHead> = req
+            .checkpoint
+            .as_ref()
+            .map(|c| c.chains.iter().map(|p| (p.chain.as_str(), p)).collect())
+            .unwrap_or_default();
         let mut chains = keys::audit_chains();
         chains.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
         let mut out = pb::VerifyAuditLogResponse {
@@ -139,7 +143,7 @@ impl Licensing {
             out.valid = false;
         };
         for (name, chain) in &chains {
-            let pin = pins.iter().find(|p| p.chain == *name).map(|p| (p.sequence, p.head_hash.as_str()));
+            let pin = pins.get(name.as_str()).map(|p| (p.sequence, p.head_hash.as_str()));
             let (v, reached) = self.verify_chain(name, chain, pin).await?;
             out.entries_checked += v.entries_checked;
             if out.chains.is_empty() {
@@ -154,7 +158,11 @@ impl Licensing {
             out.chains.push(v);
         }
         // A pinned chain the service no longer has: its entries are gone (an empty one pins nothing).
-        for p in pins.iter().filter(|p| p.sequence > 0 && !chains.iter().any(|(n, _)| *n == p.chain)) {
+        let known: std::collections::HashSet<&str> = chains.iter().map(|(n, _)| n.as_str()).collect();
+        let mut gone: Vec<&pb::AuditChainHead> =
+            pins.values().copied().filter(|p| p.sequence > 0 && !known.contains(p.chain.as_str())).collect();
+        gone.sort_by(|a, b| a.chain.as_bytes().cmp(b.chain.as_bytes()));
+        for p in gone {
             out.extends_checkpoint = false;
             fail(
                 &mut out,

@@ -204,6 +204,15 @@ async fn a_kept_checkpoint_catches_truncation_rewrites_and_deletion_that_the_cha
     let v = verify(&mut w, Some(&cp)).await;
     assert!(v.valid && v.extends_checkpoint, "{v:?}");
 
+    // A checkpoint (signed by the service) covering a chain the log no longer has at all: reported.
+    let mut more = cp.chains.clone();
+    more.push(lpb::AuditChainHead { chain: "{lic}:audit:gone".into(), sequence: 3, head_hash: "ab".repeat(32) });
+    let wider = checkpoint::make(more, 1_000, Some(&key)).unwrap();
+    let v = verify(&mut w, Some(&wider)).await;
+    assert!(!v.valid && !v.extends_checkpoint, "{v:?}");
+    assert_eq!((v.bad_chain.as_str(), v.first_bad_sequence), ("{lic}:audit:gone", 1));
+    assert!(v.chains[0].valid, "the chain that is there still verifies: {v:?}");
+
     // A checkpoint with one flipped signature byte is refused, with the field and a reason.
     let mut flipped = cp.clone();
     flipped.signature[17] ^= 0x20;
