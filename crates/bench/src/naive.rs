@@ -96,6 +96,7 @@ pub async fn run(args: &Args) -> NaiveResult {
                             units: 10,
                             allow_partial: true,
                             hold_seconds: 900,
+                            known_held: None,
                         }],
                         fence_token: 0,
                     })

@@ -3,12 +3,15 @@
 //!
 //! The services share one state store. Each owns its keys and writes only those, but two things are
 //! read across services and so are part of the contract, like an API:
-//! * the **event streams**: licensing and inventory append every change to their stream (a
-//!   prost-encoded `LicensingEvent` / `InventoryEvent` in the entry field [`EVENT_FIELD`]), and the
-//!   orders service reads both through its consumer group [`ORDERS_GROUP`]; orders appends each
-//!   commit's order transitions to its own stream (field [`TRANSITIONS_FIELD`]) for watchers;
+//! * the **event streams**: licensing appends every change to its stream, inventory to the stream of
+//!   the product it changed (a prost-encoded `LicensingEvent` / `InventoryEvent` in the entry field
+//!   [`EVENT_FIELD`]), and the orders service reads them through its consumer group
+//!   [`ORDERS_GROUP`]; orders appends each commit's order transitions to its own stream (field
+//!   [`TRANSITIONS_FIELD`]) for watchers;
+//! * the **partitions**: which hash slot a unit's state (and so its stream) lives in ([`partitions`]);
 //! * the **catalogue**: inventory owns the products; licensing and orders check that a SKU a caller
-//!   names is one before accepting an application or an order ([`catalogue`]).
+//!   names is one before accepting an application or an order, and orders finds the products'
+//!   streams through it ([`catalogue`]).
 //!
 //! Nothing else of another service's state may be read or written; a change here is a change of
 //! the contract and needs the same care as a change of a `.proto`.
@@ -33,18 +36,31 @@ pub const ORDERS_GROUP: &str = "orders";
 /// one already seen for the product: another orders replica took the product's lease over.
 pub const FENCED_REASON: &str = "FENCED";
 
+/// The partitions whose keys others read.
+pub mod partitions {
+    use chipgate_state::Partition;
+
+    use super::INVENTORY;
+
+    /// Inventory's partition of product `sku` (`{inv:SKU}`).
+    pub fn inventory(sku: &str) -> Partition {
+        INVENTORY.partition(sku)
+    }
+}
+
 /// The event streams.
 pub mod streams {
-    use super::{INVENTORY, LICENSING, ORDERS};
+    use super::{LICENSING, ORDERS};
 
     /// Licensing's events (`LicensingEvent` in field [`super::EVENT_FIELD`]).
     pub fn licensing() -> String {
         LICENSING.key(["events"])
     }
 
-    /// Inventory's events (`InventoryEvent` in field [`super::EVENT_FIELD`]).
-    pub fn inventory() -> String {
-        INVENTORY.key(["events"])
+    /// Inventory's events of product `sku` (`InventoryEvent` in field [`super::EVENT_FIELD`]), in the
+    /// product's partition. The products are [`super::catalogue::products`].
+    pub fn inventory(sku: &str) -> String {
+        super::partitions::inventory(sku).key(["events"])
     }
 
     /// The orders service's transitions (a batch in field [`super::TRANSITIONS_FIELD`]).
@@ -59,9 +75,23 @@ pub mod catalogue {
 
     use super::INVENTORY;
 
-    /// The record of product `sku` (a prost-encoded product; its presence is what others rely on).
+    /// The record of product `sku` (a prost-encoded product; its presence is what others rely on), in
+    /// the product's partition.
     pub fn product(sku: &str) -> String {
-        INVENTORY.key(["product", sku])
+        super::partitions::inventory(sku).key(["product"])
+    }
+
+    /// Every product's SKU (a sorted set, score 0): a product is added once its partition is ready.
+    pub fn products() -> String {
+        INVENTORY.key(["products"])
+    }
+
+    /// Every product in the catalogue.
+    ///
+    /// # Errors
+    /// When the store can't be read.
+    pub async fn all(store: &impl Backend) -> Result<Vec<String>, StateError> {
+        Ok(store.zrange(&products(), 0, -1, false).await?.into_iter().map(|(sku, _)| sku).collect())
     }
 
     /// Whether `sku` is in the catalogue. Products are never removed, so a caller may remember a
@@ -120,8 +150,9 @@ mod tests {
     fn stream_keys_keep_their_layout() {
         // These names are shared by processes that may run different versions during a rollout.
         assert_eq!(streams::licensing(), "{lic}:events");
-        assert_eq!(streams::inventory(), "{inv}:events");
+        assert_eq!(streams::inventory("H200"), "{inv:H200}:events");
+        assert_eq!(catalogue::products(), "{inv}:products");
         assert_eq!(streams::orders(), "{ord}:events");
-        assert_eq!(catalogue::product("H200"), "{inv}:product:H200");
+        assert_eq!(catalogue::product("H200"), "{inv:H200}:product");
     }
 }

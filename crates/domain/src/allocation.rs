@@ -68,6 +68,9 @@ pub struct StockAsk {
     pub generation: u64,
     /// Units wanted in all.
     pub units: u64,
+    /// Units of this generation the order has recorded as held: any more inventory holds for it were
+    /// taken by an attempt that never committed, and go back to be served in order.
+    pub known_held: u64,
 }
 
 /// Inventory's answer to a [`StockAsk`].
@@ -159,7 +162,7 @@ impl Evaluation {
         orders
             .into_iter()
             .filter(|o| matches!(quota.get(&o.id), Some(QuotaAnswer::Reserved { .. })))
-            .map(|o| StockAsk { order_id: o.id.clone(), generation: o.generation, units: o.units })
+            .map(|o| StockAsk { order_id: o.id.clone(), generation: o.generation, units: o.units, known_held: 0 })
             .collect()
     }
 
@@ -237,7 +240,10 @@ impl Evaluation {
 
 /// The stock asks for a batch of backlog orders (in backlog order).
 pub fn drain_asks<'a>(orders: impl IntoIterator<Item = &'a OrderRecord>) -> Vec<StockAsk> {
-    orders.into_iter().map(|o| StockAsk { order_id: o.id.clone(), generation: o.generation, units: o.units }).collect()
+    orders
+        .into_iter()
+        .map(|o| StockAsk { order_id: o.id.clone(), generation: o.generation, units: o.units, known_held: o.held })
+        .collect()
 }
 
 /// What one batch of a backlog drain decides.
@@ -318,7 +324,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
-    use crate::inventory::{HoldAsk, HoldOutcome, HoldPlanner, StockRecord};
+    use crate::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, StockRecord};
     use crate::licensing::{Ask, Conditions, LicenseRecord, LicenseStatus, Planned, ProductGate, QuotaPlanner};
 
     const NOW: u64 = 1_800_000_000_000;
@@ -458,8 +464,8 @@ mod tests {
     /// planner per batch over the licences as the last batch left them, as licensing reads them per
     /// call) and inventory's hold planner (over the running stock), taking stock at once only while the
     /// backlog was empty, then the backlog is served again.
-    fn play_round(orders: &mut [OrderRecord], licences: &mut [LicenseRecord], stock: &mut StockRecord, chunk: usize) {
-        drain_backlog(orders, stock, chunk);
+    fn play_round(orders: &mut [OrderRecord], licences: &mut [LicenseRecord], inv: &mut Inventory, chunk: usize) {
+        drain_backlog(orders, inv, chunk);
         let gate = ProductGate { export_destinations: ["CN".to_string()].into(), ..Default::default() };
         let domestic = HashMap::new();
         let backlog_empty = !orders.iter().any(|o| o.status() == OrderStatus::Backordered);
@@ -487,69 +493,78 @@ mod tests {
                     *slot = l;
                 }
             }
-            let mut hold_planner = HoldPlanner::new(stock.clone(), NOW);
-            let mut holds = HashMap::new();
-            for a in ev.stock_asks(&loaded, &quota) {
-                let ask = HoldAsk {
-                    order_id: a.order_id.clone(),
-                    generation: a.generation,
-                    units: a.units,
-                    allow_partial: true,
-                    hold_seconds: 60,
-                };
-                let (outcome, hold) = hold_planner.plan(&ask, None).expect("fresh holds never mismatch");
-                let held = hold.map(|h| h.held).unwrap_or(0);
-                holds.insert(a.order_id, hold_answer(outcome, held));
-            }
-            *stock = hold_planner.stock;
+            let holds = inv.serve(ev.stock_asks(&loaded, &quota));
             let plan = ev.decide(&loaded, &quota, &holds, placed, NOW).expect("valid moves");
             for m in &plan.moves {
                 orders[batch[m.index]] = m.order.clone();
             }
             ev.committed(&plan);
         }
-        drain_backlog(orders, stock, chunk);
+        drain_backlog(orders, inv, chunk);
     }
 
     /// The backlog, oldest first, in batches, until an order is not fully served.
-    fn drain_backlog(orders: &mut [OrderRecord], stock: &mut StockRecord, chunk: usize) {
+    fn drain_backlog(orders: &mut [OrderRecord], inv: &mut Inventory, chunk: usize) {
         let mut backlog: Vec<usize> =
             (0..orders.len()).filter(|&i| orders[i].status() == OrderStatus::Backordered).collect();
         backlog.sort_by_key(|&i| orders[i].seq);
         for batch in backlog.chunks(chunk) {
             let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
-            let mut hold_planner = HoldPlanner::new(stock.clone(), NOW);
-            let mut holds = HashMap::new();
-            for a in drain_asks(&loaded) {
-                // The order may hold part already: its hold is topped up.
-                let already = loaded.iter().find(|o| o.id == a.order_id).map(|o| o.held).unwrap_or(0);
-                let existing = (already > 0).then(|| crate::inventory::HoldRecord {
-                    order_id: a.order_id.clone(),
-                    generation: a.generation,
-                    requested: a.units,
-                    held: already,
-                    status: crate::inventory::HoldStatus::Held as i32,
-                    ..Default::default()
-                });
-                let ask = HoldAsk {
-                    order_id: a.order_id.clone(),
-                    generation: a.generation,
-                    units: a.units,
-                    allow_partial: true,
-                    hold_seconds: 60,
-                };
-                let (outcome, hold) = hold_planner.plan(&ask, existing.as_ref()).expect("same units");
-                let held = hold.map(|h| h.held).unwrap_or(already);
-                holds.insert(a.order_id, hold_answer(outcome, held));
-            }
-            *stock = hold_planner.stock;
+            let holds = inv.serve(drain_asks(&loaded));
             let plan = drain(&loaded, &holds, |_| Cause::new(CauseKind::SupplyReceived, "r"), NOW).expect("valid");
+            if inv.rng.below(5) == 0 {
+                // The commit is lost (a crash after inventory answered): inventory keeps what it held,
+                // the orders don't know it, and the backlog is served again from the top.
+                break;
+            }
             for m in &plan.moves {
                 orders[batch[m.index]] = m.order.clone();
             }
             if !plan.all_served {
                 break;
             }
+        }
+    }
+
+    /// Inventory as the simulation keeps it: the stock, every order's hold, and the chance that a
+    /// drain's commit is lost after inventory answered.
+    struct Inventory {
+        stock: StockRecord,
+        holds: HashMap<String, HoldRecord>,
+        rng: Rng,
+    }
+
+    impl Inventory {
+        /// One BatchReserve, as inventory's service runs it: leftovers of unrecorded attempts go back
+        /// for the whole batch, then the asks are served in order.
+        fn serve(&mut self, asks: Vec<StockAsk>) -> HashMap<String, HoldAnswer> {
+            let mut planner = HoldPlanner::new(self.stock.clone(), NOW);
+            let asks: Vec<HoldAsk> = asks
+                .into_iter()
+                .map(|a| HoldAsk {
+                    order_id: a.order_id,
+                    generation: a.generation,
+                    units: a.units,
+                    allow_partial: true,
+                    hold_seconds: 60,
+                    known_held: Some(a.known_held),
+                })
+                .collect();
+            let trimmed: Vec<Option<HoldRecord>> =
+                asks.iter().map(|a| planner.reclaim(a, self.holds.get(&a.order_id))).collect();
+            let mut answers = HashMap::new();
+            for (a, t) in asks.iter().zip(trimmed) {
+                let prev = t.clone().or_else(|| self.holds.get(&a.order_id).cloned());
+                let (outcome, hold) = planner.plan(a, prev.as_ref()).expect("same units");
+                let stored = hold.or(t).or(prev);
+                let held = stored.as_ref().map(|h| h.held).unwrap_or(0);
+                if let Some(h) = stored {
+                    self.holds.insert(a.order_id.clone(), h);
+                }
+                answers.insert(a.order_id.clone(), hold_answer(outcome, held));
+            }
+            self.stock = planner.stock;
+            answers
         }
     }
 
@@ -597,19 +612,19 @@ mod tests {
             });
             // A few rounds, with orders placed and supply received between them.
             let chunk = 1 + rng.below(8) as usize;
-            let mut stock = StockRecord::empty("H200");
+            let mut inv = Inventory { stock: StockRecord::empty("H200"), holds: HashMap::new(), rng: Rng(seed | 1) };
             let mut supply = 0;
             let mut orders: Vec<OrderRecord> = Vec::new();
             for _round in 0..1 + rng.below(4) {
                 let units = rng.below(200);
-                stock.receive(units);
+                inv.stock.receive(units);
                 supply += units;
                 for _ in 0..rng.below(15) {
                     let i = orders.len() as u64;
                     let buyer = format!("b{}", rng.below(buyers as u64));
                     orders.push(order(&format!("o{i}"), i + 1, &buyer, 1 + rng.below(60)));
                 }
-                play_round(&mut orders, &mut licences, &mut stock, chunk);
+                play_round(&mut orders, &mut licences, &mut inv, chunk);
             }
 
             // Quota: what the orders hold adds up to what each licence counts, never above its grant.
@@ -622,11 +637,20 @@ mod tests {
                 assert_eq!(q, l.used, "seed {seed}: licence {} counts {} used, orders hold {q}", l.id, l.used);
                 assert!(q <= granted[&l.id], "seed {seed}: {} holds {q} of {}", l.id, granted[&l.id]);
             }
-            // Stock: never more held than there was, and it adds up.
+            // Stock: never more held than there was, it adds up, and every order holds at most what
+            // inventory holds for it (the rest are leftovers of lost commits, given back when asked again).
             let held: u64 = orders.iter().map(|o| o.held).sum();
-            assert!(held <= supply, "seed {seed}: {held} held of {supply}");
-            assert_eq!(stock.held, held, "seed {seed}: stock and orders agree");
-            assert!(stock.adds_up());
+            let in_holds: u64 = inv.holds.values().map(|h| h.held).sum();
+            assert!(
+                held <= in_holds && in_holds <= supply,
+                "seed {seed}: {held} held by orders, {in_holds} in holds, of {supply}"
+            );
+            assert_eq!(inv.stock.held, in_holds, "seed {seed}: stock and holds agree");
+            for o in &orders {
+                let h = inv.holds.get(&o.id).filter(|h| h.generation == o.generation).map(|h| h.held).unwrap_or(0);
+                assert!(o.held <= h, "seed {seed}: {} counts {} held, inventory {h}", o.id, o.held);
+            }
+            assert!(inv.stock.adds_up());
             // No overtaking.
             let mut by_seq = orders.clone();
             by_seq.sort_by_key(|o| o.seq);

@@ -330,12 +330,35 @@ pub struct HoldAsk {
     pub allow_partial: bool,
     /// Hold time once complete.
     pub hold_seconds: u32,
+    /// Units of this generation the caller has recorded as held; more in an existing hold were taken by
+    /// an attempt the caller never recorded, and [`HoldPlanner::reclaim`] gives them back. `None`: an
+    /// existing hold is trusted as it is.
+    pub known_held: Option<u64>,
 }
 
 impl HoldPlanner {
     /// A planner over the product's current stock.
     pub fn new(stock: StockRecord, now_ms: u64) -> Self {
         HoldPlanner { stock, stopped: false, now_ms }
+    }
+
+    /// Gives back the units of an existing hold of the ask's generation that the caller never recorded
+    /// (beyond [`HoldAsk::known_held`]): a batch retried after its commit lost, or a round cut short after
+    /// inventory answered, leaves such holds behind, and serving them as they stand would let a later
+    /// order keep stock that an earlier one of the same batch is short of. Call it for every ask of a
+    /// batch before [`HoldPlanner::plan`]ning any, so the batch is served afresh strictly in its order.
+    /// Returns the trimmed hold (to plan against and store) when something went back.
+    pub fn reclaim(&mut self, ask: &HoldAsk, existing: Option<&HoldRecord>) -> Option<HoldRecord> {
+        let known = ask.known_held?;
+        let h = existing?;
+        let ours = h.generation == ask.generation && h.requested == ask.units && h.status() == HoldStatus::Held;
+        if !ours || h.held <= known {
+            return None;
+        }
+        let excess = h.held - known;
+        // The units are counted as held in the stock (every hold's are): giving them back can't fail.
+        self.stock.release_held(excess).ok()?;
+        Some(HoldRecord { held: known, expire_ms: 0, update_ms: self.now_ms, ..h.clone() })
     }
 
     /// Decides one ask against the existing hold (if any). Returns the outcome and the hold to store
@@ -431,7 +454,71 @@ mod tests {
     }
 
     fn ask(order: &str, units: u64, partial: bool) -> HoldAsk {
-        HoldAsk { order_id: order.into(), generation: 1, units, allow_partial: partial, hold_seconds: 60 }
+        HoldAsk {
+            order_id: order.into(),
+            generation: 1,
+            units,
+            allow_partial: partial,
+            hold_seconds: 60,
+            known_held: None,
+        }
+    }
+
+    /// A batch retried after its commit was lost (or a round cut short) finds holds it never recorded:
+    /// they go back first, and the batch is served in its order as if they had never been taken.
+    #[test]
+    fn unrecorded_holds_go_back_before_a_batch_is_served_in_order() {
+        // b took 80 units in an attempt whose outcome was lost; 10 units are free now.
+        let orphan = HoldRecord {
+            order_id: "b".into(),
+            generation: 1,
+            sku: "H200".into(),
+            requested: 80,
+            held: 80,
+            status: HoldStatus::Held as i32,
+            expire_ms: NOW + 60_000,
+            ..Default::default()
+        };
+        let mut s = stock(90);
+        s.hold_up_to(80);
+        let asks = [
+            HoldAsk { known_held: Some(0), ..ask("a", 90, true) },
+            HoldAsk { known_held: Some(0), ..ask("b", 80, true) },
+        ];
+        let existing = [None, Some(&orphan)];
+
+        // Trusted as it stands, the orphan lets b overtake a.
+        let mut trusting = HoldPlanner::new(s.clone(), NOW);
+        let (a, _) = trusting.plan(&HoldAsk { known_held: None, ..asks[0].clone() }, None).expect("ok");
+        let (b, _) = trusting.plan(&HoldAsk { known_held: None, ..asks[1].clone() }, Some(&orphan)).expect("ok");
+        assert_eq!((a, b), (HoldOutcome::Partial, HoldOutcome::Held), "the failure this guards against");
+
+        let mut p = HoldPlanner::new(s, NOW);
+        let trimmed: Vec<Option<HoldRecord>> = asks.iter().zip(existing).map(|(k, e)| p.reclaim(k, e)).collect();
+        assert!(trimmed[0].is_none());
+        assert_eq!(trimmed[1].as_ref().map(|h| (h.held, h.expire_ms)), Some((0, 0)));
+        assert_eq!((p.stock.available, p.stock.held), (90, 0));
+        let (a, ha) = p.plan(&asks[0], None).expect("ok");
+        let (b, hb) = p.plan(&asks[1], trimmed[1].as_ref()).expect("ok");
+        assert_eq!((a, ha.map(|h| h.held)), (HoldOutcome::Held, Some(90)));
+        assert_eq!((b, hb.map(|h| h.held)), (HoldOutcome::NotServed, None), "b waits behind a");
+        assert_eq!((p.stock.available, p.stock.held), (0, 90));
+        assert!(p.stock.adds_up());
+
+        // What the caller recorded stays: a known partial hold is kept, only the excess goes back.
+        let mut s = stock(50);
+        s.hold_up_to(50);
+        let partial = HoldRecord { held: 50, expire_ms: 0, requested: 80, ..orphan.clone() };
+        let mut p = HoldPlanner::new(s, NOW);
+        let k = HoldAsk { known_held: Some(30), ..ask("b", 80, true) };
+        assert_eq!(p.reclaim(&k, Some(&partial)).map(|h| h.held), Some(30));
+        assert_eq!((p.stock.available, p.stock.held), (20, 30));
+        // Another generation, a confirmed hold or nothing beyond what is known: untouched.
+        let k = HoldAsk { known_held: Some(50), ..ask("b", 80, true) };
+        assert!(p.reclaim(&k, Some(&partial)).is_none());
+        assert!(p.reclaim(&HoldAsk { generation: 2, ..k.clone() }, Some(&partial)).is_none());
+        let confirmed = HoldRecord { status: HoldStatus::Confirmed as i32, ..orphan };
+        assert!(p.reclaim(&HoldAsk { known_held: Some(0), ..k }, Some(&confirmed)).is_none());
     }
 
     #[test]

@@ -44,14 +44,31 @@ impl<T: Send + Sync + 'static> StreamHub<T> {
         shutdown: Shutdown,
         decode: impl Fn(&StreamEntry) -> Option<T>,
     ) {
-        let mut last = loop {
-            tokio::select! {
-                () = shutdown.wait() => return,
-                r = store.xlast_id(&stream) => match r {
-                    Ok(id) => break id,
-                    Err(e) => {
-                        tracing::warn!(%stream, error = %e, "watch hub can't read its stream yet; retrying");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
+        self.follow_from(store, stream, None, shutdown, decode).await;
+    }
+
+    /// Like [`StreamHub::follow`], from just after entry `from` (`Some("0-0")`: from the start of the
+    /// stream, for a stream that appeared after the watchers subscribed) instead of its current end.
+    pub async fn follow_from(
+        &self,
+        store: Store,
+        stream: String,
+        from: Option<String>,
+        shutdown: Shutdown,
+        decode: impl Fn(&StreamEntry) -> Option<T>,
+    ) {
+        let mut last = if let Some(from) = from {
+            from
+        } else {
+            loop {
+                tokio::select! {
+                    () = shutdown.wait() => return,
+                    r = store.xlast_id(&stream) => match r {
+                        Ok(id) => break id,
+                        Err(e) => {
+                            tracing::warn!(%stream, error = %e, "watch hub can't read its stream yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
                     }
                 }
             }

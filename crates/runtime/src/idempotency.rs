@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use chipgate_state::{Backend, Space, Store, Txn};
+use chipgate_state::{Backend, Partition, Space, Store, Txn};
 use prost::Message;
 use tonic::Status;
 
@@ -53,12 +53,25 @@ impl Idempotency {
         Idempotency { space, ttl }
     }
 
-    /// The record key of a call (scoped to the current [`ACCOUNT`], if any).
+    /// The record key of a call (scoped to the current [`ACCOUNT`], if any), in the space's own slot.
     pub fn key(&self, method: &str, request_id: &str) -> String {
-        match ACCOUNT.try_with(Clone::clone).ok().flatten() {
-            // Length-prefixed, so no (account, request id) pair can spell another's key.
-            Some(account) => self.space.key(["idem", method, &format!("@{}:{account}", account.len()), request_id]),
-            None => self.space.key(["idem", method, request_id]),
+        self.key_in(None, method, request_id)
+    }
+
+    /// The record key of a call kept in `partition` (the partition its effect commits in, so the
+    /// answer and the effect stay one transaction in one hash slot), or in the space's own slot.
+    pub fn key_in(&self, partition: Option<&Partition>, method: &str, request_id: &str) -> String {
+        let account = ACCOUNT.try_with(Clone::clone).ok().flatten();
+        // Length-prefixed, so no (account, request id) pair can spell another's key.
+        let scoped = account.map(|a| format!("@{}:{a}", a.len()));
+        let mut parts = vec!["idem", method];
+        if let Some(s) = &scoped {
+            parts.push(s);
+        }
+        parts.push(request_id);
+        match partition {
+            Some(p) => p.key(parts),
+            None => self.space.key(parts),
         }
     }
 
@@ -70,11 +83,12 @@ impl Idempotency {
     pub async fn lookup<R: Message + Default>(
         &self,
         store: &Store,
+        partition: Option<&Partition>,
         method: &str,
         request_id: &str,
         fingerprint: &str,
     ) -> Result<Option<R>, Status> {
-        let key = self.key(method, request_id);
+        let key = self.key_in(partition, method, request_id);
         let rec = store.get(std::slice::from_ref(&key)).await.map_err(|e| errors::from_state(request_id, &e))?;
         let Some(rec) = rec.into_iter().next().flatten() else { return Ok(None) };
         if rec.data.len() < 64 {
@@ -94,8 +108,16 @@ impl Idempotency {
     }
 
     /// Adds the answer to `txn`, guarded so only one call with this request id can ever commit.
-    pub fn record<R: Message>(&self, txn: &mut Txn, method: &str, request_id: &str, fingerprint: &str, answer: &R) {
-        let key = self.key(method, request_id);
+    pub fn record<R: Message>(
+        &self,
+        txn: &mut Txn,
+        partition: Option<&Partition>,
+        method: &str,
+        request_id: &str,
+        fingerprint: &str,
+        answer: &R,
+    ) {
+        let key = self.key_in(partition, method, request_id);
         let mut data = Vec::with_capacity(64 + answer.encoded_len());
         data.extend_from_slice(fingerprint.as_bytes());
         answer.encode(&mut data).unwrap_or_default();
@@ -116,20 +138,20 @@ mod tests {
         let req_b = prost_types::Duration { seconds: 2, nanos: 0 };
         let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
         let fa = fingerprint(&req_a);
-        assert!(idem.lookup::<prost_types::Timestamp>(&store, "M", "r1", &fa).await.expect("lookup").is_none());
+        assert!(idem.lookup::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await.expect("lookup").is_none());
 
         let mut t = Txn::new();
-        idem.record(&mut t, "M", "r1", &fa, &answer);
+        idem.record(&mut t, None, "M", "r1", &fa, &answer);
         store.commit(&t).await.expect("first commit");
         // A second commit of the same request id conflicts: only one can apply.
         assert!(store.commit(&t).await.is_err());
 
-        let replay = idem.lookup::<prost_types::Timestamp>(&store, "M", "r1", &fa).await.expect("lookup");
+        let replay = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await.expect("lookup");
         assert_eq!(replay, Some(answer));
-        let err = idem.lookup::<prost_types::Timestamp>(&store, "M", "r1", &fingerprint(&req_b)).await;
+        let err = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "r1", &fingerprint(&req_b)).await;
         assert_eq!(err.expect_err("mismatch").code(), tonic::Code::InvalidArgument);
         // Another method with the same request id is independent.
-        assert!(idem.lookup::<prost_types::Timestamp>(&store, "N", "r1", &fa).await.expect("lookup").is_none());
+        assert!(idem.lookup::<prost_types::Timestamp>(&store, None, "N", "r1", &fa).await.expect("lookup").is_none());
     }
 
     #[tokio::test]
@@ -142,21 +164,24 @@ mod tests {
         ACCOUNT
             .scope(Some("buyer:alpha".into()), async {
                 let mut t = Txn::new();
-                idem.record(&mut t, "M", "order-1", &fp, &answer);
+                idem.record(&mut t, None, "M", "order-1", &fp, &answer);
                 store.commit(&t).await.expect("alpha's call");
-                let replay = idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &fp).await;
+                let replay = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "order-1", &fp).await;
                 assert_eq!(replay.expect("lookup"), Some(answer));
             })
             .await;
         // Beta's "order-1", even with another body, is a new call: no replay, no refusal, no hint.
         ACCOUNT
             .scope(Some("buyer:beta".into()), async {
-                let seen = idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &other_fp).await;
+                let seen = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "order-1", &other_fp).await;
                 assert_eq!(seen.expect("lookup"), None);
             })
             .await;
         // Outside any account (the shared one) alpha's record is not among them.
-        assert_eq!(idem.lookup::<prost_types::Timestamp>(&store, "M", "order-1", &fp).await.expect("lookup"), None);
+        assert_eq!(
+            idem.lookup::<prost_types::Timestamp>(&store, None, "M", "order-1", &fp).await.expect("lookup"),
+            None
+        );
         assert_ne!(
             ACCOUNT.sync_scope(Some("a:b".into()), || idem.key("M", "c")),
             ACCOUNT.sync_scope(Some("a".into()), || idem.key("M", "b:c")),

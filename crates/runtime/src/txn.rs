@@ -8,7 +8,7 @@
 use std::future::Future;
 use std::time::Duration;
 
-use chipgate_state::{Backend, CommitError, Committed, Store, Txn};
+use chipgate_state::{Backend, CommitError, Committed, Partition, Store, Txn};
 use prost::Message;
 use tonic::Status;
 
@@ -37,12 +37,22 @@ pub struct IdemKey<'a> {
     pub request_id: &'a str,
     /// Fingerprint of the request.
     pub fingerprint: String,
+    /// The partition the call's effect commits in (its answer is kept there too); None: the space's
+    /// own slot.
+    pub partition: Option<Partition>,
 }
 
 impl<'a> IdemKey<'a> {
     /// The idempotency key of `request` under `method`.
     pub fn new<M: Message>(idem: &'a Idempotency, method: &'a str, request_id: &'a str, request: &M) -> Self {
-        IdemKey { idem, method, request_id, fingerprint: fingerprint(request) }
+        IdemKey { idem, method, request_id, fingerprint: fingerprint(request), partition: None }
+    }
+
+    /// The same, with the answer kept in `partition` (where the call's effect commits). A request id
+    /// is then one per partition: the same id with a body naming another partition is another call.
+    pub fn in_partition(mut self, partition: Partition) -> Self {
+        self.partition = Some(partition);
+        self
     }
 }
 
@@ -60,14 +70,17 @@ where
 {
     for n in 1..=MAX_ATTEMPTS {
         if let Some(k) = idem
-            && let Some(answer) =
-                k.idem.lookup::<T>(store, k.method, k.request_id, &k.fingerprint).await.map_err(E::from_status)?
+            && let Some(answer) = k
+                .idem
+                .lookup::<T>(store, k.partition.as_ref(), k.method, k.request_id, &k.fingerprint)
+                .await
+                .map_err(E::from_status)?
         {
             return Ok((answer, Committed::default()));
         }
         let (mut txn, answer) = attempt().await?;
         if let Some(k) = idem {
-            k.idem.record(&mut txn, k.method, k.request_id, &k.fingerprint, &answer);
+            k.idem.record(&mut txn, k.partition.as_ref(), k.method, k.request_id, &k.fingerprint, &answer);
         }
         if txn.needs_linking() {
             // Link audit entries to the heads as they are now; a concurrent append makes the head

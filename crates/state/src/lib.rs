@@ -43,8 +43,14 @@ pub fn audit_link(prev_hex: &str, digest_hex: &str) -> Option<String> {
 /// The hash that comes before the first audit entry.
 pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
-/// A namespace whose keys all share one Redis Cluster hash slot: `Space::new("lic").key(["app", "7"])`
-/// is `{lic}:app:7`. Each service keeps its state in its own space.
+/// A service's key space. Keys are built from parts joined by `:`, each part escaped ([`escape_part`])
+/// so that different parts can never build the same key (buyer `acme`'s application for SKU `eu:H200`
+/// and buyer `acme:eu`'s for `H200` are different keys) and no id can open or close a hash tag.
+///
+/// State is partitioned by its natural unit (a product, a buyer): [`Space::partition`] gives the keys
+/// of one unit, which all share one Redis Cluster hash slot, so one unit's transaction stays in one
+/// slot while different units spread over the cluster's masters. [`Space::key`] builds the keys of the
+/// space's own hash slot (`{tag}`), for the little state that belongs to no unit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Space(&'static str);
 
@@ -59,19 +65,99 @@ impl Space {
         self.0
     }
 
-    /// Builds a key in this space from its parts, joined by `:`.
+    /// Builds a key in the space's own slot from its parts: `Space::new("lic").key(["app", "7"])` is
+    /// `{lic}:app:7`.
     pub fn key<I, S>(&self, parts: I) -> String
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        let mut key = format!("{{{}}}", self.0);
-        for part in parts {
-            key.push(':');
-            key.push_str(part.as_ref());
-        }
-        key
+        join(format!("{{{}}}", self.0), parts)
     }
+
+    /// The keys of one partition unit (a product, a buyer): `Space::new("ord").partition("H200")`
+    /// builds keys `{ord:H200}:…`, all in the slot of the tag `ord:H200`.
+    pub fn partition(&self, unit: &str) -> Partition {
+        let mut prefix = format!("{{{}:", self.0);
+        escape_part(unit, &mut prefix);
+        prefix.push('}');
+        Partition { prefix }
+    }
+}
+
+/// The keys of one partition unit of a [`Space`]: one hash slot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Partition {
+    /// `{tag:unit}`.
+    prefix: String,
+}
+
+impl Partition {
+    /// Builds a key of this partition from its parts (escaped like [`Space::key`]'s).
+    pub fn key<I, S>(&self, parts: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        join(self.prefix.clone(), parts)
+    }
+
+    /// The hash slot every key of the partition lives in.
+    pub fn slot(&self) -> u16 {
+        key_slot(&self.prefix)
+    }
+}
+
+fn join<I, S>(mut key: String, parts: I) -> String
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<str>,
+{
+    for part in parts {
+        key.push(':');
+        escape_part(part.as_ref(), &mut key);
+    }
+    key
+}
+
+/// Appends `part` to `out` with `%`, `:`, `{` and `}` percent-escaped: parts joined by `:` then
+/// split back unambiguously, and no part can start or end a hash tag.
+pub fn escape_part(part: &str, out: &mut String) {
+    for c in part.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            ':' => out.push_str("%3A"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// The Redis Cluster hash slot of `key` (CRC16/XMODEM of its hash tag, or of the whole key when it
+/// has none, modulo 16384), exactly as Redis computes it.
+pub fn key_slot(key: &str) -> u16 {
+    let bytes = key.as_bytes();
+    let hashed = match bytes.iter().position(|&b| b == b'{') {
+        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
+            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
+            _ => bytes,
+        },
+        None => bytes,
+    };
+    crc16(hashed) % 16384
+}
+
+/// CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis Cluster hashes keys with.
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in data {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 { (crc << 1) ^ 0x1021 } else { crc << 1 };
+        }
+    }
+    crc
 }
 
 /// A record: opaque bytes and a version that every write bumps (the first write makes version 1).
@@ -442,6 +528,29 @@ impl Txn {
     /// True when the transaction has no ops (guards alone change nothing).
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
+    }
+
+    /// The one hash slot every key of the transaction lives in (`None` for a transaction without
+    /// keys). Every backend refuses a transaction spanning slots, as Redis Cluster does: an atomic
+    /// change stays inside one partition, whatever the backend.
+    ///
+    /// # Errors
+    /// Two keys of different slots (named in the error).
+    pub fn slot(&self) -> StateResult<Option<u16>> {
+        let mut first: Option<(&str, u16)> = None;
+        for key in self.keys() {
+            let slot = key_slot(key);
+            match first {
+                None => first = Some((key, slot)),
+                Some((k, s)) if s != slot => {
+                    return Err(StateError::Backend(format!(
+                        "a transaction must stay in one hash slot: {k} (slot {s}) and {key} (slot {slot})"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(first.map(|(_, s)| s))
     }
 
     /// Every key the transaction touches, in first-use order, without repeats.
@@ -826,4 +935,72 @@ impl Backend for Store {
 pub fn parse_stream_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_the_ones_redis_computes() {
+        // Values from the Redis Cluster specification and `CLUSTER KEYSLOT`.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("bar"), 5061);
+        assert_eq!(key_slot("{user1000}.following"), key_slot("{user1000}.followers"));
+        assert_eq!(key_slot("foo{}{bar}"), key_slot("foo{}{bar}"), "an empty tag hashes the whole key");
+        assert_ne!(key_slot("foo{}{bar}"), key_slot("bar"));
+        assert_eq!(key_slot("foo{{bar}}zap"), key_slot("{bar"));
+    }
+
+    #[test]
+    fn a_partition_keeps_its_keys_in_one_slot_and_units_spread() {
+        let ord = Space::new("ord");
+        let h200 = ord.partition("H200");
+        assert_eq!(h200.key(["order", "ord-1"]), "{ord:H200}:order:ord-1");
+        assert_eq!(key_slot(&h200.key(["backlog"])), h200.slot());
+        assert_eq!(key_slot(&h200.key(["a:{b}"])), h200.slot(), "ids can't escape the partition's tag");
+        let slots: std::collections::HashSet<u16> =
+            (0..64).map(|i| ord.partition(&format!("SKU-{i}")).slot()).collect();
+        assert!(slots.len() > 60, "64 units land on {} slots", slots.len());
+    }
+
+    /// Every pair of different part lists builds different keys, whatever the ids contain.
+    #[test]
+    fn keys_are_injective() {
+        let alphabet = ["a", ":", "%", "{", "}", "%3A", "b:c", ""];
+        let mut seen: std::collections::HashMap<String, Vec<String>> = std::collections::HashMap::new();
+        let space = Space::new("lic");
+        for x in alphabet {
+            for y in alphabet {
+                for z in alphabet {
+                    for parts in [vec![x, y], vec![x, y, z], vec![format!("{x}{y}").leak() as &str, z]] {
+                        let key = space.key(&parts);
+                        let owned: Vec<String> = parts.iter().map(|p| p.to_string()).collect();
+                        if let Some(other) = seen.get(&key) {
+                            assert_eq!(other, &owned, "{key} built from {other:?} and {owned:?}");
+                        }
+                        seen.insert(key.clone(), owned);
+                        assert_eq!(key_slot(&key), key_slot("{lic}"));
+                    }
+                    let a = space.partition(&format!("{x}{y}")).key([z]);
+                    let b = space.partition(x).key([format!("{y}{z}")]);
+                    assert!(a != b || (y.is_empty() && z.is_empty()) || format!("{x}{y}") == x, "{a}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_transaction_stays_in_one_slot() {
+        let ord = Space::new("ord");
+        let (a, b) = (ord.partition("H200"), ord.partition("H100"));
+        let mut t = Txn::new();
+        t.put(a.key(["x"]), vec![1]).zadd(a.key(["q"]), "m", 1.0);
+        assert_eq!(t.slot().expect("one slot"), Some(a.slot()));
+        t.put(b.key(["y"]), vec![2]);
+        let err = t.slot().expect_err("two slots");
+        assert!(err.to_string().contains("one hash slot"), "{err}");
+        assert_eq!(Txn::new().slot().expect("no keys"), None);
+    }
 }

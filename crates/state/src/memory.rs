@@ -372,6 +372,7 @@ impl Backend for MemoryBackend {
     }
 
     async fn commit(&self, txn: &Txn) -> Result<Committed, CommitError> {
+        txn.slot()?;
         if txn.needs_linking() {
             return Err(
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()

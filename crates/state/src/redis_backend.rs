@@ -338,6 +338,7 @@ impl Backend for RedisBackend {
         if txn.guards.is_empty() && txn.ops.is_empty() {
             return Ok(Committed::default());
         }
+        txn.slot()?;
         if txn.needs_linking() {
             return Err(
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()

@@ -301,6 +301,14 @@ pub struct Ledger {
     pub shipped: Vec<String>,
 }
 
+/// The event streams the orders service consumes: licensing's, and each product's inventory stream.
+pub async fn event_streams(store: &Store) -> Vec<String> {
+    let mut out = vec![chipgate_contract::streams::licensing()];
+    let products = chipgate_contract::catalogue::all(store).await.expect("catalogue");
+    out.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
+    out
+}
+
 /// The consumer group the orders service reads the licensing and inventory streams with.
 const ORDERS_GROUP: &str = "orders";
 
@@ -414,7 +422,7 @@ pub async fn check_ledger(c: &mut Clients, store: &Store, ledger: &Ledger) -> Re
     expect(&ledger.shipped, "shipment", &[OrderState::Shipped]);
     v.extend(check_histories(&orders));
 
-    for stream in ["{lic}:events", "{inv}:events"] {
+    for stream in &event_streams(store).await {
         match store.group_info(stream, ORDERS_GROUP).await {
             Ok(g) => {
                 if g.pending != 0 {
@@ -472,9 +480,12 @@ pub async fn wait_settled(store: &Store, orders: &mut crate::OrdersClient, withi
         for p in store.smembers("{ord}:products").await.expect("products") {
             busy |= !store.hgetall(&format!("{{ord}}:working:{p}")).await.expect("working").is_empty();
         }
-        for stream in ["{lic}:events", "{inv}:events"] {
-            let g = store.group_info(stream, ORDERS_GROUP).await.expect("group info");
-            busy |= g.pending != 0 || g.lag.is_some_and(|l| l != 0);
+        for stream in &event_streams(store).await {
+            // A product's stream the orders consumers haven't found yet has no group: busy.
+            busy |= match store.group_info(stream, ORDERS_GROUP).await {
+                Ok(g) => g.pending != 0 || g.lag.is_some_and(|l| l != 0),
+                Err(_) => true,
+            };
         }
         if !busy {
             return true;

@@ -97,7 +97,8 @@ impl Inventory {
         check_product(&mut v, req.product.as_ref());
         v.check().map_err(Error::Status)?;
         let p = req.product.clone().unwrap_or_default();
-        let idem = IdemKey::new(&self.inner.idem, "UpsertProduct", &req.request_id, &req);
+        let idem =
+            IdemKey::new(&self.inner.idem, "UpsertProduct", &req.request_id, &req).in_partition(keys::part(&p.sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
@@ -113,7 +114,6 @@ impl Inventory {
                 };
                 let mut t = Txn::new();
                 t.replace(keys::product(&p.sku), existing.as_ref().map(|(v, _)| *v).unwrap_or(0), encode(&rec));
-                t.zadd(keys::products(), &p.sku, 0.0);
                 // A new product starts with empty stock; the stock record is what holds and receipts
                 // guard on, so it exists from the start.
                 let (sver, stock) = match stock {
@@ -138,6 +138,12 @@ impl Inventory {
                 Ok((t, pb::UpsertProductResponse { product: Some(product_to(&rec)) }))
             })
             .await?;
+        // The catalogue lists the product once its partition is ready. A separate step (the list lives in
+        // another slot), idempotent, and taken on a replayed call too: a crash between the two is
+        // finished by the caller's retry.
+        let mut t = Txn::new();
+        t.zadd(keys::products(), &p.sku, 0.0);
+        self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
         Ok(answer)
     }
 

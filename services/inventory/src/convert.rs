@@ -1,9 +1,111 @@
 //! Conversions between the inventory API and the domain records, at the edge.
 
-use chipgate_domain::inventory::HoldRecord;
+use chipgate_domain::inventory::{HoldAsk, HoldRecord};
 use chipgate_domain::inventory::{HoldStatus, ProductClass, ProductRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
+use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::ts_opt;
+use chipgate_runtime::validate;
+
+use crate::{DEFAULT_HOLD_SECONDS, MAX_BATCH, MAX_HOLD_SECONDS, MAX_UNITS};
+
+/// A `BatchReserve` call, validated at the edge: every bad field is named at once.
+pub struct HoldBatch {
+    /// The product every ask is for.
+    pub product_sku: String,
+    /// The asks, served in this order.
+    pub asks: Vec<HoldAsk>,
+    /// The caller's fencing token (0: not fenced).
+    pub fence_token: u64,
+}
+
+impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
+    type Error = Violations;
+
+    fn try_from(req: pb::BatchReserveRequest) -> Result<Self, Violations> {
+        let mut v = Violations::new();
+        validate::id(&mut v, "product_sku", &req.product_sku);
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            let field = |name: &str| format!("items[{i}].{name}");
+            validate::id(&mut v, &field("order_id"), &it.order_id);
+            if it.generation == 0 {
+                v.add(field("generation"), "must be at least 1");
+            }
+            validate::units(&mut v, &field("units"), it.units, MAX_UNITS);
+            if it.hold_seconds > MAX_HOLD_SECONDS {
+                v.add(field("hold_seconds"), format!("must be at most {MAX_HOLD_SECONDS}"));
+            }
+            if let Some(known) = it.known_held
+                && known > it.units
+            {
+                v.add(field("known_held"), format!("{known} is more than the {} units asked for", it.units));
+            }
+            if !seen.insert(it.order_id.as_str()) {
+                v.add(field("order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        v.check_violations()?;
+        let asks = req
+            .items
+            .into_iter()
+            .map(|it| HoldAsk {
+                order_id: it.order_id,
+                generation: it.generation,
+                units: it.units,
+                allow_partial: it.allow_partial,
+                hold_seconds: if it.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { it.hold_seconds },
+                known_held: it.known_held,
+            })
+            .collect();
+        Ok(HoldBatch { product_sku: req.product_sku, asks, fence_token: req.fence_token })
+    }
+}
+
+/// A `BatchReleaseReservations` call, validated.
+pub struct ReleaseBatch {
+    /// Product, order and generation of each hold to give back.
+    pub refs: Vec<(String, String, u64)>,
+    /// Why (kept with each hold).
+    pub reason: String,
+    /// Leave confirmed holds alone.
+    pub unless_confirmed: bool,
+}
+
+impl TryFrom<pb::BatchReleaseReservationsRequest> for ReleaseBatch {
+    type Error = Violations;
+
+    fn try_from(req: pb::BatchReleaseReservationsRequest) -> Result<Self, Violations> {
+        let mut v = Violations::new();
+        if req.items.is_empty() {
+            v.add("items", "must hold at least one order");
+        }
+        if req.items.len() > MAX_BATCH {
+            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
+            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
+            if it.generation == 0 {
+                v.add(format!("items[{i}].generation"), "must be at least 1");
+            }
+            validate::id(&mut v, &format!("items[{i}].product_sku"), &it.product_sku);
+            if !seen.insert((it.product_sku.as_str(), it.order_id.as_str())) {
+                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
+            }
+        }
+        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
+        v.check_violations()?;
+        let refs = req.items.into_iter().map(|i| (i.product_sku, i.order_id, i.generation)).collect();
+        Ok(ReleaseBatch { refs, reason: req.reason, unless_confirmed: req.unless_confirmed })
+    }
+}
 
 /// A product as the API shows it.
 pub fn product_to(p: &ProductRecord) -> pb::Product {

@@ -5,7 +5,7 @@
 //! stock record's version: two batches can never together hold more than is available.
 
 use chipgate_runtime::service::Records;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use chipgate_domain::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, HoldStatus, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
@@ -16,19 +16,8 @@ use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, Txn};
 
-use crate::convert::{hold_status_from, hold_to, stock_to};
-use crate::{DEFAULT_HOLD_SECONDS, Error, Inventory, MAX_BATCH, MAX_HOLD_SECONDS, MAX_UNITS, emit, encode, keys};
-
-fn check_hold_item(v: &mut Violations, prefix: &str, order_id: &str, generation: u64, units: u64, hold_seconds: u32) {
-    validate::id(v, &format!("{prefix}order_id"), order_id);
-    if generation == 0 {
-        v.add(format!("{prefix}generation"), "must be at least 1");
-    }
-    validate::units(v, &format!("{prefix}units"), units, MAX_UNITS);
-    if hold_seconds > MAX_HOLD_SECONDS {
-        v.add(format!("{prefix}hold_seconds"), format!("must be at most {MAX_HOLD_SECONDS}"));
-    }
-}
+use crate::convert::{HoldBatch, ReleaseBatch, hold_status_from, hold_to, stock_to};
+use crate::{Error, Inventory, emit, encode, keys};
 
 fn outcome_to(o: HoldOutcome) -> pb::ReserveOutcome {
     match o {
@@ -47,9 +36,9 @@ fn index_new_hold(t: &mut Txn, h: &HoldRecord) {
 /// Keeps the expiry index in step with a hold: listed while complete and unconfirmed.
 fn index_expiry(t: &mut Txn, h: &HoldRecord) {
     if h.status() == HoldStatus::Held && h.is_complete() && h.expire_ms != 0 {
-        t.zadd(keys::expiry(), &h.order_id, h.expire_ms as f64);
+        t.zadd(keys::expiry(&h.sku), &h.order_id, h.expire_ms as f64);
     } else {
-        t.zrem(keys::expiry(), &h.order_id);
+        t.zrem(keys::expiry(&h.sku), &h.order_id);
     }
 }
 
@@ -65,34 +54,8 @@ impl Inventory {
         ctx: &RequestContext,
         req: pb::BatchReserveRequest,
     ) -> Result<pb::BatchReserveResponse, Error> {
-        let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            check_hold_item(&mut v, &format!("items[{i}]."), &it.order_id, it.generation, it.units, it.hold_seconds);
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
-        }
-        v.check().map_err(Error::Status)?;
-        let asks = req
-            .items
-            .iter()
-            .map(|it| HoldAsk {
-                order_id: it.order_id.clone(),
-                generation: it.generation,
-                units: it.units,
-                allow_partial: it.allow_partial,
-                hold_seconds: if it.hold_seconds == 0 { DEFAULT_HOLD_SECONDS } else { it.hold_seconds },
-            })
-            .collect();
-        self.reserve_items(ctx, &req.product_sku, asks, req.fence_token).await
+        let batch = HoldBatch::try_from(req)?;
+        self.reserve_items(ctx, &batch.product_sku, batch.asks, batch.fence_token).await
     }
 
     async fn reserve_items(
@@ -106,7 +69,7 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(None, || async {
                 let now = now_ms();
-                let hkeys: Vec<String> = asks.iter().map(|a| keys::hold(&a.order_id)).collect();
+                let hkeys: Vec<String> = asks.iter().map(|a| keys::hold(sku, &a.order_id)).collect();
                 let ((sver, stock), existing) =
                     tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_many::<HoldRecord>(&hkeys))?;
                 let mut planner = HoldPlanner::new(stock, now);
@@ -116,7 +79,12 @@ impl Inventory {
                 }
                 let mut results = Vec::with_capacity(asks.len());
                 let mut placed: Vec<pb::Reservation> = Vec::new();
-                for (ask, ex) in asks.iter().zip(&existing) {
+                // Leftovers of attempts the caller never recorded go back first, for the whole batch,
+                // so it is served afresh in its order.
+                let reclaimed: Vec<Option<HoldRecord>> =
+                    asks.iter().zip(&existing).map(|(a, ex)| planner.reclaim(a, ex.as_ref().map(|(_, h)| h))).collect();
+                let reclaimed_any = reclaimed.iter().any(Option::is_some);
+                for ((ask, ex), trimmed) in asks.iter().zip(&existing).zip(reclaimed) {
                     if let Some((_, h)) = ex
                         && !h.sku.is_empty()
                         && h.sku != sku
@@ -126,8 +94,8 @@ impl Inventory {
                             format!("order {} holds {}, not {sku}; one order holds one product", ask.order_id, h.sku),
                         ));
                     }
-                    let prev = ex.as_ref().map(|(_, h)| h);
-                    let (outcome, changed) = planner.plan(ask, prev).map_err(|requested| {
+                    let prev = trimmed.as_ref().or(ex.as_ref().map(|(_, h)| h));
+                    let (outcome, planned) = planner.plan(ask, prev).map_err(|requested| {
                         Error::precondition(
                             "HOLD_MISMATCH",
                             &ask.order_id,
@@ -137,9 +105,15 @@ impl Inventory {
                             ),
                         )
                     })?;
+                    // A trimmed hold that gets nothing back is still stored trimmed.
+                    let changed = planned.or_else(|| trimmed.clone());
                     let shown = match &changed {
                         Some(h) => {
-                            t.replace(keys::hold(&h.order_id), ex.as_ref().map(|(v, _)| *v).unwrap_or(0), encode(h));
+                            t.replace(
+                                keys::hold(sku, &h.order_id),
+                                ex.as_ref().map(|(v, _)| *v).unwrap_or(0),
+                                encode(h),
+                            );
                             if ex.is_none() {
                                 index_new_hold(&mut t, h);
                             }
@@ -157,7 +131,7 @@ impl Inventory {
                     });
                 }
                 let mut stock = planner.stock;
-                if placed.is_empty() {
+                if placed.is_empty() && !reclaimed_any {
                     let s = stock_to(&stock, sver);
                     return Ok((t, pb::BatchReserveResponse { results, stock: Some(s) }));
                 }
@@ -183,15 +157,17 @@ impl Inventory {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "order_id", &req.order_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
         if req.generation == 0 {
             v.add("generation", "must be at least 1");
         }
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ConfirmReservation", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "ConfirmReservation", &req.request_id, &req)
+            .in_partition(keys::part(&req.product_sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.order_id).await?;
+                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.product_sku, &req.order_id).await?;
                 if h.generation == req.generation && matches!(h.status(), HoldStatus::Confirmed | HoldStatus::Shipped) {
                     return Ok((Txn::new(), pb::ConfirmReservationResponse { reservation: Some(hold_to(&h)) }));
                 }
@@ -235,7 +211,7 @@ impl Inventory {
                 h.set_status(HoldStatus::Confirmed);
                 h.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::hold(&h.order_id), hver, encode(&h));
+                t.replace(keys::hold(&h.sku, &h.order_id), hver, encode(&h));
                 t.replace(keys::stock(&h.sku), sver, encode(&stock));
                 index_expiry(&mut t, &h);
                 let out = hold_to(&h);
@@ -261,15 +237,17 @@ impl Inventory {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "order_id", &req.order_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
         if req.generation == 0 {
             v.add("generation", "must be at least 1");
         }
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ShipReservation", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "ShipReservation", &req.request_id, &req)
+            .in_partition(keys::part(&req.product_sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.order_id).await?;
+                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.product_sku, &req.order_id).await?;
                 if h.generation == req.generation && h.status() == HoldStatus::Shipped {
                     return Ok((Txn::new(), pb::ShipReservationResponse { reservation: Some(hold_to(&h)) }));
                 }
@@ -291,7 +269,7 @@ impl Inventory {
                 h.set_status(HoldStatus::Shipped);
                 h.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::hold(&h.order_id), hver, encode(&h));
+                t.replace(keys::hold(&h.sku, &h.order_id), hver, encode(&h));
                 t.replace(keys::stock(&h.sku), sver, encode(&stock));
                 let out = hold_to(&h);
                 emit(
@@ -313,35 +291,42 @@ impl Inventory {
         ctx: &RequestContext,
         req: pb::BatchReleaseReservationsRequest,
     ) -> Result<pb::BatchReleaseReservationsResponse, Error> {
-        let mut v = Violations::new();
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
-        let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(format!("items[{i}].generation"), "must be at least 1");
-            }
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
-        }
-        validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
-        let items: Vec<(String, u64)> = req.items.into_iter().map(|i| (i.order_id, i.generation)).collect();
-        let reservations = self.release_items(ctx, &items, &req.reason, req.unless_confirmed).await?;
+        let batch = ReleaseBatch::try_from(req)?;
+        let reservations = self.release_items(ctx, &batch.refs, &batch.reason, batch.unless_confirmed).await?;
         Ok(pb::BatchReleaseReservationsResponse { reservations })
     }
 
-    /// Gives holds of `(order, generation)` back (see the API docs of BatchReleaseReservations); a
-    /// shipped hold is left as it is.
+    /// Gives holds of `(product, order, generation)` back (see the API docs of
+    /// BatchReleaseReservations); a shipped hold is left as it is. One transaction per product (each in
+    /// its partition); a release is idempotent per (order, generation), so a retry after a partial
+    /// failure finishes the rest. The answers come in the items' order.
     async fn release_items(
         &self,
         ctx: &RequestContext,
+        items: &[(String, String, u64)],
+        reason: &str,
+        unless_confirmed: bool,
+    ) -> Result<Vec<pb::Reservation>, Error> {
+        let mut by_product: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        for (i, (sku, _, _)) in items.iter().enumerate() {
+            by_product.entry(sku.as_str()).or_default().push(i);
+        }
+        let mut out: Vec<Option<pb::Reservation>> = vec![None; items.len()];
+        for (sku, indexes) in by_product {
+            let refs: Vec<(String, u64)> = indexes.iter().map(|&i| (items[i].1.clone(), items[i].2)).collect();
+            let answers = self.release_product(ctx, sku, &refs, reason, unless_confirmed).await?;
+            for (i, a) in indexes.into_iter().zip(answers) {
+                out[i] = Some(a);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// Gives back holds of one product, in one transaction of its partition.
+    async fn release_product(
+        &self,
+        ctx: &RequestContext,
+        sku: &str,
         items: &[(String, u64)],
         reason: &str,
         unless_confirmed: bool,
@@ -349,28 +334,20 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(None, || async {
                 let now = now_ms();
-                let hkeys: Vec<String> = items.iter().map(|(o, _)| keys::hold(o)).collect();
-                let existing = self.load_many::<HoldRecord>(&hkeys).await?;
-                let mut skus: Vec<String> = existing.iter().flatten().map(|(_, h)| h.sku.clone()).collect();
-                skus.sort();
-                skus.dedup();
-                let skeys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
-                let mut stocks: HashMap<String, (u64, StockRecord)> = self
-                    .load_many::<StockRecord>(&skeys)
-                    .await?
-                    .into_iter()
-                    .flatten()
-                    .map(|(v, s)| (s.sku.clone(), (v, s)))
-                    .collect();
+                let hkeys: Vec<String> = items.iter().map(|(o, _)| keys::hold(sku, o)).collect();
+                let (existing, mut stock) = tokio::try_join!(
+                    self.load_many::<HoldRecord>(&hkeys),
+                    self.load::<StockRecord>(keys::stock(sku))
+                )?;
                 let mut t = Txn::new();
                 let mut out = Vec::with_capacity(items.len());
-                let mut freed: BTreeMap<String, (u64, Vec<pb::Reservation>)> = BTreeMap::new();
+                let mut freed: (u64, Vec<pb::Reservation>) = (0, Vec::new());
                 for ((order_id, generation), ex) in items.iter().zip(existing) {
                     let (ver, cur) = match ex {
                         Some((v, h)) => (v, Some(h)),
                         None => (0, None),
                     };
-                    let tombstone = |sku: &str| HoldRecord {
+                    let tombstone = HoldRecord {
                         order_id: order_id.clone(),
                         generation: *generation,
                         sku: sku.to_string(),
@@ -381,7 +358,7 @@ impl Inventory {
                         ..Default::default()
                     };
                     let next = match cur {
-                        None => Some(tombstone("")),
+                        None => Some(tombstone),
                         Some(h) if h.generation > *generation => {
                             out.push(hold_to(&h));
                             None
@@ -408,12 +385,12 @@ impl Inventory {
                         Some(h) => {
                             let (units, confirmed) = h.occupying();
                             if units > 0 {
-                                let (_, stock) = stocks
-                                    .get_mut(&h.sku)
-                                    .ok_or_else(|| Error::Internal(format!("no stock record for {}", h.sku)))?;
+                                let (_, stock) = stock
+                                    .as_mut()
+                                    .ok_or_else(|| Error::Internal(format!("no stock record for {sku}")))?;
                                 let r =
                                     if confirmed { stock.release_committed(units) } else { stock.release_held(units) };
-                                r.map_err(|e| Error::Internal(format!("stock of {}: {e}", h.sku)))?;
+                                r.map_err(|e| Error::Internal(format!("stock of {sku}: {e}")))?;
                                 stock.update_ms = now;
                             }
                             let rec = if h.generation == *generation {
@@ -423,39 +400,37 @@ impl Inventory {
                                 r.release_reason = reason.to_string();
                                 r
                             } else {
-                                HoldRecord { held: 0, ..tombstone(&h.sku) }
+                                tombstone
                             };
-                            let p = hold_to(&HoldRecord { held: units, ..rec.clone() });
-                            let entry = freed.entry(h.sku.clone()).or_default();
-                            entry.0 += units;
-                            entry.1.push(p);
+                            freed.0 += units;
+                            freed.1.push(hold_to(&HoldRecord { held: units, ..rec.clone() }));
                             Some(rec)
                         }
                     };
                     if let Some(rec) = next {
-                        t.replace(keys::hold(order_id), ver, encode(&rec));
-                        if ver == 0 && !rec.sku.is_empty() {
+                        t.replace(keys::hold(sku, order_id), ver, encode(&rec));
+                        if ver == 0 {
                             index_new_hold(&mut t, &rec);
                         }
                         index_expiry(&mut t, &rec);
                         out.push(hold_to(&rec));
                     }
                 }
-                for (sku, (units, reservations)) in freed {
-                    if let Some((sver, stock)) = stocks.remove(&sku) {
-                        t.replace(keys::stock(&sku), sver, encode(&stock));
-                        emit(
-                            &mut t,
-                            ctx,
-                            now,
-                            &stock,
-                            sver + 1,
-                            pb::inventory_event::Kind::HoldsReleased(pb::HoldsReleased {
-                                reservations,
-                                units_freed: units,
-                            }),
-                        );
-                    }
+                if !freed.1.is_empty()
+                    && let Some((sver, stock)) = stock
+                {
+                    t.replace(keys::stock(sku), sver, encode(&stock));
+                    emit(
+                        &mut t,
+                        ctx,
+                        now,
+                        &stock,
+                        sver + 1,
+                        pb::inventory_event::Kind::HoldsReleased(pb::HoldsReleased {
+                            reservations: freed.1,
+                            units_freed: freed.0,
+                        }),
+                    );
                 }
                 Ok((t, pb::BatchReleaseReservationsResponse { reservations: out }))
             })
@@ -469,8 +444,11 @@ impl Inventory {
     ) -> Result<pb::GetReservationResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "order_id", &req.order_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
         v.check().map_err(Error::Status)?;
-        let (_, h) = self.require::<HoldRecord>(keys::hold(&req.order_id), "reservation", &req.order_id).await?;
+        let (_, h) = self
+            .require::<HoldRecord>(keys::hold(&req.product_sku, &req.order_id), "reservation", &req.order_id)
+            .await?;
         Ok(pb::GetReservationResponse { reservation: Some(hold_to(&h)) })
     }
 
@@ -486,7 +464,7 @@ impl Inventory {
         // One product's holds, or every product's in SKU order; the page token is the position in
         // that sequence.
         let skus: Vec<String> = if req.product_sku.is_empty() {
-            self.store().zrange(&keys::products(), 0, -1, false).await?.into_iter().map(|(s, _)| s).collect()
+            chipgate_contract::catalogue::all(self.store()).await?
         } else {
             vec![req.product_sku.clone()]
         };
@@ -508,7 +486,7 @@ impl Inventory {
                 if ids.is_empty() {
                     break;
                 }
-                let hkeys: Vec<String> = ids.iter().map(|(o, _)| keys::hold(o)).collect();
+                let hkeys: Vec<String> = ids.iter().map(|(o, _)| keys::hold(&sku, o)).collect();
                 for h in self.load_many::<HoldRecord>(&hkeys).await? {
                     position += 1;
                     if let Some((_, h)) = h

@@ -1,52 +1,61 @@
-//! Where inventory keeps its state: every key carries the `{inv}` hash tag (one Redis Cluster slot),
-//! because a stock change and its event must commit in one atomic step and the event stream is one.
+//! Where inventory keeps its state: partitioned by **product**. A product's stock, its holds, their
+//! expiry index, its supply receipts, its fence and its event stream share the product's hash slot
+//! (`{inv:SKU}`), because a stock change, the holds it concerns and its event commit in one atomic
+//! step — and different products land on different Redis Cluster masters. Only the catalogue (what
+//! products exist) lives in the space's own slot (`{inv}`): it changes rarely and is read once per
+//! product by the other services.
 
-use chipgate_state::Space;
+use chipgate_state::{Partition, Space};
 
 /// The inventory space.
 pub const SPACE: Space = chipgate_contract::INVENTORY;
 
-/// The event stream the orders service and WatchStock read.
-pub fn events() -> String {
-    chipgate_contract::streams::inventory()
+/// The partition of product `sku`.
+pub fn part(sku: &str) -> Partition {
+    chipgate_contract::partitions::inventory(sku)
 }
 
-/// A product.
+/// A product's event stream (stock changes, holds placed and given back).
+pub fn events(sku: &str) -> String {
+    chipgate_contract::streams::inventory(sku)
+}
+
+/// A product of the catalogue.
 pub fn product(sku: &str) -> String {
     chipgate_contract::catalogue::product(sku)
 }
 
-/// Every SKU (all scored 0, so rank order is SKU order).
+/// Every product, by SKU.
 pub fn products() -> String {
-    SPACE.key(["products"])
+    chipgate_contract::catalogue::products()
 }
 
 /// A product's stock.
 pub fn stock(sku: &str) -> String {
-    SPACE.key(["stock", sku])
+    part(sku).key(["stock"])
 }
 
-/// A supply receipt.
-pub fn receipt(receipt_id: &str) -> String {
-    SPACE.key(["receipt", receipt_id])
+/// A supply receipt of a product (receipt ids are unique per product).
+pub fn receipt(sku: &str, receipt_id: &str) -> String {
+    part(sku).key(["receipt", receipt_id])
 }
 
-/// An order's hold.
-pub fn hold(order_id: &str) -> String {
-    SPACE.key(["hold", order_id])
+/// An order's hold of a product.
+pub fn hold(sku: &str, order_id: &str) -> String {
+    part(sku).key(["hold", order_id])
 }
 
-/// A product's holds by creation time.
+/// A product's holds, by creation time.
 pub fn holds_of(sku: &str) -> String {
-    SPACE.key(["holds", sku])
+    part(sku).key(["holds"])
 }
 
-/// Complete, unconfirmed holds by expiry time (the sweeper's work list).
-pub fn expiry() -> String {
-    SPACE.key(["expiry"])
+/// A product's complete unconfirmed holds, by expiry time.
+pub fn expiry(sku: &str) -> String {
+    part(sku).key(["expiry"])
 }
 
-/// Fencing tokens seen for batch holds on a product.
+/// The highest fencing token presented for a product's holds.
 pub fn fence(sku: &str) -> String {
-    SPACE.key(["fence", sku])
+    part(sku).key(["fence"])
 }

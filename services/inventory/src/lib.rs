@@ -81,6 +81,8 @@ struct Inner {
     idem: Idempotency,
     locks: KeyedLocks,
     watch: chipgate_runtime::hub::StreamHub<pb::WatchStockResponse>,
+    /// Products whose event streams the watch hub follows.
+    followed: std::sync::Mutex<std::collections::HashSet<String>>,
     shutdown: Shutdown,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
@@ -110,6 +112,7 @@ impl Inventory {
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
                 watch: chipgate_runtime::hub::StreamHub::default(),
+                followed: std::sync::Mutex::default(),
                 shutdown: shutdown.clone(),
             }),
         };
@@ -127,12 +130,16 @@ impl Inventory {
     /// stock and both are read again if it changed in between. Otherwise a decision could pair a hold with
     /// stock that already shows the hold's next step (two copies of one ShipReservation at once: the
     /// second saw the hold CONFIRMED and the stock already shipped, and answered INTERNAL).
-    async fn hold_with_stock(&self, order_id: &str) -> Result<((u64, HoldRecord), (u64, StockRecord)), Error> {
+    async fn hold_with_stock(
+        &self,
+        sku: &str,
+        order_id: &str,
+    ) -> Result<((u64, HoldRecord), (u64, StockRecord)), Error> {
         const READS: u32 = 16;
         for _ in 0..READS {
-            let (hver, h) = self.require::<HoldRecord>(keys::hold(order_id), "reservation", order_id).await?;
-            let stock = self.stock_of(&h.sku, "order_id").await?;
-            let (again, _) = self.require::<HoldRecord>(keys::hold(order_id), "reservation", order_id).await?;
+            let (hver, h) = self.require::<HoldRecord>(keys::hold(sku, order_id), "reservation", order_id).await?;
+            let stock = self.stock_of(sku, "product_sku").await?;
+            let (again, _) = self.require::<HoldRecord>(keys::hold(sku, order_id), "reservation", order_id).await?;
             if again == hver {
                 return Ok(((hver, h), stock));
             }
@@ -168,7 +175,7 @@ fn emit(
         kind: Some(kind),
     };
     txn.xadd(
-        keys::events(),
+        keys::events(&stock.sku),
         vec![(chipgate_contract::EVENT_FIELD.to_string(), event.encode_to_vec())],
         Some(MAX_EVENTS),
     );

@@ -49,14 +49,7 @@ pub(crate) fn register(metrics: &Metrics, store: Store) -> Counters {
 
 impl Sampler {
     async fn read(&self) -> Result<(), String> {
-        let skus: Vec<String> = self
-            .store
-            .zrange(&keys::products(), 0, -1, false)
-            .await
-            .map_err(|e| e.to_string())?
-            .into_iter()
-            .map(|(s, _)| s)
-            .collect();
+        let skus = chipgate_contract::catalogue::all(&self.store).await.map_err(|e| e.to_string())?;
         let stock_keys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
         let stocks = records::load_many::<StockRecord>(&self.store, &stock_keys).await.map_err(|e| e.to_string())?;
         for (sku, stock) in skus.iter().zip(stocks) {
@@ -71,7 +64,11 @@ impl Sampler {
                 self.stock.get_or_create(&[("product", sku.clone()), ("kind", kind.to_string())]).set(v as i64);
             }
         }
-        self.unconfirmed.set(self.store.zcard(&keys::expiry()).await.map_err(|e| e.to_string())? as i64);
+        let mut unconfirmed = 0;
+        for sku in &skus {
+            unconfirmed += self.store.zcard(&keys::expiry(sku)).await.map_err(|e| e.to_string())?;
+        }
+        self.unconfirmed.set(unconfirmed as i64);
         Ok(())
     }
 }

@@ -7,7 +7,7 @@ use chipgate_runtime::service::Records;
 use chipgate_runtime::time::{now_ms, ts_opt};
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::{Backend, Txn};
+use chipgate_state::Txn;
 
 use crate::convert::stock_to;
 use crate::{Error, Inventory, MAX_UNITS, emit, encode, keys};
@@ -50,11 +50,14 @@ impl Inventory {
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         validate::text(&mut v, "source", &req.source, 200, false);
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ReceiveSupply", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "ReceiveSupply", &req.request_id, &req)
+            .in_partition(keys::part(&req.product_sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let (sver, mut stock) = self.stock_of(&req.product_sku, "product_sku").await?;
-                if let Some((_, r)) = self.load::<ReceiptRecord>(keys::receipt(&req.receipt_id)).await? {
+                if let Some((_, r)) =
+                    self.load::<ReceiptRecord>(keys::receipt(&req.product_sku, &req.receipt_id)).await?
+                {
                     // A receipt is booked once, whatever request id carries it again.
                     if r.sku == req.product_sku && r.units == req.units {
                         return Ok((
@@ -86,7 +89,7 @@ impl Inventory {
                 stock.receive(req.units);
                 stock.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::receipt(&r.receipt_id), 0, encode(&r));
+                t.replace(keys::receipt(&r.sku, &r.receipt_id), 0, encode(&r));
                 t.replace(keys::stock(&stock.sku), sver, encode(&stock));
                 emit(
                     &mut t,
@@ -118,8 +121,8 @@ impl Inventory {
     }
 
     pub(crate) async fn list_stock(&self, _req: pb::ListStockRequest) -> Result<pb::ListStockResponse, Error> {
-        let skus = self.store().zrange(&keys::products(), 0, -1, false).await?;
-        let skeys: Vec<String> = skus.iter().map(|(s, _)| keys::stock(s)).collect();
+        let skus = chipgate_contract::catalogue::all(self.store()).await?;
+        let skeys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
         let stock =
             self.load_many::<StockRecord>(&skeys).await?.into_iter().flatten().map(|(v, s)| stock_to(&s, v)).collect();
         Ok(pb::ListStockResponse { stock })

@@ -6,7 +6,6 @@
 //! stock's versions, so a hold expires exactly once.
 
 use chipgate_runtime::service::Records;
-use std::collections::BTreeMap;
 use std::ops::Bound;
 use std::time::Duration;
 
@@ -38,26 +37,35 @@ pub(crate) async fn run(svc: Inventory, shutdown: Shutdown, interval: Duration) 
 }
 
 impl Inventory {
-    /// Expires every hold that is due now; returns how many expired.
+    /// Expires every hold that is due now, product by product (each product's expiry index lives in
+    /// its partition); returns how many expired.
     ///
     /// # Errors
     /// When the state store fails.
     pub async fn sweep_once(&self) -> Result<usize, Error> {
+        let mut expired = 0;
+        for sku in chipgate_contract::catalogue::all(self.store()).await? {
+            expired += self.sweep_product(&sku).await?;
+        }
+        Ok(expired)
+    }
+
+    async fn sweep_product(&self, sku: &str) -> Result<usize, Error> {
         let now = now_ms();
         let due = self
             .store()
-            .zrange_by_score(&keys::expiry(), Bound::Unbounded, Bound::Included(now as f64), SWEEP_BATCH)
+            .zrange_by_score(&keys::expiry(sku), Bound::Unbounded, Bound::Included(now as f64), SWEEP_BATCH)
             .await?;
         if due.is_empty() {
             return Ok(0);
         }
         let orders: Vec<String> = due.into_iter().map(|(o, _)| o).collect();
-        let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(o)).collect();
-        let mut by_sku: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
+        let mut held = Vec::new();
         let mut stale = Vec::new();
         for (o, h) in orders.iter().zip(self.load_many::<HoldRecord>(&hkeys).await?) {
             match h {
-                Some((_, h)) if h.status() == HoldStatus::Held => by_sku.entry(h.sku).or_default().push(o.clone()),
+                Some((_, h)) if h.status() == HoldStatus::Held => held.push(o.clone()),
                 // Confirmed, released or gone: the index entry is left over.
                 _ => stale.push(o.clone()),
             }
@@ -65,15 +73,14 @@ impl Inventory {
         if !stale.is_empty() {
             let mut t = Txn::new();
             for o in &stale {
-                t.zrem(keys::expiry(), o);
+                t.zrem(keys::expiry(sku), o);
             }
             self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
         }
-        let mut expired = 0;
-        for (sku, orders) in by_sku {
-            expired += self.expire(&sku, &orders).await?;
+        if held.is_empty() {
+            return Ok(0);
         }
-        Ok(expired)
+        self.expire(sku, &held).await
     }
 
     async fn expire(&self, sku: &str, orders: &[String]) -> Result<usize, Error> {
@@ -82,7 +89,7 @@ impl Inventory {
             .run_txn(None, || async {
                 let now = now_ms();
                 let (sver, mut stock) = self.require::<StockRecord>(keys::stock(sku), "product", sku).await?;
-                let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(o)).collect();
+                let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
                 let holds = self.load_many::<HoldRecord>(&hkeys).await?;
                 let mut t = Txn::new();
                 let mut gone = Vec::new();
@@ -96,8 +103,8 @@ impl Inventory {
                     h.set_status(HoldStatus::Expired);
                     h.update_ms = now;
                     h.release_reason = "not confirmed before the hold expired".to_string();
-                    t.replace(keys::hold(&h.order_id), hver, encode(&h));
-                    t.zrem(keys::expiry(), &h.order_id);
+                    t.replace(keys::hold(sku, &h.order_id), hver, encode(&h));
+                    t.zrem(keys::expiry(sku), &h.order_id);
                     gone.push(hold_to(&h));
                 }
                 if gone.is_empty() {

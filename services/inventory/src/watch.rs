@@ -1,5 +1,6 @@
-//! `WatchStock`: one tail of the inventory event stream per replica ([`hub::StreamHub`]), fanned out
-//! to every watcher, each filtering by product; every stream ends when the server shuts down (and,
+//! `WatchStock`: one tail of each product's event stream per replica ([`hub::StreamHub`]), fanned out
+//! to every watcher, each filtering by product (products added later are followed once the catalogue
+//! lists them); every stream ends when the server shuts down (and,
 //! like every stream, when idle for the edge's idle bound, or refused over the stream quotas).
 //!
 //! Stock figures are public (GetStock is open to everyone), but which orders took or gave back
@@ -12,6 +13,7 @@ use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::service::Records;
 use chipgate_runtime::{RequestContext, Shutdown, hub, validate};
+use chipgate_state::Backend;
 use prost::Message;
 use tonic::Status;
 
@@ -33,17 +35,66 @@ fn describe(event: pb::InventoryEvent) -> Option<pb::WatchStockResponse> {
     Some(pb::WatchStockResponse { stock: event.stock, cause: cause.to_string(), reference, time: event.time })
 }
 
-/// Follows the event stream until shutdown, broadcasting every change.
+/// How often the catalogue is read for products whose streams aren't followed yet.
+const DISCOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Follows every product's event stream until shutdown, broadcasting every change; products added
+/// later are followed once the catalogue lists them (or a watcher asks for them first).
 pub(crate) async fn run(svc: Inventory, shutdown: Shutdown) {
-    let decode =
-        |e: &chipgate_state::StreamEntry| match pb::InventoryEvent::decode(e.field(chipgate_contract::EVENT_FIELD)?) {
-            Ok(ev) => describe(ev),
-            Err(err) => {
-                tracing::warn!(id = %e.id, error = %err, "undecodable inventory event");
-                None
+    loop {
+        match chipgate_contract::catalogue::all(svc.store()).await {
+            Ok(skus) => {
+                for sku in skus {
+                    if let Err(e) = svc.follow_product(&sku).await {
+                        tracing::warn!(%sku, error = ?e, "can't follow the product's stream yet; retrying");
+                    }
+                }
             }
+            Err(e) => tracing::warn!(error = %e, "can't read the catalogue to follow its products' streams; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(DISCOVER_EVERY) => {}
+        }
+    }
+}
+
+impl Inventory {
+    /// Makes the watch hub follow product `sku`'s stream, from its end as it is now (once per product).
+    /// Returns once the starting point is read, so a watcher that subscribed before calling this misses
+    /// nothing committed after it.
+    async fn follow_product(&self, sku: &str) -> Result<(), Error> {
+        let fresh = match self.inner.followed.lock() {
+            Ok(f) => !f.contains(sku),
+            Err(poisoned) => !poisoned.into_inner().contains(sku),
         };
-    svc.inner.watch.follow(svc.store().clone(), keys::events(), shutdown, decode).await;
+        if !fresh {
+            return Ok(());
+        }
+        let stream = keys::events(sku);
+        let from = self.store().xlast_id(&stream).await?;
+        let inserted = match self.inner.followed.lock() {
+            Ok(mut f) => f.insert(sku.to_string()),
+            Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
+        };
+        if inserted {
+            let decode = |e: &chipgate_state::StreamEntry| match pb::InventoryEvent::decode(
+                e.field(chipgate_contract::EVENT_FIELD)?,
+            ) {
+                Ok(ev) => describe(ev),
+                Err(err) => {
+                    tracing::warn!(id = %e.id, error = %err, "undecodable inventory event");
+                    None
+                }
+            };
+            let svc = self.clone();
+            let shutdown = self.inner.shutdown.clone();
+            tokio::spawn(async move {
+                svc.inner.watch.follow_from(svc.store().clone(), stream, Some(from), shutdown, decode).await;
+            });
+        }
+        Ok(())
+    }
 }
 
 /// What a watcher may see of `change`: a buyer (`for_buyer`) gets no order references.
@@ -67,8 +118,14 @@ impl Inventory {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "product_sku", &req.product_sku);
         v.check().map_err(Error::Status)?;
-        // Subscribe before reading the snapshot, so no change falls between the two.
+        // Subscribe before reading the snapshot, so no change falls between the two; a product the hub
+        // doesn't follow yet (added since its last look at the catalogue) is followed from now on.
         let rx = self.inner.watch.subscribe();
+        if !req.product_sku.is_empty()
+            && chipgate_contract::catalogue::has_product(self.store(), &req.product_sku).await?
+        {
+            self.follow_product(&req.product_sku).await?;
+        }
         let snapshot: Vec<pb::Stock> = if req.product_sku.is_empty() {
             self.list_stock(pb::ListStockRequest {}).await?.stock
         } else {

@@ -60,7 +60,19 @@ fn adds_up(s: &pb::Stock) -> bool {
 }
 
 fn item(order: &str, units: u64, partial: bool) -> pb::ReserveItem {
-    pb::ReserveItem { order_id: order.into(), generation: 1, units, allow_partial: partial, hold_seconds: 0 }
+    pb::ReserveItem {
+        order_id: order.into(),
+        generation: 1,
+        units,
+        allow_partial: partial,
+        hold_seconds: 0,
+        known_held: None,
+    }
+}
+
+/// An item whose caller has recorded `known` units as held.
+fn known(order: &str, units: u64, known: u64) -> pb::ReserveItem {
+    pb::ReserveItem { known_held: Some(known), ..item(order, units, true) }
 }
 
 async fn batch(svc: &Inventory, items: Vec<pb::ReserveItem>) -> pb::BatchReserveResponse {
@@ -93,6 +105,7 @@ async fn reserve(
             units,
             allow_partial: partial,
             hold_seconds,
+            known_held: None,
         }],
         fence_token: 0,
     }))
@@ -117,7 +130,7 @@ async fn release(svc: &Inventory, order: &str, generation: u64) -> pb::Reservati
 
 async fn events(store: &Store) -> Vec<pb::InventoryEvent> {
     store
-        .xrange(&keys::events(), None, 100_000)
+        .xrange(&keys::events(SKU), None, 100_000)
         .await
         .unwrap()
         .iter()
@@ -179,6 +192,7 @@ async fn receipts_count_once_and_stock_adds_up(store: Store) {
         request_id: rid(),
         order_id: "o1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     }))
     .await
     .unwrap();
@@ -186,6 +200,7 @@ async fn receipts_count_once_and_stock_adds_up(store: Store) {
         request_id: rid(),
         order_id: "o1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     }))
     .await
     .unwrap();
@@ -254,6 +269,41 @@ async fn holds_are_served_in_order_and_partial_holds_top_up(store: Store) {
     assert!(adds_up(&stock(&svc).await));
 }
 
+/// Holds an attempt took but its caller never recorded (its commit lost to a conflict or a crash) go
+/// back when the caller asks again saying what it knows, and the batch is served afresh in its order:
+/// they never let a later order keep stock an earlier one is short of.
+async fn unrecorded_holds_go_back_and_the_batch_is_served_in_order(store: Store) {
+    let (svc, _s) = service(store).await;
+    receive(&svc, "r1", 100).await;
+    // An attempt served b (80) and c (10); its caller recorded nothing.
+    batch(&svc, vec![known("b", 80, 0), known("c", 10, 0)]).await;
+    // Now an earlier order a (90) is in the batch too: it comes first.
+    let r = batch(&svc, vec![known("a", 90, 0), known("b", 80, 0), known("c", 10, 0)]).await;
+    let got: Vec<(pb::ReserveOutcome, u64)> =
+        r.results.iter().map(|x| (x.outcome(), x.reservation.as_ref().map(|h| h.held_units).unwrap_or(0))).collect();
+    assert_eq!(
+        got,
+        [(pb::ReserveOutcome::Held, 90), (pb::ReserveOutcome::Partial, 10), (pb::ReserveOutcome::NotServed, 0)],
+        "a is served first; b keeps what is left; c waits"
+    );
+    let s = stock(&svc).await;
+    assert_eq!((s.available, s.held), (0, 100));
+    assert!(adds_up(&s));
+    // The same call again (a retry) answers the same.
+    let again = batch(&svc, vec![known("a", 90, 0), known("b", 80, 0), known("c", 10, 0)]).await;
+    assert_eq!(
+        again.results.iter().map(|x| x.outcome()).collect::<Vec<_>>(),
+        got.iter().map(|g| g.0).collect::<Vec<_>>()
+    );
+    // What a caller recorded stays: asking with b's 10 known keeps them; without known_held an existing
+    // hold is trusted as it stands.
+    let r = batch(&svc, vec![known("b", 80, 10)]).await;
+    assert_eq!(r.results[0].reservation.as_ref().map(|h| h.held_units), Some(10));
+    let r = batch(&svc, vec![item("a", 90, true)]).await;
+    assert_eq!(r.results[0].outcome(), pb::ReserveOutcome::Held);
+    assert!(adds_up(&stock(&svc).await));
+}
+
 async fn generations_are_never_reopened(store: Store) {
     let (svc, _s) = service(store).await;
     receive(&svc, "r1", 100).await;
@@ -277,6 +327,7 @@ async fn generations_are_never_reopened(store: Store) {
         request_id: rid(),
         order_id: "o".into(),
         generation: 3,
+        product_sku: SKU.into(),
     }))
     .await
     .unwrap();
@@ -313,7 +364,7 @@ async fn holds_expire_on_their_own_exactly_once(store: Store) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let r = svc
-        .get_reservation(Request::new(pb::GetReservationRequest { order_id: "short".into() }))
+        .get_reservation(Request::new(pb::GetReservationRequest { order_id: "short".into(), product_sku: SKU.into() }))
         .await
         .unwrap()
         .into_inner()
@@ -326,6 +377,7 @@ async fn holds_expire_on_their_own_exactly_once(store: Store) {
             request_id: rid(),
             order_id: "short".into(),
             generation: 1,
+            product_sku: SKU.into(),
         }))
         .await
         .unwrap_err();
@@ -429,7 +481,7 @@ async fn watch_stock_streams_changes(store: Store) {
 
 async fn bad_input_changes_nothing(store: Store) {
     let (svc, _s) = service(store.clone()).await;
-    let before = store.xlen(&keys::events()).await.unwrap();
+    let before = store.xlen(&keys::events(SKU)).await.unwrap();
     let e = svc
         .receive_supply(Request::new(pb::ReceiveSupplyRequest {
             request_id: rid(),
@@ -468,11 +520,24 @@ async fn bad_input_changes_nothing(store: Store) {
         .unwrap_err();
     assert_eq!(big.code(), Code::InvalidArgument);
     assert_eq!(big.get_error_details().bad_request().unwrap().field_violations[0].field, "items");
+    // Every bad field of a batch at once.
+    let bad = svc
+        .batch_reserve(Request::new(pb::BatchReserveRequest {
+            request_id: String::new(),
+            product_sku: SKU.into(),
+            items: vec![known("a", 5, 6), pb::ReserveItem { generation: 0, ..item("b", 0, true) }, item("a", 1, true)],
+            fence_token: 0,
+        }))
+        .await
+        .unwrap_err();
+    let fields: Vec<String> =
+        bad.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
+    assert_eq!(fields, ["items[0].known_held", "items[1].generation", "items[1].units", "items[2].order_id"]);
     let neg = reserve(&svc, "o", 0, 0, false, 100_000).await.unwrap_err();
     let fields: Vec<String> =
         neg.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
     assert_eq!(fields, ["items[0].generation", "items[0].units", "items[0].hold_seconds"]);
-    assert_eq!(store.xlen(&keys::events()).await.unwrap(), before, "nothing changed");
+    assert_eq!(store.xlen(&keys::events(SKU)).await.unwrap(), before, "nothing changed");
     assert!(adds_up(&stock(&svc).await));
 }
 
@@ -502,6 +567,7 @@ backend_tests!(
     catalogue_loads_and_lists_in_sku_order,
     receipts_count_once_and_stock_adds_up,
     holds_are_served_in_order_and_partial_holds_top_up,
+    unrecorded_holds_go_back_and_the_batch_is_served_in_order,
     generations_are_never_reopened,
     holds_expire_on_their_own_exactly_once,
     concurrent_holds_never_oversell,

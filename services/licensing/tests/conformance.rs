@@ -20,11 +20,12 @@ const CATALOGUE: [&str; 2] = ["H200", "H200-NVL"];
 
 /// A licensing service on `store`, with the catalogue in place.
 async fn service(store: Store) -> Licensing {
-    let mut t = chipgate_state::Txn::new();
+    // Each product's record lives in its own partition: one transaction each.
     for sku in CATALOGUE {
+        let mut t = chipgate_state::Txn::new();
         t.put(chipgate_contract::catalogue::product(sku), b"product".to_vec());
+        store.commit(&t).await.unwrap();
     }
-    store.commit(&t).await.unwrap();
     Licensing::new(store)
 }
 

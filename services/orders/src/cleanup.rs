@@ -51,9 +51,9 @@ impl Orders {
         if ids.is_empty() {
             return Ok(0);
         }
-        let keys_: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         let orders: Vec<(u64, OrderRecord)> =
-            self.load_many::<OrderRecord>(&keys_).await?.into_iter().flatten().collect();
+            self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten().collect();
         // One release per order per round (a batch may not name an order twice).
         let mut quota = Vec::new();
         let mut holds = Vec::new();
@@ -96,7 +96,7 @@ impl Orders {
             orders.iter().filter_map(|(_, o)| o.pending.first().map(|p| (o.id.as_str(), p))).collect();
         for _attempt in 0..5 {
             let current: Vec<(u64, OrderRecord)> =
-                self.load_many::<OrderRecord>(&keys_).await?.into_iter().flatten().collect();
+                self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten().collect();
             let mut settled = 0;
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);

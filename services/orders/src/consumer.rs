@@ -1,8 +1,9 @@
 //! The event consumers: licensing and inventory changes become dirty marks on exactly the products
 //! (and buyers) they concern.
 //!
-//! Each replica reads both streams through the consumer group `orders`, so every event goes to one
-//! replica. An event is acknowledged only after its marks are committed; if a replica dies holding
+//! Each replica reads licensing's stream and every product's inventory stream (inventory's state is
+//! partitioned by product, its events with it; new products are found in the catalogue) through the
+//! consumer group `orders`, so every event goes to one replica. An event is acknowledged only after its marks are committed; if a replica dies holding
 //! events, another takes them over once they have been pending for `claim_idle`. Marks are idempotent,
 //! so an event applied twice changes nothing more than applying it once.
 
@@ -26,25 +27,53 @@ use crate::{EffectOnly, Error, Orders, book, keys};
 pub(crate) const GROUP: &str = chipgate_contract::ORDERS_GROUP;
 
 /// Which stream a consumer follows.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) enum Source {
     Licensing,
-    Inventory,
+    /// One product's inventory events.
+    Inventory(String),
 }
 
 impl Source {
-    pub(crate) fn stream(self) -> String {
+    pub(crate) fn stream(&self) -> String {
         match self {
             Source::Licensing => chipgate_contract::streams::licensing(),
-            Source::Inventory => chipgate_contract::streams::inventory(),
+            Source::Inventory(sku) => chipgate_contract::streams::inventory(sku),
         }
     }
 
     /// The label the metrics use.
-    pub(crate) fn name(self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Source::Licensing => "licensing",
-            Source::Inventory => "inventory",
+            Source::Inventory(_) => "inventory",
+        }
+    }
+}
+
+/// How often the catalogue is read for products whose streams no consumer follows yet.
+const DISCOVER_EVERY: Duration = Duration::from_secs(2);
+
+/// Follows licensing's stream and every product's inventory stream until shutdown: a consumer per
+/// stream, one more for each product the catalogue lists later (its consumer group starts at the
+/// stream's beginning, so nothing it carried before is missed).
+pub(crate) async fn run_all(svc: Orders, shutdown: Shutdown) {
+    tokio::spawn(run(svc.clone(), Source::Licensing, shutdown.clone()));
+    let mut following = std::collections::HashSet::new();
+    loop {
+        match chipgate_contract::catalogue::all(svc.store()).await {
+            Ok(skus) => {
+                for sku in skus {
+                    if following.insert(sku.clone()) {
+                        tokio::spawn(run(svc.clone(), Source::Inventory(sku), shutdown.clone()));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "can't read the catalogue to follow its products' streams; retrying"),
+        }
+        tokio::select! {
+            () = shutdown.wait() => return,
+            () = tokio::time::sleep(DISCOVER_EVERY) => {}
         }
     }
 }
@@ -131,7 +160,7 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
         if entries.is_empty() {
             continue;
         }
-        match svc.apply_events(source, &entries).await {
+        match svc.apply_events(&source, &entries).await {
             Ok((products, kinds)) => {
                 for kind in kinds {
                     svc.inner
@@ -170,7 +199,7 @@ impl Orders {
     /// Each event is handled in its own span, continuing the trace of the change that caused it.
     async fn apply_events(
         &self,
-        source: Source,
+        source: &Source,
         entries: &[StreamEntry],
     ) -> Result<(BTreeSet<String>, Vec<&'static str>), Error> {
         let mut t = Txn::new();
@@ -187,7 +216,7 @@ impl Orders {
                     }
                     Err(err) => tracing::warn!(id = %e.id, error = %err, "undecodable licensing event skipped"),
                 },
-                Source::Inventory => match ipb::InventoryEvent::decode(raw) {
+                Source::Inventory(_) => match ipb::InventoryEvent::decode(raw) {
                     Ok(ev) => {
                         kinds.push(inventory_kind(&ev));
                         let (span, tp) = consume_span(&ev.traceparent, inventory_kind(&ev));

@@ -110,6 +110,7 @@ pub fn reserve_item(a: StockAsk, hold_seconds: u32) -> ipb::ReserveItem {
         units: a.units,
         allow_partial: true,
         hold_seconds,
+        known_held: Some(a.known_held),
     }
 }
 

@@ -171,8 +171,7 @@ impl Orders {
         };
         metrics.add_sampler(sampler.attach(&svc));
         tokio::spawn(scheduler::run(svc.clone(), shutdown.clone()));
-        tokio::spawn(consumer::run(svc.clone(), consumer::Source::Licensing, shutdown.clone()));
-        tokio::spawn(consumer::run(svc.clone(), consumer::Source::Inventory, shutdown.clone()));
+        tokio::spawn(consumer::run_all(svc.clone(), shutdown.clone()));
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
         tokio::spawn(scheduler::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
         let hub_svc = svc.clone();

@@ -112,6 +112,7 @@ impl Orders {
             request_id: format!("{}:confirm:{}", o.id, o.generation),
             order_id: o.id.clone(),
             generation: o.generation,
+            product_sku: o.sku.clone(),
         };
         rpc!(ctx, self.inner.peers.inventory, confirm_reservation, h).map_err(Error::Peer)?;
         let generation = o.generation;
@@ -164,6 +165,7 @@ impl Orders {
             request_id: format!("{}:ship:{}", o.id, o.generation),
             order_id: o.id.clone(),
             generation: o.generation,
+            product_sku: o.sku.clone(),
         };
         rpc!(ctx, self.inner.peers.inventory, ship_reservation, s).map_err(Error::Peer)?;
         self.run_txn(None, || async {

@@ -143,14 +143,27 @@ impl Sampler {
             }
         }
 
-        for source in [Source::Licensing, Source::Inventory] {
-            let info = store.group_info(&source.stream(), GROUP).await.map_err(|x| e(&x))?;
-            let name = source.name().to_string();
-            self.streams
-                .get_or_create(&[("stream", name.clone()), ("figure", "pending".into())])
-                .set(info.pending as i64);
-            if let Some(lag) = info.lag {
-                self.streams.get_or_create(&[("stream", name), ("figure", "lag".into())]).set(lag as i64);
+        // Inventory's figures add up over its products' streams.
+        let mut sources = vec![Source::Licensing];
+        sources.extend(
+            chipgate_contract::catalogue::all(store).await.map_err(|x| e(&x))?.into_iter().map(Source::Inventory),
+        );
+        let mut figures: std::collections::BTreeMap<&str, (u64, Option<u64>)> = std::collections::BTreeMap::new();
+        for source in &sources {
+            let info = match (store.group_info(&source.stream(), GROUP).await, source) {
+                (Ok(info), _) => info,
+                // A product listed since its consumer last looked has no group yet: nothing to count.
+                (Err(_), Source::Inventory(_)) => continue,
+                (Err(x), Source::Licensing) => return Err(e(&x)),
+            };
+            let f = figures.entry(source.name()).or_insert((0, Some(0)));
+            f.0 += info.pending;
+            f.1 = f.1.zip(info.lag).map(|(a, b)| a + b);
+        }
+        for (name, (pending, lag)) in figures {
+            self.streams.get_or_create(&[("stream", name.into()), ("figure", "pending".into())]).set(pending as i64);
+            if let Some(lag) = lag {
+                self.streams.get_or_create(&[("stream", name.into()), ("figure", "lag".into())]).set(lag as i64);
             }
         }
 

@@ -46,7 +46,9 @@ impl Orders {
         // a retry wastes a sequence number, which only leaves a gap.
         let (prior, seq) = tokio::try_join!(
             async {
-                idem.lookup::<Placed>(self.store(), "PlaceOrder", &req.request_id, &fp).await.map_err(Error::Status)
+                idem.lookup::<Placed>(self.store(), None, "PlaceOrder", &req.request_id, &fp)
+                    .await
+                    .map_err(Error::Status)
             },
             async { Ok::<u64, Error>(self.store().incr(&keys::seq(), 1).await?) },
         )?;
@@ -87,14 +89,14 @@ impl Orders {
                     &Cause::new(CauseKind::Placed, ""),
                     &ctx.traceparent(),
                 );
-                idem.record(&mut t, "PlaceOrder", &req.request_id, &fp, &placed);
+                idem.record(&mut t, None, "PlaceOrder", &req.request_id, &fp, &placed);
                 events.flush(&mut t);
                 match self.store().commit(&t).await {
                     Ok(_) => (placed, true),
                     // Another call with this request id committed first: answer as it did.
                     Err(CommitError::Conflict { .. }) => {
                         let p = idem
-                            .lookup::<Placed>(self.store(), "PlaceOrder", &req.request_id, &fp)
+                            .lookup::<Placed>(self.store(), None, "PlaceOrder", &req.request_id, &fp)
                             .await
                             .map_err(Error::Status)?
                             .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;

@@ -50,7 +50,7 @@ pub fn notes() -> Vec<String> {
 /// Whether the orders consumer group has every entry of a stream, read from the stream's and the
 /// group's ids (`XINFO STREAM` last-generated-id = `XINFO GROUPS` last-delivered-id, nothing pending).
 pub struct Delivery {
-    pub stream: &'static str,
+    pub stream: String,
     pub delivered: bool,
     /// The group's `lag` as Redis reports it.
     pub lag: Option<i64>,
@@ -83,11 +83,21 @@ pub async fn delivery(redis_url: &str) -> Vec<Delivery> {
     let mut out = Vec::new();
     let Ok(client) = redis::Client::open(redis_url) else { return out };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return out };
-    for stream in ["{lic}:events", "{inv}:events"] {
+    let products: Vec<String> = redis::cmd("ZRANGE")
+        .arg(chipgate_contract::catalogue::products())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    let mut streams = vec![chipgate_contract::streams::licensing()];
+    streams.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
+    for stream in &streams {
+        let stream = stream.clone();
         let info: redis::Value =
-            redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
+            redis::cmd("XINFO").arg("STREAM").arg(&stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
         let groups: redis::Value =
-            redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
+            redis::cmd("XINFO").arg("GROUPS").arg(&stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
         let group = match &groups {
             redis::Value::Array(gs) => gs.iter().find(|g| text(get(g, "name")) == "orders"),
             _ => None,
@@ -244,7 +254,7 @@ pub async fn settled(
     let mut v: Vec<String> = Vec::new();
     for x in report.violations {
         let miscounted =
-            delivery.iter().find(|d| x.starts_with(d.stream) && x.contains("never delivered") && d.delivered);
+            delivery.iter().find(|d| x.starts_with(d.stream.as_str()) && x.contains("never delivered") && d.delivered);
         match miscounted {
             Some(d) => {
                 NOTES.lock().unwrap().insert(format!(

@@ -322,7 +322,7 @@ async fn streams(cluster: &ProcessCluster) -> String {
     let Ok(client) = redis::Client::open(cluster.redis.url()) else { return String::new() };
     let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return String::new() };
     let mut out = Vec::new();
-    for stream in ["{lic}:events", "{inv}:events"] {
+    for stream in &chipgate_testkit::invariants::event_streams(&cluster.store).await {
         let info: redis::Value =
             redis::cmd("XINFO").arg("STREAM").arg(stream).query_async(&mut conn).await.unwrap_or(redis::Value::Nil);
         let groups: redis::Value =

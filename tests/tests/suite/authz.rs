@@ -467,6 +467,7 @@ async fn a_buyer_watching_stock_sees_no_other_buyers_orders() {
                 units: 40,
                 allow_partial: false,
                 hold_seconds: 600,
+                known_held: None,
             }],
             fence_token: 0,
         })

@@ -188,7 +188,7 @@ async fn the_checker_catches_tampered_quota_and_stock() {
     t.replace(key, rec.version, l.encode_to_vec());
     store.commit(&t).await.unwrap();
 
-    let key = format!("{{inv}}:stock:{H200}");
+    let key = chipgate_inventory::keys::stock(H200);
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut s = chipgate_domain::inventory::StockRecord::decode(rec.data.as_slice()).unwrap();
     s.available += 5;

@@ -73,6 +73,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
             units,
             allow_partial: false,
             hold_seconds: 600,
+            known_held: None,
         }],
         fence_token: 0,
     };
@@ -89,6 +90,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
                     units: 50,
                     allow_partial: false,
                     hold_seconds: 0,
+                    known_held: None,
                 },
                 pb::ReserveItem {
                     order_id: "ord-3".into(),
@@ -96,6 +98,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
                     units: 50,
                     allow_partial: true,
                     hold_seconds: 0,
+                    known_held: None,
                 },
             ],
             fence_token: 0,
@@ -110,6 +113,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
         request_id: "cf-1".into(),
         order_id: "ord-1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     })
     .await
     .unwrap();
@@ -117,6 +121,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
         request_id: "sh-1".into(),
         order_id: "ord-1".into(),
         generation: 1,
+        product_sku: SKU.into(),
     })
     .await
     .unwrap();
@@ -132,7 +137,7 @@ async fn every_inventory_rpc_answers_over_grpc() {
     .await
     .unwrap();
     let r = c
-        .get_reservation(pb::GetReservationRequest { order_id: "ord-1".into() })
+        .get_reservation(pb::GetReservationRequest { order_id: "ord-1".into(), product_sku: SKU.into() })
         .await
         .unwrap()
         .into_inner()
