@@ -101,7 +101,7 @@ step "tests" cargo test --workspace --locked
 echo "== fault-suite figures"
 cat target/tmp/faults-*.txt 2>/dev/null || echo "(none written)"
 # Tiny counts, so the program can't rot; figures are meaningless in debug.
-step "benchmark smoke run" cargo run --locked -q -p chipgate-bench -- --smoke --json --out target/bench-smoke
+step "benchmark smoke run" cargo run --locked -q -p chipgate-bench -- --smoke --only ceilings,place,wave,naive,audit --json --out target/bench-smoke
 step "deploy manifests" bash deploy/check.sh
 echo "== step times"
 printf '%s\n' "${TIMES[@]}"

@@ -598,6 +598,34 @@ class DevKeysAndMonitoring(unittest.TestCase):
         self.assertIn("CHIPGATE_SERVICE_SIGNING_KEY", orders_env)
         self.assertNotIn("CHIPGATE_SERVICE_TOKEN_FILE", orders_env, "the two exclude each other")
 
+    def test_dev_audit_key_is_its_own_pair_and_only_licensing_holds_it(self):
+        docs = k8s.render("dev")
+        keys = k8s.DEPLOY / "overlays" / "dev" / "dev-keys"
+        secret = next(
+            (s for s in k8s.by_kind(docs, "Secret") if s["metadata"]["name"].startswith("chipgate-audit-signing-key")),
+            None,
+        )
+        self.assertIsNotNone(secret, "dev renders the audit key Secret the base mounts")
+        self.assertEqual(set(secret["data"]), {"signing.pem"})
+        derive = lambda pem: subprocess.run(  # noqa: E731
+            ["openssl", "pkey", "-pubout"], input=pem, capture_output=True, check=True, text=True
+        ).stdout
+        audit_private = base64.b64decode(secret["data"]["signing.pem"]).decode()
+        self.assertEqual(derive(audit_private), (keys / "audit-public.pem").read_text(), "the halves match")
+        self.assertNotEqual(
+            derive(audit_private), derive((keys / "signing.pem").read_text()), "the audit key is not the token key"
+        )
+        holders = []
+        for w in k8s.workloads(docs):
+            for v in k8s.pod_template(w)["spec"].get("volumes", []):
+                if v.get("secret", {}).get("secretName", "").startswith("chipgate-audit-signing-key"):
+                    holders.append(w["metadata"]["name"])
+        self.assertEqual(holders, ["licensing"])
+        for overlay in k8s.overlays():
+            lic = next(w for w in k8s.workloads(k8s.render(overlay)) if w["metadata"]["name"] == "licensing")
+            env = {e["name"]: e.get("value") for e in k8s.pod_template(lic)["spec"]["containers"][0].get("env", [])}
+            self.assertEqual(env.get("CHIPGATE_AUDIT_SIGNING_KEY_FILE"), "/etc/chipgate/audit-key/signing.pem", overlay)
+
     def test_prod_carries_no_key(self):
         docs = k8s.render("prod")
         self.assertEqual(k8s.by_kind(docs, "Secret"), [], "prod Secrets are created by the operator")

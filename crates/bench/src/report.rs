@@ -6,6 +6,7 @@ use std::io::Write;
 use serde_json::json;
 
 use crate::Args;
+use crate::audit::AuditResult;
 use crate::ceilings::RedisCeiling;
 use crate::load::LoadResult;
 use crate::naive::NaiveResult;
@@ -27,6 +28,8 @@ pub struct Results {
     pub wave: Option<WaveResult>,
     /// Naive baseline.
     pub naive: Option<NaiveResult>,
+    /// Audit checkpoints and verification.
+    pub audit: Option<AuditResult>,
 }
 
 /// Writes a line to stdout (the report is this program's output).
@@ -111,6 +114,15 @@ pub fn print(r: &Results) {
             row("wave / naive", format!("{x:.1}×"), &format!("target ≥ 20×: {}", verdict(x >= 20.0)));
         }
     }
+    if let Some(a) = &r.audit {
+        row(
+            "audit checkpoint p50/p99 (ms)",
+            format!("{:.2}/{:.2}", a.checkpoint_ms(0.5), a.checkpoint_ms(0.99)),
+            &format!("{} entries, signed", a.entries),
+        );
+        row("audit verify (s)", format!("{:.2}", a.verify.as_secs_f64()), &format!("{:.0} entries/s", a.verify_rate()));
+        row("audit verify with checkpoint (s)", format!("{:.2}", a.verify_with_checkpoint.as_secs_f64()), "");
+    }
     say("");
 }
 
@@ -147,6 +159,11 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
             "quota_check": w.quota_check,
             "over_redis_ceiling": r.redis.as_ref().map(|x| w.rate() / x.scripts_per_sec.max(1e-9)),
+        })),
+        "audit": r.audit.as_ref().map(|a| json!({
+            "entries": a.entries, "checkpoint_p50_ms": a.checkpoint_ms(0.5), "checkpoint_p99_ms": a.checkpoint_ms(0.99),
+            "verify_seconds": a.verify.as_secs_f64(), "verify_per_sec": a.verify_rate(),
+            "verify_with_checkpoint_seconds": a.verify_with_checkpoint.as_secs_f64(), "correct": a.correct,
         })),
         "naive": r.naive.as_ref().map(|n| json!({
             "orders": n.orders, "seconds": n.elapsed.as_secs_f64(), "per_sec": n.rate(), "errors": n.errors,
@@ -239,6 +256,13 @@ pub fn faults(r: &Results) -> Vec<String> {
         && n.errors > 0
     {
         out.push(format!("naive: {} orders failed", n.errors));
+    }
+    if let Some(a) = &r.audit
+        && !a.correct
+    {
+        out.push(
+            "audit: a checkpoint or a verification answered wrong (not covering, not valid, or not extending)".into(),
+        );
     }
     out
 }

@@ -278,7 +278,8 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
     }
 
     // Audit.
-    let audit = c.licensing.verify_audit_log(lpb::VerifyAuditLogRequest {}).await.expect("VerifyAuditLog").into_inner();
+    let audit =
+        c.licensing.verify_audit_log(lpb::VerifyAuditLogRequest::default()).await.expect("VerifyAuditLog").into_inner();
     if !audit.valid {
         v.push(format!("audit log does not verify at entry {}: {}", audit.first_bad_sequence, audit.problem));
     }

@@ -62,8 +62,12 @@ pub struct ClusterOptions {
     /// table, orders calls its peers with a `service` token. The clients the harness hands out act
     /// as whichever party each call needs ([`Parties`]); [`Cluster::token`] and
     /// [`Cluster::authed`] make clients of one party. Only tests about running without
-    /// authentication turn it off.
+    /// authentication turn it off. With it, licensing also signs audit checkpoints with a key of its
+    /// own ([`Cluster::audit_key`]), as an operator runs it; without it, checkpoints are unsigned.
     pub auth: bool,
+    /// How often licensing takes a periodic audit checkpoint (logs and metrics); None: never (the
+    /// RPCs still take them on demand).
+    pub audit_checkpoint_every: Option<Duration>,
 }
 
 impl Default for ClusterOptions {
@@ -75,6 +79,7 @@ impl Default for ClusterOptions {
             orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
             orders_in_process: true,
             auth: true,
+            audit_checkpoint_every: None,
         }
     }
 }
@@ -134,9 +139,16 @@ pub struct Cluster {
     /// The key tokens are signed with, when authentication is on.
     pub signer: Option<chipgate_runtime::auth::Signer>,
     /// Where the public key (and the signing key) are written, when authentication is on (for
-    /// binaries started against this cluster).
+    /// binaries started against this cluster); the audit key is there too, as
+    /// [`AUDIT_SIGNING_KEY_FILE`].
     pub auth_dir: Option<tempfile::TempDir>,
+    /// The key licensing signs audit checkpoints with (a different key from the token key), when
+    /// authentication is on.
+    pub audit_key: Option<chipgate_runtime::auth::Signer>,
 }
+
+/// The file (in an auth directory) holding licensing's audit signing key.
+pub const AUDIT_SIGNING_KEY_FILE: &str = "audit-signing.pem";
 
 /// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
 ///
@@ -217,6 +229,15 @@ impl Cluster {
         } else {
             (None, None)
         };
+        let audit_key = match &auth_dir {
+            Some(dir) => {
+                let key = chipgate_runtime::auth::Signer::generate().expect("an audit key");
+                std::fs::write(dir.path().join(AUDIT_SIGNING_KEY_FILE), key.private_pem())
+                    .expect("write the audit key");
+                Some(key)
+            }
+            None => None,
+        };
         let service_tokens = match &signer {
             Some(s) => chipgate_runtime::auth::TokenSource::minted(
                 s.clone(),
@@ -226,9 +247,13 @@ impl Cluster {
             ),
             None => chipgate_runtime::auth::TokenSource::None,
         };
-        let lic = chipgate_licensing::Licensing::new(store.clone());
+        let lic = chipgate_licensing::Licensing::with_audit_key(store.clone(), audit_key.clone());
+        let lic_shutdown = Shutdown::new();
+        if let Some(every) = options.audit_checkpoint_every {
+            lic.spawn_audit_checkpoints(every, lic_shutdown.clone());
+        }
         let licensing =
-            start_service(store.clone(), options.server.clone(), Shutdown::new(), |c| chipgate_licensing::spec(lic, c))
+            start_service(store.clone(), options.server.clone(), lic_shutdown, |c| chipgate_licensing::spec(lic, c))
                 .await;
         let inv_shutdown = Shutdown::new();
         let inv = chipgate_inventory::Inventory::start(store.clone(), inv_shutdown.clone(), options.inventory.clone());
@@ -257,7 +282,7 @@ impl Cluster {
         } else {
             (None, None)
         };
-        Cluster { redis, store, licensing, inventory, orders, orders_service, signer, auth_dir }
+        Cluster { redis, store, licensing, inventory, orders, orders_service, signer, auth_dir, audit_key }
     }
 
     /// A token for a non-buyer `role`, valid for an hour.

@@ -118,6 +118,7 @@ impl ServiceProcess {
             .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
             .env_remove("CHIPGATE_SERVICE_TOKEN_FILE")
             .env_remove("CHIPGATE_SERVICE_SIGNING_KEY")
+            .env_remove("CHIPGATE_AUDIT_SIGNING_KEY_FILE")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
@@ -260,12 +261,18 @@ impl ProcessCluster {
             ("CHIPGATE_SHUTDOWN_GRACE".to_string(), "1s".to_string()),
         ];
         let mut orders_auth = Vec::new();
+        let mut licensing_env = Vec::new();
         let signer = if options.auth {
             let signer = Signer::generate().expect("a signing key");
             let public = logs.join("public.pem");
             std::fs::write(&public, signer.public_pem()).expect("write the public key");
             crate::write_service_token(&signer, &logs);
             common.push(("CHIPGATE_AUTH_PUBLIC_KEY".into(), public.display().to_string()));
+            // Licensing refuses to start without its audit key when authentication is on.
+            let audit = logs.join(crate::AUDIT_SIGNING_KEY_FILE);
+            let audit_key = Signer::generate().expect("an audit key");
+            std::fs::write(&audit, audit_key.private_pem()).expect("write the audit key");
+            licensing_env.push(("CHIPGATE_AUDIT_SIGNING_KEY_FILE".into(), audit.display().to_string()));
             orders_auth.push((
                 "CHIPGATE_SERVICE_TOKEN_FILE".into(),
                 logs.join(crate::SERVICE_TOKEN_FILE).display().to_string(),
@@ -275,7 +282,12 @@ impl ProcessCluster {
             common.push(("CHIPGATE_INSECURE_NO_AUTH".into(), "true".into()));
             None
         };
-        let mut licensing = ServiceProcess::new("chipgate-licensing", common.clone(), Vec::new(), logs.clone());
+        let mut licensing = ServiceProcess::new(
+            "chipgate-licensing",
+            common.iter().cloned().chain(licensing_env).collect(),
+            Vec::new(),
+            logs.clone(),
+        );
         let mut inventory = ServiceProcess::new(
             "chipgate-inventory",
             common.clone(),

@@ -709,7 +709,7 @@ async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
     assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 5);
     batch(&svc, vec![item("o1", 1, "bytedance", 5)]).await;
     assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 6);
-    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest {})).await.unwrap().into_inner();
+    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
     assert!(v.valid, "{}", v.problem);
     assert_eq!(v.entries_checked, 6);
     let entries = svc

@@ -10,6 +10,7 @@
 
 mod common;
 
+mod audit_checkpoints;
 mod authz;
 mod closing_gates;
 mod concurrency;
