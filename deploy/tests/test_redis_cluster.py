@@ -188,6 +188,10 @@ class Cluster:
                     return self.node_of_ip()[n["addr"].split(":")[0]]
         raise AssertionError(f"no master serves slot {slot}")
 
+    def paired(self) -> bool:
+        """Settled, and node 0 sees three shards of a master and a replica each."""
+        return self.settled() and len(self.shards()) == 3 and all(len(m) == 2 for _, m in self.shards())
+
     def settled(self) -> bool:
         return all(self.info(i, "cluster_state") == "ok" and self.info(i, "cluster_known_nodes") == str(SIZE)
                    for i in range(SIZE))
@@ -333,7 +337,7 @@ class RedisClusterScripts(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("handed over", out.stderr)
         self.assertIn("role:slave", c.cli(i, "info", "replication"))
-        c.wait(c.settled, "the cluster settles after the handover")
+        c.wait(c.paired, "the cluster settles after the handover, the old master a replica of the new")
         after = next(n for n in c.nodes(0) if n["id"] == master["id"])
         self.assertEqual(after["slots"], [], "the old master gave its slots away")
         # On a replica the hook does nothing.
@@ -342,6 +346,7 @@ class RedisClusterScripts(unittest.TestCase):
 
     def test_5_every_pod_restarting_with_a_new_ip_keeps_the_topology(self):
         c = self.c
+        c.wait(c.paired, "three shards of two")
         before = c.shards()
         # Every pod at once (a node pool replaced): no node is left to remember anyone's new address.
         for proc in c.procs.values():
@@ -353,7 +358,7 @@ class RedisClusterScripts(unittest.TestCase):
         c.write_hosts()
         for i in range(SIZE):
             c.start(i)
-        c.wait(c.settled, "every node back, ok and knowing all others at their new IPs", timeout=60)
+        c.wait(c.paired, "every node back, ok and knowing all others at their new IPs", timeout=60)
         self.assertEqual(c.shards(), before, "the same nodes hold the same slots")
         self.assertEqual({n["addr"].split(":")[0] for n in c.nodes(0)}, set(c.ips))
         log = (c.root / "node-0" / "redis.log").read_text()
@@ -371,7 +376,7 @@ class RedisClusterScripts(unittest.TestCase):
         self.assertEqual(out.returncode, 0, out.stderr)
         self.assertIn("forgetting node " + replica["id"], out.stderr)
         self.assertIn("adding it as a replica", out.stderr)
-        c.wait(c.settled, "the cluster settles with the new replica")
+        c.wait(c.paired, "the cluster settles with the new replica")
         nodes = c.nodes(0)
         self.assertNotIn(replica["id"], [n["id"] for n in nodes], "the lost identity is forgotten")
         self.assertEqual(sum("slave" in n["flags"] for n in nodes), 3)
