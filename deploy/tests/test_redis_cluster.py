@@ -82,7 +82,7 @@ class Cluster:
         self.password = (self.auth / "password").read_text()
         self.generation = 1
         self.ips = [self.ip(i) for i in range(SIZE)]
-        self.port = free_port(self.ips + [self.ip(i, 2) for i in range(SIZE)])
+        self.port = free_port([self.ip(i, g) for g in (1, 2, 3) for i in range(SIZE)])
         self.procs: dict[int, subprocess.Popen] = {}
         self.write_hosts()
 
@@ -193,8 +193,23 @@ class Cluster:
         return self.settled() and len(self.shards()) == 3 and all(len(m) == 2 for _, m in self.shards())
 
     def settled(self) -> bool:
-        return all(self.info(i, "cluster_state") == "ok" and self.info(i, "cluster_known_nodes") == str(SIZE)
-                   for i in range(SIZE))
+        """Every node: cluster ok, knows all six, has a live link to each at its current IP, and a
+        replica's replication link is up. (A
+        cluster whose nodes reach nobody still says ok for a while: failing a node takes a majority's
+        reports, so cluster_state alone proves nothing.)"""
+        if not all(self.info(i, "cluster_state") == "ok" and self.info(i, "cluster_known_nodes") == str(SIZE)
+                   for i in range(SIZE)):
+            return False
+        for i in range(SIZE):
+            for n in self.nodes(i):
+                if n["link"] != "connected" or n["flags"] & {"fail", "fail?", "noaddr", "handshake"}:
+                    return False
+                if n["addr"].split(":")[0] not in self.ips:
+                    return False
+            repl = self.cli(i, "info", "replication")
+            if "role:slave" in repl and "master_link_status:up" not in repl:
+                return False
+        return True
 
     def run(self, script: str, *args, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["sh", str(SCRIPTS / script), *args], capture_output=True, text=True,
@@ -364,7 +379,34 @@ class RedisClusterScripts(unittest.TestCase):
         log = (c.root / "node-0" / "redis.log").read_text()
         self.assertIn("refreshed", log, "start.sh rewrote the stale peer IPs")
 
-    def test_6_a_pod_that_lost_its_volume_rejoins_as_a_replica(self):
+    def test_6_bootstrap_reconnects_nodes_that_restarted_before_dns_knew_their_peers(self):
+        c = self.c
+        c.wait(c.paired, "three shards of two")
+        before = c.shards()
+        for proc in c.procs.values():
+            proc.send_signal(signal.SIGTERM)
+        for proc in c.procs.values():
+            proc.wait(timeout=30)
+        c.procs.clear()
+        # New IPs, but DNS still answers the old ones while the pods start: start.sh can't refresh
+        # anything, and every node is left knowing only dead addresses.
+        old = c.ips
+        c.ips = [c.ip(i, 3) for i in range(SIZE)]
+        for i in range(SIZE):
+            c.start(i)
+        c.ips, stale = old, c.ips
+        c.write_hosts()
+        c.ips = stale
+        time.sleep(7)  # past cluster-node-timeout: nodes now flag each other as failing
+        self.assertFalse(c.settled(), "stuck without help")
+        c.write_hosts()  # DNS catches up
+        out = c.bootstrap()
+        self.assertEqual(out.returncode, 0, out.stderr)
+        self.assertIn("CLUSTER MEET", out.stderr)
+        c.wait(c.paired, "every node linked to every other at its new IP")
+        self.assertEqual(c.shards(), before, "the same nodes hold the same slots")
+
+    def test_7_a_pod_that_lost_its_volume_rejoins_as_a_replica(self):
         c = self.c
         replica = next(n for n in c.nodes(0) if "slave" in n["flags"])
         i = c.node_of_ip()[replica["addr"].split(":")[0]]
@@ -385,7 +427,7 @@ class RedisClusterScripts(unittest.TestCase):
                          "again one replica per master")
         c.wait(lambda: c.probe(i, "ready").returncode == 0, "the new replica is ready once synced")
 
-    def test_7_liveness_survives_a_password_rotation_readiness_does_not(self):
+    def test_8_liveness_survives_a_password_rotation_readiness_does_not(self):
         c = self.c
         rotated = c.root / "rotated"
         rotated.mkdir(exist_ok=True)
@@ -393,7 +435,7 @@ class RedisClusterScripts(unittest.TestCase):
         self.assertEqual(c.probe(0, "alive", auth_dir=rotated).returncode, 0)
         self.assertNotEqual(c.probe(0, "ready", auth_dir=rotated).returncode, 0)
 
-    def test_8_start_refuses_unsafe_credentials(self):
+    def test_9_start_refuses_unsafe_credentials(self):
         c = self.c
         bad = c.root / "bad-auth"
         bad.mkdir(exist_ok=True)

@@ -14,9 +14,9 @@
 #      lost its volume, or a StatefulSet scaled out) join as replicas of the master with the fewest
 #      (`redis-cli --cluster add-node --cluster-slave`). Masters are never added or resharded here
 #      (deploy/README.md, "Scale").
-# 3. Waits until every node reports cluster_state:ok and knows all the others, and every replica's
-#    link to its master is up (the first sync done), and prints `redis-cli --cluster check`. Exits
-#    non-zero if that does not happen in time (the Job retries).
+# 3. Waits until every node reports cluster_state:ok, knows all the others over a live link, and
+#    every replica's link to its master is up (the first sync done), and prints
+#    `redis-cli --cluster check`. Exits non-zero if that does not happen in time (the Job retries).
 #
 # Settings (env):
 #   REDIS_CLUSTER_SIZE       pods in the StatefulSet (kustomize copies spec.replicas here)
@@ -163,10 +163,11 @@ else
   # Nodes the cluster remembers that are none of the pods: a pod that lost its volume came back as a
   # new node, and its old identity stays in every node's table (failed) until it is forgotten. A
   # forgotten replica is nothing lost; a lost identity that is still a master with slots means that
-  # shard has no copy left, which is for a person to decide (deploy/README.md, "Failover").
+  # shard has no copy left, which is for a person to decide (deploy/README.md, "Failover"). Nodes in
+  # handshake are the MEETs above in progress (a random id until the peer answers): left alone.
   ghosts=$(cli "$anchor" cluster nodes | awk -v ids="$ids" '
     BEGIN { n = split(ids, a, " "); for (i = 1; i <= n; i++) mine[a[i]] = 1 }
-    NF >= 8 && !($1 in mine) { print $1 "," $3 "," (NF - 8) }')
+    NF >= 8 && !($1 in mine) && $3 !~ /handshake/ { print $1 "," $3 "," (NF - 8) }')
   for ghost in $ghosts; do
     id=${ghost%%,*}
     slots=${ghost##*,}
@@ -195,9 +196,24 @@ while :; do
   for ip in "$@"; do
     state=$(info "$ip" cluster_state)
     known=$(info "$ip" cluster_known_nodes)
-    link=$(cli "$ip" info replication | awk -F: '$1 == "master_link_status" { print $2 }')
-    if [ "$state" != ok ] || [ "$known" != "$size" ] || { [ -n "$link" ] && [ "$link" != up ]; }; then
-      pending="$pending $ip(state=${state:-?},nodes=${known:-?}${link:+,replica link=$link})"
+    repl=$(cli "$ip" info replication)
+    link=$(echo "$repl" | awk -F: '$1 == "master_link_status" { print $2 }')
+    if [ "$link" = down ]; then
+      # Replicating from its master's old IP? (the bus learnt the new one, replication did not:
+      # see repoint in probe.sh, which every replica's readiness probe also runs)
+      master_host=$(echo "$repl" | awk -F: '$1 == "master_host" { print $2 }')
+      master_id=$(cli "$ip" cluster nodes | awk '$3 ~ /myself/ { print $4 }')
+      master_ip=$(cli "$ip" cluster nodes | awk -v id="$master_id" '$1 == id { split($2, a, "@"); sub(/:[0-9]+$/, "", a[1]); print a[1] }')
+      if [ -n "$master_ip" ] && [ "$master_ip" != "$master_host" ] && [ "$master_id" != "-" ]; then
+        log "$ip replicates from $master_host but its master is at $master_ip: CLUSTER REPLICATE"
+        cli "$ip" cluster replicate "$master_id" >/dev/null
+      fi
+    fi
+    # cluster_state stays ok for a while even if a node reaches nobody (failing a node takes a
+    # majority's reports), so also ask for a live bus link to every peer.
+    down=$(cli "$ip" cluster nodes | awk '$8 != "connected" || $3 ~ /fail|noaddr|handshake/ { n++ } END { print n + 0 }')
+    if [ "$state" != ok ] || [ "$known" != "$size" ] || [ "$down" != 0 ] || { [ -n "$link" ] && [ "$link" != up ]; }; then
+      pending="$pending $ip(state=${state:-?},nodes=${known:-?},down=$down${link:+,replica link=$link})"
     fi
   done
   [ -z "$pending" ] && break
