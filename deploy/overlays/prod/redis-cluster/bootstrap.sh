@@ -67,7 +67,8 @@ resolve() {
   if command -v getent >/dev/null 2>&1; then
     getent hosts "$1" 2>/dev/null | awk 'NR == 1 { print $1 }'
   else
-    nslookup "$1" 2>/dev/null | awk '/^Address/ && !/#/ { a = $NF } END { if (a != "") print a }'
+    # busybox nslookup: the answer's "Address:" lines follow "Name:" (the server's come before).
+    nslookup "$1" 2>/dev/null | awk '/^Name:/ { n = 1 } n && /^Address/ { print $NF; exit }'
   fi
 }
 deadline=$(($(date +%s) + timeout))
