@@ -42,15 +42,15 @@ sha256() {
 # the caller's key permissions, so a script can't reach past them either.
 commands='+@all -@admin -@dangerous -@pubsub -function -fcall -fcall_ro -script|flush -script|kill -script|debug +info'
 # Key patterns (`~` read/write, `%R~` read only). They assume what chipgate's keys look like: every key
-# starts with its service's hash tag, `{lic...}`, `{inv...}` or `{ord...}` (today `{lic}:app:7`; a
-# partitioned layout such as `{inv:H200}:stock` matches too). Across services only the contract
-# (crates/contract) is read: the product catalogue `{inv...}:product:<sku>` by licensing and orders,
-# and the event streams `{lic...}:events` / `{inv...}:events` by orders' consumer group (XREADGROUP and
-# XACK write to the stream's consumer group, so orders needs write access to those two keys).
+# starts with its service's hash tag, `{lic`, `{inv` or `{ord`, whole space or partition (`{lic}:app:7`,
+# `{inv:H200}:stock`, `{ord:H200}:events`). Across services only the contract (crates/contract) is
+# read: the catalogue (each product's `{inv:<sku>}:product` and the index `{inv}:products`) by
+# licensing and orders, and the event streams (`{lic}:events`, each product's `{inv:<sku>}:events`) by
+# orders' consumer group (XREADGROUP and XACK write to the group, so orders needs write access there).
 declare -A keys=(
-  [licensing]='~{lic* %R~{inv*:product:*'
+  [licensing]='~{lic* %R~{inv*}:product %R~{inv}:products'
   [inventory]='~{inv*'
-  [orders]='~{ord* %R~{inv*:product:* ~{lic*:events ~{inv*:events'
+  [orders]='~{ord* %R~{inv*}:product %R~{inv}:products ~{lic*}:events ~{inv*}:events'
 )
 services=(licensing inventory orders)
 

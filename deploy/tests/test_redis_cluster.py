@@ -319,20 +319,30 @@ class RedisClusterScripts(unittest.TestCase):
             key = key or (args[1] if len(args) > 1 else "x")
             return c.cli(c.index_owning(key), *args, user=svc, password=pw[svc])
 
-        self.assertEqual(c.cli(c.index_owning("{inv}:product:H200"), "set", "{inv}:product:H200", "p"), "OK")
+        # The layout of crates/contract: the catalogue is each product's {inv:SKU}:product plus the
+        # index {inv}:products; inventory's events are per product, licensing's in {lic}.
+        self.assertEqual(c.cli(c.index_owning("{inv:H200}:product"), "set", "{inv:H200}:product", "p"), "OK")
         self.assertEqual(as_("inventory", "set", "{inv:H200}:stock", "10"), "OK")
+        self.assertEqual(as_("inventory", "zadd", "{inv}:products", "0", "H200"), "1")
         self.assertEqual(as_("licensing", "set", "{lic}:app:7", "a"), "OK")
-        self.assertEqual(as_("licensing", "get", "{inv}:product:H200"), "p", "licensing reads the catalogue")
-        self.assertIn("NOPERM", as_("licensing", "set", "{inv}:product:H200", "x"), "but can't write it")
+        self.assertEqual(as_("licensing", "set", "{lic:bytedance}:licence:3", "l"), "OK", "a licensing partition")
+        self.assertEqual(as_("licensing", "get", "{inv:H200}:product"), "p", "licensing reads the catalogue")
+        self.assertEqual(as_("orders", "zrange", "{inv}:products", "0", "-1"), "H200", "orders lists the products")
+        self.assertIn("NOPERM", as_("licensing", "set", "{inv:H200}:product", "x"), "but can't write it")
         self.assertIn("NOPERM", as_("licensing", "get", "{inv:H200}:stock"), "nor read inventory's other keys")
+        self.assertIn("NOPERM", as_("orders", "get", "{inv:H200}:stock"))
         self.assertIn("NOPERM", as_("inventory", "get", "{lic}:app:7"))
         self.assertIn("NOPERM", as_("orders", "get", "{lic}:app:7"))
-        self.assertEqual(as_("orders", "get", "{inv}:product:H200"), "p")
-        # orders consumes licensing's events through its consumer group (XGROUP/XREADGROUP write).
-        self.assertRegex(as_("licensing", "xadd", "{lic}:events", "*", "e", "1"), r"^\d+-\d+$")
-        self.assertEqual(as_("orders", "xgroup", "create", "{lic}:events", "orders", "0", key="{lic}:events"), "OK")
-        self.assertIn("{lic}:events", as_("orders", "xreadgroup", "group", "orders", "c1", "count", "1",
-                                          "streams", "{lic}:events", ">", key="{lic}:events"))
+        self.assertEqual(as_("orders", "set", "{ord:H200}:order:1", "o"), "OK")
+        self.assertIn("NOPERM", as_("inventory", "get", "{ord:H200}:order:1"))
+        self.assertEqual(as_("orders", "get", "{inv:H200}:product"), "p")
+        # orders consumes licensing's and each product's inventory events through its consumer group
+        # (XGROUP/XREADGROUP write to the stream); it reads no other key of theirs.
+        for stream, producer in (("{lic}:events", "licensing"), ("{inv:H200}:events", "inventory")):
+            self.assertRegex(as_(producer, "xadd", stream, "*", "e", "1"), r"^\d+-\d+$")
+            self.assertEqual(as_("orders", "xgroup", "create", stream, "orders", "0", key=stream), "OK")
+            self.assertIn(stream, as_("orders", "xreadgroup", "group", "orders", "c1", "count", "1",
+                                      "streams", stream, ">", key=stream))
         # Scripts run with the caller's key permissions.
         self.assertIn("NOPERM", as_("licensing", "eval", "return redis.call('get', KEYS[1])", "1", "{ord}:x", key="{ord}:x"))
         self.assertEqual(as_("licensing", "eval", "return redis.call('set', KEYS[1], 'v')", "1", "{lic}:y", key="{lic}:y"), "OK")
