@@ -82,6 +82,10 @@ pub struct Options {
     /// How long a product's passes may keep failing before the propagation health check
     /// (`chipgate.orders.v1.Propagation`) reports NOT_SERVING.
     pub unhealthy_after: Duration,
+    /// The most a ListOrders page carries, encoded: a page ends early rather than outgrow what clients
+    /// accept (orders with long histories: 1,000 of them made 4.6 MB in a soak; gRPC clients take
+    /// 4 MiB by default).
+    pub page_bytes: usize,
 }
 
 impl Default for Options {
@@ -95,6 +99,7 @@ impl Default for Options {
             full_reconcile_every: Duration::from_secs(600),
             place_wait: Duration::from_secs(5),
             unhealthy_after: Duration::from_secs(60),
+            page_bytes: 3 << 20,
         }
     }
 }

@@ -149,6 +149,8 @@ async fn main() -> std::process::ExitCode {
         claim_idle: args.claim_idle.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(3600)),
         unhealthy_after: args.propagation_unhealthy_after.max(std::time::Duration::from_secs(1)),
         full_reconcile_every: args.full_reconcile_every,
+        // A page stays within what the server may send and what clients take by default.
+        page_bytes: (config.max_message_bytes.min(4 << 20) / 4 * 3).max(64 << 10),
         ..Options::default()
     };
     let service = Orders::start(store.clone(), peers, shutdown.clone(), options);
