@@ -24,7 +24,7 @@ use std::ops::Bound;
 use std::time::Duration;
 
 pub use memory::MemoryBackend;
-pub use redis_backend::{RedisBackend, RedisOptions};
+pub use redis_backend::{MasterKeys, OUTCOME_UNKNOWN, RedisBackend, RedisOptions};
 
 /// Hex SHA-256 of `data` (the digest the audit chain uses for entries).
 pub fn sha256_hex(data: &[u8]) -> String {

@@ -33,7 +33,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{
     AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError,
     RedisFuture, Script, ServerErrorKind, Value,
@@ -205,6 +205,8 @@ impl ConnectionLike for Conn {
     }
 }
 
+/// Where blocking connections come from (one per process: its size does not matter).
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Single(Client),
     /// A client without an overall response timeout: blocked reads wait as long as they ask.
@@ -306,9 +308,7 @@ fn parse_url(url: &str, options: &RedisOptions) -> StateResult<ConnectionInfo> {
     if let Some(password) = &options.password {
         settings = settings.set_password(password);
     }
-    Ok(info
-        .set_redis_settings(settings)
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
+    Ok(info.set_redis_settings(settings).set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
 }
 
 /// The CA for `rediss://` URLs, read from `options.tls_ca`.
@@ -476,8 +476,11 @@ impl RedisBackend {
     fn check_acks(&self, acks: Option<i64>) -> StateResult<()> {
         match acks {
             Some(n) if n < i64::from(self.inner.options.min_replicas) => {
-                tracing::warn!(acknowledged = n, wanted = self.inner.options.min_replicas,
-                    "redis replicas did not acknowledge a write in time");
+                tracing::warn!(
+                    acknowledged = n,
+                    wanted = self.inner.options.min_replicas,
+                    "redis replicas did not acknowledge a write in time"
+                );
                 Err(StateError::Unavailable(format!(
                     "{n} of {} redis replicas acknowledged the write within {:?}; {OUTCOME_UNKNOWN}",
                     self.inner.options.min_replicas, self.inner.options.wait_timeout
@@ -672,40 +675,67 @@ impl RedisBackend {
         }
     }
 
+    /// The masters serving slots, as a node of the cluster sees them (`CLUSTER SLOTS`): address and
+    /// slot ranges, ordered by their first slot.
+    async fn cluster_masters(c: &ClusterConnection) -> StateResult<Vec<MasterNode>> {
+        let mut c = c.clone();
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await.map_err(unavailable)?;
+        let mut masters: Vec<MasterNode> = Vec::new();
+        for range in array_of(slots)? {
+            let mut it = array_of(range)?.into_iter();
+            let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(master)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            let mut m = array_of(master)?.into_iter();
+            let (Some(host), Some(Value::Int(port))) = (m.next(), m.next()) else { continue };
+            let (host, port) = (string_of(host)?, u16::try_from(port).unwrap_or(0));
+            let range = (u16::try_from(lo).unwrap_or(0), u16::try_from(hi).unwrap_or(0));
+            match masters.iter_mut().find(|m| m.host == host && m.port == port) {
+                Some(m) => m.slots.push(range),
+                None => masters.push(MasterNode { host, port, slots: vec![range] }),
+            }
+        }
+        for m in &mut masters {
+            m.slots.sort_unstable();
+        }
+        masters.sort_by(|a, b| a.slots.first().cmp(&b.slots.first()));
+        Ok(masters)
+    }
+
+    /// Sends `cmd` to each master serving slots, on its own connection: no fallback to one of its
+    /// replicas (which the client does for ordinary commands while a master is unreachable).
+    async fn on_each_master(
+        &self,
+        c: &ClusterConnection,
+        cmd: &Cmd,
+    ) -> StateResult<Vec<(String, Vec<(u16, u16)>, Value)>> {
+        let mut out = Vec::new();
+        for MasterNode { host, port, slots: ranges } in Self::cluster_masters(c).await? {
+            let mut conn = c.clone();
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+            let v = conn.route_command(cmd.clone(), routing).await.map_err(|e| match unavailable(e) {
+                StateError::Unavailable(m) => StateError::Unavailable(format!("redis master {host}:{port}: {m}")),
+                other => other,
+            })?;
+            if let Value::ServerError(e) = v {
+                return Err(unavailable(e.into()));
+            }
+            out.push((format!("{host}:{port}"), ranges, v));
+        }
+        Ok(out)
+    }
+
     /// How many keys each master holds and which slots it serves: shows whether partitioned state
-    /// spreads over a cluster's masters. A single Redis is one master serving every slot.
+    /// spreads over a cluster's masters. A single Redis is one master serving every slot. Counts
+    /// include commit receipts (see [`RedisOptions::receipt_ttl`]).
     pub async fn master_key_counts(&self) -> StateResult<Vec<MasterKeys>> {
         match &self.inner.conn {
             Conn::Cluster(c) => {
-                let mut c = c.clone();
-                let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await.map_err(unavailable)?;
-                let mut ranges: HashMap<String, Vec<(u16, u16)>> = HashMap::new();
-                for range in array_of(slots)? {
-                    let mut it = array_of(range)?.into_iter();
-                    let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(master)) = (it.next(), it.next(), it.next())
-                    else {
-                        continue;
-                    };
-                    let mut m = array_of(master)?.into_iter();
-                    let (Some(host), Some(Value::Int(port))) = (m.next(), m.next()) else { continue };
-                    let addr = format!("{}:{port}", string_of(host)?);
-                    ranges.entry(addr).or_default().push((lo as u16, hi as u16));
-                }
-                let routing = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                let sizes = c.route_command(redis::cmd("DBSIZE"), routing).await.map_err(unavailable)?;
                 let mut out = Vec::new();
-                for (addr, size) in map_of(sizes)? {
-                    let addr = string_of(addr)?;
-                    let keys = match size {
-                        Value::Int(n) => u64::try_from(n).unwrap_or(0),
-                        Value::ServerError(e) => return Err(unavailable(e.into())),
-                        other => return Err(StateError::Backend(format!("DBSIZE answered {other:?}"))),
-                    };
-                    let mut slots = ranges.remove(&addr).unwrap_or_default();
-                    slots.sort_unstable();
+                for (addr, slots, v) in self.on_each_master(c, &redis::cmd("DBSIZE")).await? {
+                    let keys: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
                     out.push(MasterKeys { addr, slots, keys });
                 }
-                out.sort_by(|a, b| a.slots.first().cmp(&b.slots.first()));
                 Ok(out)
             }
             _ => {
@@ -714,6 +744,13 @@ impl RedisBackend {
             }
         }
     }
+}
+
+/// A master serving slots, from `CLUSTER SLOTS`.
+struct MasterNode {
+    host: String,
+    port: u16,
+    slots: Vec<(u16, u16)>,
 }
 
 /// Extra response time a pipelined `WAIT` may need.
@@ -806,20 +843,6 @@ fn redact_one(url: &str) -> String {
             }
         }
         _ => url.to_string(),
-    }
-}
-
-fn map_of(v: Value) -> StateResult<Vec<(Value, Value)>> {
-    match v {
-        Value::Map(pairs) => Ok(pairs),
-        other => {
-            let mut out = Vec::new();
-            let mut it = array_of(other)?.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                out.push((k, v));
-            }
-            Ok(out)
-        }
     }
 }
 
@@ -939,7 +962,6 @@ fn parse_scored(v: Value) -> StateResult<Vec<(String, f64)>> {
     }
     Ok(out)
 }
-
 
 impl Backend for RedisBackend {
     /// On a cluster, keys of several slots are read with one `MGET` per slot (the client splits the
@@ -1182,23 +1204,20 @@ impl Backend for RedisBackend {
     async fn lease_release(&self, key: &str, token: u64) -> StateResult<bool> {
         let keys = [key.to_string()];
         let args = [token.to_string().into_bytes()];
-        let (v, _) =
-            self.run_script(&self.inner.scripts.lease_release, LEASE_RELEASE_LUA, &keys, &args, false).await?;
+        let (v, _) = self.run_script(&self.inner.scripts.lease_release, LEASE_RELEASE_LUA, &keys, &args, false).await?;
         let ok: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
         Ok(ok == 1)
     }
 
-    /// On a cluster, healthy means every master answers and the cluster serves every slot
-    /// (`cluster_state:ok`): while a master is down and before its replica takes over, a third of
-    /// the keys can't be written, and health says so.
+    /// On a cluster, healthy means every master serving slots answers on its own connection and
+    /// the cluster serves every slot (`cluster_state:ok`): while a master is down and before its
+    /// replica takes over, a share of the keys can't be written, and health says so.
     async fn ping(&self) -> StateResult<()> {
         match &self.inner.conn {
             Conn::Cluster(c) => {
+                self.on_each_master(c, &redis::cmd("PING")).await?;
                 let mut c = c.clone();
-                let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
-                c.route_command(redis::cmd("PING"), all).await.map_err(unavailable)?;
-                let info: String =
-                    redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.map_err(unavailable)?;
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.map_err(unavailable)?;
                 if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
                     return Err(StateError::Unavailable("the redis cluster is not serving every slot".into()));
                 }
@@ -1218,14 +1237,8 @@ impl Backend for RedisBackend {
         };
         match &self.inner.conn {
             Conn::Cluster(c) => {
-                let mut c = c.clone();
-                let all = RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
-                let v = c.route_command(redis::cmd("INFO").arg("memory").to_owned(), all).await.map_err(unavailable)?;
                 let mut total = 0;
-                for (_, text) in map_of(v)? {
-                    if let Value::ServerError(e) = text {
-                        return Err(unavailable(e.into()));
-                    }
+                for (_, _, text) in self.on_each_master(c, redis::cmd("INFO").arg("memory")).await? {
                     total += used(&string_of(text)?).unwrap_or(0);
                 }
                 Ok(BackendInfo { used_memory: Some(total) })

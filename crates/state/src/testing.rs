@@ -482,12 +482,8 @@ impl RedisCluster {
             if f.len() < 8 {
                 continue;
             }
-            let port = f[1]
-                .split('@')
-                .next()
-                .and_then(|a| a.rsplit(':').next())
-                .and_then(|p| p.parse().ok())
-                .unwrap_or(0);
+            let port =
+                f[1].split('@').next().and_then(|a| a.rsplit(':').next()).and_then(|p| p.parse().ok()).unwrap_or(0);
             let flags: Vec<&str> = f[2].split(',').collect();
             out.push(NodeView {
                 id: f[0].to_string(),
@@ -541,8 +537,9 @@ impl RedisCluster {
         panic!("no master serves slot {slot}");
     }
 
-    /// Every running node reports `cluster_state:ok` and knows every node, every master serving
-    /// slots has its replicas attached and online, and every running replica's link is up.
+    /// Every running node reports `cluster_state:ok`, sees no running node as failed, and is either
+    /// a master serving slots with every running replica of it attached and online, or a replica
+    /// whose link to its master is up and not syncing.
     fn ready(&self) -> Result<(), String> {
         let running = self.running_ports();
         for &port in &running {
@@ -550,21 +547,28 @@ impl RedisCluster {
             if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
                 return Err(format!("node {port}: cluster_state is not ok"));
             }
-        }
-        let view = self.nodes_seen_by(running[0])?;
-        for n in view.iter().filter(|n| running.contains(&n.port)) {
-            let repl = self.node_query(n.port, redis::cmd("INFO").arg("replication"))?;
-            if n.master && n.has_slots {
-                let live_replicas = view
-                    .iter()
-                    .filter(|r| r.master_id.as_deref() == Some(&n.id) && running.contains(&r.port))
-                    .count();
+            let view = self.nodes_seen_by(port)?;
+            if let Some(bad) = view.iter().find(|n| n.failed && running.contains(&n.port)) {
+                return Err(format!("node {port} sees running node {} as failed", bad.port));
+            }
+            let me = view.iter().find(|n| n.port == port).ok_or_else(|| format!("node {port} does not see itself"))?;
+            let repl = self.node_query(port, redis::cmd("INFO").arg("replication"))?;
+            if me.master {
+                if !me.has_slots {
+                    return Err(format!("node {port} is a master without slots (not a replica yet)"));
+                }
+                let live_replicas =
+                    view.iter().filter(|r| r.master_id.as_deref() == Some(&me.id) && running.contains(&r.port)).count();
                 let online = repl.lines().filter(|l| l.starts_with("slave") && l.contains("state=online")).count();
                 if online < live_replicas {
-                    return Err(format!("master {}: {online} of {live_replicas} replicas online", n.port));
+                    return Err(format!("master {port}: {online} of {live_replicas} replicas online"));
                 }
-            } else if !n.master && !repl.lines().any(|l| l.trim() == "master_link_status:up") {
-                return Err(format!("replica {}: link to its master is not up", n.port));
+            } else {
+                let up = repl.lines().any(|l| l.trim() == "master_link_status:up");
+                let syncing = repl.lines().any(|l| l.trim() == "master_sync_in_progress:1");
+                if !up || syncing {
+                    return Err(format!("replica {port}: link to its master is not up"));
+                }
             }
         }
         Ok(())
@@ -725,14 +729,15 @@ impl RedisCluster {
     /// (its stdin, a pipe only this process holds, reaches end of file) and then kills and removes
     /// them: statics are never dropped.
     fn leave_to_watchdog(&mut self) {
-        let pids: Vec<String> = self.nodes.iter().filter_map(|n| n.child.as_ref()).map(|c| c.id().to_string()).collect();
+        let pids: Vec<String> =
+            self.nodes.iter().filter_map(|n| n.child.as_ref()).map(|c| c.id().to_string()).collect();
         let dir = self.dir.take().map(tempfile::TempDir::keep);
         let script = format!(
             "read _; kill -9 {} 2>/dev/null; {}",
             pids.join(" "),
             dir.map(|d| format!("rm -rf '{}'", d.display())).unwrap_or_default()
         );
-        let child = Command::new("sh")
+        let mut child = Command::new("sh")
             .arg("-c")
             .arg(script)
             .stdin(Stdio::piped())
@@ -740,11 +745,15 @@ impl RedisCluster {
             .stderr(Stdio::null())
             .spawn()
             .expect("start the redis cluster watchdog");
-        // The pipe must stay open for the life of the process: keep its write end in a static.
-        static WATCHDOG: OnceLock<Mutex<Vec<Child>>> = OnceLock::new();
-        if let Ok(mut w) = WATCHDOG.get_or_init(|| Mutex::new(Vec::new())).lock() {
-            w.push(child);
+        // The pipe must stay open for the life of the process: keep its write end in a static, and
+        // reap the watchdog when it is done.
+        static WATCHDOG: OnceLock<Mutex<Vec<std::process::ChildStdin>>> = OnceLock::new();
+        if let Some(stdin) = child.stdin.take()
+            && let Ok(mut w) = WATCHDOG.get_or_init(|| Mutex::new(Vec::new())).lock()
+        {
+            w.push(stdin);
         }
+        std::thread::spawn(move || child.wait());
     }
 }
 
