@@ -154,6 +154,11 @@ pub struct RedisBackend {
 
 struct Inner {
     conn: Conn,
+    /// Connections for writes followed by `WAIT` (the first is `conn`). Redis holds every later
+    /// command of a connection until its `WAIT` returns, so durable writes spread over a few
+    /// connections to wait for replicas side by side instead of one after another.
+    writers: Vec<Conn>,
+    next_writer: AtomicU64,
     /// Where blocking connections come from.
     source: Source,
     blocking: Mutex<Vec<Conn>>,
@@ -350,7 +355,7 @@ impl RedisBackend {
     /// `options.startup_retry_for`. Credentials Redis refuses fail at once.
     pub async fn connect(url: &str, options: RedisOptions) -> StateResult<Self> {
         let certs = tls_certs(&options)?;
-        let (conn, source, single_addr) = if options.cluster {
+        let (conn, writers, source, single_addr) = if options.cluster {
             let seeds: Vec<ConnectionInfo> = url
                 .split(',')
                 .filter(|s| !s.trim().is_empty())
@@ -365,7 +370,11 @@ impl RedisBackend {
             let client = cluster_client(&seeds, &options, certs.clone(), true)?;
             let blocking = cluster_client(&seeds, &options, certs, false)?;
             let conn = retry_startup(url, &options, || client.get_async_connection()).await?;
-            (Conn::Cluster(conn), Source::Cluster(blocking), String::new())
+            let mut writers = vec![Conn::Cluster(conn.clone())];
+            for _ in 1..durable_connections(&options) {
+                writers.push(Conn::Cluster(retry_startup(url, &options, || client.get_async_connection()).await?));
+            }
+            (Conn::Cluster(conn), writers, Source::Cluster(blocking), String::new())
         } else {
             let info = parse_url(url, &options)?;
             if certs.is_some() && !is_tls(&info) {
@@ -383,16 +392,21 @@ impl RedisBackend {
                 .set_number_of_retries(1)
                 .set_min_delay(Duration::from_millis(50))
                 .set_max_delay(Duration::from_millis(500));
-            let conn =
-                retry_startup(url, &options, || ConnectionManager::new_with_config(client.clone(), config.clone()))
-                    .await?;
-            (Conn::Single(conn), Source::Single(client), addr)
+            let connect = || ConnectionManager::new_with_config(client.clone(), config.clone());
+            let conn = retry_startup(url, &options, connect).await?;
+            let mut writers = vec![Conn::Single(conn.clone())];
+            for _ in 1..durable_connections(&options) {
+                writers.push(Conn::Single(retry_startup(url, &options, connect).await?));
+            }
+            (Conn::Single(conn), writers, Source::Single(client), addr)
         };
         tracing::info!(redis_url = %redact(url), cluster = options.cluster, min_replicas = options.min_replicas,
             "connected to redis");
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn,
+                writers,
+                next_writer: AtomicU64::new(0),
                 source,
                 blocking: Mutex::new(Vec::new()),
                 scripts: Scripts {
@@ -440,7 +454,7 @@ impl RedisBackend {
         durable: bool,
     ) -> StateResult<(Value, Option<i64>)> {
         let wait = (durable && self.inner.options.min_replicas > 0).then_some(self.inner.options.min_replicas);
-        let mut conn = self.inner.conn.clone();
+        let mut conn = if wait.is_some() { self.writer() } else { self.inner.conn.clone() };
         let mut load = false;
         loop {
             let mut pipe = redis::pipe();
@@ -501,10 +515,16 @@ impl RedisBackend {
             .cmd("WAIT")
             .arg(self.inner.options.min_replicas)
             .arg(self.inner.options.wait_timeout.as_millis().max(1) as u64);
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.writer();
         let (value, acks): (T, i64) = pipe.query_async(&mut conn).await.map_err(unavailable)?;
         self.check_acks(Some(acks))?;
         Ok(value)
+    }
+
+    /// The next connection for a write followed by `WAIT` (round robin).
+    fn writer(&self) -> Conn {
+        let n = self.inner.next_writer.fetch_add(1, Ordering::Relaxed) as usize;
+        self.inner.writers[n % self.inner.writers.len()].clone()
     }
 
     /// A fresh transaction id: unique per process (random part) and per commit (counter).
@@ -751,6 +771,11 @@ struct MasterNode {
     host: String,
     port: u16,
     slots: Vec<(u16, u16)>,
+}
+
+/// Connections that carry writes followed by `WAIT` (1 when nothing waits).
+fn durable_connections(options: &RedisOptions) -> usize {
+    if options.min_replicas > 0 { 4 } else { 1 }
 }
 
 /// Extra response time a pipelined `WAIT` may need.
