@@ -180,8 +180,9 @@ fn acl_server() -> RedisServer {
     RedisServer::start_with(ServerOptions {
         acl_users: vec![
             "chipgate on >s3cret-pass ~* &* +@all".into(),
-            // A service's own user: its keys only (`{t}` and `{t:…}` partitions), no admin commands.
-            "svc-t on >t-pass ~{t}* ~{t:* +@all -@dangerous".into(),
+            // A service's own user: its keys only (`{t}` and `{t:…}` partitions), no admin commands
+            // but INFO (health figures), as the README recommends.
+            "svc-t on >t-pass ~{t}* ~{t:* +@all -@dangerous +info".into(),
         ],
         ..ServerOptions::default()
     })
@@ -233,6 +234,12 @@ async fn acl_users_authenticate_and_wrong_passwords_are_a_clear_error() {
     // refused, clearly, elsewhere.
     let limited = RedisOptions { username: Some("svc-t".into()), password: Some("t-pass".into()), ..quick() };
     let store = RedisBackend::connect(&server.url(), limited).await.unwrap();
+    store.ping().await.unwrap();
+    store.info().await.unwrap();
+    assert_eq!(store.incr(&S.partition("H200").key(["seq"]), 1).await.unwrap(), 1);
+    let lease = S.partition("H200").key(["lease"]);
+    let token = store.lease_acquire(&lease, &S.partition("H200").key(["fence"]), Duration::from_secs(5)).await.unwrap();
+    assert!(store.lease_release(&lease, token.unwrap()).await.unwrap());
     let mut t = Txn::new();
     t.put(S.partition("H200").key(["x"]), b"1".to_vec()).hincr(S.partition("H200").key(["n"]), "n", 1);
     store.commit(&t).await.unwrap();
@@ -244,6 +251,34 @@ async fn acl_users_authenticate_and_wrong_passwords_are_a_clear_error() {
         }
         res => panic!("another service's keys must be refused, got {res:?}"),
     }
+}
+
+/// A cluster whose nodes require a password: the client authenticates on every node it discovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_with_a_password() {
+    let cluster = tokio::task::spawn_blocking(|| {
+        RedisCluster::start_with(ClusterOptions { password: Some("cluster-pass".into()), ..ClusterOptions::default() })
+    })
+    .await
+    .unwrap();
+    let store = cluster.backend().await;
+    for unit in ["H200", "B200", "H20", "L40"] {
+        let mut t = Txn::new();
+        t.put(S.partition(unit).key(["x"]), b"1".to_vec());
+        store.commit(&t).await.unwrap();
+    }
+    store.ping().await.unwrap();
+    assert_eq!(store.master_key_counts().await.unwrap().len(), 3);
+    let wrong = RedisOptions {
+        password: Some("nope".into()),
+        startup_retry_for: Some(Duration::from_secs(1)),
+        ..cluster.redis_options()
+    };
+    let err = match RedisBackend::connect(&cluster.url(), wrong).await {
+        Err(e) => e,
+        Ok(store) => store.ping().await.expect_err("a wrong password must not be let in"),
+    };
+    assert!(!err.to_string().contains("nope"), "the password leaked: {err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
