@@ -1304,6 +1304,47 @@ mod tests {
     }
 
     #[test]
+    fn a_failover_in_progress_is_unavailable_and_bad_credentials_are_not() {
+        for kind in [ServerErrorKind::ReadOnly, ServerErrorKind::Moved, ServerErrorKind::Ask] {
+            let e = RedisError::from((ErrorKind::Server(kind), "redirect"));
+            assert!(matches!(unavailable(e), StateError::Unavailable(_)), "{kind:?}");
+        }
+        let e = RedisError::from((ErrorKind::ClusterConnectionNotFound, "no connection to the slot's node"));
+        assert!(matches!(unavailable(e), StateError::Unavailable(_)));
+        let e = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert!(matches!(unavailable(e), StateError::Unavailable(_)));
+        let e = RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS"));
+        assert!(matches!(unavailable(e), StateError::Backend(m) if m.contains("credentials")));
+    }
+
+    #[test]
+    fn receipts_share_their_transactions_slot_and_no_service_key() {
+        let unit = crate::Space::new("ord").partition("H200");
+        let key = unit.key(["order", "o-1"]);
+        let receipt = receipt_key(&key, "abc1");
+        assert_eq!(receipt, "{ord:H200}:%txn:abc1");
+        assert_eq!(crate::key_slot(&receipt), unit.slot());
+        // Escaped parts never hold a bare `%`, so no key a Space builds can be a receipt.
+        let mut escaped = String::new();
+        crate::escape_part("%txn", &mut escaped);
+        assert_ne!(escaped, "%txn");
+        // Keys without a hash tag get a receipt in their own slot all the same.
+        for k in ["plain", "foo{}{bar}", "x{", "}{"] {
+            let r = receipt_key(k, "id");
+            assert_eq!(crate::key_slot(&r), crate::key_slot(k), "{k} -> {r}");
+        }
+        assert_eq!(hash_tag("{a:b}:c"), Some("a:b"));
+        assert_eq!(hash_tag("foo{}{bar}"), None);
+    }
+
+    #[test]
+    fn options_never_print_the_password() {
+        let o = RedisOptions { password: Some("hunter2".into()), ..RedisOptions::default() };
+        assert!(!format!("{o:?}").contains("hunter2"));
+        assert_eq!(redact("redis://a:pw1@h1:1,redis://a:pw2@h2:2"), "redis://a:***@h1:1,redis://a:***@h2:2");
+    }
+
+    #[test]
     fn parses_versioned_records() {
         let r = parse_record("k", b"12:a:b".to_vec()).expect("valid");
         assert_eq!(r, Record { version: 12, data: b"a:b".to_vec() });
