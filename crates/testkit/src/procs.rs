@@ -17,7 +17,9 @@ use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceCli
 use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_runtime::auth::{Role, Signer};
 use chipgate_state::Store;
-use chipgate_state::testing::{ClusterOptions as RedisClusterOptions, RedisCluster, RedisDeployment, RedisServer, ServerOptions};
+use chipgate_state::testing::{
+    ClusterOptions as RedisClusterOptions, RedisCluster, RedisDeployment, RedisServer, ServerOptions,
+};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
