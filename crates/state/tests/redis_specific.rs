@@ -96,7 +96,9 @@ async fn a_resent_commit_changes_nothing_on_a_cluster() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn commits_wait_for_replicas_or_say_the_outcome_is_unknown() {
     let cluster = RedisCluster::shared().await;
-    let durable = RedisOptions { min_replicas: 1, ..cluster.redis_options() };
+    // A generous timeout: this checks what is acknowledged, not how fast (the whole workspace's
+    // tests share two cores).
+    let durable = RedisOptions { min_replicas: 1, wait_timeout: Duration::from_secs(5), ..cluster.redis_options() };
     let store = cluster.backend_with(durable).await;
     for unit in ["H200", "B200", "H20", "L40", "MI300"] {
         let key = S.partition(unit).key(["rec"]);
