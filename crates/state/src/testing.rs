@@ -834,6 +834,35 @@ impl RedisDeployment {
         }
     }
 
+    /// A raw connection for tests that reach past the services (tampering, inspecting streams):
+    /// commands go to the node serving their key's slot on a cluster.
+    ///
+    /// # Errors
+    /// When Redis can't be reached.
+    pub async fn connection(&self) -> redis::RedisResult<RawConnection> {
+        match self {
+            RedisDeployment::Single(s) => {
+                Ok(RawConnection::Single(redis::Client::open(s.url())?.get_multiplexed_async_connection().await?))
+            }
+            RedisDeployment::Cluster(c) => {
+                let urls: Vec<String> = c.ports().iter().map(|p| format!("redis://127.0.0.1:{p}")).collect();
+                let mut builder = redis::cluster::ClusterClientBuilder::new(urls);
+                if let Some(pw) = c.password() {
+                    builder = builder.password(pw);
+                }
+                Ok(RawConnection::Cluster(builder.build()?.get_async_connection().await?))
+            }
+        }
+    }
+
+    /// The process ids of the server (every running node of a cluster).
+    pub fn pids(&self) -> Vec<u32> {
+        match self {
+            RedisDeployment::Single(s) => s.pid().into_iter().collect(),
+            RedisDeployment::Cluster(c) => c.ports().iter().filter_map(|p| c.pid(*p)).collect(),
+        }
+    }
+
     /// The server's process id (a cluster's first node's), while it runs.
     pub fn pid(&self) -> Option<u32> {
         match self {
@@ -858,6 +887,42 @@ impl RedisDeployment {
         match self {
             RedisDeployment::Single(s) => s.restart(),
             RedisDeployment::Cluster(c) => c.restart_all(),
+        }
+    }
+}
+
+/// A raw connection to a [`RedisDeployment`] (see [`RedisDeployment::connection`]).
+pub enum RawConnection {
+    /// To the single server.
+    Single(redis::aio::MultiplexedConnection),
+    /// To every node of a cluster, routing by slot.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for RawConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            RawConnection::Single(c) => c.req_packed_command(cmd),
+            RawConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            RawConnection::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            RawConnection::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RawConnection::Single(c) => c.get_db(),
+            RawConnection::Cluster(c) => c.get_db(),
         }
     }
 }
