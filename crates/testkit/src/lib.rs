@@ -219,7 +219,13 @@ impl Cluster {
             }
             BackendKind::RedisCluster => {
                 let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.expect("start a redis cluster");
-                let options = chipgate_state::RedisOptions { min_replicas: 1, ..cluster.redis_options() };
+                // A generous WAIT timeout: tests check what is acknowledged, and a whole suite of
+                // clusters shares two cores (a starved replica must not fail an unrelated test).
+                let options = chipgate_state::RedisOptions {
+                    min_replicas: 1,
+                    wait_timeout: Duration::from_secs(5),
+                    ..cluster.redis_options()
+                };
                 let store = Store::Redis(cluster.backend_with(options).await);
                 (Some(RedisDeployment::Cluster(cluster)), store)
             }
