@@ -154,9 +154,10 @@ pub struct RedisBackend {
 
 struct Inner {
     conn: Conn,
-    /// Connections for writes followed by `WAIT` (the first is `conn`). Redis holds every later
+    /// Connections for writes followed by `WAIT` (none when nothing waits). Redis holds every later
     /// command of a connection until its `WAIT` returns, so durable writes spread over a few
-    /// connections to wait for replicas side by side instead of one after another.
+    /// connections of their own to wait for replicas side by side, not one after another, and
+    /// never hold up reads; their response timeout includes the wait.
     writers: Vec<Conn>,
     next_writer: AtomicU64,
     /// Where blocking connections come from.
@@ -367,12 +368,16 @@ impl RedisBackend {
             if certs.is_some() && !seeds.iter().all(is_tls) {
                 return Err(StateError::Backend("a redis CA was given but the seed URLs are not rediss://".into()));
             }
-            let client = cluster_client(&seeds, &options, certs.clone(), true)?;
-            let blocking = cluster_client(&seeds, &options, certs, false)?;
+            let client = cluster_client(&seeds, &options, certs.clone(), Some(options.response_timeout))?;
+            let blocking = cluster_client(&seeds, &options, certs.clone(), None)?;
             let conn = retry_startup(url, &options, || client.get_async_connection()).await?;
-            let mut writers = vec![Conn::Cluster(conn.clone())];
-            for _ in 1..durable_connections(&options) {
-                writers.push(Conn::Cluster(retry_startup(url, &options, || client.get_async_connection()).await?));
+            let mut writers = Vec::new();
+            if options.min_replicas > 0 {
+                let durable = options.response_timeout + options.wait_timeout;
+                let client = cluster_client(&seeds, &options, certs, Some(durable))?;
+                for _ in 0..DURABLE_CONNECTIONS {
+                    writers.push(Conn::Cluster(retry_startup(url, &options, || client.get_async_connection()).await?));
+                }
             }
             (Conn::Cluster(conn), writers, Source::Cluster(blocking), String::new())
         } else {
@@ -386,17 +391,25 @@ impl RedisBackend {
                 None => Client::open(info),
             }
             .map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?;
-            let config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(options.response_timeout + wait_allowance(&options)))
-                .set_connection_timeout(Some(options.connect_timeout))
-                .set_number_of_retries(1)
-                .set_min_delay(Duration::from_millis(50))
-                .set_max_delay(Duration::from_millis(500));
-            let connect = || ConnectionManager::new_with_config(client.clone(), config.clone());
-            let conn = retry_startup(url, &options, connect).await?;
-            let mut writers = vec![Conn::Single(conn.clone())];
-            for _ in 1..durable_connections(&options) {
-                writers.push(Conn::Single(retry_startup(url, &options, connect).await?));
+            let config = |timeout: Duration| {
+                ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500))
+            };
+            let plain = config(options.response_timeout);
+            let conn =
+                retry_startup(url, &options, || ConnectionManager::new_with_config(client.clone(), plain.clone()))
+                    .await?;
+            let mut writers = Vec::new();
+            if options.min_replicas > 0 {
+                let durable = config(options.response_timeout + options.wait_timeout);
+                for _ in 0..DURABLE_CONNECTIONS {
+                    let connect = || ConnectionManager::new_with_config(client.clone(), durable.clone());
+                    writers.push(Conn::Single(retry_startup(url, &options, connect).await?));
+                }
             }
             (Conn::Single(conn), writers, Source::Single(client), addr)
         };
@@ -524,7 +537,10 @@ impl RedisBackend {
     /// The next connection for a write followed by `WAIT` (round robin).
     fn writer(&self) -> Conn {
         let n = self.inner.next_writer.fetch_add(1, Ordering::Relaxed) as usize;
-        self.inner.writers[n % self.inner.writers.len()].clone()
+        match self.inner.writers.len() {
+            0 => self.inner.conn.clone(),
+            len => self.inner.writers[n % len].clone(),
+        }
     }
 
     /// A fresh transaction id: unique per process (random part) and per commit (counter).
@@ -773,25 +789,17 @@ struct MasterNode {
     slots: Vec<(u16, u16)>,
 }
 
-/// Connections that carry writes followed by `WAIT` (1 when nothing waits).
-fn durable_connections(options: &RedisOptions) -> usize {
-    if options.min_replicas > 0 { 4 } else { 1 }
-}
+/// Connections (per node) that carry writes followed by `WAIT`.
+const DURABLE_CONNECTIONS: usize = 4;
 
-/// Extra response time a pipelined `WAIT` may need.
-fn wait_allowance(options: &RedisOptions) -> Duration {
-    if options.min_replicas > 0 { options.wait_timeout } else { Duration::ZERO }
-}
-
-/// A cluster client. `bounded`: every call (redirections and retries included) ends within the
-/// response timeout, as callers expect; otherwise only each attempt is (for blocking reads).
+/// A cluster client. With a `timeout`, every call (redirections and retries included) ends within
+/// it, as callers expect; without, only each attempt is bounded (by a day: for blocking reads).
 fn cluster_client(
     seeds: &[ConnectionInfo],
     options: &RedisOptions,
     certs: Option<redis::TlsCertificates>,
-    bounded: bool,
+    timeout: Option<Duration>,
 ) -> StateResult<ClusterClient> {
-    let per_attempt = options.response_timeout + wait_allowance(options);
     let mut b = ClusterClientBuilder::new(seeds.to_vec())
         .connection_timeout(options.connect_timeout)
         .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
@@ -800,10 +808,9 @@ fn cluster_client(
         .retries(8)
         .min_retry_wait(10)
         .max_retry_wait(300);
-    b = if bounded {
-        b.response_timeout(per_attempt).overall_response_timeout(Some(per_attempt))
-    } else {
-        b.response_timeout(Duration::from_secs(24 * 3600)).overall_response_timeout(None)
+    b = match timeout {
+        Some(t) => b.response_timeout(t).overall_response_timeout(Some(t)),
+        None => b.response_timeout(Duration::from_secs(24 * 3600)).overall_response_timeout(None),
     };
     if let Some(user) = &options.username {
         b = b.username(user);

@@ -223,7 +223,7 @@ impl Cluster {
                 // clusters shares two cores (a starved replica must not fail an unrelated test).
                 let options = chipgate_state::RedisOptions {
                     min_replicas: 1,
-                    wait_timeout: Duration::from_secs(5),
+                    wait_timeout: Duration::from_secs(2),
                     ..cluster.redis_options()
                 };
                 let store = Store::Redis(cluster.backend_with(options).await);
@@ -417,7 +417,7 @@ impl OrdersProcess {
         let mut cmd = std::process::Command::new(binary("chipgate-orders"));
         cmd.envs(redis.env());
         if redis.is_cluster() {
-            cmd.env("CHIPGATE_REDIS_WAIT_TIMEOUT", "5s");
+            cmd.env("CHIPGATE_REDIS_WAIT_TIMEOUT", "2s");
         }
         cmd.env("CHIPGATE_LISTEN", addr.to_string())
             .env("CHIPGATE_LICENSING_URL", cluster.licensing.url())

@@ -276,7 +276,7 @@ impl ProcessCluster {
         let mut common = redis.env();
         if redis.is_cluster() {
             // As in the in-process harness: a starved replica must not fail an unrelated test.
-            common.push(("CHIPGATE_REDIS_WAIT_TIMEOUT".to_string(), "5s".to_string()));
+            common.push(("CHIPGATE_REDIS_WAIT_TIMEOUT".to_string(), "2s".to_string()));
         }
         common.extend([
             ("CHIPGATE_REDIS_TIMEOUT".to_string(), format!("{}ms", options.redis_timeout.as_millis())),
