@@ -1,5 +1,5 @@
 //! The test harness: boots chipgate services in process, each on its own loopback port 0 listener,
-//! against a private real `redis-server` (or the in-memory backend), and hands back typed gRPC
+//! against a private real `redis-server` (or Redis Cluster, or the in-memory backend), and hands back typed gRPC
 //! clients. The cross-service suite, the CLI tests and the benchmarks use it; everything talks real
 //! gRPC over real sockets.
 
@@ -17,7 +17,7 @@ use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceCli
 use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_runtime::server::{Running, ServerConfig};
 use chipgate_runtime::{Shutdown, serve};
-use chipgate_state::testing::RedisServer;
+use chipgate_state::testing::{RedisCluster, RedisDeployment, RedisServer};
 use chipgate_state::{Backend, Store};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -36,8 +36,23 @@ pub type OrdersClient = OrderServiceClient<Parties>;
 pub enum BackendKind {
     /// A private real redis-server (what the tests that matter use).
     Redis,
+    /// A private real Redis Cluster: 3 masters and 3 replicas, every write waiting for a replica
+    /// (`min_replicas` 1), as operators run it.
+    RedisCluster,
     /// The in-memory backend.
     Memory,
+}
+
+impl BackendKind {
+    /// The Redis the harness starts unless a test asks for another backend: a Redis Cluster when
+    /// `CHIPGATE_TEST_REDIS=cluster` (how CI runs the cross-service suite on a cluster), else a
+    /// single redis-server.
+    pub fn default_redis() -> Self {
+        match std::env::var("CHIPGATE_TEST_REDIS").as_deref() {
+            Ok("cluster") => BackendKind::RedisCluster,
+            _ => BackendKind::Redis,
+        }
+    }
 }
 
 /// The catalogue every harness cluster starts with (the repository's `data/catalogue.json`).
@@ -73,7 +88,7 @@ pub struct ClusterOptions {
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
-            backend: BackendKind::Redis,
+            backend: BackendKind::default_redis(),
             server: ServerConfig { health_interval: Duration::from_millis(100), ..ServerConfig::default() },
             inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
             orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
@@ -124,8 +139,8 @@ impl Drop for ServiceHandle {
 
 /// A running set of services sharing one state backend.
 pub struct Cluster {
-    /// The private redis-server, when the backend is Redis.
-    pub redis: Option<RedisServer>,
+    /// The private redis-server or Redis Cluster, when the backend is Redis.
+    pub redis: Option<RedisDeployment>,
     /// The state backend every service uses.
     pub store: Store,
     /// The licensing service.
@@ -212,7 +227,19 @@ impl Cluster {
             BackendKind::Redis => {
                 let server = RedisServer::start();
                 let store = server.store().await;
-                (Some(server), store)
+                (Some(RedisDeployment::Single(server)), store)
+            }
+            BackendKind::RedisCluster => {
+                let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.expect("start a redis cluster");
+                // A generous WAIT timeout: tests check what is acknowledged, and a whole suite of
+                // clusters shares two cores (a starved replica must not fail an unrelated test).
+                let options = chipgate_state::RedisOptions {
+                    min_replicas: 1,
+                    wait_timeout: Duration::from_secs(2),
+                    ..cluster.redis_options()
+                };
+                let store = Store::Redis(cluster.backend_with(options).await);
+                (Some(RedisDeployment::Cluster(cluster)), store)
             }
             BackendKind::Memory => (None, Store::memory()),
         };
@@ -413,8 +440,11 @@ impl OrdersProcess {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = std::process::Command::new(binary("chipgate-orders"));
+        cmd.envs(redis.env());
+        if redis.is_cluster() {
+            cmd.env("CHIPGATE_REDIS_WAIT_TIMEOUT", "2s");
+        }
         cmd.env("CHIPGATE_LISTEN", addr.to_string())
-            .env("REDIS_URL", redis.url())
             .env("CHIPGATE_LICENSING_URL", cluster.licensing.url())
             .env("CHIPGATE_INVENTORY_URL", cluster.inventory.url())
             .env("CHIPGATE_LOG_FORMAT", "json")

@@ -362,8 +362,7 @@ async fn audit_verification_detects_edited_and_removed_entries() {
     assert!(c.verify_audit_log(pb::VerifyAuditLogRequest::default()).await.unwrap().into_inner().valid);
 
     // Tamper directly in Redis, as an operator with database access could.
-    let client = redis::Client::open(cluster.redis.as_ref().unwrap().url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = cluster.redis.as_ref().unwrap().connection().await.unwrap();
     let stream = "{lic}:audit";
     let entries: redis::streams::StreamRangeReply =
         redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut conn).await.unwrap();
