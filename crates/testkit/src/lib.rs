@@ -441,9 +441,6 @@ impl OrdersProcess {
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = std::process::Command::new(binary("chipgate-orders"));
         cmd.envs(redis.env());
-        if redis.is_cluster() {
-            cmd.env("CHIPGATE_REDIS_WAIT_TIMEOUT", "2s");
-        }
         cmd.env("CHIPGATE_LISTEN", addr.to_string())
             .env("CHIPGATE_LICENSING_URL", cluster.licensing.url())
             .env("CHIPGATE_INVENTORY_URL", cluster.inventory.url())

@@ -275,10 +275,6 @@ impl ProcessCluster {
         let catalogue = logs.join("catalogue.json");
         std::fs::write(&catalogue, DEFAULT_CATALOGUE).expect("write catalogue");
         let mut common = redis.env();
-        if redis.is_cluster() {
-            // As in the in-process harness: a starved replica must not fail an unrelated test.
-            common.push(("CHIPGATE_REDIS_WAIT_TIMEOUT".to_string(), "2s".to_string()));
-        }
         common.extend([
             ("CHIPGATE_REDIS_TIMEOUT".to_string(), format!("{}ms", options.redis_timeout.as_millis())),
             ("CHIPGATE_SHUTDOWN_GRACE".to_string(), "1s".to_string()),
