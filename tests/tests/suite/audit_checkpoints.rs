@@ -45,13 +45,13 @@ impl Raw {
 
 /// Direct access to the cluster's Redis, as an operator (or an intruder) with the password has.
 struct Intruder {
-    conn: redis::aio::MultiplexedConnection,
+    conn: chipgate_state::testing::RawConnection,
 }
 
 impl Intruder {
     async fn of(w: &World) -> Self {
-        let client = redis::Client::open(w.cluster.redis.as_ref().unwrap().url()).unwrap();
-        Intruder { conn: client.get_multiplexed_async_connection().await.unwrap() }
+        // Routed by slot on a cluster, like any client of it.
+        Intruder { conn: w.cluster.redis.as_ref().unwrap().connection().await.unwrap() }
     }
 
     async fn read(&mut self) -> (Vec<Raw>, Option<String>) {

@@ -26,6 +26,7 @@ mod licensing_api;
 mod lifecycle;
 mod metrics;
 mod mtls;
+mod partitions;
 mod propagation;
 mod python_client;
 mod stalls;
