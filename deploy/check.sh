@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # Static checks of the Kubernetes deployment (run in CI from the repository root):
-#   1. every overlay renders with `kubectl kustomize`;
+#   1. every overlay renders with `kubectl kustomize`, and so does every component applied to prod;
 #   2. the rendered manifests pass `kubernetes-validate --strict` for KUBE_VERSION;
-#   3. deploy/tests: manifest properties (probes, security, PDBs, network flows, Redis persistence,
-#      Dockerfile) and flags/env vars against the binaries' --help.
+#   3. the shell scripts pass shellcheck (when it is installed; the Redis Cluster scripts as POSIX sh,
+#      which is what the redis image runs them with);
+#   4. deploy/tests: manifest properties (probes, security, PDBs, network flows, Redis persistence and
+#      cluster, Dockerfile), flags/env vars against the binaries' --help, and the Redis Cluster scripts
+#      run against six local redis-server processes (Redis >= 7.0 on PATH; loopback only, ~20 s).
 # The flags test needs the debug binaries (cargo build --workspace --bins), or CHIPGATE_BIN_DIR.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,13 +42,44 @@ if [ "${#overlays[@]}" -eq 0 ]; then
   exit 1
 fi
 
+validate() { # NAME FILE
+  echo "== kubernetes-validate --strict -k $KUBE_VERSION: $1 ($(grep -c '^kind:' "$2") objects)"
+  kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$2"
+}
+
 for overlay in "${overlays[@]}"; do
   out="$rendered/$overlay.yaml"
   echo "== kustomize: deploy/overlays/$overlay"
   kubectl kustomize "deploy/overlays/$overlay" >"$out"
-  echo "== kubernetes-validate --strict -k $KUBE_VERSION: $overlay ($(grep -c '^kind:' "$out") objects)"
-  kubernetes-validate --strict --quiet -k "$KUBE_VERSION" "$out"
+  validate "$overlay" "$out"
 done
+
+# Components are applied the way an operator applies them: from an overlay that has prod as a
+# resource. Kinds whose schema kubernetes-validate lacks (the ServiceMonitor CRD) are warnings only.
+for dir in deploy/components/*/; do
+  component="$(basename "$dir")"
+  wrapper="$rendered/with-$component"
+  mkdir -p "$wrapper"
+  # kustomize wants relative paths to directories.
+  rel() { python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1], sys.argv[2]))' "$1" "$wrapper"; }
+  printf '%s\n' \
+    "apiVersion: kustomize.config.k8s.io/v1beta1" \
+    "kind: Kustomization" \
+    "resources: [\"$(rel "$PWD/deploy/overlays/prod")\"]" \
+    "components: [\"$(rel "$PWD/deploy/components/$component")\"]" >"$wrapper/kustomization.yaml"
+  out="$rendered/prod+$component.yaml"
+  echo "== kustomize: deploy/overlays/prod + deploy/components/$component"
+  kubectl kustomize "$wrapper" >"$out"
+  validate "prod+$component" "$out"
+done
+
+if command -v shellcheck >/dev/null 2>&1; then
+  echo "== shellcheck"
+  shellcheck deploy/*.sh
+  shellcheck -s sh deploy/overlays/prod/redis-cluster/*.sh
+else
+  echo "== shellcheck: not installed, skipped (apt-get install shellcheck)"
+fi
 
 echo "== deploy tests"
 python3 -m unittest discover -s deploy/tests -p 'test_*.py' -t deploy/tests -v

@@ -22,22 +22,52 @@ import yaml  # noqa: E402
 
 SERVICES = {"licensing": 50051, "inventory": 50052, "orders": 50053}
 REDIS_PORT = 6379
+REDIS_BUS_PORT = 16379
+# How each overlay runs Redis: "single" (the base's one pod), "cluster" (the prod Redis Cluster:
+# StatefulSet of 6 + bootstrap Job) or "external" (the external-redis-cluster component: none here).
+# A new overlay must say which, so that the tests below know what to expect of it.
+REDIS_SHAPES = {"dev": "single", "prod": "cluster", "prod-external-redis": "external"}
 METRICS_PORT = 9464
 DURATION_VARS = ("CHIPGATE_REQUEST_TIMEOUT", "CHIPGATE_SHUTDOWN_GRACE", "CHIPGATE_DRAIN_DELAY",
                  "CHIPGATE_REDIS_TIMEOUT")
 
 
-def expected_flows() -> set[tuple[str, str, int, str]]:
+def redis_shape(overlay: str) -> str:
+    if overlay not in REDIS_SHAPES:
+        raise AssertionError(f"overlay {overlay!r}: add it to REDIS_SHAPES in {__file__}")
+    return REDIS_SHAPES[overlay]
+
+
+def is_job(workload: dict) -> bool:
+    """Jobs run to completion: no probes, no preStop, no PDB."""
+    return workload["kind"] in ("Job", "CronJob")
+
+
+def expected_flows(shape: str = "single") -> set[tuple[str, str, int, str]]:
     flows = set()
     for name, port in SERVICES.items():
         flows.add(("external", name, port, "TCP"))            # public gRPC ports
-        flows.add((name, "redis", REDIS_PORT, "TCP"))          # services -> Redis
+        if shape == "external":
+            # services -> the managed Redis Cluster. The policy allows address ranges (ipBlock), which
+            # the flow model counts as matching any peer: anything outside this namespace on 6379.
+            for outside in ("external", "prometheus", "kube-dns"):
+                flows.add((name, outside, REDIS_PORT, "TCP"))
+        else:
+            flows.add((name, "redis", REDIS_PORT, "TCP"))      # services -> Redis
         flows.add((name, "kube-dns", 53, "UDP"))               # name resolution
         flows.add((name, "kube-dns", 53, "TCP"))
         flows.add(("prometheus", name, METRICS_PORT, "TCP"))  # scraping /metrics
         flows.add(("prometheus", name, port, "TCP"))          # the public ports are public to it too
     flows.add(("orders", "licensing", SERVICES["licensing"], "TCP"))
     flows.add(("orders", "inventory", SERVICES["inventory"], "TCP"))
+    if shape == "cluster":
+        flows.add(("redis", "redis", REDIS_PORT, "TCP"))       # replication, the preStop handover
+        flows.add(("redis", "redis", REDIS_BUS_PORT, "TCP"))   # the cluster bus
+        flows.add(("redis", "kube-dns", 53, "UDP"))            # start.sh resolves its peers
+        flows.add(("redis", "kube-dns", 53, "TCP"))
+        flows.add(("redis-cluster-bootstrap", "redis", REDIS_PORT, "TCP"))
+        flows.add(("redis-cluster-bootstrap", "kube-dns", 53, "UDP"))
+        flows.add(("redis-cluster-bootstrap", "kube-dns", 53, "TCP"))
     return flows
 
 
@@ -65,7 +95,16 @@ class Workloads(OverlayCase):
             with self.subTest(overlay=overlay):
                 for name in SERVICES:
                     self.assertIsNotNone(k8s.find(docs, "Deployment", name), f"Deployment {name}")
-                self.assertIsNotNone(k8s.find(docs, "StatefulSet", "redis"), "StatefulSet redis")
+                shape = redis_shape(overlay)
+                redis = k8s.find(docs, "StatefulSet", "redis")
+                if shape == "external":
+                    self.assertIsNone(redis, "no in-cluster Redis with an external one")
+                    self.assertEqual([w["metadata"]["name"] for w in k8s.workloads(docs)
+                                      if w["kind"] not in ("Deployment",)], [], "nothing but the services")
+                else:
+                    self.assertIsNotNone(redis, "StatefulSet redis")
+                bootstrap = k8s.find(docs, "Job", "redis-cluster-bootstrap")
+                self.assertEqual(bootstrap is not None, shape == "cluster", "a bootstrap Job exactly with a cluster")
 
     def test_everything_in_one_namespace(self):
         for overlay, docs in self.each_overlay():
@@ -136,7 +175,7 @@ class Probes(OverlayCase):
     def test_every_container_has_startup_readiness_liveness(self):
         for overlay, docs, w, pod, c in self.each_container():
             with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
-                if c in pod.get("initContainers", []):
+                if c in pod.get("initContainers", []) or is_job(w):
                     continue
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     self.assertIn(probe, c, f"{probe} missing")
@@ -172,7 +211,7 @@ class Probes(OverlayCase):
     def test_liveness_is_more_patient_than_readiness(self):
         for overlay, docs, w, pod, c in self.each_container():
             with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
-                if c in pod.get("initContainers", []):
+                if c in pod.get("initContainers", []) or is_job(w):
                     continue
                 def budget(p):
                     return p.get("periodSeconds", 10) * p.get("failureThreshold", 3)
@@ -281,7 +320,7 @@ class GracefulShutdown(OverlayCase):
     def test_prestop_and_termination_grace_exceed_the_drain(self):
         for overlay, docs, w, pod, c in self.each_container():
             with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
-                if c in pod.get("initContainers", []):
+                if c in pod.get("initContainers", []) or is_job(w):
                     continue
                 pre_stop = (c.get("lifecycle") or {}).get("preStop")
                 self.assertTrue(pre_stop, "preStop hook")
@@ -315,7 +354,7 @@ class Services(OverlayCase):
                     self.assertIn((port, port), ports)
 
     def test_configured_urls_point_at_rendered_services(self):
-        pattern = re.compile(r"^(?:redis|https?)://(?:[^@/]*@)?([a-z0-9-]+)(?:\.[a-z0-9.-]+)?:(\d+)(?:/.*)?$")
+        pattern = re.compile(r"^(?:rediss?|https?)://(?:[^@/]*@)?([a-z0-9-]+)(?:\.([a-z0-9.-]+))?:(\d+)(?:/.*)?$")
         for overlay, docs, w, pod, c in self.each_container():
             with self.subTest(overlay=overlay, workload=w["metadata"]["name"], container=c["name"]):
                 if not k8s.is_chipgate_image(c):
@@ -324,12 +363,28 @@ class Services(OverlayCase):
                 for var in ("REDIS_URL", "CHIPGATE_LICENSING_URL", "CHIPGATE_INVENTORY_URL"):
                     if env.get(var) is None:
                         continue
-                    m = pattern.match(env[var])
-                    self.assertIsNotNone(m, f"{var}={env[var]!r}")
-                    host, port = m.group(1), int(m.group(2))
-                    svc = k8s.find(docs, "Service", host)
-                    self.assertIsNotNone(svc, f"{var}: Service {host} rendered")
-                    self.assertIn(port, [p["port"] for p in svc["spec"]["ports"]], f"{var}: port {port}")
+                    # With CHIPGATE_REDIS_CLUSTER=true, REDIS_URL is a comma-separated list of seeds.
+                    urls = [env[var]]
+                    if var == "REDIS_URL" and env.get("CHIPGATE_REDIS_CLUSTER") == "true":
+                        urls = env[var].split(",")
+                    for url in urls:
+                        m = pattern.match(url)
+                        self.assertIsNotNone(m, f"{var}={env[var]!r}")
+                        host, domain, port = m.group(1), m.group(2), int(m.group(3))
+                        svc = k8s.find(docs, "Service", host)
+                        if svc is None and domain:
+                            # <pod>.<headless Service>: a StatefulSet pod's own name.
+                            governing = domain.split(".")[0]
+                            svc = k8s.find(docs, "Service", governing)
+                            self.assertIsNotNone(svc, f"{var}: Service {governing} rendered ({url})")
+                            self.assertEqual(svc["spec"].get("clusterIP"), "None", f"{governing} is headless")
+                            sts = [s for s in k8s.by_kind(docs, "StatefulSet") if s["spec"]["serviceName"] == governing]
+                            self.assertEqual(len(sts), 1, f"a StatefulSet governed by {governing}")
+                            ordinal = host.removeprefix(sts[0]["metadata"]["name"] + "-")
+                            self.assertTrue(ordinal.isdigit(), f"{host} is a pod of {sts[0]['metadata']['name']}")
+                            self.assertLess(int(ordinal), sts[0]["spec"]["replicas"], f"{host} exists")
+                        self.assertIsNotNone(svc, f"{var}: Service {host} rendered")
+                        self.assertIn(port, [p["port"] for p in svc["spec"]["ports"]], f"{var}: port {port}")
                 if k8s.binary_of(c) == "chipgate-orders":
                     self.assertIn("CHIPGATE_LICENSING_URL", env)
                     self.assertIn("CHIPGATE_INVENTORY_URL", env)
@@ -390,7 +445,7 @@ class NetworkPolicies(OverlayCase):
                 policies = k8s.by_kind(docs, "NetworkPolicy")
                 sources = [e for n, e in eps.items() if n != "kube-dns"]
                 flows = k8s.allowed_flows(policies, sources, list(eps.values()), k8s.candidate_ports(docs))
-                want = expected_flows()
+                want = expected_flows(redis_shape(overlay))
                 self.assertEqual(
                     flows, want,
                     f"\nunexpected: {sorted(flows - want)}\nmissing: {sorted(want - flows)}",
@@ -451,7 +506,11 @@ class Persistence(unittest.TestCase):
         pod = k8s.pod_template(sts)["spec"]
         c = pod["containers"][0]
         mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
-        conf_path = c["command"][-1]
+        if c["command"][0] == "redis-server":
+            conf_path = c["command"][-1]
+        else:
+            # The cluster's start.sh includes the shared config named by REDIS_BASE_CONF.
+            conf_path = k8s.container_env(c, k8s.namespace_of(sts), docs)["REDIS_BASE_CONF"]
         cms = k8s.configmaps(docs)
         for v in pod["volumes"]:
             if "configMap" in v and conf_path.startswith(mounts[v["name"]] + "/"):
@@ -486,6 +545,236 @@ class Persistence(unittest.TestCase):
         self.assertFalse(sts["spec"].get("volumeClaimTemplates"), "dev Redis has no PVC")
         self.assertEqual(k8s.by_kind(docs, "PersistentVolumeClaim"), [])
         self.assertEqual(conf.get("maxmemory-policy"), "noeviction")
+
+
+def mount_of(container: dict, pod: dict, path: str) -> dict | None:
+    """The volume whose mount holds `path` (a file), or None."""
+    for m in container.get("volumeMounts", []):
+        if path.startswith(m["mountPath"].rstrip("/") + "/"):
+            return next(v for v in pod.get("volumes", []) if v["name"] == m["name"])
+    return None
+
+
+def secret_items(volume: dict) -> set[str]:
+    return {i["key"] for i in volume["secret"].get("items", [])}
+
+
+class RedisCluster(unittest.TestCase):
+    """prod: a Redis Cluster of 6 pods, formed by a Job, reached by the services through config only."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.docs = k8s.render("prod")
+        cls.sts = k8s.find(cls.docs, "StatefulSet", "redis")
+        cls.pod = k8s.pod_template(cls.sts)["spec"]
+        cls.redis = cls.pod["containers"][0]
+        cls.job = k8s.find(cls.docs, "Job", "redis-cluster-bootstrap")
+        cls.scripts = next(d["data"] for d in k8s.by_kind(cls.docs, "ConfigMap")
+                           if d["metadata"]["name"].startswith("redis-cluster-scripts-"))
+        _, cls.conf, _ = Persistence.redis_conf(cls.docs)
+
+    def test_six_pods_started_together_behind_a_headless_service(self):
+        self.assertEqual(self.sts["spec"]["replicas"], 6)
+        self.assertEqual(self.sts["spec"]["podManagementPolicy"], "Parallel",
+                         "no pod is ready before the cluster is formed: OrderedReady would wait for redis-0")
+        headless = k8s.find(self.docs, "Service", self.sts["spec"]["serviceName"])
+        self.assertEqual(headless["spec"]["clusterIP"], "None")
+        self.assertIs(headless["spec"].get("publishNotReadyAddresses"), True)
+        self.assertEqual({p["port"] for p in headless["spec"]["ports"]}, {REDIS_PORT, REDIS_BUS_PORT})
+        self.assertIsNone(k8s.find(self.docs, "Service", "redis"), "no single-address Service in front of a cluster")
+        self.assertIn(REDIS_BUS_PORT, [p["containerPort"] for p in self.redis["ports"]])
+
+    def test_cluster_config_announces_hostnames_and_persists(self):
+        conf = self.conf
+        self.assertEqual(conf.get("cluster-enabled"), "yes")
+        self.assertEqual(conf.get("cluster-port"), str(REDIS_BUS_PORT))
+        self.assertEqual(conf.get("cluster-preferred-endpoint-type"), "hostname")
+        self.assertEqual(conf.get("appendonly"), "yes")
+        self.assertEqual(conf.get("appendfsync"), "everysec")
+        self.assertEqual(conf.get("dir"), "/data")
+        self.assertEqual(conf.get("maxmemory-policy"), "noeviction")
+        # The per-pod and secret part comes from start.sh, the container's command.
+        self.assertEqual(self.redis["command"], ["sh", "/scripts/start.sh"])
+        scripts = mount_of(self.redis, self.pod, "/scripts/start.sh")
+        self.assertTrue(scripts["configMap"]["name"].startswith("redis-cluster-scripts-"))
+        start = self.scripts["start.sh"]
+        self.assertIn('announce="$POD_NAME.$headless.$POD_NAMESPACE.svc"', start)
+        self.assertIn('echo "cluster-announce-hostname $announce"', start)
+        env = k8s.container_env(self.redis, "chipgate", self.docs)
+        self.assertEqual(env.get("REDIS_HEADLESS_SERVICE"), self.sts["spec"]["serviceName"])
+        for var in ("POD_NAME", "POD_NAMESPACE", "POD_IP"):
+            self.assertIn(var, env)
+
+    def test_no_password_in_any_configmap_or_env(self):
+        for cm in k8s.by_kind(self.docs, "ConfigMap"):
+            for key, text in (cm.get("data") or {}).items():
+                for line in text.splitlines():
+                    self.assertNotRegex(line.strip(), r"^(requirepass|masterauth|user)\s",
+                                        f"{cm['metadata']['name']}/{key}: secrets come from Secrets")
+        for w in k8s.workloads(self.docs):
+            for c in k8s.containers(k8s.pod_template(w)["spec"]):
+                for e in c.get("env", []):
+                    self.assertNotIn("secretKeyRef", e.get("valueFrom", {}), f"{w['metadata']['name']}: {e['name']}")
+                for src in c.get("envFrom", []):
+                    self.assertNotIn("secretRef", src)
+                env = k8s.container_env(c, "chipgate", self.docs)
+                self.assertNotIn("@", env.get("REDIS_URL") or "", "no credentials in REDIS_URL")
+
+    def test_scripts_configmap_is_the_tested_scripts(self):
+        # deploy/tests/test_redis_cluster.py runs the files; the pods get exactly them.
+        folder = k8s.DEPLOY / "overlays" / "prod" / "redis-cluster"
+        self.assertEqual(set(self.scripts), {p.name for p in folder.glob("*.sh")})
+        for name, text in self.scripts.items():
+            self.assertEqual(text, (folder / name).read_text(), name)
+
+    def test_redis_reads_its_password_and_users_from_the_secret(self):
+        auth = mount_of(self.redis, self.pod, "/etc/redis-auth/password")
+        self.assertIsNotNone(auth, "the scripts' REDIS_AUTH_DIR (/etc/redis-auth) is mounted")
+        self.assertEqual(auth["secret"]["secretName"], "chipgate-redis-auth")
+        self.assertEqual(secret_items(auth), {"password", "users.acl"})
+        for script in ("start.sh", "probe.sh", "prestop.sh", "bootstrap.sh"):
+            self.assertIn("auth_dir=${REDIS_AUTH_DIR:-/etc/redis-auth}", self.scripts[script], script)
+        run = mount_of(self.redis, self.pod, "/run/redis/redis.conf")
+        self.assertEqual(run["emptyDir"].get("medium"), "Memory", "the generated config (with the password) stays in memory")
+
+    def test_probes_authenticate_and_prestop_hands_over(self):
+        self.assertEqual(self.redis["readinessProbe"]["exec"]["command"], ["sh", "/scripts/probe.sh", "ready"])
+        self.assertEqual(self.redis["livenessProbe"]["exec"]["command"], ["sh", "/scripts/probe.sh", "alive"])
+        self.assertIn("REDISCLI_AUTH=$(cat \"$auth_dir/password\"", self.scripts["probe.sh"])
+        self.assertIn("tcpSocket", self.redis["startupProbe"])
+        self.assertEqual(self.redis["lifecycle"]["preStop"], {"exec": {"command": ["sh", "/scripts/prestop.sh"]}})
+        self.assertIn("REDIS_PRESTOP_TIMEOUT:-20", self.scripts["prestop.sh"])
+        self.assertGreater(self.pod["terminationGracePeriodSeconds"], 20 + int(self.conf["shutdown-timeout"]),
+                           "the handover and Redis' own shutdown fit in the grace period")
+
+    def test_spread_across_nodes_and_zones(self):
+        spread = {t["topologyKey"]: t for t in self.pod["topologySpreadConstraints"]}
+        self.assertEqual(spread["kubernetes.io/hostname"]["whenUnsatisfiable"], "DoNotSchedule")
+        self.assertEqual(spread["kubernetes.io/hostname"]["maxSkew"], 1)
+        self.assertIn("topology.kubernetes.io/zone", spread)
+        anti = self.pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]
+        self.assertEqual(anti["podAffinityTerm"]["topologyKey"], "kubernetes.io/hostname")
+        labels = k8s.pod_template(self.sts)["metadata"]["labels"]
+        for term in [anti["podAffinityTerm"]] + list(spread.values()):
+            self.assertTrue(k8s.selector_matches(term["labelSelector"], labels))
+
+    def test_disruption_budget_takes_one_redis_pod_at_a_time(self):
+        pdb = k8s.find(self.docs, "PodDisruptionBudget", "redis")
+        self.assertEqual(pdb["spec"]["maxUnavailable"], 1)
+        self.assertEqual(pdb["spec"]["unhealthyPodEvictionPolicy"], "IfHealthyBudget")
+
+    def test_bootstrap_job_forms_exactly_the_statefulset(self):
+        spec = self.job["spec"]
+        pod = spec["template"]["spec"]
+        c = pod["containers"][0]
+        env = k8s.container_env(c, "chipgate", self.docs)
+        self.assertEqual(int(env["REDIS_CLUSTER_SIZE"]), self.sts["spec"]["replicas"])
+        self.assertEqual(env["REDIS_STATEFULSET"], self.sts["metadata"]["name"])
+        self.assertEqual(env["REDIS_HEADLESS_SERVICE"], self.sts["spec"]["serviceName"])
+        replicas = int(env["REDIS_CLUSTER_REPLICAS"])
+        self.assertEqual(replicas, 1)
+        self.assertEqual(self.sts["spec"]["replicas"], 3 * (replicas + 1), "3 masters with a replica each")
+        self.assertEqual(c["command"], ["sh", "/scripts/bootstrap.sh"])
+        self.assertEqual(c["image"], self.redis["image"], "its redis-cli is the servers' version")
+        self.assertEqual(pod["restartPolicy"], "Never")
+        self.assertGreater(spec["backoffLimit"], 0)
+        self.assertIn("ttlSecondsAfterFinished", spec, "finished Jobs go away, so the next apply runs it again")
+        auth = mount_of(c, pod, "/etc/redis-auth/password")
+        self.assertEqual((auth["secret"]["secretName"], secret_items(auth)), ("chipgate-redis-auth", {"password"}))
+
+    def test_services_use_the_cluster_as_their_own_user_with_a_password_file(self):
+        secret_holders = {}
+        for name in SERVICES:
+            d = k8s.find(self.docs, "Deployment", name)
+            pod = k8s.pod_template(d)["spec"]
+            c = pod["containers"][0]
+            env = k8s.container_env(c, "chipgate", self.docs)
+            with self.subTest(service=name):
+                self.assertEqual(env.get("CHIPGATE_REDIS_CLUSTER"), "true")
+                self.assertEqual(env.get("CHIPGATE_REDIS_MIN_REPLICAS"), "1")
+                self.assertEqual(env.get("CHIPGATE_REDIS_USERNAME"), name)
+                seeds = env["REDIS_URL"].split(",")
+                self.assertEqual(len(seeds), self.sts["spec"]["replicas"], "every pod is a seed")
+                vol = mount_of(c, pod, env["CHIPGATE_REDIS_PASSWORD_FILE"])
+                self.assertIsNotNone(vol, "the password file is a mounted Secret")
+                self.assertEqual(vol["secret"]["secretName"], f"chipgate-{name}-redis")
+                self.assertEqual(secret_items(vol), {"password"})
+                self.assertTrue(env["CHIPGATE_REDIS_PASSWORD_FILE"].endswith("/password"))
+            for v in pod["volumes"]:
+                if "secret" in v and v["secret"]["secretName"].endswith("-redis"):
+                    secret_holders.setdefault(v["secret"]["secretName"], []).append(name)
+        self.assertEqual(secret_holders, {f"chipgate-{n}-redis": [n] for n in SERVICES},
+                         "each service mounts its own Redis password only")
+
+    def test_secrets_script_makes_what_the_manifests_mount(self):
+        script = k8s.DEPLOY / "redis-cluster-secrets.sh"
+        text = subprocess.run(["bash", str(script)], capture_output=True, check=True, text=True, timeout=60).stdout
+        made = {d["metadata"]["name"]: d for d in yaml.safe_load_all(text) if d}
+        mounted = {}
+        for w in k8s.workloads(self.docs):
+            for v in k8s.pod_template(w)["spec"].get("volumes", []):
+                name = v.get("secret", {}).get("secretName", "")
+                if "redis" in name:
+                    mounted.setdefault(name, set()).update(secret_items(v))
+        self.assertEqual({n: set(d["data"]) for n, d in made.items()}, mounted)
+        acl = base64.b64decode(made["chipgate-redis-auth"]["data"]["users.acl"]).decode()
+        users = {line.split()[1]: line for line in acl.splitlines() if line.startswith("user ")}
+        self.assertEqual(set(users), set(SERVICES), "one ACL user per service, no default user")
+        for name, space in (("licensing", "lic"), ("inventory", "inv"), ("orders", "ord")):
+            rules = users[name].split()
+            self.assertIn(f"~{{{space}*", rules, f"{name} reaches its own keys")
+            self.assertIn("resetkeys", rules)
+            hashed = [r for r in rules if r.startswith("#")]
+            self.assertEqual(len(hashed), 1, f"{name}: its password only as a SHA-256")
+            password = base64.b64decode(made[f"chipgate-{name}-redis"]["data"]["password"])
+            import hashlib
+            self.assertEqual(hashed[0][1:], hashlib.sha256(password).hexdigest())
+            self.assertNotIn(password.decode(), acl)
+
+
+class ExternalRedisCluster(unittest.TestCase):
+    """prod-external-redis: the component removes the in-cluster Redis and points the services at yours."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.docs = k8s.render("prod-external-redis")
+
+    def test_no_in_cluster_redis_left(self):
+        for d in self.docs:
+            name = d["metadata"]["name"]
+            self.assertNotRegex(name, r"^(redis|chipgate-redis)", f"{d['kind']}/{name} belongs to the in-cluster Redis")
+
+    def test_services_are_configured_from_the_operators_configmap_and_secrets(self):
+        for name in SERVICES:
+            d = k8s.find(self.docs, "Deployment", name)
+            pod = k8s.pod_template(d)["spec"]
+            c = pod["containers"][0]
+            env = {e["name"]: e for e in c["env"]}
+            common = k8s.container_env(c, "chipgate", self.docs)
+            with self.subTest(service=name):
+                self.assertEqual(env["REDIS_URL"]["valueFrom"]["configMapKeyRef"],
+                                 {"name": "chipgate-external-redis", "key": "seeds"})
+                self.assertEqual(env["CHIPGATE_REDIS_USERNAME"], {"name": "CHIPGATE_REDIS_USERNAME", "valueFrom": {
+                    "configMapKeyRef": {"name": "chipgate-external-redis", "key": f"{name}.username"}}})
+                self.assertEqual(common["CHIPGATE_REDIS_CLUSTER"], "true")
+                ca = mount_of(c, pod, common["CHIPGATE_REDIS_CA"])
+                self.assertEqual((ca["secret"]["secretName"], secret_items(ca)), ("chipgate-external-redis-ca", {"ca.crt"}))
+                self.assertTrue(common["CHIPGATE_REDIS_CA"].endswith("/ca.crt"))
+                pw = mount_of(c, pod, common["CHIPGATE_REDIS_PASSWORD_FILE"])
+                self.assertEqual(pw["secret"]["secretName"], f"chipgate-{name}-redis")
+
+    def test_the_component_also_replaces_the_single_redis_of_dev(self):
+        component = k8s.DEPLOY / "components" / "external-redis-cluster"
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "kustomization.yaml").write_text(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+                f"resources:\n  - {os.path.relpath(k8s.DEPLOY / 'overlays' / 'dev', tmp)}\n"
+                f"components:\n  - {os.path.relpath(component, tmp)}\n"
+            )
+            text = subprocess.run(["kubectl", "kustomize", tmp], capture_output=True, check=True, text=True).stdout
+        docs = [d for d in yaml.safe_load_all(text) if d]
+        self.assertEqual([d["metadata"]["name"] for d in docs if d["metadata"]["name"].startswith("redis")], [])
+        self.assertTrue(k8s.find(docs, "NetworkPolicy", "services-to-external-redis-egress"))
 
 
 class OverlayShape(unittest.TestCase):
@@ -598,10 +887,42 @@ class DevKeysAndMonitoring(unittest.TestCase):
         self.assertIn("CHIPGATE_SERVICE_SIGNING_KEY", orders_env)
         self.assertNotIn("CHIPGATE_SERVICE_TOKEN_FILE", orders_env, "the two exclude each other")
 
+    def test_dev_audit_key_is_its_own_pair_and_only_licensing_holds_it(self):
+        docs = k8s.render("dev")
+        keys = k8s.DEPLOY / "overlays" / "dev" / "dev-keys"
+        secret = next(
+            (s for s in k8s.by_kind(docs, "Secret") if s["metadata"]["name"].startswith("chipgate-audit-signing-key")),
+            None,
+        )
+        self.assertIsNotNone(secret, "dev renders the audit key Secret the base mounts")
+        self.assertEqual(set(secret["data"]), {"signing.pem"})
+        derive = lambda pem: subprocess.run(  # noqa: E731
+            ["openssl", "pkey", "-pubout"], input=pem, capture_output=True, check=True, text=True
+        ).stdout
+        audit_private = base64.b64decode(secret["data"]["signing.pem"]).decode()
+        self.assertEqual(derive(audit_private), (keys / "audit-public.pem").read_text(), "the halves match")
+        self.assertNotEqual(
+            derive(audit_private), derive((keys / "signing.pem").read_text()), "the audit key is not the token key"
+        )
+        holders = []
+        for w in k8s.workloads(docs):
+            for v in k8s.pod_template(w)["spec"].get("volumes", []):
+                if v.get("secret", {}).get("secretName", "").startswith("chipgate-audit-signing-key"):
+                    holders.append(w["metadata"]["name"])
+        self.assertEqual(holders, ["licensing"])
+        for overlay in k8s.overlays():
+            lic = next(w for w in k8s.workloads(k8s.render(overlay)) if w["metadata"]["name"] == "licensing")
+            env = {e["name"]: e.get("value") for e in k8s.pod_template(lic)["spec"]["containers"][0].get("env", [])}
+            self.assertEqual(env.get("CHIPGATE_AUDIT_SIGNING_KEY_FILE"), "/etc/chipgate/audit-key/signing.pem", overlay)
+
     def test_prod_carries_no_key(self):
-        docs = k8s.render("prod")
-        self.assertEqual(k8s.by_kind(docs, "Secret"), [], "prod Secrets are created by the operator")
-        self.assertNotIn("PRIVATE KEY", k8s._render_text("prod"))
+        for overlay in k8s.overlays():
+            if overlay == "dev":
+                continue
+            with self.subTest(overlay=overlay):
+                docs = k8s.render(overlay)
+                self.assertEqual(k8s.by_kind(docs, "Secret"), [], "prod Secrets are created by the operator")
+                self.assertNotIn("PRIVATE KEY", k8s._render_text(overlay))
 
     def test_servicemonitor_component_scrapes_every_services_metrics_port(self):
         component = k8s.DEPLOY / "components" / "servicemonitor"

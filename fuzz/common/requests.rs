@@ -14,8 +14,8 @@ use chipgate_proto::orders::v1 as opb;
 use chipgate_proto::orders::v1::order_service_server::OrderService;
 use prost::Message;
 
-/// Unary RPCs the dispatcher knows (licensing 36, inventory 12, orders 12).
-pub const RPCS: usize = 60;
+/// Unary RPCs the dispatcher knows (licensing 37, inventory 12, orders 12).
+pub const RPCS: usize = 61;
 
 /// The three services, in this process.
 pub struct World {
@@ -81,7 +81,7 @@ macro_rules! dispatch {
 /// calls its handler; the answer is dropped (only a panic matters). True when the handler ran.
 pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
     let sel = usize::from(sel);
-    let (lic_n, inv_n) = (36usize, 12usize);
+    let (lic_n, inv_n) = (37usize, 12usize);
     if sel < lic_n {
         dispatch!(sel, bytes, w.licensing, [
             submit_application: lpb::SubmitApplicationRequest,
@@ -119,7 +119,8 @@ pub async fn call(w: &World, sel: u8, bytes: &[u8]) -> bool {
             get_import_policy: lpb::GetImportPolicyRequest,
             list_import_policies: lpb::ListImportPoliciesRequest,
             list_audit_entries: lpb::ListAuditEntriesRequest,
-            verify_audit_log: lpb::VerifyAuditLogRequest
+            verify_audit_log: lpb::VerifyAuditLogRequest,
+            get_audit_checkpoint: lpb::GetAuditCheckpointRequest
         ])
     } else if sel < lic_n + inv_n {
         dispatch!(sel - lic_n, bytes, w.inventory, [

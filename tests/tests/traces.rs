@@ -149,7 +149,7 @@ async fn a_wave_propagates_as_one_trace() {
     }
 
     // 6. The transitions the round committed carry its context in the orders stream entry.
-    let batches = w.cluster.store.xrange("{ord}:events", None, 1000).await.unwrap();
+    let batches = w.cluster.store.xrange(&chipgate_orders::keys::events(H200), None, 1000).await.unwrap();
     let traced: Vec<chipgate_orders::EventBatch> = batches
         .iter()
         .filter_map(|e| chipgate_orders::EventBatch::decode(e.field("b")?).ok())

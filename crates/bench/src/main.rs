@@ -12,6 +12,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod audit;
 mod ceilings;
 mod load;
 mod naive;
@@ -59,9 +60,12 @@ pub struct Args {
     /// Tiny counts and durations (CI runs this so the program can't rot).
     #[arg(long)]
     pub smoke: bool,
-    /// Parts to run.
+    /// Parts to run (`audit` only when asked for).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "ceilings,place,wave,naive")]
     pub only: Vec<Part>,
+    /// Entries in the audit log the `audit` part checkpoints and verifies.
+    #[arg(long, default_value_t = 100_000)]
+    pub audit_entries: u64,
 }
 
 /// A part of the benchmark.
@@ -75,6 +79,8 @@ pub enum Part {
     Wave,
     /// The naive baseline.
     Naive,
+    /// Audit checkpoints and verification over `--audit-entries` entries.
+    Audit,
 }
 
 #[tokio::main]
@@ -86,6 +92,7 @@ async fn main() -> std::process::ExitCode {
         args.naive_orders = args.naive_orders.min(200);
         args.duration = args.duration.min(Duration::from_secs(1));
         args.in_flight = args.in_flight.min(16);
+        args.audit_entries = args.audit_entries.min(2_000);
     }
     let mut results = report::Results { args: format!("{args:?}"), ..Default::default() };
     if args.only.contains(&Part::Ceilings) {
@@ -101,6 +108,9 @@ async fn main() -> std::process::ExitCode {
     }
     if args.only.contains(&Part::Naive) {
         results.naive = Some(naive::run(&args).await);
+    }
+    if args.only.contains(&Part::Audit) {
+        results.audit = Some(audit::run(&args).await);
     }
     report::print(&results);
     if let Err(e) = report::write(&args, &results) {

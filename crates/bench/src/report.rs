@@ -6,6 +6,7 @@ use std::io::Write;
 use serde_json::json;
 
 use crate::Args;
+use crate::audit::AuditResult;
 use crate::ceilings::RedisCeiling;
 use crate::load::LoadResult;
 use crate::naive::NaiveResult;
@@ -29,6 +30,8 @@ pub struct Results {
     pub wave_pro_rata: Option<WaveResult>,
     /// Naive baseline.
     pub naive: Option<NaiveResult>,
+    /// Audit checkpoints and verification.
+    pub audit: Option<AuditResult>,
 }
 
 /// Writes a line to stdout (the report is this program's output).
@@ -138,6 +141,15 @@ pub fn print(r: &Results) {
             row("wave / naive", format!("{x:.1}×"), &format!("target ≥ 20×: {}", verdict(x >= 20.0)));
         }
     }
+    if let Some(a) = &r.audit {
+        row(
+            "audit checkpoint p50/p99 (ms)",
+            format!("{:.2}/{:.2}", a.checkpoint_ms(0.5), a.checkpoint_ms(0.99)),
+            &format!("{} entries, signed", a.entries),
+        );
+        row("audit verify (s)", format!("{:.2}", a.verify.as_secs_f64()), &format!("{:.0} entries/s", a.verify_rate()));
+        row("audit verify with checkpoint (s)", format!("{:.2}", a.verify_with_checkpoint.as_secs_f64()), "");
+    }
     say("");
 }
 
@@ -180,6 +192,11 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "reserved": w.reserved, "backordered": w.backordered, "stock_left": w.stock_left,
             "buyers_served": w.buyers_served, "buyers": w.buyers, "share_gap_pp": w.share_gap_pp,
             "quota_check": w.quota_check,
+        })),
+        "audit": r.audit.as_ref().map(|a| json!({
+            "entries": a.entries, "checkpoint_p50_ms": a.checkpoint_ms(0.5), "checkpoint_p99_ms": a.checkpoint_ms(0.99),
+            "verify_seconds": a.verify.as_secs_f64(), "verify_per_sec": a.verify_rate(),
+            "verify_with_checkpoint_seconds": a.verify_with_checkpoint.as_secs_f64(), "correct": a.correct,
         })),
         "naive": r.naive.as_ref().map(|n| json!({
             "orders": n.orders, "seconds": n.elapsed.as_secs_f64(), "per_sec": n.rate(), "errors": n.errors,
@@ -275,6 +292,13 @@ pub fn faults(r: &Results) -> Vec<String> {
         && n.errors > 0
     {
         out.push(format!("naive: {} orders failed", n.errors));
+    }
+    if let Some(a) = &r.audit
+        && !a.correct
+    {
+        out.push(
+            "audit: a checkpoint or a verification answered wrong (not covering, not valid, or not extending)".into(),
+        );
     }
     out
 }

@@ -574,6 +574,8 @@ pub async fn run(ctx: &Ctx, a: DemoArgs) -> Outcome {
         // The demo plays every role on a private, loopback-only cluster of its own.
         auth_dir: None,
         insecure_no_auth: true,
+        // Nobody watches the private cluster's logs.
+        audit_checkpoint_every: Duration::ZERO,
     };
     let cluster = crate::dev::start_cluster(&args, &shutdown).await.map_err(Failure::Local)?;
     let mut g = ctx.g.clone();

@@ -43,9 +43,13 @@ pub struct DevArgs {
     /// directory under the system's temporary directory.
     #[arg(long)]
     pub auth_dir: Option<PathBuf>,
-    /// Run without authentication (every caller may call every RPC).
+    /// Run without authentication (every caller may call every RPC); audit checkpoints are then
+    /// unsigned.
     #[arg(long)]
     pub insecure_no_auth: bool,
+    /// How often licensing writes a signed audit checkpoint to the logs and metrics (0s: never).
+    #[arg(long, value_parser = chipgate_runtime::time::parse_duration, default_value = "60s")]
+    pub audit_checkpoint_every: Duration,
 }
 
 struct Started {
@@ -114,6 +118,8 @@ pub struct DevCluster {
     started: Vec<Started>,
     backend: String,
     products: usize,
+    /// The id of the DEV-ONLY audit key (None: checkpoints unsigned).
+    audit_key_id: Option<String>,
 }
 
 impl DevCluster {
@@ -170,11 +176,15 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         None => chipgate_inventory::parse_catalogue(DEFAULT_CATALOGUE)?,
     };
     let mut config = ServerConfig { shutdown_grace: Duration::from_secs(3), ..ServerConfig::default() };
+    let mut audit_key = None;
     let (auth, service_tokens) = if args.insecure_no_auth {
         (None, chipgate_runtime::auth::TokenSource::None)
     } else {
         let dir = args.auth_dir.clone().unwrap_or_else(devauth::default_auth_dir);
         let (signer, auth) = devauth::open_or_create(&dir)?;
+        // A DEV-ONLY audit key beside the token key: checkpoints are signed as in production, but
+        // by a key on this machine, so they prove nothing beyond it.
+        audit_key = Some(devauth::audit_key(&dir)?.0);
         config.auth = Some(std::sync::Arc::new(signer.verifier()));
         let tokens = chipgate_runtime::auth::TokenSource::minted(
             signer,
@@ -194,7 +204,11 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         None => Store::memory(),
     };
 
-    let licensing = chipgate_licensing::Licensing::new(store.clone());
+    let licensing = chipgate_licensing::Licensing::with_audit_key(store.clone(), audit_key);
+    if !args.audit_checkpoint_every.is_zero() {
+        licensing.spawn_audit_checkpoints(args.audit_checkpoint_every, shutdown.clone());
+    }
+    let audit_key_id = licensing.audit_key_id();
     let inventory =
         chipgate_inventory::Inventory::start(store.clone(), shutdown.clone(), chipgate_inventory::Options::default());
     let products = catalogue.len();
@@ -234,7 +248,7 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
         Some(url) => format!("redis ({url})"),
         None => "embedded in-memory state (gone when this process exits)".to_string(),
     };
-    Ok(DevCluster { auth, started, backend, products })
+    Ok(DevCluster { auth, started, backend, products, audit_key_id })
 }
 
 /// Runs the dev cluster until Ctrl-C or SIGTERM.
@@ -294,8 +308,18 @@ pub async fn run(args: DevArgs) -> Result<(), String> {
                 "           or export CHIPGATE_TOKEN_FILE={}/tokens/buyer-bytedance.jwt (or --token …)",
                 auth.dir.display()
             ));
+            if let Some(id) = &cluster.audit_key_id {
+                lines.push(format!(
+                    "  audit checkpoints signed by {id} — a DEV-ONLY key ({}/audit-signing.pem): \
+                     chipgate --as auditor audit checkpoint > cp.json",
+                    auth.dir.display()
+                ));
+            }
         }
-        None => lines.push("  authentication OFF (--insecure-no-auth): every caller may call every RPC".to_string()),
+        None => lines.push(
+            "  authentication OFF (--insecure-no-auth): every caller may call every RPC; audit checkpoints UNSIGNED"
+                .to_string(),
+        ),
     }
     let (ia, vendor, buyer, anyone) =
         (header("import_authority"), header("vendor"), header("buyer-bytedance"), header("auditor"));

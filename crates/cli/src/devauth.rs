@@ -69,6 +69,26 @@ pub fn open_or_create(dir: &Path) -> Result<(Signer, DevAuth), String> {
     Ok((signer, DevAuth { dir: dir.to_path_buf(), tokens, reused }))
 }
 
+/// The dev cluster's audit key in `dir` (an auth dir [`open_or_create`] has prepared): reused when
+/// `audit-signing.pem` is there, else generated, with its public half in `audit-public.pem`. It is a
+/// DEV-ONLY key: it sits next to the token key on this machine, so it proves nothing to anyone but
+/// whoever owns the machine; production keeps its audit key away from Redis and from token issuers.
+/// Returns the key and whether it was reused.
+pub fn audit_key(dir: &Path) -> Result<(Signer, bool), String> {
+    private_dir(dir)?;
+    let key_path = dir.join("audit-signing.pem");
+    let (key, reused) = match read_private(&key_path)? {
+        Some(pem) => (Signer::from_pem(&pem).map_err(|e| format!("{}: {e}", key_path.display()))?, true),
+        None => {
+            let key = Signer::generate().map_err(|e| format!("can't generate an audit key: {e}"))?;
+            write_private(&key_path, &key.private_pem())?;
+            (key, false)
+        }
+    };
+    write_private(&dir.join("audit-public.pem"), &key.public_pem())?;
+    Ok((key, reused))
+}
+
 /// Makes sure `dir` is a directory that only we can enter: creates it with mode 0700 if it does not
 /// exist; otherwise it must be a real directory (not a symlink), owned by us, that neither group nor
 /// others may write to.
@@ -184,6 +204,28 @@ mod tests {
         for f in ["signing.pem", "public.pem", "tokens/auditor.jwt", "tokens/buyer-bytedance.jwt"] {
             assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
         }
+    }
+
+    #[test]
+    fn the_audit_key_is_its_own_private_file_and_is_reused() {
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("d");
+        let (token_key, _) = open_or_create(&dir).unwrap();
+        let (first, reused) = audit_key(&dir).unwrap();
+        assert!(!reused);
+        assert_ne!(first.public_pem(), token_key.public_pem(), "the audit key is not the token key");
+        assert_eq!(mode(&dir.join("audit-signing.pem")), 0o600);
+        assert_eq!(mode(&dir.join("audit-public.pem")), 0o600);
+        let (second, reused) = audit_key(&dir).unwrap();
+        assert!(reused);
+        assert_eq!(first.public_pem(), second.public_pem(), "checkpoints kept across restarts still verify");
+        // A planted link where the key goes is refused, not followed.
+        let victim = base.path().join("victim.txt");
+        fs::write(&victim, "precious").unwrap();
+        fs::remove_file(dir.join("audit-signing.pem")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.join("audit-signing.pem")).unwrap();
+        assert!(audit_key(&dir).is_err());
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "precious");
     }
 
     #[test]

@@ -46,6 +46,16 @@ pub fn msg<M: prost::Message>(m: &M) -> Value {
     rendered.unwrap_or_else(|e| json!({ "render_error": e }))
 }
 
+/// A message of the chipgate APIs read from its proto3 JSON form (what [`msg`] prints; lowerCamelCase
+/// keys are accepted too, as in any proto3 JSON).
+pub fn from_json<M: prost::Message + Default>(v: &Value) -> Result<M, String> {
+    let name = full_name::<M>();
+    let pool = POOL.as_ref().map_err(Clone::clone)?;
+    let desc = pool.get_message_by_name(&name).ok_or_else(|| format!("{name} is not in the descriptor set"))?;
+    let dynamic = DynamicMessage::deserialize(desc, v).map_err(|e| format!("not a {name}: {e}"))?;
+    dynamic.transcode_to::<M>().map_err(|e| format!("not a {name}: {e}"))
+}
+
 /// `v` (a rendered `desc`) with an explicit null for every unset message field, in field order, as
 /// grpcurl's `-emit-defaults` prints them (prost-reflect leaves them out).
 fn with_nulls(desc: &MessageDescriptor, v: Value) -> Value {

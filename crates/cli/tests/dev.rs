@@ -103,6 +103,13 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     let anonymous = cli.raw(&["products"]).await;
     assert!(!anonymous.status.success(), "no token, no answer");
     assert!(std::path::Path::new(&format!("{auth_path}/public.pem")).exists());
+    // Audit checkpoints are signed by the DEV-ONLY audit key dev keeps beside the token key.
+    let auditor = format!("{auth_path}/tokens/auditor.jwt");
+    let cp = cli.json(&["--token-file", &auditor, "audit", "checkpoint"]).await;
+    let audit_public = std::fs::read_to_string(format!("{auth_path}/audit-public.pem")).unwrap();
+    let key = chipgate_runtime::auth::public_key_from_pem(&audit_public).unwrap();
+    assert_eq!(cp["checkpoint"]["key_id"], chipgate_licensing::checkpoint::key_id(&key), "{cp}");
+    assert_ne!(audit_public, std::fs::read_to_string(format!("{auth_path}/public.pem")).unwrap());
 
     // Ctrl-C: it stops, cleanly, within a few seconds.
     let started = Instant::now();
@@ -120,6 +127,7 @@ async fn dev_starts_answers_health_and_reflection_and_stops_on_sigint() {
     assert!(stdout.contains("grpcurl -plaintext"), "prints grpcurl lines: {stdout}");
     assert!(stdout.contains("-H 'authorization: Bearer ey"), "grpcurl lines carry tokens: {stdout}");
     assert!(stdout.contains("stopping"), "{stdout}");
+    assert!(stdout.contains("audit checkpoints signed by ed25519:") && stdout.contains("DEV-ONLY"), "{stdout}");
     // The ports are free again.
     assert!(std::net::TcpListener::bind(("127.0.0.1", lp)).is_ok(), "licensing port released");
 }

@@ -80,7 +80,7 @@ async fn the_readme_walk_through_takes_an_order_to_shipped() {
     }
 
     // Where the order went, read back as the auditor.
-    let out = run("chipgate -o json --as auditor order show ord-1".into()).await;
+    let out = run("chipgate -o json --as auditor order show ord-H200-SXM-141GB-1".into()).await;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let order: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let order = &order["order"];

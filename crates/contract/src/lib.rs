@@ -63,9 +63,10 @@ pub mod streams {
         super::partitions::inventory(sku).key(["events"])
     }
 
-    /// The orders service's transitions (a batch in field [`super::TRANSITIONS_FIELD`]).
-    pub fn orders() -> String {
-        ORDERS.key(["events"])
+    /// The orders service's transitions of product `sku` (a batch in field
+    /// [`super::TRANSITIONS_FIELD`]), in the product's partition.
+    pub fn orders(sku: &str) -> String {
+        ORDERS.partition(sku).key(["events"])
     }
 }
 
@@ -152,7 +153,7 @@ mod tests {
         assert_eq!(streams::licensing(), "{lic}:events");
         assert_eq!(streams::inventory("H200"), "{inv:H200}:events");
         assert_eq!(catalogue::products(), "{inv}:products");
-        assert_eq!(streams::orders(), "{ord}:events");
+        assert_eq!(streams::orders("H200"), "{ord:H200}:events");
         assert_eq!(catalogue::product("H200"), "{inv:H200}:product");
     }
 }

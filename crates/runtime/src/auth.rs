@@ -326,6 +326,19 @@ impl Signer {
         })
     }
 
+    /// The raw 32-byte Ed25519 public key.
+    pub fn public_key(&self) -> [u8; 32] {
+        let mut k = [0u8; 32];
+        k.copy_from_slice(&self.key.public_key().as_ref()[..32]);
+        k
+    }
+
+    /// The 64-byte Ed25519 signature of `msg` (for signed statements other than tokens, such as
+    /// licensing's audit checkpoints; check it with [`ed25519_verify`]).
+    pub fn sign_bytes(&self, msg: &[u8]) -> Vec<u8> {
+        self.key.sign(msg).as_ref().to_vec()
+    }
+
     /// A buyer token for `buyer_id` (subject `buyer:<id>`).
     pub fn mint_buyer(&self, buyer_id: &str, ttl: Duration) -> String {
         self.mint(&format!("buyer:{buyer_id}"), Role::Buyer, Some(buyer_id), ttl)
@@ -335,6 +348,26 @@ impl Signer {
     pub fn mint_role(&self, role: Role, ttl: Duration) -> String {
         self.mint(role.as_str(), role, None, ttl)
     }
+}
+
+/// Whether `signature` is the Ed25519 signature of `msg` by `public_key` (raw 32 bytes).
+pub fn ed25519_verify(public_key: &[u8; 32], msg: &[u8], signature: &[u8]) -> bool {
+    UnparsedPublicKey::new(&ED25519, public_key).verify(msg, signature).is_ok()
+}
+
+/// The raw 32-byte key of the first `PUBLIC KEY` block (Ed25519 SubjectPublicKeyInfo) in `text`.
+///
+/// # Errors
+/// When there is no such block or it is not an Ed25519 key.
+pub fn public_key_from_pem(text: &str) -> Result<[u8; 32], AuthError> {
+    let blocks = pem_blocks(text, "PUBLIC KEY")?;
+    let der = blocks.first().ok_or_else(|| AuthError::Key("no PUBLIC KEY block".into()))?;
+    if der.len() != 44 || der[..12] != SPKI_PREFIX {
+        return Err(AuthError::Key("the PUBLIC KEY block is not an Ed25519 key".into()));
+    }
+    let mut k = [0u8; 32];
+    k.copy_from_slice(&der[12..]);
+    Ok(k)
 }
 
 /// The longest lifetime (`exp - iat`) a token of each role may have.
@@ -1001,6 +1034,20 @@ mod tests {
         ] {
             assert!(Verifier::from_pem(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn raw_signatures_verify_with_the_public_key_read_back_from_pem() {
+        let s = Signer::generate().expect("key");
+        let public = public_key_from_pem(&s.public_pem()).expect("public pem");
+        assert_eq!(public, s.public_key());
+        let sig = s.sign_bytes(b"checkpoint");
+        assert_eq!(sig.len(), 64);
+        assert!(ed25519_verify(&public, b"checkpoint", &sig));
+        assert!(!ed25519_verify(&public, b"checkpoinT", &sig));
+        assert!(!ed25519_verify(&Signer::generate().expect("key").public_key(), b"checkpoint", &sig));
+        assert!(public_key_from_pem(&s.private_pem()).is_err(), "a private key is not a public one");
+        assert!(public_key_from_pem("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").is_err());
     }
 
     #[test]

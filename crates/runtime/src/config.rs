@@ -19,9 +19,41 @@ pub struct CommonArgs {
     #[arg(long, env = "CHIPGATE_LISTEN")]
     pub listen: Option<SocketAddr>,
 
-    /// Redis holding the shared state, e.g. redis://redis:6379/0.
+    /// Redis holding the shared state, e.g. redis://redis:6379/0 (rediss:// for TLS; a user and
+    /// password may be given as redis://user:password@host, better from --redis-password-file).
+    /// With --redis-cluster, a comma-separated list of seed nodes.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379/0")]
     pub redis_url: String,
+
+    /// The Redis is a Redis Cluster: --redis-url lists seed nodes (any reachable one finds the rest),
+    /// commands are routed by hash slot and follow MOVED/ASK through failovers.
+    #[arg(long, env = "CHIPGATE_REDIS_CLUSTER")]
+    pub redis_cluster: bool,
+
+    /// Redis ACL user (overrides one in the URL).
+    #[arg(long, env = "CHIPGATE_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+
+    /// File holding the Redis password (e.g. a mounted Secret; one trailing newline is ignored).
+    /// Overrides one in the URL. Never logged.
+    #[arg(long, env = "CHIPGATE_REDIS_PASSWORD_FILE")]
+    pub redis_password_file: Option<std::path::PathBuf>,
+
+    /// PEM CA certificate(s) the Redis servers' TLS certificates must chain to (rediss:// URLs;
+    /// without it the system's roots are trusted).
+    #[arg(long, env = "CHIPGATE_REDIS_CA")]
+    pub redis_ca: Option<std::path::PathBuf>,
+
+    /// Replicas that must acknowledge every write that answers a call (Redis WAIT) before it
+    /// answers; if they don't within --redis-wait-timeout the call answers UNAVAILABLE (outcome
+    /// unknown; retrying with the same request id is safe). Default: 1 with --redis-cluster, 0
+    /// for a single Redis.
+    #[arg(long, env = "CHIPGATE_REDIS_MIN_REPLICAS")]
+    pub redis_min_replicas: Option<u32>,
+
+    /// How long a write waits for --redis-min-replicas acknowledgements.
+    #[arg(long, env = "CHIPGATE_REDIS_WAIT_TIMEOUT", value_parser = parse_duration, default_value = "500ms")]
+    pub redis_wait_timeout: Duration,
 
     /// Log format: pretty for people, json for log pipelines. The level comes from RUST_LOG.
     #[arg(long, env = "CHIPGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Pretty)]
@@ -140,6 +172,17 @@ pub struct CommonArgs {
     pub redis_timeout: Duration,
 }
 
+/// A secret file's content without the trailing newline editors and `kubectl create secret
+/// --from-file` leave.
+fn read_secret(path: &std::path::Path) -> std::io::Result<String> {
+    let text = std::fs::read_to_string(path)?;
+    let trimmed = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+    if trimmed.is_empty() {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the file is empty"));
+    }
+    Ok(trimmed.to_string())
+}
+
 fn parse_lifetimes(s: &str) -> Result<crate::auth::Lifetimes, String> {
     crate::auth::Lifetimes::parse(s)
 }
@@ -234,12 +277,96 @@ impl CommonArgs {
         }
     }
 
+    /// The Redis connection settings the flags give (reads the password file).
+    ///
+    /// # Errors
+    /// When the password file can't be read.
+    pub fn redis_options(&self) -> Result<RedisOptions, chipgate_state::StateError> {
+        let password = match &self.redis_password_file {
+            Some(path) => Some(read_secret(path).map_err(|e| {
+                chipgate_state::StateError::Backend(format!("--redis-password-file {}: {e}", path.display()))
+            })?),
+            None => None,
+        };
+        Ok(RedisOptions {
+            response_timeout: self.redis_timeout,
+            cluster: self.redis_cluster,
+            username: self.redis_username.clone(),
+            password,
+            tls_ca: self.redis_ca.clone(),
+            min_replicas: self.redis_min_replicas.unwrap_or(if self.redis_cluster { 1 } else { 0 }),
+            wait_timeout: self.redis_wait_timeout,
+            ..RedisOptions::default()
+        })
+    }
+
     /// Connects to Redis, retrying (with a log line per attempt) until it answers.
     ///
     /// # Errors
-    /// When the URL is malformed.
+    /// When the URL is malformed, the password file unreadable, or Redis refuses the credentials.
     pub async fn connect_store(&self) -> Result<Store, chipgate_state::StateError> {
-        let options = RedisOptions { response_timeout: self.redis_timeout, ..RedisOptions::default() };
-        Store::connect_redis(&self.redis_url, options).await
+        Store::connect_redis(&self.redis_url, self.redis_options()?).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        common: CommonArgs,
+    }
+
+    fn parse(args: &[&str]) -> CommonArgs {
+        Flags::try_parse_from(std::iter::once("svc").chain(args.iter().copied())).expect("flags parse").common
+    }
+
+    #[test]
+    fn redis_flags_configure_cluster_acl_tls_and_durability() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let secret = dir.path().join("password");
+        std::fs::write(&secret, "hunter2-very-secret\n").expect("write secret");
+        let ca = dir.path().join("ca.pem");
+        let common = parse(&[
+            "--redis-cluster",
+            "--redis-url",
+            "redis://10.0.0.1:6379,redis://10.0.0.2:6379",
+            "--redis-username",
+            "orders",
+            "--redis-password-file",
+            secret.to_str().expect("utf-8 path"),
+            "--redis-ca",
+            ca.to_str().expect("utf-8 path"),
+            "--redis-wait-timeout",
+            "250ms",
+        ]);
+        let o = common.redis_options().expect("options");
+        assert!(o.cluster);
+        assert_eq!(o.username.as_deref(), Some("orders"));
+        assert_eq!(o.password.as_deref(), Some("hunter2-very-secret"), "the trailing newline is not the password");
+        assert_eq!(o.tls_ca.as_deref(), Some(ca.as_path()));
+        assert_eq!(o.min_replicas, 1, "a cluster waits for one replica by default");
+        assert_eq!(o.wait_timeout, Duration::from_millis(250));
+        assert!(!format!("{o:?}").contains("hunter2"), "options never print the password");
+        assert!(!format!("{common:?}").contains("hunter2"), "flags hold the file, not the password");
+
+        let single = parse(&[]).redis_options().expect("options");
+        assert!(!single.cluster);
+        assert_eq!((single.min_replicas, single.password), (0, None), "a single Redis waits for nobody");
+        assert_eq!(parse(&["--redis-min-replicas", "2"]).redis_options().expect("options").min_replicas, 2);
+        assert_eq!(
+            parse(&["--redis-cluster", "--redis-min-replicas", "0"]).redis_options().expect("options").min_replicas,
+            0
+        );
+
+        let missing = parse(&["--redis-password-file", "/nonexistent/chipgate-password"]);
+        let err = missing.redis_options().expect_err("an unreadable password file is an error");
+        assert!(err.to_string().contains("--redis-password-file"), "{err}");
+        std::fs::write(&secret, "\n").expect("write secret");
+        let empty = parse(&["--redis-password-file", secret.to_str().expect("utf-8 path")]);
+        assert!(empty.redis_options().is_err(), "an empty password file is an error, not an empty password");
     }
 }

@@ -102,6 +102,7 @@ pub static TABLE: &[(&str, &str, Rule)] = &[
     // The audit log.
     (LIC, "ListAuditEntries", r(&[AU, IA], Denied)),
     (LIC, "VerifyAuditLog", r(&[AU, IA], Denied)),
+    (LIC, "GetAuditCheckpoint", r(&[AU, IA], Denied)),
     // Inventory: the vendor runs the catalogue and supply; reservations are internal.
     (INV, "UpsertProduct", r(&[VE], Denied)),
     (INV, "GetProduct", r(EVERYONE, Open)),

@@ -1,8 +1,9 @@
 #!lua
 -- chipgate commit: applies one transaction atomically, or nothing at all.
 --
--- KEYS: every key the transaction touches (all in one hash slot).
--- ARGV: number of guards, number of ops, then each guard and each op as a flat list:
+-- KEYS: every key the transaction touches (all in one hash slot), then its receipt key.
+-- ARGV: receipt key index ('0' = no receipt), receipt ttl in ms, number of guards, number of ops,
+-- then each guard and each op as a flat list:
 --   guard  v <keyidx> <version>     record at key has this version ('0' = absent)
 --   guard  f <keyidx> <token>       fence: stored token <= token; token is stored on success
 --   guard  l <keyidx> <token>       lease at key is held with token
@@ -22,7 +23,16 @@
 --   op     xadd <keyidx> <maxlen> <nfields> <f1> <v1> ...   maxlen '0' = uncapped
 --   op     alink <streamidx> <headidx> <seq> <prev> <hash> <entry>   audit entry, linked by the caller
 -- Returns {'ok', result...} (one result per xadd: the id; per alink: '<seq>:<hash>'),
--- or {'conflict'|'fenced'|'lease', key} when a guard fails (nothing changed).
+-- or {'conflict'|'fenced'|'lease', key} when a guard fails (nothing changed),
+-- or {'dup', result...} when the receipt shows this very transaction already applied.
+--
+-- Receipts: a client may send the same script twice (the cluster client re-sends a command after
+-- a reconnect, without knowing whether the first copy ran). Version guards alone would answer the
+-- second copy 'conflict', and blind ops (hincr, xadd, put) would apply twice. So a transaction that
+-- applies stores its results under its receipt key (unique per transaction, in the same slot, with
+-- a short TTL), and a copy that finds the receipt changes nothing and answers the same results.
+-- The receipt is written in the same atomic step as the changes, so it is replicated with them:
+-- after a failover either both survived or neither did.
 --
 -- Records are strings '<version>:<data>'. Versions stay far below 2^53, so Lua numbers hold them
 -- exactly; they are formatted with %.0f to avoid Lua's exponent notation.
@@ -35,8 +45,24 @@ local function version_at(k)
   return string.match(head, '^(%d+):') or '0'
 end
 
-local ng, no = tonumber(ARGV[1]), tonumber(ARGV[2])
-local i = 3
+local receipt, receipt_ttl = nil, ARGV[2]
+if ARGV[1] ~= '0' then
+  receipt = KEYS[tonumber(ARGV[1])]
+  local done = redis.call('GET', receipt)
+  if done then
+    -- Touch the receipt: a write, so that a WAIT after this copy (on a connection that may not have
+    -- sent the first) waits for replicas to have everything up to here, the first copy included.
+    redis.call('PEXPIRE', receipt, receipt_ttl)
+    local out = {'dup'}
+    for r in string.gmatch(done, '[^\n]+') do
+      if r ~= 'ok' then out[#out + 1] = r end
+    end
+    return out
+  end
+end
+
+local ng, no = tonumber(ARGV[3]), tonumber(ARGV[4])
+local i = 5
 local fences = {}
 
 for _ = 1, ng do
@@ -143,4 +169,7 @@ for _ = 1, no do
   end
 end
 
+if receipt then
+  redis.call('SET', receipt, table.concat(out, '\n'), 'PX', receipt_ttl)
+end
 return out

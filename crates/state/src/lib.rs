@@ -1,9 +1,11 @@
 //! The chipgate state layer: every piece of shared state the three services keep, and the atomic
 //! operations they need on it, behind one [`Backend`] trait with two implementations.
 //!
-//! * [`RedisBackend`] is what production runs: one Lua script ([`Txn`] commit) applies a transaction
-//!   atomically, Redis Streams with consumer groups carry events, sorted sets hold queues and indexes.
-//!   Every key of a transaction shares one hash tag (`{space}`), so the same code runs on Redis Cluster.
+//! * [`RedisBackend`] is what production runs, on a single Redis or a Redis Cluster: one Lua script
+//!   ([`Txn`] commit) applies a transaction atomically, Redis Streams with consumer groups carry
+//!   events, sorted sets hold queues and indexes. Every key of a transaction shares one hash slot
+//!   (a partition's hash tag), so the same code runs on Redis Cluster; writes can wait for replicas
+//!   ([`RedisOptions::min_replicas`]) and a commit re-sent by the client applies once.
 //! * [`MemoryBackend`] keeps the same structures in process, for the one-command dev cluster and fast
 //!   unit tests. The conformance suite (`tests/conformance.rs`) runs unchanged against both.
 //!
@@ -24,7 +26,7 @@ use std::ops::Bound;
 use std::time::Duration;
 
 pub use memory::MemoryBackend;
-pub use redis_backend::{RedisBackend, RedisOptions};
+pub use redis_backend::{MasterKeys, OUTCOME_UNKNOWN, RedisBackend, RedisOptions};
 
 /// Hex SHA-256 of `data` (the digest the audit chain uses for entries).
 pub fn sha256_hex(data: &[u8]) -> String {
@@ -821,11 +823,24 @@ impl Store {
         Ok(Store::Redis(RedisBackend::connect(url, options).await?))
     }
 
-    /// "redis" or "memory".
+    /// "redis", "redis-cluster" or "memory".
     pub fn kind(&self) -> &'static str {
         match self {
+            Store::Redis(r) if r.is_cluster() => "redis-cluster",
             Store::Redis(_) => "redis",
             Store::Memory(_) => "memory",
+        }
+    }
+
+    /// How many keys each Redis master holds and which hash slots it serves (see
+    /// [`RedisBackend::master_key_counts`]): whether partitioned state spreads over a cluster.
+    ///
+    /// # Errors
+    /// On the in-memory backend, which has no masters, and when a master does not answer.
+    pub async fn master_key_counts(&self) -> StateResult<Vec<MasterKeys>> {
+        match self {
+            Store::Redis(r) => r.master_key_counts().await,
+            Store::Memory(_) => Err(StateError::Backend("the in-memory backend has no Redis masters".into())),
         }
     }
 }

@@ -1,17 +1,43 @@
-//! The Redis backend: what production runs.
+//! The Redis backend: what production runs, on a single Redis or on a Redis Cluster.
 //!
-//! Plain reads go through one multiplexed, auto-reconnecting connection. Every transaction is one
-//! `EVALSHA` of `lua/commit.lua`, so it is atomic and touches keys of one hash slot only. Blocking
-//! stream reads (consumer groups, tails) use connections of their own, because a blocked command would
-//! stall every other command pipelined behind it on a shared connection.
+//! Plain reads go through one multiplexed, auto-reconnecting connection (on a cluster: one per node,
+//! each command routed by its key's hash slot, MOVED and ASK redirections followed, the slot map
+//! refreshed after a failover). Every transaction is one `EVALSHA` of `lua/commit.lua`, so it is
+//! atomic and touches keys of one hash slot only; a node that does not know the script yet gets it
+//! with `EVAL` on the same slot. Blocking stream reads (consumer groups, tails) use connections of
+//! their own, because a blocked command would stall every other command pipelined behind it on a
+//! shared connection.
+//!
+//! Durability: with [`RedisOptions::min_replicas`] above 0, every write that answers a caller
+//! (commits, counters, lease grants) is followed on the same connection by `WAIT min_replicas
+//! timeout`, so it is acknowledged only once that many replicas of the node that took it have it.
+//! When they don't acknowledge in time the call fails with [`StateError::Unavailable`]: the write
+//! may or may not survive a failover, and a retry with the same request id is safe. `WAIT` narrows
+//! the window in which a failover loses acknowledged writes; it does not make Redis strongly
+//! consistent (a replica that acknowledged can still lose an election to one that did not, and a
+//! master cut off in a minority partition keeps accepting writes until `cluster-node-timeout`).
+//!
+//! Re-sends: the cluster client re-sends a command after a reconnect, so a commit can reach Redis
+//! twice. Each commit carries a transaction id; the script stores a receipt under it (in the
+//! transaction's own slot, for [`RedisOptions::receipt_ttl`]) and a second run finds the receipt,
+//! changes nothing and answers what the first answered.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher};
 use std::ops::Bound;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, Client, RedisError, Script, Value};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{
+    AsyncConnectionConfig, Client, Cmd, ConnectionInfo, ErrorKind, IntoConnectionInfo, Pipeline, RedisError,
+    RedisFuture, Script, ServerErrorKind, Value,
+};
 
 use crate::{
     Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, Op, Record, StateError, StateResult, StreamEntry,
@@ -43,15 +69,36 @@ end
 return 0
 ";
 
-/// How the Redis backend connects and how quickly it gives up.
-#[derive(Clone, Debug)]
+/// What a call whose write the replicas did not acknowledge in time answers.
+pub const OUTCOME_UNKNOWN: &str = "outcome unknown; retry with the same request id";
+
+/// How the Redis backend connects, authenticates, and how quickly it gives up.
+#[derive(Clone)]
 pub struct RedisOptions {
-    /// A command that gets no answer within this fails with [`StateError::Unavailable`].
+    /// A command that gets no answer within this fails with [`StateError::Unavailable`] (on a
+    /// cluster: including redirections and retries during a failover).
     pub response_timeout: Duration,
     /// A connection attempt that takes longer than this fails.
     pub connect_timeout: Duration,
     /// How long start-up keeps retrying an unreachable Redis (None: forever).
     pub startup_retry_for: Option<Duration>,
+    /// Redis Cluster: the URL is a comma-separated list of seed nodes (any reachable one is enough
+    /// to discover the rest).
+    pub cluster: bool,
+    /// ACL user (overrides a user in the URL).
+    pub username: Option<String>,
+    /// Password (overrides a password in the URL). Never logged.
+    pub password: Option<String>,
+    /// PEM file of the CA that signs the servers' certificates, for `rediss://` URLs (without it
+    /// the system's roots are trusted).
+    pub tls_ca: Option<PathBuf>,
+    /// Replicas that must acknowledge each write before it answers (`WAIT`); 0 waits for none.
+    pub min_replicas: u32,
+    /// How long `WAIT` waits for [`min_replicas`](Self::min_replicas) acknowledgements.
+    pub wait_timeout: Duration,
+    /// How long a commit's receipt is kept, so a re-sent commit is recognised (longer than any
+    /// client-side retry of one command can take).
+    pub receipt_ttl: Duration,
 }
 
 impl Default for RedisOptions {
@@ -60,22 +107,116 @@ impl Default for RedisOptions {
             response_timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_millis(500),
             startup_retry_for: None,
+            cluster: false,
+            username: None,
+            password: None,
+            tls_ca: None,
+            min_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
+            receipt_ttl: Duration::from_secs(60),
         }
     }
 }
 
-/// State on a Redis server (or a Redis Cluster node per hash slot).
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisOptions")
+            .field("response_timeout", &self.response_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("startup_retry_for", &self.startup_retry_for)
+            .field("cluster", &self.cluster)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca)
+            .field("min_replicas", &self.min_replicas)
+            .field("wait_timeout", &self.wait_timeout)
+            .field("receipt_ttl", &self.receipt_ttl)
+            .finish()
+    }
+}
+
+/// The keys one master of a Redis Cluster (or the single Redis) holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MasterKeys {
+    /// `host:port` of the master.
+    pub addr: String,
+    /// The hash-slot ranges it serves (inclusive; `0..=16383` for a single Redis).
+    pub slots: Vec<(u16, u16)>,
+    /// Keys it holds (`DBSIZE`).
+    pub keys: u64,
+}
+
+/// State on a single Redis server or a Redis Cluster.
 #[derive(Clone)]
 pub struct RedisBackend {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    conn: ConnectionManager,
-    client: Client,
-    blocking: Mutex<Vec<MultiplexedConnection>>,
+    conn: Conn,
+    /// Connections for writes followed by `WAIT` (none when nothing waits). Redis holds every later
+    /// command of a connection until its `WAIT` returns, so durable writes spread over a few
+    /// connections of their own to wait for replicas side by side, not one after another, and
+    /// never hold up reads; their response timeout includes the wait.
+    writers: Vec<Conn>,
+    next_writer: AtomicU64,
+    /// Where blocking connections come from.
+    source: Source,
+    blocking: Mutex<Vec<Conn>>,
     scripts: Scripts,
     options: RedisOptions,
+    /// Where the single server is (`host:port`), for [`RedisBackend::master_key_counts`].
+    single_addr: String,
+    /// This process's part of every transaction id (random), and the counter for the rest.
+    txn_nonce: u64,
+    txn_seq: AtomicU64,
+}
+
+/// One connection: to a single server (reconnecting on its own) or to every node of a cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Plain(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Plain(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Plain(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Plain(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where blocking connections come from (one per process: its size does not matter).
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    Single(Client),
+    /// A client without an overall response timeout: blocked reads wait as long as they ask.
+    Cluster(ClusterClient),
 }
 
 struct Scripts {
@@ -85,68 +226,201 @@ struct Scripts {
     lease_release: Script,
 }
 
-/// Transient failures (Redis unreachable, or up but not answering yet) become
-/// [`StateError::Unavailable`], so callers get UNAVAILABLE and retry; anything else is a real error.
+/// Transient failures become [`StateError::Unavailable`], so callers get UNAVAILABLE and retry;
+/// anything else is a real error.
 ///
-/// A Redis that restarts with persistence answers `LOADING` until its dataset is back in memory;
-/// `TRYAGAIN`, `CLUSTERDOWN` and `MASTERDOWN` are the Cluster and failover equivalents.
+/// Transient means: Redis unreachable or not answering in time; up but not serving yet (`LOADING`
+/// while a persisted dataset loads); a failover in progress (`CLUSTERDOWN`, `TRYAGAIN`,
+/// `MASTERDOWN`, a write reaching a demoted master (`READONLY`), redirections still pointing
+/// nowhere after the client's retries (`MOVED`/`ASK`), no connection to the slot's node).
 fn unavailable(e: RedisError) -> StateError {
-    use redis::{ErrorKind, ServerErrorKind};
-    let busy = matches!(
+    let transient = matches!(
         e.kind(),
         ErrorKind::Server(
             ServerErrorKind::BusyLoading
                 | ServerErrorKind::TryAgain
                 | ServerErrorKind::ClusterDown
                 | ServerErrorKind::MasterDown
-        )
+                | ServerErrorKind::ReadOnly
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+        ) | ErrorKind::ClusterConnectionNotFound
+            | ErrorKind::Io
     );
-    if busy || e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
+    if transient || e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_connection_refusal() {
         StateError::Unavailable(e.to_string())
+    } else if e.kind() == ErrorKind::AuthenticationFailed {
+        StateError::Backend(format!("redis refused the credentials: {e}"))
     } else {
         StateError::Backend(e.to_string())
     }
 }
 
+/// The hash tag Redis hashes `key` by (`{tag}`), if it has one.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let len = key[open + 1..].find('}')?;
+    (len > 0).then(|| &key[open + 1..open + 1 + len])
+}
+
+/// A short string per hash slot whose own slot is that slot, for keys that must share a slot with
+/// a key that has no hash tag (computed once, ~160k CRC16s).
+fn slot_filler(slot: u16) -> &'static str {
+    static TABLE: OnceLock<Vec<String>> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = vec![String::new(); 16384];
+        let mut missing = 16384;
+        let mut n: u64 = 0;
+        while missing > 0 {
+            let s = format!("s{n:x}");
+            let slot = usize::from(crate::key_slot(&s));
+            if table[slot].is_empty() {
+                table[slot] = s;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        table
+    });
+    &table[usize::from(slot % 16384)]
+}
+
+/// The receipt key of transaction `id`, in the slot of `first_key`. `%txn` can't be a part built by
+/// [`crate::Space`] (escaped parts never hold a bare `%`), so it collides with no service key, and
+/// it keeps the key's hash tag, so ACL key patterns that cover a service's keys cover it too.
+fn receipt_key(first_key: &str, id: &str) -> String {
+    match hash_tag(first_key) {
+        Some(tag) => format!("{{{tag}}}:%txn:{id}"),
+        None => format!("{{{}}}:%txn:{id}", slot_filler(crate::key_slot(first_key))),
+    }
+}
+
+/// A `host:port` for logs and key counts.
+fn addr_of(info: &ConnectionInfo) -> String {
+    info.addr().to_string()
+}
+
+fn parse_url(url: &str, options: &RedisOptions) -> StateResult<ConnectionInfo> {
+    let url = url.trim();
+    let with_scheme = if url.contains("://") { url.to_string() } else { format!("redis://{url}") };
+    let info = with_scheme
+        .as_str()
+        .into_connection_info()
+        .map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?;
+    let mut settings = info.redis_settings().clone();
+    if let Some(user) = &options.username {
+        settings = settings.set_username(user);
+    }
+    if let Some(password) = &options.password {
+        settings = settings.set_password(password);
+    }
+    Ok(info.set_redis_settings(settings).set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true)))
+}
+
+/// The CA for `rediss://` URLs, read from `options.tls_ca`.
+fn tls_certs(options: &RedisOptions) -> StateResult<Option<redis::TlsCertificates>> {
+    let Some(path) = &options.tls_ca else { return Ok(None) };
+    let pem = std::fs::read(path)
+        .map_err(|e| StateError::Backend(format!("can't read the redis CA {}: {e}", path.display())))?;
+    // rustls picks its crypto from the process default; install ring (what tonic uses) so it never
+    // depends on which other crates happen to enable a provider.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    Ok(Some(redis::TlsCertificates { client_tls: None, root_cert: Some(pem) }))
+}
+
+fn is_tls(info: &ConnectionInfo) -> bool {
+    matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. })
+}
+
+/// A process-unique random number (std's hasher keys come from the OS).
+fn random_u64() -> u64 {
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// An `EVALSHA`/`EVAL` of a script.
+fn script_cmd(verb: &str, code: &[u8], keys: &[String], args: &[Vec<u8>]) -> Cmd {
+    let mut cmd = redis::cmd(verb);
+    cmd.arg(code).arg(keys.len()).arg(keys).arg(args);
+    cmd
+}
+
 impl RedisBackend {
-    /// Connects to `url` (e.g. `redis://127.0.0.1:6379/0`). An unreachable server is retried with a
-    /// warning every attempt, with backoff up to 5 s, for `options.startup_retry_for`.
+    /// Connects to `url` (e.g. `redis://127.0.0.1:6379/0`, or with `options.cluster` a comma-separated
+    /// list of seed nodes `redis://10.0.0.1:6379,redis://10.0.0.2:6379`). User and password come from
+    /// the URL (`redis://user:password@host`) or `options`; `rediss://` connects with TLS.
+    ///
+    /// An unreachable server is retried with a warning every attempt, with backoff up to 5 s, for
+    /// `options.startup_retry_for`. Credentials Redis refuses fail at once.
     pub async fn connect(url: &str, options: RedisOptions) -> StateResult<Self> {
-        // TCP_NODELAY: commands are small and latency-bound; Nagle's algorithm (redis-rs's default)
-        // would hold them back waiting for ACKs.
-        let info = redis::IntoConnectionInfo::into_connection_info(url)
-            .map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?
-            .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-        let client =
-            Client::open(info).map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(options.response_timeout))
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_millis(500));
-        let started = tokio::time::Instant::now();
-        let mut delay = Duration::from_millis(200);
-        let conn = loop {
-            match ConnectionManager::new_with_config(client.clone(), config.clone()).await {
-                Ok(conn) => break conn,
-                Err(e) => {
-                    let waited = started.elapsed();
-                    if options.startup_retry_for.is_some_and(|limit| waited >= limit) {
-                        return Err(unavailable(e));
-                    }
-                    tracing::warn!(redis_url = %redact(url), error = %e, retry_in = ?delay,
-                        "redis is unreachable; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
+        let certs = tls_certs(&options)?;
+        let (conn, writers, source, single_addr) = if options.cluster {
+            let seeds: Vec<ConnectionInfo> = url
+                .split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| parse_url(s, &options))
+                .collect::<StateResult<_>>()?;
+            if seeds.is_empty() {
+                return Err(StateError::Backend("no redis cluster seed nodes given".into()));
+            }
+            if certs.is_some() && !seeds.iter().all(is_tls) {
+                return Err(StateError::Backend("a redis CA was given but the seed URLs are not rediss://".into()));
+            }
+            let client = cluster_client(&seeds, &options, certs.clone(), Some(options.response_timeout))?;
+            let blocking = cluster_client(&seeds, &options, certs.clone(), None)?;
+            let conn = retry_startup(url, &options, || client.get_async_connection()).await?;
+            let mut writers = Vec::new();
+            if options.min_replicas > 0 {
+                let durable = options.response_timeout + options.wait_timeout;
+                let client = cluster_client(&seeds, &options, certs, Some(durable))?;
+                for _ in 0..DURABLE_CONNECTIONS {
+                    writers.push(Conn::Cluster(retry_startup(url, &options, || client.get_async_connection()).await?));
                 }
             }
+            (Conn::Cluster(conn), writers, Source::Cluster(blocking), String::new())
+        } else {
+            let info = parse_url(url, &options)?;
+            if certs.is_some() && !is_tls(&info) {
+                return Err(StateError::Backend("a redis CA was given but the URL is not rediss://".into()));
+            }
+            let addr = addr_of(&info);
+            let client = match certs {
+                Some(certs) => Client::build_with_tls(info, certs),
+                None => Client::open(info),
+            }
+            .map_err(|e| StateError::Backend(format!("bad redis url {}: {e}", redact(url))))?;
+            let config = |timeout: Duration| {
+                ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(timeout))
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_number_of_retries(1)
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_millis(500))
+            };
+            let plain = config(options.response_timeout);
+            let conn =
+                retry_startup(url, &options, || ConnectionManager::new_with_config(client.clone(), plain.clone()))
+                    .await?;
+            let mut writers = Vec::new();
+            if options.min_replicas > 0 {
+                let durable = config(options.response_timeout + options.wait_timeout);
+                for _ in 0..DURABLE_CONNECTIONS {
+                    let connect = || ConnectionManager::new_with_config(client.clone(), durable.clone());
+                    writers.push(Conn::Single(retry_startup(url, &options, connect).await?));
+                }
+            }
+            (Conn::Single(conn), writers, Source::Single(client), addr)
         };
-        tracing::info!(redis_url = %redact(url), "connected to redis");
+        tracing::info!(redis_url = %redact(url), cluster = options.cluster, min_replicas = options.min_replicas,
+            "connected to redis");
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 conn,
-                client,
+                writers,
+                next_writer: AtomicU64::new(0),
+                source,
                 blocking: Mutex::new(Vec::new()),
                 scripts: Scripts {
                     commit: Script::new(COMMIT_LUA),
@@ -155,8 +429,21 @@ impl RedisBackend {
                     lease_release: Script::new(LEASE_RELEASE_LUA),
                 },
                 options,
+                single_addr,
+                txn_nonce: random_u64(),
+                txn_seq: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Whether this backend talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.conn, Conn::Cluster(_))
+    }
+
+    /// The options it was connected with.
+    pub fn options(&self) -> &RedisOptions {
+        &self.inner.options
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> StateResult<T> {
@@ -164,17 +451,248 @@ impl RedisBackend {
         cmd.query_async(&mut conn).await.map_err(unavailable)
     }
 
+    /// Runs a script with its keys (routed by their slot), followed on the same connection by
+    /// `WAIT` when `durable` and [`RedisOptions::min_replicas`] ask for it. A node that does not
+    /// know the script gets it with `EVAL`, on the node that answered `NOSCRIPT` (the same slot).
+    ///
+    /// The reply, and how many replicas acknowledged (None when no `WAIT` was sent). One pipeline
+    /// keeps the `WAIT` on the connection the write went through: `WAIT` counts the replicas that
+    /// have everything *this connection* wrote, and a fresh connection has written nothing.
+    async fn run_script(
+        &self,
+        script: &Script,
+        code: &str,
+        keys: &[String],
+        args: &[Vec<u8>],
+        durable: bool,
+    ) -> StateResult<(Value, Option<i64>)> {
+        let wait = (durable && self.inner.options.min_replicas > 0).then_some(self.inner.options.min_replicas);
+        let mut conn = if wait.is_some() { self.writer() } else { self.inner.conn.clone() };
+        let mut load = false;
+        loop {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            if load {
+                pipe.add_command(script_cmd("EVAL", code.as_bytes(), keys, args));
+            } else {
+                pipe.add_command(script_cmd("EVALSHA", script.get_hash().as_bytes(), keys, args));
+            }
+            if let Some(n) = wait {
+                pipe.cmd("WAIT").arg(n).arg(self.inner.options.wait_timeout.as_millis().max(1) as u64);
+            }
+            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let acks = match (wait, replies.len()) {
+                (Some(_), 2) => match replies.pop() {
+                    Some(Value::Int(n)) => Some(n),
+                    Some(Value::ServerError(e)) => return Err(unavailable(e.into())),
+                    other => return Err(StateError::Backend(format!("WAIT answered {other:?}"))),
+                },
+                (None, 1) => None,
+                (_, n) => return Err(StateError::Backend(format!("expected one reply per command, got {n}"))),
+            };
+            match replies.pop() {
+                Some(Value::ServerError(e)) if !load && e.kind() == Some(ServerErrorKind::NoScript) => load = true,
+                Some(Value::ServerError(e)) => return Err(unavailable(e.into())),
+                Some(v) => return Ok((v, acks)),
+                None => return Err(StateError::Backend("no reply to a script".into())),
+            }
+        }
+    }
+
+    /// Checks the replicas acknowledged a write that answers a caller.
+    fn check_acks(&self, acks: Option<i64>) -> StateResult<()> {
+        match acks {
+            Some(n) if n < i64::from(self.inner.options.min_replicas) => {
+                tracing::warn!(
+                    acknowledged = n,
+                    wanted = self.inner.options.min_replicas,
+                    "redis replicas did not acknowledge a write in time"
+                );
+                Err(StateError::Unavailable(format!(
+                    "{n} of {} redis replicas acknowledged the write within {:?}; {OUTCOME_UNKNOWN}",
+                    self.inner.options.min_replicas, self.inner.options.wait_timeout
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs a write command followed by `WAIT` (when [`RedisOptions::min_replicas`] asks for it)
+    /// in one pipeline, and checks the acknowledgements.
+    async fn durable_query<T: redis::FromRedisValue>(&self, cmd: Cmd) -> StateResult<T> {
+        if self.inner.options.min_replicas == 0 {
+            return self.query(&cmd).await;
+        }
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd)
+            .cmd("WAIT")
+            .arg(self.inner.options.min_replicas)
+            .arg(self.inner.options.wait_timeout.as_millis().max(1) as u64);
+        let mut conn = self.writer();
+        let (value, acks): (T, i64) = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        self.check_acks(Some(acks))?;
+        Ok(value)
+    }
+
+    /// The next connection for a write followed by `WAIT` (round robin).
+    fn writer(&self) -> Conn {
+        let n = self.inner.next_writer.fetch_add(1, Ordering::Relaxed) as usize;
+        match self.inner.writers.len() {
+            0 => self.inner.conn.clone(),
+            len => self.inner.writers[n % len].clone(),
+        }
+    }
+
+    /// A fresh transaction id: unique per process (random part) and per commit (counter).
+    fn next_txn_id(&self) -> String {
+        let seq = self.inner.txn_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{:016x}{seq:x}", self.inner.txn_nonce)
+    }
+
+    /// Commits `txn` as transaction `id`. [`Backend::commit`] picks a fresh id per call; a second
+    /// commit with the same id (within [`RedisOptions::receipt_ttl`]) is what a re-send by the
+    /// client looks like to Redis: it changes nothing and answers what the first answered. Tools and
+    /// tests use this to replay a commit exactly.
+    pub async fn commit_as(&self, txn: &Txn, id: &str) -> Result<Committed, CommitError> {
+        if txn.guards.is_empty() && txn.ops.is_empty() {
+            return Ok(Committed::default());
+        }
+        txn.slot()?;
+        if txn.needs_linking() {
+            return Err(
+                StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
+            );
+        }
+        let mut keys: Vec<String> = txn.keys().into_iter().map(str::to_string).collect();
+        let index: HashMap<&str, usize> = txn.keys().into_iter().enumerate().map(|(i, k)| (k, i + 1)).collect();
+        let idx = |k: &str| index.get(k).copied().unwrap_or(0).to_string().into_bytes();
+        let receipt = receipt_key(&keys[0], id);
+        keys.push(receipt);
+        let mut args: Vec<Vec<u8>> = Vec::with_capacity(4 + 3 * txn.guards.len() + 4 * txn.ops.len());
+        let num = |n: u64| n.to_string().into_bytes();
+        let s = |x: &str| x.as_bytes().to_vec();
+        args.push(num(keys.len() as u64));
+        args.push(num(self.inner.options.receipt_ttl.as_millis().max(1) as u64));
+        args.push(num(txn.guards.len() as u64));
+        args.push(num(txn.ops.len() as u64));
+        for g in &txn.guards {
+            let (kind, key, n) = match g {
+                Guard::Version { key, version } => ("v", key, *version),
+                Guard::Fence { key, token } => ("f", key, *token),
+                Guard::Lease { key, token } => ("l", key, *token),
+            };
+            args.extend([s(kind), idx(key), num(n)]);
+        }
+        for op in &txn.ops {
+            match op {
+                Op::Put { key, data, ttl } => {
+                    let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0) as u64;
+                    args.extend([s("put"), idx(key), num(ttl_ms), data.clone()]);
+                }
+                Op::PutAt { key, version, data } => args.extend([s("putat"), idx(key), num(*version), data.clone()]),
+                Op::Delete { key } => args.extend([s("del"), idx(key)]),
+                Op::ZAdd { key, member, score } => {
+                    args.extend([s("zadd"), idx(key), s(&format_score(*score)), s(member)]);
+                }
+                Op::ZRem { key, member } => args.extend([s("zrem"), idx(key), s(member)]),
+                Op::ZUnionStore { key, sources, count_into } => {
+                    args.extend([s("zunion"), idx(key), num(sources.len() as u64)]);
+                    args.extend(sources.iter().map(|x| idx(x)));
+                    match count_into {
+                        Some((hash, field)) => args.extend([idx(hash), s(field)]),
+                        None => args.extend([s("0"), Vec::new()]),
+                    }
+                }
+                Op::HIncr { key, field, delta } => {
+                    args.extend([s("hincr"), idx(key), s(field), delta.to_string().into_bytes()]);
+                }
+                Op::HSet { key, field, value } => args.extend([s("hset"), idx(key), s(field), value.clone()]),
+                Op::HDel { key, field } => args.extend([s("hdel"), idx(key), s(field)]),
+                Op::SAdd { key, member } => args.extend([s("sadd"), idx(key), s(member)]),
+                Op::SRem { key, member } => args.extend([s("srem"), idx(key), s(member)]),
+                Op::XAdd { key, fields, max_len } => {
+                    args.extend([s("xadd"), idx(key), num(max_len.unwrap_or(0)), num(fields.len() as u64)]);
+                    for (f, v) in fields {
+                        args.extend([s(f), v.clone()]);
+                    }
+                }
+                Op::Audit { .. } => {}
+                Op::AuditLinked { chain, seq, prev, hash, entry } => args.extend([
+                    s("alink"),
+                    idx(&chain.stream),
+                    idx(&chain.head),
+                    num(*seq),
+                    s(prev),
+                    s(hash),
+                    entry.clone(),
+                ]),
+            }
+        }
+        let (reply, acks) = self.run_script(&self.inner.scripts.commit, COMMIT_LUA, &keys, &args, true).await?;
+        let mut parts = array_of(reply)?.into_iter();
+        let status = string_of(parts.next().unwrap_or(Value::Nil))?;
+        match status.as_str() {
+            "ok" | "dup" => {
+                if status == "dup" {
+                    tracing::debug!(txn = id, "a re-sent commit found its receipt; nothing applied twice");
+                }
+                // Only a commit that changed something waits for replicas: a re-sent one may be
+                // the first answer the caller sees, so it waits too.
+                self.check_acks(acks)?;
+                let mut committed = Committed::default();
+                let mut results = parts;
+                for op in &txn.ops {
+                    match op {
+                        Op::XAdd { .. } => {
+                            committed.stream_ids.push(string_of(results.next().unwrap_or(Value::Nil))?);
+                        }
+                        Op::AuditLinked { .. } => {
+                            let r = string_of(results.next().unwrap_or(Value::Nil))?;
+                            let (seq, hash) = r
+                                .split_once(':')
+                                .and_then(|(s, h)| Some((s.parse::<u64>().ok()?, h.to_string())))
+                                .ok_or_else(|| StateError::Backend(format!("bad audit result {r:?}")))?;
+                            committed.audit.push((seq, hash));
+                        }
+                        _ => {}
+                    }
+                }
+                Ok(committed)
+            }
+            "conflict" | "fenced" | "lease" => {
+                let key = string_of(parts.next().unwrap_or(Value::Nil))?;
+                Err(match status.as_str() {
+                    "conflict" => CommitError::Conflict { key },
+                    "fenced" => CommitError::Fenced { key },
+                    _ => CommitError::LeaseLost { key },
+                })
+            }
+            other => Err(StateError::Backend(format!("commit script answered {other:?}")).into()),
+        }
+    }
+
     /// Runs a blocking command on a connection of its own (taken from a small pool).
     async fn blocking_query(&self, cmd: &redis::Cmd, block: Duration) -> StateResult<Value> {
         let pooled = self.inner.blocking.lock().map_err(|_| StateError::Backend("poisoned pool".into()))?.pop();
         let mut conn = match pooled {
             Some(c) => c,
-            None => {
-                let cfg = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(self.inner.options.connect_timeout))
-                    .set_response_timeout(None);
-                self.inner.client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(unavailable)?
-            }
+            None => match &self.inner.source {
+                Source::Single(client) => {
+                    let cfg = AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(self.inner.options.connect_timeout))
+                        .set_response_timeout(None);
+                    Conn::Plain(client.get_multiplexed_async_connection_with_config(&cfg).await.map_err(unavailable)?)
+                }
+                Source::Cluster(client) => {
+                    let connect = client.get_async_connection();
+                    match tokio::time::timeout(self.inner.options.response_timeout, connect).await {
+                        Ok(conn) => Conn::Cluster(conn.map_err(unavailable)?),
+                        Err(_) => {
+                            return Err(StateError::Unavailable("no connection to the redis cluster in time".into()));
+                        }
+                    }
+                }
+            },
         };
         // The server answers a blocked read after `block` at the latest; anything much later means the
         // connection is gone.
@@ -192,10 +710,162 @@ impl RedisBackend {
             Err(_) => Err(StateError::Unavailable(format!("blocking read got no answer within {limit:?}"))),
         }
     }
+
+    /// The masters serving slots, as a node of the cluster sees them (`CLUSTER SLOTS`): address and
+    /// slot ranges, ordered by their first slot.
+    async fn cluster_masters(c: &ClusterConnection) -> StateResult<Vec<MasterNode>> {
+        let mut c = c.clone();
+        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await.map_err(unavailable)?;
+        let mut masters: Vec<MasterNode> = Vec::new();
+        for range in array_of(slots)? {
+            let mut it = array_of(range)?.into_iter();
+            let (Some(Value::Int(lo)), Some(Value::Int(hi)), Some(master)) = (it.next(), it.next(), it.next()) else {
+                continue;
+            };
+            let mut m = array_of(master)?.into_iter();
+            let (Some(host), Some(Value::Int(port))) = (m.next(), m.next()) else { continue };
+            let (host, port) = (string_of(host)?, u16::try_from(port).unwrap_or(0));
+            let range = (u16::try_from(lo).unwrap_or(0), u16::try_from(hi).unwrap_or(0));
+            match masters.iter_mut().find(|m| m.host == host && m.port == port) {
+                Some(m) => m.slots.push(range),
+                None => masters.push(MasterNode { host, port, slots: vec![range] }),
+            }
+        }
+        for m in &mut masters {
+            m.slots.sort_unstable();
+        }
+        masters.sort_by(|a, b| a.slots.first().cmp(&b.slots.first()));
+        Ok(masters)
+    }
+
+    /// Sends `cmd` to each master serving slots, on its own connection: no fallback to one of its
+    /// replicas (which the client does for ordinary commands while a master is unreachable).
+    async fn on_each_master(
+        &self,
+        c: &ClusterConnection,
+        cmd: &Cmd,
+    ) -> StateResult<Vec<(String, Vec<(u16, u16)>, Value)>> {
+        let mut out = Vec::new();
+        for MasterNode { host, port, slots: ranges } in Self::cluster_masters(c).await? {
+            let mut conn = c.clone();
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
+            let v = conn.route_command(cmd.clone(), routing).await.map_err(|e| match unavailable(e) {
+                StateError::Unavailable(m) => StateError::Unavailable(format!("redis master {host}:{port}: {m}")),
+                other => other,
+            })?;
+            if let Value::ServerError(e) = v {
+                return Err(unavailable(e.into()));
+            }
+            out.push((format!("{host}:{port}"), ranges, v));
+        }
+        Ok(out)
+    }
+
+    /// How many keys each master holds and which slots it serves: shows whether partitioned state
+    /// spreads over a cluster's masters. A single Redis is one master serving every slot. Counts
+    /// include commit receipts (see [`RedisOptions::receipt_ttl`]).
+    pub async fn master_key_counts(&self) -> StateResult<Vec<MasterKeys>> {
+        match &self.inner.conn {
+            Conn::Cluster(c) => {
+                let mut out = Vec::new();
+                for (addr, slots, v) in self.on_each_master(c, &redis::cmd("DBSIZE")).await? {
+                    let keys: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
+                    out.push(MasterKeys { addr, slots, keys });
+                }
+                Ok(out)
+            }
+            _ => {
+                let keys: u64 = self.query(&redis::cmd("DBSIZE")).await?;
+                Ok(vec![MasterKeys { addr: self.inner.single_addr.clone(), slots: vec![(0, 16383)], keys }])
+            }
+        }
+    }
 }
 
-/// `redis://user:secret@host` → `redis://user:***@host`, so passwords never reach the logs.
+/// A master serving slots, from `CLUSTER SLOTS`.
+struct MasterNode {
+    host: String,
+    port: u16,
+    slots: Vec<(u16, u16)>,
+}
+
+/// Connections (per node) that carry writes followed by `WAIT`.
+const DURABLE_CONNECTIONS: usize = 4;
+
+/// A cluster client. With a `timeout`, every call (redirections and retries included) ends within
+/// it, as callers expect; without, only each attempt is bounded (by a day: for blocking reads).
+fn cluster_client(
+    seeds: &[ConnectionInfo],
+    options: &RedisOptions,
+    certs: Option<redis::TlsCertificates>,
+    timeout: Option<Duration>,
+) -> StateResult<ClusterClient> {
+    let mut b = ClusterClientBuilder::new(seeds.to_vec())
+        .connection_timeout(options.connect_timeout)
+        .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+        // During a failover the old master refuses connections and the others answer MOVED or
+        // CLUSTERDOWN until the replica takes over: retry quickly, within the overall bound.
+        .retries(8)
+        .min_retry_wait(10)
+        .max_retry_wait(300);
+    b = match timeout {
+        Some(t) => b.response_timeout(t).overall_response_timeout(Some(t)),
+        None => b.response_timeout(Duration::from_secs(24 * 3600)).overall_response_timeout(None),
+    };
+    if let Some(user) = &options.username {
+        b = b.username(user);
+    }
+    if let Some(password) = &options.password {
+        b = b.password(password);
+    }
+    if let Some(certs) = certs {
+        b = b.certs(certs);
+    }
+    b.build().map_err(|e| StateError::Backend(format!("bad redis cluster configuration: {e}")))
+}
+
+/// Retries start-up connection attempts while Redis is unreachable (not when it refuses us).
+async fn retry_startup<T, F, Fut>(url: &str, options: &RedisOptions, mut connect: F) -> StateResult<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = redis::RedisResult<T>>,
+{
+    let started = tokio::time::Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match connect().await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => {
+                let refused = matches!(e.kind(), ErrorKind::AuthenticationFailed | ErrorKind::InvalidClientConfig)
+                    || e.code() == Some("WRONGPASS")
+                    || e.code() == Some("NOPERM")
+                    || e.code() == Some("NOAUTH");
+                if refused {
+                    return Err(StateError::Backend(format!(
+                        "redis at {} refused the connection: {e} (check the user and password)",
+                        redact(url)
+                    )));
+                }
+                let waited = started.elapsed();
+                if options.startup_retry_for.is_some_and(|limit| waited >= limit) {
+                    return Err(unavailable(e));
+                }
+                tracing::warn!(redis_url = %redact(url), error = %e, retry_in = ?delay,
+                    "redis is unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// `redis://user:secret@host` → `redis://user:***@host` (each of a comma-separated list), so
+/// passwords never reach the logs.
 pub(crate) fn redact(url: &str) -> String {
+    url.split(',').map(redact_one).collect::<Vec<_>>().join(",")
+}
+
+fn redact_one(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(scheme), Some(at)) if at > scheme => {
             let creds = &url[scheme + 3..at];
@@ -326,126 +996,28 @@ fn parse_scored(v: Value) -> StateResult<Vec<(String, f64)>> {
 }
 
 impl Backend for RedisBackend {
+    /// On a cluster, keys of several slots are read with one `MGET` per slot (the client splits the
+    /// call by slot and puts the answers back in order).
     async fn get(&self, keys: &[String]) -> StateResult<Vec<Option<Record>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let raw: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(keys)).await?;
+        if raw.len() != keys.len() {
+            return Err(StateError::Backend(format!("MGET of {} keys answered {}", keys.len(), raw.len())));
+        }
         raw.into_iter().zip(keys).map(|(r, k)| r.map(|bytes| parse_record(k, bytes)).transpose()).collect()
     }
 
     async fn commit(&self, txn: &Txn) -> Result<Committed, CommitError> {
-        if txn.guards.is_empty() && txn.ops.is_empty() {
-            return Ok(Committed::default());
-        }
-        txn.slot()?;
-        if txn.needs_linking() {
-            return Err(
-                StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
-            );
-        }
-        let keys = txn.keys();
-        let index: HashMap<&str, usize> = keys.iter().enumerate().map(|(i, k)| (*k, i + 1)).collect();
-        let idx = |k: &str| index.get(k).copied().unwrap_or(0).to_string();
-        let mut inv = self.inner.scripts.commit.prepare_invoke();
-        for k in &keys {
-            inv.key(*k);
-        }
-        inv.arg(txn.guards.len()).arg(txn.ops.len());
-        for g in &txn.guards {
-            match g {
-                Guard::Version { key, version } => inv.arg("v").arg(idx(key)).arg(*version),
-                Guard::Fence { key, token } => inv.arg("f").arg(idx(key)).arg(*token),
-                Guard::Lease { key, token } => inv.arg("l").arg(idx(key)).arg(*token),
-            };
-        }
-        for op in &txn.ops {
-            match op {
-                Op::Put { key, data, ttl } => {
-                    let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0);
-                    inv.arg("put").arg(idx(key)).arg(ttl_ms.to_string()).arg(data.as_slice())
-                }
-                Op::PutAt { key, version, data } => inv.arg("putat").arg(idx(key)).arg(*version).arg(data.as_slice()),
-                Op::Delete { key } => inv.arg("del").arg(idx(key)),
-                Op::ZAdd { key, member, score } => {
-                    inv.arg("zadd").arg(idx(key)).arg(format_score(*score)).arg(member.as_str())
-                }
-                Op::ZRem { key, member } => inv.arg("zrem").arg(idx(key)).arg(member.as_str()),
-                Op::ZUnionStore { key, sources, count_into } => {
-                    inv.arg("zunion").arg(idx(key)).arg(sources.len());
-                    for s in sources {
-                        inv.arg(idx(s));
-                    }
-                    match count_into {
-                        Some((hash, field)) => inv.arg(idx(hash)).arg(field.as_str()),
-                        None => inv.arg("0").arg(""),
-                    }
-                }
-                Op::HIncr { key, field, delta } => inv.arg("hincr").arg(idx(key)).arg(field.as_str()).arg(*delta),
-                Op::HSet { key, field, value } => {
-                    inv.arg("hset").arg(idx(key)).arg(field.as_str()).arg(value.as_slice())
-                }
-                Op::HDel { key, field } => inv.arg("hdel").arg(idx(key)).arg(field.as_str()),
-                Op::SAdd { key, member } => inv.arg("sadd").arg(idx(key)).arg(member.as_str()),
-                Op::SRem { key, member } => inv.arg("srem").arg(idx(key)).arg(member.as_str()),
-                Op::XAdd { key, fields, max_len } => {
-                    inv.arg("xadd").arg(idx(key)).arg(max_len.unwrap_or(0)).arg(fields.len());
-                    for (f, v) in fields {
-                        inv.arg(f.as_str()).arg(v.as_slice());
-                    }
-                    &mut inv
-                }
-                Op::Audit { .. } => &mut inv,
-                Op::AuditLinked { chain, seq, prev, hash, entry } => inv
-                    .arg("alink")
-                    .arg(idx(&chain.stream))
-                    .arg(idx(&chain.head))
-                    .arg(*seq)
-                    .arg(prev.as_str())
-                    .arg(hash.as_str())
-                    .arg(entry.as_slice()),
-            };
-        }
-        let mut conn = self.inner.conn.clone();
-        let reply: Value = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        let mut parts = array_of(reply)?.into_iter();
-        let status = string_of(parts.next().unwrap_or(Value::Nil))?;
-        match status.as_str() {
-            "ok" => {
-                let mut committed = Committed::default();
-                let mut results = parts;
-                for op in &txn.ops {
-                    match op {
-                        Op::XAdd { .. } => {
-                            committed.stream_ids.push(string_of(results.next().unwrap_or(Value::Nil))?);
-                        }
-                        Op::AuditLinked { .. } => {
-                            let r = string_of(results.next().unwrap_or(Value::Nil))?;
-                            let (seq, hash) = r
-                                .split_once(':')
-                                .and_then(|(s, h)| Some((s.parse::<u64>().ok()?, h.to_string())))
-                                .ok_or_else(|| StateError::Backend(format!("bad audit result {r:?}")))?;
-                            committed.audit.push((seq, hash));
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(committed)
-            }
-            "conflict" | "fenced" | "lease" => {
-                let key = string_of(parts.next().unwrap_or(Value::Nil))?;
-                Err(match status.as_str() {
-                    "conflict" => CommitError::Conflict { key },
-                    "fenced" => CommitError::Fenced { key },
-                    _ => CommitError::LeaseLost { key },
-                })
-            }
-            other => Err(StateError::Backend(format!("commit script answered {other:?}")).into()),
-        }
+        let id = self.next_txn_id();
+        self.commit_as(txn, &id).await
     }
 
+    /// Durable like a commit (an id handed out must never be handed out again after a failover);
+    /// a re-sent `INCRBY` may skip a number, never repeat one.
     async fn incr(&self, key: &str, by: u64) -> StateResult<u64> {
-        self.query(redis::cmd("INCRBY").arg(key).arg(by)).await
+        self.durable_query(redis::cmd("INCRBY").arg(key).arg(by).to_owned()).await
     }
 
     async fn zrange(&self, key: &str, start: i64, stop: i64, rev: bool) -> StateResult<Vec<(String, f64)>> {
@@ -639,52 +1211,75 @@ impl Backend for RedisBackend {
         parse_read_reply(self.blocking_query(&cmd, block).await?)
     }
 
+    /// Durable like a commit: a fencing token handed out must never be handed out again. A re-sent
+    /// acquire that already applied finds the lease taken and answers None (nobody holds it twice).
     async fn lease_acquire(&self, key: &str, fence_counter: &str, ttl: Duration) -> StateResult<Option<u64>> {
-        let mut conn = self.inner.conn.clone();
-        let token: u64 = self
-            .inner
-            .scripts
-            .lease_acquire
-            .key(key)
-            .key(fence_counter)
-            .arg(ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let keys = [key.to_string(), fence_counter.to_string()];
+        let args = [ttl.as_millis().max(1).to_string().into_bytes()];
+        let (v, acks) =
+            self.run_script(&self.inner.scripts.lease_acquire, LEASE_ACQUIRE_LUA, &keys, &args, true).await?;
+        let token: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
+        if token > 0 {
+            self.check_acks(acks)?;
+        }
         Ok((token > 0).then_some(token))
     }
 
     async fn lease_renew(&self, key: &str, token: u64, ttl: Duration) -> StateResult<bool> {
-        let mut conn = self.inner.conn.clone();
-        let ok: u64 = self
-            .inner
-            .scripts
-            .lease_renew
-            .key(key)
-            .arg(token)
-            .arg(ttl.as_millis().max(1) as u64)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let keys = [key.to_string()];
+        let args = [token.to_string().into_bytes(), ttl.as_millis().max(1).to_string().into_bytes()];
+        let (v, _) = self.run_script(&self.inner.scripts.lease_renew, LEASE_RENEW_LUA, &keys, &args, false).await?;
+        let ok: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
         Ok(ok == 1)
     }
 
     async fn lease_release(&self, key: &str, token: u64) -> StateResult<bool> {
-        let mut conn = self.inner.conn.clone();
-        let ok: u64 =
-            self.inner.scripts.lease_release.key(key).arg(token).invoke_async(&mut conn).await.map_err(unavailable)?;
+        let keys = [key.to_string()];
+        let args = [token.to_string().into_bytes()];
+        let (v, _) = self.run_script(&self.inner.scripts.lease_release, LEASE_RELEASE_LUA, &keys, &args, false).await?;
+        let ok: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
         Ok(ok == 1)
     }
 
+    /// On a cluster, healthy means every master serving slots answers on its own connection and
+    /// the cluster serves every slot (`cluster_state:ok`): while a master is down and before its
+    /// replica takes over, a share of the keys can't be written, and health says so.
     async fn ping(&self) -> StateResult<()> {
-        let _: String = self.query(&redis::cmd("PING")).await?;
-        Ok(())
+        match &self.inner.conn {
+            Conn::Cluster(c) => {
+                self.on_each_master(c, &redis::cmd("PING")).await?;
+                let mut c = c.clone();
+                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.map_err(unavailable)?;
+                if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
+                    return Err(StateError::Unavailable("the redis cluster is not serving every slot".into()));
+                }
+                Ok(())
+            }
+            _ => {
+                let _: String = self.query(&redis::cmd("PING")).await?;
+                Ok(())
+            }
+        }
     }
 
+    /// On a cluster, `used_memory` is the sum over the masters.
     async fn info(&self) -> StateResult<BackendInfo> {
-        let text: String = self.query(redis::cmd("INFO").arg("memory")).await?;
-        let used_memory = text.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok());
-        Ok(BackendInfo { used_memory })
+        let used = |text: &str| -> Option<u64> {
+            text.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok())
+        };
+        match &self.inner.conn {
+            Conn::Cluster(c) => {
+                let mut total = 0;
+                for (_, _, text) in self.on_each_master(c, redis::cmd("INFO").arg("memory")).await? {
+                    total += used(&string_of(text)?).unwrap_or(0);
+                }
+                Ok(BackendInfo { used_memory: Some(total) })
+            }
+            _ => {
+                let text: String = self.query(redis::cmd("INFO").arg("memory")).await?;
+                Ok(BackendInfo { used_memory: used(&text) })
+            }
+        }
     }
 }
 
@@ -713,6 +1308,47 @@ mod tests {
         }
         let e = RedisError::from((ErrorKind::Server(ServerErrorKind::ResponseError), "bad"));
         assert!(matches!(unavailable(e), StateError::Backend(_)));
+    }
+
+    #[test]
+    fn a_failover_in_progress_is_unavailable_and_bad_credentials_are_not() {
+        for kind in [ServerErrorKind::ReadOnly, ServerErrorKind::Moved, ServerErrorKind::Ask] {
+            let e = RedisError::from((ErrorKind::Server(kind), "redirect"));
+            assert!(matches!(unavailable(e), StateError::Unavailable(_)), "{kind:?}");
+        }
+        let e = RedisError::from((ErrorKind::ClusterConnectionNotFound, "no connection to the slot's node"));
+        assert!(matches!(unavailable(e), StateError::Unavailable(_)));
+        let e = RedisError::from(std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused"));
+        assert!(matches!(unavailable(e), StateError::Unavailable(_)));
+        let e = RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS"));
+        assert!(matches!(unavailable(e), StateError::Backend(m) if m.contains("credentials")));
+    }
+
+    #[test]
+    fn receipts_share_their_transactions_slot_and_no_service_key() {
+        let unit = crate::Space::new("ord").partition("H200");
+        let key = unit.key(["order", "o-1"]);
+        let receipt = receipt_key(&key, "abc1");
+        assert_eq!(receipt, "{ord:H200}:%txn:abc1");
+        assert_eq!(crate::key_slot(&receipt), unit.slot());
+        // Escaped parts never hold a bare `%`, so no key a Space builds can be a receipt.
+        let mut escaped = String::new();
+        crate::escape_part("%txn", &mut escaped);
+        assert_ne!(escaped, "%txn");
+        // Keys without a hash tag get a receipt in their own slot all the same.
+        for k in ["plain", "foo{}{bar}", "x{", "}{"] {
+            let r = receipt_key(k, "id");
+            assert_eq!(crate::key_slot(&r), crate::key_slot(k), "{k} -> {r}");
+        }
+        assert_eq!(hash_tag("{a:b}:c"), Some("a:b"));
+        assert_eq!(hash_tag("foo{}{bar}"), None);
+    }
+
+    #[test]
+    fn options_never_print_the_password() {
+        let o = RedisOptions { password: Some("hunter2".into()), ..RedisOptions::default() };
+        assert!(!format!("{o:?}").contains("hunter2"));
+        assert_eq!(redact("redis://a:pw1@h1:1,redis://a:pw2@h2:2"), "redis://a:***@h1:1,redis://a:***@h2:2");
     }
 
     #[test]

@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use chipgate_orders::keys as okeys;
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
@@ -99,10 +100,11 @@ pub async fn wait_quiet(store: &Store, orders: &mut crate::OrdersClient, within:
     let deadline = Instant::now() + within;
     let mut last: Option<Vec<(String, i32, u64, usize)>> = None;
     while Instant::now() < deadline {
-        let products = store.smembers("{ord}:products").await.expect("products");
-        let mut busy = !store.smembers("{ord}:cleanup").await.expect("cleanup").is_empty();
+        let products = store.smembers(&okeys::products()).await.expect("products");
+        let mut busy = false;
         for p in &products {
-            busy |= !store.hgetall(&format!("{{ord}}:dirty:{p}")).await.expect("dirty").is_empty();
+            busy |= !store.smembers(&okeys::cleanup(p)).await.expect("cleanup").is_empty();
+            busy |= !store.hgetall(&okeys::dirty(p)).await.expect("dirty").is_empty();
         }
         let now: Vec<(String, i32, u64, usize)> = all_orders(orders)
             .await
@@ -311,7 +313,8 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
     }
 
     // Audit.
-    let audit = c.licensing.verify_audit_log(lpb::VerifyAuditLogRequest {}).await.expect("VerifyAuditLog").into_inner();
+    let audit =
+        c.licensing.verify_audit_log(lpb::VerifyAuditLogRequest::default()).await.expect("VerifyAuditLog").into_inner();
     if !audit.valid {
         v.push(format!("audit log does not verify at entry {}: {}", audit.first_bad_sequence, audit.problem));
     }
@@ -470,16 +473,17 @@ pub async fn check_ledger(c: &mut Clients, store: &Store, ledger: &Ledger) -> Re
         }
     }
 
-    let products = store.smembers("{ord}:products").await.expect("products");
+    let products = store.smembers(&okeys::products()).await.expect("products");
+    let mut owed = Vec::new();
     for p in &products {
-        for (kind, key) in [("dirty", format!("{{ord}}:dirty:{p}")), ("unfinished", format!("{{ord}}:working:{p}"))] {
+        owed.extend(store.smembers(&okeys::cleanup(p)).await.expect("cleanup"));
+        for (kind, key) in [("dirty", okeys::dirty(p)), ("unfinished", okeys::working(p))] {
             let marks = store.hgetall(&key).await.expect("marks");
             if !marks.is_empty() {
                 v.push(format!("{p}: {} {kind} marks left behind", marks.len()));
             }
         }
     }
-    let owed = store.smembers("{ord}:cleanup").await.expect("cleanup");
     if !owed.is_empty() {
         v.push(format!("{} orders still owe releases: {owed:?}", owed.len()));
     }
@@ -511,8 +515,8 @@ pub async fn wait_settled(store: &Store, orders: &mut crate::OrdersClient, withi
             return false;
         }
         let mut busy = false;
-        for p in store.smembers("{ord}:products").await.expect("products") {
-            busy |= !store.hgetall(&format!("{{ord}}:working:{p}")).await.expect("working").is_empty();
+        for p in store.smembers(&okeys::products()).await.expect("products") {
+            busy |= !store.hgetall(&okeys::working(&p)).await.expect("working").is_empty();
         }
         for stream in &event_streams(store).await {
             // A product's stream the orders consumers haven't found yet has no group: busy.

@@ -1,5 +1,5 @@
 //! The test harness: boots chipgate services in process, each on its own loopback port 0 listener,
-//! against a private real `redis-server` (or the in-memory backend), and hands back typed gRPC
+//! against a private real `redis-server` (or Redis Cluster, or the in-memory backend), and hands back typed gRPC
 //! clients. The cross-service suite, the CLI tests and the benchmarks use it; everything talks real
 //! gRPC over real sockets.
 
@@ -17,7 +17,7 @@ use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceCli
 use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_runtime::server::{Running, ServerConfig};
 use chipgate_runtime::{Shutdown, serve};
-use chipgate_state::testing::RedisServer;
+use chipgate_state::testing::{RedisCluster, RedisDeployment, RedisServer};
 use chipgate_state::{Backend, Store};
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
@@ -36,8 +36,23 @@ pub type OrdersClient = OrderServiceClient<Parties>;
 pub enum BackendKind {
     /// A private real redis-server (what the tests that matter use).
     Redis,
+    /// A private real Redis Cluster: 3 masters and 3 replicas, every write waiting for a replica
+    /// (`min_replicas` 1), as operators run it.
+    RedisCluster,
     /// The in-memory backend.
     Memory,
+}
+
+impl BackendKind {
+    /// The Redis the harness starts unless a test asks for another backend: a Redis Cluster when
+    /// `CHIPGATE_TEST_REDIS=cluster` (how CI runs the cross-service suite on a cluster), else a
+    /// single redis-server.
+    pub fn default_redis() -> Self {
+        match std::env::var("CHIPGATE_TEST_REDIS").as_deref() {
+            Ok("cluster") => BackendKind::RedisCluster,
+            _ => BackendKind::Redis,
+        }
+    }
 }
 
 /// The catalogue every harness cluster starts with (the repository's `data/catalogue.json`).
@@ -62,19 +77,24 @@ pub struct ClusterOptions {
     /// table, orders calls its peers with a `service` token. The clients the harness hands out act
     /// as whichever party each call needs ([`Parties`]); [`Cluster::token`] and
     /// [`Cluster::authed`] make clients of one party. Only tests about running without
-    /// authentication turn it off.
+    /// authentication turn it off. With it, licensing also signs audit checkpoints with a key of its
+    /// own ([`Cluster::audit_key`]), as an operator runs it; without it, checkpoints are unsigned.
     pub auth: bool,
+    /// How often licensing takes a periodic audit checkpoint (logs and metrics); None: never (the
+    /// RPCs still take them on demand).
+    pub audit_checkpoint_every: Option<Duration>,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
         ClusterOptions {
-            backend: BackendKind::Redis,
+            backend: BackendKind::default_redis(),
             server: ServerConfig { health_interval: Duration::from_millis(100), ..ServerConfig::default() },
             inventory: chipgate_inventory::Options { sweep_interval: Duration::from_millis(50) },
             orders: chipgate_orders::Options { tick: Duration::from_millis(50), ..chipgate_orders::Options::default() },
             orders_in_process: true,
             auth: true,
+            audit_checkpoint_every: None,
         }
     }
 }
@@ -119,8 +139,8 @@ impl Drop for ServiceHandle {
 
 /// A running set of services sharing one state backend.
 pub struct Cluster {
-    /// The private redis-server, when the backend is Redis.
-    pub redis: Option<RedisServer>,
+    /// The private redis-server or Redis Cluster, when the backend is Redis.
+    pub redis: Option<RedisDeployment>,
     /// The state backend every service uses.
     pub store: Store,
     /// The licensing service.
@@ -134,9 +154,16 @@ pub struct Cluster {
     /// The key tokens are signed with, when authentication is on.
     pub signer: Option<chipgate_runtime::auth::Signer>,
     /// Where the public key (and the signing key) are written, when authentication is on (for
-    /// binaries started against this cluster).
+    /// binaries started against this cluster); the audit key is there too, as
+    /// [`AUDIT_SIGNING_KEY_FILE`].
     pub auth_dir: Option<tempfile::TempDir>,
+    /// The key licensing signs audit checkpoints with (a different key from the token key), when
+    /// authentication is on.
+    pub audit_key: Option<chipgate_runtime::auth::Signer>,
 }
+
+/// The file (in an auth directory) holding licensing's audit signing key.
+pub const AUDIT_SIGNING_KEY_FILE: &str = "audit-signing.pem";
 
 /// Starts a server for `spec` on a fresh loopback port; it stops when `shutdown` triggers.
 ///
@@ -200,7 +227,19 @@ impl Cluster {
             BackendKind::Redis => {
                 let server = RedisServer::start();
                 let store = server.store().await;
-                (Some(server), store)
+                (Some(RedisDeployment::Single(server)), store)
+            }
+            BackendKind::RedisCluster => {
+                let cluster = tokio::task::spawn_blocking(RedisCluster::start).await.expect("start a redis cluster");
+                // A generous WAIT timeout: tests check what is acknowledged, and a whole suite of
+                // clusters shares two cores (a starved replica must not fail an unrelated test).
+                let options = chipgate_state::RedisOptions {
+                    min_replicas: 1,
+                    wait_timeout: Duration::from_secs(2),
+                    ..cluster.redis_options()
+                };
+                let store = Store::Redis(cluster.backend_with(options).await);
+                (Some(RedisDeployment::Cluster(cluster)), store)
             }
             BackendKind::Memory => (None, Store::memory()),
         };
@@ -217,6 +256,15 @@ impl Cluster {
         } else {
             (None, None)
         };
+        let audit_key = match &auth_dir {
+            Some(dir) => {
+                let key = chipgate_runtime::auth::Signer::generate().expect("an audit key");
+                std::fs::write(dir.path().join(AUDIT_SIGNING_KEY_FILE), key.private_pem())
+                    .expect("write the audit key");
+                Some(key)
+            }
+            None => None,
+        };
         let service_tokens = match &signer {
             Some(s) => chipgate_runtime::auth::TokenSource::minted(
                 s.clone(),
@@ -226,9 +274,13 @@ impl Cluster {
             ),
             None => chipgate_runtime::auth::TokenSource::None,
         };
-        let lic = chipgate_licensing::Licensing::new(store.clone());
+        let lic = chipgate_licensing::Licensing::with_audit_key(store.clone(), audit_key.clone());
+        let lic_shutdown = Shutdown::new();
+        if let Some(every) = options.audit_checkpoint_every {
+            lic.spawn_audit_checkpoints(every, lic_shutdown.clone());
+        }
         let licensing =
-            start_service(store.clone(), options.server.clone(), Shutdown::new(), |c| chipgate_licensing::spec(lic, c))
+            start_service(store.clone(), options.server.clone(), lic_shutdown, |c| chipgate_licensing::spec(lic, c))
                 .await;
         let inv_shutdown = Shutdown::new();
         let inv = chipgate_inventory::Inventory::start(store.clone(), inv_shutdown.clone(), options.inventory.clone());
@@ -257,7 +309,7 @@ impl Cluster {
         } else {
             (None, None)
         };
-        Cluster { redis, store, licensing, inventory, orders, orders_service, signer, auth_dir }
+        Cluster { redis, store, licensing, inventory, orders, orders_service, signer, auth_dir, audit_key }
     }
 
     /// A token for a non-buyer `role`, valid for an hour.
@@ -388,8 +440,8 @@ impl OrdersProcess {
         let port = free_port();
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut cmd = std::process::Command::new(binary("chipgate-orders"));
+        cmd.envs(redis.env());
         cmd.env("CHIPGATE_LISTEN", addr.to_string())
-            .env("REDIS_URL", redis.url())
             .env("CHIPGATE_LICENSING_URL", cluster.licensing.url())
             .env("CHIPGATE_INVENTORY_URL", cluster.inventory.url())
             .env("CHIPGATE_LOG_FORMAT", "json")

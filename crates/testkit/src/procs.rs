@@ -1,4 +1,4 @@
-//! A cluster of real processes for the fault tests: a private `redis-server` with AOF persistence and
+//! A cluster of real processes for the fault tests: a private `redis-server` (or Redis Cluster) with AOF persistence and
 //! the three service binaries (`chipgate-licensing`, `chipgate-inventory`, one or more
 //! `chipgate-orders` replicas), each on a fixed loopback port so that it can be killed with SIGKILL,
 //! paused with SIGSTOP and started again where its clients expect it.
@@ -17,7 +17,9 @@ use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceCli
 use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
 use chipgate_runtime::auth::{Role, Signer};
 use chipgate_state::Store;
-use chipgate_state::testing::{RedisServer, ServerOptions};
+use chipgate_state::testing::{
+    ClusterOptions as RedisClusterOptions, RedisCluster, RedisDeployment, RedisServer, ServerOptions,
+};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -118,6 +120,7 @@ impl ServiceProcess {
             .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
             .env_remove("CHIPGATE_SERVICE_TOKEN_FILE")
             .env_remove("CHIPGATE_SERVICE_SIGNING_KEY")
+            .env_remove("CHIPGATE_AUDIT_SIGNING_KEY_FILE")
             .args(&self.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
@@ -211,11 +214,15 @@ pub struct ProcessOptions {
     /// cluster's public key and orders sends the `service` token from a file; clients act as
     /// whichever party each call needs ([`Parties`]).
     pub auth: bool,
+    /// Where the state lives: a single redis-server or a Redis Cluster (the services then run with
+    /// `--redis-cluster`, and wait for a replica per write as the flag's default says).
+    pub backend: crate::BackendKind,
 }
 
 impl Default for ProcessOptions {
     fn default() -> Self {
         ProcessOptions {
+            backend: crate::BackendKind::default_redis(),
             orders_replicas: 1,
             orders_env: Vec::new(),
             redis_timeout: Duration::from_millis(1500),
@@ -226,8 +233,8 @@ impl Default for ProcessOptions {
 
 /// Redis with AOF and the three services, each its own process on loopback.
 pub struct ProcessCluster {
-    /// The private redis-server (AOF on, `appendfsync always`).
-    pub redis: RedisServer,
+    /// The private redis-server or Redis Cluster (AOF on, `appendfsync always`).
+    pub redis: RedisDeployment,
     /// A store on that Redis for the test itself (reads for the checker, tampering).
     pub store: Store,
     /// The licensing service.
@@ -248,24 +255,43 @@ impl ProcessCluster {
     /// When a binary is missing (`cargo build --workspace --bins`) or something does not come up.
     pub async fn start(options: ProcessOptions) -> Self {
         chipgate_runtime::telemetry::init_for_tests();
-        let redis = RedisServer::start_with(ServerOptions { append_only: true });
+        let redis = match options.backend {
+            crate::BackendKind::RedisCluster => {
+                let options = RedisClusterOptions { append_only: true, ..RedisClusterOptions::default() };
+                RedisDeployment::Cluster(
+                    tokio::task::spawn_blocking(move || RedisCluster::start_with(options))
+                        .await
+                        .expect("start a redis cluster"),
+                )
+            }
+            _ => RedisDeployment::Single(RedisServer::start_with(ServerOptions {
+                append_only: true,
+                ..ServerOptions::default()
+            })),
+        };
         let store = redis.store().await;
         let dir = tempfile::Builder::new().prefix("chipgate-faults").tempdir().expect("temp dir");
         let logs = dir.path().to_path_buf();
         let catalogue = logs.join("catalogue.json");
         std::fs::write(&catalogue, DEFAULT_CATALOGUE).expect("write catalogue");
-        let mut common = vec![
-            ("REDIS_URL".to_string(), redis.url()),
+        let mut common = redis.env();
+        common.extend([
             ("CHIPGATE_REDIS_TIMEOUT".to_string(), format!("{}ms", options.redis_timeout.as_millis())),
             ("CHIPGATE_SHUTDOWN_GRACE".to_string(), "1s".to_string()),
-        ];
+        ]);
         let mut orders_auth = Vec::new();
+        let mut licensing_env = Vec::new();
         let signer = if options.auth {
             let signer = Signer::generate().expect("a signing key");
             let public = logs.join("public.pem");
             std::fs::write(&public, signer.public_pem()).expect("write the public key");
             crate::write_service_token(&signer, &logs);
             common.push(("CHIPGATE_AUTH_PUBLIC_KEY".into(), public.display().to_string()));
+            // Licensing refuses to start without its audit key when authentication is on.
+            let audit = logs.join(crate::AUDIT_SIGNING_KEY_FILE);
+            let audit_key = Signer::generate().expect("an audit key");
+            std::fs::write(&audit, audit_key.private_pem()).expect("write the audit key");
+            licensing_env.push(("CHIPGATE_AUDIT_SIGNING_KEY_FILE".into(), audit.display().to_string()));
             orders_auth.push((
                 "CHIPGATE_SERVICE_TOKEN_FILE".into(),
                 logs.join(crate::SERVICE_TOKEN_FILE).display().to_string(),
@@ -275,7 +301,12 @@ impl ProcessCluster {
             common.push(("CHIPGATE_INSECURE_NO_AUTH".into(), "true".into()));
             None
         };
-        let mut licensing = ServiceProcess::new("chipgate-licensing", common.clone(), Vec::new(), logs.clone());
+        let mut licensing = ServiceProcess::new(
+            "chipgate-licensing",
+            common.iter().cloned().chain(licensing_env).collect(),
+            Vec::new(),
+            logs.clone(),
+        );
         let mut inventory = ServiceProcess::new(
             "chipgate-inventory",
             common.clone(),

@@ -73,7 +73,7 @@ pub fn parse(text: &str) -> Result<Scrape, Error> {
         if line.starts_with('#') {
             continue;
         }
-        let (series, value) = match line.find('}') {
+        let (series, value) = match labels_end(line) {
             Some(close) => (&line[..=close], line[close + 1..].trim()),
             None => line.split_once(' ').ok_or_else(|| format!("no value: {line}"))?,
         };
@@ -86,11 +86,31 @@ pub fn parse(text: &str) -> Result<Scrape, Error> {
         };
         let (name, labels) = match series.split_once('{') {
             None => (series.to_string(), BTreeMap::new()),
-            Some((n, rest)) => (n.to_string(), parse_labels(rest.trim_end_matches('}'))?),
+            Some((n, rest)) => (n.to_string(), parse_labels(rest.strip_suffix('}').unwrap_or(rest))?),
         };
         out.samples.push(Sample { name, labels, value });
     }
     Ok(out)
+}
+
+/// Where the label set of a sample line ends: the first `}` outside a quoted label value (values
+/// may hold braces, e.g. `chain="{lic}:audit"`), or None when the series has no labels.
+fn labels_end(line: &str) -> Option<usize> {
+    let open = line.find(['{', ' '])?;
+    if line.as_bytes()[open] != b'{' {
+        return None;
+    }
+    let (mut quoted, mut escaped) = (false, false);
+    for (i, c) in line.char_indices().skip(open + 1) {
+        match c {
+            _ if escaped => escaped = false,
+            '\\' if quoted => escaped = true,
+            '"' => quoted = !quoted,
+            '}' if !quoted => return Some(i),
+            _ => {}
+        }
+    }
+    None
 }
 
 fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, Error> {
@@ -175,5 +195,9 @@ mod tests {
         assert_eq!(s.get("a_total", &[("x", "2")]), None);
         assert!(s.has_family("a"));
         assert!(parse("garbage{").is_err());
+        // Braces inside a label value (audit chain names are Redis keys with a hash tag).
+        let s = parse("g{chain=\"{lic}:audit\",z=\"a}\"} 4\nh{a=\"1\"} 5 # {trace_id=\"x\"} 1\n").expect("parses");
+        assert_eq!(s.get("g", &[("chain", "{lic}:audit"), ("z", "a}")]), Some(4.0));
+        assert_eq!(s.get("h", &[("a", "1")]), Some(5.0), "an exemplar after the value is not the label set");
     }
 }

@@ -335,10 +335,8 @@ impl Inventory {
             .run_txn(None, || async {
                 let now = now_ms();
                 let hkeys: Vec<String> = items.iter().map(|(o, _)| keys::hold(sku, o)).collect();
-                let (existing, mut stock) = tokio::try_join!(
-                    self.load_many::<HoldRecord>(&hkeys),
-                    self.load::<StockRecord>(keys::stock(sku))
-                )?;
+                let (existing, mut stock) =
+                    tokio::try_join!(self.load_many::<HoldRecord>(&hkeys), self.load::<StockRecord>(keys::stock(sku)))?;
                 let mut t = Txn::new();
                 let mut out = Vec::with_capacity(items.len());
                 let mut freed: (u64, Vec<pb::Reservation>) = (0, Vec::new());

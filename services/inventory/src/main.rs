@@ -55,7 +55,16 @@ async fn main() -> std::process::ExitCode {
         None => None,
     };
     let shutdown = Shutdown::on_signals();
-    let store = match args.common.connect_store().await {
+    // A stop signal while Redis can't be reached yet ends the process at once (it would otherwise
+    // wait out the connection attempts, and a pod its whole termination grace period).
+    let connected = tokio::select! {
+        () = shutdown.wait() => {
+            tracing::info!("stopped before the configured redis could be reached");
+            return std::process::ExitCode::SUCCESS;
+        }
+        r = args.common.connect_store() => r,
+    };
+    let store = match connected {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "can't use the configured redis");

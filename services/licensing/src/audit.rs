@@ -1,18 +1,26 @@
-//! Reading and verifying the audit log.
+//! Reading and verifying the audit log, and its signed checkpoints.
 //!
 //! Each entry is stored with its sequence number, the previous entry's hash and its own hash, where
 //! `hash = SHA-256(prev_hash || SHA-256(entry))` was computed by the state backend inside the same
 //! atomic step that made the change. Verification recomputes every link from the stored entries, so
 //! an edited entry, a removed entry or a reordered log is found.
+//!
+//! That alone can't catch someone who writes Redis and re-links what follows an edit, or cuts the end
+//! off and moves the head back: the chain's only anchor is its head, in the same Redis. A checkpoint
+//! ([`crate::checkpoint`]) signed with a key outside Redis pins every chain's head; verification with
+//! a kept checkpoint checks that each chain still reaches the pinned hash at the pinned sequence.
 
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
 use chipgate_runtime::service::Records;
 use chipgate_runtime::validate;
-use chipgate_state::{AUDIT_GENESIS, Backend, StreamEntry, audit_link, sha256_hex};
+use chipgate_state::{AUDIT_GENESIS, AuditChain, Backend, StreamEntry, audit_link, sha256_hex};
 use prost::Message;
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
+use crate::checkpoint::{self, Defect};
 use crate::{Error, Licensing, keys};
 
 /// Entries read per round trip while scanning.
@@ -69,21 +77,127 @@ impl Licensing {
         }
     }
 
+    /// A checkpoint of every audit chain now, signed with the audit key when the service has one.
+    pub(crate) async fn audit_checkpoint(&self) -> Result<pb::AuditCheckpoint, Error> {
+        let chains = keys::audit_chains();
+        let head_keys: Vec<String> = chains.iter().map(|(_, c)| c.head.clone()).collect();
+        // One read of every head: each head is written in the same atomic step as its entry, so each
+        // one read is a real state of its chain.
+        let heads = self.store().get(&head_keys).await?;
+        let heads = chains
+            .into_iter()
+            .zip(heads)
+            .map(|((name, _), head)| {
+                let (sequence, head_hash) = match head {
+                    Some(r) => (r.version, String::from_utf8_lossy(&r.data).to_string()),
+                    None => (0, AUDIT_GENESIS.to_string()),
+                };
+                pb::AuditChainHead { chain: name, sequence, head_hash }
+            })
+            .collect();
+        checkpoint::make(heads, chipgate_runtime::time::now_ms(), self.inner.audit_key.as_ref()).map_err(|d| {
+            // A head that can't be put in a checkpoint was written by something other than licensing.
+            Error::precondition(
+                "AUDIT_HEAD_CORRUPT",
+                &d.field,
+                format!("an audit chain's head can't be checkpointed: {}", d.description),
+            )
+        })
+    }
+
+    pub(crate) async fn get_audit_checkpoint(
+        &self,
+        _req: pb::GetAuditCheckpointRequest,
+    ) -> Result<pb::GetAuditCheckpointResponse, Error> {
+        Ok(pb::GetAuditCheckpointResponse { checkpoint: Some(self.audit_checkpoint().await?) })
+    }
+
     pub(crate) async fn verify_audit_log(
         &self,
-        _req: pb::VerifyAuditLogRequest,
+        req: pb::VerifyAuditLogRequest,
     ) -> Result<pb::VerifyAuditLogResponse, Error> {
-        let chain = keys::audit();
+        let signed = match &req.checkpoint {
+            Some(cp) => Some(checkpoint::check(cp, self.inner.audit_key.as_ref()).map_err(refuse)?),
+            None => None,
+        };
+        // By name: with licensing partitioned by buyer, a checkpoint may pin thousands of chains.
+        let pins: std::collections::HashMap<&str, &pb::AuditChainHead> = req
+            .checkpoint
+            .as_ref()
+            .map(|c| c.chains.iter().map(|p| (p.chain.as_str(), p)).collect())
+            .unwrap_or_default();
+        let mut chains = keys::audit_chains();
+        chains.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let mut out = pb::VerifyAuditLogResponse {
+            valid: true,
+            checkpoint_signed: signed.unwrap_or(false),
+            extends_checkpoint: req.checkpoint.is_some(),
+            ..Default::default()
+        };
+        let fail = |out: &mut pb::VerifyAuditLogResponse, chain: &str, seq: u64, problem: String| {
+            if out.valid {
+                out.bad_chain = chain.to_string();
+                out.first_bad_sequence = seq;
+                out.problem = problem;
+            }
+            out.valid = false;
+        };
+        for (name, chain) in &chains {
+            let pin = pins.get(name.as_str()).map(|p| (p.sequence, p.head_hash.as_str()));
+            let (v, reached) = self.verify_chain(name, chain, pin).await?;
+            out.entries_checked += v.entries_checked;
+            if out.chains.is_empty() {
+                out.head_hash.clone_from(&v.head_hash);
+            }
+            if !reached {
+                out.extends_checkpoint = false;
+            }
+            if !v.valid {
+                fail(&mut out, name, v.first_bad_sequence, v.problem.clone());
+            }
+            out.chains.push(v);
+        }
+        // A pinned chain the service no longer has: its entries are gone (an empty one pins nothing).
+        let known: std::collections::HashSet<&str> = chains.iter().map(|(n, _)| n.as_str()).collect();
+        let mut gone: Vec<&pb::AuditChainHead> =
+            pins.values().copied().filter(|p| p.sequence > 0 && !known.contains(p.chain.as_str())).collect();
+        gone.sort_by(|a, b| a.chain.as_bytes().cmp(b.chain.as_bytes()));
+        for p in gone {
+            out.extends_checkpoint = false;
+            fail(
+                &mut out,
+                &p.chain,
+                1,
+                format!("the checkpoint covers entries 1 to {} of a chain this log no longer has", p.sequence),
+            );
+        }
+        Ok(out)
+    }
+
+    /// Verifies one chain from its first entry; with `pin` (a checkpoint's sequence and hash for it),
+    /// also that the chain still reaches that hash at that sequence. Returns the outcome and whether
+    /// the pinned entry was reached intact (always true without a pin).
+    async fn verify_chain(
+        &self,
+        name: &str,
+        chain: &AuditChain,
+        pin: Option<(u64, &str)>,
+    ) -> Result<(pb::AuditChainVerification, bool), Error> {
+        let pin_seq = pin.map_or(0, |p| p.0);
         let mut prev = AUDIT_GENESIS.to_string();
         let mut expected_seq = 1u64;
         let mut checked = 0u64;
         let mut after: Option<String> = None;
-        let bad = |seq: u64, checked: u64, problem: String, head: &str| pb::VerifyAuditLogResponse {
-            valid: false,
+        // An empty pin (sequence 0) is reached before the first entry.
+        let mut reached = pin_seq == 0;
+        let outcome = |seq: u64, checked: u64, problem: String, head: &str| pb::AuditChainVerification {
+            chain: name.to_string(),
+            valid: problem.is_empty(),
             entries_checked: checked,
             first_bad_sequence: seq,
             problem,
             head_hash: head.to_string(),
+            checkpoint_sequence: pin_seq,
         };
         loop {
             let chunk = self.store().xrange(&chain.stream, after.as_deref(), SCAN_CHUNK).await?;
@@ -94,30 +208,32 @@ impl Licensing {
                 after = Some(e.id.clone());
                 checked += 1;
                 let seq: u64 = text(e, "seq").and_then(|s| s.parse().ok()).unwrap_or(0);
+                let bad = |problem: String| Ok((outcome(expected_seq, checked, problem, &prev), reached));
                 if seq != expected_seq {
-                    return Ok(bad(
-                        expected_seq,
-                        checked,
-                        format!("entry {expected_seq} is missing (found sequence {seq} in its place)"),
-                        &prev,
-                    ));
+                    return bad(format!("entry {expected_seq} is missing (found sequence {seq} in its place)"));
                 }
                 let stored_prev = text(e, "prev").unwrap_or_default();
                 if stored_prev != prev {
-                    return Ok(bad(seq, checked, "its previous-hash does not match the entry before it".into(), &prev));
+                    return bad("its previous-hash does not match the entry before it".into());
                 }
                 let body = e.field("entry").unwrap_or_default();
                 let Some(link) = audit_link(&prev, &sha256_hex(body)) else {
-                    return Ok(bad(seq, checked, "its previous-hash is not a SHA-256 digest".into(), &prev));
+                    return bad("its previous-hash is not a SHA-256 digest".into());
                 };
                 let stored_hash = text(e, "hash").unwrap_or_default();
                 if stored_hash != link {
-                    return Ok(bad(
-                        seq,
-                        checked,
-                        "its content does not match its hash (the entry was altered)".into(),
-                        &prev,
-                    ));
+                    return bad("its content does not match its hash (the entry was altered)".into());
+                }
+                if let Some((s, h)) = pin
+                    && s == seq
+                {
+                    if link != h {
+                        return bad(format!(
+                            "entry {seq} no longer has the hash the checkpoint pinned: the log up to it was \
+                             rewritten and re-linked"
+                        ));
+                    }
+                    reached = true;
                 }
                 prev = link;
                 expected_seq += 1;
@@ -128,22 +244,30 @@ impl Licensing {
         if let Some(h) = head {
             let head_hash = String::from_utf8_lossy(&h.data).to_string();
             if h.version != checked || head_hash != prev {
-                return Ok(bad(
-                    checked + 1,
-                    checked,
-                    format!("the log ends at entry {checked} but its head records entry {}", h.version),
-                    &prev,
-                ));
+                let problem = format!("the log ends at entry {checked} but its head records entry {}", h.version);
+                return Ok((outcome(checked + 1, checked, problem, &prev), reached));
             }
         } else if checked > 0 {
-            return Ok(bad(checked, checked, "the log has entries but no head".into(), &prev));
+            return Ok((outcome(checked, checked, "the log has entries but no head".into(), &prev), reached));
         }
-        Ok(pb::VerifyAuditLogResponse {
-            valid: true,
-            entries_checked: checked,
-            first_bad_sequence: 0,
-            problem: String::new(),
-            head_hash: prev,
-        })
+        if !reached {
+            // Consistent, but shorter than the checkpoint: the end was cut off and the head moved back
+            // (or the whole log deleted).
+            let problem = format!(
+                "the chain ends at entry {checked} but the checkpoint pinned entry {pin_seq}: entries {} to \
+                 {pin_seq} were removed",
+                checked + 1
+            );
+            return Ok((outcome(checked + 1, checked, problem, &prev), false));
+        }
+        Ok((outcome(0, checked, String::new(), &prev), true))
     }
+}
+
+/// INVALID_ARGUMENT for a checkpoint that can't be trusted, with the field and a stable reason.
+fn refuse(d: Defect) -> Error {
+    let message = format!("checkpoint refused: {}: {}", d.field, d.description);
+    let mut details = ErrorDetails::with_bad_request(vec![FieldViolation::new(d.field, d.description)]);
+    details.set_error_info(d.reason, chipgate_runtime::errors::DOMAIN, []);
+    Error::Status(Status::with_error_details(Code::InvalidArgument, message, details))
 }

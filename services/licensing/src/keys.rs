@@ -12,9 +12,18 @@ pub fn events() -> String {
     chipgate_contract::streams::licensing()
 }
 
-/// The audit chain.
+/// The audit chain every licensing decision is appended to.
 pub fn audit() -> AuditChain {
     AuditChain::of(SPACE)
+}
+
+/// Every audit chain, each with its name (the name checkpoints and verification report it under):
+/// the one place that knows the set. Today there is one chain; when licensing's state is partitioned
+/// (by buyer) into several chains, they are listed here, and checkpoints, verification and the audit
+/// metrics follow.
+pub fn audit_chains() -> Vec<(String, AuditChain)> {
+    let chain = audit();
+    vec![(chain.stream.clone(), chain)]
 }
 
 /// Id counters: "app", "wave", "lic", "purchase".

@@ -12,6 +12,7 @@
 
 mod apps;
 mod audit;
+pub mod checkpoint;
 mod convert;
 mod gates;
 pub mod keys;
@@ -69,6 +70,10 @@ struct Inner {
     metrics: chipgate_runtime::Metrics,
     /// Products found in inventory's catalogue (applications name one).
     products: chipgate_contract::catalogue::KnownProducts,
+    /// The key audit checkpoints are signed with (None: unsigned checkpoints, dev only).
+    audit_key: Option<chipgate_runtime::auth::Signer>,
+    /// The gauges and counters periodic checkpoints feed.
+    checkpoints: metrics::CheckpointMetrics,
 }
 
 /// The routes and names to serve licensing with [`chipgate_runtime::serve`].
@@ -81,10 +86,17 @@ pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
 }
 
 impl Licensing {
-    /// The service on `store`.
+    /// The service on `store`, without an audit key: its audit checkpoints are unsigned (dev only).
     pub fn new(store: Store) -> Self {
+        Self::with_audit_key(store, None)
+    }
+
+    /// The service on `store`, signing audit checkpoints with `audit_key` (an Ed25519 key kept out of
+    /// Redis, so that whoever can write Redis can't forge a checkpoint of a rewritten log).
+    pub fn with_audit_key(store: Store, audit_key: Option<chipgate_runtime::auth::Signer>) -> Self {
         let metrics = chipgate_runtime::Metrics::new();
         metrics::register(&metrics, store.clone());
+        let checkpoints = metrics::CheckpointMetrics::register(&metrics);
         Licensing {
             inner: Arc::new(Inner {
                 metrics,
@@ -93,8 +105,49 @@ impl Licensing {
                 locks: KeyedLocks::new(),
                 audit: tokio::sync::Mutex::new(()),
                 products: chipgate_contract::catalogue::KnownProducts::default(),
+                audit_key,
+                checkpoints,
             }),
         }
+    }
+
+    /// The key id of the audit key (`ed25519:…`), or None when checkpoints are unsigned.
+    pub fn audit_key_id(&self) -> Option<String> {
+        self.inner.audit_key.as_ref().map(|k| checkpoint::key_id(&k.public_key()))
+    }
+
+    /// Takes a checkpoint of the audit log `every` so often until `shutdown`, and ships it outside
+    /// Redis: one structured log line (heads, root, key id, signature) and gauges per chain (sequence
+    /// and a short digest of the head). A chain whose head moved backwards since the previous
+    /// checkpoint (a lower sequence, or the same sequence with another hash) is logged as an error and
+    /// counted in `chipgate_audit_chain_rollbacks_total`.
+    pub fn spawn_audit_checkpoints(
+        &self,
+        every: Duration,
+        shutdown: chipgate_runtime::Shutdown,
+    ) -> tokio::task::JoinHandle<()> {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut previous: Option<pb::AuditCheckpoint> = None;
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.wait() => return,
+                }
+                match service.audit_checkpoint().await {
+                    Ok(cp) => {
+                        service.inner.checkpoints.record(&cp, previous.as_ref());
+                        previous = Some(cp);
+                    }
+                    Err(e) => {
+                        service.inner.checkpoints.failed();
+                        tracing::warn!(error = %e.describe(), "can't take an audit checkpoint");
+                    }
+                }
+            }
+        })
     }
 
     /// Its Prometheus metrics (serve them with [`chipgate_runtime::metrics::serve`]).

@@ -7,7 +7,9 @@
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use chipgate_licensing::{DEFAULT_PORT, Licensing, spec};
+use chipgate_runtime::auth::Signer;
 use chipgate_runtime::config::CommonArgs;
+use chipgate_runtime::time::parse_duration;
 use chipgate_runtime::{Shutdown, serve, telemetry};
 use clap::Parser;
 
@@ -18,6 +20,16 @@ use clap::Parser;
 struct Args {
     #[command(flatten)]
     common: CommonArgs,
+
+    /// PEM Ed25519 private key (PKCS#8) that signs audit checkpoints. Keep it out of Redis and away
+    /// from whoever can write Redis: it is what makes a rewritten audit log detectable. Required
+    /// unless --insecure-no-auth (then checkpoints are unsigned: dev only).
+    #[arg(long, env = "CHIPGATE_AUDIT_SIGNING_KEY_FILE")]
+    audit_signing_key: Option<std::path::PathBuf>,
+
+    /// How often an audit checkpoint is taken and written to the logs and metrics (0s: never), e.g. 60s.
+    #[arg(long, env = "CHIPGATE_AUDIT_CHECKPOINT_EVERY", value_parser = parse_duration, default_value = "60s")]
+    audit_checkpoint_every: std::time::Duration,
 }
 
 #[tokio::main]
@@ -39,8 +51,39 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Like a missing token key, a missing audit key is refused unless the operator asked for the
+    // insecure dev mode: without it nothing outside Redis can tell a rewritten audit log.
+    let audit_key = match (&args.audit_signing_key, args.common.insecure_no_auth) {
+        (Some(path), _) => match Signer::from_file(path) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::error!(error = %e, "bad configuration: --audit-signing-key");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
+        (None, true) => {
+            tracing::warn!("no --audit-signing-key: audit checkpoints are UNSIGNED (dev only)");
+            None
+        }
+        (None, false) => {
+            tracing::error!(
+                "bad configuration: no --audit-signing-key (CHIPGATE_AUDIT_SIGNING_KEY_FILE) given; licensing \
+                 signs audit checkpoints with it (pass --insecure-no-auth for an unsigned dev setup)"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let shutdown = Shutdown::on_signals();
-    let store = match args.common.connect_store().await {
+    // A stop signal while Redis can't be reached yet ends the process at once (it would otherwise
+    // wait out the connection attempts, and a pod its whole termination grace period).
+    let connected = tokio::select! {
+        () = shutdown.wait() => {
+            tracing::info!("stopped before the configured redis could be reached");
+            return std::process::ExitCode::SUCCESS;
+        }
+        r = args.common.connect_store() => r,
+    };
+    let store = match connected {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "can't use the configured redis");
@@ -55,7 +98,13 @@ async fn main() -> std::process::ExitCode {
         }
     };
     tracing::info!(%addr, backend = store.kind(), "chipgate-licensing serving");
-    let service = Licensing::new(store.clone());
+    let service = Licensing::with_audit_key(store.clone(), audit_key);
+    if let Some(id) = service.audit_key_id() {
+        tracing::info!(key_id = %id, "audit checkpoints are signed");
+    }
+    if !args.audit_checkpoint_every.is_zero() {
+        service.spawn_audit_checkpoints(args.audit_checkpoint_every, shutdown.clone());
+    }
     if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {
         tracing::error!(error = %e, "can't serve metrics");
         return std::process::ExitCode::FAILURE;

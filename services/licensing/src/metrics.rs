@@ -7,7 +7,10 @@ use std::future::Future;
 use std::pin::Pin;
 
 use chipgate_domain::licensing::{LicenseRecord, LicenseStatus};
-use chipgate_runtime::metrics::{GaugeBy1, GaugeBy2, GaugeMetric as Gauge, Sample};
+use chipgate_proto::licensing::v1 as pb;
+use chipgate_runtime::metrics::{
+    CounterBy1, CounterMetric as Counter, GaugeBy1, GaugeBy2, GaugeMetric as Gauge, Sample,
+};
 use chipgate_runtime::{Metrics, records};
 use chipgate_state::{Backend, Store};
 
@@ -36,7 +39,7 @@ pub(crate) fn register(metrics: &Metrics, store: Store) {
             "Quota units per product: granted (by licences not revoked), used (reserved or confirmed by \
              orders) and confirmed",
         ),
-        audit: metrics.gauge("chipgate_audit_entries", "Entries in the hash-chained audit log"),
+        audit: metrics.gauge("chipgate_audit_entries", "Entries in the hash-chained audit log (all chains)"),
     };
     metrics.add_sampler(sampler);
 }
@@ -55,7 +58,11 @@ impl Sampler {
     async fn read(&self) -> Result<(), String> {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         self.queue.set(self.store.zcard(&keys::queue()).await.map_err(|e| err(&e))? as i64);
-        self.audit.set(keys::audit().head(&self.store).await.map_err(|e| err(&e))?.0 as i64);
+        let mut entries = 0u64;
+        for (_, chain) in keys::audit_chains() {
+            entries += chain.head(&self.store).await.map_err(|e| err(&e))?.0;
+        }
+        self.audit.set(entries as i64);
 
         let mut by_state: BTreeMap<&'static str, i64> =
             ["PENDING_TERMS", "ACTIVE", "SUSPENDED", "REVOKED"].into_iter().map(|s| (s, 0)).collect();
@@ -101,4 +108,99 @@ impl Sample for Sampler {
     fn sample(&self) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(self.read())
     }
+}
+
+/// What periodic audit checkpoints leave outside Redis: per chain its sequence and a short digest of
+/// its head (a truncation shows as a sequence going down, a rewrite as the digest changing at the
+/// same sequence), when the last one was taken, and how many chains were seen moving backwards.
+#[derive(Clone)]
+pub(crate) struct CheckpointMetrics {
+    sequence: GaugeBy1,
+    digest: GaugeBy1,
+    time: Gauge,
+    taken: Counter,
+    failures: Counter,
+    rollbacks: CounterBy1,
+}
+
+impl CheckpointMetrics {
+    pub(crate) fn register(metrics: &Metrics) -> Self {
+        CheckpointMetrics {
+            sequence: metrics.gauge_by(
+                "chipgate_audit_chain_sequence",
+                "Sequence of each audit chain's head at the last periodic checkpoint",
+            ),
+            digest: metrics.gauge_by(
+                "chipgate_audit_chain_head_digest",
+                "First 48 bits of each audit chain's head hash at the last periodic checkpoint",
+            ),
+            time: metrics
+                .gauge("chipgate_audit_checkpoint_time_seconds", "Unix time of the last periodic audit checkpoint"),
+            taken: metrics.counter("chipgate_audit_checkpoints", "Periodic audit checkpoints taken"),
+            failures: metrics.counter(
+                "chipgate_audit_checkpoint_failures",
+                "Periodic audit checkpoints that could not be taken (state unreachable, corrupt head)",
+            ),
+            rollbacks: metrics.counter_by(
+                "chipgate_audit_chain_rollbacks",
+                "Audit chains whose head moved backwards between two periodic checkpoints (a lower sequence, \
+                 or the same sequence with another hash): the log was truncated or rewritten",
+            ),
+        }
+    }
+
+    /// Ships a checkpoint to the logs and the gauges, and reports chains that moved backwards since
+    /// `previous`.
+    pub(crate) fn record(&self, cp: &pb::AuditCheckpoint, previous: Option<&pb::AuditCheckpoint>) {
+        self.taken.inc();
+        let (secs, nanos) = cp.time.as_ref().map_or((0, 0), |t| (t.seconds, t.nanos));
+        self.time.set(secs);
+        let mut heads = String::new();
+        for c in &cp.chains {
+            self.sequence.get_or_create(&[("chain", c.chain.clone())]).set(c.sequence as i64);
+            self.digest.get_or_create(&[("chain", c.chain.clone())]).set(crate::checkpoint::short_digest(&c.head_hash));
+            if !heads.is_empty() {
+                heads.push(' ');
+            }
+            heads.push_str(&format!("{}={}:{}", c.chain, c.sequence, c.head_hash));
+        }
+        let signature = hex(&cp.signature);
+        // Everything needed to check the signature offline, in the canonical form's own notation
+        // (`checkpoint_time` as in its `time` line; `chains` as `name=sequence:head`, space-separated).
+        tracing::info!(
+            checkpoint_time = %format!("{secs}.{nanos:09}"),
+            root = %cp.root,
+            key_id = %cp.key_id,
+            signature = %signature,
+            chains = %heads,
+            signed = !cp.signature.is_empty(),
+            "audit checkpoint"
+        );
+        let Some(previous) = previous else { return };
+        for before in &previous.chains {
+            let now = cp.chains.iter().find(|c| c.chain == before.chain);
+            let (seq, hash) = now.map_or((0, ""), |c| (c.sequence, c.head_hash.as_str()));
+            if seq < before.sequence || (seq == before.sequence && hash != before.head_hash) {
+                self.rollbacks.get_or_create(&[("chain", before.chain.clone())]).inc();
+                tracing::error!(
+                    chain = %before.chain,
+                    was_sequence = before.sequence,
+                    was_head = %before.head_hash,
+                    now_sequence = seq,
+                    now_head = %hash,
+                    "audit chain moved backwards since the previous checkpoint: the log was truncated or rewritten"
+                );
+            }
+        }
+    }
+
+    /// Counts a checkpoint that could not be taken.
+    pub(crate) fn failed(&self) {
+        self.failures.inc();
+    }
+}
+
+/// Lower-case hex of bytes.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

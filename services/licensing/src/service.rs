@@ -211,4 +211,10 @@ impl LicensingService for Licensing {
     ) -> Result<Response<pb::VerifyAuditLogResponse>, Status> {
         reading!(self, r, verify_audit_log)
     }
+    async fn get_audit_checkpoint(
+        &self,
+        r: Request<pb::GetAuditCheckpointRequest>,
+    ) -> Result<Response<pb::GetAuditCheckpointResponse>, Status> {
+        reading!(self, r, get_audit_checkpoint)
+    }
 }

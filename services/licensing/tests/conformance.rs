@@ -16,7 +16,7 @@ use tonic::{Code, Request};
 use tonic_types::StatusExt;
 
 /// The products these tests name, as inventory's catalogue holds them (applications must name one).
-const CATALOGUE: [&str; 2] = ["H200", "H200-NVL"];
+const CATALOGUE: [&str; 3] = ["H200", "H200-NVL", "eu:H200"];
 
 /// A licensing service on `store`, with the catalogue in place.
 async fn service(store: Store) -> Licensing {
@@ -151,6 +151,18 @@ async fn queue_ids(svc: &Licensing) -> Vec<(String, u64)> {
         .into_iter()
         .map(|a| (a.application_id, a.queue_position))
         .collect()
+}
+
+/// Ids may contain the key separator: buyer `acme`'s application for `eu:H200` and buyer `acme:eu`'s
+/// for `H200` are two applications (their keys once collided: the second was refused as a duplicate of
+/// the first, naming another buyer's application).
+async fn ids_with_separators_never_collide(store: Store) {
+    let svc = service(store).await;
+    let a = submit(&svc, "acme", "eu:H200", 10).await;
+    let b = submit(&svc, "acme:eu", "H200", 10).await;
+    assert_ne!(a.application_id, b.application_id);
+    assert_eq!((a.buyer_id.as_str(), b.buyer_id.as_str()), ("acme", "acme:eu"));
+    assert_eq!((a.queue_position, b.queue_position), (1, 2));
 }
 
 async fn applications_queue_in_order_with_one_open_each(store: Store) {
@@ -709,7 +721,7 @@ async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
     assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 5);
     batch(&svc, vec![item("o1", 1, "bytedance", 5)]).await;
     assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 6);
-    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest {})).await.unwrap().into_inner();
+    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
     assert!(v.valid, "{}", v.problem);
     assert_eq!(v.entries_checked, 6);
     let entries = svc
@@ -1059,6 +1071,7 @@ async fn a_draft_wave_previews_what_its_publication_will_do(store: Store) {
 }
 
 backend_tests!(
+    ids_with_separators_never_collide,
     applications_queue_in_order_with_one_open_each,
     submissions_are_idempotent_per_request_id,
     waves_publish_atomically_and_never_change,

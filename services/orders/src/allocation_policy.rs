@@ -216,7 +216,8 @@ impl Orders {
             )));
         }
         // The answer is kept with the policy's own key (one product's partition).
-        let idem = IdemKey::new(&self.inner.idem, "SetAllocationPolicy", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "SetAllocationPolicy", &req.request_id, &req)
+            .in_partition(keys::part(&new.sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let loaded = self.load::<PolicyRecord>(keys::allocation_policy(&new.sku)).await?;

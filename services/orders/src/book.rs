@@ -32,6 +32,8 @@ pub struct EventBatch {
 /// entry) and the change of each wave's figures (one increment per figure, however many orders).
 #[derive(Default)]
 pub(crate) struct Events {
+    /// The product of the orders written (a transaction stays in one product's partition).
+    sku: String,
     transitions: Vec<pb::WatchOrdersResponse>,
     figures: BTreeMap<(String, &'static str), i64>,
     traceparent: String,
@@ -47,13 +49,13 @@ impl Events {
     pub(crate) fn flush(self, t: &mut Txn) {
         for ((wave, field), delta) in self.figures {
             if delta != 0 {
-                t.hincr(keys::wave(&wave), field, delta);
+                t.hincr(keys::wave(&self.sku, &wave), field, delta);
             }
         }
         if !self.transitions.is_empty() {
             let batch = EventBatch { items: self.transitions, traceparent: self.traceparent };
             t.xadd(
-                keys::events(),
+                keys::events(&self.sku),
                 vec![(chipgate_contract::TRANSITIONS_FIELD.to_string(), batch.encode_to_vec())],
                 Some(MAX_EVENTS),
             );
@@ -67,20 +69,25 @@ impl Events {
 
 /// Adds to `t` the write of `new` (read at `version`; `old` is what was read, None for a new order)
 /// and everything it implies; its new transitions go to `events`.
+///
+/// Every order written into one transaction is of one product (its partition); the product's
+/// registration in `{ord}` ([`keys::products`], [`keys::buyer_products`]) is the placement's own
+/// earlier step.
 pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
+    debug_assert!(events.sku.is_empty() || events.sku == new.sku, "one product per transaction");
+    events.sku.clone_from(&new.sku);
     t.replace(keys::order(&new.id), version, new.encode_to_vec());
     let score = new.seq as f64;
     let was = old.map(OrderRecord::status);
     let now = new.status();
     if old.is_none() {
-        t.zadd(keys::orders_of(&new.buyer_id), &new.id, score);
-        t.sadd(keys::products(), &new.sku);
+        t.zadd(keys::orders_of(&new.sku, &new.buyer_id), &new.id, score);
     }
     if was != Some(now) {
         if let Some(w) = was {
-            t.zrem(keys::orders_in(w), &new.id);
+            t.zrem(keys::orders_in(&new.sku, w), &new.id);
         }
-        t.zadd(keys::orders_in(now), &new.id, score);
+        t.zadd(keys::orders_in(&new.sku, now), &new.id, score);
     }
     let member = |t: &mut Txn, key: String, before: bool, after: bool| {
         if after && !before {
@@ -92,7 +99,6 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     let waiting = |s: Option<OrderStatus>| s.is_some_and(OrderStatus::is_waiting);
     if now.is_waiting() && !waiting(was) {
         t.sadd(keys::awaiting_buyers(&new.sku), &new.buyer_id);
-        t.sadd(keys::awaiting_skus(&new.buyer_id), &new.sku);
     }
     member(t, keys::awaiting(&new.sku, &new.buyer_id), waiting(was), now.is_waiting());
     member(t, keys::backlog(&new.sku), was == Some(OrderStatus::Backordered), now == OrderStatus::Backordered);
@@ -104,9 +110,9 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     );
     let owed_before = old.is_some_and(|o| !o.pending.is_empty());
     if !new.pending.is_empty() && !owed_before {
-        t.sadd(keys::cleanup(), &new.id);
+        t.sadd(keys::cleanup(&new.sku), &new.id);
     } else if new.pending.is_empty() && owed_before {
-        t.srem(keys::cleanup(), &new.id);
+        t.srem(keys::cleanup(&new.sku), &new.id);
     }
     wave_figures(events, old, new);
     crate::allocation_policy::tally(t, old, new);

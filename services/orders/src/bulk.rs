@@ -31,58 +31,72 @@ impl Orders {
     /// # Errors
     /// When the store fails.
     pub async fn bulk_load_awaiting(&self, orders: &[BulkOrder]) -> Result<Vec<String>, Error> {
-        let mut ids = Vec::with_capacity(orders.len());
-        for chunk in orders.chunks(BATCH) {
-            let last = self.store().incr(&keys::seq(), chunk.len() as u64).await?;
-            let first = last - chunk.len() as u64 + 1;
-            let now = now_ms();
-            let mut t = Txn::new();
-            let mut events = book::Events::default();
-            for (i, o) in chunk.iter().enumerate() {
-                let seq = first + i as u64;
-                let id = format!("ord-{seq}");
-                let no_licence = vec![Failure::new(
-                    Condition::License,
-                    "",
-                    format!("buyer {} holds no usable licence for this product", o.buyer_id),
-                )];
-                let placed = Cause::new(CauseKind::Placed, &id);
-                let record = OrderRecord {
-                    id: id.clone(),
-                    request_id: format!("bulk:{id}"),
-                    buyer_id: o.buyer_id.clone(),
-                    sku: o.sku.clone(),
-                    units: o.units,
-                    status: OrderStatus::AwaitingLicense as i32,
-                    reasons: no_licence.clone(),
-                    generation: 1,
-                    seq,
-                    create_ms: now,
-                    update_ms: now,
-                    history: vec![
-                        TransitionRecord {
-                            from: OrderStatus::Unspecified as i32,
-                            to: OrderStatus::Pending as i32,
-                            at_ms: now,
-                            cause: Some(placed.clone()),
-                            ..Default::default()
-                        },
-                        TransitionRecord {
-                            from: OrderStatus::Pending as i32,
-                            to: OrderStatus::AwaitingLicense as i32,
-                            at_ms: now,
-                            cause: Some(placed),
-                            failures: no_licence,
-                            ..Default::default()
-                        },
-                    ],
-                    ..Default::default()
-                };
-                book::write(&mut t, &mut events, 0, None, &record);
-                ids.push(id);
+        // Product by product (each in its partition), the ids answered in the given order.
+        let mut by_product: std::collections::BTreeMap<&str, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, o) in orders.iter().enumerate() {
+            by_product.entry(o.sku.as_str()).or_default().push(i);
+        }
+        let mut ids = vec![String::new(); orders.len()];
+        for (sku, positions) in by_product {
+            let mut buyers: Vec<&str> = positions.iter().map(|&i| orders[i].buyer_id.as_str()).collect();
+            buyers.sort_unstable();
+            buyers.dedup();
+            for b in buyers {
+                self.register(b, sku).await?;
             }
-            events.flush(&mut t);
-            self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
+            for chunk in positions.chunks(BATCH) {
+                let last = self.store().incr(&keys::seq(sku), chunk.len() as u64).await?;
+                let first = last - chunk.len() as u64 + 1;
+                let now = now_ms();
+                let mut t = Txn::new();
+                let mut events = book::Events::default();
+                for (n, &i) in chunk.iter().enumerate() {
+                    let o = &orders[i];
+                    let seq = first + n as u64;
+                    let id = keys::order_id(sku, seq);
+                    let no_licence = vec![Failure::new(
+                        Condition::License,
+                        "",
+                        format!("buyer {} holds no usable licence for this product", o.buyer_id),
+                    )];
+                    let placed = Cause::new(CauseKind::Placed, &id);
+                    let record = OrderRecord {
+                        id: id.clone(),
+                        request_id: format!("bulk:{id}"),
+                        buyer_id: o.buyer_id.clone(),
+                        sku: o.sku.clone(),
+                        units: o.units,
+                        status: OrderStatus::AwaitingLicense as i32,
+                        reasons: no_licence.clone(),
+                        generation: 1,
+                        seq,
+                        create_ms: now,
+                        update_ms: now,
+                        history: vec![
+                            TransitionRecord {
+                                from: OrderStatus::Unspecified as i32,
+                                to: OrderStatus::Pending as i32,
+                                at_ms: now,
+                                cause: Some(placed.clone()),
+                                ..Default::default()
+                            },
+                            TransitionRecord {
+                                from: OrderStatus::Pending as i32,
+                                to: OrderStatus::AwaitingLicense as i32,
+                                at_ms: now,
+                                cause: Some(placed),
+                                failures: no_licence,
+                                ..Default::default()
+                            },
+                        ],
+                        ..Default::default()
+                    };
+                    book::write(&mut t, &mut events, 0, None, &record);
+                    ids[i] = id;
+                }
+                events.flush(&mut t);
+                self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
+            }
         }
         Ok(ids)
     }

@@ -44,9 +44,20 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
 }
 
 impl Orders {
-    /// One round: the first owed release of up to [`ROUND`] orders. Returns how many were settled.
+    /// One round: the first owed release of up to [`ROUND`] orders of each product. Returns how many
+    /// were settled.
     pub(crate) async fn cleanup_once(&self, ctx: &RequestContext) -> Result<usize, Error> {
-        let mut ids = self.store().smembers(&keys::cleanup()).await?;
+        let mut settled = 0;
+        for sku in self.store().smembers(&keys::products()).await? {
+            settled += self.cleanup_product(ctx, &sku).await?;
+        }
+        Ok(settled)
+    }
+
+    /// The first owed release of up to [`ROUND`] orders of product `sku` (cleared in one transaction
+    /// of its partition).
+    async fn cleanup_product(&self, ctx: &RequestContext, sku: &str) -> Result<usize, Error> {
+        let mut ids = self.store().smembers(&keys::cleanup(sku)).await?;
         ids.truncate(ROUND);
         if ids.is_empty() {
             return Ok(0);
@@ -104,7 +115,7 @@ impl Orders {
                 match (o.pending.first(), released.get(o.id.as_str())) {
                     (None, _) => {
                         // Listed but owing nothing: drop the stale entry.
-                        t.srem(keys::cleanup(), &o.id);
+                        t.srem(keys::cleanup(sku), &o.id);
                     }
                     (Some(p), Some(done)) if p == *done => {
                         let mut new = o.clone();

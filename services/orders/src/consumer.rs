@@ -8,7 +8,7 @@
 //! so an event applied twice changes nothing more than applying it once.
 
 use chipgate_runtime::service::Records;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
@@ -186,6 +186,11 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
     }
 }
 
+/// The transaction collecting the marks of product `sku`.
+fn at<'a>(marks: &'a mut BTreeMap<String, Txn>, sku: &str) -> &'a mut Txn {
+    marks.entry(sku.to_string()).or_default()
+}
+
 /// The span one event is handled in (a child of the span that made the change) and its traceparent,
 /// which the marks it sets carry on to the reconciliation rounds.
 fn consume_span(traceparent: &str, kind: &'static str) -> (tracing::Span, String) {
@@ -202,7 +207,8 @@ impl Orders {
         source: &Source,
         entries: &[StreamEntry],
     ) -> Result<(BTreeSet<String>, Vec<&'static str>), Error> {
-        let mut t = Txn::new();
+        // Marks per product, each committed in its product's partition.
+        let mut t: BTreeMap<String, Txn> = BTreeMap::new();
         let mut products = BTreeSet::new();
         let mut kinds = Vec::with_capacity(entries.len());
         for e in entries {
@@ -226,15 +232,19 @@ impl Orders {
                 },
             }
         }
-        if !t.is_empty() {
-            self.store().commit(&t).await.map_err(|e| Error::Internal(format!("marks: {e}")))?;
+        // Marks are idempotent: if one product's commit fails, the events are not acknowledged and the
+        // redelivery sets every mark again.
+        for (sku, txn) in t {
+            if !txn.is_empty() {
+                self.store().commit(&txn).await.map_err(|e| Error::Internal(format!("marks of {sku}: {e}")))?;
+            }
         }
         Ok((products, kinds))
     }
 
     async fn licensing_event(
         &self,
-        t: &mut Txn,
+        t: &mut BTreeMap<String, Txn>,
         products: &mut BTreeSet<String>,
         ev: lpb::LicensingEvent,
         tp: &str,
@@ -244,7 +254,7 @@ impl Orders {
             Some(Kind::WavePublished(w)) => {
                 let cause = Cause::new(CauseKind::WavePublished, &w.wave_id);
                 for l in &w.licenses {
-                    marks::awaiting(t, &l.product_sku, Who::Buyer(&l.buyer_id), &cause, tp);
+                    marks::awaiting(at(t, &l.product_sku), &l.product_sku, Who::Buyer(&l.buyer_id), &cause, tp);
                     products.insert(l.product_sku.clone());
                 }
                 self.observe_wave(&w, ev.time.as_ref()).await?;
@@ -259,22 +269,22 @@ impl Orders {
                 };
                 let cause = Cause::new(kind, &c.license_id);
                 if matches!(to, lpb::LicenseState::Suspended | lpb::LicenseState::Revoked) {
-                    marks::holders(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
+                    marks::holders(at(t, &c.product_sku), &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
                 }
-                marks::awaiting(t, &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
+                marks::awaiting(at(t, &c.product_sku), &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
                 products.insert(c.product_sku);
             }
             Some(Kind::DomesticPurchaseRecorded(d)) => {
                 let cause = Cause::new(CauseKind::DomesticPurchase, &d.buyer_id);
-                for sku in self.store().smembers(&keys::awaiting_skus(&d.buyer_id)).await? {
-                    marks::awaiting(t, &sku, Who::Buyer(&d.buyer_id), &cause, tp);
+                for sku in self.store().smembers(&keys::buyer_products(&d.buyer_id)).await? {
+                    marks::awaiting(at(t, &sku), &sku, Who::Buyer(&d.buyer_id), &cause, tp);
                     products.insert(sku);
                 }
             }
             Some(Kind::ExportAuthorizationChanged(x)) => {
                 if x.active {
                     marks::awaiting(
-                        t,
+                        at(t, &x.product_sku),
                         &x.product_sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportAuthorized, &x.product_sku),
@@ -282,14 +292,14 @@ impl Orders {
                     );
                 } else {
                     marks::holders(
-                        t,
+                        at(t, &x.product_sku),
                         &x.product_sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportRevoked, &x.product_sku),
                         tp,
                     );
                     marks::awaiting(
-                        t,
+                        at(t, &x.product_sku),
                         &x.product_sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportRevoked, &x.product_sku),
@@ -301,11 +311,11 @@ impl Orders {
             Some(Kind::ImportPolicyChanged(p)) => {
                 if p.to_stance() == lpb::ImportStance::Embargoed {
                     let cause = Cause::new(CauseKind::EmbargoSet, &p.product_sku);
-                    marks::holders(t, &p.product_sku, Who::All, &cause, tp);
-                    marks::awaiting(t, &p.product_sku, Who::All, &cause, tp);
+                    marks::holders(at(t, &p.product_sku), &p.product_sku, Who::All, &cause, tp);
+                    marks::awaiting(at(t, &p.product_sku), &p.product_sku, Who::All, &cause, tp);
                 } else {
                     marks::awaiting(
-                        t,
+                        at(t, &p.product_sku),
                         &p.product_sku,
                         Who::All,
                         &Cause::new(CauseKind::EmbargoLifted, &p.product_sku),
@@ -319,7 +329,7 @@ impl Orders {
                 // the same buyer through.
                 for r in q.reservations.iter().filter(|r| r.state() == lpb::ReservationState::Released && r.units > 0) {
                     marks::awaiting(
-                        t,
+                        at(t, &q.product_sku),
                         &q.product_sku,
                         Who::Buyer(&r.buyer_id),
                         &Cause::new(CauseKind::QuotaReturned, &r.license_id),
@@ -335,7 +345,7 @@ impl Orders {
 
     async fn inventory_event(
         &self,
-        t: &mut Txn,
+        t: &mut BTreeMap<String, Txn>,
         products: &mut BTreeSet<String>,
         ev: ipb::InventoryEvent,
         tp: &str,
@@ -345,18 +355,18 @@ impl Orders {
         match ev.kind {
             Some(Kind::SupplyReceived(r)) => {
                 let receipt = r.receipt.map(|r| r.receipt_id).unwrap_or_default();
-                marks::drain(t, &sku, &Cause::new(CauseKind::SupplyReceived, &receipt), tp);
+                marks::drain(at(t, &sku), &sku, &Cause::new(CauseKind::SupplyReceived, &receipt), tp);
                 products.insert(sku);
             }
             Some(Kind::HoldsReleased(r)) if r.units_freed > 0 => {
-                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
+                marks::drain(at(t, &sku), &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
                 products.insert(sku);
             }
             Some(Kind::HoldsExpired(x)) => {
                 for h in &x.reservations {
                     self.expire_order(&h.order_id, h.generation, tp).await?;
                 }
-                marks::drain(t, &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
+                marks::drain(at(t, &sku), &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
                 products.insert(sku);
             }
             _ => {}

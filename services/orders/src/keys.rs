@@ -1,137 +1,178 @@
-//! Where orders keeps its state: every key carries the `{ord}` hash tag (one Redis Cluster slot),
-//! because an order's move, its queue memberships, the wave figures and its transition event commit in
-//! one atomic step.
+//! Where orders keeps its state: partitioned by **product**. An order's move, its queue memberships,
+//! its buyer's and state's indexes, the wave figures it changes and its transition event commit in one
+//! atomic step, and all of them belong to the order's product, so they share the product's hash slot
+//! (`{ord:SKU}`) — and different products land on different Redis Cluster masters. An order's id names
+//! its product (`ord-<SKU>-<sequence>`), so any call that names an order finds its partition.
+//!
+//! Only what spans products lives in the space's own slot (`{ord}`), each written in its own small
+//! idempotent step, never in a transaction with a product's keys: the products that have orders, the
+//! products each buyer ordered, and the waves observed.
 
 use chipgate_domain::orders::OrderStatus;
-use chipgate_state::Space;
+use chipgate_state::{Partition, Space};
 
 /// The orders space.
 pub const SPACE: Space = chipgate_contract::ORDERS;
 
-/// Order id and placement sequence counter.
-pub fn seq() -> String {
-    SPACE.key(["seq"])
+/// The partition of product `sku`.
+pub fn part(sku: &str) -> Partition {
+    SPACE.partition(sku)
 }
 
-/// An order.
+/// The id of a product's order number `seq`.
+pub fn order_id(sku: &str, seq: u64) -> String {
+    format!("ord-{sku}-{seq}")
+}
+
+/// The product an order id names (None when it is not an order id).
+pub fn sku_of(order_id: &str) -> Option<&str> {
+    let (sku, seq) = order_id.strip_prefix("ord-")?.rsplit_once('-')?;
+    (!sku.is_empty() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())).then_some(sku)
+}
+
+/// A product's placement sequence counter (order ids and the order in which orders are served).
+pub fn seq(sku: &str) -> String {
+    part(sku).key(["seq"])
+}
+
+/// An order (in its product's partition; an id that names no product names no order).
 pub fn order(id: &str) -> String {
-    SPACE.key(["order", id])
+    part(sku_of(id).unwrap_or_default()).key(["order", id])
 }
 
-/// A buyer's orders by placement sequence.
-pub fn orders_of(buyer: &str) -> String {
-    SPACE.key(["orders", "buyer", buyer])
+/// A buyer's orders of one product, by placement sequence.
+pub fn orders_of(sku: &str, buyer: &str) -> String {
+    part(sku).key(["buyer", buyer])
 }
 
-/// Orders in one state by placement sequence.
-pub fn orders_in(status: OrderStatus) -> String {
-    SPACE.key(["orders", "state", status.name()])
+/// A product's orders in one state, by placement sequence.
+pub fn orders_in(sku: &str, status: OrderStatus) -> String {
+    part(sku).key(["state", status.name()])
 }
 
 /// The awaiting queue of one buyer for one product (PENDING and AWAITING_LICENSE), by sequence.
 pub fn awaiting(sku: &str, buyer: &str) -> String {
-    SPACE.key(["awaiting", sku, buyer])
+    part(sku).key(["awaiting", buyer])
 }
 
 /// Buyers with (possibly) waiting orders for a product.
 pub fn awaiting_buyers(sku: &str) -> String {
-    SPACE.key(["awaiting-buyers", sku])
-}
-
-/// Products a buyer has (possibly) waiting orders for.
-pub fn awaiting_skus(buyer: &str) -> String {
-    SPACE.key(["awaiting-skus", buyer])
+    part(sku).key(["awaiting-buyers"])
 }
 
 /// A product's backlog (BACKORDERED), by sequence.
 pub fn backlog(sku: &str) -> String {
-    SPACE.key(["backlog", sku])
+    part(sku).key(["backlog"])
 }
 
 /// Orders of a product holding unconfirmed quota (BACKORDERED and RESERVED), by sequence.
 pub fn holding(sku: &str) -> String {
-    SPACE.key(["holding", sku])
-}
-
-/// Every product orders were ever placed for.
-pub fn products() -> String {
-    SPACE.key(["products"])
+    part(sku).key(["holding"])
 }
 
 /// What a product's next reconciliation pass must look at (a hash of marks).
 pub fn dirty(sku: &str) -> String {
-    SPACE.key(["dirty", sku])
+    part(sku).key(["dirty"])
 }
 
 /// The marks a pass has taken and not yet finished: only the lease holder writes it, and whoever
 /// holds the lease next finishes what a holder that died left here.
 pub fn working(sku: &str) -> String {
-    SPACE.key(["working", sku])
+    part(sku).key(["working"])
 }
 
 /// The allocation lease of a product (one reconciliation pass at a time, cluster-wide).
 pub fn lease(sku: &str) -> String {
-    SPACE.key(["lease", sku])
+    part(sku).key(["lease"])
 }
 
 /// The counter that issues a product's fencing tokens.
 pub fn lease_counter(sku: &str) -> String {
-    SPACE.key(["lease-seq", sku])
+    part(sku).key(["lease-seq"])
 }
 
-/// Orders that still owe releases to licensing or inventory.
-pub fn cleanup() -> String {
-    SPACE.key(["cleanup"])
+/// A product's orders that still owe releases to licensing or inventory.
+pub fn cleanup(sku: &str) -> String {
+    part(sku).key(["cleanup"])
 }
 
-/// The transition stream WatchOrders follows.
-pub fn events() -> String {
-    chipgate_contract::streams::orders()
+/// A product's transition stream (WatchOrders follows every product's).
+pub fn events(sku: &str) -> String {
+    chipgate_contract::streams::orders(sku)
 }
 
-/// A wave's figures: orders holding its quota by state, and the units they hold.
-pub fn wave(wave_id: &str) -> String {
-    SPACE.key(["wave", wave_id])
-}
-
-/// When the orders service first saw a wave, and the queues it concerns.
-pub fn wave_meta(wave_id: &str) -> String {
-    SPACE.key(["wave-meta", wave_id])
+/// A wave's figures for one product: orders holding its quota by state, and the units they hold.
+pub fn wave(sku: &str, wave_id: &str) -> String {
+    part(sku).key(["wave", wave_id])
 }
 
 /// The waiting orders of a product that a wave concerns and that have not been evaluated since
 /// (see [`crate::waves`]).
 pub fn wave_pending(wave_id: &str, sku: &str) -> String {
-    SPACE.key(["wave-pending", wave_id, sku])
+    part(sku).key(["wave-pending", wave_id])
 }
 
 /// A wave's tally for one product: orders concerned, when one last left the pending snapshot.
 pub fn wave_tally(wave_id: &str, sku: &str) -> String {
-    SPACE.key(["wave-tally", wave_id, sku])
+    part(sku).key(["wave-tally", wave_id])
 }
 
 /// Present once a wave's snapshot of a product was taken (so it is taken once).
 pub fn wave_snapshot_taken(wave_id: &str, sku: &str) -> String {
-    SPACE.key(["wave-snap", wave_id, sku])
+    part(sku).key(["wave-snap", wave_id])
 }
 
 /// Waves whose snapshot of a product may still hold orders.
 pub fn unsettled_waves(sku: &str) -> String {
-    SPACE.key(["unsettled-waves", sku])
+    part(sku).key(["unsettled-waves"])
 }
 
-/// Waves observed, scored by when they were published (the metrics show the latest few).
+/// Every product orders were ever placed for (`{ord}`).
+pub fn products() -> String {
+    SPACE.key(["products"])
+}
+
+/// The products a buyer ever ordered (`{ord}`): where a change that concerns the buyer (a domestic
+/// purchase) must look.
+pub fn buyer_products(buyer: &str) -> String {
+    SPACE.key(["buyer-products", buyer])
+}
+
+/// When the orders service first saw a wave, and the queues it concerns (`{ord}`).
+pub fn wave_meta(wave_id: &str) -> String {
+    SPACE.key(["wave-meta", wave_id])
+}
+
+/// Waves observed, scored by when they were published (`{ord}`; the metrics show the latest few).
 pub fn waves() -> String {
     SPACE.key(["waves"])
 }
 
 /// A product's allocation policy and its latest changes.
 pub fn allocation_policy(sku: &str) -> String {
-    SPACE.key(["alloc-policy", sku])
+    part(sku).key(["alloc-policy"])
 }
 
 /// Units of a product each buyer holds (held, committed, shipped): a hash buyer → units, kept by
 /// `book::write` with every order change; what allocation caps and the metrics read.
 pub fn allocated(sku: &str) -> String {
-    SPACE.key(["allocated", sku])
+    part(sku).key(["allocated"])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_order_id_names_its_partition() {
+        let id = order_id("H200-SXM-141GB", 129);
+        assert_eq!(id, "ord-H200-SXM-141GB-129");
+        assert_eq!(sku_of(&id), Some("H200-SXM-141GB"));
+        assert_eq!(chipgate_state::key_slot(&order(&id)), part("H200-SXM-141GB").slot());
+        assert_eq!(chipgate_state::key_slot(&order(&id)), chipgate_state::key_slot(&backlog("H200-SXM-141GB")));
+        for not_ours in ["ord-129", "ord--1", "H200-1", "ord-H200-", "ord-H200-12a", ""] {
+            assert_eq!(sku_of(not_ours), None, "{not_ours}");
+        }
+        assert_ne!(part("H200").slot(), part("H20").slot());
+    }
 }

@@ -119,7 +119,16 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let shutdown = Shutdown::on_signals();
-    let store = match args.common.connect_store().await {
+    // A stop signal while Redis can't be reached yet ends the process at once (it would otherwise
+    // wait out the connection attempts, and a pod its whole termination grace period).
+    let connected = tokio::select! {
+        () = shutdown.wait() => {
+            tracing::info!("stopped before the configured redis could be reached");
+            return std::process::ExitCode::SUCCESS;
+        }
+        r = args.common.connect_store() => r,
+    };
+    let store = match connected {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "can't use the configured redis");
@@ -140,6 +149,8 @@ async fn main() -> std::process::ExitCode {
         claim_idle: args.claim_idle.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(3600)),
         unhealthy_after: args.propagation_unhealthy_after.max(std::time::Duration::from_secs(1)),
         full_reconcile_every: args.full_reconcile_every,
+        // A page stays within what the server may send and what clients take by default.
+        page_bytes: (config.max_message_bytes.min(4 << 20) / 4 * 3).max(64 << 10),
         ..Options::default()
     };
     let service = Orders::start(store.clone(), peers, shutdown.clone(), options);

@@ -140,13 +140,22 @@ impl Sampler {
             }
         }
 
+        let products = store.smembers(&keys::products()).await.map_err(|x| e(&x))?;
+        // Each product keeps its own indexes (in its partition): the figures add up over them.
         for s in OrderStatus::ALL {
-            let n = store.zcard(&keys::orders_in(s)).await.map_err(|x| e(&x))?;
+            let mut n = 0;
+            for sku in &products {
+                n += store.zcard(&keys::orders_in(sku, s)).await.map_err(|x| e(&x))?;
+            }
             self.orders.get_or_create(&[("state", state_label(s))]).set(n as i64);
+        }
+        let mut outbox = 0;
+        for sku in &products {
+            outbox += store.smembers(&keys::cleanup(sku)).await.map_err(|x| e(&x))?.len();
         }
 
         let mut allocated: std::collections::BTreeMap<(String, String), u64> = std::collections::BTreeMap::new();
-        for sku in store.smembers(&keys::products()).await.map_err(|x| e(&x))? {
+        for sku in products {
             let mut awaiting = 0;
             for b in store.smembers(&keys::awaiting_buyers(&sku)).await.map_err(|x| e(&x))? {
                 awaiting += store.zcard(&keys::awaiting(&sku, &b)).await.map_err(|x| e(&x))?;
@@ -201,7 +210,7 @@ impl Sampler {
             }
         }
 
-        self.outbox.set(store.smembers(&keys::cleanup()).await.map_err(|x| e(&x))?.len() as i64);
+        self.outbox.set(outbox as i64);
 
         let latest: Vec<String> = store
             .zrange(&keys::waves(), 0, WAVES_SHOWN - 1, true)

@@ -42,21 +42,25 @@ impl Orders {
         // Which pass must finish before the answer: the first one that starts after the commit.
         let mut progress = self.inner.scheduler.progress(&req.sku);
         let idem = &self.inner.idem;
-        // The request id's earlier answer (a retry) and a sequence number for a new order, at once;
-        // a retry wastes a sequence number, which only leaves a gap.
-        let (prior, seq) = tokio::try_join!(
+        // The order, its answer and everything it implies live in the product's partition.
+        let part = keys::part(&req.sku);
+        // The request id's earlier answer (a retry), a sequence number for a new order, and the
+        // registration of the buyer's product (idempotent, before the order exists), at once; a retry
+        // wastes a sequence number, which only leaves a gap.
+        let (prior, seq, ()) = tokio::try_join!(
             async {
-                idem.lookup::<Placed>(self.store(), None, "PlaceOrder", &req.request_id, &fp)
+                idem.lookup::<Placed>(self.store(), Some(&part), "PlaceOrder", &req.request_id, &fp)
                     .await
                     .map_err(Error::Status)
             },
-            async { Ok::<u64, Error>(self.store().incr(&keys::seq(), 1).await?) },
+            async { Ok::<u64, Error>(self.store().incr(&keys::seq(&req.sku), 1).await?) },
+            self.register(&req.buyer_id, &req.sku),
         )?;
         let (placed, fresh) = match prior {
             Some(p) => (p, false),
             None => {
                 let now = now_ms();
-                let id = format!("ord-{seq}");
+                let id = keys::order_id(&req.sku, seq);
                 let order = OrderRecord {
                     id: id.clone(),
                     request_id: req.request_id.clone(),
@@ -89,14 +93,14 @@ impl Orders {
                     &Cause::new(CauseKind::Placed, ""),
                     &ctx.traceparent(),
                 );
-                idem.record(&mut t, None, "PlaceOrder", &req.request_id, &fp, &placed);
+                idem.record(&mut t, Some(&part), "PlaceOrder", &req.request_id, &fp, &placed);
                 events.flush(&mut t);
                 match self.store().commit(&t).await {
                     Ok(_) => (placed, true),
                     // Another call with this request id committed first: answer as it did.
                     Err(CommitError::Conflict { .. }) => {
                         let p = idem
-                            .lookup::<Placed>(self.store(), None, "PlaceOrder", &req.request_id, &fp)
+                            .lookup::<Placed>(self.store(), Some(&part), "PlaceOrder", &req.request_id, &fp)
                             .await
                             .map_err(Error::Status)?
                             .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;

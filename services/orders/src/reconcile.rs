@@ -73,13 +73,14 @@ impl Orders {
         if full && !products.is_empty() {
             let cause = Cause::new(CauseKind::Reconciled, "");
             let tp = RequestContext::background("full-reconcile", None).traceparent();
-            let mut t = Txn::new();
+            // Each product's marks in its own partition.
             for sku in &products {
+                let mut t = Txn::new();
                 crate::marks::awaiting(&mut t, sku, crate::marks::Who::All, &cause, &tp);
                 crate::marks::holders(&mut t, sku, crate::marks::Who::All, &cause, &tp);
                 crate::marks::drain(&mut t, sku, &cause, &tp);
+                self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
             }
-            self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;
             return Ok((products, true));
         }
         let busy = try_join_all(products.iter().map(|sku| async move {

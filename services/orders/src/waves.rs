@@ -180,7 +180,20 @@ impl Orders {
         validate::id(&mut v, "wave_id", &req.wave_id);
         v.check().map_err(Error::Status)?;
         let meta = self.load::<WaveMeta>(keys::wave_meta(&req.wave_id)).await?.map(|(_, m)| m);
-        let figures: HashMap<String, u64> = number_fields(self.store().hgetall(&keys::wave(&req.wave_id)).await?);
+        // The figures are kept per product (each in its partition): they add up.
+        let skus: Vec<String> =
+            meta.as_ref().map(|m| m.products().into_keys().map(str::to_string).collect()).unwrap_or_default();
+        let per_product_figures = try_join_all(skus.iter().map(|sku| {
+            let key = keys::wave(sku, &req.wave_id);
+            async move { self.store().hgetall(&key).await }
+        }))
+        .await?;
+        let mut figures: HashMap<String, u64> = HashMap::new();
+        for f in per_product_figures {
+            for (k, v) in number_fields(f) {
+                *figures.entry(k).or_default() += v;
+            }
+        }
         let count = |s: OrderStatus| figures.get(state_to(s).as_str_name()).copied().unwrap_or(0);
         let products: Vec<(String, Vec<String>)> = meta
             .as_ref()

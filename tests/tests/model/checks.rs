@@ -924,7 +924,7 @@ async fn audit(ctx: &Ctx, auditor: &Party, v: &mut Vec<String>) {
             }
         }
     }
-    let r = lic.verify_audit_log(lpb::VerifyAuditLogRequest {}).await.expect("VerifyAuditLog").into_inner();
+    let r = lic.verify_audit_log(lpb::VerifyAuditLogRequest::default()).await.expect("VerifyAuditLog").into_inner();
     if !r.valid || r.entries_checked < entries.len() as u64 {
         v.push(format!(
             "audit: the chain does not verify ({} of {} checked; entry {}: {})",

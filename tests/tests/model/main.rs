@@ -47,6 +47,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use chipgate_orders::keys as okeys;
 use chipgate_proto::orders::v1::OrderState;
 use chipgate_runtime::auth::Role;
 use chipgate_state::Backend;
@@ -287,8 +288,8 @@ async fn close(ctx: &Ctx, cluster: &ProcessCluster, phase: &str) -> bool {
         // `lag`, which Redis miscounts after it restarts from its AOF (see `checks::delivery`).
         let quiet = invariants::wait_quiet(&cluster.store, &mut orders_client, left.min(Duration::from_secs(15))).await;
         let mut unfinished = false;
-        for p in cluster.store.smembers("{ord}:products").await.unwrap_or_default() {
-            unfinished |= !cluster.store.hgetall(&format!("{{ord}}:working:{p}")).await.unwrap_or_default().is_empty();
+        for p in cluster.store.smembers(&okeys::products()).await.unwrap_or_default() {
+            unfinished |= !cluster.store.hgetall(&okeys::working(&p)).await.unwrap_or_default().is_empty();
         }
         let delivered = checks::delivery(&cluster.redis.url()).await.iter().all(|d| d.delivered);
         let settled = quiet && !unfinished && delivered;
@@ -299,9 +300,9 @@ async fn close(ctx: &Ctx, cluster: &ProcessCluster, phase: &str) -> bool {
         }
         if Instant::now() >= deadline {
             let mut busy = Vec::new();
-            for p in cluster.store.smembers("{ord}:products").await.unwrap_or_default() {
-                for kind in ["dirty", "working"] {
-                    let n = cluster.store.hgetall(&format!("{{ord}}:{kind}:{p}")).await.map(|m| m.len()).unwrap_or(0);
+            for p in cluster.store.smembers(&okeys::products()).await.unwrap_or_default() {
+                for (kind, key) in [("dirty", okeys::dirty(&p)), ("working", okeys::working(&p))] {
+                    let n = cluster.store.hgetall(&key).await.map(|m| m.len()).unwrap_or(0);
                     if n > 0 {
                         busy.push(format!("{p}: {n} {kind} marks"));
                     }
@@ -357,7 +358,7 @@ async fn reopen(ctx: &Ctx) {
 /// reconcile's marks), then both replicas run as before and the cluster settles again.
 async fn fixpoint(ctx: &Ctx, cluster: &mut ProcessCluster, before: &checks::Snapshot) -> Vec<String> {
     let mut v = Vec::new();
-    let products = cluster.store.smembers("{ord}:products").await.expect("products");
+    let products = cluster.store.smembers(&okeys::products()).await.expect("products");
     let port = chipgate_testkit::free_port();
     cluster.orders[0].kill();
     cluster.orders[1].set_env("CHIPGATE_FULL_RECONCILE_EVERY", "300ms");

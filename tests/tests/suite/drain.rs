@@ -102,3 +102,35 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
     assert!(signalled.elapsed() < Duration::from_secs(8));
     drop(idle);
 }
+
+/// A service that can't reach Redis at startup still stops at once on SIGTERM (it used to wait out
+/// its connection attempts: a pod would hang for its whole termination grace period).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_a_service_still_waiting_for_redis() {
+    for bin in ["chipgate-licensing", "chipgate-inventory", "chipgate-orders"] {
+        // A free port nobody listens on: every connection attempt is refused.
+        let nowhere = format!("redis://127.0.0.1:{}", free_port());
+        let mut child = tokio::process::Command::new(binary(bin))
+            .env("CHIPGATE_LISTEN", format!("127.0.0.1:{}", free_port()))
+            .env("REDIS_URL", nowhere)
+            .env("CHIPGATE_INSECURE_NO_AUTH", "true")
+            .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the service");
+        let pid = child.id().expect("pid");
+        // Long enough to be inside its connection attempts.
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(child.try_wait().expect("status").is_none(), "{bin} gave up on its own instead of retrying");
+        let signalled = Instant::now();
+        let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+        assert!(ok.success());
+        let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{bin} ignored SIGTERM while waiting for Redis"))
+            .expect("exit status");
+        assert!(exit.success(), "{bin} exited with {exit}");
+        assert!(signalled.elapsed() < Duration::from_secs(2), "{bin} took {:?} to stop", signalled.elapsed());
+    }
+}

@@ -686,9 +686,8 @@ async fn kill_9_of_services_and_redis_loses_nothing() {
 }
 
 /// The consumers of the pending entries of the orders group on `stream`, with how many each holds.
-async fn pending_by_consumer(redis_url: &str, stream: &str) -> Vec<(String, u64)> {
-    let client = redis::Client::open(redis_url).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+async fn pending_by_consumer(redis: &chipgate_state::testing::RedisDeployment, stream: &str) -> Vec<(String, u64)> {
+    let mut conn = redis.connection().await.unwrap();
     // Summary form: [count, smallest id, greatest id, [[consumer, count], ...]].
     type Summary = (u64, Option<String>, Option<String>, Option<Vec<(String, u64)>>);
     let summary: Summary = redis::cmd("XPENDING").arg(stream).arg("orders").query_async(&mut conn).await.unwrap();
@@ -739,7 +738,6 @@ async fn a_paused_orders_replica_is_taken_over() {
     // it, unacknowledged, while it sleeps.
     let pid = cluster.orders[0].pid().unwrap();
     let prefix = format!("orders-{pid}-");
-    let url = cluster.redis.url();
     let mut held: Option<(u64, Vec<String>)> = None;
     let mut granted = Vec::new();
     let mut paused_at = Instant::now();
@@ -751,7 +749,7 @@ async fn a_paused_orders_replica_is_taken_over() {
         publish_wave(&j, &c, pair).await;
         granted.push(BUYERS[round]);
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let mine: u64 = pending_by_consumer(&url, "{lic}:events")
+        let mine: u64 = pending_by_consumer(&cluster.redis, "{lic}:events")
             .await
             .into_iter()
             .filter(|(name, _)| name.starts_with(&prefix))
@@ -772,7 +770,7 @@ async fn a_paused_orders_replica_is_taken_over() {
     let mut ord = c.ord(1);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let still_held: u64 = pending_by_consumer(&url, "{lic}:events")
+        let still_held: u64 = pending_by_consumer(&cluster.redis, "{lic}:events")
             .await
             .into_iter()
             .filter(|(name, _)| name.starts_with(&prefix))
@@ -836,7 +834,7 @@ async fn a_redis_outage_fails_fast_and_recovers() {
     for (kind, probe_sku) in [("paused", NVL), ("down", H200)] {
         let out_at = Instant::now();
         match kind {
-            "paused" => procs::signal(cluster.redis.pid().unwrap(), "STOP"),
+            "paused" => cluster.redis.pids().into_iter().for_each(|pid| procs::signal(pid, "STOP")),
             _ => cluster.redis.kill(),
         }
         fault(&j, &format!("redis {kind}"));
@@ -930,7 +928,7 @@ async fn a_redis_outage_fails_fast_and_recovers() {
         // Redis returns; everything recovers by itself.
         let back_at = Instant::now();
         match kind {
-            "paused" => procs::signal(cluster.redis.pid().unwrap(), "CONT"),
+            "paused" => cluster.redis.pids().into_iter().for_each(|pid| procs::signal(pid, "CONT")),
             _ => tokio::task::block_in_place(|| cluster.redis.restart()),
         }
         for p in [&cluster.licensing, &cluster.inventory, &cluster.orders[0]] {
@@ -1016,8 +1014,7 @@ async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
 
     // An event delivered to a consumer that died before acknowledging it, and nobody claims it.
     first.kill();
-    let url = cluster.redis.as_ref().unwrap().url();
-    let mut conn = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let mut conn = cluster.redis.as_ref().unwrap().connection().await.unwrap();
     let stream = chipgate_contract::streams::inventory(H200);
     let _: String = redis::cmd("XADD").arg(&stream).arg("*").arg("e").arg("").query_async(&mut conn).await.unwrap();
     let _: redis::Value = redis::cmd("XREADGROUP")
@@ -1036,7 +1033,7 @@ async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
 
     // A step of an order applied twice.
     let first_order = j.lock().unwrap().order_ids[0].clone();
-    let key = format!("{{ord}}:order:{first_order}");
+    let key = chipgate_orders::keys::order(&first_order);
     let store = &cluster.store;
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut o = chipgate_domain::orders::OrderRecord::decode(rec.data.as_slice()).unwrap();

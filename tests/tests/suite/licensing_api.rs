@@ -347,7 +347,7 @@ async fn every_licensing_rpc_answers_over_grpc() {
         .into_inner();
     assert!(audit.entries.len() > 20);
     assert!(audit.entries.windows(2).all(|w| w[1].prev_hash == w[0].hash && w[1].sequence == w[0].sequence + 1));
-    let v = c.verify_audit_log(pb::VerifyAuditLogRequest {}).await.unwrap().into_inner();
+    let v = c.verify_audit_log(pb::VerifyAuditLogRequest::default()).await.unwrap().into_inner();
     assert!(v.valid, "{}", v.problem);
     assert_eq!(v.entries_checked as usize, audit.entries.len());
 }
@@ -359,11 +359,10 @@ async fn audit_verification_detects_edited_and_removed_entries() {
     for buyer in ["bytedance", "alibaba", "tencent", "baidu"] {
         submit(&mut c, buyer, 10).await;
     }
-    assert!(c.verify_audit_log(pb::VerifyAuditLogRequest {}).await.unwrap().into_inner().valid);
+    assert!(c.verify_audit_log(pb::VerifyAuditLogRequest::default()).await.unwrap().into_inner().valid);
 
     // Tamper directly in Redis, as an operator with database access could.
-    let client = redis::Client::open(cluster.redis.as_ref().unwrap().url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut conn = cluster.redis.as_ref().unwrap().connection().await.unwrap();
     let stream = "{lic}:audit";
     let entries: redis::streams::StreamRangeReply =
         redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(&mut conn).await.unwrap();
@@ -400,14 +399,14 @@ async fn audit_verification_detects_edited_and_removed_entries() {
         }
         let _: String = cmd.query_async(&mut conn).await.unwrap();
     }
-    let v = c.verify_audit_log(pb::VerifyAuditLogRequest {}).await.unwrap().into_inner();
+    let v = c.verify_audit_log(pb::VerifyAuditLogRequest::default()).await.unwrap().into_inner();
     assert!(!v.valid);
     assert_eq!(v.first_bad_sequence, 3);
     assert!(v.problem.contains("altered"), "{}", v.problem);
 
     // Remove entry 2 outright.
     let _: () = redis::cmd("XDEL").arg(stream).arg(&entries.ids[1].id).query_async(&mut conn).await.unwrap();
-    let v = c.verify_audit_log(pb::VerifyAuditLogRequest {}).await.unwrap().into_inner();
+    let v = c.verify_audit_log(pb::VerifyAuditLogRequest::default()).await.unwrap().into_inner();
     assert!(!v.valid);
     assert_eq!(v.first_bad_sequence, 2);
     assert!(v.problem.contains("missing"), "{}", v.problem);

@@ -219,3 +219,61 @@ async fn rejection_queue_order_and_idempotent_placement() {
     assert_eq!(fields, ["request_id", "product_sku", "units"]);
     assert_eq!(w.all_orders().await.len(), before);
 }
+
+/// ListOrders walks products in SKU order, each product's orders in placement order, and pages by
+/// size *and* by bytes: with a page budget that fits a few orders, every order still comes exactly
+/// once, whatever the filter (all, one buyer, one state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_orders_pages_across_products_by_size_and_bytes() {
+    let orders = chipgate_orders::Options {
+        tick: Duration::from_millis(50),
+        page_bytes: 700,
+        ..chipgate_orders::Options::default()
+    };
+    let mut w = World::with(ClusterOptions { orders, ..ClusterOptions::default() }).await;
+    let mut placed = Vec::new();
+    for (buyer, sku) in [("alpha", NVL), ("beta", H200), ("alpha", H200), ("beta", NVL), ("alpha", NVL)] {
+        for _ in 0..3 {
+            placed.push(w.place(buyer, sku, 10).await);
+        }
+    }
+    let page = |page_size: i32, buyer: &str, state: opb::OrderState, token: String| opb::ListOrdersRequest {
+        buyer_id: buyer.into(),
+        state: state as i32,
+        page_size,
+        page_token: token,
+        ..Default::default()
+    };
+    for (buyer, state) in [
+        ("", opb::OrderState::Unspecified),
+        ("alpha", opb::OrderState::Unspecified),
+        ("", opb::OrderState::AwaitingLicense),
+    ] {
+        let mut got = Vec::new();
+        let mut token = String::new();
+        let mut pages = 0;
+        loop {
+            let r = w.ord.list_orders(page(4, buyer, state, token)).await.unwrap().into_inner();
+            assert!(r.orders.len() <= 4);
+            let bytes: usize = r.orders.iter().map(prost::Message::encoded_len).sum();
+            assert!(r.orders.len() <= 1 || bytes <= 700, "a page of {bytes} bytes");
+            got.extend(r.orders.into_iter().map(|o| (o.product_sku, o.order_id)));
+            pages += 1;
+            if r.next_page_token.is_empty() {
+                break;
+            }
+            token = r.next_page_token;
+        }
+        let mut want: Vec<(String, String)> = placed
+            .iter()
+            .filter(|o| buyer.is_empty() || o.buyer_id == buyer)
+            .filter(|o| state == opb::OrderState::Unspecified || o.state() == state)
+            .map(|o| (o.product_sku.clone(), o.order_id.clone()))
+            .collect();
+        // Products in SKU order, each in placement order (the sequence in the id).
+        let seq = |id: &str| id.rsplit('-').next().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0);
+        want.sort_by(|a, b| a.0.cmp(&b.0).then(seq(&a.1).cmp(&seq(&b.1))));
+        assert_eq!(got, want, "buyer {buyer:?}, state {state:?}");
+        assert!(pages > want.len().div_ceil(4), "the byte budget ended pages early ({pages} pages)");
+    }
+}

@@ -11,6 +11,7 @@
 mod common;
 
 mod allocation;
+mod audit_checkpoints;
 mod authz;
 mod closing_gates;
 mod concurrency;
@@ -26,6 +27,7 @@ mod licensing_api;
 mod lifecycle;
 mod metrics;
 mod mtls;
+mod partitions;
 mod propagation;
 mod python_client;
 mod stalls;

@@ -86,7 +86,17 @@ async fn a_stalled_propagation_backs_off_says_why_and_recovers() {
     m.until(std::slice::from_ref(&order.order_id), Duration::from_secs(45), |o| all_in(o, opb::OrderState::Reserved))
         .await;
     until_health(&orders_url, ServingStatus::Serving, Duration::from_secs(10)).await;
-    let scrape = chipgate_testkit::prom::scrape(&format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap();
-    assert_eq!(scrape.value("chipgate_propagation_failing_passes", &[("product", H200)]), 0.0);
+    // Scrapes refresh state-derived figures at most once a second (metrics::MIN_REFRESH): a scrape
+    // within a second of the last one shows that one's figures, so wait for the refresh.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let scrape = chipgate_testkit::prom::scrape(&format!("http://127.0.0.1:{metrics_port}/metrics")).await.unwrap();
+        let failing = scrape.value("chipgate_propagation_failing_passes", &[("product", H200)]);
+        if failing == 0.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the failures never cleared from the metrics: {failing}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     assert!(c.log_lines_containing("propagation recovered") >= 1);
 }

@@ -1,4 +1,5 @@
-//! The tamper-evident audit log (licensing): list and verify.
+//! The tamper-evident audit log (licensing): list, verify, and signed checkpoints to keep and verify
+//! against later.
 
 use chipgate_proto::licensing::v1 as lpb;
 use clap::Subcommand;
@@ -20,9 +21,27 @@ pub enum AuditCmd {
         #[command(flatten)]
         list: ListArgs,
     },
-    /// Recompute the audit log's hash chain; exit 11 if any entry does not verify.
-    #[command(after_help = "Example:\n  chipgate audit verify")]
-    Verify,
+    /// Recompute the audit log's hash chains; exit 11 if any entry does not verify or, with
+    /// --checkpoint, if the log no longer extends the kept checkpoint (entries removed or rewritten).
+    #[command(
+        after_help = "Examples:\n  chipgate audit verify\n  chipgate audit verify --checkpoint cp.json   # a checkpoint kept earlier"
+    )]
+    Verify {
+        /// A checkpoint kept from `chipgate audit checkpoint` (its JSON document, or the bare
+        /// checkpoint): the log must still extend it. One whose signature does not verify is refused
+        /// (exit 3).
+        #[arg(long, value_name = "FILE")]
+        checkpoint: Option<std::path::PathBuf>,
+    },
+    /// Take a signed checkpoint of the audit log (every chain's head, a root, the time, the service's
+    /// Ed25519 signature) and print it as JSON, to keep somewhere Redis writers can't reach.
+    ///
+    /// The JSON document always goes to stdout (it is the thing to keep); a summary for people goes
+    /// to stderr unless -o json.
+    #[command(
+        after_help = "Examples:\n  chipgate audit checkpoint > cp.json\n  chipgate audit verify --checkpoint cp.json"
+    )]
+    Checkpoint,
 }
 
 /// `chipgate audit …`.
@@ -56,31 +75,101 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
             print_listing(ctx, listed, response, table, "no audit entries");
             Ok(())
         }
-        AuditCmd::Verify => {
-            let r = ctx
-                .call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req(lpb::VerifyAuditLogRequest {})))
-                .await?;
+        AuditCmd::Verify { checkpoint } => {
+            let checkpoint = checkpoint.as_deref().map(read_checkpoint).transpose()?;
+            let msg = lpb::VerifyAuditLogRequest { checkpoint };
+            let with_checkpoint = msg.checkpoint.is_some();
+            let r = ctx.call(Svc::Licensing, None, ctx.lic().verify_audit_log(ctx.req(msg))).await?;
             if ctx.json() {
                 out::json(&view::msg(&r));
-            } else if r.valid {
-                out::say(&format!(
-                    "audit log intact: {} entries verify; head {}",
-                    thousands(r.entries_checked),
-                    view::dash(&r.head_hash)
-                ));
             } else {
-                out::say(&format!(
-                    "audit log BROKEN at entry {}: {} ({} entries checked)",
-                    r.first_bad_sequence,
-                    r.problem,
-                    thousands(r.entries_checked)
-                ));
+                print_verification(&r, with_checkpoint);
             }
             if r.valid {
                 Ok(())
             } else {
-                Err(Failure::Check(format!("audit entry {} does not verify: {}", r.first_bad_sequence, r.problem)))
+                let chain = if r.bad_chain.is_empty() { String::new() } else { format!(" of {}", r.bad_chain) };
+                Err(Failure::Check(format!(
+                    "audit entry {}{chain} does not verify: {}",
+                    r.first_bad_sequence, r.problem
+                )))
             }
         }
+        AuditCmd::Checkpoint => {
+            let msg = lpb::GetAuditCheckpointRequest {};
+            let r = ctx.call(Svc::Licensing, None, ctx.lic().get_audit_checkpoint(ctx.req(msg))).await?;
+            // The document is what gets kept (`> cp.json`), so it is printed in every output mode.
+            out::json(&view::msg(&r));
+            if !ctx.json()
+                && let Some(cp) = &r.checkpoint
+            {
+                for line in checkpoint_summary(cp) {
+                    out::note(&line);
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Reads a kept checkpoint: a `chipgate audit checkpoint` document (`{"checkpoint": {...}}`), or the
+/// bare checkpoint.
+fn read_checkpoint(path: &std::path::Path) -> Result<lpb::AuditCheckpoint, Failure> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Failure::Input(format!("can't read the checkpoint {}: {e}", path.display())))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| Failure::Input(format!("{} is not JSON: {e}", path.display())))?;
+    let bad = |e: String| Failure::Input(format!("{} is not an audit checkpoint: {e}", path.display()));
+    match doc.get("checkpoint") {
+        Some(inner) => view::from_json::<lpb::GetAuditCheckpointResponse>(&serde_json::json!({ "checkpoint": inner }))
+            .map_err(bad)?
+            .checkpoint
+            .ok_or_else(|| Failure::Input(format!("{}: the checkpoint is null", path.display()))),
+        None => view::from_json::<lpb::AuditCheckpoint>(&doc).map_err(bad),
+    }
+}
+
+/// What a checkpoint says, for people (stderr: stdout holds the document to keep).
+fn checkpoint_summary(cp: &lpb::AuditCheckpoint) -> Vec<String> {
+    let signed = if cp.signature.is_empty() {
+        "UNSIGNED (the service has no audit key: dev only; this proves nothing to anyone else)".to_string()
+    } else {
+        format!("signed by {}", cp.key_id)
+    };
+    let mut lines =
+        vec![format!("audit checkpoint at {}: {signed}; root {}", view::ts_short(cp.time.as_ref()), cp.root)];
+    let mut t = out::Table::new(&["CHAIN", ">SEQUENCE", "HEAD"]);
+    for c in &cp.chains {
+        t.row(vec![c.chain.clone(), thousands(c.sequence), c.head_hash.clone()]);
+    }
+    lines.extend(t.render());
+    lines
+}
+
+fn print_verification(r: &lpb::VerifyAuditLogResponse, with_checkpoint: bool) {
+    let mut t = out::Table::new(&["CHAIN", ">ENTRIES", ">CHECKPOINT", "STATUS", "HEAD"]);
+    for c in &r.chains {
+        let status =
+            if c.valid { "ok".to_string() } else { format!("BROKEN at {}: {}", c.first_bad_sequence, c.problem) };
+        let pinned = if with_checkpoint { thousands(c.checkpoint_sequence) } else { "-".to_string() };
+        t.row(vec![c.chain.clone(), thousands(c.entries_checked), pinned, status, view::dash(&c.head_hash)]);
+    }
+    t.print_or("no audit chains");
+    let checkpoint = match (with_checkpoint, r.extends_checkpoint, r.checkpoint_signed) {
+        (false, _, _) => String::new(),
+        (true, true, true) => "; it extends the signed checkpoint".to_string(),
+        (true, true, false) => "; it extends the (unsigned) checkpoint".to_string(),
+        (true, false, _) => "; it does NOT extend the checkpoint".to_string(),
+    };
+    if r.valid {
+        out::say(&format!("audit log intact: {} entries verify{checkpoint}", thousands(r.entries_checked)));
+    } else {
+        let chain = if r.bad_chain.is_empty() { String::new() } else { format!(" in {}", r.bad_chain) };
+        out::say(&format!(
+            "audit log BROKEN at entry {}{chain}: {} ({} entries checked){checkpoint}",
+            r.first_bad_sequence,
+            r.problem,
+            thousands(r.entries_checked)
+        ));
     }
 }

@@ -64,7 +64,7 @@ pub enum OrderCmd {
     )]
     Place(PlaceArgs),
     /// Show one order: where it stands, why, and its whole history.
-    #[command(after_help = "Example:\n  chipgate order show ord-17")]
+    #[command(after_help = "Example:\n  chipgate order show ord-H200-SXM-141GB-17")]
     Show {
         /// Order id.
         order: String,
@@ -90,7 +90,7 @@ pub enum OrderCmd {
         list: ListArgs,
     },
     /// Cancel an order that has not shipped; its quota and stock go back (and move the next in line).
-    #[command(after_help = "Example:\n  chipgate order cancel ord-17 --reason 'duplicate'")]
+    #[command(after_help = "Example:\n  chipgate order cancel ord-H200-SXM-141GB-17 --reason 'duplicate'")]
     Cancel {
         /// Order id.
         order: String,
@@ -99,13 +99,13 @@ pub enum OrderCmd {
         reason: String,
     },
     /// Confirm a RESERVED order before its hold expires: stock and quota are committed.
-    #[command(after_help = "Example:\n  chipgate order confirm ord-17")]
+    #[command(after_help = "Example:\n  chipgate order confirm ord-H200-SXM-141GB-17")]
     Confirm {
         /// Order id.
         order: String,
     },
     /// Ship a CONFIRMED order.
-    #[command(after_help = "Example:\n  chipgate order ship ord-17")]
+    #[command(after_help = "Example:\n  chipgate order ship ord-H200-SXM-141GB-17")]
     Ship {
         /// Order id.
         order: String,
@@ -113,7 +113,7 @@ pub enum OrderCmd {
     /// Follow order transitions live, of one buyer or one order, one line each (JSON lines with -o json).
     #[command(
         group(ArgGroup::new("whose").required(true).multiple(true).args(["buyer", "order"])),
-        after_help = "Examples:\n  chipgate order watch --buyer tencent\n  chipgate order watch --order ord-17 --until reserved --for 5m"
+        after_help = "Examples:\n  chipgate order watch --buyer tencent\n  chipgate order watch --order ord-H200-SXM-141GB-17 --until reserved --for 5m"
     )]
     Watch {
         /// Transitions of this buyer's orders.

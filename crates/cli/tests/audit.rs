@@ -1,0 +1,136 @@
+//! `chipgate audit checkpoint > cp.json` and `chipgate audit verify --checkpoint cp.json` against a
+//! real cluster (authentication on, real Redis, licensing signing with its own audit key): the kept
+//! file verifies while the log grows, a truncation made directly in the state store fails the check
+//! (exit 11) naming the chain and the entry, and a file whose signature was touched is refused (exit 3).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use chipgate_state::{Backend, Txn};
+use chipgate_testkit::Cluster;
+use common::{Cli, H200};
+use serde_json::Value;
+
+const STREAM: &str = "{lic}:audit";
+
+async fn decide(cli: &Cli, buyers: &[&str]) {
+    for b in buyers {
+        cli.as_(&format!("buyer:{b}"))
+            .json(&[
+                "apply",
+                "--buyer",
+                b,
+                "--product",
+                H200,
+                "--quantity",
+                "10",
+                "--end-use",
+                "training",
+                "--site",
+                "DC",
+            ])
+            .await;
+    }
+}
+
+/// Cuts the audit log back to its first `keep` entries and moves the head back to match, as someone
+/// with write access to the state store could.
+async fn truncate(cluster: &Cluster, keep: usize) {
+    let entries = cluster.store.xrange(STREAM, None, 10_000).await.unwrap();
+    let last = &entries[keep - 1];
+    let mut txn = Txn::new();
+    txn.delete(STREAM);
+    for e in &entries[..keep] {
+        txn.xadd(STREAM, e.fields.clone(), None);
+    }
+    txn.ops.push(chipgate_state::Op::PutAt {
+        key: format!("{STREAM}:head"),
+        version: keep as u64,
+        data: last.field("hash").unwrap().to_vec(),
+    });
+    cluster.store.commit(&txn).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_checkpoint_file_verifies_until_the_log_is_cut_back() {
+    let cluster = Cluster::start().await;
+    let cli = Cli::for_cluster(&cluster);
+    let auditor = cli.as_("auditor");
+    decide(&cli, &["bytedance", "alibaba", "tencent"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cp_path = dir.path().join("cp.json");
+    let cp_file = cp_path.to_str().unwrap();
+
+    // `chipgate audit checkpoint > cp.json`: the document on stdout in table mode too, a summary on
+    // stderr for people.
+    let out = auditor.raw(&["audit", "checkpoint"]).await;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::write(&cp_path, &out.stdout).unwrap();
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("stdout is the JSON document");
+    let cp = &doc["checkpoint"];
+    let key = cluster.audit_key.as_ref().unwrap();
+    assert_eq!(cp["key_id"], chipgate_licensing::checkpoint::key_id(&key.public_key()));
+    assert_eq!(cp["chains"][0]["chain"], STREAM);
+    assert_eq!(cp["chains"][0]["sequence"], "3");
+    assert!(cp["public_key_pem"].as_str().unwrap().contains("BEGIN PUBLIC KEY"), "{cp}");
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(summary.contains("signed by ed25519:") && summary.contains(STREAM), "{summary}");
+    // -o json prints the same kind of document (and nothing on stderr).
+    let again = auditor.json(&["audit", "checkpoint"]).await;
+    assert_eq!(again["checkpoint"]["root"], cp["root"], "nothing changed in between: same heads, same root");
+
+    // The log grows; it still extends the kept checkpoint.
+    decide(&cli, &["baidu", "moonshot"]).await;
+    let v = auditor.json(&["audit", "verify", "--checkpoint", cp_file]).await;
+    assert_eq!((v["valid"].clone(), v["extends_checkpoint"].clone()), (true.into(), true.into()), "{v}");
+    assert_eq!(v["checkpoint_signed"], true);
+    assert_eq!(v["entries_checked"], "5");
+    assert_eq!(v["chains"][0]["checkpoint_sequence"], "3");
+    let out = auditor.raw(&["audit", "verify", "--checkpoint", cp_file]).await;
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("audit log intact: 5 entries verify; it extends the signed checkpoint"), "{text}");
+    assert!(text.lines().next().unwrap().starts_with("CHAIN"), "a table of the chains first: {text}");
+    // A bare checkpoint (the inner object) is accepted as well.
+    let bare = dir.path().join("bare.json");
+    std::fs::write(&bare, serde_json::to_vec(cp).unwrap()).unwrap();
+    let v = auditor.json(&["audit", "verify", "--checkpoint", bare.to_str().unwrap()]).await;
+    assert_eq!(v["extends_checkpoint"], true);
+
+    // Cut back to entry 2 with the head moved to match: the plain check passes, the kept one fails.
+    truncate(&cluster, 2).await;
+    let plain = auditor.json(&["audit", "verify"]).await;
+    assert_eq!(plain["valid"], true, "the chain alone can't tell: {plain}");
+    let out = auditor.raw(&["-o", "json", "audit", "verify", "--checkpoint", cp_file]).await;
+    assert_eq!(out.status.code(), Some(11), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((v["valid"].clone(), v["extends_checkpoint"].clone()), (false.into(), false.into()), "{v}");
+    assert_eq!((v["bad_chain"].as_str().unwrap(), v["first_bad_sequence"].as_str().unwrap()), (STREAM, "3"));
+    let out = auditor.raw(&["audit", "verify", "--checkpoint", cp_file]).await;
+    assert_eq!(out.status.code(), Some(11));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&format!("BROKEN at entry 3 in {STREAM}")) && text.contains("does NOT extend"), "{text}");
+
+    // One flipped character of the signature: refused as invalid input (exit 3) with the reason.
+    let mut forged = doc.clone();
+    let sig = forged["checkpoint"]["signature"].as_str().unwrap().to_string();
+    let flip = if sig.starts_with('A') { "B" } else { "A" };
+    forged["checkpoint"]["signature"] = Value::from(format!("{flip}{}", &sig[1..]));
+    let forged_path = dir.path().join("forged.json");
+    std::fs::write(&forged_path, serde_json::to_vec(&forged).unwrap()).unwrap();
+    let (code, err) = auditor.fails(&["audit", "verify", "--checkpoint", forged_path.to_str().unwrap()]).await;
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(err["error"]["details"]["error_info"]["reason"], "CHECKPOINT_BAD_SIGNATURE");
+    assert_eq!(err["error"]["details"]["bad_request"][0]["field"], "checkpoint.signature");
+
+    // Not a checkpoint at all: a local input error, no call made.
+    let junk = dir.path().join("junk.json");
+    std::fs::write(&junk, r#"{"checkpoint": {"chains": "nope"}}"#).unwrap();
+    let (code, err) = auditor.fails(&["audit", "verify", "--checkpoint", junk.to_str().unwrap()]).await;
+    assert_eq!((code, err["error"]["code"].as_str().unwrap()), (3, "INPUT"), "{err}");
+    // A buyer may not take checkpoints.
+    let (code, _) = cli.as_("buyer:bytedance").fails(&["audit", "checkpoint"]).await;
+    assert_eq!(code, 8);
+    cluster.stop().await;
+}
