@@ -215,7 +215,8 @@ impl Orders {
                 chipgate_contract::catalogue::unknown_product(&new.sku),
             )));
         }
-        // The answer is kept with the policy's own key (one product's partition).
+        // The answer is kept with the policy in the product's partition (one slot for the change, its
+        // drain mark and the answer).
         let idem = IdemKey::new(&self.inner.idem, "SetAllocationPolicy", &req.request_id, &req)
             .in_partition(keys::part(&new.sku));
         let (answer, _) = self

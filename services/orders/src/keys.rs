@@ -148,13 +148,15 @@ pub fn waves() -> String {
     SPACE.key(["waves"])
 }
 
-/// A product's allocation policy and its latest changes.
+/// A product's allocation policy and its latest changes (in the product's partition: a change
+/// commits with the product's drain mark).
 pub fn allocation_policy(sku: &str) -> String {
     part(sku).key(["alloc-policy"])
 }
 
 /// Units of a product each buyer holds (held, committed, shipped): a hash buyer → units, kept by
-/// `book::write` with every order change; what allocation caps and the metrics read.
+/// `book::write` with every order change (in the product's partition, as the orders are); what
+/// allocation caps and the metrics read.
 pub fn allocated(sku: &str) -> String {
     part(sku).key(["allocated"])
 }
