@@ -60,15 +60,19 @@ pub(crate) async fn run(svc: Inventory, shutdown: Shutdown) {
 }
 
 impl Inventory {
+    /// Whether the watch hub follows product `sku`'s stream already.
+    fn follows(&self, sku: &str) -> bool {
+        match self.inner.followed.lock() {
+            Ok(f) => f.contains(sku),
+            Err(poisoned) => poisoned.into_inner().contains(sku),
+        }
+    }
+
     /// Makes the watch hub follow product `sku`'s stream, from its end as it is now (once per product).
     /// Returns once the starting point is read, so a watcher that subscribed before calling this misses
     /// nothing committed after it.
     async fn follow_product(&self, sku: &str) -> Result<(), Error> {
-        let fresh = match self.inner.followed.lock() {
-            Ok(f) => !f.contains(sku),
-            Err(poisoned) => !poisoned.into_inner().contains(sku),
-        };
-        if !fresh {
+        if self.follows(sku) {
             return Ok(());
         }
         let stream = keys::events(sku);
@@ -121,7 +125,10 @@ impl Inventory {
         // Subscribe before reading the snapshot, so no change falls between the two; a product the hub
         // doesn't follow yet (added since its last look at the catalogue) is followed from now on.
         let rx = self.inner.watch.subscribe();
+        // (Followed already, the usual case: no store read on the way, so the call holds its share of
+        // the global concurrency limit only as long as its snapshot takes.)
         if !req.product_sku.is_empty()
+            && !self.follows(&req.product_sku)
             && chipgate_contract::catalogue::has_product(self.store(), &req.product_sku).await?
         {
             self.follow_product(&req.product_sku).await?;
