@@ -68,9 +68,59 @@ pub fn country(v: &mut Violations, field: &str, value: &str) {
     }
 }
 
+/// The `items` of a batch call naming orders: 1 to `max` of them. Returns how many to check one by
+/// one (at most `max`, so an oversized batch costs no more than a full one).
+pub fn batch(v: &mut Violations, len: usize, max: usize) -> usize {
+    if len == 0 {
+        v.add("items", "must hold at least one order");
+    }
+    if len > max {
+        v.add("items", format!("holds {len} orders; at most {max} per call"));
+    }
+    len.min(max)
+}
+
+/// An order and its allocation generation, as a batch item names them (`prefix` is `items[i].`).
+pub fn order_ref(v: &mut Violations, prefix: &str, order_id: &str, generation: u64) {
+    id(v, &format!("{prefix}order_id"), order_id);
+    if generation == 0 {
+        v.add(format!("{prefix}generation"), "must be at least 1");
+    }
+}
+
+/// An order named at most once per batch: `seen` holds the keys of the items before it.
+pub fn once<K: std::hash::Hash + Eq>(
+    v: &mut Violations,
+    seen: &mut std::collections::HashSet<K>,
+    key: K,
+    prefix: &str,
+    order_id: &str,
+) {
+    if !seen.insert(key) {
+        v.add(format!("{prefix}order_id"), format!("order {order_id} appears twice in the batch"));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_name_each_order_once() {
+        let mut v = Violations::new();
+        assert_eq!(batch(&mut v, 0, 3), 0);
+        assert_eq!(batch(&mut v, 5, 3), 3);
+        assert_eq!(batch(&mut v, 2, 3), 2);
+        let mut seen = std::collections::HashSet::new();
+        for (i, (o, g)) in [("o1", 1), ("", 0), ("o1", 2)].into_iter().enumerate() {
+            let prefix = format!("items[{i}].");
+            order_ref(&mut v, &prefix, o, g);
+            once(&mut v, &mut seen, o, &prefix, o);
+        }
+        let fields: Vec<&str> = v.list().iter().map(|f| f.field.as_str()).collect();
+        assert_eq!(fields, ["items", "items", "items[1].order_id", "items[1].generation", "items[2].order_id"]);
+        assert!(v.list()[4].description.contains("order o1 appears twice"));
+    }
 
     #[test]
     fn ids_are_checked() {

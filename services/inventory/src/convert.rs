@@ -25,19 +25,12 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
     fn try_from(req: pb::BatchReserveRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
         validate::id(&mut v, "product_sku", &req.product_sku);
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
+        let checked = validate::batch(&mut v, req.items.len(), MAX_BATCH);
         let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            let field = |name: &str| format!("items[{i}].{name}");
-            validate::id(&mut v, &field("order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(field("generation"), "must be at least 1");
-            }
+        for (i, it) in req.items.iter().enumerate().take(checked) {
+            let prefix = format!("items[{i}].");
+            let field = |name: &str| format!("{prefix}{name}");
+            validate::order_ref(&mut v, &prefix, &it.order_id, it.generation);
             validate::units(&mut v, &field("units"), it.units, MAX_UNITS);
             if it.hold_seconds > MAX_HOLD_SECONDS {
                 v.add(field("hold_seconds"), format!("must be at most {MAX_HOLD_SECONDS}"));
@@ -56,9 +49,7 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
                     v.add(field("max_units"), format!("{max} is below the {known} units known to be held"));
                 }
             }
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(field("order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
+            validate::once(&mut v, &mut seen, it.order_id.as_str(), &prefix, &it.order_id);
         }
         v.check_violations()?;
         let asks = req
@@ -93,22 +84,13 @@ impl TryFrom<pb::BatchReleaseReservationsRequest> for ReleaseBatch {
 
     fn try_from(req: pb::BatchReleaseReservationsRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {MAX_BATCH} per call", req.items.len()));
-        }
+        let checked = validate::batch(&mut v, req.items.len(), MAX_BATCH);
         let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(MAX_BATCH) {
-            validate::id(&mut v, &format!("items[{i}].order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(format!("items[{i}].generation"), "must be at least 1");
-            }
-            validate::id(&mut v, &format!("items[{i}].product_sku"), &it.product_sku);
-            if !seen.insert((it.product_sku.as_str(), it.order_id.as_str())) {
-                v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
+        for (i, it) in req.items.iter().enumerate().take(checked) {
+            let prefix = format!("items[{i}].");
+            validate::order_ref(&mut v, &prefix, &it.order_id, it.generation);
+            validate::id(&mut v, &format!("{prefix}product_sku"), &it.product_sku);
+            validate::once(&mut v, &mut seen, (it.product_sku.as_str(), it.order_id.as_str()), &prefix, &it.order_id);
         }
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check_violations()?;

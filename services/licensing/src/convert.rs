@@ -222,21 +222,12 @@ pub fn policy_to(sku: &str, p: Option<&PolicyRecord>) -> pb::ImportPolicy {
 /// The order/generation pairs a batch names, validated: 1 to [`crate::MAX_BATCH`] items, each order
 /// once, every generation at least 1.
 fn quota_refs(v: &mut Violations, items: Vec<pb::ReleaseItem>) -> Vec<(String, u64)> {
-    if items.is_empty() {
-        v.add("items", "must hold at least one order");
-    }
-    if items.len() > crate::MAX_BATCH {
-        v.add("items", format!("holds {} orders; at most {} per call", items.len(), crate::MAX_BATCH));
-    }
+    let checked = validate::batch(v, items.len(), crate::MAX_BATCH);
     let mut seen = std::collections::HashSet::new();
-    for (i, it) in items.iter().enumerate().take(crate::MAX_BATCH) {
-        validate::id(v, &format!("items[{i}].order_id"), &it.order_id);
-        if it.generation == 0 {
-            v.add(format!("items[{i}].generation"), "must be at least 1");
-        }
-        if !seen.insert(it.order_id.as_str()) {
-            v.add(format!("items[{i}].order_id"), format!("order {} appears twice in the batch", it.order_id));
-        }
+    for (i, it) in items.iter().enumerate().take(checked) {
+        let prefix = format!("items[{i}].");
+        validate::order_ref(v, &prefix, &it.order_id, it.generation);
+        validate::once(v, &mut seen, it.order_id.as_str(), &prefix, &it.order_id);
     }
     items.into_iter().map(|it| (it.order_id, it.generation)).collect()
 }
@@ -257,26 +248,17 @@ impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
     fn try_from(req: pb::BatchReserveQuotaRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
         validate::id(&mut v, "product_sku", &req.product_sku);
-        if req.items.is_empty() {
-            v.add("items", "must hold at least one order");
-        }
-        if req.items.len() > crate::MAX_BATCH {
-            v.add("items", format!("holds {} orders; at most {} per call", req.items.len(), crate::MAX_BATCH));
-        }
+        let checked = validate::batch(&mut v, req.items.len(), crate::MAX_BATCH);
         let mut seen = std::collections::HashSet::new();
-        for (i, it) in req.items.iter().enumerate().take(crate::MAX_BATCH) {
-            let field = |name: &str| format!("items[{i}].{name}");
-            validate::id(&mut v, &field("order_id"), &it.order_id);
-            if it.generation == 0 {
-                v.add(field("generation"), "must be at least 1");
-            }
+        for (i, it) in req.items.iter().enumerate().take(checked) {
+            let prefix = format!("items[{i}].");
+            let field = |name: &str| format!("{prefix}{name}");
+            validate::order_ref(&mut v, &prefix, &it.order_id, it.generation);
             validate::id(&mut v, &field("buyer_id"), &it.buyer_id);
             validate::units(&mut v, &field("units"), it.units, crate::MAX_UNITS);
             validate::text(&mut v, &field("justification"), &it.justification, validate::MAX_TEXT_LEN, false);
             validate::optional_id(&mut v, &field("queued_behind"), &it.queued_behind);
-            if !seen.insert(it.order_id.as_str()) {
-                v.add(field("order_id"), format!("order {} appears twice in the batch", it.order_id));
-            }
+            validate::once(&mut v, &mut seen, it.order_id.as_str(), &prefix, &it.order_id);
         }
         v.check_violations()?;
         let asks = req
