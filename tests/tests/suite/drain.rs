@@ -107,14 +107,26 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
 /// its connection attempts: a pod would hang for its whole termination grace period).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_a_service_still_waiting_for_redis() {
+    // Configured as an operator runs them: authentication on, the public key, licensing's audit key,
+    // orders' service token.
+    let keys = tempfile::tempdir().unwrap();
+    let signer = chipgate_runtime::auth::Signer::generate().unwrap();
+    let public = keys.path().join("public.pem");
+    std::fs::write(&public, signer.public_pem()).unwrap();
+    let audit = keys.path().join(chipgate_testkit::AUDIT_SIGNING_KEY_FILE);
+    std::fs::write(&audit, chipgate_runtime::auth::Signer::generate().unwrap().private_pem()).unwrap();
+    chipgate_testkit::write_service_token(&signer, keys.path());
+    let token = keys.path().join(chipgate_testkit::SERVICE_TOKEN_FILE);
     for bin in ["chipgate-licensing", "chipgate-inventory", "chipgate-orders"] {
         // A free port nobody listens on: every connection attempt is refused.
         let nowhere = format!("redis://127.0.0.1:{}", free_port());
         let mut child = tokio::process::Command::new(binary(bin))
             .env("CHIPGATE_LISTEN", format!("127.0.0.1:{}", free_port()))
             .env("REDIS_URL", nowhere)
-            .env("CHIPGATE_INSECURE_NO_AUTH", "true")
-            .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
+            .env_remove("CHIPGATE_INSECURE_NO_AUTH")
+            .env("CHIPGATE_AUTH_PUBLIC_KEY", &public)
+            .env("CHIPGATE_AUDIT_SIGNING_KEY_FILE", &audit)
+            .env("CHIPGATE_SERVICE_TOKEN_FILE", &token)
             .env("RUST_LOG", "warn")
             .kill_on_drop(true)
             .spawn()
