@@ -91,7 +91,15 @@ pub async fn delivery(redis_url: &str) -> Vec<Delivery> {
         .query_async(&mut conn)
         .await
         .unwrap_or_default();
+    let licensed: Vec<String> = redis::cmd("ZRANGE")
+        .arg(chipgate_contract::licensing_products::key())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
     let mut streams = vec![chipgate_contract::streams::licensing()];
+    streams.extend(licensed.iter().map(|p| chipgate_contract::streams::licensing_product(p)));
     streams.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
     for stream in &streams {
         let stream = stream.clone();

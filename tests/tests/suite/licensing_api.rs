@@ -254,18 +254,26 @@ async fn every_licensing_rpc_answers_over_grpc() {
     assert!(types.contains(&pb::Condition::TermsFinal), "alibaba's terms are still pending: {types:?}");
     let batch = c.batch_reserve_quota(take("ord-3", "bytedance", 5, "x")).await.unwrap().into_inner();
     assert!(batch.results[0].reservation.is_some());
-    c.confirm_quota(pb::ConfirmQuotaRequest { request_id: rid("cq"), order_id: "ord-1".into(), generation: 1 })
-        .await
-        .unwrap();
+    c.confirm_quota(pb::ConfirmQuotaRequest {
+        request_id: rid("cq"),
+        order_id: "ord-1".into(),
+        generation: 1,
+        product_sku: "H200-SXM-141GB".into(),
+    })
+    .await
+    .unwrap();
     let r = c
-        .get_quota_reservation(pb::GetQuotaReservationRequest { order_id: "ord-1".into() })
+        .get_quota_reservation(pb::GetQuotaReservationRequest {
+            order_id: "ord-1".into(),
+            product_sku: "H200-SXM-141GB".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.reservation.unwrap().state(), pb::ReservationState::Confirmed);
     c.batch_release_quota(pb::BatchReleaseQuotaRequest {
         request_id: rid("rel"),
-        items: vec![pb::ReleaseItem { order_id: "ord-3".into(), generation: 1 }],
+        items: vec![pb::ReleaseItem { order_id: "ord-3".into(), generation: 1, product_sku: "H200-SXM-141GB".into() }],
         reason: "cancelled".into(),
         unless_confirmed: false,
     })
@@ -274,7 +282,11 @@ async fn every_licensing_rpc_answers_over_grpc() {
     let released = c
         .batch_release_quota(pb::BatchReleaseQuotaRequest {
             request_id: String::new(),
-            items: vec![pb::ReleaseItem { order_id: "ord-1".into(), generation: 1 }],
+            items: vec![pb::ReleaseItem {
+                order_id: "ord-1".into(),
+                generation: 1,
+                product_sku: "H200-SXM-141GB".into(),
+            }],
             reason: "unwind".into(),
             unless_confirmed: true,
         })
