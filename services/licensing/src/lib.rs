@@ -255,6 +255,7 @@ fn record(
         prev_hash: String::new(),
         hash: String::new(),
         request_id: ctx.request_id.clone(),
+        idempotency_key: ctx.idempotency_key.clone(),
     };
     txn.audit(&part.audit(), entry.encode_to_vec());
 }

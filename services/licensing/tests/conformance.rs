@@ -1317,7 +1317,38 @@ async fn batch_release(svc: &Licensing, sku: &str, order: &str, generation: u64)
     .unwrap();
 }
 
+/// An audit entry names both ids of the call that made it: the correlation id (`x-request-id`, or
+/// one the service made up) and the call's own request id, its idempotency key, which stays the same
+/// over retries; a retry adds no entry.
+async fn audit_entries_name_the_calls_idempotency_key(store: Store) {
+    let svc = service(store).await;
+    let call = |correlation: &str| {
+        let mut req = Request::new(pb::SubmitApplicationRequest {
+            request_id: "idem-42".into(),
+            buyer_id: "bytedance".into(),
+            product_sku: "H200".into(),
+            quantity: 10,
+            end_use: "LLM training".into(),
+            site: "Ulanqab DC".into(),
+            destination: String::new(),
+        });
+        req.metadata_mut().insert("x-request-id", correlation.parse().unwrap());
+        svc.submit_application(req)
+    };
+    call("corr-7").await.unwrap();
+    call("corr-8").await.unwrap();
+    let entries = svc
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest { page_size: 10, ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1, "the retry replays: {entries:?}");
+    assert_eq!((entries[0].request_id.as_str(), entries[0].idempotency_key.as_str()), ("corr-7", "idem-42"));
+}
+
 backend_tests!(
+    audit_entries_name_the_calls_idempotency_key,
     a_wave_over_two_products_is_in_force_in_each_products_partition,
     a_wave_decided_but_not_in_force_is_finished_by_a_retry_or_by_recovery,
     ids_with_separators_never_collide,
