@@ -118,7 +118,7 @@ pub fn check_segment(
     chain: &str,
     first: u64,
     prev: &str,
-    check_cp: &dyn Fn(&pb::AuditCheckpoint) -> Result<(), String>,
+    check_cp: &(dyn Fn(&pb::AuditCheckpoint) -> Result<(), String> + Sync),
 ) -> Result<Vec<Entry>, Problem> {
     let bad = |seq: u64, why: String| Err(Problem::new(name, seq, why));
     if m.kind != "audit" || m.stream != chain {
@@ -214,7 +214,7 @@ pub async fn verify_chain(
     target: &Target,
     chain: &str,
     pin: Option<(u64, &str)>,
-    check_cp: &dyn Fn(&pb::AuditCheckpoint) -> Result<(), String>,
+    check_cp: &(dyn Fn(&pb::AuditCheckpoint) -> Result<(), String> + Sync),
 ) -> Result<ChainArchive, Problem> {
     let dir = segment::audit_dir(chain);
     let names = target

@@ -19,6 +19,7 @@ pub mod audit;
 pub mod json;
 pub mod orders;
 pub mod segment;
+pub mod status;
 pub mod target;
 
 pub use segment::Manifest;
