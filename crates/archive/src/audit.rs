@@ -130,12 +130,19 @@ pub fn check_segment(
             if m.first > first {
                 format!("entries {first} to {} are missing from the archive", m.first - 1)
             } else {
-                format!("the segment starts at entry {}, inside the previous segment (which ends at {})", m.first, first - 1)
+                format!(
+                    "the segment starts at entry {}, inside the previous segment (which ends at {})",
+                    m.first,
+                    first - 1
+                )
             },
         );
     }
     if m.first_prev_hash.as_deref() != Some(prev) {
-        return bad(first, "its first entry's previous-hash in the manifest is not the previous segment's last hash".into());
+        return bad(
+            first,
+            "its first entry's previous-hash in the manifest is not the previous segment's last hash".into(),
+        );
     }
     let lines = segment::lines(json).map_err(|e| Problem::new(name, first, e))?;
     if lines.len() as u64 != m.records || lines.is_empty() {

@@ -97,7 +97,11 @@ fn holds(m: &Manifest, seq: u64) -> bool {
 /// The first problem.
 pub fn check_segment(name: &str, m: &Manifest, json: &[u8], sku: &str) -> Result<Vec<ClosedOrder>, Problem> {
     if m.kind != "orders" || m.stream != sku {
-        return Err(Problem::new(name, 0, format!("the manifest is of {} {:?}, not of product {sku:?}", m.kind, m.stream)));
+        return Err(Problem::new(
+            name,
+            0,
+            format!("the manifest is of {} {:?}, not of product {sku:?}", m.kind, m.stream),
+        ));
     }
     let lines = segment::lines(json).map_err(|e| Problem::new(name, 0, e))?;
     if lines.len() as u64 != m.records {
@@ -106,7 +110,8 @@ pub fn check_segment(name: &str, m: &Manifest, json: &[u8], sku: &str) -> Result
     let mut out = Vec::with_capacity(lines.len());
     for (i, l) in lines.iter().enumerate() {
         let bad = |why: String| Problem::new(name, 0, format!("line {}: {why}", i + 1));
-        let order: pb::Order = l.get("order").ok_or_else(|| bad("no order".into())).and_then(|v| pj::from_json(v).map_err(bad))?;
+        let order: pb::Order =
+            l.get("order").ok_or_else(|| bad("no order".into())).and_then(|v| pj::from_json(v).map_err(bad))?;
         let seq = l.get("sequence").and_then(Value::as_u64).unwrap_or(0);
         if order.product_sku != sku || order.order_id != format!("ord-{sku}-{seq}") || !holds(m, seq) {
             return Err(bad(format!("order {} is not one the manifest lists", order.order_id)));
@@ -192,7 +197,11 @@ pub async fn verify_product(target: &Target, sku: &str, committed: Option<u64>) 
         let (_, name) = segment::orders_names(sku, n);
         let (m, json) = segment::read_checked(target, &name).await?;
         if m.first != n || m.previous_manifest_sha256 != previous {
-            return Err(Problem::new(&name, 0, "the segment before it was removed or replaced (manifest chain broken)"));
+            return Err(Problem::new(
+                &name,
+                0,
+                "the segment before it was removed or replaced (manifest chain broken)",
+            ));
         }
         out.orders += check_segment(&name, &m, &json, sku)?.len() as u64;
         out.segments += 1;

@@ -171,8 +171,9 @@ impl Licensing {
                     continue;
                 }
             };
-            let done =
-                self.archive_chain(&target, &name, &chain, token, older_than_ms, max_segment_entries, stop_after, &mut run).await;
+            let done = self
+                .archive_chain(&target, &name, &chain, token, older_than_ms, max_segment_entries, stop_after, &mut run)
+                .await;
             // A crash test leaves the lease to expire, as a dead process would.
             if stop_after.is_none() {
                 let _ = self.store().lease_release(&lease, token).await;
@@ -227,7 +228,9 @@ impl Licensing {
                     seg::check_segment(&manifest_name, &m, &json, name, base_seq + 1, &base_hash, &check_cp)
                         .map(|entries| (m, entries))
                 }) {
-                    Ok((m, entries)) if entries.len() <= live.len() && entries.iter().zip(&live).all(|(a, (_, b))| a == b) => {
+                    Ok((m, entries))
+                        if entries.len() <= live.len() && entries.iter().zip(&live).all(|(a, (_, b))| a == b) =>
+                    {
                         tracing::info!(chain = name, segment = %manifest_name, "finishing a segment an earlier run wrote");
                         Some((entries.len(), m.data_bytes))
                     }
@@ -253,7 +256,11 @@ impl Licensing {
                     let entries: Vec<Entry> = live[..take].iter().map(|(_, e)| e.clone()).collect();
                     let last = &entries[take - 1];
                     let now = chipgate_runtime::time::now_ms();
-                    let pin = pb::AuditChainHead { chain: name.to_string(), sequence: last.seq, head_hash: last.hash.clone() };
+                    let pin = pb::AuditChainHead {
+                        chain: name.to_string(),
+                        sequence: last.seq,
+                        head_hash: last.hash.clone(),
+                    };
                     let cp = checkpoint::make(vec![pin], now, self.inner.audit_key.as_ref()).map_err(|d| {
                         Error::Internal(format!("can't checkpoint audit chain {name}: {}", d.description))
                     })?;
@@ -263,9 +270,11 @@ impl Licensing {
                         return Err(crash(Step::Written));
                     }
                     // Read back what is stored, not what was meant to be.
-                    let (m, json) = segment::read_checked(target, &sealed.manifest_name).await.map_err(archive_error)?;
-                    let back = seg::check_segment(&sealed.manifest_name, &m, &json, name, base_seq + 1, &base_hash, &check_cp)
-                        .map_err(archive_error)?;
+                    let (m, json) =
+                        segment::read_checked(target, &sealed.manifest_name).await.map_err(archive_error)?;
+                    let back =
+                        seg::check_segment(&sealed.manifest_name, &m, &json, name, base_seq + 1, &base_hash, &check_cp)
+                            .map_err(archive_error)?;
                     if back != entries {
                         return Err(archive_error(Problem {
                             segment: sealed.manifest_name.clone(),
@@ -293,15 +302,19 @@ impl Licensing {
                 }
                 Err(CommitError::State(e)) => return Err(e.into()),
             }
-            let freed: usize = live[..count]
-                .iter()
-                .map(|(id, e)| id.len() + e.entry.len() + e.prev.len() + e.hash.len() + 20)
-                .sum();
+            let freed: usize =
+                live[..count].iter().map(|(id, e)| id.len() + e.entry.len() + e.prev.len() + e.hash.len() + 20).sum();
             run.segments += 1;
             run.records += count as u64;
             run.bytes += bytes;
             run.redis_bytes_freed += freed as u64;
-            tracing::info!(chain = name, first = base_seq + 1, last = last.seq, bytes, "audit entries archived and trimmed");
+            tracing::info!(
+                chain = name,
+                first = base_seq + 1,
+                last = last.seq,
+                bytes,
+                "audit entries archived and trimmed"
+            );
             if stop_after == Some(Step::Trimmed) {
                 return Err(crash(Step::Trimmed));
             }

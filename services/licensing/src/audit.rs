@@ -263,9 +263,8 @@ impl Licensing {
                 v.entries_checked += 1;
                 v.head_hash.clone_from(&prev);
                 let seq: u64 = text(e, "seq").and_then(|s| s.parse().ok()).unwrap_or(0);
-                let bad = |v: pb::AuditChainVerification, problem: String| {
-                    Ok((fail(v, expected_seq, problem, ""), reached))
-                };
+                let bad =
+                    |v: pb::AuditChainVerification, problem: String| Ok((fail(v, expected_seq, problem, ""), reached));
                 if seq != expected_seq {
                     return bad(v, format!("entry {expected_seq} is missing (found sequence {seq} in its place)"));
                 }

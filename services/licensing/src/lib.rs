@@ -84,7 +84,6 @@ struct Inner {
 /// The health name that goes NOT_SERVING when archiving the audit log keeps failing.
 pub const ARCHIVE_HEALTH: &str = "chipgate.licensing.v1.Archive";
 
-
 /// The routes and names to serve licensing with [`chipgate_runtime::serve`].
 pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
     let metrics = service.metrics().clone();
@@ -92,7 +91,12 @@ pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
     let server = pb::licensing_service_server::LicensingServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics, checks: vec![archive] }
+    ServiceSpec {
+        names: vec![SERVICE_NAME],
+        routes: tonic::service::Routes::new(server),
+        metrics,
+        checks: vec![archive],
+    }
 }
 
 impl Licensing {

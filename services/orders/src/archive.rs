@@ -40,7 +40,8 @@ const LEASE_TTL: Duration = Duration::from_secs(120);
 const SCAN: usize = 1000;
 
 /// The states an order is closed in.
-const CLOSED: [OrderStatus; 4] = [OrderStatus::Shipped, OrderStatus::Cancelled, OrderStatus::Expired, OrderStatus::Rejected];
+const CLOSED: [OrderStatus; 4] =
+    [OrderStatus::Shipped, OrderStatus::Cancelled, OrderStatus::Expired, OrderStatus::Rejected];
 
 /// Where a run stops as if the process had died right after that step (crash tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -142,8 +143,9 @@ impl Orders {
                     continue;
                 }
             };
-            let done =
-                self.archive_product(&target, &sku, token, closed_before_ms, max_segment_orders, stop_after, &mut run).await;
+            let done = self
+                .archive_product(&target, &sku, token, closed_before_ms, max_segment_orders, stop_after, &mut run)
+                .await;
             if stop_after.is_none() {
                 let _ = self.store().lease_release(&lease, token).await;
             }
@@ -158,7 +160,12 @@ impl Orders {
     }
 
     /// Closed orders of `sku` old enough to archive, at most `max`, by sequence, with their versions.
-    async fn closed_orders(&self, sku: &str, closed_before_ms: u64, max: usize) -> Result<Vec<(u64, OrderRecord)>, Error> {
+    async fn closed_orders(
+        &self,
+        sku: &str,
+        closed_before_ms: u64,
+        max: usize,
+    ) -> Result<Vec<(u64, OrderRecord)>, Error> {
         let mut out = Vec::new();
         for state in CLOSED {
             let index = keys::orders_in(sku, state);
@@ -205,14 +212,20 @@ impl Orders {
                 None
             } else {
                 let (_, name) = segment::orders_names(sku, committed);
-                let sha = seg::manifest_sha256(target, &name).await.map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
+                let sha = seg::manifest_sha256(target, &name)
+                    .await
+                    .map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
                 Some(sha.ok_or_else(|| {
                     Error::Internal(format!("orders archive: committed segment {name} is missing from the archive"))
                 })?)
             };
             let closed: Vec<ClosedOrder> = found
                 .iter()
-                .map(|(_, o)| ClosedOrder { seq: o.seq, order: crate::convert::order_to(o, 0, true), closed_ms: o.update_ms })
+                .map(|(_, o)| ClosedOrder {
+                    seq: o.seq,
+                    order: crate::convert::order_to(o, 0, true),
+                    closed_ms: o.update_ms,
+                })
                 .collect();
             let now = chipgate_runtime::time::now_ms();
             let sealed = seg::seal(sku, n, &closed, previous, now, WRITTEN_BY);
@@ -233,7 +246,11 @@ impl Orders {
                 return Err(crash(Step::Verified));
             }
             let mut t = Txn::new();
-            t.expect_lease(keys::archive_lease(sku), token).replace(keys::archive_cursor(sku), version, n.to_string().into_bytes());
+            t.expect_lease(keys::archive_lease(sku), token).replace(
+                keys::archive_cursor(sku),
+                version,
+                n.to_string().into_bytes(),
+            );
             let mut freed = 0u64;
             for (v, o) in &found {
                 let key = keys::order(&o.id);

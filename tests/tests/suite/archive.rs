@@ -169,7 +169,11 @@ async fn a_live_chain_that_does_not_verify_is_not_archived() {
 async fn closed_order(w: &mut World, buyer: &str, sku: &str) -> String {
     let o = w.place(buyer, sku, 10).await;
     w.ord
-        .cancel_order(opb::CancelOrderRequest { request_id: rid("cancel"), order_id: o.order_id.clone(), reason: "test".into() })
+        .cancel_order(opb::CancelOrderRequest {
+            request_id: rid("cancel"),
+            order_id: o.order_id.clone(),
+            reason: "test".into(),
+        })
         .await
         .unwrap();
     o.order_id
@@ -211,7 +215,12 @@ async fn closed_orders_are_archived_crash_safely_and_read_back() {
     for id in &ids {
         assert!(w.cluster.store.get(&[chipgate_orders::keys::order(id)]).await.unwrap()[0].is_none());
     }
-    let cancelled = w.cluster.store.zcard(&chipgate_orders::keys::orders_in(H200, chipgate_domain::orders::OrderStatus::Cancelled)).await.unwrap();
+    let cancelled = w
+        .cluster
+        .store
+        .zcard(&chipgate_orders::keys::orders_in(H200, chipgate_domain::orders::OrderStatus::Cancelled))
+        .await
+        .unwrap();
     assert_eq!(cancelled, 0);
     let listed = w.all_orders().await;
     assert!(listed.iter().all(|o| !ids.contains(&o.order_id)), "{listed:?}");
@@ -266,7 +275,9 @@ async fn many_days_in_fast_time_keep_redis_flat_while_the_archive_grows() {
         // in real time, by TTL) are not part of it and are reported apart.
         let mut keys: Vec<String> = vec![STREAM.to_string()];
         let scan: Vec<String> = redis::cmd("KEYS").arg("{ord:*").query_async(&mut conn).await.unwrap();
-        keys.extend(scan.into_iter().filter(|k| k.contains(":order:") || k.contains(":buyer:") || k.contains(":state:")));
+        keys.extend(
+            scan.into_iter().filter(|k| k.contains(":order:") || k.contains(":buyer:") || k.contains(":state:")),
+        );
         let mut bytes = 0u64;
         for k in &keys {
             let n: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(k).query_async(&mut conn).await.unwrap();
@@ -282,7 +293,10 @@ async fn many_days_in_fast_time_keep_redis_flat_while_the_archive_grows() {
     let first = steady[0];
     assert!(steady.iter().all(|b| *b <= first + first / 5), "Redis grows: {redis_bytes:?}");
     assert!(redis_bytes[DAYS - 1] < redis_bytes[RETENTION_DAYS] * 2, "{redis_bytes:?}");
-    assert!(archive_bytes.windows(2).skip(RETENTION_DAYS).all(|p| p[1] > p[0]), "the archive grows daily: {archive_bytes:?}");
+    assert!(
+        archive_bytes.windows(2).skip(RETENTION_DAYS).all(|p| p[1] > p[0]),
+        "the archive grows daily: {archive_bytes:?}"
+    );
     let v = verify(&mut w).await;
     assert!(v.valid, "{v:?}");
     assert_eq!(v.entries_checked, head(&w).await);

@@ -105,8 +105,11 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
                 Ok(())
             } else {
                 let chain = if r.bad_chain.is_empty() { String::new() } else { format!(" of {}", r.bad_chain) };
-                let segment =
-                    if r.bad_segment.is_empty() { String::new() } else { format!(" (archived segment {})", r.bad_segment) };
+                let segment = if r.bad_segment.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (archived segment {})", r.bad_segment)
+                };
                 Err(Failure::Check(format!(
                     "audit entry {}{chain} does not verify{segment}: {}",
                     r.first_bad_sequence, r.problem
@@ -167,12 +170,16 @@ async fn verify_archive(
     for c in &live.chains {
         let status = match chipgate_archive::audit::verify_chain(&target, &c.chain, None, &check_cp).await {
             Err(p) => Err((p.segment.clone(), format!("entry {}: {}", p.sequence, p.problem), 0, 0)),
-            Ok(a) if c.archived_sequence > 0
-                && a.ends.get(&c.archived_sequence).map(|(h, _)| h) != Some(&c.archived_hash) =>
+            Ok(a)
+                if c.archived_sequence > 0
+                    && a.ends.get(&c.archived_sequence).map(|(h, _)| h) != Some(&c.archived_hash) =>
             {
                 Err((
                     a.ends.range(c.archived_sequence..).next().map(|(_, (_, s))| s.clone()).unwrap_or_default(),
-                    format!("Redis starts after entry {}, which no segment of this archive ends at", c.archived_sequence),
+                    format!(
+                        "Redis starts after entry {}, which no segment of this archive ends at",
+                        c.archived_sequence
+                    ),
                     a.segments,
                     a.entries,
                 ))
