@@ -45,8 +45,34 @@ impl Problem {
     }
 }
 
+/// Parses a retention window or period: `7d` (days), or anything
+/// [`chipgate_runtime::time::parse_duration`] takes (`250ms`, `10s`, `5m`, `1h`, bare seconds).
+///
+/// # Errors
+/// Not such a duration.
+pub fn parse_window(s: &str) -> Result<std::time::Duration, String> {
+    match s.trim().strip_suffix('d').map(str::parse::<u64>) {
+        Some(Ok(days)) => Ok(std::time::Duration::from_secs(days.saturating_mul(86_400))),
+        Some(Err(_)) => Err(format!("{s:?} is not a duration like 7d, 12h or 30m")),
+        None => chipgate_runtime::time::parse_duration(s),
+    }
+}
+
 /// RFC 3339 text of a time in milliseconds since the epoch (what manifests and lines carry for people).
 pub fn rfc3339(ms: u64) -> String {
     let ts = prost_types::Timestamp { seconds: (ms / 1000) as i64, nanos: ((ms % 1000) * 1_000_000) as i32 };
     ts.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn windows_take_days() {
+        assert_eq!(super::parse_window("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert_eq!(super::parse_window("90m"), Ok(Duration::from_secs(5400)));
+        assert!(super::parse_window("xd").is_err());
+        assert!(super::parse_window("5w").is_err());
+    }
 }

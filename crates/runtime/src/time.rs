@@ -26,7 +26,7 @@ pub fn ms_of(t: &prost_types::Timestamp) -> u64 {
     (t.seconds as u64).saturating_mul(1000).saturating_add((t.nanos.max(0) as u64) / 1_000_000)
 }
 
-/// Parses "250ms", "10s", "5m", "1h", "7d" (retention windows) or a bare number of seconds.
+/// Parses "250ms", "10s", "5m", "1h" or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
@@ -39,8 +39,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "s" => Ok(Duration::from_secs(n)),
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
-        "d" => Ok(Duration::from_secs(n * 86_400)),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m, h or d)")),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (use ms, s, m or h)")),
     }
 }
 
@@ -55,8 +54,7 @@ mod tests {
         assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert!(parse_duration("fast").is_err());
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert!(parse_duration("5w").is_err());
+        assert!(parse_duration("5d").is_err());
     }
 
     #[test]

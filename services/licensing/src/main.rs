@@ -39,11 +39,11 @@ struct Args {
     archive: Option<String>,
 
     /// How long audit entries stay in Redis before they are archived, e.g. 7d.
-    #[arg(long, env = "CHIPGATE_AUDIT_RETENTION", value_parser = parse_duration, default_value = "7d")]
+    #[arg(long, env = "CHIPGATE_AUDIT_RETENTION", value_parser = chipgate_archive::parse_window, default_value = "7d")]
     audit_retention: std::time::Duration,
 
     /// How often an archiving run starts, e.g. 1h.
-    #[arg(long, env = "CHIPGATE_ARCHIVE_EVERY", value_parser = parse_duration, default_value = "1h")]
+    #[arg(long, env = "CHIPGATE_ARCHIVE_EVERY", value_parser = chipgate_archive::parse_window, default_value = "1h")]
     archive_every: std::time::Duration,
 
     /// Most audit entries per archived segment.
@@ -52,7 +52,7 @@ struct Args {
 
     /// How long archiving may keep failing before the health name chipgate.licensing.v1.Archive
     /// reports NOT_SERVING (alert on it), e.g. 6h.
-    #[arg(long, env = "CHIPGATE_ARCHIVE_UNHEALTHY_AFTER", value_parser = parse_duration, default_value = "6h")]
+    #[arg(long, env = "CHIPGATE_ARCHIVE_UNHEALTHY_AFTER", value_parser = chipgate_archive::parse_window, default_value = "6h")]
     archive_unhealthy_after: std::time::Duration,
 }
 

@@ -77,11 +77,11 @@ struct Args {
     archive: Option<String>,
 
     /// How long closed (shipped, cancelled, expired, rejected) orders stay in Redis, e.g. 30d.
-    #[arg(long, env = "CHIPGATE_ORDER_RETENTION", value_parser = parse_duration, default_value = "30d")]
+    #[arg(long, env = "CHIPGATE_ORDER_RETENTION", value_parser = chipgate_archive::parse_window, default_value = "30d")]
     order_retention: std::time::Duration,
 
     /// How often an archiving run starts, e.g. 1h.
-    #[arg(long, env = "CHIPGATE_ARCHIVE_EVERY", value_parser = parse_duration, default_value = "1h")]
+    #[arg(long, env = "CHIPGATE_ARCHIVE_EVERY", value_parser = chipgate_archive::parse_window, default_value = "1h")]
     archive_every: std::time::Duration,
 
     /// Most orders per archived segment.
@@ -90,7 +90,7 @@ struct Args {
 
     /// How long archiving may keep failing before the health name chipgate.orders.v1.Archive reports
     /// NOT_SERVING (alert on it), e.g. 6h.
-    #[arg(long, env = "CHIPGATE_ARCHIVE_UNHEALTHY_AFTER", value_parser = parse_duration, default_value = "6h")]
+    #[arg(long, env = "CHIPGATE_ARCHIVE_UNHEALTHY_AFTER", value_parser = chipgate_archive::parse_window, default_value = "6h")]
     archive_unhealthy_after: std::time::Duration,
 }
 
