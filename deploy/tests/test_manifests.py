@@ -543,8 +543,32 @@ class Persistence(unittest.TestCase):
         sts, conf, _mounts = self.redis_conf(docs)
         self.assertEqual(conf.get("appendonly"), "no")
         self.assertFalse(sts["spec"].get("volumeClaimTemplates"), "dev Redis has no PVC")
-        self.assertEqual(k8s.by_kind(docs, "PersistentVolumeClaim"), [])
+        claims = [c["metadata"]["name"] for c in k8s.by_kind(docs, "PersistentVolumeClaim")]
+        self.assertEqual(claims, ["chipgate-archive"], "the archive is the only claim in dev")
         self.assertEqual(conf.get("maxmemory-policy"), "noeviction")
+
+    def test_archive_is_mounted_where_licensing_and_orders_archive(self):
+        for overlay in ("dev", "prod"):
+            docs = k8s.render(overlay)
+            claims = {c["metadata"]["name"]: c for c in k8s.by_kind(docs, "PersistentVolumeClaim")}
+            self.assertIn("chipgate-archive", claims, overlay)
+            if overlay == "prod":
+                self.assertEqual(claims["chipgate-archive"]["spec"]["accessModes"], ["ReadWriteMany"])
+            for dep in k8s.by_kind(docs, "Deployment"):
+                name = dep["metadata"]["name"]
+                if name not in ("licensing", "orders"):
+                    continue
+                pod = k8s.pod_template(dep)["spec"]
+                container = pod["containers"][0]
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                url = env.get("CHIPGATE_ARCHIVE_URL")
+                self.assertTrue(url, f"{overlay}/{name} archives")
+                mounts = [m for m in container.get("volumeMounts", []) if m["mountPath"] == url]
+                self.assertEqual(len(mounts), 1, f"{overlay}/{name}: {url} is a mount")
+                mount = mounts[0]
+                volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+                self.assertEqual(volume["persistentVolumeClaim"]["claimName"], "chipgate-archive")
+                self.assertFalse(mount.get("readOnly"), f"{overlay}/{name} writes the archive")
 
 
 def mount_of(container: dict, pod: dict, path: str) -> dict | None:

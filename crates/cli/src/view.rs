@@ -396,6 +396,9 @@ pub fn print_order(o: &opb::Order) {
     if o.hold_expire_time.is_some() {
         pairs.push(("hold expires", ts_short(o.hold_expire_time.as_ref())));
     }
+    if !o.archived_in.is_empty() {
+        pairs.push(("archived in", o.archived_in.clone()));
+    }
     crate::out::fields(&pairs);
     if !o.reasons.is_empty() {
         crate::out::say("");

@@ -134,3 +134,46 @@ async fn a_kept_checkpoint_file_verifies_until_the_log_is_cut_back() {
     assert_eq!(code, 8);
     cluster.stop().await;
 }
+
+/// `chipgate audit verify --archive DIR --audit-public-key PEM` checks the archive on this machine and
+/// that the live log continues it, and names a tampered segment (exit 11); `chipgate order show ID
+/// --archive DIR` reads an archived order without the service.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_archive_verifies_offline_and_names_a_tampered_segment() {
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("archive");
+    let options = chipgate_testkit::ClusterOptions { archive: Some(archive.clone()), ..Default::default() };
+    let cluster = Cluster::start_with(options).await;
+    let cli = Cli::for_cluster(&cluster);
+    let auditor = cli.as_("auditor");
+    decide(&cli, &["bytedance", "alibaba", "tencent", "moonshot"]).await;
+    let later = chipgate_runtime::time::now_ms() + 1000;
+    let run = cluster.licensing_service.archive_audit(later, 2, None).await.expect("archived");
+    assert_eq!((run.segments, run.records), (2, 4));
+    decide(&cli, &["zhipu"]).await;
+    let key = dir.path().join("audit-public.pem");
+    std::fs::write(&key, cluster.audit_key.as_ref().unwrap().public_pem()).unwrap();
+    let (url, key) = (archive.to_str().unwrap(), key.to_str().unwrap());
+    let out = auditor.raw(&["audit", "verify", "--archive", url, "--audit-public-key", key]).await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("intact and continued by the live log"), "{text}");
+
+    // Another key pinned: the segments' checkpoints are refused.
+    let other = dir.path().join("other.pem");
+    std::fs::write(&other, chipgate_runtime::auth::Signer::generate().unwrap().public_pem()).unwrap();
+    let out = auditor.raw(&["audit", "verify", "--archive", url, "--audit-public-key", other.to_str().unwrap()]).await;
+    assert_eq!(out.status.code(), Some(11), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // A tampered segment is named.
+    let (data, manifest) = chipgate_archive::segment::audit_names(STREAM, 3);
+    let path = archive.join(&data);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 1;
+    std::fs::write(&path, bytes).unwrap();
+    let out = auditor.raw(&["audit", "verify", "--archive", url, "--audit-public-key", key]).await;
+    assert_eq!(out.status.code(), Some(11));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&manifest), "{err}");
+}

@@ -21,6 +21,7 @@
 --   op     sadd <keyidx> <member>
 --   op     srem <keyidx> <member>
 --   op     xadd <keyidx> <maxlen> <nfields> <f1> <v1> ...   maxlen '0' = uncapped
+--   op     xtrim <keyidx> <minid>                  removes entries with ids below minid (exactly)
 --   op     alink <streamidx> <headidx> <seq> <prev> <hash> <entry>   audit entry, linked by the caller
 -- Returns {'ok', result...} (one result per xadd: the id; per alink: '<seq>:<hash>'),
 -- or {'conflict'|'fenced'|'lease', key} when a guard fails (nothing changed),
@@ -155,6 +156,9 @@ for _ = 1, no do
     end
     out[#out + 1] = redis.call('XADD', unpack(args))
     i = i + 4 + 2 * nf
+  elseif kind == 'xtrim' then
+    redis.call('XTRIM', k, 'MINID', ARGV[i + 2])
+    i = i + 3
   elseif kind == 'alink' then
     -- The hash was computed by the caller against the head this transaction guards (a version
     -- guard on the head key), so appending it here keeps the chain intact without hashing in Redis.

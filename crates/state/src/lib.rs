@@ -301,6 +301,15 @@ pub enum Op {
         /// Approximate cap on the stream length, if any.
         max_len: Option<u64>,
     },
+    /// Removes every entry of a stream whose id is lower than `min_id` (exactly, as `XTRIM key MINID
+    /// min_id`): how archived audit entries leave Redis, in the step that records how far the archive
+    /// goes. Entries appended later have higher ids and are never touched.
+    XTrimBefore {
+        /// Stream key.
+        key: String,
+        /// The lowest id kept (`<ms>-<seq>`).
+        min_id: String,
+    },
     /// Appends an entry to a tamper-evident audit chain, not yet linked: before the transaction is
     /// committed, [`Txn::link_audit`] turns it into an [`Op::AuditLinked`] against the chain's head.
     Audit {
@@ -347,6 +356,24 @@ impl AuditChain {
     /// change in the partition and its entry commit in one slot.
     pub fn in_partition(partition: &Partition) -> Self {
         AuditChain { stream: partition.key(["audit"]), head: partition.key(["audit", "head"]) }
+    }
+
+    /// The record saying how far the chain is archived (`<stream>:archived`): entries up to it were
+    /// written to the archive, read back, verified and removed from the stream. It shares the
+    /// stream's hash slot (the stream key starts with its partition's tag), so a trim and the record
+    /// commit together whatever partition the chain lives in.
+    pub fn archived_key(&self) -> String {
+        format!("{}:archived", self.stream)
+    }
+
+    /// The lease that lets one replica at a time archive this chain (same slot as the stream).
+    pub fn archive_lease_key(&self) -> String {
+        format!("{}:archive-lease", self.stream)
+    }
+
+    /// The counter issuing fencing tokens for [`archive_lease_key`](Self::archive_lease_key).
+    pub fn archive_lease_counter(&self) -> String {
+        format!("{}:archive-lease-seq", self.stream)
     }
 
     /// The head as stored: sequence number and hash of the last entry (`(0, AUDIT_GENESIS)` when the
@@ -485,6 +512,12 @@ impl Txn {
         self
     }
 
+    /// Removes the entries of stream `key` with ids lower than `min_id` (see [`Op::XTrimBefore`]).
+    pub fn xtrim_before(&mut self, key: impl Into<String>, min_id: impl Into<String>) -> &mut Self {
+        self.ops.push(Op::XTrimBefore { key: key.into(), min_id: min_id.into() });
+        self
+    }
+
     /// Appends an audit entry to `chain`.
     pub fn audit(&mut self, chain: &AuditChain, entry: Vec<u8>) -> &mut Self {
         let digest = sha256_hex(&entry);
@@ -581,7 +614,8 @@ impl Txn {
                 | Op::HDel { key, .. }
                 | Op::SAdd { key, .. }
                 | Op::SRem { key, .. }
-                | Op::XAdd { key, .. } => all.push(key),
+                | Op::XAdd { key, .. }
+                | Op::XTrimBefore { key, .. } => all.push(key),
                 Op::ZUnionStore { key, sources, count_into } => {
                     all.push(key);
                     all.extend(sources.iter().map(String::as_str));

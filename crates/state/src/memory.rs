@@ -266,6 +266,12 @@ impl Inner {
                 let id = self.xadd(key, fields.clone(), *max_len);
                 out.stream_ids.push(id);
             }
+            Op::XTrimBefore { key, min_id } => {
+                // Checked in `commit` before any op applied.
+                if let (Ok(min), Some(stream)) = (parse_id(min_id), self.streams.get_mut(key)) {
+                    stream.entries = stream.entries.split_off(&min);
+                }
+            }
             // Refused before any op applies (see `commit`).
             Op::Audit { .. } => {}
             Op::AuditLinked { chain, seq, prev, hash, entry } => {
@@ -377,6 +383,12 @@ impl Backend for MemoryBackend {
             return Err(
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
             );
+        }
+        // A malformed trim id is refused before anything applies, as Redis refuses the script.
+        for op in &txn.ops {
+            if let Op::XTrimBefore { min_id, .. } = op {
+                parse_id(min_id)?;
+            }
         }
         let mut out = Committed::default();
         {

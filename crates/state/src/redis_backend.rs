@@ -563,6 +563,15 @@ impl RedisBackend {
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
             );
         }
+        // A script that fails halfway keeps what it already wrote, so a malformed trim id is refused
+        // here, before anything is sent.
+        for op in &txn.ops {
+            if let Op::XTrimBefore { min_id, .. } = op
+                && crate::parse_stream_id(min_id).is_none()
+            {
+                return Err(StateError::Backend(format!("bad stream id {min_id:?}")).into());
+            }
+        }
         let mut keys: Vec<String> = txn.keys().into_iter().map(str::to_string).collect();
         let index: HashMap<&str, usize> = txn.keys().into_iter().enumerate().map(|(i, k)| (k, i + 1)).collect();
         let idx = |k: &str| index.get(k).copied().unwrap_or(0).to_string().into_bytes();
@@ -616,6 +625,7 @@ impl RedisBackend {
                         args.extend([s(f), v.clone()]);
                     }
                 }
+                Op::XTrimBefore { key, min_id } => args.extend([s("xtrim"), idx(key), s(min_id)]),
                 Op::Audit { .. } => {}
                 Op::AuditLinked { chain, seq, prev, hash, entry } => args.extend([
                     s("alink"),

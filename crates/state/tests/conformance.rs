@@ -320,6 +320,45 @@ async fn audit_chain_links_every_entry(store: Store) {
     assert_eq!(store.xlen(&chain.stream).await.unwrap(), 3);
 }
 
+/// Archived audit entries leave the stream exactly up to an id, with the record saying how far, in
+/// one transaction; later entries, the head and appends after the trim are untouched.
+async fn streams_trim_exactly_before_an_id(store: Store) {
+    let chain = AuditChain::of(S);
+    assert_eq!(chipgate_state::key_slot(&chain.archived_key()), chipgate_state::key_slot(&chain.stream));
+    assert_eq!(chipgate_state::key_slot(&chain.archive_lease_key()), chipgate_state::key_slot(&chain.stream));
+    for i in 0..5u8 {
+        let mut t = Txn::new();
+        t.audit(&chain, vec![i]);
+        let (seq, hash) = chain.head(&store).await.unwrap();
+        t.link_audit(&[(chain.clone(), seq, hash)]);
+        store.commit(&t).await.unwrap();
+    }
+    let all = store.xrange(&chain.stream, None, 100).await.unwrap();
+    let mut t = Txn::new();
+    t.xtrim_before(&chain.stream, &all[3].id).put(chain.archived_key(), b"3".to_vec());
+    store.commit(&t).await.unwrap();
+    let left = store.xrange(&chain.stream, None, 100).await.unwrap();
+    assert_eq!(left, all[3..].to_vec());
+    assert_eq!(chain.head(&store).await.unwrap().0, 5);
+    // An id past the last entry empties the stream; appending goes on with the head.
+    let (ms, n) = chipgate_state::parse_stream_id(&all[4].id).unwrap();
+    let mut t = Txn::new();
+    t.xtrim_before(&chain.stream, format!("{ms}-{}", n + 1));
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.xlen(&chain.stream).await.unwrap(), 0);
+    let mut t = Txn::new();
+    t.audit(&chain, vec![9]);
+    let (seq, hash) = chain.head(&store).await.unwrap();
+    t.link_audit(&[(chain.clone(), seq, hash)]);
+    assert_eq!(store.commit(&t).await.unwrap().audit[0].0, 6);
+    assert_eq!(store.xlen(&chain.stream).await.unwrap(), 1);
+    // A malformed id is refused and changes nothing.
+    let mut bad = Txn::new();
+    bad.put(k(&["untouched"]), b"x".to_vec()).xtrim_before(&chain.stream, "not-an-id");
+    assert!(store.commit(&bad).await.is_err());
+    assert!(store.get(&[k(&["untouched"])]).await.unwrap()[0].is_none());
+}
+
 async fn optimistic_increments_lose_nothing_under_concurrency(store: Store) {
     let key = k(&["counter"]);
     let tasks = 8;
@@ -370,5 +409,6 @@ backend_tests!(
     blocking_reads_wake_on_append,
     leases_and_fences,
     audit_chain_links_every_entry,
+    streams_trim_exactly_before_an_id,
     optimistic_increments_lose_nothing_under_concurrency,
 );

@@ -83,6 +83,10 @@ pub struct ClusterOptions {
     /// How often licensing takes a periodic audit checkpoint (logs and metrics); None: never (the
     /// RPCs still take them on demand).
     pub audit_checkpoint_every: Option<Duration>,
+    /// An archive directory for licensing's audit log and orders' closed orders (None: no archive).
+    /// Nothing archives by itself: tests run [`chipgate_licensing::Licensing::archive_audit`] and
+    /// [`chipgate_orders::Orders::archive_orders`] when they choose (with chosen cutoffs).
+    pub archive: Option<std::path::PathBuf>,
 }
 
 impl Default for ClusterOptions {
@@ -95,6 +99,7 @@ impl Default for ClusterOptions {
             orders_in_process: true,
             auth: true,
             audit_checkpoint_every: None,
+            archive: None,
         }
     }
 }
@@ -151,6 +156,8 @@ pub struct Cluster {
     pub orders: Option<ServiceHandle>,
     /// The in-process orders service itself (for tools that drive it directly, e.g. bulk loading).
     pub orders_service: Option<chipgate_orders::Orders>,
+    /// The in-process licensing service itself (tests drive its archiver directly).
+    pub licensing_service: chipgate_licensing::Licensing,
     /// The key tokens are signed with, when authentication is on.
     pub signer: Option<chipgate_runtime::auth::Signer>,
     /// Where the public key (and the signing key) are written, when authentication is on (for
@@ -275,6 +282,15 @@ impl Cluster {
             None => chipgate_runtime::auth::TokenSource::None,
         };
         let lic = chipgate_licensing::Licensing::with_audit_key(store.clone(), audit_key.clone());
+        let archive = options.archive.as_ref().map(|dir| chipgate_archive::Target::Dir(dir.clone()));
+        if let Some(target) = &archive {
+            lic.use_archive(target.clone());
+            options.orders.archive = Some(chipgate_orders::archive::ArchiveOptions {
+                every: Duration::ZERO,
+                ..chipgate_orders::archive::ArchiveOptions::new(target.clone())
+            });
+        }
+        let licensing_service = lic.clone();
         let lic_shutdown = Shutdown::new();
         if let Some(every) = options.audit_checkpoint_every {
             lic.spawn_audit_checkpoints(every, lic_shutdown.clone());
@@ -310,7 +326,18 @@ impl Cluster {
         } else {
             (None, None)
         };
-        Cluster { redis, store, licensing, inventory, orders, orders_service, signer, auth_dir, audit_key }
+        Cluster {
+            redis,
+            store,
+            licensing,
+            inventory,
+            orders,
+            orders_service,
+            licensing_service,
+            signer,
+            auth_dir,
+            audit_key,
+        }
     }
 
     /// A token for a non-buyer `role`, valid for an hour.

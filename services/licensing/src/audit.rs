@@ -144,9 +144,11 @@ impl Licensing {
             }
             out.valid = false;
         };
+        let archive = self.archive_target().cloned();
+        out.archive = archive.as_ref().map(chipgate_archive::Target::url).unwrap_or_default();
         for (name, chain) in &chains {
             let pin = pins.get(name.as_str()).map(|p| (p.sequence, p.head_hash.as_str()));
-            let (v, reached) = self.verify_chain(name, chain, pin).await?;
+            let (v, reached) = self.verify_chain(name, chain, pin, archive.as_ref()).await?;
             out.entries_checked += v.entries_checked;
             if out.chains.is_empty() {
                 out.head_hash.clone_from(&v.head_hash);
@@ -155,6 +157,9 @@ impl Licensing {
                 out.extends_checkpoint = false;
             }
             if !v.valid {
+                if out.valid {
+                    out.bad_segment.clone_from(&v.bad_segment);
+                }
                 fail(&mut out, name, v.first_bad_sequence, v.problem.clone());
             }
             out.chains.push(v);
@@ -176,31 +181,79 @@ impl Licensing {
         Ok(out)
     }
 
-    /// Verifies one chain from its first entry; with `pin` (a checkpoint's sequence and hash for it),
-    /// also that the chain still reaches that hash at that sequence. Returns the outcome and whether
-    /// the pinned entry was reached intact (always true without a pin).
+    /// Verifies one chain: its archived segments (when the service has an archive), then the live
+    /// tail in Redis from the archived base, as one chain. With `pin` (a checkpoint's sequence and
+    /// hash for it), also that the chain still reaches that hash at that sequence. Returns the
+    /// outcome and whether the pinned entry was reached intact (always true without a pin).
     async fn verify_chain(
         &self,
         name: &str,
         chain: &AuditChain,
         pin: Option<(u64, &str)>,
+        archive: Option<&chipgate_archive::Target>,
     ) -> Result<(pb::AuditChainVerification, bool), Error> {
         let pin_seq = pin.map_or(0, |p| p.0);
-        let mut prev = AUDIT_GENESIS.to_string();
-        let mut expected_seq = 1u64;
-        let mut checked = 0u64;
-        let mut after: Option<String> = None;
+        let (_, base_seq, base_hash) = crate::archive::archived_base(self.store(), chain).await?;
+        let mut v = pb::AuditChainVerification {
+            chain: name.to_string(),
+            valid: true,
+            head_hash: base_hash.clone(),
+            checkpoint_sequence: pin_seq,
+            archived_sequence: base_seq,
+            archived_hash: base_hash.clone(),
+            ..Default::default()
+        };
+        let fail = |mut v: pb::AuditChainVerification, seq: u64, problem: String, segment: &str| {
+            v.valid = false;
+            v.first_bad_sequence = seq;
+            v.problem = problem;
+            v.bad_segment = segment.to_string();
+            v
+        };
         // An empty pin (sequence 0) is reached before the first entry.
         let mut reached = pin_seq == 0;
-        let outcome = |seq: u64, checked: u64, problem: String, head: &str| pb::AuditChainVerification {
-            chain: name.to_string(),
-            valid: problem.is_empty(),
-            entries_checked: checked,
-            first_bad_sequence: seq,
-            problem,
-            head_hash: head.to_string(),
-            checkpoint_sequence: pin_seq,
-        };
+        // Where each archived segment ends (sequence → hash, segment): the archived base must be
+        // one of them, and one written but not trimmed yet must agree with Redis.
+        let mut ends = std::collections::BTreeMap::new();
+        if let Some(target) = archive {
+            let check_cp = |cp: &pb::AuditCheckpoint| self.check_sealed_checkpoint(cp);
+            match chipgate_archive::audit::verify_chain(target, name, pin, &check_cp).await {
+                Ok(a) => {
+                    v.segments_checked = a.segments;
+                    v.entries_checked = a.entries.min(base_seq);
+                    reached |= a.pin_reached;
+                    ends = a.ends;
+                }
+                Err(p) => return Ok((fail(v, p.sequence, p.problem, &p.segment), reached)),
+            }
+            if base_seq > 0 && ends.get(&base_seq).map(|(h, _)| h.as_str()) != Some(base_hash.as_str()) {
+                let segment = ends.range(base_seq..).next().map(|(_, (_, s))| s.clone()).unwrap_or_default();
+                let problem = format!(
+                    "Redis holds the chain from entry {} on, but the archive has no segment ending at entry \
+                     {base_seq} with the hash Redis starts from: archived entries are missing or were replaced",
+                    base_seq + 1
+                );
+                return Ok((fail(v, base_seq, problem, &segment), reached));
+            }
+        }
+        if let Some((s, h)) = pin
+            && s <= base_seq
+            && !reached
+        {
+            if s == base_seq && h == base_hash {
+                reached = true;
+            } else if archive.is_none() {
+                let problem = format!(
+                    "the checkpoint pins entry {s}, which was archived out of Redis, and this service has no archive \
+                     configured to check it"
+                );
+                return Ok((fail(v, s, problem, ""), false));
+            }
+        }
+        let mut prev = base_hash.clone();
+        let mut expected_seq = base_seq + 1;
+        let mut live = 0u64;
+        let mut after: Option<String> = None;
         loop {
             let chunk = self.store().xrange(&chain.stream, after.as_deref(), SCAN_CHUNK).await?;
             if chunk.is_empty() {
@@ -208,61 +261,82 @@ impl Licensing {
             }
             for e in &chunk {
                 after = Some(e.id.clone());
-                checked += 1;
+                live += 1;
+                v.entries_checked += 1;
+                v.head_hash.clone_from(&prev);
                 let seq: u64 = text(e, "seq").and_then(|s| s.parse().ok()).unwrap_or(0);
-                let bad = |problem: String| Ok((outcome(expected_seq, checked, problem, &prev), reached));
+                let bad =
+                    |v: pb::AuditChainVerification, problem: String| Ok((fail(v, expected_seq, problem, ""), reached));
                 if seq != expected_seq {
-                    return bad(format!("entry {expected_seq} is missing (found sequence {seq} in its place)"));
+                    return bad(v, format!("entry {expected_seq} is missing (found sequence {seq} in its place)"));
                 }
                 let stored_prev = text(e, "prev").unwrap_or_default();
                 if stored_prev != prev {
-                    return bad("its previous-hash does not match the entry before it".into());
+                    return bad(v, "its previous-hash does not match the entry before it".into());
                 }
                 let body = e.field("entry").unwrap_or_default();
                 let Some(link) = audit_link(&prev, &sha256_hex(body)) else {
-                    return bad("its previous-hash is not a SHA-256 digest".into());
+                    return bad(v, "its previous-hash is not a SHA-256 digest".into());
                 };
                 let stored_hash = text(e, "hash").unwrap_or_default();
                 if stored_hash != link {
-                    return bad("its content does not match its hash (the entry was altered)".into());
+                    return bad(v, "its content does not match its hash (the entry was altered)".into());
                 }
                 if let Some((s, h)) = pin
                     && s == seq
                 {
                     if link != h {
-                        return bad(format!(
-                            "entry {seq} no longer has the hash the checkpoint pinned: the log up to it was \
-                             rewritten and re-linked"
-                        ));
+                        return bad(
+                            v,
+                            format!(
+                                "entry {seq} no longer has the hash the checkpoint pinned: the log up to it was \
+                                 rewritten and re-linked"
+                            ),
+                        );
                     }
                     reached = true;
+                }
+                // A segment written and not trimmed yet holds this entry too: both copies must agree.
+                if let Some((h, segment)) = ends.get(&seq)
+                    && *h != link
+                {
+                    let problem = format!("the archive's copy of entry {seq} differs from the one in Redis");
+                    return Ok((fail(v, seq, problem, segment), reached));
                 }
                 prev = link;
                 expected_seq += 1;
             }
         }
+        v.head_hash.clone_from(&prev);
+        let last = base_seq + live;
         // The head must point at the last entry, or entries were cut off the end.
         let head = self.store().get(std::slice::from_ref(&chain.head)).await?.pop().flatten();
         if let Some(h) = head {
             let head_hash = String::from_utf8_lossy(&h.data).to_string();
-            if h.version != checked || head_hash != prev {
-                let problem = format!("the log ends at entry {checked} but its head records entry {}", h.version);
-                return Ok((outcome(checked + 1, checked, problem, &prev), reached));
+            if h.version != last || head_hash != prev {
+                let problem = format!("the log ends at entry {last} but its head records entry {}", h.version);
+                return Ok((fail(v, last + 1, problem, ""), reached));
             }
-        } else if checked > 0 {
-            return Ok((outcome(checked, checked, "the log has entries but no head".into(), &prev), reached));
+        } else if last > 0 {
+            return Ok((fail(v, last, "the log has entries but no head".into(), ""), reached));
+        }
+        if let Some((&end, (_, segment))) = ends.last_key_value()
+            && end > last
+        {
+            let problem = format!("the chain in Redis ends at entry {last} but the archive holds entries up to {end}");
+            return Ok((fail(v, last + 1, problem, segment), reached));
         }
         if !reached {
             // Consistent, but shorter than the checkpoint: the end was cut off and the head moved back
             // (or the whole log deleted).
             let problem = format!(
-                "the chain ends at entry {checked} but the checkpoint pinned entry {pin_seq}: entries {} to \
-                 {pin_seq} were removed",
-                checked + 1
+                "the chain ends at entry {last} but the checkpoint pinned entry {pin_seq}: entries {} to {pin_seq} \
+                 were removed",
+                last + 1
             );
-            return Ok((outcome(checked + 1, checked, problem, &prev), false));
+            return Ok((fail(v, last + 1, problem, ""), false));
         }
-        Ok((outcome(0, checked, String::new(), &prev), true))
+        Ok((v, true))
     }
 }
 

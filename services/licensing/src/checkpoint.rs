@@ -140,6 +140,15 @@ pub fn make(
 /// # Errors
 /// The defect; a checkpoint with any defect says nothing about the log.
 pub fn check(cp: &pb::AuditCheckpoint, key: Option<&Signer>) -> Result<bool, Defect> {
+    check_with_public_key(cp, key.map(Signer::public_key).as_ref())
+}
+
+/// [`check`] with the audit key's public half only: how an auditor checks the checkpoints sealed in
+/// archive manifests offline (`chipgate audit verify --archive`), with the key pinned out of band.
+///
+/// # Errors
+/// As [`check`].
+pub fn check_with_public_key(cp: &pb::AuditCheckpoint, key: Option<&[u8; 32]>) -> Result<bool, Defect> {
     let recomputed = root(&cp.chains)?;
     let Some(time) = cp.time.as_ref().filter(|t| t.seconds >= 0 && (0..1_000_000_000).contains(&t.nanos)) else {
         return Err(defect("CHECKPOINT_MALFORMED", "checkpoint.time", "is required (a valid timestamp)"));
@@ -164,9 +173,8 @@ pub fn check(cp: &pb::AuditCheckpoint, key: Option<&Signer>) -> Result<bool, Def
             "checkpoint.signature",
             "is missing: this service signs its checkpoints, so an unsigned one is not one of them",
         )),
-        (Some(k), false) => {
-            let public = k.public_key();
-            let ours = key_id(&public);
+        (Some(public), false) => {
+            let ours = key_id(public);
             if cp.key_id != ours {
                 return Err(defect(
                     "CHECKPOINT_UNKNOWN_KEY",
@@ -175,7 +183,7 @@ pub fn check(cp: &pb::AuditCheckpoint, key: Option<&Signer>) -> Result<bool, Def
                 ));
             }
             let text = signed_text(&cp.key_id, time, &cp.root);
-            if !ed25519_verify(&public, text.as_bytes(), &cp.signature) {
+            if !ed25519_verify(public, text.as_bytes(), &cp.signature) {
                 return Err(defect(
                     "CHECKPOINT_BAD_SIGNATURE",
                     "checkpoint.signature",

@@ -12,6 +12,7 @@
 //! through [`Licensing::new`] and [`spec`].
 
 mod apps;
+pub mod archive;
 mod audit;
 pub mod checkpoint;
 mod convert;
@@ -79,15 +80,28 @@ struct Inner {
     audit_key: Option<chipgate_runtime::auth::Signer>,
     /// The gauges and counters periodic checkpoints feed.
     checkpoints: metrics::CheckpointMetrics,
+    /// Where the audit log is archived, once set ([`Licensing::use_archive`]).
+    archive: std::sync::OnceLock<chipgate_archive::Target>,
+    /// The audit archiver's figures and health.
+    archive_status: chipgate_archive::status::Status,
 }
+
+/// The health name that goes NOT_SERVING when archiving the audit log keeps failing.
+pub const ARCHIVE_HEALTH: &str = "chipgate.licensing.v1.Archive";
 
 /// The routes and names to serve licensing with [`chipgate_runtime::serve`].
 pub fn spec(service: Licensing, config: &ServerConfig) -> ServiceSpec {
     let metrics = service.metrics().clone();
+    let archive = service.inner.archive_status.health_check(ARCHIVE_HEALTH);
     let server = pb::licensing_service_server::LicensingServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
-    ServiceSpec { names: vec![SERVICE_NAME], routes: tonic::service::Routes::new(server), metrics, checks: Vec::new() }
+    ServiceSpec {
+        names: vec![SERVICE_NAME],
+        routes: tonic::service::Routes::new(server),
+        metrics,
+        checks: vec![archive],
+    }
 }
 
 impl Licensing {
@@ -102,6 +116,7 @@ impl Licensing {
         let metrics = chipgate_runtime::Metrics::new();
         metrics::register(&metrics, store.clone());
         let checkpoints = metrics::CheckpointMetrics::register(&metrics);
+        let archive_status = chipgate_archive::status::Status::register(&metrics, "audit", Duration::ZERO);
         Licensing {
             inner: Arc::new(Inner {
                 metrics,
@@ -113,6 +128,8 @@ impl Licensing {
                 products: chipgate_contract::catalogue::KnownProducts::default(),
                 audit_key,
                 checkpoints,
+                archive: std::sync::OnceLock::new(),
+                archive_status,
             }),
         }
     }

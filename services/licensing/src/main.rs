@@ -30,6 +30,30 @@ struct Args {
     /// How often an audit checkpoint is taken and written to the logs and metrics (0s: never), e.g. 60s.
     #[arg(long, env = "CHIPGATE_AUDIT_CHECKPOINT_EVERY", value_parser = parse_duration, default_value = "60s")]
     audit_checkpoint_every: std::time::Duration,
+
+    /// Where the audit log is archived: a directory, `file:///var/lib/chipgate/archive` or an absolute
+    /// path (a PersistentVolumeClaim in Kubernetes). Entries older than --audit-retention are sealed
+    /// into signed segments there, read back, verified, and only then removed from Redis; one replica
+    /// at a time does it (a lease per chain). Unset: nothing is archived and Redis keeps every entry.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_URL")]
+    archive: Option<String>,
+
+    /// How long audit entries stay in Redis before they are archived, e.g. 7d.
+    #[arg(long, env = "CHIPGATE_AUDIT_RETENTION", value_parser = chipgate_archive::parse_window, default_value = "7d")]
+    audit_retention: std::time::Duration,
+
+    /// How often an archiving run starts, e.g. 1h.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_EVERY", value_parser = chipgate_archive::parse_window, default_value = "1h")]
+    archive_every: std::time::Duration,
+
+    /// Most audit entries per archived segment.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_SEGMENT_ENTRIES", default_value_t = 50_000)]
+    archive_segment_entries: usize,
+
+    /// How long archiving may keep failing before the health name chipgate.licensing.v1.Archive
+    /// reports NOT_SERVING (alert on it), e.g. 6h.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_UNHEALTHY_AFTER", value_parser = chipgate_archive::parse_window, default_value = "6h")]
+    archive_unhealthy_after: std::time::Duration,
 }
 
 #[tokio::main]
@@ -73,6 +97,13 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let archive = match args.archive.as_deref().map(chipgate_archive::Target::parse).transpose() {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration: --archive");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let shutdown = Shutdown::on_signals();
     // A stop signal while Redis can't be reached yet ends the process at once (it would otherwise
     // wait out the connection attempts, and a pod its whole termination grace period).
@@ -106,6 +137,17 @@ async fn main() -> std::process::ExitCode {
         service.spawn_audit_checkpoints(args.audit_checkpoint_every, shutdown.clone());
     }
     service.spawn_wave_recovery(shutdown.clone());
+    if let Some(target) = archive {
+        tracing::info!(archive = %target.url(), retention = ?args.audit_retention, "the audit log is archived");
+        service.use_archive(target);
+        let options = chipgate_licensing::archive::ArchiveOptions {
+            retention: args.audit_retention,
+            every: args.archive_every.max(std::time::Duration::from_secs(1)),
+            max_segment_entries: args.archive_segment_entries.clamp(1, 1_000_000),
+            unhealthy_after: args.archive_unhealthy_after,
+        };
+        service.spawn_audit_archiver(options, shutdown.clone());
+    }
     if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {
         tracing::error!(error = %e, "can't serve metrics");
         return std::process::ExitCode::FAILURE;

@@ -179,6 +179,7 @@ pub fn order_to(o: &OrderRecord, backlog_position: u64, with_history: bool) -> p
         update_time: ts_opt(o.update_ms),
         history: if with_history { o.history.iter().map(|t| transition_to(t, o)).collect() } else { Vec::new() },
         backlog_position,
+        archived_in: String::new(),
     }
 }
 

@@ -127,6 +127,21 @@ pub fn unsettled_waves(sku: &str) -> String {
     part(sku).key(["unsettled-waves"])
 }
 
+/// How many of a product's archive segments are committed (their orders removed from Redis).
+pub fn archive_cursor(sku: &str) -> String {
+    part(sku).key(["archive"])
+}
+
+/// The lease that lets one replica at a time archive a product's closed orders.
+pub fn archive_lease(sku: &str) -> String {
+    part(sku).key(["archive-lease"])
+}
+
+/// The counter issuing fencing tokens for [`archive_lease`].
+pub fn archive_lease_counter(sku: &str) -> String {
+    part(sku).key(["archive-lease-seq"])
+}
+
 /// Every product orders were ever placed for (`{ord}`).
 pub fn products() -> String {
     SPACE.key(["products"])

@@ -19,6 +19,7 @@
 //!   the move that owes them and carried out by a worker ([`cleanup`]), so no crash leaks either.
 
 mod allocation_policy;
+pub mod archive;
 mod book;
 mod bulk;
 mod cleanup;
@@ -88,6 +89,8 @@ pub struct Options {
     /// accept (orders with long histories: 1,000 of them made 4.6 MB in a soak; gRPC clients take
     /// 4 MiB by default).
     pub page_bytes: usize,
+    /// Archiving closed orders out of Redis (None: they stay in Redis).
+    pub archive: Option<archive::ArchiveOptions>,
 }
 
 impl Default for Options {
@@ -102,6 +105,7 @@ impl Default for Options {
             place_wait: Duration::from_secs(5),
             unhealthy_after: Duration::from_secs(60),
             page_bytes: 3 << 20,
+            archive: None,
         }
     }
 }
@@ -133,6 +137,8 @@ struct Inner {
     propagation_ok: tokio::sync::watch::Sender<bool>,
     /// Products and buyers this replica knows are registered, products whose transitions it follows.
     known: products::Known,
+    /// The orders archiver's figures and health.
+    archive_status: chipgate_archive::status::Status,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
@@ -142,6 +148,7 @@ pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
         name: scheduler::PROPAGATION_HEALTH,
         healthy: service.inner.propagation_ok.subscribe(),
     };
+    let archive = service.inner.archive_status.health_check(archive::ARCHIVE_HEALTH);
     let server = pb::order_service_server::OrderServiceServer::new(service)
         .max_decoding_message_size(config.max_message_bytes)
         .max_encoding_message_size(config.max_message_bytes);
@@ -149,7 +156,7 @@ pub fn spec(service: Orders, config: &ServerConfig) -> ServiceSpec {
         names: vec![SERVICE_NAME],
         routes: tonic::service::Routes::new(server),
         metrics,
-        checks: vec![propagation],
+        checks: vec![propagation, archive],
     }
 }
 
@@ -160,6 +167,7 @@ impl Orders {
         let consumer = format!("orders-{}-{:08x}", std::process::id(), fastrand::u32(..));
         let metrics = chipgate_runtime::Metrics::new();
         let (counters, sampler) = metrics::register(&metrics);
+        let archive_status = chipgate_archive::status::Status::register(&metrics, "orders", Duration::ZERO);
         let svc = Orders {
             inner: Arc::new(Inner {
                 metrics: metrics.clone(),
@@ -176,6 +184,7 @@ impl Orders {
                 products: chipgate_contract::catalogue::KnownProducts::default(),
                 propagation_ok: tokio::sync::watch::Sender::new(true),
                 known: products::Known::default(),
+                archive_status,
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
@@ -183,6 +192,7 @@ impl Orders {
         tokio::spawn(consumer::run_all(svc.clone(), shutdown.clone()));
         tokio::spawn(cleanup::run(svc.clone(), shutdown.clone()));
         tokio::spawn(scheduler::watch_health(svc.clone(), svc.inner.propagation_ok.clone(), shutdown.clone()));
+        svc.spawn_archiver(shutdown.clone());
         tokio::spawn(products::follow_all(svc.clone(), shutdown));
         svc
     }

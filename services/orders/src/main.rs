@@ -67,6 +67,31 @@ struct Args {
     /// Every product's orders are fully re-evaluated this often, as a safety net (0s: never), e.g. 10m.
     #[arg(long, env = "CHIPGATE_FULL_RECONCILE_EVERY", value_parser = parse_duration, default_value = "10m")]
     full_reconcile_every: std::time::Duration,
+
+    /// Where closed orders are archived: a directory, `file:///var/lib/chipgate/archive` or an absolute
+    /// path (a PersistentVolumeClaim in Kubernetes). Orders closed longer than --order-retention are
+    /// written there with their whole history, read back, checked, and only then removed from Redis;
+    /// GetOrder answers them from there. One replica at a time archives a product (a lease). Unset:
+    /// closed orders stay in Redis.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_URL")]
+    archive: Option<String>,
+
+    /// How long closed (shipped, cancelled, expired, rejected) orders stay in Redis, e.g. 30d.
+    #[arg(long, env = "CHIPGATE_ORDER_RETENTION", value_parser = chipgate_archive::parse_window, default_value = "30d")]
+    order_retention: std::time::Duration,
+
+    /// How often an archiving run starts, e.g. 1h.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_EVERY", value_parser = chipgate_archive::parse_window, default_value = "1h")]
+    archive_every: std::time::Duration,
+
+    /// Most orders per archived segment.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_SEGMENT_ORDERS", default_value_t = 5000)]
+    archive_segment_orders: usize,
+
+    /// How long archiving may keep failing before the health name chipgate.orders.v1.Archive reports
+    /// NOT_SERVING (alert on it), e.g. 6h.
+    #[arg(long, env = "CHIPGATE_ARCHIVE_UNHEALTHY_AFTER", value_parser = chipgate_archive::parse_window, default_value = "6h")]
+    archive_unhealthy_after: std::time::Duration,
 }
 
 #[tokio::main]
@@ -142,7 +167,21 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let archive = match args.archive.as_deref().map(chipgate_archive::Target::parse).transpose() {
+        Ok(a) => a.map(|target| chipgate_orders::archive::ArchiveOptions {
+            target,
+            retention: args.order_retention,
+            every: args.archive_every.max(std::time::Duration::from_secs(1)),
+            max_segment_orders: args.archive_segment_orders.clamp(1, 100_000),
+            unhealthy_after: args.archive_unhealthy_after,
+        }),
+        Err(e) => {
+            tracing::error!(error = %e, "bad configuration: --archive");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let options = Options {
+        archive,
         hold_seconds: args.hold_seconds.clamp(1, 86_400),
         chunk: args.batch_size.clamp(1, 10_000),
         lease_ttl: args.lease_ttl.clamp(std::time::Duration::from_millis(300), std::time::Duration::from_secs(3600)),

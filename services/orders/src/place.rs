@@ -139,7 +139,10 @@ impl Orders {
 
     /// An order as the API shows it, with its backlog position.
     pub(crate) async fn order_view(&self, id: &str, with_history: bool) -> Result<pb::Order, Error> {
-        let (_, o) = self.load::<OrderRecord>(keys::order(id)).await?.ok_or_else(|| Error::not_found("order", id))?;
+        let Some((_, o)) = self.load::<OrderRecord>(keys::order(id)).await? else {
+            // Closed long enough ago to have been archived out of Redis?
+            return self.archived_order(id).await;
+        };
         let position = if o.status() == OrderStatus::Backordered {
             self.store().zrank(&keys::backlog(&o.sku), &o.id).await?.map(|r| r + 1).unwrap_or(0)
         } else {

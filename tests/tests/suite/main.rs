@@ -11,6 +11,7 @@
 mod common;
 
 mod allocation;
+mod archive;
 mod audit_checkpoints;
 mod authz;
 mod closing_gates;

@@ -39,6 +39,17 @@ pub enum AuditCmd {
         /// (exit 3).
         #[arg(long, value_name = "FILE")]
         checkpoint: Option<std::path::PathBuf>,
+        /// Also check an archive of the log here, on this machine (a directory: `file:///path` or
+        /// `/path`): every segment's data hash, every link, each segment's signed checkpoint, the
+        /// chain across segments, and that the live log in Redis starts where the archive ends. A
+        /// broken segment is named (exit 11).
+        #[arg(long, value_name = "URL")]
+        archive: Option<String>,
+        /// With --archive: the audit key's public half (PEM), pinned out of band, that the segments'
+        /// checkpoints must be signed with. Without it each checkpoint's own embedded key is used,
+        /// which proves the segments consistent but not who sealed them.
+        #[arg(long, value_name = "PEM", requires = "archive")]
+        audit_public_key: Option<std::path::PathBuf>,
     },
     /// Take a signed checkpoint of the audit log (every chain's head, a root, the time, the service's
     /// Ed25519 signature) and print it as JSON, to keep somewhere Redis writers can't reach.
@@ -88,7 +99,7 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
             print_listing(ctx, listed, response, table, "no audit entries");
             Ok(())
         }
-        AuditCmd::Verify { checkpoint } => {
+        AuditCmd::Verify { checkpoint, archive, audit_public_key } => {
             let checkpoint = checkpoint.as_deref().map(read_checkpoint).transpose()?;
             let msg = lpb::VerifyAuditLogRequest { checkpoint };
             let with_checkpoint = msg.checkpoint.is_some();
@@ -98,12 +109,22 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
             } else {
                 print_verification(&r, with_checkpoint);
             }
+            if r.valid
+                && let Some(url) = archive
+            {
+                return verify_archive(ctx, &r, &url, audit_public_key.as_deref()).await;
+            }
             if r.valid {
                 Ok(())
             } else {
                 let chain = if r.bad_chain.is_empty() { String::new() } else { format!(" of {}", r.bad_chain) };
+                let segment = if r.bad_segment.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (archived segment {})", r.bad_segment)
+                };
                 Err(Failure::Check(format!(
-                    "audit entry {}{chain} does not verify: {}",
+                    "audit entry {}{chain} does not verify{segment}: {}",
                     r.first_bad_sequence, r.problem
                 )))
             }
@@ -122,6 +143,83 @@ pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
             }
             Ok(())
         }
+    }
+}
+
+/// Checks an archive of the log on this machine, chain by chain, and that each live chain starts
+/// where its archive ends.
+async fn verify_archive(
+    ctx: &Ctx,
+    live: &lpb::VerifyAuditLogResponse,
+    url: &str,
+    public_key: Option<&std::path::Path>,
+) -> Outcome {
+    let target = chipgate_archive::Target::parse(url).map_err(|e| Failure::Input(e.to_string()))?;
+    let pinned = match public_key {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p).map_err(|e| Failure::Input(format!("{}: {e}", p.display())))?;
+            Some(
+                chipgate_runtime::auth::public_key_from_pem(&pem)
+                    .map_err(|e| Failure::Input(format!("{}: {e}", p.display())))?,
+            )
+        }
+        None => {
+            out::note("no --audit-public-key: segment checkpoints are checked with the key each one embeds");
+            None
+        }
+    };
+    let check_cp = |cp: &lpb::AuditCheckpoint| {
+        let key = match pinned {
+            Some(k) => Some(k),
+            None if cp.public_key_pem.is_empty() => None,
+            None => Some(chipgate_runtime::auth::public_key_from_pem(&cp.public_key_pem).map_err(|e| e.to_string())?),
+        };
+        chipgate_licensing::checkpoint::check_with_public_key(cp, key.as_ref())
+            .map(|_| ())
+            .map_err(|d| format!("{}: {}", d.field, d.description))
+    };
+    let mut t = out::Table::new(&["CHAIN", ">SEGMENTS", ">ARCHIVED", ">IN REDIS FROM", "STATUS"]);
+    let mut problem: Option<String> = None;
+    for c in &live.chains {
+        let status = match chipgate_archive::audit::verify_chain(&target, &c.chain, None, &check_cp).await {
+            Err(p) => Err((p.segment.clone(), format!("entry {}: {}", p.sequence, p.problem), 0, 0)),
+            Ok(a)
+                if c.archived_sequence > 0
+                    && a.ends.get(&c.archived_sequence).map(|(h, _)| h) != Some(&c.archived_hash) =>
+            {
+                Err((
+                    a.ends.range(c.archived_sequence..).next().map(|(_, (_, s))| s.clone()).unwrap_or_default(),
+                    format!(
+                        "Redis starts after entry {}, which no segment of this archive ends at",
+                        c.archived_sequence
+                    ),
+                    a.segments,
+                    a.entries,
+                ))
+            }
+            Ok(a) => Ok((a.segments, a.entries)),
+        };
+        let (segments, entries, text) = match status {
+            Ok((s, e)) => (s, e, "ok".to_string()),
+            Err((segment, why, s, e)) => {
+                let text = format!("BROKEN in {segment}: {why}");
+                problem.get_or_insert(format!("{}: {text}", c.chain));
+                (s, e, text)
+            }
+        };
+        t.row(vec![c.chain.clone(), thousands(segments), thousands(entries), thousands(c.archived_sequence + 1), text]);
+    }
+    if !ctx.json() {
+        t.print_or("no audit chains");
+    }
+    match problem {
+        None => {
+            if !ctx.json() {
+                out::say(&format!("archive {} intact and continued by the live log", target.url()));
+            }
+            Ok(())
+        }
+        Some(p) => Err(Failure::Check(format!("the audit archive does not verify: {p}"))),
     }
 }
 
@@ -177,7 +275,10 @@ fn print_verification(r: &lpb::VerifyAuditLogResponse, with_checkpoint: bool) {
     if r.valid {
         out::say(&format!("audit log intact: {} entries verify{checkpoint}", thousands(r.entries_checked)));
     } else {
-        let chain = if r.bad_chain.is_empty() { String::new() } else { format!(" in {}", r.bad_chain) };
+        let mut chain = if r.bad_chain.is_empty() { String::new() } else { format!(" in {}", r.bad_chain) };
+        if !r.bad_segment.is_empty() {
+            chain.push_str(&format!(" (archived segment {})", r.bad_segment));
+        }
         out::say(&format!(
             "audit log BROKEN at entry {}{chain}: {} ({} entries checked){checkpoint}",
             r.first_bad_sequence,

@@ -68,6 +68,10 @@ pub enum OrderCmd {
     Show {
         /// Order id.
         order: String,
+        /// Read it from an archive of closed orders here instead of the service (a directory:
+        /// `file:///path` or `/path`), on this machine: the segment is checked against its manifest.
+        #[arg(long, value_name = "URL")]
+        archive: Option<String>,
     },
     /// List orders, oldest first, optionally of one buyer, product or state.
     #[command(
@@ -186,7 +190,24 @@ pub async fn order(ctx: &Ctx, cmd: OrderCmd) -> Outcome {
             let r = ctx.call(Svc::Orders, Some(&rid), ctx.ord().place_order(ctx.req(msg))).await?;
             show_order(ctx, &r, r.order.as_ref());
         }
-        OrderCmd::Show { order } => {
+        OrderCmd::Show { order, archive: Some(url) } => {
+            let target = chipgate_archive::Target::parse(&url).map_err(|e| Failure::Input(e.to_string()))?;
+            let (sku, seq) = order
+                .strip_prefix("ord-")
+                .and_then(|rest| rest.rsplit_once('-'))
+                .and_then(|(sku, n)| Some((sku, n.parse::<u64>().ok()?)))
+                .ok_or_else(|| Failure::Input(format!("{order:?} is not an order id (ord-<SKU>-<n>)")))?;
+            let found = chipgate_archive::orders::find_order(&target, sku, seq)
+                .await
+                .map_err(|p| Failure::Check(format!("the archive does not check: {p}")))?;
+            let Some((mut o, segment)) = found else {
+                return Err(Failure::Check(format!("{order} is not in the archive at {}", target.url())));
+            };
+            o.archived_in = segment;
+            let r = opb::GetOrderResponse { order: Some(o) };
+            show_order(ctx, &r, r.order.as_ref());
+        }
+        OrderCmd::Show { order, archive: None } => {
             let msg = opb::GetOrderRequest { order_id: order };
             let r = ctx.call(Svc::Orders, None, ctx.ord().get_order(ctx.req(msg))).await?;
             show_order(ctx, &r, r.order.as_ref());

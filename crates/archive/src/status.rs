@@ -1,0 +1,130 @@
+//! How archiving is going, for operators: Prometheus figures and a health name that goes
+//! NOT_SERVING when archiving keeps failing (alert on it: Redis is then no longer bounded, and with
+//! `noeviction` a full Redis refuses writes).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chipgate_runtime::Metrics;
+use chipgate_runtime::health::HealthCheck;
+use chipgate_runtime::metrics::{CounterBy1, GaugeBy1};
+
+/// What one archiving run did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Run {
+    /// Segments sealed (or finished, when an earlier run had written them).
+    pub segments: u64,
+    /// Records archived and removed from Redis (audit entries, orders).
+    pub records: u64,
+    /// Compressed bytes written to the archive.
+    pub bytes: u64,
+    /// Bytes of record payload removed from Redis (what it stored for them, without per-key overhead).
+    pub redis_bytes_freed: u64,
+    /// Partitions skipped because another replica held their archive lease.
+    pub busy: u64,
+}
+
+impl Run {
+    /// Adds another run's figures.
+    pub fn add(&mut self, o: &Run) {
+        self.segments += o.segments;
+        self.records += o.records;
+        self.bytes += o.bytes;
+        self.redis_bytes_freed += o.redis_bytes_freed;
+        self.busy += o.busy;
+    }
+}
+
+/// The figures and the health verdict of one kind of archiving (`audit` or `orders`).
+pub struct Status {
+    kind: &'static str,
+    records: CounterBy1,
+    bytes: CounterBy1,
+    freed: CounterBy1,
+    failures: CounterBy1,
+    last_success: GaugeBy1,
+    healthy: tokio::sync::watch::Sender<bool>,
+    failing_since: Mutex<Option<Instant>>,
+    unhealthy_after: Mutex<Duration>,
+}
+
+impl Status {
+    /// Registers the archive figures in `metrics` for `kind`; the health verdict goes bad once runs
+    /// have kept failing for `unhealthy_after` (0: at the first failure).
+    pub fn register(metrics: &Metrics, kind: &'static str, unhealthy_after: Duration) -> Self {
+        Status {
+            kind,
+            records: metrics.counter_by("chipgate_archive_records", "Records archived and removed from Redis"),
+            bytes: metrics.counter_by("chipgate_archive_bytes", "Compressed bytes written to the archive"),
+            freed: metrics.counter_by(
+                "chipgate_archive_redis_freed_bytes",
+                "Bytes of record payload removed from Redis after archiving (without per-key overhead)",
+            ),
+            failures: metrics.counter_by("chipgate_archive_failures", "Archiving runs that failed"),
+            last_success: metrics.gauge_by(
+                "chipgate_archive_last_success_timestamp_seconds",
+                "When an archiving run last finished without error (Unix seconds)",
+            ),
+            healthy: tokio::sync::watch::Sender::new(true),
+            failing_since: Mutex::new(None),
+            unhealthy_after: Mutex::new(unhealthy_after),
+        }
+    }
+
+    /// Changes how long runs may keep failing before the health verdict goes bad.
+    pub fn set_unhealthy_after(&self, after: Duration) {
+        if let Ok(mut u) = self.unhealthy_after.lock() {
+            *u = after;
+        }
+    }
+
+    /// The health check answering under `name` (SERVING while archiving succeeds).
+    pub fn health_check(&self, name: &'static str) -> HealthCheck {
+        HealthCheck { name, healthy: self.healthy.subscribe() }
+    }
+
+    /// Whether archiving is healthy now.
+    pub fn is_healthy(&self) -> bool {
+        *self.healthy.borrow()
+    }
+
+    fn label(&self) -> [(&'static str, String); 1] {
+        [("kind", self.kind.to_string())]
+    }
+
+    /// Records a run that finished without error at `now_ms`.
+    pub fn succeeded(&self, run: &Run, now_ms: u64) {
+        let l = self.label();
+        self.records.get_or_create(&l).inc_by(run.records);
+        self.bytes.get_or_create(&l).inc_by(run.bytes);
+        self.freed.get_or_create(&l).inc_by(run.redis_bytes_freed);
+        self.last_success.get_or_create(&l).set((now_ms / 1000) as i64);
+        if let Ok(mut f) = self.failing_since.lock() {
+            *f = None;
+        }
+        self.healthy.send_replace(true);
+    }
+
+    /// Records a failed run (what it did before failing still counts).
+    pub fn failed(&self, partial: &Run, error: &str) {
+        let l = self.label();
+        self.records.get_or_create(&l).inc_by(partial.records);
+        self.bytes.get_or_create(&l).inc_by(partial.bytes);
+        self.freed.get_or_create(&l).inc_by(partial.redis_bytes_freed);
+        self.failures.get_or_create(&l).inc();
+        let since = match self.failing_since.lock() {
+            Ok(mut f) => *f.get_or_insert_with(Instant::now),
+            Err(_) => Instant::now(),
+        };
+        let after = self.unhealthy_after.lock().map(|u| *u).unwrap_or_default();
+        let bad = since.elapsed() >= after;
+        if bad && self.is_healthy() {
+            tracing::error!(kind = self.kind, error, "archiving keeps failing: Redis is no longer bounded");
+        } else {
+            tracing::warn!(kind = self.kind, error, "archiving run failed; the next run retries");
+        }
+        if bad {
+            self.healthy.send_replace(false);
+        }
+    }
+}
