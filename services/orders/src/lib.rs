@@ -19,6 +19,7 @@
 //!   the move that owes them and carried out by a worker ([`cleanup`]), so no crash leaks either.
 
 mod allocation_policy;
+mod answers;
 mod book;
 mod bulk;
 mod cleanup;
@@ -133,6 +134,8 @@ struct Inner {
     propagation_ok: tokio::sync::watch::Sender<bool>,
     /// Products and buyers this replica knows are registered, products whose transitions it follows.
     known: products::Known,
+    /// Placements waiting for their first evaluation, and what this replica's rounds decided.
+    answers: answers::Answers,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
@@ -176,6 +179,7 @@ impl Orders {
                 products: chipgate_contract::catalogue::KnownProducts::default(),
                 propagation_ok: tokio::sync::watch::Sender::new(true),
                 known: products::Known::default(),
+                answers: answers::Answers::default(),
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));
