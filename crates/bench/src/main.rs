@@ -14,6 +14,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod audit;
 mod ceilings;
+mod cpu;
 mod load;
 mod naive;
 mod place;
@@ -66,16 +67,37 @@ pub struct Args {
     /// Entries in the audit log the `audit` part checkpoints and verifies.
     #[arg(long, default_value_t = 100_000)]
     pub audit_entries: u64,
+    /// Redis deployments `place` and `wave` run on: a single redis-server, and/or a local Redis
+    /// Cluster of 3 masters with a replica each (every write waits for its replica, as operators run
+    /// it); per-node CPU is reported for both.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "single")]
+    pub redis: Vec<RedisKind>,
+    /// After each wave on a single Redis, sum `MEMORY USAGE` of every key by key family (scans every
+    /// key: seconds at 100k orders) and print where the bytes per order go.
+    #[arg(long)]
+    pub memory_breakdown: bool,
+    /// Skip the wave with placements of another product alongside (it runs the 100k wave once more).
+    #[arg(long)]
+    pub no_alongside: bool,
+}
+
+/// A Redis deployment to measure on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RedisKind {
+    /// One redis-server.
+    Single,
+    /// A local Redis Cluster: 3 masters, 3 replicas.
+    Cluster,
 }
 
 /// A part of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Part {
-    /// The echo and Redis ceilings.
+    /// The echo, Redis and place ceilings.
     Ceilings,
-    /// Order placement.
+    /// Order placement, authentication off and on.
     Place,
-    /// Wave propagation, first come first served and pro rata.
+    /// Wave propagation, first come first served and pro rata, and placements alongside a wave.
     Wave,
     /// The naive baseline.
     Naive,
@@ -95,16 +117,38 @@ async fn main() -> std::process::ExitCode {
         args.audit_entries = args.audit_entries.min(2_000);
     }
     let mut results = report::Results { args: format!("{args:?}"), ..Default::default() };
+    use chipgate_proto::orders::v1::AllocationStrategy;
+    use chipgate_testkit::BackendKind;
+    let single = args.redis.contains(&RedisKind::Single);
+    let cluster = args.redis.contains(&RedisKind::Cluster);
     if args.only.contains(&Part::Ceilings) {
         results.echo = Some(ceilings::echo(&args).await);
         results.redis = Some(ceilings::redis(&args).await);
+        results.place_ceiling = Some(ceilings::place(&args).await);
     }
     if args.only.contains(&Part::Place) {
-        results.place = Some(place::run(&args).await);
+        if single {
+            results.place = Some(place::run(&args, BackendKind::Redis, false).await);
+            results.place_auth = Some(place::run(&args, BackendKind::Redis, true).await);
+        }
+        if cluster {
+            results.place_cluster = Some(place::run(&args, BackendKind::RedisCluster, false).await);
+        }
     }
     if args.only.contains(&Part::Wave) {
-        results.wave = Some(wave::run(&args, chipgate_proto::orders::v1::AllocationStrategy::Fifo).await);
-        results.wave_pro_rata = Some(wave::run(&args, chipgate_proto::orders::v1::AllocationStrategy::ProRata).await);
+        if single {
+            results.wave = Some(wave::run(&args, AllocationStrategy::Fifo, BackendKind::Redis, false).await);
+            results.wave_pro_rata =
+                Some(wave::run(&args, AllocationStrategy::ProRata, BackendKind::Redis, false).await);
+            if !args.no_alongside {
+                results.wave_alongside =
+                    Some(wave::run(&args, AllocationStrategy::Fifo, BackendKind::Redis, true).await);
+            }
+        }
+        if cluster {
+            results.wave_cluster =
+                Some(wave::run(&args, AllocationStrategy::Fifo, BackendKind::RedisCluster, false).await);
+        }
     }
     if args.only.contains(&Part::Naive) {
         results.naive = Some(naive::run(&args).await);

@@ -6,9 +6,11 @@ use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_proto::orders::v1::order_service_client::OrderServiceClient;
-use chipgate_testkit::{Cluster, ClusterOptions};
+use chipgate_testkit::{BackendKind, Cluster, ClusterOptions};
+use tonic::metadata::{Ascii, MetadataValue};
 
 use crate::Args;
+use crate::cpu::{CpuMeter, CpuUse};
 use crate::load::{self, LoadResult};
 
 /// Product SKUs of the catalogue the benchmarks spread orders over.
@@ -26,13 +28,19 @@ fn rid(tag: &str, n: usize) -> String {
 /// Export authorisations, one application per buyer and product, and (unless `grant` is None) one
 /// published wave granting each application `grant` units with final terms. Returns the applications.
 pub async fn license_everyone(cluster: &Cluster, buyers: usize, products: usize, grant: Option<u64>) -> Vec<String> {
-    let mut lic = cluster.licensing_client();
     let products = products.clamp(1, SKUS.len());
+    license(cluster, "main", buyers, &SKUS[..products], grant).await
+}
+
+/// [`license_everyone`] for the products `skus`, its request ids tagged `tag` (so that several
+/// calls in one cluster are distinct requests).
+pub async fn license(cluster: &Cluster, tag: &str, buyers: usize, skus: &[&str], grant: Option<u64>) -> Vec<String> {
+    let mut lic = cluster.licensing_client();
     let mut n = 0;
-    for sku in &SKUS[..products] {
+    for sku in skus {
         n += 1;
         lic.grant_export_authorization(lpb::GrantExportAuthorizationRequest {
-            request_id: rid("exp", n),
+            request_id: rid(&format!("{tag}-exp"), n),
             vendor: "nvidia".into(),
             product_sku: sku.to_string(),
             destination: "CN".into(),
@@ -43,11 +51,11 @@ pub async fn license_everyone(cluster: &Cluster, buyers: usize, products: usize,
     }
     let mut apps = Vec::new();
     for b in 0..buyers {
-        for sku in &SKUS[..products] {
+        for sku in skus {
             n += 1;
             let a = lic
                 .submit_application(lpb::SubmitApplicationRequest {
-                    request_id: rid("app", n),
+                    request_id: rid(&format!("{tag}-app"), n),
                     buyer_id: buyer(b),
                     product_sku: sku.to_string(),
                     quantity: 1_000_000_000,
@@ -61,31 +69,28 @@ pub async fn license_everyone(cluster: &Cluster, buyers: usize, products: usize,
         }
     }
     if let Some(units) = grant {
-        publish(cluster, &apps, units).await;
+        let wave_id = draft(cluster, tag, &apps, units).await;
+        publish_draft(cluster, tag, &wave_id).await;
     }
     apps
 }
 
-/// One wave granting every application `units` with final terms; returns its id.
-pub async fn publish(cluster: &Cluster, apps: &[String], units: u64) -> String {
-    let wave_id = draft(cluster, apps, units).await;
-    publish_draft(cluster, &wave_id).await;
-    wave_id
-}
-
 /// Publishes a drafted wave.
-pub async fn publish_draft(cluster: &Cluster, wave_id: &str) {
+pub async fn publish_draft(cluster: &Cluster, tag: &str, wave_id: &str) {
     let mut lic = cluster.licensing_client();
-    lic.publish_wave(lpb::PublishWaveRequest { request_id: "bench-publish".into(), wave_id: wave_id.to_string() })
-        .await
-        .expect("publish");
+    lic.publish_wave(lpb::PublishWaveRequest {
+        request_id: format!("bench-{tag}-publish"),
+        wave_id: wave_id.to_string(),
+    })
+    .await
+    .expect("publish");
 }
 
 /// Drafts a wave granting every application `units` with final terms; returns its id.
-pub async fn draft(cluster: &Cluster, apps: &[String], units: u64) -> String {
+pub async fn draft(cluster: &Cluster, tag: &str, apps: &[String], units: u64) -> String {
     let mut lic = cluster.licensing_client();
     let wave = lic
-        .create_wave(lpb::CreateWaveRequest { request_id: "bench-wave".into(), display_name: "bench".into() })
+        .create_wave(lpb::CreateWaveRequest { request_id: format!("bench-{tag}-wave"), display_name: tag.into() })
         .await
         .expect("wave")
         .into_inner()
@@ -93,7 +98,7 @@ pub async fn draft(cluster: &Cluster, apps: &[String], units: u64) -> String {
         .expect("wave");
     for (i, a) in apps.iter().enumerate() {
         lic.add_wave_grant(lpb::AddWaveGrantRequest {
-            request_id: rid("grant", i),
+            request_id: rid(&format!("{tag}-grant"), i),
             wave_id: wave.wave_id.clone(),
             application_id: a.clone(),
             granted_units: units,
@@ -119,39 +124,68 @@ pub async fn supply(cluster: &Cluster, sku: &str, units: u64, n: usize) {
     .expect("supply");
 }
 
+/// The placement request call `n` of load task `task` sends: buyers in turn (every buyer's orders
+/// spread over the tasks), products in turn, one unit each.
+pub fn request(task: usize, n: u64, buyers: usize, products: usize, in_flight: usize) -> opb::PlaceOrderRequest {
+    let i = task + n as usize * in_flight;
+    opb::PlaceOrderRequest {
+        request_id: format!("place-{task}-{n}"),
+        buyer_id: buyer(i % buyers),
+        product_sku: SKUS[(i / buyers) % products].to_string(),
+        units: 1,
+        justification: "benchmark".into(),
+    }
+}
+
 /// Results of the placement benchmark.
 pub struct PlaceResult {
     /// The load.
     pub load: LoadResult,
     /// Successful placements that did not end RESERVED (should be none: stock and quota are ample).
     pub not_reserved: u64,
+    /// CPU seconds each Redis process and this process spent during the timed load.
+    pub cpu: CpuUse,
 }
 
-/// Runs the placement benchmark.
-pub async fn run(args: &Args) -> PlaceResult {
-    // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
-    let cluster = Cluster::start_with(ClusterOptions { auth: false, ..ClusterOptions::default() }).await;
-    let buyers = args.buyers.clamp(1, 64);
+/// Runs the placement benchmark on `backend`, with authentication on or off.
+///
+/// With authentication on, as the services run in production: every call carries a token minted
+/// for its buyer (one per buyer, minted before the load starts, as a client caches its token), and
+/// orders calls licensing and inventory with its service token.
+pub async fn run(args: &Args, backend: BackendKind, auth: bool) -> PlaceResult {
+    let cluster = Cluster::start_with(ClusterOptions { auth, backend, ..ClusterOptions::default() }).await;
+    let buyers = args.buyers.max(1);
     let products = args.products.clamp(1, SKUS.len());
     license_everyone(&cluster, buyers, products, Some(1_000_000_000)).await;
     for (i, sku) in SKUS[..products].iter().enumerate() {
         supply(&cluster, sku, 1_000_000_000, i).await;
     }
+    let tokens: std::sync::Arc<Vec<Option<MetadataValue<Ascii>>>> = std::sync::Arc::new(
+        (0..buyers)
+            .map(|b| {
+                auth.then(|| {
+                    format!("Bearer {}", cluster.buyer_token(&buyer(b))).parse().expect("a token is a header value")
+                })
+            })
+            .collect(),
+    );
     let url = cluster.orders.as_ref().expect("orders in process").url();
     let channels = load::connections(&url, args.connections).await;
     let not_reserved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let nr = not_reserved.clone();
-    let load = load::run("place", &channels, args.in_flight, args.duration, move |ch, task, n| {
+    let in_flight = args.in_flight.max(1);
+    let label = if auth { "place (auth)" } else { "place" };
+    let cpu = CpuMeter::start(&cluster).await;
+    let load = load::run(label, &channels, in_flight, args.duration, move |ch, task, n| {
         let nr = nr.clone();
+        let tokens = tokens.clone();
         async move {
-            let req = opb::PlaceOrderRequest {
-                request_id: format!("place-{task}-{n}"),
-                buyer_id: buyer(task % buyers),
-                product_sku: SKUS[(task / buyers + n as usize) % products].to_string(),
-                units: 1,
-                justification: "benchmark".into(),
-            };
-            match OrderServiceClient::new(ch).place_order(req).await {
+            let req = request(task, n, buyers, products, in_flight);
+            let mut call = tonic::Request::new(req);
+            if let Some(Some(t)) = tokens.get((task + n as usize * in_flight) % buyers) {
+                call.metadata_mut().insert("authorization", t.clone());
+            }
+            match OrderServiceClient::new(ch).place_order(call).await {
                 Ok(r) => {
                     if r.into_inner().order.is_none_or(|o| o.state() != opb::OrderState::Reserved) {
                         nr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -163,7 +197,8 @@ pub async fn run(args: &Args) -> PlaceResult {
         }
     })
     .await;
+    let cpu = cpu.stop().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     cluster.stop().await;
-    PlaceResult { load, not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed) }
+    PlaceResult { load, not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed), cpu }
 }

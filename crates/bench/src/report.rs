@@ -22,12 +22,22 @@ pub struct Results {
     pub echo: Option<LoadResult>,
     /// Redis ceiling.
     pub redis: Option<RedisCeiling>,
-    /// Placement.
+    /// The place ceiling: two gRPC hops, one Lua check-and-decrement, one write.
+    pub place_ceiling: Option<LoadResult>,
+    /// Placement (authentication off).
     pub place: Option<PlaceResult>,
+    /// Placement with authentication on (a token per buyer).
+    pub place_auth: Option<PlaceResult>,
+    /// Placement on a Redis Cluster.
+    pub place_cluster: Option<PlaceResult>,
     /// Wave propagation (FIFO).
     pub wave: Option<WaveResult>,
     /// The same wave with the products' stock shared pro rata.
     pub wave_pro_rata: Option<WaveResult>,
+    /// The FIFO wave with placements of another product alongside.
+    pub wave_alongside: Option<WaveResult>,
+    /// The FIFO wave on a Redis Cluster.
+    pub wave_cluster: Option<WaveResult>,
     /// Naive baseline.
     pub naive: Option<NaiveResult>,
     /// Audit checkpoints and verification.
@@ -43,6 +53,22 @@ pub fn say(line: &str) {
 
 fn row(name: &str, value: String, note: &str) {
     say(&format!("  {name:<34} {value:>16}   {note}"));
+}
+
+/// Where the CPU of a measured window went: Redis per order (masters; replicas apart) and this
+/// process (client and services) per order, and each master's share.
+fn cpu_rows(label: &str, c: &crate::cpu::CpuUse, orders: u64) {
+    let per = |secs: f64| secs * 1e6 / orders.max(1) as f64;
+    let masters = c.redis.iter().filter(|(n, _)| n.master).count();
+    let mut note = format!("process {:.0} µs/order", per(c.process));
+    if masters > 1 {
+        note.push_str(&format!(
+            "; {masters} masters {}, replicas {:.0} µs/order",
+            c.master_shares(),
+            per(c.replicas())
+        ));
+    }
+    row(&format!("{label}: redis CPU (µs/order)"), format!("{:.1}", per(c.masters())), &note);
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -64,23 +90,54 @@ pub fn print(r: &Results) {
             &format!("no-op script, pipelines of {}", x.pipeline),
         );
     }
+    if let Some(c) = &r.place_ceiling {
+        row(
+            "place ceiling (orders/s)",
+            format!("{:.0}", c.rate()),
+            &format!("p99 {:.2} ms; 2 hops, EVALSHA + HSET", c.ms(0.99)),
+        );
+    }
     if let Some(p) = &r.place {
         let l = &p.load;
         row(
             "place (orders/s)",
             format!("{:.0}", l.rate()),
-            &format!("target ≥ 15,000: {}", verdict(l.rate() >= 15_000.0)),
+            &format!("{} calls failed, {} not reserved", l.errors, p.not_reserved),
         );
         row(
             "place latency p50/p90/p99/p99.9 (ms)",
             format!("{:.1}/{:.1}/{:.1}/{:.1}", l.ms(0.5), l.ms(0.9), l.ms(0.99), l.ms(0.999)),
             &format!("target p99 ≤ 25 ms: {}", verdict(l.ms(0.99) <= 25.0)),
         );
-        row("place errors / not reserved", format!("{} / {}", l.errors, p.not_reserved), "");
         if let Some(e) = &r.echo {
             let ratio = l.rate() / e.rate().max(1e-9);
             row("place / echo", format!("{ratio:.3}"), &format!("target ≥ 0.2: {}", verdict(ratio >= 0.2)));
         }
+        if let Some(c) = &r.place_ceiling {
+            row("place / place ceiling", format!("{:.3}", l.rate() / c.rate().max(1e-9)), "");
+        }
+        cpu_rows("place", &p.cpu, l.ok);
+    }
+    if let Some(a) = &r.place_auth {
+        let l = &a.load;
+        row(
+            "place, auth on (orders/s)",
+            format!("{:.0}", l.rate()),
+            &format!("p99 {:.1} ms; {} failed, {} not reserved", l.ms(0.99), l.errors, a.not_reserved),
+        );
+        if let Some(p) = &r.place {
+            let x = l.rate() / p.load.rate().max(1e-9);
+            row("place auth on / off", format!("{x:.3}"), &format!("target ≥ 0.9: {}", verdict(x >= 0.9)));
+        }
+    }
+    if let Some(p) = &r.place_cluster {
+        let l = &p.load;
+        row(
+            "place, redis cluster (orders/s)",
+            format!("{:.0}", l.rate()),
+            &format!("p99 {:.1} ms; {} failed, {} not reserved", l.ms(0.99), l.errors, p.not_reserved),
+        );
+        cpu_rows("place, cluster", &p.cpu, l.ok);
     }
     if let Some(w) = &r.wave {
         row("wave orders", format!("{}", w.orders), &format!("{} reserved, {} backordered", w.reserved, w.backordered));
@@ -108,6 +165,14 @@ pub fn print(r: &Results) {
             ),
         );
         row("quota in use = units moved", format!("{}", w.quota_check), "");
+        cpu_rows("wave", &w.cpu, w.orders as u64);
+        for (family, keys, bytes) in w.memory.iter().take(16) {
+            row(
+                &format!("  {family}"),
+                format!("{:.0} B/order", *bytes as f64 / w.orders.max(1) as f64),
+                &format!("{keys} keys, {bytes} B"),
+            );
+        }
         row(
             "FIFO: buyers served / gap (pp)",
             format!("{}/{} / {:.1}", w.buyers_served, w.buyers, w.share_gap_pp),
@@ -133,6 +198,30 @@ pub fn print(r: &Results) {
             format!("{}/{} / {:.1}", w.buyers_served, w.buyers, w.share_gap_pp),
             "share of stock vs share of demand, worst buyer",
         );
+    }
+    if let Some(w) = &r.wave_alongside {
+        match &w.alongside {
+            Some(l) => row(
+                "place during a wave p50/p99 (ms)",
+                format!("{:.1}/{:.1}", l.ms(0.5), l.ms(0.99)),
+                &format!(
+                    "target p99 ≤ 50 ms: {}; {} placements of another product, max {:.0} ms; wave {:.0} orders/s",
+                    verdict(l.ms(0.99) <= 50.0),
+                    l.ok,
+                    l.ms(1.0),
+                    w.rate()
+                ),
+            ),
+            None => row("place during a wave", "-".into(), "every product is in the wave (--products < 3)"),
+        }
+    }
+    if let Some(w) = &r.wave_cluster {
+        row(
+            "wave, redis cluster (orders/s)",
+            format!("{:.0}", w.rate()),
+            &format!("{:.2} s, first move {:.0} ms", w.elapsed.as_secs_f64(), w.first_move.as_secs_f64() * 1000.0),
+        );
+        cpu_rows("wave, cluster", &w.cpu, w.orders as u64);
     }
     if let Some(n) = &r.naive {
         row("naive (orders/s)", format!("{:.0}", n.rate()), &format!("{} orders, {} errors", n.orders, n.errors));
@@ -168,18 +257,49 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "p50_ms": l.ms(0.5), "p90_ms": l.ms(0.9), "p99_ms": l.ms(0.99), "p999_ms": l.ms(0.999),
         })
     };
+    let cpu = |c: &crate::cpu::CpuUse, orders: u64| {
+        json!({
+            "wall_seconds": c.wall, "process_seconds": c.process,
+            "redis_master_seconds": c.masters(), "redis_replica_seconds": c.replicas(),
+            "redis_master_us_per_order": c.masters() * 1e6 / orders.max(1) as f64,
+            "nodes": c.redis.iter().map(|(n, s)| json!({"port": n.port, "master": n.master, "seconds": s})).collect::<Vec<_>>(),
+        })
+    };
+    let place = |p: &PlaceResult| {
+        let mut v = load(&p.load);
+        v["not_reserved"] = json!(p.not_reserved);
+        v["cpu"] = cpu(&p.cpu, p.load.ok);
+        v
+    };
     let doc = json!({
         "args": r.args,
         "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         "echo": r.echo.as_ref().map(load),
         "redis": r.redis.as_ref().map(|x| json!({"scripts_per_sec": x.scripts_per_sec, "pipeline": x.pipeline})),
+        "place_ceiling": r.place_ceiling.as_ref().map(load),
         "place": r.place.as_ref().map(|p| {
-            let mut v = load(&p.load);
-            v["not_reserved"] = json!(p.not_reserved);
+            let mut v = place(p);
             if let Some(e) = &r.echo { v["place_over_echo"] = json!(p.load.rate() / e.rate().max(1e-9)); }
+            if let Some(c) = &r.place_ceiling { v["place_over_ceiling"] = json!(p.load.rate() / c.rate().max(1e-9)); }
             v
         }),
+        "place_auth": r.place_auth.as_ref().map(|a| {
+            let mut v = place(a);
+            if let Some(p) = &r.place { v["auth_over_off"] = json!(a.load.rate() / p.load.rate().max(1e-9)); }
+            v
+        }),
+        "place_cluster": r.place_cluster.as_ref().map(place),
+        "wave_alongside": r.wave_alongside.as_ref().map(|w| json!({
+            "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
+            "placements": w.alongside.as_ref().map(load), "not_reserved": w.alongside_not_reserved,
+        })),
+        "wave_cluster": r.wave_cluster.as_ref().map(|w| json!({
+            "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
+            "first_move_ms": w.first_move.as_secs_f64() * 1000.0, "cpu": cpu(&w.cpu, w.orders as u64),
+            "bytes_per_order": w.bytes_per_order, "quota_check": w.quota_check,
+        })),
         "wave": r.wave.as_ref().map(|w| json!({
+            "cpu": cpu(&w.cpu, w.orders as u64),
             "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
             "first_move_ms": w.first_move.as_secs_f64() * 1000.0,
             "reserved": w.reserved, "backordered": w.backordered,
@@ -261,7 +381,14 @@ fn svg(l: &LoadResult) -> String {
 /// (and the CI smoke run with it).
 pub fn faults(r: &Results) -> Vec<String> {
     let mut out = Vec::new();
-    for (name, load) in [("echo", r.echo.as_ref()), ("place", r.place.as_ref().map(|p| &p.load))] {
+    for (name, load) in [
+        ("echo", r.echo.as_ref()),
+        ("place ceiling", r.place_ceiling.as_ref()),
+        ("place", r.place.as_ref().map(|p| &p.load)),
+        ("place, auth on", r.place_auth.as_ref().map(|p| &p.load)),
+        ("place, redis cluster", r.place_cluster.as_ref().map(|p| &p.load)),
+        ("place during a wave", r.wave_alongside.as_ref().and_then(|w| w.alongside.as_ref())),
+    ] {
         if let Some(l) = load {
             if l.errors > 0 {
                 out.push(format!("{name}: {} calls failed", l.errors));
@@ -271,12 +398,27 @@ pub fn faults(r: &Results) -> Vec<String> {
             }
         }
     }
-    if let Some(p) = &r.place
-        && p.not_reserved > 0
+    for (name, p) in
+        [("place", &r.place), ("place, auth on", &r.place_auth), ("place, redis cluster", &r.place_cluster)]
     {
-        out.push(format!("place: {} orders not reserved although stock and quota were ample", p.not_reserved));
+        if let Some(p) = p
+            && p.not_reserved > 0
+        {
+            out.push(format!("{name}: {} orders not reserved although stock and quota were ample", p.not_reserved));
+        }
     }
-    for w in [r.wave.as_ref(), r.wave_pro_rata.as_ref()].into_iter().flatten() {
+    if let Some(w) = &r.wave_alongside
+        && w.alongside_not_reserved > 0
+    {
+        out.push(format!(
+            "place during a wave: {} orders not reserved although stock and quota were ample",
+            w.alongside_not_reserved
+        ));
+    }
+    for w in [r.wave.as_ref(), r.wave_pro_rata.as_ref(), r.wave_alongside.as_ref(), r.wave_cluster.as_ref()]
+        .into_iter()
+        .flatten()
+    {
         let settled = (w.reserved + w.backordered) as usize;
         if settled != w.orders {
             out.push(format!("wave ({}): {settled} of {} orders settled", w.strategy, w.orders));

@@ -12,10 +12,11 @@ use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as opb;
 use chipgate_state::Backend;
-use chipgate_testkit::{Cluster, ClusterOptions};
+use chipgate_testkit::{BackendKind, Cluster, ClusterOptions};
 
 use crate::Args;
-use crate::load;
+use crate::cpu::{CpuMeter, CpuUse};
+use crate::load::{self, LoadResult};
 use crate::place::{SKUS, buyer, license_everyone, supply};
 
 /// Units of each order.
@@ -50,6 +51,14 @@ pub struct WaveResult {
     /// The largest gap, in percentage points, between a buyer's share of the stock handed out and
     /// its share of the demand (per product): 0 is perfectly proportional.
     pub share_gap_pp: f64,
+    /// CPU seconds each Redis process and this process spent from the publish call until settled.
+    pub cpu: CpuUse,
+    /// Placements of another product made while the wave settled (when asked for).
+    pub alongside: Option<LoadResult>,
+    /// Placements alongside that did not end RESERVED.
+    pub alongside_not_reserved: u64,
+    /// Redis memory by key family once settled: family, keys, bytes (with `--memory-breakdown`).
+    pub memory: Vec<(String, u64, u64)>,
 }
 
 impl WaveResult {
@@ -63,13 +72,24 @@ async fn used_memory(cluster: &Cluster) -> u64 {
     cluster.store.info().await.ok().and_then(|i| i.used_memory).unwrap_or(0)
 }
 
-/// Runs the wave benchmark, the products' stock shared by `strategy`.
-pub async fn run(args: &Args, strategy: opb::AllocationStrategy) -> WaveResult {
+/// Buyers placing orders of another product while the wave settles, and calls they keep in flight.
+const ALONGSIDE_BUYERS: usize = 8;
+
+/// Runs the wave benchmark on `backend`, the products' stock shared by `strategy`; with `alongside`
+/// (and a product the wave doesn't touch), licensed buyers of another product keep placing orders
+/// while the wave settles, and their latency is measured.
+pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: BackendKind, alongside: bool) -> WaveResult {
     // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
-    let cluster = Cluster::start_with(ClusterOptions { auth: false, ..ClusterOptions::default() }).await;
+    let cluster = Cluster::start_with(ClusterOptions { auth: false, backend, ..ClusterOptions::default() }).await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     let apps = license_everyone(&cluster, buyers, products, None).await;
+    // The other product: licensed (its own wave, before) and stocked, for the placements alongside.
+    let other = (alongside && products < SKUS.len()).then(|| SKUS[products]);
+    if let Some(sku) = other {
+        crate::place::license(&cluster, "other", ALONGSIDE_BUYERS, &[sku], Some(1_000_000_000)).await;
+        supply(&cluster, sku, 1_000_000_000, 100).await;
+    }
     let mut ord = cluster.orders_client();
     for sku in &SKUS[..products] {
         ord.set_allocation_policy(opb::SetAllocationPolicyRequest {
@@ -115,9 +135,51 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy) -> WaveResult {
 
     // The wave.
     let mut inv = cluster.inventory_client();
-    let wave_id = crate::place::draft(&cluster, &apps, 1_000_000_000).await;
+    let wave_id = crate::place::draft(&cluster, "main", &apps, 1_000_000_000).await;
+    // Placements alongside: a few buyers of the other product, one call in flight each, until the
+    // wave settles (the latency of a buyer who has nothing to do with the wave).
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let not_reserved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut placing = Vec::new();
+    let channels = match other {
+        Some(_) => load::connections(&cluster.orders.as_ref().expect("orders in process").url(), 1).await,
+        None => Vec::new(),
+    };
+    let cpu = CpuMeter::start(&cluster).await;
     let started = Instant::now();
-    crate::place::publish_draft(&cluster, &wave_id).await;
+    if let Some(sku) = other {
+        for task in 0..ALONGSIDE_BUYERS {
+            let (ch, stop, nr) = (channels[0].clone(), stop.clone(), not_reserved.clone());
+            placing.push(tokio::spawn(async move {
+                let mut client = opb::order_service_client::OrderServiceClient::new(ch);
+                let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+                let mut errors = 0u64;
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let began = Instant::now();
+                    let req = opb::PlaceOrderRequest {
+                        request_id: format!("alongside-{task}-{n}"),
+                        buyer_id: buyer(task),
+                        product_sku: sku.to_string(),
+                        units: 1,
+                        justification: "benchmark".into(),
+                    };
+                    n += 1;
+                    match client.place_order(req).await {
+                        Ok(r) => {
+                            let _ = h.record(began.elapsed().as_micros().max(1) as u64);
+                            if r.into_inner().order.is_none_or(|o| o.state() != opb::OrderState::Reserved) {
+                                nr.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        Err(_) => errors += 1,
+                    }
+                }
+                (h, errors)
+            }));
+        }
+    }
+    crate::place::publish_draft(&cluster, "main", &wave_id).await;
     let pb = load::bar("wave", args.orders as u64);
     let mut first_move = None;
     let deadline = started + Duration::from_secs(600);
@@ -169,7 +231,28 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy) -> WaveResult {
     };
     let elapsed = started.elapsed();
     pb.finish_and_clear();
+    let cpu = cpu.stop().await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let alongside = if placing.is_empty() {
+        None
+    } else {
+        let mut histogram = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
+        let mut errors = 0;
+        for t in placing {
+            if let Ok((h, e)) = t.await {
+                let _ = histogram.add(h);
+                errors += e;
+            }
+        }
+        Some(LoadResult { ok: histogram.len(), errors, elapsed, histogram })
+    };
     let after = used_memory(&cluster).await;
+    let memory = match &cluster.redis {
+        Some(chipgate_state::testing::RedisDeployment::Single(s)) if args.memory_breakdown && alongside.is_none() => {
+            memory_by_family(&s.url()).await
+        }
+        _ => Vec::new(),
+    };
 
     // Sanity: the quota in use equals the units of the orders that moved.
     let mut lic = cluster.licensing_client();
@@ -181,7 +264,13 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy) -> WaveResult {
             .await
             .expect("licences")
             .into_inner();
-        used += r.licenses.iter().map(|l| l.used_units).sum::<u64>();
+        // The wave's products only (placements alongside use quota of another product).
+        used += r
+            .licenses
+            .iter()
+            .filter(|l| SKUS[..products].contains(&l.product_sku.as_str()))
+            .map(|l| l.used_units)
+            .sum::<u64>();
         if r.next_page_token.is_empty() {
             break;
         }
@@ -221,5 +310,57 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy) -> WaveResult {
         buyers_served: served,
         buyers: demand_of.len(),
         share_gap_pp: gap,
+        cpu,
+        alongside,
+        alongside_not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed),
+        memory,
     }
+}
+
+/// A key's family: its partition's space (`{ord:H200}` → `{ord:·}`) and every later part that
+/// holds a digit (ids, sequence numbers) replaced by `*`.
+fn family(key: &str) -> String {
+    let (tag, rest) = match key.strip_prefix('{').and_then(|k| k.split_once('}')) {
+        Some((tag, rest)) => match tag.split_once(':') {
+            Some((space, _)) => (format!("{{{space}:·}}"), rest),
+            None => (format!("{{{tag}}}"), rest),
+        },
+        None => (String::new(), key),
+    };
+    let parts: Vec<&str> =
+        rest.split(':').map(|p| if p.bytes().any(|b| b.is_ascii_digit()) { "*" } else { p }).collect();
+    format!("{tag}{}", parts.join(":"))
+}
+
+/// Redis memory by key family (`MEMORY USAGE` of every key, summed): where an order's bytes go.
+/// Largest first; a single server only (it scans every key: seconds at 100k orders).
+pub async fn memory_by_family(url: &str) -> Vec<(String, u64, u64)> {
+    let Ok(client) = redis::Client::open(url) else { return Vec::new() };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return Vec::new() };
+    let mut families: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    let mut cursor = 0u64;
+    loop {
+        let Ok((next, keys)): Result<(u64, Vec<String>), _> =
+            redis::cmd("SCAN").arg(cursor).arg("COUNT").arg(1000).query_async(&mut c).await
+        else {
+            break;
+        };
+        let mut p = redis::pipe();
+        for k in &keys {
+            p.cmd("MEMORY").arg("USAGE").arg(k).arg("SAMPLES").arg(0);
+        }
+        let sizes: Vec<Option<u64>> = p.query_async(&mut c).await.unwrap_or_default();
+        for (k, size) in keys.iter().zip(sizes) {
+            let e = families.entry(family(k)).or_default();
+            e.0 += 1;
+            e.1 += size.unwrap_or(0);
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut out: Vec<(String, u64, u64)> = families.into_iter().map(|(f, (n, b))| (f, n, b)).collect();
+    out.sort_by_key(|f| std::cmp::Reverse(f.2));
+    out
 }

@@ -86,6 +86,47 @@ for _, fk in ipairs(fences) do
   redis.call('SET', fk[1], fk[2])
 end
 
+-- Sorted-set writes are batched: consecutive ZADDs (or ZREMs) of one key become one call with many
+-- members. A wave's commit writes thousands of members into a handful of sets (the state index,
+-- the queues, the wave's pending snapshot), and each redis.call costs a command and key lookup and
+-- argument conversion, which was most of the script's time. Writes to a key keep their order (a run
+-- per kind), writes to different keys commute, and every batch is flushed before an op that reads
+-- or deletes sorted sets (zunion, del), so the outcome is that of the ops one by one.
+local runs, run_keys = {}, {}
+local function zbuffer(kind, k, a, b)
+  local r = runs[k]
+  if not r then
+    r = {}
+    runs[k] = r
+    run_keys[#run_keys + 1] = k
+  end
+  local last = r[#r]
+  if not last or last.kind ~= kind then
+    last = {kind = kind, args = {}}
+    r[#r + 1] = last
+  end
+  local args = last.args
+  args[#args + 1] = a
+  if b then args[#args + 1] = b end
+end
+-- unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000 values): at most 4000 per call.
+local CHUNK = 4000
+local function zflush()
+  for _, k in ipairs(run_keys) do
+    for _, run in ipairs(runs[k]) do
+      local args, cmd = run.args, (run.kind == 'a') and 'ZADD' or 'ZREM'
+      local n = #args
+      local i0 = 1
+      while i0 <= n do
+        local i1 = math.min(n, i0 + CHUNK - 1)
+        redis.call(cmd, k, unpack(args, i0, i1))
+        i0 = i1 + 1
+      end
+    end
+  end
+  runs, run_keys = {}, {}
+end
+
 local out = {'ok'}
 for _ = 1, no do
   local kind, k = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
@@ -102,15 +143,17 @@ for _ = 1, no do
     redis.call('SET', k, ARGV[i + 2] .. ':' .. ARGV[i + 3])
     i = i + 4
   elseif kind == 'del' then
+    zflush()
     redis.call('DEL', k)
     i = i + 2
   elseif kind == 'zadd' then
-    redis.call('ZADD', k, ARGV[i + 2], ARGV[i + 3])
+    zbuffer('a', k, ARGV[i + 2], ARGV[i + 3])
     i = i + 4
   elseif kind == 'zrem' then
-    redis.call('ZREM', k, ARGV[i + 2])
+    zbuffer('r', k, ARGV[i + 2])
     i = i + 3
   elseif kind == 'zunion' then
+    zflush()
     local n = tonumber(ARGV[i + 2])
     local srcs = {}
     for j = 1, n do
@@ -172,6 +215,7 @@ for _ = 1, no do
     return redis.error_reply('chipgate commit: unknown op ' .. tostring(kind))
   end
 end
+zflush()
 
 if receipt then
   redis.call('SET', receipt, table.concat(out, '\n'), 'PX', receipt_ttl)

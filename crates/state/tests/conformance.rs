@@ -398,7 +398,50 @@ async fn optimistic_increments_lose_nothing_under_concurrency(store: Store) {
     assert_eq!(rec.version, (tasks * per_task) as u64);
 }
 
+/// Many sorted-set writes in one transaction (Redis runs runs of them as one call) end as they would
+/// one by one: the last write of a member wins, writes to other keys in between change nothing of
+/// that, a snapshot or a delete in the middle sees exactly the writes before it, and batches far
+/// larger than one call's argument limit all land.
+async fn sorted_set_writes_in_one_transaction_apply_in_order(store: Store) {
+    let (a, b, snap) = (k(&["many", "a"]), k(&["many", "b"]), k(&["many", "snap"]));
+    let mut t = Txn::new();
+    t.zadd(&a, "x", 1.0).zadd(&b, "x", 5.0).zrem(&a, "x").zadd(&a, "y", 2.0).zadd(&a, "x", 3.0);
+    t.zadd(&b, "gone", 1.0).zrem(&b, "gone").zadd(&b, "gone", 2.0).zrem(&b, "gone");
+    // The snapshot sees a and b as they stand here; the writes after it don't reach it.
+    t.zunionstore(&snap, vec![a.clone(), b.clone()]);
+    t.zadd(&a, "late", 9.0).zrem(&a, "y");
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.zrange(&a, 0, -1, false).await.unwrap(), vec![("x".into(), 3.0), ("late".into(), 9.0)]);
+    assert_eq!(store.zrange(&b, 0, -1, false).await.unwrap(), vec![("x".into(), 5.0)]);
+    assert_eq!(
+        store.zrange(&snap, 0, -1, false).await.unwrap(),
+        vec![("y".into(), 2.0), ("x".into(), 8.0)],
+        "x is in both (3 + 5), y was still there, late was not yet"
+    );
+    // A delete in the middle clears the writes before it only.
+    let mut t = Txn::new();
+    t.zadd(&a, "before", 1.0).delete(&a).zadd(&a, "after", 1.0);
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.zrange(&a, 0, -1, false).await.unwrap(), vec![("after".into(), 1.0)]);
+    // 5,000 members in, every other one out again: larger than one call takes.
+    let big = k(&["many", "big"]);
+    let mut t = Txn::new();
+    for i in 0..5_000u32 {
+        t.zadd(&big, format!("m{i:05}"), f64::from(i));
+    }
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    for i in (0..5_000u32).step_by(2) {
+        t.zrem(&big, format!("m{i:05}"));
+    }
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.zcard(&big).await.unwrap(), 2_500);
+    assert_eq!(store.zrange(&big, 0, 0, false).await.unwrap(), vec![("m00001".into(), 1.0)]);
+    assert_eq!(store.zrange(&big, 0, 0, true).await.unwrap(), vec![("m04999".into(), 4_999.0)]);
+}
+
 backend_tests!(
+    sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
     records_are_versioned_and_guarded,
     records_with_ttl_expire,

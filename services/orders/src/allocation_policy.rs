@@ -32,16 +32,6 @@ use crate::clients::rpc;
 use crate::reconcile::{BATCH_ATTEMPTS, Lease, commit_error, move_error, peer_error};
 use crate::{Error, Orders, book, convert, keys};
 
-/// Keeps the units each buyer holds of a product in step with one order's change (held, committed or
-/// shipped units count; an order that gives them back — cancelled, expired, sent back to waiting —
-/// holds none).
-pub(crate) fn tally(t: &mut Txn, old: Option<&OrderRecord>, new: &OrderRecord) {
-    let delta = new.held as i64 - old.map(|o| o.held as i64).unwrap_or(0);
-    if delta != 0 {
-        t.hincr(keys::allocated(&new.sku), &new.buyer_id, delta);
-    }
-}
-
 /// API strategy → domain (None for UNSPECIFIED).
 fn strategy_from(s: pb::AllocationStrategy) -> Option<Strategy> {
     match s {
@@ -371,7 +361,7 @@ impl Orders {
                 }
                 events.flush(&mut t);
                 match self.store().commit(&t).await {
-                    Ok(_) => {}
+                    Ok(_) => self.inner.answers.committed(drained.moves.iter().map(|m| &m.order)),
                     Err(CommitError::Conflict { .. }) => {
                         lost = true;
                         break;

@@ -19,6 +19,7 @@
 //!   the move that owes them and carried out by a worker ([`cleanup`]), so no crash leaks either.
 
 mod allocation_policy;
+mod answers;
 pub mod archive;
 mod book;
 mod bulk;
@@ -139,6 +140,8 @@ struct Inner {
     known: products::Known,
     /// The orders archiver's figures and health.
     archive_status: chipgate_archive::status::Status,
+    /// Placements waiting for their first evaluation, and what this replica's rounds decided.
+    answers: answers::Answers,
 }
 
 /// The routes and names to serve orders with [`chipgate_runtime::serve`].
@@ -185,6 +188,7 @@ impl Orders {
                 propagation_ok: tokio::sync::watch::Sender::new(true),
                 known: products::Known::default(),
                 archive_status,
+                answers: answers::Answers::default(),
             }),
         };
         metrics.add_sampler(sampler.attach(&svc));

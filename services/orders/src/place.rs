@@ -112,6 +112,8 @@ impl Orders {
             }
         };
         let committed_at = began.elapsed();
+        // The round that evaluates a new order leaves its record here (see [`crate::answers`]).
+        let ticket = fresh.then(|| self.inner.answers.expect(&placed.order_id));
         if fresh {
             let target = progress.borrow().started + 1;
             self.inner.scheduler.request(&req.sku);
@@ -126,7 +128,10 @@ impl Orders {
             }
         }
         let waited = began.elapsed();
-        let order = self.order_view(&placed.order_id, true).await?;
+        let order = match ticket.and_then(crate::answers::Ticket::take) {
+            Some(o) => self.view(o, true).await?,
+            None => self.order_view(&placed.order_id, true).await?,
+        };
         tracing::debug!(
             order = %placed.order_id,
             commit_us = committed_at.as_micros() as u64,
@@ -143,6 +148,11 @@ impl Orders {
             // Closed long enough ago to have been archived out of Redis?
             return self.archived_order(id).await;
         };
+        self.view(o, with_history).await
+    }
+
+    /// A stored order as the API shows it, with its backlog position.
+    async fn view(&self, o: OrderRecord, with_history: bool) -> Result<pb::Order, Error> {
         let position = if o.status() == OrderStatus::Backordered {
             self.store().zrank(&keys::backlog(&o.sku), &o.id).await?.map(|r| r + 1).unwrap_or(0)
         } else {

@@ -366,6 +366,7 @@ impl Orders {
             );
             match committed {
                 Ok(_) => {
+                    self.inner.answers.committed(plan.moves.iter().map(|m| &m.order));
                     stage.evaluation.committed(&plan);
                     return Ok(plan.backlogged.into_iter().collect());
                 }
@@ -488,7 +489,10 @@ impl Orders {
             }
             events.flush(&mut t);
             match self.store().commit(&t).await {
-                Ok(_) => return Ok(plan.all_served),
+                Ok(_) => {
+                    self.inner.answers.committed(plan.moves.iter().map(|m| &m.order));
+                    return Ok(plan.all_served);
+                }
                 Err(CommitError::Conflict { .. }) => continue,
                 Err(e) => return Err(commit_error(e)),
             }
@@ -563,6 +567,7 @@ impl Orders {
                 events.flush(&mut t);
                 match self.store().commit(&t).await {
                     Ok(_) => {
+                        self.inner.answers.committed(moves.iter().map(|m| &m.order));
                         self.inner.cleanup_wake.notify_one();
                         break;
                     }

@@ -1,0 +1,113 @@
+//! CPU time spent during a measured window: each Redis process's (from its own `INFO cpu`, so it
+//! counts the server's threads whatever runs them) and this process's (client, services, tonic: from
+//! `/proc/self/stat`). Per-node figures show how a Redis Cluster spreads the work over its masters.
+
+use chipgate_state::testing::RedisDeployment;
+use chipgate_testkit::Cluster;
+
+/// One Redis node.
+#[derive(Clone, Debug)]
+pub struct Node {
+    /// Its port.
+    pub port: u16,
+    /// Master (serves slots) or replica.
+    pub master: bool,
+}
+
+/// CPU seconds spent during a window.
+#[derive(Clone, Debug, Default)]
+pub struct CpuUse {
+    /// Each Redis node and its CPU seconds (user + system).
+    pub redis: Vec<(Node, f64)>,
+    /// This process's CPU seconds (the load generator and the services).
+    pub process: f64,
+    /// Wall time of the window.
+    pub wall: f64,
+}
+
+impl CpuUse {
+    /// CPU seconds of the masters together.
+    pub fn masters(&self) -> f64 {
+        self.redis.iter().filter(|(n, _)| n.master).map(|(_, s)| s).sum()
+    }
+
+    /// CPU seconds of the replicas together.
+    pub fn replicas(&self) -> f64 {
+        self.redis.iter().filter(|(n, _)| !n.master).map(|(_, s)| s).sum()
+    }
+
+    /// Each master's share of the masters' CPU, in node order, as "a/b/c %".
+    pub fn master_shares(&self) -> String {
+        let total = self.masters().max(1e-9);
+        let shares: Vec<String> =
+            self.redis.iter().filter(|(n, _)| n.master).map(|(_, s)| format!("{:.0}", s / total * 100.0)).collect();
+        format!("{} %", shares.join("/"))
+    }
+}
+
+/// A window being measured.
+pub struct CpuMeter {
+    nodes: Vec<Node>,
+    redis: Vec<f64>,
+    process: f64,
+    started: std::time::Instant,
+}
+
+fn nodes(cluster: &Cluster) -> Vec<Node> {
+    match &cluster.redis {
+        Some(RedisDeployment::Single(s)) => vec![Node { port: s.port(), master: true }],
+        Some(RedisDeployment::Cluster(c)) => {
+            // CLUSTER NODES over a blocking connection: a moment, once per window.
+            let masters = tokio::task::block_in_place(|| c.masters());
+            c.ports().into_iter().map(|port| Node { port, master: masters.contains(&port) }).collect()
+        }
+        None => Vec::new(),
+    }
+}
+
+/// `used_cpu_sys + used_cpu_user` of the Redis on `port` (0 when it can't be asked).
+async fn redis_cpu(port: u16) -> f64 {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return 0.0 };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return 0.0 };
+    let text: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await.unwrap_or_default();
+    let field = |name: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    };
+    field("used_cpu_sys:") + field("used_cpu_user:")
+}
+
+/// This process's CPU seconds (utime + stime of `/proc/self/stat`, in USER_HZ ticks, which Linux
+/// fixes at 100 per second for user space; 0 elsewhere).
+fn process_cpu() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else { return 0.0 };
+    // Fields after the command name (which may hold spaces, so split after its closing paren):
+    // state is field 3, utime 14, stime 15.
+    let Some((_, rest)) = stat.rsplit_once(')') else { return 0.0 };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+impl CpuMeter {
+    /// Starts measuring the Redis processes of `cluster` and this process.
+    pub async fn start(cluster: &Cluster) -> Self {
+        let nodes = nodes(cluster);
+        let mut redis = Vec::with_capacity(nodes.len());
+        for n in &nodes {
+            redis.push(redis_cpu(n.port).await);
+        }
+        CpuMeter { nodes, redis, process: process_cpu(), started: std::time::Instant::now() }
+    }
+
+    /// What each spent since [`start`](Self::start).
+    pub async fn stop(self) -> CpuUse {
+        let wall = self.started.elapsed().as_secs_f64();
+        let process = process_cpu() - self.process;
+        let mut redis = Vec::with_capacity(self.nodes.len());
+        for (n, before) in self.nodes.into_iter().zip(self.redis) {
+            let now = redis_cpu(n.port).await;
+            redis.push((n, (now - before).max(0.0)));
+        }
+        CpuUse { redis, process, wall }
+    }
+}
