@@ -711,6 +711,45 @@ impl RedisBackend {
         }
     }
 
+    /// One `MGET`, checked to answer once per key.
+    async fn mget(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let raw: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(keys)).await?;
+        if raw.len() != keys.len() {
+            return Err(StateError::Backend(format!("MGET of {} keys answered {}", keys.len(), raw.len())));
+        }
+        Ok(raw)
+    }
+
+    /// Reads keys of several slots with one `MGET` per slot, side by side, and puts the answers back
+    /// in the keys' order. The cluster client could split a multi-slot `MGET` itself, but while a
+    /// master is down it leaves out the slots whose node it has no connection to and then fails the
+    /// whole read with a client error ("Mismatch in the number of multi-slot results"), which callers
+    /// would get as INTERNAL. A command per slot is routed, redirected and retried like any other,
+    /// and fails UNAVAILABLE like any other.
+    async fn mget_by_slot(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_slot.entry(crate::key_slot(k)).or_default().push(i);
+        }
+        if by_slot.len() == 1 {
+            return self.mget(keys).await;
+        }
+        let mut reads = tokio::task::JoinSet::new();
+        for (_, at) in by_slot {
+            let (backend, slot_keys) = (self.clone(), at.iter().map(|i| keys[*i].clone()).collect::<Vec<_>>());
+            reads.spawn(async move { (at, backend.mget(&slot_keys).await) });
+        }
+        let mut out = vec![None; keys.len()];
+        // An early return drops `reads`, which aborts the reads still running.
+        while let Some(done) = reads.join_next().await {
+            let (at, values) = done.map_err(|e| StateError::Backend(format!("a read of one slot failed: {e}")))?;
+            for (i, v) in at.into_iter().zip(values?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
     /// The masters serving slots, as a node of the cluster sees them (`CLUSTER SLOTS`): address and
     /// slot ranges, ordered by their first slot.
     async fn cluster_masters(c: &ClusterConnection) -> StateResult<Vec<MasterNode>> {
@@ -996,16 +1035,13 @@ fn parse_scored(v: Value) -> StateResult<Vec<(String, f64)>> {
 }
 
 impl Backend for RedisBackend {
-    /// On a cluster, keys of several slots are read with one `MGET` per slot (the client splits the
-    /// call by slot and puts the answers back in order).
+    /// On a cluster, keys of several slots are read with one `MGET` per slot, side by side, and the
+    /// answers put back in order ([`RedisBackend::mget_by_slot`]).
     async fn get(&self, keys: &[String]) -> StateResult<Vec<Option<Record>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let raw: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(keys)).await?;
-        if raw.len() != keys.len() {
-            return Err(StateError::Backend(format!("MGET of {} keys answered {}", keys.len(), raw.len())));
-        }
+        let raw = if self.is_cluster() { self.mget_by_slot(keys).await? } else { self.mget(keys).await? };
         raw.into_iter().zip(keys).map(|(r, k)| r.map(|bytes| parse_record(k, bytes)).transpose()).collect()
     }
 
