@@ -1051,8 +1051,14 @@ impl Backend for RedisBackend {
     }
 
     /// Durable like a commit (an id handed out must never be handed out again after a failover);
-    /// a re-sent `INCRBY` may skip a number, never repeat one.
+    /// a re-sent `INCRBY` may skip a number, never repeat one. Adding 0 is a plain `GET`: a read
+    /// (e.g. ListOrders finding how many ids a product has handed out) must not wait for replicas,
+    /// or it fails whenever writes can't be acknowledged, as on a promoted master without a replica.
     async fn incr(&self, key: &str, by: u64) -> StateResult<u64> {
+        if by == 0 {
+            let v: Option<u64> = self.query(redis::cmd("GET").arg(key)).await?;
+            return Ok(v.unwrap_or(0));
+        }
         self.durable_query(redis::cmd("INCRBY").arg(key).arg(by).to_owned()).await
     }
 
@@ -1199,7 +1205,12 @@ impl Backend for RedisBackend {
     }
 
     async fn group_info(&self, key: &str, group: &str) -> StateResult<GroupInfo> {
-        let v: Value = self.query(redis::cmd("XINFO").arg("GROUPS").arg(key)).await?;
+        let v: Value = match self.query(redis::cmd("XINFO").arg("GROUPS").arg(key)).await {
+            Ok(v) => v,
+            // No stream, no group (as the in-memory backend answers).
+            Err(StateError::Backend(m)) if m.contains("no such key") => return Ok(GroupInfo::default()),
+            Err(e) => return Err(e),
+        };
         for g in array_of(v)? {
             let mut fields: HashMap<String, Value> = HashMap::new();
             match g {
@@ -1227,6 +1238,7 @@ impl Backend for RedisBackend {
                 }
             };
             return Ok(GroupInfo {
+                exists: true,
                 pending: num(fields.remove("pending")).unwrap_or(0),
                 lag: num(fields.remove("lag")),
             });

@@ -124,6 +124,11 @@ async fn commits_wait_for_replicas_or_say_the_outcome_is_unknown() {
     // Reads and failed guards don't wait.
     assert!(lonely.get(std::slice::from_ref(&key)).await.is_ok());
     assert!(matches!(lonely.commit(&t).await, Err(CommitError::Conflict { .. })));
+    // Nor does reading a counter (adding 0): it is a read, served while writes can't be acknowledged
+    // (as after a failover, until the promoted master has a replica again), and it writes nothing.
+    assert_eq!(lonely.incr(&S.key(["seq"]), 0).await.unwrap(), 1);
+    assert_eq!(lonely.incr(&S.key(["never"]), 0).await.unwrap(), 0);
+    assert_eq!(lonely.master_key_counts().await.unwrap()[0].keys, 3, "the record, its receipt and the counter");
 }
 
 /// Many partitions land on every master, and a multi-partition read (one MGET per slot) returns
