@@ -45,12 +45,13 @@ commands='+@all -@admin -@dangerous -@pubsub -function -fcall -fcall_ro -script|
 # starts with its service's hash tag, `{lic`, `{inv` or `{ord`, whole space or partition (`{lic}:app:7`,
 # `{inv:H200}:stock`, `{ord:H200}:events`). Across services only the contract (crates/contract) is
 # read: the catalogue (each product's `{inv:<sku>}:product` and the index `{inv}:products`) by
-# licensing and orders, and the event streams (`{lic}:events`, each product's `{inv:<sku>}:events`) by
-# orders' consumer group (XREADGROUP and XACK write to the group, so orders needs write access there).
+# licensing and orders, licensing's list of products with a partition (`{lic}:products`) by orders,
+# and the event streams (`{lic}:events`, each product's `{lic:<sku>}:events` and `{inv:<sku>}:events`)
+# by orders' consumer group (XREADGROUP and XACK write to the group, so orders needs write access there).
 declare -A keys=(
   [licensing]='~{lic* %R~{inv*}:product %R~{inv}:products'
   [inventory]='~{inv*'
-  [orders]='~{ord* %R~{inv*}:product %R~{inv}:products ~{lic*}:events ~{inv*}:events'
+  [orders]='~{ord* %R~{inv*}:product %R~{inv}:products %R~{lic}:products ~{lic*}:events ~{inv*}:events'
 )
 services=(licensing inventory orders)
 

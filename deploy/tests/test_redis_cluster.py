@@ -325,7 +325,10 @@ class RedisClusterScripts(unittest.TestCase):
         self.assertEqual(as_("inventory", "set", "{inv:H200}:stock", "10"), "OK")
         self.assertEqual(as_("inventory", "zadd", "{inv}:products", "0", "H200"), "1")
         self.assertEqual(as_("licensing", "set", "{lic}:app:7", "a"), "OK")
-        self.assertEqual(as_("licensing", "set", "{lic:bytedance}:licence:3", "l"), "OK", "a licensing partition")
+        self.assertEqual(as_("licensing", "set", "{lic:H200}:license:lic-H200-3", "l"), "OK", "a licensing partition")
+        self.assertEqual(as_("licensing", "zadd", "{lic}:products", "0", "H200"), "1")
+        self.assertEqual(as_("orders", "zrange", "{lic}:products", "0", "-1"), "H200", "orders finds licensing's products")
+        self.assertIn("NOPERM", as_("orders", "get", "{lic:H200}:license:lic-H200-3"), "but no licence")
         self.assertEqual(as_("licensing", "get", "{inv:H200}:product"), "p", "licensing reads the catalogue")
         self.assertEqual(as_("orders", "zrange", "{inv}:products", "0", "-1"), "H200", "orders lists the products")
         self.assertIn("NOPERM", as_("licensing", "set", "{inv:H200}:product", "x"), "but can't write it")
@@ -338,7 +341,8 @@ class RedisClusterScripts(unittest.TestCase):
         self.assertEqual(as_("orders", "get", "{inv:H200}:product"), "p")
         # orders consumes licensing's and each product's inventory events through its consumer group
         # (XGROUP/XREADGROUP write to the stream); it reads no other key of theirs.
-        for stream, producer in (("{lic}:events", "licensing"), ("{inv:H200}:events", "inventory")):
+        for stream, producer in (("{lic}:events", "licensing"), ("{lic:H200}:events", "licensing"),
+                                 ("{inv:H200}:events", "inventory")):
             self.assertRegex(as_(producer, "xadd", stream, "*", "e", "1"), r"^\d+-\d+$")
             self.assertEqual(as_("orders", "xgroup", "create", stream, "orders", "0", key=stream), "OK")
             self.assertIn(stream, as_("orders", "xreadgroup", "group", "orders", "c1", "count", "1",

@@ -114,8 +114,10 @@ async fn a_wave_propagates_as_one_trace() {
     assert_eq!(publish.parent_span_id, SpanId::from_hex(CALLER_SPAN).unwrap());
     let publish_id = publish.span_context.span_id();
 
-    // 2. The licensing stream entry carries the publish span's context.
-    let entries = w.cluster.store.xrange("{lic}:events", None, 1000).await.unwrap();
+    // 2. The licensing stream entry (in the product's stream: a wave is put in force product by
+    // product) carries the publish span's context.
+    let stream = chipgate_contract::streams::licensing_product(H200);
+    let entries = w.cluster.store.xrange(&stream, None, 1000).await.unwrap();
     let published: Vec<lpb::LicensingEvent> = entries
         .iter()
         .filter_map(|e| lpb::LicensingEvent::decode(e.field("e")?).ok())
@@ -125,9 +127,15 @@ async fn a_wave_propagates_as_one_trace() {
     assert_eq!(published[0].traceparent, format!("00-{TRACE}-{publish_id}-01"));
 
     // 3. The orders consumer handled that entry in a child span of the publish call.
-    let consumed: Vec<&SpanData> =
-        named(&t, "consume event").into_iter().filter(|s| s.parent_span_id == publish_id).collect();
-    assert_eq!(consumed.len(), 1, "one consumer span under the publish call; trace has {names:?}");
+    // (The publication's desk event, `wave_changed`, is consumed under it too.)
+    let detail = |s: &SpanData| {
+        s.attributes.iter().find(|kv| kv.key.as_str() == "detail").map(|kv| kv.value.to_string()).unwrap_or_default()
+    };
+    let consumed: Vec<&SpanData> = named(&t, "consume event")
+        .into_iter()
+        .filter(|s| s.parent_span_id == publish_id && detail(s) == "wave_published")
+        .collect();
+    assert_eq!(consumed.len(), 1, "one consumer span of WavePublished under the publish call; trace has {names:?}");
     let consume_id = consumed[0].span_context.span_id();
 
     // 4. The round that moved the orders continues from the consumer (via the product's marks).

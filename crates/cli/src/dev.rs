@@ -208,6 +208,7 @@ pub async fn start_cluster(args: &DevArgs, shutdown: &Shutdown) -> Result<DevClu
     if !args.audit_checkpoint_every.is_zero() {
         licensing.spawn_audit_checkpoints(args.audit_checkpoint_every, shutdown.clone());
     }
+    licensing.spawn_wave_recovery(shutdown.clone());
     let audit_key_id = licensing.audit_key_id();
     let inventory =
         chipgate_inventory::Inventory::start(store.clone(), shutdown.clone(), chipgate_inventory::Options::default());

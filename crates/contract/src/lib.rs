@@ -40,11 +40,17 @@ pub const FENCED_REASON: &str = "FENCED";
 pub mod partitions {
     use chipgate_state::Partition;
 
-    use super::INVENTORY;
+    use super::{INVENTORY, LICENSING};
 
     /// Inventory's partition of product `sku` (`{inv:SKU}`).
     pub fn inventory(sku: &str) -> Partition {
         INVENTORY.partition(sku)
+    }
+
+    /// Licensing's partition of product `sku` (`{lic:SKU}`): the product's licences, quota
+    /// reservations and gates.
+    pub fn licensing(sku: &str) -> Partition {
+        LICENSING.partition(sku)
     }
 }
 
@@ -52,9 +58,17 @@ pub mod partitions {
 pub mod streams {
     use super::{LICENSING, ORDERS};
 
-    /// Licensing's events (`LicensingEvent` in field [`super::EVENT_FIELD`]).
+    /// Licensing's desk events (`LicensingEvent` in field [`super::EVENT_FIELD`]): applications,
+    /// waves being drafted and published, domestic purchases.
     pub fn licensing() -> String {
         LICENSING.key(["events"])
+    }
+
+    /// Licensing's events of product `sku` (`LicensingEvent` in field [`super::EVENT_FIELD`]), in the
+    /// product's partition: its licences (a wave's part for the product included), quota and gates.
+    /// The products are [`super::catalogue::products`].
+    pub fn licensing_product(sku: &str) -> String {
+        super::partitions::licensing(sku).key(["events"])
     }
 
     /// Inventory's events of product `sku` (`InventoryEvent` in field [`super::EVENT_FIELD`]), in the
@@ -67,6 +81,28 @@ pub mod streams {
     /// [`super::TRANSITIONS_FIELD`]), in the product's partition.
     pub fn orders(sku: &str) -> String {
         ORDERS.partition(sku).key(["events"])
+    }
+}
+
+/// The products licensing keeps state for (each in its partition [`partitions::licensing`], with
+/// its event stream [`streams::licensing_product`]), owned by licensing. A product is added before
+/// the first change in its partition commits, so a reader that follows these finds every one.
+pub mod licensing_products {
+    use chipgate_state::{Backend, StateError};
+
+    use super::LICENSING;
+
+    /// The products' SKUs (a sorted set, score 0).
+    pub fn key() -> String {
+        LICENSING.key(["products"])
+    }
+
+    /// Every product licensing keeps state for.
+    ///
+    /// # Errors
+    /// When the store can't be read.
+    pub async fn all(store: &impl Backend) -> Result<Vec<String>, StateError> {
+        Ok(store.zrange(&key(), 0, -1, false).await?.into_iter().map(|(sku, _)| sku).collect())
     }
 }
 
@@ -151,6 +187,8 @@ mod tests {
     fn stream_keys_keep_their_layout() {
         // These names are shared by processes that may run different versions during a rollout.
         assert_eq!(streams::licensing(), "{lic}:events");
+        assert_eq!(streams::licensing_product("H200"), "{lic:H200}:events");
+        assert_eq!(licensing_products::key(), "{lic}:products");
         assert_eq!(streams::inventory("H200"), "{inv:H200}:events");
         assert_eq!(catalogue::products(), "{inv}:products");
         assert_eq!(streams::orders("H200"), "{ord:H200}:events");

@@ -838,6 +838,9 @@ pub struct GrantRecord {
     /// The licence, once published.
     #[prost(string, tag = "6")]
     pub license_id: String,
+    /// The licence's creation sequence, once published.
+    #[prost(uint64, tag = "7")]
+    pub license_seq: u64,
 }
 
 /// A stored wave.
@@ -864,9 +867,22 @@ pub struct WaveRecord {
     /// Creation sequence.
     #[prost(uint64, tag = "7")]
     pub seq: u64,
+    /// Of a published wave: the products whose licences are not in force yet (see
+    /// [`WaveRecord::products`]). Publication decides the whole wave in the desk's partition, then puts
+    /// each product's licences in force in that product's partition; what a crash left is here.
+    #[prost(string, repeated, tag = "8")]
+    pub pending_products: Vec<String>,
 }
 
 impl WaveRecord {
+    /// The products the wave grants, sorted, each once.
+    pub fn products(&self) -> Vec<String> {
+        let mut skus: Vec<String> = self.grants.iter().map(|g| g.product_sku.clone()).collect();
+        skus.sort();
+        skus.dedup();
+        skus
+    }
+
     /// Adds or replaces the grant for an application. Only drafts change.
     ///
     /// # Errors

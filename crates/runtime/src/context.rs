@@ -36,6 +36,10 @@ pub struct RequestContext {
     pub method: String,
     /// The authenticated caller (None when authentication is off, or for background work).
     pub principal: Option<crate::auth::Principal>,
+    /// The `request_id` in the call's body — its idempotency key, which stays the same over the
+    /// call's retries, unlike [`RequestContext::request_id`] (the correlation id) — for calls that
+    /// carry one (`mutating!(…, request_id)`); empty otherwise.
+    pub idempotency_key: String,
 }
 
 fn random_hex(bytes: usize) -> String {
@@ -114,6 +118,7 @@ impl RequestContext {
             deadline: timeout.map(|t| Instant::now() + t),
             method: method.to_string(),
             principal: None,
+            idempotency_key: String::new(),
         }
     }
 
@@ -133,6 +138,7 @@ impl RequestContext {
             deadline: None,
             method: name.to_string(),
             principal: None,
+            idempotency_key: String::new(),
         }
     }
 

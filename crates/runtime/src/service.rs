@@ -221,6 +221,13 @@ macro_rules! mutating {
         let ctx = $crate::RequestContext::of(&$req);
         $self.$op(&ctx, $req.into_inner()).await.map(tonic::Response::new).map_err(|e| e.into_status(&ctx))
     }};
+    // A call whose body carries a `request_id`: the context keeps it as the idempotency key.
+    ($self:ident, $req:ident, $op:ident, request_id) => {{
+        let mut ctx = $crate::RequestContext::of(&$req);
+        let body = $req.into_inner();
+        ctx.idempotency_key.clone_from(&body.request_id);
+        $self.$op(&ctx, body).await.map(tonic::Response::new).map_err(|e| e.into_status(&ctx))
+    }};
 }
 
 /// Serves a read-only RPC: the operation gets the request only.

@@ -343,6 +343,12 @@ impl AuditChain {
         AuditChain { stream: space.key(["audit"]), head: space.key(["audit", "head"]) }
     }
 
+    /// The audit chain of one partition: `{tag:unit}:audit` and `{tag:unit}:audit:head`, so a
+    /// change in the partition and its entry commit in one slot.
+    pub fn in_partition(partition: &Partition) -> Self {
+        AuditChain { stream: partition.key(["audit"]), head: partition.key(["audit", "head"]) }
+    }
+
     /// The head as stored: sequence number and hash of the last entry (`(0, AUDIT_GENESIS)` when the
     /// chain is empty).
     pub async fn head<B: Backend>(&self, store: &B) -> StateResult<(u64, String)> {

@@ -174,8 +174,8 @@ pub async fn check(c: &mut Clients, acknowledged: &[String]) -> Report {
 
     // Quota reservations match the orders holding quota.
     for o in orders.iter().filter(|o| holds_quota(o.state())) {
-        match c.licensing.get_quota_reservation(lpb::GetQuotaReservationRequest { order_id: o.order_id.clone() }).await
-        {
+        let ask = lpb::GetQuotaReservationRequest { order_id: o.order_id.clone(), product_sku: o.product_sku.clone() };
+        match c.licensing.get_quota_reservation(ask).await {
             Ok(r) => {
                 let r = r.into_inner().reservation.unwrap_or_default();
                 let held = matches!(r.state(), lpb::ReservationState::Held | lpb::ReservationState::Confirmed);
@@ -338,9 +338,12 @@ pub struct Ledger {
     pub shipped: Vec<String>,
 }
 
-/// The event streams the orders service consumes: licensing's, and each product's inventory stream.
+/// The event streams the orders service consumes: licensing's desk stream, each product's licensing
+/// stream, and each product's inventory stream.
 pub async fn event_streams(store: &Store) -> Vec<String> {
     let mut out = vec![chipgate_contract::streams::licensing()];
+    let licensed = chipgate_contract::licensing_products::all(store).await.expect("licensing's products");
+    out.extend(licensed.iter().map(|p| chipgate_contract::streams::licensing_product(p)));
     let products = chipgate_contract::catalogue::all(store).await.expect("catalogue");
     out.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
     out

@@ -279,6 +279,7 @@ impl Cluster {
         if let Some(every) = options.audit_checkpoint_every {
             lic.spawn_audit_checkpoints(every, lic_shutdown.clone());
         }
+        lic.spawn_wave_recovery(lic_shutdown.clone());
         let licensing =
             start_service(store.clone(), options.server.clone(), lic_shutdown, |c| chipgate_licensing::spec(lic, c))
                 .await;

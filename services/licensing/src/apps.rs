@@ -11,6 +11,7 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, Txn};
 
 use crate::convert::{application_status_from, application_to};
+use crate::keys::Part;
 use crate::{Error, Licensing, MAX_UNITS, emit, encode, keys, record};
 
 fn changed(a: &ApplicationRecord) -> pb::licensing_event::Kind {
@@ -46,7 +47,7 @@ impl Licensing {
         }
 
         let idem = IdemKey::new(&self.inner.idem, "SubmitApplication", &req.request_id, &req);
-        let (mut answer, _) = self.run_txn(Some(&idem), || async {
+        let (mut answer, _) = self.run_in(Part::Desk, Some(&idem), || async {
             let open_key = keys::open_application(&req.buyer_id, &req.product_sku);
             if let Some((_, existing)) = self.load::<OpenMarker>(open_key.clone()).await? {
                 return Err(Error::AlreadyExists {
@@ -80,10 +81,8 @@ impl Licensing {
             t.zadd(keys::queue(), &app.id, seq as f64);
             t.zadd(keys::applications(), &app.id, seq as f64);
             t.zadd(keys::applications_of(&app.buyer_id), &app.id, seq as f64);
-            emit(&mut t, ctx, now, changed(&app));
-            record(
-                &mut t,
-                ctx,
+            emit(&mut t, Part::Desk, ctx, now, changed(&app));
+            record(&mut t, Part::Desk, ctx,
                 now,
                 "application.submitted",
                 &app.id,
@@ -207,7 +206,7 @@ impl Licensing {
         ctx.check_owner(&app.buyer_id).map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "WithdrawApplication", &req.request_id, &req);
         let (answer, _) = self
-            .run_txn(Some(&idem), || {
+            .run_in(Part::Desk, Some(&idem), || {
                 self.close_application(ctx, &req.application_id, ApplicationStatus::Withdrawn, &req.reason)
             })
             .await?;
@@ -226,7 +225,7 @@ impl Licensing {
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RejectApplication", &req.request_id, &req);
         let (answer, _) = self
-            .run_txn(Some(&idem), || {
+            .run_in(Part::Desk, Some(&idem), || {
                 self.close_application(ctx, &req.application_id, ApplicationStatus::Rejected, &req.reason)
             })
             .await?;
@@ -263,9 +262,17 @@ impl Licensing {
         t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
         t.delete(keys::open_application(&app.buyer_id, &app.product_sku));
         t.zrem(keys::queue(), id);
-        emit(&mut t, ctx, now, changed(&app));
+        emit(&mut t, Part::Desk, ctx, now, changed(&app));
         let action = if to == ApplicationStatus::Rejected { "application.rejected" } else { "application.withdrawn" };
-        record(&mut t, ctx, now, action, id, format!("{} for {}: {}", app.buyer_id, app.product_sku, reason));
+        record(
+            &mut t,
+            Part::Desk,
+            ctx,
+            now,
+            action,
+            id,
+            format!("{} for {}: {}", app.buyer_id, app.product_sku, reason),
+        );
         Ok((t, pb::GetApplicationResponse { application: Some(application_to(&app, 0)) }))
     }
 
@@ -305,7 +312,7 @@ impl Licensing {
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "MoveQueuedApplication", &req.request_id, &req);
         let (mut answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Desk, Some(&idem), || async {
                 let (_, app) = self
                     .require::<ApplicationRecord>(
                         keys::application(&req.application_id),
@@ -335,8 +342,8 @@ impl Licensing {
                 for (i, m) in order.iter().enumerate() {
                     t.zadd(keys::queue(), m, (i + 1) as f64);
                 }
-                emit(&mut t, ctx, now, changed(&app));
-                record(&mut t, ctx, now, "queue.moved", &app.id, format!("moved to position {}", at + 1));
+                emit(&mut t, Part::Desk, ctx, now, changed(&app));
+                record(&mut t, Part::Desk, ctx, now, "queue.moved", &app.id, format!("moved to position {}", at + 1));
                 Ok((t, pb::MoveQueuedApplicationResponse { application: Some(application_to(&app, 0)) }))
             })
             .await?;

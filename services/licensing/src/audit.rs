@@ -21,6 +21,7 @@ use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, StatusExt};
 
 use crate::checkpoint::{self, Defect};
+use crate::keys::Part;
 use crate::{Error, Licensing, keys};
 
 /// Entries read per round trip while scanning.
@@ -47,9 +48,11 @@ impl Licensing {
     ) -> Result<pb::ListAuditEntriesResponse, Error> {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "subject", &req.subject);
+        validate::optional_id(&mut v, "product_sku", &req.product_sku);
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
-        let stream = keys::audit().stream;
+        let part = if req.product_sku.is_empty() { Part::Desk } else { Part::Product(&req.product_sku) };
+        let stream = part.audit().stream;
         let mut after = if page.cursor.is_empty() { None } else { Some(page.cursor.clone()) };
         let mut entries = Vec::new();
         // With a subject filter, scan at most this many entries per call and hand back a token.
@@ -79,7 +82,7 @@ impl Licensing {
 
     /// A checkpoint of every audit chain now, signed with the audit key when the service has one.
     pub(crate) async fn audit_checkpoint(&self) -> Result<pb::AuditCheckpoint, Error> {
-        let chains = keys::audit_chains();
+        let chains = keys::audit_chains(&self.products().await?);
         let head_keys: Vec<String> = chains.iter().map(|(_, c)| c.head.clone()).collect();
         // One read of every head: each head is written in the same atomic step as its entry, so each
         // one read is a real state of its chain.
@@ -126,8 +129,7 @@ impl Licensing {
             .as_ref()
             .map(|c| c.chains.iter().map(|p| (p.chain.as_str(), p)).collect())
             .unwrap_or_default();
-        let mut chains = keys::audit_chains();
-        chains.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+        let chains = keys::audit_chains(&self.products().await?);
         let mut out = pb::VerifyAuditLogResponse {
             valid: true,
             checkpoint_signed: signed.unwrap_or(false),

@@ -132,6 +132,7 @@ pub fn wave_to(w: &WaveRecord) -> pb::Wave {
             .collect(),
         create_time: ts_opt(w.create_ms),
         publish_time: ts_opt(w.publish_ms),
+        pending_products: w.pending_products.clone(),
         total_granted_units: w.total_granted(),
     }
 }
@@ -221,15 +222,34 @@ pub fn policy_to(sku: &str, p: Option<&PolicyRecord>) -> pb::ImportPolicy {
 
 /// The order/generation pairs a batch names, validated: 1 to [`crate::MAX_BATCH`] items, each order
 /// once, every generation at least 1.
-fn quota_refs(v: &mut Violations, items: Vec<pb::ReleaseItem>) -> Vec<(String, u64)> {
+/// An order's quota reservation, as a release names it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QuotaRef {
+    /// The order.
+    pub order_id: String,
+    /// Its allocation generation.
+    pub generation: u64,
+    /// Its product (the reservation's partition).
+    pub product_sku: String,
+}
+
+/// The items of a release (`with_sku`: each must name its product) or of a recheck (the call names
+/// the product).
+fn quota_refs(v: &mut Violations, items: Vec<pb::ReleaseItem>, with_sku: bool) -> Vec<QuotaRef> {
     let checked = validate::batch(v, items.len(), crate::MAX_BATCH);
     let mut seen = std::collections::HashSet::new();
     for (i, it) in items.iter().enumerate().take(checked) {
         let prefix = format!("items[{i}].");
         validate::order_ref(v, &prefix, &it.order_id, it.generation);
+        if with_sku {
+            validate::id(v, &format!("{prefix}product_sku"), &it.product_sku);
+        }
         validate::once(v, &mut seen, it.order_id.as_str(), &prefix, &it.order_id);
     }
-    items.into_iter().map(|it| (it.order_id, it.generation)).collect()
+    items
+        .into_iter()
+        .map(|it| QuotaRef { order_id: it.order_id, generation: it.generation, product_sku: it.product_sku })
+        .collect()
 }
 
 /// A `BatchReserveQuota` call, validated at the edge: every bad field is named at once.
@@ -279,8 +299,8 @@ impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
 
 /// A `BatchReleaseQuota` call, validated.
 pub struct ReleaseBatch {
-    /// Order and generation of each reservation to give back.
-    pub refs: Vec<(String, u64)>,
+    /// The reservations to give back.
+    pub refs: Vec<QuotaRef>,
     /// Why (kept with each reservation).
     pub reason: String,
     /// Leave confirmed reservations alone.
@@ -292,7 +312,7 @@ impl TryFrom<pb::BatchReleaseQuotaRequest> for ReleaseBatch {
 
     fn try_from(req: pb::BatchReleaseQuotaRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
-        let refs = quota_refs(&mut v, req.items);
+        let refs = quota_refs(&mut v, req.items, true);
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check_violations()?;
         Ok(ReleaseBatch { refs, reason: req.reason, unless_confirmed: req.unless_confirmed })
@@ -313,7 +333,7 @@ impl TryFrom<pb::RecheckQuotaRequest> for Recheck {
     fn try_from(req: pb::RecheckQuotaRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
         validate::id(&mut v, "product_sku", &req.product_sku);
-        let refs = quota_refs(&mut v, req.items);
+        let refs = quota_refs(&mut v, req.items, false).into_iter().map(|r| (r.order_id, r.generation)).collect();
         v.check_violations()?;
         Ok(Recheck { product_sku: req.product_sku, refs })
     }

@@ -14,9 +14,18 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, Txn};
 
 use crate::convert::{export_to, policy_to, purchase_to, stance_to};
+use crate::keys::Part;
 use crate::{Error, Licensing, MAX_UNITS, emit, encode, keys, record};
 
 impl Licensing {
+    /// Adds product `sku` to a listing index in the desk (a set add: idempotent).
+    async fn index_product(&self, index: &str, sku: &str) -> Result<(), Error> {
+        let mut t = Txn::new();
+        t.zadd(index, sku, 0.0);
+        self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
+        Ok(())
+    }
+
     pub(crate) async fn record_domestic_purchase(
         &self,
         ctx: &RequestContext,
@@ -31,7 +40,7 @@ impl Licensing {
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RecordDomesticPurchase", &req.request_id, &req);
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Desk, Some(&idem), || async {
                 let pkey = keys::purchase(&req.buyer_id, &req.evidence_ref);
                 let lkey = keys::ledger(&req.buyer_id);
                 let (ledger, existing) = {
@@ -78,6 +87,7 @@ impl Licensing {
                 t.zadd(keys::purchases_of(&req.buyer_id), &req.evidence_ref, ledger.purchases as f64);
                 emit(
                     &mut t,
+                    Part::Desk,
                     ctx,
                     now,
                     pb::licensing_event::Kind::DomesticPurchaseRecorded(pb::DomesticPurchaseRecorded {
@@ -88,6 +98,7 @@ impl Licensing {
                 );
                 record(
                     &mut t,
+                    Part::Desk,
                     ctx,
                     now,
                     "domestic.recorded",
@@ -154,9 +165,13 @@ impl Licensing {
         validate::country(&mut v, "destination", &req.destination);
         validate::text(&mut v, "reference", &req.reference, 200, false);
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "GrantExportAuthorization", &req.request_id, &req);
+        // The listing index is in the desk: added first (idempotent), so a listing never misses a
+        // product with authorisations; a product listed with none shows nothing.
+        self.index_product(&keys::export_index(), &req.product_sku).await?;
+        let idem = IdemKey::new(&self.inner.idem, "GrantExportAuthorization", &req.request_id, &req)
+            .in_partition(keys::part(&req.product_sku));
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Product(&req.product_sku), Some(&idem), || async {
                 let key = keys::exports(&req.product_sku);
                 let (ver, mut rec) = self.load::<ProductExportRecord>(key.clone()).await?.unwrap_or((
                     0,
@@ -176,9 +191,9 @@ impl Licensing {
                 }
                 let mut t = Txn::new();
                 t.replace(key, ver, encode(&rec));
-                t.zadd(keys::export_index(), &req.product_sku, 0.0);
                 emit(
                     &mut t,
+                    Part::Product(&req.product_sku),
                     ctx,
                     now,
                     pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
@@ -189,6 +204,7 @@ impl Licensing {
                 );
                 record(
                     &mut t,
+                    Part::Product(&req.product_sku),
                     ctx,
                     now,
                     "export.authorized",
@@ -215,9 +231,10 @@ impl Licensing {
         validate::country(&mut v, "destination", &req.destination);
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "RevokeExportAuthorization", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "RevokeExportAuthorization", &req.request_id, &req)
+            .in_partition(keys::part(&req.product_sku));
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Product(&req.product_sku), Some(&idem), || async {
                 let key = keys::exports(&req.product_sku);
                 let subject = format!("{}/{}", req.product_sku, req.destination);
                 let (ver, mut rec) = self
@@ -242,6 +259,7 @@ impl Licensing {
                 t.replace(key, ver, encode(&rec));
                 emit(
                     &mut t,
+                    Part::Product(&req.product_sku),
                     ctx,
                     now,
                     pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
@@ -250,7 +268,15 @@ impl Licensing {
                         active: false,
                     }),
                 );
-                record(&mut t, ctx, now, "export.revoked", &req.product_sku, format!("{subject}: {}", req.reason));
+                record(
+                    &mut t,
+                    Part::Product(&req.product_sku),
+                    ctx,
+                    now,
+                    "export.revoked",
+                    &req.product_sku,
+                    format!("{subject}: {}", req.reason),
+                );
                 Ok((t, pb::RevokeExportAuthorizationResponse { authorization: Some(out) }))
             })
             .await?;
@@ -295,9 +321,11 @@ impl Licensing {
             }
         };
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "SetImportPolicy", &req.request_id, &req);
+        self.index_product(&keys::policy_index(), &req.product_sku).await?;
+        let idem = IdemKey::new(&self.inner.idem, "SetImportPolicy", &req.request_id, &req)
+            .in_partition(keys::part(&req.product_sku));
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Product(&req.product_sku), Some(&idem), || async {
                 let key = keys::policy(&req.product_sku);
                 let existing = self.load::<PolicyRecord>(key.clone()).await?;
                 let from = existing.as_ref().map(|(_, p)| p.stance()).unwrap_or(Stance::Open);
@@ -311,9 +339,9 @@ impl Licensing {
                 };
                 let mut t = Txn::new();
                 t.replace(key, ver, encode(&rec));
-                t.zadd(keys::policy_index(), &req.product_sku, 0.0);
                 emit(
                     &mut t,
+                    Part::Product(&req.product_sku),
                     ctx,
                     now,
                     pb::licensing_event::Kind::ImportPolicyChanged(pb::ImportPolicyChanged {
@@ -324,6 +352,7 @@ impl Licensing {
                 );
                 record(
                     &mut t,
+                    Part::Product(&req.product_sku),
                     ctx,
                     now,
                     if stance == Stance::Embargoed { "customs.embargoed" } else { "customs.opened" },

@@ -1,11 +1,12 @@
 //! The licensing service: who may import what, on which conditions.
 //!
-//! It owns import-licence applications and the approval queue, approval waves (drafted, then published
-//! atomically), licences and their conditions, the quota each licence grants (taken per order, strictly
+//! It owns import-licence applications and the approval queue, approval waves (drafted, then published:
+//! decided at once, put in force product by product), licences and their conditions, the quota each licence grants (taken per order, strictly
 //! in order, never beyond the grant under any concurrency), the vendor's export authorisations, customs'
-//! import policy, the buyers' domestic-purchase ledger, and a tamper-evident audit log. Every change is
-//! appended to the licensing event stream in the same atomic step as the change; the orders service
-//! consumes it to re-evaluate the orders a change concerns.
+//! import policy, the buyers' domestic-purchase ledger, and a tamper-evident audit log. State is
+//! partitioned by product, with a desk for what spans products ([`keys`]). Every change is appended to
+//! its partition's event stream and audit chain in the same atomic step as the change; the orders
+//! service consumes the streams to re-evaluate the orders a change concerns.
 //!
 //! The binary `chipgate-licensing` serves it; the dev cluster and the test harness run it in process
 //! through [`Licensing::new`] and [`spec`].
@@ -35,6 +36,8 @@ use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_state::{Backend, Store, Txn};
 use prost::Message;
 
+use crate::keys::Part;
+
 pub use chipgate_runtime::service::Error;
 
 /// Fully-qualified gRPC service name.
@@ -63,9 +66,11 @@ struct Inner {
     idem: Idempotency,
     /// Serialises this replica's quota calls per product, so they don't conflict with each other.
     locks: KeyedLocks,
-    /// Serialises this replica's commits: every licensing change appends to the one audit chain, so
-    /// concurrent commits would only conflict on its head.
-    audit: tokio::sync::Mutex<()>,
+    /// Serialises this replica's commits per partition: every change appends to its partition's audit
+    /// chain, so concurrent commits in one partition would only conflict on the chain's head.
+    chains: KeyedLocks,
+    /// Products this replica knows are registered in [`keys::products`].
+    registered: std::sync::RwLock<std::collections::HashSet<String>>,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
     /// Products found in inventory's catalogue (applications name one).
@@ -103,7 +108,8 @@ impl Licensing {
                 store,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
-                audit: tokio::sync::Mutex::new(()),
+                chains: KeyedLocks::new(),
+                registered: std::sync::RwLock::default(),
                 products: chipgate_contract::catalogue::KnownProducts::default(),
                 audit_key,
                 checkpoints,
@@ -160,14 +166,61 @@ impl Licensing {
         Ok(self.store().incr(&keys::counter(counter), n).await? - n + 1)
     }
 
+    /// Registers product `sku` in [`keys::products`] (once per replica: an idempotent set add) before a
+    /// change in its partition commits, so checkpoints, verification and the orders service's
+    /// consumers find every partition that has state.
+    async fn register_product(&self, sku: &str) -> Result<(), Error> {
+        let known = match self.inner.registered.read() {
+            Ok(k) => k.contains(sku),
+            Err(poisoned) => poisoned.into_inner().contains(sku),
+        };
+        if known {
+            return Ok(());
+        }
+        let mut t = Txn::new();
+        t.zadd(keys::products(), sku, 0.0);
+        self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
+        match self.inner.registered.write() {
+            Ok(mut k) => k.insert(sku.to_string()),
+            Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
+        };
+        Ok(())
+    }
+
+    /// Every product with a partition.
+    async fn products(&self) -> Result<Vec<String>, Error> {
+        Ok(chipgate_contract::licensing_products::all(self.store()).await?)
+    }
+
+    /// Runs one transaction in partition `part` (see [`chipgate_runtime::txn::run`]): this replica's
+    /// commits in one partition queue for its audit chain's head instead of conflicting on it, while
+    /// commits in different partitions run side by side.
+    async fn run_in<T, F, Fut>(
+        &self,
+        part: Part<'_>,
+        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
+        attempt: F,
+    ) -> Result<(T, chipgate_state::Committed), Error>
+    where
+        T: Message + Default + Send,
+        F: FnMut() -> Fut + Send,
+        Fut: std::future::Future<Output = Result<(Txn, T), Error>> + Send,
+    {
+        if let Part::Product(sku) = part {
+            self.register_product(sku).await?;
+        }
+        let _chain = self.inner.chains.lock(&part.audit().stream).await;
+        chipgate_runtime::txn::run(self.store(), idem, attempt).await
+    }
+
     /// 1-based position of an application in the queue (0 when not queued).
     async fn queue_position(&self, application_id: &str) -> Result<u64, Error> {
         Ok(self.store().zrank(&keys::queue(), application_id).await?.map(|r| r + 1).unwrap_or(0))
     }
 }
 
-/// Appends the event of a change to the licensing stream, in the change's transaction.
-fn emit(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, kind: pb::licensing_event::Kind) {
+/// Appends the event of a change to its partition's stream, in the change's transaction.
+fn emit(txn: &mut Txn, part: Part<'_>, ctx: &RequestContext, now_ms: u64, kind: pb::licensing_event::Kind) {
     let event = pb::LicensingEvent {
         time: chipgate_runtime::time::ts_opt(now_ms),
         request_id: ctx.request_id.clone(),
@@ -176,14 +229,22 @@ fn emit(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, kind: pb::licensing_ev
         kind: Some(kind),
     };
     txn.xadd(
-        keys::events(),
+        part.events(),
         vec![(chipgate_contract::EVENT_FIELD.to_string(), event.encode_to_vec())],
         Some(MAX_EVENTS),
     );
 }
 
-/// Appends a decision to the audit chain, in the change's transaction.
-fn record(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, action: &str, subject: &str, detail: String) {
+/// Appends a decision to its partition's audit chain, in the change's transaction.
+fn record(
+    txn: &mut Txn,
+    part: Part<'_>,
+    ctx: &RequestContext,
+    now_ms: u64,
+    action: &str,
+    subject: &str,
+    detail: String,
+) {
     let entry = pb::AuditEntry {
         sequence: 0,
         time: chipgate_runtime::time::ts_opt(now_ms),
@@ -194,8 +255,9 @@ fn record(txn: &mut Txn, ctx: &RequestContext, now_ms: u64, action: &str, subjec
         prev_hash: String::new(),
         hash: String::new(),
         request_id: ctx.request_id.clone(),
+        idempotency_key: ctx.idempotency_key.clone(),
     };
-    txn.audit(&keys::audit(), entry.encode_to_vec());
+    txn.audit(&part.audit(), entry.encode_to_vec());
 }
 
 fn encode<M: Message>(m: &M) -> Vec<u8> {
@@ -210,21 +272,5 @@ fn failure_codes(f: &[Failure]) -> String {
 impl chipgate_runtime::service::Records for Licensing {
     fn store(&self) -> &Store {
         &self.inner.store
-    }
-
-    /// Every licensing change appends to the audit chain, so this replica's commits queue for it
-    /// instead of conflicting on the chain's head.
-    async fn run_txn<T, F, Fut>(
-        &self,
-        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
-        attempt: F,
-    ) -> Result<(T, chipgate_state::Committed), Error>
-    where
-        T: Message + Default + Send,
-        F: FnMut() -> Fut + Send,
-        Fut: std::future::Future<Output = Result<(Txn, T), Error>> + Send,
-    {
-        let _chain = self.inner.audit.lock().await;
-        chipgate_runtime::txn::run(self.store(), idem, attempt).await
     }
 }

@@ -11,6 +11,7 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::Txn;
 
 use crate::convert::{conditions_from, license_state, license_to};
+use crate::keys::Part;
 use crate::{Error, Licensing, emit, encode, keys, record};
 
 /// The ids of a buyer's licences for one product, oldest first.
@@ -37,6 +38,12 @@ fn transition_error(id: &str, e: &TransitionError) -> Error {
     }
 }
 
+/// The partition a call about licence `id` commits its answer in (the desk's for an id that names no
+/// product: the call then fails NOT_FOUND without writing anything).
+fn licence_partition(id: &str) -> chipgate_state::Partition {
+    keys::license_sku(id).map_or_else(|| keys::SPACE.partition(""), keys::part)
+}
+
 impl Licensing {
     pub(crate) async fn get_license(
         &self,
@@ -46,8 +53,8 @@ impl Licensing {
         let mut v = Violations::new();
         validate::id(&mut v, "license_id", &req.license_id);
         v.check().map_err(Error::Status)?;
-        let (_, lic) =
-            self.require::<LicenseRecord>(keys::license(&req.license_id), "licence", &req.license_id).await?;
+        let key = keys::license(&req.license_id).ok_or_else(|| Error::not_found("licence", &req.license_id))?;
+        let (_, lic) = self.require::<LicenseRecord>(key, "licence", &req.license_id).await?;
         ctx.check_owner(&lic.buyer_id).map_err(Error::Status)?;
         Ok(pb::GetLicenseResponse { license: Some(license_to(&lic, now_ms())) })
     }
@@ -63,11 +70,17 @@ impl Licensing {
         let now = now_ms();
         let state = req.state();
         let (lics, next) = self
-            .scan_index::<LicenseRecord>(&index, &page, false, keys::license, |l| {
-                (req.product_sku.is_empty() || l.product_sku == req.product_sku)
-                    && (req.wave_id.is_empty() || l.wave_id == req.wave_id)
-                    && (state == pb::LicenseState::Unspecified || license_state(l.effective_state(now)) == state)
-            })
+            .scan_index::<LicenseRecord>(
+                &index,
+                &page,
+                false,
+                |id| keys::license(id).unwrap_or_default(),
+                |l| {
+                    (req.product_sku.is_empty() || l.product_sku == req.product_sku)
+                        && (req.wave_id.is_empty() || l.wave_id == req.wave_id)
+                        && (state == pb::LicenseState::Unspecified || license_state(l.effective_state(now)) == state)
+                },
+            )
             .await?;
         Ok(pb::ListLicensesResponse {
             licenses: lics.iter().map(|l| license_to(l, now)).collect(),
@@ -89,7 +102,8 @@ impl Licensing {
             }
         }
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "FinalizeTerms", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "FinalizeTerms", &req.request_id, &req)
+            .in_partition(licence_partition(&req.license_id));
         let license = self.change(ctx, &idem, &req.license_id, Change::Finalize, "", req.conditions.as_ref()).await?;
         Ok(pb::FinalizeTermsResponse { license: Some(license) })
     }
@@ -100,7 +114,8 @@ impl Licensing {
         req: pb::SuspendLicenseRequest,
     ) -> Result<pb::SuspendLicenseResponse, Error> {
         self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
-        let idem = IdemKey::new(&self.inner.idem, "SuspendLicense", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "SuspendLicense", &req.request_id, &req)
+            .in_partition(licence_partition(&req.license_id));
         let license = self.change(ctx, &idem, &req.license_id, Change::Suspend, &req.reason, None).await?;
         Ok(pb::SuspendLicenseResponse { license: Some(license) })
     }
@@ -111,7 +126,8 @@ impl Licensing {
         req: pb::ReinstateLicenseRequest,
     ) -> Result<pb::ReinstateLicenseResponse, Error> {
         self.check_change(&req.request_id, &req.license_id, &req.reason, false)?;
-        let idem = IdemKey::new(&self.inner.idem, "ReinstateLicense", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "ReinstateLicense", &req.request_id, &req)
+            .in_partition(licence_partition(&req.license_id));
         let license = self.change(ctx, &idem, &req.license_id, Change::Reinstate, &req.reason, None).await?;
         Ok(pb::ReinstateLicenseResponse { license: Some(license) })
     }
@@ -122,7 +138,8 @@ impl Licensing {
         req: pb::RevokeLicenseRequest,
     ) -> Result<pb::RevokeLicenseResponse, Error> {
         self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
-        let idem = IdemKey::new(&self.inner.idem, "RevokeLicense", &req.request_id, &req);
+        let idem = IdemKey::new(&self.inner.idem, "RevokeLicense", &req.request_id, &req)
+            .in_partition(licence_partition(&req.license_id));
         let license = self.change(ctx, &idem, &req.license_id, Change::Revoke, &req.reason, None).await?;
         Ok(pb::RevokeLicenseResponse { license: Some(license) })
     }
@@ -150,10 +167,13 @@ impl Licensing {
         reason: &str,
         conditions: Option<&pb::LicenseConditions>,
     ) -> Result<pb::License, Error> {
+        let (Some(sku), Some(key)) = (keys::license_sku(license_id), keys::license(license_id)) else {
+            return Err(Error::not_found("licence", license_id));
+        };
+        let part = Part::Product(sku);
         let (answer, _) = self
-            .run_txn(Some(idem), || async {
-                let (ver, mut lic) =
-                    self.require::<LicenseRecord>(keys::license(license_id), "licence", license_id).await?;
+            .run_in(part, Some(idem), || async {
+                let (ver, mut lic) = self.require::<LicenseRecord>(key.clone(), "licence", license_id).await?;
                 let now = now_ms();
                 let from = lic.effective_state(now);
                 let result = match change {
@@ -165,9 +185,10 @@ impl Licensing {
                 result.map_err(|e| transition_error(license_id, &e))?;
                 let to = lic.effective_state(now);
                 let mut t = Txn::new();
-                t.replace(keys::license(license_id), ver, encode(&lic));
+                t.replace(key.clone(), ver, encode(&lic));
                 emit(
                     &mut t,
+                    part,
                     ctx,
                     now,
                     pb::licensing_event::Kind::LicenseChanged(pb::LicenseChanged {
@@ -199,7 +220,7 @@ impl Licensing {
                     ),
                     _ => format!("{} {}: {} → {}: {}", lic.buyer_id, lic.product_sku, from.name(), to.name(), reason),
                 };
-                record(&mut t, ctx, now, action, license_id, detail);
+                record(&mut t, part, ctx, now, action, license_id, detail);
                 Ok((t, pb::GetLicenseResponse { license: Some(license_to(&lic, now)) }))
             })
             .await?;

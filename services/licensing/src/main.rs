@@ -105,6 +105,7 @@ async fn main() -> std::process::ExitCode {
     if !args.audit_checkpoint_every.is_zero() {
         service.spawn_audit_checkpoints(args.audit_checkpoint_every, shutdown.clone());
     }
+    service.spawn_wave_recovery(shutdown.clone());
     if let Err(e) = args.common.spawn_metrics(service.metrics(), shutdown.clone()).await {
         tracing::error!(error = %e, "can't serve metrics");
         return std::process::ExitCode::FAILURE;

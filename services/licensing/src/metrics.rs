@@ -59,7 +59,8 @@ impl Sampler {
         let err = |e: &dyn std::fmt::Display| e.to_string();
         self.queue.set(self.store.zcard(&keys::queue()).await.map_err(|e| err(&e))? as i64);
         let mut entries = 0u64;
-        for (_, chain) in keys::audit_chains() {
+        let products = chipgate_contract::licensing_products::all(&self.store).await.map_err(|e| err(&e))?;
+        for (_, chain) in keys::audit_chains(&products) {
             entries += chain.head(&self.store).await.map_err(|e| err(&e))?.0;
         }
         self.audit.set(entries as i64);
@@ -77,7 +78,7 @@ impl Sampler {
             if page.is_empty() {
                 break;
             }
-            let ids: Vec<String> = page.iter().map(|(id, _)| keys::license(id)).collect();
+            let ids: Vec<String> = page.iter().filter_map(|(id, _)| keys::license(id)).collect();
             for (_, l) in
                 records::load_many::<LicenseRecord>(&self.store, &ids).await.map_err(|e| err(&e))?.into_iter().flatten()
             {

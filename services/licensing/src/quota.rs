@@ -22,7 +22,8 @@ use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::Txn;
 
-use crate::convert::{QuotaBatch, Recheck, ReleaseBatch, failure_to, reservation_to};
+use crate::convert::{QuotaBatch, QuotaRef, Recheck, ReleaseBatch, failure_to, reservation_to};
+use crate::keys::Part;
 use crate::licences::LicenseIndex;
 use crate::{Error, Licensing, MAX_UNITS, emit, encode, failure_codes, keys, record};
 
@@ -49,7 +50,9 @@ impl Licensing {
         ids.extend(extra_licences.iter().cloned());
         ids.sort();
         ids.dedup();
-        let lic_keys: Vec<String> = ids.iter().map(|id| keys::license(id)).collect();
+        // Only this product's licences (an id of another product would be a corrupt index).
+        let lic_keys: Vec<String> =
+            ids.iter().filter(|id| keys::license_sku(id) == Some(sku)).filter_map(|id| keys::license(id)).collect();
         let licences = self.load_many::<LicenseRecord>(&lic_keys).await?.into_iter().flatten().collect();
         let domestic = ledgers.into_iter().flatten().map(|(_, l)| (l.buyer_id, l.total_units)).collect();
         let gate = ProductGate::from_records(policy.as_ref().map(|(_, p)| p), exports.as_ref().map(|(_, e)| e));
@@ -116,7 +119,8 @@ impl Licensing {
         let began = std::time::Instant::now();
         let _serial = self.inner.locks.lock(sku).await;
         let locked = began.elapsed();
-        let (answer, _) = self.run_txn(None, || self.reserve_attempt(ctx, sku, &items, fence_token, &[])).await?;
+        let (answer, _) =
+            self.run_in(Part::Product(sku), None, || self.reserve_attempt(ctx, sku, &items, fence_token, &[])).await?;
         tracing::debug!(
             items = items.len(),
             lock_us = locked.as_micros() as u64,
@@ -135,7 +139,7 @@ impl Licensing {
         draft: &[LicenseRecord],
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
-        let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(&it.order_id)).collect();
+        let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(sku, &it.order_id)).collect();
         let mut buyers: Vec<&str> = items.iter().map(|it| it.buyer_id.as_str()).collect();
         buyers.sort_unstable();
         buyers.dedup();
@@ -150,7 +154,8 @@ impl Licensing {
             .iter()
             .flatten()
             .filter(|(_, r)| r.held_units() > 0 && !world.licences.iter().any(|(_, l)| l.id == r.license_id))
-            .map(|(_, r)| keys::license(&r.license_id))
+            .filter(|(_, r)| keys::license_sku(&r.license_id) == Some(sku))
+            .filter_map(|(_, r)| keys::license(&r.license_id))
             .collect();
         if !missing.is_empty() {
             world.licences.extend(self.load_many::<LicenseRecord>(&missing).await?.into_iter().flatten());
@@ -235,7 +240,7 @@ impl Licensing {
                                 update_ms: now,
                                 release_reason: String::new(),
                             };
-                            t.replace(keys::reservation(&it.order_id), ver, encode(&r));
+                            t.replace(keys::reservation(sku, &it.order_id), ver, encode(&r));
                             reserved_detail
                                 .push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
                             let out = reservation_to(&r);
@@ -255,7 +260,7 @@ impl Licensing {
                                 released.set_status(ReservationStatus::Released);
                                 released.update_ms = now;
                                 released.release_reason = format!("superseded by generation {}", it.generation);
-                                t.replace(keys::reservation(&it.order_id), ver, encode(&released));
+                                t.replace(keys::reservation(sku, &it.order_id), ver, encode(&released));
                                 changed_released.push(reservation_to(&released));
                             }
                             refused_detail.push(format!(
@@ -278,12 +283,14 @@ impl Licensing {
         for l in planner.into_touched() {
             touched.remove(&l.id);
             let ver = versions.get(&l.id).copied().unwrap_or(0);
-            t.replace(keys::license(&l.id), ver, encode(&l));
+            if let Some(key) = keys::license(&l.id) {
+                t.replace(key, ver, encode(&l));
+            }
         }
         // Licences that only gave back superseded quota.
         for id in touched {
-            if let Some(l) = licences.get(&id) {
-                t.replace(keys::license(&id), versions.get(&id).copied().unwrap_or(0), encode(l));
+            if let (Some(l), Some(key)) = (licences.get(&id), keys::license(&id)) {
+                t.replace(key, versions.get(&id).copied().unwrap_or(0), encode(l));
             }
         }
         if t.is_empty() && reserved_detail.is_empty() && refused_detail.is_empty() {
@@ -297,6 +304,7 @@ impl Licensing {
             // newly reserved ones only counted.
             emit(
                 &mut t,
+                Part::Product(sku),
                 ctx,
                 now,
                 pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
@@ -309,6 +317,7 @@ impl Licensing {
         }
         record(
             &mut t,
+            Part::Product(sku),
             ctx,
             now,
             "quota.decided",
@@ -356,22 +365,39 @@ impl Licensing {
         req: pb::BatchReleaseQuotaRequest,
     ) -> Result<pb::BatchReleaseQuotaResponse, Error> {
         let batch = ReleaseBatch::try_from(req)?;
-        let reservations = self.release_items(ctx, &batch.refs, &batch.reason, batch.unless_confirmed).await?;
-        Ok(pb::BatchReleaseQuotaResponse { reservations })
+        // Reservations live in their products' partitions: one commit per product, each idempotent
+        // (a retried call finds its releases done and answers them as they stand), in the order the
+        // products first appear; the answer keeps the items' order.
+        let mut by_product: BTreeMap<&str, Vec<(usize, &QuotaRef)>> = BTreeMap::new();
+        for (i, r) in batch.refs.iter().enumerate() {
+            by_product.entry(r.product_sku.as_str()).or_default().push((i, r));
+        }
+        let mut answers: Vec<Option<pb::QuotaReservation>> = vec![None; batch.refs.len()];
+        for (sku, refs) in by_product {
+            let items: Vec<(String, u64)> = refs.iter().map(|(_, r)| (r.order_id.clone(), r.generation)).collect();
+            let out = self.release_items(ctx, sku, &items, &batch.reason, batch.unless_confirmed).await?;
+            for ((i, _), r) in refs.iter().zip(out) {
+                answers[*i] = Some(r);
+            }
+        }
+        Ok(pb::BatchReleaseQuotaResponse { reservations: answers.into_iter().flatten().collect() })
     }
 
-    /// Returns quota of `(order, generation)` pairs to their licences (see `ReleaseQuota`).
+    /// Returns quota of `(order, generation)` pairs of product `sku` to their licences (see
+    /// `ReleaseQuota`): one answer per item, in order.
     async fn release_items(
         &self,
         ctx: &RequestContext,
+        sku: &str,
         items: &[(String, u64)],
         reason: &str,
         unless_confirmed: bool,
     ) -> Result<Vec<pb::QuotaReservation>, Error> {
+        let part = Part::Product(sku);
         let (answer, _) = self
-            .run_txn(None, || async {
+            .run_in(part, None, || async {
                 let now = now_ms();
-                let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(o)).collect();
+                let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(sku, o)).collect();
                 let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
                 let mut lic_ids: Vec<String> = existing
                     .iter()
@@ -381,7 +407,11 @@ impl Licensing {
                     .collect();
                 lic_ids.sort();
                 lic_ids.dedup();
-                let lic_keys: Vec<String> = lic_ids.iter().map(|id| keys::license(id)).collect();
+                let lic_keys: Vec<String> = lic_ids
+                    .iter()
+                    .filter(|id| keys::license_sku(id) == Some(sku))
+                    .filter_map(|id| keys::license(id))
+                    .collect();
                 let mut licences: HashMap<String, (u64, LicenseRecord)> = self
                     .load_many::<LicenseRecord>(&lic_keys)
                     .await?
@@ -391,7 +421,7 @@ impl Licensing {
                     .collect();
                 let mut t = Txn::new();
                 let mut out = Vec::with_capacity(items.len());
-                let mut changed: BTreeMap<String, Vec<pb::QuotaReservation>> = BTreeMap::new();
+                let mut changed = Vec::new();
                 let mut detail = Vec::new();
                 let mut touched = std::collections::BTreeSet::new();
                 for ((order_id, generation), ex) in items.iter().zip(existing) {
@@ -406,7 +436,7 @@ impl Licensing {
                         create_ms: now,
                         update_ms: now,
                         release_reason: reason.to_string(),
-                        product_sku: base.map(|b| b.product_sku.clone()).unwrap_or_default(),
+                        product_sku: sku.to_string(),
                         buyer_id: base.map(|b| b.buyer_id.clone()).unwrap_or_default(),
                         ..Default::default()
                     };
@@ -453,36 +483,33 @@ impl Licensing {
                         }
                     };
                     if let Some(rec) = next {
-                        t.replace(keys::reservation(order_id), ver, encode(&rec));
+                        t.replace(keys::reservation(sku, order_id), ver, encode(&rec));
                         detail.push(format!("{order_id}/{generation}:{}", rec.units));
                         let p = reservation_to(&rec);
-                        if !rec.product_sku.is_empty() {
-                            changed.entry(rec.product_sku.clone()).or_default().push(p.clone());
-                        }
+                        changed.push(p.clone());
                         out.push(p);
                     }
                 }
                 for id in touched {
-                    if let Some((v, l)) = licences.get(&id) {
-                        t.replace(keys::license(&id), *v, encode(l));
+                    if let (Some((v, l)), Some(key)) = (licences.get(&id), keys::license(&id)) {
+                        t.replace(key, *v, encode(l));
                     }
                 }
                 if t.is_empty() {
                     return Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }));
                 }
-                for (sku, reservations) in changed {
-                    emit(
-                        &mut t,
-                        ctx,
-                        now,
-                        pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
-                            product_sku: sku,
-                            reservations,
-                            ..Default::default()
-                        }),
-                    );
-                }
-                record(&mut t, ctx, now, "quota.released", "quota", format!("{}: {}", reason, detail.join(" ")));
+                emit(
+                    &mut t,
+                    part,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
+                        product_sku: sku.to_string(),
+                        reservations: changed,
+                        ..Default::default()
+                    }),
+                );
+                record(&mut t, part, ctx, now, "quota.released", sku, format!("{}: {}", reason, detail.join(" ")));
                 Ok((t, pb::BatchReleaseQuotaResponse { reservations: out }))
             })
             .await?;
@@ -497,16 +524,23 @@ impl Licensing {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "order_id", &req.order_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
         if req.generation == 0 {
             v.add("generation", "must be at least 1");
         }
         v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ConfirmQuota", &req.request_id, &req);
+        let sku = req.product_sku.as_str();
+        let part = Part::Product(sku);
+        let idem = IdemKey::new(&self.inner.idem, "ConfirmQuota", &req.request_id, &req).in_partition(keys::part(sku));
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(part, Some(&idem), || async {
                 let now = now_ms();
                 let (rver, mut r) = self
-                    .require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id)
+                    .require::<ReservationRecord>(
+                        keys::reservation(sku, &req.order_id),
+                        "quota reservation",
+                        &req.order_id,
+                    )
                     .await?;
                 if r.generation == req.generation && r.status() == ReservationStatus::Confirmed {
                     return Ok((Txn::new(), pb::ConfirmQuotaResponse { reservation: Some(reservation_to(&r)) }));
@@ -524,10 +558,13 @@ impl Licensing {
                         ),
                     ));
                 }
+                let lkey = keys::license(&r.license_id)
+                    .filter(|_| keys::license_sku(&r.license_id) == Some(sku))
+                    .ok_or_else(|| Error::not_found("licence", &r.license_id))?;
                 let ((lver, mut lic), policy, exports) = tokio::try_join!(
-                    self.require::<LicenseRecord>(keys::license(&r.license_id), "licence", &r.license_id),
-                    self.load::<PolicyRecord>(keys::policy(&r.product_sku)),
-                    self.load::<ProductExportRecord>(keys::exports(&r.product_sku)),
+                    self.require::<LicenseRecord>(lkey.clone(), "licence", &r.license_id),
+                    self.load::<PolicyRecord>(keys::policy(sku)),
+                    self.load::<ProductExportRecord>(keys::exports(sku)),
                 )?;
                 // Confirming commits the quota for good: only while the licence and the product's
                 // gates still allow holding it (the rule the orders service re-checks holders by).
@@ -553,13 +590,14 @@ impl Licensing {
                 r.set_status(ReservationStatus::Confirmed);
                 r.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::license(&lic.id), lver, encode(&lic));
-                t.replace(keys::reservation(&r.order_id), rver, encode(&r));
-                t.expect_version(keys::policy(&r.product_sku), policy.map(|(v, _)| v).unwrap_or(0));
-                t.expect_version(keys::exports(&r.product_sku), exports.map(|(v, _)| v).unwrap_or(0));
+                t.replace(lkey.clone(), lver, encode(&lic));
+                t.replace(keys::reservation(sku, &r.order_id), rver, encode(&r));
+                t.expect_version(keys::policy(sku), policy.map(|(v, _)| v).unwrap_or(0));
+                t.expect_version(keys::exports(sku), exports.map(|(v, _)| v).unwrap_or(0));
                 let out = reservation_to(&r);
                 emit(
                     &mut t,
+                    part,
                     ctx,
                     now,
                     pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
@@ -568,7 +606,15 @@ impl Licensing {
                         ..Default::default()
                     }),
                 );
-                record(&mut t, ctx, now, "quota.confirmed", &r.order_id, format!("{} units of {}", r.units, lic.id));
+                record(
+                    &mut t,
+                    part,
+                    ctx,
+                    now,
+                    "quota.confirmed",
+                    &r.order_id,
+                    format!("{} units of {}", r.units, lic.id),
+                );
                 Ok((t, pb::ConfirmQuotaResponse { reservation: Some(out) }))
             })
             .await?;
@@ -581,9 +627,14 @@ impl Licensing {
     ) -> Result<pb::GetQuotaReservationResponse, Error> {
         let mut v = Violations::new();
         validate::id(&mut v, "order_id", &req.order_id);
+        validate::id(&mut v, "product_sku", &req.product_sku);
         v.check().map_err(Error::Status)?;
         let (_, r) = self
-            .require::<ReservationRecord>(keys::reservation(&req.order_id), "quota reservation", &req.order_id)
+            .require::<ReservationRecord>(
+                keys::reservation(&req.product_sku, &req.order_id),
+                "quota reservation",
+                &req.order_id,
+            )
             .await?;
         Ok(pb::GetQuotaReservationResponse { reservation: Some(reservation_to(&r)) })
     }
@@ -594,7 +645,7 @@ impl Licensing {
     pub(crate) async fn recheck_quota(&self, req: pb::RecheckQuotaRequest) -> Result<pb::RecheckQuotaResponse, Error> {
         let req = Recheck::try_from(req)?;
         let sku = req.product_sku.as_str();
-        let res_keys: Vec<String> = req.refs.iter().map(|(order, _)| keys::reservation(order)).collect();
+        let res_keys: Vec<String> = req.refs.iter().map(|(order, _)| keys::reservation(sku, order)).collect();
         let (existing, policy, exports) = tokio::try_join!(
             self.load_many::<ReservationRecord>(&res_keys),
             self.load::<PolicyRecord>(keys::policy(sku)),
@@ -605,7 +656,8 @@ impl Licensing {
         lic_ids.sort();
         lic_ids.dedup();
         lic_ids.retain(|id| !id.is_empty());
-        let lic_keys: Vec<String> = lic_ids.iter().map(|id| keys::license(id)).collect();
+        let lic_keys: Vec<String> =
+            lic_ids.iter().filter(|id| keys::license_sku(id) == Some(sku)).filter_map(|id| keys::license(id)).collect();
         let licences: HashMap<String, LicenseRecord> = self
             .load_many::<LicenseRecord>(&lic_keys)
             .await?

@@ -14,7 +14,7 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::SubmitApplicationRequest>,
     ) -> Result<Response<pb::SubmitApplicationResponse>, Status> {
-        mutating!(self, r, submit_application)
+        mutating!(self, r, submit_application, request_id)
     }
     async fn get_application(
         &self,
@@ -32,13 +32,13 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::WithdrawApplicationRequest>,
     ) -> Result<Response<pb::WithdrawApplicationResponse>, Status> {
-        mutating!(self, r, withdraw_application)
+        mutating!(self, r, withdraw_application, request_id)
     }
     async fn reject_application(
         &self,
         r: Request<pb::RejectApplicationRequest>,
     ) -> Result<Response<pb::RejectApplicationResponse>, Status> {
-        mutating!(self, r, reject_application)
+        mutating!(self, r, reject_application, request_id)
     }
     async fn list_queue(&self, r: Request<pb::ListQueueRequest>) -> Result<Response<pb::ListQueueResponse>, Status> {
         reading!(self, r, list_queue)
@@ -47,28 +47,28 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::MoveQueuedApplicationRequest>,
     ) -> Result<Response<pb::MoveQueuedApplicationResponse>, Status> {
-        mutating!(self, r, move_queued_application)
+        mutating!(self, r, move_queued_application, request_id)
     }
     async fn create_wave(&self, r: Request<pb::CreateWaveRequest>) -> Result<Response<pb::CreateWaveResponse>, Status> {
-        mutating!(self, r, create_wave)
+        mutating!(self, r, create_wave, request_id)
     }
     async fn add_wave_grant(
         &self,
         r: Request<pb::AddWaveGrantRequest>,
     ) -> Result<Response<pb::AddWaveGrantResponse>, Status> {
-        mutating!(self, r, add_wave_grant)
+        mutating!(self, r, add_wave_grant, request_id)
     }
     async fn remove_wave_grant(
         &self,
         r: Request<pb::RemoveWaveGrantRequest>,
     ) -> Result<Response<pb::RemoveWaveGrantResponse>, Status> {
-        mutating!(self, r, remove_wave_grant)
+        mutating!(self, r, remove_wave_grant, request_id)
     }
     async fn publish_wave(
         &self,
         r: Request<pb::PublishWaveRequest>,
     ) -> Result<Response<pb::PublishWaveResponse>, Status> {
-        mutating!(self, r, publish_wave)
+        mutating!(self, r, publish_wave, request_id)
     }
     async fn get_wave(&self, r: Request<pb::GetWaveRequest>) -> Result<Response<pb::GetWaveResponse>, Status> {
         reading!(self, r, get_wave)
@@ -89,25 +89,25 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::FinalizeTermsRequest>,
     ) -> Result<Response<pb::FinalizeTermsResponse>, Status> {
-        mutating!(self, r, finalize_terms)
+        mutating!(self, r, finalize_terms, request_id)
     }
     async fn suspend_license(
         &self,
         r: Request<pb::SuspendLicenseRequest>,
     ) -> Result<Response<pb::SuspendLicenseResponse>, Status> {
-        mutating!(self, r, suspend_license)
+        mutating!(self, r, suspend_license, request_id)
     }
     async fn reinstate_license(
         &self,
         r: Request<pb::ReinstateLicenseRequest>,
     ) -> Result<Response<pb::ReinstateLicenseResponse>, Status> {
-        mutating!(self, r, reinstate_license)
+        mutating!(self, r, reinstate_license, request_id)
     }
     async fn revoke_license(
         &self,
         r: Request<pb::RevokeLicenseRequest>,
     ) -> Result<Response<pb::RevokeLicenseResponse>, Status> {
-        mutating!(self, r, revoke_license)
+        mutating!(self, r, revoke_license, request_id)
     }
     async fn check_eligibility(
         &self,
@@ -119,19 +119,19 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::BatchReserveQuotaRequest>,
     ) -> Result<Response<pb::BatchReserveQuotaResponse>, Status> {
-        mutating!(self, r, batch_reserve_quota)
+        mutating!(self, r, batch_reserve_quota, request_id)
     }
     async fn batch_release_quota(
         &self,
         r: Request<pb::BatchReleaseQuotaRequest>,
     ) -> Result<Response<pb::BatchReleaseQuotaResponse>, Status> {
-        mutating!(self, r, batch_release_quota)
+        mutating!(self, r, batch_release_quota, request_id)
     }
     async fn confirm_quota(
         &self,
         r: Request<pb::ConfirmQuotaRequest>,
     ) -> Result<Response<pb::ConfirmQuotaResponse>, Status> {
-        mutating!(self, r, confirm_quota)
+        mutating!(self, r, confirm_quota, request_id)
     }
     async fn get_quota_reservation(
         &self,
@@ -155,7 +155,7 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::RecordDomesticPurchaseRequest>,
     ) -> Result<Response<pb::RecordDomesticPurchaseResponse>, Status> {
-        mutating!(self, r, record_domestic_purchase)
+        mutating!(self, r, record_domestic_purchase, request_id)
     }
     async fn get_domestic_ledger(
         &self,
@@ -167,13 +167,13 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::GrantExportAuthorizationRequest>,
     ) -> Result<Response<pb::GrantExportAuthorizationResponse>, Status> {
-        mutating!(self, r, grant_export_authorization)
+        mutating!(self, r, grant_export_authorization, request_id)
     }
     async fn revoke_export_authorization(
         &self,
         r: Request<pb::RevokeExportAuthorizationRequest>,
     ) -> Result<Response<pb::RevokeExportAuthorizationResponse>, Status> {
-        mutating!(self, r, revoke_export_authorization)
+        mutating!(self, r, revoke_export_authorization, request_id)
     }
     async fn list_export_authorizations(
         &self,
@@ -185,7 +185,7 @@ impl LicensingService for Licensing {
         &self,
         r: Request<pb::SetImportPolicyRequest>,
     ) -> Result<Response<pb::SetImportPolicyResponse>, Status> {
-        mutating!(self, r, set_import_policy)
+        mutating!(self, r, set_import_policy, request_id)
     }
     async fn get_import_policy(
         &self,

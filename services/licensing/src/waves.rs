@@ -1,4 +1,20 @@
-//! Approval waves: drafted, then published atomically.
+//! Approval waves: drafted, then published.
+//!
+//! A wave's applications, the approval queue and the wave itself live in the desk's partition; its
+//! licences in their products' partitions. Publishing therefore happens in two steps, neither of which
+//! needs a transaction across partitions:
+//! 1. **Decide** (one desk commit, all or nothing): every granted application must still be queued; they
+//!    become granted, leave the queue, get their licence ids; the wave becomes published and lists its
+//!    products as pending (and joins [`keys::waves_pending`]). From here the wave is published for good.
+//! 2. **Put in force**, product by product (one commit in each product's partition): the product's
+//!    licences and its licence index are written, with the product's `WavePublished` event (what the
+//!    orders service propagates) and audit entry. Each is idempotent — the licences' absence is the
+//!    guard — so a retry, a second replica or the recovery task can't apply a product twice. Then one
+//!    desk commit clears the pending list.
+//!
+//! `PublishWave` answers after both steps, so its caller sees every licence in force. A crash between
+//! them leaves the wave's products pending: a retried `PublishWave` (same request id) finishes them,
+//! and so does every replica's recovery task within seconds ([`Licensing::spawn_wave_recovery`]).
 
 use chipgate_domain::licensing::{
     ApplicationRecord, ApplicationStatus, GrantRecord, LicenseRecord, LicenseStatus, WaveError, WaveRecord, WaveStatus,
@@ -14,8 +30,12 @@ use chipgate_state::{Backend, Txn};
 
 use crate::apps::QueueVersion;
 use crate::convert::{conditions_from, license_to, wave_to};
+use crate::keys::Part;
 use crate::licences::LicenseIndex;
 use crate::{Error, Licensing, MAX_UNITS, emit, encode, keys, record};
+
+/// How often each replica looks for published waves whose licences are not all in force.
+const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most grants one wave may hold.
 pub const MAX_GRANTS: usize = 10_000;
@@ -36,7 +56,7 @@ fn licence_of(grant: &GrantRecord, app: &ApplicationRecord, wave_id: &str, seq: 
     let conditions = grant.conditions.clone().unwrap_or_default();
     let status = if conditions.terms_pending { LicenseStatus::PendingTerms } else { LicenseStatus::Active };
     LicenseRecord {
-        id: format!("lic-{seq}"),
+        id: keys::license_id(&grant.product_sku, seq),
         buyer_id: grant.buyer_id.clone(),
         product_sku: grant.product_sku.clone(),
         destination: app.destination.clone(),
@@ -102,7 +122,7 @@ impl Licensing {
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "CreateWave", &req.request_id, &req);
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Desk, Some(&idem), || async {
                 let seq = self.next_ids("wave", 1).await?;
                 let now = now_ms();
                 let id = format!("wave-{seq}");
@@ -117,8 +137,14 @@ impl Licensing {
                 let mut t = Txn::new();
                 t.replace(keys::wave(&id), 0, encode(&wave));
                 t.zadd(keys::waves(), &id, seq as f64);
-                emit(&mut t, ctx, now, pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: id.clone() }));
-                record(&mut t, ctx, now, "wave.drafted", &id, format!("draft {:?}", wave.display_name));
+                emit(
+                    &mut t,
+                    Part::Desk,
+                    ctx,
+                    now,
+                    pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: id.clone() }),
+                );
+                record(&mut t, Part::Desk, ctx, now, "wave.drafted", &id, format!("draft {:?}", wave.display_name));
                 Ok((t, pb::CreateWaveResponse { wave: Some(wave_to(&wave)) }))
             })
             .await?;
@@ -142,7 +168,7 @@ impl Licensing {
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "AddWaveGrant", &req.request_id, &req);
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Desk, Some(&idem), || async {
                 let (wver, mut wave) =
                     self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
                 let (aver, app) = self
@@ -185,6 +211,7 @@ impl Licensing {
                     granted: req.granted_units,
                     conditions: Some(conditions.clone()),
                     license_id: String::new(),
+                    license_seq: 0,
                 })
                 .map_err(|e| wave_error(&wave.id, &app.id, e))?;
                 let now = now_ms();
@@ -193,12 +220,14 @@ impl Licensing {
                 t.expect_version(keys::application(&app.id), aver);
                 emit(
                     &mut t,
+                    Part::Desk,
                     ctx,
                     now,
                     pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }),
                 );
                 record(
                     &mut t,
+                    Part::Desk,
                     ctx,
                     now,
                     "wave.grant_added",
@@ -234,7 +263,7 @@ impl Licensing {
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "RemoveWaveGrant", &req.request_id, &req);
         let (answer, _) = self
-            .run_txn(Some(&idem), || async {
+            .run_in(Part::Desk, Some(&idem), || async {
                 let (wver, mut wave) =
                     self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
                 wave.remove_grant(&req.application_id).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
@@ -243,11 +272,12 @@ impl Licensing {
                 t.replace(keys::wave(&wave.id), wver, encode(&wave));
                 emit(
                     &mut t,
+                    Part::Desk,
                     ctx,
                     now,
                     pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }),
                 );
-                record(&mut t, ctx, now, "wave.grant_removed", &wave.id, req.application_id.clone());
+                record(&mut t, Part::Desk, ctx, now, "wave.grant_removed", &wave.id, req.application_id.clone());
                 Ok((t, pb::RemoveWaveGrantResponse { wave: Some(wave_to(&wave)) }))
             })
             .await?;
@@ -264,10 +294,13 @@ impl Licensing {
         validate::id(&mut v, "wave_id", &req.wave_id);
         v.check().map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "PublishWave", &req.request_id, &req);
-        let (answer, _) = self.run_txn(Some(&idem), || self.publish_attempt(ctx, &req.wave_id)).await?;
+        let (mut answer, _) = self.run_in(Part::Desk, Some(&idem), || self.publish_attempt(ctx, &req.wave_id)).await?;
+        // Decided (now or by an earlier attempt of this call): every licence in force before answering.
+        answer.wave = Some(self.put_in_force(ctx, &req.wave_id).await?);
         Ok(answer)
     }
 
+    /// Step 1 (see the module docs): the decision, in the desk.
     async fn publish_attempt(
         &self,
         ctx: &RequestContext,
@@ -303,9 +336,6 @@ impl Licensing {
                     .collect(),
             });
         }
-        let index_keys: Vec<String> =
-            wave.grants.iter().map(|g| keys::license_index(&g.buyer_id, &g.product_sku)).collect();
-        let indexes = self.load_many::<LicenseIndex>(&index_keys).await?;
         let qver = self.load::<QueueVersion>(keys::queue_version()).await?.map(|(v, _)| v).unwrap_or(0);
         let n = wave.grants.len() as u64;
         let first = self.next_ids("lic", n).await?;
@@ -314,16 +344,13 @@ impl Licensing {
         let mut t = Txn::new();
         t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
         let mut licenses = Vec::with_capacity(wave.grants.len());
-        let mut granted = Vec::with_capacity(wave.grants.len());
         let mut detail = Vec::with_capacity(wave.grants.len());
-        // Several grants of one wave can't share a (buyer, product) index (one open application each),
-        // but guard against it anyway by carrying the index forward within the transaction.
-        let mut index_now: std::collections::HashMap<String, (u64, LicenseIndex)> = std::collections::HashMap::new();
-        for (i, ((grant, app), index)) in wave.grants.iter_mut().zip(apps).zip(indexes).enumerate() {
+        for (i, (grant, app)) in wave.grants.iter_mut().zip(apps).enumerate() {
             let Some((aver, mut app)) = app else { continue };
             let lic = licence_of(grant, &app, wave_id, first + i as u64, now);
             let conditions = lic.conditions();
             grant.license_id = lic.id.clone();
+            grant.license_seq = lic.seq;
             app.set_status(ApplicationStatus::Granted);
             app.wave_id = wave_id.to_string();
             app.license_id = lic.id.clone();
@@ -331,12 +358,10 @@ impl Licensing {
             t.replace(keys::application(&app.id), aver, encode(&app));
             t.delete(keys::open_application(&app.buyer_id, &app.product_sku));
             t.zrem(keys::queue(), &app.id);
-            t.replace(keys::license(&lic.id), 0, encode(&lic));
+            // The listing indexes name the licence from the decision on; its record follows in step 2
+            // (a listing in between skips it).
             t.zadd(keys::licenses(), &lic.id, lic.seq as f64);
             t.zadd(keys::licenses_of(&lic.buyer_id), &lic.id, lic.seq as f64);
-            let ikey = keys::license_index(&lic.buyer_id, &lic.product_sku);
-            let entry = index_now.entry(ikey.clone()).or_insert_with(|| index.unwrap_or((0, LicenseIndex::default())));
-            entry.1.license_ids.push(lic.id.clone());
             detail.push(format!(
                 "{}→{} ({} {} x {}, {})",
                 app.id,
@@ -346,32 +371,23 @@ impl Licensing {
                 lic.product_sku,
                 if conditions.terms_pending { "terms pending" } else { "active" }
             ));
-            granted.push(pb::GrantedLicense {
-                license_id: lic.id.clone(),
-                buyer_id: lic.buyer_id.clone(),
-                product_sku: lic.product_sku.clone(),
-                state: crate::convert::license_state(lic.effective_state(now)) as i32,
-                granted_units: lic.granted,
-            });
             licenses.push(license_to(&lic, now));
-        }
-        for (key, (ver, index)) in index_now {
-            t.replace(key, ver, encode(&index));
         }
         wave.set_status(WaveStatus::Published);
         wave.publish_ms = now;
+        wave.pending_products = wave.products();
         t.replace(keys::wave(wave_id), wver, encode(&wave));
+        t.sadd(keys::waves_pending(), wave_id);
         emit(
             &mut t,
+            Part::Desk,
             ctx,
             now,
-            pb::licensing_event::Kind::WavePublished(pb::WavePublished {
-                wave_id: wave_id.to_string(),
-                licenses: granted,
-            }),
+            pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave_id.to_string() }),
         );
         record(
             &mut t,
+            Part::Desk,
             ctx,
             now,
             "wave.published",
@@ -379,6 +395,152 @@ impl Licensing {
             format!("{} grants, {} units: {}", wave.grants.len(), wave.total_granted(), detail.join("; ")),
         );
         Ok((t, pb::PublishWaveResponse { wave: Some(wave_to(&wave)), licenses }))
+    }
+
+    /// Step 2 (see the module docs): puts every pending product's licences of published wave
+    /// `wave_id` in force, then clears its pending list. Idempotent; a draft is left alone. Returns the
+    /// wave as it then stands.
+    pub(crate) async fn put_in_force(&self, ctx: &RequestContext, wave_id: &str) -> Result<pb::Wave, Error> {
+        let (_, wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+        if wave.status() != WaveStatus::Published {
+            return Ok(wave_to(&wave));
+        }
+        if !wave.pending_products.is_empty() {
+            let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&g.application_id)).collect();
+            let apps: std::collections::HashMap<String, ApplicationRecord> = self
+                .load_many::<ApplicationRecord>(&app_keys)
+                .await?
+                .into_iter()
+                .flatten()
+                .map(|(_, a)| (a.id.clone(), a))
+                .collect();
+            for sku in &wave.pending_products {
+                self.put_product_in_force(ctx, &wave, sku, &apps).await?;
+            }
+        }
+        let (answer, _) = self
+            .run_in(Part::Desk, None, || async {
+                let (ver, mut w) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+                let mut t = Txn::new();
+                if !w.pending_products.is_empty() {
+                    w.pending_products.clear();
+                    t.replace(keys::wave(wave_id), ver, encode(&w));
+                }
+                t.srem(keys::waves_pending(), wave_id);
+                Ok((t, pb::GetWaveResponse { wave: Some(wave_to(&w)) }))
+            })
+            .await?;
+        answer.wave.ok_or_else(|| Error::Internal(format!("wave {wave_id} vanished")))
+    }
+
+    /// One product's part of step 2, in the product's partition.
+    async fn put_product_in_force(
+        &self,
+        ctx: &RequestContext,
+        wave: &WaveRecord,
+        sku: &str,
+        apps: &std::collections::HashMap<String, ApplicationRecord>,
+    ) -> Result<(), Error> {
+        let part = Part::Product(sku);
+        let grants: Vec<&GrantRecord> = wave.grants.iter().filter(|g| g.product_sku == sku).collect();
+        self.run_in(part, None, || async {
+            let lic_keys: Vec<String> = grants.iter().filter_map(|g| keys::license(&g.license_id)).collect();
+            if lic_keys.len() != grants.len() {
+                return Err(Error::Internal(format!("wave {} holds a grant of {sku} without a licence id", wave.id)));
+            }
+            // All of a product's licences are written in one commit: one present means all are.
+            let existing = self.load_many::<LicenseRecord>(&lic_keys).await?;
+            if existing.iter().any(Option::is_some) {
+                return Ok((Txn::new(), pb::GetWaveResponse::default()));
+            }
+            let mut buyers: Vec<&str> = grants.iter().map(|g| g.buyer_id.as_str()).collect();
+            buyers.sort_unstable();
+            buyers.dedup();
+            let index_keys: Vec<String> = buyers.iter().map(|b| keys::license_index(b, sku)).collect();
+            let mut indexes: std::collections::HashMap<String, (u64, LicenseIndex)> = self
+                .load_many::<LicenseIndex>(&index_keys)
+                .await?
+                .into_iter()
+                .zip(&index_keys)
+                .map(|(ix, key)| (key.clone(), ix.unwrap_or((0, LicenseIndex::default()))))
+                .collect();
+            let now = wave.publish_ms;
+            let mut t = Txn::new();
+            let mut granted = Vec::with_capacity(grants.len());
+            let mut detail = Vec::with_capacity(grants.len());
+            for (g, key) in grants.iter().zip(lic_keys) {
+                let app = apps.get(&g.application_id).ok_or_else(|| {
+                    Error::Internal(format!(
+                        "wave {} grants application {} which is missing",
+                        wave.id, g.application_id
+                    ))
+                })?;
+                let lic = licence_of(g, app, &wave.id, g.license_seq, now);
+                t.replace(key, 0, encode(&lic));
+                if let Some((_, index)) = indexes.get_mut(&keys::license_index(&lic.buyer_id, sku))
+                    && !index.license_ids.contains(&lic.id)
+                {
+                    index.license_ids.push(lic.id.clone());
+                }
+                detail.push(format!("{} ({} {})", lic.id, lic.buyer_id, lic.granted));
+                granted.push(pb::GrantedLicense {
+                    license_id: lic.id.clone(),
+                    buyer_id: lic.buyer_id.clone(),
+                    product_sku: lic.product_sku.clone(),
+                    state: crate::convert::license_state(lic.effective_state(now_ms())) as i32,
+                    granted_units: lic.granted,
+                });
+            }
+            for (key, (ver, index)) in &indexes {
+                t.replace(key.clone(), *ver, encode(index));
+            }
+            // The event carries the decision's time (all of a wave's products tell the same time).
+            emit(
+                &mut t,
+                part,
+                ctx,
+                now,
+                pb::licensing_event::Kind::WavePublished(pb::WavePublished {
+                    wave_id: wave.id.clone(),
+                    licenses: granted,
+                }),
+            );
+            record(&mut t, part, ctx, now_ms(), "wave.in_force", &wave.id, detail.join("; "));
+            Ok((t, pb::GetWaveResponse::default()))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Finishes, every few seconds until `shutdown`, the published waves whose licences are not all
+    /// in force (a crash between publishing's two steps): every replica runs it; the steps are
+    /// idempotent, so two replicas finishing one wave do no harm.
+    pub fn spawn_wave_recovery(&self, shutdown: chipgate_runtime::Shutdown) -> tokio::task::JoinHandle<()> {
+        let service = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(RECOVER_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.wait() => return,
+                }
+                let pending = match service.store().smembers(&keys::waves_pending()).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "can't read the waves pending publication; retrying");
+                        continue;
+                    }
+                };
+                for wave_id in pending {
+                    let ctx = RequestContext::background("wave-recovery", None);
+                    match service.put_in_force(&ctx, &wave_id).await {
+                        Ok(_) => tracing::info!(wave_id, "finished putting a published wave's licences in force"),
+                        Err(e) => tracing::warn!(wave_id, error = %e.describe(), "can't finish a published wave yet"),
+                    }
+                }
+            }
+        })
     }
 
     pub(crate) async fn get_wave(&self, req: pb::GetWaveRequest) -> Result<pb::GetWaveResponse, Error> {

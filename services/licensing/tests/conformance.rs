@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 
-use chipgate_licensing::{Licensing, keys};
+use chipgate_licensing::Licensing;
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_proto::licensing::v1::licensing_service_server::LicensingService;
 use chipgate_state::{Backend, Store, backend_tests};
@@ -27,6 +27,35 @@ async fn service(store: Store) -> Licensing {
         store.commit(&t).await.unwrap();
     }
     Licensing::new(store)
+}
+
+/// Every licensing event stream: the desk's and each product's.
+async fn streams(store: &Store) -> Vec<String> {
+    let mut out = vec![chipgate_contract::streams::licensing()];
+    for sku in chipgate_contract::licensing_products::all(store).await.unwrap() {
+        out.push(chipgate_contract::streams::licensing_product(&sku));
+    }
+    out
+}
+
+/// Events in every licensing stream.
+async fn event_count(store: &Store) -> u64 {
+    let mut n = 0;
+    for s in streams(store).await {
+        n += store.xlen(&s).await.unwrap();
+    }
+    n
+}
+
+/// Every licensing event, stream by stream.
+async fn all_events(store: &Store) -> Vec<pb::LicensingEvent> {
+    let mut out = Vec::new();
+    for s in streams(store).await {
+        for e in store.xrange(&s, None, 10_000).await.unwrap() {
+            out.push(pb::LicensingEvent::decode(e.field("e").unwrap()).unwrap());
+        }
+    }
+    out
 }
 
 fn rid() -> String {
@@ -338,7 +367,7 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
     }))
     .await
     .unwrap();
-    let events_before = store.xlen(&keys::events()).await.unwrap();
+    let events_before = event_count(&store).await;
     let blocked = svc
         .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
         .await
@@ -346,7 +375,7 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
     assert_eq!(blocked.code(), Code::FailedPrecondition);
     let pf = blocked.get_error_details();
     assert_eq!(pf.precondition_failure().unwrap().violations[0].subject, d.application_id);
-    assert_eq!(store.xlen(&keys::events()).await.unwrap(), events_before, "a refused publish changes nothing");
+    assert_eq!(event_count(&store).await, events_before, "a refused publish changes nothing");
     assert_eq!(queue_ids(&svc).await.len(), 3);
 
     svc.remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
@@ -400,17 +429,21 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
         .unwrap_err();
     assert_eq!(twice.code(), Code::FailedPrecondition);
 
-    // The publication is one event naming every licence.
-    let events = store.xrange(&keys::events(), None, 1000).await.unwrap();
-    let published_events: Vec<pb::WavePublished> = events
-        .iter()
-        .filter_map(|e| match pb::LicensingEvent::decode(e.field("e").unwrap()).unwrap().kind {
+    // The publication is one event per product naming every licence of the product, in the
+    // product's stream; nothing is left pending.
+    assert!(w.pending_products.is_empty(), "{:?}", w.pending_products);
+    let published_events: Vec<pb::WavePublished> = all_events(&store)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
             Some(pb::licensing_event::Kind::WavePublished(p)) => Some(p),
             _ => None,
         })
         .collect();
     assert_eq!(published_events.len(), 1);
     assert_eq!(published_events[0].licenses.len(), 2);
+    let in_product = store.xlen(&chipgate_contract::streams::licensing_product("H200")).await.unwrap();
+    assert!(in_product >= 1, "the wave's licences of H200 are announced in H200's stream");
 }
 
 async fn licence_states_gate_quota(store: Store) {
@@ -454,6 +487,7 @@ async fn licence_states_gate_quota(store: Store) {
             request_id: rid(),
             order_id: "o1".into(),
             generation: 1,
+            product_sku: "H200".into(),
         }))
         .await
         .unwrap_err();
@@ -525,7 +559,10 @@ async fn quota_is_never_exceeded_under_concurrency(store: Store) {
     assert_eq!(l.used_units, 990, "33 orders of 30 fit into 1,000");
     for (order, _) in per_order {
         let r = svc
-            .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest { order_id: order }))
+            .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest {
+                order_id: order,
+                product_sku: "H200".into(),
+            }))
             .await
             .unwrap()
             .into_inner()
@@ -568,7 +605,7 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
         async move {
             svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
                 request_id: rid(),
-                items: vec![pb::ReleaseItem { order_id: order, generation }],
+                items: vec![pb::ReleaseItem { order_id: order, generation, product_sku: "H200".into() }],
                 reason: "cancelled".into(),
                 unless_confirmed,
             }))
@@ -605,6 +642,7 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
         request_id: rid(),
         order_id: "o1".into(),
         generation: 3,
+        product_sku: "H200".into(),
     }))
     .await
     .unwrap();
@@ -715,49 +753,48 @@ async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
 
 async fn every_change_is_one_event_and_the_audit_chain_verifies(store: Store) {
     let svc = service(store.clone()).await;
-    let before = store.xlen(&keys::events()).await.unwrap();
+    let before = event_count(&store).await;
     licensed(&svc, "bytedance", 10, pb::LicenseConditions::default()).await;
-    // export + submit + create + add + publish = 5 changes, 5 events.
-    assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 5);
+    // export + submit + create + add + publish (decided in the desk, in force in H200's partition)
+    // = 6 events, each in its partition's stream.
+    assert_eq!(event_count(&store).await - before, 6);
     batch(&svc, vec![item("o1", 1, "bytedance", 5)]).await;
-    assert_eq!(store.xlen(&keys::events()).await.unwrap() - before, 6);
+    assert_eq!(event_count(&store).await - before, 7);
     let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
     assert!(v.valid, "{}", v.problem);
-    assert_eq!(v.entries_checked, 6);
-    let entries = svc
-        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
-            subject: String::new(),
-            page_size: 3,
-            page_token: String::new(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(entries.entries.len(), 3);
+    assert_eq!(v.entries_checked, 7);
+    assert_eq!(v.chains.len(), 2, "the desk's chain and H200's: {:?}", v.chains);
+    let list = |subject: &str, product: &str, page_size: i32, page_token: String| {
+        let svc = svc.clone();
+        let (subject, product) = (subject.to_string(), product.to_string());
+        async move {
+            svc.list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
+                subject,
+                page_size,
+                page_token,
+                product_sku: product,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    // The desk's chain: the application and the wave.
+    let desk = list("", "", 10, String::new()).await;
+    let actions: Vec<&str> = desk.entries.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(actions, ["application.submitted", "wave.drafted", "wave.grant_added", "wave.published"]);
+    // H200's chain, paged: its gate, its licence coming into force, its quota decision.
+    let entries = list("", "H200", 2, String::new()).await;
+    assert_eq!(entries.entries.len(), 2);
     assert_eq!(entries.entries[0].sequence, 1);
     assert_eq!(entries.entries[1].prev_hash, entries.entries[0].hash);
     assert_eq!(entries.entries[0].action, "export.authorized");
-    let rest = svc
-        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
-            subject: String::new(),
-            page_size: 10,
-            page_token: entries.next_page_token,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(rest.entries.len(), 3);
-    assert_eq!(rest.entries[2].action, "quota.decided");
-    assert!(rest.entries[2].detail.contains("o1/1"));
-    let by_subject = svc
-        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest {
-            subject: "H200".into(),
-            page_size: 10,
-            page_token: String::new(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    assert_eq!(entries.entries[1].action, "wave.in_force");
+    let rest = list("", "H200", 10, entries.next_page_token).await;
+    assert_eq!(rest.entries.len(), 1);
+    assert_eq!(rest.entries[0].action, "quota.decided");
+    assert!(rest.entries[0].detail.contains("o1/1"));
+    let by_subject = list("H200", "H200", 10, String::new()).await;
     assert_eq!(by_subject.entries.len(), 2, "export.authorized and quota.decided are about H200");
 }
 
@@ -818,7 +855,7 @@ async fn bad_input_is_refused_with_field_violations(store: Store) {
     let nf = svc.get_license(Request::new(pb::GetLicenseRequest { license_id: "lic-404".into() })).await.unwrap_err();
     assert_eq!(nf.code(), Code::NotFound);
     assert_eq!(nf.get_error_details().resource_info().unwrap().resource_name, "lic-404");
-    assert_eq!(store.xlen(&keys::events()).await.unwrap(), 0, "nothing changed");
+    assert_eq!(event_count(&store).await, 0, "nothing changed");
 }
 
 /// A higher generation that supersedes quota still held, and is then refused, gives the old quota
@@ -845,7 +882,10 @@ async fn a_refused_supersede_gives_the_old_quota_back_once(store: Store) {
     assert_eq!(conditions(&r), vec![pb::Condition::LicenseInForce]);
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 40, "generation 1's 60 units went back");
     let held = svc
-        .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest { order_id: "o1".into() }))
+        .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest {
+            order_id: "o1".into(),
+            product_sku: "H200".into(),
+        }))
         .await
         .unwrap()
         .into_inner()
@@ -855,7 +895,7 @@ async fn a_refused_supersede_gives_the_old_quota_back_once(store: Store) {
     // The release owed for generation 1 finds nothing left to give back.
     svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
         request_id: rid(),
-        items: vec![pb::ReleaseItem { order_id: "o1".into(), generation: 1 }],
+        items: vec![pb::ReleaseItem { order_id: "o1".into(), generation: 1, product_sku: "H200".into() }],
         reason: "unwound".into(),
         unless_confirmed: true,
     }))
@@ -905,8 +945,8 @@ async fn held_quota_is_rechecked_against_the_licence_and_the_gates(store: Store)
             svc.recheck_quota(Request::new(pb::RecheckQuotaRequest {
                 product_sku: "H200".into(),
                 items: vec![
-                    pb::ReleaseItem { order_id: "o1".into(), generation },
-                    pb::ReleaseItem { order_id: "nobody".into(), generation: 1 },
+                    pb::ReleaseItem { order_id: "o1".into(), generation, product_sku: String::new() },
+                    pb::ReleaseItem { order_id: "nobody".into(), generation: 1, product_sku: String::new() },
                 ],
             }))
             .await
@@ -1021,9 +1061,9 @@ async fn a_draft_wave_previews_what_its_publication_will_do(store: Store) {
         }
     };
     let ids = |ls: &[pb::License]| ls.iter().map(|l| (l.license_id.clone(), l.state)).collect::<Vec<_>>();
-    let events = store.xlen(&keys::events()).await.unwrap();
+    let events = event_count(&store).await;
     let p = preview(items()).await.unwrap().into_inner();
-    assert_eq!(store.xlen(&keys::events()).await.unwrap(), events, "a preview changes nothing");
+    assert_eq!(event_count(&store).await, events, "a preview changes nothing");
     assert_eq!(p.licenses.len(), 3, "every product of the wave");
     assert_eq!(p.licenses[2].state(), pb::LicenseState::PendingTerms);
     // A preview without items only lists the licences; a bad item is refused with its field.
@@ -1070,7 +1110,247 @@ async fn a_draft_wave_previews_what_its_publication_will_do(store: Store) {
     assert_eq!(preview(items()).await.unwrap_err().code(), Code::FailedPrecondition);
 }
 
+/// A wave over two products is decided in the desk and put in force in each product's partition:
+/// each product's licences, quota decisions and audit chain stay in its own slot, and the audit log
+/// (the desk's chain and one per product) verifies as a whole.
+async fn a_wave_over_two_products_is_in_force_in_each_products_partition(store: Store) {
+    let svc = service(store.clone()).await;
+    authorize_export(&svc, "H200").await;
+    authorize_export(&svc, "H200-NVL").await;
+    let a = submit(&svc, "bytedance", "H200", 100).await;
+    let b = submit(&svc, "bytedance", "H200-NVL", 50).await;
+    let c = submit(&svc, "alibaba", "H200-NVL", 70).await;
+    let published = publish(
+        &svc,
+        &[
+            (&a.application_id, 100, pb::LicenseConditions::default()),
+            (&b.application_id, 50, pb::LicenseConditions::default()),
+            (&c.application_id, 70, pb::LicenseConditions::default()),
+        ],
+    )
+    .await;
+    let ids: Vec<&str> = published.licenses.iter().map(|l| l.license_id.as_str()).collect();
+    assert!(ids[0].starts_with("lic-H200-") && ids[1].starts_with("lic-H200-NVL-"), "{ids:?}");
+    assert!(published.wave.as_ref().unwrap().pending_products.is_empty());
+    for l in &published.licenses {
+        let key = chipgate_licensing::keys::license(&l.license_id).unwrap();
+        assert_eq!(chipgate_state::key_slot(&key), chipgate_licensing::keys::part(&l.product_sku).slot());
+        assert_eq!(license(&svc, &l.license_id).await.granted_units, l.granted_units);
+    }
+    // One WavePublished per product, each naming that product's licences only.
+    let mut per_product: Vec<(String, usize)> = all_events(&store)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.kind {
+            Some(pb::licensing_event::Kind::WavePublished(p)) => {
+                let skus: std::collections::BTreeSet<String> =
+                    p.licenses.iter().map(|l| l.product_sku.clone()).collect();
+                assert_eq!(skus.len(), 1, "one product per event: {skus:?}");
+                Some((skus.into_iter().next().unwrap(), p.licenses.len()))
+            }
+            _ => None,
+        })
+        .collect();
+    per_product.sort();
+    assert_eq!(per_product, vec![("H200".to_string(), 1), ("H200-NVL".to_string(), 2)]);
+    // Quota of each product is decided in its partition against its licences.
+    let nvl = svc
+        .batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
+            request_id: String::new(),
+            product_sku: "H200-NVL".into(),
+            items: vec![item("n1", 1, "alibaba", 70), item("n2", 1, "alibaba", 1)],
+            fence_token: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(nvl[0].reservation.as_ref().unwrap().license_id, ids[2]);
+    assert_eq!(conditions(&nvl[1]), vec![pb::Condition::Quota], "alibaba's 70 units are used up");
+    assert!(batch(&svc, vec![item("h1", 1, "bytedance", 100)]).await[0].reservation.is_some());
+    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
+    assert!(v.valid, "{}", v.problem);
+    let chains: Vec<&str> = v.chains.iter().map(|c| c.chain.as_str()).collect();
+    assert_eq!(chains, ["{lic:H200-NVL}:audit", "{lic:H200}:audit", "{lic}:audit"]);
+    let cp = svc
+        .get_audit_checkpoint(Request::new(pb::GetAuditCheckpointRequest::default()))
+        .await
+        .unwrap()
+        .into_inner()
+        .checkpoint
+        .unwrap();
+    assert_eq!(cp.chains.len(), 3, "a checkpoint binds every partition's head");
+}
+
+/// The state a crash between publishing's two steps leaves: the wave decided in the desk, product
+/// `sku`'s licences not written. Built from a finished publication by taking the product's part back
+/// out (its licences and its licence index) and marking it pending again, as step 1 leaves it.
+async fn undo_in_force(store: &Store, wave_id: &str, sku: &str, licence_ids: &[&str], buyers: &[&str]) {
+    let mut t = chipgate_state::Txn::new();
+    for id in licence_ids {
+        t.delete(chipgate_licensing::keys::license(id).unwrap());
+    }
+    for b in buyers {
+        t.delete(chipgate_licensing::keys::license_index(b, sku));
+    }
+    store.commit(&t).await.unwrap();
+    let key = chipgate_licensing::keys::wave(wave_id);
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().pop().flatten().unwrap();
+    let mut wave = chipgate_domain::licensing::WaveRecord::decode(rec.data.as_slice()).unwrap();
+    wave.pending_products = vec![sku.to_string()];
+    let mut t = chipgate_state::Txn::new();
+    t.replace(key, rec.version, wave.encode_to_vec());
+    t.sadd(chipgate_licensing::keys::waves_pending(), wave_id);
+    store.commit(&t).await.unwrap();
+}
+
+/// A crash between deciding a wave and putting its licences in force loses nothing: a retried
+/// PublishWave (same request id) finishes the wave, and so does the recovery task on its own; putting
+/// a product in force twice writes nothing twice.
+async fn a_wave_decided_but_not_in_force_is_finished_by_a_retry_or_by_recovery(store: Store) {
+    let svc = service(store.clone()).await;
+    authorize_export(&svc, "H200-NVL").await;
+    let app = submit(&svc, "bytedance", "H200-NVL", 40).await;
+    let wave = svc
+        .create_wave(Request::new(pb::CreateWaveRequest { request_id: rid(), display_name: "w".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap();
+    svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+        request_id: rid(),
+        wave_id: wave.wave_id.clone(),
+        application_id: app.application_id.clone(),
+        granted_units: 40,
+        conditions: None,
+    }))
+    .await
+    .unwrap();
+    let publish_id = rid();
+    let publish = || {
+        svc.publish_wave(Request::new(pb::PublishWaveRequest {
+            request_id: publish_id.clone(),
+            wave_id: wave.wave_id.clone(),
+        }))
+    };
+    let first = publish().await.unwrap().into_inner();
+    let lic = first.licenses[0].license_id.clone();
+    let stream = chipgate_contract::streams::licensing_product("H200-NVL");
+    let events = store.xlen(&stream).await.unwrap();
+
+    // A retry when nothing is pending changes nothing.
+    let again = publish().await.unwrap().into_inner();
+    assert_eq!(again.licenses[0].license_id, lic);
+    assert_eq!(store.xlen(&stream).await.unwrap(), events, "put in force once");
+
+    // Crashed before step 2: the licence is missing, the wave says so; the retry finishes it.
+    undo_in_force(&store, &wave.wave_id, "H200-NVL", &[&lic], &["bytedance"]).await;
+    let got = svc.get_license(Request::new(pb::GetLicenseRequest { license_id: lic.clone() })).await.unwrap_err();
+    assert_eq!(got.code(), Code::NotFound);
+    let w = svc
+        .get_wave(Request::new(pb::GetWaveRequest { wave_id: wave.wave_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap();
+    assert_eq!(w.pending_products, ["H200-NVL"]);
+    let retried = publish().await.unwrap().into_inner();
+    assert!(retried.wave.unwrap().pending_products.is_empty());
+    assert_eq!(license(&svc, &lic).await.granted_units, 40);
+    assert_eq!(store.xlen(&stream).await.unwrap(), events + 1, "its WavePublished is told again");
+    let held = batch_of(&svc, "H200-NVL", vec![item("o1", 1, "bytedance", 40)]).await;
+    assert_eq!(held[0].reservation.as_ref().unwrap().license_id, lic, "the licence index is back too");
+
+    // The same crash finished by the recovery task, without any call.
+    batch_release(&svc, "H200-NVL", "o1", 1).await;
+    undo_in_force(&store, &wave.wave_id, "H200-NVL", &[&lic], &["bytedance"]).await;
+    let shutdown = chipgate_runtime::Shutdown::new();
+    let task = svc.spawn_wave_recovery(shutdown.clone());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let in_force = svc.get_license(Request::new(pb::GetLicenseRequest { license_id: lic.clone() })).await.is_ok();
+        let pending = svc
+            .get_wave(Request::new(pb::GetWaveRequest { wave_id: wave.wave_id.clone() }))
+            .await
+            .unwrap()
+            .into_inner()
+            .wave
+            .unwrap()
+            .pending_products;
+        let listed = store.smembers(&chipgate_licensing::keys::waves_pending()).await.unwrap();
+        if in_force && pending.is_empty() && listed.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "recovery never finished the wave: {pending:?} {listed:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    shutdown.trigger();
+    task.await.unwrap();
+    assert_eq!(license(&svc, &lic).await.granted_units, 40);
+    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
+    assert!(v.valid, "{}", v.problem);
+}
+
+async fn batch_of(svc: &Licensing, sku: &str, items: Vec<pb::QuotaItem>) -> Vec<pb::QuotaItemResult> {
+    svc.batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
+        request_id: String::new(),
+        product_sku: sku.into(),
+        items,
+        fence_token: 0,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .results
+}
+
+async fn batch_release(svc: &Licensing, sku: &str, order: &str, generation: u64) {
+    svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
+        request_id: rid(),
+        items: vec![pb::ReleaseItem { order_id: order.into(), generation, product_sku: sku.into() }],
+        reason: "test".into(),
+        unless_confirmed: false,
+    }))
+    .await
+    .unwrap();
+}
+
+/// An audit entry names both ids of the call that made it: the correlation id (`x-request-id`, or
+/// one the service made up) and the call's own request id, its idempotency key, which stays the same
+/// over retries; a retry adds no entry.
+async fn audit_entries_name_the_calls_idempotency_key(store: Store) {
+    let svc = service(store).await;
+    let call = |correlation: &str| {
+        let mut req = Request::new(pb::SubmitApplicationRequest {
+            request_id: "idem-42".into(),
+            buyer_id: "bytedance".into(),
+            product_sku: "H200".into(),
+            quantity: 10,
+            end_use: "LLM training".into(),
+            site: "Ulanqab DC".into(),
+            destination: String::new(),
+        });
+        req.metadata_mut().insert("x-request-id", correlation.parse().unwrap());
+        svc.submit_application(req)
+    };
+    call("corr-7").await.unwrap();
+    call("corr-8").await.unwrap();
+    let entries = svc
+        .list_audit_entries(Request::new(pb::ListAuditEntriesRequest { page_size: 10, ..Default::default() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(entries.len(), 1, "the retry replays: {entries:?}");
+    assert_eq!((entries[0].request_id.as_str(), entries[0].idempotency_key.as_str()), ("corr-7", "idem-42"));
+}
+
 backend_tests!(
+    audit_entries_name_the_calls_idempotency_key,
+    a_wave_over_two_products_is_in_force_in_each_products_partition,
+    a_wave_decided_but_not_in_force_is_finished_by_a_retry_or_by_recovery,
     ids_with_separators_never_collide,
     applications_queue_in_order_with_one_open_each,
     submissions_are_idempotent_per_request_id,

@@ -73,7 +73,11 @@ impl Orders {
             let Some(p) = o.pending.first() else { continue };
             reason.clone_from(&p.reason);
             if p.quota {
-                quota.push(lpb::ReleaseItem { order_id: o.id.clone(), generation: p.generation });
+                quota.push(lpb::ReleaseItem {
+                    order_id: o.id.clone(),
+                    generation: p.generation,
+                    product_sku: o.sku.clone(),
+                });
             }
             if p.hold {
                 holds.push(ipb::ReleaseItem {

@@ -29,7 +29,10 @@ pub(crate) const GROUP: &str = chipgate_contract::ORDERS_GROUP;
 /// Which stream a consumer follows.
 #[derive(Clone, Debug)]
 pub(crate) enum Source {
+    /// Licensing's desk events (applications, waves being decided, domestic purchases).
     Licensing,
+    /// One product's licensing events (its licences, a wave's part for it, quota, gates).
+    LicensingProduct(String),
     /// One product's inventory events.
     Inventory(String),
 }
@@ -38,6 +41,7 @@ impl Source {
     pub(crate) fn stream(&self) -> String {
         match self {
             Source::Licensing => chipgate_contract::streams::licensing(),
+            Source::LicensingProduct(sku) => chipgate_contract::streams::licensing_product(sku),
             Source::Inventory(sku) => chipgate_contract::streams::inventory(sku),
         }
     }
@@ -45,7 +49,7 @@ impl Source {
     /// The label the metrics use.
     pub(crate) fn name(&self) -> &'static str {
         match self {
-            Source::Licensing => "licensing",
+            Source::Licensing | Source::LicensingProduct(_) => "licensing",
             Source::Inventory(_) => "inventory",
         }
     }
@@ -54,22 +58,34 @@ impl Source {
 /// How often the catalogue is read for products whose streams no consumer follows yet.
 const DISCOVER_EVERY: Duration = Duration::from_secs(2);
 
-/// Follows licensing's stream and every product's inventory stream until shutdown: a consumer per
-/// stream, one more for each product the catalogue lists later (its consumer group starts at the
-/// stream's beginning, so nothing it carried before is missed).
+/// Follows licensing's desk stream, every product's licensing stream and every product's inventory
+/// stream until shutdown: a consumer per stream, one more for each product the catalogue (or
+/// licensing's list of products) names later (its consumer group starts at the stream's beginning,
+/// so nothing it carried before is missed).
 pub(crate) async fn run_all(svc: Orders, shutdown: Shutdown) {
     tokio::spawn(run(svc.clone(), Source::Licensing, shutdown.clone()));
-    let mut following = std::collections::HashSet::new();
+    let mut inventory = std::collections::HashSet::new();
+    let mut licensing = std::collections::HashSet::new();
     loop {
         match chipgate_contract::catalogue::all(svc.store()).await {
             Ok(skus) => {
                 for sku in skus {
-                    if following.insert(sku.clone()) {
+                    if inventory.insert(sku.clone()) {
                         tokio::spawn(run(svc.clone(), Source::Inventory(sku), shutdown.clone()));
                     }
                 }
             }
             Err(e) => tracing::warn!(error = %e, "can't read the catalogue to follow its products' streams; retrying"),
+        }
+        match chipgate_contract::licensing_products::all(svc.store()).await {
+            Ok(skus) => {
+                for sku in skus {
+                    if licensing.insert(sku.clone()) {
+                        tokio::spawn(run(svc.clone(), Source::LicensingProduct(sku), shutdown.clone()));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "can't read licensing's products to follow their streams; retrying"),
         }
         tokio::select! {
             () = shutdown.wait() => return,
@@ -232,7 +248,7 @@ impl Orders {
         for e in entries {
             let Some(raw) = e.field(chipgate_contract::EVENT_FIELD) else { continue };
             match source {
-                Source::Licensing => match lpb::LicensingEvent::decode(raw) {
+                Source::Licensing | Source::LicensingProduct(_) => match lpb::LicensingEvent::decode(raw) {
                     Ok(ev) => {
                         kinds.push(licensing_kind(&ev));
                         let (span, tp) = consume_span(&ev.traceparent, licensing_kind(&ev));

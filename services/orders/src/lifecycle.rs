@@ -106,6 +106,7 @@ impl Orders {
             request_id: format!("{}:confirm:{}", o.id, o.generation),
             order_id: o.id.clone(),
             generation: o.generation,
+            product_sku: o.sku.clone(),
         };
         rpc!(ctx, self.inner.peers.licensing, confirm_quota, q).map_err(Error::Peer)?;
         let h = ipb::ConfirmReservationRequest {

@@ -186,8 +186,15 @@ impl Sampler {
             *shown = allocated.into_keys().collect();
         }
 
-        // Inventory's figures add up over its products' streams.
+        // Licensing's and inventory's figures add up over their products' streams.
         let mut sources = vec![Source::Licensing];
+        sources.extend(
+            chipgate_contract::licensing_products::all(store)
+                .await
+                .map_err(|x| e(&x))?
+                .into_iter()
+                .map(Source::LicensingProduct),
+        );
         sources.extend(
             chipgate_contract::catalogue::all(store).await.map_err(|x| e(&x))?.into_iter().map(Source::Inventory),
         );
@@ -196,7 +203,7 @@ impl Sampler {
             let info = match (store.group_info(&source.stream(), GROUP).await, source) {
                 (Ok(info), _) => info,
                 // A product listed since its consumer last looked has no group yet: nothing to count.
-                (Err(_), Source::Inventory(_)) => continue,
+                (Err(_), Source::Inventory(_) | Source::LicensingProduct(_)) => continue,
                 (Err(x), Source::Licensing) => return Err(e(&x)),
             };
             let f = figures.entry(source.name()).or_insert((0, Some(0)));

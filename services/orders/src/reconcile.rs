@@ -532,7 +532,11 @@ impl Orders {
                     product_sku: sku.clone(),
                     items: orders
                         .iter()
-                        .map(|o| lpb::ReleaseItem { order_id: o.id.clone(), generation: o.generation })
+                        .map(|o| lpb::ReleaseItem {
+                            order_id: o.id.clone(),
+                            generation: o.generation,
+                            product_sku: sku.clone(),
+                        })
                         .collect(),
                 };
                 let resp = rpc!(ctx, self.inner.peers.licensing, recheck_quota, msg).map_err(peer_error)?;

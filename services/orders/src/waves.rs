@@ -132,19 +132,33 @@ impl Orders {
                 u64::try_from(t.seconds).ok().map(|s| s * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
             })
             .unwrap_or(observed_ms);
-        let queues = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
-        let meta = WaveMeta { wave_id: w.wave_id.clone(), observed_ms, queues, published_ms };
-        let mut t = Txn::new();
-        t.replace(keys::wave_meta(&w.wave_id), 0, meta.encode_to_vec());
-        t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
-        let meta = match self.store().commit(&t).await {
-            Ok(_) => meta,
-            // Observed before (a redelivery): keep the first observation, finish its snapshots.
-            Err(CommitError::Conflict { .. }) => match self.load::<WaveMeta>(keys::wave_meta(&w.wave_id)).await? {
-                Some((_, m)) => m,
-                None => return Err(Error::Internal(format!("wave {} meta vanished", w.wave_id))),
-            },
-            Err(e) => return Err(Error::Internal(e.to_string())),
+        // Licensing publishes a wave product by product (each product's licences, with their event, in
+        // its own partition): each event adds its products' queues to the one meta, first one creating
+        // it.
+        let queues: Vec<String> = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
+        let mut attempts = 0;
+        let meta = loop {
+            attempts += 1;
+            let (ver, mut meta) = self
+                .load::<WaveMeta>(keys::wave_meta(&w.wave_id))
+                .await?
+                .unwrap_or((0, WaveMeta { wave_id: w.wave_id.clone(), observed_ms, queues: Vec::new(), published_ms }));
+            let new: Vec<String> = queues.iter().filter(|q| !meta.queues.contains(q)).cloned().collect();
+            if ver > 0 && new.is_empty() {
+                break meta;
+            }
+            meta.queues.extend(new);
+            let mut t = Txn::new();
+            t.replace(keys::wave_meta(&w.wave_id), ver, meta.encode_to_vec());
+            if ver == 0 {
+                t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
+            }
+            match self.store().commit(&t).await {
+                Ok(_) => break meta,
+                // Another product's event of the same wave got there first: merge again.
+                Err(CommitError::Conflict { .. }) if attempts < 16 => {}
+                Err(e) => return Err(Error::Internal(format!("wave {} meta: {e}", w.wave_id))),
+            }
         };
         for (sku, buyers) in meta.products() {
             let mut t = Txn::new();

@@ -91,7 +91,15 @@ pub async fn delivery(redis_url: &str) -> Vec<Delivery> {
         .query_async(&mut conn)
         .await
         .unwrap_or_default();
+    let licensed: Vec<String> = redis::cmd("ZRANGE")
+        .arg(chipgate_contract::licensing_products::key())
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
     let mut streams = vec![chipgate_contract::streams::licensing()];
+    streams.extend(licensed.iter().map(|p| chipgate_contract::streams::licensing_product(p)));
     streams.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
     for stream in &streams {
         let stream = stream.clone();
@@ -901,9 +909,29 @@ async fn holds(auditor: &Party, snap: &Snapshot, v: &mut Vec<String>) {
 /// chain verifies.
 async fn audit(ctx: &Ctx, auditor: &Party, v: &mut Vec<String>) {
     let mut lic = auditor.lic.clone();
-    let entries = all_pages!(lic, list_audit_entries, lpb::ListAuditEntriesRequest, entries);
+    // The desk's chain, then each product's.
+    let mut entries = all_pages!(lic, list_audit_entries, lpb::ListAuditEntriesRequest, entries);
+    for sku in crate::world::PRODUCTS {
+        let mut token = String::new();
+        loop {
+            let r = lpb::ListAuditEntriesRequest {
+                page_size: 200,
+                page_token: token,
+                product_sku: sku.into(),
+                ..Default::default()
+            };
+            let resp = lic.list_audit_entries(r).await.expect("list_audit_entries").into_inner();
+            entries.extend(resp.entries);
+            if resp.next_page_token.is_empty() {
+                break;
+            }
+            token = resp.next_page_token;
+        }
+    }
     let mut by_request: HashMap<&str, Vec<&lpb::AuditEntry>> = HashMap::new();
-    for e in &entries {
+    // A published wave's licences coming into force are recorded in each product's chain under the
+    // publish call's request id, beside its one decision in the desk's chain: not a second decision.
+    for e in entries.iter().filter(|e| e.action != "wave.in_force") {
         by_request.entry(e.request_id.as_str()).or_default().push(e);
     }
     {

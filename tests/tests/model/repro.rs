@@ -201,7 +201,7 @@ async fn cancelling_the_order_a_later_one_queues_behind_lets_it_through() {
 async fn an_order_too_big_for_ever_does_not_park_a_later_one_that_licensing_served() {
     let mut w = World::start().await;
     w.licensed(100).await;
-    let first = "lic-1".to_string();
+    let first = format!("lic-{SKU}-1");
     // A second licence whose terms are pending: the big order is not rejectable, it waits.
     let pending = lpb::LicenseConditions { terms_pending: true, ..Default::default() };
     w.licence("2", 500, Some(pending)).await;

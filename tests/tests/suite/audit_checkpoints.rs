@@ -17,7 +17,7 @@ use chipgate_runtime::auth::Signer;
 use chipgate_state::{AUDIT_GENESIS, audit_link, sha256_hex};
 use chipgate_testkit::prom::scrape;
 use chipgate_testkit::{BackendKind, ClusterOptions, binary, free_port};
-use common::{H200, NVL, World};
+use common::{NVL, World};
 use tonic::Code;
 use tonic_types::StatusExt;
 
@@ -130,7 +130,8 @@ async fn verify(w: &mut World, cp: Option<&lpb::AuditCheckpoint>) -> lpb::Verify
 async fn a_kept_checkpoint_catches_truncation_rewrites_and_deletion_that_the_chain_alone_does_not() {
     let mut w = World::start().await;
     let key = w.cluster.audit_key.clone().expect("the harness gives licensing an audit key");
-    w.export(H200).await;
+    // Desk decisions only (an export authorisation would start H200's own chain): one chain here.
+    w.apply("sensetime", NVL, 10).await;
     decisions(&mut w, &["bytedance", "alibaba", "tencent", "baidu", "moonshot"]).await;
 
     // The auditor keeps a checkpoint: signed, covering the one chain at entry 6.
@@ -260,7 +261,8 @@ async fn periodic_checkpoints_show_a_truncation_in_the_metrics() {
         ClusterOptions { audit_checkpoint_every: Some(Duration::from_millis(100)), ..ClusterOptions::default() };
     let mut w = World::with(options).await;
     let url = w.cluster.licensing.metrics_url();
-    w.export(H200).await;
+    // Desk decisions only (an export authorisation would start H200's own chain): one chain here.
+    w.apply("sensetime", NVL, 10).await;
     decisions(&mut w, &["bytedance", "alibaba", "tencent"]).await;
     let mut intruder = Intruder::of(&w).await;
     let (entries, _) = intruder.read().await;
@@ -295,7 +297,8 @@ async fn without_an_audit_key_checkpoints_are_unsigned_and_say_so() {
     let options = ClusterOptions { backend: BackendKind::Memory, auth: false, ..ClusterOptions::default() };
     let mut w = World::with(options).await;
     assert!(w.cluster.audit_key.is_none());
-    w.export(H200).await;
+    // Desk decisions only (an export authorisation would start H200's own chain): one chain here.
+    w.apply("sensetime", NVL, 10).await;
     let cp = checkpoint_now(&mut w).await;
     assert!(cp.signature.is_empty() && cp.key_id.is_empty() && cp.public_key_pem.is_empty(), "{cp:?}");
     assert_eq!(cp.chains[0].sequence, 1);

@@ -398,7 +398,12 @@ async fn tokens_are_refused_for_nbf_lifetime_and_a_key_signing_another_role() {
     }
     let service = service_key.mint_role(Role::Service, ttl);
     let got = LicensingServiceClient::new(Cluster::authed(&url, &service))
-        .confirm_quota(lpb::ConfirmQuotaRequest { request_id: "cq-1".into(), order_id: "ord-1".into(), generation: 1 })
+        .confirm_quota(lpb::ConfirmQuotaRequest {
+            request_id: "cq-1".into(),
+            order_id: "ord-1".into(),
+            generation: 1,
+            product_sku: "H200-SXM-141GB".into(),
+        })
         .await;
     assert!(!matches!(got.map_err(|s| s.code()), Err(Code::Unauthenticated | Code::PermissionDenied)));
 

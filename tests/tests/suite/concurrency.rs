@@ -180,7 +180,7 @@ async fn the_checker_catches_tampered_quota_and_stock() {
     assert!(clean.violations.is_empty(), "{:#?}", clean.violations);
 
     let store = &w.cluster.store;
-    let key = format!("{{lic}}:license:{lic}");
+    let key = chipgate_licensing::keys::license(&lic).expect("a licence id names its product");
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut l = chipgate_domain::licensing::LicenseRecord::decode(rec.data.as_slice()).unwrap();
     l.used += 1;

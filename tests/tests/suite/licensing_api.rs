@@ -254,18 +254,26 @@ async fn every_licensing_rpc_answers_over_grpc() {
     assert!(types.contains(&pb::Condition::TermsFinal), "alibaba's terms are still pending: {types:?}");
     let batch = c.batch_reserve_quota(take("ord-3", "bytedance", 5, "x")).await.unwrap().into_inner();
     assert!(batch.results[0].reservation.is_some());
-    c.confirm_quota(pb::ConfirmQuotaRequest { request_id: rid("cq"), order_id: "ord-1".into(), generation: 1 })
-        .await
-        .unwrap();
+    c.confirm_quota(pb::ConfirmQuotaRequest {
+        request_id: rid("cq"),
+        order_id: "ord-1".into(),
+        generation: 1,
+        product_sku: "H200-SXM-141GB".into(),
+    })
+    .await
+    .unwrap();
     let r = c
-        .get_quota_reservation(pb::GetQuotaReservationRequest { order_id: "ord-1".into() })
+        .get_quota_reservation(pb::GetQuotaReservationRequest {
+            order_id: "ord-1".into(),
+            product_sku: "H200-SXM-141GB".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.reservation.unwrap().state(), pb::ReservationState::Confirmed);
     c.batch_release_quota(pb::BatchReleaseQuotaRequest {
         request_id: rid("rel"),
-        items: vec![pb::ReleaseItem { order_id: "ord-3".into(), generation: 1 }],
+        items: vec![pb::ReleaseItem { order_id: "ord-3".into(), generation: 1, product_sku: "H200-SXM-141GB".into() }],
         reason: "cancelled".into(),
         unless_confirmed: false,
     })
@@ -274,7 +282,11 @@ async fn every_licensing_rpc_answers_over_grpc() {
     let released = c
         .batch_release_quota(pb::BatchReleaseQuotaRequest {
             request_id: String::new(),
-            items: vec![pb::ReleaseItem { order_id: "ord-1".into(), generation: 1 }],
+            items: vec![pb::ReleaseItem {
+                order_id: "ord-1".into(),
+                generation: 1,
+                product_sku: "H200-SXM-141GB".into(),
+            }],
             reason: "unwind".into(),
             unless_confirmed: true,
         })
@@ -339,17 +351,34 @@ async fn every_licensing_rpc_answers_over_grpc() {
         .unwrap_err();
     assert_eq!(gone.code(), Code::FailedPrecondition);
 
-    // Audit: listed in order and verifying.
-    let audit = c
-        .list_audit_entries(pb::ListAuditEntriesRequest { page_size: 1000, ..Default::default() })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(audit.entries.len() > 20);
-    assert!(audit.entries.windows(2).all(|w| w[1].prev_hash == w[0].hash && w[1].sequence == w[0].sequence + 1));
+    // Audit: each chain (the desk's, each product's) listed in order, and all of them verifying.
     let v = c.verify_audit_log(pb::VerifyAuditLogRequest::default()).await.unwrap().into_inner();
     assert!(v.valid, "{}", v.problem);
-    assert_eq!(v.entries_checked as usize, audit.entries.len());
+    let mut listed = 0;
+    for product in ["", "H200-SXM-141GB"] {
+        let audit = c
+            .list_audit_entries(pb::ListAuditEntriesRequest {
+                page_size: 1000,
+                product_sku: product.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(audit.entries.len() > 5, "{product:?}: {}", audit.entries.len());
+        assert_eq!(audit.entries[0].sequence, 1);
+        assert!(audit.entries.windows(2).all(|w| w[1].prev_hash == w[0].hash && w[1].sequence == w[0].sequence + 1));
+        listed += audit.entries.len();
+    }
+    let chains: Vec<&str> = v.chains.iter().map(|c| c.chain.as_str()).collect();
+    assert!(chains.contains(&"{lic:H200-SXM-141GB}:audit") && chains.contains(&"{lic}:audit"), "{chains:?}");
+    let other: u64 = v
+        .chains
+        .iter()
+        .filter(|c| !c.chain.contains("H200-SXM-141GB") && c.chain != "{lic}:audit")
+        .map(|c| c.entries_checked)
+        .sum();
+    assert_eq!(v.entries_checked as usize, listed + other as usize);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,7 +1,7 @@
 //! Partitioned state on a real Redis Cluster (3 masters + 3 replicas): a three-product story —
 //! export authorised, licences granted, stock received, orders placed and reserved — leaves each
-//! product's inventory and orders state in the product's own hash slot, and those slots land on every
-//! master. Prints how many keys each master holds.
+//! product's licensing, inventory and orders state in the product's own hash slots, and those slots
+//! land on every master. Prints how many keys each master holds.
 
 use crate::common;
 
@@ -40,6 +40,14 @@ async fn a_three_product_story_spreads_over_every_master() {
         let order_keys: Vec<String> = orders.iter().map(|id| chipgate_orders::keys::order(id)).collect();
         let mut keys = vec![stock.clone(), chipgate_inventory::keys::hold(sku, &orders[0])];
         keys.extend(order_keys.iter().cloned());
+        // Licensing: the order's quota reservation and the product's gate, in the product's partition.
+        let lic_keys =
+            vec![chipgate_licensing::keys::reservation(sku, &orders[0]), chipgate_licensing::keys::exports(sku)];
+        for k in &lic_keys {
+            assert_eq!(key_slot(k), chipgate_licensing::keys::part(sku).slot(), "{k}");
+        }
+        used.extend(lic_keys.iter().map(|k| master_of(k)));
+        keys.extend(lic_keys);
         let found = w.cluster.store.get(&keys).await.expect("read");
         assert!(found.iter().all(Option::is_some), "{sku}: every key of the story exists: {keys:?}");
         assert_eq!(key_slot(&stock), chipgate_inventory::keys::part(sku).slot());

@@ -13,11 +13,18 @@ use crate::view;
 #[derive(Subcommand, Debug)]
 pub enum AuditCmd {
     /// List audit entries, oldest first: who decided what, when and why.
-    #[command(after_help = "Examples:\n  chipgate audit list --limit 20\n  chipgate audit list --subject wave-1")]
+    #[command(
+        after_help = "Examples:\n  chipgate audit list --limit 20\n  chipgate audit list --subject wave-1\n  chipgate audit list --product H200-SXM-141GB   # its licences, quota, gates"
+    )]
     List {
         /// Only entries about this subject (a wave, licence, application, product...).
         #[arg(long)]
         subject: Option<String>,
+        /// List this product's chain (its licences, quota decisions, export authorisations, import
+        /// policy and its part of each wave) instead of the desk's (applications, the queue, waves,
+        /// domestic purchases).
+        #[arg(long, value_name = "SKU")]
+        product: Option<String>,
         #[command(flatten)]
         list: ListArgs,
     },
@@ -47,10 +54,16 @@ pub enum AuditCmd {
 /// `chipgate audit …`.
 pub async fn audit(ctx: &Ctx, cmd: AuditCmd) -> Outcome {
     match cmd {
-        AuditCmd::List { subject, list } => {
+        AuditCmd::List { subject, product, list } => {
             let subject = subject.unwrap_or_default();
+            let product = product.unwrap_or_default();
             let listed = pages(&list, |page_size, page_token| {
-                let msg = lpb::ListAuditEntriesRequest { subject: subject.clone(), page_size, page_token };
+                let msg = lpb::ListAuditEntriesRequest {
+                    subject: subject.clone(),
+                    page_size,
+                    page_token,
+                    product_sku: product.clone(),
+                };
                 async move {
                     let r = ctx.call(Svc::Licensing, None, ctx.lic().list_audit_entries(ctx.req(msg))).await?;
                     Ok((r.entries, r.next_page_token))

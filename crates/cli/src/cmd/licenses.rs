@@ -73,7 +73,7 @@ impl FinalTerms {
 #[derive(Subcommand, Debug)]
 pub enum LicenseCmd {
     /// Show one licence: state, quota granted/used/remaining, conditions.
-    #[command(after_help = "Example:\n  chipgate license show lic-1")]
+    #[command(after_help = "Example:\n  chipgate license show lic-H200-SXM-141GB-1")]
     Show {
         /// Licence id.
         license: String,
@@ -101,7 +101,7 @@ pub enum LicenseCmd {
     /// Finalise the terms of a licence that is PENDING_TERMS: it becomes ACTIVE and the buyer's
     /// waiting orders are re-evaluated. Flags change the conditions they name; the rest stay.
     #[command(
-        after_help = "Examples:\n  chipgate license finalize lic-1\n  chipgate license finalize lic-2 --domestic-ratio-bps 1500"
+        after_help = "Examples:\n  chipgate license finalize lic-H200-SXM-141GB-1\n  chipgate license finalize lic-H200-SXM-141GB-2 --domestic-ratio-bps 1500"
     )]
     Finalize {
         /// Licence id.
@@ -110,7 +110,7 @@ pub enum LicenseCmd {
         terms: FinalTerms,
     },
     /// Suspend an ACTIVE licence: its unconfirmed orders go back to waiting and their quota returns.
-    #[command(after_help = "Example:\n  chipgate license suspend lic-1 --reason 'ratio audit pending'")]
+    #[command(after_help = "Example:\n  chipgate license suspend lic-H200-SXM-141GB-1 --reason 'ratio audit pending'")]
     Suspend {
         /// Licence id.
         license: String,
@@ -119,7 +119,7 @@ pub enum LicenseCmd {
         reason: String,
     },
     /// Reinstate a SUSPENDED licence; its buyer's waiting orders are re-evaluated.
-    #[command(after_help = "Example:\n  chipgate license reinstate lic-1 --reason 'audit passed'")]
+    #[command(after_help = "Example:\n  chipgate license reinstate lic-H200-SXM-141GB-1 --reason 'audit passed'")]
     Reinstate {
         /// Licence id.
         license: String,
@@ -128,7 +128,7 @@ pub enum LicenseCmd {
         reason: String,
     },
     /// Revoke a licence for good.
-    #[command(after_help = "Example:\n  chipgate license revoke lic-1 --reason 'diversion suspected'")]
+    #[command(after_help = "Example:\n  chipgate license revoke lic-H200-SXM-141GB-1 --reason 'diversion suspected'")]
     Revoke {
         /// Licence id.
         license: String,
