@@ -118,7 +118,9 @@ fn partitions() -> Vec<(&'static str, u16)> {
         ("inventory/H200", chipgate_inventory::keys::part(H200).slot()),
         ("orders/NVL", chipgate_orders::keys::part(NVL).slot()),
         ("inventory/NVL", chipgate_inventory::keys::part(NVL).slot()),
-        ("licensing events", key_slot(&chipgate_contract::streams::licensing())),
+        ("licensing/H200", chipgate_contract::partitions::licensing(H200).slot()),
+        ("licensing/NVL", chipgate_contract::partitions::licensing(NVL).slot()),
+        ("licensing desk", key_slot(&chipgate_contract::streams::licensing())),
         ("orders' product list", key_slot(&chipgate_orders::keys::products())),
         ("catalogue", key_slot(&chipgate_inventory::keys::products())),
     ]
