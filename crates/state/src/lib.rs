@@ -678,6 +678,15 @@ pub enum StateError {
     Backend(String),
 }
 
+impl StateError {
+    /// Whether a consumer-group read or claim failed because the group (or its stream) does not
+    /// exist (`NOGROUP`). Groups are created without waiting for replicas, so a Redis failover
+    /// right after a group was created can lose it; its consumers then create it again.
+    pub fn is_missing_group(&self) -> bool {
+        matches!(self, StateError::Backend(m) if m.contains("NOGROUP"))
+    }
+}
+
 /// Result alias for backend calls.
 pub type StateResult<T> = Result<T, StateError>;
 
@@ -700,6 +709,8 @@ impl StreamEntry {
 /// Pending-entries summary of a consumer group.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GroupInfo {
+    /// Whether the group exists (all else is 0/None when it doesn't).
+    pub exists: bool,
     /// Entries delivered to a consumer and not yet acknowledged.
     pub pending: u64,
     /// Entries not yet delivered to the group (None when the backend can't tell).
@@ -724,6 +735,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     fn commit(&self, txn: &Txn) -> impl Future<Output = Result<Committed, CommitError>> + Send;
 
     /// Adds `by` to an integer counter and returns the new value (ids are allocated this way).
+    /// Adding 0 reads the counter: it writes nothing (a missing counter stays missing and reads 0),
+    /// so it does not wait for replicas either.
     fn incr(&self, key: &str, by: u64) -> impl Future<Output = StateResult<u64>> + Send;
 
     /// Sorted-set members by rank, `start..=stop` (negative counts from the end, as in Redis), lowest

@@ -414,6 +414,9 @@ impl Backend for MemoryBackend {
     async fn incr(&self, key: &str, by: u64) -> StateResult<u64> {
         let mut inner = self.lock()?;
         let cur = inner.int(key).unwrap_or(0);
+        if by == 0 {
+            return Ok(cur);
+        }
         let next = cur + by;
         inner.strings.insert(key.to_string(), Str { value: StrValue::Int(next), expires: None });
         Ok(next)
@@ -606,7 +609,11 @@ impl Backend for MemoryBackend {
         let Some(g) = stream.groups.get(group) else {
             return Ok(GroupInfo::default());
         };
-        Ok(GroupInfo { pending: g.pending.len() as u64, lag: Some(stream.added.saturating_sub(g.delivered_total)) })
+        Ok(GroupInfo {
+            exists: true,
+            pending: g.pending.len() as u64,
+            lag: Some(stream.added.saturating_sub(g.delivered_total)),
+        })
     }
 
     async fn tail(&self, key: &str, after: &str, count: usize, block: Duration) -> StateResult<Vec<StreamEntry>> {

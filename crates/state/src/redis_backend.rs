@@ -721,6 +721,45 @@ impl RedisBackend {
         }
     }
 
+    /// One `MGET`, checked to answer once per key.
+    async fn mget(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let raw: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(keys)).await?;
+        if raw.len() != keys.len() {
+            return Err(StateError::Backend(format!("MGET of {} keys answered {}", keys.len(), raw.len())));
+        }
+        Ok(raw)
+    }
+
+    /// Reads keys of several slots with one `MGET` per slot, side by side, and puts the answers back
+    /// in the keys' order. The cluster client could split a multi-slot `MGET` itself, but while a
+    /// master is down it leaves out the slots whose node it has no connection to and then fails the
+    /// whole read with a client error ("Mismatch in the number of multi-slot results"), which callers
+    /// would get as INTERNAL. A command per slot is routed, redirected and retried like any other,
+    /// and fails UNAVAILABLE like any other.
+    async fn mget_by_slot(&self, keys: &[String]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let mut by_slot: std::collections::BTreeMap<u16, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            by_slot.entry(crate::key_slot(k)).or_default().push(i);
+        }
+        if by_slot.len() == 1 {
+            return self.mget(keys).await;
+        }
+        let mut reads = tokio::task::JoinSet::new();
+        for (_, at) in by_slot {
+            let (backend, slot_keys) = (self.clone(), at.iter().map(|i| keys[*i].clone()).collect::<Vec<_>>());
+            reads.spawn(async move { (at, backend.mget(&slot_keys).await) });
+        }
+        let mut out = vec![None; keys.len()];
+        // An early return drops `reads`, which aborts the reads still running.
+        while let Some(done) = reads.join_next().await {
+            let (at, values) = done.map_err(|e| StateError::Backend(format!("a read of one slot failed: {e}")))?;
+            for (i, v) in at.into_iter().zip(values?) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
     /// The masters serving slots, as a node of the cluster sees them (`CLUSTER SLOTS`): address and
     /// slot ranges, ordered by their first slot.
     async fn cluster_masters(c: &ClusterConnection) -> StateResult<Vec<MasterNode>> {
@@ -1006,16 +1045,13 @@ fn parse_scored(v: Value) -> StateResult<Vec<(String, f64)>> {
 }
 
 impl Backend for RedisBackend {
-    /// On a cluster, keys of several slots are read with one `MGET` per slot (the client splits the
-    /// call by slot and puts the answers back in order).
+    /// On a cluster, keys of several slots are read with one `MGET` per slot, side by side, and the
+    /// answers put back in order ([`RedisBackend::mget_by_slot`]).
     async fn get(&self, keys: &[String]) -> StateResult<Vec<Option<Record>>> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let raw: Vec<Option<Vec<u8>>> = self.query(redis::cmd("MGET").arg(keys)).await?;
-        if raw.len() != keys.len() {
-            return Err(StateError::Backend(format!("MGET of {} keys answered {}", keys.len(), raw.len())));
-        }
+        let raw = if self.is_cluster() { self.mget_by_slot(keys).await? } else { self.mget(keys).await? };
         raw.into_iter().zip(keys).map(|(r, k)| r.map(|bytes| parse_record(k, bytes)).transpose()).collect()
     }
 
@@ -1025,8 +1061,14 @@ impl Backend for RedisBackend {
     }
 
     /// Durable like a commit (an id handed out must never be handed out again after a failover);
-    /// a re-sent `INCRBY` may skip a number, never repeat one.
+    /// a re-sent `INCRBY` may skip a number, never repeat one. Adding 0 is a plain `GET`: a read
+    /// (e.g. ListOrders finding how many ids a product has handed out) must not wait for replicas,
+    /// or it fails whenever writes can't be acknowledged, as on a promoted master without a replica.
     async fn incr(&self, key: &str, by: u64) -> StateResult<u64> {
+        if by == 0 {
+            let v: Option<u64> = self.query(redis::cmd("GET").arg(key)).await?;
+            return Ok(v.unwrap_or(0));
+        }
         self.durable_query(redis::cmd("INCRBY").arg(key).arg(by).to_owned()).await
     }
 
@@ -1173,7 +1215,12 @@ impl Backend for RedisBackend {
     }
 
     async fn group_info(&self, key: &str, group: &str) -> StateResult<GroupInfo> {
-        let v: Value = self.query(redis::cmd("XINFO").arg("GROUPS").arg(key)).await?;
+        let v: Value = match self.query(redis::cmd("XINFO").arg("GROUPS").arg(key)).await {
+            Ok(v) => v,
+            // No stream, no group (as the in-memory backend answers).
+            Err(StateError::Backend(m)) if m.contains("no such key") => return Ok(GroupInfo::default()),
+            Err(e) => return Err(e),
+        };
         for g in array_of(v)? {
             let mut fields: HashMap<String, Value> = HashMap::new();
             match g {
@@ -1201,6 +1248,7 @@ impl Backend for RedisBackend {
                 }
             };
             return Ok(GroupInfo {
+                exists: true,
                 pending: num(fields.remove("pending")).unwrap_or(0),
                 lag: num(fields.remove("lag")),
             });

@@ -246,9 +246,19 @@ pub struct Promotion {
     pub dead: u16,
     /// Port of the replica that took over its slots.
     pub new_master: u16,
-    /// From the call to [`RedisCluster::kill`] until every live node reports `cluster_state:ok`
-    /// with the new master in place.
+    /// From the kill until every live node reports `cluster_state:ok` with the new master in place.
     pub took: Duration,
+}
+
+/// A master killed by [`RedisCluster::kill_master`].
+#[derive(Clone, Debug)]
+pub struct KilledMaster {
+    /// Its port.
+    pub port: u16,
+    /// The ports of its replicas when it died: one of them should take over its slots.
+    pub replicas: Vec<u16>,
+    /// When it was killed.
+    pub at: Instant,
 }
 
 /// The nodes of a cluster as one node sees them (`CLUSTER NODES`).
@@ -616,29 +626,43 @@ impl RedisCluster {
     /// # Errors
     /// When no replica takes over within `within`.
     pub fn kill_and_wait_for_failover(&mut self, dead: u16, within: Duration) -> Result<Promotion, String> {
-        let started = Instant::now();
-        let live = self.running_ports().into_iter().find(|p| *p != dead).ok_or("no other node runs")?;
-        let view = self.nodes_seen_by(live)?;
-        let dead_id = view.iter().find(|n| n.port == dead).map(|n| n.id.clone()).ok_or("unknown node")?;
-        let replicas: Vec<u16> =
-            view.iter().filter(|n| n.master_id.as_deref() == Some(&dead_id)).map(|n| n.port).collect();
-        self.kill(dead);
-        self.wait_for_failover(dead, &replicas, started, within)
+        let killed = self.kill_master(dead)?;
+        self.wait_for_failover(&killed, within)
     }
 
-    /// Waits until one of `replicas` (of the dead master `dead`) is a master serving slots and every
-    /// running node reports `cluster_state:ok`.
-    fn wait_for_failover(
-        &self,
-        dead: u16,
-        replicas: &[u16],
-        started: Instant,
-        within: Duration,
-    ) -> Result<Promotion, String> {
-        let deadline = started + within;
+    /// Kills master `port` (SIGKILL), as a crash would, and returns at once: its replicas (read from
+    /// a live node just before the kill) are the candidates for [`wait_for_failover`](Self::wait_for_failover),
+    /// and the caller can keep working through the failover meanwhile.
+    ///
+    /// # Errors
+    /// When no other node runs, or `port` is not a master with a replica.
+    pub fn kill_master(&mut self, port: u16) -> Result<KilledMaster, String> {
+        let live = self.running_ports().into_iter().find(|p| *p != port).ok_or("no other node runs")?;
+        let view = self.nodes_seen_by(live)?;
+        let me = view.iter().find(|n| n.port == port).ok_or_else(|| format!("{port} is not a node of this cluster"))?;
+        if !me.master || !me.has_slots {
+            return Err(format!("{port} is not a master serving slots"));
+        }
+        let replicas: Vec<u16> =
+            view.iter().filter(|n| n.master_id.as_deref() == Some(&me.id)).map(|n| n.port).collect();
+        if replicas.is_empty() {
+            return Err(format!("master {port} has no replica to take over"));
+        }
+        let at = Instant::now();
+        self.kill(port);
+        Ok(KilledMaster { port, replicas, at })
+    }
+
+    /// Waits until one of the killed master's replicas is a master serving slots and every running
+    /// node reports `cluster_state:ok` (polling every 20 ms; [`Promotion::took`] counts from the kill).
+    ///
+    /// # Errors
+    /// When that does not happen within `within` of the kill.
+    pub fn wait_for_failover(&self, killed: &KilledMaster, within: Duration) -> Result<Promotion, String> {
+        let deadline = killed.at + within;
         loop {
             let promoted = self.running_ports().first().and_then(|p| self.nodes_seen_by(*p).ok()).and_then(|view| {
-                view.into_iter().find(|n| replicas.contains(&n.port) && n.master && n.has_slots).map(|n| n.port)
+                view.into_iter().find(|n| killed.replicas.contains(&n.port) && n.master && n.has_slots).map(|n| n.port)
             });
             if let Some(new_master) = promoted {
                 let all_ok = self.running_ports().iter().all(|p| {
@@ -646,11 +670,11 @@ impl RedisCluster {
                         .is_ok_and(|i| i.lines().any(|l| l.trim() == "cluster_state:ok"))
                 });
                 if all_ok {
-                    return Ok(Promotion { dead, new_master, took: started.elapsed() });
+                    return Ok(Promotion { dead: killed.port, new_master, took: killed.at.elapsed() });
                 }
             }
             if Instant::now() >= deadline {
-                return Err(format!("no replica of {dead} took over within {within:?}"));
+                return Err(format!("no replica of {} took over within {within:?}", killed.port));
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chipgate_state::{
-    AUDIT_GENESIS, AuditChain, Backend, CommitError, Space, Store, Txn, audit_link, backend_tests, sha256_hex,
+    AUDIT_GENESIS, AuditChain, Backend, CommitError, Space, StateError, Store, Txn, audit_link, backend_tests,
+    sha256_hex,
 };
 
 const S: Space = Space::new("t");
@@ -145,6 +146,9 @@ async fn hashes_sets_and_counters(store: Store) {
     assert_eq!(store.smembers(&s).await.unwrap(), vec!["a".to_string(), "b".to_string()]);
     assert_eq!(store.incr(&k(&["seq"]), 1).await.unwrap(), 1);
     assert_eq!(store.incr(&k(&["seq"]), 10).await.unwrap(), 11);
+    // Adding 0 reads.
+    assert_eq!(store.incr(&k(&["seq"]), 0).await.unwrap(), 11);
+    assert_eq!(store.incr(&k(&["no-seq"]), 0).await.unwrap(), 0);
 }
 
 async fn streams_append_in_transactions(store: Store) {
@@ -198,6 +202,28 @@ async fn consumer_groups_deliver_once_and_reclaim(store: Store) {
     let ids: Vec<String> = claimed.iter().map(|e| e.id.clone()).collect();
     assert_eq!(store.ack(&st, "orders", &ids).await.unwrap(), 2);
     assert_eq!(store.group_info(&st, "orders").await.unwrap().pending, 0);
+}
+
+/// A group that does not exist (never created, or lost in a Redis failover): reads and claims fail
+/// with an error that says so, its figures say it doesn't exist, and creating it again delivers the
+/// stream from its start.
+async fn a_missing_group_says_so(store: Store) {
+    let st = k(&["lost"]);
+    let info = store.group_info(&st, "orders").await.unwrap();
+    assert!(!info.exists, "no stream, no group: {info:?}");
+    let mut t = Txn::new();
+    t.xadd(&st, vec![("n".into(), b"1".to_vec())], None);
+    store.commit(&t).await.unwrap();
+    assert!(!store.group_info(&st, "orders").await.unwrap().exists);
+    let read = store.read_group(&st, "orders", "a", 10, None).await.expect_err("no group");
+    assert!(read.is_missing_group(), "{read}");
+    let claim = store.autoclaim(&st, "orders", "a", Duration::ZERO, 10).await.expect_err("no group");
+    assert!(claim.is_missing_group(), "{claim}");
+    assert!(!StateError::Unavailable("NOGROUP".into()).is_missing_group(), "only the backend's own answer");
+    store.group_ensure(&st, "orders").await.unwrap();
+    let info = store.group_info(&st, "orders").await.unwrap();
+    assert!(info.exists && info.pending == 0 && info.lag == Some(1), "{info:?}");
+    assert_eq!(store.read_group(&st, "orders", "a", 10, None).await.unwrap().len(), 1);
 }
 
 async fn blocking_reads_wake_on_append(store: Store) {
@@ -449,6 +475,7 @@ backend_tests!(
     hashes_sets_and_counters,
     streams_append_in_transactions,
     consumer_groups_deliver_once_and_reclaim,
+    a_missing_group_says_so,
     blocking_reads_wake_on_append,
     leases_and_fences,
     audit_chain_links_every_entry,

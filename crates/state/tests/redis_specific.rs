@@ -124,6 +124,11 @@ async fn commits_wait_for_replicas_or_say_the_outcome_is_unknown() {
     // Reads and failed guards don't wait.
     assert!(lonely.get(std::slice::from_ref(&key)).await.is_ok());
     assert!(matches!(lonely.commit(&t).await, Err(CommitError::Conflict { .. })));
+    // Nor does reading a counter (adding 0): it is a read, served while writes can't be acknowledged
+    // (as after a failover, until the promoted master has a replica again), and it writes nothing.
+    assert_eq!(lonely.incr(&S.key(["seq"]), 0).await.unwrap(), 1);
+    assert_eq!(lonely.incr(&S.key(["never"]), 0).await.unwrap(), 0);
+    assert_eq!(lonely.master_key_counts().await.unwrap()[0].keys, 3, "the record, its receipt and the counter");
 }
 
 /// Many partitions land on every master, and a multi-partition read (one MGET per slot) returns
@@ -483,4 +488,48 @@ async fn a_master_killed_mid_workload_loses_no_acknowledged_commit() {
     for u in &on_victim {
         assert!(per_unit[*u].0 > 0, "{u} never committed");
     }
+}
+
+/// A read spanning partitions from the moment a master dies until its replica has taken over: every
+/// answer is the records or UNAVAILABLE, never another error. (The cluster client's own split of a
+/// multi-slot `MGET` leaves out the slots whose node it has no connection to, then fails the whole
+/// read with a client error, "Mismatch in the number of multi-slot results", which callers would
+/// get as INTERNAL.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_across_partitions_while_a_master_is_down_is_unavailable_not_an_error() {
+    let mut cluster = RedisCluster::start();
+    let store = cluster.backend().await;
+    let units: Vec<String> = (0..12).map(|i| format!("SKU-{i}")).collect();
+    for u in &units {
+        let mut t = Txn::new();
+        t.replace(S.partition(u).key(["rec"]), 0, u.as_bytes().to_vec());
+        store.commit(&t).await.unwrap();
+    }
+    let keys: Vec<String> = units.iter().map(|u| S.partition(u).key(["rec"])).collect();
+    let victim = cluster.master_of_slot(S.partition(&units[0]).slot());
+    let killed = cluster.kill_master(victim).unwrap();
+    let (mut unavailable, mut answered) = (0, 0);
+    loop {
+        // A read of the dead master's partition alone, as a busy service makes: the client finds
+        // its connection broken and repairs it in the background.
+        let _ = store.get(&keys[..1]).await;
+        match store.get(&keys).await {
+            Ok(got) => {
+                answered += 1;
+                for (u, r) in units.iter().zip(got) {
+                    assert_eq!(r.unwrap().data, u.as_bytes());
+                }
+            }
+            Err(StateError::Unavailable(_)) => unavailable += 1,
+            Err(e) => panic!("a read while a master is down must answer UNAVAILABLE: {e}"),
+        }
+        let promoted = tokio::task::block_in_place(|| cluster.wait_for_failover(&killed, Duration::ZERO));
+        if promoted.is_ok() && answered > 0 {
+            break;
+        }
+        assert!(killed.at.elapsed() < Duration::from_secs(30), "no failover, or no read answered after it");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("reads across partitions: {unavailable} UNAVAILABLE, {answered} answered");
+    assert!(unavailable > 0, "no read noticed the dead master");
 }

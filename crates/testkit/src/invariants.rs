@@ -465,6 +465,9 @@ pub async fn check_ledger(c: &mut Clients, store: &Store, ledger: &Ledger) -> Re
     for stream in &event_streams(store).await {
         match store.group_info(stream, ORDERS_GROUP).await {
             Ok(g) => {
+                if !g.exists {
+                    v.push(format!("{stream}: the orders consumer group does not exist (nothing consumes it)"));
+                }
                 if g.pending != 0 {
                     v.push(format!("{stream}: {} events still pending with a consumer", g.pending));
                 }
@@ -524,7 +527,7 @@ pub async fn wait_settled(store: &Store, orders: &mut crate::OrdersClient, withi
         for stream in &event_streams(store).await {
             // A product's stream the orders consumers haven't found yet has no group: busy.
             busy |= match store.group_info(stream, ORDERS_GROUP).await {
-                Ok(g) => g.pending != 0 || g.lag.is_some_and(|l| l != 0),
+                Ok(g) => !g.exists || g.pending != 0 || g.lag.is_some_and(|l| l != 0),
                 Err(_) => true,
             };
         }

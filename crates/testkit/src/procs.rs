@@ -84,6 +84,11 @@ impl ServiceProcess {
         self.child.as_ref().map(Child::id)
     }
 
+    /// How many times it was started (1 for a process that never restarted).
+    pub fn starts(&self) -> usize {
+        self.starts
+    }
+
     /// Whether it is paused (SIGSTOP).
     pub fn is_paused(&self) -> bool {
         self.paused

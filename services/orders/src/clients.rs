@@ -101,6 +101,11 @@ where
                 tokio::time::sleep(pause).await;
                 backoff = (backoff * 2).min(Duration::from_secs(1));
             }
+            // tonic's client enforces the deadline it sends, and reports running out of it as
+            // CANCELLED ("Timeout expired"): to our caller it is a deadline that passed.
+            Err(s) if s.code() == Code::Cancelled && ctx.expired() => {
+                return Err(Status::deadline_exceeded(format!("{what}: the deadline passed before the peer answered")));
+            }
             Err(s) => return Err(s),
         }
     }
@@ -159,6 +164,20 @@ mod tests {
             assert_eq!(got.expect_err("refused").code(), code);
             assert_eq!(n.load(Ordering::SeqCst), 1, "{code:?} must not be retried");
         }
+    }
+
+    #[tokio::test]
+    async fn a_peer_call_cut_off_by_the_deadline_is_deadline_exceeded_not_cancelled() {
+        // What tonic's channel answers when the deadline it sent passes first.
+        let timed_out = || std::future::ready(Err::<tonic::Response<u32>, _>(Status::cancelled("Timeout expired")));
+        let mut ctx = RequestContext::background("test", None);
+        ctx.deadline = Some(tokio::time::Instant::now());
+        let got = call(&ctx, "peer", timed_out).await;
+        assert_eq!(got.expect_err("deadline").code(), Code::DeadlineExceeded);
+        // A peer's own CANCELLED, with time left, is passed on as it is.
+        ctx.deadline = Some(tokio::time::Instant::now() + Duration::from_secs(60));
+        let got = call(&ctx, "peer", timed_out).await;
+        assert_eq!(got.expect_err("cancelled").code(), Code::Cancelled);
     }
 
     #[tokio::test]

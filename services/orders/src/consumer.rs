@@ -156,6 +156,7 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
                     }
                     entries = claimed;
                 }
+                Err(e) if e.is_missing_group() => rejoin(&svc, &stream).await,
                 Err(e) => tracing::warn!(%stream, error = %e, "can't claim pending events"),
             }
         }
@@ -166,6 +167,10 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
             };
             match read {
                 Ok(e) => entries = e,
+                Err(e) if e.is_missing_group() => {
+                    rejoin(&svc, &stream).await;
+                    continue;
+                }
                 Err(e) => {
                     tracing::warn!(%stream, error = %e, "can't read events; retrying");
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -199,6 +204,19 @@ pub(crate) async fn run(svc: Orders, source: Source, shutdown: Shutdown) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+/// Creates the consumer group again when it is gone. Groups are created without waiting for a
+/// replica, so a Redis failover soon after one was created can lose it (and with it where the group
+/// had got to); its consumers would otherwise fail every read from then on and the stream's events
+/// would never be applied. The new group starts at the stream's beginning: every event still in the
+/// stream is applied again, which changes nothing (marks are idempotent), and none is missed.
+async fn rejoin(svc: &Orders, stream: &str) {
+    tracing::warn!(%stream, "the orders consumer group is gone (lost in a redis failover?); creating it again from the stream's start");
+    if let Err(e) = svc.store().group_ensure(stream, GROUP).await {
+        tracing::warn!(%stream, error = %e, "can't create the consumer group again; retrying");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 

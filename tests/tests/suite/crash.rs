@@ -74,7 +74,14 @@ async fn orders_killed_mid_wave_finishes_exactly_once_after_restart() {
                     justification: "x".into(),
                 };
                 let o = ord.place_order(req).await.unwrap().into_inner().order.unwrap();
-                assert_eq!(o.state(), opb::OrderState::AwaitingLicense);
+                // Or PENDING: PlaceOrder answers the order as it stands when its first evaluation
+                // takes longer than --place-wait (5 s), as 1,500 placements on one product can while
+                // the suite's other process tests load the machine; it is evaluated all the same.
+                assert!(
+                    matches!(o.state(), opb::OrderState::AwaitingLicense | opb::OrderState::Pending),
+                    "{:?}",
+                    o.state()
+                );
                 ids.push(request_id);
             }
             ids

@@ -38,16 +38,16 @@ use common::{H200, NVL, rid};
 use tonic_health::pb::health_check_response::ServingStatus;
 
 /// Every call's deadline (sent as grpc-timeout, and enforced by the client too).
-const DEADLINE: Duration = Duration::from_secs(4);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(4);
 /// How long unknown outcomes may take to resolve once the faults stop.
-const RESOLVE_WITHIN: Duration = Duration::from_secs(60);
+pub(crate) const RESOLVE_WITHIN: Duration = Duration::from_secs(60);
 
 // ------------------------------------------------------------------------------------------------
 // Calls and their outcomes
 // ------------------------------------------------------------------------------------------------
 
 /// What one call came to.
-enum Outcome<T> {
+pub(crate) enum Outcome<T> {
     /// Acknowledged.
     Done(T),
     /// A business answer: it will never succeed as sent.
@@ -56,13 +56,13 @@ enum Outcome<T> {
     Unknown(String),
 }
 
-fn with_deadline<T>(m: T) -> tonic::Request<T> {
+pub(crate) fn with_deadline<T>(m: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(m);
     r.set_timeout(DEADLINE);
     r
 }
 
-async fn attempt<T>(call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Outcome<T> {
+pub(crate) async fn attempt<T>(call: impl Future<Output = Result<tonic::Response<T>, tonic::Status>>) -> Outcome<T> {
     use tonic::Code;
     match tokio::time::timeout(DEADLINE + Duration::from_millis(250), call).await {
         Ok(Ok(r)) => Outcome::Done(r.into_inner()),
@@ -79,6 +79,10 @@ async fn attempt<T>(call: impl Future<Output = Result<tonic::Response<T>, tonic:
         {
             Outcome::Refused(s)
         }
+        // tonic's channel enforces the deadline the request carries and reports it as CANCELLED.
+        Ok(Err(s)) if s.code() == Code::Cancelled && s.message() == "Timeout expired" => {
+            Outcome::Unknown("client deadline".into())
+        }
         Ok(Err(s)) => Outcome::Unknown(format!("{:?}", s.code())),
         Err(_) => Outcome::Unknown("client deadline".into()),
     }
@@ -87,7 +91,7 @@ async fn attempt<T>(call: impl Future<Output = Result<tonic::Response<T>, tonic:
 /// A mutating call the ledger tracks; sent again unchanged (same request id) when its outcome is
 /// unknown.
 #[derive(Clone, Debug)]
-enum Op {
+pub(crate) enum Op {
     Place(opb::PlaceOrderRequest),
     Receive(ipb::ReceiveSupplyRequest),
     Cancel(opb::CancelOrderRequest),
@@ -97,14 +101,14 @@ enum Op {
 
 /// Clients of every service (one per orders replica).
 #[derive(Clone)]
-struct Conn {
-    lic: chipgate_testkit::LicensingClient,
-    inv: chipgate_testkit::InventoryClient,
-    ord: Vec<chipgate_testkit::OrdersClient>,
+pub(crate) struct Conn {
+    pub(crate) lic: chipgate_testkit::LicensingClient,
+    pub(crate) inv: chipgate_testkit::InventoryClient,
+    pub(crate) ord: Vec<chipgate_testkit::OrdersClient>,
 }
 
 impl Conn {
-    fn of(c: &ProcessCluster) -> Self {
+    pub(crate) fn of(c: &ProcessCluster) -> Self {
         Conn {
             lic: c.licensing_client(),
             inv: c.inventory_client(),
@@ -112,14 +116,14 @@ impl Conn {
         }
     }
 
-    fn ord(&self, replica: usize) -> chipgate_testkit::OrdersClient {
+    pub(crate) fn ord(&self, replica: usize) -> chipgate_testkit::OrdersClient {
         self.ord[replica % self.ord.len()].clone()
     }
 }
 
 impl Op {
     /// Sends it once; on success, the order it concerns.
-    async fn send(&self, c: &Conn, replica: usize) -> Outcome<String> {
+    pub(crate) async fn send(&self, c: &Conn, replica: usize) -> Outcome<String> {
         let order_id = |o: Option<opb::Order>| o.map(|o| o.order_id).unwrap_or_default();
         let mut ord = c.ord(replica);
         match self.clone() {
@@ -154,40 +158,55 @@ impl Op {
 
 /// The run's figures.
 #[derive(Debug, Default)]
-struct Figures {
-    attempted: u64,
-    acknowledged: u64,
-    refused: u64,
+pub(crate) struct Figures {
+    pub(crate) attempted: u64,
+    pub(crate) acknowledged: u64,
+    pub(crate) refused: u64,
     /// Operations whose first attempt had an unknown outcome.
-    unknown: u64,
+    pub(crate) unknown: u64,
     /// Of those, how many ended acknowledged / refused once retried.
-    unknown_then_acknowledged: u64,
-    unknown_then_refused: u64,
+    pub(crate) unknown_then_acknowledged: u64,
+    pub(crate) unknown_then_refused: u64,
     /// Extra attempts spent resolving unknown outcomes.
-    retries: u64,
+    pub(crate) retries: u64,
     /// Why first attempts were unknown.
-    unknown_codes: BTreeMap<String, u64>,
+    pub(crate) unknown_codes: BTreeMap<String, u64>,
     /// Faults injected, by kind.
-    faults: BTreeMap<String, u64>,
+    pub(crate) faults: BTreeMap<String, u64>,
+    /// Why retries were still unknown.
+    pub(crate) retry_codes: BTreeMap<String, u64>,
+    /// Reads (the actors' GetOrder and ListStock) that failed, by code: a fault may make them
+    /// UNAVAILABLE, never INTERNAL.
+    pub(crate) read_failures: BTreeMap<String, u64>,
     /// Stock samples taken during the run, and what was wrong with them.
-    stock_samples: u64,
-    stock_problems: Vec<String>,
+    pub(crate) stock_samples: u64,
+    pub(crate) stock_problems: Vec<String>,
 }
 
 /// What the clients know: the ledger of acknowledged operations, the ones still unknown, the figures.
 #[derive(Default)]
-struct Journal {
-    ledger: Ledger,
-    unknown: Vec<Op>,
+pub(crate) struct Journal {
+    pub(crate) ledger: Ledger,
+    pub(crate) unknown: Vec<Op>,
     /// Orders placed (acknowledged), for the actors that act on orders.
-    order_ids: Vec<String>,
-    figures: Figures,
+    pub(crate) order_ids: Vec<String>,
+    pub(crate) figures: Figures,
 }
 
-type Shared = Arc<Mutex<Journal>>;
+pub(crate) type Shared = Arc<Mutex<Journal>>;
 
 impl Journal {
-    fn settle(&mut self, op: &Op, outcome: &Outcome<String>, was_unknown: bool) {
+    /// Books a read that did not answer.
+    pub(crate) fn read_failed<T>(&mut self, outcome: &Outcome<T>) {
+        let code = match outcome {
+            Outcome::Done(_) => return,
+            Outcome::Refused(s) => format!("{:?}", s.code()),
+            Outcome::Unknown(why) => why.clone(),
+        };
+        *self.figures.read_failures.entry(code).or_default() += 1;
+    }
+
+    pub(crate) fn settle(&mut self, op: &Op, outcome: &Outcome<String>, was_unknown: bool) {
         match outcome {
             Outcome::Done(order) => {
                 self.figures.acknowledged += 1;
@@ -221,7 +240,7 @@ impl Journal {
 }
 
 /// Sends `op` once and books the outcome (unknown ones wait for [`resolve`]).
-async fn run_op(j: &Shared, c: &Conn, replica: usize, op: Op) -> Option<String> {
+pub(crate) async fn run_op(j: &Shared, c: &Conn, replica: usize, op: Op) -> Option<String> {
     j.lock().unwrap().figures.attempted += 1;
     let outcome = op.send(c, replica).await;
     let done = match &outcome {
@@ -233,7 +252,7 @@ async fn run_op(j: &Shared, c: &Conn, replica: usize, op: Op) -> Option<String> 
 }
 
 /// Retries every unknown operation with its own request id until it has an outcome.
-async fn resolve(j: &Shared, c: &Conn) {
+pub(crate) async fn resolve(j: &Shared, c: &Conn) {
     let ops = std::mem::take(&mut j.lock().unwrap().unknown);
     let deadline = Instant::now() + RESOLVE_WITHIN;
     for (i, op) in ops.into_iter().enumerate() {
@@ -243,7 +262,8 @@ async fn resolve(j: &Shared, c: &Conn) {
             j.lock().unwrap().figures.retries += 1;
             // Any replica will do: idempotency lives in Redis.
             let outcome = op.send(c, i + tries).await;
-            if matches!(outcome, Outcome::Unknown(_)) {
+            if let Outcome::Unknown(why) = &outcome {
+                *j.lock().unwrap().figures.retry_codes.entry(why.clone()).or_default() += 1;
                 assert!(Instant::now() < deadline, "{op:?} still has no outcome after {RESOLVE_WITHIN:?}");
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
@@ -256,7 +276,7 @@ async fn resolve(j: &Shared, c: &Conn) {
 
 /// Calls `f` until it gives an answer that is not unknown (the same request each time), booking one
 /// operation; None when refused.
-async fn until_definite<T, F, Fut>(j: &Shared, mut f: F) -> Option<T>
+pub(crate) async fn until_definite<T, F, Fut>(j: &Shared, mut f: F) -> Option<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Outcome<T>>,
@@ -291,6 +311,7 @@ where
                         *j.figures.unknown_codes.entry(why).or_default() += 1;
                     } else {
                         j.figures.retries += 1;
+                        *j.figures.retry_codes.entry(why).or_default() += 1;
                     }
                 }
                 first = false;
@@ -305,12 +326,12 @@ where
 // The world and the actors
 // ------------------------------------------------------------------------------------------------
 
-const BUYERS: [&str; 6] = ["bytedance", "alibaba", "tencent", "baidu", "moonshot", "zhipu"];
+pub(crate) const BUYERS: [&str; 6] = ["bytedance", "alibaba", "tencent", "baidu", "moonshot", "zhipu"];
 
 /// Export authorisations for both products; an application per (buyer, product) for the first
 /// `apply` buyers, of which the first `licensed` get their licence now. Returns the applications not
 /// yet granted (for waves during the run).
-async fn setup(j: &Shared, c: &Conn, apply: usize, licensed: usize) -> Vec<String> {
+pub(crate) async fn setup(j: &Shared, c: &Conn, apply: usize, licensed: usize) -> Vec<String> {
     let lic = c.lic.clone();
     for sku in [H200, NVL] {
         let r = lpb::GrantExportAuthorizationRequest {
@@ -356,7 +377,7 @@ async fn setup(j: &Shared, c: &Conn, apply: usize, licensed: usize) -> Vec<Strin
 }
 
 /// Creates, fills and publishes a wave granting each application its full quantity; returns the wave.
-async fn publish_wave(j: &Shared, c: &Conn, apps: &[String]) -> String {
+pub(crate) async fn publish_wave(j: &Shared, c: &Conn, apps: &[String]) -> String {
     let lic = c.lic.clone();
     let create = lpb::CreateWaveRequest { request_id: rid("wave"), display_name: "wave".into() };
     let wave = until_definite(j, || {
@@ -395,7 +416,7 @@ async fn publish_wave(j: &Shared, c: &Conn, apps: &[String]) -> String {
 
 /// The concurrent clients, until `stop`: placers, a buyer acting on its orders, a vendor, an import
 /// authority publishing the remaining applications wave by wave, and a monitor sampling stock.
-fn spawn_actors(
+pub(crate) fn spawn_actors(
     j: &Shared,
     c: &Conn,
     seed: u64,
@@ -441,7 +462,13 @@ fn spawn_actors(
                 let replica = rng.usize(..8);
                 let mut ord = c.ord(replica);
                 let got = attempt(ord.get_order(with_deadline(opb::GetOrderRequest { order_id: id.clone() }))).await;
-                let Outcome::Done(o) = got else { continue };
+                let o = match got {
+                    Outcome::Done(o) => o,
+                    failed => {
+                        j.lock().unwrap().read_failed(&failed);
+                        continue;
+                    }
+                };
                 let state = o.order.map(|o| o.state()).unwrap_or_default();
                 let roll = rng.u8(..100);
                 let op = match state {
@@ -512,8 +539,12 @@ fn spawn_actors(
             let mut inv = c.inv.clone();
             while !stop.load(Ordering::SeqCst) {
                 tokio::time::sleep(Duration::from_millis(150)).await;
-                let Outcome::Done(r) = attempt(inv.list_stock(with_deadline(ipb::ListStockRequest {}))).await else {
-                    continue;
+                let r = match attempt(inv.list_stock(with_deadline(ipb::ListStockRequest {}))).await {
+                    Outcome::Done(r) => r,
+                    failed => {
+                        j.lock().unwrap().read_failed(&failed);
+                        continue;
+                    }
                 };
                 let mut j = j.lock().unwrap();
                 j.figures.stock_samples += 1;
@@ -543,13 +574,22 @@ fn stock_problem(s: &ipb::Stock) -> Option<String> {
     None
 }
 
-fn seed() -> u64 {
+pub(crate) fn seed() -> u64 {
     std::env::var("CHIPGATE_FAULT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| fastrand::u64(..))
 }
 
 /// Heals the cluster, resolves every unknown outcome, waits until it is settled, runs the checker and
-/// prints the figures; returns the number of violations.
-async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared, c: &Conn, began: Instant) -> usize {
+/// prints the figures (with `extra` lines of the test's own, e.g. its failover timings, at the end);
+/// returns the number of violations.
+pub(crate) async fn finish(
+    name: &str,
+    seed: u64,
+    cluster: &mut ProcessCluster,
+    j: &Shared,
+    c: &Conn,
+    began: Instant,
+    extra: &str,
+) -> usize {
     cluster.heal().await;
     resolve(j, c).await;
     let mut clients: Clients = cluster.clients(0);
@@ -569,11 +609,12 @@ async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared,
          operations attempted   {}\n\
          acknowledged           {}\n\
          refused                {}\n\
-         unknown at first       {}  (then acknowledged {}, refused {}; {} retries; why: {:?})\n\
+         unknown at first       {}  (then acknowledged {}, refused {}; {} retries; why: {:?}; retries unknown: {:?})\n\
+         reads that failed      {:?}\n\
          faults injected        {faults}  {:?}\n\
          orders {}, licences {}, placements acknowledged {}, receipts {}, cancels {}, confirms {}, ships {}\n\
          stock samples          {}\n\
-         invariant violations   {}\n",
+         invariant violations   {}\n{extra}",
         began.elapsed().as_secs_f64(),
         f.attempted,
         f.acknowledged,
@@ -583,6 +624,8 @@ async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared,
         f.unknown_then_refused,
         f.retries,
         f.unknown_codes,
+        f.retry_codes,
+        f.read_failures,
         f.faults,
         report.orders,
         report.licences,
@@ -609,10 +652,16 @@ async fn finish(name: &str, seed: u64, cluster: &mut ProcessCluster, j: &Shared,
         "a service answered INTERNAL to a transient fault: {:?}",
         f.unknown_codes
     );
+    assert!(!f.retry_codes.contains_key("Internal"), "a service answered a retry INTERNAL: {:?}", f.retry_codes);
+    assert!(
+        !f.read_failures.contains_key("Internal"),
+        "a service answered a read INTERNAL during a fault: {:?}",
+        f.read_failures
+    );
     violations.len()
 }
 
-fn fault(j: &Shared, kind: &str) {
+pub(crate) fn fault(j: &Shared, kind: &str) {
     *j.lock().unwrap().figures.faults.entry(kind.to_string()).or_default() += 1;
 }
 
@@ -620,7 +669,7 @@ fn fault(j: &Shared, kind: &str) {
 // The tests
 // ------------------------------------------------------------------------------------------------
 
-fn orders_env() -> Vec<(String, String)> {
+pub(crate) fn orders_env() -> Vec<(String, String)> {
     vec![
         ("CHIPGATE_CLAIM_IDLE".into(), "1s".into()),
         ("CHIPGATE_LEASE_TTL".into(), "2s".into()),
@@ -681,7 +730,7 @@ async fn kill_9_of_services_and_redis_loses_nothing() {
     for a in actors {
         a.await.unwrap();
     }
-    let violations = finish("kill-9", seed, &mut cluster, &j, &c, began).await;
+    let violations = finish("kill-9", seed, &mut cluster, &j, &c, began, "").await;
     assert_eq!(violations, 0, "invariant violations (seed {seed}); logs in {}", cluster.log_dir().display());
 }
 
@@ -808,7 +857,7 @@ async fn a_paused_orders_replica_is_taken_over() {
     for a in actors {
         a.await.unwrap();
     }
-    let violations = finish("pause", seed, &mut cluster, &j, &c, began).await;
+    let violations = finish("pause", seed, &mut cluster, &j, &c, began, "").await;
     assert_eq!(violations, 0, "invariant violations (seed {seed}); logs in {}", cluster.log_dir().display());
 }
 
@@ -959,7 +1008,7 @@ async fn a_redis_outage_fails_fast_and_recovers() {
     for a in actors {
         a.await.unwrap();
     }
-    let violations = finish("outage", seed, &mut cluster, &j, &c, began).await;
+    let violations = finish("outage", seed, &mut cluster, &j, &c, began, "").await;
     assert_eq!(violations, 0, "invariant violations (seed {seed}); logs in {}", cluster.log_dir().display());
 }
 

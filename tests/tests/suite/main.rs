@@ -18,6 +18,7 @@ mod closing_gates;
 mod concurrency;
 mod crash;
 mod drain;
+mod failover;
 mod faults;
 mod fuzz_smoke;
 mod grpcurl;
