@@ -94,6 +94,9 @@ step "rustfmt" cargo fmt --all -- --check
 step "unused dependencies (cargo machete)" cargo machete crates services tests
 step "clippy" cargo clippy --workspace --all-targets --locked -- -D warnings
 # After clippy: cargo deny --offline reads the dependencies' manifests from the registry cache it filled.
+# cargo deny reads every dependency's manifest, other platforms' crates included (windows-only ones),
+# which a build on this host never downloads: fetch them first (a no-op once the cache has them).
+step "fetch every platform's crates (for cargo deny)" cargo fetch --locked -q
 step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline check --hide-inclusion-graph licenses bans sources
 step "image build context (deploy/Dockerfile.dockerignore) compiles" bash deploy/check-image-context.sh
 step "binaries (the fault and crash tests run them as real processes)" cargo build --workspace --bins --locked
