@@ -5,9 +5,54 @@
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use chipgate_runtime::Metrics;
 use chipgate_runtime::health::HealthCheck;
 use chipgate_runtime::metrics::{CounterBy1, GaugeBy1};
+use chipgate_runtime::{Metrics, Shutdown};
+
+/// Where a run stops as if the process had died right after that step (the crash tests of both
+/// archivers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The data object and the manifest are written.
+    Written,
+    /// The segment was read back and verified.
+    Verified,
+    /// What the segment holds was removed from Redis.
+    Trimmed,
+}
+
+impl Step {
+    /// The error text of a run stopped after this step.
+    pub fn crashed(self) -> String {
+        format!("archiver stopped after {self:?} (crash test)")
+    }
+}
+
+/// Calls `run(now_ms, cutoff_ms)` every `every` until `shutdown`, where `cutoff_ms` is `retention`
+/// before now: the loop both services' background archivers share (each records its run's outcome).
+pub fn spawn_every<F, Fut>(
+    every: Duration,
+    retention: Duration,
+    shutdown: Shutdown,
+    mut run: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: FnMut(u64, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = shutdown.wait() => return,
+            }
+            let now = chipgate_runtime::time::now_ms();
+            run(now, now.saturating_sub(retention.as_millis() as u64)).await;
+        }
+    })
+}
 
 /// What one archiving run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

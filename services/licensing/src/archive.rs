@@ -26,6 +26,7 @@ use std::time::Duration;
 use chipgate_archive::audit::{self as seg, Entry};
 use chipgate_archive::segment;
 use chipgate_archive::status::Run;
+pub use chipgate_archive::status::Step;
 use chipgate_archive::{Problem, Target};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::service::Records;
@@ -38,17 +39,6 @@ const LEASE_TTL: Duration = Duration::from_secs(120);
 
 /// What wrote a segment (in its manifest).
 const WRITTEN_BY: &str = concat!("chipgate-licensing ", env!("CARGO_PKG_VERSION"));
-
-/// Where a run stops as if the process had died right after that step (crash tests).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// The data object and the manifest are written.
-    Written,
-    /// The segment was read back and verified.
-    Verified,
-    /// Redis was trimmed.
-    Trimmed,
-}
 
 /// How the background archiver runs.
 #[derive(Clone, Debug)]
@@ -205,7 +195,7 @@ impl Licensing {
         run: &mut Run,
     ) -> Result<(), Error> {
         let max_entries = max_entries.max(1);
-        let crash = |step: Step| Error::Internal(format!("archiver stopped after {step:?} (crash test)"));
+        let crash = |step: Step| Error::Internal(step.crashed());
         loop {
             let (version, base_seq, base_hash) = archived_base(self.store(), chain).await?;
             let chunk = self.store().xrange(&chain.stream, None, max_entries).await?;
@@ -338,17 +328,12 @@ impl Licensing {
     ) -> tokio::task::JoinHandle<()> {
         let service = self.clone();
         service.inner.archive_status.set_unhealthy_after(options.unhealthy_after);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(options.every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.wait() => return,
-                }
-                let now = chipgate_runtime::time::now_ms();
-                let cutoff = now.saturating_sub(options.retention.as_millis() as u64);
-                match service.archive_audit(cutoff, options.max_segment_entries, None).await {
+        let every = options.every.max(Duration::from_millis(10));
+        let max = options.max_segment_entries;
+        chipgate_archive::status::spawn_every(every, options.retention, shutdown, move |now, cutoff| {
+            let service = service.clone();
+            async move {
+                match service.archive_audit(cutoff, max, None).await {
                     Ok(run) => service.inner.archive_status.succeeded(&run, now),
                     Err((run, e)) => service.inner.archive_status.failed(&run, &e.describe()),
                 }

@@ -20,6 +20,7 @@ use std::time::Duration;
 use chipgate_archive::orders::{self as seg, ClosedOrder};
 use chipgate_archive::segment;
 use chipgate_archive::status::Run;
+pub use chipgate_archive::status::Step;
 use chipgate_archive::{Problem, Target};
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
@@ -42,17 +43,6 @@ const SCAN: usize = 1000;
 /// The states an order is closed in.
 const CLOSED: [OrderStatus; 4] =
     [OrderStatus::Shipped, OrderStatus::Cancelled, OrderStatus::Expired, OrderStatus::Rejected];
-
-/// Where a run stops as if the process had died right after that step (crash tests).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// The data object and the manifest are written.
-    Written,
-    /// The segment was read back and checked.
-    Verified,
-    /// The orders were removed from Redis.
-    Trimmed,
-}
 
 /// How the orders archive runs.
 #[derive(Clone, Debug)]
@@ -200,7 +190,7 @@ impl Orders {
         stop_after: Option<Step>,
         run: &mut Run,
     ) -> Result<(), Error> {
-        let crash = |step: Step| Error::Internal(format!("archiver stopped after {step:?} (crash test)"));
+        let crash = |step: Step| Error::Internal(step.crashed());
         loop {
             let (version, committed) = self.archive_cursor(sku).await?;
             let found = self.closed_orders(sku, closed_before_ms, max.max(1)).await?;
@@ -331,17 +321,11 @@ impl Orders {
         }
         self.inner.archive_status.set_unhealthy_after(options.unhealthy_after);
         let service = self.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(options.every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.wait() => return,
-                }
-                let now = chipgate_runtime::time::now_ms();
-                let cutoff = now.saturating_sub(options.retention.as_millis() as u64);
-                match service.archive_orders(cutoff, options.max_segment_orders, None).await {
+        let max = options.max_segment_orders;
+        chipgate_archive::status::spawn_every(options.every, options.retention, shutdown, move |now, cutoff| {
+            let service = service.clone();
+            async move {
+                match service.archive_orders(cutoff, max, None).await {
                     Ok(run) => service.inner.archive_status.succeeded(&run, now),
                     Err((run, e)) => service.inner.archive_status.failed(&run, &e.describe()),
                 }
