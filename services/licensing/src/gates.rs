@@ -18,14 +18,6 @@ use crate::keys::Part;
 use crate::{Error, Licensing, MAX_UNITS, emit, encode, keys, record};
 
 impl Licensing {
-    /// Adds product `sku` to a listing index in the desk (a set add: idempotent).
-    async fn index_product(&self, index: &str, sku: &str) -> Result<(), Error> {
-        let mut t = Txn::new();
-        t.zadd(index, sku, 0.0);
-        self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
-        Ok(())
-    }
-
     pub(crate) async fn record_domestic_purchase(
         &self,
         ctx: &RequestContext,

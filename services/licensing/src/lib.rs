@@ -194,13 +194,20 @@ impl Licensing {
         if known {
             return Ok(());
         }
-        let mut t = Txn::new();
-        t.zadd(keys::products(), sku, 0.0);
-        self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
+        self.index_product(&keys::products(), sku).await?;
         match self.inner.registered.write() {
             Ok(mut k) => k.insert(sku.to_string()),
             Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
         };
+        Ok(())
+    }
+
+    /// Adds product `sku` to a set in the desk (a set add: idempotent), in its own commit before a
+    /// change in the product's partition, so a reader of the set never misses a product with state.
+    async fn index_product(&self, index: &str, sku: &str) -> Result<(), Error> {
+        let mut t = Txn::new();
+        t.zadd(index, sku, 0.0);
+        self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
         Ok(())
     }
 

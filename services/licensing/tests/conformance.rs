@@ -142,16 +142,7 @@ fn item(order: &str, generation: u64, buyer: &str, units: u64) -> pb::QuotaItem 
 }
 
 async fn batch(svc: &Licensing, items: Vec<pb::QuotaItem>) -> Vec<pb::QuotaItemResult> {
-    svc.batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
-        request_id: String::new(),
-        product_sku: "H200".into(),
-        items,
-        fence_token: 0,
-    }))
-    .await
-    .unwrap()
-    .into_inner()
-    .results
+    batch_of(svc, "H200", items).await
 }
 
 async fn license(svc: &Licensing, id: &str) -> pb::License {
@@ -1154,17 +1145,7 @@ async fn a_wave_over_two_products_is_in_force_in_each_products_partition(store: 
     per_product.sort();
     assert_eq!(per_product, vec![("H200".to_string(), 1), ("H200-NVL".to_string(), 2)]);
     // Quota of each product is decided in its partition against its licences.
-    let nvl = svc
-        .batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
-            request_id: String::new(),
-            product_sku: "H200-NVL".into(),
-            items: vec![item("n1", 1, "alibaba", 70), item("n2", 1, "alibaba", 1)],
-            fence_token: 0,
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .results;
+    let nvl = batch_of(&svc, "H200-NVL", vec![item("n1", 1, "alibaba", 70), item("n2", 1, "alibaba", 1)]).await;
     assert_eq!(nvl[0].reservation.as_ref().unwrap().license_id, ids[2]);
     assert_eq!(conditions(&nvl[1]), vec![pb::Condition::Quota], "alibaba's 70 units are used up");
     assert!(batch(&svc, vec![item("h1", 1, "bytedance", 100)]).await[0].reservation.is_some());
