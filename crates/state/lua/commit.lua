@@ -12,6 +12,8 @@
 --   op     del <keyidx>
 --   op     zadd <keyidx> <score> <member>
 --   op     zrem <keyidx> <member>
+--   op     zremstamp <keyidx> <n> <m1> ... <mn> <hashidx> <field> <value>
+--          removes the members; if any was there, sets hash field <field> to <value>
 --   op     zunion <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
 --          dest := union of the sources (n = 0: delete); its size goes into hash field <field>
 --          unless hashidx is 0
@@ -152,6 +154,19 @@ for _ = 1, no do
   elseif kind == 'zrem' then
     zbuffer('r', k, ARGV[i + 2])
     i = i + 3
+  elseif kind == 'zremstamp' then
+    zflush()
+    local n = tonumber(ARGV[i + 2])
+    local removed, j0 = 0, i + 3
+    while j0 < i + 3 + n do
+      local j1 = math.min(i + 2 + n, j0 + CHUNK - 1)
+      removed = removed + redis.call('ZREM', k, unpack(ARGV, j0, j1))
+      j0 = j1 + 1
+    end
+    if removed > 0 then
+      redis.call('HSET', KEYS[tonumber(ARGV[i + 3 + n])], ARGV[i + 4 + n], ARGV[i + 5 + n])
+    end
+    i = i + 6 + n
   elseif kind == 'zunion' then
     zflush()
     local n = tonumber(ARGV[i + 2])

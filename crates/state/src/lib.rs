@@ -241,6 +241,17 @@ pub enum Op {
         /// Member.
         member: String,
     },
+    /// Removes sorted-set members and, when at least one of them was there, sets a hash field in the
+    /// same atomic step: a mark of *when something last left* that never moves once the set has been
+    /// emptied, whoever removes (or tries to remove) members afterwards.
+    ZRemStamp {
+        /// Sorted-set key.
+        key: String,
+        /// Members to remove.
+        members: Vec<String>,
+        /// Hash key, field and value set when a member was removed.
+        stamp: (String, String, Vec<u8>),
+    },
     /// Replaces the sorted set at `key` with the union of the `sources` (a member in several gets the
     /// sum of its scores, as Redis' `ZUNIONSTORE`); no sources, or only empty ones, delete it. A
     /// server-side snapshot: the members are never copied through the client. With `count_into`
@@ -457,6 +468,20 @@ impl Txn {
         self
     }
 
+    /// Removes `members` from a sorted set and, only if one of them was there, sets `field` of `hash`
+    /// to `value` (see [`Op::ZRemStamp`]).
+    pub fn zrem_stamp(
+        &mut self,
+        key: impl Into<String>,
+        members: Vec<String>,
+        hash: impl Into<String>,
+        field: impl Into<String>,
+        value: Vec<u8>,
+    ) -> &mut Self {
+        self.ops.push(Op::ZRemStamp { key: key.into(), members, stamp: (hash.into(), field.into(), value) });
+        self
+    }
+
     /// Adds to a hash field.
     pub fn hincr(&mut self, key: impl Into<String>, field: impl Into<String>, delta: i64) -> &mut Self {
         self.ops.push(Op::HIncr { key: key.into(), field: field.into(), delta });
@@ -616,6 +641,10 @@ impl Txn {
                 | Op::SRem { key, .. }
                 | Op::XAdd { key, .. }
                 | Op::XTrimBefore { key, .. } => all.push(key),
+                Op::ZRemStamp { key, stamp, .. } => {
+                    all.push(key);
+                    all.push(&stamp.0);
+                }
                 Op::ZUnionStore { key, sources, count_into } => {
                     all.push(key);
                     all.extend(sources.iter().map(String::as_str));

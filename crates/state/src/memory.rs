@@ -208,6 +208,21 @@ impl Inner {
                     }
                 }
             }
+            Op::ZRemStamp { key, members, stamp: (hash, field, value) } => {
+                let mut removed = false;
+                if let Some(z) = self.zsets.get_mut(key) {
+                    for m in members {
+                        removed |= z.by_member.contains_key(m);
+                        z.remove(m);
+                    }
+                    if z.by_member.is_empty() {
+                        self.zsets.remove(key);
+                    }
+                }
+                if removed {
+                    self.hashes.entry(hash.clone()).or_default().insert(field.clone(), value.clone());
+                }
+            }
             Op::ZUnionStore { key, sources, count_into } => {
                 let mut union: HashMap<String, f64> = HashMap::new();
                 for src in sources {

@@ -604,6 +604,11 @@ impl RedisBackend {
                     args.extend([s("zadd"), idx(key), s(&format_score(*score)), s(member)]);
                 }
                 Op::ZRem { key, member } => args.extend([s("zrem"), idx(key), s(member)]),
+                Op::ZRemStamp { key, members, stamp: (hash, field, value) } => {
+                    args.extend([s("zremstamp"), idx(key), num(members.len() as u64)]);
+                    args.extend(members.iter().map(|m| s(m)));
+                    args.extend([idx(hash), s(field), value.clone()]);
+                }
                 Op::ZUnionStore { key, sources, count_into } => {
                     args.extend([s("zunion"), idx(key), num(sources.len() as u64)]);
                     args.extend(sources.iter().map(|x| idx(x)));

@@ -129,6 +129,47 @@ async fn sorted_sets_snapshot_into_one(store: Store) {
     assert_eq!(store.zcard(&snap).await.unwrap(), 0);
 }
 
+/// A removal stamps its hash only when a member was there, so a stamp never moves once the set is
+/// empty; members added earlier in the same transaction count (batched writes keep their order).
+async fn removals_stamp_only_when_something_left(store: Store) {
+    let (z, h) = (k(&["pending"]), k(&["tally"]));
+    let mut t = Txn::new();
+    t.zadd(&z, "o1", 1.0).zadd(&z, "o2", 2.0);
+    store.commit(&t).await.unwrap();
+
+    let mut t = Txn::new();
+    t.zrem_stamp(&z, vec!["o1".into(), "other".into()], &h, "last", b"10".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&h).await.unwrap(), vec![("last".to_string(), b"10".to_vec())]);
+    assert_eq!(store.zrange(&z, 0, -1, false).await.unwrap(), vec![("o2".to_string(), 2.0)]);
+
+    // Nothing of these is in the set: no stamp.
+    let mut t = Txn::new();
+    t.zrem_stamp(&z, vec!["o1".into(), "o9".into()], &h, "last", b"20".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&h).await.unwrap(), vec![("last".to_string(), b"10".to_vec())]);
+
+    // The last member leaves: stamped, and the set is gone.
+    let mut t = Txn::new();
+    t.zrem_stamp(&z, vec!["o2".into()], &h, "last", b"30".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&h).await.unwrap(), vec![("last".to_string(), b"30".to_vec())]);
+    assert_eq!(store.zcard(&z).await.unwrap(), 0);
+
+    // Later removals from the empty set leave the stamp where it is; none at all is no-op too.
+    let mut t = Txn::new();
+    t.zrem_stamp(&z, vec!["o2".into()], &h, "last", b"40".to_vec()).zrem_stamp(&z, vec![], &h, "last", b"41".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&h).await.unwrap(), vec![("last".to_string(), b"30".to_vec())]);
+
+    // A member added earlier in the same transaction is there to be removed.
+    let mut t = Txn::new();
+    t.zadd(&z, "o3", 3.0).zrem_stamp(&z, vec!["o3".into()], &h, "last", b"50".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&h).await.unwrap(), vec![("last".to_string(), b"50".to_vec())]);
+    assert_eq!(store.zcard(&z).await.unwrap(), 0);
+}
+
 async fn hashes_sets_and_counters(store: Store) {
     let h = k(&["stats"]);
     let mut t = Txn::new();
@@ -469,6 +510,7 @@ async fn sorted_set_writes_in_one_transaction_apply_in_order(store: Store) {
 backend_tests!(
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
+    removals_stamp_only_when_something_left,
     records_are_versioned_and_guarded,
     records_with_ttl_expire,
     sorted_sets_order_by_score_then_member,

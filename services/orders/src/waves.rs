@@ -74,12 +74,18 @@ pub(crate) fn evaluated(t: &mut Txn, sku: &str, unsettled: &[String], ids: &[&st
     if ids.is_empty() {
         return;
     }
+    let ids: Vec<String> = ids.iter().map(|id| (*id).to_string()).collect();
     for wave in unsettled {
-        let pending = keys::wave_pending(wave, sku);
-        for id in ids {
-            t.zrem(&pending, *id);
-        }
-        t.hset(keys::wave_tally(wave, sku), LAST_MS, now_ms.to_string().into_bytes());
+        // Stamped only when one of `ids` was still in the snapshot: `unsettled` may be stale (read
+        // at the start of a round), and an evaluation of orders the wave doesn't concern must not
+        // move the settle time of a wave whose snapshot is already empty.
+        t.zrem_stamp(
+            keys::wave_pending(wave, sku),
+            ids.clone(),
+            keys::wave_tally(wave, sku),
+            LAST_MS,
+            now_ms.to_string().into_bytes(),
+        );
     }
 }
 
@@ -294,13 +300,38 @@ mod tests {
         assert_eq!(p.len(), 2);
     }
 
-    #[test]
-    fn evaluation_leaves_the_snapshot_of_every_unsettled_wave() {
+    #[tokio::test]
+    async fn evaluation_leaves_the_snapshot_of_every_unsettled_wave_and_a_settled_one_keeps_its_time() {
+        let store = chipgate_state::Store::memory();
+        let waves = ["wave-1".to_string(), "wave-2".to_string()];
         let mut t = Txn::new();
-        evaluated(&mut t, "H200", &["wave-1".to_string(), "wave-2".to_string()], &["ord-1", "ord-2"], 7);
-        assert_eq!(t.ops.len(), 6, "two removals and a time per wave");
+        t.zadd(keys::wave_pending("wave-1", "H200"), "ord-1", 1.0);
+        t.zadd(keys::wave_pending("wave-2", "H200"), "ord-1", 1.0).zadd(
+            keys::wave_pending("wave-2", "H200"),
+            "ord-2",
+            2.0,
+        );
+        store.commit(&t).await.unwrap();
+        let last = |w: &'static str| {
+            let store = store.clone();
+            async move { number_fields(store.hgetall(&keys::wave_tally(w, "H200")).await.unwrap()).get(LAST_MS).copied() }
+        };
+
+        let mut t = Txn::new();
+        evaluated(&mut t, "H200", &waves, &["ord-1"], 7);
+        store.commit(&t).await.unwrap();
+        assert_eq!((last("wave-1").await, last("wave-2").await), (Some(7), Some(7)));
+        assert_eq!(store.zcard(&keys::wave_pending("wave-1", "H200")).await.unwrap(), 0);
+
+        // A later round still lists both waves as unsettled (its list is read before the marks are
+        // cleared) and evaluates orders wave-1 doesn't hold: wave-1 settled at 7 and stays there.
+        let mut t = Txn::new();
+        evaluated(&mut t, "H200", &waves, &["ord-2", "ord-3"], 9);
+        store.commit(&t).await.unwrap();
+        assert_eq!((last("wave-1").await, last("wave-2").await), (Some(7), Some(9)));
+
         let mut none = Txn::new();
-        evaluated(&mut none, "H200", &["wave-1".to_string()], &[], 7);
+        evaluated(&mut none, "H200", &waves, &[], 11);
         assert!(none.is_empty());
     }
 }
