@@ -78,7 +78,8 @@ pub fn seal(chain: &str, entries: &[Entry], checkpoint: &pb::AuditCheckpoint, no
     }
     let data = segment::compress(&json);
     let (first, last) = (entries.first(), entries.last());
-    let (data_name, manifest_name) = segment::audit_names(chain, first.map_or(0, |e| e.seq));
+    let manifest_name = segment::audit_manifest(chain, first.map_or(0, |e| e.seq));
+    let data_name = segment::data_name(&manifest_name, &sha256_hex(&data));
     let times: Vec<u64> = entries.iter().map(Entry::time_ms).collect();
     let manifest = Manifest {
         format: segment::FORMAT.to_string(),
@@ -286,6 +287,7 @@ mod tests {
         }
     }
 
+    /// Writes a segment, replacing what is there (tampering, as the tests need).
     async fn write(t: &Target, s: &Sealed) {
         t.put(&s.data_name, s.data.clone()).await.expect("data");
         t.put(&s.manifest_name, s.manifest.to_bytes()).await.expect("manifest");
@@ -294,7 +296,17 @@ mod tests {
     #[tokio::test]
     async fn segments_verify_across_boundaries_and_name_the_broken_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let t = Target::Dir(dir.path().to_path_buf());
+        segments_verify_on(&Target::Dir(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn segments_verify_across_boundaries_and_name_the_broken_one_on_s3() {
+        let moto = crate::testing::MotoServer::start();
+        segments_verify_on(&moto.target("archive")).await;
+    }
+
+    async fn segments_verify_on(t: &Target) {
+        let t = t.clone();
         let entries = chain_of(10);
         let ok = |_: &pb::AuditCheckpoint| Ok(());
         let a = seal("c", &entries[..4], &pin("c", &entries[3]), 0, "test");
@@ -339,7 +351,7 @@ mod tests {
 
         // A missing first segment: entries 1..4 are gone.
         write(&t, &b).await;
-        std::fs::remove_file(dir.path().join(&a.manifest_name)).expect("rm");
+        t.delete(&a.manifest_name).await.expect("rm");
         let err = verify_chain(&t, "c", None, &ok).await.expect_err("gap");
         assert!(err.problem.contains("entries 1 to 4 are missing"), "{err}");
     }

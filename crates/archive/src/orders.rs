@@ -45,7 +45,8 @@ pub fn seal(
         segment::push_line(&mut json, &line);
     }
     let data = segment::compress(&json);
-    let (data_name, manifest_name) = segment::orders_names(sku, n);
+    let manifest_name = segment::orders_manifest(sku, n);
+    let data_name = segment::data_name(&manifest_name, &chipgate_state::sha256_hex(&data));
     let closed: Vec<u64> = orders.iter().map(|o| o.closed_ms).collect();
     let manifest = Manifest {
         format: segment::FORMAT.to_string(),
@@ -194,7 +195,7 @@ pub async fn verify_product(target: &Target, sku: &str, committed: Option<u64>) 
     let mut out = ProductArchive::default();
     let mut previous: Option<String> = None;
     for n in 1..=count {
-        let (_, name) = segment::orders_names(sku, n);
+        let name = segment::orders_manifest(sku, n);
         let (m, json) = segment::read_checked(target, &name).await?;
         if m.first != n || m.previous_manifest_sha256 != previous {
             return Err(Problem::new(
@@ -233,7 +234,17 @@ mod tests {
     #[tokio::test]
     async fn orders_are_found_and_segments_chain() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let t = Target::Dir(dir.path().to_path_buf());
+        orders_chain_on(&Target::Dir(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn orders_are_found_and_segments_chain_on_s3() {
+        let moto = crate::testing::MotoServer::start();
+        orders_chain_on(&moto.target("")).await;
+    }
+
+    async fn orders_chain_on(t: &Target) {
+        let t = t.clone();
         let one = seal("H200", 1, &[order("H200", 1), order("H200", 2), order("H200", 5)], None, 0, "t");
         one.write(&t).await.expect("write");
         let sha = manifest_sha256(&t, &one.manifest_name).await.expect("read");
@@ -246,9 +257,17 @@ mod tests {
         assert_eq!((o.order_id.as_str(), name), ("ord-H200-5", one.manifest_name.clone()));
         assert_eq!(find_order(&t, "H200", 4).await.expect("reads"), None);
 
-        // Segment 1 replaced by another, self-consistent one: segment 2's link to it breaks.
+        // Sealing segment 1 again with other orders is refused: a sealed segment is never replaced
+        // (writing the very same one again is fine).
+        one.write(&t).await.expect("the same segment again");
         let other = seal("H200", 1, &[order("H200", 1)], None, 0, "t");
-        other.write(&t).await.expect("write");
+        let refused = other.write(&t).await.expect_err("refused");
+        assert!(matches!(&refused, segment::SealError::Differs(n) if *n == other.manifest_name), "{refused}");
+        assert!(verify_product(&t, "H200", Some(2)).await.is_ok());
+        // Replaced behind the archiver's back by another, self-consistent one: segment 2's link to
+        // it breaks.
+        t.put(&other.data_name, other.data.clone()).await.expect("tamper");
+        t.put(&other.manifest_name, other.manifest.to_bytes()).await.expect("tamper");
         let err = verify_product(&t, "H200", Some(2)).await.expect_err("chain broken");
         assert_eq!(err.segment, two.manifest_name);
     }

@@ -142,7 +142,10 @@ async fn a_kept_checkpoint_file_verifies_until_the_log_is_cut_back() {
 async fn an_archive_verifies_offline_and_names_a_tampered_segment() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    let options = chipgate_testkit::ClusterOptions { archive: Some(archive.clone()), ..Default::default() };
+    let options = chipgate_testkit::ClusterOptions {
+        archive: Some(chipgate_archive::Target::Dir(archive.clone())),
+        ..Default::default()
+    };
     let cluster = Cluster::start_with(options).await;
     let cli = Cli::for_cluster(&cluster);
     let auditor = cli.as_("auditor");
@@ -166,7 +169,9 @@ async fn an_archive_verifies_offline_and_names_a_tampered_segment() {
     assert_eq!(out.status.code(), Some(11), "{}", String::from_utf8_lossy(&out.stdout));
 
     // A tampered segment is named.
-    let (data, manifest) = chipgate_archive::segment::audit_names(STREAM, 3);
+    let manifest = chipgate_archive::segment::audit_manifest(STREAM, 3);
+    let sealed = std::fs::read(archive.join(&manifest)).unwrap();
+    let data = chipgate_archive::Manifest::parse(&manifest, &sealed).unwrap().data;
     let path = archive.join(&data);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() / 2;
