@@ -39,8 +39,8 @@ pub enum AuditCmd {
         /// (exit 3).
         #[arg(long, value_name = "FILE")]
         checkpoint: Option<std::path::PathBuf>,
-        /// Also check an archive of the log here, on this machine (a directory: `file:///path` or
-        /// `/path`): every segment's data hash, every link, each segment's signed checkpoint, the
+        /// Also check an archive of the log from this machine (a directory, `file:///path` or
+        /// `/path`, or a bucket, `s3://bucket/prefix` with the AWS_* environment): every segment's data hash, every link, each segment's signed checkpoint, the
         /// chain across segments, and that the live log in Redis starts where the archive ends. A
         /// broken segment is named (exit 11).
         #[arg(long, value_name = "URL")]
