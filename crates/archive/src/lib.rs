@@ -18,6 +18,7 @@
 pub mod audit;
 pub mod json;
 pub mod orders;
+pub mod prune;
 pub mod segment;
 pub mod status;
 pub mod target;

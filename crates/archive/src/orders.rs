@@ -178,6 +178,8 @@ pub struct ProductArchive {
     pub orders: u64,
     /// Compressed bytes.
     pub bytes: u64,
+    /// The first segment the archive still holds (1, or just after the pruned ones).
+    pub first_segment: u64,
 }
 
 /// Checks a product's segments 1..=`committed` (how many Redis records as archived; None: every
@@ -202,10 +204,23 @@ async fn walk_product(
         .list(&dir, segment::MANIFEST_SUFFIX)
         .await
         .map_err(|e| Problem::new(&dir, 0, format!("the archive can't be listed: {e}")))?;
-    let count = committed.unwrap_or(present.len() as u64);
-    let mut out = ProductArchive::default();
+    // The highest segment number present (names are `<n, 12 digits>.manifest.json`): a removed one
+    // below it is then found missing.
+    let highest =
+        present.iter().filter_map(|n| n.rsplit('/').next()?.split('.').next()?.parse::<u64>().ok()).max().unwrap_or(0);
+    let count = committed.unwrap_or(highest);
+    let mut out = ProductArchive { first_segment: 1, ..ProductArchive::default() };
     let mut previous: Option<String> = None;
-    for n in 1..=count {
+    // Past the legal retention the oldest segments may have been pruned: the first kept one links
+    // to the last pruned manifest, whose hash the marker holds.
+    if let Some((marker_name, marker)) = crate::prune::latest(target, &dir).await? {
+        if marker.kind != "orders" || marker.stream != sku || marker.through_manifest_sha256.is_none() {
+            return Err(Problem::new(&marker_name, 0, "the pruning marker is not one of this product's"));
+        }
+        previous = marker.through_manifest_sha256;
+        out.first_segment = marker.through + 1;
+    }
+    for n in out.first_segment..=count {
         let name = segment::orders_manifest(sku, n);
         let (m, json) = segment::read_checked(target, &name).await?;
         if m.first != n || m.previous_manifest_sha256 != previous {

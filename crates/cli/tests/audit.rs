@@ -239,11 +239,34 @@ async fn archived_orders_are_listed_and_shown_offline_from_a_directory_and_from_
         assert_eq!(shown["order"]["archived_in"], all["orders"][1]["archived_in"], "{shown}");
         // The first segment removed: the listing names it instead of skipping it.
         let first = chipgate_archive::segment::orders_manifest(H200, 1);
+        let kept = target.get(&first).await.unwrap().unwrap();
         target.delete(&first).await.unwrap();
         let out = auditor.raw(&["order", "list", "--archive", &url]).await;
         assert_eq!(out.status.code(), Some(11), "{url}: {}", String::from_utf8_lossy(&out.stdout));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(&first) && err.contains("missing"), "{err}");
+        target.put(&first, kept).await.unwrap();
+
+        // Pruning past retention (here 0 days: everything but the newest segment): a dry run
+        // first, then --apply; what is kept still lists and verifies.
+        let key = dir.path().join("audit-public.pem");
+        std::fs::write(&key, cluster.audit_key.as_ref().unwrap().public_pem()).unwrap();
+        let key = key.to_str().unwrap();
+        let prune = ["archive", "prune", "--archive", &url, "--retention", "0d", "--audit-public-key", key];
+        let out = auditor.raw(&prune).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(H200), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("dry run"), "{text}");
+        assert_eq!(auditor.json(&["order", "list", "--archive", &url]).await["orders"].as_array().unwrap().len(), 3);
+        let out = auditor.raw(&[&prune[..], &["--apply"]].concat()).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let left = auditor.json(&["order", "list", "--archive", &url]).await;
+        let ids: Vec<&str> =
+            left["orders"].as_array().unwrap().iter().map(|o| o["order_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec![placed[2].as_str()], "{left}");
+        assert!(target.get(&first).await.unwrap().is_none(), "segment 1 is gone");
+        let p = chipgate_archive::orders::verify_product(&target, H200, Some(2)).await.unwrap();
+        assert_eq!((p.segments, p.first_segment), (1, 2));
         cluster.stop().await;
     }
 }

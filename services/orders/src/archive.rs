@@ -199,9 +199,16 @@ impl Orders {
                 None
             } else {
                 let name = segment::orders_manifest(sku, committed);
-                let sha = seg::manifest_sha256(target, &name)
+                let mut sha = seg::manifest_sha256(target, &name)
                     .await
                     .map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
+                if sha.is_none() {
+                    // Pruned past the legal retention: the marker holds the link.
+                    let marker = chipgate_archive::prune::latest(target, &segment::orders_dir(sku))
+                        .await
+                        .map_err(archive_error)?;
+                    sha = marker.and_then(|(_, m)| (m.through == committed).then_some(m.through_manifest_sha256)?);
+                }
                 Some(sha.ok_or_else(|| {
                     Error::Internal(format!("orders archive: committed segment {name} is missing from the archive"))
                 })?)
