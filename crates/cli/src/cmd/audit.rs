@@ -286,7 +286,7 @@ pub(crate) fn checkpoint_checker(
     };
     Ok(move |cp: &lpb::AuditCheckpoint| {
         let key = match &pinned {
-            Some(k) => Some(k.clone()),
+            Some(k) => Some(*k),
             None if cp.public_key_pem.is_empty() => None,
             None => Some(chipgate_runtime::auth::public_key_from_pem(&cp.public_key_pem).map_err(|e| e.to_string())?),
         };
