@@ -108,8 +108,7 @@ pub async fn latest(target: &Target, dir: &str) -> Result<Option<(String, Marker
     Ok(Some((name.clone(), Marker::parse(name, &bytes)?)))
 }
 
-/// Milliseconds of an RFC 3339 time (0 when unreadable: never older than a cutoff by accident,
-/// since callers compare `<= cutoff` only for times they parsed).
+/// Milliseconds of an RFC 3339 time (None when unreadable: such a segment is never taken as old).
 pub(crate) fn ms_of(rfc3339: &str) -> Option<u64> {
     let t: prost_types::Timestamp = rfc3339.parse().ok()?;
     u64::try_from(t.seconds).ok().map(|s| s * 1000 + u64::try_from(t.nanos).unwrap_or(0) / 1_000_000)
@@ -212,7 +211,7 @@ pub async fn prune(
                     .collect(),
             };
             out.push(Pruned {
-                kind: if kind == "audit" { "audit" } else { "orders" },
+                kind,
                 stream: stream.clone(),
                 segments: removable.len() as u64,
                 records: removable.iter().map(|(_, m, _)| m.records).sum(),
