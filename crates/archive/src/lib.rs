@@ -10,7 +10,7 @@
 //!
 //! The services decide what to archive and when to remove it from Redis (licensing for its audit
 //! chains, orders per product); this crate holds what both they and the command line need: the
-//! target ([`Target`], a directory chosen by URL), the segment format, and checking segments
+//! target ([`Target`], a directory or S3-compatible object storage, chosen by URL), the segment format, and checking segments
 //! ([`audit::check_segment`], [`audit::verify_chain`], [`orders::verify_product`],
 //! [`orders::find_order`]). Nothing here trusts a segment: every read recomputes the data's hash and,
 //! for the audit log, every link.
@@ -18,12 +18,15 @@
 pub mod audit;
 pub mod json;
 pub mod orders;
+pub mod prune;
 pub mod segment;
 pub mod status;
 pub mod target;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 pub use segment::Manifest;
-pub use target::{Target, TargetError};
+pub use target::{Created, S3Settings, Target, TargetError};
 
 /// A problem found in the archive: the segment (its manifest's object name), the sequence (an audit
 /// entry's, or 0) and what is wrong. What verification reports so an auditor knows which object to

@@ -45,7 +45,8 @@ pub fn seal(
         segment::push_line(&mut json, &line);
     }
     let data = segment::compress(&json);
-    let (data_name, manifest_name) = segment::orders_names(sku, n);
+    let manifest_name = segment::orders_manifest(sku, n);
+    let data_name = segment::data_name(&manifest_name, &chipgate_state::sha256_hex(&data));
     let closed: Vec<u64> = orders.iter().map(|o| o.closed_ms).collect();
     let manifest = Manifest {
         format: segment::FORMAT.to_string(),
@@ -177,6 +178,8 @@ pub struct ProductArchive {
     pub orders: u64,
     /// Compressed bytes.
     pub bytes: u64,
+    /// The first segment the archive still holds (1, or just after the pruned ones).
+    pub first_segment: u64,
 }
 
 /// Checks a product's segments 1..=`committed` (how many Redis records as archived; None: every
@@ -185,16 +188,40 @@ pub struct ProductArchive {
 /// # Errors
 /// The first problem, naming its segment.
 pub async fn verify_product(target: &Target, sku: &str, committed: Option<u64>) -> Result<ProductArchive, Problem> {
+    walk_product(target, sku, committed, |_, _| {}).await
+}
+
+/// Walks a product's segments as [`verify_product`] checks them, handing each order (with the
+/// manifest that holds it) to `each`.
+async fn walk_product(
+    target: &Target,
+    sku: &str,
+    committed: Option<u64>,
+    mut each: impl FnMut(ClosedOrder, &str),
+) -> Result<ProductArchive, Problem> {
     let dir = segment::orders_dir(sku);
     let present = target
         .list(&dir, segment::MANIFEST_SUFFIX)
         .await
         .map_err(|e| Problem::new(&dir, 0, format!("the archive can't be listed: {e}")))?;
-    let count = committed.unwrap_or(present.len() as u64);
-    let mut out = ProductArchive::default();
+    // The highest segment number present (names are `<n, 12 digits>.manifest.json`): a removed one
+    // below it is then found missing.
+    let highest =
+        present.iter().filter_map(|n| n.rsplit('/').next()?.split('.').next()?.parse::<u64>().ok()).max().unwrap_or(0);
+    let count = committed.unwrap_or(highest);
+    let mut out = ProductArchive { first_segment: 1, ..ProductArchive::default() };
     let mut previous: Option<String> = None;
-    for n in 1..=count {
-        let (_, name) = segment::orders_names(sku, n);
+    // Past the legal retention the oldest segments may have been pruned: the first kept one links
+    // to the last pruned manifest, whose hash the marker holds.
+    if let Some((marker_name, marker)) = crate::prune::latest(target, &dir).await? {
+        if marker.kind != "orders" || marker.stream != sku || marker.through_manifest_sha256.is_none() {
+            return Err(Problem::new(&marker_name, 0, "the pruning marker is not one of this product's"));
+        }
+        previous = marker.through_manifest_sha256;
+        out.first_segment = marker.through + 1;
+    }
+    for n in out.first_segment..=count {
+        let name = segment::orders_manifest(sku, n);
         let (m, json) = segment::read_checked(target, &name).await?;
         if m.first != n || m.previous_manifest_sha256 != previous {
             return Err(Problem::new(
@@ -203,10 +230,75 @@ pub async fn verify_product(target: &Target, sku: &str, committed: Option<u64>) 
                 "the segment before it was removed or replaced (manifest chain broken)",
             ));
         }
-        out.orders += check_segment(&name, &m, &json, sku)?.len() as u64;
+        let orders = check_segment(&name, &m, &json, sku)?;
+        out.orders += orders.len() as u64;
         out.segments += 1;
         out.bytes += m.data_bytes;
+        for o in orders {
+            each(o, &name);
+        }
         previous = manifest_sha256(target, &name).await.map_err(|e| Problem::new(&name, 0, e.to_string()))?;
+    }
+    Ok(out)
+}
+
+/// The products the archive holds closed orders of (the SKUs their manifests name), sorted.
+///
+/// # Errors
+/// The archive can't be listed or a product's first manifest read.
+pub async fn archived_products(target: &Target) -> Result<Vec<String>, Problem> {
+    let dirs =
+        target.list_dirs("orders").await.map_err(|e| Problem::new("orders", 0, format!("can't be listed: {e}")))?;
+    let mut out = Vec::with_capacity(dirs.len());
+    for dir in dirs {
+        let dir = format!("orders/{dir}");
+        let names = target
+            .list(&dir, segment::MANIFEST_SUFFIX)
+            .await
+            .map_err(|e| Problem::new(&dir, 0, format!("can't be listed: {e}")))?;
+        let Some(first) = names.first() else { continue };
+        let bytes = target
+            .get(first)
+            .await
+            .map_err(|e| Problem::new(first, 0, format!("can't be read: {e}")))?
+            .ok_or_else(|| Problem::new(first, 0, "the manifest is missing"))?;
+        let m = Manifest::parse(first, &bytes)?;
+        if segment::orders_dir(&m.stream) != dir {
+            return Err(Problem::new(first, 0, format!("names product {:?}, which is not kept here", m.stream)));
+        }
+        out.push(m.stream);
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Every archived order of `products` (all the archive holds when None) placed by `buyer` (any when
+/// None), by product and sequence, each with `archived_in` naming its segment: what an auditor
+/// lists of closed orders that left Redis. Every segment of each product is checked on the way (data
+/// hash, lines, the chain of manifests), so a listing never silently skips a removed segment.
+///
+/// # Errors
+/// The first problem, naming its segment.
+pub async fn list_orders(
+    target: &Target,
+    products: Option<&[String]>,
+    buyer: Option<&str>,
+) -> Result<Vec<pb::Order>, Problem> {
+    let products = match products {
+        Some(p) => p.to_vec(),
+        None => archived_products(target).await?,
+    };
+    let mut out = Vec::new();
+    for sku in products {
+        let mut found: Vec<(u64, pb::Order)> = Vec::new();
+        walk_product(target, &sku, None, |o, segment| {
+            if buyer.is_none_or(|b| b == o.order.buyer_id) {
+                found.push((o.seq, pb::Order { archived_in: segment.to_string(), ..o.order }));
+            }
+        })
+        .await?;
+        found.sort_by_key(|(seq, _)| *seq);
+        out.extend(found.into_iter().map(|(_, o)| o));
     }
     Ok(out)
 }
@@ -233,7 +325,17 @@ mod tests {
     #[tokio::test]
     async fn orders_are_found_and_segments_chain() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let t = Target::Dir(dir.path().to_path_buf());
+        orders_chain_on(&Target::Dir(dir.path().to_path_buf())).await;
+    }
+
+    #[tokio::test]
+    async fn orders_are_found_and_segments_chain_on_s3() {
+        let moto = crate::testing::MotoServer::start();
+        orders_chain_on(&moto.target("")).await;
+    }
+
+    async fn orders_chain_on(t: &Target) {
+        let t = t.clone();
         let one = seal("H200", 1, &[order("H200", 1), order("H200", 2), order("H200", 5)], None, 0, "t");
         one.write(&t).await.expect("write");
         let sha = manifest_sha256(&t, &one.manifest_name).await.expect("read");
@@ -245,11 +347,42 @@ mod tests {
         let (o, name) = find_order(&t, "H200", 5).await.expect("reads").expect("found");
         assert_eq!((o.order_id.as_str(), name), ("ord-H200-5", one.manifest_name.clone()));
         assert_eq!(find_order(&t, "H200", 4).await.expect("reads"), None);
+        // Listed by product and sequence, each naming its segment; by buyer.
+        let mut other_buyer = order("H100", 1);
+        other_buyer.order.buyer_id = "zeta".into();
+        seal("H100", 1, &[other_buyer], None, 0, "t").write(&t).await.expect("write");
+        assert_eq!(archived_products(&t).await.expect("lists"), vec!["H100".to_string(), "H200".to_string()]);
+        let all = list_orders(&t, None, None).await.expect("lists");
+        let ids: Vec<(&str, &str)> = all.iter().map(|o| (o.order_id.as_str(), o.archived_in.as_str())).collect();
+        assert_eq!(
+            ids,
+            vec![
+                ("ord-H100-1", "orders/H100/000000000001.manifest.json"),
+                ("ord-H200-1", one.manifest_name.as_str()),
+                ("ord-H200-2", one.manifest_name.as_str()),
+                ("ord-H200-3", two.manifest_name.as_str()),
+                ("ord-H200-5", one.manifest_name.as_str()),
+            ]
+        );
+        let zeta = list_orders(&t, None, Some("zeta")).await.expect("lists");
+        assert_eq!(zeta.iter().map(|o| o.order_id.as_str()).collect::<Vec<_>>(), vec!["ord-H100-1"]);
+        let h200 = list_orders(&t, Some(&["H200".to_string()]), Some("acme")).await.expect("lists");
+        assert_eq!(h200.len(), 4);
 
-        // Segment 1 replaced by another, self-consistent one: segment 2's link to it breaks.
+        // Sealing segment 1 again with other orders is refused: a sealed segment is never replaced
+        // (writing the very same one again is fine).
+        one.write(&t).await.expect("the same segment again");
         let other = seal("H200", 1, &[order("H200", 1)], None, 0, "t");
-        other.write(&t).await.expect("write");
+        let refused = other.write(&t).await.expect_err("refused");
+        assert!(matches!(&refused, segment::SealError::Differs(n) if *n == other.manifest_name), "{refused}");
+        assert!(verify_product(&t, "H200", Some(2)).await.is_ok());
+        // Replaced behind the archiver's back by another, self-consistent one: segment 2's link to
+        // it breaks.
+        t.put(&other.data_name, other.data.clone()).await.expect("tamper");
+        t.put(&other.manifest_name, other.manifest.to_bytes()).await.expect("tamper");
         let err = verify_product(&t, "H200", Some(2)).await.expect_err("chain broken");
+        assert_eq!(err.segment, two.manifest_name);
+        let err = list_orders(&t, None, Some("acme")).await.expect_err("a listing checks too");
         assert_eq!(err.segment, two.manifest_name);
     }
 }

@@ -1,11 +1,19 @@
 //! The segment format: gzip-compressed JSON Lines, and a JSON manifest beside it.
 //!
-//! Object names: `audit/<chain>/<first sequence, 20 digits>.jsonl.gz` (and `.manifest.json`) for an
-//! audit chain's segment, `orders/<SKU>/<segment number, 12 digits>.jsonl.gz` for a product's closed
-//! orders, with the chain or SKU escaped to letters, digits, `_`, `-` and `%XX`. Zero-padded numbers
-//! list in order. The data object is written first and the manifest second: a segment exists once
-//! its manifest does, and a data object without one is an unfinished write that the next run
-//! replaces.
+//! Object names: `audit/<chain>/<first sequence, 20 digits>.manifest.json` for an audit chain's
+//! segment, `orders/<SKU>/<segment number, 12 digits>.manifest.json` for a product's closed orders,
+//! with the chain or SKU escaped to letters, digits, `_`, `-` and `%XX`; zero-padded numbers list in
+//! order. The data object sits beside its manifest under a name that carries the start of its own
+//! SHA-256 (`<number>.<16 hex>.jsonl.gz`), and the manifest names it.
+//!
+//! Nothing is ever replaced: both objects are written create-only ([`Target::create`]), the data
+//! first and the manifest second, so a segment exists once its manifest does. Because the data's
+//! name follows from its content, a run that died after writing the data and a later run that seals
+//! different entries write different names (the first is an orphan no manifest names), and a late
+//! writer can't change the data under a sealed manifest. A second write of the same manifest with
+//! other bytes is refused ([`SealError::Differs`]).
+//!
+//! [`Target::create`]: crate::Target::create
 
 use std::io::{Read, Write};
 
@@ -109,15 +117,31 @@ pub struct Sealed {
     pub manifest: Manifest,
 }
 
+/// Why a segment could not be sealed.
+#[derive(Debug, thiserror::Error)]
+pub enum SealError {
+    /// The target failed (a data object without its manifest may be left: an orphan no reader
+    /// follows).
+    #[error(transparent)]
+    Target(#[from] crate::TargetError),
+    /// An object of that name already holds other bytes: a sealed segment is never replaced.
+    #[error("{0} already exists with other content; a sealed segment is never replaced (inspect it)")]
+    Differs(String),
+}
+
 impl Sealed {
-    /// Writes the data object, then the manifest (the segment exists once its manifest does).
+    /// Writes the data object, then the manifest, each create-only (the segment exists once its
+    /// manifest does). Writing the very same segment again is accepted.
     ///
     /// # Errors
-    /// The target failed; a data object without its manifest may be left, which the next write of
-    /// the same segment replaces.
-    pub async fn write(&self, target: &crate::Target) -> Result<(), crate::TargetError> {
-        target.put(&self.data_name, self.data.clone()).await?;
-        target.put(&self.manifest_name, self.manifest.to_bytes()).await
+    /// The target failed, or either name already holds other bytes.
+    pub async fn write(&self, target: &crate::Target) -> Result<(), SealError> {
+        for (name, bytes) in [(&self.data_name, self.data.clone()), (&self.manifest_name, self.manifest.to_bytes())] {
+            if target.create(name, bytes).await? == crate::target::Created::Differs {
+                return Err(SealError::Differs(name.clone()));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -140,10 +164,9 @@ pub fn audit_dir(chain: &str) -> String {
     format!("audit/{}", escape(chain))
 }
 
-/// The data and manifest object names of the audit segment that starts at `first`.
-pub fn audit_names(chain: &str, first: u64) -> (String, String) {
-    let base = format!("{}/{first:020}", audit_dir(chain));
-    (format!("{base}{DATA_SUFFIX}"), format!("{base}{MANIFEST_SUFFIX}"))
+/// The manifest object name of the audit segment that starts at `first`.
+pub fn audit_manifest(chain: &str, first: u64) -> String {
+    format!("{}/{first:020}{MANIFEST_SUFFIX}", audit_dir(chain))
 }
 
 /// The directory of a product's order segments.
@@ -151,10 +174,15 @@ pub fn orders_dir(sku: &str) -> String {
     format!("orders/{}", escape(sku))
 }
 
-/// The data and manifest object names of a product's order segment number `n`.
-pub fn orders_names(sku: &str, n: u64) -> (String, String) {
-    let base = format!("{}/{n:012}", orders_dir(sku));
-    (format!("{base}{DATA_SUFFIX}"), format!("{base}{MANIFEST_SUFFIX}"))
+/// The manifest object name of a product's order segment number `n`.
+pub fn orders_manifest(sku: &str, n: u64) -> String {
+    format!("{}/{n:012}{MANIFEST_SUFFIX}", orders_dir(sku))
+}
+
+/// The data object's name beside manifest `manifest_name`, for data whose hex SHA-256 is `sha256`.
+pub fn data_name(manifest_name: &str, sha256: &str) -> String {
+    let base = manifest_name.strip_suffix(MANIFEST_SUFFIX).unwrap_or(manifest_name);
+    format!("{base}.{}{DATA_SUFFIX}", sha256.get(..16).unwrap_or(sha256))
 }
 
 /// Gzip of `json` (default level: archives are written once and read rarely).
@@ -240,11 +268,15 @@ mod tests {
     fn names_escape_and_sort() {
         assert_eq!(escape("{lic}:audit"), "%7Blic%7D%3Aaudit");
         assert_eq!(escape("../H200.x"), "%2E%2E%2FH200%2Ex");
-        let (d1, m1) = audit_names("{lic}:audit", 9);
-        let (_, m2) = audit_names("{lic}:audit", 10);
-        assert_eq!(d1, "audit/%7Blic%7D%3Aaudit/00000000000000000009.jsonl.gz");
+        let m1 = audit_manifest("{lic}:audit", 9);
+        let m2 = audit_manifest("{lic}:audit", 10);
+        assert_eq!(m1, "audit/%7Blic%7D%3Aaudit/00000000000000000009.manifest.json");
+        assert_eq!(
+            data_name(&m1, &"ab".repeat(32)),
+            "audit/%7Blic%7D%3Aaudit/00000000000000000009.abababababababab.jsonl.gz"
+        );
         assert!(m1 < m2, "zero padding lists segments in order");
-        assert_eq!(orders_names("H200", 3).1, "orders/H200/000000000003.manifest.json");
+        assert_eq!(orders_manifest("H200", 3), "orders/H200/000000000003.manifest.json");
     }
 
     #[test]

@@ -22,7 +22,9 @@ mod view;
 use clap::{Parser, Subcommand};
 
 use crate::client::{Ctx, Global, Outcome};
-use crate::cmd::{allocation, applications, audit, customs, domestic, export, inventory, licenses, orders, waves};
+use crate::cmd::{
+    allocation, applications, archive, audit, customs, domestic, export, inventory, licenses, orders, waves,
+};
 
 const LONG_ABOUT: &str = "\
 chipgate decides which buyer's order may take which export-controlled AI chip, while approval waves,
@@ -146,6 +148,9 @@ enum Command {
     /// List and verify the tamper-evident audit log.
     #[command(subcommand)]
     Audit(audit::AuditCmd),
+    /// Work on an archive directly: prune records past the legal retention.
+    #[command(subcommand)]
+    Archive(archive::ArchiveCmd),
 }
 
 /// Logs of client commands go to stderr (stdout is the command's output), warnings only by default.
@@ -185,6 +190,7 @@ async fn run(global: Global, command: Command) -> Outcome {
         Command::Backlog(a) => orders::backlog(ctx, a).await,
         Command::Allocation(c) => allocation::allocation(ctx, c).await,
         Command::Audit(c) => audit::audit(ctx, c).await,
+        Command::Archive(c) => archive::archive(ctx, c).await,
     }
 }
 

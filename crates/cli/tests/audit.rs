@@ -142,7 +142,10 @@ async fn a_kept_checkpoint_file_verifies_until_the_log_is_cut_back() {
 async fn an_archive_verifies_offline_and_names_a_tampered_segment() {
     let dir = tempfile::tempdir().unwrap();
     let archive = dir.path().join("archive");
-    let options = chipgate_testkit::ClusterOptions { archive: Some(archive.clone()), ..Default::default() };
+    let options = chipgate_testkit::ClusterOptions {
+        archive: Some(chipgate_archive::Target::Dir(archive.clone())),
+        ..Default::default()
+    };
     let cluster = Cluster::start_with(options).await;
     let cli = Cli::for_cluster(&cluster);
     let auditor = cli.as_("auditor");
@@ -166,7 +169,9 @@ async fn an_archive_verifies_offline_and_names_a_tampered_segment() {
     assert_eq!(out.status.code(), Some(11), "{}", String::from_utf8_lossy(&out.stdout));
 
     // A tampered segment is named.
-    let (data, manifest) = chipgate_archive::segment::audit_names(STREAM, 3);
+    let manifest = chipgate_archive::segment::audit_manifest(STREAM, 3);
+    let sealed = std::fs::read(archive.join(&manifest)).unwrap();
+    let data = chipgate_archive::Manifest::parse(&manifest, &sealed).unwrap().data;
     let path = archive.join(&data);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = bytes.len() / 2;
@@ -176,4 +181,92 @@ async fn an_archive_verifies_offline_and_names_a_tampered_segment() {
     assert_eq!(out.status.code(), Some(11));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&manifest), "{err}");
+}
+
+/// `chipgate order list --archive URL` lists the closed orders an archive holds, by product, buyer
+/// and state, each naming its segment, and `chipgate order show ID --archive URL` reads one, from a
+/// directory and from S3-compatible storage (a real moto server; the CLI takes the standard AWS_*
+/// environment), without the service. A removed segment is named (exit 11), not skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archived_orders_are_listed_and_shown_offline_from_a_directory_and_from_s3() {
+    let dir = tempfile::tempdir().unwrap();
+    let moto = chipgate_archive::testing::MotoServer::start();
+    let s3 = moto.target("records/chipgate");
+    let aws: Vec<(String, String)> = vec![
+        ("AWS_ENDPOINT_URL".into(), moto.endpoint()),
+        ("AWS_REGION".into(), "us-east-1".into()),
+        ("AWS_ACCESS_KEY_ID".into(), "chipgate-test".into()),
+        ("AWS_SECRET_ACCESS_KEY".into(), "chipgate-test-secret".into()),
+        ("AWS_ALLOW_HTTP".into(), "true".into()),
+    ];
+    for target in [chipgate_archive::Target::Dir(dir.path().join("archive")), s3] {
+        let options = chipgate_testkit::ClusterOptions { archive: Some(target.clone()), ..Default::default() };
+        let cluster = Cluster::start_with(options).await;
+        let mut cli = Cli::for_cluster(&cluster);
+        cli.env = aws.clone();
+        let mut placed = Vec::new();
+        for buyer in ["alibaba", "tencent", "alibaba"] {
+            let b = cli.as_(&format!("buyer:{buyer}"));
+            let o = b.json(&["order", "place", "--buyer", buyer, "--product", H200, "--units", "4"]).await;
+            let id = o["order"]["order_id"].as_str().unwrap().to_string();
+            b.json(&["order", "cancel", &id, "--reason", "test"]).await;
+            placed.push(id);
+        }
+        let later = chipgate_runtime::time::now_ms() + 1000;
+        let run = cluster.orders_service.as_ref().unwrap().archive_orders(later, 2, None).await.expect("archived");
+        assert_eq!((run.segments, run.records), (2, 3), "{}", target.url());
+        let url = target.url();
+        let auditor = cli.as_("auditor");
+        let listed = auditor.json(&["order", "list", "--archive", &url, "--buyer", "alibaba", "--limit", "0"]).await;
+        let orders = listed["orders"].as_array().unwrap();
+        let ids: Vec<&str> = orders.iter().map(|o| o["order_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec![placed[0].as_str(), placed[2].as_str()], "{url}: {listed}");
+        assert!(orders.iter().all(|o| o["archived_in"].as_str().unwrap().starts_with("orders/")), "{listed}");
+        assert!(
+            orders.iter().all(|o| o["history"].as_array().is_none_or(|h| h.is_empty())),
+            "history only with --history: {listed}"
+        );
+        let all = auditor
+            .json(&["order", "list", "--archive", &url, "--product", H200, "--state", "cancelled", "--history"])
+            .await;
+        assert_eq!(all["orders"].as_array().unwrap().len(), 3, "{all}");
+        assert!(all["orders"][0]["history"].as_array().is_some_and(|h| h.len() >= 2), "{all}");
+        let none = auditor.json(&["order", "list", "--archive", &url, "--state", "shipped"]).await;
+        assert!(none["orders"].as_array().is_none_or(|o| o.is_empty()), "{none}");
+        // One order read back without the service.
+        let shown = auditor.json(&["order", "show", &placed[1], "--archive", &url]).await;
+        assert_eq!(shown["order"]["buyer_id"], "tencent", "{shown}");
+        assert_eq!(shown["order"]["archived_in"], all["orders"][1]["archived_in"], "{shown}");
+        // The first segment removed: the listing names it instead of skipping it.
+        let first = chipgate_archive::segment::orders_manifest(H200, 1);
+        let kept = target.get(&first).await.unwrap().unwrap();
+        target.delete(&first).await.unwrap();
+        let out = auditor.raw(&["order", "list", "--archive", &url]).await;
+        assert_eq!(out.status.code(), Some(11), "{url}: {}", String::from_utf8_lossy(&out.stdout));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(&first) && err.contains("missing"), "{err}");
+        target.put(&first, kept).await.unwrap();
+
+        // Pruning past retention (here 0 days: everything but the newest segment): a dry run
+        // first, then --apply; what is kept still lists and verifies.
+        let key = dir.path().join("audit-public.pem");
+        std::fs::write(&key, cluster.audit_key.as_ref().unwrap().public_pem()).unwrap();
+        let key = key.to_str().unwrap();
+        let prune = ["archive", "prune", "--archive", &url, "--retention", "0d", "--audit-public-key", key];
+        let out = auditor.raw(&prune).await;
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains(H200), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("dry run"), "{text}");
+        assert_eq!(auditor.json(&["order", "list", "--archive", &url]).await["orders"].as_array().unwrap().len(), 3);
+        let out = auditor.raw(&[&prune[..], &["--apply"]].concat()).await;
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let left = auditor.json(&["order", "list", "--archive", &url]).await;
+        let ids: Vec<&str> =
+            left["orders"].as_array().unwrap().iter().map(|o| o["order_id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec![placed[2].as_str()], "{left}");
+        assert!(target.get(&first).await.unwrap().is_none(), "segment 1 is gone");
+        let p = chipgate_archive::orders::verify_product(&target, H200, Some(2)).await.unwrap();
+        assert_eq!((p.segments, p.first_segment), (1, 2));
+        cluster.stop().await;
+    }
 }

@@ -83,10 +83,10 @@ pub struct ClusterOptions {
     /// How often licensing takes a periodic audit checkpoint (logs and metrics); None: never (the
     /// RPCs still take them on demand).
     pub audit_checkpoint_every: Option<Duration>,
-    /// An archive directory for licensing's audit log and orders' closed orders (None: no archive).
+    /// An archive (a directory or an S3 bucket) for licensing's audit log and orders' closed orders (None: no archive).
     /// Nothing archives by itself: tests run [`chipgate_licensing::Licensing::archive_audit`] and
     /// [`chipgate_orders::Orders::archive_orders`] when they choose (with chosen cutoffs).
-    pub archive: Option<std::path::PathBuf>,
+    pub archive: Option<chipgate_archive::Target>,
 }
 
 impl Default for ClusterOptions {
@@ -282,7 +282,7 @@ impl Cluster {
             None => chipgate_runtime::auth::TokenSource::None,
         };
         let lic = chipgate_licensing::Licensing::with_audit_key(store.clone(), audit_key.clone());
-        let archive = options.archive.as_ref().map(|dir| chipgate_archive::Target::Dir(dir.clone()));
+        let archive = options.archive.clone();
         if let Some(target) = &archive {
             lic.use_archive(target.clone());
             options.orders.archive = Some(chipgate_orders::archive::ArchiveOptions {

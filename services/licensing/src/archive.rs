@@ -13,8 +13,11 @@
 //!    from the stream, guarded by the base's version and the archive lease.
 //!
 //! A crash before 3 leaves both copies: the next run finds the segment that starts after the base,
-//! checks it against Redis and goes on to trim (or, if it doesn't check, writes it again — Redis
-//! still has every entry). A crash after 3 leaves the archive copy. Never neither. The live chain
+//! checks it against Redis and goes on to trim. One that doesn't check (or holds other entries than
+//! Redis) is never replaced: the run stops with an error naming it, Redis keeps every entry, and the
+//! health name goes bad until someone looks. A data object whose manifest was never written is an
+//! orphan no reader follows (its name carries its own hash, so the next run's data never collides
+//! with it). A crash after 3 leaves the archive copy. Never neither. The live chain
 //! verifies from the archived base, and `VerifyAuditLog` checks the archive and the live tail as one
 //! chain.
 //!
@@ -214,29 +217,37 @@ impl Licensing {
                 }
                 prev = e.hash.clone();
             }
-            let (_, manifest_name) = segment::audit_names(name, base_seq + 1);
+            let manifest_name = segment::audit_manifest(name, base_seq + 1);
             let check_cp = |cp: &pb::AuditCheckpoint| self.check_sealed_checkpoint(cp);
-            // A segment an earlier run wrote and didn't get to trim (it crashed, or lost its lease).
+            // A segment an earlier run wrote and didn't get to trim (it crashed, or lost its lease)
+            // is finished: it must check and hold exactly the entries Redis holds there. One that
+            // doesn't is left as it is and reported (a sealed segment is never replaced).
             let adopted = match target.get(&manifest_name).await {
-                Ok(Some(_)) => match segment::read_checked(target, &manifest_name).await.and_then(|(m, json)| {
-                    seg::check_segment(&manifest_name, &m, &json, name, base_seq + 1, &base_hash, &check_cp)
-                        .map(|entries| (m, entries))
-                }) {
-                    Ok((m, entries))
-                        if entries.len() <= live.len() && entries.iter().zip(&live).all(|(a, (_, b))| a == b) =>
-                    {
-                        tracing::info!(chain = name, segment = %manifest_name, "finishing a segment an earlier run wrote");
-                        Some((entries.len(), m.data_bytes))
+                Ok(Some(_)) => {
+                    let (m, entries) = segment::read_checked(target, &manifest_name)
+                        .await
+                        .and_then(|(m, json)| {
+                            seg::check_segment(&manifest_name, &m, &json, name, base_seq + 1, &base_hash, &check_cp)
+                                .map(|entries| (m, entries))
+                        })
+                        .map_err(|p| {
+                            Error::Internal(format!(
+                                "audit archive: an unfinished segment does not check, and a sealed segment is \
+                                 never replaced; inspect it: {p}"
+                            ))
+                        })?;
+                    if entries.len() > live.len() || entries.iter().zip(&live).any(|(a, (_, b))| a != b) {
+                        return Err(archive_error(Problem {
+                            segment: manifest_name.clone(),
+                            sequence: base_seq + 1,
+                            problem: "an unfinished segment does not hold what Redis holds, and a sealed segment \
+                                      is never replaced; inspect it"
+                                .into(),
+                        }));
                     }
-                    Ok(_) => {
-                        tracing::warn!(chain = name, segment = %manifest_name, "an earlier segment does not match Redis; writing it again");
-                        None
-                    }
-                    Err(p) => {
-                        tracing::warn!(chain = name, problem = %p, "an earlier segment does not check; writing it again");
-                        None
-                    }
-                },
+                    tracing::info!(chain = name, segment = %manifest_name, "finishing a segment an earlier run wrote");
+                    Some((entries.len(), m.data_bytes))
+                }
                 Ok(None) => None,
                 Err(e) => return Err(Error::Internal(format!("audit archive: {e}"))),
             };

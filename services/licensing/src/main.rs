@@ -32,7 +32,10 @@ struct Args {
     audit_checkpoint_every: std::time::Duration,
 
     /// Where the audit log is archived: a directory, `file:///var/lib/chipgate/archive` or an absolute
-    /// path (a PersistentVolumeClaim in Kubernetes). Entries older than --audit-retention are sealed
+    /// path (a PersistentVolumeClaim in Kubernetes), or S3-compatible object storage,
+    /// `s3://bucket/prefix` (endpoint, region and credentials from the standard AWS_* environment:
+    /// AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, web identity;
+    /// AWS_ALLOW_HTTP=true for a local plain-HTTP endpoint). Entries older than --audit-retention are sealed
     /// into signed segments there, read back, verified, and only then removed from Redis; one replica
     /// at a time does it (a lease per chain). Unset: nothing is archived and Redis keeps every entry.
     #[arg(long, env = "CHIPGATE_ARCHIVE_URL")]

@@ -6,8 +6,9 @@
 //! and only then removed from Redis with its indexes — in one transaction in the product's partition
 //! that also advances the product's archive cursor (`{ord:SKU}:archive`: segments committed),
 //! guarded by every removed order's version and the product's archive lease. A crash before that
-//! transaction leaves the orders in Redis and an uncommitted segment that the next run writes again;
-//! after it, the archive holds them. Never neither.
+//! transaction leaves the orders in Redis and an uncommitted segment that the next run finishes
+//! when it holds exactly what Redis holds (else the run stops and names it: a sealed segment is
+//! never replaced); after it, the archive holds them. Never neither.
 //!
 //! What is *not* removed: the per-buyer units (`allocated`) and wave figures, which count what
 //! happened and are kept by `book::write` on transitions only; archiving is not a transition.
@@ -193,48 +194,67 @@ impl Orders {
         let crash = |step: Step| Error::Internal(step.crashed());
         loop {
             let (version, committed) = self.archive_cursor(sku).await?;
-            let found = self.closed_orders(sku, closed_before_ms, max.max(1)).await?;
-            if found.is_empty() {
-                return Ok(());
-            }
             let n = committed + 1;
             let previous = if committed == 0 {
                 None
             } else {
-                let (_, name) = segment::orders_names(sku, committed);
-                let sha = seg::manifest_sha256(target, &name)
+                let name = segment::orders_manifest(sku, committed);
+                let mut sha = seg::manifest_sha256(target, &name)
                     .await
                     .map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
+                if sha.is_none() {
+                    // Pruned past the legal retention: the marker holds the link.
+                    let marker = chipgate_archive::prune::latest(target, &segment::orders_dir(sku))
+                        .await
+                        .map_err(archive_error)?;
+                    sha = marker.and_then(|(_, m)| (m.through == committed).then_some(m.through_manifest_sha256)?);
+                }
                 Some(sha.ok_or_else(|| {
                     Error::Internal(format!("orders archive: committed segment {name} is missing from the archive"))
                 })?)
             };
-            let closed: Vec<ClosedOrder> = found
-                .iter()
-                .map(|(_, o)| ClosedOrder {
-                    seq: o.seq,
-                    order: crate::convert::order_to(o, 0, true),
-                    closed_ms: o.update_ms,
-                })
-                .collect();
-            let now = chipgate_runtime::time::now_ms();
-            let sealed = seg::seal(sku, n, &closed, previous, now, WRITTEN_BY);
-            sealed.write(target).await.map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
-            if stop_after == Some(Step::Written) {
-                return Err(crash(Step::Written));
-            }
-            let (m, json) = segment::read_checked(target, &sealed.manifest_name).await.map_err(archive_error)?;
-            let back = seg::check_segment(&sealed.manifest_name, &m, &json, sku).map_err(archive_error)?;
-            if back.iter().map(|o| &o.order).ne(closed.iter().map(|o| &o.order)) {
-                return Err(archive_error(Problem {
-                    segment: sealed.manifest_name.clone(),
-                    sequence: 0,
-                    problem: "read back, it is not what Redis holds".into(),
-                }));
-            }
-            if stop_after == Some(Step::Verified) {
-                return Err(crash(Step::Verified));
-            }
+            let manifest_name = segment::orders_manifest(sku, n);
+            let existing =
+                target.get(&manifest_name).await.map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
+            let (found, data_bytes, adopted) = if existing.is_some() {
+                // An earlier run wrote segment n and didn't get to commit it (it crashed, or lost
+                // its lease): finish it when it holds exactly what Redis holds, else stop and say so
+                // (a sealed segment is never replaced).
+                let (found, bytes) = self.adopt_segment(target, sku, &manifest_name, previous.as_deref()).await?;
+                (found, bytes, true)
+            } else {
+                let found = self.closed_orders(sku, closed_before_ms, max.max(1)).await?;
+                if found.is_empty() {
+                    return Ok(());
+                }
+                let closed: Vec<ClosedOrder> = found
+                    .iter()
+                    .map(|(_, o)| ClosedOrder {
+                        seq: o.seq,
+                        order: crate::convert::order_to(o, 0, true),
+                        closed_ms: o.update_ms,
+                    })
+                    .collect();
+                let now = chipgate_runtime::time::now_ms();
+                let sealed = seg::seal(sku, n, &closed, previous, now, WRITTEN_BY);
+                sealed.write(target).await.map_err(|e| Error::Internal(format!("orders archive: {e}")))?;
+                if stop_after == Some(Step::Written) {
+                    return Err(crash(Step::Written));
+                }
+                let (m, json) = segment::read_checked(target, &sealed.manifest_name).await.map_err(archive_error)?;
+                let back = seg::check_segment(&sealed.manifest_name, &m, &json, sku).map_err(archive_error)?;
+                if back.iter().map(|o| &o.order).ne(closed.iter().map(|o| &o.order)) {
+                    return Err(archive_error(Problem {
+                        segment: sealed.manifest_name.clone(),
+                        sequence: 0,
+                        problem: "read back, it is not what Redis holds".into(),
+                    }));
+                }
+                if stop_after == Some(Step::Verified) {
+                    return Err(crash(Step::Verified));
+                }
+                (found, m.data_bytes, false)
+            };
             let mut t = Txn::new();
             t.expect_lease(keys::archive_lease(sku), token).replace(
                 keys::archive_cursor(sku),
@@ -259,16 +279,57 @@ impl Orders {
             }
             run.segments += 1;
             run.records += found.len() as u64;
-            run.bytes += m.data_bytes;
+            run.bytes += data_bytes;
             run.redis_bytes_freed += freed;
-            tracing::info!(sku, segment = n, orders = found.len(), bytes = m.data_bytes, "closed orders archived");
+            tracing::info!(sku, segment = n, orders = found.len(), bytes = data_bytes, "closed orders archived");
             if stop_after == Some(Step::Trimmed) {
                 return Err(crash(Step::Trimmed));
             }
-            if found.len() < max || !self.store().lease_renew(&keys::archive_lease(sku), token, LEASE_TTL).await? {
+            // After finishing an earlier run's segment, go on: more may be due.
+            if (!adopted && found.len() < max)
+                || !self.store().lease_renew(&keys::archive_lease(sku), token, LEASE_TTL).await?
+            {
                 return Ok(());
             }
         }
+    }
+
+    /// The orders of an uncommitted segment (`name`, number `committed + 1`) as Redis holds them, with
+    /// their versions (and the segment's data size), when the segment checks, continues the product's chain of manifests and holds
+    /// exactly those orders as they are now.
+    async fn adopt_segment(
+        &self,
+        target: &Target,
+        sku: &str,
+        name: &str,
+        previous: Option<&str>,
+    ) -> Result<(Vec<(u64, OrderRecord)>, u64), Error> {
+        let refuse = |why: String| {
+            archive_error(Problem {
+                segment: name.to_string(),
+                sequence: 0,
+                problem: format!("an unfinished segment {why}, and a sealed segment is never replaced; inspect it"),
+            })
+        };
+        let (m, json) =
+            segment::read_checked(target, name).await.map_err(|p| refuse(format!("does not check ({p})")))?;
+        if m.previous_manifest_sha256.as_deref() != previous {
+            return Err(refuse("does not follow the last committed segment".into()));
+        }
+        let archived = seg::check_segment(name, &m, &json, sku).map_err(|p| refuse(format!("does not check ({p})")))?;
+        let order_keys: Vec<String> = archived.iter().map(|o| keys::order(&o.order.order_id)).collect();
+        let held = self.load_many::<OrderRecord>(&order_keys).await?;
+        let mut found = Vec::with_capacity(archived.len());
+        for (a, h) in archived.iter().zip(held) {
+            match h {
+                Some((v, o)) if o.pending.is_empty() && crate::convert::order_to(&o, 0, true) == a.order => {
+                    found.push((v, o));
+                }
+                _ => return Err(refuse(format!("holds order {} other than Redis holds it", a.order.order_id))),
+            }
+        }
+        tracing::info!(sku, segment = name, orders = found.len(), "finishing a segment an earlier run wrote");
+        Ok((found, m.data_bytes))
     }
 
     /// An order no longer in Redis: from the archive when the service has one and the order is

@@ -69,7 +69,10 @@ struct Args {
     full_reconcile_every: std::time::Duration,
 
     /// Where closed orders are archived: a directory, `file:///var/lib/chipgate/archive` or an absolute
-    /// path (a PersistentVolumeClaim in Kubernetes). Orders closed longer than --order-retention are
+    /// path (a PersistentVolumeClaim in Kubernetes), or S3-compatible object storage,
+    /// `s3://bucket/prefix` (endpoint, region and credentials from the standard AWS_* environment:
+    /// AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, web identity;
+    /// AWS_ALLOW_HTTP=true for a local plain-HTTP endpoint). Orders closed longer than --order-retention are
     /// written there with their whole history, read back, checked, and only then removed from Redis;
     /// GetOrder answers them from there. One replica at a time archives a product (a lease). Unset:
     /// closed orders stay in Redis.

@@ -1,11 +1,16 @@
 //! Records that outlive Redis, against real services on a real Redis (authentication on, licensing
-//! signing with its audit key): the audit log and closed orders are archived into a directory and
-//! removed from Redis, a crash after every step loses nothing and leaves a chain that verifies,
-//! tampering with an archived segment or with the live tail is found and named, GetOrder answers
-//! from the archive, and many days of activity in fast time keep Redis flat while the archive grows.
+//! signing with its audit key): the audit log and closed orders are archived and removed from Redis,
+//! a crash after every step loses nothing and leaves a chain that verifies, tampering with an
+//! archived segment or with the live tail is found and named, GetOrder answers from the archive, and
+//! many days of activity in fast time keep Redis flat while the archive grows.
+//!
+//! The crash and tamper tests run twice: on a directory and on S3-compatible object storage (a real
+//! `moto` server, started per test like the Redis harness), through the same target abstraction.
 
 use crate::common;
 
+use chipgate_archive::Target;
+use chipgate_archive::testing::MotoServer;
 use chipgate_licensing::archive::Step as AuditStep;
 use chipgate_orders::archive::Step as OrderStep;
 use chipgate_proto::licensing::v1 as lpb;
@@ -24,8 +29,61 @@ fn chain(v: &lpb::VerifyAuditLogResponse) -> &lpb::AuditChainVerification {
     v.chains.iter().find(|c| c.chain == STREAM).unwrap_or_else(|| panic!("no chain {STREAM}: {v:?}"))
 }
 
-async fn world(dir: &std::path::Path) -> World {
-    World::with(ClusterOptions { archive: Some(dir.to_path_buf()), ..ClusterOptions::default() }).await
+/// Where a test archives: a temporary directory or a bucket on a private moto server (kept alive as
+/// long as the archive).
+struct Archive {
+    target: Target,
+    _dir: Option<tempfile::TempDir>,
+    _moto: Option<MotoServer>,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Dir,
+    S3,
+}
+
+impl Archive {
+    fn new(kind: Kind) -> Self {
+        match kind {
+            Kind::Dir => {
+                let dir = tempfile::tempdir().unwrap();
+                Archive { target: Target::Dir(dir.path().to_path_buf()), _dir: Some(dir), _moto: None }
+            }
+            Kind::S3 => {
+                let moto = MotoServer::start();
+                Archive { target: moto.target("chipgate/archive"), _dir: None, _moto: Some(moto) }
+            }
+        }
+    }
+
+    async fn read(&self, name: &str) -> Vec<u8> {
+        self.target.get(name).await.unwrap().unwrap_or_else(|| panic!("{name} is in the archive"))
+    }
+
+    /// Replaces an object behind the archiver's back (tampering).
+    async fn write(&self, name: &str, bytes: &[u8]) {
+        self.target.put(name, bytes.to_vec()).await.unwrap();
+    }
+
+    async fn remove(&self, name: &str) {
+        self.target.delete(name).await.unwrap();
+    }
+
+    /// The data object a segment's manifest names.
+    async fn data_of(&self, manifest: &str) -> String {
+        chipgate_archive::Manifest::parse(manifest, &self.read(manifest).await).unwrap().data
+    }
+
+    /// Whether nothing at all was archived.
+    async fn is_empty(&self) -> bool {
+        self.target.list_dirs("audit").await.unwrap().is_empty()
+            && self.target.list_dirs("orders").await.unwrap().is_empty()
+    }
+}
+
+async fn world(archive: &Archive) -> World {
+    World::with(ClusterOptions { archive: Some(archive.target.clone()), ..ClusterOptions::default() }).await
 }
 
 async fn verify(w: &mut World) -> lpb::VerifyAuditLogResponse {
@@ -59,8 +117,17 @@ fn far_future() -> u64 {
 
 #[tokio::test]
 async fn a_crash_after_every_step_of_audit_archiving_loses_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(dir.path()).await;
+    crash_after_every_step_of_audit_archiving(Kind::Dir).await;
+}
+
+#[tokio::test]
+async fn a_crash_after_every_step_of_audit_archiving_loses_nothing_on_s3() {
+    crash_after_every_step_of_audit_archiving(Kind::S3).await;
+}
+
+async fn crash_after_every_step_of_audit_archiving(kind: Kind) {
+    let archive = Archive::new(kind);
+    let mut w = world(&archive).await;
     assert_eq!(STREAM, chipgate_licensing::keys::Part::Product(H200).audit().stream);
     let lic = w.cluster.licensing_service.clone();
     for step in [AuditStep::Written, AuditStep::Verified, AuditStep::Trimmed] {
@@ -79,17 +146,26 @@ async fn a_crash_after_every_step_of_audit_archiving_loses_nothing() {
             expire_lease(&w, &format!("{}:archive-lease", c.chain)).await;
         }
     }
-    // A torn write of the next segment (a data object without its manifest) is replaced.
+    // An unfinished segment that doesn't check (a torn manifest) is never replaced: the run stops
+    // and names it, and Redis keeps every entry.
     let base = chain(&verify(&mut w).await).archived_sequence;
-    let (data, _) = chipgate_archive::segment::audit_names(STREAM, base + 1);
-    std::fs::create_dir_all(dir.path().join(&data).parent().unwrap()).unwrap();
-    std::fs::write(dir.path().join(&data), b"half a segm").unwrap();
+    let next = chipgate_archive::segment::audit_manifest(STREAM, base + 1);
+    archive.write(&next, b"{\"format\": \"chipgate-arch").await;
+    let (run, e) = lic.archive_audit(far_future(), 4, None).await.expect_err("refused");
+    assert_eq!(run.records, 0, "{run:?}");
+    assert!(e.describe().contains(&next) && e.describe().contains("never replaced"), "{}", e.describe());
+    assert_eq!(archive.read(&next).await, b"{\"format\": \"chipgate-arch", "left as it was");
+    archive.remove(&next).await;
+    // A torn write of the next segment's data (a data object without its manifest) is an orphan
+    // the next run writes beside.
+    let data = chipgate_archive::segment::data_name(&next, &chipgate_state::sha256_hex(b"half a segm"));
+    archive.write(&data, b"half a segm").await;
     let run = lic.archive_audit(far_future(), 4, None).await.expect("finishes");
     assert!(run.records > 0 && run.segments > 0, "{run:?}");
     let total = head(&w).await;
     let v = verify(&mut w).await;
     assert!(v.valid, "{v:?}");
-    assert_eq!(v.archive, format!("file://{}", dir.path().display()));
+    assert_eq!(v.archive, archive.target.url());
     assert_eq!((chain(&v).archived_sequence, chain(&v).entries_checked), (total, total));
     assert!(chain(&v).segments_checked >= 4, "{v:?}");
     assert_eq!(w.cluster.store.xlen(STREAM).await.unwrap(), 0, "everything archived left Redis");
@@ -103,8 +179,17 @@ async fn a_crash_after_every_step_of_audit_archiving_loses_nothing() {
 
 #[tokio::test]
 async fn verification_names_a_tampered_segment_and_a_tampered_live_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(dir.path()).await;
+    tampered_segment_and_live_tail(Kind::Dir).await;
+}
+
+#[tokio::test]
+async fn verification_names_a_tampered_segment_and_a_tampered_live_tail_on_s3() {
+    tampered_segment_and_live_tail(Kind::S3).await;
+}
+
+async fn tampered_segment_and_live_tail(kind: Kind) {
+    let archive = Archive::new(kind);
+    let mut w = world(&archive).await;
     let lic = w.cluster.licensing_service.clone();
     decisions(&mut w, 8).await;
     // A checkpoint an auditor keeps before anything is archived: it must still verify afterwards,
@@ -118,30 +203,34 @@ async fn verification_names_a_tampered_segment_and_a_tampered_live_tail() {
     assert!(segments >= 3, "{v:?}");
 
     // One byte of the second segment's data flipped.
-    let (_, second) = chipgate_archive::segment::audit_names(STREAM, 4);
-    let (data, _) = chipgate_archive::segment::audit_names(STREAM, 4);
-    let path = dir.path().join(&data);
-    let original = std::fs::read(&path).unwrap();
+    let second = chipgate_archive::segment::audit_manifest(STREAM, 4);
+    let data = archive.data_of(&second).await;
+    let original = archive.read(&data).await;
     let mut bytes = original.clone();
     let at = bytes.len() / 2;
     bytes[at] ^= 0x20;
-    std::fs::write(&path, &bytes).unwrap();
+    archive.write(&data, &bytes).await;
     let v = verify(&mut w).await;
     assert!(!v.valid);
     assert_eq!(v.bad_segment, second, "{v:?}");
     assert_eq!(v.bad_chain, STREAM);
     assert!(v.problem.contains("SHA-256"), "{}", v.problem);
-    std::fs::write(&path, &original).unwrap();
+    archive.write(&data, &original).await;
     assert!(verify(&mut w).await.valid);
+    // The data object gone altogether: named too.
+    archive.remove(&data).await;
+    let v = verify(&mut w).await;
+    assert!(!v.valid && v.bad_segment == second && v.problem.contains("missing"), "{v:?}");
+    archive.write(&data, &original).await;
 
     // A segment removed from the archive: the gap is named at the next one.
-    let (_, first) = chipgate_archive::segment::audit_names(STREAM, 1);
-    let kept_manifest = std::fs::read(dir.path().join(&first)).unwrap();
-    std::fs::remove_file(dir.path().join(&first)).unwrap();
+    let first = chipgate_archive::segment::audit_manifest(STREAM, 1);
+    let kept_manifest = archive.read(&first).await;
+    archive.remove(&first).await;
     let v = verify(&mut w).await;
     assert!(!v.valid && v.bad_segment == second, "{v:?}");
     assert!(v.problem.contains("entries 1 to 3 are missing"), "{}", v.problem);
-    std::fs::write(dir.path().join(&first), kept_manifest).unwrap();
+    archive.write(&first, &kept_manifest).await;
 
     // The live tail altered in Redis: its first entry removed.
     let mut conn = w.cluster.redis.as_ref().unwrap().connection().await.unwrap();
@@ -162,8 +251,17 @@ async fn verification_names_a_tampered_segment_and_a_tampered_live_tail() {
 
 #[tokio::test]
 async fn a_live_chain_that_does_not_verify_is_not_archived() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(dir.path()).await;
+    live_chain_that_does_not_verify(Kind::Dir).await;
+}
+
+#[tokio::test]
+async fn a_live_chain_that_does_not_verify_is_not_archived_on_s3() {
+    live_chain_that_does_not_verify(Kind::S3).await;
+}
+
+async fn live_chain_that_does_not_verify(kind: Kind) {
+    let archive = Archive::new(kind);
+    let mut w = world(&archive).await;
     let lic = w.cluster.licensing_service.clone();
     decisions(&mut w, 4).await;
     let live = w.cluster.store.xrange(STREAM, None, 10).await.unwrap();
@@ -172,7 +270,7 @@ async fn a_live_chain_that_does_not_verify_is_not_archived() {
     let (run, e) = lic.archive_audit(far_future(), 100, None).await.expect_err("refused");
     assert_eq!(run.records, 0);
     assert!(e.describe().contains("does not verify"), "{}", e.describe());
-    assert!(std::fs::read_dir(dir.path()).map(|d| d.count()).unwrap_or(0) == 0, "nothing was written");
+    assert!(archive.is_empty().await, "nothing was written");
 }
 
 /// Places an order and cancels it: a closed order.
@@ -191,8 +289,17 @@ async fn closed_order(w: &mut World, buyer: &str, sku: &str) -> String {
 
 #[tokio::test]
 async fn closed_orders_are_archived_crash_safely_and_read_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(dir.path()).await;
+    closed_orders_archived(Kind::Dir).await;
+}
+
+#[tokio::test]
+async fn closed_orders_are_archived_crash_safely_and_read_back_on_s3() {
+    closed_orders_archived(Kind::S3).await;
+}
+
+async fn closed_orders_archived(kind: Kind) {
+    let archive = Archive::new(kind);
+    let mut w = world(&archive).await;
     let ord = w.cluster.orders_service.clone().unwrap();
     let mut ids = Vec::new();
     let mut before = Vec::new();
@@ -201,9 +308,14 @@ async fn closed_orders_are_archived_crash_safely_and_read_back() {
             ids.push(closed_order(&mut w, &format!("buyer{i}"), if i == 2 { NVL } else { H200 }).await);
         }
         let open = w.place("open-buyer", H200, 5).await;
-        before = w.orders(&ids).await;
-        let (_, e) = ord.archive_orders(far_future(), 2, Some(step)).await.expect_err("stopped");
+        // As each answers now (from Redis, or from the archive after an earlier step's trim).
+        before = w.orders(&ids).await.into_iter().map(|o| opb::Order { archived_in: String::new(), ..o }).collect();
+        let (run, e) = ord.archive_orders(far_future(), 2, Some(step)).await.expect_err("stopped");
         assert!(e.describe().contains("crash test"), "{}", e.describe());
+        if step != OrderStep::Written {
+            // The segments the previous crashed run left uncommitted are finished (not rewritten).
+            assert!(run.segments >= 1 && run.records >= 1, "after a crash at {step:?}: {run:?}");
+        }
         // Every order still answers, from Redis or the archive, as it was.
         let now = w.orders(&ids).await;
         for (a, b) in before.iter().zip(&now) {
@@ -236,14 +348,13 @@ async fn closed_orders_are_archived_crash_safely_and_read_back() {
     assert!(listed.iter().all(|o| !ids.contains(&o.order_id)), "{listed:?}");
     // Each product's segments chain and check.
     for sku in [H200, NVL] {
-        let target = chipgate_archive::Target::Dir(dir.path().to_path_buf());
-        let p = chipgate_archive::orders::verify_product(&target, sku, None).await.unwrap();
+        let p = chipgate_archive::orders::verify_product(&archive.target, sku, None).await.unwrap();
         assert!(p.orders > 0, "{sku}: {p:?}");
     }
 
     // The segment holding an order removed from the archive: NOT_FOUND that says where it went.
     let lost = &now[0];
-    std::fs::remove_file(dir.path().join(&lost.archived_in)).unwrap();
+    archive.remove(&lost.archived_in).await;
     let err = w.ord.get_order(opb::GetOrderRequest { order_id: lost.order_id.clone() }).await.expect_err("gone");
     assert_eq!(err.code(), Code::NotFound);
     assert_eq!(err.get_details_error_info().unwrap().reason, "ORDER_ARCHIVED");
@@ -261,14 +372,14 @@ async fn closed_orders_are_archived_crash_safely_and_read_back() {
 async fn many_days_in_fast_time_keep_redis_flat_while_the_archive_grows() {
     const DAYS: usize = 12;
     const RETENTION_DAYS: usize = 2;
-    let dir = tempfile::tempdir().unwrap();
-    let mut w = world(dir.path()).await;
+    let archive = Archive::new(Kind::Dir);
+    let dir = archive._dir.as_ref().unwrap().path().to_path_buf();
+    let mut w = world(&archive).await;
     let lic = w.cluster.licensing_service.clone();
     let ord = w.cluster.orders_service.clone().unwrap();
     let mut day_end = Vec::new();
     let mut redis_bytes = Vec::new();
     let mut archive_bytes = Vec::new();
-    let mut conn = w.cluster.redis.as_ref().unwrap().connection().await.unwrap();
     for day in 0..DAYS {
         decisions(&mut w, 20).await;
         for i in 0..20 {
@@ -283,18 +394,12 @@ async fn many_days_in_fast_time_keep_redis_flat_while_the_archive_grows() {
         // What the archive is responsible for: the audit stream, the order records and their
         // indexes (MEMORY USAGE, what Redis itself counts). Request answers kept for retries (24 h
         // in real time, by TTL) are not part of it and are reported apart.
-        let mut keys: Vec<String> = redis::cmd("KEYS").arg("{lic*}:audit").query_async(&mut conn).await.unwrap();
-        let scan: Vec<String> = redis::cmd("KEYS").arg("{ord:*").query_async(&mut conn).await.unwrap();
-        keys.extend(
-            scan.into_iter().filter(|k| k.contains(":order:") || k.contains(":buyer:") || k.contains(":state:")),
-        );
-        let mut bytes = 0u64;
-        for k in &keys {
-            let n: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(k).query_async(&mut conn).await.unwrap();
-            bytes += n.unwrap_or(0);
-        }
+        let bytes = memory_usage(&w, &["{lic*}:audit", "{ord:*"], |k| {
+            k.ends_with(":audit") || k.contains(":order:") || k.contains(":buyer:") || k.contains(":state:")
+        })
+        .await;
         redis_bytes.push(bytes);
-        archive_bytes.push(dir_bytes(dir.path()));
+        archive_bytes.push(dir_bytes(&dir));
     }
     let used = w.cluster.store.info().await.unwrap().used_memory.unwrap_or(0);
     println!("redis bytes held for archivable records per day: {redis_bytes:?}");
@@ -310,6 +415,47 @@ async fn many_days_in_fast_time_keep_redis_flat_while_the_archive_grows() {
     let v = verify(&mut w).await;
     assert!(v.valid, "{v:?}");
     assert_eq!(chain(&v).entries_checked, head(&w).await);
+}
+
+/// The summed `MEMORY USAGE` of the keys matching `patterns` that `keep` keeps: `SCAN` (never
+/// `KEYS`, which blocks a server) on every node that holds keys — the server, or each master of a
+/// Redis Cluster, where keys are spread over the masters by slot and each node scans its own.
+async fn memory_usage(w: &World, patterns: &[&str], keep: impl Fn(&str) -> bool) -> u64 {
+    use chipgate_state::testing::RedisDeployment;
+    let urls: Vec<String> = match w.cluster.redis.as_ref().unwrap() {
+        RedisDeployment::Single(s) => vec![s.url()],
+        RedisDeployment::Cluster(c) => {
+            let auth = c.password().map(|p| format!(":{p}@")).unwrap_or_default();
+            c.masters().into_iter().map(|port| format!("redis://{auth}127.0.0.1:{port}")).collect()
+        }
+    };
+    let mut total = 0u64;
+    for url in urls {
+        let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+        for pattern in patterns {
+            let mut cursor = 0u64;
+            loop {
+                let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                    .arg(cursor)
+                    .arg("MATCH")
+                    .arg(pattern)
+                    .arg("COUNT")
+                    .arg(1000)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                for k in keys.iter().filter(|k| keep(k)) {
+                    let n: Option<u64> = redis::cmd("MEMORY").arg("USAGE").arg(k).query_async(&mut conn).await.unwrap();
+                    total += n.unwrap_or(0);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
+        }
+    }
+    total
 }
 
 fn dir_bytes(p: &std::path::Path) -> u64 {

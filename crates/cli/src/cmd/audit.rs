@@ -39,8 +39,8 @@ pub enum AuditCmd {
         /// (exit 3).
         #[arg(long, value_name = "FILE")]
         checkpoint: Option<std::path::PathBuf>,
-        /// Also check an archive of the log here, on this machine (a directory: `file:///path` or
-        /// `/path`): every segment's data hash, every link, each segment's signed checkpoint, the
+        /// Also check an archive of the log from this machine (a directory, `file:///path` or
+        /// `/path`, or a bucket, `s3://bucket/prefix` with the AWS_* environment): every segment's data hash, every link, each segment's signed checkpoint, the
         /// chain across segments, and that the live log in Redis starts where the archive ends. A
         /// broken segment is named (exit 11).
         #[arg(long, value_name = "URL")]
@@ -155,29 +155,10 @@ async fn verify_archive(
     public_key: Option<&std::path::Path>,
 ) -> Outcome {
     let target = chipgate_archive::Target::parse(url).map_err(|e| Failure::Input(e.to_string()))?;
-    let pinned = match public_key {
-        Some(p) => {
-            let pem = std::fs::read_to_string(p).map_err(|e| Failure::Input(format!("{}: {e}", p.display())))?;
-            Some(
-                chipgate_runtime::auth::public_key_from_pem(&pem)
-                    .map_err(|e| Failure::Input(format!("{}: {e}", p.display())))?,
-            )
-        }
-        None => {
-            out::note("no --audit-public-key: segment checkpoints are checked with the key each one embeds");
-            None
-        }
-    };
-    let check_cp = |cp: &lpb::AuditCheckpoint| {
-        let key = match pinned {
-            Some(k) => Some(k),
-            None if cp.public_key_pem.is_empty() => None,
-            None => Some(chipgate_runtime::auth::public_key_from_pem(&cp.public_key_pem).map_err(|e| e.to_string())?),
-        };
-        chipgate_licensing::checkpoint::check_with_public_key(cp, key.as_ref())
-            .map(|_| ())
-            .map_err(|d| format!("{}: {}", d.field, d.description))
-    };
+    if public_key.is_none() {
+        out::note("no --audit-public-key: segment checkpoints are checked with the key each one embeds");
+    }
+    let check_cp = checkpoint_checker(public_key)?;
     let mut t = out::Table::new(&["CHAIN", ">SEGMENTS", ">ARCHIVED", ">IN REDIS FROM", "STATUS"]);
     let mut problem: Option<String> = None;
     for c in &live.chains {
@@ -286,4 +267,31 @@ fn print_verification(r: &lpb::VerifyAuditLogResponse, with_checkpoint: bool) {
             thousands(r.entries_checked)
         ));
     }
+}
+
+/// How sealed checkpoints are checked: against the audit key's public half in `public_key` (PEM,
+/// pinned out of band), or, without one, against the key each checkpoint embeds.
+pub(crate) fn checkpoint_checker(
+    public_key: Option<&std::path::Path>,
+) -> Result<impl Fn(&lpb::AuditCheckpoint) -> Result<(), String> + Sync, Failure> {
+    let pinned = match public_key {
+        Some(p) => {
+            let pem = std::fs::read_to_string(p).map_err(|e| Failure::Input(format!("{}: {e}", p.display())))?;
+            Some(
+                chipgate_runtime::auth::public_key_from_pem(&pem)
+                    .map_err(|e| Failure::Input(format!("{}: {e}", p.display())))?,
+            )
+        }
+        None => None,
+    };
+    Ok(move |cp: &lpb::AuditCheckpoint| {
+        let key = match &pinned {
+            Some(k) => Some(*k),
+            None if cp.public_key_pem.is_empty() => None,
+            None => Some(chipgate_runtime::auth::public_key_from_pem(&cp.public_key_pem).map_err(|e| e.to_string())?),
+        };
+        chipgate_licensing::checkpoint::check_with_public_key(cp, key.as_ref())
+            .map(|_| ())
+            .map_err(|d| format!("{}: {}", d.field, d.description))
+    })
 }

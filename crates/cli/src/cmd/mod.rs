@@ -3,6 +3,7 @@
 
 pub mod allocation;
 pub mod applications;
+pub mod archive;
 pub mod audit;
 pub mod customs;
 pub mod domestic;

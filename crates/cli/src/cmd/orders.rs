@@ -68,14 +68,17 @@ pub enum OrderCmd {
     Show {
         /// Order id.
         order: String,
-        /// Read it from an archive of closed orders here instead of the service (a directory:
-        /// `file:///path` or `/path`), on this machine: the segment is checked against its manifest.
+        /// Read it from an archive of closed orders instead of the service, from this machine (a
+        /// directory, `file:///path` or `/path`, or a bucket, `s3://bucket/prefix` with the AWS_*
+        /// environment): the segment is checked against its manifest.
         #[arg(long, value_name = "URL")]
         archive: Option<String>,
     },
-    /// List orders, oldest first, optionally of one buyer, product or state.
+    /// List orders, oldest first, optionally of one buyer, product or state; with --archive, the
+    /// closed orders an archive holds instead of what the service lists.
     #[command(
-        after_help = "Examples:\n  chipgate order list --buyer alibaba\n  chipgate order list --state backordered --limit 0"
+        after_help = "Examples:\n  chipgate order list --buyer alibaba\n  chipgate order list --state backordered --limit 0\n  \
+                      chipgate order list --archive s3://records/chipgate --buyer alibaba --limit 0"
     )]
     List {
         /// Only this buyer's.
@@ -90,6 +93,13 @@ pub enum OrderCmd {
         /// Include each order's history (larger answers).
         #[arg(long)]
         history: bool,
+        /// List the closed orders archived out of Redis, read from this machine (a directory,
+        /// `file:///path` or `/path`, or a bucket, `s3://bucket/prefix` with the AWS_* environment),
+        /// by product and sequence, each naming its segment (`archived_in`). Every segment of each
+        /// product listed is checked against its manifest and the chain of manifests; a broken one
+        /// is named (exit 11).
+        #[arg(long, value_name = "URL")]
+        archive: Option<String>,
         #[command(flatten)]
         list: ListArgs,
     },
@@ -212,7 +222,28 @@ pub async fn order(ctx: &Ctx, cmd: OrderCmd) -> Outcome {
             let r = ctx.call(Svc::Orders, None, ctx.ord().get_order(ctx.req(msg))).await?;
             show_order(ctx, &r, r.order.as_ref());
         }
-        OrderCmd::List { buyer, product, state, history, list } => {
+        OrderCmd::List { buyer, product, state, history, archive: Some(url), list } => {
+            if !list.page_token.is_empty() {
+                return Err(Failure::Input("--page-token does not apply to --archive listings".into()));
+            }
+            let target = chipgate_archive::Target::parse(&url).map_err(|e| Failure::Input(e.to_string()))?;
+            let products = product.map(|p| vec![p]);
+            let mut orders = chipgate_archive::orders::list_orders(&target, products.as_deref(), buyer.as_deref())
+                .await
+                .map_err(|p| Failure::Check(format!("the archive does not check: {p}")))?;
+            if let Some(s) = state {
+                orders.retain(|o| o.state == s.proto() as i32);
+            }
+            if list.limit != 0 {
+                orders.truncate(list.limit);
+            }
+            if !history {
+                orders.iter_mut().for_each(|o| o.history.clear());
+            }
+            let response = |orders, next_page_token| opb::ListOrdersResponse { orders, next_page_token };
+            print_listing(ctx, (orders, String::new()), response, view::orders_table, "no archived orders");
+        }
+        OrderCmd::List { buyer, product, state, history, archive: None, list } => {
             let (buyer, product) = (buyer.unwrap_or_default(), product.unwrap_or_default());
             let state = state.map_or(0, |s| s.proto() as i32);
             let listed = pages(&list, |page_size, page_token| {

@@ -29,11 +29,13 @@ pub struct Cli {
     pub signing_key: Option<String>,
     /// The party the commands act as (`--as`).
     pub party: Option<String>,
+    /// Extra environment for the process (e.g. the AWS_* settings of an S3 archive).
+    pub env: Vec<(String, String)>,
 }
 
 impl Cli {
     pub fn new(licensing: String, inventory: String, orders: String) -> Self {
-        Cli { licensing, inventory, orders, signing_key: None, party: None }
+        Cli { licensing, inventory, orders, signing_key: None, party: None, env: Vec::new() }
     }
 
     pub fn for_cluster(c: &chipgate_testkit::Cluster) -> Self {
@@ -65,6 +67,7 @@ impl Cli {
             .env_remove("CHIPGATE_OUTPUT")
             .env_remove("CHIPGATE_REQUEST_ID")
             .env("RUST_LOG", "warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .kill_on_drop(true)
             .output()
             .await
