@@ -18,6 +18,7 @@ pub mod errors;
 pub mod health;
 pub mod hub;
 pub mod idempotency;
+pub mod known;
 pub mod locks;
 pub mod metrics;
 pub mod paging;
