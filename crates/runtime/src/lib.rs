@@ -22,6 +22,7 @@ pub mod known;
 pub mod locks;
 pub mod metrics;
 pub mod paging;
+pub mod periodic;
 pub mod policy;
 pub mod ratelimit;
 pub mod records;

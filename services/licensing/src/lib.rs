@@ -154,13 +154,8 @@ impl Licensing {
         let service = self.clone();
         tokio::spawn(async move {
             let mut previous: Option<pb::AuditCheckpoint> = None;
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.wait() => return,
-                }
+            let mut beat = chipgate_runtime::periodic::Every::new(every.max(Duration::from_millis(10)), shutdown);
+            while beat.tick().await {
                 match service.audit_checkpoint().await {
                     Ok(cp) => {
                         service.inner.checkpoints.record(&cp, previous.as_ref());

@@ -524,13 +524,8 @@ impl Licensing {
     pub fn spawn_wave_recovery(&self, shutdown: chipgate_runtime::Shutdown) -> tokio::task::JoinHandle<()> {
         let service = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECOVER_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.wait() => return,
-                }
+            let mut every = chipgate_runtime::periodic::Every::new(RECOVER_EVERY, shutdown);
+            while every.tick().await {
                 let pending = match service.store().smembers(&keys::waves_pending()).await {
                     Ok(p) => p,
                     Err(e) => {
