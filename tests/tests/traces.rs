@@ -116,7 +116,7 @@ async fn a_wave_propagates_as_one_trace() {
 
     // 2. The licensing stream entry (in the product's stream: a wave is put in force product by
     // product) carries the publish span's context.
-    let stream = chipgate_contract::streams::licensing_product(H200);
+    let stream = chipgate_contract::streams::licensing_product(&chipgate_domain::ids::Sku::from_trusted(H200));
     let entries = w.cluster.store.xrange(&stream, None, 1000).await.unwrap();
     let published: Vec<lpb::LicensingEvent> = entries
         .iter()
@@ -157,7 +157,12 @@ async fn a_wave_propagates_as_one_trace() {
     }
 
     // 6. The transitions the round committed carry its context in the orders stream entry.
-    let batches = w.cluster.store.xrange(&chipgate_orders::keys::events(H200), None, 1000).await.unwrap();
+    let batches = w
+        .cluster
+        .store
+        .xrange(&chipgate_orders::keys::events(&chipgate_domain::ids::Sku::from_trusted(H200)), None, 1000)
+        .await
+        .unwrap();
     let traced: Vec<chipgate_orders::EventBatch> = batches
         .iter()
         .filter_map(|e| chipgate_orders::EventBatch::decode(e.field("b")?).ok())

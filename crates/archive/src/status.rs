@@ -41,13 +41,8 @@ where
     Fut: std::future::Future<Output = ()> + Send,
 {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = shutdown.wait() => return,
-            }
+        let mut beat = chipgate_runtime::periodic::Every::new(every, shutdown);
+        while beat.tick().await {
             let now = chipgate_runtime::time::now_ms();
             run(now, now.saturating_sub(retention.as_millis() as u64)).await;
         }

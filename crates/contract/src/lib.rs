@@ -16,6 +16,7 @@
 //! Nothing else of another service's state may be read or written; a change here is a change of
 //! the contract and needs the same care as a change of a `.proto`.
 
+pub use chipgate_domain::ids::Sku;
 use chipgate_state::Space;
 
 /// Licensing's key space (`{lic}`).
@@ -40,23 +41,23 @@ pub const FENCED_REASON: &str = "FENCED";
 pub mod partitions {
     use chipgate_state::Partition;
 
-    use super::{INVENTORY, LICENSING};
+    use super::{INVENTORY, LICENSING, Sku};
 
     /// Inventory's partition of product `sku` (`{inv:SKU}`).
-    pub fn inventory(sku: &str) -> Partition {
-        INVENTORY.partition(sku)
+    pub fn inventory(sku: &Sku) -> Partition {
+        INVENTORY.partition(sku.as_str())
     }
 
     /// Licensing's partition of product `sku` (`{lic:SKU}`): the product's licences, quota
     /// reservations and gates.
-    pub fn licensing(sku: &str) -> Partition {
-        LICENSING.partition(sku)
+    pub fn licensing(sku: &Sku) -> Partition {
+        LICENSING.partition(sku.as_str())
     }
 }
 
 /// The event streams.
 pub mod streams {
-    use super::{LICENSING, ORDERS};
+    use super::{LICENSING, ORDERS, Sku};
 
     /// Licensing's desk events (`LicensingEvent` in field [`super::EVENT_FIELD`]): applications,
     /// waves being drafted and published, domestic purchases.
@@ -67,20 +68,20 @@ pub mod streams {
     /// Licensing's events of product `sku` (`LicensingEvent` in field [`super::EVENT_FIELD`]), in the
     /// product's partition: its licences (a wave's part for the product included), quota and gates.
     /// The products are [`super::catalogue::products`].
-    pub fn licensing_product(sku: &str) -> String {
+    pub fn licensing_product(sku: &Sku) -> String {
         super::partitions::licensing(sku).key(["events"])
     }
 
     /// Inventory's events of product `sku` (`InventoryEvent` in field [`super::EVENT_FIELD`]), in the
     /// product's partition. The products are [`super::catalogue::products`].
-    pub fn inventory(sku: &str) -> String {
+    pub fn inventory(sku: &Sku) -> String {
         super::partitions::inventory(sku).key(["events"])
     }
 
     /// The orders service's transitions of product `sku` (a batch in field
     /// [`super::TRANSITIONS_FIELD`]), in the product's partition.
-    pub fn orders(sku: &str) -> String {
-        ORDERS.partition(sku).key(["events"])
+    pub fn orders(sku: &Sku) -> String {
+        ORDERS.partition(sku.as_str()).key(["events"])
     }
 }
 
@@ -90,7 +91,7 @@ pub mod streams {
 pub mod licensing_products {
     use chipgate_state::{Backend, StateError};
 
-    use super::LICENSING;
+    use super::{LICENSING, Sku};
 
     /// The products' SKUs (a sorted set, score 0).
     pub fn key() -> String {
@@ -101,8 +102,9 @@ pub mod licensing_products {
     ///
     /// # Errors
     /// When the store can't be read.
-    pub async fn all(store: &impl Backend) -> Result<Vec<String>, StateError> {
-        Ok(store.zrange(&key(), 0, -1, false).await?.into_iter().map(|(sku, _)| sku).collect())
+    pub async fn all(store: &impl Backend) -> Result<Vec<Sku>, StateError> {
+        // Licensing adds a product once its SKU was parsed on entry.
+        Ok(store.zrange(&key(), 0, -1, false).await?.into_iter().map(|(sku, _)| Sku::from_trusted(sku)).collect())
     }
 }
 
@@ -110,11 +112,11 @@ pub mod licensing_products {
 pub mod catalogue {
     use chipgate_state::{Backend, StateError};
 
-    use super::INVENTORY;
+    use super::{INVENTORY, Sku};
 
     /// The record of product `sku` (a prost-encoded product; its presence is what others rely on), in
     /// the product's partition.
-    pub fn product(sku: &str) -> String {
+    pub fn product(sku: &Sku) -> String {
         super::partitions::inventory(sku).key(["product"])
     }
 
@@ -127,49 +129,18 @@ pub mod catalogue {
     ///
     /// # Errors
     /// When the store can't be read.
-    pub async fn all(store: &impl Backend) -> Result<Vec<String>, StateError> {
-        Ok(store.zrange(&products(), 0, -1, false).await?.into_iter().map(|(sku, _)| sku).collect())
+    pub async fn all(store: &impl Backend) -> Result<Vec<Sku>, StateError> {
+        // Inventory adds a product once its SKU was parsed on entry.
+        Ok(store.zrange(&products(), 0, -1, false).await?.into_iter().map(|(sku, _)| Sku::from_trusted(sku)).collect())
     }
 
     /// Whether `sku` is in the catalogue. Products are never removed, so a caller may remember a
-    /// `true` for good.
+    /// `true` for good (`chipgate_runtime::known::Known::in_catalogue` does).
     ///
     /// # Errors
     /// When the store can't be read.
-    pub async fn has_product(store: &impl Backend, sku: &str) -> Result<bool, StateError> {
+    pub async fn has_product(store: &impl Backend, sku: &Sku) -> Result<bool, StateError> {
         Ok(store.get(&[product(sku)]).await?.into_iter().next().flatten().is_some())
-    }
-
-    /// The products a service has found in the catalogue, remembered so a hot path reads the store
-    /// once per product, not once per call. Only products that exist are remembered, so the set
-    /// never grows past the catalogue whatever callers send.
-    #[derive(Debug, Default)]
-    pub struct KnownProducts {
-        known: std::sync::RwLock<std::collections::HashSet<String>>,
-    }
-
-    impl KnownProducts {
-        /// Whether `sku` is in the catalogue (asking the store the first time).
-        ///
-        /// # Errors
-        /// When the store can't be read.
-        pub async fn contains(&self, store: &impl Backend, sku: &str) -> Result<bool, StateError> {
-            let seen = match self.known.read() {
-                Ok(k) => k.contains(sku),
-                Err(poisoned) => poisoned.into_inner().contains(sku),
-            };
-            if seen {
-                return Ok(true);
-            }
-            let exists = has_product(store, sku).await?;
-            if exists {
-                match self.known.write() {
-                    Ok(mut k) => k.insert(sku.to_string()),
-                    Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
-                };
-            }
-            Ok(exists)
-        }
     }
 
     /// What a caller naming a product outside the catalogue is told (the `product_sku` field's
@@ -185,13 +156,14 @@ mod tests {
 
     #[test]
     fn stream_keys_keep_their_layout() {
+        let h200 = Sku::from_trusted("H200");
         // These names are shared by processes that may run different versions during a rollout.
         assert_eq!(streams::licensing(), "{lic}:events");
-        assert_eq!(streams::licensing_product("H200"), "{lic:H200}:events");
+        assert_eq!(streams::licensing_product(&h200), "{lic:H200}:events");
         assert_eq!(licensing_products::key(), "{lic}:products");
-        assert_eq!(streams::inventory("H200"), "{inv:H200}:events");
+        assert_eq!(streams::inventory(&h200), "{inv:H200}:events");
         assert_eq!(catalogue::products(), "{inv}:products");
-        assert_eq!(streams::orders("H200"), "{ord:H200}:events");
-        assert_eq!(catalogue::product("H200"), "{inv:H200}:product");
+        assert_eq!(streams::orders(&h200), "{ord:H200}:events");
+        assert_eq!(catalogue::product(&h200), "{inv:H200}:product");
     }
 }

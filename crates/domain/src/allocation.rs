@@ -684,7 +684,7 @@ mod tests {
             let asks: Vec<HoldAsk> = asks
                 .into_iter()
                 .map(|a| HoldAsk {
-                    order_id: a.order_id,
+                    order_id: crate::ids::OrderId::from_trusted(a.order_id),
                     generation: a.generation,
                     units: a.units,
                     allow_partial: true,
@@ -694,17 +694,17 @@ mod tests {
                 })
                 .collect();
             let trimmed: Vec<Option<HoldRecord>> =
-                asks.iter().map(|a| planner.reclaim(a, self.holds.get(&a.order_id))).collect();
+                asks.iter().map(|a| planner.reclaim(a, self.holds.get(a.order_id.as_str()))).collect();
             let mut answers = HashMap::new();
             for (a, t) in asks.iter().zip(trimmed) {
-                let prev = t.clone().or_else(|| self.holds.get(&a.order_id).cloned());
+                let prev = t.clone().or_else(|| self.holds.get(a.order_id.as_str()).cloned());
                 let (outcome, hold) = planner.plan(a, prev.as_ref()).expect("same units");
                 let stored = hold.or(t).or(prev);
                 let held = stored.as_ref().map(|h| h.held).unwrap_or(0);
                 if let Some(h) = stored {
-                    self.holds.insert(a.order_id.clone(), h);
+                    self.holds.insert(a.order_id.to_string(), h);
                 }
-                answers.insert(a.order_id.clone(), hold_answer(outcome, held));
+                answers.insert(a.order_id.to_string(), hold_answer(outcome, held));
             }
             self.stock = planner.stock;
             answers

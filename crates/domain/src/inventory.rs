@@ -321,7 +321,7 @@ pub struct HoldPlanner {
 #[derive(Clone, Debug)]
 pub struct HoldAsk {
     /// Order.
-    pub order_id: String,
+    pub order_id: crate::ids::OrderId,
     /// Generation.
     pub generation: u64,
     /// Units wanted in all.
@@ -399,7 +399,7 @@ impl HoldPlanner {
                     let _ = if confirmed { self.stock.release_committed(held) } else { self.stock.release_held(held) };
                 }
                 HoldRecord {
-                    order_id: ask.order_id.clone(),
+                    order_id: ask.order_id.to_string(),
                     generation: ask.generation,
                     sku: self.stock.sku.clone(),
                     requested: ask.units,
@@ -461,7 +461,7 @@ mod tests {
 
     fn ask(order: &str, units: u64, partial: bool) -> HoldAsk {
         HoldAsk {
-            order_id: order.into(),
+            order_id: crate::ids::OrderId::from_trusted(order),
             generation: 1,
             units,
             allow_partial: partial,

@@ -7,6 +7,7 @@
 //! derive `prost::Message` only so the state layer can store them compactly; they are not the API.
 
 pub mod allocation;
+pub mod ids;
 pub mod inventory;
 pub mod licensing;
 pub mod orders;

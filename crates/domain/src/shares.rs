@@ -734,7 +734,7 @@ mod tests {
                     ..Default::default()
                 };
                 let ask = HoldAsk {
-                    order_id: o.order_id.clone(),
+                    order_id: crate::ids::OrderId::from_trusted(o.order_id.clone()),
                     generation: 1,
                     units: o.outstanding + 7,
                     allow_partial: true,

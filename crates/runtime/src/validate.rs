@@ -4,23 +4,45 @@
 use crate::errors::Violations;
 
 /// Longest id, SKU or request id accepted.
-pub const MAX_ID_LEN: usize = 128;
+pub const MAX_ID_LEN: usize = chipgate_domain::ids::MAX_ID_LEN;
 /// Longest free text accepted (end use, reasons, justifications).
 pub const MAX_TEXT_LEN: usize = 2000;
 
-fn id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '/')
+/// An identifier: 1-128 characters of letters, digits and `- _ . : /` (the rule of
+/// [`chipgate_domain::ids`]).
+pub fn id(v: &mut Violations, field: &str, value: &str) {
+    if let Err(e) = chipgate_domain::ids::check(value) {
+        v.add(field, e.to_string());
+    }
 }
 
-/// An identifier: 1-128 characters of letters, digits and `- _ . : /`.
-pub fn id(v: &mut Violations, field: &str, value: &str) {
-    if value.is_empty() {
-        v.add(field, "is required");
-    } else if value.len() > MAX_ID_LEN {
-        v.add(field, format!("is {} characters long; at most {MAX_ID_LEN} are allowed", value.len()));
-    } else if !value.chars().all(id_char) {
-        v.add(field, "may contain only letters, digits and - _ . : /");
+/// A typed id (a [`chipgate_domain::ids`] type) parsed from a request field: `None`, with the
+/// field's violation recorded, when it breaks an id rule.
+pub fn parse<T: TryFrom<String, Error = chipgate_domain::ids::IdError>>(
+    v: &mut Violations,
+    field: &str,
+    value: String,
+) -> Option<T> {
+    match T::try_from(value) {
+        Ok(id) => Some(id),
+        Err(e) => {
+            v.add(field, e.to_string());
+            None
+        }
     }
+}
+
+/// An optional typed id: `Some(None)` when empty, `Some(Some(id))` when valid as [`parse`], `None`
+/// (the violation recorded) otherwise.
+pub fn parse_optional<T: TryFrom<String, Error = chipgate_domain::ids::IdError>>(
+    v: &mut Violations,
+    field: &str,
+    value: String,
+) -> Option<Option<T>> {
+    if value.is_empty() {
+        return Some(None);
+    }
+    parse(v, field, value).map(Some)
 }
 
 /// An optional identifier: empty, or valid as [`id`].
@@ -28,6 +50,57 @@ pub fn optional_id(v: &mut Violations, field: &str, value: &str) {
     if !value.is_empty() {
         id(v, field, value);
     }
+}
+
+/// Ids parsed from a request's fields ([`parse`]): an `Option` or a tuple of them.
+pub trait Parsed {
+    /// The ids, once every one parsed.
+    type Value;
+    /// The ids, or None when one didn't parse.
+    fn all(self) -> Option<Self::Value>;
+}
+
+impl<A> Parsed for Option<A> {
+    type Value = A;
+    fn all(self) -> Option<A> {
+        self
+    }
+}
+
+macro_rules! parsed_tuple {
+    ($($t:ident),+) => {
+        impl<$($t),+> Parsed for ($(Option<$t>,)+) {
+            type Value = ($($t,)+);
+            #[allow(non_snake_case)]
+            fn all(self) -> Option<Self::Value> {
+                let ($($t,)+) = self;
+                Some(($($t?,)+))
+            }
+        }
+    };
+}
+parsed_tuple!(A, B);
+parsed_tuple!(A, B, C);
+parsed_tuple!(A, B, C, D);
+
+/// The parsed ids when the request has no violations at all, else every violation (a field that
+/// didn't parse recorded one, so the answer names every bad field at once).
+///
+/// # Errors
+/// The violations.
+pub fn finish<P: Parsed>(v: Violations, parsed: P) -> Result<P::Value, Violations> {
+    match parsed.all() {
+        Some(value) if v.is_empty() => Ok(value),
+        _ => Err(v),
+    }
+}
+
+/// [`finish`], answering INVALID_ARGUMENT with every violation.
+///
+/// # Errors
+/// The INVALID_ARGUMENT status.
+pub fn finish_status<P: Parsed>(v: Violations, parsed: P) -> Result<P::Value, tonic::Status> {
+    finish(v, parsed).map_err(Violations::into_status)
 }
 
 /// The request id every mutating call carries.
@@ -82,10 +155,21 @@ pub fn batch(v: &mut Violations, len: usize, max: usize) -> usize {
 
 /// An order and its allocation generation, as a batch item names them (`prefix` is `items[i].`).
 pub fn order_ref(v: &mut Violations, prefix: &str, order_id: &str, generation: u64) {
-    id(v, &format!("{prefix}order_id"), order_id);
+    parse_order_ref(v, prefix, order_id, generation);
+}
+
+/// [`order_ref`], returning the order's id when it parses.
+pub fn parse_order_ref(
+    v: &mut Violations,
+    prefix: &str,
+    order_id: &str,
+    generation: u64,
+) -> Option<chipgate_domain::ids::OrderId> {
+    let id = parse(v, &format!("{prefix}order_id"), order_id.to_string());
     if generation == 0 {
         v.add(format!("{prefix}generation"), "must be at least 1");
     }
+    id
 }
 
 /// An order named at most once per batch: `seen` holds the keys of the items before it.
@@ -132,6 +216,28 @@ mod tests {
         optional_id(&mut v, "e", "");
         let fields: Vec<&str> = v.list().iter().map(|f| f.field.as_str()).collect();
         assert_eq!(fields, ["b", "c", "d"]);
+    }
+
+    #[test]
+    fn typed_ids_parse_and_finish_with_every_violation() {
+        use chipgate_domain::ids::{BuyerId, Sku};
+        let mut v = Violations::new();
+        let sku = parse::<Sku>(&mut v, "product_sku", "H200".into());
+        let buyer = parse::<BuyerId>(&mut v, "buyer_id", "acme".into());
+        let none = parse_optional::<BuyerId>(&mut v, "other", String::new());
+        let parsed = finish(v, (sku, buyer, none));
+        assert!(matches!(parsed, Ok((s, b, None)) if s == "H200" && b == "acme"));
+
+        let mut v = Violations::new();
+        let sku = parse::<Sku>(&mut v, "product_sku", String::new());
+        let buyer = parse::<BuyerId>(&mut v, "buyer_id", "white space".into());
+        let ok = parse::<BuyerId>(&mut v, "third", "fine".into());
+        let Err(v) = finish(v, (sku, buyer, ok)) else { panic!("bad ids passed") };
+        let fields: Vec<(&str, &str)> = v.list().iter().map(|f| (f.field.as_str(), f.description.as_str())).collect();
+        assert_eq!(
+            fields,
+            [("product_sku", "is required"), ("buyer_id", "may contain only letters, digits and - _ . : /")]
+        );
     }
 
     #[test]

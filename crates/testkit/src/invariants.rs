@@ -18,6 +18,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use chipgate_contract::Sku;
 use chipgate_orders::keys as okeys;
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
@@ -100,7 +101,8 @@ pub async fn wait_quiet(store: &Store, orders: &mut crate::OrdersClient, within:
     let deadline = Instant::now() + within;
     let mut last: Option<Vec<(String, i32, u64, usize)>> = None;
     while Instant::now() < deadline {
-        let products = store.smembers(&okeys::products()).await.expect("products");
+        let products: Vec<Sku> =
+            store.smembers(&okeys::products()).await.expect("products").into_iter().map(Sku::from_trusted).collect();
         let mut busy = false;
         for p in &products {
             busy |= !store.smembers(&okeys::cleanup(p)).await.expect("cleanup").is_empty();
@@ -343,9 +345,9 @@ pub struct Ledger {
 pub async fn event_streams(store: &Store) -> Vec<String> {
     let mut out = vec![chipgate_contract::streams::licensing()];
     let licensed = chipgate_contract::licensing_products::all(store).await.expect("licensing's products");
-    out.extend(licensed.iter().map(|p| chipgate_contract::streams::licensing_product(p)));
+    out.extend(licensed.iter().map(chipgate_contract::streams::licensing_product));
     let products = chipgate_contract::catalogue::all(store).await.expect("catalogue");
-    out.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
+    out.extend(products.iter().map(chipgate_contract::streams::inventory));
     out
 }
 
@@ -479,7 +481,8 @@ pub async fn check_ledger(c: &mut Clients, store: &Store, ledger: &Ledger) -> Re
         }
     }
 
-    let products = store.smembers(&okeys::products()).await.expect("products");
+    let products: Vec<Sku> =
+        store.smembers(&okeys::products()).await.expect("products").into_iter().map(Sku::from_trusted).collect();
     let mut owed = Vec::new();
     for p in &products {
         owed.extend(store.smembers(&okeys::cleanup(p)).await.expect("cleanup"));
@@ -522,7 +525,7 @@ pub async fn wait_settled(store: &Store, orders: &mut crate::OrdersClient, withi
         }
         let mut busy = false;
         for p in store.smembers(&okeys::products()).await.expect("products") {
-            busy |= !store.hgetall(&okeys::working(&p)).await.expect("working").is_empty();
+            busy |= !store.hgetall(&okeys::working(&Sku::from_trusted(p))).await.expect("working").is_empty();
         }
         for stream in &event_streams(store).await {
             // A product's stream the orders consumers haven't found yet has no group: busy.

@@ -1,5 +1,6 @@
 //! The product catalogue, and the data file the dev cluster and deployments load it from.
 
+use chipgate_domain::ids::Sku;
 use chipgate_domain::inventory::{ProductClass, ProductRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -70,12 +71,13 @@ pub fn load_catalogue_file(path: &std::path::Path) -> Result<Vec<pb::Product>, S
     parse_catalogue(&text)
 }
 
-fn check_product(v: &mut Violations, p: Option<&pb::Product>) {
+/// Checks a product; its SKU when that parses.
+fn check_product(v: &mut Violations, p: Option<&pb::Product>) -> Option<Sku> {
     let Some(p) = p else {
         v.add("product", "is required");
-        return;
+        return None;
     };
-    validate::id(v, "product.sku", &p.sku);
+    let sku = validate::parse(v, "product.sku", p.sku.clone());
     validate::text(v, "product.name", &p.name, 200, true);
     if class_from(p.product_class()).is_none() {
         v.add("product.product_class", "must be EXPORT_CONTROLLED_ACCELERATOR or DOMESTIC_ACCELERATOR");
@@ -84,6 +86,7 @@ fn check_product(v: &mut Violations, p: Option<&pb::Product>) {
         v.add("product.relative_performance", "must be a number between 0 and 1000");
     }
     validate::id(v, "product.vendor", &p.vendor);
+    sku
 }
 
 impl Inventory {
@@ -94,16 +97,16 @@ impl Inventory {
     ) -> Result<pb::UpsertProductResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        check_product(&mut v, req.product.as_ref());
-        v.check().map_err(Error::Status)?;
+        let sku = check_product(&mut v, req.product.as_ref());
+        let sku = validate::finish(v, sku)?;
         let p = req.product.clone().unwrap_or_default();
         let idem =
-            IdemKey::new(&self.inner.idem, "UpsertProduct", &req.request_id, &req).in_partition(keys::part(&p.sku));
+            IdemKey::new(&self.inner.idem, "UpsertProduct", &req.request_id, &req).in_partition(keys::part(&sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let existing = self.load::<ProductRecord>(keys::product(&p.sku)).await?;
-                let stock = self.load::<StockRecord>(keys::stock(&p.sku)).await?;
+                let existing = self.load::<ProductRecord>(keys::product(&sku)).await?;
+                let stock = self.load::<StockRecord>(keys::stock(&sku)).await?;
                 let rec = ProductRecord {
                     sku: p.sku.clone(),
                     name: p.name.clone(),
@@ -113,17 +116,17 @@ impl Inventory {
                     update_ms: now,
                 };
                 let mut t = Txn::new();
-                t.replace(keys::product(&p.sku), existing.as_ref().map(|(v, _)| *v).unwrap_or(0), encode(&rec));
+                t.replace(keys::product(&sku), existing.as_ref().map(|(v, _)| *v).unwrap_or(0), encode(&rec));
                 // A new product starts with empty stock; the stock record is what holds and receipts
                 // guard on, so it exists from the start.
                 let (sver, stock) = match stock {
                     Some((v, s)) => {
-                        t.expect_version(keys::stock(&p.sku), v);
+                        t.expect_version(keys::stock(&sku), v);
                         (v, s)
                     }
                     None => {
                         let s = StockRecord { update_ms: now, ..StockRecord::empty(&p.sku) };
-                        t.replace(keys::stock(&p.sku), 0, encode(&s));
+                        t.replace(keys::stock(&sku), 0, encode(&s));
                         (1, s)
                     }
                 };
@@ -149,9 +152,9 @@ impl Inventory {
 
     pub(crate) async fn get_product(&self, req: pb::GetProductRequest) -> Result<pb::GetProductResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "sku", &req.sku);
-        v.check().map_err(Error::Status)?;
-        let (_, p) = self.require::<ProductRecord>(keys::product(&req.sku), "product", &req.sku).await?;
+        let sku = validate::parse::<Sku>(&mut v, "sku", req.sku);
+        let sku = validate::finish(v, sku)?;
+        let (_, p) = self.require::<ProductRecord>(keys::product(&sku), "product", &sku).await?;
         Ok(pb::GetProductResponse { product: Some(product_to(&p)) })
     }
 
@@ -161,7 +164,8 @@ impl Inventory {
         v.check().map_err(Error::Status)?;
         let start = page.offset();
         let skus = self.store().zrange(&keys::products(), start as i64, (start + page.size) as i64 - 1, false).await?;
-        let pkeys: Vec<String> = skus.iter().map(|(s, _)| keys::product(s)).collect();
+        // The catalogue lists SKUs parsed when their products were upserted.
+        let pkeys: Vec<String> = skus.iter().map(|(s, _)| keys::product(&Sku::from_trusted(s.as_str()))).collect();
         let products: Vec<pb::Product> =
             self.load_many::<ProductRecord>(&pkeys).await?.into_iter().flatten().map(|(_, p)| product_to(&p)).collect();
         let next =

@@ -1,5 +1,6 @@
 //! Conversions between the inventory API and the domain records, at the edge.
 
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::inventory::{HoldAsk, HoldRecord};
 use chipgate_domain::inventory::{HoldStatus, ProductClass, ProductRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
@@ -12,7 +13,7 @@ use crate::{DEFAULT_HOLD_SECONDS, MAX_BATCH, MAX_HOLD_SECONDS, MAX_UNITS};
 /// A `BatchReserve` call, validated at the edge: every bad field is named at once.
 pub struct HoldBatch {
     /// The product every ask is for.
-    pub product_sku: String,
+    pub product_sku: Sku,
     /// The asks, served in this order.
     pub asks: Vec<HoldAsk>,
     /// The caller's fencing token (0: not fenced).
@@ -24,13 +25,14 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
 
     fn try_from(req: pb::BatchReserveRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
         let checked = validate::batch(&mut v, req.items.len(), MAX_BATCH);
         let mut seen = std::collections::HashSet::new();
+        let mut order_ids = Vec::with_capacity(checked);
         for (i, it) in req.items.iter().enumerate().take(checked) {
             let prefix = format!("items[{i}].");
             let field = |name: &str| format!("{prefix}{name}");
-            validate::order_ref(&mut v, &prefix, &it.order_id, it.generation);
+            order_ids.push(validate::parse_order_ref(&mut v, &prefix, &it.order_id, it.generation));
             validate::units(&mut v, &field("units"), it.units, MAX_UNITS);
             if it.hold_seconds > MAX_HOLD_SECONDS {
                 v.add(field("hold_seconds"), format!("must be at most {MAX_HOLD_SECONDS}"));
@@ -51,12 +53,14 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
             }
             validate::once(&mut v, &mut seen, it.order_id.as_str(), &prefix, &it.order_id);
         }
-        v.check_violations()?;
+        let (product_sku, order_ids) =
+            validate::finish(v, (sku, order_ids.into_iter().collect::<Option<Vec<OrderId>>>()))?;
         let asks = req
             .items
             .into_iter()
-            .map(|it| HoldAsk {
-                order_id: it.order_id,
+            .zip(order_ids)
+            .map(|(it, order_id)| HoldAsk {
+                order_id,
                 generation: it.generation,
                 units: it.units,
                 allow_partial: it.allow_partial,
@@ -65,14 +69,14 @@ impl TryFrom<pb::BatchReserveRequest> for HoldBatch {
                 max_units: it.max_units,
             })
             .collect();
-        Ok(HoldBatch { product_sku: req.product_sku, asks, fence_token: req.fence_token })
+        Ok(HoldBatch { product_sku, asks, fence_token: req.fence_token })
     }
 }
 
 /// A `BatchReleaseReservations` call, validated.
 pub struct ReleaseBatch {
     /// Product, order and generation of each hold to give back.
-    pub refs: Vec<(String, String, u64)>,
+    pub refs: Vec<(Sku, OrderId, u64)>,
     /// Why (kept with each hold).
     pub reason: String,
     /// Leave confirmed holds alone.
@@ -86,15 +90,17 @@ impl TryFrom<pb::BatchReleaseReservationsRequest> for ReleaseBatch {
         let mut v = Violations::new();
         let checked = validate::batch(&mut v, req.items.len(), MAX_BATCH);
         let mut seen = std::collections::HashSet::new();
+        let mut ids = Vec::with_capacity(checked);
         for (i, it) in req.items.iter().enumerate().take(checked) {
             let prefix = format!("items[{i}].");
-            validate::order_ref(&mut v, &prefix, &it.order_id, it.generation);
-            validate::id(&mut v, &format!("{prefix}product_sku"), &it.product_sku);
+            let order_id = validate::parse_order_ref(&mut v, &prefix, &it.order_id, it.generation);
+            let sku = validate::parse::<Sku>(&mut v, &format!("{prefix}product_sku"), it.product_sku.clone());
             validate::once(&mut v, &mut seen, (it.product_sku.as_str(), it.order_id.as_str()), &prefix, &it.order_id);
+            ids.push(sku.zip(order_id));
         }
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check_violations()?;
-        let refs = req.items.into_iter().map(|i| (i.product_sku, i.order_id, i.generation)).collect();
+        let ids = validate::finish(v, ids.into_iter().collect::<Option<Vec<(Sku, OrderId)>>>())?;
+        let refs = req.items.iter().zip(ids).map(|(i, (sku, order_id))| (sku, order_id, i.generation)).collect();
         Ok(ReleaseBatch { refs, reason: req.reason, unless_confirmed: req.unless_confirmed })
     }
 }

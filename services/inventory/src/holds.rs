@@ -7,6 +7,7 @@
 use chipgate_runtime::service::Records;
 use std::collections::BTreeMap;
 
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, HoldStatus, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -30,15 +31,17 @@ fn outcome_to(o: HoldOutcome) -> pb::ReserveOutcome {
 
 /// Indexes a hold once, when it is first stored.
 fn index_new_hold(t: &mut Txn, h: &HoldRecord) {
-    t.zadd(keys::holds_of(&h.sku), &h.order_id, h.create_ms as f64);
+    // A hold's product was parsed when the hold was asked for.
+    t.zadd(keys::holds_of(&Sku::from_trusted(h.sku.as_str())), &h.order_id, h.create_ms as f64);
 }
 
 /// Keeps the expiry index in step with a hold: listed while complete and unconfirmed.
 fn index_expiry(t: &mut Txn, h: &HoldRecord) {
+    let sku = Sku::from_trusted(h.sku.as_str());
     if h.status() == HoldStatus::Held && h.is_complete() && h.expire_ms != 0 {
-        t.zadd(keys::expiry(&h.sku), &h.order_id, h.expire_ms as f64);
+        t.zadd(keys::expiry(&sku), &h.order_id, h.expire_ms as f64);
     } else {
-        t.zrem(keys::expiry(&h.sku), &h.order_id);
+        t.zrem(keys::expiry(&sku), &h.order_id);
     }
 }
 
@@ -61,7 +64,7 @@ impl Inventory {
     async fn reserve_items(
         &self,
         ctx: &RequestContext,
-        sku: &str,
+        sku: &Sku,
         asks: Vec<HoldAsk>,
         fence_token: u64,
     ) -> Result<pb::BatchReserveResponse, Error> {
@@ -87,7 +90,7 @@ impl Inventory {
                 for ((ask, ex), trimmed) in asks.iter().zip(&existing).zip(reclaimed) {
                     if let Some((_, h)) = ex
                         && !h.sku.is_empty()
-                        && h.sku != sku
+                        && h.sku != sku.as_str()
                     {
                         return Err(Error::invalid(
                             "items.order_id",
@@ -110,7 +113,7 @@ impl Inventory {
                     let shown = match &changed {
                         Some(h) => {
                             t.replace(
-                                keys::hold(sku, &h.order_id),
+                                keys::hold(sku, &ask.order_id),
                                 ex.as_ref().map(|(v, _)| *v).unwrap_or(0),
                                 encode(h),
                             );
@@ -125,7 +128,7 @@ impl Inventory {
                         None => prev.map(hold_to),
                     };
                     results.push(pb::ReserveItemResult {
-                        order_id: ask.order_id.clone(),
+                        order_id: ask.order_id.to_string(),
                         outcome: outcome_to(outcome) as i32,
                         reservation: shown,
                     });
@@ -156,18 +159,18 @@ impl Inventory {
     ) -> Result<pb::ConfirmReservationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "order_id", &req.order_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id.clone());
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         if req.generation == 0 {
             v.add("generation", "must be at least 1");
         }
-        v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ConfirmReservation", &req.request_id, &req)
-            .in_partition(keys::part(&req.product_sku));
+        let (order_id, sku) = validate::finish(v, (order_id, sku))?;
+        let idem =
+            IdemKey::new(&self.inner.idem, "ConfirmReservation", &req.request_id, &req).in_partition(keys::part(&sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.product_sku, &req.order_id).await?;
+                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&sku, &order_id).await?;
                 if h.generation == req.generation && matches!(h.status(), HoldStatus::Confirmed | HoldStatus::Shipped) {
                     return Ok((Txn::new(), pb::ConfirmReservationResponse { reservation: Some(hold_to(&h)) }));
                 }
@@ -211,8 +214,8 @@ impl Inventory {
                 h.set_status(HoldStatus::Confirmed);
                 h.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::hold(&h.sku, &h.order_id), hver, encode(&h));
-                t.replace(keys::stock(&h.sku), sver, encode(&stock));
+                t.replace(keys::hold(&sku, &order_id), hver, encode(&h));
+                t.replace(keys::stock(&sku), sver, encode(&stock));
                 index_expiry(&mut t, &h);
                 let out = hold_to(&h);
                 emit(
@@ -236,18 +239,18 @@ impl Inventory {
     ) -> Result<pb::ShipReservationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "order_id", &req.order_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id.clone());
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         if req.generation == 0 {
             v.add("generation", "must be at least 1");
         }
-        v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ShipReservation", &req.request_id, &req)
-            .in_partition(keys::part(&req.product_sku));
+        let (order_id, sku) = validate::finish(v, (order_id, sku))?;
+        let idem =
+            IdemKey::new(&self.inner.idem, "ShipReservation", &req.request_id, &req).in_partition(keys::part(&sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
                 let now = now_ms();
-                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&req.product_sku, &req.order_id).await?;
+                let ((hver, mut h), (sver, mut stock)) = self.hold_with_stock(&sku, &order_id).await?;
                 if h.generation == req.generation && h.status() == HoldStatus::Shipped {
                     return Ok((Txn::new(), pb::ShipReservationResponse { reservation: Some(hold_to(&h)) }));
                 }
@@ -269,8 +272,8 @@ impl Inventory {
                 h.set_status(HoldStatus::Shipped);
                 h.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::hold(&h.sku, &h.order_id), hver, encode(&h));
-                t.replace(keys::stock(&h.sku), sver, encode(&stock));
+                t.replace(keys::hold(&sku, &order_id), hver, encode(&h));
+                t.replace(keys::stock(&sku), sver, encode(&stock));
                 let out = hold_to(&h);
                 emit(
                     &mut t,
@@ -303,17 +306,17 @@ impl Inventory {
     async fn release_items(
         &self,
         ctx: &RequestContext,
-        items: &[(String, String, u64)],
+        items: &[(Sku, OrderId, u64)],
         reason: &str,
         unless_confirmed: bool,
     ) -> Result<Vec<pb::Reservation>, Error> {
-        let mut by_product: BTreeMap<&str, Vec<usize>> = BTreeMap::new();
+        let mut by_product: BTreeMap<&Sku, Vec<usize>> = BTreeMap::new();
         for (i, (sku, _, _)) in items.iter().enumerate() {
-            by_product.entry(sku.as_str()).or_default().push(i);
+            by_product.entry(sku).or_default().push(i);
         }
         let mut out: Vec<Option<pb::Reservation>> = vec![None; items.len()];
         for (sku, indexes) in by_product {
-            let refs: Vec<(String, u64)> = indexes.iter().map(|&i| (items[i].1.clone(), items[i].2)).collect();
+            let refs: Vec<(OrderId, u64)> = indexes.iter().map(|&i| (items[i].1.clone(), items[i].2)).collect();
             let answers = self.release_product(ctx, sku, &refs, reason, unless_confirmed).await?;
             for (i, a) in indexes.into_iter().zip(answers) {
                 out[i] = Some(a);
@@ -326,8 +329,8 @@ impl Inventory {
     async fn release_product(
         &self,
         ctx: &RequestContext,
-        sku: &str,
-        items: &[(String, u64)],
+        sku: &Sku,
+        items: &[(OrderId, u64)],
         reason: &str,
         unless_confirmed: bool,
     ) -> Result<Vec<pb::Reservation>, Error> {
@@ -346,7 +349,7 @@ impl Inventory {
                         None => (0, None),
                     };
                     let tombstone = HoldRecord {
-                        order_id: order_id.clone(),
+                        order_id: order_id.to_string(),
                         generation: *generation,
                         sku: sku.to_string(),
                         status: HoldStatus::Released as i32,
@@ -441,12 +444,10 @@ impl Inventory {
         req: pb::GetReservationRequest,
     ) -> Result<pb::GetReservationResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "order_id", &req.order_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        v.check().map_err(Error::Status)?;
-        let (_, h) = self
-            .require::<HoldRecord>(keys::hold(&req.product_sku, &req.order_id), "reservation", &req.order_id)
-            .await?;
+        let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
+        let (order_id, sku) = validate::finish(v, (order_id, sku))?;
+        let (_, h) = self.require::<HoldRecord>(keys::hold(&sku, &order_id), "reservation", &order_id).await?;
         Ok(pb::GetReservationResponse { reservation: Some(hold_to(&h)) })
     }
 
@@ -455,16 +456,15 @@ impl Inventory {
         req: pb::ListReservationsRequest,
     ) -> Result<pb::ListReservationsResponse, Error> {
         let mut v = Violations::new();
-        validate::optional_id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse_optional::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
+        let sku = validate::finish(v, sku)?;
         let want = hold_status_from(req.state());
         // One product's holds, or every product's in SKU order; the page token is the position in
         // that sequence.
-        let skus: Vec<String> = if req.product_sku.is_empty() {
-            chipgate_contract::catalogue::all(self.store()).await?
-        } else {
-            vec![req.product_sku.clone()]
+        let skus: Vec<Sku> = match sku {
+            None => chipgate_contract::catalogue::all(self.store()).await?,
+            Some(sku) => vec![sku],
         };
         let mut skip = page.offset();
         let mut position = page.offset();
@@ -484,7 +484,9 @@ impl Inventory {
                 if ids.is_empty() {
                     break;
                 }
-                let hkeys: Vec<String> = ids.iter().map(|(o, _)| keys::hold(&sku, o)).collect();
+                // The index lists orders whose ids were parsed when their holds were asked for.
+                let hkeys: Vec<String> =
+                    ids.iter().map(|(o, _)| keys::hold(&sku, &OrderId::from_trusted(o.as_str()))).collect();
                 for h in self.load_many::<HoldRecord>(&hkeys).await? {
                     position += 1;
                     if let Some((_, h)) = h

@@ -5,23 +5,24 @@
 //! products exist) lives in the space's own slot (`{inv}`): it changes rarely and is read once per
 //! product by the other services.
 
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_state::{Partition, Space};
 
 /// The inventory space.
 pub const SPACE: Space = chipgate_contract::INVENTORY;
 
 /// The partition of product `sku`.
-pub fn part(sku: &str) -> Partition {
+pub fn part(sku: &Sku) -> Partition {
     chipgate_contract::partitions::inventory(sku)
 }
 
 /// A product's event stream (stock changes, holds placed and given back).
-pub fn events(sku: &str) -> String {
+pub fn events(sku: &Sku) -> String {
     chipgate_contract::streams::inventory(sku)
 }
 
 /// A product of the catalogue.
-pub fn product(sku: &str) -> String {
+pub fn product(sku: &Sku) -> String {
     chipgate_contract::catalogue::product(sku)
 }
 
@@ -31,31 +32,31 @@ pub fn products() -> String {
 }
 
 /// A product's stock.
-pub fn stock(sku: &str) -> String {
+pub fn stock(sku: &Sku) -> String {
     part(sku).key(["stock"])
 }
 
 /// A supply receipt of a product (receipt ids are unique per product).
-pub fn receipt(sku: &str, receipt_id: &str) -> String {
+pub fn receipt(sku: &Sku, receipt_id: &str) -> String {
     part(sku).key(["receipt", receipt_id])
 }
 
 /// An order's hold of a product.
-pub fn hold(sku: &str, order_id: &str) -> String {
-    part(sku).key(["hold", order_id])
+pub fn hold(sku: &Sku, order_id: &OrderId) -> String {
+    part(sku).key(["hold", order_id.as_str()])
 }
 
 /// A product's holds, by creation time.
-pub fn holds_of(sku: &str) -> String {
+pub fn holds_of(sku: &Sku) -> String {
     part(sku).key(["holds"])
 }
 
 /// A product's complete unconfirmed holds, by expiry time.
-pub fn expiry(sku: &str) -> String {
+pub fn expiry(sku: &Sku) -> String {
     part(sku).key(["expiry"])
 }
 
 /// The highest fencing token presented for a product's holds.
-pub fn fence(sku: &str) -> String {
+pub fn fence(sku: &Sku) -> String {
     part(sku).key(["fence"])
 }

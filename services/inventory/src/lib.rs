@@ -24,6 +24,7 @@ use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::inventory::{HoldRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::idempotency::Idempotency;
@@ -82,7 +83,7 @@ struct Inner {
     locks: KeyedLocks,
     watch: chipgate_runtime::hub::StreamHub<pb::WatchStockResponse>,
     /// Products whose event streams the watch hub follows.
-    followed: std::sync::Mutex<std::collections::HashSet<String>>,
+    followed: chipgate_runtime::known::Known<Sku>,
     shutdown: Shutdown,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
@@ -112,7 +113,7 @@ impl Inventory {
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
                 watch: chipgate_runtime::hub::StreamHub::default(),
-                followed: std::sync::Mutex::default(),
+                followed: chipgate_runtime::known::Known::default(),
                 shutdown: shutdown.clone(),
             }),
         };
@@ -132,8 +133,8 @@ impl Inventory {
     /// second saw the hold CONFIRMED and the stock already shipped, and answered INTERNAL).
     async fn hold_with_stock(
         &self,
-        sku: &str,
-        order_id: &str,
+        sku: &Sku,
+        order_id: &OrderId,
     ) -> Result<((u64, HoldRecord), (u64, StockRecord)), Error> {
         const READS: u32 = 16;
         for _ in 0..READS {
@@ -148,7 +149,7 @@ impl Inventory {
     }
 
     /// The stock of a product that must exist (unknown products are bad input in mutating calls).
-    async fn stock_of(&self, sku: &str, field: &str) -> Result<(u64, StockRecord), Error> {
+    async fn stock_of(&self, sku: &Sku, field: &str) -> Result<(u64, StockRecord), Error> {
         match self.load::<StockRecord>(keys::stock(sku)).await? {
             Some(s) => Ok(s),
             None => Err(Error::invalid(field, format!("unknown product {sku:?}; add it to the catalogue first"))),
@@ -175,7 +176,8 @@ fn emit(
         kind: Some(kind),
     };
     txn.xadd(
-        keys::events(&stock.sku),
+        // A stock record's product was parsed when the product was upserted.
+        keys::events(&Sku::from_trusted(stock.sku.as_str())),
         vec![(chipgate_contract::EVENT_FIELD.to_string(), event.encode_to_vec())],
         Some(MAX_EVENTS),
     );

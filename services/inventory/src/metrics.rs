@@ -50,7 +50,7 @@ pub(crate) fn register(metrics: &Metrics, store: Store) -> Counters {
 impl Sampler {
     async fn read(&self) -> Result<(), String> {
         let skus = chipgate_contract::catalogue::all(&self.store).await.map_err(|e| e.to_string())?;
-        let stock_keys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
+        let stock_keys: Vec<String> = skus.iter().map(keys::stock).collect();
         let stocks = records::load_many::<StockRecord>(&self.store, &stock_keys).await.map_err(|e| e.to_string())?;
         for (sku, stock) in skus.iter().zip(stocks) {
             let Some((_, s)) = stock else { continue };
@@ -61,7 +61,7 @@ impl Sampler {
                 ("shipped", s.shipped),
                 ("received", s.received),
             ] {
-                self.stock.get_or_create(&[("product", sku.clone()), ("kind", kind.to_string())]).set(v as i64);
+                self.stock.get_or_create(&[("product", sku.to_string()), ("kind", kind.to_string())]).set(v as i64);
             }
         }
         let mut unconfirmed = 0;

@@ -1,5 +1,6 @@
 //! Supply receipts and stock figures.
 
+use chipgate_domain::ids::Sku;
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -46,18 +47,16 @@ impl Inventory {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "receipt_id", &req.receipt_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         validate::text(&mut v, "source", &req.source, 200, false);
-        v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "ReceiveSupply", &req.request_id, &req)
-            .in_partition(keys::part(&req.product_sku));
+        let sku = validate::finish(v, sku)?;
+        let idem =
+            IdemKey::new(&self.inner.idem, "ReceiveSupply", &req.request_id, &req).in_partition(keys::part(&sku));
         let (answer, _) = self
             .run_txn(Some(&idem), || async {
-                let (sver, mut stock) = self.stock_of(&req.product_sku, "product_sku").await?;
-                if let Some((_, r)) =
-                    self.load::<ReceiptRecord>(keys::receipt(&req.product_sku, &req.receipt_id)).await?
-                {
+                let (sver, mut stock) = self.stock_of(&sku, "product_sku").await?;
+                if let Some((_, r)) = self.load::<ReceiptRecord>(keys::receipt(&sku, &req.receipt_id)).await? {
                     // A receipt is booked once, whatever request id carries it again.
                     if r.sku == req.product_sku && r.units == req.units {
                         return Ok((
@@ -89,8 +88,8 @@ impl Inventory {
                 stock.receive(req.units);
                 stock.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::receipt(&r.sku, &r.receipt_id), 0, encode(&r));
-                t.replace(keys::stock(&stock.sku), sver, encode(&stock));
+                t.replace(keys::receipt(&sku, &r.receipt_id), 0, encode(&r));
+                t.replace(keys::stock(&sku), sver, encode(&stock));
                 emit(
                     &mut t,
                     ctx,
@@ -114,15 +113,15 @@ impl Inventory {
 
     pub(crate) async fn get_stock(&self, req: pb::GetStockRequest) -> Result<pb::GetStockResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        v.check().map_err(Error::Status)?;
-        let (ver, s) = self.require::<StockRecord>(keys::stock(&req.product_sku), "product", &req.product_sku).await?;
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
+        let sku = validate::finish(v, sku)?;
+        let (ver, s) = self.require::<StockRecord>(keys::stock(&sku), "product", &sku).await?;
         Ok(pb::GetStockResponse { stock: Some(stock_to(&s, ver)) })
     }
 
     pub(crate) async fn list_stock(&self, _req: pb::ListStockRequest) -> Result<pb::ListStockResponse, Error> {
         let skus = chipgate_contract::catalogue::all(self.store()).await?;
-        let skeys: Vec<String> = skus.iter().map(|s| keys::stock(s)).collect();
+        let skeys: Vec<String> = skus.iter().map(keys::stock).collect();
         let stock =
             self.load_many::<StockRecord>(&skeys).await?.into_iter().flatten().map(|(v, s)| stock_to(&s, v)).collect();
         Ok(pb::ListStockResponse { stock })

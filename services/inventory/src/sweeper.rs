@@ -9,6 +9,7 @@ use chipgate_runtime::service::Records;
 use std::ops::Bound;
 use std::time::Duration;
 
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::inventory::{HoldRecord, HoldStatus, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::time::now_ms;
@@ -50,7 +51,7 @@ impl Inventory {
         Ok(expired)
     }
 
-    async fn sweep_product(&self, sku: &str) -> Result<usize, Error> {
+    async fn sweep_product(&self, sku: &Sku) -> Result<usize, Error> {
         let now = now_ms();
         let due = self
             .store()
@@ -59,7 +60,8 @@ impl Inventory {
         if due.is_empty() {
             return Ok(0);
         }
-        let orders: Vec<String> = due.into_iter().map(|(o, _)| o).collect();
+        // The index lists orders whose ids were parsed when their holds were asked for.
+        let orders: Vec<OrderId> = due.into_iter().map(|(o, _)| OrderId::from_trusted(o)).collect();
         let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
         let mut held = Vec::new();
         let mut stale = Vec::new();
@@ -83,7 +85,7 @@ impl Inventory {
         self.expire(sku, &held).await
     }
 
-    async fn expire(&self, sku: &str, orders: &[String]) -> Result<usize, Error> {
+    async fn expire(&self, sku: &Sku, orders: &[OrderId]) -> Result<usize, Error> {
         let ctx = RequestContext::background("expiry-sweeper", None);
         let (answer, _) = self
             .run_txn(None, || async {
@@ -103,7 +105,7 @@ impl Inventory {
                     h.set_status(HoldStatus::Expired);
                     h.update_ms = now;
                     h.release_reason = "not confirmed before the hold expired".to_string();
-                    t.replace(keys::hold(sku, &h.order_id), hver, encode(&h));
+                    t.replace(keys::hold(sku, &OrderId::from_trusted(h.order_id.as_str())), hver, encode(&h));
                     t.zrem(keys::expiry(sku), &h.order_id);
                     gone.push(hold_to(&h));
                 }

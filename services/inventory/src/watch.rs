@@ -8,6 +8,7 @@
 //! orders a change concerns). Inventory doesn't know which orders are whose, so a buyer sees none,
 //! and follows its own orders with `WatchOrders`. Every other role sees the references.
 
+use chipgate_domain::ids::Sku;
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -62,26 +63,19 @@ pub(crate) async fn run(svc: Inventory, shutdown: Shutdown) {
 impl Inventory {
     /// Whether the watch hub follows product `sku`'s stream already.
     fn follows(&self, sku: &str) -> bool {
-        match self.inner.followed.lock() {
-            Ok(f) => f.contains(sku),
-            Err(poisoned) => poisoned.into_inner().contains(sku),
-        }
+        self.inner.followed.contains(sku)
     }
 
     /// Makes the watch hub follow product `sku`'s stream, from its end as it is now (once per product).
     /// Returns once the starting point is read, so a watcher that subscribed before calling this misses
     /// nothing committed after it.
-    async fn follow_product(&self, sku: &str) -> Result<(), Error> {
+    async fn follow_product(&self, sku: &Sku) -> Result<(), Error> {
         if self.follows(sku) {
             return Ok(());
         }
         let stream = keys::events(sku);
         let from = self.store().xlast_id(&stream).await?;
-        let inserted = match self.inner.followed.lock() {
-            Ok(mut f) => f.insert(sku.to_string()),
-            Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
-        };
-        if inserted {
+        if self.inner.followed.insert(sku.clone()) {
             let decode = |e: &chipgate_state::StreamEntry| match pb::InventoryEvent::decode(
                 e.field(chipgate_contract::EVENT_FIELD)?,
             ) {
@@ -120,25 +114,24 @@ impl Inventory {
         req: pb::WatchStockRequest,
     ) -> Result<WatchStream, Error> {
         let mut v = Violations::new();
-        validate::optional_id(&mut v, "product_sku", &req.product_sku);
-        v.check().map_err(Error::Status)?;
+        let sku = validate::parse_optional::<Sku>(&mut v, "product_sku", req.product_sku.clone());
+        let sku = validate::finish(v, sku)?;
         // Subscribe before reading the snapshot, so no change falls between the two; a product the hub
         // doesn't follow yet (added since its last look at the catalogue) is followed from now on.
         let rx = self.inner.watch.subscribe();
         // (Followed already, the usual case: no store read on the way, so the call holds its share of
         // the global concurrency limit only as long as its snapshot takes.)
-        if !req.product_sku.is_empty()
-            && !self.follows(&req.product_sku)
-            && chipgate_contract::catalogue::has_product(self.store(), &req.product_sku).await?
+        if let Some(sku) = &sku
+            && !self.follows(sku)
+            && chipgate_contract::catalogue::has_product(self.store(), sku).await?
         {
-            self.follow_product(&req.product_sku).await?;
+            self.follow_product(sku).await?;
         }
-        let snapshot: Vec<pb::Stock> = if req.product_sku.is_empty() {
-            self.list_stock(pb::ListStockRequest {}).await?.stock
-        } else {
-            let (ver, s) =
-                self.require::<StockRecord>(keys::stock(&req.product_sku), "product", &req.product_sku).await?;
+        let snapshot: Vec<pb::Stock> = if let Some(sku) = &sku {
+            let (ver, s) = self.require::<StockRecord>(keys::stock(sku), "product", sku).await?;
             vec![stock_to(&s, ver)]
+        } else {
+            self.list_stock(pb::ListStockRequest {}).await?.stock
         };
         let first: Vec<pb::WatchStockResponse> = snapshot
             .into_iter()

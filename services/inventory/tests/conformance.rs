@@ -132,7 +132,7 @@ async fn release(svc: &Inventory, order: &str, generation: u64) -> pb::Reservati
 
 async fn events(store: &Store) -> Vec<pb::InventoryEvent> {
     store
-        .xrange(&keys::events(SKU), None, 100_000)
+        .xrange(&keys::events(&chipgate_domain::ids::Sku::from_trusted(SKU)), None, 100_000)
         .await
         .unwrap()
         .iter()
@@ -532,7 +532,7 @@ async fn watch_stock_streams_changes(store: Store) {
 
 async fn bad_input_changes_nothing(store: Store) {
     let (svc, _s) = service(store.clone()).await;
-    let before = store.xlen(&keys::events(SKU)).await.unwrap();
+    let before = store.xlen(&keys::events(&chipgate_domain::ids::Sku::from_trusted(SKU))).await.unwrap();
     let e = svc
         .receive_supply(Request::new(pb::ReceiveSupplyRequest {
             request_id: rid(),
@@ -588,7 +588,11 @@ async fn bad_input_changes_nothing(store: Store) {
     let fields: Vec<String> =
         neg.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
     assert_eq!(fields, ["items[0].generation", "items[0].units", "items[0].hold_seconds"]);
-    assert_eq!(store.xlen(&keys::events(SKU)).await.unwrap(), before, "nothing changed");
+    assert_eq!(
+        store.xlen(&keys::events(&chipgate_domain::ids::Sku::from_trusted(SKU))).await.unwrap(),
+        before,
+        "nothing changed"
+    );
     assert!(adds_up(&stock(&svc).await));
 }
 

@@ -1,5 +1,6 @@
 //! Applications and the approval queue.
 
+use chipgate_domain::ids::{ApplicationId, BuyerId, Sku};
 use chipgate_domain::licensing::{ApplicationRecord, ApplicationStatus};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -31,15 +32,15 @@ impl Licensing {
     ) -> Result<pb::SubmitApplicationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "buyer_id", &req.buyer_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let buyer = validate::parse::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::units(&mut v, "quantity", req.quantity, MAX_UNITS);
         validate::text(&mut v, "end_use", &req.end_use, validate::MAX_TEXT_LEN, true);
         validate::text(&mut v, "site", &req.site, validate::MAX_TEXT_LEN, true);
         let destination = if req.destination.is_empty() { "CN".to_string() } else { req.destination.clone() };
         validate::country(&mut v, "destination", &destination);
-        v.check().map_err(Error::Status)?;
-        if !self.inner.products.contains(self.store(), &req.product_sku).await? {
+        let (buyer, sku) = validate::finish(v, (buyer, sku))?;
+        if !self.inner.products.in_catalogue(self.store(), &sku).await? {
             return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
                 "product_sku",
                 chipgate_contract::catalogue::unknown_product(&req.product_sku),
@@ -48,7 +49,7 @@ impl Licensing {
 
         let idem = IdemKey::new(&self.inner.idem, "SubmitApplication", &req.request_id, &req);
         let (mut answer, _) = self.run_in(Part::Desk, Some(&idem), || async {
-            let open_key = keys::open_application(&req.buyer_id, &req.product_sku);
+            let open_key = keys::open_application(&buyer, &sku);
             if let Some((_, existing)) = self.load::<OpenMarker>(open_key.clone()).await? {
                 return Err(Error::AlreadyExists {
                     kind: "application",
@@ -61,8 +62,9 @@ impl Licensing {
             }
             let seq = self.next_ids("app", 1).await?;
             let now = now_ms();
+            let id = ApplicationId::from_trusted(format!("app-{seq}"));
             let app = ApplicationRecord {
-                id: format!("app-{seq}"),
+                id: id.to_string(),
                 buyer_id: req.buyer_id.clone(),
                 product_sku: req.product_sku.clone(),
                 quantity: req.quantity,
@@ -77,10 +79,10 @@ impl Licensing {
             };
             let mut t = Txn::new();
             t.replace(open_key, 0, encode(&OpenMarker { application_id: app.id.clone() }));
-            t.replace(keys::application(&app.id), 0, encode(&app));
+            t.replace(keys::application(&id), 0, encode(&app));
             t.zadd(keys::queue(), &app.id, seq as f64);
             t.zadd(keys::applications(), &app.id, seq as f64);
-            t.zadd(keys::applications_of(&app.buyer_id), &app.id, seq as f64);
+            t.zadd(keys::applications_of(&buyer), &app.id, seq as f64);
             emit(&mut t, Part::Desk, ctx, now, changed(&app));
             record(&mut t, Part::Desk, ctx,
                 now,
@@ -116,11 +118,9 @@ impl Licensing {
         req: pb::GetApplicationRequest,
     ) -> Result<pb::GetApplicationResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "application_id", &req.application_id);
-        v.check().map_err(Error::Status)?;
-        let (_, app) = self
-            .require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id)
-            .await?;
+        let id = validate::parse::<ApplicationId>(&mut v, "application_id", req.application_id);
+        let id = validate::finish(v, id)?;
+        let (_, app) = self.require::<ApplicationRecord>(keys::application(&id), "application", &id).await?;
         ctx.check_owner(&app.buyer_id).map_err(Error::Status)?;
         let mut application = Some(application_to(&app, 0));
         self.refresh_position(&mut application).await?;
@@ -132,15 +132,19 @@ impl Licensing {
         req: pb::ListApplicationsRequest,
     ) -> Result<pb::ListApplicationsResponse, Error> {
         let mut v = Violations::new();
-        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
+        let buyer = validate::parse_optional::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
-        let index = if req.buyer_id.is_empty() { keys::applications() } else { keys::applications_of(&req.buyer_id) };
+        let buyer = validate::finish(v, buyer)?;
+        let index = buyer.map_or_else(keys::applications, |b| keys::applications_of(&b));
         let want = application_status_from(req.state());
         let (apps, next) = self
-            .scan_index::<ApplicationRecord>(&index, &page, true, keys::application, |a| {
-                want.is_none_or(|s| a.status() == s)
-            })
+            .scan_index::<ApplicationRecord>(
+                &index,
+                &page,
+                true,
+                |id| keys::application(&ApplicationId::from_trusted(id)),
+                |a| want.is_none_or(|s| a.status() == s),
+            )
             .await?;
         let mut out = Vec::with_capacity(apps.len());
         for a in apps {
@@ -152,7 +156,8 @@ impl Licensing {
     }
 
     /// Pages through a sorted-set index of record ids (newest first when `rev`), keeping the records
-    /// `keep` accepts. The page token is the rank to continue from.
+    /// `keep` accepts. The page token is the rank to continue from. `key_of` is given ids this
+    /// service wrote to the index (parsed on entry).
     pub(crate) async fn scan_index<M: prost::Message + Default>(
         &self,
         index: &str,
@@ -195,19 +200,17 @@ impl Licensing {
     ) -> Result<pb::WithdrawApplicationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "application_id", &req.application_id);
+        let id = validate::parse::<ApplicationId>(&mut v, "application_id", req.application_id.clone());
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
+        let id = validate::finish(v, id)?;
         // Ownership first, outside the idempotent transaction: a replayed answer must not reach a
         // buyer who does not own the application (an application's buyer never changes).
-        let (_, app) = self
-            .require::<ApplicationRecord>(keys::application(&req.application_id), "application", &req.application_id)
-            .await?;
+        let (_, app) = self.require::<ApplicationRecord>(keys::application(&id), "application", &id).await?;
         ctx.check_owner(&app.buyer_id).map_err(Error::Status)?;
         let idem = IdemKey::new(&self.inner.idem, "WithdrawApplication", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || {
-                self.close_application(ctx, &req.application_id, ApplicationStatus::Withdrawn, &req.reason)
+                self.close_application(ctx, &id, ApplicationStatus::Withdrawn, &req.reason)
             })
             .await?;
         Ok(pb::WithdrawApplicationResponse { application: answer.application })
@@ -220,13 +223,13 @@ impl Licensing {
     ) -> Result<pb::RejectApplicationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "application_id", &req.application_id);
+        let id = validate::parse::<ApplicationId>(&mut v, "application_id", req.application_id.clone());
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, true);
-        v.check().map_err(Error::Status)?;
+        let id = validate::finish(v, id)?;
         let idem = IdemKey::new(&self.inner.idem, "RejectApplication", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || {
-                self.close_application(ctx, &req.application_id, ApplicationStatus::Rejected, &req.reason)
+                self.close_application(ctx, &id, ApplicationStatus::Rejected, &req.reason)
             })
             .await?;
         Ok(pb::RejectApplicationResponse { application: answer.application })
@@ -236,7 +239,7 @@ impl Licensing {
     async fn close_application(
         &self,
         ctx: &RequestContext,
-        id: &str,
+        id: &ApplicationId,
         to: ApplicationStatus,
         reason: &str,
     ) -> Result<(Txn, pb::GetApplicationResponse), Error> {
@@ -260,7 +263,11 @@ impl Licensing {
         let mut t = Txn::new();
         t.replace(keys::application(id), ver, encode(&app));
         t.replace(keys::queue_version(), qver, encode(&QueueVersion {}));
-        t.delete(keys::open_application(&app.buyer_id, &app.product_sku));
+        // The application's own ids, parsed when it was submitted.
+        t.delete(keys::open_application(
+            &BuyerId::from_trusted(app.buyer_id.as_str()),
+            &Sku::from_trusted(app.product_sku.as_str()),
+        ));
         t.zrem(keys::queue(), id);
         emit(&mut t, Part::Desk, ctx, now, changed(&app));
         let action = if to == ApplicationStatus::Rejected { "application.rejected" } else { "application.withdrawn" };
@@ -283,7 +290,8 @@ impl Licensing {
         let start = page.offset();
         let ids = self.store().zrange(&keys::queue(), start as i64, (start + page.size) as i64 - 1, false).await?;
         let total = self.store().zcard(&keys::queue()).await?;
-        let keys: Vec<String> = ids.iter().map(|(id, _)| keys::application(id)).collect();
+        let keys: Vec<String> =
+            ids.iter().map(|(id, _)| keys::application(&ApplicationId::from_trusted(id.as_str()))).collect();
         let apps = self.load_many::<ApplicationRecord>(&keys).await?;
         let applications: Vec<pb::Application> = apps
             .into_iter()
@@ -305,21 +313,15 @@ impl Licensing {
     ) -> Result<pb::MoveQueuedApplicationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "application_id", &req.application_id);
+        let id = validate::parse::<ApplicationId>(&mut v, "application_id", req.application_id.clone());
         if req.position == 0 {
             v.add("position", "must be at least 1 (the front)");
         }
-        v.check().map_err(Error::Status)?;
+        let id = validate::finish(v, id)?;
         let idem = IdemKey::new(&self.inner.idem, "MoveQueuedApplication", &req.request_id, &req);
         let (mut answer, _) = self
             .run_in(Part::Desk, Some(&idem), || async {
-                let (_, app) = self
-                    .require::<ApplicationRecord>(
-                        keys::application(&req.application_id),
-                        "application",
-                        &req.application_id,
-                    )
-                    .await?;
+                let (_, app) = self.require::<ApplicationRecord>(keys::application(&id), "application", &id).await?;
                 if app.status() != ApplicationStatus::Queued {
                     return Err(Error::precondition(
                         "APPLICATION_NOT_QUEUED",

@@ -48,10 +48,10 @@ impl Licensing {
     ) -> Result<pb::ListAuditEntriesResponse, Error> {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "subject", &req.subject);
-        validate::optional_id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse_optional::<chipgate_domain::ids::Sku>(&mut v, "product_sku", req.product_sku.clone());
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
-        let part = if req.product_sku.is_empty() { Part::Desk } else { Part::Product(&req.product_sku) };
+        let sku = validate::finish(v, sku)?;
+        let part = sku.as_ref().map_or(Part::Desk, Part::Product);
         let stream = part.audit().stream;
         let mut after = if page.cursor.is_empty() { None } else { Some(page.cursor.clone()) };
         let mut entries = Vec::new();

@@ -1,6 +1,7 @@
 //! Conversions between the licensing API (protobuf) and the domain records, at the edge.
 
 use chipgate_domain::allocation::QuotaAsk;
+use chipgate_domain::ids::Sku;
 use chipgate_domain::licensing::{
     ApplicationRecord, ApplicationStatus, Conditions, EffectiveState, ExportAuthRecord, Failure, LicenseRecord,
     PolicyRecord, PurchaseRecord, ReservationRecord, ReservationStatus, Stance, WaveRecord, WaveStatus,
@@ -255,7 +256,7 @@ fn quota_refs(v: &mut Violations, items: Vec<pb::ReleaseItem>, with_sku: bool) -
 /// A `BatchReserveQuota` call, validated at the edge: every bad field is named at once.
 pub struct QuotaBatch {
     /// The product every ask is for.
-    pub product_sku: String,
+    pub product_sku: Sku,
     /// The asks, in the order they are served.
     pub asks: Vec<QuotaAsk>,
     /// The caller's fencing token (0: not fenced).
@@ -267,7 +268,7 @@ impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
 
     fn try_from(req: pb::BatchReserveQuotaRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
         let checked = validate::batch(&mut v, req.items.len(), crate::MAX_BATCH);
         let mut seen = std::collections::HashSet::new();
         for (i, it) in req.items.iter().enumerate().take(checked) {
@@ -280,7 +281,7 @@ impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
             validate::optional_id(&mut v, &field("queued_behind"), &it.queued_behind);
             validate::once(&mut v, &mut seen, it.order_id.as_str(), &prefix, &it.order_id);
         }
-        v.check_violations()?;
+        let product_sku = validate::finish(v, sku)?;
         let asks = req
             .items
             .into_iter()
@@ -293,7 +294,7 @@ impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
                 queued_behind: (!it.queued_behind.is_empty()).then_some(it.queued_behind),
             })
             .collect();
-        Ok(QuotaBatch { product_sku: req.product_sku, asks, fence_token: req.fence_token })
+        Ok(QuotaBatch { product_sku, asks, fence_token: req.fence_token })
     }
 }
 
@@ -322,7 +323,7 @@ impl TryFrom<pb::BatchReleaseQuotaRequest> for ReleaseBatch {
 /// A `RecheckQuota` call, validated.
 pub struct Recheck {
     /// The product every order holds quota of.
-    pub product_sku: String,
+    pub product_sku: Sku,
     /// Order and generation of each.
     pub refs: Vec<(String, u64)>,
 }
@@ -332,9 +333,9 @@ impl TryFrom<pb::RecheckQuotaRequest> for Recheck {
 
     fn try_from(req: pb::RecheckQuotaRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
         let refs = quota_refs(&mut v, req.items, false).into_iter().map(|r| (r.order_id, r.generation)).collect();
-        v.check_violations()?;
-        Ok(Recheck { product_sku: req.product_sku, refs })
+        let product_sku = validate::finish(v, sku)?;
+        Ok(Recheck { product_sku, refs })
     }
 }

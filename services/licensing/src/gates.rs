@@ -1,6 +1,7 @@
 //! The gates around licences: the buyers' domestic-purchase ledger, the vendor's export
 //! authorisations, and customs' import policy.
 
+use chipgate_domain::ids::{BuyerId, Sku};
 use chipgate_domain::licensing::{
     ExportAuthRecord, LedgerRecord, PolicyRecord, ProductExportRecord, PurchaseRecord, Stance,
 };
@@ -25,16 +26,16 @@ impl Licensing {
     ) -> Result<pb::RecordDomesticPurchaseResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "buyer_id", &req.buyer_id);
+        let buyer = validate::parse::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         validate::id(&mut v, "supplier", &req.supplier);
         validate::id(&mut v, "evidence_ref", &req.evidence_ref);
-        v.check().map_err(Error::Status)?;
+        let buyer = validate::finish(v, buyer)?;
         let idem = IdemKey::new(&self.inner.idem, "RecordDomesticPurchase", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || async {
-                let pkey = keys::purchase(&req.buyer_id, &req.evidence_ref);
-                let lkey = keys::ledger(&req.buyer_id);
+                let pkey = keys::purchase(&buyer, &req.evidence_ref);
+                let lkey = keys::ledger(&buyer);
                 let (ledger, existing) = {
                     let l = self.load::<LedgerRecord>(lkey.clone()).await?;
                     let p = self.load::<PurchaseRecord>(pkey.clone()).await?;
@@ -76,7 +77,7 @@ impl Licensing {
                 let mut t = Txn::new();
                 t.replace(lkey, lver, encode(&ledger));
                 t.replace(pkey, 0, encode(&purchase));
-                t.zadd(keys::purchases_of(&req.buyer_id), &req.evidence_ref, ledger.purchases as f64);
+                t.zadd(keys::purchases_of(&buyer), &req.evidence_ref, ledger.purchases as f64);
                 emit(
                     &mut t,
                     Part::Desk,
@@ -117,17 +118,16 @@ impl Licensing {
         req: pb::GetDomesticLedgerRequest,
     ) -> Result<pb::GetDomesticLedgerResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "buyer_id", &req.buyer_id);
+        let buyer = validate::parse::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
-        let total =
-            self.load::<LedgerRecord>(keys::ledger(&req.buyer_id)).await?.map(|(_, l)| l.total_units).unwrap_or(0);
+        let buyer = validate::finish(v, buyer)?;
+        let total = self.load::<LedgerRecord>(keys::ledger(&buyer)).await?.map(|(_, l)| l.total_units).unwrap_or(0);
         let start = page.offset();
         let refs = self
             .store()
-            .zrange(&keys::purchases_of(&req.buyer_id), start as i64, (start + page.size) as i64 - 1, false)
+            .zrange(&keys::purchases_of(&buyer), start as i64, (start + page.size) as i64 - 1, false)
             .await?;
-        let pkeys: Vec<String> = refs.iter().map(|(r, _)| keys::purchase(&req.buyer_id, r)).collect();
+        let pkeys: Vec<String> = refs.iter().map(|(r, _)| keys::purchase(&buyer, r)).collect();
         let purchases: Vec<pb::DomesticPurchase> = self
             .load_many::<PurchaseRecord>(&pkeys)
             .await?
@@ -153,18 +153,18 @@ impl Licensing {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
         validate::id(&mut v, "vendor", &req.vendor);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::country(&mut v, "destination", &req.destination);
         validate::text(&mut v, "reference", &req.reference, 200, false);
-        v.check().map_err(Error::Status)?;
+        let sku = validate::finish(v, sku)?;
         // The listing index is in the desk: added first (idempotent), so a listing never misses a
         // product with authorisations; a product listed with none shows nothing.
-        self.index_product(&keys::export_index(), &req.product_sku).await?;
+        self.index_product(&keys::export_index(), &sku).await?;
         let idem = IdemKey::new(&self.inner.idem, "GrantExportAuthorization", &req.request_id, &req)
-            .in_partition(keys::part(&req.product_sku));
+            .in_partition(keys::part(&sku));
         let (answer, _) = self
-            .run_in(Part::Product(&req.product_sku), Some(&idem), || async {
-                let key = keys::exports(&req.product_sku);
+            .run_in(Part::Product(&sku), Some(&idem), || async {
+                let key = keys::exports(&sku);
                 let (ver, mut rec) = self.load::<ProductExportRecord>(key.clone()).await?.unwrap_or((
                     0,
                     ProductExportRecord { product_sku: req.product_sku.clone(), authorizations: vec![] },
@@ -185,7 +185,7 @@ impl Licensing {
                 t.replace(key, ver, encode(&rec));
                 emit(
                     &mut t,
-                    Part::Product(&req.product_sku),
+                    Part::Product(&sku),
                     ctx,
                     now,
                     pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
@@ -196,7 +196,7 @@ impl Licensing {
                 );
                 record(
                     &mut t,
-                    Part::Product(&req.product_sku),
+                    Part::Product(&sku),
                     ctx,
                     now,
                     "export.authorized",
@@ -219,15 +219,15 @@ impl Licensing {
     ) -> Result<pb::RevokeExportAuthorizationResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::country(&mut v, "destination", &req.destination);
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
+        let sku = validate::finish(v, sku)?;
         let idem = IdemKey::new(&self.inner.idem, "RevokeExportAuthorization", &req.request_id, &req)
-            .in_partition(keys::part(&req.product_sku));
+            .in_partition(keys::part(&sku));
         let (answer, _) = self
-            .run_in(Part::Product(&req.product_sku), Some(&idem), || async {
-                let key = keys::exports(&req.product_sku);
+            .run_in(Part::Product(&sku), Some(&idem), || async {
+                let key = keys::exports(&sku);
                 let subject = format!("{}/{}", req.product_sku, req.destination);
                 let (ver, mut rec) = self
                     .load::<ProductExportRecord>(key.clone())
@@ -251,7 +251,7 @@ impl Licensing {
                 t.replace(key, ver, encode(&rec));
                 emit(
                     &mut t,
-                    Part::Product(&req.product_sku),
+                    Part::Product(&sku),
                     ctx,
                     now,
                     pb::licensing_event::Kind::ExportAuthorizationChanged(pb::ExportAuthorizationChanged {
@@ -262,7 +262,7 @@ impl Licensing {
                 );
                 record(
                     &mut t,
-                    Part::Product(&req.product_sku),
+                    Part::Product(&sku),
                     ctx,
                     now,
                     "export.revoked",
@@ -283,7 +283,8 @@ impl Licensing {
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
         let skus = self.store().zrange(&keys::export_index(), 0, -1, false).await?;
-        let rkeys: Vec<String> = skus.iter().map(|(s, _)| keys::exports(s)).collect();
+        // The index lists SKUs parsed on entry.
+        let rkeys: Vec<String> = skus.iter().map(|(s, _)| keys::exports(&Sku::from_trusted(s.as_str()))).collect();
         let all: Vec<pb::ExportAuthorization> = self
             .load_many::<ProductExportRecord>(&rkeys)
             .await?
@@ -302,7 +303,7 @@ impl Licensing {
     ) -> Result<pb::SetImportPolicyResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         let stance = match req.stance() {
             pb::ImportStance::Open => Stance::Open,
@@ -312,13 +313,13 @@ impl Licensing {
                 Stance::Unspecified
             }
         };
-        v.check().map_err(Error::Status)?;
-        self.index_product(&keys::policy_index(), &req.product_sku).await?;
-        let idem = IdemKey::new(&self.inner.idem, "SetImportPolicy", &req.request_id, &req)
-            .in_partition(keys::part(&req.product_sku));
+        let sku = validate::finish(v, sku)?;
+        self.index_product(&keys::policy_index(), &sku).await?;
+        let idem =
+            IdemKey::new(&self.inner.idem, "SetImportPolicy", &req.request_id, &req).in_partition(keys::part(&sku));
         let (answer, _) = self
-            .run_in(Part::Product(&req.product_sku), Some(&idem), || async {
-                let key = keys::policy(&req.product_sku);
+            .run_in(Part::Product(&sku), Some(&idem), || async {
+                let key = keys::policy(&sku);
                 let existing = self.load::<PolicyRecord>(key.clone()).await?;
                 let from = existing.as_ref().map(|(_, p)| p.stance()).unwrap_or(Stance::Open);
                 let ver = existing.map(|(v, _)| v).unwrap_or(0);
@@ -333,7 +334,7 @@ impl Licensing {
                 t.replace(key, ver, encode(&rec));
                 emit(
                     &mut t,
-                    Part::Product(&req.product_sku),
+                    Part::Product(&sku),
                     ctx,
                     now,
                     pb::licensing_event::Kind::ImportPolicyChanged(pb::ImportPolicyChanged {
@@ -344,7 +345,7 @@ impl Licensing {
                 );
                 record(
                     &mut t,
-                    Part::Product(&req.product_sku),
+                    Part::Product(&sku),
                     ctx,
                     now,
                     if stance == Stance::Embargoed { "customs.embargoed" } else { "customs.opened" },
@@ -362,9 +363,9 @@ impl Licensing {
         req: pb::GetImportPolicyRequest,
     ) -> Result<pb::GetImportPolicyResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        v.check().map_err(Error::Status)?;
-        let p = self.load::<PolicyRecord>(keys::policy(&req.product_sku)).await?;
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
+        let sku = validate::finish(v, sku)?;
+        let p = self.load::<PolicyRecord>(keys::policy(&sku)).await?;
         Ok(pb::GetImportPolicyResponse { policy: Some(policy_to(&req.product_sku, p.as_ref().map(|(_, p)| p))) })
     }
 
@@ -376,7 +377,8 @@ impl Licensing {
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
         let skus = self.store().zrange(&keys::policy_index(), 0, -1, false).await?;
-        let pkeys: Vec<String> = skus.iter().map(|(s, _)| keys::policy(s)).collect();
+        // The index lists SKUs parsed on entry.
+        let pkeys: Vec<String> = skus.iter().map(|(s, _)| keys::policy(&Sku::from_trusted(s.as_str()))).collect();
         let all: Vec<pb::ImportPolicy> = self
             .load_many::<PolicyRecord>(&pkeys)
             .await?

@@ -13,6 +13,7 @@
 //! wave decides the whole wave in the desk, then puts each product's licences in force in that
 //! product's partition, idempotently (see `waves.rs`).
 
+use chipgate_domain::ids::{ApplicationId, BuyerId, LicenceId, OrderId, Sku, WaveId};
 use chipgate_state::{AuditChain, Partition, Space};
 
 /// The licensing space.
@@ -24,7 +25,7 @@ pub enum Part<'a> {
     /// The desk (`{lic}`).
     Desk,
     /// A product's partition (`{lic:SKU}`).
-    Product(&'a str),
+    Product(&'a Sku),
 }
 
 impl Part<'_> {
@@ -46,13 +47,13 @@ impl Part<'_> {
 }
 
 /// Product `sku`'s partition.
-pub fn part(sku: &str) -> Partition {
+pub fn part(sku: &Sku) -> Partition {
     chipgate_contract::partitions::licensing(sku)
 }
 
 /// The audit chains of the desk and of the given products, each with its name (its stream key, the
 /// name checkpoints and verification report it under), sorted by name.
-pub fn audit_chains(products: &[String]) -> Vec<(String, AuditChain)> {
+pub fn audit_chains(products: &[Sku]) -> Vec<(String, AuditChain)> {
     let mut out: Vec<(String, AuditChain)> = std::iter::once(Part::Desk.audit())
         .chain(products.iter().map(|sku| Part::Product(sku).audit()))
         .map(|c| (c.stream.clone(), c))
@@ -74,8 +75,8 @@ pub fn counter(name: &str) -> String {
 }
 
 /// An application.
-pub fn application(id: &str) -> String {
-    SPACE.key(["app", id])
+pub fn application(id: &ApplicationId) -> String {
+    SPACE.key(["app", id.as_str()])
 }
 
 /// All applications by submission sequence.
@@ -84,13 +85,13 @@ pub fn applications() -> String {
 }
 
 /// One buyer's applications by submission sequence.
-pub fn applications_of(buyer: &str) -> String {
-    SPACE.key(["apps", "buyer", buyer])
+pub fn applications_of(buyer: &BuyerId) -> String {
+    SPACE.key(["apps", "buyer", buyer.as_str()])
 }
 
 /// The open (queued) application of a buyer for a product: guards "one open application each".
-pub fn open_application(buyer: &str, sku: &str) -> String {
-    SPACE.key(["open", buyer, sku])
+pub fn open_application(buyer: &BuyerId, sku: &Sku) -> String {
+    SPACE.key(["open", buyer.as_str(), sku.as_str()])
 }
 
 /// The approval queue: application ids scored by queue order.
@@ -104,8 +105,8 @@ pub fn queue_version() -> String {
 }
 
 /// A wave.
-pub fn wave(id: &str) -> String {
-    SPACE.key(["wave", id])
+pub fn wave(id: &WaveId) -> String {
+    SPACE.key(["wave", id.as_str()])
 }
 
 /// All waves by creation sequence.
@@ -124,23 +125,23 @@ pub fn licenses() -> String {
 }
 
 /// One buyer's licences by creation sequence.
-pub fn licenses_of(buyer: &str) -> String {
-    SPACE.key(["licenses", "buyer", buyer])
+pub fn licenses_of(buyer: &BuyerId) -> String {
+    SPACE.key(["licenses", "buyer", buyer.as_str()])
 }
 
 /// A buyer's domestic-purchase total.
-pub fn ledger(buyer: &str) -> String {
-    SPACE.key(["ledger", buyer])
+pub fn ledger(buyer: &BuyerId) -> String {
+    SPACE.key(["ledger", buyer.as_str()])
 }
 
 /// One domestic purchase.
-pub fn purchase(buyer: &str, evidence_ref: &str) -> String {
-    SPACE.key(["purchase", buyer, evidence_ref])
+pub fn purchase(buyer: &BuyerId, evidence_ref: &str) -> String {
+    SPACE.key(["purchase", buyer.as_str(), evidence_ref])
 }
 
 /// A buyer's purchases by sequence.
-pub fn purchases_of(buyer: &str) -> String {
-    SPACE.key(["purchases", buyer])
+pub fn purchases_of(buyer: &BuyerId) -> String {
+    SPACE.key(["purchases", buyer.as_str()])
 }
 
 /// Products with export authorisations (a listing index, written before the product's commit).
@@ -157,44 +158,42 @@ pub fn policy_index() -> String {
 
 /// The id of the licence numbered `seq` for product `sku`: `lic-<SKU>-<seq>`, so every call naming a
 /// licence finds its partition ([`license_sku`]).
-pub fn license_id(sku: &str, seq: u64) -> String {
-    format!("lic-{sku}-{seq}")
+pub fn license_id(sku: &Sku, seq: u64) -> LicenceId {
+    LicenceId::new(sku, seq)
 }
 
 /// The product of licence `id` (None: not a licence id this service hands out).
 pub fn license_sku(id: &str) -> Option<&str> {
-    let rest = id.strip_prefix("lic-")?;
-    let (sku, seq) = rest.rsplit_once('-')?;
-    (!sku.is_empty() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())).then_some(sku)
+    LicenceId::product_str(id)
 }
 
 /// A licence (in its product's partition; `None` for an id that names no product).
-pub fn license(id: &str) -> Option<String> {
-    license_sku(id).map(|sku| part(sku).key(["license", id]))
+pub fn license(id: &LicenceId) -> Option<String> {
+    id.product().map(|sku| part(&sku).key(["license", id.as_str()]))
 }
 
 /// The ids of a buyer's licences for a product (a record, so eligibility reads it with one MGET).
-pub fn license_index(buyer: &str, sku: &str) -> String {
-    part(sku).key(["lic-index", buyer])
+pub fn license_index(buyer: &BuyerId, sku: &Sku) -> String {
+    part(sku).key(["lic-index", buyer.as_str()])
 }
 
 /// An order's quota reservation, in its product's partition.
-pub fn reservation(sku: &str, order_id: &str) -> String {
-    part(sku).key(["resv", order_id])
+pub fn reservation(sku: &Sku, order_id: &OrderId) -> String {
+    part(sku).key(["resv", order_id.as_str()])
 }
 
 /// Fencing tokens seen for batch quota calls on a product.
-pub fn fence(sku: &str) -> String {
+pub fn fence(sku: &Sku) -> String {
     part(sku).key(["fence"])
 }
 
 /// A product's export authorisations.
-pub fn exports(sku: &str) -> String {
+pub fn exports(sku: &Sku) -> String {
     part(sku).key(["export"])
 }
 
 /// A product's import policy.
-pub fn policy(sku: &str) -> String {
+pub fn policy(sku: &Sku) -> String {
     part(sku).key(["policy"])
 }
 
@@ -204,10 +203,11 @@ mod tests {
 
     #[test]
     fn a_licence_id_names_its_product() {
-        let id = license_id("H200-SXM-141GB", 17);
+        let sku = Sku::from_trusted("H200-SXM-141GB");
+        let id = license_id(&sku, 17);
         assert_eq!(id, "lic-H200-SXM-141GB-17");
         assert_eq!(license_sku(&id), Some("H200-SXM-141GB"));
-        assert_eq!(license(&id), Some(part("H200-SXM-141GB").key(["license", &id])));
+        assert_eq!(license(&id), Some(part(&sku).key(["license", id.as_str()])));
         for bad in ["lic-404", "lic--3", "lic-H200-", "lic-H200-x", "ord-H200-3", ""] {
             assert_eq!(license_sku(bad), None, "{bad}");
         }
@@ -215,12 +215,13 @@ mod tests {
 
     #[test]
     fn a_products_keys_share_its_slot_and_the_desk_is_elsewhere() {
-        let sku = "H200";
+        let sku = &Sku::from_trusted("H200");
+        let (acme, order) = (BuyerId::from_trusted("acme"), OrderId::from_trusted("ord-H200-1"));
         let slot = part(sku).slot();
         let product_keys = [
             license(&license_id(sku, 1)).unwrap_or_default(),
-            license_index("acme", sku),
-            reservation(sku, "ord-H200-1"),
+            license_index(&acme, sku),
+            reservation(sku, &order),
             fence(sku),
             exports(sku),
             policy(sku),
@@ -232,7 +233,8 @@ mod tests {
             assert_eq!(chipgate_state::key_slot(k), slot, "{k}");
         }
         let desk = chipgate_state::key_slot(&queue());
-        for k in [application("app-1"), wave("wave-1"), ledger("acme"), products(), Part::Desk.events()] {
+        let (app, wave_1) = (ApplicationId::from_trusted("app-1"), WaveId::from_trusted("wave-1"));
+        for k in [application(&app), wave(&wave_1), ledger(&acme), products(), Part::Desk.events()] {
             assert_eq!(chipgate_state::key_slot(&k), desk, "{k}");
         }
         assert_ne!(slot, desk);
@@ -240,7 +242,7 @@ mod tests {
 
     #[test]
     fn chains_are_named_by_stream_and_sorted() {
-        let chains = audit_chains(&["B".to_string(), "A".to_string()]);
+        let chains = audit_chains(&[Sku::from_trusted("B"), Sku::from_trusted("A")]);
         let names: Vec<&str> = chains.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(names, vec!["{lic:A}:audit", "{lic:B}:audit", "{lic}:audit"]);
     }

@@ -28,10 +28,12 @@ use chipgate_runtime::service::Records;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chipgate_domain::ids::Sku;
 use chipgate_domain::licensing::Failure;
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::RequestContext;
 use chipgate_runtime::idempotency::Idempotency;
+use chipgate_runtime::known::Known;
 use chipgate_runtime::locks::KeyedLocks;
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_state::{Backend, Store, Txn};
@@ -71,11 +73,11 @@ struct Inner {
     /// chain, so concurrent commits in one partition would only conflict on the chain's head.
     chains: KeyedLocks,
     /// Products this replica knows are registered in [`keys::products`].
-    registered: std::sync::RwLock<std::collections::HashSet<String>>,
+    registered: Known<Sku>,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
     /// Products found in inventory's catalogue (applications name one).
-    products: chipgate_contract::catalogue::KnownProducts,
+    products: Known<Sku>,
     /// The key audit checkpoints are signed with (None: unsigned checkpoints, dev only).
     audit_key: Option<chipgate_runtime::auth::Signer>,
     /// The gauges and counters periodic checkpoints feed.
@@ -124,8 +126,8 @@ impl Licensing {
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),
                 chains: KeyedLocks::new(),
-                registered: std::sync::RwLock::default(),
-                products: chipgate_contract::catalogue::KnownProducts::default(),
+                registered: Known::default(),
+                products: Known::default(),
                 audit_key,
                 checkpoints,
                 archive: std::sync::OnceLock::new(),
@@ -152,13 +154,8 @@ impl Licensing {
         let service = self.clone();
         tokio::spawn(async move {
             let mut previous: Option<pb::AuditCheckpoint> = None;
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.wait() => return,
-                }
+            let mut beat = chipgate_runtime::periodic::Every::new(every.max(Duration::from_millis(10)), shutdown);
+            while beat.tick().await {
                 match service.audit_checkpoint().await {
                     Ok(cp) => {
                         service.inner.checkpoints.record(&cp, previous.as_ref());
@@ -186,25 +183,18 @@ impl Licensing {
     /// Registers product `sku` in [`keys::products`] (once per replica: an idempotent set add) before a
     /// change in its partition commits, so checkpoints, verification and the orders service's
     /// consumers find every partition that has state.
-    async fn register_product(&self, sku: &str) -> Result<(), Error> {
-        let known = match self.inner.registered.read() {
-            Ok(k) => k.contains(sku),
-            Err(poisoned) => poisoned.into_inner().contains(sku),
-        };
-        if known {
+    async fn register_product(&self, sku: &Sku) -> Result<(), Error> {
+        if self.inner.registered.contains(sku) {
             return Ok(());
         }
         self.index_product(&keys::products(), sku).await?;
-        match self.inner.registered.write() {
-            Ok(mut k) => k.insert(sku.to_string()),
-            Err(poisoned) => poisoned.into_inner().insert(sku.to_string()),
-        };
+        self.inner.registered.insert(sku.clone());
         Ok(())
     }
 
     /// Adds product `sku` to a set in the desk (a set add: idempotent), in its own commit before a
     /// change in the product's partition, so a reader of the set never misses a product with state.
-    async fn index_product(&self, index: &str, sku: &str) -> Result<(), Error> {
+    async fn index_product(&self, index: &str, sku: &Sku) -> Result<(), Error> {
         let mut t = Txn::new();
         t.zadd(index, sku, 0.0);
         self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
@@ -212,7 +202,7 @@ impl Licensing {
     }
 
     /// Every product with a partition.
-    async fn products(&self) -> Result<Vec<String>, Error> {
+    async fn products(&self) -> Result<Vec<Sku>, Error> {
         Ok(chipgate_contract::licensing_products::all(self.store()).await?)
     }
 

@@ -1,5 +1,6 @@
 //! Licences: reading them, finalising terms, suspending, reinstating, revoking.
 
+use chipgate_domain::ids::{BuyerId, LicenceId};
 use chipgate_domain::licensing::{LicenseRecord, TransitionError};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -40,8 +41,8 @@ fn transition_error(id: &str, e: &TransitionError) -> Error {
 
 /// The partition a call about licence `id` commits its answer in (the desk's for an id that names no
 /// product: the call then fails NOT_FOUND without writing anything).
-fn licence_partition(id: &str) -> chipgate_state::Partition {
-    keys::license_sku(id).map_or_else(|| keys::SPACE.partition(""), keys::part)
+fn licence_partition(id: &LicenceId) -> chipgate_state::Partition {
+    id.product().map_or_else(|| keys::SPACE.partition(""), |sku| keys::part(&sku))
 }
 
 impl Licensing {
@@ -51,22 +52,22 @@ impl Licensing {
         req: pb::GetLicenseRequest,
     ) -> Result<pb::GetLicenseResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "license_id", &req.license_id);
-        v.check().map_err(Error::Status)?;
-        let key = keys::license(&req.license_id).ok_or_else(|| Error::not_found("licence", &req.license_id))?;
-        let (_, lic) = self.require::<LicenseRecord>(key, "licence", &req.license_id).await?;
+        let id = validate::parse::<LicenceId>(&mut v, "license_id", req.license_id);
+        let id = validate::finish(v, id)?;
+        let key = keys::license(&id).ok_or_else(|| Error::not_found("licence", &id))?;
+        let (_, lic) = self.require::<LicenseRecord>(key, "licence", &id).await?;
         ctx.check_owner(&lic.buyer_id).map_err(Error::Status)?;
         Ok(pb::GetLicenseResponse { license: Some(license_to(&lic, now_ms())) })
     }
 
     pub(crate) async fn list_licenses(&self, req: pb::ListLicensesRequest) -> Result<pb::ListLicensesResponse, Error> {
         let mut v = Violations::new();
-        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
+        let buyer = validate::parse_optional::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
         validate::optional_id(&mut v, "product_sku", &req.product_sku);
         validate::optional_id(&mut v, "wave_id", &req.wave_id);
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
-        let index = if req.buyer_id.is_empty() { keys::licenses() } else { keys::licenses_of(&req.buyer_id) };
+        let buyer = validate::finish(v, buyer)?;
+        let index = buyer.map_or_else(keys::licenses, |b| keys::licenses_of(&b));
         let now = now_ms();
         let state = req.state();
         let (lics, next) = self
@@ -74,7 +75,7 @@ impl Licensing {
                 &index,
                 &page,
                 false,
-                |id| keys::license(id).unwrap_or_default(),
+                |id| keys::license(&LicenceId::from_trusted(id)).unwrap_or_default(),
                 |l| {
                     (req.product_sku.is_empty() || l.product_sku == req.product_sku)
                         && (req.wave_id.is_empty() || l.wave_id == req.wave_id)
@@ -95,16 +96,16 @@ impl Licensing {
     ) -> Result<pb::FinalizeTermsResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "license_id", &req.license_id);
+        let id = validate::parse::<LicenceId>(&mut v, "license_id", req.license_id.clone());
         if let Some(c) = &req.conditions {
             for (field, problem) in conditions_from(c).problems() {
                 v.add(format!("conditions.{field}"), problem);
             }
         }
-        v.check().map_err(Error::Status)?;
-        let idem = IdemKey::new(&self.inner.idem, "FinalizeTerms", &req.request_id, &req)
-            .in_partition(licence_partition(&req.license_id));
-        let license = self.change(ctx, &idem, &req.license_id, Change::Finalize, "", req.conditions.as_ref()).await?;
+        let id = validate::finish(v, id)?;
+        let idem =
+            IdemKey::new(&self.inner.idem, "FinalizeTerms", &req.request_id, &req).in_partition(licence_partition(&id));
+        let license = self.change(ctx, &idem, &id, Change::Finalize, "", req.conditions.as_ref()).await?;
         Ok(pb::FinalizeTermsResponse { license: Some(license) })
     }
 
@@ -113,10 +114,10 @@ impl Licensing {
         ctx: &RequestContext,
         req: pb::SuspendLicenseRequest,
     ) -> Result<pb::SuspendLicenseResponse, Error> {
-        self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
+        let id = self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
         let idem = IdemKey::new(&self.inner.idem, "SuspendLicense", &req.request_id, &req)
-            .in_partition(licence_partition(&req.license_id));
-        let license = self.change(ctx, &idem, &req.license_id, Change::Suspend, &req.reason, None).await?;
+            .in_partition(licence_partition(&id));
+        let license = self.change(ctx, &idem, &id, Change::Suspend, &req.reason, None).await?;
         Ok(pb::SuspendLicenseResponse { license: Some(license) })
     }
 
@@ -125,10 +126,10 @@ impl Licensing {
         ctx: &RequestContext,
         req: pb::ReinstateLicenseRequest,
     ) -> Result<pb::ReinstateLicenseResponse, Error> {
-        self.check_change(&req.request_id, &req.license_id, &req.reason, false)?;
+        let id = self.check_change(&req.request_id, &req.license_id, &req.reason, false)?;
         let idem = IdemKey::new(&self.inner.idem, "ReinstateLicense", &req.request_id, &req)
-            .in_partition(licence_partition(&req.license_id));
-        let license = self.change(ctx, &idem, &req.license_id, Change::Reinstate, &req.reason, None).await?;
+            .in_partition(licence_partition(&id));
+        let license = self.change(ctx, &idem, &id, Change::Reinstate, &req.reason, None).await?;
         Ok(pb::ReinstateLicenseResponse { license: Some(license) })
     }
 
@@ -137,10 +138,10 @@ impl Licensing {
         ctx: &RequestContext,
         req: pb::RevokeLicenseRequest,
     ) -> Result<pb::RevokeLicenseResponse, Error> {
-        self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
-        let idem = IdemKey::new(&self.inner.idem, "RevokeLicense", &req.request_id, &req)
-            .in_partition(licence_partition(&req.license_id));
-        let license = self.change(ctx, &idem, &req.license_id, Change::Revoke, &req.reason, None).await?;
+        let id = self.check_change(&req.request_id, &req.license_id, &req.reason, true)?;
+        let idem =
+            IdemKey::new(&self.inner.idem, "RevokeLicense", &req.request_id, &req).in_partition(licence_partition(&id));
+        let license = self.change(ctx, &idem, &id, Change::Revoke, &req.reason, None).await?;
         Ok(pb::RevokeLicenseResponse { license: Some(license) })
     }
 
@@ -150,27 +151,27 @@ impl Licensing {
         license_id: &str,
         reason: &str,
         reason_required: bool,
-    ) -> Result<(), Error> {
+    ) -> Result<LicenceId, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, request_id);
-        validate::id(&mut v, "license_id", license_id);
+        let id = validate::parse(&mut v, "license_id", license_id.to_string());
         validate::text(&mut v, "reason", reason, validate::MAX_TEXT_LEN, reason_required);
-        v.check().map_err(Error::Status)
+        Ok(validate::finish(v, id)?)
     }
 
     async fn change(
         &self,
         ctx: &RequestContext,
         idem: &IdemKey<'_>,
-        license_id: &str,
+        license_id: &LicenceId,
         change: Change,
         reason: &str,
         conditions: Option<&pb::LicenseConditions>,
     ) -> Result<pb::License, Error> {
-        let (Some(sku), Some(key)) = (keys::license_sku(license_id), keys::license(license_id)) else {
+        let (Some(sku), Some(key)) = (license_id.product(), keys::license(license_id)) else {
             return Err(Error::not_found("licence", license_id));
         };
-        let part = Part::Product(sku);
+        let part = Part::Product(&sku);
         let (answer, _) = self
             .run_in(part, Some(idem), || async {
                 let (ver, mut lic) = self.require::<LicenseRecord>(key.clone(), "licence", license_id).await?;

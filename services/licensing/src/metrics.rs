@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
 
+use chipgate_domain::ids::LicenceId;
 use chipgate_domain::licensing::{LicenseRecord, LicenseStatus};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::metrics::{
@@ -78,7 +79,9 @@ impl Sampler {
             if page.is_empty() {
                 break;
             }
-            let ids: Vec<String> = page.iter().filter_map(|(id, _)| keys::license(id)).collect();
+            // The index lists ids licensing handed out.
+            let ids: Vec<String> =
+                page.iter().filter_map(|(id, _)| keys::license(&LicenceId::from_trusted(id.as_str()))).collect();
             for (_, l) in
                 records::load_many::<LicenseRecord>(&self.store, &ids).await.map_err(|e| err(&e))?.into_iter().flatten()
             {

@@ -11,6 +11,7 @@ use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::allocation::QuotaAsk;
+use chipgate_domain::ids::{BuyerId, LicenceId, OrderId, Sku, WaveId};
 use chipgate_domain::licensing::{
     Ask, LedgerRecord, LicenseRecord, Planned, PolicyRecord, ProductExportRecord, ProductGate, QuotaPlanner,
     ReservationRecord, ReservationStatus, ReserveCheck, Verdict, evaluate, holding_failures,
@@ -36,10 +37,21 @@ struct World {
     exports_version: u64,
 }
 
+/// An order id a batch named (checked at the edge, in `convert.rs`) or a reservation holds: the
+/// domain's quota asks carry ids as text.
+fn order_of(id: &str) -> OrderId {
+    OrderId::from_trusted(id)
+}
+
+/// A licence id read back from licensing's own records and indexes.
+fn licence_of(id: &str) -> LicenceId {
+    LicenceId::from_trusted(id)
+}
+
 impl Licensing {
-    async fn read_world(&self, sku: &str, buyers: &[&str], extra_licences: &[String]) -> Result<World, Error> {
+    async fn read_world(&self, sku: &Sku, buyers: &[BuyerId], extra_licences: &[String]) -> Result<World, Error> {
         let index_keys: Vec<String> = buyers.iter().map(|b| keys::license_index(b, sku)).collect();
-        let ledger_keys: Vec<String> = buyers.iter().map(|b| keys::ledger(b)).collect();
+        let ledger_keys: Vec<String> = buyers.iter().map(keys::ledger).collect();
         let (indexes, ledgers, policy, exports) = tokio::try_join!(
             self.load_many::<LicenseIndex>(&index_keys),
             self.load_many::<LedgerRecord>(&ledger_keys),
@@ -51,8 +63,11 @@ impl Licensing {
         ids.sort();
         ids.dedup();
         // Only this product's licences (an id of another product would be a corrupt index).
-        let lic_keys: Vec<String> =
-            ids.iter().filter(|id| keys::license_sku(id) == Some(sku)).filter_map(|id| keys::license(id)).collect();
+        let lic_keys: Vec<String> = ids
+            .iter()
+            .filter(|id| keys::license_sku(id) == Some(sku.as_str()))
+            .filter_map(|id| keys::license(&LicenceId::from_trusted(id.as_str())))
+            .collect();
         let licences = self.load_many::<LicenseRecord>(&lic_keys).await?.into_iter().flatten().collect();
         let domestic = ledgers.into_iter().flatten().map(|(_, l)| (l.buyer_id, l.total_units)).collect();
         let gate = ProductGate::from_records(policy.as_ref().map(|(_, p)| p), exports.as_ref().map(|(_, e)| e));
@@ -70,12 +85,12 @@ impl Licensing {
         req: pb::CheckEligibilityRequest,
     ) -> Result<pb::CheckEligibilityResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "buyer_id", &req.buyer_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let buyer = validate::parse::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
-        v.check().map_err(Error::Status)?;
-        let world = self.read_world(&req.product_sku, &[req.buyer_id.as_str()], &[]).await?;
+        let (buyer, sku) = validate::finish(v, (buyer, sku))?;
+        let world = self.read_world(&sku, &[buyer], &[]).await?;
         let mut mine: Vec<&LicenseRecord> =
             world.licences.iter().map(|(_, l)| l).filter(|l| l.buyer_id == req.buyer_id).collect();
         mine.sort_by_key(|l| l.seq);
@@ -111,7 +126,7 @@ impl Licensing {
     async fn reserve_items(
         &self,
         ctx: &RequestContext,
-        sku: &str,
+        sku: &Sku,
         items: Vec<QuotaAsk>,
         fence_token: u64,
     ) -> Result<Vec<pb::QuotaItemResult>, Error> {
@@ -133,14 +148,14 @@ impl Licensing {
     async fn reserve_attempt(
         &self,
         ctx: &RequestContext,
-        sku: &str,
+        sku: &Sku,
         items: &[QuotaAsk],
         fence_token: u64,
         draft: &[LicenseRecord],
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
-        let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(sku, &it.order_id)).collect();
-        let mut buyers: Vec<&str> = items.iter().map(|it| it.buyer_id.as_str()).collect();
+        let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(sku, &order_of(&it.order_id))).collect();
+        let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
         buyers.sort_unstable();
         buyers.dedup();
         // The orders' reservations and the world are read at once; licences an older generation
@@ -149,13 +164,13 @@ impl Licensing {
         let (existing, mut world) =
             tokio::try_join!(self.load_many::<ReservationRecord>(&res_keys), self.read_world(sku, &buyers, &[]))?;
         // A preview adds the licences a draft wave would create (never written: its transaction is dropped).
-        world.licences.extend(draft.iter().filter(|l| l.product_sku == sku).map(|l| (0, l.clone())));
+        world.licences.extend(draft.iter().filter(|l| l.product_sku == sku.as_str()).map(|l| (0, l.clone())));
         let missing: Vec<String> = existing
             .iter()
             .flatten()
             .filter(|(_, r)| r.held_units() > 0 && !world.licences.iter().any(|(_, l)| l.id == r.license_id))
-            .filter(|(_, r)| keys::license_sku(&r.license_id) == Some(sku))
-            .filter_map(|(_, r)| keys::license(&r.license_id))
+            .filter(|(_, r)| keys::license_sku(&r.license_id) == Some(sku.as_str()))
+            .filter_map(|(_, r)| keys::license(&LicenceId::from_trusted(r.license_id.as_str())))
             .collect();
         if !missing.is_empty() {
             world.licences.extend(self.load_many::<LicenseRecord>(&missing).await?.into_iter().flatten());
@@ -185,7 +200,7 @@ impl Licensing {
         }
 
         let mut planner = QuotaPlanner::new(
-            licences.values().filter(|l| l.product_sku == sku).cloned().collect(),
+            licences.values().filter(|l| l.product_sku == sku.as_str()).cloned().collect(),
             &world.domestic,
             &world.gate,
             now,
@@ -240,7 +255,7 @@ impl Licensing {
                                 update_ms: now,
                                 release_reason: String::new(),
                             };
-                            t.replace(keys::reservation(sku, &it.order_id), ver, encode(&r));
+                            t.replace(keys::reservation(sku, &order_of(&it.order_id)), ver, encode(&r));
                             reserved_detail
                                 .push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
                             let out = reservation_to(&r);
@@ -260,7 +275,7 @@ impl Licensing {
                                 released.set_status(ReservationStatus::Released);
                                 released.update_ms = now;
                                 released.release_reason = format!("superseded by generation {}", it.generation);
-                                t.replace(keys::reservation(sku, &it.order_id), ver, encode(&released));
+                                t.replace(keys::reservation(sku, &order_of(&it.order_id)), ver, encode(&released));
                                 changed_released.push(reservation_to(&released));
                             }
                             refused_detail.push(format!(
@@ -283,13 +298,13 @@ impl Licensing {
         for l in planner.into_touched() {
             touched.remove(&l.id);
             let ver = versions.get(&l.id).copied().unwrap_or(0);
-            if let Some(key) = keys::license(&l.id) {
+            if let Some(key) = keys::license(&licence_of(&l.id)) {
                 t.replace(key, ver, encode(&l));
             }
         }
         // Licences that only gave back superseded quota.
         for id in touched {
-            if let (Some(l), Some(key)) = (licences.get(&id), keys::license(&id)) {
+            if let (Some(l), Some(key)) = (licences.get(&id), keys::license(&licence_of(&id))) {
                 t.replace(key, versions.get(&id).copied().unwrap_or(0), encode(l));
             }
         }
@@ -336,9 +351,8 @@ impl Licensing {
         req: pb::PreviewWaveQuotaRequest,
     ) -> Result<pb::PreviewWaveQuotaResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "wave_id", &req.wave_id);
-        v.check().map_err(Error::Status)?;
-        let wave_id = req.wave_id.clone();
+        let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id.clone());
+        let wave_id = validate::finish(v, wave_id)?;
         let batch = if req.items.is_empty() {
             None
         } else {
@@ -368,14 +382,15 @@ impl Licensing {
         // Reservations live in their products' partitions: one commit per product, each idempotent
         // (a retried call finds its releases done and answers them as they stand), in the order the
         // products first appear; the answer keeps the items' order.
-        let mut by_product: BTreeMap<&str, Vec<(usize, &QuotaRef)>> = BTreeMap::new();
+        let mut by_product: BTreeMap<Sku, Vec<(usize, &QuotaRef)>> = BTreeMap::new();
         for (i, r) in batch.refs.iter().enumerate() {
-            by_product.entry(r.product_sku.as_str()).or_default().push((i, r));
+            // Checked at the edge (`convert.rs`).
+            by_product.entry(Sku::from_trusted(r.product_sku.as_str())).or_default().push((i, r));
         }
         let mut answers: Vec<Option<pb::QuotaReservation>> = vec![None; batch.refs.len()];
         for (sku, refs) in by_product {
             let items: Vec<(String, u64)> = refs.iter().map(|(_, r)| (r.order_id.clone(), r.generation)).collect();
-            let out = self.release_items(ctx, sku, &items, &batch.reason, batch.unless_confirmed).await?;
+            let out = self.release_items(ctx, &sku, &items, &batch.reason, batch.unless_confirmed).await?;
             for ((i, _), r) in refs.iter().zip(out) {
                 answers[*i] = Some(r);
             }
@@ -388,7 +403,7 @@ impl Licensing {
     async fn release_items(
         &self,
         ctx: &RequestContext,
-        sku: &str,
+        sku: &Sku,
         items: &[(String, u64)],
         reason: &str,
         unless_confirmed: bool,
@@ -397,7 +412,7 @@ impl Licensing {
         let (answer, _) = self
             .run_in(part, None, || async {
                 let now = now_ms();
-                let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(sku, o)).collect();
+                let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(sku, &order_of(o))).collect();
                 let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
                 let mut lic_ids: Vec<String> = existing
                     .iter()
@@ -409,8 +424,8 @@ impl Licensing {
                 lic_ids.dedup();
                 let lic_keys: Vec<String> = lic_ids
                     .iter()
-                    .filter(|id| keys::license_sku(id) == Some(sku))
-                    .filter_map(|id| keys::license(id))
+                    .filter(|id| keys::license_sku(id) == Some(sku.as_str()))
+                    .filter_map(|id| keys::license(&LicenceId::from_trusted(id.as_str())))
                     .collect();
                 let mut licences: HashMap<String, (u64, LicenseRecord)> = self
                     .load_many::<LicenseRecord>(&lic_keys)
@@ -483,7 +498,7 @@ impl Licensing {
                         }
                     };
                     if let Some(rec) = next {
-                        t.replace(keys::reservation(sku, order_id), ver, encode(&rec));
+                        t.replace(keys::reservation(sku, &order_of(order_id)), ver, encode(&rec));
                         detail.push(format!("{order_id}/{generation}:{}", rec.units));
                         let p = reservation_to(&rec);
                         changed.push(p.clone());
@@ -491,7 +506,7 @@ impl Licensing {
                     }
                 }
                 for id in touched {
-                    if let (Some((v, l)), Some(key)) = (licences.get(&id), keys::license(&id)) {
+                    if let (Some((v, l)), Some(key)) = (licences.get(&id), keys::license(&licence_of(&id))) {
                         t.replace(key, *v, encode(l));
                     }
                 }
@@ -523,24 +538,20 @@ impl Licensing {
     ) -> Result<pb::ConfirmQuotaResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "order_id", &req.order_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id.clone());
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         if req.generation == 0 {
             v.add("generation", "must be at least 1");
         }
-        v.check().map_err(Error::Status)?;
-        let sku = req.product_sku.as_str();
+        let (order_id, sku) = validate::finish(v, (order_id, sku))?;
+        let sku = &sku;
         let part = Part::Product(sku);
         let idem = IdemKey::new(&self.inner.idem, "ConfirmQuota", &req.request_id, &req).in_partition(keys::part(sku));
         let (answer, _) = self
             .run_in(part, Some(&idem), || async {
                 let now = now_ms();
                 let (rver, mut r) = self
-                    .require::<ReservationRecord>(
-                        keys::reservation(sku, &req.order_id),
-                        "quota reservation",
-                        &req.order_id,
-                    )
+                    .require::<ReservationRecord>(keys::reservation(sku, &order_id), "quota reservation", &req.order_id)
                     .await?;
                 if r.generation == req.generation && r.status() == ReservationStatus::Confirmed {
                     return Ok((Txn::new(), pb::ConfirmQuotaResponse { reservation: Some(reservation_to(&r)) }));
@@ -558,8 +569,8 @@ impl Licensing {
                         ),
                     ));
                 }
-                let lkey = keys::license(&r.license_id)
-                    .filter(|_| keys::license_sku(&r.license_id) == Some(sku))
+                let lkey = keys::license(&LicenceId::from_trusted(r.license_id.as_str()))
+                    .filter(|_| keys::license_sku(&r.license_id) == Some(sku.as_str()))
                     .ok_or_else(|| Error::not_found("licence", &r.license_id))?;
                 let ((lver, mut lic), policy, exports) = tokio::try_join!(
                     self.require::<LicenseRecord>(lkey.clone(), "licence", &r.license_id),
@@ -591,7 +602,7 @@ impl Licensing {
                 r.update_ms = now;
                 let mut t = Txn::new();
                 t.replace(lkey.clone(), lver, encode(&lic));
-                t.replace(keys::reservation(sku, &r.order_id), rver, encode(&r));
+                t.replace(keys::reservation(sku, &order_of(&r.order_id)), rver, encode(&r));
                 t.expect_version(keys::policy(sku), policy.map(|(v, _)| v).unwrap_or(0));
                 t.expect_version(keys::exports(sku), exports.map(|(v, _)| v).unwrap_or(0));
                 let out = reservation_to(&r);
@@ -626,15 +637,11 @@ impl Licensing {
         req: pb::GetQuotaReservationRequest,
     ) -> Result<pb::GetQuotaReservationResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "order_id", &req.order_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        v.check().map_err(Error::Status)?;
+        let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
+        let (order_id, sku) = validate::finish(v, (order_id, sku))?;
         let (_, r) = self
-            .require::<ReservationRecord>(
-                keys::reservation(&req.product_sku, &req.order_id),
-                "quota reservation",
-                &req.order_id,
-            )
+            .require::<ReservationRecord>(keys::reservation(&sku, &order_id), "quota reservation", &order_id)
             .await?;
         Ok(pb::GetQuotaReservationResponse { reservation: Some(reservation_to(&r)) })
     }
@@ -644,8 +651,9 @@ impl Licensing {
     /// [`holding_failures`] — the same rules, in the same words, as evaluation.
     pub(crate) async fn recheck_quota(&self, req: pb::RecheckQuotaRequest) -> Result<pb::RecheckQuotaResponse, Error> {
         let req = Recheck::try_from(req)?;
-        let sku = req.product_sku.as_str();
-        let res_keys: Vec<String> = req.refs.iter().map(|(order, _)| keys::reservation(sku, order)).collect();
+        let sku = &req.product_sku;
+        let res_keys: Vec<String> =
+            req.refs.iter().map(|(order, _)| keys::reservation(sku, &order_of(order))).collect();
         let (existing, policy, exports) = tokio::try_join!(
             self.load_many::<ReservationRecord>(&res_keys),
             self.load::<PolicyRecord>(keys::policy(sku)),
@@ -656,8 +664,11 @@ impl Licensing {
         lic_ids.sort();
         lic_ids.dedup();
         lic_ids.retain(|id| !id.is_empty());
-        let lic_keys: Vec<String> =
-            lic_ids.iter().filter(|id| keys::license_sku(id) == Some(sku)).filter_map(|id| keys::license(id)).collect();
+        let lic_keys: Vec<String> = lic_ids
+            .iter()
+            .filter(|id| keys::license_sku(id) == Some(sku.as_str()))
+            .filter_map(|id| keys::license(&LicenceId::from_trusted(id.as_str())))
+            .collect();
         let licences: HashMap<String, LicenseRecord> = self
             .load_many::<LicenseRecord>(&lic_keys)
             .await?
@@ -674,7 +685,7 @@ impl Licensing {
                 let Some((_, r)) = ex else {
                     return pb::RecheckResult { order_id: order_id.clone(), ..Default::default() };
                 };
-                let holds = r.generation == *generation && r.held_units() > 0 && r.product_sku == sku;
+                let holds = r.generation == *generation && r.held_units() > 0 && r.product_sku == sku.as_str();
                 let failures = match licences.get(&r.license_id) {
                     Some(l) if holds => holding_failures(l, &gate, now).iter().map(failure_to).collect(),
                     _ => Vec::new(),

@@ -16,6 +16,7 @@
 //! them leaves the wave's products pending: a retried `PublishWave` (same request id) finishes them,
 //! and so does every replica's recovery task within seconds ([`Licensing::spawn_wave_recovery`]).
 
+use chipgate_domain::ids::{ApplicationId, BuyerId, LicenceId, Sku, WaveId};
 use chipgate_domain::licensing::{
     ApplicationRecord, ApplicationStatus, GrantRecord, LicenseRecord, LicenseStatus, WaveError, WaveRecord, WaveStatus,
 };
@@ -51,12 +52,18 @@ fn wave_error(wave_id: &str, application_id: &str, e: WaveError) -> Error {
     }
 }
 
+/// The application a grant names (its id was parsed when the grant was added).
+fn app_of(grant: &GrantRecord) -> ApplicationId {
+    ApplicationId::from_trusted(grant.application_id.as_str())
+}
+
 /// The licence a grant becomes when its wave is published (`seq` numbers it).
 fn licence_of(grant: &GrantRecord, app: &ApplicationRecord, wave_id: &str, seq: u64, now: u64) -> LicenseRecord {
     let conditions = grant.conditions.clone().unwrap_or_default();
     let status = if conditions.terms_pending { LicenseStatus::PendingTerms } else { LicenseStatus::Active };
     LicenseRecord {
-        id: keys::license_id(&grant.product_sku, seq),
+        // The grant's product was parsed when its application was submitted.
+        id: keys::license_id(&Sku::from_trusted(grant.product_sku.as_str()), seq).into_string(),
         buyer_id: grant.buyer_id.clone(),
         product_sku: grant.product_sku.clone(),
         destination: app.destination.clone(),
@@ -79,12 +86,12 @@ impl Licensing {
     /// # Errors
     /// NOT_FOUND for an unknown wave; FAILED_PRECONDITION for a published one, or one whose publication
     /// would be refused (a granted application no longer queued).
-    pub(crate) async fn would_be_licences(&self, wave_id: &str) -> Result<Vec<LicenseRecord>, Error> {
+    pub(crate) async fn would_be_licences(&self, wave_id: &WaveId) -> Result<Vec<LicenseRecord>, Error> {
         let (_, wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
         if wave.status() != WaveStatus::Draft {
             return Err(wave_error(wave_id, "", WaveError::Published));
         }
-        let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&g.application_id)).collect();
+        let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&app_of(g))).collect();
         let apps = self.load_many::<ApplicationRecord>(&app_keys).await?;
         // The counter as it stands: publication takes the next ids (INCRBY 0 reads without changing).
         let last = self.store().incr(&keys::counter("lic"), 0).await?;
@@ -125,10 +132,10 @@ impl Licensing {
             .run_in(Part::Desk, Some(&idem), || async {
                 let seq = self.next_ids("wave", 1).await?;
                 let now = now_ms();
-                let id = format!("wave-{seq}");
+                let id = WaveId::from_trusted(format!("wave-{seq}"));
                 let wave = WaveRecord {
-                    id: id.clone(),
-                    display_name: if req.display_name.is_empty() { id.clone() } else { req.display_name.clone() },
+                    id: id.to_string(),
+                    display_name: if req.display_name.is_empty() { id.to_string() } else { req.display_name.clone() },
                     status: WaveStatus::Draft as i32,
                     create_ms: now,
                     seq,
@@ -142,7 +149,7 @@ impl Licensing {
                     Part::Desk,
                     ctx,
                     now,
-                    pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: id.clone() }),
+                    pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: id.to_string() }),
                 );
                 record(&mut t, Part::Desk, ctx, now, "wave.drafted", &id, format!("draft {:?}", wave.display_name));
                 Ok((t, pb::CreateWaveResponse { wave: Some(wave_to(&wave)) }))
@@ -158,26 +165,20 @@ impl Licensing {
     ) -> Result<pb::AddWaveGrantResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "wave_id", &req.wave_id);
-        validate::id(&mut v, "application_id", &req.application_id);
+        let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id.clone());
+        let app_id = validate::parse::<ApplicationId>(&mut v, "application_id", req.application_id.clone());
         validate::units(&mut v, "granted_units", req.granted_units, MAX_UNITS);
         let conditions = req.conditions.as_ref().map(conditions_from).unwrap_or_default();
         for (field, problem) in conditions.problems() {
             v.add(format!("conditions.{field}"), problem);
         }
-        v.check().map_err(Error::Status)?;
+        let (wave_id, app_id) = validate::finish(v, (wave_id, app_id))?;
         let idem = IdemKey::new(&self.inner.idem, "AddWaveGrant", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || async {
-                let (wver, mut wave) =
-                    self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
-                let (aver, app) = self
-                    .require::<ApplicationRecord>(
-                        keys::application(&req.application_id),
-                        "application",
-                        &req.application_id,
-                    )
-                    .await?;
+                let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id).await?;
+                let (aver, app) =
+                    self.require::<ApplicationRecord>(keys::application(&app_id), "application", &app_id).await?;
                 if app.status() != ApplicationStatus::Queued {
                     return Err(Error::precondition(
                         "APPLICATION_NOT_QUEUED",
@@ -216,8 +217,8 @@ impl Licensing {
                 .map_err(|e| wave_error(&wave.id, &app.id, e))?;
                 let now = now_ms();
                 let mut t = Txn::new();
-                t.replace(keys::wave(&wave.id), wver, encode(&wave));
-                t.expect_version(keys::application(&app.id), aver);
+                t.replace(keys::wave(&wave_id), wver, encode(&wave));
+                t.expect_version(keys::application(&app_id), aver);
                 emit(
                     &mut t,
                     Part::Desk,
@@ -258,18 +259,17 @@ impl Licensing {
     ) -> Result<pb::RemoveWaveGrantResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "wave_id", &req.wave_id);
+        let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id.clone());
         validate::id(&mut v, "application_id", &req.application_id);
-        v.check().map_err(Error::Status)?;
+        let wave_id = validate::finish(v, wave_id)?;
         let idem = IdemKey::new(&self.inner.idem, "RemoveWaveGrant", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || async {
-                let (wver, mut wave) =
-                    self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
+                let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id).await?;
                 wave.remove_grant(&req.application_id).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
                 let now = now_ms();
                 let mut t = Txn::new();
-                t.replace(keys::wave(&wave.id), wver, encode(&wave));
+                t.replace(keys::wave(&wave_id), wver, encode(&wave));
                 emit(
                     &mut t,
                     Part::Desk,
@@ -291,12 +291,12 @@ impl Licensing {
     ) -> Result<pb::PublishWaveResponse, Error> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "wave_id", &req.wave_id);
-        v.check().map_err(Error::Status)?;
+        let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id.clone());
+        let wave_id = validate::finish(v, wave_id)?;
         let idem = IdemKey::new(&self.inner.idem, "PublishWave", &req.request_id, &req);
-        let (mut answer, _) = self.run_in(Part::Desk, Some(&idem), || self.publish_attempt(ctx, &req.wave_id)).await?;
+        let (mut answer, _) = self.run_in(Part::Desk, Some(&idem), || self.publish_attempt(ctx, &wave_id)).await?;
         // Decided (now or by an earlier attempt of this call): every licence in force before answering.
-        answer.wave = Some(self.put_in_force(ctx, &req.wave_id).await?);
+        answer.wave = Some(self.put_in_force(ctx, &wave_id).await?);
         Ok(answer)
     }
 
@@ -304,7 +304,7 @@ impl Licensing {
     async fn publish_attempt(
         &self,
         ctx: &RequestContext,
-        wave_id: &str,
+        wave_id: &WaveId,
     ) -> Result<(Txn, pb::PublishWaveResponse), Error> {
         let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
         if wave.status() != WaveStatus::Draft {
@@ -313,7 +313,7 @@ impl Licensing {
         if wave.grants.is_empty() {
             return Err(Error::precondition("WAVE_EMPTY", wave_id, format!("wave {wave_id} has no grants to publish")));
         }
-        let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&g.application_id)).collect();
+        let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&app_of(g))).collect();
         let apps = self.load_many::<ApplicationRecord>(&app_keys).await?;
         let mut not_queued = Vec::new();
         for (g, a) in wave.grants.iter().zip(&apps) {
@@ -355,13 +355,16 @@ impl Licensing {
             app.wave_id = wave_id.to_string();
             app.license_id = lic.id.clone();
             app.update_ms = now;
-            t.replace(keys::application(&app.id), aver, encode(&app));
-            t.delete(keys::open_application(&app.buyer_id, &app.product_sku));
+            t.replace(keys::application(&app_of(grant)), aver, encode(&app));
+            t.delete(keys::open_application(
+                &BuyerId::from_trusted(app.buyer_id.as_str()),
+                &Sku::from_trusted(app.product_sku.as_str()),
+            ));
             t.zrem(keys::queue(), &app.id);
             // The listing indexes name the licence from the decision on; its record follows in step 2
             // (a listing in between skips it).
             t.zadd(keys::licenses(), &lic.id, lic.seq as f64);
-            t.zadd(keys::licenses_of(&lic.buyer_id), &lic.id, lic.seq as f64);
+            t.zadd(keys::licenses_of(&BuyerId::from_trusted(lic.buyer_id.as_str())), &lic.id, lic.seq as f64);
             detail.push(format!(
                 "{}→{} ({} {} x {}, {})",
                 app.id,
@@ -400,13 +403,13 @@ impl Licensing {
     /// Step 2 (see the module docs): puts every pending product's licences of published wave
     /// `wave_id` in force, then clears its pending list. Idempotent; a draft is left alone. Returns the
     /// wave as it then stands.
-    pub(crate) async fn put_in_force(&self, ctx: &RequestContext, wave_id: &str) -> Result<pb::Wave, Error> {
+    pub(crate) async fn put_in_force(&self, ctx: &RequestContext, wave_id: &WaveId) -> Result<pb::Wave, Error> {
         let (_, wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
         if wave.status() != WaveStatus::Published {
             return Ok(wave_to(&wave));
         }
         if !wave.pending_products.is_empty() {
-            let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&g.application_id)).collect();
+            let app_keys: Vec<String> = wave.grants.iter().map(|g| keys::application(&app_of(g))).collect();
             let apps: std::collections::HashMap<String, ApplicationRecord> = self
                 .load_many::<ApplicationRecord>(&app_keys)
                 .await?
@@ -415,7 +418,7 @@ impl Licensing {
                 .map(|(_, a)| (a.id.clone(), a))
                 .collect();
             for sku in &wave.pending_products {
-                self.put_product_in_force(ctx, &wave, sku, &apps).await?;
+                self.put_product_in_force(ctx, &wave, &Sku::from_trusted(sku.as_str()), &apps).await?;
             }
         }
         let (answer, _) = self
@@ -438,13 +441,14 @@ impl Licensing {
         &self,
         ctx: &RequestContext,
         wave: &WaveRecord,
-        sku: &str,
+        sku: &Sku,
         apps: &std::collections::HashMap<String, ApplicationRecord>,
     ) -> Result<(), Error> {
         let part = Part::Product(sku);
-        let grants: Vec<&GrantRecord> = wave.grants.iter().filter(|g| g.product_sku == sku).collect();
+        let grants: Vec<&GrantRecord> = wave.grants.iter().filter(|g| g.product_sku == sku.as_str()).collect();
         self.run_in(part, None, || async {
-            let lic_keys: Vec<String> = grants.iter().filter_map(|g| keys::license(&g.license_id)).collect();
+            let lic_keys: Vec<String> =
+                grants.iter().filter_map(|g| keys::license(&LicenceId::from_trusted(g.license_id.as_str()))).collect();
             if lic_keys.len() != grants.len() {
                 return Err(Error::Internal(format!("wave {} holds a grant of {sku} without a licence id", wave.id)));
             }
@@ -456,7 +460,8 @@ impl Licensing {
             let mut buyers: Vec<&str> = grants.iter().map(|g| g.buyer_id.as_str()).collect();
             buyers.sort_unstable();
             buyers.dedup();
-            let index_keys: Vec<String> = buyers.iter().map(|b| keys::license_index(b, sku)).collect();
+            let index_keys: Vec<String> =
+                buyers.iter().map(|b| keys::license_index(&BuyerId::from_trusted(*b), sku)).collect();
             let mut indexes: std::collections::HashMap<String, (u64, LicenseIndex)> = self
                 .load_many::<LicenseIndex>(&index_keys)
                 .await?
@@ -477,7 +482,8 @@ impl Licensing {
                 })?;
                 let lic = licence_of(g, app, &wave.id, g.license_seq, now);
                 t.replace(key, 0, encode(&lic));
-                if let Some((_, index)) = indexes.get_mut(&keys::license_index(&lic.buyer_id, sku))
+                if let Some((_, index)) =
+                    indexes.get_mut(&keys::license_index(&BuyerId::from_trusted(lic.buyer_id.as_str()), sku))
                     && !index.license_ids.contains(&lic.id)
                 {
                     index.license_ids.push(lic.id.clone());
@@ -518,13 +524,8 @@ impl Licensing {
     pub fn spawn_wave_recovery(&self, shutdown: chipgate_runtime::Shutdown) -> tokio::task::JoinHandle<()> {
         let service = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(RECOVER_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = shutdown.wait() => return,
-                }
+            let mut every = chipgate_runtime::periodic::Every::new(RECOVER_EVERY, shutdown);
+            while every.tick().await {
                 let pending = match service.store().smembers(&keys::waves_pending()).await {
                     Ok(p) => p,
                     Err(e) => {
@@ -534,7 +535,8 @@ impl Licensing {
                 };
                 for wave_id in pending {
                     let ctx = RequestContext::background("wave-recovery", None);
-                    match service.put_in_force(&ctx, &wave_id).await {
+                    // Waves this service published (their ids are its own).
+                    match service.put_in_force(&ctx, &WaveId::from_trusted(wave_id.as_str())).await {
                         Ok(_) => tracing::info!(wave_id, "finished putting a published wave's licences in force"),
                         Err(e) => tracing::warn!(wave_id, error = %e.describe(), "can't finish a published wave yet"),
                     }
@@ -545,9 +547,9 @@ impl Licensing {
 
     pub(crate) async fn get_wave(&self, req: pb::GetWaveRequest) -> Result<pb::GetWaveResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "wave_id", &req.wave_id);
-        v.check().map_err(Error::Status)?;
-        let (_, wave) = self.require::<WaveRecord>(keys::wave(&req.wave_id), "wave", &req.wave_id).await?;
+        let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id);
+        let wave_id = validate::finish(v, wave_id)?;
+        let (_, wave) = self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id).await?;
         Ok(pb::GetWaveResponse { wave: Some(wave_to(&wave)) })
     }
 
@@ -555,7 +557,9 @@ impl Licensing {
         let mut v = Violations::new();
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
-        let (waves, next) = self.scan_index::<WaveRecord>(&keys::waves(), &page, true, keys::wave, |_| true).await?;
+        let (waves, next) = self
+            .scan_index::<WaveRecord>(&keys::waves(), &page, true, |id| keys::wave(&WaveId::from_trusted(id)), |_| true)
+            .await?;
         Ok(pb::ListWavesResponse { waves: waves.iter().map(wave_to).collect(), next_page_token: next })
     }
 }

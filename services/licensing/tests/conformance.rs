@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 
+use chipgate_domain::ids::{BuyerId, LicenceId, Sku, WaveId};
 use chipgate_licensing::Licensing;
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_proto::licensing::v1::licensing_service_server::LicensingService;
@@ -23,7 +24,7 @@ async fn service(store: Store) -> Licensing {
     // Each product's record lives in its own partition: one transaction each.
     for sku in CATALOGUE {
         let mut t = chipgate_state::Txn::new();
-        t.put(chipgate_contract::catalogue::product(sku), b"product".to_vec());
+        t.put(chipgate_contract::catalogue::product(&Sku::from_trusted(sku)), b"product".to_vec());
         store.commit(&t).await.unwrap();
     }
     Licensing::new(store)
@@ -433,7 +434,8 @@ async fn waves_publish_atomically_and_never_change(store: Store) {
         .collect();
     assert_eq!(published_events.len(), 1);
     assert_eq!(published_events[0].licenses.len(), 2);
-    let in_product = store.xlen(&chipgate_contract::streams::licensing_product("H200")).await.unwrap();
+    let in_product =
+        store.xlen(&chipgate_contract::streams::licensing_product(&Sku::from_trusted("H200"))).await.unwrap();
     assert!(in_product >= 1, "the wave's licences of H200 are announced in H200's stream");
 }
 
@@ -1124,8 +1126,9 @@ async fn a_wave_over_two_products_is_in_force_in_each_products_partition(store: 
     assert!(ids[0].starts_with("lic-H200-") && ids[1].starts_with("lic-H200-NVL-"), "{ids:?}");
     assert!(published.wave.as_ref().unwrap().pending_products.is_empty());
     for l in &published.licenses {
-        let key = chipgate_licensing::keys::license(&l.license_id).unwrap();
-        assert_eq!(chipgate_state::key_slot(&key), chipgate_licensing::keys::part(&l.product_sku).slot());
+        let key = chipgate_licensing::keys::license(&LicenceId::from_trusted(l.license_id.as_str())).unwrap();
+        let sku = Sku::from_trusted(l.product_sku.as_str());
+        assert_eq!(chipgate_state::key_slot(&key), chipgate_licensing::keys::part(&sku).slot());
         assert_eq!(license(&svc, &l.license_id).await.granted_units, l.granted_units);
     }
     // One WavePublished per product, each naming that product's licences only.
@@ -1169,13 +1172,13 @@ async fn a_wave_over_two_products_is_in_force_in_each_products_partition(store: 
 async fn undo_in_force(store: &Store, wave_id: &str, sku: &str, licence_ids: &[&str], buyers: &[&str]) {
     let mut t = chipgate_state::Txn::new();
     for id in licence_ids {
-        t.delete(chipgate_licensing::keys::license(id).unwrap());
+        t.delete(chipgate_licensing::keys::license(&LicenceId::from_trusted(*id)).unwrap());
     }
     for b in buyers {
-        t.delete(chipgate_licensing::keys::license_index(b, sku));
+        t.delete(chipgate_licensing::keys::license_index(&BuyerId::from_trusted(*b), &Sku::from_trusted(sku)));
     }
     store.commit(&t).await.unwrap();
-    let key = chipgate_licensing::keys::wave(wave_id);
+    let key = chipgate_licensing::keys::wave(&WaveId::from_trusted(wave_id));
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().pop().flatten().unwrap();
     let mut wave = chipgate_domain::licensing::WaveRecord::decode(rec.data.as_slice()).unwrap();
     wave.pending_products = vec![sku.to_string()];
@@ -1217,7 +1220,7 @@ async fn a_wave_decided_but_not_in_force_is_finished_by_a_retry_or_by_recovery(s
     };
     let first = publish().await.unwrap().into_inner();
     let lic = first.licenses[0].license_id.clone();
-    let stream = chipgate_contract::streams::licensing_product("H200-NVL");
+    let stream = chipgate_contract::streams::licensing_product(&Sku::from_trusted("H200-NVL"));
     let events = store.xlen(&stream).await.unwrap();
 
     // A retry when nothing is pending changes nothing.

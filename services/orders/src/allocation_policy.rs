@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::allocation;
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_domain::shares::{self, Policy, PolicyChange, PolicyRecord, SharePlan, Strategy};
 use chipgate_proto::inventory::v1 as ipb;
@@ -94,7 +95,7 @@ pub(crate) fn allocation_to(sku: &str, plan: &SharePlan) -> pb::StockAllocation 
 
 /// A `SetAllocationPolicy` call, validated at the edge (every bad field at once).
 struct NewPolicy {
-    sku: String,
+    sku: Sku,
     policy: Policy,
     reason: String,
 }
@@ -105,7 +106,7 @@ impl TryFrom<&pb::SetAllocationPolicyRequest> for NewPolicy {
     fn try_from(req: &pb::SetAllocationPolicyRequest) -> Result<Self, Violations> {
         let mut v = Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         let strategy = strategy_from(req.strategy());
         if strategy.is_none() {
             v.add("strategy", "must be ALLOCATION_STRATEGY_FIFO or ALLOCATION_STRATEGY_PRO_RATA");
@@ -114,9 +115,9 @@ impl TryFrom<&pb::SetAllocationPolicyRequest> for NewPolicy {
             v.add("max_share_percent", format!("{} is not a percentage (0: no cap, up to 100)", req.max_share_percent));
         }
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
-        v.check_violations()?;
+        let sku = validate::finish(v, sku)?;
         Ok(NewPolicy {
-            sku: req.product_sku.clone(),
+            sku,
             policy: Policy { strategy: strategy.unwrap_or(Strategy::Fifo), max_share_percent: req.max_share_percent },
             reason: req.reason.clone(),
         })
@@ -125,12 +126,12 @@ impl TryFrom<&pb::SetAllocationPolicyRequest> for NewPolicy {
 
 impl Orders {
     /// The allocation policy in force for `sku` (FIFO without a cap when never set).
-    pub(crate) async fn allocation_policy(&self, sku: &str) -> Result<Policy, Error> {
+    pub(crate) async fn allocation_policy(&self, sku: &Sku) -> Result<Policy, Error> {
         Ok(self.load::<PolicyRecord>(keys::allocation_policy(sku)).await?.map(|(_, r)| r.policy()).unwrap_or_default())
     }
 
     /// Units of `sku` each buyer holds (held, committed, shipped).
-    pub(crate) async fn allocated_by_buyer(&self, sku: &str) -> Result<BTreeMap<String, u64>, Error> {
+    pub(crate) async fn allocated_by_buyer(&self, sku: &Sku) -> Result<BTreeMap<String, u64>, Error> {
         let raw = self.store().hgetall(&keys::allocated(sku)).await?;
         let mut out = BTreeMap::new();
         for (buyer, v) in raw {
@@ -146,12 +147,14 @@ impl Orders {
     }
 
     /// Every order of `sku`'s backlog, oldest first, with the version it was read at.
-    pub(crate) async fn backlog_orders(&self, sku: &str) -> Result<(Vec<u64>, Vec<OrderRecord>), Error> {
+    pub(crate) async fn backlog_orders(&self, sku: &Sku) -> Result<(Vec<u64>, Vec<OrderRecord>), Error> {
         let ids = self.store().zrange(&keys::backlog(sku), 0, -1, false).await?;
         let mut versions = Vec::with_capacity(ids.len());
         let mut orders = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(self.options().chunk.max(1)) {
-            let order_keys: Vec<String> = chunk.iter().map(|(id, _)| keys::order(id)).collect();
+            // The backlog lists ids this service handed out.
+            let order_keys: Vec<String> =
+                chunk.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
             for (v, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten() {
                 if o.status() == OrderStatus::Backordered {
                     versions.push(v);
@@ -199,7 +202,7 @@ impl Orders {
         req: pb::SetAllocationPolicyRequest,
     ) -> Result<pb::SetAllocationPolicyResponse, Error> {
         let new = NewPolicy::try_from(&req)?;
-        if !self.inner.products.contains(self.store(), &new.sku).await? {
+        if !self.inner.products.in_catalogue(self.store(), &new.sku).await? {
             return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
                 "product_sku",
                 chipgate_contract::catalogue::unknown_product(&new.sku),
@@ -215,7 +218,7 @@ impl Orders {
                 let ver = loaded.as_ref().map(|(v, _)| *v).unwrap_or(0);
                 let mut record = loaded
                     .map(|(_, r)| r)
-                    .unwrap_or_else(|| PolicyRecord { sku: new.sku.clone(), changes: Vec::new() });
+                    .unwrap_or_else(|| PolicyRecord { sku: new.sku.to_string(), changes: Vec::new() });
                 let mut t = Txn::new();
                 if record.current().is_none() || record.policy() != new.policy {
                     record.change(new.policy, now_ms(), &ctx.actor, &new.reason, &req.request_id);
@@ -250,9 +253,8 @@ impl Orders {
         req: pb::GetAllocationPolicyRequest,
     ) -> Result<pb::GetAllocationPolicyResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
-        v.check_violations()?;
-        let sku = req.product_sku;
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
+        let sku = validate::finish(v, sku)?;
         let record = self.load::<PolicyRecord>(keys::allocation_policy(&sku)).await?.map(|(_, r)| r);
         let policy = record.as_ref().map(PolicyRecord::policy).unwrap_or_default();
         let held = self.allocated_by_buyer(&sku).await?;
@@ -392,7 +394,7 @@ impl Orders {
         let hold_seconds = self.options().hold_seconds;
         let msg = ipb::BatchReserveRequest {
             request_id: String::new(),
-            product_sku: lease.sku.clone(),
+            product_sku: lease.sku.to_string(),
             items: asks.into_iter().map(|a| convert::reserve_item(a, hold_seconds)).collect(),
             fence_token: lease.token,
         };

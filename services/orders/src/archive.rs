@@ -23,6 +23,7 @@ use chipgate_archive::segment;
 use chipgate_archive::status::Run;
 pub use chipgate_archive::status::Step;
 use chipgate_archive::{Problem, Target};
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::service::Records;
@@ -30,6 +31,7 @@ use chipgate_state::{Backend, CommitError, Txn};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, StatusExt};
 
+use crate::keys::OrderIds;
 use crate::{Error, Orders, keys};
 
 /// What wrote a segment (in its manifest).
@@ -88,7 +90,7 @@ impl Orders {
     }
 
     /// Segments of `sku` whose trim committed (the archive cursor), with the cursor's version.
-    async fn archive_cursor(&self, sku: &str) -> Result<(u64, u64), Error> {
+    async fn archive_cursor(&self, sku: &Sku) -> Result<(u64, u64), Error> {
         let key = keys::archive_cursor(sku);
         match self.store().get(std::slice::from_ref(&key)).await?.pop().flatten() {
             None => Ok((0, 0)),
@@ -122,6 +124,8 @@ impl Orders {
         };
         let mut first_error = None;
         for sku in skus {
+            // Products registered by placements, whose SKUs were parsed on entry.
+            let sku = Sku::from_trusted(sku);
             let lease = keys::archive_lease(&sku);
             let token = match self.store().lease_acquire(&lease, &keys::archive_lease_counter(&sku), LEASE_TTL).await {
                 Ok(Some(t)) => t,
@@ -153,7 +157,7 @@ impl Orders {
     /// Closed orders of `sku` old enough to archive, at most `max`, by sequence, with their versions.
     async fn closed_orders(
         &self,
-        sku: &str,
+        sku: &Sku,
         closed_before_ms: u64,
         max: usize,
     ) -> Result<Vec<(u64, OrderRecord)>, Error> {
@@ -167,7 +171,9 @@ impl Orders {
                     break;
                 }
                 pos += ids.len() as i64;
-                let order_keys: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+                // The index lists ids this service handed out.
+                let order_keys: Vec<String> =
+                    ids.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
                 for (version, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten() {
                     if o.status().is_final() && o.pending.is_empty() && o.update_ms <= closed_before_ms {
                         out.push((version, o));
@@ -184,7 +190,7 @@ impl Orders {
     async fn archive_product(
         &self,
         target: &Target,
-        sku: &str,
+        sku: &Sku,
         token: u64,
         closed_before_ms: u64,
         max: usize,
@@ -263,9 +269,9 @@ impl Orders {
             );
             let mut freed = 0u64;
             for (v, o) in &found {
-                let key = keys::order(&o.id);
+                let key = keys::order(&o.typed_id());
                 t.expect_version(key.clone(), *v).delete(key);
-                t.zrem(keys::orders_of(sku, &o.buyer_id), &o.id).zrem(keys::orders_in(sku, o.status()), &o.id);
+                t.zrem(keys::orders_of(sku, &o.typed_buyer()), &o.id).zrem(keys::orders_in(sku, o.status()), &o.id);
                 freed += prost::Message::encoded_len(o) as u64 + 2 * o.id.len() as u64;
             }
             match self.store().commit(&t).await {
@@ -281,7 +287,7 @@ impl Orders {
             run.records += found.len() as u64;
             run.bytes += data_bytes;
             run.redis_bytes_freed += freed;
-            tracing::info!(sku, segment = n, orders = found.len(), bytes = data_bytes, "closed orders archived");
+            tracing::info!(sku = %sku, segment = n, orders = found.len(), bytes = data_bytes, "closed orders archived");
             if stop_after == Some(Step::Trimmed) {
                 return Err(crash(Step::Trimmed));
             }
@@ -317,7 +323,9 @@ impl Orders {
             return Err(refuse("does not follow the last committed segment".into()));
         }
         let archived = seg::check_segment(name, &m, &json, sku).map_err(|p| refuse(format!("does not check ({p})")))?;
-        let order_keys: Vec<String> = archived.iter().map(|o| keys::order(&o.order.order_id)).collect();
+        // The ids come from a segment that just checked against its manifest's hashes: our own record.
+        let order_keys: Vec<String> =
+            archived.iter().map(|o| keys::order(&OrderId::from_trusted(o.order.order_id.as_str()))).collect();
         let held = self.load_many::<OrderRecord>(&order_keys).await?;
         let mut found = Vec::with_capacity(archived.len());
         for (a, h) in archived.iter().zip(held) {
@@ -335,12 +343,12 @@ impl Orders {
     /// An order no longer in Redis: from the archive when the service has one and the order is
     /// there (`archived_in` says where), else NOT_FOUND — with a hint when the product's closed
     /// orders have been archived.
-    pub(crate) async fn archived_order(&self, id: &str) -> Result<pb::Order, Error> {
+    pub(crate) async fn archived_order(&self, id: &OrderId) -> Result<pb::Order, Error> {
         let Some(sku) = keys::sku_of(id) else { return Err(Error::not_found("order", id)) };
         let seq: u64 = id.rsplit('-').next().and_then(|s| s.parse().ok()).unwrap_or(0);
-        let (_, committed) = self.archive_cursor(sku).await?;
+        let (_, committed) = self.archive_cursor(&sku).await?;
         if let Some(target) = self.archive_target() {
-            match seg::find_order(target, sku, seq).await {
+            match seg::find_order(target, &sku, seq).await {
                 Ok(Some((mut order, segment))) => {
                     order.archived_in = segment;
                     return Ok(order);
@@ -348,7 +356,7 @@ impl Orders {
                 Ok(None) => {}
                 // The archive can't answer now: say so rather than claim the order doesn't exist.
                 Err(p) => {
-                    tracing::warn!(order = id, problem = %p, "can't read the archive");
+                    tracing::warn!(order = %id, problem = %p, "can't read the archive");
                     return Err(Error::Status(errors_unavailable(id, &p.to_string())));
                 }
             }
@@ -356,7 +364,7 @@ impl Orders {
         if committed == 0 {
             return Err(Error::not_found("order", id));
         }
-        let placed = self.store().incr(&keys::seq(sku), 0).await?;
+        let placed = self.store().incr(&keys::seq(&sku), 0).await?;
         if seq == 0 || seq > placed {
             return Err(Error::not_found("order", id));
         }

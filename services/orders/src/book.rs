@@ -4,13 +4,14 @@
 
 use std::collections::BTreeMap;
 
+use chipgate_domain::ids::{Sku, WaveId};
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
 use chipgate_state::Txn;
 use prost::Message;
 
 use crate::convert::{state_to, transition_event};
-use crate::keys;
+use crate::keys::{self, OrderIds};
 
 /// Entries kept in the watch stream (approximately). The durable history is in each order; the
 /// stream only feeds live watchers.
@@ -56,20 +57,22 @@ impl Events {
 
     /// Appends the collected transitions and figure changes to `t` (nothing if there are none).
     pub(crate) fn flush(self, t: &mut Txn) {
+        // Ids of orders this service wrote: parsed when the orders were placed.
+        let sku = Sku::from_trusted(self.sku.as_str());
         for ((wave, field), delta) in self.figures {
             if delta != 0 {
-                t.hincr(keys::wave(&self.sku, &wave), field, delta);
+                t.hincr(keys::wave(&sku, &WaveId::from_trusted(wave)), field, delta);
             }
         }
         for (buyer, delta) in self.allocated {
             if delta != 0 {
-                t.hincr(keys::allocated(&self.sku), buyer, delta);
+                t.hincr(keys::allocated(&sku), buyer, delta);
             }
         }
         for items in self.transitions.chunks(TRANSITIONS_PER_ENTRY) {
             let batch = EventBatch { items: items.to_vec(), traceparent: self.traceparent.clone() };
             t.xadd(
-                keys::events(&self.sku),
+                keys::events(&sku),
                 vec![(chipgate_contract::TRANSITIONS_FIELD.to_string(), batch.encode_to_vec())],
                 Some(MAX_EVENTS),
             );
@@ -90,18 +93,19 @@ impl Events {
 pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
     debug_assert!(events.sku.is_empty() || events.sku == new.sku, "one product per transaction");
     events.sku.clone_from(&new.sku);
-    t.replace(keys::order(&new.id), version, new.encode_to_vec());
+    let (sku, buyer) = (new.typed_sku(), new.typed_buyer());
+    t.replace(keys::order(&new.typed_id()), version, new.encode_to_vec());
     let score = new.seq as f64;
     let was = old.map(OrderRecord::status);
     let now = new.status();
     if old.is_none() {
-        t.zadd(keys::orders_of(&new.sku, &new.buyer_id), &new.id, score);
+        t.zadd(keys::orders_of(&sku, &buyer), &new.id, score);
     }
     if was != Some(now) {
         if let Some(w) = was {
-            t.zrem(keys::orders_in(&new.sku, w), &new.id);
+            t.zrem(keys::orders_in(&sku, w), &new.id);
         }
-        t.zadd(keys::orders_in(&new.sku, now), &new.id, score);
+        t.zadd(keys::orders_in(&sku, now), &new.id, score);
     }
     let member = |t: &mut Txn, key: String, before: bool, after: bool| {
         if after && !before {
@@ -112,21 +116,21 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     };
     let waiting = |s: Option<OrderStatus>| s.is_some_and(OrderStatus::is_waiting);
     if now.is_waiting() && !waiting(was) {
-        t.sadd(keys::awaiting_buyers(&new.sku), &new.buyer_id);
+        t.sadd(keys::awaiting_buyers(&sku), &new.buyer_id);
     }
-    member(t, keys::awaiting(&new.sku, &new.buyer_id), waiting(was), now.is_waiting());
-    member(t, keys::backlog(&new.sku), was == Some(OrderStatus::Backordered), now == OrderStatus::Backordered);
+    member(t, keys::awaiting(&sku, &buyer), waiting(was), now.is_waiting());
+    member(t, keys::backlog(&sku), was == Some(OrderStatus::Backordered), now == OrderStatus::Backordered);
     member(
         t,
-        keys::holding(&new.sku),
+        keys::holding(&sku),
         was.is_some_and(OrderStatus::holds_unconfirmed_quota),
         now.holds_unconfirmed_quota(),
     );
     let owed_before = old.is_some_and(|o| !o.pending.is_empty());
     if !new.pending.is_empty() && !owed_before {
-        t.sadd(keys::cleanup(&new.sku), &new.id);
+        t.sadd(keys::cleanup(&sku), &new.id);
     } else if new.pending.is_empty() && owed_before {
-        t.srem(keys::cleanup(&new.sku), &new.id);
+        t.srem(keys::cleanup(&sku), &new.id);
     }
     wave_figures(events, old, new);
     // Units each buyer holds of the product (held, committed or shipped count; an order that gives

@@ -3,6 +3,7 @@
 //! a time would measure the loader rather than the system; it writes exactly what placement and a
 //! first evaluation would have written (records, queues, indexes, history), in large atomic batches.
 
+use chipgate_domain::ids::{BuyerId, Sku};
 use chipgate_domain::licensing::{Condition, Failure};
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_runtime::service::Records;
@@ -38,11 +39,14 @@ impl Orders {
         }
         let mut ids = vec![String::new(); orders.len()];
         for (sku, positions) in by_product {
+            // A bulk load is the operator's own data (benchmarks, migrations), taken as it is, as
+            // ever: it is not checked like a caller's request.
+            let sku = &Sku::from_trusted(sku);
             let mut buyers: Vec<&str> = positions.iter().map(|&i| orders[i].buyer_id.as_str()).collect();
             buyers.sort_unstable();
             buyers.dedup();
             for b in buyers {
-                self.register(b, sku).await?;
+                self.register(&BuyerId::from_trusted(b), sku).await?;
             }
             for chunk in positions.chunks(BATCH) {
                 let last = self.store().incr(&keys::seq(sku), chunk.len() as u64).await?;
@@ -61,7 +65,7 @@ impl Orders {
                     )];
                     let placed = Cause::new(CauseKind::Placed, &id);
                     let record = OrderRecord {
-                        id: id.clone(),
+                        id: id.to_string(),
                         request_id: format!("bulk:{id}"),
                         buyer_id: o.buyer_id.clone(),
                         sku: o.sku.clone(),
@@ -92,7 +96,7 @@ impl Orders {
                         ..Default::default()
                     };
                     book::write(&mut t, &mut events, 0, None, &record);
-                    ids[i] = id;
+                    ids[i] = id.into_string();
                 }
                 events.flush(&mut t);
                 self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;

@@ -8,6 +8,7 @@
 use chipgate_runtime::service::Records;
 use std::time::Duration;
 
+use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::orders::OrderRecord;
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
@@ -49,20 +50,21 @@ impl Orders {
     pub(crate) async fn cleanup_once(&self, ctx: &RequestContext) -> Result<usize, Error> {
         let mut settled = 0;
         for sku in self.store().smembers(&keys::products()).await? {
-            settled += self.cleanup_product(ctx, &sku).await?;
+            // Products registered by placements, whose SKUs were parsed on entry.
+            settled += self.cleanup_product(ctx, &Sku::from_trusted(sku)).await?;
         }
         Ok(settled)
     }
 
     /// The first owed release of up to [`ROUND`] orders of product `sku` (cleared in one transaction
     /// of its partition).
-    async fn cleanup_product(&self, ctx: &RequestContext, sku: &str) -> Result<usize, Error> {
+    async fn cleanup_product(&self, ctx: &RequestContext, sku: &Sku) -> Result<usize, Error> {
         let mut ids = self.store().smembers(&keys::cleanup(sku)).await?;
         ids.truncate(ROUND);
         if ids.is_empty() {
             return Ok(0);
         }
-        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         let orders: Vec<(u64, OrderRecord)> =
             self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten().collect();
         // One release per order per round (a batch may not name an order twice).

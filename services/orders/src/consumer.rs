@@ -11,6 +11,7 @@ use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
+use chipgate_domain::ids::{BuyerId, OrderId, Sku};
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
@@ -32,9 +33,9 @@ pub(crate) enum Source {
     /// Licensing's desk events (applications, waves being decided, domestic purchases).
     Licensing,
     /// One product's licensing events (its licences, a wave's part for it, quota, gates).
-    LicensingProduct(String),
+    LicensingProduct(Sku),
     /// One product's inventory events.
-    Inventory(String),
+    Inventory(Sku),
 }
 
 impl Source {
@@ -288,7 +289,9 @@ impl Orders {
             Some(Kind::WavePublished(w)) => {
                 let cause = Cause::new(CauseKind::WavePublished, &w.wave_id);
                 for l in &w.licenses {
-                    marks::awaiting(at(t, &l.product_sku), &l.product_sku, Who::Buyer(&l.buyer_id), &cause, tp);
+                    // Events are our own services' records: their ids were parsed on entry.
+                    let sku = Sku::from_trusted(l.product_sku.as_str());
+                    marks::awaiting(at(t, &sku), &sku, Who::Buyer(&l.buyer_id), &cause, tp);
                     products.insert(l.product_sku.clone());
                 }
                 self.observe_wave(&w, ev.time.as_ref()).await?;
@@ -302,39 +305,43 @@ impl Orders {
                     _ => CauseKind::LicenseReinstated,
                 };
                 let cause = Cause::new(kind, &c.license_id);
+                let sku = Sku::from_trusted(c.product_sku.as_str());
                 if matches!(to, lpb::LicenseState::Suspended | lpb::LicenseState::Revoked) {
-                    marks::holders(at(t, &c.product_sku), &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
+                    marks::holders(at(t, &sku), &sku, Who::Buyer(&c.buyer_id), &cause, tp);
                 }
-                marks::awaiting(at(t, &c.product_sku), &c.product_sku, Who::Buyer(&c.buyer_id), &cause, tp);
+                marks::awaiting(at(t, &sku), &sku, Who::Buyer(&c.buyer_id), &cause, tp);
                 products.insert(c.product_sku);
             }
             Some(Kind::DomesticPurchaseRecorded(d)) => {
                 let cause = Cause::new(CauseKind::DomesticPurchase, &d.buyer_id);
-                for sku in self.store().smembers(&keys::buyer_products(&d.buyer_id)).await? {
+                let buyer = BuyerId::from_trusted(d.buyer_id.as_str());
+                for sku in self.store().smembers(&keys::buyer_products(&buyer)).await? {
+                    let sku = Sku::from_trusted(sku);
                     marks::awaiting(at(t, &sku), &sku, Who::Buyer(&d.buyer_id), &cause, tp);
-                    products.insert(sku);
+                    products.insert(sku.into_string());
                 }
             }
             Some(Kind::ExportAuthorizationChanged(x)) => {
+                let sku = Sku::from_trusted(x.product_sku.as_str());
                 if x.active {
                     marks::awaiting(
-                        at(t, &x.product_sku),
-                        &x.product_sku,
+                        at(t, &sku),
+                        &sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportAuthorized, &x.product_sku),
                         tp,
                     );
                 } else {
                     marks::holders(
-                        at(t, &x.product_sku),
-                        &x.product_sku,
+                        at(t, &sku),
+                        &sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportRevoked, &x.product_sku),
                         tp,
                     );
                     marks::awaiting(
-                        at(t, &x.product_sku),
-                        &x.product_sku,
+                        at(t, &sku),
+                        &sku,
                         Who::All,
                         &Cause::new(CauseKind::ExportRevoked, &x.product_sku),
                         tp,
@@ -343,14 +350,15 @@ impl Orders {
                 products.insert(x.product_sku);
             }
             Some(Kind::ImportPolicyChanged(p)) => {
+                let sku = Sku::from_trusted(p.product_sku.as_str());
                 if p.to_stance() == lpb::ImportStance::Embargoed {
                     let cause = Cause::new(CauseKind::EmbargoSet, &p.product_sku);
-                    marks::holders(at(t, &p.product_sku), &p.product_sku, Who::All, &cause, tp);
-                    marks::awaiting(at(t, &p.product_sku), &p.product_sku, Who::All, &cause, tp);
+                    marks::holders(at(t, &sku), &sku, Who::All, &cause, tp);
+                    marks::awaiting(at(t, &sku), &sku, Who::All, &cause, tp);
                 } else {
                     marks::awaiting(
-                        at(t, &p.product_sku),
-                        &p.product_sku,
+                        at(t, &sku),
+                        &sku,
                         Who::All,
                         &Cause::new(CauseKind::EmbargoLifted, &p.product_sku),
                         tp,
@@ -359,12 +367,13 @@ impl Orders {
                 products.insert(p.product_sku);
             }
             Some(Kind::QuotaChanged(q)) => {
+                let sku = Sku::from_trusted(q.product_sku.as_str());
                 // Quota given back (an order cancelled, expired or unwound) may let a waiting order of
                 // the same buyer through.
                 for r in q.reservations.iter().filter(|r| r.state() == lpb::ReservationState::Released && r.units > 0) {
                     marks::awaiting(
-                        at(t, &q.product_sku),
-                        &q.product_sku,
+                        at(t, &sku),
+                        &sku,
                         Who::Buyer(&r.buyer_id),
                         &Cause::new(CauseKind::QuotaReturned, &r.license_id),
                         tp,
@@ -385,23 +394,23 @@ impl Orders {
         tp: &str,
     ) -> Result<(), Error> {
         use ipb::inventory_event::Kind;
-        let sku = ev.stock.as_ref().map(|s| s.product_sku.clone()).unwrap_or_default();
+        let sku = Sku::from_trusted(ev.stock.as_ref().map(|s| s.product_sku.clone()).unwrap_or_default());
         match ev.kind {
             Some(Kind::SupplyReceived(r)) => {
                 let receipt = r.receipt.map(|r| r.receipt_id).unwrap_or_default();
                 marks::drain(at(t, &sku), &sku, &Cause::new(CauseKind::SupplyReceived, &receipt), tp);
-                products.insert(sku);
+                products.insert(sku.into_string());
             }
             Some(Kind::HoldsReleased(r)) if r.units_freed > 0 => {
                 marks::drain(at(t, &sku), &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
-                products.insert(sku);
+                products.insert(sku.into_string());
             }
             Some(Kind::HoldsExpired(x)) => {
                 for h in &x.reservations {
-                    self.expire_order(&h.order_id, h.generation, tp).await?;
+                    self.expire_order(&OrderId::from_trusted(h.order_id.as_str()), h.generation, tp).await?;
                 }
                 marks::drain(at(t, &sku), &sku, &Cause::new(CauseKind::StockReleased, &sku), tp);
-                products.insert(sku);
+                products.insert(sku.into_string());
             }
             _ => {}
         }
@@ -409,7 +418,7 @@ impl Orders {
     }
 
     /// An order's hold expired in inventory: RESERVED → EXPIRED, its quota owed back.
-    async fn expire_order(&self, order_id: &str, generation: u64, traceparent: &str) -> Result<(), Error> {
+    async fn expire_order(&self, order_id: &OrderId, generation: u64, traceparent: &str) -> Result<(), Error> {
         let ctx = RequestContext::background("expire", Some(traceparent));
         self.run_txn(None, || async {
             let Some((ver, o)) = self.load::<OrderRecord>(keys::order(order_id)).await? else {

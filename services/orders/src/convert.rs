@@ -1,6 +1,7 @@
 //! Conversions between the orders API and the domain records, at the edge.
 
 use chipgate_domain::allocation::{HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
+use chipgate_domain::ids::{BuyerId, Sku};
 use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_proto::inventory::v1 as ipb;
@@ -188,9 +189,9 @@ pub struct NewOrder {
     /// The caller's idempotency key.
     pub request_id: String,
     /// Buyer.
-    pub buyer_id: String,
+    pub buyer_id: BuyerId,
     /// Product.
-    pub sku: String,
+    pub sku: Sku,
     /// Units.
     pub units: u64,
     /// Why the chips are necessary ("" if none given).
@@ -204,17 +205,11 @@ impl TryFrom<pb::PlaceOrderRequest> for NewOrder {
         use chipgate_runtime::validate;
         let mut v = chipgate_runtime::errors::Violations::new();
         validate::request_id(&mut v, &req.request_id);
-        validate::id(&mut v, "buyer_id", &req.buyer_id);
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let buyer_id = validate::parse::<BuyerId>(&mut v, "buyer_id", req.buyer_id);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
         validate::units(&mut v, "units", req.units, crate::MAX_UNITS);
         validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
-        v.check_violations()?;
-        Ok(NewOrder {
-            request_id: req.request_id,
-            buyer_id: req.buyer_id,
-            sku: req.product_sku,
-            units: req.units,
-            justification: req.justification,
-        })
+        let (buyer_id, sku) = validate::finish(v, (buyer_id, sku))?;
+        Ok(NewOrder { request_id: req.request_id, buyer_id, sku, units: req.units, justification: req.justification })
     }
 }

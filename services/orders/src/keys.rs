@@ -8,137 +8,162 @@
 //! idempotent step, never in a transaction with a product's keys: the products that have orders, the
 //! products each buyer ordered, and the waves observed.
 
-use chipgate_domain::orders::OrderStatus;
+use chipgate_domain::ids::{BuyerId, OrderId, Sku, WaveId};
+use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_state::{Partition, Space};
 
 /// The orders space.
 pub const SPACE: Space = chipgate_contract::ORDERS;
 
+/// The typed ids of an order read back from the store: each was parsed when the order was placed,
+/// so they are wrapped without a second check.
+pub(crate) trait OrderIds {
+    /// The order's product.
+    fn typed_sku(&self) -> Sku;
+    /// The order's buyer.
+    fn typed_buyer(&self) -> BuyerId;
+    /// The order's id.
+    fn typed_id(&self) -> OrderId;
+}
+
+impl OrderIds for OrderRecord {
+    fn typed_sku(&self) -> Sku {
+        Sku::from_trusted(self.sku.as_str())
+    }
+
+    fn typed_buyer(&self) -> BuyerId {
+        BuyerId::from_trusted(self.buyer_id.as_str())
+    }
+
+    fn typed_id(&self) -> OrderId {
+        OrderId::from_trusted(self.id.as_str())
+    }
+}
+
 /// The partition of product `sku`.
-pub fn part(sku: &str) -> Partition {
-    SPACE.partition(sku)
+pub fn part(sku: &Sku) -> Partition {
+    SPACE.partition(sku.as_str())
 }
 
 /// The id of a product's order number `seq`.
-pub fn order_id(sku: &str, seq: u64) -> String {
-    format!("ord-{sku}-{seq}")
+pub fn order_id(sku: &Sku, seq: u64) -> OrderId {
+    OrderId::new(sku, seq)
 }
 
 /// The product an order id names (None when it is not an order id).
-pub fn sku_of(order_id: &str) -> Option<&str> {
-    let (sku, seq) = order_id.strip_prefix("ord-")?.rsplit_once('-')?;
-    (!sku.is_empty() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())).then_some(sku)
+pub fn sku_of(order_id: &OrderId) -> Option<Sku> {
+    order_id.product()
 }
 
 /// A product's placement sequence counter (order ids and the order in which orders are served).
-pub fn seq(sku: &str) -> String {
+pub fn seq(sku: &Sku) -> String {
     part(sku).key(["seq"])
 }
 
 /// An order (in its product's partition; an id that names no product names no order).
-pub fn order(id: &str) -> String {
-    part(sku_of(id).unwrap_or_default()).key(["order", id])
+pub fn order(id: &OrderId) -> String {
+    part(&sku_of(id).unwrap_or_default()).key(["order", id.as_str()])
 }
 
 /// A buyer's orders of one product, by placement sequence.
-pub fn orders_of(sku: &str, buyer: &str) -> String {
-    part(sku).key(["buyer", buyer])
+pub fn orders_of(sku: &Sku, buyer: &BuyerId) -> String {
+    part(sku).key(["buyer", buyer.as_str()])
 }
 
 /// A product's orders in one state, by placement sequence.
-pub fn orders_in(sku: &str, status: OrderStatus) -> String {
+pub fn orders_in(sku: &Sku, status: OrderStatus) -> String {
     part(sku).key(["state", status.name()])
 }
 
 /// The awaiting queue of one buyer for one product (PENDING and AWAITING_LICENSE), by sequence.
-pub fn awaiting(sku: &str, buyer: &str) -> String {
-    part(sku).key(["awaiting", buyer])
+pub fn awaiting(sku: &Sku, buyer: &BuyerId) -> String {
+    part(sku).key(["awaiting", buyer.as_str()])
 }
 
 /// Buyers with (possibly) waiting orders for a product.
-pub fn awaiting_buyers(sku: &str) -> String {
+pub fn awaiting_buyers(sku: &Sku) -> String {
     part(sku).key(["awaiting-buyers"])
 }
 
 /// A product's backlog (BACKORDERED), by sequence.
-pub fn backlog(sku: &str) -> String {
+pub fn backlog(sku: &Sku) -> String {
     part(sku).key(["backlog"])
 }
 
 /// Orders of a product holding unconfirmed quota (BACKORDERED and RESERVED), by sequence.
-pub fn holding(sku: &str) -> String {
+pub fn holding(sku: &Sku) -> String {
     part(sku).key(["holding"])
 }
 
 /// What a product's next reconciliation pass must look at (a hash of marks).
-pub fn dirty(sku: &str) -> String {
+pub fn dirty(sku: &Sku) -> String {
     part(sku).key(["dirty"])
 }
 
 /// The marks a pass has taken and not yet finished: only the lease holder writes it, and whoever
 /// holds the lease next finishes what a holder that died left here.
-pub fn working(sku: &str) -> String {
+pub fn working(sku: &Sku) -> String {
     part(sku).key(["working"])
 }
 
 /// The allocation lease of a product (one reconciliation pass at a time, cluster-wide).
-pub fn lease(sku: &str) -> String {
+pub fn lease(sku: &Sku) -> String {
     part(sku).key(["lease"])
 }
 
 /// The counter that issues a product's fencing tokens.
-pub fn lease_counter(sku: &str) -> String {
+pub fn lease_counter(sku: &Sku) -> String {
     part(sku).key(["lease-seq"])
 }
 
 /// A product's orders that still owe releases to licensing or inventory.
-pub fn cleanup(sku: &str) -> String {
+pub fn cleanup(sku: &Sku) -> String {
     part(sku).key(["cleanup"])
 }
 
 /// A product's transition stream (WatchOrders follows every product's).
-pub fn events(sku: &str) -> String {
+pub fn events(sku: &Sku) -> String {
     chipgate_contract::streams::orders(sku)
 }
 
 /// A wave's figures for one product: orders holding its quota by state, and the units they hold.
-pub fn wave(sku: &str, wave_id: &str) -> String {
-    part(sku).key(["wave", wave_id])
+pub fn wave(sku: &Sku, wave_id: &WaveId) -> String {
+    part(sku).key(["wave", wave_id.as_str()])
 }
 
 /// The waiting orders of a product that a wave concerns and that have not been evaluated since
 /// (see [`crate::waves`]).
-pub fn wave_pending(wave_id: &str, sku: &str) -> String {
-    part(sku).key(["wave-pending", wave_id])
+pub fn wave_pending(wave_id: &WaveId, sku: &Sku) -> String {
+    part(sku).key(["wave-pending", wave_id.as_str()])
 }
 
 /// A wave's tally for one product: orders concerned, when one last left the pending snapshot.
-pub fn wave_tally(wave_id: &str, sku: &str) -> String {
-    part(sku).key(["wave-tally", wave_id])
+pub fn wave_tally(wave_id: &WaveId, sku: &Sku) -> String {
+    part(sku).key(["wave-tally", wave_id.as_str()])
 }
 
 /// Present once a wave's snapshot of a product was taken (so it is taken once).
-pub fn wave_snapshot_taken(wave_id: &str, sku: &str) -> String {
-    part(sku).key(["wave-snap", wave_id])
+pub fn wave_snapshot_taken(wave_id: &WaveId, sku: &Sku) -> String {
+    part(sku).key(["wave-snap", wave_id.as_str()])
 }
 
 /// Waves whose snapshot of a product may still hold orders.
-pub fn unsettled_waves(sku: &str) -> String {
+pub fn unsettled_waves(sku: &Sku) -> String {
     part(sku).key(["unsettled-waves"])
 }
 
 /// How many of a product's archive segments are committed (their orders removed from Redis).
-pub fn archive_cursor(sku: &str) -> String {
+pub fn archive_cursor(sku: &Sku) -> String {
     part(sku).key(["archive"])
 }
 
 /// The lease that lets one replica at a time archive a product's closed orders.
-pub fn archive_lease(sku: &str) -> String {
+pub fn archive_lease(sku: &Sku) -> String {
     part(sku).key(["archive-lease"])
 }
 
 /// The counter issuing fencing tokens for [`archive_lease`].
-pub fn archive_lease_counter(sku: &str) -> String {
+pub fn archive_lease_counter(sku: &Sku) -> String {
     part(sku).key(["archive-lease-seq"])
 }
 
@@ -149,13 +174,13 @@ pub fn products() -> String {
 
 /// The products a buyer ever ordered (`{ord}`): where a change that concerns the buyer (a domestic
 /// purchase) must look.
-pub fn buyer_products(buyer: &str) -> String {
-    SPACE.key(["buyer-products", buyer])
+pub fn buyer_products(buyer: &BuyerId) -> String {
+    SPACE.key(["buyer-products", buyer.as_str()])
 }
 
 /// When the orders service first saw a wave, and the queues it concerns (`{ord}`).
-pub fn wave_meta(wave_id: &str) -> String {
-    SPACE.key(["wave-meta", wave_id])
+pub fn wave_meta(wave_id: &WaveId) -> String {
+    SPACE.key(["wave-meta", wave_id.as_str()])
 }
 
 /// Waves observed, scored by when they were published (`{ord}`; the metrics show the latest few).
@@ -165,14 +190,14 @@ pub fn waves() -> String {
 
 /// A product's allocation policy and its latest changes (in the product's partition: a change
 /// commits with the product's drain mark).
-pub fn allocation_policy(sku: &str) -> String {
+pub fn allocation_policy(sku: &Sku) -> String {
     part(sku).key(["alloc-policy"])
 }
 
 /// Units of a product each buyer holds (held, committed, shipped): a hash buyer → units, kept by
 /// `book::write` with every order change (in the product's partition, as the orders are); what
 /// allocation caps and the metrics read.
-pub fn allocated(sku: &str) -> String {
+pub fn allocated(sku: &Sku) -> String {
     part(sku).key(["allocated"])
 }
 
@@ -182,14 +207,15 @@ mod tests {
 
     #[test]
     fn an_order_id_names_its_partition() {
-        let id = order_id("H200-SXM-141GB", 129);
+        let sku = Sku::from_trusted("H200-SXM-141GB");
+        let id = order_id(&sku, 129);
         assert_eq!(id, "ord-H200-SXM-141GB-129");
-        assert_eq!(sku_of(&id), Some("H200-SXM-141GB"));
-        assert_eq!(chipgate_state::key_slot(&order(&id)), part("H200-SXM-141GB").slot());
-        assert_eq!(chipgate_state::key_slot(&order(&id)), chipgate_state::key_slot(&backlog("H200-SXM-141GB")));
+        assert_eq!(sku_of(&id).as_deref(), Some("H200-SXM-141GB"));
+        assert_eq!(chipgate_state::key_slot(&order(&id)), part(&sku).slot());
+        assert_eq!(chipgate_state::key_slot(&order(&id)), chipgate_state::key_slot(&backlog(&sku)));
         for not_ours in ["ord-129", "ord--1", "H200-1", "ord-H200-", "ord-H200-12a", ""] {
-            assert_eq!(sku_of(not_ours), None, "{not_ours}");
+            assert_eq!(sku_of(&OrderId::from_trusted(not_ours)), None, "{not_ours}");
         }
-        assert_ne!(part("H200").slot(), part("H20").slot());
+        assert_ne!(part(&Sku::from_trusted("H200")).slot(), part(&Sku::from_trusted("H20")).slot());
     }
 }

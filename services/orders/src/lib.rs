@@ -133,11 +133,11 @@ struct Inner {
     /// What its code counts.
     counters: metrics::Counters,
     /// Products found in inventory's catalogue (orders name one).
-    products: chipgate_contract::catalogue::KnownProducts,
+    products: chipgate_runtime::known::Known<chipgate_domain::ids::Sku>,
     /// The propagation health check's verdict (see [`scheduler::watch_health`]).
     propagation_ok: tokio::sync::watch::Sender<bool>,
     /// Products and buyers this replica knows are registered, products whose transitions it follows.
-    known: products::Known,
+    known: products::Registered,
     /// The orders archiver's figures and health.
     archive_status: chipgate_archive::status::Status,
     /// Placements waiting for their first evaluation, and what this replica's rounds decided.
@@ -184,9 +184,9 @@ impl Orders {
                 shutdown: shutdown.clone(),
                 consumer,
                 cleanup_wake: Notify::new(),
-                products: chipgate_contract::catalogue::KnownProducts::default(),
+                products: chipgate_runtime::known::Known::default(),
                 propagation_ok: tokio::sync::watch::Sender::new(true),
-                known: products::Known::default(),
+                known: products::Registered::default(),
                 archive_status,
                 answers: answers::Answers::default(),
             }),

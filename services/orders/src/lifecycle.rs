@@ -1,5 +1,6 @@
 //! What buyers and the vendor do to an order once placed: cancel, confirm, ship.
 
+use chipgate_domain::ids::OrderId;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
@@ -11,17 +12,19 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::Txn;
 
 use crate::clients::rpc;
+use crate::keys::OrderIds;
 use crate::{EffectOnly, Error, Orders, book, keys};
 
-fn check(request_id: &str, order_id: &str) -> Result<(), Error> {
+/// The request id and the order a call names; the order's id when both are valid.
+fn check(request_id: &str, order_id: &str) -> Result<OrderId, Error> {
     let mut v = Violations::new();
     validate::request_id(&mut v, request_id);
-    validate::id(&mut v, "order_id", order_id);
-    v.check().map_err(Error::Status)
+    let order_id = validate::parse(&mut v, "order_id", order_id.to_string());
+    Ok(validate::finish(v, order_id)?)
 }
 
 impl Orders {
-    async fn require_order(&self, id: &str) -> Result<(u64, OrderRecord), Error> {
+    async fn require_order(&self, id: &OrderId) -> Result<(u64, OrderRecord), Error> {
         self.load::<OrderRecord>(keys::order(id)).await?.ok_or_else(|| Error::not_found("order", id))
     }
 
@@ -30,13 +33,13 @@ impl Orders {
         ctx: &RequestContext,
         req: pb::CancelOrderRequest,
     ) -> Result<pb::CancelOrderResponse, Error> {
-        check(&req.request_id, &req.order_id)?;
+        let order_id = check(&req.request_id, &req.order_id)?;
         let mut v = Violations::new();
         validate::text(&mut v, "reason", &req.reason, validate::MAX_TEXT_LEN, false);
         v.check().map_err(Error::Status)?;
         let reason = if req.reason.is_empty() { "cancelled by the buyer".to_string() } else { req.reason.clone() };
         self.run_txn(None, || async {
-            let (ver, o) = self.require_order(&req.order_id).await?;
+            let (ver, o) = self.require_order(&order_id).await?;
             ctx.check_owner(&o.buyer_id).map_err(Error::Status)?;
             if o.status() == OrderStatus::Cancelled {
                 return Ok((Txn::new(), EffectOnly {}));
@@ -53,7 +56,7 @@ impl Orders {
                 // orders that may have queued behind it (CONDITION_QUEUE_ORDER) to look again.
                 crate::marks::awaiting(
                     &mut t,
-                    &o.sku,
+                    &o.typed_sku(),
                     crate::marks::Who::Buyer(&o.buyer_id),
                     &Cause::new(CauseKind::Cancelled, &o.id),
                     &ctx.traceparent(),
@@ -70,7 +73,7 @@ impl Orders {
             tracing::warn!(order = %req.order_id, error = ?e, "releases after cancel deferred to the cleanup worker");
             self.inner.cleanup_wake.notify_one();
         }
-        Ok(pb::CancelOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })
+        Ok(pb::CancelOrderResponse { order: Some(self.order_view(&order_id, true).await?) })
     }
 
     pub(crate) async fn confirm_order(
@@ -78,12 +81,12 @@ impl Orders {
         ctx: &RequestContext,
         req: pb::ConfirmOrderRequest,
     ) -> Result<pb::ConfirmOrderResponse, Error> {
-        check(&req.request_id, &req.order_id)?;
-        let (_, o) = self.require_order(&req.order_id).await?;
+        let order_id = check(&req.request_id, &req.order_id)?;
+        let (_, o) = self.require_order(&order_id).await?;
         ctx.check_owner(&o.buyer_id).map_err(Error::Status)?;
         match o.status() {
             OrderStatus::Confirmed | OrderStatus::Shipped => {
-                return Ok(pb::ConfirmOrderResponse { order: Some(self.order_view(&o.id, true).await?) });
+                return Ok(pb::ConfirmOrderResponse { order: Some(self.order_view(&o.typed_id(), true).await?) });
             }
             OrderStatus::Reserved => {}
             s => {
@@ -118,7 +121,7 @@ impl Orders {
         rpc!(ctx, self.inner.peers.inventory, confirm_reservation, h).map_err(Error::Peer)?;
         let generation = o.generation;
         self.run_txn(None, || async {
-            let (ver, o) = self.require_order(&req.order_id).await?;
+            let (ver, o) = self.require_order(&order_id).await?;
             if o.status() == OrderStatus::Confirmed {
                 return Ok((Txn::new(), EffectOnly {}));
             }
@@ -139,7 +142,7 @@ impl Orders {
             Ok((t, EffectOnly {}))
         })
         .await?;
-        Ok(pb::ConfirmOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })
+        Ok(pb::ConfirmOrderResponse { order: Some(self.order_view(&order_id, true).await?) })
     }
 
     pub(crate) async fn ship_order(
@@ -147,11 +150,11 @@ impl Orders {
         ctx: &RequestContext,
         req: pb::ShipOrderRequest,
     ) -> Result<pb::ShipOrderResponse, Error> {
-        check(&req.request_id, &req.order_id)?;
-        let (_, o) = self.require_order(&req.order_id).await?;
+        let order_id = check(&req.request_id, &req.order_id)?;
+        let (_, o) = self.require_order(&order_id).await?;
         match o.status() {
             OrderStatus::Shipped => {
-                return Ok(pb::ShipOrderResponse { order: Some(self.order_view(&o.id, true).await?) });
+                return Ok(pb::ShipOrderResponse { order: Some(self.order_view(&o.typed_id(), true).await?) });
             }
             OrderStatus::Confirmed => {}
             s => {
@@ -170,7 +173,7 @@ impl Orders {
         };
         rpc!(ctx, self.inner.peers.inventory, ship_reservation, s).map_err(Error::Peer)?;
         self.run_txn(None, || async {
-            let (ver, o) = self.require_order(&req.order_id).await?;
+            let (ver, o) = self.require_order(&order_id).await?;
             if o.status() == OrderStatus::Shipped {
                 return Ok((Txn::new(), EffectOnly {}));
             }
@@ -184,6 +187,6 @@ impl Orders {
             Ok((t, EffectOnly {}))
         })
         .await?;
-        Ok(pb::ShipOrderResponse { order: Some(self.order_view(&req.order_id, true).await?) })
+        Ok(pb::ShipOrderResponse { order: Some(self.order_view(&order_id, true).await?) })
     }
 }

@@ -14,6 +14,7 @@
 
 use std::collections::BTreeMap;
 
+use chipgate_domain::ids::Sku;
 use chipgate_domain::orders::Cause;
 use chipgate_state::Txn;
 
@@ -38,17 +39,17 @@ impl Who<'_> {
 }
 
 /// Re-evaluate waiting orders.
-pub(crate) fn awaiting(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause, traceparent: &str) {
+pub(crate) fn awaiting(t: &mut Txn, sku: &Sku, who: Who<'_>, cause: &Cause, traceparent: &str) {
     t.hset(keys::dirty(sku), format!("a|{}|{}", who.field(), cause.encode()), traceparent.as_bytes().to_vec());
 }
 
 /// Re-check orders holding quota.
-pub(crate) fn holders(t: &mut Txn, sku: &str, who: Who<'_>, cause: &Cause, traceparent: &str) {
+pub(crate) fn holders(t: &mut Txn, sku: &Sku, who: Who<'_>, cause: &Cause, traceparent: &str) {
     t.hset(keys::dirty(sku), format!("h|{}|{}", who.field(), cause.encode()), traceparent.as_bytes().to_vec());
 }
 
 /// Hand free stock to the backlog.
-pub(crate) fn drain(t: &mut Txn, sku: &str, cause: &Cause, traceparent: &str) {
+pub(crate) fn drain(t: &mut Txn, sku: &Sku, cause: &Cause, traceparent: &str) {
     t.hset(keys::dirty(sku), format!("d|{}", cause.encode()), traceparent.as_bytes().to_vec());
 }
 

@@ -16,6 +16,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Mutex, Weak};
 
+use chipgate_domain::ids::{BuyerId, Sku, WaveId};
 use chipgate_domain::orders::OrderStatus;
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::Metrics;
@@ -140,7 +141,9 @@ impl Sampler {
             }
         }
 
-        let products = store.smembers(&keys::products()).await.map_err(|x| e(&x))?;
+        // Products registered by placements, whose SKUs were parsed on entry.
+        let products: Vec<Sku> =
+            store.smembers(&keys::products()).await.map_err(|x| e(&x))?.into_iter().map(Sku::from_trusted).collect();
         // Each product keeps its own indexes (in its partition): the figures add up over them.
         for s in OrderStatus::ALL {
             let mut n = 0;
@@ -158,12 +161,12 @@ impl Sampler {
         for sku in products {
             let mut awaiting = 0;
             for b in store.smembers(&keys::awaiting_buyers(&sku)).await.map_err(|x| e(&x))? {
-                awaiting += store.zcard(&keys::awaiting(&sku, &b)).await.map_err(|x| e(&x))?;
+                awaiting += store.zcard(&keys::awaiting(&sku, &BuyerId::from_trusted(b))).await.map_err(|x| e(&x))?;
             }
             let backlog = store.zcard(&keys::backlog(&sku)).await.map_err(|x| e(&x))?;
             let holding = store.zcard(&keys::holding(&sku)).await.map_err(|x| e(&x))?;
             for (queue, n) in [("awaiting", awaiting), ("backlog", backlog), ("holding", holding)] {
-                self.per_product.get_or_create(&[("product", sku.clone()), ("queue", queue.into())]).set(n as i64);
+                self.per_product.get_or_create(&[("product", sku.to_string()), ("queue", queue.into())]).set(n as i64);
             }
             let mut held: Vec<(String, u64)> =
                 svc.allocated_by_buyer(&sku).await.map_err(|x| e(&x))?.into_iter().collect();
@@ -173,7 +176,7 @@ impl Sampler {
             if other > 0 {
                 held.push(("_other".to_string(), other));
             }
-            allocated.extend(held.into_iter().map(|(buyer, n)| ((sku.clone(), buyer), n)));
+            allocated.extend(held.into_iter().map(|(buyer, n)| ((sku.to_string(), buyer), n)));
         }
         {
             let mut shown = self.allocated_shown.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -242,7 +245,7 @@ impl Sampler {
             ] {
                 self.waves.get_or_create(&[("wave", w.clone()), ("figure", figure.into())]).set(n as i64);
             }
-            let published = svc.wave_published_ms(w).await?;
+            let published = svc.wave_published_ms(&WaveId::from_trusted(w.as_str())).await?;
             if let (Some(settled), Some(published)) = (p.settle_time, published) {
                 let settled_ms = settled.seconds * 1000 + i64::from(settled.nanos) / 1_000_000;
                 let seconds = (settled_ms - published as i64).max(0) as f64 / 1000.0;

@@ -1,6 +1,7 @@
 //! Placing an order: record it in the buyer's awaiting queue, then let the product's next pass evaluate
 //! it, and answer with where it stands once that pass is done (or after `place_wait`).
 
+use chipgate_domain::ids::OrderId;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::RequestContext;
@@ -10,6 +11,7 @@ use chipgate_runtime::time::now_ms;
 use chipgate_state::{Backend, CommitError, Txn};
 
 use crate::convert::NewOrder;
+use crate::keys::OrderIds;
 use crate::marks::{self, Who};
 use crate::{Error, Orders, book, keys};
 
@@ -31,7 +33,7 @@ impl Orders {
         let req = NewOrder::try_from(req)?;
         // Only catalogue products: a made-up SKU would wait for ever with a misleading reason and
         // add a product for every pass and metric to carry.
-        if !self.inner.products.contains(self.store(), &req.sku).await? {
+        if !self.inner.products.in_catalogue(self.store(), &req.sku).await? {
             return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
                 "product_sku",
                 chipgate_contract::catalogue::unknown_product(&req.sku),
@@ -62,10 +64,10 @@ impl Orders {
                 let now = now_ms();
                 let id = keys::order_id(&req.sku, seq);
                 let order = OrderRecord {
-                    id: id.clone(),
+                    id: id.to_string(),
                     request_id: req.request_id.clone(),
-                    buyer_id: req.buyer_id.clone(),
-                    sku: req.sku.clone(),
+                    buyer_id: req.buyer_id.to_string(),
+                    sku: req.sku.to_string(),
                     units: req.units,
                     justification: req.justification.clone(),
                     status: OrderStatus::Pending as i32,
@@ -82,13 +84,13 @@ impl Orders {
                     }],
                     ..Default::default()
                 };
-                let placed = Placed { order_id: id };
+                let placed = Placed { order_id: id.into_string() };
                 let mut t = Txn::new();
                 let mut events = book::Events::traced(ctx);
                 book::write(&mut t, &mut events, 0, None, &order);
                 marks::awaiting(
                     &mut t,
-                    &order.sku,
+                    &req.sku,
                     Who::Buyer(&order.buyer_id),
                     &Cause::new(CauseKind::Placed, ""),
                     &ctx.traceparent(),
@@ -130,7 +132,8 @@ impl Orders {
         let waited = began.elapsed();
         let order = match ticket.and_then(crate::answers::Ticket::take) {
             Some(o) => self.view(o, true).await?,
-            None => self.order_view(&placed.order_id, true).await?,
+            // Our own record of the id this call handed out.
+            None => self.order_view(&OrderId::from_trusted(placed.order_id.as_str()), true).await?,
         };
         tracing::debug!(
             order = %placed.order_id,
@@ -143,7 +146,7 @@ impl Orders {
     }
 
     /// An order as the API shows it, with its backlog position.
-    pub(crate) async fn order_view(&self, id: &str, with_history: bool) -> Result<pb::Order, Error> {
+    pub(crate) async fn order_view(&self, id: &OrderId, with_history: bool) -> Result<pb::Order, Error> {
         let Some((_, o)) = self.load::<OrderRecord>(keys::order(id)).await? else {
             // Closed long enough ago to have been archived out of Redis?
             return self.archived_order(id).await;
@@ -154,7 +157,7 @@ impl Orders {
     /// A stored order as the API shows it, with its backlog position.
     async fn view(&self, o: OrderRecord, with_history: bool) -> Result<pb::Order, Error> {
         let position = if o.status() == OrderStatus::Backordered {
-            self.store().zrank(&keys::backlog(&o.sku), &o.id).await?.map(|r| r + 1).unwrap_or(0)
+            self.store().zrank(&keys::backlog(&o.typed_sku()), &o.id).await?.map(|r| r + 1).unwrap_or(0)
         } else {
             0
         };

@@ -14,6 +14,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, Move, QuotaAnswer, StockAsk};
+use chipgate_domain::ids::{BuyerId, OrderId, Sku};
 use chipgate_domain::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, HoldStatus, StockRecord};
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_domain::shares::{self, Policy, SharePlan};
@@ -65,7 +66,7 @@ fn simulate_holds(sku: &str, available: &mut u64, asks: Vec<StockAsk>, now: u64)
             ..Default::default()
         });
         let ask = HoldAsk {
-            order_id: a.order_id.clone(),
+            order_id: OrderId::from_trusted(a.order_id.as_str()),
             generation: a.generation,
             units: a.units,
             allow_partial: true,
@@ -180,12 +181,11 @@ impl Orders {
         req: pb::PreviewSupplyRequest,
     ) -> Result<pb::PreviewSupplyResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         let max = listed(&mut v, req.max_orders);
-        v.check_violations()?;
-        let sku = req.product_sku.clone();
-        if !self.inner.products.contains(self.store(), &sku).await? {
+        let sku = validate::finish(v, sku)?;
+        if !self.inner.products.in_catalogue(self.store(), &sku).await? {
             return Err(Error::Status(chipgate_runtime::errors::invalid_argument(
                 "product_sku",
                 chipgate_contract::catalogue::unknown_product(&sku),
@@ -219,7 +219,7 @@ impl Orders {
         let truncated = orders.len() > max;
         orders.truncate(max);
         Ok(pb::PreviewSupplyResponse {
-            product_sku: sku.clone(),
+            product_sku: sku.to_string(),
             units: req.units,
             available_units: available,
             allocation: Some(allocation_to(&sku, &plan)),
@@ -253,7 +253,9 @@ impl Orders {
         let mut pairs: Vec<(OrderRecord, OrderRecord)> = Vec::new();
         let mut allocations = Vec::new();
         for (sku, buyers) in &marked {
-            let (product_pairs, plan) = self.preview_product(ctx, &req.wave_id, sku, buyers).await?;
+            // Licensing's draft: ids it parsed on entry.
+            let (product_pairs, plan) =
+                self.preview_product(ctx, &req.wave_id, &Sku::from_trusted(sku.as_str()), buyers).await?;
             pairs.extend(product_pairs);
             allocations.extend(plan.map(|p| allocation_to(sku, &p)));
         }
@@ -279,11 +281,11 @@ impl Orders {
         &self,
         ctx: &RequestContext,
         wave_id: &str,
-        sku: &str,
+        sku: &Sku,
         buyers: &BTreeSet<String>,
     ) -> Result<(Vec<(OrderRecord, OrderRecord)>, Option<SharePlan>), Error> {
         let queues = futures_util::future::try_join_all(buyers.iter().map(|b| {
-            let key = keys::awaiting(sku, b);
+            let key = keys::awaiting(sku, &BuyerId::from_trusted(b.as_str()));
             async move { self.store().zrange(&key, 0, -1, false).await }
         }))
         .await?;
@@ -299,7 +301,9 @@ impl Orders {
                 ),
             ));
         }
-        let order_keys: Vec<String> = queue.iter().map(|(_, id)| keys::order(id)).collect();
+        // The queues list ids this service handed out.
+        let order_keys: Vec<String> =
+            queue.iter().map(|(_, id)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         let (loaded, policy, available, allocated, (_, backlog)) = tokio::try_join!(
             self.load_many::<OrderRecord>(&order_keys),
             self.allocation_policy(sku),

@@ -5,11 +5,11 @@
 //! idempotent step *before* the order is committed, so nothing can see an order whose product it
 //! would not walk.
 
-use std::collections::HashSet;
-use std::sync::Mutex;
 use std::time::Duration;
 
+use chipgate_domain::ids::{BuyerId, Sku};
 use chipgate_runtime::Shutdown;
+use chipgate_runtime::known::Known;
 use chipgate_runtime::service::Records;
 use chipgate_state::{Backend, Txn};
 use prost::Message;
@@ -21,49 +21,35 @@ const DISCOVER_EVERY: Duration = Duration::from_secs(2);
 
 /// What this replica already knows is registered or followed (a set only grows).
 #[derive(Debug, Default)]
-pub(crate) struct Known {
-    registered: Mutex<HashSet<(String, String)>>,
-    followed: Mutex<HashSet<String>>,
-}
-
-fn contains<T: std::hash::Hash + Eq>(set: &Mutex<HashSet<T>>, item: &T) -> bool {
-    match set.lock() {
-        Ok(s) => s.contains(item),
-        Err(poisoned) => poisoned.into_inner().contains(item),
-    }
-}
-
-fn insert<T: std::hash::Hash + Eq>(set: &Mutex<HashSet<T>>, item: T) -> bool {
-    match set.lock() {
-        Ok(mut s) => s.insert(item),
-        Err(poisoned) => poisoned.into_inner().insert(item),
-    }
+pub(crate) struct Registered {
+    registered: Known<(BuyerId, Sku)>,
+    followed: Known<Sku>,
 }
 
 impl Orders {
     /// Registers that `buyer` orders `sku` (once per replica and pair: a set add, idempotent), and
     /// makes this replica's watchers follow the product's transitions.
-    pub(crate) async fn register(&self, buyer: &str, sku: &str) -> Result<(), Error> {
-        let pair = (buyer.to_string(), sku.to_string());
-        if !contains(&self.inner.known.registered, &pair) {
+    pub(crate) async fn register(&self, buyer: &BuyerId, sku: &Sku) -> Result<(), Error> {
+        let pair = (buyer.clone(), sku.clone());
+        if !self.inner.known.registered.contains(&pair) {
             let mut t = Txn::new();
             t.sadd(keys::products(), sku);
             t.sadd(keys::buyer_products(buyer), sku);
             // A store that is down is UNAVAILABLE to the caller (retry), like every other commit.
             self.store().commit(&t).await.map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
-            insert(&self.inner.known.registered, pair);
+            self.inner.known.registered.insert(pair);
         }
         self.follow_transitions(sku).await
     }
 
     /// Makes the watch hub follow product `sku`'s transitions from now on (once per replica).
-    async fn follow_transitions(&self, sku: &str) -> Result<(), Error> {
-        if contains(&self.inner.known.followed, &sku.to_string()) {
+    async fn follow_transitions(&self, sku: &Sku) -> Result<(), Error> {
+        if self.inner.known.followed.contains(sku) {
             return Ok(());
         }
         let stream = keys::events(sku);
         let from = self.store().xlast_id(&stream).await?;
-        if insert(&self.inner.known.followed, sku.to_string()) {
+        if self.inner.known.followed.insert(sku.clone()) {
             let svc = self.clone();
             let shutdown = self.inner.shutdown.clone();
             tokio::spawn(async move {
@@ -84,6 +70,8 @@ pub(crate) async fn follow_all(svc: Orders, shutdown: Shutdown) {
         match svc.store().smembers(&keys::products()).await {
             Ok(skus) => {
                 for sku in skus {
+                    // Products registered by placements, with SKUs parsed on entry.
+                    let sku = Sku::from_trusted(sku);
                     if let Err(e) = svc.follow_transitions(&sku).await {
                         tracing::warn!(%sku, error = ?e, "can't follow the product's transitions yet; retrying");
                     }

@@ -1,5 +1,6 @@
 //! Reading orders, backlogs and wave progress, and watching transitions.
 
+use chipgate_domain::ids::{BuyerId, OrderId, Sku};
 use chipgate_domain::orders::OrderRecord;
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -22,9 +23,9 @@ impl Orders {
         req: pb::GetOrderRequest,
     ) -> Result<pb::GetOrderResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "order_id", &req.order_id);
-        v.check().map_err(Error::Status)?;
-        let order = self.order_view(&req.order_id, true).await?;
+        let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id);
+        let order_id = validate::finish(v, order_id)?;
+        let order = self.order_view(&order_id, true).await?;
         ctx.check_owner(&order.buyer_id).map_err(Error::Status)?;
         Ok(pb::GetOrderResponse { order: Some(order) })
     }
@@ -34,17 +35,18 @@ impl Orders {
     /// product the last page stopped.
     pub(crate) async fn list_orders(&self, req: pb::ListOrdersRequest) -> Result<pb::ListOrdersResponse, Error> {
         let mut v = Violations::new();
-        validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
-        validate::optional_id(&mut v, "product_sku", &req.product_sku);
+        let buyer = validate::parse_optional::<BuyerId>(&mut v, "buyer_id", req.buyer_id.clone());
+        let product = validate::parse_optional::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
+        let (buyer, product) = validate::finish(v, (buyer, product))?;
         let state = state_from(req.state());
-        let mut skus: Vec<String> = if !req.product_sku.is_empty() {
-            vec![req.product_sku.clone()]
-        } else if !req.buyer_id.is_empty() {
-            self.store().smembers(&keys::buyer_products(&req.buyer_id)).await?
+        // The product sets list SKUs parsed when orders were placed.
+        let mut skus: Vec<Sku> = if let Some(sku) = product {
+            vec![sku]
+        } else if let Some(buyer) = &buyer {
+            self.store().smembers(&keys::buyer_products(buyer)).await?.into_iter().map(Sku::from_trusted).collect()
         } else {
-            self.store().smembers(&keys::products()).await?
+            self.store().smembers(&keys::products()).await?.into_iter().map(Sku::from_trusted).collect()
         };
         skus.sort();
         skus.dedup();
@@ -60,22 +62,22 @@ impl Orders {
         let chunk = page.size.max(200);
         let mut out = Vec::new();
         let mut bytes = 0;
-        for sku in skus.into_iter().filter(|s| *s >= from_sku) {
-            let mut pos = if sku == from_sku { from_pos } else { 0 };
+        for sku in skus.into_iter().filter(|s| s.as_str() >= from_sku.as_str()) {
+            let mut pos = if sku.as_str() == from_sku { from_pos } else { 0 };
             // The buyer's or the state's index of the product, or (no filter) its sequence of ids.
-            let index = match (&req.buyer_id, state) {
-                (b, _) if !b.is_empty() => Some(keys::orders_of(&sku, b)),
+            let index = match (&buyer, state) {
+                (Some(b), _) => Some(keys::orders_of(&sku, b)),
                 (_, Some(s)) => Some(keys::orders_in(&sku, s)),
                 _ => None,
             };
             loop {
-                let ids: Vec<String> = match &index {
+                let ids: Vec<OrderId> = match &index {
                     Some(index) => self
                         .store()
                         .zrange(index, pos as i64, (pos + chunk - 1) as i64, false)
                         .await?
                         .into_iter()
-                        .map(|(id, _)| id)
+                        .map(|(id, _)| OrderId::from_trusted(id))
                         .collect(),
                     None => {
                         let last = self.store().incr(&keys::seq(&sku), 0).await? as usize;
@@ -85,7 +87,7 @@ impl Orders {
                 if ids.is_empty() {
                     break;
                 }
-                let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+                let order_keys: Vec<String> = ids.iter().map(keys::order).collect();
                 for (i, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().enumerate() {
                     let Some((_, o)) = o else { continue };
                     if keep(&o) {
@@ -116,14 +118,16 @@ impl Orders {
 
     pub(crate) async fn get_backlog(&self, req: pb::GetBacklogRequest) -> Result<pb::GetBacklogResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "product_sku", &req.product_sku);
+        let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku.clone());
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
-        v.check().map_err(Error::Status)?;
-        let key = keys::backlog(&req.product_sku);
+        let sku = validate::finish(v, sku)?;
+        let key = keys::backlog(&sku);
         let start = page.offset();
         let ids = self.store().zrange(&key, start as i64, (start + page.size) as i64 - 1, false).await?;
         let total = self.store().zcard(&key).await?;
-        let order_keys: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
+        // The backlog lists ids this service handed out.
+        let order_keys: Vec<String> =
+            ids.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         let entries: Vec<pb::BacklogEntry> = self
             .load_many::<OrderRecord>(&order_keys)
             .await?

@@ -26,6 +26,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
+use chipgate_domain::ids::{BuyerId, OrderId, Sku, WaveId};
 use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
@@ -54,22 +55,24 @@ struct Evaluating<'a> {
     /// Why each buyer's orders are being looked at.
     causes: &'a HashMap<String, Vec<Cause>>,
     /// Waves whose snapshot of this product may still hold orders (each evaluated order leaves them).
-    unsettled: &'a [String],
+    unsettled: &'a [WaveId],
     /// The decisions' state across batches (who waits for quota, whether stock may be taken at once).
     evaluation: Evaluation,
 }
 
 /// The lease a pass runs under.
 pub(crate) struct Lease {
-    pub(crate) sku: String,
+    pub(crate) sku: Sku,
     pub(crate) token: u64,
     renewed: Instant,
 }
 
 impl Orders {
     /// Products with marks, and (every `full_reconcile_every`) every product marked for a full look.
-    pub(crate) async fn dirty_products(&self, full: bool) -> Result<(Vec<String>, bool), Error> {
-        let products = self.store().smembers(&keys::products()).await?;
+    pub(crate) async fn dirty_products(&self, full: bool) -> Result<(Vec<Sku>, bool), Error> {
+        // Products registered by placements, whose SKUs were parsed on entry.
+        let products: Vec<Sku> =
+            self.store().smembers(&keys::products()).await?.into_iter().map(Sku::from_trusted).collect();
         if full && !products.is_empty() {
             let cause = Cause::new(CauseKind::Reconciled, "");
             let tp = RequestContext::background("full-reconcile", None).traceparent();
@@ -92,8 +95,8 @@ impl Orders {
         Ok((products.into_iter().zip(busy).filter(|(_, b)| *b).map(|(s, _)| s).collect(), false))
     }
 
-    pub(crate) async fn run_product(&self, sku: String, shutdown: Shutdown) {
-        let _running = Running { svc: self, sku: sku.clone() };
+    pub(crate) async fn run_product(&self, sku: Sku, shutdown: Shutdown) {
+        let _running = Running { svc: self, sku: sku.to_string() };
         let ttl = self.options().lease_ttl;
         let token = loop {
             match self.store().lease_acquire(&keys::lease(&sku), &keys::lease_counter(&sku), ttl).await {
@@ -207,7 +210,7 @@ impl Orders {
             let span = telemetry::work_span(&mut ctx, "reconcile round", &lease.sku, &links);
             let result = self.round_work(&ctx, lease, &marks, began).instrument(span).await;
             let elapsed = began.elapsed();
-            self.inner.counters.rounds.get_or_create(&[("product", lease.sku.clone())]).inc();
+            self.inner.counters.rounds.get_or_create(&[("product", lease.sku.to_string())]).inc();
             self.inner.counters.round_seconds.observe(elapsed.as_secs_f64());
             result.map(|()| true)
         }
@@ -275,7 +278,7 @@ impl Orders {
             b
         };
         let queues = try_join_all(buyers.iter().map(|b| {
-            let key = keys::awaiting(&sku, b);
+            let key = keys::awaiting(&sku, &BuyerId::from_trusted(b.as_str()));
             async move { self.store().zrange(&key, 0, -1, false).await }
         }))
         .await?;
@@ -315,7 +318,7 @@ impl Orders {
         ids: &[String],
         stage: &mut Evaluating<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
-        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
             let began = Instant::now();
             let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
@@ -389,7 +392,7 @@ impl Orders {
         }
         let msg = lpb::BatchReserveQuotaRequest {
             request_id: String::new(),
-            product_sku: lease.sku.clone(),
+            product_sku: lease.sku.to_string(),
             items: asks.into_iter().map(convert::quota_item).collect(),
             fence_token: lease.token,
         };
@@ -410,7 +413,7 @@ impl Orders {
         let hold_seconds = self.options().hold_seconds;
         let msg = ipb::BatchReserveRequest {
             request_id: String::new(),
-            product_sku: lease.sku.clone(),
+            product_sku: lease.sku.to_string(),
             items: asks.into_iter().map(|a| convert::reserve_item(a, hold_seconds)).collect(),
             fence_token: lease.token,
         };
@@ -456,7 +459,7 @@ impl Orders {
         cause: &Cause,
         entered: &HashMap<String, Cause>,
     ) -> Result<bool, Error> {
-        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
+        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
             let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
                 .load_many::<OrderRecord>(&order_keys)
@@ -515,7 +518,8 @@ impl Orders {
         let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
         for chunk in ids.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
-            let order_keys: Vec<String> = chunk.iter().map(|id| keys::order(id)).collect();
+            let order_keys: Vec<String> =
+                chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
             for attempt in 0..=BATCH_ATTEMPTS {
                 if attempt == BATCH_ATTEMPTS {
                     return Err(Error::Contention { attempts: BATCH_ATTEMPTS });
@@ -533,13 +537,13 @@ impl Orders {
                     break;
                 }
                 let msg = lpb::RecheckQuotaRequest {
-                    product_sku: sku.clone(),
+                    product_sku: sku.to_string(),
                     items: orders
                         .iter()
                         .map(|o| lpb::ReleaseItem {
                             order_id: o.id.clone(),
                             generation: o.generation,
-                            product_sku: sku.clone(),
+                            product_sku: sku.to_string(),
                         })
                         .collect(),
                 };

@@ -229,7 +229,7 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
                     if full {
                         last_full = Instant::now();
                     }
-                    todo.extend(dirty);
+                    todo.extend(dirty.into_iter().map(String::from));
                 }
                 Err(e) => tracing::warn!(error = ?e, "can't read dirty marks; retrying next tick"),
             }
@@ -243,6 +243,8 @@ pub(crate) async fn run(svc: Orders, shutdown: Shutdown) {
             if start {
                 let svc = svc.clone();
                 let shutdown = shutdown.clone();
+                // Products wanted are ones orders were placed for, with SKUs parsed on entry.
+                let sku = chipgate_domain::ids::Sku::from_trusted(sku);
                 tokio::spawn(async move { svc.run_product(sku, shutdown).await });
             } else {
                 // A pass is running; make it go round once more.

@@ -20,6 +20,7 @@
 use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
+use chipgate_domain::ids::{BuyerId, Sku, WaveId};
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::orders::v1 as pb;
@@ -31,6 +32,7 @@ use futures_util::future::try_join_all;
 use prost::Message;
 
 use crate::convert::state_to;
+use crate::keys::OrderIds;
 use crate::{Error, Orders, keys};
 
 /// Field of a wave's per-product tally: orders in the snapshot when it was taken.
@@ -70,7 +72,7 @@ impl WaveMeta {
 
 /// Adds to `t` what it means for the orders `ids` of product `sku` to have been evaluated (or to
 /// have stopped waiting) now: they leave the snapshot of every wave still unsettled for the product.
-pub(crate) fn evaluated(t: &mut Txn, sku: &str, unsettled: &[String], ids: &[&str], now_ms: u64) {
+pub(crate) fn evaluated(t: &mut Txn, sku: &Sku, unsettled: &[WaveId], ids: &[&str], now_ms: u64) {
     if ids.is_empty() {
         return;
     }
@@ -91,12 +93,13 @@ pub(crate) fn evaluated(t: &mut Txn, sku: &str, unsettled: &[String], ids: &[&st
 
 impl Orders {
     /// Waves whose snapshot for `sku` may still hold orders.
-    pub(crate) async fn unsettled_waves(&self, sku: &str) -> Result<Vec<String>, Error> {
-        Ok(self.store().smembers(&keys::unsettled_waves(sku)).await?)
+    pub(crate) async fn unsettled_waves(&self, sku: &Sku) -> Result<Vec<WaveId>, Error> {
+        // Wave ids this service stored from licensing's events.
+        Ok(self.store().smembers(&keys::unsettled_waves(sku)).await?.into_iter().map(WaveId::from_trusted).collect())
     }
 
     /// Clears `sku`'s unsettled marks of the waves among `waves` whose snapshot for it is empty.
-    pub(crate) async fn settle_waves(&self, sku: &str, waves: &[String]) -> Result<(), Error> {
+    pub(crate) async fn settle_waves(&self, sku: &Sku, waves: &[WaveId]) -> Result<(), Error> {
         let sizes = try_join_all(waves.iter().map(|w| {
             let key = keys::wave_pending(w, sku);
             async move { self.store().zcard(&key).await }
@@ -118,8 +121,9 @@ impl Orders {
     /// snapshots of the product's unsettled waves in `t`.
     pub(crate) async fn left_waiting(&self, t: &mut Txn, old: &OrderRecord, new: &OrderRecord) -> Result<(), Error> {
         if old.status().is_waiting() && !new.status().is_waiting() {
-            let unsettled = self.unsettled_waves(&new.sku).await?;
-            evaluated(t, &new.sku, &unsettled, &[new.id.as_str()], now_ms());
+            let sku = new.typed_sku();
+            let unsettled = self.unsettled_waves(&sku).await?;
+            evaluated(t, &sku, &unsettled, &[new.id.as_str()], now_ms());
         }
         Ok(())
     }
@@ -142,11 +146,13 @@ impl Orders {
         // its own partition): each event adds its products' queues to the one meta, first one creating
         // it.
         let queues: Vec<String> = w.licenses.iter().map(|l| format!("{}|{}", l.product_sku, l.buyer_id)).collect();
+        // Licensing's event: its ids were parsed on entry there.
+        let wave_id = WaveId::from_trusted(w.wave_id.as_str());
         let mut attempts = 0;
         let meta = loop {
             attempts += 1;
             let (ver, mut meta) = self
-                .load::<WaveMeta>(keys::wave_meta(&w.wave_id))
+                .load::<WaveMeta>(keys::wave_meta(&wave_id))
                 .await?
                 .unwrap_or((0, WaveMeta { wave_id: w.wave_id.clone(), observed_ms, queues: Vec::new(), published_ms }));
             let new: Vec<String> = queues.iter().filter(|q| !meta.queues.contains(q)).cloned().collect();
@@ -155,7 +161,7 @@ impl Orders {
             }
             meta.queues.extend(new);
             let mut t = Txn::new();
-            t.replace(keys::wave_meta(&w.wave_id), ver, meta.encode_to_vec());
+            t.replace(keys::wave_meta(&wave_id), ver, meta.encode_to_vec());
             if ver == 0 {
                 t.zadd(keys::waves(), &w.wave_id, published_ms as f64);
             }
@@ -167,17 +173,18 @@ impl Orders {
             }
         };
         for (sku, buyers) in meta.products() {
+            let sku = Sku::from_trusted(sku);
             let mut t = Txn::new();
             // Taken once per product: the marker's absence is the guard.
-            t.replace(keys::wave_snapshot_taken(&meta.wave_id, sku), 0, Vec::new());
-            let queues = buyers.iter().map(|b| keys::awaiting(sku, b)).collect();
+            t.replace(keys::wave_snapshot_taken(&wave_id, &sku), 0, Vec::new());
+            let queues = buyers.iter().map(|b| keys::awaiting(&sku, &BuyerId::from_trusted(*b))).collect();
             t.zunionstore_counted(
-                keys::wave_pending(&meta.wave_id, sku),
+                keys::wave_pending(&wave_id, &sku),
                 queues,
-                keys::wave_tally(&meta.wave_id, sku),
+                keys::wave_tally(&wave_id, &sku),
                 CONCERNED,
             );
-            t.sadd(keys::unsettled_waves(sku), &meta.wave_id);
+            t.sadd(keys::unsettled_waves(&sku), &meta.wave_id);
             match self.store().commit(&t).await {
                 Ok(_) | Err(CommitError::Conflict { .. }) => {}
                 Err(e) => return Err(Error::Internal(e.to_string())),
@@ -187,7 +194,7 @@ impl Orders {
     }
 
     /// When licensing published `wave_id`, as the orders service recorded it (None: not observed).
-    pub(crate) async fn wave_published_ms(&self, wave_id: &str) -> Result<Option<u64>, String> {
+    pub(crate) async fn wave_published_ms(&self, wave_id: &WaveId) -> Result<Option<u64>, String> {
         let meta = self.load::<WaveMeta>(keys::wave_meta(wave_id)).await.map_err(|e| format!("{e:?}"))?;
         Ok(meta.map(|(_, m)| if m.published_ms > 0 { m.published_ms } else { m.observed_ms }))
     }
@@ -197,14 +204,14 @@ impl Orders {
         req: pb::GetWaveProgressRequest,
     ) -> Result<pb::GetWaveProgressResponse, Error> {
         let mut v = Violations::new();
-        validate::id(&mut v, "wave_id", &req.wave_id);
-        v.check().map_err(Error::Status)?;
-        let meta = self.load::<WaveMeta>(keys::wave_meta(&req.wave_id)).await?.map(|(_, m)| m);
+        let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id.clone());
+        let wave_id = validate::finish(v, wave_id)?;
+        let meta = self.load::<WaveMeta>(keys::wave_meta(&wave_id)).await?.map(|(_, m)| m);
         // The figures are kept per product (each in its partition): they add up.
-        let skus: Vec<String> =
-            meta.as_ref().map(|m| m.products().into_keys().map(str::to_string).collect()).unwrap_or_default();
+        let skus: Vec<Sku> =
+            meta.as_ref().map(|m| m.products().into_keys().map(Sku::from_trusted).collect()).unwrap_or_default();
         let per_product_figures = try_join_all(skus.iter().map(|sku| {
-            let key = keys::wave(sku, &req.wave_id);
+            let key = keys::wave(sku, &wave_id);
             async move { self.store().hgetall(&key).await }
         }))
         .await?;
@@ -215,18 +222,20 @@ impl Orders {
             }
         }
         let count = |s: OrderStatus| figures.get(state_to(s).as_str_name()).copied().unwrap_or(0);
-        let products: Vec<(String, Vec<String>)> = meta
+        let products: Vec<(Sku, Vec<BuyerId>)> = meta
             .as_ref()
             .map(|m| {
                 m.products()
                     .into_iter()
-                    .map(|(sku, buyers)| (sku.to_string(), buyers.into_iter().map(str::to_string).collect()))
+                    .map(|(sku, buyers)| {
+                        (Sku::from_trusted(sku), buyers.into_iter().map(BuyerId::from_trusted).collect())
+                    })
                     .collect()
             })
             .unwrap_or_default();
         // Every figure of every product at once (they pipeline on one connection): a poll costs one
         // round trip, not one per queue.
-        let wave_id = req.wave_id.as_str();
+        let wave_id = &wave_id;
         let per_product = try_join_all(products.iter().map(|(sku, buyers)| async move {
             let tally_key = keys::wave_tally(wave_id, sku);
             let pending_key = keys::wave_pending(wave_id, sku);
@@ -303,35 +312,33 @@ mod tests {
     #[tokio::test]
     async fn evaluation_leaves_the_snapshot_of_every_unsettled_wave_and_a_settled_one_keeps_its_time() {
         let store = chipgate_state::Store::memory();
-        let waves = ["wave-1".to_string(), "wave-2".to_string()];
         let mut t = Txn::new();
-        t.zadd(keys::wave_pending("wave-1", "H200"), "ord-1", 1.0);
-        t.zadd(keys::wave_pending("wave-2", "H200"), "ord-1", 1.0).zadd(
-            keys::wave_pending("wave-2", "H200"),
-            "ord-2",
-            2.0,
-        );
+        let (h200, w1, w2) =
+            (Sku::from_trusted("H200"), WaveId::from_trusted("wave-1"), WaveId::from_trusted("wave-2"));
+        let waves = [w1.clone(), w2.clone()];
+        t.zadd(keys::wave_pending(&w1, &h200), "ord-1", 1.0);
+        t.zadd(keys::wave_pending(&w2, &h200), "ord-1", 1.0).zadd(keys::wave_pending(&w2, &h200), "ord-2", 2.0);
         store.commit(&t).await.unwrap();
-        let last = |w: &'static str| {
-            let store = store.clone();
-            async move { number_fields(store.hgetall(&keys::wave_tally(w, "H200")).await.unwrap()).get(LAST_MS).copied() }
+        let last = |w: &WaveId| {
+            let (store, key) = (store.clone(), keys::wave_tally(w, &h200));
+            async move { number_fields(store.hgetall(&key).await.unwrap()).get(LAST_MS).copied() }
         };
 
         let mut t = Txn::new();
-        evaluated(&mut t, "H200", &waves, &["ord-1"], 7);
+        evaluated(&mut t, &h200, &waves, &["ord-1"], 7);
         store.commit(&t).await.unwrap();
-        assert_eq!((last("wave-1").await, last("wave-2").await), (Some(7), Some(7)));
-        assert_eq!(store.zcard(&keys::wave_pending("wave-1", "H200")).await.unwrap(), 0);
+        assert_eq!((last(&w1).await, last(&w2).await), (Some(7), Some(7)));
+        assert_eq!(store.zcard(&keys::wave_pending(&w1, &h200)).await.unwrap(), 0);
 
         // A later round still lists both waves as unsettled (its list is read before the marks are
         // cleared) and evaluates orders wave-1 doesn't hold: wave-1 settled at 7 and stays there.
         let mut t = Txn::new();
-        evaluated(&mut t, "H200", &waves, &["ord-2", "ord-3"], 9);
+        evaluated(&mut t, &h200, &waves, &["ord-2", "ord-3"], 9);
         store.commit(&t).await.unwrap();
-        assert_eq!((last("wave-1").await, last("wave-2").await), (Some(7), Some(9)));
+        assert_eq!((last(&w1).await, last(&w2).await), (Some(7), Some(9)));
 
         let mut none = Txn::new();
-        evaluated(&mut none, "H200", &waves, &[], 11);
+        evaluated(&mut none, &h200, &waves, &[], 11);
         assert!(none.is_empty());
     }
 }

@@ -99,8 +99,16 @@ pub async fn delivery(redis_url: &str) -> Vec<Delivery> {
         .await
         .unwrap_or_default();
     let mut streams = vec![chipgate_contract::streams::licensing()];
-    streams.extend(licensed.iter().map(|p| chipgate_contract::streams::licensing_product(p)));
-    streams.extend(products.iter().map(|p| chipgate_contract::streams::inventory(p)));
+    streams.extend(
+        licensed.iter().map(|p| {
+            chipgate_contract::streams::licensing_product(&chipgate_domain::ids::Sku::from_trusted(p.as_str()))
+        }),
+    );
+    streams.extend(
+        products
+            .iter()
+            .map(|p| chipgate_contract::streams::inventory(&chipgate_domain::ids::Sku::from_trusted(p.as_str()))),
+    );
     for stream in &streams {
         let stream = stream.clone();
         let info: redis::Value =

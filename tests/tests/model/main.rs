@@ -289,7 +289,12 @@ async fn close(ctx: &Ctx, cluster: &ProcessCluster, phase: &str) -> bool {
         let quiet = invariants::wait_quiet(&cluster.store, &mut orders_client, left.min(Duration::from_secs(15))).await;
         let mut unfinished = false;
         for p in cluster.store.smembers(&okeys::products()).await.unwrap_or_default() {
-            unfinished |= !cluster.store.hgetall(&okeys::working(&p)).await.unwrap_or_default().is_empty();
+            unfinished |= !cluster
+                .store
+                .hgetall(&okeys::working(&chipgate_domain::ids::Sku::from_trusted(p)))
+                .await
+                .unwrap_or_default()
+                .is_empty();
         }
         let delivered = checks::delivery(&cluster.redis.url()).await.iter().all(|d| d.delivered);
         let settled = quiet && !unfinished && delivered;
@@ -301,7 +306,8 @@ async fn close(ctx: &Ctx, cluster: &ProcessCluster, phase: &str) -> bool {
         if Instant::now() >= deadline {
             let mut busy = Vec::new();
             for p in cluster.store.smembers(&okeys::products()).await.unwrap_or_default() {
-                for (kind, key) in [("dirty", okeys::dirty(&p)), ("working", okeys::working(&p))] {
+                let sku = chipgate_domain::ids::Sku::from_trusted(p.as_str());
+                for (kind, key) in [("dirty", okeys::dirty(&sku)), ("working", okeys::working(&sku))] {
                     let n = cluster.store.hgetall(&key).await.map(|m| m.len()).unwrap_or(0);
                     if n > 0 {
                         busy.push(format!("{p}: {n} {kind} marks"));

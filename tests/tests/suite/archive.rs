@@ -128,7 +128,10 @@ async fn a_crash_after_every_step_of_audit_archiving_loses_nothing_on_s3() {
 async fn crash_after_every_step_of_audit_archiving(kind: Kind) {
     let archive = Archive::new(kind);
     let mut w = world(&archive).await;
-    assert_eq!(STREAM, chipgate_licensing::keys::Part::Product(H200).audit().stream);
+    assert_eq!(
+        STREAM,
+        chipgate_licensing::keys::Part::Product(&chipgate_domain::ids::Sku::from_trusted(H200)).audit().stream
+    );
     let lic = w.cluster.licensing_service.clone();
     for step in [AuditStep::Written, AuditStep::Verified, AuditStep::Trimmed] {
         decisions(&mut w, 5).await;
@@ -323,7 +326,8 @@ async fn closed_orders_archived(kind: Kind) {
         }
         assert_eq!(w.order(&open.order_id).await.archived_in, "", "open orders are never archived");
         for sku in [H200, NVL] {
-            expire_lease(&w, &chipgate_orders::keys::archive_lease(sku)).await;
+            expire_lease(&w, &chipgate_orders::keys::archive_lease(&chipgate_domain::ids::Sku::from_trusted(sku)))
+                .await;
         }
     }
     let run = ord.archive_orders(far_future(), 2, None).await.expect("finishes");
@@ -335,12 +339,22 @@ async fn closed_orders_archived(kind: Kind) {
     }
     // Gone from Redis with its indexes; ListOrders lists what Redis holds.
     for id in &ids {
-        assert!(w.cluster.store.get(&[chipgate_orders::keys::order(id)]).await.unwrap()[0].is_none());
+        assert!(
+            w.cluster
+                .store
+                .get(&[chipgate_orders::keys::order(&chipgate_domain::ids::OrderId::from_trusted(id.as_str()))])
+                .await
+                .unwrap()[0]
+                .is_none()
+        );
     }
     let cancelled = w
         .cluster
         .store
-        .zcard(&chipgate_orders::keys::orders_in(H200, chipgate_domain::orders::OrderStatus::Cancelled))
+        .zcard(&chipgate_orders::keys::orders_in(
+            &chipgate_domain::ids::Sku::from_trusted(H200),
+            chipgate_domain::orders::OrderStatus::Cancelled,
+        ))
         .await
         .unwrap();
     assert_eq!(cancelled, 0);

@@ -180,7 +180,8 @@ async fn the_checker_catches_tampered_quota_and_stock() {
     assert!(clean.violations.is_empty(), "{:#?}", clean.violations);
 
     let store = &w.cluster.store;
-    let key = chipgate_licensing::keys::license(&lic).expect("a licence id names its product");
+    let key = chipgate_licensing::keys::license(&chipgate_domain::ids::LicenceId::from_trusted(lic.as_str()))
+        .expect("a licence id names its product");
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut l = chipgate_domain::licensing::LicenseRecord::decode(rec.data.as_slice()).unwrap();
     l.used += 1;
@@ -188,7 +189,7 @@ async fn the_checker_catches_tampered_quota_and_stock() {
     t.replace(key, rec.version, l.encode_to_vec());
     store.commit(&t).await.unwrap();
 
-    let key = chipgate_inventory::keys::stock(H200);
+    let key = chipgate_inventory::keys::stock(&chipgate_domain::ids::Sku::from_trusted(H200));
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut s = chipgate_domain::inventory::StockRecord::decode(rec.data.as_slice()).unwrap();
     s.available += 5;

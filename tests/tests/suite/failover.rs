@@ -114,12 +114,18 @@ async fn probe(j: Shared, c: Conn, op: Op, killed_at: Instant) -> Probe {
 fn partitions() -> Vec<(&'static str, u16)> {
     use chipgate_state::key_slot;
     vec![
-        ("orders/H200", chipgate_orders::keys::part(H200).slot()),
-        ("inventory/H200", chipgate_inventory::keys::part(H200).slot()),
-        ("orders/NVL", chipgate_orders::keys::part(NVL).slot()),
-        ("inventory/NVL", chipgate_inventory::keys::part(NVL).slot()),
-        ("licensing/H200", chipgate_contract::partitions::licensing(H200).slot()),
-        ("licensing/NVL", chipgate_contract::partitions::licensing(NVL).slot()),
+        ("orders/H200", chipgate_orders::keys::part(&chipgate_domain::ids::Sku::from_trusted(H200)).slot()),
+        ("inventory/H200", chipgate_inventory::keys::part(&chipgate_domain::ids::Sku::from_trusted(H200)).slot()),
+        ("orders/NVL", chipgate_orders::keys::part(&chipgate_domain::ids::Sku::from_trusted(NVL)).slot()),
+        ("inventory/NVL", chipgate_inventory::keys::part(&chipgate_domain::ids::Sku::from_trusted(NVL)).slot()),
+        (
+            "licensing/H200",
+            chipgate_contract::partitions::licensing(&chipgate_domain::ids::Sku::from_trusted(H200)).slot(),
+        ),
+        (
+            "licensing/NVL",
+            chipgate_contract::partitions::licensing(&chipgate_domain::ids::Sku::from_trusted(NVL)).slot(),
+        ),
         ("licensing desk", key_slot(&chipgate_contract::streams::licensing())),
         ("orders' product list", key_slot(&chipgate_orders::keys::products())),
         ("catalogue", key_slot(&chipgate_inventory::keys::products())),
@@ -293,7 +299,8 @@ async fn masters_killed_mid_workload_fail_over_and_lose_nothing() {
     // The busy product's orders master first, then the other two original masters.
     let (first, others) = {
         let redis = cluster.redis.cluster().expect("a redis cluster");
-        let first = redis.master_of_slot(chipgate_orders::keys::part(H200).slot());
+        let first =
+            redis.master_of_slot(chipgate_orders::keys::part(&chipgate_domain::ids::Sku::from_trusted(H200)).slot());
         let others: Vec<u16> = redis.masters().into_iter().filter(|m| *m != first).collect();
         (first, others)
     };
@@ -411,7 +418,7 @@ async fn a_consumer_group_lost_in_a_failover_is_created_again() {
     w.licensed("bytedance", H200, 1_000).await;
     let order = w.place("bytedance", H200, 100).await;
     assert_eq!(order.state(), opb::OrderState::Backordered, "{order:?}");
-    let stream = chipgate_contract::streams::inventory(H200);
+    let stream = chipgate_contract::streams::inventory(&chipgate_domain::ids::Sku::from_trusted(H200));
     let store = w.cluster.store.clone();
     let deadline = Instant::now() + Duration::from_secs(15);
     while !store.group_info(&stream, chipgate_contract::ORDERS_GROUP).await.unwrap().exists {

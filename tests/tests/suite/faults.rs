@@ -1064,7 +1064,7 @@ async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
     // An event delivered to a consumer that died before acknowledging it, and nobody claims it.
     first.kill();
     let mut conn = cluster.redis.as_ref().unwrap().connection().await.unwrap();
-    let stream = chipgate_contract::streams::inventory(H200);
+    let stream = chipgate_contract::streams::inventory(&chipgate_domain::ids::Sku::from_trusted(H200));
     let _: String = redis::cmd("XADD").arg(&stream).arg("*").arg("e").arg("").query_async(&mut conn).await.unwrap();
     let _: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
@@ -1082,7 +1082,7 @@ async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
 
     // A step of an order applied twice.
     let first_order = j.lock().unwrap().order_ids[0].clone();
-    let key = chipgate_orders::keys::order(&first_order);
+    let key = chipgate_orders::keys::order(&chipgate_domain::ids::OrderId::from_trusted(first_order.as_str()));
     let store = &cluster.store;
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
     let mut o = chipgate_domain::orders::OrderRecord::decode(rec.data.as_slice()).unwrap();

@@ -36,23 +36,26 @@ async fn a_three_product_story_spreads_over_every_master() {
     // slot is the one every key of the product shares.
     let mut used = std::collections::BTreeSet::new();
     for (sku, orders) in [(H200, &ids[0..3]), (NVL, &ids[3..6]), (H20, &ids[6..9])] {
-        let stock = chipgate_inventory::keys::stock(sku);
-        let order_keys: Vec<String> = orders.iter().map(|id| chipgate_orders::keys::order(id)).collect();
-        let mut keys = vec![stock.clone(), chipgate_inventory::keys::hold(sku, &orders[0])];
+        let sku = chipgate_domain::ids::Sku::from_trusted(sku);
+        let orders: Vec<chipgate_domain::ids::OrderId> =
+            orders.iter().map(|id| chipgate_domain::ids::OrderId::from_trusted(id.as_str())).collect();
+        let stock = chipgate_inventory::keys::stock(&sku);
+        let order_keys: Vec<String> = orders.iter().map(chipgate_orders::keys::order).collect();
+        let mut keys = vec![stock.clone(), chipgate_inventory::keys::hold(&sku, &orders[0])];
         keys.extend(order_keys.iter().cloned());
         // Licensing: the order's quota reservation and the product's gate, in the product's partition.
         let lic_keys =
-            vec![chipgate_licensing::keys::reservation(sku, &orders[0]), chipgate_licensing::keys::exports(sku)];
+            vec![chipgate_licensing::keys::reservation(&sku, &orders[0]), chipgate_licensing::keys::exports(&sku)];
         for k in &lic_keys {
-            assert_eq!(key_slot(k), chipgate_licensing::keys::part(sku).slot(), "{k}");
+            assert_eq!(key_slot(k), chipgate_licensing::keys::part(&sku).slot(), "{k}");
         }
         used.extend(lic_keys.iter().map(|k| master_of(k)));
         keys.extend(lic_keys);
         let found = w.cluster.store.get(&keys).await.expect("read");
         assert!(found.iter().all(Option::is_some), "{sku}: every key of the story exists: {keys:?}");
-        assert_eq!(key_slot(&stock), chipgate_inventory::keys::part(sku).slot());
+        assert_eq!(key_slot(&stock), chipgate_inventory::keys::part(&sku).slot());
         for k in &order_keys {
-            assert_eq!(key_slot(k), chipgate_orders::keys::part(sku).slot(), "{k}");
+            assert_eq!(key_slot(k), chipgate_orders::keys::part(&sku).slot(), "{k}");
         }
         used.insert(master_of(&stock));
         used.extend(order_keys.iter().map(|k| master_of(k)));
