@@ -115,13 +115,8 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
         t.sadd(keys::awaiting_buyers(&new.sku), &new.buyer_id);
     }
     member(t, keys::awaiting(&new.sku, &new.buyer_id), waiting(was), now.is_waiting());
-    member(t, keys::backlog(&new.sku), was == Some(OrderStatus::Backordered), now == OrderStatus::Backordered);
-    member(
-        t,
-        keys::holding(&new.sku),
-        was.is_some_and(OrderStatus::holds_unconfirmed_quota),
-        now.holds_unconfirmed_quota(),
-    );
+    // The backlog and the orders holding unconfirmed quota are state indexes (keys::backlog,
+    // keys::holding): kept above.
     let owed_before = old.is_some_and(|o| !o.pending.is_empty());
     if !new.pending.is_empty() && !owed_before {
         t.sadd(keys::cleanup(&new.sku), &new.id);
