@@ -152,7 +152,7 @@ impl Orders {
         let mut orders = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(self.options().chunk.max(1)) {
             let order_keys: Vec<String> = chunk.iter().map(|(id, _)| keys::order(id)).collect();
-            for (v, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten() {
+            for (v, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
                 if o.status() == OrderStatus::Backordered {
                     versions.push(v);
                     orders.push(o);

@@ -167,7 +167,7 @@ impl Orders {
                 }
                 pos += ids.len() as i64;
                 let order_keys: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
-                for (version, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten() {
+                for (version, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
                     if o.status().is_final() && o.pending.is_empty() && o.update_ms <= closed_before_ms {
                         out.push((version, o));
                     }
@@ -246,7 +246,7 @@ impl Orders {
                 let key = keys::order(&o.id);
                 t.expect_version(key.clone(), *v).delete(key);
                 t.zrem(keys::orders_of(sku, &o.buyer_id), &o.id).zrem(keys::orders_in(sku, o.status()), &o.id);
-                freed += prost::Message::encoded_len(o) as u64 + 2 * o.id.len() as u64;
+                freed += o.to_stored().len() as u64 + 2 * o.id.len() as u64;
             }
             match self.store().commit(&t).await {
                 Ok(_) => {}

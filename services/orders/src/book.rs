@@ -6,11 +6,13 @@ use std::collections::BTreeMap;
 
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
-use chipgate_state::Txn;
+use chipgate_runtime::records::{LoadError, Loaded};
+use chipgate_runtime::service::Records;
+use chipgate_state::{Backend, Txn};
 use prost::Message;
 
 use crate::convert::{state_to, transition_event};
-use crate::keys;
+use crate::{Error, Orders, keys};
 
 /// Entries kept in the watch stream (approximately). The durable history is in each order; the
 /// stream only feeds live watchers.
@@ -90,7 +92,7 @@ impl Events {
 pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
     debug_assert!(events.sku.is_empty() || events.sku == new.sku, "one product per transaction");
     events.sku.clone_from(&new.sku);
-    t.replace(keys::order(&new.id), version, new.encode_to_vec());
+    t.replace(keys::order(&new.id), version, new.to_stored());
     let score = new.seq as f64;
     let was = old.map(OrderRecord::status);
     let now = new.status();
@@ -156,5 +158,27 @@ fn wave_figures(events: &mut Events, old: Option<&OrderRecord>, new: &OrderRecor
     if let Some((w, s, held)) = after {
         events.figure(w, state_to(s).as_str_name(), 1);
         events.figure(w, crate::waves::UNITS_HELD, held as i64);
+    }
+}
+
+impl Orders {
+    /// Reads orders as [`write`] stores them ([`OrderRecord::to_stored`]: the history without what the
+    /// record repeats), one answer per key.
+    pub(crate) async fn load_orders(&self, keys: &[String]) -> Result<Vec<Loaded<OrderRecord>>, Error> {
+        let raw = self.store().get(keys).await?;
+        raw.into_iter()
+            .zip(keys)
+            .map(|(r, key)| match r {
+                None => Ok(None),
+                Some(rec) => OrderRecord::from_stored(&rec.data)
+                    .map(|o| Some((rec.version, o)))
+                    .map_err(|e| LoadError::Corrupt { key: key.clone(), reason: e.to_string() }.into()),
+            })
+            .collect()
+    }
+
+    /// Reads one order ([`Orders::load_orders`]).
+    pub(crate) async fn load_order(&self, key: String) -> Result<Loaded<OrderRecord>, Error> {
+        Ok(self.load_orders(std::slice::from_ref(&key)).await?.pop().flatten())
     }
 }

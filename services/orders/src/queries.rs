@@ -86,7 +86,7 @@ impl Orders {
                     break;
                 }
                 let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
-                for (i, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().enumerate() {
+                for (i, o) in self.load_orders(&order_keys).await?.into_iter().enumerate() {
                     let Some((_, o)) = o else { continue };
                     if keep(&o) {
                         let view = order_to(&o, 0, !req.omit_history);
@@ -125,7 +125,7 @@ impl Orders {
         let total = self.store().zcard(&key).await?;
         let order_keys: Vec<String> = ids.iter().map(|(id, _)| keys::order(id)).collect();
         let entries: Vec<pb::BacklogEntry> = self
-            .load_many::<OrderRecord>(&order_keys)
+            .load_orders(&order_keys)
             .await?
             .into_iter()
             .enumerate()

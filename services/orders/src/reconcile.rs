@@ -319,7 +319,7 @@ impl Orders {
         for _attempt in 0..BATCH_ATTEMPTS {
             let began = Instant::now();
             let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                .load_many::<OrderRecord>(&order_keys)
+                .load_orders(&order_keys)
                 .await?
                 .into_iter()
                 .flatten()
@@ -459,7 +459,7 @@ impl Orders {
         let order_keys: Vec<String> = ids.iter().map(|id| keys::order(id)).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
             let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                .load_many::<OrderRecord>(&order_keys)
+                .load_orders(&order_keys)
                 .await?
                 .into_iter()
                 .flatten()
@@ -532,7 +532,7 @@ impl Orders {
                     return Err(Error::Contention { attempts: BATCH_ATTEMPTS });
                 }
                 let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                    .load_many::<OrderRecord>(&order_keys)
+                    .load_orders(&order_keys)
                     .await?
                     .into_iter()
                     .flatten()
