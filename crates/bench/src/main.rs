@@ -79,6 +79,10 @@ pub struct Args {
     /// Skip the wave with placements of another product alongside (it runs the 100k wave once more).
     #[arg(long)]
     pub no_alongside: bool,
+    /// Orders per quota call, stock call and commit script in the wave parts (the orders service's
+    /// `--batch-size`): smaller batches block Redis for less time per script.
+    #[arg(long, default_value_t = chipgate_orders::Options::default().chunk)]
+    pub batch_size: usize,
 }
 
 /// A Redis deployment to measure on.

@@ -80,7 +80,9 @@ const ALONGSIDE_BUYERS: usize = 8;
 /// while the wave settles, and their latency is measured.
 pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: BackendKind, alongside: bool) -> WaveResult {
     // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
-    let cluster = Cluster::start_with(ClusterOptions { auth: false, backend, ..ClusterOptions::default() }).await;
+    let defaults = ClusterOptions::default();
+    let orders = chipgate_orders::Options { chunk: args.batch_size.max(1), ..defaults.orders.clone() };
+    let cluster = Cluster::start_with(ClusterOptions { auth: false, backend, orders, ..defaults }).await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     let apps = license_everyone(&cluster, buyers, products, None).await;

@@ -17,6 +17,8 @@
 //! waiting bumps the order's *generation*, so quota or holds of an earlier attempt can never be
 //! confused with the current one.
 
+use prost::Message;
+
 use crate::licensing::Failure;
 
 /// Where an order stands (mirrors the API's `OrderState`).
@@ -394,6 +396,185 @@ pub struct OrderRecord {
     pub pending: Vec<PendingRelease>,
 }
 
+/// How an order is kept in Redis: the record's own encoding without its history — and without its
+/// reasons and last-change time when its last step already says them — followed by the history in
+/// [`StoredHistory`]'s fields (19–21), whose steps leave out what the record or the step before
+/// already holds: the order's own id as a cause, the order's licence and wave, a step's `from` (the
+/// previous step's `to`), and absolute times (a step stores the milliseconds since the one before).
+/// A plain prost decode of these bytes reads the record without its history (fields 19–21 are
+/// unknown to [`OrderRecord`]); [`OrderRecord::from_stored`] reads both forms, so records written
+/// before this form existed read as they were.
+///
+/// Why: after a wave, the history of an order (placed, waiting, backordered, reserved) repeated the
+/// order id twice, the licence and wave ids once and four absolute timestamps — about a quarter of
+/// the record's bytes, stored and sent to Redis with every move.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredHistory {
+    /// Every step, oldest first.
+    #[prost(message, repeated, tag = "19")]
+    steps: Vec<StoredStep>,
+    /// The record's reasons are its last step's failures (left out of the record).
+    #[prost(bool, tag = "20")]
+    reasons_in_last_step: bool,
+    /// The record's last change is its last step's time (left out of the record).
+    #[prost(bool, tag = "21")]
+    updated_at_last_step: bool,
+}
+
+/// A [`TransitionRecord`] as stored in [`StoredHistory`].
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredStep {
+    /// From, when it is not the previous step's `to` (before the first step: UNSPECIFIED).
+    #[prost(enumeration = "OrderStatus", optional, tag = "1")]
+    from: Option<i32>,
+    /// To.
+    #[prost(enumeration = "OrderStatus", tag = "2")]
+    to: i32,
+    /// Milliseconds since the previous step (the first: since the order was placed); signed, as the
+    /// clocks of two replicas may disagree.
+    #[prost(sint64, tag = "3")]
+    after_ms: i64,
+    /// Why, its reference left out when it is the order's own id (`cause_is_order`).
+    #[prost(message, optional, tag = "4")]
+    cause: Option<Cause>,
+    /// The cause's reference is the order's id.
+    #[prost(bool, tag = "5")]
+    cause_is_order: bool,
+    /// In words.
+    #[prost(string, tag = "6")]
+    detail: String,
+    /// Failed conditions.
+    #[prost(message, repeated, tag = "7")]
+    failures: Vec<Failure>,
+    /// The step's licence, unless it is the order's (`licence_is_order`).
+    #[prost(string, tag = "8")]
+    license_id: String,
+    /// The step's wave, unless it is the order's (`licence_is_order`).
+    #[prost(string, tag = "9")]
+    wave_id: String,
+    /// The step's licence and wave are the order's current ones.
+    #[prost(bool, tag = "10")]
+    licence_is_order: bool,
+    /// Units held.
+    #[prost(uint64, tag = "11")]
+    held: u64,
+    /// Share note.
+    #[prost(message, optional, tag = "12")]
+    share: Option<crate::shares::ShareNote>,
+}
+
+impl OrderRecord {
+    /// The bytes Redis keeps for this order (see [`StoredHistory`]); [`from_stored`](Self::from_stored)
+    /// reads them back to an equal record.
+    pub fn to_stored(&self) -> Vec<u8> {
+        let reasons_in_last_step =
+            !self.reasons.is_empty() && self.history.last().is_some_and(|s| s.failures == self.reasons);
+        let updated_at_last_step =
+            self.update_ms != 0 && self.history.last().is_some_and(|s| s.at_ms == self.update_ms);
+        let head = OrderRecord {
+            id: self.id.clone(),
+            request_id: self.request_id.clone(),
+            buyer_id: self.buyer_id.clone(),
+            sku: self.sku.clone(),
+            units: self.units,
+            justification: self.justification.clone(),
+            status: self.status,
+            reasons: if reasons_in_last_step { Vec::new() } else { self.reasons.clone() },
+            license_id: self.license_id.clone(),
+            wave_id: self.wave_id.clone(),
+            generation: self.generation,
+            held: self.held,
+            hold_expire_ms: self.hold_expire_ms,
+            seq: self.seq,
+            create_ms: self.create_ms,
+            update_ms: if updated_at_last_step { 0 } else { self.update_ms },
+            history: Vec::new(),
+            pending: self.pending.clone(),
+        };
+        let mut previous = (OrderStatus::Unspecified as i32, self.create_ms);
+        let steps = self
+            .history
+            .iter()
+            .map(|s| {
+                let cause_is_order = !self.id.is_empty() && s.cause.as_ref().is_some_and(|c| c.reference == self.id);
+                let licence_is_order =
+                    !self.license_id.is_empty() && s.license_id == self.license_id && s.wave_id == self.wave_id;
+                let step = StoredStep {
+                    from: (s.from != previous.0).then_some(s.from),
+                    to: s.to,
+                    after_ms: s.at_ms.wrapping_sub(previous.1) as i64,
+                    cause: s.cause.as_ref().map(|c| Cause {
+                        kind: c.kind,
+                        reference: if cause_is_order { String::new() } else { c.reference.clone() },
+                    }),
+                    cause_is_order,
+                    detail: s.detail.clone(),
+                    failures: s.failures.clone(),
+                    license_id: if licence_is_order { String::new() } else { s.license_id.clone() },
+                    wave_id: if licence_is_order { String::new() } else { s.wave_id.clone() },
+                    licence_is_order,
+                    held: s.held,
+                    share: s.share.clone(),
+                };
+                previous = (s.to, s.at_ms);
+                step
+            })
+            .collect();
+        let history = StoredHistory { steps, reasons_in_last_step, updated_at_last_step };
+        let mut out = Vec::with_capacity(head.encoded_len() + history.encoded_len());
+        // Encoding into a Vec can't run out of room.
+        let _ = head.encode(&mut out);
+        let _ = history.encode(&mut out);
+        out
+    }
+
+    /// Reads what [`to_stored`](Self::to_stored) wrote, or a record's plain encoding (the form before
+    /// it).
+    ///
+    /// # Errors
+    /// When the bytes are not an order.
+    pub fn from_stored(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
+        let mut order = OrderRecord::decode(bytes)?;
+        let stored = StoredHistory::decode(bytes)?;
+        let mut previous =
+            order.history.last().map_or((OrderStatus::Unspecified as i32, order.create_ms), |s| (s.to, s.at_ms));
+        order.history.reserve(stored.steps.len());
+        for s in stored.steps {
+            let at_ms = previous.1.wrapping_add(s.after_ms as u64);
+            let (license_id, wave_id) = if s.licence_is_order {
+                (order.license_id.clone(), order.wave_id.clone())
+            } else {
+                (s.license_id, s.wave_id)
+            };
+            order.history.push(TransitionRecord {
+                from: s.from.unwrap_or(previous.0),
+                to: s.to,
+                at_ms,
+                cause: s.cause.map(|c| Cause {
+                    kind: c.kind,
+                    reference: if s.cause_is_order { order.id.clone() } else { c.reference },
+                }),
+                detail: s.detail,
+                failures: s.failures,
+                license_id,
+                wave_id,
+                held: s.held,
+                share: s.share,
+            });
+            previous = (s.to, at_ms);
+        }
+        if let Some(last) = order.history.last() {
+            if stored.reasons_in_last_step {
+                order.reasons.clone_from(&last.failures);
+            }
+            if stored.updated_at_last_step {
+                order.update_ms = last.at_ms;
+            }
+        }
+        Ok(order)
+    }
+}
+
 /// A move the life cycle does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MoveError {
@@ -701,6 +882,77 @@ mod tests {
         for s in OrderStatus::ALL {
             assert_eq!(s.is_final(), OrderStatus::ALL.iter().all(|t| !s.can_move_to(*t)), "{s:?}");
         }
+    }
+
+    /// An order that went every way that leaves something to leave out, or not: placed, waiting,
+    /// quota of one licence, partly and fully held, unwound, quota of another licence, cancelled.
+    fn travelled() -> OrderRecord {
+        let mut o = order();
+        o.id = "ord-H200-7".into();
+        o.sku = "H200".into();
+        o.create_ms = 1_764_000_000_000;
+        o.history.push(TransitionRecord {
+            to: OrderStatus::Pending as i32,
+            at_ms: o.create_ms,
+            cause: Some(Cause::new(CauseKind::Placed, "ord-H200-7")),
+            ..Default::default()
+        });
+        let t = o.create_ms;
+        o.move_to(OrderStatus::AwaitingLicense, Cause::new(CauseKind::Placed, ""), "", why(Condition::License), t + 3)
+            .unwrap();
+        o.take_quota("lic-1", "wave-1", Cause::new(CauseKind::WavePublished, "wave-1"), t + 90_000).unwrap();
+        o.hold_stock(40, 0, Cause::new(CauseKind::SupplyReceived, "r1"), t + 90_001).unwrap();
+        o.hold_stock(100, t + 99_000, Cause::new(CauseKind::SupplyReceived, "r2"), t + 95_000).unwrap();
+        o.unwind(Cause::new(CauseKind::LicenseSuspended, "lic-1"), why(Condition::LicenseInForce), t + 96_000).unwrap();
+        // Another replica's clock is behind.
+        o.take_quota("lic-2", "wave-2", Cause::new(CauseKind::TermsFinalized, "lic-2"), t + 95_500).unwrap();
+        o
+    }
+
+    #[test]
+    fn the_stored_form_reads_back_as_the_record() {
+        let mut o = travelled();
+        let plain = o.encode_to_vec().len();
+        let stored = o.to_stored();
+        assert_eq!(OrderRecord::from_stored(&stored).unwrap(), o);
+        assert!(stored.len() < plain, "{} < {plain}", stored.len());
+        // The steps' licence and wave that are the order's are left out, the earlier licence's kept.
+        assert_eq!(OrderRecord::from_stored(&stored).unwrap().history[2].license_id, "lic-1");
+
+        // Waiting: the reasons are the last step's failures.
+        o.unwind(Cause::new(CauseKind::LicenseRevoked, "lic-2"), why(Condition::LicenseInForce), o.update_ms + 1)
+            .unwrap();
+        assert_eq!(OrderRecord::from_stored(&o.to_stored()).unwrap(), o);
+        // ... and when they are not, or the last change is not the last step's, both are kept.
+        o.reasons = why(Condition::DomesticRatio);
+        o.update_ms += 5;
+        assert_eq!(OrderRecord::from_stored(&o.to_stored()).unwrap(), o);
+        o.cancel("no longer needed", o.update_ms + 1).unwrap();
+        assert_eq!(OrderRecord::from_stored(&o.to_stored()).unwrap(), o);
+
+        // Steps that don't follow each other (a step applied twice), with no cause, or with the order's
+        // id as the reference of a cause that isn't its own.
+        let mut odd = travelled();
+        let last = odd.history.last().unwrap().clone();
+        odd.history.push(last);
+        odd.history.push(TransitionRecord { from: 3, to: 4, at_ms: 0, cause: None, ..Default::default() });
+        odd.history.push(TransitionRecord {
+            cause: Some(Cause::new(CauseKind::StockReleased, "ord-H200-7")),
+            license_id: "lic-2".into(),
+            ..Default::default()
+        });
+        assert_eq!(OrderRecord::from_stored(&odd.to_stored()).unwrap(), odd);
+        assert_eq!(OrderRecord::from_stored(&OrderRecord::default().to_stored()).unwrap(), OrderRecord::default());
+    }
+
+    #[test]
+    fn records_stored_before_the_stored_form_still_read() {
+        let o = travelled();
+        assert_eq!(OrderRecord::from_stored(&o.encode_to_vec()).unwrap(), o);
+        // A plain decode of the stored form is the record without its history.
+        let head = OrderRecord::decode(o.to_stored().as_slice()).unwrap();
+        assert_eq!((head.id.as_str(), head.license_id.as_str(), head.history.len()), ("ord-H200-7", "lic-2", 0));
+        assert!(OrderRecord::from_stored(b"\xff\xff").is_err());
     }
 
     #[test]

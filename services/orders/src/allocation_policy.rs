@@ -155,7 +155,7 @@ impl Orders {
             // The backlog lists ids this service handed out.
             let order_keys: Vec<String> =
                 chunk.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
-            for (v, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten() {
+            for (v, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
                 if o.status() == OrderStatus::Backordered {
                     versions.push(v);
                     orders.push(o);

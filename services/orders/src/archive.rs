@@ -174,7 +174,7 @@ impl Orders {
                 // The index lists ids this service handed out.
                 let order_keys: Vec<String> =
                     ids.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
-                for (version, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten() {
+                for (version, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
                     if o.status().is_final() && o.pending.is_empty() && o.update_ms <= closed_before_ms {
                         out.push((version, o));
                     }
@@ -272,7 +272,7 @@ impl Orders {
                 let key = keys::order(&o.typed_id());
                 t.expect_version(key.clone(), *v).delete(key);
                 t.zrem(keys::orders_of(sku, &o.typed_buyer()), &o.id).zrem(keys::orders_in(sku, o.status()), &o.id);
-                freed += prost::Message::encoded_len(o) as u64 + 2 * o.id.len() as u64;
+                freed += o.to_stored().len() as u64 + 2 * o.id.len() as u64;
             }
             match self.store().commit(&t).await {
                 Ok(_) => {}

@@ -7,11 +7,14 @@ use std::collections::BTreeMap;
 use chipgate_domain::ids::{Sku, WaveId};
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
-use chipgate_state::Txn;
+use chipgate_runtime::records::{LoadError, Loaded};
+use chipgate_runtime::service::Records;
+use chipgate_state::{Backend, Txn};
 use prost::Message;
 
 use crate::convert::{state_to, transition_event};
 use crate::keys::{self, OrderIds};
+use crate::{Error, Orders};
 
 /// Entries kept in the watch stream (approximately). The durable history is in each order; the
 /// stream only feeds live watchers.
@@ -94,7 +97,7 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     debug_assert!(events.sku.is_empty() || events.sku == new.sku, "one product per transaction");
     events.sku.clone_from(&new.sku);
     let (sku, buyer) = (new.typed_sku(), new.typed_buyer());
-    t.replace(keys::order(&new.typed_id()), version, new.encode_to_vec());
+    t.replace(keys::order(&new.typed_id()), version, new.to_stored());
     let score = new.seq as f64;
     let was = old.map(OrderRecord::status);
     let now = new.status();
@@ -119,13 +122,8 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
         t.sadd(keys::awaiting_buyers(&sku), &new.buyer_id);
     }
     member(t, keys::awaiting(&sku, &buyer), waiting(was), now.is_waiting());
-    member(t, keys::backlog(&sku), was == Some(OrderStatus::Backordered), now == OrderStatus::Backordered);
-    member(
-        t,
-        keys::holding(&sku),
-        was.is_some_and(OrderStatus::holds_unconfirmed_quota),
-        now.holds_unconfirmed_quota(),
-    );
+    // The backlog and the orders holding unconfirmed quota are state indexes (keys::backlog,
+    // keys::holding): kept above.
     let owed_before = old.is_some_and(|o| !o.pending.is_empty());
     if !new.pending.is_empty() && !owed_before {
         t.sadd(keys::cleanup(&sku), &new.id);
@@ -165,5 +163,27 @@ fn wave_figures(events: &mut Events, old: Option<&OrderRecord>, new: &OrderRecor
     if let Some((w, s, held)) = after {
         events.figure(w, state_to(s).as_str_name(), 1);
         events.figure(w, crate::waves::UNITS_HELD, held as i64);
+    }
+}
+
+impl Orders {
+    /// Reads orders as [`write`] stores them ([`OrderRecord::to_stored`]: the history without what the
+    /// record repeats), one answer per key.
+    pub(crate) async fn load_orders(&self, keys: &[String]) -> Result<Vec<Loaded<OrderRecord>>, Error> {
+        let raw = self.store().get(keys).await?;
+        raw.into_iter()
+            .zip(keys)
+            .map(|(r, key)| match r {
+                None => Ok(None),
+                Some(rec) => OrderRecord::from_stored(&rec.data)
+                    .map(|o| Some((rec.version, o)))
+                    .map_err(|e| LoadError::Corrupt { key: key.clone(), reason: e.to_string() }.into()),
+            })
+            .collect()
+    }
+
+    /// Reads one order ([`Orders::load_orders`]).
+    pub(crate) async fn load_order(&self, key: String) -> Result<Loaded<OrderRecord>, Error> {
+        Ok(self.load_orders(std::slice::from_ref(&key)).await?.pop().flatten())
     }
 }

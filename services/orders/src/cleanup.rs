@@ -65,8 +65,7 @@ impl Orders {
             return Ok(0);
         }
         let order_keys: Vec<String> = ids.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
-        let orders: Vec<(u64, OrderRecord)> =
-            self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten().collect();
+        let orders: Vec<(u64, OrderRecord)> = self.load_orders(&order_keys).await?.into_iter().flatten().collect();
         // One release per order per round (a batch may not name an order twice).
         let mut quota = Vec::new();
         let mut holds = Vec::new();
@@ -112,8 +111,7 @@ impl Orders {
         let released: std::collections::HashMap<&str, &chipgate_domain::orders::PendingRelease> =
             orders.iter().filter_map(|(_, o)| o.pending.first().map(|p| (o.id.as_str(), p))).collect();
         for _attempt in 0..5 {
-            let current: Vec<(u64, OrderRecord)> =
-                self.load_many::<OrderRecord>(&order_keys).await?.into_iter().flatten().collect();
+            let current: Vec<(u64, OrderRecord)> = self.load_orders(&order_keys).await?.into_iter().flatten().collect();
             let mut settled = 0;
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chipgate_domain::ids::{BuyerId, OrderId, Sku};
-use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
+use chipgate_domain::orders::{Cause, CauseKind, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_runtime::time::now_ms;
@@ -421,7 +421,7 @@ impl Orders {
     async fn expire_order(&self, order_id: &OrderId, generation: u64, traceparent: &str) -> Result<(), Error> {
         let ctx = RequestContext::background("expire", Some(traceparent));
         self.run_txn(None, || async {
-            let Some((ver, o)) = self.load::<OrderRecord>(keys::order(order_id)).await? else {
+            let Some((ver, o)) = self.load_order(keys::order(order_id)).await? else {
                 return Ok((Txn::new(), EffectOnly {}));
             };
             if o.status() != OrderStatus::Reserved || o.generation != generation {

@@ -25,7 +25,7 @@ fn check(request_id: &str, order_id: &str) -> Result<OrderId, Error> {
 
 impl Orders {
     async fn require_order(&self, id: &OrderId) -> Result<(u64, OrderRecord), Error> {
-        self.load::<OrderRecord>(keys::order(id)).await?.ok_or_else(|| Error::not_found("order", id))
+        self.load_order(keys::order(id)).await?.ok_or_else(|| Error::not_found("order", id))
     }
 
     pub(crate) async fn cancel_order(

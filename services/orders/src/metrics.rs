@@ -164,7 +164,10 @@ impl Sampler {
                 awaiting += store.zcard(&keys::awaiting(&sku, &BuyerId::from_trusted(b))).await.map_err(|x| e(&x))?;
             }
             let backlog = store.zcard(&keys::backlog(&sku)).await.map_err(|x| e(&x))?;
-            let holding = store.zcard(&keys::holding(&sku)).await.map_err(|x| e(&x))?;
+            let mut holding = 0;
+            for key in keys::holding(&sku) {
+                holding += store.zcard(&key).await.map_err(|x| e(&x))?;
+            }
             for (queue, n) in [("awaiting", awaiting), ("backlog", backlog), ("holding", holding)] {
                 self.per_product.get_or_create(&[("product", sku.to_string()), ("queue", queue.into())]).set(n as i64);
             }

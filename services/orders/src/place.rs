@@ -147,7 +147,7 @@ impl Orders {
 
     /// An order as the API shows it, with its backlog position.
     pub(crate) async fn order_view(&self, id: &OrderId, with_history: bool) -> Result<pb::Order, Error> {
-        let Some((_, o)) = self.load::<OrderRecord>(keys::order(id)).await? else {
+        let Some((_, o)) = self.load_order(keys::order(id)).await? else {
             // Closed long enough ago to have been archived out of Redis?
             return self.archived_order(id).await;
         };

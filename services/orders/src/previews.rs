@@ -305,7 +305,7 @@ impl Orders {
         let order_keys: Vec<String> =
             queue.iter().map(|(_, id)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         let (loaded, policy, available, allocated, (_, backlog)) = tokio::try_join!(
-            self.load_many::<OrderRecord>(&order_keys),
+            self.load_orders(&order_keys),
             self.allocation_policy(sku),
             self.free_stock(ctx, sku),
             self.allocated_by_buyer(sku),

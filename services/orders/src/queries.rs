@@ -88,7 +88,7 @@ impl Orders {
                     break;
                 }
                 let order_keys: Vec<String> = ids.iter().map(keys::order).collect();
-                for (i, o) in self.load_many::<OrderRecord>(&order_keys).await?.into_iter().enumerate() {
+                for (i, o) in self.load_orders(&order_keys).await?.into_iter().enumerate() {
                     let Some((_, o)) = o else { continue };
                     if keep(&o) {
                         let view = order_to(&o, 0, !req.omit_history);
@@ -129,7 +129,7 @@ impl Orders {
         let order_keys: Vec<String> =
             ids.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         let entries: Vec<pb::BacklogEntry> = self
-            .load_many::<OrderRecord>(&order_keys)
+            .load_orders(&order_keys)
             .await?
             .into_iter()
             .enumerate()

@@ -322,7 +322,7 @@ impl Orders {
         for _attempt in 0..BATCH_ATTEMPTS {
             let began = Instant::now();
             let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                .load_many::<OrderRecord>(&order_keys)
+                .load_orders(&order_keys)
                 .await?
                 .into_iter()
                 .flatten()
@@ -462,7 +462,7 @@ impl Orders {
         let order_keys: Vec<String> = ids.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
             let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                .load_many::<OrderRecord>(&order_keys)
+                .load_orders(&order_keys)
                 .await?
                 .into_iter()
                 .flatten()
@@ -510,12 +510,23 @@ impl Orders {
     /// order's reasons.
     async fn recheck_holders(&self, ctx: &RequestContext, lease: &mut Lease, marks: &Marks) -> Result<(), Error> {
         let sku = lease.sku.clone();
-        let entries = self.store().zrange(&keys::holding(&sku), 0, -1, false).await?;
+        let [backordered, reserved] = keys::holding(&sku);
+        let (backordered, reserved) = tokio::try_join!(
+            self.store().zrange(&backordered, 0, -1, false),
+            self.store().zrange(&reserved, 0, -1, false),
+        )?;
+        let mut entries: Vec<(u64, String)> =
+            backordered.into_iter().chain(reserved).map(|(id, seq)| (seq as u64, id)).collect();
         if entries.is_empty() {
             return Ok(());
         }
+        // In placement order. Only a pass under this lease moves an order from one of the two to the
+        // other, so the two reads see each order once; dedup all the same, a move planned twice would
+        // fail the commit.
+        entries.sort_unstable();
+        entries.dedup();
         let all = !marks.all_holders.is_empty();
-        let ids: Vec<String> = entries.into_iter().map(|(id, _)| id).collect();
+        let ids: Vec<String> = entries.into_iter().map(|(_, id)| id).collect();
         for chunk in ids.chunks(self.options().chunk.max(1)) {
             self.keep(lease).await?;
             let order_keys: Vec<String> =
@@ -525,7 +536,7 @@ impl Orders {
                     return Err(Error::Contention { attempts: BATCH_ATTEMPTS });
                 }
                 let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                    .load_many::<OrderRecord>(&order_keys)
+                    .load_orders(&order_keys)
                     .await?
                     .into_iter()
                     .flatten()

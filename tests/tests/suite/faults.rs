@@ -1021,7 +1021,6 @@ async fn a_redis_outage_fails_fast_and_recovers() {
 async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
     use chipgate_state::{Backend, Txn};
     use chipgate_testkit::{Cluster, ClusterOptions, OrdersProcess};
-    use prost::Message;
 
     let cluster = Cluster::start_with(ClusterOptions { orders_in_process: false, ..ClusterOptions::default() }).await;
     // Claims only after 5 minutes: an entry left pending stays pending for the whole test.
@@ -1085,11 +1084,11 @@ async fn the_fault_checker_catches_lost_doubled_and_stuck_effects() {
     let key = chipgate_orders::keys::order(&chipgate_domain::ids::OrderId::from_trusted(first_order.as_str()));
     let store = &cluster.store;
     let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
-    let mut o = chipgate_domain::orders::OrderRecord::decode(rec.data.as_slice()).unwrap();
+    let mut o = chipgate_domain::orders::OrderRecord::from_stored(rec.data.as_slice()).unwrap();
     let last = o.history.last().unwrap().clone();
     o.history.push(last);
     let mut t = Txn::new();
-    t.replace(key, rec.version, o.encode_to_vec());
+    t.replace(key, rec.version, o.to_stored());
     store.commit(&t).await.unwrap();
 
     // A forged audit entry at the end of the chain.
