@@ -83,8 +83,37 @@ async fn a_wave_propagates_as_one_trace() {
         })
         .await
         .unwrap();
-    // Let the placements' own rounds finish, so the wave's round has only the wave's marks.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let the placements' own rounds finish, so the wave's round has only the wave's marks: a round
+    // continues the trace of one of its marks (the others become links), so a placement's mark left
+    // over on a loaded machine could be the one it continues. Wait until the orders wait for a licence,
+    // the export authorisation's event has been consumed (orders finds a new product's licensing stream
+    // within about 2 s, so its mark can come late), and the product has no marks left.
+    w.until(&ids, Duration::from_secs(15), |os| common::all_in(os, opb::OrderState::AwaitingLicense)).await;
+    let consumed_export = || {
+        exporter.spans().iter().any(|s| {
+            s.name == "consume event"
+                && s.attributes
+                    .iter()
+                    .any(|kv| kv.key.as_str() == "detail" && kv.value.to_string() == "export_authorization_changed")
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !consumed_export() {
+        assert!(Instant::now() < deadline, "the export authorisation's event was never consumed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let h200 = chipgate_domain::ids::Sku::from_trusted(H200);
+    let (dirty, working) = (chipgate_orders::keys::dirty(&h200), chipgate_orders::keys::working(&h200));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let marks = w.cluster.store.hgetall(&dirty).await.unwrap().len()
+            + w.cluster.store.hgetall(&working).await.unwrap().len();
+        if marks == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the placements' rounds never finished: {marks} marks left");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let mut req =
         tonic::Request::new(lpb::PublishWaveRequest { request_id: rid("pub"), wave_id: wave.wave_id.clone() });
     req.metadata_mut().insert("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01").parse().unwrap());
