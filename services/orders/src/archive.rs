@@ -326,7 +326,7 @@ impl Orders {
         // The ids come from a segment that just checked against its manifest's hashes: our own record.
         let order_keys: Vec<String> =
             archived.iter().map(|o| keys::order(&OrderId::from_trusted(o.order.order_id.as_str()))).collect();
-        let held = self.load_many::<OrderRecord>(&order_keys).await?;
+        let held = self.load_orders(&order_keys).await?;
         let mut found = Vec::with_capacity(archived.len());
         for (a, h) in archived.iter().zip(held) {
             match h {
