@@ -233,15 +233,7 @@ impl Target {
     /// A bad name or a failure of the target (nothing new is visible under `name` then).
     pub async fn create(&self, name: &str, data: Vec<u8>) -> Result<Created, TargetError> {
         match self {
-            Target::Dir(root) => {
-                let path = Self::path(root, name)?;
-                let owned = name.to_string();
-                let io = |source| TargetError::Io { op: "write", name: owned.clone(), source };
-                tokio::task::spawn_blocking(move || create_durably(&path, &data))
-                    .await
-                    .map_err(|e| io(std::io::Error::other(e)))?
-                    .map_err(io)
-            }
+            Target::Dir(root) => blocking_write(Self::path(root, name)?, name, data, create_durably).await,
             Target::S3(s3) => {
                 let key = Self::key(s3, name)?;
                 let opts = PutOptions { mode: PutMode::Create, ..PutOptions::default() };
@@ -264,15 +256,7 @@ impl Target {
     /// A bad name or a failure of the target (the old object or the new one is visible then).
     pub async fn put(&self, name: &str, data: Vec<u8>) -> Result<(), TargetError> {
         match self {
-            Target::Dir(root) => {
-                let path = Self::path(root, name)?;
-                let owned = name.to_string();
-                let io = |source| TargetError::Io { op: "write", name: owned.clone(), source };
-                tokio::task::spawn_blocking(move || write_durably(&path, &data))
-                    .await
-                    .map_err(|e| io(std::io::Error::other(e)))?
-                    .map_err(io)
-            }
+            Target::Dir(root) => blocking_write(Self::path(root, name)?, name, data, write_durably).await,
             Target::S3(s3) => {
                 let key = Self::key(s3, name)?;
                 s3.store.put(&key, PutPayload::from(data)).await.map(|_| ()).map_err(|source| TargetError::Store {
@@ -334,12 +318,9 @@ impl Target {
         let mut out = Vec::new();
         match self {
             Target::Dir(root) => {
-                let path = Self::path(root, dir)?;
                 let io = |source| TargetError::Io { op: "list", name: dir.to_string(), source };
-                let mut read = match tokio::fs::read_dir(&path).await {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(e) => return Err(io(e)),
+                let Some(mut read) = read_dir(&Self::path(root, dir)?).await.map_err(io)? else {
+                    return Ok(Vec::new());
                 };
                 while let Some(entry) = read.next_entry().await.map_err(io)? {
                     let Ok(file) = entry.file_name().into_string() else { continue };
@@ -377,12 +358,9 @@ impl Target {
         let mut out = Vec::new();
         match self {
             Target::Dir(root) => {
-                let path = Self::path(root, dir)?;
                 let io = |source| TargetError::Io { op: "list", name: dir.to_string(), source };
-                let mut read = match tokio::fs::read_dir(&path).await {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-                    Err(e) => return Err(io(e)),
+                let Some(mut read) = read_dir(&Self::path(root, dir)?).await.map_err(io)? else {
+                    return Ok(Vec::new());
                 };
                 while let Some(entry) = read.next_entry().await.map_err(io)? {
                     let is_dir = entry.file_type().await.map(|t| t.is_dir()).unwrap_or(false);
@@ -445,6 +423,29 @@ fn with_temp(
 /// Temporary file, flush, hard link into place (a link never replaces a name), flush the
 /// directory: after a crash the name holds the whole object or nothing, and an existing object is
 /// left as it is.
+/// Runs one of the durable file writes below off the runtime (they fsync), its errors naming `name`.
+async fn blocking_write<T: Send + 'static>(
+    path: PathBuf,
+    name: &str,
+    data: Vec<u8>,
+    write: fn(&Path, &[u8]) -> std::io::Result<T>,
+) -> Result<T, TargetError> {
+    let io = |source| TargetError::Io { op: "write", name: name.to_string(), source };
+    tokio::task::spawn_blocking(move || write(&path, &data))
+        .await
+        .map_err(|e| io(std::io::Error::other(e)))?
+        .map_err(io)
+}
+
+/// A directory's entries (None when there is no such directory: it lists nothing).
+async fn read_dir(path: &Path) -> std::io::Result<Option<tokio::fs::ReadDir>> {
+    match tokio::fs::read_dir(path).await {
+        Ok(r) => Ok(Some(r)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 fn create_durably(path: &Path, data: &[u8]) -> std::io::Result<Created> {
     with_temp(path, data, |tmp| match std::fs::hard_link(tmp, path) {
         Ok(()) => Ok(Created::Written),
