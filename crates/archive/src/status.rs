@@ -49,6 +49,51 @@ where
     })
 }
 
+/// Archives each partition of `parts` (its lease key, the lease's fence counter, and what `work`
+/// needs) under that partition's archive lease, taken for `ttl`, so one replica at a time archives a
+/// partition: a partition whose lease another replica holds is counted in `run.busy` and skipped.
+/// The lease is given up after the work, except in a crash test (`stop_after`), which leaves it to
+/// expire as a dead process would. Every partition is tried; `work` says what it did even when it
+/// fails (added to `run`), and the first error is returned.
+pub async fn each_leased<B, T, E, F, Fut>(
+    store: &B,
+    parts: impl IntoIterator<Item = (String, String, T)>,
+    ttl: Duration,
+    stop_after: Option<Step>,
+    run: &mut Run,
+    mut work: F,
+) -> Option<E>
+where
+    B: chipgate_state::Backend,
+    E: From<chipgate_state::StateError>,
+    F: FnMut(T, u64) -> Fut,
+    Fut: std::future::Future<Output = (Run, Result<(), E>)>,
+{
+    let mut first_error = None;
+    for (lease, counter, part) in parts {
+        let token = match store.lease_acquire(&lease, &counter, ttl).await {
+            Ok(Some(t)) => t,
+            Ok(None) => {
+                run.busy += 1;
+                continue;
+            }
+            Err(e) => {
+                first_error.get_or_insert(E::from(e));
+                continue;
+            }
+        };
+        let (did, done) = work(part, token).await;
+        run.add(&did);
+        if stop_after.is_none() {
+            let _ = store.lease_release(&lease, token).await;
+        }
+        if let Err(e) = done {
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error
+}
+
 /// What one archiving run did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Run {

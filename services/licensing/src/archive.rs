@@ -28,8 +28,8 @@ use std::time::Duration;
 
 use chipgate_archive::audit::{self as seg, Entry};
 use chipgate_archive::segment;
-use chipgate_archive::status::Run;
 pub use chipgate_archive::status::Step;
+use chipgate_archive::status::{self, Run};
 use chipgate_archive::{Problem, Target};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::service::Records;
@@ -150,35 +150,34 @@ impl Licensing {
         let Some(target) = self.archive_target().cloned() else {
             return Err((run, Error::Internal("no archive is configured (--archive)".into())));
         };
-        let mut first_error = None;
         let products = match self.products().await {
             Ok(p) => p,
             Err(e) => return Err((run, e)),
         };
-        for (name, chain) in keys::audit_chains(&products) {
-            let lease = chain.archive_lease_key();
-            let token = match self.store().lease_acquire(&lease, &chain.archive_lease_counter(), LEASE_TTL).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    run.busy += 1;
-                    continue;
+        let chains = keys::audit_chains(&products)
+            .into_iter()
+            .map(|(name, chain)| (chain.archive_lease_key(), chain.archive_lease_counter(), (name, chain)));
+        let first_error =
+            status::each_leased(self.store(), chains, LEASE_TTL, stop_after, &mut run, |(name, chain), token| {
+                let target = &target;
+                async move {
+                    let mut did = Run::default();
+                    let done = self
+                        .archive_chain(
+                            target,
+                            &name,
+                            &chain,
+                            token,
+                            older_than_ms,
+                            max_segment_entries,
+                            stop_after,
+                            &mut did,
+                        )
+                        .await;
+                    (did, done)
                 }
-                Err(e) => {
-                    first_error.get_or_insert(Error::from(e));
-                    continue;
-                }
-            };
-            let done = self
-                .archive_chain(&target, &name, &chain, token, older_than_ms, max_segment_entries, stop_after, &mut run)
-                .await;
-            // A crash test leaves the lease to expire, as a dead process would.
-            if stop_after.is_none() {
-                let _ = self.store().lease_release(&lease, token).await;
-            }
-            if let Err(e) = done {
-                first_error.get_or_insert(e);
-            }
-        }
+            })
+            .await;
         match first_error {
             None => Ok(run),
             Some(e) => Err((run, e)),

@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use chipgate_archive::orders::{self as seg, ClosedOrder};
 use chipgate_archive::segment;
-use chipgate_archive::status::Run;
 pub use chipgate_archive::status::Step;
+use chipgate_archive::status::{self, Run};
 use chipgate_archive::{Problem, Target};
 use chipgate_domain::ids::{OrderId, Sku};
 use chipgate_domain::orders::{OrderRecord, OrderStatus};
@@ -122,32 +122,22 @@ impl Orders {
             Ok(s) => s,
             Err(e) => return Err((run, e.into())),
         };
-        let mut first_error = None;
-        for sku in skus {
+        let products = skus.into_iter().map(|sku| {
             // Products registered by placements, whose SKUs were parsed on entry.
             let sku = Sku::from_trusted(sku);
-            let lease = keys::archive_lease(&sku);
-            let token = match self.store().lease_acquire(&lease, &keys::archive_lease_counter(&sku), LEASE_TTL).await {
-                Ok(Some(t)) => t,
-                Ok(None) => {
-                    run.busy += 1;
-                    continue;
-                }
-                Err(e) => {
-                    first_error.get_or_insert(Error::from(e));
-                    continue;
-                }
-            };
-            let done = self
-                .archive_product(&target, &sku, token, closed_before_ms, max_segment_orders, stop_after, &mut run)
-                .await;
-            if stop_after.is_none() {
-                let _ = self.store().lease_release(&lease, token).await;
+            (keys::archive_lease(&sku), keys::archive_lease_counter(&sku), sku)
+        });
+        let first_error = status::each_leased(self.store(), products, LEASE_TTL, stop_after, &mut run, |sku, token| {
+            let target = &target;
+            async move {
+                let mut did = Run::default();
+                let done = self
+                    .archive_product(target, &sku, token, closed_before_ms, max_segment_orders, stop_after, &mut did)
+                    .await;
+                (did, done)
             }
-            if let Err(e) = done {
-                first_error.get_or_insert(e);
-            }
-        }
+        })
+        .await;
         match first_error {
             None => Ok(run),
             Some(e) => Err((run, e)),
