@@ -6,7 +6,7 @@
 //! its virtualenv, where moto is installed, first).
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -23,10 +23,6 @@ pub struct MotoServer {
 /// The Python that runs moto.
 pub fn python_binary() -> String {
     std::env::var("CHIPGATE_PYTHON").unwrap_or_else(|_| "python3".to_string())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
 /// A minimal HTTP/1.1 request without a body (moto takes unsigned requests); returns the status.
@@ -50,7 +46,7 @@ impl MotoServer {
         let dir = tempfile::Builder::new().prefix("chipgate-moto").tempdir().expect("create temp dir");
         let mut last_err = String::new();
         for _attempt in 0..5 {
-            let port = free_port();
+            let port = chipgate_state::testing::free_port();
             let log = std::fs::File::create(dir.path().join("moto.log")).expect("moto log file");
             let spawned = Command::new(python_binary())
                 .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])

@@ -41,10 +41,47 @@ pub struct TlsFiles {
     pub ca: std::path::PathBuf,
 }
 
-fn free_port() -> u16 {
-    // Bind port 0, read the port the kernel chose, release it. Another process could take it before
-    // redis-server binds; start_with() retries on a new port if that happens.
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+/// A loopback port that is free now and that the kernel will not hand out by itself: every harness
+/// in the workspace (Redis servers and cluster nodes, service processes, the S3 server) takes its
+/// ports here.
+///
+/// Why not port 0: the kernel picks it from the ephemeral range (`ip_local_port_range`), the range it
+/// also gives outgoing connections. A process that a test kills and restarts on the same port can then
+/// find it taken by some other test's client connection (CI saw an orders replica that never served
+/// again after a kill -9). Ports are drawn at random from the 10,000 below that range, so a Redis
+/// Cluster node's bus port (port + 10,000) stays below it too. Ports handed out in this process are
+/// not handed out again; another process (a parallel test binary) is checked by binding.
+///
+/// # Panics
+/// When no port in that window can be bound.
+pub fn free_port() -> u16 {
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    let (low, high) = unreserved_window();
+    let mut given = GIVEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    for _ in 0..1_000 {
+        // A std hasher with fresh random keys is random enough here (no dependency for it).
+        let draw = std::hash::BuildHasher::build_hasher(&std::hash::RandomState::new());
+        let port = low + u16::try_from(std::hash::Hasher::finish(&draw) % u64::from(high - low)).unwrap_or(0);
+        if given.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// The ports [`free_port`] draws from: the 10,000 below the kernel's ephemeral range (its first port
+/// read from `/proc`, 32768 where that can't be read), never under 1024.
+fn unreserved_window() -> (u16, u16) {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next().and_then(|p| p.parse::<u16>().ok()))
+        .unwrap_or(32_768);
+    let high = first_ephemeral.saturating_sub(10_000).max(2_048);
+    (high.saturating_sub(10_000).max(1_024), high)
 }
 
 /// The `redis-server` binary: `$REDIS_SERVER` or `redis-server` on the PATH.

@@ -444,10 +444,7 @@ pub fn write_service_token(signer: &chipgate_runtime::auth::Signer, dir: &std::p
     std::fs::write(dir.join(SERVICE_TOKEN_FILE), token).expect("write the service token");
 }
 
-/// A free loopback port (bind 0, read, release).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
-}
+pub use chipgate_state::testing::free_port;
 
 /// The real `chipgate-orders` binary running against a cluster's Redis and peers, killed on drop.
 pub struct OrdersProcess {

@@ -149,12 +149,53 @@ impl ServiceProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} on {} did not become SERVING within {within:?}",
+                "{} on {} did not become SERVING within {within:?}; the end of its log:\n{}",
                 self.name,
-                self.addr
+                self.addr,
+                self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// Waits until it serves like [`wait_serving`](Self::wait_serving), starting it again whenever
+    /// it exits by itself meanwhile (a restart that failed, e.g. on Redis still loading).
+    ///
+    /// # Panics
+    /// When it does not serve within `within`.
+    pub async fn wait_serving_restarting(&mut self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            if !self.running() && !self.paused {
+                eprintln!(
+                    "{} exited by itself; starting it again. The end of its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+                self.kill();
+                self.spawn();
+            }
+            if health(&self.url()).await == Some(ServingStatus::Serving) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} on {} did not become SERVING within {within:?} (started {} times); the end of its log:\n{}",
+                self.name,
+                self.addr,
+                self.starts,
+                self.log_tail()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The last lines of its current log (what a failed wait shows).
+    pub fn log_tail(&self) -> String {
+        let path = self.logs.join(format!("{}-{}-{}.log", self.name, self.addr.port(), self.starts));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| format!("({}: {e})", path.display()));
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     }
 
     /// Starts it and waits until it serves.
@@ -425,8 +466,8 @@ impl ProcessCluster {
                 p.spawn();
             }
         }
-        for p in [&self.licensing, &self.inventory].into_iter().chain(self.orders.iter()) {
-            p.wait_serving(Duration::from_secs(30)).await;
+        for p in self.services_mut() {
+            p.wait_serving_restarting(Duration::from_secs(30)).await;
         }
     }
 }

@@ -14,10 +14,8 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_chipgate")
 }
 
-/// A free loopback port (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+#[allow(unused_imports)] // not every test file that includes this module picks ports
+pub use chipgate_testkit::free_port;
 
 /// The CLI pointed at one cluster.
 #[derive(Clone)]
