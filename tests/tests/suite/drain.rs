@@ -23,6 +23,16 @@ async fn status(health_url: &str) -> Option<ServingStatus> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_in_time() {
     let redis = RedisServer::start();
+    // Run as an operator does: authentication on (the public key, licensing's audit key); the
+    // clients carry an operator's token.
+    let keys = tempfile::tempdir().unwrap();
+    let signer = chipgate_runtime::auth::Signer::generate().unwrap();
+    let public = keys.path().join("public.pem");
+    std::fs::write(&public, signer.public_pem()).unwrap();
+    let audit = keys.path().join(chipgate_testkit::AUDIT_SIGNING_KEY_FILE);
+    std::fs::write(&audit, chipgate_runtime::auth::Signer::generate().unwrap().private_pem()).unwrap();
+    let token = signer.mint_role(chipgate_runtime::auth::Role::Auditor, Duration::from_secs(3600));
+    let licensing = |url: &str| LicensingServiceClient::new(chipgate_testkit::Cluster::authed(url, &token));
     let (port, health_port) = (free_port(), free_port());
     let url = format!("http://127.0.0.1:{port}");
     let health_url = format!("http://127.0.0.1:{health_port}");
@@ -30,8 +40,9 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
         .env("CHIPGATE_LISTEN", format!("127.0.0.1:{port}"))
         .env("CHIPGATE_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
         .env("REDIS_URL", redis.url())
-        .env("CHIPGATE_INSECURE_NO_AUTH", "true")
-        .env_remove("CHIPGATE_AUTH_PUBLIC_KEY")
+        .env_remove("CHIPGATE_INSECURE_NO_AUTH")
+        .env("CHIPGATE_AUTH_PUBLIC_KEY", &public)
+        .env("CHIPGATE_AUDIT_SIGNING_KEY_FILE", &audit)
         .env("CHIPGATE_DRAIN_DELAY", "300ms")
         .env("CHIPGATE_SHUTDOWN_GRACE", "5s")
         .env("CHIPGATE_REDIS_TIMEOUT", "10s")
@@ -48,7 +59,7 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // An idle client: connected, one call made, then nothing.
-    let mut idle = LicensingServiceClient::new(channel(&url));
+    let mut idle = licensing(&url);
     idle.list_queue(lpb::ListQueueRequest::default()).await.unwrap();
 
     // Pause Redis for 2.5 s and start calls that will wait on it.
@@ -65,9 +76,8 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
     let paused_at = Instant::now();
     let mut in_flight = Vec::new();
     for _ in 0..4 {
-        let url = url.clone();
+        let mut c = licensing(&url);
         in_flight.push(tokio::spawn(async move {
-            let mut c = LicensingServiceClient::new(channel(&url));
             let mut req = tonic::Request::new(lpb::ListApplicationsRequest { page_size: 10, ..Default::default() });
             req.set_timeout(Duration::from_secs(15));
             c.list_applications(req).await.map(|_| Instant::now())
