@@ -107,10 +107,11 @@ step "licences, sources, duplicates (cargo deny, offline)" cargo deny --offline 
 step "image build context (deploy/Dockerfile.dockerignore) compiles" bash deploy/check-image-context.sh
 step "binaries (the fault and crash tests run them as real processes)" cargo build --workspace --bins --locked
 rm -f target/tmp/faults-*.txt
-step "tests" cargo test --workspace --locked
+# --no-fail-fast: a failing test binary does not hide the failures of the ones after it.
+step "tests" cargo test --workspace --locked --no-fail-fast
 # The cross-service suite again, every service on a private Redis Cluster (3 masters, 3 replicas,
 # one replica acknowledging each write), as production runs it.
-step "cross-service suite on a Redis Cluster" env CHIPGATE_TEST_REDIS=cluster cargo test --locked -p chipgate-tests --test suite
+step "cross-service suite on a Redis Cluster" env CHIPGATE_TEST_REDIS=cluster cargo test --locked --no-fail-fast -p chipgate-tests --test suite
 echo "== fault-suite figures"
 cat target/tmp/faults-*.txt 2>/dev/null || echo "(none written)"
 # Tiny counts, so the program can't rot; figures are meaningless in debug.
