@@ -153,12 +153,12 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    conn: Conn,
+    conn: Link,
     /// Connections for writes followed by `WAIT` (none when nothing waits). Redis holds every later
     /// command of a connection until its `WAIT` returns, so durable writes spread over a few
     /// connections of their own to wait for replicas side by side, not one after another, and
     /// never hold up reads; their response timeout includes the wait.
-    writers: Vec<Conn>,
+    writers: Vec<Link>,
     next_writer: AtomicU64,
     /// Where blocking connections come from.
     source: Source,
@@ -208,6 +208,105 @@ impl ConnectionLike for Conn {
             Conn::Plain(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
         }
+    }
+}
+
+/// A long-lived connection: a single server's (which reconnects on its own) or a cluster's, which is
+/// replaced when the cluster client reports that it has no connection left.
+///
+/// Why: after every node of a cluster went away at once (all pods restarted, a power cut), redis-rs
+/// 1.8's cluster connection can end up with an empty connection table. Its slot refresh then fails
+/// at once with `ClusterConnectionNotFound` and starts again, for ever: the connection never finds
+/// the restarted nodes (it only falls back to the seed nodes on other errors), every command on it
+/// answers "No connections found", and its task spins a core logging the failure (seen in the kill -9
+/// fault test on a cluster: one of an orders replica's write connections, 2 million log lines in a
+/// minute, never recovered). A connection built anew from the client starts from the seed nodes.
+#[derive(Clone)]
+enum Link {
+    Fixed(Conn),
+    Cluster(Arc<HealingCluster>),
+}
+
+impl Link {
+    /// The connection to send on now.
+    fn get(&self) -> Conn {
+        match self {
+            Link::Fixed(c) => c.clone(),
+            Link::Cluster(h) => Conn::Cluster(h.current()),
+        }
+    }
+
+    /// Looks at an error a command on [`get`](Self::get)'s connection answered, and maps it.
+    fn failed(&self, e: RedisError) -> StateError {
+        if let Link::Cluster(h) = self {
+            h.saw(&e);
+        }
+        unavailable(e)
+    }
+}
+
+/// A cluster connection that is rebuilt from its client when it reports it has no connection to any
+/// node (see [`Link`]).
+struct HealingCluster {
+    client: ClusterClient,
+    current: std::sync::RwLock<ClusterConnection>,
+    /// Whether a rebuild runs (one at a time).
+    rebuilding: std::sync::atomic::AtomicBool,
+    /// When the last rebuild ended: at most one a second.
+    last: Mutex<Option<std::time::Instant>>,
+    /// How long a rebuild may take to connect.
+    connect_within: Duration,
+    /// How many times it was replaced.
+    replaced: AtomicU64,
+}
+
+impl HealingCluster {
+    fn new(client: ClusterClient, conn: ClusterConnection, connect_within: Duration) -> Arc<Self> {
+        Arc::new(HealingCluster {
+            client,
+            current: std::sync::RwLock::new(conn),
+            rebuilding: std::sync::atomic::AtomicBool::new(false),
+            last: Mutex::new(None),
+            connect_within,
+            replaced: AtomicU64::new(0),
+        })
+    }
+
+    fn current(&self) -> ClusterConnection {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Starts a rebuild in the background when `e` says the connection has no node left (and none
+    /// ran in the last second); the callers meanwhile answer UNAVAILABLE as before.
+    fn saw(self: &Arc<Self>, e: &RedisError) {
+        if e.kind() != ErrorKind::ClusterConnectionNotFound {
+            return;
+        }
+        let recent = self
+            .last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        if recent || self.rebuilding.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            match tokio::time::timeout(this.connect_within, this.client.get_async_connection()).await {
+                Ok(Ok(fresh)) => {
+                    // The old connection's task ends once its last clone (calls still in flight) is gone.
+                    *this.current.write().unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+                    this.replaced.fetch_add(1, Ordering::SeqCst);
+                    tracing::warn!("redis cluster connection had no node left; replaced it with a new one");
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "redis cluster connection has no node left; a new one failed"),
+                Err(_) => {
+                    tracing::warn!("redis cluster connection has no node left; a new one did not connect in time")
+                }
+            }
+            *this.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(std::time::Instant::now());
+            this.rebuilding.store(false, Ordering::SeqCst);
+        });
     }
 }
 
@@ -370,16 +469,19 @@ impl RedisBackend {
             }
             let client = cluster_client(&seeds, &options, certs.clone(), Some(options.response_timeout))?;
             let blocking = cluster_client(&seeds, &options, certs.clone(), None)?;
+            let connect_within = options.connect_timeout.max(options.response_timeout);
             let conn = retry_startup(url, &options, || client.get_async_connection()).await?;
+            let conn = Link::Cluster(HealingCluster::new(client, conn, connect_within));
             let mut writers = Vec::new();
             if options.min_replicas > 0 {
                 let durable = options.response_timeout + options.wait_timeout;
                 let client = cluster_client(&seeds, &options, certs, Some(durable))?;
                 for _ in 0..DURABLE_CONNECTIONS {
-                    writers.push(Conn::Cluster(retry_startup(url, &options, || client.get_async_connection()).await?));
+                    let c = retry_startup(url, &options, || client.get_async_connection()).await?;
+                    writers.push(Link::Cluster(HealingCluster::new(client.clone(), c, connect_within)));
                 }
             }
-            (Conn::Cluster(conn), writers, Source::Cluster(blocking), String::new())
+            (conn, writers, Source::Cluster(blocking), String::new())
         } else {
             let info = parse_url(url, &options)?;
             if certs.is_some() && !is_tls(&info) {
@@ -408,10 +510,10 @@ impl RedisBackend {
                 let durable = config(options.response_timeout + options.wait_timeout);
                 for _ in 0..DURABLE_CONNECTIONS {
                     let connect = || ConnectionManager::new_with_config(client.clone(), durable.clone());
-                    writers.push(Conn::Single(retry_startup(url, &options, connect).await?));
+                    writers.push(Link::Fixed(Conn::Single(retry_startup(url, &options, connect).await?)));
                 }
             }
-            (Conn::Single(conn), writers, Source::Single(client), addr)
+            (Link::Fixed(Conn::Single(conn)), writers, Source::Single(client), addr)
         };
         tracing::info!(redis_url = %redact(url), cluster = options.cluster, min_replicas = options.min_replicas,
             "connected to redis");
@@ -438,7 +540,19 @@ impl RedisBackend {
 
     /// Whether this backend talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.inner.conn, Conn::Cluster(_))
+        matches!(self.inner.conn, Link::Cluster(_))
+    }
+
+    /// How many of its cluster connections were replaced because they had no node left (see
+    /// `Link`); always 0 on a single Redis.
+    pub fn connections_replaced(&self) -> u64 {
+        std::iter::once(&self.inner.conn)
+            .chain(&self.inner.writers)
+            .map(|l| match l {
+                Link::Cluster(h) => h.replaced.load(Ordering::SeqCst),
+                Link::Fixed(_) => 0,
+            })
+            .sum()
     }
 
     /// The options it was connected with.
@@ -447,8 +561,8 @@ impl RedisBackend {
     }
 
     async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> StateResult<T> {
-        let mut conn = self.inner.conn.clone();
-        cmd.query_async(&mut conn).await.map_err(unavailable)
+        let mut conn = self.inner.conn.get();
+        cmd.query_async(&mut conn).await.map_err(|e| self.inner.conn.failed(e))
     }
 
     /// Runs a script with its keys (routed by their slot), followed on the same connection by
@@ -467,7 +581,8 @@ impl RedisBackend {
         durable: bool,
     ) -> StateResult<(Value, Option<i64>)> {
         let wait = (durable && self.inner.options.min_replicas > 0).then_some(self.inner.options.min_replicas);
-        let mut conn = if wait.is_some() { self.writer() } else { self.inner.conn.clone() };
+        let link = if wait.is_some() { self.writer() } else { &self.inner.conn };
+        let mut conn = link.get();
         let mut load = false;
         loop {
             let mut pipe = redis::pipe();
@@ -480,7 +595,7 @@ impl RedisBackend {
             if let Some(n) = wait {
                 pipe.cmd("WAIT").arg(n).arg(self.inner.options.wait_timeout.as_millis().max(1) as u64);
             }
-            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(|e| link.failed(e))?;
             let acks = match (wait, replies.len()) {
                 (Some(_), 2) => match replies.pop() {
                     Some(Value::Int(n)) => Some(n),
@@ -528,18 +643,19 @@ impl RedisBackend {
             .cmd("WAIT")
             .arg(self.inner.options.min_replicas)
             .arg(self.inner.options.wait_timeout.as_millis().max(1) as u64);
-        let mut conn = self.writer();
-        let (value, acks): (T, i64) = pipe.query_async(&mut conn).await.map_err(unavailable)?;
+        let link = self.writer();
+        let mut conn = link.get();
+        let (value, acks): (T, i64) = pipe.query_async(&mut conn).await.map_err(|e| link.failed(e))?;
         self.check_acks(Some(acks))?;
         Ok(value)
     }
 
     /// The next connection for a write followed by `WAIT` (round robin).
-    fn writer(&self) -> Conn {
+    fn writer(&self) -> &Link {
         let n = self.inner.next_writer.fetch_add(1, Ordering::Relaxed) as usize;
         match self.inner.writers.len() {
-            0 => self.inner.conn.clone(),
-            len => self.inner.writers[n % len].clone(),
+            0 => &self.inner.conn,
+            len => &self.inner.writers[n % len],
         }
     }
 
@@ -767,9 +883,10 @@ impl RedisBackend {
 
     /// The masters serving slots, as a node of the cluster sees them (`CLUSTER SLOTS`): address and
     /// slot ranges, ordered by their first slot.
-    async fn cluster_masters(c: &ClusterConnection) -> StateResult<Vec<MasterNode>> {
+    async fn cluster_masters(&self, c: &ClusterConnection) -> StateResult<Vec<MasterNode>> {
         let mut c = c.clone();
-        let slots: Value = redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await.map_err(unavailable)?;
+        let slots: Value =
+            redis::cmd("CLUSTER").arg("SLOTS").query_async(&mut c).await.map_err(|e| self.inner.conn.failed(e))?;
         let mut masters: Vec<MasterNode> = Vec::new();
         for range in array_of(slots)? {
             let mut it = array_of(range)?.into_iter();
@@ -800,10 +917,10 @@ impl RedisBackend {
         cmd: &Cmd,
     ) -> StateResult<Vec<(String, Vec<(u16, u16)>, Value)>> {
         let mut out = Vec::new();
-        for MasterNode { host, port, slots: ranges } in Self::cluster_masters(c).await? {
+        for MasterNode { host, port, slots: ranges } in self.cluster_masters(c).await? {
             let mut conn = c.clone();
             let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host: host.clone(), port });
-            let v = conn.route_command(cmd.clone(), routing).await.map_err(|e| match unavailable(e) {
+            let v = conn.route_command(cmd.clone(), routing).await.map_err(|e| match self.inner.conn.failed(e) {
                 StateError::Unavailable(m) => StateError::Unavailable(format!("redis master {host}:{port}: {m}")),
                 other => other,
             })?;
@@ -819,10 +936,10 @@ impl RedisBackend {
     /// spreads over a cluster's masters. A single Redis is one master serving every slot. Counts
     /// include commit receipts (see [`RedisOptions::receipt_ttl`]).
     pub async fn master_key_counts(&self) -> StateResult<Vec<MasterKeys>> {
-        match &self.inner.conn {
+        match self.inner.conn.get() {
             Conn::Cluster(c) => {
                 let mut out = Vec::new();
-                for (addr, slots, v) in self.on_each_master(c, &redis::cmd("DBSIZE")).await? {
+                for (addr, slots, v) in self.on_each_master(&c, &redis::cmd("DBSIZE")).await? {
                     let keys: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
                     out.push(MasterKeys { addr, slots, keys });
                 }
@@ -1308,11 +1425,14 @@ impl Backend for RedisBackend {
     /// the cluster serves every slot (`cluster_state:ok`): while a master is down and before its
     /// replica takes over, a share of the keys can't be written, and health says so.
     async fn ping(&self) -> StateResult<()> {
-        match &self.inner.conn {
-            Conn::Cluster(c) => {
-                self.on_each_master(c, &redis::cmd("PING")).await?;
-                let mut c = c.clone();
-                let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut c).await.map_err(unavailable)?;
+        match self.inner.conn.get() {
+            Conn::Cluster(mut c) => {
+                self.on_each_master(&c, &redis::cmd("PING")).await?;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut c)
+                    .await
+                    .map_err(|e| self.inner.conn.failed(e))?;
                 if !info.lines().any(|l| l.trim() == "cluster_state:ok") {
                     return Err(StateError::Unavailable("the redis cluster is not serving every slot".into()));
                 }
@@ -1330,10 +1450,10 @@ impl Backend for RedisBackend {
         let used = |text: &str| -> Option<u64> {
             text.lines().find_map(|l| l.strip_prefix("used_memory:")).and_then(|v| v.trim().parse().ok())
         };
-        match &self.inner.conn {
+        match self.inner.conn.get() {
             Conn::Cluster(c) => {
                 let mut total = 0;
-                for (_, _, text) in self.on_each_master(c, redis::cmd("INFO").arg("memory")).await? {
+                for (_, _, text) in self.on_each_master(&c, redis::cmd("INFO").arg("memory")).await? {
                     total += used(&string_of(text)?).unwrap_or(0);
                 }
                 Ok(BackendInfo { used_memory: Some(total) })
@@ -1349,6 +1469,33 @@ impl Backend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A cluster connection that answers "No connections found" is replaced by one built from the
+    /// seed nodes, at most once a second, and the backend keeps working on it. (How a connection
+    /// gets there: see `Link`; the fault tests on a cluster met it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cluster_connection_with_no_node_left_is_replaced() {
+        let cluster = crate::testing::RedisCluster::start();
+        let backend = cluster.backend().await;
+        assert!(matches!(backend.inner.conn, Link::Cluster(_)), "a cluster link");
+        let lost = || RedisError::from((ErrorKind::ClusterConnectionNotFound, "No connections found"));
+        // Other errors leave it alone (the client repairs those itself).
+        backend.inner.conn.failed(RedisError::from((ErrorKind::Io, "broken pipe")));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(backend.connections_replaced(), 0);
+        assert!(matches!(backend.inner.conn.failed(lost()), StateError::Unavailable(_)));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while backend.connections_replaced() == 0 {
+            assert!(std::time::Instant::now() < deadline, "not replaced within 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The same error again within the second: no second rebuild.
+        backend.inner.conn.failed(lost());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(backend.connections_replaced(), 1);
+        backend.ping().await.expect("the new connection serves");
+        let _: String = backend.query(&redis::cmd("PING")).await.expect("a command on the new connection");
+    }
 
     #[test]
     fn redacts_passwords() {
