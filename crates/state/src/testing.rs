@@ -423,6 +423,15 @@ impl RedisCluster {
             }
         }
         let mut cluster = RedisCluster { nodes, options, dir: Some(dir), startup: Duration::ZERO };
+        cluster.create();
+        cluster.startup = started.elapsed();
+        cluster
+    }
+
+    /// Joins the running nodes into a cluster (`redis-cli --cluster create`) and waits until it is
+    /// ready.
+    fn create(&self) {
+        let cluster = self;
         let mut cmd = Command::new(redis_cli_binary());
         cmd.arg("--cluster").arg("create");
         for n in &cluster.nodes {
@@ -440,8 +449,35 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stderr)
         );
         cluster.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("redis cluster not ready: {e}"));
-        cluster.startup = started.elapsed();
-        cluster
+    }
+
+    /// Kills every node and starts each again on its port with nothing: no data, no cluster
+    /// configuration (as pods whose volumes were lost). The nodes then serve no slots, and
+    /// `CLUSTER SLOTS` answers an empty list, until [`recreate`](Self::recreate).
+    ///
+    /// # Panics
+    /// When a node can't be started again.
+    pub fn restart_all_empty(&mut self) {
+        self.kill_all();
+        let options = self.options.clone();
+        for node in &mut self.nodes {
+            let _ = std::fs::remove_dir_all(&node.dir);
+            std::fs::create_dir_all(&node.dir).expect("create node dir");
+            match spawn_cluster_node(node, &options) {
+                Ok(child) => node.child = Some(child),
+                Err(e) => panic!("restart redis-server: {e}"),
+            }
+        }
+    }
+
+    /// Creates the cluster again on nodes started empty (after
+    /// [`restart_all_empty`](Self::restart_all_empty)), as a bootstrap job would, and waits until
+    /// it is ready.
+    ///
+    /// # Panics
+    /// When the cluster can't be created.
+    pub fn recreate(&mut self) {
+        self.create();
     }
 
     /// How long [`start_with`](Self::start_with) took (processes, cluster creation, replicas in sync).

@@ -538,3 +538,76 @@ async fn a_read_across_partitions_while_a_master_is_down_is_unavailable_not_an_e
     eprintln!("reads across partitions: {unavailable} UNAVAILABLE, {answered} answered");
     assert!(unavailable > 0, "no read noticed the dead master");
 }
+
+/// Every node of the cluster lost at once and the cluster built again on the same addresses (pods
+/// whose volumes were lost, then the bootstrap job): while no node serves slots every call answers
+/// UNAVAILABLE and health says so; once the cluster is built again the backend works on every
+/// connection, reads and each write connection, without a restart of the process. (A cluster
+/// connection left with no node at all is replaced by the backend: see the unit test
+/// `a_cluster_connection_with_no_node_left_is_replaced`; the kill -9 fault test on a cluster is
+/// where it showed.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_cluster_is_rebuilt_every_connection_works_again() {
+    let mut cluster = RedisCluster::start();
+    let durable = RedisOptions {
+        min_replicas: 1,
+        wait_timeout: Duration::from_secs(2),
+        response_timeout: Duration::from_millis(500),
+        ..cluster.redis_options()
+    };
+    let store = cluster.backend_with(durable).await;
+    let units: Vec<String> = (0..8).map(|i| format!("SKU-{i}")).collect();
+    let write = |u: &String, n: u64| {
+        let mut t = Txn::new();
+        t.put(S.partition(u).key(["n"]), n.to_string().into_bytes());
+        t
+    };
+    for u in &units {
+        store.commit(&write(u, 1)).await.unwrap();
+    }
+    tokio::task::block_in_place(|| cluster.restart_all_empty());
+    // Calls while the nodes serve no slots: every one fails, and the connections refresh their
+    // slot maps from nodes that have none.
+    let empty_until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < empty_until {
+        for u in &units {
+            match store.commit(&write(u, 2)).await {
+                Err(CommitError::State(StateError::Unavailable(_))) => {}
+                other => panic!("a commit while no node serves slots must answer UNAVAILABLE: {other:?}"),
+            }
+        }
+        assert!(store.ping().await.is_err(), "health while no node serves slots");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::task::block_in_place(|| cluster.recreate());
+    // Every unit's write, four times in a row, goes round the write connections.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut pending: Vec<&String> = units.iter().collect();
+    let mut failures = 0usize;
+    let mut last = String::new();
+    while !pending.is_empty() {
+        let mut still = Vec::new();
+        for u in pending {
+            for _ in 0..4 {
+                if let Err(e) = store.commit(&write(u, 3)).await {
+                    failures += 1;
+                    last = e.to_string();
+                    still.push(u);
+                    break;
+                }
+            }
+        }
+        pending = still;
+        assert!(
+            Instant::now() < deadline,
+            "writes still fail 20 s after the cluster was rebuilt ({failures} failures, the last: {last}): {pending:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.ping().await.expect("health after the cluster was rebuilt");
+    for u in &units {
+        let got = store.get(&[S.partition(u).key(["n"])]).await.expect("a read after the rebuild");
+        assert_eq!(got[0].as_ref().map(|r| r.data.clone()), Some(b"3".to_vec()), "{u}");
+    }
+    eprintln!("after the rebuild: {failures} failed writes before every connection worked");
+}
