@@ -264,7 +264,10 @@ pub(crate) async fn resolve(j: &Shared, c: &Conn) {
             let outcome = op.send(c, i + tries).await;
             if let Outcome::Unknown(why) = &outcome {
                 *j.lock().unwrap().figures.retry_codes.entry(why.clone()).or_default() += 1;
-                assert!(Instant::now() < deadline, "{op:?} still has no outcome after {RESOLVE_WITHIN:?}");
+                assert!(
+                    Instant::now() < deadline,
+                    "{op:?} still has no outcome after {RESOLVE_WITHIN:?} ({tries} tries; the last: {why})"
+                );
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;
             }
