@@ -158,32 +158,33 @@ impl ServiceProcess {
         }
     }
 
-    /// Waits until it serves like [`wait_serving`](Self::wait_serving), starting it again whenever
-    /// it exits by itself meanwhile (a restart that failed, e.g. on Redis still loading).
+    /// Waits until it serves like [`wait_serving`](Self::wait_serving), and fails at once, with the
+    /// end of its log, when the process exits by itself meanwhile: after the faults a test injected,
+    /// a service that stops on its own is a finding, not something to start again quietly.
     ///
     /// # Panics
-    /// When it does not serve within `within`.
-    pub async fn wait_serving_restarting(&mut self, within: Duration) {
+    /// When it exits, or does not serve within `within`.
+    pub async fn wait_serving_alive(&mut self, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            if !self.running() && !self.paused {
-                eprintln!(
-                    "{} exited by itself; starting it again. The end of its log:\n{}",
+            if !self.paused
+                && let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "{} on {} exited by itself ({status}) instead of serving; the end of its log:\n{}",
                     self.name,
+                    self.addr,
                     self.log_tail()
                 );
-                self.kill();
-                self.spawn();
             }
             if health(&self.url()).await == Some(ServingStatus::Serving) {
                 return;
             }
             assert!(
                 Instant::now() < deadline,
-                "{} on {} did not become SERVING within {within:?} (started {} times); the end of its log:\n{}",
+                "{} on {} did not become SERVING within {within:?}; the end of its log:\n{}",
                 self.name,
                 self.addr,
-                self.starts,
                 self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -450,7 +451,7 @@ impl ProcessCluster {
     /// store has reconnected to Redis.
     ///
     /// # Panics
-    /// When that does not happen within 30 s.
+    /// When a service exited by itself, or does not serve again within 30 s.
     pub async fn heal(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while chipgate_state::Backend::ping(&self.store).await.is_err() {
@@ -461,13 +462,11 @@ impl ProcessCluster {
             if p.is_paused() {
                 p.resume();
             }
-            if !p.running() {
-                p.kill();
-                p.spawn();
-            }
         }
+        // A process the test killed was started again by the test; one that is not running exited
+        // by itself, which wait_serving_alive reports with its log.
         for p in self.services_mut() {
-            p.wait_serving_restarting(Duration::from_secs(30)).await;
+            p.wait_serving_alive(Duration::from_secs(30)).await;
         }
     }
 }
