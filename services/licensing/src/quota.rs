@@ -49,12 +49,13 @@ fn licence_of(id: &str) -> LicenceId {
     LicenceId::from_trusted(id)
 }
 
-/// Writes a reservation in its stored form ([`ReservationRecord::to_stored`]) under the key its own
-/// product and order name — the key [`Licensing::load_reservations`] reads it back from, and gives
-/// them back from — guarded by the version it was read at.
-fn put_reservation(t: &mut Txn, read_version: u64, r: &ReservationRecord) {
-    let key = keys::reservation(&Sku::from_trusted(r.product_sku.as_str()), &order_of(&r.order_id));
-    t.replace(key, read_version, r.to_stored());
+/// Writes the reservation of product `sku`'s order `order_id`, guarded by the version it was read
+/// at: in its stored form ([`ReservationRecord::to_stored`], read back by
+/// [`Licensing::load_reservations`] with the key's product and order) when the record's own are
+/// exactly those, else whole (so nothing the key doesn't say is ever left out).
+fn put_reservation(t: &mut Txn, sku: &Sku, order_id: &str, read_version: u64, r: &ReservationRecord) {
+    let data = if r.product_sku == sku.as_str() && r.order_id == order_id { r.to_stored() } else { encode(r) };
+    t.replace(keys::reservation(sku, &order_of(order_id)), read_version, data);
 }
 
 impl Licensing {
@@ -289,7 +290,7 @@ impl Licensing {
                                 update_ms: now,
                                 release_reason: String::new(),
                             };
-                            put_reservation(&mut t, ver, &r);
+                            put_reservation(&mut t, sku, &it.order_id, ver, &r);
                             reserved_detail
                                 .push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
                             let out = reservation_to(&r);
@@ -309,7 +310,7 @@ impl Licensing {
                                 released.set_status(ReservationStatus::Released);
                                 released.update_ms = now;
                                 released.release_reason = format!("superseded by generation {}", it.generation);
-                                put_reservation(&mut t, ver, &released);
+                                put_reservation(&mut t, sku, &it.order_id, ver, &released);
                                 changed_released.push(reservation_to(&released));
                             }
                             refused_detail.push(format!(
@@ -532,7 +533,7 @@ impl Licensing {
                         }
                     };
                     if let Some(rec) = next {
-                        put_reservation(&mut t, ver, &rec);
+                        put_reservation(&mut t, sku, order_id, ver, &rec);
                         detail.push(format!("{order_id}/{generation}:{}", rec.units));
                         let p = reservation_to(&rec);
                         changed.push(p.clone());
@@ -634,7 +635,7 @@ impl Licensing {
                 r.update_ms = now;
                 let mut t = Txn::new();
                 t.replace(lkey.clone(), lver, encode(&lic));
-                put_reservation(&mut t, rver, &r);
+                put_reservation(&mut t, sku, order_id.as_str(), rver, &r);
                 t.expect_version(keys::policy(sku), policy.map(|(v, _)| v).unwrap_or(0));
                 t.expect_version(keys::exports(sku), exports.map(|(v, _)| v).unwrap_or(0));
                 let out = reservation_to(&r);
