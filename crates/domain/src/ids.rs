@@ -206,6 +206,14 @@ fn product_of<'a>(id: &'a str, prefix: &str) -> Option<&'a str> {
     (!sku.is_empty() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())).then_some(sku)
 }
 
+/// `n` when `id` is exactly `<prefix><sku>-<n>` as the services write it (no sign, no leading zero),
+/// so that the product and `n` give the id back; None otherwise.
+fn number_of(id: &str, prefix: &str, sku: &str) -> Option<u64> {
+    let digits = id.strip_prefix(prefix)?.strip_prefix(sku)?.strip_prefix('-')?;
+    let n: u64 = digits.parse().ok()?;
+    (n.to_string() == digits).then_some(n)
+}
+
 impl OrderId {
     /// The id of product `sku`'s order number `seq`: `ord-<SKU>-<seq>`.
     pub fn new(sku: &Sku, seq: u64) -> Self {
@@ -220,6 +228,11 @@ impl OrderId {
     /// The product an order id names, as text (None when it is not an order id).
     pub fn product_str(id: &str) -> Option<&str> {
         product_of(id, "ord-")
+    }
+
+    /// `n` when `id` is exactly `OrderId::new(sku, n)` (what a stored form keeps instead of the id).
+    pub fn number_in(id: &str, sku: &str) -> Option<u64> {
+        number_of(id, "ord-", sku)
     }
 }
 
@@ -237,6 +250,11 @@ impl LicenceId {
     /// The product a licence id names, as text (None when it is not a licence id).
     pub fn product_str(id: &str) -> Option<&str> {
         product_of(id, "lic-")
+    }
+
+    /// `n` when `id` is exactly `LicenceId::new(sku, n)` (what a stored form keeps instead of the id).
+    pub fn number_in(id: &str, sku: &str) -> Option<u64> {
+        number_of(id, "lic-", sku)
     }
 }
 
@@ -268,6 +286,15 @@ mod tests {
         assert_eq!(order.product(), Some(sku.clone()));
         let licence = LicenceId::new(&sku, 17);
         assert_eq!(licence.as_str(), "lic-H200-SXM-141GB-17");
+        assert_eq!(LicenceId::number_in(licence.as_str(), "H200-SXM-141GB"), Some(17));
+        assert_eq!(OrderId::number_in(order.as_str(), "H200-SXM-141GB"), Some(129));
+        // Only the exact form gives the id back.
+        for (id, sku) in
+            [("lic-H200-017", "H200"), ("lic-H200-+17", "H200"), ("lic-H200-17", "H20"), ("ord-H200-1", "H200")]
+        {
+            assert_eq!(LicenceId::number_in(id, sku), None, "{id} {sku}");
+        }
+        assert_eq!(OrderId::number_in("ord-H200-SXM-1", "H200"), None);
         assert_eq!(licence.product(), Some(sku));
         for not_ours in ["ord-129", "ord--1", "H200-1", "ord-H200-", "ord-H200-12a", "lic-H200-3"] {
             assert_eq!(OrderId::product_str(not_ours), None, "{not_ours}");

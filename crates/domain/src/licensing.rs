@@ -410,6 +410,13 @@ impl Failure {
         }
     }
 
+    /// The failure of a buyer that holds no usable licence of the product — what every order placed
+    /// before its buyer's licence waits on (one constructor, so an order's stored form can leave it
+    /// out and rebuild it from the buyer: `orders::OrderRecord::to_stored`).
+    pub fn no_licence(buyer_id: &str) -> Self {
+        Failure::new(Condition::License, "", format!("buyer {buyer_id} holds no usable licence for this product"))
+    }
+
     /// Marks it as one the order can never pass under this licence.
     pub fn permanent(mut self) -> Self {
         self.permanent = true;
@@ -669,11 +676,7 @@ pub fn evaluate(
 ) -> Verdict {
     let mut failures: Vec<Failure> = embargo_failure(gate).into_iter().collect();
     if candidates.iter().all(|l| !l.is_live(now_ms)) {
-        failures.push(Failure::new(
-            Condition::License,
-            "",
-            format!("buyer {} holds no usable licence for this product", ask.buyer_id),
-        ));
+        failures.push(Failure::no_licence(ask.buyer_id));
         if gate.export_destinations.is_empty() {
             failures.push(Failure::new(
                 Condition::ExportAuthorization,
@@ -1001,7 +1004,71 @@ pub enum ReserveCheck {
     Stale,
 }
 
+/// What a reservation's stored form adds to [`ReservationRecord`]'s own fields (12–13), read from the
+/// same bytes (a plain decode of either skips the other's fields).
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredReservation {
+    /// The licence is `lic-<product>-<n>` ([`crate::ids::LicenceId::new`]): its id is left out and
+    /// `n` kept here (0: the id is stored).
+    #[prost(uint64, tag = "12")]
+    licence_number: u64,
+    /// The compact form: the order and the product are the key's (left out), and `update_ms` is
+    /// stored as the milliseconds since `create_ms`.
+    #[prost(bool, tag = "13")]
+    compact: bool,
+}
+
 impl ReservationRecord {
+    /// The bytes Redis keeps for this reservation, under the key that names its product and order
+    /// (licensing's `keys::reservation(product_sku, order_id)`), so neither is repeated in the value;
+    /// nor is the product in the licence id, nor the creation time in the last-change time.
+    /// [`from_stored`](Self::from_stored), given the key's product and order, reads them back to an
+    /// equal record.
+    ///
+    /// Why: after a wave every order holds one reservation; the order id, product and licence id
+    /// were about 60 of its ~110 bytes, and without them the value fits Redis' embedded string
+    /// (≤ 44 bytes: one allocation instead of two).
+    pub fn to_stored(&self) -> Vec<u8> {
+        use prost::Message;
+        let licence_number =
+            crate::ids::LicenceId::number_in(&self.license_id, &self.product_sku).filter(|&n| n > 0).unwrap_or(0);
+        let head = ReservationRecord {
+            order_id: String::new(),
+            product_sku: String::new(),
+            license_id: if licence_number > 0 { String::new() } else { self.license_id.clone() },
+            update_ms: self.update_ms.wrapping_sub(self.create_ms),
+            ..self.clone()
+        };
+        let extra = StoredReservation { licence_number, compact: true };
+        let mut out = Vec::with_capacity(head.encoded_len() + extra.encoded_len());
+        // Encoding into a Vec can't run out of room.
+        let _ = head.encode(&mut out);
+        let _ = extra.encode(&mut out);
+        out
+    }
+
+    /// Reads what [`to_stored`](Self::to_stored) wrote under the key of `product_sku`'s order
+    /// `order_id`, or a record's plain encoding (the form before it, which holds both itself).
+    ///
+    /// # Errors
+    /// When the bytes are not a reservation.
+    pub fn from_stored(bytes: &[u8], product_sku: &str, order_id: &str) -> Result<Self, prost::DecodeError> {
+        use prost::Message;
+        let mut r = ReservationRecord::decode(bytes)?;
+        let extra = StoredReservation::decode(bytes)?;
+        if extra.compact {
+            r.order_id = order_id.to_string();
+            r.product_sku = product_sku.to_string();
+            r.update_ms = r.create_ms.wrapping_add(r.update_ms);
+            if extra.licence_number > 0 {
+                r.license_id =
+                    crate::ids::LicenceId::new(&crate::ids::Sku::from_trusted(product_sku), extra.licence_number)
+                        .into_string();
+            }
+        }
+        Ok(r)
+    }
+
     /// Units this record holds from its licence (0 when released).
     pub fn held_units(&self) -> u64 {
         match self.status() {
@@ -1463,6 +1530,72 @@ mod tests {
         assert_eq!(released.check_reserve(2), ReserveCheck::Stale, "a released generation is never reopened");
         assert_eq!(released.check_reserve(3), ReserveCheck::Evaluate);
         assert_eq!(released.held_units(), 0);
+    }
+
+    /// A reservation as a wave leaves it: held, of a licence of the order's own product.
+    fn held_reservation() -> ReservationRecord {
+        ReservationRecord {
+            order_id: "ord-H200-SXM-141GB-49999".into(),
+            generation: 1,
+            license_id: "lic-H200-SXM-141GB-199".into(),
+            wave_id: "wave-1".into(),
+            buyer_id: "buyer-0099".into(),
+            product_sku: "H200-SXM-141GB".into(),
+            units: 10,
+            status: ReservationStatus::Held as i32,
+            create_ms: NOW,
+            update_ms: NOW,
+            release_reason: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_stored_reservation_reads_back_without_what_its_key_says() {
+        use prost::Message;
+        let (sku, order) = ("H200-SXM-141GB", "ord-H200-SXM-141GB-49999");
+        let r = held_reservation();
+        let stored = r.to_stored();
+        assert_eq!(ReservationRecord::from_stored(&stored, sku, order).unwrap(), r);
+        // Neither the order, nor the product, nor the licence id is in the bytes, and (with its
+        // "N:" version prefix) it stays within Redis' 44-byte embedded strings.
+        for repeated in [order, sku] {
+            assert!(!stored.windows(repeated.len()).any(|w| w == repeated.as_bytes()), "{repeated} in {stored:?}");
+        }
+        assert!(stored.len() + 2 <= 44, "{} bytes", stored.len());
+        assert!(stored.len() * 2 < r.encode_to_vec().len(), "{} vs {}", stored.len(), r.encode_to_vec().len());
+
+        // Released later (a later time, a reason), confirmed, or a tombstone of no licence: equal too.
+        let mut released = r.clone();
+        released.set_status(ReservationStatus::Released);
+        released.update_ms = NOW + 90_000;
+        released.release_reason = "order cancelled".into();
+        let confirmed =
+            ReservationRecord { status: ReservationStatus::Confirmed as i32, update_ms: NOW - 5, ..r.clone() };
+        let tombstone = ReservationRecord {
+            license_id: String::new(),
+            wave_id: String::new(),
+            status: ReservationStatus::Released as i32,
+            ..r.clone()
+        };
+        // A licence of another product, or not in licensing's form, is kept whole.
+        let foreign = ReservationRecord { license_id: "lic-H20-3".into(), ..r.clone() };
+        let odd = ReservationRecord { license_id: "lic-H200-SXM-141GB-07".into(), ..r.clone() };
+        for x in [released, confirmed, tombstone, foreign, odd] {
+            assert_eq!(ReservationRecord::from_stored(&x.to_stored(), sku, order).unwrap(), x);
+        }
+    }
+
+    #[test]
+    fn reservations_stored_before_the_compact_form_still_read() {
+        use prost::Message;
+        // The plain encoding holds its own order and product: the key's are not used.
+        let r = held_reservation();
+        assert_eq!(
+            ReservationRecord::from_stored(&r.encode_to_vec(), "H200-SXM-141GB", "ord-H200-SXM-141GB-49999").unwrap(),
+            r
+        );
+        assert_eq!(ReservationRecord::from_stored(&r.encode_to_vec(), "other", "ord-other-1").unwrap(), r);
+        assert!(ReservationRecord::from_stored(b"\xff\xff", "H200", "ord-H200-1").is_err());
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 use prost::Message;
 
+use crate::ids::{LicenceId, OrderId, Sku};
 use crate::licensing::Failure;
 
 /// Where an order stands (mirrors the API's `OrderState`).
@@ -401,6 +402,9 @@ pub struct OrderRecord {
 /// [`StoredHistory`]'s fields (19–21), whose steps leave out what the record or the step before
 /// already holds: the order's own id as a cause, the order's licence and wave, a step's `from` (the
 /// previous step's `to`), and absolute times (a step stores the milliseconds since the one before).
+/// Nor does the record repeat what its product and sequence say: an id `ord-<sku>-<seq>` and a licence
+/// `lic-<sku>-<n>` (its number kept) are left out, and so is the failure every order placed before its
+/// buyer's licence waits on ([`Failure::no_licence`] of the order's buyer; its position kept).
 /// A plain prost decode of these bytes reads the record without its history (fields 19–21 are
 /// unknown to [`OrderRecord`]); [`OrderRecord::from_stored`] reads both forms, so records written
 /// before this form existed read as they were.
@@ -419,6 +423,14 @@ struct StoredHistory {
     /// The record's last change is its last step's time (left out of the record).
     #[prost(bool, tag = "21")]
     updated_at_last_step: bool,
+    /// The record's id is `ord-<sku>-<seq>` ([`OrderId::new`] of its own product and sequence; left
+    /// out of the record).
+    #[prost(bool, tag = "22")]
+    id_from_sequence: bool,
+    /// The record's licence is `lic-<sku>-<n>` of its own product: its id is left out of the record
+    /// and `n` kept here (0: the id, if any, is in the record).
+    #[prost(uint64, tag = "23")]
+    licence_number: u64,
 }
 
 /// A [`TransitionRecord`] as stored in [`StoredHistory`].
@@ -461,6 +473,10 @@ struct StoredStep {
     /// Share note.
     #[prost(message, optional, tag = "12")]
     share: Option<crate::shares::ShareNote>,
+    /// Where, among the step's failures, [`Failure::no_licence`] of the order's buyer goes (left out
+    /// of `failures`), in ascending order.
+    #[prost(uint32, repeated, tag = "13")]
+    no_licence_at: Vec<u32>,
 }
 
 impl OrderRecord {
@@ -471,8 +487,11 @@ impl OrderRecord {
             !self.reasons.is_empty() && self.history.last().is_some_and(|s| s.failures == self.reasons);
         let updated_at_last_step =
             self.update_ms != 0 && self.history.last().is_some_and(|s| s.at_ms == self.update_ms);
+        let id_from_sequence = OrderId::number_in(&self.id, &self.sku) == Some(self.seq);
+        let licence_number = LicenceId::number_in(&self.license_id, &self.sku).filter(|&n| n > 0).unwrap_or(0);
+        let no_licence = Failure::no_licence(&self.buyer_id);
         let head = OrderRecord {
-            id: self.id.clone(),
+            id: if id_from_sequence { String::new() } else { self.id.clone() },
             request_id: self.request_id.clone(),
             buyer_id: self.buyer_id.clone(),
             sku: self.sku.clone(),
@@ -480,7 +499,7 @@ impl OrderRecord {
             justification: self.justification.clone(),
             status: self.status,
             reasons: if reasons_in_last_step { Vec::new() } else { self.reasons.clone() },
-            license_id: self.license_id.clone(),
+            license_id: if licence_number > 0 { String::new() } else { self.license_id.clone() },
             wave_id: self.wave_id.clone(),
             generation: self.generation,
             held: self.held,
@@ -509,18 +528,24 @@ impl OrderRecord {
                     }),
                     cause_is_order,
                     detail: s.detail.clone(),
-                    failures: s.failures.clone(),
+                    failures: s.failures.iter().filter(|f| **f != no_licence).cloned().collect(),
                     license_id: if licence_is_order { String::new() } else { s.license_id.clone() },
                     wave_id: if licence_is_order { String::new() } else { s.wave_id.clone() },
                     licence_is_order,
                     held: s.held,
                     share: s.share.clone(),
+                    no_licence_at: (0u32..)
+                        .zip(&s.failures)
+                        .filter(|(_, f)| **f == no_licence)
+                        .map(|(i, _)| i)
+                        .collect(),
                 };
                 previous = (s.to, s.at_ms);
                 step
             })
             .collect();
-        let history = StoredHistory { steps, reasons_in_last_step, updated_at_last_step };
+        let history =
+            StoredHistory { steps, reasons_in_last_step, updated_at_last_step, id_from_sequence, licence_number };
         let mut out = Vec::with_capacity(head.encoded_len() + history.encoded_len());
         // Encoding into a Vec can't run out of room.
         let _ = head.encode(&mut out);
@@ -536,6 +561,15 @@ impl OrderRecord {
     pub fn from_stored(bytes: &[u8]) -> Result<Self, prost::DecodeError> {
         let mut order = OrderRecord::decode(bytes)?;
         let stored = StoredHistory::decode(bytes)?;
+        // The id and licence first: the steps below refer to them.
+        if stored.id_from_sequence {
+            order.id = OrderId::new(&Sku::from_trusted(order.sku.as_str()), order.seq).into_string();
+        }
+        if stored.licence_number > 0 {
+            order.license_id =
+                LicenceId::new(&Sku::from_trusted(order.sku.as_str()), stored.licence_number).into_string();
+        }
+        let no_licence = Failure::no_licence(&order.buyer_id);
         let mut previous =
             order.history.last().map_or((OrderStatus::Unspecified as i32, order.create_ms), |s| (s.to, s.at_ms));
         order.history.reserve(stored.steps.len());
@@ -546,6 +580,12 @@ impl OrderRecord {
             } else {
                 (s.license_id, s.wave_id)
             };
+            let mut failures = s.failures;
+            for at in s.no_licence_at {
+                // Ascending positions in the whole list: each lands where it was (clamped, so bytes
+                // that aren't ours can't panic).
+                failures.insert((at as usize).min(failures.len()), no_licence.clone());
+            }
             order.history.push(TransitionRecord {
                 from: s.from.unwrap_or(previous.0),
                 to: s.to,
@@ -555,7 +595,7 @@ impl OrderRecord {
                     reference: if s.cause_is_order { order.id.clone() } else { c.reference },
                 }),
                 detail: s.detail,
-                failures: s.failures,
+                failures,
                 license_id,
                 wave_id,
                 held: s.held,
@@ -943,6 +983,82 @@ mod tests {
         });
         assert_eq!(OrderRecord::from_stored(&odd.to_stored()).unwrap(), odd);
         assert_eq!(OrderRecord::from_stored(&OrderRecord::default().to_stored()).unwrap(), OrderRecord::default());
+    }
+
+    /// An order as the 100k wave leaves it: placed before its buyer's licence, then given quota of a
+    /// licence of its own product, and stock.
+    fn after_a_wave() -> OrderRecord {
+        let sku = Sku::from_trusted("H200-SXM-141GB");
+        let id = OrderId::new(&sku, 49_999).into_string();
+        let placed = Cause::new(CauseKind::Placed, &id);
+        let t = 1_764_000_000_000;
+        let mut o = OrderRecord {
+            id: id.clone(),
+            request_id: "req-7".into(),
+            buyer_id: "buyer-0099".into(),
+            sku: sku.to_string(),
+            units: 10,
+            status: OrderStatus::Pending as i32,
+            generation: 1,
+            seq: 49_999,
+            create_ms: t,
+            update_ms: t,
+            history: vec![TransitionRecord {
+                to: OrderStatus::Pending as i32,
+                at_ms: t,
+                cause: Some(placed.clone()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        o.move_to(OrderStatus::AwaitingLicense, placed, "", vec![Failure::no_licence("buyer-0099")], t).unwrap();
+        let lic = LicenceId::new(&sku, 199).into_string();
+        o.take_quota(&lic, "wave-1", Cause::new(CauseKind::WavePublished, "wave-1"), t + 90_000).unwrap();
+        o.hold_stock(10, t + 900_000, Cause::new(CauseKind::WavePublished, "wave-1"), t + 90_010).unwrap();
+        o
+    }
+
+    #[test]
+    fn the_stored_form_leaves_out_what_the_product_and_sequence_say() {
+        let o = after_a_wave();
+        let stored = o.to_stored();
+        assert_eq!(OrderRecord::from_stored(&stored).unwrap(), o);
+        assert_eq!(o.history[1].failures, vec![Failure::no_licence("buyer-0099")]);
+        for repeated in ["ord-H200-SXM-141GB-49999", "lic-H200-SXM-141GB-199", "holds no usable licence"] {
+            assert!(!stored.windows(repeated.len()).any(|w| w == repeated.as_bytes()), "{repeated} is stored");
+        }
+        // The reasons of a waiting order are its last step's: left out with it.
+        let mut waiting = after_a_wave();
+        waiting.history.truncate(2);
+        waiting.reasons = waiting.history[1].failures.clone();
+        (waiting.status, waiting.license_id, waiting.wave_id, waiting.held) =
+            (OrderStatus::AwaitingLicense as i32, String::new(), String::new(), 0);
+        assert_eq!(OrderRecord::from_stored(&waiting.to_stored()).unwrap(), waiting);
+
+        // Among other failures, in its place (first, middle, last, twice); another buyer's is kept.
+        let embargo = Failure::new(crate::licensing::Condition::ImportPolicy, "", "embargoed");
+        let mine = Failure::no_licence("buyer-0099");
+        let theirs = Failure::no_licence("buyer-0001");
+        for failures in [
+            vec![embargo.clone(), mine.clone()],
+            vec![mine.clone(), embargo.clone(), mine.clone()],
+            vec![embargo.clone(), mine.clone(), theirs.clone(), embargo.clone()],
+            vec![theirs.clone()],
+        ] {
+            let mut x = after_a_wave();
+            x.history[1].failures = failures;
+            assert_eq!(OrderRecord::from_stored(&x.to_stored()).unwrap(), x);
+        }
+        // An id or licence not in the services' form, or of another product, is kept whole.
+        for (id, seq, lic) in [
+            ("ord-H200-SXM-141GB-049999", 49_999, "lic-H20-96GB-1"),
+            ("ord-H200-SXM-141GB-49999", 7, "lic-H200-SXM-141GB-0"),
+            ("custom", 49_999, "licence-1"),
+        ] {
+            let mut x = after_a_wave();
+            (x.id, x.seq, x.license_id) = (id.into(), seq, lic.into());
+            assert_eq!(OrderRecord::from_stored(&x.to_stored()).unwrap(), x, "{id} {seq} {lic}");
+        }
     }
 
     #[test]

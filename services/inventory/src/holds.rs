@@ -18,7 +18,7 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, Txn};
 
 use crate::convert::{HoldBatch, ReleaseBatch, hold_status_from, hold_to, stock_to};
-use crate::{Error, Inventory, emit, encode, keys};
+use crate::{Error, Inventory, emit, encode, keys, put_hold};
 
 fn outcome_to(o: HoldOutcome) -> pb::ReserveOutcome {
     match o {
@@ -72,9 +72,9 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(None, || async {
                 let now = now_ms();
-                let hkeys: Vec<String> = asks.iter().map(|a| keys::hold(sku, &a.order_id)).collect();
+                let orders: Vec<OrderId> = asks.iter().map(|a| a.order_id.clone()).collect();
                 let ((sver, stock), existing) =
-                    tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_many::<HoldRecord>(&hkeys))?;
+                    tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_holds(sku, &orders))?;
                 let mut planner = HoldPlanner::new(stock, now);
                 let mut t = Txn::new();
                 if fence_token > 0 {
@@ -112,11 +112,7 @@ impl Inventory {
                     let changed = planned.or_else(|| trimmed.clone());
                     let shown = match &changed {
                         Some(h) => {
-                            t.replace(
-                                keys::hold(sku, &ask.order_id),
-                                ex.as_ref().map(|(v, _)| *v).unwrap_or(0),
-                                encode(h),
-                            );
+                            put_hold(&mut t, sku, &ask.order_id, ex.as_ref().map(|(v, _)| *v).unwrap_or(0), h);
                             if ex.is_none() {
                                 index_new_hold(&mut t, h);
                             }
@@ -214,7 +210,7 @@ impl Inventory {
                 h.set_status(HoldStatus::Confirmed);
                 h.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::hold(&sku, &order_id), hver, encode(&h));
+                put_hold(&mut t, &sku, &order_id, hver, &h);
                 t.replace(keys::stock(&sku), sver, encode(&stock));
                 index_expiry(&mut t, &h);
                 let out = hold_to(&h);
@@ -272,7 +268,7 @@ impl Inventory {
                 h.set_status(HoldStatus::Shipped);
                 h.update_ms = now;
                 let mut t = Txn::new();
-                t.replace(keys::hold(&sku, &order_id), hver, encode(&h));
+                put_hold(&mut t, &sku, &order_id, hver, &h);
                 t.replace(keys::stock(&sku), sver, encode(&stock));
                 let out = hold_to(&h);
                 emit(
@@ -337,9 +333,9 @@ impl Inventory {
         let (answer, _) = self
             .run_txn(None, || async {
                 let now = now_ms();
-                let hkeys: Vec<String> = items.iter().map(|(o, _)| keys::hold(sku, o)).collect();
+                let orders: Vec<OrderId> = items.iter().map(|(o, _)| o.clone()).collect();
                 let (existing, mut stock) =
-                    tokio::try_join!(self.load_many::<HoldRecord>(&hkeys), self.load::<StockRecord>(keys::stock(sku)))?;
+                    tokio::try_join!(self.load_holds(sku, &orders), self.load::<StockRecord>(keys::stock(sku)))?;
                 let mut t = Txn::new();
                 let mut out = Vec::with_capacity(items.len());
                 let mut freed: (u64, Vec<pb::Reservation>) = (0, Vec::new());
@@ -409,7 +405,7 @@ impl Inventory {
                         }
                     };
                     if let Some(rec) = next {
-                        t.replace(keys::hold(sku, order_id), ver, encode(&rec));
+                        put_hold(&mut t, sku, order_id, ver, &rec);
                         if ver == 0 {
                             index_new_hold(&mut t, &rec);
                         }
@@ -447,7 +443,7 @@ impl Inventory {
         let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id);
         let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
         let (order_id, sku) = validate::finish(v, (order_id, sku))?;
-        let (_, h) = self.require::<HoldRecord>(keys::hold(&sku, &order_id), "reservation", &order_id).await?;
+        let (_, h) = self.require_hold(&sku, &order_id).await?;
         Ok(pb::GetReservationResponse { reservation: Some(hold_to(&h)) })
     }
 
@@ -485,9 +481,8 @@ impl Inventory {
                     break;
                 }
                 // The index lists orders whose ids were parsed when their holds were asked for.
-                let hkeys: Vec<String> =
-                    ids.iter().map(|(o, _)| keys::hold(&sku, &OrderId::from_trusted(o.as_str()))).collect();
-                for h in self.load_many::<HoldRecord>(&hkeys).await? {
+                let orders: Vec<OrderId> = ids.iter().map(|(o, _)| OrderId::from_trusted(o.as_str())).collect();
+                for h in self.load_holds(&sku, &orders).await? {
                     position += 1;
                     if let Some((_, h)) = h
                         && want.is_none_or(|s| h.status() == s)

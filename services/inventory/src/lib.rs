@@ -29,9 +29,10 @@ use chipgate_domain::inventory::{HoldRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::locks::KeyedLocks;
+use chipgate_runtime::records::{LoadError, Loaded};
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_runtime::{RequestContext, Shutdown};
-use chipgate_state::{Store, Txn};
+use chipgate_state::{Backend, Store, Txn};
 use prost::Message;
 
 pub use catalogue::{CatalogueEntry, load_catalogue_file, parse_catalogue};
@@ -101,6 +102,31 @@ pub fn spec(service: Inventory, config: &ServerConfig) -> ServiceSpec {
 }
 
 impl Inventory {
+    /// Reads the holds of product `sku`'s `orders`, one answer per order: each stored form is read
+    /// with the product and order its key names ([`HoldRecord::from_stored`]).
+    async fn load_holds(&self, sku: &Sku, orders: &[OrderId]) -> Result<Vec<Loaded<HoldRecord>>, Error> {
+        let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
+        let raw = self.store().get(&hkeys).await?;
+        raw.into_iter()
+            .zip(hkeys.into_iter().zip(orders))
+            .map(|(r, (key, order))| match r {
+                None => Ok(None),
+                Some(rec) => HoldRecord::from_stored(&rec.data, sku.as_str(), order.as_str())
+                    .map(|h| Some((rec.version, h)))
+                    .map_err(|e| LoadError::Corrupt { key, reason: e.to_string() }.into()),
+            })
+            .collect()
+    }
+
+    /// Reads the hold of product `sku`'s order `order`: NOT_FOUND (a "reservation") when there is none.
+    async fn require_hold(&self, sku: &Sku, order: &OrderId) -> Result<(u64, HoldRecord), Error> {
+        self.load_holds(sku, std::slice::from_ref(order))
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::not_found("reservation", order))
+    }
+
     /// The service on `store`, with its expiry sweeper and stock-watch hub running until `shutdown`.
     pub fn start(store: Store, shutdown: Shutdown, options: Options) -> Self {
         let metrics = chipgate_runtime::Metrics::new();
@@ -138,9 +164,9 @@ impl Inventory {
     ) -> Result<((u64, HoldRecord), (u64, StockRecord)), Error> {
         const READS: u32 = 16;
         for _ in 0..READS {
-            let (hver, h) = self.require::<HoldRecord>(keys::hold(sku, order_id), "reservation", order_id).await?;
+            let (hver, h) = self.require_hold(sku, order_id).await?;
             let stock = self.stock_of(sku, "product_sku").await?;
-            let (again, _) = self.require::<HoldRecord>(keys::hold(sku, order_id), "reservation", order_id).await?;
+            let (again, _) = self.require_hold(sku, order_id).await?;
             if again == hver {
                 return Ok(((hver, h), stock));
             }
@@ -181,6 +207,15 @@ fn emit(
         vec![(chipgate_contract::EVENT_FIELD.to_string(), event.encode_to_vec())],
         Some(MAX_EVENTS),
     );
+}
+
+/// Writes the hold of product `sku`'s order `order_id`, guarded by the version it was read at: in
+/// its stored form ([`HoldRecord::to_stored`], read back by [`Inventory::load_holds`] with the key's
+/// product and order) when the record's own are exactly those, else whole (so nothing the key
+/// doesn't say is ever left out).
+fn put_hold(t: &mut Txn, sku: &Sku, order_id: &OrderId, read_version: u64, h: &HoldRecord) {
+    let data = if h.sku == sku.as_str() && h.order_id == order_id.as_str() { h.to_stored() } else { encode(h) };
+    t.replace(keys::hold(sku, order_id), read_version, data);
 }
 
 fn encode<M: Message>(m: &M) -> Vec<u8> {

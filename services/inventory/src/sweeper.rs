@@ -10,14 +10,14 @@ use std::ops::Bound;
 use std::time::Duration;
 
 use chipgate_domain::ids::{OrderId, Sku};
-use chipgate_domain::inventory::{HoldRecord, HoldStatus, StockRecord};
+use chipgate_domain::inventory::{HoldStatus, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::{RequestContext, Shutdown};
 use chipgate_state::{Backend, Txn};
 
 use crate::convert::hold_to;
-use crate::{Error, Inventory, emit, encode, keys};
+use crate::{Error, Inventory, emit, encode, keys, put_hold};
 
 /// Holds looked at per sweep.
 const SWEEP_BATCH: usize = 1000;
@@ -62,10 +62,9 @@ impl Inventory {
         }
         // The index lists orders whose ids were parsed when their holds were asked for.
         let orders: Vec<OrderId> = due.into_iter().map(|(o, _)| OrderId::from_trusted(o)).collect();
-        let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
         let mut held = Vec::new();
         let mut stale = Vec::new();
-        for (o, h) in orders.iter().zip(self.load_many::<HoldRecord>(&hkeys).await?) {
+        for (o, h) in orders.iter().zip(self.load_holds(sku, &orders).await?) {
             match h {
                 Some((_, h)) if h.status() == HoldStatus::Held => held.push(o.clone()),
                 // Confirmed, released or gone: the index entry is left over.
@@ -91,8 +90,7 @@ impl Inventory {
             .run_txn(None, || async {
                 let now = now_ms();
                 let (sver, mut stock) = self.require::<StockRecord>(keys::stock(sku), "product", sku).await?;
-                let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
-                let holds = self.load_many::<HoldRecord>(&hkeys).await?;
+                let holds = self.load_holds(sku, orders).await?;
                 let mut t = Txn::new();
                 let mut gone = Vec::new();
                 let mut units = 0;
@@ -105,7 +103,7 @@ impl Inventory {
                     h.set_status(HoldStatus::Expired);
                     h.update_ms = now;
                     h.release_reason = "not confirmed before the hold expired".to_string();
-                    t.replace(keys::hold(sku, &OrderId::from_trusted(h.order_id.as_str())), hver, encode(&h));
+                    put_hold(&mut t, sku, &OrderId::from_trusted(h.order_id.as_str()), hver, &h);
                     t.zrem(keys::expiry(sku), &h.order_id);
                     gone.push(hold_to(&h));
                 }

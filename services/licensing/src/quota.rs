@@ -7,6 +7,7 @@
 //! Every reservation is keyed by (order, generation): retries never double-count, and a released
 //! generation is never reopened.
 
+use chipgate_runtime::records::{LoadError, Loaded};
 use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
@@ -21,7 +22,7 @@ use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::Txn;
+use chipgate_state::{Backend, Txn};
 
 use crate::convert::{QuotaBatch, QuotaRef, Recheck, ReleaseBatch, failure_to, reservation_to};
 use crate::keys::Part;
@@ -48,7 +49,41 @@ fn licence_of(id: &str) -> LicenceId {
     LicenceId::from_trusted(id)
 }
 
+/// Writes the reservation of product `sku`'s order `order_id`, guarded by the version it was read
+/// at: in its stored form ([`ReservationRecord::to_stored`], read back by
+/// [`Licensing::load_reservations`] with the key's product and order) when the record's own are
+/// exactly those, else whole (so nothing the key doesn't say is ever left out).
+fn put_reservation(t: &mut Txn, sku: &Sku, order_id: &str, read_version: u64, r: &ReservationRecord) {
+    let data = if r.product_sku == sku.as_str() && r.order_id == order_id { r.to_stored() } else { encode(r) };
+    t.replace(keys::reservation(sku, &order_of(order_id)), read_version, data);
+}
+
 impl Licensing {
+    /// Reads the quota reservations of product `sku`'s `orders`, one answer per order: each stored
+    /// form is read with the product and order its key names ([`ReservationRecord::from_stored`]).
+    async fn load_reservations(&self, sku: &Sku, orders: &[&str]) -> Result<Vec<Loaded<ReservationRecord>>, Error> {
+        let res_keys: Vec<String> = orders.iter().map(|o| keys::reservation(sku, &order_of(o))).collect();
+        let raw = self.store().get(&res_keys).await?;
+        raw.into_iter()
+            .zip(res_keys.into_iter().zip(orders))
+            .map(|(r, (key, order))| match r {
+                None => Ok(None),
+                Some(rec) => ReservationRecord::from_stored(&rec.data, sku.as_str(), order)
+                    .map(|m| Some((rec.version, m)))
+                    .map_err(|e| LoadError::Corrupt { key, reason: e.to_string() }.into()),
+            })
+            .collect()
+    }
+
+    /// Reads the quota reservation of product `sku`'s order `order`: NOT_FOUND when there is none.
+    async fn require_reservation(&self, sku: &Sku, order: &str) -> Result<(u64, ReservationRecord), Error> {
+        self.load_reservations(sku, &[order])
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::not_found("quota reservation", order))
+    }
+
     async fn read_world(&self, sku: &Sku, buyers: &[BuyerId], extra_licences: &[String]) -> Result<World, Error> {
         let index_keys: Vec<String> = buyers.iter().map(|b| keys::license_index(b, sku)).collect();
         let ledger_keys: Vec<String> = buyers.iter().map(keys::ledger).collect();
@@ -154,7 +189,7 @@ impl Licensing {
         draft: &[LicenseRecord],
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
-        let res_keys: Vec<String> = items.iter().map(|it| keys::reservation(sku, &order_of(&it.order_id))).collect();
+        let orders: Vec<&str> = items.iter().map(|it| it.order_id.as_str()).collect();
         let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
         buyers.sort_unstable();
         buyers.dedup();
@@ -162,7 +197,7 @@ impl Licensing {
         // still holds quota of (to give it back) are almost always among the buyers' own, and are
         // read separately in the rare case they are not.
         let (existing, mut world) =
-            tokio::try_join!(self.load_many::<ReservationRecord>(&res_keys), self.read_world(sku, &buyers, &[]))?;
+            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers, &[]))?;
         // A preview adds the licences a draft wave would create (never written: its transaction is dropped).
         world.licences.extend(draft.iter().filter(|l| l.product_sku == sku.as_str()).map(|l| (0, l.clone())));
         let missing: Vec<String> = existing
@@ -255,7 +290,7 @@ impl Licensing {
                                 update_ms: now,
                                 release_reason: String::new(),
                             };
-                            t.replace(keys::reservation(sku, &order_of(&it.order_id)), ver, encode(&r));
+                            put_reservation(&mut t, sku, &it.order_id, ver, &r);
                             reserved_detail
                                 .push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
                             let out = reservation_to(&r);
@@ -275,7 +310,7 @@ impl Licensing {
                                 released.set_status(ReservationStatus::Released);
                                 released.update_ms = now;
                                 released.release_reason = format!("superseded by generation {}", it.generation);
-                                t.replace(keys::reservation(sku, &order_of(&it.order_id)), ver, encode(&released));
+                                put_reservation(&mut t, sku, &it.order_id, ver, &released);
                                 changed_released.push(reservation_to(&released));
                             }
                             refused_detail.push(format!(
@@ -412,8 +447,8 @@ impl Licensing {
         let (answer, _) = self
             .run_in(part, None, || async {
                 let now = now_ms();
-                let res_keys: Vec<String> = items.iter().map(|(o, _)| keys::reservation(sku, &order_of(o))).collect();
-                let existing = self.load_many::<ReservationRecord>(&res_keys).await?;
+                let orders: Vec<&str> = items.iter().map(|(o, _)| o.as_str()).collect();
+                let existing = self.load_reservations(sku, &orders).await?;
                 let mut lic_ids: Vec<String> = existing
                     .iter()
                     .flatten()
@@ -498,7 +533,7 @@ impl Licensing {
                         }
                     };
                     if let Some(rec) = next {
-                        t.replace(keys::reservation(sku, &order_of(order_id)), ver, encode(&rec));
+                        put_reservation(&mut t, sku, order_id, ver, &rec);
                         detail.push(format!("{order_id}/{generation}:{}", rec.units));
                         let p = reservation_to(&rec);
                         changed.push(p.clone());
@@ -550,9 +585,7 @@ impl Licensing {
         let (answer, _) = self
             .run_in(part, Some(&idem), || async {
                 let now = now_ms();
-                let (rver, mut r) = self
-                    .require::<ReservationRecord>(keys::reservation(sku, &order_id), "quota reservation", &req.order_id)
-                    .await?;
+                let (rver, mut r) = self.require_reservation(sku, order_id.as_str()).await?;
                 if r.generation == req.generation && r.status() == ReservationStatus::Confirmed {
                     return Ok((Txn::new(), pb::ConfirmQuotaResponse { reservation: Some(reservation_to(&r)) }));
                 }
@@ -602,7 +635,7 @@ impl Licensing {
                 r.update_ms = now;
                 let mut t = Txn::new();
                 t.replace(lkey.clone(), lver, encode(&lic));
-                t.replace(keys::reservation(sku, &order_of(&r.order_id)), rver, encode(&r));
+                put_reservation(&mut t, sku, order_id.as_str(), rver, &r);
                 t.expect_version(keys::policy(sku), policy.map(|(v, _)| v).unwrap_or(0));
                 t.expect_version(keys::exports(sku), exports.map(|(v, _)| v).unwrap_or(0));
                 let out = reservation_to(&r);
@@ -640,9 +673,7 @@ impl Licensing {
         let order_id = validate::parse::<OrderId>(&mut v, "order_id", req.order_id);
         let sku = validate::parse::<Sku>(&mut v, "product_sku", req.product_sku);
         let (order_id, sku) = validate::finish(v, (order_id, sku))?;
-        let (_, r) = self
-            .require::<ReservationRecord>(keys::reservation(&sku, &order_id), "quota reservation", &order_id)
-            .await?;
+        let (_, r) = self.require_reservation(&sku, order_id.as_str()).await?;
         Ok(pb::GetQuotaReservationResponse { reservation: Some(reservation_to(&r)) })
     }
 
@@ -652,10 +683,9 @@ impl Licensing {
     pub(crate) async fn recheck_quota(&self, req: pb::RecheckQuotaRequest) -> Result<pb::RecheckQuotaResponse, Error> {
         let req = Recheck::try_from(req)?;
         let sku = &req.product_sku;
-        let res_keys: Vec<String> =
-            req.refs.iter().map(|(order, _)| keys::reservation(sku, &order_of(order))).collect();
+        let orders: Vec<&str> = req.refs.iter().map(|(order, _)| order.as_str()).collect();
         let (existing, policy, exports) = tokio::try_join!(
-            self.load_many::<ReservationRecord>(&res_keys),
+            self.load_reservations(sku, &orders),
             self.load::<PolicyRecord>(keys::policy(sku)),
             self.load::<ProductExportRecord>(keys::exports(sku)),
         )?;

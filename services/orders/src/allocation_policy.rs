@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use chipgate_domain::allocation;
-use chipgate_domain::ids::{OrderId, Sku};
+use chipgate_domain::ids::Sku;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_domain::shares::{self, Policy, PolicyChange, PolicyRecord, SharePlan, Strategy};
 use chipgate_proto::inventory::v1 as ipb;
@@ -152,9 +152,8 @@ impl Orders {
         let mut versions = Vec::with_capacity(ids.len());
         let mut orders = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(self.options().chunk.max(1)) {
-            // The backlog lists ids this service handed out.
             let order_keys: Vec<String> =
-                chunk.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
+                chunk.iter().map(|(m, _)| keys::order(&keys::indexed_order(sku, m))).collect();
             for (v, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
                 if o.status() == OrderStatus::Backordered {
                     versions.push(v);

@@ -161,9 +161,8 @@ impl Orders {
                     break;
                 }
                 pos += ids.len() as i64;
-                // The index lists ids this service handed out.
                 let order_keys: Vec<String> =
-                    ids.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
+                    ids.iter().map(|(m, _)| keys::order(&keys::indexed_order(sku, m))).collect();
                 for (version, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
                     if o.status().is_final() && o.pending.is_empty() && o.update_ms <= closed_before_ms {
                         out.push((version, o));
@@ -261,8 +260,9 @@ impl Orders {
             for (v, o) in &found {
                 let key = keys::order(&o.typed_id());
                 t.expect_version(key.clone(), *v).delete(key);
-                t.zrem(keys::orders_of(sku, &o.typed_buyer()), &o.id).zrem(keys::orders_in(sku, o.status()), &o.id);
-                freed += o.to_stored().len() as u64 + 2 * o.id.len() as u64;
+                let member = keys::index_member(&o.typed_id());
+                t.zrem(keys::orders_of(sku, &o.typed_buyer()), &member).zrem(keys::orders_in(sku, o.status()), &member);
+                freed += o.to_stored().len() as u64 + 2 * member.len() as u64;
             }
             match self.store().commit(&t).await {
                 Ok(_) => {}

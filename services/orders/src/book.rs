@@ -101,14 +101,17 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     let score = new.seq as f64;
     let was = old.map(OrderRecord::status);
     let now = new.status();
+    // The buyer's and state's indexes hold the id's number (keys::index_member); the awaiting queue
+    // and the cleanup set below hold whole ids.
+    let indexed = keys::index_member(&new.typed_id());
     if old.is_none() {
-        t.zadd(keys::orders_of(&sku, &buyer), &new.id, score);
+        t.zadd(keys::orders_of(&sku, &buyer), &indexed, score);
     }
     if was != Some(now) {
         if let Some(w) = was {
-            t.zrem(keys::orders_in(&sku, w), &new.id);
+            t.zrem(keys::orders_in(&sku, w), &indexed);
         }
-        t.zadd(keys::orders_in(&sku, now), &new.id, score);
+        t.zadd(keys::orders_in(&sku, now), &indexed, score);
     }
     let member = |t: &mut Txn, key: String, before: bool, after: bool| {
         if after && !before {

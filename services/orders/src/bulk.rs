@@ -4,7 +4,7 @@
 //! first evaluation would have written (records, queues, indexes, history), in large atomic batches.
 
 use chipgate_domain::ids::{BuyerId, Sku};
-use chipgate_domain::licensing::{Condition, Failure};
+use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
@@ -58,11 +58,7 @@ impl Orders {
                     let o = &orders[i];
                     let seq = first + n as u64;
                     let id = keys::order_id(sku, seq);
-                    let no_licence = vec![Failure::new(
-                        Condition::License,
-                        "",
-                        format!("buyer {} holds no usable licence for this product", o.buyer_id),
-                    )];
+                    let no_licence = vec![Failure::no_licence(&o.buyer_id)];
                     let placed = Cause::new(CauseKind::Placed, &id);
                     let record = OrderRecord {
                         id: id.to_string(),

@@ -157,7 +157,8 @@ impl Orders {
     /// A stored order as the API shows it, with its backlog position.
     async fn view(&self, o: OrderRecord, with_history: bool) -> Result<pb::Order, Error> {
         let position = if o.status() == OrderStatus::Backordered {
-            self.store().zrank(&keys::backlog(&o.typed_sku()), &o.id).await?.map(|r| r + 1).unwrap_or(0)
+            let member = keys::index_member(&o.typed_id());
+            self.store().zrank(&keys::backlog(&o.typed_sku()), &member).await?.map(|r| r + 1).unwrap_or(0)
         } else {
             0
         };

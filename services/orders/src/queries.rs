@@ -77,7 +77,7 @@ impl Orders {
                         .zrange(index, pos as i64, (pos + chunk - 1) as i64, false)
                         .await?
                         .into_iter()
-                        .map(|(id, _)| OrderId::from_trusted(id))
+                        .map(|(member, _)| keys::indexed_order(&sku, &member))
                         .collect(),
                     None => {
                         let last = self.store().incr(&keys::seq(&sku), 0).await? as usize;
@@ -125,9 +125,7 @@ impl Orders {
         let start = page.offset();
         let ids = self.store().zrange(&key, start as i64, (start + page.size) as i64 - 1, false).await?;
         let total = self.store().zcard(&key).await?;
-        // The backlog lists ids this service handed out.
-        let order_keys: Vec<String> =
-            ids.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
+        let order_keys: Vec<String> = ids.iter().map(|(m, _)| keys::order(&keys::indexed_order(&sku, m))).collect();
         let entries: Vec<pb::BacklogEntry> = self
             .load_orders(&order_keys)
             .await?

@@ -440,7 +440,8 @@ impl Orders {
             if entries.is_empty() {
                 return Ok(());
             }
-            let ids: Vec<String> = entries.iter().map(|(id, _)| id.clone()).collect();
+            let ids: Vec<String> =
+                entries.iter().map(|(m, _)| keys::indexed_order(&lease.sku, m).into_string()).collect();
             let all_served = self.drain_batch(ctx, lease, &ids, cause, entered).await?;
             if !all_served || entries.len() < chunk {
                 return Ok(());
@@ -515,8 +516,11 @@ impl Orders {
             self.store().zrange(&backordered, 0, -1, false),
             self.store().zrange(&reserved, 0, -1, false),
         )?;
-        let mut entries: Vec<(u64, String)> =
-            backordered.into_iter().chain(reserved).map(|(id, seq)| (seq as u64, id)).collect();
+        let mut entries: Vec<(u64, String)> = backordered
+            .into_iter()
+            .chain(reserved)
+            .map(|(m, seq)| (seq as u64, keys::indexed_order(&sku, &m).into_string()))
+            .collect();
         if entries.is_empty() {
             return Ok(());
         }
