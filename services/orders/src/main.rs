@@ -44,9 +44,9 @@ struct Args {
     #[arg(long, env = "CHIPGATE_HOLD_SECONDS", default_value_t = 900)]
     hold_seconds: u32,
 
-    /// Orders per quota or stock call when propagating a change (larger: fewer calls; smaller: shorter
-    /// passes).
-    #[arg(long, env = "CHIPGATE_BATCH_SIZE", default_value_t = 2000)]
+    /// Orders per quota or stock call and per commit script when propagating a change (larger: fewer
+    /// calls; smaller: shorter scripts, so other calls wait less behind a wave).
+    #[arg(long, env = "CHIPGATE_BATCH_SIZE", default_value_t = chipgate_orders::Options::default().chunk)]
     batch_size: usize,
 
     /// Lifetime of a product lease; a replica that stops (crash, pause) holds its products this long
