@@ -143,19 +143,7 @@ impl ServiceProcess {
     /// When that does not happen within `within`.
     pub async fn wait_serving(&self, within: Duration) {
         let deadline = Instant::now() + within;
-        loop {
-            if health(&self.url()).await == Some(ServingStatus::Serving) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} on {} did not become SERVING within {within:?}; the end of its log:\n{}",
-                self.name,
-                self.addr,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        while !self.serving_before(deadline, within).await {}
     }
 
     /// Waits until it serves like [`wait_serving`](Self::wait_serving), and fails at once, with the
@@ -177,18 +165,27 @@ impl ServiceProcess {
                     self.log_tail()
                 );
             }
-            if health(&self.url()).await == Some(ServingStatus::Serving) {
+            if self.serving_before(deadline, within).await {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} on {} did not become SERVING within {within:?}; the end of its log:\n{}",
-                self.name,
-                self.addr,
-                self.log_tail()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// One probe of a wait: true when it serves; otherwise fails past `deadline` (with the end of
+    /// its log), or pauses a little and answers false.
+    async fn serving_before(&self, deadline: Instant, within: Duration) -> bool {
+        if health(&self.url()).await == Some(ServingStatus::Serving) {
+            return true;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} on {} did not become SERVING within {within:?}; the end of its log:\n{}",
+            self.name,
+            self.addr,
+            self.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        false
     }
 
     /// The last lines of its current log (what a failed wait shows).

@@ -20,17 +20,33 @@ async fn status(health_url: &str) -> Option<ServingStatus> {
     h.check(HealthCheckRequest { service: String::new() }).await.ok().map(|r| r.into_inner().status())
 }
 
+/// The keys an operator gives the services: a signing key whose public half they verify tokens
+/// with, and licensing's audit key, as files in a directory.
+struct OperatorKeys {
+    dir: tempfile::TempDir,
+    signer: chipgate_runtime::auth::Signer,
+    public: std::path::PathBuf,
+    audit: std::path::PathBuf,
+}
+
+impl OperatorKeys {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = chipgate_runtime::auth::Signer::generate().unwrap();
+        let public = dir.path().join("public.pem");
+        std::fs::write(&public, signer.public_pem()).unwrap();
+        let audit = dir.path().join(chipgate_testkit::AUDIT_SIGNING_KEY_FILE);
+        std::fs::write(&audit, chipgate_runtime::auth::Signer::generate().unwrap().private_pem()).unwrap();
+        OperatorKeys { dir, signer, public, audit }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_in_time() {
     let redis = RedisServer::start();
     // Run as an operator does: authentication on (the public key, licensing's audit key); the
-    // clients carry an operator's token.
-    let keys = tempfile::tempdir().unwrap();
-    let signer = chipgate_runtime::auth::Signer::generate().unwrap();
-    let public = keys.path().join("public.pem");
-    std::fs::write(&public, signer.public_pem()).unwrap();
-    let audit = keys.path().join(chipgate_testkit::AUDIT_SIGNING_KEY_FILE);
-    std::fs::write(&audit, chipgate_runtime::auth::Signer::generate().unwrap().private_pem()).unwrap();
+    // clients carry an auditor's token (reads only).
+    let OperatorKeys { dir: _keys, signer, public, audit } = OperatorKeys::new();
     let token = signer.mint_role(chipgate_runtime::auth::Role::Auditor, Duration::from_secs(3600));
     let licensing = |url: &str| LicensingServiceClient::new(chipgate_testkit::Cluster::authed(url, &token));
     let (port, health_port) = (free_port(), free_port());
@@ -119,12 +135,7 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
 async fn sigterm_stops_a_service_still_waiting_for_redis() {
     // Configured as an operator runs them: authentication on, the public key, licensing's audit key,
     // orders' service token.
-    let keys = tempfile::tempdir().unwrap();
-    let signer = chipgate_runtime::auth::Signer::generate().unwrap();
-    let public = keys.path().join("public.pem");
-    std::fs::write(&public, signer.public_pem()).unwrap();
-    let audit = keys.path().join(chipgate_testkit::AUDIT_SIGNING_KEY_FILE);
-    std::fs::write(&audit, chipgate_runtime::auth::Signer::generate().unwrap().private_pem()).unwrap();
+    let OperatorKeys { dir: keys, signer, public, audit } = OperatorKeys::new();
     chipgate_testkit::write_service_token(&signer, keys.path());
     let token = keys.path().join(chipgate_testkit::SERVICE_TOKEN_FILE);
     for bin in ["chipgate-licensing", "chipgate-inventory", "chipgate-orders"] {
