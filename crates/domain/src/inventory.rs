@@ -272,7 +272,6 @@ impl HoldRecord {
     /// Why: the order id and product were ~40 of a hold's ~70 bytes; without them the value fits
     /// Redis' embedded strings (one allocation of 48 bytes instead of two of 16 and 80).
     pub fn to_stored(&self) -> Vec<u8> {
-        use prost::Message;
         let head = HoldRecord {
             order_id: String::new(),
             sku: String::new(),
@@ -282,11 +281,7 @@ impl HoldRecord {
         };
         let expire_after_ms = (self.expire_ms != 0).then(|| self.expire_ms.wrapping_sub(self.create_ms) as i64);
         let extra = StoredHold { compact: true, expire_after_ms };
-        let mut out = Vec::with_capacity(head.encoded_len() + extra.encoded_len());
-        // Encoding into a Vec can't run out of room.
-        let _ = head.encode(&mut out);
-        let _ = extra.encode(&mut out);
-        out
+        crate::encode_stored(&head, &extra)
     }
 
     /// Reads what [`to_stored`](Self::to_stored) wrote under the key of product `sku`'s order

@@ -23,6 +23,17 @@ pub fn mul_div_ceil(a: u64, b: u64, d: u64) -> u64 {
     u64::try_from(q).unwrap_or(u64::MAX)
 }
 
+/// `head`'s encoding followed by `extra`'s: the stored forms of records (orders, reservations,
+/// holds) put the fields they add in tags the record itself leaves free, so one decode of the bytes as
+/// the record and one as the extra message each read their own part back.
+pub(crate) fn encode_stored(head: &impl prost::Message, extra: &impl prost::Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(head.encoded_len() + extra.encoded_len());
+    // Encoding into a Vec can't run out of room.
+    let _ = head.encode(&mut out);
+    let _ = extra.encode(&mut out);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

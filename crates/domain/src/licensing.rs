@@ -1029,7 +1029,6 @@ impl ReservationRecord {
     /// were about 60 of its ~110 bytes, and without them the value fits Redis' embedded string
     /// (≤ 44 bytes: one allocation instead of two).
     pub fn to_stored(&self) -> Vec<u8> {
-        use prost::Message;
         let licence_number =
             crate::ids::LicenceId::number_in(&self.license_id, &self.product_sku).filter(|&n| n > 0).unwrap_or(0);
         let head = ReservationRecord {
@@ -1040,11 +1039,7 @@ impl ReservationRecord {
             ..self.clone()
         };
         let extra = StoredReservation { licence_number, compact: true };
-        let mut out = Vec::with_capacity(head.encoded_len() + extra.encoded_len());
-        // Encoding into a Vec can't run out of room.
-        let _ = head.encode(&mut out);
-        let _ = extra.encode(&mut out);
-        out
+        crate::encode_stored(&head, &extra)
     }
 
     /// Reads what [`to_stored`](Self::to_stored) wrote under the key of `product_sku`'s order

@@ -546,11 +546,7 @@ impl OrderRecord {
             .collect();
         let history =
             StoredHistory { steps, reasons_in_last_step, updated_at_last_step, id_from_sequence, licence_number };
-        let mut out = Vec::with_capacity(head.encoded_len() + history.encoded_len());
-        // Encoding into a Vec can't run out of room.
-        let _ = head.encode(&mut out);
-        let _ = history.encode(&mut out);
-        out
+        crate::encode_stored(&head, &history)
     }
 
     /// Reads what [`to_stored`](Self::to_stored) wrote, or a record's plain encoding (the form before
