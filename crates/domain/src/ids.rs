@@ -200,10 +200,15 @@ id_type!(
     "a wave id"
 );
 
+/// The product and the digits `<n>` of an id `<prefix><SKU>-<n>` (None when `id` has another shape).
+fn parts_of<'a>(id: &'a str, prefix: &str) -> Option<(&'a str, &'a str)> {
+    let (sku, seq) = id.strip_prefix(prefix)?.rsplit_once('-')?;
+    (!sku.is_empty() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())).then_some((sku, seq))
+}
+
 /// The product named by an id `<prefix><SKU>-<n>` (None when `id` has another shape).
 fn product_of<'a>(id: &'a str, prefix: &str) -> Option<&'a str> {
-    let (sku, seq) = id.strip_prefix(prefix)?.rsplit_once('-')?;
-    (!sku.is_empty() && !seq.is_empty() && seq.bytes().all(|b| b.is_ascii_digit())).then_some(sku)
+    parts_of(id, prefix).map(|(sku, _)| sku)
 }
 
 /// `n` when `id` is exactly `<prefix><sku>-<n>` as the services write it (no sign, no leading zero),
@@ -228,6 +233,12 @@ impl OrderId {
     /// The product an order id names, as text (None when it is not an order id).
     pub fn product_str(id: &str) -> Option<&str> {
         product_of(id, "ord-")
+    }
+
+    /// The product and the digits `<n>` of an id `ord-<SKU>-<n>`, as written (None when it is not an
+    /// order id).
+    pub fn parts(&self) -> Option<(Sku, &str)> {
+        parts_of(&self.0, "ord-").map(|(sku, n)| (Sku::from_trusted(sku), n))
     }
 
     /// `n` when `id` is exactly `OrderId::new(sku, n)` (what a stored form keeps instead of the id).

@@ -69,17 +69,10 @@ pub fn seq(sku: &Sku) -> String {
 /// Every reader and writer of order records goes through here (placement, rounds, queries,
 /// the archive and its trim, the test harness).
 pub fn order(id: &OrderId) -> String {
-    match digits_of(id) {
+    match id.parts() {
         Some((sku, n)) => part(&sku).key(["o", n]),
         None => part(&Sku::default()).key(["order", id.as_str()]),
     }
-}
-
-/// The product and the digits `<n>` of an id `ord-<SKU>-<n>` (None for an id of another shape).
-fn digits_of(id: &OrderId) -> Option<(Sku, &str)> {
-    let sku = sku_of(id)?;
-    let n = id.as_str().strip_prefix("ord-")?.strip_prefix(sku.as_str())?.strip_prefix('-')?;
-    Some((sku, n))
 }
 
 /// How an order is a member of its product's buyer and state indexes ([`orders_of`],
@@ -88,7 +81,7 @@ fn digits_of(id: &OrderId) -> Option<(Sku, &str)> {
 /// sorted set cost ~16 bytes less this way (two per order after a wave). Read back with
 /// [`indexed_order`]; the awaiting queues, wave snapshots and the cleanup set keep whole ids.
 pub fn index_member(id: &OrderId) -> String {
-    digits_of(id).map_or_else(|| id.as_str().to_string(), |(_, n)| n.to_string())
+    id.parts().map_or_else(|| id.as_str().to_string(), |(_, n)| n.to_string())
 }
 
 /// The order a member of one of `sku`'s buyer or state indexes names ([`index_member`]'s inverse;
