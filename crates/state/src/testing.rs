@@ -423,22 +423,25 @@ impl RedisCluster {
             }
         }
         let mut cluster = RedisCluster { nodes, options, dir: Some(dir), startup: Duration::ZERO };
-        cluster.create();
+        cluster.recreate();
         cluster.startup = started.elapsed();
         cluster
     }
 
     /// Joins the running nodes into a cluster (`redis-cli --cluster create`) and waits until it is
-    /// ready.
-    fn create(&self) {
-        let cluster = self;
+    /// ready: at start, and again on nodes started empty (after
+    /// [`restart_all_empty`](Self::restart_all_empty)), as a bootstrap job would.
+    ///
+    /// # Panics
+    /// When the cluster can't be created.
+    pub fn recreate(&self) {
         let mut cmd = Command::new(redis_cli_binary());
         cmd.arg("--cluster").arg("create");
-        for n in &cluster.nodes {
+        for n in &self.nodes {
             cmd.arg(format!("127.0.0.1:{}", n.port));
         }
-        cmd.arg("--cluster-replicas").arg(cluster.options.replicas_per_master.to_string()).arg("--cluster-yes");
-        if let Some(pw) = &cluster.options.password {
+        cmd.arg("--cluster-replicas").arg(self.options.replicas_per_master.to_string()).arg("--cluster-yes");
+        if let Some(pw) = &self.options.password {
             cmd.arg("-a").arg(pw).arg("--no-auth-warning");
         }
         let out = cmd.stdin(Stdio::null()).output().expect("run redis-cli --cluster create (install redis-tools)");
@@ -448,7 +451,7 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        cluster.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("redis cluster not ready: {e}"));
+        self.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("redis cluster not ready: {e}"));
     }
 
     /// Kills every node and starts each again on its port with nothing: no data, no cluster
@@ -459,25 +462,11 @@ impl RedisCluster {
     /// When a node can't be started again.
     pub fn restart_all_empty(&mut self) {
         self.kill_all();
-        let options = self.options.clone();
-        for node in &mut self.nodes {
+        for node in &self.nodes {
             let _ = std::fs::remove_dir_all(&node.dir);
             std::fs::create_dir_all(&node.dir).expect("create node dir");
-            match spawn_cluster_node(node, &options) {
-                Ok(child) => node.child = Some(child),
-                Err(e) => panic!("restart redis-server: {e}"),
-            }
         }
-    }
-
-    /// Creates the cluster again on nodes started empty (after
-    /// [`restart_all_empty`](Self::restart_all_empty)), as a bootstrap job would, and waits until
-    /// it is ready.
-    ///
-    /// # Panics
-    /// When the cluster can't be created.
-    pub fn recreate(&mut self) {
-        self.create();
+        self.spawn_stopped();
     }
 
     /// How long [`start_with`](Self::start_with) took (processes, cluster creation, replicas in sync).
@@ -776,6 +765,12 @@ impl RedisCluster {
     /// # Panics
     /// When a node can't be restarted or the cluster does not become ready within 30 s.
     pub fn restart_all(&mut self) {
+        self.spawn_stopped();
+        self.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("redis cluster not ready: {e}"));
+    }
+
+    /// Starts every node that is not running, with what its directory holds.
+    fn spawn_stopped(&mut self) {
         let options = self.options.clone();
         for node in self.nodes.iter_mut().filter(|n| n.child.is_none()) {
             match spawn_cluster_node(node, &options) {
@@ -783,7 +778,6 @@ impl RedisCluster {
                 Err(e) => panic!("restart redis-server: {e}"),
             }
         }
-        self.wait_ready(Duration::from_secs(30)).unwrap_or_else(|e| panic!("redis cluster not ready: {e}"));
     }
 
     /// Deletes every key on every master (and so on the replicas).
