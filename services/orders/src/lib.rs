@@ -99,11 +99,12 @@ impl Default for Options {
         Options {
             hold_seconds: 900,
             tick: Duration::from_millis(100),
-            // 500, not 2,000: each batch is one commit script, and Redis runs nothing else while
-            // it does. On a quiet 2-core machine (BENCHMARKS.md, batch size) a 100k wave ran
-            // 28–31.5k orders/s at 500 against 31.4–33.6k at 2,000, while the p99 of another
-            // product's placements during it fell from 339–372 ms to 135–167 ms.
-            chunk: 500,
+            // 2,000. 500 would cut the p99 of other products' placements during a wave 2.2–2.8×
+            // (BENCHMARKS.md, batch size), but the model checker then found waiting orders whose
+            // reasons went stale within a round: an order judged in an early batch keeps "quota
+            // left" after later batches of the same round used it up, and a forced full reconcile
+            // then adds the Quota reason. Lower it once a round re-judges those orders.
+            chunk: 2000,
             lease_ttl: Duration::from_secs(10),
             claim_idle: Duration::from_secs(30),
             full_reconcile_every: Duration::from_secs(600),
