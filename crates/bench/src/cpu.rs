@@ -23,6 +23,9 @@ pub struct CpuUse {
     pub process: f64,
     /// Wall time of the window.
     pub wall: f64,
+    /// Commands the masters ran during the window (`INFO commandstats`, summed over masters):
+    /// name, calls and server microseconds, most time first.
+    pub commands: Vec<(String, u64, u64)>,
 }
 
 impl CpuUse {
@@ -49,6 +52,7 @@ impl CpuUse {
 pub struct CpuMeter {
     nodes: Vec<Node>,
     redis: Vec<f64>,
+    commands: Vec<std::collections::HashMap<String, (u64, u64)>>,
     process: f64,
     started: std::time::Instant,
 }
@@ -76,6 +80,24 @@ async fn redis_cpu(port: u16) -> f64 {
     field("used_cpu_sys:") + field("used_cpu_user:")
 }
 
+/// `INFO commandstats` of the Redis on `port`: each command's calls and microseconds (empty when
+/// it can't be asked).
+async fn redis_commands(port: u16) -> std::collections::HashMap<String, (u64, u64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return out };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return out };
+    let text: String = redis::cmd("INFO").arg("commandstats").query_async(&mut c).await.unwrap_or_default();
+    // cmdstat_evalsha:calls=12,usec=345,usec_per_call=28.75,rejected_calls=0,failed_calls=0
+    for line in text.lines() {
+        let Some((name, fields)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
+        let field = |f: &str| -> u64 {
+            fields.split(',').find_map(|kv| kv.strip_prefix(f)).and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        out.insert(name.to_string(), (field("calls="), field("usec=")));
+    }
+    out
+}
+
 /// This process's CPU seconds (utime + stime of `/proc/self/stat`, in USER_HZ ticks, which Linux
 /// fixes at 100 per second for user space; 0 elsewhere).
 fn process_cpu() -> f64 {
@@ -93,10 +115,12 @@ impl CpuMeter {
     pub async fn start(cluster: &Cluster) -> Self {
         let nodes = nodes(cluster);
         let mut redis = Vec::with_capacity(nodes.len());
+        let mut commands = Vec::with_capacity(nodes.len());
         for n in &nodes {
             redis.push(redis_cpu(n.port).await);
+            commands.push(redis_commands(n.port).await);
         }
-        CpuMeter { nodes, redis, process: process_cpu(), started: std::time::Instant::now() }
+        CpuMeter { nodes, redis, commands, process: process_cpu(), started: std::time::Instant::now() }
     }
 
     /// What each spent since [`start`](Self::start).
@@ -104,10 +128,24 @@ impl CpuMeter {
         let wall = self.started.elapsed().as_secs_f64();
         let process = process_cpu() - self.process;
         let mut redis = Vec::with_capacity(self.nodes.len());
-        for (n, before) in self.nodes.into_iter().zip(self.redis) {
+        let mut totals: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+        for ((n, before), before_cmds) in self.nodes.into_iter().zip(self.redis).zip(self.commands) {
             let now = redis_cpu(n.port).await;
+            if n.master {
+                for (name, (calls, usec)) in redis_commands(n.port).await {
+                    let (c0, u0) = before_cmds.get(&name).copied().unwrap_or((0, 0));
+                    let t = totals.entry(name).or_default();
+                    t.0 += calls.saturating_sub(c0);
+                    t.1 += usec.saturating_sub(u0);
+                }
+            }
             redis.push((n, (now - before).max(0.0)));
         }
-        CpuUse { redis, process, wall }
+        // The meter's own INFO calls are not the workload's.
+        totals.remove("info");
+        let mut commands: Vec<(String, u64, u64)> =
+            totals.into_iter().filter(|(_, (c, _))| *c > 0).map(|(n, (c, u))| (n, c, u)).collect();
+        commands.sort_by(|a, b| b.2.cmp(&a.2).then_with(|| a.0.cmp(&b.0)));
+        CpuUse { redis, process, wall, commands }
     }
 }

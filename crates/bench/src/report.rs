@@ -69,6 +69,18 @@ fn cpu_rows(label: &str, c: &crate::cpu::CpuUse, orders: u64) {
         ));
     }
     row(&format!("{label}: redis CPU (µs/order)"), format!("{:.1}", per(c.masters())), &note);
+    // Where the masters' time went, by command: calls and server µs per order (top 6).
+    let per_order = |n: u64| n as f64 / orders.max(1) as f64;
+    let top: Vec<String> = c
+        .commands
+        .iter()
+        .take(6)
+        .map(|(name, calls, usec)| format!("{name} {:.2}× {:.1} µs", per_order(*calls), per_order(*usec)))
+        .collect();
+    if !top.is_empty() {
+        let calls: u64 = c.commands.iter().map(|(_, n, _)| n).sum();
+        row(&format!("{label}: redis commands/order"), format!("{:.1}", per_order(calls)), &top.join(", "));
+    }
 }
 
 fn verdict(ok: bool) -> &'static str {
@@ -263,6 +275,7 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "redis_master_seconds": c.masters(), "redis_replica_seconds": c.replicas(),
             "redis_master_us_per_order": c.masters() * 1e6 / orders.max(1) as f64,
             "nodes": c.redis.iter().map(|(n, s)| json!({"port": n.port, "master": n.master, "seconds": s})).collect::<Vec<_>>(),
+            "commands": c.commands.iter().map(|(name, calls, usec)| json!({"command": name, "calls": calls, "usec": usec})).collect::<Vec<_>>(),
         })
     };
     let place = |p: &PlaceResult| {
