@@ -114,6 +114,9 @@ pub struct Evaluation {
     blocked: HashMap<String, String>,
     /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
     inline: bool,
+    /// Per buyer, over the batches so far: the placement number of its first order left waiting, and
+    /// of its last order that took quota (see [`Evaluation::stale_buyers`]).
+    judged: HashMap<String, (Option<u64>, Option<u64>)>,
 }
 
 /// What one batch of an evaluation decides.
@@ -125,12 +128,15 @@ pub struct EvaluationPlan {
     pub backlogged: Vec<(String, Cause)>,
     blocked: HashMap<String, String>,
     inline: bool,
+    /// Each evaluated order's buyer, placement number, and whether it took quota (true) or was left
+    /// waiting (false); orders that moved otherwise are not listed.
+    outcomes: Vec<(String, u64, bool)>,
 }
 
 impl Evaluation {
     /// An evaluation that may take stock at once when `backlog_empty`.
     pub fn new(backlog_empty: bool) -> Self {
-        Evaluation { blocked: HashMap::new(), inline: backlog_empty }
+        Evaluation { blocked: HashMap::new(), inline: backlog_empty, judged: HashMap::new() }
     }
 
     /// Whether orders taking quota in the next batch may also take stock at once.
@@ -192,9 +198,17 @@ impl Evaluation {
         let mut blocked = self.blocked.clone();
         let mut moves = Vec::new();
         let mut backlogged = Vec::new();
+        let mut outcomes = Vec::with_capacity(orders.len());
         for (index, o) in orders.iter().enumerate() {
             let cause = cause_of(o);
             let mut new = o.clone();
+            match quota.get(&o.id) {
+                Some(QuotaAnswer::Reserved { .. }) => outcomes.push((o.buyer_id.clone(), o.seq, true)),
+                Some(QuotaAnswer::Refused { rejectable: false, .. }) => {
+                    outcomes.push((o.buyer_id.clone(), o.seq, false))
+                }
+                _ => {}
+            }
             let moved = match quota.get(&o.id) {
                 None => false,
                 Some(QuotaAnswer::Stale) => {
@@ -237,7 +251,7 @@ impl Evaluation {
         }
         let asked_stock = !holds.is_empty();
         let inline = self.inline && (!asked_stock || holds.values().all(|h| matches!(h, HoldAnswer::Held { .. })));
-        Ok(EvaluationPlan { moves, backlogged, blocked, inline })
+        Ok(EvaluationPlan { moves, backlogged, blocked, inline, outcomes })
     }
 
     /// Carries what a batch learnt (who now waits for quota, whether stock is still free for the
@@ -245,6 +259,31 @@ impl Evaluation {
     pub fn committed(&mut self, plan: &EvaluationPlan) {
         self.blocked.clone_from(&plan.blocked);
         self.inline = plan.inline;
+        for (buyer, seq, took) in &plan.outcomes {
+            let (first_waiting, last_took) = self.judged.entry(buyer.clone()).or_default();
+            if *took {
+                *last_took = Some(last_took.map_or(*seq, |s| s.max(*seq)));
+            } else {
+                *first_waiting = Some(first_waiting.map_or(*seq, |s| s.min(*seq)));
+            }
+        }
+    }
+
+    /// Buyers whose orders left waiting may show stale reasons: an order of theirs was judged (and
+    /// left waiting for another reason, say a licence not yet valid) while quota was still free, and
+    /// a later order of theirs then took that quota, in this batch or a later one. Judged again now,
+    /// the earlier order would also name the quota, and a later order of the same buyer would queue
+    /// behind it; the driver evaluates such buyers' waiting orders once more, from a fresh
+    /// evaluation, so what the orders say is what a new look would find.
+    pub fn stale_buyers(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .judged
+            .iter()
+            .filter(|(_, (waiting, took))| matches!((waiting, took), (Some(w), Some(t)) if w < t))
+            .map(|(b, _)| b.clone())
+            .collect();
+        out.sort();
+        out
     }
 }
 
@@ -465,6 +504,45 @@ mod tests {
         assert_eq!(next[0].queued_behind.as_deref(), Some("c"));
         assert_eq!(next[1].queued_behind, None);
         assert!(ev.stock_asks(&orders, &quota).is_empty(), "no stock at once behind a backlog");
+    }
+
+    #[test]
+    fn a_buyer_whose_later_order_took_quota_after_an_earlier_one_was_left_waiting_is_stale() {
+        let quota_of = |answers: &[(&str, QuotaAnswer)]| -> HashMap<String, QuotaAnswer> {
+            answers.iter().map(|(id, a)| (id.to_string(), a.clone())).collect()
+        };
+        // b1: "a" waits (its licence is not valid yet), then "b" takes the quota "a" was judged
+        // against, one batch later: "a"'s reasons miss the quota. b2: the quota went first, then an
+        // order waits for it (its reasons are current). b3: only waits.
+        let mut ev = Evaluation::new(true);
+        let first = vec![order("a", 1, "b1", 10), order("c", 2, "b2", 10), order("e", 4, "b3", 10)];
+        let q = quota_of(&[
+            ("a", refused(Condition::ValidityWindow, false)),
+            ("c", reserved("lic-2")),
+            ("e", refused(Condition::Quota, false)),
+        ]);
+        let plan = ev.decide(&first, &q, &HashMap::new(), placed, NOW).expect("moves");
+        ev.committed(&plan);
+        assert!(ev.stale_buyers().is_empty(), "nothing was taken after a refusal yet");
+        let second = vec![order("b", 5, "b1", 10), order("d", 6, "b2", 10), order("f", 7, "b3", 99)];
+        let q = quota_of(&[
+            ("b", reserved("lic-1")),
+            ("d", refused(Condition::Quota, false)),
+            ("f", refused(Condition::PerOrderCap, true)),
+        ]);
+        let plan = ev.decide(&second, &q, &HashMap::new(), placed, NOW).expect("moves");
+        // Not committed: what a batch learnt counts only once it landed.
+        assert!(ev.stale_buyers().is_empty());
+        ev.committed(&plan);
+        assert_eq!(ev.stale_buyers(), ["b1"]);
+
+        // Within one batch the same holds: the refusal was judged before the later order's take.
+        let mut ev = Evaluation::new(true);
+        let batch = vec![order("a", 1, "b1", 10), order("b", 2, "b1", 10)];
+        let q = quota_of(&[("a", refused(Condition::ValidityWindow, false)), ("b", reserved("lic-1"))]);
+        let plan = ev.decide(&batch, &q, &HashMap::new(), placed, NOW).expect("moves");
+        ev.committed(&plan);
+        assert_eq!(ev.stale_buyers(), ["b1"]);
     }
 
     #[test]

@@ -22,7 +22,7 @@
 //! anywhere is simply redone by the next one.
 
 use chipgate_runtime::service::Records;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
@@ -58,6 +58,14 @@ struct Evaluating<'a> {
     unsettled: &'a [WaveId],
     /// The decisions' state across batches (who waits for quota, whether stock may be taken at once).
     evaluation: Evaluation,
+}
+
+/// A batch of waiting orders decided, its moves not committed yet.
+struct Decided {
+    /// The moves, under the lease and the versions the orders were read at.
+    txn: Txn,
+    /// What the evaluation decided (and carries into the next batch once committed).
+    plan: allocation::EvaluationPlan,
 }
 
 /// The lease a pass runs under.
@@ -160,10 +168,13 @@ impl Orders {
     /// marks for whoever takes the lease next.
     async fn pass(&self, lease: &mut Lease) -> Result<(), Error> {
         let progress = self.inner.scheduler.sender(&lease.sku);
+        // Marks whose work the rounds so far have done; they leave the working hash in the next
+        // round's first commit (one round trip less per round), or when the pass ends.
+        let mut finished: HashSet<String> = HashSet::new();
         loop {
             // Each round counts: placement waits for the first round that starts after its commit.
             progress.send_modify(|p| p.started += 1);
-            let result = self.round(lease).await;
+            let result = self.round(lease, &mut finished).await;
             progress.send_modify(|p| p.completed += 1);
             if !result? {
                 return Ok(());
@@ -171,23 +182,35 @@ impl Orders {
         }
     }
 
-    /// One round of a pass; false when there was nothing to do.
-    async fn round(&self, lease: &mut Lease) -> Result<bool, Error> {
+    /// One round of a pass; false when there was nothing to do. `finished` holds the marks earlier
+    /// rounds of the pass did the work of: this round's first commit clears them from the working
+    /// hash (a mark set again since then is in the dirty hash, and moves back in the same commit),
+    /// and this round's own marks are added once its work is done.
+    async fn round(&self, lease: &mut Lease, finished: &mut HashSet<String>) -> Result<bool, Error> {
         {
             let began = Instant::now();
             let (dirty_key, working_key) = (keys::dirty(&lease.sku), keys::working(&lease.sku));
-            let (dirty, working) =
+            let (dirty, mut working) =
                 tokio::try_join!(self.store().hgetall(&dirty_key), self.store().hgetall(&working_key))?;
-            if dirty.is_empty() && working.is_empty() {
-                return Ok(false);
-            }
+            working.retain(|(f, _)| !finished.contains(f));
             let mut t = Txn::new();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
+            for f in finished.iter() {
+                t.hdel(keys::working(&lease.sku), f);
+            }
+            if dirty.is_empty() && working.is_empty() {
+                if !finished.is_empty() {
+                    commit_under_lease(self, &t).await?;
+                    finished.clear();
+                }
+                return Ok(false);
+            }
             for (f, v) in &dirty {
                 t.hdel(keys::dirty(&lease.sku), f);
                 t.hset(keys::working(&lease.sku), f, v.clone());
             }
             commit_under_lease(self, &t).await?;
+            finished.clear();
             if !working.is_empty() {
                 tracing::info!(sku = %lease.sku, marks = working.len(), "finishing work a previous lease holder left unfinished");
             }
@@ -209,6 +232,9 @@ impl Orders {
             let links: Vec<&str> = causes.iter().skip(1).take(MAX_LINKS).map(String::as_str).collect();
             let span = telemetry::work_span(&mut ctx, "reconcile round", &lease.sku, &links);
             let result = self.round_work(&ctx, lease, &marks, began).instrument(span).await;
+            if result.is_ok() {
+                finished.extend(marks.fields.iter().cloned());
+            }
             let elapsed = began.elapsed();
             self.inner.counters.rounds.get_or_create(&[("product", lease.sku.to_string())]).inc();
             self.inner.counters.round_seconds.observe(elapsed.as_secs_f64());
@@ -241,12 +267,7 @@ impl Orders {
             let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
             self.drain_backlog(ctx, lease, &cause, &left_waiting).await?;
         }
-        let mut t = Txn::new();
-        t.expect_lease(keys::lease(&lease.sku), lease.token);
-        for f in &marks.fields {
-            t.hdel(keys::working(&lease.sku), f);
-        }
-        commit_under_lease(self, &t).await?;
+        // Its marks leave the working hash with the next round's first commit (see [`Self::round`]).
         tracing::debug!(
             sku = %lease.sku,
             marks = marks.fields.len(),
@@ -277,31 +298,113 @@ impl Orders {
             b.dedup();
             b
         };
-        let queues = try_join_all(buyers.iter().map(|b| {
-            let key = keys::awaiting(&sku, &BuyerId::from_trusted(b.as_str()));
-            async move { self.store().zrange(&key, 0, -1, false).await }
-        }))
-        .await?;
-        let mut queue: Vec<(u64, String)> =
-            queues.into_iter().flatten().map(|(id, score)| (score as u64, id)).collect();
+        // Everything the evaluation starts from, read at once (each read is a round trip every
+        // placement waits on): the buyers' queues; the unsettled waves, read after the marks were taken
+        // so a wave whose publication marked this round is among them; whether anybody waits in the
+        // backlog; and the product's allocation policy.
+        let (queues, unsettled, backlog_len, policy) = tokio::try_join!(
+            async {
+                try_join_all(buyers.iter().map(|b| {
+                    let key = keys::awaiting(&sku, &BuyerId::from_trusted(b.as_str()));
+                    async move { self.store().zrange(&key, 0, -1, false).await }
+                }))
+                .await
+                .map_err(Error::from)
+            },
+            self.unsettled_waves(&sku),
+            async { self.store().zcard(&keys::backlog(&sku)).await.map_err(Error::from) },
+            self.allocation_policy(&sku),
+        )?;
+        // (placement number, order id, index of its buyer in `buyers`), oldest first.
+        let mut queue: Vec<(u64, String, usize)> = queues
+            .into_iter()
+            .enumerate()
+            .flat_map(|(b, q)| q.into_iter().map(move |(id, score)| (score as u64, id, b)))
+            .collect();
         queue.sort();
         let causes: HashMap<String, Vec<Cause>> =
             buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
-        // Read after the marks were taken, so a wave whose publication marked this round is among them.
-        let unsettled = self.unsettled_waves(&sku).await?;
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
-        // placement order.
-        let backlog_empty = self.store().zcard(&keys::backlog(&sku)).await? == 0;
-        // Under an allocation policy that shares stock (or caps it), they join the backlog and the drain
-        // after the evaluation shares it out.
-        let inline = backlog_empty && !self.allocation_policy(&sku).await?.planned();
+        // placement order. Under an allocation policy that shares stock (or caps it), they join the
+        // backlog and the drain after the evaluation shares it out.
+        let inline = backlog_len == 0 && !policy.planned();
         let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(inline) };
         let mut backlogged = HashMap::new();
-        for chunk in queue.chunks(self.options().chunk.max(1)) {
+        // Batches are pipelined: while one batch's moves are being committed (a script that keeps
+        // Redis busy for tens of milliseconds at 2,000 orders), the next batch is loaded and its
+        // quota and stock asked for, from the evaluation state the committing batch leaves. Licensing
+        // and inventory still see the batches one after the other, in placement order, and the commits
+        // land in that order. When a commit loses to a concurrent change, that batch is redone from
+        // the state before it and the batch decided alongside is decided again: every ask is
+        // idempotent per (order, generation), so asking again only repeats the answers.
+        let batches: Vec<Vec<String>> = queue
+            .chunks(self.options().chunk.max(1))
+            .map(|chunk| chunk.iter().map(|(_, id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect())
+            .collect();
+        // The batch being committed: its keys, its decision, and the evaluation state before it.
+        let mut committing: Option<(&[String], Decided, Evaluation)> = None;
+        for order_keys in &batches {
             self.keep(lease).await?;
-            let ids: Vec<String> = chunk.iter().map(|(_, id)| id.clone()).collect();
-            backlogged.extend(self.evaluate_batch(ctx, lease, &ids, &mut stage).await?);
+            let before = stage.evaluation.clone();
+            let next = match committing.take() {
+                None => self.decide_batch(ctx, lease, order_keys, &stage).await?,
+                Some((prev_keys, prev, prev_before)) => {
+                    let (landed, next) =
+                        tokio::join!(self.commit_batch(&prev), self.decide_batch(ctx, lease, order_keys, &stage));
+                    if landed? {
+                        backlogged.extend(prev.plan.backlogged);
+                        next?
+                    } else {
+                        // Lost to a concurrent change: redo that batch alone, then decide this one
+                        // again from where the redone batch left the evaluation.
+                        drop(next);
+                        stage.evaluation = prev_before;
+                        backlogged.extend(self.evaluate_batch(ctx, lease, prev_keys, &mut stage).await?);
+                        let before = stage.evaluation.clone();
+                        let next = self.decide_batch(ctx, lease, order_keys, &stage).await?;
+                        if let Some(d) = next {
+                            stage.evaluation.committed(&d.plan);
+                            committing = Some((order_keys, d, before));
+                        }
+                        continue;
+                    }
+                }
+            };
+            if let Some(d) = next {
+                // The next batch is decided as if this one's moves landed (undone above if not).
+                stage.evaluation.committed(&d.plan);
+                committing = Some((order_keys, d, before));
+            }
+        }
+        if let Some((keys, d, before)) = committing {
+            if self.commit_batch(&d).await? {
+                backlogged.extend(d.plan.backlogged);
+            } else {
+                stage.evaluation = before;
+                backlogged.extend(self.evaluate_batch(ctx, lease, keys, &mut stage).await?);
+            }
+        }
+        // A buyer's order left waiting before a later order of theirs took quota in this round was
+        // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
+        // may name the wrong order to queue behind). Their waiting orders are judged once more, from
+        // a fresh evaluation, so the round ends where a new look would (rare: a waiting order with a
+        // fixable reason followed by one of the same buyer that goes through).
+        let stale: HashSet<usize> =
+            stage.evaluation.stale_buyers().into_iter().filter_map(|s| buyers.iter().position(|b| *b == s)).collect();
+        if !stale.is_empty() {
+            let again: Vec<String> = queue
+                .iter()
+                .filter(|(_, _, b)| stale.contains(b))
+                .map(|(_, id, _)| keys::order(&OrderId::from_trusted(id.as_str())))
+                .collect();
+            tracing::debug!(%sku, buyers = stale.len(), orders = again.len(), "judging waiting orders again after later ones took quota");
+            // Anything that goes through now joins the backlog behind what waits there already.
+            let mut fresh = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(false) };
+            for order_keys in again.chunks(self.options().chunk.max(1)) {
+                self.keep(lease).await?;
+                backlogged.extend(self.evaluate_batch(ctx, lease, order_keys, &mut fresh).await?);
+            }
         }
         if !unsettled.is_empty() {
             self.settle_waves(&sku, &unsettled).await?;
@@ -309,75 +412,95 @@ impl Orders {
         Ok(backlogged)
     }
 
-    /// One batch of waiting orders (retried whole when a concurrent change to one of them wins): the
-    /// calls [`Evaluation`] asks for, then its moves committed under the lease.
+    /// One batch of waiting orders, decided and committed (retried whole when a concurrent change to
+    /// one of them wins).
     async fn evaluate_batch(
         &self,
         ctx: &RequestContext,
         lease: &Lease,
-        ids: &[String],
+        order_keys: &[String],
         stage: &mut Evaluating<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
-        let order_keys: Vec<String> = ids.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
         for _attempt in 0..BATCH_ATTEMPTS {
-            let began = Instant::now();
-            let (versions, orders): (Vec<u64>, Vec<OrderRecord>) = self
-                .load_orders(&order_keys)
-                .await?
-                .into_iter()
-                .flatten()
-                .filter(|(_, o)| o.status().is_waiting())
-                .unzip();
-            if orders.is_empty() {
+            let Some(d) = self.decide_batch(ctx, lease, order_keys, stage).await? else {
                 return Ok(HashMap::new());
-            }
-            let loaded = began.elapsed();
-            let quota = self.ask_quota(ctx, lease, stage.evaluation.quota_asks(&orders)).await?;
-            let asked_quota = began.elapsed();
-            let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(&orders, &quota)).await?;
-            let asked_stock = began.elapsed();
-            let causes = stage.causes;
-            let cause_of = |o: &OrderRecord| {
-                if o.status() == OrderStatus::Pending {
-                    Cause::new(CauseKind::Placed, &o.id)
-                } else {
-                    causes
-                        .get(&o.buyer_id)
-                        .and_then(|c| c.first().cloned())
-                        .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
-                }
             };
-            let now = now_ms();
-            let plan = stage.evaluation.decide(&orders, &quota, &holds, cause_of, now).map_err(move_error)?;
-            let mut t = Txn::new();
-            let mut events = book::Events::traced(ctx);
-            t.expect_lease(keys::lease(&lease.sku), lease.token);
-            for m in &plan.moves {
-                book::write(&mut t, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
-            }
-            let evaluated: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
-            crate::waves::evaluated(&mut t, &lease.sku, stage.unsettled, &evaluated, now);
-            events.flush(&mut t);
-            let committed = self.store().commit(&t).await;
-            tracing::debug!(
-                orders = orders.len(),
-                load_us = loaded.as_micros() as u64,
-                quota_us = (asked_quota - loaded).as_micros() as u64,
-                hold_us = (asked_stock - asked_quota).as_micros() as u64,
-                commit_us = (began.elapsed() - asked_stock).as_micros() as u64,
-                "batch evaluated"
-            );
-            match committed {
-                Ok(_) => {
-                    self.inner.answers.committed(plan.moves.iter().map(|m| &m.order));
-                    stage.evaluation.committed(&plan);
-                    return Ok(plan.backlogged.into_iter().collect());
-                }
-                Err(CommitError::Conflict { .. }) => continue,
-                Err(e) => return Err(commit_error(e)),
+            if self.commit_batch(&d).await? {
+                stage.evaluation.committed(&d.plan);
+                return Ok(d.plan.backlogged.into_iter().collect());
             }
         }
         Err(Error::Contention { attempts: BATCH_ATTEMPTS })
+    }
+
+    /// The orders at `order_keys` that still wait, the calls [`Evaluation`] asks for, and the
+    /// transaction of its moves (under the lease, guarded by the versions read); None when none of
+    /// them waits any more.
+    async fn decide_batch(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        order_keys: &[String],
+        stage: &Evaluating<'_>,
+    ) -> Result<Option<Decided>, Error> {
+        let began = Instant::now();
+        let (versions, orders): (Vec<u64>, Vec<OrderRecord>) =
+            self.load_orders(order_keys).await?.into_iter().flatten().filter(|(_, o)| o.status().is_waiting()).unzip();
+        if orders.is_empty() {
+            return Ok(None);
+        }
+        let loaded = began.elapsed();
+        let quota = self.ask_quota(ctx, lease, stage.evaluation.quota_asks(&orders)).await?;
+        let asked_quota = began.elapsed();
+        let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(&orders, &quota)).await?;
+        let asked_stock = began.elapsed();
+        let causes = stage.causes;
+        let cause_of = |o: &OrderRecord| {
+            if o.status() == OrderStatus::Pending {
+                Cause::new(CauseKind::Placed, &o.id)
+            } else {
+                causes
+                    .get(&o.buyer_id)
+                    .and_then(|c| c.first().cloned())
+                    .unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""))
+            }
+        };
+        let now = now_ms();
+        let plan = stage.evaluation.decide(&orders, &quota, &holds, cause_of, now).map_err(move_error)?;
+        let mut txn = Txn::new();
+        let mut events = book::Events::traced(ctx);
+        txn.expect_lease(keys::lease(&lease.sku), lease.token);
+        for m in &plan.moves {
+            book::write(&mut txn, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
+        }
+        let evaluated: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
+        crate::waves::evaluated(&mut txn, &lease.sku, stage.unsettled, &evaluated, now);
+        events.flush(&mut txn);
+        tracing::debug!(
+            orders = orders.len(),
+            load_us = loaded.as_micros() as u64,
+            quota_us = (asked_quota - loaded).as_micros() as u64,
+            hold_us = (asked_stock - asked_quota).as_micros() as u64,
+            decide_us = (began.elapsed() - asked_stock).as_micros() as u64,
+            "batch decided"
+        );
+        Ok(Some(Decided { txn, plan }))
+    }
+
+    /// Commits a decided batch: false when a concurrent change to one of its orders won (nothing
+    /// changed; decide it again).
+    async fn commit_batch(&self, d: &Decided) -> Result<bool, Error> {
+        let began = Instant::now();
+        let committed = self.store().commit(&d.txn).await;
+        tracing::debug!(moves = d.plan.moves.len(), commit_us = began.elapsed().as_micros() as u64, "batch committed");
+        match committed {
+            Ok(_) => {
+                self.inner.answers.committed(d.plan.moves.iter().map(|m| &m.order));
+                Ok(true)
+            }
+            Err(CommitError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(commit_error(e)),
+        }
     }
 
     /// Licensing's answers to `asks` (none asked: no call).

@@ -146,3 +146,61 @@ async fn the_seed_story_end_to_end() {
     assert!(p.orders_evaluated >= 9);
     assert_eq!((p.orders_reserved, p.orders_backordered, p.orders_awaiting, p.units_held), (7, 2, 0, 750));
 }
+
+/// What a waiting order names is what a fresh look would find, also when a later order of the same
+/// buyer takes the quota it was judged against. The buyer holds a licence with a per-order cap and
+/// quota for 100, and one whose terms are pending. The first order (80 units: above the cap, and the
+/// other licence not usable yet) waits; the second (50 units) takes quota of the first licence,
+/// which leaves 50: now the first order also misses quota there. Without a second look its reasons
+/// would stay as judged before the second order took the quota, and a forced full reconcile would
+/// change them — the model checker found this (issue 21, batch sizes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_order_names_the_quota_a_later_order_of_its_buyer_took() {
+    let mut w = World::start().await;
+    w.export(H200).await;
+    let capped = w.apply("zeta", H200, 100).await;
+    let (_, capped) =
+        w.wave(&[(&capped, 100)], lpb::LicenseConditions { per_order_cap: 60, ..Default::default() }).await;
+    let pending = w.apply("zeta", H200, 500).await;
+    let (_, pending) =
+        w.wave(&[(&pending, 500)], lpb::LicenseConditions { terms_pending: true, ..Default::default() }).await;
+    let by_licence = |o: &opb::Order| -> Vec<(String, lpb::Condition)> {
+        let mut r: Vec<(String, lpb::Condition)> =
+            o.reasons.iter().map(|f| (f.license_id.clone(), f.condition())).collect();
+        r.sort();
+        r
+    };
+
+    let first = w.place("zeta", H200, 80).await;
+    assert_eq!(first.state(), AwaitingLicense, "{first:?}");
+    let mut want =
+        vec![(capped[0].clone(), lpb::Condition::PerOrderCap), (pending[0].clone(), lpb::Condition::TermsFinal)];
+    want.sort();
+    assert_eq!(by_licence(&first), want, "judged while the quota is free");
+
+    let second = w.place("zeta", H200, 50).await;
+    assert!(matches!(second.state(), Backordered | Reserved), "it takes quota of the capped licence: {second:?}");
+    assert_eq!(second.license_id, capped[0]);
+    // The same round judged the first order once more: the capped licence's quota is short now.
+    let first = w.order(&first.order_id).await;
+    assert_eq!(first.state(), AwaitingLicense);
+    want.push((capped[0].clone(), lpb::Condition::Quota));
+    want.sort();
+    assert_eq!(by_licence(&first), want, "{first:?}");
+    // And that is what licensing's own check says for such an order now.
+    let check = w
+        .lic
+        .check_eligibility(lpb::CheckEligibilityRequest {
+            buyer_id: "zeta".into(),
+            product_sku: H200.into(),
+            units: 80,
+            justification: first.justification.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut checked: Vec<(String, lpb::Condition)> =
+        check.failures.iter().map(|f| (f.license_id.clone(), f.condition())).collect();
+    checked.sort();
+    assert_eq!(checked, want);
+}
