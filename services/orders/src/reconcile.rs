@@ -338,20 +338,22 @@ impl Orders {
         // land in that order. When a commit loses to a concurrent change, that batch is redone from
         // the state before it and the batch decided alongside is decided again: every ask is
         // idempotent per (order, generation), so asking again only repeats the answers.
-        let batches: Vec<Vec<String>> = queue
-            .chunks(self.options().chunk.max(1))
-            .map(|chunk| chunk.iter().map(|(_, id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect())
-            .collect();
+        // Each batch's keys are built when its turn comes (a 1M-order round would otherwise hold
+        // every key at once).
+        let key_batch = |chunk: &[(u64, String, usize)]| -> Vec<String> {
+            chunk.iter().map(|(_, id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect()
+        };
         // The batch being committed: its keys, its decision, and the evaluation state before it.
-        let mut committing: Option<(&[String], Decided, Evaluation)> = None;
-        for order_keys in &batches {
+        let mut committing: Option<(Vec<String>, Decided, Evaluation)> = None;
+        for chunk in queue.chunks(self.options().chunk.max(1)) {
+            let order_keys = key_batch(chunk);
             self.keep(lease).await?;
             let before = stage.evaluation.clone();
             let next = match committing.take() {
-                None => self.decide_batch(ctx, lease, order_keys, &stage).await?,
+                None => self.decide_batch(ctx, lease, &order_keys, &stage).await?,
                 Some((prev_keys, prev, prev_before)) => {
                     let (landed, next) =
-                        tokio::join!(self.commit_batch(&prev), self.decide_batch(ctx, lease, order_keys, &stage));
+                        tokio::join!(self.commit_batch(&prev), self.decide_batch(ctx, lease, &order_keys, &stage));
                     if landed? {
                         backlogged.extend(prev.plan.backlogged);
                         next?
@@ -360,9 +362,9 @@ impl Orders {
                         // again from where the redone batch left the evaluation.
                         drop(next);
                         stage.evaluation = prev_before;
-                        backlogged.extend(self.evaluate_batch(ctx, lease, prev_keys, &mut stage).await?);
+                        backlogged.extend(self.evaluate_batch(ctx, lease, &prev_keys, &mut stage).await?);
                         let before = stage.evaluation.clone();
-                        let next = self.decide_batch(ctx, lease, order_keys, &stage).await?;
+                        let next = self.decide_batch(ctx, lease, &order_keys, &stage).await?;
                         if let Some(d) = next {
                             stage.evaluation.committed(&d.plan);
                             committing = Some((order_keys, d, before));
@@ -382,7 +384,7 @@ impl Orders {
                 backlogged.extend(d.plan.backlogged);
             } else {
                 stage.evaluation = before;
-                backlogged.extend(self.evaluate_batch(ctx, lease, keys, &mut stage).await?);
+                backlogged.extend(self.evaluate_batch(ctx, lease, &keys, &mut stage).await?);
             }
         }
         // A buyer's order left waiting before a later order of theirs took quota in this round was
