@@ -202,13 +202,6 @@ impl Evaluation {
         for (index, o) in orders.iter().enumerate() {
             let cause = cause_of(o);
             let mut new = o.clone();
-            match quota.get(&o.id) {
-                Some(QuotaAnswer::Reserved { .. }) => outcomes.push((o.buyer_id.clone(), o.seq, true)),
-                Some(QuotaAnswer::Refused { rejectable: false, .. }) => {
-                    outcomes.push((o.buyer_id.clone(), o.seq, false))
-                }
-                _ => {}
-            }
             let moved = match quota.get(&o.id) {
                 None => false,
                 Some(QuotaAnswer::Stale) => {
@@ -219,6 +212,7 @@ impl Evaluation {
                     true
                 }
                 Some(QuotaAnswer::Reserved { license_id, wave_id }) => {
+                    outcomes.push((o.buyer_id.clone(), o.seq, true));
                     let took = new.take_quota(license_id, wave_id, cause.clone(), now_ms)?;
                     match holds.get(&o.id) {
                         Some(HoldAnswer::Held { held, expire_ms }) => {
@@ -238,6 +232,7 @@ impl Evaluation {
                     if *rejectable {
                         new.move_to(OrderStatus::Rejected, cause, "", failures.clone(), now_ms)?
                     } else {
+                        outcomes.push((o.buyer_id.clone(), o.seq, false));
                         if waits_for_capacity(failures) {
                             blocked.entry(o.buyer_id.clone()).or_insert_with(|| o.id.clone());
                         }

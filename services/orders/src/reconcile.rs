@@ -68,6 +68,16 @@ struct Decided {
     plan: allocation::EvaluationPlan,
 }
 
+/// A batch decided and being committed, with what it takes to redo it.
+struct InFlight {
+    /// Its orders' keys.
+    keys: Vec<String>,
+    /// Its decision.
+    decided: Decided,
+    /// The evaluation state it was decided from.
+    before: Evaluation,
+}
+
 /// The lease a pass runs under.
 pub(crate) struct Lease {
     pub(crate) sku: Sku,
@@ -330,88 +340,91 @@ impl Orders {
         // backlog and the drain after the evaluation shares it out.
         let inline = backlog_len == 0 && !policy.planned();
         let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(inline) };
-        let mut backlogged = HashMap::new();
-        // Batches are pipelined: while one batch's moves are being committed (a script that keeps
-        // Redis busy for tens of milliseconds at 2,000 orders), the next batch is loaded and its
-        // quota and stock asked for, from the evaluation state the committing batch leaves. Licensing
-        // and inventory still see the batches one after the other, in placement order, and the commits
-        // land in that order. When a commit loses to a concurrent change, that batch is redone from
-        // the state before it and the batch decided alongside is decided again: every ask is
-        // idempotent per (order, generation), so asking again only repeats the answers.
-        // Each batch's keys are built when its turn comes (a 1M-order round would otherwise hold
-        // every key at once).
-        let key_batch = |chunk: &[(u64, String, usize)]| -> Vec<String> {
-            chunk.iter().map(|(_, id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect()
-        };
-        // The batch being committed: its keys, its decision, and the evaluation state before it.
-        let mut committing: Option<(Vec<String>, Decided, Evaluation)> = None;
-        for chunk in queue.chunks(self.options().chunk.max(1)) {
-            let order_keys = key_batch(chunk);
-            self.keep(lease).await?;
-            let before = stage.evaluation.clone();
-            let next = match committing.take() {
-                None => self.decide_batch(ctx, lease, &order_keys, &stage).await?,
-                Some((prev_keys, prev, prev_before)) => {
-                    let (landed, next) =
-                        tokio::join!(self.commit_batch(&prev), self.decide_batch(ctx, lease, &order_keys, &stage));
-                    if landed? {
-                        backlogged.extend(prev.plan.backlogged);
-                        next?
-                    } else {
-                        // Lost to a concurrent change: redo that batch alone, then decide this one
-                        // again from where the redone batch left the evaluation.
-                        drop(next);
-                        stage.evaluation = prev_before;
-                        backlogged.extend(self.evaluate_batch(ctx, lease, &prev_keys, &mut stage).await?);
-                        let before = stage.evaluation.clone();
-                        let next = self.decide_batch(ctx, lease, &order_keys, &stage).await?;
-                        if let Some(d) = next {
-                            stage.evaluation.committed(&d.plan);
-                            committing = Some((order_keys, d, before));
-                        }
-                        continue;
-                    }
-                }
-            };
-            if let Some(d) = next {
-                // The next batch is decided as if this one's moves landed (undone above if not).
-                stage.evaluation.committed(&d.plan);
-                committing = Some((order_keys, d, before));
-            }
-        }
-        if let Some((keys, d, before)) = committing {
-            if self.commit_batch(&d).await? {
-                backlogged.extend(d.plan.backlogged);
-            } else {
-                stage.evaluation = before;
-                backlogged.extend(self.evaluate_batch(ctx, lease, &keys, &mut stage).await?);
-            }
-        }
+        let ids: Vec<&str> = queue.iter().map(|(_, id, _)| id.as_str()).collect();
+        let mut backlogged = self.evaluate_in_batches(ctx, lease, &ids, &mut stage).await?;
         // A buyer's order left waiting before a later order of theirs took quota in this round was
         // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
         // may name the wrong order to queue behind). Their waiting orders are judged once more, from
         // a fresh evaluation, so the round ends where a new look would (rare: a waiting order with a
         // fixable reason followed by one of the same buyer that goes through).
-        let stale: HashSet<usize> =
-            stage.evaluation.stale_buyers().into_iter().filter_map(|s| buyers.iter().position(|b| *b == s)).collect();
+        let stale: HashSet<String> = stage.evaluation.stale_buyers().into_iter().collect();
         if !stale.is_empty() {
-            let again: Vec<String> = queue
-                .iter()
-                .filter(|(_, _, b)| stale.contains(b))
-                .map(|(_, id, _)| keys::order(&OrderId::from_trusted(id.as_str())))
-                .collect();
+            let again: Vec<&str> =
+                queue.iter().filter(|(_, _, b)| stale.contains(&buyers[*b])).map(|(_, id, _)| id.as_str()).collect();
             tracing::debug!(%sku, buyers = stale.len(), orders = again.len(), "judging waiting orders again after later ones took quota");
             // Anything that goes through now joins the backlog behind what waits there already.
             let mut fresh = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(false) };
-            for order_keys in again.chunks(self.options().chunk.max(1)) {
-                self.keep(lease).await?;
-                backlogged.extend(self.evaluate_batch(ctx, lease, order_keys, &mut fresh).await?);
-            }
+            backlogged.extend(self.evaluate_in_batches(ctx, lease, &again, &mut fresh).await?);
         }
         if !unsettled.is_empty() {
             self.settle_waves(&sku, &unsettled).await?;
         }
         Ok(backlogged)
+    }
+
+    /// Waiting orders `ids`, oldest first, in batches: returns the orders that joined the backlog.
+    ///
+    /// Batches are pipelined: while one batch's moves are being committed (a script that keeps Redis
+    /// busy for milliseconds), the next batch is loaded and its quota and stock asked for, from the
+    /// evaluation state the committing batch leaves. Licensing and inventory still see the batches
+    /// one after the other, in placement order, and the commits land in that order. When a commit
+    /// loses to a concurrent change, that batch is redone from the state before it and the batch
+    /// decided alongside is decided again: every ask is idempotent per (order, generation), so asking
+    /// again only repeats the answers. Each batch's keys are built when its turn comes (a 1M-order
+    /// round would otherwise hold every key at once).
+    async fn evaluate_in_batches(
+        &self,
+        ctx: &RequestContext,
+        lease: &mut Lease,
+        ids: &[&str],
+        stage: &mut Evaluating<'_>,
+    ) -> Result<HashMap<String, Cause>, Error> {
+        let mut backlogged = HashMap::new();
+        let mut committing: Option<InFlight> = None;
+        for chunk in ids.chunks(self.options().chunk.max(1)) {
+            let order_keys: Vec<String> = chunk.iter().map(|id| keys::order(&OrderId::from_trusted(*id))).collect();
+            self.keep(lease).await?;
+            let next = match committing.take() {
+                None => self.decide_batch(ctx, lease, &order_keys, stage).await?,
+                Some(prev) => {
+                    let (landed, next) = tokio::join!(
+                        self.commit_batch(&prev.decided),
+                        self.decide_batch(ctx, lease, &order_keys, stage)
+                    );
+                    let landed = landed?;
+                    backlogged.extend(self.after_commit(ctx, lease, prev, landed, stage).await?);
+                    // Decided as if the previous batch's moves landed: decided again when they did not.
+                    if landed { next? } else { self.decide_batch(ctx, lease, &order_keys, stage).await? }
+                }
+            };
+            if let Some(decided) = next {
+                let before = stage.evaluation.clone();
+                stage.evaluation.committed(&decided.plan);
+                committing = Some(InFlight { keys: order_keys, decided, before });
+            }
+        }
+        if let Some(last) = committing {
+            let landed = self.commit_batch(&last.decided).await?;
+            backlogged.extend(self.after_commit(ctx, lease, last, landed, stage).await?);
+        }
+        Ok(backlogged)
+    }
+
+    /// What a batch whose commit `landed` (or lost to a concurrent change) leaves: the orders it put
+    /// in the backlog; a lost batch is redone alone, from the evaluation state before it.
+    async fn after_commit(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        batch: InFlight,
+        landed: bool,
+        stage: &mut Evaluating<'_>,
+    ) -> Result<HashMap<String, Cause>, Error> {
+        if landed {
+            return Ok(batch.decided.plan.backlogged.into_iter().collect());
+        }
+        stage.evaluation = batch.before;
+        self.evaluate_batch(ctx, lease, &batch.keys, stage).await
     }
 
     /// One batch of waiting orders, decided and committed (retried whole when a concurrent change to
