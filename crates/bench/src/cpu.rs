@@ -51,8 +51,7 @@ impl CpuUse {
 /// A window being measured.
 pub struct CpuMeter {
     nodes: Vec<Node>,
-    redis: Vec<f64>,
-    commands: Vec<std::collections::HashMap<String, (u64, u64)>>,
+    redis: Vec<Reading>,
     process: f64,
     started: std::time::Instant,
 }
@@ -69,33 +68,32 @@ fn nodes(cluster: &Cluster) -> Vec<Node> {
     }
 }
 
-/// `used_cpu_sys + used_cpu_user` of the Redis on `port` (0 when it can't be asked).
-async fn redis_cpu(port: u16) -> f64 {
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return 0.0 };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return 0.0 };
-    let text: String = redis::cmd("INFO").arg("cpu").query_async(&mut c).await.unwrap_or_default();
-    let field = |name: &str| -> f64 {
-        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
-    };
-    field("used_cpu_sys:") + field("used_cpu_user:")
+/// What one Redis process has done so far: its CPU seconds (`used_cpu_sys + used_cpu_user`) and each
+/// command's calls and microseconds (`INFO commandstats`).
+#[derive(Default)]
+struct Reading {
+    cpu: f64,
+    commands: std::collections::HashMap<String, (u64, u64)>,
 }
 
-/// `INFO commandstats` of the Redis on `port`: each command's calls and microseconds (empty when
-/// it can't be asked).
-async fn redis_commands(port: u16) -> std::collections::HashMap<String, (u64, u64)> {
-    let mut out = std::collections::HashMap::new();
-    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return out };
-    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return out };
-    let text: String = redis::cmd("INFO").arg("commandstats").query_async(&mut c).await.unwrap_or_default();
+/// One `INFO cpu commandstats` of the Redis on `port` (all zero when it can't be asked).
+async fn reading(port: u16) -> Reading {
+    let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}")) else { return Reading::default() };
+    let Ok(mut c) = client.get_multiplexed_async_connection().await else { return Reading::default() };
+    let text: String = redis::cmd("INFO").arg("cpu").arg("commandstats").query_async(&mut c).await.unwrap_or_default();
+    let cpu_field = |name: &str| -> f64 {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0)
+    };
+    let mut commands = std::collections::HashMap::new();
     // cmdstat_evalsha:calls=12,usec=345,usec_per_call=28.75,rejected_calls=0,failed_calls=0
     for line in text.lines() {
         let Some((name, fields)) = line.strip_prefix("cmdstat_").and_then(|l| l.split_once(':')) else { continue };
         let field = |f: &str| -> u64 {
             fields.split(',').find_map(|kv| kv.strip_prefix(f)).and_then(|v| v.parse().ok()).unwrap_or(0)
         };
-        out.insert(name.to_string(), (field("calls="), field("usec=")));
+        commands.insert(name.to_string(), (field("calls="), field("usec=")));
     }
-    out
+    Reading { cpu: cpu_field("used_cpu_sys:") + cpu_field("used_cpu_user:"), commands }
 }
 
 /// This process's CPU seconds (utime + stime of `/proc/self/stat`, in USER_HZ ticks, which Linux
@@ -115,12 +113,10 @@ impl CpuMeter {
     pub async fn start(cluster: &Cluster) -> Self {
         let nodes = nodes(cluster);
         let mut redis = Vec::with_capacity(nodes.len());
-        let mut commands = Vec::with_capacity(nodes.len());
         for n in &nodes {
-            redis.push(redis_cpu(n.port).await);
-            commands.push(redis_commands(n.port).await);
+            redis.push(reading(n.port).await);
         }
-        CpuMeter { nodes, redis, commands, process: process_cpu(), started: std::time::Instant::now() }
+        CpuMeter { nodes, redis, process: process_cpu(), started: std::time::Instant::now() }
     }
 
     /// What each spent since [`start`](Self::start).
@@ -129,17 +125,17 @@ impl CpuMeter {
         let process = process_cpu() - self.process;
         let mut redis = Vec::with_capacity(self.nodes.len());
         let mut totals: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
-        for ((n, before), before_cmds) in self.nodes.into_iter().zip(self.redis).zip(self.commands) {
-            let now = redis_cpu(n.port).await;
+        for (n, before) in self.nodes.into_iter().zip(self.redis) {
+            let now = reading(n.port).await;
             if n.master {
-                for (name, (calls, usec)) in redis_commands(n.port).await {
-                    let (c0, u0) = before_cmds.get(&name).copied().unwrap_or((0, 0));
+                for (name, (calls, usec)) in now.commands {
+                    let (c0, u0) = before.commands.get(&name).copied().unwrap_or((0, 0));
                     let t = totals.entry(name).or_default();
                     t.0 += calls.saturating_sub(c0);
                     t.1 += usec.saturating_sub(u0);
                 }
             }
-            redis.push((n, (now - before).max(0.0)));
+            redis.push((n, (now.cpu - before.cpu).max(0.0)));
         }
         // The meter's own INFO calls are not the workload's.
         totals.remove("info");
