@@ -83,6 +83,11 @@ pub struct Args {
     /// `--batch-size`): smaller batches block Redis for less time per script.
     #[arg(long, default_value_t = chipgate_orders::Options::default().chunk)]
     pub batch_size: usize,
+    /// Orders per batch while placements of other products wait (the orders service's
+    /// `--shared-batch-size`; 0: always `--batch-size`): what the wave's rounds cut while the
+    /// placements alongside wait.
+    #[arg(long, default_value_t = chipgate_orders::Options::default().shared_chunk)]
+    pub shared_batch_size: usize,
 }
 
 /// A Redis deployment to measure on.

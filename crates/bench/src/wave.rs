@@ -81,7 +81,11 @@ const ALONGSIDE_BUYERS: usize = 8;
 pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: BackendKind, alongside: bool) -> WaveResult {
     // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
     let defaults = ClusterOptions::default();
-    let orders = chipgate_orders::Options { chunk: args.batch_size.max(1), ..defaults.orders.clone() };
+    let orders = chipgate_orders::Options {
+        chunk: args.batch_size.max(1),
+        shared_chunk: args.shared_batch_size,
+        ..defaults.orders.clone()
+    };
     let cluster = Cluster::start_with(ClusterOptions { auth: false, backend, orders, ..defaults }).await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);

@@ -292,7 +292,6 @@ impl Orders {
         entered: &HashMap<String, Cause>,
     ) -> Result<(), Error> {
         let sku = lease.sku.clone();
-        let chunk = self.options().chunk.max(1);
         let mut lost = false;
         for _attempt in 0..BATCH_ATTEMPTS {
             self.keep(lease).await?;
@@ -335,7 +334,7 @@ impl Orders {
             let served: Vec<usize> = (0..orders.len()).filter(|&i| plan.units_for(&orders[i].id) > 0).collect();
             lost = false;
             let mut available_after = None;
-            for batch in served.chunks(chunk) {
+            for batch in crate::reconcile::batches(&served, || self.batch_size(&sku)) {
                 self.keep(lease).await?;
                 let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
                 let (holds, after) = self.reserve_shares(ctx, lease, allocation::shared_asks(&loaded, &plan)).await?;

@@ -10,6 +10,10 @@
 //! as the round left it — what a read right after the round showed. A change someone else commits
 //! after the round (a cancellation, an expiry) is not in it, as it would not have been in a read
 //! made a moment earlier: either way the answer is a state the order held during the call.
+//!
+//! It also knows which products have placements waiting, so a long round of one product (a wave)
+//! can cut smaller batches while buyers of other products wait on this replica (see
+//! [`Answers::waiting_elsewhere`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +24,15 @@ use chipgate_domain::orders::OrderRecord;
 /// for it (None until one did).
 #[derive(Clone, Default)]
 pub(crate) struct Answers {
-    waiting: Arc<Mutex<HashMap<String, Option<OrderRecord>>>>,
+    waiting: Arc<Mutex<Waiting>>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    /// By order id.
+    orders: HashMap<String, Option<OrderRecord>>,
+    /// Placements waiting, by product (no entry when none).
+    products: HashMap<String, usize>,
 }
 
 /// A placement's claim on its order's answer; dropping it (the call was cancelled, or it answered)
@@ -28,26 +40,34 @@ pub(crate) struct Answers {
 pub(crate) struct Ticket {
     answers: Answers,
     id: String,
+    sku: String,
 }
 
 impl Answers {
-    /// Waits for order `id`'s answer (call before asking for the round that evaluates it).
-    pub(crate) fn expect(&self, id: &str) -> Ticket {
+    /// Waits for the answer of product `sku`'s order `id` (call before asking for the round that
+    /// evaluates it).
+    pub(crate) fn expect(&self, id: &str, sku: &str) -> Ticket {
         if let Ok(mut w) = self.waiting.lock() {
-            w.insert(id.to_string(), None);
+            w.orders.insert(id.to_string(), None);
+            *w.products.entry(sku.to_string()).or_default() += 1;
         }
-        Ticket { answers: self.clone(), id: id.to_string() }
+        Ticket { answers: self.clone(), id: id.to_string(), sku: sku.to_string() }
+    }
+
+    /// Whether placements of a product other than `sku` are waiting on this replica for a round.
+    pub(crate) fn waiting_elsewhere(&self, sku: &str) -> bool {
+        self.waiting.lock().is_ok_and(|w| w.products.keys().any(|p| p != sku))
     }
 
     /// Keeps the records of `moved` (just committed) that placements wait on; later commits of the
     /// same round replace earlier ones, so the answer is where the round left the order.
     pub(crate) fn committed<'a>(&self, moved: impl IntoIterator<Item = &'a OrderRecord>) {
         let Ok(mut w) = self.waiting.lock() else { return };
-        if w.is_empty() {
+        if w.orders.is_empty() {
             return;
         }
         for o in moved {
-            if let Some(slot) = w.get_mut(&o.id) {
+            if let Some(slot) = w.orders.get_mut(&o.id) {
                 *slot = Some(o.clone());
             }
         }
@@ -57,14 +77,21 @@ impl Answers {
 impl Ticket {
     /// The latest record a round committed for the order, if any (the ticket is spent).
     pub(crate) fn take(self) -> Option<OrderRecord> {
-        self.answers.waiting.lock().ok().and_then(|mut w| w.remove(&self.id)).flatten()
+        self.answers.waiting.lock().ok().and_then(|mut w| w.orders.remove(&self.id)).flatten()
+        // Dropped here: the product's count goes down.
     }
 }
 
 impl Drop for Ticket {
     fn drop(&mut self) {
         if let Ok(mut w) = self.answers.waiting.lock() {
-            w.remove(&self.id);
+            w.orders.remove(&self.id);
+            if let Some(n) = w.products.get_mut(&self.sku) {
+                *n -= 1;
+                if *n == 0 {
+                    w.products.remove(&self.sku);
+                }
+            }
         }
     }
 }
@@ -80,21 +107,43 @@ mod tests {
     #[test]
     fn a_ticket_gets_the_last_committed_record_of_its_order_only() {
         let a = Answers::default();
-        let t = a.expect("ord-A-1");
+        let t = a.expect("ord-A-1", "A");
         a.committed([&order("ord-A-2", 3)]);
         a.committed([&order("ord-A-1", 3), &order("ord-A-3", 3)]);
         a.committed([&order("ord-A-1", 4)]);
         assert_eq!(t.take().map(|o| o.status), Some(4));
-        assert!(a.waiting.lock().map(|w| w.is_empty()).unwrap_or(false), "nothing stays behind");
+        assert!(
+            a.waiting.lock().map(|w| w.orders.is_empty() && w.products.is_empty()).unwrap_or(false),
+            "nothing stays behind"
+        );
     }
 
     #[test]
     fn nothing_committed_means_no_answer_and_a_dropped_ticket_leaves_nothing() {
         let a = Answers::default();
-        assert!(a.expect("ord-A-1").take().is_none());
-        let t = a.expect("ord-A-2");
+        assert!(a.expect("ord-A-1", "A").take().is_none());
+        let t = a.expect("ord-A-2", "A");
         drop(t);
         a.committed([&order("ord-A-2", 3)]);
-        assert!(a.waiting.lock().map(|w| w.is_empty()).unwrap_or(false));
+        assert!(a.waiting.lock().map(|w| w.orders.is_empty() && w.products.is_empty()).unwrap_or(false));
+    }
+
+    #[test]
+    fn placements_waiting_on_other_products_are_counted_until_each_answers() {
+        let a = Answers::default();
+        assert!(!a.waiting_elsewhere("A"));
+        let b1 = a.expect("ord-B-1", "B");
+        let b2 = a.expect("ord-B-2", "B");
+        let a1 = a.expect("ord-A-1", "A");
+        assert!(a.waiting_elsewhere("A"), "B's placements wait");
+        assert!(a.waiting_elsewhere("B"), "A's placement waits");
+        assert!(a.waiting_elsewhere("C"), "a third product sees both");
+        drop(a1);
+        assert!(!a.waiting_elsewhere("B"), "only B's own placements wait now");
+        assert!(a.waiting_elsewhere("A"));
+        assert!(b1.take().is_none());
+        assert!(a.waiting_elsewhere("A"), "one of B's placements still waits");
+        drop(b2);
+        assert!(!a.waiting_elsewhere("A"), "none waits any more");
     }
 }

@@ -49,6 +49,12 @@ struct Args {
     #[arg(long, env = "CHIPGATE_BATCH_SIZE", default_value_t = chipgate_orders::Options::default().chunk)]
     batch_size: usize,
 
+    /// Orders per batch while placements of other products wait on this replica for a round (a
+    /// wave's rounds then run shorter scripts, so those placements wait less behind them); 0 or at
+    /// least --batch-size: always --batch-size.
+    #[arg(long, env = "CHIPGATE_SHARED_BATCH_SIZE", default_value_t = chipgate_orders::Options::default().shared_chunk)]
+    shared_batch_size: usize,
+
     /// Lifetime of a product lease; a replica that stops (crash, pause) holds its products this long
     /// before another replica may take them over (e.g. 10s).
     #[arg(long, env = "CHIPGATE_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
@@ -187,6 +193,7 @@ async fn main() -> std::process::ExitCode {
         archive,
         hold_seconds: args.hold_seconds.clamp(1, 86_400),
         chunk: args.batch_size.clamp(1, 10_000),
+        shared_chunk: args.shared_batch_size.min(10_000),
         lease_ttl: args.lease_ttl.clamp(std::time::Duration::from_millis(300), std::time::Duration::from_secs(3600)),
         claim_idle: args.claim_idle.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(3600)),
         unhealthy_after: args.propagation_unhealthy_after.max(std::time::Duration::from_secs(1)),

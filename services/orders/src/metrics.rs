@@ -41,6 +41,9 @@ pub(crate) struct Counters {
     pub rounds: CounterBy1,
     /// How long rounds take.
     pub round_seconds: HistogramMetric,
+    /// Batches of orders rounds cut, by product and size (`full`, or `shared` while other products'
+    /// placements waited).
+    pub batches: CounterBy2,
 }
 
 pub(crate) struct Sampler {
@@ -74,6 +77,11 @@ pub(crate) fn register(metrics: &Metrics) -> (Counters, Sampler) {
         rounds: metrics
             .counter_by("chipgate_reconcile_rounds", "Reconciliation rounds run by this replica, by product"),
         round_seconds: metrics.seconds_histogram("chipgate_reconcile_round", "How long a reconciliation round takes"),
+        batches: metrics.counter_by2(
+            "chipgate_reconcile_batches",
+            "Batches of orders cut by reconciliation rounds, by product and size: full (--batch-size), or shared \
+             (--shared-batch-size, while placements of other products waited on this replica)",
+        ),
     };
     let sampler = Sampler {
         svc: Weak::new(),

@@ -115,7 +115,7 @@ impl Orders {
         };
         let committed_at = began.elapsed();
         // The round that evaluates a new order leaves its record here (see [`crate::answers`]).
-        let ticket = fresh.then(|| self.inner.answers.expect(&placed.order_id));
+        let ticket = fresh.then(|| self.inner.answers.expect(&placed.order_id, req.sku.as_str()));
         if fresh {
             let target = progress.borrow().started + 1;
             self.inner.scheduler.request(&req.sku);

@@ -85,7 +85,35 @@ pub(crate) struct Lease {
     renewed: Instant,
 }
 
+/// Cuts `items` into consecutive batches, each as long as `size()` says when it is cut.
+pub(crate) fn batches<'a, T>(
+    items: &'a [T],
+    mut size: impl FnMut() -> usize + 'a,
+) -> impl Iterator<Item = &'a [T]> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let (head, tail) = rest.split_at(size().clamp(1, rest.len()));
+        rest = tail;
+        Some(head)
+    })
+}
+
 impl Orders {
+    /// How many orders the next batch of a round of `sku` takes: [`crate::Options::shared_chunk`]
+    /// while placements of another product wait on this replica (they wait behind every script a
+    /// full batch runs), otherwise [`crate::Options::chunk`].
+    pub(crate) fn batch_size(&self, sku: &Sku) -> usize {
+        let o = self.options();
+        let full = o.chunk.max(1);
+        let shared = o.shared_chunk > 0 && o.shared_chunk < full && self.inner.answers.waiting_elsewhere(sku.as_str());
+        let kind = if shared { "shared" } else { "full" };
+        self.inner.counters.batches.get_or_create(&[("product", sku.to_string()), ("size", kind.to_string())]).inc();
+        if shared { o.shared_chunk } else { full }
+    }
+
     /// Products with marks, and (every `full_reconcile_every`) every product marked for a full look.
     pub(crate) async fn dirty_products(&self, full: bool) -> Result<(Vec<Sku>, bool), Error> {
         // Products registered by placements, whose SKUs were parsed on entry.
@@ -381,7 +409,8 @@ impl Orders {
     ) -> Result<HashMap<String, Cause>, Error> {
         let mut backlogged = HashMap::new();
         let mut committing: Option<InFlight> = None;
-        for chunk in ids.chunks(self.options().chunk.max(1)) {
+        let sku = lease.sku.clone();
+        for chunk in batches(ids, || self.batch_size(&sku)) {
             let order_keys: Vec<String> = chunk.iter().map(|id| keys::order(&OrderId::from_trusted(*id))).collect();
             self.keep(lease).await?;
             let next = match committing.take() {
@@ -571,8 +600,8 @@ impl Orders {
         if policy.planned() {
             return self.drain_shared(ctx, lease, policy, cause, entered).await;
         }
-        let chunk = self.options().chunk.max(1);
         loop {
+            let chunk = self.batch_size(&lease.sku);
             self.keep(lease).await?;
             let entries = self.store().zrange(&keys::backlog(&lease.sku), 0, chunk as i64 - 1, false).await?;
             if entries.is_empty() {
@@ -761,4 +790,22 @@ pub(crate) fn peer_error(s: tonic::Status) -> Error {
     let fenced = s.code() == Code::Aborted
         && s.get_error_details().error_info().is_some_and(|i| i.reason == chipgate_contract::FENCED_REASON);
     if fenced { Error::Superseded(s.message().to_string()) } else { Error::Peer(s) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batches;
+
+    #[test]
+    fn batches_take_the_size_asked_when_each_is_cut_and_cover_every_item_once_in_order() {
+        let items: Vec<u32> = (0..23).collect();
+        // 10, then 3 while "someone waits", then 10 again: the last batch is what is left.
+        let mut sizes = [10usize, 3, 3, 10, 10].into_iter();
+        let cut: Vec<&[u32]> = batches(&items, || sizes.next().unwrap_or(10)).collect();
+        assert_eq!(cut.iter().map(|b| b.len()).collect::<Vec<_>>(), vec![10, 3, 3, 7]);
+        assert_eq!(cut.concat(), items);
+        // A size of 0 still makes progress (one item), and nothing is cut from nothing.
+        assert_eq!(batches(&items[..2], || 0).count(), 2);
+        assert_eq!(batches(&items[..0], || 5).count(), 0);
+    }
 }
