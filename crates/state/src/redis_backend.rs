@@ -440,9 +440,10 @@ fn random_u64() -> u64 {
 }
 
 /// An `EVALSHA`/`EVAL` of a script.
-fn script_cmd(verb: &str, code: &[u8], keys: &[String], args: &[Vec<u8>]) -> Cmd {
+fn script_cmd(verb: &str, code: &[u8], keys: &[String], args: &(dyn Fn(&mut Cmd) + Sync)) -> Cmd {
     let mut cmd = redis::cmd(verb);
-    cmd.arg(code).arg(keys.len()).arg(keys).arg(args);
+    cmd.arg(code).arg(keys.len()).arg(keys);
+    args(&mut cmd);
     cmd
 }
 
@@ -577,7 +578,7 @@ impl RedisBackend {
         script: &Script,
         code: &str,
         keys: &[String],
-        args: &[Vec<u8>],
+        args: &(dyn Fn(&mut Cmd) + Sync),
         durable: bool,
     ) -> StateResult<(Value, Option<i64>)> {
         let wait = (durable && self.inner.options.min_replicas > 0).then_some(self.inner.options.min_replicas);
@@ -673,7 +674,8 @@ impl RedisBackend {
         if txn.guards.is_empty() && txn.ops.is_empty() {
             return Ok(Committed::default());
         }
-        txn.slot()?;
+        let touched = txn.keys();
+        crate::slot_of(&touched)?;
         if txn.needs_linking() {
             return Err(
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
@@ -688,77 +690,98 @@ impl RedisBackend {
                 return Err(StateError::Backend(format!("bad stream id {min_id:?}")).into());
             }
         }
-        let mut keys: Vec<String> = txn.keys().into_iter().map(str::to_string).collect();
-        let index: HashMap<&str, usize> = txn.keys().into_iter().enumerate().map(|(i, k)| (k, i + 1)).collect();
-        let idx = |k: &str| index.get(k).copied().unwrap_or(0).to_string().into_bytes();
+        // The keys once (their slot was checked above), each op naming its key by 1-based index.
+        let index: HashMap<&str, usize, crate::FastHash> =
+            touched.iter().enumerate().map(|(i, k)| (*k, i + 1)).collect();
+        let idx = |k: &str| index.get(k).copied().unwrap_or(0);
+        let mut keys: Vec<String> = touched.iter().map(|k| k.to_string()).collect();
         let receipt = receipt_key(&keys[0], id);
         keys.push(receipt);
-        let mut args: Vec<Vec<u8>> = Vec::with_capacity(4 + 3 * txn.guards.len() + 4 * txn.ops.len());
-        let num = |n: u64| n.to_string().into_bytes();
-        let s = |x: &str| x.as_bytes().to_vec();
-        args.push(num(keys.len() as u64));
-        args.push(num(self.inner.options.receipt_ttl.as_millis().max(1) as u64));
-        args.push(num(txn.guards.len() as u64));
-        args.push(num(txn.ops.len() as u64));
-        for g in &txn.guards {
-            let (kind, key, n) = match g {
-                Guard::Version { key, version } => ("v", key, *version),
-                Guard::Fence { key, token } => ("f", key, *token),
-                Guard::Lease { key, token } => ("l", key, *token),
-            };
-            args.extend([s(kind), idx(key), num(n)]);
-        }
-        for op in &txn.ops {
-            match op {
-                Op::Put { key, data, ttl } => {
-                    let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0) as u64;
-                    args.extend([s("put"), idx(key), num(ttl_ms), data.clone()]);
-                }
-                Op::PutAt { key, version, data } => args.extend([s("putat"), idx(key), num(*version), data.clone()]),
-                Op::Delete { key } => args.extend([s("del"), idx(key)]),
-                Op::ZAdd { key, member, score } => {
-                    args.extend([s("zadd"), idx(key), s(&format_score(*score)), s(member)]);
-                }
-                Op::ZRem { key, member } => args.extend([s("zrem"), idx(key), s(member)]),
-                Op::ZRemStamp { key, members, stamp: (hash, field, value) } => {
-                    args.extend([s("zremstamp"), idx(key), num(members.len() as u64)]);
-                    args.extend(members.iter().map(|m| s(m)));
-                    args.extend([idx(hash), s(field), value.clone()]);
-                }
-                Op::ZUnionStore { key, sources, count_into } => {
-                    args.extend([s("zunion"), idx(key), num(sources.len() as u64)]);
-                    args.extend(sources.iter().map(|x| idx(x)));
-                    match count_into {
-                        Some((hash, field)) => args.extend([idx(hash), s(field)]),
-                        None => args.extend([s("0"), Vec::new()]),
-                    }
-                }
-                Op::HIncr { key, field, delta } => {
-                    args.extend([s("hincr"), idx(key), s(field), delta.to_string().into_bytes()]);
-                }
-                Op::HSet { key, field, value } => args.extend([s("hset"), idx(key), s(field), value.clone()]),
-                Op::HDel { key, field } => args.extend([s("hdel"), idx(key), s(field)]),
-                Op::SAdd { key, member } => args.extend([s("sadd"), idx(key), s(member)]),
-                Op::SRem { key, member } => args.extend([s("srem"), idx(key), s(member)]),
-                Op::XAdd { key, fields, max_len } => {
-                    args.extend([s("xadd"), idx(key), num(max_len.unwrap_or(0)), num(fields.len() as u64)]);
-                    for (f, v) in fields {
-                        args.extend([s(f), v.clone()]);
-                    }
-                }
-                Op::XTrimBefore { key, min_id } => args.extend([s("xtrim"), idx(key), s(min_id)]),
-                Op::Audit { .. } => {}
-                Op::AuditLinked { chain, seq, prev, hash, entry } => args.extend([
-                    s("alink"),
-                    idx(&chain.stream),
-                    idx(&chain.head),
-                    num(*seq),
-                    s(prev),
-                    s(hash),
-                    entry.clone(),
-                ]),
+        let receipt_ttl = self.inner.options.receipt_ttl.as_millis().max(1) as u64;
+        // The arguments go straight into the command (no buffer per argument: a wave's batch has
+        // about ten thousand of them).
+        let args = |cmd: &mut Cmd| {
+            cmd.arg(keys.len()).arg(receipt_ttl).arg(txn.guards.len()).arg(txn.ops.len());
+            for g in &txn.guards {
+                let (kind, key, n) = match g {
+                    Guard::Version { key, version } => ("v", key, *version),
+                    Guard::Fence { key, token } => ("f", key, *token),
+                    Guard::Lease { key, token } => ("l", key, *token),
+                };
+                cmd.arg(kind).arg(idx(key)).arg(n);
             }
-        }
+            for op in &txn.ops {
+                match op {
+                    Op::Put { key, data, ttl } => {
+                        let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0) as u64;
+                        cmd.arg("put").arg(idx(key)).arg(ttl_ms).arg(&data[..]);
+                    }
+                    Op::PutAt { key, version, data } => {
+                        cmd.arg("putat").arg(idx(key)).arg(*version).arg(&data[..]);
+                    }
+                    Op::Delete { key } => {
+                        cmd.arg("del").arg(idx(key));
+                    }
+                    Op::ZAdd { key, member, score } => {
+                        cmd.arg("zadd").arg(idx(key)).arg(format_score(*score)).arg(member.as_str());
+                    }
+                    Op::ZRem { key, member } => {
+                        cmd.arg("zrem").arg(idx(key)).arg(member.as_str());
+                    }
+                    Op::ZRemStamp { key, members, stamp: (hash, field, value) } => {
+                        cmd.arg("zremstamp").arg(idx(key)).arg(members.len());
+                        for m in members {
+                            cmd.arg(m.as_str());
+                        }
+                        cmd.arg(idx(hash)).arg(field.as_str()).arg(&value[..]);
+                    }
+                    Op::ZUnionStore { key, sources, count_into } => {
+                        cmd.arg("zunion").arg(idx(key)).arg(sources.len());
+                        for x in sources {
+                            cmd.arg(idx(x));
+                        }
+                        match count_into {
+                            Some((hash, field)) => cmd.arg(idx(hash)).arg(field.as_str()),
+                            None => cmd.arg("0").arg(""),
+                        };
+                    }
+                    Op::HIncr { key, field, delta } => {
+                        cmd.arg("hincr").arg(idx(key)).arg(field.as_str()).arg(*delta);
+                    }
+                    Op::HSet { key, field, value } => {
+                        cmd.arg("hset").arg(idx(key)).arg(field.as_str()).arg(&value[..]);
+                    }
+                    Op::HDel { key, field } => {
+                        cmd.arg("hdel").arg(idx(key)).arg(field.as_str());
+                    }
+                    Op::SAdd { key, member } => {
+                        cmd.arg("sadd").arg(idx(key)).arg(member.as_str());
+                    }
+                    Op::SRem { key, member } => {
+                        cmd.arg("srem").arg(idx(key)).arg(member.as_str());
+                    }
+                    Op::XAdd { key, fields, max_len } => {
+                        cmd.arg("xadd").arg(idx(key)).arg(max_len.unwrap_or(0)).arg(fields.len());
+                        for (f, v) in fields {
+                            cmd.arg(f.as_str()).arg(&v[..]);
+                        }
+                    }
+                    Op::XTrimBefore { key, min_id } => {
+                        cmd.arg("xtrim").arg(idx(key)).arg(min_id.as_str());
+                    }
+                    Op::Audit { .. } => {}
+                    Op::AuditLinked { chain, seq, prev, hash, entry } => {
+                        cmd.arg("alink")
+                            .arg(idx(&chain.stream))
+                            .arg(idx(&chain.head))
+                            .arg(*seq)
+                            .arg(prev.as_str())
+                            .arg(hash.as_str())
+                            .arg(&entry[..]);
+                    }
+                }
+            }
+        };
         let (reply, acks) = self.run_script(&self.inner.scripts.commit, COMMIT_LUA, &keys, &args, true).await?;
         let mut parts = array_of(reply)?.into_iter();
         let status = string_of(parts.next().unwrap_or(Value::Nil))?;
@@ -1395,7 +1418,10 @@ impl Backend for RedisBackend {
     /// acquire that already applied finds the lease taken and answers None (nobody holds it twice).
     async fn lease_acquire(&self, key: &str, fence_counter: &str, ttl: Duration) -> StateResult<Option<u64>> {
         let keys = [key.to_string(), fence_counter.to_string()];
-        let args = [ttl.as_millis().max(1).to_string().into_bytes()];
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let args = |c: &mut Cmd| {
+            c.arg(ttl_ms);
+        };
         let (v, acks) =
             self.run_script(&self.inner.scripts.lease_acquire, LEASE_ACQUIRE_LUA, &keys, &args, true).await?;
         let token: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
@@ -1407,7 +1433,10 @@ impl Backend for RedisBackend {
 
     async fn lease_renew(&self, key: &str, token: u64, ttl: Duration) -> StateResult<bool> {
         let keys = [key.to_string()];
-        let args = [token.to_string().into_bytes(), ttl.as_millis().max(1).to_string().into_bytes()];
+        let ttl_ms = ttl.as_millis().max(1) as u64;
+        let args = |c: &mut Cmd| {
+            c.arg(token).arg(ttl_ms);
+        };
         let (v, _) = self.run_script(&self.inner.scripts.lease_renew, LEASE_RENEW_LUA, &keys, &args, false).await?;
         let ok: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
         Ok(ok == 1)
@@ -1415,7 +1444,9 @@ impl Backend for RedisBackend {
 
     async fn lease_release(&self, key: &str, token: u64) -> StateResult<bool> {
         let keys = [key.to_string()];
-        let args = [token.to_string().into_bytes()];
+        let args = |c: &mut Cmd| {
+            c.arg(token);
+        };
         let (v, _) = self.run_script(&self.inner.scripts.lease_release, LEASE_RELEASE_LUA, &keys, &args, false).await?;
         let ok: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
         Ok(ok == 1)
