@@ -795,6 +795,51 @@ pub(crate) fn peer_error(s: tonic::Status) -> Error {
 #[cfg(test)]
 mod tests {
     use super::batches;
+    use crate::{Options, Orders, clients::Peers};
+    use chipgate_domain::ids::Sku;
+    use chipgate_runtime::Shutdown;
+    use chipgate_runtime::auth::TokenSource;
+    use chipgate_state::Store;
+
+    /// An orders service on the in-memory store whose peers are never called.
+    fn service(options: Options) -> (Orders, Shutdown) {
+        let shutdown = Shutdown::new();
+        let peers = Peers::connect("http://127.0.0.1:9", "http://127.0.0.1:9", 1 << 20, TokenSource::None, None)
+            .expect("well-formed urls");
+        (Orders::start(Store::memory(), peers, shutdown.clone(), options), shutdown)
+    }
+
+    #[tokio::test]
+    async fn rounds_cut_shared_batches_only_while_placements_of_another_product_wait() {
+        let (svc, shutdown) = service(Options { chunk: 50, shared_chunk: 5, ..Options::default() });
+        let (a, b) = (Sku::from_trusted("A"), Sku::from_trusted("B"));
+        assert_eq!(svc.batch_size(&a), 50, "nobody waits");
+        let placing = svc.inner.answers.expect("ord-B-1", "B");
+        assert_eq!(svc.batch_size(&a), 5, "a placement of B waits");
+        assert_eq!(svc.batch_size(&b), 50, "B's own placements don't shorten B's batches");
+        drop(placing);
+        assert_eq!(svc.batch_size(&a), 50, "the placement answered");
+        let text = svc.metrics().render().await;
+        let count = |size: &str, product: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("chipgate_reconcile_batches_total"))
+                .filter(|l| l.contains(&format!("product=\"{product}\"")) && l.contains(&format!("size=\"{size}\"")))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum::<u64>()
+        };
+        assert_eq!((count("full", "A"), count("shared", "A"), count("full", "B")), (2, 1, 1), "{text}");
+        shutdown.trigger();
+    }
+
+    #[tokio::test]
+    async fn a_shared_size_of_zero_or_not_below_the_batch_size_changes_nothing() {
+        for shared_chunk in [0, 50, 80] {
+            let (svc, shutdown) = service(Options { chunk: 50, shared_chunk, ..Options::default() });
+            let _placing = svc.inner.answers.expect("ord-B-1", "B");
+            assert_eq!(svc.batch_size(&Sku::from_trusted("A")), 50, "shared size {shared_chunk}");
+            shutdown.trigger();
+        }
+    }
 
     #[test]
     fn batches_take_the_size_asked_when_each_is_cut_and_cover_every_item_once_in_order() {
