@@ -35,6 +35,7 @@ mod place;
 mod previews;
 mod products;
 mod queries;
+mod queues;
 mod reconcile;
 mod scheduler;
 mod service;

@@ -26,7 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
-use chipgate_domain::ids::{BuyerId, OrderId, Sku, WaveId};
+use chipgate_domain::ids::{OrderId, Sku, WaveId};
 use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
@@ -41,6 +41,7 @@ use tracing::Instrument;
 use crate::clients::rpc;
 use crate::convert::{self, failure_from};
 use crate::marks::Marks;
+use crate::queues::Queues;
 use crate::scheduler::Running;
 use crate::{Error, Orders, book, keys};
 
@@ -340,26 +341,18 @@ impl Orders {
         // placement waits on): the buyers' queues; the unsettled waves, read after the marks were taken
         // so a wave whose publication marked this round is among them; whether anybody waits in the
         // backlog; and the product's allocation policy.
-        let (queues, unsettled, backlog_len, policy) = tokio::try_join!(
-            async {
-                try_join_all(buyers.iter().map(|b| {
-                    let key = keys::awaiting(&sku, &BuyerId::from_trusted(b.as_str()));
-                    async move { self.store().zrange(&key, 0, -1, false).await }
-                }))
-                .await
-                .map_err(Error::from)
-            },
+        let (first, last, unsettled, backlog_len, policy) = tokio::try_join!(
+            crate::queues::first_pages(self, &sku, &buyers),
+            // Orders placed after this are the next round's (their placements marked it).
+            async { self.store().incr(&keys::seq(&sku), 0).await.map_err(Error::from) },
             self.unsettled_waves(&sku),
             async { self.store().zcard(&keys::backlog(&sku)).await.map_err(Error::from) },
             self.allocation_policy(&sku),
         )?;
-        // (placement number, order id, index of its buyer in `buyers`), oldest first.
-        let mut queue: Vec<(u64, String, usize)> = queues
-            .into_iter()
-            .enumerate()
-            .flat_map(|(b, q)| q.into_iter().map(move |(id, score)| (score as u64, id, b)))
-            .collect();
-        queue.sort();
+        // Oldest first across the buyers' queues, read a page at a time as batches are cut.
+        let mut queue = Queues::new(&sku, buyers, last);
+        queue.fill_first(first);
+        let buyers = queue.buyers().to_vec();
         let causes: HashMap<String, Vec<Cause>> =
             buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
@@ -368,21 +361,21 @@ impl Orders {
         // backlog and the drain after the evaluation shares it out.
         let inline = backlog_len == 0 && !policy.planned();
         let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(inline) };
-        let ids: Vec<&str> = queue.iter().map(|(_, id, _)| id.as_str()).collect();
-        let mut backlogged = self.evaluate_in_batches(ctx, lease, &ids, &mut stage).await?;
+        let mut backlogged = self.evaluate_in_batches(ctx, lease, &mut queue, &mut stage).await?;
         // A buyer's order left waiting before a later order of theirs took quota in this round was
         // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
         // may name the wrong order to queue behind). Their waiting orders are judged once more, from
         // a fresh evaluation, so the round ends where a new look would (rare: a waiting order with a
         // fixable reason followed by one of the same buyer that goes through).
-        let stale: HashSet<String> = stage.evaluation.stale_buyers().into_iter().collect();
+        let stale = stage.evaluation.stale_buyers();
         if !stale.is_empty() {
-            let again: Vec<&str> =
-                queue.iter().filter(|(_, _, b)| stale.contains(&buyers[*b])).map(|(_, id, _)| id.as_str()).collect();
-            tracing::debug!(%sku, buyers = stale.len(), orders = again.len(), "judging waiting orders again after later ones took quota");
+            tracing::debug!(%sku, buyers = stale.len(), "judging waiting orders again after later ones took quota");
+            // Their queues as they stand now: the orders still waiting, up to the same placement.
+            let mut again = Queues::new(&sku, stale, last);
+            again.fill_first(crate::queues::first_pages(self, &sku, again.buyers()).await?);
             // Anything that goes through now joins the backlog behind what waits there already.
             let mut fresh = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(false) };
-            backlogged.extend(self.evaluate_in_batches(ctx, lease, &again, &mut fresh).await?);
+            backlogged.extend(self.evaluate_in_batches(ctx, lease, &mut again, &mut fresh).await?);
         }
         if !unsettled.is_empty() {
             self.settle_waves(&sku, &unsettled).await?;
@@ -404,14 +397,18 @@ impl Orders {
         &self,
         ctx: &RequestContext,
         lease: &mut Lease,
-        ids: &[&str],
+        queue: &mut Queues,
         stage: &mut Evaluating<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
         let mut backlogged = HashMap::new();
         let mut committing: Option<InFlight> = None;
-        let sku = lease.sku.clone();
-        for chunk in batches(ids, || self.batch_size(&sku)) {
-            let order_keys: Vec<String> = chunk.iter().map(|id| keys::order(&OrderId::from_trusted(*id))).collect();
+        loop {
+            let chunk = queue.next(self, self.batch_size(&lease.sku)).await?;
+            if chunk.is_empty() {
+                break;
+            }
+            let order_keys: Vec<String> =
+                chunk.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
             self.keep(lease).await?;
             let next = match committing.take() {
                 None => self.decide_batch(ctx, lease, &order_keys, stage).await?,
