@@ -80,7 +80,10 @@ impl Space {
     /// The keys of one partition unit (a product, a buyer): `Space::new("ord").partition("H200")`
     /// builds keys `{ord:H200}:…`, all in the slot of the tag `ord:H200`.
     pub fn partition(&self, unit: &str) -> Partition {
-        let mut prefix = format!("{{{}:", self.0);
+        let mut prefix = String::with_capacity(self.0.len() + unit.len() + 3);
+        prefix.push('{');
+        prefix.push_str(self.0);
+        prefix.push(':');
         escape_part(unit, &mut prefix);
         prefix.push('}');
         Partition { prefix }
@@ -101,7 +104,11 @@ impl Partition {
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        join(self.prefix.clone(), parts)
+        // Room for a few short parts, so building a key is one allocation (keys are built by the
+        // thousand on a wave's commit path).
+        let mut key = String::with_capacity(self.prefix.len() + 32);
+        key.push_str(&self.prefix);
+        join(key, parts)
     }
 
     /// The hash slot every key of the partition lives in.
