@@ -152,15 +152,7 @@ pub fn escape_part(part: &str, out: &mut String) {
 /// The Redis Cluster hash slot of `key` (CRC16/XMODEM of its hash tag, or of the whole key when it
 /// has none, modulo 16384), exactly as Redis computes it.
 pub fn key_slot(key: &str) -> u16 {
-    let bytes = key.as_bytes();
-    let hashed = match bytes.iter().position(|&b| b == b'{') {
-        Some(open) => match bytes[open + 1..].iter().position(|&b| b == b'}') {
-            Some(len) if len > 0 => &bytes[open + 1..open + 1 + len],
-            _ => bytes,
-        },
-        None => bytes,
-    };
-    crc16(hashed) % 16384
+    crc16(hash_tag(key).unwrap_or(key.as_bytes())) % 16384
 }
 
 /// CRC16/XMODEM (polynomial 0x1021, initial value 0), the checksum Redis Cluster hashes keys with.
@@ -664,7 +656,7 @@ impl Txn {
 
 /// The hash slot every one of `keys` lives in (None for no keys), or an error naming two keys in
 /// different slots.
-pub fn slot_of(keys: &[&str]) -> StateResult<Option<u16>> {
+pub(crate) fn slot_of(keys: &[&str]) -> StateResult<Option<u16>> {
     let Some((first, rest)) = keys.split_first() else { return Ok(None) };
     let slot = key_slot(first);
     let tag = hash_tag(first);
@@ -695,10 +687,10 @@ fn hash_tag(key: &str) -> Option<&[u8]> {
 /// services, and the default SipHash was a measurable share of a large commit's CPU. (A set of
 /// keys crafted to collide only slows the one transaction that holds them.)
 #[derive(Clone, Copy, Default)]
-pub struct FastHash;
+pub(crate) struct FastHash;
 
 /// The hasher [`FastHash`] builds.
-pub struct Fnv(u64);
+pub(crate) struct Fnv(u64);
 
 impl std::hash::BuildHasher for FastHash {
     type Hasher = Fnv;
