@@ -77,8 +77,8 @@ impl Answers {
 impl Ticket {
     /// The latest record a round committed for the order, if any (the ticket is spent).
     pub(crate) fn take(self) -> Option<OrderRecord> {
+        // The ticket is dropped on return, which takes it off its product's count.
         self.answers.waiting.lock().ok().and_then(|mut w| w.orders.remove(&self.id)).flatten()
-        // Dropped here: the product's count goes down.
     }
 }
 

@@ -24,7 +24,7 @@ use futures_util::future::try_join_all;
 use crate::{Error, Orders, keys};
 
 /// Orders read from one queue at a time.
-pub(crate) const PAGE: usize = 512;
+const PAGE: usize = 512;
 
 /// One buyer's queue as read so far.
 #[derive(Default)]
@@ -107,7 +107,7 @@ impl Merge {
     /// The oldest order not handed out yet, with its queue; None when every queue is through, or
     /// when one must be read first ([`Merge::wanted`]).
     pub(crate) fn pop(&mut self) -> Option<(String, usize)> {
-        if !self.wanted().is_empty() {
+        if self.dry > 0 {
             return None;
         }
         let Reverse((_, i)) = self.heads.pop()?;
@@ -136,20 +136,16 @@ impl Queues {
         Queues { sku: sku.clone(), buyers, merge }
     }
 
-    /// The buyers, in the order [`Queues::next`] numbers them.
-    pub(crate) fn buyers(&self) -> &[String] {
-        &self.buyers
-    }
-
-    /// Adds the first page of every queue ([`first_pages`], in buyer order).
+    /// Adds the first page of every queue ([`first_pages`], in buyer order); without it, the first
+    /// [`Queues::next`] reads them.
     pub(crate) fn fill_first(&mut self, pages: Vec<Vec<(String, f64)>>) {
         for (i, page) in pages.into_iter().enumerate() {
             self.merge.fill(i, page);
         }
     }
 
-    /// Up to `n` more orders, oldest first, each with its buyer's index (empty when all are out).
-    pub(crate) async fn next(&mut self, svc: &Orders, n: usize) -> Result<Vec<(String, usize)>, Error> {
+    /// The ids of up to `n` more orders, oldest first (empty when all are out).
+    pub(crate) async fn next(&mut self, svc: &Orders, n: usize) -> Result<Vec<String>, Error> {
         let mut out = Vec::with_capacity(n.min(4096));
         while out.len() < n {
             let wanted = self.merge.wanted();
@@ -161,7 +157,7 @@ impl Queues {
                 continue;
             }
             match self.merge.pop() {
-                Some(x) => out.push(x),
+                Some((id, _)) => out.push(id),
                 None => break,
             }
         }

@@ -349,12 +349,11 @@ impl Orders {
             async { self.store().zcard(&keys::backlog(&sku)).await.map_err(Error::from) },
             self.allocation_policy(&sku),
         )?;
+        let causes: HashMap<String, Vec<Cause>> =
+            buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
         // Oldest first across the buyers' queues, read a page at a time as batches are cut.
         let mut queue = Queues::new(&sku, buyers, last);
         queue.fill_first(first);
-        let buyers = queue.buyers().to_vec();
-        let causes: HashMap<String, Vec<Cause>> =
-            buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
         // placement order. Under an allocation policy that shares stock (or caps it), they join the
@@ -372,7 +371,6 @@ impl Orders {
             tracing::debug!(%sku, buyers = stale.len(), "judging waiting orders again after later ones took quota");
             // Their queues as they stand now: the orders still waiting, up to the same placement.
             let mut again = Queues::new(&sku, stale, last);
-            again.fill_first(crate::queues::first_pages(self, &sku, again.buyers()).await?);
             // Anything that goes through now joins the backlog behind what waits there already.
             let mut fresh = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(false) };
             backlogged.extend(self.evaluate_in_batches(ctx, lease, &mut again, &mut fresh).await?);
@@ -383,7 +381,8 @@ impl Orders {
         Ok(backlogged)
     }
 
-    /// Waiting orders `ids`, oldest first, in batches: returns the orders that joined the backlog.
+    /// The waiting orders `queue` hands out, oldest first, in batches: returns the orders that joined
+    /// the backlog.
     ///
     /// Batches are pipelined: while one batch's moves are being committed (a script that keeps Redis
     /// busy for milliseconds), the next batch is loaded and its quota and stock asked for, from the
@@ -408,7 +407,7 @@ impl Orders {
                 break;
             }
             let order_keys: Vec<String> =
-                chunk.iter().map(|(id, _)| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
+                chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
             self.keep(lease).await?;
             let next = match committing.take() {
                 None => self.decide_batch(ctx, lease, &order_keys, stage).await?,
