@@ -334,7 +334,13 @@ impl Orders {
             let served: Vec<usize> = (0..orders.len()).filter(|&i| plan.units_for(&orders[i].id) > 0).collect();
             lost = false;
             let mut available_after = None;
-            for batch in crate::reconcile::batches(&served, || self.batch_size(&sku)) {
+            // `batches` asks for a size only when it cuts a batch: each is counted as it is cut.
+            let size = || {
+                let n = self.batch_size(&sku);
+                self.count_batch(&sku, n);
+                n
+            };
+            for batch in crate::reconcile::batches(&served, size) {
                 self.keep(lease).await?;
                 let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
                 let (holds, after) = self.reserve_shares(ctx, lease, allocation::shared_asks(&loaded, &plan)).await?;

@@ -110,9 +110,14 @@ impl Orders {
         let o = self.options();
         let full = o.chunk.max(1);
         let shared = o.shared_chunk > 0 && o.shared_chunk < full && self.inner.answers.waiting_elsewhere(sku.as_str());
-        let kind = if shared { "shared" } else { "full" };
-        self.inner.counters.batches.get_or_create(&[("product", sku.to_string()), ("size", kind.to_string())]).inc();
         if shared { o.shared_chunk } else { full }
+    }
+
+    /// Counts a batch a round of `sku` cut at `size` ([`Self::batch_size`]): `shared` when below the
+    /// full size. Called once the batch holds orders, so a look that finds nothing left isn't one.
+    pub(crate) fn count_batch(&self, sku: &Sku, size: usize) {
+        let kind = if size < self.options().chunk.max(1) { "shared" } else { "full" };
+        self.inner.counters.batches.get_or_create(&[("product", sku.to_string()), ("size", kind.to_string())]).inc();
     }
 
     /// Products with marks, and (every `full_reconcile_every`) every product marked for a full look.
@@ -402,10 +407,12 @@ impl Orders {
         let mut backlogged = HashMap::new();
         let mut committing: Option<InFlight> = None;
         loop {
-            let chunk = queue.next(self, self.batch_size(&lease.sku)).await?;
+            let size = self.batch_size(&lease.sku);
+            let chunk = queue.next(self, size).await?;
             if chunk.is_empty() {
                 break;
             }
+            self.count_batch(&lease.sku, size);
             let order_keys: Vec<String> =
                 chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
             self.keep(lease).await?;
@@ -603,6 +610,7 @@ impl Orders {
             if entries.is_empty() {
                 return Ok(());
             }
+            self.count_batch(&lease.sku, chunk);
             let ids: Vec<String> =
                 entries.iter().map(|(m, _)| keys::indexed_order(&lease.sku, m).into_string()).collect();
             let all_served = self.drain_batch(ctx, lease, &ids, cause, entered).await?;
@@ -809,12 +817,18 @@ mod tests {
     async fn rounds_cut_shared_batches_only_while_placements_of_another_product_wait() {
         let (svc, shutdown) = service(Options { chunk: 50, shared_chunk: 5, ..Options::default() });
         let (a, b) = (Sku::from_trusted("A"), Sku::from_trusted("B"));
-        assert_eq!(svc.batch_size(&a), 50, "nobody waits");
+        // A round decides each batch's size, then counts the batch once it holds orders.
+        let cut = |sku: &Sku| {
+            let size = svc.batch_size(sku);
+            svc.count_batch(sku, size);
+            size
+        };
+        assert_eq!(cut(&a), 50, "nobody waits");
         let placing = svc.inner.answers.expect("ord-B-1", "B");
-        assert_eq!(svc.batch_size(&a), 5, "a placement of B waits");
-        assert_eq!(svc.batch_size(&b), 50, "B's own placements don't shorten B's batches");
+        assert_eq!(cut(&a), 5, "a placement of B waits");
+        assert_eq!(cut(&b), 50, "B's own placements don't shorten B's batches");
         drop(placing);
-        assert_eq!(svc.batch_size(&a), 50, "the placement answered");
+        assert_eq!(cut(&a), 50, "the placement answered");
         let text = svc.metrics().render().await;
         let count = |size: &str, product: &str| {
             text.lines()
