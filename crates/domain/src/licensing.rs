@@ -397,6 +397,10 @@ pub struct Failure {
     pub actual: u64,
 }
 
+/// [`Failure::no_licence`]'s description is these around the buyer id.
+const NO_LICENCE_PREFIX: &str = "buyer ";
+const NO_LICENCE_SUFFIX: &str = " holds no usable licence for this product";
+
 impl Failure {
     /// A failure of `condition`.
     pub fn new(condition: Condition, license_id: &str, description: impl Into<String>) -> Self {
@@ -414,7 +418,22 @@ impl Failure {
     /// before its buyer's licence waits on (one constructor, so an order's stored form can leave it
     /// out and rebuild it from the buyer: `orders::OrderRecord::to_stored`).
     pub fn no_licence(buyer_id: &str) -> Self {
-        Failure::new(Condition::License, "", format!("buyer {buyer_id} holds no usable licence for this product"))
+        Failure::new(Condition::License, "", format!("{NO_LICENCE_PREFIX}{buyer_id}{NO_LICENCE_SUFFIX}"))
+    }
+
+    /// Whether this is [`Failure::no_licence`] of `buyer_id`, without building that (every stored
+    /// order's steps are checked on each write).
+    pub fn is_no_licence_of(&self, buyer_id: &str) -> bool {
+        self.condition == Condition::License as i32
+            && self.license_id.is_empty()
+            && !self.permanent
+            && self.required == 0
+            && self.actual == 0
+            && self
+                .description
+                .strip_prefix(NO_LICENCE_PREFIX)
+                .and_then(|d| d.strip_suffix(NO_LICENCE_SUFFIX))
+                .is_some_and(|b| b == buyer_id)
     }
 
     /// Marks it as one the order can never pass under this licence.
@@ -1346,6 +1365,25 @@ mod tests {
                 assert!(!rejectable);
             }
             v => panic!("{v:?}"),
+        }
+    }
+
+    #[test]
+    fn no_licence_is_recognised_exactly() {
+        let mine = Failure::no_licence("buyer-0099");
+        assert!(mine.is_no_licence_of("buyer-0099"));
+        for other in ["buyer-009", "buyer-00999", "", "buyer-0001"] {
+            assert!(!mine.is_no_licence_of(other), "{other}");
+        }
+        let near_misses = [
+            mine.clone().permanent(),
+            mine.clone().figures(1, 0),
+            Failure { license_id: "lic-1".into(), ..mine.clone() },
+            Failure { condition: Condition::Quota as i32, ..mine.clone() },
+            Failure { description: format!("{} ", mine.description), ..mine.clone() },
+        ];
+        for f in near_misses {
+            assert!(!f.is_no_licence_of("buyer-0099"), "{f:?}");
         }
     }
 

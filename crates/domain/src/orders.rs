@@ -489,7 +489,7 @@ impl OrderRecord {
             self.update_ms != 0 && self.history.last().is_some_and(|s| s.at_ms == self.update_ms);
         let id_from_sequence = OrderId::number_in(&self.id, &self.sku) == Some(self.seq);
         let licence_number = LicenceId::number_in(&self.license_id, &self.sku).filter(|&n| n > 0).unwrap_or(0);
-        let no_licence = Failure::no_licence(&self.buyer_id);
+        let no_licence = |f: &Failure| f.is_no_licence_of(&self.buyer_id);
         let head = OrderRecord {
             id: if id_from_sequence { String::new() } else { self.id.clone() },
             request_id: self.request_id.clone(),
@@ -528,17 +528,13 @@ impl OrderRecord {
                     }),
                     cause_is_order,
                     detail: s.detail.clone(),
-                    failures: s.failures.iter().filter(|f| **f != no_licence).cloned().collect(),
+                    failures: s.failures.iter().filter(|f| !no_licence(f)).cloned().collect(),
                     license_id: if licence_is_order { String::new() } else { s.license_id.clone() },
                     wave_id: if licence_is_order { String::new() } else { s.wave_id.clone() },
                     licence_is_order,
                     held: s.held,
                     share: s.share.clone(),
-                    no_licence_at: (0u32..)
-                        .zip(&s.failures)
-                        .filter(|(_, f)| **f == no_licence)
-                        .map(|(i, _)| i)
-                        .collect(),
+                    no_licence_at: (0u32..).zip(&s.failures).filter(|(_, f)| no_licence(f)).map(|(i, _)| i).collect(),
                 };
                 previous = (s.to, s.at_ms);
                 step
@@ -565,7 +561,8 @@ impl OrderRecord {
             order.license_id =
                 LicenceId::new(&Sku::from_trusted(order.sku.as_str()), stored.licence_number).into_string();
         }
-        let no_licence = Failure::no_licence(&order.buyer_id);
+        // Built once, and only if some step had it.
+        let mut no_licence: Option<Failure> = None;
         let mut previous =
             order.history.last().map_or((OrderStatus::Unspecified as i32, order.create_ms), |s| (s.to, s.at_ms));
         order.history.reserve(stored.steps.len());
@@ -580,7 +577,8 @@ impl OrderRecord {
             for at in s.no_licence_at {
                 // Ascending positions in the whole list: each lands where it was (clamped, so bytes
                 // that aren't ours can't panic).
-                failures.insert((at as usize).min(failures.len()), no_licence.clone());
+                let f = no_licence.get_or_insert_with(|| Failure::no_licence(&order.buyer_id)).clone();
+                failures.insert((at as usize).min(failures.len()), f);
             }
             order.history.push(TransitionRecord {
                 from: s.from.unwrap_or(previous.0),
@@ -1040,6 +1038,8 @@ mod tests {
             vec![mine.clone(), embargo.clone(), mine.clone()],
             vec![embargo.clone(), mine.clone(), theirs.clone(), embargo.clone()],
             vec![theirs.clone()],
+            // Like it but not it: kept whole.
+            vec![mine.clone().permanent(), mine.clone().figures(1, 0)],
         ] {
             let mut x = after_a_wave();
             x.history[1].failures = failures;
