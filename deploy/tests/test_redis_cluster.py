@@ -193,8 +193,8 @@ class Cluster:
         return self.settled() and len(self.shards()) == 3 and all(len(m) == 2 for _, m in self.shards())
 
     def settled(self) -> bool:
-        """Every node: cluster ok, knows all six, has a live link to each at its current IP, and a
-        replica's replication link is up. (A
+        """Every node: cluster ok, knows all six, has a live link to each at its current IP, sees each
+        in its own role, and a replica's replication link is up. (A
         cluster whose nodes reach nobody still says ok for a while: failing a node takes a majority's
         reports, so cluster_state alone proves nothing.)"""
         if not all(self.info(i, "cluster_state") == "ok" and self.info(i, "cluster_known_nodes") == str(SIZE)
@@ -209,7 +209,19 @@ class Cluster:
             repl = self.cli(i, "info", "replication")
             if "role:slave" in repl and "master_link_status:up" not in repl:
                 return False
-        return True
+        return self.roles_agree()
+
+    @staticmethod
+    def role(n: dict) -> tuple[str, str]:
+        return ("slave", n["master"]) if "slave" in n["flags"] else ("master", "-")
+
+    def roles_agree(self) -> bool:
+        """Every node sees every other in the role (master, or replica of which master) that node
+        reports of itself: a role change reaches a peer only with the next ping, so until then some
+        node still describes the old topology to clients."""
+        views = [self.nodes(i) for i in range(SIZE)]
+        said = {n["id"]: self.role(n) for view in views for n in view if "myself" in n["flags"]}
+        return all(self.role(n) == said.get(n["id"]) for view in views for n in view)
 
     def run(self, script: str, *args, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
         return subprocess.run(["sh", str(SCRIPTS / script), *args], capture_output=True, text=True,

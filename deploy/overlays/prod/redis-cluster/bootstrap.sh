@@ -14,8 +14,9 @@
 #      lost its volume, or a StatefulSet scaled out) join as replicas of the master with the fewest
 #      (`redis-cli --cluster add-node --cluster-slave`). Masters are never added or resharded here
 #      (deploy/README.md, "Scale").
-# 3. Waits until every node reports cluster_state:ok, knows all the others over a live link, and
-#    every replica's link to its master is up (the first sync done), and prints
+# 3. Waits until every node reports cluster_state:ok, knows all the others over a live link, sees
+#    each in the role (master, or replica of which master) that node reports of itself, and every
+#    replica's link to its master is up (the first sync done), and prints
 #    `redis-cli --cluster check`. Exits non-zero if that does not happen in time (the Job retries).
 #
 # Settings (env):
@@ -192,8 +193,18 @@ else
 fi
 
 # --- 4. Wait until every node agrees ---------------------------------------------------------------------
+# role_of: a CLUSTER NODES line's node id, role and master ("<id>,master,-" or "<id>,slave,<master id>").
+role_of='{ r = ($3 ~ /slave/) ? "slave" : "master"; print $1 "," r "," (r == "slave" ? $4 : "-") }'
 while :; do
   pending=""
+  # What each node says of itself. A node learns that a peer changed role (a master turned replica by
+  # `--cluster create`'s CLUSTER REPLICATE, a failover) only from that peer's next ping, a few
+  # seconds later: until every node's view matches these, some node still tells clients (CLUSTER
+  # SHARDS, a redirect) an old topology, so the cluster is not formed yet.
+  truth=""
+  for ip in "$@"; do
+    truth="$truth $(cli "$ip" cluster nodes | awk "\$3 ~ /myself/ $role_of")"
+  done
   for ip in "$@"; do
     state=$(info "$ip" cluster_state)
     known=$(info "$ip" cluster_known_nodes)
@@ -212,9 +223,15 @@ while :; do
     fi
     # cluster_state stays ok for a while even if a node reaches nobody (failing a node takes a
     # majority's reports), so also ask for a live bus link to every peer.
-    down=$(cli "$ip" cluster nodes | awk '$8 != "connected" || $3 ~ /fail|noaddr|handshake/ { n++ } END { print n + 0 }')
-    if [ "$state" != ok ] || [ "$known" != "$size" ] || [ "$down" != 0 ] || { [ -n "$link" ] && [ "$link" != up ]; }; then
-      pending="$pending $ip(state=${state:-?},nodes=${known:-?},down=$down${link:+,replica link=$link})"
+    view=$(cli "$ip" cluster nodes)
+    down=$(echo "$view" | awk '$8 != "connected" || $3 ~ /fail|noaddr|handshake/ { n++ } END { print n + 0 }')
+    # Peers this node sees in another role (or replicating another master) than they say they are in.
+    stale=$(echo "$view" | awk "$role_of" | awk -v truth="$truth" '
+      BEGIN { n = split(truth, a, " "); for (i = 1; i <= n; i++) { split(a[i], f, ","); said[f[1]] = a[i] } }
+      { split($0, f, ","); if ((f[1] in said) && said[f[1]] != $0) s++ } END { print s + 0 }')
+    if [ "$state" != ok ] || [ "$known" != "$size" ] || [ "$down" != 0 ] || [ "$stale" != 0 ] ||
+      { [ -n "$link" ] && [ "$link" != up ]; }; then
+      pending="$pending $ip(state=${state:-?},nodes=${known:-?},down=$down,stale roles=$stale${link:+,replica link=$link})"
     fi
   done
   [ -z "$pending" ] && break
