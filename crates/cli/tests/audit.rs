@@ -48,6 +48,7 @@ async fn truncate(cluster: &Cluster, keep: usize) {
         key: format!("{STREAM}:head"),
         version: keep as u64,
         data: last.field("hash").unwrap().to_vec(),
+        ttl: None,
     });
     cluster.store.commit(&txn).await.unwrap();
 }

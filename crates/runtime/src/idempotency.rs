@@ -121,8 +121,7 @@ impl Idempotency {
         let mut data = Vec::with_capacity(64 + answer.encoded_len());
         data.extend_from_slice(fingerprint.as_bytes());
         answer.encode(&mut data).unwrap_or_default();
-        txn.expect_version(key.clone(), 0);
-        txn.put_with_ttl(key, data, self.ttl);
+        txn.replace_with_ttl(key, 0, data, self.ttl);
     }
 }
 

@@ -9,6 +9,7 @@
 --   guard  l <keyidx> <token>       lease at key is held with token
 --   op     put <keyidx> <ttl_ms> <data>            ttl_ms '0' = no expiry; version is bumped
 --   op     putat <keyidx> <version> <data>         version known from the transaction's guard
+--   op     putatpx <keyidx> <version> <ttl_ms> <data>   the same, expiring after ttl_ms
 --   op     del <keyidx>
 --   op     zadd <keyidx> <score> <member>
 --   op     zrem <keyidx> <member>
@@ -144,6 +145,9 @@ for _ = 1, no do
   elseif kind == 'putat' then
     redis.call('SET', k, ARGV[i + 2] .. ':' .. ARGV[i + 3])
     i = i + 4
+  elseif kind == 'putatpx' then
+    redis.call('SET', k, ARGV[i + 2] .. ':' .. ARGV[i + 4], 'PX', ARGV[i + 3])
+    i = i + 5
   elseif kind == 'del' then
     zflush()
     redis.call('DEL', k)

@@ -224,6 +224,8 @@ pub enum Op {
         version: u64,
         /// New payload.
         data: Vec<u8>,
+        /// Time to live, if any.
+        ttl: Option<Duration>,
     },
     /// Deletes a key of any type.
     Delete {
@@ -451,7 +453,22 @@ impl Txn {
     pub fn replace(&mut self, key: impl Into<String>, read_version: u64, data: Vec<u8>) -> &mut Self {
         let key = key.into();
         self.expect_version(key.clone(), read_version);
-        self.ops.push(Op::PutAt { key, version: read_version + 1, data });
+        self.ops.push(Op::PutAt { key, version: read_version + 1, data, ttl: None });
+        self
+    }
+
+    /// [`replace`](Self::replace) for a record that expires after `ttl` (an idempotency answer:
+    /// guarded absent, so the backend need not read its version again to write it).
+    pub fn replace_with_ttl(
+        &mut self,
+        key: impl Into<String>,
+        read_version: u64,
+        data: Vec<u8>,
+        ttl: Duration,
+    ) -> &mut Self {
+        let key = key.into();
+        self.expect_version(key.clone(), read_version);
+        self.ops.push(Op::PutAt { key, version: read_version + 1, data, ttl: Some(ttl) });
         self
     }
 

@@ -186,10 +186,13 @@ impl Inner {
                     },
                 );
             }
-            Op::PutAt { key, version, data } => {
+            Op::PutAt { key, version, data, ttl } => {
                 self.strings.insert(
                     key.clone(),
-                    Str { value: StrValue::Record(Record { version: *version, data: data.clone() }), expires: None },
+                    Str {
+                        value: StrValue::Record(Record { version: *version, data: data.clone() }),
+                        expires: ttl.map(|t| Instant::now() + t),
+                    },
                 );
             }
             Op::Delete { key } => {

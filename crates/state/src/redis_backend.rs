@@ -716,8 +716,12 @@ impl RedisBackend {
                         let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0) as u64;
                         cmd.arg("put").arg(idx(key)).arg(ttl_ms).arg(&data[..]);
                     }
-                    Op::PutAt { key, version, data } => {
+                    Op::PutAt { key, version, data, ttl: None } => {
                         cmd.arg("putat").arg(idx(key)).arg(*version).arg(&data[..]);
+                    }
+                    Op::PutAt { key, version, data, ttl: Some(ttl) } => {
+                        let ttl_ms = ttl.as_millis().max(1) as u64;
+                        cmd.arg("putatpx").arg(idx(key)).arg(*version).arg(ttl_ms).arg(&data[..]);
                     }
                     Op::Delete { key } => {
                         cmd.arg("del").arg(idx(key));

@@ -67,6 +67,29 @@ async fn records_with_ttl_expire(store: Store) {
     assert!(store.get(std::slice::from_ref(&key)).await.unwrap()[0].is_some());
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(store.get(std::slice::from_ref(&key)).await.unwrap()[0].is_none());
+
+    // Guarded and written at a known version, with a TTL: created once, at version 1, then gone.
+    let guarded = k(&["ttl", "guarded"]);
+    let mut t = Txn::new();
+    t.replace_with_ttl(&guarded, 0, b"answer:1".to_vec(), Duration::from_millis(150)).zadd(k(&["ttl", "z"]), "m", 1.0);
+    store.commit(&t).await.unwrap();
+    let rec = store.get(std::slice::from_ref(&guarded)).await.unwrap().remove(0).unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (1, &b"answer:1"[..]));
+    let mut t = Txn::new();
+    t.replace_with_ttl(&guarded, 0, b"answer:2".to_vec(), Duration::from_secs(60)).zadd(k(&["ttl", "z"]), "n", 1.0);
+    match store.commit(&t).await {
+        Err(CommitError::Conflict { key: bad }) => assert_eq!(bad, guarded),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.zcard(&k(&["ttl", "z"])).await.unwrap(), 1, "a refused transaction changes nothing");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.get(std::slice::from_ref(&guarded)).await.unwrap()[0].is_none(), "it expired");
+    // Absent again: the guard lets a new one in.
+    let mut t = Txn::new();
+    t.replace_with_ttl(&guarded, 0, b"answer:3".to_vec(), Duration::from_secs(60));
+    store.commit(&t).await.unwrap();
+    let rec = store.get(std::slice::from_ref(&guarded)).await.unwrap().remove(0).unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (1, &b"answer:3"[..]));
 }
 
 async fn sorted_sets_order_by_score_then_member(store: Store) {
