@@ -717,17 +717,17 @@ impl RedisBackend {
                         cmd.arg("put").arg(idx(key)).arg(ttl_ms).arg(&data[..]);
                     }
                     Op::PutAt { key, version, data, ttl: None } => {
-                        cmd.arg("putat").arg(idx(key)).arg(*version).arg(&data[..]);
+                        cmd.arg("putat").arg(idx(key)).arg(Versioned(*version, data));
                     }
                     Op::PutAt { key, version, data, ttl: Some(ttl) } => {
                         let ttl_ms = ttl.as_millis().max(1) as u64;
-                        cmd.arg("putatpx").arg(idx(key)).arg(*version).arg(ttl_ms).arg(&data[..]);
+                        cmd.arg("putatpx").arg(idx(key)).arg(ttl_ms).arg(Versioned(*version, data));
                     }
                     Op::Delete { key } => {
                         cmd.arg("del").arg(idx(key));
                     }
                     Op::ZAdd { key, member, score } => {
-                        cmd.arg("zadd").arg(idx(key)).arg(format_score(*score)).arg(member.as_str());
+                        cmd.arg("zadd").arg(idx(key)).arg(Score(*score)).arg(member.as_str());
                     }
                     Op::ZRem { key, member } => {
                         cmd.arg("zrem").arg(idx(key)).arg(member.as_str());
@@ -1168,7 +1168,39 @@ fn score_arg(b: Bound<f64>, low: bool) -> String {
 
 /// Scores are integers in practice; print them without exponent or trailing `.0`.
 fn format_score(x: f64) -> String {
-    if x.fract() == 0.0 && x.abs() < 9.0e15 { format!("{}", x as i64) } else { format!("{x}") }
+    Score(x).to_string()
+}
+
+/// A sorted-set score as [`format_score`] prints it, written straight into a command (a wave's
+/// commit has one per order).
+struct Score(f64);
+
+impl std::fmt::Display for Score {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let x = self.0;
+        if x.fract() == 0.0 && x.abs() < 9.0e15 { write!(f, "{}", x as i64) } else { write!(f, "{x}") }
+    }
+}
+
+impl redis::ToRedisArgs for Score {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
+}
+
+/// A record as Redis stores it, `<version>:<data>`, written as one argument straight into the
+/// command: the script stores it as it comes, with no concatenation in Lua (a copy of every record
+/// into a new Lua string) and one argument fewer per record.
+struct Versioned<'a>(u64, &'a [u8]);
+
+impl redis::ToRedisArgs for Versioned<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        use std::io::Write as _;
+        let mut w = out.writer_for_next_arg();
+        // Writing into the command's own buffer: it cannot fail.
+        let _ = write!(w, "{}:", self.0);
+        let _ = w.write_all(self.1);
+    }
 }
 
 fn parse_scored(v: Value) -> StateResult<Vec<(String, f64)>> {

@@ -59,6 +59,67 @@ async fn records_are_versioned_and_guarded(store: Store) {
     assert_eq!(store.get(std::slice::from_ref(&key)).await.unwrap(), vec![None]);
 }
 
+/// A guard compares whole versions (12 is not 1, nor 120), and absent is version 0.
+async fn version_guards_compare_whole_versions(store: Store) {
+    let key = k(&["rec", "twelve"]);
+    for v in 0..12 {
+        let mut t = Txn::new();
+        t.replace(&key, v, format!("v{}", v + 1).into_bytes());
+        store.commit(&t).await.unwrap();
+    }
+    for wrong in [0, 1, 2, 11, 13, 120, 121] {
+        let mut t = Txn::new();
+        t.replace(&key, wrong, b"no".to_vec());
+        assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })), "guard {wrong} vs 12");
+    }
+    let mut t = Txn::new();
+    t.replace(&key, 12, b"v13".to_vec());
+    store.commit(&t).await.unwrap();
+    let rec = store.get(std::slice::from_ref(&key)).await.unwrap().remove(0).unwrap();
+    assert_eq!((rec.version, rec.data.as_slice()), (13, &b"v13"[..]));
+    let absent = k(&["rec", "absent"]);
+    let mut t = Txn::new();
+    t.replace(&absent, 1, b"no".to_vec());
+    assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })), "guard 1 on an absent record");
+    // An empty payload is still a record at its version.
+    let empty = k(&["rec", "empty"]);
+    let mut t = Txn::new();
+    t.replace(&empty, 0, Vec::new());
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    t.replace(&empty, 0, Vec::new());
+    assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })), "it exists now");
+    let mut t = Txn::new();
+    t.replace(&empty, 1, b"x".to_vec());
+    store.commit(&t).await.unwrap();
+}
+
+/// Writes of one record within a transaction apply in order, however the backend batches them, and
+/// a transaction of thousands of records writes each.
+async fn record_writes_in_one_transaction_apply_in_order(store: Store) {
+    let (a, b, c) = (k(&["seq", "a"]), k(&["seq", "b"]), k(&["seq", "c"]));
+    let mut t = Txn::new();
+    t.replace(&a, 0, b"first".to_vec()).put(&a, b"second".to_vec());
+    t.replace(&b, 0, b"gone".to_vec()).delete(&b);
+    t.replace(&c, 0, b"short".to_vec()).put_with_ttl(&c, b"kept".to_vec(), Duration::from_secs(60));
+    store.commit(&t).await.unwrap();
+    let got = store.get(&[a.clone(), b.clone(), c.clone()]).await.unwrap();
+    let got: Vec<Option<(u64, Vec<u8>)>> = got.into_iter().map(|r| r.map(|r| (r.version, r.data))).collect();
+    assert_eq!(got, vec![Some((2, b"second".to_vec())), None, Some((2, b"kept".to_vec()))]);
+
+    let keys: Vec<String> = (0..2_500).map(|i| k(&["many", &i.to_string()])).collect();
+    let mut t = Txn::new();
+    for (i, key) in keys.iter().enumerate() {
+        t.replace(key, 0, format!("record {i}").into_bytes());
+    }
+    store.commit(&t).await.unwrap();
+    let got = store.get(&keys).await.unwrap();
+    for (i, r) in got.into_iter().enumerate() {
+        let r = r.unwrap_or_else(|| panic!("record {i} missing"));
+        assert_eq!((r.version, r.data), (1, format!("record {i}").into_bytes()));
+    }
+}
+
 async fn records_with_ttl_expire(store: Store) {
     let key = k(&["ttl"]);
     let mut t = Txn::new();
@@ -535,6 +596,8 @@ backend_tests!(
     sorted_sets_snapshot_into_one,
     removals_stamp_only_when_something_left,
     records_are_versioned_and_guarded,
+    version_guards_compare_whole_versions,
+    record_writes_in_one_transaction_apply_in_order,
     records_with_ttl_expire,
     sorted_sets_order_by_score_then_member,
     hashes_sets_and_counters,
