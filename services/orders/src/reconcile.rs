@@ -47,6 +47,9 @@ use crate::{Error, Orders, book, keys};
 
 /// Attempts at one batch when concurrent changes to its orders keep winning.
 pub(crate) const BATCH_ATTEMPTS: u32 = 8;
+/// Orders per commit when a round leaves a snapshot taken while it ran.
+const SNAPSHOT_CHUNK: usize = 2_000;
+
 /// Other traces a round links to at most (each further cause of the same round is only counted).
 const MAX_LINKS: usize = 16;
 
@@ -59,6 +62,16 @@ struct Evaluating<'a> {
     unsettled: &'a [WaveId],
     /// The decisions' state across batches (who waits for quota, whether stock may be taken at once).
     evaluation: Evaluation,
+    /// Orders the committed batches took out of waiting ([`Orders::leave_snapshots_taken_meanwhile`]).
+    left_waiting: Vec<String>,
+}
+
+impl Evaluating<'_> {
+    /// Records what a batch whose moves landed took out of waiting.
+    fn landed(&mut self, plan: &allocation::EvaluationPlan) {
+        self.left_waiting
+            .extend(plan.moves.iter().filter(|m| !m.order.status().is_waiting()).map(|m| m.order.id.clone()));
+    }
 }
 
 /// A batch of waiting orders decided, its moves not committed yet.
@@ -364,7 +377,12 @@ impl Orders {
         // placement order. Under an allocation policy that shares stock (or caps it), they join the
         // backlog and the drain after the evaluation shares it out.
         let inline = backlog_len == 0 && !policy.planned();
-        let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(inline) };
+        let mut stage = Evaluating {
+            causes: &causes,
+            unsettled: &unsettled,
+            evaluation: Evaluation::new(inline),
+            left_waiting: Vec::new(),
+        };
         let mut backlogged = self.evaluate_in_batches(ctx, lease, &mut queue, &mut stage).await?;
         // A buyer's order left waiting before a later order of theirs took quota in this round was
         // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
@@ -377,13 +395,51 @@ impl Orders {
             // Their queues as they stand now: the orders still waiting, up to the same placement.
             let mut again = Queues::new(&sku, stale, last);
             // Anything that goes through now joins the backlog behind what waits there already.
-            let mut fresh = Evaluating { causes: &causes, unsettled: &unsettled, evaluation: Evaluation::new(false) };
+            let mut fresh = Evaluating {
+                causes: &causes,
+                unsettled: &unsettled,
+                evaluation: Evaluation::new(false),
+                left_waiting: Vec::new(),
+            };
             backlogged.extend(self.evaluate_in_batches(ctx, lease, &mut again, &mut fresh).await?);
+            stage.left_waiting.extend(fresh.left_waiting);
         }
+        let unsettled = self.leave_snapshots_taken_meanwhile(lease, &unsettled, &stage.left_waiting).await?;
         if !unsettled.is_empty() {
             self.settle_waves(&sku, &unsettled).await?;
         }
         Ok(backlogged)
+    }
+
+    /// The product's unsettled waves now, after taking `left` (orders this round took out of waiting)
+    /// out of the snapshot of every wave among them that the round did not know of when it started
+    /// (`known`). A wave's publication reaches this service twice: the licences' own events mark their
+    /// buyers, and the publication event takes the snapshot of the waiting orders. When the marks come
+    /// first, a round can start before the snapshot and then move orders the snapshot holds; as the
+    /// round's commits only leave the snapshots it knew of, nothing else would ever take those orders
+    /// out, and the wave would never settle (its progress stuck short of every order evaluated).
+    /// Orders the round left waiting stay in the snapshot: the publication's marks bring them to the
+    /// next round, which knows the wave.
+    async fn leave_snapshots_taken_meanwhile(
+        &self,
+        lease: &Lease,
+        known: &[WaveId],
+        left: &[String],
+    ) -> Result<Vec<WaveId>, Error> {
+        let now = self.unsettled_waves(&lease.sku).await?;
+        let missed: Vec<WaveId> = now.iter().filter(|w| !known.contains(w)).cloned().collect();
+        if missed.is_empty() || left.is_empty() {
+            return Ok(now);
+        }
+        tracing::debug!(sku = %lease.sku, waves = ?missed, orders = left.len(), "snapshots taken while the round ran: leaving them");
+        for ids in left.chunks(SNAPSHOT_CHUNK) {
+            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            crate::waves::evaluated(&mut t, &lease.sku, &missed, &ids, now_ms());
+            self.store().commit(&t).await.map_err(commit_error)?;
+        }
+        Ok(now)
     }
 
     /// The waiting orders `queue` hands out, oldest first, in batches: returns the orders that joined
@@ -453,6 +509,7 @@ impl Orders {
         stage: &mut Evaluating<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
         if landed {
+            stage.landed(&batch.decided.plan);
             return Ok(batch.decided.plan.backlogged.into_iter().collect());
         }
         stage.evaluation = batch.before;
@@ -474,6 +531,7 @@ impl Orders {
             };
             if self.commit_batch(&d).await? {
                 stage.evaluation.committed(&d.plan);
+                stage.landed(&d.plan);
                 return Ok(d.plan.backlogged.into_iter().collect());
             }
         }
@@ -838,6 +896,60 @@ mod tests {
                 .sum::<u64>()
         };
         assert_eq!((count("full", "A"), count("shared", "A"), count("full", "B")), (2, 1, 1), "{text}");
+        shutdown.trigger();
+    }
+
+    /// A wave's snapshot taken while a round ran (the round read no unsettled wave) loses the orders
+    /// the round took out of waiting, keeps those it left waiting, and settles once empty; a snapshot
+    /// the round knew of is left to the round's own commits.
+    #[tokio::test]
+    async fn a_round_leaves_a_snapshot_taken_while_it_ran() {
+        use super::Lease;
+        use crate::keys;
+        use chipgate_domain::ids::WaveId;
+        use chipgate_runtime::service::Records;
+        use chipgate_state::{Backend, Txn};
+        let (svc, shutdown) = service(Options::default());
+        let sku = Sku::from_trusted("A");
+        let (w1, w2) = (WaveId::from_trusted("wave-1"), WaveId::from_trusted("wave-2"));
+        let store = svc.store().clone();
+        let token = store
+            .lease_acquire(&keys::lease(&sku), &keys::lease_counter(&sku), std::time::Duration::from_secs(30))
+            .await
+            .expect("lease")
+            .expect("free");
+        let lease = Lease { sku: sku.clone(), token, renewed: std::time::Instant::now() };
+        // The snapshots as the publications took them: w1 known to the round, w2 taken meanwhile.
+        let mut t = Txn::new();
+        for w in [&w1, &w2] {
+            for (i, id) in ["ord-A-1", "ord-A-2", "ord-A-3"].into_iter().enumerate() {
+                t.zadd(keys::wave_pending(w, &sku), id, i as f64);
+            }
+            t.sadd(keys::unsettled_waves(&sku), w);
+        }
+        store.commit(&t).await.expect("snapshots");
+        // The round took 1 and 2 out of waiting (3 stays waiting, for the next round).
+        let left = vec!["ord-A-1".to_string(), "ord-A-2".to_string()];
+        let now = svc.leave_snapshots_taken_meanwhile(&lease, std::slice::from_ref(&w1), &left).await.expect("left");
+        assert_eq!(now.len(), 2, "both waves are still unsettled: {now:?}");
+        let members = |w: WaveId| {
+            let store = store.clone();
+            let key = keys::wave_pending(&w, &sku);
+            async move { store.zrange(&key, 0, -1, false).await.expect("zrange") }
+        };
+        assert_eq!(members(w2.clone()).await, vec![("ord-A-3".to_string(), 2.0)], "w2 lost what the round moved");
+        assert_eq!(members(w1.clone()).await.len(), 3, "w1 is the round's own commits' to leave");
+        let tally = store.hgetall(&keys::wave_tally(&w2, &sku)).await.expect("tally");
+        assert!(tally.iter().any(|(f, _)| f == "last_ms"), "w2's settle time stamped: {tally:?}");
+        // Once the next round evaluated 3 (it knows w2), w2 settles.
+        let mut t = Txn::new();
+        crate::waves::evaluated(&mut t, &sku, std::slice::from_ref(&w2), &["ord-A-3"], 1);
+        store.commit(&t).await.expect("next round");
+        svc.settle_waves(&sku, &[w1.clone(), w2.clone()]).await.expect("settle");
+        assert_eq!(svc.unsettled_waves(&sku).await.expect("unsettled"), vec![w1], "w2 settled, w1 still holds three");
+        // Nothing to leave: no snapshot taken meanwhile, or nothing moved.
+        let now = svc.leave_snapshots_taken_meanwhile(&lease, &[], &[]).await.expect("nothing moved");
+        assert_eq!(now.len(), 1);
         shutdown.trigger();
     }
 
