@@ -177,6 +177,7 @@ pub fn print(r: &Results) {
             ),
         );
         row("quota in use = units moved", format!("{}", w.quota_check), "");
+        row("progress settled", format!("{}", w.progress_settled), "every concerned order evaluated, settle time set");
         cpu_rows("wave", &w.cpu, w.orders as u64);
         for (family, keys, bytes) in w.memory.iter().take(16) {
             row(
@@ -309,7 +310,7 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
         "wave_cluster": r.wave_cluster.as_ref().map(|w| json!({
             "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
             "first_move_ms": w.first_move.as_secs_f64() * 1000.0, "cpu": cpu(&w.cpu, w.orders as u64),
-            "bytes_per_order": w.bytes_per_order, "quota_check": w.quota_check,
+            "bytes_per_order": w.bytes_per_order, "quota_check": w.quota_check, "progress_settled": w.progress_settled,
         })),
         "wave": r.wave.as_ref().map(|w| json!({
             "cpu": cpu(&w.cpu, w.orders as u64),
@@ -317,14 +318,14 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "first_move_ms": w.first_move.as_secs_f64() * 1000.0,
             "reserved": w.reserved, "backordered": w.backordered,
             "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
-            "quota_check": w.quota_check,
+            "quota_check": w.quota_check, "progress_settled": w.progress_settled,
             "over_redis_ceiling": r.redis.as_ref().map(|x| w.rate() / x.scripts_per_sec.max(1e-9)),
         })),
         "wave_pro_rata": r.wave_pro_rata.as_ref().map(|w| json!({
             "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
             "reserved": w.reserved, "backordered": w.backordered, "stock_left": w.stock_left,
             "buyers_served": w.buyers_served, "buyers": w.buyers, "share_gap_pp": w.share_gap_pp,
-            "quota_check": w.quota_check,
+            "quota_check": w.quota_check, "progress_settled": w.progress_settled,
         })),
         "audit": r.audit.as_ref().map(|a| json!({
             "entries": a.entries, "checkpoint_p50_ms": a.checkpoint_ms(0.5), "checkpoint_p99_ms": a.checkpoint_ms(0.99),
@@ -438,6 +439,9 @@ pub fn faults(r: &Results) -> Vec<String> {
         }
         if !w.quota_check {
             out.push(format!("wave ({}): quota in use differs from the units of the orders that moved", w.strategy));
+        }
+        if !w.progress_settled {
+            out.push(format!("wave ({}): its progress never showed every concerned order evaluated", w.strategy));
         }
         if w.stock_left > 0 {
             out.push(format!("wave ({}): {} units left available beside the backlog", w.strategy, w.stock_left));

@@ -21,6 +21,8 @@ use crate::place::{SKUS, buyer, license_everyone, supply};
 
 /// Units of each order.
 const UNITS: u64 = 10;
+/// How long the wave's progress may take to show it settled once every order moved.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
 /// Results of the wave benchmark.
 pub struct WaveResult {
@@ -40,6 +42,10 @@ pub struct WaveResult {
     pub bytes_per_waiting_order: f64,
     /// Units of quota in use at the end over units of the orders holding it (must be 1).
     pub quota_check: bool,
+    /// The wave's progress came to every concerned order evaluated, with a settle time, within
+    /// [`SETTLE_WAIT`] of the orders moving (a snapshot that keeps orders for ever would leave it
+    /// short).
+    pub progress_settled: bool,
     /// The allocation strategy the products ran.
     pub strategy: &'static str,
     /// Units still available once the wave settled (0: the stock was handed out).
@@ -252,6 +258,24 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
         }
         Some(LoadResult { ok: histogram.len(), errors, elapsed, histogram })
     };
+    // Every order moved: the progress must come to say so (the last rounds record it just after).
+    let settle_by = Instant::now() + SETTLE_WAIT;
+    let progress_settled = loop {
+        let p = ord
+            .get_wave_progress(opb::GetWaveProgressRequest { wave_id: wave_id.clone() })
+            .await
+            .expect("progress")
+            .into_inner()
+            .progress
+            .unwrap_or_default();
+        if p.settle_time.is_some() && p.orders_evaluated >= p.orders_concerned {
+            break true;
+        }
+        if Instant::now() > settle_by {
+            break false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     let after = used_memory(&cluster).await;
     let memory = match &cluster.redis {
         Some(chipgate_state::testing::RedisDeployment::Single(s)) if args.memory_breakdown && alongside.is_none() => {
@@ -311,6 +335,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
         bytes_per_order: after.saturating_sub(before) as f64 / n,
         bytes_per_waiting_order: seeded.saturating_sub(before) as f64 / n,
         quota_check: used == (reserved + backordered) * UNITS,
+        progress_settled,
         strategy: if strategy == opb::AllocationStrategy::ProRata { "pro rata" } else { "FIFO" },
         stock_left,
         buyers_served: served,
