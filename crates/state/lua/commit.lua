@@ -12,8 +12,10 @@
 --                                                  sent as the stored value itself
 --   op     putatpx <keyidx> <ttl_ms> <version>:<data>   the same, expiring after ttl_ms
 --   op     del <keyidx>
---   op     zadd <keyidx> <score> <member>
---   op     zrem <keyidx> <member>
+--   op     zadds <keyidx> <n> <score1> <member1> ... <scoren> <membern>
+--          n adds to one sorted set (the client sends consecutive writes of a set as runs, before
+--          any op that reads or deletes sorted sets: see script_steps in redis_backend.rs)
+--   op     zrems <keyidx> <n> <member1> ... <membern>
 --   op     zremstamp <keyidx> <n> <m1> ... <mn> <hashidx> <field> <value>
 --          removes the members; if any was there, sets hash field <field> to <value>
 --   op     zunion <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
@@ -99,51 +101,13 @@ for _, fk in ipairs(fences) do
   redis.call('SET', fk[1], fk[2])
 end
 
--- Sorted-set writes are batched: consecutive ZADDs (or ZREMs) of one key become one call with many
--- members. A wave's commit writes thousands of members into a handful of sets (the state index,
--- the queues, the wave's pending snapshot), and each redis.call costs a command and key lookup and
--- argument conversion, which was most of the script's time. Writes to a key keep their order (a run
--- per kind), writes to different keys commute, and every batch is flushed before an op that reads
--- or deletes sorted sets (zunion, del), so the outcome is that of the ops one by one.
-local runs, run_keys = {}, {}
-local function zbuffer(kind, k, a, b)
-  local r = runs[k]
-  if not r then
-    r = {}
-    runs[k] = r
-    run_keys[#run_keys + 1] = k
-  end
-  local last = r[#r]
-  if not last or last.kind ~= kind then
-    last = {kind = kind, args = {}}
-    r[#r + 1] = last
-  end
-  local args = last.args
-  args[#args + 1] = a
-  if b then args[#args + 1] = b end
-end
 -- unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000 values): at most 4000 per call.
 local CHUNK = 4000
-local function zflush()
-  for _, k in ipairs(run_keys) do
-    for _, run in ipairs(runs[k]) do
-      local args, cmd = run.args, (run.kind == 'a') and 'ZADD' or 'ZREM'
-      local n = #args
-      local i0 = 1
-      while i0 <= n do
-        local i1 = math.min(n, i0 + CHUNK - 1)
-        redis.call(cmd, k, unpack(args, i0, i1))
-        i0 = i1 + 1
-      end
-    end
-  end
-  runs, run_keys = {}, {}
-end
 
--- Record writes at a known version (putat) are batched into MSETs for the same reason (one per
--- order in a wave's commit). They are flushed before every op that reads or writes a key's value
--- otherwise (put reads the version; putatpx, del, alink and zunion overwrite), so each key ends as
--- if the ops ran one by one.
+-- Record writes at a known version (putat) are batched into MSETs: a wave's commit writes one
+-- record per order, and each redis.call costs a command lookup and argument conversion. They are
+-- flushed before every op that reads or writes a key's value otherwise (put reads the version;
+-- putatpx, del, alink and zunion overwrite), so each key ends as if the ops ran one by one.
 local sets = {}
 local function sflush()
   local n = #sets
@@ -178,18 +142,21 @@ for _ = 1, no do
     redis.call('SET', k, ARGV[i + 3], 'PX', ARGV[i + 2])
     i = i + 4
   elseif kind == 'del' then
-    zflush()
     sflush()
     redis.call('DEL', k)
     i = i + 2
-  elseif kind == 'zadd' then
-    zbuffer('a', k, ARGV[i + 2], ARGV[i + 3])
-    i = i + 4
-  elseif kind == 'zrem' then
-    zbuffer('r', k, ARGV[i + 2])
-    i = i + 3
+  elseif kind == 'zadds' or kind == 'zrems' then
+    -- A run of one sorted set's adds (score, member pairs) or removals, as the client grouped them.
+    local n = tonumber(ARGV[i + 2])
+    local first, last = i + 3, i + 2 + (kind == 'zadds' and 2 * n or n)
+    local cmd = (kind == 'zadds') and 'ZADD' or 'ZREM'
+    while first <= last do
+      local upto = math.min(last, first + CHUNK - 1)
+      redis.call(cmd, k, unpack(ARGV, first, upto))
+      first = upto + 1
+    end
+    i = last + 1
   elseif kind == 'zremstamp' then
-    zflush()
     local n = tonumber(ARGV[i + 2])
     local removed, j0 = 0, i + 3
     while j0 < i + 3 + n do
@@ -202,7 +169,6 @@ for _ = 1, no do
     end
     i = i + 6 + n
   elseif kind == 'zunion' then
-    zflush()
     sflush()
     local n = tonumber(ARGV[i + 2])
     local srcs = {}
@@ -266,7 +232,6 @@ for _ = 1, no do
     return redis.error_reply('chipgate commit: unknown op ' .. tostring(kind))
   end
 end
-zflush()
 sflush()
 
 if receipt then

@@ -700,8 +700,9 @@ impl RedisBackend {
         let receipt_ttl = self.inner.options.receipt_ttl.as_millis().max(1) as u64;
         // The arguments go straight into the command (no buffer per argument: a wave's batch has
         // about ten thousand of them).
+        let steps = script_steps(&txn.ops);
         let args = |cmd: &mut Cmd| {
-            cmd.arg(keys.len()).arg(receipt_ttl).arg(txn.guards.len()).arg(txn.ops.len());
+            cmd.arg(keys.len()).arg(receipt_ttl).arg(txn.guards.len()).arg(steps.len());
             for g in &txn.guards {
                 let (kind, key, n) = match g {
                     Guard::Version { key, version } => ("v", key, *version),
@@ -710,7 +711,24 @@ impl RedisBackend {
                 };
                 cmd.arg(kind).arg(idx(key)).arg(n);
             }
-            for op in &txn.ops {
+            for step in &steps {
+                let op = match step {
+                    Step::Op(op) => *op,
+                    Step::ZAdds(key, members) => {
+                        cmd.arg("zadds").arg(idx(key)).arg(members.len());
+                        for (score, member) in members {
+                            cmd.arg(Score(*score)).arg(*member);
+                        }
+                        continue;
+                    }
+                    Step::ZRems(key, members) => {
+                        cmd.arg("zrems").arg(idx(key)).arg(members.len());
+                        for member in members {
+                            cmd.arg(*member);
+                        }
+                        continue;
+                    }
+                };
                 match op {
                     Op::Put { key, data, ttl } => {
                         let ttl_ms = ttl.map(|t| t.as_millis().max(1)).unwrap_or(0) as u64;
@@ -726,12 +744,8 @@ impl RedisBackend {
                     Op::Delete { key } => {
                         cmd.arg("del").arg(idx(key));
                     }
-                    Op::ZAdd { key, member, score } => {
-                        cmd.arg("zadd").arg(idx(key)).arg(Score(*score)).arg(member.as_str());
-                    }
-                    Op::ZRem { key, member } => {
-                        cmd.arg("zrem").arg(idx(key)).arg(member.as_str());
-                    }
+                    // Sent in runs (script_steps).
+                    Op::ZAdd { .. } | Op::ZRem { .. } => {}
                     Op::ZRemStamp { key, members, stamp: (hash, field, value) } => {
                         cmd.arg("zremstamp").arg(idx(key)).arg(members.len());
                         for m in members {
@@ -1164,6 +1178,57 @@ fn score_arg(b: Bound<f64>, low: bool) -> String {
         Bound::Excluded(x) => format!("({}", format_score(x)),
         Bound::Unbounded => (if low { "-inf" } else { "+inf" }).to_string(),
     }
+}
+
+/// One step of the commit script: an op of the transaction, or a run of consecutive writes to one
+/// sorted set.
+enum Step<'a> {
+    Op(&'a Op),
+    ZAdds(&'a str, Vec<(f64, &'a str)>),
+    ZRems(&'a str, Vec<&'a str>),
+}
+
+/// The steps the commit script runs for `ops`. Sorted-set writes are sent in runs: consecutive adds
+/// (or removals) of one key become one step, so a wave's commit, thousands of members written into
+/// a handful of sets (the state indexes, the queues), costs the script one command per run instead
+/// of one per member, and no kind and key per member. Writes to one key keep their order (a run per
+/// kind, in order), writes to different keys commute, and every run is sent before an op that reads
+/// or deletes sorted sets (zremstamp, zunion, del), so the outcome is that of the ops one by one.
+fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
+    let mut steps = Vec::with_capacity(ops.len());
+    // The sorted sets with runs not sent yet, in first-write order, each with its runs.
+    let mut held: Vec<Vec<Step<'_>>> = Vec::new();
+    let mut at: HashMap<&str, usize, crate::FastHash> = HashMap::default();
+    for op in ops {
+        // A score: an add; none: a removal.
+        let (key, member, score) = match op {
+            Op::ZAdd { key, member, score } => (key.as_str(), member.as_str(), Some(*score)),
+            Op::ZRem { key, member } => (key.as_str(), member.as_str(), None),
+            Op::Delete { .. } | Op::ZRemStamp { .. } | Op::ZUnionStore { .. } => {
+                steps.extend(held.drain(..).flatten());
+                at.clear();
+                steps.push(Step::Op(op));
+                continue;
+            }
+            _ => {
+                steps.push(Step::Op(op));
+                continue;
+            }
+        };
+        let i = *at.entry(key).or_insert_with(|| {
+            held.push(Vec::new());
+            held.len() - 1
+        });
+        let runs = &mut held[i];
+        match (runs.last_mut(), score) {
+            (Some(Step::ZAdds(_, members)), Some(score)) => members.push((score, member)),
+            (Some(Step::ZRems(_, members)), None) => members.push(member),
+            (_, Some(score)) => runs.push(Step::ZAdds(key, vec![(score, member)])),
+            (_, None) => runs.push(Step::ZRems(key, vec![member])),
+        }
+    }
+    steps.extend(held.drain(..).flatten());
+    steps
 }
 
 /// Scores are integers in practice; print them without exponent or trailing `.0`.
@@ -1641,5 +1706,47 @@ mod tests {
         assert_eq!(format_score(1.0), "1");
         assert_eq!(format_score(9_007_199_254_740_000.0), "9007199254740000");
         assert_eq!(format_score(1.5), "1.5");
+    }
+
+    /// The script's steps as text: `+key:member@score`, `-key:member`, or an op's kind and key.
+    fn steps_of(txn: &Txn) -> Vec<String> {
+        script_steps(&txn.ops)
+            .iter()
+            .map(|s| match s {
+                Step::ZAdds(k, m) => {
+                    format!("+{k}:{}", m.iter().map(|(s, m)| format!("{m}@{s}")).collect::<Vec<_>>().join(","))
+                }
+                Step::ZRems(k, m) => format!("-{k}:{}", m.join(",")),
+                Step::Op(Op::Delete { key }) => format!("del {key}"),
+                Step::Op(Op::ZUnionStore { key, .. }) => format!("zunion {key}"),
+                Step::Op(Op::HIncr { key, .. }) => format!("hincr {key}"),
+                Step::Op(op) => format!("{op:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn sorted_set_writes_go_in_runs_per_key_in_order_and_before_readers() {
+        let mut t = Txn::new();
+        t.zadd("a", "1", 1.0).zrem("b", "x").zadd("a", "2", 2.0).hincr("h", "f", 1).zrem("a", "1").zadd("a", "3", 3.0);
+        t.zadd("b", "y", 5.0).zunionstore("u", vec!["a".into(), "b".into()]).zadd("a", "4", 4.0).delete("b");
+        t.zrem("b", "z");
+        assert_eq!(
+            steps_of(&t),
+            [
+                // Other ops go at once; the runs wait for the next reader of sorted sets.
+                "hincr h",
+                // a first (first written), each key's runs in its own order.
+                "+a:1@1,2@2",
+                "-a:1",
+                "+a:3@3",
+                "-b:x",
+                "+b:y@5",
+                "zunion u",
+                "+a:4@4",
+                "del b",
+                "-b:z",
+            ]
+        );
     }
 }
