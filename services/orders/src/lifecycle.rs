@@ -68,6 +68,10 @@ impl Orders {
             Ok((t, EffectOnly {}))
         })
         .await?;
+        // And from a snapshot taken after the waves were read above (a retry comes here again).
+        if let Some(sku) = order_id.product() {
+            self.leave_snapshots(&sku, order_id.as_str()).await?;
+        }
         // Give quota and stock back now rather than on the worker's next round.
         if let Err(e) = self.cleanup_once(ctx).await {
             tracing::warn!(order = %req.order_id, error = ?e, "releases after cancel deferred to the cleanup worker");

@@ -953,6 +953,37 @@ mod tests {
         shutdown.trigger();
     }
 
+    /// A cancelled order leaves every snapshot unsettled now, whenever it was taken; an order a
+    /// snapshot doesn't hold stamps nothing.
+    #[tokio::test]
+    async fn a_cancelled_order_leaves_every_unsettled_snapshot() {
+        use crate::keys;
+        use chipgate_domain::ids::WaveId;
+        use chipgate_runtime::service::Records;
+        use chipgate_state::{Backend, Txn};
+        let (svc, shutdown) = service(Options::default());
+        let sku = Sku::from_trusted("A");
+        let waves = [WaveId::from_trusted("wave-1"), WaveId::from_trusted("wave-2")];
+        let store = svc.store().clone();
+        let mut t = Txn::new();
+        for w in &waves {
+            t.zadd(keys::wave_pending(w, &sku), "ord-A-1", 1.0).zadd(keys::wave_pending(w, &sku), "ord-A-2", 2.0);
+            t.sadd(keys::unsettled_waves(&sku), w);
+        }
+        store.commit(&t).await.expect("snapshots");
+        svc.leave_snapshots(&sku, "ord-A-9").await.expect("not held");
+        for w in &waves {
+            assert!(store.hgetall(&keys::wave_tally(w, &sku)).await.expect("tally").is_empty(), "nothing stamped");
+        }
+        svc.leave_snapshots(&sku, "ord-A-1").await.expect("held");
+        for w in &waves {
+            let left = store.zrange(&keys::wave_pending(w, &sku), 0, -1, false).await.expect("zrange");
+            assert_eq!(left, vec![("ord-A-2".to_string(), 2.0)], "{w}");
+            assert!(!store.hgetall(&keys::wave_tally(w, &sku)).await.expect("tally").is_empty(), "{w} stamped");
+        }
+        shutdown.trigger();
+    }
+
     #[tokio::test]
     async fn a_shared_size_of_zero_or_not_below_the_batch_size_changes_nothing() {
         for shared_chunk in [0, 50, 80] {

@@ -117,6 +117,21 @@ impl Orders {
         Ok(())
     }
 
+    /// Takes order `id` of `sku`, no longer waiting, out of the snapshot of every wave unsettled for
+    /// the product now. [`left_waiting`](Self::left_waiting) does it inside the order's own commit,
+    /// from the unsettled waves read before it: a snapshot taken in between holds the order too (it
+    /// still waited then), and nothing else would take it out (the wave would never settle).
+    pub(crate) async fn leave_snapshots(&self, sku: &Sku, id: &str) -> Result<(), Error> {
+        let unsettled = self.unsettled_waves(sku).await?;
+        if unsettled.is_empty() {
+            return Ok(());
+        }
+        let mut t = Txn::new();
+        evaluated(&mut t, sku, &unsettled, &[id], now_ms());
+        self.store().commit(&t).await.map_err(|e| Error::Internal(format!("leaving wave snapshots: {e}")))?;
+        Ok(())
+    }
+
     /// An order of `o.sku` that stops waiting outside a reconciliation round (a cancel): it leaves the
     /// snapshots of the product's unsettled waves in `t`.
     pub(crate) async fn left_waiting(&self, t: &mut Txn, old: &OrderRecord, new: &OrderRecord) -> Result<(), Error> {
