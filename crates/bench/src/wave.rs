@@ -74,6 +74,12 @@ impl WaveResult {
     }
 }
 
+/// The wave's progress as the orders service reports it.
+async fn progress(ord: &mut chipgate_testkit::OrdersClient, wave_id: &str) -> opb::WaveProgress {
+    let req = opb::GetWaveProgressRequest { wave_id: wave_id.to_string() };
+    ord.get_wave_progress(req).await.expect("progress").into_inner().progress.unwrap_or_default()
+}
+
 async fn used_memory(cluster: &Cluster) -> u64 {
     cluster.store.info().await.ok().and_then(|i| i.used_memory).unwrap_or(0)
 }
@@ -196,13 +202,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
     let mut first_move = None;
     let deadline = started + Duration::from_secs(600);
     let (reserved, backordered) = loop {
-        let p = ord
-            .get_wave_progress(opb::GetWaveProgressRequest { wave_id: wave_id.clone() })
-            .await
-            .expect("progress")
-            .into_inner()
-            .progress
-            .unwrap_or_default();
+        let p = progress(&mut ord, &wave_id).await;
         let moved = p.orders_reserved + p.orders_backordered;
         if moved > 0 && first_move.is_none() {
             first_move = Some(started.elapsed());
@@ -229,13 +229,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
             }
             if out {
                 // The figures as they stand now that the stock is out (the drain moved orders on).
-                let p = ord
-                    .get_wave_progress(opb::GetWaveProgressRequest { wave_id: wave_id.clone() })
-                    .await
-                    .expect("progress")
-                    .into_inner()
-                    .progress
-                    .unwrap_or_default();
+                let p = progress(&mut ord, &wave_id).await;
                 break (p.orders_reserved, p.orders_backordered);
             }
         }
@@ -261,13 +255,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
     // Every order moved: the progress must come to say so (the last rounds record it just after).
     let settle_by = Instant::now() + SETTLE_WAIT;
     let progress_settled = loop {
-        let p = ord
-            .get_wave_progress(opb::GetWaveProgressRequest { wave_id: wave_id.clone() })
-            .await
-            .expect("progress")
-            .into_inner()
-            .progress
-            .unwrap_or_default();
+        let p = progress(&mut ord, &wave_id).await;
         if p.settle_time.is_some() && p.orders_evaluated >= p.orders_concerned {
             break true;
         }

@@ -451,10 +451,7 @@ impl Txn {
 
     /// Writes a record guarded by the version it was read at (0: must not exist yet).
     pub fn replace(&mut self, key: impl Into<String>, read_version: u64, data: Vec<u8>) -> &mut Self {
-        let key = key.into();
-        self.expect_version(key.clone(), read_version);
-        self.ops.push(Op::PutAt { key, version: read_version + 1, data, ttl: None });
-        self
+        self.replace_at(key.into(), read_version, data, None)
     }
 
     /// [`replace`](Self::replace) for a record that expires after `ttl` (an idempotency answer:
@@ -466,9 +463,12 @@ impl Txn {
         data: Vec<u8>,
         ttl: Duration,
     ) -> &mut Self {
-        let key = key.into();
+        self.replace_at(key.into(), read_version, data, Some(ttl))
+    }
+
+    fn replace_at(&mut self, key: String, read_version: u64, data: Vec<u8>, ttl: Option<Duration>) -> &mut Self {
         self.expect_version(key.clone(), read_version);
-        self.ops.push(Op::PutAt { key, version: read_version + 1, data, ttl: Some(ttl) });
+        self.ops.push(Op::PutAt { key, version: read_version + 1, data, ttl });
         self
     }
 
