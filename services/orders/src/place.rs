@@ -124,7 +124,21 @@ impl Orders {
                 Some(left) => left.saturating_sub(std::time::Duration::from_millis(50)).min(self.options().place_wait),
                 None => self.options().place_wait,
             };
-            let done = tokio::time::timeout(wait, progress.wait_for(|p| p.completed >= target)).await;
+            // The round's end, or sooner its commit of the order in a state the rest of the round
+            // can't change (see [`crate::answers`]).
+            let evaluated = async {
+                let round_done = progress.wait_for(|p| p.completed >= target);
+                match &ticket {
+                    Some(t) => tokio::select! {
+                        _ = round_done => {}
+                        () = t.settled() => {}
+                    },
+                    None => {
+                        let _ = round_done.await;
+                    }
+                }
+            };
+            let done = tokio::time::timeout(wait, evaluated).await;
             if done.is_err() {
                 tracing::debug!(order = %placed.order_id, "first evaluation still running; answering with the order as it stands");
             }
