@@ -820,6 +820,16 @@ pub struct BackendInfo {
     pub used_memory: Option<u64>,
 }
 
+/// What [`Backend::hash_move`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HashMoved {
+    /// Fields the destination held before the move, once `forget` was deleted (for a product's
+    /// marks: work an earlier lease holder left unfinished).
+    pub kept: usize,
+    /// The destination's fields after the move, sorted by field.
+    pub fields: Vec<(String, Vec<u8>)>,
+}
+
 /// The operations every chipgate service needs from its state backend.
 ///
 /// Implementations must behave identically; `tests/conformance.rs` holds them to it.
@@ -935,6 +945,21 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// Gives a lease up; false if it was no longer held with `token`.
     fn lease_release(&self, key: &str, token: u64) -> impl Future<Output = StateResult<bool>> + Send;
+
+    /// In one atomic step, while the lease at `lease` is held with `token`: deletes the fields
+    /// `forget` from hash `to`, moves every field of hash `from` into `to` (`from`'s value wins),
+    /// and returns `to`'s fields as they are then ([`HashMoved`]). None when the lease is not held
+    /// (nothing changed). A field set in `from` after the step is left for the next one, never lost: this is
+    /// how a product's round takes its marks (read and moved in one round trip, not two).
+    /// Durable like a commit: it waits for the replicas a commit waits for.
+    fn hash_move(
+        &self,
+        from: &str,
+        to: &str,
+        forget: &[String],
+        lease: &str,
+        token: u64,
+    ) -> impl Future<Output = StateResult<Option<HashMoved>>> + Send;
 
     /// Checks the backend answers.
     fn ping(&self) -> impl Future<Output = StateResult<()>> + Send;
@@ -1086,6 +1111,16 @@ impl Backend for Store {
     }
     async fn lease_release(&self, key: &str, token: u64) -> StateResult<bool> {
         dispatch!(self, b => b.lease_release(key, token).await)
+    }
+    async fn hash_move(
+        &self,
+        from: &str,
+        to: &str,
+        forget: &[String],
+        lease: &str,
+        token: u64,
+    ) -> StateResult<Option<HashMoved>> {
+        dispatch!(self, b => b.hash_move(from, to, forget, lease, token).await)
     }
     async fn ping(&self) -> StateResult<()> {
         dispatch!(self, b => b.ping().await)

@@ -11,8 +11,8 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::{
-    Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, Op, Record, StateError, StateResult, StreamEntry,
-    Txn,
+    Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, HashMoved, Op, Record, StateError, StateResult,
+    StreamEntry, Txn,
 };
 
 /// State in process memory. Cloning shares the state.
@@ -681,6 +681,32 @@ impl Backend for MemoryBackend {
         } else {
             Ok(false)
         }
+    }
+
+    async fn hash_move(
+        &self,
+        from: &str,
+        to: &str,
+        forget: &[String],
+        lease: &str,
+        token: u64,
+    ) -> StateResult<Option<HashMoved>> {
+        let mut inner = self.lock()?;
+        if inner.int(lease) != Some(token) {
+            return Ok(None);
+        }
+        let moved = inner.hashes.remove(from).unwrap_or_default();
+        let dest = inner.hashes.entry(to.to_string()).or_default();
+        for f in forget {
+            dest.remove(f);
+        }
+        let kept = dest.len();
+        dest.extend(moved);
+        let fields = dest.iter().map(|(f, v)| (f.clone(), v.clone())).collect();
+        if dest.is_empty() {
+            inner.hashes.remove(to);
+        }
+        Ok(Some(HashMoved { kept, fields }))
     }
 
     async fn ping(&self) -> StateResult<()> {

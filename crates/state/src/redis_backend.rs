@@ -40,8 +40,8 @@ use redis::{
 };
 
 use crate::{
-    Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, Op, Record, StateError, StateResult, StreamEntry,
-    Txn,
+    Backend, BackendInfo, CommitError, Committed, GroupInfo, Guard, HashMoved, Op, Record, StateError, StateResult,
+    StreamEntry, Txn,
 };
 
 const COMMIT_LUA: &str = include_str!("../lua/commit.lua");
@@ -67,6 +67,35 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then
   return 1
 end
 return 0
+";
+
+// KEYS: from, to, lease. ARGV: token, then the fields to forget from `to`. Returns the number of
+// fields `to` kept (after forgetting, before the move), then `to`'s fields and values flattened; or
+// nil (false) when the lease is not held. unpack() is bounded by Lua's C
+// stack, hence the chunks.
+const HASH_MOVE_LUA: &str = r"#!lua
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
+local CHUNK = 4000
+local i = 2
+while i <= #ARGV do
+  local j = math.min(#ARGV, i + CHUNK - 1)
+  redis.call('HDEL', KEYS[2], unpack(ARGV, i, j))
+  i = j + 1
+end
+local kept = redis.call('HLEN', KEYS[2])
+local moved = redis.call('HGETALL', KEYS[1])
+if #moved > 0 then
+  i = 1
+  while i <= #moved do
+    local j = math.min(#moved, i + CHUNK - 1)
+    redis.call('HSET', KEYS[2], unpack(moved, i, j))
+    i = j + 1
+  end
+  redis.call('DEL', KEYS[1])
+end
+local out = redis.call('HGETALL', KEYS[2])
+table.insert(out, 1, kept)
+return out
 ";
 
 /// What a call whose write the replicas did not acknowledge in time answers.
@@ -323,6 +352,7 @@ struct Scripts {
     lease_acquire: Script,
     lease_renew: Script,
     lease_release: Script,
+    hash_move: Script,
 }
 
 /// Transient failures become [`StateError::Unavailable`], so callers get UNAVAILABLE and retry;
@@ -530,6 +560,7 @@ impl RedisBackend {
                     lease_acquire: Script::new(LEASE_ACQUIRE_LUA),
                     lease_renew: Script::new(LEASE_RENEW_LUA),
                     lease_release: Script::new(LEASE_RELEASE_LUA),
+                    hash_move: Script::new(HASH_MOVE_LUA),
                 },
                 options,
                 single_addr,
@@ -1268,6 +1299,27 @@ impl redis::ToRedisArgs for Versioned<'_> {
     }
 }
 
+/// The fields of a hash as `HGETALL` answers them (a map in RESP3, a flat array in RESP2 and from
+/// scripts), sorted by field.
+fn parse_hash(v: Value) -> StateResult<Vec<(String, Vec<u8>)>> {
+    let mut out = Vec::new();
+    match v {
+        Value::Map(pairs) => {
+            for (f, val) in pairs {
+                out.push((string_of(f)?, bytes_of(val)?));
+            }
+        }
+        other => {
+            let mut it = array_of(other)?.into_iter();
+            while let (Some(f), Some(val)) = (it.next(), it.next()) {
+                out.push((string_of(f)?, bytes_of(val)?));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 fn parse_scored(v: Value) -> StateResult<Vec<(String, f64)>> {
     let items = array_of(v)?;
     let mut out = Vec::with_capacity(items.len() / 2);
@@ -1358,22 +1410,7 @@ impl Backend for RedisBackend {
 
     async fn hgetall(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
         let v: Value = self.query(redis::cmd("HGETALL").arg(key)).await?;
-        let mut out = Vec::new();
-        match v {
-            Value::Map(pairs) => {
-                for (f, val) in pairs {
-                    out.push((string_of(f)?, bytes_of(val)?));
-                }
-            }
-            other => {
-                let mut it = array_of(other)?.into_iter();
-                while let (Some(f), Some(val)) = (it.next(), it.next()) {
-                    out.push((string_of(f)?, bytes_of(val)?));
-                }
-            }
-        }
-        out.sort_by(|a, b| a.0.cmp(&b.0));
-        Ok(out)
+        parse_hash(v)
     }
 
     async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {
@@ -1551,6 +1588,37 @@ impl Backend for RedisBackend {
         let (v, _) = self.run_script(&self.inner.scripts.lease_release, LEASE_RELEASE_LUA, &keys, &args, false).await?;
         let ok: u64 = redis::from_redis_value(v).map_err(|e| StateError::Backend(e.to_string()))?;
         Ok(ok == 1)
+    }
+
+    async fn hash_move(
+        &self,
+        from: &str,
+        to: &str,
+        forget: &[String],
+        lease: &str,
+        token: u64,
+    ) -> StateResult<Option<HashMoved>> {
+        let keys = [from.to_string(), to.to_string(), lease.to_string()];
+        let args = |c: &mut Cmd| {
+            c.arg(token);
+            for f in forget {
+                c.arg(f);
+            }
+        };
+        let (v, acks) = self.run_script(&self.inner.scripts.hash_move, HASH_MOVE_LUA, &keys, &args, true).await?;
+        if matches!(v, Value::Nil) {
+            return Ok(None);
+        }
+        self.check_acks(acks)?;
+        let mut items = array_of(v)?;
+        if items.is_empty() {
+            return Err(StateError::Backend("hash move answered nothing".into()));
+        }
+        let kept = match items.remove(0) {
+            Value::Int(n) => usize::try_from(n).unwrap_or(0),
+            other => return Err(StateError::Backend(format!("hash move answered {other:?}"))),
+        };
+        Ok(Some(HashMoved { kept, fields: parse_hash(Value::Array(items))? }))
     }
 
     /// On a cluster, healthy means every master serving slots answers on its own connection and

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chipgate_state::{
-    AUDIT_GENESIS, AuditChain, Backend, CommitError, Space, StateError, Store, Txn, audit_link, backend_tests,
-    sha256_hex,
+    AUDIT_GENESIS, AuditChain, Backend, CommitError, HashMoved, Space, StateError, Store, Txn, audit_link,
+    backend_tests, sha256_hex,
 };
 
 const S: Space = Space::new("t");
@@ -591,6 +591,64 @@ async fn sorted_set_writes_in_one_transaction_apply_in_order(store: Store) {
     assert_eq!(store.zrange(&big, 0, 0, true).await.unwrap(), vec![("m04999".into(), 4_999.0)]);
 }
 
+async fn hashes_move_in_one_step_under_a_lease(store: Store) {
+    let (from, to) = (k(&["dirty", "H200"]), k(&["working", "H200"]));
+    let lease = k(&["lease", "H200"]);
+    let token =
+        store.lease_acquire(&lease, &k(&["fence", "H200"]), Duration::from_secs(5)).await.unwrap().expect("free");
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, Vec<u8>)> {
+        v.iter().map(|(f, x)| (f.to_string(), x.as_bytes().to_vec())).collect()
+    };
+    let mut t = Txn::new();
+    t.hset(&from, "a", b"1".to_vec()).hset(&from, "b", b"2".to_vec());
+    t.hset(&to, "b", b"old".to_vec()).hset(&to, "c", b"3".to_vec()).hset(&to, "d", b"4".to_vec());
+    store.commit(&t).await.unwrap();
+
+    // Forgotten fields go first, then the source's fields move in (its value wins) and it is gone.
+    let forget = vec!["c".to_string(), "absent".to_string()];
+    let got = store.hash_move(&from, &to, &forget, &lease, token).await.unwrap();
+    assert_eq!(got, Some(HashMoved { kept: 2, fields: pairs(&[("a", "1"), ("b", "2"), ("d", "4")]) }));
+    assert_eq!(store.hgetall(&from).await.unwrap(), vec![]);
+    assert_eq!(store.hgetall(&to).await.unwrap(), pairs(&[("a", "1"), ("b", "2"), ("d", "4")]));
+
+    // A field forgotten and set again in the source since comes back with its new value.
+    let mut t = Txn::new();
+    t.hset(&from, "a", b"again".to_vec());
+    store.commit(&t).await.unwrap();
+    let got = store.hash_move(&from, &to, &["a".to_string(), "b".to_string()], &lease, token).await.unwrap();
+    assert_eq!(got, Some(HashMoved { kept: 1, fields: pairs(&[("a", "again"), ("d", "4")]) }));
+
+    // Without the lease nothing changes.
+    let mut t = Txn::new();
+    t.hset(&from, "e", b"5".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hash_move(&from, &to, &["d".to_string()], &lease, token + 1).await.unwrap(), None);
+    assert_eq!(store.hgetall(&from).await.unwrap(), pairs(&[("e", "5")]));
+    assert_eq!(store.hgetall(&to).await.unwrap(), pairs(&[("a", "again"), ("d", "4")]));
+
+    // Forgotten first, then moved in: a field both forgotten and in the source stays.
+    let everything: Vec<String> = ["a", "d", "e"].iter().map(|f| f.to_string()).collect();
+    let got = store.hash_move(&from, &to, &everything, &lease, token).await.unwrap();
+    assert_eq!(got, Some(HashMoved { kept: 0, fields: pairs(&[("e", "5")]) }));
+    // Forgetting everything with nothing to move leaves no hash.
+    let got = store.hash_move(&from, &to, &everything, &lease, token).await.unwrap();
+    assert_eq!(got, Some(HashMoved::default()));
+    assert_eq!(store.hgetall(&to).await.unwrap(), vec![]);
+
+    // Thousands of fields each way (over the script's chunk of 4,000 values).
+    let mut t = Txn::new();
+    for i in 0..5_000u32 {
+        t.hset(&from, format!("f{i:05}"), b"x".to_vec());
+    }
+    store.commit(&t).await.unwrap();
+    let got = store.hash_move(&from, &to, &[], &lease, token).await.unwrap().expect("held");
+    assert_eq!((got.kept, got.fields.len()), (0, 5_000));
+    let forget: Vec<String> = (0..4_500u32).map(|i| format!("f{i:05}")).collect();
+    let got = store.hash_move(&from, &to, &forget, &lease, token).await.unwrap().expect("held");
+    assert_eq!((got.kept, got.fields.len()), (500, 500));
+    assert_eq!(got.fields[0].0, "f04500");
+}
+
 backend_tests!(
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
@@ -606,6 +664,7 @@ backend_tests!(
     a_missing_group_says_so,
     blocking_reads_wake_on_append,
     leases_and_fences,
+    hashes_move_in_one_step_under_a_lease,
     audit_chain_links_every_entry,
     streams_trim_exactly_before_an_id,
     optimistic_increments_lose_nothing_under_concurrency,

@@ -225,8 +225,8 @@ impl Orders {
     /// marks for whoever takes the lease next.
     async fn pass(&self, lease: &mut Lease) -> Result<(), Error> {
         let progress = self.inner.scheduler.sender(&lease.sku);
-        // Marks whose work the rounds so far have done; they leave the working hash in the next
-        // round's first commit (one round trip less per round), or when the pass ends.
+        // Marks whose work the rounds so far have done; they leave the working hash in the same
+        // step that takes the next round's marks (see [`Self::round`]).
         let mut finished: HashSet<String> = HashSet::new();
         loop {
             // Each round counts: placement waits for the first round that starts after its commit.
@@ -240,50 +240,47 @@ impl Orders {
     }
 
     /// One round of a pass; false when there was nothing to do. `finished` holds the marks earlier
-    /// rounds of the pass did the work of: this round's first commit clears them from the working
-    /// hash (a mark set again since then is in the dirty hash, and moves back in the same commit),
-    /// and this round's own marks are added once its work is done.
+    /// rounds of the pass did the work of: the one step that takes this round's marks
+    /// ([`chipgate_state::Backend::hash_move`], one round trip) clears them from the working hash,
+    /// then moves the marks set since from the dirty hash in (a mark set again since it was done
+    /// comes back), and this round's own marks are added once its work is done.
     async fn round(&self, lease: &mut Lease, finished: &mut HashSet<String>) -> Result<bool, Error> {
         {
             let began = Instant::now();
-            let (dirty_key, working_key) = (keys::dirty(&lease.sku), keys::working(&lease.sku));
-            let (dirty, mut working) =
-                tokio::try_join!(self.store().hgetall(&dirty_key), self.store().hgetall(&working_key))?;
-            working.retain(|(f, _)| !finished.contains(f));
-            let mut t = Txn::new();
-            t.expect_lease(keys::lease(&lease.sku), lease.token);
-            for f in finished.iter() {
-                t.hdel(keys::working(&lease.sku), f);
-            }
-            if dirty.is_empty() && working.is_empty() {
-                if !finished.is_empty() {
-                    commit_under_lease(self, &t).await?;
-                    finished.clear();
-                }
+            // One step: the marks done by earlier rounds leave the working hash, and the marks set
+            // since move in from the dirty hash; what the working hash then holds is this round's.
+            let forget: Vec<String> = finished.drain().collect();
+            let Some(taken) = self
+                .store()
+                .hash_move(
+                    &keys::dirty(&lease.sku),
+                    &keys::working(&lease.sku),
+                    &forget,
+                    &keys::lease(&lease.sku),
+                    lease.token,
+                )
+                .await?
+            else {
+                return Err(Error::Superseded(format!("lease of {} was lost", lease.sku)));
+            };
+            if taken.fields.is_empty() {
                 return Ok(false);
             }
-            for (f, v) in &dirty {
-                t.hdel(keys::dirty(&lease.sku), f);
-                t.hset(keys::working(&lease.sku), f, v.clone());
-            }
-            commit_under_lease(self, &t).await?;
-            finished.clear();
-            if !working.is_empty() {
-                tracing::info!(sku = %lease.sku, marks = working.len(), "finishing work a previous lease holder left unfinished");
+            if taken.kept > 0 {
+                tracing::info!(sku = %lease.sku, marks = taken.kept, "finishing work a previous lease holder left unfinished");
             }
             // The round continues the trace of what marked the product (the others become links).
-            let mut causes: Vec<String> = dirty
+            let mut causes: Vec<String> = taken
+                .fields
                 .iter()
-                .chain(working.iter())
                 .filter_map(|(_, v)| std::str::from_utf8(v).ok())
                 .filter(|tp| chipgate_runtime::context::parse_traceparent(tp).is_some())
                 .map(str::to_string)
                 .collect();
             causes.sort();
             causes.dedup();
-            let mut fields: Vec<String> = dirty.into_iter().chain(working).map(|(f, _)| f).collect();
-            fields.sort();
-            fields.dedup();
+            // Sorted and distinct already (the fields of one hash).
+            let fields: Vec<String> = taken.fields.into_iter().map(|(f, _)| f).collect();
             let marks = Marks::parse(fields);
             let mut ctx = RequestContext::background("reconcile", causes.first().map(String::as_str));
             let links: Vec<&str> = causes.iter().skip(1).take(MAX_LINKS).map(String::as_str).collect();
@@ -826,10 +823,6 @@ impl Orders {
         }
         Ok(())
     }
-}
-
-async fn commit_under_lease(svc: &Orders, t: &Txn) -> Result<(), Error> {
-    svc.store().commit(t).await.map(|_| ()).map_err(commit_error)
 }
 
 /// A planned move the order's life cycle refuses: stored data and the rules disagree.
