@@ -949,9 +949,9 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// In one atomic step, while the lease at `lease` is held with `token`: deletes the fields
     /// `forget` from hash `to`, moves every field of hash `from` into `to` (`from`'s value wins),
     /// and returns `to`'s fields as they are then ([`HashMoved`]). None when the lease is not held
-    /// (nothing changed). A field set in `from` after the step is left for the next one, never lost: this is
-    /// how a product's round takes its marks (read and moved in one round trip, not two).
-    /// Durable like a commit: it waits for the replicas a commit waits for.
+    /// (nothing changed). A field set in `from` after the step is left for the next one, never
+    /// lost: this is how a product's round takes its marks (read and moved in one round trip, not
+    /// two). Durable like a commit: it waits for the replicas a commit waits for.
     fn hash_move(
         &self,
         from: &str,

@@ -71,8 +71,8 @@ return 0
 
 // KEYS: from, to, lease. ARGV: token, then the fields to forget from `to`. Returns the number of
 // fields `to` kept (after forgetting, before the move), then `to`'s fields and values flattened; or
-// nil (false) when the lease is not held. unpack() is bounded by Lua's C
-// stack, hence the chunks.
+// nil (false) when the lease is not held. unpack() is bounded by Lua's C stack, hence the chunks
+// (of 4,000 values, as in commit.lua).
 const HASH_MOVE_LUA: &str = r"#!lua
 if redis.call('GET', KEYS[3]) ~= ARGV[1] then return false end
 local CHUNK = 4000

@@ -116,7 +116,7 @@ impl Orders {
         let committed_at = began.elapsed();
         // The round that evaluates a new order leaves its record here (see [`crate::answers`]).
         let ticket = fresh.then(|| self.inner.answers.expect(&placed.order_id, req.sku.as_str()));
-        if fresh {
+        if let Some(t) = &ticket {
             let target = progress.borrow().started + 1;
             self.inner.scheduler.request(&req.sku);
             let wait = match ctx.remaining() {
@@ -127,15 +127,9 @@ impl Orders {
             // The round's end, or sooner its commit of the order in a state the rest of the round
             // can't change (see [`crate::answers`]).
             let evaluated = async {
-                let round_done = progress.wait_for(|p| p.completed >= target);
-                match &ticket {
-                    Some(t) => tokio::select! {
-                        _ = round_done => {}
-                        () = t.settled() => {}
-                    },
-                    None => {
-                        let _ = round_done.await;
-                    }
+                tokio::select! {
+                    _ = progress.wait_for(|p| p.completed >= target) => {}
+                    () = t.settled() => {}
                 }
             };
             let done = tokio::time::timeout(wait, evaluated).await;
