@@ -46,72 +46,65 @@ impl Orders {
         let idem = &self.inner.idem;
         // The order, its answer and everything it implies live in the product's partition.
         let part = keys::part(&req.sku);
-        // The request id's earlier answer (a retry), a sequence number for a new order, and the
-        // registration of the buyer's product (idempotent, before the order exists), at once; a retry
-        // wastes a sequence number, which only leaves a gap.
-        let (prior, seq, ()) = tokio::try_join!(
-            async {
-                idem.lookup::<Placed>(self.store(), Some(&part), "PlaceOrder", &req.request_id, &fp)
-                    .await
-                    .map_err(Error::Status)
-            },
+        // A sequence number for the order and the registration of the buyer's product (idempotent,
+        // before the order exists), at once. An earlier call with this request id is not looked up
+        // first: the commit below is guarded on the request id, so a retry conflicts and is answered
+        // from the earlier call's record then. That keeps a new placement (by far the common case)
+        // to two round trips to its partition; a retry wastes a sequence number, which only leaves a
+        // gap.
+        let (seq, ()) = tokio::try_join!(
             async { Ok::<u64, Error>(self.store().incr(&keys::seq(&req.sku), 1).await?) },
             self.register(&req.buyer_id, &req.sku),
         )?;
-        let (placed, fresh) = match prior {
-            Some(p) => (p, false),
-            None => {
-                let now = now_ms();
-                let id = keys::order_id(&req.sku, seq);
-                let order = OrderRecord {
-                    id: id.to_string(),
-                    request_id: req.request_id.clone(),
-                    buyer_id: req.buyer_id.to_string(),
-                    sku: req.sku.to_string(),
-                    units: req.units,
-                    justification: req.justification.clone(),
-                    status: OrderStatus::Pending as i32,
-                    generation: 1,
-                    seq,
-                    create_ms: now,
-                    update_ms: now,
-                    history: vec![TransitionRecord {
-                        from: OrderStatus::Unspecified as i32,
-                        to: OrderStatus::Pending as i32,
-                        at_ms: now,
-                        cause: Some(Cause::new(CauseKind::Placed, &id)),
-                        ..Default::default()
-                    }],
-                    ..Default::default()
-                };
-                let placed = Placed { order_id: id.into_string() };
-                let mut t = Txn::new();
-                let mut events = book::Events::traced(ctx);
-                book::write(&mut t, &mut events, 0, None, &order);
-                marks::awaiting(
-                    &mut t,
-                    &req.sku,
-                    Who::Buyer(&order.buyer_id),
-                    &Cause::new(CauseKind::Placed, ""),
-                    &ctx.traceparent(),
-                );
-                idem.record(&mut t, Some(&part), "PlaceOrder", &req.request_id, &fp, &placed);
-                events.flush(&mut t);
-                match self.store().commit(&t).await {
-                    Ok(_) => (placed, true),
-                    // Another call with this request id committed first: answer as it did.
-                    Err(CommitError::Conflict { .. }) => {
-                        let p = idem
-                            .lookup::<Placed>(self.store(), Some(&part), "PlaceOrder", &req.request_id, &fp)
-                            .await
-                            .map_err(Error::Status)?
-                            .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;
-                        (p, false)
-                    }
-                    Err(CommitError::State(e)) => return Err(Error::State(e)),
-                    Err(e) => return Err(Error::Internal(e.to_string())),
-                }
+        let now = now_ms();
+        let id = keys::order_id(&req.sku, seq);
+        let order = OrderRecord {
+            id: id.to_string(),
+            request_id: req.request_id.clone(),
+            buyer_id: req.buyer_id.to_string(),
+            sku: req.sku.to_string(),
+            units: req.units,
+            justification: req.justification.clone(),
+            status: OrderStatus::Pending as i32,
+            generation: 1,
+            seq,
+            create_ms: now,
+            update_ms: now,
+            history: vec![TransitionRecord {
+                from: OrderStatus::Unspecified as i32,
+                to: OrderStatus::Pending as i32,
+                at_ms: now,
+                cause: Some(Cause::new(CauseKind::Placed, &id)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let placed = Placed { order_id: id.into_string() };
+        let mut t = Txn::new();
+        let mut events = book::Events::traced(ctx);
+        book::write(&mut t, &mut events, 0, None, &order);
+        marks::awaiting(
+            &mut t,
+            &req.sku,
+            Who::Buyer(&order.buyer_id),
+            &Cause::new(CauseKind::Placed, ""),
+            &ctx.traceparent(),
+        );
+        idem.record(&mut t, Some(&part), "PlaceOrder", &req.request_id, &fp, &placed);
+        events.flush(&mut t);
+        let (placed, fresh) = match self.store().commit(&t).await {
+            Ok(_) => (placed, true),
+            // Another call with this request id committed first: answer as it did.
+            Err(CommitError::Conflict { .. }) => {
+                let p = idem
+                    .lookup::<Placed>(self.store(), Some(&part), "PlaceOrder", &req.request_id, &fp)
+                    .await
+                    .map_err(Error::Status)?
+                    .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;
+                (p, false)
             }
+            Err(CommitError::State(e)) => return Err(Error::State(e)),
+            Err(e) => return Err(Error::Internal(e.to_string())),
         };
         let committed_at = began.elapsed();
         // The round that evaluates a new order leaves its record here (see [`crate::answers`]).

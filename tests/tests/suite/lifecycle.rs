@@ -201,6 +201,28 @@ async fn rejection_queue_order_and_idempotent_placement() {
     let e = w.ord.place_order(other).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert_eq!(e.get_error_details().bad_request().unwrap().field_violations[0].field, "request_id");
+    // The same call sent eight times at once (a client retrying before the first answer): one order,
+    // and every call answers with it.
+    let before = w.all_orders().await.len();
+    let dup = opb::PlaceOrderRequest {
+        request_id: "fixed-2".into(),
+        buyer_id: "tencent".into(),
+        product_sku: H200.into(),
+        units: 3,
+        justification: String::new(),
+    };
+    let calls = (0..8).map(|_| {
+        let mut ord = w.ord.clone();
+        let dup = dup.clone();
+        tokio::spawn(async move { ord.place_order(dup).await })
+    });
+    let mut ids = std::collections::BTreeSet::new();
+    for call in calls.collect::<Vec<_>>() {
+        let answer = call.await.expect("call task").expect("a duplicate placement answers");
+        ids.insert(answer.into_inner().order.expect("order").order_id);
+    }
+    assert_eq!(ids.len(), 1, "every duplicate names the same order: {ids:?}");
+    assert_eq!(w.all_orders().await.len(), before + 1, "exactly one order placed");
     // Bad input is refused with every violation, and nothing is placed.
     let before = w.all_orders().await.len();
     let e = w
