@@ -80,7 +80,10 @@ pub struct Options {
     /// `chunk`: always `chunk`). Each batch is one commit script (and one quota and one hold script)
     /// during which Redis runs nothing else, so a wave's full batches make every call of another
     /// product's round wait milliseconds; smaller batches while someone waits keep those short, and
-    /// a wave that has the replica to itself still runs full ones.
+    /// a wave that has the replica to itself still runs full ones. 50 by default: against 100, it
+    /// took placements during a 100k wave from p50 24–33 / p99 55–84 ms to p50 16–21 / p99 40–66 ms,
+    /// for about 12 % less wave throughput while they wait (25 was worse on both; BENCHMARKS.md,
+    /// round 8).
     pub shared_chunk: usize,
     /// Lifetime of a product lease (renewed while a pass runs).
     pub lease_ttl: Duration,
@@ -114,7 +117,7 @@ impl Default for Options {
             chunk: 500,
             // Measured (BENCHMARKS.md, round 5): at 100 the p99 of another product's placements
             // during a 100k wave was 32–33 ms against 85–92 ms at 500, the wave alone unchanged.
-            shared_chunk: 100,
+            shared_chunk: 50,
             lease_ttl: Duration::from_secs(10),
             claim_idle: Duration::from_secs(30),
             full_reconcile_every: Duration::from_secs(600),
