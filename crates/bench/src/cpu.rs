@@ -39,6 +39,13 @@ impl CpuUse {
         self.redis.iter().filter(|(n, _)| !n.master).map(|(_, s)| s).sum()
     }
 
+    /// Cores kept busy on average over the window: this process and every Redis node. Below the
+    /// machine's cores, the figure it goes with is bound by waiting (round trips, wake-ups, a single
+    /// Redis thread), not by CPU alone.
+    pub fn cores_busy(&self) -> f64 {
+        (self.process + self.redis.iter().map(|(_, s)| s).sum::<f64>()) / self.wall.max(1e-9)
+    }
+
     /// Each master's share of the masters' CPU, in node order, as "a/b/c %".
     pub fn master_shares(&self) -> String {
         let total = self.masters().max(1e-9);

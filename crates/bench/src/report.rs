@@ -60,7 +60,13 @@ fn row(name: &str, value: String, note: &str) {
 fn cpu_rows(label: &str, c: &crate::cpu::CpuUse, orders: u64) {
     let per = |secs: f64| secs * 1e6 / orders.max(1) as f64;
     let masters = c.redis.iter().filter(|(n, _)| n.master).count();
-    let mut note = format!("process {:.0} µs/order", per(c.process));
+    let cores = std::thread::available_parallelism().map(usize::from).unwrap_or(1);
+    let mut note = format!(
+        "process {:.0} µs/order; cores busy {:.2} of {cores} (process {:.2})",
+        per(c.process),
+        c.cores_busy(),
+        c.process / c.wall.max(1e-9)
+    );
     if masters > 1 {
         note.push_str(&format!(
             "; {masters} masters {}, replicas {:.0} µs/order",
@@ -272,7 +278,7 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
     };
     let cpu = |c: &crate::cpu::CpuUse, orders: u64| {
         json!({
-            "wall_seconds": c.wall, "process_seconds": c.process,
+            "wall_seconds": c.wall, "process_seconds": c.process, "cores_busy": c.cores_busy(),
             "redis_master_seconds": c.masters(), "redis_replica_seconds": c.replicas(),
             "redis_master_us_per_order": c.masters() * 1e6 / orders.max(1) as f64,
             "nodes": c.redis.iter().map(|(n, s)| json!({"port": n.port, "master": n.master, "seconds": s})).collect::<Vec<_>>(),
