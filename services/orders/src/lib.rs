@@ -82,8 +82,7 @@ pub struct Options {
     /// product's round wait milliseconds; smaller batches while someone waits keep those short, and
     /// a wave that has the replica to itself still runs full ones. 50 by default: against 100, it
     /// took placements during a 100k wave from p50 24–33 / p99 55–84 ms to p50 16–21 / p99 40–66 ms,
-    /// for about 12 % less wave throughput while they wait (25 was worse on both; BENCHMARKS.md,
-    /// round 8).
+    /// for about 12 % less wave throughput while they wait (25 was worse on both).
     pub shared_chunk: usize,
     /// Lifetime of a product lease (renewed while a pass runs).
     pub lease_ttl: Duration,
@@ -115,8 +114,9 @@ impl Default for Options {
             // wave 0–30 % slower. (Stale reasons within a round, which the model checker once found
             // at 500, happened at any size; a round now judges those orders again.)
             chunk: 500,
-            // Measured (BENCHMARKS.md, round 5): at 100 the p99 of another product's placements
-            // during a 100k wave was 32–33 ms against 85–92 ms at 500, the wave alone unchanged.
+            // Measured (BENCHMARKS.md, rounds 5 and 8): against 500, 100 took the p99 of another
+            // product's placements during a 100k wave from 85–92 ms to 32–33 ms, the wave alone
+            // unchanged; on a later machine 50 took it from 55–84 ms (at 100) to 40–66 ms.
             shared_chunk: 50,
             lease_ttl: Duration::from_secs(10),
             claim_idle: Duration::from_secs(30),
