@@ -1606,7 +1606,8 @@ impl Backend for RedisBackend {
             }
         };
         let (v, acks) = self.run_script(&self.inner.scripts.hash_move, HASH_MOVE_LUA, &keys, &args, true).await?;
-        if matches!(v, Value::Nil) {
+        // The script's `false` (lease not held): nil in RESP2, a boolean in RESP3 (`protocol=resp3`).
+        if matches!(v, Value::Nil | Value::Boolean(false)) {
             return Ok(None);
         }
         self.check_acks(acks)?;
