@@ -80,9 +80,11 @@ pub struct Options {
     /// `chunk`: always `chunk`). Each batch is one commit script (and one quota and one hold script)
     /// during which Redis runs nothing else, so a wave's full batches make every call of another
     /// product's round wait milliseconds; smaller batches while someone waits keep those short, and
-    /// a wave that has the replica to itself still runs full ones. 50 by default: against 100, it
-    /// took placements during a 100k wave from p50 24–33 / p99 55–84 ms to p50 16–21 / p99 40–66 ms,
-    /// for about 12 % less wave throughput while they wait (25 was worse on both).
+    /// a wave that has the replica to itself still runs full ones. Measured with placements of
+    /// another product during a 100k wave (BENCHMARKS.md): against 500, 100 took their p99 from
+    /// 85–92 ms to 32–33 ms, the wave alone unchanged (round 5); on a later machine 50 took it from
+    /// 55–84 ms (at 100) to 40–66 ms, p50 24–33 → 16–21 ms, for about 12 % less wave throughput
+    /// while they wait, and 25 was worse on both (round 8). Hence 50 by default.
     pub shared_chunk: usize,
     /// Lifetime of a product lease (renewed while a pass runs).
     pub lease_ttl: Duration,
@@ -114,9 +116,7 @@ impl Default for Options {
             // wave 0–30 % slower. (Stale reasons within a round, which the model checker once found
             // at 500, happened at any size; a round now judges those orders again.)
             chunk: 500,
-            // Measured (BENCHMARKS.md, rounds 5 and 8): against 500, 100 took the p99 of another
-            // product's placements during a 100k wave from 85–92 ms to 32–33 ms, the wave alone
-            // unchanged; on a later machine 50 took it from 55–84 ms (at 100) to 40–66 ms.
+            // Measured: see the field's documentation.
             shared_chunk: 50,
             lease_ttl: Duration::from_secs(10),
             claim_idle: Duration::from_secs(30),
