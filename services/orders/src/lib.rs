@@ -90,6 +90,11 @@ pub struct Options {
     pub lease_ttl: Duration,
     /// Events pending this long with a consumer are taken over (the consumer is presumed dead).
     pub claim_idle: Duration,
+    /// How often the catalogue and licensing's products are read for streams no consumer follows
+    /// yet, at the latest. A desk event and a product new to this replica look at once (see
+    /// [`consumer::run_all`]); this is the fallback for a product's first events that come with
+    /// neither.
+    pub discover_every: Duration,
     /// Every product is fully re-evaluated this often, as a safety net (0: never).
     pub full_reconcile_every: Duration,
     /// How long PlaceOrder waits for the first evaluation before answering with the order as it stands.
@@ -120,6 +125,7 @@ impl Default for Options {
             shared_chunk: 50,
             lease_ttl: Duration::from_secs(10),
             claim_idle: Duration::from_secs(30),
+            discover_every: Duration::from_secs(2),
             full_reconcile_every: Duration::from_secs(600),
             place_wait: Duration::from_secs(5),
             unhealthy_after: Duration::from_secs(60),
@@ -146,6 +152,9 @@ struct Inner {
     /// This replica's consumer name in the event consumer groups.
     consumer: String,
     cleanup_wake: Notify,
+    /// Wakes the search for product streams to follow ([`consumer::run_all`]) before its next
+    /// periodic look.
+    discover: Notify,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
     /// What its code counts.
@@ -202,6 +211,7 @@ impl Orders {
                 shutdown: shutdown.clone(),
                 consumer,
                 cleanup_wake: Notify::new(),
+                discover: Notify::new(),
                 products: chipgate_runtime::known::Known::default(),
                 propagation_ok: tokio::sync::watch::Sender::new(true),
                 known: products::Registered::default(),

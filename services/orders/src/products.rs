@@ -50,6 +50,8 @@ impl Orders {
         let stream = keys::events(sku);
         let from = self.store().xlast_id(&stream).await?;
         if self.inner.known.followed.insert(sku.clone()) {
+            // A product new to this replica may have streams its consumers don't follow yet.
+            self.discover_soon();
             let svc = self.clone();
             let shutdown = self.inner.shutdown.clone();
             tokio::spawn(async move {
