@@ -21,6 +21,9 @@
 --   op     zunion <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
 --          dest := union of the sources (n = 0: delete); its size goes into hash field <field>
 --          unless hashidx is 0
+--   op     zunionadd <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
+--          dest := dest + every member of the sources (with its source's score); hash field
+--          <field> is increased by the number of members new to dest unless hashidx is 0
 --   op     hincr <keyidx> <field> <delta>
 --   op     hset <keyidx> <field> <value>
 --   op     hdel <keyidx> <field>
@@ -184,6 +187,31 @@ for _ = 1, no do
     local hidx = ARGV[i + 3 + n]
     if hidx ~= '0' then
       redis.call('HSET', KEYS[tonumber(hidx)], ARGV[i + 4 + n], size)
+    end
+    i = i + 5 + n
+  elseif kind == 'zunionadd' then
+    -- Sources are read and added a source at a time (ZADD answers how many members were new), so
+    -- the step costs what its sources hold, not what the destination already does.
+    local n = tonumber(ARGV[i + 2])
+    local added = 0
+    for j = 1, n do
+      local flat = redis.call('ZRANGE', KEYS[tonumber(ARGV[i + 2 + j])], 0, -1, 'WITHSCORES')
+      local args = {}
+      for x = 1, #flat, 2 do
+        args[#args + 1] = flat[x + 1]
+        args[#args + 1] = flat[x]
+        if #args >= CHUNK then
+          added = added + redis.call('ZADD', k, unpack(args))
+          args = {}
+        end
+      end
+      if #args > 0 then
+        added = added + redis.call('ZADD', k, unpack(args))
+      end
+    end
+    local hidx = ARGV[i + 3 + n]
+    if hidx ~= '0' then
+      redis.call('HINCRBY', KEYS[tonumber(hidx)], ARGV[i + 4 + n], added)
     end
     i = i + 5 + n
   elseif kind == 'hincr' then

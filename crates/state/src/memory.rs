@@ -226,7 +226,26 @@ impl Inner {
                     self.hashes.entry(hash.clone()).or_default().insert(field.clone(), value.clone());
                 }
             }
-            Op::ZUnionStore { key, sources, count_into } => {
+            Op::ZUnionStore { key, sources, count_into, add: true } => {
+                let mut added = 0i64;
+                for src in sources {
+                    let members: Vec<(String, f64)> = match self.zsets.get(src) {
+                        Some(z) => z.by_member.iter().map(|(m, s)| (m.clone(), *s)).collect(),
+                        None => continue,
+                    };
+                    let z = self.zsets.entry(key.clone()).or_default();
+                    for (member, score) in members {
+                        added += i64::from(!z.by_member.contains_key(&member));
+                        z.insert(&member, score);
+                    }
+                }
+                if let Some((hash, field)) = count_into {
+                    let h = self.hashes.entry(hash.clone()).or_default();
+                    let was = h.get(field).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()).unwrap_or(0);
+                    h.insert(field.clone(), (was + added).to_string().into_bytes());
+                }
+            }
+            Op::ZUnionStore { key, sources, count_into, add: false } => {
                 let mut union: HashMap<String, f64> = HashMap::new();
                 for src in sources {
                     if let Some(z) = self.zsets.get(src) {
