@@ -463,12 +463,9 @@ mod tests {
 
     use chipgate_domain::ids::Sku;
     use chipgate_proto::licensing::v1 as lpb;
-    use chipgate_runtime::Shutdown;
-    use chipgate_runtime::auth::TokenSource;
     use chipgate_state::{Backend, Store, Txn};
     use prost::Message;
 
-    use crate::clients::Peers;
     use crate::{Options, Orders};
 
     /// Licensing events of `kind` this replica applied, by its metrics.
@@ -501,12 +498,9 @@ mod tests {
     /// applied.
     #[tokio::test]
     async fn a_desk_event_makes_the_service_follow_new_products_at_once() {
-        let shutdown = Shutdown::new();
-        let peers = Peers::connect("http://127.0.0.1:9", "http://127.0.0.1:9", 1 << 20, TokenSource::None, None)
-            .expect("well-formed urls");
         let store = Store::memory();
         let options = Options { discover_every: Duration::from_secs(3600), ..Options::default() };
-        let svc = Orders::start(store.clone(), peers, shutdown.clone(), options);
+        let (svc, shutdown) = crate::test_service(store.clone(), options);
         let desk = || {
             let mut t = Txn::new();
             let wave = lpb::WaveChanged { wave_id: "wave-1".into() };

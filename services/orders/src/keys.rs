@@ -180,6 +180,12 @@ pub fn wave_snapshot_taken(wave_id: &WaveId, sku: &Sku) -> String {
     part(sku).key(["wave-snap", wave_id.as_str()])
 }
 
+/// The queues a wave's snapshot of a product has copied so far, while it is being taken (fields:
+/// queue keys; deleted once it is taken).
+pub fn wave_snapshot_steps(wave_id: &WaveId, sku: &Sku) -> String {
+    part(sku).key(["wave-snap-steps", wave_id.as_str()])
+}
+
 /// Waves whose snapshot of a product may still hold orders.
 pub fn unsettled_waves(sku: &Sku) -> String {
     part(sku).key(["unsettled-waves"])

@@ -86,6 +86,12 @@ pub struct Options {
     /// 55–84 ms (at 100) to 40–66 ms, p50 24–33 → 16–21 ms, for about 12 % less wave throughput
     /// while they wait, and 25 was worse on both (round 8). Hence 50 by default.
     pub shared_chunk: usize,
+    /// Waiting orders a step of a wave's snapshot copies at most (whole queues; a larger queue is
+    /// a step of its own). Each step is one script during which Redis serves nobody else; the
+    /// snapshot used to be one, which at a million waiting orders kept every other call waiting two
+    /// seconds. Measured (BENCHMARKS.md, round 9): a step of 5,000 takes 15–20 ms of Redis, 10,000
+    /// about 30 ms.
+    pub snapshot_step: u64,
     /// Lifetime of a product lease (renewed while a pass runs).
     pub lease_ttl: Duration,
     /// Events pending this long with a consumer are taken over (the consumer is presumed dead).
@@ -123,6 +129,7 @@ impl Default for Options {
             chunk: 500,
             // Measured: see the field's documentation.
             shared_chunk: 50,
+            snapshot_step: 5_000,
             lease_ttl: Duration::from_secs(10),
             claim_idle: Duration::from_secs(30),
             discover_every: Duration::from_secs(2),
@@ -250,6 +257,22 @@ impl Orders {
     pub async fn cleanup_now(&self) -> Result<usize, Error> {
         self.cleanup_once(&RequestContext::background("cleanup", None)).await
     }
+}
+
+/// An orders service on `store` whose peers are never called (unit tests of what it does with
+/// its store alone).
+#[cfg(test)]
+pub(crate) fn test_service(store: Store, options: Options) -> (Orders, Shutdown) {
+    let shutdown = Shutdown::new();
+    let peers = clients::Peers::connect(
+        "http://127.0.0.1:9",
+        "http://127.0.0.1:9",
+        1 << 20,
+        chipgate_runtime::auth::TokenSource::None,
+        None,
+    )
+    .expect("well-formed urls");
+    (Orders::start(store, peers, shutdown.clone(), options), shutdown)
 }
 
 /// An empty answer for transactions whose result is their effect.

@@ -55,6 +55,11 @@ struct Args {
     #[arg(long, env = "CHIPGATE_SHARED_BATCH_SIZE", default_value_t = chipgate_orders::Options::default().shared_chunk)]
     shared_batch_size: usize,
 
+    /// Waiting orders a step of a wave's snapshot copies at most (whole buyers' queues): each step is
+    /// one script, so other calls wait at most that long behind a large wave's snapshot.
+    #[arg(long, env = "CHIPGATE_WAVE_SNAPSHOT_STEP", default_value_t = chipgate_orders::Options::default().snapshot_step)]
+    wave_snapshot_step: u64,
+
     /// Lifetime of a product lease; a replica that stops (crash, pause) holds its products this long
     /// before another replica may take them over (e.g. 10s).
     #[arg(long, env = "CHIPGATE_LEASE_TTL", value_parser = parse_duration, default_value = "10s")]
@@ -194,6 +199,7 @@ async fn main() -> std::process::ExitCode {
         hold_seconds: args.hold_seconds.clamp(1, 86_400),
         chunk: args.batch_size.clamp(1, 10_000),
         shared_chunk: args.shared_batch_size.min(10_000),
+        snapshot_step: args.wave_snapshot_step.clamp(1, 1_000_000),
         lease_ttl: args.lease_ttl.clamp(std::time::Duration::from_millis(300), std::time::Duration::from_secs(3600)),
         claim_idle: args.claim_idle.clamp(std::time::Duration::from_millis(200), std::time::Duration::from_secs(3600)),
         unhealthy_after: args.propagation_unhealthy_after.max(std::time::Duration::from_secs(1)),

@@ -850,18 +850,14 @@ pub(crate) fn peer_error(s: tonic::Status) -> Error {
 #[cfg(test)]
 mod tests {
     use super::batches;
-    use crate::{Options, Orders, clients::Peers};
+    use crate::{Options, Orders};
     use chipgate_domain::ids::Sku;
     use chipgate_runtime::Shutdown;
-    use chipgate_runtime::auth::TokenSource;
     use chipgate_state::Store;
 
     /// An orders service on the in-memory store whose peers are never called.
     fn service(options: Options) -> (Orders, Shutdown) {
-        let shutdown = Shutdown::new();
-        let peers = Peers::connect("http://127.0.0.1:9", "http://127.0.0.1:9", 1 << 20, TokenSource::None, None)
-            .expect("well-formed urls");
-        (Orders::start(Store::memory(), peers, shutdown.clone(), options), shutdown)
+        crate::test_service(Store::memory(), options)
     }
 
     #[tokio::test]

@@ -37,6 +37,32 @@ use crate::{Error, Orders, keys};
 
 /// Field of a wave's per-product tally: orders in the snapshot when it was taken.
 const CONCERNED: &str = "concerned";
+/// In a snapshot while it is being taken, never an order id (those start with `ord-`).
+const TAKING: &str = "~taking";
+
+/// Consecutive groups of `queues` holding at most `limit` members together (by `sizes`, read
+/// before; a queue larger than `limit` alone), empty queues left out.
+fn snapshot_steps(queues: Vec<String>, sizes: &[u64], limit: u64) -> Vec<Vec<String>> {
+    let mut steps: Vec<Vec<String>> = Vec::new();
+    let mut size = 0;
+    for (q, n) in queues.into_iter().zip(sizes.iter().copied()) {
+        if n == 0 {
+            continue;
+        }
+        match steps.last_mut() {
+            Some(step) if size + n <= limit => {
+                step.push(q);
+                size += n;
+            }
+            _ => {
+                steps.push(vec![q]);
+                size = n;
+            }
+        }
+    }
+    steps
+}
+
 /// Field of a wave's per-product tally: when an order last left the snapshot (ms).
 const LAST_MS: &str = "last_ms";
 /// Field of a wave's figures: units held by orders under its licences.
@@ -187,24 +213,78 @@ impl Orders {
                 Err(e) => return Err(Error::Internal(format!("wave {} meta: {e}", w.wave_id))),
             }
         };
-        for (sku, buyers) in meta.products() {
-            let sku = Sku::from_trusted(sku);
-            let mut t = Txn::new();
-            // Taken once per product: the marker's absence is the guard.
-            t.replace(keys::wave_snapshot_taken(&wave_id, &sku), 0, Vec::new());
-            let queues = buyers.iter().map(|b| keys::awaiting(&sku, &BuyerId::from_trusted(*b))).collect();
-            t.zunionstore_counted(
-                keys::wave_pending(&wave_id, &sku),
-                queues,
-                keys::wave_tally(&wave_id, &sku),
-                CONCERNED,
-            );
-            t.sadd(keys::unsettled_waves(&sku), &meta.wave_id);
+        // Each product's snapshot is taken on its own event (a redelivery finishes it), so two
+        // products' consumers don't take the same one side by side.
+        let ours: std::collections::BTreeSet<&str> = w.licenses.iter().map(|l| l.product_sku.as_str()).collect();
+        for (sku, buyers) in meta.products().into_iter().filter(|(sku, _)| ours.contains(sku)) {
+            self.take_snapshot(&wave_id, &Sku::from_trusted(sku), &buyers).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes wave `wave_id`'s snapshot of product `sku`: the waiting orders of `buyers` (see the
+    /// module docs), in steps of at most [`crate::Options::snapshot_step`] orders, each a short
+    /// script.
+    ///
+    /// One `ZUNIONSTORE` of every queue kept Redis from everything else for as long as it ran: two
+    /// seconds at a million waiting orders, during which no placement of any product was answered.
+    /// Now the wave is marked unsettled first, with [`TAKING`] in the snapshot so that it can't look
+    /// empty (and be settled by a round) before the last step, which takes it out and sets the
+    /// marker that the snapshot is taken. Every step is guarded on that marker's absence, so a
+    /// redelivered event after the end changes nothing, and records the queues it copied, so a
+    /// redelivery after a crash part-way copies only the others. Orders a round evaluates meanwhile are handled as
+    /// for a snapshot taken in one step: a round that knows the wave takes them out of it (if
+    /// already copied) or they are no longer in their queue when their step copies it; a round
+    /// that started earlier leaves, at its end, the snapshots taken while it ran
+    /// ([`Orders::leave_snapshots_taken_meanwhile`]). While a snapshot is being taken its
+    /// `concerned` figure grows step by step.
+    async fn take_snapshot(&self, wave_id: &WaveId, sku: &Sku, buyers: &[&str]) -> Result<(), Error> {
+        let done = keys::wave_snapshot_taken(wave_id, sku);
+        let pending = keys::wave_pending(wave_id, sku);
+        let tally = keys::wave_tally(wave_id, sku);
+        // A conflict means the marker is there: taken already (by an earlier delivery).
+        let commit = |t: Txn| async move {
             match self.store().commit(&t).await {
-                Ok(_) | Err(CommitError::Conflict { .. }) => {}
-                Err(e) => return Err(Error::Internal(e.to_string())),
+                Ok(_) => Ok(true),
+                Err(CommitError::Conflict { .. }) => Ok(false),
+                Err(e) => Err(Error::Internal(format!("wave {wave_id} snapshot of {sku}: {e}"))),
+            }
+        };
+        let mut t = Txn::new();
+        t.expect_version(done.clone(), 0);
+        t.zadd(pending.clone(), TAKING, 0.0);
+        t.hincr(tally.clone(), CONCERNED, 0);
+        t.sadd(keys::unsettled_waves(sku), wave_id);
+        if !commit(t).await? {
+            return Ok(());
+        }
+        // The queues an earlier delivery copied are not copied again: an order of theirs evaluated
+        // since (and left waiting) would be counted twice.
+        let steps_key = keys::wave_snapshot_steps(wave_id, sku);
+        let copied: std::collections::HashSet<String> =
+            self.store().hgetall(&steps_key).await?.into_iter().map(|(q, _)| q).collect();
+        let queues: Vec<String> = buyers
+            .iter()
+            .map(|b| keys::awaiting(sku, &BuyerId::from_trusted(*b)))
+            .filter(|q| !copied.contains(q))
+            .collect();
+        let sizes = try_join_all(queues.iter().map(|q| self.store().zcard(q))).await?;
+        for step in snapshot_steps(queues, &sizes, self.options().snapshot_step.max(1)) {
+            let mut t = Txn::new();
+            t.expect_version(done.clone(), 0);
+            for q in &step {
+                t.hset(steps_key.clone(), q.clone(), b"1".to_vec());
+            }
+            t.zunion_add_counted(pending.clone(), step, tally.clone(), CONCERNED);
+            if !commit(t).await? {
+                return Ok(());
             }
         }
+        let mut t = Txn::new();
+        t.replace(done, 0, Vec::new());
+        t.zrem(pending, TAKING);
+        t.delete(steps_key);
+        commit(t).await?;
         Ok(())
     }
 
@@ -322,6 +402,76 @@ mod tests {
         assert_eq!(p.get("H200"), Some(&vec!["bytedance", "tencent"]));
         assert_eq!(p.get("H20"), Some(&vec!["alibaba"]));
         assert_eq!(p.len(), 2);
+    }
+
+    #[test]
+    fn snapshot_steps_group_whole_queues_up_to_the_limit() {
+        let q = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let steps = snapshot_steps(q(&["a", "b", "c", "d", "e", "f"]), &[4, 6, 0, 11, 3, 3], 10);
+        assert_eq!(steps, vec![q(&["a", "b"]), q(&["d"]), q(&["e", "f"])], "empty c left out, d alone");
+        assert!(snapshot_steps(q(&["a"]), &[0], 10).is_empty());
+    }
+
+    /// A wave's snapshot of three queues (25,000 waiting orders) taken in steps holds exactly their
+    /// orders, counts each once, and is marked taken; taking it again changes nothing. While it is
+    /// being taken it can't be settled; a delivery that stopped part-way is finished by the next
+    /// one without counting any order twice.
+    #[tokio::test]
+    async fn a_snapshot_is_taken_in_steps_counted_once_and_never_settled_half_taken() {
+        let store = chipgate_state::Store::memory();
+        let (svc, shutdown) = crate::test_service(store.clone(), crate::Options::default());
+        let (sku, wave) = (Sku::from_trusted("H200"), WaveId::from_trusted("wave-1"));
+        let buyers = ["alibaba", "bytedance", "tencent"];
+        let sizes = [12_000, 9_000, 4_000];
+        let mut t = Txn::new();
+        let mut seq = 0;
+        for (b, n) in buyers.iter().zip(sizes) {
+            for _ in 0..n {
+                seq += 1;
+                t.zadd(keys::awaiting(&sku, &BuyerId::from_trusted(*b)), format!("ord-H200-{seq}"), f64::from(seq));
+            }
+        }
+        store.commit(&t).await.unwrap();
+        let pending = keys::wave_pending(&wave, &sku);
+        let concerned = || {
+            let (store, key) = (store.clone(), keys::wave_tally(&wave, &sku));
+            async move { number_fields(store.hgetall(&key).await.unwrap()).get(CONCERNED).copied() }
+        };
+
+        // A delivery that stopped after its first step: the wave is unsettled, the snapshot holds
+        // the first queue and the sentinel, and a round finding no other order there doesn't settle it.
+        let mut t = Txn::new();
+        t.zadd(pending.clone(), TAKING, 0.0).hincr(keys::wave_tally(&wave, &sku), CONCERNED, 0);
+        t.sadd(keys::unsettled_waves(&sku), &wave);
+        let alibaba = keys::awaiting(&sku, &BuyerId::from_trusted("alibaba"));
+        t.hset(keys::wave_snapshot_steps(&wave, &sku), alibaba.clone(), b"1".to_vec());
+        t.zunion_add_counted(pending.clone(), vec![alibaba], keys::wave_tally(&wave, &sku), CONCERNED);
+        store.commit(&t).await.unwrap();
+        let ids: Vec<String> = (1..=12_000).map(|i| format!("ord-H200-{i}")).collect();
+        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+        let mut t = Txn::new();
+        evaluated(&mut t, &sku, std::slice::from_ref(&wave), &ids, 5);
+        store.commit(&t).await.unwrap();
+        svc.settle_waves(&sku, std::slice::from_ref(&wave)).await.unwrap();
+        assert_eq!(svc.unsettled_waves(&sku).await.unwrap(), vec![wave.clone()], "half taken: not settled");
+        assert_eq!(concerned().await, Some(12_000));
+
+        // The next delivery finishes it: the other two queues, nothing counted twice.
+        svc.take_snapshot(&wave, &sku, &buyers).await.unwrap();
+        assert_eq!(concerned().await, Some(25_000), "each order once");
+        let members = store.zrange(&pending, 0, -1, false).await.unwrap();
+        assert_eq!(members.len(), 13_000, "the second and third queues (the first was evaluated)");
+        assert!(members.iter().all(|(m, _)| m != TAKING), "the sentinel is out once taken");
+        assert!(store.get(&[keys::wave_snapshot_taken(&wave, &sku)]).await.unwrap()[0].is_some(), "marked taken");
+        assert!(store.hgetall(&keys::wave_snapshot_steps(&wave, &sku)).await.unwrap().is_empty(), "steps forgotten");
+        // Taken: a redelivery adds nothing, even orders placed since.
+        let mut t = Txn::new();
+        t.zadd(keys::awaiting(&sku, &BuyerId::from_trusted("tencent")), "ord-H200-99999", 99_999.0);
+        store.commit(&t).await.unwrap();
+        svc.take_snapshot(&wave, &sku, &buyers).await.unwrap();
+        assert_eq!(concerned().await, Some(25_000));
+        assert_eq!(store.zcard(&pending).await.unwrap(), 13_000);
+        shutdown.trigger();
     }
 
     #[tokio::test]

@@ -301,8 +301,22 @@ pub async fn settled(
     licensing_world(&m, &auditor, &snap, now, &mut v).await;
     orders_world(&m, &snap, now, &mut v);
     holds(&auditor, &snap, &mut v).await;
+    waves_settled(&m, &auditor, &mut v).await;
     audit(ctx, &auditor, &mut v).await;
     (v, snap)
+}
+
+/// Every published wave has settled: each order its snapshots concern (taken in steps while the
+/// parties placed, cancelled and published) was evaluated, and the wave says when.
+async fn waves_settled(m: &Model, auditor: &Party, v: &mut Vec<String>) {
+    let mut ord = auditor.ord(0);
+    for w in m.waves.values().filter(|w| w.published) {
+        let msg = opb::GetWaveProgressRequest { wave_id: w.id.clone() };
+        let p = ord.get_wave_progress(msg).await.expect("GetWaveProgress").into_inner().progress.unwrap_or_default();
+        if !p.observed || p.settle_time.is_none() || p.orders_evaluated != p.orders_concerned {
+            v.push(format!("wave {} has not settled although the cluster has: {p:?}", w.id));
+        }
+    }
 }
 
 /// The licensing world is what the acknowledged calls made it.

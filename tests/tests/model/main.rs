@@ -114,6 +114,9 @@ async fn model_checker() {
             ("CHIPGATE_HOLD_SECONDS".into(), HOLD_SECONDS.into()),
             ("CHIPGATE_LEASE_TTL".into(), "1s".into()),
             ("CHIPGATE_CLAIM_IDLE".into(), "1s".into()),
+            // A wave's snapshot in steps of a queue or two, so its steps interleave with the rounds,
+            // cancels and placements the parties make meanwhile (in production a step is 5,000).
+            ("CHIPGATE_WAVE_SNAPSHOT_STEP".into(), "2".into()),
         ],
         ..ProcessOptions::default()
     })
