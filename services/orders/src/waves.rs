@@ -40,27 +40,25 @@ const CONCERNED: &str = "concerned";
 /// In a snapshot while it is being taken, never an order id (those start with `ord-`).
 const TAKING: &str = "~taking";
 
-/// Consecutive groups of `queues` holding at most `limit` members together (by `sizes`, read
-/// before; a queue larger than `limit` alone), empty queues left out.
-fn snapshot_steps(queues: Vec<String>, sizes: &[u64], limit: u64) -> Vec<Vec<String>> {
-    let mut steps: Vec<Vec<String>> = Vec::new();
-    let mut size = 0;
-    for (q, n) in queues.into_iter().zip(sizes.iter().copied()) {
-        if n == 0 {
-            continue;
+/// Consecutive groups of `queues` holding at most `limit()` members together, as it says when each
+/// group is cut (by `sizes`, read before; a queue larger than the limit alone), empty queues left
+/// out.
+fn snapshot_steps(
+    queues: Vec<String>,
+    sizes: &[u64],
+    mut limit: impl FnMut() -> u64,
+) -> impl Iterator<Item = Vec<String>> {
+    let mut left = queues.into_iter().zip(sizes.iter().copied()).filter(|(_, n)| *n > 0).peekable();
+    std::iter::from_fn(move || {
+        let (first, mut size) = left.next()?;
+        let limit = limit();
+        let mut step = vec![first];
+        while let Some((q, n)) = left.next_if(|(_, n)| size + n <= limit) {
+            step.push(q);
+            size += n;
         }
-        match steps.last_mut() {
-            Some(step) if size + n <= limit => {
-                step.push(q);
-                size += n;
-            }
-            _ => {
-                steps.push(vec![q]);
-                size = n;
-            }
-        }
-    }
-    steps
+        Some(step)
+    })
 }
 
 /// Field of a wave's per-product tally: when an order last left the snapshot (ms).
@@ -223,8 +221,8 @@ impl Orders {
     }
 
     /// Takes wave `wave_id`'s snapshot of product `sku`: the waiting orders of `buyers` (see the
-    /// module docs), in steps of at most [`crate::Options::snapshot_step`] orders, each a short
-    /// script.
+    /// module docs), in steps of at most [`crate::Options::snapshot_step`] orders (a tenth of it
+    /// while placements of another product wait on this replica), each a short script.
     ///
     /// One `ZUNIONSTORE` of every queue kept Redis from everything else for as long as it ran: two
     /// seconds at a million waiting orders, during which no placement of any product was answered.
@@ -269,7 +267,11 @@ impl Orders {
             .filter(|q| !copied.contains(q))
             .collect();
         let sizes = try_join_all(queues.iter().map(|q| self.store().zcard(q))).await?;
-        for step in snapshot_steps(queues, &sizes, self.options().snapshot_step.max(1)) {
+        // A tenth of the size while placements of another product wait on this replica: each step
+        // is a script they wait behind (as a round's batches are, see `Options::shared_chunk`).
+        let full = self.options().snapshot_step.max(1);
+        let size = || if self.inner.answers.waiting_elsewhere(sku.as_str()) { (full / 10).max(1) } else { full };
+        for step in snapshot_steps(queues, &sizes, size) {
             let mut t = Txn::new();
             t.expect_version(done.clone(), 0);
             for q in &step {
@@ -407,9 +409,14 @@ mod tests {
     #[test]
     fn snapshot_steps_group_whole_queues_up_to_the_limit() {
         let q = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let steps = snapshot_steps(q(&["a", "b", "c", "d", "e", "f"]), &[4, 6, 0, 11, 3, 3], 10);
+        let steps: Vec<_> = snapshot_steps(q(&["a", "b", "c", "d", "e", "f"]), &[4, 6, 0, 11, 3, 3], || 10).collect();
         assert_eq!(steps, vec![q(&["a", "b"]), q(&["d"]), q(&["e", "f"])], "empty c left out, d alone");
-        assert!(snapshot_steps(q(&["a"]), &[0], 10).is_empty());
+        assert_eq!(snapshot_steps(q(&["a"]), &[0], || 10).count(), 0);
+        // The limit as it stands when each step is cut: 10, then 4 (someone waits), then 10 again.
+        let mut limits = [10, 4, 10].into_iter();
+        let steps: Vec<_> =
+            snapshot_steps(q(&["a", "b", "c", "d", "e"]), &[3, 3, 3, 3, 3], || limits.next().unwrap_or(10)).collect();
+        assert_eq!(steps, vec![q(&["a", "b", "c"]), q(&["d"]), q(&["e"])]);
     }
 
     /// A wave's snapshot of three queues (25,000 waiting orders) taken in steps holds exactly their
