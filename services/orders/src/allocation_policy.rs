@@ -33,6 +33,9 @@ use crate::clients::rpc;
 use crate::reconcile::{BATCH_ATTEMPTS, Lease, commit_error, move_error, peer_error};
 use crate::{Error, Orders, book, convert, keys};
 
+/// Backlog entries read at a time ([`Orders::backlog_orders`]): about 2 ms of Redis each.
+const BACKLOG_PAGE: usize = 5_000;
+
 /// API strategy → domain (None for UNSPECIFIED).
 fn strategy_from(s: pb::AllocationStrategy) -> Option<Strategy> {
     match s {
@@ -147,8 +150,27 @@ impl Orders {
     }
 
     /// Every order of `sku`'s backlog, oldest first, with the version it was read at.
+    ///
+    /// The backlog is read [`BACKLOG_PAGE`] entries at a time, each page after the last placement
+    /// number read: one read of the whole of it kept Redis from everyone else for 90 ms at a
+    /// million-order wave (666,000 backordered). Only a pass under the product's lease adds to the
+    /// backlog (this one), and an order leaving it between two pages (a cancel) is simply not read.
     pub(crate) async fn backlog_orders(&self, sku: &Sku) -> Result<(Vec<u64>, Vec<OrderRecord>), Error> {
-        let ids = self.store().zrange(&keys::backlog(sku), 0, -1, false).await?;
+        let key = keys::backlog(sku);
+        let mut ids = Vec::new();
+        let mut after = std::ops::Bound::Unbounded;
+        loop {
+            let page = self.store().zrange_by_score(&key, after, std::ops::Bound::Unbounded, BACKLOG_PAGE).await?;
+            let full = page.len() >= BACKLOG_PAGE;
+            // Placement numbers are distinct within a product: the next page starts after this one.
+            if let Some((_, last)) = page.last() {
+                after = std::ops::Bound::Excluded(*last);
+            }
+            ids.extend(page);
+            if !full {
+                break;
+            }
+        }
         let mut versions = Vec::with_capacity(ids.len());
         let mut orders = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(self.options().chunk.max(1)) {
@@ -405,5 +427,53 @@ impl Orders {
         let resp = rpc!(ctx, self.inner.peers.inventory, batch_reserve, msg).map_err(peer_error)?;
         let answers = resp.results.iter().map(|r| (r.order_id.clone(), convert::hold_answer(r))).collect();
         Ok((answers, resp.stock.map(|s| s.available)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chipgate_domain::ids::Sku;
+    use chipgate_domain::orders::{OrderRecord, OrderStatus};
+    use chipgate_state::{Backend, Store, Txn};
+
+    use crate::keys::OrderIds;
+    use crate::{book, keys};
+
+    /// A backlog longer than a page is read whole, oldest first, without an order that left it
+    /// (or is no longer backordered) and without reading an order twice.
+    #[tokio::test]
+    async fn the_backlog_is_read_page_by_page_oldest_first() {
+        let store = Store::memory();
+        let (svc, shutdown) = crate::test_service(store.clone(), crate::Options::default());
+        let sku = Sku::from_trusted("H200");
+        let n = 2 * super::BACKLOG_PAGE as u64 + 7;
+        let mut t = Txn::new();
+        let mut events = book::Events::default();
+        for seq in 1..=n {
+            let order = OrderRecord {
+                id: keys::order_id(&sku, seq).into_string(),
+                buyer_id: format!("buyer-{}", seq % 7),
+                sku: sku.to_string(),
+                units: 1,
+                // One order in a thousand left the backlog's state without leaving the index yet.
+                status: if seq % 1000 == 0 { OrderStatus::Reserved } else { OrderStatus::Backordered } as i32,
+                generation: 1,
+                seq,
+                ..Default::default()
+            };
+            book::write(&mut t, &mut events, 0, None, &order);
+            if seq % 1000 == 0 {
+                // Listed in the backlog, but not backordered: a reader must leave it out.
+                t.zadd(keys::backlog(&sku), keys::index_member(&order.typed_id()), seq as f64);
+            }
+        }
+        store.commit(&t).await.unwrap();
+        assert_eq!(store.zcard(&keys::backlog(&sku)).await.unwrap(), n);
+        let (versions, orders) = svc.backlog_orders(&sku).await.unwrap();
+        let seqs: Vec<u64> = orders.iter().map(|o| o.seq).collect();
+        let want: Vec<u64> = (1..=n).filter(|s| s % 1000 != 0).collect();
+        assert_eq!(seqs, want, "every backordered order once, oldest first");
+        assert_eq!(versions.len(), orders.len());
+        shutdown.trigger();
     }
 }
