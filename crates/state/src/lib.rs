@@ -550,12 +550,8 @@ impl Txn {
         hash: impl Into<String>,
         field: impl Into<String>,
     ) -> &mut Self {
-        self.ops.push(Op::ZUnionStore {
-            key: key.into(),
-            sources,
-            count_into: Some((hash.into(), field.into())),
-            add: false,
-        });
+        let count_into = Some((hash.into(), field.into()));
+        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into, add: false });
         self
     }
 
@@ -568,12 +564,8 @@ impl Txn {
         hash: impl Into<String>,
         field: impl Into<String>,
     ) -> &mut Self {
-        self.ops.push(Op::ZUnionStore {
-            key: key.into(),
-            sources,
-            count_into: Some((hash.into(), field.into())),
-            add: true,
-        });
+        let count_into = Some((hash.into(), field.into()));
+        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into, add: true });
         self
     }
 
