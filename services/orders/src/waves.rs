@@ -2,8 +2,9 @@
 //! evaluation has got.
 //!
 //! When the orders service first consumes a wave's publication it records, for each product the wave
-//! licenses, a **snapshot** of the waiting orders of the wave's buyers (one server-side union of their
-//! awaiting queues, counted in the same atomic step) and marks the wave *unsettled* for the product.
+//! licenses, a **snapshot** of the waiting orders of the wave's buyers (server-side unions of their
+//! awaiting queues, a few queues per step, each counted in its step; see [`Orders::take_snapshot`])
+//! and marks the wave *unsettled* for the product.
 //! The snapshot is what the wave concerns — exactly those orders, whatever happens next:
 //! * an order leaves the snapshot when a reconciliation round of its product evaluates it (for any
 //!   cause: the round runs after the publication, so the wave is in effect), or when it stops waiting
@@ -35,7 +36,8 @@ use crate::convert::state_to;
 use crate::keys::OrderIds;
 use crate::{Error, Orders, keys};
 
-/// Field of a wave's per-product tally: orders in the snapshot when it was taken.
+/// Field of a wave's per-product tally: orders the snapshot took (it grows step by step while the
+/// snapshot is being taken).
 const CONCERNED: &str = "concerned";
 /// In a snapshot while it is being taken, never an order id (those start with `ord-`).
 const TAKING: &str = "~taking";
@@ -230,12 +232,13 @@ impl Orders {
     /// empty (and be settled by a round) before the last step, which takes it out and sets the
     /// marker that the snapshot is taken. Every step is guarded on that marker's absence, so a
     /// redelivered event after the end changes nothing, and records the queues it copied, so a
-    /// redelivery after a crash part-way copies only the others. Orders a round evaluates meanwhile are handled as
-    /// for a snapshot taken in one step: a round that knows the wave takes them out of it (if
-    /// already copied) or they are no longer in their queue when their step copies it; a round
-    /// that started earlier leaves, at its end, the snapshots taken while it ran
-    /// ([`Orders::leave_snapshots_taken_meanwhile`]). While a snapshot is being taken its
-    /// `concerned` figure grows step by step.
+    /// redelivery after a crash part-way copies only the others.
+    ///
+    /// Orders a round evaluates meanwhile are handled as for a snapshot taken in one step: a round
+    /// that knows the wave takes them out of it (if already copied), or they are no longer in their
+    /// queue when their step copies it; a round that started earlier leaves, at its end, the
+    /// snapshots taken while it ran ([`Orders::leave_snapshots_taken_meanwhile`]). While a
+    /// snapshot is being taken its `concerned` figure grows step by step.
     async fn take_snapshot(&self, wave_id: &WaveId, sku: &Sku, buyers: &[&str]) -> Result<(), Error> {
         let done = keys::wave_snapshot_taken(wave_id, sku);
         let pending = keys::wave_pending(wave_id, sku);
