@@ -171,47 +171,43 @@ for _ = 1, no do
       redis.call('HSET', KEYS[tonumber(ARGV[i + 3 + n])], ARGV[i + 4 + n], ARGV[i + 5 + n])
     end
     i = i + 6 + n
-  elseif kind == 'zunion' then
-    sflush()
+  elseif kind == 'zunion' or kind == 'zunionadd' then
     local n = tonumber(ARGV[i + 2])
     local srcs = {}
     for j = 1, n do
       srcs[j] = KEYS[tonumber(ARGV[i + 2 + j])]
     end
-    local size = 0
-    if n > 0 then
-      size = redis.call('ZUNIONSTORE', k, n, unpack(srcs))
+    -- zunion: the destination's new size; zunionadd: the members new to it.
+    local count = 0
+    if kind == 'zunion' then
+      sflush()
+      if n > 0 then
+        count = redis.call('ZUNIONSTORE', k, n, unpack(srcs))
+      else
+        redis.call('DEL', k)
+      end
     else
-      redis.call('DEL', k)
-    end
-    local hidx = ARGV[i + 3 + n]
-    if hidx ~= '0' then
-      redis.call('HSET', KEYS[tonumber(hidx)], ARGV[i + 4 + n], size)
-    end
-    i = i + 5 + n
-  elseif kind == 'zunionadd' then
-    -- Sources are read and added a source at a time (ZADD answers how many members were new), so
-    -- the step costs what its sources hold, not what the destination already does.
-    local n = tonumber(ARGV[i + 2])
-    local added = 0
-    for j = 1, n do
-      local flat = redis.call('ZRANGE', KEYS[tonumber(ARGV[i + 2 + j])], 0, -1, 'WITHSCORES')
-      local args = {}
-      for x = 1, #flat, 2 do
-        args[#args + 1] = flat[x + 1]
-        args[#args + 1] = flat[x]
-        if #args >= CHUNK then
-          added = added + redis.call('ZADD', k, unpack(args))
-          args = {}
+      -- Sources are read and added a source at a time (ZADD answers how many members were new),
+      -- so the step costs what its sources hold, not what the destination already does.
+      for _, src in ipairs(srcs) do
+        local flat = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
+        local args = {}
+        for x = 1, #flat, 2 do
+          args[#args + 1] = flat[x + 1]
+          args[#args + 1] = flat[x]
+          if #args >= CHUNK then
+            count = count + redis.call('ZADD', k, unpack(args))
+            args = {}
+          end
+        end
+        if #args > 0 then
+          count = count + redis.call('ZADD', k, unpack(args))
         end
       end
-      if #args > 0 then
-        added = added + redis.call('ZADD', k, unpack(args))
-      end
     end
     local hidx = ARGV[i + 3 + n]
     if hidx ~= '0' then
-      redis.call('HINCRBY', KEYS[tonumber(hidx)], ARGV[i + 4 + n], added)
+      redis.call(kind == 'zunion' and 'HSET' or 'HINCRBY', KEYS[tonumber(hidx)], ARGV[i + 4 + n], count)
     end
     i = i + 5 + n
   elseif kind == 'hincr' then

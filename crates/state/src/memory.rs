@@ -174,6 +174,14 @@ impl Inner {
         id_str(id)
     }
 
+    /// Adds `delta` to integer hash field `field` of `key` (absent or not a number: 0).
+    fn hincr(&mut self, key: &str, field: &str, delta: i64) {
+        let h = self.hashes.entry(key.to_string()).or_default();
+        let cur =
+            h.get(field).and_then(|v| std::str::from_utf8(v).ok()).and_then(|s| s.parse::<i64>().ok()).unwrap_or(0);
+        h.insert(field.to_string(), (cur + delta).to_string().into_bytes());
+    }
+
     fn apply(&mut self, op: &Op, out: &mut Committed) {
         match op {
             Op::Put { key, data, ttl } => {
@@ -240,9 +248,7 @@ impl Inner {
                     }
                 }
                 if let Some((hash, field)) = count_into {
-                    let h = self.hashes.entry(hash.clone()).or_default();
-                    let was = h.get(field).and_then(|v| std::str::from_utf8(v).ok()?.parse::<i64>().ok()).unwrap_or(0);
-                    h.insert(field.clone(), (was + added).to_string().into_bytes());
+                    self.hincr(hash, field, added);
                 }
             }
             Op::ZUnionStore { key, sources, count_into, add: false } => {
@@ -268,15 +274,7 @@ impl Inner {
                     }
                 }
             }
-            Op::HIncr { key, field, delta } => {
-                let h = self.hashes.entry(key.clone()).or_default();
-                let cur = h
-                    .get(field)
-                    .and_then(|v| std::str::from_utf8(v).ok())
-                    .and_then(|s| s.parse::<i64>().ok())
-                    .unwrap_or(0);
-                h.insert(field.clone(), (cur + delta).to_string().into_bytes());
-            }
+            Op::HIncr { key, field, delta } => self.hincr(key, field, *delta),
             Op::HSet { key, field, value } => {
                 self.hashes.entry(key.clone()).or_default().insert(field.clone(), value.clone());
             }
