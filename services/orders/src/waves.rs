@@ -261,15 +261,16 @@ impl Orders {
         }
         // The queues an earlier delivery copied are not copied again: an order of theirs evaluated
         // since (and left waiting) would be counted twice.
+        // Read with the queues' sizes, in one round trip.
         let steps_key = keys::wave_snapshot_steps(wave_id, sku);
-        let copied: std::collections::HashSet<String> =
-            self.store().hgetall(&steps_key).await?.into_iter().map(|(q, _)| q).collect();
-        let queues: Vec<String> = buyers
-            .iter()
-            .map(|b| keys::awaiting(sku, &BuyerId::from_trusted(*b)))
-            .filter(|q| !copied.contains(q))
-            .collect();
-        let sizes = try_join_all(queues.iter().map(|q| self.store().zcard(q))).await?;
+        let queues: Vec<String> = buyers.iter().map(|b| keys::awaiting(sku, &BuyerId::from_trusted(*b))).collect();
+        let (copied, sizes) = tokio::try_join!(
+            self.store().hgetall(&steps_key),
+            try_join_all(queues.iter().map(|q| self.store().zcard(q))),
+        )?;
+        let copied: std::collections::HashSet<String> = copied.into_iter().map(|(q, _)| q).collect();
+        let (queues, sizes): (Vec<String>, Vec<u64>) =
+            queues.into_iter().zip(sizes).filter(|(q, _)| !copied.contains(q)).unzip();
         // A tenth of the size while placements of another product wait on this replica: each step
         // is a script they wait behind (as a round's batches are, see `Options::shared_chunk`).
         let full = self.options().snapshot_step.max(1);
