@@ -24,6 +24,11 @@
 --   op     zunionadd <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
 --          dest := dest + every member of the sources (with its source's score); hash field
 --          <field> is increased by the number of members new to dest unless hashidx is 0
+--   op     zcopypage <keyidx> <srcidx> <upto> <limit> <hashidx> <field> <proghashidx> <progfield>
+--          dest += the next page of src: members scored above the cursor in hash field <progfield>
+--          (absent: from the lowest) and at most <upto>, lowest first, at most <limit>; hash field
+--          <field> is increased by the members new to dest; the cursor becomes '>' and the last score
+--          copied, or 'done' when the page held fewer than <limit> (a done copy copies nothing)
 --   op     hincr <keyidx> <field> <delta>
 --   op     hset <keyidx> <field> <value>
 --   op     hdel <keyidx> <field>
@@ -123,6 +128,24 @@ local function sflush()
   sets = {}
 end
 
+-- Adds the members of a ZRANGE ... WITHSCORES reply to the sorted set at k, each with its score,
+-- in ZADD calls below unpack's bound; returns how many were new to it.
+local function zadd_flat(k, flat)
+  local args, count = {}, 0
+  for x = 1, #flat, 2 do
+    args[#args + 1] = flat[x + 1]
+    args[#args + 1] = flat[x]
+    if #args >= CHUNK then
+      count = count + redis.call('ZADD', k, unpack(args))
+      args = {}
+    end
+  end
+  if #args > 0 then
+    count = count + redis.call('ZADD', k, unpack(args))
+  end
+  return count
+end
+
 local out = {'ok'}
 for _ = 1, no do
   local kind, k = ARGV[i], KEYS[tonumber(ARGV[i + 1])]
@@ -190,19 +213,7 @@ for _ = 1, no do
       -- Sources are read and added a source at a time (ZADD answers how many members were new),
       -- so the step costs what its sources hold, not what the destination already does.
       for _, src in ipairs(srcs) do
-        local flat = redis.call('ZRANGE', src, 0, -1, 'WITHSCORES')
-        local args = {}
-        for x = 1, #flat, 2 do
-          args[#args + 1] = flat[x + 1]
-          args[#args + 1] = flat[x]
-          if #args >= CHUNK then
-            count = count + redis.call('ZADD', k, unpack(args))
-            args = {}
-          end
-        end
-        if #args > 0 then
-          count = count + redis.call('ZADD', k, unpack(args))
-        end
+        count = count + zadd_flat(k, redis.call('ZRANGE', src, 0, -1, 'WITHSCORES'))
       end
     end
     local hidx = ARGV[i + 3 + n]
@@ -210,6 +221,24 @@ for _ = 1, no do
       redis.call(kind == 'zunion' and 'HSET' or 'HINCRBY', KEYS[tonumber(hidx)], ARGV[i + 4 + n], count)
     end
     i = i + 5 + n
+  elseif kind == 'zcopypage' then
+    local src, upto, limit = KEYS[tonumber(ARGV[i + 2])], ARGV[i + 3], tonumber(ARGV[i + 4])
+    local hash, field = KEYS[tonumber(ARGV[i + 5])], ARGV[i + 6]
+    local prog, pfield = KEYS[tonumber(ARGV[i + 7])], ARGV[i + 8]
+    local cursor = redis.call('HGET', prog, pfield)
+    if cursor ~= 'done' then
+      local from = '-inf'
+      if cursor and string.sub(cursor, 1, 1) == '>' then from = '(' .. string.sub(cursor, 2) end
+      local flat = redis.call('ZRANGE', src, from, upto, 'BYSCORE', 'LIMIT', 0, limit, 'WITHSCORES')
+      redis.call('HINCRBY', hash, field, zadd_flat(k, flat))
+      local n = #flat / 2
+      if n >= limit then
+        redis.call('HSET', prog, pfield, '>' .. flat[#flat])
+      else
+        redis.call('HSET', prog, pfield, 'done')
+      end
+    end
+    i = i + 9
   elseif kind == 'hincr' then
     redis.call('HINCRBY', k, ARGV[i + 2], ARGV[i + 3])
     i = i + 4

@@ -45,6 +45,10 @@ pub fn audit_link(prev_hex: &str, digest_hex: &str) -> Option<String> {
 /// The hash that comes before the first audit entry.
 pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
+/// The cursor of a copy in pages ([`Op::ZCopyPage`]) once it is done. Before, the cursor is `>`
+/// followed by the last score copied.
+pub const PAGE_COPY_DONE: &str = "done";
+
 /// A service's key space. Keys are built from parts joined by `:`, each part escaped ([`escape_part`])
 /// so that different parts can never build the same key (buyer `acme`'s application for SKU `eu:H200`
 /// and buyer `acme:eu`'s for `H200` are different keys) and no id can open or close a hash tag.
@@ -277,6 +281,28 @@ pub enum Op {
         count_into: Option<(String, String)>,
         /// Add to the destination instead of replacing it.
         add: bool,
+    },
+    /// Copies the next page of a sorted set into another, resuming where the previous page of the
+    /// same copy stopped: the members of `source` scored above the copy's cursor (kept in hash field
+    /// `progress`; none yet: from the lowest score) and at most `upto`, lowest first, at most `limit`
+    /// of them, each with its score. `count_into` is increased by the members new to `key`, and the
+    /// cursor moves to the last score copied, or to [`PAGE_COPY_DONE`] once a page finds fewer than
+    /// `limit` members (a done copy copies nothing more). A large union taken in steps smaller than
+    /// one source: each step a short script, its cursor written in the same atomic step, so a step
+    /// done twice continues the copy instead of copying a page again.
+    ZCopyPage {
+        /// Destination sorted-set key.
+        key: String,
+        /// Source sorted-set key.
+        source: String,
+        /// Highest score copied (inclusive).
+        upto: f64,
+        /// Members copied at most.
+        limit: u64,
+        /// Hash key and field increased by the members new to `key`.
+        count_into: (String, String),
+        /// Hash key and field holding the copy's cursor.
+        progress: (String, String),
     },
     /// Adds `delta` to an integer hash field.
     HIncr {
@@ -569,6 +595,23 @@ impl Txn {
         self
     }
 
+    /// Copies the next page of `source` into `key` (see [`Op::ZCopyPage`]): at most `limit` members
+    /// scored at most `upto`, from the cursor in hash field `progress`; hash field `count_into` is
+    /// increased by the members new to `key`.
+    pub fn zcopy_page(
+        &mut self,
+        key: impl Into<String>,
+        source: impl Into<String>,
+        upto: f64,
+        limit: u64,
+        count_into: (String, String),
+        progress: (String, String),
+    ) -> &mut Self {
+        let limit = limit.max(1);
+        self.ops.push(Op::ZCopyPage { key: key.into(), source: source.into(), upto, limit, count_into, progress });
+        self
+    }
+
     /// Removes a set member.
     pub fn srem(&mut self, key: impl Into<String>, member: impl Into<String>) -> &mut Self {
         self.ops.push(Op::SRem { key: key.into(), member: member.into() });
@@ -680,6 +723,9 @@ impl Txn {
                     all.push(key);
                     all.extend(sources.iter().map(String::as_str));
                     all.extend(count_into.iter().map(|(h, _)| h.as_str()));
+                }
+                Op::ZCopyPage { key, source, count_into, progress, .. } => {
+                    all.extend([key.as_str(), source, &count_into.0, &progress.0]);
                 }
                 Op::Audit { chain, .. } | Op::AuditLinked { chain, .. } => {
                     all.push(&chain.stream);

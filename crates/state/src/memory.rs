@@ -251,6 +251,39 @@ impl Inner {
                     self.hincr(hash, field, added);
                 }
             }
+            Op::ZCopyPage { key, source, upto, limit, count_into, progress } => {
+                let cursor = self.hashes.get(&progress.0).and_then(|h| h.get(&progress.1));
+                let after = match cursor.map(Vec::as_slice) {
+                    Some(v) if v == crate::PAGE_COPY_DONE.as_bytes() => return,
+                    Some([b'>', rest @ ..]) => std::str::from_utf8(rest).ok().and_then(|s| s.parse::<f64>().ok()),
+                    _ => None,
+                };
+                let page: Vec<(String, f64)> = match self.zsets.get(source) {
+                    Some(z) => z
+                        .ordered
+                        .iter()
+                        .filter(|(s, _)| after.is_none_or(|a| s.0 > a))
+                        .take_while(|(s, _)| s.0 <= *upto)
+                        .take(*limit as usize)
+                        .map(|(s, m)| (m.clone(), s.0))
+                        .collect(),
+                    None => Vec::new(),
+                };
+                let cursor = match page.last() {
+                    Some((_, last)) if page.len() as u64 >= *limit => format!(">{last}"),
+                    _ => crate::PAGE_COPY_DONE.to_string(),
+                };
+                let mut added = 0i64;
+                if !page.is_empty() {
+                    let z = self.zsets.entry(key.clone()).or_default();
+                    for (member, score) in page {
+                        added += i64::from(!z.by_member.contains_key(&member));
+                        z.insert(&member, score);
+                    }
+                }
+                self.hincr(&count_into.0, &count_into.1, added);
+                self.hashes.entry(progress.0.clone()).or_default().insert(progress.1.clone(), cursor.into_bytes());
+            }
             Op::ZUnionStore { key, sources, count_into, add: false } => {
                 let mut union: HashMap<String, f64> = HashMap::new();
                 for src in sources {

@@ -794,6 +794,11 @@ impl RedisBackend {
                             None => cmd.arg("0").arg(""),
                         };
                     }
+                    Op::ZCopyPage { key, source, upto, limit, count_into, progress } => {
+                        cmd.arg("zcopypage").arg(idx(key)).arg(idx(source)).arg(*upto).arg(*limit);
+                        cmd.arg(idx(&count_into.0)).arg(count_into.1.as_str());
+                        cmd.arg(idx(&progress.0)).arg(progress.1.as_str());
+                    }
                     Op::HIncr { key, field, delta } => {
                         cmd.arg("hincr").arg(idx(key)).arg(field.as_str()).arg(*delta);
                     }
@@ -1224,7 +1229,7 @@ enum Step<'a> {
 /// a handful of sets (the state indexes, the queues), costs the script one command per run instead
 /// of one per member, and no kind and key per member. Writes to one key keep their order (a run per
 /// kind, in order), writes to different keys commute, and every run is sent before an op that reads
-/// or deletes sorted sets (zremstamp, zunion, del), so the outcome is that of the ops one by one.
+/// or deletes sorted sets (zremstamp, zunion, zcopypage, del), so the outcome is that of the ops one by one.
 fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
     let mut steps = Vec::with_capacity(ops.len());
     // The sorted sets with runs not sent yet, in first-write order, each with its runs.
@@ -1235,7 +1240,7 @@ fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
         let (key, member, score) = match op {
             Op::ZAdd { key, member, score } => (key.as_str(), member.as_str(), Some(*score)),
             Op::ZRem { key, member } => (key.as_str(), member.as_str(), None),
-            Op::Delete { .. } | Op::ZRemStamp { .. } | Op::ZUnionStore { .. } => {
+            Op::Delete { .. } | Op::ZRemStamp { .. } | Op::ZUnionStore { .. } | Op::ZCopyPage { .. } => {
                 steps.extend(held.drain(..).flatten());
                 at.clear();
                 steps.push(Step::Op(op));

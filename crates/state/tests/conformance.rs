@@ -262,6 +262,68 @@ async fn sorted_sets_union_in_steps(store: Store) {
     assert_eq!(store.zcard(&big).await.unwrap(), 2_500, "the sources are untouched");
 }
 
+/// A copy in pages continues from its cursor, lowest scores first, up to its bound: each page counts
+/// only the members new to the destination, a member that left the destination after its page stays
+/// out, a member added to the source below the cursor is not copied, and once a page comes up short
+/// the copy is done and copies nothing more. A source written earlier in the same transaction counts,
+/// and a page larger than one `ZADD` call takes (4,000 arguments) is copied whole.
+async fn sorted_sets_copied_in_pages(store: Store) {
+    let (q, big, snap, tally, cursors) =
+        (k(&["q", "a"]), k(&["q", "big"]), k(&["snap"]), k(&["tally"]), k(&["cursors"]));
+    let mut t = Txn::new();
+    for i in 1..=7u32 {
+        t.zadd(&q, format!("s{i}"), f64::from(i));
+    }
+    t.zadd(&q, "late", 100.0).zadd(&snap, "sentinel", 0.0).zadd(&snap, "s5", 5.0);
+    for i in 0..2_500u32 {
+        t.zadd(&big, format!("b{i:05}"), 10_000.0 + f64::from(i));
+    }
+    store.commit(&t).await.unwrap();
+    let field = |store: Store, key: String, name: &'static str| async move {
+        let h = store.hgetall(&key).await.unwrap();
+        h.into_iter().find(|(f, _)| f == name).map(|(_, v)| String::from_utf8(v).unwrap())
+    };
+    let page = |limit: u64| {
+        let mut t = Txn::new();
+        t.zcopy_page(&snap, &q, 50.0, limit, (tally.clone(), "n".into()), (cursors.clone(), "a".into()));
+        t
+    };
+    store.commit(&page(3)).await.unwrap();
+    assert_eq!(field(store.clone(), tally.clone(), "n").await.as_deref(), Some("3"));
+    assert_eq!(field(store.clone(), cursors.clone(), "a").await.as_deref(), Some(">3"));
+    // s2 is evaluated (it leaves the snapshot and its queue); s0 joins the queue below the cursor.
+    let mut t = Txn::new();
+    t.zrem(&snap, "s2").zrem(&q, "s2").zadd(&q, "s0", 0.5);
+    store.commit(&t).await.unwrap();
+    // The next page: s4 and s6 are new, s5 was there already.
+    store.commit(&page(3)).await.unwrap();
+    assert_eq!(field(store.clone(), tally.clone(), "n").await.as_deref(), Some("5"));
+    assert_eq!(field(store.clone(), cursors.clone(), "a").await.as_deref(), Some(">6"));
+    // The last page holds s7 only ("late" is above the bound): the copy is done.
+    store.commit(&page(3)).await.unwrap();
+    assert_eq!(field(store.clone(), cursors.clone(), "a").await.as_deref(), Some(chipgate_state::PAGE_COPY_DONE));
+    // Done: a repeated step copies nothing.
+    store.commit(&page(3)).await.unwrap();
+    assert_eq!(field(store.clone(), tally.clone(), "n").await.as_deref(), Some("6"));
+    let got: Vec<String> = store.zrange(&snap, 0, -1, false).await.unwrap().into_iter().map(|(m, _)| m).collect();
+    assert_eq!(got, ["sentinel", "s1", "s3", "s4", "s5", "s6", "s7"]);
+    // A page of a source written in the same transaction, larger than one ZADD call.
+    let mut t = Txn::new();
+    t.zadd(&big, "b-first", 1.0).zcopy_page(
+        &snap,
+        &big,
+        f64::from(u32::MAX),
+        3_000,
+        (tally.clone(), "n".into()),
+        (cursors.clone(), "big".into()),
+    );
+    store.commit(&t).await.unwrap();
+    assert_eq!(field(store.clone(), tally.clone(), "n").await.as_deref(), Some("2507"));
+    assert_eq!(field(store.clone(), cursors.clone(), "big").await.as_deref(), Some(chipgate_state::PAGE_COPY_DONE));
+    assert_eq!(store.zcard(&snap).await.unwrap(), 2_508, "the sentinel, six of q and 2,501 of big");
+    assert_eq!(store.zcard(&q).await.unwrap(), 8, "the sources are untouched");
+}
+
 /// A removal stamps its hash only when a member was there, so a stamp never moves once the set is
 /// empty; members added earlier in the same transaction count (batched writes keep their order).
 async fn removals_stamp_only_when_something_left(store: Store) {
@@ -702,6 +764,7 @@ backend_tests!(
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
     sorted_sets_union_in_steps,
+    sorted_sets_copied_in_pages,
     removals_stamp_only_when_something_left,
     records_are_versioned_and_guarded,
     version_guards_compare_whole_versions,

@@ -86,8 +86,8 @@ pub struct Options {
     /// 55–84 ms (at 100) to 40–66 ms, p50 24–33 → 16–21 ms, for about 12 % less wave throughput
     /// while they wait, and 25 was worse on both (round 8). Hence 50 by default.
     pub shared_chunk: usize,
-    /// Waiting orders a step of a wave's snapshot copies at most (whole queues; a larger queue is
-    /// a step of its own). Each step is one script during which Redis serves nobody else; the
+    /// Waiting orders a step of a wave's snapshot copies at most (small queues whole, a larger
+    /// queue a page per step). Each step is one script during which Redis serves nobody else; the
     /// snapshot used to be one, which at a million waiting orders kept every other call waiting two
     /// seconds. Measured (BENCHMARKS.md, round 9): a step of 5,000 takes 15–20 ms of Redis, 10,000
     /// about 30 ms.

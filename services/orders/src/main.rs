@@ -55,8 +55,9 @@ struct Args {
     #[arg(long, env = "CHIPGATE_SHARED_BATCH_SIZE", default_value_t = chipgate_orders::Options::default().shared_chunk)]
     shared_batch_size: usize,
 
-    /// Waiting orders a step of a wave's snapshot copies at most (whole buyers' queues): each step is
-    /// one script, so other calls wait at most that long behind a large wave's snapshot.
+    /// Waiting orders a step of a wave's snapshot copies at most (small buyers' queues whole, a
+    /// longer queue a page per step): each step is one script, so other calls wait at most that
+    /// long behind a large wave's snapshot.
     #[arg(long, env = "CHIPGATE_WAVE_SNAPSHOT_STEP", default_value_t = chipgate_orders::Options::default().snapshot_step)]
     wave_snapshot_step: u64,
 

@@ -42,24 +42,34 @@ const CONCERNED: &str = "concerned";
 /// In a snapshot while it is being taken, never an order id (those start with `ord-`).
 const TAKING: &str = "~taking";
 
-/// Consecutive groups of `queues` holding at most `limit()` members together, as it says when each
-/// group is cut (by `sizes`, read before; a queue larger than the limit alone), empty queues left
-/// out.
+/// The steps of a snapshot: each a list of (queue, members to copy at most) holding at most
+/// `limit()` members together, as it says when each step is cut (by `sizes`, read before). Small
+/// queues go whole into one step; a queue larger than what a step has room for is split across
+/// steps, each copying the next page of it (empty queues left out). The last page of a queue may
+/// copy one member more than its size said, so that it comes up short and marks the copy done.
 fn snapshot_steps(
     queues: Vec<String>,
     sizes: &[u64],
     mut limit: impl FnMut() -> u64,
-) -> impl Iterator<Item = Vec<String>> {
-    let mut left = queues.into_iter().zip(sizes.iter().copied()).filter(|(_, n)| *n > 0).peekable();
+) -> impl Iterator<Item = Vec<(String, u64)>> {
+    let mut left = queues.into_iter().zip(sizes.iter().copied()).filter(|(_, n)| *n > 0);
+    // A queue split across steps, with what is left of it.
+    let mut split: Option<(String, u64)> = None;
     std::iter::from_fn(move || {
-        let (first, mut size) = left.next()?;
-        let limit = limit();
-        let mut step = vec![first];
-        while let Some((q, n)) = left.next_if(|(_, n)| size + n <= limit) {
-            step.push(q);
-            size += n;
+        let mut room = limit().max(1);
+        let mut step = Vec::new();
+        while room > 0 {
+            let Some((q, n)) = split.take().or_else(|| left.next()) else { break };
+            if n <= room {
+                step.push((q, n + 1));
+                room -= n;
+            } else {
+                step.push((q.clone(), room));
+                split = Some((q, n - room));
+                room = 0;
+            }
         }
-        Some(step)
+        (!step.is_empty()).then_some(step)
     })
 }
 
@@ -231,8 +241,11 @@ impl Orders {
     /// Now the wave is marked unsettled first, with [`TAKING`] in the snapshot so that it can't look
     /// empty (and be settled by a round) before the last step, which takes it out and sets the
     /// marker that the snapshot is taken. Every step is guarded on that marker's absence, so a
-    /// redelivered event after the end changes nothing, and records the queues it copied, so a
-    /// redelivery after a crash part-way copies only the others.
+    /// redelivered event after the end changes nothing, and records how far it copied each queue
+    /// (a cursor per queue, [`chipgate_state::Op::ZCopyPage`]), so a redelivery after a crash
+    /// part-way continues from there. A queue longer than a step is copied a page per step: at a
+    /// million waiting orders a buyer's queue of 5,000 was one step, and placements of another
+    /// product waited behind it.
     ///
     /// Orders a round evaluates meanwhile are handled as for a snapshot taken in one step: a round
     /// that knows the wave takes them out of it (if already copied), or they are no longer in their
@@ -259,29 +272,40 @@ impl Orders {
         if !commit(t).await? {
             return Ok(());
         }
-        // The queues an earlier delivery copied are not copied again: an order of theirs evaluated
-        // since (and left waiting) would be counted twice.
-        // Read with the queues' sizes, in one round trip.
+        // Each queue's copy continues from its cursor (an earlier delivery's): an order of theirs
+        // evaluated since (and left waiting) would otherwise be counted twice. Read with the queues'
+        // sizes and the last placement number given out, in one round trip: orders placed after
+        // the publication are not the wave's concern (their own placement evaluates them), and the
+        // bound keeps the copy finite while buyers keep placing.
         let steps_key = keys::wave_snapshot_steps(wave_id, sku);
         let queues: Vec<String> = buyers.iter().map(|b| keys::awaiting(sku, &BuyerId::from_trusted(*b))).collect();
-        let (copied, sizes) = tokio::try_join!(
+        let seq_key = keys::seq(sku);
+        let (cursors, sizes, upto) = tokio::try_join!(
             self.store().hgetall(&steps_key),
             try_join_all(queues.iter().map(|q| self.store().zcard(q))),
+            self.store().incr(&seq_key, 0),
         )?;
-        let copied: std::collections::HashSet<String> = copied.into_iter().map(|(q, _)| q).collect();
+        // `1`: copied whole by an earlier version, which took a queue in one step.
+        let copied: std::collections::HashSet<String> = cursors
+            .into_iter()
+            .filter(|(_, v)| v == chipgate_state::PAGE_COPY_DONE.as_bytes() || v == b"1")
+            .map(|(q, _)| q)
+            .collect();
         let (queues, sizes): (Vec<String>, Vec<u64>) =
             queues.into_iter().zip(sizes).filter(|(q, _)| !copied.contains(q)).unzip();
         // A tenth of the size while placements of another product wait on this replica: each step
-        // is a script they wait behind (as a round's batches are, see `Options::shared_chunk`).
+        // is a script they wait behind (as a round's batches are, see `Options::shared_chunk`), and
+        // a queue longer than that is copied a page per step.
         let full = self.options().snapshot_step.max(1);
         let size = || if self.inner.answers.waiting_elsewhere(sku.as_str()) { (full / 10).max(1) } else { full };
         for step in snapshot_steps(queues, &sizes, size) {
             let mut t = Txn::new();
             t.expect_version(done.clone(), 0);
-            for q in &step {
-                t.hset(steps_key.clone(), q.clone(), b"1".to_vec());
+            for (q, limit) in step {
+                let count = (tally.clone(), CONCERNED.to_string());
+                let progress = (steps_key.clone(), q.clone());
+                t.zcopy_page(pending.clone(), q, upto as f64, limit, count, progress);
             }
-            t.zunion_add_counted(pending.clone(), step, tally.clone(), CONCERNED);
             if !commit(t).await? {
                 return Ok(());
             }
@@ -411,77 +435,113 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_steps_group_whole_queues_up_to_the_limit() {
-        let q = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
-        let steps: Vec<_> = snapshot_steps(q(&["a", "b", "c", "d", "e", "f"]), &[4, 6, 0, 11, 3, 3], || 10).collect();
-        assert_eq!(steps, vec![q(&["a", "b"]), q(&["d"]), q(&["e", "f"])], "empty c left out, d alone");
-        assert_eq!(snapshot_steps(q(&["a"]), &[0], || 10).count(), 0);
+    fn snapshot_steps_group_small_queues_and_split_long_ones_into_pages() {
+        let q = |steps: &[&[(&str, u64)]]| -> Vec<Vec<(String, u64)>> {
+            steps.iter().map(|s| s.iter().map(|(n, l)| (n.to_string(), *l)).collect()).collect()
+        };
+        let names = |n: &[&str]| n.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        // Each whole queue may copy one more than its size said (its page comes up short: done).
+        let steps: Vec<_> =
+            snapshot_steps(names(&["a", "b", "c", "d", "e", "f"]), &[4, 6, 0, 25, 3, 3], || 10).collect();
+        assert_eq!(
+            steps,
+            q(&[&[("a", 5), ("b", 7)], &[("d", 10)], &[("d", 10)], &[("d", 6), ("e", 4), ("f", 2)], &[("f", 2)]]),
+            "empty c left out, d a page per step, every step filled"
+        );
+        assert_eq!(snapshot_steps(names(&["a"]), &[0], || 10).count(), 0);
         // The limit as it stands when each step is cut: 10, then 4 (someone waits), then 10 again.
         let mut limits = [10, 4, 10].into_iter();
         let steps: Vec<_> =
-            snapshot_steps(q(&["a", "b", "c", "d", "e"]), &[3, 3, 3, 3, 3], || limits.next().unwrap_or(10)).collect();
-        assert_eq!(steps, vec![q(&["a", "b", "c"]), q(&["d"]), q(&["e"])]);
+            snapshot_steps(names(&["a", "b", "c", "d", "e"]), &[3, 3, 3, 3, 3], || limits.next().unwrap_or(10))
+                .collect();
+        assert_eq!(
+            steps,
+            q(&[&[("a", 4), ("b", 4), ("c", 4), ("d", 1)], &[("d", 3), ("e", 2)], &[("e", 2)]]),
+            "d split by the room left in the first step, e by the shorter second"
+        );
     }
 
     /// A wave's snapshot of three queues (25,000 waiting orders) taken in steps holds exactly their
     /// orders, counts each once, and is marked taken; taking it again changes nothing. While it is
-    /// being taken it can't be settled; a delivery that stopped part-way is finished by the next
-    /// one without counting any order twice.
+    /// being taken it can't be settled; a delivery that stopped part-way, one queue copied whole (as
+    /// an earlier version did) and another a page into, is finished by the next one without
+    /// counting any order twice; orders placed after the publication are not taken.
     #[tokio::test]
     async fn a_snapshot_is_taken_in_steps_counted_once_and_never_settled_half_taken() {
         let store = chipgate_state::Store::memory();
         let (svc, shutdown) = crate::test_service(store.clone(), crate::Options::default());
         let (sku, wave) = (Sku::from_trusted("H200"), WaveId::from_trusted("wave-1"));
         let buyers = ["alibaba", "bytedance", "tencent"];
+        let queue = |b: &str| keys::awaiting(&sku, &BuyerId::from_trusted(b));
         let sizes = [12_000, 9_000, 4_000];
         let mut t = Txn::new();
-        let mut seq = 0;
+        let mut seq = 0u32;
         for (b, n) in buyers.iter().zip(sizes) {
             for _ in 0..n {
                 seq += 1;
-                t.zadd(keys::awaiting(&sku, &BuyerId::from_trusted(*b)), format!("ord-H200-{seq}"), f64::from(seq));
+                t.zadd(queue(b), format!("ord-H200-{seq}"), f64::from(seq));
             }
         }
         store.commit(&t).await.unwrap();
+        store.incr(&keys::seq(&sku), u64::from(seq)).await.unwrap();
         let pending = keys::wave_pending(&wave, &sku);
+        let tally = keys::wave_tally(&wave, &sku);
+        let steps = keys::wave_snapshot_steps(&wave, &sku);
         let concerned = || {
-            let (store, key) = (store.clone(), keys::wave_tally(&wave, &sku));
+            let (store, key) = (store.clone(), tally.clone());
             async move { number_fields(store.hgetall(&key).await.unwrap()).get(CONCERNED).copied() }
         };
 
-        // A delivery that stopped after its first step: the wave is unsettled, the snapshot holds
-        // the first queue and the sentinel, and a round finding no other order there doesn't settle it.
+        // A delivery that stopped after two steps: the wave is unsettled, the snapshot holds the
+        // first queue (copied whole, marked `1`), the first 5,000 of the second and the sentinel.
         let mut t = Txn::new();
-        t.zadd(pending.clone(), TAKING, 0.0).hincr(keys::wave_tally(&wave, &sku), CONCERNED, 0);
+        t.zadd(pending.clone(), TAKING, 0.0).hincr(tally.clone(), CONCERNED, 0);
         t.sadd(keys::unsettled_waves(&sku), &wave);
-        let alibaba = keys::awaiting(&sku, &BuyerId::from_trusted("alibaba"));
-        t.hset(keys::wave_snapshot_steps(&wave, &sku), alibaba.clone(), b"1".to_vec());
-        t.zunion_add_counted(pending.clone(), vec![alibaba], keys::wave_tally(&wave, &sku), CONCERNED);
+        t.hset(steps.clone(), queue("alibaba"), b"1".to_vec());
+        t.zunion_add_counted(pending.clone(), vec![queue("alibaba")], tally.clone(), CONCERNED);
+        let page = ((tally.clone(), CONCERNED.to_string()), (steps.clone(), queue("bytedance")));
+        t.zcopy_page(pending.clone(), queue("bytedance"), f64::from(seq), 5_000, page.0, page.1);
         store.commit(&t).await.unwrap();
-        let ids: Vec<String> = (1..=12_000).map(|i| format!("ord-H200-{i}")).collect();
+        assert_eq!(concerned().await, Some(17_000));
+        // A round evaluates the first queue's orders and the second's first 1,000 (they stay
+        // waiting in their queues), and finds nothing else in the snapshot: not settled.
+        let ids: Vec<String> = (1..=13_000).map(|i| format!("ord-H200-{i}")).collect();
         let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut t = Txn::new();
         evaluated(&mut t, &sku, std::slice::from_ref(&wave), &ids, 5);
         store.commit(&t).await.unwrap();
         svc.settle_waves(&sku, std::slice::from_ref(&wave)).await.unwrap();
         assert_eq!(svc.unsettled_waves(&sku).await.unwrap(), vec![wave.clone()], "half taken: not settled");
-        assert_eq!(concerned().await, Some(12_000));
+        // An order placed after the publication joins a queue.
+        let mut t = Txn::new();
+        t.zadd(queue("tencent"), "ord-H200-25001", 25_001.0);
+        store.commit(&t).await.unwrap();
+        store.incr(&keys::seq(&sku), 1).await.unwrap();
 
-        // The next delivery finishes it: the other two queues, nothing counted twice.
+        // The next delivery finishes it (the bound is read anew: the late order is taken too, as it
+        // is in the wave's buyers' queues when this delivery starts), each order counted once.
         svc.take_snapshot(&wave, &sku, &buyers).await.unwrap();
-        assert_eq!(concerned().await, Some(25_000), "each order once");
+        assert_eq!(concerned().await, Some(25_001), "each order once");
         let members = store.zrange(&pending, 0, -1, false).await.unwrap();
-        assert_eq!(members.len(), 13_000, "the second and third queues (the first was evaluated)");
+        assert_eq!(members.len(), 12_001, "the second queue's last 8,000 and the third queue");
         assert!(members.iter().all(|(m, _)| m != TAKING), "the sentinel is out once taken");
         assert!(store.get(&[keys::wave_snapshot_taken(&wave, &sku)]).await.unwrap()[0].is_some(), "marked taken");
-        assert!(store.hgetall(&keys::wave_snapshot_steps(&wave, &sku)).await.unwrap().is_empty(), "steps forgotten");
-        // Taken: a redelivery adds nothing, even orders placed since.
+        assert!(store.hgetall(&steps).await.unwrap().is_empty(), "steps forgotten");
+        // Taken: a redelivery adds nothing, even an order placed since (after the counter was read).
         let mut t = Txn::new();
-        t.zadd(keys::awaiting(&sku, &BuyerId::from_trusted("tencent")), "ord-H200-99999", 99_999.0);
+        t.zadd(queue("tencent"), "ord-H200-99999", 99_999.0);
         store.commit(&t).await.unwrap();
         svc.take_snapshot(&wave, &sku, &buyers).await.unwrap();
-        assert_eq!(concerned().await, Some(25_000));
-        assert_eq!(store.zcard(&pending).await.unwrap(), 13_000);
+        assert_eq!(concerned().await, Some(25_001));
+        assert_eq!(store.zcard(&pending).await.unwrap(), 12_001);
+
+        // Another wave's snapshot, taken while the counter stands at 25,001: the order placed after
+        // it was read is not taken.
+        let later = WaveId::from_trusted("wave-2");
+        svc.take_snapshot(&later, &sku, &buyers).await.unwrap();
+        let taken = store.zrange(&keys::wave_pending(&later, &sku), 0, -1, false).await.unwrap();
+        assert_eq!(taken.len(), 25_001, "every waiting order up to the counter, none placed after it");
+        assert!(taken.iter().all(|(m, _)| m != "ord-H200-99999"));
         shutdown.trigger();
     }
 
