@@ -155,11 +155,22 @@ impl Orders {
     /// number read: one read of the whole of it kept Redis from everyone else for 90 ms at a
     /// million-order wave (666,000 backordered). Only a pass under the product's lease adds to the
     /// backlog (this one), and an order leaving it between two pages (a cancel) is simply not read.
-    pub(crate) async fn backlog_orders(&self, sku: &Sku) -> Result<(Vec<u64>, Vec<OrderRecord>), Error> {
+    ///
+    /// A drain reads it under the product's `lease`, kept between reads: at a million waiting orders
+    /// the read takes longer than the lease lives, and a lease lost there cut the drain short after
+    /// the evaluation had filled the backlog.
+    pub(crate) async fn backlog_orders(
+        &self,
+        sku: &Sku,
+        mut lease: Option<&mut Lease>,
+    ) -> Result<(Vec<u64>, Vec<OrderRecord>), Error> {
         let key = keys::backlog(sku);
         let mut ids = Vec::new();
         let mut after = std::ops::Bound::Unbounded;
         loop {
+            if let Some(lease) = lease.as_deref_mut() {
+                self.keep(lease).await?;
+            }
             let page = self.store().zrange_by_score(&key, after, std::ops::Bound::Unbounded, BACKLOG_PAGE).await?;
             let full = page.len() >= BACKLOG_PAGE;
             // Placement numbers are distinct within a product: the next page starts after this one.
@@ -174,6 +185,9 @@ impl Orders {
         let mut versions = Vec::with_capacity(ids.len());
         let mut orders = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(self.options().chunk.max(1)) {
+            if let Some(lease) = lease.as_deref_mut() {
+                self.keep(lease).await?;
+            }
             let order_keys: Vec<String> =
                 chunk.iter().map(|(m, _)| keys::order(&keys::indexed_order(sku, m))).collect();
             for (v, o) in self.load_orders(&order_keys).await?.into_iter().flatten() {
@@ -318,7 +332,7 @@ impl Orders {
         for _attempt in 0..BATCH_ATTEMPTS {
             self.keep(lease).await?;
             let began = std::time::Instant::now();
-            let (versions, orders) = self.backlog_orders(&sku).await?;
+            let (versions, orders) = self.backlog_orders(&sku, Some(lease)).await?;
             let loaded = began.elapsed();
             if orders.is_empty() {
                 return Ok(());
@@ -469,7 +483,7 @@ mod tests {
         }
         store.commit(&t).await.unwrap();
         assert_eq!(store.zcard(&keys::backlog(&sku)).await.unwrap(), n);
-        let (versions, orders) = svc.backlog_orders(&sku).await.unwrap();
+        let (versions, orders) = svc.backlog_orders(&sku, None).await.unwrap();
         let seqs: Vec<u64> = orders.iter().map(|o| o.seq).collect();
         let want: Vec<u64> = (1..=n).filter(|s| s % 1000 != 0).collect();
         assert_eq!(seqs, want, "every backordered order once, oldest first");

@@ -195,7 +195,7 @@ impl Orders {
             self.allocation_policy(&sku),
             self.free_stock(ctx, &sku),
             self.allocated_by_buyer(&sku),
-            self.backlog_orders(&sku),
+            self.backlog_orders(&sku, None),
         )?;
         let cause = Cause::new(CauseKind::SupplyReceived, "");
         let (moves, plan) = simulate_drain(
@@ -309,7 +309,7 @@ impl Orders {
             self.allocation_policy(sku),
             self.free_stock(ctx, sku),
             self.allocated_by_buyer(sku),
-            self.backlog_orders(sku),
+            self.backlog_orders(sku, None),
         )?;
         let waiting: Vec<OrderRecord> =
             loaded.into_iter().flatten().map(|(_, o)| o).filter(|o| o.status().is_waiting()).collect();

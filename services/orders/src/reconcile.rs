@@ -285,7 +285,7 @@ impl Orders {
             let mut ctx = RequestContext::background("reconcile", causes.first().map(String::as_str));
             let links: Vec<&str> = causes.iter().skip(1).take(MAX_LINKS).map(String::as_str).collect();
             let span = telemetry::work_span(&mut ctx, "reconcile round", &lease.sku, &links);
-            let result = self.round_work(&ctx, lease, &marks, began).instrument(span).await;
+            let result = self.round_work(&ctx, lease, &marks, taken.kept > 0, began).instrument(span).await;
             if result.is_ok() {
                 finished.extend(marks.fields.iter().cloned());
             }
@@ -296,12 +296,14 @@ impl Orders {
         }
     }
 
-    /// The work of a round, once its marks are taken.
+    /// The work of a round, once its marks are taken; `resumed` when some of them were left by a
+    /// pass cut short (they were in the working hash already).
     async fn round_work(
         &self,
         ctx: &RequestContext,
         lease: &mut Lease,
         marks: &Marks,
+        resumed: bool,
         began: Instant,
     ) -> Result<(), Error> {
         if marks.any_holders() {
@@ -317,7 +319,11 @@ impl Orders {
             left_waiting = self.evaluate_awaiting(ctx, lease, marks).await?;
         }
         let evaluated = began.elapsed();
-        if !left_waiting.is_empty() {
+        // A pass cut short after its evaluation committed (its lease lost during the drain, a failed
+        // call) left orders in the backlog without handing them stock; the round that takes over its
+        // marks finds them no longer waiting, so nothing would drain the backlog until the next
+        // stock event. It drains it here (unless its marks drained it already).
+        if !left_waiting.is_empty() || (resumed && marks.drain.is_empty()) {
             let cause = marks.drain.first().cloned().unwrap_or_else(|| Cause::new(CauseKind::Reconciled, ""));
             self.drain_backlog(ctx, lease, &cause, &left_waiting).await?;
         }

@@ -420,3 +420,56 @@ async fn the_policy_is_validated_idempotent_and_only_the_vendors() {
         e.get_error_details().bad_request().unwrap().field_violations.iter().map(|f| f.field.clone()).collect();
     assert_eq!(fields, ["units", "max_orders"]);
 }
+
+/// A pass cut short after its evaluation filled the backlog and before its drain (its lease lost
+/// while the drain read a million-order backlog, as once happened) is finished by the pass that takes
+/// over its marks: the backlog is drained although no order waits any more and no stock event is
+/// left to mark a drain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_left_by_a_pass_cut_short_is_drained_by_the_next() {
+    use chipgate_domain::ids::Sku;
+    use chipgate_orders::keys;
+    use chipgate_state::{Backend, CommitError, Txn};
+
+    let mut w = World::start().await;
+    w.licensed("bytedance", H200, 100).await;
+    // No stock yet: both orders take quota and wait in the backlog.
+    let ids = vec![w.place("bytedance", H200, 10).await.order_id, w.place("bytedance", H200, 10).await.order_id];
+    w.until(&ids, WAIT, |o| all_in(o, Backordered)).await;
+
+    // Someone else holds the product's lease (taken once the passes so far let it go): the stock
+    // that arrives now is marked for a drain that no pass runs yet.
+    let sku = Sku::from_trusted(H200);
+    let (store, lease) = (w.cluster.store.clone(), keys::lease(&sku));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let mut t = Txn::new();
+        t.expect_version(lease.clone(), 0).put(lease.clone(), b"another replica".to_vec());
+        match store.commit(&t).await {
+            Ok(_) => break,
+            Err(CommitError::Conflict { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("can't take the lease: {e}"),
+        }
+    }
+    w.receive(H200, 100).await;
+    let (dirty, working) = (keys::dirty(&sku), keys::working(&sku));
+    let (drain, traceparent) = loop {
+        let marks = store.hgetall(&dirty).await.unwrap();
+        if let Some(m) = marks.into_iter().find(|(f, _)| f.starts_with("d|")) {
+            break m;
+        }
+        assert!(Instant::now() < deadline, "the receipt's drain mark never came");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // What a pass cut between its evaluation and its drain leaves: its evaluation's mark in the
+    // working hash, and no drain mark (that pass had taken it). Then its lease expires.
+    let mut t = Txn::new();
+    t.hdel(dirty, drain.clone()).hset(working, format!("a|*|{}", &drain[2..]), traceparent).delete(lease);
+    store.commit(&t).await.unwrap();
+
+    let orders = w.until(&ids, WAIT, |o| all_in(o, Reserved)).await;
+    assert!(orders.iter().all(|o| o.held_units == 10), "{orders:?}");
+    assert_eq!(w.stock(H200).await.held, 20);
+}
