@@ -84,11 +84,29 @@ async fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     if let Some(products) = products {
-        match service.load_catalogue(products).await {
-            Ok(n) => tracing::info!(products = n, "catalogue loaded"),
-            Err(e) => {
-                tracing::error!(error = ?e, "catalogue refused");
-                return std::process::ExitCode::FAILURE;
+        // Redis unreachable, or a replica slow to acknowledge a write (its outcome unknown), is
+        // waited out: each product's upsert is idempotent under its request id, so loading again
+        // is safe, and a service that gave up here stayed down until something restarted it. A
+        // catalogue Redis refuses for any other reason fails at once.
+        let mut pause = std::time::Duration::from_millis(200);
+        loop {
+            match service.load_catalogue(products.clone()).await {
+                Ok(n) => {
+                    tracing::info!(products = n, "catalogue loaded");
+                    break;
+                }
+                Err(chipgate_runtime::service::Error::State(chipgate_state::StateError::Unavailable(e))) => {
+                    tracing::warn!(error = %e, retry_in = ?pause, "catalogue not loaded yet; retrying");
+                    tokio::select! {
+                        () = shutdown.wait() => return std::process::ExitCode::SUCCESS,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                }
+                Err(e) => {
+                    tracing::error!(error = ?e, "catalogue refused");
+                    return std::process::ExitCode::FAILURE;
+                }
             }
         }
     }
