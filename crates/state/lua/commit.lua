@@ -21,9 +21,6 @@
 --   op     zunion <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
 --          dest := union of the sources (n = 0: delete); its size goes into hash field <field>
 --          unless hashidx is 0
---   op     zunionadd <keyidx> <n> <srcidx1> ... <srcidxn> <hashidx> <field>
---          dest := dest + every member of the sources (with its source's score); hash field
---          <field> is increased by the number of members new to dest unless hashidx is 0
 --   op     zcopypage <keyidx> <srcidx> <upto> <limit> <hashidx> <field> <proghashidx> <progfield>
 --          dest += the next page of src: members scored above the cursor in hash field <progfield>
 --          (absent: from the lowest) and at most <upto>, lowest first, at most <limit>; hash field
@@ -194,31 +191,22 @@ for _ = 1, no do
       redis.call('HSET', KEYS[tonumber(ARGV[i + 3 + n])], ARGV[i + 4 + n], ARGV[i + 5 + n])
     end
     i = i + 6 + n
-  elseif kind == 'zunion' or kind == 'zunionadd' then
+  elseif kind == 'zunion' then
+    sflush()
     local n = tonumber(ARGV[i + 2])
     local srcs = {}
     for j = 1, n do
       srcs[j] = KEYS[tonumber(ARGV[i + 2 + j])]
     end
-    -- zunion: the destination's new size; zunionadd: the members new to it.
-    local count = 0
-    if kind == 'zunion' then
-      sflush()
-      if n > 0 then
-        count = redis.call('ZUNIONSTORE', k, n, unpack(srcs))
-      else
-        redis.call('DEL', k)
-      end
+    local size = 0
+    if n > 0 then
+      size = redis.call('ZUNIONSTORE', k, n, unpack(srcs))
     else
-      -- Sources are read and added a source at a time (ZADD answers how many members were new),
-      -- so the step costs what its sources hold, not what the destination already does.
-      for _, src in ipairs(srcs) do
-        count = count + zadd_flat(k, redis.call('ZRANGE', src, 0, -1, 'WITHSCORES'))
-      end
+      redis.call('DEL', k)
     end
     local hidx = ARGV[i + 3 + n]
     if hidx ~= '0' then
-      redis.call(kind == 'zunion' and 'HSET' or 'HINCRBY', KEYS[tonumber(hidx)], ARGV[i + 4 + n], count)
+      redis.call('HSET', KEYS[tonumber(hidx)], ARGV[i + 4 + n], size)
     end
     i = i + 5 + n
   elseif kind == 'zcopypage' then

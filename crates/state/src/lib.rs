@@ -267,20 +267,13 @@ pub enum Op {
     /// sum of its scores, as Redis' `ZUNIONSTORE`); no sources, or only empty ones, delete it. A
     /// server-side snapshot: the members are never copied through the client. With `count_into`
     /// (hash key, field), the snapshot's size is stored there in the same atomic step.
-    ///
-    /// With `add`, the sources' members are added to what `key` holds instead (each with its score
-    /// in its source; a member already there takes it; meant for disjoint sources), and `count_into`
-    /// is increased by the number of members new to `key`: a large union taken in several steps,
-    /// each a short script, counted exactly once however often a step is repeated.
     ZUnionStore {
         /// Destination sorted-set key.
         key: String,
         /// Source sorted-set keys.
         sources: Vec<String>,
-        /// Where to record how many members the snapshot holds (or, with `add`, gained).
+        /// Where to record how many members the snapshot holds.
         count_into: Option<(String, String)>,
-        /// Add to the destination instead of replacing it.
-        add: bool,
     },
     /// Copies the next page of a sorted set into another, resuming where the previous page of the
     /// same copy stopped: the members of `source` scored above the copy's cursor (kept in hash field
@@ -563,7 +556,7 @@ impl Txn {
 
     /// Replaces the sorted set at `key` with the union of `sources` (see [`Op::ZUnionStore`]).
     pub fn zunionstore(&mut self, key: impl Into<String>, sources: Vec<String>) -> &mut Self {
-        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into: None, add: false });
+        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into: None });
         self
     }
 
@@ -577,21 +570,7 @@ impl Txn {
         field: impl Into<String>,
     ) -> &mut Self {
         let count_into = Some((hash.into(), field.into()));
-        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into, add: false });
-        self
-    }
-
-    /// Adds the members of `sources` to the sorted set at `key`, increasing hash field `field` of
-    /// `hash` by how many were new to it (see [`Op::ZUnionStore`] with `add`).
-    pub fn zunion_add_counted(
-        &mut self,
-        key: impl Into<String>,
-        sources: Vec<String>,
-        hash: impl Into<String>,
-        field: impl Into<String>,
-    ) -> &mut Self {
-        let count_into = Some((hash.into(), field.into()));
-        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into, add: true });
+        self.ops.push(Op::ZUnionStore { key: key.into(), sources, count_into });
         self
     }
 

@@ -234,23 +234,6 @@ impl Inner {
                     self.hashes.entry(hash.clone()).or_default().insert(field.clone(), value.clone());
                 }
             }
-            Op::ZUnionStore { key, sources, count_into, add: true } => {
-                let mut added = 0i64;
-                for src in sources {
-                    let members: Vec<(String, f64)> = match self.zsets.get(src) {
-                        Some(z) => z.by_member.iter().map(|(m, s)| (m.clone(), *s)).collect(),
-                        None => continue,
-                    };
-                    let z = self.zsets.entry(key.clone()).or_default();
-                    for (member, score) in members {
-                        added += i64::from(!z.by_member.contains_key(&member));
-                        z.insert(&member, score);
-                    }
-                }
-                if let Some((hash, field)) = count_into {
-                    self.hincr(hash, field, added);
-                }
-            }
             Op::ZCopyPage { key, source, upto, limit, count_into, progress } => {
                 let cursor = self.hashes.get(&progress.0).and_then(|h| h.get(&progress.1));
                 let after = match cursor.map(Vec::as_slice) {
@@ -284,7 +267,7 @@ impl Inner {
                 self.hincr(&count_into.0, &count_into.1, added);
                 self.hashes.entry(progress.0.clone()).or_default().insert(progress.1.clone(), cursor.into_bytes());
             }
-            Op::ZUnionStore { key, sources, count_into, add: false } => {
+            Op::ZUnionStore { key, sources, count_into } => {
                 let mut union: HashMap<String, f64> = HashMap::new();
                 for src in sources {
                     if let Some(z) = self.zsets.get(src) {

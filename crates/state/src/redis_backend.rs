@@ -784,8 +784,8 @@ impl RedisBackend {
                         }
                         cmd.arg(idx(hash)).arg(field.as_str()).arg(&value[..]);
                     }
-                    Op::ZUnionStore { key, sources, count_into, add } => {
-                        cmd.arg(if *add { "zunionadd" } else { "zunion" }).arg(idx(key)).arg(sources.len());
+                    Op::ZUnionStore { key, sources, count_into } => {
+                        cmd.arg("zunion").arg(idx(key)).arg(sources.len());
                         for x in sources {
                             cmd.arg(idx(x));
                         }

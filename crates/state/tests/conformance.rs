@@ -213,55 +213,6 @@ async fn sorted_sets_snapshot_into_one(store: Store) {
     assert_eq!(store.zcard(&snap).await.unwrap(), 0);
 }
 
-/// A union taken in steps adds each step's sources to what the destination holds, counting only the
-/// members new to it: a step done twice counts nothing more, members removed in between stay
-/// removed unless a source still holds them, and writes before it in the same transaction count.
-/// Sources larger than one `ZADD` call takes (4,000 arguments) are added whole.
-async fn sorted_sets_union_in_steps(store: Store) {
-    let (a, b, big, snap, tally) = (k(&["q", "a"]), k(&["q", "b"]), k(&["q", "big"]), k(&["snap"]), k(&["tally"]));
-    let mut t = Txn::new();
-    t.zadd(&a, "o1", 1.0).zadd(&a, "o3", 3.0).zadd(&b, "o2", 2.0).zadd(&snap, "sentinel", 0.0);
-    for i in 0..2_500 {
-        t.zadd(&big, format!("b{i:05}"), 10_000.0 + f64::from(i));
-    }
-    store.commit(&t).await.unwrap();
-    let count = |store: Store, tally: String| async move {
-        let h = store.hgetall(&tally).await.unwrap();
-        h.into_iter().find(|(f, _)| f == "n").map(|(_, v)| String::from_utf8(v).unwrap())
-    };
-    // The first step: a's members join the sentinel (a member written earlier in the transaction too).
-    let mut t = Txn::new();
-    t.zadd(&a, "o0", 0.5).zunion_add_counted(&snap, vec![a.clone(), k(&["q", "empty"])], &tally, "n");
-    store.commit(&t).await.unwrap();
-    assert_eq!(count(store.clone(), tally.clone()).await.as_deref(), Some("3"));
-    // Done again after o1 left the destination (and the source): nothing more is counted.
-    let mut t = Txn::new();
-    t.zrem(&snap, "o1").zrem(&a, "o1");
-    store.commit(&t).await.unwrap();
-    let mut t = Txn::new();
-    t.zunion_add_counted(&snap, vec![a.clone()], &tally, "n");
-    store.commit(&t).await.unwrap();
-    assert_eq!(count(store.clone(), tally.clone()).await.as_deref(), Some("3"), "a repeated step counts nothing");
-    // The next steps: b, then a source larger than one ZADD call.
-    let mut t = Txn::new();
-    t.zunion_add_counted(&snap, vec![b.clone(), big.clone()], &tally, "n");
-    store.commit(&t).await.unwrap();
-    assert_eq!(count(store.clone(), tally.clone()).await.as_deref(), Some("2504"));
-    let got = store.zrange(&snap, 0, 4, false).await.unwrap();
-    assert_eq!(
-        got,
-        vec![
-            ("sentinel".into(), 0.0),
-            ("o0".into(), 0.5),
-            ("o2".into(), 2.0),
-            ("o3".into(), 3.0),
-            ("b00000".into(), 10_000.0)
-        ]
-    );
-    assert_eq!(store.zcard(&snap).await.unwrap(), 2_504, "the sentinel, o0, o2, o3 and 2,500 of big");
-    assert_eq!(store.zcard(&big).await.unwrap(), 2_500, "the sources are untouched");
-}
-
 /// A copy in pages continues from its cursor, lowest scores first, up to its bound: each page counts
 /// only the members new to the destination, a member that left the destination after its page stays
 /// out, a member added to the source below the cursor is not copied, and once a page comes up short
@@ -763,7 +714,6 @@ async fn hashes_move_in_one_step_under_a_lease(store: Store) {
 backend_tests!(
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
-    sorted_sets_union_in_steps,
     sorted_sets_copied_in_pages,
     removals_stamp_only_when_something_left,
     records_are_versioned_and_guarded,

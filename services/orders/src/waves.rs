@@ -2,9 +2,9 @@
 //! evaluation has got.
 //!
 //! When the orders service first consumes a wave's publication it records, for each product the wave
-//! licenses, a **snapshot** of the waiting orders of the wave's buyers (server-side unions of their
-//! awaiting queues, a few queues per step, each counted in its step; see [`Orders::take_snapshot`])
-//! and marks the wave *unsettled* for the product.
+//! licenses, a **snapshot** of the waiting orders of the wave's buyers (server-side copies of their
+//! awaiting queues, a few small queues or a page of a long one per step, each counted in its step;
+//! see [`Orders::take_snapshot`]) and marks the wave *unsettled* for the product.
 //! The snapshot is what the wave concerns — exactly those orders, whatever happens next:
 //! * an order leaves the snapshot when a reconciliation round of its product evaluates it (for any
 //!   cause: the round runs after the publication, so the wave is in effect), or when it stops waiting
@@ -497,8 +497,11 @@ mod tests {
         let mut t = Txn::new();
         t.zadd(pending.clone(), TAKING, 0.0).hincr(tally.clone(), CONCERNED, 0);
         t.sadd(keys::unsettled_waves(&sku), &wave);
-        t.hset(steps.clone(), queue("alibaba"), b"1".to_vec());
-        t.zunion_add_counted(pending.clone(), vec![queue("alibaba")], tally.clone(), CONCERNED);
+        // The earlier version's step: the queue's members added, counted, and the queue marked.
+        t.hset(steps.clone(), queue("alibaba"), b"1".to_vec()).hincr(tally.clone(), CONCERNED, 12_000);
+        for i in 1..=12_000 {
+            t.zadd(pending.clone(), format!("ord-H200-{i}"), f64::from(i));
+        }
         let page = ((tally.clone(), CONCERNED.to_string()), (steps.clone(), queue("bytedance")));
         t.zcopy_page(pending.clone(), queue("bytedance"), f64::from(seq), 5_000, page.0, page.1);
         store.commit(&t).await.unwrap();
