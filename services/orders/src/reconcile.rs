@@ -21,6 +21,7 @@
 //! overwrite newer decisions. Every call is idempotent per (order, generation), so a pass cut short
 //! anywhere is simply redone by the next one.
 
+use chipgate_runtime::records::Loaded;
 use chipgate_runtime::service::Records;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -80,6 +81,22 @@ struct Decided {
     txn: Txn,
     /// What the evaluation decided (and carries into the next batch once committed).
     plan: allocation::EvaluationPlan,
+}
+
+/// A batch of waiting orders as read, before it is decided.
+struct ReadBatch {
+    /// Its orders' keys, in placement order.
+    keys: Vec<String>,
+    /// Each key's order as read (None: gone).
+    orders: Vec<Loaded<OrderRecord>>,
+}
+
+impl ReadBatch {
+    /// Keeps the first `n` orders (at least one) and returns the rest, if any.
+    fn split_off(&mut self, n: usize) -> Option<ReadBatch> {
+        let n = n.max(1);
+        (self.keys.len() > n).then(|| ReadBatch { keys: self.keys.split_off(n), orders: self.orders.split_off(n) })
+    }
 }
 
 /// A batch decided and being committed, with what it takes to redo it.
@@ -448,14 +465,16 @@ impl Orders {
     /// The waiting orders `queue` hands out, oldest first, in batches: returns the orders that joined
     /// the backlog.
     ///
-    /// Batches are pipelined: while one batch's moves are being committed (a script that keeps Redis
-    /// busy for milliseconds), the next batch is loaded and its quota and stock asked for, from the
-    /// evaluation state the committing batch leaves. Licensing and inventory still see the batches
-    /// one after the other, in placement order, and the commits land in that order. When a commit
-    /// loses to a concurrent change, that batch is redone from the state before it and the batch
-    /// decided alongside is decided again: every ask is idempotent per (order, generation), so asking
-    /// again only repeats the answers. Each batch's keys are built when its turn comes (a 1M-order
-    /// round would otherwise hold every key at once).
+    /// Batches are pipelined three deep: while one batch's moves are being committed (a script that
+    /// keeps Redis busy for milliseconds), the next batch asks for its quota and stock, from the
+    /// evaluation state the committing batch leaves, and the batch after it is read (its queue pages
+    /// and its orders). Licensing and inventory still see the batches one after the other, in
+    /// placement order, and the commits land in that order. When a commit loses to a concurrent
+    /// change, that batch is redone from the state before it and the batch decided alongside is
+    /// decided again from a fresh read: every ask is idempotent per (order, generation), so asking
+    /// again only repeats the answers. An order read ahead that changes before its batch commits
+    /// fails that commit's version guard like any other. Each batch's keys are built when it is read
+    /// (a 1M-order round would otherwise hold every key at once).
     async fn evaluate_in_batches(
         &self,
         ctx: &RequestContext,
@@ -465,25 +484,33 @@ impl Orders {
     ) -> Result<HashMap<String, Cause>, Error> {
         let mut backlogged = HashMap::new();
         let mut committing: Option<InFlight> = None;
-        loop {
-            let size = self.batch_size(&lease.sku);
-            let chunk = queue.next(self, size).await?;
-            if chunk.is_empty() {
-                break;
-            }
-            self.count_batch(&lease.sku, size);
-            let order_keys: Vec<String> =
-                chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
+        let mut ahead = self.read_batch(&lease.sku, queue).await?;
+        while let Some(mut batch) = ahead.take() {
             self.keep(lease).await?;
+            // Read at the size wanted then; cut shorter when placements of another product have
+            // started to wait since (their wait is one batch, not one batch read ahead).
+            let size = self.batch_size(&lease.sku);
+            let rest = batch.split_off(size);
+            self.count_batch(&lease.sku, size);
+            let ReadBatch { keys: order_keys, orders } = batch;
+            let read_next = async {
+                match rest {
+                    Some(rest) => Ok(Some(rest)),
+                    None => self.read_batch(&lease.sku, queue).await,
+                }
+            };
+            let decide = self.decide_loaded(ctx, lease, orders, stage);
             let next = match committing.take() {
-                None => self.decide_batch(ctx, lease, &order_keys, stage).await?,
+                None => {
+                    let (next, read) = tokio::join!(decide, read_next);
+                    ahead = read?;
+                    next?
+                }
                 Some(prev) => {
-                    let (landed, next) = tokio::join!(
-                        self.commit_batch(&prev.decided),
-                        self.decide_batch(ctx, lease, &order_keys, stage)
-                    );
+                    let (landed, next, read) = tokio::join!(self.commit_batch(&prev.decided), decide, read_next);
                     let landed = landed?;
                     backlogged.extend(self.after_commit(ctx, lease, prev, landed, stage).await?);
+                    ahead = read?;
                     // Decided as if the previous batch's moves landed: decided again when they did not.
                     if landed { next? } else { self.decide_batch(ctx, lease, &order_keys, stage).await? }
                 }
@@ -499,6 +526,19 @@ impl Orders {
             backlogged.extend(self.after_commit(ctx, lease, last, landed, stage).await?);
         }
         Ok(backlogged)
+    }
+
+    /// The next batch `queue` hands out, its orders read (None when the queue is done).
+    async fn read_batch(&self, sku: &Sku, queue: &mut Queues) -> Result<Option<ReadBatch>, Error> {
+        let chunk = queue.next(self, self.batch_size(sku)).await?;
+        if chunk.is_empty() {
+            return Ok(None);
+        }
+        let keys: Vec<String> = chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
+        let began = Instant::now();
+        let orders = self.load_orders(&keys).await?;
+        tracing::debug!(orders = keys.len(), load_us = began.elapsed().as_micros() as u64, "batch read ahead");
+        Ok(Some(ReadBatch { keys, orders }))
     }
 
     /// What a batch whose commit `landed` (or lost to a concurrent change) leaves: the orders it put
@@ -552,8 +592,23 @@ impl Orders {
         stage: &Evaluating<'_>,
     ) -> Result<Option<Decided>, Error> {
         let began = Instant::now();
+        let orders = self.load_orders(order_keys).await?;
+        tracing::debug!(orders = order_keys.len(), load_us = began.elapsed().as_micros() as u64, "batch read");
+        self.decide_loaded(ctx, lease, orders, stage).await
+    }
+
+    /// [`Orders::decide_batch`] of orders already read (`loaded`, one per key; the orders that no
+    /// longer wait are left out).
+    async fn decide_loaded(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        loaded: Vec<Loaded<OrderRecord>>,
+        stage: &Evaluating<'_>,
+    ) -> Result<Option<Decided>, Error> {
+        let began = Instant::now();
         let (versions, orders): (Vec<u64>, Vec<OrderRecord>) =
-            self.load_orders(order_keys).await?.into_iter().flatten().filter(|(_, o)| o.status().is_waiting()).unzip();
+            loaded.into_iter().flatten().filter(|(_, o)| o.status().is_waiting()).unzip();
         if orders.is_empty() {
             return Ok(None);
         }
@@ -864,6 +919,33 @@ mod tests {
     /// An orders service on the in-memory store whose peers are never called.
     fn service(options: Options) -> (Orders, Shutdown) {
         crate::test_service(Store::memory(), options)
+    }
+
+    #[test]
+    fn a_batch_read_ahead_is_cut_to_the_size_wanted_when_its_turn_comes() {
+        use super::ReadBatch;
+        use chipgate_domain::orders::OrderRecord;
+        let read = |n: u64| ReadBatch {
+            keys: (1..=n).map(|i| format!("k{i}")).collect(),
+            orders: (1..=n)
+                .map(|i| (i % 2 == 0).then(|| (i, OrderRecord { seq: i, ..OrderRecord::default() })))
+                .collect(),
+        };
+        // Read at 6 while nobody waited; a placement of another product now waits: 2 are decided.
+        let mut batch = read(6);
+        let rest = batch.split_off(2).expect("four left");
+        assert_eq!(batch.keys, ["k1", "k2"]);
+        assert_eq!(rest.keys, ["k3", "k4", "k5", "k6"]);
+        // Each key keeps its own order (or its absence).
+        let seqs = |b: &ReadBatch| b.orders.iter().map(|o| o.as_ref().map(|(_, o)| o.seq)).collect::<Vec<_>>();
+        assert_eq!(seqs(&batch), [None, Some(2)]);
+        assert_eq!(seqs(&rest), [None, Some(4), None, Some(6)]);
+        // Nothing left when the batch is no longer than the size; a size of 0 still decides one.
+        assert!(read(3).split_off(3).is_none());
+        assert!(read(3).split_off(8).is_none());
+        let mut one = read(3);
+        assert_eq!(one.split_off(0).map(|r| r.keys.len()), Some(2));
+        assert_eq!(one.keys, ["k1"]);
     }
 
     #[tokio::test]
