@@ -146,17 +146,24 @@ impl Evaluation {
 
     /// The quota asks for a batch of waiting `orders` (in placement order).
     pub fn quota_asks<'a>(&self, orders: impl IntoIterator<Item = &'a OrderRecord>) -> Vec<QuotaAsk> {
-        orders
-            .into_iter()
-            .map(|o| QuotaAsk {
-                order_id: o.id.clone(),
-                generation: o.generation,
-                buyer_id: o.buyer_id.clone(),
-                units: o.units,
-                justification: o.justification.clone(),
-                queued_behind: self.blocked.get(&o.buyer_id).cloned(),
-            })
-            .collect()
+        asks_behind(&self.blocked, orders)
+    }
+
+    /// The quota asks for `next`, the batch after `batch`, once `batch`'s quota `answers` are in: the
+    /// same asks [`quota_asks`](Self::quota_asks) makes after `batch` is decided and committed, as
+    /// who waits for quota (all an ask needs) follows from the quota answers alone. A driver may so
+    /// ask for the next batch's quota while this batch's stock is asked for.
+    pub fn quota_asks_after<'a>(
+        &self,
+        batch: &[OrderRecord],
+        answers: &HashMap<String, QuotaAnswer>,
+        next: impl IntoIterator<Item = &'a OrderRecord>,
+    ) -> Vec<QuotaAsk> {
+        let mut blocked = self.blocked.clone();
+        for o in batch {
+            block_refused(&mut blocked, o, answers.get(&o.id));
+        }
+        asks_behind(&blocked, next)
     }
 
     /// The stock asks for the orders of a batch that took quota, when they may take stock at once
@@ -228,14 +235,12 @@ impl Evaluation {
                     }
                     took
                 }
-                Some(QuotaAnswer::Refused { failures, rejectable }) => {
+                Some(answer @ QuotaAnswer::Refused { failures, rejectable }) => {
                     if *rejectable {
                         new.move_to(OrderStatus::Rejected, cause, "", failures.clone(), now_ms)?
                     } else {
                         outcomes.push((o.buyer_id.clone(), o.seq, false));
-                        if waits_for_capacity(failures) {
-                            blocked.entry(o.buyer_id.clone()).or_insert_with(|| o.id.clone());
-                        }
+                        block_refused(&mut blocked, o, Some(answer));
                         new.move_to(OrderStatus::AwaitingLicense, cause, "", failures.clone(), now_ms)?
                     }
                 }
@@ -279,6 +284,34 @@ impl Evaluation {
             .collect();
         out.sort();
         out
+    }
+}
+
+/// The quota asks for `orders` (in placement order), each buyer's behind its order in `blocked`.
+fn asks_behind<'a>(
+    blocked: &HashMap<String, String>,
+    orders: impl IntoIterator<Item = &'a OrderRecord>,
+) -> Vec<QuotaAsk> {
+    orders
+        .into_iter()
+        .map(|o| QuotaAsk {
+            order_id: o.id.clone(),
+            generation: o.generation,
+            buyer_id: o.buyer_id.clone(),
+            units: o.units,
+            justification: o.justification.clone(),
+            queued_behind: blocked.get(&o.buyer_id).cloned(),
+        })
+        .collect()
+}
+
+/// Once order `o` is refused quota it can get later (`answer`: its licence's capacity, or its place
+/// behind another order), its buyer's later orders queue behind it (behind the first such order).
+fn block_refused(blocked: &mut HashMap<String, String>, o: &OrderRecord, answer: Option<&QuotaAnswer>) {
+    if let Some(QuotaAnswer::Refused { failures, rejectable: false }) = answer
+        && waits_for_capacity(failures)
+    {
+        blocked.entry(o.buyer_id.clone()).or_insert_with(|| o.id.clone());
     }
 }
 
@@ -538,6 +571,50 @@ mod tests {
         let plan = ev.decide(&batch, &q, &HashMap::new(), placed, NOW).expect("moves");
         ev.committed(&plan);
         assert_eq!(ev.stale_buyers(), ["b1"]);
+    }
+
+    #[test]
+    fn the_next_batch_asks_for_quota_from_this_batchs_quota_answers_as_after_its_commit() {
+        // Every answer a batch can get, for buyers already queued and not: b1 queued behind "x"
+        // by an earlier batch, b2 refused by capacity (it queues), b3 by a permanent condition
+        // (rejected: it doesn't), b4 by a validity window (waits, not for capacity), b5 takes quota,
+        // b6's quota generation was released underneath it.
+        let mut ev = Evaluation::new(false);
+        let earlier = vec![order("x", 1, "b1", 10)];
+        let q: HashMap<String, QuotaAnswer> = [("x".to_string(), refused(Condition::Quota, false))].into();
+        let plan = ev.decide(&earlier, &q, &HashMap::new(), placed, NOW).expect("moves");
+        ev.committed(&plan);
+        let batch = vec![
+            order("a", 2, "b1", 10),
+            order("b", 3, "b2", 10),
+            order("c", 4, "b2", 10),
+            order("d", 5, "b3", 99),
+            order("e", 6, "b4", 10),
+            order("f", 7, "b5", 10),
+            order("g", 8, "b6", 10),
+        ];
+        let answers: HashMap<String, QuotaAnswer> = [
+            ("a".to_string(), refused(Condition::QueueOrder, false)),
+            ("b".to_string(), refused(Condition::Quota, false)),
+            ("c".to_string(), refused(Condition::QueueOrder, false)),
+            ("d".to_string(), refused(Condition::PerOrderCap, true)),
+            ("e".to_string(), refused(Condition::ValidityWindow, false)),
+            ("f".to_string(), reserved("lic-5")),
+            ("g".to_string(), QuotaAnswer::Stale),
+        ]
+        .into();
+        let next: Vec<OrderRecord> = (1..=6).map(|b| order(&format!("n{b}"), 10 + b, &format!("b{b}"), 1)).collect();
+        let ahead = ev.quota_asks_after(&batch, &answers, &next);
+        let plan = ev.decide(&batch, &answers, &HashMap::new(), placed, NOW).expect("moves");
+        ev.committed(&plan);
+        let after = ev.quota_asks(&next);
+        let behind = |asks: &[QuotaAsk]| asks.iter().map(|a| a.queued_behind.clone()).collect::<Vec<_>>();
+        assert_eq!(behind(&ahead), behind(&after));
+        assert_eq!(behind(&ahead), [Some("x".to_string()), Some("b".to_string()), None, None, None, None]);
+        assert_eq!(
+            ahead.iter().map(|a| (&a.order_id, a.generation, a.units)).collect::<Vec<_>>(),
+            after.iter().map(|a| (&a.order_id, a.generation, a.units)).collect::<Vec<_>>()
+        );
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 use chipgate_runtime::records::Loaded;
 use chipgate_runtime::service::Records;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
@@ -97,6 +97,45 @@ impl ReadBatch {
         let n = n.max(1);
         (self.keys.len() > n).then(|| ReadBatch { keys: self.keys.split_off(n), orders: self.orders.split_off(n) })
     }
+}
+
+/// The orders of a batch that still wait, as read.
+struct Pending {
+    /// Their keys, in placement order.
+    keys: Vec<String>,
+    /// The version each was read at.
+    versions: Vec<u64>,
+    /// The orders.
+    orders: Vec<OrderRecord>,
+}
+
+impl Pending {
+    /// The orders of `batch` that still wait (None when none does).
+    fn waiting(batch: ReadBatch) -> Option<Pending> {
+        let mut p = Pending { keys: Vec::new(), versions: Vec::new(), orders: Vec::new() };
+        for (key, loaded) in batch.keys.into_iter().zip(batch.orders) {
+            if let Some((version, order)) = loaded.filter(|(_, o)| o.status().is_waiting()) {
+                p.keys.push(key);
+                p.versions.push(version);
+                p.orders.push(order);
+            }
+        }
+        (!p.orders.is_empty()).then_some(p)
+    }
+
+    /// Back to a batch as read (to be asked for again).
+    fn into_read(self) -> ReadBatch {
+        let orders = self.versions.into_iter().zip(self.orders).map(Some).collect();
+        ReadBatch { keys: self.keys, orders }
+    }
+}
+
+/// A batch whose quota answers are in, its stock not asked for yet.
+struct Asked {
+    /// Its waiting orders.
+    pending: Pending,
+    /// Licensing's answer for each.
+    quota: HashMap<String, QuotaAnswer>,
 }
 
 /// A batch decided and being committed, with what it takes to redo it.
@@ -465,16 +504,19 @@ impl Orders {
     /// The waiting orders `queue` hands out, oldest first, in batches: returns the orders that joined
     /// the backlog.
     ///
-    /// Batches are pipelined three deep: while one batch's moves are being committed (a script that
-    /// keeps Redis busy for milliseconds), the next batch asks for its quota and stock, from the
-    /// evaluation state the committing batch leaves, and the batch after it is read (its queue pages
-    /// and its orders). Licensing and inventory still see the batches one after the other, in
-    /// placement order, and the commits land in that order. When a commit loses to a concurrent
-    /// change, that batch is redone from the state before it and the batch decided alongside is
-    /// decided again from a fresh read: every ask is idempotent per (order, generation), so asking
-    /// again only repeats the answers. An order read ahead that changes before its batch commits
-    /// fails that commit's version guard like any other. Each batch's keys are built when it is read
-    /// (a 1M-order round would otherwise hold every key at once).
+    /// Batches are pipelined four deep: while one batch's moves are being committed (a script that
+    /// keeps Redis busy for milliseconds), the next batch asks for its stock and is decided, from
+    /// the evaluation state the committing batch leaves; the batch after it asks for its quota,
+    /// behind the orders the deciding batch's quota answers left waiting for quota
+    /// ([`Evaluation::quota_asks_after`]); and the batch after that is read (its queue pages and its
+    /// orders). Licensing and inventory still see the batches one after the other, in placement
+    /// order, and the commits land in that order. When a commit loses to a concurrent change, that
+    /// batch is redone from the state before it, the batch decided alongside is decided again from a
+    /// fresh read, and the batch whose quota was asked alongside asks again: every ask is idempotent
+    /// per (order, generation), so asking again only repeats the answers. An order read ahead that
+    /// changes before its batch commits fails that commit's version guard like any other. Each
+    /// batch's keys are built when it is read (a 1M-order round would otherwise hold every key at
+    /// once).
     async fn evaluate_in_batches(
         &self,
         ctx: &RequestContext,
@@ -483,47 +525,101 @@ impl Orders {
         stage: &mut Evaluating<'_>,
     ) -> Result<HashMap<String, Cause>, Error> {
         let mut backlogged = HashMap::new();
+        // The four stages, oldest batch first.
         let mut committing: Option<InFlight> = None;
-        let mut ahead = self.read_batch(&lease.sku, queue).await?;
-        while let Some(mut batch) = ahead.take() {
-            self.keep(lease).await?;
+        let mut asked: Option<Asked> = None;
+        let mut read: VecDeque<ReadBatch> = VecDeque::new();
+        let mut exhausted = false;
+        loop {
+            if read.is_empty() && !exhausted {
+                // The first batch (later ones are read alongside the others' stages).
+                match self.read_batch(&lease.sku, queue).await? {
+                    Some(b) => read.push_back(b),
+                    None => exhausted = true,
+                }
+            }
             // Read at the size wanted then; cut shorter when placements of another product have
             // started to wait since (their wait is one batch, not one batch read ahead).
-            let size = self.batch_size(&lease.sku);
-            let rest = batch.split_off(size);
-            self.count_batch(&lease.sku, size);
-            let ReadBatch { keys: order_keys, orders } = batch;
-            let read_next = async {
-                match rest {
-                    Some(rest) => Ok(Some(rest)),
-                    None => self.read_batch(&lease.sku, queue).await,
+            let to_ask = read.pop_front().and_then(|mut batch| {
+                let size = self.batch_size(&lease.sku);
+                if let Some(rest) = batch.split_off(size) {
+                    read.push_front(rest);
                 }
+                self.count_batch(&lease.sku, size);
+                Pending::waiting(batch)
+            });
+            if to_ask.is_none() && asked.is_none() && committing.is_none() {
+                if read.is_empty() && exhausted {
+                    break;
+                }
+                // A batch with no order waiting any more: on to the next.
+                continue;
+            }
+            self.keep(lease).await?;
+            let lease: &Lease = lease;
+            let asks = to_ask.as_ref().map(|p| match &asked {
+                Some(a) => stage.evaluation.quota_asks_after(&a.pending.orders, &a.quota, &p.orders),
+                None => stage.evaluation.quota_asks(&p.orders),
+            });
+            let read_more = read.is_empty() && !exhausted;
+            let (landed, decided, next, more) = tokio::join!(
+                async {
+                    match &committing {
+                        Some(c) => self.commit_batch(&c.decided).await.map(Some),
+                        None => Ok(None),
+                    }
+                },
+                async {
+                    match &asked {
+                        Some(a) => self.decide_asked(ctx, lease, a, stage).await.map(Some),
+                        None => Ok(None),
+                    }
+                },
+                async {
+                    match (to_ask, asks) {
+                        (Some(pending), Some(asks)) => {
+                            let began = Instant::now();
+                            let quota = self.ask_quota(ctx, lease, asks).await?;
+                            tracing::debug!(
+                                orders = pending.orders.len(),
+                                quota_us = began.elapsed().as_micros() as u64,
+                                "batch asked for quota"
+                            );
+                            Ok::<_, Error>(Some(Asked { pending, quota }))
+                        }
+                        _ => Ok(None),
+                    }
+                },
+                async { if read_more { self.read_batch(&lease.sku, queue).await.map(Some) } else { Ok(None) } }
+            );
+            match more? {
+                Some(Some(b)) => read.push_back(b),
+                Some(None) => exhausted = true,
+                None => {}
+            }
+            let mut lost = false;
+            if let Some(prev) = committing.take() {
+                let landed = landed?.unwrap_or(true);
+                lost = !landed;
+                backlogged.extend(self.after_commit(ctx, lease, prev, landed, stage).await?);
+            }
+            let next = next?;
+            let decided = match (asked.take(), decided?) {
+                // Decided as if the previous batch's moves landed: decided again when they did not.
+                (Some(a), _) if lost => self.decide_batch(ctx, lease, &a.pending.keys, stage).await?.map(|d| (a, d)),
+                (Some(a), Some(d)) => Some((a, d)),
+                _ => None,
             };
-            let decide = self.decide_loaded(ctx, lease, orders, stage);
-            let next = match committing.take() {
-                None => {
-                    let (next, read) = tokio::join!(decide, read_next);
-                    ahead = read?;
-                    next?
-                }
-                Some(prev) => {
-                    let (landed, next, read) = tokio::join!(self.commit_batch(&prev.decided), decide, read_next);
-                    let landed = landed?;
-                    backlogged.extend(self.after_commit(ctx, lease, prev, landed, stage).await?);
-                    ahead = read?;
-                    // Decided as if the previous batch's moves landed: decided again when they did not.
-                    if landed { next? } else { self.decide_batch(ctx, lease, &order_keys, stage).await? }
-                }
-            };
-            if let Some(decided) = next {
+            if let Some((a, decided)) = decided {
                 let before = stage.evaluation.clone();
                 stage.evaluation.committed(&decided.plan);
-                committing = Some(InFlight { keys: order_keys, decided, before });
+                committing = Some(InFlight { keys: a.pending.keys, decided, before });
             }
-        }
-        if let Some(last) = committing {
-            let landed = self.commit_batch(&last.decided).await?;
-            backlogged.extend(self.after_commit(ctx, lease, last, landed, stage).await?);
+            match next {
+                // Asked behind answers that were decided again: asked again, behind the new ones.
+                Some(n) if lost => read.push_front(n.pending.into_read()),
+                n => asked = n,
+            }
         }
         Ok(backlogged)
     }
@@ -593,29 +689,32 @@ impl Orders {
     ) -> Result<Option<Decided>, Error> {
         let began = Instant::now();
         let orders = self.load_orders(order_keys).await?;
-        tracing::debug!(orders = order_keys.len(), load_us = began.elapsed().as_micros() as u64, "batch read");
-        self.decide_loaded(ctx, lease, orders, stage).await
+        let loaded = began.elapsed();
+        let Some(pending) = Pending::waiting(ReadBatch { keys: order_keys.to_vec(), orders }) else {
+            return Ok(None);
+        };
+        let quota = self.ask_quota(ctx, lease, stage.evaluation.quota_asks(&pending.orders)).await?;
+        tracing::debug!(
+            orders = pending.orders.len(),
+            load_us = loaded.as_micros() as u64,
+            quota_us = (began.elapsed() - loaded).as_micros() as u64,
+            "batch read and asked for quota"
+        );
+        self.decide_asked(ctx, lease, &Asked { pending, quota }, stage).await.map(Some)
     }
 
-    /// [`Orders::decide_batch`] of orders already read (`loaded`, one per key; the orders that no
-    /// longer wait are left out).
-    async fn decide_loaded(
+    /// The stock a batch whose quota answers are in asks for, and the transaction of its moves
+    /// (under the lease, guarded by the versions read).
+    async fn decide_asked(
         &self,
         ctx: &RequestContext,
         lease: &Lease,
-        loaded: Vec<Loaded<OrderRecord>>,
+        asked: &Asked,
         stage: &Evaluating<'_>,
-    ) -> Result<Option<Decided>, Error> {
+    ) -> Result<Decided, Error> {
         let began = Instant::now();
-        let (versions, orders): (Vec<u64>, Vec<OrderRecord>) =
-            loaded.into_iter().flatten().filter(|(_, o)| o.status().is_waiting()).unzip();
-        if orders.is_empty() {
-            return Ok(None);
-        }
-        let loaded = began.elapsed();
-        let quota = self.ask_quota(ctx, lease, stage.evaluation.quota_asks(&orders)).await?;
-        let asked_quota = began.elapsed();
-        let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(&orders, &quota)).await?;
+        let Asked { pending: Pending { versions, orders, .. }, quota } = asked;
+        let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(orders, quota)).await?;
         let asked_stock = began.elapsed();
         let causes = stage.causes;
         let cause_of = |o: &OrderRecord| {
@@ -629,7 +728,7 @@ impl Orders {
             }
         };
         let now = now_ms();
-        let plan = stage.evaluation.decide(&orders, &quota, &holds, cause_of, now).map_err(move_error)?;
+        let plan = stage.evaluation.decide(orders, quota, &holds, cause_of, now).map_err(move_error)?;
         let mut txn = Txn::new();
         let mut events = book::Events::traced(ctx);
         txn.expect_lease(keys::lease(&lease.sku), lease.token);
@@ -641,13 +740,11 @@ impl Orders {
         events.flush(&mut txn);
         tracing::debug!(
             orders = orders.len(),
-            load_us = loaded.as_micros() as u64,
-            quota_us = (asked_quota - loaded).as_micros() as u64,
-            hold_us = (asked_stock - asked_quota).as_micros() as u64,
+            hold_us = asked_stock.as_micros() as u64,
             decide_us = (began.elapsed() - asked_stock).as_micros() as u64,
             "batch decided"
         );
-        Ok(Some(Decided { txn, plan }))
+        Ok(Decided { txn, plan })
     }
 
     /// Commits a decided batch: false when a concurrent change to one of its orders won (nothing
