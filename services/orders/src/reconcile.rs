@@ -176,10 +176,15 @@ impl Orders {
     /// while placements of another product wait on this replica (they wait behind every script a
     /// full batch runs), otherwise [`crate::Options::chunk`].
     pub(crate) fn batch_size(&self, sku: &Sku) -> usize {
+        if self.sharing(sku) { self.options().shared_chunk } else { self.options().chunk.max(1) }
+    }
+
+    /// Whether a round of `sku` shares Redis with placements of another product waiting on this
+    /// replica: its batches are [`crate::Options::shared_chunk`] long, and it asks for no batch's
+    /// quota ahead (each of its calls in flight is one more script they may wait behind).
+    fn sharing(&self, sku: &Sku) -> bool {
         let o = self.options();
-        let full = o.chunk.max(1);
-        let shared = o.shared_chunk > 0 && o.shared_chunk < full && self.inner.answers.waiting_elsewhere(sku.as_str());
-        if shared { o.shared_chunk } else { full }
+        o.shared_chunk > 0 && o.shared_chunk < o.chunk.max(1) && self.inner.answers.waiting_elsewhere(sku.as_str())
     }
 
     /// Counts a batch a round of `sku` cut at `size` ([`Self::batch_size`]): `shared` when below the
@@ -538,9 +543,12 @@ impl Orders {
                     None => exhausted = true,
                 }
             }
+            // While placements of another product wait, the next batch's quota waits for this
+            // batch's decision (as their rounds' calls would wait behind more of this round's).
+            let hold_back = asked.is_some() && self.sharing(&lease.sku);
             // Read at the size wanted then; cut shorter when placements of another product have
             // started to wait since (their wait is one batch, not one batch read ahead).
-            let to_ask = read.pop_front().and_then(|mut batch| {
+            let to_ask = if hold_back { None } else { read.pop_front() }.and_then(|mut batch| {
                 let size = self.batch_size(&lease.sku);
                 if let Some(rest) = batch.split_off(size) {
                     read.push_front(rest);
@@ -592,16 +600,17 @@ impl Orders {
                 },
                 async { if read_more { self.read_batch(&lease.sku, queue).await.map(Some) } else { Ok(None) } }
             );
-            match more? {
-                Some(Some(b)) => read.push_back(b),
-                Some(None) => exhausted = true,
-                None => {}
-            }
+            // The commit first: what landed counts whatever failed beside it.
             let mut lost = false;
             if let Some(prev) = committing.take() {
                 let landed = landed?.unwrap_or(true);
                 lost = !landed;
                 backlogged.extend(self.after_commit(ctx, lease, prev, landed, stage).await?);
+            }
+            match more? {
+                Some(Some(b)) => read.push_back(b),
+                Some(None) => exhausted = true,
+                None => {}
             }
             let next = next?;
             let decided = match (asked.take(), decided?) {
@@ -1049,9 +1058,11 @@ mod tests {
     async fn rounds_cut_shared_batches_only_while_placements_of_another_product_wait() {
         let (svc, shutdown) = service(Options { chunk: 50, shared_chunk: 5, ..Options::default() });
         let (a, b) = (Sku::from_trusted("A"), Sku::from_trusted("B"));
-        // A round decides each batch's size, then counts the batch once it holds orders.
+        // A round decides each batch's size, then counts the batch once it holds orders; a short
+        // batch is also one whose quota is not asked for ahead.
         let cut = |sku: &Sku| {
             let size = svc.batch_size(sku);
+            assert_eq!(svc.sharing(sku), size == 5);
             svc.count_batch(sku, size);
             size
         };
