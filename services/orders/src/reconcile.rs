@@ -585,16 +585,7 @@ impl Orders {
                 },
                 async {
                     match (to_ask, asks) {
-                        (Some(pending), Some(asks)) => {
-                            let began = Instant::now();
-                            let quota = self.ask_quota(ctx, lease, asks).await?;
-                            tracing::debug!(
-                                orders = pending.orders.len(),
-                                quota_us = began.elapsed().as_micros() as u64,
-                                "batch asked for quota"
-                            );
-                            Ok::<_, Error>(Some(Asked { pending, quota }))
-                        }
+                        (Some(pending), Some(asks)) => self.ask_batch(ctx, lease, pending, asks).await.map(Some),
                         _ => Ok(None),
                     }
                 },
@@ -640,10 +631,34 @@ impl Orders {
             return Ok(None);
         }
         let keys: Vec<String> = chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
-        let began = Instant::now();
-        let orders = self.load_orders(&keys).await?;
-        tracing::debug!(orders = keys.len(), load_us = began.elapsed().as_micros() as u64, "batch read ahead");
+        let orders = self.read_orders(&keys).await?;
         Ok(Some(ReadBatch { keys, orders }))
+    }
+
+    /// The orders at `keys` (timed in the debug log).
+    async fn read_orders(&self, keys: &[String]) -> Result<Vec<Loaded<OrderRecord>>, Error> {
+        let began = Instant::now();
+        let orders = self.load_orders(keys).await?;
+        tracing::debug!(orders = keys.len(), load_us = began.elapsed().as_micros() as u64, "batch read");
+        Ok(orders)
+    }
+
+    /// Licensing's answers to `asks`, the quota asks of `pending`.
+    async fn ask_batch(
+        &self,
+        ctx: &RequestContext,
+        lease: &Lease,
+        pending: Pending,
+        asks: Vec<QuotaAsk>,
+    ) -> Result<Asked, Error> {
+        let began = Instant::now();
+        let quota = self.ask_quota(ctx, lease, asks).await?;
+        tracing::debug!(
+            orders = pending.orders.len(),
+            quota_us = began.elapsed().as_micros() as u64,
+            "batch asked for quota"
+        );
+        Ok(Asked { pending, quota })
     }
 
     /// What a batch whose commit `landed` (or lost to a concurrent change) leaves: the orders it put
@@ -696,20 +711,13 @@ impl Orders {
         order_keys: &[String],
         stage: &Evaluating<'_>,
     ) -> Result<Option<Decided>, Error> {
-        let began = Instant::now();
-        let orders = self.load_orders(order_keys).await?;
-        let loaded = began.elapsed();
+        let orders = self.read_orders(order_keys).await?;
         let Some(pending) = Pending::waiting(ReadBatch { keys: order_keys.to_vec(), orders }) else {
             return Ok(None);
         };
-        let quota = self.ask_quota(ctx, lease, stage.evaluation.quota_asks(&pending.orders)).await?;
-        tracing::debug!(
-            orders = pending.orders.len(),
-            load_us = loaded.as_micros() as u64,
-            quota_us = (began.elapsed() - loaded).as_micros() as u64,
-            "batch read and asked for quota"
-        );
-        self.decide_asked(ctx, lease, &Asked { pending, quota }, stage).await.map(Some)
+        let asks = stage.evaluation.quota_asks(&pending.orders);
+        let asked = self.ask_batch(ctx, lease, pending, asks).await?;
+        self.decide_asked(ctx, lease, &asked, stage).await.map(Some)
     }
 
     /// The stock a batch whose quota answers are in asks for, and the transaction of its moves
