@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 
 use crate::licensing::{Condition, Failure, waits_for_capacity};
-use crate::orders::{Cause, CauseKind, MoveError, OrderRecord, OrderStatus};
+use crate::orders::{Before, Cause, CauseKind, MoveError, OrderRecord, OrderStatus};
 use crate::shares::{SharePlan, Waiting};
 
 /// One waiting order's request for quota.
@@ -103,6 +103,8 @@ pub enum HoldAnswer {
 pub struct Move {
     /// Position of the order in the batch given.
     pub index: usize,
+    /// What the write of the move needs of the order as it was read ([`OrderRecord::before`]).
+    pub before: Before,
     /// The order after the move.
     pub order: OrderRecord,
 }
@@ -202,14 +204,31 @@ impl Evaluation {
         cause_of: impl Fn(&OrderRecord) -> Cause,
         now_ms: u64,
     ) -> Result<EvaluationPlan, MoveError> {
+        self.decide_owned(orders.to_vec(), quota, holds, cause_of, now_ms)
+    }
+
+    /// [`decide`](Self::decide) over orders the caller gives up: each order that moves is moved in
+    /// place instead of copied (a wave's round decides every order it reads, and copying each —
+    /// its strings and its history — was the largest single cost of the round's own work).
+    ///
+    /// # Errors
+    /// When an order's move breaks its life cycle (the batch must not be committed).
+    pub fn decide_owned(
+        &self,
+        orders: Vec<OrderRecord>,
+        quota: &HashMap<String, QuotaAnswer>,
+        holds: &HashMap<String, HoldAnswer>,
+        cause_of: impl Fn(&OrderRecord) -> Cause,
+        now_ms: u64,
+    ) -> Result<EvaluationPlan, MoveError> {
         let mut blocked = self.blocked.clone();
         let mut moves = Vec::new();
         let mut backlogged = Vec::new();
         let mut outcomes = Vec::with_capacity(orders.len());
-        for (index, o) in orders.iter().enumerate() {
-            let cause = cause_of(o);
-            let mut new = o.clone();
-            let moved = match quota.get(&o.id) {
+        for (index, mut new) in orders.into_iter().enumerate() {
+            let cause = cause_of(&new);
+            let before = new.before();
+            let moved = match quota.get(&new.id) {
                 None => false,
                 Some(QuotaAnswer::Stale) => {
                     // Released underneath the order: owe the release and continue at the next
@@ -219,9 +238,9 @@ impl Evaluation {
                     true
                 }
                 Some(QuotaAnswer::Reserved { license_id, wave_id }) => {
-                    outcomes.push((o.buyer_id.clone(), o.seq, true));
+                    outcomes.push((new.buyer_id.clone(), new.seq, true));
                     let took = new.take_quota(license_id, wave_id, cause.clone(), now_ms)?;
-                    match holds.get(&o.id) {
+                    match holds.get(&new.id) {
                         Some(HoldAnswer::Held { held, expire_ms }) => {
                             new.hold_stock(*held, *expire_ms, cause.clone(), now_ms)?;
                         }
@@ -231,7 +250,7 @@ impl Evaluation {
                         Some(HoldAnswer::NotServed | HoldAnswer::Stale) | None => {}
                     }
                     if new.status() == OrderStatus::Backordered {
-                        backlogged.push((o.id.clone(), cause));
+                        backlogged.push((new.id.clone(), cause));
                     }
                     took
                 }
@@ -239,14 +258,14 @@ impl Evaluation {
                     if *rejectable {
                         new.move_to(OrderStatus::Rejected, cause, "", failures.clone(), now_ms)?
                     } else {
-                        outcomes.push((o.buyer_id.clone(), o.seq, false));
-                        block_refused(&mut blocked, o, Some(answer));
+                        outcomes.push((new.buyer_id.clone(), new.seq, false));
+                        block_refused(&mut blocked, &new, Some(answer));
                         new.move_to(OrderStatus::AwaitingLicense, cause, "", failures.clone(), now_ms)?
                     }
                 }
             };
             if moved {
-                moves.push(Move { index, order: new });
+                moves.push(Move { index, before, order: new });
             }
         }
         let asked_stock = !holds.is_empty();
@@ -430,7 +449,7 @@ pub fn drain(
             }
         };
         if moved {
-            moves.push(Move { index, order: new });
+            moves.push(Move { index, before: o.before(), order: new });
         }
     }
     re_evaluate.sort();
@@ -454,7 +473,7 @@ pub fn recheck(
         let Some(f) = failures.get(&o.id).filter(|f| !f.is_empty()) else { continue };
         let mut new = o.clone();
         new.unwind(cause_of(o), f.clone(), now_ms)?;
-        moves.push(Move { index, order: new });
+        moves.push(Move { index, before: o.before(), order: new });
     }
     Ok(moves)
 }
@@ -524,6 +543,12 @@ mod tests {
         assert_eq!(plan.moves[0].order.hold_expire_ms, NOW + 900_000);
         assert_eq!(plan.moves[1].order.held, 4);
         assert_eq!(plan.backlogged.iter().map(|(id, _)| id.as_str()).collect::<Vec<_>>(), ["b"]);
+        // Each move keeps what its write needs of the order as read, not the order after the move.
+        for m in &plan.moves {
+            assert_eq!(m.before, orders[m.index].before());
+            assert_ne!(m.before.status, m.order.status());
+            assert!(m.before.steps < m.order.history.len());
+        }
         let mut ev = ev;
         ev.committed(&plan);
         assert!(!ev.inline(), "b waits for stock: later orders join the backlog behind it");

@@ -609,6 +609,39 @@ impl OrderRecord {
     }
 }
 
+/// What writing an order needs to know of the record it replaces: the state index and queues it
+/// leaves, the wave figures and units held it no longer counts, the releases it already owed, and
+/// which steps of its history are new. A record moved in place ([`Evaluation::decide_owned`]) keeps
+/// this instead of a copy of itself.
+///
+/// [`Evaluation::decide_owned`]: crate::allocation::Evaluation::decide_owned
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Before {
+    /// Its state.
+    pub status: OrderStatus,
+    /// Units it held.
+    pub held: u64,
+    /// Steps in its history.
+    pub steps: usize,
+    /// It owed releases.
+    pub owed: bool,
+    /// The wave of its licence ("" when none).
+    pub wave_id: String,
+}
+
+impl OrderRecord {
+    /// What a write replacing this record needs of it (see [`Before`]).
+    pub fn before(&self) -> Before {
+        Before {
+            status: self.status(),
+            held: self.held,
+            steps: self.history.len(),
+            owed: !self.pending.is_empty(),
+            wave_id: self.wave_id.clone(),
+        }
+    }
+}
+
 /// A move the life cycle does not allow.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MoveError {

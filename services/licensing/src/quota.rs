@@ -245,7 +245,8 @@ impl Licensing {
             t.fence(keys::fence(sku), fence_token);
         }
         let mut results = Vec::with_capacity(items.len());
-        let mut changed = Vec::new();
+        // Newly reserved quota is only counted in the event (released reservations are listed).
+        let (mut reserved_orders, mut reserved_units) = (0u64, 0u64);
         let mut changed_released = Vec::new();
         let mut reserved_detail = Vec::new();
         let mut refused_detail = Vec::new();
@@ -293,11 +294,11 @@ impl Licensing {
                             put_reservation(&mut t, sku, &it.order_id, ver, &r);
                             reserved_detail
                                 .push(format!("{}/{}:{}:{}", it.order_id, it.generation, license_id, it.units));
-                            let out = reservation_to(&r);
-                            changed.push(out.clone());
+                            reserved_orders += 1;
+                            reserved_units += r.units;
                             results.push(pb::QuotaItemResult {
                                 order_id: it.order_id.clone(),
-                                reservation: Some(out),
+                                reservation: Some(reservation_to(&r)),
                                 ..Default::default()
                             });
                         }
@@ -349,7 +350,7 @@ impl Licensing {
         // The decision stands only if the product's gates are as read.
         t.expect_version(keys::policy(sku), world.policy_version);
         t.expect_version(keys::exports(sku), world.exports_version);
-        if !changed.is_empty() || !changed_released.is_empty() {
+        if reserved_orders > 0 || !changed_released.is_empty() {
             // Released reservations are listed (they may let a waiting order of the buyer through);
             // newly reserved ones only counted.
             emit(
@@ -360,8 +361,8 @@ impl Licensing {
                 pb::licensing_event::Kind::QuotaChanged(pb::QuotaChanged {
                     product_sku: sku.to_string(),
                     reservations: changed_released,
-                    reserved_orders: changed.len() as u64,
-                    reserved_units: changed.iter().map(|r| r.units).sum(),
+                    reserved_orders,
+                    reserved_units,
                 }),
             );
         }

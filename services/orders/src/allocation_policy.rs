@@ -389,7 +389,7 @@ impl Orders {
                 t.expect_lease(keys::lease(&sku), lease.token);
                 for m in &drained.moves {
                     let i = batch[m.index];
-                    book::write(&mut t, &mut events, versions[i], Some(&orders[i]), &m.order);
+                    book::write(&mut t, &mut events, versions[i], Some(&m.before), &m.order);
                 }
                 for buyer in &drained.re_evaluate {
                     tracing::warn!(%buyer, %sku, "a backordered order's stock hold was lost; re-evaluating it");

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use chipgate_domain::ids::{Sku, WaveId};
-use chipgate_domain::orders::{OrderRecord, OrderStatus};
+use chipgate_domain::orders::{Before, OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
 use chipgate_runtime::records::{LoadError, Loaded};
 use chipgate_runtime::service::Records;
@@ -72,8 +72,10 @@ impl Events {
                 t.hincr(keys::allocated(&sku), buyer, delta);
             }
         }
-        for items in self.transitions.chunks(TRANSITIONS_PER_ENTRY) {
-            let batch = EventBatch { items: items.to_vec(), traceparent: self.traceparent.clone() };
+        let mut transitions = self.transitions.into_iter().peekable();
+        while transitions.peek().is_some() {
+            let items = transitions.by_ref().take(TRANSITIONS_PER_ENTRY).collect();
+            let batch = EventBatch { items, traceparent: self.traceparent.clone() };
             t.xadd(
                 keys::events(&sku),
                 vec![(chipgate_contract::TRANSITIONS_FIELD.to_string(), batch.encode_to_vec())],
@@ -87,19 +89,20 @@ impl Events {
     }
 }
 
-/// Adds to `t` the write of `new` (read at `version`; `old` is what was read, None for a new order)
+/// Adds to `t` the write of `new` (read at `version`; `old` is what it replaces, as read
+/// ([`OrderRecord::before`]), None for a new order)
 /// and everything it implies; its new transitions go to `events`.
 ///
 /// Every order written into one transaction is of one product (its partition); the product's
 /// registration in `{ord}` ([`keys::products`], [`keys::buyer_products`]) is the placement's own
 /// earlier step.
-pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<&OrderRecord>, new: &OrderRecord) {
+pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<&Before>, new: &OrderRecord) {
     debug_assert!(events.sku.is_empty() || events.sku == new.sku, "one product per transaction");
     events.sku.clone_from(&new.sku);
     let (sku, buyer) = (new.typed_sku(), new.typed_buyer());
     t.replace(keys::order(&new.typed_id()), version, new.to_stored());
     let score = new.seq as f64;
-    let was = old.map(OrderRecord::status);
+    let was = old.map(|o| o.status);
     let now = new.status();
     // The buyer's and state's indexes hold the id's number (keys::index_member); the awaiting queue
     // and the cleanup set below hold whole ids.
@@ -127,7 +130,7 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     member(t, keys::awaiting(&sku, &buyer), waiting(was), now.is_waiting());
     // The backlog and the orders holding unconfirmed quota are state indexes (keys::backlog,
     // keys::holding): kept above.
-    let owed_before = old.is_some_and(|o| !o.pending.is_empty());
+    let owed_before = old.is_some_and(|o| o.owed);
     if !new.pending.is_empty() && !owed_before {
         t.sadd(keys::cleanup(&sku), &new.id);
     } else if new.pending.is_empty() && owed_before {
@@ -140,7 +143,7 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
     if held != 0 {
         *events.allocated.entry(new.buyer_id.clone()).or_default() += held;
     }
-    let seen = old.map(|o| o.history.len()).unwrap_or(0);
+    let seen = old.map(|o| o.steps).unwrap_or(0);
     for step in new.history.iter().skip(seen) {
         events.transitions.push(pb::WatchOrdersResponse {
             order_id: new.id.clone(),
@@ -153,8 +156,8 @@ pub(crate) fn write(t: &mut Txn, events: &mut Events, version: u64, old: Option<
 }
 
 /// Keeps each wave's figures (orders by state, units held) in step with its orders.
-fn wave_figures(events: &mut Events, old: Option<&OrderRecord>, new: &OrderRecord) {
-    let before = old.filter(|o| !o.wave_id.is_empty()).map(|o| (o.wave_id.as_str(), o.status(), o.held));
+fn wave_figures(events: &mut Events, old: Option<&Before>, new: &OrderRecord) {
+    let before = old.filter(|o| !o.wave_id.is_empty()).map(|o| (o.wave_id.as_str(), o.status, o.held));
     let after = (!new.wave_id.is_empty()).then(|| (new.wave_id.as_str(), new.status(), new.held));
     if before == after {
         return;

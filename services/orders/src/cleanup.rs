@@ -125,7 +125,7 @@ impl Orders {
                         let mut new = o.clone();
                         new.pending.remove(0);
                         new.update_ms = now_ms();
-                        book::write(&mut t, &mut events, *ver, Some(o), &new);
+                        book::write(&mut t, &mut events, *ver, Some(&o.before()), &new);
                         settled += 1;
                     }
                     _ => {}

@@ -447,7 +447,7 @@ impl Orders {
             new.expire(now_ms()).map_err(|e| Error::Internal(format!("order {order_id}: {e}")))?;
             let mut t = Txn::new();
             let mut events = book::Events::traced(&ctx);
-            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            book::write(&mut t, &mut events, ver, Some(&o.before()), &new);
             events.flush(&mut t);
             Ok((t, EffectOnly {}))
         })

@@ -50,7 +50,7 @@ impl Orders {
             })?;
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);
-            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            book::write(&mut t, &mut events, ver, Some(&o.before()), &new);
             if o.status().is_waiting() {
                 // A waiting order gives no quota back, so nothing else would tell the buyer's later
                 // orders that may have queued behind it (CONDITION_QUEUE_ORDER) to look again.
@@ -141,7 +141,7 @@ impl Orders {
                 .map_err(|e| Error::Internal(e.to_string()))?;
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);
-            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            book::write(&mut t, &mut events, ver, Some(&o.before()), &new);
             events.flush(&mut t);
             Ok((t, EffectOnly {}))
         })
@@ -186,7 +186,7 @@ impl Orders {
                 .map_err(|e| Error::precondition("ORDER_CHANGED", &o.id, format!("order {}: {e}", o.id)))?;
             let mut t = Txn::new();
             let mut events = book::Events::traced(ctx);
-            book::write(&mut t, &mut events, ver, Some(&o), &new);
+            book::write(&mut t, &mut events, ver, Some(&o.before()), &new);
             events.flush(&mut t);
             Ok((t, EffectOnly {}))
         })

@@ -77,6 +77,8 @@ impl Evaluating<'_> {
 
 /// A batch of waiting orders decided, its moves not committed yet.
 struct Decided {
+    /// Its orders' keys (to decide it again from a fresh read).
+    keys: Vec<String>,
     /// The moves, under the lease and the versions the orders were read at.
     txn: Txn,
     /// What the evaluation decided (and carries into the next batch once committed).
@@ -140,8 +142,6 @@ struct Asked {
 
 /// A batch decided and being committed, with what it takes to redo it.
 struct InFlight {
-    /// Its orders' keys.
-    keys: Vec<String>,
     /// Its decision.
     decided: Decided,
     /// The evaluation state it was decided from.
@@ -570,6 +570,7 @@ impl Orders {
                 None => stage.evaluation.quota_asks(&p.orders),
             });
             let read_more = read.is_empty() && !exhausted;
+            let deciding = asked.take();
             let (landed, decided, next, more) = tokio::join!(
                 async {
                     match &committing {
@@ -578,7 +579,7 @@ impl Orders {
                     }
                 },
                 async {
-                    match &asked {
+                    match deciding {
                         Some(a) => self.decide_asked(ctx, lease, a, stage).await.map(Some),
                         None => Ok(None),
                     }
@@ -604,16 +605,15 @@ impl Orders {
                 None => {}
             }
             let next = next?;
-            let decided = match (asked.take(), decided?) {
+            let decided = match decided? {
                 // Decided as if the previous batch's moves landed: decided again when they did not.
-                (Some(a), _) if lost => self.decide_batch(ctx, lease, &a.pending.keys, stage).await?.map(|d| (a, d)),
-                (Some(a), Some(d)) => Some((a, d)),
-                _ => None,
+                Some(d) if lost => self.decide_batch(ctx, lease, &d.keys, stage).await?,
+                d => d,
             };
-            if let Some((a, decided)) = decided {
+            if let Some(decided) = decided {
                 let before = stage.evaluation.clone();
                 stage.evaluation.committed(&decided.plan);
-                committing = Some(InFlight { keys: a.pending.keys, decided, before });
+                committing = Some(InFlight { decided, before });
             }
             match next {
                 // Asked behind answers that were decided again: asked again, behind the new ones.
@@ -676,7 +676,7 @@ impl Orders {
             return Ok(batch.decided.plan.backlogged.into_iter().collect());
         }
         stage.evaluation = batch.before;
-        self.evaluate_batch(ctx, lease, &batch.keys, stage).await
+        self.evaluate_batch(ctx, lease, &batch.decided.keys, stage).await
     }
 
     /// One batch of waiting orders, decided and committed (retried whole when a concurrent change to
@@ -717,7 +717,7 @@ impl Orders {
         };
         let asks = stage.evaluation.quota_asks(&pending.orders);
         let asked = self.ask_batch(ctx, lease, pending, asks).await?;
-        self.decide_asked(ctx, lease, &asked, stage).await.map(Some)
+        self.decide_asked(ctx, lease, asked, stage).await.map(Some)
     }
 
     /// The stock a batch whose quota answers are in asks for, and the transaction of its moves
@@ -726,12 +726,12 @@ impl Orders {
         &self,
         ctx: &RequestContext,
         lease: &Lease,
-        asked: &Asked,
+        asked: Asked,
         stage: &Evaluating<'_>,
     ) -> Result<Decided, Error> {
         let began = Instant::now();
-        let Asked { pending: Pending { versions, orders, .. }, quota } = asked;
-        let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(orders, quota)).await?;
+        let Asked { pending: Pending { keys, versions, orders }, quota } = asked;
+        let holds = self.ask_stock(ctx, lease, stage.evaluation.stock_asks(&orders, &quota)).await?;
         let asked_stock = began.elapsed();
         let causes = stage.causes;
         let cause_of = |o: &OrderRecord| {
@@ -745,23 +745,24 @@ impl Orders {
             }
         };
         let now = now_ms();
-        let plan = stage.evaluation.decide(orders, quota, &holds, cause_of, now).map_err(move_error)?;
+        let evaluated: Vec<String> = orders.iter().map(|o| o.id.clone()).collect();
+        let batch = orders.len();
+        let plan = stage.evaluation.decide_owned(orders, &quota, &holds, cause_of, now).map_err(move_error)?;
         let mut txn = Txn::new();
         let mut events = book::Events::traced(ctx);
         txn.expect_lease(keys::lease(&lease.sku), lease.token);
         for m in &plan.moves {
-            book::write(&mut txn, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
+            book::write(&mut txn, &mut events, versions[m.index], Some(&m.before), &m.order);
         }
-        let evaluated: Vec<&str> = orders.iter().map(|o| o.id.as_str()).collect();
         crate::waves::evaluated(&mut txn, &lease.sku, stage.unsettled, &evaluated, now);
         events.flush(&mut txn);
         tracing::debug!(
-            orders = orders.len(),
+            orders = batch,
             hold_us = asked_stock.as_micros() as u64,
             decide_us = (began.elapsed() - asked_stock).as_micros() as u64,
             "batch decided"
         );
-        Ok(Decided { txn, plan })
+        Ok(Decided { keys, txn, plan })
     }
 
     /// Commits a decided batch: false when a concurrent change to one of its orders won (nothing
@@ -880,7 +881,7 @@ impl Orders {
             let mut events = book::Events::traced(ctx);
             t.expect_lease(keys::lease(&lease.sku), lease.token);
             for m in &plan.moves {
-                book::write(&mut t, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
+                book::write(&mut t, &mut events, versions[m.index], Some(&m.before), &m.order);
             }
             for buyer in &plan.re_evaluate {
                 tracing::warn!(%buyer, sku = %lease.sku, "a backordered order's stock hold was lost; re-evaluating it");
@@ -982,7 +983,7 @@ impl Orders {
                 let mut events = book::Events::traced(ctx);
                 t.expect_lease(keys::lease(&sku), lease.token);
                 for m in &moves {
-                    book::write(&mut t, &mut events, versions[m.index], Some(&orders[m.index]), &m.order);
+                    book::write(&mut t, &mut events, versions[m.index], Some(&m.before), &m.order);
                 }
                 events.flush(&mut t);
                 match self.store().commit(&t).await {

@@ -108,11 +108,11 @@ impl WaveMeta {
 
 /// Adds to `t` what it means for the orders `ids` of product `sku` to have been evaluated (or to
 /// have stopped waiting) now: they leave the snapshot of every wave still unsettled for the product.
-pub(crate) fn evaluated(t: &mut Txn, sku: &Sku, unsettled: &[WaveId], ids: &[&str], now_ms: u64) {
+pub(crate) fn evaluated(t: &mut Txn, sku: &Sku, unsettled: &[WaveId], ids: &[impl AsRef<str>], now_ms: u64) {
     if ids.is_empty() {
         return;
     }
-    let ids: Vec<String> = ids.iter().map(|id| (*id).to_string()).collect();
+    let ids: Vec<String> = ids.iter().map(|id| id.as_ref().to_string()).collect();
     for wave in unsettled {
         // Stamped only when one of `ids` was still in the snapshot: `unsettled` may be stale (read
         // at the start of a round), and an evaluation of orders the wave doesn't concern must not
@@ -577,7 +577,7 @@ mod tests {
         assert_eq!((last(&w1).await, last(&w2).await), (Some(7), Some(9)));
 
         let mut none = Txn::new();
-        evaluated(&mut none, &h200, &waves, &[], 11);
+        evaluated(&mut none, &h200, &waves, &[] as &[&str], 11);
         assert!(none.is_empty());
     }
 }
