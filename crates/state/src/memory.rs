@@ -50,6 +50,22 @@ struct ZSet {
     ordered: BTreeSet<(Score, String)>,
 }
 
+impl ZSet {
+    /// The members from the first whose score may be at or above `min`, in order: a lower bound
+    /// found in the tree, not by a scan from the lowest (a long queue copied a page at a time, or
+    /// read after a cursor, scanned all it had already passed on every step). Callers still check
+    /// each score against `min` exactly.
+    fn scored_from(&self, min: Bound<f64>) -> impl Iterator<Item = &(Score, String)> {
+        let start = match min {
+            // -0.0 sorts before 0.0 in the total order, and is >= 0.0 as a number.
+            Bound::Included(m) => Bound::Included((Score(if m == 0.0 { -0.0 } else { m }), String::new())),
+            Bound::Excluded(m) => Bound::Included((Score(m.next_up()), String::new())),
+            Bound::Unbounded => Bound::Unbounded,
+        };
+        self.ordered.range((start, Bound::Unbounded))
+    }
+}
+
 /// f64 with a total order (scores are never NaN).
 #[derive(Clone, Copy, Debug, PartialEq)]
 struct Score(f64);
@@ -243,8 +259,7 @@ impl Inner {
                 };
                 let page: Vec<(String, f64)> = match self.zsets.get(source) {
                     Some(z) => z
-                        .ordered
-                        .iter()
+                        .scored_from(after.map_or(Bound::Unbounded, Bound::Excluded))
                         .filter(|(s, _)| after.is_none_or(|a| s.0 > a))
                         .take_while(|(s, _)| s.0 <= *upto)
                         .take(*limit as usize)
@@ -498,8 +513,7 @@ impl Backend for MemoryBackend {
             Bound::Excluded(m) => s < m,
             Bound::Unbounded => true,
         };
-        Ok(z.ordered
-            .iter()
+        Ok(z.scored_from(min)
             .skip_while(|(s, _)| !above(s.0))
             .take_while(|(s, _)| below(s.0))
             .take(limit)

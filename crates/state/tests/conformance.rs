@@ -172,6 +172,14 @@ async fn sorted_sets_order_by_score_then_member(store: Store) {
     assert_eq!(mid, vec![("b".to_string(), 2.0), ("b2".to_string(), 2.0)]);
     let open = store.zrange_by_score(&z, Bound::Unbounded, Bound::Excluded(2.0), 10).await.unwrap();
     assert_eq!(open, vec![("a".to_string(), 1.0)]);
+    // Lower bounds at a score two members share, and between scores.
+    let names_from = |r: Vec<(String, f64)>| r.into_iter().map(|(m, _)| m).collect::<Vec<_>>();
+    let at = store.zrange_by_score(&z, Bound::Included(2.0), Bound::Unbounded, 10).await.unwrap();
+    assert_eq!(names_from(at), ["b", "b2", "c"]);
+    let above = store.zrange_by_score(&z, Bound::Excluded(2.0), Bound::Unbounded, 10).await.unwrap();
+    assert_eq!(names_from(above), ["c"]);
+    let between = store.zrange_by_score(&z, Bound::Included(1.5), Bound::Excluded(3.0), 10).await.unwrap();
+    assert_eq!(names_from(between), ["b", "b2"]);
     // Re-scoring moves a member; large integer scores stay exact.
     let mut t = Txn::new();
     t.zadd(&z, "a", 9_007_199_254_740_000.0).zrem(&z, "c");
