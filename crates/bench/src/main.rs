@@ -88,6 +88,21 @@ pub struct Args {
     /// placements alongside wait.
     #[arg(long, default_value_t = chipgate_orders::Options::default().shared_chunk)]
     pub shared_batch_size: usize,
+    /// How the wave parts' waiting orders are put in place before the wave.
+    #[arg(long, value_enum, default_value = "bulk")]
+    pub seed: Seed,
+}
+
+/// How the wave parts' waiting orders come to wait.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Seed {
+    /// The orders service's bulk load, in scripts of 2,000 orders (fast; leaves no idempotency
+    /// records).
+    Bulk,
+    /// One `PlaceOrder` call per order, `--in-flight` at a time over `--connections`, as buyers
+    /// place them: Redis also keeps each placement's idempotency record (24 hours, with a TTL)
+    /// during the wave, as it does in production.
+    Place,
 }
 
 /// A Redis deployment to measure on.

@@ -14,10 +14,10 @@ use chipgate_proto::orders::v1 as opb;
 use chipgate_state::Backend;
 use chipgate_testkit::{BackendKind, Cluster, ClusterOptions};
 
-use crate::Args;
 use crate::cpu::{CpuMeter, CpuUse};
 use crate::load::{self, LoadResult};
 use crate::place::{SKUS, buyer, license_everyone, supply};
+use crate::{Args, Seed};
 
 /// Units of each order.
 const UNITS: u64 = 10;
@@ -122,28 +122,37 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
     }
     let before = used_memory(&cluster).await;
 
-    // Seed the waiting orders.
-    let orders = cluster.orders_service.clone().expect("orders in process");
+    // Seed the waiting orders: order i is buyer i % buyers's, of product (i / buyers) % products.
     let pb = load::bar("seed", args.orders as u64);
     let mut demand = vec![0u64; products];
     let mut demand_of: BTreeMap<(usize, String), u64> = BTreeMap::new();
-    // Seed in scripts of 2,000 orders: a 10,000-order script blocks Redis long enough (over a second at
-    // 1M orders) for the services' health pings to time out.
-    let batch: usize = 2_000;
-    let mut k = 0;
-    while k < args.orders {
-        let n = batch.min(args.orders - k);
-        let chunk: Vec<BulkOrder> = (k..k + n)
-            .map(|i| {
-                let p = (i / buyers) % products;
-                demand[p] += UNITS;
-                *demand_of.entry((p, buyer(i % buyers))).or_default() += UNITS;
-                BulkOrder { buyer_id: buyer(i % buyers), sku: SKUS[p].to_string(), units: UNITS }
-            })
-            .collect();
-        orders.bulk_load_awaiting(&chunk).await.expect("bulk load");
-        k += n;
-        pb.set_position(k as u64);
+    for i in 0..args.orders {
+        let p = (i / buyers) % products;
+        demand[p] += UNITS;
+        *demand_of.entry((p, buyer(i % buyers))).or_default() += UNITS;
+    }
+    match args.seed {
+        Seed::Bulk => {
+            let orders = cluster.orders_service.clone().expect("orders in process");
+            // Seed in scripts of 2,000 orders: a 10,000-order script blocks Redis long enough (over a
+            // second at 1M orders) for the services' health pings to time out.
+            let batch: usize = 2_000;
+            let mut k = 0;
+            while k < args.orders {
+                let n = batch.min(args.orders - k);
+                let chunk: Vec<BulkOrder> = (k..k + n)
+                    .map(|i| BulkOrder {
+                        buyer_id: buyer(i % buyers),
+                        sku: SKUS[(i / buyers) % products].to_string(),
+                        units: UNITS,
+                    })
+                    .collect();
+                orders.bulk_load_awaiting(&chunk).await.expect("bulk load");
+                k += n;
+                pb.set_position(k as u64);
+            }
+        }
+        Seed::Place => place_waiting(&cluster, args, &pb).await,
     }
     pb.finish_and_clear();
     let seeded = used_memory(&cluster).await;
@@ -382,4 +391,44 @@ pub async fn memory_by_family(url: &str) -> Vec<(String, u64, u64)> {
     let mut out: Vec<(String, u64, u64)> = families.into_iter().map(|(f, (n, b))| (f, n, b)).collect();
     out.sort_by_key(|f| std::cmp::Reverse(f.2));
     out
+}
+
+/// Places `--orders` orders, each answered waiting for a licence, `--in-flight` calls at a time over
+/// `--connections` (order i as in the bulk seed). Panics on a failed call or an order not waiting:
+/// the wave after it would measure something else.
+async fn place_waiting(cluster: &Cluster, args: &Args, pb: &indicatif::ProgressBar) {
+    let url = cluster.orders.as_ref().expect("orders in process").url();
+    let channels = load::connections(&url, args.connections).await;
+    let (n, buyers, products) = (args.orders, args.buyers.max(1), args.products.clamp(1, SKUS.len()));
+    let in_flight = args.in_flight.max(1);
+    let placed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|t| {
+            let mut client = opb::order_service_client::OrderServiceClient::new(channels[t % channels.len()].clone());
+            let placed = placed.clone();
+            tokio::spawn(async move {
+                for i in (t..n).step_by(in_flight) {
+                    let req = opb::PlaceOrderRequest {
+                        request_id: format!("seed-{i}"),
+                        buyer_id: buyer(i % buyers),
+                        product_sku: SKUS[(i / buyers) % products].to_string(),
+                        units: UNITS,
+                        justification: "benchmark".into(),
+                    };
+                    let order = client.place_order(req).await.expect("seed placement").into_inner().order;
+                    let state = order.map(|o| o.state());
+                    assert_eq!(state, Some(opb::OrderState::AwaitingLicense), "seed order {i} must wait for a licence");
+                    placed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        while !task.is_finished() {
+            pb.set_position(placed.load(std::sync::atomic::Ordering::Relaxed));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        task.await.expect("seed task");
+    }
+    pb.set_position(placed.load(std::sync::atomic::Ordering::Relaxed));
 }
