@@ -116,6 +116,7 @@ echo "== fault-suite figures"
 cat target/tmp/faults-*.txt 2>/dev/null || echo "(none written)"
 # Tiny counts, so the program can't rot; figures are meaningless in debug.
 step "benchmark smoke run" cargo run --locked -q -p chipgate-bench -- --smoke --only ceilings,place,wave,naive,audit --json --out target/bench-smoke
+step "benchmark smoke run, orders placed one by one" cargo run --locked -q -p chipgate-bench -- --smoke --only wave --no-alongside --seed place
 step "deploy manifests" bash deploy/check.sh
 echo "== step times"
 printf '%s\n' "${TIMES[@]}"
