@@ -497,10 +497,9 @@ impl Orders {
         }
         tracing::debug!(sku = %lease.sku, waves = ?missed, orders = left.len(), "snapshots taken while the round ran: leaving them");
         for ids in left.chunks(SNAPSHOT_CHUNK) {
-            let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
             let mut t = Txn::new();
             t.expect_lease(keys::lease(&lease.sku), lease.token);
-            crate::waves::evaluated(&mut t, &lease.sku, &missed, &ids, now_ms());
+            crate::waves::evaluated(&mut t, &lease.sku, &missed, ids.to_vec(), now_ms());
             self.store().commit(&t).await.map_err(commit_error)?;
         }
         Ok(now)
@@ -754,7 +753,7 @@ impl Orders {
         for m in &plan.moves {
             book::write(&mut txn, &mut events, versions[m.index], Some(&m.before), &m.order);
         }
-        crate::waves::evaluated(&mut txn, &lease.sku, stage.unsettled, &evaluated, now);
+        crate::waves::evaluated(&mut txn, &lease.sku, stage.unsettled, evaluated, now);
         events.flush(&mut txn);
         tracing::debug!(
             orders = batch,
@@ -1137,7 +1136,7 @@ mod tests {
         assert!(tally.iter().any(|(f, _)| f == "last_ms"), "w2's settle time stamped: {tally:?}");
         // Once the next round evaluated 3 (it knows w2), w2 settles.
         let mut t = Txn::new();
-        crate::waves::evaluated(&mut t, &sku, std::slice::from_ref(&w2), &["ord-A-3"], 1);
+        crate::waves::evaluated(&mut t, &sku, std::slice::from_ref(&w2), vec!["ord-A-3".to_string()], 1);
         store.commit(&t).await.expect("next round");
         svc.settle_waves(&sku, &[w1.clone(), w2.clone()]).await.expect("settle");
         assert_eq!(svc.unsettled_waves(&sku).await.expect("unsettled"), vec![w1], "w2 settled, w1 still holds three");

@@ -108,11 +108,10 @@ impl WaveMeta {
 
 /// Adds to `t` what it means for the orders `ids` of product `sku` to have been evaluated (or to
 /// have stopped waiting) now: they leave the snapshot of every wave still unsettled for the product.
-pub(crate) fn evaluated(t: &mut Txn, sku: &Sku, unsettled: &[WaveId], ids: &[impl AsRef<str>], now_ms: u64) {
+pub(crate) fn evaluated(t: &mut Txn, sku: &Sku, unsettled: &[WaveId], ids: Vec<String>, now_ms: u64) {
     if ids.is_empty() {
         return;
     }
-    let ids: Vec<String> = ids.iter().map(|id| id.as_ref().to_string()).collect();
     for wave in unsettled {
         // Stamped only when one of `ids` was still in the snapshot: `unsettled` may be stale (read
         // at the start of a round), and an evaluation of orders the wave doesn't concern must not
@@ -163,7 +162,7 @@ impl Orders {
             return Ok(());
         }
         let mut t = Txn::new();
-        evaluated(&mut t, sku, &unsettled, &[id], now_ms());
+        evaluated(&mut t, sku, &unsettled, vec![id.to_string()], now_ms());
         self.store().commit(&t).await.map_err(|e| Error::Internal(format!("leaving wave snapshots: {e}")))?;
         Ok(())
     }
@@ -174,7 +173,7 @@ impl Orders {
         if old.status().is_waiting() && !new.status().is_waiting() {
             let sku = new.typed_sku();
             let unsettled = self.unsettled_waves(&sku).await?;
-            evaluated(t, &sku, &unsettled, &[new.id.as_str()], now_ms());
+            evaluated(t, &sku, &unsettled, vec![new.id.clone()], now_ms());
         }
         Ok(())
     }
@@ -509,9 +508,8 @@ mod tests {
         // A round evaluates the first queue's orders and the second's first 1,000 (they stay
         // waiting in their queues), and finds nothing else in the snapshot: not settled.
         let ids: Vec<String> = (1..=13_000).map(|i| format!("ord-H200-{i}")).collect();
-        let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
         let mut t = Txn::new();
-        evaluated(&mut t, &sku, std::slice::from_ref(&wave), &ids, 5);
+        evaluated(&mut t, &sku, std::slice::from_ref(&wave), ids, 5);
         store.commit(&t).await.unwrap();
         svc.settle_waves(&sku, std::slice::from_ref(&wave)).await.unwrap();
         assert_eq!(svc.unsettled_waves(&sku).await.unwrap(), vec![wave.clone()], "half taken: not settled");
@@ -564,7 +562,7 @@ mod tests {
         };
 
         let mut t = Txn::new();
-        evaluated(&mut t, &h200, &waves, &["ord-1"], 7);
+        evaluated(&mut t, &h200, &waves, vec!["ord-1".to_string()], 7);
         store.commit(&t).await.unwrap();
         assert_eq!((last(&w1).await, last(&w2).await), (Some(7), Some(7)));
         assert_eq!(store.zcard(&keys::wave_pending(&w1, &h200)).await.unwrap(), 0);
@@ -572,12 +570,12 @@ mod tests {
         // A later round still lists both waves as unsettled (its list is read before the marks are
         // cleared) and evaluates orders wave-1 doesn't hold: wave-1 settled at 7 and stays there.
         let mut t = Txn::new();
-        evaluated(&mut t, &h200, &waves, &["ord-2", "ord-3"], 9);
+        evaluated(&mut t, &h200, &waves, vec!["ord-2".to_string(), "ord-3".to_string()], 9);
         store.commit(&t).await.unwrap();
         assert_eq!((last(&w1).await, last(&w2).await), (Some(7), Some(9)));
 
         let mut none = Txn::new();
-        evaluated(&mut none, &h200, &waves, &[] as &[&str], 11);
+        evaluated(&mut none, &h200, &waves, Vec::new(), 11);
         assert!(none.is_empty());
     }
 }
