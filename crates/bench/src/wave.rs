@@ -122,14 +122,14 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
     }
     let before = used_memory(&cluster).await;
 
-    // Seed the waiting orders: order i is buyer i % buyers's, of product (i / buyers) % products.
+    // Seed the waiting orders (order i: seed_order).
     let pb = load::bar("seed", args.orders as u64);
     let mut demand = vec![0u64; products];
     let mut demand_of: BTreeMap<(usize, String), u64> = BTreeMap::new();
     for i in 0..args.orders {
-        let p = (i / buyers) % products;
+        let (b, p) = seed_order(i, buyers, products);
         demand[p] += UNITS;
-        *demand_of.entry((p, buyer(i % buyers))).or_default() += UNITS;
+        *demand_of.entry((p, b)).or_default() += UNITS;
     }
     match args.seed {
         Seed::Bulk => {
@@ -141,10 +141,9 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
             while k < args.orders {
                 let n = batch.min(args.orders - k);
                 let chunk: Vec<BulkOrder> = (k..k + n)
-                    .map(|i| BulkOrder {
-                        buyer_id: buyer(i % buyers),
-                        sku: SKUS[(i / buyers) % products].to_string(),
-                        units: UNITS,
+                    .map(|i| {
+                        let (buyer_id, p) = seed_order(i, buyers, products);
+                        BulkOrder { buyer_id, sku: SKUS[p].to_string(), units: UNITS }
                     })
                     .collect();
                 orders.bulk_load_awaiting(&chunk).await.expect("bulk load");
@@ -393,8 +392,14 @@ pub async fn memory_by_family(url: &str) -> Vec<(String, u64, u64)> {
     out
 }
 
+/// The buyer of the `i`th waiting order the wave parts seed, and the index of its product in
+/// [`SKUS`]: buyers in turn, and each product for `buyers` orders at a time.
+fn seed_order(i: usize, buyers: usize, products: usize) -> (String, usize) {
+    (buyer(i % buyers), (i / buyers) % products)
+}
+
 /// Places `--orders` orders, each answered waiting for a licence, `--in-flight` calls at a time over
-/// `--connections` (order i as in the bulk seed). Panics on a failed call or an order not waiting:
+/// `--connections` (order i: [`seed_order`], as in the bulk seed). Panics on a failed call or an order not waiting:
 /// the wave after it would measure something else.
 async fn place_waiting(cluster: &Cluster, args: &Args, pb: &indicatif::ProgressBar) {
     let url = cluster.orders.as_ref().expect("orders in process").url();
@@ -408,10 +413,11 @@ async fn place_waiting(cluster: &Cluster, args: &Args, pb: &indicatif::ProgressB
             let placed = placed.clone();
             tokio::spawn(async move {
                 for i in (t..n).step_by(in_flight) {
+                    let (buyer_id, p) = seed_order(i, buyers, products);
                     let req = opb::PlaceOrderRequest {
                         request_id: format!("seed-{i}"),
-                        buyer_id: buyer(i % buyers),
-                        product_sku: SKUS[(i / buyers) % products].to_string(),
+                        buyer_id,
+                        product_sku: SKUS[p].to_string(),
                         units: UNITS,
                         justification: "benchmark".into(),
                     };
