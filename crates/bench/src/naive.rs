@@ -82,6 +82,7 @@ pub async fn run(args: &Args) -> NaiveResult {
                             units: 10,
                             justification: String::new(),
                             queued_behind: String::new(),
+                            judge_only: false,
                         }],
                         fence_token: 0,
                     })

@@ -15,9 +15,9 @@
 //! Nothing here does I/O, so the rules are tested exhaustively beside them, including a property test
 //! that plays whole rounds against licensing's and inventory's own planners.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use crate::licensing::{Condition, Failure, waits_for_capacity};
+use crate::licensing::{Condition, Failure, lifted_by_time, waits_for_capacity};
 use crate::orders::{Before, Cause, CauseKind, MoveError, OrderRecord, OrderStatus};
 use crate::shares::{SharePlan, Waiting};
 
@@ -37,6 +37,9 @@ pub struct QuotaAsk {
     /// An earlier order of the buyer that still waits for quota (from an earlier batch): take nothing,
     /// only say whether this one could ever be served.
     pub queued_behind: Option<String>,
+    /// Judge it but take nothing: earlier orders of the buyer wait that this evaluation does not
+    /// judge again ([`Evaluation::resume`]); were this one served, they must be judged first.
+    pub judge_only: bool,
 }
 
 /// Licensing's answer to a [`QuotaAsk`].
@@ -58,6 +61,9 @@ pub enum QuotaAnswer {
     },
     /// This generation was released underneath the order: it must move on to the next one.
     Stale,
+    /// Asked [`QuotaAsk::judge_only`], it would have been served: nothing was taken, and the buyer's
+    /// waiting orders are all judged again ([`Evaluation::stale_buyers`]).
+    Servable,
 }
 
 /// One order's request for stock (a partial hold is always welcome: an order keeps what it gets).
@@ -109,16 +115,89 @@ pub struct Move {
     pub order: OrderRecord,
 }
 
+/// How many times a round judges the waiting orders of its stale buyers all over again
+/// ([`Evaluation::stale_buyers`]): a new order that was only judged ([`QuotaAsk::judge_only`]) takes its
+/// quota in the first such pass, which can leave earlier orders of its buyer stale once more (the pass
+/// a full look would have made second).
+pub const MAX_REJUDGE_PASSES: usize = 2;
+
 /// Evaluation of a product's waiting orders over the batches of one round, oldest first.
 #[derive(Clone, Debug)]
 pub struct Evaluation {
-    /// Buyers with an order waiting for quota, and which: their later orders queue behind it.
-    blocked: HashMap<String, String>,
+    /// Buyers with an order waiting for quota, and which (id, placement number): their later orders
+    /// queue behind it.
+    blocked: HashMap<String, (String, u64)>,
     /// Whether orders that take quota may take stock at once (nobody waits ahead in the backlog).
     inline: bool,
-    /// Per buyer, over the batches so far: the placement number of its first order left waiting, and
-    /// of its last order that took quota (see [`Evaluation::stale_buyers`]).
-    judged: HashMap<String, (Option<u64>, Option<u64>)>,
+    /// Per buyer, over the batches so far (and what [`Evaluation::resume`] carried in).
+    judged: HashMap<String, Judged>,
+    /// Buyers whose earlier orders wait unjudged by this evaluation ([`Evaluation::resume`]): their
+    /// asks are [`QuotaAsk::judge_only`] while none of their orders blocks the rest.
+    probing: HashSet<String>,
+}
+
+/// What an evaluation learnt of one buyer's orders, by placement number.
+#[derive(Clone, Copy, Debug, Default)]
+struct Judged {
+    /// The first order left waiting (see [`Evaluation::stale_buyers`]).
+    first_waiting: Option<u64>,
+    /// The last order that took quota.
+    last_took: Option<u64>,
+    /// The first order that must be judged again before any later one ([`Standing::first_recheck`]).
+    first_recheck: Option<u64>,
+    /// An order asked only to be judged would have been served: all are judged again.
+    servable: bool,
+}
+
+/// How one evaluated order came out, for [`Judged`].
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    /// It took quota.
+    Took,
+    /// It was left waiting; `recheck` when for a reason time alone may lift.
+    Waits { recheck: bool },
+    /// It was not judged (its quota generation moved on underneath it; no answer).
+    Unjudged,
+    /// It would have been served, asked only to be judged.
+    Servable,
+}
+
+/// Where one buyer's waiting orders of a product stood after the last round that judged them all,
+/// oldest first: what a later round needs to judge only the buyer's newer orders, behind them
+/// ([`Evaluation::resume`]). A buyer's own placements change nothing for its earlier orders, so a round
+/// marked only by them need not judge those again: licensing's quota for a buyer's licences moves
+/// only with the buyer's own orders, and every other change that concerns them (a licence granted,
+/// suspended or finalised, quota given back, an order cancelled or sent back to waiting, a product's
+/// gates) marks the buyer for a full look. What each round judged again, before, grew with the
+/// buyer's queue: placing n orders ahead of their licence cost n²/2 judgements, each audited by
+/// licensing.
+///
+/// Stored per product and buyer by the orders service; 0 and "" mean none.
+#[derive(Clone, PartialEq, Eq, prost::Message)]
+pub struct Standing {
+    /// The buyer's first order left waiting for capacity (its later orders queue behind it).
+    #[prost(string, tag = "1")]
+    pub blocked_id: String,
+    /// Its placement number.
+    #[prost(uint64, tag = "2")]
+    pub blocked_seq: u64,
+    /// Placement number of the buyer's first order left waiting, for any reason: a later order that
+    /// takes quota leaves its reasons stale ([`Evaluation::stale_buyers`]).
+    #[prost(uint64, tag = "3")]
+    pub first_waiting: u64,
+    /// Placement number of the buyer's first order that must be judged again before any later one:
+    /// it waits for a reason time alone may lift (a licence not valid yet: it may be servable now), or
+    /// it was not judged (its quota generation moved on underneath it).
+    #[prost(uint64, tag = "4")]
+    pub first_recheck: u64,
+}
+
+impl Standing {
+    /// Whether a round may judge only the buyer's orders from placement number `from` on, behind this
+    /// standing: not when an earlier order must be judged again first.
+    pub fn resumable_at(&self, from: u64) -> bool {
+        self.first_recheck == 0 || self.first_recheck >= from
+    }
 }
 
 /// What one batch of an evaluation decides.
@@ -128,17 +207,17 @@ pub struct EvaluationPlan {
     pub moves: Vec<Move>,
     /// Orders that took quota but not (all) their stock: they joined the backlog, and why.
     pub backlogged: Vec<(String, Cause)>,
-    blocked: HashMap<String, String>,
+    blocked: HashMap<String, (String, u64)>,
     inline: bool,
-    /// Each evaluated order's buyer, placement number, and whether it took quota (true) or was left
-    /// waiting (false); orders that moved otherwise are not listed.
-    outcomes: Vec<(String, u64, bool)>,
+    /// Each evaluated order's buyer, placement number, and how it came out; rejected orders are not
+    /// listed.
+    outcomes: Vec<(String, u64, Outcome)>,
 }
 
 impl Evaluation {
     /// An evaluation that may take stock at once when `backlog_empty`.
     pub fn new(backlog_empty: bool) -> Self {
-        Evaluation { blocked: HashMap::new(), inline: backlog_empty, judged: HashMap::new() }
+        Evaluation { blocked: HashMap::new(), inline: backlog_empty, judged: HashMap::new(), probing: HashSet::new() }
     }
 
     /// Whether orders taking quota in the next batch may also take stock at once.
@@ -146,9 +225,45 @@ impl Evaluation {
         self.inline
     }
 
+    /// Carries in where `buyer`'s orders placed before `from` stood ([`Standing`]), for an evaluation
+    /// that judges only the buyer's orders from `from` on: they queue behind its blocked order. While
+    /// none blocks them but earlier ones wait, their asks are only judged ([`QuotaAsk::judge_only`]):
+    /// the earlier orders were judged against licensing as it stood then, and a change since (a wave
+    /// published, whose event has not marked the buyer yet) may serve them now — ahead of any later
+    /// order. An order that would be served sends the buyer back to a judgement of all its waiting
+    /// orders ([`Evaluation::stale_buyers`]); one refused is refused as a full look would refuse it,
+    /// until the change's mark brings that look. Only what concerns orders before `from` is carried in
+    /// (the rest is judged again). The caller checks [`Standing::resumable_at`] first.
+    pub fn resume(&mut self, buyer: &str, standing: &Standing, from: u64) {
+        let before = |seq: u64| (seq != 0 && seq < from).then_some(seq);
+        if !standing.blocked_id.is_empty() && before(standing.blocked_seq).is_some() {
+            self.blocked.insert(buyer.to_string(), (standing.blocked_id.clone(), standing.blocked_seq));
+        }
+        let j = self.judged.entry(buyer.to_string()).or_default();
+        j.first_waiting = before(standing.first_waiting);
+        j.first_recheck = before(standing.first_recheck);
+        if j.first_waiting.is_some() {
+            self.probing.insert(buyer.to_string());
+        }
+    }
+
+    /// Where `buyer`'s orders stand once every batch is committed: what the next round that judges
+    /// only the buyer's newer orders carries in. Meaningful for a buyer whose waiting orders this
+    /// evaluation judged all of (or resumed from the standing of the rest).
+    pub fn standing(&self, buyer: &str) -> Standing {
+        let (blocked_id, blocked_seq) = self.blocked.get(buyer).cloned().unwrap_or_default();
+        let j = self.judged.get(buyer).copied().unwrap_or_default();
+        Standing {
+            blocked_id,
+            blocked_seq,
+            first_waiting: j.first_waiting.unwrap_or(0),
+            first_recheck: j.first_recheck.unwrap_or(0),
+        }
+    }
+
     /// The quota asks for a batch of waiting `orders` (in placement order).
     pub fn quota_asks<'a>(&self, orders: impl IntoIterator<Item = &'a OrderRecord>) -> Vec<QuotaAsk> {
-        asks_behind(&self.blocked, orders)
+        asks_behind(&self.blocked, &self.probing, orders)
     }
 
     /// The quota asks for `next`, the batch after `batch`, once `batch`'s quota `answers` are in: the
@@ -165,7 +280,7 @@ impl Evaluation {
         for o in batch {
             block_refused(&mut blocked, o, answers.get(&o.id));
         }
-        asks_behind(&blocked, next)
+        asks_behind(&blocked, &self.probing, next)
     }
 
     /// The stock asks for the orders of a batch that took quota, when they may take stock at once
@@ -229,8 +344,16 @@ impl Evaluation {
             let cause = cause_of(&new);
             let before = new.before();
             let moved = match quota.get(&new.id) {
-                None => false,
+                None => {
+                    outcomes.push((new.buyer_id.clone(), new.seq, Outcome::Unjudged));
+                    false
+                }
+                Some(QuotaAnswer::Servable) => {
+                    outcomes.push((new.buyer_id.clone(), new.seq, Outcome::Servable));
+                    false
+                }
                 Some(QuotaAnswer::Stale) => {
+                    outcomes.push((new.buyer_id.clone(), new.seq, Outcome::Unjudged));
                     // Released underneath the order: owe the release and continue at the next
                     // generation, still waiting.
                     new.owe(true, true, "stale generation");
@@ -238,7 +361,7 @@ impl Evaluation {
                     true
                 }
                 Some(QuotaAnswer::Reserved { license_id, wave_id }) => {
-                    outcomes.push((new.buyer_id.clone(), new.seq, true));
+                    outcomes.push((new.buyer_id.clone(), new.seq, Outcome::Took));
                     let took = new.take_quota(license_id, wave_id, cause.clone(), now_ms)?;
                     match holds.get(&new.id) {
                         Some(HoldAnswer::Held { held, expire_ms }) => {
@@ -258,7 +381,8 @@ impl Evaluation {
                     if *rejectable {
                         new.move_to(OrderStatus::Rejected, cause, "", failures.clone(), now_ms)?
                     } else {
-                        outcomes.push((new.buyer_id.clone(), new.seq, false));
+                        let recheck = lifted_by_time(failures);
+                        outcomes.push((new.buyer_id.clone(), new.seq, Outcome::Waits { recheck }));
                         block_refused(&mut blocked, &new, Some(answer));
                         new.move_to(OrderStatus::AwaitingLicense, cause, "", failures.clone(), now_ms)?
                     }
@@ -278,12 +402,19 @@ impl Evaluation {
     pub fn committed(&mut self, plan: &EvaluationPlan) {
         self.blocked.clone_from(&plan.blocked);
         self.inline = plan.inline;
-        for (buyer, seq, took) in &plan.outcomes {
-            let (first_waiting, last_took) = self.judged.entry(buyer.clone()).or_default();
-            if *took {
-                *last_took = Some(last_took.map_or(*seq, |s| s.max(*seq)));
-            } else {
-                *first_waiting = Some(first_waiting.map_or(*seq, |s| s.min(*seq)));
+        let min = |at: &mut Option<u64>, seq: u64| *at = Some(at.map_or(seq, |s| s.min(seq)));
+        for (buyer, seq, outcome) in &plan.outcomes {
+            let j = self.judged.entry(buyer.clone()).or_default();
+            match outcome {
+                Outcome::Took => j.last_took = Some(j.last_took.map_or(*seq, |s| s.max(*seq))),
+                Outcome::Waits { recheck } => {
+                    min(&mut j.first_waiting, *seq);
+                    if *recheck {
+                        min(&mut j.first_recheck, *seq);
+                    }
+                }
+                Outcome::Unjudged => min(&mut j.first_recheck, *seq),
+                Outcome::Servable => j.servable = true,
             }
         }
     }
@@ -293,12 +424,13 @@ impl Evaluation {
     /// a later order of theirs then took that quota, in this batch or a later one. Judged again now,
     /// the earlier order would also name the quota, and a later order of the same buyer would queue
     /// behind it; the driver evaluates such buyers' waiting orders once more, from a fresh
-    /// evaluation, so what the orders say is what a new look would find.
+    /// evaluation, so what the orders say is what a new look would find. Also the buyers with a new
+    /// order that would have been served, asked only to be judged ([`Evaluation::resume`]).
     pub fn stale_buyers(&self) -> Vec<String> {
         let mut out: Vec<String> = self
             .judged
             .iter()
-            .filter(|(_, (waiting, took))| matches!((waiting, took), (Some(w), Some(t)) if w < t))
+            .filter(|(_, j)| j.servable || matches!((j.first_waiting, j.last_took), (Some(w), Some(t)) if w < t))
             .map(|(b, _)| b.clone())
             .collect();
         out.sort();
@@ -306,9 +438,11 @@ impl Evaluation {
     }
 }
 
-/// The quota asks for `orders` (in placement order), each buyer's behind its order in `blocked`.
+/// The quota asks for `orders` (in placement order), each buyer's behind its order in `blocked`, and
+/// only judged for the `probing` buyers none of whose orders blocks the rest.
 fn asks_behind<'a>(
-    blocked: &HashMap<String, String>,
+    blocked: &HashMap<String, (String, u64)>,
+    probing: &HashSet<String>,
     orders: impl IntoIterator<Item = &'a OrderRecord>,
 ) -> Vec<QuotaAsk> {
     orders
@@ -319,18 +453,19 @@ fn asks_behind<'a>(
             buyer_id: o.buyer_id.clone(),
             units: o.units,
             justification: o.justification.clone(),
-            queued_behind: blocked.get(&o.buyer_id).cloned(),
+            queued_behind: blocked.get(&o.buyer_id).map(|(id, _)| id.clone()),
+            judge_only: probing.contains(&o.buyer_id) && !blocked.contains_key(&o.buyer_id),
         })
         .collect()
 }
 
 /// Once order `o` is refused quota it can get later (`answer`: its licence's capacity, or its place
 /// behind another order), its buyer's later orders queue behind it (behind the first such order).
-fn block_refused(blocked: &mut HashMap<String, String>, o: &OrderRecord, answer: Option<&QuotaAnswer>) {
+fn block_refused(blocked: &mut HashMap<String, (String, u64)>, o: &OrderRecord, answer: Option<&QuotaAnswer>) {
     if let Some(QuotaAnswer::Refused { failures, rejectable: false }) = answer
         && waits_for_capacity(failures)
     {
-        blocked.entry(o.buyer_id.clone()).or_insert_with(|| o.id.clone());
+        blocked.entry(o.buyer_id.clone()).or_insert_with(|| (o.id.clone(), o.seq));
     }
 }
 
@@ -480,7 +615,7 @@ pub fn recheck(
 
 #[cfg(test)]
 mod tests {
-    use std::collections::{BTreeMap, HashSet};
+    use std::collections::{BTreeMap, BTreeSet, HashSet};
 
     use super::*;
     use crate::inventory::{HoldAsk, HoldOutcome, HoldPlanner, HoldRecord, StockRecord};
@@ -498,6 +633,29 @@ mod tests {
             justification: "needed".into(),
             status: OrderStatus::Pending as i32,
             generation: 1,
+            seq,
+            ..Default::default()
+        }
+    }
+
+    /// Licence `id` of `buyer` for H200 to CN, `seq`-th of the buyer's.
+    fn licence(
+        id: String,
+        buyer: &str,
+        seq: u64,
+        status: LicenseStatus,
+        conditions: Conditions,
+        granted: u64,
+    ) -> LicenseRecord {
+        LicenseRecord {
+            id,
+            buyer_id: buyer.into(),
+            product_sku: "H200".into(),
+            destination: "CN".into(),
+            wave_id: "wave-1".into(),
+            status: status as i32,
+            conditions: Some(conditions),
+            granted,
             seq,
             ..Default::default()
         }
@@ -721,8 +879,6 @@ mod tests {
         policy: Policy,
     ) {
         drain_backlog(orders, inv, chunk, policy);
-        let gate = ProductGate { export_destinations: ["CN".to_string()].into(), ..Default::default() };
-        let domestic = HashMap::new();
         let backlog_empty = !orders.iter().any(|o| o.status() == OrderStatus::Backordered);
         // Under a planned policy orders taking quota join the backlog, and the drain shares the stock.
         let mut ev = Evaluation::new(backlog_empty && !policy.planned());
@@ -730,25 +886,7 @@ mod tests {
         waiting.sort_by_key(|&i| orders[i].seq);
         for batch in waiting.chunks(chunk) {
             let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
-            let asks = ev.quota_asks(&loaded);
-            let mut planner = QuotaPlanner::new(licences.to_vec(), &domestic, &gate, NOW);
-            let mut quota = HashMap::new();
-            for a in &asks {
-                if let Some(earlier) = &a.queued_behind {
-                    planner.queue_behind(&a.buyer_id, earlier);
-                }
-                let ask = Ask { buyer_id: &a.buyer_id, units: a.units, justification: &a.justification };
-                let answer = match planner.plan(&a.order_id, &ask) {
-                    Planned::Reserved { license_id, wave_id } => QuotaAnswer::Reserved { license_id, wave_id },
-                    Planned::Refused { failures, rejectable } => QuotaAnswer::Refused { failures, rejectable },
-                };
-                quota.insert(a.order_id.clone(), answer);
-            }
-            for l in planner.into_touched() {
-                if let Some(slot) = licences.iter_mut().find(|x| x.id == l.id) {
-                    *slot = l;
-                }
-            }
+            let quota = quota_answers(licences, &ev.quota_asks(&loaded), NOW);
             let holds = inv.serve(ev.stock_asks(&loaded, &quota));
             let plan = ev.decide(&loaded, &quota, &holds, placed, NOW).expect("valid moves");
             for m in &plan.moves {
@@ -757,6 +895,237 @@ mod tests {
             ev.committed(&plan);
         }
         drain_backlog(orders, inv, chunk, policy);
+    }
+
+    /// Licensing's answers to `asks` at `now`, as it plans one call: over the licences as the last call
+    /// left them, which it updates.
+    fn quota_answers(licences: &mut [LicenseRecord], asks: &[QuotaAsk], now: u64) -> HashMap<String, QuotaAnswer> {
+        let gate = ProductGate { export_destinations: ["CN".to_string()].into(), ..Default::default() };
+        let domestic = HashMap::new();
+        let mut planner = QuotaPlanner::new(licences.to_vec(), &domestic, &gate, now);
+        let mut quota = HashMap::new();
+        for a in asks {
+            if let Some(earlier) = &a.queued_behind {
+                planner.queue_behind(&a.buyer_id, earlier);
+            }
+            let ask = Ask { buyer_id: &a.buyer_id, units: a.units, justification: &a.justification };
+            let planned = if a.judge_only { planner.judge(&a.order_id, &ask) } else { planner.plan(&a.order_id, &ask) };
+            let answer = match planned {
+                Planned::Reserved { license_id, wave_id } => QuotaAnswer::Reserved { license_id, wave_id },
+                Planned::Refused { failures, rejectable } => QuotaAnswer::Refused { failures, rejectable },
+                Planned::Servable => QuotaAnswer::Servable,
+            };
+            quota.insert(a.order_id.clone(), answer);
+        }
+        for l in planner.into_touched() {
+            if let Some(slot) = licences.iter_mut().find(|x| x.id == l.id) {
+                *slot = l;
+            }
+        }
+        quota
+    }
+
+    /// Judges the waiting orders among `which` (indices into `orders`), oldest first, in batches of
+    /// `chunk`, continuing `ev` (no stock is taken); returns it with every batch committed.
+    fn judge(
+        orders: &mut [OrderRecord],
+        licences: &mut [LicenseRecord],
+        mut which: Vec<usize>,
+        chunk: usize,
+        mut ev: Evaluation,
+        now: u64,
+    ) -> Evaluation {
+        which.retain(|&i| orders[i].status().is_waiting());
+        which.sort_by_key(|&i| orders[i].seq);
+        for batch in which.chunks(chunk) {
+            let loaded: Vec<OrderRecord> = batch.iter().map(|&i| orders[i].clone()).collect();
+            let quota = quota_answers(licences, &ev.quota_asks(&loaded), now);
+            let plan = ev.decide(&loaded, &quota, &HashMap::new(), placed, now).expect("valid moves");
+            for m in &plan.moves {
+                orders[batch[m.index]] = m.order.clone();
+            }
+            ev.committed(&plan);
+        }
+        ev
+    }
+
+    /// One round over the waiting orders of `marked` buyers (marked by their placements since the last
+    /// round, the first of them at the placement number given; `changed` by something else), as the
+    /// reconciler runs it: each buyer's orders from its first new one on when only its placements
+    /// marked it and `standings` holds where its earlier ones stood (and nothing earlier must be
+    /// judged again), all of them otherwise (`standings` None: always); then the buyers left stale,
+    /// all over again. Returns the buyers judged only from their new orders on; `standings` is
+    /// updated.
+    fn judge_round(
+        orders: &mut [OrderRecord],
+        licences: &mut [LicenseRecord],
+        (placed, changed): (&BTreeMap<String, u64>, &BTreeSet<String>),
+        chunk: usize,
+        standings: Option<&mut HashMap<String, Standing>>,
+        now: u64,
+    ) -> Vec<String> {
+        let mut ev = Evaluation::new(false);
+        let mut resumed = Vec::new();
+        let mut which = Vec::new();
+        let mut marked: BTreeMap<String, u64> = changed.iter().map(|b| (b.clone(), 0)).collect();
+        for (buyer, &from) in placed {
+            marked.entry(buyer.clone()).or_insert(from);
+        }
+        for (buyer, &from) in &marked {
+            let standing = standings.as_deref().and_then(|s| s.get(buyer)).filter(|s| from > 0 && s.resumable_at(from));
+            if let Some(st) = standing {
+                ev.resume(buyer, st, from);
+                resumed.push(buyer.clone());
+            }
+            let start = if standing.is_some() { from } else { 0 };
+            which.extend((0..orders.len()).filter(|&i| &orders[i].buyer_id == buyer && orders[i].seq >= start));
+        }
+        let ev = judge(orders, licences, which, chunk, ev, now);
+        // Buyers left stale are judged all over again (twice at most: a new order that was only judged
+        // takes its quota in the first such pass, which can leave earlier orders stale once more);
+        // their standings are dropped, for the next round to judge them all.
+        let mut again = ev.stale_buyers();
+        let mut rejudged: BTreeSet<String> = BTreeSet::new();
+        for _ in 0..MAX_REJUDGE_PASSES {
+            if again.is_empty() {
+                break;
+            }
+            rejudged.extend(again.iter().cloned());
+            let which: Vec<usize> = (0..orders.len()).filter(|&i| again.contains(&orders[i].buyer_id)).collect();
+            again = judge(orders, licences, which, chunk, Evaluation::new(false), now).stale_buyers();
+        }
+        if let Some(s) = standings {
+            for buyer in marked.keys() {
+                if rejudged.contains(buyer) {
+                    s.remove(buyer);
+                } else {
+                    s.insert(buyer.clone(), ev.standing(buyer));
+                }
+            }
+        }
+        resumed
+    }
+
+    /// Rounds marked only by buyers' placements that judge just the new orders behind where the
+    /// earlier ones stood ([`Standing`]) end exactly where rounds judging every waiting order of the
+    /// marked buyers again do: every order in the same state, under the same licence, for the same
+    /// reasons, and every licence's quota used alike. Licences carry caps, justification, pending
+    /// terms, suspensions and windows that open as time passes between rounds (an order waiting for
+    /// one must be judged again before a later order of its buyer, or the later one would overtake
+    /// it); orders come with and without a justification. Now and then a buyer's licence gains quota
+    /// (or a licence is granted) a round before the change's mark arrives, as an event's mark lags
+    /// licensing: in that round no new order may take quota the full look would not give it (an
+    /// earlier order the round did not judge may be servable now).
+    #[test]
+    fn judging_only_new_orders_behind_their_standing_ends_where_judging_all_does() {
+        let mut resumed_rounds = 0;
+        for seed in 1..=600u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let buyers = 1 + rng.below(3);
+            let mut licences = Vec::new();
+            for b in 0..buyers {
+                for k in 0..rng.below(3) {
+                    let conditions = Conditions {
+                        per_order_cap: if rng.below(4) == 0 { 1 + rng.below(40) } else { 0 },
+                        justification_required: rng.below(4) == 0,
+                        terms_pending: rng.below(8) == 0,
+                        valid_from_ms: if rng.below(4) == 0 { NOW + rng.below(5) * 1000 } else { 0 },
+                        ..Default::default()
+                    };
+                    let status = if rng.below(8) == 0 { LicenseStatus::Suspended } else { LicenseStatus::Active };
+                    licences.push(licence(
+                        format!("lic-{b}-{k}"),
+                        &format!("b{b}"),
+                        k,
+                        status,
+                        conditions,
+                        rng.below(120),
+                    ));
+                }
+            }
+            let chunk = 1 + rng.below(6) as usize;
+            let (mut all, mut all_licences) = (Vec::<OrderRecord>::new(), licences.clone());
+            let (mut new_only, mut new_licences) = (Vec::<OrderRecord>::new(), licences);
+            let mut standings = HashMap::new();
+            // Buyers whose licences changed before the last round: their marks come with this one.
+            let mut unmarked: BTreeSet<String> = BTreeSet::new();
+            for round in 0..2 + rng.below(6) {
+                let now = NOW + round * 1000;
+                let changed = std::mem::take(&mut unmarked);
+                let buyer = format!("b{}", rng.below(buyers));
+                // A change whose timing does not matter (none of the buyer's windows opens later).
+                let timeless = all_licences.iter().all(|l| l.buyer_id != buyer || l.conditions().valid_from_ms <= now);
+                if rng.below(3) == 0 && timeless {
+                    let k = rng.below(3);
+                    let extra = 1 + rng.below(80);
+                    let late = format!("lic-{buyer}-{k}-late");
+                    for ls in [&mut all_licences, &mut new_licences] {
+                        match ls.iter_mut().find(|l| l.buyer_id == buyer && (l.seq == k || l.id == late)) {
+                            Some(l) => l.granted += extra,
+                            None => ls.push(licence(
+                                late.clone(),
+                                &buyer,
+                                10 + k,
+                                LicenseStatus::Active,
+                                Conditions::default(),
+                                extra,
+                            )),
+                        }
+                    }
+                    unmarked.insert(buyer);
+                }
+                let mut marked: BTreeMap<String, u64> = BTreeMap::new();
+                for _ in 0..rng.below(8) {
+                    let seq = all.len() as u64 + 1;
+                    let buyer = format!("b{}", rng.below(buyers));
+                    let mut o = order(&format!("o{seq}"), seq, &buyer, 1 + rng.below(50));
+                    if rng.below(5) == 0 {
+                        o.justification.clear();
+                    }
+                    marked.entry(buyer).or_insert(seq);
+                    all.push(o.clone());
+                    new_only.push(o);
+                }
+                let marks = (&marked, &changed);
+                judge_round(&mut all, &mut all_licences, marks, chunk, None, now);
+                let resumed = judge_round(&mut new_only, &mut new_licences, marks, chunk, Some(&mut standings), now);
+                resumed_rounds += resumed.len();
+                if !unmarked.is_empty() {
+                    // A change not marked yet: no order took quota the full look did not give it (which
+                    // licence may differ: the full look judged earlier orders first).
+                    for (o, a) in new_only.iter().zip(&all) {
+                        assert!(
+                            !o.has_quota() || a.has_quota(),
+                            "seed {seed}, round {round}: {} took quota of {} ahead of a change's mark ({:?})",
+                            o.id,
+                            o.license_id,
+                            a.status()
+                        );
+                    }
+                    // From here the two may differ in which order holds which licence's quota (the
+                    // full look served the earlier orders a round sooner): the seed is done.
+                    break;
+                }
+                // A waiting order's reasons as it keeps them (a re-judgement with the same conditions
+                // leaves the words, which may name an earlier blocker, as they were); a rejected one's
+                // are a record of when it was judged, which may be a pass apart.
+                let view = |o: &OrderRecord| {
+                    let reasons: Vec<(i32, String)> = match o.status().is_waiting() {
+                        true => o.reasons.iter().map(|f| (f.condition, f.license_id.clone())).collect(),
+                        false => Vec::new(),
+                    };
+                    (o.id.clone(), o.status(), o.license_id.clone(), reasons)
+                };
+                assert_eq!(
+                    new_only.iter().map(view).collect::<Vec<_>>(),
+                    all.iter().map(view).collect::<Vec<_>>(),
+                    "seed {seed}, round {round} (judged from new orders only: {resumed:?})"
+                );
+                let used = |ls: &[LicenseRecord]| ls.iter().map(|l| (l.id.clone(), l.used)).collect::<Vec<_>>();
+                assert_eq!(used(&new_licences), used(&all_licences), "seed {seed}, round {round}");
+            }
+        }
+        assert!(resumed_rounds > 500, "only {resumed_rounds} buyers were judged from their new orders on");
     }
 
     /// The backlog, oldest first, in batches, until an order is not fully served — or, under a
@@ -919,18 +1288,15 @@ mod tests {
                 for k in 0..rng.below(3) {
                     let cap = if rng.below(3) == 0 { 1 + rng.below(40) } else { 0 };
                     let status = if rng.below(5) == 0 { LicenseStatus::Suspended } else { LicenseStatus::Active };
-                    licences.push(LicenseRecord {
-                        id: format!("lic-{b}-{k}"),
-                        buyer_id: format!("b{b}"),
-                        product_sku: "H200".into(),
-                        destination: "CN".into(),
-                        wave_id: "wave-1".into(),
-                        status: status as i32,
-                        conditions: Some(Conditions { per_order_cap: cap, ..Default::default() }),
-                        granted: rng.below(150),
-                        seq: k,
-                        ..Default::default()
-                    });
+                    let conditions = Conditions { per_order_cap: cap, ..Default::default() };
+                    licences.push(licence(
+                        format!("lic-{b}-{k}"),
+                        &format!("b{b}"),
+                        k,
+                        status,
+                        conditions,
+                        rng.below(150),
+                    ));
                 }
             }
             let granted: BTreeMap<String, u64> = licences.iter().map(|l| (l.id.clone(), l.granted)).collect();

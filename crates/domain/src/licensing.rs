@@ -468,6 +468,13 @@ pub fn waits_for_capacity(failures: &[Failure]) -> bool {
     by_licence.values().any(|(capacity, permanent)| *capacity && !*permanent)
 }
 
+/// Whether time alone may lift one of `failures`, with no event to tell anyone: a licence that is not
+/// valid yet. An order waiting for such a reason may be servable at any moment, so a buyer's later
+/// orders are only judged after it is judged again ([`crate::allocation::Standing`]).
+pub fn lifted_by_time(failures: &[Failure]) -> bool {
+    failures.iter().any(|f| f.condition() == Condition::ValidityWindow && !f.permanent)
+}
+
 /// What is being asked for: `units` of the product by `buyer_id`.
 #[derive(Clone, Copy, Debug)]
 pub struct Ask<'a> {
@@ -752,6 +759,8 @@ pub enum Planned {
         /// Can never be served by the buyer's licences.
         rejectable: bool,
     },
+    /// Would be served, but was only judged ([`QuotaPlanner::judge`]): nothing taken.
+    Servable,
 }
 
 impl<'a> QuotaPlanner<'a> {
@@ -818,6 +827,21 @@ impl<'a> QuotaPlanner<'a> {
                 Planned::Refused { failures, rejectable }
             }
         }
+    }
+
+    /// Decides one ask as [`plan`](Self::plan) does but takes nothing: an ask that would be served
+    /// is answered [`Planned::Servable`] (and, taking nothing, holds up none of the buyer's later asks).
+    pub fn judge(&mut self, order_id: &str, ask: &Ask<'_>) -> Planned {
+        let list = self.licences.get(ask.buyer_id).map(Vec::as_slice).unwrap_or_default();
+        let refs: Vec<&LicenseRecord> = list.iter().collect();
+        let domestic = self.domestic.get(ask.buyer_id).copied().unwrap_or(0);
+        if !self.blocked.contains_key(ask.buyer_id)
+            && let Verdict::Eligible(_) = evaluate(&refs, ask, domestic, self.gate, self.now_ms)
+        {
+            return Planned::Servable;
+        }
+        // Refused (or queued behind an earlier order): exactly as a plan refuses it.
+        self.plan(order_id, ask)
     }
 
     /// The licences whose quota changed, to write back.

@@ -292,6 +292,7 @@ impl TryFrom<pb::BatchReserveQuotaRequest> for QuotaBatch {
                 units: it.units,
                 justification: it.justification,
                 queued_behind: (!it.queued_behind.is_empty()).then_some(it.queued_behind),
+                judge_only: it.judge_only,
             })
             .collect();
         Ok(QuotaBatch { product_sku, asks, fence_token: req.fence_token })

@@ -276,7 +276,27 @@ impl Licensing {
                         planner.queue_behind(&it.buyer_id, earlier);
                     }
                     let superseded = matches!(check, ReserveCheck::Supersede { .. });
-                    match planner.plan(&it.order_id, &ask) {
+                    let planned = if it.judge_only {
+                        planner.judge(&it.order_id, &ask)
+                    } else {
+                        planner.plan(&it.order_id, &ask)
+                    };
+                    if superseded
+                        && !matches!(planned, Planned::Reserved { .. })
+                        && let Some((_, old)) = ex
+                    {
+                        // The older generation's quota went back to its licence above, in this same
+                        // commit, and nothing was taken in its place: record it as released, or a
+                        // later release of that generation would give the same units back a second
+                        // time.
+                        let mut released = old.clone();
+                        released.set_status(ReservationStatus::Released);
+                        released.update_ms = now;
+                        released.release_reason = format!("superseded by generation {}", it.generation);
+                        put_reservation(&mut t, sku, &it.order_id, ver, &released);
+                        changed_released.push(reservation_to(&released));
+                    }
+                    match planned {
                         Planned::Reserved { license_id, wave_id } => {
                             let r = ReservationRecord {
                                 order_id: it.order_id.clone(),
@@ -302,18 +322,14 @@ impl Licensing {
                                 ..Default::default()
                             });
                         }
+                        Planned::Servable => {
+                            results.push(pb::QuotaItemResult {
+                                order_id: it.order_id.clone(),
+                                servable: true,
+                                ..Default::default()
+                            });
+                        }
                         Planned::Refused { failures, rejectable } => {
-                            if superseded && let Some((_, old)) = ex {
-                                // The older generation's quota went back to its licence above, in this
-                                // same commit: record it as released, or a later release of that
-                                // generation would give the same units back a second time.
-                                let mut released = old.clone();
-                                released.set_status(ReservationStatus::Released);
-                                released.update_ms = now;
-                                released.release_reason = format!("superseded by generation {}", it.generation);
-                                put_reservation(&mut t, sku, &it.order_id, ver, &released);
-                                changed_released.push(reservation_to(&released));
-                            }
                             refused_detail.push(format!(
                                 "{}/{}:{}",
                                 it.order_id,

@@ -139,7 +139,21 @@ fn item(order: &str, generation: u64, buyer: &str, units: u64) -> pb::QuotaItem 
         units,
         justification: "needed".into(),
         queued_behind: String::new(),
+        judge_only: false,
     }
+}
+
+/// Order `order`'s quota reservation of H200.
+async fn reservation(svc: &Licensing, order: &str) -> pb::QuotaReservation {
+    svc.get_quota_reservation(Request::new(pb::GetQuotaReservationRequest {
+        order_id: order.into(),
+        product_sku: "H200".into(),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .reservation
+    .unwrap()
 }
 
 async fn batch(svc: &Licensing, items: Vec<pb::QuotaItem>) -> Vec<pb::QuotaItemResult> {
@@ -551,17 +565,7 @@ async fn quota_is_never_exceeded_under_concurrency(store: Store) {
     assert!(l.used_units <= 1000, "never over-licensed: {}", l.used_units);
     assert_eq!(l.used_units, 990, "33 orders of 30 fit into 1,000");
     for (order, _) in per_order {
-        let r = svc
-            .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest {
-                order_id: order,
-                product_sku: "H200".into(),
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-            .reservation
-            .unwrap();
-        assert_eq!(r.state(), pb::ReservationState::Held);
+        assert_eq!(reservation(&svc, &order).await.state(), pb::ReservationState::Held);
     }
 }
 
@@ -874,16 +878,7 @@ async fn a_refused_supersede_gives_the_old_quota_back_once(store: Store) {
     let r = batch(&svc, vec![item("o1", 2, "bytedance", 60)]).await.remove(0);
     assert_eq!(conditions(&r), vec![pb::Condition::LicenseInForce]);
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 40, "generation 1's 60 units went back");
-    let held = svc
-        .get_quota_reservation(Request::new(pb::GetQuotaReservationRequest {
-            order_id: "o1".into(),
-            product_sku: "H200".into(),
-        }))
-        .await
-        .unwrap()
-        .into_inner()
-        .reservation
-        .unwrap();
+    let held = reservation(&svc, "o1").await;
     assert_eq!((held.generation, held.state()), (1, pb::ReservationState::Released));
     // The release owed for generation 1 finds nothing left to give back.
     svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
@@ -924,6 +919,40 @@ async fn items_queued_behind_take_nothing_but_can_be_rejected(store: Store) {
     assert!(conditions(&r[1]).contains(&pb::Condition::PerOrderCap));
     assert!(r[1].rejectable, "above the cap: rejected even while queued");
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
+}
+
+/// An item asked only to be judged takes nothing: one that would be served says so, one that would
+/// not is refused as ever (and, waiting for quota, still holds up the buyer's later items).
+async fn items_asked_only_to_be_judged_take_nothing(store: Store) {
+    let svc = service(store).await;
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions { per_order_cap: 50, ..Default::default() }).await;
+    let judge = |order: &str, units: u64| pb::QuotaItem { judge_only: true, ..item(order, 1, "bytedance", units) };
+    let r = batch(&svc, vec![judge("o1", 40), judge("o2", 60), judge("o3", 40)]).await;
+    assert!(r[0].servable && r[0].reservation.is_none() && r[0].failures.is_empty(), "{:?}", r[0]);
+    assert!(conditions(&r[1]).contains(&pb::Condition::PerOrderCap) && r[1].rejectable && !r[1].servable);
+    assert!(r[2].servable, "nothing was taken by o1: {:?}", r[2]);
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
+    // Taken for real, then judged: what is left is what it is judged against.
+    assert!(
+        batch(&svc, vec![item("o1", 1, "bytedance", 50), item("o2", 1, "bytedance", 30)]).await[1]
+            .reservation
+            .is_some()
+    );
+    let r = batch(&svc, vec![judge("o3", 30), judge("o4", 10), judge("o5", 20)]).await;
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::Quota]);
+    assert!(!r[0].servable && !r[0].rejectable);
+    assert_eq!(conditions(&r[1]), vec![pb::Condition::QueueOrder], "behind o3, which waits for quota");
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 80);
+    // The same order asked for real afterwards takes its quota.
+    assert!(batch(&svc, vec![item("o5", 1, "bytedance", 20)]).await[0].reservation.is_some());
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 100);
+    // An order moved on to its next generation, judged only: the older generation's quota goes back
+    // once, as for a refusal, and is recorded as released.
+    let r = batch(&svc, vec![pb::QuotaItem { generation: 2, ..judge("o1", 50) }]).await;
+    assert!(r[0].servable, "{:?}", r[0]);
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 50, "generation 1's 50 units went back");
+    let held = reservation(&svc, "o1").await;
+    assert_eq!((held.generation, held.state()), (1, pb::ReservationState::Released));
 }
 
 /// RecheckQuota answers, for quota held, whether the licence and the product's gates still allow it,
@@ -1349,6 +1378,7 @@ backend_tests!(
     bad_input_is_refused_with_field_violations,
     a_refused_supersede_gives_the_old_quota_back_once,
     items_queued_behind_take_nothing_but_can_be_rejected,
+    items_asked_only_to_be_judged_take_nothing,
     held_quota_is_rechecked_against_the_licence_and_the_gates,
     applications_for_unknown_products_are_refused,
     a_draft_wave_previews_what_its_publication_will_do,

@@ -3,12 +3,14 @@
 //! a time would measure the loader rather than the system; it writes exactly what placement and a
 //! first evaluation would have written (records, queues, indexes, history), in large atomic batches.
 
+use chipgate_domain::allocation::Standing;
 use chipgate_domain::ids::{BuyerId, Sku};
 use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus, TransitionRecord};
 use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_state::{Backend, Txn};
+use prost::Message;
 
 use crate::{Error, Orders, book, keys};
 
@@ -93,6 +95,16 @@ impl Orders {
                     };
                     book::write(&mut t, &mut events, 0, None, &record);
                     ids[i] = id.into_string();
+                }
+                // Waiting orders no standing knows of (and no mark announces): their buyers' next
+                // round judges all their orders. Written, not deleted, so that a round that read the
+                // standing before this load fails to write its own over it.
+                let mut loaded: Vec<&str> = chunk.iter().map(|&i| orders[i].buyer_id.as_str()).collect();
+                loaded.sort_unstable();
+                loaded.dedup();
+                let judge_all = Standing { first_recheck: 1, ..Standing::default() }.encode_to_vec();
+                for b in loaded {
+                    t.put(keys::standing(sku, &BuyerId::from_trusted(b)), judge_all.clone());
                 }
                 events.flush(&mut t);
                 self.store().commit(&t).await.map_err(|e| Error::Internal(e.to_string()))?;

@@ -90,6 +90,7 @@ pub fn quota_item(a: QuotaAsk) -> lpb::QuotaItem {
         units: a.units,
         justification: a.justification,
         queued_behind: a.queued_behind.unwrap_or_default(),
+        judge_only: a.judge_only,
     }
 }
 
@@ -97,6 +98,7 @@ pub fn quota_item(a: QuotaAsk) -> lpb::QuotaItem {
 pub fn quota_answer(r: lpb::QuotaItemResult) -> QuotaAnswer {
     match r.reservation {
         _ if r.stale => QuotaAnswer::Stale,
+        None if r.servable => QuotaAnswer::Servable,
         Some(q) => QuotaAnswer::Reserved { license_id: q.license_id, wave_id: q.wave_id },
         None => {
             QuotaAnswer::Refused { failures: r.failures.iter().map(failure_from).collect(), rejectable: r.rejectable }

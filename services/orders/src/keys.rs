@@ -109,6 +109,13 @@ pub fn awaiting(sku: &Sku, buyer: &BuyerId) -> String {
     part(sku).key(["awaiting", buyer.as_str()])
 }
 
+/// Where a buyer's waiting orders of a product stood after the last round that judged them all
+/// ([`chipgate_domain::allocation::Standing`]): a round marked only by the buyer's placements judges its
+/// new orders behind it instead of every waiting order again.
+pub fn standing(sku: &Sku, buyer: &BuyerId) -> String {
+    part(sku).key(["standing", buyer.as_str()])
+}
+
 /// Buyers with (possibly) waiting orders for a product.
 pub fn awaiting_buyers(sku: &Sku) -> String {
     part(sku).key(["awaiting-buyers"])

@@ -1,7 +1,9 @@
 //! Dirty marks: what a product's next reconciliation pass must look at.
 //!
 //! Each product has a hash of marks. A mark is a field `kind|buyer|cause` (or `d|cause` for the backlog):
-//! `a` re-evaluates a buyer's waiting orders (`*` = every buyer), `h` re-checks the orders that hold
+//! `a` re-evaluates a buyer's waiting orders (`*` = every buyer; a placement's own mark names its
+//! order, so that a round marked by nothing else judges the buyer's orders from the first new one on,
+//! see [`Marks::placed_only`]), `h` re-checks the orders that hold
 //! quota (their licence may have stopped being usable), `d` hands free stock to the backlog. Marks are
 //! written by whoever changes the world (placement, the event consumers) *after* the change is
 //! committed, and a pass deletes the marks it read *before* it reads the world: so any change is seen
@@ -14,8 +16,8 @@
 
 use std::collections::BTreeMap;
 
-use chipgate_domain::ids::Sku;
-use chipgate_domain::orders::Cause;
+use chipgate_domain::ids::{OrderId, Sku};
+use chipgate_domain::orders::{Cause, CauseKind};
 use chipgate_state::Txn;
 
 use crate::keys;
@@ -112,6 +114,25 @@ impl Marks {
         c
     }
 
+    /// The placement number of `buyer`'s first order of `sku` placed since the marks were last taken,
+    /// when the buyer's placements are all that marked it: no other change concerns its waiting
+    /// orders or its holders, so its earlier orders need not be judged again. None otherwise, and for
+    /// a placement mark that names no order (as older versions wrote it).
+    pub fn placed_only(&self, sku: &Sku, buyer: &str) -> Option<u64> {
+        if !self.all_awaiting.is_empty() || !self.all_holders.is_empty() || self.holders.contains_key(buyer) {
+            return None;
+        }
+        let mut first: Option<u64> = None;
+        for c in self.awaiting.get(buyer)? {
+            if c.kind() != CauseKind::Placed {
+                return None;
+            }
+            let seq = OrderId::number_in(&c.reference, sku.as_str())?;
+            first = Some(first.map_or(seq, |f| f.min(seq)));
+        }
+        first
+    }
+
     /// The causes that concern a buyer's holders.
     pub fn holder_causes(&self, buyer: &str) -> Vec<Cause> {
         let mut c: Vec<Cause> = self.holders.get(buyer).cloned().unwrap_or_default();
@@ -122,8 +143,6 @@ impl Marks {
 
 #[cfg(test)]
 mod tests {
-    use chipgate_domain::orders::CauseKind;
-
     use super::*;
 
     #[test]
@@ -144,5 +163,25 @@ mod tests {
         assert_eq!(m.holder_causes("alibaba")[0].reference, "lic-2");
         assert_eq!(m.drain[0], Cause::new(CauseKind::SupplyReceived, "rcpt-7"));
         assert!(m.any_awaiting() && m.any_holders());
+    }
+
+    #[test]
+    fn a_buyer_marked_only_by_its_placements_is_judged_from_its_first_new_order() {
+        let sku = Sku::from_trusted("H200");
+        let placed =
+            |n: u64| format!("a|b1|{}", Cause::new(CauseKind::Placed, OrderId::new(&sku, n).as_str()).encode());
+        let m = Marks::parse(vec![placed(12), placed(9), placed(30), "a|b2|placed:".to_string()]);
+        assert_eq!(m.placed_only(&sku, "b1"), Some(9));
+        assert_eq!(m.placed_only(&sku, "b2"), None, "a placement mark naming no order");
+        assert_eq!(m.placed_only(&sku, "b3"), None, "not marked");
+        assert_eq!(m.placed_only(&Sku::from_trusted("B200"), "b1"), None, "another product's orders");
+        // Any other change that concerns the buyer (or everybody) means a full look.
+        for other in ["a|b1|quota-returned:lic-1", "h|b1|suspended:lic-1", "a|*|embargo-lifted:H200", "h|*|reconciled:"]
+        {
+            let m = Marks::parse(vec![placed(12), other.to_string()]);
+            assert_eq!(m.placed_only(&sku, "b1"), None, "{other}");
+        }
+        let m = Marks::parse(vec![placed(12), "h|b2|suspended:lic-2".to_string(), "d|supply:r".to_string()]);
+        assert_eq!(m.placed_only(&sku, "b1"), Some(12), "another buyer's holders and the backlog are not b1's");
     }
 }

@@ -44,6 +44,10 @@ pub(crate) struct Counters {
     /// Batches of orders rounds cut, by product and size (`full`, or `shared` while other products'
     /// placements waited).
     pub batches: CounterBy2,
+    /// Buyers whose waiting orders rounds judged, by product and how: `new_orders` (from the first
+    /// new one on, marked only by their placements), `all`, or `again` (all once more, in the same
+    /// round, their reasons left stale).
+    pub buyers_judged: CounterBy2,
 }
 
 pub(crate) struct Sampler {
@@ -81,6 +85,12 @@ pub(crate) fn register(metrics: &Metrics) -> (Counters, Sampler) {
             "chipgate_reconcile_batches",
             "Batches of orders cut by reconciliation rounds, by product and size: full (--batch-size), or shared \
              (--shared-batch-size, while placements of other products waited on this replica)",
+        ),
+        buyers_judged: metrics.counter_by2(
+            "chipgate_reconcile_buyers_judged",
+            "Buyers whose waiting orders reconciliation rounds judged, by product and how: new_orders (only \
+             the orders placed since, behind where the earlier ones stood), all, or again (all once more in \
+             the same round, their reasons left stale by a later order)",
         ),
     };
     let sampler = Sampler {

@@ -83,11 +83,12 @@ impl Orders {
         let mut t = Txn::new();
         let mut events = book::Events::traced(ctx);
         book::write(&mut t, &mut events, 0, None, &order);
+        // The mark names the order: a round marked by nothing else judges the buyer's orders from it on.
         marks::awaiting(
             &mut t,
             &req.sku,
             Who::Buyer(&order.buyer_id),
-            &Cause::new(CauseKind::Placed, ""),
+            &Cause::new(CauseKind::Placed, &order.id),
             &ctx.traceparent(),
         );
         idem.record(&mut t, Some(&part), "PlaceOrder", &req.request_id, &fp, &placed);

@@ -50,14 +50,18 @@ pub(crate) struct Merge {
 }
 
 impl Merge {
-    /// A merge of `n` queues, up to placement number `last`, read `page` orders at a time.
-    pub(crate) fn new(n: usize, last: u64, page: usize) -> Self {
+    /// A merge of queues, each from the placement number in `starts` on (None: from its oldest
+    /// order), up to placement number `last`, read `page` orders at a time.
+    pub(crate) fn new(starts: &[Option<u64>], last: u64, page: usize) -> Self {
         Merge {
-            queues: (0..n).map(|_| Queue::default()).collect(),
+            queues: starts
+                .iter()
+                .map(|s| Queue { after: s.map(|s| s.saturating_sub(1)), ..Queue::default() })
+                .collect(),
             heads: BinaryHeap::new(),
             last,
             page: page.max(1),
-            dry: n,
+            dry: starts.len(),
         }
     }
 
@@ -130,17 +134,20 @@ pub(crate) struct Queues {
 }
 
 impl Queues {
-    /// The queues of `buyers` of `sku`, up to placement number `last`.
-    pub(crate) fn new(sku: &Sku, buyers: Vec<String>, last: u64) -> Self {
-        let merge = Merge::new(buyers.len(), last, PAGE);
+    /// The queues of `buyers` of `sku`, each from the placement number in `starts` on (None: whole),
+    /// up to placement number `last`.
+    pub(crate) fn new(sku: &Sku, buyers: Vec<String>, starts: &[Option<u64>], last: u64) -> Self {
+        let merge = Merge::new(starts, last, PAGE);
         Queues { sku: sku.clone(), buyers, merge }
     }
 
-    /// Adds the first page of every queue ([`first_pages`], in buyer order); without it, the first
-    /// [`Queues::next`] reads them.
-    pub(crate) fn fill_first(&mut self, pages: Vec<Vec<(String, f64)>>) {
+    /// Adds the first page of the queues ([`first_pages`], in buyer order) read from where they
+    /// start (None: a page read from elsewhere, left out); the first [`Queues::next`] reads the rest.
+    pub(crate) fn fill_first(&mut self, pages: Vec<Option<Vec<(String, f64)>>>) {
         for (i, page) in pages.into_iter().enumerate() {
-            self.merge.fill(i, page);
+            if let Some(page) = page {
+                self.merge.fill(i, page);
+            }
         }
     }
 
@@ -165,10 +172,17 @@ impl Queues {
     }
 }
 
-/// The first page of each of `buyers`' queues of `sku` (read with the rest of what a round starts
-/// from, so a round's first batch waits for no read of its own).
-pub(crate) async fn first_pages(svc: &Orders, sku: &Sku, buyers: &[String]) -> Result<Vec<Vec<(String, f64)>>, Error> {
-    let all: Vec<(usize, Option<u64>)> = (0..buyers.len()).map(|i| (i, None)).collect();
+/// The first page of each of `buyers`' queues of `sku`, from the placement number in `starts` on
+/// (None: the oldest order), read with the rest of what a round starts from, so a round's first batch
+/// waits for no read of its own.
+pub(crate) async fn first_pages(
+    svc: &Orders,
+    sku: &Sku,
+    buyers: &[String],
+    starts: &[Option<u64>],
+) -> Result<Vec<Vec<(String, f64)>>, Error> {
+    let all: Vec<(usize, Option<u64>)> =
+        starts.iter().enumerate().map(|(i, s)| (i, s.map(|s| s.saturating_sub(1)))).collect();
     read_pages(svc, sku, buyers, &all).await
 }
 
@@ -230,7 +244,7 @@ mod tests {
                 queues[rng.usize(0..n)].push(seq);
             }
             let last = rng.u64(0..130);
-            let mut merge = Merge::new(n, last, page);
+            let mut merge = Merge::new(&vec![None; n], last, page);
             let mut reads = 0;
             let got = drain(&mut merge, &queues, page, &mut reads);
             let mut want: Vec<(u64, usize)> =
@@ -242,11 +256,24 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_with_a_start_hands_out_only_its_orders_from_there_on() {
+        let queues: Vec<Vec<u64>> = vec![vec![1, 4, 6, 9, 12], vec![2, 3, 5, 8, 10, 11]];
+        for start in 0..=13 {
+            let mut merge = Merge::new(&[Some(start), None], u64::MAX, 2);
+            let mut reads = 0;
+            let got: Vec<u64> = drain(&mut merge, &queues, 2, &mut reads).into_iter().map(|(s, _)| s).collect();
+            let mut want: Vec<u64> = queues[0].iter().filter(|&&s| s >= start).chain(&queues[1]).copied().collect();
+            want.sort();
+            assert_eq!(got, want, "queue 0 from {start}");
+        }
+    }
+
+    #[test]
     fn queues_read_at_the_same_pace_are_read_together() {
         // 10 buyers with 100 orders each, interleaved: pages of 20 mean 5 pages per queue, and each
         // round of reads serves all ten queues (they run low together), not one read per queue.
         let queues: Vec<Vec<u64>> = (0..10).map(|b| (0..100).map(|k| k * 10 + b + 1).collect()).collect();
-        let mut merge = Merge::new(10, u64::MAX, 20);
+        let mut merge = Merge::new(&[None; 10], u64::MAX, 20);
         let mut reads = 0;
         let got = drain(&mut merge, &queues, 20, &mut reads);
         assert_eq!(got.len(), 1000);
@@ -256,7 +283,7 @@ mod tests {
 
     #[test]
     fn nothing_is_handed_out_while_a_queue_with_orders_left_has_none_read() {
-        let mut merge = Merge::new(2, u64::MAX, 2);
+        let mut merge = Merge::new(&[None; 2], u64::MAX, 2);
         merge.fill(0, vec![("o5".into(), 5.0), ("o6".into(), 6.0)]);
         assert!(merge.pop().is_none(), "queue 1 may hold something older than 5");
         assert_eq!(merge.wanted(), vec![(1, None)], "queue 0 has a page read");

@@ -26,8 +26,10 @@ use chipgate_runtime::service::Records;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use chipgate_domain::allocation::{self, Evaluation, HoldAnswer, QuotaAnswer, QuotaAsk, StockAsk};
-use chipgate_domain::ids::{OrderId, Sku, WaveId};
+use chipgate_domain::allocation::{
+    self, Evaluation, HoldAnswer, MAX_REJUDGE_PASSES, QuotaAnswer, QuotaAsk, Standing, StockAsk,
+};
+use chipgate_domain::ids::{BuyerId, OrderId, Sku, WaveId};
 use chipgate_domain::licensing::Failure;
 use chipgate_domain::orders::{Cause, CauseKind, OrderRecord, OrderStatus};
 use chipgate_proto::inventory::v1 as ipb;
@@ -36,6 +38,7 @@ use chipgate_runtime::time::now_ms;
 use chipgate_runtime::{RequestContext, Shutdown, telemetry};
 use chipgate_state::{Backend, CommitError, Txn};
 use futures_util::future::try_join_all;
+use prost::Message;
 use tonic::Code;
 use tracing::Instrument;
 
@@ -50,6 +53,9 @@ use crate::{Error, Orders, book, keys};
 pub(crate) const BATCH_ATTEMPTS: u32 = 8;
 /// Orders per commit when a round leaves a snapshot taken while it ran.
 const SNAPSHOT_CHUNK: usize = 2_000;
+
+/// Buyers' standings written or dropped per commit ([`Orders::keep_standings`]).
+const STANDINGS_CHUNK: usize = 500;
 
 /// Other traces a round links to at most (each further cause of the same round is only counted).
 const MAX_LINKS: usize = 16;
@@ -185,6 +191,14 @@ impl Orders {
     fn sharing(&self, sku: &Sku) -> bool {
         let o = self.options();
         o.shared_chunk > 0 && o.shared_chunk < o.chunk.max(1) && self.inner.answers.waiting_elsewhere(sku.as_str())
+    }
+
+    /// Counts `n` buyers whose orders of `sku` a round judged, `how` ([`crate::metrics::Counters::buyers_judged`]).
+    fn count_judged(&self, sku: &Sku, how: &str, n: usize) {
+        if n > 0 {
+            let labels = [("product", sku.to_string()), ("from", how.to_string())];
+            self.inner.counters.buyers_judged.get_or_create(&labels).inc_by(n as u64);
+        }
     }
 
     /// Counts a batch a round of `sku` cut at `size` ([`Self::batch_size`]): `shared` when below the
@@ -419,45 +433,78 @@ impl Orders {
             b.dedup();
             b
         };
+        // A buyer marked only by its own placements has its orders judged from the first new one on,
+        // behind where its earlier ones stood (when that is known, and none must be judged again).
+        let from: Vec<Option<u64>> = buyers.iter().map(|b| marks.placed_only(&sku, b)).collect();
+        let standing_keys: Vec<String> =
+            buyers.iter().map(|b| keys::standing(&sku, &BuyerId::from_trusted(b.as_str()))).collect();
         // Everything the evaluation starts from, read at once (each read is a round trip every
-        // placement waits on): the buyers' queues; the unsettled waves, read after the marks were taken
-        // so a wave whose publication marked this round is among them; whether anybody waits in the
-        // backlog; and the product's allocation policy.
-        let (first, last, unsettled, backlog_len, policy) = tokio::try_join!(
-            crate::queues::first_pages(self, &sku, &buyers),
+        // placement waits on): the buyers' queues (from the new orders on where only placements
+        // marked the buyer); the unsettled waves, read after the marks were taken so a wave whose
+        // publication marked this round is among them; whether anybody waits in the backlog; the
+        // product's allocation policy; and where the buyers' orders stood.
+        let (first, last, unsettled, backlog_len, policy, standings) = tokio::try_join!(
+            crate::queues::first_pages(self, &sku, &buyers, &from),
             // Orders placed after this are the next round's (their placements marked it).
             async { self.store().incr(&keys::seq(&sku), 0).await.map_err(Error::from) },
             self.unsettled_waves(&sku),
             async { self.store().zcard(&keys::backlog(&sku)).await.map_err(Error::from) },
             self.allocation_policy(&sku),
+            async { self.load_many::<Standing>(&standing_keys).await },
         )?;
         let causes: HashMap<String, Vec<Cause>> =
             buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
-        // Oldest first across the buyers' queues, read a page at a time as batches are cut.
-        let mut queue = Queues::new(&sku, buyers, last);
-        queue.fill_first(first);
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
         // the backlog (and stock lasts); otherwise they join the backlog and a drain serves them in
         // placement order. Under an allocation policy that shares stock (or caps it), they join the
         // backlog and the drain after the evaluation shares it out.
         let inline = backlog_len == 0 && !policy.planned();
-        let mut stage = Evaluating {
-            causes: &causes,
-            unsettled: &unsettled,
-            evaluation: Evaluation::new(inline),
-            left_waiting: Vec::new(),
-        };
+        let mut evaluation = Evaluation::new(inline);
+        let starts: Vec<Option<u64>> = buyers
+            .iter()
+            .zip(&from)
+            .zip(&standings)
+            .map(|((buyer, from), standing)| match (from, standing) {
+                (Some(from), Some((_, st))) if st.resumable_at(*from) => {
+                    evaluation.resume(buyer, st, *from);
+                    Some(*from)
+                }
+                _ => None,
+            })
+            .collect();
+        let resumed = starts.iter().filter(|s| s.is_some()).count();
+        if resumed > 0 {
+            tracing::debug!(%sku, buyers = resumed, of = buyers.len(), "judging only the new orders of buyers marked by their placements");
+        }
+        self.count_judged(&sku, "new_orders", resumed);
+        self.count_judged(&sku, "all", buyers.len() - resumed);
+        // Oldest first across the buyers' queues, read a page at a time as batches are cut; a first
+        // page read from the new orders on is left out where the whole queue is judged after all.
+        let pages = first.into_iter().zip(from.iter().zip(&starts)).map(|(p, (f, s))| (f == s).then_some(p)).collect();
+        let mut queue = Queues::new(&sku, buyers.clone(), &starts, last);
+        queue.fill_first(pages);
+        let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation, left_waiting: Vec::new() };
         let mut backlogged = self.evaluate_in_batches(ctx, lease, &mut queue, &mut stage).await?;
         // A buyer's order left waiting before a later order of theirs took quota in this round was
         // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
-        // may name the wrong order to queue behind). Their waiting orders are judged once more, from
-        // a fresh evaluation, so the round ends where a new look would (rare: a waiting order with a
-        // fixable reason followed by one of the same buyer that goes through).
-        let stale = stage.evaluation.stale_buyers();
-        if !stale.is_empty() {
+        // may name the wrong order to queue behind). So is a buyer whose new order would have been
+        // served, asked only to be judged. Their waiting orders are judged once more, from a fresh
+        // evaluation, so the round ends where a new look would (rare: a waiting order with a fixable
+        // reason followed by one of the same buyer that goes through). See [`MAX_REJUDGE_PASSES`].
+        let mut stale = stage.evaluation.stale_buyers();
+        let mut rejudged: HashSet<String> = HashSet::new();
+        for _ in 0..MAX_REJUDGE_PASSES {
+            if stale.is_empty() {
+                break;
+            }
             tracing::debug!(%sku, buyers = stale.len(), "judging waiting orders again after later ones took quota");
+            // Where their orders stood no longer holds once they are judged again: gone first, so a
+            // round cut short leaves the next one to judge them all.
+            self.forget_standings(lease, &stale).await?;
+            self.count_judged(&sku, "again", stale.len());
+            rejudged.extend(stale.iter().cloned());
             // Their queues as they stand now: the orders still waiting, up to the same placement.
-            let mut again = Queues::new(&sku, stale, last);
+            let mut again = Queues::new(&sku, stale.clone(), &vec![None; stale.len()], last);
             // Anything that goes through now joins the backlog behind what waits there already.
             let mut fresh = Evaluating {
                 causes: &causes,
@@ -467,12 +514,69 @@ impl Orders {
             };
             backlogged.extend(self.evaluate_in_batches(ctx, lease, &mut again, &mut fresh).await?);
             stage.left_waiting.extend(fresh.left_waiting);
+            stale = fresh.evaluation.stale_buyers();
         }
         let unsettled = self.leave_snapshots_taken_meanwhile(lease, &unsettled, &stage.left_waiting).await?;
         if !unsettled.is_empty() {
             self.settle_waves(&sku, &unsettled).await?;
         }
+        // Where the buyers' orders stand now, for the next round marked only by their placements.
+        let standing: Vec<(String, u64, Option<Standing>, Standing)> = buyers
+            .iter()
+            .zip(standing_keys)
+            .zip(standings)
+            .filter(|((b, _), _)| !rejudged.contains(*b))
+            .map(|((b, key), read)| {
+                let (version, old) = read.map_or((0, None), |(v, st)| (v, Some(st)));
+                (key, version, old, stage.evaluation.standing(b))
+            })
+            .collect();
+        self.keep_standings(lease, standing).await?;
         Ok(backlogged)
+    }
+
+    /// Writes where buyers' orders stand now (key, version read, as read, as now), each unless
+    /// unchanged. A standing written or dropped since it was read (a bulk load of the buyer's
+    /// orders) fails its write: those are dropped instead, for the next round to judge them all.
+    async fn keep_standings(
+        &self,
+        lease: &Lease,
+        standings: Vec<(String, u64, Option<Standing>, Standing)>,
+    ) -> Result<(), Error> {
+        let changed: Vec<_> = standings.into_iter().filter(|(_, _, old, new)| old.as_ref() != Some(new)).collect();
+        for chunk in changed.chunks(STANDINGS_CHUNK) {
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            for (key, version, _, new) in chunk {
+                t.replace(key.clone(), *version, new.encode_to_vec());
+            }
+            match self.store().commit(&t).await {
+                Ok(_) => {}
+                Err(CommitError::Conflict { .. }) => {
+                    let mut t = Txn::new();
+                    t.expect_lease(keys::lease(&lease.sku), lease.token);
+                    for (key, ..) in chunk {
+                        t.delete(key.clone());
+                    }
+                    self.store().commit(&t).await.map_err(commit_error)?;
+                }
+                Err(e) => return Err(commit_error(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops where `buyers`' orders stood: the next round judges all of them.
+    async fn forget_standings(&self, lease: &Lease, buyers: &[String]) -> Result<(), Error> {
+        for chunk in buyers.chunks(STANDINGS_CHUNK) {
+            let mut t = Txn::new();
+            t.expect_lease(keys::lease(&lease.sku), lease.token);
+            for b in chunk {
+                t.delete(keys::standing(&lease.sku, &BuyerId::from_trusted(b.as_str())));
+            }
+            self.store().commit(&t).await.map_err(commit_error)?;
+        }
+        Ok(())
     }
 
     /// The product's unsettled waves now, after taking `left` (orders this round took out of waiting)
@@ -983,6 +1087,12 @@ impl Orders {
                 t.expect_lease(keys::lease(&sku), lease.token);
                 for m in &moves {
                     book::write(&mut t, &mut events, versions[m.index], Some(&m.before), &m.order);
+                }
+                // Orders back to waiting that no standing knows of: their buyers' next round judges
+                // all their orders.
+                let buyers: HashSet<&str> = moves.iter().map(|m| m.order.buyer_id.as_str()).collect();
+                for b in buyers {
+                    t.delete(keys::standing(&sku, &BuyerId::from_trusted(b)));
                 }
                 events.flush(&mut t);
                 match self.store().commit(&t).await {

@@ -211,6 +211,7 @@ async fn every_licensing_rpc_answers_over_grpc() {
             units,
             justification: justification.into(),
             queued_behind: String::new(),
+            judge_only: false,
         }],
         fence_token: 0,
     };
