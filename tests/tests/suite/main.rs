@@ -30,6 +30,7 @@ mod lifecycle;
 mod metrics;
 mod mtls;
 mod partitions;
+mod placements;
 mod propagation;
 mod python_client;
 mod stalls;
