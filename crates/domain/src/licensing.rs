@@ -793,6 +793,17 @@ impl<'a> QuotaPlanner<'a> {
     /// it can never be served by the buyer's licences, in which case it is refused as rejectable like
     /// any other: waiting can't help it.
     pub fn plan(&mut self, order_id: &str, ask: &Ask<'_>) -> Planned {
+        self.decide(order_id, ask, true)
+    }
+
+    /// Decides one ask as [`plan`](Self::plan) does but takes nothing: an ask that would be served
+    /// is answered [`Planned::Servable`] (and, taking nothing, holds up none of the buyer's later asks).
+    pub fn judge(&mut self, order_id: &str, ask: &Ask<'_>) -> Planned {
+        self.decide(order_id, ask, false)
+    }
+
+    /// [`plan`](Self::plan) when `take`, [`judge`](Self::judge) otherwise.
+    fn decide(&mut self, order_id: &str, ask: &Ask<'_>, take: bool) -> Planned {
         let domestic = self.domestic.get(ask.buyer_id).copied().unwrap_or(0);
         let list = self.licences.entry(ask.buyer_id.to_string()).or_default();
         let refs: Vec<&LicenseRecord> = list.iter().collect();
@@ -813,6 +824,7 @@ impl<'a> QuotaPlanner<'a> {
             };
         }
         match verdict {
+            Verdict::Eligible(_) if !take => Planned::Servable,
             Verdict::Eligible(i) => {
                 let lic = &mut list[i];
                 lic.used += ask.units;
@@ -827,21 +839,6 @@ impl<'a> QuotaPlanner<'a> {
                 Planned::Refused { failures, rejectable }
             }
         }
-    }
-
-    /// Decides one ask as [`plan`](Self::plan) does but takes nothing: an ask that would be served
-    /// is answered [`Planned::Servable`] (and, taking nothing, holds up none of the buyer's later asks).
-    pub fn judge(&mut self, order_id: &str, ask: &Ask<'_>) -> Planned {
-        let list = self.licences.get(ask.buyer_id).map(Vec::as_slice).unwrap_or_default();
-        let refs: Vec<&LicenseRecord> = list.iter().collect();
-        let domestic = self.domestic.get(ask.buyer_id).copied().unwrap_or(0);
-        if !self.blocked.contains_key(ask.buyer_id)
-            && let Verdict::Eligible(_) = evaluate(&refs, ask, domestic, self.gate, self.now_ms)
-        {
-            return Planned::Servable;
-        }
-        // Refused (or queued behind an earlier order): exactly as a plan refuses it.
-        self.plan(order_id, ask)
     }
 
     /// The licences whose quota changed, to write back.
