@@ -198,6 +198,13 @@ pub fn unsettled_waves(sku: &Sku) -> String {
     part(sku).key(["unsettled-waves"])
 }
 
+/// A record whose version moves each time a wave's snapshot of a product starts (an empty body):
+/// a commit that takes orders out of waiting is guarded on the version it read with the unsettled
+/// waves, so it can't miss a snapshot started in between (see [`crate::waves::Unsettled`]).
+pub fn waves_epoch(sku: &Sku) -> String {
+    part(sku).key(["waves-epoch"])
+}
+
 /// How many of a product's archive segments are committed (their orders removed from Redis).
 pub fn archive_cursor(sku: &Sku) -> String {
     part(sku).key(["archive"])

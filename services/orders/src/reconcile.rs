@@ -65,8 +65,9 @@ const MAX_LINKS: usize = 16;
 struct Evaluating<'a> {
     /// Why each buyer's orders are being looked at.
     causes: &'a HashMap<String, Vec<Cause>>,
-    /// Waves whose snapshot of this product may still hold orders (each evaluated order leaves them).
-    unsettled: &'a [WaveId],
+    /// Waves whose snapshot of this product may still hold orders (each evaluated order leaves them),
+    /// read again when a commit finds that another snapshot started since.
+    unsettled: crate::waves::Unsettled,
     /// The decisions' state across batches (who waits for quota, whether stock may be taken at once).
     evaluation: Evaluation,
     /// Orders the committed batches took out of waiting ([`Orders::leave_snapshots_taken_meanwhile`]).
@@ -447,7 +448,7 @@ impl Orders {
             crate::queues::first_pages(self, &sku, &buyers, &from),
             // Orders placed after this are the next round's (their placements marked it).
             async { self.store().incr(&keys::seq(&sku), 0).await.map_err(Error::from) },
-            self.unsettled_waves(&sku),
+            self.unsettled(&sku),
             async { self.store().zcard(&keys::backlog(&sku)).await.map_err(Error::from) },
             self.allocation_policy(&sku),
             async { self.load_many::<Standing>(&standing_keys).await },
@@ -483,7 +484,7 @@ impl Orders {
         let pages = first.into_iter().zip(from.iter().zip(&starts)).map(|(p, (f, s))| (f == s).then_some(p)).collect();
         let mut queue = Queues::new(&sku, buyers.clone(), &starts, last);
         queue.fill_first(pages);
-        let mut stage = Evaluating { causes: &causes, unsettled: &unsettled, evaluation, left_waiting: Vec::new() };
+        let mut stage = Evaluating { causes: &causes, unsettled, evaluation, left_waiting: Vec::new() };
         let mut backlogged = self.evaluate_in_batches(ctx, lease, &mut queue, &mut stage).await?;
         // A buyer's order left waiting before a later order of theirs took quota in this round was
         // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
@@ -508,15 +509,17 @@ impl Orders {
             // Anything that goes through now joins the backlog behind what waits there already.
             let mut fresh = Evaluating {
                 causes: &causes,
-                unsettled: &unsettled,
+                unsettled: stage.unsettled.clone(),
                 evaluation: Evaluation::new(false),
                 left_waiting: Vec::new(),
             };
             backlogged.extend(self.evaluate_in_batches(ctx, lease, &mut again, &mut fresh).await?);
             stage.left_waiting.extend(fresh.left_waiting);
+            stage.unsettled = fresh.unsettled;
             stale = fresh.evaluation.stale_buyers();
         }
-        let unsettled = self.leave_snapshots_taken_meanwhile(lease, &unsettled, &stage.left_waiting).await?;
+        let unsettled =
+            self.leave_snapshots_taken_meanwhile(lease, &stage.unsettled.waves, &stage.left_waiting).await?;
         if !unsettled.is_empty() {
             self.settle_waves(&sku, &unsettled).await?;
         }
@@ -588,6 +591,11 @@ impl Orders {
     /// out, and the wave would never settle (its progress stuck short of every order evaluated).
     /// Orders the round left waiting stay in the snapshot: the publication's marks bring them to the
     /// next round, which knows the wave.
+    ///
+    /// The round's commits are now guarded on the product's waves epoch ([`crate::waves::Unsettled`]),
+    /// so none lands without knowing a snapshot started before it, and this finds nothing to do. It
+    /// stays for snapshots started by a replica of the previous version during a rollout (their
+    /// first step does not move the epoch); it costs one read per round.
     async fn leave_snapshots_taken_meanwhile(
         &self,
         lease: &Lease,
@@ -779,6 +787,9 @@ impl Orders {
             return Ok(batch.decided.plan.backlogged.into_iter().collect());
         }
         stage.evaluation = batch.before;
+        // Lost to a change of one of its orders, or to a wave's snapshot started since the waves
+        // were read: redone knowing the waves as they are now.
+        stage.unsettled = self.unsettled(&lease.sku).await?;
         self.evaluate_batch(ctx, lease, &batch.decided.keys, stage).await
     }
 
@@ -800,6 +811,7 @@ impl Orders {
                 stage.landed(&d.plan);
                 return Ok(d.plan.backlogged.into_iter().collect());
             }
+            stage.unsettled = self.unsettled(&lease.sku).await?;
         }
         Err(Error::Contention { attempts: BATCH_ATTEMPTS })
     }
@@ -857,7 +869,7 @@ impl Orders {
         for m in &plan.moves {
             book::write(&mut txn, &mut events, versions[m.index], Some(&m.before), &m.order);
         }
-        crate::waves::evaluated(&mut txn, &lease.sku, stage.unsettled, evaluated, now);
+        stage.unsettled.leave(&mut txn, &lease.sku, evaluated, now);
         events.flush(&mut txn);
         tracing::debug!(
             orders = batch,

@@ -106,6 +106,37 @@ impl WaveMeta {
     }
 }
 
+/// The waves whose snapshot of a product may still hold orders, as read together with the version
+/// of the product's [`keys::waves_epoch`], which every snapshot's first step moves.
+///
+/// An order that stops waiting must leave every snapshot that holds it, in the same commit. A
+/// snapshot started after the waves were read holds it too (it still waited when its queue was
+/// copied), so a commit that takes orders out of waiting is guarded on the epoch
+/// ([`Unsettled::leave`]): it conflicts when a snapshot started since, and is redone from a fresh
+/// read. Before, the round (or cancel) left such snapshots in a second step after its commits, and
+/// a replica killed between the two, or a round cut short by an error, left the order in the
+/// snapshot for good: the wave never settled.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Unsettled {
+    /// The epoch's version when the waves were read (0: no snapshot of the product ever started).
+    pub epoch: u64,
+    /// The waves.
+    pub waves: Vec<WaveId>,
+}
+
+impl Unsettled {
+    /// Adds to `t` that the orders `ids` of `sku` were evaluated (or stopped waiting) at `now_ms`:
+    /// they leave the snapshots of these waves, and the commit fails if another snapshot started
+    /// since they were read.
+    pub(crate) fn leave(&self, t: &mut Txn, sku: &Sku, ids: Vec<String>, now_ms: u64) {
+        if ids.is_empty() {
+            return;
+        }
+        t.expect_version(keys::waves_epoch(sku), self.epoch);
+        evaluated(t, sku, &self.waves, ids, now_ms);
+    }
+}
+
 /// Adds to `t` what it means for the orders `ids` of product `sku` to have been evaluated (or to
 /// have stopped waiting) now: they leave the snapshot of every wave still unsettled for the product.
 pub(crate) fn evaluated(t: &mut Txn, sku: &Sku, unsettled: &[WaveId], ids: Vec<String>, now_ms: u64) {
@@ -131,6 +162,16 @@ impl Orders {
     pub(crate) async fn unsettled_waves(&self, sku: &Sku) -> Result<Vec<WaveId>, Error> {
         // Wave ids this service stored from licensing's events.
         Ok(self.store().smembers(&keys::unsettled_waves(sku)).await?.into_iter().map(WaveId::from_trusted).collect())
+    }
+
+    /// The product's unsettled waves with the epoch they were read at: the epoch first, so a
+    /// snapshot started between the two reads is among the waves or moves the epoch past the one
+    /// read (a guarded commit then conflicts).
+    pub(crate) async fn unsettled(&self, sku: &Sku) -> Result<Unsettled, Error> {
+        let epoch =
+            self.store().get(&[keys::waves_epoch(sku)]).await?.into_iter().flatten().next().map_or(0, |r| r.version);
+        let waves = self.unsettled_waves(sku).await?;
+        Ok(Unsettled { epoch, waves })
     }
 
     /// Clears `sku`'s unsettled marks of the waves among `waves` whose snapshot for it is empty.
@@ -168,12 +209,12 @@ impl Orders {
     }
 
     /// An order of `o.sku` that stops waiting outside a reconciliation round (a cancel): it leaves the
-    /// snapshots of the product's unsettled waves in `t`.
+    /// snapshots of the product's unsettled waves in `t`, which conflicts if another snapshot starts
+    /// before it commits ([`Unsettled`]).
     pub(crate) async fn left_waiting(&self, t: &mut Txn, old: &OrderRecord, new: &OrderRecord) -> Result<(), Error> {
         if old.status().is_waiting() && !new.status().is_waiting() {
             let sku = new.typed_sku();
-            let unsettled = self.unsettled_waves(&sku).await?;
-            evaluated(t, &sku, &unsettled, vec![new.id.clone()], now_ms());
+            self.unsettled(&sku).await?.leave(t, &sku, vec![new.id.clone()], now_ms());
         }
         Ok(())
     }
@@ -248,8 +289,8 @@ impl Orders {
     ///
     /// Orders a round evaluates meanwhile are handled as for a snapshot taken in one step: a round
     /// that knows the wave takes them out of it (if already copied), or they are no longer in their
-    /// queue when their step copies it; a round that started earlier leaves, at its end, the
-    /// snapshots taken while it ran ([`Orders::leave_snapshots_taken_meanwhile`]). While a
+    /// queue when their step copies it; a round that started earlier finds its next commit in
+    /// conflict with the first step and redoes it knowing the wave ([`Unsettled`]). While a
     /// snapshot is being taken its `concerned` figure grows step by step.
     async fn take_snapshot(&self, wave_id: &WaveId, sku: &Sku, buyers: &[&str]) -> Result<(), Error> {
         let done = keys::wave_snapshot_taken(wave_id, sku);
@@ -268,6 +309,9 @@ impl Orders {
         t.zadd(pending.clone(), TAKING, 0.0);
         t.hincr(tally.clone(), CONCERNED, 0);
         t.sadd(keys::unsettled_waves(sku), wave_id);
+        // Commits that take orders out of waiting, decided before this, now conflict and are redone
+        // knowing the wave (their orders may be copied into its snapshot from here on).
+        t.put(keys::waves_epoch(sku), Vec::new());
         if !commit(t).await? {
             return Ok(());
         }
@@ -543,6 +587,54 @@ mod tests {
         let taken = store.zrange(&keys::wave_pending(&later, &sku), 0, -1, false).await.unwrap();
         assert_eq!(taken.len(), 25_001, "every waiting order up to the counter, none placed after it");
         assert!(taken.iter().all(|(m, _)| m != "ord-H200-99999"));
+        shutdown.trigger();
+    }
+
+    /// A commit that takes an order out of waiting, decided from the waves read before a snapshot
+    /// started (the snapshot copied the order, still waiting), conflicts instead of landing and
+    /// leaving the order in the snapshot for good; decided again from a fresh read, it leaves it,
+    /// and the wave settles. A snapshot of another product moves nothing here.
+    #[tokio::test]
+    async fn leaving_waiting_conflicts_with_a_snapshot_started_since_the_waves_were_read() {
+        let store = chipgate_state::Store::memory();
+        let (svc, shutdown) = crate::test_service(store.clone(), crate::Options::default());
+        let (sku, other, wave) = (Sku::from_trusted("H200"), Sku::from_trusted("H20"), WaveId::from_trusted("wave-1"));
+        let mut t = Txn::new();
+        t.zadd(keys::awaiting(&sku, &BuyerId::from_trusted("alibaba")), "ord-H200-1", 1.0);
+        store.commit(&t).await.unwrap();
+        store.incr(&keys::seq(&sku), 1).await.unwrap();
+
+        // A round reads the waves (none yet), then decides to reserve ord-H200-1.
+        let read = svc.unsettled(&sku).await.unwrap();
+        assert!(read.waves.is_empty());
+        let decided = |u: &Unsettled| {
+            let mut t = Txn::new();
+            t.hset(keys::dirty(&sku), "moved", b"1".to_vec());
+            u.leave(&mut t, &sku, vec!["ord-H200-1".to_string()], 7);
+            t
+        };
+        // Another product's snapshot in between changes nothing for this one.
+        svc.take_snapshot(&wave, &other, &["alibaba"]).await.unwrap();
+        store.commit(&decided(&read)).await.expect("another product's wave: no conflict");
+        // The wave's snapshot of this product starts and copies the order, still waiting.
+        svc.take_snapshot(&wave, &sku, &["alibaba"]).await.unwrap();
+        let pending = keys::wave_pending(&wave, &sku);
+        assert_eq!(store.zcard(&pending).await.unwrap(), 1);
+        let lost = store.commit(&decided(&read)).await;
+        assert!(matches!(lost, Err(CommitError::Conflict { .. })), "decided before the snapshot: {lost:?}");
+        // Redone from a fresh read: the order leaves the snapshot in the same commit, and the wave
+        // settles.
+        let now = svc.unsettled(&sku).await.unwrap();
+        assert_eq!(now.waves, vec![wave.clone()]);
+        assert!(now.epoch > read.epoch);
+        store.commit(&decided(&now)).await.expect("knowing the wave");
+        assert_eq!(store.zcard(&pending).await.unwrap(), 0);
+        svc.settle_waves(&sku, &now.waves).await.unwrap();
+        assert!(svc.unsettled_waves(&sku).await.unwrap().is_empty(), "settled");
+        // Nothing left waiting: no guard, no conflict whatever started meanwhile.
+        let mut t = Txn::new();
+        read.leave(&mut t, &sku, Vec::new(), 9);
+        assert!(t.is_empty());
         shutdown.trigger();
     }
 

@@ -301,22 +301,60 @@ pub async fn settled(
     licensing_world(&m, &auditor, &snap, now, &mut v).await;
     orders_world(&m, &snap, now, &mut v);
     holds(&auditor, &snap, &mut v).await;
-    waves_settled(&m, &auditor, &mut v).await;
+    waves_settled(&m, &auditor, store, &snap, &mut v).await;
     audit(ctx, &auditor, &mut v).await;
     (v, snap)
 }
 
 /// Every published wave has settled: each order its snapshots concern (taken in steps while the
 /// parties placed, cancelled and published) was evaluated, and the wave says when.
-async fn waves_settled(m: &Model, auditor: &Party, v: &mut Vec<String>) {
+async fn waves_settled(
+    m: &Model,
+    auditor: &Party,
+    store: &chipgate_state::Store,
+    snap: &Snapshot,
+    v: &mut Vec<String>,
+) {
     let mut ord = auditor.ord(0);
     for w in m.waves.values().filter(|w| w.published) {
         let msg = opb::GetWaveProgressRequest { wave_id: w.id.clone() };
         let p = ord.get_wave_progress(msg).await.expect("GetWaveProgress").into_inner().progress.unwrap_or_default();
         if !p.observed || p.settle_time.is_none() || p.orders_evaluated != p.orders_concerned {
-            v.push(format!("wave {} has not settled although the cluster has: {p:?}", w.id));
+            let left = still_in_snapshot(store, snap, &w.id).await;
+            v.push(format!(
+                "wave {} has not settled although the cluster has: {p:?}; still in its snapshots: {left}",
+                w.id
+            ));
         }
     }
+}
+
+/// The orders still in wave `wave`'s snapshots, each with its state and buyer as read back (what a
+/// report needs to tell why the wave did not settle).
+async fn still_in_snapshot(store: &chipgate_state::Store, snap: &Snapshot, wave: &str) -> String {
+    use chipgate_state::Backend;
+    let wave_id = chipgate_domain::ids::WaveId::from_trusted(wave);
+    let mut out = Vec::new();
+    for sku in crate::world::PRODUCTS {
+        let key = chipgate_orders::keys::wave_pending(&wave_id, &chipgate_domain::ids::Sku::from_trusted(sku));
+        let members = store.zrange(&key, 0, -1, false).await.unwrap_or_default();
+        for (id, seq) in members {
+            let found = snap.orders.iter().find(|o| o.order_id == id);
+            let state = found.map_or("?".to_string(), |o| {
+                let moves: Vec<String> = o
+                    .history
+                    .iter()
+                    .map(|t| {
+                        let ms = t.time.as_ref().map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
+                        format!("{:?}->{:?} at {ms} ({:?})", t.from_state(), t.to_state(), t.cause)
+                    })
+                    .collect();
+                format!("{:?} of {}, wave {:?}, moves [{}]", o.state(), o.buyer_id, o.wave_id, moves.join("; "))
+            });
+            out.push(format!("{sku} {id} (seq {seq}): {state}"));
+        }
+    }
+    out.join(", ")
 }
 
 /// The licensing world is what the acknowledged calls made it.
