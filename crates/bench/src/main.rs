@@ -91,6 +91,10 @@ pub struct Args {
     /// How the wave parts' waiting orders are put in place before the wave.
     #[arg(long, value_enum, default_value = "bulk")]
     pub seed: Seed,
+    /// Run the wave parts and the naive baseline with authentication off (to see what it costs;
+    /// by default they run with it on, as operators do; *place* measures both every run).
+    #[arg(long)]
+    pub no_auth: bool,
 }
 
 /// How the wave parts' waiting orders come to wait.

@@ -9,6 +9,7 @@ use chipgate_proto::inventory::v1 as ipb;
 use chipgate_proto::inventory::v1::inventory_service_client::InventoryServiceClient;
 use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
+use chipgate_runtime::auth::{Role, TokenSource, with_token};
 use chipgate_state::{Backend, Txn};
 use chipgate_testkit::{Cluster, ClusterOptions};
 
@@ -35,10 +36,14 @@ impl NaiveResult {
 
 /// Runs the naive baseline (licensing and inventory only; this loop plays the orders service).
 pub async fn run(args: &Args) -> NaiveResult {
-    // Without authentication, like the other parts' load loops (BENCHMARKS.md compares the figures).
-    let cluster =
-        Cluster::start_with(ClusterOptions { orders_in_process: false, auth: false, ..ClusterOptions::default() })
-            .await;
+    // Authentication as the wave runs (on unless --no-auth): this loop calls licensing and inventory
+    // with the orders service's token, as the orders service does.
+    let options = ClusterOptions { orders_in_process: false, auth: !args.no_auth, ..ClusterOptions::default() };
+    let cluster = Cluster::start_with(options).await;
+    let service = || match cluster.signer {
+        Some(_) => TokenSource::Static(cluster.token(Role::Service)),
+        None => TokenSource::None,
+    };
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     license_everyone(&cluster, buyers, products, Some(1_000_000_000)).await;
@@ -55,8 +60,8 @@ pub async fn run(args: &Args) -> NaiveResult {
     let started = Instant::now();
     let mut tasks = Vec::new();
     for t in 0..args.in_flight.max(1) {
-        let mut lic = LicensingServiceClient::new(lic_ch[t % lic_ch.len()].clone());
-        let mut inv = InventoryServiceClient::new(inv_ch[t % inv_ch.len()].clone());
+        let mut lic = LicensingServiceClient::new(with_token(lic_ch[t % lic_ch.len()].clone(), service()));
+        let mut inv = InventoryServiceClient::new(with_token(inv_ch[t % inv_ch.len()].clone(), service()));
         let store = cluster.store.clone();
         let next = next.clone();
         let errors = errors.clone();

@@ -137,6 +137,29 @@ pub fn request(task: usize, n: u64, buyers: usize, products: usize, in_flight: u
     }
 }
 
+/// The `authorization` header of each of the first `buyers` buyers ([`buyer`]), minted once before
+/// the load as a client caches its token; None each when the cluster runs without authentication.
+pub fn buyer_tokens(cluster: &Cluster, buyers: usize) -> std::sync::Arc<Vec<Option<MetadataValue<Ascii>>>> {
+    std::sync::Arc::new(
+        (0..buyers)
+            .map(|b| {
+                cluster.signer.is_some().then(|| {
+                    format!("Bearer {}", cluster.buyer_token(&buyer(b))).parse().expect("a token is a header value")
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `msg` as a call of buyer `b`, with its token from `tokens` ([`buyer_tokens`]) when there is one.
+pub fn as_buyer<T>(tokens: &[Option<MetadataValue<Ascii>>], b: usize, msg: T) -> tonic::Request<T> {
+    let mut call = tonic::Request::new(msg);
+    if let Some(Some(t)) = tokens.get(b) {
+        call.metadata_mut().insert("authorization", t.clone());
+    }
+    call
+}
+
 /// Results of the placement benchmark.
 pub struct PlaceResult {
     /// The load.
@@ -160,15 +183,7 @@ pub async fn run(args: &Args, backend: BackendKind, auth: bool) -> PlaceResult {
     for (i, sku) in SKUS[..products].iter().enumerate() {
         supply(&cluster, sku, 1_000_000_000, i).await;
     }
-    let tokens: std::sync::Arc<Vec<Option<MetadataValue<Ascii>>>> = std::sync::Arc::new(
-        (0..buyers)
-            .map(|b| {
-                auth.then(|| {
-                    format!("Bearer {}", cluster.buyer_token(&buyer(b))).parse().expect("a token is a header value")
-                })
-            })
-            .collect(),
-    );
+    let tokens = buyer_tokens(&cluster, buyers);
     let url = cluster.orders.as_ref().expect("orders in process").url();
     let channels = load::connections(&url, args.connections).await;
     let not_reserved = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -181,10 +196,7 @@ pub async fn run(args: &Args, backend: BackendKind, auth: bool) -> PlaceResult {
         let tokens = tokens.clone();
         async move {
             let req = request(task, n, buyers, products, in_flight);
-            let mut call = tonic::Request::new(req);
-            if let Some(Some(t)) = tokens.get((task + n as usize * in_flight) % buyers) {
-                call.metadata_mut().insert("authorization", t.clone());
-            }
+            let call = as_buyer(&tokens, (task + n as usize * in_flight) % buyers, req);
             match OrderServiceClient::new(ch).place_order(call).await {
                 Ok(r) => {
                     if r.into_inner().order.is_none_or(|o| o.state() != opb::OrderState::Reserved) {

@@ -158,7 +158,9 @@ pub fn print(r: &Results) {
         cpu_rows("place, cluster", &p.cpu, l.ok);
     }
     if let Some(w) = &r.wave {
-        row("wave orders", format!("{}", w.orders), &format!("{} reserved, {} backordered", w.reserved, w.backordered));
+        let auth = if w.auth { "authentication on" } else { "authentication off (--no-auth)" };
+        let note = format!("{} reserved, {} backordered; {auth}", w.reserved, w.backordered);
+        row("wave orders", format!("{}", w.orders), &note);
         row(
             "wave time (s)",
             format!("{:.2}", w.elapsed.as_secs_f64()),
@@ -324,7 +326,7 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "first_move_ms": w.first_move.as_secs_f64() * 1000.0,
             "reserved": w.reserved, "backordered": w.backordered,
             "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
-            "quota_check": w.quota_check, "progress_settled": w.progress_settled,
+            "quota_check": w.quota_check, "progress_settled": w.progress_settled, "auth": w.auth,
             "over_redis_ceiling": r.redis.as_ref().map(|x| w.rate() / x.scripts_per_sec.max(1e-9)),
         })),
         "wave_pro_rata": r.wave_pro_rata.as_ref().map(|w| json!({

@@ -65,6 +65,8 @@ pub struct WaveResult {
     pub alongside_not_reserved: u64,
     /// Redis memory by key family once settled: family, keys, bytes (with `--memory-breakdown`).
     pub memory: Vec<(String, u64, u64)>,
+    /// Whether the cluster ran with authentication on (`--no-auth` turns it off).
+    pub auth: bool,
 }
 
 impl WaveResult {
@@ -91,14 +93,16 @@ const ALONGSIDE_BUYERS: usize = 8;
 /// (and a product the wave doesn't touch), licensed buyers of another product keep placing orders
 /// while the wave settles, and their latency is measured.
 pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: BackendKind, alongside: bool) -> WaveResult {
-    // Load loops send no tokens: measured without authentication (BENCHMARKS.md).
+    // With authentication on (unless --no-auth), as operators run it: orders calls licensing and
+    // inventory with its service token, and the placements (seed and alongside) carry their buyers'
+    // tokens.
     let defaults = ClusterOptions::default();
     let orders = chipgate_orders::Options {
         chunk: args.batch_size.max(1),
         shared_chunk: args.shared_batch_size,
         ..defaults.orders.clone()
     };
-    let cluster = Cluster::start_with(ClusterOptions { auth: false, backend, orders, ..defaults }).await;
+    let cluster = Cluster::start_with(ClusterOptions { auth: !args.no_auth, backend, orders, ..defaults }).await;
     let products = args.products.clamp(1, SKUS.len());
     let buyers = args.buyers.max(1);
     let apps = license_everyone(&cluster, buyers, products, None).await;
@@ -171,11 +175,12 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
         Some(_) => load::connections(&cluster.orders.as_ref().expect("orders in process").url(), 1).await,
         None => Vec::new(),
     };
+    let tokens = crate::place::buyer_tokens(&cluster, ALONGSIDE_BUYERS);
     let cpu = CpuMeter::start(&cluster).await;
     let started = Instant::now();
     if let Some(sku) = other {
         for task in 0..ALONGSIDE_BUYERS {
-            let (ch, stop, nr) = (channels[0].clone(), stop.clone(), not_reserved.clone());
+            let (ch, stop, nr, tokens) = (channels[0].clone(), stop.clone(), not_reserved.clone(), tokens.clone());
             placing.push(tokio::spawn(async move {
                 let mut client = opb::order_service_client::OrderServiceClient::new(ch);
                 let mut h = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
@@ -191,7 +196,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
                         justification: "benchmark".into(),
                     };
                     n += 1;
-                    match client.place_order(req).await {
+                    match client.place_order(crate::place::as_buyer(&tokens, task, req)).await {
                         Ok(r) => {
                             let _ = h.record(began.elapsed().as_micros().max(1) as u64);
                             if r.into_inner().order.is_none_or(|o| o.state() != opb::OrderState::Reserved) {
@@ -341,6 +346,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
         alongside,
         alongside_not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed),
         memory,
+        auth: !args.no_auth,
     }
 }
 
@@ -407,13 +413,16 @@ async fn place_waiting(cluster: &Cluster, args: &Args, pb: &indicatif::ProgressB
     let (n, buyers, products) = (args.orders, args.buyers.max(1), args.products.clamp(1, SKUS.len()));
     let in_flight = args.in_flight.max(1);
     let placed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let tokens = crate::place::buyer_tokens(cluster, buyers);
     let tasks: Vec<_> = (0..in_flight)
         .map(|t| {
             let mut client = opb::order_service_client::OrderServiceClient::new(channels[t % channels.len()].clone());
-            let placed = placed.clone();
+            let (placed, tokens) = (placed.clone(), tokens.clone());
             tokio::spawn(async move {
                 for i in (t..n).step_by(in_flight) {
                     let (buyer_id, p) = seed_order(i, buyers, products);
+                    // The buyer `seed_order` names (its token).
+                    let b = i % buyers;
                     let req = opb::PlaceOrderRequest {
                         request_id: format!("seed-{i}"),
                         buyer_id,
@@ -421,7 +430,8 @@ async fn place_waiting(cluster: &Cluster, args: &Args, pb: &indicatif::ProgressB
                         units: UNITS,
                         justification: "benchmark".into(),
                     };
-                    let order = client.place_order(req).await.expect("seed placement").into_inner().order;
+                    let call = crate::place::as_buyer(&tokens, b, req);
+                    let order = client.place_order(call).await.expect("seed placement").into_inner().order;
                     let state = order.map(|o| o.state());
                     assert_eq!(state, Some(opb::OrderState::AwaitingLicense), "seed order {i} must wait for a licence");
                     placed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
