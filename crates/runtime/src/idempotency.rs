@@ -91,11 +91,10 @@ impl Idempotency {
         let key = self.key_in(partition, method, request_id);
         let rec = store.get(std::slice::from_ref(&key)).await.map_err(|e| errors::from_state(request_id, &e))?;
         let Some(rec) = rec.into_iter().next().flatten() else { return Ok(None) };
-        if rec.data.len() < 64 {
+        let Some((same, body)) = stored(&rec.data, fingerprint) else {
             return Err(errors::internal(request_id, format!("idempotency record {key} is truncated")));
-        }
-        let (stored_fp, body) = rec.data.split_at(64);
-        if stored_fp != fingerprint.as_bytes() {
+        };
+        if !same {
             return Err(errors::invalid_argument(
                 "request_id",
                 format!(
@@ -118,11 +117,53 @@ impl Idempotency {
         answer: &R,
     ) {
         let key = self.key_in(partition, method, request_id);
-        let mut data = Vec::with_capacity(64 + answer.encoded_len());
-        data.extend_from_slice(fingerprint.as_bytes());
+        let mut data = Vec::with_capacity(1 + FP_BYTES + answer.encoded_len());
+        match compact(fingerprint) {
+            Some(fp) => {
+                data.push(COMPACT);
+                data.extend_from_slice(&fp);
+            }
+            // Not a hex fingerprint (never from [`fingerprint`]): kept whole, as records were.
+            None => data.extend_from_slice(fingerprint.as_bytes()),
+        }
         answer.encode(&mut data).unwrap_or_default();
         txn.replace_with_ttl(key, 0, data, self.ttl);
     }
+}
+
+/// First byte of a compact record; a record written before them starts with its fingerprint's hex
+/// text, never a zero byte.
+const COMPACT: u8 = 0;
+/// Bytes of the fingerprint a compact record keeps: the first 128 bits of the SHA-256. They only
+/// tell a retry (the same request) from a different request under the same id, which an honest
+/// client can't hit by chance and a dishonest one could only do to its own request ids.
+const FP_BYTES: usize = 16;
+/// Bytes of a fingerprint in the records written before compact ones (its hex text).
+const FP_HEX: usize = 64;
+
+/// The first [`FP_BYTES`] of a hex fingerprint (None when it is not hex).
+fn compact(fingerprint: &str) -> Option<[u8; FP_BYTES]> {
+    let hex = fingerprint.as_bytes().get(..FP_BYTES * 2)?;
+    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    let mut out = [0u8; FP_BYTES];
+    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
+        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
+/// Whether a stored record was written for the request of `fingerprint`, and its answer's bytes:
+/// compact records (a [`COMPACT`] byte, [`FP_BYTES`] of the fingerprint) and those written before
+/// them (the fingerprint's [`FP_HEX`] hex characters), which live out their TTL after an upgrade.
+/// None when the record is too short to be either.
+fn stored<'a>(data: &'a [u8], fingerprint: &str) -> Option<(bool, &'a [u8])> {
+    if data.first() == Some(&COMPACT) {
+        let fp = data.get(1..=FP_BYTES)?;
+        let same = compact(fingerprint).is_some_and(|mine| mine == fp);
+        return Some((same, &data[1 + FP_BYTES..]));
+    }
+    let (fp, body) = (data.get(..FP_HEX)?, data.get(FP_HEX..)?);
+    Some((fp == fingerprint.as_bytes(), body))
 }
 
 #[cfg(test)]
@@ -151,6 +192,42 @@ mod tests {
         assert_eq!(err.expect_err("mismatch").code(), tonic::Code::InvalidArgument);
         // Another method with the same request id is independent.
         assert!(idem.lookup::<prost_types::Timestamp>(&store, None, "N", "r1", &fa).await.expect("lookup").is_none());
+    }
+
+    /// A record keeps 17 bytes of fingerprint (was 64), and one written before that (its
+    /// fingerprint's hex text) is still replayed and still refuses a different request.
+    #[tokio::test]
+    async fn records_are_compact_and_those_written_before_still_replay() {
+        let store = Store::memory();
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
+        let (fa, fb) = (
+            fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 }),
+            fingerprint(&prost_types::Duration { seconds: 2, nanos: 0 }),
+        );
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "new", &fa, &answer);
+        store.commit(&t).await.expect("commit");
+        let rec = store.get(&[idem.key("M", "new")]).await.expect("get").remove(0).expect("stored");
+        assert_eq!(rec.data.len(), 1 + FP_BYTES + answer.encoded_len());
+        // As an earlier version wrote it: the hex fingerprint, then the answer.
+        let mut old = fa.as_bytes().to_vec();
+        answer.encode(&mut old).expect("encode");
+        let mut t = Txn::new();
+        t.put(idem.key("M", "old"), old);
+        store.commit(&t).await.expect("commit");
+        for id in ["new", "old"] {
+            let replay = idem.lookup::<prost_types::Timestamp>(&store, None, "M", id, &fa).await.expect("lookup");
+            assert_eq!(replay, Some(answer), "{id}");
+            let err = idem.lookup::<prost_types::Timestamp>(&store, None, "M", id, &fb).await;
+            assert_eq!(err.expect_err("a different request").code(), tonic::Code::InvalidArgument, "{id}");
+        }
+        // Cut short: an error, not a replay of half an answer.
+        let mut t = Txn::new();
+        t.put(idem.key("M", "cut"), vec![COMPACT, 1, 2]);
+        store.commit(&t).await.expect("commit");
+        let err = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "cut", &fa).await;
+        assert_eq!(err.expect_err("truncated").code(), tonic::Code::Internal);
     }
 
     #[tokio::test]
