@@ -220,7 +220,21 @@ impl Licensing {
         for (it, ex) in items.iter().zip(&existing) {
             let check = match ex {
                 None => ReserveCheck::Evaluate,
-                Some((_, r)) => r.check_reserve(it.generation),
+                Some((_, r)) => match r.check_reserve(it.generation) {
+                    // Quota this very generation holds, asked for by an order that must not take
+                    // any now (it queues behind an earlier order of its buyer, or is only to be
+                    // judged): a decision that took it and never landed (its round died between
+                    // this call and its commit, or its batch was redone behind an order that
+                    // blocks it now). Answering "held" would let the order go ahead of the one it
+                    // queues behind, so the units go back and the ask is judged as asked, as for an
+                    // older generation.
+                    ReserveCheck::AlreadyHeld
+                        if (it.queued_behind.is_some() || it.judge_only) && r.status() == ReservationStatus::Held =>
+                    {
+                        ReserveCheck::Supersede { license_id: r.license_id.clone(), units: r.units, confirmed: false }
+                    }
+                    check => check,
+                },
             };
             if let ReserveCheck::Supersede { license_id, units, confirmed } = &check
                 && let Some(l) = licences.get_mut(license_id)
@@ -292,7 +306,12 @@ impl Licensing {
                         let mut released = old.clone();
                         released.set_status(ReservationStatus::Released);
                         released.update_ms = now;
-                        released.release_reason = format!("superseded by generation {}", it.generation);
+                        released.release_reason = if old.generation == it.generation {
+                            "given back: asked again while it may not take quota (its first answer never landed)"
+                                .to_string()
+                        } else {
+                            format!("superseded by generation {}", it.generation)
+                        };
                         put_reservation(&mut t, sku, &it.order_id, ver, &released);
                         changed_released.push(reservation_to(&released));
                     }

@@ -955,6 +955,45 @@ async fn items_asked_only_to_be_judged_take_nothing(store: Store) {
     assert_eq!((held.generation, held.state()), (1, pb::ReservationState::Released));
 }
 
+/// Quota an order's generation already holds (a decision that took it and never landed: its round
+/// died before its commit, or its batch was redone) is given back, not answered "held", when the
+/// order is asked again behind an earlier order of its buyer or only to be judged: it would
+/// otherwise go ahead of the order it queues behind. Asked plainly, it is answered held as ever;
+/// a generation given back is stale, and the next one is judged afresh.
+async fn held_quota_asked_again_behind_an_earlier_order_goes_back(store: Store) {
+    let svc = service(store).await;
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    let used = |svc: Licensing| {
+        let id = lic.license_id.clone();
+        async move { license(&svc, &id).await.used_units }
+    };
+    // o2 took 30 in a call whose answer never landed; asked plainly again, it is still held.
+    assert!(batch(&svc, vec![item("o2", 1, "bytedance", 30)]).await[0].reservation.is_some());
+    assert!(batch(&svc, vec![item("o2", 1, "bytedance", 30)]).await[0].reservation.is_some());
+    assert_eq!(used(svc.clone()).await, 30);
+    // Now o1, earlier, waits for quota, and o2 is asked behind it: refused, and its 30 go back.
+    let behind = pb::QuotaItem { queued_behind: "o1".into(), ..item("o2", 1, "bytedance", 30) };
+    let r = batch(&svc, vec![behind.clone()]).await;
+    assert!(r[0].reservation.is_none(), "{:?}", r[0]);
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::QueueOrder]);
+    assert_eq!(used(svc.clone()).await, 0, "the units went back");
+    let gone = reservation(&svc, "o2").await;
+    assert_eq!((gone.generation, gone.state()), (1, pb::ReservationState::Released));
+    // Asked again: stale (the generation was given back), and given back once, not twice.
+    let r = batch(&svc, vec![behind]).await;
+    assert!(r[0].stale, "{:?}", r[0]);
+    assert_eq!(r[0].reservation.as_ref().map(|x| x.state()), Some(pb::ReservationState::Released));
+    assert_eq!(used(svc.clone()).await, 0);
+    // Its next generation is judged afresh.
+    assert!(batch(&svc, vec![item("o2", 2, "bytedance", 30)]).await[0].reservation.is_some());
+    assert_eq!(used(svc.clone()).await, 30);
+    // Held, then asked only to be judged: given back too, and answered as judged.
+    assert!(batch(&svc, vec![item("o3", 1, "bytedance", 20)]).await[0].reservation.is_some());
+    let r = batch(&svc, vec![pb::QuotaItem { judge_only: true, ..item("o3", 1, "bytedance", 20) }]).await;
+    assert!(r[0].servable && r[0].reservation.is_none(), "{:?}", r[0]);
+    assert_eq!(used(svc.clone()).await, 30, "o3's 20 went back; o2's 30 stay");
+}
+
 /// RecheckQuota answers, for quota held, whether the licence and the product's gates still allow it,
 /// in the words evaluation uses, and changes nothing.
 async fn held_quota_is_rechecked_against_the_licence_and_the_gates(store: Store) {
@@ -1379,6 +1418,7 @@ backend_tests!(
     a_refused_supersede_gives_the_old_quota_back_once,
     items_queued_behind_take_nothing_but_can_be_rejected,
     items_asked_only_to_be_judged_take_nothing,
+    held_quota_asked_again_behind_an_earlier_order_goes_back,
     held_quota_is_rechecked_against_the_licence_and_the_gates,
     applications_for_unknown_products_are_refused,
     a_draft_wave_previews_what_its_publication_will_do,

@@ -629,7 +629,10 @@ impl Orders {
     /// order, and the commits land in that order. When a commit loses to a concurrent change, that
     /// batch is redone from the state before it, the batch decided alongside is decided again from a
     /// fresh read, and the batch whose quota was asked alongside asks again: every ask is idempotent
-    /// per (order, generation), so asking again only repeats the answers. An order read ahead that
+    /// per (order, generation), so asking again repeats the answers, except that quota an order took
+    /// in an answer that never landed goes back when it is asked again behind an earlier order
+    /// (licensing gives it back rather than answer "held"), so the redo can't put it ahead of the
+    /// order that blocks it now. An order read ahead that
     /// changes before its batch commits fails that commit's version guard like any other. Each
     /// batch's keys are built when it is read (a 1M-order round would otherwise hold every key at
     /// once).
