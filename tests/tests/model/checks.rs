@@ -329,8 +329,9 @@ async fn waves_settled(
     }
 }
 
-/// The orders still in wave `wave`'s snapshots, each with its state and buyer as read back (what a
-/// report needs to tell why the wave did not settle).
+/// The orders still in wave `wave`'s snapshots, each with its state and buyer as read back. The run's
+/// report prints the full history of the first orders a violation names, so naming them here is
+/// what tells why the wave did not settle.
 async fn still_in_snapshot(store: &chipgate_state::Store, snap: &Snapshot, wave: &str) -> String {
     use chipgate_state::Backend;
     let wave_id = chipgate_domain::ids::WaveId::from_trusted(wave);
@@ -340,17 +341,7 @@ async fn still_in_snapshot(store: &chipgate_state::Store, snap: &Snapshot, wave:
         let members = store.zrange(&key, 0, -1, false).await.unwrap_or_default();
         for (id, seq) in members {
             let found = snap.orders.iter().find(|o| o.order_id == id);
-            let state = found.map_or("?".to_string(), |o| {
-                let moves: Vec<String> = o
-                    .history
-                    .iter()
-                    .map(|t| {
-                        let ms = t.time.as_ref().map_or(0, |t| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000);
-                        format!("{:?}->{:?} at {ms} ({:?})", t.from_state(), t.to_state(), t.cause)
-                    })
-                    .collect();
-                format!("{:?} of {}, wave {:?}, moves [{}]", o.state(), o.buyer_id, o.wave_id, moves.join("; "))
-            });
+            let state = found.map_or("?".to_string(), |o| format!("{:?} of {}", o.state(), o.buyer_id));
             out.push(format!("{sku} {id} (seq {seq}): {state}"));
         }
     }
