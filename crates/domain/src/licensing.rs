@@ -1040,6 +1040,18 @@ pub enum ReserveCheck {
     },
     /// This generation already holds quota: answer with it.
     AlreadyHeld,
+    /// This generation holds quota it may not keep: the ask may not take quota now (it queues behind
+    /// an earlier order of its buyer, or is only to be judged), so the quota came from a decision
+    /// that never landed (a round that died between taking it and its commit, or a batch redone
+    /// behind an order that blocks it now). Give the units back, forget the reservation (so this
+    /// generation is judged afresh, now and when next asked), and evaluate the ask as asked.
+    /// Answering "held" would let the order go ahead of the one it queues behind.
+    Withdraw {
+        /// The licence to give them back to.
+        license_id: String,
+        /// How many.
+        units: u64,
+    },
     /// This generation was released, or a newer one exists: refuse.
     Stale,
 }
@@ -1112,12 +1124,19 @@ impl ReservationRecord {
         }
     }
 
-    /// Decides what a reserve of `generation` must do given this (existing) record.
-    pub fn check_reserve(&self, generation: u64) -> ReserveCheck {
+    /// Decides what a reserve of `generation` must do given this (existing) record; `may_take` says
+    /// whether the ask may take quota at all (false when it queues behind an earlier order of its
+    /// buyer or is only to be judged).
+    pub fn check_reserve(&self, generation: u64, may_take: bool) -> ReserveCheck {
         use std::cmp::Ordering::*;
         match generation.cmp(&self.generation) {
             Less => ReserveCheck::Stale,
             Equal => match self.status() {
+                // Confirmed quota comes from a decision that landed (the order was committed holding
+                // it, then confirmed): it is answered held whatever the ask.
+                ReservationStatus::Held if !may_take => {
+                    ReserveCheck::Withdraw { license_id: self.license_id.clone(), units: self.units }
+                }
                 ReservationStatus::Held | ReservationStatus::Confirmed => ReserveCheck::AlreadyHeld,
                 _ => ReserveCheck::Stale,
             },
@@ -1574,16 +1593,41 @@ mod tests {
             status: ReservationStatus::Held as i32,
             ..Default::default()
         };
-        assert_eq!(r.check_reserve(2), ReserveCheck::AlreadyHeld);
-        assert_eq!(r.check_reserve(1), ReserveCheck::Stale);
+        assert_eq!(r.check_reserve(2, true), ReserveCheck::AlreadyHeld);
+        assert_eq!(r.check_reserve(1, true), ReserveCheck::Stale);
         assert_eq!(
-            r.check_reserve(3),
+            r.check_reserve(3, true),
             ReserveCheck::Supersede { license_id: "lic-1".into(), units: 10, confirmed: false }
         );
         let released = ReservationRecord { status: ReservationStatus::Released as i32, ..r.clone() };
-        assert_eq!(released.check_reserve(2), ReserveCheck::Stale, "a released generation is never reopened");
-        assert_eq!(released.check_reserve(3), ReserveCheck::Evaluate);
+        assert_eq!(released.check_reserve(2, true), ReserveCheck::Stale, "a released generation is never reopened");
+        assert_eq!(released.check_reserve(2, false), ReserveCheck::Stale);
+        assert_eq!(released.check_reserve(3, true), ReserveCheck::Evaluate);
         assert_eq!(released.held_units(), 0);
+    }
+
+    #[test]
+    fn quota_held_by_an_ask_that_may_not_take_any_is_withdrawn() {
+        let r = ReservationRecord {
+            order_id: "o".into(),
+            generation: 2,
+            license_id: "lic-1".into(),
+            units: 10,
+            status: ReservationStatus::Held as i32,
+            ..Default::default()
+        };
+        // Held by this generation, asked again behind an earlier order (or only to be judged): the
+        // decision that took it never landed, so it goes back.
+        assert_eq!(r.check_reserve(2, false), ReserveCheck::Withdraw { license_id: "lic-1".into(), units: 10 });
+        // Older and newer generations are unaffected by whether the ask may take quota.
+        assert_eq!(r.check_reserve(1, false), ReserveCheck::Stale);
+        assert_eq!(
+            r.check_reserve(3, false),
+            ReserveCheck::Supersede { license_id: "lic-1".into(), units: 10, confirmed: false }
+        );
+        // Confirmed quota came from a decision that landed: answered held whatever the ask.
+        let confirmed = ReservationRecord { status: ReservationStatus::Confirmed as i32, ..r };
+        assert_eq!(confirmed.check_reserve(2, false), ReserveCheck::AlreadyHeld);
     }
 
     /// A reservation as a wave leaves it: held, of a licence of the order's own product.

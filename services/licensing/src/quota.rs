@@ -53,6 +53,10 @@ fn licence_of(id: &str) -> LicenceId {
 /// at: in its stored form ([`ReservationRecord::to_stored`], read back by
 /// [`Licensing::load_reservations`] with the key's product and order) when the record's own are
 /// exactly those, else whole (so nothing the key doesn't say is ever left out).
+/// Why quota an order's own generation held went back, when asked again while it may not take any
+/// ([`ReserveCheck::Withdraw`]); the event lists the reservation released with it.
+const WITHDRAWN: &str = "given back: asked again while it may not take quota (its first answer never landed)";
+
 fn put_reservation(t: &mut Txn, sku: &Sku, order_id: &str, read_version: u64, r: &ReservationRecord) {
     let data = if r.product_sku == sku.as_str() && r.order_id == order_id { r.to_stored() } else { encode(r) };
     t.replace(keys::reservation(sku, &order_of(order_id)), read_version, data);
@@ -220,28 +224,19 @@ impl Licensing {
         for (it, ex) in items.iter().zip(&existing) {
             let check = match ex {
                 None => ReserveCheck::Evaluate,
-                Some((_, r)) => match r.check_reserve(it.generation) {
-                    // Quota this very generation holds, asked for by an order that must not take
-                    // any now (it queues behind an earlier order of its buyer, or is only to be
-                    // judged): a decision that took it and never landed (its round died between
-                    // this call and its commit, or its batch was redone behind an order that
-                    // blocks it now). Answering "held" would let the order go ahead of the one it
-                    // queues behind, so the units go back and the ask is judged as asked, as for an
-                    // older generation.
-                    ReserveCheck::AlreadyHeld
-                        if (it.queued_behind.is_some() || it.judge_only) && r.status() == ReservationStatus::Held =>
-                    {
-                        ReserveCheck::Supersede { license_id: r.license_id.clone(), units: r.units, confirmed: false }
-                    }
-                    check => check,
-                },
+                Some((_, r)) => r.check_reserve(it.generation, it.queued_behind.is_none() && !it.judge_only),
             };
-            if let ReserveCheck::Supersede { license_id, units, confirmed } = &check
+            let give_back = match &check {
+                ReserveCheck::Supersede { license_id, units, confirmed } => Some((license_id, *units, *confirmed)),
+                ReserveCheck::Withdraw { license_id, units } => Some((license_id, *units, false)),
+                ReserveCheck::Evaluate | ReserveCheck::AlreadyHeld | ReserveCheck::Stale => None,
+            };
+            if let Some((license_id, units, confirmed)) = give_back
                 && let Some(l) = licences.get_mut(license_id)
             {
-                l.used = l.used.saturating_sub(*units);
-                if *confirmed {
-                    l.confirmed = l.confirmed.saturating_sub(*units);
+                l.used = l.used.saturating_sub(units);
+                if confirmed {
+                    l.confirmed = l.confirmed.saturating_sub(units);
                 }
                 touched.insert(license_id.clone());
             }
@@ -264,6 +259,7 @@ impl Licensing {
         let mut changed_released = Vec::new();
         let mut reserved_detail = Vec::new();
         let mut refused_detail = Vec::new();
+        let mut withdrawn_detail = Vec::new();
         for ((it, ex), check) in items.iter().zip(&existing).zip(checks) {
             let ver = ex.as_ref().map(|(v, _)| *v).unwrap_or(0);
             match check {
@@ -284,35 +280,46 @@ impl Licensing {
                         ..Default::default()
                     });
                 }
-                ReserveCheck::Evaluate | ReserveCheck::Supersede { .. } => {
+                ReserveCheck::Evaluate | ReserveCheck::Supersede { .. } | ReserveCheck::Withdraw { .. } => {
                     let ask = Ask { buyer_id: &it.buyer_id, units: it.units, justification: &it.justification };
                     if let Some(earlier) = &it.queued_behind {
                         planner.queue_behind(&it.buyer_id, earlier);
                     }
-                    let superseded = matches!(check, ReserveCheck::Supersede { .. });
                     let planned = if it.judge_only {
                         planner.judge(&it.order_id, &ask)
                     } else {
                         planner.plan(&it.order_id, &ask)
                     };
-                    if superseded
+                    // What the existing record held went back to its licence above, in this same
+                    // commit; when nothing was taken in its place the record says so.
+                    let gave_back = match check {
+                        ReserveCheck::Supersede { .. } => Some(format!("superseded by generation {}", it.generation)),
+                        ReserveCheck::Withdraw { .. } => Some(WITHDRAWN.to_string()),
+                        ReserveCheck::Evaluate | ReserveCheck::AlreadyHeld | ReserveCheck::Stale => None,
+                    };
+                    if let (Some(reason), Some((_, old))) = (gave_back, ex)
                         && !matches!(planned, Planned::Reserved { .. })
-                        && let Some((_, old)) = ex
                     {
-                        // The older generation's quota went back to its licence above, in this same
-                        // commit, and nothing was taken in its place: record it as released, or a
-                        // later release of that generation would give the same units back a second
-                        // time.
                         let mut released = old.clone();
                         released.set_status(ReservationStatus::Released);
                         released.update_ms = now;
-                        released.release_reason = if old.generation == it.generation {
-                            "given back: asked again while it may not take quota (its first answer never landed)"
-                                .to_string()
+                        released.release_reason = reason;
+                        if old.generation < it.generation {
+                            // An older generation's is kept, released, or a later release of that
+                            // generation would give the same units back a second time.
+                            put_reservation(&mut t, sku, &it.order_id, ver, &released);
                         } else {
-                            format!("superseded by generation {}", it.generation)
-                        };
-                        put_reservation(&mut t, sku, &it.order_id, ver, &released);
+                            // This generation's own is forgotten, so that its next ask is judged
+                            // afresh (a released record would answer it stale, and the order would
+                            // move on to its next generation unjudged); a later release of it finds
+                            // nothing to give back.
+                            let key = keys::reservation(sku, &order_of(&it.order_id));
+                            t.expect_version(key.clone(), ver);
+                            t.delete(key);
+                            withdrawn_detail
+                                .push(format!("{}/{}:{}:{}", it.order_id, it.generation, old.license_id, old.units));
+                        }
+                        // Listed as released either way, so the buyer's waiting orders are looked at.
                         changed_released.push(reservation_to(&released));
                     }
                     match planned {
@@ -379,7 +386,7 @@ impl Licensing {
                 t.replace(key, versions.get(&id).copied().unwrap_or(0), encode(l));
             }
         }
-        if t.is_empty() && reserved_detail.is_empty() && refused_detail.is_empty() {
+        if t.is_empty() && reserved_detail.is_empty() && refused_detail.is_empty() && withdrawn_detail.is_empty() {
             return Ok((t, pb::BatchReserveQuotaResponse { results }));
         }
         // The decision stands only if the product's gates are as read.
@@ -408,7 +415,16 @@ impl Licensing {
             now,
             "quota.decided",
             sku,
-            format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" ")),
+            if withdrawn_detail.is_empty() {
+                format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" "))
+            } else {
+                format!(
+                    "reserved [{}]; refused [{}]; given back (never landed) [{}]",
+                    reserved_detail.join(" "),
+                    refused_detail.join(" "),
+                    withdrawn_detail.join(" ")
+                )
+            },
         );
         Ok((t, pb::BatchReserveQuotaResponse { results }))
     }

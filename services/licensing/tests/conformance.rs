@@ -958,8 +958,9 @@ async fn items_asked_only_to_be_judged_take_nothing(store: Store) {
 /// Quota an order's generation already holds (a decision that took it and never landed: its round
 /// died before its commit, or its batch was redone) is given back, not answered "held", when the
 /// order is asked again behind an earlier order of its buyer or only to be judged: it would
-/// otherwise go ahead of the order it queues behind. Asked plainly, it is answered held as ever;
-/// a generation given back is stale, and the next one is judged afresh.
+/// otherwise go ahead of the order it queues behind. Asked plainly, it is answered held as ever.
+/// The reservation given back is forgotten, so the same generation is judged afresh when next
+/// asked (not answered stale), and its units go back once.
 async fn held_quota_asked_again_behind_an_earlier_order_goes_back(store: Store) {
     let svc = service(store).await;
     let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
@@ -974,24 +975,38 @@ async fn held_quota_asked_again_behind_an_earlier_order_goes_back(store: Store) 
     // Now o1, earlier, waits for quota, and o2 is asked behind it: refused, and its 30 go back.
     let behind = pb::QuotaItem { queued_behind: "o1".into(), ..item("o2", 1, "bytedance", 30) };
     let r = batch(&svc, vec![behind.clone()]).await;
-    assert!(r[0].reservation.is_none(), "{:?}", r[0]);
+    assert!(r[0].reservation.is_none() && !r[0].stale, "{:?}", r[0]);
     assert_eq!(conditions(&r[0]), vec![pb::Condition::QueueOrder]);
     assert_eq!(used(svc.clone()).await, 0, "the units went back");
-    let gone = reservation(&svc, "o2").await;
-    assert_eq!((gone.generation, gone.state()), (1, pb::ReservationState::Released));
-    // Asked again: stale (the generation was given back), and given back once, not twice.
+    // Asked again behind it: judged again (not stale), and given back once, not twice.
     let r = batch(&svc, vec![behind]).await;
-    assert!(r[0].stale, "{:?}", r[0]);
-    assert_eq!(r[0].reservation.as_ref().map(|x| x.state()), Some(pb::ReservationState::Released));
+    assert!(!r[0].stale && r[0].reservation.is_none(), "{:?}", r[0]);
+    assert_eq!(conditions(&r[0]), vec![pb::Condition::QueueOrder]);
     assert_eq!(used(svc.clone()).await, 0);
-    // Its next generation is judged afresh.
-    assert!(batch(&svc, vec![item("o2", 2, "bytedance", 30)]).await[0].reservation.is_some());
+    // Once o1 no longer blocks it, the same generation is judged afresh and takes its quota.
+    assert!(batch(&svc, vec![item("o2", 1, "bytedance", 30)]).await[0].reservation.is_some());
     assert_eq!(used(svc.clone()).await, 30);
+    assert_eq!(reservation(&svc, "o2").await.state(), pb::ReservationState::Held);
     // Held, then asked only to be judged: given back too, and answered as judged.
     assert!(batch(&svc, vec![item("o3", 1, "bytedance", 20)]).await[0].reservation.is_some());
     let r = batch(&svc, vec![pb::QuotaItem { judge_only: true, ..item("o3", 1, "bytedance", 20) }]).await;
     assert!(r[0].servable && r[0].reservation.is_none(), "{:?}", r[0]);
     assert_eq!(used(svc.clone()).await, 30, "o3's 20 went back; o2's 30 stay");
+    // A release of the generation given back finds nothing to give back (o2's 30 stay counted).
+    batch_release(&svc, "H200", "o3", 1).await;
+    assert_eq!(used(svc.clone()).await, 30);
+    // Confirmed quota came from a decision that landed: asked behind an earlier order, still held.
+    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest {
+        request_id: rid(),
+        order_id: "o2".into(),
+        generation: 1,
+        product_sku: "H200".into(),
+    }))
+    .await
+    .unwrap();
+    let r = batch(&svc, vec![pb::QuotaItem { queued_behind: "o1".into(), ..item("o2", 1, "bytedance", 30) }]).await;
+    assert_eq!(r[0].reservation.as_ref().map(|x| x.state()), Some(pb::ReservationState::Confirmed), "{:?}", r[0]);
+    assert_eq!(used(svc.clone()).await, 30);
 }
 
 /// RecheckQuota answers, for quota held, whether the licence and the product's gates still allow it,

@@ -785,6 +785,23 @@ fn waits_for_capacity(failures: &[lpb::ConditionFailure]) -> bool {
     by_licence.values().any(|(capacity, permanent)| *capacity && !*permanent)
 }
 
+/// What a waiting step's failures say the order waits for, for a report: the order it queues behind
+/// (named, so the report prints that order's history too), or the licences short of capacity.
+fn waiting_why(failures: &[lpb::ConditionFailure]) -> String {
+    let why: Vec<String> = failures
+        .iter()
+        .map(|f| match f.condition() {
+            // "an earlier order (<id>) of this buyer is still waiting for quota; ..."
+            lpb::Condition::QueueOrder => {
+                let blocker = f.description.split(['(', ')']).find(|w| w.starts_with("ord-")).unwrap_or("?");
+                format!("behind {blocker}")
+            }
+            c => format!("{c:?} {}", f.license_id),
+        })
+        .collect();
+    why.join(", ")
+}
+
 fn is_waiting(s: OrderState) -> bool {
     matches!(s, OrderState::Pending | OrderState::AwaitingLicense)
 }
@@ -875,27 +892,27 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
     }
     for ((buyer, sku), mut os) in by {
         os.sort_by_key(|o| o.sequence);
-        // (sequence, from, until, order): waiting for capacity.
-        let mut blocked: Vec<(u64, u64, u64, &str)> = Vec::new();
+        // (sequence, from, until, order, why): waiting for capacity.
+        let mut blocked: Vec<(u64, u64, u64, &str, String)> = Vec::new();
         let mut took: Vec<(u64, u64, u64, &str)> = Vec::new();
         for o in &os {
-            let mut since: Option<u64> = None;
+            let mut since: Option<(u64, String)> = None;
             let mut prev = 0;
             for t in &o.history {
                 let at = ms(t.time.as_ref());
-                if let Some(s) = since.take() {
-                    blocked.push((o.sequence, s, at, &o.order_id));
+                if let Some((s, why)) = since.take() {
+                    blocked.push((o.sequence, s, at, &o.order_id, why));
                 }
                 if t.to_state() == OrderState::AwaitingLicense && waits_for_capacity(&t.failures) {
-                    since = Some(at);
+                    since = Some((at, waiting_why(&t.failures)));
                 }
                 if is_waiting(t.from_state()) && t.to_state() == OrderState::Backordered {
                     took.push((o.sequence, prev, at, &o.order_id));
                 }
                 prev = at;
             }
-            if let Some(s) = since {
-                blocked.push((o.sequence, s, u64::MAX, &o.order_id));
+            if let Some((s, why)) = since {
+                blocked.push((o.sequence, s, u64::MAX, &o.order_id, why));
             }
         }
         for _ in &took {
@@ -904,10 +921,11 @@ fn history(m: &Model, orders: &[opb::Order], v: &mut Vec<String>) {
         // B's decision lies between its previous step and the step; A must have been waiting for
         // capacity over all of that.
         for (seq_b, decided_from, at, b) in &took {
-            for (seq_a, from, until, a) in &blocked {
+            for (seq_a, from, until, a, why) in &blocked {
                 if seq_a < seq_b && from < decided_from && at < until {
                     v.push(format!(
-                        "{buyer}/{sku}: order {b} took quota at {at} while the earlier order {a} waited for capacity"
+                        "{buyer}/{sku}: order {b} took quota at {at} while the earlier order {a} waited for capacity \
+                         (since {from}: {why})"
                     ));
                 }
             }
