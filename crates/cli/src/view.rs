@@ -168,13 +168,39 @@ pub fn wave_state(w: &lpb::Wave) -> String {
     short(w.state().as_str_name(), "WAVE_STATE_")
 }
 
+/// How many grants a wave holds (a server before `grant_count` only listed them).
+pub fn grant_count(w: &lpb::Wave) -> u64 {
+    w.grant_count.max(w.grants.len() as u64)
+}
+
+/// One grant added to (`verb` "granted") or removed from ("removed") a draft wave, and the wave's
+/// figures after it: AddWaveGrant and RemoveWaveGrant answer without the wave's other grants.
+pub fn print_grant_change(verb: &str, w: &lpb::Wave, g: &lpb::WaveGrant) {
+    crate::out::say(&format!(
+        "{verb} {} ({} x {} for {}), conditions: {}",
+        g.application_id,
+        thousands(g.granted_units),
+        g.product_sku,
+        g.buyer_id,
+        conditions_text(g.conditions.as_ref())
+    ));
+    crate::out::fields(&[
+        ("wave", w.wave_id.clone()),
+        ("name", dash(&w.display_name)),
+        ("state", wave_state(w)),
+        ("grants", grant_count(w).to_string()),
+        ("granted units", thousands(w.total_granted_units)),
+    ]);
+    crate::out::say(&format!("every grant: chipgate wave show {}", w.wave_id));
+}
+
 /// A wave for people: its figures and its grants.
 pub fn print_wave(w: &lpb::Wave) {
     crate::out::fields(&[
         ("wave", w.wave_id.clone()),
         ("name", dash(&w.display_name)),
         ("state", wave_state(w)),
-        ("grants", w.grants.len().to_string()),
+        ("grants", grant_count(w).to_string()),
         ("granted units", thousands(w.total_granted_units)),
         ("created", ts_short(w.create_time.as_ref())),
         ("published", ts_short(w.publish_time.as_ref())),

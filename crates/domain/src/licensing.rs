@@ -884,6 +884,10 @@ pub struct GrantRecord {
     /// The licence's creation sequence, once published.
     #[prost(uint64, tag = "7")]
     pub license_seq: u64,
+    /// Of a draft's grant kept as a record of its own: its place in the order grants were added
+    /// (a replaced grant keeps its place). 0 in a wave record's own list.
+    #[prost(uint64, tag = "8")]
+    pub place: u64,
 }
 
 /// A stored wave.
@@ -898,7 +902,10 @@ pub struct WaveRecord {
     /// [`WaveStatus`].
     #[prost(enumeration = "WaveStatus", tag = "3")]
     pub status: i32,
-    /// Grants in the order they were added.
+    /// Of a published wave: its grants, in the order they were added. A draft keeps each grant as a
+    /// record of its own, counted below, so that adding one writes that grant and this small record
+    /// instead of every grant so far; a draft written before that holds its grants here until its
+    /// next change moves them out ([`WaveRecord::move_grants_apart`]).
     #[prost(message, repeated, tag = "4")]
     pub grants: Vec<GrantRecord>,
     /// Created at.
@@ -915,6 +922,15 @@ pub struct WaveRecord {
     /// each product's licences in force in that product's partition; what a crash left is here.
     #[prost(string, repeated, tag = "8")]
     pub pending_products: Vec<String>,
+    /// Of a draft: how many grants it keeps apart (not in `grants`).
+    #[prost(uint64, tag = "9")]
+    pub grants_apart: u64,
+    /// Of a draft: the units those grants grant.
+    #[prost(uint64, tag = "10")]
+    pub units_apart: u64,
+    /// Of a draft: grants ever added apart (the last place given; places are never reused).
+    #[prost(uint64, tag = "11")]
+    pub places_given: u64,
 }
 
 impl WaveRecord {
@@ -926,40 +942,88 @@ impl WaveRecord {
         skus
     }
 
-    /// Adds or replaces the grant for an application. Only drafts change.
+    /// Counts grant `grant` added to this draft, or replacing `existing` (the application's grant
+    /// kept apart now, if any), and returns it with its place (a new one, or the replaced grant's).
+    /// The caller writes the grant as a record of its own; [`move_grants_apart`] must have emptied
+    /// `grants` first.
     ///
     /// # Errors
     /// When the wave is published.
-    pub fn upsert_grant(&mut self, grant: GrantRecord) -> Result<(), WaveError> {
+    ///
+    /// [`move_grants_apart`]: Self::move_grants_apart
+    pub fn put_grant(
+        &mut self,
+        existing: Option<&GrantRecord>,
+        mut grant: GrantRecord,
+    ) -> Result<GrantRecord, WaveError> {
         if self.status() != WaveStatus::Draft {
             return Err(WaveError::Published);
         }
-        match self.grants.iter_mut().find(|g| g.application_id == grant.application_id) {
-            Some(g) => *g = grant,
-            None => self.grants.push(grant),
+        match existing {
+            Some(old) => {
+                grant.place = old.place;
+                self.units_apart = self.units_apart.saturating_sub(old.granted);
+            }
+            None => {
+                self.places_given += 1;
+                grant.place = self.places_given;
+                self.grants_apart += 1;
+            }
         }
+        self.units_apart = self.units_apart.saturating_add(grant.granted);
+        Ok(grant)
+    }
+
+    /// Counts the application's grant kept apart, `existing`, out of this draft (the caller deletes
+    /// its record).
+    ///
+    /// # Errors
+    /// When the wave is published or has no such grant.
+    pub fn take_grant(&mut self, existing: Option<&GrantRecord>) -> Result<(), WaveError> {
+        if self.status() != WaveStatus::Draft {
+            return Err(WaveError::Published);
+        }
+        let old = existing.ok_or(WaveError::NoSuchGrant)?;
+        self.grants_apart = self.grants_apart.saturating_sub(1);
+        self.units_apart = self.units_apart.saturating_sub(old.granted);
         Ok(())
     }
 
-    /// Removes an application's grant.
-    ///
-    /// # Errors
-    /// When the wave is published or has no grant for the application.
-    pub fn remove_grant(&mut self, application_id: &str) -> Result<(), WaveError> {
+    /// Of a draft written when drafts held their grants in `grants`: moves them out, counted and
+    /// given places in their order, for the caller to write as records of their own. Empty for any
+    /// other wave.
+    pub fn move_grants_apart(&mut self) -> Vec<GrantRecord> {
         if self.status() != WaveStatus::Draft {
-            return Err(WaveError::Published);
+            return Vec::new();
         }
-        let before = self.grants.len();
-        self.grants.retain(|g| g.application_id != application_id);
-        if self.grants.len() == before {
-            return Err(WaveError::NoSuchGrant);
+        let mut moved = std::mem::take(&mut self.grants);
+        for g in &mut moved {
+            self.places_given += 1;
+            g.place = self.places_given;
+            self.grants_apart += 1;
+            self.units_apart = self.units_apart.saturating_add(g.granted);
         }
-        Ok(())
+        moved
+    }
+
+    /// Holds `apart`, this draft's grants kept apart (in any order), in `grants` after the ones it
+    /// already holds there, in the order they were added, and clears their count: what a wave is
+    /// once published, or what a draft shows.
+    pub fn hold_grants(&mut self, mut apart: Vec<GrantRecord>) {
+        apart.sort_by_key(|g| g.place);
+        self.grants.extend(apart.into_iter().map(|g| GrantRecord { place: 0, ..g }));
+        self.grants_apart = 0;
+        self.units_apart = 0;
+    }
+
+    /// How many grants the wave holds.
+    pub fn grant_count(&self) -> u64 {
+        self.grants.len() as u64 + self.grants_apart
     }
 
     /// Total units granted.
     pub fn total_granted(&self) -> u64 {
-        self.grants.iter().map(|g| g.granted).sum()
+        self.grants.iter().map(|g| g.granted).sum::<u64>() + self.units_apart
     }
 }
 
@@ -1697,18 +1761,55 @@ mod tests {
     }
 
     #[test]
-    fn published_waves_are_immutable() {
+    fn a_drafts_grants_are_counted_apart_and_published_waves_are_immutable() {
         let mut w = WaveRecord { status: WaveStatus::Draft as i32, ..Default::default() };
         let g = |app: &str, units| GrantRecord { application_id: app.into(), granted: units, ..Default::default() };
-        w.upsert_grant(g("app-1", 10)).expect("draft");
-        w.upsert_grant(g("app-2", 5)).expect("draft");
-        w.upsert_grant(g("app-1", 7)).expect("replace");
-        assert_eq!(w.total_granted(), 12);
-        assert_eq!(w.remove_grant("app-9"), Err(WaveError::NoSuchGrant));
-        w.remove_grant("app-2").expect("remove");
+        let a1 = w.put_grant(None, g("app-1", 10)).expect("draft");
+        let a2 = w.put_grant(None, g("app-2", 5)).expect("draft");
+        assert_eq!((a1.place, a2.place), (1, 2));
+        // Replacing keeps the grant's place and counts the difference only.
+        let a1b = w.put_grant(Some(&a1), g("app-1", 7)).expect("replace");
+        assert_eq!(a1b.place, 1);
+        assert_eq!((w.grant_count(), w.total_granted()), (2, 12));
+        assert_eq!(w.take_grant(None), Err(WaveError::NoSuchGrant));
+        w.take_grant(Some(&a2)).expect("remove");
+        assert_eq!((w.grant_count(), w.total_granted()), (1, 7));
+        // A place is never given twice.
+        let a3 = w.put_grant(None, g("app-3", 2)).expect("draft");
+        assert_eq!(a3.place, 3);
+        // Held in the order they were added, whatever the order they are read in.
+        let mut shown = w.clone();
+        shown.hold_grants(vec![a3.clone(), a1b.clone()]);
+        let apps: Vec<&str> = shown.grants.iter().map(|g| g.application_id.as_str()).collect();
+        assert_eq!(apps, ["app-1", "app-3"]);
+        assert_eq!((shown.grant_count(), shown.total_granted()), (2, 9));
         w.status = WaveStatus::Published as i32;
-        assert_eq!(w.upsert_grant(g("app-3", 1)), Err(WaveError::Published));
-        assert_eq!(w.remove_grant("app-1"), Err(WaveError::Published));
+        assert_eq!(w.put_grant(None, g("app-4", 1)), Err(WaveError::Published));
+        assert_eq!(w.take_grant(Some(&a1b)), Err(WaveError::Published));
+    }
+
+    #[test]
+    fn a_draft_holding_its_grants_moves_them_apart_in_their_order() {
+        let g = |app: &str, units| GrantRecord { application_id: app.into(), granted: units, ..Default::default() };
+        let mut w = WaveRecord {
+            status: WaveStatus::Draft as i32,
+            grants: vec![g("app-2", 5), g("app-1", 10)],
+            ..Default::default()
+        };
+        assert_eq!((w.grant_count(), w.total_granted()), (2, 15));
+        let moved = w.move_grants_apart();
+        assert_eq!(
+            moved.iter().map(|g| (g.application_id.as_str(), g.place)).collect::<Vec<_>>(),
+            [("app-2", 1), ("app-1", 2)]
+        );
+        assert!(w.grants.is_empty());
+        assert_eq!((w.grant_count(), w.total_granted()), (2, 15), "counted apart now");
+        assert_eq!(w.put_grant(None, g("app-3", 1)).expect("draft").place, 3);
+        // A published wave's grants stay where they are.
+        let mut published =
+            WaveRecord { status: WaveStatus::Published as i32, grants: vec![g("app-1", 1)], ..Default::default() };
+        assert!(published.move_grants_apart().is_empty());
+        assert_eq!(published.grants.len(), 1);
     }
 
     #[test]

@@ -3,8 +3,8 @@
 use chipgate_domain::allocation::QuotaAsk;
 use chipgate_domain::ids::Sku;
 use chipgate_domain::licensing::{
-    ApplicationRecord, ApplicationStatus, Conditions, EffectiveState, ExportAuthRecord, Failure, LicenseRecord,
-    PolicyRecord, PurchaseRecord, ReservationRecord, ReservationStatus, Stance, WaveRecord, WaveStatus,
+    ApplicationRecord, ApplicationStatus, Conditions, EffectiveState, ExportAuthRecord, Failure, GrantRecord,
+    LicenseRecord, PolicyRecord, PurchaseRecord, ReservationRecord, ReservationStatus, Stance, WaveRecord, WaveStatus,
 };
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
@@ -119,22 +119,24 @@ pub fn wave_to(w: &WaveRecord) -> pb::Wave {
             WaveStatus::Draft => pb::WaveState::Draft,
             WaveStatus::Published => pb::WaveState::Published,
         } as i32,
-        grants: w
-            .grants
-            .iter()
-            .map(|g| pb::WaveGrant {
-                application_id: g.application_id.clone(),
-                buyer_id: g.buyer_id.clone(),
-                product_sku: g.product_sku.clone(),
-                granted_units: g.granted,
-                conditions: g.conditions.as_ref().map(conditions_to),
-                license_id: g.license_id.clone(),
-            })
-            .collect(),
+        grants: w.grants.iter().map(grant_to).collect(),
+        grant_count: w.grant_count(),
         create_time: ts_opt(w.create_ms),
         publish_time: ts_opt(w.publish_ms),
         pending_products: w.pending_products.clone(),
         total_granted_units: w.total_granted(),
+    }
+}
+
+/// One grant of a wave.
+pub fn grant_to(g: &GrantRecord) -> pb::WaveGrant {
+    pb::WaveGrant {
+        application_id: g.application_id.clone(),
+        buyer_id: g.buyer_id.clone(),
+        product_sku: g.product_sku.clone(),
+        granted_units: g.granted,
+        conditions: g.conditions.as_ref().map(conditions_to),
+        license_id: g.license_id.clone(),
     }
 }
 

@@ -109,6 +109,17 @@ pub fn wave(id: &WaveId) -> String {
     SPACE.key(["wave", id.as_str()])
 }
 
+/// One grant of draft wave `wave` (kept apart from the wave's record, so that adding a grant writes
+/// only that grant and the wave's counts).
+pub fn wave_grant(wave: &WaveId, application: &ApplicationId) -> String {
+    SPACE.key(["wave", wave.as_str(), "grant", application.as_str()])
+}
+
+/// Draft wave `wave`'s grants kept apart: application ids scored by their place.
+pub fn wave_grants(wave: &WaveId) -> String {
+    SPACE.key(["wave", wave.as_str(), "grants"])
+}
+
 /// All waves by creation sequence.
 pub fn waves() -> String {
     SPACE.key(["waves"])
@@ -234,7 +245,15 @@ mod tests {
         }
         let desk = chipgate_state::key_slot(&queue());
         let (app, wave_1) = (ApplicationId::from_trusted("app-1"), WaveId::from_trusted("wave-1"));
-        for k in [application(&app), wave(&wave_1), ledger(&acme), products(), Part::Desk.events()] {
+        for k in [
+            application(&app),
+            wave(&wave_1),
+            wave_grant(&wave_1, &app),
+            wave_grants(&wave_1),
+            ledger(&acme),
+            products(),
+            Part::Desk.events(),
+        ] {
             assert_eq!(chipgate_state::key_slot(&k), desk, "{k}");
         }
         assert_ne!(slot, desk);

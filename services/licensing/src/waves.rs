@@ -30,7 +30,7 @@ use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, Txn};
 
 use crate::apps::QueueVersion;
-use crate::convert::{conditions_from, license_to, wave_to};
+use crate::convert::{conditions_from, grant_to, license_to, wave_to};
 use crate::keys::Part;
 use crate::licences::LicenseIndex;
 use crate::{Error, Licensing, MAX_UNITS, emit, encode, keys, record};
@@ -79,7 +79,69 @@ fn licence_of(grant: &GrantRecord, app: &ApplicationRecord, wave_id: &str, seq: 
     }
 }
 
+/// How many times reading a draft and its grants kept apart is tried again when a grant changed in
+/// between (the answer would mix two versions of the wave).
+const READ_TRIES: usize = 5;
+
 impl Licensing {
+    /// Wave `wave_id` with every grant in `grants`, in the order they were added (a draft's are read
+    /// from their own records), and the version of its record: a commit guarded on that version
+    /// fails if any grant changed since, as every change of a grant rewrites the record.
+    ///
+    /// # Errors
+    /// NOT_FOUND for an unknown wave.
+    pub(crate) async fn load_wave(&self, wave_id: &WaveId) -> Result<(u64, WaveRecord), Error> {
+        let mut tries = 0;
+        loop {
+            let (ver, mut wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+            if wave.status() != WaveStatus::Draft || wave.grants_apart == 0 {
+                return Ok((ver, wave));
+            }
+            let apart = self.grants_apart(wave_id).await?;
+            tries += 1;
+            // The grants as counted when the record was read: none changed in between.
+            let units: u64 = apart.iter().map(|g| g.granted).sum();
+            if (apart.len() as u64 == wave.grants_apart && units == wave.units_apart) || tries >= READ_TRIES {
+                wave.hold_grants(apart);
+                return Ok((ver, wave));
+            }
+        }
+    }
+
+    /// Draft `wave_id`'s grants kept apart, in no particular order.
+    async fn grants_apart(&self, wave_id: &WaveId) -> Result<Vec<GrantRecord>, Error> {
+        let ids = self.store().zrange(&keys::wave_grants(wave_id), 0, -1, false).await?;
+        let grant_keys: Vec<String> =
+            ids.iter().map(|(app, _)| keys::wave_grant(wave_id, &ApplicationId::from_trusted(app.as_str()))).collect();
+        Ok(self.load_many::<GrantRecord>(&grant_keys).await?.into_iter().flatten().map(|(_, g)| g).collect())
+    }
+
+    /// Of a draft written before grants were kept apart (it holds them in its record): writes them
+    /// into `t` as records of their own ([`WaveRecord::move_grants_apart`]), except application
+    /// `except`'s, which it returns (Some(None) when there is none) for the caller to write or
+    /// drop. None for any other wave (nothing to move). The caller writes the wave record in the
+    /// same commit.
+    fn move_grants_apart(
+        t: &mut Txn,
+        wave_id: &WaveId,
+        wave: &mut WaveRecord,
+        except: &str,
+    ) -> Option<Option<GrantRecord>> {
+        if wave.status() != WaveStatus::Draft || wave.grants.is_empty() {
+            return None;
+        }
+        let mut kept = None;
+        for g in wave.move_grants_apart() {
+            if g.application_id == except {
+                kept = Some(g);
+                continue;
+            }
+            t.replace(keys::wave_grant(wave_id, &app_of(&g)), 0, encode(&g));
+            t.zadd(keys::wave_grants(wave_id), &g.application_id, g.place as f64);
+        }
+        Some(kept)
+    }
+
     /// The licences publishing draft `wave_id` now would create, numbered as they would be if nothing
     /// else is published first (a preview: nothing is taken or changed).
     ///
@@ -87,7 +149,7 @@ impl Licensing {
     /// NOT_FOUND for an unknown wave; FAILED_PRECONDITION for a published one, or one whose publication
     /// would be refused (a granted application no longer queued).
     pub(crate) async fn would_be_licences(&self, wave_id: &WaveId) -> Result<Vec<LicenseRecord>, Error> {
-        let (_, wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+        let (_, wave) = self.load_wave(wave_id).await?;
         if wave.status() != WaveStatus::Draft {
             return Err(wave_error(wave_id, "", WaveError::Published));
         }
@@ -176,9 +238,16 @@ impl Licensing {
         let idem = IdemKey::new(&self.inner.idem, "AddWaveGrant", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || async {
-                let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id).await?;
-                let (aver, app) =
-                    self.require::<ApplicationRecord>(keys::application(&app_id), "application", &app_id).await?;
+                let grant_key = keys::wave_grant(&wave_id, &app_id);
+                let (wave, app, existing) = tokio::try_join!(
+                    self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id),
+                    self.require::<ApplicationRecord>(keys::application(&app_id), "application", &app_id),
+                    self.load::<GrantRecord>(grant_key.clone()),
+                )?;
+                let ((wver, mut wave), (aver, app)) = (wave, app);
+                if wave.status() != WaveStatus::Draft {
+                    return Err(wave_error(&wave.id, &app.id, WaveError::Published));
+                }
                 if app.status() != ApplicationStatus::Queued {
                     return Err(Error::precondition(
                         "APPLICATION_NOT_QUEUED",
@@ -198,14 +267,24 @@ impl Licensing {
                     );
                     return Err(Error::Invalid(v));
                 }
-                if wave.grants.len() >= MAX_GRANTS && !wave.grants.iter().any(|g| g.application_id == app.id) {
+                let mut t = Txn::new();
+                // A draft written before grants were kept apart moves them out first (once); the
+                // application's grant among them, if any, is the one replaced.
+                let (gver, old) = match Self::move_grants_apart(&mut t, &wave_id, &mut wave, &app.id) {
+                    Some(moved) => (0, moved),
+                    None => match existing {
+                        Some((v, g)) => (v, Some(g)),
+                        None => (0, None),
+                    },
+                };
+                if wave.grant_count() >= MAX_GRANTS as u64 && old.is_none() {
                     return Err(Error::precondition(
                         "WAVE_FULL",
                         &wave.id,
                         format!("a wave holds at most {MAX_GRANTS} grants"),
                     ));
                 }
-                wave.upsert_grant(GrantRecord {
+                let grant = GrantRecord {
                     application_id: app.id.clone(),
                     buyer_id: app.buyer_id.clone(),
                     product_sku: app.product_sku.clone(),
@@ -213,10 +292,12 @@ impl Licensing {
                     conditions: Some(conditions.clone()),
                     license_id: String::new(),
                     license_seq: 0,
-                })
-                .map_err(|e| wave_error(&wave.id, &app.id, e))?;
+                    place: 0,
+                };
+                let grant = wave.put_grant(old.as_ref(), grant).map_err(|e| wave_error(&wave.id, &app.id, e))?;
+                t.replace(grant_key, gver, encode(&grant));
+                t.zadd(keys::wave_grants(&wave_id), &grant.application_id, grant.place as f64);
                 let now = now_ms();
-                let mut t = Txn::new();
                 t.replace(keys::wave(&wave_id), wver, encode(&wave));
                 t.expect_version(keys::application(&app_id), aver);
                 emit(
@@ -246,7 +327,7 @@ impl Licensing {
                         if conditions.terms_pending { "pending" } else { "final" },
                     ),
                 );
-                Ok((t, pb::AddWaveGrantResponse { wave: Some(wave_to(&wave)) }))
+                Ok((t, pb::AddWaveGrantResponse { wave: Some(wave_to(&wave)), grant: Some(grant_to(&grant)) }))
             })
             .await?;
         Ok(answer)
@@ -265,10 +346,27 @@ impl Licensing {
         let idem = IdemKey::new(&self.inner.idem, "RemoveWaveGrant", &req.request_id, &req);
         let (answer, _) = self
             .run_in(Part::Desk, Some(&idem), || async {
-                let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id).await?;
-                wave.remove_grant(&req.application_id).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
-                let now = now_ms();
+                let app_id = ApplicationId::from_trusted(req.application_id.as_str());
+                let grant_key = keys::wave_grant(&wave_id, &app_id);
+                let ((wver, mut wave), existing) = tokio::try_join!(
+                    self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id),
+                    self.load::<GrantRecord>(grant_key.clone()),
+                )?;
                 let mut t = Txn::new();
+                let (gver, old) = match Self::move_grants_apart(&mut t, &wave_id, &mut wave, app_id.as_str()) {
+                    Some(moved) => (0, moved),
+                    None => match existing {
+                        Some((v, g)) => (v, Some(g)),
+                        None => (0, None),
+                    },
+                };
+                wave.take_grant(old.as_ref()).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
+                if gver > 0 {
+                    t.expect_version(grant_key.clone(), gver);
+                    t.delete(grant_key);
+                }
+                t.zrem(keys::wave_grants(&wave_id), app_id.as_str());
+                let now = now_ms();
                 t.replace(keys::wave(&wave_id), wver, encode(&wave));
                 emit(
                     &mut t,
@@ -278,7 +376,7 @@ impl Licensing {
                     pb::licensing_event::Kind::WaveChanged(pb::WaveChanged { wave_id: wave.id.clone() }),
                 );
                 record(&mut t, Part::Desk, ctx, now, "wave.grant_removed", &wave.id, req.application_id.clone());
-                Ok((t, pb::RemoveWaveGrantResponse { wave: Some(wave_to(&wave)) }))
+                Ok((t, pb::RemoveWaveGrantResponse { wave: Some(wave_to(&wave)), grant: old.as_ref().map(grant_to) }))
             })
             .await?;
         Ok(answer)
@@ -306,7 +404,7 @@ impl Licensing {
         ctx: &RequestContext,
         wave_id: &WaveId,
     ) -> Result<(Txn, pb::PublishWaveResponse), Error> {
-        let (wver, mut wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+        let (wver, mut wave) = self.load_wave(wave_id).await?;
         if wave.status() != WaveStatus::Draft {
             return Err(wave_error(wave_id, "", WaveError::Published));
         }
@@ -361,6 +459,8 @@ impl Licensing {
                 &Sku::from_trusted(app.product_sku.as_str()),
             ));
             t.zrem(keys::queue(), &app.id);
+            // The grant is held in the published wave's record from now on.
+            t.delete(keys::wave_grant(wave_id, &app_of(grant)));
             // The listing indexes name the licence from the decision on; its record follows in step 2
             // (a listing in between skips it).
             t.zadd(keys::licenses(), &lic.id, lic.seq as f64);
@@ -380,6 +480,7 @@ impl Licensing {
         wave.publish_ms = now;
         wave.pending_products = wave.products();
         t.replace(keys::wave(wave_id), wver, encode(&wave));
+        t.delete(keys::wave_grants(wave_id));
         t.sadd(keys::waves_pending(), wave_id);
         emit(
             &mut t,
@@ -404,7 +505,7 @@ impl Licensing {
     /// `wave_id` in force, then clears its pending list. Idempotent; a draft is left alone. Returns the
     /// wave as it then stands.
     pub(crate) async fn put_in_force(&self, ctx: &RequestContext, wave_id: &WaveId) -> Result<pb::Wave, Error> {
-        let (_, wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+        let (_, wave) = self.load_wave(wave_id).await?;
         if wave.status() != WaveStatus::Published {
             return Ok(wave_to(&wave));
         }
@@ -549,7 +650,7 @@ impl Licensing {
         let mut v = Violations::new();
         let wave_id = validate::parse::<WaveId>(&mut v, "wave_id", req.wave_id);
         let wave_id = validate::finish(v, wave_id)?;
-        let (_, wave) = self.require::<WaveRecord>(keys::wave(&wave_id), "wave", &wave_id).await?;
+        let (_, wave) = self.load_wave(&wave_id).await?;
         Ok(pb::GetWaveResponse { wave: Some(wave_to(&wave)) })
     }
 
@@ -557,9 +658,15 @@ impl Licensing {
         let mut v = Violations::new();
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
-        let (waves, next) = self
+        let (mut waves, next) = self
             .scan_index::<WaveRecord>(&keys::waves(), &page, true, |id| keys::wave(&WaveId::from_trusted(id)), |_| true)
             .await?;
+        // Drafts keep their grants apart: read them (the listing shows every wave's grants).
+        for w in waves.iter_mut().filter(|w| w.status() == WaveStatus::Draft && w.grants_apart > 0) {
+            let id = WaveId::from_trusted(w.id.as_str());
+            let apart = self.grants_apart(&id).await?;
+            w.hold_grants(apart);
+        }
         Ok(pb::ListWavesResponse { waves: waves.iter().map(wave_to).collect(), next_page_token: next })
     }
 }

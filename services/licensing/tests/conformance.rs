@@ -1009,6 +1009,184 @@ async fn held_quota_asked_again_behind_an_earlier_order_goes_back(store: Store) 
     assert_eq!(used(svc.clone()).await, 30);
 }
 
+/// A draft keeps each grant apart: AddWaveGrant and RemoveWaveGrant answer with the grant and the
+/// wave's figures (not every grant so far, so drafting n grants costs n, not n², in answers and
+/// their idempotency records), GetWave and ListWaves list the grants in the order they were added
+/// (a replaced grant keeps its place), and publishing holds them in the published wave. A draft
+/// written when drafts held their grants in their record reads and changes as before.
+async fn a_drafts_grants_are_kept_apart_and_answered_one_at_a_time(store: Store) {
+    let svc = service(store.clone()).await;
+    let apps = [
+        submit(&svc, "bytedance", "H200", 100).await,
+        submit(&svc, "alibaba", "H200", 200).await,
+        submit(&svc, "zhipu", "H200", 300).await,
+    ];
+    let wave = svc
+        .create_wave(Request::new(pb::CreateWaveRequest { request_id: rid(), display_name: "w".into() }))
+        .await
+        .unwrap()
+        .into_inner()
+        .wave
+        .unwrap();
+    let add = |app: &pb::Application, units: u64, request_id: String| {
+        let (svc, wave_id, app) = (svc.clone(), wave.wave_id.clone(), app.application_id.clone());
+        async move {
+            svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+                request_id,
+                wave_id,
+                application_id: app,
+                granted_units: units,
+                conditions: None,
+            }))
+            .await
+            .unwrap()
+            .into_inner()
+        }
+    };
+    let mut sizes = Vec::new();
+    for (app, units) in apps.iter().zip([10, 20, 30]) {
+        let r = add(app, units, rid()).await;
+        let (w, g) = (r.wave.clone().unwrap(), r.grant.clone().unwrap());
+        assert_eq!((g.application_id.as_str(), g.granted_units), (app.application_id.as_str(), units));
+        assert!(w.grants.is_empty(), "the answer carries no other grant");
+        sizes.push(r.encoded_len());
+    }
+    assert!(sizes[2] <= sizes[0] + 2, "an answer doesn't grow with the wave: {sizes:?}");
+    // Replaced: the count stays, the units change, the grant keeps its place.
+    let again = rid();
+    let r = add(&apps[0], 5, again.clone()).await;
+    let w = r.wave.clone().unwrap();
+    assert_eq!((w.grant_count, w.total_granted_units), (3, 55));
+    assert_eq!(add(&apps[0], 5, again).await, r, "a retry answers the same");
+    let get = || {
+        let (svc, wave_id) = (svc.clone(), wave.wave_id.clone());
+        async move { svc.get_wave(Request::new(pb::GetWaveRequest { wave_id })).await.unwrap().into_inner().wave.unwrap() }
+    };
+    let listed =
+        |w: &pb::Wave| w.grants.iter().map(|g| (g.application_id.clone(), g.granted_units)).collect::<Vec<_>>();
+    let id = |i: usize| apps[i].application_id.clone();
+    let w = get().await;
+    assert_eq!(listed(&w), vec![(id(0), 5), (id(1), 20), (id(2), 30)]);
+    assert_eq!((w.grant_count, w.total_granted_units), (3, 55));
+    let remove = |app: String| {
+        let (svc, wave_id) = (svc.clone(), wave.wave_id.clone());
+        async move {
+            svc.remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
+                request_id: rid(),
+                wave_id,
+                application_id: app,
+            }))
+            .await
+        }
+    };
+    let r = remove(id(1)).await.unwrap().into_inner();
+    assert_eq!(r.grant.unwrap().granted_units, 20);
+    assert_eq!((r.wave.as_ref().unwrap().grant_count, r.wave.unwrap().total_granted_units), (2, 35));
+    assert_eq!(remove(id(1)).await.unwrap_err().code(), Code::NotFound);
+    // Added again: at the end, a new place.
+    add(&apps[1], 21, rid()).await;
+    assert_eq!(listed(&get().await), vec![(id(0), 5), (id(2), 30), (id(1), 21)]);
+    let all = svc.list_waves(Request::new(pb::ListWavesRequest::default())).await.unwrap().into_inner().waves;
+    assert_eq!(listed(all.iter().find(|x| x.wave_id == wave.wave_id).unwrap()), listed(&get().await));
+    // Published: the licences follow the order the grants were added in, and the wave lists them.
+    let published = svc
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
+    assert_eq!(buyers, ["bytedance", "zhipu", "alibaba"]);
+    let w = get().await;
+    assert_eq!(listed(&w), vec![(id(0), 5), (id(2), 30), (id(1), 21)]);
+    assert_eq!((w.state(), w.grant_count, w.total_granted_units), (pb::WaveState::Published, 3, 56));
+    assert!(w.grants.iter().all(|g| !g.license_id.is_empty()));
+    let apart = chipgate_licensing::keys::wave_grants(&WaveId::from_trusted(wave.wave_id.as_str()));
+    assert_eq!(store.zcard(&apart).await.unwrap(), 0, "nothing is left apart once published");
+
+    // A draft as written before grants were kept apart: its record holds them.
+    let old = [
+        submit(&svc, "tencent", "H200", 100).await,
+        submit(&svc, "baidu", "H200", 100).await,
+        submit(&svc, "moonshot", "H200", 100).await,
+    ];
+    let legacy = WaveId::from_trusted("wave-900");
+    let grant = |a: &pb::Application, units| chipgate_domain::licensing::GrantRecord {
+        application_id: a.application_id.clone(),
+        buyer_id: a.buyer_id.clone(),
+        product_sku: a.product_sku.clone(),
+        granted: units,
+        ..Default::default()
+    };
+    let record = chipgate_domain::licensing::WaveRecord {
+        id: legacy.to_string(),
+        display_name: "old".into(),
+        status: chipgate_domain::licensing::WaveStatus::Draft as i32,
+        grants: vec![grant(&old[0], 1), grant(&old[1], 2)],
+        seq: 900,
+        ..Default::default()
+    };
+    let mut t = chipgate_state::Txn::new();
+    t.put(chipgate_licensing::keys::wave(&legacy), record.encode_to_vec());
+    store.commit(&t).await.unwrap();
+    let get_legacy = || {
+        let svc = svc.clone();
+        async move {
+            let r = svc.get_wave(Request::new(pb::GetWaveRequest { wave_id: "wave-900".into() })).await;
+            r.unwrap().into_inner().wave.unwrap()
+        }
+    };
+    let w = get_legacy().await;
+    assert_eq!(listed(&w), vec![(old[0].application_id.clone(), 1), (old[1].application_id.clone(), 2)]);
+    assert_eq!((w.grant_count, w.total_granted_units), (2, 3));
+    // Its first change moves its grants apart, in their order; one replaced keeps its place.
+    let r = svc
+        .add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+            request_id: rid(),
+            wave_id: "wave-900".into(),
+            application_id: old[0].application_id.clone(),
+            granted_units: 7,
+            conditions: None,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((r.wave.as_ref().unwrap().grant_count, r.wave.unwrap().total_granted_units), (2, 9));
+    svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+        request_id: rid(),
+        wave_id: "wave-900".into(),
+        application_id: old[2].application_id.clone(),
+        granted_units: 3,
+        conditions: None,
+    }))
+    .await
+    .unwrap();
+    let w = get_legacy().await;
+    let want = vec![
+        (old[0].application_id.clone(), 7),
+        (old[1].application_id.clone(), 2),
+        (old[2].application_id.clone(), 3),
+    ];
+    assert_eq!(listed(&w), want);
+    assert_eq!((w.grant_count, w.total_granted_units), (3, 12));
+    let r = svc
+        .remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
+            request_id: rid(),
+            wave_id: "wave-900".into(),
+            application_id: old[1].application_id.clone(),
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.wave.unwrap().grant_count, 2);
+    let published = svc
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: "wave-900".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    let buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
+    assert_eq!(buyers, ["tencent", "moonshot"]);
+}
+
 /// RecheckQuota answers, for quota held, whether the licence and the product's gates still allow it,
 /// in the words evaluation uses, and changes nothing.
 async fn held_quota_is_rechecked_against_the_licence_and_the_gates(store: Store) {
@@ -1434,6 +1612,7 @@ backend_tests!(
     items_queued_behind_take_nothing_but_can_be_rejected,
     items_asked_only_to_be_judged_take_nothing,
     held_quota_asked_again_behind_an_earlier_order_goes_back,
+    a_drafts_grants_are_kept_apart_and_answered_one_at_a_time,
     held_quota_is_rechecked_against_the_licence_and_the_gates,
     applications_for_unknown_products_are_refused,
     a_draft_wave_previews_what_its_publication_will_do,

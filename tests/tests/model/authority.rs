@@ -232,6 +232,35 @@ impl Authority {
         }
     }
 
+    /// A draft's grant count and granted units, as AddWaveGrant and RemoveWaveGrant answer them
+    /// (without the grants), against the model's.
+    fn check_counts(&self, kind: &str, got: &lpb::Wave) {
+        let m = self.ctx.model.lock().unwrap();
+        let want = &m.waves[&got.wave_id].grants;
+        let want = (want.len() as u64, want.iter().map(|g| g.1).sum::<u64>());
+        if (got.grant_count, got.total_granted_units) != want || !got.grants.is_empty() {
+            drop(m);
+            self.ctx.violation(format!(
+                "{kind}: wave {} answered {} grants ({} listed), {} units; the model {want:?}",
+                got.wave_id,
+                got.grant_count,
+                got.grants.len(),
+                got.total_granted_units
+            ));
+        }
+    }
+
+    /// A draft's grants as GetWave lists them, in the order they were added, against the model's
+    /// (a failed read, under faults, proves nothing and is skipped).
+    async fn check_draft(&self, wave_id: &str) {
+        let mut lic = self.party.lic.clone();
+        if let Ok(w) = lic.get_wave(lpb::GetWaveRequest { wave_id: wave_id.to_string() }).await
+            && let Some(w) = w.into_inner().wave
+        {
+            self.check_grants("GetWave", &w);
+        }
+    }
+
     fn check_grants(&self, kind: &str, got: &lpb::Wave) {
         let m = self.ctx.model.lock().unwrap();
         let want = m.waves[&got.wave_id].grants.clone();
@@ -283,6 +312,11 @@ impl Authority {
         }
         self.refused(&msg.request_id, &r);
         if let Ok(w) = r {
+            let g = w.grant.clone().unwrap_or_default();
+            let got = (g.application_id.clone(), g.granted_units, cond_from(&g.conditions.unwrap_or_default()));
+            if got != (app.id.clone(), units, cond.clone()) {
+                self.ctx.violation(format!("AddWaveGrant of {what} answered the grant {got:?}"));
+            }
             {
                 let mut m = self.ctx.model.lock().unwrap();
                 let wave = m.waves.get_mut(wave_id).expect("the draft");
@@ -292,7 +326,8 @@ impl Authority {
                 }
             }
             self.audited(&msg.request_id, "wave.grant_added");
-            self.check_grants("AddWaveGrant", &w.wave.unwrap_or_default());
+            self.check_counts("AddWaveGrant", &w.wave.unwrap_or_default());
+            self.check_draft(wave_id).await;
         }
     }
 
@@ -322,7 +357,11 @@ impl Authority {
         if let Ok(w) = r {
             self.ctx.model.lock().unwrap().waves.get_mut(wave_id).expect("the draft").grants.retain(|g| g.0 != app);
             self.audited(&msg.request_id, "wave.grant_removed");
-            self.check_grants("RemoveWaveGrant", &w.wave.unwrap_or_default());
+            if w.grant.as_ref().map(|g| g.application_id.as_str()) != Some(app) {
+                self.ctx.violation(format!("RemoveWaveGrant of {app} answered the grant {:?}", w.grant));
+            }
+            self.check_counts("RemoveWaveGrant", &w.wave.unwrap_or_default());
+            self.check_draft(wave_id).await;
         }
     }
 

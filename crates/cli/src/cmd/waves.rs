@@ -150,14 +150,26 @@ pub async fn wave(ctx: &Ctx, cmd: WaveCmd) -> Outcome {
                 conditions: Some(conditions.proto()),
             };
             let r = ctx.call(Svc::Licensing, Some(&rid), ctx.lic().add_wave_grant(ctx.req(msg))).await?;
-            show(ctx, &r, || view::print_wave(&r.wave.clone().unwrap_or_default()));
+            show(ctx, &r, || {
+                view::print_grant_change(
+                    "granted",
+                    &r.wave.clone().unwrap_or_default(),
+                    &r.grant.clone().unwrap_or_default(),
+                )
+            });
         }
         WaveCmd::Ungrant { wave, application } => {
             let rid = ctx.rid();
             let msg =
                 lpb::RemoveWaveGrantRequest { request_id: rid.clone(), wave_id: wave, application_id: application };
             let r = ctx.call(Svc::Licensing, Some(&rid), ctx.lic().remove_wave_grant(ctx.req(msg))).await?;
-            show(ctx, &r, || view::print_wave(&r.wave.clone().unwrap_or_default()));
+            show(ctx, &r, || {
+                view::print_grant_change(
+                    "removed",
+                    &r.wave.clone().unwrap_or_default(),
+                    &r.grant.clone().unwrap_or_default(),
+                )
+            });
         }
         WaveCmd::Publish { wave } => {
             let rid = ctx.rid();
@@ -203,7 +215,7 @@ pub async fn wave(ctx: &Ctx, cmd: WaveCmd) -> Outcome {
                         w.wave_id.clone(),
                         view::dash(&w.display_name),
                         view::wave_state(w),
-                        w.grants.len().to_string(),
+                        view::grant_count(w).to_string(),
                         thousands(w.total_granted_units),
                         view::ts_short(w.publish_time.as_ref()),
                     ]);
