@@ -22,7 +22,7 @@ use chipgate_domain::licensing::{
 };
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
-use chipgate_runtime::paging::Page;
+use chipgate_runtime::paging::{self, Page};
 use chipgate_runtime::service::Records;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
@@ -40,6 +40,11 @@ const RECOVER_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Most grants one wave may hold.
 pub const MAX_GRANTS: usize = 10_000;
+
+/// Most grants one page of ListWaves lists (it holds at least one wave, whatever its size): a page of
+/// full waves (about 90 bytes a grant) would otherwise pass gRPC's 4 MB message limit, which clients
+/// enforce when they decode.
+pub const MAX_LISTED_GRANTS: u64 = 20_000;
 
 fn wave_error(wave_id: &str, application_id: &str, e: WaveError) -> Error {
     match e {
@@ -658,9 +663,25 @@ impl Licensing {
         let mut v = Violations::new();
         let page = Page::parse(&mut v, req.page_size, &req.page_token);
         v.check().map_err(Error::Status)?;
-        let (mut waves, next) = self
+        let (mut waves, mut next) = self
             .scan_index::<WaveRecord>(&keys::waves(), &page, true, |id| keys::wave(&WaveId::from_trusted(id)), |_| true)
             .await?;
+        // The page ends early at the wave that would take it past MAX_LISTED_GRANTS; every wave is
+        // kept by the scan, so the next page starts right after the last one listed.
+        let mut listed = 0u64;
+        let fits = waves
+            .iter()
+            .position(|w| {
+                listed += w.grant_count();
+                listed > MAX_LISTED_GRANTS
+            })
+            .map(|i| i.max(1));
+        if let Some(n) = fits
+            && n < waves.len()
+        {
+            waves.truncate(n);
+            next = paging::token(&(page.offset() + n).to_string());
+        }
         // Drafts keep their grants apart: read them (the listing shows every wave's grants).
         for w in waves.iter_mut().filter(|w| w.status() == WaveStatus::Draft && w.grants_apart > 0) {
             let id = WaveId::from_trusted(w.id.as_str());

@@ -1187,6 +1187,56 @@ async fn a_drafts_grants_are_kept_apart_and_answered_one_at_a_time(store: Store)
     assert_eq!(buyers, ["tencent", "moonshot"]);
 }
 
+/// ListWaves ends a page early where its waves would hold more than 20,000 grants (a wave may hold
+/// 10,000; a page of full waves would pass gRPC's 4 MB message limit), always lists at least one
+/// wave, and its pages together list every wave once.
+async fn wave_listings_stay_under_the_message_limit(store: Store) {
+    let svc = service(store.clone()).await;
+    // Drafts as written before grants were kept apart (no applications are needed to list them):
+    // 12,000 grants each, more than a wave may take through the API, so two never share a page.
+    let mut t = chipgate_state::Txn::new();
+    for n in 1..=3u64 {
+        let id = WaveId::from_trusted(format!("wave-{n}"));
+        let grants = (0..12_000)
+            .map(|i| chipgate_domain::licensing::GrantRecord {
+                application_id: format!("app-{i}"),
+                buyer_id: "bytedance".into(),
+                product_sku: "H200".into(),
+                granted: 1,
+                ..Default::default()
+            })
+            .collect();
+        let w = chipgate_domain::licensing::WaveRecord {
+            id: id.to_string(),
+            status: chipgate_domain::licensing::WaveStatus::Draft as i32,
+            grants,
+            seq: n,
+            ..Default::default()
+        };
+        t.put(chipgate_licensing::keys::wave(&id), w.encode_to_vec());
+        t.zadd(chipgate_licensing::keys::waves(), id.as_str(), n as f64);
+    }
+    store.commit(&t).await.unwrap();
+    let mut token = String::new();
+    let mut seen = Vec::new();
+    for _ in 0..5 {
+        let r = svc
+            .list_waves(Request::new(pb::ListWavesRequest { page_size: 10, page_token: token }))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.waves.len(), 1, "one 12,000-grant wave per page");
+        assert!(r.encoded_len() < 4 << 20, "{} bytes", r.encoded_len());
+        assert_eq!(r.waves[0].grants.len(), 12_000);
+        seen.push(r.waves[0].wave_id.clone());
+        token = r.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(seen, ["wave-3", "wave-2", "wave-1"], "newest first, each once");
+}
+
 /// RecheckQuota answers, for quota held, whether the licence and the product's gates still allow it,
 /// in the words evaluation uses, and changes nothing.
 async fn held_quota_is_rechecked_against_the_licence_and_the_gates(store: Store) {
@@ -1613,6 +1663,7 @@ backend_tests!(
     items_asked_only_to_be_judged_take_nothing,
     held_quota_asked_again_behind_an_earlier_order_goes_back,
     a_drafts_grants_are_kept_apart_and_answered_one_at_a_time,
+    wave_listings_stay_under_the_message_limit,
     held_quota_is_rechecked_against_the_licence_and_the_gates,
     applications_for_unknown_products_are_refused,
     a_draft_wave_previews_what_its_publication_will_do,
