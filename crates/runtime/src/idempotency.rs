@@ -42,9 +42,26 @@ pub struct Idempotency {
     ttl: Duration,
 }
 
-/// SHA-256 (hex) of a request's encoding.
-pub fn fingerprint<M: Message>(msg: &M) -> String {
-    chipgate_state::sha256_hex(&msg.encode_to_vec())
+/// SHA-256 of a request's encoding: what tells a retry (the same request) from a different request
+/// under the same request id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint([u8; 32]);
+
+impl Fingerprint {
+    /// Its lower-case hex text (64 characters), as records written before compact ones kept it.
+    pub fn hex(&self) -> String {
+        chipgate_state::to_hex(&self.0)
+    }
+
+    /// The part a compact record keeps.
+    fn compact(&self) -> &[u8] {
+        &self.0[..FP_BYTES]
+    }
+}
+
+/// The [`Fingerprint`] of a request.
+pub fn fingerprint<M: Message>(msg: &M) -> Fingerprint {
+    Fingerprint(chipgate_state::sha256(&msg.encode_to_vec()))
 }
 
 impl Idempotency {
@@ -86,7 +103,7 @@ impl Idempotency {
         partition: Option<&Partition>,
         method: &str,
         request_id: &str,
-        fingerprint: &str,
+        fingerprint: &Fingerprint,
     ) -> Result<Option<R>, Status> {
         let key = self.key_in(partition, method, request_id);
         let rec = store.get(std::slice::from_ref(&key)).await.map_err(|e| errors::from_state(request_id, &e))?;
@@ -113,19 +130,13 @@ impl Idempotency {
         partition: Option<&Partition>,
         method: &str,
         request_id: &str,
-        fingerprint: &str,
+        fingerprint: &Fingerprint,
         answer: &R,
     ) {
         let key = self.key_in(partition, method, request_id);
         let mut data = Vec::with_capacity(1 + FP_BYTES + answer.encoded_len());
-        match compact(fingerprint) {
-            Some(fp) => {
-                data.push(COMPACT);
-                data.extend_from_slice(&fp);
-            }
-            // Not a hex fingerprint (never from [`fingerprint`]): kept whole, as records were.
-            None => data.extend_from_slice(fingerprint.as_bytes()),
-        }
+        data.push(COMPACT);
+        data.extend_from_slice(fingerprint.compact());
         answer.encode(&mut data).unwrap_or_default();
         txn.replace_with_ttl(key, 0, data, self.ttl);
     }
@@ -141,29 +152,17 @@ const FP_BYTES: usize = 16;
 /// Bytes of a fingerprint in the records written before compact ones (its hex text).
 const FP_HEX: usize = 64;
 
-/// The first [`FP_BYTES`] of a hex fingerprint (None when it is not hex).
-fn compact(fingerprint: &str) -> Option<[u8; FP_BYTES]> {
-    let hex = fingerprint.as_bytes().get(..FP_BYTES * 2)?;
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = [0u8; FP_BYTES];
-    for (o, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *o = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
-}
-
 /// Whether a stored record was written for the request of `fingerprint`, and its answer's bytes:
 /// compact records (a [`COMPACT`] byte, [`FP_BYTES`] of the fingerprint) and those written before
 /// them (the fingerprint's [`FP_HEX`] hex characters), which live out their TTL after an upgrade.
 /// None when the record is too short to be either.
-fn stored<'a>(data: &'a [u8], fingerprint: &str) -> Option<(bool, &'a [u8])> {
+fn stored<'a>(data: &'a [u8], fingerprint: &Fingerprint) -> Option<(bool, &'a [u8])> {
     if data.first() == Some(&COMPACT) {
         let fp = data.get(1..=FP_BYTES)?;
-        let same = compact(fingerprint).is_some_and(|mine| mine == fp);
-        return Some((same, &data[1 + FP_BYTES..]));
+        return Some((fp == fingerprint.compact(), &data[1 + FP_BYTES..]));
     }
     let (fp, body) = (data.get(..FP_HEX)?, data.get(FP_HEX..)?);
-    Some((fp == fingerprint.as_bytes(), body))
+    Some((fp == fingerprint.hex().as_bytes(), body))
 }
 
 #[cfg(test)]
@@ -211,7 +210,7 @@ mod tests {
         let rec = store.get(&[idem.key("M", "new")]).await.expect("get").remove(0).expect("stored");
         assert_eq!(rec.data.len(), 1 + FP_BYTES + answer.encoded_len());
         // As an earlier version wrote it: the hex fingerprint, then the answer.
-        let mut old = fa.as_bytes().to_vec();
+        let mut old = fa.hex().into_bytes();
         answer.encode(&mut old).expect("encode");
         let mut t = Txn::new();
         t.put(idem.key("M", "old"), old);

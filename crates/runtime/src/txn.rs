@@ -12,7 +12,7 @@ use chipgate_state::{Backend, CommitError, Committed, Partition, Store, Txn};
 use prost::Message;
 use tonic::Status;
 
-use crate::idempotency::{Idempotency, fingerprint};
+use crate::idempotency::{Fingerprint, Idempotency, fingerprint};
 
 /// Attempts before a call gives up with ABORTED.
 pub const MAX_ATTEMPTS: u32 = 16;
@@ -36,7 +36,7 @@ pub struct IdemKey<'a> {
     /// The caller's request id.
     pub request_id: &'a str,
     /// Fingerprint of the request.
-    pub fingerprint: String,
+    pub fingerprint: Fingerprint,
     /// The partition the call's effect commits in (its answer is kept there too); None: the space's
     /// own slot.
     pub partition: Option<Partition>,

@@ -33,6 +33,16 @@ pub fn sha256_hex(data: &[u8]) -> String {
     sha256::hex(data)
 }
 
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> [u8; 32] {
+    sha256::digest(data)
+}
+
+/// Lower-case hex of `bytes`.
+pub fn to_hex(bytes: &[u8]) -> String {
+    sha256::to_hex(bytes)
+}
+
 /// The hash that links an audit entry to the previous one: `SHA-256(prev || entry_digest)`, both given
 /// as 64-character hex strings. Exposed so verifiers recompute exactly what the backends computed.
 pub fn audit_link(prev_hex: &str, digest_hex: &str) -> Option<String> {

@@ -9,6 +9,11 @@ pub fn hex(data: &[u8]) -> String {
     to_hex(&Sha256::digest(data))
 }
 
+/// SHA-256 of `data`.
+pub fn digest(data: &[u8]) -> [u8; 32] {
+    Sha256::digest(data).into()
+}
+
 /// Lower-case hex of bytes.
 pub fn to_hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

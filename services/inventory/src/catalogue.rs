@@ -181,7 +181,7 @@ impl Inventory {
         let ctx = RequestContext::background("catalogue", None);
         let n = products.len();
         for p in products {
-            let fp = chipgate_runtime::idempotency::fingerprint(&p);
+            let fp = chipgate_runtime::idempotency::fingerprint(&p).hex();
             let req =
                 pb::UpsertProductRequest { request_id: format!("catalogue:{}:{}", p.sku, &fp[..16]), product: Some(p) };
             self.upsert_product(&ctx, req).await?;
