@@ -94,23 +94,25 @@ impl Licensing {
     /// fails if any grant changed since, as every change of a grant rewrites the record.
     ///
     /// # Errors
-    /// NOT_FOUND for an unknown wave.
+    /// NOT_FOUND for an unknown wave; [`Error::Contention`] when its grants keep changing while they
+    /// are read.
     pub(crate) async fn load_wave(&self, wave_id: &WaveId) -> Result<(u64, WaveRecord), Error> {
-        let mut tries = 0;
-        loop {
-            let (ver, mut wave) = self.require::<WaveRecord>(keys::wave(wave_id), "wave", wave_id).await?;
+        let key = keys::wave(wave_id);
+        for _ in 0..READ_TRIES {
+            let (ver, mut wave) = self.require::<WaveRecord>(key.clone(), "wave", wave_id).await?;
             if wave.status() != WaveStatus::Draft || wave.grants_apart == 0 {
                 return Ok((ver, wave));
             }
             let apart = self.grants_apart(wave_id).await?;
-            tries += 1;
-            // The grants as counted when the record was read: none changed in between.
-            let units: u64 = apart.iter().map(|g| g.granted).sum();
-            if (apart.len() as u64 == wave.grants_apart && units == wave.units_apart) || tries >= READ_TRIES {
+            // Every change of a grant rewrites the wave's record: the same version after the grants
+            // were read means they are the ones it counts.
+            let now = self.store().get(std::slice::from_ref(&key)).await?.pop().flatten().map(|r| r.version);
+            if now == Some(ver) {
                 wave.hold_grants(apart);
                 return Ok((ver, wave));
             }
         }
+        Err(Error::Contention { attempts: READ_TRIES as u32 })
     }
 
     /// Draft `wave_id`'s grants kept apart, in no particular order.
@@ -684,9 +686,7 @@ impl Licensing {
         }
         // Drafts keep their grants apart: read them (the listing shows every wave's grants).
         for w in waves.iter_mut().filter(|w| w.status() == WaveStatus::Draft && w.grants_apart > 0) {
-            let id = WaveId::from_trusted(w.id.as_str());
-            let apart = self.grants_apart(&id).await?;
-            w.hold_grants(apart);
+            *w = self.load_wave(&WaveId::from_trusted(w.id.as_str())).await?.1;
         }
         Ok(pb::ListWavesResponse { waves: waves.iter().map(wave_to).collect(), next_page_token: next })
     }
