@@ -49,14 +49,14 @@ fn licence_of(id: &str) -> LicenceId {
     LicenceId::from_trusted(id)
 }
 
-/// Writes the reservation of product `sku`'s order `order_id`, guarded by the version it was read
-/// at: in its stored form ([`ReservationRecord::to_stored`], read back by
-/// [`Licensing::load_reservations`] with the key's product and order) when the record's own are
-/// exactly those, else whole (so nothing the key doesn't say is ever left out).
 /// Why quota an order's own generation held went back, when asked again while it may not take any
 /// ([`ReserveCheck::Withdraw`]); the event lists the reservation released with it.
 const WITHDRAWN: &str = "given back: asked again while it may not take quota (its first answer never landed)";
 
+/// Writes the reservation of product `sku`'s order `order_id`, guarded by the version it was read
+/// at: in its stored form ([`ReservationRecord::to_stored`], read back by
+/// [`Licensing::load_reservations`] with the key's product and order) when the record's own are
+/// exactly those, else whole (so nothing the key doesn't say is ever left out).
 fn put_reservation(t: &mut Txn, sku: &Sku, order_id: &str, read_version: u64, r: &ReservationRecord) {
     let data = if r.product_sku == sku.as_str() && r.order_id == order_id { r.to_stored() } else { encode(r) };
     t.replace(keys::reservation(sku, &order_of(order_id)), read_version, data);
@@ -304,7 +304,7 @@ impl Licensing {
                         released.set_status(ReservationStatus::Released);
                         released.update_ms = now;
                         released.release_reason = reason;
-                        if old.generation < it.generation {
+                        if let ReserveCheck::Supersede { .. } = check {
                             // An older generation's is kept, released, or a later release of that
                             // generation would give the same units back a second time.
                             put_reservation(&mut t, sku, &it.order_id, ver, &released);
@@ -408,24 +408,14 @@ impl Licensing {
                 }),
             );
         }
-        record(
-            &mut t,
-            Part::Product(sku),
-            ctx,
-            now,
-            "quota.decided",
-            sku,
-            if withdrawn_detail.is_empty() {
-                format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" "))
-            } else {
-                format!(
-                    "reserved [{}]; refused [{}]; given back (never landed) [{}]",
-                    reserved_detail.join(" "),
-                    refused_detail.join(" "),
-                    withdrawn_detail.join(" ")
-                )
-            },
-        );
+        record(&mut t, Part::Product(sku), ctx, now, "quota.decided", sku, {
+            let mut detail =
+                format!("reserved [{}]; refused [{}]", reserved_detail.join(" "), refused_detail.join(" "));
+            if !withdrawn_detail.is_empty() {
+                detail.push_str(&format!("; given back (never landed) [{}]", withdrawn_detail.join(" ")));
+            }
+            detail
+        });
         Ok((t, pb::BatchReserveQuotaResponse { results }))
     }
 
