@@ -123,30 +123,31 @@ impl Licensing {
         Ok(self.load_many::<GrantRecord>(&grant_keys).await?.into_iter().flatten().map(|(_, g)| g).collect())
     }
 
-    /// Of a draft written before grants were kept apart (it holds them in its record): writes them
-    /// into `t` as records of their own ([`WaveRecord::move_grants_apart`]), except application
-    /// `except`'s, which it returns (Some(None) when there is none) for the caller to write or
-    /// drop. None for any other wave (nothing to move). The caller writes the wave record in the
-    /// same commit.
-    fn move_grants_apart(
+    /// The application `app`'s grant in `wave` and the version its record was read at (0: none):
+    /// `existing`, its own record as read. A draft written before grants were kept apart holds them
+    /// in its record instead: they are moved out into `t` as records of their own
+    /// ([`WaveRecord::move_grants_apart`]), except the application's, which is returned unwritten for
+    /// the caller to write or drop. The caller writes the wave record in the same commit.
+    fn draft_grant(
         t: &mut Txn,
         wave_id: &WaveId,
         wave: &mut WaveRecord,
-        except: &str,
-    ) -> Option<Option<GrantRecord>> {
+        app: &str,
+        existing: Option<(u64, GrantRecord)>,
+    ) -> (u64, Option<GrantRecord>) {
         if wave.status() != WaveStatus::Draft || wave.grants.is_empty() {
-            return None;
+            return existing.map_or((0, None), |(v, g)| (v, Some(g)));
         }
         let mut kept = None;
         for g in wave.move_grants_apart() {
-            if g.application_id == except {
+            if g.application_id == app {
                 kept = Some(g);
                 continue;
             }
             t.replace(keys::wave_grant(wave_id, &app_of(&g)), 0, encode(&g));
             t.zadd(keys::wave_grants(wave_id), &g.application_id, g.place as f64);
         }
-        Some(kept)
+        (0, kept)
     }
 
     /// The licences publishing draft `wave_id` now would create, numbered as they would be if nothing
@@ -277,13 +278,7 @@ impl Licensing {
                 let mut t = Txn::new();
                 // A draft written before grants were kept apart moves them out first (once); the
                 // application's grant among them, if any, is the one replaced.
-                let (gver, old) = match Self::move_grants_apart(&mut t, &wave_id, &mut wave, &app.id) {
-                    Some(moved) => (0, moved),
-                    None => match existing {
-                        Some((v, g)) => (v, Some(g)),
-                        None => (0, None),
-                    },
-                };
+                let (gver, old) = Self::draft_grant(&mut t, &wave_id, &mut wave, &app.id, existing);
                 if wave.grant_count() >= MAX_GRANTS as u64 && old.is_none() {
                     return Err(Error::precondition(
                         "WAVE_FULL",
@@ -360,13 +355,7 @@ impl Licensing {
                     self.load::<GrantRecord>(grant_key.clone()),
                 )?;
                 let mut t = Txn::new();
-                let (gver, old) = match Self::move_grants_apart(&mut t, &wave_id, &mut wave, app_id.as_str()) {
-                    Some(moved) => (0, moved),
-                    None => match existing {
-                        Some((v, g)) => (v, Some(g)),
-                        None => (0, None),
-                    },
-                };
+                let (gver, old) = Self::draft_grant(&mut t, &wave_id, &mut wave, app_id.as_str(), existing);
                 wave.take_grant(old.as_ref()).map_err(|e| wave_error(&wave.id, &req.application_id, e))?;
                 if gver > 0 {
                     t.expect_version(grant_key.clone(), gver);
