@@ -173,6 +173,17 @@ pub fn grant_count(w: &lpb::Wave) -> u64 {
     w.grant_count.max(w.grants.len() as u64)
 }
 
+/// A wave's id, name, state and figures, as both views of a wave print them first.
+fn wave_figures(w: &lpb::Wave) -> Vec<(&'static str, String)> {
+    vec![
+        ("wave", w.wave_id.clone()),
+        ("name", dash(&w.display_name)),
+        ("state", wave_state(w)),
+        ("grants", grant_count(w).to_string()),
+        ("granted units", thousands(w.total_granted_units)),
+    ]
+}
+
 /// One grant added to (`verb` "granted") or removed from ("removed") a draft wave, and the wave's
 /// figures after it: AddWaveGrant and RemoveWaveGrant answer without the wave's other grants.
 pub fn print_grant_change(verb: &str, w: &lpb::Wave, g: &lpb::WaveGrant) {
@@ -184,27 +195,16 @@ pub fn print_grant_change(verb: &str, w: &lpb::Wave, g: &lpb::WaveGrant) {
         g.buyer_id,
         conditions_text(g.conditions.as_ref())
     ));
-    crate::out::fields(&[
-        ("wave", w.wave_id.clone()),
-        ("name", dash(&w.display_name)),
-        ("state", wave_state(w)),
-        ("grants", grant_count(w).to_string()),
-        ("granted units", thousands(w.total_granted_units)),
-    ]);
+    crate::out::fields(&wave_figures(w));
     crate::out::say(&format!("every grant: chipgate wave show {}", w.wave_id));
 }
 
 /// A wave for people: its figures and its grants.
 pub fn print_wave(w: &lpb::Wave) {
-    crate::out::fields(&[
-        ("wave", w.wave_id.clone()),
-        ("name", dash(&w.display_name)),
-        ("state", wave_state(w)),
-        ("grants", grant_count(w).to_string()),
-        ("granted units", thousands(w.total_granted_units)),
-        ("created", ts_short(w.create_time.as_ref())),
-        ("published", ts_short(w.publish_time.as_ref())),
-    ]);
+    let mut fields = wave_figures(w);
+    fields.push(("created", ts_short(w.create_time.as_ref())));
+    fields.push(("published", ts_short(w.publish_time.as_ref())));
+    crate::out::fields(&fields);
     crate::out::say("");
     let mut t = crate::out::Table::new(&["APPLICATION", "BUYER", "PRODUCT", ">GRANTED", "CONDITIONS", "LICENCE"]);
     for g in &w.grants {
