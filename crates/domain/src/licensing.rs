@@ -1647,16 +1647,21 @@ mod tests {
         assert_eq!(fields, ["valid_until", "domestic_ratio_bps"]);
         assert!(Conditions::default().problems().is_empty());
     }
-    #[test]
-    fn reservation_generations_fence_off_stale_calls() {
-        let r = ReservationRecord {
+    /// Order "o"'s 10 units of lic-1, held by its generation 2.
+    fn held_at_generation_2() -> ReservationRecord {
+        ReservationRecord {
             order_id: "o".into(),
             generation: 2,
             license_id: "lic-1".into(),
             units: 10,
             status: ReservationStatus::Held as i32,
             ..Default::default()
-        };
+        }
+    }
+
+    #[test]
+    fn reservation_generations_fence_off_stale_calls() {
+        let r = held_at_generation_2();
         assert_eq!(r.check_reserve(2, true), ReserveCheck::AlreadyHeld);
         assert_eq!(r.check_reserve(1, true), ReserveCheck::Stale);
         assert_eq!(
@@ -1672,14 +1677,7 @@ mod tests {
 
     #[test]
     fn quota_held_by_an_ask_that_may_not_take_any_is_withdrawn() {
-        let r = ReservationRecord {
-            order_id: "o".into(),
-            generation: 2,
-            license_id: "lic-1".into(),
-            units: 10,
-            status: ReservationStatus::Held as i32,
-            ..Default::default()
-        };
+        let r = held_at_generation_2();
         // Held by this generation, asked again behind an earlier order (or only to be judged): the
         // decision that took it never landed, so it goes back.
         assert_eq!(r.check_reserve(2, false), ReserveCheck::Withdraw { license_id: "lic-1".into(), units: 10 });

@@ -112,6 +112,44 @@ async fn publish(svc: &Licensing, grants: &[(&str, u64, pb::LicenseConditions)])
         .into_inner()
 }
 
+/// Adds (or replaces) application `app`'s grant of `units` (no conditions) to wave `wave_id`, as the
+/// call `request_id`.
+async fn grant(svc: &Licensing, wave_id: &str, app: &str, units: u64, request_id: String) -> pb::AddWaveGrantResponse {
+    svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
+        request_id,
+        wave_id: wave_id.into(),
+        application_id: app.into(),
+        granted_units: units,
+        conditions: None,
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+/// Removes application `app`'s grant from wave `wave_id`.
+async fn ungrant(svc: &Licensing, wave_id: &str, app: &str) -> Result<pb::RemoveWaveGrantResponse, tonic::Status> {
+    let req = pb::RemoveWaveGrantRequest { request_id: rid(), wave_id: wave_id.into(), application_id: app.into() };
+    svc.remove_wave_grant(Request::new(req)).await.map(tonic::Response::into_inner)
+}
+
+/// Wave `wave_id` as GetWave shows it.
+async fn wave_of(svc: &Licensing, wave_id: &str) -> pb::Wave {
+    svc.get_wave(Request::new(pb::GetWaveRequest { wave_id: wave_id.into() })).await.unwrap().into_inner().wave.unwrap()
+}
+
+/// Confirms order `order`'s H200 quota of `generation`.
+async fn confirm(svc: &Licensing, order: &str, generation: u64) {
+    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest {
+        request_id: rid(),
+        order_id: order.into(),
+        generation,
+        product_sku: "H200".into(),
+    }))
+    .await
+    .unwrap();
+}
+
 async fn authorize_export(svc: &Licensing, sku: &str) {
     svc.grant_export_authorization(Request::new(pb::GrantExportAuthorizationRequest {
         request_id: rid(),
@@ -635,14 +673,7 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 30);
 
     // Confirmed quota survives an unwind that leaves confirmed orders alone, but not a cancel.
-    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest {
-        request_id: rid(),
-        order_id: "o1".into(),
-        generation: 3,
-        product_sku: "H200".into(),
-    }))
-    .await
-    .unwrap();
+    confirm(&svc, "o1", 3).await;
     let l = license(&svc, &lic.license_id).await;
     assert_eq!((l.used_units, l.confirmed_units), (30, 30));
     assert_eq!(release("o1", 3, true).await.state(), pb::ReservationState::Confirmed);
@@ -996,14 +1027,7 @@ async fn held_quota_asked_again_behind_an_earlier_order_goes_back(store: Store) 
     batch_release(&svc, "H200", "o3", 1).await;
     assert_eq!(used(svc.clone()).await, 30);
     // Confirmed quota came from a decision that landed: asked behind an earlier order, still held.
-    svc.confirm_quota(Request::new(pb::ConfirmQuotaRequest {
-        request_id: rid(),
-        order_id: "o2".into(),
-        generation: 1,
-        product_sku: "H200".into(),
-    }))
-    .await
-    .unwrap();
+    confirm(&svc, "o2", 1).await;
     let r = batch(&svc, vec![pb::QuotaItem { queued_behind: "o1".into(), ..item("o2", 1, "bytedance", 30) }]).await;
     assert_eq!(r[0].reservation.as_ref().map(|x| x.state()), Some(pb::ReservationState::Confirmed), "{:?}", r[0]);
     assert_eq!(used(svc.clone()).await, 30);
@@ -1021,6 +1045,7 @@ async fn a_drafts_grants_are_kept_apart_and_answered_one_at_a_time(store: Store)
         submit(&svc, "alibaba", "H200", 200).await,
         submit(&svc, "zhipu", "H200", 300).await,
     ];
+    let id = |i: usize| apps[i].application_id.clone();
     let wave = svc
         .create_wave(Request::new(pb::CreateWaveRequest { request_id: rid(), display_name: "w".into() }))
         .await
@@ -1028,79 +1053,49 @@ async fn a_drafts_grants_are_kept_apart_and_answered_one_at_a_time(store: Store)
         .into_inner()
         .wave
         .unwrap();
-    let add = |app: &pb::Application, units: u64, request_id: String| {
-        let (svc, wave_id, app) = (svc.clone(), wave.wave_id.clone(), app.application_id.clone());
-        async move {
-            svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
-                request_id,
-                wave_id,
-                application_id: app,
-                granted_units: units,
-                conditions: None,
-            }))
-            .await
-            .unwrap()
-            .into_inner()
-        }
-    };
+    let w_id = wave.wave_id.as_str();
     let mut sizes = Vec::new();
-    for (app, units) in apps.iter().zip([10, 20, 30]) {
-        let r = add(app, units, rid()).await;
+    for (i, units) in [10, 20, 30].into_iter().enumerate() {
+        let r = grant(&svc, w_id, &id(i), units, rid()).await;
         let (w, g) = (r.wave.clone().unwrap(), r.grant.clone().unwrap());
-        assert_eq!((g.application_id.as_str(), g.granted_units), (app.application_id.as_str(), units));
+        assert_eq!((g.application_id, g.granted_units), (id(i), units));
         assert!(w.grants.is_empty(), "the answer carries no other grant");
         sizes.push(r.encoded_len());
     }
     assert!(sizes[2] <= sizes[0] + 2, "an answer doesn't grow with the wave: {sizes:?}");
     // Replaced: the count stays, the units change, the grant keeps its place.
     let again = rid();
-    let r = add(&apps[0], 5, again.clone()).await;
+    let r = grant(&svc, w_id, &id(0), 5, again.clone()).await;
     let w = r.wave.clone().unwrap();
     assert_eq!((w.grant_count, w.total_granted_units), (3, 55));
-    assert_eq!(add(&apps[0], 5, again).await, r, "a retry answers the same");
-    let get = || {
-        let (svc, wave_id) = (svc.clone(), wave.wave_id.clone());
-        async move { svc.get_wave(Request::new(pb::GetWaveRequest { wave_id })).await.unwrap().into_inner().wave.unwrap() }
-    };
+    assert_eq!(grant(&svc, w_id, &id(0), 5, again).await, r, "a retry answers the same");
     let listed =
         |w: &pb::Wave| w.grants.iter().map(|g| (g.application_id.clone(), g.granted_units)).collect::<Vec<_>>();
-    let id = |i: usize| apps[i].application_id.clone();
-    let w = get().await;
+    let w = wave_of(&svc, w_id).await;
     assert_eq!(listed(&w), vec![(id(0), 5), (id(1), 20), (id(2), 30)]);
     assert_eq!((w.grant_count, w.total_granted_units), (3, 55));
-    let remove = |app: String| {
-        let (svc, wave_id) = (svc.clone(), wave.wave_id.clone());
-        async move {
-            svc.remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
-                request_id: rid(),
-                wave_id,
-                application_id: app,
-            }))
-            .await
-        }
-    };
-    let r = remove(id(1)).await.unwrap().into_inner();
+    let r = ungrant(&svc, w_id, &id(1)).await.unwrap();
     assert_eq!(r.grant.unwrap().granted_units, 20);
     assert_eq!((r.wave.as_ref().unwrap().grant_count, r.wave.unwrap().total_granted_units), (2, 35));
-    assert_eq!(remove(id(1)).await.unwrap_err().code(), Code::NotFound);
+    assert_eq!(ungrant(&svc, w_id, &id(1)).await.unwrap_err().code(), Code::NotFound);
     // Added again: at the end, a new place.
-    add(&apps[1], 21, rid()).await;
-    assert_eq!(listed(&get().await), vec![(id(0), 5), (id(2), 30), (id(1), 21)]);
+    grant(&svc, w_id, &id(1), 21, rid()).await;
+    assert_eq!(listed(&wave_of(&svc, w_id).await), vec![(id(0), 5), (id(2), 30), (id(1), 21)]);
     let all = svc.list_waves(Request::new(pb::ListWavesRequest::default())).await.unwrap().into_inner().waves;
-    assert_eq!(listed(all.iter().find(|x| x.wave_id == wave.wave_id).unwrap()), listed(&get().await));
+    assert_eq!(listed(all.iter().find(|x| x.wave_id == w_id).unwrap()), listed(&wave_of(&svc, w_id).await));
     // Published: the licences follow the order the grants were added in, and the wave lists them.
     let published = svc
-        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: wave.wave_id.clone() }))
+        .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: w_id.into() }))
         .await
         .unwrap()
         .into_inner();
     let buyers: Vec<&str> = published.licenses.iter().map(|l| l.buyer_id.as_str()).collect();
     assert_eq!(buyers, ["bytedance", "zhipu", "alibaba"]);
-    let w = get().await;
+    let w = wave_of(&svc, w_id).await;
     assert_eq!(listed(&w), vec![(id(0), 5), (id(2), 30), (id(1), 21)]);
     assert_eq!((w.state(), w.grant_count, w.total_granted_units), (pb::WaveState::Published, 3, 56));
     assert!(w.grants.iter().all(|g| !g.license_id.is_empty()));
-    let apart = chipgate_licensing::keys::wave_grants(&WaveId::from_trusted(wave.wave_id.as_str()));
+    let apart = chipgate_licensing::keys::wave_grants(&WaveId::from_trusted(w_id));
     assert_eq!(store.zcard(&apart).await.unwrap(), 0, "nothing is left apart once published");
 
     // A draft as written before grants were kept apart: its record holds them.
@@ -1109,8 +1104,9 @@ async fn a_drafts_grants_are_kept_apart_and_answered_one_at_a_time(store: Store)
         submit(&svc, "baidu", "H200", 100).await,
         submit(&svc, "moonshot", "H200", 100).await,
     ];
+    let old_id = |i: usize| old[i].application_id.clone();
     let legacy = WaveId::from_trusted("wave-900");
-    let grant = |a: &pb::Application, units| chipgate_domain::licensing::GrantRecord {
+    let held = |a: &pb::Application, units| chipgate_domain::licensing::GrantRecord {
         application_id: a.application_id.clone(),
         buyer_id: a.buyer_id.clone(),
         product_sku: a.product_sku.clone(),
@@ -1121,63 +1117,24 @@ async fn a_drafts_grants_are_kept_apart_and_answered_one_at_a_time(store: Store)
         id: legacy.to_string(),
         display_name: "old".into(),
         status: chipgate_domain::licensing::WaveStatus::Draft as i32,
-        grants: vec![grant(&old[0], 1), grant(&old[1], 2)],
+        grants: vec![held(&old[0], 1), held(&old[1], 2)],
         seq: 900,
         ..Default::default()
     };
     let mut t = chipgate_state::Txn::new();
     t.put(chipgate_licensing::keys::wave(&legacy), record.encode_to_vec());
     store.commit(&t).await.unwrap();
-    let get_legacy = || {
-        let svc = svc.clone();
-        async move {
-            let r = svc.get_wave(Request::new(pb::GetWaveRequest { wave_id: "wave-900".into() })).await;
-            r.unwrap().into_inner().wave.unwrap()
-        }
-    };
-    let w = get_legacy().await;
-    assert_eq!(listed(&w), vec![(old[0].application_id.clone(), 1), (old[1].application_id.clone(), 2)]);
+    let w = wave_of(&svc, "wave-900").await;
+    assert_eq!(listed(&w), vec![(old_id(0), 1), (old_id(1), 2)]);
     assert_eq!((w.grant_count, w.total_granted_units), (2, 3));
     // Its first change moves its grants apart, in their order; one replaced keeps its place.
-    let r = svc
-        .add_wave_grant(Request::new(pb::AddWaveGrantRequest {
-            request_id: rid(),
-            wave_id: "wave-900".into(),
-            application_id: old[0].application_id.clone(),
-            granted_units: 7,
-            conditions: None,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
+    let r = grant(&svc, "wave-900", &old_id(0), 7, rid()).await;
     assert_eq!((r.wave.as_ref().unwrap().grant_count, r.wave.unwrap().total_granted_units), (2, 9));
-    svc.add_wave_grant(Request::new(pb::AddWaveGrantRequest {
-        request_id: rid(),
-        wave_id: "wave-900".into(),
-        application_id: old[2].application_id.clone(),
-        granted_units: 3,
-        conditions: None,
-    }))
-    .await
-    .unwrap();
-    let w = get_legacy().await;
-    let want = vec![
-        (old[0].application_id.clone(), 7),
-        (old[1].application_id.clone(), 2),
-        (old[2].application_id.clone(), 3),
-    ];
-    assert_eq!(listed(&w), want);
+    grant(&svc, "wave-900", &old_id(2), 3, rid()).await;
+    let w = wave_of(&svc, "wave-900").await;
+    assert_eq!(listed(&w), vec![(old_id(0), 7), (old_id(1), 2), (old_id(2), 3)]);
     assert_eq!((w.grant_count, w.total_granted_units), (3, 12));
-    let r = svc
-        .remove_wave_grant(Request::new(pb::RemoveWaveGrantRequest {
-            request_id: rid(),
-            wave_id: "wave-900".into(),
-            application_id: old[1].application_id.clone(),
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.wave.unwrap().grant_count, 2);
+    assert_eq!(ungrant(&svc, "wave-900", &old_id(1)).await.unwrap().wave.unwrap().grant_count, 2);
     let published = svc
         .publish_wave(Request::new(pb::PublishWaveRequest { request_id: rid(), wave_id: "wave-900".into() }))
         .await
