@@ -933,6 +933,17 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// All members of a set, sorted.
     fn smembers(&self, key: &str) -> impl Future<Output = StateResult<Vec<String>>> + Send;
 
+    /// The record at `key`, then the members of set `set` (sorted), read in that order in one
+    /// round trip when both are in one slot (two reads in that order otherwise). The order is the
+    /// point: a writer that adds to the set and moves the record in one commit is either seen in
+    /// the set or has moved the record past the version read, so a commit guarded on that version
+    /// can't land without knowing the member (a product's waves epoch and its unsettled waves).
+    fn get_then_members(
+        &self,
+        key: &str,
+        set: &str,
+    ) -> impl Future<Output = StateResult<(Option<Record>, Vec<String>)>> + Send;
+
     /// Stream entries with ids strictly after `after` (or from the start when `None`), oldest first.
     fn xrange(
         &self,
@@ -1118,6 +1129,9 @@ impl Backend for Store {
     }
     async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {
         dispatch!(self, b => b.smembers(key).await)
+    }
+    async fn get_then_members(&self, key: &str, set: &str) -> StateResult<(Option<Record>, Vec<String>)> {
+        dispatch!(self, b => b.get_then_members(key, set).await)
     }
     async fn xrange(&self, key: &str, after: Option<&str>, count: usize) -> StateResult<Vec<StreamEntry>> {
         dispatch!(self, b => b.xrange(key, after, count).await)

@@ -549,6 +549,17 @@ impl Backend for MemoryBackend {
         Ok(self.lock()?.sets.get(key).map(|s| s.iter().cloned().collect()).unwrap_or_default())
     }
 
+    async fn get_then_members(&self, key: &str, set: &str) -> StateResult<(Option<Record>, Vec<String>)> {
+        // One lock: no commit lands between the two reads.
+        let mut inner = self.lock()?;
+        let record = match inner.live_str(key) {
+            Some(Str { value: StrValue::Record(r), .. }) => Some(r.clone()),
+            _ => None,
+        };
+        let members = inner.sets.get(set).map(|s| s.iter().cloned().collect()).unwrap_or_default();
+        Ok((record, members))
+    }
+
     async fn xrange(&self, key: &str, after: Option<&str>, count: usize) -> StateResult<Vec<StreamEntry>> {
         let inner = self.lock()?;
         let Some(stream) = inner.streams.get(key) else {

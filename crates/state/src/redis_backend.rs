@@ -1424,6 +1424,22 @@ impl Backend for RedisBackend {
         Ok(members)
     }
 
+    async fn get_then_members(&self, key: &str, set: &str) -> StateResult<(Option<Record>, Vec<String>)> {
+        if crate::key_slot(key) != crate::key_slot(set) {
+            // Two nodes, perhaps: one read after the other keeps the order.
+            let record = self.get(&[key.to_string()]).await?.pop().flatten();
+            return Ok((record, self.smembers(set).await?));
+        }
+        // A pipeline on one connection runs its commands in order, on the node of their slot.
+        let mut pipe = redis::pipe();
+        pipe.cmd("GET").arg(key).cmd("SMEMBERS").arg(set);
+        let mut conn = self.inner.conn.get();
+        let (raw, mut members): (Option<Vec<u8>>, Vec<String>) =
+            pipe.query_async(&mut conn).await.map_err(|e| self.inner.conn.failed(e))?;
+        members.sort();
+        Ok((raw.map(|bytes| parse_record(key, bytes)).transpose()?, members))
+    }
+
     async fn xrange(&self, key: &str, after: Option<&str>, count: usize) -> StateResult<Vec<StreamEntry>> {
         let start = after.map(|a| format!("({a}")).unwrap_or_else(|| "-".to_string());
         let v: Value = self.query(redis::cmd("XRANGE").arg(key).arg(start).arg("+").arg("COUNT").arg(count)).await?;

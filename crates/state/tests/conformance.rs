@@ -719,6 +719,54 @@ async fn hashes_move_in_one_step_under_a_lease(store: Store) {
     assert_eq!(got.fields[0].0, "f04500");
 }
 
+/// A record and then a set, read in one step: never a set older than the record (a writer that adds
+/// a member and moves the record in one commit is seen in the set whenever its version is), whether
+/// the two share a slot or not. Across slots the two reads are apart, and reading them the other
+/// way round fails here; in one slot Redis runs one connection's pipeline in order, and the race a
+/// reversed pipeline would open is too narrow for this to see.
+async fn a_record_then_a_set_are_read_in_that_order(store: Store) {
+    let unit = S.partition("p1");
+    let pairs = [(unit.key(["epoch"]), unit.key(["members"])), (k(&["epoch"]), S.partition("p2").key(["members"]))];
+    for (key, set) in pairs {
+        assert_eq!(store.get_then_members(&key, &set).await.unwrap(), (None, vec![]));
+        let writer = {
+            let (store, key, set) = (store.clone(), key.clone(), set.clone());
+            tokio::spawn(async move {
+                for v in 0..60u64 {
+                    // One commit in one slot; across slots the member lands first.
+                    let mut t = Txn::new();
+                    t.sadd(&set, format!("m{v:03}"));
+                    if chipgate_state::key_slot(&key) != chipgate_state::key_slot(&set) {
+                        store.commit(&t).await.unwrap();
+                        t = Txn::new();
+                    }
+                    t.replace(&key, v, v.to_string().into_bytes());
+                    store.commit(&t).await.unwrap();
+                }
+            })
+        };
+        let mut reads = 0;
+        loop {
+            let done = writer.is_finished();
+            let (record, members) = store.get_then_members(&key, &set).await.unwrap();
+            let version = record.map_or(0, |r| r.version);
+            assert!(
+                members.len() as u64 >= version,
+                "{key}: version {version} read with only {} members",
+                members.len()
+            );
+            assert!(members.windows(2).all(|w| w[0] < w[1]), "sorted");
+            reads += 1;
+            if done {
+                break;
+            }
+        }
+        writer.await.unwrap();
+        let (record, members) = store.get_then_members(&key, &set).await.unwrap();
+        assert_eq!((record.map(|r| r.version), members.len()), (Some(60), 60), "after {reads} reads");
+    }
+}
+
 backend_tests!(
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
@@ -730,6 +778,7 @@ backend_tests!(
     records_with_ttl_expire,
     sorted_sets_order_by_score_then_member,
     hashes_sets_and_counters,
+    a_record_then_a_set_are_read_in_that_order,
     streams_append_in_transactions,
     consumer_groups_deliver_once_and_reclaim,
     a_missing_group_says_so,

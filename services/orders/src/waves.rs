@@ -168,10 +168,11 @@ impl Orders {
     /// snapshot started between the two reads is among the waves or moves the epoch past the one
     /// read (a guarded commit then conflicts).
     pub(crate) async fn unsettled(&self, sku: &Sku) -> Result<Unsettled, Error> {
-        let epoch =
-            self.store().get(&[keys::waves_epoch(sku)]).await?.into_iter().flatten().next().map_or(0, |r| r.version);
-        let waves = self.unsettled_waves(sku).await?;
-        Ok(Unsettled { epoch, waves })
+        // One round trip (both keys are in the product's slot), every round waits on it.
+        let (epoch, waves) =
+            self.store().get_then_members(&keys::waves_epoch(sku), &keys::unsettled_waves(sku)).await?;
+        let epoch = epoch.map_or(0, |r| r.version);
+        Ok(Unsettled { epoch, waves: waves.into_iter().map(WaveId::from_trusted).collect() })
     }
 
     /// Clears `sku`'s unsettled marks of the waves among `waves` whose snapshot for it is empty.
