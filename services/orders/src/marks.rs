@@ -133,6 +133,18 @@ impl Marks {
         first
     }
 
+    /// The orders of `buyer` whose placements marked it (the ids their marks name): when
+    /// [`Marks::placed_only`] holds, the orders a round judges first, so it may read them beside
+    /// what it starts from instead of after it.
+    pub fn placed_orders<'a>(&'a self, buyer: &str) -> impl Iterator<Item = &'a str> + 'a {
+        self.awaiting
+            .get(buyer)
+            .into_iter()
+            .flatten()
+            .filter(|c| c.kind() == CauseKind::Placed && !c.reference.is_empty())
+            .map(|c| c.reference.as_str())
+    }
+
     /// The causes that concern a buyer's holders.
     pub fn holder_causes(&self, buyer: &str) -> Vec<Cause> {
         let mut c: Vec<Cause> = self.holders.get(buyer).cloned().unwrap_or_default();
@@ -174,6 +186,10 @@ mod tests {
         assert_eq!(m.placed_only(&sku, "b1"), Some(9));
         assert_eq!(m.placed_only(&sku, "b2"), None, "a placement mark naming no order");
         assert_eq!(m.placed_only(&sku, "b3"), None, "not marked");
+        let mut named: Vec<&str> = m.placed_orders("b1").collect();
+        named.sort();
+        assert_eq!(named, ["ord-H200-12", "ord-H200-30", "ord-H200-9"]);
+        assert_eq!(m.placed_orders("b2").count(), 0, "a placement mark naming no order");
         assert_eq!(m.placed_only(&Sku::from_trusted("B200"), "b1"), None, "another product's orders");
         // Any other change that concerns the buyer (or everybody) means a full look.
         for other in ["a|b1|quota-returned:lic-1", "h|b1|suspended:lic-1", "a|*|embargo-lifted:H200", "h|*|reconciled:"]

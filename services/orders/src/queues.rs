@@ -13,10 +13,12 @@
 //! [`Merge`] is the bookkeeping, with no I/O; [`Queues`] reads the pages for it.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::ops::Bound;
 
 use chipgate_domain::ids::{BuyerId, Sku};
+use chipgate_domain::orders::OrderRecord;
+use chipgate_runtime::records::Loaded;
 use chipgate_runtime::service::Records;
 use chipgate_state::Backend;
 use futures_util::future::try_join_all;
@@ -131,6 +133,8 @@ pub(crate) struct Queues {
     sku: Sku,
     buyers: Vec<String>,
     merge: Merge,
+    /// Orders read before their batch was cut, by key (see [`Queues::prefetched`]).
+    prefetched: HashMap<String, Loaded<OrderRecord>>,
 }
 
 impl Queues {
@@ -138,7 +142,21 @@ impl Queues {
     /// up to placement number `last`.
     pub(crate) fn new(sku: &Sku, buyers: Vec<String>, starts: &[Option<u64>], last: u64) -> Self {
         let merge = Merge::new(starts, last, PAGE);
-        Queues { sku: sku.clone(), buyers, merge }
+        Queues { sku: sku.clone(), buyers, merge, prefetched: HashMap::new() }
+    }
+
+    /// Keeps orders read ahead (`keys`, as read) for the batch that hands them out.
+    pub(crate) fn prefetch(&mut self, keys: Vec<String>, orders: Vec<Loaded<OrderRecord>>) {
+        self.prefetched.extend(keys.into_iter().zip(orders));
+    }
+
+    /// The orders at `keys` when every one of them was read ahead (each is handed out once: a batch
+    /// decided again reads its orders afresh); None when any was not.
+    pub(crate) fn prefetched(&mut self, keys: &[String]) -> Option<Vec<Loaded<OrderRecord>>> {
+        if self.prefetched.is_empty() || !keys.iter().all(|k| self.prefetched.contains_key(k)) {
+            return None;
+        }
+        keys.iter().map(|k| self.prefetched.remove(k)).collect()
     }
 
     /// Adds the first page of the queues ([`first_pages`], in buyer order) read from where they

@@ -60,6 +60,17 @@ const STANDINGS_CHUNK: usize = 500;
 /// Other traces a round links to at most (each further cause of the same round is only counted).
 const MAX_LINKS: usize = 16;
 
+/// What a round that evaluated waiting orders leaves for the start of the next round of its pass
+/// ([`Orders::finish_leftover`]): the check for wave snapshots taken while it ran must follow its
+/// last commit, and done there, beside the next round's marks step, it costs the placements that
+/// round judges no round trip of their own (it cost every round one, after its last commit).
+pub(crate) struct Leftover {
+    /// The unsettled waves the round knew of (its commits left their snapshots).
+    known: Vec<WaveId>,
+    /// The orders the round took out of waiting.
+    left: Vec<String>,
+}
+
 /// A round's evaluation of waiting orders, carried from one batch to the next: the decisions'
 /// state ([`Evaluation`]) and what the driver needs beside it.
 struct Evaluating<'a> {
@@ -304,10 +315,12 @@ impl Orders {
         // Marks whose work the rounds so far have done; they leave the working hash in the same
         // step that takes the next round's marks (see [`Self::round`]).
         let mut finished: HashSet<String> = HashSet::new();
+        // What the last round left for the next one's start (see [`Leftover`]).
+        let mut leftover: Option<Leftover> = None;
         loop {
             // Each round counts: placement waits for the first round that starts after its commit.
             progress.send_modify(|p| p.started += 1);
-            let result = self.round(lease, &mut finished).await;
+            let result = self.round(lease, &mut finished, &mut leftover).await;
             progress.send_modify(|p| p.completed += 1);
             if !result? {
                 return Ok(());
@@ -319,24 +332,42 @@ impl Orders {
     /// rounds of the pass did the work of: the one step that takes this round's marks
     /// ([`chipgate_state::Backend::hash_move`], one round trip) clears them from the working hash,
     /// then moves the marks set since from the dirty hash in (a mark set again since it was done
-    /// comes back), and this round's own marks are added once its work is done.
-    async fn round(&self, lease: &mut Lease, finished: &mut HashSet<String>) -> Result<bool, Error> {
+    /// comes back), and this round's own marks are added once its work is done. `leftover` is what
+    /// the previous round left to do, done beside that step; this round leaves its own there.
+    async fn round(
+        &self,
+        lease: &mut Lease,
+        finished: &mut HashSet<String>,
+        leftover: &mut Option<Leftover>,
+    ) -> Result<bool, Error> {
         {
             let began = Instant::now();
             // One step: the marks done by earlier rounds leave the working hash, and the marks set
             // since move in from the dirty hash; what the working hash then holds is this round's.
             let forget: Vec<String> = finished.drain().collect();
-            let Some(taken) = self
-                .store()
-                .hash_move(
-                    &keys::dirty(&lease.sku),
-                    &keys::working(&lease.sku),
-                    &forget,
-                    &keys::lease(&lease.sku),
-                    lease.token,
-                )
-                .await?
-            else {
+            let previous = leftover.take();
+            let lease_now: &Lease = lease;
+            let (moved, ()) = tokio::try_join!(
+                async {
+                    self.store()
+                        .hash_move(
+                            &keys::dirty(&lease_now.sku),
+                            &keys::working(&lease_now.sku),
+                            &forget,
+                            &keys::lease(&lease_now.sku),
+                            lease_now.token,
+                        )
+                        .await
+                        .map_err(Error::from)
+                },
+                async {
+                    match previous {
+                        Some(l) => self.finish_leftover(lease_now, l).await,
+                        None => Ok(()),
+                    }
+                },
+            )?;
+            let Some(taken) = moved else {
                 return Err(Error::Superseded(format!("lease of {} was lost", lease.sku)));
             };
             if taken.fields.is_empty() {
@@ -362,9 +393,10 @@ impl Orders {
             let links: Vec<&str> = causes.iter().skip(1).take(MAX_LINKS).map(String::as_str).collect();
             let span = telemetry::work_span(&mut ctx, "reconcile round", &lease.sku, &links);
             let result = self.round_work(&ctx, lease, &marks, taken.kept > 0, began).instrument(span).await;
-            if result.is_ok() {
+            let result = result.map(|left| {
                 finished.extend(marks.fields.iter().cloned());
-            }
+                *leftover = left;
+            });
             let elapsed = began.elapsed();
             self.inner.counters.rounds.get_or_create(&[("product", lease.sku.to_string())]).inc();
             self.inner.counters.round_seconds.observe(elapsed.as_secs_f64());
@@ -373,7 +405,8 @@ impl Orders {
     }
 
     /// The work of a round, once its marks are taken; `resumed` when some of them were left by a
-    /// pass cut short (they were in the working hash already).
+    /// pass cut short (they were in the working hash already). Returns what is left for the next
+    /// round's start.
     async fn round_work(
         &self,
         ctx: &RequestContext,
@@ -381,7 +414,7 @@ impl Orders {
         marks: &Marks,
         resumed: bool,
         began: Instant,
-    ) -> Result<(), Error> {
+    ) -> Result<Option<Leftover>, Error> {
         if marks.any_holders() {
             self.recheck_holders(ctx, lease, marks).await?;
         }
@@ -391,8 +424,10 @@ impl Orders {
             self.drain_backlog(ctx, lease, &marks.drain[0], &HashMap::new()).await?;
         }
         let mut left_waiting: HashMap<String, Cause> = HashMap::new();
+        let mut leftover = None;
         if marks.any_awaiting() {
-            left_waiting = self.evaluate_awaiting(ctx, lease, marks).await?;
+            let (backlogged, left) = self.evaluate_awaiting(ctx, lease, marks).await?;
+            (left_waiting, leftover) = (backlogged, Some(left));
         }
         let evaluated = began.elapsed();
         // A pass cut short after its evaluation committed (its lease lost during the drain, a failed
@@ -413,18 +448,20 @@ impl Orders {
             total_ms = began.elapsed().as_millis() as u64,
             "round done"
         );
-        Ok(())
+        Ok(leftover)
     }
 
     /// Waiting orders of the marked buyers, oldest first: take quota (and stock, when nobody waits for
-    /// it ahead of them), wait, or be rejected. Returns the orders left waiting for stock in the backlog.
+    /// it ahead of them), wait, or be rejected. Returns the orders left waiting for stock in the
+    /// backlog, and the check of the waves' snapshots left for the next round's start.
     async fn evaluate_awaiting(
         &self,
         ctx: &RequestContext,
         lease: &mut Lease,
         marks: &Marks,
-    ) -> Result<HashMap<String, Cause>, Error> {
+    ) -> Result<(HashMap<String, Cause>, Leftover), Error> {
         let sku = lease.sku.clone();
+        let began = Instant::now();
         let buyers: Vec<String> = if marks.all_awaiting.is_empty() {
             marks.awaiting.keys().cloned().collect()
         } else {
@@ -439,12 +476,24 @@ impl Orders {
         let from: Vec<Option<u64>> = buyers.iter().map(|b| marks.placed_only(&sku, b)).collect();
         let standing_keys: Vec<String> =
             buyers.iter().map(|b| keys::standing(&sku, &BuyerId::from_trusted(b.as_str()))).collect();
+        // The orders whose placements alone marked their buyers are judged first (where the buyers'
+        // standings allow): read beside the rest, so the first batch has its orders at once. Only
+        // as many as one batch takes; an order read here and changed before its batch commits fails
+        // that commit's version guard like any other.
+        let marked: Vec<String> = buyers
+            .iter()
+            .zip(&from)
+            .filter(|(_, f)| f.is_some())
+            .flat_map(|(b, _)| marks.placed_orders(b))
+            .take(self.batch_size(&sku))
+            .map(|id| keys::order(&OrderId::from_trusted(id)))
+            .collect();
         // Everything the evaluation starts from, read at once (each read is a round trip every
         // placement waits on): the buyers' queues (from the new orders on where only placements
         // marked the buyer); the unsettled waves, read after the marks were taken so a wave whose
         // publication marked this round is among them; whether anybody waits in the backlog; the
         // product's allocation policy; and where the buyers' orders stood.
-        let (first, last, unsettled, backlog_len, policy, standings) = tokio::try_join!(
+        let (first, last, unsettled, backlog_len, policy, standings, marked_orders) = tokio::try_join!(
             crate::queues::first_pages(self, &sku, &buyers, &from),
             // Orders placed after this are the next round's (their placements marked it).
             async { self.store().incr(&keys::seq(&sku), 0).await.map_err(Error::from) },
@@ -452,7 +501,9 @@ impl Orders {
             async { self.store().zcard(&keys::backlog(&sku)).await.map_err(Error::from) },
             self.allocation_policy(&sku),
             async { self.load_many::<Standing>(&standing_keys).await },
+            async { if marked.is_empty() { Ok(Vec::new()) } else { self.load_orders(&marked).await } },
         )?;
+        let read_us = began.elapsed().as_micros() as u64;
         let causes: HashMap<String, Vec<Cause>> =
             buyers.iter().map(|b| (b.clone(), marks.awaiting_causes(b))).collect();
         // Orders that take quota can take stock in the same step while nobody waits ahead of them in
@@ -484,8 +535,10 @@ impl Orders {
         let pages = first.into_iter().zip(from.iter().zip(&starts)).map(|(p, (f, s))| (f == s).then_some(p)).collect();
         let mut queue = Queues::new(&sku, buyers.clone(), &starts, last);
         queue.fill_first(pages);
+        queue.prefetch(marked, marked_orders);
         let mut stage = Evaluating { causes: &causes, unsettled, evaluation, left_waiting: Vec::new() };
         let mut backlogged = self.evaluate_in_batches(ctx, lease, &mut queue, &mut stage).await?;
+        let batches_us = began.elapsed().as_micros() as u64;
         // A buyer's order left waiting before a later order of theirs took quota in this round was
         // judged against quota that is gone now: its reasons miss it (and a later order of the buyer
         // may name the wrong order to queue behind). So is a buyer whose new order would have been
@@ -518,11 +571,7 @@ impl Orders {
             stage.unsettled = fresh.unsettled;
             stale = fresh.evaluation.stale_buyers();
         }
-        let unsettled =
-            self.leave_snapshots_taken_meanwhile(lease, &stage.unsettled.waves, &stage.left_waiting).await?;
-        if !unsettled.is_empty() {
-            self.settle_waves(&sku, &unsettled).await?;
-        }
+        let rejudged_us = began.elapsed().as_micros() as u64;
         // Where the buyers' orders stand now, for the next round marked only by their placements.
         let standing: Vec<(String, u64, Option<Standing>, Standing)> = buyers
             .iter()
@@ -535,7 +584,26 @@ impl Orders {
             })
             .collect();
         self.keep_standings(lease, standing).await?;
-        Ok(backlogged)
+        tracing::debug!(
+            %sku,
+            read_us,
+            batches_us,
+            rejudged_us,
+            standings_us = began.elapsed().as_micros() as u64,
+            "evaluation steps (cumulative)"
+        );
+        Ok((backlogged, Leftover { known: stage.unsettled.waves, left: stage.left_waiting }))
+    }
+
+    /// The waves' side of a round, done at the next round's start beside its marks step (or at the
+    /// pass's end): the orders the round took out of waiting leave the snapshots taken while it ran
+    /// ([`Self::leave_snapshots_taken_meanwhile`]), and waves whose snapshot is empty settle.
+    async fn finish_leftover(&self, lease: &Lease, leftover: Leftover) -> Result<(), Error> {
+        let unsettled = self.leave_snapshots_taken_meanwhile(lease, &leftover.known, &leftover.left).await?;
+        if !unsettled.is_empty() {
+            self.settle_waves(&lease.sku, &unsettled).await?;
+        }
+        Ok(())
     }
 
     /// Writes where buyers' orders stand now (key, version read, as read, as now), each unless
@@ -595,7 +663,8 @@ impl Orders {
     /// The round's commits are now guarded on the product's waves epoch ([`crate::waves::Unsettled`]),
     /// so none lands without knowing a snapshot started before it, and this finds nothing to do. It
     /// stays for snapshots started by a replica of the previous version during a rollout (their
-    /// first step does not move the epoch); it costs one read per round.
+    /// first step does not move the epoch); it costs one read per round, at the next round's start
+    /// ([`Leftover`]).
     async fn leave_snapshots_taken_meanwhile(
         &self,
         lease: &Lease,
@@ -745,7 +814,10 @@ impl Orders {
             return Ok(None);
         }
         let keys: Vec<String> = chunk.iter().map(|id| keys::order(&OrderId::from_trusted(id.as_str()))).collect();
-        let orders = self.read_orders(&keys).await?;
+        let orders = match queue.prefetched(&keys) {
+            Some(orders) => orders,
+            None => self.read_orders(&keys).await?,
+        };
         Ok(Some(ReadBatch { keys, orders }))
     }
 
