@@ -193,6 +193,7 @@ impl Licensing {
         draft: &[LicenseRecord],
     ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
         let now = now_ms();
+        let began = std::time::Instant::now();
         let orders: Vec<&str> = items.iter().map(|it| it.order_id.as_str()).collect();
         let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
         buyers.sort_unstable();
@@ -215,6 +216,7 @@ impl Licensing {
             world.licences.extend(self.load_many::<LicenseRecord>(&missing).await?.into_iter().flatten());
         }
         let versions: HashMap<String, u64> = world.licences.iter().map(|(v, l)| (l.id.clone(), *v)).collect();
+        let read = began.elapsed();
 
         // Older generations still holding quota give it back first (the order has moved on).
         let mut licences: HashMap<String, LicenseRecord> =
@@ -389,6 +391,12 @@ impl Licensing {
         if t.is_empty() && reserved_detail.is_empty() && refused_detail.is_empty() && withdrawn_detail.is_empty() {
             return Ok((t, pb::BatchReserveQuotaResponse { results }));
         }
+        tracing::debug!(
+            items = items.len(),
+            read_us = read.as_micros() as u64,
+            plan_us = (began.elapsed() - read).as_micros() as u64,
+            "quota decided"
+        );
         // The decision stands only if the product's gates are as read.
         t.expect_version(keys::policy(sku), world.policy_version);
         t.expect_version(keys::exports(sku), world.exports_version);
