@@ -177,15 +177,21 @@ impl Orders {
     /// record repeats), one answer per key.
     pub(crate) async fn load_orders(&self, keys: &[String]) -> Result<Vec<Loaded<OrderRecord>>, Error> {
         let raw = self.store().get(keys).await?;
-        raw.into_iter()
-            .zip(keys)
-            .map(|(r, key)| match r {
-                None => Ok(None),
-                Some(rec) => OrderRecord::from_stored(&rec.data)
-                    .map(|o| Some((rec.version, o)))
-                    .map_err(|e| LoadError::Corrupt { key: key.clone(), reason: e.to_string() }.into()),
-            })
-            .collect()
+        // Sized up front: collecting into a `Result<Vec<_>, _>` knows no lower bound and grows the
+        // vector by doubling, which for a pro-rata drain's whole backlog (tens of thousands of
+        // orders) copies the records several times over into fresh pages.
+        let mut loaded = Vec::with_capacity(raw.len());
+        for (r, key) in raw.into_iter().zip(keys) {
+            loaded.push(match r {
+                None => None,
+                Some(rec) => Some((
+                    rec.version,
+                    OrderRecord::from_stored(&rec.data)
+                        .map_err(|e| LoadError::Corrupt { key: key.clone(), reason: e.to_string() })?,
+                )),
+            });
+        }
+        Ok(loaded)
     }
 
     /// Reads one order ([`Orders::load_orders`]).
