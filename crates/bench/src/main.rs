@@ -91,6 +91,11 @@ pub struct Args {
     /// How the wave parts' waiting orders are put in place before the wave.
     #[arg(long, value_enum, default_value = "bulk")]
     pub seed: Seed,
+    /// With the bulk seed, one more FIFO wave over this many orders placed one `PlaceOrder` at a
+    /// time, as buyers place them (`--seed place`), for the Redis bytes per order production keeps:
+    /// the bulk seed writes no idempotency records and no commit receipts. 0 skips it.
+    #[arg(long, default_value_t = 20_000)]
+    pub placed_orders: usize,
     /// Run the wave parts and the naive baseline with authentication off (to see what it costs;
     /// by default they run with it on, as operators do; *place* measures both every run).
     #[arg(long)]
@@ -143,6 +148,7 @@ async fn main() -> std::process::ExitCode {
         args.duration = args.duration.min(Duration::from_secs(1));
         args.in_flight = args.in_flight.min(16);
         args.audit_entries = args.audit_entries.min(2_000);
+        args.placed_orders = args.placed_orders.min(300);
     }
     let mut results = report::Results { args: format!("{args:?}"), ..Default::default() };
     use chipgate_proto::orders::v1::AllocationStrategy;
@@ -171,6 +177,11 @@ async fn main() -> std::process::ExitCode {
             if !args.no_alongside {
                 results.wave_alongside =
                     Some(wave::run(&args, AllocationStrategy::Fifo, BackendKind::Redis, true).await);
+            }
+            if args.seed == Seed::Bulk && args.placed_orders > 0 {
+                let placed = Args { orders: args.placed_orders, seed: Seed::Place, ..args.clone() };
+                results.wave_placed =
+                    Some(wave::run(&placed, AllocationStrategy::Fifo, BackendKind::Redis, false).await);
             }
         }
         if cluster {

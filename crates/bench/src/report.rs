@@ -38,6 +38,9 @@ pub struct Results {
     pub wave_alongside: Option<WaveResult>,
     /// The FIFO wave on a Redis Cluster.
     pub wave_cluster: Option<WaveResult>,
+    /// A smaller FIFO wave over orders placed one `PlaceOrder` at a time (`--placed-orders`): the
+    /// Redis bytes per order production keeps.
+    pub wave_placed: Option<WaveResult>,
     /// Naive baseline.
     pub naive: Option<NaiveResult>,
     /// Audit checkpoints and verification.
@@ -86,6 +89,17 @@ fn cpu_rows(label: &str, c: &crate::cpu::CpuUse, orders: u64) {
     if !top.is_empty() {
         let calls: u64 = c.commands.iter().map(|(_, n, _)| n).sum();
         row(&format!("{label}: redis commands/order"), format!("{:.1}", per_order(calls)), &top.join(", "));
+    }
+}
+
+/// Where a wave's Redis bytes went, by key family (with `--memory-breakdown`).
+fn memory_rows(w: &WaveResult) {
+    for (family, keys, bytes) in w.memory.iter().take(16) {
+        row(
+            &format!("  {family}"),
+            format!("{:.0} B/order", *bytes as f64 / w.orders.max(1) as f64),
+            &format!("{keys} keys, {bytes} B"),
+        );
     }
 }
 
@@ -179,21 +193,16 @@ pub fn print(r: &Results) {
             "redis bytes per order",
             format!("{:.0}", w.bytes_per_order),
             &format!(
-                "target ≤ 1024: {} (while waiting: {:.0})",
+                "target ≤ 1024: {} (while waiting: {:.0}); orders {}",
                 verdict(w.bytes_per_order <= 1024.0),
-                w.bytes_per_waiting_order
+                w.bytes_per_waiting_order,
+                if w.placed { "placed one PlaceOrder at a time" } else { "bulk-seeded" }
             ),
         );
         row("quota in use = units moved", format!("{}", w.quota_check), "");
         row("progress settled", format!("{}", w.progress_settled), "every concerned order evaluated, settle time set");
         cpu_rows("wave", &w.cpu, w.orders as u64);
-        for (family, keys, bytes) in w.memory.iter().take(16) {
-            row(
-                &format!("  {family}"),
-                format!("{:.0} B/order", *bytes as f64 / w.orders.max(1) as f64),
-                &format!("{keys} keys, {bytes} B"),
-            );
-        }
+        memory_rows(w);
         row(
             "FIFO: buyers served / gap (pp)",
             format!("{}/{} / {:.1}", w.buyers_served, w.buyers, w.share_gap_pp),
@@ -235,6 +244,20 @@ pub fn print(r: &Results) {
             ),
             None => row("place during a wave", "-".into(), "every product is in the wave (--products < 3)"),
         }
+    }
+    if let Some(w) = &r.wave_placed {
+        row(
+            "redis bytes per order, placed",
+            format!("{:.0}", w.bytes_per_order),
+            &format!(
+                "target ≤ 1024: {} (while waiting: {:.0}); {} orders placed one PlaceOrder at a time, then a wave ({:.0} orders/s)",
+                verdict(w.bytes_per_order <= 1024.0),
+                w.bytes_per_waiting_order,
+                w.orders,
+                w.rate()
+            ),
+        );
+        memory_rows(w);
     }
     if let Some(w) = &r.wave_cluster {
         row(
@@ -326,8 +349,13 @@ pub fn write(args: &Args, r: &Results) -> std::io::Result<()> {
             "first_move_ms": w.first_move.as_secs_f64() * 1000.0,
             "reserved": w.reserved, "backordered": w.backordered,
             "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
-            "quota_check": w.quota_check, "progress_settled": w.progress_settled, "auth": w.auth,
+            "quota_check": w.quota_check, "progress_settled": w.progress_settled, "auth": w.auth, "placed": w.placed,
             "over_redis_ceiling": r.redis.as_ref().map(|x| w.rate() / x.scripts_per_sec.max(1e-9)),
+        })),
+        "wave_placed": r.wave_placed.as_ref().map(|w| json!({
+            "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
+            "bytes_per_order": w.bytes_per_order, "bytes_per_waiting_order": w.bytes_per_waiting_order,
+            "quota_check": w.quota_check, "progress_settled": w.progress_settled,
         })),
         "wave_pro_rata": r.wave_pro_rata.as_ref().map(|w| json!({
             "orders": w.orders, "seconds": w.elapsed.as_secs_f64(), "per_sec": w.rate(),
@@ -437,9 +465,15 @@ pub fn faults(r: &Results) -> Vec<String> {
             w.alongside_not_reserved
         ));
     }
-    for w in [r.wave.as_ref(), r.wave_pro_rata.as_ref(), r.wave_alongside.as_ref(), r.wave_cluster.as_ref()]
-        .into_iter()
-        .flatten()
+    for w in [
+        r.wave.as_ref(),
+        r.wave_pro_rata.as_ref(),
+        r.wave_alongside.as_ref(),
+        r.wave_cluster.as_ref(),
+        r.wave_placed.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
     {
         let settled = (w.reserved + w.backordered) as usize;
         if settled != w.orders {

@@ -67,6 +67,9 @@ pub struct WaveResult {
     pub memory: Vec<(String, u64, u64)>,
     /// Whether the cluster ran with authentication on (`--no-auth` turns it off).
     pub auth: bool,
+    /// Whether its waiting orders were placed one `PlaceOrder` at a time (`--seed place`) rather
+    /// than bulk-loaded.
+    pub placed: bool,
 }
 
 impl WaveResult {
@@ -347,6 +350,7 @@ pub async fn run(args: &Args, strategy: opb::AllocationStrategy, backend: Backen
         alongside_not_reserved: not_reserved.load(std::sync::atomic::Ordering::Relaxed),
         memory,
         auth: !args.no_auth,
+        placed: args.seed == Seed::Place,
     }
 }
 
