@@ -29,7 +29,7 @@ use chipgate_domain::inventory::{HoldRecord, StockRecord};
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::idempotency::Idempotency;
 use chipgate_runtime::locks::KeyedLocks;
-use chipgate_runtime::records::{LoadError, Loaded};
+use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::server::{ServerConfig, ServiceSpec};
 use chipgate_runtime::{RequestContext, Shutdown};
 use chipgate_state::{Backend, Store, Txn};
@@ -107,15 +107,9 @@ impl Inventory {
     async fn load_holds(&self, sku: &Sku, orders: &[OrderId]) -> Result<Vec<Loaded<HoldRecord>>, Error> {
         let hkeys: Vec<String> = orders.iter().map(|o| keys::hold(sku, o)).collect();
         let raw = self.store().get(&hkeys).await?;
-        raw.into_iter()
-            .zip(hkeys.into_iter().zip(orders))
-            .map(|(r, (key, order))| match r {
-                None => Ok(None),
-                Some(rec) => HoldRecord::from_stored(&rec.data, sku.as_str(), order.as_str())
-                    .map(|h| Some((rec.version, h)))
-                    .map_err(|e| LoadError::Corrupt { key, reason: e.to_string() }.into()),
-            })
-            .collect()
+        Ok(records::decode_each(raw, &hkeys, |i, data| {
+            HoldRecord::from_stored(data, sku.as_str(), orders[i].as_str())
+        })?)
     }
 
     /// Reads the hold of product `sku`'s order `order`: NOT_FOUND (a "reservation") when there is none.

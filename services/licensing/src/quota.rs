@@ -7,7 +7,7 @@
 //! Every reservation is keyed by (order, generation): retries never double-count, and a released
 //! generation is never reopened.
 
-use chipgate_runtime::records::{LoadError, Loaded};
+use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
@@ -68,15 +68,9 @@ impl Licensing {
     async fn load_reservations(&self, sku: &Sku, orders: &[&str]) -> Result<Vec<Loaded<ReservationRecord>>, Error> {
         let res_keys: Vec<String> = orders.iter().map(|o| keys::reservation(sku, &order_of(o))).collect();
         let raw = self.store().get(&res_keys).await?;
-        raw.into_iter()
-            .zip(res_keys.into_iter().zip(orders))
-            .map(|(r, (key, order))| match r {
-                None => Ok(None),
-                Some(rec) => ReservationRecord::from_stored(&rec.data, sku.as_str(), order)
-                    .map(|m| Some((rec.version, m)))
-                    .map_err(|e| LoadError::Corrupt { key, reason: e.to_string() }.into()),
-            })
-            .collect()
+        Ok(records::decode_each(raw, &res_keys, |i, data| {
+            ReservationRecord::from_stored(data, sku.as_str(), orders[i])
+        })?)
     }
 
     /// Reads the quota reservation of product `sku`'s order `order`: NOT_FOUND when there is none.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use chipgate_domain::ids::{Sku, WaveId};
 use chipgate_domain::orders::{Before, OrderRecord, OrderStatus};
 use chipgate_proto::orders::v1 as pb;
-use chipgate_runtime::records::{LoadError, Loaded};
+use chipgate_runtime::records::{self, Loaded};
 use chipgate_runtime::service::Records;
 use chipgate_state::{Backend, Txn};
 use prost::Message;
@@ -177,21 +177,7 @@ impl Orders {
     /// record repeats), one answer per key.
     pub(crate) async fn load_orders(&self, keys: &[String]) -> Result<Vec<Loaded<OrderRecord>>, Error> {
         let raw = self.store().get(keys).await?;
-        // Sized up front: collecting into a `Result<Vec<_>, _>` knows no lower bound and grows the
-        // vector by doubling, which for a pro-rata drain's whole backlog (tens of thousands of
-        // orders) copies the records several times over into fresh pages.
-        let mut loaded = Vec::with_capacity(raw.len());
-        for (r, key) in raw.into_iter().zip(keys) {
-            loaded.push(match r {
-                None => None,
-                Some(rec) => Some((
-                    rec.version,
-                    OrderRecord::from_stored(&rec.data)
-                        .map_err(|e| LoadError::Corrupt { key: key.clone(), reason: e.to_string() })?,
-                )),
-            });
-        }
-        Ok(loaded)
+        Ok(records::decode_each(raw, keys, |_, data| OrderRecord::from_stored(data))?)
     }
 
     /// Reads one order ([`Orders::load_orders`]).
