@@ -92,6 +92,20 @@ fn cpu_rows(label: &str, c: &crate::cpu::CpuUse, orders: u64) {
     }
 }
 
+/// A wave's Redis bytes per order after it settled, against the target, with those while its
+/// orders waited and `what` the wave was.
+fn bytes_row(name: &str, w: &WaveResult, what: &str) {
+    row(
+        name,
+        format!("{:.0}", w.bytes_per_order),
+        &format!(
+            "target ≤ 1024: {} (while waiting: {:.0}); {what}",
+            verdict(w.bytes_per_order <= 1024.0),
+            w.bytes_per_waiting_order
+        ),
+    );
+}
+
 /// Where a wave's Redis bytes went, by key family (with `--memory-breakdown`).
 fn memory_rows(w: &WaveResult) {
     for (family, keys, bytes) in w.memory.iter().take(16) {
@@ -189,16 +203,8 @@ pub fn print(r: &Results) {
         if let Some(x) = &r.redis {
             row("wave / redis ceiling", format!("{:.3}", w.rate() / x.scripts_per_sec.max(1e-9)), "");
         }
-        row(
-            "redis bytes per order",
-            format!("{:.0}", w.bytes_per_order),
-            &format!(
-                "target ≤ 1024: {} (while waiting: {:.0}); orders {}",
-                verdict(w.bytes_per_order <= 1024.0),
-                w.bytes_per_waiting_order,
-                if w.placed { "placed one PlaceOrder at a time" } else { "bulk-seeded" }
-            ),
-        );
+        let seeded = if w.placed { "orders placed one PlaceOrder at a time" } else { "orders bulk-seeded" };
+        bytes_row("redis bytes per order", w, seeded);
         row("quota in use = units moved", format!("{}", w.quota_check), "");
         row("progress settled", format!("{}", w.progress_settled), "every concerned order evaluated, settle time set");
         cpu_rows("wave", &w.cpu, w.orders as u64);
@@ -246,17 +252,9 @@ pub fn print(r: &Results) {
         }
     }
     if let Some(w) = &r.wave_placed {
-        row(
-            "redis bytes per order, placed",
-            format!("{:.0}", w.bytes_per_order),
-            &format!(
-                "target ≤ 1024: {} (while waiting: {:.0}); {} orders placed one PlaceOrder at a time, then a wave ({:.0} orders/s)",
-                verdict(w.bytes_per_order <= 1024.0),
-                w.bytes_per_waiting_order,
-                w.orders,
-                w.rate()
-            ),
-        );
+        let what =
+            format!("{} orders placed one PlaceOrder at a time, then a wave ({:.0} orders/s)", w.orders, w.rate());
+        bytes_row("redis bytes per order, placed", w, &what);
         memory_rows(w);
     }
     if let Some(w) = &r.wave_cluster {
