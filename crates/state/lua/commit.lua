@@ -44,7 +44,9 @@
 -- applies stores its results under its receipt key (unique per transaction, in the same slot, with
 -- a short TTL), and a copy that finds the receipt changes nothing and answers the same results.
 -- The receipt is written in the same atomic step as the changes, so it is replicated with them:
--- after a failover either both survived or neither did.
+-- after a failover either both survived or neither did. A transaction that creates a record under
+-- a must-not-exist guard may go without a receipt (index '0', Txn::without_receipt): its second copy
+-- fails that guard and changes nothing, and the client tells its own first copy by the record.
 --
 -- Records are strings '<version>:<data>'. Versions stay far below 2^53, so Lua numbers hold them
 -- exactly; they are formatted with %.0f to avoid Lua's exponent notation.

@@ -445,6 +445,7 @@ impl Backend for MemoryBackend {
 
     async fn commit(&self, txn: &Txn) -> Result<Committed, CommitError> {
         txn.slot()?;
+        txn.check_receipt_free()?;
         if txn.needs_linking() {
             return Err(
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()

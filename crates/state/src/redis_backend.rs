@@ -20,7 +20,9 @@
 //! Re-sends: the cluster client re-sends a command after a reconnect, so a commit can reach Redis
 //! twice. Each commit carries a transaction id; the script stores a receipt under it (in the
 //! transaction's own slot, for [`RedisOptions::receipt_ttl`]) and a second run finds the receipt,
-//! changes nothing and answers what the first answered.
+//! changes nothing and answers what the first answered. A transaction that creates a record under a
+//! must-not-exist guard may go without one ([`Txn::without_receipt`]): a second run fails that guard
+//! and changes nothing, and its caller tells its own first run from another writer's.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hasher};
@@ -707,6 +709,7 @@ impl RedisBackend {
         }
         let touched = txn.keys();
         crate::slot_of(&touched)?;
+        txn.check_receipt_free()?;
         if txn.needs_linking() {
             return Err(
                 StateError::Backend("audit entries must be linked (Txn::link_audit) before commit".into()).into()
@@ -726,14 +729,19 @@ impl RedisBackend {
             touched.iter().enumerate().map(|(i, k)| (*k, i + 1)).collect();
         let idx = |k: &str| index.get(k).copied().unwrap_or(0);
         let mut keys: Vec<String> = touched.iter().map(|k| k.to_string()).collect();
-        let receipt = receipt_key(&keys[0], id);
-        keys.push(receipt);
+        // The receipt is the last key; index 0 tells the script there is none.
+        let receipt_index = if txn.is_receipt_free() {
+            0
+        } else {
+            keys.push(receipt_key(&keys[0], id));
+            keys.len()
+        };
         let receipt_ttl = self.inner.options.receipt_ttl.as_millis().max(1) as u64;
         // The arguments go straight into the command (no buffer per argument: a wave's batch has
         // about ten thousand of them).
         let steps = script_steps(&txn.ops);
         let args = |cmd: &mut Cmd| {
-            cmd.arg(keys.len()).arg(receipt_ttl).arg(txn.guards.len()).arg(steps.len());
+            cmd.arg(receipt_index).arg(receipt_ttl).arg(txn.guards.len()).arg(steps.len());
             for g in &txn.guards {
                 let (kind, key, n) = match g {
                     Guard::Version { key, version } => ("v", key, *version),

@@ -767,6 +767,42 @@ async fn a_record_then_a_set_are_read_in_that_order(store: Store) {
     }
 }
 
+/// A transaction committed without a receipt must create a record under a must-not-exist guard
+/// (what makes a re-sent copy of it conflict instead of applying twice); one that doesn't is refused
+/// before anything applies, by every backend. One that does commits once: again, it conflicts on
+/// that record.
+async fn receipt_free_commits_must_create_a_guarded_record(store: Store) {
+    let rec = k(&["free", "rec"]);
+    let tally = k(&["free", "tally"]);
+    let refused = |r: Result<chipgate_state::Committed, CommitError>| match r {
+        Err(CommitError::State(StateError::Backend(m))) => assert!(m.contains("without a receipt"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // No guard at all.
+    let mut t = Txn::new();
+    t.hincr(&tally, "n", 1).put(&rec, b"x".to_vec()).without_receipt();
+    refused(store.commit(&t).await);
+    // A must-not-exist guard on a key it doesn't create.
+    let mut t = Txn::new();
+    t.expect_version(k(&["free", "other"]), 0).hincr(&tally, "n", 1).without_receipt();
+    refused(store.commit(&t).await);
+    // A replace of a record that exists already (a re-sent copy would find its own write).
+    let mut t = Txn::new();
+    t.replace(&rec, 3, b"x".to_vec()).without_receipt();
+    refused(store.commit(&t).await);
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![], "a refused transaction changes nothing");
+
+    let mut t = Txn::new();
+    t.replace(&rec, 0, b"one".to_vec()).hincr(&tally, "n", 1).without_receipt();
+    assert!(t.is_receipt_free());
+    store.commit(&t).await.unwrap();
+    match store.commit(&t).await {
+        Err(CommitError::Conflict { key }) => assert_eq!(key, rec),
+        other => panic!("committed again, it must conflict on the record it created, got {other:?}"),
+    }
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"1".to_vec())]);
+}
+
 backend_tests!(
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
@@ -788,4 +824,5 @@ backend_tests!(
     audit_chain_links_every_entry,
     streams_trim_exactly_before_an_id,
     optimistic_increments_lose_nothing_under_concurrency,
+    receipt_free_commits_must_create_a_guarded_record,
 );

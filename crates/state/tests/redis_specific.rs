@@ -90,6 +90,52 @@ async fn a_resent_commit_changes_nothing_on_a_cluster() {
     a_resent_commit_changes_nothing(cluster.backend().await).await;
 }
 
+/// A receipt-free commit (`Txn::without_receipt`) re-sent by the client: the second copy fails the
+/// must-not-exist guard of the record the first created and changes nothing, although it carries a
+/// blind increment and a stream append; and no receipt key is left in Redis.
+async fn a_resent_receipt_free_commit_conflicts_and_changes_nothing(store: RedisBackend) {
+    for unit in ["H200", "B200", "H20"] {
+        let p = S.partition(unit);
+        let mut t = Txn::new();
+        t.replace(p.key(["rec"]), 0, b"one".to_vec())
+            .hincr(p.key(["tally"]), "n", 5)
+            .xadd(p.key(["events"]), vec![("e".into(), b"1".to_vec())], None)
+            .without_receipt();
+        let first = store.commit_as(&t, &format!("free-{unit}")).await.unwrap();
+        assert_eq!(first.stream_ids.len(), 1);
+        match store.commit_as(&t, &format!("free-{unit}")).await {
+            Err(CommitError::Conflict { key }) => {
+                assert_eq!(key, p.key(["rec"]), "it conflicts on the record it created")
+            }
+            other => panic!("a re-sent receipt-free commit must conflict, got {other:?}"),
+        }
+        assert_eq!(store.hgetall(&p.key(["tally"])).await.unwrap(), vec![("n".to_string(), b"5".to_vec())]);
+        assert_eq!(store.xlen(&p.key(["events"])).await.unwrap(), 1);
+        assert_eq!(store.get(&[p.key(["rec"])]).await.unwrap()[0].as_ref().map(|r| r.version), Some(1));
+    }
+    // On an empty Redis: three keys per unit (record, tally, stream) and no receipt; a receipted
+    // commit of one record leaves two keys, the record and its receipt.
+    let keys = |counts: Vec<chipgate_state::MasterKeys>| counts.iter().map(|m| m.keys).sum::<u64>();
+    assert_eq!(keys(store.master_key_counts().await.unwrap()), 9, "a receipt-free commit leaves no receipt");
+    let mut receipted = Txn::new();
+    receipted.replace(S.partition("H200").key(["other"]), 0, b"x".to_vec());
+    store.commit_as(&receipted, "with-receipt").await.unwrap();
+    assert_eq!(keys(store.master_key_counts().await.unwrap()), 11, "a receipted commit leaves one");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_receipt_free_commit_conflicts_and_changes_nothing_on_a_single_redis() {
+    let server = RedisServer::start();
+    a_resent_receipt_free_commit_conflicts_and_changes_nothing(server.backend().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resent_receipt_free_commit_conflicts_and_changes_nothing_on_a_cluster() {
+    // Emptied for this test, and held until it ends.
+    let cluster = RedisCluster::shared().await;
+    a_resent_receipt_free_commit_conflicts_and_changes_nothing(cluster.backend().await).await;
+}
+
 /// With `min_replicas`, a commit answers only once a replica has it; where no replica can
 /// acknowledge, the caller hears UNAVAILABLE ("outcome unknown"), not success, though the master
 /// applied it.
