@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use chipgate_state::{Backend, Partition, Space, Store, Txn};
+use chipgate_state::{Backend, CommitError, Partition, Record, Space, Store, Txn};
 use prost::Message;
 use tonic::Status;
 
@@ -106,7 +106,53 @@ impl Idempotency {
         fingerprint: &Fingerprint,
     ) -> Result<Option<R>, Status> {
         let key = self.key_in(partition, method, request_id);
-        let rec = store.get(std::slice::from_ref(&key)).await.map_err(|e| errors::from_state(request_id, &e))?;
+        Ok(self.read(store, &key, method, request_id, fingerprint).await?.map(|(_, answer)| answer))
+    }
+
+    /// [`lookup`](Self::lookup) for a caller whose own commit conflicted on the record: the record
+    /// is written again (the same bytes, its TTL renewed) before its answer is returned. The call
+    /// that stored it may not have answered yet, or never will (a commit re-sent after a reconnect
+    /// finds its own first copy's record, see `Txn::without_receipt`), and only a write on the
+    /// caller's own connection is followed by the replicas' acknowledgement (`WAIT`, see the state
+    /// layer's durability) that covers the record: nothing is answered that a failover could lose.
+    ///
+    /// The write is unguarded: every writer of an existing record writes the bytes it read, so
+    /// concurrent retries (a client sending one call eight times at once) can't undo each other,
+    /// and none has to wait for another.
+    ///
+    /// # Errors
+    /// As [`lookup`](Self::lookup).
+    pub async fn lookup_durable<R: Message + Default>(
+        &self,
+        store: &Store,
+        partition: Option<&Partition>,
+        method: &str,
+        request_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<R>, Status> {
+        let key = self.key_in(partition, method, request_id);
+        let Some((rec, answer)) = self.read(store, &key, method, request_id, fingerprint).await? else {
+            return Ok(None);
+        };
+        let mut t = Txn::new();
+        t.put_with_ttl(key, rec.data, self.ttl);
+        match store.commit(&t).await {
+            Ok(_) => Ok(Some(answer)),
+            Err(CommitError::State(e)) => Err(errors::from_state(request_id, &e)),
+            Err(e) => Err(errors::internal(request_id, e)),
+        }
+    }
+
+    /// The record at `key` and its answer, checked against the request's fingerprint.
+    async fn read<R: Message + Default>(
+        &self,
+        store: &Store,
+        key: &str,
+        method: &str,
+        request_id: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<Option<(Record, R)>, Status> {
+        let rec = store.get(&[key.to_string()]).await.map_err(|e| errors::from_state(request_id, &e))?;
         let Some(rec) = rec.into_iter().next().flatten() else { return Ok(None) };
         let Some((same, body)) = stored(&rec.data, fingerprint) else {
             return Err(errors::internal(request_id, format!("idempotency record {key} is truncated")));
@@ -120,7 +166,9 @@ impl Idempotency {
                 ),
             ));
         }
-        R::decode(body).map(Some).map_err(|e| errors::internal(request_id, format!("stored answer undecodable: {e}")))
+        let answer =
+            R::decode(body).map_err(|e| errors::internal(request_id, format!("stored answer undecodable: {e}")))?;
+        Ok(Some((rec, answer)))
     }
 
     /// Adds the answer to `txn`, guarded so only one call with this request id can ever commit.
@@ -227,6 +275,49 @@ mod tests {
         store.commit(&t).await.expect("commit");
         let err = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "cut", &fa).await;
         assert_eq!(err.expect_err("truncated").code(), tonic::Code::Internal);
+    }
+
+    /// A caller answering from a record its own commit conflicted on writes it again first (so the
+    /// replicas' acknowledgement of that write covers it); a different request under the id is
+    /// refused without a write, and an absent record is just absent.
+    #[tokio::test]
+    async fn a_durable_lookup_writes_the_record_again_before_answering() {
+        let store = Store::memory();
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
+        let fa = fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 });
+        let fb = fingerprint(&prost_types::Duration { seconds: 2, nanos: 0 });
+        let version = |store: &Store| {
+            let store = store.clone();
+            let key = idem.key("M", "r1");
+            async move { store.get(&[key]).await.expect("get").remove(0).map(|r| (r.version, r.data)) }
+        };
+        assert_eq!(
+            idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await.expect("absent"),
+            None
+        );
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "r1", &fa, &answer);
+        store.commit(&t).await.expect("commit");
+        let (v1, data) = version(&store).await.expect("stored");
+        let replay = idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await;
+        assert_eq!(replay.expect("replay"), Some(answer));
+        assert_eq!(version(&store).await, Some((v1 + 1, data.clone())), "written again, unchanged");
+        let err = idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fb).await;
+        assert_eq!(err.expect_err("a different request").code(), tonic::Code::InvalidArgument);
+        assert_eq!(version(&store).await, Some((v1 + 1, data.clone())), "a refused request writes nothing");
+        // Eight retries at once all answer (none waits for or undoes another), each having written.
+        let mut replays = tokio::task::JoinSet::new();
+        for _ in 0..8 {
+            let store = store.clone();
+            replays.spawn(
+                async move { idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await },
+            );
+        }
+        while let Some(r) = replays.join_next().await {
+            assert_eq!(r.expect("task").expect("concurrent replay"), Some(answer));
+        }
+        assert_eq!(version(&store).await, Some((v1 + 9, data)));
     }
 
     #[tokio::test]
