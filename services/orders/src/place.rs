@@ -93,20 +93,7 @@ impl Orders {
         );
         idem.record(&mut t, Some(&part), "PlaceOrder", &req.request_id, &fp, &placed);
         events.flush(&mut t);
-        let (placed, fresh) = match self.store().commit(&t).await {
-            Ok(_) => (placed, true),
-            // Another call with this request id committed first: answer as it did.
-            Err(CommitError::Conflict { .. }) => {
-                let p = idem
-                    .lookup::<Placed>(self.store(), Some(&part), "PlaceOrder", &req.request_id, &fp)
-                    .await
-                    .map_err(Error::Status)?
-                    .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;
-                (p, false)
-            }
-            Err(CommitError::State(e)) => return Err(Error::State(e)),
-            Err(e) => return Err(Error::Internal(e.to_string())),
-        };
+        let (placed, fresh) = self.commit_placement(t, &part, &req.request_id, &fp, placed).await?;
         let committed_at = began.elapsed();
         // The round that evaluates a new order leaves its record here (see [`crate::answers`]).
         let ticket = fresh.then(|| self.inner.answers.expect(&placed.order_id, req.sku.as_str()));
@@ -147,6 +134,48 @@ impl Orders {
         Ok(pb::PlaceOrderResponse { order: Some(order) })
     }
 
+    /// Commits placement `t` of the order `placed` names, with its idempotency record under
+    /// `request_id`, and answers which order the request id placed and whether it is this call's
+    /// own new one (which the caller then waits to see evaluated).
+    ///
+    /// The commit goes without a receipt ([`Txn::without_receipt`]): a placement is the one write per
+    /// order that every order makes, and its idempotency record, created under a must-not-exist
+    /// guard, already makes a re-sent copy conflict instead of applying twice. A conflict is then
+    /// either another call with this request id that committed first (answer as it did) or this
+    /// call's own first copy, re-sent by the Redis client after a reconnect: the record then names
+    /// the order this call numbered, and the order is this call's own and new. Either way the
+    /// record is written again before it is answered from, so the replicas' acknowledgement covers
+    /// it ([`Idempotency::lookup_durable`](chipgate_runtime::idempotency::Idempotency::lookup_durable)).
+    pub(crate) async fn commit_placement(
+        &self,
+        mut t: Txn,
+        part: &chipgate_state::Partition,
+        request_id: &str,
+        fp: &chipgate_runtime::idempotency::Fingerprint,
+        placed: Placed,
+    ) -> Result<(Placed, bool), Error> {
+        t.without_receipt();
+        match self.store().commit(&t).await {
+            Ok(_) => Ok((placed, true)),
+            Err(CommitError::Conflict { .. }) => {
+                let stored = self
+                    .inner
+                    .idem
+                    .lookup_durable::<Placed>(self.store(), Some(part), "PlaceOrder", request_id, fp)
+                    .await
+                    .map_err(Error::Status)?
+                    .ok_or_else(|| Error::Internal("idempotency record vanished".into()))?;
+                let ours = stored.order_id == placed.order_id;
+                if ours {
+                    tracing::debug!(order = %placed.order_id, "a re-sent placement commit found its own first copy");
+                }
+                Ok((stored, ours))
+            }
+            Err(CommitError::State(e)) => Err(Error::State(e)),
+            Err(e) => Err(Error::Internal(e.to_string())),
+        }
+    }
+
     /// An order as the API shows it, with its backlog position.
     pub(crate) async fn order_view(&self, id: &OrderId, with_history: bool) -> Result<pb::Order, Error> {
         let Some((_, o)) = self.load_order(keys::order(id)).await? else {
@@ -181,5 +210,87 @@ impl Orders {
             });
         }
         Ok(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use chipgate_domain::ids::Sku;
+    use chipgate_domain::orders::{OrderRecord, OrderStatus};
+    use chipgate_runtime::idempotency::fingerprint;
+    use chipgate_state::{Backend, Store, Txn};
+
+    use super::Placed;
+    use crate::{Error, book, keys};
+
+    /// A placement's transaction, as `place_order` builds it: the order and the request id's record.
+    fn placement(svc: &crate::Orders, sku: &Sku, seq: u64, request_id: &str, units: u64) -> (Txn, Placed) {
+        let id = keys::order_id(sku, seq);
+        let order = OrderRecord {
+            id: id.to_string(),
+            request_id: request_id.into(),
+            buyer_id: "buyer-1".into(),
+            sku: sku.to_string(),
+            units,
+            status: OrderStatus::Pending as i32,
+            generation: 1,
+            seq,
+            ..Default::default()
+        };
+        let placed = Placed { order_id: id.into_string() };
+        let mut t = Txn::new();
+        book::write(&mut t, &mut book::Events::default(), 0, None, &order);
+        let fp = fingerprint(&chipgate_proto::orders::v1::PlaceOrderRequest { units, ..Default::default() });
+        svc.inner.idem.record(&mut t, Some(&keys::part(sku)), "PlaceOrder", request_id, &fp, &placed);
+        (t, placed)
+    }
+
+    /// A placement commit re-sent after its first copy applied (what the Redis client does after a
+    /// reconnect) conflicts, having no receipt; the call must still see the order as its own and new
+    /// (so it waits for its evaluation), while another call with the same request id answers with
+    /// the first call's order, not new. The record is written again before either answers from it.
+    #[tokio::test]
+    async fn a_resent_placement_is_recognised_as_the_calls_own() {
+        let store = Store::memory();
+        let (svc, shutdown) = crate::test_service(store.clone(), crate::Options::default());
+        let sku = Sku::from_trusted("H200");
+        let part = keys::part(&sku);
+        let fp = fingerprint(&chipgate_proto::orders::v1::PlaceOrderRequest { units: 4, ..Default::default() });
+        let record_version = || {
+            let store = store.clone();
+            let key = svc.inner.idem.key_in(Some(&part), "PlaceOrder", "req-1");
+            async move { store.get(&[key]).await.unwrap().remove(0).map(|r| r.version) }
+        };
+
+        let (t, placed) = placement(&svc, &sku, 1, "req-1", 4);
+        // The first copy applies (its answer lost with the connection) ...
+        store.commit(&t).await.unwrap();
+        assert_eq!(record_version().await, Some(1));
+        // ... and the re-sent copy conflicts on the record the first created.
+        let (answer, fresh) = svc.commit_placement(t, &part, "req-1", &fp, placed.clone()).await.unwrap();
+        assert_eq!((answer, fresh), (placed.clone(), true), "the call's own order, new");
+        assert_eq!(record_version().await, Some(2), "written again before answering");
+
+        // A client retry (same request id and request) numbered another order: it answers with the
+        // first order, as not new, and the order it numbered was never written.
+        let (retry, other) = placement(&svc, &sku, 2, "req-1", 4);
+        let (answer, fresh) = svc.commit_placement(retry, &part, "req-1", &fp, other.clone()).await.unwrap();
+        assert_eq!((answer, fresh), (placed, false));
+        let second = keys::order(&keys::order_id(&sku, 2));
+        assert_eq!(store.get(&[second]).await.unwrap(), vec![None]);
+
+        // The same request id for a different request is refused.
+        let (t, p) = placement(&svc, &sku, 3, "req-1", 5);
+        let fp5 = fingerprint(&chipgate_proto::orders::v1::PlaceOrderRequest { units: 5, ..Default::default() });
+        match svc.commit_placement(t, &part, "req-1", &fp5, p).await {
+            Err(Error::Status(s)) => assert_eq!(s.code(), tonic::Code::InvalidArgument),
+            other => panic!("expected INVALID_ARGUMENT, got {other:?}"),
+        }
+
+        // A new request id places a new order.
+        let (t, p) = placement(&svc, &sku, 4, "req-2", 4);
+        assert_eq!(svc.commit_placement(t, &part, "req-2", &fp, p.clone()).await.unwrap(), (p, true));
+        shutdown.trigger();
     }
 }
