@@ -93,7 +93,7 @@ pub struct Args {
     pub seed: Seed,
     /// With the bulk seed, one more FIFO wave over this many orders placed one `PlaceOrder` at a
     /// time, as buyers place them (`--seed place`), for the Redis bytes per order production keeps:
-    /// the bulk seed writes no idempotency records and no commit receipts. 0 skips it.
+    /// the bulk seed writes no idempotency records. 0 skips it.
     #[arg(long, default_value_t = 20_000)]
     pub placed_orders: usize,
     /// Run the wave parts and the naive baseline with authentication off (to see what it costs;
