@@ -7,6 +7,7 @@
 --   guard  v <keyidx> <version>     record at key has this version ('0' = absent)
 --   guard  f <keyidx> <token>       fence: stored token <= token; token is stored on success
 --   guard  l <keyidx> <token>       lease at key is held with token
+--   guard  h <keyidx> <field>       the hash at key has no field <field>
 --   op     put <keyidx> <ttl_ms> <data>            ttl_ms '0' = no expiry; version is bumped
 --   op     putat <keyidx> <version>:<data>         version known from the transaction's guard,
 --                                                  sent as the stored value itself
@@ -28,6 +29,7 @@
 --          copied, or 'done' when the page held fewer than <limit> (a done copy copies nothing)
 --   op     hincr <keyidx> <field> <delta>
 --   op     hset <keyidx> <field> <value>
+--   op     hsetx <keyidx> <field> <value> <at_ms>  hset, then the hash expires at <at_ms> (unix ms)
 --   op     hdel <keyidx> <field>
 --   op     sadd <keyidx> <member>
 --   op     srem <keyidx> <member>
@@ -45,8 +47,9 @@
 -- a short TTL), and a copy that finds the receipt changes nothing and answers the same results.
 -- The receipt is written in the same atomic step as the changes, so it is replicated with them:
 -- after a failover either both survived or neither did. A transaction that creates a record under
--- a must-not-exist guard may go without a receipt (index '0', Txn::without_receipt): its second copy
--- fails that guard and changes nothing, and the client tells its own first copy by the record.
+-- a must-not-exist guard (a record, or a hash field) may go without a receipt (index '0',
+-- Txn::without_receipt): its second copy fails that guard and changes nothing, and the client tells
+-- its own first copy by the record.
 --
 -- Records are strings '<version>:<data>'. Versions stay far below 2^53, so Lua numbers hold them
 -- exactly; they are formatted with %.0f to avoid Lua's exponent notation.
@@ -99,6 +102,8 @@ for _ = 1, ng do
     fences[#fences + 1] = {k, want}
   elseif kind == 'l' then
     if redis.call('GET', k) ~= want then return {'lease', k} end
+  elseif kind == 'h' then
+    if redis.call('HEXISTS', k, want) == 1 then return {'conflict', k} end
   else
     return redis.error_reply('chipgate commit: unknown guard ' .. tostring(kind))
   end
@@ -235,6 +240,10 @@ for _ = 1, no do
   elseif kind == 'hset' then
     redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
     i = i + 4
+  elseif kind == 'hsetx' then
+    redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
+    redis.call('PEXPIREAT', k, ARGV[i + 4])
+    i = i + 5
   elseif kind == 'hdel' then
     redis.call('HDEL', k, ARGV[i + 2])
     i = i + 3

@@ -215,6 +215,13 @@ pub enum Guard {
         /// The token [`Backend::lease_acquire`] returned.
         token: u64,
     },
+    /// The hash at `key` has no field `field` (fails as a conflict on `key`).
+    NoField {
+        /// Hash key.
+        key: String,
+        /// The field that must be absent.
+        field: String,
+    },
 }
 
 /// A mutation of a [`Txn`].
@@ -324,6 +331,19 @@ pub enum Op {
         field: String,
         /// Value.
         value: Vec<u8>,
+    },
+    /// Sets a hash field, then makes the whole hash expire at `expire_at_ms` (Unix milliseconds):
+    /// fields that share a lifetime, kept in one hash (Redis 7.0 has no per-field expiry) because a
+    /// small hash costs a fraction of a key per field.
+    HSetExpireAt {
+        /// Hash key.
+        key: String,
+        /// Field.
+        field: String,
+        /// Value.
+        value: Vec<u8>,
+        /// When the hash expires (Unix milliseconds).
+        expire_at_ms: u64,
     },
     /// Removes a hash field.
     HDel {
@@ -461,7 +481,8 @@ impl Txn {
     /// client (after a reconnect, not knowing whether the first copy ran) change nothing and answer
     /// what the first answered; it costs a key per commit in Redis for a minute (≈ 160 bytes) and two
     /// commands. A transaction that creates a record under a must-not-exist guard (a
-    /// [`replace`](Self::replace) at version 0) doesn't need it: a re-sent copy fails that guard and
+    /// [`replace`](Self::replace) at version 0, or a hash field set under
+    /// [`expect_no_field`](Self::expect_no_field)) doesn't need it: a re-sent copy fails that guard and
     /// answers [`CommitError::Conflict`] on it, applying nothing. Its caller then tells its own first
     /// copy from another writer's by what the record holds, and makes a durable write before
     /// answering from it (the copy that conflicted wrote nothing, so the replicas' acknowledgement
@@ -487,6 +508,10 @@ impl Txn {
         let creates = self.guards.iter().any(|g| match g {
             Guard::Version { key, version: 0 } => self.ops.iter().any(|op| match op {
                 Op::PutAt { key: k, version: 1, .. } => k == key,
+                _ => false,
+            }),
+            Guard::NoField { key, field } => self.ops.iter().any(|op| match op {
+                Op::HSet { key: k, field: f, .. } | Op::HSetExpireAt { key: k, field: f, .. } => k == key && f == field,
                 _ => false,
             }),
             _ => false,
@@ -596,6 +621,24 @@ impl Txn {
     /// Sets a hash field.
     pub fn hset(&mut self, key: impl Into<String>, field: impl Into<String>, value: Vec<u8>) -> &mut Self {
         self.ops.push(Op::HSet { key: key.into(), field: field.into(), value });
+        self
+    }
+
+    /// Sets a hash field and makes the hash expire at `expire_at_ms` (Unix milliseconds).
+    pub fn hset_expire_at(
+        &mut self,
+        key: impl Into<String>,
+        field: impl Into<String>,
+        value: Vec<u8>,
+        expire_at_ms: u64,
+    ) -> &mut Self {
+        self.ops.push(Op::HSetExpireAt { key: key.into(), field: field.into(), value, expire_at_ms });
+        self
+    }
+
+    /// Requires the hash at `key` to have no field `field`.
+    pub fn expect_no_field(&mut self, key: impl Into<String>, field: impl Into<String>) -> &mut Self {
+        self.guards.push(Guard::NoField { key: key.into(), field: field.into() });
         self
     }
 
@@ -734,7 +777,10 @@ impl Txn {
         let mut all: Vec<&str> = Vec::with_capacity(self.guards.len() + self.ops.len());
         for g in &self.guards {
             match g {
-                Guard::Version { key, .. } | Guard::Fence { key, .. } | Guard::Lease { key, .. } => all.push(key),
+                Guard::Version { key, .. }
+                | Guard::Fence { key, .. }
+                | Guard::Lease { key, .. }
+                | Guard::NoField { key, .. } => all.push(key),
             }
         }
         for op in &self.ops {
@@ -746,6 +792,7 @@ impl Txn {
                 | Op::ZRem { key, .. }
                 | Op::HIncr { key, .. }
                 | Op::HSet { key, .. }
+                | Op::HSetExpireAt { key, .. }
                 | Op::HDel { key, .. }
                 | Op::SAdd { key, .. }
                 | Op::SRem { key, .. }
@@ -977,6 +1024,10 @@ pub trait Backend: Clone + Send + Sync + 'static {
     /// All fields of a hash.
     fn hgetall(&self, key: &str) -> impl Future<Output = StateResult<Vec<(String, Vec<u8>)>>> + Send;
 
+    /// The value of each `(hash key, field)`, in order (None: no such field), in one round trip
+    /// when the keys share a slot.
+    fn hget_each(&self, fields: &[(String, String)]) -> impl Future<Output = StateResult<Vec<Option<Vec<u8>>>>> + Send;
+
     /// All members of a set, sorted.
     fn smembers(&self, key: &str) -> impl Future<Output = StateResult<Vec<String>>> + Send;
 
@@ -1173,6 +1224,9 @@ impl Backend for Store {
     }
     async fn hgetall(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
         dispatch!(self, b => b.hgetall(key).await)
+    }
+    async fn hget_each(&self, fields: &[(String, String)]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        dispatch!(self, b => b.hget_each(fields).await)
     }
     async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {
         dispatch!(self, b => b.smembers(key).await)

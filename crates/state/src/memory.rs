@@ -28,6 +28,9 @@ struct Inner {
     strings: HashMap<String, Str>,
     zsets: HashMap<String, ZSet>,
     hashes: HashMap<String, BTreeMap<String, Vec<u8>>>,
+    /// When hashes with an expiry expire (Unix ms; `Op::HSetExpireAt`). Dropped lazily, by
+    /// [`Inner::purge_hashes`] before hashes are read or changed.
+    hash_expiry: HashMap<String, u64>,
     sets: HashMap<String, BTreeSet<String>>,
     streams: HashMap<String, Stream>,
 }
@@ -132,6 +135,22 @@ impl ZSet {
 }
 
 impl Inner {
+    /// Drops the hashes whose expiry has passed, as Redis would have.
+    fn purge_hashes(&mut self) {
+        if self.hash_expiry.is_empty() {
+            return;
+        }
+        let now = now_ms();
+        let hashes = &mut self.hashes;
+        self.hash_expiry.retain(|key, at| {
+            let live = *at > now;
+            if !live {
+                hashes.remove(key);
+            }
+            live
+        });
+    }
+
     fn live_str(&mut self, key: &str) -> Option<&mut Str> {
         let expired = self.strings.get(key).is_some_and(|s| s.expires.is_some_and(|e| e <= Instant::now()));
         if expired {
@@ -169,6 +188,11 @@ impl Inner {
             Guard::Lease { key, token } => {
                 if self.int(key) != Some(*token) {
                     return Err(CommitError::LeaseLost { key: key.clone() });
+                }
+            }
+            Guard::NoField { key, field } => {
+                if self.hashes.get(key).is_some_and(|h| h.contains_key(field)) {
+                    return Err(CommitError::Conflict { key: key.clone() });
                 }
             }
         }
@@ -223,6 +247,7 @@ impl Inner {
                 self.strings.remove(key);
                 self.zsets.remove(key);
                 self.hashes.remove(key);
+                self.hash_expiry.remove(key);
                 self.sets.remove(key);
                 self.streams.remove(key);
             }
@@ -309,11 +334,18 @@ impl Inner {
             Op::HSet { key, field, value } => {
                 self.hashes.entry(key.clone()).or_default().insert(field.clone(), value.clone());
             }
+            Op::HSetExpireAt { key, field, value, expire_at_ms } => {
+                self.hashes.entry(key.clone()).or_default().insert(field.clone(), value.clone());
+                self.hash_expiry.insert(key.clone(), *expire_at_ms);
+                // An expiry already past removes the hash at once, as PEXPIREAT does.
+                self.purge_hashes();
+            }
             Op::HDel { key, field } => {
                 if let Some(h) = self.hashes.get_mut(key) {
                     h.remove(field);
                     if h.is_empty() {
                         self.hashes.remove(key);
+                        self.hash_expiry.remove(key);
                     }
                 }
             }
@@ -460,6 +492,7 @@ impl Backend for MemoryBackend {
         let mut out = Committed::default();
         {
             let mut inner = self.lock()?;
+            inner.purge_hashes();
             for g in &txn.guards {
                 inner.check(g)?;
             }
@@ -538,12 +571,15 @@ impl Backend for MemoryBackend {
     }
 
     async fn hgetall(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
-        Ok(self
-            .lock()?
-            .hashes
-            .get(key)
-            .map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect())
-            .unwrap_or_default())
+        let mut inner = self.lock()?;
+        inner.purge_hashes();
+        Ok(inner.hashes.get(key).map(|h| h.iter().map(|(f, v)| (f.clone(), v.clone())).collect()).unwrap_or_default())
+    }
+
+    async fn hget_each(&self, fields: &[(String, String)]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let mut inner = self.lock()?;
+        inner.purge_hashes();
+        Ok(fields.iter().map(|(k, f)| inner.hashes.get(k).and_then(|h| h.get(f)).cloned()).collect())
     }
 
     async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {
@@ -754,6 +790,8 @@ impl Backend for MemoryBackend {
         if inner.int(lease) != Some(token) {
             return Ok(None);
         }
+        inner.purge_hashes();
+        inner.hash_expiry.remove(from);
         let moved = inner.hashes.remove(from).unwrap_or_default();
         let dest = inner.hashes.entry(to.to_string()).or_default();
         for f in forget {

@@ -747,6 +747,10 @@ impl RedisBackend {
                     Guard::Version { key, version } => ("v", key, *version),
                     Guard::Fence { key, token } => ("f", key, *token),
                     Guard::Lease { key, token } => ("l", key, *token),
+                    Guard::NoField { key, field } => {
+                        cmd.arg("h").arg(idx(key)).arg(field.as_str());
+                        continue;
+                    }
                 };
                 cmd.arg(kind).arg(idx(key)).arg(n);
             }
@@ -812,6 +816,9 @@ impl RedisBackend {
                     }
                     Op::HSet { key, field, value } => {
                         cmd.arg("hset").arg(idx(key)).arg(field.as_str()).arg(&value[..]);
+                    }
+                    Op::HSetExpireAt { key, field, value, expire_at_ms } => {
+                        cmd.arg("hsetx").arg(idx(key)).arg(field.as_str()).arg(&value[..]).arg(*expire_at_ms);
                     }
                     Op::HDel { key, field } => {
                         cmd.arg("hdel").arg(idx(key)).arg(field.as_str());
@@ -1424,6 +1431,25 @@ impl Backend for RedisBackend {
     async fn hgetall(&self, key: &str) -> StateResult<Vec<(String, Vec<u8>)>> {
         let v: Value = self.query(redis::cmd("HGETALL").arg(key)).await?;
         parse_hash(v)
+    }
+
+    async fn hget_each(&self, fields: &[(String, String)]) -> StateResult<Vec<Option<Vec<u8>>>> {
+        let Some((first, _)) = fields.first() else { return Ok(Vec::new()) };
+        let slot = crate::key_slot(first);
+        if self.is_cluster() && fields.iter().any(|(k, _)| crate::key_slot(k) != slot) {
+            // Perhaps several nodes: one read each.
+            let mut out = Vec::with_capacity(fields.len());
+            for (key, field) in fields {
+                out.push(self.query(redis::cmd("HGET").arg(key).arg(field)).await?);
+            }
+            return Ok(out);
+        }
+        let mut pipe = redis::pipe();
+        for (key, field) in fields {
+            pipe.cmd("HGET").arg(key).arg(field);
+        }
+        let mut conn = self.inner.conn.get();
+        pipe.query_async(&mut conn).await.map_err(|e| self.inner.conn.failed(e))
     }
 
     async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {

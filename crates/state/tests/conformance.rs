@@ -803,7 +803,66 @@ async fn receipt_free_commits_must_create_a_guarded_record(store: Store) {
     assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"1".to_vec())]);
 }
 
+/// Unix milliseconds now.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// Hash fields set under a must-be-absent guard: the guard holds once per field (a second write of
+/// the field conflicts on the hash, whatever else the transaction does), fields are read back by
+/// `hget_each` in the order asked (absent: None), and the whole hash goes at its expiry. Such a
+/// transaction may go without a receipt; one whose guarded field it doesn't set may not.
+async fn hash_fields_guarded_absent_expire_with_their_hash(store: Store) {
+    let h = k(&["hf", "bucket"]);
+    let tally = k(&["hf", "tally"]);
+    let later = unix_ms() + 60_000;
+    let mut t = Txn::new();
+    t.expect_no_field(&h, "a").hset_expire_at(&h, "a", b"one".to_vec(), later).hincr(&tally, "n", 1);
+    t.without_receipt();
+    store.commit(&t).await.unwrap();
+    match store.commit(&t).await {
+        Err(CommitError::Conflict { key }) => assert_eq!(key, h),
+        other => panic!("the field exists: expected a conflict, got {other:?}"),
+    }
+    let mut t = Txn::new();
+    t.expect_no_field(&h, "b").hset_expire_at(&h, "b", b"two".to_vec(), later);
+    store.commit(&t).await.unwrap();
+    let asked = [(h.clone(), "b".to_string()), (h.clone(), "c".to_string()), (h.clone(), "a".to_string())];
+    assert_eq!(store.hget_each(&asked).await.unwrap(), vec![Some(b"two".to_vec()), None, Some(b"one".to_vec())]);
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"1".to_vec())], "applied once");
+    assert_eq!(store.hget_each(&[]).await.unwrap(), Vec::<Option<Vec<u8>>>::new());
+
+    // A guard on a field the transaction doesn't set: no receipt-free commit.
+    let mut t = Txn::new();
+    t.expect_no_field(&h, "d").hset(&h, "e", b"x".to_vec()).without_receipt();
+    match store.commit(&t).await {
+        Err(CommitError::State(StateError::Backend(m))) => assert!(m.contains("without a receipt"), "{m}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+
+    // Expiry: the whole hash, every field, at the time given.
+    let soon = k(&["hf", "soon"]);
+    let mut t = Txn::new();
+    t.hset_expire_at(&soon, "x", b"1".to_vec(), unix_ms() + 300).hset(&soon, "y", b"2".to_vec());
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&soon).await.unwrap().len(), 2);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let gone = [(soon.clone(), "x".to_string()), (soon.clone(), "y".to_string())];
+    assert_eq!(store.hget_each(&gone).await.unwrap(), vec![None, None]);
+    assert_eq!(store.hgetall(&soon).await.unwrap(), vec![]);
+    // Once it has expired, the field may be created again.
+    let mut t = Txn::new();
+    t.expect_no_field(&soon, "x").hset_expire_at(&soon, "x", b"3".to_vec(), later);
+    store.commit(&t).await.unwrap();
+    // An expiry already past removes the hash at once.
+    let mut t = Txn::new();
+    t.hset_expire_at(&soon, "z", b"4".to_vec(), unix_ms() - 1);
+    store.commit(&t).await.unwrap();
+    assert_eq!(store.hgetall(&soon).await.unwrap(), vec![]);
+}
+
 backend_tests!(
+    hash_fields_guarded_absent_expire_with_their_hash,
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
     sorted_sets_copied_in_pages,
