@@ -20,7 +20,7 @@
 
 use std::time::Duration;
 
-use chipgate_state::{Backend, CommitError, Partition, Record, Space, Store, Txn};
+use chipgate_state::{Backend, CommitError, Partition, Space, Store, Txn};
 use prost::Message;
 use tonic::Status;
 
@@ -70,17 +70,19 @@ impl Idempotency {
         Idempotency { space, ttl }
     }
 
-    /// The record key of a call (scoped to the current [`ACCOUNT`], if any), in the space's own slot.
+    /// The key a call's record had before records moved into period hashes (scoped to the current
+    /// [`ACCOUNT`], if any), in the space's own slot. Still read and guarded: see [`Self::key_in`].
     pub fn key(&self, method: &str, request_id: &str) -> String {
         self.key_in(None, method, request_id)
     }
 
-    /// The record key of a call kept in `partition` (the partition its effect commits in, so the
-    /// answer and the effect stay one transaction in one hash slot), or in the space's own slot.
+    /// The key a call's record had before records moved into period hashes, in `partition` (the
+    /// partition its effect commits in, so the answer and the effect stay one transaction in one
+    /// hash slot) or in the space's own slot. Records written there by an earlier version live out
+    /// their TTL after an upgrade, so lookups still read the key and new records are guarded on its
+    /// absence; a later version can drop both once every such record has expired.
     pub fn key_in(&self, partition: Option<&Partition>, method: &str, request_id: &str) -> String {
-        let account = ACCOUNT.try_with(Clone::clone).ok().flatten();
-        // Length-prefixed, so no (account, request id) pair can spell another's key.
-        let scoped = account.map(|a| format!("@{}:{a}", a.len()));
+        let scoped = scope();
         let mut parts = vec!["idem", method];
         if let Some(s) = &scoped {
             parts.push(s);
@@ -90,6 +92,45 @@ impl Idempotency {
             Some(p) => p.key(parts),
             None => self.space.key(parts),
         }
+    }
+
+    /// The hash that keeps the records of `method` (for the current [`ACCOUNT`]) written in
+    /// `period`, in `partition` or the space's own slot. Its fields are request ids.
+    pub fn period_key(&self, partition: Option<&Partition>, method: &str, period: u64) -> String {
+        let scoped = scope();
+        let period = period.to_string();
+        let mut parts = vec!["idh", method];
+        if let Some(s) = &scoped {
+            parts.push(s);
+        }
+        parts.push(&period);
+        match partition {
+            Some(p) => p.key(parts),
+            None => self.space.key(parts),
+        }
+    }
+
+    /// The length of a period in ms: the TTL (a record is kept for one to two periods).
+    fn period_ms(&self) -> u64 {
+        (self.ttl.as_millis() as u64).max(1)
+    }
+
+    /// The periods whose hashes may hold a live record at `now_ms`: the previous one (a record
+    /// written then is younger than the TTL until the current period ends), the current one, and
+    /// the next one within [`CLOCK_SKEW_MS`] of its start (a replica whose clock runs ahead may
+    /// already write there).
+    fn periods(&self, now_ms: u64) -> Vec<u64> {
+        let len = self.period_ms();
+        let p = now_ms / len;
+        let mut out = Vec::with_capacity(3);
+        if p > 0 {
+            out.push(p - 1);
+        }
+        out.push(p);
+        if (p + 1) * len - now_ms <= CLOCK_SKEW_MS {
+            out.push(p + 1);
+        }
+        out
     }
 
     /// The stored answer of an earlier call with this request id, if any.
@@ -105,16 +146,16 @@ impl Idempotency {
         request_id: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Option<R>, Status> {
-        let key = self.key_in(partition, method, request_id);
-        Ok(self.read(store, &key, method, request_id, fingerprint).await?.map(|(_, answer)| answer))
+        Ok(self.find(store, partition, method, request_id, fingerprint).await?.map(|(_, answer)| answer))
     }
 
     /// [`lookup`](Self::lookup) for a caller whose own commit conflicted on the record: the record
-    /// is written again (the same bytes, its TTL renewed) before its answer is returned. The call
-    /// that stored it may not have answered yet, or never will (a commit re-sent after a reconnect
-    /// finds its own first copy's record, see `Txn::without_receipt`), and only a write on the
-    /// caller's own connection is followed by the replicas' acknowledgement (`WAIT`, see the state
-    /// layer's durability) that covers the record: nothing is answered that a failover could lose.
+    /// is written again (the same bytes, where it is, its expiry unchanged) before its answer is
+    /// returned. The call that stored it may not have answered yet, or never will (a commit re-sent
+    /// after a reconnect finds its own first copy's record, see `Txn::without_receipt`), and only a
+    /// write on the caller's own connection is followed by the replicas' acknowledgement (`WAIT`,
+    /// see the state layer's durability) that covers the record: nothing is answered that a
+    /// failover could lose.
     ///
     /// The write is unguarded: every writer of an existing record writes the bytes it read, so
     /// concurrent retries (a client sending one call eight times at once) can't undo each other,
@@ -130,12 +171,19 @@ impl Idempotency {
         request_id: &str,
         fingerprint: &Fingerprint,
     ) -> Result<Option<R>, Status> {
-        let key = self.key_in(partition, method, request_id);
-        let Some((rec, answer)) = self.read(store, &key, method, request_id, fingerprint).await? else {
+        let Some((found, answer)) = self.find(store, partition, method, request_id, fingerprint).await? else {
             return Ok(None);
         };
         let mut t = Txn::new();
-        t.put_with_ttl(key, rec.data, self.ttl);
+        match found {
+            Found::Period(period, data) => {
+                let expires = (period + 2) * self.period_ms();
+                t.hset_expire_at(self.period_key(partition, method, period), request_id, data, expires);
+            }
+            Found::Legacy(data) => {
+                t.put_with_ttl(self.key_in(partition, method, request_id), data, self.ttl);
+            }
+        }
         match store.commit(&t).await {
             Ok(_) => Ok(Some(answer)),
             Err(CommitError::State(e)) => Err(errors::from_state(request_id, &e)),
@@ -143,19 +191,34 @@ impl Idempotency {
         }
     }
 
-    /// The record at `key` and its answer, checked against the request's fingerprint.
-    async fn read<R: Message + Default>(
+    /// Where the record of this request id is, and its answer, checked against the request's
+    /// fingerprint. The period hashes and the key of a record written before them are read at once.
+    async fn find<R: Message + Default>(
         &self,
         store: &Store,
-        key: &str,
+        partition: Option<&Partition>,
         method: &str,
         request_id: &str,
         fingerprint: &Fingerprint,
-    ) -> Result<Option<(Record, R)>, Status> {
-        let rec = store.get(&[key.to_string()]).await.map_err(|e| errors::from_state(request_id, &e))?;
-        let Some(rec) = rec.into_iter().next().flatten() else { return Ok(None) };
-        let Some((same, body)) = stored(&rec.data, fingerprint) else {
-            return Err(errors::internal(request_id, format!("idempotency record {key} is truncated")));
+    ) -> Result<Option<(Found, R)>, Status> {
+        let periods = self.periods(now_ms());
+        let fields: Vec<(String, String)> =
+            periods.iter().map(|p| (self.period_key(partition, method, *p), request_id.to_string())).collect();
+        let legacy = [self.key_in(partition, method, request_id)];
+        let (in_periods, old) = tokio::try_join!(store.hget_each(&fields), store.get(&legacy))
+            .map_err(|e| errors::from_state(request_id, &e))?;
+        let found = match periods.iter().zip(in_periods).find_map(|(p, v)| v.map(|v| (*p, v))) {
+            Some((p, data)) => Found::Period(p, data),
+            None => match old.into_iter().next().flatten() {
+                Some(rec) => Found::Legacy(rec.data),
+                None => return Ok(None),
+            },
+        };
+        let data = match &found {
+            Found::Period(_, d) | Found::Legacy(d) => d,
+        };
+        let Some((same, body)) = stored(data, fingerprint) else {
+            return Err(errors::internal(request_id, format!("idempotency record of {request_id:?} is truncated")));
         };
         if !same {
             return Err(errors::invalid_argument(
@@ -168,10 +231,18 @@ impl Idempotency {
         }
         let answer =
             R::decode(body).map_err(|e| errors::internal(request_id, format!("stored answer undecodable: {e}")))?;
-        Ok(Some((rec, answer)))
+        Ok(Some((found, answer)))
     }
 
-    /// Adds the answer to `txn`, guarded so only one call with this request id can ever commit.
+    /// Adds the answer to `txn`, guarded so only one call with this request id can ever commit: a
+    /// field of the current period's hash, guarded absent there, in the other periods a live record
+    /// may be in, and under the key of a record written before period hashes.
+    ///
+    /// A record is a field of a hash per (partition, method, account, period of the TTL's length)
+    /// rather than a key of its own: a small hash keeps its fields packed (Redis's listpack, up to
+    /// 128 fields of up to 64 bytes), ≈ 75 bytes per record against ≈ 260 for a key with a TTL.
+    /// Redis 7.0 expires keys, not fields, so the whole hash expires at the end of the period after
+    /// its own: every record is kept at least the TTL and at most twice it.
     pub fn record<R: Message>(
         &self,
         txn: &mut Txn,
@@ -181,13 +252,41 @@ impl Idempotency {
         fingerprint: &Fingerprint,
         answer: &R,
     ) {
-        let key = self.key_in(partition, method, request_id);
         let mut data = Vec::with_capacity(1 + FP_BYTES + answer.encoded_len());
         data.push(COMPACT);
         data.extend_from_slice(fingerprint.compact());
         answer.encode(&mut data).unwrap_or_default();
-        txn.replace_with_ttl(key, 0, data, self.ttl);
+        let now = now_ms();
+        let len = self.period_ms();
+        let current = now / len;
+        for p in self.periods(now) {
+            txn.expect_no_field(self.period_key(partition, method, p), request_id);
+        }
+        txn.expect_version(self.key_in(partition, method, request_id), 0);
+        txn.hset_expire_at(self.period_key(partition, method, current), request_id, data, (current + 2) * len);
     }
+}
+
+/// Where a record was found: in a period's hash (which period), or under the key of a record
+/// written before period hashes; with its bytes.
+enum Found {
+    Period(u64, Vec<u8>),
+    Legacy(Vec<u8>),
+}
+
+/// How far the clocks of the services' replicas may disagree: a record written by a replica whose
+/// clock runs this much ahead, in what it takes for the next period, is still found.
+pub const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
+
+/// The current [`ACCOUNT`] as a key part: length-prefixed, so no (account, request id) pair can
+/// spell another's key.
+fn scope() -> Option<String> {
+    ACCOUNT.try_with(Clone::clone).ok().flatten().map(|a| format!("@{}:{a}", a.len()))
+}
+
+/// Unix milliseconds now.
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 /// First byte of a compact record; a record written before them starts with its fingerprint's hex
@@ -241,8 +340,15 @@ mod tests {
         assert!(idem.lookup::<prost_types::Timestamp>(&store, None, "N", "r1", &fa).await.expect("lookup").is_none());
     }
 
-    /// A record keeps 17 bytes of fingerprint (was 64), and one written before that (its
-    /// fingerprint's hex text) is still replayed and still refuses a different request.
+    /// The record of (method, request id) in the current period's hash.
+    async fn in_period(store: &Store, idem: &Idempotency, method: &str, id: &str) -> Option<Vec<u8>> {
+        let key = idem.period_key(None, method, now_ms() / idem.period_ms());
+        store.hget_each(&[(key, id.to_string())]).await.expect("hget").remove(0)
+    }
+
+    /// A record keeps 17 bytes of fingerprint (was 64) in its period's hash, and those written
+    /// before under keys of their own (compact, or with the fingerprint's hex text) are still
+    /// replayed, still refuse a different request, and still keep the request id from a new call.
     #[tokio::test]
     async fn records_are_compact_and_those_written_before_still_replay() {
         let store = Store::memory();
@@ -255,20 +361,27 @@ mod tests {
         let mut t = Txn::new();
         idem.record(&mut t, None, "M", "new", &fa, &answer);
         store.commit(&t).await.expect("commit");
-        let rec = store.get(&[idem.key("M", "new")]).await.expect("get").remove(0).expect("stored");
-        assert_eq!(rec.data.len(), 1 + FP_BYTES + answer.encoded_len());
-        // As an earlier version wrote it: the hex fingerprint, then the answer.
-        let mut old = fa.hex().into_bytes();
-        answer.encode(&mut old).expect("encode");
+        let data = in_period(&store, &idem, "M", "new").await.expect("stored in the period's hash");
+        assert_eq!(data.len(), 1 + FP_BYTES + answer.encoded_len());
+        assert_eq!(store.get(&[idem.key("M", "new")]).await.expect("get"), vec![None], "no key of its own");
+        // As earlier versions wrote them, under keys of their own: the hex fingerprint, then the
+        // answer; and compact.
+        let mut hex = fa.hex().into_bytes();
+        answer.encode(&mut hex).expect("encode");
         let mut t = Txn::new();
-        t.put(idem.key("M", "old"), old);
+        t.put(idem.key("M", "hex"), hex).put_with_ttl(idem.key("M", "keyed"), data, DEFAULT_TTL);
         store.commit(&t).await.expect("commit");
-        for id in ["new", "old"] {
+        for id in ["new", "hex", "keyed"] {
             let replay = idem.lookup::<prost_types::Timestamp>(&store, None, "M", id, &fa).await.expect("lookup");
             assert_eq!(replay, Some(answer), "{id}");
             let err = idem.lookup::<prost_types::Timestamp>(&store, None, "M", id, &fb).await;
             assert_eq!(err.expect_err("a different request").code(), tonic::Code::InvalidArgument, "{id}");
         }
+        // A new call can't take a request id an earlier version's record holds.
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "keyed", &fa, &answer);
+        assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })));
+        assert_eq!(in_period(&store, &idem, "M", "keyed").await, None);
         // Cut short: an error, not a replay of half an answer.
         let mut t = Txn::new();
         t.put(idem.key("M", "cut"), vec![COMPACT, 1, 2]);
@@ -277,21 +390,81 @@ mod tests {
         assert_eq!(err.expect_err("truncated").code(), tonic::Code::Internal);
     }
 
+    /// The periods a record may be in: the previous and the current, and the next when it starts
+    /// within the clock skew.
+    #[test]
+    fn records_are_looked_for_in_the_periods_they_may_be_in() {
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let len = DEFAULT_TTL.as_millis() as u64;
+        assert_eq!(idem.periods(7 * len + len / 2), vec![6, 7]);
+        assert_eq!(idem.periods(7 * len), vec![6, 7]);
+        assert_eq!(idem.periods(8 * len - CLOCK_SKEW_MS - 1), vec![6, 7]);
+        assert_eq!(idem.periods(8 * len - CLOCK_SKEW_MS), vec![6, 7, 8]);
+        assert_eq!(idem.periods(8 * len - 1), vec![6, 7, 8]);
+        assert_eq!(idem.periods(5), vec![0]);
+    }
+
+    /// A record written in the previous period (or by a replica whose clock is ahead, in the next)
+    /// is found and keeps its request id from a new call; one two periods old has expired with its
+    /// hash.
+    #[tokio::test]
+    async fn records_of_neighbouring_periods_count_and_older_ones_expire() {
+        let store = Store::memory();
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let len = idem.period_ms();
+        let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
+        let fa = fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 });
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "x", &fa, &answer);
+        let data = in_period_data(&t);
+        let now = now_ms() / len;
+        let mut t = Txn::new();
+        t.hset_expire_at(idem.period_key(None, "M", now - 1), "yesterday", data.clone(), (now + 1) * len);
+        t.hset_expire_at(idem.period_key(None, "M", now - 2), "older", data, now * len);
+        store.commit(&t).await.expect("commit");
+        let replay = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "yesterday", &fa).await;
+        assert_eq!(replay.expect("lookup"), Some(answer));
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "yesterday", &fa, &answer);
+        assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })));
+        let gone = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "older", &fa).await;
+        assert_eq!(gone.expect("lookup"), None, "expired with its hash");
+    }
+
+    /// The bytes a transaction's record holds (its one hash write).
+    fn in_period_data(t: &Txn) -> Vec<u8> {
+        t.ops
+            .iter()
+            .find_map(|op| match op {
+                chipgate_state::Op::HSetExpireAt { value, .. } => Some(value.clone()),
+                _ => None,
+            })
+            .expect("a record")
+    }
+
     /// A caller answering from a record its own commit conflicted on writes it again first (so the
-    /// replicas' acknowledgement of that write covers it); a different request under the id is
-    /// refused without a write, and an absent record is just absent.
+    /// replicas' acknowledgement of that write covers it), unchanged; a different request under the
+    /// id is refused without a write, and an absent record is just absent. Eight retries at once
+    /// all answer. Counted on a real Redis (`INFO commandstats`), where the write is what matters.
     #[tokio::test]
     async fn a_durable_lookup_writes_the_record_again_before_answering() {
-        let store = Store::memory();
+        let server = chipgate_state::testing::RedisServer::start();
+        let store = server.store().await;
+        let port = server.port().to_string();
+        let hsets = || {
+            let out = std::process::Command::new(chipgate_state::testing::redis_cli_binary())
+                .args(["-p", port.as_str(), "INFO", "commandstats"])
+                .output()
+                .expect("redis-cli");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            text.lines()
+                .find_map(|l| l.strip_prefix("cmdstat_hset:calls=")?.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
         let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
         let fa = fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 });
         let fb = fingerprint(&prost_types::Duration { seconds: 2, nanos: 0 });
-        let version = |store: &Store| {
-            let store = store.clone();
-            let key = idem.key("M", "r1");
-            async move { store.get(&[key]).await.expect("get").remove(0).map(|r| (r.version, r.data)) }
-        };
         assert_eq!(
             idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await.expect("absent"),
             None
@@ -299,14 +472,20 @@ mod tests {
         let mut t = Txn::new();
         idem.record(&mut t, None, "M", "r1", &fa, &answer);
         store.commit(&t).await.expect("commit");
-        let (v1, data) = version(&store).await.expect("stored");
+        let data = in_period(&store, &idem, "M", "r1").await.expect("stored");
+        let before = hsets();
+        assert_eq!(
+            idem.lookup::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await.expect("replay"),
+            Some(answer)
+        );
+        assert_eq!(hsets(), before, "a plain lookup writes nothing");
         let replay = idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fa).await;
         assert_eq!(replay.expect("replay"), Some(answer));
-        assert_eq!(version(&store).await, Some((v1 + 1, data.clone())), "written again, unchanged");
+        assert_eq!(hsets(), before + 1, "written again");
+        assert_eq!(in_period(&store, &idem, "M", "r1").await, Some(data.clone()), "unchanged");
         let err = idem.lookup_durable::<prost_types::Timestamp>(&store, None, "M", "r1", &fb).await;
         assert_eq!(err.expect_err("a different request").code(), tonic::Code::InvalidArgument);
-        assert_eq!(version(&store).await, Some((v1 + 1, data.clone())), "a refused request writes nothing");
-        // Eight retries at once all answer (none waits for or undoes another), each having written.
+        assert_eq!(hsets(), before + 1, "a refused request writes nothing");
         let mut replays = tokio::task::JoinSet::new();
         for _ in 0..8 {
             let store = store.clone();
@@ -317,7 +496,42 @@ mod tests {
         while let Some(r) = replays.join_next().await {
             assert_eq!(r.expect("task").expect("concurrent replay"), Some(answer));
         }
-        assert_eq!(version(&store).await, Some((v1 + 9, data)));
+        assert_eq!(hsets(), before + 9);
+        assert_eq!(in_period(&store, &idem, "M", "r1").await, Some(data));
+    }
+
+    /// An account's records of a period share one small hash, which Redis keeps packed.
+    #[tokio::test]
+    async fn an_accounts_records_share_a_packed_hash() {
+        let server = chipgate_state::testing::RedisServer::start();
+        let store = server.store().await;
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let answer = prost_types::Timestamp { seconds: 42, nanos: 0 };
+        let key = ACCOUNT
+            .scope(Some("buyer-7".into()), async {
+                for i in 0..100 {
+                    let fp = fingerprint(&prost_types::Duration { seconds: i, nanos: 0 });
+                    let mut t = Txn::new();
+                    idem.record(&mut t, None, "PlaceOrder", &format!("req-{i:04}-5f0c8a2e"), &fp, &answer);
+                    t.without_receipt();
+                    store.commit(&t).await.expect("commit");
+                }
+                idem.period_key(None, "PlaceOrder", now_ms() / idem.period_ms())
+            })
+            .await;
+        let cli = |args: &[&str]| {
+            let out = std::process::Command::new(chipgate_state::testing::redis_cli_binary())
+                .args(["-p", &server.port().to_string()])
+                .args(args)
+                .output()
+                .expect("redis-cli");
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        };
+        assert_eq!(cli(&["HLEN", &key]), "100");
+        assert_eq!(cli(&["OBJECT", "ENCODING", &key]), "listpack");
+        let ttl_ms: u64 = cli(&["PTTL", &key]).parse().expect("a TTL");
+        let len = idem.period_ms();
+        assert!(ttl_ms > len && ttl_ms <= 2 * len, "expires at the end of the next period: {ttl_ms}");
     }
 
     #[tokio::test]
