@@ -241,6 +241,7 @@ impl Idempotency {
     /// A record is a field of a hash per (partition, method, account, period of the TTL's length)
     /// rather than a key of its own: a small hash keeps its fields packed (Redis's listpack, up to
     /// 128 fields of up to 64 bytes), ≈ 75 bytes per record against ≈ 260 for a key with a TTL.
+    /// A record longer than [`PACKED_VALUE_MAX`] keeps a key of its own.
     /// Redis 7.0 expires keys, not fields, so the whole hash expires at the end of the period after
     /// its own: every record is kept at least the TTL and at most twice it.
     pub fn record<R: Message>(
@@ -262,8 +263,15 @@ impl Idempotency {
         for p in self.periods(now) {
             txn.expect_no_field(self.period_key(partition, method, p), request_id);
         }
-        txn.expect_version(self.key_in(partition, method, request_id), 0);
-        txn.hset_expire_at(self.period_key(partition, method, current), request_id, data, (current + 2) * len);
+        let key = self.key_in(partition, method, request_id);
+        if data.len() <= PACKED_VALUE_MAX {
+            txn.expect_version(key, 0);
+            txn.hset_expire_at(self.period_key(partition, method, current), request_id, data, (current + 2) * len);
+        } else {
+            // Too long to be packed: a field would cost as much as a key, and would make a hash of
+            // many large answers, one key too big to move between Redis Cluster nodes quickly.
+            txn.replace_with_ttl(key, 0, data, self.ttl);
+        }
     }
 }
 
@@ -273,6 +281,12 @@ enum Found {
     Period(u64, Vec<u8>),
     Legacy(Vec<u8>),
 }
+
+/// The longest record kept as a field of its period's hash: Redis keeps a hash packed while every
+/// value is at most `hash-max-listpack-value` bytes (64 by default). A longer answer (a batch's,
+/// a wave's) gets a key of its own, as every record had before period hashes; both are read and
+/// guarded alike.
+const PACKED_VALUE_MAX: usize = 64;
 
 /// How far the clocks of the services' replicas may disagree: a record written by a replica whose
 /// clock runs this much ahead, in what it takes for the next period, is still found.
@@ -388,6 +402,26 @@ mod tests {
         store.commit(&t).await.expect("commit");
         let err = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "cut", &fa).await;
         assert_eq!(err.expect_err("truncated").code(), tonic::Code::Internal);
+    }
+
+    /// An answer too long to be packed keeps a key of its own, and is replayed and guarded as well.
+    #[tokio::test]
+    async fn long_answers_keep_a_key_of_their_own() {
+        let store = Store::memory();
+        let idem = Idempotency::new(Space::new("t"), DEFAULT_TTL);
+        let long = prost_types::Any { type_url: "x".repeat(100), value: vec![] };
+        let fa = fingerprint(&prost_types::Duration { seconds: 1, nanos: 0 });
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "big", &fa, &long);
+        t.without_receipt();
+        store.commit(&t).await.expect("commit");
+        assert_eq!(in_period(&store, &idem, "M", "big").await, None);
+        assert!(store.get(&[idem.key("M", "big")]).await.expect("get")[0].is_some(), "a key of its own");
+        let replay = idem.lookup_durable::<prost_types::Any>(&store, None, "M", "big", &fa).await;
+        assert_eq!(replay.expect("replay"), Some(long.clone()));
+        let mut t = Txn::new();
+        idem.record(&mut t, None, "M", "big", &fa, &long);
+        assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })));
     }
 
     /// The periods a record may be in: the previous and the current, and the next when it starts
