@@ -82,28 +82,24 @@ impl Idempotency {
     /// their TTL after an upgrade, so lookups still read the key and new records are guarded on its
     /// absence; a later version can drop both once every such record has expired.
     pub fn key_in(&self, partition: Option<&Partition>, method: &str, request_id: &str) -> String {
-        let scoped = scope();
-        let mut parts = vec!["idem", method];
-        if let Some(s) = &scoped {
-            parts.push(s);
-        }
-        parts.push(request_id);
-        match partition {
-            Some(p) => p.key(parts),
-            None => self.space.key(parts),
-        }
+        self.scoped_key(partition, "idem", method, request_id)
     }
 
     /// The hash that keeps the records of `method` (for the current [`ACCOUNT`]) written in
     /// `period`, in `partition` or the space's own slot. Its fields are request ids.
     pub fn period_key(&self, partition: Option<&Partition>, method: &str, period: u64) -> String {
-        let scoped = scope();
-        let period = period.to_string();
-        let mut parts = vec!["idh", method];
+        self.scoped_key(partition, "idh", method, &period.to_string())
+    }
+
+    /// `family:method[:account]:last`, in `partition` or the space's own slot; the account (the
+    /// current [`ACCOUNT`]) is length-prefixed, so no (account, last) pair can spell another's key.
+    fn scoped_key(&self, partition: Option<&Partition>, family: &str, method: &str, last: &str) -> String {
+        let scoped = ACCOUNT.try_with(Clone::clone).ok().flatten().map(|a| format!("@{}:{a}", a.len()));
+        let mut parts = vec![family, method];
         if let Some(s) = &scoped {
             parts.push(s);
         }
-        parts.push(&period);
+        parts.push(last);
         match partition {
             Some(p) => p.key(parts),
             None => self.space.key(parts),
@@ -291,12 +287,6 @@ const PACKED_VALUE_MAX: usize = 64;
 /// How far the clocks of the services' replicas may disagree: a record written by a replica whose
 /// clock runs this much ahead, in what it takes for the next period, is still found.
 pub const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
-
-/// The current [`ACCOUNT`] as a key part: length-prefixed, so no (account, request id) pair can
-/// spell another's key.
-fn scope() -> Option<String> {
-    ACCOUNT.try_with(Clone::clone).ok().flatten().map(|a| format!("@{}:{a}", a.len()))
-}
 
 /// Unix milliseconds now.
 fn now_ms() -> u64 {
