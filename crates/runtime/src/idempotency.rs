@@ -25,6 +25,7 @@ use prost::Message;
 use tonic::Status;
 
 use crate::errors;
+use crate::time::now_ms;
 
 tokio::task_local! {
     /// The account of the call being handled (set by the edge around the handler; None: the shared
@@ -109,6 +110,11 @@ impl Idempotency {
     /// The length of a period in ms: the TTL (a record is kept for one to two periods).
     fn period_ms(&self) -> u64 {
         (self.ttl.as_millis() as u64).max(1)
+    }
+
+    /// The period a record written now goes into (see [`period_key`](Self::period_key)).
+    pub fn current_period(&self) -> u64 {
+        now_ms() / self.period_ms()
     }
 
     /// The periods whose hashes may hold a live record at `now_ms`: the previous one (a record
@@ -288,11 +294,6 @@ const PACKED_VALUE_MAX: usize = 64;
 /// clock runs this much ahead, in what it takes for the next period, is still found.
 pub const CLOCK_SKEW_MS: u64 = 5 * 60 * 1000;
 
-/// Unix milliseconds now.
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
-}
-
 /// First byte of a compact record; a record written before them starts with its fingerprint's hex
 /// text, never a zero byte.
 const COMPACT: u8 = 0;
@@ -346,7 +347,7 @@ mod tests {
 
     /// The record of (method, request id) in the current period's hash.
     async fn in_period(store: &Store, idem: &Idempotency, method: &str, id: &str) -> Option<Vec<u8>> {
-        let key = idem.period_key(None, method, now_ms() / idem.period_ms());
+        let key = idem.period_key(None, method, idem.current_period());
         store.hget_each(&[(key, id.to_string())]).await.expect("hget").remove(0)
     }
 
@@ -441,7 +442,7 @@ mod tests {
         let mut t = Txn::new();
         idem.record(&mut t, None, "M", "x", &fa, &answer);
         let data = in_period_data(&t);
-        let now = now_ms() / len;
+        let now = idem.current_period();
         let mut t = Txn::new();
         t.hset_expire_at(idem.period_key(None, "M", now - 1), "yesterday", data.clone(), (now + 1) * len);
         t.hset_expire_at(idem.period_key(None, "M", now - 2), "older", data, now * len);
@@ -453,6 +454,16 @@ mod tests {
         assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })));
         let gone = idem.lookup::<prost_types::Timestamp>(&store, None, "M", "older", &fa).await;
         assert_eq!(gone.expect("lookup"), None, "expired with its hash");
+    }
+
+    /// What `redis-cli` prints for `args` against `server`, trimmed.
+    fn redis_cli(server: &chipgate_state::testing::RedisServer, args: &[&str]) -> String {
+        let out = std::process::Command::new(chipgate_state::testing::redis_cli_binary())
+            .args(["-p", &server.port().to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
     }
 
     /// The bytes a transaction's record holds (its one hash write).
@@ -474,14 +485,9 @@ mod tests {
     async fn a_durable_lookup_writes_the_record_again_before_answering() {
         let server = chipgate_state::testing::RedisServer::start();
         let store = server.store().await;
-        let port = server.port().to_string();
         let hsets = || {
-            let out = std::process::Command::new(chipgate_state::testing::redis_cli_binary())
-                .args(["-p", port.as_str(), "INFO", "commandstats"])
-                .output()
-                .expect("redis-cli");
-            let text = String::from_utf8_lossy(&out.stdout).into_owned();
-            text.lines()
+            redis_cli(&server, &["INFO", "commandstats"])
+                .lines()
                 .find_map(|l| l.strip_prefix("cmdstat_hset:calls=")?.split(',').next()?.parse::<u64>().ok())
                 .unwrap_or(0)
         };
@@ -540,17 +546,10 @@ mod tests {
                     t.without_receipt();
                     store.commit(&t).await.expect("commit");
                 }
-                idem.period_key(None, "PlaceOrder", now_ms() / idem.period_ms())
+                idem.period_key(None, "PlaceOrder", idem.current_period())
             })
             .await;
-        let cli = |args: &[&str]| {
-            let out = std::process::Command::new(chipgate_state::testing::redis_cli_binary())
-                .args(["-p", &server.port().to_string()])
-                .args(args)
-                .output()
-                .expect("redis-cli");
-            String::from_utf8_lossy(&out.stdout).trim().to_string()
-        };
+        let cli = |args: &[&str]| redis_cli(&server, args);
         assert_eq!(cli(&["HLEN", &key]), "100");
         assert_eq!(cli(&["OBJECT", "ENCODING", &key]), "listpack");
         let ttl_ms: u64 = cli(&["PTTL", &key]).parse().expect("a TTL");

@@ -257,8 +257,7 @@ mod tests {
         let sku = Sku::from_trusted("H200");
         let part = keys::part(&sku);
         let fp = fingerprint(&chipgate_proto::orders::v1::PlaceOrderRequest { units: 4, ..Default::default() });
-        let period = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-            / (24 * 3600 * 1000);
+        let period = svc.inner.idem.current_period();
         let record = || {
             let store = store.clone();
             let key = svc.inner.idem.period_key(Some(&part), "PlaceOrder", period);
