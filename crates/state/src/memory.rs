@@ -336,9 +336,13 @@ impl Inner {
             }
             Op::HSetExpireAt { key, field, value, expire_at_ms } => {
                 self.hashes.entry(key.clone()).or_default().insert(field.clone(), value.clone());
-                self.hash_expiry.insert(key.clone(), *expire_at_ms);
                 // An expiry already past removes the hash at once, as PEXPIREAT does.
-                self.purge_hashes();
+                if *expire_at_ms > now_ms() {
+                    self.hash_expiry.insert(key.clone(), *expire_at_ms);
+                } else {
+                    self.hashes.remove(key);
+                    self.hash_expiry.remove(key);
+                }
             }
             Op::HDel { key, field } => {
                 if let Some(h) = self.hashes.get_mut(key) {
