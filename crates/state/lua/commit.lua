@@ -8,6 +8,8 @@
 --   guard  f <keyidx> <token>       fence: stored token <= token; token is stored on success
 --   guard  l <keyidx> <token>       lease at key is held with token
 --   guard  h <keyidx> <field>       the hash at key has no field <field>
+--   guard  hv <keyidx> <field> <version>   field <field> of the hash at key holds a record
+--                                   '<version>:<data>' of this version ('0' = no such field)
 --   op     put <keyidx> <ttl_ms> <data>            ttl_ms '0' = no expiry; version is bumped
 --   op     putat <keyidx> <version>:<data>         version known from the transaction's guard,
 --                                                  sent as the stored value itself
@@ -104,6 +106,14 @@ for _ = 1, ng do
     if redis.call('GET', k) ~= want then return {'lease', k} end
   elseif kind == 'h' then
     if redis.call('HEXISTS', k, want) == 1 then return {'conflict', k} end
+  elseif kind == 'hv' then
+    -- want is the field; the version follows it.
+    local version = ARGV[i]
+    i = i + 1
+    local cur = redis.call('HGET', k, want)
+    local have = '0'
+    if cur then have = string.match(cur, '^(%d+):') or '' end
+    if have ~= version then return {'conflict', k} end
   else
     return redis.error_reply('chipgate commit: unknown guard ' .. tostring(kind))
   end

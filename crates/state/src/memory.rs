@@ -195,6 +195,12 @@ impl Inner {
                     return Err(CommitError::Conflict { key: key.clone() });
                 }
             }
+            Guard::FieldVersion { key, field, version } => {
+                let stored = self.hashes.get(key).and_then(|h| h.get(field));
+                if Record::stored_version(stored.map(|v| &v[..])) != Some(*version) {
+                    return Err(CommitError::Conflict { key: key.clone() });
+                }
+            }
         }
         Ok(())
     }

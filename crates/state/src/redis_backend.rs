@@ -751,6 +751,10 @@ impl RedisBackend {
                         cmd.arg("h").arg(idx(key)).arg(field.as_str());
                         continue;
                     }
+                    Guard::FieldVersion { key, field, version } => {
+                        cmd.arg("hv").arg(idx(key)).arg(field.as_str()).arg(*version);
+                        continue;
+                    }
                 };
                 cmd.arg(kind).arg(idx(key)).arg(n);
             }
@@ -1142,17 +1146,7 @@ fn redact_one(url: &str) -> String {
 }
 
 fn parse_record(key: &str, raw: Vec<u8>) -> StateResult<Record> {
-    let colon = raw
-        .iter()
-        .position(|&b| b == b':')
-        .ok_or_else(|| StateError::Backend(format!("record {key} has no version prefix")))?;
-    let version = std::str::from_utf8(&raw[..colon])
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-        .ok_or_else(|| StateError::Backend(format!("record {key} has a bad version prefix")))?;
-    let mut data = raw;
-    data.drain(..=colon);
-    Ok(Record { version, data })
+    Record::from_stored(raw).ok_or_else(|| StateError::Backend(format!("record {key} has no version prefix")))
 }
 
 fn bytes_of(v: Value) -> StateResult<Vec<u8>> {
@@ -1444,12 +1438,28 @@ impl Backend for RedisBackend {
             }
             return Ok(out);
         }
+        // Consecutive fields of one hash in one HMGET (a batch's quota reservations are a few
+        // hashes of many fields each): one command per run, not per field.
         let mut pipe = redis::pipe();
-        for (key, field) in fields {
-            pipe.cmd("HGET").arg(key).arg(field);
+        let mut runs = Vec::new();
+        let mut at = 0;
+        while at < fields.len() {
+            let key = &fields[at].0;
+            let len = fields[at..].iter().take_while(|(k, _)| k == key).count();
+            let cmd = pipe.cmd("HMGET").arg(key);
+            for (_, field) in &fields[at..at + len] {
+                cmd.arg(field);
+            }
+            runs.push(len);
+            at += len;
         }
         let mut conn = self.inner.conn.get();
-        pipe.query_async(&mut conn).await.map_err(|e| self.inner.conn.failed(e))
+        let answers: Vec<Vec<Option<Vec<u8>>>> =
+            pipe.query_async(&mut conn).await.map_err(|e| self.inner.conn.failed(e))?;
+        if answers.len() != runs.len() || answers.iter().zip(&runs).any(|(a, n)| a.len() != *n) {
+            return Err(StateError::Backend("HMGET answered a different number of fields than asked".into()));
+        }
+        Ok(answers.into_iter().flatten().collect())
     }
 
     async fn smembers(&self, key: &str) -> StateResult<Vec<String>> {

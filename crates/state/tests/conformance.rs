@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chipgate_state::{
-    AUDIT_GENESIS, AuditChain, Backend, CommitError, HashMoved, Space, StateError, Store, Txn, audit_link,
+    AUDIT_GENESIS, AuditChain, Backend, CommitError, HashMoved, Record, Space, StateError, Store, Txn, audit_link,
     backend_tests, sha256_hex,
 };
 
@@ -861,7 +861,83 @@ async fn hash_fields_guarded_absent_expire_with_their_hash(store: Store) {
     assert_eq!(store.hgetall(&soon).await.unwrap(), vec![]);
 }
 
+/// Records kept as hash fields (`Txn::replace_field`): created under a version-0 guard, read back
+/// with their version (`hget_each`, `Record::from_stored`), replaced only at the version read, and
+/// removed under a version guard; a failed guard changes nothing in the transaction, and a field
+/// that isn't a record fails every version guard. Runs of one hash's fields and fields of
+/// several hashes are read back in the order asked.
+async fn records_as_hash_fields_are_versioned_and_guarded(store: Store) {
+    let (h, other, tally) = (k(&["rf", "bucket", "0"]), k(&["rf", "bucket", "1"]), k(&["rf", "tally"]));
+    let read = |fields: &[(&String, &str)]| {
+        let asked: Vec<(String, String)> = fields.iter().map(|(k, f)| (k.to_string(), f.to_string())).collect();
+        let store = store.clone();
+        async move {
+            store
+                .hget_each(&asked)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|v| v.and_then(Record::from_stored))
+                .collect::<Vec<_>>()
+        }
+    };
+    let rec = |version: u64, data: &[u8]| Some(Record { version, data: data.to_vec() });
+
+    let mut t = Txn::new();
+    t.replace_field(&h, "7", 0, b"first").replace_field(&other, "7", 0, b"elsewhere").hincr(&tally, "n", 1);
+    store.commit(&t).await.unwrap();
+    assert_eq!(read(&[(&h, "7"), (&other, "7"), (&h, "8")]).await, vec![rec(1, b"first"), rec(1, b"elsewhere"), None]);
+
+    // Created again from "absent": a conflict on the hash, and nothing else in it applies.
+    match store.commit(&t).await {
+        Err(CommitError::Conflict { key }) => assert!(key == h || key == other, "{key}"),
+        other => panic!("the field exists: expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"1".to_vec())]);
+
+    // Replaced at the version read; a writer still holding version 1 then conflicts.
+    let mut t = Txn::new();
+    t.replace_field(&h, "7", 1, b"second").replace_field(&h, "8", 0, b"new");
+    store.commit(&t).await.unwrap();
+    let mut stale = Txn::new();
+    stale.replace_field(&h, "7", 1, b"lost update").hincr(&tally, "n", 1);
+    match store.commit(&stale).await {
+        Err(CommitError::Conflict { key }) => assert_eq!(key, h),
+        other => panic!("a stale version: expected a conflict, got {other:?}"),
+    }
+    assert_eq!(read(&[(&h, "8"), (&h, "7")]).await, vec![rec(1, b"new"), rec(2, b"second")]);
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"1".to_vec())]);
+
+    // Versions compare whole: 2 is not 20, 12 or 0.
+    for wrong in [0, 12, 20] {
+        let mut t = Txn::new();
+        t.expect_field_version(&h, "7", wrong).hincr(&tally, "n", 1);
+        assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })), "version {wrong}");
+    }
+
+    // Removed under its version; then it is absent again (version 0), and may be created anew.
+    let mut t = Txn::new();
+    t.expect_field_version(&h, "7", 2).hdel(&h, "7");
+    store.commit(&t).await.unwrap();
+    assert_eq!(read(&[(&h, "7")]).await, vec![None]);
+    let mut t = Txn::new();
+    t.replace_field(&h, "7", 0, b"again");
+    store.commit(&t).await.unwrap();
+    assert_eq!(read(&[(&h, "7")]).await, vec![rec(1, b"again")]);
+
+    // A field that isn't a record fails every version guard, 0 included.
+    let mut t = Txn::new();
+    t.hset(&h, "plain", b"no version".to_vec());
+    store.commit(&t).await.unwrap();
+    for v in [0, 1] {
+        let mut t = Txn::new();
+        t.replace_field(&h, "plain", v, b"x");
+        assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })), "version {v}");
+    }
+}
+
 backend_tests!(
+    records_as_hash_fields_are_versioned_and_guarded,
     hash_fields_guarded_absent_expire_with_their_hash,
     sorted_set_writes_in_one_transaction_apply_in_order,
     sorted_sets_snapshot_into_one,
