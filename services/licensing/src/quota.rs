@@ -7,7 +7,7 @@
 //! Every reservation is keyed by (order, generation): retries never double-count, and a released
 //! generation is never reopened.
 
-use chipgate_runtime::records::{self, Loaded};
+use chipgate_runtime::records;
 use chipgate_runtime::service::Records;
 use std::collections::{BTreeMap, HashMap};
 
@@ -22,7 +22,7 @@ use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::{Backend, Txn};
+use chipgate_state::{Backend, Record, Txn};
 
 use crate::convert::{QuotaBatch, QuotaRef, Recheck, ReleaseBatch, failure_to, reservation_to};
 use crate::keys::Part;
@@ -53,28 +53,115 @@ fn licence_of(id: &str) -> LicenceId {
 /// ([`ReserveCheck::Withdraw`]); the event lists the reservation released with it.
 const WITHDRAWN: &str = "given back: asked again while it may not take quota (its first answer never landed)";
 
+/// The version a reservation was read at, and where: a field of its product's reservation hashes
+/// (`keys::reservation_field`), or a key of its own (`keys::reservation`: one written before
+/// reservations moved into hashes, or an order id of another form).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct ReadAt {
+    /// The version read (0: none).
+    version: u64,
+    /// Read from a key of its own.
+    own_key: bool,
+}
+
+/// Reservations as read, one per order asked.
+type LoadedReservations = Vec<Option<(ReadAt, ReservationRecord)>>;
+
+/// The version a reservation was read at, for the write that follows (`ReadAt::default()`: none).
+fn read_at(ex: &Option<(ReadAt, ReservationRecord)>) -> ReadAt {
+    ex.as_ref().map(|(at, _)| *at).unwrap_or_default()
+}
+
 /// Writes the reservation of product `sku`'s order `order_id`, guarded by the version it was read
 /// at: in its stored form ([`ReservationRecord::to_stored`], read back by
 /// [`Licensing::load_reservations`] with the key's product and order) when the record's own are
 /// exactly those, else whole (so nothing the key doesn't say is ever left out).
-fn put_reservation(t: &mut Txn, sku: &Sku, order_id: &str, read_version: u64, r: &ReservationRecord) {
+///
+/// It goes into its field of the product's reservation hashes; one read from a key of its own
+/// moves there in the same commit (the key is removed, guarded by the version read).
+fn put_reservation(t: &mut Txn, sku: &Sku, order_id: &str, at: ReadAt, r: &ReservationRecord) {
     let data = if r.product_sku == sku.as_str() && r.order_id == order_id { r.to_stored() } else { encode(r) };
-    t.replace(keys::reservation(sku, &order_of(order_id)), read_version, data);
+    let order = order_of(order_id);
+    match keys::reservation_field(sku, &order) {
+        Some((hash, field)) if at.own_key => {
+            let key = keys::reservation(sku, &order);
+            t.expect_version(key.clone(), at.version).delete(key);
+            t.replace_field(hash, field, 0, &data);
+        }
+        Some((hash, field)) => {
+            t.replace_field(hash, field, at.version, &data);
+        }
+        None => {
+            t.replace(keys::reservation(sku, &order), at.version, data);
+        }
+    }
+}
+
+/// Removes the reservation of product `sku`'s order `order_id`, guarded by the version it was read at.
+fn forget_reservation(t: &mut Txn, sku: &Sku, order_id: &str, at: ReadAt) {
+    let order = order_of(order_id);
+    match keys::reservation_field(sku, &order) {
+        Some((hash, field)) if !at.own_key => {
+            t.expect_field_version(hash.clone(), field.clone(), at.version).hdel(hash, field);
+        }
+        _ => {
+            let key = keys::reservation(sku, &order);
+            t.expect_version(key.clone(), at.version).delete(key);
+        }
+    }
 }
 
 impl Licensing {
     /// Reads the quota reservations of product `sku`'s `orders`, one answer per order: each stored
-    /// form is read with the product and order its key names ([`ReservationRecord::from_stored`]).
-    async fn load_reservations(&self, sku: &Sku, orders: &[&str]) -> Result<Vec<Loaded<ReservationRecord>>, Error> {
-        let res_keys: Vec<String> = orders.iter().map(|o| keys::reservation(sku, &order_of(o))).collect();
-        let raw = self.store().get(&res_keys).await?;
-        Ok(records::decode_each(raw, &res_keys, |i, data| {
-            ReservationRecord::from_stored(data, sku.as_str(), orders[i])
-        })?)
+    /// form is read with the product and order its place names ([`ReservationRecord::from_stored`]).
+    ///
+    /// Each order's field in the reservation hashes and its key of its own are read at once (two
+    /// commands in one round trip): the key holds what an earlier version wrote until the next
+    /// write moves it. Were both there, the field is the later.
+    async fn load_reservations(&self, sku: &Sku, orders: &[&str]) -> Result<LoadedReservations, Error> {
+        let ids: Vec<OrderId> = orders.iter().map(|o| order_of(o)).collect();
+        let own_keys: Vec<String> = ids.iter().map(|o| keys::reservation(sku, o)).collect();
+        let places: Vec<Option<(String, String)>> = ids.iter().map(|o| keys::reservation_field(sku, o)).collect();
+        let fields: Vec<(String, String)> = places.iter().flatten().cloned().collect();
+        let (in_keys, in_fields) = tokio::try_join!(self.store().get(&own_keys), self.store().hget_each(&fields))?;
+        let mut in_fields = in_fields.into_iter();
+        let mut out = Vec::with_capacity(orders.len());
+        for (((order, place), in_key), key) in orders.iter().zip(&places).zip(in_keys).zip(&own_keys) {
+            // The place's name, only for an error.
+            let field_name = || place.as_ref().map(|(h, f)| format!("{h} field {f}")).unwrap_or_default();
+            let in_field = match place {
+                Some(_) => in_fields.next().flatten(),
+                None => None,
+            };
+            let (record, own_key, name) = match in_field {
+                Some(raw) => {
+                    if in_key.is_some() {
+                        tracing::warn!(%key, "a quota reservation is both in its hash and in a key of its own; the hash's is used");
+                    }
+                    let record = Record::from_stored(raw).ok_or_else(|| records::LoadError::Corrupt {
+                        key: field_name(),
+                        reason: "no version prefix".into(),
+                    })?;
+                    (record, false, None)
+                }
+                None => match in_key {
+                    Some(record) => (record, true, Some(key)),
+                    None => {
+                        out.push(None);
+                        continue;
+                    }
+                },
+            };
+            let r = ReservationRecord::from_stored(&record.data, sku.as_str(), order).map_err(|e| {
+                records::LoadError::Corrupt { key: name.cloned().unwrap_or_else(field_name), reason: e.to_string() }
+            })?;
+            out.push(Some((ReadAt { version: record.version, own_key }, r)));
+        }
+        Ok(out)
     }
 
     /// Reads the quota reservation of product `sku`'s order `order`: NOT_FOUND when there is none.
-    async fn require_reservation(&self, sku: &Sku, order: &str) -> Result<(u64, ReservationRecord), Error> {
+    async fn require_reservation(&self, sku: &Sku, order: &str) -> Result<(ReadAt, ReservationRecord), Error> {
         self.load_reservations(sku, &[order])
             .await?
             .pop()
@@ -257,7 +344,7 @@ impl Licensing {
         let mut refused_detail = Vec::new();
         let mut withdrawn_detail = Vec::new();
         for ((it, ex), check) in items.iter().zip(&existing).zip(checks) {
-            let ver = ex.as_ref().map(|(v, _)| *v).unwrap_or(0);
+            let ver = read_at(ex);
             match check {
                 ReserveCheck::AlreadyHeld => {
                     let r = ex.as_ref().map(|(_, r)| reservation_to(r));
@@ -309,9 +396,7 @@ impl Licensing {
                             // afresh (a released record would answer it stale, and the order would
                             // move on to its next generation unjudged); a later release of it finds
                             // nothing to give back.
-                            let key = keys::reservation(sku, &order_of(&it.order_id));
-                            t.expect_version(key.clone(), ver);
-                            t.delete(key);
+                            forget_reservation(&mut t, sku, &it.order_id, ver);
                             withdrawn_detail
                                 .push(format!("{}/{}:{}:{}", it.order_id, it.generation, old.license_id, old.units));
                         }
@@ -521,7 +606,7 @@ impl Licensing {
                 for ((order_id, generation), ex) in items.iter().zip(existing) {
                     let (ver, cur) = match ex {
                         Some((v, r)) => (v, Some(r)),
-                        None => (0, None),
+                        None => (ReadAt::default(), None),
                     };
                     let tombstone = |base: Option<&ReservationRecord>| ReservationRecord {
                         order_id: order_id.clone(),

@@ -7,11 +7,11 @@
 
 use std::collections::HashMap;
 
-use chipgate_domain::ids::{BuyerId, LicenceId, Sku, WaveId};
-use chipgate_licensing::Licensing;
+use chipgate_domain::ids::{BuyerId, LicenceId, OrderId, Sku, WaveId};
+use chipgate_licensing::{Licensing, keys};
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_proto::licensing::v1::licensing_service_server::LicensingService;
-use chipgate_state::{Backend, Store, backend_tests};
+use chipgate_state::{Backend, Record, Store, backend_tests};
 use prost::Message;
 use tonic::{Code, Request};
 use tonic_types::StatusExt;
@@ -580,7 +580,10 @@ async fn quota_is_never_exceeded_under_concurrency(store: Store) {
         handles.push(tokio::spawn(async move {
             let mut granted = Vec::new();
             for k in 0..4 {
-                let order = format!("t{t}-o{k}");
+                // Half the orders numbered as the orders service numbers them (their reservations
+                // are fields of the product's reservation hashes, several to a hash), half not
+                // (a key each).
+                let order = if t % 2 == 0 { format!("ord-H200-{}", t * 4 + k) } else { format!("t{t}-o{k}") };
                 for _attempt in 0..2 {
                     let r = batch(&svc, vec![item(&order, 1, "bytedance", 30)]).await.remove(0).reservation;
                     if let Some(r) = r {
@@ -631,9 +634,18 @@ async fn batches_serve_in_order_without_overtaking(store: Store) {
 }
 
 async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
+    // Order ids of another form (a reservation key each) and as the orders service numbers them
+    // (fields of the product's reservation hashes): the same rules.
+    // Each with a buyer of its own, so that each round's licence is the only one its orders use.
+    for (buyer, o1, ghost) in [("bytedance", "o1", "ghost"), ("alibaba", "ord-H200-1", "ord-H200-130")] {
+        generations_fence_stale_calls_for(store.clone(), buyer, o1, ghost).await;
+    }
+}
+
+async fn generations_fence_stale_calls_for(store: Store, buyer: &str, o1: &str, ghost: &str) {
     let svc = service(store).await;
-    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
-    assert!(batch(&svc, vec![item("o1", 1, "bytedance", 40)]).await[0].reservation.is_some());
+    let lic = licensed(&svc, buyer, 100, pb::LicenseConditions::default()).await;
+    assert!(batch(&svc, vec![item(o1, 1, buyer, 40)]).await[0].reservation.is_some());
     let release = |order: &str, generation: u64, unless_confirmed: bool| {
         let svc = svc.clone();
         let order = order.to_string();
@@ -651,35 +663,105 @@ async fn generations_fence_stale_calls_and_releases_return_quota(store: Store) {
             .remove(0)
         }
     };
-    let r = release("o1", 1, false).await;
+    let r = release(o1, 1, false).await;
     assert_eq!(r.state(), pb::ReservationState::Released);
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
-    let again = release("o1", 1, false).await;
+    let again = release(o1, 1, false).await;
     assert_eq!(again.state(), pb::ReservationState::Released, "releasing twice is harmless");
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 0);
 
     // A late reserve of the released generation is refused; the next generation works.
-    let stale = batch(&svc, vec![item("o1", 1, "bytedance", 40)]).await.remove(0);
+    let stale = batch(&svc, vec![item(o1, 1, buyer, 40)]).await.remove(0);
     assert!(stale.stale && stale.reservation.unwrap().state() == pb::ReservationState::Released);
-    assert!(batch(&svc, vec![item("o1", 2, "bytedance", 40)]).await[0].reservation.is_some());
+    assert!(batch(&svc, vec![item(o1, 2, buyer, 40)]).await[0].reservation.is_some());
 
     // Releasing an order that never reserved leaves a tombstone that fences off its late reserve.
-    let t = release("ghost", 1, false).await;
+    let t = release(ghost, 1, false).await;
     assert_eq!((t.state(), t.units), (pb::ReservationState::Released, 0));
-    assert!(batch(&svc, vec![item("ghost", 1, "bytedance", 10)]).await[0].stale);
+    assert!(batch(&svc, vec![item(ghost, 1, buyer, 10)]).await[0].stale);
 
     // A higher generation supersedes one still holding quota.
-    assert!(batch(&svc, vec![item("o1", 3, "bytedance", 30)]).await[0].reservation.is_some());
+    assert!(batch(&svc, vec![item(o1, 3, buyer, 30)]).await[0].reservation.is_some());
     assert_eq!(license(&svc, &lic.license_id).await.used_units, 30);
 
     // Confirmed quota survives an unwind that leaves confirmed orders alone, but not a cancel.
-    confirm(&svc, "o1", 3).await;
+    confirm(&svc, o1, 3).await;
     let l = license(&svc, &lic.license_id).await;
     assert_eq!((l.used_units, l.confirmed_units), (30, 30));
-    assert_eq!(release("o1", 3, true).await.state(), pb::ReservationState::Confirmed);
-    assert_eq!(release("o1", 3, false).await.state(), pb::ReservationState::Released);
+    assert_eq!(release(o1, 3, true).await.state(), pb::ReservationState::Confirmed);
+    assert_eq!(release(o1, 3, false).await.state(), pb::ReservationState::Released);
     let l = license(&svc, &lic.license_id).await;
     assert_eq!((l.used_units, l.confirmed_units), (0, 0));
+}
+
+/// Reservations an earlier version kept as a key each (`keys::reservation`) are still read, and
+/// their next write moves them into their field of the product's reservation hashes, in the same
+/// commit: the key is gone and the quota counted once.
+async fn reservations_kept_as_keys_move_into_the_hashes_on_their_next_write(store: Store) {
+    let svc = service(store.clone()).await;
+    let lic = licensed(&svc, "bytedance", 100, pb::LicenseConditions::default()).await;
+    let sku = Sku::from_trusted("H200");
+    let orders = ["ord-H200-300", "ord-H200-301", "ord-H200-302"];
+    for o in orders {
+        assert!(batch(&svc, vec![item(o, 1, "bytedance", 20)]).await[0].reservation.is_some());
+    }
+    let place = |o: &str| keys::reservation_field(&sku, &OrderId::from_trusted(o)).unwrap();
+    let own_key = |o: &str| keys::reservation(&sku, &OrderId::from_trusted(o));
+    let in_field = |o: &str| {
+        let store = store.clone();
+        let asked = vec![place(o)];
+        async move { store.hget_each(&asked).await.unwrap().remove(0).and_then(Record::from_stored) }
+    };
+    let in_key = |o: &str| {
+        let store = store.clone();
+        let key = own_key(o);
+        async move { store.get(&[key]).await.unwrap().remove(0) }
+    };
+    assert_eq!(place("ord-H200-300").0, place("ord-H200-301").0, "consecutive orders share a hash");
+    // Put each back where the earlier version kept it: the same bytes, as a key of its own.
+    for o in orders {
+        let stored = in_field(o).await.expect("a new reservation is a field");
+        assert_eq!(in_key(o).await, None);
+        let (hash, field) = place(o);
+        let mut t = chipgate_state::Txn::new();
+        t.hdel(hash, field).put(own_key(o), stored.data);
+        store.commit(&t).await.unwrap();
+    }
+    let held = reservation(&svc, "ord-H200-300").await;
+    assert_eq!(
+        (held.state(), held.units, held.license_id.as_str()),
+        (pb::ReservationState::Held, 20, lic.license_id.as_str())
+    );
+
+    // Asked again at its generation: answered from the key, nothing taken twice, nothing moved.
+    let again = batch(&svc, vec![item("ord-H200-300", 1, "bytedance", 20)]).await.remove(0);
+    assert_eq!(again.reservation.map(|r| r.units), Some(20));
+    assert_eq!(license(&svc, &lic.license_id).await.used_units, 60);
+    assert!(in_key("ord-H200-300").await.is_some());
+
+    // Confirmed, released and superseded: each moves into its field, its key removed.
+    confirm(&svc, "ord-H200-300", 1).await;
+    svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
+        request_id: rid(),
+        items: vec![pb::ReleaseItem { order_id: "ord-H200-301".into(), generation: 1, product_sku: "H200".into() }],
+        reason: "cancelled".into(),
+        unless_confirmed: false,
+    }))
+    .await
+    .unwrap();
+    assert!(batch(&svc, vec![item("ord-H200-302", 2, "bytedance", 5)]).await[0].reservation.is_some());
+    for (o, state, units) in [
+        ("ord-H200-300", pb::ReservationState::Confirmed, 20),
+        ("ord-H200-301", pb::ReservationState::Released, 20),
+        ("ord-H200-302", pb::ReservationState::Held, 5),
+    ] {
+        assert_eq!(in_key(o).await, None, "{o}: its key is gone");
+        assert!(in_field(o).await.is_some(), "{o}: in its field");
+        let r = reservation(&svc, o).await;
+        assert_eq!((r.state(), r.units), (state, units), "{o}");
+    }
+    let l = license(&svc, &lic.license_id).await;
+    assert_eq!((l.used_units, l.confirmed_units), (25, 20), "every unit counted once");
 }
 
 async fn domestic_ratio_export_and_embargo_gate_eligibility(store: Store) {
@@ -1600,6 +1682,7 @@ async fn audit_entries_name_the_calls_idempotency_key(store: Store) {
 }
 
 backend_tests!(
+    reservations_kept_as_keys_move_into_the_hashes_on_their_next_write,
     audit_entries_name_the_calls_idempotency_key,
     a_wave_over_two_products_is_in_force_in_each_products_partition,
     a_wave_decided_but_not_in_force_is_finished_by_a_retry_or_by_recovery,
