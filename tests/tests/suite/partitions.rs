@@ -43,16 +43,19 @@ async fn a_three_product_story_spreads_over_every_master() {
         let order_keys: Vec<String> = orders.iter().map(chipgate_orders::keys::order).collect();
         let mut keys = vec![stock.clone(), chipgate_inventory::keys::hold(&sku, &orders[0])];
         keys.extend(order_keys.iter().cloned());
-        // Licensing: the order's quota reservation and the product's gate, in the product's partition.
-        let lic_keys =
-            vec![chipgate_licensing::keys::reservation(&sku, &orders[0]), chipgate_licensing::keys::exports(&sku)];
+        // Licensing: the order's quota reservation (a field of one of the product's reservation
+        // hashes) and the product's gate, in the product's partition.
+        let reservation = chipgate_licensing::keys::reservation_field(&sku, &orders[0]).expect("a numbered order");
+        let lic_keys = vec![reservation.0.clone(), chipgate_licensing::keys::exports(&sku)];
         for k in &lic_keys {
             assert_eq!(key_slot(k), chipgate_licensing::keys::part(&sku).slot(), "{k}");
         }
         used.extend(lic_keys.iter().map(|k| master_of(k)));
-        keys.extend(lic_keys);
+        keys.push(chipgate_licensing::keys::exports(&sku));
         let found = w.cluster.store.get(&keys).await.expect("read");
         assert!(found.iter().all(Option::is_some), "{sku}: every key of the story exists: {keys:?}");
+        let held = w.cluster.store.hget_each(std::slice::from_ref(&reservation)).await.expect("read");
+        assert!(held[0].is_some(), "{sku}: the order's reservation exists: {reservation:?}");
         assert_eq!(key_slot(&stock), chipgate_inventory::keys::part(&sku).slot());
         for k in &order_keys {
             assert_eq!(key_slot(k), chipgate_orders::keys::part(&sku).slot(), "{k}");
