@@ -203,17 +203,23 @@ impl Record {
 
     /// Reads what [`stored`](Self::stored) wrote (None: no version prefix).
     pub fn from_stored(mut raw: Vec<u8>) -> Option<Record> {
-        let colon = raw.iter().take(21).position(|&b| b == b':')?;
-        let version = std::str::from_utf8(&raw[..colon]).ok()?.parse::<u64>().ok()?;
+        let (version, colon) = Self::version_prefix(&raw)?;
         raw.drain(..=colon);
         Some(Record { version, data: raw })
     }
 
     /// The version of a stored record (0 when `raw` is None; None when it has no version prefix).
     pub(crate) fn stored_version(raw: Option<&[u8]>) -> Option<u64> {
-        let Some(raw) = raw else { return Some(0) };
+        match raw {
+            None => Some(0),
+            Some(raw) => Self::version_prefix(raw).map(|(version, _)| version),
+        }
+    }
+
+    /// The version a stored record starts with, and where its colon is (a u64 has at most 20 digits).
+    fn version_prefix(raw: &[u8]) -> Option<(u64, usize)> {
         let colon = raw.iter().take(21).position(|&b| b == b':')?;
-        std::str::from_utf8(&raw[..colon]).ok()?.parse::<u64>().ok()
+        Some((std::str::from_utf8(&raw[..colon]).ok()?.parse::<u64>().ok()?, colon))
     }
 }
 

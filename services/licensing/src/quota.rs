@@ -121,39 +121,36 @@ impl Licensing {
     async fn load_reservations(&self, sku: &Sku, orders: &[&str]) -> Result<LoadedReservations, Error> {
         let ids: Vec<OrderId> = orders.iter().map(|o| order_of(o)).collect();
         let own_keys: Vec<String> = ids.iter().map(|o| keys::reservation(sku, o)).collect();
-        let places: Vec<Option<(String, String)>> = ids.iter().map(|o| keys::reservation_field(sku, o)).collect();
-        let fields: Vec<(String, String)> = places.iter().flatten().cloned().collect();
+        // The fields, in the orders' order, for the orders that have one.
+        let mut fields = Vec::with_capacity(orders.len());
+        let has_field: Vec<bool> =
+            ids.iter().map(|o| keys::reservation_field(sku, o).map(|place| fields.push(place)).is_some()).collect();
         let (in_keys, in_fields) = tokio::try_join!(self.store().get(&own_keys), self.store().hget_each(&fields))?;
-        let mut in_fields = in_fields.into_iter();
+        let mut in_fields = fields.iter().zip(in_fields);
+        // Where a field is, for an error only (the read path formats nothing).
+        let field_name = |(hash, field): &(String, String)| format!("{hash} field {field}");
         let mut out = Vec::with_capacity(orders.len());
-        for (((order, place), in_key), key) in orders.iter().zip(&places).zip(in_keys).zip(&own_keys) {
-            // The place's name, only for an error.
-            let field_name = || place.as_ref().map(|(h, f)| format!("{h} field {f}")).unwrap_or_default();
-            let in_field = match place {
-                Some(_) => in_fields.next().flatten(),
-                None => None,
-            };
-            let (record, own_key, name) = match in_field {
-                Some(raw) => {
+        for (((order, has_field), in_key), key) in orders.iter().zip(has_field).zip(in_keys).zip(own_keys) {
+            let in_field = if has_field { in_fields.next() } else { None };
+            let (record, own_key, place) = match (in_field, in_key) {
+                (Some((place, Some(raw))), in_key) => {
                     if in_key.is_some() {
                         tracing::warn!(%key, "a quota reservation is both in its hash and in a key of its own; the hash's is used");
                     }
                     let record = Record::from_stored(raw).ok_or_else(|| records::LoadError::Corrupt {
-                        key: field_name(),
+                        key: field_name(place),
                         reason: "no version prefix".into(),
                     })?;
-                    (record, false, None)
+                    (record, false, Some(place))
                 }
-                None => match in_key {
-                    Some(record) => (record, true, Some(key)),
-                    None => {
-                        out.push(None);
-                        continue;
-                    }
-                },
+                (_, Some(record)) => (record, true, None),
+                (_, None) => {
+                    out.push(None);
+                    continue;
+                }
             };
             let r = ReservationRecord::from_stored(&record.data, sku.as_str(), order).map_err(|e| {
-                records::LoadError::Corrupt { key: name.cloned().unwrap_or_else(field_name), reason: e.to_string() }
+                records::LoadError::Corrupt { key: place.map(field_name).unwrap_or(key), reason: e.to_string() }
             })?;
             out.push(Some((ReadAt { version: record.version, own_key }, r)));
         }

@@ -741,14 +741,7 @@ async fn reservations_kept_as_keys_move_into_the_hashes_on_their_next_write(stor
 
     // Confirmed, released and superseded: each moves into its field, its key removed.
     confirm(&svc, "ord-H200-300", 1).await;
-    svc.batch_release_quota(Request::new(pb::BatchReleaseQuotaRequest {
-        request_id: rid(),
-        items: vec![pb::ReleaseItem { order_id: "ord-H200-301".into(), generation: 1, product_sku: "H200".into() }],
-        reason: "cancelled".into(),
-        unless_confirmed: false,
-    }))
-    .await
-    .unwrap();
+    batch_release(&svc, "H200", "ord-H200-301", 1).await;
     assert!(batch(&svc, vec![item("ord-H200-302", 2, "bytedance", 5)]).await[0].reservation.is_some());
     for (o, state, units) in [
         ("ord-H200-300", pb::ReservationState::Confirmed, 20),
