@@ -24,11 +24,17 @@ impl Shutdown {
     }
 
     /// A signal triggered by the first SIGTERM or SIGINT (Ctrl-C).
+    ///
+    /// The handlers are installed before this returns, not when a spawned task first runs: a
+    /// process's SIGTERM that arrives between the two would otherwise kill it with the default
+    /// action instead of stopping it cleanly (seen on a loaded machine, a service still starting).
+    /// Call it first thing in `main`, inside the runtime.
     pub fn on_signals() -> Self {
         let shutdown = Self::new();
         let trigger = shutdown.clone();
+        let signals = Signals::install();
         tokio::spawn(async move {
-            wait_for_signal().await;
+            signals.recv().await;
             trigger.trigger();
         });
         shutdown
@@ -52,26 +58,42 @@ impl Shutdown {
     }
 }
 
-async fn wait_for_signal() {
+/// The stop signals this process listens for, registered with the runtime when made.
+enum Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
-                    _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+    Unix { term: tokio::signal::unix::Signal, int: tokio::signal::unix::Signal },
+    /// Only Ctrl-C (not unix, or SIGTERM's handler couldn't be installed).
+    CtrlC,
+}
+
+impl Signals {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+                (Ok(term), Ok(int)) => return Signals::Unix { term, int },
+                (Err(e), _) | (_, Err(e)) => {
+                    tracing::warn!(error = %e, "can't listen for SIGTERM; only Ctrl-C will stop the server");
                 }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "can't listen for SIGTERM; only Ctrl-C will stop the server");
+        }
+        Signals::CtrlC
+    }
+
+    async fn recv(self) {
+        match self {
+            #[cfg(unix)]
+            Signals::Unix { mut term, mut int } => {
+                tokio::select! {
+                    _ = term.recv() => tracing::info!("SIGTERM received; shutting down"),
+                    _ = int.recv() => tracing::info!("SIGINT received; shutting down"),
+                }
+            }
+            Signals::CtrlC => {
                 let _ = tokio::signal::ctrl_c().await;
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }
 

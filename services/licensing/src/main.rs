@@ -70,6 +70,8 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    // Stop signals from here on stop the process cleanly (even while it still waits for Redis).
+    let shutdown = Shutdown::on_signals();
     let addr = args.common.listen_or(DEFAULT_PORT);
     let config = match args.common.server_config() {
         Ok(c) => c,
@@ -107,7 +109,6 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
-    let shutdown = Shutdown::on_signals();
     // A stop signal while Redis can't be reached yet ends the process at once (it would otherwise
     // wait out the connection attempts, and a pod its whole termination grace period).
     let connected = tokio::select! {

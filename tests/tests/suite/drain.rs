@@ -11,6 +11,7 @@ use chipgate_proto::licensing::v1 as lpb;
 use chipgate_proto::licensing::v1::licensing_service_client::LicensingServiceClient;
 use chipgate_state::testing::RedisServer;
 use chipgate_testkit::{binary, channel, free_port};
+use tokio::io::AsyncBufReadExt;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
@@ -149,12 +150,27 @@ async fn sigterm_stops_a_service_still_waiting_for_redis() {
             .env("CHIPGATE_AUDIT_SIGNING_KEY_FILE", &audit)
             .env("CHIPGATE_SERVICE_TOKEN_FILE", &token)
             .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("start the service");
         let pid = child.id().expect("pid");
-        // Long enough to be inside its connection attempts.
-        tokio::time::sleep(Duration::from_millis(800)).await;
+        // Inside its connection attempts once it says it retries (its logs go to stdout); a fixed
+        // pause instead raced the process's start on a loaded machine.
+        let mut logs = tokio::io::BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let retrying = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = logs.next_line().await.expect("read the logs") {
+                if line.contains("redis is unreachable; retrying") {
+                    return true;
+                }
+            }
+            false
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{bin} never said it retries Redis"));
+        assert!(retrying, "{bin} closed its logs before retrying Redis");
+        // The rest of its logs are drained so a full pipe never blocks it.
+        tokio::spawn(async move { while let Ok(Some(_)) = logs.next_line().await {} });
         assert!(child.try_wait().expect("status").is_none(), "{bin} gave up on its own instead of retrying");
         let signalled = Instant::now();
         let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
