@@ -17,6 +17,7 @@ mod audit;
 pub mod checkpoint;
 mod convert;
 mod gates;
+mod guesses;
 pub mod keys;
 mod licences;
 mod metrics;
@@ -74,6 +75,9 @@ struct Inner {
     chains: KeyedLocks,
     /// Products this replica knows are registered in [`keys::products`].
     registered: Known<Sku>,
+    /// Which licences the buyers' indexes named when this replica last read them: read beside the
+    /// indexes instead of after them ([`guesses`]).
+    guesses: guesses::IndexGuesses,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
     /// Products found in inventory's catalogue (applications name one).
@@ -127,6 +131,7 @@ impl Licensing {
                 locks: KeyedLocks::new(),
                 chains: KeyedLocks::new(),
                 registered: Known::default(),
+                guesses: guesses::IndexGuesses::default(),
                 products: Known::default(),
                 audit_key,
                 checkpoints,

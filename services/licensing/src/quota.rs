@@ -166,26 +166,48 @@ impl Licensing {
             .ok_or_else(|| Error::not_found("quota reservation", order))
     }
 
-    async fn read_world(&self, sku: &Sku, buyers: &[BuyerId], extra_licences: &[String]) -> Result<World, Error> {
+    /// Reads the licences of `buyers` for `sku`, their ledgers and the product's gates. The licences
+    /// the buyers' indexes named when last read ([`crate::guesses`]) are read beside the indexes, in
+    /// the same round trip; only those a fresh index names beyond that are read after it, and only
+    /// those the fresh indexes name are used.
+    async fn read_world(&self, sku: &Sku, buyers: &[BuyerId]) -> Result<World, Error> {
         let index_keys: Vec<String> = buyers.iter().map(|b| keys::license_index(b, sku)).collect();
         let ledger_keys: Vec<String> = buyers.iter().map(keys::ledger).collect();
-        let (indexes, ledgers, policy, exports) = tokio::try_join!(
+        // Only this product's licences (an id of another product would be a corrupt index).
+        let licence_keys = |ids: &[String]| -> Vec<String> {
+            ids.iter()
+                .filter(|id| keys::license_sku(id) == Some(sku.as_str()))
+                .filter_map(|id| keys::license(&LicenceId::from_trusted(id.as_str())))
+                .collect()
+        };
+        let guessed = self.inner.guesses.guess(&index_keys);
+        let (indexes, ledgers, policy, exports, mut licences) = tokio::try_join!(
             self.load_many::<LicenseIndex>(&index_keys),
             self.load_many::<LedgerRecord>(&ledger_keys),
             self.load::<PolicyRecord>(keys::policy(sku)),
             self.load::<ProductExportRecord>(keys::exports(sku)),
+            async {
+                if guessed.is_empty() {
+                    Ok(Vec::new())
+                } else {
+                    self.load_many::<LicenseRecord>(&licence_keys(&guessed)).await
+                }
+            },
         )?;
+        self.inner.guesses.learn(
+            index_keys.iter().zip(&indexes).map(|(k, i)| (k, i.as_ref().map(|(_, i)| i.license_ids.as_slice()))),
+        );
         let mut ids: Vec<String> = indexes.into_iter().flatten().flat_map(|(_, i)| i.license_ids).collect();
-        ids.extend(extra_licences.iter().cloned());
         ids.sort();
         ids.dedup();
-        // Only this product's licences (an id of another product would be a corrupt index).
-        let lic_keys: Vec<String> = ids
-            .iter()
-            .filter(|id| keys::license_sku(id) == Some(sku.as_str()))
-            .filter_map(|id| keys::license(&LicenceId::from_trusted(id.as_str())))
-            .collect();
-        let licences = self.load_many::<LicenseRecord>(&lic_keys).await?.into_iter().flatten().collect();
+        let unguessed: Vec<String> = ids.iter().filter(|id| guessed.binary_search(id).is_err()).cloned().collect();
+        if !unguessed.is_empty() {
+            licences.extend(self.load_many::<LicenseRecord>(&licence_keys(&unguessed)).await?);
+        }
+        // Exactly the licences the fresh indexes name (a guess may name one they no longer do).
+        let mut licences: Vec<(u64, LicenseRecord)> =
+            licences.into_iter().flatten().filter(|(_, l)| ids.binary_search(&l.id).is_ok()).collect();
+        licences.sort_by(|(_, a), (_, b)| a.id.cmp(&b.id));
         let domestic = ledgers.into_iter().flatten().map(|(_, l)| (l.buyer_id, l.total_units)).collect();
         let gate = ProductGate::from_records(policy.as_ref().map(|(_, p)| p), exports.as_ref().map(|(_, e)| e));
         Ok(World {
@@ -207,7 +229,7 @@ impl Licensing {
         validate::units(&mut v, "units", req.units, MAX_UNITS);
         validate::text(&mut v, "justification", &req.justification, validate::MAX_TEXT_LEN, false);
         let (buyer, sku) = validate::finish(v, (buyer, sku))?;
-        let world = self.read_world(&sku, &[buyer], &[]).await?;
+        let world = self.read_world(&sku, &[buyer]).await?;
         let mut mine: Vec<&LicenseRecord> =
             world.licences.iter().map(|(_, l)| l).filter(|l| l.buyer_id == req.buyer_id).collect();
         mine.sort_by_key(|l| l.seq);
@@ -280,7 +302,7 @@ impl Licensing {
         // still holds quota of (to give it back) are almost always among the buyers' own, and are
         // read separately in the rare case they are not.
         let (existing, mut world) =
-            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers, &[]))?;
+            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers))?;
         // A preview adds the licences a draft wave would create (never written: its transaction is dropped).
         world.licences.extend(draft.iter().filter(|l| l.product_sku == sku.as_str()).map(|l| (0, l.clone())));
         let missing: Vec<String> = existing

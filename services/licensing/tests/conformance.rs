@@ -1674,7 +1674,36 @@ async fn audit_entries_name_the_calls_idempotency_key(store: Store) {
     assert_eq!((entries[0].request_id.as_str(), entries[0].idempotency_key.as_str()), ("corr-7", "idem-42"));
 }
 
+/// A replica reads the licences its buyers' indexes named when it last read them beside the indexes
+/// (one round trip): a licence granted since, through another replica, is still used by its next
+/// quota call, and one the buyer's index no longer names is not, whatever it read before.
+async fn licences_granted_or_gone_since_a_replica_last_read_them_are_seen(store: Store) {
+    let desk = service(store.clone()).await;
+    let replica = Licensing::new(store.clone());
+    let licence_of = |r: &pb::QuotaItemResult| r.reservation.as_ref().map(|x| x.license_id.clone());
+    let first = licensed(&desk, "bytedance", 100, Default::default()).await;
+    let r = batch(&replica, vec![item("o1", 1, "bytedance", 100)]).await;
+    assert_eq!(licence_of(&r[0]), Some(first.license_id.clone()));
+    // Used up: the replica has read the buyer's licences (the first alone) twice now.
+    let r = batch(&replica, vec![item("o2", 1, "bytedance", 50)]).await;
+    assert_eq!(licence_of(&r[0]), None, "{r:?}");
+    // A second wave grants another licence, through the other replica.
+    let app = submit(&desk, "bytedance", "H200", 50).await;
+    let second = publish(&desk, &[(&app.application_id, 50, Default::default())]).await.licenses.remove(0);
+    let r = batch(&replica, vec![item("o2", 1, "bytedance", 50)]).await;
+    assert_eq!(licence_of(&r[0]), Some(second.license_id.clone()), "{r:?}");
+    assert_eq!(license(&replica, &second.license_id).await.used_units, 50);
+    // The buyer's index gone (its licences kept): nothing to take from, though the replica read two.
+    let mut t = chipgate_state::Txn::new();
+    t.delete(chipgate_licensing::keys::license_index(&BuyerId::from_trusted("bytedance"), &Sku::from_trusted("H200")));
+    store.commit(&t).await.unwrap();
+    let r = batch(&replica, vec![item("o3", 1, "bytedance", 1)]).await;
+    assert_eq!(licence_of(&r[0]), None, "{r:?}");
+    assert!(conditions(&r[0]).contains(&pb::Condition::License), "{r:?}");
+}
+
 backend_tests!(
+    licences_granted_or_gone_since_a_replica_last_read_them_are_seen,
     reservations_kept_as_keys_move_into_the_hashes_on_their_next_write,
     audit_entries_name_the_calls_idempotency_key,
     a_wave_over_two_products_is_in_force_in_each_products_partition,
