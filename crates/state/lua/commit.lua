@@ -10,6 +10,9 @@
 --   guard  h <keyidx> <field>       the hash at key has no field <field>
 --   guard  hv <keyidx> <field> <version>   field <field> of the hash at key holds a record
 --                                   '<version>:<data>' of this version ('0' = no such field)
+--   guard  hvs <keyidx> <n> <field1> <version1> ... <fieldn> <versionn>
+--                                   n such guards on one hash, read with one HMGET (the client
+--                                   sends consecutive field guards of a hash as one)
 --   op     put <keyidx> <ttl_ms> <data>            ttl_ms '0' = no expiry; version is bumped
 --   op     putat <keyidx> <version>:<data>         version known from the transaction's guard,
 --                                                  sent as the stored value itself
@@ -31,6 +34,8 @@
 --          copied, or 'done' when the page held fewer than <limit> (a done copy copies nothing)
 --   op     hincr <keyidx> <field> <delta>
 --   op     hset <keyidx> <field> <value>
+--   op     hsets <keyidx> <n> <field1> <value1> ... <fieldn> <valuen>
+--          n fields of one hash set with one HSET (the client sends consecutive sets of a hash so)
 --   op     hsetx <keyidx> <field> <value> <at_ms>  hset, then the hash expires at <at_ms> (unix ms)
 --   op     hdel <keyidx> <field>
 --   op     sadd <keyidx> <member>
@@ -80,6 +85,9 @@ if ARGV[1] ~= '0' then
   end
 end
 
+-- unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000 values): at most 4000 per call.
+local CHUNK = 4000
+
 local ng, no = tonumber(ARGV[3]), tonumber(ARGV[4])
 local i = 5
 local fences = {}
@@ -106,6 +114,24 @@ for _ = 1, ng do
     if redis.call('GET', k) ~= want then return {'lease', k} end
   elseif kind == 'h' then
     if redis.call('HEXISTS', k, want) == 1 then return {'conflict', k} end
+  elseif kind == 'hvs' then
+    -- want is the number of (field, version) pairs that follow.
+    local n = tonumber(want)
+    local j0 = i
+    while j0 < i + 2 * n do
+      local j1 = math.min(i + 2 * n - 1, j0 + CHUNK - 1)
+      local fields = {}
+      for j = j0, j1, 2 do fields[#fields + 1] = ARGV[j] end
+      local cur = redis.call('HMGET', k, unpack(fields))
+      for x = 1, #fields do
+        local have = '0'
+        local v = cur[x]
+        if v then have = string.match(v, '^(%d+):') or '' end
+        if have ~= ARGV[j0 + 2 * x - 1] then return {'conflict', k} end
+      end
+      j0 = j1 + 1
+    end
+    i = i + 2 * n
   elseif kind == 'hv' then
     -- want is the field; the version follows it.
     local version = ARGV[i]
@@ -122,9 +148,6 @@ end
 for _, fk in ipairs(fences) do
   redis.call('SET', fk[1], fk[2])
 end
-
--- unpack() is bounded by Lua's C stack (LUAI_MAXCSTACK, 8000 values): at most 4000 per call.
-local CHUNK = 4000
 
 -- Record writes at a known version (putat) are batched into MSETs: a wave's commit writes one
 -- record per order, and each redis.call costs a command lookup and argument conversion. They are
@@ -250,6 +273,16 @@ for _ = 1, no do
   elseif kind == 'hset' then
     redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
     i = i + 4
+  elseif kind == 'hsets' then
+    -- Pairs never split across calls: CHUNK is even, and the first pair starts the first call.
+    local n = tonumber(ARGV[i + 2])
+    local first, last = i + 3, i + 2 + 2 * n
+    while first <= last do
+      local upto = math.min(last, first + CHUNK - 1)
+      redis.call('HSET', k, unpack(ARGV, first, upto))
+      first = upto + 1
+    end
+    i = last + 1
   elseif kind == 'hsetx' then
     redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
     redis.call('PEXPIREAT', k, ARGV[i + 4])

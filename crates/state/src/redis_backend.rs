@@ -740,19 +740,27 @@ impl RedisBackend {
         // The arguments go straight into the command (no buffer per argument: a wave's batch has
         // about ten thousand of them).
         let steps = script_steps(&txn.ops);
+        let guards = guard_steps(&txn.guards);
         let args = |cmd: &mut Cmd| {
-            cmd.arg(receipt_index).arg(receipt_ttl).arg(txn.guards.len()).arg(steps.len());
-            for g in &txn.guards {
+            cmd.arg(receipt_index).arg(receipt_ttl).arg(guards.len()).arg(steps.len());
+            for g in &guards {
                 let (kind, key, n) = match g {
-                    Guard::Version { key, version } => ("v", key, *version),
-                    Guard::Fence { key, token } => ("f", key, *token),
-                    Guard::Lease { key, token } => ("l", key, *token),
-                    Guard::NoField { key, field } => {
+                    GuardStep::One(Guard::Version { key, version }) => ("v", key, *version),
+                    GuardStep::One(Guard::Fence { key, token }) => ("f", key, *token),
+                    GuardStep::One(Guard::Lease { key, token }) => ("l", key, *token),
+                    GuardStep::One(Guard::NoField { key, field }) => {
                         cmd.arg("h").arg(idx(key)).arg(field.as_str());
                         continue;
                     }
-                    Guard::FieldVersion { key, field, version } => {
+                    GuardStep::One(Guard::FieldVersion { key, field, version }) => {
                         cmd.arg("hv").arg(idx(key)).arg(field.as_str()).arg(*version);
+                        continue;
+                    }
+                    GuardStep::FieldVersions(key, fields) => {
+                        cmd.arg("hvs").arg(idx(key)).arg(fields.len());
+                        for (field, version) in fields {
+                            cmd.arg(*field).arg(*version);
+                        }
                         continue;
                     }
                 };
@@ -772,6 +780,18 @@ impl RedisBackend {
                         cmd.arg("zrems").arg(idx(key)).arg(members.len());
                         for member in members {
                             cmd.arg(*member);
+                        }
+                        continue;
+                    }
+                    Step::HSets(key, fields) if fields.len() == 1 => {
+                        let (field, value) = fields[0];
+                        cmd.arg("hset").arg(idx(key)).arg(field).arg(value);
+                        continue;
+                    }
+                    Step::HSets(key, fields) => {
+                        cmd.arg("hsets").arg(idx(key)).arg(fields.len());
+                        for (field, value) in fields {
+                            cmd.arg(*field).arg(*value);
                         }
                         continue;
                     }
@@ -818,9 +838,8 @@ impl RedisBackend {
                     Op::HIncr { key, field, delta } => {
                         cmd.arg("hincr").arg(idx(key)).arg(field.as_str()).arg(*delta);
                     }
-                    Op::HSet { key, field, value } => {
-                        cmd.arg("hset").arg(idx(key)).arg(field.as_str()).arg(&value[..]);
-                    }
+                    // Sent as steps (script_steps).
+                    Op::HSet { .. } => {}
                     Op::HSetExpireAt { key, field, value, expire_at_ms } => {
                         cmd.arg("hsetx").arg(idx(key)).arg(field.as_str()).arg(&value[..]).arg(*expire_at_ms);
                     }
@@ -1231,6 +1250,8 @@ enum Step<'a> {
     Op(&'a Op),
     ZAdds(&'a str, Vec<(f64, &'a str)>),
     ZRems(&'a str, Vec<&'a str>),
+    /// Consecutive sets of one hash's fields, in order (one `HSET` in the script).
+    HSets(&'a str, Vec<(&'a str, &'a [u8])>),
 }
 
 /// The steps the commit script runs for `ops`. Sorted-set writes are sent in runs: consecutive adds
@@ -1239,6 +1260,8 @@ enum Step<'a> {
 /// of one per member, and no kind and key per member. Writes to one key keep their order (a run per
 /// kind, in order), writes to different keys commute, and every run is sent before an op that reads
 /// or deletes sorted sets (zremstamp, zunion, zcopypage, del), so the outcome is that of the ops one by one.
+/// Consecutive sets of one hash's fields become one step too (a wave's batch writes each order's
+/// quota reservation into one of a few hashes), without reordering anything.
 fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
     let mut steps = Vec::with_capacity(ops.len());
     // The sorted sets with runs not sent yet, in first-write order, each with its runs.
@@ -1253,6 +1276,13 @@ fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
                 steps.extend(held.drain(..).flatten());
                 at.clear();
                 steps.push(Step::Op(op));
+                continue;
+            }
+            Op::HSet { key, field, value } => {
+                match steps.last_mut() {
+                    Some(Step::HSets(k, fields)) if *k == key.as_str() => fields.push((field.as_str(), &value[..])),
+                    _ => steps.push(Step::HSets(key.as_str(), vec![(field.as_str(), &value[..])])),
+                }
                 continue;
             }
             _ => {
@@ -1274,6 +1304,41 @@ fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
     }
     steps.extend(held.drain(..).flatten());
     steps
+}
+
+/// A guard as the commit script checks it: on its own, or a run of consecutive version guards on
+/// fields of one hash (one `HMGET` in the script instead of an `HGET` per field).
+enum GuardStep<'a> {
+    One(&'a Guard),
+    FieldVersions(&'a str, Vec<(&'a str, u64)>),
+}
+
+/// The guards of a transaction as the script checks them (see [`GuardStep`]). Guards only read
+/// until every one has held, so grouping them changes no outcome.
+fn guard_steps(guards: &[Guard]) -> Vec<GuardStep<'_>> {
+    let mut out: Vec<GuardStep<'_>> = Vec::with_capacity(guards.len());
+    for g in guards {
+        if let Guard::FieldVersion { key, field, version } = g {
+            match out.last_mut() {
+                Some(GuardStep::FieldVersions(k, fields)) if *k == key.as_str() => {
+                    fields.push((field.as_str(), *version));
+                    continue;
+                }
+                Some(last @ GuardStep::One(Guard::FieldVersion { .. })) => {
+                    if let GuardStep::One(Guard::FieldVersion { key: k0, field: f0, version: v0 }) = last
+                        && k0 == key
+                    {
+                        *last =
+                            GuardStep::FieldVersions(k0.as_str(), vec![(f0.as_str(), *v0), (field.as_str(), *version)]);
+                        continue;
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.push(GuardStep::One(g));
+    }
+    out
 }
 
 /// Scores are integers in practice; print them without exponent or trailing `.0`.
@@ -1851,6 +1916,10 @@ mod tests {
                     format!("+{k}:{}", m.iter().map(|(s, m)| format!("{m}@{s}")).collect::<Vec<_>>().join(","))
                 }
                 Step::ZRems(k, m) => format!("-{k}:{}", m.join(",")),
+                Step::HSets(k, f) => format!(
+                    "hset {k}:{}",
+                    f.iter().map(|(f, v)| format!("{f}={}", String::from_utf8_lossy(v))).collect::<Vec<_>>().join(",")
+                ),
                 Step::Op(Op::Delete { key }) => format!("del {key}"),
                 Step::Op(Op::ZUnionStore { key, .. }) => format!("zunion {key}"),
                 Step::Op(Op::HIncr { key, .. }) => format!("hincr {key}"),
@@ -1882,5 +1951,45 @@ mod tests {
                 "-b:z",
             ]
         );
+    }
+
+    #[test]
+    fn consecutive_sets_of_one_hash_go_as_one_step_in_order() {
+        let mut t = Txn::new();
+        t.hset("h", "1", b"a".to_vec()).hset("h", "2", b"b".to_vec()).zadd("z", "m", 1.0).hset("h", "3", b"c".to_vec());
+        t.hset("g", "1", b"x".to_vec()).hset("h", "4", b"d".to_vec()).hincr("h", "n", 1).hset("h", "5", b"e".to_vec());
+        assert_eq!(
+            steps_of(&t),
+            [
+                // A held sorted-set run doesn't cut a hash's run (different keys commute).
+                "hset h:1=a,2=b,3=c",
+                "hset g:1=x",
+                "hset h:4=d",
+                "hincr h",
+                "hset h:5=e",
+                "+z:m@1",
+            ]
+        );
+    }
+
+    #[test]
+    fn consecutive_field_guards_of_one_hash_are_checked_together() {
+        let mut t = Txn::new();
+        t.expect_field_version("h", "1", 0).expect_field_version("h", "2", 3).expect_version("k", 1);
+        t.expect_field_version("h", "3", 1).expect_field_version("g", "1", 2).expect_field_version("g", "2", 0);
+        t.expect_field_version("h", "4", 5);
+        let shown: Vec<String> = guard_steps(&t.guards)
+            .iter()
+            .map(|g| match g {
+                GuardStep::One(Guard::FieldVersion { key, field, version }) => format!("hv {key}:{field}@{version}"),
+                GuardStep::One(Guard::Version { key, version }) => format!("v {key}@{version}"),
+                GuardStep::One(other) => format!("{other:?}"),
+                GuardStep::FieldVersions(key, fields) => format!(
+                    "hvs {key}:{}",
+                    fields.iter().map(|(f, v)| format!("{f}@{v}")).collect::<Vec<_>>().join(",")
+                ),
+            })
+            .collect();
+        assert_eq!(shown, ["hvs h:1@0,2@3", "v k@1", "hv h:3@1", "hvs g:1@2,2@0", "hv h:4@5"]);
     }
 }

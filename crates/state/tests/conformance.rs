@@ -908,6 +908,55 @@ async fn records_as_hash_fields_are_versioned_and_guarded(store: Store) {
     assert_eq!(read(&[(&h, "8"), (&h, "7")]).await, vec![rec(1, b"new"), rec(2, b"second")]);
     assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"1".to_vec())]);
 
+    // Many fields of one hash in one transaction (the Redis script checks them with one read and
+    // writes them with one command): one stale field among them fails the whole, nothing written;
+    // with every version as read, every field is written.
+    let run: Vec<String> = (10..30).map(|n| n.to_string()).collect();
+    let mut t = Txn::new();
+    for f in &run {
+        t.replace_field(&h, f, 0, f.as_bytes());
+    }
+    store.commit(&t).await.unwrap();
+    let each = |data: &'static [u8], stale_at: Option<usize>| {
+        let mut t = Txn::new();
+        for (i, f) in run.iter().enumerate() {
+            t.replace_field(&h, f, if Some(i) == stale_at { 2 } else { 1 }, data);
+        }
+        t.hincr(&tally, "n", 1);
+        t
+    };
+    for stale_at in [0, 13, 19] {
+        match store.commit(&each(b"lost", Some(stale_at))).await {
+            Err(CommitError::Conflict { key }) => assert_eq!(key, h),
+            other => panic!("field {stale_at} stale: expected a conflict, got {other:?}"),
+        }
+    }
+    let asked: Vec<(&String, &str)> = run.iter().map(|f| (&h, f.as_str())).collect();
+    let first: Vec<_> = run.iter().map(|f| rec(1, f.as_bytes())).collect();
+    assert_eq!(read(&asked).await, first);
+    store.commit(&each(b"run", None)).await.unwrap();
+    assert_eq!(read(&asked).await, vec![rec(2, b"run"); run.len()]);
+    assert_eq!(store.hgetall(&tally).await.unwrap(), vec![("n".to_string(), b"2".to_vec())]);
+
+    // Runs longer than one script call takes at once (4,000 arguments) are split without losing a
+    // field or pairing a field with another's value.
+    let big = k(&["rf", "big"]);
+    let many: Vec<String> = (0..4_500).map(|n| format!("f{n}")).collect();
+    let mut t = Txn::new();
+    for f in &many {
+        t.replace_field(&big, f, 0, f.as_bytes());
+    }
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    for f in &many {
+        t.replace_field(&big, f, 1, f.as_bytes());
+    }
+    t.expect_field_version(&big, &many[4_499], 0);
+    assert!(matches!(store.commit(&t).await, Err(CommitError::Conflict { .. })), "the last of 4,501 guards fails");
+    let all = store.hgetall(&big).await.unwrap();
+    assert_eq!(all.len(), many.len());
+    assert!(all.iter().all(|(f, v)| Record::from_stored(v.clone()) == rec(1, f.as_bytes())), "every field its own");
+
     // Versions compare whole: 2 is not 20, 12 or 0.
     for wrong in [0, 12, 20] {
         let mut t = Txn::new();
