@@ -752,8 +752,14 @@ impl RedisBackend {
                         cmd.arg("h").arg(idx(key)).arg(field.as_str());
                         continue;
                     }
+                    // guard_steps makes every field guard a run; a run of one is sent on its own.
                     GuardStep::One(Guard::FieldVersion { key, field, version }) => {
                         cmd.arg("hv").arg(idx(key)).arg(field.as_str()).arg(*version);
+                        continue;
+                    }
+                    GuardStep::FieldVersions(key, fields) if fields.len() == 1 => {
+                        let (field, version) = fields[0];
+                        cmd.arg("hv").arg(idx(key)).arg(field).arg(version);
                         continue;
                     }
                     GuardStep::FieldVersions(key, fields) => {
@@ -1307,7 +1313,8 @@ fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
 }
 
 /// A guard as the commit script checks it: on its own, or a run of consecutive version guards on
-/// fields of one hash (one `HMGET` in the script instead of an `HGET` per field).
+/// fields of one hash (one `HMGET` in the script instead of an `HGET` per field; every field guard
+/// is in a run, of one or more).
 enum GuardStep<'a> {
     One(&'a Guard),
     FieldVersions(&'a str, Vec<(&'a str, u64)>),
@@ -1318,25 +1325,17 @@ enum GuardStep<'a> {
 fn guard_steps(guards: &[Guard]) -> Vec<GuardStep<'_>> {
     let mut out: Vec<GuardStep<'_>> = Vec::with_capacity(guards.len());
     for g in guards {
-        if let Guard::FieldVersion { key, field, version } = g {
-            match out.last_mut() {
-                Some(GuardStep::FieldVersions(k, fields)) if *k == key.as_str() => {
-                    fields.push((field.as_str(), *version));
-                    continue;
-                }
-                Some(last @ GuardStep::One(Guard::FieldVersion { .. })) => {
-                    if let GuardStep::One(Guard::FieldVersion { key: k0, field: f0, version: v0 }) = last
-                        && k0 == key
-                    {
-                        *last =
-                            GuardStep::FieldVersions(k0.as_str(), vec![(f0.as_str(), *v0), (field.as_str(), *version)]);
-                        continue;
-                    }
-                }
-                _ => {}
+        match (g, out.last_mut()) {
+            (Guard::FieldVersion { key, field, version }, Some(GuardStep::FieldVersions(k, fields)))
+                if *k == key.as_str() =>
+            {
+                fields.push((field.as_str(), *version));
             }
+            (Guard::FieldVersion { key, field, version }, _) => {
+                out.push(GuardStep::FieldVersions(key.as_str(), vec![(field.as_str(), *version)]));
+            }
+            (g, _) => out.push(GuardStep::One(g)),
         }
-        out.push(GuardStep::One(g));
     }
     out
 }
@@ -1981,9 +1980,11 @@ mod tests {
         let shown: Vec<String> = guard_steps(&t.guards)
             .iter()
             .map(|g| match g {
-                GuardStep::One(Guard::FieldVersion { key, field, version }) => format!("hv {key}:{field}@{version}"),
                 GuardStep::One(Guard::Version { key, version }) => format!("v {key}@{version}"),
                 GuardStep::One(other) => format!("{other:?}"),
+                GuardStep::FieldVersions(key, fields) if fields.len() == 1 => {
+                    format!("hv {key}:{}@{}", fields[0].0, fields[0].1)
+                }
                 GuardStep::FieldVersions(key, fields) => format!(
                     "hvs {key}:{}",
                     fields.iter().map(|(f, v)| format!("{f}@{v}")).collect::<Vec<_>>().join(",")
