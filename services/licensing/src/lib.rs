@@ -228,8 +228,10 @@ impl Licensing {
         if let Part::Product(sku) = part {
             self.register_product(sku).await?;
         }
-        let _chain = self.inner.chains.lock(&part.audit().stream).await;
-        chipgate_runtime::txn::run(self.store(), idem, attempt).await
+        let chain = part.audit();
+        let _chain = self.inner.chains.lock(&chain.stream).await;
+        // Every change here appends to the partition's chain: its head is read beside the attempt's reads.
+        chipgate_runtime::txn::run_chained(self.store(), idem, Some(&chain), attempt).await
     }
 
     /// 1-based position of an application in the queue (0 when not queued).

@@ -570,13 +570,17 @@ async fn licence_states_gate_quota(store: Store) {
 }
 
 async fn quota_is_never_exceeded_under_concurrency(store: Store) {
-    let svc = service(store).await;
+    let svc = service(store.clone()).await;
+    // Two replicas, so calls for the product are not all queued behind one replica's lock: their
+    // commits race for the licence and for the product's audit chain, whose head each attempt reads
+    // beside its own reads (a head another replica moved since fails the commit, which runs again).
+    let replicas = [svc.clone(), Licensing::new(store)];
     let lic = licensed(&svc, "bytedance", 1000, pb::LicenseConditions::default()).await;
     // 24 tasks × 4 orders × 30 units = 2,880 units asked for against 1,000; every call is sent twice
     // (a client retry).
     let mut handles = Vec::new();
     for t in 0..24 {
-        let svc = svc.clone();
+        let svc = replicas[t % 2].clone();
         handles.push(tokio::spawn(async move {
             let mut granted = Vec::new();
             for k in 0..4 {
@@ -608,6 +612,9 @@ async fn quota_is_never_exceeded_under_concurrency(store: Store) {
     for (order, _) in per_order {
         assert_eq!(reservation(&svc, &order).await.state(), pb::ReservationState::Held);
     }
+    // Every decision is on the chain once, linked to the one before.
+    let v = svc.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
+    assert!(v.valid, "{}", v.problem);
 }
 
 async fn batches_serve_in_order_without_overtaking(store: Store) {
