@@ -74,7 +74,7 @@ impl Signals {
             match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
                 (Ok(term), Ok(int)) => return Signals::Unix { term, int },
                 (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(error = %e, "can't listen for SIGTERM; only Ctrl-C will stop the server");
+                    tracing::warn!(error = %e, "can't listen for SIGTERM and SIGINT; only Ctrl-C will stop the server");
                 }
             }
         }

@@ -8,11 +8,11 @@
 --   guard  f <keyidx> <token>       fence: stored token <= token; token is stored on success
 --   guard  l <keyidx> <token>       lease at key is held with token
 --   guard  h <keyidx> <field>       the hash at key has no field <field>
---   guard  hv <keyidx> <field> <version>   field <field> of the hash at key holds a record
---                                   '<version>:<data>' of this version ('0' = no such field)
 --   guard  hvs <keyidx> <n> <field1> <version1> ... <fieldn> <versionn>
---                                   n such guards on one hash, read with one HMGET (the client
---                                   sends consecutive field guards of a hash as one)
+--                                   field <fieldi> of the hash at key holds a record
+--                                   '<versioni>:<data>' of that version ('0' = no such field), for
+--                                   each i, read with one HMGET (the client sends consecutive
+--                                   field guards of a hash as one run)
 --   op     put <keyidx> <ttl_ms> <data>            ttl_ms '0' = no expiry; version is bumped
 --   op     putat <keyidx> <version>:<data>         version known from the transaction's guard,
 --                                                  sent as the stored value itself
@@ -33,9 +33,9 @@
 --          <field> is increased by the members new to dest; the cursor becomes '>' and the last score
 --          copied, or 'done' when the page held fewer than <limit> (a done copy copies nothing)
 --   op     hincr <keyidx> <field> <delta>
---   op     hset <keyidx> <field> <value>
 --   op     hsets <keyidx> <n> <field1> <value1> ... <fieldn> <valuen>
---          n fields of one hash set with one HSET (the client sends consecutive sets of a hash so)
+--          n fields of one hash set with one HSET (the client sends consecutive sets of a hash as
+--          one run)
 --   op     hsetx <keyidx> <field> <value> <at_ms>  hset, then the hash expires at <at_ms> (unix ms)
 --   op     hdel <keyidx> <field>
 --   op     sadd <keyidx> <member>
@@ -132,14 +132,6 @@ for _ = 1, ng do
       j0 = j1 + 1
     end
     i = i + 2 * n
-  elseif kind == 'hv' then
-    -- want is the field; the version follows it.
-    local version = ARGV[i]
-    i = i + 1
-    local cur = redis.call('HGET', k, want)
-    local have = '0'
-    if cur then have = string.match(cur, '^(%d+):') or '' end
-    if have ~= version then return {'conflict', k} end
   else
     return redis.error_reply('chipgate commit: unknown guard ' .. tostring(kind))
   end
@@ -269,9 +261,6 @@ for _ = 1, no do
     i = i + 9
   elseif kind == 'hincr' then
     redis.call('HINCRBY', k, ARGV[i + 2], ARGV[i + 3])
-    i = i + 4
-  elseif kind == 'hset' then
-    redis.call('HSET', k, ARGV[i + 2], ARGV[i + 3])
     i = i + 4
   elseif kind == 'hsets' then
     -- Pairs never split across calls: CHUNK is even, and the first pair starts the first call.

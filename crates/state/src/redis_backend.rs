@@ -752,14 +752,9 @@ impl RedisBackend {
                         cmd.arg("h").arg(idx(key)).arg(field.as_str());
                         continue;
                     }
-                    // guard_steps makes every field guard a run; a run of one is sent on its own.
+                    // guard_steps puts every field guard in a run; one on its own is a run of one.
                     GuardStep::One(Guard::FieldVersion { key, field, version }) => {
-                        cmd.arg("hv").arg(idx(key)).arg(field.as_str()).arg(*version);
-                        continue;
-                    }
-                    GuardStep::FieldVersions(key, fields) if fields.len() == 1 => {
-                        let (field, version) = fields[0];
-                        cmd.arg("hv").arg(idx(key)).arg(field).arg(version);
+                        cmd.arg("hvs").arg(idx(key)).arg(1).arg(field.as_str()).arg(*version);
                         continue;
                     }
                     GuardStep::FieldVersions(key, fields) => {
@@ -787,11 +782,6 @@ impl RedisBackend {
                         for member in members {
                             cmd.arg(*member);
                         }
-                        continue;
-                    }
-                    Step::HSets(key, fields) if fields.len() == 1 => {
-                        let (field, value) = fields[0];
-                        cmd.arg("hset").arg(idx(key)).arg(field).arg(value);
                         continue;
                     }
                     Step::HSets(key, fields) => {
@@ -1982,15 +1972,12 @@ mod tests {
             .map(|g| match g {
                 GuardStep::One(Guard::Version { key, version }) => format!("v {key}@{version}"),
                 GuardStep::One(other) => format!("{other:?}"),
-                GuardStep::FieldVersions(key, fields) if fields.len() == 1 => {
-                    format!("hv {key}:{}@{}", fields[0].0, fields[0].1)
-                }
                 GuardStep::FieldVersions(key, fields) => format!(
                     "hvs {key}:{}",
                     fields.iter().map(|(f, v)| format!("{f}@{v}")).collect::<Vec<_>>().join(",")
                 ),
             })
             .collect();
-        assert_eq!(shown, ["hvs h:1@0,2@3", "v k@1", "hv h:3@1", "hvs g:1@2,2@0", "hv h:4@5"]);
+        assert_eq!(shown, ["hvs h:1@0,2@3", "v k@1", "hvs h:3@1", "hvs g:1@2,2@0", "hvs h:4@5"]);
     }
 }
