@@ -14,8 +14,9 @@ use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::Page;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::txn::TxnError;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::{Backend, Txn};
+use chipgate_state::{Backend, CommitError, Txn};
 
 use crate::convert::{HoldBatch, ReleaseBatch, hold_status_from, hold_to, stock_to};
 use crate::{Error, Inventory, emit, encode, keys, put_hold};
@@ -45,6 +46,16 @@ fn index_expiry(t: &mut Txn, h: &HoldRecord) {
     }
 }
 
+/// A batch of holds planned ([`Inventory::plan_holds`]), not committed yet.
+struct PlannedHolds {
+    /// Its transaction, every read it was planned from guarded.
+    txn: Txn,
+    /// The answer once it commits.
+    answer: pb::BatchReserveResponse,
+    /// The stock's version and record once it commits.
+    stock: (u64, StockRecord),
+}
+
 fn refs(holds: &[pb::Reservation]) -> String {
     let ids: Vec<&str> = holds.iter().take(20).map(|h| h.order_id.as_str()).collect();
     let more = holds.len().saturating_sub(20);
@@ -69,83 +80,142 @@ impl Inventory {
         fence_token: u64,
     ) -> Result<pb::BatchReserveResponse, Error> {
         let _serial = self.inner.locks.lock(sku).await;
+        // The stock as this replica left it, and no hold yet for any of the orders (the common
+        // case): planned and committed without reading, each assumption a guard of the commit.
+        if let Some((sver, stock)) = self.inner.stock_seen.guess(sku) {
+            let none = vec![None; asks.len()];
+            if let Ok(planned) = Self::plan_holds(ctx, sku, &asks, fence_token, (sver, stock), &none, true) {
+                match self.store().commit(&planned.txn).await {
+                    Ok(_) => {
+                        self.inner.counters.stock_guesses.inc();
+                        let (v, s) = planned.stock;
+                        self.inner.stock_seen.wrote(sku, v, s);
+                        return Ok(planned.answer);
+                    }
+                    Err(CommitError::Conflict { key }) => {
+                        tracing::debug!(%sku, %key, "stock or holds changed elsewhere; reading them");
+                        self.inner.counters.stock_guesses_missed.inc();
+                        self.inner.stock_seen.missed(sku);
+                    }
+                    Err(e) => return Err(Error::from_commit(e)),
+                }
+            }
+        }
+        // The stock as the committed attempt left it (the last attempt's: earlier ones conflicted).
+        let after: std::sync::Mutex<Option<(u64, StockRecord)>> = std::sync::Mutex::new(None);
         let (answer, _) = self
             .run_txn(None, || async {
-                let now = now_ms();
                 let orders: Vec<OrderId> = asks.iter().map(|a| a.order_id.clone()).collect();
                 let ((sver, stock), existing) =
                     tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_holds(sku, &orders))?;
-                let mut planner = HoldPlanner::new(stock, now);
-                let mut t = Txn::new();
-                if fence_token > 0 {
-                    t.fence(keys::fence(sku), fence_token);
-                }
-                let mut results = Vec::with_capacity(asks.len());
-                let mut placed: Vec<pb::Reservation> = Vec::new();
-                // Leftovers of attempts the caller never recorded go back first, for the whole batch,
-                // so it is served afresh in its order.
-                let reclaimed: Vec<Option<HoldRecord>> =
-                    asks.iter().zip(&existing).map(|(a, ex)| planner.reclaim(a, ex.as_ref().map(|(_, h)| h))).collect();
-                let reclaimed_any = reclaimed.iter().any(Option::is_some);
-                for ((ask, ex), trimmed) in asks.iter().zip(&existing).zip(reclaimed) {
-                    if let Some((_, h)) = ex
-                        && !h.sku.is_empty()
-                        && h.sku != sku.as_str()
-                    {
-                        return Err(Error::invalid(
-                            "items.order_id",
-                            format!("order {} holds {}, not {sku}; one order holds one product", ask.order_id, h.sku),
-                        ));
-                    }
-                    let prev = trimmed.as_ref().or(ex.as_ref().map(|(_, h)| h));
-                    let (outcome, planned) = planner.plan(ask, prev).map_err(|requested| {
-                        Error::precondition(
-                            "HOLD_MISMATCH",
-                            &ask.order_id,
-                            format!(
-                                "order {} generation {} already asked to hold {requested} units, not {}",
-                                ask.order_id, ask.generation, ask.units
-                            ),
-                        )
-                    })?;
-                    // A trimmed hold that gets nothing back is still stored trimmed.
-                    let changed = planned.or_else(|| trimmed.clone());
-                    let shown = match &changed {
-                        Some(h) => {
-                            put_hold(&mut t, sku, &ask.order_id, ex.as_ref().map(|(v, _)| *v).unwrap_or(0), h);
-                            if ex.is_none() {
-                                index_new_hold(&mut t, h);
-                            }
-                            index_expiry(&mut t, h);
-                            let p = hold_to(h);
-                            placed.push(p.clone());
-                            Some(p)
-                        }
-                        None => prev.map(hold_to),
-                    };
-                    results.push(pb::ReserveItemResult {
-                        order_id: ask.order_id.to_string(),
-                        outcome: outcome_to(outcome) as i32,
-                        reservation: shown,
-                    });
-                }
-                let mut stock = planner.stock;
-                if placed.is_empty() && !reclaimed_any {
-                    let s = stock_to(&stock, sver);
-                    return Ok((t, pb::BatchReserveResponse { results, stock: Some(s) }));
-                }
-                stock.update_ms = now;
-                t.replace(keys::stock(sku), sver, encode(&stock));
-                let holds = placed.len() as u64;
-                let units = placed.iter().map(|h| h.held_units).sum();
-                placed.truncate(20);
-                let kind =
-                    pb::inventory_event::Kind::HoldsPlaced(pb::HoldsPlaced { reservations: placed, holds, units });
-                emit(&mut t, ctx, now, &stock, sver + 1, kind);
-                Ok((t, pb::BatchReserveResponse { results, stock: Some(stock_to(&stock, sver + 1)) }))
+                self.inner.stock_seen.read(sku, sver, &stock);
+                let planned = Self::plan_holds(ctx, sku, &asks, fence_token, (sver, stock), &existing, false)?;
+                *after.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(planned.stock);
+                Ok((planned.txn, planned.answer))
             })
             .await?;
+        if let Some((v, s)) = after.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner) {
+            self.inner.stock_seen.wrote(sku, v, s);
+        }
         Ok(answer)
+    }
+
+    /// Plans a batch of holds of product `sku` from its stock `(version, record)` and the orders'
+    /// `existing` holds, in order. The stock's version and the holds it writes are guarded by their
+    /// writes; when the reads were `guessed`, so are the stock when nothing changes it and each hold
+    /// not written, so that the plan commits only where every guess was right. (Fresh reads leave
+    /// those unguarded: an answer that changes nothing is as good as the read it came from.)
+    fn plan_holds(
+        ctx: &RequestContext,
+        sku: &Sku,
+        asks: &[HoldAsk],
+        fence_token: u64,
+        (sver, stock): (u64, StockRecord),
+        existing: &[Option<(u64, HoldRecord)>],
+        guessed: bool,
+    ) -> Result<PlannedHolds, Error> {
+        let now = now_ms();
+        let mut planner = HoldPlanner::new(stock, now);
+        let mut t = Txn::new();
+        if fence_token > 0 {
+            t.fence(keys::fence(sku), fence_token);
+        }
+        let mut results = Vec::with_capacity(asks.len());
+        let mut placed: Vec<pb::Reservation> = Vec::new();
+        // Leftovers of attempts the caller never recorded go back first, for the whole batch,
+        // so it is served afresh in its order.
+        let reclaimed: Vec<Option<HoldRecord>> =
+            asks.iter().zip(existing).map(|(a, ex)| planner.reclaim(a, ex.as_ref().map(|(_, h)| h))).collect();
+        let reclaimed_any = reclaimed.iter().any(Option::is_some);
+        for ((ask, ex), trimmed) in asks.iter().zip(existing).zip(reclaimed) {
+            if let Some((_, h)) = ex
+                && !h.sku.is_empty()
+                && h.sku != sku.as_str()
+            {
+                return Err(Error::invalid(
+                    "items.order_id",
+                    format!("order {} holds {}, not {sku}; one order holds one product", ask.order_id, h.sku),
+                ));
+            }
+            let prev = trimmed.as_ref().or(ex.as_ref().map(|(_, h)| h));
+            let (outcome, planned) = planner.plan(ask, prev).map_err(|requested| {
+                Error::precondition(
+                    "HOLD_MISMATCH",
+                    &ask.order_id,
+                    format!(
+                        "order {} generation {} already asked to hold {requested} units, not {}",
+                        ask.order_id, ask.generation, ask.units
+                    ),
+                )
+            })?;
+            // A trimmed hold that gets nothing back is still stored trimmed.
+            let changed = planned.or_else(|| trimmed.clone());
+            let hold_version = ex.as_ref().map(|(v, _)| *v).unwrap_or(0);
+            let shown = match &changed {
+                Some(h) => {
+                    put_hold(&mut t, sku, &ask.order_id, hold_version, h);
+                    if ex.is_none() {
+                        index_new_hold(&mut t, h);
+                    }
+                    index_expiry(&mut t, h);
+                    let p = hold_to(h);
+                    placed.push(p.clone());
+                    Some(p)
+                }
+                None => {
+                    if guessed {
+                        t.expect_version(keys::hold(sku, &ask.order_id), hold_version);
+                    }
+                    prev.map(hold_to)
+                }
+            };
+            results.push(pb::ReserveItemResult {
+                order_id: ask.order_id.to_string(),
+                outcome: outcome_to(outcome) as i32,
+                reservation: shown,
+            });
+        }
+        let mut stock = planner.stock;
+        if placed.is_empty() && !reclaimed_any {
+            if guessed {
+                t.expect_version(keys::stock(sku), sver);
+            }
+            let s = stock_to(&stock, sver);
+            return Ok(PlannedHolds {
+                txn: t,
+                answer: pb::BatchReserveResponse { results, stock: Some(s) },
+                stock: (sver, stock),
+            });
+        }
+        stock.update_ms = now;
+        t.replace(keys::stock(sku), sver, encode(&stock));
+        let holds = placed.len() as u64;
+        let units = placed.iter().map(|h| h.held_units).sum();
+        placed.truncate(20);
+        let kind = pb::inventory_event::Kind::HoldsPlaced(pb::HoldsPlaced { reservations: placed, holds, units });
+        emit(&mut t, ctx, now, &stock, sver + 1, kind);
+        let answer = pb::BatchReserveResponse { results, stock: Some(stock_to(&stock, sver + 1)) };
+        Ok(PlannedHolds { txn: t, answer, stock: (sver + 1, stock) })
     }
 
     pub(crate) async fn confirm_reservation(

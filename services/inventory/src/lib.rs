@@ -15,6 +15,7 @@ mod convert;
 mod holds;
 pub mod keys;
 mod metrics;
+mod seen;
 mod service;
 mod stock;
 mod sweeper;
@@ -90,6 +91,8 @@ struct Inner {
     metrics: chipgate_runtime::Metrics,
     /// What its code counts.
     counters: metrics::Counters,
+    /// Each product's stock as this replica last read or wrote it (see [`seen`]).
+    stock_seen: seen::StockSeen,
 }
 
 /// The routes and names to serve inventory with [`chipgate_runtime::serve`].
@@ -129,6 +132,7 @@ impl Inventory {
             inner: Arc::new(Inner {
                 metrics,
                 counters,
+                stock_seen: seen::StockSeen::default(),
                 store,
                 idem: Idempotency::new(keys::SPACE, Duration::from_secs(24 * 3600)),
                 locks: KeyedLocks::new(),

@@ -19,6 +19,10 @@ pub(crate) struct Counters {
     pub holds_expired: Counter,
     /// Units those holds freed.
     pub units_expired: Counter,
+    /// Batches of holds planned from the stock as this replica left it, without reading it.
+    pub stock_guesses: Counter,
+    /// Of those, the ones whose commit found the stock or a hold changed elsewhere (read, then done).
+    pub stock_guesses_missed: Counter,
 }
 
 struct Sampler {
@@ -44,6 +48,15 @@ pub(crate) fn register(metrics: &Metrics, store: Store) -> Counters {
     Counters {
         holds_expired: metrics.counter("chipgate_holds_expired", "Holds the expiry sweeper expired"),
         units_expired: metrics.counter("chipgate_hold_units_expired", "Units freed by expired holds"),
+        stock_guesses: metrics.counter(
+            "chipgate_hold_batches_unread",
+            "Batches of holds committed from the stock as this replica last left it, without reading it first",
+        ),
+        stock_guesses_missed: metrics.counter(
+            "chipgate_hold_batches_unread_missed",
+            "Batches planned without reading whose commit found the stock or a hold changed elsewhere (then read \
+             and planned again)",
+        ),
     }
 }
 

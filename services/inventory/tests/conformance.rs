@@ -508,6 +508,75 @@ async fn concurrent_holds_never_oversell(store: Store) {
     assert_eq!(list.reservations.len(), per_order.len(), "one hold per order");
 }
 
+/// A counter of `svc`'s metrics (0 before it first counts).
+async fn counter(svc: &Inventory, name: &str) -> u64 {
+    let text = svc.metrics().render().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+/// A replica plans a batch of holds from the stock as it last left it, without reading it first
+/// (guarded): whatever another replica did in between, no batch holds stock that isn't there and no
+/// order's existing hold is overlooked.
+async fn replicas_planning_from_what_they_last_saw_never_oversell(store: Store) {
+    let (a, _sa) = service(store.clone()).await;
+    let (b, _sb) = service(store).await;
+    receive(&a, "r1", 100).await;
+    assert_eq!(reserve(&a, "o1", 1, 10, false, 0).await.unwrap().outcome(), pb::ReserveOutcome::Held);
+    assert_eq!(reserve(&a, "o2", 1, 10, false, 0).await.unwrap().outcome(), pb::ReserveOutcome::Held);
+    assert_eq!(counter(&a, "chipgate_hold_batches_unread").await, 1, "the second batch was planned without a read");
+
+    // The other replica takes stock: what the first last saw is stale.
+    assert_eq!(reserve(&b, "o3", 1, 50, false, 0).await.unwrap().outcome(), pb::ReserveOutcome::Held);
+    let r = reserve(&a, "o4", 1, 40, false, 0).await.unwrap();
+    assert_eq!(r.outcome(), pb::ReserveOutcome::NotServed, "30 left, not the 80 it last saw");
+    assert_eq!(counter(&a, "chipgate_hold_batches_unread_missed").await, 1);
+    let s = stock(&a).await;
+    assert_eq!((s.held, s.available), (70, 30));
+    assert!(adds_up(&s));
+
+    // An order given up before it was ever held leaves a released hold and the stock as it was; a
+    // replica whose view of the stock is right must still not judge that order as new.
+    assert_eq!(reserve(&a, "o5", 1, 5, false, 0).await.unwrap().outcome(), pb::ReserveOutcome::Held);
+    assert_eq!(reserve(&a, "o6", 1, 5, false, 0).await.unwrap().outcome(), pb::ReserveOutcome::Held);
+    let unread = counter(&a, "chipgate_hold_batches_unread").await;
+    assert!(unread >= 2, "guessing again once a read found the stock as left: {unread}");
+    let missed = counter(&a, "chipgate_hold_batches_unread_missed").await;
+    assert_eq!(release(&b, "o7", 1).await.state(), pb::ReservationState::Released);
+    let r = reserve(&a, "o7", 1, 1_000, false, 0).await.unwrap();
+    assert_eq!(r.outcome(), pb::ReserveOutcome::Stale, "its generation was released: {r:?}");
+    assert_eq!(counter(&a, "chipgate_hold_batches_unread_missed").await, missed + 1, "the guess met the released hold");
+    let r = reserve(&a, "o7", 1, 1, false, 0).await.unwrap();
+    assert_eq!(r.outcome(), pb::ReserveOutcome::Stale, "never reopened, though it would fit: {r:?}");
+
+    // Both replicas at once, each batch an order of 7 units: exactly as many holds as fit.
+    let before = stock(&a).await.available;
+    let mut tasks = Vec::new();
+    for t in 0..16 {
+        let svc = if t % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let mut held = 0;
+            for k in 0..4 {
+                let r = reserve(&svc, &format!("c{t}-{k}"), 1, 7, false, 0).await.unwrap();
+                if r.outcome() == pb::ReserveOutcome::Held {
+                    held += 7;
+                }
+            }
+            held
+        }));
+    }
+    let mut held = 0;
+    for t in tasks {
+        held += t.await.unwrap();
+    }
+    let s = stock(&b).await;
+    assert_eq!(held, before - before % 7, "every hold that fits, and no more");
+    assert_eq!(s.available, before - held);
+    assert!(adds_up(&s));
+}
+
 async fn watch_stock_streams_changes(store: Store) {
     let (svc, shutdown) = service(store).await;
     // Give the hub a moment to start following the stream.
@@ -627,6 +696,7 @@ backend_tests!(
     generations_are_never_reopened,
     holds_expire_on_their_own_exactly_once,
     concurrent_holds_never_oversell,
+    replicas_planning_from_what_they_last_saw_never_oversell,
     watch_stock_streams_changes,
     bad_input_changes_nothing,
     stale_fences_are_refused,
