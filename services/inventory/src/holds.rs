@@ -2,7 +2,9 @@
 //!
 //! A batch of holds for a product is decided against one read of the product's stock and the orders'
 //! existing holds, strictly in order ([`HoldPlanner`]), and committed in one transaction guarded by the
-//! stock record's version: two batches can never together hold more than is available.
+//! stock record's version: two batches can never together hold more than is available. A replica that
+//! left the stock as it stands plans from what it remembers instead of reading, with the holds it
+//! assumes absent guarded too ([`crate::seen`]).
 
 use chipgate_runtime::service::Records;
 use std::collections::BTreeMap;

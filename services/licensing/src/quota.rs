@@ -4,6 +4,8 @@
 //! product's gates, strictly in the order given ([`QuotaPlanner`]), and committed in one transaction
 //! guarded by the versions of every licence it took from and of the product's gates. So two batches can
 //! never together exceed a licence's quota, and a batch can't slip in after an embargo it didn't see.
+//! A replica that left the product as it stands decides from what it remembers instead of reading,
+//! with every part of that guarded too ([`crate::worlds`]).
 //! Every reservation is keyed by (order, generation): retries never double-count, and a released
 //! generation is never reopened.
 
