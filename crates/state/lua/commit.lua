@@ -8,6 +8,10 @@
 --   guard  f <keyidx> <token>       fence: stored token <= token; token is stored on success
 --   guard  l <keyidx> <token>       lease at key is held with token
 --   guard  h <keyidx> <field>       the hash at key has no field <field>
+--   guard  abs <keyidx> <n> <keyidx1> ... <keyidxn>
+--                                   no record at any of the n keys (keyidx repeats the first), checked
+--                                   with one EXISTS (the client sends consecutive absence guards as
+--                                   one run)
 --   guard  hvs <keyidx> <n> <field1> <version1> ... <fieldn> <versionn>
 --                                   field <fieldi> of the hash at key holds a record
 --                                   '<versioni>:<data>' of that version ('0' = no such field), for
@@ -114,6 +118,23 @@ for _ = 1, ng do
     if redis.call('GET', k) ~= want then return {'lease', k} end
   elseif kind == 'h' then
     if redis.call('HEXISTS', k, want) == 1 then return {'conflict', k} end
+  elseif kind == 'abs' then
+    -- want is the number of key indexes that follow. The common case, all absent, costs one call;
+    -- otherwise the first present key in the run's order is the conflict.
+    local n = tonumber(want)
+    local j0 = i
+    while j0 < i + n do
+      local j1 = math.min(i + n - 1, j0 + CHUNK - 1)
+      local ks = {}
+      for j = j0, j1 do ks[#ks + 1] = KEYS[tonumber(ARGV[j])] end
+      if redis.call('EXISTS', unpack(ks)) > 0 then
+        for _, present in ipairs(ks) do
+          if redis.call('EXISTS', present) == 1 then return {'conflict', present} end
+        end
+      end
+      j0 = j1 + 1
+    end
+    i = i + n
   elseif kind == 'hvs' then
     -- want is the number of (field, version) pairs that follow.
     local n = tonumber(want)

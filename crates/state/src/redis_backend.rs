@@ -764,6 +764,13 @@ impl RedisBackend {
                         }
                         continue;
                     }
+                    GuardStep::Absent(absent) => {
+                        cmd.arg("abs").arg(idx(absent[0])).arg(absent.len());
+                        for key in absent {
+                            cmd.arg(idx(key));
+                        }
+                        continue;
+                    }
                 };
                 cmd.arg(kind).arg(idx(key)).arg(n);
             }
@@ -1302,12 +1309,15 @@ fn script_steps(ops: &[Op]) -> Vec<Step<'_>> {
     steps
 }
 
-/// A guard as the commit script checks it: on its own, or a run of consecutive version guards on
+/// A guard as the commit script checks it: on its own, a run of consecutive version guards on
 /// fields of one hash (one `HMGET` in the script instead of an `HGET` per field; every field guard
-/// is in a run, of one or more).
+/// is in a run, of one or more), or a run of consecutive guards that records don't exist (one
+/// `EXISTS` over all their keys instead of a read each; every such guard is in a run: a batch that
+/// creates or assumes absent hundreds of records has them one after another).
 enum GuardStep<'a> {
     One(&'a Guard),
     FieldVersions(&'a str, Vec<(&'a str, u64)>),
+    Absent(Vec<&'a str>),
 }
 
 /// The guards of a transaction as the script checks them (see [`GuardStep`]). Guards only read
@@ -1324,6 +1334,8 @@ fn guard_steps(guards: &[Guard]) -> Vec<GuardStep<'_>> {
             (Guard::FieldVersion { key, field, version }, _) => {
                 out.push(GuardStep::FieldVersions(key.as_str(), vec![(field.as_str(), *version)]));
             }
+            (Guard::Version { key, version: 0 }, Some(GuardStep::Absent(keys))) => keys.push(key.as_str()),
+            (Guard::Version { key, version: 0 }, _) => out.push(GuardStep::Absent(vec![key.as_str()])),
             (g, _) => out.push(GuardStep::One(g)),
         }
     }
@@ -1976,8 +1988,26 @@ mod tests {
                     "hvs {key}:{}",
                     fields.iter().map(|(f, v)| format!("{f}@{v}")).collect::<Vec<_>>().join(",")
                 ),
+                GuardStep::Absent(keys) => format!("abs {}", keys.join(",")),
             })
             .collect();
         assert_eq!(shown, ["hvs h:1@0,2@3", "v k@1", "hvs h:3@1", "hvs g:1@2,2@0", "hvs h:4@5"]);
+    }
+
+    #[test]
+    fn consecutive_guards_that_records_are_absent_are_checked_together() {
+        let mut t = Txn::new();
+        t.expect_version("a", 0).expect_version("b", 0).expect_version("k", 2).expect_version("c", 0);
+        t.expect_field_version("h", "1", 0).expect_version("d", 0).expect_version("e", 0);
+        let shown: Vec<String> = guard_steps(&t.guards)
+            .iter()
+            .map(|g| match g {
+                GuardStep::One(Guard::Version { key, version }) => format!("v {key}@{version}"),
+                GuardStep::One(other) => format!("{other:?}"),
+                GuardStep::FieldVersions(key, fields) => format!("hvs {key}:{}", fields.len()),
+                GuardStep::Absent(keys) => format!("abs {}", keys.join(",")),
+            })
+            .collect();
+        assert_eq!(shown, ["abs a,b", "v k@2", "abs c", "hvs h:1", "abs d,e"]);
     }
 }

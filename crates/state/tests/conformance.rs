@@ -985,7 +985,72 @@ async fn records_as_hash_fields_are_versioned_and_guarded(store: Store) {
     }
 }
 
+/// Guards that records are absent, one after another (a batch creating or assuming absent hundreds
+/// of records), hold only when every one of them does; the conflict names the first present one in
+/// the transaction's order, and nothing applies. Longer runs than one script call takes still check
+/// every key.
+async fn runs_of_records_guarded_absent_fail_on_their_first_present_one(store: Store) {
+    let present = |name: &str| {
+        let store = store.clone();
+        let key = k(&["abs", name]);
+        async move {
+            let mut t = Txn::new();
+            t.put(&key, b"here".to_vec());
+            store.commit(&t).await.unwrap();
+            key
+        }
+    };
+    let p = present("p").await;
+    let q = present("q").await;
+    let z = k(&["abs", "z"]);
+    for (run, first) in [(vec!["a", "b", "p", "c", "q"], &p), (vec!["q", "a", "p"], &q)] {
+        let mut t = Txn::new();
+        t.expect_version(k(&["abs", "other"]), 0);
+        for name in &run {
+            t.expect_version(k(&["abs", name]), 0);
+        }
+        t.zadd(&z, "m", 1.0);
+        match store.commit(&t).await {
+            Err(CommitError::Conflict { key }) => assert_eq!(&key, first, "{run:?}"),
+            other => panic!("expected a conflict, got {other:?}"),
+        }
+        assert_eq!(store.zcard(&z).await.unwrap(), 0, "a failed transaction must change nothing");
+    }
+
+    // 4,500 records created under absence guards, one of them (far into the run) present.
+    let n = 4_500;
+    let key = |i: usize| k(&["abs", "many", &i.to_string()]);
+    let late = {
+        let mut t = Txn::new();
+        t.put(key(4_200), b"here".to_vec());
+        store.commit(&t).await.unwrap();
+        key(4_200)
+    };
+    let mut t = Txn::new();
+    for i in 0..n {
+        t.replace(key(i), 0, i.to_string().into_bytes());
+    }
+    match store.commit(&t).await {
+        Err(CommitError::Conflict { key }) => assert_eq!(key, late),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    assert_eq!(store.get(&[key(0), key(4_199)]).await.unwrap(), vec![None, None], "nothing created");
+    // Without it, every one is created, each with its own value.
+    let mut t = Txn::new();
+    t.delete(&late);
+    store.commit(&t).await.unwrap();
+    let mut t = Txn::new();
+    for i in 0..n {
+        t.replace(key(i), 0, i.to_string().into_bytes());
+    }
+    store.commit(&t).await.unwrap();
+    let got = store.get(&[key(0), key(4_200), key(n - 1)]).await.unwrap();
+    let got: Vec<(u64, Vec<u8>)> = got.into_iter().map(|r| r.map(|r| (r.version, r.data)).unwrap()).collect();
+    assert_eq!(got, vec![(1, b"0".to_vec()), (1, b"4200".to_vec()), (1, (n - 1).to_string().into_bytes())]);
+}
+
 backend_tests!(
+    runs_of_records_guarded_absent_fail_on_their_first_present_one,
     records_as_hash_fields_are_versioned_and_guarded,
     hash_fields_guarded_absent_expire_with_their_hash,
     sorted_set_writes_in_one_transaction_apply_in_order,
