@@ -56,6 +56,35 @@ impl<'a> IdemKey<'a> {
     }
 }
 
+/// Turns: fairness between a replica that commits what it guessed without reading (one round trip)
+/// and one that reads first (two). While the first has calls queued for a partition, its commits
+/// can land between the second's read and its commit every time, and the second's attempts run
+/// out. So the loser takes its turn: an attempt that runs again after a conflict bumps the
+/// version of a *turn* record ([`take_turn`], a record with no data in the contended partition)
+/// before it reads, and every guessed commit guards the turn at the version its replica last read
+/// ([`turn_version`]). The guesser's next commit fails, it reads first, and both race on equal terms.
+pub mod turns {
+    use chipgate_state::{Backend, CommitError, StateResult, Store, Txn};
+
+    /// The version of turn record `key` (0: never taken), to guard in guessed commits.
+    ///
+    /// # Errors
+    /// When the store can't be read.
+    pub async fn turn_version(store: &Store, key: &str) -> StateResult<u64> {
+        Ok(store.get(&[key.to_string()]).await?.into_iter().flatten().map(|r| r.version).next().unwrap_or(0))
+    }
+
+    /// Takes the turn at `key`: bumps its version, so every commit guarded on an earlier one fails.
+    ///
+    /// # Errors
+    /// When the commit fails (a blind write: never a conflict).
+    pub async fn take_turn(store: &Store, key: &str) -> Result<(), CommitError> {
+        let mut t = Txn::new();
+        t.put(key.to_string(), Vec::new());
+        store.commit(&t).await.map(|_| ())
+    }
+}
+
 /// Runs `attempt` until its transaction commits (see the module docs). Returns the answer and what the
 /// commit produced (stream ids, audit entries); a replayed answer comes with an empty [`Committed`].
 ///

@@ -15,8 +15,7 @@ use chipgate_proto::inventory::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::Page;
 use chipgate_runtime::time::now_ms;
-use chipgate_runtime::txn::IdemKey;
-use chipgate_runtime::txn::TxnError;
+use chipgate_runtime::txn::{IdemKey, TxnError, turns};
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, CommitError, Txn};
 
@@ -84,9 +83,13 @@ impl Inventory {
         let _serial = self.inner.locks.lock(sku).await;
         // The stock as this replica left it, and no hold yet for any of the orders (the common
         // case): planned and committed without reading, each assumption a guard of the commit.
-        if let Some((sver, stock)) = self.inner.stock_seen.guess(sku) {
+        if let Some(guess) = self.inner.stock_seen.guess(sku) {
             let none = vec![None; asks.len()];
-            if let Ok(planned) = Self::plan_holds(ctx, sku, &asks, fence_token, (sver, stock), &none, true) {
+            if let Ok(mut planned) =
+                Self::plan_holds(ctx, sku, &asks, fence_token, (guess.version, guess.stock), &none, true)
+            {
+                // No other replica lost a race since this one last read (see `seen.rs`).
+                planned.txn.expect_version(keys::hold_turn(sku), guess.turn);
                 match self.store().commit(&planned.txn).await {
                     Ok(_) => {
                         self.inner.counters.stock_guesses.inc();
@@ -105,12 +108,23 @@ impl Inventory {
         }
         // The stock as the committed attempt left it (the last attempt's: earlier ones conflicted).
         let after: std::sync::Mutex<Option<(u64, StockRecord)>> = std::sync::Mutex::new(None);
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let turn_key = keys::hold_turn(sku);
         let (answer, _) = self
             .run_txn(None, || async {
+                if attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+                    // The last attempt lost to another replica's commit: take the turn from
+                    // replicas planning without reading (see `seen.rs`), then read.
+                    turns::take_turn(self.store(), &turn_key).await.map_err(Error::from_commit)?;
+                    self.inner.counters.turns_taken.inc();
+                    tracing::debug!(%sku, "batch of holds lost a race to another replica; took the turn");
+                }
                 let orders: Vec<OrderId> = asks.iter().map(|a| a.order_id.clone()).collect();
-                let ((sver, stock), existing) =
-                    tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_holds(sku, &orders))?;
-                self.inner.stock_seen.read(sku, sver, &stock);
+                let ((sver, stock), existing, turn) =
+                    tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_holds(sku, &orders), async {
+                        Ok::<_, Error>(turns::turn_version(self.store(), &turn_key).await?)
+                    },)?;
+                self.inner.stock_seen.read(sku, sver, &stock, turn);
                 let planned = Self::plan_holds(ctx, sku, &asks, fence_token, (sver, stock), &existing, false)?;
                 *after.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(planned.stock);
                 Ok((planned.txn, planned.answer))

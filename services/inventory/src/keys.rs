@@ -36,6 +36,13 @@ pub fn stock(sku: &Sku) -> String {
     part(sku).key(["stock"])
 }
 
+/// A product's hold turn: a record with no data whose version a replica bumps when its batch of
+/// holds lost a race to another replica's commit; batches planned without reading guard it (see
+/// `seen.rs`).
+pub fn hold_turn(sku: &Sku) -> String {
+    part(sku).key(["hold-turn"])
+}
+
 /// A supply receipt of a product (receipt ids are unique per product).
 pub fn receipt(sku: &Sku, receipt_id: &str) -> String {
     part(sku).key(["receipt", receipt_id])

@@ -23,6 +23,8 @@ pub(crate) struct Counters {
     pub stock_guesses: Counter,
     /// Of those, the ones whose commit found the stock or a hold changed elsewhere (read, then done).
     pub stock_guesses_missed: Counter,
+    /// Batches whose commit lost a race to another replica and took the product's hold turn.
+    pub turns_taken: Counter,
 }
 
 struct Sampler {
@@ -56,6 +58,11 @@ pub(crate) fn register(metrics: &Metrics, store: Store) -> Counters {
             "chipgate_hold_batches_unread_missed",
             "Batches planned without reading whose commit found the stock or a hold changed elsewhere (then read \
              and planned again)",
+        ),
+        turns_taken: metrics.counter(
+            "chipgate_hold_turns_taken",
+            "Batches of holds that lost a race to another replica's commit and made replicas planning without \
+             reading read first (a loser's turn)",
         ),
     }
 }

@@ -13,6 +13,11 @@
 //! A product whose stock other writers change (another replica, a receipt, the expiry sweeper)
 //! would make guesses miss. After a miss the product is not guessed again until a read finds the
 //! record at the version this replica left it, i.e. nobody else wrote in between.
+//!
+//! A guessing replica must not starve one that reads (one round trip against two: its commits can
+//! keep landing between the other's read and commit). A batch whose commit lost a race takes the
+//! product's hold turn before it reads again ([`chipgate_runtime::txn::turns`]), and guessed commits
+//! guard the turn at the version last read here: the guesser's next guess misses and it reads.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -31,6 +36,18 @@ struct Seen {
     stock: StockRecord,
     /// Whether the next batch may be planned from it without reading.
     trusted: bool,
+    /// The version of the product's hold turn when last read (0: never taken).
+    turn: u64,
+}
+
+/// The stock of a product to plan a batch from without reading, and what its commit must guard.
+pub(crate) struct Guess {
+    /// The stock record's version.
+    pub version: u64,
+    /// The stock record.
+    pub stock: StockRecord,
+    /// The hold turn's version.
+    pub turn: u64,
 }
 
 /// Per replica, behind a lock held only to copy a record in or out.
@@ -48,8 +65,14 @@ impl StockSeen {
 
     /// The stock of `sku` to plan the next batch from, without reading it; `None` when unknown or
     /// not trusted.
-    pub(crate) fn guess(&self, sku: &Sku) -> Option<(u64, StockRecord)> {
-        self.with(|m| m.get(sku.as_str()).filter(|s| s.trusted).map(|s| (s.version, s.stock.clone())))
+    pub(crate) fn guess(&self, sku: &Sku) -> Option<Guess> {
+        self.with(|m| {
+            m.get(sku.as_str()).filter(|s| s.trusted).map(|s| Guess {
+                version: s.version,
+                stock: s.stock.clone(),
+                turn: s.turn,
+            })
+        })
     }
 
     /// A guess for `sku` failed its commit: someone else changed the stock or an order's hold.
@@ -61,12 +84,13 @@ impl StockSeen {
         });
     }
 
-    /// The stock of `sku` as read at `version`. Guessing is (again) trusted when nobody else wrote
-    /// since this replica did (the version is the one it left), or when nothing was known.
-    pub(crate) fn read(&self, sku: &Sku, version: u64, stock: &StockRecord) {
+    /// The stock of `sku` as read at `version`, beside the hold turn's version. Guessing is (again)
+    /// trusted when nobody else wrote since this replica did (the version is the one it left), or
+    /// when nothing was known.
+    pub(crate) fn read(&self, sku: &Sku, version: u64, stock: &StockRecord, turn: u64) {
         self.with(|m| {
             let trusted = m.get(sku.as_str()).is_none_or(|s| s.version == version);
-            Self::put(m, sku, Seen { version, stock: stock.clone(), trusted });
+            Self::put(m, sku, Seen { version, stock: stock.clone(), trusted, turn });
         });
     }
 
@@ -74,8 +98,8 @@ impl StockSeen {
     /// when it was trusted before.
     pub(crate) fn wrote(&self, sku: &Sku, version: u64, stock: StockRecord) {
         self.with(|m| {
-            let trusted = m.get(sku.as_str()).is_none_or(|s| s.trusted);
-            Self::put(m, sku, Seen { version, stock, trusted });
+            let (trusted, turn) = m.get(sku.as_str()).map_or((true, 0), |s| (s.trusted, s.turn));
+            Self::put(m, sku, Seen { version, stock, trusted, turn });
         });
     }
 
@@ -100,35 +124,35 @@ mod tests {
         let seen = StockSeen::default();
         let sku = Sku::from_trusted("H200");
         assert!(seen.guess(&sku).is_none(), "nothing known yet");
-        seen.read(&sku, 3, &stock(10));
+        seen.read(&sku, 3, &stock(10), 2);
         seen.wrote(&sku, 4, stock(6));
-        assert_eq!(seen.guess(&sku).map(|(v, s)| (v, s.available)), Some((4, 6)));
+        assert_eq!(seen.guess(&sku).map(|g| (g.version, g.stock.available, g.turn)), Some((4, 6, 2)));
     }
 
     #[test]
     fn a_miss_stops_guessing_until_a_read_finds_nobody_else_wrote() {
         let seen = StockSeen::default();
         let sku = Sku::from_trusted("H200");
-        seen.read(&sku, 3, &stock(10));
+        seen.read(&sku, 3, &stock(10), 0);
         seen.wrote(&sku, 4, stock(6));
         seen.missed(&sku);
         assert!(seen.guess(&sku).is_none());
         // Another writer had moved it on: still not guessed, even after this replica's own write.
-        seen.read(&sku, 7, &stock(2));
+        seen.read(&sku, 7, &stock(2), 0);
         seen.wrote(&sku, 8, stock(1));
         assert!(seen.guess(&sku).is_none());
         // Found as this replica left it: guessed again.
-        seen.read(&sku, 8, &stock(1));
-        assert_eq!(seen.guess(&sku).map(|(v, _)| v), Some(8));
+        seen.read(&sku, 8, &stock(1), 0);
+        assert_eq!(seen.guess(&sku).map(|g| g.version), Some(8));
     }
 
     #[test]
     fn products_are_kept_apart() {
         let seen = StockSeen::default();
         let (a, b) = (Sku::from_trusted("A"), Sku::from_trusted("B"));
-        seen.read(&a, 1, &stock(1));
+        seen.read(&a, 1, &stock(1), 0);
         seen.missed(&b);
         assert!(seen.guess(&b).is_none());
-        assert_eq!(seen.guess(&a).map(|(v, _)| v), Some(1));
+        assert_eq!(seen.guess(&a).map(|g| g.version), Some(1));
     }
 }

@@ -687,7 +687,44 @@ async fn stale_fences_are_refused(store: Store) {
     assert_eq!(stock(&svc).await.available, 9, "the fenced-off call took nothing");
 }
 
+/// A replica that plans batches of holds without reading commits in one round trip, one that reads
+/// in two; while the first streams batches for a product, the second's commits could keep failing
+/// (the first's land between its read and its commit) until it gives up with CONTENTION. The loser
+/// takes its turn instead (`seen.rs`): every batch of the reading replica gets its answer while the
+/// other keeps reserving as fast as it can, and the stock adds up.
+async fn a_replica_planning_without_reading_never_starves_one_that_reads(store: Store) {
+    let (fast, _sf) = service(store.clone()).await;
+    let (slow, _ss) = service(store).await;
+    receive(&fast, "r1", 100_000).await;
+    assert_eq!(reserve(&fast, "f-1", 1, 1, false, 0).await.unwrap().outcome(), pb::ReserveOutcome::Held);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fast_batches = tokio::spawn({
+        let (fast, done) = (fast.clone(), done.clone());
+        async move {
+            let mut n = 1u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && n < 5_000 {
+                n += 1;
+                let r = reserve(&fast, &format!("f-{n}"), 1, 1, false, 0).await.unwrap();
+                assert_eq!(r.outcome(), pb::ReserveOutcome::Held, "batch {n} of the fast replica");
+            }
+            n
+        }
+    });
+    for k in 0..40 {
+        match reserve(&slow, &format!("s-{k}"), 1, 1, false, 0).await {
+            Ok(r) => assert_eq!(r.outcome(), pb::ReserveOutcome::Held, "batch {k} of the replica that reads"),
+            Err(e) => panic!("batch {k} of the replica that reads: {e:?}"),
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let fast_held = fast_batches.await.unwrap();
+    let s = stock(&slow).await;
+    assert_eq!(s.held, fast_held + 40);
+    assert!(adds_up(&s));
+}
+
 backend_tests!(
+    a_replica_planning_without_reading_never_starves_one_that_reads,
     catalogue_loads_and_lists_in_sku_order,
     receipts_count_once_and_stock_adds_up,
     holds_are_served_in_order_and_partial_holds_top_up,
