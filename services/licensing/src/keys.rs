@@ -218,6 +218,14 @@ pub fn fence(sku: &Sku) -> String {
     part(sku).key(["fence"])
 }
 
+/// A product's quota turn: a record with no data whose version a licensing replica bumps when its
+/// quota call lost a race to another replica's commit. Calls decided without reading guard it, so
+/// a replica that keeps winning that way misses and reads again, and the loser gets its turn (see
+/// `worlds.rs`).
+pub fn quota_turn(sku: &Sku) -> String {
+    part(sku).key(["quota-turn"])
+}
+
 /// A product's export authorisations.
 pub fn exports(sku: &Sku) -> String {
     part(sku).key(["export"])
@@ -255,6 +263,7 @@ mod tests {
             reservation(sku, &order),
             reservation_field(sku, &order).map(|(hash, _)| hash).unwrap_or_default(),
             fence(sku),
+            quota_turn(sku),
             exports(sku),
             policy(sku),
             Part::Product(sku).events(),

@@ -24,6 +24,7 @@ mod metrics;
 mod quota;
 mod service;
 mod waves;
+mod worlds;
 
 use chipgate_runtime::service::Records;
 use std::sync::Arc;
@@ -78,6 +79,9 @@ struct Inner {
     /// Which licences the buyers' indexes named when this replica last read them: read beside the
     /// indexes instead of after them ([`guesses`]).
     guesses: guesses::IndexGuesses,
+    /// Each product's quota world as this replica last read or wrote it: quota calls decided without
+    /// reading first ([`worlds`]).
+    worlds: worlds::WorldsSeen,
     /// Its Prometheus metrics.
     metrics: chipgate_runtime::Metrics,
     /// Products found in inventory's catalogue (applications name one).
@@ -86,6 +90,8 @@ struct Inner {
     audit_key: Option<chipgate_runtime::auth::Signer>,
     /// The gauges and counters periodic checkpoints feed.
     checkpoints: metrics::CheckpointMetrics,
+    /// Quota calls decided without reading first, and the ones that missed.
+    counters: metrics::QuotaCounters,
     /// Where the audit log is archived, once set ([`Licensing::use_archive`]).
     archive: std::sync::OnceLock<chipgate_archive::Target>,
     /// The audit archiver's figures and health.
@@ -122,6 +128,7 @@ impl Licensing {
         let metrics = chipgate_runtime::Metrics::new();
         metrics::register(&metrics, store.clone());
         let checkpoints = metrics::CheckpointMetrics::register(&metrics);
+        let counters = metrics::QuotaCounters::register(&metrics);
         let archive_status = chipgate_archive::status::Status::register(&metrics, "audit", Duration::ZERO);
         Licensing {
             inner: Arc::new(Inner {
@@ -132,9 +139,11 @@ impl Licensing {
                 chains: KeyedLocks::new(),
                 registered: Known::default(),
                 guesses: guesses::IndexGuesses::default(),
+                worlds: worlds::WorldsSeen::default(),
                 products: Known::default(),
                 audit_key,
                 checkpoints,
+                counters,
                 archive: std::sync::OnceLock::new(),
                 archive_status,
             }),
@@ -213,8 +222,29 @@ impl Licensing {
 
     /// Runs one transaction in partition `part` (see [`chipgate_runtime::txn::run`]): this replica's
     /// commits in one partition queue for its audit chain's head instead of conflicting on it, while
-    /// commits in different partitions run side by side.
+    /// commits in different partitions run side by side. A change in a product's partition leaves
+    /// the product's quota world, as this replica remembers it ([`worlds`]), to be read again.
     async fn run_in<T, F, Fut>(
+        &self,
+        part: Part<'_>,
+        idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,
+        attempt: F,
+    ) -> Result<(T, chipgate_state::Committed), Error>
+    where
+        T: Message + Default + Send,
+        F: FnMut() -> Fut + Send,
+        Fut: std::future::Future<Output = Result<(Txn, T), Error>> + Send,
+    {
+        let done = self.run_in_remembering(part, idem, attempt).await;
+        if let (Part::Product(sku), Ok(_)) = (part, &done) {
+            self.inner.worlds.forget(sku);
+        }
+        done
+    }
+
+    /// [`Self::run_in`] for quota calls, which keep what they remember of the world up to date
+    /// themselves.
+    async fn run_in_remembering<T, F, Fut>(
         &self,
         part: Part<'_>,
         idem: Option<&chipgate_runtime::txn::IdemKey<'_>>,

@@ -114,6 +114,38 @@ impl Sample for Sampler {
     }
 }
 
+/// How often quota calls were decided without reading first ([`crate::worlds`]).
+#[derive(Clone)]
+pub(crate) struct QuotaCounters {
+    /// Calls committed from the world as this replica last left it.
+    pub unread: Counter,
+    /// Calls planned so whose commit found something changed elsewhere (then read and decided again).
+    pub unread_missed: Counter,
+    /// Calls that lost a race to another replica's commit and took the product's quota turn.
+    pub turns_taken: Counter,
+}
+
+impl QuotaCounters {
+    pub(crate) fn register(metrics: &Metrics) -> Self {
+        QuotaCounters {
+            unread: metrics.counter(
+                "chipgate_quota_calls_unread",
+                "Quota calls committed from the product's world as this replica last left it, without reading it first",
+            ),
+            unread_missed: metrics.counter(
+                "chipgate_quota_calls_unread_missed",
+                "Quota calls decided without reading whose commit found the world changed elsewhere (then read and \
+                 decided again)",
+            ),
+            turns_taken: metrics.counter(
+                "chipgate_quota_turns_taken",
+                "Quota calls that lost a race to another replica's commit and made replicas deciding without reading \
+                 read first (a loser's turn)",
+            ),
+        }
+    }
+}
+
 /// What periodic audit checkpoints leave outside Redis: per chain its sequence and a short digest of
 /// its head (a truncation shows as a sequence going down, a rewrite as the digest changing at the
 /// same sequence), when the last one was taken, and how many chains were seen moving backwards.

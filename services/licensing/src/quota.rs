@@ -4,6 +4,8 @@
 //! product's gates, strictly in the order given ([`QuotaPlanner`]), and committed in one transaction
 //! guarded by the versions of every licence it took from and of the product's gates. So two batches can
 //! never together exceed a licence's quota, and a batch can't slip in after an embargo it didn't see.
+//! A replica that left the product as it stands decides from what it remembers instead of reading,
+//! with every part of that guarded too ([`crate::worlds`]).
 //! Every reservation is keyed by (order, generation): retries never double-count, and a released
 //! generation is never reopened.
 
@@ -22,7 +24,7 @@ use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::now_ms;
 use chipgate_runtime::txn::IdemKey;
 use chipgate_runtime::{RequestContext, validate};
-use chipgate_state::{Backend, Record, Txn};
+use chipgate_state::{Backend, CommitError, Guard, Record, Txn};
 
 use crate::convert::{QuotaBatch, QuotaRef, Recheck, ReleaseBatch, failure_to, reservation_to};
 use crate::keys::Part;
@@ -36,6 +38,22 @@ struct World {
     gate: ProductGate,
     policy_version: u64,
     exports_version: u64,
+    /// Each buyer's index as read: the buyer, its version (0: none) and the ids of this product's
+    /// licences it names (for [`crate::worlds`]).
+    indexes: Vec<(String, u64, Vec<String>)>,
+    /// Version of the product's quota turn ([`keys::quota_turn`]; 0: none), read by quota calls
+    /// only (for [`crate::worlds`]).
+    turn_version: u64,
+}
+
+/// A quota call decided, not committed yet.
+struct Decided {
+    /// Its transaction.
+    txn: Txn,
+    /// The answer once it commits.
+    answer: pb::BatchReserveQuotaResponse,
+    /// The licences it writes, at the versions they will have.
+    written: Vec<(u64, LicenseRecord)>,
 }
 
 /// An order id a batch named (checked at the edge, in `convert.rs`) or a reservation holds: the
@@ -197,6 +215,18 @@ impl Licensing {
         self.inner.guesses.learn(
             index_keys.iter().zip(&indexes).map(|(k, i)| (k, i.as_ref().map(|(_, i)| i.license_ids.as_slice()))),
         );
+        let index_seen: Vec<(String, u64, Vec<String>)> = buyers
+            .iter()
+            .zip(&indexes)
+            .map(|(b, i)| {
+                let (version, ids) = match i {
+                    Some((v, i)) => (*v, i.license_ids.clone()),
+                    None => (0, Vec::new()),
+                };
+                let ids = ids.into_iter().filter(|id| keys::license_sku(id) == Some(sku.as_str())).collect();
+                (b.to_string(), version, ids)
+            })
+            .collect();
         let mut ids: Vec<String> = indexes.into_iter().flatten().flat_map(|(_, i)| i.license_ids).collect();
         ids.sort();
         ids.dedup();
@@ -216,6 +246,8 @@ impl Licensing {
             gate,
             policy_version: policy.map(|(v, _)| v).unwrap_or(0),
             exports_version: exports.map(|(v, _)| v).unwrap_or(0),
+            indexes: index_seen,
+            turn_version: 0,
         })
     }
 
@@ -261,7 +293,9 @@ impl Licensing {
         Ok(pb::BatchReserveQuotaResponse { results })
     }
 
-    /// Takes quota for `items` of product `sku`, in order (see the module docs).
+    /// Takes quota for `items` of product `sku`, in order (see the module docs): decided from the
+    /// product's world as this replica last left it when it can be ([`crate::worlds`]), else read
+    /// first.
     async fn reserve_items(
         &self,
         ctx: &RequestContext,
@@ -273,8 +307,48 @@ impl Licensing {
         let began = std::time::Instant::now();
         let _serial = self.inner.locks.lock(sku).await;
         let locked = began.elapsed();
-        let (answer, _) =
-            self.run_in(Part::Product(sku), None, || self.reserve_attempt(ctx, sku, &items, fence_token, &[])).await?;
+        let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
+        buyers.sort_unstable();
+        buyers.dedup();
+        if let Some(guess) = self.inner.worlds.guess(sku, &buyers)
+            && let Some(answer) = self.reserve_guessed(ctx, sku, &items, fence_token, guess).await?
+        {
+            self.inner.counters.unread.inc();
+            tracing::debug!(
+                items = items.len(),
+                lock_us = locked.as_micros() as u64,
+                total_us = began.elapsed().as_micros() as u64,
+                "quota reserved without reading"
+            );
+            return Ok(answer.results);
+        }
+        // The licences the committed attempt wrote (the last attempt's: earlier ones conflicted).
+        let written: std::sync::Mutex<Vec<(u64, LicenseRecord)>> = std::sync::Mutex::new(Vec::new());
+        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let (answer, committed) = self
+            .run_in_remembering(Part::Product(sku), None, || async {
+                if attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
+                    // The last attempt lost to another replica's commit: take the turn from
+                    // replicas deciding without reading (see `worlds.rs`), then read.
+                    self.take_quota_turn(sku).await?;
+                }
+                let read_began = std::time::Instant::now();
+                let (existing, world) = self.read_for(sku, &items).await?;
+                tracing::debug!(items = items.len(), read_us = read_began.elapsed().as_micros() as u64, "quota read");
+                self.inner.worlds.read(
+                    sku,
+                    world.indexes.iter().cloned(),
+                    &world.licences,
+                    (&world.gate, world.policy_version, world.exports_version),
+                    world.turn_version,
+                );
+                let d = self.decide(ctx, sku, &items, fence_token, &existing, world)?;
+                *written.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = d.written;
+                Ok((d.txn, d.answer))
+            })
+            .await?;
+        let written = written.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.inner.worlds.wrote(sku, written, committed.audit.last().cloned());
         tracing::debug!(
             items = items.len(),
             lock_us = locked.as_micros() as u64,
@@ -284,27 +358,121 @@ impl Licensing {
         Ok(answer.results)
     }
 
-    async fn reserve_attempt(
+    /// Bumps the version of product `sku`'s quota turn ([`keys::quota_turn`]): the next call any
+    /// replica decides without reading misses, and reads first (see `worlds.rs`).
+    async fn take_quota_turn(&self, sku: &Sku) -> Result<(), Error> {
+        chipgate_runtime::txn::turns::take_turn(self.store(), &keys::quota_turn(sku))
+            .await
+            .map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
+        self.inner.counters.turns_taken.inc();
+        tracing::debug!(%sku, "quota call lost a race to another replica; took the turn");
+        Ok(())
+    }
+
+    /// Decides a quota call from `guess` with none of its orders holding a reservation, and commits
+    /// it with every part of the guess guarded (see [`crate::worlds`]): the answer, or `None` when
+    /// the guess was wrong (nothing changed; the caller reads and decides again).
+    async fn reserve_guessed(
         &self,
         ctx: &RequestContext,
         sku: &Sku,
         items: &[QuotaAsk],
         fence_token: u64,
-        draft: &[LicenseRecord],
-    ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
-        let now = now_ms();
-        let began = std::time::Instant::now();
+        guess: crate::worlds::Guess,
+    ) -> Result<Option<pb::BatchReserveQuotaResponse>, Error> {
+        let part = Part::Product(sku);
+        self.register_product(sku).await?;
+        let chain = part.audit();
+        let _chain = self.inner.chains.lock(&chain.stream).await;
+        let world = World {
+            licences: guess.licences.clone(),
+            domestic: HashMap::new(),
+            gate: guess.gate,
+            policy_version: guess.policy_version,
+            exports_version: guess.exports_version,
+            indexes: Vec::new(),
+            turn_version: guess.turn,
+        };
+        let none: LoadedReservations = items.iter().map(|_| None).collect();
+        let Decided { mut txn, answer, written } = self.decide(ctx, sku, items, fence_token, &none, world)?;
+        let t = &mut txn;
+        // What the decision's writes guard already needs no guard of its own.
+        let guarded: std::collections::HashSet<String> = t
+            .guards
+            .iter()
+            .filter_map(|g| match g {
+                Guard::Version { key, .. } => Some(key.clone()),
+                _ => None,
+            })
+            .collect();
+        for (buyer, version) in &guess.indexes {
+            t.expect_version(keys::license_index(buyer, sku), *version);
+        }
+        // The gates (a decision that changes nothing has no guard of them yet).
+        for (key, version) in [(keys::policy(sku), guess.policy_version), (keys::exports(sku), guess.exports_version)] {
+            if !guarded.contains(&key) {
+                t.expect_version(key, version);
+            }
+        }
+        for (version, l) in &guess.licences {
+            if let Some(key) = keys::license(&licence_of(&l.id))
+                && !guarded.contains(&key)
+            {
+                t.expect_version(key, *version);
+            }
+        }
+        // No peer lost a race since this replica last read (see `worlds.rs`: the loser bumps the
+        // turn); first, so that a turn never bumped joins the run of absent keys below.
+        t.expect_version(keys::quota_turn(sku), guess.turn);
+        // No order holds a reservation: the ones written are guarded by their writes (version 0).
+        // The keys of their own first, then the fields: each kind a run the store checks at once.
+        for (it, r) in items.iter().zip(&answer.results) {
+            let order = order_of(&it.order_id);
+            if keys::reservation_field(sku, &order).is_some() || r.reservation.is_none() {
+                t.expect_version(keys::reservation(sku, &order), 0);
+            }
+        }
+        for (it, r) in items.iter().zip(&answer.results) {
+            if let (Some((hash, field)), None) = (keys::reservation_field(sku, &order_of(&it.order_id)), &r.reservation)
+            {
+                t.expect_field_version(hash, field, 0);
+            }
+        }
+        let (seq, hash) = guess.head;
+        if t.needs_linking() {
+            t.link_audit(&[(chain.clone(), seq, hash)]);
+        } else {
+            t.expect_version(chain.head.clone(), seq);
+        }
+        match self.store().commit(&txn).await {
+            Ok(c) => {
+                self.inner.worlds.wrote(sku, written, c.audit.last().cloned());
+                self.inner.worlds.hit(sku);
+                Ok(Some(answer))
+            }
+            Err(CommitError::Conflict { key }) => {
+                tracing::debug!(%sku, %key, "quota world changed elsewhere; reading it");
+                self.inner.counters.unread_missed.inc();
+                self.inner.worlds.missed(sku);
+                Ok(None)
+            }
+            Err(e) => Err(<Error as chipgate_runtime::txn::TxnError>::from_commit(e)),
+        }
+    }
+
+    /// Reads what a quota call for `items` of product `sku` is decided from: the orders'
+    /// reservations and the world, and the licences an older generation still holds quota of when
+    /// (rarely) they are not among the buyers' own.
+    async fn read_for(&self, sku: &Sku, items: &[QuotaAsk]) -> Result<(LoadedReservations, World), Error> {
         let orders: Vec<&str> = items.iter().map(|it| it.order_id.as_str()).collect();
         let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
         buyers.sort_unstable();
         buyers.dedup();
-        // The orders' reservations and the world are read at once; licences an older generation
-        // still holds quota of (to give it back) are almost always among the buyers' own, and are
-        // read separately in the rare case they are not.
-        let (existing, mut world) =
-            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers))?;
-        // A preview adds the licences a draft wave would create (never written: its transaction is dropped).
-        world.licences.extend(draft.iter().filter(|l| l.product_sku == sku.as_str()).map(|l| (0, l.clone())));
+        let (existing, mut world, turn) =
+            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers), async {
+                Ok::<_, Error>(chipgate_runtime::txn::turns::turn_version(self.store(), &keys::quota_turn(sku)).await?)
+            },)?;
+        world.turn_version = turn;
         let missing: Vec<String> = existing
             .iter()
             .flatten()
@@ -315,15 +483,46 @@ impl Licensing {
         if !missing.is_empty() {
             world.licences.extend(self.load_many::<LicenseRecord>(&missing).await?.into_iter().flatten());
         }
+        Ok((existing, world))
+    }
+
+    async fn reserve_attempt(
+        &self,
+        ctx: &RequestContext,
+        sku: &Sku,
+        items: &[QuotaAsk],
+        fence_token: u64,
+        draft: &[LicenseRecord],
+    ) -> Result<(Txn, pb::BatchReserveQuotaResponse), Error> {
+        let (existing, mut world) = self.read_for(sku, items).await?;
+        // A preview adds the licences a draft wave would create (never written: its transaction is dropped).
+        world.licences.extend(draft.iter().filter(|l| l.product_sku == sku.as_str()).map(|l| (0, l.clone())));
+        let d = self.decide(ctx, sku, items, fence_token, &existing, world)?;
+        Ok((d.txn, d.answer))
+    }
+
+    /// Decides a quota call for `items` of product `sku` from the orders' `existing` reservations
+    /// and `world`, in order (see the module docs); the transaction guards the versions of what it
+    /// writes and of the product's gates.
+    fn decide(
+        &self,
+        ctx: &RequestContext,
+        sku: &Sku,
+        items: &[QuotaAsk],
+        fence_token: u64,
+        existing: &[Option<(ReadAt, ReservationRecord)>],
+        world: World,
+    ) -> Result<Decided, Error> {
+        let now = now_ms();
+        let began = std::time::Instant::now();
         let versions: HashMap<String, u64> = world.licences.iter().map(|(v, l)| (l.id.clone(), *v)).collect();
-        let read = began.elapsed();
 
         // Older generations still holding quota give it back first (the order has moved on).
         let mut licences: HashMap<String, LicenseRecord> =
             world.licences.into_iter().map(|(_, l)| (l.id.clone(), l)).collect();
         let mut touched: std::collections::HashSet<String> = std::collections::HashSet::new();
         let mut checks = Vec::with_capacity(items.len());
-        for (it, ex) in items.iter().zip(&existing) {
+        for (it, ex) in items.iter().zip(existing) {
             let check = match ex {
                 None => ReserveCheck::Evaluate,
                 Some((_, r)) => r.check_reserve(it.generation, it.queued_behind.is_none() && !it.judge_only),
@@ -362,7 +561,7 @@ impl Licensing {
         let mut reserved_detail = Vec::new();
         let mut refused_detail = Vec::new();
         let mut withdrawn_detail = Vec::new();
-        for ((it, ex), check) in items.iter().zip(&existing).zip(checks) {
+        for ((it, ex), check) in items.iter().zip(existing).zip(checks) {
             let ver = read_at(ex);
             match check {
                 ReserveCheck::AlreadyHeld => {
@@ -473,28 +672,27 @@ impl Licensing {
                 }
             }
         }
+        let mut written = Vec::new();
         for l in planner.into_touched() {
             touched.remove(&l.id);
             let ver = versions.get(&l.id).copied().unwrap_or(0);
             if let Some(key) = keys::license(&licence_of(&l.id)) {
                 t.replace(key, ver, encode(&l));
+                written.push((ver + 1, l));
             }
         }
         // Licences that only gave back superseded quota.
         for id in touched {
             if let (Some(l), Some(key)) = (licences.get(&id), keys::license(&licence_of(&id))) {
-                t.replace(key, versions.get(&id).copied().unwrap_or(0), encode(l));
+                let ver = versions.get(&id).copied().unwrap_or(0);
+                t.replace(key, ver, encode(l));
+                written.push((ver + 1, l.clone()));
             }
         }
         if t.is_empty() && reserved_detail.is_empty() && refused_detail.is_empty() && withdrawn_detail.is_empty() {
-            return Ok((t, pb::BatchReserveQuotaResponse { results }));
+            return Ok(Decided { txn: t, answer: pb::BatchReserveQuotaResponse { results }, written });
         }
-        tracing::debug!(
-            items = items.len(),
-            read_us = read.as_micros() as u64,
-            plan_us = (began.elapsed() - read).as_micros() as u64,
-            "quota decided"
-        );
+        tracing::debug!(items = items.len(), plan_us = began.elapsed().as_micros() as u64, "quota decided");
         // The decision stands only if the product's gates are as read.
         t.expect_version(keys::policy(sku), world.policy_version);
         t.expect_version(keys::exports(sku), world.exports_version);
@@ -522,7 +720,7 @@ impl Licensing {
             }
             detail
         });
-        Ok((t, pb::BatchReserveQuotaResponse { results }))
+        Ok(Decided { txn: t, answer: pb::BatchReserveQuotaResponse { results }, written })
     }
 
     /// What publishing a draft wave now would do to quota (see `PreviewWaveQuota`): the very decision

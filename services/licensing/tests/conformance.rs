@@ -1709,7 +1709,145 @@ async fn licences_granted_or_gone_since_a_replica_last_read_them_are_seen(store:
     assert!(conditions(&r[0]).contains(&pb::Condition::License), "{r:?}");
 }
 
+/// A counter of `svc`'s metrics (0 before it first counts).
+async fn counter(svc: &Licensing, name: &str) -> u64 {
+    let text = svc.metrics().render().await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name}_total ")))
+        .map(|v| v.trim().parse::<f64>().unwrap() as u64)
+        .unwrap_or(0)
+}
+
+/// A replica decides a quota call from the product's world as it last left it, without reading it
+/// first (every part of it guarded): whatever another replica or writer changed in between, no call
+/// takes quota that isn't there, uses a licence the buyer's index no longer names, or overlooks a
+/// reservation its order already holds.
+async fn quota_calls_decided_from_what_a_replica_last_saw_stay_exact(store: Store) {
+    let desk = service(store.clone()).await;
+    let (a, b) = (Licensing::new(store.clone()), Licensing::new(store.clone()));
+    let lic = licensed(&desk, "bytedance", 100, Default::default()).await;
+    let held = |r: &[pb::QuotaItemResult]| r[0].reservation.as_ref().map(|x| x.units);
+    assert_eq!(held(&batch(&a, vec![item("ord-H200-1", 1, "bytedance", 30)]).await), Some(30));
+    assert_eq!(held(&batch(&a, vec![item("ord-H200-2", 1, "bytedance", 30)]).await), Some(30));
+    assert_eq!(counter(&a, "chipgate_quota_calls_unread").await, 1, "the second call decided without a read");
+
+    // Another replica takes quota: what the first last saw is stale.
+    assert_eq!(held(&batch(&b, vec![item("ord-H200-3", 1, "bytedance", 30)]).await), Some(30));
+    let r = batch(&a, vec![item("ord-H200-4", 1, "bytedance", 30)]).await;
+    assert_eq!(held(&r), None, "10 left, not the 40 it last saw: {r:?}");
+    assert_eq!(counter(&a, "chipgate_quota_calls_unread_missed").await, 1);
+    assert_eq!(license(&a, &lic.license_id).await.used_units, 90);
+
+    // After a miss a call reads first; the one after it decides without reading again.
+    assert_eq!(held(&batch(&a, vec![item("ord-H200-5", 1, "bytedance", 1)]).await), Some(1));
+    assert_eq!(held(&batch(&a, vec![item("ord-H200-6", 1, "bytedance", 1)]).await), Some(1));
+    assert_eq!(counter(&a, "chipgate_quota_calls_unread").await, 2);
+
+    // A reservation written behind the replica's back (no audit entry, the chain's head unmoved):
+    // its order asking again gets it back, not a second one.
+    let order = OrderId::from_trusted("ord-H200-7");
+    let sku = Sku::from_trusted("H200");
+    let (hash, field) = keys::reservation_field(&sku, &order).unwrap();
+    let existing = chipgate_domain::licensing::ReservationRecord {
+        order_id: order.to_string(),
+        generation: 1,
+        license_id: lic.license_id.clone(),
+        buyer_id: "bytedance".into(),
+        product_sku: "H200".into(),
+        units: 4,
+        status: chipgate_domain::licensing::ReservationStatus::Held as i32,
+        ..Default::default()
+    };
+    let mut t = chipgate_state::Txn::new();
+    t.replace_field(hash, field, 0, &existing.to_stored());
+    store.commit(&t).await.unwrap();
+    let r = batch(&a, vec![item("ord-H200-7", 1, "bytedance", 4)]).await;
+    assert_eq!(held(&r), Some(4), "{r:?}");
+    assert_eq!(counter(&a, "chipgate_quota_calls_unread_missed").await, 2, "the guess met the reservation");
+    assert_eq!(license(&a, &lic.license_id).await.used_units, 92, "not taken a second time");
+    // So for an order the guess would refuse (nothing of it written): it is answered with the
+    // reservation it holds, not refused.
+    batch(&a, vec![item("ord-H200-12", 1, "bytedance", 1)]).await;
+    let order = OrderId::from_trusted("ord-H200-11");
+    let (hash, field) = keys::reservation_field(&sku, &order).unwrap();
+    let existing = chipgate_domain::licensing::ReservationRecord { order_id: order.to_string(), ..existing };
+    let mut t = chipgate_state::Txn::new();
+    t.replace_field(hash, field, 0, &existing.to_stored());
+    store.commit(&t).await.unwrap();
+    let r = batch(&a, vec![item("ord-H200-11", 1, "bytedance", 1_000)]).await;
+    assert_eq!(held(&r), Some(4), "{r:?}");
+    assert_eq!(counter(&a, "chipgate_quota_calls_unread_missed").await, 3, "the guess met the reservation");
+
+    // The buyer's index gone behind the replica's back: nothing to take from.
+    batch(&a, vec![item("ord-H200-8", 1, "bytedance", 1)]).await;
+    batch(&a, vec![item("ord-H200-9", 1, "bytedance", 1)]).await;
+    let mut t = chipgate_state::Txn::new();
+    t.delete(keys::license_index(&BuyerId::from_trusted("bytedance"), &sku));
+    store.commit(&t).await.unwrap();
+    let r = batch(&a, vec![item("ord-H200-10", 1, "bytedance", 1)]).await;
+    assert_eq!(held(&r), None, "{r:?}");
+    assert!(conditions(&r[0]).contains(&pb::Condition::License), "{r:?}");
+    // Every decision is on the chain once, linked to the one before.
+    let v = a.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
+    assert!(v.valid, "{}", v.problem);
+}
+
+/// A replica that decides its quota calls without reading commits in one round trip, a replica that
+/// reads in two; while the first has calls queued for a product, the second's commits could keep
+/// failing (the first's land between its read and its commit) until it gives up with CONTENTION.
+/// The loser takes its turn instead (`worlds.rs`): every call of the reading replica gets its answer
+/// while the other keeps calling as fast as it can, and no unit is taken twice.
+async fn a_replica_deciding_without_reading_never_starves_one_that_reads(store: Store) {
+    let desk = service(store.clone()).await;
+    let (fast, slow) = (Licensing::new(store.clone()), Licensing::new(store.clone()));
+    let lic = licensed(&desk, "bytedance", 100_000, Default::default()).await;
+    let call = |svc: &Licensing, order: String| {
+        let svc = svc.clone();
+        async move {
+            svc.batch_reserve_quota(Request::new(pb::BatchReserveQuotaRequest {
+                request_id: String::new(),
+                product_sku: "H200".into(),
+                items: vec![item(&order, 1, "bytedance", 1)],
+                fence_token: 0,
+            }))
+            .await
+            .map(|r| r.into_inner().results.remove(0).reservation.map(|r| r.units))
+        }
+    };
+    // The fast replica learns the product, then calls back to back (up to a bound) until the slow
+    // one is done; its calls after the first go without reading.
+    call(&fast, "ord-H200-1".into()).await.unwrap();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let fast_calls = tokio::spawn({
+        let (fast, done) = (fast.clone(), done.clone());
+        async move {
+            let mut n = 1u64;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) && n < 5_000 {
+                n += 1;
+                let got = call(&fast, format!("ord-H200-{n}")).await.unwrap();
+                assert_eq!(got, Some(1), "call {n} of the fast replica");
+            }
+            n
+        }
+    });
+    let mut slow_held = 0;
+    for k in 0..40 {
+        match call(&slow, format!("slow-{k}")).await {
+            Ok(got) => slow_held += got.unwrap_or(0),
+            Err(e) => panic!("call {k} of the replica that reads: {e:?}"),
+        }
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let fast_held = fast_calls.await.unwrap();
+    assert_eq!(slow_held, 40, "every call of the replica that reads took its unit");
+    assert_eq!(license(&desk, &lic.license_id).await.used_units, fast_held + slow_held);
+    let v = desk.verify_audit_log(Request::new(pb::VerifyAuditLogRequest::default())).await.unwrap().into_inner();
+    assert!(v.valid, "{}", v.problem);
+}
+
 backend_tests!(
+    a_replica_deciding_without_reading_never_starves_one_that_reads,
+    quota_calls_decided_from_what_a_replica_last_saw_stay_exact,
     licences_granted_or_gone_since_a_replica_last_read_them_are_seen,
     reservations_kept_as_keys_move_into_the_hashes_on_their_next_write,
     audit_entries_name_the_calls_idempotency_key,
