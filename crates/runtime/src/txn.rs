@@ -56,15 +56,30 @@ impl<'a> IdemKey<'a> {
     }
 }
 
-/// Turns: fairness between a replica that commits what it guessed without reading (one round trip)
-/// and one that reads first (two). While the first has calls queued for a partition, its commits
-/// can land between the second's read and its commit every time, and the second's attempts run
-/// out. So the loser takes its turn: an attempt that runs again after a conflict bumps the
-/// version of a *turn* record ([`take_turn`], a record with no data in the contended partition)
-/// before it reads, and every guessed commit guards the turn at the version its replica last read
-/// ([`turn_version`]). The guesser's next commit fails, it reads first, and both race on equal terms.
+/// Turns: fairness between replicas that write one partition back to back. A replica that commits
+/// what it guessed without reading needs one round trip, one that reads first two; and even two
+/// readers are unfair under load, the one whose task runs again first winning again and again.
+/// While one has calls queued for a partition, its commits can land between the other's read and
+/// commit every time, and the other's attempts run out.
+///
+/// So the loser takes its turn and the winner gives way. An attempt that runs again because
+/// another replica's change beat it bumps the version of a *turn* record ([`take_turn`], a record
+/// with no data in the contended partition) before it reads. Every guessed commit guards the turn
+/// at the version its replica last read, so the guesser's next guess fails on it; and a replica
+/// whose read finds the turn moved since it last looked (by someone else) waits [`GIVE_WAY`]
+/// before it reads again and commits ([`CallTurns`]). The loser, reading meanwhile, commits first.
+/// A call that gave way doesn't take the turn back for the race it lost by giving way (only for
+/// later ones), and every turn taken follows somebody's successful commit, so turns can't chase
+/// each other for ever. Without
+/// contention nothing of this runs: nobody loses a race, nobody takes a turn.
 pub mod turns {
+    use std::time::Duration;
+
     use chipgate_state::{Backend, CommitError, StateResult, Store, Txn};
+
+    /// How long a replica that found the turn taken waits before it reads and commits: several
+    /// round trips, so the loser's read and commit land first even on a loaded machine.
+    pub const GIVE_WAY: Duration = Duration::from_millis(5);
 
     /// The version of turn record `key` (0: never taken), to guard in guessed commits.
     ///
@@ -82,6 +97,79 @@ pub mod turns {
         let mut t = Txn::new();
         t.put(key.to_string(), Vec::new());
         store.commit(&t).await.map(|_| ())
+    }
+
+    /// Waits [`GIVE_WAY`] (with a little jitter, so two that give way don't wake together).
+    pub async fn give_way() {
+        let jitter = Duration::from_micros(fastrand::u64(0..=1_000));
+        tokio::time::sleep(GIVE_WAY + jitter).await;
+    }
+
+    /// What one call did about turns, across its attempts.
+    #[derive(Debug, Default)]
+    pub struct CallTurns {
+        /// It took the turn (it doesn't give way to itself).
+        took: bool,
+        /// It gave way (once per call is enough for the peer to commit).
+        gave_way: bool,
+        /// It gave way since its last attempt: the race that attempt lost was lost on purpose.
+        excused: bool,
+    }
+
+    impl CallTurns {
+        /// Before an attempt's reads: whether to take the turn at `turn`, given the key the previous
+        /// attempt's commit conflicted on. Only a race lost to a change counts, and not the one
+        /// lost by giving way.
+        pub fn take(&mut self, conflicted: Option<&str>, turn: &str) -> bool {
+            let lost = conflicted.is_some_and(|k| k != turn);
+            let take = lost && !std::mem::take(&mut self.excused);
+            self.took |= take;
+            take
+        }
+
+        /// After reading the turn at version `now`, where this replica last saw `known` (`None`:
+        /// never looked): whether to give way, once per call, to a peer that took the turn since.
+        pub fn give_way_to(&mut self, known: Option<u64>, now: u64) -> bool {
+            let give = !self.took && !self.gave_way && known.is_some_and(|k| k != now);
+            self.gave_way |= give;
+            self.excused |= give;
+            give
+        }
+
+        /// A guessed commit failed on the turn: a peer took it. Gives way (once per call).
+        pub fn guess_met_turn(&mut self) -> bool {
+            let give = !self.gave_way;
+            self.gave_way = true;
+            give
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::CallTurns;
+
+        #[test]
+        fn a_loser_takes_the_turn_and_a_winner_gives_way_once() {
+            let mut c = CallTurns::default();
+            assert!(!c.take(None, "t"), "the first attempt lost nothing");
+            assert!(!c.give_way_to(None, 3), "never looked before: nothing to give way to");
+            assert!(!c.give_way_to(Some(3), 3), "nobody took the turn");
+            assert!(!c.take(Some("t"), "t"), "losing to a turn is no race lost to a change");
+            assert!(c.take(Some("licence"), "t"));
+            assert!(!c.give_way_to(Some(3), 4), "the turn it took itself");
+
+            let mut c = CallTurns::default();
+            assert!(c.give_way_to(Some(3), 4), "a peer took the turn");
+            assert!(!c.give_way_to(Some(4), 5), "once per call");
+            assert!(!c.take(Some("licence"), "t"), "the race it lost by giving way: no turn taken back");
+            assert!(c.take(Some("licence"), "t"), "a race lost after that counts");
+            assert!(!c.guess_met_turn(), "nor gives way twice");
+
+            let mut c = CallTurns::default();
+            assert!(c.guess_met_turn());
+            assert!(!c.give_way_to(Some(3), 4));
+            assert!(c.take(Some("licence"), "t"), "a guess that met the turn read before it lost");
+        }
     }
 }
 
@@ -120,6 +208,28 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(Txn, T), E>>,
 {
+    run_chained_seeing(store, idem, chain, |_| attempt()).await
+}
+
+/// [`run_chained`] for attempts that want to know why the one before failed: each gets the key the
+/// previous attempt's commit conflicted on (`None` for the first), as a call that may take its
+/// [turn](turns) needs.
+///
+/// # Errors
+/// As [`run`].
+pub async fn run_chained_seeing<T, E, F, Fut>(
+    store: &Store,
+    idem: Option<&IdemKey<'_>>,
+    chain: Option<&AuditChain>,
+    mut attempt: F,
+) -> Result<(T, Committed), E>
+where
+    T: Message + Default,
+    E: TxnError,
+    F: FnMut(Option<String>) -> Fut,
+    Fut: Future<Output = Result<(Txn, T), E>>,
+{
+    let mut conflicted: Option<String> = None;
     for n in 1..=MAX_ATTEMPTS {
         if let Some(k) = idem
             && let Some(answer) = k
@@ -132,7 +242,7 @@ where
         }
         // A failed read of the head matters only to a transaction that links to it: it is read
         // again below then, and its error reported from there.
-        let (attempted, head) = tokio::join!(attempt(), async {
+        let (attempted, head) = tokio::join!(attempt(conflicted.take()), async {
             match chain {
                 Some(c) => c.head(store).await.ok(),
                 None => None,
@@ -159,6 +269,7 @@ where
             Ok(c) => return Ok((answer, c)),
             Err(CommitError::Conflict { key }) => {
                 tracing::debug!(attempt = n, %key, "concurrent change; retrying");
+                conflicted = Some(key);
                 let jitter = fastrand::u64(0..=(200 * u64::from(n)));
                 tokio::time::sleep(Duration::from_micros(jitter)).await;
             }

@@ -25,6 +25,8 @@ pub(crate) struct Counters {
     pub stock_guesses_missed: Counter,
     /// Batches whose commit lost a race to another replica and took the product's hold turn.
     pub turns_taken: Counter,
+    /// Batches that found the hold turn taken by another replica and gave way.
+    pub turns_given: Counter,
 }
 
 struct Sampler {
@@ -63,6 +65,11 @@ pub(crate) fn register(metrics: &Metrics, store: Store) -> Counters {
             "chipgate_hold_turns_taken",
             "Batches of holds that lost a race to another replica's commit and made replicas planning without \
              reading read first (a loser's turn)",
+        ),
+        turns_given: metrics.counter(
+            "chipgate_hold_turns_given",
+            "Batches of holds that found the product's hold turn taken by another replica and waited for it to \
+             commit first",
         ),
     }
 }

@@ -15,9 +15,10 @@
 //! record at the version this replica left it, i.e. nobody else wrote in between.
 //!
 //! A guessing replica must not starve one that reads (one round trip against two: its commits can
-//! keep landing between the other's read and commit). A batch whose commit lost a race takes the
-//! product's hold turn before it reads again ([`chipgate_runtime::txn::turns`]), and guessed commits
-//! guard the turn at the version last read here: the guesser's next guess misses and it reads.
+//! keep landing between the other's read and commit), nor a reader another under load. A batch
+//! whose commit lost to another replica's change takes the product's hold turn before it reads
+//! again ([`chipgate_runtime::txn::turns`]); guessed commits guard the turn at the version last
+//! read, and a read that finds the turn moved since waits a few milliseconds: the loser goes first.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -86,12 +87,15 @@ impl StockSeen {
 
     /// The stock of `sku` as read at `version`, beside the hold turn's version. Guessing is (again)
     /// trusted when nobody else wrote since this replica did (the version is the one it left), or
-    /// when nothing was known.
-    pub(crate) fn read(&self, sku: &Sku, version: u64, stock: &StockRecord, turn: u64) {
+    /// when nothing was known. Answers the turn's version as last seen before (`None`: never).
+    pub(crate) fn read(&self, sku: &Sku, version: u64, stock: &StockRecord, turn: u64) -> Option<u64> {
         self.with(|m| {
-            let trusted = m.get(sku.as_str()).is_none_or(|s| s.version == version);
+            let before = m.get(sku.as_str());
+            let trusted = before.is_none_or(|s| s.version == version);
+            let known = before.map(|s| s.turn);
             Self::put(m, sku, Seen { version, stock: stock.clone(), trusted, turn });
-        });
+            known
+        })
     }
 
     /// This replica committed the stock of `sku` at `version`: the next batch may start from it

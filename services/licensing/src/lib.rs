@@ -235,7 +235,8 @@ impl Licensing {
         F: FnMut() -> Fut + Send,
         Fut: std::future::Future<Output = Result<(Txn, T), Error>> + Send,
     {
-        let done = self.run_in_remembering(part, idem, attempt).await;
+        let mut attempt = attempt;
+        let done = self.run_in_remembering(part, idem, |_| attempt()).await;
         if let (Part::Product(sku), Ok(_)) = (part, &done) {
             self.inner.worlds.forget(sku);
         }
@@ -243,7 +244,8 @@ impl Licensing {
     }
 
     /// [`Self::run_in`] for quota calls, which keep what they remember of the world up to date
-    /// themselves.
+    /// themselves; each attempt gets the key the previous one's commit conflicted on (see
+    /// [`chipgate_runtime::txn::run_chained_seeing`]).
     async fn run_in_remembering<T, F, Fut>(
         &self,
         part: Part<'_>,
@@ -252,7 +254,7 @@ impl Licensing {
     ) -> Result<(T, chipgate_state::Committed), Error>
     where
         T: Message + Default + Send,
-        F: FnMut() -> Fut + Send,
+        F: FnMut(Option<String>) -> Fut + Send,
         Fut: std::future::Future<Output = Result<(Txn, T), Error>> + Send,
     {
         if let Part::Product(sku) = part {
@@ -261,7 +263,7 @@ impl Licensing {
         let chain = part.audit();
         let _chain = self.inner.chains.lock(&chain.stream).await;
         // Every change here appends to the partition's chain: its head is read beside the attempt's reads.
-        chipgate_runtime::txn::run_chained(self.store(), idem, Some(&chain), attempt).await
+        chipgate_runtime::txn::run_chained_seeing(self.store(), idem, Some(&chain), attempt).await
     }
 
     /// 1-based position of an application in the queue (0 when not queued).

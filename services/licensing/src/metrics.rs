@@ -123,6 +123,8 @@ pub(crate) struct QuotaCounters {
     pub unread_missed: Counter,
     /// Calls that lost a race to another replica's commit and took the product's quota turn.
     pub turns_taken: Counter,
+    /// Calls that found the turn taken by another replica and gave way.
+    pub turns_given: Counter,
 }
 
 impl QuotaCounters {
@@ -141,6 +143,11 @@ impl QuotaCounters {
                 "chipgate_quota_turns_taken",
                 "Quota calls that lost a race to another replica's commit and made replicas deciding without reading \
                  read first (a loser's turn)",
+            ),
+            turns_given: metrics.counter(
+                "chipgate_quota_turns_given",
+                "Quota calls that found the product's quota turn taken by another replica and waited for it to \
+                 commit first",
             ),
         }
     }

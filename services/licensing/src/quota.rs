@@ -22,7 +22,7 @@ use chipgate_domain::licensing::{
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::now_ms;
-use chipgate_runtime::txn::IdemKey;
+use chipgate_runtime::txn::{IdemKey, turns};
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, CommitError, Guard, Record, Txn};
 
@@ -310,8 +310,10 @@ impl Licensing {
         let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
         buyers.sort_unstable();
         buyers.dedup();
+        // Taking the turn after a lost race, giving way to a peer that took it (see `worlds.rs`).
+        let mut call_turns = turns::CallTurns::default();
         if let Some(guess) = self.inner.worlds.guess(sku, &buyers)
-            && let Some(answer) = self.reserve_guessed(ctx, sku, &items, fence_token, guess).await?
+            && let Some(answer) = self.reserve_guessed(ctx, sku, &items, fence_token, guess, &mut call_turns).await?
         {
             self.inner.counters.unread.inc();
             tracing::debug!(
@@ -324,26 +326,30 @@ impl Licensing {
         }
         // The licences the committed attempt wrote (the last attempt's: earlier ones conflicted).
         let written: std::sync::Mutex<Vec<(u64, LicenseRecord)>> = std::sync::Mutex::new(Vec::new());
-        let attempts = std::sync::atomic::AtomicU32::new(0);
+        let call_turns = std::sync::Mutex::new(call_turns);
+        let turn_key = keys::quota_turn(sku);
+        // Borrowed by each attempt (the attempts' futures own only these references).
+        let (turn, items, written_in, call_turns) = (&turn_key, &items, &written, &call_turns);
+        let lock_turns = || call_turns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let (answer, committed) = self
-            .run_in_remembering(Part::Product(sku), None, || async {
-                if attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed) > 0 {
-                    // The last attempt lost to another replica's commit: take the turn from
-                    // replicas deciding without reading (see `worlds.rs`), then read.
+            .run_in_remembering(Part::Product(sku), None, |conflicted| async move {
+                if lock_turns().take(conflicted.as_deref(), turn) {
+                    // The last attempt lost to another replica's change: take the turn, then read.
                     self.take_quota_turn(sku).await?;
                 }
                 let read_began = std::time::Instant::now();
-                let (existing, world) = self.read_for(sku, &items).await?;
+                let (existing, world) = self.read_for(sku, items).await?;
+                let known = self.remember_read(sku, &world);
+                if lock_turns().give_way_to(known, world.turn_version) {
+                    // A peer lost a race and took the turn since this replica last looked: it
+                    // commits first. This attempt's commit then fails (the chain's head moved) and
+                    // the next reads what the peer left, without taking the turn back.
+                    self.inner.counters.turns_given.inc();
+                    turns::give_way().await;
+                }
                 tracing::debug!(items = items.len(), read_us = read_began.elapsed().as_micros() as u64, "quota read");
-                self.inner.worlds.read(
-                    sku,
-                    world.indexes.iter().cloned(),
-                    &world.licences,
-                    (&world.gate, world.policy_version, world.exports_version),
-                    world.turn_version,
-                );
-                let d = self.decide(ctx, sku, &items, fence_token, &existing, world)?;
-                *written.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = d.written;
+                let d = self.decide(ctx, sku, items, fence_token, &existing, world)?;
+                *written_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = d.written;
                 Ok((d.txn, d.answer))
             })
             .await?;
@@ -358,10 +364,22 @@ impl Licensing {
         Ok(answer.results)
     }
 
+    /// Remembers what a quota call read of product `sku`'s world ([`crate::worlds`]); answers the
+    /// version of the quota turn this replica saw before (`None`: never).
+    fn remember_read(&self, sku: &Sku, world: &World) -> Option<u64> {
+        self.inner.worlds.read(
+            sku,
+            world.indexes.iter().cloned(),
+            &world.licences,
+            (&world.gate, world.policy_version, world.exports_version),
+            world.turn_version,
+        )
+    }
+
     /// Bumps the version of product `sku`'s quota turn ([`keys::quota_turn`]): the next call any
     /// replica decides without reading misses, and reads first (see `worlds.rs`).
     async fn take_quota_turn(&self, sku: &Sku) -> Result<(), Error> {
-        chipgate_runtime::txn::turns::take_turn(self.store(), &keys::quota_turn(sku))
+        turns::take_turn(self.store(), &keys::quota_turn(sku))
             .await
             .map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
         self.inner.counters.turns_taken.inc();
@@ -379,6 +397,7 @@ impl Licensing {
         items: &[QuotaAsk],
         fence_token: u64,
         guess: crate::worlds::Guess,
+        call_turns: &mut turns::CallTurns,
     ) -> Result<Option<pb::BatchReserveQuotaResponse>, Error> {
         let part = Part::Product(sku);
         self.register_product(sku).await?;
@@ -454,6 +473,12 @@ impl Licensing {
                 tracing::debug!(%sku, %key, "quota world changed elsewhere; reading it");
                 self.inner.counters.unread_missed.inc();
                 self.inner.worlds.missed(sku);
+                if key == keys::quota_turn(sku) && call_turns.guess_met_turn() {
+                    // A peer lost a race to this replica and took the turn: it commits first.
+                    drop(_chain);
+                    self.inner.counters.turns_given.inc();
+                    turns::give_way().await;
+                }
                 Ok(None)
             }
             Err(e) => Err(<Error as chipgate_runtime::txn::TxnError>::from_commit(e)),
@@ -470,7 +495,7 @@ impl Licensing {
         buyers.dedup();
         let (existing, mut world, turn) =
             tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers), async {
-                Ok::<_, Error>(chipgate_runtime::txn::turns::turn_version(self.store(), &keys::quota_turn(sku)).await?)
+                Ok::<_, Error>(turns::turn_version(self.store(), &keys::quota_turn(sku)).await?)
             },)?;
         world.turn_version = turn;
         let missing: Vec<String> = existing

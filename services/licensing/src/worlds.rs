@@ -21,11 +21,12 @@
 //! Guessing must not starve the other replica. A replica that guesses commits in one round trip,
 //! while one that reads needs two: if the guesser commits between the other's read and its commit,
 //! that commit fails, runs again, and can keep losing for as long as the guesser has calls queued
-//! (two replicas of one product gave up after 16 attempts so). So the loser takes its turn: a read
-//! call whose commit lost bumps the product's quota turn ([`crate::keys::quota_turn`]) before it
-//! reads again, and every guessed commit guards the turn at the version its replica last read. The
-//! guesser's next guess misses, its next calls read first, and the two race on equal terms (two
-//! round trips each) until one of them again makes a run of the product's changes alone.
+//! (two replicas of one product gave up after 16 attempts so; under load two readers do too). So
+//! the loser takes its turn and the winner gives way ([`chipgate_runtime::txn::turns`]): a call
+//! whose commit lost to another replica's change bumps the product's quota turn
+//! ([`crate::keys::quota_turn`]) before it reads again; a guessed commit guards the turn at the
+//! version its replica last read, and a read that finds the turn moved since then waits a few
+//! milliseconds and reads again, so the loser commits first.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -122,7 +123,7 @@ impl WorldsSeen {
 
     /// What a call read of `sku`: each buyer's index (`None`: none) with the licence ids it names
     /// (of this product), the licences, the gates with their records' versions, and the quota
-    /// turn's version.
+    /// turn's version. Answers the turn's version as last seen before (`None`: never).
     pub(crate) fn read(
         &self,
         sku: &Sku,
@@ -130,9 +131,10 @@ impl WorldsSeen {
         licences: &[(u64, LicenseRecord)],
         gate: (&ProductGate, u64, u64),
         turn: u64,
-    ) {
+    ) -> Option<u64> {
         self.with(|m| {
             let p = m.entry(sku.to_string()).or_default();
+            let known = p.turn;
             for (buyer, version, ids) in indexes {
                 p.indexes.insert(buyer, (version, ids));
             }
@@ -144,7 +146,8 @@ impl WorldsSeen {
             if p.indexes.len() + p.licences.len() > MAX_ENTRIES {
                 m.remove(sku.as_str());
             }
-        });
+            known
+        })
     }
 
     /// This replica committed a change to `sku`: the licences it wrote, at their new versions, and
