@@ -62,52 +62,110 @@ impl<'a> IdemKey<'a> {
 /// While one has calls queued for a partition, its commits can land between the other's read and
 /// commit every time, and the other's attempts run out.
 ///
-/// So the loser takes its turn and the winner gives way. An attempt that runs again because
-/// another replica's change beat it bumps the version of a *turn* record ([`take_turn`], a record
-/// with no data in the contended partition) before it reads. Every guessed commit guards the turn
-/// at the version its replica last read, so the guesser's next guess fails on it; and a replica
-/// whose read finds the turn moved since it last looked (by someone else) waits [`GIVE_WAY`]
-/// before it reads again and commits ([`CallTurns`]). The loser, reading meanwhile, commits first.
+/// So the loser takes its turn and the winner gives way ([`Turn`]). An attempt that runs again
+/// because another replica's change beat it bumps the version of a *turn* record (a record with
+/// no data in the contended partition) before it reads. Every guessed commit guards the turn at
+/// the version its replica last read, so the guesser's next guess fails on it; and a replica whose
+/// read finds the turn moved since it last looked (by someone else) waits [`GIVE_WAY`] before it
+/// reads again and commits. The loser, reading meanwhile, commits first.
 /// A call that gave way doesn't take the turn back for the race it lost by giving way (only for
 /// later ones), and every turn taken follows somebody's successful commit, so turns can't chase
 /// each other for ever. Without
 /// contention nothing of this runs: nobody loses a race, nobody takes a turn.
 pub mod turns {
+    use std::sync::Mutex;
     use std::time::Duration;
 
     use chipgate_state::{Backend, CommitError, StateResult, Store, Txn};
+
+    use crate::metrics::CounterMetric;
 
     /// How long a replica that found the turn taken waits before it reads and commits: several
     /// round trips, so the loser's read and commit land first even on a loaded machine.
     pub const GIVE_WAY: Duration = Duration::from_millis(5);
 
-    /// The version of turn record `key` (0: never taken), to guard in guessed commits.
-    ///
-    /// # Errors
-    /// When the store can't be read.
-    pub async fn turn_version(store: &Store, key: &str) -> StateResult<u64> {
-        Ok(store.get(&[key.to_string()]).await?.into_iter().flatten().map(|r| r.version).next().unwrap_or(0))
+    /// One call's side of the turn at one key: it takes the turn when it lost a race, gives way
+    /// when a peer took it, and counts both. Its attempts share it by reference.
+    pub struct Turn<'a> {
+        store: &'a Store,
+        key: String,
+        taken: &'a CounterMetric,
+        given: &'a CounterMetric,
+        call: Mutex<CallTurns>,
     }
 
-    /// Takes the turn at `key`: bumps its version, so every commit guarded on an earlier one fails.
-    ///
-    /// # Errors
-    /// When the commit fails (a blind write: never a conflict).
-    pub async fn take_turn(store: &Store, key: &str) -> Result<(), CommitError> {
-        let mut t = Txn::new();
-        t.put(key.to_string(), Vec::new());
-        store.commit(&t).await.map(|_| ())
-    }
+    impl<'a> Turn<'a> {
+        /// The turn at `key` in `store`, counting turns taken and given way in `taken` and `given`.
+        pub fn new(store: &'a Store, key: String, taken: &'a CounterMetric, given: &'a CounterMetric) -> Self {
+            Turn { store, key, taken, given, call: Mutex::default() }
+        }
 
-    /// Waits [`GIVE_WAY`] (with a little jitter, so two that give way don't wake together).
-    pub async fn give_way() {
-        let jitter = Duration::from_micros(fastrand::u64(0..=1_000));
-        tokio::time::sleep(GIVE_WAY + jitter).await;
+        /// The turn record's key.
+        pub fn key(&self) -> &str {
+            &self.key
+        }
+
+        fn call(&self) -> std::sync::MutexGuard<'_, CallTurns> {
+            // A panic elsewhere while the lock was held leaves two flags: still valid.
+            self.call.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        }
+
+        /// Before an attempt's reads, given the key the previous attempt's commit conflicted on:
+        /// takes the turn (bumps its version) when that attempt lost a race to a change.
+        ///
+        /// # Errors
+        /// When the bump's commit fails (a blind write: never a conflict).
+        pub async fn before_attempt(&self, conflicted: Option<&str>) -> Result<(), CommitError> {
+            if self.call().take(conflicted, &self.key) {
+                let mut t = Txn::new();
+                t.put(self.key.clone(), Vec::new());
+                self.store.commit(&t).await?;
+                self.taken.inc();
+                tracing::debug!(turn = %self.key, "lost a race to another replica; took the turn");
+            }
+            Ok(())
+        }
+
+        /// The turn's version (0: never taken): read beside an attempt's reads, guarded by
+        /// guessed commits.
+        ///
+        /// # Errors
+        /// When the store can't be read.
+        pub async fn version(&self) -> StateResult<u64> {
+            let read = self.store.get(std::slice::from_ref(&self.key)).await?;
+            Ok(read.into_iter().flatten().map(|r| r.version).next().unwrap_or(0))
+        }
+
+        /// After a read found the turn at version `now`, where this replica last saw `known`
+        /// (`None`: never looked): gives way, once per call, to a peer that took it since.
+        pub async fn after_read(&self, known: Option<u64>, now: u64) {
+            let give = self.call().give_way_to(known, now);
+            if give {
+                self.give_way().await;
+            }
+        }
+
+        /// After a guessed commit failed on `conflicted`: gives way (once per call) when that is
+        /// the turn, i.e. a peer lost a race to this replica and took it.
+        pub async fn after_guess_missed(&self, conflicted: &str) {
+            let give = conflicted == self.key && self.call().guess_met_turn();
+            if give {
+                self.give_way().await;
+            }
+        }
+
+        /// Waits [`GIVE_WAY`] (with a little jitter, so two that give way don't wake together).
+        async fn give_way(&self) {
+            self.given.inc();
+            tracing::debug!(turn = %self.key, "another replica took the turn; giving way");
+            let jitter = Duration::from_micros(fastrand::u64(0..=1_000));
+            tokio::time::sleep(GIVE_WAY + jitter).await;
+        }
     }
 
     /// What one call did about turns, across its attempts.
     #[derive(Debug, Default)]
-    pub struct CallTurns {
+    struct CallTurns {
         /// It took the turn (it doesn't give way to itself).
         took: bool,
         /// It gave way (once per call is enough for the peer to commit).
@@ -120,7 +178,7 @@ pub mod turns {
         /// Before an attempt's reads: whether to take the turn at `turn`, given the key the previous
         /// attempt's commit conflicted on. Only a race lost to a change counts, and not the one
         /// lost by giving way.
-        pub fn take(&mut self, conflicted: Option<&str>, turn: &str) -> bool {
+        fn take(&mut self, conflicted: Option<&str>, turn: &str) -> bool {
             let lost = conflicted.is_some_and(|k| k != turn);
             let take = lost && !std::mem::take(&mut self.excused);
             self.took |= take;
@@ -129,7 +187,7 @@ pub mod turns {
 
         /// After reading the turn at version `now`, where this replica last saw `known` (`None`:
         /// never looked): whether to give way, once per call, to a peer that took the turn since.
-        pub fn give_way_to(&mut self, known: Option<u64>, now: u64) -> bool {
+        fn give_way_to(&mut self, known: Option<u64>, now: u64) -> bool {
             let give = !self.took && !self.gave_way && known.is_some_and(|k| k != now);
             self.gave_way |= give;
             self.excused |= give;
@@ -137,7 +195,7 @@ pub mod turns {
         }
 
         /// A guessed commit failed on the turn: a peer took it. Gives way (once per call).
-        pub fn guess_met_turn(&mut self) -> bool {
+        fn guess_met_turn(&mut self) -> bool {
             let give = !self.gave_way;
             self.gave_way = true;
             give

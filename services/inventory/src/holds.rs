@@ -82,7 +82,8 @@ impl Inventory {
     ) -> Result<pb::BatchReserveResponse, Error> {
         let _serial = self.inner.locks.lock(sku).await;
         // Taking the turn after a lost race, giving way to a peer that took it (see `seen.rs`).
-        let mut call_turns = turns::CallTurns::default();
+        let counters = &self.inner.counters;
+        let turn = turns::Turn::new(self.store(), keys::hold_turn(sku), &counters.turns_taken, &counters.turns_given);
         // The stock as this replica left it, and no hold yet for any of the orders (the common
         // case): planned and committed without reading, each assumption a guard of the commit.
         if let Some(guess) = self.inner.stock_seen.guess(sku) {
@@ -91,7 +92,7 @@ impl Inventory {
                 Self::plan_holds(ctx, sku, &asks, fence_token, (guess.version, guess.stock), &none, true)
             {
                 // No other replica lost a race since this one last read (see `seen.rs`).
-                planned.txn.expect_version(keys::hold_turn(sku), guess.turn);
+                planned.txn.expect_version(turn.key(), guess.turn);
                 match self.store().commit(&planned.txn).await {
                     Ok(_) => {
                         self.inner.counters.stock_guesses.inc();
@@ -103,11 +104,8 @@ impl Inventory {
                         tracing::debug!(%sku, %key, "stock or holds changed elsewhere; reading them");
                         self.inner.counters.stock_guesses_missed.inc();
                         self.inner.stock_seen.missed(sku);
-                        if key == keys::hold_turn(sku) && call_turns.guess_met_turn() {
-                            // A peer lost a race to this replica and took the turn: it commits first.
-                            self.inner.counters.turns_given.inc();
-                            turns::give_way().await;
-                        }
+                        // A peer that lost a race to this replica and took the turn commits first.
+                        turn.after_guess_missed(&key).await;
                     }
                     Err(e) => return Err(Error::from_commit(e)),
                 }
@@ -115,33 +113,21 @@ impl Inventory {
         }
         // The stock as the committed attempt left it (the last attempt's: earlier ones conflicted).
         let after: std::sync::Mutex<Option<(u64, StockRecord)>> = std::sync::Mutex::new(None);
-        let turn_key = keys::hold_turn(sku);
         // Borrowed by each attempt (the attempts' futures own only these references).
-        let call_turns = std::sync::Mutex::new(call_turns);
-        let (turn_key, asks, after_in, call_turns) = (&turn_key, &asks, &after, &call_turns);
-        let lock_turns = || call_turns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (turn, asks, after_in) = (&turn, &asks, &after);
         let (answer, _) =
             chipgate_runtime::txn::run_chained_seeing(self.store(), None, None, |conflicted| async move {
-                if lock_turns().take(conflicted.as_deref(), turn_key) {
-                    // The last attempt lost to another replica's change: take the turn (see
-                    // `seen.rs`), then read.
-                    turns::take_turn(self.store(), turn_key).await.map_err(Error::from_commit)?;
-                    self.inner.counters.turns_taken.inc();
-                    tracing::debug!(%sku, "batch of holds lost a race to another replica; took the turn");
-                }
+                turn.before_attempt(conflicted.as_deref()).await.map_err(Error::from_commit)?;
                 let orders: Vec<OrderId> = asks.iter().map(|a| a.order_id.clone()).collect();
-                let ((sver, stock), existing, turn) =
+                let ((sver, stock), existing, turn_version) =
                     tokio::try_join!(self.stock_of(sku, "product_sku"), self.load_holds(sku, &orders), async {
-                        Ok::<_, Error>(turns::turn_version(self.store(), turn_key).await?)
+                        Ok::<_, Error>(turn.version().await?)
                     },)?;
-                let known = self.inner.stock_seen.read(sku, sver, &stock, turn);
-                if lock_turns().give_way_to(known, turn) {
-                    // A peer lost a race and took the turn since this replica last looked: it
-                    // commits first. This attempt's commit then fails (the stock moved) and the
-                    // next reads what the peer left, without taking the turn back.
-                    self.inner.counters.turns_given.inc();
-                    turns::give_way().await;
-                }
+                let known = self.inner.stock_seen.read(sku, sver, &stock, turn_version);
+                // A peer that took the turn since this replica last looked commits first. This
+                // attempt's commit then fails (the stock moved) and the next reads what the peer
+                // left, without taking the turn back.
+                turn.after_read(known, turn_version).await;
                 let planned = Self::plan_holds(ctx, sku, asks, fence_token, (sver, stock), &existing, false)?;
                 *after_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(planned.stock);
                 Ok::<_, Error>((planned.txn, planned.answer))

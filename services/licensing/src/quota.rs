@@ -22,7 +22,7 @@ use chipgate_domain::licensing::{
 use chipgate_proto::licensing::v1 as pb;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::time::now_ms;
-use chipgate_runtime::txn::{IdemKey, turns};
+use chipgate_runtime::txn::{IdemKey, TxnError, turns};
 use chipgate_runtime::{RequestContext, validate};
 use chipgate_state::{Backend, CommitError, Guard, Record, Txn};
 
@@ -41,9 +41,6 @@ struct World {
     /// Each buyer's index as read: the buyer, its version (0: none) and the ids of this product's
     /// licences it names (for [`crate::worlds`]).
     indexes: Vec<(String, u64, Vec<String>)>,
-    /// Version of the product's quota turn ([`keys::quota_turn`]; 0: none), read by quota calls
-    /// only (for [`crate::worlds`]).
-    turn_version: u64,
 }
 
 /// A quota call decided, not committed yet.
@@ -247,7 +244,6 @@ impl Licensing {
             policy_version: policy.map(|(v, _)| v).unwrap_or(0),
             exports_version: exports.map(|(v, _)| v).unwrap_or(0),
             indexes: index_seen,
-            turn_version: 0,
         })
     }
 
@@ -311,9 +307,10 @@ impl Licensing {
         buyers.sort_unstable();
         buyers.dedup();
         // Taking the turn after a lost race, giving way to a peer that took it (see `worlds.rs`).
-        let mut call_turns = turns::CallTurns::default();
+        let counters = &self.inner.counters;
+        let turn = turns::Turn::new(self.store(), keys::quota_turn(sku), &counters.turns_taken, &counters.turns_given);
         if let Some(guess) = self.inner.worlds.guess(sku, &buyers)
-            && let Some(answer) = self.reserve_guessed(ctx, sku, &items, fence_token, guess, &mut call_turns).await?
+            && let Some(answer) = self.reserve_guessed(ctx, sku, &items, fence_token, guess, &turn).await?
         {
             self.inner.counters.unread.inc();
             tracing::debug!(
@@ -326,27 +323,19 @@ impl Licensing {
         }
         // The licences the committed attempt wrote (the last attempt's: earlier ones conflicted).
         let written: std::sync::Mutex<Vec<(u64, LicenseRecord)>> = std::sync::Mutex::new(Vec::new());
-        let call_turns = std::sync::Mutex::new(call_turns);
-        let turn_key = keys::quota_turn(sku);
         // Borrowed by each attempt (the attempts' futures own only these references).
-        let (turn, items, written_in, call_turns) = (&turn_key, &items, &written, &call_turns);
-        let lock_turns = || call_turns.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (turn, items, written_in) = (&turn, &items, &written);
         let (answer, committed) = self
             .run_in_remembering(Part::Product(sku), None, |conflicted| async move {
-                if lock_turns().take(conflicted.as_deref(), turn) {
-                    // The last attempt lost to another replica's change: take the turn, then read.
-                    self.take_quota_turn(sku).await?;
-                }
+                turn.before_attempt(conflicted.as_deref()).await.map_err(<Error as TxnError>::from_commit)?;
                 let read_began = std::time::Instant::now();
-                let (existing, world) = self.read_for(sku, items).await?;
-                let known = self.remember_read(sku, &world);
-                if lock_turns().give_way_to(known, world.turn_version) {
-                    // A peer lost a race and took the turn since this replica last looked: it
-                    // commits first. This attempt's commit then fails (the chain's head moved) and
-                    // the next reads what the peer left, without taking the turn back.
-                    self.inner.counters.turns_given.inc();
-                    turns::give_way().await;
-                }
+                let ((existing, world), turn_version) =
+                    tokio::try_join!(self.read_for(sku, items), async { Ok::<_, Error>(turn.version().await?) })?;
+                let known = self.remember_read(sku, &world, turn_version);
+                // A peer that took the turn since this replica last looked commits first. This
+                // attempt's commit then fails (the chain's head moved) and the next reads what the
+                // peer left, without taking the turn back.
+                turn.after_read(known, turn_version).await;
                 tracing::debug!(items = items.len(), read_us = read_began.elapsed().as_micros() as u64, "quota read");
                 let d = self.decide(ctx, sku, items, fence_token, &existing, world)?;
                 *written_in.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = d.written;
@@ -364,27 +353,16 @@ impl Licensing {
         Ok(answer.results)
     }
 
-    /// Remembers what a quota call read of product `sku`'s world ([`crate::worlds`]); answers the
-    /// version of the quota turn this replica saw before (`None`: never).
-    fn remember_read(&self, sku: &Sku, world: &World) -> Option<u64> {
+    /// Remembers what a quota call read of product `sku`'s world and its quota turn's version
+    /// ([`crate::worlds`]); answers the turn's version this replica saw before (`None`: never).
+    fn remember_read(&self, sku: &Sku, world: &World, turn_version: u64) -> Option<u64> {
         self.inner.worlds.read(
             sku,
             world.indexes.iter().cloned(),
             &world.licences,
             (&world.gate, world.policy_version, world.exports_version),
-            world.turn_version,
+            turn_version,
         )
-    }
-
-    /// Bumps the version of product `sku`'s quota turn ([`keys::quota_turn`]): the next call any
-    /// replica decides without reading misses, and reads first (see `worlds.rs`).
-    async fn take_quota_turn(&self, sku: &Sku) -> Result<(), Error> {
-        turns::take_turn(self.store(), &keys::quota_turn(sku))
-            .await
-            .map_err(<Error as chipgate_runtime::txn::TxnError>::from_commit)?;
-        self.inner.counters.turns_taken.inc();
-        tracing::debug!(%sku, "quota call lost a race to another replica; took the turn");
-        Ok(())
     }
 
     /// Decides a quota call from `guess` with none of its orders holding a reservation, and commits
@@ -397,7 +375,7 @@ impl Licensing {
         items: &[QuotaAsk],
         fence_token: u64,
         guess: crate::worlds::Guess,
-        call_turns: &mut turns::CallTurns,
+        turn: &turns::Turn<'_>,
     ) -> Result<Option<pb::BatchReserveQuotaResponse>, Error> {
         let part = Part::Product(sku);
         self.register_product(sku).await?;
@@ -410,7 +388,6 @@ impl Licensing {
             policy_version: guess.policy_version,
             exports_version: guess.exports_version,
             indexes: Vec::new(),
-            turn_version: guess.turn,
         };
         let none: LoadedReservations = items.iter().map(|_| None).collect();
         let Decided { mut txn, answer, written } = self.decide(ctx, sku, items, fence_token, &none, world)?;
@@ -442,7 +419,7 @@ impl Licensing {
         }
         // No peer lost a race since this replica last read (see `worlds.rs`: the loser bumps the
         // turn); first, so that a turn never bumped joins the run of absent keys below.
-        t.expect_version(keys::quota_turn(sku), guess.turn);
+        t.expect_version(turn.key(), guess.turn);
         // No order holds a reservation: the ones written are guarded by their writes (version 0).
         // The keys of their own first, then the fields: each kind a run the store checks at once.
         for (it, r) in items.iter().zip(&answer.results) {
@@ -473,15 +450,12 @@ impl Licensing {
                 tracing::debug!(%sku, %key, "quota world changed elsewhere; reading it");
                 self.inner.counters.unread_missed.inc();
                 self.inner.worlds.missed(sku);
-                if key == keys::quota_turn(sku) && call_turns.guess_met_turn() {
-                    // A peer lost a race to this replica and took the turn: it commits first.
-                    drop(_chain);
-                    self.inner.counters.turns_given.inc();
-                    turns::give_way().await;
-                }
+                // A peer that lost a race to this replica and took the turn commits first.
+                drop(_chain);
+                turn.after_guess_missed(&key).await;
                 Ok(None)
             }
-            Err(e) => Err(<Error as chipgate_runtime::txn::TxnError>::from_commit(e)),
+            Err(e) => Err(<Error as TxnError>::from_commit(e)),
         }
     }
 
@@ -493,11 +467,8 @@ impl Licensing {
         let mut buyers: Vec<BuyerId> = items.iter().map(|it| BuyerId::from_trusted(it.buyer_id.as_str())).collect();
         buyers.sort_unstable();
         buyers.dedup();
-        let (existing, mut world, turn) =
-            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers), async {
-                Ok::<_, Error>(turns::turn_version(self.store(), &keys::quota_turn(sku)).await?)
-            },)?;
-        world.turn_version = turn;
+        let (existing, mut world) =
+            tokio::try_join!(self.load_reservations(sku, &orders), self.read_world(sku, &buyers))?;
         let missing: Vec<String> = existing
             .iter()
             .flatten()
