@@ -78,9 +78,8 @@ impl<T: Send + Sync + 'static> StreamHub<T> {
         rx
     }
 
-    /// Followers idling now because nobody watched (what the tests watch for).
-    #[cfg(test)]
-    fn idle_followers(&self) -> usize {
+    /// Followers idling now because nobody watched.
+    pub fn idle_followers(&self) -> usize {
         *self.idle.borrow()
     }
 
