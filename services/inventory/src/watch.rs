@@ -118,7 +118,7 @@ impl Inventory {
         let sku = validate::finish(v, sku)?;
         // Subscribe before reading the snapshot, so no change falls between the two; a product the hub
         // doesn't follow yet (added since its last look at the catalogue) is followed from now on.
-        let rx = self.inner.watch.subscribe().await;
+        let rx = self.inner.watch.subscribe();
         // (Followed already, the usual case: no store read on the way, so the call holds its share of
         // the global concurrency limit only as long as its snapshot takes.)
         if let Some(sku) = &sku

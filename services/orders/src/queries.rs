@@ -159,7 +159,7 @@ impl Orders {
             v.add("buyer_id", "give buyer_id, order_id, or both");
         }
         v.check().map_err(Error::Status)?;
-        let rx = self.inner.hub.subscribe().await;
+        let rx = self.inner.hub.subscribe();
         let keep = move |batch: &crate::book::EventBatch| {
             batch
                 .items
