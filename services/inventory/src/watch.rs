@@ -11,6 +11,7 @@
 use chipgate_domain::ids::Sku;
 use chipgate_domain::inventory::StockRecord;
 use chipgate_proto::inventory::v1 as pb;
+use chipgate_runtime::edge::shed::Slot;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::service::Records;
 use chipgate_runtime::{RequestContext, Shutdown, hub, validate};
@@ -111,6 +112,7 @@ impl Inventory {
     pub(crate) async fn watch_stock(
         &self,
         ctx: &RequestContext,
+        slot: Option<&Slot>,
         req: pb::WatchStockRequest,
     ) -> Result<WatchStream, Error> {
         let mut v = Violations::new();
@@ -118,7 +120,7 @@ impl Inventory {
         let sku = validate::finish(v, sku)?;
         // Subscribe before reading the snapshot, so no change falls between the two; a product the hub
         // doesn't follow yet (added since its last look at the catalogue) is followed from now on.
-        let rx = self.inner.watch.subscribe();
+        let rx = self.inner.watch.subscribe(slot).await;
         // (Followed already, the usual case: no store read on the way, so the call holds its share of
         // the global concurrency limit only as long as its snapshot takes.)
         if let Some(sku) = &sku

@@ -3,6 +3,7 @@
 use chipgate_domain::ids::{BuyerId, OrderId, Sku};
 use chipgate_domain::orders::OrderRecord;
 use chipgate_proto::orders::v1 as pb;
+use chipgate_runtime::edge::shed::Slot;
 use chipgate_runtime::errors::Violations;
 use chipgate_runtime::paging::{self, Page};
 use chipgate_runtime::service::Records;
@@ -151,7 +152,11 @@ impl Orders {
         Ok(pb::GetBacklogResponse { product_sku: req.product_sku, entries, next_page_token: next, total_orders: total })
     }
 
-    pub(crate) async fn watch_orders(&self, req: pb::WatchOrdersRequest) -> Result<WatchStream, Error> {
+    pub(crate) async fn watch_orders(
+        &self,
+        slot: Option<&Slot>,
+        req: pb::WatchOrdersRequest,
+    ) -> Result<WatchStream, Error> {
         let mut v = Violations::new();
         validate::optional_id(&mut v, "buyer_id", &req.buyer_id);
         validate::optional_id(&mut v, "order_id", &req.order_id);
@@ -159,7 +164,7 @@ impl Orders {
             v.add("buyer_id", "give buyer_id, order_id, or both");
         }
         v.check().map_err(Error::Status)?;
-        let rx = self.inner.hub.subscribe();
+        let rx = self.inner.hub.subscribe(slot).await;
         let keep = move |batch: &crate::book::EventBatch| {
             batch
                 .items

@@ -4,11 +4,15 @@
 //! for a unary call is its whole work; a stream's life is bounded by the [`streams`](super::streams)
 //! layer instead, so that open watchers can't starve the calls that do work. Health and reflection
 //! are never shed, so probes keep telling the truth under overload.
+//!
+//! A call that is about to wait rather than work gives its permit back early ([`Slot::give_back`]):
+//! a watch call waking the idle followers of its stream hub waits for them to read where their streams
+//! end, and holding a share of the limit for that would shed the calls that do work.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{Layer, Service};
 
 use super::{BoxFuture, Counters, Req, Resp, is_open, refuse};
@@ -43,6 +47,35 @@ impl<S> Layer<S> for ShedLayer {
     }
 }
 
+/// A call's share of the global limit, in its request's extensions: the call may give it back
+/// before its answer ([`Slot::give_back`]); otherwise it goes back with the response headers.
+#[derive(Clone, Debug)]
+pub struct Slot(Arc<Mutex<Option<OwnedSemaphorePermit>>>);
+
+impl Slot {
+    /// A slot holding `permit` (the edge makes them; tests too).
+    pub(crate) fn new(permit: OwnedSemaphorePermit) -> Slot {
+        Slot(Arc::new(Mutex::new(Some(permit))))
+    }
+
+    /// The slot the edge gave the call `req` (None for calls that didn't pass the edge: direct calls
+    /// in tests, health and reflection).
+    pub fn of<T>(req: &tonic::Request<T>) -> Option<Slot> {
+        req.extensions().get::<Slot>().cloned()
+    }
+
+    /// Gives the call's share of the limit back now: what the call does from here is waiting, not
+    /// work. Idempotent.
+    pub fn give_back(&self) {
+        drop(self.0.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+
+    /// Whether the call still holds its share.
+    pub fn held(&self) -> bool {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+    }
+}
+
 /// See the [module docs](self).
 #[derive(Clone)]
 pub struct Shed<S> {
@@ -64,7 +97,7 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(&mut self, mut req: Req) -> Self::Future {
         if is_open(req.uri().path()) {
             return Box::pin(self.inner.call(req));
         }
@@ -76,10 +109,12 @@ where
                 "server overloaded: {max} calls in flight; retry with backoff"
             )));
         };
+        let slot = Slot::new(permit);
+        req.extensions_mut().insert(slot.clone());
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await;
-            drop(permit);
+            slot.give_back();
             resp
         })
     }
@@ -113,5 +148,30 @@ mod tests {
         let c = svc.clone().oneshot(request("/x.Y/C")).await.expect("answer");
         assert_eq!(status_of(&c), None);
         assert_eq!(counters.stats().shed.load(Ordering::Relaxed), 1);
+    }
+
+    /// A call that gives its slot back (to wait, not work) no longer counts against the limit; one
+    /// that keeps it does (the test above).
+    #[tokio::test]
+    async fn a_call_that_gives_its_slot_back_leaves_room_for_others() {
+        let counters = Counters::default();
+        let layer = ShedLayer::new(1, counters.clone());
+        let inner = tower::service_fn(|req: Req| async move {
+            if req.uri().path() == "/x.Y/Wait" {
+                let slot = req.extensions().get::<Slot>().cloned().expect("the edge's slot");
+                assert!(slot.held());
+                slot.give_back();
+                assert!(!slot.held());
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Ok::<_, std::convert::Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let svc = layer.layer(inner);
+        let waiting = tokio::spawn(svc.clone().oneshot(request("/x.Y/Wait")));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let other = svc.clone().oneshot(request("/x.Y/B")).await.expect("answer");
+        assert_eq!(status_of(&other), None, "served while the first call waits");
+        assert_eq!(status_of(&waiting.await.expect("a").expect("a")), None);
+        assert_eq!(counters.stats().shed.load(Ordering::Relaxed), 0);
     }
 }
