@@ -75,12 +75,24 @@ async fn a_caller_holds_at_most_its_stream_quota_for_the_streams_whole_life() {
         let mut c = alpha.clone();
         async move { c.watch_stock(ipb::WatchStockRequest { product_sku: H200.into() }).await.map(|r| r.into_inner()) }
     };
-    let (mut open, refused) = open_many(100, watch).await;
     // At most the quota opens; the rest are refused over it — or shed by the global limit while
     // up to 8 of them are still being set up (4 calls in flight at most), which frees their slots.
-    assert!(open.len() <= 8, "{} streams open over a quota of 8", open.len());
-    assert!(refused.iter().all(|s| too_many_streams(s) || overloaded(s)), "{:?}", refused.first());
-    assert!(refused.iter().any(too_many_streams), "100 at once must meet the quota");
+    // Whether one burst meets the quota depends on how fast the first calls are set up against how
+    // fast the rest arrive (all of them may be shed); the streams a burst opens keep their slots, so
+    // later bursts meet it. Five bursts that all miss it mean the quota doesn't hold concurrent calls.
+    let mut open = Vec::new();
+    let mut met = false;
+    for _ in 0..5 {
+        let (opened, refused) = open_many(100, watch).await;
+        open.extend(opened);
+        assert!(open.len() <= 8, "{} streams open over a quota of 8", open.len());
+        assert!(refused.iter().all(|s| too_many_streams(s) || overloaded(s)), "{:?}", refused.first());
+        if refused.iter().any(too_many_streams) {
+            met = true;
+            break;
+        }
+    }
+    assert!(met, "100 at once, five times over, must meet the quota");
     // Opened one at a time, the caller gets exactly its quota.
     loop {
         match watch().await {
