@@ -3,8 +3,9 @@
 //! a maximum connection age, bounded streams per connection and a bound on the streams a peer may
 //! make the server reset (h2's guard against reset floods, which tonic turns off unless told,
 //! RUSTSEC-2024-0003), and graceful shutdown: on the signal, health turns NOT_SERVING first, the
-//! server stops accepting, in-flight calls drain, and whatever is still open after the grace period
-//! is cut so the process always exits in bounded time.
+//! server stops accepting, in-flight calls drain, open streams end cleanly (status OK: their clients
+//! watch again, elsewhere), and whatever is still open after the grace period is cut so the process
+//! always exits in bounded time.
 //!
 //! With [`TlsConfig`] the gRPC port speaks TLS and requires a client certificate signed by the
 //! cluster CA (mTLS, rustls via tonic); Kubernetes' gRPC probes can't present one, so a plaintext
@@ -301,6 +302,7 @@ pub async fn serve(
     let (fired_tx, fired_rx) = tokio::sync::oneshot::channel::<()>();
     let drain_health = health.clone();
     let drain_delay = config.drain_delay;
+    let drain_streams = edge_streams.clone();
     let signal = async move {
         shutdown.await;
         drain_health.set_draining().await;
@@ -308,6 +310,9 @@ pub async fn serve(
         if !drain_delay.is_zero() {
             tokio::time::sleep(drain_delay).await;
         }
+        // Watchers have seen NOT_SERVING; their streams end now (they watch again elsewhere) rather
+        // than hold the server for the whole grace period.
+        drain_streams.end_all();
         let _ = fired_tx.send(());
     };
 

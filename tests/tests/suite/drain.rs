@@ -42,6 +42,53 @@ impl OperatorKeys {
     }
 }
 
+/// A licensing process run as an operator runs it (authentication on, its keys), with a health port,
+/// a drain delay of 300 ms and the given shutdown grace; returned once it is SERVING.
+struct Licensing {
+    child: tokio::process::Child,
+    pid: u32,
+    url: String,
+    health_url: String,
+}
+
+async fn start_licensing(
+    redis: &RedisServer,
+    public: &std::path::Path,
+    audit: &std::path::Path,
+    grace: &str,
+) -> Licensing {
+    let (port, health_port) = (free_port(), free_port());
+    let url = format!("http://127.0.0.1:{port}");
+    let health_url = format!("http://127.0.0.1:{health_port}");
+    let child = tokio::process::Command::new(binary("chipgate-licensing"))
+        .env("CHIPGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("CHIPGATE_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
+        .env("REDIS_URL", redis.url())
+        .env_remove("CHIPGATE_INSECURE_NO_AUTH")
+        .env("CHIPGATE_AUTH_PUBLIC_KEY", public)
+        .env("CHIPGATE_AUDIT_SIGNING_KEY_FILE", audit)
+        .env("CHIPGATE_DRAIN_DELAY", "300ms")
+        .env("CHIPGATE_SHUTDOWN_GRACE", grace)
+        .env("CHIPGATE_REDIS_TIMEOUT", "10s")
+        .env("CHIPGATE_LOG_FORMAT", "json")
+        .env("RUST_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start chipgate-licensing");
+    let pid = child.id().expect("pid");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status(&health_url).await != Some(ServingStatus::Serving) {
+        assert!(Instant::now() < deadline, "never SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Licensing { child, pid, url, health_url }
+}
+
+fn sigterm(pid: u32) {
+    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+    assert!(ok.success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_in_time() {
     let redis = RedisServer::start();
@@ -50,31 +97,7 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
     let OperatorKeys { dir: _keys, signer, public, audit } = OperatorKeys::new();
     let token = signer.mint_role(chipgate_runtime::auth::Role::Auditor, Duration::from_secs(3600));
     let licensing = |url: &str| LicensingServiceClient::new(chipgate_testkit::Cluster::authed(url, &token));
-    let (port, health_port) = (free_port(), free_port());
-    let url = format!("http://127.0.0.1:{port}");
-    let health_url = format!("http://127.0.0.1:{health_port}");
-    let mut child = tokio::process::Command::new(binary("chipgate-licensing"))
-        .env("CHIPGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("CHIPGATE_HEALTH_LISTEN", format!("127.0.0.1:{health_port}"))
-        .env("REDIS_URL", redis.url())
-        .env_remove("CHIPGATE_INSECURE_NO_AUTH")
-        .env("CHIPGATE_AUTH_PUBLIC_KEY", &public)
-        .env("CHIPGATE_AUDIT_SIGNING_KEY_FILE", &audit)
-        .env("CHIPGATE_DRAIN_DELAY", "300ms")
-        .env("CHIPGATE_SHUTDOWN_GRACE", "5s")
-        .env("CHIPGATE_REDIS_TIMEOUT", "10s")
-        .env("CHIPGATE_LOG_FORMAT", "json")
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start chipgate-licensing");
-    let pid = child.id().expect("pid");
-
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while status(&health_url).await != Some(ServingStatus::Serving) {
-        assert!(Instant::now() < deadline, "never SERVING");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let Licensing { mut child, pid, url, health_url } = start_licensing(&redis, &public, &audit, "5s").await;
     // An idle client: connected, one call made, then nothing.
     let mut idle = licensing(&url);
     idle.list_queue(lpb::ListQueueRequest::default()).await.unwrap();
@@ -104,8 +127,7 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
 
     // SIGTERM: health turns NOT_SERVING at once.
     let signalled = Instant::now();
-    let ok = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(ok.success());
+    sigterm(pid);
     let mut saw_not_serving = false;
     for _ in 0..20 {
         if status(&health_url).await == Some(ServingStatus::NotServing) {
@@ -128,6 +150,43 @@ async fn sigterm_turns_health_not_serving_lets_in_flight_calls_finish_and_exits_
     assert!(exit.success(), "clean exit: {exit:?}");
     assert!(signalled.elapsed() < Duration::from_secs(8));
     drop(idle);
+}
+
+/// Health/Watch streams never end by themselves: on SIGTERM a watcher sees NOT_SERVING, then its
+/// stream ends cleanly once the drain delay has passed (it watches again, elsewhere), so open watchers
+/// don't hold the process for its whole shutdown grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_health_watchers_cleanly_instead_of_waiting_out_the_grace() {
+    let redis = RedisServer::start();
+    let OperatorKeys { dir: _keys, public, audit, .. } = OperatorKeys::new();
+    let grace = Duration::from_secs(20);
+    let Licensing { mut child, pid, url, health_url } = start_licensing(&redis, &public, &audit, "20s").await;
+    let mut watches = Vec::new();
+    for u in [&url, &health_url] {
+        let mut h = HealthClient::new(channel(u));
+        let mut w = h.watch(HealthCheckRequest { service: String::new() }).await.expect("watch").into_inner();
+        let first = w.message().await.expect("a message").expect("not ended");
+        assert_eq!(first.status(), ServingStatus::Serving);
+        watches.push(w);
+    }
+    let signalled = Instant::now();
+    sigterm(pid);
+    for w in &mut watches {
+        let mut saw_not_serving = false;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), w.message()).await.expect("ended well before the grace")
+            {
+                Ok(Some(m)) => saw_not_serving |= m.status() == ServingStatus::NotServing,
+                Ok(None) => break,
+                Err(s) => panic!("a clean end (OK), not {s:?}"),
+            }
+        }
+        assert!(saw_not_serving, "the watcher was told NOT_SERVING before its stream ended");
+    }
+    let exit = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("exited").unwrap();
+    assert!(exit.success(), "clean exit: {exit:?}");
+    assert!(signalled.elapsed() < grace / 2, "exited {:?} after SIGTERM, not after the grace", signalled.elapsed());
+    drop(watches);
 }
 
 /// A service that can't reach Redis at startup still stops at once on SIGTERM (it used to wait out

@@ -8,8 +8,14 @@
 //! clients do when the API server ends a watch), and its request side is closed with it, so a
 //! forgotten watcher gives its slot back. These quotas are apart from the global concurrency limit
 //! ([`shed`](super::shed)): open watchers must not starve the calls that do work.
+//!
+//! When the server drains ([`StreamsLayer::end_all`], after health has said NOT_SERVING and the drain
+//! delay has passed), every open stream is ended the same clean way: a watch (Health/Watch above all,
+//! which would otherwise never end) must not hold a stopping server for its whole grace period, and
+//! its client watches again, on another replica.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -58,6 +64,8 @@ struct Shared {
     open: Arc<Semaphore>,
     by_caller: Mutex<HashMap<String, usize>>,
     paths: HashSet<String>,
+    /// Turns true when the server drains: every open stream ends ([`StreamsLayer::end_all`]).
+    ending: tokio::sync::watch::Sender<bool>,
 }
 
 /// Builds [`Streams`]; clones share the quotas.
@@ -78,6 +86,7 @@ impl StreamsLayer {
                 limits,
                 by_caller: Mutex::default(),
                 paths: always_streaming().into_iter().collect(),
+                ending: tokio::sync::watch::Sender::new(false),
             }),
             counters,
         }
@@ -95,6 +104,7 @@ impl StreamsLayer {
             open: fresh.shared.open.clone(),
             by_caller: Mutex::default(),
             paths: all,
+            ending: tokio::sync::watch::Sender::new(false),
         };
         StreamsLayer { shared: Arc::new(shared), counters: fresh.counters }
     }
@@ -104,6 +114,17 @@ impl StreamsLayer {
     pub fn with_counters(mut self, counters: Counters) -> Self {
         self.counters = counters;
         self
+    }
+
+    /// The server drains: ends every stream open now, and every one opened from now on, cleanly
+    /// (status OK, "watch again") between two messages, as the idle bound does.
+    pub fn end_all(&self) {
+        if !self.shared.ending.send_replace(true) {
+            tracing::info!(
+                open = self.shared.limits.max_open - self.shared.open.available_permits(),
+                "draining: ending the open streams"
+            );
+        }
     }
 }
 
@@ -224,6 +245,7 @@ where
         let req = http::Request::from_parts(parts, Body::new(Closing { inner: body, closer: closer.clone() }));
         let idle = self.layer.shared.limits.idle;
         let counters = self.layer.counters.clone();
+        let mut ending = self.layer.shared.ending.subscribe();
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
@@ -232,6 +254,14 @@ where
                 inner: body,
                 idle,
                 sleep: idle.map(|d| Box::pin(tokio::time::sleep(d))),
+                ending: Box::pin(async move {
+                    // The sender lives as long as the layer's shared state, which this stream's slot
+                    // holds; should it go, the stream just never drains.
+                    let drained = ending.wait_for(|e| *e).await.is_ok();
+                    if !drained {
+                        std::future::pending::<()>().await;
+                    }
+                }),
                 done: false,
                 closer,
                 counters,
@@ -295,11 +325,14 @@ impl HttpBody for Closing {
     }
 }
 
-/// A stream's response body: holds its [`Slot`] and ends the stream once it has been idle too long.
+/// A stream's response body: holds its [`Slot`] and ends the stream once it has been idle too long,
+/// or when the server drains.
 struct Watched {
     inner: Body,
     idle: Option<Duration>,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Ready once the server drains ([`StreamsLayer::end_all`]).
+    ending: Pin<Box<dyn Future<Output = ()> + Send>>,
     done: bool,
     closer: Arc<Closer>,
     counters: Counters,
@@ -330,21 +363,17 @@ impl HttpBody for Watched {
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e))),
             Poll::Pending => {
+                if this.ending.as_mut().poll(cx).is_ready() {
+                    tracing::debug!("server draining; stream ended (the client watches again)");
+                    return Poll::Ready(Some(Ok(this.end("server draining; watch again"))));
+                }
                 let Some(sleep) = this.sleep.as_mut() else { return Poll::Pending };
                 if sleep.as_mut().poll(cx).is_pending() {
                     return Poll::Pending;
                 }
-                // Idle for the whole bound: end cleanly between messages, and let go of the
-                // handler's side (its task sees the client gone) and of the request side.
-                this.done = true;
-                this.inner = Body::empty();
-                this.closer.close();
                 this.counters.stream_idle_closed();
                 tracing::info!(idle = ?this.idle, "stream idle; ended (the client watches again)");
-                let mut trailers = http::HeaderMap::new();
-                trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
-                trailers.insert("grpc-message", http::HeaderValue::from_static("idle; watch again"));
-                Poll::Ready(Some(Ok(Frame::trailers(trailers))))
+                Poll::Ready(Some(Ok(this.end("idle; watch again"))))
             }
         }
     }
@@ -355,6 +384,20 @@ impl HttpBody for Watched {
 
     fn size_hint(&self) -> SizeHint {
         if self.done { SizeHint::with_exact(0) } else { self.inner.size_hint() }
+    }
+}
+
+impl Watched {
+    /// Ends the stream cleanly between messages (the trailers to send, status OK with `message`), and
+    /// lets go of the handler's side (its task sees the client gone) and of the request side.
+    fn end(&mut self, message: &'static str) -> Frame<Bytes> {
+        self.done = true;
+        self.inner = Body::empty();
+        self.closer.close();
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        trailers.insert("grpc-message", http::HeaderValue::from_static(message));
+        Frame::trailers(trailers)
     }
 }
 
@@ -517,5 +560,44 @@ mod tests {
         drop(body);
         // Its slot is free again.
         assert_eq!(status_of(&svc.clone().oneshot(stream_req("alpha")).await.expect("answer")), None);
+    }
+
+    /// Draining ends every open stream cleanly (OK, between messages) and gives its slot back; a
+    /// stream opened while draining gets what is ready and ends too.
+    #[tokio::test]
+    async fn draining_ends_every_open_stream_cleanly() {
+        let (layer, counters) = layer(StreamLimits { max_open: 10, per_caller: 2, idle: None });
+        let ended = Arc::new(AtomicUsize::new(0));
+        let (handler, senders) = watcher(ended.clone());
+        let svc = layer.layer(handler);
+        let mut bodies = Vec::new();
+        for _ in 0..2 {
+            bodies.push(svc.clone().oneshot(stream_req("alpha")).await.expect("answer").into_body());
+        }
+        let a_tx = senders.lock().expect("lock")[0].clone();
+        a_tx.send(Ok(Frame::data(Bytes::from_static(b"msg")))).await.expect("send");
+        assert!(bodies[0].frame().await.expect("a frame").expect("ok").is_data());
+        // Not idle-bounded, nothing to send: open until the server drains.
+        let waiting = tokio::time::timeout(Duration::from_millis(100), bodies[1].frame()).await;
+        assert!(waiting.is_err(), "open while the server serves");
+        layer.end_all();
+        for body in &mut bodies {
+            let last = tokio::time::timeout(Duration::from_secs(5), body.frame())
+                .await
+                .expect("ended at once")
+                .expect("trailers")
+                .expect("ok");
+            let trailers = last.into_trailers().expect("trailers");
+            assert_eq!(trailers.get("grpc-status").and_then(|v| v.to_str().ok()), Some("0"));
+            assert!(body.frame().await.is_none());
+        }
+        assert!(a_tx.is_closed(), "the handler's side was let go");
+        assert_eq!(counters.stats().streams_idle_closed.load(Ordering::Relaxed), 0, "not counted as idle");
+        drop(bodies);
+        // The slots are free; a stream opened while draining ends as soon as nothing is ready.
+        let late = svc.clone().oneshot(stream_req("alpha")).await.expect("answer");
+        assert_eq!(status_of(&late), None);
+        let last = late.into_body().frame().await.expect("trailers").expect("ok");
+        assert!(last.is_trailers());
     }
 }
