@@ -228,6 +228,17 @@ macro_rules! mutating {
         ctx.idempotency_key.clone_from(&body.request_id);
         $self.$op(&ctx, body).await.map(tonic::Response::new).map_err(|e| e.into_status(&ctx))
     }};
+    // A watch call: it also gets the edge's share of the global limit, to give back while it waits
+    // for idle stream followers (`hub::StreamHub::subscribe`).
+    ($self:ident, $req:ident, $op:ident, slot) => {{
+        let ctx = $crate::RequestContext::of(&$req);
+        let slot = $crate::edge::shed::Slot::of(&$req);
+        $self
+            .$op(&ctx, slot.as_ref(), $req.into_inner())
+            .await
+            .map(tonic::Response::new)
+            .map_err(|e| e.into_status(&ctx))
+    }};
 }
 
 /// Serves a read-only RPC: the operation gets the request only.
@@ -236,6 +247,12 @@ macro_rules! reading {
     ($self:ident, $req:ident, $op:ident) => {{
         let ctx = $crate::RequestContext::of(&$req);
         $self.$op($req.into_inner()).await.map(tonic::Response::new).map_err(|e| e.into_status(&ctx))
+    }};
+    // A watch call: it also gets the edge's share of the global limit (as `mutating!`'s).
+    ($self:ident, $req:ident, $op:ident, slot) => {{
+        let ctx = $crate::RequestContext::of(&$req);
+        let slot = $crate::edge::shed::Slot::of(&$req);
+        $self.$op(slot.as_ref(), $req.into_inner()).await.map(tonic::Response::new).map_err(|e| e.into_status(&ctx))
     }};
 }
 

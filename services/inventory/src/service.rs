@@ -3,7 +3,6 @@
 
 use chipgate_proto::inventory::v1 as pb;
 use chipgate_proto::inventory::v1::inventory_service_server::InventoryService;
-use chipgate_runtime::edge::shed::Slot;
 use chipgate_runtime::{mutating, reading};
 use tonic::{Request, Response, Status};
 
@@ -77,10 +76,7 @@ impl InventoryService for Inventory {
         reading!(self, r, list_reservations)
     }
     async fn watch_stock(&self, r: Request<pb::WatchStockRequest>) -> Result<Response<Self::WatchStockStream>, Status> {
-        // The caller decides what a change may say (buyers don't see other buyers' orders); the edge's
-        // slot goes back while the call waits for idle followers (chipgate_runtime::hub).
-        let ctx = chipgate_runtime::RequestContext::of(&r);
-        let slot = Slot::of(&r);
-        self.watch_stock(&ctx, slot.as_ref(), r.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
+        // The caller decides what a change may say (buyers don't see other buyers' orders).
+        mutating!(self, r, watch_stock, slot)
     }
 }

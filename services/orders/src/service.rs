@@ -3,7 +3,6 @@
 
 use chipgate_proto::orders::v1 as pb;
 use chipgate_proto::orders::v1::order_service_server::OrderService;
-use chipgate_runtime::edge::shed::Slot;
 use chipgate_runtime::{mutating, reading};
 use tonic::{Request, Response, Status};
 
@@ -41,10 +40,7 @@ impl OrderService for Orders {
         &self,
         r: Request<pb::WatchOrdersRequest>,
     ) -> Result<Response<Self::WatchOrdersStream>, Status> {
-        // The edge's slot goes back while the call waits for idle followers (chipgate_runtime::hub).
-        let ctx = chipgate_runtime::RequestContext::of(&r);
-        let slot = Slot::of(&r);
-        self.watch_orders(slot.as_ref(), r.into_inner()).await.map(Response::new).map_err(|e| e.into_status(&ctx))
+        reading!(self, r, watch_orders, slot)
     }
     async fn get_backlog(&self, r: Request<pb::GetBacklogRequest>) -> Result<Response<pb::GetBacklogResponse>, Status> {
         reading!(self, r, get_backlog)

@@ -160,7 +160,8 @@ async fn sigterm_ends_health_watchers_cleanly_instead_of_waiting_out_the_grace()
     let redis = RedisServer::start();
     let OperatorKeys { dir: _keys, public, audit, .. } = OperatorKeys::new();
     let grace = Duration::from_secs(20);
-    let Licensing { mut child, pid, url, health_url } = start_licensing(&redis, &public, &audit, "20s").await;
+    let Licensing { mut child, pid, url, health_url } =
+        start_licensing(&redis, &public, &audit, &format!("{}s", grace.as_secs())).await;
     let mut watches = Vec::new();
     for u in [&url, &health_url] {
         let mut h = HealthClient::new(channel(u));

@@ -70,8 +70,9 @@ impl Slot {
         drop(self.0.lock().unwrap_or_else(PoisonError::into_inner).take());
     }
 
-    /// Whether the call still holds its share.
-    pub fn held(&self) -> bool {
+    /// Whether the call still holds its share (what the tests look at).
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> bool {
         self.0.lock().unwrap_or_else(PoisonError::into_inner).is_some()
     }
 }
